@@ -1,0 +1,497 @@
+//! Binary framing of [`Message`]s.
+//!
+//! A frame is `len: u32 LE | type: u8 | body`, where `len` counts the type byte and the body.
+//! All integers are little endian. Decoders check every length against the bytes present and
+//! against protocol limits before allocating, and return [`CodecError`] instead of panicking.
+
+use bytes::{Buf, Bytes};
+use thiserror::Error;
+
+use crate::message::{
+    ErrorCode, Layout, Message, PageKind, Pages, RegionDesc, MAX_PAGES_PER_MESSAGE, MAX_REGIONS,
+    MAX_REQUEST_PAGES, MAX_TEXT, PAGE_SIZE,
+};
+
+/// Bytes of the frame header (`len` and `type`).
+pub const HEADER_LEN: usize = 5;
+
+/// Largest `len` accepted: a full `Pages` message plus its kinds and header fields.
+pub const MAX_FRAME_LEN: usize = 1 + 8 + 2 + MAX_PAGES_PER_MESSAGE * (1 + PAGE_SIZE);
+
+const T_HELLO: u8 = 1;
+const T_HELLO_ACK: u8 = 2;
+const T_REQUEST: u8 = 3;
+const T_PAGES: u8 = 4;
+const T_PUSH_DONE: u8 = 5;
+const T_COMPLETE: u8 = 6;
+const T_COMPLETE_ACK: u8 = 7;
+const T_ERROR: u8 = 8;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("frame length {0} exceeds the limit of {MAX_FRAME_LEN} bytes")]
+    FrameTooLong(usize),
+    #[error("empty frame")]
+    EmptyFrame,
+    #[error("unknown message type {0:#04x}")]
+    UnknownType(u8),
+    #[error("{0} message truncated")]
+    Truncated(&'static str),
+    #[error("{0} message has {1} trailing bytes")]
+    Trailing(&'static str, usize),
+    #[error("{what}: {value} exceeds the limit of {limit}")]
+    Limit {
+        what: &'static str,
+        value: usize,
+        limit: usize,
+    },
+    #[error("invalid page kind {0}")]
+    BadPageKind(u8),
+    #[error("text field is not UTF-8")]
+    BadText,
+    #[error("page index overflows")]
+    PageOverflow,
+}
+
+/// Appends the frame of `msg` to `out`.
+pub fn encode(msg: &Message, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    match msg {
+        Message::Hello {
+            version,
+            vm_id,
+            layout,
+            features,
+        } => {
+            out.push(T_HELLO);
+            out.extend_from_slice(&version.to_le_bytes());
+            out.extend_from_slice(&features.to_le_bytes());
+            put_text(out, vm_id);
+            out.extend_from_slice(&layout.page_size.to_le_bytes());
+            out.extend_from_slice(&(layout.regions.len() as u16).to_le_bytes());
+            for r in &layout.regions {
+                out.extend_from_slice(&r.guest_addr.to_le_bytes());
+                out.extend_from_slice(&r.len.to_le_bytes());
+            }
+        }
+        Message::HelloAck { version, features } => {
+            out.push(T_HELLO_ACK);
+            out.extend_from_slice(&version.to_le_bytes());
+            out.extend_from_slice(&features.to_le_bytes());
+        }
+        Message::Request { pages } => {
+            out.push(T_REQUEST);
+            out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+            for p in pages {
+                out.extend_from_slice(&p.to_le_bytes());
+            }
+        }
+        Message::Pages(p) => {
+            out.push(T_PAGES);
+            encode_pages_body(p, out);
+        }
+        Message::PushDone { pages_sent } => {
+            out.push(T_PUSH_DONE);
+            out.extend_from_slice(&pages_sent.to_le_bytes());
+        }
+        Message::Complete { pages_received } => {
+            out.push(T_COMPLETE);
+            out.extend_from_slice(&pages_received.to_le_bytes());
+        }
+        Message::CompleteAck => out.push(T_COMPLETE_ACK),
+        Message::Error { code, message } => {
+            out.push(T_ERROR);
+            out.extend_from_slice(&(*code as u16).to_le_bytes());
+            put_text(out, message);
+        }
+    }
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+fn encode_pages_body(p: &Pages, out: &mut Vec<u8>) {
+    out.extend_from_slice(&p.first.to_le_bytes());
+    out.extend_from_slice(&(p.kinds.len() as u16).to_le_bytes());
+    out.extend_from_slice(&p.kinds);
+    out.extend_from_slice(&p.payload);
+}
+
+/// Encodes `msg` into a fresh buffer.
+pub fn encode_to_vec(msg: &Message) -> Vec<u8> {
+    let mut v = Vec::new();
+    encode(msg, &mut v);
+    v
+}
+
+fn put_text(out: &mut Vec<u8>, s: &str) {
+    let b = &s.as_bytes()[..s.len().min(MAX_TEXT)];
+    // Never cut inside a UTF-8 sequence.
+    let mut end = b.len();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_le_bytes());
+    out.extend_from_slice(&b[..end]);
+}
+
+/// Parses a frame header, returning the body length that follows it.
+pub fn decode_header(header: [u8; HEADER_LEN]) -> Result<(u8, usize), CodecError> {
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len == 0 {
+        return Err(CodecError::EmptyFrame);
+    }
+    if len > MAX_FRAME_LEN {
+        return Err(CodecError::FrameTooLong(len));
+    }
+    Ok((header[4], len - 1))
+}
+
+/// Decodes one frame from the front of `buf`. Returns `Ok(None)` when more bytes are needed,
+/// and otherwise the message and how many bytes it used.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, CodecError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&buf[..HEADER_LEN]);
+    let (ty, body_len) = decode_header(header)?;
+    let Some(body) = buf.get(HEADER_LEN..HEADER_LEN + body_len) else {
+        return Ok(None);
+    };
+    let msg = decode_body(ty, Bytes::copy_from_slice(body))?;
+    Ok(Some((msg, HEADER_LEN + body_len)))
+}
+
+/// Decodes the body of a frame of type `ty`. `Pages` payloads are sliced from `body`
+/// without copying.
+pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
+    let msg = match ty {
+        T_HELLO => {
+            const W: &str = "Hello";
+            let version = get_u16(&mut body, W)?;
+            let features = get_u64(&mut body, W)?;
+            let vm_id = get_text(&mut body, W)?;
+            let page_size = get_u32(&mut body, W)?;
+            let n = get_u16(&mut body, W)? as usize;
+            if n > MAX_REGIONS {
+                return Err(CodecError::Limit {
+                    what: "regions",
+                    value: n,
+                    limit: MAX_REGIONS,
+                });
+            }
+            let mut regions = Vec::with_capacity(n);
+            for _ in 0..n {
+                regions.push(RegionDesc {
+                    guest_addr: get_u64(&mut body, W)?,
+                    len: get_u64(&mut body, W)?,
+                });
+            }
+            finish(&body, W)?;
+            Message::Hello {
+                version,
+                vm_id,
+                layout: Layout { page_size, regions },
+                features,
+            }
+        }
+        T_HELLO_ACK => {
+            const W: &str = "HelloAck";
+            let version = get_u16(&mut body, W)?;
+            let features = get_u64(&mut body, W)?;
+            finish(&body, W)?;
+            Message::HelloAck { version, features }
+        }
+        T_REQUEST => {
+            const W: &str = "Request";
+            let n = get_u32(&mut body, W)? as usize;
+            if n > MAX_REQUEST_PAGES {
+                return Err(CodecError::Limit {
+                    what: "requested pages",
+                    value: n,
+                    limit: MAX_REQUEST_PAGES,
+                });
+            }
+            if body.remaining() < n * 8 {
+                return Err(CodecError::Truncated(W));
+            }
+            let pages = (0..n).map(|_| body.get_u64_le()).collect();
+            finish(&body, W)?;
+            Message::Request { pages }
+        }
+        T_PAGES => Message::Pages(decode_pages(body)?),
+        T_PUSH_DONE => {
+            const W: &str = "PushDone";
+            let pages_sent = get_u64(&mut body, W)?;
+            finish(&body, W)?;
+            Message::PushDone { pages_sent }
+        }
+        T_COMPLETE => {
+            const W: &str = "Complete";
+            let pages_received = get_u64(&mut body, W)?;
+            finish(&body, W)?;
+            Message::Complete { pages_received }
+        }
+        T_COMPLETE_ACK => {
+            finish(&body, "CompleteAck")?;
+            Message::CompleteAck
+        }
+        T_ERROR => {
+            const W: &str = "Error";
+            let code = ErrorCode::from_u16(get_u16(&mut body, W)?);
+            let message = get_text(&mut body, W)?;
+            finish(&body, W)?;
+            Message::Error { code, message }
+        }
+        other => return Err(CodecError::UnknownType(other)),
+    };
+    Ok(msg)
+}
+
+fn decode_pages(mut body: Bytes) -> Result<Pages, CodecError> {
+    const W: &str = "Pages";
+    let first = get_u64(&mut body, W)?;
+    let count = get_u16(&mut body, W)? as usize;
+    if count == 0 || count > MAX_PAGES_PER_MESSAGE {
+        return Err(CodecError::Limit {
+            what: "pages in one message",
+            value: count,
+            limit: MAX_PAGES_PER_MESSAGE,
+        });
+    }
+    if first.checked_add(count as u64).is_none() {
+        return Err(CodecError::PageOverflow);
+    }
+    if body.remaining() < count {
+        return Err(CodecError::Truncated(W));
+    }
+    let kinds = body.split_to(count);
+    let mut expected = 0usize;
+    for &k in kinds.iter() {
+        expected += PageKind::from_u8(k)
+            .ok_or(CodecError::BadPageKind(k))?
+            .payload_len();
+    }
+    match body.len().cmp(&expected) {
+        std::cmp::Ordering::Less => Err(CodecError::Truncated(W)),
+        std::cmp::Ordering::Greater => Err(CodecError::Trailing(W, body.len() - expected)),
+        std::cmp::Ordering::Equal => Ok(Pages {
+            first,
+            kinds,
+            payload: body,
+        }),
+    }
+}
+
+fn finish(body: &Bytes, what: &'static str) -> Result<(), CodecError> {
+    if body.has_remaining() {
+        Err(CodecError::Trailing(what, body.remaining()))
+    } else {
+        Ok(())
+    }
+}
+
+fn get_u16(b: &mut Bytes, w: &'static str) -> Result<u16, CodecError> {
+    if b.remaining() < 2 {
+        return Err(CodecError::Truncated(w));
+    }
+    Ok(b.get_u16_le())
+}
+
+fn get_u32(b: &mut Bytes, w: &'static str) -> Result<u32, CodecError> {
+    if b.remaining() < 4 {
+        return Err(CodecError::Truncated(w));
+    }
+    Ok(b.get_u32_le())
+}
+
+fn get_u64(b: &mut Bytes, w: &'static str) -> Result<u64, CodecError> {
+    if b.remaining() < 8 {
+        return Err(CodecError::Truncated(w));
+    }
+    Ok(b.get_u64_le())
+}
+
+fn get_text(b: &mut Bytes, w: &'static str) -> Result<String, CodecError> {
+    let n = get_u16(b, w)? as usize;
+    if n > MAX_TEXT {
+        return Err(CodecError::Limit {
+            what: "text length",
+            value: n,
+            limit: MAX_TEXT,
+        });
+    }
+    if b.remaining() < n {
+        return Err(CodecError::Truncated(w));
+    }
+    let raw = b.split_to(n);
+    String::from_utf8(raw.to_vec()).map_err(|_| CodecError::BadText)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::PageRef;
+    use proptest::prelude::*;
+
+    fn roundtrip(msg: Message) {
+        let buf = encode_to_vec(&msg);
+        let (back, used) = decode(&buf).unwrap().unwrap();
+        assert_eq!(used, buf.len());
+        assert_eq!(back, msg);
+    }
+
+    fn sample_pages() -> Pages {
+        let mut mem = vec![0u8; 3 * PAGE_SIZE];
+        mem[5] = 1;
+        mem[2 * PAGE_SIZE + 7] = 9;
+        Pages::from_memory(10, &mem)
+    }
+
+    #[test]
+    fn every_message_roundtrips() {
+        roundtrip(Message::Hello {
+            version: 1,
+            vm_id: "vm-ü".into(),
+            layout: Layout {
+                page_size: 4096,
+                regions: vec![
+                    RegionDesc {
+                        guest_addr: 0,
+                        len: 1 << 20,
+                    },
+                    RegionDesc {
+                        guest_addr: 1 << 32,
+                        len: 8192,
+                    },
+                ],
+            },
+            features: 7,
+        });
+        roundtrip(Message::HelloAck {
+            version: 1,
+            features: 0,
+        });
+        roundtrip(Message::Request {
+            pages: vec![1, 2, u64::MAX],
+        });
+        roundtrip(Message::Pages(sample_pages()));
+        roundtrip(Message::PushDone { pages_sent: 5 });
+        roundtrip(Message::Complete { pages_received: 5 });
+        roundtrip(Message::CompleteAck);
+        roundtrip(Message::Error {
+            code: ErrorCode::LayoutMismatch,
+            message: "nope".into(),
+        });
+    }
+
+    #[test]
+    fn pages_encode_zero_pages_as_flags() {
+        let p = sample_pages();
+        assert_eq!(p.count(), 3);
+        assert_eq!(p.raw_count(), 2);
+        assert_eq!(p.payload.len(), 2 * PAGE_SIZE);
+        let kinds: Vec<_> = p
+            .iter()
+            .map(|(i, r)| (i, matches!(r, PageRef::Zero)))
+            .collect();
+        assert_eq!(kinds, vec![(10, false), (11, true), (12, false)]);
+        let (_, PageRef::Raw(last)) = p.iter().nth(2).unwrap() else {
+            panic!("raw expected")
+        };
+        assert_eq!(last[7], 9);
+    }
+
+    #[test]
+    fn partial_input_asks_for_more() {
+        let buf = encode_to_vec(&Message::Pages(sample_pages()));
+        for cut in 0..buf.len() {
+            assert_eq!(decode(&buf[..cut]), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn truncated_body_is_an_error() {
+        let mut buf = encode_to_vec(&Message::PushDone { pages_sent: 1 });
+        // Claim a shorter body than the message needs.
+        buf[0] = 4;
+        buf.truncate(HEADER_LEN + 3);
+        assert_eq!(decode(&buf), Err(CodecError::Truncated("PushDone")));
+    }
+
+    #[test]
+    fn oversized_frames_and_counts_are_refused_before_allocating() {
+        let mut buf = vec![0xff, 0xff, 0xff, 0x7f, T_PAGES];
+        buf.extend_from_slice(&[0; 16]);
+        assert!(matches!(decode(&buf), Err(CodecError::FrameTooLong(_))));
+
+        let mut req = vec![];
+        req.extend_from_slice(&9u32.to_le_bytes());
+        req.push(T_REQUEST);
+        req.extend_from_slice(&u32::MAX.to_le_bytes());
+        req.extend_from_slice(&[0; 4]);
+        assert!(matches!(decode(&req), Err(CodecError::Limit { .. })));
+    }
+
+    #[test]
+    fn bad_page_kind_and_lengths_are_refused() {
+        let mut p = encode_to_vec(&Message::Pages(sample_pages()));
+        p[HEADER_LEN + 10] = 7; // first kind byte
+        assert_eq!(decode(&p), Err(CodecError::BadPageKind(7)));
+
+        let body = {
+            let mut b = vec![];
+            b.extend_from_slice(&u64::MAX.to_le_bytes());
+            b.extend_from_slice(&2u16.to_le_bytes());
+            b.extend_from_slice(&[1, 1]);
+            b
+        };
+        assert_eq!(
+            decode_body(T_PAGES, Bytes::from(body)),
+            Err(CodecError::PageOverflow)
+        );
+    }
+
+    #[test]
+    fn unknown_type_is_refused() {
+        assert_eq!(
+            decode(&[1, 0, 0, 0, 0xee]),
+            Err(CodecError::UnknownType(0xee))
+        );
+        assert_eq!(decode(&[0, 0, 0, 0, 1]), Err(CodecError::EmptyFrame));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// Decoders never panic, whatever the bytes.
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode(&bytes);
+        }
+
+        /// Random bodies behind every valid type byte never panic either.
+        #[test]
+        fn decode_body_never_panics(ty in 0u8..12, bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
+            let _ = decode_body(ty, Bytes::from(bytes));
+        }
+
+        /// A valid frame with random corruption either decodes to something or errors.
+        #[test]
+        fn corrupted_frames_never_panic(idx in 0usize..64, val in any::<u8>()) {
+            let mut buf = encode_to_vec(&Message::Pages(sample_pages()));
+            let i = idx % buf.len();
+            buf[i] = val;
+            let _ = decode(&buf);
+        }
+
+        #[test]
+        fn requests_roundtrip(pages in proptest::collection::vec(any::<u64>(), 0..200)) {
+            let msg = Message::Request { pages };
+            let buf = encode_to_vec(&msg);
+            let (back, _) = decode(&buf).unwrap().unwrap();
+            prop_assert_eq!(back, msg);
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The messages of the faultline migration protocol, independent of how they are framed.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Version spoken by this build. A peer with any other version is refused at the handshake.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Guest page size carried on the wire. Only 4 KiB pages are supported today.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Most pages a single `Pages` message may carry (1 MiB of raw data).
+pub const MAX_PAGES_PER_MESSAGE: usize = 256;
+
+/// Most page indices a single `Request` may name.
+pub const MAX_REQUEST_PAGES: usize = 4096;
+
+/// Most regions a memory layout may describe.
+pub const MAX_REGIONS: usize = 64;
+
+/// Longest VM id and error text accepted, in bytes.
+pub const MAX_TEXT: usize = 1024;
+
+/// One guest-physical memory region as both sides see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionDesc {
+    /// Guest-physical address of the region's first byte.
+    pub guest_addr: u64,
+    /// Length in bytes, a multiple of the page size.
+    pub len: u64,
+}
+
+/// The guest memory layout: the destination must have exactly the same one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub page_size: u32,
+    pub regions: Vec<RegionDesc>,
+}
+
+impl Layout {
+    /// A single region at guest address 0.
+    pub fn single(len: u64) -> Layout {
+        Layout {
+            page_size: PAGE_SIZE as u32,
+            regions: vec![RegionDesc { guest_addr: 0, len }],
+        }
+    }
+
+    /// Pages across all regions; pages are numbered in region order.
+    pub fn total_pages(&self) -> u64 {
+        let ps = u64::from(self.page_size.max(1));
+        self.regions.iter().map(|r| r.len / ps).sum()
+    }
+
+    /// Bytes across all regions.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+}
+
+/// How one page travels inside a `Pages` message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PageKind {
+    /// 4096 bytes follow in the payload.
+    Raw = 0,
+    /// An all-zero page; nothing follows.
+    Zero = 1,
+}
+
+impl PageKind {
+    pub fn from_u8(v: u8) -> Option<PageKind> {
+        match v {
+            0 => Some(PageKind::Raw),
+            1 => Some(PageKind::Zero),
+            _ => None,
+        }
+    }
+
+    /// Payload bytes this kind occupies.
+    pub fn payload_len(self) -> usize {
+        match self {
+            PageKind::Raw => PAGE_SIZE,
+            PageKind::Zero => 0,
+        }
+    }
+}
+
+/// A run of consecutive pages. Kinds come first and payloads after them, so the raw data of
+/// consecutive raw pages is contiguous and can be installed with one copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pages {
+    pub first: u64,
+    /// One `PageKind` byte per page, validated by the decoder.
+    pub kinds: Bytes,
+    /// Concatenated payloads in page order.
+    pub payload: Bytes,
+}
+
+/// One page of a `Pages` message, borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageRef<'a> {
+    Raw(&'a [u8]),
+    Zero,
+}
+
+impl Pages {
+    /// Encodes `data` (whole pages starting at page `first`), sending all-zero pages as flags.
+    pub fn from_memory(first: u64, data: &[u8]) -> Pages {
+        debug_assert_eq!(data.len() % PAGE_SIZE, 0);
+        let count = data.len() / PAGE_SIZE;
+        let mut kinds = Vec::with_capacity(count);
+        let mut payload = Vec::with_capacity(data.len());
+        for page in data.chunks_exact(PAGE_SIZE) {
+            if is_zero(page) {
+                kinds.push(PageKind::Zero as u8);
+            } else {
+                kinds.push(PageKind::Raw as u8);
+                payload.extend_from_slice(page);
+            }
+        }
+        Pages {
+            first,
+            kinds: kinds.into(),
+            payload: payload.into(),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.kinds.len()
+    }
+
+    /// Iterates `(page index, page)`. The decoder has already checked kinds and lengths;
+    /// an inconsistent value built by hand ends the iteration early instead of panicking.
+    pub fn iter(&self) -> PagesIter<'_> {
+        PagesIter {
+            pages: self,
+            i: 0,
+            offset: 0,
+        }
+    }
+
+    /// Pages that are raw, i.e. how many payload pages follow.
+    pub fn raw_count(&self) -> usize {
+        self.kinds
+            .iter()
+            .filter(|&&k| k == PageKind::Raw as u8)
+            .count()
+    }
+}
+
+pub struct PagesIter<'a> {
+    pages: &'a Pages,
+    i: usize,
+    offset: usize,
+}
+
+impl<'a> Iterator for PagesIter<'a> {
+    type Item = (u64, PageRef<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let kind = PageKind::from_u8(*self.pages.kinds.get(self.i)?)?;
+        let page = self.pages.first.checked_add(self.i as u64)?;
+        self.i += 1;
+        match kind {
+            PageKind::Zero => Some((page, PageRef::Zero)),
+            PageKind::Raw => {
+                let data = self
+                    .pages
+                    .payload
+                    .get(self.offset..self.offset + PAGE_SIZE)?;
+                self.offset += PAGE_SIZE;
+                Some((page, PageRef::Raw(data)))
+            }
+        }
+    }
+}
+
+/// Whether a page is all zero bytes.
+pub fn is_zero(page: &[u8]) -> bool {
+    // Compare in u64 words; the compiler vectorises this well.
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns and align_to only yields aligned,
+        // in-bounds middle slices.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Why a peer gave up; carried in `Message::Error` so the other side can say what went wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u16)]
+pub enum ErrorCode {
+    VersionMismatch = 1,
+    LayoutMismatch = 2,
+    PageOutOfRange = 3,
+    Malformed = 4,
+    UnexpectedMessage = 5,
+    VmIdMismatch = 6,
+    Internal = 7,
+    Aborted = 8,
+}
+
+impl ErrorCode {
+    pub fn from_u16(v: u16) -> ErrorCode {
+        match v {
+            1 => ErrorCode::VersionMismatch,
+            2 => ErrorCode::LayoutMismatch,
+            3 => ErrorCode::PageOutOfRange,
+            4 => ErrorCode::Malformed,
+            5 => ErrorCode::UnexpectedMessage,
+            6 => ErrorCode::VmIdMismatch,
+            8 => ErrorCode::Aborted,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Every message of the protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Source → destination, first message on the control stream.
+    Hello {
+        version: u16,
+        vm_id: String,
+        layout: Layout,
+        features: u64,
+    },
+    /// Destination → source: the handshake is accepted; postcopy may start.
+    HelloAck { version: u16, features: u64 },
+    /// Destination → source on the urgent stream: pages a vCPU is blocked on.
+    Request { pages: Vec<u64> },
+    /// Source → destination: page data, on the urgent stream (replies) or a bulk stream (push).
+    Pages(Pages),
+    /// Source → destination: every page has been sent at least once.
+    PushDone { pages_sent: u64 },
+    /// Destination → source: every page is present; the source may release the VM.
+    Complete { pages_received: u64 },
+    /// Source → destination: acknowledges `Complete`; the session is over.
+    CompleteAck,
+    /// Either side: a fatal error with a reason.
+    Error { code: ErrorCode, message: String },
+}
+
+impl Message {
+    /// Short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::HelloAck { .. } => "HelloAck",
+            Message::Request { .. } => "Request",
+            Message::Pages(_) => "Pages",
+            Message::PushDone { .. } => "PushDone",
+            Message::Complete { .. } => "Complete",
+            Message::CompleteAck => "CompleteAck",
+            Message::Error { .. } => "Error",
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! Destination driver: checks the handshake, forwards demand requests, hands page data to a
+//! [`PageSink`] and ends the session once the sink holds every page.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::{mpsc, Notify};
+
+use super::frame::{read_frame, write_message};
+use super::source::{closed_or, stream_error};
+use super::{
+    close_with, connection_lost, DriverError, CLOSE_OK, TAG_BULK, TAG_CONTROL, TAG_URGENT,
+};
+use crate::message::Pages;
+use crate::proto::{Channel, DestEvent, DestSession};
+
+/// Installing page data failed; the session ends with this reason.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct SinkError(pub String);
+
+/// Where the destination driver puts page data: guest memory, through userfaultfd in
+/// faultline, or anything else in tests. Pages arrive already checked against the layout.
+pub trait PageSink: Send + Sync + 'static {
+    /// Installs `pages`, which arrived on `channel` (urgent replies or the bulk push).
+    fn install(&self, pages: &Pages, channel: Channel) -> Result<(), SinkError>;
+    /// Whether every page of guest memory is present.
+    fn is_complete(&self) -> bool;
+}
+
+/// Called once the handshake is accepted: the place to resume the guest.
+pub type OnEstablished = Box<dyn FnOnce(&str) + Send>;
+
+#[derive(Default)]
+pub struct DestHooks {
+    pub on_established: Option<OnEstablished>,
+}
+
+/// What the destination saw, for the migration report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DestReport {
+    pub vm_id: String,
+    /// From the start of the session to the moment the guest could resume.
+    pub established_ms: u64,
+    pub total_ms: u64,
+    pub pages_received: u64,
+    pub udp_tx_bytes: u64,
+    pub udp_rx_bytes: u64,
+}
+
+type Shared = Arc<Mutex<DestSession>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, DestSession> {
+    // See the source driver: the session stays consistent between statements.
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Outbound {
+    control: tokio::sync::Mutex<SendStream>,
+    urgent: tokio::sync::Mutex<SendStream>,
+}
+
+async fn flush(session: &Shared, out: &Outbound) -> Result<(), DriverError> {
+    let queued: Vec<_> = std::iter::from_fn(|| lock(session).poll_transmit()).collect();
+    for t in queued {
+        let stream = match t.channel {
+            Channel::Urgent => &out.urgent,
+            _ => &out.control,
+        };
+        let mut send = stream.lock().await;
+        write_message(&mut send, &t.message)
+            .await
+            .map_err(|source| DriverError::Stream {
+                channel: t.channel,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Runs the destination side of one migration over an accepted connection. Demand requests
+/// arrive on `requests` (from the fault loop); the session ends when `sink` is complete.
+pub async fn run_dest(
+    conn: Connection,
+    session: DestSession,
+    sink: Arc<dyn PageSink>,
+    requests: mpsc::UnboundedReceiver<Vec<u64>>,
+    hooks: DestHooks,
+) -> Result<DestReport, DriverError> {
+    let started = Instant::now();
+    let session: Shared = Arc::new(Mutex::new(session));
+    match drive(&conn, &session, sink, requests, hooks, started).await {
+        Ok(mut report) => {
+            conn.close(VarInt::from_u32(CLOSE_OK), b"migration complete");
+            let stats = conn.stats();
+            report.udp_tx_bytes = stats.udp_tx.bytes;
+            report.udp_rx_bytes = stats.udp_rx.bytes;
+            report.pages_received = lock(&session).received().count_ones();
+            report.total_ms = started.elapsed().as_millis() as u64;
+            Ok(report)
+        }
+        Err(e) => {
+            close_with(&conn, &e);
+            Err(e)
+        }
+    }
+}
+
+async fn accept_streams(
+    conn: &Connection,
+) -> Result<(SendStream, RecvStream, SendStream, RecvStream, RecvStream), DriverError> {
+    let mut control = None;
+    let mut urgent = None;
+    for _ in 0..2 {
+        let (send, mut recv) = conn.accept_bi().await.map_err(connection_lost)?;
+        match read_tag(&mut recv).await? {
+            TAG_CONTROL => control = Some((send, recv)),
+            TAG_URGENT => urgent = Some((send, recv)),
+            other => return Err(DriverError::UnknownStream(other)),
+        }
+    }
+    let mut bulk = conn.accept_uni().await.map_err(connection_lost)?;
+    match read_tag(&mut bulk).await? {
+        TAG_BULK => {}
+        other => return Err(DriverError::UnknownStream(other)),
+    }
+    let (Some((cs, cr)), Some((us, ur))) = (control, urgent) else {
+        return Err(DriverError::UnknownStream(0));
+    };
+    Ok((cs, cr, us, ur, bulk))
+}
+
+async fn read_tag(recv: &mut RecvStream) -> Result<u8, DriverError> {
+    let mut tag = [0u8];
+    recv.read_exact(&mut tag)
+        .await
+        .map_err(|e| DriverError::Stream {
+            channel: Channel::Control,
+            source: match e {
+                quinn::ReadExactError::FinishedEarly(_) => super::FrameError::Truncated,
+                quinn::ReadExactError::ReadError(e) => super::FrameError::Read(e),
+            },
+        })?;
+    Ok(tag[0])
+}
+
+async fn drive(
+    conn: &Connection,
+    session: &Shared,
+    sink: Arc<dyn PageSink>,
+    mut requests: mpsc::UnboundedReceiver<Vec<u64>>,
+    mut hooks: DestHooks,
+    started: Instant,
+) -> Result<DestReport, DriverError> {
+    let (ctl_send, mut ctl_recv, urg_send, urg_recv, bulk_recv) =
+        tokio::time::timeout(Duration::from_secs(30), accept_streams(conn))
+            .await
+            .map_err(|_| DriverError::Timeout("waiting for the source to open its streams"))??;
+    let out = Arc::new(Outbound {
+        control: tokio::sync::Mutex::new(ctl_send),
+        urgent: tokio::sync::Mutex::new(urg_send),
+    });
+
+    // Handshake: nothing touches guest memory before it is accepted.
+    let hello = match read_frame(&mut ctl_recv).await {
+        Ok(Some(m)) => m,
+        Ok(None) => return Err(closed_or(conn, "the source closed the control stream")),
+        Err(e) => {
+            if let super::FrameError::Codec(c) = e {
+                let err = lock(session).handle_decode_error(c);
+                flush(session, &out).await.ok();
+                return Err(err.into());
+            }
+            return Err(stream_error(conn, Channel::Control, e));
+        }
+    };
+    let handled = lock(session).handle(Channel::Control, hello);
+    flush(session, &out).await?;
+    handled?;
+    let mut report = DestReport::default();
+    if let Some(DestEvent::Established { vm_id, .. }) = lock(session).poll_event() {
+        report.vm_id = vm_id;
+    }
+    report.established_ms = started.elapsed().as_millis() as u64;
+    if let Some(f) = hooks.on_established.take() {
+        f(&report.vm_id);
+    }
+
+    let progress = Arc::new(Notify::new());
+    let (err_tx, mut err_rx) = mpsc::unbounded_channel::<DriverError>();
+    let readers =
+        [(Channel::Urgent, urg_recv), (Channel::Bulk, bulk_recv)].map(|(channel, recv)| {
+            tokio::spawn(receive_pages(
+                channel,
+                recv,
+                session.clone(),
+                out.clone(),
+                sink.clone(),
+                progress.clone(),
+                err_tx.clone(),
+                conn.clone(),
+            ))
+        });
+    let req_session = session.clone();
+    let req_out = out.clone();
+    let req_err = err_tx.clone();
+    let requester = tokio::spawn(async move {
+        while let Some(mut batch) = requests.recv().await {
+            while let Ok(more) = requests.try_recv() {
+                batch.extend(more);
+            }
+            lock(&req_session).request(&batch);
+            if let Err(e) = flush(&req_session, &req_out).await {
+                if !lock(&req_session).is_finished() {
+                    let _ = req_err.send(e);
+                }
+                return;
+            }
+        }
+    });
+    drop(err_tx);
+
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
+    let ctl_reader = tokio::spawn(async move {
+        loop {
+            let r = read_frame(&mut ctl_recv).await;
+            let end = !matches!(r, Ok(Some(_)));
+            if ctl_tx.send(r).is_err() || end {
+                break;
+            }
+        }
+    });
+
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let outcome = loop {
+        tokio::select! {
+            frame = ctl_rx.recv() => match frame {
+                Some(Ok(Some(msg))) => {
+                    let handled = lock(session).handle(Channel::Control, msg);
+                    flush(session, &out).await?;
+                    handled?;
+                    while let Some(ev) = lock(session).poll_event() {
+                        tracing::debug!(?ev, "destination event");
+                    }
+                    if lock(session).is_finished() {
+                        break Ok(());
+                    }
+                }
+                Some(Ok(None)) | None => {
+                    break Err(closed_or(conn, "the source closed the control stream"))
+                }
+                Some(Err(super::FrameError::Codec(c))) => {
+                    let err = lock(session).handle_decode_error(c);
+                    flush(session, &out).await.ok();
+                    break Err(err.into());
+                }
+                Some(Err(e)) => break Err(stream_error(conn, Channel::Control, e)),
+            },
+            Some(e) = err_rx.recv() => break Err(e),
+            _ = progress.notified() => {}
+            _ = tick.tick() => {}
+        }
+        if sink.is_complete() {
+            {
+                let mut s = lock(session);
+                if s.is_running() && !s.is_finished() {
+                    s.complete();
+                }
+            }
+            flush(session, &out).await?;
+        }
+    };
+    ctl_reader.abort();
+    requester.abort();
+    for r in readers {
+        r.abort();
+    }
+    outcome?;
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn receive_pages(
+    channel: Channel,
+    mut recv: RecvStream,
+    session: Shared,
+    out: Arc<Outbound>,
+    sink: Arc<dyn PageSink>,
+    progress: Arc<Notify>,
+    errors: mpsc::UnboundedSender<DriverError>,
+    conn: Connection,
+) {
+    let result: Result<(), DriverError> = async {
+        loop {
+            let msg = match read_frame(&mut recv).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(()),
+                Err(super::FrameError::Codec(c)) => {
+                    let err = lock(&session).handle_decode_error(c);
+                    flush(&session, &out).await.ok();
+                    return Err(err.into());
+                }
+                Err(e) => return Err(stream_error(&conn, channel, e)),
+            };
+            let handled = lock(&session).handle(channel, msg);
+            match handled {
+                Ok(Some(pages)) => {
+                    sink.install(&pages, channel)?;
+                    if sink.is_complete() {
+                        progress.notify_one();
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    flush(&session, &out).await.ok();
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        if !lock(&session).is_finished() {
+            let _ = errors.send(e);
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Reading and writing framed messages on QUIC streams.
+
+use bytes::Bytes;
+use quinn::{RecvStream, SendStream};
+use thiserror::Error;
+
+use crate::codec::{decode_body, decode_header, encode, CodecError, HEADER_LEN};
+use crate::message::{Message, Pages};
+
+#[derive(Debug, Error)]
+pub enum FrameError {
+    #[error("read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream ended in the middle of a frame")]
+    Truncated,
+    #[error("malformed frame: {0}")]
+    Codec(#[from] CodecError),
+}
+
+/// Reads one message. `Ok(None)` when the stream ended cleanly at a frame boundary.
+pub async fn read_frame(recv: &mut RecvStream) -> Result<Option<Message>, FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match recv.read(&mut header[got..]).await? {
+            Some(n) => got += n,
+            None if got == 0 => return Ok(None),
+            None => return Err(FrameError::Truncated),
+        }
+    }
+    let (ty, body_len) = decode_header(header)?;
+    let mut body = vec![0u8; body_len];
+    recv.read_exact(&mut body).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => FrameError::Truncated,
+        quinn::ReadExactError::ReadError(e) => FrameError::Read(e),
+    })?;
+    Ok(Some(decode_body(ty, Bytes::from(body))?))
+}
+
+/// Writes one message.
+pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<(), FrameError> {
+    if let Message::Pages(p) = msg {
+        return write_pages(send, p).await;
+    }
+    let mut buf = Vec::with_capacity(64);
+    encode(msg, &mut buf);
+    send.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Writes a `Pages` message handing its payload to quinn without copying it.
+pub async fn write_pages(send: &mut SendStream, pages: &Pages) -> Result<(), FrameError> {
+    let header = pages_header(pages);
+    let mut chunks = [Bytes::from(header), pages.payload.clone()];
+    send.write_all_chunks(&mut chunks).await?;
+    Ok(())
+}
+
+/// Everything of a `Pages` frame up to its payload.
+fn pages_header(pages: &Pages) -> Vec<u8> {
+    // Encode an empty-payload copy, then patch the length to cover the real payload.
+    let shell = Message::Pages(Pages {
+        first: pages.first,
+        kinds: pages.kinds.clone(),
+        payload: Bytes::new(),
+    });
+    let mut buf = Vec::with_capacity(HEADER_LEN + 10 + pages.kinds.len());
+    encode(&shell, &mut buf);
+    let len = (buf.len() - 4 + pages.payload.len()) as u32;
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode_to_vec};
+    use crate::message::PAGE_SIZE;
+
+    #[test]
+    fn split_pages_frame_equals_the_plain_encoding() {
+        let mut mem = vec![3u8; 4 * PAGE_SIZE];
+        mem[PAGE_SIZE..2 * PAGE_SIZE].fill(0);
+        let p = Pages::from_memory(9, &mem);
+        let mut joined = pages_header(&p);
+        joined.extend_from_slice(&p.payload);
+        assert_eq!(joined, encode_to_vec(&Message::Pages(p.clone())));
+        let (back, _) = decode(&joined).unwrap().unwrap();
+        assert_eq!(back, Message::Pages(p));
+    }
+}

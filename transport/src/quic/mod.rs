@@ -1,0 +1,162 @@
+//! The QUIC driver: a thin async shell around the [`crate::proto`] state machines.
+//!
+//! The source connects; the destination listens. The source opens three streams, each
+//! starting with a one-byte tag: control (bidirectional), urgent (bidirectional: requests
+//! flow destination → source, replies source → destination) and bulk (unidirectional push).
+//! Urgent replies are sent at a higher stream priority than the push, so quinn packs them
+//! ahead of queued bulk data and a fault never waits behind pushed pages.
+
+mod dest;
+mod frame;
+mod source;
+
+pub use dest::{run_dest, DestHooks, DestReport, PageSink, SinkError};
+pub use frame::{read_frame, write_message, write_pages, FrameError};
+pub use source::{run_source, PageReader, SourceReport};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Endpoint, TransportConfig, VarInt};
+use rustls::pki_types::CertificateDer;
+use thiserror::Error;
+
+use crate::message::ErrorCode;
+use crate::proto::{Channel, ProtoError};
+use crate::tls::{client_tls, server_tls, Identity, TlsError};
+
+/// First byte of each stream, telling the destination what the stream carries.
+pub const TAG_CONTROL: u8 = 0xC0;
+pub const TAG_URGENT: u8 = 0xC1;
+pub const TAG_BULK: u8 = 0xC2;
+
+/// Stream priorities: higher is sent first.
+pub const PRIO_URGENT: i32 = 100;
+pub const PRIO_CONTROL: i32 = 50;
+pub const PRIO_BULK: i32 = 0;
+
+/// Application close code of a session that ended normally.
+pub const CLOSE_OK: u32 = 0;
+
+/// Where the peer or the network ended a session.
+#[derive(Debug, Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error(
+        "QUIC connection failed: {0} (a TLS failure here usually means the peer presented a \
+         certificate other than the pinned one)"
+    )]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the peer closed the session with {code:?}: {reason}")]
+    PeerClosed { code: ErrorCode, reason: String },
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtoError),
+    #[error("stream error on the {channel:?} channel: {source}")]
+    Stream {
+        channel: Channel,
+        source: FrameError,
+    },
+    #[error("the peer opened an unknown stream (tag {0:#04x})")]
+    UnknownStream(u8),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("page source failed: {0}")]
+    Reader(String),
+    #[error("installing pages failed: {0}")]
+    Sink(#[from] SinkError),
+}
+
+/// Transport parameters sized for migration: large windows so one connection can keep a
+/// long, fat link busy, and an idle timeout that notices a dead peer.
+pub fn transport_config() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.stream_receive_window(VarInt::from_u32(32 << 20));
+    t.receive_window(VarInt::from_u32(128 << 20));
+    t.send_window(128 << 20);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(8));
+    t.max_concurrent_uni_streams(VarInt::from_u32(8));
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+    t
+}
+
+/// A listening endpoint that presents `me` and accepts only clients presenting `peer`.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    me: &Identity,
+    peer: CertificateDer<'static>,
+) -> Result<Endpoint, DriverError> {
+    let tls = server_tls(me, peer)?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config()));
+    Endpoint::server(cfg, addr).map_err(|source| DriverError::Bind { addr, source })
+}
+
+/// A client endpoint that presents `me` and accepts only a server presenting `peer`.
+pub fn client_endpoint(
+    bind: SocketAddr,
+    me: &Identity,
+    peer: CertificateDer<'static>,
+) -> Result<Endpoint, DriverError> {
+    let tls = client_tls(me, peer)?;
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config()));
+    let mut ep =
+        Endpoint::client(bind).map_err(|source| DriverError::Bind { addr: bind, source })?;
+    ep.set_default_client_config(cfg);
+    Ok(ep)
+}
+
+/// Connects to `addr`; the TLS handshake (and certificate pinning) completes here.
+pub async fn connect(ep: &Endpoint, addr: SocketAddr) -> Result<quinn::Connection, DriverError> {
+    let connecting = ep
+        .connect(addr, "faultline")
+        .map_err(|e| DriverError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    Ok(connecting.await?)
+}
+
+/// Accepts one connection; `None` if the endpoint was closed.
+pub async fn accept(ep: &Endpoint) -> Result<Option<quinn::Connection>, DriverError> {
+    match ep.accept().await {
+        Some(incoming) => Ok(Some(incoming.await?)),
+        None => Ok(None),
+    }
+}
+
+/// Closes `conn` telling the peer why.
+pub(crate) fn close_with(conn: &quinn::Connection, err: &DriverError) {
+    let code = match err {
+        DriverError::Protocol(p) => p.code(),
+        DriverError::Stream { .. } => ErrorCode::Malformed,
+        _ => ErrorCode::Internal,
+    };
+    let reason = err.to_string();
+    let reason = &reason.as_bytes()[..reason.len().min(512)];
+    conn.close(VarInt::from_u32(code as u32), reason);
+}
+
+/// Maps a connection loss to the most useful error: the peer's own reason when it gave one.
+pub(crate) fn connection_lost(e: quinn::ConnectionError) -> DriverError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => DriverError::PeerClosed {
+            code: ErrorCode::from_u16(u16::try_from(c.error_code.into_inner()).unwrap_or(0)),
+            reason: String::from_utf8_lossy(&c.reason).into_owned(),
+        },
+        other => DriverError::Connection(other),
+    }
+}

@@ -1,0 +1,296 @@
+//! Source driver: serves demand requests and pushes every page in the background.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, RecvStream, SendStream};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::frame::{read_frame, write_message, write_pages};
+use super::{
+    close_with, connection_lost, DriverError, PRIO_BULK, PRIO_CONTROL, PRIO_URGENT, TAG_BULK,
+    TAG_CONTROL, TAG_URGENT,
+};
+use crate::message::{Pages, MAX_PAGES_PER_MESSAGE, PAGE_SIZE};
+use crate::proto::{Channel, SourceEvent, SourceSession};
+
+/// Guest memory as the source sees it: frozen at switchover, read-only for the session.
+pub trait PageReader: Send + Sync + 'static {
+    /// The bytes of `count` consecutive pages starting at page `first`.
+    fn pages(&self, first: u64, count: usize) -> Result<&[u8], String>;
+}
+
+/// What the source did, for the migration report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SourceReport {
+    pub pages_served: u64,
+    pub pages_pushed: u64,
+    pub push_ms: u64,
+    pub total_ms: u64,
+    pub udp_tx_bytes: u64,
+    pub udp_rx_bytes: u64,
+}
+
+/// Pages per push message: 256 KiB keeps quinn's send buffer fed without large latency.
+const PUSH_RUN: usize = 64;
+
+type Shared = Arc<Mutex<SourceSession>>;
+type ControlSend = Arc<tokio::sync::Mutex<SendStream>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, SourceSession> {
+    // A poisoned lock means another task panicked mid-update; the session state is a plain
+    // value that stays consistent between statements, so carrying on is sound.
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends whatever the session queued (the source only ever queues control messages).
+async fn flush(session: &Shared, control: &ControlSend) -> Result<(), DriverError> {
+    let out: Vec<_> = std::iter::from_fn(|| lock(session).poll_transmit()).collect();
+    if out.is_empty() {
+        return Ok(());
+    }
+    let mut send = control.lock().await;
+    for t in out {
+        debug_assert_eq!(t.channel, Channel::Control);
+        write_message(&mut send, &t.message)
+            .await
+            .map_err(|source| DriverError::Stream {
+                channel: Channel::Control,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Runs the source side of one migration over an established connection.
+pub async fn run_source(
+    conn: Connection,
+    session: SourceSession,
+    reader: Arc<dyn PageReader>,
+) -> Result<SourceReport, DriverError> {
+    let started = Instant::now();
+    let session: Shared = Arc::new(Mutex::new(session));
+    let result = drive(&conn, &session, reader).await;
+    match result {
+        Ok(mut report) => {
+            // The destination closes once it has our CompleteAck; wait for that briefly so
+            // the acknowledgement is not lost with our own endpoint.
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            let stats = conn.stats();
+            report.udp_tx_bytes = stats.udp_tx.bytes;
+            report.udp_rx_bytes = stats.udp_rx.bytes;
+            report.total_ms = started.elapsed().as_millis() as u64;
+            Ok(report)
+        }
+        Err(e) => {
+            close_with(&conn, &e);
+            Err(e)
+        }
+    }
+}
+
+async fn drive(
+    conn: &Connection,
+    session: &Shared,
+    reader: Arc<dyn PageReader>,
+) -> Result<SourceReport, DriverError> {
+    let open = |e| connection_lost(e);
+    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(open)?;
+    let (mut urg_send, urg_recv) = conn.open_bi().await.map_err(open)?;
+    let mut bulk = conn.open_uni().await.map_err(open)?;
+    for (s, prio, tag) in [
+        (&mut ctl_send, PRIO_CONTROL, TAG_CONTROL),
+        (&mut urg_send, PRIO_URGENT, TAG_URGENT),
+        (&mut bulk, PRIO_BULK, TAG_BULK),
+    ] {
+        let _ = s.set_priority(prio);
+        s.write_all(&[tag]).await.map_err(|e| DriverError::Stream {
+            channel: Channel::Control,
+            source: e.into(),
+        })?;
+    }
+    let control: ControlSend = Arc::new(tokio::sync::Mutex::new(ctl_send));
+    flush(session, &control).await?;
+
+    // Handshake.
+    let reply = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut ctl_recv))
+        .await
+        .map_err(|_| DriverError::Timeout("waiting for the destination's handshake reply"))?;
+    let reply = match reply {
+        Ok(Some(m)) => m,
+        Ok(None) => return Err(closed_or(conn, "the destination closed the control stream")),
+        Err(e) => return Err(stream_error(conn, Channel::Control, e)),
+    };
+    let handled = lock(session).handle(Channel::Control, reply);
+    if let Err(e) = handled {
+        flush(session, &control).await.ok();
+        return Err(e.into());
+    }
+    let _ = lock(session).poll_event();
+
+    let (err_tx, mut err_rx) = mpsc::unbounded_channel::<DriverError>();
+    let urgent = tokio::spawn(serve_urgent(
+        session.clone(),
+        control.clone(),
+        urg_recv,
+        urg_send,
+        reader.clone(),
+        err_tx.clone(),
+        conn.clone(),
+    ));
+    let push_started = Instant::now();
+    let push = tokio::spawn(push_all(
+        session.clone(),
+        control.clone(),
+        bulk,
+        reader,
+        err_tx.clone(),
+        conn.clone(),
+    ));
+    drop(err_tx);
+
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
+    let ctl_reader = tokio::spawn(async move {
+        loop {
+            let r = read_frame(&mut ctl_recv).await;
+            let end = !matches!(r, Ok(Some(_)));
+            if ctl_tx.send(r).is_err() || end {
+                break;
+            }
+        }
+    });
+
+    let outcome = loop {
+        tokio::select! {
+            frame = ctl_rx.recv() => match frame {
+                Some(Ok(Some(msg))) => {
+                    let handled = lock(session).handle(Channel::Control, msg);
+                    flush(session, &control).await?;
+                    handled?;
+                    if lock(session).is_finished() {
+                        break Ok(());
+                    }
+                }
+                Some(Ok(None)) | None => {
+                    break Err(closed_or(conn, "the destination closed the control stream"))
+                }
+                Some(Err(e)) => break Err(stream_error(conn, Channel::Control, e)),
+            },
+            Some(e) = err_rx.recv() => break Err(e),
+        }
+    };
+    let push_ms = push_started.elapsed().as_millis() as u64;
+    ctl_reader.abort();
+    push.abort();
+    urgent.abort();
+    outcome?;
+    let s = lock(session);
+    Ok(SourceReport {
+        pages_served: s.pages_served(),
+        pages_pushed: s.pages_pushed(),
+        push_ms,
+        ..SourceReport::default()
+    })
+}
+
+async fn serve_urgent(
+    session: Shared,
+    control: ControlSend,
+    mut recv: RecvStream,
+    mut send: SendStream,
+    reader: Arc<dyn PageReader>,
+    errors: mpsc::UnboundedSender<DriverError>,
+    conn: Connection,
+) {
+    let result: Result<(), DriverError> = async {
+        while let Some(msg) = read_frame(&mut recv)
+            .await
+            .map_err(|e| stream_error(&conn, Channel::Urgent, e))?
+        {
+            let handled = lock(&session).handle(Channel::Urgent, msg);
+            if let Err(e) = handled {
+                flush(&session, &control).await.ok();
+                return Err(e.into());
+            }
+            let events: Vec<_> = std::iter::from_fn(|| lock(&session).poll_event()).collect();
+            for ev in events {
+                if let SourceEvent::Serve(pages) = ev {
+                    for page in pages {
+                        let data = reader.pages(page, 1).map_err(DriverError::Reader)?;
+                        write_pages(&mut send, &Pages::from_memory(page, data))
+                            .await
+                            .map_err(|e| stream_error(&conn, Channel::Urgent, e))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    report(result, &session, &errors);
+}
+
+async fn push_all(
+    session: Shared,
+    control: ControlSend,
+    mut bulk: SendStream,
+    reader: Arc<dyn PageReader>,
+    errors: mpsc::UnboundedSender<DriverError>,
+    conn: Connection,
+) {
+    const { assert!(PUSH_RUN <= MAX_PAGES_PER_MESSAGE) };
+    let result: Result<(), DriverError> = async {
+        loop {
+            let next = lock(&session).next_push(PUSH_RUN);
+            let Some(run) = next else { break };
+            let count = (run.end - run.start) as usize;
+            let data = reader
+                .pages(run.start, count)
+                .map_err(DriverError::Reader)?;
+            debug_assert_eq!(data.len(), count * PAGE_SIZE);
+            write_pages(&mut bulk, &Pages::from_memory(run.start, data))
+                .await
+                .map_err(|e| stream_error(&conn, Channel::Bulk, e))?;
+        }
+        let _ = bulk.finish();
+        flush(&session, &control).await
+    }
+    .await;
+    report(result, &session, &errors);
+}
+
+/// Errors after the session finished are the destination hanging up, which is fine.
+fn report(
+    result: Result<(), DriverError>,
+    session: &Shared,
+    errors: &mpsc::UnboundedSender<DriverError>,
+) {
+    if let Err(e) = result {
+        if !lock(session).is_finished() {
+            let _ = errors.send(e);
+        }
+    }
+}
+
+/// A stream failing because the connection went away is reported as the connection's reason.
+pub(crate) fn stream_error(
+    conn: &Connection,
+    channel: Channel,
+    e: super::frame::FrameError,
+) -> DriverError {
+    match conn.close_reason() {
+        Some(reason) => connection_lost(reason),
+        None => DriverError::Stream { channel, source: e },
+    }
+}
+
+pub(crate) fn closed_or(conn: &Connection, what: &'static str) -> DriverError {
+    match conn.close_reason() {
+        Some(reason) => connection_lost(reason),
+        None => DriverError::PeerClosed {
+            code: crate::message::ErrorCode::Aborted,
+            reason: what.to_string(),
+        },
+    }
+}

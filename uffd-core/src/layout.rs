@@ -1,0 +1,223 @@
+//! Host regions of guest memory and the global page index across them.
+//!
+//! Pages are numbered region after region in the order the regions were given, so the
+//! index is stable across hosts as long as both sides list regions in the same order.
+
+use crate::error::LayoutError;
+use crate::PAGE_SIZE;
+
+/// One contiguous host mapping of guest memory. The address is kept as `usize` so the
+/// descriptor is `Send + Sync`; it describes memory, it does not own it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostRegion {
+    pub host_addr: usize,
+    pub len: usize,
+    /// Shared memory (memfd/tmpfs): UFFDIO_ZEROPAGE is not allowed there.
+    pub shmem: bool,
+}
+
+impl HostRegion {
+    pub fn new(host_addr: *mut u8, len: usize, shmem: bool) -> HostRegion {
+        HostRegion {
+            host_addr: host_addr as usize,
+            len,
+            shmem,
+        }
+    }
+
+    pub fn pages(&self) -> u64 {
+        (self.len / PAGE_SIZE) as u64
+    }
+}
+
+/// Ordered regions with page ↔ address translation.
+#[derive(Debug, Clone)]
+pub struct RegionMap {
+    regions: Vec<HostRegion>,
+    /// First global page of each region (same order as `regions`).
+    first_page: Vec<u64>,
+    /// Region indices sorted by host address, for address lookups.
+    by_addr: Vec<usize>,
+    total_pages: u64,
+}
+
+impl RegionMap {
+    pub fn new(regions: Vec<HostRegion>) -> Result<RegionMap, LayoutError> {
+        let mut first_page = Vec::with_capacity(regions.len());
+        let mut total_pages = 0u64;
+        for (index, r) in regions.iter().enumerate() {
+            if r.len == 0 || r.len % PAGE_SIZE != 0 || r.host_addr % PAGE_SIZE != 0 {
+                return Err(LayoutError::Misaligned {
+                    index,
+                    addr: r.host_addr,
+                    len: r.len,
+                });
+            }
+            if r.host_addr.checked_add(r.len).is_none() {
+                return Err(LayoutError::Overlap {
+                    index,
+                    addr: r.host_addr,
+                    len: r.len,
+                });
+            }
+            first_page.push(total_pages);
+            total_pages += r.pages();
+        }
+        let mut by_addr: Vec<usize> = (0..regions.len()).collect();
+        by_addr.sort_by_key(|&i| regions[i].host_addr);
+        for w in by_addr.windows(2) {
+            let (a, b) = (&regions[w[0]], &regions[w[1]]);
+            if a.host_addr + a.len > b.host_addr {
+                return Err(LayoutError::Overlap {
+                    index: w[1],
+                    addr: b.host_addr,
+                    len: b.len,
+                });
+            }
+        }
+        Ok(RegionMap {
+            regions,
+            first_page,
+            by_addr,
+            total_pages,
+        })
+    }
+
+    pub fn regions(&self) -> &[HostRegion] {
+        &self.regions
+    }
+
+    pub fn total_pages(&self) -> u64 {
+        self.total_pages
+    }
+
+    /// Global page containing `host_addr`, if it lies in a region.
+    pub fn page_of(&self, host_addr: usize) -> Option<u64> {
+        let pos = self
+            .by_addr
+            .partition_point(|&i| self.regions[i].host_addr <= host_addr);
+        let idx = *self.by_addr.get(pos.checked_sub(1)?)?;
+        let r = &self.regions[idx];
+        let off = host_addr - r.host_addr;
+        (off < r.len).then(|| self.first_page[idx] + (off / PAGE_SIZE) as u64)
+    }
+
+    /// Index of the region holding `page`.
+    pub fn region_index_of(&self, page: u64) -> Option<usize> {
+        if page >= self.total_pages {
+            return None;
+        }
+        Some(self.first_page.partition_point(|&f| f <= page) - 1)
+    }
+
+    /// Region holding `page`.
+    pub fn region_of(&self, page: u64) -> Option<&HostRegion> {
+        self.region_index_of(page).map(|i| &self.regions[i])
+    }
+
+    /// Host address of the start of `page`.
+    pub fn host_addr_of(&self, page: u64) -> Option<usize> {
+        let idx = self.region_index_of(page)?;
+        let off = (page - self.first_page[idx]) as usize * PAGE_SIZE;
+        Some(self.regions[idx].host_addr + off)
+    }
+
+    /// How many of the `n` pages starting at `page` lie in `page`'s region (0 if `page`
+    /// is out of range), so one fill ioctl never spans two mappings.
+    pub fn run_within_region(&self, page: u64, n: u64) -> u64 {
+        match self.region_index_of(page) {
+            Some(idx) => {
+                let end = self.first_page[idx] + self.regions[idx].pages();
+                n.min(end - page)
+            }
+            None => 0,
+        }
+    }
+
+    /// Global pages overlapping host range `[start, end)`, clipped per region, as
+    /// (first page, page count, region index) triples.
+    pub fn pages_in_host_range(&self, start: usize, end: usize) -> Vec<(u64, u64, usize)> {
+        let mut out = Vec::new();
+        for (idx, r) in self.regions.iter().enumerate() {
+            let lo = start.max(r.host_addr);
+            let hi = end.min(r.host_addr + r.len);
+            if lo >= hi {
+                continue;
+            }
+            let first = (lo - r.host_addr) / PAGE_SIZE;
+            let last = (hi - r.host_addr).div_ceil(PAGE_SIZE);
+            out.push((
+                self.first_page[idx] + first as u64,
+                (last - first) as u64,
+                idx,
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(addr: usize, pages: usize) -> HostRegion {
+        HostRegion {
+            host_addr: addr,
+            len: pages * PAGE_SIZE,
+            shmem: false,
+        }
+    }
+
+    #[test]
+    fn global_index_follows_given_order() {
+        // Second region sits below the first in the address space on purpose.
+        let m = RegionMap::new(vec![r(0x10_0000, 4), r(0x1000, 2)]).unwrap();
+        assert_eq!(m.total_pages(), 6);
+        assert_eq!(m.page_of(0x10_0000), Some(0));
+        assert_eq!(m.page_of(0x10_3fff), Some(3));
+        assert_eq!(m.page_of(0x10_4000), None);
+        assert_eq!(m.page_of(0x1000), Some(4));
+        assert_eq!(m.page_of(0x2abc), Some(5));
+        assert_eq!(m.page_of(0x0fff), None);
+        assert_eq!(m.page_of(0x3000), None);
+        assert_eq!(m.host_addr_of(0), Some(0x10_0000));
+        assert_eq!(m.host_addr_of(5), Some(0x2000));
+        assert_eq!(m.host_addr_of(6), None);
+        assert_eq!(m.run_within_region(2, 10), 2);
+        assert_eq!(m.run_within_region(2, 1), 1);
+        assert_eq!(m.run_within_region(4, 10), 2);
+        assert_eq!(m.run_within_region(6, 10), 0);
+        assert_eq!(m.region_of(4).unwrap().host_addr, 0x1000);
+    }
+
+    #[test]
+    fn host_range_is_clipped_per_region() {
+        let m = RegionMap::new(vec![r(0x1000, 2), r(0x3000, 2)]).unwrap();
+        assert_eq!(
+            m.pages_in_host_range(0x2000, 0x4000),
+            vec![(1, 1, 0), (2, 1, 1)]
+        );
+        assert!(m.pages_in_host_range(0x9000, 0xa000).is_empty());
+    }
+
+    #[test]
+    fn rejects_bad_regions() {
+        assert!(matches!(
+            RegionMap::new(vec![r(0x1001, 1)]),
+            Err(LayoutError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            RegionMap::new(vec![r(0x1000, 0)]),
+            Err(LayoutError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            RegionMap::new(vec![r(0x1000, 4), r(0x2000, 1)]),
+            Err(LayoutError::Overlap { .. })
+        ));
+        assert!(matches!(
+            RegionMap::new(vec![r(usize::MAX - 0xfff, 2)]),
+            Err(LayoutError::Overlap { .. })
+        ));
+        assert_eq!(RegionMap::new(vec![]).unwrap().total_pages(), 0);
+    }
+}

@@ -1,0 +1,54 @@
+//! Destination-side userfaultfd fault handling for faultline postcopy migration.
+//!
+//! Guest memory ([`GuestMemory`]) is registered with a [`Userfaultfd`]; a
+//! [`FaultLoop`] thread turns missing-page faults into requests to a [`PageSource`],
+//! and whoever holds the data installs it through an [`Installer`]. A lock-free
+//! [`PageTable`] makes sure each page is requested and counted once, and [`Metrics`]
+//! measures how long guest threads were blocked. [`Destination`] wires it all up.
+
+// Every unsafe block must say why it is sound.
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod destination;
+pub mod error;
+pub mod fault_loop;
+pub mod install;
+pub mod layout;
+pub mod memory;
+pub mod metrics;
+pub mod page_table;
+pub mod source;
+pub mod sys;
+pub mod uffd;
+
+/// Guest page size handled by this crate.
+pub const PAGE_SIZE: usize = 4096;
+
+pub use destination::{Destination, DESTINATION_FEATURES};
+pub use error::{Error, InstallError, LayoutError, MemoryError, PermissionHint, UffdError};
+pub use fault_loop::{FaultLoop, FaultLoopHandle};
+pub use install::{Installed, Installer, Origin, PageData, RunInstalled};
+pub use layout::{HostRegion, RegionMap};
+pub use memory::{GuestMemory, MemoryKind};
+pub use metrics::{LatencySummary, Metrics, MetricsSnapshot};
+pub use page_table::{PageState, PageTable};
+pub use source::PageSource;
+pub use sys::UffdMsg;
+pub use uffd::{CopyOutcome, CopyResult, Event, FaultFlags, Features, Ioctls, Userfaultfd};
+
+#[cfg(test)]
+mod tests {
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn shared_types_are_send_and_sync() {
+        send_sync::<crate::Installer>();
+        send_sync::<crate::Destination>();
+        send_sync::<crate::GuestMemory>();
+        send_sync::<crate::RegionMap>();
+        send_sync::<crate::PageTable>();
+        send_sync::<crate::Metrics>();
+        send_sync::<crate::Userfaultfd>();
+        send_sync::<crate::FaultLoopHandle>();
+    }
+}

@@ -1,0 +1,212 @@
+//! Counters and fault latency of a postcopy destination.
+//!
+//! Latency is measured per page from the first fault message read for it until the
+//! page is installed, on whatever thread installs it, and recorded once per fault
+//! message (waiter) so the histogram reflects how long vCPUs were actually blocked.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Live metrics, shared between the fault loop and installers.
+#[derive(Debug)]
+pub struct Metrics {
+    epoch: Instant,
+    faults: AtomicU64,
+    pages_faulted: AtomicU64,
+    pages_pushed: AtomicU64,
+    pages_zero: AtomicU64,
+    pages_discarded: AtomicU64,
+    blocked_ns: AtomicU64,
+    latency_us: Mutex<Histogram<u64>>,
+    /// Per page: ns since `epoch` of its first unresolved fault, plus one (0 = none).
+    first_fault: Vec<AtomicU64>,
+    /// Per page: fault messages waiting for it.
+    waiters: Vec<AtomicU32>,
+}
+
+/// Summary of the fault latency histogram, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+/// Plain copy of [`Metrics`] at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricsSnapshot {
+    pub faults: u64,
+    pub pages_faulted: u64,
+    pub pages_pushed: u64,
+    pub pages_zero: u64,
+    pub pages_discarded: u64,
+    pub blocked_ns: u64,
+    pub fault_latency_us: LatencySummary,
+}
+
+/// What an install was, for counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InstallKind {
+    Demand,
+    Push,
+}
+
+impl Metrics {
+    pub fn new(total_pages: u64) -> Metrics {
+        // 1 µs .. 1 h at 3 significant figures; constant bounds that hdrhistogram accepts.
+        let hist = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
+        Metrics {
+            epoch: Instant::now(),
+            faults: AtomicU64::new(0),
+            pages_faulted: AtomicU64::new(0),
+            pages_pushed: AtomicU64::new(0),
+            pages_zero: AtomicU64::new(0),
+            pages_discarded: AtomicU64::new(0),
+            blocked_ns: AtomicU64::new(0),
+            latency_us: Mutex::new(hist),
+            first_fault: (0..total_pages).map(|_| AtomicU64::new(0)).collect(),
+            waiters: (0..total_pages).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 + 1
+    }
+
+    /// A fault message was read for `page` (the caller checks the state afterwards, so a
+    /// page resolved concurrently is still accounted by one side or the other).
+    pub(crate) fn fault_read(&self, page: u64) {
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        let (Some(ts), Some(w)) = (
+            self.first_fault.get(page as usize),
+            self.waiters.get(page as usize),
+        ) else {
+            return;
+        };
+        let now = self.now_ns();
+        let _ = ts.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+        w.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A fault message whose page was not in any region.
+    pub(crate) fn stray_fault(&self) {
+        self.faults.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `page` became readable: records its latency once per waiting fault. Safe to call
+    /// from several threads; only the first sees the waiters.
+    pub(crate) fn page_ready(&self, page: u64) {
+        let (Some(ts), Some(w)) = (
+            self.first_fault.get(page as usize),
+            self.waiters.get(page as usize),
+        ) else {
+            return;
+        };
+        // Cheap exit for the common push case where nobody faulted.
+        if w.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let waiters = w.swap(0, Ordering::SeqCst);
+        let start = ts.swap(0, Ordering::SeqCst);
+        if waiters == 0 || start == 0 {
+            return;
+        }
+        let ns = self.now_ns().saturating_sub(start);
+        self.blocked_ns
+            .fetch_add(ns.saturating_mul(u64::from(waiters)), Ordering::Relaxed);
+        let us = (ns / 1000).max(1);
+        let mut h = self.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        h.saturating_record_n(us, u64::from(waiters));
+    }
+
+    pub(crate) fn installed(&self, kind: InstallKind, zero: bool, pages: u64) {
+        match kind {
+            InstallKind::Demand => &self.pages_faulted,
+            InstallKind::Push => &self.pages_pushed,
+        }
+        .fetch_add(pages, Ordering::Relaxed);
+        if zero {
+            self.pages_zero.fetch_add(pages, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn discarded(&self, pages: u64) {
+        self.pages_discarded.fetch_add(pages, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let h = self.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        let fault_latency_us = if h.is_empty() {
+            LatencySummary::default()
+        } else {
+            LatencySummary {
+                count: h.len(),
+                p50: h.value_at_quantile(0.50),
+                p90: h.value_at_quantile(0.90),
+                p99: h.value_at_quantile(0.99),
+                max: h.max(),
+                mean: h.mean(),
+            }
+        };
+        MetricsSnapshot {
+            faults: self.faults.load(Ordering::Relaxed),
+            pages_faulted: self.pages_faulted.load(Ordering::Relaxed),
+            pages_pushed: self.pages_pushed.load(Ordering::Relaxed),
+            pages_zero: self.pages_zero.load(Ordering::Relaxed),
+            pages_discarded: self.pages_discarded.load(Ordering::Relaxed),
+            blocked_ns: self.blocked_ns.load(Ordering::Relaxed),
+            fault_latency_us,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_is_recorded_once_per_waiter() {
+        let m = Metrics::new(4);
+        m.fault_read(1);
+        m.fault_read(1);
+        m.fault_read(1);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        m.page_ready(1);
+        m.page_ready(1); // second call finds nobody waiting
+        m.page_ready(2); // nobody faulted
+        m.fault_read(99); // out of range: counted, not tracked
+        m.installed(InstallKind::Demand, false, 1);
+        m.installed(InstallKind::Push, true, 2);
+        m.discarded(3);
+        let s = m.snapshot();
+        assert_eq!(s.faults, 4);
+        assert_eq!(s.fault_latency_us.count, 3);
+        assert!(s.fault_latency_us.p50 >= 2000, "{s:?}");
+        assert!(s.blocked_ns >= 3 * 2_000_000, "{s:?}");
+        assert_eq!((s.pages_faulted, s.pages_pushed, s.pages_zero), (1, 2, 2));
+        assert_eq!(s.pages_discarded, 3);
+    }
+
+    #[test]
+    fn snapshot_serializes_to_json() {
+        let m = Metrics::new(1);
+        m.fault_read(0);
+        m.page_ready(0);
+        let json = serde_json::to_string(&m.snapshot()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["faults"], 1);
+        assert_eq!(v["fault_latency_us"]["count"], 1);
+        for key in ["p50", "p90", "p99", "max", "mean"] {
+            assert!(v["fault_latency_us"][key].is_number(), "{key} in {json}");
+        }
+        let back: MetricsSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m.snapshot());
+    }
+}
