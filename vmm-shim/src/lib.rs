@@ -1,1 +1,17 @@
-//! placeholder
+//! What a Rust VMM links to migrate with faultline: the source and destination roles that
+//! wire guest memory to `uffd-core` (userfaultfd on the destination) and `transport`
+//! (the protocol over QUIC), plus the pieces the `faultline` command-line tool is built from.
+
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod dest;
+pub mod digest;
+pub mod error;
+pub mod image;
+pub mod source;
+pub mod workload;
+
+pub use dest::{DestOptions, DestReport, Listener};
+pub use error::RoleError;
+pub use image::SourceImage;
+pub use source::{send, SourceOptions};

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Endpoint, TransportConfig, VarInt};
+pub use quinn::{Connection, Endpoint};
+use quinn::{TransportConfig, VarInt};
 use rustls::pki_types::CertificateDer;
 use thiserror::Error;
 

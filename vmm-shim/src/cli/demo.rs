@@ -1,0 +1,294 @@
+//! `faultline demo`: a source and a destination process on loopback, a built-in image, a
+//! workload on the destination during postcopy, digests compared, a report printed.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::Value;
+use transport::tls::Identity;
+
+use super::roles::SourceOutput;
+use super::{parse_size, EVENT_PREFIX};
+use vmm_shim::image::ImageMix;
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Guest memory size.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    pub size: u64,
+    /// memfd-backed (MAP_SHARED) destination memory instead of private anonymous memory.
+    #[arg(long)]
+    pub memfd: bool,
+    /// Threads reading and writing destination memory during postcopy.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Seed of the built-in image.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Latency {
+    p50: u64,
+    p99: u64,
+    max: u64,
+}
+
+/// The demo's report; `--json` prints exactly this.
+#[derive(Debug, Serialize)]
+struct DemoReport {
+    digest_match: bool,
+    source_digest: String,
+    dest_digest: String,
+    memory_bytes: u64,
+    memory: String,
+    pages: u64,
+    total_ms: f64,
+    resume_ms: f64,
+    wall_ms: f64,
+    faults: u64,
+    fault_latency_us: Latency,
+    blocked_ms: f64,
+    wire_bytes: u64,
+    pages_pushed: u64,
+    pages_faulted: u64,
+    pages_zero: u64,
+    image_mix: Option<ImageMix>,
+    workload_threads: u64,
+    workload_ops: u64,
+}
+
+/// Kills a child process that is still running when the demo bails out.
+struct Reaper(Option<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Reaper {
+    fn finish(&mut self, what: &str) -> anyhow::Result<String> {
+        let mut child = self.0.take().context("child already collected")?;
+        let mut out = String::new();
+        if let Some(mut s) = child.stdout.take() {
+            s.read_to_string(&mut out)
+                .with_context(|| format!("reading the {what}'s output"))?;
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("the {what} process failed ({status}); its error is above");
+        }
+        Ok(out)
+    }
+}
+
+enum DestEvent {
+    Listening(String),
+    Progress(u64, u64),
+}
+
+pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    let wall = Instant::now();
+    let exe = std::env::current_exe().context("locating the faultline binary")?;
+    let dir = tempfile::tempdir().context("creating a directory for the demo certificates")?;
+    let paths = |n: &str| {
+        (
+            dir.path().join(format!("{n}.crt.pem")),
+            dir.path().join(format!("{n}.key.pem")),
+        )
+    };
+    let (src_crt, src_key) = paths("source");
+    let (dst_crt, dst_key) = paths("dest");
+    Identity::generate("source")?.save(&src_crt, &src_key)?;
+    Identity::generate("dest")?.save(&dst_crt, &dst_key)?;
+    let s = |p: &std::path::Path| p.display().to_string();
+    let size = a.size.to_string();
+
+    let mut dest_cmd = Command::new(&exe);
+    dest_cmd.args(["dest", "--listen", "127.0.0.1:0", "--size", &size, "--json", "--progress"]);
+    dest_cmd.args(["--workers", &a.workers.to_string(), "--accept-timeout", "60"]);
+    dest_cmd.args(["--cert", &s(&dst_crt), "--key", &s(&dst_key), "--peer-cert", &s(&src_crt)]);
+    if a.memfd {
+        dest_cmd.arg("--memfd");
+    }
+    let mut dest = Reaper(Some(
+        dest_cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the destination process")?,
+    ));
+    let stderr = dest.0.as_mut().and_then(|c| c.stderr.take()).context("no stderr")?;
+    let (tx, rx) = mpsc::channel();
+    let relay = std::thread::spawn(move || relay_events(stderr, tx));
+
+    let addr = loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(DestEvent::Listening(addr)) => break addr,
+            Ok(_) => {}
+            Err(_) => bail!("the destination did not start listening; its error is above"),
+        }
+    };
+
+    let mut source = Reaper(Some(
+        Command::new(&exe)
+            .args(["source", "--connect", &addr, "--synthetic", &size, "--json"])
+            .args(["--seed", &a.seed.to_string()])
+            .args(["--cert", &s(&src_crt), "--key", &s(&src_key), "--peer-cert", &s(&dst_crt)])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the source process")?,
+    ));
+
+    let bar = ProgressBar::new(a.size / 4096);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} postcopy [{bar:40}] {pos}/{len} pages present ({elapsed})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    for ev in rx.iter() {
+        if let DestEvent::Progress(present, total) = ev {
+            bar.set_length(total);
+            bar.set_position(present);
+        }
+    }
+    bar.finish_and_clear();
+    let _ = relay.join();
+
+    let src_out = source.finish("source")?;
+    let dst_out = dest.finish("destination")?;
+    let src: SourceOutput =
+        serde_json::from_str(src_out.trim()).context("parsing the source's report")?;
+    let dst: Value = serde_json::from_str(dst_out.trim()).context("parsing the destination's report")?;
+    let report = build_report(&src, &dst, wall)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_text(&report, a.seed);
+    }
+    Ok(if report.digest_match {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Forwards the destination's stderr, turning event lines into [`DestEvent`]s.
+fn relay_events(stderr: impl Read, tx: mpsc::Sender<DestEvent>) {
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let Some(json) = line.strip_prefix(EVENT_PREFIX) else {
+            eprintln!("{line}");
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(json) else {
+            continue;
+        };
+        let ev = match v["event"].as_str() {
+            Some("listening") => v["addr"].as_str().map(|a| DestEvent::Listening(a.into())),
+            Some("progress") => Some(DestEvent::Progress(
+                v["present"].as_u64().unwrap_or(0),
+                v["total"].as_u64().unwrap_or(0),
+            )),
+            _ => None,
+        };
+        if let Some(ev) = ev {
+            let _ = tx.send(ev);
+        }
+    }
+}
+
+fn build_report(src: &SourceOutput, dst: &Value, wall: Instant) -> anyhow::Result<DemoReport> {
+    let u = |v: &Value| v.as_u64().unwrap_or(0);
+    let m = &dst["metrics"];
+    let lat = &m["fault_latency_us"];
+    let dest_digest = dst["digest"]
+        .as_str()
+        .context("destination report has no digest")?
+        .to_string();
+    Ok(DemoReport {
+        digest_match: dest_digest == src.digest,
+        source_digest: src.digest.clone(),
+        dest_digest,
+        memory_bytes: src.memory_bytes,
+        memory: dst["memory"].as_str().unwrap_or("?").to_string(),
+        pages: u(&dst["pages"]),
+        total_ms: dst["total_ms"].as_f64().unwrap_or(0.0),
+        resume_ms: dst["resume_ms"].as_f64().unwrap_or(0.0),
+        wall_ms: wall.elapsed().as_secs_f64() * 1e3,
+        faults: u(&m["faults"]),
+        fault_latency_us: Latency {
+            p50: u(&lat["p50"]),
+            p99: u(&lat["p99"]),
+            max: u(&lat["max"]),
+        },
+        blocked_ms: u(&m["blocked_ns"]) as f64 / 1e6,
+        wire_bytes: u(&dst["wire_bytes"]),
+        pages_pushed: u(&m["pages_pushed"]),
+        pages_faulted: u(&m["pages_faulted"]),
+        pages_zero: u(&m["pages_zero"]),
+        image_mix: src.mix,
+        workload_threads: u(&dst["workload"]["threads"]),
+        workload_ops: u(&dst["workload"]["ops"]),
+    })
+}
+
+fn print_text(r: &DemoReport, seed: u64) {
+    let pct = |n: u64| 100.0 * n as f64 / r.pages.max(1) as f64;
+    println!(
+        "faultline demo: {} MiB migrated by postcopy over QUIC on loopback",
+        r.memory_bytes >> 20
+    );
+    if let Some(m) = r.image_mix {
+        println!(
+            "  image      {:.0}% zero, {:.0}% text-like, {:.0}% random pages (seed {seed}); {} memory at the destination",
+            pct(m.zero),
+            pct(m.text),
+            pct(m.random),
+            r.memory
+        );
+    }
+    println!("  resume     {:.2} ms after the source connected", r.resume_ms);
+    println!(
+        "  total      {:.0} ms until every page was present ({:.0} ms wall clock with set-up)",
+        r.total_ms, r.wall_ms
+    );
+    println!(
+        "  faults     {} (latency p50 {} us, p99 {} us, max {} us); threads blocked {:.1} ms in all",
+        r.faults, r.fault_latency_us.p50, r.fault_latency_us.p99, r.fault_latency_us.max, r.blocked_ms
+    );
+    println!(
+        "  pages      {}: {} pushed, {} on demand, {} zero",
+        r.pages, r.pages_pushed, r.pages_faulted, r.pages_zero
+    );
+    println!(
+        "  wire       {:.1} MiB of UDP both ways ({:.2}x the memory size)",
+        r.wire_bytes as f64 / (1 << 20) as f64,
+        r.wire_bytes as f64 / r.memory_bytes.max(1) as f64
+    );
+    println!(
+        "  workload   {} threads did {} reads/writes during postcopy",
+        r.workload_threads, r.workload_ops
+    );
+    println!(
+        "  digest     source {} {} destination {}: {}",
+        r.source_digest,
+        if r.digest_match { "=" } else { "!=" },
+        r.dest_digest,
+        if r.digest_match { "MATCH" } else { "MISMATCH" }
+    );
+}

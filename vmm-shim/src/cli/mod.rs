@@ -1,0 +1,125 @@
+//! Command-line interface: argument parsing and the role commands.
+
+mod demo;
+mod roles;
+mod size;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use size::parse_size;
+
+/// Prefix of the machine-readable event lines `dest --progress` writes to stderr.
+pub const EVENT_PREFIX: &str = "@faultline ";
+
+#[derive(Parser, Debug)]
+#[command(name = "faultline", version, about = "Postcopy live migration over QUIC")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Migrate a built-in image between two local processes and print a report.
+    Demo(demo::DemoArgs),
+    /// Serve a frozen memory image to a destination (the machine being evacuated).
+    Source(SourceArgs),
+    /// Receive a migration into userfaultfd-registered memory (the standby machine).
+    Dest(DestArgs),
+    /// Generate a certificate and key for one side; give the certificate to the other side.
+    Keygen(KeygenArgs),
+}
+
+/// This side's identity and the peer certificate it pins.
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// This side's certificate (PEM).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// This side's private key (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The peer's certificate (PEM); no other certificate is accepted.
+    #[arg(long)]
+    pub peer_cert: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct SourceArgs {
+    /// Address of the destination.
+    #[arg(long)]
+    pub connect: SocketAddr,
+    /// Raw memory image file to migrate (a RAM dump or a snapshot's memory file).
+    #[arg(long, conflicts_with = "synthetic")]
+    pub image: Option<PathBuf>,
+    /// Size of the built-in synthetic image to migrate instead, e.g. 1G or 256M.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    pub synthetic: u64,
+    /// Seed of the synthetic image.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// VM id announced to the destination.
+    #[arg(long, default_value = "vm0")]
+    pub vm_id: String,
+    /// Seconds to keep retrying while the destination is not up yet.
+    #[arg(long, default_value_t = 30)]
+    pub connect_timeout: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DestArgs {
+    /// Address to listen on (port 0 picks a free one; `--progress` reports it).
+    #[arg(long, default_value = "0.0.0.0:4433")]
+    pub listen: SocketAddr,
+    /// Guest memory size; must equal the source's.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    pub size: u64,
+    /// Back guest memory with a memfd (MAP_SHARED) instead of private anonymous memory.
+    #[arg(long)]
+    pub memfd: bool,
+    /// VM id the source must announce (any if unset).
+    #[arg(long)]
+    pub vm_id: Option<String>,
+    /// Threads that read and write guest memory during postcopy, standing in for vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Seconds to wait for the source.
+    #[arg(long, default_value_t = 120)]
+    pub accept_timeout: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Write machine-readable progress events to stderr (used by `faultline demo`).
+    #[arg(long)]
+    pub progress: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Directory to write NAME.crt.pem and NAME.key.pem into.
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+    /// Name of this side, e.g. source or dest.
+    #[arg(long)]
+    pub name: String,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Source(a) => roles::source(a),
+        Command::Dest(a) => roles::dest(a),
+        Command::Keygen(a) => roles::keygen(a),
+    }
+}

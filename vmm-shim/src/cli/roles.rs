@@ -1,0 +1,198 @@
+//! `faultline source`, `faultline dest` and `faultline keygen`.
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use transport::quic::SourceReport;
+use transport::tls::{load_cert, Identity};
+use transport::Layout;
+use uffd_core::GuestMemory;
+use vmm_shim::digest::digest;
+use vmm_shim::image::{ImageMix, SourceImage};
+use vmm_shim::workload::{Workload, WorkloadReport};
+use vmm_shim::{DestOptions, DestReport, Listener, SourceOptions};
+
+use super::{DestArgs, KeygenArgs, SourceArgs, TlsArgs, EVENT_PREFIX};
+
+/// What `faultline source --json` prints.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SourceOutput {
+    pub vm_id: String,
+    pub image: String,
+    pub memory_bytes: u64,
+    /// Digest of the image as frozen at switchover.
+    pub digest: String,
+    pub mix: Option<ImageMix>,
+    pub pages_served: u64,
+    pub pages_pushed: u64,
+    pub push_ms: u64,
+    pub total_ms: u64,
+}
+
+/// What `faultline dest --json` prints.
+#[derive(Debug, Serialize)]
+pub struct DestOutput {
+    pub memory: &'static str,
+    /// Digest of guest memory after postcopy completed.
+    pub digest: String,
+    #[serde(flatten)]
+    pub report: DestReport,
+    pub workload: WorkloadReport,
+}
+
+fn identity(tls: &TlsArgs) -> anyhow::Result<(Identity, transport::tls::CertificateDer<'static>)> {
+    let me = Identity::load(&tls.cert, &tls.key).context("loading this side's certificate")?;
+    let peer = load_cert(&tls.peer_cert).context("loading the peer certificate to pin")?;
+    Ok((me, peer))
+}
+
+/// Prints one event line for a parent process (`faultline demo`).
+pub fn emit_event(v: serde_json::Value) {
+    eprintln!("{EVENT_PREFIX}{v}");
+}
+
+pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
+    let (me, peer) = identity(&a.tls)?;
+    let (image, name) = match &a.image {
+        Some(path) => (SourceImage::open(path)?, path.display().to_string()),
+        None => (
+            SourceImage::synthetic(a.synthetic, a.seed)?,
+            format!("synthetic seed {}", a.seed),
+        ),
+    };
+    let layout = Layout::single(image.len());
+    let digest = digest(image.bytes());
+    let mix = image.mix;
+    let image = Arc::new(image);
+    let report: SourceReport = vmm_shim::send(
+        image,
+        &layout,
+        &SourceOptions {
+            connect: a.connect,
+            identity: me,
+            peer_cert: peer,
+            vm_id: a.vm_id.clone(),
+            connect_timeout: Duration::from_secs(a.connect_timeout),
+        },
+    )?;
+    let out = SourceOutput {
+        vm_id: a.vm_id,
+        image: name,
+        memory_bytes: layout.total_bytes(),
+        digest,
+        mix,
+        pages_served: report.pages_served,
+        pages_pushed: report.pages_pushed,
+        push_ms: report.push_ms,
+        total_ms: report.total_ms,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!(
+            "migrated {} ({} MiB) to {} in {} ms: {} pages pushed, {} served on demand\nsource digest {}",
+            out.image,
+            out.memory_bytes >> 20,
+            a.connect,
+            out.total_ms,
+            out.pages_pushed,
+            out.pages_served,
+            out.digest
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
+    let (me, peer) = identity(&a.tls)?;
+    let progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>> = if a.progress {
+        Some(Arc::new(|present, total| {
+            emit_event(serde_json::json!({"event": "progress", "present": present, "total": total}))
+        }))
+    } else {
+        None
+    };
+    let listener = Listener::bind(DestOptions {
+        listen: a.listen,
+        identity: me,
+        peer_cert: peer,
+        expected_vm_id: a.vm_id.clone(),
+        accept_timeout: Duration::from_secs(a.accept_timeout),
+        progress,
+    })?;
+    let addr = listener.local_addr()?;
+    if a.progress {
+        emit_event(serde_json::json!({"event": "listening", "addr": addr.to_string()}));
+    } else if !a.json {
+        eprintln!("listening on {addr}");
+    }
+
+    let size = usize::try_from(a.size).context("memory size does not fit this machine")?;
+    let memory = if a.memfd {
+        GuestMemory::memfd("faultline-guest", size)?
+    } else {
+        GuestMemory::anonymous(size)?
+    };
+    let regions = [memory.host_region()];
+    let layout = Layout::single(a.size);
+    let workload: Arc<Mutex<Option<Workload>>> = Arc::default();
+    let started = workload.clone();
+    let (workers, seed) = (a.workers, a.size ^ 0x5eed);
+    let result = listener.receive(&regions, &layout, move || {
+        let w = Workload::start(&regions, workers, seed);
+        *started.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+    });
+    let workload = workload
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .map(Workload::stop)
+        .unwrap_or_default();
+    let report = result?;
+    // SAFETY: the memory is mapped for `memory`'s lifetime, the workload threads were joined
+    // above, and userfaultfd is unregistered, so nothing writes it while we read it.
+    let bytes = unsafe { std::slice::from_raw_parts(memory.as_ptr(), memory.len()) };
+    let out = DestOutput {
+        memory: if a.memfd { "memfd" } else { "anonymous" },
+        digest: digest(bytes),
+        report,
+        workload,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        let m = &out.report.metrics;
+        println!(
+            "received {} MiB in {:.0} ms (resumed after {:.1} ms): {} faults, {} pages by fault, {} by push, {} zero\nfault latency p50 {} us, p99 {} us\ndestination digest {}",
+            out.report.memory_bytes >> 20,
+            out.report.total_ms,
+            out.report.resume_ms,
+            m.faults,
+            m.pages_faulted,
+            m.pages_pushed,
+            m.pages_zero,
+            m.fault_latency_us.p50,
+            m.fault_latency_us.p99,
+            out.digest
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn keygen(a: KeygenArgs) -> anyhow::Result<ExitCode> {
+    let id = Identity::generate(&a.name)?;
+    std::fs::create_dir_all(&a.dir)
+        .with_context(|| format!("creating {}", a.dir.display()))?;
+    let cert = a.dir.join(format!("{}.crt.pem", a.name));
+    let key = a.dir.join(format!("{}.key.pem", a.name));
+    id.save(&cert, &key)?;
+    println!(
+        "wrote {} and {} (give the certificate to the peer; keep the key here)",
+        cert.display(),
+        key.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,237 @@
+//! The destination role: guest memory registered with userfaultfd, filled on demand and by
+//! the source's push over QUIC.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedSender;
+use transport::message::{PageKind, Pages};
+use transport::proto::{Channel, DestConfig, DestSession};
+use transport::quic::{self, DestHooks, PageSink, SinkError};
+use transport::tls::Identity;
+use transport::{Layout, PAGE_SIZE};
+use uffd_core::{Destination, HostRegion, Installer, MetricsSnapshot, Origin, PageData, PageSource, PageTable};
+
+use crate::error::RoleError;
+
+/// How the destination listens and whom it accepts.
+pub struct DestOptions {
+    pub listen: SocketAddr,
+    pub identity: Identity,
+    /// The only certificate the source may present.
+    pub peer_cert: transport::tls::CertificateDer<'static>,
+    /// If set, the VM id the source must announce.
+    pub expected_vm_id: Option<String>,
+    /// How long to wait for the source to connect.
+    pub accept_timeout: Duration,
+    /// Called about ten times a second with (pages present, total pages).
+    pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+}
+
+/// What the destination measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct DestReport {
+    pub vm_id: String,
+    pub memory_bytes: u64,
+    pub pages: u64,
+    /// Source connected → guest resumed (handshake and layout check included).
+    pub resume_ms: f64,
+    /// Source connected → every page present and the session closed.
+    pub total_ms: f64,
+    /// UDP bytes both ways, as counted by this side's QUIC stack.
+    pub wire_bytes: u64,
+    pub metrics: MetricsSnapshot,
+}
+
+/// Demand requests from the fault loop go to the QUIC driver through a channel; sending on
+/// an unbounded tokio channel never blocks the fault loop thread.
+struct ChannelSource(UnboundedSender<Vec<u64>>);
+
+impl PageSource for ChannelSource {
+    fn request(&self, pages: &[u64]) {
+        // A closed channel means the session is over; the fault loop is being stopped.
+        let _ = self.0.send(pages.to_vec());
+    }
+}
+
+/// Installs page data from the wire into guest memory through userfaultfd.
+pub(crate) struct UffdSink {
+    installer: Installer,
+    table: Arc<PageTable>,
+}
+
+impl PageSink for UffdSink {
+    fn install(&self, pages: &Pages, channel: Channel) -> Result<(), SinkError> {
+        let origin = match channel {
+            Channel::Urgent => Origin::Demand,
+            _ => Origin::Push,
+        };
+        let kinds = &pages.kinds[..];
+        let mut offset = 0;
+        let mut i = 0;
+        while i < kinds.len() {
+            let page = pages.first + i as u64;
+            if kinds[i] == PageKind::Zero as u8 {
+                self.installer
+                    .install(page, PageData::Zero, origin)
+                    .map_err(|e| SinkError(e.to_string()))?;
+                i += 1;
+                continue;
+            }
+            // Consecutive raw pages have consecutive payloads: one copy for the run.
+            let run = kinds[i..]
+                .iter()
+                .take_while(|&&k| k == PageKind::Raw as u8)
+                .count();
+            let data = pages
+                .payload
+                .get(offset..offset + run * PAGE_SIZE)
+                .ok_or_else(|| SinkError("page payload shorter than its kinds".into()))?;
+            self.installer
+                .install_run(page, data, origin)
+                .map_err(|e| SinkError(e.to_string()))?;
+            offset += run * PAGE_SIZE;
+            i += run;
+        }
+        Ok(())
+    }
+
+    fn is_complete(&self) -> bool {
+        self.table.is_complete()
+    }
+}
+
+/// A bound destination endpoint: bind first, so the caller can learn the address (port 0),
+/// then [`Listener::receive`].
+pub struct Listener {
+    runtime: tokio::runtime::Runtime,
+    endpoint: quic::Endpoint,
+    opts: DestOptions,
+}
+
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, RoleError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("faultline-net")
+        .enable_all()
+        .build()
+        .map_err(RoleError::Runtime)
+}
+
+impl Listener {
+    pub fn bind(opts: DestOptions) -> Result<Listener, RoleError> {
+        let runtime = runtime()?;
+        let endpoint = {
+            let _guard = runtime.enter();
+            quic::server_endpoint(opts.listen, &opts.identity, opts.peer_cert.clone())?
+        };
+        Ok(Listener {
+            runtime,
+            endpoint,
+            opts,
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, RoleError> {
+        self.endpoint.local_addr().map_err(RoleError::Io)
+    }
+
+    /// Receives one migration into `regions`, whose layout must equal the source's.
+    ///
+    /// The regions are registered with userfaultfd before the source connects; nothing may
+    /// touch them until `on_resume` runs (that is where the caller resumes its vCPUs).
+    /// When this returns the regions hold the source's memory and are unregistered. On
+    /// error no page was installed from a rejected peer: the handshake and every frame are
+    /// checked before anything is written.
+    pub fn receive(
+        self,
+        regions: &[HostRegion],
+        layout: &Layout,
+        on_resume: impl FnOnce() + Send + 'static,
+    ) -> Result<DestReport, RoleError> {
+        check_layout(regions, layout)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let dest = Destination::register(regions, Arc::new(ChannelSource(tx)))?;
+        let sink = Arc::new(UffdSink {
+            installer: dest.installer().clone(),
+            table: dest.table().clone(),
+        });
+        let table = dest.table().clone();
+        let resumed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let opts = &self.opts;
+        let endpoint = &self.endpoint;
+
+        let result = self.runtime.block_on(async {
+            let conn = tokio::time::timeout(opts.accept_timeout, quic::accept(endpoint))
+                .await
+                .map_err(|_| RoleError::AcceptTimeout(opts.accept_timeout))??
+                .ok_or(RoleError::EndpointClosed)?;
+            let connected = Instant::now();
+            let progress = opts.progress.clone().map(|f| {
+                let table = table.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(100));
+                    loop {
+                        tick.tick().await;
+                        f(table.resolved(), table.total());
+                    }
+                })
+            });
+            let session = DestSession::new(DestConfig {
+                layout: layout.clone(),
+                expected_vm_id: opts.expected_vm_id.clone(),
+                features: 0,
+            });
+            let resumed = resumed_at.clone();
+            let hooks = DestHooks {
+                on_established: Some(Box::new(move |_vm_id: &str| {
+                    *resumed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                    on_resume();
+                })),
+            };
+            let r = quic::run_dest(conn, session, sink, rx, hooks).await;
+            if let Some(p) = progress {
+                p.abort();
+            }
+            // Let the close reach the source before the endpoint goes away.
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            Ok::<_, RoleError>((r?, connected))
+        });
+        let metrics = dest.finish()?;
+        let (net, connected) = result?;
+        let resume = resumed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.duration_since(connected))
+            .unwrap_or_default();
+        if let Some(f) = &self.opts.progress {
+            f(table.resolved(), table.total());
+        }
+        Ok(DestReport {
+            vm_id: net.vm_id,
+            memory_bytes: layout.total_bytes(),
+            pages: layout.total_pages(),
+            resume_ms: resume.as_secs_f64() * 1e3,
+            total_ms: net.total_ms as f64,
+            wire_bytes: net.udp_rx_bytes + net.udp_tx_bytes,
+            metrics,
+        })
+    }
+}
+
+/// The memory handed to us must be what the layout describes, region by region.
+fn check_layout(regions: &[HostRegion], layout: &Layout) -> Result<(), RoleError> {
+    let ok = layout.page_size as usize == PAGE_SIZE
+        && regions.len() == layout.regions.len()
+        && regions
+            .iter()
+            .zip(&layout.regions)
+            .all(|(h, l)| h.len as u64 == l.len);
+    if ok {
+        Ok(())
+    } else {
+        Err(RoleError::LayoutDoesNotFitMemory)
+    }
+}

@@ -1,0 +1,30 @@
+//! Digests of guest memory, compared between source and destination after every migration.
+
+use xxhash_rust::xxh3::Xxh3;
+
+/// xxh3-128 of the bytes, as 32 hex digits.
+pub fn digest(bytes: &[u8]) -> String {
+    digest_all([bytes])
+}
+
+/// xxh3-128 of several byte ranges as if concatenated (guest memory in region order).
+pub fn digest_all<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    let mut h = Xxh3::new();
+    for p in parts {
+        h.update(p);
+    }
+    format!("{:032x}", h.digest128())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_of_parts_equals_digest_of_whole() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        assert_eq!(digest(&data), digest_all([&data[..3], &data[3..]]));
+        assert_ne!(digest(&data), digest(&data[1..]));
+        assert_eq!(digest(&data).len(), 32);
+    }
+}

@@ -1,0 +1,27 @@
+//! Errors of the migration roles.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum RoleError {
+    #[error(transparent)]
+    Uffd(#[from] uffd_core::Error),
+    #[error(transparent)]
+    Memory(#[from] uffd_core::MemoryError),
+    #[error(transparent)]
+    Transport(#[from] transport::quic::DriverError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error("cannot start the network runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("I/O error: {0}")]
+    Io(std::io::Error),
+    #[error("no source connected within {0:?}")]
+    AcceptTimeout(Duration),
+    #[error("the listening endpoint was closed before a source connected")]
+    EndpointClosed,
+    #[error("the guest memory regions do not match the memory layout")]
+    LayoutDoesNotFitMemory,
+}

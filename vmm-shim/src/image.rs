@@ -1,0 +1,261 @@
+//! Guest memory images the source serves from: a built-in synthetic image with a realistic
+//! mix of content, or a raw memory image file (a VM's RAM dump, a snapshot's memory file).
+//! Either way the memory is frozen for the whole session.
+
+use std::fs::File;
+use std::path::Path;
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use transport::quic::PageReader;
+use transport::PAGE_SIZE;
+use uffd_core::GuestMemory;
+
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error("cannot open memory image {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("memory image {path} is {len} bytes, which is not a non-zero multiple of 4096")]
+    BadSize { path: String, len: u64 },
+    #[error("synthetic image size {0} is not a non-zero multiple of 4096")]
+    BadSyntheticSize(u64),
+    #[error("cannot allocate the image: {0}")]
+    Alloc(#[from] uffd_core::MemoryError),
+}
+
+/// Counts of each kind of page in a synthetic image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMix {
+    pub zero: u64,
+    pub text: u64,
+    pub random: u64,
+}
+
+/// What a synthetic page holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageClass {
+    /// All zero: never-touched or freed guest memory.
+    Zero,
+    /// Compressible, text-like bytes: page cache, logs, code.
+    Text,
+    /// Incompressible bytes: encrypted or already compressed data.
+    Random,
+}
+
+/// Percentages of zero and text pages in the built-in image; the rest is random.
+pub const ZERO_PCT: u64 = 25;
+pub const TEXT_PCT: u64 = 45;
+
+fn mix64(mut x: u64) -> u64 {
+    // splitmix64 finaliser: a fast, well-distributed hash of the page number.
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The class of page `page` in the synthetic image of `seed`.
+pub fn page_class(seed: u64, page: u64) -> PageClass {
+    let r = mix64(seed ^ mix64(page)) % 100;
+    if r < ZERO_PCT {
+        PageClass::Zero
+    } else if r < ZERO_PCT + TEXT_PCT {
+        PageClass::Text
+    } else {
+        PageClass::Random
+    }
+}
+
+const WORDS: &[&[u8]] = &[
+    b"the ", b"kernel ", b"page ", b"memory ", b"virtual ", b"machine ", b"migration ",
+    b"request ", b"INFO ", b"WARN ", b"error: ", b"0x7f3a ", b"return ", b"struct ", b"fn ",
+    b"guest ", b"host ", b"fault ", b"queue ", b"\n", b"{\"id\": ", b"}, ", b"= ", b"if (",
+];
+
+/// Writes the content of synthetic page `page` of `seed` into `out` (exactly one page).
+/// Tests call this to know what any page must hold without keeping a second copy.
+pub fn synthetic_page(seed: u64, page: u64, out: &mut [u8]) {
+    debug_assert_eq!(out.len(), PAGE_SIZE);
+    let mut state = mix64(seed.rotate_left(17) ^ mix64(page ^ 0x5151));
+    let mut next = move || {
+        // xorshift64*: enough quality for filler, and fast.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    match page_class(seed, page) {
+        PageClass::Zero => out.fill(0),
+        PageClass::Random => {
+            for chunk in out.chunks_exact_mut(8) {
+                chunk.copy_from_slice(&next().to_le_bytes());
+            }
+        }
+        PageClass::Text => {
+            let mut at = 0;
+            while at < out.len() {
+                let r = next();
+                let w = WORDS[(r % WORDS.len() as u64) as usize];
+                let n = w.len().min(out.len() - at);
+                out[at..at + n].copy_from_slice(&w[..n]);
+                at += n;
+            }
+            // Make the page unique so deduplication cannot cheat.
+            out[..8].copy_from_slice(&page.to_le_bytes());
+        }
+    }
+}
+
+enum Backing {
+    Memory(GuestMemory),
+    File(Mmap),
+}
+
+/// Guest memory frozen at switchover, served to the destination.
+pub struct SourceImage {
+    backing: Backing,
+    pub mix: Option<ImageMix>,
+}
+
+impl SourceImage {
+    /// Builds the synthetic image of `len` bytes for `seed`, filling it on all cores.
+    pub fn synthetic(len: u64, seed: u64) -> Result<SourceImage, ImageError> {
+        if len == 0 || len % PAGE_SIZE as u64 != 0 {
+            return Err(ImageError::BadSyntheticSize(len));
+        }
+        let mem = GuestMemory::anonymous(len as usize)?;
+        let pages = len / PAGE_SIZE as u64;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+        let per = pages.div_ceil(threads);
+        let base = mem.as_ptr() as usize;
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (start, end) = (t * per, ((t + 1) * per).min(pages));
+                s.spawn(move || {
+                    for p in start..end {
+                        // SAFETY: the mapping is len bytes long and p < pages, so the page
+                        // is in bounds; the threads fill disjoint page ranges and nobody else
+                        // holds a reference to the memory until the scope ends.
+                        let page = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                (base + p as usize * PAGE_SIZE) as *mut u8,
+                                PAGE_SIZE,
+                            )
+                        };
+                        synthetic_page(seed, p, page);
+                    }
+                });
+            }
+        });
+        let mut mix = ImageMix::default();
+        for p in 0..pages {
+            match page_class(seed, p) {
+                PageClass::Zero => mix.zero += 1,
+                PageClass::Text => mix.text += 1,
+                PageClass::Random => mix.random += 1,
+            }
+        }
+        Ok(SourceImage {
+            backing: Backing::Memory(mem),
+            mix: Some(mix),
+        })
+    }
+
+    /// Maps a raw memory image file read-only. The file must not change during the session.
+    pub fn open(path: &Path) -> Result<SourceImage, ImageError> {
+        let err = |source| ImageError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = File::open(path).map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        if len == 0 || len % PAGE_SIZE as u64 != 0 {
+            return Err(ImageError::BadSize {
+                path: path.display().to_string(),
+                len,
+            });
+        }
+        // SAFETY: the mapping is private and read-only; the documented contract is that the
+        // image file is not modified while it is served, as for any snapshot file.
+        let map = unsafe { Mmap::map(&file) }.map_err(err)?;
+        Ok(SourceImage {
+            backing: Backing::File(map),
+            mix: None,
+        })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match &self.backing {
+            // SAFETY: the memory is owned by this image for its whole life, fully
+            // initialised, and never written after `synthetic` returned.
+            Backing::Memory(m) => unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) },
+            Backing::File(m) => m,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.bytes().len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PageReader for SourceImage {
+    fn pages(&self, first: u64, count: usize) -> Result<&[u8], String> {
+        let start = usize::try_from(first)
+            .ok()
+            .and_then(|f| f.checked_mul(PAGE_SIZE))
+            .ok_or("page index overflows")?;
+        let end = start
+            .checked_add(count * PAGE_SIZE)
+            .ok_or("page range overflows")?;
+        self.bytes()
+            .get(start..end)
+            .ok_or_else(|| format!("pages {first}+{count} are outside the image"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_image_is_deterministic_and_mixed() {
+        let img = SourceImage::synthetic(1 << 22, 7).unwrap();
+        let mix = img.mix.unwrap();
+        assert_eq!(mix.zero + mix.text + mix.random, 1024);
+        assert!(mix.zero > 150 && mix.text > 350 && mix.random > 200, "{mix:?}");
+        let mut page = vec![0u8; PAGE_SIZE];
+        for p in [0u64, 1, 500, 1023] {
+            synthetic_page(7, p, &mut page);
+            assert_eq!(img.pages(p, 1).unwrap(), &page[..]);
+        }
+        let other = SourceImage::synthetic(1 << 22, 8).unwrap();
+        assert_ne!(img.bytes(), other.bytes());
+    }
+
+    #[test]
+    fn out_of_range_reads_are_errors() {
+        let img = SourceImage::synthetic(8192, 1).unwrap();
+        assert!(img.pages(1, 1).is_ok());
+        assert!(img.pages(2, 1).is_err());
+        assert!(img.pages(u64::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn image_files_must_be_whole_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("odd.img");
+        std::fs::write(&f, [1u8; 100]).unwrap();
+        let e = SourceImage::open(&f).err().unwrap();
+        assert!(e.to_string().contains("not a non-zero multiple of 4096"), "{e}");
+        let e = SourceImage::open(&dir.path().join("missing.img")).err().unwrap();
+        assert!(e.to_string().contains("missing.img"), "{e}");
+    }
+}

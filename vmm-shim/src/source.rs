@@ -1,0 +1,75 @@
+//! The source role: serves a frozen memory image to one destination.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use transport::proto::{SourceConfig, SourceSession};
+use transport::quic::{self, PageReader, SourceReport};
+use transport::tls::{CertificateDer, Identity};
+use transport::Layout;
+
+use crate::dest::runtime;
+use crate::error::RoleError;
+
+/// Where the source connects and how it authenticates.
+pub struct SourceOptions {
+    pub connect: SocketAddr,
+    pub identity: Identity,
+    /// The only certificate the destination may present.
+    pub peer_cert: CertificateDer<'static>,
+    pub vm_id: String,
+    /// How long to keep trying to reach a destination that is not listening yet.
+    pub connect_timeout: Duration,
+}
+
+/// Migrates `memory` (frozen for the whole call) to the destination, serving its demand
+/// requests and pushing every page in the background.
+pub fn send(
+    memory: Arc<dyn PageReader>,
+    layout: &Layout,
+    opts: &SourceOptions,
+) -> Result<SourceReport, RoleError> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let bind: SocketAddr = if opts.connect.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .expect("literal socket address");
+        let endpoint = quic::client_endpoint(bind, &opts.identity, opts.peer_cert.clone())?;
+        let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
+        let session = SourceSession::new(SourceConfig {
+            vm_id: opts.vm_id.clone(),
+            layout: layout.clone(),
+            features: 0,
+        });
+        let report = quic::run_source(conn, session, memory).await?;
+        endpoint.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        Ok(report)
+    })
+}
+
+/// A destination may still be starting; retry refused/timed-out connects until `timeout`.
+/// TLS failures (wrong certificate) are final and returned at once.
+async fn connect_retrying(
+    endpoint: &quic::Endpoint,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<quic::Connection, RoleError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match quic::connect(endpoint, addr).await {
+            Ok(c) => return Ok(c),
+            Err(quic::DriverError::Connection(quinn::ConnectionError::TimedOut))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
