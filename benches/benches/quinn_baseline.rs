@@ -50,8 +50,14 @@ fn main() -> anyhow::Result<()> {
         eprintln!("[{BENCH}] stream: run {}/{runs}, {bytes} bytes", i + 1);
         let r = baseline::quinn_stream_throughput(bytes).context("stream baseline")?;
         eprintln!(
-            "[{BENCH}]   {:.3} GB/s ({:.3} GB/s with {:.1} ms connection setup)",
-            r.gbps, r.gbps_with_setup, r.connect_ms
+            "[{BENCH}]   {:.3} GB/s ({:.3} GB/s with {:.1} ms connection setup); \
+             CPU s: receiver {:.2}, sender {:.2}; UDP rcvbuf drops {:?}",
+            r.gbps,
+            r.gbps_with_setup,
+            r.connect_ms,
+            r.recv_cpu_secs,
+            r.send_cpu_secs,
+            r.udp_rcvbuf_errors
         );
         all.push(r);
     }

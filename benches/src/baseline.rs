@@ -120,7 +120,7 @@ impl Default for RttParams {
 }
 
 /// Request/response latency of raw quinn between two processes on loopback, in µs: the floor
-/// for faultline's demand-fault latency.
+/// for faultline's demand-fault latency. (See [`RttSession`] to interleave with other work.)
 ///
 /// One connection, ONE bidirectional stream; `n` times, sequentially, the parent writes a
 /// 16-byte request and reads the child's 4096-byte response, timing each round trip from just
@@ -134,60 +134,116 @@ pub fn quinn_rtt(n: usize) -> anyhow::Result<Summary> {
 
 /// [`quinn_rtt`] with explicit warm-up and message sizes.
 pub fn quinn_rtt_with(p: RttParams) -> anyhow::Result<Summary> {
-    ensure!(p.request_bytes > 0, "requests must be at least one byte");
-    let certs = CertDir::generate()?;
-    let mut child = spawn_child(
-        ROLE_RTT_SERVER,
-        &[
-            certs.arg(),
-            p.request_bytes.to_string(),
-            p.response_bytes.to_string(),
-        ],
-    )?;
-    let addr = child_addr(&mut child)?;
-    let rt = runtime()?;
-    let budget =
-        Duration::from_secs(60) + Duration::from_millis(10) * (p.samples + p.warmup) as u32;
-    let samples = rt.block_on(async {
-        tokio::time::timeout(budget, rtt_client(&certs, addr, p))
-            .await
-            .with_context(|| format!("RTT measurement did not finish within {budget:?}"))?
-    })?;
-    drop(rt);
-    child.wait_success(EXIT_TIMEOUT)?;
+    let mut session = RttSession::start(p.request_bytes, p.response_bytes)?;
+    session.sample(p.warmup)?;
+    let samples = session.sample(p.samples)?;
+    session.finish()?;
     Ok(Summary::from_durations(&samples))
 }
 
-async fn rtt_client(
-    certs: &CertDir,
-    addr: SocketAddr,
-    p: RttParams,
-) -> anyhow::Result<Vec<Duration>> {
-    let ep = client_endpoint(loopback(), &certs.client, certs.server.cert.clone())?;
-    let conn = connect(&ep, addr).await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let request = vec![0x5Au8; p.request_bytes];
-    let mut response = vec![0u8; p.response_bytes];
-    let mut samples = Vec::with_capacity(p.samples);
-    for i in 0..p.warmup + p.samples {
-        let t = Instant::now();
-        send.write_all(&request).await?;
-        recv.read_exact(&mut response).await?;
-        let dt = t.elapsed();
-        if i >= p.warmup {
-            samples.push(dt);
-        }
+/// A live raw-quinn request/response connection to a child server, for benches that want to
+/// interleave baseline batches with their own measurements (A/B/A/B) instead of measuring the
+/// baseline once: on a shared VM the round-trip floor moves with the host's load.
+///
+/// Start it from a long-lived thread (see [`crate::child::spawn_child`]). It owns its own
+/// 2-worker runtime, so do not call its methods from inside another runtime's async context.
+pub struct RttSession {
+    client: Option<RttClient>,
+    rt: tokio::runtime::Runtime,
+    request: Vec<u8>,
+    response: Vec<u8>,
+    child: ChildProcess,
+    _certs: CertDir,
+}
+
+struct RttClient {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    conn: quinn::Connection,
+    ep: quinn::Endpoint,
+}
+
+impl RttSession {
+    /// Starts a child server answering every `request_bytes` request with `response_bytes`,
+    /// connects to it and opens the one bidirectional stream. Nothing is measured yet (make
+    /// some warm-up round trips with [`Self::sample`] first).
+    pub fn start(request_bytes: usize, response_bytes: usize) -> anyhow::Result<RttSession> {
+        ensure!(request_bytes > 0, "requests must be at least one byte");
+        let certs = CertDir::generate()?;
+        let mut child = spawn_child(
+            ROLE_RTT_SERVER,
+            &[
+                certs.arg(),
+                request_bytes.to_string(),
+                response_bytes.to_string(),
+            ],
+        )?;
+        let addr = child_addr(&mut child)?;
+        let rt = runtime()?;
+        let client = rt.block_on(async {
+            let ep = client_endpoint(loopback(), &certs.client, certs.server.cert.clone())?;
+            let conn = connect(&ep, addr).await?;
+            let (send, recv) = conn.open_bi().await?;
+            anyhow::Ok(RttClient {
+                send,
+                recv,
+                conn,
+                ep,
+            })
+        })?;
+        Ok(RttSession {
+            client: Some(client),
+            rt,
+            request: vec![0x5A; request_bytes],
+            response: vec![0; response_bytes],
+            child,
+            _certs: certs,
+        })
     }
-    send.finish()?;
-    let rest = recv.read_to_end(p.response_bytes).await?;
-    ensure!(
-        rest.is_empty(),
-        "server sent {} unexpected bytes",
-        rest.len()
-    );
-    conn.close(VarInt::from_u32(0), b"done");
-    ep.wait_idle().await;
-    Ok(samples)
+
+    /// `n` sequential round trips; each is timed from just before writing the request to the
+    /// last byte of the response read.
+    pub fn sample(&mut self, n: usize) -> anyhow::Result<Vec<Duration>> {
+        let c = self.client.as_mut().context("session already finished")?;
+        let (request, response) = (&self.request, &mut self.response);
+        let budget = Duration::from_secs(30) + Duration::from_millis(10) * n as u32;
+        self.rt.block_on(async {
+            tokio::time::timeout(budget, async {
+                let mut samples = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let t = Instant::now();
+                    c.send.write_all(request).await?;
+                    c.recv.read_exact(response).await?;
+                    samples.push(t.elapsed());
+                }
+                anyhow::Ok(samples)
+            })
+            .await
+            .with_context(|| format!("{n} round trips did not finish within {budget:?}"))?
+        })
+    }
+
+    /// Ends the stream and the connection cleanly and checks that the child exited with
+    /// success. (Dropping the session instead kills the child.)
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        let mut c = self.client.take().context("session already finished")?;
+        let limit = self.response.len();
+        self.rt.block_on(async {
+            c.send.finish()?;
+            let rest = c.recv.read_to_end(limit).await?;
+            ensure!(
+                rest.is_empty(),
+                "server sent {} unexpected bytes",
+                rest.len()
+            );
+            c.conn.close(VarInt::from_u32(0), b"done");
+            c.ep.wait_idle().await;
+            anyhow::Ok(())
+        })?;
+        drop(c);
+        self.child.wait_success(EXIT_TIMEOUT)?;
+        Ok(())
+    }
 }
 
 async fn rtt_server(dir: &Path, req: usize, resp: usize) -> anyhow::Result<()> {
@@ -232,6 +288,16 @@ pub struct StreamRun {
     pub secs_with_setup: f64,
     /// Milliseconds from starting to connect until the connection was established.
     pub connect_ms: f64,
+    /// CPU seconds (user + system) the receiving process used during the run; compare with
+    /// `secs_with_setup` to see whether the receiver was CPU-bound.
+    pub recv_cpu_secs: f64,
+    /// CPU seconds (user + system) the sending child used over its whole life (start-up and
+    /// filling an 8 MiB random buffer included, a few ms).
+    pub send_cpu_secs: f64,
+    /// Increase of the host-wide UDP `RcvbufErrors` counter (`/proc/net/snmp`) during the run:
+    /// datagrams dropped because a socket receive buffer was full, which quinn sees as loss.
+    /// Host-wide, so other traffic on the machine can add to it; `null` if unreadable.
+    pub udp_rcvbuf_errors: Option<u64>,
 }
 
 /// Throughput of ONE raw quinn unidirectional stream between two processes on loopback: the
@@ -253,16 +319,25 @@ pub fn quinn_stream_throughput(bytes: u64) -> anyhow::Result<StreamRun> {
         ],
     )?;
     let addr = child_addr(&mut child)?;
+    let children_cpu0 = cpu_secs(libc::RUSAGE_CHILDREN);
+    let drops0 = udp_rcvbuf_errors();
     let rt = runtime()?;
+    let self_cpu0 = cpu_secs(libc::RUSAGE_SELF);
     // Generous: a 2-core machine under load still moves well over 10 MB/s on loopback.
     let budget = Duration::from_secs(60 + bytes / 10_000_000);
-    let run = rt.block_on(async {
+    let mut run = rt.block_on(async {
         tokio::time::timeout(budget, stream_receiver(&certs, addr, bytes))
             .await
             .with_context(|| format!("stream transfer did not finish within {budget:?}"))?
     })?;
+    run.recv_cpu_secs = cpu_secs(libc::RUSAGE_SELF) - self_cpu0;
     drop(rt);
     child.wait_success(EXIT_TIMEOUT)?;
+    run.send_cpu_secs = cpu_secs(libc::RUSAGE_CHILDREN) - children_cpu0;
+    run.udp_rcvbuf_errors = match (drops0, udp_rcvbuf_errors()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
     Ok(run)
 }
 
@@ -306,6 +381,9 @@ async fn stream_receiver(
         gbps_with_setup: total as f64 / secs_with_setup / 1e9,
         secs_with_setup,
         connect_ms: (t_conn - t0).as_secs_f64() * 1e3,
+        recv_cpu_secs: f64::NAN,
+        send_cpu_secs: f64::NAN,
+        udp_rcvbuf_errors: None,
     })
 }
 
@@ -342,6 +420,27 @@ async fn stream_sender(dir: &Path, bytes: u64, chunk: usize) -> anyhow::Result<(
 
 fn loopback() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
+}
+
+/// User + system CPU seconds of `who` (`RUSAGE_SELF`, or `RUSAGE_CHILDREN`: children that
+/// have been waited for).
+fn cpu_secs(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// The host-wide UDP `RcvbufErrors` counter from `/proc/net/snmp`.
+fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let i = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(i)?.parse().ok()
 }
 
 /// Reads the child's `{"addr": "..."}` handshake line.

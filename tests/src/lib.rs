@@ -1,1 +1,264 @@
-//! placeholder
+//! Helpers for faultline's end-to-end tests: the real `faultline` binary, run as separate
+//! source and destination processes on loopback, with certificates made per test.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::Value;
+use transport::tls::Identity;
+
+/// The `faultline` binary of this build profile, built on first use.
+pub fn faultline_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test binary> -> target/<profile>/faultline
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "vmm-shim", "--bin", "faultline"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build for the faultline binary");
+        assert!(status.success(), "building faultline failed");
+        let bin = profile_dir.join("faultline");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// A certificate and key on disk for each side, in a directory removed on drop.
+pub struct Certs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Certs {
+    /// Makes `source`, `dest` and an unrelated `intruder` identity.
+    pub fn new() -> Certs {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for name in ["source", "dest", "intruder"] {
+            Identity::generate(name)
+                .expect("generate identity")
+                .save(
+                    &dir.path().join(format!("{name}.crt")),
+                    &dir.path().join(format!("{name}.key")),
+                )
+                .expect("save identity");
+        }
+        Certs { dir }
+    }
+
+    pub fn cert(&self, name: &str) -> String {
+        self.dir
+            .path()
+            .join(format!("{name}.crt"))
+            .display()
+            .to_string()
+    }
+
+    pub fn key(&self, name: &str) -> String {
+        self.dir
+            .path()
+            .join(format!("{name}.key"))
+            .display()
+            .to_string()
+    }
+
+    pub fn identity(&self, name: &str) -> Identity {
+        Identity::load(Path::new(&self.cert(name)), Path::new(&self.key(name))).expect("load")
+    }
+
+    /// `--cert/--key/--peer-cert` for side `me` pinning `peer`.
+    pub fn args(&self, me: &str, peer: &str) -> Vec<String> {
+        vec![
+            "--cert".into(),
+            self.cert(me),
+            "--key".into(),
+            self.key(me),
+            "--peer-cert".into(),
+            self.cert(peer),
+        ]
+    }
+}
+
+impl Default for Certs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a finished `faultline` process left behind.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    /// The JSON object printed on stdout (Null if none).
+    pub json: Value,
+    pub stderr: String,
+}
+
+/// A running `faultline dest` process.
+pub struct DestProcess {
+    child: Option<Child>,
+    pub addr: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl DestProcess {
+    /// Starts `faultline dest` on a free loopback port with `extra` arguments and waits
+    /// until it listens.
+    pub fn start(certs: &Certs, extra: &[&str]) -> DestProcess {
+        Self::start_pinning(certs, "source", extra)
+    }
+
+    /// Like [`DestProcess::start`], pinning the certificate of `peer`.
+    pub fn start_pinning(certs: &Certs, peer: &str, extra: &[&str]) -> DestProcess {
+        let mut child = Command::new(faultline_bin())
+            .args([
+                "dest",
+                "--listen",
+                "127.0.0.1:0",
+                "--json",
+                "--progress",
+                "--accept-timeout",
+                "60",
+            ])
+            .args(certs.args("dest", peer))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn faultline dest");
+        let err = child.stderr.take().expect("stderr");
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (line_tx, line_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Some(ev) = line.strip_prefix("@faultline ") {
+                    if let Ok(v) = serde_json::from_str::<Value>(ev) {
+                        if v["event"] == "listening" {
+                            let _ = addr_tx.send(v["addr"].as_str().unwrap_or("").to_string());
+                        }
+                    }
+                    continue;
+                }
+                let _ = line_tx.send(line);
+            }
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("destination did not report its address");
+        DestProcess {
+            child: Some(child),
+            addr,
+            stderr: line_rx,
+        }
+    }
+
+    /// Waits for the process to exit (at most `timeout`, then kills it and panics).
+    pub fn wait(mut self, timeout: Duration) -> Finished {
+        let child = self.child.take().expect("not yet waited");
+        let (status, stdout) = wait_with_timeout(child, timeout, "faultline dest");
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        finished(status, stdout, stderr.join("\n"))
+    }
+}
+
+impl Drop for DestProcess {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_with_timeout(mut child: Child, timeout: Duration, what: &str) -> (ExitStatus, String) {
+    let mut out = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().unwrap_or_default())
+}
+
+fn finished(status: ExitStatus, stdout: String, stderr: String) -> Finished {
+    let json = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+    Finished {
+        status,
+        json,
+        stderr,
+    }
+}
+
+/// Runs `faultline source` against `addr` to completion.
+pub fn run_source(
+    certs: &Certs,
+    me: &str,
+    addr: &str,
+    extra: &[&str],
+    timeout: Duration,
+) -> Finished {
+    let mut child = Command::new(faultline_bin())
+        .args([
+            "source",
+            "--connect",
+            addr,
+            "--json",
+            "--connect-timeout",
+            "10",
+        ])
+        .args(certs.args(me, "dest"))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn faultline source");
+    let mut err = child.stderr.take().expect("stderr");
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let (status, stdout) = wait_with_timeout(child, timeout, "faultline source");
+    finished(status, stdout, err_reader.join().unwrap_or_default())
+}
+
+/// Asserts a migration succeeded on both sides with equal digests of all memory, and
+/// returns the destination's report.
+pub fn assert_migrated(src: &Finished, dst: &Finished) -> Value {
+    assert!(src.status.success(), "source failed: {}", src.stderr);
+    assert!(dst.status.success(), "destination failed: {}", dst.stderr);
+    let (s, d) = (&src.json["digest"], &dst.json["digest"]);
+    assert!(s.is_string(), "source printed no digest: {:?}", src.json);
+    assert_eq!(
+        s, d,
+        "digest of all guest memory differs between source and destination"
+    );
+    assert_eq!(src.json["memory_bytes"], dst.json["memory_bytes"]);
+    dst.json.clone()
+}

@@ -124,6 +124,7 @@ async fn migration_over_loopback_delivers_every_byte() {
         vm_id: "vm".into(),
         layout,
         features: 0,
+        push: true,
     });
     let src_report = quic::run_source(conn, session, img.clone()).await.unwrap();
     let dst_report = dest.await.unwrap().unwrap();
@@ -157,6 +158,7 @@ async fn unknown_peer_certificate_is_refused() {
             vm_id: "vm".into(),
             layout: Layout::single(4096),
             features: 0,
+            push: true,
         });
         quic::run_source(conn, session, Arc::new(Image(vec![0; 4096]))).await
     };

@@ -258,7 +258,7 @@ impl Installer {
         data: &[u8],
         origin: Origin,
     ) -> Result<RunInstalled, InstallError> {
-        if data.is_empty() || data.len() % PAGE_SIZE != 0 {
+        if data.is_empty() || !data.len().is_multiple_of(PAGE_SIZE) {
             return Err(InstallError::BadLength { len: data.len() });
         }
         let n = (data.len() / PAGE_SIZE) as u64;

@@ -38,7 +38,7 @@ unsafe impl Send for GuestMemory {}
 unsafe impl Sync for GuestMemory {}
 
 fn check_len(len: usize) -> Result<(), MemoryError> {
-    if len == 0 || len % PAGE_SIZE != 0 {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
         return Err(MemoryError::BadLength(len));
     }
     Ok(())

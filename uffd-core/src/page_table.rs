@@ -243,7 +243,7 @@ mod tests {
                     barrier.wait();
                     for i in 0..PAGES {
                         let p = (i + k * 517) % PAGES;
-                        let prev = if (p + k) % 5 == 0 {
+                        let prev = if (p + k).is_multiple_of(5) {
                             t.discard(p)
                         } else {
                             t.set_present(p)

@@ -256,7 +256,11 @@ fn api(fd: &OwnedFd, features: Features) -> io::Result<sys::uffdio_api> {
 
 fn check_range(addr: u64, len: u64) -> Result<(), UffdError> {
     let page = PAGE_SIZE as u64;
-    if len == 0 || addr % page != 0 || len % page != 0 || addr.checked_add(len).is_none() {
+    if len == 0
+        || !addr.is_multiple_of(page)
+        || !len.is_multiple_of(page)
+        || addr.checked_add(len).is_none()
+    {
         return Err(UffdError::InvalidRange { addr, len });
     }
     Ok(())

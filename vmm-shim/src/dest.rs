@@ -12,7 +12,9 @@ use transport::proto::{Channel, DestConfig, DestSession};
 use transport::quic::{self, DestHooks, PageSink, SinkError};
 use transport::tls::Identity;
 use transport::{Layout, PAGE_SIZE};
-use uffd_core::{Destination, HostRegion, Installer, MetricsSnapshot, Origin, PageData, PageSource, PageTable};
+use uffd_core::{
+    Destination, HostRegion, Installer, MetricsSnapshot, Origin, PageData, PageSource, PageTable,
+};
 
 use crate::error::RoleError;
 

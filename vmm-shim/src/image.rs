@@ -71,9 +71,30 @@ pub fn page_class(seed: u64, page: u64) -> PageClass {
 }
 
 const WORDS: &[&[u8]] = &[
-    b"the ", b"kernel ", b"page ", b"memory ", b"virtual ", b"machine ", b"migration ",
-    b"request ", b"INFO ", b"WARN ", b"error: ", b"0x7f3a ", b"return ", b"struct ", b"fn ",
-    b"guest ", b"host ", b"fault ", b"queue ", b"\n", b"{\"id\": ", b"}, ", b"= ", b"if (",
+    b"the ",
+    b"kernel ",
+    b"page ",
+    b"memory ",
+    b"virtual ",
+    b"machine ",
+    b"migration ",
+    b"request ",
+    b"INFO ",
+    b"WARN ",
+    b"error: ",
+    b"0x7f3a ",
+    b"return ",
+    b"struct ",
+    b"fn ",
+    b"guest ",
+    b"host ",
+    b"fault ",
+    b"queue ",
+    b"\n",
+    b"{\"id\": ",
+    b"}, ",
+    b"= ",
+    b"if (",
 ];
 
 /// Writes the content of synthetic page `page` of `seed` into `out` (exactly one page).
@@ -124,7 +145,7 @@ pub struct SourceImage {
 impl SourceImage {
     /// Builds the synthetic image of `len` bytes for `seed`, filling it on all cores.
     pub fn synthetic(len: u64, seed: u64) -> Result<SourceImage, ImageError> {
-        if len == 0 || len % PAGE_SIZE as u64 != 0 {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
             return Err(ImageError::BadSyntheticSize(len));
         }
         let mem = GuestMemory::anonymous(len as usize)?;
@@ -230,7 +251,10 @@ mod tests {
         let img = SourceImage::synthetic(1 << 22, 7).unwrap();
         let mix = img.mix.unwrap();
         assert_eq!(mix.zero + mix.text + mix.random, 1024);
-        assert!(mix.zero > 150 && mix.text > 350 && mix.random > 200, "{mix:?}");
+        assert!(
+            mix.zero > 150 && mix.text > 350 && mix.random > 200,
+            "{mix:?}"
+        );
         let mut page = vec![0u8; PAGE_SIZE];
         for p in [0u64, 1, 500, 1023] {
             synthetic_page(7, p, &mut page);
@@ -254,8 +278,13 @@ mod tests {
         let f = dir.path().join("odd.img");
         std::fs::write(&f, [1u8; 100]).unwrap();
         let e = SourceImage::open(&f).err().unwrap();
-        assert!(e.to_string().contains("not a non-zero multiple of 4096"), "{e}");
-        let e = SourceImage::open(&dir.path().join("missing.img")).err().unwrap();
+        assert!(
+            e.to_string().contains("not a non-zero multiple of 4096"),
+            "{e}"
+        );
+        let e = SourceImage::open(&dir.path().join("missing.img"))
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("missing.img"), "{e}");
     }
 }

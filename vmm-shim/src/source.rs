@@ -21,6 +21,8 @@ pub struct SourceOptions {
     pub vm_id: String,
     /// How long to keep trying to reach a destination that is not listening yet.
     pub connect_timeout: Duration,
+    /// Push every page in the background (the normal case); off, pages move on demand only.
+    pub push: bool,
 }
 
 /// Migrates `memory` (frozen for the whole call) to the destination, serving its demand
@@ -45,6 +47,7 @@ pub fn send(
             vm_id: opts.vm_id.clone(),
             layout: layout.clone(),
             features: 0,
+            push: opts.push,
         });
         let report = quic::run_source(conn, session, memory).await?;
         endpoint.close(0u32.into(), b"done");

@@ -11,7 +11,25 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use serde::Serialize;
-use uffd_core::HostRegion;
+use uffd_core::{HostRegion, PAGE_SIZE};
+
+/// How the threads walk guest memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pattern {
+    /// Random words anywhere, until stopped.
+    #[default]
+    Random,
+    /// Every thread visits every page in the same pseudo-random order, in step, so several
+    /// threads fault on the same page at once. Each thread stops after its walk.
+    SamePages,
+    /// The threads split one pseudo-random order of all pages between them, so they fault
+    /// on different pages at once. Each thread stops after its share.
+    Spread,
+    /// Each thread walks all pages in address order from its own offset, racing the push,
+    /// which also runs in address order. Each thread stops after its walk.
+    Sequential,
+}
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct WorkloadReport {
@@ -33,7 +51,7 @@ pub struct Workload {
 impl Workload {
     /// Starts `threads` threads over `regions`. The regions must stay mapped until
     /// [`Workload::stop`] returns.
-    pub fn start(regions: &[HostRegion], threads: usize, seed: u64) -> Workload {
+    pub fn start(regions: &[HostRegion], threads: usize, seed: u64, pattern: Pattern) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(AtomicU64::new(0));
         let writes = Arc::new(AtomicU64::new(0));
@@ -43,7 +61,18 @@ impl Workload {
                 let (stop, ops, writes) = (stop.clone(), ops.clone(), writes.clone());
                 std::thread::Builder::new()
                     .name(format!("vcpu-{t}"))
-                    .spawn(move || run(&regions, seed ^ (t as u64 + 1), &stop, &ops, &writes))
+                    .spawn(move || {
+                        let mut walker = Walker {
+                            regions: &regions,
+                            stop: &stop,
+                            ops: &ops,
+                            writes: &writes,
+                        };
+                        match pattern {
+                            Pattern::Random => walker.random(seed ^ (t as u64 + 1)),
+                            _ => walker.pages(pattern, t, threads, seed),
+                        }
+                    })
                     .expect("spawning a workload thread")
             })
             .collect();
@@ -73,47 +102,108 @@ impl Workload {
     }
 }
 
-fn run(regions: &[HostRegion], seed: u64, stop: &AtomicBool, ops: &AtomicU64, writes: &AtomicU64) {
-    let words: u64 = regions.iter().map(|r| (r.len / 8) as u64).sum();
-    if words == 0 {
-        return;
+struct Walker<'a> {
+    regions: &'a [HostRegion],
+    stop: &'a AtomicBool,
+    ops: &'a AtomicU64,
+    writes: &'a AtomicU64,
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
-    let mut x = seed | 1;
-    let mut local = 0u64;
-    let mut local_writes = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let mut w = x % words;
-        let Some(r) = regions.iter().find(|r| {
-            let n = (r.len / 8) as u64;
-            if w < n {
+}
+
+impl Walker<'_> {
+    /// Reads the word at byte `offset` of guest memory; if `write`, stores it back.
+    fn touch(&self, mut offset: usize, write: bool) {
+        let Some(r) = self.regions.iter().find(|r| {
+            if offset < r.len {
                 true
             } else {
-                w -= n;
+                offset -= r.len;
                 false
             }
         }) else {
-            break;
+            return;
         };
-        let p = (r.host_addr + w as usize * 8) as *mut u64;
-        // SAFETY: p is 8-byte aligned (regions are page aligned) and inside a region the
-        // caller keeps mapped until stop() joins this thread. Volatile accesses because other
-        // threads (and the kernel, via userfaultfd) write this memory concurrently; the write
-        // stores back the value just read, so content never changes.
+        let p = (r.host_addr + (offset & !7)) as *mut u64;
+        // SAFETY: p is 8-byte aligned and inside a region the caller keeps mapped until
+        // stop() joins this thread. Volatile because other threads and the kernel (through
+        // userfaultfd) write this memory concurrently; the write stores back the value just
+        // read, so the content never changes.
         unsafe {
             let v = std::ptr::read_volatile(p);
-            if x % 4 == 0 {
+            if write {
                 std::ptr::write_volatile(p, v);
-                local_writes += 1;
             }
         }
-        local += 1;
-        if local % 1024 == 0 {
-            ops.fetch_add(1024, Ordering::Relaxed);
-        }
     }
-    ops.fetch_add(local % 1024, Ordering::Relaxed);
-    writes.fetch_add(local_writes, Ordering::Relaxed);
+
+    fn random(&mut self, seed: u64) {
+        let bytes: usize = self.regions.iter().map(|r| r.len).sum();
+        if bytes == 0 {
+            return;
+        }
+        let mut x = seed | 1;
+        let mut local = 0u64;
+        let mut local_writes = 0u64;
+        while !self.stop.load(Ordering::Relaxed) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let write = x.is_multiple_of(4);
+            self.touch((x >> 3) as usize % bytes, write);
+            local_writes += u64::from(write);
+            local += 1;
+            if local.is_multiple_of(1024) {
+                self.ops.fetch_add(1024, Ordering::Relaxed);
+            }
+        }
+        self.ops.fetch_add(local % 1024, Ordering::Relaxed);
+        self.writes.fetch_add(local_writes, Ordering::Relaxed);
+    }
+
+    /// Visits pages in one of the page-walk patterns, writing to every other page.
+    fn pages(&mut self, pattern: Pattern, t: usize, threads: usize, seed: u64) {
+        let n = self
+            .regions
+            .iter()
+            .map(|r| r.len / PAGE_SIZE)
+            .sum::<usize>() as u64;
+        if n == 0 {
+            return;
+        }
+        // i -> (a*i + b) mod n is a permutation of all pages when gcd(a, n) = 1.
+        let mut a = (n as f64 * 0.618_033_988_75) as u64 | 1;
+        while gcd(a, n) != 1 {
+            a += 2;
+        }
+        let b = seed % n;
+        let order = |i: u64| match pattern {
+            Pattern::Sequential => (i + t as u64 * n / threads as u64) % n,
+            _ => ((u128::from(a) * u128::from(i) % u128::from(n)) as u64 + b) % n,
+        };
+        let (start, step) = match pattern {
+            Pattern::Spread => (t as u64, threads as u64),
+            _ => (0, 1),
+        };
+        let mut i = start;
+        let mut done = 0;
+        while i < n && !self.stop.load(Ordering::Relaxed) {
+            let page = order(i);
+            let write = page % 2 == 0;
+            self.touch(
+                page as usize * PAGE_SIZE + (page as usize * 8) % PAGE_SIZE,
+                write,
+            );
+            self.writes.fetch_add(u64::from(write), Ordering::Relaxed);
+            done += 1;
+            i += step;
+        }
+        self.ops.fetch_add(done, Ordering::Relaxed);
+    }
 }

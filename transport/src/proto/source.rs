@@ -11,6 +11,9 @@ pub struct SourceConfig {
     pub vm_id: String,
     pub layout: Layout,
     pub features: u64,
+    /// Push pages in the background. Off, pages move only on demand (for measuring
+    /// demand-fault latency alone).
+    pub push: bool,
 }
 
 /// What the source application must do.
@@ -180,7 +183,7 @@ impl SourceSession {
     /// The next run of pages to push, at most `max` long. When every page has been handed out
     /// this queues `PushDone` once and returns `None`.
     pub fn next_push(&mut self, max: usize) -> Option<Range<u64>> {
-        if self.state != State::Running {
+        if self.state != State::Running || !self.config.push {
             return None;
         }
         match self.push.next_run(max) {

@@ -15,6 +15,7 @@ fn pair(pages: u64) -> (SourceSession, DestSession) {
         vm_id: "vm-1".into(),
         layout: layout(pages),
         features: 0b11,
+        push: true,
     });
     let dst = DestSession::new(DestConfig {
         layout: layout(pages),

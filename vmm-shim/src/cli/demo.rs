@@ -118,9 +118,29 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let size = a.size.to_string();
 
     let mut dest_cmd = Command::new(&exe);
-    dest_cmd.args(["dest", "--listen", "127.0.0.1:0", "--size", &size, "--json", "--progress"]);
-    dest_cmd.args(["--workers", &a.workers.to_string(), "--accept-timeout", "60"]);
-    dest_cmd.args(["--cert", &s(&dst_crt), "--key", &s(&dst_key), "--peer-cert", &s(&src_crt)]);
+    dest_cmd.args([
+        "dest",
+        "--listen",
+        "127.0.0.1:0",
+        "--size",
+        &size,
+        "--json",
+        "--progress",
+    ]);
+    dest_cmd.args([
+        "--workers",
+        &a.workers.to_string(),
+        "--accept-timeout",
+        "60",
+    ]);
+    dest_cmd.args([
+        "--cert",
+        &s(&dst_crt),
+        "--key",
+        &s(&dst_key),
+        "--peer-cert",
+        &s(&src_crt),
+    ]);
     if a.memfd {
         dest_cmd.arg("--memfd");
     }
@@ -131,7 +151,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             .spawn()
             .context("starting the destination process")?,
     ));
-    let stderr = dest.0.as_mut().and_then(|c| c.stderr.take()).context("no stderr")?;
+    let stderr = dest
+        .0
+        .as_mut()
+        .and_then(|c| c.stderr.take())
+        .context("no stderr")?;
     let (tx, rx) = mpsc::channel();
     let relay = std::thread::spawn(move || relay_events(stderr, tx));
 
@@ -147,7 +171,14 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         Command::new(&exe)
             .args(["source", "--connect", &addr, "--synthetic", &size, "--json"])
             .args(["--seed", &a.seed.to_string()])
-            .args(["--cert", &s(&src_crt), "--key", &s(&src_key), "--peer-cert", &s(&dst_crt)])
+            .args([
+                "--cert",
+                &s(&src_crt),
+                "--key",
+                &s(&src_key),
+                "--peer-cert",
+                &s(&dst_crt),
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the source process")?,
@@ -174,7 +205,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let dst_out = dest.finish("destination")?;
     let src: SourceOutput =
         serde_json::from_str(src_out.trim()).context("parsing the source's report")?;
-    let dst: Value = serde_json::from_str(dst_out.trim()).context("parsing the destination's report")?;
+    let dst: Value =
+        serde_json::from_str(dst_out.trim()).context("parsing the destination's report")?;
     let report = build_report(&src, &dst, wall)?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -262,7 +294,10 @@ fn print_text(r: &DemoReport, seed: u64) {
             r.memory
         );
     }
-    println!("  resume     {:.2} ms after the source connected", r.resume_ms);
+    println!(
+        "  resume     {:.2} ms after the source connected",
+        r.resume_ms
+    );
     println!(
         "  total      {:.0} ms until every page was present ({:.0} ms wall clock with set-up)",
         r.total_ms, r.wall_ms

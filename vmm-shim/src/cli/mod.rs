@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use vmm_shim::workload::Pattern;
 
 pub use size::parse_size;
 
@@ -16,7 +17,11 @@ pub use size::parse_size;
 pub const EVENT_PREFIX: &str = "@faultline ";
 
 #[derive(Parser, Debug)]
-#[command(name = "faultline", version, about = "Postcopy live migration over QUIC")]
+#[command(
+    name = "faultline",
+    version,
+    about = "Postcopy live migration over QUIC"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -65,6 +70,9 @@ pub struct SourceArgs {
     /// VM id announced to the destination.
     #[arg(long, default_value = "vm0")]
     pub vm_id: String,
+    /// Do not push pages in the background: move them on demand only.
+    #[arg(long)]
+    pub no_push: bool,
     /// Seconds to keep retrying while the destination is not up yet.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
@@ -92,6 +100,9 @@ pub struct DestArgs {
     /// Threads that read and write guest memory during postcopy, standing in for vCPUs.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// How the worker threads walk guest memory.
+    #[arg(long, value_enum, default_value_t = Pattern::Random)]
+    pub pattern: Pattern,
     /// Seconds to wait for the source.
     #[arg(long, default_value_t = 120)]
     pub accept_timeout: u64,

@@ -76,6 +76,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
             peer_cert: peer,
             vm_id: a.vm_id.clone(),
             connect_timeout: Duration::from_secs(a.connect_timeout),
+            push: !a.no_push,
         },
     )?;
     let out = SourceOutput {
@@ -140,9 +141,9 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
     let layout = Layout::single(a.size);
     let workload: Arc<Mutex<Option<Workload>>> = Arc::default();
     let started = workload.clone();
-    let (workers, seed) = (a.workers, a.size ^ 0x5eed);
+    let (workers, seed, pattern) = (a.workers, a.size ^ 0x5eed, a.pattern);
     let result = listener.receive(&regions, &layout, move || {
-        let w = Workload::start(&regions, workers, seed);
+        let w = Workload::start(&regions, workers, seed, pattern);
         *started.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
     });
     let workload = workload
@@ -184,8 +185,7 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
 
 pub fn keygen(a: KeygenArgs) -> anyhow::Result<ExitCode> {
     let id = Identity::generate(&a.name)?;
-    std::fs::create_dir_all(&a.dir)
-        .with_context(|| format!("creating {}", a.dir.display()))?;
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
     let cert = a.dir.join(format!("{}.crt.pem", a.name));
     let key = a.dir.join(format!("{}.key.pem", a.name));
     id.save(&cert, &key)?;
