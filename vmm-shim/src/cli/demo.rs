@@ -26,7 +26,7 @@ pub struct DemoArgs {
     #[arg(long)]
     pub memfd: bool,
     /// Threads reading and writing destination memory during postcopy.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// Seed of the built-in image.
     #[arg(long, default_value_t = 1)]

@@ -98,7 +98,7 @@ pub struct DestArgs {
     #[arg(long)]
     pub vm_id: Option<String>,
     /// Threads that read and write guest memory during postcopy, standing in for vCPUs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// How the worker threads walk guest memory.
     #[arg(long, value_enum, default_value_t = Pattern::Random)]
