@@ -9,7 +9,7 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::{mpsc, Notify};
 
-use super::frame::{read_frame, write_message};
+use super::frame::{read_frame, write_final, write_message};
 use super::source::{closed_or, stream_error};
 use super::{
     close_with, connection_lost, DriverError, CLOSE_OK, TAG_BULK, TAG_CONTROL, TAG_URGENT,
@@ -71,12 +71,15 @@ async fn flush(session: &Shared, out: &Outbound) -> Result<(), DriverError> {
             _ => &out.control,
         };
         let mut send = stream.lock().await;
-        write_message(&mut send, &t.message)
-            .await
-            .map_err(|source| DriverError::Stream {
-                channel: t.channel,
-                source,
-            })?;
+        let written = if matches!(t.message, crate::message::Message::Error { .. }) {
+            write_final(&mut send, &t.message).await
+        } else {
+            write_message(&mut send, &t.message).await
+        };
+        written.map_err(|source| DriverError::Stream {
+            channel: t.channel,
+            source,
+        })?;
     }
     Ok(())
 }

@@ -50,6 +50,15 @@ pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<(), F
     Ok(())
 }
 
+/// Writes a fatal `Error` message as the last thing on `send`, and waits (briefly) until the
+/// peer has it, so closing the connection right after does not discard the reason.
+pub async fn write_final(send: &mut SendStream, msg: &Message) -> Result<(), FrameError> {
+    write_message(send, msg).await?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), send.stopped()).await;
+    Ok(())
+}
+
 /// Writes a `Pages` message handing its payload to quinn without copying it.
 pub async fn write_pages(send: &mut SendStream, pages: &Pages) -> Result<(), FrameError> {
     let header = pages_header(pages);

@@ -7,7 +7,7 @@ use quinn::{Connection, RecvStream, SendStream};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::frame::{read_frame, write_message, write_pages};
+use super::frame::{read_frame, write_final, write_message, write_pages};
 use super::{
     close_with, connection_lost, DriverError, PRIO_BULK, PRIO_CONTROL, PRIO_URGENT, TAG_BULK,
     TAG_CONTROL, TAG_URGENT,
@@ -53,12 +53,15 @@ async fn flush(session: &Shared, control: &ControlSend) -> Result<(), DriverErro
     let mut send = control.lock().await;
     for t in out {
         debug_assert_eq!(t.channel, Channel::Control);
-        write_message(&mut send, &t.message)
-            .await
-            .map_err(|source| DriverError::Stream {
-                channel: Channel::Control,
-                source,
-            })?;
+        let written = if matches!(t.message, crate::message::Message::Error { .. }) {
+            write_final(&mut send, &t.message).await
+        } else {
+            write_message(&mut send, &t.message).await
+        };
+        written.map_err(|source| DriverError::Stream {
+            channel: Channel::Control,
+            source,
+        })?;
     }
     Ok(())
 }
