@@ -132,11 +132,10 @@ async fn migration_over_loopback_delivers_every_byte() {
     assert_eq!(*sink.mem.lock().unwrap(), img.0);
     assert_eq!(dst_report.pages_received, pages as u64);
     assert!(src_report.pages_served >= 1, "{src_report:?}");
-    assert_eq!(
-        src_report.pages_pushed + src_report.pages_served,
-        pages as u64,
-        "each page is handed out once"
-    );
+    // A request can cross the push of the same page, so replies may repeat pushed pages,
+    // but the push itself hands out each page at most once.
+    assert!(src_report.pages_pushed + src_report.pages_served >= pages as u64);
+    assert!(src_report.pages_pushed <= pages as u64);
     assert!(sink.urgent.load(Ordering::Relaxed) >= 1);
 }
 

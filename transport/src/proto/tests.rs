@@ -143,6 +143,30 @@ fn full_session_moves_every_page_and_ends_cleanly() {
 }
 
 #[test]
+fn push_off_moves_pages_on_demand_only() {
+    let mut src = SourceSession::new(SourceConfig {
+        vm_id: "vm-1".into(),
+        layout: layout(4),
+        features: 0,
+        push: false,
+    });
+    let mut dst = DestSession::new(DestConfig {
+        layout: layout(4),
+        expected_vm_id: None,
+        features: 0,
+    });
+    let mut mem = vec![Vec::new(); 4];
+    pump(&mut src, &mut dst, &mut mem);
+    assert_eq!(src.next_push(8), None);
+    assert_eq!(src.poll_transmit(), None, "no PushDone without a push");
+    dst.request(&[0, 1, 2, 3]);
+    pump(&mut src, &mut dst, &mut mem);
+    assert!(dst.received().is_full());
+    assert_eq!(src.pages_served(), 4);
+    assert_eq!(src.pages_pushed(), 0);
+}
+
+#[test]
 fn requests_before_the_handshake_are_held_back() {
     let (mut src, mut dst) = pair(8);
     dst.request(&[3]);

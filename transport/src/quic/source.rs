@@ -7,7 +7,7 @@ use quinn::{Connection, RecvStream, SendStream};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::frame::{read_frame, write_final, write_message, write_pages};
+use super::frame::{read_frame, write_final, write_message, write_pages, FrameError};
 use super::{
     close_with, connection_lost, DriverError, PRIO_BULK, PRIO_CONTROL, PRIO_URGENT, TAG_BULK,
     TAG_CONTROL, TAG_URGENT,
@@ -178,6 +178,11 @@ async fn drive(
                 Some(Ok(None)) | None => {
                     break Err(closed_or(conn, "the destination closed the control stream"))
                 }
+                Some(Err(FrameError::Codec(c))) => {
+                    let err = lock(session).handle_decode_error(c);
+                    flush(session, &control).await.ok();
+                    break Err(err.into());
+                }
                 Some(Err(e)) => break Err(stream_error(conn, Channel::Control, e)),
             },
             Some(e) = err_rx.recv() => break Err(e),
@@ -207,10 +212,17 @@ async fn serve_urgent(
     conn: Connection,
 ) {
     let result: Result<(), DriverError> = async {
-        while let Some(msg) = read_frame(&mut recv)
-            .await
-            .map_err(|e| stream_error(&conn, Channel::Urgent, e))?
-        {
+        loop {
+            let msg = match read_frame(&mut recv).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(()),
+                Err(FrameError::Codec(c)) => {
+                    let err = lock(&session).handle_decode_error(c);
+                    flush(&session, &control).await.ok();
+                    return Err(err.into());
+                }
+                Err(e) => return Err(stream_error(&conn, Channel::Urgent, e)),
+            };
             let handled = lock(&session).handle(Channel::Urgent, msg);
             if let Err(e) = handled {
                 flush(&session, &control).await.ok();
@@ -228,7 +240,6 @@ async fn serve_urgent(
                 }
             }
         }
-        Ok(())
     }
     .await;
     report(result, &session, &errors);
