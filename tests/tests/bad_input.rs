@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use faultline_tests::{run_source, Certs, DestProcess};
 use transport::codec::encode_to_vec;
-use transport::message::{Layout, Message, Pages, PAGE_SIZE, PROTOCOL_VERSION};
+use transport::message::{Layout, Message, Pages, SessionKind, PAGE_SIZE, PROTOCOL_VERSION};
 use transport::quic::{self, TAG_BULK, TAG_CONTROL, TAG_URGENT};
 use uffd_core::GuestMemory;
 use vmm_shim::{DestOptions, Listener, RoleError};
@@ -37,6 +37,8 @@ struct Outcome {
 fn hello(version: u16, layout: Layout) -> Vec<u8> {
     encode_to_vec(&Message::Hello {
         version,
+        kind: SessionKind::Migrate,
+        epoch: 0,
         vm_id: "vm0".into(),
         layout,
         features: 0,

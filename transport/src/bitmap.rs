@@ -72,6 +72,57 @@ impl Bitmap {
     pub fn words(&self) -> &[u64] {
         &self.words
     }
+
+    /// ORs `word` into word `index`; bits past `len` are ignored. Returns false if the word
+    /// index is out of range.
+    pub fn or_word(&mut self, index: u64, word: u64) -> bool {
+        let Some(w) = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.words.get_mut(i))
+        else {
+            return false;
+        };
+        let mut word = word;
+        let tail = self.len % 64;
+        if tail != 0 && index == self.len / 64 {
+            word &= (1u64 << tail) - 1;
+        }
+        let added = (word & !*w).count_ones();
+        *w |= word;
+        self.ones += u64::from(added);
+        true
+    }
+
+    /// ORs every bit of `other` (of the same length) into this bitmap.
+    pub fn union_with(&mut self, other: &Bitmap) {
+        for (i, &w) in other.words.iter().enumerate() {
+            self.or_word(i as u64, w);
+        }
+    }
+
+    /// The bitmap with every bit flipped.
+    pub fn complement(&self) -> Bitmap {
+        let mut c = Bitmap::new(self.len);
+        for (i, &w) in self.words.iter().enumerate() {
+            c.or_word(i as u64, !w);
+        }
+        c
+    }
+
+    /// Indices of set bits, ascending.
+    pub fn iter_ones(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = w.trailing_zeros();
+                w &= w - 1;
+                Some(i as u64 * 64 + u64::from(b))
+            })
+        })
+    }
 }
 
 #[cfg(test)]
@@ -87,6 +138,26 @@ mod tests {
         assert!(!b.set(130));
         assert_eq!(b.count_ones(), 2);
         assert!(b.get(129) && !b.get(128) && !b.get(1000));
+    }
+
+    #[test]
+    fn words_union_complement_and_iteration() {
+        let mut a = Bitmap::new(70);
+        assert!(a.or_word(1, u64::MAX));
+        assert_eq!(a.count_ones(), 6, "bits past len are ignored");
+        assert!(!a.or_word(2, 1));
+        let mut b = Bitmap::new(70);
+        b.set(3);
+        b.set(65);
+        a.union_with(&b);
+        assert_eq!(a.count_ones(), 7);
+        assert_eq!(
+            a.iter_ones().collect::<Vec<_>>(),
+            vec![3, 64, 65, 66, 67, 68, 69]
+        );
+        let c = a.complement();
+        assert_eq!(c.count_ones(), 63);
+        assert!(!c.get(3) && c.get(0) && !c.get(69));
     }
 
     #[test]

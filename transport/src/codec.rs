@@ -8,15 +8,15 @@ use bytes::{Buf, Bytes};
 use thiserror::Error;
 
 use crate::message::{
-    ErrorCode, Layout, Message, PageKind, Pages, RegionDesc, MAX_PAGES_PER_MESSAGE, MAX_REGIONS,
-    MAX_REQUEST_PAGES, MAX_TEXT, PAGE_SIZE,
+    ErrorCode, Layout, Message, PageKind, Pages, RegionDesc, SessionKind, SetKind, MAX_ACKS,
+    MAX_PAGES_PER_MESSAGE, MAX_REGIONS, MAX_REQUEST_PAGES, MAX_SET_WORDS, MAX_TEXT, PAGE_SIZE,
 };
 
 /// Bytes of the frame header (`len` and `type`).
 pub const HEADER_LEN: usize = 5;
 
 /// Largest `len` accepted: a full `Pages` message plus its kinds and header fields.
-pub const MAX_FRAME_LEN: usize = 1 + 8 + 2 + MAX_PAGES_PER_MESSAGE * (1 + PAGE_SIZE);
+pub const MAX_FRAME_LEN: usize = 1 + 8 + 2 + MAX_PAGES_PER_MESSAGE * (1 + 8 + PAGE_SIZE);
 
 const T_HELLO: u8 = 1;
 const T_HELLO_ACK: u8 = 2;
@@ -26,6 +26,9 @@ const T_PUSH_DONE: u8 = 5;
 const T_COMPLETE: u8 = 6;
 const T_COMPLETE_ACK: u8 = 7;
 const T_ERROR: u8 = 8;
+const T_UPDATE: u8 = 9;
+const T_ACK: u8 = 10;
+const T_PAGE_SET: u8 = 11;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CodecError {
@@ -51,6 +54,12 @@ pub enum CodecError {
     BadText,
     #[error("page index overflows")]
     PageOverflow,
+    #[error("unknown session kind {0}")]
+    BadSessionKind(u8),
+    #[error("unknown page set kind {0}")]
+    BadSetKind(u8),
+    #[error("version 0 is reserved for 'nothing stored'")]
+    ZeroVersion,
 }
 
 /// Appends the frame of `msg` to `out`.
@@ -60,13 +69,17 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
     match msg {
         Message::Hello {
             version,
+            kind,
             vm_id,
             layout,
             features,
+            epoch,
         } => {
             out.push(T_HELLO);
             out.extend_from_slice(&version.to_le_bytes());
+            out.push(*kind as u8);
             out.extend_from_slice(&features.to_le_bytes());
+            out.extend_from_slice(&epoch.to_le_bytes());
             put_text(out, vm_id);
             out.extend_from_slice(&layout.page_size.to_le_bytes());
             out.extend_from_slice(&(layout.regions.len() as u16).to_le_bytes());
@@ -90,6 +103,39 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
         Message::Pages(p) => {
             out.push(T_PAGES);
             encode_pages_body(p, out);
+        }
+        Message::Update { pages, versions } => {
+            out.push(T_UPDATE);
+            out.extend_from_slice(&pages.first.to_le_bytes());
+            out.extend_from_slice(&(pages.kinds.len() as u16).to_le_bytes());
+            for v in versions {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&pages.kinds);
+            out.extend_from_slice(&pages.payload);
+        }
+        Message::Ack { entries } => {
+            out.push(T_ACK);
+            out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+            for (p, v) in entries {
+                out.extend_from_slice(&p.to_le_bytes());
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Message::PageSet {
+            kind,
+            first_word,
+            words,
+            last,
+        } => {
+            out.push(T_PAGE_SET);
+            out.push(*kind as u8);
+            out.push(u8::from(*last));
+            out.extend_from_slice(&first_word.to_le_bytes());
+            out.extend_from_slice(&(words.len() as u32).to_le_bytes());
+            for w in words {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
         }
         Message::PushDone { pages_sent } => {
             out.push(T_PUSH_DONE);
@@ -170,7 +216,10 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
         T_HELLO => {
             const W: &str = "Hello";
             let version = get_u16(&mut body, W)?;
+            let k = get_u8(&mut body, W)?;
+            let kind = SessionKind::from_u8(k).ok_or(CodecError::BadSessionKind(k))?;
             let features = get_u64(&mut body, W)?;
+            let epoch = get_u64(&mut body, W)?;
             let vm_id = get_text(&mut body, W)?;
             let page_size = get_u32(&mut body, W)?;
             let n = get_u16(&mut body, W)? as usize;
@@ -191,9 +240,11 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
             finish(&body, W)?;
             Message::Hello {
                 version,
+                kind,
                 vm_id,
                 layout: Layout { page_size, regions },
                 features,
+                epoch,
             }
         }
         T_HELLO_ACK => {
@@ -220,7 +271,60 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
             finish(&body, W)?;
             Message::Request { pages }
         }
-        T_PAGES => Message::Pages(decode_pages(body)?),
+        T_PAGES => Message::Pages(decode_pages(body, false)?.0),
+        T_UPDATE => {
+            let (pages, versions) = decode_pages(body, true)?;
+            Message::Update { pages, versions }
+        }
+        T_ACK => {
+            const W: &str = "Ack";
+            let n = get_u32(&mut body, W)? as usize;
+            if n > MAX_ACKS {
+                return Err(CodecError::Limit {
+                    what: "acknowledged pages",
+                    value: n,
+                    limit: MAX_ACKS,
+                });
+            }
+            if body.remaining() < n * 16 {
+                return Err(CodecError::Truncated(W));
+            }
+            let entries = (0..n)
+                .map(|_| (body.get_u64_le(), body.get_u64_le()))
+                .collect();
+            finish(&body, W)?;
+            Message::Ack { entries }
+        }
+        T_PAGE_SET => {
+            const W: &str = "PageSet";
+            let k = get_u8(&mut body, W)?;
+            let kind = match k {
+                0 => SetKind::Invalid,
+                1 => SetKind::Stale,
+                other => return Err(CodecError::BadSetKind(other)),
+            };
+            let last = get_u8(&mut body, W)? != 0;
+            let first_word = get_u64(&mut body, W)?;
+            let n = get_u32(&mut body, W)? as usize;
+            if n > MAX_SET_WORDS {
+                return Err(CodecError::Limit {
+                    what: "bitmap words",
+                    value: n,
+                    limit: MAX_SET_WORDS,
+                });
+            }
+            if body.remaining() < n * 8 {
+                return Err(CodecError::Truncated(W));
+            }
+            let words = (0..n).map(|_| body.get_u64_le()).collect();
+            finish(&body, W)?;
+            Message::PageSet {
+                kind,
+                first_word,
+                words,
+                last,
+            }
+        }
         T_PUSH_DONE => {
             const W: &str = "PushDone";
             let pages_sent = get_u64(&mut body, W)?;
@@ -249,10 +353,11 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
     Ok(msg)
 }
 
-fn decode_pages(mut body: Bytes) -> Result<Pages, CodecError> {
-    const W: &str = "Pages";
-    let first = get_u64(&mut body, W)?;
-    let count = get_u16(&mut body, W)? as usize;
+/// Decodes the body of `Pages`, or of `Update` (which has a version per page before the kinds).
+fn decode_pages(mut body: Bytes, versioned: bool) -> Result<(Pages, Vec<u64>), CodecError> {
+    let w: &'static str = if versioned { "Update" } else { "Pages" };
+    let first = get_u64(&mut body, w)?;
+    let count = get_u16(&mut body, w)? as usize;
     if count == 0 || count > MAX_PAGES_PER_MESSAGE {
         return Err(CodecError::Limit {
             what: "pages in one message",
@@ -263,8 +368,18 @@ fn decode_pages(mut body: Bytes) -> Result<Pages, CodecError> {
     if first.checked_add(count as u64).is_none() {
         return Err(CodecError::PageOverflow);
     }
+    let mut versions = Vec::new();
+    if versioned {
+        if body.remaining() < count * 8 {
+            return Err(CodecError::Truncated(w));
+        }
+        versions = (0..count).map(|_| body.get_u64_le()).collect();
+        if versions.contains(&0) {
+            return Err(CodecError::ZeroVersion);
+        }
+    }
     if body.remaining() < count {
-        return Err(CodecError::Truncated(W));
+        return Err(CodecError::Truncated(w));
     }
     let kinds = body.split_to(count);
     let mut expected = 0usize;
@@ -274,13 +389,16 @@ fn decode_pages(mut body: Bytes) -> Result<Pages, CodecError> {
             .payload_len();
     }
     match body.len().cmp(&expected) {
-        std::cmp::Ordering::Less => Err(CodecError::Truncated(W)),
-        std::cmp::Ordering::Greater => Err(CodecError::Trailing(W, body.len() - expected)),
-        std::cmp::Ordering::Equal => Ok(Pages {
-            first,
-            kinds,
-            payload: body,
-        }),
+        std::cmp::Ordering::Less => Err(CodecError::Truncated(w)),
+        std::cmp::Ordering::Greater => Err(CodecError::Trailing(w, body.len() - expected)),
+        std::cmp::Ordering::Equal => Ok((
+            Pages {
+                first,
+                kinds,
+                payload: body,
+            },
+            versions,
+        )),
     }
 }
 
@@ -290,6 +408,13 @@ fn finish(body: &Bytes, what: &'static str) -> Result<(), CodecError> {
     } else {
         Ok(())
     }
+}
+
+fn get_u8(b: &mut Bytes, w: &'static str) -> Result<u8, CodecError> {
+    if b.remaining() < 1 {
+        return Err(CodecError::Truncated(w));
+    }
+    Ok(b.get_u8())
 }
 
 fn get_u16(b: &mut Bytes, w: &'static str) -> Result<u16, CodecError> {
@@ -353,6 +478,8 @@ mod tests {
     fn every_message_roundtrips() {
         roundtrip(Message::Hello {
             version: 1,
+            kind: SessionKind::Evacuate,
+            epoch: 0xfeed,
             vm_id: "vm-ü".into(),
             layout: Layout {
                 page_size: 4096,
@@ -377,6 +504,19 @@ mod tests {
             pages: vec![1, 2, u64::MAX],
         });
         roundtrip(Message::Pages(sample_pages()));
+        roundtrip(Message::Update {
+            pages: sample_pages(),
+            versions: vec![1, 2, u64::MAX],
+        });
+        roundtrip(Message::Ack {
+            entries: vec![(1, 2), (u64::MAX, 9)],
+        });
+        roundtrip(Message::PageSet {
+            kind: SetKind::Stale,
+            first_word: 3,
+            words: vec![0, u64::MAX, 5],
+            last: true,
+        });
         roundtrip(Message::PushDone { pages_sent: 5 });
         roundtrip(Message::Complete { pages_received: 5 });
         roundtrip(Message::CompleteAck);
@@ -473,7 +613,7 @@ mod tests {
 
         /// Random bodies behind every valid type byte never panic either.
         #[test]
-        fn decode_body_never_panics(ty in 0u8..12, bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
+        fn decode_body_never_panics(ty in 0u8..14, bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
             let _ = decode_body(ty, Bytes::from(bytes));
         }
 

@@ -187,6 +187,45 @@ pub fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
+/// What a connection is for, announced in the `Hello`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum SessionKind {
+    /// Plain postcopy: the destination has nothing and receives every page.
+    Migrate = 0,
+    /// Normal times: the source sends changed pages to the standby's replica.
+    Replicate = 1,
+    /// Postcopy into a standby replica: only stale pages cross.
+    Evacuate = 2,
+}
+
+impl SessionKind {
+    pub fn from_u8(v: u8) -> Option<SessionKind> {
+        match v {
+            0 => Some(SessionKind::Migrate),
+            1 => Some(SessionKind::Replicate),
+            2 => Some(SessionKind::Evacuate),
+            _ => None,
+        }
+    }
+}
+
+/// Which page set a `PageSet` message carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum SetKind {
+    /// Destination → source: pages the replica cannot serve (never stored, torn, other epoch).
+    Invalid = 0,
+    /// Source → destination: every page that must cross at evacuation.
+    Stale = 1,
+}
+
+/// Most bitmap words in one `PageSet` message (a million pages).
+pub const MAX_SET_WORDS: usize = 16384;
+
+/// Most (page, version) pairs in one `Ack`.
+pub const MAX_ACKS: usize = 8192;
+
 /// Why a peer gave up; carried in `Message::Error` so the other side can say what went wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[repr(u16)]
@@ -222,9 +261,12 @@ pub enum Message {
     /// Source → destination, first message on the control stream.
     Hello {
         version: u16,
+        kind: SessionKind,
         vm_id: String,
         layout: Layout,
         features: u64,
+        /// Replication epoch: versions are only comparable within one epoch.
+        epoch: u64,
     },
     /// Destination → source: the handshake is accepted; postcopy may start.
     HelloAck { version: u16, features: u64 },
@@ -232,6 +274,17 @@ pub enum Message {
     Request { pages: Vec<u64> },
     /// Source → destination: page data, on the urgent stream (replies) or a bulk stream (push).
     Pages(Pages),
+    /// Source → standby: page contents at the versions the source assigned.
+    Update { pages: Pages, versions: Vec<u64> },
+    /// Standby → source: these (page, version) pairs are stored.
+    Ack { entries: Vec<(u64, u64)> },
+    /// A chunk of a page bitmap; `last` marks the final chunk of the set.
+    PageSet {
+        kind: SetKind,
+        first_word: u64,
+        words: Vec<u64>,
+        last: bool,
+    },
     /// Source → destination: every page has been sent at least once.
     PushDone { pages_sent: u64 },
     /// Destination → source: every page is present; the source may release the VM.
@@ -250,6 +303,9 @@ impl Message {
             Message::HelloAck { .. } => "HelloAck",
             Message::Request { .. } => "Request",
             Message::Pages(_) => "Pages",
+            Message::Update { .. } => "Update",
+            Message::Ack { .. } => "Ack",
+            Message::PageSet { .. } => "PageSet",
             Message::PushDone { .. } => "PushDone",
             Message::Complete { .. } => "Complete",
             Message::CompleteAck => "CompleteAck",

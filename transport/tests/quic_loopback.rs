@@ -102,9 +102,8 @@ async fn migration_over_loopback_delivers_every_byte() {
     let dest = tokio::spawn(async move {
         let conn = quic::accept(&server).await.unwrap().unwrap();
         let session = DestSession::new(DestConfig {
-            layout: dest_layout,
             expected_vm_id: Some("vm".into()),
-            features: 0,
+            ..DestConfig::migrate(dest_layout)
         });
         let hooks = DestHooks {
             on_established: Some(Box::new(move |_| {
@@ -120,12 +119,7 @@ async fn migration_over_loopback_delivers_every_byte() {
     let img = Arc::new(Image(image(pages)));
     let client = quic::client_endpoint(localhost(), &src_id, dst_id.cert.clone()).unwrap();
     let conn = quic::connect(&client, addr).await.unwrap();
-    let session = SourceSession::new(SourceConfig {
-        vm_id: "vm".into(),
-        layout,
-        features: 0,
-        push: true,
-    });
+    let session = SourceSession::new(SourceConfig::migrate("vm", layout));
     let src_report = quic::run_source(conn, session, img.clone()).await.unwrap();
     let dst_report = dest.await.unwrap().unwrap();
 
@@ -153,12 +147,7 @@ async fn unknown_peer_certificate_is_refused() {
     // certificate; either way no session can run.
     let client_side = async {
         let conn = quic::connect(&client, addr).await?;
-        let session = SourceSession::new(SourceConfig {
-            vm_id: "vm".into(),
-            layout: Layout::single(4096),
-            features: 0,
-            push: true,
-        });
+        let session = SourceSession::new(SourceConfig::migrate("vm", Layout::single(4096)));
         quic::run_source(conn, session, Arc::new(Image(vec![0; 4096]))).await
     };
     let err = client_side.await.unwrap_err();

@@ -182,9 +182,8 @@ impl Listener {
                 })
             });
             let session = DestSession::new(DestConfig {
-                layout: layout.clone(),
                 expected_vm_id: opts.expected_vm_id.clone(),
-                features: 0,
+                ..DestConfig::migrate(layout.clone())
             });
             let resumed = resumed_at.clone();
             let hooks = DestHooks {

@@ -44,10 +44,8 @@ pub fn send(
         let endpoint = quic::client_endpoint(bind, &opts.identity, opts.peer_cert.clone())?;
         let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
         let session = SourceSession::new(SourceConfig {
-            vm_id: opts.vm_id.clone(),
-            layout: layout.clone(),
-            features: 0,
             push: opts.push,
+            ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
         });
         let report = quic::run_source(conn, session, memory).await?;
         endpoint.close(0u32.into(), b"done");

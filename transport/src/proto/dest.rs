@@ -1,10 +1,13 @@
-//! The destination side of a migration session.
+//! The destination side of a session: plain migration, a standby receiving replication, or
+//! a standby becoming the destination at evacuation.
 
 use std::collections::VecDeque;
 
-use super::{describe_layout, Channel, ProtoError, Transmit};
+use super::{describe_layout, page_set_messages, Channel, PageSetAssembler, ProtoError, Transmit};
 use crate::bitmap::Bitmap;
-use crate::message::{Layout, Message, Pages, MAX_REQUEST_PAGES, PROTOCOL_VERSION};
+use crate::message::{
+    Layout, Message, Pages, SessionKind, SetKind, MAX_ACKS, MAX_REQUEST_PAGES, PROTOCOL_VERSION,
+};
 
 #[derive(Clone, Debug)]
 pub struct DestConfig {
@@ -13,11 +16,36 @@ pub struct DestConfig {
     /// If set, the VM id the source must announce.
     pub expected_vm_id: Option<String>,
     pub features: u64,
+    /// Session kinds this side accepts (a plain destination only `Migrate`; a standby
+    /// `Replicate` and `Evacuate`).
+    pub accept: Vec<SessionKind>,
+}
+
+impl DestConfig {
+    /// A plain postcopy destination for `layout`.
+    pub fn migrate(layout: Layout) -> DestConfig {
+        DestConfig {
+            layout,
+            expected_vm_id: None,
+            features: 0,
+            accept: vec![SessionKind::Migrate],
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DestEvent {
-    /// The handshake was accepted; the application may resume the guest.
+    /// A standby was asked for a `Replicate` or `Evacuate` session: the application must
+    /// answer with [`DestSession::accept`] and the pages its replica cannot serve.
+    HelloReceived {
+        kind: SessionKind,
+        vm_id: String,
+        epoch: u64,
+    },
+    /// Evacuation: every page in the set must arrive from the source; all others are fresh
+    /// in the local replica. Make the stale ones absent, then resume the guest.
+    StaleSet(Bitmap),
+    /// The handshake is complete; a migrating guest may resume.
     Established { vm_id: String, features: u64 },
     /// The source has handed out every page.
     PushDone { pages_sent: u64 },
@@ -25,10 +53,22 @@ pub enum DestEvent {
     Finished,
 }
 
+/// Data the application must put in place, already checked against the layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Page contents for guest memory (migration and evacuation).
+    Pages(Pages),
+    /// Page contents with their versions, for the replica (replication).
+    Update { pages: Pages, versions: Vec<u64> },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     AwaitHello,
+    AwaitAccept,
+    AwaitStale,
     Running,
+    Replicating,
     CompleteSent,
     Finished,
     Failed,
@@ -38,7 +78,10 @@ impl State {
     fn name(self) -> &'static str {
         match self {
             State::AwaitHello => "awaiting the handshake",
+            State::AwaitAccept => "deciding on the handshake",
+            State::AwaitStale => "awaiting the stale set",
             State::Running => "migrating",
+            State::Replicating => "replicating",
             State::CompleteSent => "completing",
             State::Finished => "finished",
             State::Failed => "failed",
@@ -52,7 +95,11 @@ impl State {
 pub struct DestSession {
     config: DestConfig,
     state: State,
+    kind: SessionKind,
+    vm_id: String,
+    features: u64,
     received: Bitmap,
+    stale: Option<PageSetAssembler>,
     pending_requests: Vec<u64>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<DestEvent>,
@@ -62,7 +109,11 @@ impl DestSession {
     pub fn new(config: DestConfig) -> DestSession {
         DestSession {
             state: State::AwaitHello,
+            kind: SessionKind::Migrate,
+            vm_id: String::new(),
+            features: 0,
             received: Bitmap::new(config.layout.total_pages()),
+            stale: None,
             pending_requests: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -74,22 +125,34 @@ impl DestSession {
         self.received.len()
     }
 
+    /// The kind the source asked for (valid once the `Hello` arrived).
+    pub fn kind(&self) -> SessionKind {
+        self.kind
+    }
+
     /// Pages received from the source at least once.
     pub fn received(&self) -> &Bitmap {
         &self.received
     }
 
     pub fn is_running(&self) -> bool {
-        matches!(self.state, State::Running | State::CompleteSent)
+        matches!(
+            self.state,
+            State::Running | State::CompleteSent | State::Replicating
+        )
     }
 
     pub fn is_finished(&self) -> bool {
         self.state == State::Finished
     }
 
-    /// Feeds one message received on `channel`. Page data comes back as `Ok(Some(pages))`,
-    /// already checked against the layout, for the application to install.
-    pub fn handle(&mut self, channel: Channel, msg: Message) -> Result<Option<Pages>, ProtoError> {
+    /// Feeds one message received on `channel`. Data for the application comes back as
+    /// `Ok(Some(delivery))`, already checked against the layout.
+    pub fn handle(
+        &mut self,
+        channel: Channel,
+        msg: Message,
+    ) -> Result<Option<Delivery>, ProtoError> {
         let result = self.handle_inner(channel, msg);
         if let Err(e) = &result {
             if !matches!(e, ProtoError::Peer { .. }) && self.state != State::Failed {
@@ -110,11 +173,23 @@ impl DestSession {
         e
     }
 
+    fn check_range(&self, first: u64, count: u64) -> Result<(), ProtoError> {
+        let total = self.total_pages();
+        if first.checked_add(count).is_none_or(|end| end > total) {
+            return Err(ProtoError::PageOutOfRange {
+                first,
+                count,
+                total,
+            });
+        }
+        Ok(())
+    }
+
     fn handle_inner(
         &mut self,
         channel: Channel,
         msg: Message,
-    ) -> Result<Option<Pages>, ProtoError> {
+    ) -> Result<Option<Delivery>, ProtoError> {
         match (self.state, channel, msg) {
             (_, _, Message::Error { code, message }) => Err(ProtoError::Peer { code, message }),
             (
@@ -122,9 +197,11 @@ impl DestSession {
                 Channel::Control,
                 Message::Hello {
                     version,
+                    kind,
                     vm_id,
                     layout,
                     features,
+                    epoch,
                 },
             ) => {
                 if version != PROTOCOL_VERSION {
@@ -147,19 +224,40 @@ impl DestSession {
                         });
                     }
                 }
-                let features = features & self.config.features;
-                self.state = State::Running;
-                self.send(
-                    Channel::Control,
-                    Message::HelloAck {
-                        version: PROTOCOL_VERSION,
-                        features,
-                    },
-                );
-                let pending = std::mem::take(&mut self.pending_requests);
-                self.queue_requests(&pending);
-                self.events
-                    .push_back(DestEvent::Established { vm_id, features });
+                if !self.config.accept.contains(&kind) {
+                    return Err(ProtoError::KindRefused(kind));
+                }
+                self.kind = kind;
+                self.features = features & self.config.features;
+                self.vm_id = vm_id.clone();
+                if kind == SessionKind::Migrate {
+                    self.send_ack();
+                    self.start_running();
+                } else {
+                    self.state = State::AwaitAccept;
+                    self.events
+                        .push_back(DestEvent::HelloReceived { kind, vm_id, epoch });
+                }
+                Ok(None)
+            }
+            (
+                State::AwaitStale,
+                Channel::Control,
+                Message::PageSet {
+                    kind,
+                    first_word,
+                    words,
+                    last,
+                },
+            ) => {
+                let Some(asm) = self.stale.as_mut() else {
+                    return Err(ProtoError::BadPageSet(kind, "no set expected"));
+                };
+                if let Some(stale) = asm.add(kind, first_word, &words, last)? {
+                    self.stale = None;
+                    self.events.push_back(DestEvent::StaleSet(stale));
+                    self.start_running();
+                }
                 Ok(None)
             }
             (
@@ -167,19 +265,16 @@ impl DestSession {
                 Channel::Urgent | Channel::Bulk,
                 Message::Pages(pages),
             ) => {
-                let total = self.total_pages();
                 let count = pages.count() as u64;
-                if pages.first.checked_add(count).is_none_or(|end| end > total) {
-                    return Err(ProtoError::PageOutOfRange {
-                        first: pages.first,
-                        count,
-                        total,
-                    });
-                }
+                self.check_range(pages.first, count)?;
                 for p in pages.first..pages.first + count {
                     self.received.set(p);
                 }
-                Ok(Some(pages))
+                Ok(Some(Delivery::Pages(pages)))
+            }
+            (State::Replicating, Channel::Bulk, Message::Update { pages, versions }) => {
+                self.check_range(pages.first, pages.count() as u64)?;
+                Ok(Some(Delivery::Update { pages, versions }))
             }
             (
                 State::Running | State::CompleteSent,
@@ -202,10 +297,69 @@ impl DestSession {
         }
     }
 
+    fn send_ack(&mut self) {
+        self.send(
+            Channel::Control,
+            Message::HelloAck {
+                version: PROTOCOL_VERSION,
+                features: self.features,
+            },
+        );
+    }
+
+    fn start_running(&mut self) {
+        self.state = State::Running;
+        let pending = std::mem::take(&mut self.pending_requests);
+        self.queue_requests(&pending);
+        self.events.push_back(DestEvent::Established {
+            vm_id: self.vm_id.clone(),
+            features: self.features,
+        });
+    }
+
+    /// Answers [`DestEvent::HelloReceived`]: accepts the session and tells the source which
+    /// pages the local replica cannot serve (`invalid` must cover the layout's pages).
+    pub fn accept(&mut self, invalid: &Bitmap) {
+        if self.state != State::AwaitAccept || invalid.len() != self.total_pages() {
+            return;
+        }
+        self.send_ack();
+        for m in page_set_messages(SetKind::Invalid, invalid) {
+            self.send(Channel::Control, m);
+        }
+        if self.kind == SessionKind::Replicate {
+            self.state = State::Replicating;
+            self.events.push_back(DestEvent::Established {
+                vm_id: self.vm_id.clone(),
+                features: self.features,
+            });
+        } else {
+            self.state = State::AwaitStale;
+            self.stale = Some(PageSetAssembler::new(SetKind::Stale, self.total_pages()));
+        }
+    }
+
+    /// Replication: tells the source these (page, version) pairs are stored.
+    pub fn ack(&mut self, entries: &[(u64, u64)]) {
+        if self.state != State::Replicating {
+            return;
+        }
+        for chunk in entries.chunks(MAX_ACKS) {
+            self.send(
+                Channel::Control,
+                Message::Ack {
+                    entries: chunk.to_vec(),
+                },
+            );
+        }
+    }
+
     /// Queues demand requests for `pages`. Before the handshake completes they are held back.
     pub fn request(&mut self, pages: &[u64]) {
         match self.state {
-            State::AwaitHello => self.pending_requests.extend_from_slice(pages),
+            State::AwaitHello | State::AwaitAccept | State::AwaitStale => {
+                self.pending_requests.extend_from_slice(pages)
+            }
             State::Running => self.queue_requests(pages),
             _ => {}
         }

@@ -20,6 +20,19 @@ impl PushSchedule {
         }
     }
 
+    /// A schedule that pushes only the pages set in `pages` (the stale set at evacuation).
+    pub fn only(pages: &Bitmap) -> PushSchedule {
+        PushSchedule {
+            sent: pages.complement(),
+            cursor: 0,
+        }
+    }
+
+    /// Pages still to push.
+    pub fn remaining(&self) -> u64 {
+        self.sent.len() - self.sent.count_ones()
+    }
+
     /// A demand request for `page` is being served: it needs no push, and the push continues
     /// right after it, because a guest that faults on a page tends to touch its neighbours next.
     pub fn on_demand(&mut self, page: u64) -> bool {

@@ -1,10 +1,12 @@
-//! The source side of a migration session.
+//! The source side of a session: plain migration, replication to a standby, or evacuation
+//! into a standby replica.
 
 use std::collections::VecDeque;
 use std::ops::Range;
 
-use super::{Channel, ProtoError, PushSchedule, Transmit};
-use crate::message::{Layout, Message, PROTOCOL_VERSION};
+use super::{page_set_messages, Channel, PageSetAssembler, ProtoError, PushSchedule, Transmit};
+use crate::bitmap::Bitmap;
+use crate::message::{Layout, Message, SessionKind, SetKind, PROTOCOL_VERSION};
 
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
@@ -14,15 +16,39 @@ pub struct SourceConfig {
     /// Push pages in the background. Off, pages move only on demand (for measuring
     /// demand-fault latency alone).
     pub push: bool,
+    pub kind: SessionKind,
+    /// Replication epoch (random per source run); versions compare only within one.
+    pub epoch: u64,
+    /// Evacuation: the pages whose current version the standby has not acknowledged.
+    pub stale: Option<Bitmap>,
+}
+
+impl SourceConfig {
+    /// A plain postcopy migration of `layout` with the background push on.
+    pub fn migrate(vm_id: impl Into<String>, layout: Layout) -> SourceConfig {
+        SourceConfig {
+            vm_id: vm_id.into(),
+            layout,
+            features: 0,
+            push: true,
+            kind: SessionKind::Migrate,
+            epoch: 0,
+            stale: None,
+        }
+    }
 }
 
 /// What the source application must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceEvent {
-    /// The destination accepted the handshake; the push may start.
+    /// The destination accepted the handshake; the push (or replication) may start.
     Established { features: u64 },
+    /// Replication: pages the standby cannot serve; they count as never acknowledged.
+    Invalid(Bitmap),
     /// Pages the destination is blocked on: read and send them on the urgent channel now.
     Serve(Vec<u64>),
+    /// Replication: the standby stored these (page, version) pairs.
+    Acked(Vec<(u64, u64)>),
     /// The destination has every page; the session is over.
     Finished,
 }
@@ -30,6 +56,7 @@ pub enum SourceEvent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     HelloSent,
+    AwaitInvalid,
     Running,
     Finished,
     Failed,
@@ -39,7 +66,8 @@ impl State {
     fn name(self) -> &'static str {
         match self {
             State::HelloSent => "awaiting the handshake reply",
-            State::Running => "migrating",
+            State::AwaitInvalid => "awaiting the standby's invalid pages",
+            State::Running => "running",
             State::Finished => "finished",
             State::Failed => "failed",
         }
@@ -52,9 +80,11 @@ pub struct SourceSession {
     config: SourceConfig,
     state: State,
     push: PushSchedule,
+    invalid: Option<PageSetAssembler>,
     push_done_sent: bool,
     pages_served: u64,
     pages_pushed: u64,
+    pages_stale: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SourceEvent>,
 }
@@ -66,9 +96,11 @@ impl SourceSession {
         let mut s = SourceSession {
             state: State::HelloSent,
             push: PushSchedule::new(pages),
+            invalid: None,
             push_done_sent: false,
             pages_served: 0,
             pages_pushed: 0,
+            pages_stale: pages,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             config,
@@ -77,9 +109,11 @@ impl SourceSession {
             Channel::Control,
             Message::Hello {
                 version: PROTOCOL_VERSION,
+                kind: s.config.kind,
                 vm_id: s.config.vm_id.clone(),
                 layout: s.config.layout.clone(),
                 features: s.config.features,
+                epoch: s.config.epoch,
             },
         );
         s
@@ -87,6 +121,10 @@ impl SourceSession {
 
     pub fn total_pages(&self) -> u64 {
         self.push.pages()
+    }
+
+    pub fn kind(&self) -> SessionKind {
+        self.config.kind
     }
 
     pub fn is_running(&self) -> bool {
@@ -105,6 +143,11 @@ impl SourceSession {
     /// Pages handed to the background push.
     pub fn pages_pushed(&self) -> u64 {
         self.pages_pushed
+    }
+
+    /// Pages that must cross: all of them for a migration, the stale set at evacuation.
+    pub fn pages_stale(&self) -> u64 {
+        self.pages_stale
     }
 
     /// Feeds one message received on `channel`.
@@ -130,6 +173,7 @@ impl SourceSession {
     }
 
     fn handle_inner(&mut self, channel: Channel, msg: Message) -> Result<(), ProtoError> {
+        let kind = self.config.kind;
         match (self.state, channel, msg) {
             (_, _, Message::Error { code, message }) => Err(ProtoError::Peer { code, message }),
             (State::HelloSent, Channel::Control, Message::HelloAck { version, features }) => {
@@ -139,11 +183,57 @@ impl SourceSession {
                         theirs: version,
                     });
                 }
+                if kind == SessionKind::Migrate {
+                    self.state = State::Running;
+                    self.events.push_back(SourceEvent::Established { features });
+                } else {
+                    self.state = State::AwaitInvalid;
+                    self.invalid =
+                        Some(PageSetAssembler::new(SetKind::Invalid, self.total_pages()));
+                    self.config.features = features;
+                }
+                Ok(())
+            }
+            (
+                State::AwaitInvalid,
+                Channel::Control,
+                Message::PageSet {
+                    kind: set,
+                    first_word,
+                    words,
+                    last,
+                },
+            ) => {
+                let Some(asm) = self.invalid.as_mut() else {
+                    return Err(ProtoError::BadPageSet(set, "no set expected"));
+                };
+                let Some(invalid) = asm.add(set, first_word, &words, last)? else {
+                    return Ok(());
+                };
+                self.invalid = None;
                 self.state = State::Running;
+                if kind == SessionKind::Evacuate {
+                    let mut stale = self
+                        .config
+                        .stale
+                        .take()
+                        .unwrap_or_else(|| Bitmap::new(self.total_pages()).complement());
+                    stale.union_with(&invalid);
+                    self.pages_stale = stale.count_ones();
+                    for m in page_set_messages(SetKind::Stale, &stale) {
+                        self.send(Channel::Control, m);
+                    }
+                    self.push = PushSchedule::only(&stale);
+                } else {
+                    self.events.push_back(SourceEvent::Invalid(invalid));
+                }
+                let features = self.config.features;
                 self.events.push_back(SourceEvent::Established { features });
                 Ok(())
             }
-            (State::Running, Channel::Urgent, Message::Request { pages }) => {
+            (State::Running, Channel::Urgent, Message::Request { pages })
+                if kind != SessionKind::Replicate =>
+            {
                 let total = self.total_pages();
                 if let Some(&bad) = pages.iter().find(|&&p| p >= total) {
                     return Err(ProtoError::PageOutOfRange {
@@ -159,7 +249,23 @@ impl SourceSession {
                 self.events.push_back(SourceEvent::Serve(pages));
                 Ok(())
             }
-            (State::Running, Channel::Control, Message::Complete { pages_received }) => {
+            (State::Running, Channel::Control, Message::Ack { entries })
+                if kind == SessionKind::Replicate =>
+            {
+                let total = self.total_pages();
+                if let Some(&(bad, _)) = entries.iter().find(|&&(p, v)| p >= total || v == 0) {
+                    return Err(ProtoError::PageOutOfRange {
+                        first: bad,
+                        count: 1,
+                        total,
+                    });
+                }
+                self.events.push_back(SourceEvent::Acked(entries));
+                Ok(())
+            }
+            (State::Running, Channel::Control, Message::Complete { pages_received })
+                if kind != SessionKind::Replicate =>
+            {
                 let total = self.total_pages();
                 if pages_received != total {
                     return Err(ProtoError::CountMismatch {
@@ -183,7 +289,10 @@ impl SourceSession {
     /// The next run of pages to push, at most `max` long. When every page has been handed out
     /// this queues `PushDone` once and returns `None`.
     pub fn next_push(&mut self, max: usize) -> Option<Range<u64>> {
-        if self.state != State::Running || !self.config.push {
+        if self.state != State::Running
+            || !self.config.push
+            || self.config.kind == SessionKind::Replicate
+        {
             return None;
         }
         match self.push.next_run(max) {

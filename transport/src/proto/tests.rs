@@ -4,7 +4,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::codec::{decode, encode_to_vec};
-use crate::message::{Pages, RegionDesc, PAGE_SIZE, PROTOCOL_VERSION};
+use crate::message::{Pages, RegionDesc, SessionKind, PAGE_SIZE, PROTOCOL_VERSION};
 
 fn layout(pages: u64) -> Layout {
     Layout::single(pages * PAGE_SIZE as u64)
@@ -12,15 +12,13 @@ fn layout(pages: u64) -> Layout {
 
 fn pair(pages: u64) -> (SourceSession, DestSession) {
     let src = SourceSession::new(SourceConfig {
-        vm_id: "vm-1".into(),
-        layout: layout(pages),
         features: 0b11,
-        push: true,
+        ..SourceConfig::migrate("vm-1", layout(pages))
     });
     let dst = DestSession::new(DestConfig {
-        layout: layout(pages),
         expected_vm_id: Some("vm-1".into()),
         features: 0b01,
+        ..DestConfig::migrate(layout(pages))
     });
     (src, dst)
 }
@@ -86,7 +84,10 @@ fn pump(src: &mut SourceSession, dst: &mut DestSession, mem: &mut [Vec<u8>]) -> 
     }
 }
 
-fn install(pages: &Pages, mem: &mut [Vec<u8>]) {
+fn install(d: &Delivery, mem: &mut [Vec<u8>]) {
+    let Delivery::Pages(pages) = d else {
+        panic!("page data expected, got {d:?}")
+    };
     for (i, p) in pages.iter() {
         mem[i as usize] = match p {
             crate::message::PageRef::Raw(d) => d.to_vec(),
@@ -145,16 +146,10 @@ fn full_session_moves_every_page_and_ends_cleanly() {
 #[test]
 fn push_off_moves_pages_on_demand_only() {
     let mut src = SourceSession::new(SourceConfig {
-        vm_id: "vm-1".into(),
-        layout: layout(4),
-        features: 0,
         push: false,
+        ..SourceConfig::migrate("vm-1", layout(4))
     });
-    let mut dst = DestSession::new(DestConfig {
-        layout: layout(4),
-        expected_vm_id: None,
-        features: 0,
-    });
+    let mut dst = DestSession::new(DestConfig::migrate(layout(4)));
     let mut mem = vec![Vec::new(); 4];
     pump(&mut src, &mut dst, &mut mem);
     assert_eq!(src.next_push(8), None);
@@ -195,6 +190,8 @@ fn refused_hello(hello: Message) -> (ProtoError, Transmit) {
 #[test]
 fn wrong_version_is_refused_with_a_clear_error() {
     let (err, reply) = refused_hello(Message::Hello {
+        kind: SessionKind::Migrate,
+        epoch: 0,
         version: PROTOCOL_VERSION + 1,
         vm_id: "vm-1".into(),
         layout: layout(16),
@@ -225,6 +222,8 @@ fn layout_mismatch_is_refused_with_both_layouts_named() {
         len: 4096,
     });
     let (err, reply) = refused_hello(Message::Hello {
+        kind: SessionKind::Migrate,
+        epoch: 0,
         version: PROTOCOL_VERSION,
         vm_id: "vm-1".into(),
         layout: other,
@@ -247,6 +246,8 @@ fn layout_mismatch_is_refused_with_both_layouts_named() {
 #[test]
 fn wrong_vm_id_is_refused() {
     let (err, _) = refused_hello(Message::Hello {
+        kind: SessionKind::Migrate,
+        epoch: 0,
         version: PROTOCOL_VERSION,
         vm_id: "someone-else".into(),
         layout: layout(16),
@@ -380,4 +381,197 @@ proptest! {
             let _ = src.handle(channel, msg);
         }
     }
+}
+
+fn standby(pages: u64) -> DestSession {
+    DestSession::new(DestConfig {
+        accept: vec![SessionKind::Replicate, SessionKind::Evacuate],
+        ..DestConfig::migrate(layout(pages))
+    })
+}
+
+fn bits(pages: u64, set: &[u64]) -> crate::bitmap::Bitmap {
+    let mut b = crate::bitmap::Bitmap::new(pages);
+    for &p in set {
+        b.set(p);
+    }
+    b
+}
+
+/// Moves every queued message between the two sides until nothing moves.
+fn exchange(src: &mut SourceSession, dst: &mut DestSession) {
+    loop {
+        let mut moved = false;
+        while let Some(t) = src.poll_transmit() {
+            moved = true;
+            dst.handle(t.channel, wire(t.message)).unwrap();
+        }
+        while let Some(t) = dst.poll_transmit() {
+            moved = true;
+            src.handle(t.channel, wire(t.message)).unwrap();
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+#[test]
+fn replication_reports_invalid_pages_and_carries_versions_and_acks() {
+    let n = 200;
+    let mut src = SourceSession::new(SourceConfig {
+        kind: SessionKind::Replicate,
+        epoch: 7,
+        ..SourceConfig::migrate("vm-1", layout(n))
+    });
+    let mut dst = standby(n);
+    exchange(&mut src, &mut dst);
+    assert_eq!(
+        dst.poll_event(),
+        Some(DestEvent::HelloReceived {
+            kind: SessionKind::Replicate,
+            vm_id: "vm-1".into(),
+            epoch: 7
+        })
+    );
+    dst.accept(&bits(n, &[2, 5, 199]));
+    exchange(&mut src, &mut dst);
+    assert!(src.is_running() && dst.is_running());
+    assert_eq!(
+        src.poll_event(),
+        Some(SourceEvent::Invalid(bits(n, &[2, 5, 199])))
+    );
+    assert!(matches!(
+        src.poll_event(),
+        Some(SourceEvent::Established { .. })
+    ));
+    assert_eq!(src.next_push(8), None, "replication has no push schedule");
+
+    let Message::Pages(pages) = pages_msg(4..6) else {
+        unreachable!()
+    };
+    let update = Message::Update {
+        pages: pages.clone(),
+        versions: vec![3, 9],
+    };
+    let got = dst.handle(Channel::Bulk, wire(update)).unwrap();
+    assert_eq!(
+        got,
+        Some(Delivery::Update {
+            pages,
+            versions: vec![3, 9]
+        })
+    );
+    dst.ack(&[(4, 3), (5, 9)]);
+    exchange(&mut src, &mut dst);
+    assert_eq!(
+        src.poll_event(),
+        Some(SourceEvent::Acked(vec![(4, 3), (5, 9)]))
+    );
+    // Page data outside a migration is refused on a replication session.
+    assert!(dst.handle(Channel::Bulk, pages_msg(0..1)).is_err());
+}
+
+#[test]
+fn evacuation_stale_set_is_the_union_and_only_it_is_pushed() {
+    let n = 130;
+    let mut src = SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        epoch: 7,
+        stale: Some(bits(n, &[1, 3, 100])),
+        ..SourceConfig::migrate("vm-1", layout(n))
+    });
+    let mut dst = standby(n);
+    exchange(&mut src, &mut dst);
+    assert!(matches!(
+        dst.poll_event(),
+        Some(DestEvent::HelloReceived { .. })
+    ));
+    // The standby lost page 6 (torn) and never had page 129.
+    dst.accept(&bits(n, &[3, 6, 129]));
+    exchange(&mut src, &mut dst);
+    let expected = bits(n, &[1, 3, 6, 100, 129]);
+    assert_eq!(dst.poll_event(), Some(DestEvent::StaleSet(expected)));
+    assert!(matches!(
+        dst.poll_event(),
+        Some(DestEvent::Established { .. })
+    ));
+    assert_eq!(src.pages_stale(), 5);
+    let mut pushed = Vec::new();
+    while let Some(r) = src.next_push(64) {
+        pushed.extend(r);
+    }
+    assert_eq!(pushed, vec![1, 3, 6, 100, 129]);
+    assert!(matches!(
+        src.poll_event(),
+        Some(SourceEvent::Established { .. })
+    ));
+    // Demand requests and completion work as in a migration.
+    dst.request(&[6]);
+    let t = dst.poll_transmit().unwrap();
+    src.handle(t.channel, t.message).unwrap();
+    assert!(matches!(src.poll_event(), Some(SourceEvent::Serve(p)) if p == vec![6]));
+    dst.complete();
+    exchange(&mut src, &mut dst);
+    assert!(src.is_finished() && dst.is_finished());
+}
+
+#[test]
+fn a_plain_destination_refuses_replication() {
+    let mut src = SourceSession::new(SourceConfig {
+        kind: SessionKind::Replicate,
+        ..SourceConfig::migrate("vm-1", layout(8))
+    });
+    let mut dst = DestSession::new(DestConfig::migrate(layout(8)));
+    let hello = src.poll_transmit().unwrap();
+    let err = dst.handle(hello.channel, hello.message).unwrap_err();
+    assert_eq!(err, ProtoError::KindRefused(SessionKind::Replicate));
+}
+
+#[test]
+fn malformed_page_sets_are_refused() {
+    let n = 200; // 4 words
+    let set = |first_word, words: Vec<u64>, last| Message::PageSet {
+        kind: crate::message::SetKind::Invalid,
+        first_word,
+        words,
+        last,
+    };
+    // After the HelloAck, a set that skips a word.
+    let mut s2 = SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        ..SourceConfig::migrate("vm-1", layout(n))
+    });
+    s2.poll_transmit();
+    let ack = Message::HelloAck {
+        version: PROTOCOL_VERSION,
+        features: 0,
+    };
+    s2.handle(Channel::Control, ack.clone()).unwrap();
+    let e = s2
+        .handle(Channel::Control, set(1, vec![0], true))
+        .unwrap_err();
+    assert!(e.to_string().contains("out of order"), "{e}");
+    // Too many words for the layout.
+    let mut s3 = SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        ..SourceConfig::migrate("vm-1", layout(n))
+    });
+    s3.poll_transmit();
+    s3.handle(Channel::Control, ack.clone()).unwrap();
+    let e = s3
+        .handle(Channel::Control, set(0, vec![0; 5], true))
+        .unwrap_err();
+    assert!(e.to_string().contains("more words"), "{e}");
+    // A set that stops short.
+    let mut s4 = SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        ..SourceConfig::migrate("vm-1", layout(n))
+    });
+    s4.poll_transmit();
+    s4.handle(Channel::Control, ack).unwrap();
+    let e = s4
+        .handle(Channel::Control, set(0, vec![0; 2], true))
+        .unwrap_err();
+    assert!(e.to_string().contains("ended before"), "{e}");
 }

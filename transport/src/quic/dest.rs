@@ -14,8 +14,9 @@ use super::source::{closed_or, stream_error};
 use super::{
     close_with, connection_lost, DriverError, CLOSE_OK, TAG_BULK, TAG_CONTROL, TAG_URGENT,
 };
-use crate::message::Pages;
-use crate::proto::{Channel, DestEvent, DestSession};
+use crate::bitmap::Bitmap;
+use crate::message::{Pages, SessionKind};
+use crate::proto::{Channel, Delivery, DestEvent, DestSession};
 
 /// Installing page data failed; the session ends with this reason.
 #[derive(Debug, Error)]
@@ -24,11 +25,41 @@ pub struct SinkError(pub String);
 
 /// Where the destination driver puts page data: guest memory, through userfaultfd in
 /// faultline, or anything else in tests. Pages arrive already checked against the layout.
+/// The replica methods matter only on a standby; a plain destination keeps the defaults,
+/// which refuse replication and evacuation sessions.
 pub trait PageSink: Send + Sync + 'static {
     /// Installs `pages`, which arrived on `channel` (urgent replies or the bulk push).
     fn install(&self, pages: &Pages, channel: Channel) -> Result<(), SinkError>;
     /// Whether every page of guest memory is present.
     fn is_complete(&self) -> bool;
+
+    /// A `Replicate` or `Evacuate` session starts with replication epoch `epoch`: the pages
+    /// the local replica cannot serve at that epoch.
+    fn invalid_pages(&self, kind: SessionKind, epoch: u64) -> Result<Bitmap, SinkError> {
+        let _ = epoch;
+        Err(SinkError(format!(
+            "this destination has no replica and cannot take a {kind:?} session"
+        )))
+    }
+
+    /// Evacuation: every page in `stale` must come from the source. Make them absent and get
+    /// ready to install them; the guest resumes when this returns.
+    fn prepare_stale(&self, stale: &Bitmap) -> Result<(), SinkError> {
+        let _ = stale;
+        Err(SinkError("this destination has no replica".into()))
+    }
+
+    /// Replication: stores page contents at their versions.
+    fn store(&self, pages: &Pages, versions: &[u64]) -> Result<(), SinkError> {
+        let _ = (pages, versions);
+        Err(SinkError("this destination has no replica".into()))
+    }
+
+    /// Replication: makes everything stored so far durable and returns the (page, version)
+    /// pairs to acknowledge.
+    fn sync(&self) -> Result<Vec<(u64, u64)>, SinkError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Called once the handshake is accepted: the place to resume the guest.
@@ -43,6 +74,11 @@ pub struct DestHooks {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DestReport {
     pub vm_id: String,
+    pub kind: Option<SessionKind>,
+    /// Evacuation: pages that had to cross (the stale set).
+    pub pages_stale: u64,
+    /// Replication: pages stored in the replica.
+    pub pages_replicated: u64,
     /// From the start of the session to the moment the guest could resume.
     pub established_ms: u64,
     pub total_ms: u64,
@@ -184,15 +220,53 @@ async fn drive(
     flush(session, &out).await?;
     handled?;
     let mut report = DestReport::default();
-    if let Some(DestEvent::Established { vm_id, .. }) = lock(session).poll_event() {
-        report.vm_id = vm_id;
+
+    // The rest of the handshake: replica state, the stale set, until the session runs.
+    loop {
+        let events: Vec<_> = std::iter::from_fn(|| lock(session).poll_event()).collect();
+        for ev in events {
+            match ev {
+                DestEvent::HelloReceived { kind, epoch, .. } => {
+                    let invalid = sink.invalid_pages(kind, epoch)?;
+                    lock(session).accept(&invalid);
+                    flush(session, &out).await?;
+                }
+                DestEvent::StaleSet(stale) => {
+                    report.pages_stale = stale.count_ones();
+                    sink.prepare_stale(&stale)?;
+                }
+                DestEvent::Established { vm_id, .. } => report.vm_id = vm_id,
+                other => tracing::debug!(?other, "destination event"),
+            }
+        }
+        if lock(session).is_running() {
+            break;
+        }
+        let msg = match read_frame(&mut ctl_recv).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(closed_or(conn, "the source closed the control stream")),
+            Err(super::FrameError::Codec(c)) => {
+                let err = lock(session).handle_decode_error(c);
+                flush(session, &out).await.ok();
+                return Err(err.into());
+            }
+            Err(e) => return Err(stream_error(conn, Channel::Control, e)),
+        };
+        let handled = lock(session).handle(Channel::Control, msg);
+        flush(session, &out).await?;
+        handled?;
     }
+    let kind = lock(session).kind();
+    report.kind = Some(kind);
     report.established_ms = started.elapsed().as_millis() as u64;
-    if let Some(f) = hooks.on_established.take() {
-        f(&report.vm_id);
+    if kind != SessionKind::Replicate {
+        if let Some(f) = hooks.on_established.take() {
+            f(&report.vm_id);
+        }
     }
 
     let progress = Arc::new(Notify::new());
+    let stored = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<DriverError>();
     let readers =
         [(Channel::Urgent, urg_recv), (Channel::Bulk, bulk_recv)].map(|(channel, recv)| {
@@ -203,6 +277,7 @@ async fn drive(
                 out.clone(),
                 sink.clone(),
                 progress.clone(),
+                stored.clone(),
                 err_tx.clone(),
                 conn.clone(),
             ))
@@ -253,18 +328,37 @@ async fn drive(
                     }
                 }
                 Some(Ok(None)) | None => {
-                    break Err(closed_or(conn, "the source closed the control stream"))
+                    break end_of_replication(conn, kind, "the source closed the control stream")
                 }
                 Some(Err(super::FrameError::Codec(c))) => {
                     let err = lock(session).handle_decode_error(c);
                     flush(session, &out).await.ok();
                     break Err(err.into());
                 }
-                Some(Err(e)) => break Err(stream_error(conn, Channel::Control, e)),
+                Some(Err(e)) => {
+                    if kind == SessionKind::Replicate && conn.close_reason().is_some() {
+                        break end_of_replication(conn, kind, "");
+                    }
+                    break Err(stream_error(conn, Channel::Control, e));
+                }
             },
-            Some(e) = err_rx.recv() => break Err(e),
+            Some(e) = err_rx.recv() => {
+                if kind == SessionKind::Replicate && conn.close_reason().is_some() {
+                    break end_of_replication(conn, kind, "");
+                }
+                break Err(e);
+            }
             _ = progress.notified() => {}
             _ = tick.tick() => {}
+        }
+        if kind == SessionKind::Replicate {
+            // Acknowledge only what the replica made durable.
+            let acks = sink.sync()?;
+            if !acks.is_empty() {
+                lock(session).ack(&acks);
+                flush(session, &out).await?;
+            }
+            continue;
         }
         if sink.is_complete() {
             {
@@ -281,8 +375,34 @@ async fn drive(
     for r in readers {
         r.abort();
     }
+    if kind == SessionKind::Replicate {
+        // Whatever arrived before the end is stored; make it durable too.
+        sink.sync()?;
+    }
+    report.pages_replicated = stored.load(std::sync::atomic::Ordering::Relaxed);
     outcome?;
     Ok(report)
+}
+
+/// A replication session ends when the source hangs up normally (close code 0); for the
+/// other kinds, and for any other close, the connection's end is an error.
+fn end_of_replication(
+    conn: &Connection,
+    kind: SessionKind,
+    what: &'static str,
+) -> Result<(), DriverError> {
+    if kind == SessionKind::Replicate {
+        match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c))
+                if c.error_code.into_inner() == u64::from(CLOSE_OK) =>
+            {
+                return Ok(());
+            }
+            None => return Ok(()),
+            _ => {}
+        }
+    }
+    Err(closed_or(conn, what))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -293,6 +413,7 @@ async fn receive_pages(
     out: Arc<Outbound>,
     sink: Arc<dyn PageSink>,
     progress: Arc<Notify>,
+    stored: Arc<std::sync::atomic::AtomicU64>,
     errors: mpsc::UnboundedSender<DriverError>,
     conn: Connection,
 ) {
@@ -310,11 +431,16 @@ async fn receive_pages(
             };
             let handled = lock(&session).handle(channel, msg);
             match handled {
-                Ok(Some(pages)) => {
+                Ok(Some(Delivery::Pages(pages))) => {
                     sink.install(&pages, channel)?;
                     if sink.is_complete() {
                         progress.notify_one();
                     }
+                }
+                Ok(Some(Delivery::Update { pages, versions })) => {
+                    sink.store(&pages, &versions)?;
+                    stored.fetch_add(versions.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    progress.notify_one();
                 }
                 Ok(None) => {}
                 Err(e) => {

@@ -12,7 +12,10 @@ mod source;
 
 pub use dest::{run_dest, DestHooks, DestReport, PageSink, SinkError};
 pub use frame::{read_frame, write_message, write_pages, FrameError};
-pub use source::{run_source, PageReader, SourceReport};
+pub use source::{
+    run_replication, run_source, PageReader, ReplicationEvent, ReplicationReport, SourceReport,
+    Update,
+};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quinn::{Connection, RecvStream, SendStream};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -12,6 +12,7 @@ use super::{
     close_with, connection_lost, DriverError, PRIO_BULK, PRIO_CONTROL, PRIO_URGENT, TAG_BULK,
     TAG_CONTROL, TAG_URGENT,
 };
+use crate::bitmap::Bitmap;
 use crate::message::{Pages, MAX_PAGES_PER_MESSAGE, PAGE_SIZE};
 use crate::proto::{Channel, SourceEvent, SourceSession};
 
@@ -26,6 +27,8 @@ pub trait PageReader: Send + Sync + 'static {
 pub struct SourceReport {
     pub pages_served: u64,
     pub pages_pushed: u64,
+    /// Pages that had to cross: all for a migration, the stale set at evacuation.
+    pub pages_stale: u64,
     pub push_ms: u64,
     pub total_ms: u64,
     pub udp_tx_bytes: u64,
@@ -93,13 +96,18 @@ pub async fn run_source(
     }
 }
 
-async fn drive(
-    conn: &Connection,
-    session: &Shared,
-    reader: Arc<dyn PageReader>,
-) -> Result<SourceReport, DriverError> {
+struct Streams {
+    control: ControlSend,
+    ctl_recv: RecvStream,
+    urg_send: SendStream,
+    urg_recv: RecvStream,
+    bulk: SendStream,
+}
+
+/// Opens the three tagged streams and sends the `Hello`.
+async fn open_streams(conn: &Connection, session: &Shared) -> Result<Streams, DriverError> {
     let open = |e| connection_lost(e);
-    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(open)?;
+    let (mut ctl_send, ctl_recv) = conn.open_bi().await.map_err(open)?;
     let (mut urg_send, urg_recv) = conn.open_bi().await.map_err(open)?;
     let mut bulk = conn.open_uni().await.map_err(open)?;
     for (s, prio, tag) in [
@@ -115,22 +123,60 @@ async fn drive(
     }
     let control: ControlSend = Arc::new(tokio::sync::Mutex::new(ctl_send));
     flush(session, &control).await?;
+    Ok(Streams {
+        control,
+        ctl_recv,
+        urg_send,
+        urg_recv,
+        bulk,
+    })
+}
 
-    // Handshake.
-    let reply = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut ctl_recv))
-        .await
-        .map_err(|_| DriverError::Timeout("waiting for the destination's handshake reply"))?;
-    let reply = match reply {
-        Ok(Some(m)) => m,
-        Ok(None) => return Err(closed_or(conn, "the destination closed the control stream")),
-        Err(e) => return Err(stream_error(conn, Channel::Control, e)),
-    };
-    let handled = lock(session).handle(Channel::Control, reply);
-    if let Err(e) = handled {
-        flush(session, &control).await.ok();
-        return Err(e.into());
+/// Reads control messages until the session runs (HelloAck, and for a standby its invalid
+/// pages); returns the events the handshake produced.
+async fn handshake(
+    conn: &Connection,
+    session: &Shared,
+    streams: &mut Streams,
+) -> Result<Vec<SourceEvent>, DriverError> {
+    let mut events = Vec::new();
+    while !lock(session).is_running() {
+        let reply =
+            tokio::time::timeout(Duration::from_secs(30), read_frame(&mut streams.ctl_recv))
+                .await
+                .map_err(|_| DriverError::Timeout("waiting for the destination's handshake"))?;
+        let reply = match reply {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err(closed_or(conn, "the destination closed the control stream")),
+            Err(FrameError::Codec(c)) => {
+                let err = lock(session).handle_decode_error(c);
+                flush(session, &streams.control).await.ok();
+                return Err(err.into());
+            }
+            Err(e) => return Err(stream_error(conn, Channel::Control, e)),
+        };
+        let handled = lock(session).handle(Channel::Control, reply);
+        flush(session, &streams.control).await?;
+        handled?;
+        events.extend(std::iter::from_fn(|| lock(session).poll_event()));
     }
-    let _ = lock(session).poll_event();
+    Ok(events)
+}
+
+async fn drive(
+    conn: &Connection,
+    session: &Shared,
+    reader: Arc<dyn PageReader>,
+) -> Result<SourceReport, DriverError> {
+    let mut streams = open_streams(conn, session).await?;
+    handshake(conn, session, &mut streams).await?;
+    let Streams {
+        control,
+        mut ctl_recv,
+        urg_send,
+        urg_recv,
+        bulk,
+    } = streams;
 
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<DriverError>();
     let urgent = tokio::spawn(serve_urgent(
@@ -197,9 +243,138 @@ async fn drive(
     Ok(SourceReport {
         pages_served: s.pages_served(),
         pages_pushed: s.pages_pushed(),
+        pages_stale: s.pages_stale(),
         push_ms,
         ..SourceReport::default()
     })
+}
+
+/// What the replication driver tells the replicator.
+#[derive(Debug)]
+pub enum ReplicationEvent {
+    /// The standby cannot serve these pages: treat them as never acknowledged.
+    Invalid(Bitmap),
+    /// The standby stored these (page, version) pairs.
+    Acked(Vec<(u64, u64)>),
+}
+
+/// One batch of replicated pages: consecutive pages from `pages.first` at `versions`.
+#[derive(Debug)]
+pub struct Update {
+    pub pages: Pages,
+    pub versions: Vec<u64>,
+}
+
+/// What a replication session moved.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplicationReport {
+    pub pages_sent: u64,
+    pub updates_sent: u64,
+    pub acks: u64,
+    pub udp_tx_bytes: u64,
+    pub udp_rx_bytes: u64,
+}
+
+/// Runs a `Replicate` session: sends every [`Update`] the replicator produces on the bulk
+/// stream and reports the standby's answers on `events`. Ends cleanly (close code 0) when
+/// the replicator drops its sender.
+pub async fn run_replication(
+    conn: Connection,
+    session: SourceSession,
+    mut updates: mpsc::Receiver<Update>,
+    events: mpsc::UnboundedSender<ReplicationEvent>,
+) -> Result<ReplicationReport, DriverError> {
+    let session: Shared = Arc::new(Mutex::new(session));
+    let result: Result<ReplicationReport, DriverError> = async {
+        let mut streams = open_streams(&conn, &session).await?;
+        for ev in handshake(&conn, &session, &mut streams).await? {
+            if let SourceEvent::Invalid(b) = ev {
+                let _ = events.send(ReplicationEvent::Invalid(b));
+            }
+        }
+        let Streams {
+            control,
+            mut ctl_recv,
+            mut bulk,
+            ..
+        } = streams;
+        let mut report = ReplicationReport::default();
+        let ack_session = session.clone();
+        let ack_control = control.clone();
+        let ack_events = events.clone();
+        let ack_conn = conn.clone();
+        let acks = tokio::spawn(async move {
+            let mut acked = 0u64;
+            loop {
+                let msg = match read_frame(&mut ctl_recv).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Ok(acked),
+                    Err(FrameError::Codec(c)) => {
+                        let err = lock(&ack_session).handle_decode_error(c);
+                        flush(&ack_session, &ack_control).await.ok();
+                        return Err(DriverError::from(err));
+                    }
+                    Err(e) => return Err(stream_error(&ack_conn, Channel::Control, e)),
+                };
+                let handled = lock(&ack_session).handle(Channel::Control, msg);
+                flush(&ack_session, &ack_control).await?;
+                handled?;
+                while let Some(ev) = lock(&ack_session).poll_event() {
+                    if let SourceEvent::Acked(entries) = ev {
+                        acked += entries.len() as u64;
+                        let _ = ack_events.send(ReplicationEvent::Acked(entries));
+                    }
+                }
+            }
+        });
+        tokio::pin!(acks);
+        loop {
+            tokio::select! {
+                next = updates.recv() => match next {
+                    Some(u) => {
+                        let Update { pages, versions } = u;
+                        report.pages_sent += versions.len() as u64;
+                        report.updates_sent += 1;
+                        write_update(&mut bulk, pages, versions)
+                            .await
+                            .map_err(|e| stream_error(&conn, Channel::Bulk, e))?;
+                    }
+                    None => break,
+                },
+                r = &mut acks => {
+                    r.map_err(|_| DriverError::Timeout("ack reader stopped"))??;
+                    return Err(closed_or(&conn, "the standby closed the control stream"));
+                }
+            }
+        }
+        let _ = bulk.finish();
+        // Give in-flight acknowledgements a moment, so the replicator's view is current.
+        let _ = tokio::time::timeout(Duration::from_millis(200), bulk.stopped()).await;
+        acks.abort();
+        let stats = conn.stats();
+        report.udp_tx_bytes = stats.udp_tx.bytes;
+        report.udp_rx_bytes = stats.udp_rx.bytes;
+        Ok(report)
+    }
+    .await;
+    match result {
+        Ok(r) => {
+            conn.close(VarInt::from_u32(super::CLOSE_OK), b"replication stopped");
+            Ok(r)
+        }
+        Err(e) => {
+            close_with(&conn, &e);
+            Err(e)
+        }
+    }
+}
+
+async fn write_update(
+    bulk: &mut SendStream,
+    pages: Pages,
+    versions: Vec<u64>,
+) -> Result<(), FrameError> {
+    write_message(bulk, &crate::message::Message::Update { pages, versions }).await
 }
 
 async fn serve_urgent(
