@@ -8,6 +8,7 @@ pub mod dest;
 pub mod digest;
 pub mod error;
 pub mod image;
+pub mod replica;
 pub mod source;
 pub mod workload;
 
