@@ -153,3 +153,65 @@ pub enum Error {
     #[error("fault loop thread panicked")]
     LoopPanicked,
 }
+
+/// Errors of source-side dirty tracking ([`crate::dirty`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// No userfaultfd could be opened (the message carries the permission hint).
+    #[error("uffd-wp-async dirty tracking unavailable: {0}")]
+    Uffd(#[source] UffdError),
+    /// The kernel's userfaultfd lacks a feature the async write-protect tracker needs.
+    #[error(
+        "uffd-wp-async dirty tracking needs userfaultfd feature(s) {missing:?}, which kernel \
+         {kernel} does not offer (it offers {supported:?}); WP_UNPOPULATED needs Linux 6.4+ \
+         and WP_ASYNC Linux 6.7+"
+    )]
+    MissingFeature {
+        missing: Features,
+        supported: Features,
+        kernel: String,
+    },
+    /// `/proc/self/pagemap` cannot be opened or has no `PAGEMAP_SCAN` ioctl.
+    #[error("uffd-wp-async dirty tracking needs the PAGEMAP_SCAN ioctl on /proc/self/pagemap (Linux 6.7+); kernel {kernel}: {source}")]
+    NoPagemapScan {
+        kernel: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The range cannot be registered for write-protect tracking (e.g. already
+    /// registered with another userfaultfd, or a mapping type userfaultfd refuses).
+    #[error("cannot register {addr:#x}+{len:#x} for userfaultfd write-protect: {source}")]
+    Register {
+        addr: u64,
+        len: u64,
+        #[source]
+        source: UffdError,
+    },
+    /// PAGEMAP_SCAN met memory in the range that is not registered for async
+    /// write-protect (EPERM from `PM_SCAN_CHECK_WPASYNC`): the region was remapped.
+    #[error("PAGEMAP_SCAN: {start:#x}..{end:#x} is no longer registered for async write-protect (was the region remapped?)")]
+    NotWpAsync { start: u64, end: u64 },
+    /// The kernel answered PAGEMAP_SCAN with something impossible; never trusted.
+    #[error("PAGEMAP_SCAN of {start:#x}..{end:#x} returned an inconsistent answer: {what}")]
+    BadScan { start: u64, end: u64, what: String },
+    /// Guest memory could not be read (unmapped or protected).
+    #[error("reading guest memory at {addr:#x}+{len:#x} failed: {source}")]
+    Read {
+        addr: u64,
+        len: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("page {page} is out of range (tracking {total} pages)")]
+    PageOutOfRange { page: u64, total: u64 },
+    #[error("replicated content of page {page} is {len} bytes; expected 4096")]
+    BadContentLength { page: u64, len: usize },
+    #[error("{op} failed: {source}")]
+    Sys {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}

@@ -10,6 +10,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod destination;
+pub mod dirty;
 pub mod error;
 pub mod fault_loop;
 pub mod install;
@@ -17,6 +18,7 @@ pub mod layout;
 pub mod memory;
 pub mod metrics;
 pub mod page_table;
+pub mod replica;
 pub mod source;
 pub mod sys;
 pub mod uffd;
@@ -25,13 +27,20 @@ pub mod uffd;
 pub const PAGE_SIZE: usize = 4096;
 
 pub use destination::{Destination, DESTINATION_FEATURES};
-pub use error::{Error, InstallError, LayoutError, MemoryError, PermissionHint, UffdError};
+pub use dirty::{open_tracker, DirtyTracker, HashTracker, TrackerChoice, WpAsyncTracker};
+pub use error::{
+    DirtyError, Error, InstallError, LayoutError, MemoryError, PermissionHint, UffdError,
+};
 pub use fault_loop::{FaultLoop, FaultLoopHandle};
 pub use install::{Installed, Installer, Origin, PageData, RunInstalled};
 pub use layout::{HostRegion, RegionMap};
 pub use memory::{GuestMemory, MemoryKind};
 pub use metrics::{LatencySummary, Metrics, MetricsSnapshot};
 pub use page_table::{PageState, PageTable};
+pub use replica::{
+    present_page_table, DiskTier, GuestMapping, MemoryTier, OpenReport, ReplicaError, ReplicaStore,
+    Tier,
+};
 pub use source::PageSource;
 pub use sys::UffdMsg;
 pub use uffd::{CopyOutcome, CopyResult, Event, FaultFlags, Features, Ioctls, Userfaultfd};

@@ -1,4 +1,5 @@
-//! Raw binding of the kernel's `linux/userfaultfd.h` uapi.
+//! Raw binding of the kernel's `linux/userfaultfd.h` uapi, plus the `PAGEMAP_SCAN` part
+//! of `linux/fs.h` used for dirty tracking.
 //!
 //! Written by hand instead of generated so the crate builds without libclang, and so
 //! it carries features newer than the distribution headers (WP_ASYNC, POISON, MOVE).
@@ -236,6 +237,58 @@ pub struct uffdio_move {
     pub move_: i64,
 }
 
+// ---- `linux/fs.h`: PAGEMAP_SCAN on /proc/<pid>/pagemap (Linux 6.7+) ----
+
+/// `PAGEMAP_SCAN` ioctl type (`'f'`).
+pub const PAGEMAP_IOC_MAGIC: u64 = b'f' as u64;
+pub const PAGEMAP_SCAN: u64 = iowr(PAGEMAP_IOC_MAGIC, 16, size_of::<pm_scan_arg>());
+
+// Page categories (pm_scan_arg masks and page_region.categories).
+pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_FILE: u64 = 1 << 2;
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
+pub const PAGE_IS_HUGE: u64 = 1 << 6;
+pub const PAGE_IS_SOFT_DIRTY: u64 = 1 << 7;
+
+// pm_scan_arg.flags
+/// Write-protect the pages that matched (and were reported) in the same walk.
+pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// Fail with EPERM on a VMA that is not registered with an async-WP userfaultfd.
+pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+
+/// `struct page_region`: `[start, end)` pages sharing `categories`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct page_region {
+    pub start: u64,
+    pub end: u64,
+    pub categories: u64,
+}
+
+/// `struct pm_scan_arg`. `size` must be `size_of::<pm_scan_arg>()`; the kernel writes
+/// back `walk_end` (where the walk stopped; `end` when it completed).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct pm_scan_arg {
+    pub size: u64,
+    pub flags: u64,
+    pub start: u64,
+    pub end: u64,
+    pub walk_end: u64,
+    /// User address of a `page_region` array.
+    pub vec: u64,
+    pub vec_len: u64,
+    /// 0 = unlimited.
+    pub max_pages: u64,
+    pub category_inverted: u64,
+    pub category_mask: u64,
+    pub category_anyof_mask: u64,
+    pub return_mask: u64,
+}
+
 // A size mismatch would silently change the ioctl numbers and corrupt kernel copies.
 const _: () = assert!(size_of::<uffd_msg>() == 32);
 const _: () = assert!(size_of::<uffdio_api>() == 24);
@@ -247,6 +300,8 @@ const _: () = assert!(size_of::<uffdio_writeprotect>() == 24);
 const _: () = assert!(size_of::<uffdio_continue>() == 32);
 const _: () = assert!(size_of::<uffdio_poison>() == 32);
 const _: () = assert!(size_of::<uffdio_move>() == 40);
+const _: () = assert!(size_of::<page_region>() == 24);
+const _: () = assert!(size_of::<pm_scan_arg>() == 96);
 
 #[cfg(test)]
 mod tests {
@@ -267,6 +322,17 @@ mod tests {
         // From newer kernels' headers.
         assert_eq!(UFFDIO_MOVE, 0xc028_aa05);
         assert_eq!(UFFDIO_POISON, 0xc020_aa08);
+    }
+
+    #[test]
+    fn pagemap_scan_ioctl_number() {
+        // _IOWR('f', 16, struct pm_scan_arg): dir READ|WRITE = 3 << 30 = 0xC000_0000;
+        // size = 12 u64 fields = 96 = 0x60, << 16 = 0x0060_0000; type 'f' = 0x66 << 8 =
+        // 0x6600; nr 16 = 0x10. Sum: 0xC060_6610 (as in linux/fs.h of 6.7+).
+        assert_eq!(size_of::<pm_scan_arg>(), 96);
+        assert_eq!(PAGEMAP_SCAN, 0xc060_6610);
+        assert_eq!(std::mem::offset_of!(pm_scan_arg, walk_end), 32);
+        assert_eq!(std::mem::offset_of!(pm_scan_arg, return_mask), 88);
     }
 
     #[test]

@@ -333,10 +333,21 @@ impl Userfaultfd {
     /// Registers `[addr, addr+len)` for missing-page faults. Returns the ioctls the
     /// kernel allows on it (no ZEROPAGE on shmem, for instance).
     pub fn register_missing(&self, addr: u64, len: u64) -> Result<Ioctls, UffdError> {
+        self.register(addr, len, sys::UFFDIO_REGISTER_MODE_MISSING)
+    }
+
+    /// Registers `[addr, addr+len)` for write-protect tracking
+    /// (`UFFDIO_REGISTER_MODE_WP`). With [`Features::WP_ASYNC`] a write to a protected
+    /// page just clears the protection, without a message.
+    pub fn register_wp(&self, addr: u64, len: u64) -> Result<Ioctls, UffdError> {
+        self.register(addr, len, sys::UFFDIO_REGISTER_MODE_WP)
+    }
+
+    fn register(&self, addr: u64, len: u64, mode: u64) -> Result<Ioctls, UffdError> {
         check_range(addr, len)?;
         let mut arg = sys::uffdio_register {
             range: sys::uffdio_range { start: addr, len },
-            mode: sys::UFFDIO_REGISTER_MODE_MISSING,
+            mode,
             ioctls: 0,
         };
         self.ioctl(sys::UFFDIO_REGISTER, &mut arg)
@@ -353,6 +364,26 @@ impl Userfaultfd {
         self.ioctl(sys::UFFDIO_UNREGISTER, &mut arg)
             .map_err(|source| UffdError::Sys {
                 op: "UFFDIO_UNREGISTER",
+                source,
+            })
+    }
+
+    /// Sets (`protect`) or clears write protection on `[addr, addr+len)`, which must be
+    /// registered with [`Userfaultfd::register_wp`]. Clearing also wakes writers
+    /// blocked in synchronous WP mode.
+    pub fn writeprotect(&self, addr: u64, len: u64, protect: bool) -> Result<(), UffdError> {
+        check_range(addr, len)?;
+        let mut arg = sys::uffdio_writeprotect {
+            range: sys::uffdio_range { start: addr, len },
+            mode: if protect {
+                sys::UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
+        };
+        self.ioctl(sys::UFFDIO_WRITEPROTECT, &mut arg)
+            .map_err(|source| UffdError::Sys {
+                op: "UFFDIO_WRITEPROTECT",
                 source,
             })
     }
