@@ -49,7 +49,7 @@ pub struct DestReport {
 
 /// Demand requests from the fault loop go to the QUIC driver through a channel; sending on
 /// an unbounded tokio channel never blocks the fault loop thread.
-struct ChannelSource(UnboundedSender<Vec<u64>>);
+pub(crate) struct ChannelSource(pub(crate) UnboundedSender<Vec<u64>>);
 
 impl PageSource for ChannelSource {
     fn request(&self, pages: &[u64]) {
@@ -62,6 +62,12 @@ impl PageSource for ChannelSource {
 pub(crate) struct UffdSink {
     installer: Installer,
     table: Arc<PageTable>,
+}
+
+impl UffdSink {
+    pub(crate) fn new(installer: Installer, table: Arc<PageTable>) -> UffdSink {
+        UffdSink { installer, table }
+    }
 }
 
 impl PageSink for UffdSink {

@@ -16,6 +16,10 @@ pub enum RoleError {
     Image(#[from] crate::image::ImageError),
     #[error("cannot start the network runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Dirty(#[from] uffd_core::DirtyError),
+    #[error(transparent)]
+    Replica(#[from] uffd_core::ReplicaError),
     #[error("I/O error: {0}")]
     Io(std::io::Error),
     #[error("no source connected within {0:?}")]

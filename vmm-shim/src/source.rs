@@ -34,14 +34,11 @@ pub fn send(
 ) -> Result<SourceReport, RoleError> {
     let rt = runtime()?;
     rt.block_on(async {
-        let bind: SocketAddr = if opts.connect.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()
-        .expect("literal socket address");
-        let endpoint = quic::client_endpoint(bind, &opts.identity, opts.peer_cert.clone())?;
+        let endpoint = quic::client_endpoint(
+            unspecified_for(opts.connect),
+            &opts.identity,
+            opts.peer_cert.clone(),
+        )?;
         let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
         let session = SourceSession::new(SourceConfig {
             push: opts.push,
@@ -52,6 +49,14 @@ pub fn send(
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         Ok(report)
     })
+}
+
+/// The wildcard address of `peer`'s family, port 0: where a client endpoint binds.
+pub(crate) fn unspecified_for(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    }
 }
 
 /// A destination may still be starting; retry refused/timed-out connects until `timeout`.

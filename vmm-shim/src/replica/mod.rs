@@ -1,5 +1,9 @@
 //! Replication to a standby in normal times, and evacuation into the standby's replica.
 
 pub mod ledger;
+pub mod replicator;
+pub mod standby;
 
 pub use ledger::Ledger;
+pub use replicator::{ReplicationSummary, Replicator, ReplicatorOptions, ReplicatorState};
+pub use standby::{EvacuationStats, Replica, StandbySink};

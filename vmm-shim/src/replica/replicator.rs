@@ -1,0 +1,374 @@
+//! The source's replicator: a long-running, best-effort task that harvests dirty pages and
+//! sends them to the standby within a bandwidth budget.
+//!
+//! It runs on its own thread at `SCHED_IDLE` priority (and its network runtime too), so it
+//! only uses CPU the guest leaves idle: the guest pays the tracking cost and nothing else.
+//! If the standby goes away (restart, network), it reconnects and learns from the standby
+//! which pages it cannot serve.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use transport::message::{Layout, Pages, SessionKind, MAX_PAGES_PER_MESSAGE};
+use transport::proto::{SourceConfig, SourceSession};
+use transport::quic::{self, ReplicationEvent, Update};
+use transport::tls::{CertificateDer, Identity};
+use transport::PAGE_SIZE;
+use uffd_core::{DirtyTracker, HostRegion, RegionMap};
+
+use super::Ledger;
+use crate::error::RoleError;
+
+/// How the replicator reaches the standby and how much it may send.
+#[derive(Clone)]
+pub struct ReplicatorOptions {
+    pub connect: SocketAddr,
+    pub identity: Identity,
+    pub peer_cert: CertificateDer<'static>,
+    pub vm_id: String,
+    /// Replication epoch: random per source run, so a standby can tell our versions apart
+    /// from another run's.
+    pub epoch: u64,
+    /// Payload budget in bytes per second (e.g. 50 Mbit/s = 6_250_000).
+    pub budget_bytes_per_sec: u64,
+    /// Harvest and send period.
+    pub interval: Duration,
+    /// How long to keep trying to reach the standby before giving up.
+    pub connect_timeout: Duration,
+}
+
+/// Live counters, readable while the replicator runs.
+#[derive(Debug, Default)]
+pub struct ReplicatorStats {
+    pub stale_pages: AtomicU64,
+    pub pages_sent: AtomicU64,
+    pub pages_acked: AtomicU64,
+    pub harvests: AtomicU64,
+    pub harvest_ns: AtomicU64,
+    pub connections: AtomicU64,
+    pub wire_bytes: AtomicU64,
+}
+
+/// A snapshot of [`ReplicatorStats`].
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplicationSummary {
+    pub tracker: &'static str,
+    pub stale_pages: u64,
+    pub pages_sent: u64,
+    pub pages_acked: u64,
+    pub harvests: u64,
+    pub harvest_ms_total: f64,
+    pub connections: u64,
+    pub wire_bytes: u64,
+}
+
+/// What the replicator hands back when stopped: everything evacuation needs.
+pub struct ReplicatorState {
+    pub ledger: Ledger,
+    pub tracker: Box<dyn DirtyTracker>,
+    pub summary: ReplicationSummary,
+}
+
+/// A running replicator.
+pub struct Replicator {
+    stop: Arc<AtomicBool>,
+    stats: Arc<ReplicatorStats>,
+    thread: Option<JoinHandle<Result<ReplicatorState, RoleError>>>,
+}
+
+/// Guest memory the replicator reads: the regions stay mapped while it runs.
+struct GuestPages {
+    map: RegionMap,
+}
+
+impl GuestPages {
+    /// Copies `count` pages from `first` (within one region) into `out`.
+    fn read(&self, first: u64, count: usize, out: &mut Vec<u8>) -> bool {
+        let Some(addr) = self.map.host_addr_of(first) else {
+            return false;
+        };
+        if (self.map.run_within_region(first, count as u64) as usize) < count {
+            return false;
+        }
+        out.resize(count * PAGE_SIZE, 0);
+        // SAFETY: the pages lie inside one mapped region (checked above) that the caller keeps
+        // mapped while the replicator runs. The guest may write them concurrently; a torn
+        // copy is harmless because such a write also marks the page dirty, so the copy's
+        // version is superseded by the next harvest before the page can count as fresh.
+        unsafe {
+            std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), count * PAGE_SIZE);
+        }
+        true
+    }
+}
+
+fn set_idle_priority() {
+    // SAFETY: sched_param is plain data; pid 0 means the calling thread. Failure only leaves
+    // the thread at normal priority.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+    }
+}
+
+impl Replicator {
+    /// Starts replicating `regions` (laid out as `layout`) using `tracker`.
+    pub fn start(
+        regions: &[HostRegion],
+        layout: Layout,
+        tracker: Box<dyn DirtyTracker>,
+        opts: ReplicatorOptions,
+    ) -> Result<Replicator, RoleError> {
+        let map = RegionMap::new(regions.to_vec()).map_err(uffd_core::Error::from)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(ReplicatorStats::default());
+        let (stop2, stats2) = (stop.clone(), stats.clone());
+        let thread = std::thread::Builder::new()
+            .name("replicator".into())
+            .spawn(move || {
+                set_idle_priority();
+                run(GuestPages { map }, layout, tracker, opts, &stop2, &stats2)
+            })
+            .map_err(RoleError::Io)?;
+        Ok(Replicator {
+            stop,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stats(&self) -> &ReplicatorStats {
+        &self.stats
+    }
+
+    /// Pages whose current version the standby has not acknowledged (as of the last round).
+    pub fn stale_pages(&self) -> u64 {
+        self.stats.stale_pages.load(Ordering::Relaxed)
+    }
+
+    /// Whether the replicator thread is still running (it ends on a fatal error).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops replicating (the session ends cleanly) and returns the ledger and tracker.
+    pub fn stop(mut self) -> Result<ReplicatorState, RoleError> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            _ => Err(RoleError::Io(std::io::Error::other(
+                "replicator thread panicked",
+            ))),
+        }
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One connection's worth of replication: its update sender and event receiver.
+struct Link {
+    updates: mpsc::Sender<Update>,
+    events: mpsc::UnboundedReceiver<ReplicationEvent>,
+    driver: tokio::task::JoinHandle<Result<quic::ReplicationReport, quic::DriverError>>,
+}
+
+fn run(
+    guest: GuestPages,
+    layout: Layout,
+    mut tracker: Box<dyn DirtyTracker>,
+    opts: ReplicatorOptions,
+    stop: &AtomicBool,
+    stats: &ReplicatorStats,
+) -> Result<ReplicatorState, RoleError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("replicator-net")
+        .on_thread_start(set_idle_priority)
+        .enable_all()
+        .build()
+        .map_err(RoleError::Runtime)?;
+    let endpoint = {
+        let _g = rt.enter();
+        quic::client_endpoint(
+            crate::source::unspecified_for(opts.connect),
+            &opts.identity,
+            opts.peer_cert.clone(),
+        )?
+    };
+    let mut ledger = Ledger::new(layout.total_pages());
+    let mut dirty = Vec::new();
+    let mut runs = Vec::new();
+    let mut buf = Vec::new();
+    let mut link: Option<Link> = None;
+    let mut tokens = 0f64;
+    let mut last = Instant::now();
+    let burst = opts.budget_bytes_per_sec as f64 * opts.interval.as_secs_f64() * 4.0;
+    let mut wire_done = 0u64;
+
+    while !stop.load(Ordering::Relaxed) {
+        // (Re)connect. Pages in flight on a lost connection may never have been stored.
+        if link.as_ref().is_none_or(|l| l.driver.is_finished()) {
+            if let Some(old) = link.take() {
+                if let Ok(Ok(r)) = rt.block_on(old.driver) {
+                    wire_done += r.udp_tx_bytes + r.udp_rx_bytes;
+                }
+                ledger.forget_in_flight();
+            }
+            link = Some(connect(&rt, &endpoint, &layout, &opts, stop)?);
+            stats.connections.fetch_add(1, Ordering::Relaxed);
+        }
+        let Some(l) = link.as_mut() else { break };
+        while let Ok(ev) = l.events.try_recv() {
+            apply(&mut ledger, ev, stats);
+        }
+
+        let t = Instant::now();
+        tracker.harvest(&mut dirty)?;
+        stats
+            .harvest_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        stats.harvests.fetch_add(1, Ordering::Relaxed);
+        ledger.mark_dirty(&dirty);
+
+        let now = Instant::now();
+        tokens = (tokens
+            + now.duration_since(last).as_secs_f64() * opts.budget_bytes_per_sec as f64)
+            .min(burst.max(PAGE_SIZE as f64));
+        last = now;
+        let pages = (tokens / PAGE_SIZE as f64) as usize;
+        ledger.next_batch(pages, &mut runs);
+        let mut sent = 0usize;
+        'send: for (first, versions) in &runs {
+            for (i, chunk) in versions.chunks(MAX_PAGES_PER_MESSAGE).enumerate() {
+                let start = first + (i * MAX_PAGES_PER_MESSAGE) as u64;
+                if !guest.read(start, chunk.len(), &mut buf) {
+                    continue;
+                }
+                for (k, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+                    tracker.replicated(start + k as u64, page)?;
+                }
+                let update = Update {
+                    pages: Pages::from_memory(start, &buf),
+                    versions: chunk.to_vec(),
+                };
+                if l.updates.blocking_send(update).is_err() {
+                    // The connection died; the pages of this round are resent after the
+                    // reconnect (forget_in_flight above).
+                    break 'send;
+                }
+                sent += chunk.len();
+            }
+        }
+        tokens -= (sent * PAGE_SIZE) as f64;
+        stats.pages_sent.fetch_add(sent as u64, Ordering::Relaxed);
+        stats
+            .stale_pages
+            .store(ledger.stale_count(), Ordering::Relaxed);
+        std::thread::sleep(opts.interval);
+    }
+
+    // End the session cleanly and collect the last acknowledgements.
+    if let Some(l) = link.take() {
+        let Link {
+            updates,
+            mut events,
+            driver,
+        } = l;
+        drop(updates);
+        if let Ok(Ok(r)) = rt.block_on(driver) {
+            wire_done += r.udp_tx_bytes + r.udp_rx_bytes;
+        }
+        while let Ok(ev) = events.try_recv() {
+            apply(&mut ledger, ev, stats);
+        }
+    }
+    rt.block_on(async {
+        endpoint.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    });
+    stats.wire_bytes.store(wire_done, Ordering::Relaxed);
+    stats
+        .stale_pages
+        .store(ledger.stale_count(), Ordering::Relaxed);
+    let summary = summary(tracker.kind(), stats);
+    Ok(ReplicatorState {
+        ledger,
+        tracker,
+        summary,
+    })
+}
+
+fn apply(ledger: &mut Ledger, ev: ReplicationEvent, stats: &ReplicatorStats) {
+    match ev {
+        ReplicationEvent::Invalid(b) => ledger.invalidate(&b),
+        ReplicationEvent::Acked(entries) => {
+            stats
+                .pages_acked
+                .fetch_add(entries.len() as u64, Ordering::Relaxed);
+            for (p, v) in entries {
+                ledger.ack(p, v);
+            }
+        }
+    }
+}
+
+fn summary(tracker: &'static str, s: &ReplicatorStats) -> ReplicationSummary {
+    ReplicationSummary {
+        tracker,
+        stale_pages: s.stale_pages.load(Ordering::Relaxed),
+        pages_sent: s.pages_sent.load(Ordering::Relaxed),
+        pages_acked: s.pages_acked.load(Ordering::Relaxed),
+        harvests: s.harvests.load(Ordering::Relaxed),
+        harvest_ms_total: s.harvest_ns.load(Ordering::Relaxed) as f64 / 1e6,
+        connections: s.connections.load(Ordering::Relaxed),
+        wire_bytes: s.wire_bytes.load(Ordering::Relaxed),
+    }
+}
+
+fn connect(
+    rt: &tokio::runtime::Runtime,
+    endpoint: &quic::Endpoint,
+    layout: &Layout,
+    opts: &ReplicatorOptions,
+    stop: &AtomicBool,
+) -> Result<Link, RoleError> {
+    let deadline = Instant::now() + opts.connect_timeout;
+    let conn = loop {
+        match rt.block_on(quic::connect(endpoint, opts.connect)) {
+            Ok(c) => break c,
+            Err(e) => {
+                if Instant::now() > deadline || stop.load(Ordering::Relaxed) {
+                    return Err(e.into());
+                }
+                tracing::info!(error = %e, "standby not reachable; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    let session = SourceSession::new(SourceConfig {
+        kind: SessionKind::Replicate,
+        epoch: opts.epoch,
+        ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
+    });
+    // A few batches in flight keep the link busy without buffering much stale data.
+    let (updates, rx) = mpsc::channel(8);
+    let (tx, events) = mpsc::unbounded_channel();
+    let driver = rt.spawn(quic::run_replication(conn, session, rx, tx));
+    Ok(Link {
+        updates,
+        events,
+        driver,
+    })
+}
