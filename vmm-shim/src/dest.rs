@@ -228,6 +228,123 @@ impl Listener {
     }
 }
 
+/// What a standby did, from its first replication session to the end of evacuation.
+#[derive(Clone, Debug, Serialize)]
+pub struct StandbyReport {
+    pub vm_id: String,
+    pub memory_bytes: u64,
+    pub pages: u64,
+    /// Replication sessions served before the evacuation (more than one: reconnects).
+    pub replication_sessions: u64,
+    pub pages_replicated: u64,
+    /// Pages the replica held valid when the evacuation began.
+    pub replica_valid_pages: u64,
+    /// Evacuation connected → guest resumed (stale set received, holes punched, registered).
+    pub resume_ms: f64,
+    /// Evacuation connected → every page present and the session closed.
+    pub total_ms: f64,
+    pub wire_bytes: u64,
+    #[serde(flatten)]
+    pub evacuation: crate::replica::EvacuationStats,
+    pub metrics: Option<MetricsSnapshot>,
+}
+
+impl Listener {
+    /// Runs a standby: serves replication sessions into `sink`'s replica (reconnects
+    /// included) until a source evacuates into it, then receives the stale pages while the
+    /// guest runs. `on_resume` gets the guest memory region when the guest may resume.
+    pub fn serve_standby(
+        self,
+        sink: Arc<crate::replica::StandbySink>,
+        layout: &Layout,
+        on_resume: impl FnOnce(HostRegion) + Send + 'static,
+    ) -> Result<StandbyReport, RoleError> {
+        use transport::message::SessionKind;
+        let torn_at_open = sink.torn_pages();
+        let on_resume = Arc::new(Mutex::new(Some(on_resume)));
+        let opts = &self.opts;
+        let endpoint = &self.endpoint;
+        let mut sessions = 0u64;
+        let mut replicated = 0u64;
+        let result = self.runtime.block_on(async {
+            loop {
+                let conn = tokio::time::timeout(opts.accept_timeout, quic::accept(endpoint))
+                    .await
+                    .map_err(|_| RoleError::AcceptTimeout(opts.accept_timeout))?;
+                let conn = match conn {
+                    Ok(Some(c)) => c,
+                    Ok(None) => return Err(RoleError::EndpointClosed),
+                    Err(e) => {
+                        // A peer that fails the TLS handshake does not end the standby.
+                        tracing::warn!(error = %e, "refused a connection");
+                        continue;
+                    }
+                };
+                let valid_before = sink.valid_pages();
+                let connected = Instant::now();
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                sink.set_requests(tx);
+                let session = DestSession::new(DestConfig {
+                    expected_vm_id: opts.expected_vm_id.clone(),
+                    accept: vec![SessionKind::Replicate, SessionKind::Evacuate],
+                    ..DestConfig::migrate(layout.clone())
+                });
+                let resumed: Arc<Mutex<Option<Instant>>> = Arc::default();
+                let (resumed2, hook, sink2) = (resumed.clone(), on_resume.clone(), sink.clone());
+                let hooks = DestHooks {
+                    on_established: Some(Box::new(move |_vm: &str| {
+                        *resumed2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                        let f = hook.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        if let (Some(f), Some(region)) = (f, sink2.guest_region()) {
+                            f(region);
+                        }
+                    })),
+                };
+                let r = quic::run_dest(conn, session, sink.clone(), rx, hooks).await;
+                match r {
+                    Ok(rep) if rep.kind == Some(SessionKind::Replicate) => {
+                        sessions += 1;
+                        replicated += rep.pages_replicated;
+                        tracing::info!(pages = rep.pages_replicated, "replication session ended");
+                    }
+                    Ok(rep) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
+                            .await;
+                        let resume = resumed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .map(|t| t.duration_since(connected))
+                            .unwrap_or_default();
+                        return Ok((rep, resume, valid_before));
+                    }
+                    Err(e) if sink.guest_region().is_none() => {
+                        // Replication broke (the source went away, the network failed):
+                        // what was acknowledged is stored; wait for the next session.
+                        sessions += 1;
+                        tracing::warn!(error = %e, "replication session failed");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        });
+        let metrics = sink.finish()?;
+        let (net, resume, valid_before) = result?;
+        Ok(StandbyReport {
+            vm_id: net.vm_id,
+            memory_bytes: layout.total_bytes(),
+            pages: layout.total_pages(),
+            replication_sessions: sessions,
+            pages_replicated: replicated,
+            replica_valid_pages: valid_before,
+            resume_ms: resume.as_secs_f64() * 1e3,
+            total_ms: net.total_ms as f64,
+            wire_bytes: net.udp_rx_bytes + net.udp_tx_bytes,
+            evacuation: sink.evacuation_stats(torn_at_open),
+            metrics,
+        })
+    }
+}
+
 /// The memory handed to us must be what the layout describes, region by region.
 fn check_layout(regions: &[HostRegion], layout: &Layout) -> Result<(), RoleError> {
     let ok = layout.page_size as usize == PAGE_SIZE

@@ -209,10 +209,20 @@ impl SourceImage {
         })
     }
 
+    /// The image's memory as a region a guest (or a workload standing in for one) can run
+    /// in; `None` for a file image, which is read-only.
+    pub fn host_region(&self) -> Option<uffd_core::HostRegion> {
+        match &self.backing {
+            Backing::Memory(m) => Some(m.host_region()),
+            Backing::File(_) => None,
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         match &self.backing {
-            // SAFETY: the memory is owned by this image for its whole life, fully
-            // initialised, and never written after `synthetic` returned.
+            // SAFETY: the memory is owned by this image for its whole life and fully
+            // initialised. Callers that run a guest in it (through `host_region`) only
+            // read it this way while that guest is paused.
             Backing::Memory(m) => unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) },
             Backing::File(m) => m,
         }

@@ -12,7 +12,7 @@ pub mod replica;
 pub mod source;
 pub mod workload;
 
-pub use dest::{DestOptions, DestReport, Listener};
+pub use dest::{DestOptions, DestReport, Listener, StandbyReport};
 pub use error::RoleError;
 pub use image::SourceImage;
 pub use source::{send, SourceOptions};

@@ -32,6 +32,19 @@ pub fn send(
     layout: &Layout,
     opts: &SourceOptions,
 ) -> Result<SourceReport, RoleError> {
+    let config = SourceConfig {
+        push: opts.push,
+        ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
+    };
+    run_session(memory, config, opts)
+}
+
+/// Runs one source session of any kind over a fresh connection.
+pub(crate) fn run_session(
+    memory: Arc<dyn PageReader>,
+    config: SourceConfig,
+    opts: &SourceOptions,
+) -> Result<SourceReport, RoleError> {
     let rt = runtime()?;
     rt.block_on(async {
         let endpoint = quic::client_endpoint(
@@ -40,10 +53,7 @@ pub fn send(
             opts.peer_cert.clone(),
         )?;
         let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
-        let session = SourceSession::new(SourceConfig {
-            push: opts.push,
-            ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
-        });
+        let session = SourceSession::new(config);
         let report = quic::run_source(conn, session, memory).await?;
         endpoint.close(0u32.into(), b"done");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

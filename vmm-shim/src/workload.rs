@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use uffd_core::{HostRegion, PAGE_SIZE};
@@ -205,5 +205,155 @@ impl Walker<'_> {
             i += step;
         }
         self.ops.fetch_add(done, Ordering::Relaxed);
+    }
+}
+
+/// Threads that change guest memory the way a running guest dirties its working set: each
+/// write adds one to a word of a page in the hot set. Used on the source during replication.
+pub struct Mutator {
+    inner: Workload,
+}
+
+impl Mutator {
+    /// Starts `threads` writers over the first `hot_fraction` of a pseudo-random page order,
+    /// each doing at most `rate` writes per second (0: as fast as it can).
+    pub fn start(
+        regions: &[HostRegion],
+        threads: usize,
+        seed: u64,
+        hot_fraction: f64,
+        rate: u64,
+    ) -> Mutator {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ops = Arc::new(AtomicU64::new(0));
+        let writes = Arc::new(AtomicU64::new(0));
+        let handles = (0..threads)
+            .map(|t| {
+                let regions = regions.to_vec();
+                let (stop, ops, writes) = (stop.clone(), ops.clone(), writes.clone());
+                std::thread::Builder::new()
+                    .name(format!("mutator-{t}"))
+                    .spawn(move || {
+                        let walker = Walker {
+                            regions: &regions,
+                            stop: &stop,
+                            ops: &ops,
+                            writes: &writes,
+                        };
+                        walker.mutate(seed ^ (t as u64 + 1) * 0x9E37, hot_fraction, rate)
+                    })
+                    .expect("spawning a mutator thread")
+            })
+            .collect();
+        Mutator {
+            inner: Workload {
+                stop,
+                ops,
+                writes,
+                threads: handles,
+                started: Instant::now(),
+            },
+        }
+    }
+
+    /// Pauses the guest: joins the writers.
+    pub fn stop(self) -> WorkloadReport {
+        self.inner.stop()
+    }
+}
+
+/// Changes one word in each of `fraction` of all pages (distinct pages, chosen by `seed`);
+/// returns how many pages were written. With the guest paused and replication caught up,
+/// exactly these pages are stale.
+pub fn dirty_fraction(regions: &[HostRegion], fraction: f64, seed: u64) -> u64 {
+    let n = regions.iter().map(|r| r.len / PAGE_SIZE).sum::<usize>() as u64;
+    let count = ((n as f64) * fraction.clamp(0.0, 1.0)).round() as u64;
+    let order = Permutation::new(n, seed);
+    let stop = AtomicBool::new(false);
+    let (ops, writes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let w = Walker {
+        regions,
+        stop: &stop,
+        ops: &ops,
+        writes: &writes,
+    };
+    for i in 0..count {
+        w.bump(order.at(i) as usize * PAGE_SIZE);
+    }
+    count
+}
+
+/// i -> (a*i + b) mod n: a permutation of 0..n when gcd(a, n) = 1.
+struct Permutation {
+    n: u64,
+    a: u64,
+    b: u64,
+}
+
+impl Permutation {
+    fn new(n: u64, seed: u64) -> Permutation {
+        let n = n.max(1);
+        let mut a = (n as f64 * 0.618_033_988_75) as u64 | 1;
+        while gcd(a, n) != 1 {
+            a += 2;
+        }
+        Permutation { n, a, b: seed % n }
+    }
+
+    fn at(&self, i: u64) -> u64 {
+        ((u128::from(self.a) * u128::from(i % self.n) % u128::from(self.n)) as u64 + self.b)
+            % self.n
+    }
+}
+
+impl Walker<'_> {
+    /// Adds one to the first word of the page at byte `offset`.
+    fn bump(&self, mut offset: usize) {
+        let Some(r) = self.regions.iter().find(|r| {
+            if offset < r.len {
+                true
+            } else {
+                offset -= r.len;
+                false
+            }
+        }) else {
+            return;
+        };
+        let p = (r.host_addr + (offset & !7)) as *mut u64;
+        // SAFETY: p is aligned and inside a region the caller keeps mapped while this runs;
+        // volatile because replication threads read the same memory concurrently.
+        unsafe { std::ptr::write_volatile(p, std::ptr::read_volatile(p).wrapping_add(1)) };
+    }
+
+    fn mutate(&self, seed: u64, hot_fraction: f64, rate: u64) {
+        let n = self
+            .regions
+            .iter()
+            .map(|r| r.len / PAGE_SIZE)
+            .sum::<usize>() as u64;
+        let hot = ((n as f64 * hot_fraction.clamp(0.0, 1.0)) as u64).max(1);
+        let order = Permutation::new(n, 0x5eed);
+        let mut x = seed | 1;
+        let started = Instant::now();
+        let mut done = 0u64;
+        while !self.stop.load(Ordering::Relaxed) {
+            for _ in 0..64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let page = order.at(x % hot);
+                let word = (x >> 40) as usize % (PAGE_SIZE / 8);
+                self.bump(page as usize * PAGE_SIZE + word * 8);
+            }
+            done += 64;
+            if rate > 0 {
+                let due = Duration::from_secs_f64(done as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        self.ops.fetch_add(done, Ordering::Relaxed);
+        self.writes.fetch_add(done, Ordering::Relaxed);
     }
 }

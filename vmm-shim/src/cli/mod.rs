@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and the role commands.
 
 mod demo;
+mod replica;
 mod roles;
 mod size;
 
@@ -35,6 +36,10 @@ pub enum Command {
     Source(SourceArgs),
     /// Receive a migration into userfaultfd-registered memory (the standby machine).
     Dest(DestArgs),
+    /// Normal times on the source: replicate guest memory to a standby, then evacuate into it.
+    Replicate(replica::ReplicateArgs),
+    /// The standby: keep a replica of guest memory; at evacuation, become the destination.
+    Standby(replica::StandbyArgs),
     /// Generate a certificate and key for one side; give the certificate to the other side.
     Keygen(KeygenArgs),
 }
@@ -132,5 +137,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Source(a) => roles::source(a),
         Command::Dest(a) => roles::dest(a),
         Command::Keygen(a) => roles::keygen(a),
+        Command::Replicate(a) => replica::replicate(a),
+        Command::Standby(a) => replica::standby(a),
     }
 }

@@ -43,7 +43,9 @@ pub struct DestOutput {
     pub workload: WorkloadReport,
 }
 
-fn identity(tls: &TlsArgs) -> anyhow::Result<(Identity, transport::tls::CertificateDer<'static>)> {
+pub fn identity(
+    tls: &TlsArgs,
+) -> anyhow::Result<(Identity, transport::tls::CertificateDer<'static>)> {
     let me = Identity::load(&tls.cert, &tls.key).context("loading this side's certificate")?;
     let peer = load_cert(&tls.peer_cert).context("loading the peer certificate to pin")?;
     Ok((me, peer))

@@ -1,9 +1,11 @@
 //! Replication to a standby in normal times, and evacuation into the standby's replica.
 
+pub mod evacuate;
 pub mod ledger;
 pub mod replicator;
 pub mod standby;
 
+pub use evacuate::{evacuate, EvacuationReport, PausedMemory};
 pub use ledger::Ledger;
 pub use replicator::{ReplicationSummary, Replicator, ReplicatorOptions, ReplicatorState};
 pub use standby::{EvacuationStats, Replica, StandbySink};

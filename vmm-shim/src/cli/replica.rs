@@ -1,0 +1,331 @@
+//! `faultline replicate` (source, normal times, then evacuation) and `faultline standby`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use transport::Layout;
+use uffd_core::{open_tracker, DiskTier, MemoryTier, TrackerChoice};
+use vmm_shim::digest::digest_all;
+use vmm_shim::image::SourceImage;
+use vmm_shim::replica::{
+    evacuate, EvacuationReport, Replica, ReplicationSummary, Replicator, ReplicatorOptions,
+    StandbySink,
+};
+use vmm_shim::workload::{dirty_fraction, Mutator, Pattern, Workload, WorkloadReport};
+use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
+
+use super::roles::{emit_event, identity};
+use super::{parse_size, TlsArgs};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TrackerArg {
+    /// userfaultfd write-protect (async) with PAGEMAP_SCAN if the kernel has it, else hashing.
+    Auto,
+    WpAsync,
+    Hash,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum TierArg {
+    /// tmpfs file that becomes guest memory at evacuation.
+    Memory,
+    /// Sparse file on disk, read back at evacuation.
+    Disk,
+}
+
+#[derive(Args, Debug)]
+pub struct ReplicateArgs {
+    /// Address of the standby.
+    #[arg(long)]
+    pub connect: SocketAddr,
+    /// Size of the built-in guest image.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    pub synthetic: u64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, default_value = "vm0")]
+    pub vm_id: String,
+    /// Threads writing to the guest's working set during replication.
+    #[arg(long, default_value_t = 1)]
+    pub writers: usize,
+    /// Writes per second per writer thread (0: as fast as possible).
+    #[arg(long, default_value_t = 20_000)]
+    pub write_rate: u64,
+    /// Share of guest pages the writers touch, in percent.
+    #[arg(long, default_value_t = 10.0)]
+    pub hot_pct: f64,
+    /// Replication bandwidth budget in Mbit/s of page payload.
+    #[arg(long, default_value_t = 800.0)]
+    pub budget_mbps: f64,
+    #[arg(long, value_enum, default_value_t = TrackerArg::Auto)]
+    pub tracker: TrackerArg,
+    /// Seconds of replication before the evacuation starts.
+    #[arg(long, default_value_t = 3.0)]
+    pub evacuate_after: f64,
+    /// Make exactly this percentage of pages stale at evacuation: wait until replication has
+    /// caught up, stop it, then write to that many pages.
+    #[arg(long)]
+    pub stale_pct: Option<f64>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StandbyArgs {
+    #[arg(long, default_value = "0.0.0.0:4433")]
+    pub listen: SocketAddr,
+    /// Guest memory size; must equal the source's.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    pub size: u64,
+    #[arg(long, value_enum, default_value_t = TierArg::Memory)]
+    pub tier: TierArg,
+    /// Replica directory (memory tier default: /dev/shm/faultline/<vm-id>; must be tmpfs).
+    #[arg(long)]
+    pub replica_dir: Option<PathBuf>,
+    #[arg(long, default_value = "vm0")]
+    pub vm_id: String,
+    /// Threads running on the guest memory after evacuation (stand-ins for vCPUs).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Seconds to wait for each connection from the source.
+    #[arg(long, default_value_t = 300)]
+    pub accept_timeout: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[arg(long)]
+    pub json: bool,
+    /// Write machine-readable events to stderr (used by `faultline demo`).
+    #[arg(long)]
+    pub progress: bool,
+}
+
+/// What `faultline replicate --json` prints.
+#[derive(Debug, Serialize)]
+pub struct ReplicateOutput {
+    pub vm_id: String,
+    pub memory_bytes: u64,
+    /// Digest of guest memory at switchover (guest paused).
+    pub digest: String,
+    pub stale_pct_requested: Option<f64>,
+    pub replication: ReplicationSummary,
+    pub writers: WorkloadReport,
+    pub evacuation: EvacuationReport,
+}
+
+/// What `faultline standby --json` prints.
+#[derive(Debug, Serialize)]
+pub struct StandbyOutput {
+    pub tier: &'static str,
+    pub digest: String,
+    #[serde(flatten)]
+    pub report: StandbyReport,
+    pub workload: WorkloadReport,
+}
+
+fn epoch() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (t ^ (u64::from(std::process::id()) << 32)) | 1
+}
+
+pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
+    let (me, peer) = identity(&a.tls)?;
+    let image = SourceImage::synthetic(a.synthetic, a.seed)?;
+    let region = image
+        .host_region()
+        .context("synthetic images live in memory")?;
+    let regions = [region];
+    let layout = Layout::single(a.synthetic);
+    let choice = match a.tracker {
+        TrackerArg::Auto => TrackerChoice::Auto,
+        TrackerArg::WpAsync => TrackerChoice::WpAsync,
+        TrackerArg::Hash => TrackerChoice::Hash,
+    };
+    let tracker = open_tracker(&regions, choice).context("starting dirty tracking")?;
+    let epoch = epoch();
+    let opts = ReplicatorOptions {
+        connect: a.connect,
+        identity: me.clone(),
+        peer_cert: peer.clone(),
+        vm_id: a.vm_id.clone(),
+        epoch,
+        budget_bytes_per_sec: (a.budget_mbps * 1e6 / 8.0) as u64,
+        interval: Duration::from_millis(20),
+        connect_timeout: Duration::from_secs(30),
+    };
+    let replicator = Replicator::start(&regions, layout.clone(), tracker, opts)?;
+    let mutator = Mutator::start(&regions, a.writers, a.seed, a.hot_pct / 100.0, a.write_rate);
+    let until = Instant::now() + Duration::from_secs_f64(a.evacuate_after);
+    while Instant::now() < until {
+        if !replicator.is_running() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if !a.json {
+            eprint!("\rreplicating: {:>8} pages stale", replicator.stale_pages());
+        }
+    }
+    // Pause the guest: from here its memory is what the destination must end up with.
+    let writers = mutator.stop();
+    if a.stale_pct.is_some() {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while replicator.stale_pages() > 0 && replicator.is_running() {
+            if Instant::now() > deadline {
+                bail!(
+                    "replication did not catch up within 120 s ({} pages stale); raise --budget-mbps",
+                    replicator.stale_pages()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let state = replicator.stop().context("replication failed")?;
+    if let Some(pct) = a.stale_pct {
+        dirty_fraction(&regions, pct / 100.0, a.seed ^ 0xd1e7);
+    }
+    if !a.json {
+        eprintln!();
+    }
+    let replication = state.summary.clone();
+    let digest = digest_all([image.bytes()]);
+    let evacuation = evacuate(
+        &regions,
+        &layout,
+        state,
+        epoch,
+        &SourceOptions {
+            connect: a.connect,
+            identity: me,
+            peer_cert: peer,
+            vm_id: a.vm_id.clone(),
+            connect_timeout: Duration::from_secs(30),
+            push: true,
+        },
+    )?;
+    let out = ReplicateOutput {
+        vm_id: a.vm_id,
+        memory_bytes: a.synthetic,
+        digest,
+        stale_pct_requested: a.stale_pct,
+        replication,
+        writers,
+        evacuation,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!(
+            "replicated with {} ({} pages sent, {} acknowledged), then evacuated {} stale pages of {} in {} ms\nsource digest at switchover {}",
+            out.replication.tracker,
+            out.replication.pages_sent,
+            out.replication.pages_acked,
+            out.evacuation.pages_stale,
+            a.synthetic / 4096,
+            out.evacuation.session.total_ms,
+            out.digest
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
+    let (me, peer) = identity(&a.tls)?;
+    let pages = a.size / 4096;
+    let replica = match a.tier {
+        TierArg::Memory => {
+            let dir = match &a.replica_dir {
+                Some(d) => d.clone(),
+                None => MemoryTier::default_dir(&a.vm_id)?,
+            };
+            Replica::Memory(
+                MemoryTier::open(&dir, pages)
+                    .with_context(|| format!("opening the replica in {}", dir.display()))?,
+            )
+        }
+        TierArg::Disk => {
+            let dir = a
+                .replica_dir
+                .clone()
+                .context("--tier disk needs --replica-dir on a disk filesystem")?;
+            Replica::Disk(Arc::new(DiskTier::open(&dir, pages).with_context(
+                || format!("opening the replica in {}", dir.display()),
+            )?))
+        }
+    };
+    let sink = Arc::new(StandbySink::new(replica));
+    let listener = Listener::bind(DestOptions {
+        listen: a.listen,
+        identity: me,
+        peer_cert: peer,
+        expected_vm_id: Some(a.vm_id.clone()),
+        accept_timeout: Duration::from_secs(a.accept_timeout),
+        progress: None,
+    })?;
+    let addr = listener.local_addr()?;
+    if a.progress {
+        emit_event(serde_json::json!({
+            "event": "listening",
+            "addr": addr.to_string(),
+            "replica_valid_pages": sink.valid_pages(),
+            "torn_pages": sink.torn_pages(),
+        }));
+    } else if !a.json {
+        eprintln!(
+            "standby listening on {addr}; replica holds {} valid pages ({} torn found at open)",
+            sink.valid_pages(),
+            sink.torn_pages()
+        );
+    }
+    let workload: Arc<Mutex<Option<Workload>>> = Arc::default();
+    let started = workload.clone();
+    let workers = a.workers;
+    let result = listener.serve_standby(sink.clone(), &Layout::single(a.size), move |region| {
+        let w = Workload::start(&[region], workers, 0x5eed, Pattern::Random);
+        *started.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+    });
+    let workload = workload
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .map(Workload::stop)
+        .unwrap_or_default();
+    let report = result?;
+    let region = sink
+        .guest_region()
+        .context("the evacuation ended without guest memory")?;
+    // SAFETY: the guest memory stays mapped while `sink` lives, the workload threads were
+    // joined above and userfaultfd is unregistered, so nothing writes it while we read.
+    let bytes = unsafe { std::slice::from_raw_parts(region.host_addr as *const u8, region.len) };
+    let out = StandbyOutput {
+        tier: match a.tier {
+            TierArg::Memory => "memory",
+            TierArg::Disk => "disk",
+        },
+        digest: digest_all([bytes]),
+        report,
+        workload,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!(
+            "evacuation received: {} pages from the replica, {} stale pages over the network in {:.0} ms (vulnerable {:.0} ms)\ndestination digest {}",
+            out.report.evacuation.pages_from_replica,
+            out.report.evacuation.pages_stale,
+            out.report.total_ms,
+            out.report.evacuation.vulnerability_ms,
+            out.digest
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

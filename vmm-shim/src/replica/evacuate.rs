@@ -1,0 +1,91 @@
+//! Evacuation on the source: pause, final harvest, stale set, postcopy of the stale pages
+//! into the standby's replica.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use transport::message::{Layout, SessionKind};
+use transport::proto::SourceConfig;
+use transport::quic::{PageReader, SourceReport};
+use transport::PAGE_SIZE;
+use uffd_core::{HostRegion, RegionMap};
+
+use super::ReplicatorState;
+use crate::error::RoleError;
+use crate::source::{run_session, SourceOptions};
+
+/// Guest memory served at evacuation. Valid only while the guest is paused: that is what
+/// makes it the memory "at switchover".
+pub struct PausedMemory {
+    map: RegionMap,
+}
+
+impl PausedMemory {
+    /// The caller keeps `regions` mapped, and the guest paused, while this lives.
+    pub fn new(regions: &[HostRegion]) -> Result<PausedMemory, RoleError> {
+        Ok(PausedMemory {
+            map: RegionMap::new(regions.to_vec()).map_err(uffd_core::Error::from)?,
+        })
+    }
+}
+
+impl PageReader for PausedMemory {
+    fn pages(&self, first: u64, count: usize) -> Result<&[u8], String> {
+        let addr = self
+            .map
+            .host_addr_of(first)
+            .ok_or_else(|| format!("page {first} is outside guest memory"))?;
+        if (self.map.run_within_region(first, count as u64) as usize) < count {
+            return Err(format!("pages {first}+{count} cross a region boundary"));
+        }
+        // SAFETY: the pages lie inside one region (checked above) that the caller keeps
+        // mapped; the guest is paused, so nothing writes them while the slice lives.
+        Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, count * PAGE_SIZE) })
+    }
+}
+
+/// What the source saw at evacuation.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvacuationReport {
+    /// Pages the source itself counted stale after the final harvest.
+    pub pages_stale_source: u64,
+    /// Pages that crossed: the source's stale set plus what the standby could not serve.
+    pub pages_stale: u64,
+    /// Final harvest and stale-set computation, with the guest paused.
+    pub final_harvest_ms: f64,
+    #[serde(flatten)]
+    pub session: SourceReport,
+}
+
+/// Evacuates the paused guest in `regions` into the standby the replicator fed.
+pub fn evacuate(
+    regions: &[HostRegion],
+    layout: &Layout,
+    mut state: ReplicatorState,
+    epoch: u64,
+    opts: &SourceOptions,
+) -> Result<EvacuationReport, RoleError> {
+    let t = Instant::now();
+    let mut dirty = Vec::new();
+    state.tracker.harvest(&mut dirty)?;
+    state.ledger.mark_dirty(&dirty);
+    let stale = state.ledger.stale_set();
+    let final_harvest_ms = t.elapsed().as_secs_f64() * 1e3;
+    let pages_stale_source = stale.count_ones();
+    let memory: Arc<dyn PageReader> = Arc::new(PausedMemory::new(regions)?);
+    let config = SourceConfig {
+        kind: SessionKind::Evacuate,
+        epoch,
+        stale: Some(stale),
+        push: opts.push,
+        ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
+    };
+    let session = run_session(memory, config, opts)?;
+    Ok(EvacuationReport {
+        pages_stale_source,
+        pages_stale: session.pages_stale,
+        final_harvest_ms,
+        session,
+    })
+}
