@@ -240,7 +240,7 @@ impl Mutator {
                             ops: &ops,
                             writes: &writes,
                         };
-                        walker.mutate(seed ^ (t as u64 + 1) * 0x9E37, hot_fraction, rate)
+                        walker.mutate(seed ^ ((t as u64 + 1) * 0x9E37), hot_fraction, rate)
                     })
                     .expect("spawning a mutator thread")
             })
