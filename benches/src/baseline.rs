@@ -35,13 +35,16 @@ use crate::certs::{self, CertDir};
 use crate::child::{spawn_child, ChildProcess};
 use crate::stats::Summary;
 use crate::{emit, runtime};
+use quinn::rustls::pki_types::CertificateDer;
 use transport::quic::{accept, client_endpoint, connect, server_endpoint};
 
 /// Child role: answers each fixed-size request on one bidirectional stream with a fixed-size
-/// response. Arguments: certificate directory, request bytes, response bytes.
+/// response. Arguments: certificate directory, request bytes, response bytes, and optionally
+/// `tasks` to run the loop as a spawned task (see [`LoopPlacement`]).
 pub const ROLE_RTT_SERVER: &str = "quinn-rtt-server";
 /// Child role: sends a given number of bytes on one unidirectional stream as fast as it can.
-/// Arguments: certificate directory, total bytes, chunk bytes.
+/// Arguments: certificate directory, total bytes, chunk bytes, and optionally `tasks` (see
+/// [`LoopPlacement`]).
 pub const ROLE_STREAM_SENDER: &str = "quinn-stream-sender";
 
 /// Size of each request in [`quinn_rtt`].
@@ -79,13 +82,27 @@ pub fn run_child(role: &str, args: &[String]) -> anyhow::Result<()> {
             let dir = Path::new(arg(0)?);
             let req: usize = arg(1)?.parse()?;
             let resp: usize = arg(2)?.parse()?;
-            rt.block_on(rtt_server(dir, req, resp))
+            if args.get(3).map(String::as_str) == Some("tasks") {
+                let dir = dir.to_path_buf();
+                rt.block_on(async move {
+                    tokio::spawn(async move { rtt_server(&dir, req, resp).await }).await?
+                })
+            } else {
+                rt.block_on(rtt_server(dir, req, resp))
+            }
         }
         ROLE_STREAM_SENDER => {
             let dir = Path::new(arg(0)?);
             let bytes: u64 = arg(1)?.parse()?;
             let chunk: usize = arg(2)?.parse()?;
-            rt.block_on(stream_sender(dir, bytes, chunk))
+            if args.get(3).map(String::as_str) == Some("tasks") {
+                let dir = dir.to_path_buf();
+                rt.block_on(async move {
+                    tokio::spawn(async move { stream_sender(&dir, bytes, chunk).await }).await?
+                })
+            } else {
+                rt.block_on(stream_sender(dir, bytes, chunk))
+            }
         }
         other => bail!("unknown bench child role {other:?}"),
     };
@@ -141,6 +158,23 @@ pub fn quinn_rtt_with(p: RttParams) -> anyhow::Result<Summary> {
     Ok(Summary::from_durations(&samples))
 }
 
+/// Where both ends of a baseline ([`RttSession`], [`quinn_stream_throughput_with`]) run their
+/// application loop.
+///
+/// With [`LoopPlacement::BlockOn`] (what [`RttSession::start`], [`quinn_rtt`] and
+/// [`quinn_stream_throughput`] use) each loop runs in `Runtime::block_on`, i.e. on the
+/// process's main thread, while quinn's connection and endpoint drivers run on the runtime's
+/// worker threads: every exchange between the loop and quinn is a cross-thread wake-up plus a
+/// contended lock on quinn's connection state, at each end. With [`LoopPlacement::Tasks`] both
+/// loops are spawned onto the worker threads, next to the drivers, as a quinn application (or
+/// faultline's own drivers) would run them: the tighter floor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoopPlacement {
+    BlockOn,
+    Tasks,
+}
+
 /// A live raw-quinn request/response connection to a child server, for benches that want to
 /// interleave baseline batches with their own measurements (A/B/A/B) instead of measuring the
 /// baseline once: on a shared VM the round-trip floor moves with the host's load.
@@ -149,6 +183,7 @@ pub fn quinn_rtt_with(p: RttParams) -> anyhow::Result<Summary> {
 /// 2-worker runtime, so do not call its methods from inside another runtime's async context.
 pub struct RttSession {
     client: Option<RttClient>,
+    mode: LoopPlacement,
     rt: tokio::runtime::Runtime,
     request: Vec<u8>,
     response: Vec<u8>,
@@ -168,16 +203,26 @@ impl RttSession {
     /// connects to it and opens the one bidirectional stream. Nothing is measured yet (make
     /// some warm-up round trips with [`Self::sample`] first).
     pub fn start(request_bytes: usize, response_bytes: usize) -> anyhow::Result<RttSession> {
+        Self::start_with(request_bytes, response_bytes, LoopPlacement::BlockOn)
+    }
+
+    /// [`Self::start`] with the loops of both ends run as `mode` says.
+    pub fn start_with(
+        request_bytes: usize,
+        response_bytes: usize,
+        mode: LoopPlacement,
+    ) -> anyhow::Result<RttSession> {
         ensure!(request_bytes > 0, "requests must be at least one byte");
         let certs = CertDir::generate()?;
-        let mut child = spawn_child(
-            ROLE_RTT_SERVER,
-            &[
-                certs.arg(),
-                request_bytes.to_string(),
-                response_bytes.to_string(),
-            ],
-        )?;
+        let mut args = vec![
+            certs.arg(),
+            request_bytes.to_string(),
+            response_bytes.to_string(),
+        ];
+        if mode == LoopPlacement::Tasks {
+            args.push("tasks".into());
+        }
+        let mut child = spawn_child(ROLE_RTT_SERVER, &args)?;
         let addr = child_addr(&mut child)?;
         let rt = runtime()?;
         let client = rt.block_on(async {
@@ -193,6 +238,7 @@ impl RttSession {
         })?;
         Ok(RttSession {
             client: Some(client),
+            mode,
             rt,
             request: vec![0x5A; request_bytes],
             response: vec![0; response_bytes],
@@ -204,6 +250,9 @@ impl RttSession {
     /// `n` sequential round trips; each is timed from just before writing the request to the
     /// last byte of the response read.
     pub fn sample(&mut self, n: usize) -> anyhow::Result<Vec<Duration>> {
+        if self.mode == LoopPlacement::Tasks {
+            return self.sample_in_task(n);
+        }
         let c = self.client.as_mut().context("session already finished")?;
         let (request, response) = (&self.request, &mut self.response);
         let budget = Duration::from_secs(30) + Duration::from_millis(10) * n as u32;
@@ -221,6 +270,32 @@ impl RttSession {
             .await
             .with_context(|| format!("{n} round trips did not finish within {budget:?}"))?
         })
+    }
+
+    /// [`Self::sample`] with the loop spawned onto a worker thread ([`LoopPlacement::Tasks`]).
+    fn sample_in_task(&mut self, n: usize) -> anyhow::Result<Vec<Duration>> {
+        let mut c = self.client.take().context("session already finished")?;
+        let request = self.request.clone();
+        let mut response = std::mem::take(&mut self.response);
+        let budget = Duration::from_secs(30) + Duration::from_millis(10) * n as u32;
+        let task = self.rt.spawn(async move {
+            let r = tokio::time::timeout(budget, async {
+                let mut samples = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let t = Instant::now();
+                    c.send.write_all(&request).await?;
+                    c.recv.read_exact(&mut response).await?;
+                    samples.push(t.elapsed());
+                }
+                anyhow::Ok(samples)
+            })
+            .await;
+            (c, response, r)
+        });
+        let (c, response, r) = self.rt.block_on(task)?;
+        self.client = Some(c);
+        self.response = response;
+        r.with_context(|| format!("{n} round trips did not finish within {budget:?}"))?
     }
 
     /// Ends the stream and the connection cleanly and checks that the child exited with
@@ -307,17 +382,24 @@ pub struct StreamRun {
 /// writes `bytes` as fast as it can in 256 KiB [`Bytes`] chunks sliced (zero-copy) from a
 /// pre-filled random buffer, so nothing is compressible. The parent receives with
 /// `read_chunk`, so it copies nothing beyond what quinn does, and checks the byte count.
+/// Both loops run in `block_on` ([`LoopPlacement::BlockOn`]).
 pub fn quinn_stream_throughput(bytes: u64) -> anyhow::Result<StreamRun> {
+    quinn_stream_throughput_with(bytes, LoopPlacement::BlockOn)
+}
+
+/// [`quinn_stream_throughput`] with the sending and receiving loops placed as `mode` says.
+pub fn quinn_stream_throughput_with(bytes: u64, mode: LoopPlacement) -> anyhow::Result<StreamRun> {
     ensure!(bytes > 0, "nothing to send");
     let certs = CertDir::generate()?;
-    let mut child = spawn_child(
-        ROLE_STREAM_SENDER,
-        &[
-            certs.arg(),
-            bytes.to_string(),
-            STREAM_CHUNK_BYTES.to_string(),
-        ],
-    )?;
+    let mut args = vec![
+        certs.arg(),
+        bytes.to_string(),
+        STREAM_CHUNK_BYTES.to_string(),
+    ];
+    if mode == LoopPlacement::Tasks {
+        args.push("tasks".into());
+    }
+    let mut child = spawn_child(ROLE_STREAM_SENDER, &args)?;
     let addr = child_addr(&mut child)?;
     let children_cpu0 = cpu_secs(libc::RUSAGE_CHILDREN);
     let drops0 = udp_rcvbuf_errors();
@@ -325,11 +407,16 @@ pub fn quinn_stream_throughput(bytes: u64) -> anyhow::Result<StreamRun> {
     let self_cpu0 = cpu_secs(libc::RUSAGE_SELF);
     // Generous: a 2-core machine under load still moves well over 10 MB/s on loopback.
     let budget = Duration::from_secs(60 + bytes / 10_000_000);
-    let mut run = rt.block_on(async {
-        tokio::time::timeout(budget, stream_receiver(&certs, addr, bytes))
+    let (me, peer) = (certs.client.clone(), certs.server.cert.clone());
+    let receive = async move {
+        tokio::time::timeout(budget, stream_receiver(me, peer, addr, bytes))
             .await
             .with_context(|| format!("stream transfer did not finish within {budget:?}"))?
-    })?;
+    };
+    let mut run = match mode {
+        LoopPlacement::BlockOn => rt.block_on(receive)?,
+        LoopPlacement::Tasks => rt.block_on(rt.spawn(receive))??,
+    };
     run.recv_cpu_secs = cpu_secs(libc::RUSAGE_SELF) - self_cpu0;
     drop(rt);
     child.wait_success(EXIT_TIMEOUT)?;
@@ -348,11 +435,12 @@ pub fn quinn_stream_runs(bytes: u64, runs: usize) -> anyhow::Result<Vec<StreamRu
 }
 
 async fn stream_receiver(
-    certs: &CertDir,
+    me: transport::tls::Identity,
+    peer: CertificateDer<'static>,
     addr: SocketAddr,
     bytes: u64,
 ) -> anyhow::Result<StreamRun> {
-    let ep = client_endpoint(loopback(), &certs.client, certs.server.cert.clone())?;
+    let ep = client_endpoint(loopback(), &me, peer)?;
     let t0 = Instant::now();
     let conn = connect(&ep, addr).await?;
     let t_conn = Instant::now();

@@ -11,10 +11,15 @@
 //! * [`certs`]: a throw-away directory with two pinned TLS identities that both processes load.
 //! * [`baseline`]: raw-quinn floors (request/response latency, one-stream throughput) using
 //!   the same TLS and transport configuration as faultline.
+//! * [`migration`]: one real faultline migration, destination in the bench process and source
+//!   in a child process.
+//! * [`cpu`]: per-thread CPU time of both processes while a measurement runs.
 
 pub mod baseline;
 pub mod certs;
 pub mod child;
+pub mod cpu;
+pub mod migration;
 pub mod stats;
 
 use std::io::Write;
