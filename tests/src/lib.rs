@@ -124,22 +124,24 @@ impl DestProcess {
 
     /// Like [`DestProcess::start`], pinning the certificate of `peer`.
     pub fn start_pinning(certs: &Certs, peer: &str, extra: &[&str]) -> DestProcess {
+        Self::spawn(certs, "dest", "127.0.0.1:0", peer, extra)
+    }
+
+    /// Starts `faultline standby` on `listen` (port 0 for any) with `extra` arguments.
+    pub fn standby(certs: &Certs, listen: &str, extra: &[&str]) -> DestProcess {
+        Self::spawn(certs, "standby", listen, "source", extra)
+    }
+
+    fn spawn(certs: &Certs, cmd: &str, listen: &str, peer: &str, extra: &[&str]) -> DestProcess {
         let mut child = Command::new(faultline_bin())
-            .args([
-                "dest",
-                "--listen",
-                "127.0.0.1:0",
-                "--json",
-                "--progress",
-                "--accept-timeout",
-                "60",
-            ])
+            .args([cmd, "--listen", listen, "--json", "--progress"])
+            .args(["--accept-timeout", "60"])
             .args(certs.args("dest", peer))
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn faultline dest");
+            .expect("spawn faultline");
         let err = child.stderr.take().expect("stderr");
         let (addr_tx, addr_rx) = mpsc::channel();
         let (line_tx, line_rx) = mpsc::channel();
@@ -163,6 +165,14 @@ impl DestProcess {
             child: Some(child),
             addr,
             stderr: line_rx,
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
@@ -223,7 +233,7 @@ pub fn run_source(
     extra: &[&str],
     timeout: Duration,
 ) -> Finished {
-    let mut child = Command::new(faultline_bin())
+    let child = Command::new(faultline_bin())
         .args([
             "source",
             "--connect",
@@ -238,13 +248,73 @@ pub fn run_source(
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn faultline source");
+    collect(child, timeout, "faultline source")
+}
+
+/// A `faultline` process started in the background, collected later.
+pub struct Background(Child);
+
+impl Background {
+    /// Starts `faultline replicate` against `addr` with `extra` arguments.
+    pub fn replicate(certs: &Certs, addr: &str, extra: &[&str]) -> Background {
+        let child = Command::new(faultline_bin())
+            .args(["replicate", "--connect", addr, "--json"])
+            .args(certs.args("source", "dest"))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn faultline replicate");
+        Background(child)
+    }
+
+    pub fn wait(self, timeout: Duration) -> Finished {
+        collect(self.0, timeout, "faultline replicate")
+    }
+}
+
+/// A free UDP port on loopback (bound and released; fine for tests on one machine).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A replica directory on tmpfs, removed on drop.
+pub struct ShmDir(pub PathBuf);
+
+impl ShmDir {
+    pub fn new(tag: &str) -> ShmDir {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = PathBuf::from(format!(
+            "/dev/shm/faultline-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        ShmDir(dir)
+    }
+
+    pub fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn collect(mut child: Child, timeout: Duration, what: &str) -> Finished {
     let mut err = child.stderr.take().expect("stderr");
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = err.read_to_string(&mut s);
         s
     });
-    let (status, stdout) = wait_with_timeout(child, timeout, "faultline source");
+    let (status, stdout) = wait_with_timeout(child, timeout, what);
     finished(status, stdout, err_reader.join().unwrap_or_default())
 }
 

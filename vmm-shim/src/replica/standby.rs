@@ -131,13 +131,16 @@ impl StandbySink {
         let Some(live) = self.live.get() else {
             return Ok(None);
         };
+        // Stopping the fault loop drops the tiered source and with it the prefetch worker's
+        // channel, so the worker can be joined after.
+        let metrics = match lock(&live.dest).take() {
+            Some(d) => d.finish().map(Some),
+            None => Ok(None),
+        };
         if let Some(t) = lock(&live.prefetch).take() {
             let _ = t.join();
         }
-        match lock(&live.dest).take() {
-            Some(d) => d.finish().map(Some),
-            None => Ok(None),
-        }
+        metrics
     }
 
     pub fn evacuation_stats(&self, torn_at_open: u64) -> EvacuationStats {
