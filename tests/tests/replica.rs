@@ -193,3 +193,42 @@ fn evacuation_from_a_disk_replica_prefetches_fresh_pages() {
     // Every fresh page was installed from the disk replica (prefetch or local fault).
     assert_eq!(u(&d["pages_from_replica"]), PAGES - stale, "{d}");
 }
+
+#[test]
+fn demo_with_a_replica_prints_one_json_report() {
+    let out = std::process::Command::new(faultline_tests::faultline_bin())
+        .args([
+            "demo",
+            "--replica",
+            "--stale-pct",
+            "10",
+            "--size",
+            SIZE,
+            "--json",
+        ])
+        .args(["--replicate-secs", "1.5"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["digest_match"], true, "{v}");
+    assert_eq!(
+        u(&v["pages_stale"]),
+        (PAGES as f64 * 0.10).round() as u64,
+        "{v}"
+    );
+    for key in [
+        "pages_from_replica",
+        "vulnerability_ms",
+        "wire_bytes",
+        "total_ms",
+    ] {
+        assert!(v[key].is_number(), "{key} missing in {v}");
+    }
+}

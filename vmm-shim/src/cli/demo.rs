@@ -34,6 +34,16 @@ pub struct DemoArgs {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
+    /// The whole standby story: replicate a guest that keeps writing to a standby for a few
+    /// seconds, then evacuate into the replica so only stale pages cross.
+    #[arg(long)]
+    pub replica: bool,
+    /// With --replica: make exactly this percentage of pages stale at evacuation.
+    #[arg(long, requires = "replica")]
+    pub stale_pct: Option<f64>,
+    /// With --replica: seconds of replication before the evacuation.
+    #[arg(long, default_value_t = 3.0)]
+    pub replicate_secs: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,7 +78,7 @@ struct DemoReport {
 }
 
 /// Kills a child process that is still running when the demo bails out.
-struct Reaper(Option<Child>);
+pub(super) struct Reaper(pub(super) Option<Child>);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
@@ -80,7 +90,7 @@ impl Drop for Reaper {
 }
 
 impl Reaper {
-    fn finish(&mut self, what: &str) -> anyhow::Result<String> {
+    pub(super) fn finish(&mut self, what: &str) -> anyhow::Result<String> {
         let mut child = self.0.take().context("child already collected")?;
         let mut out = String::new();
         if let Some(mut s) = child.stdout.take() {
@@ -95,7 +105,7 @@ impl Reaper {
     }
 }
 
-enum DestEvent {
+pub(super) enum DestEvent {
     Listening(String),
     Progress(u64, u64),
 }
@@ -116,6 +126,15 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     Identity::generate("dest")?.save(&dst_crt, &dst_key)?;
     let s = |p: &std::path::Path| p.display().to_string();
     let size = a.size.to_string();
+    if a.replica {
+        let certs = super::demo_replica::DemoCerts {
+            src_crt: s(&src_crt),
+            src_key: s(&src_key),
+            dst_crt: s(&dst_crt),
+            dst_key: s(&dst_key),
+        };
+        return super::demo_replica::run(&a, &exe, &certs, wall);
+    }
 
     let mut dest_cmd = Command::new(&exe);
     dest_cmd.args([
@@ -221,7 +240,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Forwards the destination's stderr, turning event lines into [`DestEvent`]s.
-fn relay_events(stderr: impl Read, tx: mpsc::Sender<DestEvent>) {
+pub(super) fn relay_events(stderr: impl Read, tx: mpsc::Sender<DestEvent>) {
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
         let Some(json) = line.strip_prefix(EVENT_PREFIX) else {
             eprintln!("{line}");

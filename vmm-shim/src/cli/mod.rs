@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and the role commands.
 
 mod demo;
+mod demo_replica;
 mod replica;
 mod roles;
 mod size;

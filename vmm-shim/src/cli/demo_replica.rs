@@ -1,0 +1,232 @@
+//! `faultline demo --replica`: a standby process and a source process on loopback; the
+//! source's guest keeps writing while it is replicated, then it is evacuated into the
+//! replica and only stale pages cross.
+
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::demo::{relay_events, DemoArgs, DestEvent, Reaper};
+
+pub(super) struct DemoCerts {
+    pub src_crt: String,
+    pub src_key: String,
+    pub dst_crt: String,
+    pub dst_key: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Latency {
+    p50: u64,
+    p99: u64,
+    max: u64,
+}
+
+/// `faultline demo --replica --json` prints exactly this.
+#[derive(Debug, Serialize)]
+struct ReplicaDemoReport {
+    digest_match: bool,
+    source_digest: String,
+    dest_digest: String,
+    memory_bytes: u64,
+    pages: u64,
+    tracker: String,
+    replication_pages_sent: u64,
+    replication_wire_bytes: u64,
+    source_writes: u64,
+    stale_pct_requested: Option<f64>,
+    pages_stale: u64,
+    pages_from_replica: u64,
+    vulnerability_ms: f64,
+    resume_ms: f64,
+    total_ms: f64,
+    wire_bytes: u64,
+    faults: u64,
+    fault_latency_us: Latency,
+    pages_pushed: u64,
+    pages_faulted: u64,
+    pages_zero: u64,
+    wall_ms: f64,
+}
+
+pub(super) fn run(
+    a: &DemoArgs,
+    exe: &Path,
+    certs: &DemoCerts,
+    wall: Instant,
+) -> anyhow::Result<ExitCode> {
+    let size = a.size.to_string();
+    let replica_dir = tempfile::Builder::new()
+        .prefix("faultline-demo-")
+        .tempdir_in("/dev/shm")
+        .context("creating the replica directory on /dev/shm (tmpfs)")?;
+    let dir = replica_dir.path().display().to_string();
+    let mut standby = Reaper(Some(
+        Command::new(exe)
+            .args([
+                "standby",
+                "--listen",
+                "127.0.0.1:0",
+                "--size",
+                &size,
+                "--json",
+            ])
+            .args(["--progress", "--vm-id", "demo", "--replica-dir", &dir])
+            .args([
+                "--workers",
+                &a.workers.to_string(),
+                "--accept-timeout",
+                "120",
+            ])
+            .args(["--cert", &certs.dst_crt, "--key", &certs.dst_key])
+            .args(["--peer-cert", &certs.src_crt])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the standby process")?,
+    ));
+    let stderr = standby
+        .0
+        .as_mut()
+        .and_then(|c| c.stderr.take())
+        .context("no stderr")?;
+    let (tx, rx) = mpsc::channel();
+    let relay = std::thread::spawn(move || relay_events(stderr, tx));
+    let addr = loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(DestEvent::Listening(addr)) => break addr,
+            Ok(_) => {}
+            Err(_) => bail!("the standby did not start listening; its error is above"),
+        }
+    };
+
+    let mut source = Command::new(exe);
+    source
+        .args([
+            "replicate",
+            "--connect",
+            &addr,
+            "--synthetic",
+            &size,
+            "--json",
+        ])
+        .args(["--vm-id", "demo", "--seed", &a.seed.to_string()])
+        .args(["--evacuate-after", &a.replicate_secs.to_string()])
+        .args(["--cert", &certs.src_crt, "--key", &certs.src_key])
+        .args(["--peer-cert", &certs.dst_crt]);
+    if let Some(p) = a.stale_pct {
+        source.args(["--stale-pct", &p.to_string()]);
+    }
+    let mut source = Reaper(Some(
+        source
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the source process")?,
+    ));
+
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    spinner.set_message("replicating to the standby while the guest writes, then evacuating");
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let src_out = source.finish("source")?;
+    spinner.finish_and_clear();
+    let dst_out = standby.finish("standby")?;
+    let _ = relay.join();
+
+    let src: Value = serde_json::from_str(src_out.trim()).context("parsing the source's report")?;
+    let dst: Value =
+        serde_json::from_str(dst_out.trim()).context("parsing the standby's report")?;
+    let u = |v: &Value| v.as_u64().unwrap_or(0);
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let m = &dst["metrics"];
+    let source_digest = src["digest"].as_str().unwrap_or_default().to_string();
+    let dest_digest = dst["digest"].as_str().unwrap_or_default().to_string();
+    let r = ReplicaDemoReport {
+        digest_match: !source_digest.is_empty() && source_digest == dest_digest,
+        source_digest,
+        dest_digest,
+        memory_bytes: a.size,
+        pages: a.size / 4096,
+        tracker: src["replication"]["tracker"].as_str().unwrap_or("?").into(),
+        replication_pages_sent: u(&src["replication"]["pages_sent"]),
+        replication_wire_bytes: u(&src["replication"]["wire_bytes"]),
+        source_writes: u(&src["writers"]["writes"]),
+        stale_pct_requested: a.stale_pct,
+        pages_stale: u(&dst["pages_stale"]),
+        pages_from_replica: u(&dst["pages_from_replica"]),
+        vulnerability_ms: f(&dst["vulnerability_ms"]),
+        resume_ms: f(&dst["resume_ms"]),
+        total_ms: f(&dst["total_ms"]),
+        wire_bytes: u(&dst["wire_bytes"]),
+        faults: u(&m["faults"]),
+        fault_latency_us: Latency {
+            p50: u(&m["fault_latency_us"]["p50"]),
+            p99: u(&m["fault_latency_us"]["p99"]),
+            max: u(&m["fault_latency_us"]["max"]),
+        },
+        pages_pushed: u(&m["pages_pushed"]),
+        pages_faulted: u(&m["pages_faulted"]),
+        pages_zero: u(&m["pages_zero"]),
+        wall_ms: wall.elapsed().as_secs_f64() * 1e3,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_text(&r, a.replicate_secs);
+    }
+    Ok(if r.digest_match {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_text(r: &ReplicaDemoReport, secs: f64) {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "faultline demo --replica: {} MiB guest, replicated to a standby, then evacuated",
+        r.memory_bytes >> 20
+    );
+    println!(
+        "  normal times  {secs} s of replication with {} tracking while the guest made {} writes ({} pages sent, {:.0} MiB)",
+        r.tracker,
+        r.source_writes,
+        r.replication_pages_sent,
+        mib(r.replication_wire_bytes)
+    );
+    println!(
+        "  evacuation    {} stale pages ({:.1}%) crossed; {} pages served from the replica",
+        r.pages_stale,
+        100.0 * r.pages_stale as f64 / r.pages.max(1) as f64,
+        r.pages_from_replica
+    );
+    println!(
+        "  resume        {:.1} ms after the source connected; vulnerable for {:.0} ms; done in {:.0} ms",
+        r.resume_ms, r.vulnerability_ms, r.total_ms
+    );
+    println!(
+        "  wire          {:.1} MiB at evacuation, for {:.0} MiB of guest memory",
+        mib(r.wire_bytes),
+        mib(r.memory_bytes)
+    );
+    println!(
+        "  faults        {} (p50 {} us, p99 {} us); {} pages pushed, {} on demand",
+        r.faults, r.fault_latency_us.p50, r.fault_latency_us.p99, r.pages_pushed, r.pages_faulted
+    );
+    println!(
+        "  digest        source {} {} destination {}: {}",
+        r.source_digest,
+        if r.digest_match { "=" } else { "!=" },
+        r.dest_digest,
+        if r.digest_match { "MATCH" } else { "MISMATCH" }
+    );
+}
