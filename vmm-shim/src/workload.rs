@@ -118,23 +118,26 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 impl Walker<'_> {
-    /// Reads the word at byte `offset` of guest memory; if `write`, stores it back.
-    fn touch(&self, mut offset: usize, write: bool) {
-        let Some(r) = self.regions.iter().find(|r| {
+    /// The aligned word at byte `offset` of guest memory (regions in order).
+    fn word(&self, mut offset: usize) -> Option<*mut u64> {
+        let r = self.regions.iter().find(|r| {
             if offset < r.len {
                 true
             } else {
                 offset -= r.len;
                 false
             }
-        }) else {
-            return;
-        };
-        let p = (r.host_addr + (offset & !7)) as *mut u64;
-        // SAFETY: p is 8-byte aligned and inside a region the caller keeps mapped until
-        // stop() joins this thread. Volatile because other threads and the kernel (through
-        // userfaultfd) write this memory concurrently; the write stores back the value just
-        // read, so the content never changes.
+        })?;
+        Some((r.host_addr + (offset & !7)) as *mut u64)
+    }
+
+    /// Reads the word at byte `offset` of guest memory; if `write`, stores it back.
+    fn touch(&self, offset: usize, write: bool) {
+        let Some(p) = self.word(offset) else { return };
+        // SAFETY: `word` returns an aligned pointer inside a region the caller keeps mapped
+        // until stop() joins this thread. Volatile because other threads and the kernel
+        // (through userfaultfd) write this memory concurrently; the write stores back the
+        // value just read, so the content never changes.
         unsafe {
             let v = std::ptr::read_volatile(p);
             if write {
@@ -177,15 +180,10 @@ impl Walker<'_> {
         if n == 0 {
             return;
         }
-        // i -> (a*i + b) mod n is a permutation of all pages when gcd(a, n) = 1.
-        let mut a = (n as f64 * 0.618_033_988_75) as u64 | 1;
-        while gcd(a, n) != 1 {
-            a += 2;
-        }
-        let b = seed % n;
+        let perm = Permutation::new(n, seed);
         let order = |i: u64| match pattern {
             Pattern::Sequential => (i + t as u64 * n / threads as u64) % n,
-            _ => ((u128::from(a) * u128::from(i) % u128::from(n)) as u64 + b) % n,
+            _ => perm.at(i),
         };
         let (start, step) = match pattern {
             Pattern::Spread => (t as u64, threads as u64),
@@ -307,21 +305,12 @@ impl Permutation {
 }
 
 impl Walker<'_> {
-    /// Adds one to the first word of the page at byte `offset`.
-    fn bump(&self, mut offset: usize) {
-        let Some(r) = self.regions.iter().find(|r| {
-            if offset < r.len {
-                true
-            } else {
-                offset -= r.len;
-                false
-            }
-        }) else {
-            return;
-        };
-        let p = (r.host_addr + (offset & !7)) as *mut u64;
-        // SAFETY: p is aligned and inside a region the caller keeps mapped while this runs;
-        // volatile because replication threads read the same memory concurrently.
+    /// Adds one to the word at byte `offset` of guest memory.
+    fn bump(&self, offset: usize) {
+        let Some(p) = self.word(offset) else { return };
+        // SAFETY: `word` returns an aligned pointer inside a region the caller keeps mapped
+        // while this runs; volatile because replication threads read the same memory
+        // concurrently.
         unsafe { std::ptr::write_volatile(p, std::ptr::read_volatile(p).wrapping_add(1)) };
     }
 

@@ -163,28 +163,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     if a.memfd {
         dest_cmd.arg("--memfd");
     }
-    let mut dest = Reaper(Some(
-        dest_cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting the destination process")?,
-    ));
-    let stderr = dest
-        .0
-        .as_mut()
-        .and_then(|c| c.stderr.take())
-        .context("no stderr")?;
-    let (tx, rx) = mpsc::channel();
-    let relay = std::thread::spawn(move || relay_events(stderr, tx));
-
-    let addr = loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(DestEvent::Listening(addr)) => break addr,
-            Ok(_) => {}
-            Err(_) => bail!("the destination did not start listening; its error is above"),
-        }
-    };
+    let (mut dest, addr, rx, relay) = spawn_listening(&mut dest_cmd, "destination")?;
 
     let mut source = Reaper(Some(
         Command::new(&exe)
@@ -237,6 +216,40 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Starts a `faultline` child that announces its address with a `listening` event on
+/// stderr. Returns the child, that address, the channel of its later events, and the thread
+/// relaying its stderr.
+pub(super) fn spawn_listening(
+    cmd: &mut Command,
+    what: &str,
+) -> anyhow::Result<(
+    Reaper,
+    String,
+    mpsc::Receiver<DestEvent>,
+    std::thread::JoinHandle<()>,
+)> {
+    let mut child = Reaper(Some(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting the {what} process"))?,
+    ));
+    let stderr = child
+        .0
+        .as_mut()
+        .and_then(|c| c.stderr.take())
+        .context("no stderr")?;
+    let (tx, rx) = mpsc::channel();
+    let relay = std::thread::spawn(move || relay_events(stderr, tx));
+    loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(DestEvent::Listening(addr)) => return Ok((child, addr, rx, relay)),
+            Ok(_) => {}
+            Err(_) => bail!("the {what} did not start listening; its error is above"),
+        }
+    }
 }
 
 /// Forwards the destination's stderr, turning event lines into [`DestEvent`]s.

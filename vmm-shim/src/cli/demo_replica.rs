@@ -4,15 +4,14 @@
 
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::demo::{relay_events, DemoArgs, DestEvent, Reaper};
+use super::demo::{spawn_listening, DemoArgs, Reaper};
 
 pub(super) struct DemoCerts {
     pub src_crt: String,
@@ -67,44 +66,25 @@ pub(super) fn run(
         .tempdir_in("/dev/shm")
         .context("creating the replica directory on /dev/shm (tmpfs)")?;
     let dir = replica_dir.path().display().to_string();
-    let mut standby = Reaper(Some(
-        Command::new(exe)
-            .args([
-                "standby",
-                "--listen",
-                "127.0.0.1:0",
-                "--size",
-                &size,
-                "--json",
-            ])
-            .args(["--progress", "--vm-id", "demo", "--replica-dir", &dir])
-            .args([
-                "--workers",
-                &a.workers.to_string(),
-                "--accept-timeout",
-                "120",
-            ])
-            .args(["--cert", &certs.dst_crt, "--key", &certs.dst_key])
-            .args(["--peer-cert", &certs.src_crt])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting the standby process")?,
-    ));
-    let stderr = standby
-        .0
-        .as_mut()
-        .and_then(|c| c.stderr.take())
-        .context("no stderr")?;
-    let (tx, rx) = mpsc::channel();
-    let relay = std::thread::spawn(move || relay_events(stderr, tx));
-    let addr = loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(DestEvent::Listening(addr)) => break addr,
-            Ok(_) => {}
-            Err(_) => bail!("the standby did not start listening; its error is above"),
-        }
-    };
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "standby",
+        "--listen",
+        "127.0.0.1:0",
+        "--size",
+        &size,
+        "--json",
+    ])
+    .args(["--progress", "--vm-id", "demo", "--replica-dir", &dir])
+    .args([
+        "--workers",
+        &a.workers.to_string(),
+        "--accept-timeout",
+        "120",
+    ])
+    .args(["--cert", &certs.dst_crt, "--key", &certs.dst_key])
+    .args(["--peer-cert", &certs.src_crt]);
+    let (mut standby, addr, _events, relay) = spawn_listening(&mut cmd, "standby")?;
 
     let mut source = Command::new(exe);
     source
