@@ -31,12 +31,37 @@ pub async fn read_frame(recv: &mut RecvStream) -> Result<Option<Message>, FrameE
         }
     }
     let (ty, body_len) = decode_header(header)?;
-    let mut body = vec![0u8; body_len];
-    recv.read_exact(&mut body).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(_) => FrameError::Truncated,
-        quinn::ReadExactError::ReadError(e) => FrameError::Read(e),
-    })?;
-    Ok(Some(decode_body(ty, Bytes::from(body))?))
+    Ok(Some(decode_body(ty, read_body(recv, body_len).await?)?))
+}
+
+/// Reads exactly `len` bytes. When quinn hands over the whole body as one chunk (the usual
+/// case for a page run) it is used as is, without a copy or a zero-filled buffer.
+async fn read_body(recv: &mut RecvStream, len: usize) -> Result<Bytes, FrameError> {
+    let mut first = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    let mut got = 0;
+    while got < len {
+        let chunk = recv
+            .read_chunk(len - got, true)
+            .await?
+            .ok_or(FrameError::Truncated)?;
+        got += chunk.bytes.len();
+        match (first.take(), joined.as_mut()) {
+            (None, None) => first = Some(chunk.bytes),
+            (Some(f), None) => {
+                let mut b = bytes::BytesMut::with_capacity(len);
+                b.extend_from_slice(&f);
+                b.extend_from_slice(&chunk.bytes);
+                joined = Some(b);
+            }
+            (_, Some(b)) => b.extend_from_slice(&chunk.bytes),
+        }
+    }
+    Ok(match (first, joined) {
+        (_, Some(b)) => b.freeze(),
+        (Some(f), None) => f,
+        (None, None) => Bytes::new(),
+    })
 }
 
 /// Writes one message.
