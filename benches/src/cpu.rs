@@ -178,6 +178,16 @@ fn report(procs: &[(String, u32)], seen: &BTreeMap<(u32, u32), Seen>, wall: Dura
 mod tests {
     use super::*;
 
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into the live local `ts`.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
     #[test]
     fn sees_a_busy_thread_of_this_process() {
         let cpu = ThreadCpu::start(
@@ -187,10 +197,12 @@ mod tests {
         std::thread::Builder::new()
             .name("busy-test".into())
             .spawn(|| {
-                let t = Instant::now();
+                // Spin until this thread has had 150 ms of CPU, however busy the machine is.
                 let mut x = 0u64;
-                while t.elapsed() < Duration::from_millis(150) {
-                    x = std::hint::black_box(x.wrapping_add(1));
+                while thread_cpu() < Duration::from_millis(150) {
+                    for _ in 0..10_000 {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
                 }
             })
             .unwrap()
