@@ -10,6 +10,7 @@ pub mod error;
 pub mod image;
 pub mod replica;
 pub mod source;
+pub mod vm;
 pub mod workload;
 
 pub use dest::{DestOptions, DestReport, Listener, StandbyReport};

@@ -1,0 +1,592 @@
+//! A small reference VMM on `kvm-ioctls`: memfd-backed guest memory, 1 to 4 vCPUs in
+//! identity-mapped 64-bit long mode, bare-metal guest programs assembled from Rust, and vCPU
+//! state save/restore to an opaque versioned blob — the pieces a postcopy migration moves.
+//!
+//! ```no_run
+//! use vmm_shim::vm::{memory, Program, Vm, VmConfig};
+//!
+//! # fn main() -> Result<(), vmm_shim::vm::VmError> {
+//! let config = VmConfig {
+//!     mem_size: 64 << 20,
+//!     vcpus: 2,
+//!     program: Program::RandomRw { working_set: 32 << 20 },
+//!     ..VmConfig::default()
+//! };
+//! let mut vm = Vm::new(config.clone())?;
+//! vm.start()?;
+//! std::thread::sleep(std::time::Duration::from_millis(100));
+//! let snapshot = vm.pause()?; // all vCPUs stopped, state saved
+//! let blob = snapshot.as_bytes().to_vec(); // what crosses the wire with the memory
+//! vm.stop()?;
+//!
+//! // "Destination": fresh memory with the source's bytes, and the blob.
+//! let memory = memory::create_guest_memory(config.mem_size as usize)?;
+//! memory::copy_memory(vm.guest_memory(), &memory)?;
+//! let mut dest = Vm::restore(config, memory, vmm_shim::vm::VmSnapshot::from_bytes(blob)?)?;
+//! dest.start()?; // the guest continues from where it stopped
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod layout;
+pub mod memory;
+pub mod programs;
+pub mod state;
+pub mod vcpu;
+
+use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use uffd_core::HostRegion;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+pub use error::{StateError, VmError};
+pub use programs::Program;
+pub use state::{VcpuState, VmState, STATE_VERSION};
+pub use vcpu::GuestDigest;
+
+use error::kvm_err;
+use vcpu::{Cmd, Report, Shared, VcpuThread, REQ_PAUSE, REQ_RUN, REQ_STOP};
+
+const KVM_PATH: &str = "/dev/kvm";
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+const TSS_ADDR: usize = 0xfffb_d000;
+
+/// What to build: memory size, vCPU count and the guest program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest memory in bytes, a multiple of 2 MiB (default 1 GiB).
+    pub mem_size: u64,
+    /// 1 to 4.
+    pub vcpus: usize,
+    pub program: Program,
+    /// Ops between progress reports (a power of two; each report is two port exits).
+    pub report_every: u64,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            mem_size: 1 << 30,
+            vcpus: 1,
+            program: Program::Counter,
+            report_every: 1 << 16,
+        }
+    }
+}
+
+impl VmConfig {
+    fn validate(&self) -> Result<(), VmError> {
+        if !(1..=layout::MAX_VCPUS).contains(&self.vcpus) {
+            return Err(VmError::Config(format!(
+                "{} vCPUs; 1 to {} are supported",
+                self.vcpus,
+                layout::MAX_VCPUS
+            )));
+        }
+        if !self.report_every.is_power_of_two() {
+            return Err(VmError::Config(format!(
+                "report_every {} must be a power of two",
+                self.report_every
+            )));
+        }
+        layout::check_mem_size(self.mem_size)?;
+        self.program.validate(self.mem_size, self.vcpus)
+    }
+}
+
+/// The saved state of a paused VM: an opaque versioned blob (see [`state`]) plus its parsed
+/// form. Guest memory travels separately.
+#[derive(Clone, Debug)]
+pub struct VmSnapshot {
+    blob: Vec<u8>,
+    state: VmState,
+}
+
+impl VmSnapshot {
+    /// Parse and check a blob; another version, truncation or corruption is a typed error.
+    pub fn from_bytes(blob: Vec<u8>) -> Result<VmSnapshot, StateError> {
+        let state = VmState::decode(&blob)?;
+        Ok(VmSnapshot { blob, state })
+    }
+
+    fn from_state(state: VmState) -> VmSnapshot {
+        VmSnapshot {
+            blob: state.encode(),
+            state,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.blob
+    }
+
+    pub fn state(&self) -> &VmState {
+        &self.state
+    }
+
+    /// Each vCPU's op counter in guest memory at the moment of the pause.
+    pub fn counters(&self) -> &[u64] {
+        &self.state.counters
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl RunState {
+    fn name(self) -> &'static str {
+        match self {
+            RunState::Created => "not started",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Stopped => "stopped",
+        }
+    }
+}
+
+/// A KVM virtual machine running one of the bare-metal [`Program`]s.
+pub struct Vm {
+    config: VmConfig,
+    run_state: RunState,
+    shared: Arc<Shared>,
+    /// vCPUs not yet handed to their threads.
+    unstarted: Vec<VcpuFd>,
+    threads: Vec<JoinHandle<()>>,
+    cmds: Vec<Sender<Cmd>>,
+    reports: Option<Receiver<Report>>,
+    msr_indices: Vec<u32>,
+    paused_at: Option<Instant>,
+    _vm_fd: VmFd,
+    _kvm: Kvm,
+    /// Dropped last: KVM's memory slot points into it.
+    memory: GuestMemoryMmap,
+}
+
+/// Open `/dev/kvm` and check the capabilities the VMM uses. The error says what to change.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let path = Path::new(KVM_PATH);
+    if !path.exists() {
+        return Err(VmError::KvmUnavailable(format!(
+            "{KVM_PATH} does not exist: load the KVM module (`modprobe kvm_intel` or \
+             `modprobe kvm_amd`), enable VT-x/AMD-V in the firmware, or on a virtual machine \
+             enable nested virtualisation"
+        )));
+    }
+    let kvm = Kvm::new().map_err(|e| {
+        let owner = std::fs::metadata(path)
+            .map(|m| {
+                use std::os::unix::fs::{MetadataExt, PermissionsExt};
+                format!(
+                    "mode {:o}, owner uid {} gid {}",
+                    m.permissions().mode() & 0o777,
+                    m.uid(),
+                    m.gid()
+                )
+            })
+            .unwrap_or_default();
+        let hint = match e.errno() {
+            libc::EACCES | libc::EPERM => format!(
+                "permission denied ({owner}): run as root, add this user to the group that owns \
+                 {KVM_PATH} (usually `kvm`: `sudo usermod -aG kvm $USER`, then log in again), \
+                 or `sudo chmod 0666 {KVM_PATH}`"
+            ),
+            libc::ENXIO | libc::ENODEV | libc::ENOENT => format!(
+                "the KVM module is not loaded: `modprobe kvm_intel` or `modprobe kvm_amd` \
+                 (and enable VT-x/AMD-V in the firmware) ({owner})"
+            ),
+            _ => format!("cannot open {KVM_PATH} ({owner}): {e}"),
+        };
+        VmError::KvmUnavailable(hint)
+    })?;
+    if kvm.get_api_version() != 12 {
+        return Err(VmError::KvmUnavailable(format!(
+            "KVM API version {} (12 expected): use a newer kernel",
+            kvm.get_api_version()
+        )));
+    }
+    for (cap, name) in [
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::KvmUnavailable(format!(
+                "the kernel's KVM lacks {name}: use Linux 4.11 or newer"
+            )));
+        }
+    }
+    Ok(kvm)
+}
+
+impl Vm {
+    /// Build a VM with fresh memory: page tables, GDT, the program and each vCPU's data area
+    /// are written to guest memory and the vCPUs set to start at the program in long mode.
+    pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+        config.validate()?;
+        let memory = memory::create_guest_memory(config.mem_size as usize)?;
+        layout::write_system_tables(&memory, config.mem_size)?;
+        let code = config.program.assemble(layout::CODE_ADDR)?;
+        memory::write_bytes(&memory, layout::CODE_ADDR, &code)?;
+        for i in 0..config.vcpus {
+            config
+                .program
+                .init_data(&memory, i, config.vcpus, config.report_every)?;
+        }
+        Vm::build(config, memory, None)
+    }
+
+    /// Build a VM from guest memory that already holds a paused VM's contents (a copy, or a
+    /// migration's destination memory) and the snapshot taken at the pause. Nothing is
+    /// written to guest memory; the vCPUs continue where they were paused.
+    pub fn restore(
+        config: VmConfig,
+        memory: GuestMemoryMmap,
+        snapshot: VmSnapshot,
+    ) -> Result<Vm, VmError> {
+        config.validate()?;
+        let state = snapshot.state;
+        let mem = memory::memory_size(&memory);
+        if state.mem_size != config.mem_size || mem != config.mem_size {
+            return Err(StateError::Mismatch(format!(
+                "snapshot of {} bytes of memory, config {} bytes, memory given {mem} bytes",
+                state.mem_size, config.mem_size
+            ))
+            .into());
+        }
+        if state.vcpus.len() != config.vcpus {
+            return Err(StateError::Mismatch(format!(
+                "snapshot has {} vCPUs, config {}",
+                state.vcpus.len(),
+                config.vcpus
+            ))
+            .into());
+        }
+        Vm::build(config, memory, Some(state))
+    }
+
+    fn build(
+        config: VmConfig,
+        memory: GuestMemoryMmap,
+        state: Option<VmState>,
+    ) -> Result<Vm, VmError> {
+        vcpu::install_kick_handler()?;
+        let kvm = open_kvm()?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm_fd
+            .set_tss_address(TSS_ADDR)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        for (slot, r) in memory.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: r.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping of `r.len()` bytes owned by `memory`, which
+            // the Vm keeps (and drops after the VM and vCPU fds) for as long as KVM uses it.
+            unsafe { vm_fd.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let supported = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let msr_indices: Vec<u32> = state::SAVED_MSRS
+            .iter()
+            .copied()
+            .filter(|i| supported.as_slice().contains(i))
+            .collect();
+        let shared = Arc::new(Shared::new(config.vcpus));
+        let mut unstarted = Vec::with_capacity(config.vcpus);
+        for i in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(i as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu::set_cpuid(&fd, &cpuid, i)?;
+            match &state {
+                Some(s) => {
+                    s.vcpus[i].restore(&fd)?;
+                    shared.progress[i].store(s.counters[i], Ordering::Relaxed);
+                }
+                None => vcpu::setup_boot_state(&fd, i)?,
+            }
+            unstarted.push(fd);
+        }
+        Ok(Vm {
+            config,
+            run_state: RunState::Created,
+            shared,
+            unstarted,
+            threads: Vec::new(),
+            cmds: Vec::new(),
+            reports: None,
+            msr_indices,
+            paused_at: None,
+            _vm_fd: vm_fd,
+            _kvm: kvm,
+            memory,
+        })
+    }
+
+    fn wrong(&self, op: &'static str) -> VmError {
+        VmError::WrongState {
+            op,
+            state: self.run_state.name(),
+        }
+    }
+
+    /// Start one thread per vCPU.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        if self.run_state != RunState::Created {
+            return Err(self.wrong("start"));
+        }
+        let (report_tx, report_rx) = mpsc::channel();
+        self.shared.request.store(REQ_RUN, Ordering::Release);
+        for (id, fd) in std::mem::take(&mut self.unstarted).into_iter().enumerate() {
+            let (cmd_tx, cmd_rx) = mpsc::channel();
+            let t = VcpuThread {
+                id,
+                vcpu: fd,
+                shared: self.shared.clone(),
+                cmds: cmd_rx,
+                reports: report_tx.clone(),
+                msr_indices: self.msr_indices.clone(),
+                memory: self.memory.clone(),
+                data_area: layout::data_area(id),
+                slice: self.config.program.slice(id, self.config.vcpus),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || t.run())
+                .map_err(VmError::Thread)?;
+            self.threads.push(handle);
+            self.cmds.push(cmd_tx);
+        }
+        self.reports = Some(report_rx);
+        self.run_state = RunState::Running;
+        Ok(())
+    }
+
+    /// Stop every vCPU (kicking them out of `KVM_RUN`), save their state and return it. The
+    /// vCPUs stay parked until [`Vm::resume`] or [`Vm::stop`]; nothing writes guest memory
+    /// meanwhile.
+    pub fn pause(&mut self) -> Result<VmSnapshot, VmError> {
+        if self.run_state != RunState::Running {
+            return Err(self.wrong("pause"));
+        }
+        let rx = self.reports.as_ref().ok_or_else(|| self.wrong("pause"))?;
+        self.shared.request.store(REQ_PAUSE, Ordering::Release);
+        let n = self.config.vcpus;
+        let mut states: Vec<Option<VcpuState>> = vec![None; n];
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while states.iter().any(Option::is_none) {
+            for (i, t) in self.threads.iter().enumerate() {
+                if states[i].is_none() {
+                    vcpu::kick(t.as_pthread_t());
+                }
+            }
+            match rx.recv_timeout(Duration::from_millis(1)) {
+                Ok(Report::Paused(i, s)) => states[i] = Some(*s),
+                Ok(Report::Exited(vcpu, reason)) => {
+                    return Err(VmError::VcpuExited { vcpu, reason });
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(VmError::VcpuExited {
+                        vcpu: 0,
+                        reason: "all vCPU threads ended".into(),
+                    })
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(VmError::Timeout {
+                    what: "pause",
+                    ms: PAUSE_TIMEOUT.as_millis() as u64,
+                });
+            }
+        }
+        self.paused_at = Some(Instant::now());
+        self.run_state = RunState::Paused;
+        let state = VmState {
+            mem_size: self.config.mem_size,
+            vcpus: states.into_iter().flatten().collect(),
+            counters: self.guest_counters()?,
+        };
+        Ok(VmSnapshot::from_state(state))
+    }
+
+    /// Let paused vCPUs continue.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        if self.run_state != RunState::Paused {
+            return Err(self.wrong("resume"));
+        }
+        *self
+            .shared
+            .first_run
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.shared.request.store(REQ_RUN, Ordering::Release);
+        for c in &self.cmds {
+            let _ = c.send(Cmd::Resume);
+        }
+        self.run_state = RunState::Running;
+        Ok(())
+    }
+
+    /// Stop and join every vCPU thread. Idempotent. Guest memory stays readable.
+    pub fn stop(&mut self) -> Result<(), VmError> {
+        self.shared.request.store(REQ_STOP, Ordering::Release);
+        for c in &self.cmds {
+            let _ = c.send(Cmd::Stop);
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                vcpu::kick(t.as_pthread_t());
+            }
+            if Instant::now() > deadline {
+                self.run_state = RunState::Stopped;
+                return Err(VmError::Timeout {
+                    what: "stop",
+                    ms: PAUSE_TIMEOUT.as_millis() as u64,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.unstarted.clear();
+        self.run_state = RunState::Stopped;
+        Ok(())
+    }
+
+    /// First problem reported by a vCPU thread that ended on its own, if any.
+    pub fn check_vcpus(&self) -> Result<(), VmError> {
+        if let Some(rx) = &self.reports {
+            if let Ok(Report::Exited(vcpu, reason)) = rx.try_recv() {
+                return Err(VmError::VcpuExited { vcpu, reason });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The latest op counter each vCPU reported through port I/O (after a restore: the
+    /// counter at the pause until the first new report).
+    pub fn progress(&self) -> Vec<u64> {
+        self.shared
+            .progress
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The first counter each vCPU reported since this Vm was started (`None`: none yet).
+    /// After a restore this shows whether the guest continued or restarted from zero.
+    pub fn first_progress(&self) -> Vec<Option<u64>> {
+        self.shared.first_progress()
+    }
+
+    /// Number of progress reports each vCPU made.
+    pub fn reports(&self) -> Vec<u64> {
+        self.shared
+            .reports
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Each vCPU's op counter read from its data area in guest memory.
+    pub fn guest_counters(&self) -> Result<Vec<u64>, VmError> {
+        (0..self.config.vcpus)
+            .map(|i| memory::read_u64(&self.memory, layout::data_area(i) + programs::OFF_COUNTER))
+            .collect()
+    }
+
+    /// Ask every vCPU's guest program to hash its working-set slice at its next progress
+    /// report; see [`Vm::digests`] for the results.
+    pub fn request_digests(&self) -> Result<(), VmError> {
+        for i in 0..self.config.vcpus {
+            memory::write_u64(
+                &self.memory,
+                layout::data_area(i) + programs::OFF_DIGEST_REQ,
+                1,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The latest digest each vCPU reported (guest and host side), and how many each made.
+    pub fn digests(&self) -> (Vec<Option<GuestDigest>>, Vec<u64>) {
+        let d = self
+            .shared
+            .digests
+            .iter()
+            .map(|m| *m.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let n = self
+            .shared
+            .digest_reports
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        (d, n)
+    }
+
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Host mappings of guest memory, for userfaultfd and dirty tracking.
+    pub fn host_regions(&self) -> Vec<HostRegion> {
+        memory::host_regions(&self.memory)
+    }
+
+    /// xxh3-128 of all guest memory; refused while vCPUs run (it would not be stable).
+    pub fn memory_digest(&self) -> Result<String, VmError> {
+        if self.run_state == RunState::Running {
+            return Err(self.wrong("digest the memory of"));
+        }
+        memory::digest(&self.memory)
+    }
+
+    /// When the last pause completed (every vCPU stopped and saved).
+    pub fn paused_at(&self) -> Option<Instant> {
+        self.paused_at
+    }
+
+    /// When a vCPU first entered `KVM_RUN` after the last start or resume.
+    pub fn first_run_at(&self) -> Option<Instant> {
+        *self
+            .shared
+            .first_run
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}

@@ -1,0 +1,294 @@
+//! vCPU threads: one OS thread per vCPU runs `KVM_RUN` in a loop, handles the progress port,
+//! and parks on a pause request after saving its state.
+//!
+//! Pausing: the controller sets the shared request to `PAUSE` and sends [`KICK_SIGNAL`] to
+//! each vCPU thread, repeating until every thread has answered (a signal that lands just
+//! before the thread enters `KVM_RUN` is covered by the next kick). `KVM_RUN` returns
+//! `EINTR`, the thread sees the request, completes any pending port I/O with a
+//! `KVM_RUN` under `immediate_exit` (as the KVM API requires before saving state), saves its
+//! state and waits for `Resume` or `Stop`.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Mutex, Once, OnceLock};
+use std::time::Instant;
+
+use kvm_bindings::{kvm_regs, CpuId};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use super::error::{kvm_err, VmError};
+use super::layout::{data_area, long_mode_sregs, stack_top, BOOT_RFLAGS, CODE_ADDR};
+use super::memory::read_u64;
+use super::programs::{
+    slice_digest, OFF_DIGEST, PORT_DIGEST_HI, PORT_DIGEST_LO, PORT_PROGRESS_HI, PORT_PROGRESS_LO,
+};
+use super::state::VcpuState;
+
+pub(crate) const REQ_RUN: u8 = 0;
+pub(crate) const REQ_PAUSE: u8 = 1;
+pub(crate) const REQ_STOP: u8 = 2;
+const NO_VALUE: u64 = u64::MAX;
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 3
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Install a no-op handler for [`kick_signal`] (once per process), without `SA_RESTART`, so
+/// a kick makes `KVM_RUN` return `EINTR` instead of killing the process.
+pub(crate) fn install_kick_handler() -> Result<(), VmError> {
+    static ONCE: Once = Once::new();
+    static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
+    ONCE.call_once(|| {
+        // SAFETY: sigaction is plain data; zeroed is a valid initial value.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_kick as *const () as usize;
+        sa.sa_flags = 0;
+        // SAFETY: sa.sa_mask is a valid sigset_t owned by us.
+        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+        // SAFETY: installs an async-signal-safe no-op handler for a signal nothing else uses.
+        let rc = unsafe { libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) };
+        let r = if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().to_string())
+        };
+        let _ = RESULT.set(r);
+    });
+    match RESULT.get() {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(VmError::Config(format!(
+            "cannot install the vCPU kick signal handler: {e}"
+        ))),
+        None => Err(VmError::Config("kick signal handler not installed".into())),
+    }
+}
+
+/// Send the kick signal to a vCPU thread.
+pub(crate) fn kick(thread: libc::pthread_t) {
+    // SAFETY: `thread` is a thread of this process that has not been joined yet (the caller
+    // holds its JoinHandle); the signal has a no-op handler installed.
+    unsafe {
+        libc::pthread_kill(thread, kick_signal());
+    }
+}
+
+/// A digest of a vCPU's working-set slice: what the guest reported through port I/O, and
+/// what the VMM computed over the same bytes while that vCPU waited in the port exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestDigest {
+    pub guest: u64,
+    pub host: u64,
+}
+
+impl GuestDigest {
+    pub fn matches(&self) -> bool {
+        self.guest == self.host
+    }
+}
+
+/// State shared between the VM handle and its vCPU threads.
+pub(crate) struct Shared {
+    pub request: AtomicU8,
+    /// Latest reported op counter per vCPU.
+    pub progress: Vec<AtomicU64>,
+    /// First report per vCPU since the VM was started or restored (`u64::MAX`: none yet).
+    pub first_progress: Vec<AtomicU64>,
+    pub reports: Vec<AtomicU64>,
+    /// Latest digest report per vCPU, and how many there were.
+    pub digests: Vec<Mutex<Option<GuestDigest>>>,
+    pub digest_reports: Vec<AtomicU64>,
+    /// First time any vCPU entered `KVM_RUN` since the last start/resume.
+    pub first_run: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    pub fn new(vcpus: usize) -> Shared {
+        let v = |x| (0..vcpus).map(|_| AtomicU64::new(x)).collect();
+        Shared {
+            request: AtomicU8::new(REQ_RUN),
+            progress: v(0),
+            first_progress: v(NO_VALUE),
+            reports: v(0),
+            digests: (0..vcpus).map(|_| Mutex::new(None)).collect(),
+            digest_reports: v(0),
+            first_run: Mutex::new(None),
+        }
+    }
+
+    pub fn first_progress(&self) -> Vec<Option<u64>> {
+        self.first_progress
+            .iter()
+            .map(|a| Some(a.load(Ordering::Relaxed)).filter(|&v| v != NO_VALUE))
+            .collect()
+    }
+}
+
+/// Commands to a paused vCPU thread.
+pub(crate) enum Cmd {
+    Resume,
+    Stop,
+}
+
+/// What a vCPU thread tells the controller.
+pub(crate) enum Report {
+    Paused(usize, Box<VcpuState>),
+    Exited(usize, String),
+}
+
+/// Set the guest's CPUID (so long mode is allowed) with the vCPU's own APIC id.
+pub(crate) fn set_cpuid(vcpu: &VcpuFd, base: &CpuId, id: usize) -> Result<(), VmError> {
+    let mut cpuid = base.clone();
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            0x1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24),
+            0xb | 0x1f => e.edx = id as u32,
+            _ => {}
+        }
+    }
+    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))
+}
+
+/// Boot state of vCPU `id`: long mode, at the program entry, with its stack and data area.
+pub(crate) fn setup_boot_state(vcpu: &VcpuFd, id: usize) -> Result<(), VmError> {
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    long_mode_sregs(&mut sregs);
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    let regs = kvm_regs {
+        rip: CODE_ADDR,
+        rsp: stack_top(id),
+        rdi: data_area(id),
+        rflags: BOOT_RFLAGS,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
+}
+
+pub(crate) struct VcpuThread {
+    pub id: usize,
+    pub vcpu: VcpuFd,
+    pub shared: std::sync::Arc<Shared>,
+    pub cmds: Receiver<Cmd>,
+    pub reports: Sender<Report>,
+    pub msr_indices: Vec<u32>,
+    pub memory: vm_memory::GuestMemoryMmap,
+    /// This vCPU's data area and working-set slice (start, length).
+    pub data_area: u64,
+    pub slice: (u64, u64),
+}
+
+impl VcpuThread {
+    pub fn run(mut self) {
+        let id = self.id;
+        if let Err(reason) = self.run_loop() {
+            let _ = self.reports.send(Report::Exited(id, reason));
+        }
+    }
+
+    /// Runs until stopped (`Ok`) or until the guest or KVM fails (`Err` with the reason).
+    fn run_loop(&mut self) -> Result<(), String> {
+        let id = self.id;
+        // High half of a report in progress. A pause can fall between the two `out`s; the
+        // counter does not change in between, so after a restore the high half is that of
+        // the counter saved at the pause (which `progress` starts from).
+        let mut high: u64 = self.shared.progress[id].load(Ordering::Relaxed) >> 32;
+        // Same for a digest report; the guest stores the digest before reporting it.
+        let mut digest_high =
+            read_u64(&self.memory, self.data_area + OFF_DIGEST).map_err(|e| e.to_string())? >> 32;
+        let mut noted_first_run = false;
+        loop {
+            match self.shared.request.load(Ordering::Acquire) {
+                REQ_STOP => return Ok(()),
+                REQ_PAUSE => {
+                    if !self.park()? {
+                        return Ok(());
+                    }
+                    noted_first_run = false;
+                    continue;
+                }
+                _ => {}
+            }
+            if !noted_first_run {
+                noted_first_run = true;
+                let mut first = self
+                    .shared
+                    .first_run
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                first.get_or_insert_with(Instant::now);
+            }
+            match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let mut b = [0u8; 4];
+                    let n = data.len().min(4);
+                    b[..n].copy_from_slice(&data[..n]);
+                    let v = u64::from(u32::from_le_bytes(b));
+                    match port {
+                        PORT_PROGRESS_HI => high = v,
+                        PORT_PROGRESS_LO => {
+                            let value = high << 32 | v;
+                            self.shared.progress[id].store(value, Ordering::Relaxed);
+                            let _ = self.shared.first_progress[id].compare_exchange(
+                                NO_VALUE,
+                                value,
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                            );
+                            self.shared.reports[id].fetch_add(1, Ordering::Relaxed);
+                        }
+                        PORT_DIGEST_HI => digest_high = v,
+                        PORT_DIGEST_LO => {
+                            let (base, len) = self.slice;
+                            let host =
+                                slice_digest(&self.memory, base, len).map_err(|e| e.to_string())?;
+                            let d = GuestDigest {
+                                guest: digest_high << 32 | v,
+                                host,
+                            };
+                            *self.shared.digests[id]
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner()) = Some(d);
+                            self.shared.digest_reports[id].fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
+                Ok(VcpuExit::Hlt) => return Err("guest halted".into()),
+                Ok(VcpuExit::Shutdown) => {
+                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    return Err(format!("guest triple-faulted (shutdown) near rip {rip:#x}"));
+                }
+                Ok(other) => return Err(format!("unexpected exit {other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => return Err(format!("KVM_RUN: {e}")),
+            }
+        }
+    }
+
+    /// Complete pending I/O, save state, report it and wait. `Ok(true)`: resume.
+    fn park(&mut self) -> Result<bool, String> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let completed = match self.vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Ok(exit) => Err(format!("exit {exit:?} while completing I/O for pause")),
+            Err(e) => Err(format!("KVM_RUN (immediate_exit): {e}")),
+        };
+        self.vcpu.set_kvm_immediate_exit(0);
+        completed?;
+        let state = VcpuState::save(&self.vcpu, &self.msr_indices).map_err(|e| e.to_string())?;
+        if self
+            .reports
+            .send(Report::Paused(self.id, Box::new(state)))
+            .is_err()
+        {
+            return Ok(false);
+        }
+        match self.cmds.recv() {
+            Ok(Cmd::Resume) => Ok(true),
+            Ok(Cmd::Stop) | Err(_) => Ok(false),
+        }
+    }
+}

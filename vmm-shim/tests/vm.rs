@@ -1,0 +1,347 @@
+//! The reference VMM on real KVM: guests run, pause, save, restore into a new VM and continue.
+//! Skipped (with a message) only where /dev/kvm does not exist.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vmm_shim::vm::{memory, GuestDigest, Program, StateError, Vm, VmConfig, VmError, VmSnapshot};
+
+const MEM: u64 = 64 << 20;
+
+fn kvm_present() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("SKIPPED: /dev/kvm is absent (load kvm_intel/kvm_amd to run the KVM tests)");
+    false
+}
+
+fn config(vcpus: usize, program: Program) -> VmConfig {
+    VmConfig {
+        mem_size: MEM,
+        vcpus,
+        program,
+        report_every: 1 << 14,
+    }
+}
+
+fn random_rw() -> Program {
+    Program::RandomRw {
+        working_set: 32 << 20,
+    }
+}
+
+/// Wait until every vCPU has reported progress beyond `above`.
+fn wait_progress(vm: &Vm, above: &[u64]) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        vm.check_vcpus().expect("vCPUs healthy");
+        let p = vm.progress();
+        if p.iter().zip(above).all(|(p, a)| p > a) {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress: {p:?} (above {above:?})"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn wait_first_reports(vm: &Vm) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        vm.check_vcpus().expect("vCPUs healthy");
+        let f = vm.first_progress();
+        if f.iter().all(Option::is_some) {
+            return f.into_iter().flatten().collect();
+        }
+        assert!(Instant::now() < deadline, "no first report: {f:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Request a digest from every vCPU and wait for them; each must match the host's hash.
+fn checked_digests(vm: &Vm) -> Vec<GuestDigest> {
+    let before = vm.digests().1;
+    vm.request_digests().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        vm.check_vcpus().expect("vCPUs healthy");
+        let (d, n) = vm.digests();
+        if n.iter().zip(&before).all(|(n, b)| n > b) {
+            let d: Vec<GuestDigest> = d.into_iter().flatten().collect();
+            for (i, d) in d.iter().enumerate() {
+                assert!(
+                    d.matches(),
+                    "vCPU {i}: guest digest {d:x?} differs from host"
+                );
+            }
+            return d;
+        }
+        assert!(Instant::now() < deadline, "no digest reports: {n:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Guest ops per second, all vCPUs together, over `window` of running (read from the
+/// counters in guest memory, which are exact, rather than the reports).
+fn ops_per_sec(vm: &Vm, window: Duration) -> f64 {
+    let t0 = Instant::now();
+    let a: u64 = vm.guest_counters().unwrap().iter().sum();
+    std::thread::sleep(window);
+    let b: u64 = vm.guest_counters().unwrap().iter().sum();
+    (b - a) as f64 / t0.elapsed().as_secs_f64()
+}
+
+#[test]
+fn counter_guest_runs_on_1_and_4_vcpus() {
+    if !kvm_present() {
+        return;
+    }
+    for vcpus in [1, 4] {
+        let mut vm = Vm::new(config(vcpus, Program::Counter)).unwrap();
+        vm.start().unwrap();
+        let first = wait_progress(&vm, &vec![0; vcpus]);
+        let later = wait_progress(&vm, &first);
+        let rate = ops_per_sec(&vm, Duration::from_millis(200));
+        eprintln!("counter, {vcpus} vCPU(s): {rate:.0} ops/s; progress {first:?} -> {later:?}");
+        vm.stop().unwrap();
+        // The guest's own counters in memory are at least what it last reported.
+        let mem = vm.guest_counters().unwrap();
+        for (m, p) in mem.iter().zip(vm.progress()) {
+            assert!(*m >= p, "memory counter {m} < reported {p}");
+        }
+    }
+}
+
+#[test]
+fn pause_snapshot_restore_into_a_new_vm_continues_where_it_stopped() {
+    if !kvm_present() {
+        return;
+    }
+    for vcpus in [1, 4] {
+        let cfg = config(vcpus, random_rw());
+        let mut src = Vm::new(cfg.clone()).unwrap();
+        src.start().unwrap();
+        wait_progress(&src, &vec![0; vcpus]);
+        let t_pause = Instant::now();
+        let snap = src.pause().unwrap();
+        let pause_ms = t_pause.elapsed().as_secs_f64() * 1e3;
+        let at_pause = snap.counters().to_vec();
+        let src_digest = src.memory_digest().unwrap();
+        src.stop().unwrap();
+
+        // The destination: new memory holding a byte copy, and the blob.
+        let blob = snap.as_bytes().to_vec();
+        let mem = memory::create_guest_memory(cfg.mem_size as usize).unwrap();
+        memory::copy_memory(src.guest_memory(), &mem).unwrap();
+        assert_eq!(memory::digest(&mem).unwrap(), src_digest);
+        drop(src);
+        let mut dst = Vm::restore(cfg, mem, VmSnapshot::from_bytes(blob).unwrap()).unwrap();
+        assert_eq!(
+            dst.progress(),
+            at_pause,
+            "progress starts at the pause values"
+        );
+        let t_start = Instant::now();
+        dst.start().unwrap();
+        let first = wait_first_reports(&dst);
+        let first_report_ms = t_start.elapsed().as_secs_f64() * 1e3;
+        for i in 0..vcpus {
+            assert!(
+                first[i] >= at_pause[i],
+                "vCPU {i} restarted: first report {} < {} at pause",
+                first[i],
+                at_pause[i]
+            );
+            assert!(first[i] - at_pause[i] <= dst.config().report_every);
+        }
+        let last = wait_progress(&dst, &at_pause);
+        checked_digests(&dst);
+        let rate = ops_per_sec(&dst, Duration::from_millis(200));
+        eprintln!(
+            "random-rw, {vcpus} vCPU(s): pause {pause_ms:.2} ms, first report after restore \
+             {first_report_ms:.2} ms, at pause {at_pause:?}, first {first:?}, later {last:?}, \
+             {rate:.0} ops/s after restore"
+        );
+        dst.stop().unwrap();
+    }
+}
+
+#[test]
+fn pause_and_resume_in_the_same_process() {
+    if !kvm_present() {
+        return;
+    }
+    let mut vm = Vm::new(config(2, Program::Counter)).unwrap();
+    vm.start().unwrap();
+    wait_progress(&vm, &[0, 0]);
+    for _ in 0..5 {
+        let snap = vm.pause().unwrap();
+        let at_pause = snap.counters().to_vec();
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(
+            vm.guest_counters().unwrap(),
+            at_pause,
+            "counter moved while paused"
+        );
+        vm.resume().unwrap();
+        wait_progress(&vm, &at_pause);
+    }
+    vm.stop().unwrap();
+}
+
+#[test]
+fn random_write_guest_changes_memory_and_nothing_writes_while_paused() {
+    if !kvm_present() {
+        return;
+    }
+    for program in [
+        random_rw(),
+        Program::SeqScan {
+            working_set: 32 << 20,
+        },
+        Program::HotCold {
+            working_set: 32 << 20,
+        },
+    ] {
+        let mut vm = Vm::new(config(2, program)).unwrap();
+        let d0 = vm.memory_digest().unwrap();
+        vm.start().unwrap();
+        assert!(matches!(
+            vm.memory_digest(),
+            Err(VmError::WrongState { .. })
+        ));
+        wait_progress(&vm, &[0, 0]);
+        let rate = ops_per_sec(&vm, Duration::from_millis(200));
+        let g1 = checked_digests(&vm);
+        let g2 = checked_digests(&vm);
+        assert_ne!(g1, g2, "{program:?}: slices unchanged between digests");
+        vm.pause().unwrap();
+        let d1 = vm.memory_digest().unwrap();
+        assert_ne!(d0, d1, "{program:?} did not change memory");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            vm.memory_digest().unwrap(),
+            d1,
+            "memory changed while paused"
+        );
+        vm.resume().unwrap();
+        let p = vm.progress();
+        wait_progress(&vm, &p);
+        vm.pause().unwrap();
+        assert_ne!(vm.memory_digest().unwrap(), d1, "no writes after resume");
+        eprintln!("{program:?}, 2 vCPUs: {rate:.0} ops/s");
+        vm.stop().unwrap();
+    }
+}
+
+#[test]
+fn bad_state_blobs_are_typed_errors() {
+    if !kvm_present() {
+        return;
+    }
+    let cfg = config(1, Program::Counter);
+    let mut vm = Vm::new(cfg.clone()).unwrap();
+    vm.start().unwrap();
+    wait_progress(&vm, &[0]);
+    let blob = vm.pause().unwrap().as_bytes().to_vec();
+    vm.stop().unwrap();
+
+    let mut other_version = blob.clone();
+    other_version[8..12].copy_from_slice(&2u32.to_le_bytes());
+    assert_eq!(
+        VmSnapshot::from_bytes(other_version).unwrap_err(),
+        StateError::Version {
+            found: 2,
+            expected: 1
+        }
+    );
+    assert!(matches!(
+        VmSnapshot::from_bytes(blob[..blob.len() - 10].to_vec()),
+        Err(StateError::TruncatedPayload { .. })
+    ));
+    assert!(matches!(
+        VmSnapshot::from_bytes(blob[..10].to_vec()),
+        Err(StateError::TruncatedHeader { .. })
+    ));
+    assert!(matches!(
+        VmSnapshot::from_bytes(Vec::new()),
+        Err(StateError::TruncatedHeader { .. })
+    ));
+    assert_eq!(
+        VmSnapshot::from_bytes(vec![0x5a; 100]).unwrap_err(),
+        StateError::BadMagic
+    );
+    let mut flipped = blob.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 1;
+    assert_eq!(
+        VmSnapshot::from_bytes(flipped).unwrap_err(),
+        StateError::Checksum
+    );
+    // A good blob that does not fit the VM it is restored into.
+    let snap = VmSnapshot::from_bytes(blob).unwrap();
+    let mem = memory::create_guest_memory(MEM as usize).unwrap();
+    assert!(matches!(
+        Vm::restore(config(2, Program::Counter), mem, snap),
+        Err(VmError::State(StateError::Mismatch(_)))
+    ));
+}
+
+#[test]
+fn misuse_and_bad_configs_are_errors() {
+    if !kvm_present() {
+        return;
+    }
+    let mut vm = Vm::new(config(1, Program::Counter)).unwrap();
+    assert!(matches!(vm.pause(), Err(VmError::WrongState { .. })));
+    assert!(matches!(vm.resume(), Err(VmError::WrongState { .. })));
+    vm.stop().unwrap();
+    assert!(matches!(vm.start(), Err(VmError::WrongState { .. })));
+    for bad in [
+        config(0, Program::Counter),
+        config(5, Program::Counter),
+        VmConfig {
+            mem_size: MEM + 4096,
+            ..config(1, Program::Counter)
+        },
+        VmConfig {
+            report_every: 1000,
+            ..config(1, Program::Counter)
+        },
+        config(1, Program::RandomRw { working_set: MEM }),
+    ] {
+        assert!(matches!(Vm::new(bad), Err(VmError::Config(_))));
+    }
+}
+
+#[test]
+fn default_one_gib_guest_with_a_256_mib_working_set() {
+    if !kvm_present() {
+        return;
+    }
+    let cfg = VmConfig {
+        vcpus: 2,
+        program: Program::RandomRw {
+            working_set: 256 << 20,
+        },
+        ..VmConfig::default()
+    };
+    assert_eq!(cfg.mem_size, 1 << 30);
+    let mut vm = Vm::new(cfg).unwrap();
+    vm.start().unwrap();
+    wait_progress(&vm, &[0, 0]);
+    let rate = ops_per_sec(&vm, Duration::from_millis(300));
+    checked_digests(&vm);
+    let t = Instant::now();
+    let snap = vm.pause().unwrap();
+    let pause_ms = t.elapsed().as_secs_f64() * 1e3;
+    eprintln!(
+        "1 GiB, random-rw over 256 MiB, 2 vCPUs: {rate:.0} ops/s, pause {pause_ms:.2} ms, \
+         state blob {} bytes",
+        snap.as_bytes().len()
+    );
+    vm.stop().unwrap();
+}
