@@ -9,7 +9,8 @@ use thiserror::Error;
 
 use crate::message::{
     ErrorCode, Layout, Message, PageKind, Pages, RegionDesc, SessionKind, SetKind, MAX_ACKS,
-    MAX_PAGES_PER_MESSAGE, MAX_REGIONS, MAX_REQUEST_PAGES, MAX_SET_WORDS, MAX_TEXT, PAGE_SIZE,
+    MAX_PAGES_PER_MESSAGE, MAX_REGIONS, MAX_REQUEST_PAGES, MAX_SET_WORDS, MAX_STATE, MAX_TEXT,
+    PAGE_SIZE,
 };
 
 /// Bytes of the frame header (`len` and `type`).
@@ -29,6 +30,7 @@ const T_ERROR: u8 = 8;
 const T_UPDATE: u8 = 9;
 const T_ACK: u8 = 10;
 const T_PAGE_SET: u8 = 11;
+const T_VM_STATE: u8 = 12;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CodecError {
@@ -136,6 +138,11 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             for w in words {
                 out.extend_from_slice(&w.to_le_bytes());
             }
+        }
+        Message::VmState { blob } => {
+            out.push(T_VM_STATE);
+            out.extend_from_slice(&(blob.len() as u32).to_le_bytes());
+            out.extend_from_slice(blob);
         }
         Message::PushDone { pages_sent } => {
             out.push(T_PUSH_DONE);
@@ -324,6 +331,23 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
                 words,
                 last,
             }
+        }
+        T_VM_STATE => {
+            const W: &str = "VmState";
+            let n = get_u32(&mut body, W)? as usize;
+            if n > MAX_STATE {
+                return Err(CodecError::Limit {
+                    what: "VM state bytes",
+                    value: n,
+                    limit: MAX_STATE,
+                });
+            }
+            if body.remaining() < n {
+                return Err(CodecError::Truncated(W));
+            }
+            let blob = body.split_to(n).to_vec();
+            finish(&body, W)?;
+            Message::VmState { blob }
         }
         T_PUSH_DONE => {
             const W: &str = "PushDone";
@@ -517,6 +541,9 @@ mod tests {
             words: vec![0, u64::MAX, 5],
             last: true,
         });
+        roundtrip(Message::VmState {
+            blob: vec![1, 2, 3],
+        });
         roundtrip(Message::PushDone { pages_sent: 5 });
         roundtrip(Message::Complete { pages_received: 5 });
         roundtrip(Message::CompleteAck);
@@ -613,7 +640,7 @@ mod tests {
 
         /// Random bodies behind every valid type byte never panic either.
         #[test]
-        fn decode_body_never_panics(ty in 0u8..14, bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
+        fn decode_body_never_panics(ty in 0u8..15, bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
             let _ = decode_body(ty, Bytes::from(bytes));
         }
 

@@ -223,6 +223,13 @@ pub enum SetKind {
 /// Most bitmap words in one `PageSet` message (a million pages).
 pub const MAX_SET_WORDS: usize = 16384;
 
+/// Largest VM state blob (vCPU and device state) carried at switchover.
+pub const MAX_STATE: usize = 512 * 1024;
+
+/// `Hello` feature bit: a `VmState` message follows the handshake and the destination must
+/// not resume before it has it.
+pub const FEATURE_VM_STATE: u64 = 1 << 63;
+
 /// Most (page, version) pairs in one `Ack`.
 pub const MAX_ACKS: usize = 8192;
 
@@ -285,6 +292,9 @@ pub enum Message {
         words: Vec<u64>,
         last: bool,
     },
+    /// Source → destination at switchover: the VMM's vCPU and device state, opaque to
+    /// faultline and versioned by the VMM.
+    VmState { blob: Vec<u8> },
     /// Source → destination: every page has been sent at least once.
     PushDone { pages_sent: u64 },
     /// Destination → source: every page is present; the source may release the VM.
@@ -306,6 +316,7 @@ impl Message {
             Message::Update { .. } => "Update",
             Message::Ack { .. } => "Ack",
             Message::PageSet { .. } => "PageSet",
+            Message::VmState { .. } => "VmState",
             Message::PushDone { .. } => "PushDone",
             Message::Complete { .. } => "Complete",
             Message::CompleteAck => "CompleteAck",

@@ -106,7 +106,9 @@ async fn migration_over_loopback_delivers_every_byte() {
             ..DestConfig::migrate(dest_layout)
         });
         let hooks = DestHooks {
-            on_established: Some(Box::new(move |_| {
+            on_established: Some(Box::new(move |_, state: Option<&[u8]>| {
+                // The VM state arrives before the guest resumes.
+                assert_eq!(state, Some(&b"vcpu state v1"[..]));
                 // Demand a few pages from the far end as soon as we "resume".
                 req_tx.send(vec![2000, 5, 1999]).unwrap();
             })),
@@ -119,7 +121,10 @@ async fn migration_over_loopback_delivers_every_byte() {
     let img = Arc::new(Image(image(pages)));
     let client = quic::client_endpoint(localhost(), &src_id, dst_id.cert.clone()).unwrap();
     let conn = quic::connect(&client, addr).await.unwrap();
-    let session = SourceSession::new(SourceConfig::migrate("vm", layout));
+    let session = SourceSession::new(SourceConfig {
+        vm_state: Some(b"vcpu state v1".to_vec()),
+        ..SourceConfig::migrate("vm", layout)
+    });
     let src_report = quic::run_source(conn, session, img.clone()).await.unwrap();
     let dst_report = dest.await.unwrap().unwrap();
 

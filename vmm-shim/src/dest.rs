@@ -159,6 +159,17 @@ impl Listener {
         layout: &Layout,
         on_resume: impl FnOnce() + Send + 'static,
     ) -> Result<DestReport, RoleError> {
+        self.receive_vm(regions, layout, move |_| on_resume())
+    }
+
+    /// [`Listener::receive`] for a VMM: `on_resume` gets the vCPU and device state blob the
+    /// source sent (see `send_with_state`), to restore before it runs the vCPUs.
+    pub fn receive_vm(
+        self,
+        regions: &[HostRegion],
+        layout: &Layout,
+        on_resume: impl FnOnce(Option<Vec<u8>>) + Send + 'static,
+    ) -> Result<DestReport, RoleError> {
         check_layout(regions, layout)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let dest = Destination::register(regions, Arc::new(ChannelSource(tx)))?;
@@ -193,9 +204,9 @@ impl Listener {
             });
             let resumed = resumed_at.clone();
             let hooks = DestHooks {
-                on_established: Some(Box::new(move |_vm_id: &str| {
+                on_established: Some(Box::new(move |_vm_id: &str, state: Option<&[u8]>| {
+                    on_resume(state.map(<[u8]>::to_vec));
                     *resumed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-                    on_resume();
                 })),
             };
             let r = quic::run_dest(conn, session, sink, rx, hooks).await;
@@ -292,7 +303,7 @@ impl Listener {
                 let resumed: Arc<Mutex<Option<Instant>>> = Arc::default();
                 let (resumed2, hook, sink2) = (resumed.clone(), on_resume.clone(), sink.clone());
                 let hooks = DestHooks {
-                    on_established: Some(Box::new(move |_vm: &str| {
+                    on_established: Some(Box::new(move |_vm: &str, _state: Option<&[u8]>| {
                         *resumed2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                         let f = hook.lock().unwrap_or_else(|p| p.into_inner()).take();
                         if let (Some(f), Some(region)) = (f, sink2.guest_region()) {

@@ -16,4 +16,4 @@ pub mod workload;
 pub use dest::{DestOptions, DestReport, Listener, StandbyReport};
 pub use error::RoleError;
 pub use image::SourceImage;
-pub use source::{send, SourceOptions};
+pub use source::{send, send_with_state, SourceOptions};

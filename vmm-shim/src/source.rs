@@ -39,6 +39,22 @@ pub fn send(
     run_session(memory, config, opts)
 }
 
+/// Like [`send`], and carries the VMM's vCPU and device state (an opaque blob the VMM
+/// versions itself) to the destination, which gets it before it resumes the guest.
+pub fn send_with_state(
+    memory: Arc<dyn PageReader>,
+    layout: &Layout,
+    opts: &SourceOptions,
+    vm_state: Vec<u8>,
+) -> Result<SourceReport, RoleError> {
+    let config = SourceConfig {
+        push: opts.push,
+        vm_state: Some(vm_state),
+        ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
+    };
+    run_session(memory, config, opts)
+}
+
 /// Runs one source session of any kind over a fresh connection.
 pub(crate) fn run_session(
     memory: Arc<dyn PageReader>,

@@ -45,6 +45,8 @@ pub enum DestEvent {
     /// Evacuation: every page in the set must arrive from the source; all others are fresh
     /// in the local replica. Make the stale ones absent, then resume the guest.
     StaleSet(Bitmap),
+    /// The VMM's vCPU and device state, to restore before the guest resumes.
+    VmState(Vec<u8>),
     /// The handshake is complete; a migrating guest may resume.
     Established { vm_id: String, features: u64 },
     /// The source has handed out every page.
@@ -67,6 +69,7 @@ enum State {
     AwaitHello,
     AwaitAccept,
     AwaitStale,
+    AwaitState,
     Running,
     Replicating,
     CompleteSent,
@@ -80,6 +83,7 @@ impl State {
             State::AwaitHello => "awaiting the handshake",
             State::AwaitAccept => "deciding on the handshake",
             State::AwaitStale => "awaiting the stale set",
+            State::AwaitState => "awaiting the VM state",
             State::Running => "migrating",
             State::Replicating => "replicating",
             State::CompleteSent => "completing",
@@ -100,6 +104,7 @@ pub struct DestSession {
     features: u64,
     received: Bitmap,
     stale: Option<PageSetAssembler>,
+    expect_state: bool,
     pending_requests: Vec<u64>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<DestEvent>,
@@ -114,6 +119,7 @@ impl DestSession {
             features: 0,
             received: Bitmap::new(config.layout.total_pages()),
             stale: None,
+            expect_state: false,
             pending_requests: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -228,11 +234,12 @@ impl DestSession {
                     return Err(ProtoError::KindRefused(kind));
                 }
                 self.kind = kind;
-                self.features = features & self.config.features;
+                self.expect_state = features & crate::message::FEATURE_VM_STATE != 0;
+                self.features = features & self.config.features & !crate::message::FEATURE_VM_STATE;
                 self.vm_id = vm_id.clone();
                 if kind == SessionKind::Migrate {
                     self.send_ack();
-                    self.start_running();
+                    self.after_switchover();
                 } else {
                     self.state = State::AwaitAccept;
                     self.events
@@ -256,8 +263,13 @@ impl DestSession {
                 if let Some(stale) = asm.add(kind, first_word, &words, last)? {
                     self.stale = None;
                     self.events.push_back(DestEvent::StaleSet(stale));
-                    self.start_running();
+                    self.after_switchover();
                 }
+                Ok(None)
+            }
+            (State::AwaitState, Channel::Control, Message::VmState { blob }) => {
+                self.events.push_back(DestEvent::VmState(blob));
+                self.start_running();
                 Ok(None)
             }
             (
@@ -305,6 +317,15 @@ impl DestSession {
                 features: self.features,
             },
         );
+    }
+
+    /// The pages to expect are known; wait for the VM state if the source announced one.
+    fn after_switchover(&mut self) {
+        if self.expect_state {
+            self.state = State::AwaitState;
+        } else {
+            self.start_running();
+        }
     }
 
     fn start_running(&mut self) {
@@ -357,7 +378,7 @@ impl DestSession {
     /// Queues demand requests for `pages`. Before the handshake completes they are held back.
     pub fn request(&mut self, pages: &[u64]) {
         match self.state {
-            State::AwaitHello | State::AwaitAccept | State::AwaitStale => {
+            State::AwaitHello | State::AwaitAccept | State::AwaitStale | State::AwaitState => {
                 self.pending_requests.extend_from_slice(pages)
             }
             State::Running => self.queue_requests(pages),

@@ -21,6 +21,8 @@ pub struct SourceConfig {
     pub epoch: u64,
     /// Evacuation: the pages whose current version the standby has not acknowledged.
     pub stale: Option<Bitmap>,
+    /// The VMM's vCPU and device state, sent at switchover (announced in the `Hello`).
+    pub vm_state: Option<Vec<u8>>,
 }
 
 impl SourceConfig {
@@ -34,6 +36,7 @@ impl SourceConfig {
             kind: SessionKind::Migrate,
             epoch: 0,
             stale: None,
+            vm_state: None,
         }
     }
 }
@@ -89,6 +92,14 @@ pub struct SourceSession {
     events: VecDeque<SourceEvent>,
 }
 
+fn features_of(config: &SourceConfig) -> u64 {
+    if config.vm_state.is_some() {
+        crate::message::FEATURE_VM_STATE
+    } else {
+        0
+    }
+}
+
 impl SourceSession {
     /// A new session; the `Hello` is queued at once.
     pub fn new(config: SourceConfig) -> SourceSession {
@@ -112,11 +123,18 @@ impl SourceSession {
                 kind: s.config.kind,
                 vm_id: s.config.vm_id.clone(),
                 layout: s.config.layout.clone(),
-                features: s.config.features,
+                features: s.config.features | features_of(&s.config),
                 epoch: s.config.epoch,
             },
         );
         s
+    }
+
+    /// Sends the VM state, once the destination knows which pages it will receive.
+    fn send_vm_state(&mut self) {
+        if let Some(blob) = self.config.vm_state.take() {
+            self.send(Channel::Control, Message::VmState { blob });
+        }
     }
 
     pub fn total_pages(&self) -> u64 {
@@ -185,6 +203,7 @@ impl SourceSession {
                 }
                 if kind == SessionKind::Migrate {
                     self.state = State::Running;
+                    self.send_vm_state();
                     self.events.push_back(SourceEvent::Established { features });
                 } else {
                     self.state = State::AwaitInvalid;
@@ -224,6 +243,7 @@ impl SourceSession {
                         self.send(Channel::Control, m);
                     }
                     self.push = PushSchedule::only(&stale);
+                    self.send_vm_state();
                 } else {
                     self.events.push_back(SourceEvent::Invalid(invalid));
                 }

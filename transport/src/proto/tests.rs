@@ -575,3 +575,29 @@ fn malformed_page_sets_are_refused() {
         .unwrap_err();
     assert!(e.to_string().contains("ended before"), "{e}");
 }
+
+#[test]
+fn vm_state_arrives_before_the_guest_may_resume() {
+    let mut src = SourceSession::new(SourceConfig {
+        vm_state: Some(vec![7; 100]),
+        ..SourceConfig::migrate("vm-1", layout(4))
+    });
+    let mut dst = DestSession::new(DestConfig::migrate(layout(4)));
+    let hello = src.poll_transmit().unwrap();
+    dst.handle(hello.channel, hello.message).unwrap();
+    assert!(!dst.is_running(), "waits for the state");
+    dst.request(&[1]);
+    exchange(&mut src, &mut dst);
+    assert_eq!(dst.poll_event(), Some(DestEvent::VmState(vec![7; 100])));
+    assert!(matches!(
+        dst.poll_event(),
+        Some(DestEvent::Established { .. })
+    ));
+    assert!(dst.is_running());
+    // The request made while waiting went out once the session ran.
+    assert!(matches!(
+        src.poll_event(),
+        Some(SourceEvent::Established { .. })
+    ));
+    assert_eq!(src.poll_event(), Some(SourceEvent::Serve(vec![1])));
+}

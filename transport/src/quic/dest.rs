@@ -62,8 +62,9 @@ pub trait PageSink: Send + Sync + 'static {
     }
 }
 
-/// Called once the handshake is accepted: the place to resume the guest.
-pub type OnEstablished = Box<dyn FnOnce(&str) + Send>;
+/// Called once the handshake is accepted, with the VM id and the VM state the source sent
+/// (if any): the place to restore vCPUs and resume the guest.
+pub type OnEstablished = Box<dyn FnOnce(&str, Option<&[u8]>) + Send>;
 
 #[derive(Default)]
 pub struct DestHooks {
@@ -220,6 +221,7 @@ async fn drive(
     flush(session, &out).await?;
     handled?;
     let mut report = DestReport::default();
+    let mut vm_state: Option<Vec<u8>> = None;
 
     // The rest of the handshake: replica state, the stale set, until the session runs.
     loop {
@@ -236,6 +238,7 @@ async fn drive(
                     sink.prepare_stale(&stale)?;
                 }
                 DestEvent::Established { vm_id, .. } => report.vm_id = vm_id,
+                DestEvent::VmState(blob) => vm_state = Some(blob),
                 other => tracing::debug!(?other, "destination event"),
             }
         }
@@ -261,7 +264,7 @@ async fn drive(
     report.established_ms = started.elapsed().as_millis() as u64;
     if kind != SessionKind::Replicate {
         if let Some(f) = hooks.on_established.take() {
-            f(&report.vm_id);
+            f(&report.vm_id, vm_state.as_deref());
         }
     }
 
