@@ -69,7 +69,7 @@ enum State {
     AwaitHello,
     AwaitAccept,
     AwaitStale,
-    AwaitVmState,
+    AwaitVmBlob,
     Running,
     Replicating,
     CompleteSent,
@@ -83,7 +83,7 @@ impl State {
             State::AwaitHello => "awaiting the handshake",
             State::AwaitAccept => "deciding on the handshake",
             State::AwaitStale => "awaiting the stale set",
-            State::AwaitVmState => "awaiting the VM state",
+            State::AwaitVmBlob => "awaiting the VM state",
             State::Running => "migrating",
             State::Replicating => "replicating",
             State::CompleteSent => "completing",
@@ -267,7 +267,7 @@ impl DestSession {
                 }
                 Ok(None)
             }
-            (State::AwaitVmState, Channel::Control, Message::VmState { blob }) => {
+            (State::AwaitVmBlob, Channel::Control, Message::VmState { blob }) => {
                 self.events.push_back(DestEvent::VmState(blob));
                 self.start_running();
                 Ok(None)
@@ -322,7 +322,7 @@ impl DestSession {
     /// The pages to expect are known; wait for the VM state if the source announced one.
     fn after_switchover(&mut self) {
         if self.expect_state {
-            self.state = State::AwaitVmState;
+            self.state = State::AwaitVmBlob;
         } else {
             self.start_running();
         }
@@ -378,7 +378,7 @@ impl DestSession {
     /// Queues demand requests for `pages`. Before the handshake completes they are held back.
     pub fn request(&mut self, pages: &[u64]) {
         match self.state {
-            State::AwaitHello | State::AwaitAccept | State::AwaitStale | State::AwaitVmState => {
+            State::AwaitHello | State::AwaitAccept | State::AwaitStale | State::AwaitVmBlob => {
                 self.pending_requests.extend_from_slice(pages)
             }
             State::Running => self.queue_requests(pages),
