@@ -121,6 +121,15 @@ impl Ledger {
         b
     }
 
+    /// Stale pages not yet sent at their current version: the replicator's backlog.
+    pub fn unsent_count(&self) -> u64 {
+        self.version
+            .iter()
+            .zip(self.acked.iter().zip(&self.sent))
+            .filter(|(v, (a, s))| *a != *v && *s != *v)
+            .count() as u64
+    }
+
     pub fn stale_count(&self) -> u64 {
         self.version
             .iter()

@@ -176,9 +176,11 @@ fn batches_skip_fresh_and_in_flight_pages_and_form_runs() {
     assert_eq!(l.stale_count(), 0);
     l.mark_dirty(&[3, 4, 9]);
     assert_eq!(l.stale_count(), 3);
+    assert_eq!(l.unsent_count(), 3);
     l.next_batch(100, &mut runs);
     // The scan goes on from where the last batch stopped.
     assert_eq!(runs, vec![(4, vec![2]), (9, vec![2]), (3, vec![2])]);
+    assert_eq!(l.unsent_count(), 0, "all three are in flight");
     // Dirtied again while in flight: the ack of version 2 leaves it stale.
     l.mark_dirty(&[3]);
     l.ack(3, 2);

@@ -177,6 +177,9 @@ impl Drop for Replicator {
     }
 }
 
+/// Longest time between two harvests while a backlog is being sent.
+const MAX_HARVEST_INTERVAL: Duration = Duration::from_secs(1);
+
 /// One connection's worth of replication: its update sender and event receiver.
 struct Link {
     updates: mpsc::Sender<Update>,
@@ -216,6 +219,7 @@ fn run(
     let mut last = Instant::now();
     let burst = opts.budget_bytes_per_sec as f64 * opts.interval.as_secs_f64() * 4.0;
     let mut wire_done = 0u64;
+    let mut last_harvest = Instant::now() - MAX_HARVEST_INTERVAL;
 
     while !stop.load(Ordering::Relaxed) {
         // (Re)connect. Pages in flight on a lost connection may never have been stored.
@@ -234,13 +238,24 @@ fn run(
             apply(&mut ledger, ev, stats);
         }
 
-        let t = Instant::now();
-        tracker.harvest(&mut dirty)?;
-        stats
-            .harvest_ns
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        stats.harvests.fetch_add(1, Ordering::Relaxed);
-        ledger.mark_dirty(&dirty);
+        // Harvest only when the backlog is nearly sent (or now and then). A harvest re-arms
+        // tracking of every page written since the last one, and with WP_ASYNC each re-armed
+        // page costs the guest a protection fault on its next write; re-arming pages faster
+        // than the budget can send them would slow the guest for nothing. Pages written
+        // meanwhile are caught by a later harvest, at the latest the final one at switchover.
+        let backlog = ledger.unsent_count();
+        let per_interval = (opts.budget_bytes_per_sec as f64 * opts.interval.as_secs_f64()
+            / PAGE_SIZE as f64) as u64;
+        if backlog <= 2 * per_interval.max(1) || last_harvest.elapsed() >= MAX_HARVEST_INTERVAL {
+            let t = Instant::now();
+            tracker.harvest(&mut dirty)?;
+            stats
+                .harvest_ns
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            stats.harvests.fetch_add(1, Ordering::Relaxed);
+            ledger.mark_dirty(&dirty);
+            last_harvest = Instant::now();
+        }
 
         let now = Instant::now();
         tokens = (tokens
