@@ -480,6 +480,7 @@ fn replicator_options(
         budget_bytes_per_sec: budget,
         interval: INTERVAL,
         connect_timeout: Duration::from_secs(30),
+        idle_priority: true,
     })
 }
 

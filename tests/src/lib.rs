@@ -113,6 +113,7 @@ pub struct DestProcess {
     child: Option<Child>,
     pub addr: String,
     stderr: mpsc::Receiver<String>,
+    relay: Option<std::thread::JoinHandle<()>>,
 }
 
 impl DestProcess {
@@ -145,7 +146,7 @@ impl DestProcess {
         let err = child.stderr.take().expect("stderr");
         let (addr_tx, addr_rx) = mpsc::channel();
         let (line_tx, line_rx) = mpsc::channel();
-        std::thread::spawn(move || {
+        let relay = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 if let Some(ev) = line.strip_prefix("@faultline ") {
                     if let Ok(v) = serde_json::from_str::<Value>(ev) {
@@ -165,6 +166,7 @@ impl DestProcess {
             child: Some(child),
             addr,
             stderr: line_rx,
+            relay: Some(relay),
         }
     }
 
@@ -180,6 +182,10 @@ impl DestProcess {
     pub fn wait(mut self, timeout: Duration) -> Finished {
         let child = self.child.take().expect("not yet waited");
         let (status, stdout) = wait_with_timeout(child, timeout, "faultline dest");
+        // The relay thread ends at the end of the child's stderr: join it so no line is lost.
+        if let Some(r) = self.relay.take() {
+            let _ = r.join();
+        }
         let stderr: Vec<String> = self.stderr.try_iter().collect();
         finished(status, stdout, stderr.join("\n"))
     }
@@ -259,6 +265,9 @@ impl Background {
     pub fn replicate(certs: &Certs, addr: &str, extra: &[&str]) -> Background {
         let child = Command::new(faultline_bin())
             .args(["replicate", "--connect", addr, "--json"])
+            // The test machine runs many tests at once; at SCHED_IDLE the replicator could
+            // starve and the replica not fill in time.
+            .arg("--replicator-normal-priority")
             .args(certs.args("source", "dest"))
             .args(extra)
             .stdout(Stdio::piped())

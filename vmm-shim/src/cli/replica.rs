@@ -65,6 +65,10 @@ pub struct ReplicateArgs {
     pub budget_mbps: f64,
     #[arg(long, value_enum, default_value_t = TrackerArg::Auto)]
     pub tracker: TrackerArg,
+    /// Run the replicator at normal priority instead of SCHED_IDLE (only CPU the guest leaves
+    /// idle). Useful when other work keeps every CPU busy and the replica must fill anyway.
+    #[arg(long)]
+    pub replicator_normal_priority: bool,
     /// Seconds of replication before the evacuation starts.
     #[arg(long, default_value_t = 3.0)]
     pub evacuate_after: f64,
@@ -162,6 +166,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         budget_bytes_per_sec: (a.budget_mbps * 1e6 / 8.0) as u64,
         interval: Duration::from_millis(20),
         connect_timeout: Duration::from_secs(30),
+        idle_priority: !a.replicator_normal_priority,
     };
     let replicator = Replicator::start(&regions, layout.clone(), tracker, opts)?;
     let mutator = Mutator::start(&regions, a.writers, a.seed, a.hot_pct / 100.0, a.write_rate);

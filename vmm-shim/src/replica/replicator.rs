@@ -40,6 +40,10 @@ pub struct ReplicatorOptions {
     pub interval: Duration,
     /// How long to keep trying to reach the standby before giving up.
     pub connect_timeout: Duration,
+    /// Run at `SCHED_IDLE` (the default in the CLI): replication only uses CPU the guest
+    /// leaves idle. Off, it competes normally (tests on a loaded machine use that, so the
+    /// replica fills in bounded time).
+    pub idle_priority: bool,
 }
 
 /// Live counters, readable while the replicator runs.
@@ -131,7 +135,9 @@ impl Replicator {
         let thread = std::thread::Builder::new()
             .name("replicator".into())
             .spawn(move || {
-                set_idle_priority();
+                if opts.idle_priority {
+                    set_idle_priority();
+                }
                 run(GuestPages { map }, layout, tracker, opts, &stop2, &stats2)
             })
             .map_err(RoleError::Io)?;
@@ -198,7 +204,11 @@ fn run(
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("replicator-net")
-        .on_thread_start(set_idle_priority)
+        .on_thread_start(if opts.idle_priority {
+            set_idle_priority
+        } else {
+            || {}
+        })
         .enable_all()
         .build()
         .map_err(RoleError::Runtime)?;
