@@ -7,6 +7,7 @@
 pub mod dest;
 pub mod digest;
 pub mod error;
+pub mod guest;
 pub mod image;
 pub mod replica;
 pub mod source;
