@@ -125,17 +125,24 @@ impl DestProcess {
 
     /// Like [`DestProcess::start`], pinning the certificate of `peer`.
     pub fn start_pinning(certs: &Certs, peer: &str, extra: &[&str]) -> DestProcess {
-        Self::spawn(certs, "dest", "127.0.0.1:0", peer, extra)
+        Self::spawn(certs, &["dest"], "127.0.0.1:0", peer, extra)
+    }
+
+    /// Starts `faultline vm dest` (the reference KVM VMM's destination) on a free loopback
+    /// port with `extra` arguments and waits until it listens.
+    pub fn vm(certs: &Certs, extra: &[&str]) -> DestProcess {
+        Self::spawn(certs, &["vm", "dest"], "127.0.0.1:0", "source", extra)
     }
 
     /// Starts `faultline standby` on `listen` (port 0 for any) with `extra` arguments.
     pub fn standby(certs: &Certs, listen: &str, extra: &[&str]) -> DestProcess {
-        Self::spawn(certs, "standby", listen, "source", extra)
+        Self::spawn(certs, &["standby"], listen, "source", extra)
     }
 
-    fn spawn(certs: &Certs, cmd: &str, listen: &str, peer: &str, extra: &[&str]) -> DestProcess {
+    fn spawn(certs: &Certs, cmd: &[&str], listen: &str, peer: &str, extra: &[&str]) -> DestProcess {
         let mut child = Command::new(faultline_bin())
-            .args([cmd, "--listen", listen, "--json", "--progress"])
+            .args(cmd)
+            .args(["--listen", listen, "--json", "--progress"])
             .args(["--accept-timeout", "60"])
             .args(certs.args("dest", peer))
             .args(extra)
@@ -255,6 +262,20 @@ pub fn run_source(
         .spawn()
         .expect("spawn faultline source");
     collect(child, timeout, "faultline source")
+}
+
+/// Runs `faultline vm source` (the reference KVM VMM's source) against `addr` to completion.
+pub fn run_vm_source(certs: &Certs, addr: &str, extra: &[&str], timeout: Duration) -> Finished {
+    let child = Command::new(faultline_bin())
+        .args(["vm", "source", "--connect", addr, "--json"])
+        .args(["--connect-timeout", "10"])
+        .args(certs.args("source", "dest"))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn faultline vm source");
+    collect(child, timeout, "faultline vm source")
 }
 
 /// A `faultline` process started in the background, collected later.

@@ -7,6 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use clap::builder::ArgPredicate;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -19,8 +20,9 @@ use vmm_shim::image::ImageMix;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Guest memory size.
-    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    /// Guest memory size [default: 1G; 256M with --vm].
+    #[arg(long, value_parser = parse_size, default_value = "1G",
+          default_value_if("vm", ArgPredicate::IsPresent, Some("256M")), hide_default_value = true)]
     pub size: u64,
     /// memfd-backed (MAP_SHARED) destination memory instead of private anonymous memory.
     #[arg(long)]
@@ -44,6 +46,18 @@ pub struct DemoArgs {
     /// With --replica: seconds of replication before the evacuation.
     #[arg(long, default_value_t = 3.0)]
     pub replicate_secs: f64,
+    /// Migrate a running KVM guest of the reference VMM instead of a memory image.
+    #[arg(long, conflicts_with = "replica")]
+    pub vm: bool,
+    /// With --vm: vCPUs of the guest (1 to 4).
+    #[arg(long, default_value_t = 2, requires = "vm")]
+    pub vcpus: usize,
+    /// With --vm: the guest's workload.
+    #[arg(long, value_enum, default_value_t = super::vm::VmProgram::RandomRw, requires = "vm")]
+    pub program: super::vm::VmProgram,
+    /// With --vm: seconds the guest runs before the migration and after it.
+    #[arg(long, default_value_t = 2.0, requires = "vm")]
+    pub run_secs: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,13 +140,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     Identity::generate("dest")?.save(&dst_crt, &dst_key)?;
     let s = |p: &std::path::Path| p.display().to_string();
     let size = a.size.to_string();
-    if a.replica {
+    if a.vm || a.replica {
         let certs = super::demo_replica::DemoCerts {
             src_crt: s(&src_crt),
             src_key: s(&src_key),
             dst_crt: s(&dst_crt),
             dst_key: s(&dst_key),
         };
+        if a.vm {
+            return super::vm::run_demo(&a, &exe, &certs, wall);
+        }
         return super::demo_replica::run(&a, &exe, &certs, wall);
     }
 

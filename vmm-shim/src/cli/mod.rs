@@ -5,6 +5,7 @@ mod demo_replica;
 mod replica;
 mod roles;
 mod size;
+mod vm;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ pub enum Command {
     Standby(replica::StandbyArgs),
     /// Generate a certificate and key for one side; give the certificate to the other side.
     Keygen(KeygenArgs),
+    /// The reference KVM VMM: migrate a running guest (`vm source`, `vm dest`).
+    Vm(vm::VmArgs),
 }
 
 /// This side's identity and the peer certificate it pins.
@@ -140,5 +143,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen(a) => roles::keygen(a),
         Command::Replicate(a) => replica::replicate(a),
         Command::Standby(a) => replica::standby(a),
+        Command::Vm(a) => vm::run(a),
     }
 }

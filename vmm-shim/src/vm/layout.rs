@@ -48,6 +48,12 @@ const PAGE_2M: u64 = 2 << 20;
 /// Present, writable, user-accessible.
 const PTE_PRESENT_RW_USER: u64 = 0x7;
 const PTE_PAGE_SIZE: u64 = 0x80;
+/// Accessed and Dirty, set in advance: otherwise the first page walk through an entry (or
+/// first write to a 2 MiB page) makes the CPU write them into guest memory, and a guest that
+/// reads memory it never touched before changes the page tables. That would make "guest
+/// memory after resuming equals memory at switchover" false for reasons no program controls.
+const PTE_ACCESSED: u64 = 0x20;
+const PTE_DIRTY: u64 = 0x40;
 
 const CR0_PE: u64 = 1;
 const CR0_MP: u64 = 1 << 1;
@@ -104,20 +110,25 @@ pub fn write_system_tables(mem: &GuestMemoryMmap, mem_size: u64) -> Result<(), V
         write_u64(mem, GDT_ADDR + i as u64 * 8, *e)?;
     }
     write_u64(mem, IDT_ADDR, 0)?;
-    write_u64(mem, PML4_ADDR, PDPT_ADDR | PTE_PRESENT_RW_USER)?;
+    write_u64(
+        mem,
+        PML4_ADDR,
+        PDPT_ADDR | PTE_PRESENT_RW_USER | PTE_ACCESSED,
+    )?;
     let gibs = mem_size.div_ceil(1 << 30);
     for i in 0..gibs {
         write_u64(
             mem,
             PDPT_ADDR + i * 8,
-            (PD_ADDR + i * 0x1000) | PTE_PRESENT_RW_USER,
+            (PD_ADDR + i * 0x1000) | PTE_PRESENT_RW_USER | PTE_ACCESSED,
         )?;
     }
     // The page directories are contiguous, so entry j of the whole run maps 2 MiB page j.
     let pages = mem_size / PAGE_2M;
     let mut pd = Vec::with_capacity(pages as usize * 8);
     for j in 0..pages {
-        pd.extend_from_slice(&((j * PAGE_2M) | PTE_PRESENT_RW_USER | PTE_PAGE_SIZE).to_le_bytes());
+        let pde = (j * PAGE_2M) | PTE_PRESENT_RW_USER | PTE_PAGE_SIZE | PTE_ACCESSED | PTE_DIRTY;
+        pd.extend_from_slice(&pde.to_le_bytes());
     }
     write_bytes(mem, PD_ADDR, &pd)
 }

@@ -77,6 +77,39 @@ pub fn digest(mem: &GuestMemoryMmap) -> Result<String, VmError> {
     Ok(format!("{:032x}", h.digest128()))
 }
 
+/// Like [`digest`], with some little-endian u64 words of guest memory (guest-physical
+/// address, value) hashed as if they held the given values. The words must not straddle a
+/// chunk boundary, which holds for 8-byte-aligned addresses.
+pub fn digest_patched(mem: &GuestMemoryMmap, patches: &[(u64, u64)]) -> Result<String, VmError> {
+    if let Some((gpa, _)) = patches.iter().find(|(gpa, _)| gpa % 8 != 0) {
+        return Err(VmError::Memory(format!(
+            "patched word at {gpa:#x} is not 8-byte aligned"
+        )));
+    }
+    let mut h = Xxh3::new();
+    let mut buf = vec![0u8; CHUNK];
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        let len = region.len();
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(CHUNK as u64) as usize;
+            let at = start + off;
+            mem.read_slice(&mut buf[..n], GuestAddress(at))
+                .map_err(|e| VmError::Memory(format!("read at {at:#x}: {e}")))?;
+            for &(gpa, v) in patches {
+                if (at..at + n as u64).contains(&gpa) {
+                    let i = (gpa - at) as usize;
+                    buf[i..i + 8].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+    }
+    Ok(format!("{:032x}", h.digest128()))
+}
+
 /// Copy all of `src` into `dst` (same size), as a migration's destination ends up with.
 pub fn copy_memory(src: &GuestMemoryMmap, dst: &GuestMemoryMmap) -> Result<(), VmError> {
     let (a, b) = (memory_size(src), memory_size(dst));

@@ -32,6 +32,7 @@ pub mod layout;
 pub mod memory;
 pub mod programs;
 pub mod state;
+pub mod switchover;
 pub mod vcpu;
 
 use std::os::unix::thread::JoinHandleExt;
@@ -50,6 +51,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 pub use error::{StateError, VmError};
 pub use programs::Program;
 pub use state::{VcpuState, VmState, STATE_VERSION};
+pub use switchover::Switchover;
 pub use vcpu::GuestDigest;
 
 use error::kvm_err;
@@ -387,6 +389,19 @@ impl Vm {
     /// vCPUs stay parked until [`Vm::resume`] or [`Vm::stop`]; nothing writes guest memory
     /// meanwhile.
     pub fn pause(&mut self) -> Result<VmSnapshot, VmError> {
+        self.pause_inner(Duration::ZERO)
+    }
+
+    /// Pause at a clean point for a migration: each vCPU stops at its next progress report
+    /// (its next `out`, within `report_every` ops), so after a restore the guest's first step
+    /// is its digest check, with nothing written to its working-set slice in between. vCPUs
+    /// that have not reported within `grace` are kicked out of `KVM_RUN` wherever they are;
+    /// [`Vm::paused_at_report`] tells which ones stopped cleanly.
+    pub fn pause_at_report(&mut self, grace: Duration) -> Result<VmSnapshot, VmError> {
+        self.pause_inner(grace)
+    }
+
+    fn pause_inner(&mut self, kick_after: Duration) -> Result<VmSnapshot, VmError> {
         if self.run_state != RunState::Running {
             return Err(self.wrong("pause"));
         }
@@ -394,11 +409,14 @@ impl Vm {
         self.shared.request.store(REQ_PAUSE, Ordering::Release);
         let n = self.config.vcpus;
         let mut states: Vec<Option<VcpuState>> = vec![None; n];
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let asked = Instant::now();
+        let deadline = asked + kick_after + PAUSE_TIMEOUT;
         while states.iter().any(Option::is_none) {
-            for (i, t) in self.threads.iter().enumerate() {
-                if states[i].is_none() {
-                    vcpu::kick(t.as_pthread_t());
+            if asked.elapsed() >= kick_after {
+                for (i, t) in self.threads.iter().enumerate() {
+                    if states[i].is_none() {
+                        vcpu::kick(t.as_pthread_t());
+                    }
                 }
             }
             match rx.recv_timeout(Duration::from_millis(1)) {
@@ -429,6 +447,89 @@ impl Vm {
             counters: self.guest_counters()?,
         };
         Ok(VmSnapshot::from_state(state))
+    }
+
+    /// For each vCPU, whether its last pause came right after a progress report (see
+    /// [`Vm::pause_at_report`]) rather than at an arbitrary instruction.
+    pub fn paused_at_report(&self) -> Vec<bool> {
+        self.shared
+            .parked_at_report
+            .iter()
+            .map(|a| a.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// Migration check, on a paused source: clear each vCPU's last digest and set its
+    /// digest request in guest memory, so that the guest, resumed at the destination after
+    /// [`Vm::pause_at_report`], hashes its whole slice (faulting it in over postcopy) before
+    /// it writes anything. Its digest then equals the source's hash of the slice now.
+    pub fn arm_switchover_digest(&self) -> Result<(), VmError> {
+        if self.run_state == RunState::Running {
+            return Err(self.wrong("arm the switchover digest of"));
+        }
+        for i in 0..self.config.vcpus {
+            let area = layout::data_area(i);
+            memory::write_u64(&self.memory, area + programs::OFF_DIGEST, 0)?;
+            memory::write_u64(&self.memory, area + programs::OFF_DIGEST_REQ, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Hold each vCPU in the port exit of its next digest report until
+    /// [`Vm::release_hold`] (or a pause/stop). Set before [`Vm::start`] on a migration's
+    /// destination, so that all memory can be hashed in the state it had at switchover.
+    pub fn set_hold_after_digest(&self, on: bool) {
+        self.shared.hold_after_digest.store(on, Ordering::Release);
+    }
+
+    /// Let vCPUs held by [`Vm::set_hold_after_digest`] continue.
+    pub fn release_hold(&self) {
+        self.set_hold_after_digest(false);
+    }
+
+    /// Which vCPUs are waiting in the hold after their digest report.
+    pub fn held(&self) -> Vec<bool> {
+        self.shared
+            .held
+            .iter()
+            .map(|a| a.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// When each vCPU last entered the hold after a digest report.
+    pub fn held_at(&self) -> Vec<Option<Instant>> {
+        self.shared
+            .held_at
+            .iter()
+            .map(|m| *m.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect()
+    }
+
+    /// xxh3-128 of all guest memory as it was at the source's switchover, taken on a
+    /// destination whose vCPUs all wait in the hold after their switchover digest report
+    /// (see [`Vm::arm_switchover_digest`]). Between the restore and the hold each guest
+    /// wrote exactly two words, its digest and its cleared request; they are hashed with the
+    /// values they had at switchover (digest 0, request 1). Everything else is hashed as is.
+    pub fn switchover_memory_digest(&self) -> Result<String, VmError> {
+        if self.run_state == RunState::Running && !self.held().iter().all(|&h| h) {
+            return Err(self.wrong("take the switchover digest (vCPUs not all held) of"));
+        }
+        let mut patches = Vec::with_capacity(self.config.vcpus * 2);
+        for i in 0..self.config.vcpus {
+            let area = layout::data_area(i);
+            patches.push((area + programs::OFF_DIGEST, 0));
+            patches.push((area + programs::OFF_DIGEST_REQ, 1));
+        }
+        memory::digest_patched(&self.memory, &patches)
+    }
+
+    /// Host-side digests of each vCPU's working-set slice, the same function the guest
+    /// computes ([`programs::slice_digest`]); refused while vCPUs run.
+    pub fn slice_digests(&self) -> Result<Vec<u64>, VmError> {
+        if self.run_state == RunState::Running {
+            return Err(self.wrong("digest the slices of"));
+        }
+        slice_digests(&self.memory, &self.config)
     }
 
     /// Let paused vCPUs continue.
@@ -583,6 +684,17 @@ impl Vm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Host-side digest of each vCPU's working-set slice in `mem`, as the guest program of
+/// `config` computes it. Only meaningful while the VM is paused (or its memory is a copy).
+pub fn slice_digests(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<Vec<u64>, VmError> {
+    (0..config.vcpus)
+        .map(|i| {
+            let (base, len) = config.program.slice(i, config.vcpus);
+            programs::slice_digest(mem, base, len)
+        })
+        .collect()
 }
 
 impl Drop for Vm {

@@ -8,10 +8,10 @@
 //! `KVM_RUN` under `immediate_exit` (as the KVM API requires before saving state), saves its
 //! state and waits for `Resume` or `Stop`.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Mutex, Once, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_regs, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -102,6 +102,16 @@ pub(crate) struct Shared {
     pub digest_reports: Vec<AtomicU64>,
     /// First time any vCPU entered `KVM_RUN` since the last start/resume.
     pub first_run: Mutex<Option<Instant>>,
+    /// Whether each vCPU's last park came right after a progress-report port exit (so the
+    /// guest's next step is the digest check, with no write to its slice in between).
+    pub parked_at_report: Vec<AtomicBool>,
+    /// While set, a vCPU that completes a digest report waits in that port exit (not in
+    /// `KVM_RUN`, so it writes nothing) until it is cleared or a pause/stop is requested.
+    pub hold_after_digest: AtomicBool,
+    /// Which vCPUs are waiting in that hold.
+    pub held: Vec<AtomicBool>,
+    /// When each vCPU last entered that hold.
+    pub held_at: Vec<Mutex<Option<Instant>>>,
 }
 
 impl Shared {
@@ -115,6 +125,10 @@ impl Shared {
             digests: (0..vcpus).map(|_| Mutex::new(None)).collect(),
             digest_reports: v(0),
             first_run: Mutex::new(None),
+            parked_at_report: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            hold_after_digest: AtomicBool::new(false),
+            held: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            held_at: (0..vcpus).map(|_| Mutex::new(None)).collect(),
         }
     }
 
@@ -194,14 +208,19 @@ impl VcpuThread {
         // counter does not change in between, so after a restore the high half is that of
         // the counter saved at the pause (which `progress` starts from).
         let mut high: u64 = self.shared.progress[id].load(Ordering::Relaxed) >> 32;
-        // Same for a digest report; the guest stores the digest before reporting it.
-        let mut digest_high =
-            read_u64(&self.memory, self.data_area + OFF_DIGEST).map_err(|e| e.to_string())? >> 32;
+        // Same for a digest report; the guest stores the digest before reporting it, so a
+        // low half without its high half (a pause fell in between) reads the high half from
+        // guest memory. Read lazily: after a postcopy restore the data area may not be
+        // present yet, and the vCPU must not wait for it before its first `KVM_RUN`.
+        let mut digest_high: Option<u64> = None;
+        // Whether the last exit was a progress report (a clean place to pause).
+        let mut at_report = false;
         let mut noted_first_run = false;
         loop {
             match self.shared.request.load(Ordering::Acquire) {
                 REQ_STOP => return Ok(()),
                 REQ_PAUSE => {
+                    self.shared.parked_at_report[id].store(at_report, Ordering::Release);
                     if !self.park()? {
                         return Ok(());
                     }
@@ -219,7 +238,12 @@ impl VcpuThread {
                     .unwrap_or_else(|e| e.into_inner());
                 first.get_or_insert_with(Instant::now);
             }
-            match self.vcpu.run() {
+            let exit = self.vcpu.run();
+            at_report = matches!(
+                exit,
+                Ok(VcpuExit::IoOut(PORT_PROGRESS_HI | PORT_PROGRESS_LO, _))
+            );
+            match exit {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     let mut b = [0u8; 4];
                     let n = data.len().min(4);
@@ -238,19 +262,28 @@ impl VcpuThread {
                             );
                             self.shared.reports[id].fetch_add(1, Ordering::Relaxed);
                         }
-                        PORT_DIGEST_HI => digest_high = v,
+                        PORT_DIGEST_HI => digest_high = Some(v),
                         PORT_DIGEST_LO => {
+                            let hi = match digest_high.take() {
+                                Some(h) => h,
+                                None => {
+                                    read_u64(&self.memory, self.data_area + OFF_DIGEST)
+                                        .map_err(|e| e.to_string())?
+                                        >> 32
+                                }
+                            };
                             let (base, len) = self.slice;
                             let host =
                                 slice_digest(&self.memory, base, len).map_err(|e| e.to_string())?;
                             let d = GuestDigest {
-                                guest: digest_high << 32 | v,
+                                guest: hi << 32 | v,
                                 host,
                             };
                             *self.shared.digests[id]
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner()) = Some(d);
                             self.shared.digest_reports[id].fetch_add(1, Ordering::Relaxed);
+                            self.hold();
                         }
                         _ => {}
                     }
@@ -266,6 +299,25 @@ impl VcpuThread {
                 Err(e) => return Err(format!("KVM_RUN: {e}")),
             }
         }
+    }
+
+    /// Wait in the digest port exit while the VMM holds the guest there (see
+    /// [`Shared::hold_after_digest`]); a pause or stop request ends the wait.
+    fn hold(&self) {
+        let id = self.id;
+        if !self.shared.hold_after_digest.load(Ordering::Acquire) {
+            return;
+        }
+        *self.shared.held_at[id]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.shared.held[id].store(true, Ordering::Release);
+        while self.shared.hold_after_digest.load(Ordering::Acquire)
+            && self.shared.request.load(Ordering::Acquire) == REQ_RUN
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        self.shared.held[id].store(false, Ordering::Release);
     }
 
     /// Complete pending I/O, save state, report it and wait. `Ok(true)`: resume.
