@@ -189,7 +189,9 @@ impl Worker {
         want.clear();
         for msg in msgs {
             match Event::decode(msg) {
-                Event::PageFault { addr, .. } => self.on_fault(addr, want),
+                Event::PageFault {
+                    addr, thread_id, ..
+                } => self.on_fault(addr, thread_id, want),
                 Event::Remove { start, end } => self.on_remove(start, end),
                 Event::Other(kind) => {
                     tracing::warn!(event = kind, "ignoring unexpected userfaultfd event")
@@ -201,7 +203,7 @@ impl Worker {
         }
     }
 
-    fn on_fault(&self, addr: u64, want: &mut Vec<u64>) {
+    fn on_fault(&self, addr: u64, thread_id: u32, want: &mut Vec<u64>) {
         let Some(page) = self.regions.page_of(addr as usize) else {
             self.metrics.stray_fault();
             tracing::warn!(
@@ -211,7 +213,7 @@ impl Worker {
             return;
         };
         // Recorded before the state check; see Installer::resolve for the other half.
-        self.metrics.fault_read(page);
+        self.metrics.fault_read(page, thread_id);
         if self.table.try_request(page) {
             want.push(page);
             return;

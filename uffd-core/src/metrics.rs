@@ -4,6 +4,7 @@
 //! page is installed, on whatever thread installs it, and recorded once per fault
 //! message (waiter) so the histogram reflects how long vCPUs were actually blocked.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -26,6 +27,10 @@ pub struct Metrics {
     first_fault: Vec<AtomicU64>,
     /// Per page: fault messages waiting for it.
     waiters: Vec<AtomicU32>,
+    /// Pages with faults pending → the faulting threads' ids (when the kernel reports them).
+    pending_threads: Mutex<HashMap<u64, Vec<u32>>>,
+    /// Thread id → ns it spent blocked on missing pages.
+    blocked_by_thread: Mutex<HashMap<u32, u64>>,
 }
 
 /// Summary of the fault latency histogram, in microseconds.
@@ -48,7 +53,15 @@ pub struct MetricsSnapshot {
     pub pages_zero: u64,
     pub pages_discarded: u64,
     pub blocked_ns: u64,
+    /// Blocked time per faulting thread id (e.g. per vCPU thread), in ns; each waiter is
+    /// charged from the page's first fault until it was installed.
+    pub blocked_ns_by_thread: BTreeMap<u32, u64>,
     pub fault_latency_us: LatencySummary,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain maps of counters: consistent between statements even after a panic elsewhere.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What an install was, for counting.
@@ -73,6 +86,8 @@ impl Metrics {
             latency_us: Mutex::new(hist),
             first_fault: (0..total_pages).map(|_| AtomicU64::new(0)).collect(),
             waiters: (0..total_pages).map(|_| AtomicU32::new(0)).collect(),
+            pending_threads: Mutex::new(HashMap::new()),
+            blocked_by_thread: Mutex::new(HashMap::new()),
         }
     }
 
@@ -82,8 +97,14 @@ impl Metrics {
 
     /// A fault message was read for `page` (the caller checks the state afterwards, so a
     /// page resolved concurrently is still accounted by one side or the other).
-    pub(crate) fn fault_read(&self, page: u64) {
+    pub(crate) fn fault_read(&self, page: u64, thread_id: u32) {
         self.faults.fetch_add(1, Ordering::Relaxed);
+        if thread_id != 0 && (page as usize) < self.waiters.len() {
+            lock(&self.pending_threads)
+                .entry(page)
+                .or_default()
+                .push(thread_id);
+        }
         let (Some(ts), Some(w)) = (
             self.first_fault.get(page as usize),
             self.waiters.get(page as usize),
@@ -121,6 +142,12 @@ impl Metrics {
         let ns = self.now_ns().saturating_sub(start);
         self.blocked_ns
             .fetch_add(ns.saturating_mul(u64::from(waiters)), Ordering::Relaxed);
+        if let Some(threads) = lock(&self.pending_threads).remove(&page) {
+            let mut by = lock(&self.blocked_by_thread);
+            for t in threads {
+                *by.entry(t).or_default() += ns;
+            }
+        }
         let us = (ns / 1000).max(1);
         let mut h = self.latency_us.lock().unwrap_or_else(|e| e.into_inner());
         h.saturating_record_n(us, u64::from(waiters));
@@ -162,6 +189,10 @@ impl Metrics {
             pages_zero: self.pages_zero.load(Ordering::Relaxed),
             pages_discarded: self.pages_discarded.load(Ordering::Relaxed),
             blocked_ns: self.blocked_ns.load(Ordering::Relaxed),
+            blocked_ns_by_thread: lock(&self.blocked_by_thread)
+                .iter()
+                .map(|(&t, &ns)| (t, ns))
+                .collect(),
             fault_latency_us,
         }
     }
@@ -174,14 +205,14 @@ mod tests {
     #[test]
     fn latency_is_recorded_once_per_waiter() {
         let m = Metrics::new(4);
-        m.fault_read(1);
-        m.fault_read(1);
-        m.fault_read(1);
+        m.fault_read(1, 0);
+        m.fault_read(1, 0);
+        m.fault_read(1, 0);
         std::thread::sleep(std::time::Duration::from_millis(2));
         m.page_ready(1);
         m.page_ready(1); // second call finds nobody waiting
         m.page_ready(2); // nobody faulted
-        m.fault_read(99); // out of range: counted, not tracked
+        m.fault_read(99, 0); // out of range: counted, not tracked
         m.installed(InstallKind::Demand, false, 1);
         m.installed(InstallKind::Push, true, 2);
         m.discarded(3);
@@ -195,9 +226,28 @@ mod tests {
     }
 
     #[test]
+    fn blocked_time_is_charged_to_each_faulting_thread() {
+        let m = Metrics::new(8);
+        m.fault_read(5, 100);
+        m.fault_read(5, 200);
+        m.fault_read(6, 100);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        m.page_ready(5);
+        m.page_ready(6);
+        m.page_ready(5);
+        let s = m.snapshot();
+        assert_eq!(s.blocked_ns_by_thread.len(), 2, "{s:?}");
+        assert!(s.blocked_ns_by_thread[&200] >= 2_000_000);
+        assert!(s.blocked_ns_by_thread[&100] >= 2 * 2_000_000 - 1_000_000);
+        let sum: u64 = s.blocked_ns_by_thread.values().sum();
+        assert_eq!(sum, s.blocked_ns, "every blocked ns is charged to a thread");
+        assert!(lock(&m.pending_threads).is_empty());
+    }
+
+    #[test]
     fn snapshot_serializes_to_json() {
         let m = Metrics::new(1);
-        m.fault_read(0);
+        m.fault_read(0, 0);
         m.page_ready(0);
         let json = serde_json::to_string(&m.snapshot()).unwrap();
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();

@@ -35,9 +35,12 @@ fn demand_all(mems: Vec<GuestMemory>) {
     let addrs = Arc::new(region_pages(&regions));
     let barrier = Arc::new(Barrier::new(8));
     let mismatches = Arc::new(Mutex::new(Vec::new()));
+    let tids = Arc::new(Mutex::new(Vec::new()));
     {
-        let (addrs, mismatches) = (addrs.clone(), mismatches.clone());
+        let (addrs, mismatches, tids) = (addrs.clone(), mismatches.clone(), tids.clone());
         run_threads(8, TIMEOUT, move |t| {
+            // SAFETY: gettid has no preconditions.
+            tids.lock().unwrap().push(unsafe { libc::gettid() } as u32);
             barrier.wait();
             let shared = 7u64;
             if read_page(addrs[shared as usize]) != expected_page(shared) {
@@ -75,6 +78,18 @@ fn demand_all(mems: Vec<GuestMemory>) {
     // Every fault message was on a page that got installed, so each got a latency.
     assert_eq!(snap.fault_latency_us.count, snap.faults);
     assert!(snap.blocked_ns > 0);
+    // Blocked time is charged to the threads that faulted, and only to them.
+    let tids = tids.lock().unwrap();
+    assert!(!snap.blocked_ns_by_thread.is_empty());
+    assert!(
+        snap.blocked_ns_by_thread.keys().all(|t| tids.contains(t)),
+        "{:?} vs {tids:?}",
+        snap.blocked_ns_by_thread
+    );
+    assert_eq!(
+        snap.blocked_ns_by_thread.values().sum::<u64>(),
+        snap.blocked_ns
+    );
     // Unregistered: another userfaultfd may now register the same ranges (EBUSY otherwise).
     let other = Userfaultfd::open(DESTINATION_FEATURES).unwrap();
     for r in &regions {
