@@ -4,7 +4,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmm_shim::vm::{memory, GuestDigest, Program, StateError, Vm, VmConfig, VmError, VmSnapshot};
+use uffd_core::DirtyTracker;
+use vm_memory::GuestAddress;
+use vmm_shim::vm::{
+    layout, memory, GuestDigest, KvmDirtyLog, Program, StateError, Vm, VmConfig, VmError,
+    VmOptions, VmSnapshot,
+};
 
 const MEM: u64 = 64 << 20;
 
@@ -344,4 +349,122 @@ fn default_one_gib_guest_with_a_256_mib_working_set() {
         snap.as_bytes().len()
     );
     vm.stop().unwrap();
+}
+
+fn dirty_logged(vcpus: usize) -> Vm {
+    Vm::new_with_options(config(vcpus, random_rw()), VmOptions { dirty_log: true }).unwrap()
+}
+
+fn harvest(t: &mut KvmDirtyLog) -> Vec<u64> {
+    let mut out = vec![u64::MAX]; // replaced, not appended to
+    t.harvest(&mut out).unwrap();
+    assert!(out.windows(2).all(|w| w[0] < w[1]), "not ascending");
+    out
+}
+
+/// Pages a random-rw guest may write: its working-set slices, its data areas and stacks,
+/// and the system tables below the code (CPU-set accessed bits). Never the code, nor the
+/// memory past the working set.
+fn guest_may_write(page: u64, vcpus: usize) -> bool {
+    let addr = page * 4096;
+    let in_slice = (0..vcpus).any(|i| {
+        let (base, len) = random_rw().slice(i, vcpus);
+        (base..base + len).contains(&addr)
+    });
+    in_slice
+        || addr < layout::CODE_ADDR
+        || (layout::DATA_BASE..layout::WORKSET_BASE).contains(&addr)
+}
+
+#[test]
+fn kvm_dirty_log_reports_only_guest_writes_in_the_working_set() {
+    if !kvm_present() {
+        return;
+    }
+    for vcpus in [1, 2] {
+        let mut vm = dirty_logged(vcpus);
+        let mut t = vm.dirty_tracker().unwrap();
+        assert_eq!(t.kind(), "kvm-dirty-log");
+        let total = MEM / 4096;
+        assert_eq!(t.pages(), total);
+        assert_eq!(
+            harvest(&mut t),
+            (0..total).collect::<Vec<_>>(),
+            "first = all"
+        );
+
+        vm.start().unwrap();
+        wait_progress(&vm, &vec![0; vcpus]);
+        let (ws_base, _) = random_rw().slice(0, vcpus);
+        let ws_end = ws_base + random_rw().working_set();
+        let mut seen = 0usize;
+        for round in 0..5 {
+            std::thread::sleep(Duration::from_millis(50));
+            // A host write far outside the working set: KVM's log does not see it.
+            let host_page = (MEM - 4096) / 4096;
+            vm_memory::Bytes::write_obj(
+                vm.guest_memory(),
+                round + 1,
+                GuestAddress(host_page * 4096),
+            )
+            .unwrap();
+            let d = harvest(&mut t);
+            assert!(
+                !d.is_empty(),
+                "round {round}: a writing guest dirtied nothing"
+            );
+            for &p in &d {
+                assert!(p < total);
+                // KVM marks a page dirty when it first maps it for the guest, even for a
+                // read or fetch: round 0 may also report the code the guest only executes.
+                let code = (layout::CODE_ADDR..layout::DATA_BASE).contains(&(p * 4096));
+                assert!(
+                    guest_may_write(p, vcpus) || (round == 0 && code),
+                    "round {round}: page {p} ({:#x}) reported, outside what the guest writes",
+                    p * 4096
+                );
+            }
+            assert!(!d.contains(&host_page), "host write was logged");
+            let in_ws = d
+                .iter()
+                .filter(|&&p| (ws_base..ws_end).contains(&(p * 4096)))
+                .count();
+            assert!(in_ws > 0, "round {round}: no working-set page among {d:?}");
+            seen += d.len();
+        }
+
+        vm.pause().unwrap();
+        let _ = harvest(&mut t); // writes up to the pause
+        let after = harvest(&mut t);
+        assert!(after.is_empty(), "paused guest dirtied {after:?}");
+        eprintln!(
+            "kvm-dirty-log, {vcpus} vCPU(s): {seen} pages reported over 5 harvests of a {} MiB working set",
+            random_rw().working_set() >> 20
+        );
+        vm.stop().unwrap();
+    }
+}
+
+#[test]
+fn kvm_dirty_log_needs_the_option_and_is_send() {
+    fn send<T: Send>(_: &T) {}
+    if !kvm_present() {
+        return;
+    }
+    let vm = Vm::new(config(1, random_rw())).unwrap();
+    assert_eq!(vm.options(), VmOptions::default());
+    assert!(matches!(vm.dirty_tracker(), Err(VmError::Config(_))));
+    let vm = dirty_logged(1);
+    let t = vm.dirty_tracker().unwrap();
+    send(&t);
+    // Harvesting from another thread, through the trait object.
+    let mut boxed: Box<dyn DirtyTracker> = Box::new(t);
+    let n = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        boxed.harvest(&mut out).unwrap();
+        out.len() as u64
+    })
+    .join()
+    .unwrap();
+    assert_eq!(n, MEM / 4096);
 }

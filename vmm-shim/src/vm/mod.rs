@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod dirty_log;
 pub mod error;
 pub mod layout;
 pub mod memory;
@@ -43,11 +44,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use uffd_core::HostRegion;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+pub use dirty_log::KvmDirtyLog;
 pub use error::{StateError, VmError};
 pub use programs::Program;
 pub use state::{VcpuState, VmState, STATE_VERSION};
@@ -102,6 +104,16 @@ impl VmConfig {
         layout::check_mem_size(self.mem_size)?;
         self.program.validate(self.mem_size, self.vcpus)
     }
+}
+
+/// How the VM's memory slots are set up, beyond [`VmConfig`]. The default keeps the plain
+/// behaviour.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmOptions {
+    /// Register the guest memory slot(s) with `KVM_MEM_LOG_DIRTY_PAGES`, so that
+    /// [`Vm::dirty_tracker`] can report the pages vCPUs write (default false). KVM then
+    /// write-protects guest memory in its stage-2 tables, which costs the guest a little.
+    pub dirty_log: bool,
 }
 
 /// The saved state of a paused VM: an opaque versioned blob (see [`state`]) plus its parsed
@@ -171,7 +183,9 @@ pub struct Vm {
     reports: Option<Receiver<Report>>,
     msr_indices: Vec<u32>,
     paused_at: Option<Instant>,
-    _vm_fd: VmFd,
+    options: VmOptions,
+    /// Shared with [`KvmDirtyLog`] trackers.
+    vm_fd: Arc<VmFd>,
     _kvm: Kvm,
     /// Dropped last: KVM's memory slot points into it.
     memory: GuestMemoryMmap,
@@ -237,6 +251,11 @@ impl Vm {
     /// Build a VM with fresh memory: page tables, GDT, the program and each vCPU's data area
     /// are written to guest memory and the vCPUs set to start at the program in long mode.
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+        Vm::new_with_options(config, VmOptions::default())
+    }
+
+    /// [`Vm::new`] with memory-slot options (e.g. KVM dirty logging for a replica).
+    pub fn new_with_options(config: VmConfig, options: VmOptions) -> Result<Vm, VmError> {
         config.validate()?;
         let memory = memory::create_guest_memory(config.mem_size as usize)?;
         layout::write_system_tables(&memory, config.mem_size)?;
@@ -247,7 +266,7 @@ impl Vm {
                 .program
                 .init_data(&memory, i, config.vcpus, config.report_every)?;
         }
-        Vm::build(config, memory, None)
+        Vm::build(config, memory, None, options)
     }
 
     /// Build a VM from guest memory that already holds a paused VM's contents (a copy, or a
@@ -257,6 +276,16 @@ impl Vm {
         config: VmConfig,
         memory: GuestMemoryMmap,
         snapshot: VmSnapshot,
+    ) -> Result<Vm, VmError> {
+        Vm::restore_with_options(config, memory, snapshot, VmOptions::default())
+    }
+
+    /// [`Vm::restore`] with memory-slot options (e.g. KVM dirty logging for a replica).
+    pub fn restore_with_options(
+        config: VmConfig,
+        memory: GuestMemoryMmap,
+        snapshot: VmSnapshot,
+        options: VmOptions,
     ) -> Result<Vm, VmError> {
         config.validate()?;
         let state = snapshot.state;
@@ -276,13 +305,14 @@ impl Vm {
             ))
             .into());
         }
-        Vm::build(config, memory, Some(state))
+        Vm::build(config, memory, Some(state), options)
     }
 
     fn build(
         config: VmConfig,
         memory: GuestMemoryMmap,
         state: Option<VmState>,
+        options: VmOptions,
     ) -> Result<Vm, VmError> {
         vcpu::install_kick_handler()?;
         let kvm = open_kvm()?;
@@ -293,13 +323,19 @@ impl Vm {
         for (slot, r) in memory.iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: if options.dirty_log {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: r.start_addr().0,
                 memory_size: r.len(),
                 userspace_addr: r.as_ptr() as u64,
             };
             // SAFETY: the region is a live mapping of `r.len()` bytes owned by `memory`, which
-            // the Vm keeps (and drops after the VM and vCPU fds) for as long as KVM uses it.
+            // the Vm keeps (and drops after the vCPU fds) for as long as vCPUs can run. A
+            // `KvmDirtyLog` may keep the VM fd (and so the slot) alive longer; KVM follows the
+            // host unmapping through its MMU notifier, and only reads the slot's dirty bitmap.
             unsafe { vm_fd.set_user_memory_region(region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
@@ -340,7 +376,8 @@ impl Vm {
             reports: None,
             msr_indices,
             paused_at: None,
-            _vm_fd: vm_fd,
+            options,
+            vm_fd: Arc::new(vm_fd),
             _kvm: kvm,
             memory,
         })
@@ -652,6 +689,33 @@ impl Vm {
             .map(|a| a.load(Ordering::Relaxed))
             .collect();
         (d, n)
+    }
+
+    /// The memory-slot options the VM was built with.
+    pub fn options(&self) -> VmOptions {
+        self.options
+    }
+
+    /// A [`KvmDirtyLog`] over all guest memory (slots in guest-physical order, the page
+    /// numbering of [`Vm::host_regions`]), sharing this VM's fd. Needs
+    /// [`VmOptions::dirty_log`]; more than one tracker would steal each other's bits, so
+    /// take one per VM. Only vCPU writes are logged, not the host's (see [`dirty_log`]).
+    pub fn dirty_tracker(&self) -> Result<KvmDirtyLog, VmError> {
+        if !self.options.dirty_log {
+            return Err(VmError::Config(
+                "dirty tracking needs the VM built with VmOptions { dirty_log: true }".into(),
+            ));
+        }
+        let mut regions: Vec<(u64, u32, u64)> = self
+            .memory
+            .iter()
+            .enumerate()
+            .map(|(slot, r)| (r.start_addr().0, slot as u32, r.len()))
+            .collect();
+        regions.sort_unstable();
+        let slots: Vec<(u32, u64)> = regions.into_iter().map(|(_, s, l)| (s, l)).collect();
+        KvmDirtyLog::new(self.vm_fd.clone(), &slots)
+            .map_err(|e| VmError::Memory(format!("KVM dirty log: {e}")))
     }
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
