@@ -101,6 +101,18 @@ fn migrate_running_guest(program: &str, vcpus: usize) {
     assert_eq!(&d["guest_digests"], &s["slice_digests"], "guest digests");
     assert_eq!(&d["host_digests"], &s["slice_digests"], "host digests");
 
+    // The vCPUs themselves waited for remote pages (their accesses fault through KVM), and
+    // that time is attributed per vCPU; it cannot exceed the total over all threads.
+    let per_vcpu: Vec<f64> = d["vcpu_blocked_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(per_vcpu.len(), vcpus);
+    assert!(per_vcpu.iter().any(|&b| b > 0.0), "{d}");
+    assert!(per_vcpu.iter().sum::<f64>() <= d["blocked_ms"].as_f64().unwrap() + 1e-6);
+
     // Host-side digest of all guest memory at switchover: destination equals source.
     assert!(s["memory_digest"].is_string());
     assert_eq!(

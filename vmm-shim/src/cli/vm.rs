@@ -208,6 +208,8 @@ pub struct VmDestOutput {
     pub fault_latency_us: LatencySummary,
     /// Sum over faulting threads (vCPUs and host accesses) of time waiting for pages.
     pub blocked_ms: f64,
+    /// Time each vCPU waited for remote pages (like QEMU's postcopy blocktime), by vCPU index.
+    pub vcpu_blocked_ms: Vec<f64>,
     pub guest_progress_at_switchover: Vec<u64>,
     /// First counter each vCPU reported after the restore (≥ the switchover value: the
     /// guest continued rather than restarted).
@@ -490,6 +492,11 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         pages_zero: m.pages_zero,
         fault_latency_us: m.fault_latency_us,
         blocked_ms: m.blocked_ns as f64 / 1e6,
+        vcpu_blocked_ms: vm
+            .vcpu_thread_ids()
+            .iter()
+            .map(|t| m.blocked_ns_by_thread.get(t).copied().unwrap_or(0) as f64 / 1e6)
+            .collect(),
         guest_progress_at_switchover: at_switchover,
         guest_progress_first: first,
         ops_per_s_after: (fin.iter().sum::<u64>().saturating_sub(progress_released)) as f64
@@ -548,6 +555,7 @@ struct VmDemoReport {
     faults: u64,
     fault_latency_us: LatencySummary,
     blocked_ms: f64,
+    vcpu_blocked_ms: Vec<f64>,
     pages_faulted: u64,
     pages_pushed: u64,
     pages_zero: u64,
@@ -644,6 +652,7 @@ pub(super) fn run_demo(
         faults: dst.faults,
         fault_latency_us: dst.fault_latency_us,
         blocked_ms: dst.blocked_ms,
+        vcpu_blocked_ms: dst.vcpu_blocked_ms.clone(),
         pages_faulted: dst.pages_faulted,
         pages_pushed: dst.pages_pushed,
         pages_zero: dst.pages_zero,

@@ -741,6 +741,15 @@ impl Vm {
     }
 
     /// When a vCPU first entered `KVM_RUN` after the last start or resume.
+    /// Kernel thread id of each vCPU thread (0 for one not started yet).
+    pub fn vcpu_thread_ids(&self) -> Vec<u32> {
+        self.shared
+            .thread_ids
+            .iter()
+            .map(|t| t.load(Ordering::Relaxed))
+            .collect()
+    }
+
     pub fn first_run_at(&self) -> Option<Instant> {
         *self
             .shared

@@ -105,6 +105,9 @@ pub(crate) struct Shared {
     /// Whether each vCPU's last park came right after a progress-report port exit (so the
     /// guest's next step is the digest check, with no write to its slice in between).
     pub parked_at_report: Vec<AtomicBool>,
+    /// Kernel thread id of each vCPU thread (0 until it starts): userfaultfd reports which
+    /// thread faulted, and this maps that back to a vCPU.
+    pub thread_ids: Vec<std::sync::atomic::AtomicU32>,
     /// While set, a vCPU that completes a digest report waits in that port exit (not in
     /// `KVM_RUN`, so it writes nothing) until it is cleared or a pause/stop is requested.
     pub hold_after_digest: AtomicBool,
@@ -126,6 +129,9 @@ impl Shared {
             digest_reports: v(0),
             first_run: Mutex::new(None),
             parked_at_report: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            thread_ids: (0..vcpus)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
             hold_after_digest: AtomicBool::new(false),
             held: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             held_at: (0..vcpus).map(|_| Mutex::new(None)).collect(),
@@ -196,6 +202,11 @@ pub(crate) struct VcpuThread {
 impl VcpuThread {
     pub fn run(mut self) {
         let id = self.id;
+        // SAFETY: gettid has no preconditions and cannot fail.
+        let tid = unsafe { libc::gettid() } as u32;
+        if let Some(t) = self.shared.thread_ids.get(id) {
+            t.store(tid, Ordering::Relaxed);
+        }
         if let Err(reason) = self.run_loop() {
             let _ = self.reports.send(Report::Exited(id, reason));
         }
