@@ -51,6 +51,41 @@ pub fn identity(
     Ok((me, peer))
 }
 
+/// Binds a destination endpoint and announces it: a `listening` event for a parent process
+/// with `progress`, a line on stderr for a person otherwise (nothing with `json` alone).
+pub fn bind_listener(
+    tls: &TlsArgs,
+    listen: std::net::SocketAddr,
+    vm_id: Option<String>,
+    accept_timeout_secs: u64,
+    progress: bool,
+    json: bool,
+) -> anyhow::Result<Listener> {
+    let (me, peer) = identity(tls)?;
+    let on_progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>> = if progress {
+        Some(Arc::new(|present, total| {
+            emit_event(serde_json::json!({"event": "progress", "present": present, "total": total}))
+        }))
+    } else {
+        None
+    };
+    let listener = Listener::bind(DestOptions {
+        listen,
+        identity: me,
+        peer_cert: peer,
+        expected_vm_id: vm_id,
+        accept_timeout: Duration::from_secs(accept_timeout_secs),
+        progress: on_progress,
+    })?;
+    let addr = listener.local_addr()?;
+    if progress {
+        emit_event(serde_json::json!({"event": "listening", "addr": addr.to_string()}));
+    } else if !json {
+        eprintln!("listening on {addr}");
+    }
+    Ok(listener)
+}
+
 /// Prints one event line for a parent process (`faultline demo`).
 pub fn emit_event(v: serde_json::Value) {
     eprintln!("{EVENT_PREFIX}{v}");
@@ -110,28 +145,14 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
-    let (me, peer) = identity(&a.tls)?;
-    let progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>> = if a.progress {
-        Some(Arc::new(|present, total| {
-            emit_event(serde_json::json!({"event": "progress", "present": present, "total": total}))
-        }))
-    } else {
-        None
-    };
-    let listener = Listener::bind(DestOptions {
-        listen: a.listen,
-        identity: me,
-        peer_cert: peer,
-        expected_vm_id: a.vm_id.clone(),
-        accept_timeout: Duration::from_secs(a.accept_timeout),
-        progress,
-    })?;
-    let addr = listener.local_addr()?;
-    if a.progress {
-        emit_event(serde_json::json!({"event": "listening", "addr": addr.to_string()}));
-    } else if !a.json {
-        eprintln!("listening on {addr}");
-    }
+    let listener = bind_listener(
+        &a.tls,
+        a.listen,
+        a.vm_id.clone(),
+        a.accept_timeout,
+        a.progress,
+        a.json,
+    )?;
 
     let size = usize::try_from(a.size).context("memory size does not fit this machine")?;
     let memory = if a.memfd {

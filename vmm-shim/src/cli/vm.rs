@@ -22,11 +22,11 @@ use vmm_shim::replica::PausedMemory;
 use vmm_shim::vm::layout::WORKSET_BASE;
 use vmm_shim::vm::switchover::{ms_between, wall_clock};
 use vmm_shim::vm::{memory, slice_digests, Program, Switchover, Vm, VmConfig, VmSnapshot};
-use vmm_shim::{DestOptions, Listener, SourceOptions};
+use vmm_shim::SourceOptions;
 
 use super::demo::{spawn_listening, DemoArgs, Reaper};
 use super::demo_replica::DemoCerts;
-use super::roles::{emit_event, identity};
+use super::roles::{bind_listener, identity};
 use super::{parse_size, TlsArgs};
 
 #[derive(Args, Debug)]
@@ -393,31 +393,17 @@ fn wait_until(
 }
 
 fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
-    let (me, peer) = identity(&a.tls)?;
     let config = a.guest.config()?;
     let run_for = a.guest.run_for()?;
     let hold = !a.no_verify;
-    let progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>> = if a.progress {
-        Some(Arc::new(|present, total| {
-            emit_event(serde_json::json!({"event": "progress", "present": present, "total": total}))
-        }))
-    } else {
-        None
-    };
-    let listener = Listener::bind(DestOptions {
-        listen: a.listen,
-        identity: me,
-        peer_cert: peer,
-        expected_vm_id: a.vm_id.clone(),
-        accept_timeout: Duration::from_secs(a.accept_timeout),
-        progress,
-    })?;
-    let addr = listener.local_addr()?;
-    if a.progress {
-        emit_event(serde_json::json!({"event": "listening", "addr": addr.to_string()}));
-    } else if !a.json {
-        eprintln!("listening on {addr}");
-    }
+    let listener = bind_listener(
+        &a.tls,
+        a.listen,
+        a.vm_id.clone(),
+        a.accept_timeout,
+        a.progress,
+        a.json,
+    )?;
 
     let size = usize::try_from(config.mem_size).context("memory size does not fit")?;
     let mem = memory::create_guest_memory(size)?;
