@@ -468,3 +468,22 @@ fn kvm_dirty_log_needs_the_option_and_is_send() {
     .unwrap();
     assert_eq!(n, MEM / 4096);
 }
+
+#[test]
+fn async_page_faults_are_advertised_exactly_where_the_host_supports_them() {
+    if !kvm_present() {
+        return;
+    }
+    // What the host's KVM offers, read independently of the VMM.
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
+    let host_has = supported
+        .as_slice()
+        .iter()
+        .any(|e| e.function == 0x4000_0001 && e.eax & (1 << 4) != 0);
+    let vm = Vm::new(config(1, Program::Counter)).unwrap();
+    assert_eq!(vm.async_pf_exposed(), host_has);
+    eprintln!("KVM_FEATURE_ASYNC_PF advertised to the guest: {host_has}");
+}

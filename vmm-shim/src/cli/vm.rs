@@ -210,6 +210,8 @@ pub struct VmDestOutput {
     pub blocked_ms: f64,
     /// Time each vCPU waited for remote pages (like QEMU's postcopy blocktime), by vCPU index.
     pub vcpu_blocked_ms: Vec<f64>,
+    /// The guest's CPUID advertises KVM's asynchronous page faults (the host supports them).
+    pub async_pf_exposed: bool,
     pub guest_progress_at_switchover: Vec<u64>,
     /// First counter each vCPU reported after the restore (≥ the switchover value: the
     /// guest continued rather than restarted).
@@ -478,6 +480,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         pages_zero: m.pages_zero,
         fault_latency_us: m.fault_latency_us,
         blocked_ms: m.blocked_ns as f64 / 1e6,
+        async_pf_exposed: vm.async_pf_exposed(),
         vcpu_blocked_ms: vm
             .vcpu_thread_ids()
             .iter()

@@ -183,6 +183,8 @@ pub struct Vm {
     reports: Option<Receiver<Report>>,
     msr_indices: Vec<u32>,
     paused_at: Option<Instant>,
+    /// The guest's CPUID advertises KVM's asynchronous page faults (see [`Vm::async_pf_exposed`]).
+    async_pf: bool,
     options: VmOptions,
     /// Shared with [`KvmDirtyLog`] trackers.
     vm_fd: Arc<VmFd>,
@@ -376,6 +378,7 @@ impl Vm {
             reports: None,
             msr_indices,
             paused_at: None,
+            async_pf: vcpu::advertises_async_pf(&cpuid),
             options,
             vm_fd: Arc::new(vm_fd),
             _kvm: kvm,
@@ -741,6 +744,17 @@ impl Vm {
     }
 
     /// When a vCPU first entered `KVM_RUN` after the last start or resume.
+    /// Whether the guest's CPUID advertises KVM's asynchronous page fault feature
+    /// (`KVM_FEATURE_ASYNC_PF`, leaf 0x4000_0001). The vCPUs get the CPUID the host's KVM
+    /// supports, so this is exposed exactly where the host has it. A guest kernel that enables
+    /// it (`MSR_KVM_ASYNC_PF_EN`) is told "page not present, run something else" when a vCPU
+    /// touches a page still in flight, instead of stalling; the bare-metal programs here do
+    /// not enable it (they have no interrupt handling), so their vCPUs stall in `KVM_RUN`
+    /// until userfaultfd installs the page. See docs/vm.md.
+    pub fn async_pf_exposed(&self) -> bool {
+        self.async_pf
+    }
+
     /// Kernel thread id of each vCPU thread (0 for one not started yet).
     pub fn vcpu_thread_ids(&self) -> Vec<u32> {
         self.shared

@@ -171,6 +171,18 @@ pub(crate) fn set_cpuid(vcpu: &VcpuFd, base: &CpuId, id: usize) -> Result<(), Vm
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))
 }
 
+/// KVM's paravirtual feature leaf and its asynchronous page fault bit.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_ASYNC_PF: u32 = 1 << 4;
+
+/// Whether `cpuid` advertises KVM's asynchronous page faults to the guest.
+pub(crate) fn advertises_async_pf(cpuid: &CpuId) -> bool {
+    cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == KVM_CPUID_FEATURES && e.eax & KVM_FEATURE_ASYNC_PF != 0)
+}
+
 /// Boot state of vCPU `id`: long mode, at the program entry, with its stack and data area.
 pub(crate) fn setup_boot_state(vcpu: &VcpuFd, id: usize) -> Result<(), VmError> {
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
