@@ -152,6 +152,11 @@ impl DestSession {
         self.state == State::Finished
     }
 
+    /// This side told the source it holds every page (`Complete` sent).
+    pub fn complete_sent(&self) -> bool {
+        matches!(self.state, State::CompleteSent | State::Finished)
+    }
+
     /// Feeds one message received on `channel`. Data for the application comes back as
     /// `Ok(Some(delivery))`, already checked against the layout.
     pub fn handle(

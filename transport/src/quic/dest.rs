@@ -331,6 +331,12 @@ async fn drive(
                     }
                 }
                 Some(Ok(None)) | None => {
+                    // Every page is here and the source was told so: a source that hangs up
+                    // without waiting to acknowledge loses nothing.
+                    if lock(session).complete_sent() && sink.is_complete() {
+                        tracing::info!("the source closed before acknowledging completion");
+                        break Ok(());
+                    }
                     break end_of_replication(conn, kind, "the source closed the control stream")
                 }
                 Some(Err(super::FrameError::Codec(c))) => {
