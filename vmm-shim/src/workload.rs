@@ -52,6 +52,19 @@ impl Workload {
     /// Starts `threads` threads over `regions`. The regions must stay mapped until
     /// [`Workload::stop`] returns.
     pub fn start(regions: &[HostRegion], threads: usize, seed: u64, pattern: Pattern) -> Workload {
+        Workload::spawn(regions, threads, "vcpu", move |walker, t| match pattern {
+            Pattern::Random => walker.random(seed ^ (t as u64 + 1)),
+            _ => walker.pages(pattern, t, threads, seed),
+        })
+    }
+
+    /// Runs `body(walker, thread index)` on `threads` named threads sharing the counters.
+    fn spawn(
+        regions: &[HostRegion],
+        threads: usize,
+        name: &str,
+        body: impl Fn(&mut Walker<'_>, usize) + Clone + Send + 'static,
+    ) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(AtomicU64::new(0));
         let writes = Arc::new(AtomicU64::new(0));
@@ -59,8 +72,9 @@ impl Workload {
             .map(|t| {
                 let regions = regions.to_vec();
                 let (stop, ops, writes) = (stop.clone(), ops.clone(), writes.clone());
+                let body = body.clone();
                 std::thread::Builder::new()
-                    .name(format!("vcpu-{t}"))
+                    .name(format!("{name}-{t}"))
                     .spawn(move || {
                         let mut walker = Walker {
                             regions: &regions,
@@ -68,10 +82,7 @@ impl Workload {
                             ops: &ops,
                             writes: &writes,
                         };
-                        match pattern {
-                            Pattern::Random => walker.random(seed ^ (t as u64 + 1)),
-                            _ => walker.pages(pattern, t, threads, seed),
-                        }
+                        body(&mut walker, t)
                     })
                     .expect("spawning a workload thread")
             })
@@ -222,35 +233,10 @@ impl Mutator {
         hot_fraction: f64,
         rate: u64,
     ) -> Mutator {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ops = Arc::new(AtomicU64::new(0));
-        let writes = Arc::new(AtomicU64::new(0));
-        let handles = (0..threads)
-            .map(|t| {
-                let regions = regions.to_vec();
-                let (stop, ops, writes) = (stop.clone(), ops.clone(), writes.clone());
-                std::thread::Builder::new()
-                    .name(format!("mutator-{t}"))
-                    .spawn(move || {
-                        let walker = Walker {
-                            regions: &regions,
-                            stop: &stop,
-                            ops: &ops,
-                            writes: &writes,
-                        };
-                        walker.mutate(seed ^ ((t as u64 + 1) * 0x9E37), hot_fraction, rate)
-                    })
-                    .expect("spawning a mutator thread")
-            })
-            .collect();
         Mutator {
-            inner: Workload {
-                stop,
-                ops,
-                writes,
-                threads: handles,
-                started: Instant::now(),
-            },
+            inner: Workload::spawn(regions, threads, "mutator", move |walker, t| {
+                walker.mutate(seed ^ ((t as u64 + 1) * 0x9E37), hot_fraction, rate)
+            }),
         }
     }
 
