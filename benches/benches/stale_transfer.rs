@@ -324,7 +324,7 @@ impl Standby {
     fn serve(&mut self, bytes: u64) -> anyhow::Result<(StandbyReport, String)> {
         let listener = self.listener.take().context("the standby already served")?;
         let report = listener
-            .serve_standby(self.sink.clone(), &Layout::single(bytes), |_| {})
+            .serve_standby(self.sink.clone(), &Layout::single(bytes), |_, _| {})
             .context("standby")?;
         let region = self
             .sink
@@ -504,6 +504,7 @@ fn evacuate_into(
             connect_timeout: Duration::from_secs(30),
             push: true,
         },
+        None,
     )?)
 }
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use faultline_tests::{run_vm_source, Certs, DestProcess};
+use faultline_tests::{run_vm_source, Certs, DestProcess, ShmDir};
 use serde_json::Value;
 
 fn kvm_present() -> bool {
@@ -24,15 +24,38 @@ fn u64s(v: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// How the guest reaches the destination.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    /// Plain postcopy: every page crosses.
+    Postcopy,
+    /// Replicated to a standby VMM while it runs (KVM dirty log), then evacuated into the
+    /// replica; with a stale share, exactly that much of memory is made stale first.
+    Replica { stale_pct: Option<u32> },
+}
+
 /// Migrates a 64 MiB guest running `program` (over a 32 MiB working set) after it ran for a
 /// while, and checks everything the issue asks of a migration.
-fn migrate_running_guest(program: &str, vcpus: usize) {
+fn migrate_running_guest(program: &str, vcpus: usize, via: Via) {
     if !kvm_present() {
         return;
     }
     let started = Instant::now();
     let certs = Certs::new();
     let v = vcpus.to_string();
+    let replica_dir = ShmDir::new("vm");
+    let dir = replica_dir.arg();
+    let mut dest_extra = vec![];
+    let mut src_extra = vec![];
+    let pct;
+    if let Via::Replica { stale_pct } = via {
+        dest_extra.extend(["--replica-dir", &dir]);
+        src_extra.push("--replicate");
+        if let Some(p) = stale_pct {
+            pct = p.to_string();
+            src_extra.extend(["--stale-pct", &pct]);
+        }
+    }
     let guest = [
         "--size",
         "64M",
@@ -47,8 +70,13 @@ fn migrate_running_guest(program: &str, vcpus: usize) {
         "--run-secs",
         "1",
     ];
-    let dest = DestProcess::vm(&certs, &guest);
-    let src = run_vm_source(&certs, &dest.addr, &guest, Duration::from_secs(60));
+    let dest = DestProcess::vm(&certs, &[&guest[..], &dest_extra].concat());
+    let src = run_vm_source(
+        &certs,
+        &dest.addr,
+        &[&guest[..], &src_extra].concat(),
+        Duration::from_secs(60),
+    );
     let dst = dest.wait(Duration::from_secs(60));
     assert!(src.status.success(), "source failed: {}", src.stderr);
     assert!(dst.status.success(), "destination failed: {}", dst.stderr);
@@ -110,7 +138,11 @@ fn migrate_running_guest(program: &str, vcpus: usize) {
         .map(|x| x.as_f64().unwrap())
         .collect();
     assert_eq!(per_vcpu.len(), vcpus);
-    assert!(per_vcpu.iter().any(|&b| b > 0.0), "{d}");
+    // (With a small stale set the push may win every race, so faults are not certain.)
+    let faults_expected = !matches!(via, Via::Replica { stale_pct: Some(_) });
+    if faults_expected {
+        assert!(per_vcpu.iter().any(|&b| b > 0.0), "{d}");
+    }
     assert!(per_vcpu.iter().sum::<f64>() <= d["blocked_ms"].as_f64().unwrap() + 1e-6);
 
     // Host-side digest of all guest memory at switchover: destination equals source.
@@ -121,14 +153,19 @@ fn migrate_running_guest(program: &str, vcpus: usize) {
     );
 
     // It was postcopy: the guest resumed before memory arrived and faulted pages in, and
-    // every page was installed.
-    assert!(d["faults"].as_u64().unwrap() > 0, "no userfaultfd faults");
+    // every page that had to cross was installed.
+    if faults_expected {
+        assert!(d["faults"].as_u64().unwrap() > 0, "no userfaultfd faults");
+    }
     let pages = d["memory_bytes"].as_u64().unwrap() / 4096;
     let installed = ["pages_faulted", "pages_pushed", "pages_zero"]
         .iter()
         .map(|k| d[*k].as_u64().unwrap())
         .sum::<u64>();
-    assert!(installed >= pages, "{installed} of {pages} pages installed");
+    match via {
+        Via::Postcopy => assert!(installed >= pages, "{installed} of {pages} pages installed"),
+        Via::Replica { stale_pct } => check_replica(s, d, pages, installed, vcpus, stale_pct),
+    }
     let downtime = d["downtime_ms"].as_f64().unwrap();
     assert!(
         downtime > 0.0 && downtime < 5_000.0,
@@ -143,21 +180,81 @@ fn migrate_running_guest(program: &str, vcpus: usize) {
     );
 }
 
+/// With a replica: only stale pages crossed, every other page came from the replica, and
+/// the source and the standby agree on what was stale.
+fn check_replica(
+    s: &Value,
+    d: &Value,
+    pages: u64,
+    installed: u64,
+    vcpus: usize,
+    stale_pct: Option<u32>,
+) {
+    let (sr, dr) = (&s["replica"], &d["replica"]);
+    assert_eq!(sr["tracker"], "kvm-dirty-log", "{sr}");
+    assert!(
+        sr["pages_acked"].as_u64().unwrap() > 0,
+        "nothing replicated: {sr}"
+    );
+    let stale = dr["pages_stale"].as_u64().unwrap();
+    assert_eq!(
+        sr["pages_stale"].as_u64(),
+        Some(stale),
+        "source and standby disagree"
+    );
+    let from_replica = dr["pages_from_replica"].as_u64().unwrap();
+    assert!(from_replica > 0, "nothing served from the replica: {dr}");
+    assert!(stale < pages, "every page was stale: {dr}");
+    assert!(
+        installed >= stale,
+        "{installed} installed of {stale} stale pages"
+    );
+    assert!(
+        installed <= stale + vcpus as u64,
+        "non-stale pages crossed: {installed} > {stale}"
+    );
+    if let Some(p) = stale_pct {
+        // Exactly the requested share, plus the vCPU data areas the VMM armed for the
+        // digest check (its own writes, recorded beside the dirty log's).
+        let want = (pages as f64 * f64::from(p) / 100.0).round() as u64;
+        assert!(
+            (want..=want + vcpus as u64).contains(&stale),
+            "{stale} pages stale, asked for {want}"
+        );
+    }
+}
+
 #[test]
 fn running_writer_with_one_vcpu_migrates_and_continues() {
-    migrate_running_guest("random-rw", 1);
+    migrate_running_guest("random-rw", 1, Via::Postcopy);
 }
 
 #[test]
 fn running_writer_with_four_vcpus_migrates_and_continues() {
-    migrate_running_guest("random-rw", 4);
+    migrate_running_guest("random-rw", 4, Via::Postcopy);
 }
 
 /// A guest that never touched its working set before switchover: reading it at the
 /// destination must not change guest memory (page-table accessed/dirty bits are preset).
 #[test]
 fn counter_guest_migrates_and_memory_is_unchanged_by_first_touch() {
-    migrate_running_guest("counter", 2);
+    migrate_running_guest("counter", 2, Via::Postcopy);
+}
+
+#[test]
+fn running_writer_with_one_vcpu_is_replicated_then_evacuated() {
+    migrate_running_guest("random-rw", 1, Via::Replica { stale_pct: None });
+}
+
+#[test]
+fn running_writer_with_four_vcpus_is_evacuated_with_ten_percent_stale() {
+    migrate_running_guest(
+        "random-rw",
+        4,
+        Via::Replica {
+            stale_pct: Some(10),
+        },
+    );
 }
 
 #[test]

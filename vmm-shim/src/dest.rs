@@ -263,12 +263,13 @@ pub struct StandbyReport {
 impl Listener {
     /// Runs a standby: serves replication sessions into `sink`'s replica (reconnects
     /// included) until a source evacuates into it, then receives the stale pages while the
-    /// guest runs. `on_resume` gets the guest memory region when the guest may resume.
+    /// guest runs. `on_resume` gets the guest memory region when the guest may resume, and
+    /// the VMM's state blob if the source sent one (see [`crate::replica::evacuate`]).
     pub fn serve_standby(
         self,
         sink: Arc<crate::replica::StandbySink>,
         layout: &Layout,
-        on_resume: impl FnOnce(HostRegion) + Send + 'static,
+        on_resume: impl FnOnce(HostRegion, Option<Vec<u8>>) + Send + 'static,
     ) -> Result<StandbyReport, RoleError> {
         use transport::message::SessionKind;
         let torn_at_open = sink.torn_pages();
@@ -303,11 +304,11 @@ impl Listener {
                 let resumed: Arc<Mutex<Option<Instant>>> = Arc::default();
                 let (resumed2, hook, sink2) = (resumed.clone(), on_resume.clone(), sink.clone());
                 let hooks = DestHooks {
-                    on_established: Some(Box::new(move |_vm: &str, _state: Option<&[u8]>| {
+                    on_established: Some(Box::new(move |_vm: &str, state: Option<&[u8]>| {
                         *resumed2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                         let f = hook.lock().unwrap_or_else(|p| p.into_inner()).take();
                         if let (Some(f), Some(region)) = (f, sink2.guest_region()) {
-                            f(region);
+                            f(region, state.map(<[u8]>::to_vec));
                         }
                     })),
                 };

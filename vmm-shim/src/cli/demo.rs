@@ -40,14 +40,16 @@ pub struct DemoArgs {
     /// seconds, then evacuate into the replica so only stale pages cross.
     #[arg(long)]
     pub replica: bool,
-    /// With --replica: make exactly this percentage of pages stale at evacuation.
+    /// With --replica: make this percentage of pages stale at evacuation (exactly, without
+    /// --vm; with --vm, plus what the guest writes in the moment before the switchover pause).
     #[arg(long, requires = "replica")]
     pub stale_pct: Option<f64>,
     /// With --replica: seconds of replication before the evacuation.
     #[arg(long, default_value_t = 3.0)]
     pub replicate_secs: f64,
-    /// Migrate a running KVM guest of the reference VMM instead of a memory image.
-    #[arg(long, conflicts_with = "replica")]
+    /// Migrate a running KVM guest of the reference VMM instead of a memory image (with
+    /// --replica: replicate it to a standby VMM first, then evacuate into the replica).
+    #[arg(long)]
     pub vm: bool,
     /// With --vm: vCPUs of the guest (1 to 4).
     #[arg(long, default_value_t = 2, requires = "vm")]

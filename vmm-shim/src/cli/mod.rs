@@ -6,6 +6,7 @@ mod replica;
 mod roles;
 mod size;
 mod vm;
+mod vm_replica;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

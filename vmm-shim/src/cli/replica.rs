@@ -134,7 +134,8 @@ pub struct StandbyOutput {
     pub workload: WorkloadReport,
 }
 
-fn epoch() -> u64 {
+/// A replication epoch: random enough per source run.
+pub(super) fn epoch() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -216,6 +217,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             connect_timeout: Duration::from_secs(30),
             push: true,
         },
+        None,
     )?;
     let out = ReplicateOutput {
         vm_id: a.vm_id,
@@ -294,10 +296,14 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
     let workload: Arc<Mutex<Option<Workload>>> = Arc::default();
     let started = workload.clone();
     let workers = a.workers;
-    let result = listener.serve_standby(sink.clone(), &Layout::single(a.size), move |region| {
-        let w = Workload::start(&[region], workers, 0x5eed, Pattern::Random);
-        *started.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
-    });
+    let result = listener.serve_standby(
+        sink.clone(),
+        &Layout::single(a.size),
+        move |region, _state| {
+            let w = Workload::start(&[region], workers, 0x5eed, Pattern::Random);
+            *started.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+        },
+    );
     let workload = workload
         .lock()
         .unwrap_or_else(|p| p.into_inner())

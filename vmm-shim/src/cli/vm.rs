@@ -9,6 +9,7 @@
 //! switchover; then it keeps running.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -17,17 +18,24 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 use transport::Layout;
-use uffd_core::LatencySummary;
-use vmm_shim::replica::PausedMemory;
+use uffd_core::{LatencySummary, MetricsSnapshot};
+use vmm_shim::replica::{evacuate, PausedMemory};
 use vmm_shim::vm::layout::WORKSET_BASE;
+use vmm_shim::vm::rate::{rate_between, RateSampler, Sample};
 use vmm_shim::vm::switchover::{ms_between, wall_clock};
-use vmm_shim::vm::{memory, slice_digests, Program, Switchover, Vm, VmConfig, VmSnapshot};
+use vmm_shim::vm::{
+    memory, slice_digests, Program, Switchover, Vm, VmConfig, VmOptions, VmSnapshot,
+};
 use vmm_shim::SourceOptions;
 
 use super::demo::{spawn_listening, DemoArgs, Reaper};
 use super::demo_replica::DemoCerts;
 use super::roles::{bind_listener, identity};
+use super::vm_replica::{self, ReplicaArgs, SourceReplicaReport};
 use super::{parse_size, TlsArgs};
+
+/// How often the guests' progress is sampled for the rate series.
+const SAMPLE_PERIOD: Duration = Duration::from_millis(10);
 
 #[derive(Args, Debug)]
 pub struct VmArgs {
@@ -125,6 +133,12 @@ pub struct VmSourceArgs {
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
     #[command(flatten)]
+    pub replica: ReplicaArgs,
+    /// Do not ask the guests to hash their slices when they resume: they go straight on with
+    /// their workload (for rate measurements; pair with `vm dest --no-verify`).
+    #[arg(long)]
+    pub no_guest_digest: bool,
+    #[command(flatten)]
     pub tls: TlsArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -148,6 +162,10 @@ pub struct VmDestArgs {
     /// continue their workload at once (no `switchover_digest` in the report).
     #[arg(long)]
     pub no_verify: bool,
+    /// Be a standby: keep a replica of the guest in this directory (on tmpfs), filled by
+    /// `vm source --replicate`, and become the destination when the source evacuates.
+    #[arg(long)]
+    pub replica_dir: Option<PathBuf>,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// Print one JSON object instead of text.
@@ -168,8 +186,11 @@ pub struct VmSourceOutput {
     pub working_set: u64,
     /// Each vCPU's op counter when it paused.
     pub guest_progress_at_switchover: Vec<u64>,
-    /// Ops per second over the run before switchover, all vCPUs together.
+    /// Ops per second over the second half of the run before switchover (steady state),
+    /// all vCPUs together.
     pub ops_per_s_before: f64,
+    /// Replication before the evacuation (`--replicate`).
+    pub replica: Option<SourceReplicaReport>,
     /// Each vCPU stopped right after a progress report (needed for the guest digest check).
     pub paused_at_report: Vec<bool>,
     /// Pause requested → every vCPU stopped and saved.
@@ -235,6 +256,28 @@ pub struct VmDestOutput {
     pub held_ms: f64,
     /// Ops per second after the hold was released, all vCPUs together.
     pub ops_per_s_after: f64,
+    /// First vCPU ran → every page present (from the session's own timing).
+    pub postcopy_ms: f64,
+    /// Ops per second from the first run until every page was present (with the hold on,
+    /// this includes the time the guests spent held).
+    pub ops_per_s_during: Option<f64>,
+    /// The guests' total op count every 10 ms, from the first destination vCPU run.
+    pub progress_series: Vec<Sample>,
+    /// What the standby held and fetched (`--replica-dir`).
+    pub replica: Option<DestReplicaReport>,
+}
+
+/// What a standby (`vm dest --replica-dir`) adds to its report.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct DestReplicaReport {
+    pub replication_sessions: u64,
+    pub pages_replicated: u64,
+    /// Pages the replica held valid when the evacuation began.
+    pub replica_valid_pages: u64,
+    pub pages_from_replica: u64,
+    pub pages_stale: u64,
+    /// Switchover → last stale page present.
+    pub vulnerability_ms: f64,
 }
 
 pub fn run(a: VmArgs) -> anyhow::Result<ExitCode> {
@@ -263,20 +306,51 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
     let config = a.guest.config()?;
     let run_for = a.guest.run_for()?;
-    let mut vm = Vm::new(config.clone()).context("booting the source VM")?;
+    let options = VmOptions {
+        dirty_log: a.replica.replicate,
+    };
+    let mut vm = Vm::new_with_options(config.clone(), options).context("booting the source VM")?;
+    let layout = Layout::single(config.mem_size);
     vm.start()?;
     let started = Instant::now();
+    let sampler = RateSampler::start(vm.progress_probe(), started, SAMPLE_PERIOD);
+    let replication = if a.replica.replicate {
+        Some(vm_replica::start(
+            &vm, &layout, &a.replica, a.connect, &a.vm_id, &me, &peer,
+        )?)
+    } else {
+        None
+    };
     run_guest(&vm, run_for)?;
+    let ran_ms = started.elapsed().as_secs_f64() * 1e3;
+    let series = sampler.stop();
+    let ops_per_s_before = rate_between(&series, ran_ms / 2.0, ran_ms).unwrap_or(0.0);
+    let mut replicated = match replication {
+        Some(r) => Some(vm_replica::finish(r, &mut vm, a.replica.stale_pct)?),
+        None => None,
+    };
 
     let asked = Instant::now();
-    let snapshot = vm
-        .pause_at_report(Duration::from_secs(2))
-        .context("pausing the source VM")?;
+    let (snapshot, paused_at) = match replicated.as_mut().and_then(|f| f.snapshot.take()) {
+        // Paused already to prepare the stale set; the switchover starts now.
+        Some(snapshot) => (snapshot, asked),
+        None => {
+            let snapshot = vm
+                .pause_at_report(Duration::from_secs(2))
+                .context("pausing the source VM")?;
+            (snapshot, vm.paused_at().context("pause time missing")?)
+        }
+    };
     let pause_ms = asked.elapsed().as_secs_f64() * 1e3;
-    let ran = started.elapsed().as_secs_f64();
-    let paused_at = wall_clock(vm.paused_at().context("pause time missing")?);
+    let paused_at = wall_clock(paused_at);
     let paused_at_report = vm.paused_at_report();
-    vm.arm_switchover_digest()?;
+    if !a.no_guest_digest {
+        vm.arm_switchover_digest()?;
+        if let Some(f) = replicated.as_mut() {
+            // The dirty log does not see the VMM's own writes.
+            f.state.ledger.mark_dirty(&vm.vmm_written_pages());
+        }
+    }
     let blob = Switchover {
         paused_at,
         paused_at_report: paused_at_report.clone(),
@@ -284,9 +358,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     }
     .encode();
 
-    let layout = Layout::single(config.mem_size);
     let regions = vm.host_regions();
-    let paused = Arc::new(PausedMemory::new(&regions)?);
     let opts = SourceOptions {
         connect: a.connect,
         identity: me,
@@ -298,11 +370,26 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     // Memory is frozen while paused: hash it beside the migration, not before it, so the
     // digests add nothing to the downtime.
     let mem = vm.guest_memory().clone();
+    let mut replica = None;
     let (report, digests) = std::thread::scope(|s| {
         let hashing = s.spawn(|| -> anyhow::Result<(String, Vec<u64>)> {
             Ok((memory::digest(&mem)?, slice_digests(&mem, &config)?))
         });
-        let report = vmm_shim::send_with_state(paused, &layout, &opts, blob);
+        let report = match replicated {
+            Some(f) => {
+                let mut r = SourceReplicaReport::new(&f.state.summary, a.replica.stale_pct, &f);
+                evacuate(&regions, &layout, f.state, f.epoch, &opts, Some(blob)).map(|e| {
+                    r.pages_stale_source = e.pages_stale_source;
+                    r.pages_stale = e.pages_stale;
+                    r.final_harvest_ms = e.final_harvest_ms;
+                    replica = Some(r);
+                    e.session
+                })
+            }
+            None => PausedMemory::new(&regions).and_then(|paused| {
+                vmm_shim::send_with_state(Arc::new(paused), &layout, &opts, blob)
+            }),
+        };
         let digests = hashing
             .join()
             .map_err(|_| anyhow::anyhow!("the hashing thread panicked"))
@@ -320,7 +407,8 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         vcpus: config.vcpus,
         program: a.guest.program,
         working_set: config.program.working_set(),
-        ops_per_s_before: counters.iter().sum::<u64>() as f64 / ran.max(1e-9),
+        ops_per_s_before,
+        replica,
         guest_progress_at_switchover: counters,
         paused_at_report,
         pause_ms,
@@ -356,7 +444,15 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-type Restored = Result<(Vm, Switchover), String>;
+/// The restored VM, its switchover state, and the rate sampler started with it.
+struct Resumed {
+    vm: Vm,
+    sw: Switchover,
+    sampler: RateSampler,
+    origin: Instant,
+}
+
+type Restored = Result<Resumed, String>;
 
 /// In `on_resume`: decode the blob, restore the VM into the (userfaultfd-registered)
 /// memory and start it. Touches no guest memory itself: this runs on the network driver,
@@ -366,14 +462,21 @@ fn restore_and_start(
     mem: vm_memory::GuestMemoryMmap,
     blob: Option<Vec<u8>>,
     hold: bool,
-) -> anyhow::Result<(Vm, Switchover)> {
+) -> anyhow::Result<Resumed> {
     let blob = blob.context("the source sent no VM state")?;
     let sw = Switchover::decode(&blob).context("decoding the switchover state")?;
     let snapshot = VmSnapshot::from_bytes(sw.snapshot.as_bytes().to_vec())?;
     let mut vm = Vm::restore(config, mem, snapshot).context("restoring the VM")?;
     vm.set_hold_after_digest(hold);
+    let origin = Instant::now();
+    let sampler = RateSampler::start(vm.progress_probe(), origin, SAMPLE_PERIOD);
     vm.start()?;
-    Ok((vm, sw))
+    Ok(Resumed {
+        vm,
+        sw,
+        sampler,
+        origin,
+    })
 }
 
 /// Wait until `done` holds for the VM, failing if a vCPU stops or `timeout` passes.
@@ -394,6 +497,17 @@ fn wait_until(
     Ok(())
 }
 
+/// What either way of receiving (plain destination or standby) reports.
+struct Received {
+    vm_id: String,
+    memory_bytes: u64,
+    resume_ms: f64,
+    total_ms: f64,
+    wire_bytes: u64,
+    metrics: MetricsSnapshot,
+    replica: Option<DestReplicaReport>,
+}
+
 fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
     let config = a.guest.config()?;
     let run_for = a.guest.run_for()?;
@@ -408,18 +522,76 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
     )?;
 
     let size = usize::try_from(config.mem_size).context("memory size does not fit")?;
-    let mem = memory::create_guest_memory(size)?;
-    let regions = memory::host_regions(&mem);
     let layout = Layout::single(config.mem_size);
+    // Declared before the VM, so dropped after it: a standby's replica mapping is the
+    // guest memory the VM's memory slot points into.
+    let standby = match &a.replica_dir {
+        Some(dir) => Some(vm_replica::open_standby(dir, config.mem_size)?),
+        None => None,
+    };
     let slot: Arc<Mutex<Option<Restored>>> = Arc::default();
-    let (slot2, mem2, config2) = (slot.clone(), mem.clone(), config.clone());
-    let received = listener.receive_vm(&regions, &layout, move |blob| {
-        let r = restore_and_start(config2, mem2, blob, hold).map_err(|e| format!("{e:#}"));
-        *slot2.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-    });
+    let (slot2, config2) = (slot.clone(), config.clone());
+    let received = match &standby {
+        None => {
+            let mem = memory::create_guest_memory(size)?;
+            let regions = memory::host_regions(&mem);
+            // Stays mapped until the session has unregistered it, even when the restore
+            // fails and the hook drops its clone.
+            let _mapped = mem.clone();
+            let r = listener.receive_vm(&regions, &layout, move |blob| {
+                let r = restore_and_start(config2, mem, blob, hold).map_err(|e| format!("{e:#}"));
+                *slot2.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            });
+            r.context("receiving the VM").map(|r| Received {
+                vm_id: r.vm_id,
+                memory_bytes: r.memory_bytes,
+                resume_ms: r.resume_ms,
+                total_ms: r.total_ms,
+                wire_bytes: r.wire_bytes,
+                metrics: r.metrics,
+                replica: None,
+            })
+        }
+        Some(sink) => {
+            let r = listener.serve_standby(sink.clone(), &layout, move |region, blob| {
+                // SAFETY: `standby` owns the replica mapping and is dropped after the VM
+                // (see its declaration); the mapping is read-write MAP_SHARED tmpfs.
+                let r = unsafe { vm_replica::memory_over(&region) }
+                    .and_then(|mem| restore_and_start(config2, mem, blob, hold))
+                    .map_err(|e| format!("{e:#}"));
+                *slot2.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            });
+            r.context("receiving the VM into the standby")
+                .and_then(|r| {
+                    Ok(Received {
+                        vm_id: r.vm_id,
+                        memory_bytes: r.memory_bytes,
+                        resume_ms: r.resume_ms,
+                        total_ms: r.total_ms,
+                        wire_bytes: r.wire_bytes,
+                        metrics: r
+                            .metrics
+                            .context("the evacuation ended before the guest resumed")?,
+                        replica: Some(DestReplicaReport {
+                            replication_sessions: r.replication_sessions,
+                            pages_replicated: r.pages_replicated,
+                            replica_valid_pages: r.replica_valid_pages,
+                            pages_from_replica: r.evacuation.pages_from_replica,
+                            pages_stale: r.evacuation.pages_stale,
+                            vulnerability_ms: r.evacuation.vulnerability_ms,
+                        }),
+                    })
+                })
+        }
+    };
     let restored = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let report = received.context("receiving the VM")?;
-    let (mut vm, sw) = match restored {
+    let report = received?;
+    let Resumed {
+        mut vm,
+        sw,
+        sampler,
+        origin,
+    } = match restored {
         Some(Ok(r)) => r,
         Some(Err(e)) => bail!("{e}"),
         None => bail!("the migration ended without resuming the VM"),
@@ -443,10 +615,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         let digest_ms = all_held.duration_since(first_run_at).as_secs_f64() * 1e3;
         (Some(d), digest_ms, all_held.elapsed().as_secs_f64() * 1e3)
     } else {
-        wait_until(&vm, Duration::from_secs(60), "no digest reports", |vm| {
-            vm.digests().1.iter().all(|&n| n > 0)
-        })?;
-        (None, first_run_at.elapsed().as_secs_f64() * 1e3, 0.0)
+        (None, 0.0, 0.0)
     };
     let (digests, _) = vm.digests();
     let released = Instant::now();
@@ -456,6 +625,19 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
     let after = released.elapsed().as_secs_f64();
     let first = vm.first_progress();
     vm.stop()?;
+    // Times relative to the first destination vCPU run.
+    let shift = first_run_at.saturating_duration_since(origin).as_secs_f64() * 1e3;
+    let series: Vec<Sample> = sampler
+        .stop()
+        .into_iter()
+        .filter(|s| s.t_ms >= shift)
+        .map(|s| Sample {
+            t_ms: s.t_ms - shift,
+            ops: s.ops,
+        })
+        .collect();
+    // The session's clock starts at the connect; the guest resumed `resume_ms` after it.
+    let postcopy_ms = (report.total_ms - report.resume_ms).max(0.0);
 
     let at_switchover = sw.snapshot.counters().to_vec();
     let fin = final_snapshot.counters().to_vec();
@@ -498,6 +680,10 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         switchover_digest,
         digest_ms,
         held_ms,
+        postcopy_ms,
+        ops_per_s_during: rate_between(&series, 0.0, postcopy_ms),
+        progress_series: series,
+        replica: report.replica,
     };
     if a.json {
         println!("{}", serde_json::to_string(&out)?);
@@ -557,6 +743,9 @@ struct VmDemoReport {
     held_ms: f64,
     source_digest: String,
     dest_digest: Option<String>,
+    /// With --replica: what replication sent, and what crossed at evacuation.
+    replica_source: Option<SourceReplicaReport>,
+    replica_dest: Option<DestReplicaReport>,
     wall_ms: f64,
 }
 
@@ -576,9 +765,23 @@ pub(super) fn run_demo(
             .to_possible_value()
             .map(|v| v.get_name().to_string())
             .unwrap_or_else(|| "random-rw".into()),
-        "--run-secs".into(),
-        a.run_secs.to_string(),
     ];
+    // With --replica the source replicates for --replicate-secs before it evacuates.
+    let source_secs = if a.replica {
+        a.replicate_secs
+    } else {
+        a.run_secs
+    };
+    let replica_dir = if a.replica {
+        Some(
+            tempfile::Builder::new()
+                .prefix("faultline-demo-vm-")
+                .tempdir_in("/dev/shm")
+                .context("creating the replica directory on /dev/shm (tmpfs)")?,
+        )
+    } else {
+        None
+    };
     let mut cmd = Command::new(exe);
     cmd.args([
         "vm",
@@ -588,26 +791,44 @@ pub(super) fn run_demo(
         "--json",
         "--progress",
     ])
-    .args(["--accept-timeout", "60"])
+    .args(["--accept-timeout", "120"])
     .args(&guest)
+    .args(["--run-secs", &a.run_secs.to_string()])
     .args(["--cert", &certs.dst_crt, "--key", &certs.dst_key])
     .args(["--peer-cert", &certs.src_crt]);
+    if let Some(dir) = &replica_dir {
+        cmd.arg("--replica-dir").arg(dir.path());
+    }
     let (mut dest, addr, _events, relay) = spawn_listening(&mut cmd, "destination VMM")?;
     if !a.json {
         eprintln!(
-            "booting a {} MiB guest with {} vCPU(s) running {:?}; migrating after {} s ...",
+            "booting a {} MiB guest with {} vCPU(s) running {:?}; {} {} s ...",
             a.size >> 20,
             a.vcpus,
             a.program,
-            a.run_secs
+            if a.replica {
+                "replicating it to the standby, then evacuating after"
+            } else {
+                "migrating after"
+            },
+            source_secs
         );
     }
+    let mut src_cmd = Command::new(exe);
+    src_cmd
+        .args(["vm", "source", "--connect", &addr, "--json"])
+        .args(&guest)
+        .args(["--run-secs", &source_secs.to_string()])
+        .args(["--cert", &certs.src_crt, "--key", &certs.src_key])
+        .args(["--peer-cert", &certs.dst_crt]);
+    if a.replica {
+        src_cmd.arg("--replicate");
+        if let Some(p) = a.stale_pct {
+            src_cmd.args(["--stale-pct", &p.to_string()]);
+        }
+    }
     let mut source = Reaper(Some(
-        Command::new(exe)
-            .args(["vm", "source", "--connect", &addr, "--json"])
-            .args(&guest)
-            .args(["--cert", &certs.src_crt, "--key", &certs.src_key])
-            .args(["--peer-cert", &certs.dst_crt])
+        src_cmd
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the source VMM process")?,
@@ -654,6 +875,8 @@ pub(super) fn run_demo(
         held_ms: dst.held_ms,
         source_digest: src.memory_digest,
         dest_digest: dst.switchover_digest,
+        replica_source: src.replica,
+        replica_dest: dst.replica,
         wall_ms: wall.elapsed().as_secs_f64() * 1e3,
     };
     let ok = r.digest_match && r.guest_digest_match && r.continued;
@@ -714,4 +937,17 @@ fn print_text(r: &VmDemoReport) {
         yes(r.digest_match),
         if r.continued { "yes" } else { "NO" }
     );
+    if let (Some(s), Some(d)) = (&r.replica_source, &r.replica_dest) {
+        let pages = (r.memory_bytes / 4096).max(1);
+        println!(
+            "  replica    {} pages replicated with the {} tracker ({} harvests) while the guest ran; \
+             at evacuation {} pages ({:.1}%) were stale and crossed, {} came from the replica",
+            s.pages_sent,
+            s.tracker,
+            s.harvests,
+            d.pages_stale,
+            100.0 * d.pages_stale as f64 / pages as f64,
+            d.pages_from_replica
+        );
+    }
 }

@@ -59,12 +59,15 @@ pub struct EvacuationReport {
 }
 
 /// Evacuates the paused guest in `regions` into the standby the replicator fed.
+/// `vm_state` is the VMM's opaque vCPU and device state; the standby gets it before the
+/// guest may resume (see [`crate::send_with_state`]).
 pub fn evacuate(
     regions: &[HostRegion],
     layout: &Layout,
     mut state: ReplicatorState,
     epoch: u64,
     opts: &SourceOptions,
+    vm_state: Option<Vec<u8>>,
 ) -> Result<EvacuationReport, RoleError> {
     let t = Instant::now();
     let mut dirty = Vec::new();
@@ -79,6 +82,7 @@ pub fn evacuate(
         epoch,
         stale: Some(stale),
         push: opts.push,
+        vm_state,
         ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
     };
     let session = run_session(memory, config, opts)?;

@@ -8,6 +8,7 @@ use std::os::fd::FromRawFd;
 use uffd_core::HostRegion;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
 };
 use xxhash_rust::xxh3::Xxh3;
 
@@ -41,6 +42,40 @@ pub fn create_guest_memory(size: usize) -> Result<GuestMemoryMmap, VmError> {
         Some(FileOffset::new(file, 0)),
     )])
     .map_err(|e| VmError::Memory(format!("mmap {size} bytes of memfd: {e}")))
+}
+
+/// Guest memory at guest-physical 0 over an existing `MAP_SHARED` mapping that something
+/// else owns: a standby's replica file, which is already registered with userfaultfd and
+/// must be the very mapping the vCPUs fault on (a second mapping of the same file would
+/// not be registered). The size must be a non-zero multiple of 2 MiB.
+///
+/// # Safety
+///
+/// `region` must describe a live read-write `MAP_SHARED` mapping that stays mapped for as
+/// long as the returned memory, and every clone of it (a [`super::Vm`] holds one), lives.
+pub unsafe fn guest_memory_over(region: &HostRegion) -> Result<GuestMemoryMmap, VmError> {
+    if region.len == 0 || !region.len.is_multiple_of(2 << 20) {
+        return Err(VmError::Config(format!(
+            "memory size {} must be a non-zero multiple of 2 MiB",
+            region.len
+        )));
+    }
+    // SAFETY: the caller guarantees the mapping is live, read-write and shared, and outlives
+    // the region; `build_raw` does not take ownership, so it never unmaps it.
+    let mapping = unsafe {
+        MmapRegion::build_raw(
+            region.host_addr as *mut u8,
+            region.len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+    }
+    .map_err(|e| VmError::Memory(format!("wrapping the replica mapping: {e}")))?;
+    let region = GuestRegionMmap::new(mapping, GuestAddress(0)).ok_or_else(|| {
+        VmError::Memory("the replica mapping overflows guest-physical space".into())
+    })?;
+    GuestMemoryMmap::from_regions(vec![region])
+        .map_err(|e| VmError::Memory(format!("guest memory over the replica: {e}")))
 }
 
 /// Total guest memory size in bytes.
@@ -137,7 +172,8 @@ pub fn read_u64(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, VmError> {
         .map_err(|e| VmError::Memory(format!("read u64 at {gpa:#x}: {e}")))
 }
 
-pub(crate) fn write_u64(mem: &GuestMemoryMmap, gpa: u64, v: u64) -> Result<(), VmError> {
+/// Writes one little-endian u64 at guest-physical `gpa`.
+pub fn write_u64(mem: &GuestMemoryMmap, gpa: u64, v: u64) -> Result<(), VmError> {
     mem.write_obj(v, GuestAddress(gpa))
         .map_err(|e| VmError::Memory(format!("write u64 at {gpa:#x}: {e}")))
 }

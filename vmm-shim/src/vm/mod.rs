@@ -32,6 +32,7 @@ pub mod error;
 pub mod layout;
 pub mod memory;
 pub mod programs;
+pub mod rate;
 pub mod state;
 pub mod switchover;
 pub mod vcpu;
@@ -515,6 +516,16 @@ impl Vm {
         Ok(())
     }
 
+    /// Guest pages this VMM itself writes while the guest is paused
+    /// ([`Vm::arm_switchover_digest`], [`Vm::request_digests`]): the vCPU data areas. KVM's
+    /// dirty log records only vCPU writes, so a replicating VMM must mark these dirty itself
+    /// (as it must for device DMA) or the standby would keep an older copy.
+    pub fn vmm_written_pages(&self) -> Vec<u64> {
+        (0..self.config.vcpus)
+            .map(|i| layout::data_area(i) / uffd_core::PAGE_SIZE as u64)
+            .collect()
+    }
+
     /// Hold each vCPU in the port exit of its next digest report until
     /// [`Vm::release_hold`] (or a pause/stop). Set before [`Vm::start`] on a migration's
     /// destination, so that all memory can be hashed in the state it had at switchover.
@@ -743,7 +754,6 @@ impl Vm {
         self.paused_at
     }
 
-    /// When a vCPU first entered `KVM_RUN` after the last start or resume.
     /// Whether the guest's CPUID advertises KVM's asynchronous page fault feature
     /// (`KVM_FEATURE_ASYNC_PF`, leaf 0x4000_0001). The vCPUs get the CPUID the host's KVM
     /// supports, so this is exposed exactly where the host has it. A guest kernel that enables
@@ -764,12 +774,47 @@ impl Vm {
             .collect()
     }
 
+    /// A handle that reads the guests' progress from another thread (a rate sampler),
+    /// without access to the `Vm` itself.
+    pub fn progress_probe(&self) -> ProgressProbe {
+        ProgressProbe {
+            memory: self.memory.clone(),
+            counters: (0..self.config.vcpus)
+                .map(|i| layout::data_area(i) + programs::OFF_COUNTER)
+                .collect(),
+        }
+    }
+
+    /// When a vCPU first entered `KVM_RUN` after the last start or resume.
     pub fn first_run_at(&self) -> Option<Instant> {
         *self
             .shared
             .first_run
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reads the guests' op counters straight from their data areas in guest memory, where
+/// each program stores its counter on every op: one-op resolution with no VM exit (the
+/// port-I/O reports come only every `report_every` ops, and a guest that is mostly waiting
+/// for pages may make none for a long while). `Send`, cheap.
+///
+/// On a postcopy destination the first read may fault the data-area page in; the vCPU
+/// touches that page on its first op anyway.
+#[derive(Clone)]
+pub struct ProgressProbe {
+    memory: GuestMemoryMmap,
+    counters: Vec<u64>,
+}
+
+impl ProgressProbe {
+    /// The sum over vCPUs of their op counters (a counter that cannot be read counts 0).
+    pub fn total(&self) -> u64 {
+        self.counters
+            .iter()
+            .map(|&gpa| memory::read_u64(&self.memory, gpa).unwrap_or(0))
+            .sum()
     }
 }
 

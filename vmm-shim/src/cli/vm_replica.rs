@@ -1,0 +1,225 @@
+//! The standby replica for KVM guests: `faultline vm source --replicate` replicates the
+//! running guest (KVM's dirty log as the tracker) to `faultline vm dest --replica-dir`, then
+//! evacuates into it with the vCPU state, so only stale pages cross.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Serialize;
+use transport::tls::{CertificateDer, Identity};
+use transport::{Layout, PAGE_SIZE};
+use uffd_core::{HostRegion, MemoryTier};
+use vmm_shim::replica::{
+    Replica, ReplicationSummary, Replicator, ReplicatorOptions, ReplicatorState, StandbySink,
+};
+use vmm_shim::vm::layout::WORKSET_BASE;
+use vmm_shim::vm::{memory, Vm, VmSnapshot};
+
+use super::replica::epoch;
+
+/// `faultline vm source` options for replicating before the evacuation.
+#[derive(Args, Debug, Clone)]
+pub struct ReplicaArgs {
+    /// Replicate the running guest to the standby at `--connect` (a `faultline vm dest
+    /// --replica-dir`) for `--run-secs`, then evacuate into it: only stale pages cross.
+    #[arg(long)]
+    pub replicate: bool,
+    /// With --replicate: make exactly this percentage of guest memory stale at evacuation.
+    /// The guest is paused (at a progress report, as for any switchover), replication
+    /// catches up, and the VMM writes to that many working-set pages, recording them as
+    /// dirty as it would for device DMA. That preparation pause is reported as
+    /// `stale_prep_ms` and is not counted in the downtime, which starts when the
+    /// evacuation does.
+    #[arg(long, requires = "replicate")]
+    pub stale_pct: Option<f64>,
+    /// With --replicate: replication bandwidth budget in Mbit/s of page payload.
+    #[arg(long, default_value_t = 800.0)]
+    pub budget_mbps: f64,
+}
+
+/// Replication of a running guest, started with the VM.
+pub struct Replication {
+    pub replicator: Replicator,
+    pub epoch: u64,
+}
+
+/// What `vm source --replicate` adds to its report.
+#[derive(Debug, Serialize, serde::Deserialize, Clone)]
+pub struct SourceReplicaReport {
+    pub tracker: String,
+    pub pages_sent: u64,
+    pub pages_acked: u64,
+    pub harvests: u64,
+    pub wire_bytes: u64,
+    pub stale_pct_requested: Option<f64>,
+    /// Pages the VMM wrote to reach `stale_pct_requested` (0 without it).
+    pub pages_dirtied_by_vmm: u64,
+    /// Pages the source counted stale after the final harvest.
+    pub pages_stale_source: u64,
+    /// Pages that crossed at evacuation (the source's stale set plus what the standby could
+    /// not serve).
+    pub pages_stale: u64,
+    pub final_harvest_ms: f64,
+    /// With `stale_pct_requested`: the guest's pause before the evacuation while
+    /// replication caught up and the VMM wrote the stale pages (not part of the downtime).
+    pub stale_prep_ms: f64,
+}
+
+impl SourceReplicaReport {
+    pub fn new(summary: &ReplicationSummary, stale_pct: Option<f64>, f: &Finished) -> Self {
+        SourceReplicaReport {
+            tracker: summary.tracker.to_string(),
+            pages_sent: summary.pages_sent,
+            pages_acked: summary.pages_acked,
+            harvests: summary.harvests,
+            wire_bytes: summary.wire_bytes,
+            stale_pct_requested: stale_pct,
+            pages_dirtied_by_vmm: f.dirtied,
+            stale_prep_ms: f.prep_ms,
+            pages_stale_source: 0,
+            pages_stale: 0,
+            final_harvest_ms: 0.0,
+        }
+    }
+}
+
+/// Starts replicating `vm` (built with the dirty log on) to the standby in `opts`.
+pub fn start(
+    vm: &Vm,
+    layout: &Layout,
+    a: &ReplicaArgs,
+    connect: std::net::SocketAddr,
+    vm_id: &str,
+    me: &Identity,
+    peer: &CertificateDer<'static>,
+) -> anyhow::Result<Replication> {
+    let tracker = vm.dirty_tracker().context("KVM dirty log")?;
+    let epoch = epoch();
+    let opts = ReplicatorOptions {
+        connect,
+        identity: me.clone(),
+        peer_cert: peer.clone(),
+        vm_id: vm_id.to_string(),
+        epoch,
+        budget_bytes_per_sec: (a.budget_mbps * 1e6 / 8.0) as u64,
+        interval: Duration::from_millis(20),
+        connect_timeout: Duration::from_secs(30),
+        // The vCPU threads would starve an idle-priority replicator on 2 cores.
+        idle_priority: false,
+    };
+    let replicator = Replicator::start(&vm.host_regions(), layout.clone(), Box::new(tracker), opts)
+        .context("starting replication")?;
+    Ok(Replication { replicator, epoch })
+}
+
+/// Replication ended: what evacuation needs.
+pub struct Finished {
+    pub state: ReplicatorState,
+    pub epoch: u64,
+    /// Pages the VMM wrote to reach the requested stale share.
+    pub dirtied: u64,
+    /// With a requested stale share: the guest is already paused, in this state, and
+    /// `prep_ms` went into the preparation.
+    pub snapshot: Option<VmSnapshot>,
+    pub prep_ms: f64,
+}
+
+/// Ends replication while the guest keeps running (the dirty log keeps recording; the
+/// final harvest at evacuation picks up what the guest writes meanwhile). With `stale_pct`,
+/// first makes that share of memory stale (see [`ReplicaArgs::stale_pct`]).
+pub fn finish(r: Replication, vm: &mut Vm, stale_pct: Option<f64>) -> anyhow::Result<Finished> {
+    let epoch = r.epoch;
+    let Some(pct) = stale_pct else {
+        let state = r.replicator.stop().context("replication failed")?;
+        return Ok(Finished {
+            state,
+            epoch,
+            dirtied: 0,
+            snapshot: None,
+            prep_ms: 0.0,
+        });
+    };
+    let t = Instant::now();
+    let snapshot = vm
+        .pause_at_report(Duration::from_secs(2))
+        .context("pausing the guest to let replication catch up")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while r.replicator.stale_pages() > 0 {
+        if !r.replicator.is_running() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "replication did not catch up within 120 s ({} pages stale); raise --budget-mbps",
+                r.replicator.stale_pages()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut state = r.replicator.stop().context("replication failed")?;
+    let pages = working_set_pages(vm, pct)?;
+    for &p in &pages {
+        let gpa = p * PAGE_SIZE as u64;
+        let v = memory::read_u64(vm.guest_memory(), gpa)?;
+        memory::write_u64(vm.guest_memory(), gpa, v ^ 0x5a5a_5a5a_5a5a_5a5a)?;
+    }
+    // The dirty log sees only vCPU writes: the VMM records its own, as it must for DMA.
+    state.ledger.mark_dirty(&pages);
+    Ok(Finished {
+        state,
+        epoch,
+        dirtied: pages.len() as u64,
+        snapshot: Some(snapshot),
+        prep_ms: t.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// `pct` percent of guest memory as pages spread over the working set (deterministic).
+fn working_set_pages(vm: &Vm, pct: f64) -> anyhow::Result<Vec<u64>> {
+    let config = vm.config();
+    let total = config.mem_size / PAGE_SIZE as u64;
+    let want = ((total as f64) * pct.clamp(0.0, 100.0) / 100.0).round() as u64;
+    let ws_pages = config.program.working_set() / PAGE_SIZE as u64;
+    if want > ws_pages {
+        bail!(
+            "--stale-pct {pct}: {want} pages do not fit in the {} MiB working set",
+            config.program.working_set() >> 20
+        );
+    }
+    let first = WORKSET_BASE / PAGE_SIZE as u64;
+    let n = ws_pages.max(1);
+    // i * stride mod n visits distinct pages when the stride is coprime with n.
+    let mut stride = (n as f64 * 0.618_033_988_75) as u64 | 1;
+    while gcd(stride, n) != 1 {
+        stride += 2;
+    }
+    Ok((0..want).map(|i| first + (i * stride) % n).collect())
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// A standby's replica for a guest of `size` bytes in `dir` (tmpfs).
+pub fn open_standby(dir: &Path, size: u64) -> anyhow::Result<Arc<StandbySink>> {
+    let tier = MemoryTier::open(dir, size / PAGE_SIZE as u64)
+        .with_context(|| format!("opening the replica in {}", dir.display()))?;
+    Ok(Arc::new(StandbySink::new(Replica::Memory(tier))))
+}
+
+/// Guest memory over the standby's replica mapping, which userfaultfd has registered.
+///
+/// # Safety
+///
+/// The sink that owns `region` must outlive the returned memory and every VM built on it.
+pub unsafe fn memory_over(region: &HostRegion) -> anyhow::Result<vm_memory::GuestMemoryMmap> {
+    // SAFETY: forwarded to the caller; the replica mapping is a read-write MAP_SHARED
+    // mapping of the tmpfs file (MemoryTier).
+    Ok(unsafe { memory::guest_memory_over(region) }?)
+}
