@@ -503,6 +503,8 @@ fn evacuate_into(
             vm_id: VM_ID.into(),
             connect_timeout: Duration::from_secs(30),
             push: true,
+            // wire_over_stale measures the protocol's overhead: no compression.
+            encoding: transport::encoding::EncodingPolicy::OFF,
         },
         None,
     )?)

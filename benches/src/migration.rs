@@ -273,6 +273,8 @@ pub fn run_child(role: &str, args: &[String]) -> anyhow::Result<()> {
             vm_id: "bench-vm".into(),
             connect_timeout: Duration::from_secs(30),
             push,
+            // These benches compare against raw quinn streams: zero flags only.
+            encoding: transport::encoding::EncodingPolicy::OFF,
         },
     )
     .with_context(|| format!("child {role}: faultline source"))?;

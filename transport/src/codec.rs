@@ -408,9 +408,30 @@ fn decode_pages(mut body: Bytes, versioned: bool) -> Result<(Pages, Vec<u64>), C
     let kinds = body.split_to(count);
     let mut expected = 0usize;
     for &k in kinds.iter() {
-        expected += PageKind::from_u8(k)
-            .ok_or(CodecError::BadPageKind(k))?
-            .payload_len();
+        let kind = PageKind::from_u8(k).ok_or(CodecError::BadPageKind(k))?;
+        expected += match kind.payload_len() {
+            // Replication stores pages as they are: no encoded kinds in an `Update`.
+            Some(_) if versioned && kind == PageKind::Ref => {
+                return Err(CodecError::BadPageKind(k))
+            }
+            Some(n) => n,
+            None if versioned => return Err(CodecError::BadPageKind(k)),
+            None => {
+                // An lz4 block: its length prefix sits at `expected` in the payload.
+                let len = body
+                    .get(expected..expected + 2)
+                    .ok_or(CodecError::Truncated(w))?;
+                let n = u16::from_le_bytes([len[0], len[1]]) as usize;
+                if n == 0 || n >= PAGE_SIZE {
+                    return Err(CodecError::Limit {
+                        what: "lz4 block length",
+                        value: n,
+                        limit: PAGE_SIZE - 1,
+                    });
+                }
+                2 + n
+            }
+        };
     }
     match body.len().cmp(&expected) {
         std::cmp::Ordering::Less => Err(CodecError::Truncated(w)),

@@ -6,6 +6,7 @@
 
 pub mod bitmap;
 pub mod codec;
+pub mod encoding;
 pub mod message;
 pub mod proto;
 

@@ -66,6 +66,14 @@ pub enum PageKind {
     Raw = 0,
     /// An all-zero page; nothing follows.
     Zero = 1,
+    /// An lz4 block: a little-endian `u16` length `n` (1 ≤ n < 4096), then `n` bytes that
+    /// decompress to exactly one page. Only after [`FEATURE_LZ4`] was negotiated.
+    Lz4 = 2,
+    /// A reference to content the destination already holds: the number of a page that
+    /// holds it there (u64) and the content's xxh3-128 hash (u128), little-endian. The
+    /// destination verifies the content it installs, and asks for the page when it
+    /// cannot. Only after [`FEATURE_DEDUP`] was negotiated.
+    Ref = 3,
 }
 
 impl PageKind {
@@ -73,15 +81,20 @@ impl PageKind {
         match v {
             0 => Some(PageKind::Raw),
             1 => Some(PageKind::Zero),
+            2 => Some(PageKind::Lz4),
+            3 => Some(PageKind::Ref),
             _ => None,
         }
     }
 
-    /// Payload bytes this kind occupies.
-    pub fn payload_len(self) -> usize {
+    /// Payload bytes this kind occupies, when fixed (`None` for [`PageKind::Lz4`], whose
+    /// payload starts with its length).
+    pub fn payload_len(self) -> Option<usize> {
         match self {
-            PageKind::Raw => PAGE_SIZE,
-            PageKind::Zero => 0,
+            PageKind::Raw => Some(PAGE_SIZE),
+            PageKind::Zero => Some(0),
+            PageKind::Lz4 => None,
+            PageKind::Ref => Some(REF_LEN),
         }
     }
 }
@@ -102,6 +115,13 @@ pub struct Pages {
 pub enum PageRef<'a> {
     Raw(&'a [u8]),
     Zero,
+    /// The compressed block (without its length prefix).
+    Lz4(&'a [u8]),
+    /// A page the destination holds with this content, and the content's xxh3-128 hash.
+    Ref {
+        page: u64,
+        hash: u128,
+    },
 }
 
 impl Pages {
@@ -162,15 +182,27 @@ impl<'a> Iterator for PagesIter<'a> {
         let kind = PageKind::from_u8(*self.pages.kinds.get(self.i)?)?;
         let page = self.pages.first.checked_add(self.i as u64)?;
         self.i += 1;
+        let payload = &self.pages.payload;
         match kind {
             PageKind::Zero => Some((page, PageRef::Zero)),
             PageKind::Raw => {
-                let data = self
-                    .pages
-                    .payload
-                    .get(self.offset..self.offset + PAGE_SIZE)?;
+                let data = payload.get(self.offset..self.offset + PAGE_SIZE)?;
                 self.offset += PAGE_SIZE;
                 Some((page, PageRef::Raw(data)))
+            }
+            PageKind::Lz4 => {
+                let len = payload.get(self.offset..self.offset + 2)?;
+                let n = u16::from_le_bytes([len[0], len[1]]) as usize;
+                let data = payload.get(self.offset + 2..self.offset + 2 + n)?;
+                self.offset += 2 + n;
+                Some((page, PageRef::Lz4(data)))
+            }
+            PageKind::Ref => {
+                let r = payload.get(self.offset..self.offset + REF_LEN)?;
+                self.offset += REF_LEN;
+                let held = u64::from_le_bytes(r[..8].try_into().ok()?);
+                let hash = u128::from_le_bytes(r[8..].try_into().ok()?);
+                Some((page, PageRef::Ref { page: held, hash }))
             }
         }
     }
@@ -229,6 +261,15 @@ pub const MAX_STATE: usize = 512 * 1024;
 /// `Hello` feature bit: a `VmState` message follows the handshake and the destination must
 /// not resume before it has it.
 pub const FEATURE_VM_STATE: u64 = 1 << 63;
+
+/// Feature bit: `Pages` may carry [`PageKind::Lz4`] pages.
+pub const FEATURE_LZ4: u64 = 1 << 0;
+
+/// Feature bit: `Pages` may carry [`PageKind::Ref`] pages.
+pub const FEATURE_DEDUP: u64 = 1 << 1;
+
+/// Payload bytes of a [`PageKind::Ref`]: a page number and an xxh3-128 hash.
+pub const REF_LEN: usize = 24;
 
 /// Most (page, version) pairs in one `Ack`.
 pub const MAX_ACKS: usize = 8192;

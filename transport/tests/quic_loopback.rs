@@ -5,9 +5,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use transport::encoding::EncodingPolicy;
 use transport::message::{PageRef, Pages, PAGE_SIZE};
 use transport::proto::{Channel, DestConfig, DestSession, SourceConfig, SourceSession};
-use transport::quic::{self, DestHooks, DriverError, PageReader, PageSink, SinkError};
+use transport::quic::{
+    self, DestHooks, DestReport, DriverError, PageReader, PageSink, SinkError, SourceReport,
+};
 use transport::tls::Identity;
 use transport::Layout;
 
@@ -49,6 +52,9 @@ impl PageSink for MemSink {
             match p {
                 PageRef::Raw(d) => mem[at..at + PAGE_SIZE].copy_from_slice(d),
                 PageRef::Zero => mem[at..at + PAGE_SIZE].fill(0),
+                PageRef::Lz4(_) | PageRef::Ref { .. } => {
+                    return Err(SinkError("the driver hands sinks decoded pages".into()))
+                }
             }
             if !std::mem::replace(&mut present[i as usize], true) {
                 self.count.fetch_add(1, Ordering::Relaxed);
@@ -62,6 +68,18 @@ impl PageSink for MemSink {
 
     fn is_complete(&self) -> bool {
         self.count.load(Ordering::Relaxed) as usize == self.present.lock().unwrap().len()
+    }
+
+    fn read_page(&self, page: u64, out: &mut [u8]) -> bool {
+        // Same lock order as `install`.
+        let mem = self.mem.lock().unwrap();
+        let present = self.present.lock().unwrap();
+        if !present.get(page as usize).copied().unwrap_or(false) {
+            return false;
+        }
+        let at = page as usize * PAGE_SIZE;
+        out.copy_from_slice(&mem[at..at + PAGE_SIZE]);
+        true
     }
 }
 
@@ -88,7 +106,67 @@ fn localhost() -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_over_loopback_delivers_every_byte() {
+    let (src_report, dst_report, sink, img) =
+        migrate(image(2048), EncodingPolicy::AUTO, vec![2000, 5, 1999]).await;
     let pages = 2048;
+    assert_eq!(*sink.mem.lock().unwrap(), img.0);
+    assert_eq!(dst_report.pages_received, pages as u64);
+    assert!(src_report.pages_served >= 1, "{src_report:?}");
+    // A request can cross the push of the same page, so replies may repeat pushed pages,
+    // but the push itself hands out each page at most once.
+    assert!(src_report.pages_pushed + src_report.pages_served >= pages as u64);
+    assert!(src_report.pages_pushed <= pages as u64);
+    assert!(sink.urgent.load(Ordering::Relaxed) >= 1);
+}
+
+/// Text-like pages (compressible) whose content repeats every 256 pages (deduplicable
+/// across push batches), and zero pages.
+fn compressible_image(pages: usize) -> Vec<u8> {
+    let mut v = vec![0u8; pages * PAGE_SIZE];
+    for (i, page) in v.chunks_mut(PAGE_SIZE).enumerate() {
+        if i % 5 == 0 {
+            continue;
+        }
+        let line = format!("page group {} of faultline's test image; ", i % 256);
+        for (b, c) in page.iter_mut().zip(line.bytes().cycle()) {
+            *b = c;
+        }
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_and_deduplicated_pages_arrive_intact() {
+    let (src, dst, sink, img) =
+        migrate(compressible_image(2048), EncodingPolicy::ALL, vec![7, 1500]).await;
+    assert_eq!(*sink.mem.lock().unwrap(), img.0);
+    let e = &src.encoding;
+    assert!(e.lz4_pages > 0 && e.ref_pages > 0, "{e:?}");
+    assert_eq!(dst.pages_lz4, e.lz4_pages);
+    assert_eq!(dst.pages_ref, e.ref_pages);
+    // Every reference pointed at a page pushed earlier on the same stream.
+    assert_eq!(dst.refs_refetched, 0);
+    assert!(e.compression_ratio < 0.2, "{e:?}");
+    assert_eq!(e.chosen, "lz4+dedup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_encoding_off_only_zero_flags_are_used() {
+    let (src, dst, sink, img) =
+        migrate(compressible_image(512), EncodingPolicy::OFF, vec![3]).await;
+    assert_eq!(*sink.mem.lock().unwrap(), img.0);
+    let e = &src.encoding;
+    assert_eq!((e.lz4_pages, e.ref_pages), (0, 0), "{e:?}");
+    assert_eq!((dst.pages_lz4, dst.pages_ref), (0, 0));
+    assert_eq!(e.chosen, "raw");
+}
+
+async fn migrate(
+    img: Vec<u8>,
+    encoding: EncodingPolicy,
+    demand: Vec<u64>,
+) -> (SourceReport, DestReport, Arc<MemSink>, Arc<Image>) {
+    let pages = img.len() / PAGE_SIZE;
     let src_id = Identity::generate("source").unwrap();
     let dst_id = Identity::generate("dest").unwrap();
     let server = quic::server_endpoint(localhost(), &dst_id, src_id.cert.clone()).unwrap();
@@ -110,7 +188,7 @@ async fn migration_over_loopback_delivers_every_byte() {
                 // The VM state arrives before the guest resumes.
                 assert_eq!(state, Some(&b"vcpu state v1"[..]));
                 // Demand a few pages from the far end as soon as we "resume".
-                req_tx.send(vec![2000, 5, 1999]).unwrap();
+                req_tx.send(demand).unwrap();
             })),
         };
         let r = quic::run_dest(conn, session, dest_sink, req_rx, hooks).await;
@@ -118,24 +196,17 @@ async fn migration_over_loopback_delivers_every_byte() {
         r
     });
 
-    let img = Arc::new(Image(image(pages)));
+    let img = Arc::new(Image(img));
     let client = quic::client_endpoint(localhost(), &src_id, dst_id.cert.clone()).unwrap();
     let conn = quic::connect(&client, addr).await.unwrap();
     let session = SourceSession::new(SourceConfig {
         vm_state: Some(b"vcpu state v1".to_vec()),
+        encoding,
         ..SourceConfig::migrate("vm", layout)
     });
     let src_report = quic::run_source(conn, session, img.clone()).await.unwrap();
     let dst_report = dest.await.unwrap().unwrap();
-
-    assert_eq!(*sink.mem.lock().unwrap(), img.0);
-    assert_eq!(dst_report.pages_received, pages as u64);
-    assert!(src_report.pages_served >= 1, "{src_report:?}");
-    // A request can cross the push of the same page, so replies may repeat pushed pages,
-    // but the push itself hands out each page at most once.
-    assert!(src_report.pages_pushed + src_report.pages_served >= pages as u64);
-    assert!(src_report.pages_pushed <= pages as u64);
-    assert!(sink.urgent.load(Ordering::Relaxed) >= 1);
+    (src_report, dst_report, sink, img)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

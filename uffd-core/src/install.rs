@@ -127,6 +127,28 @@ impl Installer {
         self
     }
 
+    /// Copies page `page` into `out` if it is present (installed), and says whether it
+    /// did. The destination reads pages it holds to resolve content references; the guest
+    /// may be writing the page meanwhile, so the bytes can be torn, and callers verify them.
+    pub fn read_present(&self, page: u64, out: &mut [u8]) -> bool {
+        if out.len() != PAGE_SIZE || self.table.state(page) != crate::PageState::Present {
+            return false;
+        }
+        let Some(addr) = self.regions.host_addr_of(page) else {
+            return false;
+        };
+        let src = addr as *const u64;
+        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: the page lies in a registered region that stays mapped while this
+            // installer lives, and it is present, so the read does not fault. A vCPU may
+            // write it concurrently: volatile word reads make that a torn value, not a
+            // data race the compiler may assume away; the caller checks the content's hash.
+            let w = unsafe { std::ptr::read_volatile(src.add(i)) };
+            chunk.copy_from_slice(&w.to_ne_bytes());
+        }
+        true
+    }
+
     pub fn table(&self) -> &Arc<PageTable> {
         &self.table
     }

@@ -109,6 +109,10 @@ impl PageSink for UffdSink {
     fn is_complete(&self) -> bool {
         self.table.is_complete()
     }
+
+    fn read_page(&self, page: u64, out: &mut [u8]) -> bool {
+        self.installer.read_present(page, out)
+    }
 }
 
 /// A bound destination endpoint: bind first, so the caller can learn the address (port 0),

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use transport::encoding::EncodingPolicy;
 use transport::proto::{SourceConfig, SourceSession};
 use transport::quic::{self, PageReader, SourceReport};
 use transport::tls::{CertificateDer, Identity};
@@ -23,6 +24,8 @@ pub struct SourceOptions {
     pub connect_timeout: Duration,
     /// Push every page in the background (the normal case); off, pages move on demand only.
     pub push: bool,
+    /// How pushed pages are encoded ([`EncodingPolicy::AUTO`] tunes it while migrating).
+    pub encoding: EncodingPolicy,
 }
 
 /// Migrates `memory` (frozen for the whole call) to the destination, serving its demand
@@ -34,6 +37,7 @@ pub fn send(
 ) -> Result<SourceReport, RoleError> {
     let config = SourceConfig {
         push: opts.push,
+        encoding: opts.encoding,
         ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
     };
     run_session(memory, config, opts)
@@ -49,6 +53,7 @@ pub fn send_with_state(
 ) -> Result<SourceReport, RoleError> {
     let config = SourceConfig {
         push: opts.push,
+        encoding: opts.encoding,
         vm_state: Some(vm_state),
         ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
     };

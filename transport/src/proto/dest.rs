@@ -27,7 +27,8 @@ impl DestConfig {
         DestConfig {
             layout,
             expected_vm_id: None,
-            features: 0,
+            // This side decodes every encoding.
+            features: crate::message::FEATURE_LZ4 | crate::message::FEATURE_DEDUP,
             accept: vec![SessionKind::Migrate],
         }
     }
@@ -134,6 +135,11 @@ impl DestSession {
     /// The kind the source asked for (valid once the `Hello` arrived).
     pub fn kind(&self) -> SessionKind {
         self.kind
+    }
+
+    /// The features both sides agreed on (valid once the `HelloAck` went out).
+    pub fn features(&self) -> u64 {
+        self.features
     }
 
     /// Pages received from the source at least once.

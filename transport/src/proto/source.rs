@@ -23,6 +23,8 @@ pub struct SourceConfig {
     pub stale: Option<Bitmap>,
     /// The VMM's vCPU and device state, sent at switchover (announced in the `Hello`).
     pub vm_state: Option<Vec<u8>>,
+    /// How pushed pages are encoded (announced as features; the destination may refuse).
+    pub encoding: crate::encoding::EncodingPolicy,
 }
 
 impl SourceConfig {
@@ -37,6 +39,7 @@ impl SourceConfig {
             epoch: 0,
             stale: None,
             vm_state: None,
+            encoding: crate::encoding::EncodingPolicy::AUTO,
         }
     }
 }
@@ -93,11 +96,12 @@ pub struct SourceSession {
 }
 
 fn features_of(config: &SourceConfig) -> u64 {
-    if config.vm_state.is_some() {
+    let state = if config.vm_state.is_some() {
         crate::message::FEATURE_VM_STATE
     } else {
         0
-    }
+    };
+    state | config.encoding.features()
 }
 
 impl SourceSession {
@@ -143,6 +147,11 @@ impl SourceSession {
 
     pub fn kind(&self) -> SessionKind {
         self.config.kind
+    }
+
+    /// The encoding policy asked for; the driver limits it to the negotiated features.
+    pub fn encoding(&self) -> crate::encoding::EncodingPolicy {
+        self.config.encoding
     }
 
     pub fn is_running(&self) -> bool {

@@ -92,6 +92,7 @@ fn install(d: &Delivery, mem: &mut [Vec<u8>]) {
         mem[i as usize] = match p {
             crate::message::PageRef::Raw(d) => d.to_vec(),
             crate::message::PageRef::Zero => vec![0; PAGE_SIZE],
+            other => panic!("these tests send plain pages, got {other:?}"),
         };
     }
 }

@@ -15,6 +15,7 @@ use super::{
     close_with, connection_lost, DriverError, CLOSE_OK, TAG_BULK, TAG_CONTROL, TAG_URGENT,
 };
 use crate::bitmap::Bitmap;
+use crate::encoding::PageDecoder;
 use crate::message::{Pages, SessionKind};
 use crate::proto::{Channel, Delivery, DestEvent, DestSession};
 
@@ -32,6 +33,14 @@ pub trait PageSink: Send + Sync + 'static {
     fn install(&self, pages: &Pages, channel: Channel) -> Result<(), SinkError>;
     /// Whether every page of guest memory is present.
     fn is_complete(&self) -> bool;
+
+    /// Copies page `page` into `out` (one page) if this side holds it, to resolve a content
+    /// reference; the content is verified by the caller. The default holds nothing, so
+    /// references are fetched again on demand.
+    fn read_page(&self, page: u64, out: &mut [u8]) -> bool {
+        let _ = (page, out);
+        false
+    }
 
     /// A `Replicate` or `Evacuate` session starts with replication epoch `epoch`: the pages
     /// the local replica cannot serve at that epoch.
@@ -86,6 +95,20 @@ pub struct DestReport {
     pub pages_received: u64,
     pub udp_tx_bytes: u64,
     pub udp_rx_bytes: u64,
+    /// Pages that arrived compressed, as references, and references that failed
+    /// verification (fetched again on demand).
+    pub pages_lz4: u64,
+    pub pages_ref: u64,
+    pub refs_refetched: u64,
+}
+
+/// Counters the page readers share.
+#[derive(Default)]
+struct Received {
+    stored: std::sync::atomic::AtomicU64,
+    lz4: std::sync::atomic::AtomicU64,
+    refs: std::sync::atomic::AtomicU64,
+    refetched: std::sync::atomic::AtomicU64,
 }
 
 type Shared = Arc<Mutex<DestSession>>;
@@ -269,7 +292,7 @@ async fn drive(
     }
 
     let progress = Arc::new(Notify::new());
-    let stored = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counts = Arc::new(Received::default());
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<DriverError>();
     let readers =
         [(Channel::Urgent, urg_recv), (Channel::Bulk, bulk_recv)].map(|(channel, recv)| {
@@ -280,7 +303,7 @@ async fn drive(
                 out.clone(),
                 sink.clone(),
                 progress.clone(),
-                stored.clone(),
+                counts.clone(),
                 err_tx.clone(),
                 conn.clone(),
             ))
@@ -388,7 +411,11 @@ async fn drive(
         // Whatever arrived before the end is stored; make it durable too.
         sink.sync()?;
     }
-    report.pages_replicated = stored.load(std::sync::atomic::Ordering::Relaxed);
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    report.pages_replicated = load(&counts.stored);
+    report.pages_lz4 = load(&counts.lz4);
+    report.pages_ref = load(&counts.refs);
+    report.refs_refetched = load(&counts.refetched);
     outcome?;
     Ok(report)
 }
@@ -422,10 +449,12 @@ async fn receive_pages(
     out: Arc<Outbound>,
     sink: Arc<dyn PageSink>,
     progress: Arc<Notify>,
-    stored: Arc<std::sync::atomic::AtomicU64>,
+    counts: Arc<Received>,
     errors: mpsc::UnboundedSender<DriverError>,
     conn: Connection,
 ) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut decoder: Option<PageDecoder> = None;
     let result: Result<(), DriverError> = async {
         loop {
             let msg = match read_frame(&mut recv).await {
@@ -441,14 +470,34 @@ async fn receive_pages(
             let handled = lock(&session).handle(channel, msg);
             match handled {
                 Ok(Some(Delivery::Pages(pages))) => {
-                    sink.install(&pages, channel)?;
+                    // Pages arrive only once the handshake is done: the features are known.
+                    let decoder =
+                        decoder.get_or_insert_with(|| PageDecoder::new(lock(&session).features()));
+                    let decoded = decoder
+                        .decode(pages, |p, out| sink.read_page(p, out))
+                        .map_err(|e| {
+                            SinkError(format!("undecodable pages from the source: {e}"))
+                        })?;
+                    for run in &decoded.runs {
+                        sink.install(run, channel)?;
+                    }
+                    counts.lz4.fetch_add(decoded.lz4_pages, Relaxed);
+                    counts.refs.fetch_add(decoded.ref_pages, Relaxed);
+                    if !decoded.unresolved.is_empty() {
+                        // Content that changed (or is gone) here: fetch the page itself.
+                        counts
+                            .refetched
+                            .fetch_add(decoded.unresolved.len() as u64, Relaxed);
+                        lock(&session).request(&decoded.unresolved);
+                        flush(&session, &out).await?;
+                    }
                     if sink.is_complete() {
                         progress.notify_one();
                     }
                 }
                 Ok(Some(Delivery::Update { pages, versions })) => {
                     sink.store(&pages, &versions)?;
-                    stored.fetch_add(versions.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    counts.stored.fetch_add(versions.len() as u64, Relaxed);
                     progress.notify_one();
                 }
                 Ok(None) => {}

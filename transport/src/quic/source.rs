@@ -13,6 +13,7 @@ use super::{
     TAG_CONTROL, TAG_URGENT,
 };
 use crate::bitmap::Bitmap;
+use crate::encoding::{EncodingStats, PageEncoder};
 use crate::message::{Pages, MAX_PAGES_PER_MESSAGE, PAGE_SIZE};
 use crate::proto::{Channel, SourceEvent, SourceSession};
 
@@ -33,6 +34,8 @@ pub struct SourceReport {
     pub total_ms: u64,
     pub udp_tx_bytes: u64,
     pub udp_rx_bytes: u64,
+    /// Pushed and served page bytes by kind, the compression ratio and what the tuner chose.
+    pub encoding: EncodingStats,
 }
 
 /// Pages per push message: 256 KiB keeps quinn's send buffer fed without large latency.
@@ -169,7 +172,17 @@ async fn drive(
     reader: Arc<dyn PageReader>,
 ) -> Result<SourceReport, DriverError> {
     let mut streams = open_streams(conn, session).await?;
-    handshake(conn, session, &mut streams).await?;
+    let events = handshake(conn, session, &mut streams).await?;
+    let features = events
+        .iter()
+        .find_map(|e| match e {
+            SourceEvent::Established { features } => Some(*features),
+            _ => None,
+        })
+        .unwrap_or(0);
+    let policy = lock(session).encoding();
+    let push_stats: Arc<Mutex<EncodingStats>> = Arc::default();
+    let reply_stats: Arc<Mutex<EncodingStats>> = Arc::default();
     let Streams {
         control,
         mut ctl_recv,
@@ -187,6 +200,7 @@ async fn drive(
         reader.clone(),
         err_tx.clone(),
         conn.clone(),
+        (PageEncoder::new(policy, features), reply_stats.clone()),
     ));
     let push_started = Instant::now();
     let push = tokio::spawn(push_all(
@@ -196,6 +210,7 @@ async fn drive(
         reader,
         err_tx.clone(),
         conn.clone(),
+        (PageEncoder::new(policy, features), push_stats.clone()),
     ));
     drop(err_tx);
 
@@ -239,12 +254,15 @@ async fn drive(
     push.abort();
     urgent.abort();
     outcome?;
+    let mut encoding = lock_stats(&push_stats).clone();
+    encoding.merge(&lock_stats(&reply_stats));
     let s = lock(session);
     Ok(SourceReport {
         pages_served: s.pages_served(),
         pages_pushed: s.pages_pushed(),
         pages_stale: s.pages_stale(),
         push_ms,
+        encoding,
         ..SourceReport::default()
     })
 }
@@ -377,6 +395,14 @@ async fn write_update(
     write_message(bulk, &crate::message::Message::Update { pages, versions }).await
 }
 
+fn lock_stats(s: &Mutex<EncodingStats>) -> std::sync::MutexGuard<'_, EncodingStats> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A task's encoder and where it publishes its statistics.
+type EncoderOut = (PageEncoder, Arc<Mutex<EncodingStats>>);
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_urgent(
     session: Shared,
     control: ControlSend,
@@ -385,6 +411,7 @@ async fn serve_urgent(
     reader: Arc<dyn PageReader>,
     errors: mpsc::UnboundedSender<DriverError>,
     conn: Connection,
+    (mut encoder, stats): EncoderOut,
 ) {
     let result: Result<(), DriverError> = async {
         loop {
@@ -408,10 +435,11 @@ async fn serve_urgent(
                 if let SourceEvent::Serve(pages) = ev {
                     for page in pages {
                         let data = reader.pages(page, 1).map_err(DriverError::Reader)?;
-                        write_pages(&mut send, &Pages::from_memory(page, data))
+                        write_pages(&mut send, &encoder.encode_reply(page, data))
                             .await
                             .map_err(|e| stream_error(&conn, Channel::Urgent, e))?;
                     }
+                    *lock_stats(&stats) = encoder.stats();
                 }
             }
         }
@@ -427,6 +455,7 @@ async fn push_all(
     reader: Arc<dyn PageReader>,
     errors: mpsc::UnboundedSender<DriverError>,
     conn: Connection,
+    (mut encoder, stats): EncoderOut,
 ) {
     const { assert!(PUSH_RUN <= MAX_PAGES_PER_MESSAGE) };
     let result: Result<(), DriverError> = async {
@@ -438,9 +467,16 @@ async fn push_all(
                 .pages(run.start, count)
                 .map_err(DriverError::Reader)?;
             debug_assert_eq!(data.len(), count * PAGE_SIZE);
-            write_pages(&mut bulk, &Pages::from_memory(run.start, data))
+            let pages = encoder.encode_push(run.start, data);
+            let wire = (pages.kinds.len() + pages.payload.len()) as u64;
+            // How long the stream takes to accept the batch is the link's pace once the
+            // send window is full: the tuner's measure of what a wire byte costs.
+            let t = Instant::now();
+            write_pages(&mut bulk, &pages)
                 .await
                 .map_err(|e| stream_error(&conn, Channel::Bulk, e))?;
+            encoder.observe_write(wire, t.elapsed().as_nanos() as u64);
+            *lock_stats(&stats) = encoder.stats();
         }
         let _ = bulk.finish();
         flush(&session, &control).await

@@ -83,6 +83,10 @@ pub struct SourceArgs {
     /// Do not push pages in the background: move them on demand only.
     #[arg(long)]
     pub no_push: bool,
+    /// How pushed pages are encoded beyond zero-page flags: `auto` measures link and CPU
+    /// costs while migrating and turns lz4 and deduplication on where they pay.
+    #[arg(long, value_enum, default_value_t = EncodingArg::Auto)]
+    pub encoding: EncodingArg,
     /// Seconds to keep retrying while the destination is not up yet.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
@@ -91,6 +95,37 @@ pub struct SourceArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--encoding`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EncodingArg {
+    /// Zero pages as flags, everything else raw.
+    Off,
+    Lz4,
+    Dedup,
+    /// lz4 and deduplication, always.
+    All,
+    Auto,
+}
+
+impl EncodingArg {
+    pub fn policy(self) -> transport::encoding::EncodingPolicy {
+        use transport::encoding::{EncodingPolicy, Mode};
+        match self {
+            EncodingArg::Off => EncodingPolicy::OFF,
+            EncodingArg::Lz4 => EncodingPolicy {
+                lz4: Mode::On,
+                dedup: Mode::Off,
+            },
+            EncodingArg::Dedup => EncodingPolicy {
+                lz4: Mode::Off,
+                dedup: Mode::On,
+            },
+            EncodingArg::All => EncodingPolicy::ALL,
+            EncodingArg::Auto => EncodingPolicy::AUTO,
+        }
+    }
 }
 
 #[derive(Args, Debug)]

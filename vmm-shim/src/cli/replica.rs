@@ -216,6 +216,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             vm_id: a.vm_id.clone(),
             connect_timeout: Duration::from_secs(30),
             push: true,
+            encoding: transport::encoding::EncodingPolicy::AUTO,
         },
         None,
     )?;

@@ -30,6 +30,9 @@ pub struct SourceOutput {
     pub pages_pushed: u64,
     pub push_ms: u64,
     pub total_ms: u64,
+    /// Wire bytes by kind (raw, lz4, zero, reference), the compression ratio and the
+    /// encoding the tuner chose.
+    pub encoding: transport::encoding::EncodingStats,
 }
 
 /// What `faultline dest --json` prints.
@@ -114,6 +117,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
             vm_id: a.vm_id.clone(),
             connect_timeout: Duration::from_secs(a.connect_timeout),
             push: !a.no_push,
+            encoding: a.encoding.policy(),
         },
     )?;
     let out = SourceOutput {
@@ -126,6 +130,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         pages_pushed: report.pages_pushed,
         push_ms: report.push_ms,
         total_ms: report.total_ms,
+        encoding: report.encoding.clone(),
     };
     if a.json {
         println!("{}", serde_json::to_string(&out)?);

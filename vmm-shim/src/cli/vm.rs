@@ -366,6 +366,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         vm_id: a.vm_id.clone(),
         connect_timeout: Duration::from_secs(a.connect_timeout),
         push: true,
+        encoding: transport::encoding::EncodingPolicy::AUTO,
     };
     // Memory is frozen while paused: hash it beside the migration, not before it, so the
     // digests add nothing to the downtime.

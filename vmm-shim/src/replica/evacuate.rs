@@ -82,6 +82,7 @@ pub fn evacuate(
         epoch,
         stale: Some(stale),
         push: opts.push,
+        encoding: opts.encoding,
         vm_state,
         ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
     };

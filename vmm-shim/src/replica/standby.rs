@@ -186,6 +186,10 @@ impl PageSink for StandbySink {
         done
     }
 
+    fn read_page(&self, page: u64, out: &mut [u8]) -> bool {
+        self.live.get().is_some_and(|l| l.sink.read_page(page, out))
+    }
+
     fn invalid_pages(&self, kind: SessionKind, epoch: u64) -> Result<Bitmap, SinkError> {
         let guard = lock(&self.replica);
         let store = guard

@@ -1,0 +1,181 @@
+//! The source side: encode runs of pages for the wire and count what it cost.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::tuner::{BatchSample, Choice, Tuner};
+use super::{page_hash, EncodingPolicy, EncodingStats};
+use crate::message::{is_zero, PageKind, Pages, FEATURE_DEDUP, FEATURE_LZ4, PAGE_SIZE, REF_LEN};
+
+/// Encodes pages for one session. Push batches use the tuned encoding and may reference
+/// content pushed earlier; urgent replies are never references (they travel on their own
+/// stream, so nothing orders them against the pages they would point at).
+pub struct PageEncoder {
+    lz4_allowed: bool,
+    dedup_allowed: bool,
+    tuner: Tuner,
+    /// Content hash → a page the destination holds (or will, in stream order) with it.
+    held: HashMap<u128, u64>,
+    stats: EncodingStats,
+    scratch: Vec<u8>,
+    /// What the batch being built measured, until [`PageEncoder::observe_write`].
+    pending: BatchSample,
+}
+
+impl PageEncoder {
+    /// An encoder for `policy`, limited to what the destination accepted (`features`).
+    pub fn new(policy: EncodingPolicy, features: u64) -> PageEncoder {
+        PageEncoder {
+            lz4_allowed: features & FEATURE_LZ4 != 0,
+            dedup_allowed: features & FEATURE_DEDUP != 0,
+            tuner: Tuner::new(policy),
+            held: HashMap::new(),
+            stats: EncodingStats::default(),
+            scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
+            pending: BatchSample::default(),
+        }
+    }
+
+    /// The destination holds `data` at `page` (a fresh replica page): later pages with the
+    /// same content may be sent as references to it.
+    pub fn note_held(&mut self, page: u64, data: &[u8]) {
+        if self.dedup_allowed && !is_zero(data) {
+            self.held.entry(page_hash(data)).or_insert(page);
+        }
+    }
+
+    /// Encodes whole pages `data` starting at page `first` for the push, with the tuned
+    /// choice; call [`PageEncoder::observe_write`] once they are written.
+    pub fn encode_push(&mut self, first: u64, data: &[u8]) -> Pages {
+        let c = self.tuner.choose();
+        let choice = Choice {
+            lz4: c.lz4 && self.lz4_allowed,
+            dedup_rate: if self.dedup_allowed {
+                c.dedup_rate
+            } else {
+                0.0
+            },
+        };
+        self.stats.batches += 1;
+        self.stats.batches_lz4 += u64::from(choice.lz4);
+        self.stats.batches_dedup += u64::from(choice.dedup_rate > 0.0);
+        self.encode(first, data, choice, true)
+    }
+
+    /// Encodes pages for an urgent reply: zero flags, otherwise raw (lowest latency).
+    pub fn encode_reply(&mut self, first: u64, data: &[u8]) -> Pages {
+        let choice = Choice {
+            lz4: false,
+            dedup_rate: 0.0,
+        };
+        self.encode(first, data, choice, false)
+    }
+
+    /// The push waited `write_ns` for the stream to take the last batch's bytes.
+    pub fn observe_write(&mut self, wire_bytes: u64, write_ns: u64) {
+        let mut s = std::mem::take(&mut self.pending);
+        s.wire_bytes = wire_bytes;
+        s.write_ns = write_ns;
+        self.tuner.observe(&s);
+    }
+
+    /// What was sent so far, by kind, with the tuner's estimates.
+    pub fn stats(&self) -> EncodingStats {
+        let mut s = self.stats.clone();
+        let (link, lz4, ratio, hits) = self.tuner.estimates();
+        s.link_ns_per_byte = link;
+        s.lz4_ns_per_byte = lz4;
+        s.lz4_ratio = ratio;
+        s.dedup_hit_rate = hits;
+        s.merge(&EncodingStats::default());
+        s
+    }
+
+    fn encode(&mut self, first: u64, data: &[u8], choice: Choice, index: bool) -> Pages {
+        debug_assert_eq!(data.len() % PAGE_SIZE, 0);
+        let count = data.len() / PAGE_SIZE;
+        let mut kinds = Vec::with_capacity(count);
+        let mut payload = Vec::with_capacity(data.len());
+        let threshold = (choice.dedup_rate * u64::MAX as f64) as u64;
+        // Pages of this batch join the index after it: the destination decodes a whole
+        // message before it installs any of it, so a reference must point further back.
+        let mut new_held = Vec::new();
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let n = first + i as u64;
+            if is_zero(page) {
+                kinds.push(PageKind::Zero as u8);
+                self.stats.zero_pages += 1;
+                self.stats.zero_bytes += 1;
+                continue;
+            }
+            if choice.dedup_rate > 0.0 && sampled(n, threshold) {
+                let t = Instant::now();
+                let h = page_hash(page);
+                let held = self.held.get(&h).copied();
+                self.pending.hash_ns += t.elapsed().as_nanos() as u64;
+                self.pending.hashed += 1;
+                self.stats.pages_hashed += 1;
+                match held {
+                    Some(p) if p != n => {
+                        self.pending.hits += 1;
+                        kinds.push(PageKind::Ref as u8);
+                        payload.extend_from_slice(&p.to_le_bytes());
+                        payload.extend_from_slice(&h.to_le_bytes());
+                        self.stats.ref_pages += 1;
+                        self.stats.ref_bytes += 1 + REF_LEN as u64;
+                        continue;
+                    }
+                    Some(_) => {}
+                    None if index => new_held.push((h, n)),
+                    None => {}
+                }
+            }
+            if choice.lz4 {
+                let t = Instant::now();
+                let out = lz4_flex::block::compress_into(page, &mut self.scratch);
+                self.pending.lz4_ns += t.elapsed().as_nanos() as u64;
+                self.pending.lz4_in += PAGE_SIZE as u64;
+                match out {
+                    Ok(len) if len > 0 && len + 2 < PAGE_SIZE => {
+                        self.pending.lz4_out += (len + 2) as u64;
+                        kinds.push(PageKind::Lz4 as u8);
+                        payload.extend_from_slice(&(len as u16).to_le_bytes());
+                        payload.extend_from_slice(&self.scratch[..len]);
+                        self.stats.lz4_pages += 1;
+                        self.stats.lz4_bytes += 3 + len as u64;
+                        self.stats.lz4_input_bytes += PAGE_SIZE as u64;
+                        continue;
+                    }
+                    _ => self.pending.lz4_out += PAGE_SIZE as u64,
+                }
+            }
+            kinds.push(PageKind::Raw as u8);
+            payload.extend_from_slice(page);
+            self.stats.raw_pages += 1;
+            self.stats.raw_bytes += 1 + PAGE_SIZE as u64;
+        }
+        for (h, n) in new_held {
+            self.held.entry(h).or_insert(n);
+        }
+        Pages {
+            first,
+            kinds: Bytes::from(kinds),
+            payload: Bytes::from(payload),
+        }
+    }
+}
+
+/// Whether page `n` is among those hashed at this rate: a fixed pseudo-random subset, so
+/// that the same pages are looked up and indexed.
+fn sampled(n: u64, threshold: u64) -> bool {
+    if threshold == u64::MAX {
+        return true;
+    }
+    // splitmix64 finaliser: spreads consecutive page numbers over the whole range.
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) <= threshold
+}

@@ -1,0 +1,158 @@
+//! How pages travel: zero pages as flags, lz4 blocks, and references to content the
+//! destination already holds (deduplication by xxh3-128), with the choice tuned while the
+//! migration runs.
+//!
+//! - [`PageEncoder`] (source) turns runs of guest memory into `Pages` messages, keeps the
+//!   content index that references point into, and counts wire bytes by kind.
+//! - [`PageDecoder`] (destination) turns them back into raw and zero pages, verifying each
+//!   reference against the content it points at; what cannot be verified is asked for again.
+//! - [`Tuner`] decides, from measured link and CPU costs, whether compression pays and at
+//!   what rate pages are hashed for deduplication. It is pure and tested with synthetic
+//!   measurements.
+//!
+//! A reference names a page `p` the destination holds and the hash of its content. The
+//! source only names pages whose content it knows the destination has: pages it pushed
+//! earlier on the same (ordered) bulk stream in this session, or pages the standby's replica
+//! holds fresh. The guest may have changed `p` since, so the destination hashes what it
+//! reads and falls back to a demand request on a mismatch: a reference can cost a round
+//! trip, never correctness.
+
+mod decoder;
+mod encoder;
+mod tuner;
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_128;
+
+pub use decoder::{DecodeError, Decoded, PageDecoder};
+pub use encoder::PageEncoder;
+pub use tuner::{BatchSample, Choice, Tuner};
+
+/// Whether an encoding is used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Off,
+    On,
+    /// Measured while migrating: on when it makes the transfer faster.
+    #[default]
+    Auto,
+}
+
+/// The source's encoding policy; the destination always decodes everything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodingPolicy {
+    pub lz4: Mode,
+    pub dedup: Mode,
+}
+
+impl EncodingPolicy {
+    /// Zero pages as flags only.
+    pub const OFF: EncodingPolicy = EncodingPolicy {
+        lz4: Mode::Off,
+        dedup: Mode::Off,
+    };
+    /// Both on, without tuning.
+    pub const ALL: EncodingPolicy = EncodingPolicy {
+        lz4: Mode::On,
+        dedup: Mode::On,
+    };
+    /// Both tuned while migrating (the default).
+    pub const AUTO: EncodingPolicy = EncodingPolicy {
+        lz4: Mode::Auto,
+        dedup: Mode::Auto,
+    };
+
+    /// The feature bits to announce.
+    pub fn features(&self) -> u64 {
+        let mut f = 0;
+        if self.lz4 != Mode::Off {
+            f |= crate::message::FEATURE_LZ4;
+        }
+        if self.dedup != Mode::Off {
+            f |= crate::message::FEATURE_DEDUP;
+        }
+        f
+    }
+}
+
+/// Wire bytes by kind, and what was chosen.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EncodingStats {
+    pub raw_pages: u64,
+    pub raw_bytes: u64,
+    pub zero_pages: u64,
+    /// Zero pages cost their one-byte kind.
+    pub zero_bytes: u64,
+    pub lz4_pages: u64,
+    /// Compressed bytes on the wire (with their length prefixes and kinds).
+    pub lz4_bytes: u64,
+    /// Page bytes those compressed pages stand for.
+    pub lz4_input_bytes: u64,
+    pub ref_pages: u64,
+    pub ref_bytes: u64,
+    /// Pages hashed for deduplication (the rest were skipped by the partial rate).
+    pub pages_hashed: u64,
+    /// Wire bytes over page bytes, for the pages these stats cover (zero pages included).
+    pub compression_ratio: f64,
+    /// The encoding used for most pushed bytes: `raw`, `lz4`, `raw+dedup`, `lz4+dedup`.
+    pub chosen: String,
+    /// Batches pushed with lz4 on, and with any deduplication.
+    pub batches: u64,
+    pub batches_lz4: u64,
+    pub batches_dedup: u64,
+    /// The tuner's last link and CPU estimates (ns per byte), for the report.
+    pub link_ns_per_byte: Option<f64>,
+    pub lz4_ns_per_byte: Option<f64>,
+    pub lz4_ratio: Option<f64>,
+    pub dedup_hit_rate: Option<f64>,
+}
+
+impl EncodingStats {
+    /// All wire bytes these stats count (payloads plus one kind byte per page).
+    pub fn wire_bytes(&self) -> u64 {
+        self.raw_bytes + self.zero_bytes + self.lz4_bytes + self.ref_bytes
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.raw_pages + self.zero_pages + self.lz4_pages + self.ref_pages
+    }
+
+    /// Adds `other` (for example urgent replies to the push).
+    pub fn merge(&mut self, other: &EncodingStats) {
+        self.raw_pages += other.raw_pages;
+        self.raw_bytes += other.raw_bytes;
+        self.zero_pages += other.zero_pages;
+        self.zero_bytes += other.zero_bytes;
+        self.lz4_pages += other.lz4_pages;
+        self.lz4_bytes += other.lz4_bytes;
+        self.lz4_input_bytes += other.lz4_input_bytes;
+        self.ref_pages += other.ref_pages;
+        self.ref_bytes += other.ref_bytes;
+        self.pages_hashed += other.pages_hashed;
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        let input = self.pages() * crate::PAGE_SIZE as u64;
+        self.compression_ratio = if input == 0 {
+            1.0
+        } else {
+            self.wire_bytes() as f64 / input as f64
+        };
+        let lz4 = self.batches_lz4 * 2 > self.batches;
+        let dedup = self.batches_dedup * 2 > self.batches;
+        self.chosen = match (lz4, dedup) {
+            (false, false) => "raw",
+            (true, false) => "lz4",
+            (false, true) => "raw+dedup",
+            (true, true) => "lz4+dedup",
+        }
+        .into();
+    }
+}
+
+/// The content hash that references carry.
+pub fn page_hash(page: &[u8]) -> u128 {
+    xxh3_128(page)
+}
