@@ -1,6 +1,8 @@
 //! Helpers for faultline's end-to-end tests: the real `faultline` binary, run as separate
 //! source and destination processes on loopback, with certificates made per test.
 
+pub mod qemu;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
