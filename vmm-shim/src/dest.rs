@@ -44,6 +44,12 @@ pub struct DestReport {
     pub total_ms: f64,
     /// UDP bytes both ways, as counted by this side's QUIC stack.
     pub wire_bytes: u64,
+    /// Pages that arrived lz4-compressed and as content references, and references that
+    /// failed verification here (the guest had changed the page they named) and were
+    /// fetched again.
+    pub pages_lz4: u64,
+    pub pages_ref: u64,
+    pub refs_refetched: u64,
     pub metrics: MetricsSnapshot,
 }
 
@@ -238,6 +244,9 @@ impl Listener {
             resume_ms: resume.as_secs_f64() * 1e3,
             total_ms: net.total_ms as f64,
             wire_bytes: net.udp_rx_bytes + net.udp_tx_bytes,
+            pages_lz4: net.pages_lz4,
+            pages_ref: net.pages_ref,
+            refs_refetched: net.refs_refetched,
             metrics,
         })
     }

@@ -32,6 +32,8 @@ pub enum ImageError {
 pub struct ImageMix {
     pub zero: u64,
     pub text: u64,
+    #[serde(default)]
+    pub duplicate: u64,
     pub random: u64,
 }
 
@@ -42,13 +44,20 @@ pub enum PageClass {
     Zero,
     /// Compressible, text-like bytes: page cache, logs, code.
     Text,
+    /// Text-like content that other pages hold too (shared library code, the same file
+    /// cached twice): one of [`DUP_TEMPLATES`] templates.
+    Duplicate,
     /// Incompressible bytes: encrypted or already compressed data.
     Random,
 }
 
-/// Percentages of zero and text pages in the built-in image; the rest is random.
+/// Percentages of zero, unique text and duplicated text pages in the built-in image; the
+/// rest is random.
 pub const ZERO_PCT: u64 = 25;
-pub const TEXT_PCT: u64 = 45;
+pub const TEXT_PCT: u64 = 35;
+pub const DUP_PCT: u64 = 10;
+/// Distinct contents the duplicated pages share.
+pub const DUP_TEMPLATES: u64 = 256;
 
 fn mix64(mut x: u64) -> u64 {
     // splitmix64 finaliser: a fast, well-distributed hash of the page number.
@@ -65,6 +74,8 @@ pub fn page_class(seed: u64, page: u64) -> PageClass {
         PageClass::Zero
     } else if r < ZERO_PCT + TEXT_PCT {
         PageClass::Text
+    } else if r < ZERO_PCT + TEXT_PCT + DUP_PCT {
+        PageClass::Duplicate
     } else {
         PageClass::Random
     }
@@ -101,7 +112,13 @@ const WORDS: &[&[u8]] = &[
 /// Tests call this to know what any page must hold without keeping a second copy.
 pub fn synthetic_page(seed: u64, page: u64, out: &mut [u8]) {
     debug_assert_eq!(out.len(), PAGE_SIZE);
-    let mut state = mix64(seed.rotate_left(17) ^ mix64(page ^ 0x5151));
+    let class = page_class(seed, page);
+    // A duplicate holds the text of its template: the same bytes wherever it appears.
+    let id = match class {
+        PageClass::Duplicate => u64::MAX - mix64(seed ^ page) % DUP_TEMPLATES,
+        _ => page,
+    };
+    let mut state = mix64(seed.rotate_left(17) ^ mix64(id ^ 0x5151));
     let mut next = move || {
         // xorshift64*: enough quality for filler, and fast.
         state ^= state >> 12;
@@ -109,14 +126,14 @@ pub fn synthetic_page(seed: u64, page: u64, out: &mut [u8]) {
         state ^= state >> 27;
         state.wrapping_mul(0x2545_F491_4F6C_DD1D)
     };
-    match page_class(seed, page) {
+    match class {
         PageClass::Zero => out.fill(0),
         PageClass::Random => {
             for chunk in out.chunks_exact_mut(8) {
                 chunk.copy_from_slice(&next().to_le_bytes());
             }
         }
-        PageClass::Text => {
+        PageClass::Text | PageClass::Duplicate => {
             let mut at = 0;
             while at < out.len() {
                 let r = next();
@@ -125,8 +142,9 @@ pub fn synthetic_page(seed: u64, page: u64, out: &mut [u8]) {
                 out[at..at + n].copy_from_slice(&w[..n]);
                 at += n;
             }
-            // Make the page unique so deduplication cannot cheat.
-            out[..8].copy_from_slice(&page.to_le_bytes());
+            // A text page is unique (deduplication cannot cheat); a duplicate carries its
+            // template's id.
+            out[..8].copy_from_slice(&id.to_le_bytes());
         }
     }
 }
@@ -177,6 +195,7 @@ impl SourceImage {
             match page_class(seed, p) {
                 PageClass::Zero => mix.zero += 1,
                 PageClass::Text => mix.text += 1,
+                PageClass::Duplicate => mix.duplicate += 1,
                 PageClass::Random => mix.random += 1,
             }
         }
@@ -260,11 +279,40 @@ mod tests {
     fn synthetic_image_is_deterministic_and_mixed() {
         let img = SourceImage::synthetic(1 << 22, 7).unwrap();
         let mix = img.mix.unwrap();
-        assert_eq!(mix.zero + mix.text + mix.random, 1024);
+        assert_eq!(mix.zero + mix.text + mix.duplicate + mix.random, 1024);
         assert!(
-            mix.zero > 150 && mix.text > 350 && mix.random > 200,
+            mix.zero > 150 && mix.text > 250 && mix.duplicate > 50 && mix.random > 200,
             "{mix:?}"
         );
+        // Duplicates share one of a few template contents; text pages are all unique.
+        let pages = 4096;
+        let mut seen = std::collections::HashMap::new();
+        let mut page = vec![0u8; PAGE_SIZE];
+        for p in 0..pages {
+            synthetic_page(7, p, &mut page);
+            *seen.entry(page.clone()).or_insert(0u64) += 1;
+        }
+        let dups: Vec<u64> = (0..pages)
+            .filter(|&p| page_class(7, p) == PageClass::Duplicate)
+            .collect();
+        let shared = dups
+            .iter()
+            .filter(|&&p| {
+                synthetic_page(7, p, &mut page);
+                seen[&page] > 1
+            })
+            .count();
+        assert!(
+            shared * 4 > dups.len() * 3,
+            "{shared} of {} duplicates shared",
+            dups.len()
+        );
+        for p in 0..pages {
+            if page_class(7, p) == PageClass::Text {
+                synthetic_page(7, p, &mut page);
+                assert_eq!(seen[&page], 1, "text page {p} is not unique");
+            }
+        }
         let mut page = vec![0u8; PAGE_SIZE];
         for p in [0u64, 1, 500, 1023] {
             synthetic_page(7, p, &mut page);

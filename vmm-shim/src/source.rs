@@ -60,8 +60,10 @@ pub fn send_with_state(
     run_session(memory, config, opts)
 }
 
-/// Runs one source session of any kind over a fresh connection.
-pub(crate) fn run_session(
+/// Runs one source session of any kind over a fresh connection, with a session
+/// configuration the caller builds (for settings [`SourceOptions`] does not carry, such as
+/// [`SourceConfig::replies_on_bulk`]); `opts` gives the connection and identity.
+pub fn run_session(
     memory: Arc<dyn PageReader>,
     config: SourceConfig,
     opts: &SourceOptions,
@@ -109,4 +111,66 @@ async fn connect_retrying(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// [`send_with_state`] (or [`send`] without a state blob) using the guest agent's hints
+/// (see [`crate::hints`]): the push sends `plan.hot` first, then the rest in the normal
+/// order, and the pages of `plan.skip_free` cross as zero pages without their content.
+/// The report counts the hot pages pushed first and the free pages skipped.
+///
+/// With skipped pages the destination ends with the source's memory **with those pages
+/// zeroed**; `plan.skip_free` must come from [`crate::hints::skippable_free`], which only
+/// allows it for free pages the guest cannot tell apart from zeros.
+pub fn send_with_hints(
+    memory: Arc<dyn PageReader>,
+    layout: &Layout,
+    opts: &SourceOptions,
+    vm_state: Option<Vec<u8>>,
+    plan: &crate::hints::HintPlan,
+) -> Result<crate::hints::HintedReport, RoleError> {
+    let pages = layout.total_pages();
+    let mut hot_set = transport::bitmap::Bitmap::new(pages);
+    for r in &plan.hot {
+        for p in r.start..r.end.min(pages) {
+            hot_set.set(p);
+        }
+    }
+    let skip = plan
+        .skip_free
+        .as_ref()
+        .filter(|s| s.count_ones() > 0 && s.len() == pages);
+    let memory: Arc<dyn PageReader> = match skip {
+        Some(s) => Arc::new(crate::hints::SkipFreeReader::new(memory, s.clone())),
+        None => memory,
+    };
+    let config = SourceConfig {
+        push: opts.push,
+        encoding: opts.encoding,
+        vm_state,
+        hot: plan.hot.clone(),
+        zero_filled: skip.cloned(),
+        ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
+    };
+    let session = SourceSession::new(config);
+    // The driver owns the session until the end; keep a view of its hot-push counter.
+    let pushed_hot = session.hot_push_count();
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let endpoint = quic::client_endpoint(
+            unspecified_for(opts.connect),
+            &opts.identity,
+            opts.peer_cert.clone(),
+        )?;
+        let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
+        let report = quic::run_source(conn, session, memory).await?;
+        endpoint.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        Ok::<_, RoleError>(report)
+    })?;
+    Ok(crate::hints::HintedReport {
+        session: report,
+        pages_hot: hot_set.count_ones(),
+        pages_pushed_hot: pushed_hot.load(std::sync::atomic::Ordering::Relaxed),
+        pages_skipped_free: skip.map_or(0, |s| s.count_ones()),
+    })
 }

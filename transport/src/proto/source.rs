@@ -3,6 +3,8 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::{page_set_messages, Channel, PageSetAssembler, ProtoError, PushSchedule, Transmit};
 use crate::bitmap::Bitmap;
@@ -25,6 +27,16 @@ pub struct SourceConfig {
     pub vm_state: Option<Vec<u8>>,
     /// How pushed pages are encoded (announced as features; the destination may refuse).
     pub encoding: crate::encoding::EncodingPolicy,
+    /// Send demand replies on the bulk stream, queued behind the push, instead of on their
+    /// own higher-priority stream. Only to measure what the separate stream is worth.
+    pub replies_on_bulk: bool,
+    /// Pages to push before all others, in this order (the guest agent's hot ranges);
+    /// global page numbers, clipped to the layout. Empty: the plain order.
+    pub hot: Vec<Range<u64>>,
+    /// Pages the application's [`crate::quic::PageReader`] serves as zeros without reading
+    /// guest memory (free pages it skips). The push keeps them in runs of their own, so
+    /// every run the reader is asked for is all zero-filled or all real memory.
+    pub zero_filled: Option<Bitmap>,
 }
 
 impl SourceConfig {
@@ -40,6 +52,9 @@ impl SourceConfig {
             stale: None,
             vm_state: None,
             encoding: crate::encoding::EncodingPolicy::AUTO,
+            replies_on_bulk: false,
+            hot: Vec::new(),
+            zero_filled: None,
         }
     }
 }
@@ -90,9 +105,20 @@ pub struct SourceSession {
     push_done_sent: bool,
     pages_served: u64,
     pages_pushed: u64,
+    /// Shared so it can be read after the session was moved into a driver.
+    pages_pushed_hot: Arc<AtomicU64>,
     pages_stale: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SourceEvent>,
+}
+
+/// Applies the configured hot ranges and zero-filled set to a schedule.
+fn schedule(base: PushSchedule, config: &SourceConfig) -> PushSchedule {
+    let s = base.with_priority(&config.hot);
+    match &config.zero_filled {
+        Some(z) => s.with_uniform_runs(z.clone()),
+        None => s,
+    }
 }
 
 fn features_of(config: &SourceConfig) -> u64 {
@@ -110,11 +136,12 @@ impl SourceSession {
         let pages = config.layout.total_pages();
         let mut s = SourceSession {
             state: State::HelloSent,
-            push: PushSchedule::new(pages),
+            push: schedule(PushSchedule::new(pages), &config),
             invalid: None,
             push_done_sent: false,
             pages_served: 0,
             pages_pushed: 0,
+            pages_pushed_hot: Arc::default(),
             pages_stale: pages,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -154,6 +181,11 @@ impl SourceSession {
         self.config.encoding
     }
 
+    /// Whether demand replies share the bulk stream (comparison mode).
+    pub fn replies_on_bulk(&self) -> bool {
+        self.config.replies_on_bulk
+    }
+
     pub fn is_running(&self) -> bool {
         self.state == State::Running
     }
@@ -170,6 +202,18 @@ impl SourceSession {
     /// Pages handed to the background push.
     pub fn pages_pushed(&self) -> u64 {
         self.pages_pushed
+    }
+
+    /// Pages pushed from the hot ranges ([`SourceConfig::hot`]), i.e. before any other
+    /// page; hot pages the destination asked for first count as served, not here.
+    pub fn pages_pushed_hot(&self) -> u64 {
+        self.pages_pushed_hot.load(Ordering::Relaxed)
+    }
+
+    /// A live view of [`SourceSession::pages_pushed_hot`] to keep before handing the
+    /// session to a driver (`quic::run_source` owns it until the migration ends).
+    pub fn hot_push_count(&self) -> Arc<AtomicU64> {
+        self.pages_pushed_hot.clone()
     }
 
     /// Pages that must cross: all of them for a migration, the stale set at evacuation.
@@ -251,7 +295,7 @@ impl SourceSession {
                     for m in page_set_messages(SetKind::Stale, &stale) {
                         self.send(Channel::Control, m);
                     }
-                    self.push = PushSchedule::only(&stale);
+                    self.push = schedule(PushSchedule::only(&stale), &self.config);
                     self.send_vm_state();
                 } else {
                     self.events.push_back(SourceEvent::Invalid(invalid));
@@ -324,9 +368,13 @@ impl SourceSession {
         {
             return None;
         }
-        match self.push.next_run(max) {
-            Some(r) => {
+        match self.push.next_run_from(max) {
+            Some((r, hot)) => {
                 self.pages_pushed += r.end - r.start;
+                if hot {
+                    self.pages_pushed_hot
+                        .fetch_add(r.end - r.start, Ordering::Relaxed);
+                }
                 Some(r)
             }
             None => {
@@ -350,5 +398,78 @@ impl SourceSession {
 
     fn send(&mut self, channel: Channel, message: Message) {
         self.transmits.push_back(Transmit { channel, message });
+    }
+}
+
+#[cfg(test)]
+mod hot_tests {
+    use super::*;
+    use crate::message::PAGE_SIZE;
+
+    fn running(config: SourceConfig) -> SourceSession {
+        let mut s = SourceSession::new(config);
+        s.handle(
+            Channel::Control,
+            Message::HelloAck {
+                version: PROTOCOL_VERSION,
+                features: 0,
+            },
+        )
+        .unwrap();
+        assert!(s.is_running());
+        s
+    }
+
+    fn migrate(pages: u64) -> SourceConfig {
+        SourceConfig::migrate("vm", Layout::single(pages * PAGE_SIZE as u64))
+    }
+
+    #[test]
+    fn hot_ranges_are_pushed_first_and_counted() {
+        let mut s = running(SourceConfig {
+            hot: vec![100..110, 5..7],
+            ..migrate(128)
+        });
+        let counter = s.hot_push_count();
+        s.handle(Channel::Urgent, Message::Request { pages: vec![103] })
+            .unwrap();
+        assert_eq!(s.next_push(64), Some(100..103));
+        assert_eq!(s.next_push(64), Some(104..110));
+        assert_eq!(s.next_push(64), Some(5..7));
+        assert_eq!(
+            s.pages_pushed_hot(),
+            11,
+            "the demand-served page is not a push"
+        );
+        // Then the normal order: right after the last demand fault.
+        assert_eq!(s.next_push(64), Some(110..128));
+        assert_eq!(s.next_push(64), Some(0..5));
+        assert_eq!(s.next_push(64), Some(7..71));
+        while s.next_push(64).is_some() {}
+        assert_eq!(s.pages_pushed() + s.pages_served(), 128);
+        assert_eq!(counter.load(Ordering::Relaxed), 11);
+    }
+
+    #[test]
+    fn plain_config_pushes_nothing_as_hot() {
+        let mut s = running(migrate(10));
+        assert_eq!(s.next_push(64), Some(0..10));
+        assert_eq!(s.pages_pushed_hot(), 0);
+    }
+
+    #[test]
+    fn zero_filled_pages_get_runs_of_their_own() {
+        let mut zero = Bitmap::new(40);
+        for p in 10..20 {
+            zero.set(p);
+        }
+        let mut s = running(SourceConfig {
+            hot: std::iter::once(15..25).collect(),
+            zero_filled: Some(zero),
+            ..migrate(40)
+        });
+        let runs: Vec<_> = std::iter::from_fn(|| s.next_push(64)).collect();
+        assert_eq!(runs, vec![15..20, 20..25, 0..10, 10..15, 25..40]);
+        assert_eq!(s.pages_pushed_hot(), 10);
     }
 }

@@ -43,6 +43,8 @@ const PUSH_RUN: usize = 64;
 
 type Shared = Arc<Mutex<SourceSession>>;
 type ControlSend = Arc<tokio::sync::Mutex<SendStream>>;
+/// A send stream that the push and the demand replies may share.
+type SharedSend = Arc<tokio::sync::Mutex<SendStream>>;
 
 fn lock(s: &Shared) -> std::sync::MutexGuard<'_, SourceSession> {
     // A poisoned lock means another task panicked mid-update; the session state is a plain
@@ -181,6 +183,7 @@ async fn drive(
         })
         .unwrap_or(0);
     let policy = lock(session).encoding();
+    let replies_on_bulk = lock(session).replies_on_bulk();
     let push_stats: Arc<Mutex<EncodingStats>> = Arc::default();
     let reply_stats: Arc<Mutex<EncodingStats>> = Arc::default();
     let Streams {
@@ -191,12 +194,20 @@ async fn drive(
         bulk,
     } = streams;
 
+    let bulk: SharedSend = Arc::new(tokio::sync::Mutex::new(bulk));
+    // Replies normally have a stream of their own, ahead of the push in priority; the
+    // comparison mode queues them behind the push on the bulk stream instead.
+    let (replies, _unused_urgent): (SharedSend, _) = if replies_on_bulk {
+        (bulk.clone(), Some(urg_send))
+    } else {
+        (Arc::new(tokio::sync::Mutex::new(urg_send)), None)
+    };
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<DriverError>();
     let urgent = tokio::spawn(serve_urgent(
         session.clone(),
         control.clone(),
         urg_recv,
-        urg_send,
+        replies,
         reader.clone(),
         err_tx.clone(),
         conn.clone(),
@@ -407,7 +418,7 @@ async fn serve_urgent(
     session: Shared,
     control: ControlSend,
     mut recv: RecvStream,
-    mut send: SendStream,
+    send: SharedSend,
     reader: Arc<dyn PageReader>,
     errors: mpsc::UnboundedSender<DriverError>,
     conn: Connection,
@@ -435,7 +446,8 @@ async fn serve_urgent(
                 if let SourceEvent::Serve(pages) = ev {
                     for page in pages {
                         let data = reader.pages(page, 1).map_err(DriverError::Reader)?;
-                        write_pages(&mut send, &encoder.encode_reply(page, data))
+                        let pages = encoder.encode_reply(page, data);
+                        write_pages(&mut *send.lock().await, &pages)
                             .await
                             .map_err(|e| stream_error(&conn, Channel::Urgent, e))?;
                     }
@@ -451,13 +463,14 @@ async fn serve_urgent(
 async fn push_all(
     session: Shared,
     control: ControlSend,
-    mut bulk: SendStream,
+    bulk: SharedSend,
     reader: Arc<dyn PageReader>,
     errors: mpsc::UnboundedSender<DriverError>,
     conn: Connection,
     (mut encoder, stats): EncoderOut,
 ) {
     const { assert!(PUSH_RUN <= MAX_PAGES_PER_MESSAGE) };
+    let mut meter = LinkMeter::new(&conn);
     let result: Result<(), DriverError> = async {
         loop {
             let next = lock(&session).next_push(PUSH_RUN);
@@ -472,17 +485,80 @@ async fn push_all(
             // How long the stream takes to accept the batch is the link's pace once the
             // send window is full: the tuner's measure of what a wire byte costs.
             let t = Instant::now();
-            write_pages(&mut bulk, &pages)
+            write_pages(&mut *bulk.lock().await, &pages)
                 .await
                 .map_err(|e| stream_error(&conn, Channel::Bulk, e))?;
-            encoder.observe_write(wire, t.elapsed().as_nanos() as u64);
+            let cost = meter.cost(&conn, wire, t.elapsed().as_nanos() as u64);
+            encoder.observe_write(wire, cost);
             *lock_stats(&stats) = encoder.stats();
         }
-        let _ = bulk.finish();
+        // A bulk stream that also carries demand replies stays open until the session ends.
+        if !lock(&session).replies_on_bulk() {
+            let _ = bulk.lock().await.finish();
+        }
         flush(&session, &control).await
     }
     .await;
     report(result, &session, &errors);
+}
+
+/// What a wire byte of the push costs, for the encoding tuner.
+///
+/// The time a write waits measures the link only once quinn's send buffer is full; a push
+/// smaller than that buffer (a 10% evacuation, say) is buffered at once and would look free.
+/// So while the push is ahead of the wire by more than [`LinkMeter::BACKLOG`] (bytes written
+/// minus UDP bytes sent), the link sets the pace, and a byte costs what the connection's send
+/// rate says, measured over intervals of at least [`LinkMeter::INTERVAL`] (UDP bytes leave
+/// in bursts, so shorter intervals would mostly see none or many).
+struct LinkMeter {
+    written: u64,
+    last: Instant,
+    last_tx: u64,
+    ns_per_byte: Option<f64>,
+}
+
+impl LinkMeter {
+    const BACKLOG: u64 = 256 * 1024;
+    const INTERVAL: Duration = Duration::from_millis(50);
+
+    /// UDP bytes sent and not declared lost: what the link actually carried. (Sent bytes
+    /// alone overstate a link whose bottleneck queue overflows.)
+    fn delivered(conn: &Connection) -> u64 {
+        let s = conn.stats();
+        s.udp_tx.bytes.saturating_sub(s.path.lost_bytes)
+    }
+
+    fn new(conn: &Connection) -> LinkMeter {
+        let tx = Self::delivered(conn);
+        LinkMeter {
+            written: tx,
+            last: Instant::now(),
+            last_tx: tx,
+            ns_per_byte: None,
+        }
+    }
+
+    /// The cost in ns of the `wire` bytes just written, whose write waited `write_ns`.
+    fn cost(&mut self, conn: &Connection, wire: u64, write_ns: u64) -> u64 {
+        self.written += wire;
+        let tx = Self::delivered(conn);
+        let now = Instant::now();
+        let dt = now.duration_since(self.last);
+        if dt >= Self::INTERVAL {
+            let dtx = tx.saturating_sub(self.last_tx);
+            if dtx > 0 {
+                self.ns_per_byte = Some(dt.as_nanos() as f64 / dtx as f64);
+            }
+            self.last = now;
+            self.last_tx = tx;
+        }
+        match self.ns_per_byte {
+            Some(ns) if self.written.saturating_sub(tx) > Self::BACKLOG => {
+                (ns * wire as f64).max(write_ns as f64) as u64
+            }
+            _ => write_ns,
+        }
+    }
 }
 
 /// Errors after the session finished are the destination hanging up, which is fine.

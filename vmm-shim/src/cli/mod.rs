@@ -87,6 +87,10 @@ pub struct SourceArgs {
     /// costs while migrating and turns lz4 and deduplication on where they pay.
     #[arg(long, value_enum, default_value_t = EncodingArg::Auto)]
     pub encoding: EncodingArg,
+    /// Send demand replies on the bulk stream behind the push instead of on their own
+    /// stream ahead of it: only to measure what the separate stream is worth.
+    #[arg(long)]
+    pub replies_on_bulk: bool,
     /// Seconds to keep retrying while the destination is not up yet.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,

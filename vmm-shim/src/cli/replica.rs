@@ -76,6 +76,13 @@ pub struct ReplicateArgs {
     /// caught up, stop it, then write to that many pages.
     #[arg(long)]
     pub stale_pct: Option<f64>,
+    /// Evacuate through this address instead of `--connect` (for example a WAN emulator in
+    /// front of the standby, while replication went the direct way).
+    #[arg(long)]
+    pub evacuate_connect: Option<SocketAddr>,
+    /// How the evacuation encodes pages (see `faultline source --encoding`).
+    #[arg(long, value_enum, default_value_t = super::EncodingArg::Auto)]
+    pub encoding: super::EncodingArg,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[arg(long)]
@@ -210,13 +217,13 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         state,
         epoch,
         &SourceOptions {
-            connect: a.connect,
+            connect: a.evacuate_connect.unwrap_or(a.connect),
             identity: me,
             peer_cert: peer,
             vm_id: a.vm_id.clone(),
             connect_timeout: Duration::from_secs(30),
             push: true,
-            encoding: transport::encoding::EncodingPolicy::AUTO,
+            encoding: a.encoding.policy(),
         },
         None,
     )?;

@@ -107,19 +107,22 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
     let digest = digest(image.bytes());
     let mix = image.mix;
     let image = Arc::new(image);
-    let report: SourceReport = vmm_shim::send(
-        image,
-        &layout,
-        &SourceOptions {
-            connect: a.connect,
-            identity: me,
-            peer_cert: peer,
-            vm_id: a.vm_id.clone(),
-            connect_timeout: Duration::from_secs(a.connect_timeout),
-            push: !a.no_push,
-            encoding: a.encoding.policy(),
-        },
-    )?;
+    let opts = SourceOptions {
+        connect: a.connect,
+        identity: me,
+        peer_cert: peer,
+        vm_id: a.vm_id.clone(),
+        connect_timeout: Duration::from_secs(a.connect_timeout),
+        push: !a.no_push,
+        encoding: a.encoding.policy(),
+    };
+    let config = transport::proto::SourceConfig {
+        push: opts.push,
+        encoding: opts.encoding,
+        replies_on_bulk: a.replies_on_bulk,
+        ..transport::proto::SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
+    };
+    let report: SourceReport = vmm_shim::source::run_session(image, config, &opts)?;
     let out = SourceOutput {
         vm_id: a.vm_id,
         image: name,

@@ -1,0 +1,313 @@
+//! Evacuation across an emulated WAN: how close to the link's ideal, how fast demand faults
+//! are while the push fills the link, and what page encoding buys.
+//!
+//! Real processes on loopback (`faultline dest`/`source`, or `standby`/`replicate` for the
+//! replica cases) with the [`transport::wan::WanEmulator`] in the bench process between the
+//! source and the destination. The destination runs one workload thread that reads and writes
+//! random pages during postcopy, so demand faults happen while the push is running. A 1 GiB
+//! synthetic image with realistic content (25% zero, 35% unique text, 10% duplicated text,
+//! 30% random pages).
+//!
+//! Parts (each a JSON line per run, `"part"` says which):
+//! * `ideal`: links of 100 Mbit/s and 1 Gbit/s at 20 and 100 ms RTT; `replica_10pct` (a
+//!   standby replicated over a direct path, then evacuated through the link with 10% of
+//!   memory stale) and `full` (plain postcopy, every page); encoding off. `ideal_ms` = bytes
+//!   that must cross (the non-zero pages to move) × 8 / rate + one RTT; target
+//!   `total_over_ideal` ≤ 1.15.
+//! * `faults`: demand-fault latency (p50/p99, also in RTTs) while the push saturates the
+//!   link, at 1 Gbit/s and 20 ms: replies on their own stream (the design) against replies
+//!   queued behind the push on the bulk stream (`--replies-on-bulk`). Target p99 ≤ 1.5 RTT.
+//! * `encoding`: off, lz4, dedup, all and auto on a slow link (100 Mbit/s, 20 ms, the
+//!   replica case) and on loopback (no emulator, full migration); auto must be no slower
+//!   than the fastest fixed choice (within noise), and the row says what it chose.
+//!
+//! Environment: `FAULTLINE_BENCH_BYTES` (1G), `FAULTLINE_BENCH_PARTS` (comma-separated subset
+//! of `ideal,faults,encoding`; default all).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use faultline_benches::{emit, env_size};
+use faultline_tests::{run_source, Background, Certs, DestProcess, Finished, ShmDir};
+use serde_json::{json, Value};
+use transport::wan::{LinkConfig, WanEmulator};
+
+const BENCH: &str = "wan_evacuation";
+const TARGET_OVER_IDEAL: f64 = 1.15;
+const TARGET_P99_RTT: f64 = 1.5;
+const STALE_PCT: u32 = 10;
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Clone, Copy)]
+struct Link {
+    /// None: loopback, no emulator.
+    rate_bps: Option<u64>,
+    rtt_ms: u64,
+}
+
+impl Link {
+    fn name(&self) -> String {
+        match self.rate_bps {
+            None => "loopback".into(),
+            Some(r) => format!("{}Mbit_{}ms", r / 1_000_000, self.rtt_ms),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Case {
+    Full,
+    Replica,
+}
+
+impl Case {
+    fn name(self) -> &'static str {
+        match self {
+            Case::Full => "full",
+            Case::Replica => "replica_10pct",
+        }
+    }
+}
+
+struct Run {
+    link: Link,
+    case: Case,
+    encoding: &'static str,
+    replies_on_bulk: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let bytes = env_size("FAULTLINE_BENCH_BYTES", 1 << 30);
+    let parts =
+        std::env::var("FAULTLINE_BENCH_PARTS").unwrap_or_else(|_| "ideal,faults,encoding".into());
+    let certs = Certs::new();
+    let slow = Link {
+        rate_bps: Some(100_000_000),
+        rtt_ms: 20,
+    };
+    let gig20 = Link {
+        rate_bps: Some(1_000_000_000),
+        rtt_ms: 20,
+    };
+    if parts.contains("ideal") {
+        for link in [
+            slow,
+            Link {
+                rate_bps: Some(100_000_000),
+                rtt_ms: 100,
+            },
+            gig20,
+            Link {
+                rate_bps: Some(1_000_000_000),
+                rtt_ms: 100,
+            },
+        ] {
+            for case in [Case::Replica, Case::Full] {
+                let run = Run {
+                    link,
+                    case,
+                    encoding: "off",
+                    replies_on_bulk: false,
+                };
+                let mut row = measure(&certs, bytes, &run)?;
+                let total = row["total_ms"].as_f64().unwrap_or(f64::NAN);
+                let ideal = row["ideal_ms"].as_f64().unwrap_or(f64::NAN);
+                row["part"] = json!("ideal");
+                row["total_over_ideal"] = json!(total / ideal);
+                row["meets_target"] = json!(total / ideal <= TARGET_OVER_IDEAL);
+                emit(&row);
+            }
+        }
+    }
+    if parts.contains("faults") {
+        for replies_on_bulk in [false, true] {
+            let run = Run {
+                link: gig20,
+                case: Case::Full,
+                encoding: "off",
+                replies_on_bulk,
+            };
+            let mut row = measure(&certs, bytes, &run)?;
+            row["part"] = json!("faults");
+            let p99 = row["fault_p99_rtt"].as_f64().unwrap_or(f64::NAN);
+            row["target_p99_rtt"] = json!(TARGET_P99_RTT);
+            row["meets_target"] = json!(p99 <= TARGET_P99_RTT);
+            emit(&row);
+        }
+    }
+    if parts.contains("encoding") {
+        let loopback = Link {
+            rate_bps: None,
+            rtt_ms: 0,
+        };
+        for (link, case) in [(slow, Case::Replica), (loopback, Case::Full)] {
+            let mut rows = Vec::new();
+            for encoding in ["off", "lz4", "dedup", "all", "auto"] {
+                let run = Run {
+                    link,
+                    case,
+                    encoding,
+                    replies_on_bulk: false,
+                };
+                let mut row = measure(&certs, bytes, &run)?;
+                row["part"] = json!("encoding");
+                emit(&row);
+                rows.push(row);
+            }
+            let t = |r: &Value| r["total_ms"].as_f64().unwrap_or(f64::INFINITY);
+            let fixed = rows.iter().filter(|r| r["encoding"] != "auto");
+            let best = fixed
+                .min_by(|a, b| t(a).total_cmp(&t(b)))
+                .cloned()
+                .unwrap_or_default();
+            let auto = rows.last().cloned().unwrap_or_default();
+            emit(&json!({
+                "bench": BENCH,
+                "case": "encoding_summary",
+                "part": "encoding",
+                "link": link.name(),
+                "scenario": case.name(),
+                "fastest_fixed": best["encoding"],
+                "fastest_fixed_ms": t(&best),
+                "auto_ms": t(&auto),
+                "auto_chose": auto["chosen"],
+                "auto_over_fastest": t(&auto) / t(&best),
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// One migration through `run.link`; a JSON row with the measurements.
+fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
+    let size = bytes.to_string();
+    let dir = ShmDir::new("bench-wan");
+    let dir_arg = dir.arg();
+    let dest = match run.case {
+        Case::Full => DestProcess::start(certs, &["--size", &size, "--workers", "1"]),
+        Case::Replica => DestProcess::standby(
+            certs,
+            "127.0.0.1:0",
+            &[
+                "--size",
+                &size,
+                "--vm-id",
+                "vm0",
+                "--replica-dir",
+                &dir_arg,
+                "--workers",
+                "1",
+            ],
+        ),
+    };
+    let dest_addr: SocketAddr = dest.addr.parse().context("destination address")?;
+    let wan = match run.link.rate_bps {
+        Some(rate) => Some(WanEmulator::start(
+            "127.0.0.1:0".parse()?,
+            dest_addr,
+            LinkConfig::new(Duration::from_millis(run.link.rtt_ms), rate),
+        )?),
+        None => None,
+    };
+    let via = wan
+        .as_ref()
+        .map_or(dest_addr, WanEmulator::local_addr)
+        .to_string();
+    let mut extra: Vec<&str> = vec!["--encoding", run.encoding];
+    if run.replies_on_bulk {
+        extra.push("--replies-on-bulk");
+    }
+    let pct = STALE_PCT.to_string();
+    let src = match run.case {
+        Case::Full => {
+            extra.extend(["--synthetic", &size]);
+            run_source(certs, "source", &via, &extra, TIMEOUT)
+        }
+        Case::Replica => {
+            // Replication takes the direct path; only the evacuation crosses the link.
+            extra.extend([
+                "--synthetic",
+                &size,
+                "--vm-id",
+                "vm0",
+                "--stale-pct",
+                &pct,
+                "--evacuate-after",
+                "1",
+                "--evacuate-connect",
+                &via,
+            ]);
+            Background::replicate(certs, &dest.addr, &extra).wait(TIMEOUT)
+        }
+    };
+    let dst = dest.wait(TIMEOUT);
+    check(&src, "source")?;
+    check(&dst, "destination")?;
+    let (s, d) = (&src.json, &dst.json);
+    if s["digest"] != d["digest"] {
+        bail!(
+            "digests differ: source {} destination {}",
+            s["digest"],
+            d["digest"]
+        );
+    }
+    let enc = match run.case {
+        Case::Full => &s["encoding"],
+        Case::Replica => &s["evacuation"]["encoding"],
+    };
+    let pages = bytes / 4096;
+    // Bytes that must cross: every non-zero page to move.
+    let must_cross = match run.case {
+        Case::Full => (pages - s["mix"]["zero"].as_u64().unwrap_or(0)) * 4096,
+        Case::Replica => d["pages_stale"].as_u64().unwrap_or(0) * 4096,
+    };
+    let total_ms = d["total_ms"].as_f64().unwrap_or(f64::NAN);
+    let ideal_ms = run
+        .link
+        .rate_bps
+        .map(|r| must_cross as f64 * 8.0 / r as f64 * 1e3 + run.link.rtt_ms as f64);
+    let metrics = &d["metrics"];
+    let lat = &metrics["fault_latency_us"];
+    let rtt_us = run.link.rtt_ms as f64 * 1e3;
+    let in_rtt = |v: &Value| v.as_f64().map(|us| us / rtt_us).filter(|x| x.is_finite());
+    let wan_counters = wan
+        .as_ref()
+        .map(|w| serde_json::to_value(w.counters()).unwrap_or_default());
+    Ok(json!({
+        "bench": BENCH,
+        "case": format!("{}_{}_{}{}", run.link.name(), run.case.name(), run.encoding,
+            if run.replies_on_bulk { "_replies_on_bulk" } else { "" }),
+        "link": run.link.name(),
+        "rate_bps": run.link.rate_bps,
+        "rtt_ms": run.link.rtt_ms,
+        "scenario": run.case.name(),
+        "encoding": run.encoding,
+        "replies_on_bulk": run.replies_on_bulk,
+        "memory_bytes": bytes,
+        "must_cross_bytes": must_cross,
+        "total_ms": total_ms,
+        "ideal_ms": ideal_ms,
+        "wire_bytes": d["wire_bytes"],
+        "raw_bytes": enc["raw_bytes"],
+        "lz4_bytes": enc["lz4_bytes"],
+        "zero_bytes": enc["zero_bytes"],
+        "ref_bytes": enc["ref_bytes"],
+        "compression_ratio": enc["compression_ratio"],
+        "chosen": enc["chosen"],
+        "faults": metrics["faults"],
+        "fault_p50_us": lat["p50"],
+        "fault_p99_us": lat["p99"],
+        "fault_p50_rtt": in_rtt(&lat["p50"]),
+        "fault_p99_rtt": in_rtt(&lat["p99"]),
+        "digest_match": true,
+        "wan": wan_counters,
+    }))
+}
+
+fn check(f: &Finished, what: &str) -> anyhow::Result<()> {
+    if !f.status.success() || f.json.is_null() {
+        bail!("the {what} failed ({}): {}", f.status, f.stderr);
+    }
+    Ok(())
+}
