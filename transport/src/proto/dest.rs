@@ -307,6 +307,8 @@ impl DestSession {
                 self.events.push_back(DestEvent::PushDone { pages_sent });
                 Ok(None)
             }
+            // A reply or pushed page that crossed our `Complete`: every page is here already.
+            (State::Finished, Channel::Urgent | Channel::Bulk, Message::Pages(_)) => Ok(None),
             (State::CompleteSent, Channel::Control, Message::CompleteAck) => {
                 self.state = State::Finished;
                 self.events.push_back(DestEvent::Finished);

@@ -351,6 +351,9 @@ impl SourceSession {
                 self.events.push_back(SourceEvent::Finished);
                 Ok(())
             }
+            // A demand request that crossed the destination's `Complete`: it has every page
+            // now, so there is nothing to serve. On a long link this race is common.
+            (State::Finished, Channel::Urgent, Message::Request { .. }) => Ok(()),
             (state, channel, msg) => Err(ProtoError::Unexpected {
                 message: msg.name(),
                 channel,

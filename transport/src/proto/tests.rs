@@ -144,6 +144,37 @@ fn full_session_moves_every_page_and_ends_cleanly() {
     assert_eq!(dst.poll_event(), Some(DestEvent::Finished));
 }
 
+/// `Complete` and late urgent traffic cross on a long link: a request that reaches the
+/// finished source, and a reply that reaches the finished destination, end nothing.
+#[test]
+fn urgent_traffic_crossing_the_completion_is_ignored() {
+    let n = 8;
+    let (mut src, mut dst) = pair(n);
+    let mut mem = vec![Vec::new(); n as usize];
+    pump(&mut src, &mut dst, &mut mem);
+    while let Some(r) = src.next_push(8) {
+        let d = dst
+            .handle(Channel::Bulk, wire(pages_msg(r)))
+            .unwrap()
+            .unwrap();
+        install(&d, &mut mem);
+    }
+    dst.complete();
+    pump(&mut src, &mut dst, &mut mem);
+    assert!(src.is_finished() && dst.is_finished());
+    let late_request = wire(Message::Request { pages: vec![3] });
+    assert!(src.handle(Channel::Urgent, late_request).is_ok());
+    assert!(src.is_finished());
+    assert!(
+        src.poll_transmit().is_none(),
+        "nothing is served or reported"
+    );
+    let late_reply = wire(pages_msg(3..4));
+    assert_eq!(dst.handle(Channel::Urgent, late_reply).unwrap(), None);
+    assert!(dst.is_finished());
+    assert!(dst.poll_transmit().is_none());
+}
+
 #[test]
 fn push_off_moves_pages_on_demand_only() {
     let mut src = SourceSession::new(SourceConfig {

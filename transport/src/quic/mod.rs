@@ -25,6 +25,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 pub use quinn::{Connection, Endpoint};
 use quinn::{TransportConfig, VarInt};
 use rustls::pki_types::CertificateDer;
+use serde::Serialize;
 use thiserror::Error;
 
 use crate::message::ErrorCode;
@@ -56,10 +57,7 @@ pub enum DriverError {
     },
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
-    #[error(
-        "QUIC connection failed: {0} (a TLS failure here usually means the peer presented a \
-         certificate other than the pinned one)"
-    )]
+    #[error("QUIC connection failed: {}", explain_connection(.0))]
     Connection(#[from] quinn::ConnectionError),
     #[error("the peer closed the session with {code:?}: {reason}")]
     PeerClosed { code: ErrorCode, reason: String },
@@ -80,29 +78,228 @@ pub enum DriverError {
     Sink(#[from] SinkError),
 }
 
-/// Transport parameters sized for migration on a fast path (loopback or LAN).
-///
-/// BBR paces the push at the rate the path delivers instead of filling every queue until
-/// loss, and the per-stream window caps how much pushed data can be in flight or unread
-/// ahead of a demand reply. Measured on loopback (docs/benchmarks.md): with CUBIC and a
-/// 32 MiB window the demand-fault p50 under a full push was about 10 ms; with BBR and
-/// 4 MiB it is about 0.3 ms, and the push was no slower. A long fat link needs a window of
-/// at least its bandwidth-delay product (12.5 MB at 1 Gbit/s and 100 ms).
-pub fn transport_config() -> TransportConfig {
-    let mut t = TransportConfig::default();
-    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
-    t.receive_window(VarInt::from_u32(4 * STREAM_WINDOW));
-    t.send_window(4 * u64::from(STREAM_WINDOW));
-    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
-    t.max_concurrent_bidi_streams(VarInt::from_u32(8));
-    t.max_concurrent_uni_streams(VarInt::from_u32(8));
-    t.keep_alive_interval(Some(Duration::from_secs(2)));
-    t.max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
-    t
+/// The connection error with what it most likely means for an operator.
+fn explain_connection(e: &quinn::ConnectionError) -> String {
+    match e {
+        // Also what a link cut longer than the idle timeout ends in (docs/wan.md).
+        quinn::ConnectionError::TimedOut => format!(
+            "{e}: nothing arrived from the peer for the idle timeout ({} s); the network path \
+             is down or the peer is gone",
+            IDLE_TIMEOUT.as_secs()
+        ),
+        _ => format!(
+            "{e} (a TLS failure here usually means the peer presented a certificate other than \
+             the pinned one)"
+        ),
+    }
 }
 
-/// Per-stream flow-control window; see [`transport_config`].
-pub const STREAM_WINDOW: u32 = 4 << 20;
+/// A connection that hears nothing from its peer for this long is closed. Keep-alives keep an
+/// idle but healthy session open.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Transport parameters from [`TransportTuning::from_env_or_default`]: the built-in default
+/// unless `FAULTLINE_EXPECTED_BDP` / `FAULTLINE_CONGESTION` say otherwise.
+pub fn transport_config() -> TransportConfig {
+    TransportTuning::from_env_or_default().config()
+}
+
+/// The congestion controller of a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// quinn's BBR (BBRv1-like). The default: it keeps the link full under random loss.
+    #[default]
+    Bbr,
+    /// CUBIC: gentler than BBR when the window is far above the path's BDP, but it collapses
+    /// under random loss (measured in docs/wan.md).
+    Cubic,
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = TuningError;
+    fn from_str(s: &str) -> Result<Self, TuningError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "bbr" => Ok(Congestion::Bbr),
+            "cubic" => Ok(Congestion::Cubic),
+            "newreno" | "new-reno" | "reno" => Ok(Congestion::NewReno),
+            _ => Err(TuningError::Congestion(s.to_string())),
+        }
+    }
+}
+
+/// A malformed `FAULTLINE_*` tuning variable.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TuningError {
+    #[error("{var}={value:?} is not a positive byte count (examples: 3125000, 12M, 512K)")]
+    Bytes { var: &'static str, value: String },
+    #[error("{ENV_CONGESTION}={0:?} is not one of bbr, cubic, newreno")]
+    Congestion(String),
+}
+
+/// How the QUIC transport is sized for the path it runs over.
+///
+/// The push is limited by the destination's per-stream receive window, not by congestion
+/// control: at most one window of pushed data is in flight or unread. A window of
+/// 1.25 × the path's bandwidth-delay product fills the link while a demand reply, which
+/// queues at the bottleneck behind whatever pushed data is in flight, waits at most about
+/// a quarter of a round trip there. A larger window only adds queueing delay (and with BBR,
+/// which does not back off on loss, tail drops at a shallow bottleneck); a smaller one
+/// leaves the link idle. Measured through the WAN emulator in docs/wan.md.
+///
+/// Both ends should use the same tuning; the destination's window is the one that limits
+/// the push.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TransportTuning {
+    /// Expected bandwidth-delay product of the path, bytes (rate × round-trip time).
+    pub expected_bdp_bytes: u64,
+    /// Congestion controller.
+    pub congestion: Congestion,
+}
+
+/// Environment variable overriding [`TransportTuning::expected_bdp_bytes`].
+pub const ENV_EXPECTED_BDP: &str = "FAULTLINE_EXPECTED_BDP";
+/// Environment variable overriding [`TransportTuning::congestion`].
+pub const ENV_CONGESTION: &str = "FAULTLINE_CONGESTION";
+
+/// Expected BDP of the default tuning: 1 Gbit/s at 25 ms round trip. Its window (3.9 MB)
+/// is about the 4 MiB measured on loopback (docs/benchmarks.md): with CUBIC and a 32 MiB
+/// window the demand-fault p50 under a full push was about 10 ms, with BBR and 4 MiB about
+/// 0.3 ms, and the push was no slower.
+pub const DEFAULT_EXPECTED_BDP: u64 = 3_125_000;
+
+/// Per-stream flow-control window of the default tuning.
+pub const STREAM_WINDOW: u32 = (DEFAULT_EXPECTED_BDP + DEFAULT_EXPECTED_BDP / 4) as u32;
+
+/// Smallest per-stream window. It also bounds the demand replies in flight at once (a
+/// 4 KiB page each) and slows the handshake's page bitmaps, so it is not tiny; on links
+/// with a smaller BDP the excess queues at the bottleneck.
+pub const MIN_STREAM_WINDOW: u64 = 128 << 10;
+/// Largest per-stream window; it bounds the destination's buffer memory.
+pub const MAX_STREAM_WINDOW: u64 = 1 << 30;
+/// Smallest send window: room for the peer's bulk window even if its tuning differs.
+pub const MIN_SEND_WINDOW: u64 = 16 << 20;
+
+impl Default for TransportTuning {
+    fn default() -> Self {
+        TransportTuning {
+            expected_bdp_bytes: DEFAULT_EXPECTED_BDP,
+            congestion: Congestion::default(),
+        }
+    }
+}
+
+impl TransportTuning {
+    /// The tuning for a path of `rate_bps` bits per second and round-trip time `rtt`.
+    pub fn for_link(rate_bps: u64, rtt: Duration) -> TransportTuning {
+        TransportTuning {
+            expected_bdp_bytes: bdp_bytes(rate_bps, rtt),
+            ..TransportTuning::default()
+        }
+    }
+
+    /// The default, with `FAULTLINE_EXPECTED_BDP` (bytes, K/M/G binary suffixes) and
+    /// `FAULTLINE_CONGESTION` (`bbr`, `cubic`, `newreno`) applied where set.
+    pub fn from_env() -> Result<TransportTuning, TuningError> {
+        let mut t = TransportTuning::default();
+        if let Ok(v) = std::env::var(ENV_EXPECTED_BDP) {
+            t.expected_bdp_bytes = parse_bytes(&v).ok_or(TuningError::Bytes {
+                var: ENV_EXPECTED_BDP,
+                value: v,
+            })?;
+        }
+        if let Ok(v) = std::env::var(ENV_CONGESTION) {
+            t.congestion = v.parse()?;
+        }
+        Ok(t)
+    }
+
+    /// [`TransportTuning::from_env`], falling back to the default with a warning when a
+    /// variable is malformed: a typo in a tuning knob should not stop an evacuation.
+    pub fn from_env_or_default() -> TransportTuning {
+        TransportTuning::from_env().unwrap_or_else(|e| {
+            tracing::warn!("ignoring the QUIC tuning from the environment: {e}");
+            TransportTuning::default()
+        })
+    }
+
+    /// Per-stream receive window: 1.25 × the expected BDP, within
+    /// [[`MIN_STREAM_WINDOW`], [`MAX_STREAM_WINDOW`]]. This caps the pushed data in flight
+    /// or unread.
+    pub fn stream_window(&self) -> u64 {
+        let w = self
+            .expected_bdp_bytes
+            .saturating_add(self.expected_bdp_bytes / 4);
+        w.clamp(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW)
+    }
+
+    /// Connection receive window: a full bulk window plus as much again for the urgent and
+    /// control streams, so connection-level flow control never holds back a demand reply.
+    pub fn connection_window(&self) -> u64 {
+        2 * self.stream_window()
+    }
+
+    /// Send window (written but not yet acknowledged, all streams together). The push can
+    /// buffer at most the peer's bulk stream window; the send window is well above that
+    /// (4 windows, at least [`MIN_SEND_WINDOW`]) so an urgent reply always finds room and
+    /// never waits for acknowledgements of pushed data, even if the peer's window is larger.
+    pub fn send_window(&self) -> u64 {
+        (4 * self.stream_window()).max(MIN_SEND_WINDOW)
+    }
+
+    /// The quinn transport configuration.
+    pub fn config(&self) -> TransportConfig {
+        let mut t = TransportConfig::default();
+        t.stream_receive_window(varint(self.stream_window()));
+        t.receive_window(varint(self.connection_window()));
+        t.send_window(self.send_window());
+        let cc: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> = match self.congestion
+        {
+            Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+            Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+            Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+        };
+        t.congestion_controller_factory(cc);
+        t.max_concurrent_bidi_streams(VarInt::from_u32(8));
+        t.max_concurrent_uni_streams(VarInt::from_u32(8));
+        // Keep-alives every 2 s and the idle timeout: a link cut pauses the session (quinn
+        // retransmits once it is back); one that silences the peer for the idle timeout ends
+        // it. Retransmission backs off exponentially during a cut, so the longest cut that
+        // survives is shorter than the timeout (docs/wan.md: 10 s did, 25 s did not).
+        t.keep_alive_interval(Some(Duration::from_secs(2)));
+        t.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(IDLE_TIMEOUT).unwrap_or(VarInt::from_u32(30_000).into()),
+        ));
+        t
+    }
+}
+
+/// Bandwidth-delay product in bytes of `rate_bps` bits per second over `rtt`.
+pub fn bdp_bytes(rate_bps: u64, rtt: Duration) -> u64 {
+    let b = u128::from(rate_bps) * rtt.as_nanos() / 8 / 1_000_000_000;
+    u64::try_from(b).unwrap_or(u64::MAX)
+}
+
+fn varint(v: u64) -> VarInt {
+    VarInt::from_u64(v).unwrap_or(VarInt::MAX)
+}
+
+/// `3125000`, `512K`, `12M`, `1G`, `4MiB` (binary suffixes); zero is refused.
+fn parse_bytes(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits);
+    let n: u64 = num.parse().ok()?;
+    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift).filter(|&b| b > 0)
+}
 
 /// UDP socket buffer size asked for. At the default (about 200 KiB) a burst of bulk data
 /// overflows the receive queue on a fast path, and every drop costs quinn a loss recovery.
@@ -180,29 +377,51 @@ fn endpoint(
     Endpoint::new(endpoint_config(me), server, socket, runtime).map_err(bind)
 }
 
-/// A listening endpoint that presents `me` and accepts only clients presenting `peer`.
+/// A listening endpoint that presents `me` and accepts only clients presenting `peer`,
+/// tuned by [`TransportTuning::from_env_or_default`].
 pub fn server_endpoint(
     addr: SocketAddr,
     me: &Identity,
     peer: CertificateDer<'static>,
 ) -> Result<Endpoint, DriverError> {
+    server_endpoint_tuned(addr, me, peer, &TransportTuning::from_env_or_default())
+}
+
+/// [`server_endpoint`] with an explicit tuning.
+pub fn server_endpoint_tuned(
+    addr: SocketAddr,
+    me: &Identity,
+    peer: CertificateDer<'static>,
+    tuning: &TransportTuning,
+) -> Result<Endpoint, DriverError> {
     let tls = server_tls(me, peer)?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config()));
+    cfg.transport_config(Arc::new(tuning.config()));
     endpoint(addr, me, Some(cfg))
 }
 
-/// A client endpoint that presents `me` and accepts only a server presenting `peer`.
+/// A client endpoint that presents `me` and accepts only a server presenting `peer`,
+/// tuned by [`TransportTuning::from_env_or_default`].
 pub fn client_endpoint(
     bind: SocketAddr,
     me: &Identity,
     peer: CertificateDer<'static>,
 ) -> Result<Endpoint, DriverError> {
+    client_endpoint_tuned(bind, me, peer, &TransportTuning::from_env_or_default())
+}
+
+/// [`client_endpoint`] with an explicit tuning.
+pub fn client_endpoint_tuned(
+    bind: SocketAddr,
+    me: &Identity,
+    peer: CertificateDer<'static>,
+    tuning: &TransportTuning,
+) -> Result<Endpoint, DriverError> {
     let tls = client_tls(me, peer)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config()));
+    cfg.transport_config(Arc::new(tuning.config()));
     let mut ep = endpoint(bind, me, None)?;
     ep.set_default_client_config(cfg);
     Ok(ep)
@@ -247,5 +466,47 @@ pub(crate) fn connection_lost(e: quinn::ConnectionError) -> DriverError {
             reason: String::from_utf8_lossy(&c.reason).into_owned(),
         },
         other => DriverError::Connection(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_follow_the_expected_bdp() {
+        let t = TransportTuning::for_link(1_000_000_000, Duration::from_millis(100));
+        assert_eq!(t.expected_bdp_bytes, 12_500_000);
+        assert_eq!(t.stream_window(), 15_625_000);
+        assert_eq!(t.connection_window(), 31_250_000);
+        assert_eq!(t.send_window(), 62_500_000);
+        assert_eq!(t.congestion, Congestion::Bbr);
+
+        let d = TransportTuning::default();
+        assert_eq!(d.stream_window(), u64::from(STREAM_WINDOW));
+        assert_eq!(d.send_window(), MIN_SEND_WINDOW);
+
+        let slow = TransportTuning::for_link(1_000_000, Duration::from_millis(10));
+        assert_eq!(slow.stream_window(), MIN_STREAM_WINDOW, "floor");
+        let huge = TransportTuning::for_link(u64::MAX, Duration::from_secs(3600));
+        assert_eq!(
+            huge.stream_window(),
+            MAX_STREAM_WINDOW,
+            "ceiling, no overflow"
+        );
+        let _ = huge.config();
+    }
+
+    #[test]
+    fn tuning_values_parse() {
+        assert_eq!(parse_bytes("3125000"), Some(3_125_000));
+        assert_eq!(parse_bytes("12M"), Some(12 << 20));
+        assert_eq!(parse_bytes("512KiB"), Some(512 << 10));
+        assert_eq!(parse_bytes("0"), None);
+        assert_eq!(parse_bytes("12X"), None);
+        assert_eq!(parse_bytes("-1"), None);
+        assert_eq!("CUBIC".parse(), Ok(Congestion::Cubic));
+        assert_eq!("bbr".parse(), Ok(Congestion::Bbr));
+        assert!("vegas".parse::<Congestion>().is_err());
     }
 }

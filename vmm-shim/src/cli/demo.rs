@@ -15,7 +15,10 @@ use serde_json::Value;
 use transport::tls::Identity;
 
 use super::roles::SourceOutput;
+use super::wan::{LinkArgs, LinkReport};
 use super::{parse_size, EVENT_PREFIX};
+use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
+use transport::wan::{LinkConfig, WanCounters, WanEmulator};
 use vmm_shim::image::ImageMix;
 
 #[derive(Args, Debug)]
@@ -60,6 +63,45 @@ pub struct DemoArgs {
     /// With --vm: seconds the guest runs before the migration and after it.
     #[arg(long, default_value_t = 2.0, requires = "vm")]
     pub run_secs: f64,
+    /// Migrate through an emulated WAN link (an in-process `wan-emu` relay between the two
+    /// processes) with this round-trip time, e.g. 20ms or 0.1s.
+    #[arg(long, value_parser = super::wan::parse_duration, conflicts_with_all = ["vm", "replica"])]
+    pub wan_rtt: Option<Duration>,
+    /// Emulated WAN: bottleneck rate in bits per second (decimal: 100M, 1G).
+    #[arg(long, value_parser = super::wan::parse_rate, conflicts_with_all = ["vm", "replica"])]
+    pub wan_rate: Option<u64>,
+    /// Emulated WAN: random loss per datagram, 0.01 or 1% (seeded by --seed).
+    #[arg(long, value_parser = super::wan::parse_loss, conflicts_with_all = ["vm", "replica"])]
+    pub wan_loss: Option<f64>,
+    /// Emulated WAN: jitter, ± this around the one-way delay, e.g. 5ms.
+    #[arg(long, value_parser = super::wan::parse_duration, conflicts_with_all = ["vm", "replica"])]
+    pub wan_jitter: Option<Duration>,
+    /// Emulated WAN: bottleneck queue in bytes (64K, 2M) [default: one bandwidth-delay
+    /// product].
+    #[arg(long, value_parser = super::wan::parse_bytes, requires = "wan_rate")]
+    pub wan_queue: Option<u64>,
+}
+
+impl DemoArgs {
+    /// The emulated link the `--wan-*` flags ask for, if any.
+    fn wan_link(&self) -> anyhow::Result<Option<LinkConfig>> {
+        if self.wan_rtt.is_none()
+            && self.wan_rate.is_none()
+            && self.wan_loss.is_none()
+            && self.wan_jitter.is_none()
+        {
+            return Ok(None);
+        }
+        let link = LinkArgs {
+            rtt: self.wan_rtt,
+            delay: None,
+            jitter: self.wan_jitter,
+            rate: self.wan_rate,
+            queue: self.wan_queue,
+            loss: self.wan_loss,
+        };
+        link.config(self.seed ^ 0x3A11_F00D).map(Some)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -91,6 +133,30 @@ struct DemoReport {
     image_mix: Option<ImageMix>,
     workload_threads: u64,
     workload_ops: u64,
+    /// The emulated WAN link (with `--wan-*`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link: Option<LinkReport>,
+    /// What the emulator carried and dropped, per direction (with `--wan-*`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wan_counters: Option<WanCounters>,
+    /// Source → destination bits the link delivered over `total_ms`, as a fraction of the
+    /// link rate (with `--wan-rate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link_utilization: Option<f64>,
+    /// The expected bandwidth-delay product both processes sized their QUIC windows for
+    /// (with `--wan-rtt` and `--wan-rate`, unless FAULTLINE_EXPECTED_BDP was set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expected_bdp_bytes: Option<u64>,
+}
+
+/// The BDP to size QUIC's windows for on `link`: rate × the longest round trip (jitter
+/// included), when the link has a rate and FAULTLINE_EXPECTED_BDP does not already say.
+fn expected_bdp(link: &LinkConfig) -> Option<u64> {
+    if std::env::var_os(ENV_EXPECTED_BDP).is_some() {
+        return None;
+    }
+    let rtt = 2 * (link.delay + link.jitter_bound());
+    Some(bdp_bytes(link.rate_bps?, rtt))
 }
 
 /// Kills a child process that is still running when the demo bails out.
@@ -182,10 +248,37 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     if a.memfd {
         dest_cmd.arg("--memfd");
     }
-    let (mut dest, addr, rx, relay) = spawn_listening(&mut dest_cmd, "destination")?;
+    let link = a.wan_link()?;
+    let tuning = link.as_ref().and_then(expected_bdp);
+    if let Some(bdp) = tuning {
+        dest_cmd.env(ENV_EXPECTED_BDP, bdp.to_string());
+    }
+    let (mut dest, dest_addr, rx, relay) = spawn_listening(&mut dest_cmd, "destination")?;
+    // With an emulated WAN the source connects to the relay, which forwards to the
+    // destination's listener.
+    let wan = match &link {
+        Some(cfg) => {
+            let upstream = dest_addr
+                .parse()
+                .with_context(|| format!("the destination announced a bad address {dest_addr}"))?;
+            let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+            Some(
+                WanEmulator::start(loopback, upstream, cfg.clone())
+                    .context("starting the WAN emulator")?,
+            )
+        }
+        None => None,
+    };
+    let addr = wan
+        .as_ref()
+        .map_or(dest_addr, |w| w.local_addr().to_string());
 
+    let mut source_cmd = Command::new(&exe);
+    if let Some(bdp) = tuning {
+        source_cmd.env(ENV_EXPECTED_BDP, bdp.to_string());
+    }
     let mut source = Reaper(Some(
-        Command::new(&exe)
+        source_cmd
             .args(["source", "--connect", &addr, "--synthetic", &size, "--json"])
             .args(["--seed", &a.seed.to_string()])
             .args([
@@ -224,7 +317,18 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         serde_json::from_str(src_out.trim()).context("parsing the source's report")?;
     let dst: Value =
         serde_json::from_str(dst_out.trim()).context("parsing the destination's report")?;
-    let report = build_report(&src, &dst, wall)?;
+    let mut report = build_report(&src, &dst, wall)?;
+    if let (Some(cfg), Some(wan)) = (&link, wan) {
+        let counters = wan.counters();
+        wan.shutdown();
+        report.link_utilization = cfg.rate_bps.map(|rate| {
+            let secs = report.total_ms / 1e3;
+            counters.client_to_server.bytes as f64 * 8.0 / (rate as f64 * secs.max(1e-9))
+        });
+        report.link = Some(LinkReport::from(cfg));
+        report.wan_counters = Some(counters);
+        report.expected_bdp_bytes = tuning;
+    }
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -327,13 +431,21 @@ fn build_report(src: &SourceOutput, dst: &Value, wall: Instant) -> anyhow::Resul
         image_mix: src.mix,
         workload_threads: u(&dst["workload"]["threads"]),
         workload_ops: u(&dst["workload"]["ops"]),
+        link: None,
+        wan_counters: None,
+        link_utilization: None,
+        expected_bdp_bytes: None,
     })
 }
 
 fn print_text(r: &DemoReport, seed: u64) {
     let pct = |n: u64| 100.0 * n as f64 / r.pages.max(1) as f64;
+    let path = match &r.link {
+        Some(l) => format!("through an emulated WAN ({l})"),
+        None => "on loopback".to_string(),
+    };
     println!(
-        "faultline demo: {} MiB migrated by postcopy over QUIC on loopback",
+        "faultline demo: {} MiB migrated by postcopy over QUIC {path}",
         r.memory_bytes >> 20
     );
     if let Some(m) = r.image_mix {
@@ -366,6 +478,24 @@ fn print_text(r: &DemoReport, seed: u64) {
         r.wire_bytes as f64 / (1 << 20) as f64,
         r.wire_bytes as f64 / r.memory_bytes.max(1) as f64
     );
+    if let Some(c) = &r.wan_counters {
+        let (up, down) = (&c.client_to_server, &c.server_to_client);
+        let util = r
+            .link_utilization
+            .map(|u| format!(", {:.0}% of the link rate", u * 100.0))
+            .unwrap_or_default();
+        println!(
+            "  link       source->destination {:.1} MiB in {} datagrams{util}; dropped {} (loss {}, queue {}, cut {}); back {} datagrams, dropped {}",
+            up.bytes as f64 / (1 << 20) as f64,
+            up.packets,
+            up.dropped(),
+            up.dropped_loss,
+            up.dropped_queue,
+            up.dropped_cut,
+            down.packets,
+            down.dropped()
+        );
+    }
     println!(
         "  workload   {} threads did {} reads/writes during postcopy",
         r.workload_threads, r.workload_ops

@@ -7,6 +7,7 @@ mod roles;
 mod size;
 mod vm;
 mod vm_replica;
+mod wan;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +48,9 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// The reference KVM VMM: migrate a running guest (`vm source`, `vm dest`).
     Vm(vm::VmArgs),
+    /// Emulate a WAN link (delay, jitter, rate, loss, cuts) as a UDP relay between a source
+    /// and a destination; commands on stdin, counters as JSON lines.
+    WanEmu(wan::WanArgs),
 }
 
 /// This side's identity and the peer certificate it pins.
@@ -184,5 +188,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replicate(a) => replica::replicate(a),
         Command::Standby(a) => replica::standby(a),
         Command::Vm(a) => vm::run(a),
+        Command::WanEmu(a) => wan::run(a),
     }
 }
