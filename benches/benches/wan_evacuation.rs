@@ -31,6 +31,7 @@ use anyhow::{bail, Context};
 use faultline_benches::{emit, env_size};
 use faultline_tests::{run_source, Background, Certs, DestProcess, Finished, ShmDir};
 use serde_json::{json, Value};
+use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
 use transport::wan::{LinkConfig, WanEmulator};
 
 const BENCH: &str = "wan_evacuation";
@@ -181,6 +182,15 @@ fn main() -> anyhow::Result<()> {
 
 /// One migration through `run.link`; a JSON row with the measurements.
 fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
+    // Both processes size their QUIC windows for the link, as an operator would with
+    // FAULTLINE_EXPECTED_BDP (docs/wan.md); on loopback the built-in default applies.
+    match run.link.rate_bps {
+        Some(rate) => std::env::set_var(
+            ENV_EXPECTED_BDP,
+            bdp_bytes(rate, Duration::from_millis(run.link.rtt_ms)).to_string(),
+        ),
+        None => std::env::remove_var(ENV_EXPECTED_BDP),
+    }
     let size = bytes.to_string();
     let dir = ShmDir::new("bench-wan");
     let dir_arg = dir.arg();
