@@ -169,9 +169,14 @@ fn hot_first_and_free_skipping_migrate_a_running_kvm_guest() {
     let page_bytes = |o: &Outcome| o.source.session.encoding.wire_bytes() as f64;
     let saved = page_bytes(&hot_first) - page_bytes(&skipping);
     let free_bytes = (free_pages * PAGE) as f64;
+    // Each demand reply may repeat a page the push also sent; how many differs run to run
+    // with the running guest, so the tolerance covers every reply of both runs.
+    let replies = (hot_first.source.session.pages_served + skipping.source.session.pages_served)
+        as f64
+        * (PAGE + 1) as f64;
     assert!(
-        (saved / free_bytes - 1.0).abs() < 0.02,
-        "saved {saved} page bytes for {free_bytes} free bytes"
+        (saved - free_bytes).abs() < 0.02 * free_bytes + replies,
+        "saved {saved} page bytes for {free_bytes} free bytes ({replies} bytes of replies)"
     );
     // On the wire too (UDP both ways; QUIC adds its own overheads and retransmissions).
     let saved_wire = hot_first.wire_bytes as f64 - skipping.wire_bytes as f64;
