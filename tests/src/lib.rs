@@ -27,6 +27,25 @@ pub fn faultline_bin() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "vmm-shim", "--bin", "faultline"]);
+        // Cargo gives this test process the package's variables (CARGO_PKG_NAME=
+        // faultline-tests, CARGO_MANIFEST_DIR, ...). Build scripts that rerun when those
+        // change (ring's does) would see them differ from a build started in a shell, and
+        // every dependent crate would be rebuilt here and again by the next `cargo test`.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    k.as_ref(),
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                )
+            {
+                cmd.env_remove(k.as_ref());
+            }
+        }
         if release {
             cmd.arg("--release");
         }
