@@ -22,7 +22,8 @@
 //!   than the fastest fixed choice (within noise), and the row says what it chose.
 //!
 //! Environment: `FAULTLINE_BENCH_BYTES` (1G), `FAULTLINE_BENCH_PARTS` (comma-separated subset
-//! of `ideal,faults,encoding`; default all).
+//! of `ideal,faults,encoding`; default all), `FAULTLINE_BENCH_LINKS` (only the `ideal` links
+//! whose name contains one of these, e.g. `1000Mbit`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -91,6 +92,12 @@ fn main() -> anyhow::Result<()> {
         rate_bps: Some(1_000_000_000),
         rtt_ms: 20,
     };
+    // FAULTLINE_BENCH_LINKS: only the `ideal` links whose name contains one of these.
+    let only = std::env::var("FAULTLINE_BENCH_LINKS").ok();
+    let wanted = |l: &Link| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|w| l.name().contains(w.trim())))
+    };
     if parts.contains("ideal") {
         for link in [
             slow,
@@ -103,7 +110,10 @@ fn main() -> anyhow::Result<()> {
                 rate_bps: Some(1_000_000_000),
                 rtt_ms: 100,
             },
-        ] {
+        ]
+        .into_iter()
+        .filter(wanted)
+        {
             for case in [Case::Replica, Case::Full] {
                 let run = Run {
                     link,
@@ -298,6 +308,9 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
         "must_cross_bytes": must_cross,
         "total_ms": total_ms,
         "ideal_ms": ideal_ms,
+        // Connected → the guest may run (the standby's stale set handled; the plain
+        // destination's handshake).
+        "resume_ms": d["resume_ms"].as_f64().or(d["established_ms"].as_f64()),
         "wire_bytes": d["wire_bytes"],
         "raw_bytes": enc["raw_bytes"],
         "lz4_bytes": enc["lz4_bytes"],

@@ -92,6 +92,18 @@ pub async fn write_pages(send: &mut SendStream, pages: &Pages) -> Result<(), Fra
     Ok(())
 }
 
+/// Writes several `Pages` frames with one call: a push of scattered pages (a stale set)
+/// is many one-page frames, and each write to the stream costs more than the frame.
+pub async fn write_pages_batch(send: &mut SendStream, batch: &[Pages]) -> Result<(), FrameError> {
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * batch.len());
+    for pages in batch {
+        chunks.push(Bytes::from(pages_header(pages)));
+        chunks.push(pages.payload.clone());
+    }
+    send.write_all_chunks(&mut chunks).await?;
+    Ok(())
+}
+
 /// Everything of a `Pages` frame up to its payload.
 fn pages_header(pages: &Pages) -> Vec<u8> {
     // Encode an empty-payload copy, then patch the length to cover the real payload.

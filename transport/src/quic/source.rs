@@ -7,7 +7,9 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::frame::{read_frame, write_final, write_message, write_pages, FrameError};
+use super::frame::{
+    read_frame, write_final, write_message, write_pages, write_pages_batch, FrameError,
+};
 use super::{
     close_with, connection_lost, DriverError, PRIO_BULK, PRIO_CONTROL, PRIO_URGENT, TAG_BULK,
     TAG_CONTROL, TAG_URGENT,
@@ -472,22 +474,35 @@ async fn push_all(
     const { assert!(PUSH_RUN <= MAX_PAGES_PER_MESSAGE) };
     let mut meter = LinkMeter::new(&conn);
     let result: Result<(), DriverError> = async {
+        let mut batch = Vec::new();
         loop {
-            let next = lock(&session).next_push(PUSH_RUN);
-            let Some(run) = next else { break };
-            let count = (run.end - run.start) as usize;
-            let data = reader
-                .pages(run.start, count)
-                .map_err(DriverError::Reader)?;
-            debug_assert_eq!(data.len(), count * PAGE_SIZE);
-            let pages = encoder.encode_push(run.start, data);
-            let wire = (pages.kinds.len() + pages.payload.len()) as u64;
+            // Up to PUSH_RUN pages per write, in as many runs as the schedule hands out:
+            // one run when the pages are contiguous, up to PUSH_RUN frames when they are
+            // scattered (a stale set).
+            let mut count = 0;
+            while count < PUSH_RUN {
+                let next = lock(&session).next_push(PUSH_RUN - count);
+                let Some(run) = next else { break };
+                let n = (run.end - run.start) as usize;
+                let data = reader.pages(run.start, n).map_err(DriverError::Reader)?;
+                debug_assert_eq!(data.len(), n * PAGE_SIZE);
+                batch.push(encoder.encode_push(run.start, data));
+                count += n;
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let wire: u64 = batch
+                .iter()
+                .map(|p| (p.kinds.len() + p.payload.len()) as u64)
+                .sum();
             // How long the stream takes to accept the batch is the link's pace once the
             // send window is full: the tuner's measure of what a wire byte costs.
             let t = Instant::now();
-            write_pages(&mut *bulk.lock().await, &pages)
+            write_pages_batch(&mut *bulk.lock().await, &batch)
                 .await
                 .map_err(|e| stream_error(&conn, Channel::Bulk, e))?;
+            batch.clear();
             let cost = meter.cost(&conn, wire, t.elapsed().as_nanos() as u64);
             encoder.observe_write(wire, cost);
             *lock_stats(&stats) = encoder.stats();
