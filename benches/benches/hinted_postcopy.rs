@@ -57,10 +57,12 @@ use faultline_benches::stats::{median, Summary};
 use faultline_benches::{emit, env_size};
 use serde_json::{json, Map, Value};
 use transport::encoding::EncodingPolicy;
+use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
+use transport::wan::LinkConfig;
 use vmm_shim::hints::agent_proto::PfnRange;
 use vmm_shim::hints::loopback::{
-    agent_report, feed_agent, migrate, reference_hot, AgentChunk, Check, GuestSpec, Mode, Outcome,
-    SourceGuest,
+    agent_report, feed_agent, migrate, migrate_over, reference_hot, AgentChunk, Check, GuestSpec,
+    Mode, Outcome, SourceGuest,
 };
 use vmm_shim::hints::{BoardLimits, HintBoard};
 use vmm_shim::vm::layout::WORKSET_BASE;
@@ -84,6 +86,11 @@ fn name(m: Mode) -> &'static str {
 struct Params {
     bytes: u64,
     working_set: u64,
+    program: fn(u64) -> Program,
+    program_name: String,
+    /// The emulated link for the measured runs (`None`: straight over loopback).
+    link: Option<LinkConfig>,
+    link_name: String,
     vcpus: usize,
     run_secs: u64,
     free_pct: u64,
@@ -95,8 +102,26 @@ fn main() -> anyhow::Result<()> {
         bail!("/dev/kvm is absent: this bench needs KVM (load kvm_intel or kvm_amd)");
     }
     let bytes = env_size("FAULTLINE_BENCH_BYTES", 1 << 30);
+    let program_name =
+        std::env::var("FAULTLINE_BENCH_PROGRAM").unwrap_or_else(|_| "scattered".into());
+    let program: fn(u64) -> Program = match program_name.as_str() {
+        "scattered" => |working_set| Program::Scattered { working_set },
+        "hot-cold" => |working_set| Program::HotCold { working_set },
+        other => bail!("FAULTLINE_BENCH_PROGRAM={other:?}: use scattered or hot-cold"),
+    };
+    let link_name = std::env::var("FAULTLINE_BENCH_LINK").unwrap_or_else(|_| "1000/20".into());
+    let link = parse_link(&link_name)?;
+    if let Some(l) = &link {
+        // Both ends run in this process: one setting sizes both QUIC stacks for the link.
+        let rate = l.rate_bps.unwrap_or(u64::MAX);
+        std::env::set_var(ENV_EXPECTED_BDP, bdp_bytes(rate, 2 * l.delay).to_string());
+    }
     let p = Params {
         bytes,
+        program,
+        program_name,
+        link,
+        link_name,
         working_set: env_size("FAULTLINE_BENCH_WORKING_SET", 256 << 20)
             .min(1 << (bytes / 2).ilog2()),
         vcpus: env_size("FAULTLINE_BENCH_VCPUS", 2) as usize,
@@ -121,6 +146,23 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `loopback`, or `MBITS/RTT_MS` (`1000/20`: 1 Gbit/s, 20 ms round trip).
+fn parse_link(s: &str) -> anyhow::Result<Option<LinkConfig>> {
+    if s == "loopback" {
+        return Ok(None);
+    }
+    let parsed = s
+        .split_once('/')
+        .and_then(|(r, t)| Some((r.parse::<u64>().ok()?, t.parse::<u64>().ok()?)));
+    match parsed {
+        Some((mbits, rtt_ms)) if mbits > 0 => Ok(Some(LinkConfig::new(
+            Duration::from_millis(rtt_ms),
+            mbits * 1_000_000,
+        ))),
+        _ => bail!("FAULTLINE_BENCH_LINK={s:?}: use loopback or MBITS/RTT_MS, e.g. 1000/20"),
+    }
+}
+
 /// One source guest, migrated once per case (measured, guests running), then once per case
 /// with the guests held for the all-memory digest.
 fn round_of(p: &Params, round: usize) -> anyhow::Result<Vec<(Mode, Value)>> {
@@ -128,9 +170,7 @@ fn round_of(p: &Params, round: usize) -> anyhow::Result<Vec<(Mode, Value)>> {
     let config = VmConfig {
         mem_size: p.bytes,
         vcpus: p.vcpus,
-        program: Program::HotCold {
-            working_set: p.working_set,
-        },
+        program: (p.program)(p.working_set),
         report_every: 1 << 16,
     };
     let free_pages = pages * p.free_pct / 100;
@@ -186,8 +226,15 @@ fn round_of(p: &Params, round: usize) -> anyhow::Result<Vec<(Mode, Value)>> {
     };
     let mut measured = Vec::new();
     for &mode in &order {
-        let o = migrate(&mut src, Some(&hints), mode, after, p.encoding)
-            .with_context(|| format!("{} (measured)", name(mode)))?;
+        let o = migrate_over(
+            &mut src,
+            Some(&hints),
+            mode,
+            after,
+            p.encoding,
+            p.link.as_ref(),
+        )
+        .with_context(|| format!("{} (measured)", name(mode)))?;
         if !o.digest_match {
             bail!(
                 "{}: destination memory differs from the source's outside the guest's writable pages: {} vs {}",
@@ -209,6 +256,7 @@ fn round_of(p: &Params, round: usize) -> anyhow::Result<Vec<(Mode, Value)>> {
         measured.push(o);
     }
     let mut out = Vec::new();
+    // The all-memory checks need no link: they verify content, not speed.
     for o in measured {
         let v = migrate(&mut src, Some(&hints), o.mode, Check::Held, p.encoding)
             .with_context(|| format!("{} (verification)", name(o.mode)))?;
@@ -248,6 +296,7 @@ fn row(round: usize, o: &Outcome, v: &Outcome) -> Value {
         "bench": BENCH,
         "case": name(o.mode),
         "round": round,
+        "link": o.link.as_ref().map(|l| json!({"rtt_ms": 2 * l.delay.as_millis() as u64, "rate_bps": l.rate_bps})),
         "memory_bytes": o.memory_bytes,
         "vcpus": o.vcpus,
         "downtime_ms": o.downtime_ms,
@@ -356,6 +405,8 @@ fn summarize(p: &Params, runs: usize, rows: &[(Mode, Value)], started: Instant) 
         "case": "summary",
         "memory_bytes": p.bytes,
         "working_set": p.working_set,
+        "program": p.program_name,
+        "link": p.link_name,
         "vcpus": p.vcpus,
         "free_pct": p.free_pct,
         "rounds": runs,

@@ -1,9 +1,10 @@
 //! The guest agent in a real Linux guest (Debian's kernel under QEMU TCG, busybox
 //! initramfs built by `scripts/guest-image.sh`): the workload `faultline-touch` keeps a
-//! 64 MiB buffer hot and prints its guest-physical frames on the console; over the agent's
-//! serial port (a Unix socket on this side) the test asks for a report and checks that the
-//! hot ranges cover every frame of the buffer and the free ranges none; then that hostile
-//! input gets `Error` answers without stopping the agent; then that `PostcopyStarted` makes
+//! 64 MiB buffer hot and prints its guest-physical frames on the console. The host side is
+//! the library's `vmm_shim::hints::AgentLink` on QEMU's Unix socket for the agent's serial
+//! port: it asks for a report, and the hints its `HintBoard` accepted must cover every frame
+//! of the buffer with hot ranges and none with free pages. Then hostile input (raw bytes)
+//! gets `Error` answers without stopping the agent; then the link's `PostcopyStarted` makes
 //! the agent pre-touch the workload and answer `Touched`.
 //!
 //! Skipped, with the reason, only if QEMU or the kernel cannot be installed (not root, no
@@ -12,11 +13,12 @@
 use std::time::{Duration, Instant};
 
 use faultline_tests::qemu::{guest_image, AgentConn, Guest};
-use guest_agent::proto::{
-    encode, ErrorCode, Hello, Message, PfnRange, RangeKind, ReportAssembler, PROTOCOL_VERSION,
-};
+use guest_agent::proto::{encode, ErrorCode, Message, PfnRange, PROTOCOL_VERSION};
+use transport::Layout;
+use vmm_shim::hints::{AgentLink, BoardLimits};
 
 const TOUCH_MIB: u64 = 64;
+const GUEST_MIB: u64 = 512;
 
 /// Parses `TOUCH_PFNS a+n,b+m,...`.
 fn parse_touch_pfns(line: &str) -> Vec<PfnRange> {
@@ -51,38 +53,11 @@ fn overlap(a: &[PfnRange], b: &[PfnRange]) -> u64 {
     n
 }
 
-struct Report {
-    hello: Hello,
-    hot: Vec<PfnRange>,
-    free: Vec<PfnRange>,
-}
-
-/// Sends ReportNow and collects the Hello and the hot and free lists of the next report.
-fn report(agent: &mut AgentConn, timeout: Duration) -> Report {
-    agent.send(&Message::ReportNow);
-    let mut asm = ReportAssembler::new(1 << 20);
-    let (mut hello, mut hot, mut free) = (None, None, None);
-    let got = agent.recv_until(timeout, |m| {
-        match m {
-            Message::Hello(h) => hello = Some(h.clone()),
-            // Only parts after a Hello: the first bytes may be the end of an older report.
-            Message::HotRanges { .. } | Message::FreeRanges { .. } if hello.is_some() => {
-                match asm.push(m).expect("report parts join") {
-                    Some(r) if r.kind == RangeKind::Hot => hot = Some(r.ranges),
-                    Some(r) => free = Some(r.ranges),
-                    None => {}
-                }
-            }
-            _ => {}
-        }
-        (hot.is_some() && free.is_some()).then_some(())
-    });
-    assert!(got.is_some(), "no complete report within {timeout:?}");
-    Report {
-        hello: hello.expect("hello"),
-        hot: hot.expect("hot"),
-        free: free.expect("free"),
-    }
+/// Host page ranges as frame ranges (frame = page for this guest).
+fn as_pfn_ranges(r: &[std::ops::Range<u64>]) -> Vec<PfnRange> {
+    r.iter()
+        .map(|r| PfnRange::new(r.start, r.end - r.start))
+        .collect()
 }
 
 #[test]
@@ -97,7 +72,7 @@ fn guest_agent_in_qemu_reports_hot_and_free_pages_and_pretouches() {
     let t0 = Instant::now();
     let mut guest = Guest::boot(
         &image,
-        512,
+        GUEST_MIB as u32,
         &format!(
             "init_on_free=1 touch_mb={TOUCH_MIB} agent.max_cpu_pct=50 agent.report_every_ms=0 agent.interval_ms=1000"
         ),
@@ -113,14 +88,36 @@ fn guest_agent_in_qemu_reports_hot_and_free_pages_and_pretouches() {
     let touch =
         touch.unwrap_or_else(|| panic!("faultline-touch printed no frames:\n{}", guest.console()));
     assert!(!touch.contains("unavailable"), "{touch}");
-    let mut agent = AgentConn::connect(&guest.agent_socket, Duration::from_secs(10));
+    // The host's side is the library's: an AgentLink on QEMU's socket for the agent's
+    // serial port, feeding a HintBoard for this guest's memory (one region at
+    // guest-physical 0, so a frame number is a page number).
+    let layout = Layout::single(GUEST_MIB << 20);
+    let agent_socket = guest.agent_socket.clone();
+    let connect = || {
+        AgentLink::connect(
+            &agent_socket,
+            &layout,
+            BoardLimits::default(),
+            Duration::from_secs(10),
+        )
+        .expect("connect to the agent's serial socket")
+    };
+    let link = connect();
 
     // 1. A report: the buffer is hot, and not free.
     let buffer_pages = TOUCH_MIB * 256;
     let mut tries = 0;
-    let (rep, buffer, covered) = loop {
+    let (hints, buffer, covered) = loop {
         tries += 1;
-        let rep = report(&mut agent, Duration::from_secs(30));
+        let hints = link
+            .fresh_hints(Duration::from_secs(30))
+            .expect("ReportNow sent")
+            .unwrap_or_else(|| {
+                panic!(
+                    "no report accepted within 30 s; refused: {:?}",
+                    link.take_errors()
+                )
+            });
         // The newest frames the workload printed (the kernel may move pages, and
         // faultline-touch prints them again when it does).
         let line = guest
@@ -128,42 +125,48 @@ fn guest_agent_in_qemu_reports_hot_and_free_pages_and_pretouches() {
             .expect("TOUCH_PFNS");
         let buffer = parse_touch_pfns(&line);
         assert_eq!(buffer.iter().map(|r| r.count).sum::<u64>(), buffer_pages);
-        let covered = overlap(&buffer, &rep.hot);
+        let covered = overlap(&buffer, &as_pfn_ranges(&hints.hot));
         // A page moved between the workload's print and the scan is the one excuse for a
         // miss; asking again after the workload re-printed settles it.
         if covered == buffer_pages || tries == 3 {
-            break (rep, buffer, covered);
+            break (hints, buffer, covered);
         }
         std::thread::sleep(Duration::from_millis(1500));
     };
-    let h = &rep.hello;
+    let h = link.hello().expect("a Hello before the report");
     assert_eq!(h.version, PROTOCOL_VERSION);
     assert_eq!(h.page_size, 4096);
     assert!(
-        h.poison_on_free,
+        h.poison_on_free && hints.poison_on_free,
         "init_on_free=1 is on the guest's command line"
     );
     assert!(
-        (400 << 20..=512 << 20).contains(&h.mem_total_bytes),
+        (400 << 20..=GUEST_MIB << 20).contains(&h.mem_total_bytes),
         "MemTotal {}",
         h.mem_total_bytes
     );
-    let hot_pages: u64 = rep.hot.iter().map(|r| r.count).sum();
-    let free_pages: u64 = rep.free.iter().map(|r| r.count).sum();
+    let hot_pages = hints.hot_pages();
+    let free_pages = hints.free_pages();
+    let free_in_buffer: u64 = buffer
+        .iter()
+        .flat_map(|r| r.first..r.end())
+        .filter(|&p| hints.free.get(p))
+        .count() as u64;
     let report_line = guest
         .wait_for(Duration::from_secs(5), |l| {
             l.contains("guest-agent: report seq=")
         })
         .unwrap_or_default();
     eprintln!(
-        "guest booted to /init in {boot_s:.1} s; report after {} tries: hot {hot_pages} pages in {} ranges, \
-         free {free_pages} pages in {} ranges; buffer {buffer_pages} pages in {} ranges, {covered} hot ({:.1}%), {} free\n{report_line}",
+        "guest booted to /init in {boot_s:.1} s; report {} after {} tries: hot {hot_pages} pages in {} ranges, \
+         free {free_pages} pages; buffer {buffer_pages} pages in {} ranges, {covered} hot ({:.1}%), {free_in_buffer} free; \
+         board {:?}\n{report_line}",
+        hints.seq,
         tries,
-        rep.hot.len(),
-        rep.free.len(),
+        hints.hot.len(),
         buffer.len(),
         100.0 * covered as f64 / buffer_pages as f64,
-        overlap(&buffer, &rep.free),
+        link.stats(),
     );
     assert_eq!(
         covered,
@@ -172,18 +175,16 @@ fn guest_agent_in_qemu_reports_hot_and_free_pages_and_pretouches() {
         buffer_pages - covered
     );
     assert_eq!(
-        overlap(&buffer, &rep.free),
-        0,
+        free_in_buffer, 0,
         "free ranges include frames of the buffer"
     );
-    assert_eq!(
-        overlap(&rep.hot, &rep.free),
-        0,
-        "a frame is both hot and free"
-    );
+    // (A page both hot and free would have made the board refuse the report.)
     // Most of a 512 MiB guest that runs two small programs is free.
     assert!(free_pages > 256 * 100, "only {free_pages} free pages");
+    drop(link);
 
+    // The raw protocol for what the library never sends.
+    let mut agent = AgentConn::connect(&guest.agent_socket, Duration::from_secs(10));
     // 2. Hostile input: garbage is skipped, bad frames get an Error, the agent goes on.
     agent.send_raw(b"\x00\xFFgarbage\xF1\x7A\x01\x02");
     let mut unknown = encode(&Message::ReportNow).unwrap();
@@ -206,13 +207,13 @@ fn guest_agent_in_qemu_reports_hot_and_free_pages_and_pretouches() {
         "expected two UNEXPECTED errors, got {errors:?}"
     );
 
-    // 3. Postcopy: the agent pre-touches the workload and says so.
-    agent.send(&Message::PostcopyStarted);
-    let touched = agent.recv_until(Duration::from_secs(30), |m| match m {
-        Message::Touched(t) => Some(*t),
-        _ => None,
-    });
-    let touched = touched.unwrap_or_else(|| panic!("no Touched answer:\n{}", guest.console()));
+    // 3. Postcopy, from the library again: the agent pre-touches the workload and says so.
+    drop(agent);
+    let link = connect();
+    link.postcopy_started().expect("PostcopyStarted sent");
+    let touched = link
+        .wait_touched(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("no Touched answer:\n{}", guest.console()));
     eprintln!("pre-touch: {touched:?}");
     assert_eq!(
         touched.processes, 1,
@@ -228,9 +229,12 @@ fn guest_agent_in_qemu_reports_hot_and_free_pages_and_pretouches() {
         "no pre-touch log line:\n{}",
         guest.console()
     );
-    agent.send(&Message::PostcopyFinished);
+    link.postcopy_finished().expect("PostcopyFinished sent");
     // Scanning resumes: a fresh report arrives.
-    let after = report(&mut agent, Duration::from_secs(30));
+    let after = link
+        .fresh_hints(Duration::from_secs(30))
+        .expect("ReportNow sent")
+        .expect("a report after PostcopyFinished");
     assert!(!after.hot.is_empty());
     eprintln!("total test time {:.1} s", t0.elapsed().as_secs_f64());
 }

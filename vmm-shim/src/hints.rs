@@ -2,6 +2,9 @@
 //! the guest says about hot and free memory, treat every byte of it as hostile, and use
 //! what survives to migrate better.
 //!
+//! * [`AgentLink`] is the live channel: it connects to the socket the VMM exposes the
+//!   agent's port on, feeds a board from its own thread and sends the host's messages
+//!   (`ReportNow`, `PostcopyStarted`, `PostcopyFinished`).
 //! * [`HintBoard`] reads the agent channel (bytes from a serial line or Unix socket, or
 //!   decoded messages), validates every report against the guest's memory layout and keeps
 //!   the latest complete one as [`Hints`]. Its memory is bounded whatever the agent sends
@@ -25,6 +28,7 @@
 
 mod board;
 mod free;
+mod link;
 pub mod loopback;
 mod map;
 
@@ -33,6 +37,7 @@ pub use free::{
     skippable_free, zeroed_digest, zeroed_digest_except, DirtyBaseline, FreeSkip, SkipFreeReader,
     SkipRefused, WrittenSince,
 };
+pub use link::{AgentLink, AgentLinkError};
 pub use map::{GuestMap, MapError};
 
 /// The agent's wire protocol (`guest_agent::proto`), for hosts that link only vmm-shim.

@@ -210,6 +210,9 @@ fn random_write_guest_changes_memory_and_nothing_writes_while_paused() {
         Program::HotCold {
             working_set: 32 << 20,
         },
+        Program::Scattered {
+            working_set: 32 << 20,
+        },
     ] {
         let mut vm = Vm::new(config(2, program)).unwrap();
         let d0 = vm.memory_digest().unwrap();
@@ -240,6 +243,49 @@ fn random_write_guest_changes_memory_and_nothing_writes_while_paused() {
         eprintln!("{program:?}, 2 vCPUs: {rate:.0} ops/s");
         vm.stop().unwrap();
     }
+}
+
+/// The scattered guest writes only where `Program::hot_ranges` says: its chunks change,
+/// the rest of its slice stays zero.
+#[test]
+fn scattered_guest_writes_only_the_chunks_hot_ranges_names() {
+    use vm_memory::Bytes;
+    if !kvm_present() {
+        return;
+    }
+    let program = Program::Scattered {
+        working_set: 32 << 20,
+    };
+    let mut vm = Vm::new(config(2, program)).unwrap();
+    vm.start().unwrap();
+    let p = wait_progress(&vm, &[0, 0]);
+    wait_progress(&vm, &p.iter().map(|p| p + (1 << 16)).collect::<Vec<_>>());
+    vm.pause().unwrap();
+    for i in 0..2 {
+        let (base, len) = program.slice(i, 2);
+        let mut slice = vec![0u8; len as usize];
+        vm.guest_memory()
+            .read_slice(&mut slice, GuestAddress(base))
+            .unwrap();
+        let changed = |r: std::ops::Range<u64>| {
+            slice[(r.start - base) as usize..(r.end - base) as usize]
+                .chunks_exact(8)
+                .filter(|w| w.iter().any(|b| *b != 0))
+                .count() as u64
+        };
+        let chunks = program.hot_ranges(i, 2);
+        assert_eq!(chunks.len() as u64, len / 8 / (64 << 10));
+        let in_chunks: u64 = chunks.iter().cloned().map(changed).sum();
+        let all = changed(base..base + len);
+        let touched = chunks.iter().filter(|r| changed((*r).clone()) > 0).count();
+        eprintln!(
+            "vCPU {i}: {in_chunks} words changed in {touched} of {} chunks",
+            chunks.len()
+        );
+        assert_eq!(all, in_chunks, "vCPU {i} wrote outside its chunks");
+        assert_eq!(touched, chunks.len(), "vCPU {i} left chunks untouched");
+    }
+    vm.stop().unwrap();
 }
 
 #[test]

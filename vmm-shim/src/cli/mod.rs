@@ -6,6 +6,7 @@ mod replica;
 mod roles;
 mod size;
 mod vm;
+mod vm_agent;
 mod vm_replica;
 mod wan;
 
@@ -30,6 +31,16 @@ pub const EVENT_PREFIX: &str = "@faultline ";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Expected bandwidth-delay product of the path, bytes (`3125000`, `512K`, `12M`): sizes
+    /// the QUIC windows for a long fat link (docs/wan.md); give both ends the same value.
+    /// Overrides FAULTLINE_EXPECTED_BDP, and reaches the processes `demo` starts.
+    #[arg(long, global = true, value_parser = parse_bdp)]
+    pub expected_bdp: Option<u64>,
+}
+
+fn parse_bdp(s: &str) -> Result<u64, String> {
+    transport::quic::parse_bytes(s)
+        .ok_or_else(|| format!("{s:?} is not a positive byte count (3125000, 512K, 12M)"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -180,6 +191,11 @@ pub struct KeygenArgs {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(bdp) = cli.expected_bdp {
+        // Before any thread exists (main has only set up logging): the QUIC stacks read
+        // their tuning from here, and child processes inherit it.
+        std::env::set_var(transport::quic::ENV_EXPECTED_BDP, bdp.to_string());
+    }
     match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Source(a) => roles::source(a),

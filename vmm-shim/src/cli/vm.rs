@@ -31,6 +31,7 @@ use vmm_shim::SourceOptions;
 use super::demo::{spawn_listening, DemoArgs, Reaper};
 use super::demo_replica::DemoCerts;
 use super::roles::{bind_listener, identity};
+use super::vm_agent::{AgentArgs, DestAgent, DestAgentReport, SourceAgent, SourceHintsReport};
 use super::vm_replica::{self, ReplicaArgs, SourceReplicaReport};
 use super::{parse_size, TlsArgs};
 
@@ -63,6 +64,8 @@ pub enum VmProgram {
     SeqScan,
     /// Read-modify-write, 90% of it in the hot eighth of the working set.
     HotCold,
+    /// Read-modify-write only in 64 KiB chunks, 512 KiB apart: an eighth of the working set.
+    Scattered,
 }
 
 /// What runs in the guest; both ends must be given the same.
@@ -104,6 +107,7 @@ impl GuestArgs {
             VmProgram::RandomRw => Program::RandomRw { working_set: ws },
             VmProgram::SeqScan => Program::SeqScan { working_set: ws },
             VmProgram::HotCold => Program::HotCold { working_set: ws },
+            VmProgram::Scattered => Program::Scattered { working_set: ws },
         };
         Ok(VmConfig {
             mem_size: self.size,
@@ -134,6 +138,8 @@ pub struct VmSourceArgs {
     pub connect_timeout: u64,
     #[command(flatten)]
     pub replica: ReplicaArgs,
+    #[command(flatten)]
+    pub agent: AgentArgs,
     /// Do not ask the guests to hash their slices when they resume: they go straight on with
     /// their workload (for rate measurements; pair with `vm dest --no-verify`).
     #[arg(long)]
@@ -166,6 +172,8 @@ pub struct VmDestArgs {
     /// `vm source --replicate`, and become the destination when the source evacuates.
     #[arg(long)]
     pub replica_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub agent: AgentArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// Print one JSON object instead of text.
@@ -205,6 +213,9 @@ pub struct VmSourceOutput {
     pub pages_pushed: u64,
     pub push_ms: u64,
     pub total_ms: u64,
+    /// What the guest agent's hints did (`--agent-socket`).
+    #[serde(default)]
+    pub hints: Option<SourceHintsReport>,
 }
 
 /// What `faultline vm dest --json` prints.
@@ -265,6 +276,9 @@ pub struct VmDestOutput {
     pub progress_series: Vec<Sample>,
     /// What the standby held and fetched (`--replica-dir`).
     pub replica: Option<DestReplicaReport>,
+    /// What the guest agent was told (`--agent-socket`).
+    #[serde(default)]
+    pub agent: Option<DestAgentReport>,
 }
 
 /// What a standby (`vm dest --replica-dir`) adds to its report.
@@ -306,11 +320,18 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
     let config = a.guest.config()?;
     let run_for = a.guest.run_for()?;
+    if a.replica.replicate && a.agent.agent_socket.is_some() {
+        bail!("--agent-socket and --replicate both need the dirty log; use one of them");
+    }
     let options = VmOptions {
-        dirty_log: a.replica.replicate,
+        dirty_log: a.replica.replicate || a.agent.agent_socket.is_some(),
     };
     let mut vm = Vm::new_with_options(config.clone(), options).context("booting the source VM")?;
     let layout = Layout::single(config.mem_size);
+    let agent = match a.agent.agent_socket {
+        Some(_) => Some(SourceAgent::arm(&vm, &a.agent)?),
+        None => None,
+    };
     vm.start()?;
     let started = Instant::now();
     let sampler = RateSampler::start(vm.progress_probe(), started, SAMPLE_PERIOD);
@@ -322,6 +343,14 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         None
     };
     run_guest(&vm, run_for)?;
+    // The agent scans the running guest; its report decides the plan after the pause.
+    let asked_agent = match &agent {
+        Some(ag) => Some(
+            ag.ask(&layout)
+                .context("asking the guest agent for a report")?,
+        ),
+        None => None,
+    };
     let ran_ms = started.elapsed().as_secs_f64() * 1e3;
     let series = sampler.stop();
     let ops_per_s_before = rate_between(&series, ran_ms / 2.0, ran_ms).unwrap_or(0.0);
@@ -357,6 +386,17 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         snapshot: snapshot.clone(),
     }
     .encode();
+    // After the VMM's last write to guest memory (the digest request): the dirty log's
+    // final harvest must see it.
+    let (plan, hints_report) = match (agent, &asked_agent) {
+        (Some(ag), Some((link, hints))) => {
+            let (plan, r) = ag.plan(&vm, link, hints.as_ref(), layout.total_pages())?;
+            (Some(plan), Some(r))
+        }
+        _ => (None, None),
+    };
+    drop(asked_agent);
+    let mut hints_out = None;
 
     let regions = vm.host_regions();
     let opts = SourceOptions {
@@ -387,8 +427,15 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
                     e.session
                 })
             }
-            None => PausedMemory::new(&regions).and_then(|paused| {
-                vmm_shim::send_with_state(Arc::new(paused), &layout, &opts, blob)
+            None => PausedMemory::new(&regions).and_then(|paused| match &plan {
+                Some(plan) => {
+                    vmm_shim::send_with_hints(Arc::new(paused), &layout, &opts, Some(blob), plan)
+                        .map(|sent| {
+                            hints_out = hints_report.map(|r| r.with_sent(&sent));
+                            sent.session
+                        })
+                }
+                None => vmm_shim::send_with_state(Arc::new(paused), &layout, &opts, blob),
             }),
         };
         let digests = hashing
@@ -424,6 +471,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         pages_pushed: report.pages_pushed,
         push_ms: report.push_ms,
         total_ms: report.total_ms,
+        hints: hints_out,
     };
     if a.json {
         println!("{}", serde_json::to_string(&out)?);
@@ -532,6 +580,12 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
     };
     let slot: Arc<Mutex<Option<Restored>>> = Arc::default();
     let (slot2, config2) = (slot.clone(), config.clone());
+    let agent = a
+        .agent
+        .agent_socket
+        .as_ref()
+        .map(|_| DestAgent::new(&a.agent, &layout));
+    let agent2 = agent.clone();
     let received = match &standby {
         None => {
             let mem = memory::create_guest_memory(size)?;
@@ -541,6 +595,9 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
             let _mapped = mem.clone();
             let r = listener.receive_vm(&regions, &layout, move |blob| {
                 let r = restore_and_start(config2, mem, blob, hold).map_err(|e| format!("{e:#}"));
+                if let (Ok(_), Some(agent)) = (&r, &agent2) {
+                    agent.resumed();
+                }
                 *slot2.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             });
             r.context("receiving the VM").map(|r| Received {
@@ -560,6 +617,9 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
                 let r = unsafe { vm_replica::memory_over(&region) }
                     .and_then(|mem| restore_and_start(config2, mem, blob, hold))
                     .map_err(|e| format!("{e:#}"));
+                if let (Ok(_), Some(agent)) = (&r, &agent2) {
+                    agent.resumed();
+                }
                 *slot2.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             });
             r.context("receiving the VM into the standby")
@@ -586,6 +646,8 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let restored = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    // Every page is present (or the session failed): the agent hears so either way.
+    let agent_report = agent.as_ref().map(DestAgent::finish);
     let report = received?;
     let Resumed {
         mut vm,
@@ -685,6 +747,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         ops_per_s_during: rate_between(&series, 0.0, postcopy_ms),
         progress_series: series,
         replica: report.replica,
+        agent: agent_report,
     };
     if a.json {
         println!("{}", serde_json::to_string(&out)?);

@@ -25,6 +25,7 @@ use thiserror::Error;
 use transport::bitmap::Bitmap;
 use transport::encoding::EncodingPolicy;
 use transport::tls::Identity;
+use transport::wan::{LinkConfig, WanEmulator};
 use transport::{Layout, PAGE_SIZE};
 use uffd_core::{DirtyError, LatencySummary};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -38,7 +39,7 @@ use crate::vm::layout::{
     CODE_ADDR, CODE_MAX, DATA_BASE, DATA_STRIDE, PD_ADDR, STACK_BASE, STACK_SIZE,
 };
 use crate::vm::rate::{rate_between, RateSampler, Sample};
-use crate::vm::{memory, KvmDirtyLog, Program, Vm, VmConfig, VmError, VmOptions, VmSnapshot};
+use crate::vm::{memory, KvmDirtyLog, Vm, VmConfig, VmError, VmOptions, VmSnapshot};
 use crate::{DestOptions, Listener, RoleError, SourceOptions};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -58,6 +59,8 @@ pub enum LoopbackError {
     Tls(#[from] transport::tls::TlsError),
     #[error("agent channel: {0}")]
     Io(#[from] std::io::Error),
+    #[error("WAN emulator: {0}")]
+    Wan(#[from] transport::wan::WanError),
     #[error("destination: {0}")]
     Dest(String),
 }
@@ -76,8 +79,8 @@ pub struct GuestSpec {
 
 /// Page ranges an agent in the reference guest would report hot: page tables, program
 /// code, the vCPUs' data areas and stacks (kernel-like memory the agent counts as hot), and
-/// the part of the working set the program favours — the first eighth of each vCPU's slice
-/// for `HotCold`, the whole slice for the uniform programs. Sorted, adjacent allowed.
+/// the part of the working set the program favours ([`crate::vm::Program::hot_ranges`]). Sorted,
+/// adjacent allowed.
 pub fn reference_hot(config: &VmConfig) -> Vec<PfnRange> {
     let gib = config.mem_size.div_ceil(1 << 30);
     let mut hot = vec![
@@ -88,14 +91,10 @@ pub fn reference_hot(config: &VmConfig) -> Vec<PfnRange> {
         STACK_BASE / PAGE..(STACK_BASE + config.vcpus as u64 * STACK_SIZE) / PAGE,
     ];
     for i in 0..config.vcpus {
-        let (base, len) = config.program.slice(i, config.vcpus);
-        let hot_len = match config.program {
-            Program::Counter => 0,
-            Program::HotCold { .. } => len / 8,
-            _ => len,
-        };
-        if hot_len >= PAGE {
-            hot.push(base / PAGE..(base + hot_len) / PAGE);
+        for r in config.program.hot_ranges(i, config.vcpus) {
+            if r.end - r.start >= PAGE {
+                hot.push(r.start / PAGE..r.end / PAGE);
+            }
         }
     }
     hot.sort_by_key(|r| r.start);
@@ -351,6 +350,8 @@ impl SourceGuest {
 pub struct Outcome {
     pub mode: Mode,
     pub check: Check,
+    /// The emulated link between the ends; `None`: straight over loopback.
+    pub link: Option<LinkConfig>,
     pub memory_bytes: u64,
     pub vcpus: usize,
     /// Start of this migration (the source guest is paused already, and may have been
@@ -464,6 +465,20 @@ pub fn migrate(
     check: Check,
     encoding: EncodingPolicy,
 ) -> Result<Outcome, LoopbackError> {
+    migrate_over(src, hints, mode, check, encoding, None)
+}
+
+/// [`migrate`] through an emulated WAN link ([`WanEmulator`] relaying between the two
+/// ends, both directions alike) when `link` is given. Size the QUIC windows for the link
+/// first (`FAULTLINE_EXPECTED_BDP`, see `transport::quic`), as an operator would.
+pub fn migrate_over(
+    src: &mut SourceGuest,
+    hints: Option<&Hints>,
+    mode: Mode,
+    check: Check,
+    encoding: EncodingPolicy,
+    link: Option<&LinkConfig>,
+) -> Result<Outcome, LoopbackError> {
     let snapshot = src
         .snapshot
         .clone()
@@ -497,7 +512,16 @@ pub fn migrate(
         accept_timeout: Duration::from_secs(60),
         progress: None,
     })?;
-    let addr = listener.local_addr()?;
+    let dest_addr = listener.local_addr()?;
+    let wan = match link {
+        Some(l) => Some(WanEmulator::start(
+            "127.0.0.1:0".parse().expect("literal address"),
+            dest_addr,
+            l.clone(),
+        )?),
+        None => None,
+    };
+    let addr = wan.as_ref().map_or(dest_addr, WanEmulator::local_addr);
     let dest_config = config.clone();
     let dest = std::thread::spawn(move || dest_side(listener, dest_config, hold));
 
@@ -583,9 +607,11 @@ pub fn migrate(
     let ops_before: u64 = snapshot.counters().iter().sum();
     let m = &d.report.metrics;
     let pages = layout.total_pages();
+    drop(wan);
     Ok(Outcome {
         mode,
         check,
+        link: link.cloned(),
         memory_bytes: config.mem_size,
         vcpus: config.vcpus,
         downtime_ms: d.first_run.saturating_duration_since(started).as_secs_f64() * 1e3,

@@ -62,7 +62,16 @@ pub enum Program {
     SeqScan { working_set: u64 },
     /// Read-modify-write at xorshift addresses, 90% of them in the first eighth of the slice.
     HotCold { working_set: u64 },
+    /// Read-modify-write at xorshift addresses in [`SCATTER_CHUNK`]-byte chunks that make up
+    /// an eighth of the slice, one at the start of every `8 × SCATTER_CHUNK` bytes; the rest
+    /// of the slice stays untouched. A working set as a long-running guest has it: spread
+    /// over physical memory by its page allocator, among memory nothing uses now.
+    Scattered { working_set: u64 },
 }
+
+/// Size of one chunk of [`Program::Scattered`] (64 KiB: 16 pages).
+pub const SCATTER_CHUNK: u64 = 1 << SCATTER_SHIFT;
+const SCATTER_SHIFT: u32 = 16;
 
 impl Program {
     pub fn working_set(&self) -> u64 {
@@ -70,7 +79,8 @@ impl Program {
             Program::Counter => 0,
             Program::RandomRw { working_set }
             | Program::SeqScan { working_set }
-            | Program::HotCold { working_set } => working_set,
+            | Program::HotCold { working_set }
+            | Program::Scattered { working_set } => working_set,
         }
     }
 
@@ -88,6 +98,33 @@ impl Program {
             0
         } else {
             1 << per.ilog2()
+        }
+    }
+
+    /// Guest-physical byte ranges of vCPU `i`'s slice that the program favours: the hot
+    /// eighth of `HotCold` (one block), the chunks of `Scattered` (all it touches), the
+    /// whole slice for the uniform programs, nothing for `Counter`. Sorted,
+    /// non-overlapping.
+    #[allow(clippy::single_range_in_vec_init)] // a list holding one range, as meant
+    pub fn hot_ranges(&self, i: usize, vcpus: usize) -> Vec<std::ops::Range<u64>> {
+        let len = self.slice_len(vcpus);
+        let (base, _) = self.slice(i, vcpus);
+        match self {
+            Program::Counter => Vec::new(),
+            Program::RandomRw { .. } | Program::SeqScan { .. } => vec![base..base + len],
+            Program::HotCold { .. } => vec![base..base + len / 8],
+            Program::Scattered { .. } => {
+                let hot = len / 8;
+                if hot <= SCATTER_CHUNK {
+                    return vec![base..base + hot];
+                }
+                (0..hot / SCATTER_CHUNK)
+                    .map(|c| {
+                        let start = base + c * 8 * SCATTER_CHUNK;
+                        start..start + SCATTER_CHUNK
+                    })
+                    .collect()
+            }
         }
     }
 
@@ -209,6 +246,20 @@ fn assemble(program: Program, ip: u64) -> Result<Vec<u8>, IcedError> {
             a.and(rax, r10)?; // next line, wrapping
             a.mov(qword_ptr(rdi + OFF_CURSOR), rax)?;
         }
+        Program::Scattered { .. } => {
+            xorshift(&mut a)?;
+            a.mov(rax, rsi)?;
+            a.shr(rax, 8)?;
+            a.and(rax, r11)?; // an offset i into an eighth of the slice
+                              // → chunk i / C at (i / C) × 8C, plus i % C.
+            a.mov(rcx, rax)?;
+            a.and(rcx, (SCATTER_CHUNK - 1) as i32)?;
+            a.shr(rax, SCATTER_SHIFT)?;
+            a.shl(rax, SCATTER_SHIFT + 3)?;
+            a.or(rax, rcx)?;
+            a.add(rax, r9)?;
+            a.add(qword_ptr(rax), rsi)?;
+        }
         Program::HotCold { .. } => {
             let mut cold = a.create_label();
             let mut go = a.create_label();
@@ -285,6 +336,9 @@ mod tests {
             Program::HotCold {
                 working_set: 1 << 24,
             },
+            Program::Scattered {
+                working_set: 1 << 24,
+            },
         ] {
             let code = p.assemble(0x10_0000).unwrap();
             assert!(
@@ -304,5 +358,28 @@ mod tests {
         assert_eq!(p.slice_len(3), 16 << 20);
         assert!(p.validate(64 << 20, 4).is_ok());
         assert!(p.validate(32 << 20, 4).is_err());
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)]
+    fn scattered_chunks_make_an_eighth_of_each_slice() {
+        let p = Program::Scattered {
+            working_set: 64 << 20,
+        };
+        for i in 0..2 {
+            let (base, len) = p.slice(i, 2);
+            let hot = p.hot_ranges(i, 2);
+            assert_eq!(hot.len() as u64, len / 8 / SCATTER_CHUNK);
+            assert_eq!(hot.iter().map(|r| r.end - r.start).sum::<u64>(), len / 8);
+            assert_eq!(hot[0].start, base);
+            assert_eq!(hot[1].start - hot[0].start, 8 * SCATTER_CHUNK);
+            assert!(hot.last().unwrap().end <= base + len);
+        }
+        // A slice too small for one stride keeps its hot eighth in one block.
+        let small = Program::Scattered {
+            working_set: 256 << 10,
+        };
+        let (base, len) = small.slice(0, 1);
+        assert_eq!(small.hot_ranges(0, 1), vec![base..base + len / 8]);
     }
 }
