@@ -18,7 +18,9 @@
 //!   link, at 1 Gbit/s and 20 ms: replies on their own stream (the design) against replies
 //!   queued behind the push on the bulk stream (`--replies-on-bulk`). Target p99 ≤ 1.5 RTT.
 //! * `encoding`: off, lz4, dedup, all and auto on a slow link (100 Mbit/s, 20 ms, the
-//!   replica case) and on loopback (no emulator, full migration); auto must be no slower
+//!   replica case; and the replica case with half the stale pages copied from other pages,
+//!   which references into the replica serve) and on loopback (no emulator, full
+//!   migration); auto must be no slower
 //!   than the fastest fixed choice (within noise), and the row says what it chose.
 //!
 //! Environment: `FAULTLINE_BENCH_BYTES` (1G), `FAULTLINE_BENCH_PARTS` (comma-separated subset
@@ -61,6 +63,9 @@ impl Link {
 enum Case {
     Full,
     Replica,
+    /// 10% stale as well, half of it written and half copied from other pages (page
+    /// migration in a guest): the replica holds the copies' content already.
+    ReplicaMoved,
 }
 
 impl Case {
@@ -68,6 +73,7 @@ impl Case {
         match self {
             Case::Full => "full",
             Case::Replica => "replica_10pct",
+            Case::ReplicaMoved => "replica_5pct_written_5pct_moved",
         }
     }
 }
@@ -152,7 +158,11 @@ fn main() -> anyhow::Result<()> {
             rate_bps: None,
             rtt_ms: 0,
         };
-        for (link, case) in [(slow, Case::Replica), (loopback, Case::Full)] {
+        for (link, case) in [
+            (slow, Case::Replica),
+            (slow, Case::ReplicaMoved),
+            (loopback, Case::Full),
+        ] {
             let mut rows = Vec::new();
             for encoding in ["off", "lz4", "dedup", "all", "auto"] {
                 let run = Run {
@@ -206,7 +216,7 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
     let dir_arg = dir.arg();
     let dest = match run.case {
         Case::Full => DestProcess::start(certs, &["--size", &size, "--workers", "1"]),
-        Case::Replica => DestProcess::standby(
+        Case::Replica | Case::ReplicaMoved => DestProcess::standby(
             certs,
             "127.0.0.1:0",
             &[
@@ -239,25 +249,29 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
         extra.push("--replies-on-bulk");
     }
     let pct = STALE_PCT.to_string();
+    let half = (STALE_PCT / 2).to_string();
     let src = match run.case {
         Case::Full => {
             extra.extend(["--synthetic", &size]);
             run_source(certs, "source", &via, &extra, TIMEOUT)
         }
-        Case::Replica => {
+        Case::Replica | Case::ReplicaMoved => {
             // Replication takes the direct path; only the evacuation crosses the link.
             extra.extend([
                 "--synthetic",
                 &size,
                 "--vm-id",
                 "vm0",
-                "--stale-pct",
-                &pct,
                 "--evacuate-after",
                 "1",
                 "--evacuate-connect",
                 &via,
             ]);
+            if run.case == Case::Replica {
+                extra.extend(["--stale-pct", &pct]);
+            } else {
+                extra.extend(["--stale-pct", &half, "--stale-moved-pct", &half]);
+            }
             Background::replicate(certs, &dest.addr, &extra).wait(TIMEOUT)
         }
     };
@@ -274,13 +288,13 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
     }
     let enc = match run.case {
         Case::Full => &s["encoding"],
-        Case::Replica => &s["evacuation"]["encoding"],
+        Case::Replica | Case::ReplicaMoved => &s["evacuation"]["encoding"],
     };
     let pages = bytes / 4096;
     // Bytes that must cross: every non-zero page to move.
     let must_cross = match run.case {
         Case::Full => (pages - s["mix"]["zero"].as_u64().unwrap_or(0)) * 4096,
-        Case::Replica => d["pages_stale"].as_u64().unwrap_or(0) * 4096,
+        Case::Replica | Case::ReplicaMoved => d["pages_stale"].as_u64().unwrap_or(0) * 4096,
     };
     let total_ms = d["total_ms"].as_f64().unwrap_or(f64::NAN);
     let ideal_ms = run
@@ -316,6 +330,7 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
         "lz4_bytes": enc["lz4_bytes"],
         "zero_bytes": enc["zero_bytes"],
         "ref_bytes": enc["ref_bytes"],
+        "ref_replica_pages": enc["ref_replica_pages"],
         "compression_ratio": enc["compression_ratio"],
         "chosen": enc["chosen"],
         "faults": metrics["faults"],

@@ -73,6 +73,65 @@ fn evacuation_into_a_memory_replica_moves_only_stale_pages() {
     assert!(d["vulnerability_ms"].as_f64().unwrap() > 0.0);
 }
 
+/// Stale pages whose content the replica already holds elsewhere (copied from other pages,
+/// as page migration in a guest does) cross as references to those pages, verified by the
+/// standby; memory ends equal.
+#[test]
+fn moved_pages_cross_as_references_into_the_replica() {
+    let certs = Certs::new();
+    let dir = ShmDir::new("moved");
+    let standby = DestProcess::standby(
+        &certs,
+        "127.0.0.1:0",
+        &["--size", SIZE, "--replica-dir", &dir.arg()],
+    );
+    let src = Background::replicate(
+        &certs,
+        &standby.addr,
+        &[
+            "--synthetic",
+            SIZE,
+            "--evacuate-after",
+            "1",
+            "--stale-pct",
+            "0",
+            "--stale-moved-pct",
+            "10",
+            "--writers",
+            "1",
+            "--encoding",
+            "dedup",
+        ],
+    )
+    .wait(TIMEOUT);
+    let dst = standby.wait(TIMEOUT);
+    let (s, d) = assert_evacuated(&src, &dst);
+    let e = &s["evacuation"];
+    let enc = &e["encoding"];
+    let moved = (PAGES as f64 * 0.10).round() as u64;
+    eprintln!(
+        "index {} contents in {} ms; encoding {enc}; {} wire bytes",
+        e["replica_index_contents"], e["replica_index_ms"], d["wire_bytes"]
+    );
+    assert_eq!(u(&e["pages_stale"]), moved, "{s}");
+    assert!(u(&e["replica_index_contents"]) > PAGES / 2, "{e}");
+    // A quarter of the image is zero pages (copies of those cross as zero flags); the
+    // other copies name the page they came from, unless a duplicate's index entry or an
+    // earlier push of the same content is named instead.
+    let refs = u(&enc["ref_replica_pages"]);
+    assert!(
+        refs > moved / 2,
+        "only {refs} of {moved} moved pages referenced the replica: {enc}"
+    );
+    assert!(u(&enc["ref_pages"]) >= refs);
+    // Each reference is 25 bytes instead of 4 KiB.
+    assert!(
+        u(&d["wire_bytes"]) < moved * 4096 / 2,
+        "{} wire bytes for {moved} stale pages",
+        d["wire_bytes"]
+    );
+}
+
 #[test]
 fn standby_restarted_before_evacuation_keeps_its_replica() {
     let certs = Certs::new();

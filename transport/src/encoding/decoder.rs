@@ -286,4 +286,48 @@ mod tests {
         assert!(!pages.kinds.contains(&(PageKind::Ref as u8)));
         assert!(!pages.kinds.contains(&(PageKind::Lz4 as u8)));
     }
+
+    #[test]
+    fn references_into_the_replica_once_its_index_is_known() {
+        let mem = image();
+        // Page 2 of the image is the one whose content page 0 also has (text + copy).
+        let index: super::super::ReplicaIndex = Default::default();
+        let mut enc = PageEncoder::new(EncodingPolicy::ALL, ALL).with_replica_index(index.clone());
+        let page = &mem[2 * PAGE_SIZE..3 * PAGE_SIZE];
+        // Not known yet: sent in full (this encoder is dropped, so it indexes nothing here).
+        let mut early =
+            PageEncoder::new(EncodingPolicy::ALL, ALL).with_replica_index(index.clone());
+        assert!(early.replica_index_pending());
+        assert_ne!(early.encode_push(500, page).kinds[0], PageKind::Ref as u8);
+        // The replica holds that content at page 7.
+        let mut held = std::collections::HashMap::new();
+        held.insert(super::super::page_hash(page), 7u64);
+        index.set(held).unwrap();
+        assert!(!enc.replica_index_pending());
+        let pages = enc.encode_push(900, page);
+        assert_eq!(pages.kinds.to_vec(), [PageKind::Ref as u8]);
+        assert_eq!(enc.stats().ref_replica_pages, 1);
+        let mut dec = PageDecoder::new(ALL);
+        let read = |p: u64, out: &mut [u8]| {
+            p == 7 && {
+                out.copy_from_slice(page);
+                true
+            }
+        };
+        let d = dec.decode(pages.clone(), read).unwrap();
+        assert_eq!(flatten(&d), vec![(900, page.to_vec())]);
+        // A replica page that is not what the index says: asked for again.
+        let d = dec
+            .decode(pages, |p, out| {
+                p == 7 && {
+                    out.fill(1);
+                    true
+                }
+            })
+            .unwrap();
+        assert_eq!(d.unresolved, vec![900]);
+        // Without dedup negotiated the index is not used.
+        let mut off = PageEncoder::new(EncodingPolicy::ALL, 0).with_replica_index(index);
+        assert_ne!(off.encode_push(900, page).kinds[0], PageKind::Ref as u8);
+    }
 }

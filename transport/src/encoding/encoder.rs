@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::tuner::{BatchSample, Choice, Tuner};
-use super::{page_hash, EncodingPolicy, EncodingStats};
+use super::{page_hash, EncodingPolicy, EncodingStats, ReplicaIndex};
 use crate::message::{is_zero, PageKind, Pages, FEATURE_DEDUP, FEATURE_LZ4, PAGE_SIZE, REF_LEN};
 
 /// Encodes pages for one session. Push batches use the tuned encoding and may reference
@@ -18,6 +18,8 @@ pub struct PageEncoder {
     tuner: Tuner,
     /// Content hash → a page the destination holds (or will, in stream order) with it.
     held: HashMap<u128, u64>,
+    /// What the standby's replica held at evacuation, once known.
+    replica: Option<ReplicaIndex>,
     stats: EncodingStats,
     scratch: Vec<u8>,
     /// What the batch being built measured, until [`PageEncoder::observe_write`].
@@ -32,6 +34,7 @@ impl PageEncoder {
             dedup_allowed: features & FEATURE_DEDUP != 0,
             tuner: Tuner::new(policy),
             held: HashMap::new(),
+            replica: None,
             stats: EncodingStats::default(),
             scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
             pending: BatchSample::default(),
@@ -44,6 +47,21 @@ impl PageEncoder {
         if self.dedup_allowed && !is_zero(data) {
             self.held.entry(page_hash(data)).or_insert(page);
         }
+    }
+
+    /// References may also name pages of the standby's replica, once `index` is set. The
+    /// caller vouches that each page in it holds that content at the destination (fresh in
+    /// the replica); the destination still verifies every reference it resolves.
+    pub fn with_replica_index(mut self, index: ReplicaIndex) -> PageEncoder {
+        if self.dedup_allowed {
+            self.replica = Some(index);
+        }
+        self
+    }
+
+    /// A replica index was given and is not filled yet.
+    pub fn replica_index_pending(&self) -> bool {
+        self.replica.as_ref().is_some_and(|r| r.get().is_none())
     }
 
     /// Encodes whole pages `data` starting at page `first` for the push, with the tuned
@@ -113,13 +131,17 @@ impl PageEncoder {
             if choice.dedup_rate > 0.0 && sampled(n, threshold) {
                 let t = Instant::now();
                 let h = page_hash(page);
-                let held = self.held.get(&h).copied();
+                let held = self.held.get(&h).copied().map(|p| (p, false)).or_else(|| {
+                    let replica = self.replica.as_ref()?.get()?;
+                    replica.get(&h).map(|&p| (p, true))
+                });
                 self.pending.hash_ns += t.elapsed().as_nanos() as u64;
                 self.pending.hashed += 1;
                 self.stats.pages_hashed += 1;
                 match held {
-                    Some(p) if p != n => {
+                    Some((p, from_replica)) if p != n => {
                         self.pending.hits += 1;
+                        self.stats.ref_replica_pages += u64::from(from_replica);
                         kinds.push(PageKind::Ref as u8);
                         payload.extend_from_slice(&p.to_le_bytes());
                         payload.extend_from_slice(&h.to_le_bytes());

@@ -91,6 +91,10 @@ pub struct EncodingStats {
     pub lz4_input_bytes: u64,
     pub ref_pages: u64,
     pub ref_bytes: u64,
+    /// Of `ref_pages`, references to pages the standby's replica held (see
+    /// [`ReplicaIndex`]) rather than to pages pushed earlier in this session.
+    #[serde(default)]
+    pub ref_replica_pages: u64,
     /// Pages hashed for deduplication (the rest were skipped by the partial rate).
     pub pages_hashed: u64,
     /// Wire bytes over page bytes, for the pages these stats cover (zero pages included).
@@ -129,6 +133,7 @@ impl EncodingStats {
         self.lz4_input_bytes += other.lz4_input_bytes;
         self.ref_pages += other.ref_pages;
         self.ref_bytes += other.ref_bytes;
+        self.ref_replica_pages += other.ref_replica_pages;
         self.pages_hashed += other.pages_hashed;
         self.finish();
     }
@@ -151,6 +156,12 @@ impl EncodingStats {
         .into();
     }
 }
+
+/// What the standby's replica holds at evacuation, by content: xxh3-128 of a fresh,
+/// non-zero page → that page. Filled once (by the source, from its own memory, while the
+/// evacuation starts) and read by the push's encoder from then on; until it is set, only
+/// pages pushed earlier in the session are referenced.
+pub type ReplicaIndex = std::sync::Arc<std::sync::OnceLock<std::collections::HashMap<u128, u64>>>;
 
 /// The content hash that references carry.
 pub fn page_hash(page: &[u8]) -> u128 {

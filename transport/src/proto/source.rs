@@ -37,6 +37,10 @@ pub struct SourceConfig {
     /// guest memory (free pages it skips). The push keeps them in runs of their own, so
     /// every run the reader is asked for is all zero-filled or all real memory.
     pub zero_filled: Option<Bitmap>,
+    /// At evacuation: the content the standby's replica holds, for references into it
+    /// (filled by the application while the session runs; see
+    /// [`crate::encoding::ReplicaIndex`]). Used only when deduplication is negotiated.
+    pub replica_index: Option<crate::encoding::ReplicaIndex>,
 }
 
 impl SourceConfig {
@@ -55,6 +59,7 @@ impl SourceConfig {
             replies_on_bulk: false,
             hot: Vec::new(),
             zero_filled: None,
+            replica_index: None,
         }
     }
 }
@@ -184,6 +189,11 @@ impl SourceSession {
     /// Whether demand replies share the bulk stream (comparison mode).
     pub fn replies_on_bulk(&self) -> bool {
         self.config.replies_on_bulk
+    }
+
+    /// The replica's content index, if the application provides one.
+    pub fn replica_index(&self) -> Option<crate::encoding::ReplicaIndex> {
+        self.config.replica_index.clone()
     }
 
     pub fn is_running(&self) -> bool {

@@ -42,6 +42,9 @@ pub struct SourceReport {
 
 /// Pages per push message: 256 KiB keeps quinn's send buffer fed without large latency.
 const PUSH_RUN: usize = 64;
+/// Longest the push waits for the replica's content index (about the time to hash 2 GiB on
+/// one core here); without it the push starts and references only what it pushed itself.
+const REPLICA_INDEX_WAIT: Duration = Duration::from_millis(250);
 
 type Shared = Arc<Mutex<SourceSession>>;
 type ControlSend = Arc<tokio::sync::Mutex<SendStream>>;
@@ -186,6 +189,7 @@ async fn drive(
         .unwrap_or(0);
     let policy = lock(session).encoding();
     let replies_on_bulk = lock(session).replies_on_bulk();
+    let replica_index = lock(session).replica_index();
     let push_stats: Arc<Mutex<EncodingStats>> = Arc::default();
     let reply_stats: Arc<Mutex<EncodingStats>> = Arc::default();
     let Streams {
@@ -223,7 +227,13 @@ async fn drive(
         reader,
         err_tx.clone(),
         conn.clone(),
-        (PageEncoder::new(policy, features), push_stats.clone()),
+        (
+            match replica_index {
+                Some(index) => PageEncoder::new(policy, features).with_replica_index(index),
+                None => PageEncoder::new(policy, features),
+            },
+            push_stats.clone(),
+        ),
     ));
     drop(err_tx);
 
@@ -474,6 +484,13 @@ async fn push_all(
     const { assert!(PUSH_RUN <= MAX_PAGES_PER_MESSAGE) };
     let mut meter = LinkMeter::new(&conn);
     let result: Result<(), DriverError> = async {
+        // References into the replica need its index, which the application builds beside
+        // the handshake (it hashes the fresh memory): hold the push, not demand replies,
+        // for it a bounded while. The handshake already took a round trip of it.
+        let deadline = Instant::now() + REPLICA_INDEX_WAIT;
+        while encoder.replica_index_pending() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let mut batch = Vec::new();
         loop {
             // Up to PUSH_RUN pages per write, in as many runs as the schedule hands out:

@@ -17,7 +17,9 @@ use vmm_shim::replica::{
     evacuate, EvacuationReport, Replica, ReplicationSummary, Replicator, ReplicatorOptions,
     StandbySink,
 };
-use vmm_shim::workload::{dirty_fraction, Mutator, Pattern, Workload, WorkloadReport};
+use vmm_shim::workload::{
+    dirty_fraction, move_fraction, Mutator, Pattern, Workload, WorkloadReport,
+};
 use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
 
 use super::roles::{emit_event, identity};
@@ -76,6 +78,11 @@ pub struct ReplicateArgs {
     /// caught up, stop it, then write to that many pages.
     #[arg(long)]
     pub stale_pct: Option<f64>,
+    /// With --stale-pct: make this percentage of pages stale too, by copying into each the
+    /// content of another page (page migration or compaction in a guest). The replica holds
+    /// that content already, so with deduplication these cross as references.
+    #[arg(long, requires = "stale_pct")]
+    pub stale_moved_pct: Option<f64>,
     /// Evacuate through this address instead of `--connect` (for example a WAN emulator in
     /// front of the standby, while replication went the direct way).
     #[arg(long)]
@@ -203,6 +210,9 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let state = replicator.stop().context("replication failed")?;
+    if let Some(pct) = a.stale_moved_pct {
+        move_fraction(&regions, pct / 100.0, a.seed ^ 0x30fe);
+    }
     if let Some(pct) = a.stale_pct {
         dirty_fraction(&regions, pct / 100.0, a.seed ^ 0xd1e7);
     }

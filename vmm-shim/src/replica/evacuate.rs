@@ -1,11 +1,15 @@
 //! Evacuation on the source: pause, final harvest, stale set, postcopy of the stale pages
 //! into the standby's replica.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use transport::message::{Layout, SessionKind};
+use transport::bitmap::Bitmap;
+use transport::encoding::{page_hash, Mode, ReplicaIndex};
+use transport::message::{is_zero, Layout, SessionKind};
 use transport::proto::SourceConfig;
 use transport::quic::{PageReader, SourceReport};
 use transport::PAGE_SIZE;
@@ -54,6 +58,11 @@ pub struct EvacuationReport {
     pub pages_stale: u64,
     /// Final harvest and stale-set computation, with the guest paused.
     pub final_harvest_ms: f64,
+    /// Distinct contents of the fresh pages indexed for references into the replica, and
+    /// how long that took beside the session (`None`: deduplication off, or the session
+    /// ended first).
+    pub replica_index_contents: Option<u64>,
+    pub replica_index_ms: Option<f64>,
     #[serde(flatten)]
     pub session: SourceReport,
 }
@@ -77,6 +86,12 @@ pub fn evacuate(
     let final_harvest_ms = t.elapsed().as_secs_f64() * 1e3;
     let pages_stale_source = stale.count_ones();
     let memory: Arc<dyn PageReader> = Arc::new(PausedMemory::new(regions)?);
+    // Stale pages whose content the replica holds elsewhere (moved, copied, duplicated)
+    // can cross as references; the index of what it holds is built beside the session,
+    // not before it, so it adds nothing to the downtime.
+    let index: Option<ReplicaIndex> = (opts.encoding.dedup != Mode::Off).then(Default::default);
+    let pages = layout.total_pages();
+    let fresh_of = stale.clone();
     let config = SourceConfig {
         kind: SessionKind::Evacuate,
         epoch,
@@ -84,13 +99,59 @@ pub fn evacuate(
         push: opts.push,
         encoding: opts.encoding,
         vm_state,
+        replica_index: index.clone(),
         ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
     };
-    let session = run_session(memory, config, opts)?;
+    let stop = AtomicBool::new(false);
+    let (session, indexed) = std::thread::scope(|s| {
+        let indexer = index.as_ref().map(|index| {
+            let (memory, stop) = (&memory, &stop);
+            s.spawn(move || {
+                let t = Instant::now();
+                let map = index_fresh(&**memory, &fresh_of, pages, stop)?;
+                let n = map.len() as u64;
+                index.set(map).ok()?;
+                Some((n, t.elapsed().as_secs_f64() * 1e3))
+            })
+        });
+        let session = run_session(memory.clone(), config, opts);
+        stop.store(true, Ordering::Relaxed);
+        let indexed = indexer.and_then(|h| h.join().ok().flatten());
+        (session, indexed)
+    });
+    let session = session?;
     Ok(EvacuationReport {
         pages_stale_source,
         pages_stale: session.pages_stale,
         final_harvest_ms,
+        replica_index_contents: indexed.map(|(n, _)| n),
+        replica_index_ms: indexed.map(|(_, ms)| ms),
         session,
     })
+}
+
+/// Content hash → page for every page not in `stale` (fresh in the replica) and not zero
+/// (zero pages cross as flags anyway). `None` if `stop` was set first.
+fn index_fresh(
+    memory: &dyn PageReader,
+    stale: &Bitmap,
+    pages: u64,
+    stop: &AtomicBool,
+) -> Option<HashMap<u128, u64>> {
+    let mut map = HashMap::new();
+    for p in 0..pages {
+        if p % 4096 == 0 && stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        if stale.get(p) {
+            continue;
+        }
+        match memory.pages(p, 1) {
+            Ok(data) if !is_zero(data) => {
+                map.entry(page_hash(data)).or_insert(p);
+            }
+            _ => {}
+        }
+    }
+    Some(map)
 }
