@@ -24,13 +24,14 @@
 //!   than the fastest fixed choice (within noise), and the row says what it chose.
 //!
 //! Environment: `FAULTLINE_BENCH_BYTES` (1G), `FAULTLINE_BENCH_PARTS` (comma-separated subset
-//! of `ideal,faults,encoding`; default all), `FAULTLINE_BENCH_LINKS` (only the `ideal` links
-//! whose name contains one of these, e.g. `1000Mbit`).
+//! of `ideal,faults,encoding`; default all), `FAULTLINE_BENCH_LINKS` (only the `ideal` and
+//! `encoding` links whose name contains one of these, e.g. `1000Mbit` or `loopback`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use faultline_benches::stats::median;
 use faultline_benches::{emit, env_size};
 use faultline_tests::{run_source, Background, Certs, DestProcess, Finished, ShmDir};
 use serde_json::{json, Value};
@@ -42,6 +43,7 @@ const TARGET_OVER_IDEAL: f64 = 1.15;
 const TARGET_P99_RTT: f64 = 1.5;
 const STALE_PCT: u32 = 10;
 const TIMEOUT: Duration = Duration::from_secs(600);
+const ENCODINGS: [&str; 5] = ["off", "lz4", "dedup", "all", "auto"];
 
 #[derive(Clone, Copy)]
 struct Link {
@@ -98,7 +100,7 @@ fn main() -> anyhow::Result<()> {
         rate_bps: Some(1_000_000_000),
         rtt_ms: 20,
     };
-    // FAULTLINE_BENCH_LINKS: only the `ideal` links whose name contains one of these.
+    // FAULTLINE_BENCH_LINKS: only the links whose name contains one of these.
     let only = std::env::var("FAULTLINE_BENCH_LINKS").ok();
     let wanted = |l: &Link| {
         only.as_deref()
@@ -154,6 +156,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if parts.contains("encoding") {
+        let rounds = env_size("FAULTLINE_BENCH_ROUNDS", 1).max(1);
         let loopback = Link {
             rate_bps: None,
             rtt_ms: 0,
@@ -162,42 +165,74 @@ fn main() -> anyhow::Result<()> {
             (slow, Case::Replica),
             (slow, Case::ReplicaMoved),
             (loopback, Case::Full),
-        ] {
+        ]
+        .into_iter()
+        .filter(|(l, _)| wanted(l))
+        {
+            // Rounds of all five, interleaved, so that drift in the machine's load spreads
+            // over every encoding alike; the summary compares medians.
             let mut rows = Vec::new();
-            for encoding in ["off", "lz4", "dedup", "all", "auto"] {
-                let run = Run {
-                    link,
-                    case,
-                    encoding,
-                    replies_on_bulk: false,
-                };
-                let mut row = measure(&certs, bytes, &run)?;
-                row["part"] = json!("encoding");
-                emit(&row);
-                rows.push(row);
+            for round in 0..rounds {
+                for encoding in ENCODINGS {
+                    let run = Run {
+                        link,
+                        case,
+                        encoding,
+                        replies_on_bulk: false,
+                    };
+                    let mut row = measure(&certs, bytes, &run)?;
+                    row["part"] = json!("encoding");
+                    row["round"] = json!(round);
+                    emit(&row);
+                    rows.push(row);
+                }
             }
-            let t = |r: &Value| r["total_ms"].as_f64().unwrap_or(f64::INFINITY);
-            let fixed = rows.iter().filter(|r| r["encoding"] != "auto");
-            let best = fixed
-                .min_by(|a, b| t(a).total_cmp(&t(b)))
-                .cloned()
-                .unwrap_or_default();
-            let auto = rows.last().cloned().unwrap_or_default();
+            let median_ms = |e: &str| {
+                let v: Vec<f64> = rows
+                    .iter()
+                    .filter(|r| r["encoding"] == e)
+                    .map(|r| r["total_ms"].as_f64().unwrap_or(f64::INFINITY))
+                    .collect();
+                median(&v)
+            };
+            let (best, best_ms) = ENCODINGS[..4]
+                .iter()
+                .map(|&e| (e, median_ms(e)))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap_or(("off", f64::NAN));
+            let auto_ms = median_ms("auto");
+            let chose: Vec<&Value> = rows
+                .iter()
+                .filter(|r| r["encoding"] == "auto")
+                .map(|r| &r["chosen"])
+                .collect();
             emit(&json!({
                 "bench": BENCH,
                 "case": "encoding_summary",
                 "part": "encoding",
                 "link": link.name(),
                 "scenario": case.name(),
-                "fastest_fixed": best["encoding"],
-                "fastest_fixed_ms": t(&best),
-                "auto_ms": t(&auto),
-                "auto_chose": auto["chosen"],
-                "auto_over_fastest": t(&auto) / t(&best),
+                "rounds": rounds,
+                "median_ms": ENCODINGS.iter().map(|&e| (e, median_ms(e))).collect::<std::collections::BTreeMap<_, _>>(),
+                "fastest_fixed": best,
+                "fastest_fixed_ms": best_ms,
+                "auto_ms": auto_ms,
+                "auto_chose": chose,
+                "auto_over_fastest": auto_ms / best_ms,
             }));
         }
     }
     Ok(())
+}
+
+/// `FAULTLINE_BENCH_BDP_FACTOR`: state this multiple of the link's BDP to both processes
+/// (default 1; for measuring what the window is worth).
+fn bdp_factor() -> f64 {
+    std::env::var("FAULTLINE_BENCH_BDP_FACTOR")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|f: &f64| *f > 0.0)
+        .unwrap_or(1.0)
 }
 
 /// One migration through `run.link`; a JSON row with the measurements.
@@ -207,7 +242,9 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
     match run.link.rate_bps {
         Some(rate) => std::env::set_var(
             ENV_EXPECTED_BDP,
-            bdp_bytes(rate, Duration::from_millis(run.link.rtt_ms)).to_string(),
+            ((bdp_bytes(rate, Duration::from_millis(run.link.rtt_ms)) as f64 * bdp_factor())
+                as u64)
+                .to_string(),
         ),
         None => std::env::remove_var(ENV_EXPECTED_BDP),
     }
@@ -250,31 +287,38 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
     }
     let pct = STALE_PCT.to_string();
     let half = (STALE_PCT / 2).to_string();
-    let src = match run.case {
-        Case::Full => {
-            extra.extend(["--synthetic", &size]);
-            run_source(certs, "source", &via, &extra, TIMEOUT)
+    // FAULTLINE_BENCH_TIMELINE=1: the link's source → destination rate every 50 ms while
+    // it carried anything (Mbit/s), to see where a run loses time.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let timeline = std::sync::Mutex::new(Vec::new());
+    let sample = || {
+        let Some(w) = wan.as_ref() else { return };
+        if std::env::var_os("FAULTLINE_BENCH_TIMELINE").is_none() {
+            return;
         }
-        Case::Replica | Case::ReplicaMoved => {
-            // Replication takes the direct path; only the evacuation crosses the link.
-            extra.extend([
-                "--synthetic",
-                &size,
-                "--vm-id",
-                "vm0",
-                "--evacuate-after",
-                "1",
-                "--evacuate-connect",
-                &via,
-            ]);
-            if run.case == Case::Replica {
-                extra.extend(["--stale-pct", &pct]);
-            } else {
-                extra.extend(["--stale-pct", &half, "--stale-moved-pct", &half]);
+        let mut last = w.counters().client_to_server.bytes;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = w.counters().client_to_server.bytes;
+            let mbps = (now - last) as f64 * 8.0 / 0.05 / 1e6;
+            last = now;
+            if let Ok(mut t) = timeline.lock() {
+                t.push(mbps.round());
             }
-            Background::replicate(certs, &dest.addr, &extra).wait(TIMEOUT)
         }
     };
+    let src = std::thread::scope(|sc| {
+        sc.spawn(sample);
+        let src = run_case(certs, run, &dest.addr, &via, &size, &pct, &half, extra);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        src
+    });
+    let timeline: Vec<f64> = timeline
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .skip_while(|&m| m < 1.0)
+        .collect();
     let dst = dest.wait(TIMEOUT);
     check(&src, "source")?;
     check(&dst, "destination")?;
@@ -340,7 +384,48 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
         "fault_p99_rtt": in_rtt(&lat["p99"]),
         "digest_match": true,
         "wan": wan_counters,
+        "timeline_mbps": timeline,
     }))
+}
+
+/// Starts the source side of `run` (the source, or the replicator that evacuates) and
+/// waits for it.
+#[allow(clippy::too_many_arguments)]
+fn run_case<'a>(
+    certs: &Certs,
+    run: &Run,
+    dest_addr: &str,
+    via: &'a str,
+    size: &'a str,
+    pct: &'a str,
+    half: &'a str,
+    mut extra: Vec<&'a str>,
+) -> Finished {
+    match run.case {
+        Case::Full => {
+            extra.extend(["--synthetic", size]);
+            run_source(certs, "source", via, &extra, TIMEOUT)
+        }
+        Case::Replica | Case::ReplicaMoved => {
+            // Replication takes the direct path; only the evacuation crosses the link.
+            extra.extend([
+                "--synthetic",
+                size,
+                "--vm-id",
+                "vm0",
+                "--evacuate-after",
+                "1",
+                "--evacuate-connect",
+                via,
+            ]);
+            if run.case == Case::Replica {
+                extra.extend(["--stale-pct", pct]);
+            } else {
+                extra.extend(["--stale-pct", half, "--stale-moved-pct", half]);
+            }
+            Background::replicate(certs, dest_addr, &extra).wait(TIMEOUT)
+        }
+    }
 }
 
 fn check(f: &Finished, what: &str) -> anyhow::Result<()> {

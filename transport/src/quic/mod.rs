@@ -9,6 +9,7 @@
 mod dest;
 mod frame;
 mod source;
+mod stated_start;
 
 pub use dest::{run_dest, DestHooks, DestReport, PageSink, SinkError};
 pub use frame::{read_frame, write_message, write_pages, FrameError};
@@ -26,6 +27,7 @@ pub use quinn::{Connection, Endpoint};
 use quinn::{TransportConfig, VarInt};
 use rustls::pki_types::CertificateDer;
 use serde::Serialize;
+pub use stated_start::{StatedStart, StatedStartConfig};
 use thiserror::Error;
 
 use crate::message::ErrorCode;
@@ -159,7 +161,9 @@ pub struct TransportTuning {
     /// Congestion window to start with, bytes; `None`: quinn's (about 14.7 kB). Slow start
     /// from ten packets takes ~10 round trips to reach a 1 Gbit/s × 100 ms window, a
     /// second of a one-second evacuation; a path whose BDP the operator stated starts at
-    /// it instead (paced over the first measured round trip, so no burst).
+    /// it instead (paced over the first measured round trip, so no burst), and the window
+    /// stays at least that until the controller's own reaches it or a loss happens
+    /// ([`StatedStart`]).
     pub initial_window: Option<u64>,
 }
 
@@ -291,6 +295,11 @@ impl TransportTuning {
                 }
                 Arc::new(c)
             }
+        };
+        // A stated BDP also holds the window there at the start (see `StatedStart`).
+        let cc: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> = match iw {
+            Some(w) => Arc::new(StatedStartConfig::new(cc, w)),
+            None => cc,
         };
         t.congestion_controller_factory(cc);
         t.max_concurrent_bidi_streams(VarInt::from_u32(8));

@@ -1,0 +1,196 @@
+//! [`StatedStart`]: a congestion controller that starts at the path's stated BDP and then
+//! leaves everything to the controller it wraps (BBR by default).
+//!
+//! quinn's BBR leaves its startup early on a migration's first round trips (measured through
+//! the WAN emulator at 1 Gbit/s × 20 ms: ~450 Mbit/s for the first quarter second, with its
+//! initial window already at the BDP), which costs a short evacuation a fifth of its time.
+//! CUBIC with the same initial window fills the link within two round trips but collapses
+//! under random loss (docs/wan.md). When the operator states the path's BDP, this wrapper
+//! keeps the window at least that large until the first congestion event; from then on the
+//! wrapped controller alone decides. (Ending the floor as soon as BBR's own window first
+//! reached it was tried: BBR then drained to ~10% of the link for a fifth of a second.) A
+//! statement that is wrong therefore costs at most the first loss, the destination's
+//! flow-control window (1.25 × the same BDP) still caps what is in flight, and quinn paces
+//! the window over the measured RTT, so it does not burst.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Instant;
+
+use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
+use quinn_proto::RttEstimator;
+
+/// Builds [`StatedStart`] controllers around `inner`'s.
+pub struct StatedStartConfig {
+    inner: Arc<dyn ControllerFactory + Send + Sync>,
+    floor: u64,
+}
+
+impl StatedStartConfig {
+    /// Controllers from `inner`, kept at no less than `floor` bytes of window at the start.
+    pub fn new(inner: Arc<dyn ControllerFactory + Send + Sync>, floor: u64) -> StatedStartConfig {
+        StatedStartConfig { inner, floor }
+    }
+}
+
+impl ControllerFactory for StatedStartConfig {
+    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        Box::new(StatedStart::new(
+            self.inner.clone().build(now, current_mtu),
+            self.floor,
+        ))
+    }
+}
+
+/// A controller whose window is at least the stated BDP until something is lost.
+pub struct StatedStart {
+    inner: Box<dyn Controller>,
+    /// `None` once the start is over.
+    floor: Option<u64>,
+}
+
+impl StatedStart {
+    pub fn new(inner: Box<dyn Controller>, floor: u64) -> StatedStart {
+        StatedStart {
+            inner,
+            floor: Some(floor),
+        }
+    }
+
+    /// Whether the stated window still holds.
+    pub fn in_start(&self) -> bool {
+        self.floor.is_some()
+    }
+}
+
+impl Controller for StatedStart {
+    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        self.inner.on_sent(now, bytes, last_packet_number);
+    }
+
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        rtt: &RttEstimator,
+    ) {
+        self.inner.on_ack(now, sent, bytes, app_limited, rtt);
+    }
+
+    fn on_end_acks(
+        &mut self,
+        now: Instant,
+        in_flight: u64,
+        app_limited: bool,
+        largest_packet_num_acked: Option<u64>,
+    ) {
+        self.inner
+            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+    }
+
+    fn on_congestion_event(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        is_persistent_congestion: bool,
+        lost_bytes: u64,
+    ) {
+        self.floor = None;
+        self.inner
+            .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.inner.on_mtu_update(new_mtu);
+    }
+
+    fn window(&self) -> u64 {
+        self.inner.window().max(self.floor.unwrap_or(0))
+    }
+
+    fn metrics(&self) -> ControllerMetrics {
+        let mut m = self.inner.metrics();
+        m.congestion_window = self.window();
+        m
+    }
+
+    fn clone_box(&self) -> Box<dyn Controller> {
+        Box::new(StatedStart {
+            inner: self.inner.clone_box(),
+            floor: self.floor,
+        })
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.inner.initial_window().max(self.floor.unwrap_or(0))
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A controller whose window the test sets.
+    #[derive(Clone)]
+    struct Fixed(Arc<std::sync::atomic::AtomicU64>);
+
+    impl Controller for Fixed {
+        fn on_congestion_event(&mut self, _: Instant, _: Instant, _: bool, _: u64) {}
+        fn on_mtu_update(&mut self, _: u16) {}
+        fn window(&self) -> u64 {
+            self.0.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        fn clone_box(&self) -> Box<dyn Controller> {
+            Box::new(self.clone())
+        }
+        fn initial_window(&self) -> u64 {
+            14_720
+        }
+        fn into_any(self: Box<Self>) -> Box<dyn Any> {
+            self
+        }
+    }
+
+    fn wrapped(inner: u64, floor: u64) -> (StatedStart, Arc<std::sync::atomic::AtomicU64>) {
+        let w = Arc::new(std::sync::atomic::AtomicU64::new(inner));
+        (StatedStart::new(Box::new(Fixed(w.clone())), floor), w)
+    }
+
+    #[test]
+    fn the_stated_window_is_a_floor_until_a_loss() {
+        let now = Instant::now();
+        let (mut c, inner) = wrapped(14_720, 2_500_000);
+        assert_eq!(c.window(), 2_500_000);
+        assert_eq!(c.initial_window(), 2_500_000);
+        assert_eq!(c.metrics().congestion_window, 2_500_000);
+        // The inner controller may go above the floor, and back below it.
+        inner.store(3_000_000, std::sync::atomic::Ordering::Relaxed);
+        c.on_end_acks(now, 0, false, None);
+        assert_eq!(c.window(), 3_000_000);
+        inner.store(200_000, std::sync::atomic::Ordering::Relaxed);
+        c.on_end_acks(now, 0, false, None);
+        assert!(c.in_start());
+        assert_eq!(c.window(), 2_500_000);
+        // After a loss it alone decides, also downwards.
+        c.on_congestion_event(now, now, false, 1200);
+        assert_eq!(c.window(), 200_000);
+    }
+
+    #[test]
+    fn the_first_loss_ends_the_start() {
+        let now = Instant::now();
+        let (mut c, _inner) = wrapped(14_720, 12_500_000);
+        let copy = c.clone_box();
+        c.on_congestion_event(now, now, false, 1200);
+        assert!(!c.in_start());
+        assert_eq!(c.window(), 14_720);
+        // A clone taken before keeps its own state.
+        assert_eq!(copy.window(), 12_500_000);
+    }
+}
