@@ -41,14 +41,6 @@ impl PageEncoder {
         }
     }
 
-    /// The destination holds `data` at `page` (a fresh replica page): later pages with the
-    /// same content may be sent as references to it.
-    pub fn note_held(&mut self, page: u64, data: &[u8]) {
-        if self.dedup_allowed && !is_zero(data) {
-            self.held.entry(page_hash(data)).or_insert(page);
-        }
-    }
-
     /// References may also name pages of the standby's replica, once `index` is set. The
     /// caller vouches that each page in it holds that content at the destination (fresh in
     /// the replica); the destination still verifies every reference it resolves.
