@@ -238,3 +238,36 @@ fn a_hostile_agent_costs_the_hints_not_the_migration() {
     );
     assert_eq!(run.dst["agent"]["finished_sent"], true);
 }
+
+#[test]
+fn an_unreachable_agent_costs_the_hints_not_the_evacuation() {
+    if !kvm_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-agent-here");
+    let missing_arg = missing.display().to_string();
+    let certs = Certs::new();
+    let dest = DestProcess::vm(&certs, &guest_args());
+    let src = run_vm_source(
+        &certs,
+        &dest.addr,
+        &[
+            &guest_args()[..],
+            &["--agent-socket", &missing_arg, "--agent-timeout", "0.5"],
+        ]
+        .concat(),
+        Duration::from_secs(90),
+    );
+    let dst = dest.wait(Duration::from_secs(90));
+    assert!(src.status.success(), "source failed: {}", src.stderr);
+    assert!(dst.status.success(), "destination failed: {}", dst.stderr);
+    let h = &src.json["hints"];
+    assert!(h["seq"].is_null(), "{h}");
+    let why = h["skip_refused"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&missing_arg),
+        "the reason names the socket: {h}"
+    );
+    assert_eq!(src.json["memory_digest"], dst.json["switchover_digest"]);
+}

@@ -345,10 +345,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     run_guest(&vm, run_for)?;
     // The agent scans the running guest; its report decides the plan after the pause.
     let asked_agent = match &agent {
-        Some(ag) => Some(
-            ag.ask(&layout)
-                .context("asking the guest agent for a report")?,
-        ),
+        Some(ag) => Some(ag.ask(&layout)?),
         None => None,
     };
     let ran_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -389,8 +386,8 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     // After the VMM's last write to guest memory (the digest request): the dirty log's
     // final harvest must see it.
     let (plan, hints_report) = match (agent, &asked_agent) {
-        (Some(ag), Some((link, hints))) => {
-            let (plan, r) = ag.plan(&vm, link, hints.as_ref(), layout.total_pages())?;
+        (Some(ag), Some(asked)) => {
+            let (plan, r) = ag.plan(&vm, asked, layout.total_pages())?;
             (Some(plan), Some(r))
         }
         _ => (None, None),

@@ -71,6 +71,15 @@ impl SourceHintsReport {
     }
 }
 
+/// What the agent said before the pause.
+pub struct Asked {
+    /// Kept open until the plan is made (its refused input goes into the report).
+    link: Option<AgentLink>,
+    hints: Option<vmm_shim::hints::Hints>,
+    /// Why there are no hints.
+    failure: Option<String>,
+}
+
 /// Dirty tracking since boot, for the free-page rule.
 pub struct SourceAgent {
     args: AgentArgs,
@@ -92,11 +101,10 @@ impl SourceAgent {
         })
     }
 
-    /// Asks the agent for a fresh report while the guest still runs.
-    pub fn ask(
-        &self,
-        layout: &Layout,
-    ) -> anyhow::Result<(AgentLink, Option<vmm_shim::hints::Hints>)> {
+    /// Asks the agent for a fresh report while the guest still runs. An agent that cannot
+    /// be reached or does not answer costs the hints, not the evacuation: the answer says
+    /// why. Only malformed flags are errors.
+    pub fn ask(&self, layout: &Layout) -> anyhow::Result<Asked> {
         let path = self
             .args
             .agent_socket
@@ -108,9 +116,27 @@ impl SourceAgent {
             ..BoardLimits::default()
         };
         let timeout = self.args.timeout()?;
-        let link = AgentLink::connect(path, layout, limits, timeout)?;
-        let hints = link.fresh_hints(timeout)?;
-        Ok((link, hints))
+        let link = match AgentLink::connect(path, layout, limits, timeout) {
+            Ok(link) => link,
+            Err(e) => {
+                tracing::warn!("migrating without the guest agent's hints: {e}");
+                return Ok(Asked {
+                    link: None,
+                    hints: None,
+                    failure: Some(e.to_string()),
+                });
+            }
+        };
+        let (hints, failure) = match link.fresh_hints(timeout) {
+            Ok(Some(h)) => (Some(h), None),
+            Ok(None) => (None, Some("no report from the agent in time".to_string())),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Ok(Asked {
+            link: Some(link),
+            hints,
+            failure,
+        })
     }
 
     /// The plan for the paused guest: hot first, and free pages skipped when the rules
@@ -118,16 +144,17 @@ impl SourceAgent {
     pub fn plan(
         mut self,
         vm: &Vm,
-        link: &AgentLink,
-        hints: Option<&vmm_shim::hints::Hints>,
+        asked: &Asked,
         pages: u64,
     ) -> anyhow::Result<(HintPlan, SourceHintsReport)> {
         let mut report = SourceHintsReport {
-            agent_errors: link.take_errors().iter().map(|e| e.to_string()).collect(),
+            agent_errors: asked.link.as_ref().map_or_else(Vec::new, |l| {
+                l.take_errors().iter().map(|e| e.to_string()).collect()
+            }),
             ..SourceHintsReport::default()
         };
-        let Some(h) = hints else {
-            report.skip_refused = Some("no report from the agent in time".into());
+        let Some(h) = &asked.hints else {
+            report.skip_refused = asked.failure.clone();
             return Ok((HintPlan::default(), report));
         };
         report.seq = Some(h.seq);
