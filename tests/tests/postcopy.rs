@@ -104,6 +104,16 @@ fn push_and_demand_faults_race_for_the_same_pages() {
     );
     assert!(m["faults"].as_u64().unwrap() > 0, "{r}");
     assert!(pushed > 0, "{r}");
+    // The source's encoding report counts every page it sent, pushed or served on demand,
+    // by kind (read from both encoders once the session ended).
+    let s = &src.json;
+    let e = &s["encoding"];
+    let by_kind: u64 = ["raw_pages", "zero_pages", "lz4_pages", "ref_pages"]
+        .iter()
+        .map(|k| e[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {e}")))
+        .sum();
+    let sent = s["pages_pushed"].as_u64().unwrap() + s["pages_served"].as_u64().unwrap();
+    assert_eq!(by_kind, sent, "{s}");
 }
 
 #[test]
@@ -176,22 +186,7 @@ fn memfd_backed_destination_memory() {
 
 #[test]
 fn demo_prints_one_json_report_with_matching_digests() {
-    let out = std::process::Command::new(faultline_tests::faultline_bin())
-        .args(["demo", "--size", "64M", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(
-        stdout.trim().lines().count(),
-        1,
-        "exactly one JSON object: {stdout}"
-    );
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v = faultline_tests::demo_json(&["--size", "64M"]);
     assert_eq!(v["digest_match"], true);
     for key in [
         "memory_bytes",

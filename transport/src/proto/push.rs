@@ -15,8 +15,6 @@ pub struct PushSchedule {
     /// Ranges to push before the normal order, front first; the front's start advances as
     /// its pages go out.
     priority: VecDeque<Range<u64>>,
-    /// Pages handed out from `priority`.
-    priority_sent: u64,
     /// If set, no run mixes pages inside this set with pages outside it (see
     /// [`PushSchedule::with_uniform_runs`]).
     uniform: Option<Bitmap>,
@@ -37,7 +35,6 @@ impl PushSchedule {
             sent,
             cursor: 0,
             priority: VecDeque::new(),
-            priority_sent: 0,
             uniform: None,
         }
     }
@@ -106,7 +103,6 @@ impl PushSchedule {
             if let Some(f) = self.priority.front_mut() {
                 f.start = end;
             }
-            self.priority_sent += end - start;
             return Some((start..end, true));
         }
         let start = self
@@ -142,11 +138,6 @@ impl PushSchedule {
     /// Pages handed out so far.
     pub fn sent(&self) -> u64 {
         self.sent.count_ones()
-    }
-
-    /// Pages handed out from the priority ranges so far.
-    pub fn priority_sent(&self) -> u64 {
-        self.priority_sent
     }
 
     pub fn is_done(&self) -> bool {
@@ -208,6 +199,14 @@ mod tests {
         out
     }
 
+    /// Pages handed out from the priority ranges.
+    fn priority_pages(runs: &[(Range<u64>, bool)]) -> u64 {
+        runs.iter()
+            .filter(|(_, hot)| *hot)
+            .map(|(r, _)| r.end - r.start)
+            .sum()
+    }
+
     fn assert_each_page_once(runs: &[(Range<u64>, bool)], pages: u64, already: &[u64]) {
         let mut seen = vec![0u8; pages as usize];
         for &p in already {
@@ -237,7 +236,7 @@ mod tests {
         );
         assert_eq!(runs[5], (98..100, true), "clipped to the schedule");
         assert_eq!(runs[6], (0..4, false), "then from page 0");
-        assert_eq!(s.priority_sent(), 5 + 2 + 10);
+        assert_eq!(priority_pages(&runs), 5 + 2 + 10);
         assert_each_page_once(&runs, 100, &[]);
         assert!(s.is_done());
     }
@@ -253,7 +252,7 @@ mod tests {
             &[(8..9, true), (10..16, true), (40..44, true), (45..48, true)]
         );
         assert_eq!(
-            s.priority_sent(),
+            priority_pages(&runs),
             14,
             "8..16 and 40..48 less two demand pages"
         );

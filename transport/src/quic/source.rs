@@ -190,8 +190,13 @@ async fn drive(
     let policy = lock(session).encoding();
     let replies_on_bulk = lock(session).replies_on_bulk();
     let replica_index = lock(session).replica_index();
-    let push_stats: Arc<Mutex<EncodingStats>> = Arc::default();
-    let reply_stats: Arc<Mutex<EncodingStats>> = Arc::default();
+    // Each task encodes with its own encoder; the report reads their counts once at the
+    // end (the tasks are stopped by then), so nothing is copied per reply or batch.
+    let reply_encoder: SharedEncoder = Arc::new(Mutex::new(PageEncoder::new(policy, features)));
+    let push_encoder: SharedEncoder = Arc::new(Mutex::new(match replica_index {
+        Some(index) => PageEncoder::new(policy, features).with_replica_index(index),
+        None => PageEncoder::new(policy, features),
+    }));
     let Streams {
         control,
         mut ctl_recv,
@@ -217,7 +222,7 @@ async fn drive(
         reader.clone(),
         err_tx.clone(),
         conn.clone(),
-        (PageEncoder::new(policy, features), reply_stats.clone()),
+        reply_encoder.clone(),
     ));
     let push_started = Instant::now();
     let push = tokio::spawn(push_all(
@@ -227,13 +232,7 @@ async fn drive(
         reader,
         err_tx.clone(),
         conn.clone(),
-        (
-            match replica_index {
-                Some(index) => PageEncoder::new(policy, features).with_replica_index(index),
-                None => PageEncoder::new(policy, features),
-            },
-            push_stats.clone(),
-        ),
+        push_encoder.clone(),
     ));
     drop(err_tx);
 
@@ -277,8 +276,8 @@ async fn drive(
     push.abort();
     urgent.abort();
     outcome?;
-    let mut encoding = lock_stats(&push_stats).clone();
-    encoding.merge(&lock_stats(&reply_stats));
+    let mut encoding = lock_encoder(&push_encoder).stats();
+    encoding.merge(&lock_encoder(&reply_encoder).stats());
     let s = lock(session);
     Ok(SourceReport {
         pages_served: s.pages_served(),
@@ -418,12 +417,13 @@ async fn write_update(
     write_message(bulk, &crate::message::Message::Update { pages, versions }).await
 }
 
-fn lock_stats(s: &Mutex<EncodingStats>) -> std::sync::MutexGuard<'_, EncodingStats> {
-    s.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// A task's encoder, shared with the driver so it can read the counts at the end. Locked
+/// only around encoding (never across an await), so the lock is never contended.
+type SharedEncoder = Arc<Mutex<PageEncoder>>;
 
-/// A task's encoder and where it publishes its statistics.
-type EncoderOut = (PageEncoder, Arc<Mutex<EncodingStats>>);
+fn lock_encoder(e: &SharedEncoder) -> std::sync::MutexGuard<'_, PageEncoder> {
+    e.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 #[allow(clippy::too_many_arguments)]
 async fn serve_urgent(
@@ -434,7 +434,7 @@ async fn serve_urgent(
     reader: Arc<dyn PageReader>,
     errors: mpsc::UnboundedSender<DriverError>,
     conn: Connection,
-    (mut encoder, stats): EncoderOut,
+    encoder: SharedEncoder,
 ) {
     let result: Result<(), DriverError> = async {
         loop {
@@ -458,12 +458,11 @@ async fn serve_urgent(
                 if let SourceEvent::Serve(pages) = ev {
                     for page in pages {
                         let data = reader.pages(page, 1).map_err(DriverError::Reader)?;
-                        let pages = encoder.encode_reply(page, data);
+                        let pages = lock_encoder(&encoder).encode_reply(page, data);
                         write_pages(&mut *send.lock().await, &pages)
                             .await
                             .map_err(|e| stream_error(&conn, Channel::Urgent, e))?;
                     }
-                    *lock_stats(&stats) = encoder.stats();
                 }
             }
         }
@@ -479,7 +478,7 @@ async fn push_all(
     reader: Arc<dyn PageReader>,
     errors: mpsc::UnboundedSender<DriverError>,
     conn: Connection,
-    (mut encoder, stats): EncoderOut,
+    encoder: SharedEncoder,
 ) {
     const { assert!(PUSH_RUN <= MAX_PAGES_PER_MESSAGE) };
     let mut meter = LinkMeter::new(&conn);
@@ -488,7 +487,7 @@ async fn push_all(
         // the handshake (it hashes the fresh memory): hold the push, not demand replies,
         // for it a bounded while. The handshake already took a round trip of it.
         let deadline = Instant::now() + REPLICA_INDEX_WAIT;
-        while encoder.replica_index_pending() && Instant::now() < deadline {
+        while lock_encoder(&encoder).replica_index_pending() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let mut batch = Vec::new();
@@ -496,15 +495,18 @@ async fn push_all(
             // Up to PUSH_RUN pages per write, in as many runs as the schedule hands out:
             // one run when the pages are contiguous, up to PUSH_RUN frames when they are
             // scattered (a stale set).
-            let mut count = 0;
-            while count < PUSH_RUN {
-                let next = lock(&session).next_push(PUSH_RUN - count);
-                let Some(run) = next else { break };
-                let n = (run.end - run.start) as usize;
-                let data = reader.pages(run.start, n).map_err(DriverError::Reader)?;
-                debug_assert_eq!(data.len(), n * PAGE_SIZE);
-                batch.push(encoder.encode_push(run.start, data));
-                count += n;
+            {
+                let mut enc = lock_encoder(&encoder);
+                let mut count = 0;
+                while count < PUSH_RUN {
+                    let next = lock(&session).next_push(PUSH_RUN - count);
+                    let Some(run) = next else { break };
+                    let n = (run.end - run.start) as usize;
+                    let data = reader.pages(run.start, n).map_err(DriverError::Reader)?;
+                    debug_assert_eq!(data.len(), n * PAGE_SIZE);
+                    batch.push(enc.encode_push(run.start, data));
+                    count += n;
+                }
             }
             if batch.is_empty() {
                 break;
@@ -521,8 +523,7 @@ async fn push_all(
                 .map_err(|e| stream_error(&conn, Channel::Bulk, e))?;
             batch.clear();
             let cost = meter.cost(&conn, wire, t.elapsed().as_nanos() as u64);
-            encoder.observe_write(wire, cost);
-            *lock_stats(&stats) = encoder.stats();
+            lock_encoder(&encoder).observe_write(wire, cost);
         }
         // A bulk stream that also carries demand replies stays open until the session ends.
         if !lock(&session).replies_on_bulk() {
