@@ -13,4 +13,5 @@ pub mod proto;
 pub use message::{Layout, Message, RegionDesc, PAGE_SIZE, PROTOCOL_VERSION};
 pub mod quic;
 pub mod tls;
+pub mod units;
 pub mod wan;

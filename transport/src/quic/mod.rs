@@ -218,10 +218,11 @@ impl TransportTuning {
     pub fn from_env() -> Result<TransportTuning, TuningError> {
         let mut t = TransportTuning::default();
         if let Ok(v) = std::env::var(ENV_EXPECTED_BDP) {
-            t.expected_bdp_bytes = parse_bytes(&v).ok_or(TuningError::Bytes {
-                var: ENV_EXPECTED_BDP,
-                value: v,
-            })?;
+            t.expected_bdp_bytes =
+                crate::units::parse_bytes(&v).map_err(|_| TuningError::Bytes {
+                    var: ENV_EXPECTED_BDP,
+                    value: v,
+                })?;
             t.initial_window = Some(t.expected_bdp_bytes);
         }
         if let Ok(v) = std::env::var(ENV_CONGESTION) {
@@ -324,23 +325,6 @@ pub fn bdp_bytes(rate_bps: u64, rtt: Duration) -> u64 {
 
 fn varint(v: u64) -> VarInt {
     VarInt::from_u64(v).unwrap_or(VarInt::MAX)
-}
-
-/// `3125000`, `512K`, `12M`, `1G`, `4MiB` (binary suffixes); zero is refused. The syntax of
-/// `FAULTLINE_EXPECTED_BDP`, for front ends that take the same value as a flag.
-pub fn parse_bytes(s: &str) -> Option<u64> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits);
-    let n: u64 = num.parse().ok()?;
-    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        _ => return None,
-    };
-    n.checked_mul(1u64 << shift).filter(|&b| b > 0)
 }
 
 /// UDP socket buffer size asked for. At the default (about 200 KiB) a burst of bulk data
@@ -541,12 +525,6 @@ mod tests {
 
     #[test]
     fn tuning_values_parse() {
-        assert_eq!(parse_bytes("3125000"), Some(3_125_000));
-        assert_eq!(parse_bytes("12M"), Some(12 << 20));
-        assert_eq!(parse_bytes("512KiB"), Some(512 << 10));
-        assert_eq!(parse_bytes("0"), None);
-        assert_eq!(parse_bytes("12X"), None);
-        assert_eq!(parse_bytes("-1"), None);
         assert_eq!("CUBIC".parse(), Ok(Congestion::Cubic));
         assert_eq!("bbr".parse(), Ok(Congestion::Bbr));
         assert!("vegas".parse::<Congestion>().is_err());

@@ -78,7 +78,7 @@ pub struct DemoArgs {
     pub wan_jitter: Option<Duration>,
     /// Emulated WAN: bottleneck queue in bytes (64K, 2M) [default: one bandwidth-delay
     /// product].
-    #[arg(long, value_parser = super::wan::parse_bytes, requires = "wan_rate")]
+    #[arg(long, value_parser = super::parse_bytes, requires = "wan_rate")]
     pub wan_queue: Option<u64>,
 }
 

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use vmm_shim::workload::Pattern;
 
-pub use size::parse_size;
+pub use size::{parse_bytes, parse_size};
 
 /// Prefix of the machine-readable event lines `dest --progress` writes to stderr.
 pub const EVENT_PREFIX: &str = "@faultline ";
@@ -34,13 +34,8 @@ pub struct Cli {
     /// Expected bandwidth-delay product of the path, bytes (`3125000`, `512K`, `12M`): sizes
     /// the QUIC windows for a long fat link (docs/wan.md); give both ends the same value.
     /// Overrides FAULTLINE_EXPECTED_BDP, and reaches the processes `demo` starts.
-    #[arg(long, global = true, value_parser = parse_bdp)]
+    #[arg(long, global = true, value_parser = parse_bytes)]
     pub expected_bdp: Option<u64>,
-}
-
-fn parse_bdp(s: &str) -> Result<u64, String> {
-    transport::quic::parse_bytes(s)
-        .ok_or_else(|| format!("{s:?} is not a positive byte count (3125000, 512K, 12M)"))
 }
 
 #[derive(Subcommand, Debug)]

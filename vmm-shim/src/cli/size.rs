@@ -1,25 +1,15 @@
 //! Sizes on the command line: `1G`, `256M`, `64MiB`, `4096`.
 
-/// Parses a byte size with an optional binary suffix (K, M, G, T; `iB` and `B` accepted).
+/// A positive byte count with a binary suffix (`65536`, `64K`, `2M`, `1G`):
+/// [`transport::units::parse_bytes`] with its error as text for clap.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    transport::units::parse_bytes(s).map_err(|e| e.to_string())
+}
+
+/// A guest memory size: a byte count that is a whole number of 4 KiB pages.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64M, 1G)"))?;
-    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        other => return Err(format!("unknown size suffix {other:?} in {s:?}")),
-    };
-    let bytes = n
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
-    if bytes == 0 || bytes % 4096 != 0 {
+    let bytes = parse_bytes(s)?;
+    if bytes % 4096 != 0 {
         return Err(format!("{s:?} must be a non-zero multiple of 4 KiB"));
     }
     Ok(bytes)

@@ -22,6 +22,8 @@ use clap::Args;
 use serde::Serialize;
 use transport::wan::{LinkConfig, WanCounters, WanEmulator};
 
+use super::parse_bytes;
+
 #[derive(Args, Debug)]
 pub struct WanArgs {
     /// Address to listen on; point the client (`faultline source --connect`) here.
@@ -393,28 +395,6 @@ pub fn parse_loss(s: &str) -> Result<f64, String> {
         ));
     }
     Ok(p)
-}
-
-/// A positive byte count with binary suffixes: `65536`, `64K`, `2M`, `1G`.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a byte count (examples: 65536, 64K, 2M)"))?;
-    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        other => return Err(format!("unknown size suffix {other:?} in {s:?}")),
-    };
-    match n.checked_mul(1 << shift) {
-        Some(0) => Err(format!("{s:?} must be positive")),
-        Some(b) => Ok(b),
-        None => Err(format!("{s:?} is too large")),
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,76 @@
+//! Byte counts as operators write them: `3125000`, `512K`, `12M`, `1G`, `4MiB` (binary
+//! multiples), for flags and environment variables alike.
+
+use thiserror::Error;
+
+/// Why a byte count was refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ByteCountError {
+    #[error("{0:?} is not a byte count (examples: 65536, 512K, 12M, 1G)")]
+    NotANumber(String),
+    #[error("unknown size suffix {suffix:?} in {input:?} (K, M, G, T; KiB, MB, ... accepted)")]
+    UnknownSuffix { suffix: String, input: String },
+    #[error("{0:?} must be positive")]
+    Zero(String),
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
+/// A positive byte count with an optional binary suffix (`K`, `M`, `G`, `T`, each also as
+/// `KB` / `KiB`, any case).
+pub fn parse_bytes(s: &str) -> Result<u64, ByteCountError> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| ByteCountError::NotANumber(s.to_string()))?;
+    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        other => {
+            return Err(ByteCountError::UnknownSuffix {
+                suffix: other.to_string(),
+                input: s.to_string(),
+            })
+        }
+    };
+    match n.checked_mul(1 << shift) {
+        Some(0) => Err(ByteCountError::Zero(s.to_string())),
+        Some(b) => Ok(b),
+        None => Err(ByteCountError::TooLarge(s.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_parse_and_bad_ones_say_why() {
+        assert_eq!(parse_bytes("3125000"), Ok(3_125_000));
+        assert_eq!(parse_bytes(" 12M "), Ok(12 << 20));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("2tb"), Ok(2 << 40));
+        assert_eq!(parse_bytes("0"), Err(ByteCountError::Zero("0".into())));
+        assert!(matches!(
+            parse_bytes("12X"),
+            Err(ByteCountError::UnknownSuffix { .. })
+        ));
+        assert!(matches!(
+            parse_bytes("-1"),
+            Err(ByteCountError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_bytes(""),
+            Err(ByteCountError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_bytes("99999999999T"),
+            Err(ByteCountError::TooLarge(_))
+        ));
+    }
+}
