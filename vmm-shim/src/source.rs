@@ -68,6 +68,15 @@ pub fn run_session(
     config: SourceConfig,
     opts: &SourceOptions,
 ) -> Result<SourceReport, RoleError> {
+    drive_session(memory, SourceSession::new(config), opts)
+}
+
+/// Connects and drives `session` to the end.
+fn drive_session(
+    memory: Arc<dyn PageReader>,
+    session: SourceSession,
+    opts: &SourceOptions,
+) -> Result<SourceReport, RoleError> {
     let rt = runtime()?;
     rt.block_on(async {
         let endpoint = quic::client_endpoint(
@@ -76,7 +85,6 @@ pub fn run_session(
             opts.peer_cert.clone(),
         )?;
         let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
-        let session = SourceSession::new(config);
         let report = quic::run_source(conn, session, memory).await?;
         endpoint.close(0u32.into(), b"done");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -154,19 +162,7 @@ pub fn send_with_hints(
     let session = SourceSession::new(config);
     // The driver owns the session until the end; keep a view of its hot-push counter.
     let pushed_hot = session.hot_push_count();
-    let rt = runtime()?;
-    let report = rt.block_on(async {
-        let endpoint = quic::client_endpoint(
-            unspecified_for(opts.connect),
-            &opts.identity,
-            opts.peer_cert.clone(),
-        )?;
-        let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
-        let report = quic::run_source(conn, session, memory).await?;
-        endpoint.close(0u32.into(), b"done");
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        Ok::<_, RoleError>(report)
-    })?;
+    let report = drive_session(memory, session, opts)?;
     Ok(crate::hints::HintedReport {
         session: report,
         pages_hot: hot_set.count_ones(),

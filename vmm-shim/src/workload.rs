@@ -250,9 +250,20 @@ impl Mutator {
 /// returns how many pages were written. With the guest paused and replication caught up,
 /// exactly these pages are stale.
 pub fn dirty_fraction(regions: &[HostRegion], fraction: f64, seed: u64) -> u64 {
+    with_paused_walker(regions, |w, n| {
+        let count = ((n as f64) * fraction.clamp(0.0, 1.0)).round() as u64;
+        let order = Permutation::new(n, seed);
+        for i in 0..count {
+            w.bump(order.at(i) as usize * PAGE_SIZE);
+        }
+        count
+    })
+}
+
+/// Runs `f` with a walker over `regions` outside any workload (the guest paused), and the
+/// number of pages they hold.
+fn with_paused_walker<R>(regions: &[HostRegion], f: impl FnOnce(&Walker<'_>, u64) -> R) -> R {
     let n = regions.iter().map(|r| r.len / PAGE_SIZE).sum::<usize>() as u64;
-    let count = ((n as f64) * fraction.clamp(0.0, 1.0)).round() as u64;
-    let order = Permutation::new(n, seed);
     let stop = AtomicBool::new(false);
     let (ops, writes) = (AtomicU64::new(0), AtomicU64::new(0));
     let w = Walker {
@@ -261,10 +272,7 @@ pub fn dirty_fraction(regions: &[HostRegion], fraction: f64, seed: u64) -> u64 {
         ops: &ops,
         writes: &writes,
     };
-    for i in 0..count {
-        w.bump(order.at(i) as usize * PAGE_SIZE);
-    }
-    count
+    f(&w, n)
 }
 
 /// Copies into each of `fraction` of all pages the content of another page (distinct
@@ -273,31 +281,24 @@ pub fn dirty_fraction(regions: &[HostRegion], fraction: f64, seed: u64) -> u64 {
 /// (unless that page is written later). Returns how many pages were written. Call with the
 /// guest paused.
 pub fn move_fraction(regions: &[HostRegion], fraction: f64, seed: u64) -> u64 {
-    let n = regions.iter().map(|r| r.len / PAGE_SIZE).sum::<usize>() as u64;
-    let count = (((n as f64) * fraction.clamp(0.0, 0.5)).round() as u64).min(n / 2);
-    let order = Permutation::new(n, seed);
-    let stop = AtomicBool::new(false);
-    let (ops, writes) = (AtomicU64::new(0), AtomicU64::new(0));
-    let w = Walker {
-        regions,
-        stop: &stop,
-        ops: &ops,
-        writes: &writes,
-    };
-    for i in 0..count {
-        let (to, from) = (order.at(i), order.at(count + i));
-        for word in 0..PAGE_SIZE / 8 {
-            let at = |page: u64| w.word(page as usize * PAGE_SIZE + word * 8);
-            let (Some(src), Some(dst)) = (at(from), at(to)) else {
-                continue;
-            };
-            // SAFETY: `word` returns aligned pointers inside regions the caller keeps
-            // mapped; the guest is paused, and replication threads only read (volatile,
-            // as they read concurrently).
-            unsafe { std::ptr::write_volatile(dst, std::ptr::read_volatile(src)) };
+    with_paused_walker(regions, |w, n| {
+        let count = (((n as f64) * fraction.clamp(0.0, 0.5)).round() as u64).min(n / 2);
+        let order = Permutation::new(n, seed);
+        for i in 0..count {
+            let (to, from) = (order.at(i), order.at(count + i));
+            for word in 0..PAGE_SIZE / 8 {
+                let at = |page: u64| w.word(page as usize * PAGE_SIZE + word * 8);
+                let (Some(src), Some(dst)) = (at(from), at(to)) else {
+                    continue;
+                };
+                // SAFETY: `word` returns aligned pointers inside regions the caller keeps
+                // mapped; the guest is paused, and replication threads only read
+                // (volatile, as they read concurrently).
+                unsafe { std::ptr::write_volatile(dst, std::ptr::read_volatile(src)) };
+            }
         }
-    }
-    count
+        count
+    })
 }
 
 /// i -> (a*i + b) mod n: a permutation of 0..n when gcd(a, n) = 1.
