@@ -13,6 +13,15 @@ use std::time::Duration;
 use serde_json::Value;
 use transport::tls::Identity;
 
+/// Whether KVM is there; says so on stderr when it is not (the KVM tests then skip).
+pub fn kvm_present() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("SKIPPED: /dev/kvm is absent (load kvm_intel/kvm_amd to run the KVM tests)");
+    false
+}
+
 /// The `faultline` binary of this build profile, built on first use.
 pub fn faultline_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -58,6 +67,30 @@ pub fn faultline_bin() -> &'static Path {
         assert!(bin.exists(), "{} missing after build", bin.display());
         bin
     })
+}
+
+/// Runs `faultline demo <args> --json` (without a stated BDP in its environment) to the
+/// end; it must succeed and print exactly one JSON object, which is returned.
+pub fn demo_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(faultline_bin())
+        .env_remove(transport::quic::ENV_EXPECTED_BDP)
+        .arg("demo")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run faultline demo");
+    assert!(
+        out.status.success(),
+        "faultline demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8 report");
+    assert_eq!(
+        stdout.trim().lines().count(),
+        1,
+        "exactly one JSON object: {stdout}"
+    );
+    serde_json::from_str(stdout.trim()).expect("a JSON report")
 }
 
 /// A certificate and key on disk for each side, in a directory removed on drop.

@@ -7,10 +7,10 @@
 //!
 //! The KVM tests are skipped (with a message) only where /dev/kvm does not exist.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use faultline_tests::kvm_present;
 use guest_agent::proto::{crc32, encode, Message, PfnRange, FRAME_SYNC, HEADER_LEN};
 use transport::bitmap::Bitmap;
 use transport::encoding::EncodingPolicy;
@@ -30,14 +30,6 @@ use vmm_shim::{DestOptions, Listener, SourceOptions};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = PAGE_SIZE as u64;
-
-fn kvm_present() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("SKIPPED: /dev/kvm is absent (load kvm_intel/kvm_amd to run the KVM tests)");
-    false
-}
 
 /// A 128 MiB hot-cold guest with a 32 MiB working set; everything above the working set
 /// holds pseudo-random bytes, and the top quarter of memory is what the agent calls free.
@@ -220,38 +212,21 @@ fn poisoned_or_stale_free_hints_are_never_skipped() {
     );
     let stale = board.take_hints().expect("accepted");
     src.run_and_pause().expect("run");
-    let o = migrate(
-        &mut src,
-        Some(&poisoned),
-        Mode::HotFirstSkipFree,
-        Check::Running {
-            after: Duration::ZERO,
-        },
-        EncodingPolicy::OFF,
-    )
-    .unwrap();
-    assert_verified(&o);
-    assert_eq!(o.source.pages_skipped_free, 0);
-    assert!(
-        o.skip_refused.as_deref().unwrap().contains("poison"),
-        "{o:?}"
-    );
-    let o = migrate(
-        &mut src,
-        Some(&stale),
-        Mode::HotFirstSkipFree,
-        Check::Running {
-            after: Duration::ZERO,
-        },
-        EncodingPolicy::OFF,
-    )
-    .unwrap();
-    assert_verified(&o);
-    assert_eq!(o.source.pages_skipped_free, 0);
-    assert!(
-        o.skip_refused.as_deref().unwrap().contains("predate"),
-        "{o:?}"
-    );
+    for (hints, why) in [(&poisoned, "poison"), (&stale, "predate")] {
+        let o = migrate(
+            &mut src,
+            Some(hints),
+            Mode::HotFirstSkipFree,
+            Check::Running {
+                after: Duration::ZERO,
+            },
+            EncodingPolicy::OFF,
+        )
+        .unwrap();
+        assert_verified(&o);
+        assert_eq!(o.source.pages_skipped_free, 0);
+        assert!(o.skip_refused.as_deref().unwrap().contains(why), "{o:?}");
+    }
     let o = migrate(
         &mut src,
         Some(&poisoned),

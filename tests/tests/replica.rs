@@ -28,21 +28,32 @@ fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
-#[test]
-fn evacuation_into_a_memory_replica_moves_only_stale_pages() {
+/// A standby (`standby_args` after its size) and `faultline replicate` of the built-in
+/// guest (`replicate_args` after its size) until the evacuation ends; both reports, with
+/// memory checked equal.
+fn replicate_and_evacuate(standby_args: &[&str], replicate_args: &[&str]) -> (Value, Value) {
     let certs = Certs::new();
-    let dir = ShmDir::new("mem");
     let standby = DestProcess::standby(
         &certs,
         "127.0.0.1:0",
-        &["--size", SIZE, "--replica-dir", &dir.arg()],
+        &[&["--size", SIZE][..], standby_args].concat(),
     );
     let src = Background::replicate(
         &certs,
         &standby.addr,
+        &[&["--synthetic", SIZE][..], replicate_args].concat(),
+    )
+    .wait(TIMEOUT);
+    let dst = standby.wait(TIMEOUT);
+    assert_evacuated(&src, &dst)
+}
+
+#[test]
+fn evacuation_into_a_memory_replica_moves_only_stale_pages() {
+    let dir = ShmDir::new("mem");
+    let (s, d) = replicate_and_evacuate(
+        &["--replica-dir", &dir.arg()],
         &[
-            "--synthetic",
-            SIZE,
             "--evacuate-after",
             "1.5",
             "--stale-pct",
@@ -50,10 +61,7 @@ fn evacuation_into_a_memory_replica_moves_only_stale_pages() {
             "--writers",
             "1",
         ],
-    )
-    .wait(TIMEOUT);
-    let dst = standby.wait(TIMEOUT);
-    let (s, d) = assert_evacuated(&src, &dst);
+    );
 
     // The guest kept writing during replication, tracked by userfaultfd write-protection.
     assert_eq!(s["replication"]["tracker"], "uffd-wp-async", "{s}");
@@ -78,19 +86,10 @@ fn evacuation_into_a_memory_replica_moves_only_stale_pages() {
 /// standby; memory ends equal.
 #[test]
 fn moved_pages_cross_as_references_into_the_replica() {
-    let certs = Certs::new();
     let dir = ShmDir::new("moved");
-    let standby = DestProcess::standby(
-        &certs,
-        "127.0.0.1:0",
-        &["--size", SIZE, "--replica-dir", &dir.arg()],
-    );
-    let src = Background::replicate(
-        &certs,
-        &standby.addr,
+    let (s, d) = replicate_and_evacuate(
+        &["--replica-dir", &dir.arg()],
         &[
-            "--synthetic",
-            SIZE,
             "--evacuate-after",
             "1",
             "--stale-pct",
@@ -102,10 +101,7 @@ fn moved_pages_cross_as_references_into_the_replica() {
             "--encoding",
             "dedup",
         ],
-    )
-    .wait(TIMEOUT);
-    let dst = standby.wait(TIMEOUT);
-    let (s, d) = assert_evacuated(&src, &dst);
+    );
     let e = &s["evacuation"];
     let enc = &e["encoding"];
     let moved = (PAGES as f64 * 0.10).round() as u64;
@@ -217,35 +213,16 @@ fn torn_replica_page_is_detected_and_never_served() {
 
 #[test]
 fn evacuation_from_a_disk_replica_prefetches_fresh_pages() {
-    let certs = Certs::new();
     let dir = tempfile::tempdir().unwrap();
-    let standby = DestProcess::standby(
-        &certs,
-        "127.0.0.1:0",
+    let (_, d) = replicate_and_evacuate(
         &[
-            "--size",
-            SIZE,
             "--tier",
             "disk",
             "--replica-dir",
             dir.path().to_str().unwrap(),
         ],
+        &["--evacuate-after", "1.5", "--stale-pct", "5"],
     );
-    let src = Background::replicate(
-        &certs,
-        &standby.addr,
-        &[
-            "--synthetic",
-            SIZE,
-            "--evacuate-after",
-            "1.5",
-            "--stale-pct",
-            "5",
-        ],
-    )
-    .wait(TIMEOUT);
-    let dst = standby.wait(TIMEOUT);
-    let (_, d) = assert_evacuated(&src, &dst);
     assert_eq!(d["tier"], "disk");
     let stale = (PAGES as f64 * 0.05).round() as u64;
     assert_eq!(u(&d["pages_stale"]), stale, "{d}");
@@ -255,27 +232,15 @@ fn evacuation_from_a_disk_replica_prefetches_fresh_pages() {
 
 #[test]
 fn demo_with_a_replica_prints_one_json_report() {
-    let out = std::process::Command::new(faultline_tests::faultline_bin())
-        .args([
-            "demo",
-            "--replica",
-            "--stale-pct",
-            "10",
-            "--size",
-            SIZE,
-            "--json",
-        ])
-        .args(["--replicate-secs", "1.5"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v = faultline_tests::demo_json(&[
+        "--replica",
+        "--stale-pct",
+        "10",
+        "--size",
+        SIZE,
+        "--replicate-secs",
+        "1.5",
+    ]);
     assert_eq!(v["digest_match"], true, "{v}");
     assert_eq!(
         u(&v["pages_stale"]),

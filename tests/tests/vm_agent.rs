@@ -8,11 +8,10 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use faultline_tests::{run_vm_source, Certs, DestProcess};
+use faultline_tests::{kvm_present, run_vm_source, Certs, DestProcess};
 use guest_agent::proto::{encode, FrameReader, Message, PfnRange, TouchReport};
 use vmm_shim::hints::loopback::{agent_report, reference_hot};
 use vmm_shim::vm::{Program, VmConfig};
@@ -25,14 +24,6 @@ const FREE: PfnRange = PfnRange {
     count: 16 << 8,
 };
 const _: () = assert!(FREE.first + FREE.count == PAGES);
-
-fn kvm_present() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("SKIPPED: /dev/kvm is absent (load kvm_intel/kvm_amd to run the KVM tests)");
-    false
-}
 
 fn guest_args() -> Vec<&'static str> {
     vec![

@@ -2,19 +2,10 @@
 //! `faultline vm` processes over QUIC on loopback, with userfaultfd on the destination.
 //! Skipped (with a message) only where /dev/kvm does not exist.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use faultline_tests::{run_vm_source, Certs, DestProcess, ShmDir};
+use faultline_tests::{kvm_present, run_vm_source, Certs, DestProcess, ShmDir};
 use serde_json::Value;
-
-fn kvm_present() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("SKIPPED: /dev/kvm is absent (load kvm_intel/kvm_amd to run the KVM tests)");
-    false
-}
 
 fn u64s(v: &Value) -> Vec<u64> {
     v.as_array()

@@ -219,25 +219,18 @@ fn a_one_second_cut_in_mid_postcopy_pauses_the_session() {
 
 #[test]
 fn demo_through_an_emulated_wan_reports_the_link() {
-    let out = std::process::Command::new(faultline_tests::faultline_bin())
-        .env_remove(transport::quic::ENV_EXPECTED_BDP)
-        .args(["demo", "--size", SIZE, "--json", "--wan-rtt", "20ms"])
-        .args([
-            "--wan-rate",
-            "200M",
-            "--wan-jitter",
-            "1ms",
-            "--wan-loss",
-            "0.1%",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    let v = faultline_tests::demo_json(&[
+        "--size",
+        SIZE,
+        "--wan-rtt",
+        "20ms",
+        "--wan-rate",
+        "200M",
+        "--wan-jitter",
+        "1ms",
+        "--wan-loss",
+        "0.1%",
+    ]);
     assert_eq!(v["digest_match"], true, "{v}");
     let link = &v["link"];
     assert_eq!(link["rtt_ms"], 20.0, "{v}");
