@@ -5,7 +5,7 @@
 //! message (waiter) so the histogram reflects how long vCPUs were actually blocked.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -23,10 +23,10 @@ pub struct Metrics {
     pages_discarded: AtomicU64,
     blocked_ns: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
-    /// Per page: ns since `epoch` of its first unresolved fault, plus one (0 = none).
-    first_fault: Vec<AtomicU64>,
-    /// Per page: fault messages waiting for it.
-    waiters: Vec<AtomicU32>,
+    /// Per page: its unresolved faults as one [`Pending`] word (0 = none). One word,
+    /// so a fault read while the page is being resolved is either in the resolver's
+    /// swap or starts a new entry, never half in each.
+    pending: Vec<AtomicU64>,
     /// Pages with faults pending → the faulting threads' ids (when the kernel reports them).
     pending_threads: Mutex<HashMap<u64, Vec<u32>>>,
     /// Thread id → ns it spent blocked on missing pages.
@@ -84,38 +84,35 @@ impl Metrics {
             pages_discarded: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
             latency_us: Mutex::new(hist),
-            first_fault: (0..total_pages).map(|_| AtomicU64::new(0)).collect(),
-            waiters: (0..total_pages).map(|_| AtomicU32::new(0)).collect(),
+            pending: (0..total_pages).map(|_| AtomicU64::new(0)).collect(),
             pending_threads: Mutex::new(HashMap::new()),
             blocked_by_thread: Mutex::new(HashMap::new()),
         }
     }
 
-    fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64 + 1
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
     }
 
     /// A fault message was read for `page` (the caller checks the state afterwards, so a
     /// page resolved concurrently is still accounted by one side or the other).
     pub(crate) fn fault_read(&self, page: u64, thread_id: u32) {
         self.faults.fetch_add(1, Ordering::Relaxed);
-        if thread_id != 0 && (page as usize) < self.waiters.len() {
+        let Some(slot) = self.pending.get(page as usize) else {
+            return;
+        };
+        if thread_id != 0 {
             lock(&self.pending_threads)
                 .entry(page)
                 .or_default()
                 .push(thread_id);
         }
-        let (Some(ts), Some(w)) = (
-            self.first_fault.get(page as usize),
-            self.waiters.get(page as usize),
-        ) else {
-            return;
-        };
-        let now = self.now_ns();
-        let _ = ts.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
-        w.fetch_add(1, Ordering::SeqCst);
+        let now = self.now_us();
+        // The closure never returns None, so the update always succeeds.
+        let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+            Some(Pending::from_word(word).add_waiter(now).word())
+        });
     }
-
     /// A fault message whose page was not in any region.
     pub(crate) fn stray_fault(&self) {
         self.faults.fetch_add(1, Ordering::Relaxed);
@@ -124,33 +121,29 @@ impl Metrics {
     /// `page` became readable: records its latency once per waiting fault. Safe to call
     /// from several threads; only the first sees the waiters.
     pub(crate) fn page_ready(&self, page: u64) {
-        let (Some(ts), Some(w)) = (
-            self.first_fault.get(page as usize),
-            self.waiters.get(page as usize),
-        ) else {
+        let Some(slot) = self.pending.get(page as usize) else {
             return;
         };
         // Cheap exit for the common push case where nobody faulted.
-        if w.load(Ordering::SeqCst) == 0 {
+        if slot.load(Ordering::Acquire) == 0 {
             return;
         }
-        let waiters = w.swap(0, Ordering::SeqCst);
-        let start = ts.swap(0, Ordering::SeqCst);
-        if waiters == 0 || start == 0 {
+        let Some(p) = Pending::from_word(slot.swap(0, Ordering::AcqRel)).get() else {
             return;
-        }
-        let ns = self.now_ns().saturating_sub(start);
+        };
+        let waiters = p.waiters;
+        // At least 1 µs, like the histogram: a waiter was blocked, however briefly.
+        let ns = self.now_us().saturating_sub(p.since_us).max(1) * 1000;
         self.blocked_ns
-            .fetch_add(ns.saturating_mul(u64::from(waiters)), Ordering::Relaxed);
+            .fetch_add(ns.saturating_mul(waiters), Ordering::Relaxed);
         if let Some(threads) = lock(&self.pending_threads).remove(&page) {
             let mut by = lock(&self.blocked_by_thread);
             for t in threads {
                 *by.entry(t).or_default() += ns;
             }
         }
-        let us = (ns / 1000).max(1);
         let mut h = self.latency_us.lock().unwrap_or_else(|e| e.into_inner());
-        h.saturating_record_n(us, u64::from(waiters));
+        h.saturating_record_n(ns / 1000, waiters);
     }
 
     pub(crate) fn installed(&self, kind: InstallKind, zero: bool, pages: u64) {
@@ -194,6 +187,51 @@ impl Metrics {
                 .map(|(&t, &ns)| (t, ns))
                 .collect(),
             fault_latency_us,
+        }
+    }
+}
+
+/// The faults waiting for one page, packed into a `u64`: the first fault's time in µs
+/// since the epoch (44 bits, 200 days) above a waiter count (20 bits, saturating).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pending {
+    since_us: u64,
+    waiters: u64,
+}
+
+impl Pending {
+    const WAITER_BITS: u32 = 20;
+    const MAX_WAITERS: u64 = (1 << Self::WAITER_BITS) - 1;
+    const MAX_SINCE: u64 = (1 << (64 - Self::WAITER_BITS)) - 1;
+
+    fn from_word(word: u64) -> Pending {
+        Pending {
+            since_us: word >> Self::WAITER_BITS,
+            waiters: word & Self::MAX_WAITERS,
+        }
+    }
+
+    fn word(self) -> u64 {
+        (self.since_us.min(Self::MAX_SINCE) << Self::WAITER_BITS)
+            | self.waiters.min(Self::MAX_WAITERS)
+    }
+
+    /// Some when at least one fault is waiting.
+    fn get(self) -> Option<Pending> {
+        (self.waiters > 0).then_some(self)
+    }
+
+    /// One more fault; the first one sets the time.
+    fn add_waiter(self, now_us: u64) -> Pending {
+        match self.get() {
+            None => Pending {
+                since_us: now_us,
+                waiters: 1,
+            },
+            Some(p) => Pending {
+                waiters: (p.waiters + 1).min(Self::MAX_WAITERS),
+                ..p
+            },
         }
     }
 }
@@ -242,6 +280,76 @@ mod tests {
         let sum: u64 = s.blocked_ns_by_thread.values().sum();
         assert_eq!(sum, s.blocked_ns, "every blocked ns is charged to a thread");
         assert!(lock(&m.pending_threads).is_empty());
+    }
+
+    #[test]
+    fn faults_read_while_their_page_resolves_are_each_recorded_once() {
+        // The fault loop records a fault and then, seeing the page present, resolves it
+        // itself, while installers resolve the same pages: the histogram must hold
+        // exactly one entry per fault whichever side wins.
+        let m = std::sync::Arc::new(Metrics::new(64));
+        let faulters: Vec<_> = (0..3)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000u64 {
+                        let page = (i * 7 + t) % 64;
+                        m.fault_read(page, t as u32 + 1);
+                        if i % 3 == 0 {
+                            m.page_ready(page);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let resolver = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                for i in 0..60_000u64 {
+                    m.page_ready(i % 64);
+                }
+            })
+        };
+        for f in faulters {
+            f.join().unwrap();
+        }
+        resolver.join().unwrap();
+        for page in 0..64 {
+            m.page_ready(page);
+        }
+        let s = m.snapshot();
+        assert_eq!(s.faults, 60_000);
+        assert_eq!(s.fault_latency_us.count, s.faults, "{s:?}");
+    }
+
+    #[test]
+    fn pending_word_packs_time_and_saturates_waiters() {
+        let p = Pending::from_word(0).add_waiter(1234);
+        assert_eq!(
+            p,
+            Pending {
+                since_us: 1234,
+                waiters: 1
+            }
+        );
+        let p = Pending::from_word(p.word()).add_waiter(9999);
+        assert_eq!(
+            p,
+            Pending {
+                since_us: 1234,
+                waiters: 2
+            },
+            "first fault's time kept"
+        );
+        let full = Pending {
+            since_us: u64::MAX,
+            waiters: u64::MAX,
+        };
+        let back = Pending::from_word(full.word());
+        assert_eq!(back.waiters, Pending::MAX_WAITERS);
+        assert_eq!(back.since_us, Pending::MAX_SINCE);
+        assert_eq!(back.add_waiter(0).waiters, Pending::MAX_WAITERS);
+        assert_eq!(Pending::from_word(0).get(), None);
     }
 
     #[test]
