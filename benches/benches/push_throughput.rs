@@ -4,7 +4,7 @@
 //! default, registered with userfaultfd) and nothing touches the memory: the guest "resumes"
 //! and does nothing, so every page arrives by push. A child process is the source with the
 //! push on. Throughput is memory bytes over `DestReport::total_ms` (source connection accepted,
-//! TLS done → every page present and the session closed), in GB/s (1e9 B/s).
+//! TLS done → every page present), in GB/s (1e9 B/s).
 //!
 //! Two images are pushed:
 //! * `random`: every page incompressible. This is the fair comparison with the raw stream,

@@ -11,7 +11,7 @@
 //! a while, mutator paused, replication caught up (`stale_pages() == 0`), replicator stopped,
 //! [`dirty_fraction`] makes exactly `pct`% of the pages stale, [`evacuate`]. Reported from the
 //! standby's [`vmm_shim::StandbyReport`]: `wire_bytes` (UDP bytes both ways of the evacuation
-//! session) and `total_ms` (evacuation connected → every page present, session closed).
+//! session) and `total_ms` (evacuation connected → every page present).
 //! Afterwards the standby's guest memory must have the digest the source computed at
 //! switchover.
 //!

@@ -40,8 +40,11 @@ pub struct DestReport {
     pub pages: u64,
     /// Source connected → guest resumed (handshake and layout check included).
     pub resume_ms: f64,
-    /// Source connected → every page present and the session closed.
+    /// Source connected → every page present (the guest no longer needs the source).
     pub total_ms: f64,
+    /// Source connected → the session closed, after the source acknowledged completion
+    /// (about one round trip after `total_ms`).
+    pub closed_ms: f64,
     /// UDP bytes both ways, as counted by this side's QUIC stack.
     pub wire_bytes: u64,
     /// Pages that arrived lz4-compressed and as content references, and references that
@@ -243,6 +246,7 @@ impl Listener {
             pages: layout.total_pages(),
             resume_ms: resume.as_secs_f64() * 1e3,
             total_ms: net.total_ms as f64,
+            closed_ms: net.closed_ms as f64,
             wire_bytes: net.udp_rx_bytes + net.udp_tx_bytes,
             pages_lz4: net.pages_lz4,
             pages_ref: net.pages_ref,
@@ -265,8 +269,11 @@ pub struct StandbyReport {
     pub replica_valid_pages: u64,
     /// Evacuation connected → guest resumed (stale set received, holes punched, registered).
     pub resume_ms: f64,
-    /// Evacuation connected → every page present and the session closed.
+    /// Evacuation connected → every page present (the guest no longer needs the source).
     pub total_ms: f64,
+    /// Evacuation connected → the session closed, after the source acknowledged completion
+    /// (about one round trip after `total_ms`).
+    pub closed_ms: f64,
     pub wire_bytes: u64,
     #[serde(flatten)]
     pub evacuation: crate::replica::EvacuationStats,
@@ -363,6 +370,7 @@ impl Listener {
             replica_valid_pages: valid_before,
             resume_ms: resume.as_secs_f64() * 1e3,
             total_ms: net.total_ms as f64,
+            closed_ms: net.closed_ms as f64,
             wire_bytes: net.udp_rx_bytes + net.udp_tx_bytes,
             evacuation: sink.evacuation_stats(torn_at_open),
             metrics,

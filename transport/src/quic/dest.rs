@@ -91,7 +91,12 @@ pub struct DestReport {
     pub pages_replicated: u64,
     /// From the start of the session to the moment the guest could resume.
     pub established_ms: u64,
+    /// From the start of the session to every page present: from then on the guest no
+    /// longer depends on the source. (A replication session: to its end.)
     pub total_ms: u64,
+    /// From the start of the session to its orderly end, after the source acknowledged
+    /// completion: `total_ms` plus about one round trip.
+    pub closed_ms: u64,
     pub pages_received: u64,
     pub udp_tx_bytes: u64,
     pub udp_rx_bytes: u64,
@@ -162,7 +167,10 @@ pub async fn run_dest(
             report.udp_tx_bytes = stats.udp_tx.bytes;
             report.udp_rx_bytes = stats.udp_rx.bytes;
             report.pages_received = lock(&session).received().count_ones();
-            report.total_ms = started.elapsed().as_millis() as u64;
+            report.closed_ms = started.elapsed().as_millis() as u64;
+            if report.total_ms == 0 {
+                report.total_ms = report.closed_ms;
+            }
             Ok(report)
         }
         Err(e) => {
@@ -395,7 +403,8 @@ async fn drive(
         if sink.is_complete() {
             {
                 let mut s = lock(session);
-                if s.is_running() && !s.is_finished() {
+                if s.is_running() && !s.is_finished() && !s.complete_sent() {
+                    report.total_ms = started.elapsed().as_millis() as u64;
                     s.complete();
                 }
             }
