@@ -101,17 +101,22 @@ impl Metrics {
         let Some(slot) = self.pending.get(page as usize) else {
             return;
         };
-        if thread_id != 0 {
-            lock(&self.pending_threads)
-                .entry(page)
-                .or_default()
-                .push(thread_id);
-        }
         let now = self.now_us();
-        // The closure never returns None, so the update always succeeds.
-        let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
-            Some(Pending::from_word(word).add_waiter(now).word())
-        });
+        let add = || {
+            // The closure never returns None, so the update always succeeds.
+            let _ = slot.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |word| {
+                Some(Pending::from_word(word).add_waiter(now).word())
+            });
+        };
+        if thread_id == 0 {
+            add();
+            return;
+        }
+        // The thread joins the page's list and its waiter count together, so a resolver
+        // (which takes both under the same lock) charges it exactly when it counts it.
+        let mut threads = lock(&self.pending_threads);
+        threads.entry(page).or_default().push(thread_id);
+        add();
     }
     /// A fault message whose page was not in any region.
     pub(crate) fn stray_fault(&self) {
@@ -124,11 +129,17 @@ impl Metrics {
         let Some(slot) = self.pending.get(page as usize) else {
             return;
         };
-        // Cheap exit for the common push case where nobody faulted.
-        if slot.load(Ordering::Acquire) == 0 {
+        // Cheap exit for the common push case where nobody faulted. SeqCst with the fault
+        // side's update and the page table's SeqCst state: a fault recorded before the
+        // page was seen absent is seen here, or the fault loop resolves it itself.
+        if slot.load(Ordering::SeqCst) == 0 {
             return;
         }
-        let Some(p) = Pending::from_word(slot.swap(0, Ordering::AcqRel)).get() else {
+        let (word, threads) = {
+            let mut pending = lock(&self.pending_threads);
+            (slot.swap(0, Ordering::SeqCst), pending.remove(&page))
+        };
+        let Some(p) = Pending::from_word(word).get() else {
             return;
         };
         let waiters = p.waiters;
@@ -136,7 +147,7 @@ impl Metrics {
         let ns = self.now_us().saturating_sub(p.since_us).max(1) * 1000;
         self.blocked_ns
             .fetch_add(ns.saturating_mul(waiters), Ordering::Relaxed);
-        if let Some(threads) = lock(&self.pending_threads).remove(&page) {
+        if let Some(threads) = threads {
             let mut by = lock(&self.blocked_by_thread);
             for t in threads {
                 *by.entry(t).or_default() += ns;
@@ -320,6 +331,12 @@ mod tests {
         let s = m.snapshot();
         assert_eq!(s.faults, 60_000);
         assert_eq!(s.fault_latency_us.count, s.faults, "{s:?}");
+        let by_thread: u64 = s.blocked_ns_by_thread.values().sum();
+        assert_eq!(
+            by_thread, s.blocked_ns,
+            "each waiter charged to its thread once"
+        );
+        assert!(lock(&m.pending_threads).is_empty());
     }
 
     #[test]
