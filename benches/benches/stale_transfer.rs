@@ -505,6 +505,7 @@ fn evacuate_into(
             push: true,
             // wire_over_stale measures the protocol's overhead: no compression.
             encoding: transport::encoding::EncodingPolicy::OFF,
+            early_push: true,
         },
         None,
     )?)

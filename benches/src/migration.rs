@@ -275,6 +275,7 @@ pub fn run_child(role: &str, args: &[String]) -> anyhow::Result<()> {
             push,
             // These benches compare against raw quinn streams: zero flags only.
             encoding: transport::encoding::EncodingPolicy::OFF,
+            early_push: true,
         },
     )
     .with_context(|| format!("child {role}: faultline source"))?;

@@ -481,6 +481,7 @@ fn free_pages_written_after_the_hint_cross_with_their_content() {
             connect_timeout: Duration::from_secs(30),
             push: true,
             encoding: EncodingPolicy::AUTO,
+            early_push: true,
         },
         None,
         &plan,

@@ -129,8 +129,11 @@ fn migrate_running_guest(program: &str, vcpus: usize, via: Via) {
         .map(|x| x.as_f64().unwrap())
         .collect();
     assert_eq!(per_vcpu.len(), vcpus);
-    // (With a small stale set the push may win every race, so faults are not certain.)
-    let faults_expected = !matches!(via, Via::Replica { stale_pct: Some(_) });
+    // (With a small stale set the push may win every race, so faults are not certain; nor
+    // with the counter program, whose memory is nearly all zero pages: the push beside the
+    // handshake carries them as one-byte flags before the guest resumes.)
+    let faults_expected =
+        !matches!(via, Via::Replica { stale_pct: Some(_) }) && program != "counter";
     if faults_expected {
         assert!(per_vcpu.iter().any(|&b| b > 0.0), "{d}");
     }

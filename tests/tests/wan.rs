@@ -9,7 +9,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use faultline_tests::{assert_migrated, run_source, Certs, DestProcess, Finished};
+use faultline_tests::{
+    assert_migrated, run_source, Background, Certs, DestProcess, Finished, ShmDir,
+};
 use serde_json::Value;
 use transport::wan::{LinkConfig, WanCounters, WanEmulator};
 
@@ -101,8 +103,8 @@ fn rtt_ms(ms: u64) -> Duration {
 fn migrates_over_20ms_rtt() {
     let run = migrate(LinkConfig::delayed(rtt_ms(20) / 2), 11, |_| {});
     let r = assert_carried(&run);
-    // No page can arrive before the source has heard the destination's answer to its
-    // hello (a round trip), and the closing exchange is a round trip of its own.
+    // Demand faults happened (below), each a round trip; the closing exchange is a round
+    // trip of its own after every page is present.
     let (total, closed) = (
         r["total_ms"].as_f64().unwrap(),
         r["closed_ms"].as_f64().unwrap(),
@@ -249,4 +251,69 @@ fn demo_through_an_emulated_wan_reports_the_link() {
     assert!(up["bytes"].as_u64().unwrap() > 10 << 20, "{v}");
     let util = v["link_utilization"].as_f64().unwrap();
     assert!(util > 0.0 && util <= 1.05, "{v}");
+}
+
+#[test]
+fn an_evacuation_over_40ms_rtt_pushes_beside_the_handshake() {
+    let certs = Certs::new();
+    let dir = ShmDir::new("wan-evac");
+    let standby = DestProcess::standby(
+        &certs,
+        "127.0.0.1:0",
+        &["--size", SIZE, "--replica-dir", &dir.arg()],
+    );
+    let upstream: SocketAddr = standby.addr.parse().expect("standby address");
+    let wan = WanEmulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        upstream,
+        LinkConfig::delayed(rtt_ms(40) / 2),
+    )
+    .unwrap();
+    // Replication goes the direct way; only the evacuation crosses the emulated link.
+    let relay = wan.local_addr().to_string();
+    let src = Background::replicate(
+        &certs,
+        &standby.addr,
+        &[
+            "--synthetic",
+            SIZE,
+            "--evacuate-after",
+            "1",
+            "--stale-pct",
+            "10",
+            "--writers",
+            "1",
+            "--evacuate-connect",
+            &relay,
+        ],
+    )
+    .wait(TIMEOUT);
+    let dst = standby.wait(TIMEOUT);
+    let counters = wan.counters();
+    wan.shutdown();
+    assert!(src.status.success(), "replicate failed: {}", src.stderr);
+    assert!(dst.status.success(), "standby failed: {}", dst.stderr);
+    let (s, d) = (&src.json, &dst.json);
+    assert_eq!(
+        s["digest"], d["digest"],
+        "memory differs after the evacuation"
+    );
+    let stale = d["pages_stale"].as_u64().unwrap();
+    assert!(stale > 0, "{d}");
+    // The standby runs only after the stale set came back a round trip later; the push
+    // started beside the handshake, so some of it was there already, and none of it
+    // was installed twice.
+    let early = d["early_push_bytes"].as_u64().unwrap();
+    assert!(early > 0, "nothing pushed before the session ran: {d}");
+    assert!(early <= (stale * 4200).max(1 << 20), "{early} B early: {d}");
+    let m = &d["metrics"];
+    assert_eq!(
+        m["pages_pushed"].as_u64().unwrap() + m["pages_faulted"].as_u64().unwrap(),
+        stale,
+        "{d}"
+    );
+    assert!(
+        counters.client_to_server.bytes >= stale * 4096 / 2,
+        "the evacuation did not cross the emulator: {counters:?}"
+    );
 }

@@ -137,9 +137,16 @@ fn compressible_image(pages: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_and_deduplicated_pages_arrive_intact() {
-    let (src, dst, sink, img) =
-        migrate(compressible_image(2048), EncodingPolicy::ALL, vec![7, 1500]).await;
+    // Without the early push, which goes unencoded, every pushed page is encoded.
+    let (src, dst, sink, img) = migrate_with(
+        compressible_image(2048),
+        EncodingPolicy::ALL,
+        vec![7, 1500],
+        false,
+    )
+    .await;
     assert_eq!(*sink.mem.lock().unwrap(), img.0);
+    assert_eq!(dst.early_push_bytes, 0);
     let e = &src.encoding;
     assert!(e.lz4_pages > 0 && e.ref_pages > 0, "{e:?}");
     assert_eq!(dst.pages_lz4, e.lz4_pages);
@@ -148,6 +155,24 @@ async fn compressed_and_deduplicated_pages_arrive_intact() {
     assert_eq!(dst.refs_refetched, 0);
     assert!(e.compression_ratio < 0.2, "{e:?}");
     assert_eq!(e.chosen, "lz4+dedup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_unencoded_push_and_the_encoded_push_after_it_arrive_intact() {
+    let (src, dst, sink, img) =
+        migrate(compressible_image(2048), EncodingPolicy::ALL, vec![7, 1500]).await;
+    assert_eq!(*sink.mem.lock().unwrap(), img.0);
+    let e = &src.encoding;
+    // However much went before the handshake's answer, the counts agree on both sides,
+    // and references never name a page the destination lacks.
+    assert_eq!(dst.pages_lz4, e.lz4_pages);
+    assert_eq!(dst.pages_ref, e.ref_pages);
+    assert_eq!(dst.refs_refetched, 0);
+    assert_eq!(
+        e.raw_pages + e.zero_pages + e.lz4_pages + e.ref_pages,
+        src.pages_pushed + src.pages_served,
+        "{e:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,6 +190,15 @@ async fn migrate(
     img: Vec<u8>,
     encoding: EncodingPolicy,
     demand: Vec<u64>,
+) -> (SourceReport, DestReport, Arc<MemSink>, Arc<Image>) {
+    migrate_with(img, encoding, demand, true).await
+}
+
+async fn migrate_with(
+    img: Vec<u8>,
+    encoding: EncodingPolicy,
+    demand: Vec<u64>,
+    early_push: bool,
 ) -> (SourceReport, DestReport, Arc<MemSink>, Arc<Image>) {
     let pages = img.len() / PAGE_SIZE;
     let src_id = Identity::generate("source").unwrap();
@@ -202,6 +236,7 @@ async fn migrate(
     let session = SourceSession::new(SourceConfig {
         vm_state: Some(b"vcpu state v1".to_vec()),
         encoding,
+        early_push,
         ..SourceConfig::migrate("vm", layout)
     });
     let src_report = quic::run_source(conn, session, img.clone()).await.unwrap();

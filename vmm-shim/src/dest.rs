@@ -53,6 +53,8 @@ pub struct DestReport {
     pub pages_lz4: u64,
     pub pages_ref: u64,
     pub refs_refetched: u64,
+    /// Push bytes that arrived before the session ran (sent beside the handshake).
+    pub early_push_bytes: u64,
     pub metrics: MetricsSnapshot,
 }
 
@@ -251,6 +253,7 @@ impl Listener {
             pages_lz4: net.pages_lz4,
             pages_ref: net.pages_ref,
             refs_refetched: net.refs_refetched,
+            early_push_bytes: net.early_push_bytes,
             metrics,
         })
     }
@@ -275,6 +278,8 @@ pub struct StandbyReport {
     /// (about one round trip after `total_ms`).
     pub closed_ms: f64,
     pub wire_bytes: u64,
+    /// Push bytes that arrived before the session ran (sent beside the handshake).
+    pub early_push_bytes: u64,
     #[serde(flatten)]
     pub evacuation: crate::replica::EvacuationStats,
     pub metrics: Option<MetricsSnapshot>,
@@ -372,6 +377,7 @@ impl Listener {
             total_ms: net.total_ms as f64,
             closed_ms: net.closed_ms as f64,
             wire_bytes: net.udp_rx_bytes + net.udp_tx_bytes,
+            early_push_bytes: net.early_push_bytes,
             evacuation: sink.evacuation_stats(torn_at_open),
             metrics,
         })

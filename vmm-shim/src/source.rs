@@ -26,6 +26,8 @@ pub struct SourceOptions {
     pub push: bool,
     /// How pushed pages are encoded ([`EncodingPolicy::AUTO`] tunes it while migrating).
     pub encoding: EncodingPolicy,
+    /// Start the push beside the handshake (see [`SourceConfig::early_push`]).
+    pub early_push: bool,
 }
 
 /// Migrates `memory` (frozen for the whole call) to the destination, serving its demand
@@ -38,6 +40,7 @@ pub fn send(
     let config = SourceConfig {
         push: opts.push,
         encoding: opts.encoding,
+        early_push: opts.early_push,
         ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
     };
     run_session(memory, config, opts)
@@ -54,6 +57,7 @@ pub fn send_with_state(
     let config = SourceConfig {
         push: opts.push,
         encoding: opts.encoding,
+        early_push: opts.early_push,
         vm_state: Some(vm_state),
         ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
     };
@@ -154,6 +158,7 @@ pub fn send_with_hints(
     let config = SourceConfig {
         push: opts.push,
         encoding: opts.encoding,
+        early_push: opts.early_push,
         vm_state,
         hot: plan.hot.clone(),
         zero_filled: skip.cloned(),

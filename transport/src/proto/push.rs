@@ -64,6 +64,14 @@ impl PushSchedule {
         self
     }
 
+    /// Marks `pages` (a set of the schedule's length) as handed out, e.g. pushed before
+    /// this schedule replaced another one.
+    pub fn mark_sent(&mut self, pages: &Bitmap) {
+        if pages.len() == self.sent.len() {
+            self.sent.union_with(pages);
+        }
+    }
+
     /// Pages still to push.
     pub fn remaining(&self) -> u64 {
         self.sent.len() - self.sent.count_ones()

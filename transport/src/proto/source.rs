@@ -41,6 +41,10 @@ pub struct SourceConfig {
     /// (filled by the application while the session runs; see
     /// [`crate::encoding::ReplicaIndex`]). Used only when deduplication is negotiated.
     pub replica_index: Option<crate::encoding::ReplicaIndex>,
+    /// Push beside the handshake, before the destination answers (see
+    /// [`SourceSession::may_push_early`]). On by default: it saves a round trip of link
+    /// time, at the cost of sending that round trip's pages unencoded.
+    pub early_push: bool,
 }
 
 impl SourceConfig {
@@ -60,6 +64,7 @@ impl SourceConfig {
             hot: Vec::new(),
             zero_filled: None,
             replica_index: None,
+            early_push: true,
         }
     }
 }
@@ -108,6 +113,8 @@ pub struct SourceSession {
     push: PushSchedule,
     invalid: Option<PageSetAssembler>,
     push_done_sent: bool,
+    /// Pages the push handed out before the session ran (see [`SourceSession::next_push`]).
+    pushed_early: Bitmap,
     pages_served: u64,
     pages_pushed: u64,
     /// Shared so it can be read after the session was moved into a driver.
@@ -139,11 +146,20 @@ impl SourceSession {
     /// A new session; the `Hello` is queued at once.
     pub fn new(config: SourceConfig) -> SourceSession {
         let pages = config.layout.total_pages();
+        // What the push may send before the handshake answer: at evacuation the pages the
+        // source knows are stale (the standby's invalid pages join later), else all.
+        let first = match (config.kind, &config.stale) {
+            (SessionKind::Evacuate, Some(stale)) if stale.len() == pages => {
+                PushSchedule::only(stale)
+            }
+            _ => PushSchedule::new(pages),
+        };
         let mut s = SourceSession {
             state: State::HelloSent,
-            push: schedule(PushSchedule::new(pages), &config),
+            push: schedule(first, &config),
             invalid: None,
             push_done_sent: false,
+            pushed_early: Bitmap::new(pages),
             pages_served: 0,
             pages_pushed: 0,
             pages_pushed_hot: Arc::default(),
@@ -198,6 +214,17 @@ impl SourceSession {
 
     pub fn is_running(&self) -> bool {
         self.state == State::Running
+    }
+
+    /// Whether the push may run before the handshake is answered: a migration or an
+    /// evacuation with the push on, waiting for the destination. Those pages go out
+    /// unencoded (nothing is negotiated yet); the destination holds them until the session
+    /// runs. It saves the round trip of the handshake on a long link.
+    pub fn may_push_early(&self) -> bool {
+        matches!(self.state, State::HelloSent | State::AwaitInvalid)
+            && self.config.early_push
+            && self.config.push
+            && self.config.kind != SessionKind::Replicate
     }
 
     pub fn is_finished(&self) -> bool {
@@ -305,7 +332,10 @@ impl SourceSession {
                     for m in page_set_messages(SetKind::Stale, &stale) {
                         self.send(Channel::Control, m);
                     }
-                    self.push = schedule(PushSchedule::only(&stale), &self.config);
+                    // Pages pushed before this answer are not pushed again.
+                    let mut next = schedule(PushSchedule::only(&stale), &self.config);
+                    next.mark_sent(&self.pushed_early);
+                    self.push = next;
                     self.send_vm_state();
                 } else {
                     self.events.push_back(SourceEvent::Invalid(invalid));
@@ -374,8 +404,13 @@ impl SourceSession {
 
     /// The next run of pages to push, at most `max` long. When every page has been handed out
     /// this queues `PushDone` once and returns `None`.
+    ///
+    /// The push may start before the destination's answer (see [`SourceSession::may_push_early`]):
+    /// then it sends only pages that must cross whatever the answer says, and the
+    /// answer's extra pages join the schedule when it arrives.
     pub fn next_push(&mut self, max: usize) -> Option<Range<u64>> {
-        if self.state != State::Running
+        let early = self.may_push_early();
+        if !(early || self.state == State::Running)
             || !self.config.push
             || self.config.kind == SessionKind::Replicate
         {
@@ -383,6 +418,11 @@ impl SourceSession {
         }
         match self.push.next_run_from(max) {
             Some((r, hot)) => {
+                if early {
+                    for p in r.clone() {
+                        self.pushed_early.set(p);
+                    }
+                }
                 self.pages_pushed += r.end - r.start;
                 if hot {
                     self.pages_pushed_hot
@@ -390,6 +430,7 @@ impl SourceSession {
                 }
                 Some(r)
             }
+            None if early => None,
             None => {
                 if !self.push_done_sent {
                     self.push_done_sent = true;

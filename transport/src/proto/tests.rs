@@ -549,6 +549,95 @@ fn evacuation_stale_set_is_the_union_and_only_it_is_pushed() {
 }
 
 #[test]
+fn evacuation_pushes_the_known_stale_pages_before_the_answer_and_each_page_once() {
+    let n = 130;
+    let mut src = SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        stale: Some(bits(n, &[1, 2, 3, 100])),
+        ..SourceConfig::migrate("vm-1", layout(n))
+    });
+    // Before the standby answers, only pages that must cross whatever it says.
+    assert!(src.may_push_early());
+    assert_eq!(src.next_push(2), Some(1..3));
+    let mut dst = standby(n);
+    exchange(&mut src, &mut dst);
+    assert!(matches!(
+        dst.poll_event(),
+        Some(DestEvent::HelloReceived { .. })
+    ));
+    assert!(src.may_push_early(), "still waiting for the invalid pages");
+    assert_eq!(src.next_push(1), Some(3..4));
+    // Standby: page 2 is torn (already pushed), 6 and 129 are invalid.
+    dst.accept(&bits(n, &[2, 6, 129]));
+    exchange(&mut src, &mut dst);
+    assert!(src.is_running() && !src.may_push_early());
+    assert_eq!(src.pages_stale(), 6);
+    let mut rest = Vec::new();
+    while let Some(r) = src.next_push(64) {
+        rest.extend(r);
+    }
+    assert_eq!(rest, vec![6, 100, 129], "nothing pushed early goes again");
+    assert_eq!(src.pages_pushed(), 6);
+    assert!(matches!(
+        src.poll_transmit().map(|t| t.message),
+        Some(Message::PushDone { .. })
+    ));
+}
+
+#[test]
+fn a_migration_pushes_before_the_answer_and_continues_after_it() {
+    let n = 40;
+    let (mut src, mut dst) = pair(n);
+    let early = src.next_push(8);
+    assert_eq!(early, Some(0..8));
+    // PushDone waits for the session: the early push never runs out of pages here, and
+    // a finished early push must not announce the end before the handshake.
+    let mut mem = vec![Vec::new(); n as usize];
+    pump(&mut src, &mut dst, &mut mem);
+    assert!(src.is_running());
+    let mut all: Vec<u64> = early.into_iter().flatten().collect();
+    while let Some(r) = src.next_push(16) {
+        all.extend(r);
+    }
+    assert_eq!(all, (0..n).collect::<Vec<_>>());
+}
+
+#[test]
+fn an_early_push_that_empties_its_schedule_announces_nothing_before_the_session_runs() {
+    let n = 4;
+    let mut src = SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        stale: Some(bits(n, &[0])),
+        ..SourceConfig::migrate("vm-1", layout(n))
+    });
+    while src.poll_transmit().is_some() {}
+    assert_eq!(src.next_push(8), Some(0..1));
+    assert_eq!(src.next_push(8), None);
+    assert!(
+        src.poll_transmit().is_none(),
+        "no PushDone before the answer"
+    );
+}
+
+#[test]
+fn no_early_push_for_replication_or_with_the_push_off() {
+    for config in [
+        SourceConfig {
+            kind: SessionKind::Replicate,
+            ..SourceConfig::migrate("vm-1", layout(8))
+        },
+        SourceConfig {
+            push: false,
+            ..SourceConfig::migrate("vm-1", layout(8))
+        },
+    ] {
+        let mut src = SourceSession::new(config);
+        assert!(!src.may_push_early());
+        assert_eq!(src.next_push(8), None);
+    }
+}
+
+#[test]
 fn a_plain_destination_refuses_replication() {
     let mut src = SourceSession::new(SourceConfig {
         kind: SessionKind::Replicate,

@@ -10,13 +10,14 @@ use thiserror::Error;
 use tokio::sync::{mpsc, Notify};
 
 use super::frame::{read_frame, write_final, write_message};
+use super::read_ahead::ReadAhead;
 use super::source::{closed_or, stream_error};
 use super::{
     close_with, connection_lost, DriverError, CLOSE_OK, TAG_BULK, TAG_CONTROL, TAG_URGENT,
 };
 use crate::bitmap::Bitmap;
 use crate::encoding::PageDecoder;
-use crate::message::{Pages, SessionKind};
+use crate::message::{Message, Pages, SessionKind};
 use crate::proto::{Channel, Delivery, DestEvent, DestSession};
 
 /// Installing page data failed; the session ends with this reason.
@@ -105,6 +106,9 @@ pub struct DestReport {
     pub pages_lz4: u64,
     pub pages_ref: u64,
     pub refs_refetched: u64,
+    /// Bulk bytes read before the session ran (the source's push beside the handshake),
+    /// rounded up to KiB per message.
+    pub early_push_bytes: u64,
 }
 
 /// Counters the page readers share.
@@ -230,6 +234,8 @@ async fn drive(
         tokio::time::timeout(Duration::from_secs(30), accept_streams(conn))
             .await
             .map_err(|_| DriverError::Timeout("waiting for the source to open its streams"))??;
+    // The source may push before the session runs; read it now, handle it then.
+    let bulk_ahead = ReadAhead::start(bulk_recv, BULK_READ_AHEAD);
     let out = Arc::new(Outbound {
         control: tokio::sync::Mutex::new(ctl_send),
         urgent: tokio::sync::Mutex::new(urg_send),
@@ -293,6 +299,7 @@ async fn drive(
     let kind = lock(session).kind();
     report.kind = Some(kind);
     report.established_ms = started.elapsed().as_millis() as u64;
+    report.early_push_bytes = bulk_ahead.held_bytes() as u64;
     if kind != SessionKind::Replicate {
         if let Some(f) = hooks.on_established.take() {
             f(&report.vm_id, vm_state.as_deref());
@@ -302,20 +309,23 @@ async fn drive(
     let progress = Arc::new(Notify::new());
     let counts = Arc::new(Received::default());
     let (err_tx, mut err_rx) = mpsc::unbounded_channel::<DriverError>();
-    let readers =
-        [(Channel::Urgent, urg_recv), (Channel::Bulk, bulk_recv)].map(|(channel, recv)| {
-            tokio::spawn(receive_pages(
-                channel,
-                recv,
-                session.clone(),
-                out.clone(),
-                sink.clone(),
-                progress.clone(),
-                counts.clone(),
-                err_tx.clone(),
-                conn.clone(),
-            ))
-        });
+    let readers = [
+        (Channel::Urgent, Frames::Stream(urg_recv)),
+        (Channel::Bulk, Frames::Ahead(bulk_ahead)),
+    ]
+    .map(|(channel, frames)| {
+        tokio::spawn(receive_pages(
+            channel,
+            frames,
+            session.clone(),
+            out.clone(),
+            sink.clone(),
+            progress.clone(),
+            counts.clone(),
+            err_tx.clone(),
+            conn.clone(),
+        ))
+    });
     let req_session = session.clone();
     let req_out = out.clone();
     let req_err = err_tx.clone();
@@ -413,9 +423,14 @@ async fn drive(
     };
     ctl_reader.abort();
     requester.abort();
-    for r in readers {
+    for r in &readers {
         r.abort();
     }
+    // Stopped for good (an install in progress finishes) before their counts are read.
+    for r in readers {
+        let _ = r.await;
+    }
+    let _ = tokio::join!(ctl_reader, requester);
     if kind == SessionKind::Replicate {
         // Whatever arrived before the end is stored; make it durable too.
         sink.sync()?;
@@ -450,10 +465,41 @@ fn end_of_replication(
     Err(closed_or(conn, what))
 }
 
+/// At most this much of the bulk stream is read and not yet handled: what arrives while
+/// the session is being set up (a round trip and a standby's preparation at 1 Gbit/s is
+/// ~20 MB), beyond the flow-control window the transport already grants.
+const BULK_READ_AHEAD: usize = 64 << 20;
+
+/// Where a page reader gets its messages: straight from the stream (urgent replies), or
+/// through a [`ReadAhead`] (the bulk push, which may start before the session runs).
+enum Frames {
+    Stream(RecvStream),
+    Ahead(ReadAhead),
+}
+
+impl Frames {
+    /// The next message, with what keeps its read-ahead budget held while it is handled.
+    async fn next(
+        &mut self,
+    ) -> (
+        Result<Option<Message>, super::FrameError>,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        match self {
+            Frames::Stream(recv) => (read_frame(recv).await, None),
+            Frames::Ahead(ahead) => match ahead.next().await {
+                Some((read, permit)) => (read, Some(permit)),
+                // The reader stopped without an end: only when this session is ending.
+                None => (Ok(None), None),
+            },
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn receive_pages(
     channel: Channel,
-    mut recv: RecvStream,
+    mut frames: Frames,
     session: Shared,
     out: Arc<Outbound>,
     sink: Arc<dyn PageSink>,
@@ -466,7 +512,8 @@ async fn receive_pages(
     let mut decoder: Option<PageDecoder> = None;
     let result: Result<(), DriverError> = async {
         loop {
-            let msg = match read_frame(&mut recv).await {
+            let (read, _held) = frames.next().await;
+            let msg = match read {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
                 Err(super::FrameError::Codec(c)) => {

@@ -8,6 +8,7 @@
 
 mod dest;
 mod frame;
+mod read_ahead;
 mod source;
 mod stated_start;
 

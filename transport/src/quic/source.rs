@@ -147,26 +147,26 @@ async fn open_streams(conn: &Connection, session: &Shared) -> Result<Streams, Dr
 async fn handshake(
     conn: &Connection,
     session: &Shared,
-    streams: &mut Streams,
+    control: &ControlSend,
+    ctl_recv: &mut RecvStream,
 ) -> Result<Vec<SourceEvent>, DriverError> {
     let mut events = Vec::new();
     while !lock(session).is_running() {
-        let reply =
-            tokio::time::timeout(Duration::from_secs(30), read_frame(&mut streams.ctl_recv))
-                .await
-                .map_err(|_| DriverError::Timeout("waiting for the destination's handshake"))?;
+        let reply = tokio::time::timeout(Duration::from_secs(30), read_frame(ctl_recv))
+            .await
+            .map_err(|_| DriverError::Timeout("waiting for the destination's handshake"))?;
         let reply = match reply {
             Ok(Some(m)) => m,
             Ok(None) => return Err(closed_or(conn, "the destination closed the control stream")),
             Err(FrameError::Codec(c)) => {
                 let err = lock(session).handle_decode_error(c);
-                flush(session, &streams.control).await.ok();
+                flush(session, control).await.ok();
                 return Err(err.into());
             }
             Err(e) => return Err(stream_error(conn, Channel::Control, e)),
         };
         let handled = lock(session).handle(Channel::Control, reply);
-        flush(session, &streams.control).await?;
+        flush(session, control).await?;
         handled?;
         events.extend(std::iter::from_fn(|| lock(session).poll_event()));
     }
@@ -178,8 +178,39 @@ async fn drive(
     session: &Shared,
     reader: Arc<dyn PageReader>,
 ) -> Result<SourceReport, DriverError> {
-    let mut streams = open_streams(conn, session).await?;
-    let events = handshake(conn, session, &mut streams).await?;
+    let Streams {
+        control,
+        mut ctl_recv,
+        urg_send,
+        urg_recv,
+        bulk,
+    } = open_streams(conn, session).await?;
+    let bulk: SharedSend = Arc::new(tokio::sync::Mutex::new(bulk));
+    // The push starts beside the handshake with what must cross anyway; raw, as nothing is
+    // negotiated yet (a round trip saved on a long link).
+    let push_started = Instant::now();
+    let early_encoder: SharedEncoder = Arc::new(Mutex::new(PageEncoder::new(
+        crate::encoding::EncodingPolicy::OFF,
+        0,
+    )));
+    let early = tokio::spawn(push_early(
+        session.clone(),
+        bulk.clone(),
+        reader.clone(),
+        conn.clone(),
+        early_encoder.clone(),
+    ));
+    let events = match handshake(conn, session, &control, &mut ctl_recv).await {
+        Ok(events) => events,
+        Err(e) => {
+            early.abort();
+            return Err(e);
+        }
+    };
+    // It stops by itself now that the session runs; its last batch goes out first.
+    early
+        .await
+        .map_err(|_| DriverError::Timeout("the early push stopped"))??;
     let features = events
         .iter()
         .find_map(|e| match e {
@@ -197,15 +228,6 @@ async fn drive(
         Some(index) => PageEncoder::new(policy, features).with_replica_index(index),
         None => PageEncoder::new(policy, features),
     }));
-    let Streams {
-        control,
-        mut ctl_recv,
-        urg_send,
-        urg_recv,
-        bulk,
-    } = streams;
-
-    let bulk: SharedSend = Arc::new(tokio::sync::Mutex::new(bulk));
     // Replies normally have a stream of their own, ahead of the push in priority; the
     // comparison mode queues them behind the push on the bulk stream instead.
     let (replies, _unused_urgent): (SharedSend, _) = if replies_on_bulk {
@@ -224,7 +246,6 @@ async fn drive(
         conn.clone(),
         reply_encoder.clone(),
     ));
-    let push_started = Instant::now();
     let push = tokio::spawn(push_all(
         session.clone(),
         control.clone(),
@@ -275,12 +296,18 @@ async fn drive(
     ctl_reader.abort();
     push.abort();
     urgent.abort();
+    // Stopped for good before their counts are read.
+    let _ = tokio::join!(ctl_reader, push, urgent);
     outcome?;
+    let replies = lock_encoder(&reply_encoder).stats();
     let mut encoding = lock_encoder(&push_encoder).stats();
-    encoding.merge(&lock_encoder(&reply_encoder).stats());
+    encoding.merge(&replies);
+    encoding.merge(&lock_encoder(&early_encoder).stats());
     let s = lock(session);
     Ok(SourceReport {
-        pages_served: s.pages_served(),
+        // Replies actually sent: a request that crossed the destination's `Complete` may
+        // have been cut short when the session ended.
+        pages_served: replies.pages(),
         pages_pushed: s.pages_pushed(),
         pages_stale: s.pages_stale(),
         push_ms,
@@ -327,7 +354,7 @@ pub async fn run_replication(
     let session: Shared = Arc::new(Mutex::new(session));
     let result: Result<ReplicationReport, DriverError> = async {
         let mut streams = open_streams(&conn, &session).await?;
-        for ev in handshake(&conn, &session, &mut streams).await? {
+        for ev in handshake(&conn, &session, &streams.control, &mut streams.ctl_recv).await? {
             if let SourceEvent::Invalid(b) = ev {
                 let _ = events.send(ReplicationEvent::Invalid(b));
             }
@@ -471,6 +498,71 @@ async fn serve_urgent(
     report(result, &session, &errors);
 }
 
+/// Fills `batch` with up to PUSH_RUN pages, in as many runs as the schedule hands out:
+/// one run when the pages are contiguous, up to PUSH_RUN frames when they are scattered
+/// (a stale set). Empty when the schedule has nothing more.
+fn next_batch(
+    session: &Shared,
+    reader: &dyn PageReader,
+    encoder: &SharedEncoder,
+    batch: &mut Vec<Pages>,
+) -> Result<(), DriverError> {
+    let mut enc = lock_encoder(encoder);
+    let mut count = 0;
+    while count < PUSH_RUN {
+        let next = lock(session).next_push(PUSH_RUN - count);
+        let Some(run) = next else { break };
+        let n = (run.end - run.start) as usize;
+        let data = reader.pages(run.start, n).map_err(DriverError::Reader)?;
+        debug_assert_eq!(data.len(), n * PAGE_SIZE);
+        batch.push(enc.encode_push(run.start, data));
+        count += n;
+    }
+    Ok(())
+}
+
+/// The push before the destination answered the handshake (see
+/// [`SourceSession::may_push_early`]): unencoded pages on the bulk stream, until the session
+/// runs (then [`push_all`] takes over) or the early schedule is empty.
+///
+/// It writes only as fast as the link takes it, keeping at most [`EARLY_BACKLOG`] bytes
+/// unsent: it fills a round trip the link would idle through, and what it left queued
+/// when the session starts would cross unencoded where it could have been encoded.
+async fn push_early(
+    session: Shared,
+    bulk: SharedSend,
+    reader: Arc<dyn PageReader>,
+    conn: Connection,
+    encoder: SharedEncoder,
+) -> Result<(), DriverError> {
+    let sent = || conn.stats().udp_tx.bytes;
+    let start = sent();
+    let mut written = 0u64;
+    let mut batch = Vec::new();
+    while lock(&session).may_push_early() {
+        if written > sent().saturating_sub(start) + EARLY_BACKLOG {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        next_batch(&session, &*reader, &encoder, &mut batch)?;
+        if batch.is_empty() {
+            break;
+        }
+        written += batch
+            .iter()
+            .map(|p| (p.kinds.len() + p.payload.len()) as u64)
+            .sum::<u64>();
+        write_pages_batch(&mut *bulk.lock().await, &batch)
+            .await
+            .map_err(|e| stream_error(&conn, Channel::Bulk, e))?;
+        batch.clear();
+    }
+    Ok(())
+}
+
+/// Unsent bytes the early push leaves in the send buffer at most (two batches).
+const EARLY_BACKLOG: u64 = 2 * (PUSH_RUN * PAGE_SIZE) as u64;
+
 async fn push_all(
     session: Shared,
     control: ControlSend,
@@ -495,19 +587,7 @@ async fn push_all(
             // Up to PUSH_RUN pages per write, in as many runs as the schedule hands out:
             // one run when the pages are contiguous, up to PUSH_RUN frames when they are
             // scattered (a stale set).
-            {
-                let mut enc = lock_encoder(&encoder);
-                let mut count = 0;
-                while count < PUSH_RUN {
-                    let next = lock(&session).next_push(PUSH_RUN - count);
-                    let Some(run) = next else { break };
-                    let n = (run.end - run.start) as usize;
-                    let data = reader.pages(run.start, n).map_err(DriverError::Reader)?;
-                    debug_assert_eq!(data.len(), n * PAGE_SIZE);
-                    batch.push(enc.encode_push(run.start, data));
-                    count += n;
-                }
-            }
+            next_batch(&session, &*reader, &encoder, &mut batch)?;
             if batch.is_empty() {
                 break;
             }

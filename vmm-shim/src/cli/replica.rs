@@ -90,6 +90,10 @@ pub struct ReplicateArgs {
     /// How the evacuation encodes pages (see `faultline source --encoding`).
     #[arg(long, value_enum, default_value_t = super::EncodingArg::Auto)]
     pub encoding: super::EncodingArg,
+    /// Wait for the standby's answer before pushing the stale pages (see `faultline
+    /// source --no-early-push`).
+    #[arg(long)]
+    pub no_early_push: bool,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[arg(long)]
@@ -234,6 +238,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             connect_timeout: Duration::from_secs(30),
             push: true,
             encoding: a.encoding.policy(),
+            early_push: !a.no_early_push,
         },
         None,
     )?;

@@ -115,10 +115,12 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         connect_timeout: Duration::from_secs(a.connect_timeout),
         push: !a.no_push,
         encoding: a.encoding.policy(),
+        early_push: !a.no_early_push,
     };
     let config = transport::proto::SourceConfig {
         push: opts.push,
         encoding: opts.encoding,
+        early_push: opts.early_push,
         replies_on_bulk: a.replies_on_bulk,
         ..transport::proto::SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
     };

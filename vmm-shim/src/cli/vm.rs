@@ -404,6 +404,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         connect_timeout: Duration::from_secs(a.connect_timeout),
         push: true,
         encoding: transport::encoding::EncodingPolicy::AUTO,
+        early_push: true,
     };
     // Memory is frozen while paused: hash it beside the migration, not before it, so the
     // digests add nothing to the downtime.

@@ -533,6 +533,7 @@ pub fn migrate_over(
         connect_timeout: Duration::from_secs(30),
         push: true,
         encoding,
+        early_push: true,
     };
     let regions = src.vm.host_regions();
     // The guest stopped long ago when a frozen source is migrated again: downtime counts

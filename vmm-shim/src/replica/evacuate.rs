@@ -98,6 +98,7 @@ pub fn evacuate(
         stale: Some(stale),
         push: opts.push,
         encoding: opts.encoding,
+        early_push: opts.early_push,
         vm_state,
         replica_index: index.clone(),
         ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
