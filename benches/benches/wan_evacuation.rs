@@ -27,7 +27,9 @@
 //!
 //! Environment: `FAULTLINE_BENCH_BYTES` (1G), `FAULTLINE_BENCH_PARTS` (comma-separated subset
 //! of `ideal,faults,encoding`; default all), `FAULTLINE_BENCH_LINKS` (only the `ideal` and
-//! `encoding` links whose name contains one of these, e.g. `1000Mbit` or `loopback`).
+//! `encoding` links whose name contains one of these, e.g. `1000Mbit` or `loopback`),
+//! `FAULTLINE_BENCH_EARLY` (`on`, `off` or `both`: the `ideal` rows with the push beside
+//! the handshake, without it, or both back to back).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -87,6 +89,8 @@ struct Run {
     case: Case,
     encoding: &'static str,
     replies_on_bulk: bool,
+    /// Push beside the handshake (the default); off with `--no-early-push`.
+    early_push: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -108,6 +112,13 @@ fn main() -> anyhow::Result<()> {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|w| l.name().contains(w.trim())))
     };
+    // FAULTLINE_BENCH_EARLY: `on` (default), `off` (--no-early-push) or `both` (each
+    // `ideal` row twice, back to back, to compare in the same run).
+    let early_modes: Vec<bool> = match std::env::var("FAULTLINE_BENCH_EARLY").as_deref() {
+        Ok("off") => vec![false],
+        Ok("both") => vec![true, false],
+        _ => vec![true],
+    };
     if parts.contains("ideal") {
         for link in [
             slow,
@@ -124,12 +135,16 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .filter(wanted)
         {
-            for case in [Case::Replica, Case::Full] {
+            for (case, early_push) in [Case::Replica, Case::Full]
+                .into_iter()
+                .flat_map(|c| early_modes.iter().map(move |&e| (c, e)))
+            {
                 let run = Run {
                     link,
                     case,
                     encoding: "off",
                     replies_on_bulk: false,
+                    early_push,
                 };
                 let mut row = measure(&certs, bytes, &run)?;
                 let total = row["total_ms"].as_f64().unwrap_or(f64::NAN);
@@ -150,6 +165,7 @@ fn main() -> anyhow::Result<()> {
                 case: Case::Full,
                 encoding: "off",
                 replies_on_bulk,
+                early_push: true,
             };
             let mut row = measure(&certs, bytes, &run)?;
             row["part"] = json!("faults");
@@ -183,6 +199,7 @@ fn main() -> anyhow::Result<()> {
                         case,
                         encoding,
                         replies_on_bulk: false,
+                        early_push: true,
                     };
                     let mut row = measure(&certs, bytes, &run)?;
                     row["part"] = json!("encoding");
@@ -289,6 +306,9 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
     if run.replies_on_bulk {
         extra.push("--replies-on-bulk");
     }
+    if !run.early_push {
+        extra.push("--no-early-push");
+    }
     let pct = STALE_PCT.to_string();
     let half = (STALE_PCT / 2).to_string();
     // FAULTLINE_BENCH_TIMELINE=1: the link's source → destination rate every 50 ms while
@@ -358,8 +378,11 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
         .map(|w| serde_json::to_value(w.counters()).unwrap_or_default());
     Ok(json!({
         "bench": BENCH,
-        "case": format!("{}_{}_{}{}", run.link.name(), run.case.name(), run.encoding,
-            if run.replies_on_bulk { "_replies_on_bulk" } else { "" }),
+        "case": format!("{}_{}_{}{}{}", run.link.name(), run.case.name(), run.encoding,
+            if run.replies_on_bulk { "_replies_on_bulk" } else { "" },
+            if run.early_push { "" } else { "_no_early_push" }),
+        "early_push": run.early_push,
+        "early_push_bytes": d["early_push_bytes"],
         "link": run.link.name(),
         "rate_bps": run.link.rate_bps,
         "rtt_ms": run.link.rtt_ms,
