@@ -131,6 +131,25 @@ fn moved_pages_cross_as_references_into_the_replica() {
     );
 }
 
+/// Waits (up to a minute) until the memory replica in `dir` holds `frac` of the guest:
+/// its image is sparse on tmpfs, so allocated blocks are stored pages.
+fn wait_replicated(dir: &ShmDir, frac: f64) {
+    use std::os::unix::fs::MetadataExt;
+    let img = dir.0.join("memory.img");
+    let want = (PAGES as f64 * 4096.0 * frac) as u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if std::fs::metadata(&img).is_ok_and(|m| m.blocks() * 512 >= want) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "the replica in {} never reached {frac} of the guest",
+        dir.arg()
+    );
+}
+
 #[test]
 fn standby_restarted_before_evacuation_keeps_its_replica() {
     let certs = Certs::new();
@@ -154,15 +173,14 @@ fn standby_restarted_before_evacuation_keeps_its_replica() {
         ],
     );
     // Let replication fill the replica, then crash the standby and start it again.
-    std::thread::sleep(Duration::from_millis(2000));
+    wait_replicated(&dir, 0.9);
     first.kill();
     let second = DestProcess::standby(&certs, &listen, &args);
     let src = src.wait(TIMEOUT);
     let dst = second.wait(TIMEOUT);
     let (s, d) = assert_evacuated(&src, &dst);
-    assert_eq!(
-        u(&s["replication"]["connections"]),
-        2,
+    assert!(
+        u(&s["replication"]["connections"]) >= 2,
         "the replicator reconnected: {s}"
     );
     // The restarted standby found most pages still valid and served them locally.
@@ -194,7 +212,8 @@ fn torn_replica_page_is_detected_and_never_served() {
             "1",
         ],
     );
-    std::thread::sleep(Duration::from_millis(2000));
+    // Replication goes in address order: at 90% page 9000 (55%) is stored.
+    wait_replicated(&dir, 0.9);
     first.kill();
     // A crash in the middle of a write: part of page 9000's bytes changed in the replica
     // file while its index entry still describes the old content.
@@ -211,7 +230,8 @@ fn torn_replica_page_is_detected_and_never_served() {
     let dst = second.wait(TIMEOUT);
     // Equal digests prove the torn content was not served: it was fetched again.
     let (_, d) = assert_evacuated(&src, &dst);
-    assert_eq!(u(&d["torn_pages_at_open"]), 1, "{d}");
+    // Page 9000, and in a rare case a page the kill itself tore between data and index.
+    assert!(u(&d["torn_pages_at_open"]) >= 1, "{d}");
 }
 
 #[test]

@@ -300,9 +300,9 @@ fn an_evacuation_over_40ms_rtt_pushes_beside_the_handshake() {
     );
     let stale = d["pages_stale"].as_u64().unwrap();
     assert!(stale > 0, "{d}");
-    // The standby runs only after the stale set came back a round trip later; the push
-    // started beside the handshake, so some of it was there already, and none of it
-    // was installed twice.
+    // The standby runs only after the stale set came back a round trip later and its
+    // holes are punched; the push started beside the handshake, so some of it was read
+    // ahead by then, and none of it was installed twice.
     let early = d["early_push_bytes"].as_u64().unwrap();
     assert!(early > 0, "nothing pushed before the session ran: {d}");
     assert!(early <= (stale * 4200).max(1 << 20), "{early} B early: {d}");

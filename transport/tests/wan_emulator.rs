@@ -251,6 +251,12 @@ fn ping(client: &UdpSocket, wan: &WanEmulator, seq: u64, limit: Duration) -> Opt
     None
 }
 
+/// How many of `v` exceed `bound`: upper bounds on latency allow a few samples over, as a
+/// loaded machine can stall the test's own threads; lower bounds allow none.
+fn over(v: &[Duration], bound: Duration) -> usize {
+    v.iter().filter(|d| **d > bound).count()
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -264,10 +270,10 @@ fn delay_sets_the_round_trip_time_and_can_change_live() {
     let rtts: Vec<Duration> = (0..25)
         .map(|i| ping(&client, &wan, i, 2000 * MS).expect("reply"))
         .collect();
-    // Never below 2 × delay; at most 25 ms over on a loaded machine, and typically < 1 ms.
-    for r in &rtts {
-        assert!(*r >= 40 * MS && *r <= 65 * MS, "{rtts:?}");
-    }
+    // Never below 2 × delay; at most 25 ms over on a loaded machine, and typically < 1 ms
+    // (one sample may be later: a scheduling stall of the test itself).
+    assert!(rtts.iter().all(|r| *r >= 40 * MS), "{rtts:?}");
+    assert!(over(&rtts, 65 * MS) <= 1, "{rtts:?}");
     assert!(median(rtts.clone()) <= 45 * MS, "{rtts:?}");
 
     wan.set_config(LinkConfig::delayed(5 * MS)).unwrap();
@@ -275,9 +281,8 @@ fn delay_sets_the_round_trip_time_and_can_change_live() {
     let rtts: Vec<Duration> = (100..110)
         .map(|i| ping(&client, &wan, i, 2000 * MS).expect("reply"))
         .collect();
-    for r in &rtts {
-        assert!(*r >= 10 * MS && *r <= 35 * MS, "{rtts:?}");
-    }
+    assert!(rtts.iter().all(|r| *r >= 10 * MS), "{rtts:?}");
+    assert!(over(&rtts, 35 * MS) <= 1, "{rtts:?}");
     // The relay counts a datagram once its send returns, which can be just after the
     // client has read it.
     assert!(wait_until(1000 * MS, || wan
@@ -332,8 +337,10 @@ fn jitter_stays_within_its_bounds_and_keeps_order() {
     let got = sink.finish();
     let delays: Vec<Duration> = got.iter().map(|a| a.one_way).collect();
     let (lo, hi) = (*delays.iter().min().unwrap(), *delays.iter().max().unwrap());
-    // Within [delay - jitter, delay + jitter + 10 ms scheduling slack], never earlier...
-    assert!(lo >= 6 * MS && hi <= 24 * MS, "{lo:?}..{hi:?}");
+    // Within [delay - jitter, delay + jitter + 10 ms scheduling slack] (1% may exceed the
+    // slack on a loaded machine), never earlier...
+    assert!(lo >= 6 * MS, "{lo:?}..{hi:?}");
+    assert!(over(&delays, 24 * MS) <= n as usize / 100, "{lo:?}..{hi:?}");
     // ...and actually spread over most of that range.
     assert!(lo < 7500 * Duration::from_micros(1), "{lo:?}");
     assert!(hi > 12500 * Duration::from_micros(1), "{hi:?}");
@@ -358,10 +365,10 @@ fn normal_reordering_jitter_reorders_within_bounds() {
     }
     assert!(wait_until(2000 * MS, || sink.count() == n as usize));
     let got = sink.finish();
-    // Truncated at ±3 ms; + 10 ms scheduling slack above.
-    for a in &got {
-        assert!(a.one_way >= 7 * MS && a.one_way <= 23 * MS, "{a:?}");
-    }
+    // Truncated at ±3 ms; + 10 ms scheduling slack above (1% may exceed it).
+    let delays: Vec<Duration> = got.iter().map(|a| a.one_way).collect();
+    assert!(delays.iter().all(|d| *d >= 7 * MS), "{delays:?}");
+    assert!(over(&delays, 23 * MS) <= n as usize / 100, "{delays:?}");
     let swapped = got.windows(2).filter(|w| w[0].seq > w[1].seq).count();
     assert!(swapped > 10, "{swapped}");
 }
@@ -438,10 +445,11 @@ fn a_full_queue_drops_and_bounds_the_queueing_delay() {
     assert!(c.dropped_queue >= 300, "{c:?}");
     assert_eq!(c.dropped_loss + c.dropped_cut + c.send_errors, 0);
     assert_eq!(got.len() as u64, c.packets);
-    // Queueing + serialisation ≤ 50 ms, + 5 ms delay, + 10 ms scheduling slack.
-    for a in &got {
-        assert!(a.one_way >= 5 * MS && a.one_way <= 65 * MS, "{a:?}");
-    }
+    // Queueing + serialisation ≤ 50 ms, + 5 ms delay, + 10 ms scheduling slack (1% may
+    // exceed it).
+    let delays: Vec<Duration> = got.iter().map(|a| a.one_way).collect();
+    assert!(delays.iter().all(|d| *d >= 5 * MS), "{delays:?}");
+    assert!(over(&delays, 65 * MS) <= got.len() / 100, "{delays:?}");
     // The first survivor barely queued; the last ones waited for a full queue.
     assert!(got.iter().any(|a| a.one_way >= 45 * MS), "{got:?}");
 }
@@ -524,7 +532,14 @@ fn cut_blocks_both_directions_until_restored() {
             .send_to(&datagram(1000 + i, 64), relay_side)
             .unwrap();
     }
-    std::thread::sleep(100 * MS);
+    // Every datagram accounted for (relayed or cut), in both directions.
+    assert!(wait_until(2000 * MS, || {
+        let c = wan.counters();
+        let echoed = echo.count() as u64 - 1;
+        c.client_to_server.packets + c.client_to_server.dropped_cut == 21
+            && c.client_to_server.packets == 1 + echoed
+            && c.server_to_client.packets + c.server_to_client.dropped_cut == 11 + echoed
+    }));
     let mut buf = [0u8; 256];
     assert!(client.recv(&mut buf).is_err(), "something crossed the cut");
     let c = wan.counters();
@@ -553,9 +568,9 @@ fn each_client_port_gets_its_own_flow() {
     assert!(ping(&b, &wan, 2, 2000 * MS).is_some());
     // Interleaved: each reply goes back to the client that asked.
     assert!(ping(&a, &wan, 3, 2000 * MS).is_some());
-    drop(a);
-    // A "reconnect" from a fresh port.
+    // A "reconnect" from a fresh port (bound before `a` closes, so it cannot reuse it).
     let c = socket();
+    drop(a);
     assert!(ping(&c, &wan, 4, 2000 * MS).is_some());
     assert!(ping(&b, &wan, 5, 2000 * MS).is_some());
     assert_eq!(wan.counters().clients, 3);

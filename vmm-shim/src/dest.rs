@@ -53,7 +53,8 @@ pub struct DestReport {
     pub pages_lz4: u64,
     pub pages_ref: u64,
     pub refs_refetched: u64,
-    /// Push bytes that arrived before the session ran (sent beside the handshake).
+    /// Push bytes read before the session ran: sent beside the handshake, or arriving
+    /// while this side prepared guest memory.
     pub early_push_bytes: u64,
     pub metrics: MetricsSnapshot,
 }
@@ -278,7 +279,8 @@ pub struct StandbyReport {
     /// (about one round trip after `total_ms`).
     pub closed_ms: f64,
     pub wire_bytes: u64,
-    /// Push bytes that arrived before the session ran (sent beside the handshake).
+    /// Push bytes read before the session ran: sent beside the handshake, or arriving
+    /// while this side prepared guest memory.
     pub early_push_bytes: u64,
     #[serde(flatten)]
     pub evacuation: crate::replica::EvacuationStats,

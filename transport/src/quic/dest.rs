@@ -10,7 +10,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, Notify};
 
 use super::frame::{read_frame, write_final, write_message};
-use super::read_ahead::ReadAhead;
+use super::read_ahead::{Held, ReadAhead};
 use super::source::{closed_or, stream_error};
 use super::{
     close_with, connection_lost, DriverError, CLOSE_OK, TAG_BULK, TAG_CONTROL, TAG_URGENT,
@@ -106,8 +106,9 @@ pub struct DestReport {
     pub pages_lz4: u64,
     pub pages_ref: u64,
     pub refs_refetched: u64,
-    /// Bulk bytes read before the session ran (the source's push beside the handshake),
-    /// rounded up to KiB per message.
+    /// Bulk bytes read before the session ran, rounded up to KiB per message: the source's
+    /// push beside the handshake, and what arrived while the destination prepared (a
+    /// standby punching its holes), which would otherwise have stalled flow control.
     pub early_push_bytes: u64,
 }
 
@@ -300,6 +301,8 @@ async fn drive(
     report.kind = Some(kind);
     report.established_ms = started.elapsed().as_millis() as u64;
     report.early_push_bytes = bulk_ahead.held_bytes() as u64;
+    let mut bulk_ahead = bulk_ahead;
+    bulk_ahead.shrink_to(BULK_READ_AHEAD_RUNNING);
     if kind != SessionKind::Replicate {
         if let Some(f) = hooks.on_established.take() {
             f(&report.vm_id, vm_state.as_deref());
@@ -469,6 +472,9 @@ fn end_of_replication(
 /// the session is being set up (a round trip and a standby's preparation at 1 Gbit/s is
 /// ~20 MB), beyond the flow-control window the transport already grants.
 const BULK_READ_AHEAD: usize = 64 << 20;
+/// Once the session runs the read-ahead only smooths the readers' pace; flow control
+/// (the transport's window) is again what holds a source back from a slow destination.
+const BULK_READ_AHEAD_RUNNING: usize = 4 << 20;
 
 /// Where a page reader gets its messages: straight from the stream (urgent replies), or
 /// through a [`ReadAhead`] (the bulk push, which may start before the session runs).
@@ -479,12 +485,7 @@ enum Frames {
 
 impl Frames {
     /// The next message, with what keeps its read-ahead budget held while it is handled.
-    async fn next(
-        &mut self,
-    ) -> (
-        Result<Option<Message>, super::FrameError>,
-        Option<tokio::sync::OwnedSemaphorePermit>,
-    ) {
+    async fn next(&mut self) -> (Result<Option<Message>, super::FrameError>, Option<Held>) {
         match self {
             Frames::Stream(recv) => (read_frame(recv).await, None),
             Frames::Ahead(ahead) => match ahead.next().await {

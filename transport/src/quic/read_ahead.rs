@@ -7,6 +7,7 @@
 //! at most `limit` bytes, until the session handles it in order; past the limit the
 //! reader stops, and flow control holds the source back as before.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use quinn::RecvStream;
@@ -16,17 +17,53 @@ use tokio::task::JoinHandle;
 use super::frame::{read_frame, FrameError};
 use crate::message::Message;
 
-/// One read: a message, the end of the stream, or an error; with its share of the budget.
-type Read = (Result<Option<Message>, FrameError>, OwnedSemaphorePermit);
+/// One read as the reader task sends it: a message, the end of the stream, or an error;
+/// with its share of the budget.
+type Charged = (Result<Option<Message>, FrameError>, OwnedSemaphorePermit);
+
+/// One read as the consumer gets it.
+pub(crate) type Read = (Result<Option<Message>, FrameError>, Held);
+
+/// A message's share of the budget: returned when dropped, or kept back to pay for a
+/// [`ReadAhead::shrink_to`].
+pub(crate) struct Held {
+    permit: Option<OwnedSemaphorePermit>,
+    debt: Arc<AtomicUsize>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(mut permit) = self.permit.take() else {
+            return;
+        };
+        let n = permit.num_permits();
+        let owed = self
+            .debt
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| {
+                Some(d.saturating_sub(n))
+            })
+            .unwrap_or(0);
+        let pay = owed.min(n);
+        if pay > 0 {
+            if let Some(p) = permit.split(pay) {
+                p.forget();
+            }
+        }
+    }
+}
 
 /// Budget unit: messages are charged in KiB, rounded up.
 const UNIT: usize = 1024;
 
 /// A task reading `recv` ahead; dropping this stops it.
 pub(crate) struct ReadAhead {
-    rx: mpsc::UnboundedReceiver<Read>,
+    rx: mpsc::UnboundedReceiver<Charged>,
     budget: Arc<Semaphore>,
+    /// The budget in units, after [`ReadAhead::shrink_to`].
     units: usize,
+    /// Units still to take out of the semaphore after a shrink; held messages pay it
+    /// when they are dropped.
+    debt: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -58,19 +95,41 @@ impl ReadAhead {
             rx,
             budget,
             units,
+            debt: Arc::default(),
             task,
         }
+    }
+
+    /// Lowers the limit to `limit` bytes (never raises it): the budget that held the
+    /// handshake's worth of push returns to a steady-state bound, so flow control pushes
+    /// back on the source when the consumer is slower than the link.
+    pub(crate) fn shrink_to(&mut self, limit: usize) {
+        let units = limit.div_ceil(UNIT).max(1);
+        if units >= self.units {
+            return;
+        }
+        let excess = self.units - units;
+        self.units = units;
+        // What is free now goes at once; the rest as held messages are dropped.
+        let now = self.budget.forget_permits(excess);
+        self.debt.fetch_add(excess - now, Ordering::SeqCst);
     }
 
     /// The next message in stream order; its budget returns when the permit is dropped,
     /// so hold it while handling the message. `None` once the reader stopped.
     pub(crate) async fn next(&mut self) -> Option<Read> {
-        self.rx.recv().await
+        let (read, permit) = self.rx.recv().await?;
+        let held = Held {
+            permit: Some(permit),
+            debt: self.debt.clone(),
+        };
+        Some((read, held))
     }
 
     /// Bytes read and not yet released (rounded up to KiB per message).
     pub(crate) fn held_bytes(&self) -> usize {
-        (self.units - self.budget.available_permits()) * UNIT
+        let total = self.units + self.debt.load(Ordering::SeqCst);
+        total.saturating_sub(self.budget.available_permits()) * UNIT
     }
 }
 
@@ -127,12 +186,24 @@ mod tests {
         let mut ahead = ReadAhead::start(recv, 256 * 1024);
         // Nobody takes anything: the reader stops at the limit (plus the message it is
         // charging), however much the source sent.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ahead.held_bytes() == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let held = ahead.held_bytes();
         assert!(held > 0, "it read ahead");
         assert!(held <= 256 * 1024, "held {held} B against a 256 KiB limit");
 
+        // Down to 128 KiB: what is held stays, the reader resumes only below the new limit.
+        ahead.shrink_to(128 * 1024);
+        assert_eq!(ahead.held_bytes(), held, "shrinking drops nothing");
         for i in 0..40u64 {
+            if i == 20 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let held = ahead.held_bytes();
+                assert!(held <= 128 * 1024, "held {held} B against a 128 KiB limit");
+            }
             let (read, permit) = ahead.next().await.expect("a message");
             let Ok(Some(Message::Pages(p))) = read else {
                 panic!("message {i}: {read:?}");
