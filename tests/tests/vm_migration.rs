@@ -131,7 +131,8 @@ fn migrate_running_guest(program: &str, vcpus: usize, via: Via) {
     assert_eq!(per_vcpu.len(), vcpus);
     // (With a small stale set the push may win every race, so faults are not certain; nor
     // with the counter program, whose memory is nearly all zero pages: the push beside the
-    // handshake carries them as one-byte flags before the guest resumes.)
+    // handshake carries them as one-byte flags, read ahead at the destination and
+    // installed as the guest resumes, before its vCPUs reach them.)
     let faults_expected =
         !matches!(via, Via::Replica { stale_pct: Some(_) }) && program != "counter";
     if faults_expected {

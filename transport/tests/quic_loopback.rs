@@ -146,7 +146,7 @@ async fn compressed_and_deduplicated_pages_arrive_intact() {
     )
     .await;
     assert_eq!(*sink.mem.lock().unwrap(), img.0);
-    assert_eq!(dst.early_push_bytes, 0);
+    assert_eq!(src.pages_pushed_early, 0);
     let e = &src.encoding;
     assert!(e.lz4_pages > 0 && e.ref_pages > 0, "{e:?}");
     assert_eq!(dst.pages_lz4, e.lz4_pages);

@@ -144,7 +144,7 @@ impl Metrics {
         };
         let waiters = p.waiters;
         // At least 1 µs, like the histogram: a waiter was blocked, however briefly.
-        let ns = self.now_us().saturating_sub(p.since_us).max(1) * 1000;
+        let ns = p.elapsed_us(self.now_us()).max(1) * 1000;
         self.blocked_ns
             .fetch_add(ns.saturating_mul(waiters), Ordering::Relaxed);
         if let Some(threads) = threads {
@@ -203,7 +203,9 @@ impl Metrics {
 }
 
 /// The faults waiting for one page, packed into a `u64`: the first fault's time in µs
-/// since the epoch (44 bits, 200 days) above a waiter count (20 bits, saturating).
+/// since the epoch, modulo 2^44 (200 days; elapsed times are taken modulo the same, so a
+/// long-lived destination keeps measuring right), above a waiter count (20 bits,
+/// saturating).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Pending {
     since_us: u64,
@@ -223,8 +225,13 @@ impl Pending {
     }
 
     fn word(self) -> u64 {
-        (self.since_us.min(Self::MAX_SINCE) << Self::WAITER_BITS)
+        ((self.since_us & Self::MAX_SINCE) << Self::WAITER_BITS)
             | self.waiters.min(Self::MAX_WAITERS)
+    }
+
+    /// µs from the first fault to `now_us` (a time on the same epoch, not wrapped).
+    fn elapsed_us(self, now_us: u64) -> u64 {
+        now_us.wrapping_sub(self.since_us) & Self::MAX_SINCE
     }
 
     /// Some when at least one fault is waiting.
@@ -236,7 +243,7 @@ impl Pending {
     fn add_waiter(self, now_us: u64) -> Pending {
         match self.get() {
             None => Pending {
-                since_us: now_us,
+                since_us: now_us & Self::MAX_SINCE,
                 waiters: 1,
             },
             Some(p) => Pending {
@@ -367,6 +374,12 @@ mod tests {
         assert_eq!(back.since_us, Pending::MAX_SINCE);
         assert_eq!(back.add_waiter(0).waiters, Pending::MAX_WAITERS);
         assert_eq!(Pending::from_word(0).get(), None);
+        // Past 2^44 µs the stored time wraps, and elapsed times with it.
+        let late = 1u64 << 44;
+        let p = Pending::from_word(Pending::from_word(0).add_waiter(late + 5).word());
+        assert_eq!(p.elapsed_us(late + 305), 300);
+        let p = Pending::from_word(Pending::from_word(0).add_waiter(late - 100).word());
+        assert_eq!(p.elapsed_us(late + 200), 300, "across the wrap");
     }
 
     #[test]

@@ -657,7 +657,6 @@ fn verification_speed() {
         );
         // The time is printed, not asserted: a loaded machine may take any time, and speed
         // belongs to benchmarks.
-        assert!(secs > 0.0);
     }
 }
 

@@ -231,6 +231,11 @@ impl SourceSession {
         self.state == State::Finished
     }
 
+    /// Pages the push handed out before the destination answered the handshake.
+    pub fn pages_pushed_early(&self) -> u64 {
+        self.pushed_early.count_ones()
+    }
+
     /// Pages sent as replies to demand requests.
     pub fn pages_served(&self) -> u64 {
         self.pages_served

@@ -98,6 +98,9 @@ pub struct DestReport {
     /// From the start of the session to its orderly end, after the source acknowledged
     /// completion: `total_ms` plus about one round trip.
     pub closed_ms: u64,
+    /// When every page was present (ms since the start), once known.
+    #[serde(skip)]
+    present_at: Option<u64>,
     pub pages_received: u64,
     pub udp_tx_bytes: u64,
     pub udp_rx_bytes: u64,
@@ -173,9 +176,7 @@ pub async fn run_dest(
             report.udp_rx_bytes = stats.udp_rx.bytes;
             report.pages_received = lock(&session).received().count_ones();
             report.closed_ms = started.elapsed().as_millis() as u64;
-            if report.total_ms == 0 {
-                report.total_ms = report.closed_ms;
-            }
+            report.total_ms = report.present_at.unwrap_or(report.closed_ms);
             Ok(report)
         }
         Err(e) => {
@@ -417,7 +418,7 @@ async fn drive(
             {
                 let mut s = lock(session);
                 if s.is_running() && !s.is_finished() && !s.complete_sent() {
-                    report.total_ms = started.elapsed().as_millis() as u64;
+                    report.present_at = Some(started.elapsed().as_millis() as u64);
                     s.complete();
                 }
             }
@@ -475,6 +476,8 @@ const BULK_READ_AHEAD: usize = 64 << 20;
 /// Once the session runs the read-ahead only smooths the readers' pace; flow control
 /// (the transport's window) is again what holds a source back from a slow destination.
 const BULK_READ_AHEAD_RUNNING: usize = 4 << 20;
+// The reader charges a message before it hands it on: the largest must fit the budget.
+const _: () = assert!(BULK_READ_AHEAD_RUNNING >= crate::codec::MAX_FRAME_LEN);
 
 /// Where a page reader gets its messages: straight from the stream (urgent replies), or
 /// through a [`ReadAhead`] (the bulk push, which may start before the session runs).

@@ -75,6 +75,8 @@ pub enum DriverError {
     UnknownStream(u8),
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    #[error("a driver task failed: {0}")]
+    Task(String),
     #[error("page source failed: {0}")]
     Reader(String),
     #[error("installing pages failed: {0}")]

@@ -30,6 +30,8 @@ pub trait PageReader: Send + Sync + 'static {
 pub struct SourceReport {
     pub pages_served: u64,
     pub pages_pushed: u64,
+    /// Of those, pushed beside the handshake, before the destination answered.
+    pub pages_pushed_early: u64,
     /// Pages that had to cross: all for a migration, the stale set at evacuation.
     pub pages_stale: u64,
     pub push_ms: u64,
@@ -200,17 +202,30 @@ async fn drive(
         conn.clone(),
         early_encoder.clone(),
     ));
-    let events = match handshake(conn, session, &control, &mut ctl_recv).await {
-        Ok(events) => events,
-        Err(e) => {
-            early.abort();
-            return Err(e);
+    // A failed early push (memory unreadable, the stream refused) ends the session before
+    // the destination may resume a guest this source is about to abandon.
+    let mut early = Some(early);
+    let events = {
+        let hs = handshake(conn, session, &control, &mut ctl_recv);
+        tokio::pin!(hs);
+        loop {
+            tokio::select! {
+                r = &mut hs => match r {
+                    Ok(events) => break events,
+                    Err(e) => {
+                        if let Some(t) = early.take() {
+                            t.abort();
+                        }
+                        return Err(e);
+                    }
+                },
+                r = async { early.as_mut().expect("guarded").await }, if early.is_some() => {
+                    early = None;
+                    joined(r)?;
+                }
+            }
         }
     };
-    // It stops by itself now that the session runs; its last batch goes out first.
-    early
-        .await
-        .map_err(|_| DriverError::Timeout("the early push stopped"))??;
     let features = events
         .iter()
         .find_map(|e| match e {
@@ -246,15 +261,21 @@ async fn drive(
         conn.clone(),
         reply_encoder.clone(),
     ));
-    let push = tokio::spawn(push_all(
-        session.clone(),
-        control.clone(),
-        bulk,
-        reader,
-        err_tx.clone(),
-        conn.clone(),
-        push_encoder.clone(),
-    ));
+    // Demand replies run at once; the push continues after the early push's last batch,
+    // which may still be waiting for flow-control credit.
+    let push = tokio::spawn({
+        let (session, control, conn) = (session.clone(), control.clone(), conn.clone());
+        let (errors, encoder) = (err_tx.clone(), push_encoder.clone());
+        async move {
+            if let Some(t) = early {
+                if let Err(e) = joined(t.await) {
+                    let _ = errors.send(e);
+                    return;
+                }
+            }
+            push_all(session, control, bulk, reader, errors, conn, encoder).await
+        }
+    });
     drop(err_tx);
 
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
@@ -309,6 +330,7 @@ async fn drive(
         // have been cut short when the session ended.
         pages_served: replies.pages(),
         pages_pushed: s.pages_pushed(),
+        pages_pushed_early: s.pages_pushed_early(),
         pages_stale: s.pages_stale(),
         push_ms,
         encoding,
@@ -498,19 +520,34 @@ async fn serve_urgent(
     report(result, &session, &errors);
 }
 
+/// The outcome of a driver task.
+fn joined(r: Result<Result<(), DriverError>, tokio::task::JoinError>) -> Result<(), DriverError> {
+    r.map_err(|e| DriverError::Task(e.to_string()))?
+}
+
 /// Fills `batch` with up to PUSH_RUN pages, in as many runs as the schedule hands out:
 /// one run when the pages are contiguous, up to PUSH_RUN frames when they are scattered
-/// (a stale set). Empty when the schedule has nothing more.
+/// (a stale set). Empty when the schedule has nothing more; for the `early` push, also
+/// as soon as the session runs (the rest is [`push_all`]'s, encoded, and so is the
+/// `PushDone` at its end).
 fn next_batch(
     session: &Shared,
     reader: &dyn PageReader,
     encoder: &SharedEncoder,
     batch: &mut Vec<Pages>,
+    early: bool,
 ) -> Result<(), DriverError> {
     let mut enc = lock_encoder(encoder);
     let mut count = 0;
     while count < PUSH_RUN {
-        let next = lock(session).next_push(PUSH_RUN - count);
+        let next = {
+            let mut s = lock(session);
+            if early && !s.may_push_early() {
+                None
+            } else {
+                s.next_push(PUSH_RUN - count)
+            }
+        };
         let Some(run) = next else { break };
         let n = (run.end - run.start) as usize;
         let data = reader.pages(run.start, n).map_err(DriverError::Reader)?;
@@ -544,7 +581,7 @@ async fn push_early(
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
-        next_batch(&session, &*reader, &encoder, &mut batch)?;
+        next_batch(&session, &*reader, &encoder, &mut batch, true)?;
         if batch.is_empty() {
             break;
         }
@@ -587,7 +624,7 @@ async fn push_all(
             // Up to PUSH_RUN pages per write, in as many runs as the schedule hands out:
             // one run when the pages are contiguous, up to PUSH_RUN frames when they are
             // scattered (a stale set).
-            next_batch(&session, &*reader, &encoder, &mut batch)?;
+            next_batch(&session, &*reader, &encoder, &mut batch, false)?;
             if batch.is_empty() {
                 break;
             }
