@@ -219,7 +219,12 @@ async fn drive(
                         return Err(e);
                     }
                 },
-                r = async { early.as_mut().expect("guarded").await }, if early.is_some() => {
+                r = async {
+                    match early.as_mut() {
+                        Some(t) => t.await,
+                        None => std::future::pending().await,
+                    }
+                }, if early.is_some() => {
                     early = None;
                     joined(r)?;
                 }
