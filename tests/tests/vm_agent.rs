@@ -120,33 +120,35 @@ struct Run {
     dest_agent_saw: Vec<Message>,
 }
 
-fn migrate_with_agent(reply: Vec<u8>, touched: TouchReport) -> Run {
-    let dir = tempfile::tempdir().unwrap();
-    let (s_sock, d_sock) = (dir.path().join("src-agent"), dir.path().join("dst-agent"));
-    let s_agent = source_agent(UnixListener::bind(&s_sock).unwrap(), reply);
-    let d_agent = dest_agent(UnixListener::bind(&d_sock).unwrap(), touched);
+/// `faultline vm dest` and `faultline vm source` on the test guest, each with its extra
+/// arguments; both must succeed. Their JSON reports, source first.
+fn migrate(src_extra: &[&str], dest_extra: &[&str]) -> (serde_json::Value, serde_json::Value) {
     let certs = Certs::new();
-    let (s_arg, d_arg) = (s_sock.display().to_string(), d_sock.display().to_string());
-    let dest = DestProcess::vm(
-        &certs,
-        &[&guest_args()[..], &["--agent-socket", &d_arg]].concat(),
-    );
-    // The played agent answers at once: its scan is certainly newer than the dirty
-    // tracking, so no scan age need be allowed for.
+    let dest = DestProcess::vm(&certs, &[&guest_args()[..], dest_extra].concat());
     let src = run_vm_source(
         &certs,
         &dest.addr,
-        &[
-            &guest_args()[..],
-            &["--agent-socket", &s_arg, "--agent-scan-age", "0"],
-        ]
-        .concat(),
+        &[&guest_args()[..], src_extra].concat(),
         Duration::from_secs(90),
     );
     let dst = dest.wait(Duration::from_secs(90));
     assert!(src.status.success(), "source failed: {}", src.stderr);
     assert!(dst.status.success(), "destination failed: {}", dst.stderr);
-    let (src, dst) = (src.json, dst.json);
+    (src.json, dst.json)
+}
+
+fn migrate_with_agent(reply: Vec<u8>, touched: TouchReport) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let (s_sock, d_sock) = (dir.path().join("src-agent"), dir.path().join("dst-agent"));
+    let s_agent = source_agent(UnixListener::bind(&s_sock).unwrap(), reply);
+    let d_agent = dest_agent(UnixListener::bind(&d_sock).unwrap(), touched);
+    let (s_arg, d_arg) = (s_sock.display().to_string(), d_sock.display().to_string());
+    // The played agent answers at once: its scan is certainly newer than the dirty
+    // tracking, so no scan age need be allowed for.
+    let (src, dst) = migrate(
+        &["--agent-socket", &s_arg, "--agent-scan-age", "0"],
+        &["--agent-socket", &d_arg],
+    );
     eprintln!(
         "source hints: {}\ndestination agent: {}",
         src["hints"], dst["agent"]
@@ -238,27 +240,16 @@ fn an_unreachable_agent_costs_the_hints_not_the_evacuation() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-agent-here");
     let missing_arg = missing.display().to_string();
-    let certs = Certs::new();
-    let dest = DestProcess::vm(&certs, &guest_args());
-    let src = run_vm_source(
-        &certs,
-        &dest.addr,
-        &[
-            &guest_args()[..],
-            &["--agent-socket", &missing_arg, "--agent-timeout", "0.5"],
-        ]
-        .concat(),
-        Duration::from_secs(90),
+    let (src, dst) = migrate(
+        &["--agent-socket", &missing_arg, "--agent-timeout", "0.5"],
+        &[],
     );
-    let dst = dest.wait(Duration::from_secs(90));
-    assert!(src.status.success(), "source failed: {}", src.stderr);
-    assert!(dst.status.success(), "destination failed: {}", dst.stderr);
-    let h = &src.json["hints"];
+    let h = &src["hints"];
     assert!(h["seq"].is_null(), "{h}");
     let why = h["skip_refused"].as_str().unwrap_or_default();
     assert!(
         why.contains(&missing_arg),
         "the reason names the socket: {h}"
     );
-    assert_eq!(src.json["memory_digest"], dst.json["switchover_digest"]);
+    assert_eq!(src["memory_digest"], dst["switchover_digest"]);
 }
