@@ -237,7 +237,7 @@ async fn drive(
             .await
             .map_err(|_| DriverError::Timeout("waiting for the source to open its streams"))??;
     // The source may push before the session runs; read it now, handle it then.
-    let bulk_ahead = ReadAhead::start(bulk_recv, BULK_READ_AHEAD);
+    let mut bulk_ahead = ReadAhead::start(bulk_recv, BULK_READ_AHEAD);
     let out = Arc::new(Outbound {
         control: tokio::sync::Mutex::new(ctl_send),
         urgent: tokio::sync::Mutex::new(urg_send),
@@ -302,7 +302,6 @@ async fn drive(
     report.kind = Some(kind);
     report.established_ms = started.elapsed().as_millis() as u64;
     report.early_push_bytes = bulk_ahead.held_bytes() as u64;
-    let mut bulk_ahead = bulk_ahead;
     bulk_ahead.shrink_to(BULK_READ_AHEAD_RUNNING);
     if kind != SessionKind::Replicate {
         if let Some(f) = hooks.on_established.take() {
