@@ -42,6 +42,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use faultline::image::{page_class, PageClass};
 use faultline_benches::baseline::{
     self, LoopPlacement, RttSession, RTT_REQUEST_BYTES, RTT_RESPONSE_BYTES,
 };
@@ -50,7 +51,6 @@ use faultline_benches::stats::{median, Summary};
 use faultline_benches::{child, emit, env_size};
 use serde_json::{json, Map, Value};
 use uffd_core::{HostRegion, PAGE_SIZE};
-use vmm_shim::image::{page_class, PageClass};
 
 const BENCH: &str = "fault_latency";
 /// Target: faultline's p50 at most this many times the raw quinn round trip.

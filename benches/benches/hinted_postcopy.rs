@@ -1,7 +1,7 @@
 //! The guest agent's hints on a running KVM guest: hot-first push and free-page skipping.
 //!
 //! Both ends in this process (the reference VMM, real KVM vCPUs, QUIC on loopback,
-//! userfaultfd on the destination; `vmm_shim::hints::loopback`). The guest is 1 GiB with 2
+//! userfaultfd on the destination; `faultline_tests::loopback`). The guest is 1 GiB with 2
 //! vCPUs running `hot-cold` (read-modify-write, 90% of it in the first eighth of each
 //! vCPU's slice) over a 256 MiB working set; memory above the working set holds
 //! pseudo-random bytes (old page cache), and the top quarter of memory is what the agent
@@ -55,19 +55,19 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use faultline_benches::stats::{median, Summary};
 use faultline_benches::{emit, env_size};
-use serde_json::{json, Map, Value};
-use transport::encoding::EncodingPolicy;
-use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
-use transport::wan::LinkConfig;
-use vmm_shim::hints::agent_proto::PfnRange;
-use vmm_shim::hints::loopback::{
+use faultline_tests::loopback::{
     agent_report, feed_agent, migrate, migrate_over, reference_hot, AgentChunk, Check, GuestSpec,
     Mode, Outcome, SourceGuest,
 };
+use refvmm::layout::WORKSET_BASE;
+use refvmm::rate::time_to_rate;
+use refvmm::{Program, VmConfig};
+use serde_json::{json, Map, Value};
+use transport::encoding::EncodingPolicy;
+use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
+use vmm_shim::hints::agent_proto::PfnRange;
 use vmm_shim::hints::{BoardLimits, HintBoard};
-use vmm_shim::vm::layout::WORKSET_BASE;
-use vmm_shim::vm::rate::time_to_rate;
-use vmm_shim::vm::{Program, VmConfig};
+use wan_emu::LinkConfig;
 
 const BENCH: &str = "hinted_postcopy";
 const PAGE: u64 = 4096;

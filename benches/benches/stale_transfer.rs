@@ -5,7 +5,7 @@
 //! [`MemoryTier`] in a temporary directory on `/dev/shm` (removed afterwards),
 //! [`StandbySink`], [`Listener::serve_standby`]; nothing runs on the guest memory after the
 //! evacuation (`on_resume` does nothing), so every stale page arrives by push. A child process
-//! is the source and follows `faultline replicate --stale-pct` (vmm-shim/src/cli/replica.rs):
+//! is the source and follows `faultline replicate --stale-pct` (faultline/src/cli/replica.rs):
 //! synthetic image, dirty tracker (`TrackerChoice::Auto`), [`Replicator`] with a generous
 //! budget until the initial copy is acknowledged, the mutator writing to 10% of the pages for
 //! a while, mutator paused, replication caught up (`stale_pages() == 0`), replicator stopped,
@@ -53,6 +53,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use faultline::workload::{dirty_fraction, Mutator};
+use faultline::SourceImage;
 use faultline_benches::certs::{self, CertDir};
 use faultline_benches::child::{self, spawn_child};
 use faultline_benches::migration::{self, cpu_secs, ImageKind, MigrationSpec};
@@ -65,8 +67,7 @@ use vmm_shim::digest::digest_all;
 use vmm_shim::replica::{
     evacuate, Replica, Replicator, ReplicatorOptions, ReplicatorState, StandbySink,
 };
-use vmm_shim::workload::{dirty_fraction, Mutator};
-use vmm_shim::{DestOptions, Listener, SourceImage, SourceOptions, StandbyReport};
+use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
 
 const BENCH: &str = "stale_transfer";
 /// Target: wire bytes at most this many times the stale pages' bytes, plus the fixed overhead.
@@ -511,7 +512,7 @@ fn evacuate_into(
     )?)
 }
 
-/// Child: the sequence of `faultline replicate --stale-pct` (vmm-shim/src/cli/replica.rs).
+/// Child: the sequence of `faultline replicate --stale-pct` (faultline/src/cli/replica.rs).
 /// Arguments: certificate directory, standby address, bytes, seed, stale %, budget (B/s),
 /// mutator milliseconds.
 fn stale_source(args: &[String]) -> anyhow::Result<()> {

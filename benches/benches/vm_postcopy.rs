@@ -42,8 +42,8 @@ use anyhow::{bail, Context};
 use faultline_benches::stats::{median, Summary};
 use faultline_benches::{emit, env_size};
 use faultline_tests::{run_vm_source, Certs, DestProcess, Finished, ShmDir};
+use refvmm::rate::{rate_between, time_to_rate, Sample};
 use serde_json::{json, Map, Value};
-use vmm_shim::vm::rate::{rate_between, time_to_rate, Sample};
 
 const BENCH: &str = "vm_postcopy";
 const STALE_PCT: u32 = 10;

@@ -2,7 +2,7 @@
 //! are while the push fills the link, and what page encoding buys.
 //!
 //! Real processes on loopback (`faultline dest`/`source`, or `standby`/`replicate` for the
-//! replica cases) with the [`transport::wan::WanEmulator`] in the bench process between the
+//! replica cases) with the [`wan_emu::WanEmulator`] in the bench process between the
 //! source and the destination. The destination runs one workload thread that reads and writes
 //! random pages during postcopy, so demand faults happen while the push is running. A 1 GiB
 //! synthetic image with realistic content (25% zero, 35% unique text, 10% duplicated text,
@@ -40,7 +40,7 @@ use faultline_benches::{emit, env_size};
 use faultline_tests::{run_source, Background, Certs, DestProcess, Finished, ShmDir};
 use serde_json::{json, Value};
 use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
-use transport::wan::{LinkConfig, WanEmulator};
+use wan_emu::{LinkConfig, WanEmulator};
 
 const BENCH: &str = "wan_evacuation";
 const TARGET_OVER_IDEAL: f64 = 1.15;

@@ -513,8 +513,9 @@ fn loopback() -> SocketAddr {
 /// User + system CPU seconds of `who` (`RUSAGE_SELF`, or `RUSAGE_CHILDREN`: children that
 /// have been waited for).
 fn cpu_secs(who: libc::c_int) -> f64 {
-    // SAFETY: getrusage only writes the struct it is given.
+    // SAFETY: rusage is plain integers, for which all-zero bytes are a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct it is given, which lives across the call.
     if unsafe { libc::getrusage(who, &mut ru) } != 0 {
         return f64::NAN;
     }

@@ -15,12 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use faultline::SourceImage;
 use serde::Serialize;
 use serde_json::json;
 use transport::quic::PageReader;
 use transport::{Layout, PAGE_SIZE};
 use uffd_core::{GuestMemory, HostRegion};
-use vmm_shim::{DestOptions, DestReport, Listener, SourceImage, SourceOptions};
+use vmm_shim::{DestOptions, DestReport, Listener, SourceOptions};
 
 use crate::certs::{self, CertDir};
 use crate::child::spawn_child;
@@ -69,7 +70,7 @@ impl ImageKind {
     /// The content page `page` of this image with `seed` must have (for checking).
     pub fn page(self, seed: u64, page: u64, out: &mut [u8]) {
         match self {
-            ImageKind::Mix => vmm_shim::image::synthetic_page(seed, page, out),
+            ImageKind::Mix => faultline::image::synthetic_page(seed, page, out),
             ImageKind::Random => random_page(seed, page, out),
         }
     }

@@ -25,7 +25,7 @@ mod report;
 
 pub use crc32::crc32;
 pub use reader::FrameReader;
-pub use report::{range_messages, RangeKind, Report, ReportAssembler, ReportError};
+pub use report::{range_messages, report_frames, RangeKind, Report, ReportAssembler, ReportError};
 
 use thiserror::Error;
 

@@ -186,10 +186,8 @@ mod tests {
         }
         let mut name = [0 as libc::c_char; 128];
         // SAFETY: name is a writable buffer of the given length.
-        assert_eq!(
-            unsafe { libc::ptsname_r(master, name.as_mut_ptr(), name.len()) },
-            0
-        );
+        let r = unsafe { libc::ptsname_r(master, name.as_mut_ptr(), name.len()) };
+        assert_eq!(r, 0);
         // SAFETY: ptsname_r wrote a NUL-terminated string.
         let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
             .to_str()

@@ -1,6 +1,7 @@
 //! Helpers for faultline's end-to-end tests: the real `faultline` binary, run as separate
 //! source and destination processes on loopback, with certificates made per test.
 
+pub mod loopback;
 pub mod qemu;
 
 use std::io::{BufRead, BufReader, Read};
@@ -35,7 +36,7 @@ pub fn faultline_bin() -> &'static Path {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "vmm-shim", "--bin", "faultline"]);
+        cmd.args(["build", "--quiet", "-p", "faultline", "--bin", "faultline"]);
         // Cargo gives this test process the package's variables (CARGO_PKG_NAME=
         // faultline-tests, CARGO_MANIFEST_DIR, ...). Build scripts that rerun when those
         // change (ring's does) would see them differ from a build started in a shell, and

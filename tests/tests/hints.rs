@@ -11,21 +11,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faultline_tests::kvm_present;
+use faultline_tests::loopback::{
+    agent_report, feed_agent, migrate, reference_hot, AgentChunk, Check, GuestSpec, Mode, Outcome,
+    SourceGuest,
+};
 use guest_agent::proto::{crc32, encode, Message, PfnRange, FRAME_SYNC, HEADER_LEN};
+use refvmm::{Program, VmConfig};
 use transport::bitmap::Bitmap;
 use transport::encoding::EncodingPolicy;
 use transport::tls::Identity;
 use transport::{Layout, PAGE_SIZE};
 use uffd_core::{open_tracker, GuestMemory, TrackerChoice};
-use vmm_shim::hints::loopback::{
-    agent_report, feed_agent, migrate, reference_hot, AgentChunk, Check, GuestSpec, Mode, Outcome,
-    SourceGuest,
-};
 use vmm_shim::hints::{
     skippable_free, BoardLimits, DirtyBaseline, HintBoard, HintError, HintPlan, Hints,
 };
 use vmm_shim::replica::PausedMemory;
-use vmm_shim::vm::{Program, VmConfig};
 use vmm_shim::{DestOptions, Listener, SourceOptions};
 
 const MIB: u64 = 1 << 20;

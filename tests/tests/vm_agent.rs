@@ -11,10 +11,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use faultline_tests::loopback::{agent_report, reference_hot};
 use faultline_tests::{kvm_present, run_vm_source, Certs, DestProcess};
 use guest_agent::proto::{encode, FrameReader, Message, PfnRange, TouchReport};
-use vmm_shim::hints::loopback::{agent_report, reference_hot};
-use vmm_shim::vm::{Program, VmConfig};
+use refvmm::{Program, VmConfig};
 
 const MEM: u64 = 64 << 20;
 const PAGES: u64 = MEM / 4096;

@@ -1,5 +1,5 @@
 //! End-to-end migrations between real `faultline dest` and `faultline source` processes
-//! through the user-space WAN emulator (`transport::wan`): delay, jitter, loss, a bandwidth
+//! through the user-space WAN emulator (`wan-emu` crate): delay, jitter, loss, a bandwidth
 //! limit and a link cut in the middle of postcopy. The source connects to an in-test
 //! emulator whose upstream is the destination's listener, so every datagram of the session
 //! crosses the emulated link. Every test compares the digest of all guest memory on both
@@ -13,7 +13,7 @@ use faultline_tests::{
     assert_migrated, run_source, Background, Certs, DestProcess, Finished, ShmDir,
 };
 use serde_json::Value;
-use transport::wan::{LinkConfig, WanCounters, WanEmulator};
+use wan_emu::{LinkConfig, WanCounters, WanEmulator};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const SIZE: &str = "64M";

@@ -2,7 +2,6 @@
 //! ([`proto`]), its binary codec ([`codec`]), and the QUIC driver ([`quic`]) with mutual,
 //! pinned TLS ([`tls`]). Nothing here knows about userfaultfd: the destination hands page data
 //! to a [`quic::PageSink`], and the source reads pages from a [`quic::PageReader`].
-//! [`wan`] is a UDP relay that emulates WAN delay, jitter, rate, loss and cuts for tests.
 
 pub mod bitmap;
 pub mod codec;
@@ -14,4 +13,3 @@ pub use message::{Layout, Message, RegionDesc, PAGE_SIZE, PROTOCOL_VERSION};
 pub mod quic;
 pub mod tls;
 pub mod units;
-pub mod wan;

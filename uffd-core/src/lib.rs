@@ -6,9 +6,6 @@
 //! [`PageTable`] makes sure each page is requested and counted once, and [`Metrics`]
 //! measures how long guest threads were blocked. [`Destination`] wires it all up.
 
-// Every unsafe block must say why it is sound.
-#![warn(clippy::undocumented_unsafe_blocks)]
-
 pub mod destination;
 pub mod dirty;
 pub mod error;

@@ -1,7 +1,5 @@
 //! End-to-end tests against the real kernel userfaultfd.
 
-#![warn(clippy::undocumented_unsafe_blocks)]
-
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,7 +1,5 @@
 //! Replica store tests on real files: memory tier on /dev/shm, disk tier on /tmp.
 
-#![warn(clippy::undocumented_unsafe_blocks)]
-
 mod common;
 
 use std::fs::OpenOptions;

@@ -1,6 +1,18 @@
 //! Digests of guest memory, compared between source and destination after every migration.
 
+use thiserror::Error;
 use xxhash_rust::xxh3::Xxh3;
+
+/// Guest memory that could not be read for a digest.
+#[derive(Debug, Error)]
+#[error("cannot read guest memory at {gpa:#x}")]
+pub struct GuestReadError {
+    /// The guest-physical address of the read.
+    pub gpa: u64,
+    /// What `vm-memory` said.
+    #[source]
+    pub source: vm_memory::GuestMemoryError,
+}
 
 /// xxh3-128 of the bytes, as 32 hex digits.
 pub fn digest(bytes: &[u8]) -> String {

@@ -12,8 +12,6 @@ pub enum RoleError {
     Memory(#[from] uffd_core::MemoryError),
     #[error(transparent)]
     Transport(#[from] transport::quic::DriverError),
-    #[error(transparent)]
-    Image(#[from] crate::image::ImageError),
     #[error("cannot start the network runtime: {0}")]
     Runtime(std::io::Error),
     #[error(transparent)]

@@ -26,7 +26,7 @@
 //! // Registered with userfaultfd before the source connects; `on_resume` receives the
 //! // source's vCPU/device state blob: restore the vCPUs from it and run them there.
 //! let report = listener.receive_vm(&guest::regions(&memory), &guest::layout(&memory), |state| {
-//!     let _vcpu_state = state; // e.g. vmm_shim::vm::VmSnapshot::from_bytes(...)
+//!     let _vcpu_state = state; // e.g. refvmm::VmSnapshot::from_bytes(...)
 //! })?;
 //! println!("all {} pages present after {} ms", report.pages, report.total_ms);
 //! # Ok(())

@@ -29,7 +29,7 @@
 mod board;
 mod free;
 mod link;
-pub mod loopback;
+
 mod map;
 
 pub use board::{BoardLimits, BoardStats, HintBoard, HintError};

@@ -3,7 +3,10 @@
 
 use thiserror::Error;
 
-use super::{validate_ranges, Message, PfnRange, RangeError, MAX_RANGES_PER_MESSAGE};
+use super::{
+    encode_into, validate_ranges, EncodeError, Hello, Message, PfnRange, RangeError,
+    MAX_RANGES_PER_MESSAGE,
+};
 
 /// Which of the two range lists of a report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -44,6 +47,26 @@ pub fn range_messages(
             }
         })
         .collect()
+}
+
+/// A whole report as the frames an agent writes: `hello`, then report `seq`'s hot and free
+/// ranges, at most `per_message` ranges per message. Ranges that break the protocol's rules
+/// (unsorted, overlapping, empty) are refused, and nothing is returned for them.
+pub fn report_frames(
+    hello: &Hello,
+    seq: u64,
+    hot: &[PfnRange],
+    free: &[PfnRange],
+    per_message: usize,
+) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::new();
+    encode_into(&Message::Hello(hello.clone()), &mut out)?;
+    for (kind, ranges) in [(RangeKind::Hot, hot), (RangeKind::Free, free)] {
+        for m in range_messages(kind, seq, ranges, per_message) {
+            encode_into(&m, &mut out)?;
+        }
+    }
+    Ok(out)
 }
 
 /// A complete range list of one report.

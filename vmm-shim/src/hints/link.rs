@@ -238,8 +238,19 @@ fn read_loop(rx: &mut UnixStream, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hints::loopback::agent_report;
-    use guest_agent::proto::{FrameReader, PfnRange};
+    use guest_agent::proto::{report_frames, FrameReader, Hello, PfnRange};
+
+    /// The frames of one whole agent report.
+    fn agent_report(seq: u64, mem_bytes: u64, hot: &[PfnRange], free: &[PfnRange]) -> Vec<u8> {
+        let hello = Hello {
+            version: guest_agent::proto::PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            page_size: 4096,
+            poison_on_free: false,
+            mem_total_bytes: mem_bytes,
+        };
+        report_frames(&hello, seq, hot, free, 4096).unwrap()
+    }
 
     fn link(pages: u64) -> (AgentLink, UnixStream) {
         let (host, agent) = UnixStream::pair().unwrap();
@@ -285,7 +296,7 @@ mod tests {
         let hot = [PfnRange::new(10, 5)];
         let free = [PfnRange::new(100, 50)];
         agent
-            .write_all(&agent_report(7, 1024 * 4096, false, &hot, &free))
+            .write_all(&agent_report(7, 1024 * 4096, &hot, &free))
             .unwrap();
         let h = link
             .wait_hints(None, Duration::from_secs(5))
@@ -311,7 +322,6 @@ mod tests {
             .write_all(&agent_report(
                 1,
                 1024 * 4096,
-                false,
                 &[PfnRange::new(4000, 8)],
                 &[],
             ))

@@ -5,14 +5,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use faultline::image::{ImageMix, SourceImage};
+use faultline::workload::{Workload, WorkloadReport};
 use serde::{Deserialize, Serialize};
 use transport::quic::SourceReport;
 use transport::tls::{load_cert, Identity};
 use transport::Layout;
 use uffd_core::GuestMemory;
 use vmm_shim::digest::digest;
-use vmm_shim::image::{ImageMix, SourceImage};
-use vmm_shim::workload::{Workload, WorkloadReport};
 use vmm_shim::{DestOptions, DestReport, Listener, SourceOptions};
 
 use super::{DestArgs, KeygenArgs, SourceArgs, TlsArgs, EVENT_PREFIX};

@@ -8,17 +8,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use faultline::image::SourceImage;
+use faultline::workload::{
+    dirty_fraction, move_fraction, Mutator, Pattern, Workload, WorkloadReport,
+};
 use serde::Serialize;
 use transport::Layout;
 use uffd_core::{open_tracker, DiskTier, MemoryTier, TrackerChoice};
 use vmm_shim::digest::digest_all;
-use vmm_shim::image::SourceImage;
 use vmm_shim::replica::{
     evacuate, EvacuationReport, Replica, ReplicationSummary, Replicator, ReplicatorOptions,
     StandbySink,
-};
-use vmm_shim::workload::{
-    dirty_fraction, move_fraction, Mutator, Pattern, Workload, WorkloadReport,
 };
 use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
 

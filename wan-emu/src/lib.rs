@@ -1,4 +1,4 @@
-//! A WAN emulator: a user-space UDP relay that adds delay, jitter, a bandwidth limit with a
+//! faultline's WAN emulator: a user-space UDP relay that adds delay, jitter, a bandwidth limit with a
 //! bounded queue, random loss and link cuts between two UDP endpoints (a quinn client and
 //! server) on one host. The kernel here has no `netem`, so this is how tests and benches
 //! migrate over a "WAN".
@@ -15,10 +15,14 @@
 //!
 //! See `docs/wan-emulator.md` for what is modelled, the parameters, and measured accuracy.
 //!
+//! This crate knows nothing about faultline's protocol or QUIC: it relays UDP datagrams.
+//! Tests, benches and the `faultline` CLI use it; the libraries a VMM links
+//! (`vmm-shim`, `uffd-core`, `transport`) must not depend on it.
+//!
 //! ```no_run
-//! # fn main() -> Result<(), transport::wan::WanError> {
+//! # fn main() -> Result<(), wan_emu::WanError> {
 //! use std::time::Duration;
-//! use transport::wan::{LinkConfig, WanEmulator};
+//! use wan_emu::{LinkConfig, WanEmulator};
 //!
 //! let server = "127.0.0.1:4433".parse().unwrap();
 //! // 40 ms RTT, 100 Mbit/s, 1% loss each way; clients connect to `wan.local_addr()`.

@@ -3,9 +3,9 @@
 //! state save/restore to an opaque versioned blob — the pieces a postcopy migration moves.
 //!
 //! ```no_run
-//! use vmm_shim::vm::{memory, Program, Vm, VmConfig};
+//! use refvmm::{memory, Program, Vm, VmConfig};
 //!
-//! # fn main() -> Result<(), vmm_shim::vm::VmError> {
+//! # fn main() -> Result<(), refvmm::VmError> {
 //! let config = VmConfig {
 //!     mem_size: 64 << 20,
 //!     vcpus: 2,
@@ -22,7 +22,7 @@
 //! // "Destination": fresh memory with the source's bytes, and the blob.
 //! let memory = memory::create_guest_memory(config.mem_size as usize)?;
 //! memory::copy_memory(vm.guest_memory(), &memory)?;
-//! let mut dest = Vm::restore(config, memory, vmm_shim::vm::VmSnapshot::from_bytes(blob)?)?;
+//! let mut dest = Vm::restore(config, memory, refvmm::VmSnapshot::from_bytes(blob)?)?;
 //! dest.start()?; // the guest continues from where it stopped
 //! # Ok(()) }
 //! ```

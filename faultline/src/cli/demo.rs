@@ -17,9 +17,9 @@ use transport::tls::Identity;
 use super::roles::SourceOutput;
 use super::wan::{LinkArgs, LinkReport};
 use super::{parse_size, EVENT_PREFIX};
+use faultline::image::ImageMix;
 use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
-use transport::wan::{LinkConfig, WanCounters, WanEmulator};
-use vmm_shim::image::ImageMix;
+use wan_emu::{LinkConfig, WanCounters, WanEmulator};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {

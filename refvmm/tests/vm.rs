@@ -4,12 +4,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use uffd_core::DirtyTracker;
-use vm_memory::GuestAddress;
-use vmm_shim::vm::{
+use refvmm::{
     layout, memory, GuestDigest, KvmDirtyLog, Program, StateError, Vm, VmConfig, VmError,
     VmOptions, VmSnapshot,
 };
+use uffd_core::DirtyTracker;
+use vm_memory::GuestAddress;
 
 const MEM: u64 = 64 << 20;
 

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use refvmm::{KvmDirtyLog, Vm};
 use serde::{Deserialize, Serialize};
 use transport::Layout;
 use vmm_shim::hints::{
     skippable_free, AgentLink, BoardLimits, DirtyBaseline, HintPlan, HintedReport,
 };
-use vmm_shim::vm::{KvmDirtyLog, Vm};
 
 /// The agent's channel.
 #[derive(Args, Debug, Clone)]

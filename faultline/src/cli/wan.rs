@@ -1,4 +1,4 @@
-//! `faultline wan-emu`: the user-space WAN emulator (`transport::wan`) as a stand-alone UDP
+//! `faultline wan-emu`: the user-space WAN emulator (`wan-emu` crate) as a stand-alone UDP
 //! relay, for migrations between real machines or processes over an emulated WAN:
 //!
 //! ```text
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
-use transport::wan::{LinkConfig, WanCounters, WanEmulator};
+use wan_emu::{LinkConfig, WanCounters, WanEmulator};
 
 use super::parse_bytes;
 

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use refvmm::layout::WORKSET_BASE;
+use refvmm::{memory, Vm, VmSnapshot};
 use serde::Serialize;
 use transport::tls::{CertificateDer, Identity};
 use transport::{Layout, PAGE_SIZE};
@@ -15,8 +17,6 @@ use uffd_core::{HostRegion, MemoryTier};
 use vmm_shim::replica::{
     Replica, ReplicationSummary, Replicator, ReplicatorOptions, ReplicatorState, StandbySink,
 };
-use vmm_shim::vm::layout::WORKSET_BASE;
-use vmm_shim::vm::{memory, Vm, VmSnapshot};
 
 use super::replica::epoch;
 

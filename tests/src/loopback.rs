@@ -19,28 +19,28 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use guest_agent::proto::{encode, range_messages, Hello, Message, PfnRange, RangeKind};
+use guest_agent::proto::{report_frames, Hello, PfnRange};
 use serde::Serialize;
 use thiserror::Error;
 use transport::bitmap::Bitmap;
 use transport::encoding::EncodingPolicy;
 use transport::tls::Identity;
-use transport::wan::{LinkConfig, WanEmulator};
 use transport::{Layout, PAGE_SIZE};
 use uffd_core::{DirtyError, LatencySummary};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use wan_emu::{LinkConfig, WanEmulator};
 
-use super::{
+use refvmm::layout::{
+    CODE_ADDR, CODE_MAX, DATA_BASE, DATA_STRIDE, PD_ADDR, STACK_BASE, STACK_SIZE,
+};
+use refvmm::rate::{rate_between, RateSampler, Sample};
+use refvmm::{memory, KvmDirtyLog, Vm, VmConfig, VmError, VmOptions, VmSnapshot};
+use vmm_shim::hints::{
     skippable_free, zeroed_digest, zeroed_digest_except, DirtyBaseline, HintBoard, HintPlan,
     HintedReport, Hints, WrittenSince,
 };
-use crate::replica::PausedMemory;
-use crate::vm::layout::{
-    CODE_ADDR, CODE_MAX, DATA_BASE, DATA_STRIDE, PD_ADDR, STACK_BASE, STACK_SIZE,
-};
-use crate::vm::rate::{rate_between, RateSampler, Sample};
-use crate::vm::{memory, KvmDirtyLog, Vm, VmConfig, VmError, VmOptions, VmSnapshot};
-use crate::{DestOptions, Listener, RoleError, SourceOptions};
+use vmm_shim::replica::PausedMemory;
+use vmm_shim::{DestOptions, Listener, RoleError, SourceOptions};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// How often the destination guests' op counters are sampled.
@@ -56,11 +56,13 @@ pub enum LoopbackError {
     #[error(transparent)]
     Dirty(#[from] DirtyError),
     #[error(transparent)]
+    Digest(#[from] vmm_shim::digest::GuestReadError),
+    #[error(transparent)]
     Tls(#[from] transport::tls::TlsError),
     #[error("agent channel: {0}")]
     Io(#[from] std::io::Error),
     #[error("WAN emulator: {0}")]
-    Wan(#[from] transport::wan::WanError),
+    Wan(#[from] wan_emu::WanError),
     #[error("destination: {0}")]
     Dest(String),
 }
@@ -79,7 +81,7 @@ pub struct GuestSpec {
 
 /// Page ranges an agent in the reference guest would report hot: page tables, program
 /// code, the vCPUs' data areas and stacks (kernel-like memory the agent counts as hot), and
-/// the part of the working set the program favours ([`crate::vm::Program::hot_ranges`]). Sorted,
+/// the part of the working set the program favours ([`refvmm::Program::hot_ranges`]). Sorted,
 /// adjacent allowed.
 pub fn reference_hot(config: &VmConfig) -> Vec<PfnRange> {
     let gib = config.mem_size.div_ceil(1 << 30);
@@ -131,24 +133,16 @@ pub fn agent_report(
     hot: &[PfnRange],
     free: &[PfnRange],
 ) -> Vec<u8> {
-    let mut msgs = vec![Message::Hello(Hello {
+    let hello = Hello {
         version: guest_agent::proto::PROTOCOL_VERSION,
         agent_version: "reference-guest".into(),
         page_size: PAGE_SIZE as u32,
         poison_on_free,
         mem_total_bytes: mem_bytes,
-    })];
-    msgs.extend(range_messages(RangeKind::Hot, seq, hot, 4096));
-    msgs.extend(range_messages(RangeKind::Free, seq, free, 4096));
-    let mut out = Vec::new();
-    for m in &msgs {
-        // Only ranges that break the protocol's rules fail to encode; the callers build
-        // sorted, non-overlapping ones, and a bad list simply yields no bytes for it.
-        if let Ok(b) = encode(m) {
-            out.extend(b);
-        }
-    }
-    out
+    };
+    // Only ranges that break the protocol's rules fail to encode; the callers build
+    // sorted, non-overlapping ones, and a bad list simply yields no bytes.
+    report_frames(&hello, seq, hot, free, 4096).unwrap_or_default()
 }
 
 /// Bytes the agent writes, after a pause.
@@ -393,7 +387,7 @@ pub struct Outcome {
 
 /// The destination's side of one run, on its own thread.
 struct DestRun {
-    report: crate::DestReport,
+    report: vmm_shim::DestReport,
     vm: Vm,
     mem: GuestMemoryMmap,
     /// Samples the guests' op counters from the restore on.
@@ -540,7 +534,7 @@ pub fn migrate_over(
     // from the start of this migration.
     let started = Instant::now();
     let sent = PausedMemory::new(&regions).and_then(|paused| {
-        crate::send_with_hints(
+        vmm_shim::send_with_hints(
             Arc::new(paused),
             &layout,
             &opts,
@@ -566,7 +560,7 @@ pub fn migrate_over(
             std::thread::sleep(Duration::from_micros(500));
         }
         let digest = d.vm.switchover_memory_digest()?;
-        let slices = crate::vm::slice_digests(&src_mem, &config)?;
+        let slices = refvmm::slice_digests(&src_mem, &config)?;
         let (guest, _) = d.vm.digests();
         let ok = guest.len() == slices.len()
             && guest

@@ -30,6 +30,25 @@ fn set_int_opt(sock: &UdpSocket, level: libc::c_int, opt: libc::c_int, value: li
     r == 0
 }
 
+/// Socket buffers the relay asks for: a relay that drops a burst in its own receive queue
+/// would add loss nobody configured.
+const UDP_BUFFER_BYTES: libc::c_int = 16 << 20;
+
+/// Binds a UDP socket with large send and receive buffers: past `net.core.rmem_max` when
+/// privileged (`SO_*BUFFORCE`), else up to the system's cap.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let sock = UdpSocket::bind(addr)?;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if !set_int_opt(&sock, libc::SOL_SOCKET, force, UDP_BUFFER_BYTES) {
+            set_int_opt(&sock, libc::SOL_SOCKET, plain, UDP_BUFFER_BYTES);
+        }
+    }
+    Ok(sock)
+}
+
 /// Asks for a kernel receive timestamp on every datagram (see `BatchClock`), and for
 /// UDP GRO: a burst of equal-size datagrams (as quinn sends with GSO) is then handed
 /// over as one buffer, which [`Datagram::segments`] splits again. Both are best effort:

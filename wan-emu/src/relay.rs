@@ -407,7 +407,7 @@ impl WanEmulator {
         if upstream.ip().is_unspecified() || upstream.port() == 0 {
             return Err(WanError::BadUpstream(upstream));
         }
-        let sock = crate::quic::bind_udp(listen).map_err(|source| WanError::Bind {
+        let sock = sys::bind_udp(listen).map_err(|source| WanError::Bind {
             addr: listen,
             source,
         })?;
@@ -669,7 +669,7 @@ impl ClientReceiver {
             SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
         };
         let addr = SocketAddr::new(any, 0);
-        let sock = crate::quic::bind_udp(addr).map_err(|source| WanError::Bind { addr, source })?;
+        let sock = sys::bind_udp(addr).map_err(|source| WanError::Bind { addr, source })?;
         // Connected: the kernel then only hands us the server's datagrams on this socket.
         sock.connect(self.upstream).map_err(WanError::Socket)?;
         set_timeouts(&sock).map_err(WanError::Socket)?;

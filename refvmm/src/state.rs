@@ -399,7 +399,7 @@ mod tests {
 
     fn sample() -> VmState {
         let mut sregs = kvm_sregs::default();
-        crate::vm::layout::long_mode_sregs(&mut sregs);
+        crate::layout::long_mode_sregs(&mut sregs);
         let v = VcpuState {
             regs: Regs {
                 gpr: [7; 16],

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use transport::wan::{
+use wan_emu::{
     Direction, DropReason, JitterDist, Link, LinkConfig, Verdict, WanConfig, WanEmulator, WanError,
 };
 
@@ -624,7 +624,7 @@ fn sending_to_a_closed_upstream_port_is_counted_not_fatal() {
     drop(wan);
 }
 
-/// Measures how late the relay delivers sparse traffic: `cargo test -p transport --test
+/// Measures how late the relay delivers sparse traffic: `cargo test -p wan-emu --test
 /// wan_emulator -- --ignored --nocapture measure_delay`.
 #[test]
 #[ignore = "measurement"]
@@ -679,7 +679,7 @@ fn measure_delay_accuracy() {
 
 /// Measures the relay's CPU cost per datagram with a controlled load: a client sending
 /// paced GSO bursts of 10 × 1200-byte datagrams (as quinn does) into a 1 Gbit/s link.
-/// `cargo test -p transport --test wan_emulator -- --ignored --nocapture measure_relay_cpu`
+/// `cargo test -p wan-emu --test wan_emulator -- --ignored --nocapture measure_relay_cpu`
 /// (`WAN_BLAST_GBPS`, default 0.9, sets the offered rate).
 #[test]
 #[ignore = "measurement"]
@@ -774,7 +774,7 @@ mod quinn_through_the_relay {
     /// What one transfer through the relay did.
     pub struct Transfer {
         pub got: Vec<u8>,
-        pub counters: transport::wan::WanCounters,
+        pub counters: wan_emu::WanCounters,
         pub elapsed: Duration,
         /// CPU seconds of the relay's threads during the transfer.
         pub relay_cpu: f64,
@@ -912,7 +912,7 @@ mod quinn_through_the_relay {
         secs(ru.ru_utime) + secs(ru.ru_stime)
     }
 
-    /// Measures what the relay can carry: `cargo test -p transport --test wan_emulator --
+    /// Measures what the relay can carry: `cargo test -p wan-emu --test wan_emulator --
     /// --ignored --nocapture measure_relay` (`WAN_MEASURE_MIB`, default 256, sets the
     /// transfer size). Prints one line per configuration.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

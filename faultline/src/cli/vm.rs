@@ -16,16 +16,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
+use refvmm::layout::WORKSET_BASE;
+use refvmm::rate::{rate_between, RateSampler, Sample};
+use refvmm::switchover::{ms_between, wall_clock};
+use refvmm::{memory, slice_digests, Program, Switchover, Vm, VmConfig, VmOptions, VmSnapshot};
 use serde::{Deserialize, Serialize};
 use transport::Layout;
 use uffd_core::{LatencySummary, MetricsSnapshot};
 use vmm_shim::replica::{evacuate, PausedMemory};
-use vmm_shim::vm::layout::WORKSET_BASE;
-use vmm_shim::vm::rate::{rate_between, RateSampler, Sample};
-use vmm_shim::vm::switchover::{ms_between, wall_clock};
-use vmm_shim::vm::{
-    memory, slice_digests, Program, Switchover, Vm, VmConfig, VmOptions, VmSnapshot,
-};
 use vmm_shim::SourceOptions;
 
 use super::demo::{spawn_listening, DemoArgs, Reaper};

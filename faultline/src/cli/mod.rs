@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use vmm_shim::workload::Pattern;
+use faultline::workload::Pattern;
 
 pub use size::{parse_bytes, parse_size};
 

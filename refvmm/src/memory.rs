@@ -92,7 +92,7 @@ pub fn host_regions(mem: &GuestMemoryMmap) -> Vec<HostRegion> {
 }
 
 /// xxh3-128 of all guest memory in guest-physical order, as 32 hex digits (the same form as
-/// [`crate::digest`]). Read through vm-memory's volatile accessors, so it is sound while
+/// `vmm_shim::digest`). Read through vm-memory's volatile accessors, so it is sound while
 /// vCPUs run, but only meaningful while they are paused or stopped.
 pub fn digest(mem: &GuestMemoryMmap) -> Result<String, VmError> {
     let mut h = Xxh3::new();
