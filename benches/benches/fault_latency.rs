@@ -271,7 +271,7 @@ fn touch_all(region: HostRegion, seed: u64) -> Touches {
     let mut times = Vec::with_capacity(order.len());
     let t0 = Instant::now();
     for &p in &order {
-        let addr = (region.host_addr + p as usize * PAGE_SIZE) as *const u8;
+        let addr = (region.host_addr() + p as usize * PAGE_SIZE) as *const u8;
         let t = Instant::now();
         // SAFETY: `addr` is inside the guest memory mapping, which stays mapped until this
         // thread is joined (see `migration::Migration::memory`). The page is absent and

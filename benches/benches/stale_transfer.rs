@@ -333,7 +333,8 @@ impl Standby {
             .context("the evacuation ended without guest memory")?;
         // SAFETY: the guest mapping lives as long as `self.sink`; serve_standby returned, so
         // the fault loop is stopped, userfaultfd unregistered and nothing writes the memory.
-        let mem = unsafe { std::slice::from_raw_parts(region.host_addr as *const u8, region.len) };
+        let mem =
+            unsafe { std::slice::from_raw_parts(region.host_addr() as *const u8, region.len()) };
         Ok((report, digest_all([mem])))
     }
 }
@@ -492,8 +493,10 @@ fn evacuate_into(
     state: ReplicatorState,
     opts: &ReplicatorOptions,
 ) -> anyhow::Result<vmm_shim::replica::EvacuationReport> {
+    // SAFETY: the guest workload was stopped before the evacuation (the caller's contract).
+    let memory = unsafe { vmm_shim::replica::PausedMemory::new(regions) }?;
     Ok(evacuate(
-        regions,
+        memory,
         layout,
         state,
         opts.epoch,

@@ -166,8 +166,9 @@ pub fn migrate(
     let sampler: Arc<Mutex<Option<ThreadCpu>>> = Arc::default();
     let started = sampler.clone();
     let cpu0 = cpu_secs();
+    let resumed = region.clone();
     let report = listener.receive(&[region], &layout, move || {
-        on_resume(region);
+        on_resume(resumed);
         let s = ThreadCpu::start(pids, CPU_SAMPLE_EVERY);
         *started.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
     });

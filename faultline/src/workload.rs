@@ -49,8 +49,8 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Starts `threads` threads over `regions`. The regions must stay mapped until
-    /// [`Workload::stop`] returns.
+    /// Starts `threads` threads over `regions`; each thread holds the regions, which keep
+    /// the memory mapped until it is joined.
     pub fn start(regions: &[HostRegion], threads: usize, seed: u64, pattern: Pattern) -> Workload {
         Workload::spawn(regions, threads, "vcpu", move |walker, t| match pattern {
             Pattern::Random => walker.random(seed ^ (t as u64 + 1)),
@@ -132,14 +132,14 @@ impl Walker<'_> {
     /// The aligned word at byte `offset` of guest memory (regions in order).
     fn word(&self, mut offset: usize) -> Option<*mut u64> {
         let r = self.regions.iter().find(|r| {
-            if offset < r.len {
+            if offset < r.len() {
                 true
             } else {
-                offset -= r.len;
+                offset -= r.len();
                 false
             }
         })?;
-        Some((r.host_addr + (offset & !7)) as *mut u64)
+        Some((r.host_addr() + (offset & !7)) as *mut u64)
     }
 
     /// Reads the word at byte `offset` of guest memory; if `write`, stores it back.
@@ -158,7 +158,7 @@ impl Walker<'_> {
     }
 
     fn random(&mut self, seed: u64) {
-        let bytes: usize = self.regions.iter().map(|r| r.len).sum();
+        let bytes: usize = self.regions.iter().map(|r| r.len()).sum();
         if bytes == 0 {
             return;
         }
@@ -186,7 +186,7 @@ impl Walker<'_> {
         let n = self
             .regions
             .iter()
-            .map(|r| r.len / PAGE_SIZE)
+            .map(|r| r.len() / PAGE_SIZE)
             .sum::<usize>() as u64;
         if n == 0 {
             return;
@@ -263,7 +263,7 @@ pub fn dirty_fraction(regions: &[HostRegion], fraction: f64, seed: u64) -> u64 {
 /// Runs `f` with a walker over `regions` outside any workload (the guest paused), and the
 /// number of pages they hold.
 fn with_paused_walker<R>(regions: &[HostRegion], f: impl FnOnce(&Walker<'_>, u64) -> R) -> R {
-    let n = regions.iter().map(|r| r.len / PAGE_SIZE).sum::<usize>() as u64;
+    let n = regions.iter().map(|r| r.len() / PAGE_SIZE).sum::<usize>() as u64;
     let stop = AtomicBool::new(false);
     let (ops, writes) = (AtomicU64::new(0), AtomicU64::new(0));
     let w = Walker {
@@ -338,7 +338,7 @@ impl Walker<'_> {
         let n = self
             .regions
             .iter()
-            .map(|r| r.len / PAGE_SIZE)
+            .map(|r| r.len() / PAGE_SIZE)
             .sum::<usize>() as u64;
         let hot = ((n as f64 * hot_fraction.clamp(0.0, 1.0)) as u64).max(1);
         let order = Permutation::new(n, 0x5eed);

@@ -737,7 +737,7 @@ impl Vm {
     }
 
     /// Host mappings of guest memory, for userfaultfd and dirty tracking.
-    pub fn host_regions(&self) -> Vec<HostRegion> {
+    pub fn host_regions(&self) -> Result<Vec<HostRegion>, VmError> {
         memory::host_regions(&self.memory)
     }
 

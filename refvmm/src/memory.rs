@@ -54,18 +54,18 @@ pub fn create_guest_memory(size: usize) -> Result<GuestMemoryMmap, VmError> {
 /// `region` must describe a live read-write `MAP_SHARED` mapping that stays mapped for as
 /// long as the returned memory, and every clone of it (a [`super::Vm`] holds one), lives.
 pub unsafe fn guest_memory_over(region: &HostRegion) -> Result<GuestMemoryMmap, VmError> {
-    if region.len == 0 || !region.len.is_multiple_of(2 << 20) {
+    if region.is_empty() || !region.len().is_multiple_of(2 << 20) {
         return Err(VmError::Config(format!(
             "memory size {} must be a non-zero multiple of 2 MiB",
-            region.len
+            region.len()
         )));
     }
     // SAFETY: the caller guarantees the mapping is live, read-write and shared, and outlives
     // the region; `build_raw` does not take ownership, so it never unmaps it.
     let mapping = unsafe {
         MmapRegion::build_raw(
-            region.host_addr as *mut u8,
-            region.len,
+            region.host_addr() as *mut u8,
+            region.len(),
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
         )
@@ -84,11 +84,9 @@ pub fn memory_size(mem: &GuestMemoryMmap) -> u64 {
 }
 
 /// Each region's host mapping, for userfaultfd registration and dirty tracking
-/// (`shmem: true`: the regions are memfd-backed).
-pub fn host_regions(mem: &GuestMemoryMmap) -> Vec<HostRegion> {
-    mem.iter()
-        .map(|r| HostRegion::new(r.as_ptr(), r.len() as usize, true))
-        .collect()
+/// ([`vmm_shim::guest::regions`]: each keeps its mapping alive; memfd-backed, so shmem).
+pub fn host_regions(mem: &GuestMemoryMmap) -> Result<Vec<HostRegion>, VmError> {
+    vmm_shim::guest::regions(mem).map_err(|e| VmError::Memory(e.to_string()))
 }
 
 /// xxh3-128 of all guest memory in guest-physical order, as 32 hex digits (the same form as

@@ -401,7 +401,7 @@ struct DestRun {
 fn dest_side(listener: Listener, config: VmConfig, hold: bool) -> Result<DestRun, LoopbackError> {
     let size = usize::try_from(config.mem_size).map_err(|_| LoopbackError::Dest("size".into()))?;
     let mem = memory::create_guest_memory(size)?;
-    let regions = memory::host_regions(&mem);
+    let regions = memory::host_regions(&mem)?;
     let layout = Layout::single(config.mem_size);
     type Restored = Result<(Vm, RateSampler, Instant), String>;
     let slot: Arc<Mutex<Option<Restored>>> = Arc::default();
@@ -529,11 +529,13 @@ pub fn migrate_over(
         encoding,
         early_push: true,
     };
-    let regions = src.vm.host_regions();
+    let regions = src.vm.host_regions()?;
     // The guest stopped long ago when a frozen source is migrated again: downtime counts
     // from the start of this migration.
     let started = Instant::now();
-    let sent = PausedMemory::new(&regions).and_then(|paused| {
+    // SAFETY: the source guest is paused for good (frozen once paused, see `SourceGuest`)
+    // and nothing else writes its memory.
+    let sent = unsafe { PausedMemory::new(&regions) }.and_then(|paused| {
         vmm_shim::send_with_hints(
             Arc::new(paused),
             &layout,

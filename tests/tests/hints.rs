@@ -426,7 +426,7 @@ fn free_pages_written_after_the_hint_cross_with_their_content() {
     let src = GuestMemory::anonymous(len as usize).unwrap();
     fill(&src);
     let region = src.host_region();
-    let mut tracker = open_tracker(&[region], TrackerChoice::Auto).unwrap();
+    let mut tracker = open_tracker(std::slice::from_ref(&region), TrackerChoice::Auto).unwrap();
     let baseline = DirtyBaseline::arm(tracker.as_mut()).unwrap();
 
     let mut board = HintBoard::new(&layout, fresh_limits()).unwrap();
@@ -471,7 +471,8 @@ fn free_pages_written_after_the_hint_cross_with_their_content() {
     let dest_layout = layout.clone();
     let dest = std::thread::spawn(move || listener.receive(&[dst_region], &dest_layout, || {}));
     let report = vmm_shim::send_with_hints(
-        Arc::new(PausedMemory::new(&[region]).unwrap()),
+        // SAFETY: nothing writes the source memory during the migration.
+        Arc::new(unsafe { PausedMemory::new(&[region]) }.unwrap()),
         &layout,
         &SourceOptions {
             connect: addr,

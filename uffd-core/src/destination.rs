@@ -60,15 +60,15 @@ impl Destination {
         let mut ioctls = Vec::with_capacity(memories.len());
         for r in regions.regions() {
             let res = uffd
-                .register_missing(r.host_addr as u64, r.len as u64)
+                .register_missing(r.host_addr() as u64, r.len() as u64)
                 .and_then(|m| {
-                    registered.push(*r);
+                    registered.push(r.clone());
                     if m.contains(Ioctls::COPY | Ioctls::WAKE) {
                         Ok(m)
                     } else {
                         Err(UffdError::IoctlNotAllowed {
-                            addr: r.host_addr as u64,
-                            len: r.len as u64,
+                            addr: r.host_addr() as u64,
+                            len: r.len() as u64,
                             ioctl: "COPY",
                         })
                     }
@@ -149,7 +149,7 @@ impl Destination {
         };
         let mut unregistered = Ok(());
         for r in std::mem::take(&mut self.registered) {
-            if let Err(e) = self.uffd.unregister(r.host_addr as u64, r.len as u64) {
+            if let Err(e) = self.uffd.unregister(r.host_addr() as u64, r.len() as u64) {
                 unregistered = Err(Error::from(e));
             }
         }
@@ -161,8 +161,8 @@ impl Destination {
 
 fn unregister_all(uffd: &Userfaultfd, regions: &[HostRegion]) {
     for r in regions {
-        if let Err(e) = uffd.unregister(r.host_addr as u64, r.len as u64) {
-            tracing::warn!(addr = r.host_addr, error = %e, "unregister failed");
+        if let Err(e) = uffd.unregister(r.host_addr() as u64, r.len() as u64) {
+            tracing::warn!(addr = r.host_addr(), error = %e, "unregister failed");
         }
     }
 }

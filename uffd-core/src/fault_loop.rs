@@ -249,7 +249,11 @@ impl Worker {
         let start = start as usize & !(PAGE_SIZE - 1);
         let end = end as usize;
         for (first, count, idx) in self.regions.pages_in_host_range(start, end) {
-            let shmem = self.regions.regions().get(idx).is_some_and(|r| r.shmem);
+            let shmem = self
+                .regions
+                .regions()
+                .get(idx)
+                .is_some_and(|r| r.is_shmem());
             let mut newly = 0;
             for page in first..first + count {
                 if shmem && self.table.state(page) != PageState::Present {

@@ -102,7 +102,7 @@ impl Installer {
         table: Arc<PageTable>,
         metrics: Arc<Metrics>,
     ) -> Installer {
-        let zeropage = regions.regions().iter().map(|r| !r.shmem).collect();
+        let zeropage = regions.regions().iter().map(|r| !r.is_shmem()).collect();
         Installer {
             uffd,
             regions,
@@ -121,7 +121,7 @@ impl Installer {
             .enumerate()
             .map(|(i, r)| match ioctls.get(i) {
                 Some(m) => m.contains(Ioctls::ZEROPAGE),
-                None => !r.shmem,
+                None => !r.is_shmem(),
             })
             .collect();
         self

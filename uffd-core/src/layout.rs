@@ -3,32 +3,123 @@
 //! Pages are numbered region after region in the order the regions were given, so the
 //! index is stable across hosts as long as both sides list regions in the same order.
 
+use std::fmt;
+use std::sync::Arc;
+
 use crate::error::LayoutError;
 use crate::PAGE_SIZE;
 
-/// One contiguous host mapping of guest memory. The address is kept as `usize` so the
-/// descriptor is `Send + Sync`; it describes memory, it does not own it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Memory mapped at one address for as long as the value lives: what a [`HostRegion`]
+/// keeps alive, so that faultline never touches memory its owner has unmapped.
+///
+/// # Safety
+///
+/// An implementor promises that `as_ptr()..as_ptr() + size()` is one readable and
+/// writable mapping that stays mapped at that address, and is never unmapped or remapped
+/// (by the implementor or anyone it lets do so), until the value is dropped; and that both
+/// methods return the same values every time. faultline reads, writes and registers that
+/// range with userfaultfd from any thread while the value lives.
+pub unsafe trait MappedMemory: Send + Sync + 'static {
+    /// The start of the mapping, page-aligned.
+    fn as_ptr(&self) -> *mut u8;
+    /// Its length in bytes, a multiple of the page size.
+    fn size(&self) -> usize;
+    /// Whether it is shared memory (memfd, tmpfs): userfaultfd's shmem rules apply
+    /// (UFFDIO_ZEROPAGE is not allowed there).
+    fn is_shared(&self) -> bool;
+}
+
+/// One contiguous host mapping of guest memory, and what keeps it mapped.
+///
+/// A region made by [`HostRegion::new`] holds a reference to its [`MappedMemory`]: the
+/// memory stays mapped while any clone of the region, or anything built from it (a
+/// [`RegionMap`], an [`crate::Installer`], a [`crate::Destination`], a dirty tracker),
+/// lives. Only [`HostRegion::from_raw`] makes a region that owns nothing, and it is
+/// `unsafe` for that reason. The fields are private, so a region cannot be re-pointed.
+#[derive(Clone)]
 pub struct HostRegion {
-    pub host_addr: usize,
-    pub len: usize,
-    /// Shared memory (memfd/tmpfs): UFFDIO_ZEROPAGE is not allowed there.
-    pub shmem: bool,
+    host_addr: usize,
+    len: usize,
+    shmem: bool,
+    /// `None` only for [`HostRegion::from_raw`], whose caller keeps the memory mapped.
+    _owner: Option<Arc<dyn MappedMemory>>,
 }
 
 impl HostRegion {
-    pub fn new(host_addr: *mut u8, len: usize, shmem: bool) -> HostRegion {
+    /// The whole of `memory`, which the region keeps mapped.
+    pub fn new<M: MappedMemory>(memory: Arc<M>) -> HostRegion {
+        HostRegion {
+            host_addr: memory.as_ptr() as usize,
+            len: memory.size(),
+            shmem: memory.is_shared(),
+            _owner: Some(memory),
+        }
+    }
+
+    /// A region over memory the caller keeps mapped itself.
+    ///
+    /// # Safety
+    ///
+    /// If the region (or anything built from it: a [`RegionMap`], an
+    /// [`crate::Installer`], a [`crate::Destination`], a dirty tracker, a page reader)
+    /// is used to touch memory, `host_addr..host_addr + len` must be one readable and
+    /// writable mapping (shared memory if `shmem`) that stays mapped at that address until
+    /// the last of those values is dropped. A region that is only used for page
+    /// arithmetic (for example [`RegionMap::page_of`]) touches nothing.
+    pub unsafe fn from_raw(host_addr: *mut u8, len: usize, shmem: bool) -> HostRegion {
         HostRegion {
             host_addr: host_addr as usize,
             len,
             shmem,
+            _owner: None,
         }
     }
 
+    /// The start of the mapping.
+    pub fn host_addr(&self) -> usize {
+        self.host_addr
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region has no bytes (such a region is refused by [`RegionMap::new`]).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Shared memory (memfd/tmpfs): UFFDIO_ZEROPAGE is not allowed there.
+    pub fn is_shmem(&self) -> bool {
+        self.shmem
+    }
+
+    /// Whole pages in the region.
     pub fn pages(&self) -> u64 {
         (self.len / PAGE_SIZE) as u64
     }
 }
+
+impl fmt::Debug for HostRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostRegion")
+            .field("host_addr", &format_args!("{:#x}", self.host_addr))
+            .field("len", &self.len)
+            .field("shmem", &self.shmem)
+            .field("owned", &self._owner.is_some())
+            .finish()
+    }
+}
+
+/// Regions are equal when they describe the same range the same way, whoever owns it.
+impl PartialEq for HostRegion {
+    fn eq(&self, other: &HostRegion) -> bool {
+        (self.host_addr, self.len, self.shmem) == (other.host_addr, other.len, other.shmem)
+    }
+}
+
+impl Eq for HostRegion {}
 
 /// Ordered regions with page ↔ address translation.
 #[derive(Debug, Clone)]
@@ -161,11 +252,8 @@ mod tests {
     use super::*;
 
     fn r(addr: usize, pages: usize) -> HostRegion {
-        HostRegion {
-            host_addr: addr,
-            len: pages * PAGE_SIZE,
-            shmem: false,
-        }
+        // SAFETY: these regions are only used for page arithmetic; nothing touches them.
+        unsafe { HostRegion::from_raw(addr as *mut u8, pages * PAGE_SIZE, false) }
     }
 
     #[test]
@@ -187,7 +275,7 @@ mod tests {
         assert_eq!(m.run_within_region(2, 1), 1);
         assert_eq!(m.run_within_region(4, 10), 2);
         assert_eq!(m.run_within_region(6, 10), 0);
-        assert_eq!(m.region_of(4).unwrap().host_addr, 0x1000);
+        assert_eq!(m.region_of(4).unwrap().host_addr(), 0x1000);
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub use error::{
 };
 pub use fault_loop::{FaultLoop, FaultLoopHandle};
 pub use install::{Installed, Installer, Origin, PageData, RunInstalled};
-pub use layout::{HostRegion, RegionMap};
+pub use layout::{HostRegion, MappedMemory, RegionMap};
 pub use memory::{GuestMemory, MemoryKind};
 pub use metrics::{LatencySummary, Metrics, MetricsSnapshot};
 pub use page_table::{PageState, PageTable};

@@ -7,9 +7,10 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
 
 use crate::error::MemoryError;
-use crate::layout::HostRegion;
+use crate::layout::{HostRegion, MappedMemory};
 use crate::PAGE_SIZE;
 
 /// What backs a [`GuestMemory`].
@@ -21,21 +22,37 @@ pub enum MemoryKind {
     Memfd,
 }
 
-/// An owned mapping of guest RAM, unmapped on drop.
-#[derive(Debug)]
+/// Guest RAM: one mapping, unmapped when the last clone of this handle and the last
+/// [`HostRegion`] made from it are dropped.
+#[derive(Debug, Clone)]
 pub struct GuestMemory {
+    map: Arc<Mapping>,
+    file: Option<Arc<File>>,
+}
+
+/// The mapping itself, shared by every clone of a [`GuestMemory`] and its regions.
+#[derive(Debug)]
+struct Mapping {
     addr: usize,
     len: usize,
     kind: MemoryKind,
-    file: Option<File>,
 }
 
-// SAFETY: GuestMemory only owns the mapping's address range and an fd; it never creates
-// references into the mapping, so sharing or moving it between threads cannot create
-// data races by itself. Whoever dereferences `as_ptr()` owns that synchronisation.
-unsafe impl Send for GuestMemory {}
-// SAFETY: see Send; all methods take &self and only read immutable fields.
-unsafe impl Sync for GuestMemory {}
+// SAFETY: `Mapping` maps its range in `map` below and unmaps it only in `drop`; nothing
+// else can unmap or move it (the address is private). Both methods return fixed fields.
+unsafe impl MappedMemory for Mapping {
+    fn as_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    fn size(&self) -> usize {
+        self.len
+    }
+
+    fn is_shared(&self) -> bool {
+        self.kind == MemoryKind::Memfd
+    }
+}
 
 fn check_len(len: usize) -> Result<(), MemoryError> {
     if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
@@ -77,9 +94,11 @@ impl GuestMemory {
             -1,
         )?;
         Ok(GuestMemory {
-            addr,
-            len,
-            kind: MemoryKind::Anonymous,
+            map: Arc::new(Mapping {
+                addr,
+                len,
+                kind: MemoryKind::Anonymous,
+            }),
             file: None,
         })
     }
@@ -106,44 +125,52 @@ impl GuestMemory {
             })?;
         let addr = map(len, libc::MAP_SHARED, file.as_raw_fd())?;
         Ok(GuestMemory {
-            addr,
-            len,
-            kind: MemoryKind::Memfd,
-            file: Some(file),
+            map: Arc::new(Mapping {
+                addr,
+                len,
+                kind: MemoryKind::Memfd,
+            }),
+            file: Some(Arc::new(file)),
         })
     }
 
+    /// The start of guest memory. Only a raw pointer: the kernel and other threads write
+    /// it concurrently, so no reference into it is ever handed out.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.addr as *mut u8
+        self.map.as_ptr()
     }
 
+    /// Its length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len
     }
 
     /// Never true (zero-length memory is refused); here for API completeness.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.len == 0
     }
 
+    /// The memfd behind memfd-backed memory (to hand its fd to a VMM or punch holes).
     pub fn file(&self) -> Option<&File> {
-        self.file.as_ref()
+        self.file.as_deref()
     }
 
+    /// What backs the memory.
     pub fn kind(&self) -> MemoryKind {
-        self.kind
+        self.map.kind
     }
 
-    /// The region descriptor for a [`crate::RegionMap`].
+    /// The region descriptor for a [`crate::RegionMap`]; it keeps the memory mapped.
     pub fn host_region(&self) -> HostRegion {
-        HostRegion::new(self.as_ptr(), self.len, self.kind == MemoryKind::Memfd)
+        HostRegion::new(self.map.clone())
     }
 }
 
-impl Drop for GuestMemory {
+impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: (addr, len) is exactly the mapping this value created and owns; no
-        // reference into it can outlive self because none is ever handed out.
+        // SAFETY: (addr, len) is exactly the mapping `map` created for this value, which
+        // is dropped once no GuestMemory or HostRegion refers to it; no Rust reference into
+        // the range exists (only raw pointers are handed out).
         unsafe {
             libc::munmap(self.addr as *mut libc::c_void, self.len);
         }
@@ -183,11 +210,23 @@ mod tests {
         let m = GuestMemory::memfd("guest", 8192).unwrap();
         assert_eq!(m.kind(), MemoryKind::Memfd);
         assert_eq!(m.file().unwrap().metadata().unwrap().len(), 8192);
-        assert!(m.host_region().shmem);
+        assert!(m.host_region().is_shmem());
         // SAFETY: the mapping is 8192 bytes, readable and writable, and unregistered.
         unsafe {
             m.as_ptr().add(4096).write(9);
             assert_eq!(m.as_ptr().add(4096).read(), 9);
         }
+    }
+
+    #[test]
+    fn a_region_keeps_its_memory_mapped_after_the_handle_is_dropped() {
+        let m = GuestMemory::memfd("kept", 8192).unwrap();
+        // SAFETY: the mapping is live, readable and writable, and unregistered.
+        unsafe { m.as_ptr().write(42) };
+        let region = m.host_region();
+        drop(m);
+        // SAFETY: `region` keeps the mapping alive: the byte is still there to read.
+        let byte = unsafe { (region.host_addr() as *const u8).read() };
+        assert_eq!(byte, 42);
     }
 }

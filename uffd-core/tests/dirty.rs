@@ -316,18 +316,15 @@ fn second_wp_registration_is_refused_and_auto_falls_back() {
 
 #[test]
 fn bad_input_is_an_error() {
-    let bad = HostRegion {
-        host_addr: 0x1001,
-        len: PAGE_SIZE,
-        shmem: false,
-    };
+    // SAFETY: the misaligned region is refused before anything touches it.
+    let bad = unsafe { HostRegion::from_raw(0x1001 as *mut u8, PAGE_SIZE, false) };
     for choice in [
         TrackerChoice::Auto,
         TrackerChoice::WpAsync,
         TrackerChoice::Hash,
     ] {
         assert!(matches!(
-            open_tracker(&[bad], choice),
+            open_tracker(std::slice::from_ref(&bad), choice),
             Err(DirtyError::Layout(_))
         ));
     }
@@ -344,7 +341,8 @@ fn bad_input_is_an_error() {
         )
     };
     assert_ne!(addr, libc::MAP_FAILED);
-    let region = HostRegion::new(addr.cast(), PAGE_SIZE, false);
+    // SAFETY: the reservation stays mapped until after the tracker is dropped below.
+    let region = unsafe { HostRegion::from_raw(addr.cast(), PAGE_SIZE, false) };
     let err = HashTracker::new(&[region]).unwrap_err();
     assert!(matches!(err, DirtyError::Read { .. }), "{err}");
     // SAFETY: unmaps exactly the reservation made above, which nothing references.

@@ -20,7 +20,11 @@ fn region_pages(regions: &[HostRegion]) -> Vec<usize> {
     // Global page -> host address, for the touching threads.
     let mut v = Vec::new();
     for r in regions {
-        v.extend((0..r.len).step_by(PAGE_SIZE).map(|off| r.host_addr + off));
+        v.extend(
+            (0..r.len())
+                .step_by(PAGE_SIZE)
+                .map(|off| r.host_addr() + off),
+        );
     }
     v
 }
@@ -92,7 +96,7 @@ fn demand_all(mems: Vec<GuestMemory>) {
     let other = Userfaultfd::open(DESTINATION_FEATURES).unwrap();
     for r in &regions {
         other
-            .register_missing(r.host_addr as u64, r.len as u64)
+            .register_missing(r.host_addr() as u64, r.len() as u64)
             .unwrap();
     }
 }

@@ -514,7 +514,7 @@ fn into_guest_memory_punches_stale_and_invalid_pages() {
         .unwrap();
     assert_eq!(present, expect_present);
     assert_eq!(mapping.len(), SWITCH_PAGES as usize * PAGE_SIZE);
-    assert!(mapping.host_region().shmem);
+    assert!(mapping.host_region().is_shmem());
     assert_eq!(
         mapping.absent_pages(),
         present.iter().filter(|&&h| !h).count() as u64
@@ -571,9 +571,11 @@ fn into_guest_memory_only_stale_pages_fault() {
     let source = DoubleSource::new(SWITCH_PAGES);
     let table = Arc::new(present_page_table(&present));
     assert_eq!(table.resolved(), SWITCH_PAGES - absent.len() as u64);
-    let dest = Destination::register_with_table(&[region], table, source.clone()).unwrap();
+    let dest =
+        Destination::register_with_table(std::slice::from_ref(&region), table, source.clone())
+            .unwrap();
     let server = Server::start(&source, dest.installer().clone());
-    let base = region.host_addr;
+    let base = region.host_addr();
     within(TIMEOUT, move || {
         for p in 0..SWITCH_PAGES {
             let _ = read_page(base + p as usize * PAGE_SIZE);

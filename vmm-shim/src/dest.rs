@@ -393,7 +393,7 @@ fn check_layout(regions: &[HostRegion], layout: &Layout) -> Result<(), RoleError
         && regions
             .iter()
             .zip(&layout.regions)
-            .all(|(h, l)| h.len as u64 == l.len);
+            .all(|(h, l)| h.len() as u64 == l.len);
     if ok {
         Ok(())
     } else {

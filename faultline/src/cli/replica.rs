@@ -225,8 +225,11 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     }
     let replication = state.summary.clone();
     let digest = digest_all([image.bytes()]);
+    // SAFETY: the mutator is stopped and the last host writes (dirty_fraction) are done:
+    // nothing writes the image while it is evacuated.
+    let memory = unsafe { vmm_shim::replica::PausedMemory::new(&regions) }?;
     let evacuation = evacuate(
-        &regions,
+        memory,
         &layout,
         state,
         epoch,
@@ -339,7 +342,8 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
         .context("the evacuation ended without guest memory")?;
     // SAFETY: the guest memory stays mapped while `sink` lives, the workload threads were
     // joined above and userfaultfd is unregistered, so nothing writes it while we read.
-    let bytes = unsafe { std::slice::from_raw_parts(region.host_addr as *const u8, region.len) };
+    let bytes =
+        unsafe { std::slice::from_raw_parts(region.host_addr() as *const u8, region.len()) };
     let out = StandbyOutput {
         tier: match a.tier {
             TierArg::Memory => "memory",

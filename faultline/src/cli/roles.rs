@@ -175,8 +175,9 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
     let workload: Arc<Mutex<Option<Workload>>> = Arc::default();
     let started = workload.clone();
     let (workers, seed, pattern) = (a.workers, a.size ^ 0x5eed, a.pattern);
+    let worker_regions = regions.clone();
     let result = listener.receive(&regions, &layout, move || {
-        let w = Workload::start(&regions, workers, seed, pattern);
+        let w = Workload::start(&worker_regions, workers, seed, pattern);
         *started.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
     });
     let workload = workload

@@ -393,7 +393,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     drop(asked_agent);
     let mut hints_out = None;
 
-    let regions = vm.host_regions();
+    let regions = vm.host_regions()?;
     let opts = SourceOptions {
         connect: a.connect,
         identity: me,
@@ -415,15 +415,20 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         let report = match replicated {
             Some(f) => {
                 let mut r = SourceReplicaReport::new(&f.state.summary, a.replica.stale_pct, &f);
-                evacuate(&regions, &layout, f.state, f.epoch, &opts, Some(blob)).map(|e| {
-                    r.pages_stale_source = e.pages_stale_source;
-                    r.pages_stale = e.pages_stale;
-                    r.final_harvest_ms = e.final_harvest_ms;
-                    replica = Some(r);
-                    e.session
-                })
+                // SAFETY: the vCPUs are paused (switchover) and the VMM writes no guest
+                // memory until the migration ends.
+                unsafe { PausedMemory::new(&regions) }
+                    .and_then(|m| evacuate(m, &layout, f.state, f.epoch, &opts, Some(blob)))
+                    .map(|e| {
+                        r.pages_stale_source = e.pages_stale_source;
+                        r.pages_stale = e.pages_stale;
+                        r.final_harvest_ms = e.final_harvest_ms;
+                        replica = Some(r);
+                        e.session
+                    })
             }
-            None => PausedMemory::new(&regions).and_then(|paused| match &plan {
+            // SAFETY: as above, the vCPUs are paused and nothing else writes guest memory.
+            None => unsafe { PausedMemory::new(&regions) }.and_then(|paused| match &plan {
                 Some(plan) => {
                     vmm_shim::send_with_hints(Arc::new(paused), &layout, &opts, Some(blob), plan)
                         .map(|sent| {
@@ -585,10 +590,8 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
     let received = match &standby {
         None => {
             let mem = memory::create_guest_memory(size)?;
-            let regions = memory::host_regions(&mem);
-            // Stays mapped until the session has unregistered it, even when the restore
-            // fails and the hook drops its clone.
-            let _mapped = mem.clone();
+            // Each region keeps its mapping alive until the session has unregistered it.
+            let regions = memory::host_regions(&mem)?;
             let r = listener.receive_vm(&regions, &layout, move |blob| {
                 let r = restore_and_start(config2, mem, blob, hold).map_err(|e| format!("{e:#}"));
                 if let (Ok(_), Some(agent)) = (&r, &agent2) {

@@ -110,8 +110,9 @@ pub fn start(
         // The vCPU threads would starve an idle-priority replicator on 2 cores.
         idle_priority: false,
     };
-    let replicator = Replicator::start(&vm.host_regions(), layout.clone(), Box::new(tracker), opts)
-        .context("starting replication")?;
+    let replicator =
+        Replicator::start(&vm.host_regions()?, layout.clone(), Box::new(tracker), opts)
+            .context("starting replication")?;
     Ok(Replication { replicator, epoch })
 }
 

@@ -56,7 +56,7 @@ impl HashTracker {
         let total = map.total_pages() as usize;
         let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE];
         for r in map.regions() {
-            read_memory(r.host_addr, &mut buf[..PAGE_SIZE])?;
+            read_memory(r.host_addr(), &mut buf[..PAGE_SIZE])?;
         }
         Ok(HashTracker {
             first_page: first_pages(map.regions()),
@@ -70,10 +70,10 @@ impl HashTracker {
     fn scan(&mut self, out: &mut Vec<u64>, report_all: bool) -> Result<(), DirtyError> {
         for (r, &first) in self.map.regions().iter().zip(&self.first_page) {
             let mut off = 0;
-            while off < r.len {
-                let n = (r.len - off).min(self.buf.len());
+            while off < r.len() {
+                let n = (r.len() - off).min(self.buf.len());
                 let chunk = &mut self.buf[..n];
-                read_memory(r.host_addr + off, chunk)?;
+                read_memory(r.host_addr() + off, chunk)?;
                 let page0 = first + (off / PAGE_SIZE) as u64;
                 for (i, content) in chunk.chunks_exact(PAGE_SIZE).enumerate() {
                     let page = page0 + i as u64;

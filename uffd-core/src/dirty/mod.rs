@@ -150,10 +150,9 @@ mod tests {
 
     #[test]
     fn first_pages_accumulate() {
-        let r = |pages: usize| HostRegion {
-            host_addr: 0x1000,
-            len: pages * crate::PAGE_SIZE,
-            shmem: false,
+        // SAFETY: only page counts are read from these regions; nothing touches them.
+        let r = |pages: usize| unsafe {
+            HostRegion::from_raw(0x1000 as *mut u8, pages * crate::PAGE_SIZE, false)
         };
         assert_eq!(first_pages(&[r(3), r(1), r(5)]), vec![0, 3, 4]);
         assert!(first_pages(&[]).is_empty());

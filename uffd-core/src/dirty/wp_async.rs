@@ -66,7 +66,7 @@ impl WpAsyncTracker {
         })?;
         let scanner = PagemapScanner::open(capacity)?;
         for r in map.regions() {
-            let (addr, len) = (r.host_addr as u64, r.len as u64);
+            let (addr, len) = (r.host_addr() as u64, r.len() as u64);
             let register = |source| DirtyError::Register { addr, len, source };
             uffd.register_wp(addr, len).map_err(register)?;
             uffd.writeprotect(addr, len, true).map_err(register)?;
@@ -91,9 +91,9 @@ impl WpAsyncTracker {
 
     fn scan(&mut self, out: &mut Vec<u64>) -> Result<(), DirtyError> {
         for (r, &first) in self.map.regions().iter().zip(&self.first_page) {
-            let base = r.host_addr as u64;
+            let base = r.host_addr() as u64;
             self.scanner
-                .scan_written(base, base + r.len as u64, |start, end| {
+                .scan_written(base, base + r.len() as u64, |start, end| {
                     let from = first + (start - base) / PAGE_SIZE as u64;
                     let to = first + (end - base) / PAGE_SIZE as u64;
                     out.extend(from..to);

@@ -2,11 +2,12 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::error::ReplicaError;
 use super::files::{punch_hole, Mapping, OpenReport, ReplicaFiles, MEMORY_FILE};
 use super::{ReplicaStore, Tier};
-use crate::layout::HostRegion;
+use crate::layout::{HostRegion, MappedMemory};
 use crate::PAGE_SIZE;
 
 /// Where [`MemoryTier::open_default`] keeps replicas: one directory per VM.
@@ -167,9 +168,8 @@ impl MemoryTier {
         let (file, lock) = inner.into_memory_and_lock();
         Ok((
             GuestMapping {
-                map,
+                map: Arc::new(LockedMapping { map, _lock: lock }),
                 file,
-                _lock: lock,
                 holes,
                 absent,
             },
@@ -194,31 +194,55 @@ impl DiskTier {
     }
 }
 
-/// `memory.img` of a [`MemoryTier`] mapped as guest memory; unmapped on drop (the
-/// file stays on tmpfs).
+/// `memory.img` of a [`MemoryTier`] mapped as guest memory; unmapped when this value and
+/// every [`HostRegion`] made from it are dropped (the file stays on tmpfs).
 #[derive(Debug)]
 pub struct GuestMapping {
-    map: Mapping,
+    map: Arc<LockedMapping>,
     file: File,
-    _lock: File,
     holes: u64,
     absent: u64,
+}
+
+/// The mapping with the replica directory's lock: the directory stays locked while the
+/// mapping lives, whoever holds it last, so no standby stores into live guest memory.
+#[derive(Debug)]
+struct LockedMapping {
+    map: Mapping,
+    _lock: File,
+}
+
+// SAFETY: `Mapping::shared` mapped the range, and `Mapping` unmaps it only when dropped,
+// with this value; its fields are private to the crate and never changed.
+unsafe impl MappedMemory for LockedMapping {
+    fn as_ptr(&self) -> *mut u8 {
+        self.map.addr() as *mut u8
+    }
+
+    fn size(&self) -> usize {
+        self.map.len()
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
 }
 
 impl GuestMapping {
     /// Start of guest memory. Only a raw pointer: the kernel and vCPU threads write it
     /// concurrently.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.map.addr() as *mut u8
+        self.map.as_ptr()
     }
 
+    /// Its length in bytes.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.size()
     }
 
     /// Never true (a replica has at least one page); here for API completeness.
     pub fn is_empty(&self) -> bool {
-        self.map.len() == 0
+        self.map.size() == 0
     }
 
     /// The shmem file backing the mapping (e.g. to hand its fd to a VMM).
@@ -226,9 +250,10 @@ impl GuestMapping {
         &self.file
     }
 
-    /// Region descriptor for [`crate::Destination::register_with_table`] (shmem).
+    /// Region descriptor for [`crate::Destination::register_with_table`] (shmem); it
+    /// keeps the mapping, and the directory's lock, alive.
     pub fn host_region(&self) -> HostRegion {
-        HostRegion::new(self.as_ptr(), self.len(), true)
+        HostRegion::new(self.map.clone())
     }
 
     /// `fallocate(PUNCH_HOLE)` calls made: one per run of absent pages.

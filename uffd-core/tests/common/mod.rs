@@ -55,8 +55,8 @@ pub fn read_page(addr: usize) -> Vec<u8> {
 pub fn memory_digest(regions: &[HostRegion]) -> u64 {
     let mut h = DefaultHasher::new();
     for r in regions {
-        for off in (0..r.len).step_by(PAGE_SIZE) {
-            h.write(&read_page(r.host_addr + off));
+        for off in (0..r.len()).step_by(PAGE_SIZE) {
+            h.write(&read_page(r.host_addr() + off));
         }
     }
     h.finish()

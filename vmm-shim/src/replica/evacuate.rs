@@ -26,8 +26,14 @@ pub struct PausedMemory {
 }
 
 impl PausedMemory {
-    /// The caller keeps `regions` mapped, and the guest paused, while this lives.
-    pub fn new(regions: &[HostRegion]) -> Result<PausedMemory, RoleError> {
+    /// A reader over `regions`, which it keeps mapped.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may write the regions while the reader lives (pause the vCPUs and stop
+    /// device DMA first): the pages it hands out are shared slices of guest memory, and a
+    /// concurrent write into one would be a data race.
+    pub unsafe fn new(regions: &[HostRegion]) -> Result<PausedMemory, RoleError> {
         Ok(PausedMemory {
             map: RegionMap::new(regions.to_vec()).map_err(uffd_core::Error::from)?,
         })
@@ -43,8 +49,8 @@ impl PageReader for PausedMemory {
         if (self.map.run_within_region(first, count as u64) as usize) < count {
             return Err(format!("pages {first}+{count} cross a region boundary"));
         }
-        // SAFETY: the pages lie inside one region (checked above) that the caller keeps
-        // mapped; the guest is paused, so nothing writes them while the slice lives.
+        // SAFETY: the pages lie inside one region (checked above), which `map` keeps mapped;
+        // nothing writes them while this reader lives (the contract of `new`).
         Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, count * PAGE_SIZE) })
     }
 }
@@ -67,11 +73,11 @@ pub struct EvacuationReport {
     pub session: SourceReport,
 }
 
-/// Evacuates the paused guest in `regions` into the standby the replicator fed.
+/// Evacuates the paused guest in `memory` into the standby the replicator fed.
 /// `vm_state` is the VMM's opaque vCPU and device state; the standby gets it before the
 /// guest may resume (see [`crate::send_with_state`]).
 pub fn evacuate(
-    regions: &[HostRegion],
+    memory: PausedMemory,
     layout: &Layout,
     mut state: ReplicatorState,
     epoch: u64,
@@ -85,7 +91,7 @@ pub fn evacuate(
     let stale = state.ledger.stale_set();
     let final_harvest_ms = t.elapsed().as_secs_f64() * 1e3;
     let pages_stale_source = stale.count_ones();
-    let memory: Arc<dyn PageReader> = Arc::new(PausedMemory::new(regions)?);
+    let memory: Arc<dyn PageReader> = Arc::new(memory);
     // Stale pages whose content the replica holds elsewhere (moved, copied, duplicated)
     // can cross as references; the index of what it holds is built beside the session,
     // not before it, so it adds nothing to the downtime.

@@ -100,8 +100,7 @@ impl GuestPages {
             return false;
         }
         out.resize(count * PAGE_SIZE, 0);
-        // SAFETY: the pages lie inside one mapped region (checked above) that the caller keeps
-        // mapped while the replicator runs. The guest may write them concurrently; a torn
+        // SAFETY: the pages lie inside one region (checked above), which `map` keeps mapped. The guest may write them concurrently; a torn
         // copy is harmless because such a write also marks the page dirty, so the copy's
         // version is superseded by the next harvest before the page can count as fresh.
         unsafe {
