@@ -26,8 +26,21 @@ pub fn kvm_present() -> bool {
 /// The `faultline` binary of this build profile, built on first use.
 pub fn faultline_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // target/<profile>/deps/<test binary> -> target/<profile>/faultline
+    BIN.get_or_init(|| cargo_build("faultline", "--bin", "faultline"))
+}
+
+/// The embedding example (`vmm-shim/examples/embed.rs`) of this build profile, built on
+/// first use.
+pub fn embed_example() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| cargo_build("vmm-shim", "--example", "embed"))
+}
+
+/// Builds one target (`--bin NAME` or `--example NAME` of `package`) in this test's build
+/// profile and returns its path.
+fn cargo_build(package: &str, kind: &str, name: &str) -> PathBuf {
+    {
+        // target/<profile>/deps/<test binary> -> target/<profile>/<name>
         let exe = std::env::current_exe().expect("test binary path");
         let profile_dir = exe
             .parent()
@@ -36,7 +49,7 @@ pub fn faultline_bin() -> &'static Path {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "faultline", "--bin", "faultline"]);
+        cmd.args(["build", "--quiet", "-p", package, kind, name]);
         // Cargo gives this test process the package's variables (CARGO_PKG_NAME=
         // faultline-tests, CARGO_MANIFEST_DIR, ...). Build scripts that rerun when those
         // change (ring's does) would see them differ from a build started in a shell, and
@@ -62,12 +75,15 @@ pub fn faultline_bin() -> &'static Path {
         let status = cmd
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
-            .expect("running cargo build for the faultline binary");
-        assert!(status.success(), "building faultline failed");
-        let bin = profile_dir.join("faultline");
+            .expect("running cargo build");
+        assert!(status.success(), "building {name} failed");
+        let bin = match kind {
+            "--example" => profile_dir.join("examples").join(name),
+            _ => profile_dir.join(name),
+        };
         assert!(bin.exists(), "{} missing after build", bin.display());
         bin
-    })
+    }
 }
 
 /// Runs `faultline demo <args> --json` (without a stated BDP in its environment) to the

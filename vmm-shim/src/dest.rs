@@ -20,7 +20,9 @@ use crate::error::RoleError;
 
 /// How the destination listens and whom it accepts.
 pub struct DestOptions {
+    /// Where to listen (port 0: any; see [`Listener::local_addr`]).
     pub listen: SocketAddr,
+    /// This side's certificate and key.
     pub identity: Identity,
     /// The only certificate the source may present.
     pub peer_cert: transport::tls::CertificateDer<'static>,
@@ -30,6 +32,25 @@ pub struct DestOptions {
     pub accept_timeout: Duration,
     /// Called about ten times a second with (pages present, total pages).
     pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+}
+
+impl DestOptions {
+    /// Options with the defaults: any VM id, 60 s for the source to connect, no progress
+    /// callback.
+    pub fn new(
+        listen: SocketAddr,
+        identity: Identity,
+        peer_cert: transport::tls::CertificateDer<'static>,
+    ) -> DestOptions {
+        DestOptions {
+            listen,
+            identity,
+            peer_cert,
+            expected_vm_id: None,
+            accept_timeout: Duration::from_secs(60),
+            progress: None,
+        }
+    }
 }
 
 /// What the destination measured.

@@ -4,10 +4,16 @@
 //! regions become [`HostRegion`]s for userfaultfd and dirty tracking, and their guest-physical
 //! layout becomes the [`Layout`] both sides check at the handshake.
 //!
+//! Each [`HostRegion`] holds the region's mapping, so the memory stays mapped for as long
+//! as faultline uses it, whatever the VMM does with its `GuestMemoryMmap`.
+//!
+//! `vmm-shim/examples/embed.rs` is a whole program to copy: a destination and a source
+//! around `GuestMemoryMmap`s in one process (`cargo run --release -p vmm-shim --example
+//! embed`); `tests/tests/embedding.rs` runs it.
+//!
 //! # Example: the destination side of a VMM
 //!
 //! ```no_run
-//! use std::time::Duration;
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //! use vmm_shim::{guest, DestOptions, Listener};
 //! use transport::tls::{load_cert, Identity};
@@ -16,12 +22,12 @@
 //! // Guest RAM as the VMM already has it (memfd-backed in a real VMM).
 //! let memory: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)])?;
 //! let listener = Listener::bind(DestOptions {
-//!     listen: "0.0.0.0:4433".parse()?,
-//!     identity: Identity::load("dest.crt.pem".as_ref(), "dest.key.pem".as_ref())?,
-//!     peer_cert: load_cert("source.crt.pem".as_ref())?,
 //!     expected_vm_id: Some("vm0".into()),
-//!     accept_timeout: Duration::from_secs(60),
-//!     progress: None,
+//!     ..DestOptions::new(
+//!         "0.0.0.0:4433".parse()?,
+//!         Identity::load("dest.crt.pem".as_ref(), "dest.key.pem".as_ref())?,
+//!         load_cert("source.crt.pem".as_ref())?,
+//!     )
 //! })?;
 //! // Registered with userfaultfd before the source connects; `on_resume` receives the
 //! // source's vCPU/device state blob: restore the vCPUs from it and run them there.
@@ -35,7 +41,8 @@
 //!
 //! The source side is the mirror image: pause the vCPUs, serialise their state, and call
 //! [`crate::send_with_state`] with a reader over the paused memory
-//! ([`crate::replica::PausedMemory::new`]`(&guest::regions(&memory)?)`).
+//! (`unsafe {` [`crate::replica::PausedMemory::new`]`(&guest::regions(&memory)?) }`: the
+//! `unsafe` is the VMM's promise that nothing writes guest memory while it is read).
 
 use std::sync::Arc;
 

@@ -15,10 +15,13 @@ use crate::error::RoleError;
 
 /// Where the source connects and how it authenticates.
 pub struct SourceOptions {
+    /// The destination's address.
     pub connect: SocketAddr,
+    /// This side's certificate and key.
     pub identity: Identity,
     /// The only certificate the destination may present.
     pub peer_cert: CertificateDer<'static>,
+    /// The VM's name, which the destination may insist on.
     pub vm_id: String,
     /// How long to keep trying to reach a destination that is not listening yet.
     pub connect_timeout: Duration,
@@ -28,6 +31,28 @@ pub struct SourceOptions {
     pub encoding: EncodingPolicy,
     /// Start the push beside the handshake (see [`SourceConfig::early_push`]).
     pub early_push: bool,
+}
+
+impl SourceOptions {
+    /// Options with the defaults: 30 s to reach the destination, every page pushed in
+    /// the background (beside the handshake), encoding tuned while migrating.
+    pub fn new(
+        connect: SocketAddr,
+        identity: Identity,
+        peer_cert: CertificateDer<'static>,
+        vm_id: impl Into<String>,
+    ) -> SourceOptions {
+        SourceOptions {
+            connect,
+            identity,
+            peer_cert,
+            vm_id: vm_id.into(),
+            connect_timeout: Duration::from_secs(30),
+            push: true,
+            encoding: EncodingPolicy::AUTO,
+            early_push: true,
+        }
+    }
 }
 
 /// Migrates `memory` (frozen for the whole call) to the destination, serving its demand
