@@ -43,7 +43,7 @@ const CPU_SAMPLE_EVERY: Duration = Duration::from_millis(20);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageKind {
-    /// [`vmm_shim::SourceImage::synthetic`]: about 25% zero pages (sent as a flag, installed
+    /// [`faultline::SourceImage::synthetic`]: about 25% zero pages (sent as a flag, installed
     /// with UFFDIO_ZEROPAGE), 45% text-like and 30% random pages (sent raw: faultline does not
     /// compress yet).
     Mix,

@@ -2,6 +2,11 @@
 //! identity-mapped 64-bit long mode, bare-metal guest programs assembled from Rust, and vCPU
 //! state save/restore to an opaque versioned blob — the pieces a postcopy migration moves.
 //!
+//! It is faultline's stand-in for a real Rust VMM: it embeds `vmm-shim` the way one would
+//! (its memory reaches faultline through [`vmm_shim::guest::regions`]), and nothing a VMM
+//! links depends on it. It knows nothing about the command line, the network or the
+//! migration protocol; the `faultline vm` commands drive it.
+//!
 //! ```no_run
 //! use refvmm::{memory, Program, Vm, VmConfig};
 //!

@@ -1,7 +1,7 @@
 //! vCPU threads: one OS thread per vCPU runs `KVM_RUN` in a loop, handles the progress port,
 //! and parks on a pause request after saving its state.
 //!
-//! Pausing: the controller sets the shared request to `PAUSE` and sends [`KICK_SIGNAL`] to
+//! Pausing: the controller sets the shared request to `PAUSE` and sends [`kick_signal`] to
 //! each vCPU thread, repeating until every thread has answered (a signal that lands just
 //! before the thread enters `KVM_RUN` is covered by the next kick). `KVM_RUN` returns
 //! `EINTR`, the thread sees the request, completes any pending port I/O with a

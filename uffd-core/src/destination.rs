@@ -114,22 +114,28 @@ impl Destination {
         })
     }
 
+    /// Installer for page data answering the source's requests or pushed ahead of
+    /// faults; clone it to install from other threads.
     pub fn installer(&self) -> &Installer {
         &self.installer
     }
 
+    /// The per-page state table shared with the fault loop and the installer.
     pub fn table(&self) -> &Arc<PageTable> {
         &self.table
     }
 
+    /// Live metrics; [`Destination::finish`] returns their final snapshot.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
+    /// The registered regions and their global page numbering.
     pub fn regions(&self) -> &Arc<RegionMap> {
         &self.regions
     }
 
+    /// The userfaultfd the regions are registered with.
     pub fn uffd(&self) -> &Arc<Userfaultfd> {
         &self.uffd
     }

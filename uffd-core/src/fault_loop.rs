@@ -52,6 +52,17 @@ fn sys_err(op: &'static str) -> Error {
 }
 
 impl FaultLoop {
+    /// Starts the fault loop thread (`uffd-fault-loop`) on `uffd`, whose ranges must be
+    /// registered for missing faults and described by `regions`.
+    ///
+    /// For each fault the loop asks `source` for the page once (the first fault moves
+    /// it Absent → Requested in `table`); later faults on it just wait for the install.
+    /// It also handles REMOVE events (pages become Discarded) and zero-fills discarded
+    /// pages that are touched again, through `installer`. `table`, `metrics` and
+    /// `installer` must be the ones the page data is installed with.
+    ///
+    /// Fails only if the stop eventfd or the thread cannot be created; errors while
+    /// running end the loop and are returned by [`FaultLoopHandle::stop`].
     pub fn spawn(
         uffd: Arc<Userfaultfd>,
         regions: Arc<RegionMap>,

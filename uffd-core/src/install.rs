@@ -27,6 +27,8 @@ const MAX_AGAIN: u32 = 10_000;
 pub enum PageData<'a> {
     /// Exactly [`PAGE_SIZE`] bytes.
     Raw(&'a [u8]),
+    /// An all-zero page: UFFDIO_ZEROPAGE where the region allows it, otherwise a copy
+    /// of a static zero page (shmem).
     Zero,
 }
 
@@ -55,9 +57,14 @@ pub enum Installed {
 /// Tally of an [`Installer::install_run`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunInstalled {
+    /// Pages this call filled and counted ([`Installed::Installed`]).
     pub installed: u64,
+    /// Pages found filled by someone else (EEXIST) and counted here
+    /// ([`Installed::Raced`]).
     pub raced: u64,
+    /// Pages the table already had as Present; skipped without an ioctl.
     pub already_present: u64,
+    /// Pages Discarded by the memory owner; their data was not needed.
     pub dropped: u64,
     /// UFFDIO_COPY calls made.
     pub ioctls: u64,
@@ -149,18 +156,22 @@ impl Installer {
         true
     }
 
+    /// The page table this installer consults and updates.
     pub fn table(&self) -> &Arc<PageTable> {
         &self.table
     }
 
+    /// The regions pages are installed into; page indices are global over them.
     pub fn regions(&self) -> &Arc<RegionMap> {
         &self.regions
     }
 
+    /// The metrics installs are counted in.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
+    /// The userfaultfd the fill ioctls go through.
     pub fn uffd(&self) -> &Arc<Userfaultfd> {
         &self.uffd
     }

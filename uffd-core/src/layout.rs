@@ -133,6 +133,10 @@ pub struct RegionMap {
 }
 
 impl RegionMap {
+    /// Numbers the pages of `regions` in the order given. Fails with
+    /// [`LayoutError::Misaligned`] for an empty or non-page-aligned region and
+    /// [`LayoutError::Overlap`] for regions that overlap or wrap the address space.
+    /// An empty list is valid and has no pages.
     pub fn new(regions: Vec<HostRegion>) -> Result<RegionMap, LayoutError> {
         let mut first_page = Vec::with_capacity(regions.len());
         let mut total_pages = 0u64;
@@ -174,10 +178,12 @@ impl RegionMap {
         })
     }
 
+    /// The regions, in page-numbering order (as given to [`RegionMap::new`]).
     pub fn regions(&self) -> &[HostRegion] {
         &self.regions
     }
 
+    /// Pages across all regions; global page indices are `0..total_pages()`.
     pub fn total_pages(&self) -> u64 {
         self.total_pages
     }

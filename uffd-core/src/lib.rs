@@ -5,6 +5,31 @@
 //! and whoever holds the data installs it through an [`Installer`]. A lock-free
 //! [`PageTable`] makes sure each page is requested and counted once, and [`Metrics`]
 //! measures how long guest threads were blocked. [`Destination`] wires it all up.
+//!
+//! # What this crate owns
+//!
+//! - userfaultfd registration of guest memory: the fd itself ([`Userfaultfd`]) and the
+//!   host regions it covers, numbered into one global page index ([`HostRegion`],
+//!   [`RegionMap`]);
+//! - the per-page state table ([`PageTable`]): Absent, Requested, Present, Discarded;
+//! - the fault loop ([`FaultLoop`]): the thread that reads fault messages and asks for
+//!   each missing page once;
+//! - page installation with UFFDIO_COPY / UFFDIO_ZEROPAGE ([`Installer`]);
+//! - the standby's replica store and its tiers ([`ReplicaStore`], [`MemoryTier`],
+//!   [`DiskTier`]);
+//! - source-side dirty tracking ([`DirtyTracker`], [`open_tracker`]);
+//! - metrics of a destination ([`Metrics`], [`MetricsSnapshot`]).
+//!
+//! # What it must not know about
+//!
+//! Nothing here knows about the network (that is the `transport` crate), `vm-memory` or
+//! KVM (that is the VMM glue, `vmm-shim`). Memory comes in as plain host mappings
+//! ([`MappedMemory`], [`HostRegion`]), and a page source is a trait ([`PageSource`]), so
+//! the fault loop does not care where pages come from: the network, a local replica
+//! tier or a test double. Dependencies point from those crates to this one, never back;
+//! keep it that way so the fault path can be tested without a network or a VM.
+
+#![warn(missing_docs)]
 
 pub mod destination;
 pub mod dirty;

@@ -33,29 +33,50 @@ pub struct Metrics {
     blocked_by_thread: Mutex<HashMap<u32, u64>>,
 }
 
-/// Summary of the fault latency histogram, in microseconds.
+/// Summary of the fault latency histogram, in microseconds. Values come from an
+/// hdrhistogram kept at 3 significant figures, from 1 µs to 1 h.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
+    /// Faults recorded: one per fault message (waiter), not per page. All fields are 0
+    /// when this is.
     pub count: u64,
+    /// Median latency, µs.
     pub p50: u64,
+    /// 90th percentile latency, µs.
     pub p90: u64,
+    /// 99th percentile latency, µs.
     pub p99: u64,
+    /// Largest latency recorded, µs.
     pub max: u64,
+    /// Mean latency, µs.
     pub mean: f64,
 }
 
 /// Plain copy of [`Metrics`] at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MetricsSnapshot {
+    /// Fault messages read, including faults outside every region and repeated faults
+    /// on a page already requested.
     pub faults: u64,
+    /// Pages installed with [`crate::Origin::Demand`] (answers to requests), each
+    /// counted once.
     pub pages_faulted: u64,
+    /// Pages installed with [`crate::Origin::Push`] (ahead of any fault), each counted
+    /// once.
     pub pages_pushed: u64,
+    /// Of the installed pages (demand or push), those installed as
+    /// [`crate::PageData::Zero`].
     pub pages_zero: u64,
+    /// Pages newly marked Discarded by REMOVE events (MADV_DONTNEED/MADV_REMOVE).
     pub pages_discarded: u64,
+    /// Total time guest threads spent blocked on missing pages, in ns: for each fault
+    /// message, from the page's first fault until the page became readable (installed,
+    /// or zero-filled after a discard), at least 1 µs.
     pub blocked_ns: u64,
     /// Blocked time per faulting thread id (e.g. per vCPU thread), in ns; each waiter is
     /// charged from the page's first fault until it was installed.
     pub blocked_ns_by_thread: BTreeMap<u32, u64>,
+    /// Distribution of per-fault latency, µs.
     pub fault_latency_us: LatencySummary,
 }
 
@@ -72,6 +93,8 @@ pub(crate) enum InstallKind {
 }
 
 impl Metrics {
+    /// Zeroed metrics for a guest of `total_pages` pages (one 8-byte pending-fault
+    /// word each). Faults on pages past that are counted but their latency is not.
     pub fn new(total_pages: u64) -> Metrics {
         // 1 µs .. 1 h at 3 significant figures; constant bounds that hdrhistogram accepts.
         let hist = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
@@ -172,6 +195,9 @@ impl Metrics {
         self.pages_discarded.fetch_add(pages, Ordering::Relaxed);
     }
 
+    /// Copies the counters and summarises the latency histogram. May be called at any
+    /// time, from any thread; the counters are read one by one, so a snapshot taken
+    /// while pages are being installed need not be consistent across fields.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let h = self.latency_us.lock().unwrap_or_else(|e| e.into_inner());
         let fault_latency_us = if h.is_empty() {

@@ -49,6 +49,7 @@ pub struct PageTable {
 }
 
 impl PageTable {
+    /// A table of `total` pages, all Absent. With `total == 0` it is complete at once.
     pub fn new(total: u64) -> PageTable {
         let table = PageTable {
             states: (0..total).map(|_| AtomicU8::new(0)).collect(),
@@ -62,6 +63,7 @@ impl PageTable {
         table
     }
 
+    /// Number of pages; valid indices are `0..total()`.
     pub fn total(&self) -> u64 {
         self.states.len() as u64
     }
@@ -141,6 +143,7 @@ impl PageTable {
         self.resolved.load(Ordering::Acquire)
     }
 
+    /// True once every page is Present or Discarded; nothing more will be fetched.
     pub fn is_complete(&self) -> bool {
         self.resolved() == self.total()
     }

@@ -18,12 +18,22 @@ macro_rules! bitmask {
         impl $name {
             $($(#[$cm])* pub const $c: Self = Self($v);)*
 
+            /// No bit set.
             pub const fn empty() -> Self { Self(0) }
+            /// Wraps raw kernel bits as they are, keeping bits this crate has no name for
+            /// (`Debug` shows those in hex).
             pub const fn from_bits_retain(bits: u64) -> Self { Self(bits) }
+            /// The raw bits, as passed to or received from the kernel.
             pub const fn bits(self) -> u64 { self.0 }
+            /// True if every bit of `other` is set in `self` (always true for an empty
+            /// `other`).
             pub const fn contains(self, other: Self) -> bool { self.0 & other.0 == other.0 }
+            /// True if no bit is set.
             pub const fn is_empty(self) -> bool { self.0 == 0 }
+            /// The bits of `self` that are not in `other`, e.g. the features asked for
+            /// but not granted.
             pub const fn difference(self, other: Self) -> Self { Self(self.0 & !other.0) }
+            /// The bits set in either; a `const` form of `|` for use in constants.
             pub const fn union(self, other: Self) -> Self { Self(self.0 | other.0) }
         }
 
@@ -65,22 +75,43 @@ macro_rules! bitmask {
 bitmask! {
     /// `UFFD_FEATURE_*` bits negotiated in the UFFDIO_API handshake.
     Features {
+        /// Fault messages may carry the write-protect flag ([`FaultFlags::wp`]).
         PAGEFAULT_FLAG_WP = sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP;
+        /// fork(2) of the process hands the child's userfaultfd over in a message.
         EVENT_FORK = sys::UFFD_FEATURE_EVENT_FORK;
+        /// mremap(2) of a registered range is reported as a message.
         EVENT_REMAP = sys::UFFD_FEATURE_EVENT_REMAP;
+        /// MADV_DONTNEED / MADV_REMOVE of a registered range is reported as
+        /// [`Event::Remove`], so dropped pages are not fetched.
         EVENT_REMOVE = sys::UFFD_FEATURE_EVENT_REMOVE;
+        /// Missing-page registration is allowed on hugetlbfs mappings.
         MISSING_HUGETLBFS = sys::UFFD_FEATURE_MISSING_HUGETLBFS;
+        /// Missing-page registration is allowed on shmem (memfd, tmpfs) mappings.
         MISSING_SHMEM = sys::UFFD_FEATURE_MISSING_SHMEM;
+        /// munmap(2) of a registered range is reported as a message.
         EVENT_UNMAP = sys::UFFD_FEATURE_EVENT_UNMAP;
+        /// Faults raise SIGBUS in the faulting thread instead of queueing a message.
         SIGBUS = sys::UFFD_FEATURE_SIGBUS;
+        /// Fault messages carry the faulting thread's id (`thread_id` of
+        /// [`Event::PageFault`]).
         THREAD_ID = sys::UFFD_FEATURE_THREAD_ID;
+        /// Minor-fault registration (page cached but not mapped) on hugetlbfs.
         MINOR_HUGETLBFS = sys::UFFD_FEATURE_MINOR_HUGETLBFS;
+        /// Minor-fault registration (page cached but not mapped) on shmem.
         MINOR_SHMEM = sys::UFFD_FEATURE_MINOR_SHMEM;
+        /// Fault addresses are reported exactly instead of rounded down to the page.
         EXACT_ADDRESS = sys::UFFD_FEATURE_EXACT_ADDRESS;
+        /// Write-protect registration is allowed on hugetlbfs and shmem mappings.
         WP_HUGETLBFS_SHMEM = sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+        /// Write protection also covers pages never populated, so their first write is
+        /// caught too (Linux 6.4+).
         WP_UNPOPULATED = sys::UFFD_FEATURE_WP_UNPOPULATED;
+        /// The UFFDIO_POISON ioctl is available (Linux 6.6+).
         POISON = sys::UFFD_FEATURE_POISON;
+        /// Write-protect faults are resolved by the kernel without a message: a write
+        /// just clears the protection, which `PAGEMAP_SCAN` then reports (Linux 6.7+).
         WP_ASYNC = sys::UFFD_FEATURE_WP_ASYNC;
+        /// The UFFDIO_MOVE ioctl is available (Linux 6.8+).
         MOVE = sys::UFFD_FEATURE_MOVE;
     }
 }
@@ -89,15 +120,25 @@ bitmask! {
     /// Bitmask of ioctls the kernel allows (`1 << _UFFDIO_*`), as returned by
     /// UFFDIO_API and UFFDIO_REGISTER.
     Ioctls {
+        /// UFFDIO_REGISTER: register a range.
         REGISTER = 1u64 << sys::_UFFDIO_REGISTER;
+        /// UFFDIO_UNREGISTER: unregister a range.
         UNREGISTER = 1u64 << sys::_UFFDIO_UNREGISTER;
+        /// UFFDIO_WAKE: wake threads blocked on faults in a range.
         WAKE = 1u64 << sys::_UFFDIO_WAKE;
+        /// UFFDIO_COPY: fill missing pages from a buffer.
         COPY = 1u64 << sys::_UFFDIO_COPY;
+        /// UFFDIO_ZEROPAGE: fill missing pages with zeros (not on shmem).
         ZEROPAGE = 1u64 << sys::_UFFDIO_ZEROPAGE;
+        /// UFFDIO_MOVE: move pages into the range instead of copying them.
         MOVE = 1u64 << sys::_UFFDIO_MOVE;
+        /// UFFDIO_WRITEPROTECT: set or clear write protection.
         WRITEPROTECT = 1u64 << sys::_UFFDIO_WRITEPROTECT;
+        /// UFFDIO_CONTINUE: map a page already in the page cache (minor faults).
         CONTINUE = 1u64 << sys::_UFFDIO_CONTINUE;
+        /// UFFDIO_POISON: make a range raise SIGBUS when touched.
         POISON = 1u64 << sys::_UFFDIO_POISON;
+        /// UFFDIO_API: the handshake.
         API = 1u64 << sys::_UFFDIO_API;
     }
 }
@@ -118,15 +159,22 @@ pub enum CopyOutcome {
 /// Result of a fill ioctl: bytes filled from the start of the range and why it stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopyResult {
+    /// Bytes filled from the start of the range, in whole pages: the full length for
+    /// [`CopyOutcome::Copied`], 0 for [`CopyOutcome::Exists`].
     pub copied: usize,
+    /// Why the call stopped.
     pub outcome: CopyOutcome,
 }
 
 /// Flags of a page fault message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FaultFlags {
+    /// The access was a write (`UFFD_PAGEFAULT_FLAG_WRITE`); false for a read.
     pub write: bool,
+    /// The page is write-protected rather than missing (`UFFD_PAGEFAULT_FLAG_WP`).
     pub wp: bool,
+    /// A minor fault: the page is in the page cache but not mapped
+    /// (`UFFD_PAGEFAULT_FLAG_MINOR`); only on ranges registered for minor faults.
     pub minor: bool,
 }
 
@@ -135,17 +183,30 @@ pub struct FaultFlags {
 pub enum Event {
     /// `thread_id` is 0 unless [`Features::THREAD_ID`] was negotiated.
     PageFault {
+        /// Host address that faulted, rounded down to its page by the kernel unless
+        /// [`Features::EXACT_ADDRESS`] was negotiated (the fault loop does not rely on
+        /// either).
         addr: u64,
+        /// What kind of access faulted.
         flags: FaultFlags,
+        /// Kernel thread id (TID) of the faulting thread, or 0.
         thread_id: u32,
     },
     /// `[start, end)` was dropped with MADV_DONTNEED/MADV_REMOVE.
-    Remove { start: u64, end: u64 },
+    Remove {
+        /// First host address dropped.
+        start: u64,
+        /// End of the dropped range (exclusive).
+        end: u64,
+    },
     /// An event this crate does not act on (fork, remap, unmap, or a future one).
     Other(u8),
 }
 
 impl Event {
+    /// Decodes one message read from the fd. Never fails: fault flags this crate does
+    /// not name are dropped, and unknown event types become [`Event::Other`] with the
+    /// raw `UFFD_EVENT_*` code.
     pub fn decode(msg: &sys::UffdMsg) -> Event {
         match msg.event {
             sys::UFFD_EVENT_PAGEFAULT => {
@@ -315,6 +376,8 @@ impl Userfaultfd {
         self.features
     }
 
+    /// The fd, e.g. to poll(2) it next to other fds. Still owned by this value: do not
+    /// close it or use it after this value is dropped.
     pub fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -358,6 +421,10 @@ impl Userfaultfd {
         Ok(Ioctls::from_bits_retain(arg.ioctls))
     }
 
+    /// Unregisters `[addr, addr+len)` from every mode. Threads blocked on faults there
+    /// are woken and fault again without userfaultfd, so they see whatever the memory
+    /// holds (zero pages on anonymous memory). A bad range is refused with
+    /// [`UffdError::InvalidRange`] before the kernel is asked.
     pub fn unregister(&self, addr: u64, len: u64) -> Result<(), UffdError> {
         check_range(addr, len)?;
         let mut arg = sys::uffdio_range { start: addr, len };

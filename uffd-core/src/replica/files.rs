@@ -33,7 +33,9 @@ const TORN_SAMPLE: usize = 16;
 /// tmpfs' `f_type` (linux/magic.h TMPFS_MAGIC).
 pub(crate) const TMPFS_MAGIC: i64 = 0x0102_1994;
 
-/// What [`ReplicaFiles::open`] found and did.
+/// What opening a replica ([`super::MemoryTier::open`], [`super::DiskTier::open`] or
+/// their `create`) found and did; kept as [`super::MemoryTier::open_report`] /
+/// [`super::DiskTier::open_report`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OpenReport {
     /// The index did not exist (or `create` was called): an empty replica was made.

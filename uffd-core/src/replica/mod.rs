@@ -59,6 +59,7 @@ pub enum Tier {
 /// [`ReplicaError::PageOutOfRange`] (or version 0 from [`ReplicaStore::version`]).
 /// Writers are serialised internally; readers run concurrently with each other.
 pub trait ReplicaStore: Send + Sync {
+    /// Pages in the replica, fixed at open; valid page indices are `0..total_pages()`.
     fn total_pages(&self) -> u64;
 
     /// Current replication epoch; 0 until the first [`ReplicaStore::set_epoch`].
@@ -88,6 +89,7 @@ pub trait ReplicaStore: Send + Sync {
     /// Acknowledge stores only after this returns.
     fn sync(&self) -> Result<(), ReplicaError>;
 
+    /// The medium this store lives on.
     fn tier(&self) -> Tier;
 
     /// Pages found torn (content not matching their entry) since open, on open and
