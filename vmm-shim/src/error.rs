@@ -4,26 +4,51 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+/// Why a migration role (source, destination, standby, replicator, evacuation) failed.
+///
+/// The wrapped errors of `uffd-core` and `transport` convert with `?`; the other variants
+/// are this crate's own checks.
 #[derive(Debug, Error)]
 pub enum RoleError {
+    /// userfaultfd or guest-region setup failed: registering the destination's memory, the
+    /// fault loop, installing a page, or regions that do not form a valid region map
+    /// (misaligned or overlapping, e.g. in [`crate::replica::PausedMemory::new`]).
     #[error(transparent)]
     Uffd(#[from] uffd_core::Error),
+    /// Building guest memory failed (bad length, `memfd_create`/`mmap`/`ftruncate`); for a
+    /// VMM that allocates its memory with `uffd-core` and propagates with `?`.
     #[error(transparent)]
     Memory(#[from] uffd_core::MemoryError),
+    /// The QUIC side failed: binding or connecting the endpoint, TLS, a protocol violation,
+    /// a timeout, or the peer closing the session with an error.
     #[error(transparent)]
     Transport(#[from] transport::quic::DriverError),
+    /// The tokio runtime that drives QUIC could not be built (thread creation failed).
     #[error("cannot start the network runtime: {0}")]
     Runtime(std::io::Error),
+    /// The dirty tracker failed: setting it up, or a harvest during replication or at the
+    /// final harvest of evacuation.
     #[error(transparent)]
     Dirty(#[from] uffd_core::DirtyError),
+    /// The replica store failed (out-of-range page, I/O, a damaged or foreign index); for
+    /// a standby host that opens its replica and propagates with `?`.
     #[error(transparent)]
     Replica(#[from] uffd_core::ReplicaError),
+    /// Any other OS error: reading the endpoint's local address, spawning the replicator
+    /// thread, or that thread panicking (reported as an `io::Error` with that message).
     #[error("I/O error: {0}")]
     Io(std::io::Error),
+    /// The destination or standby waited its accept timeout (the value held, from
+    /// [`crate::DestOptions::accept_timeout`]) and no source connected.
     #[error("no source connected within {0:?}")]
     AcceptTimeout(Duration),
+    /// The listening endpoint closed while the destination or standby was waiting for a
+    /// source to connect.
     #[error("the listening endpoint was closed before a source connected")]
     EndpointClosed,
+    /// The regions handed to the destination do not match the layout: a page size other
+    /// than 4096 bytes, a different number of regions, or a region of a different length.
+    /// Checked before anything is registered.
     #[error("the guest memory regions do not match the memory layout")]
     LayoutDoesNotFitMemory,
 }

@@ -22,8 +22,8 @@
 //! The agent numbers guest-physical page frames (pfn = guest-physical address / 4096); the
 //! migration numbers pages globally over the layout's regions in layout order.
 //! [`GuestMap`] converts: a frame inside region `r` is page `r.first_page + (pfn -
-//! r.guest_addr / 4096)`. For the reference VMM ([`crate::vm`]), whose memory is one region
-//! at guest-physical 0, **pfn == page index**. Frames in no region (holes, MMIO, beyond the
+//! r.guest_addr / 4096)`. For the reference VMM (the `refvmm` crate), whose memory is one
+//! region at guest-physical 0, **pfn == page index**. Frames in no region (holes, MMIO, beyond the
 //! end) are refused: a report that names one is rejected whole.
 
 mod board;
@@ -93,6 +93,8 @@ impl Hints {
 /// `skip_free` as zero pages without reading them.
 #[derive(Clone, Debug, Default)]
 pub struct HintPlan {
+    /// Host page ranges to push before every other page, in this order (normally
+    /// [`Hints::hot`]: sorted, non-overlapping). Empty: a plain push.
     pub hot: Vec<Range<u64>>,
     /// Free pages to zero-fill (from [`skippable_free`]); `None` sends every page's content.
     pub skip_free: Option<Bitmap>,
@@ -119,6 +121,8 @@ impl HintPlan {
 /// What [`crate::source::send_with_hints`] reports beside the session's own report.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct HintedReport {
+    /// The source session's report, as without hints (flattened into this one when
+    /// serialized).
     #[serde(flatten)]
     pub session: transport::quic::SourceReport,
     /// Pages in the hot ranges.

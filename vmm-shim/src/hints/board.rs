@@ -29,52 +29,101 @@ pub enum HintError {
     /// More messages than [`BoardLimits::messages_per_sec`] allows; the message was
     /// dropped, and the report it belonged to with it.
     #[error("agent message dropped: over {per_sec} messages a second (burst {burst})")]
-    RateLimited { per_sec: u32, burst: u32 },
+    RateLimited {
+        /// [`BoardLimits::messages_per_sec`] in force.
+        per_sec: u32,
+        /// [`BoardLimits::burst`] in force.
+        burst: u32,
+    },
     /// A report before any acceptable `Hello` (the page size is unknown).
     #[error("{kind:?} report {seq} arrived before an acceptable Hello")]
-    NoHello { kind: RangeKind, seq: u64 },
+    NoHello {
+        /// Which list the refused part belongs to.
+        kind: RangeKind,
+        /// The refused part's report number.
+        seq: u64,
+    },
     /// The agent's pages are not the host's.
     #[error("the agent counts {page_size}-byte pages; the host tracks {PAGE_SIZE}-byte pages")]
-    PageSize { page_size: u32 },
+    PageSize {
+        /// The page size the agent's `Hello` gave, in bytes.
+        page_size: u32,
+    },
     /// The agent claims more RAM than the guest has: it is not this guest's agent, or lies.
     #[error("the agent reports {mem_total} bytes of guest RAM, more than the {guest_bytes} bytes of guest memory")]
-    MemTotal { mem_total: u64, guest_bytes: u64 },
+    MemTotal {
+        /// The agent's `Hello.mem_total_bytes`: the guest kernel's `MemTotal`, in bytes.
+        mem_total: u64,
+        /// Bytes of guest memory in the layout the board was made for.
+        guest_bytes: u64,
+    },
     /// A part of a report is unsorted or overlaps the parts before it.
     #[error("{kind:?} report {seq}: {source}")]
     Ranges {
+        /// Which list the part belongs to.
         kind: RangeKind,
+        /// The report number.
         seq: u64,
+        /// What is wrong with the ranges (an empty range, one past the frame limit, or
+        /// one starting before the end of the range before it).
         source: RangeError,
     },
     /// Frames that are not guest memory (past the end, or in a hole between regions).
     #[error("{kind:?} report {seq}: frames {first}+{count} are not guest memory (frame {bad} is outside the {guest_pages} guest pages)")]
     OutsideGuest {
+        /// Which list the range is in.
         kind: RangeKind,
+        /// The report number.
         seq: u64,
+        /// The range's first guest frame number, as the agent sent it.
         first: u64,
+        /// The range's length in frames, as the agent sent it.
         count: u64,
+        /// The first frame of the range that is in no region of the layout.
         bad: u64,
+        /// Pages in the layout (all regions).
         guest_pages: u64,
     },
     /// A report list longer than [`BoardLimits::max_ranges`].
     #[error("{kind:?} report {seq} has more than {max} ranges")]
     TooManyRanges {
+        /// Which list is too long.
         kind: RangeKind,
+        /// The report number.
         seq: u64,
+        /// [`BoardLimits::max_ranges`] in force.
         max: usize,
     },
     /// A free list that does not follow the complete hot list of the same report.
     #[error("free list of report {seq} does not follow a complete hot list of that report")]
-    FreeWithoutHot { seq: u64 },
+    FreeWithoutHot {
+        /// The free part's report number.
+        seq: u64,
+    },
     /// A page reported both hot and free: one of the two is wrong, so neither is used.
     #[error("report {seq}: page {page} is both hot and free")]
-    HotFreeOverlap { seq: u64, page: u64 },
+    HotFreeOverlap {
+        /// The report number.
+        seq: u64,
+        /// The first such page, as a host page number.
+        page: u64,
+    },
     /// A host-to-agent message coming from the agent.
     #[error("the agent sent {message}, which only the host sends")]
-    WrongDirection { message: &'static str },
+    WrongDirection {
+        /// The message's name (`ReportNow`, `PostcopyStarted` or `PostcopyFinished`).
+        message: &'static str,
+    },
     /// The agent reported an error of its own (kept for the operator; not a board fault).
     #[error("the agent reported error {code}: {message}")]
-    Agent { code: u16, message: String },
+    Agent {
+        /// The agent's error code (`guest_agent::proto::ErrorCode`; unknown values may
+        /// come from newer agents).
+        code: u16,
+        /// The agent's text, at most `MAX_ERROR_MESSAGE_LEN` bytes (checked by the
+        /// decoder).
+        message: String,
+    },
 }
 
 /// The bounds that keep a hostile agent from costing the host memory or CPU.
@@ -122,11 +171,19 @@ impl Default for BoardLimits {
 /// Counters since the board was made.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct BoardStats {
+    /// Bytes fed from the channel ([`HintBoard::feed_bytes`]); decoded messages fed
+    /// directly are not counted.
     pub bytes: u64,
+    /// Decoded messages taken, rate-limited ones included.
     pub messages: u64,
+    /// Reports accepted whole (each replaced [`HintBoard::hints`]).
     pub reports: u64,
+    /// Errors from fed bytes, recorded for [`HintBoard::take_errors`], including those
+    /// no longer kept; errors returned by [`HintBoard::feed_message`] are not counted.
     pub errors: u64,
+    /// Messages dropped by the rate limit ([`HintError::RateLimited`]).
     pub rate_limited: u64,
+    /// Bytes the frame reader skipped because they were not part of any frame.
     pub garbage_bytes: u64,
     /// Parts of a report that had already failed, ignored without another error.
     pub ignored_parts: u64,
@@ -228,10 +285,12 @@ impl HintBoard {
         self.touched
     }
 
+    /// Counters since the board was made.
     pub fn stats(&self) -> &BoardStats {
         &self.stats
     }
 
+    /// The limits the board was made with.
     pub fn limits(&self) -> &BoardLimits {
         &self.limits
     }

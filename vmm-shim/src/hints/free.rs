@@ -54,17 +54,33 @@ use crate::digest::GuestReadError;
 /// Why reported-free pages may not be skipped.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum SkipRefused {
+    /// The agent said the guest kernel overwrites pages it frees ([`Hints::poison_on_free`]):
+    /// a zero page could read as corruption, so no free page is skipped.
     #[error(
         "the guest poisons or zeroes freed pages (poison_on_free): free pages keep their content"
     )]
     PoisonOnFree,
+    /// The report's scan may have started before dirty tracking did, so a page allocated
+    /// and written between the two would not show as written. A later report, whose first
+    /// part arrives at least [`super::BoardLimits::max_scan_age`] after
+    /// [`DirtyBaseline::arm`], can pass.
     #[error("the agent's scan may predate dirty tracking (scan started after {scanned_after:?}, tracking since {tracking:?}); wait for a later report")]
     NotFresh {
+        /// [`Hints::scanned_after`]; `None` (the bound is earlier than the clock can say)
+        /// is always refused.
         scanned_after: Option<Instant>,
+        /// When dirty tracking began ([`WrittenSince::since`]).
         tracking: Instant,
     },
+    /// The hints and the dirty tracking are not for the same number of pages: they
+    /// describe different memory.
     #[error("the hints cover {hints} pages, dirty tracking {tracked}")]
-    Size { hints: u64, tracked: u64 },
+    Size {
+        /// Pages of [`Hints::free`].
+        hints: u64,
+        /// Pages of [`WrittenSince::pages`].
+        tracked: u64,
+    },
 }
 
 /// Dirty tracking armed for free-page skipping: the first harvest, which sets the baseline
@@ -88,6 +104,8 @@ impl DirtyBaseline {
         Ok(DirtyBaseline { at: Instant::now() })
     }
 
+    /// When the baseline was taken (just after its harvest); a report's scan must start
+    /// no earlier than this for its free pages to be skipped.
     pub fn at(&self) -> Instant {
         self.at
     }
@@ -128,6 +146,8 @@ impl WrittenSince {
         self.since
     }
 
+    /// The pages written, one bit per page (vCPU writes from the tracker and the host's
+    /// own writes).
     pub fn pages(&self) -> &Bitmap {
         &self.pages
     }
@@ -136,6 +156,8 @@ impl WrittenSince {
 /// The pages to skip, and why the others of the free list were kept.
 #[derive(Clone, Debug)]
 pub struct FreeSkip {
+    /// The pages to send as zero pages, one bit per page: reported free and not written
+    /// since the baseline.
     pub pages: Bitmap,
     /// Pages the agent reported free.
     pub reported_free: u64,
@@ -144,13 +166,27 @@ pub struct FreeSkip {
 }
 
 impl FreeSkip {
+    /// Pages to skip (`reported_free - written_since`).
     pub fn skipped(&self) -> u64 {
         self.pages.count_ones()
     }
 }
 
 /// The free pages of `hints` that may be zero-filled, given what was `written` between the
-/// dirty-tracking baseline and the switchover (see the [module docs](self) for the rules).
+/// dirty-tracking baseline and the switchover.
+///
+/// A page reported free is skipped only if all of these hold:
+///
+/// 1. The guest kernel does not overwrite pages it frees (`poison_on_free` is false): with
+///    page poisoning it may check the pattern when it allocates the page again, so a zero
+///    page would read as corruption.
+/// 2. The agent's scan started no earlier than the baseline (`scanned_after` is at or
+///    after `written.since()`): a page allocated after the scan is written before use, so
+///    it shows as written.
+/// 3. The page was not written since the baseline, by vCPUs or by the host.
+///
+/// The first two, and that both bitmaps have the same number of pages, hold for the whole
+/// report or it is refused ([`SkipRefused`]); the third is decided page by page.
 pub fn skippable_free(hints: &Hints, written: &WrittenSince) -> Result<FreeSkip, SkipRefused> {
     if hints.poison_on_free {
         return Err(SkipRefused::PoisonOnFree);
@@ -199,10 +235,12 @@ pub struct SkipFreeReader {
 }
 
 impl SkipFreeReader {
+    /// Serves the pages set in `skip` as zeros and the rest from `inner`.
     pub fn new(inner: Arc<dyn PageReader>, skip: Bitmap) -> SkipFreeReader {
         SkipFreeReader { inner, skip }
     }
 
+    /// The pages served as zeros.
     pub fn skipped(&self) -> &Bitmap {
         &self.skip
     }

@@ -24,15 +24,22 @@ use super::{BoardLimits, BoardStats, HintBoard, HintError, Hints, MapError};
 /// [`HintError`]s, kept on the board).
 #[derive(Debug, Error)]
 pub enum AgentLinkError {
+    /// [`AgentLink::connect`] could not connect to the socket before its timeout.
     #[error("cannot connect to the agent socket {path}: {source} (is the VMM running with the agent port on that socket?)")]
     Connect {
+        /// The socket path tried.
         path: PathBuf,
+        /// The last connect attempt's error.
         source: std::io::Error,
     },
+    /// Cloning the stream, spawning the reader thread, or writing a host message failed.
     #[error("agent channel: {0}")]
     Io(#[from] std::io::Error),
+    /// A host message was not sent because the reader already saw the channel end; holds
+    /// why it ended (end of stream or the read error).
     #[error("the agent channel is closed: {0}")]
     Closed(String),
+    /// The guest's layout cannot be mapped for hints, so no board could be made.
     #[error(transparent)]
     Map(#[from] MapError),
 }
@@ -192,6 +199,7 @@ impl AgentLink {
         self.state().board.take_errors()
     }
 
+    /// A copy of the board's counters now (see [`HintBoard::stats`]).
     pub fn stats(&self) -> BoardStats {
         self.state().board.stats().clone()
     }

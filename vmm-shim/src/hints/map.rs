@@ -8,10 +8,19 @@ use transport::{Layout, PAGE_SIZE};
 /// A layout the hints cannot be mapped onto.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum MapError {
+    /// The layout's page size (held, in bytes) is not 4096, the size of the agent's frames.
     #[error("the layout has {0}-byte pages; hints need {PAGE_SIZE}-byte pages")]
     PageSize(u32),
+    /// A region's guest-physical start or length is not a multiple of 4096 bytes.
     #[error("region at {guest_addr:#x} ({len} bytes) is not page aligned")]
-    Unaligned { guest_addr: u64, len: u64 },
+    Unaligned {
+        /// The region's guest-physical start address.
+        guest_addr: u64,
+        /// The region's length in bytes.
+        len: u64,
+    },
+    /// Two regions share guest-physical frames, so a frame would have two pages. Holds the
+    /// two regions' guest-physical start addresses, lower first.
     #[error("regions at {0:#x} and {1:#x} overlap")]
     Overlap(u64, u64),
 }
@@ -35,6 +44,8 @@ pub struct GuestMap {
 const PAGE: u64 = PAGE_SIZE as u64;
 
 impl GuestMap {
+    /// The map of `layout`'s regions. Refused if its pages are not 4096 bytes, a region is
+    /// not page aligned, or two regions overlap in guest-physical memory.
     pub fn new(layout: &Layout) -> Result<GuestMap, MapError> {
         if layout.page_size as u64 != PAGE {
             return Err(MapError::PageSize(layout.page_size));

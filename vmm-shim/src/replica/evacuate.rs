@@ -64,11 +64,13 @@ pub struct EvacuationReport {
     pub pages_stale: u64,
     /// Final harvest and stale-set computation, with the guest paused.
     pub final_harvest_ms: f64,
-    /// Distinct contents of the fresh pages indexed for references into the replica, and
-    /// how long that took beside the session (`None`: deduplication off, or the session
-    /// ended first).
+    /// Distinct contents of the fresh pages indexed for references into the replica
+    /// (`None`: deduplication off, or the session ended before the index was built).
     pub replica_index_contents: Option<u64>,
+    /// How long building that index took, in milliseconds, beside the session rather than
+    /// in the downtime (`None` as for `replica_index_contents`).
     pub replica_index_ms: Option<f64>,
+    /// The evacuation session's own report (flattened into this one when serialized).
     #[serde(flatten)]
     pub session: SourceReport,
 }

@@ -32,6 +32,7 @@ impl Ledger {
         }
     }
 
+    /// Pages tracked, fixed at [`Ledger::new`].
     pub fn pages(&self) -> u64 {
         self.version.len() as u64
     }
@@ -70,11 +71,15 @@ impl Ledger {
         }
     }
 
+    /// Whether the standby acknowledged `page` at its current version (false for a page
+    /// outside the ledger).
     pub fn is_fresh(&self, page: u64) -> bool {
         let p = page as usize;
         p < self.version.len() && self.acked[p] == self.version[p]
     }
 
+    /// The current version of `page`: 1 plus the harvests that reported it written; 0 for a
+    /// page outside the ledger.
     pub fn version(&self, page: u64) -> u64 {
         self.version.get(page as usize).copied().unwrap_or(0)
     }
@@ -130,6 +135,8 @@ impl Ledger {
             .count() as u64
     }
 
+    /// Pages whose current version the standby has not acknowledged (the size of
+    /// [`Ledger::stale_set`]).
     pub fn stale_count(&self) -> u64 {
         self.version
             .iter()

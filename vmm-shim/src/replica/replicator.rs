@@ -27,9 +27,13 @@ use crate::error::RoleError;
 /// How the replicator reaches the standby and how much it may send.
 #[derive(Clone)]
 pub struct ReplicatorOptions {
+    /// The standby's address.
     pub connect: SocketAddr,
+    /// This side's certificate and key.
     pub identity: Identity,
+    /// The only certificate the standby may present.
     pub peer_cert: CertificateDer<'static>,
+    /// The VM's name, which the standby may insist on.
     pub vm_id: String,
     /// Replication epoch: random per source run, so a standby can tell our versions apart
     /// from another run's.
@@ -49,32 +53,55 @@ pub struct ReplicatorOptions {
 /// Live counters, readable while the replicator runs.
 #[derive(Debug, Default)]
 pub struct ReplicatorStats {
+    /// Pages whose current version the standby has not acknowledged, as of the end of the
+    /// last round.
     pub stale_pages: AtomicU64,
+    /// Pages handed to a connection for sending; pages lost with a connection and sent
+    /// again count again.
     pub pages_sent: AtomicU64,
+    /// Acknowledgements the standby returned, one per page and version stored.
     pub pages_acked: AtomicU64,
+    /// Harvests of the dirty tracker by the replicator (evacuation's final one is not
+    /// counted).
     pub harvests: AtomicU64,
+    /// Time spent in those harvests, in nanoseconds.
     pub harvest_ns: AtomicU64,
+    /// Connections made to the standby: the first plus every reconnect.
     pub connections: AtomicU64,
+    /// UDP bytes sent and received over all the replicator's connections; 0 until it
+    /// stops, as it is summed from each connection's report when that connection ends.
     pub wire_bytes: AtomicU64,
 }
 
 /// A snapshot of [`ReplicatorStats`].
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ReplicationSummary {
+    /// The dirty tracker's kind (`DirtyTracker::kind`).
     pub tracker: &'static str,
+    /// [`ReplicatorStats::stale_pages`] when the replicator stopped.
     pub stale_pages: u64,
+    /// [`ReplicatorStats::pages_sent`].
     pub pages_sent: u64,
+    /// [`ReplicatorStats::pages_acked`].
     pub pages_acked: u64,
+    /// [`ReplicatorStats::harvests`].
     pub harvests: u64,
+    /// [`ReplicatorStats::harvest_ns`], in milliseconds.
     pub harvest_ms_total: f64,
+    /// [`ReplicatorStats::connections`].
     pub connections: u64,
+    /// [`ReplicatorStats::wire_bytes`].
     pub wire_bytes: u64,
 }
 
 /// What the replicator hands back when stopped: everything evacuation needs.
 pub struct ReplicatorState {
+    /// What the standby holds, with the acknowledgements of the last session collected.
     pub ledger: Ledger,
+    /// The dirty tracker, still armed: its next harvest (evacuation's final one) reports
+    /// every page written since the replicator's last harvest, so none is missed.
     pub tracker: Box<dyn DirtyTracker>,
+    /// The counters when the replicator stopped.
     pub summary: ReplicationSummary,
 }
 
@@ -147,6 +174,7 @@ impl Replicator {
         })
     }
 
+    /// The live counters.
     pub fn stats(&self) -> &ReplicatorStats {
         &self.stats
     }

@@ -30,7 +30,11 @@ use crate::dest::{ChannelSource, UffdSink};
 
 /// The replica a standby keeps.
 pub enum Replica {
+    /// Replica on tmpfs: at evacuation its file becomes guest memory without a copy, and
+    /// only stale and invalid pages fault.
     Memory(MemoryTier),
+    /// Replica on a disk filesystem: at evacuation guest memory is fresh anonymous memory,
+    /// filled from the file on demand and by a background prefetch (which shares it).
     Disk(Arc<DiskTier>),
 }
 
@@ -73,10 +77,17 @@ pub struct StandbySink {
 /// What the standby measured at evacuation.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct EvacuationStats {
+    /// Pages served from the replica rather than from the source: the pages present at
+    /// switchover (memory tier), or the pages installed from the disk file so far (disk
+    /// tier).
     pub pages_from_replica: u64,
+    /// Pages the replica could not serve at switchover (stale, invalid or never stored),
+    /// which had to come from the source.
     pub pages_stale: u64,
     /// Switchover → last stale page present: how long losing the source would lose data.
     pub vulnerability_ms: f64,
+    /// Pages of the replica found torn (content not matching its entry) when the standby
+    /// started serving; each was made invalid, so the source sends it again.
     pub torn_pages_at_open: u64,
 }
 
@@ -85,6 +96,7 @@ fn sink_err(e: impl std::fmt::Display) -> SinkError {
 }
 
 impl StandbySink {
+    /// A sink that stores replication into `replica` until an evacuation.
     pub fn new(replica: Replica) -> StandbySink {
         let total_pages = replica.store().total_pages();
         StandbySink {
@@ -112,6 +124,8 @@ impl StandbySink {
             .map_or(0, |r| r.store().valid_pages().count() as u64)
     }
 
+    /// Pages of the replica found torn (content not matching its entry) since it was
+    /// opened, each made invalid; 0 once the replica has become guest memory.
     pub fn torn_pages(&self) -> u64 {
         lock(&self.replica)
             .as_ref()
@@ -143,6 +157,9 @@ impl StandbySink {
         metrics
     }
 
+    /// What was measured at evacuation, with `torn_at_open` (the caller's
+    /// [`StandbySink::torn_pages`] before the first session) reported as is. Before an
+    /// evacuation, or until every stale page is present, the vulnerability is 0.
     pub fn evacuation_stats(&self, torn_at_open: u64) -> EvacuationStats {
         let vulnerability = match (self.switchover.get(), self.completed.get()) {
             (Some(a), Some(b)) => b.duration_since(*a).as_secs_f64() * 1e3,
