@@ -76,8 +76,6 @@ pub enum SourceEvent {
     Established { features: u64 },
     /// Replication: pages the standby cannot serve; they count as never acknowledged.
     Invalid(Bitmap),
-    /// Pages the destination is blocked on: read and send them on the urgent channel now.
-    Serve(Vec<u64>),
     /// Replication: the standby stored these (page, version) pairs.
     Acked(Vec<(u64, u64)>),
     /// The destination has every page; the session is over.
@@ -263,8 +261,12 @@ impl SourceSession {
         self.pages_stale
     }
 
-    /// Feeds one message received on `channel`.
-    pub fn handle(&mut self, channel: Channel, msg: Message) -> Result<(), ProtoError> {
+    /// Feeds one message received on `channel`. A demand request returns the pages the
+    /// destination is blocked on: read and send them on the urgent channel now. (They are
+    /// data for the urgent path, like [`crate::proto::Delivery`] on the destination, not an
+    /// event: the task serving the urgent stream gets them without waiting on the control
+    /// loop.) Every other message returns nothing to serve.
+    pub fn handle(&mut self, channel: Channel, msg: Message) -> Result<Vec<u64>, ProtoError> {
         let result = self.handle_inner(channel, msg);
         if let Err(e) = &result {
             if !matches!(e, ProtoError::Peer { .. }) && self.state != State::Failed {
@@ -285,7 +287,7 @@ impl SourceSession {
         e
     }
 
-    fn handle_inner(&mut self, channel: Channel, msg: Message) -> Result<(), ProtoError> {
+    fn handle_inner(&mut self, channel: Channel, msg: Message) -> Result<Vec<u64>, ProtoError> {
         let kind = self.config.kind;
         match (self.state, channel, msg) {
             (_, _, Message::Error { code, message }) => Err(ProtoError::Peer { code, message }),
@@ -306,7 +308,7 @@ impl SourceSession {
                         Some(PageSetAssembler::new(SetKind::Invalid, self.total_pages()));
                     self.config.features = features;
                 }
-                Ok(())
+                Ok(Vec::new())
             }
             (
                 State::AwaitInvalid,
@@ -322,7 +324,7 @@ impl SourceSession {
                     return Err(ProtoError::BadPageSet(set, "no set expected"));
                 };
                 let Some(invalid) = asm.add(set, first_word, &words, last)? else {
-                    return Ok(());
+                    return Ok(Vec::new());
                 };
                 self.invalid = None;
                 self.state = State::Running;
@@ -347,7 +349,7 @@ impl SourceSession {
                 }
                 let features = self.config.features;
                 self.events.push_back(SourceEvent::Established { features });
-                Ok(())
+                Ok(Vec::new())
             }
             (State::Running, Channel::Urgent, Message::Request { pages })
                 if kind != SessionKind::Replicate =>
@@ -364,8 +366,7 @@ impl SourceSession {
                     self.push.on_demand(p);
                 }
                 self.pages_served += pages.len() as u64;
-                self.events.push_back(SourceEvent::Serve(pages));
-                Ok(())
+                Ok(pages)
             }
             (State::Running, Channel::Control, Message::Ack { entries })
                 if kind == SessionKind::Replicate =>
@@ -379,7 +380,7 @@ impl SourceSession {
                     });
                 }
                 self.events.push_back(SourceEvent::Acked(entries));
-                Ok(())
+                Ok(Vec::new())
             }
             (State::Running, Channel::Control, Message::Complete { pages_received })
                 if kind != SessionKind::Replicate =>
@@ -394,11 +395,11 @@ impl SourceSession {
                 self.state = State::Finished;
                 self.send(Channel::Control, Message::CompleteAck);
                 self.events.push_back(SourceEvent::Finished);
-                Ok(())
+                Ok(Vec::new())
             }
             // A demand request that crossed the destination's `Complete`: it has every page
             // now, so there is nothing to serve. On a long link this race is common.
-            (State::Finished, Channel::Urgent, Message::Request { .. }) => Ok(()),
+            (State::Finished, Channel::Urgent, Message::Request { .. }) => Ok(Vec::new()),
             (state, channel, msg) => Err(ProtoError::Unexpected {
                 message: msg.name(),
                 channel,
