@@ -3,8 +3,6 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use super::{page_set_messages, Channel, PageSetAssembler, ProtoError, PushSchedule, Transmit};
 use crate::bitmap::Bitmap;
@@ -82,25 +80,41 @@ pub enum SourceEvent {
     Finished,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum State {
     HelloSent,
-    AwaitInvalid,
+    /// A standby answered; its invalid pages arrive in chunks.
+    AwaitInvalid(PageSetAssembler),
     Running,
     Finished,
     Failed,
 }
 
 impl State {
-    fn name(self) -> &'static str {
+    fn name(&self) -> &'static str {
         match self {
             State::HelloSent => "awaiting the handshake reply",
-            State::AwaitInvalid => "awaiting the standby's invalid pages",
+            State::AwaitInvalid(_) => "awaiting the standby's invalid pages",
             State::Running => "running",
             State::Finished => "finished",
             State::Failed => "failed",
         }
     }
+}
+
+/// What a [`SourceSession`] counted (see its accessors of the same names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    /// Pages requested on demand.
+    pub pages_served: u64,
+    /// Pages handed to the background push.
+    pub pages_pushed: u64,
+    /// Of those, handed out before the destination answered the handshake.
+    pub pages_pushed_early: u64,
+    /// Of those, from the hot ranges ([`SourceConfig::hot`]), before any other page.
+    pub pages_pushed_hot: u64,
+    /// Pages that must cross: all of them for a migration, the stale set at evacuation.
+    pub pages_stale: u64,
 }
 
 /// Source session: sends the handshake, serves demand requests, schedules the push.
@@ -109,14 +123,12 @@ pub struct SourceSession {
     config: SourceConfig,
     state: State,
     push: PushSchedule,
-    invalid: Option<PageSetAssembler>,
     push_done_sent: bool,
     /// Pages the push handed out before the session ran (see [`SourceSession::next_push`]).
     pushed_early: Bitmap,
     pages_served: u64,
     pages_pushed: u64,
-    /// Shared so it can be read after the session was moved into a driver.
-    pages_pushed_hot: Arc<AtomicU64>,
+    pages_pushed_hot: u64,
     pages_stale: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SourceEvent>,
@@ -155,12 +167,11 @@ impl SourceSession {
         let mut s = SourceSession {
             state: State::HelloSent,
             push: schedule(first, &config),
-            invalid: None,
             push_done_sent: false,
             pushed_early: Bitmap::new(pages),
             pages_served: 0,
             pages_pushed: 0,
-            pages_pushed_hot: Arc::default(),
+            pages_pushed_hot: 0,
             pages_stale: pages,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -211,7 +222,7 @@ impl SourceSession {
     }
 
     pub fn is_running(&self) -> bool {
-        self.state == State::Running
+        matches!(self.state, State::Running)
     }
 
     /// Whether the push may run before the handshake is answered: a migration or an
@@ -219,14 +230,14 @@ impl SourceSession {
     /// unencoded (nothing is negotiated yet); the destination holds them until the session
     /// runs. It saves the round trip of the handshake on a long link.
     pub fn may_push_early(&self) -> bool {
-        matches!(self.state, State::HelloSent | State::AwaitInvalid)
+        matches!(self.state, State::HelloSent | State::AwaitInvalid(_))
             && self.config.early_push
             && self.config.push
             && self.config.kind != SessionKind::Replicate
     }
 
     pub fn is_finished(&self) -> bool {
-        self.state == State::Finished
+        matches!(self.state, State::Finished)
     }
 
     /// Pages the push handed out before the destination answered the handshake.
@@ -247,18 +258,23 @@ impl SourceSession {
     /// Pages pushed from the hot ranges ([`SourceConfig::hot`]), i.e. before any other
     /// page; hot pages the destination asked for first count as served, not here.
     pub fn pages_pushed_hot(&self) -> u64 {
-        self.pages_pushed_hot.load(Ordering::Relaxed)
-    }
-
-    /// A live view of [`SourceSession::pages_pushed_hot`] to keep before handing the
-    /// session to a driver (`quic::run_source` owns it until the migration ends).
-    pub fn hot_push_count(&self) -> Arc<AtomicU64> {
-        self.pages_pushed_hot.clone()
+        self.pages_pushed_hot
     }
 
     /// Pages that must cross: all of them for a migration, the stale set at evacuation.
     pub fn pages_stale(&self) -> u64 {
         self.pages_stale
+    }
+
+    /// Everything the session counted, for the driver's report.
+    pub fn stats(&self) -> SourceStats {
+        SourceStats {
+            pages_served: self.pages_served,
+            pages_pushed: self.pages_pushed,
+            pages_pushed_early: self.pages_pushed_early(),
+            pages_pushed_hot: self.pages_pushed_hot,
+            pages_stale: self.pages_stale,
+        }
     }
 
     /// Feeds one message received on `channel`. A demand request returns the pages the
@@ -269,7 +285,7 @@ impl SourceSession {
     pub fn handle(&mut self, channel: Channel, msg: Message) -> Result<Vec<u64>, ProtoError> {
         let result = self.handle_inner(channel, msg);
         if let Err(e) = &result {
-            if !matches!(e, ProtoError::Peer { .. }) && self.state != State::Failed {
+            if !matches!(e, ProtoError::Peer { .. }) && !matches!(self.state, State::Failed) {
                 self.send(Channel::Control, e.to_message());
             }
             self.state = State::Failed;
@@ -280,7 +296,7 @@ impl SourceSession {
     /// Reports a codec error on incoming bytes: the session fails and tells the peer.
     pub fn handle_decode_error(&mut self, e: crate::codec::CodecError) -> ProtoError {
         let e = ProtoError::Codec(e);
-        if self.state != State::Failed {
+        if !matches!(self.state, State::Failed) {
             self.send(Channel::Control, e.to_message());
             self.state = State::Failed;
         }
@@ -289,7 +305,7 @@ impl SourceSession {
 
     fn handle_inner(&mut self, channel: Channel, msg: Message) -> Result<Vec<u64>, ProtoError> {
         let kind = self.config.kind;
-        match (self.state, channel, msg) {
+        match (&mut self.state, channel, msg) {
             (_, _, Message::Error { code, message }) => Err(ProtoError::Peer { code, message }),
             (State::HelloSent, Channel::Control, Message::HelloAck { version, features }) => {
                 if version != PROTOCOL_VERSION {
@@ -303,15 +319,16 @@ impl SourceSession {
                     self.send_vm_state();
                     self.events.push_back(SourceEvent::Established { features });
                 } else {
-                    self.state = State::AwaitInvalid;
-                    self.invalid =
-                        Some(PageSetAssembler::new(SetKind::Invalid, self.total_pages()));
+                    self.state = State::AwaitInvalid(PageSetAssembler::new(
+                        SetKind::Invalid,
+                        self.total_pages(),
+                    ));
                     self.config.features = features;
                 }
                 Ok(Vec::new())
             }
             (
-                State::AwaitInvalid,
+                State::AwaitInvalid(asm),
                 Channel::Control,
                 Message::PageSet {
                     kind: set,
@@ -320,13 +337,9 @@ impl SourceSession {
                     last,
                 },
             ) => {
-                let Some(asm) = self.invalid.as_mut() else {
-                    return Err(ProtoError::BadPageSet(set, "no set expected"));
-                };
                 let Some(invalid) = asm.add(set, first_word, &words, last)? else {
                     return Ok(Vec::new());
                 };
-                self.invalid = None;
                 self.state = State::Running;
                 if kind == SessionKind::Evacuate {
                     let mut stale = self
@@ -416,7 +429,7 @@ impl SourceSession {
     /// answer's extra pages join the schedule when it arrives.
     pub fn next_push(&mut self, max: usize) -> Option<Range<u64>> {
         let early = self.may_push_early();
-        if !(early || self.state == State::Running)
+        if !(early || matches!(self.state, State::Running))
             || !self.config.push
             || self.config.kind == SessionKind::Replicate
         {
@@ -431,8 +444,7 @@ impl SourceSession {
                 }
                 self.pages_pushed += r.end - r.start;
                 if hot {
-                    self.pages_pushed_hot
-                        .fetch_add(r.end - r.start, Ordering::Relaxed);
+                    self.pages_pushed_hot += r.end - r.start;
                 }
                 Some(r)
             }
@@ -490,7 +502,6 @@ mod hot_tests {
             hot: vec![100..110, 5..7],
             ..migrate(128)
         });
-        let counter = s.hot_push_count();
         s.handle(Channel::Urgent, Message::Request { pages: vec![103] })
             .unwrap();
         assert_eq!(s.next_push(64), Some(100..103));
@@ -507,7 +518,7 @@ mod hot_tests {
         assert_eq!(s.next_push(64), Some(7..71));
         while s.next_push(64).is_some() {}
         assert_eq!(s.pages_pushed() + s.pages_served(), 128);
-        assert_eq!(counter.load(Ordering::Relaxed), 11);
+        assert_eq!(s.stats().pages_pushed_hot, 11);
     }
 
     #[test]

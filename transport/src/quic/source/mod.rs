@@ -41,6 +41,11 @@ pub struct SourceReport {
     pub pages_pushed: u64,
     /// Of those, pushed beside the handshake, before the destination answered.
     pub pages_pushed_early: u64,
+    /// Of those, pushed from the hot ranges before any other page
+    /// ([`crate::proto::SourceConfig::hot`]). Not serialized here: only a send with the
+    /// guest agent's hints has hot ranges, and its report prints the count.
+    #[serde(skip)]
+    pub pages_pushed_hot: u64,
     /// Pages that had to cross: all for a migration, the stale set at evacuation.
     pub pages_stale: u64,
     pub push_ms: u64,
@@ -298,14 +303,15 @@ impl Driver {
         self.control.stop().await;
         let encoding = tasks.stop().await;
         outcome?;
-        let s = self.link().session();
+        let stats = self.link().session().stats();
         Ok(SourceReport {
             // Replies actually sent: a request that crossed the destination's `Complete`
             // may have been cut short when the session ended.
             pages_served: encoding.replies.pages(),
-            pages_pushed: s.pages_pushed(),
-            pages_pushed_early: s.pages_pushed_early(),
-            pages_stale: s.pages_stale(),
+            pages_pushed: stats.pages_pushed,
+            pages_pushed_early: stats.pages_pushed_early,
+            pages_pushed_hot: stats.pages_pushed_hot,
+            pages_stale: stats.pages_stale,
             push_ms,
             encoding: encoding.all,
             ..SourceReport::default()
