@@ -13,7 +13,7 @@ mod read_ahead;
 mod source;
 mod stated_start;
 
-pub use dest::{run_dest, DestHooks, DestReport, PageSink, SinkError};
+pub use dest::{run_dest, DecodeStats, DestHooks, DestReport, PageSink, SinkError};
 pub use frame::{read_frame, write_message, write_pages, FrameError};
 pub use source::{
     run_replication, run_source, PageReader, ReplicationEvent, ReplicationReport, SourceReport,

@@ -8,12 +8,14 @@
 //! from the fault loop go out from a third.
 
 mod receive;
+mod report;
+
+pub use report::{DecodeStats, DestReport};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -93,40 +95,6 @@ pub struct DestHooks {
     pub on_established: Option<OnEstablished>,
 }
 
-/// What the destination saw, for the migration report.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct DestReport {
-    pub vm_id: String,
-    pub kind: Option<SessionKind>,
-    /// Evacuation: pages that had to cross (the stale set).
-    pub pages_stale: u64,
-    /// Replication: pages stored in the replica.
-    pub pages_replicated: u64,
-    /// From the start of the session to the moment the guest could resume.
-    pub established_ms: u64,
-    /// From the start of the session to every page present: from then on the guest no
-    /// longer depends on the source. (A replication session: to its end.)
-    pub total_ms: u64,
-    /// From the start of the session to its orderly end, after the source acknowledged
-    /// completion: `total_ms` plus about one round trip.
-    pub closed_ms: u64,
-    /// When every page was present (ms since the start), once known.
-    #[serde(skip)]
-    present_at: Option<u64>,
-    pub pages_received: u64,
-    pub udp_tx_bytes: u64,
-    pub udp_rx_bytes: u64,
-    /// Pages that arrived compressed, as references, and references that failed
-    /// verification (fetched again on demand).
-    pub pages_lz4: u64,
-    pub pages_ref: u64,
-    pub refs_refetched: u64,
-    /// Bulk bytes read before the session ran, rounded up to KiB per message: the source's
-    /// push beside the handshake, and what arrived while the destination prepared (a
-    /// standby punching its holes), which would otherwise have stalled flow control.
-    pub early_push_bytes: u64,
-}
-
 /// The destination's half of a session, shared by its tasks.
 struct Dest {
     link: Link<DestSession>,
@@ -157,10 +125,8 @@ pub async fn run_dest(
         Ok(mut report) => {
             conn.close(VarInt::from_u32(CLOSE_OK), b"migration complete");
             let stats = conn.stats();
-            report.udp_tx_bytes = stats.udp_tx.bytes;
-            report.udp_rx_bytes = stats.udp_rx.bytes;
-            report.closed_ms = started.elapsed().as_millis() as u64;
-            report.total_ms = report.present_at.unwrap_or(report.closed_ms);
+            report.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
+            report.closed(started.elapsed().as_millis() as u64);
             Ok(report)
         }
         Err(e) => {
@@ -447,7 +413,7 @@ impl Driver {
                 completes
             };
             if completes {
-                self.report.present_at = Some(at);
+                self.report.present_at(at);
             }
             self.link().flush().await?;
         }
@@ -462,9 +428,11 @@ impl Driver {
         }
         let counts = &self.dest.counts;
         self.report.pages_replicated = counts.stored();
-        self.report.pages_lz4 = counts.lz4();
-        self.report.pages_ref = counts.refs();
-        self.report.refs_refetched = counts.refetched();
+        self.report.decoded = DecodeStats {
+            pages_lz4: counts.lz4(),
+            pages_ref: counts.refs(),
+            refs_refetched: counts.refetched(),
+        };
         let received = self.link().session().received().count_ones();
         self.report.pages_received = received;
         Ok(())
