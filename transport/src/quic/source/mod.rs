@@ -37,7 +37,9 @@ pub trait PageReader: Send + Sync + 'static {
 /// What the source did, for the migration report.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SourceReport {
+    /// Pages sent as demand replies.
     pub pages_served: u64,
+    /// Pages handed to the background push.
     pub pages_pushed: u64,
     /// Of those, pushed beside the handshake, before the destination answered.
     pub pages_pushed_early: u64,
@@ -48,9 +50,14 @@ pub struct SourceReport {
     pub pages_pushed_hot: u64,
     /// Pages that had to cross: all for a migration, the stale set at evacuation.
     pub pages_stale: u64,
+    /// From the start of the push (beside the handshake) to the end of the session.
     pub push_ms: u64,
+    /// From the start of the session until the destination closed it (or 5 s after the
+    /// source acknowledged completion).
     pub total_ms: u64,
+    /// UDP bytes sent, as counted by this side's QUIC stack.
     pub udp_tx_bytes: u64,
+    /// UDP bytes received.
     pub udp_rx_bytes: u64,
     /// Pushed and served page bytes by kind, the compression ratio and what the tuner chose.
     pub encoding: EncodingStats,
