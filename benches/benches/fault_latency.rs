@@ -243,8 +243,8 @@ fn faultline_run(run: usize, bytes: u64, seed: u64) -> anyhow::Result<Summary> {
         json!(touches.times.len() as f64 / touches.wall.as_secs_f64()),
     );
     line.insert("resume_ms".into(), json!(m.dest.resume_ms));
-    line.insert("total_ms".into(), json!(m.dest.total_ms));
-    line.insert("wire_bytes".into(), json!(m.dest.wire_bytes));
+    line.insert("total_ms".into(), json!(m.dest.session.total_ms as f64));
+    line.insert("wire_bytes".into(), json!(m.dest.session.wire_bytes));
     line.insert("pages_checked".into(), json!(m.pages_checked));
     line.insert("cpu".into(), json!(m.cpu));
     emit(&Value::Object(line));

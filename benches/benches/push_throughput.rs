@@ -109,7 +109,7 @@ fn main() -> anyhow::Result<()> {
             eprintln!(
                 "[{BENCH}]   faultline {:.3} GB/s in {} ms; CPU s: dest {:.2}, source {:.2}",
                 v["gbps"].as_f64().unwrap_or(f64::NAN),
-                m.dest.total_ms,
+                m.dest.session.total_ms,
                 m.cpu
                     .as_ref()
                     .and_then(|c| c.process_cpu_secs.get("dest").copied())
@@ -198,15 +198,16 @@ fn main() -> anyhow::Result<()> {
 /// One faultline push run as JSON.
 fn run_json(m: &Migration) -> Value {
     let d = &m.dest;
-    let secs = d.total_ms / 1e3;
-    let push_secs = (d.total_ms - d.resume_ms) / 1e3;
+    let total_ms = d.session.total_ms as f64;
+    let secs = total_ms / 1e3;
+    let push_secs = (total_ms - d.resume_ms) / 1e3;
     json!({
         "gbps": d.memory_bytes as f64 / secs / 1e9,
         "gbps_after_resume": d.memory_bytes as f64 / push_secs / 1e9,
-        "total_ms": d.total_ms,
+        "total_ms": total_ms,
         "resume_ms": d.resume_ms,
-        "wire_bytes": d.wire_bytes,
-        "wire_bytes_per_memory_byte": d.wire_bytes as f64 / d.memory_bytes as f64,
+        "wire_bytes": d.session.wire_bytes,
+        "wire_bytes_per_memory_byte": d.session.wire_bytes as f64 / d.memory_bytes as f64,
         "pages": d.pages,
         "pages_pushed": d.metrics.pages_pushed,
         "pages_faulted": d.metrics.pages_faulted,

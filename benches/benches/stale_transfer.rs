@@ -158,8 +158,8 @@ fn main() -> anyhow::Result<()> {
             "run": run,
             "bytes": bytes,
             "image": "mix",
-            "wire_bytes": d.wire_bytes,
-            "total_ms": d.total_ms,
+            "wire_bytes": d.session.wire_bytes,
+            "total_ms": d.session.total_ms as f64,
             "resume_ms": d.resume_ms,
             "pages_pushed": d.metrics.pages_pushed,
             "pages_zero": d.metrics.pages_zero,
@@ -169,7 +169,7 @@ fn main() -> anyhow::Result<()> {
         });
         eprintln!(
             "[{BENCH}]   postcopy: {} wire bytes in {:.0} ms",
-            d.wire_bytes, d.total_ms
+            d.session.wire_bytes, d.session.total_ms
         );
         emit(&v);
         postcopy.push(v);
@@ -382,7 +382,7 @@ fn stale_case(
     let m = report.metrics.clone().unwrap_or_default();
     eprintln!(
         "[{BENCH}]   {pct}%: {stale_pages} stale pages, {} wire bytes, {:.0} ms (resume {:.1} ms)",
-        report.wire_bytes, report.total_ms, report.resume_ms
+        report.session.wire_bytes, report.session.total_ms, report.resume_ms
     );
     Ok(json!({
         "bench": BENCH,
@@ -392,8 +392,8 @@ fn stale_case(
         "stale_pages": stale_pages,
         "stale_bytes": stale_pages * PAGE_SIZE as u64,
         "pages_dirtied": dirtied,
-        "wire_bytes": report.wire_bytes,
-        "total_ms": report.total_ms,
+        "wire_bytes": report.session.wire_bytes,
+        "total_ms": report.session.total_ms as f64,
         "resume_ms": report.resume_ms,
         "vulnerability_ms": report.evacuation.vulnerability_ms,
         "pages_from_replica": report.evacuation.pages_from_replica,

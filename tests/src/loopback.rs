@@ -612,8 +612,8 @@ pub fn migrate_over(
         memory_bytes: config.mem_size,
         vcpus: config.vcpus,
         downtime_ms: d.first_run.saturating_duration_since(started).as_secs_f64() * 1e3,
-        total_ms: d.report.total_ms,
-        wire_bytes: d.report.wire_bytes,
+        total_ms: d.report.session.total_ms as f64,
+        wire_bytes: d.report.session.wire_bytes,
         faults: m.faults,
         blocked_ms: m.blocked_ns as f64 / 1e6,
         vcpu_blocked_ms: d

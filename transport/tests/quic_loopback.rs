@@ -149,10 +149,10 @@ async fn compressed_and_deduplicated_pages_arrive_intact() {
     assert_eq!(src.pages_pushed_early, 0);
     let e = &src.encoding;
     assert!(e.lz4_pages > 0 && e.ref_pages > 0, "{e:?}");
-    assert_eq!(dst.pages_lz4, e.lz4_pages);
-    assert_eq!(dst.pages_ref, e.ref_pages);
+    assert_eq!(dst.decoded.pages_lz4, e.lz4_pages);
+    assert_eq!(dst.decoded.pages_ref, e.ref_pages);
     // Every reference pointed at a page pushed earlier on the same stream.
-    assert_eq!(dst.refs_refetched, 0);
+    assert_eq!(dst.decoded.refs_refetched, 0);
     assert!(e.compression_ratio < 0.2, "{e:?}");
     assert_eq!(e.chosen, "lz4+dedup");
 }
@@ -165,9 +165,9 @@ async fn an_early_unencoded_push_and_the_encoded_push_after_it_arrive_intact() {
     let e = &src.encoding;
     // However much went before the handshake's answer, the counts agree on both sides,
     // and references never name a page the destination lacks.
-    assert_eq!(dst.pages_lz4, e.lz4_pages);
-    assert_eq!(dst.pages_ref, e.ref_pages);
-    assert_eq!(dst.refs_refetched, 0);
+    assert_eq!(dst.decoded.pages_lz4, e.lz4_pages);
+    assert_eq!(dst.decoded.pages_ref, e.ref_pages);
+    assert_eq!(dst.decoded.refs_refetched, 0);
     assert_eq!(
         e.raw_pages + e.zero_pages + e.lz4_pages + e.ref_pages,
         src.pages_pushed + src.pages_served,
@@ -182,7 +182,7 @@ async fn with_encoding_off_only_zero_flags_are_used() {
     assert_eq!(*sink.mem.lock().unwrap(), img.0);
     let e = &src.encoding;
     assert_eq!((e.lz4_pages, e.ref_pages), (0, 0), "{e:?}");
-    assert_eq!((dst.pages_lz4, dst.pages_ref), (0, 0));
+    assert_eq!((dst.decoded.pages_lz4, dst.decoded.pages_ref), (0, 0));
     assert_eq!(e.chosen, "raw");
 }
 

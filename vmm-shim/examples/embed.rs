@@ -140,7 +140,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         "faults": received.metrics.faults,
         "installed_by_push": received.metrics.pages_pushed,
         "installed_on_demand": received.metrics.pages_faulted,
-        "total_ms": received.total_ms,
+        "total_ms": received.session.total_ms,
         "vcpu_first_pass_us": vcpu_us,
     });
     println!("{summary}");

@@ -53,30 +53,23 @@ impl DestOptions {
     }
 }
 
-/// What the destination measured.
+/// What the destination measured: the session's own report, with what this role adds.
 #[derive(Clone, Debug, Serialize)]
 pub struct DestReport {
-    pub vm_id: String,
+    /// The VM id, total and close times (from the source's connection), wire bytes and
+    /// early push bytes, as the driver measured them.
+    #[serde(flatten)]
+    pub session: quic::DestReport,
     pub memory_bytes: u64,
     pub pages: u64,
     /// Source connected → guest resumed (handshake and layout check included).
     pub resume_ms: f64,
-    /// Source connected → every page present (the guest no longer needs the source).
-    pub total_ms: f64,
-    /// Source connected → the session closed, after the source acknowledged completion
-    /// (about one round trip after `total_ms`).
-    pub closed_ms: f64,
-    /// UDP bytes both ways, as counted by this side's QUIC stack.
-    pub wire_bytes: u64,
     /// Pages that arrived lz4-compressed and as content references, and references that
     /// failed verification here (the guest had changed the page they named) and were
-    /// fetched again.
-    pub pages_lz4: u64,
-    pub pages_ref: u64,
-    pub refs_refetched: u64,
-    /// Push bytes read before the session ran: sent beside the handshake, or arriving
-    /// while this side prepared guest memory.
-    pub early_push_bytes: u64,
+    /// fetched again: the session's [`quic::DestReport::decoded`], which a plain
+    /// destination prints.
+    #[serde(flatten)]
+    pub decoded: quic::DecodeStats,
     pub metrics: MetricsSnapshot,
 }
 
@@ -265,17 +258,11 @@ impl Listener {
             f(table.resolved(), table.total());
         }
         Ok(DestReport {
-            vm_id: net.vm_id,
+            decoded: net.decoded,
+            session: net,
             memory_bytes: layout.total_bytes(),
             pages: layout.total_pages(),
             resume_ms: resume.as_secs_f64() * 1e3,
-            total_ms: net.total_ms as f64,
-            closed_ms: net.closed_ms as f64,
-            wire_bytes: net.udp_rx_bytes + net.udp_tx_bytes,
-            pages_lz4: net.pages_lz4,
-            pages_ref: net.pages_ref,
-            refs_refetched: net.refs_refetched,
-            early_push_bytes: net.early_push_bytes,
             metrics,
         })
     }
@@ -284,7 +271,10 @@ impl Listener {
 /// What a standby did, from its first replication session to the end of evacuation.
 #[derive(Clone, Debug, Serialize)]
 pub struct StandbyReport {
-    pub vm_id: String,
+    /// The evacuation session's report: VM id, total and close times (from the
+    /// evacuation's connection), wire bytes and early push bytes.
+    #[serde(flatten)]
+    pub session: quic::DestReport,
     pub memory_bytes: u64,
     pub pages: u64,
     /// Replication sessions served before the evacuation (more than one: reconnects).
@@ -294,15 +284,6 @@ pub struct StandbyReport {
     pub replica_valid_pages: u64,
     /// Evacuation connected → guest resumed (stale set received, holes punched, registered).
     pub resume_ms: f64,
-    /// Evacuation connected → every page present (the guest no longer needs the source).
-    pub total_ms: f64,
-    /// Evacuation connected → the session closed, after the source acknowledged completion
-    /// (about one round trip after `total_ms`).
-    pub closed_ms: f64,
-    pub wire_bytes: u64,
-    /// Push bytes read before the session ran: sent beside the handshake, or arriving
-    /// while this side prepared guest memory.
-    pub early_push_bytes: u64,
     #[serde(flatten)]
     pub evacuation: crate::replica::EvacuationStats,
     pub metrics: Option<MetricsSnapshot>,
@@ -390,17 +371,13 @@ impl Listener {
         let metrics = sink.finish()?;
         let (net, resume, valid_before) = result?;
         Ok(StandbyReport {
-            vm_id: net.vm_id,
+            session: net,
             memory_bytes: layout.total_bytes(),
             pages: layout.total_pages(),
             replication_sessions: sessions,
             pages_replicated: replicated,
             replica_valid_pages: valid_before,
             resume_ms: resume.as_secs_f64() * 1e3,
-            total_ms: net.total_ms as f64,
-            closed_ms: net.closed_ms as f64,
-            wire_bytes: net.udp_rx_bytes + net.udp_tx_bytes,
-            early_push_bytes: net.early_push_bytes,
             evacuation: sink.evacuation_stats(torn_at_open),
             metrics,
         })

@@ -34,7 +34,7 @@
 //! let report = listener.receive_vm(&guest::regions(&memory)?, &guest::layout(&memory), |state| {
 //!     let _vcpu_state = state; // e.g. refvmm::VmSnapshot::from_bytes(...)
 //! })?;
-//! println!("all {} pages present after {} ms", report.pages, report.total_ms);
+//! println!("all {} pages present after {} ms", report.pages, report.session.total_ms);
 //! # Ok(())
 //! # }
 //! ```

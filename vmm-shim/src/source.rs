@@ -97,15 +97,7 @@ pub fn run_session(
     config: SourceConfig,
     opts: &SourceOptions,
 ) -> Result<SourceReport, RoleError> {
-    drive_session(memory, SourceSession::new(config), opts)
-}
-
-/// Connects and drives `session` to the end.
-fn drive_session(
-    memory: Arc<dyn PageReader>,
-    session: SourceSession,
-    opts: &SourceOptions,
-) -> Result<SourceReport, RoleError> {
+    let session = SourceSession::new(config);
     let rt = runtime()?;
     rt.block_on(async {
         let endpoint = quic::client_endpoint(
@@ -189,14 +181,11 @@ pub fn send_with_hints(
         zero_filled: skip.cloned(),
         ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
     };
-    let session = SourceSession::new(config);
-    // The driver owns the session until the end; keep a view of its hot-push counter.
-    let pushed_hot = session.hot_push_count();
-    let report = drive_session(memory, session, opts)?;
+    let report = run_session(memory, config, opts)?;
     Ok(crate::hints::HintedReport {
+        pages_pushed_hot: report.pages_pushed_hot,
         session: report,
         pages_hot: hot_set.count_ones(),
-        pages_pushed_hot: pushed_hot.load(std::sync::atomic::Ordering::Relaxed),
         pages_skipped_free: skip.map_or(0, |s| s.count_ones()),
     })
 }

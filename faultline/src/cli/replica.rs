@@ -262,7 +262,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             out.replication.tracker,
             out.replication.pages_sent,
             out.replication.pages_acked,
-            out.evacuation.pages_stale,
+            out.evacuation.session.pages_stale,
             a.synthetic / 4096,
             out.evacuation.session.total_ms,
             out.digest
@@ -360,7 +360,7 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
             "evacuation received: {} pages from the replica, {} stale pages over the network in {:.0} ms (vulnerable {:.0} ms)\ndestination digest {}",
             out.report.evacuation.pages_from_replica,
             out.report.evacuation.pages_stale,
-            out.report.total_ms,
+            out.report.session.total_ms,
             out.report.evacuation.vulnerability_ms,
             out.digest
         );

@@ -203,7 +203,7 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
         println!(
             "received {} MiB in {:.0} ms (resumed after {:.1} ms): {} faults, {} pages by fault, {} by push, {} zero\nfault latency p50 {} us, p99 {} us\ndestination digest {}",
             out.report.memory_bytes >> 20,
-            out.report.total_ms,
+            out.report.session.total_ms,
             out.report.resume_ms,
             m.faults,
             m.pages_faulted,

@@ -421,7 +421,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
                     .and_then(|m| evacuate(m, &layout, f.state, f.epoch, &opts, Some(blob)))
                     .map(|e| {
                         r.pages_stale_source = e.pages_stale_source;
-                        r.pages_stale = e.pages_stale;
+                        r.pages_stale = e.session.pages_stale;
                         r.final_harvest_ms = e.final_harvest_ms;
                         replica = Some(r);
                         e.session
@@ -549,11 +549,10 @@ fn wait_until(
 
 /// What either way of receiving (plain destination or standby) reports.
 struct Received {
-    vm_id: String,
+    /// VM id, total time and wire bytes, as the session measured them.
+    session: transport::quic::DestReport,
     memory_bytes: u64,
     resume_ms: f64,
-    total_ms: f64,
-    wire_bytes: u64,
     metrics: MetricsSnapshot,
     replica: Option<DestReplicaReport>,
 }
@@ -600,11 +599,9 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
                 *slot2.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             });
             r.context("receiving the VM").map(|r| Received {
-                vm_id: r.vm_id,
+                session: r.session,
                 memory_bytes: r.memory_bytes,
                 resume_ms: r.resume_ms,
-                total_ms: r.total_ms,
-                wire_bytes: r.wire_bytes,
                 metrics: r.metrics,
                 replica: None,
             })
@@ -624,11 +621,9 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
             r.context("receiving the VM into the standby")
                 .and_then(|r| {
                     Ok(Received {
-                        vm_id: r.vm_id,
+                        session: r.session,
                         memory_bytes: r.memory_bytes,
                         resume_ms: r.resume_ms,
-                        total_ms: r.total_ms,
-                        wire_bytes: r.wire_bytes,
                         metrics: r
                             .metrics
                             .context("the evacuation ended before the guest resumed")?,
@@ -699,7 +694,8 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     // The session's clock starts at the connect; the guest resumed `resume_ms` after it.
-    let postcopy_ms = (report.total_ms - report.resume_ms).max(0.0);
+    let total_ms = report.session.total_ms as f64;
+    let postcopy_ms = (total_ms - report.resume_ms).max(0.0);
 
     let at_switchover = sw.snapshot.counters().to_vec();
     let fin = final_snapshot.counters().to_vec();
@@ -710,14 +706,14 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         .all(|((s, f), e)| f.is_some_and(|f| f >= *s) && e > s);
     let m = &report.metrics;
     let out = VmDestOutput {
-        vm_id: report.vm_id.clone(),
+        vm_id: report.session.vm_id.clone(),
         memory_bytes: report.memory_bytes,
         vcpus: config.vcpus,
         program: a.guest.program,
         downtime_ms: ms_between(sw.paused_at, first_run),
         resume_ms: report.resume_ms,
-        total_ms: report.total_ms,
-        wire_bytes: report.wire_bytes,
+        total_ms,
+        wire_bytes: report.session.wire_bytes,
         faults: m.faults,
         pages_faulted: m.pages_faulted,
         pages_pushed: m.pages_pushed,

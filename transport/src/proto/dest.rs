@@ -65,11 +65,12 @@ pub enum Delivery {
     Update { pages: Pages, versions: Vec<u64> },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum State {
     AwaitHello,
     AwaitAccept,
-    AwaitStale,
+    /// Evacuation: the stale set arrives in chunks.
+    AwaitStale(PageSetAssembler),
     AwaitVmBlob,
     Running,
     Replicating,
@@ -79,11 +80,11 @@ enum State {
 }
 
 impl State {
-    fn name(self) -> &'static str {
+    fn name(&self) -> &'static str {
         match self {
             State::AwaitHello => "awaiting the handshake",
             State::AwaitAccept => "deciding on the handshake",
-            State::AwaitStale => "awaiting the stale set",
+            State::AwaitStale(_) => "awaiting the stale set",
             State::AwaitVmBlob => "awaiting the VM state",
             State::Running => "migrating",
             State::Replicating => "replicating",
@@ -104,7 +105,6 @@ pub struct DestSession {
     vm_id: String,
     features: u64,
     received: Bitmap,
-    stale: Option<PageSetAssembler>,
     expect_state: bool,
     pending_requests: Vec<u64>,
     transmits: VecDeque<Transmit>,
@@ -119,7 +119,6 @@ impl DestSession {
             vm_id: String::new(),
             features: 0,
             received: Bitmap::new(config.layout.total_pages()),
-            stale: None,
             expect_state: false,
             pending_requests: Vec::new(),
             transmits: VecDeque::new(),
@@ -155,7 +154,7 @@ impl DestSession {
     }
 
     pub fn is_finished(&self) -> bool {
-        self.state == State::Finished
+        matches!(self.state, State::Finished)
     }
 
     /// This side told the source it holds every page (`Complete` sent).
@@ -172,7 +171,7 @@ impl DestSession {
     ) -> Result<Option<Delivery>, ProtoError> {
         let result = self.handle_inner(channel, msg);
         if let Err(e) = &result {
-            if !matches!(e, ProtoError::Peer { .. }) && self.state != State::Failed {
+            if !matches!(e, ProtoError::Peer { .. }) && !matches!(self.state, State::Failed) {
                 self.send(Channel::Control, e.to_message());
             }
             self.state = State::Failed;
@@ -183,7 +182,7 @@ impl DestSession {
     /// Reports a codec error on incoming bytes: the session fails and tells the peer.
     pub fn handle_decode_error(&mut self, e: crate::codec::CodecError) -> ProtoError {
         let e = ProtoError::Codec(e);
-        if self.state != State::Failed {
+        if !matches!(self.state, State::Failed) {
             self.send(Channel::Control, e.to_message());
             self.state = State::Failed;
         }
@@ -207,7 +206,7 @@ impl DestSession {
         channel: Channel,
         msg: Message,
     ) -> Result<Option<Delivery>, ProtoError> {
-        match (self.state, channel, msg) {
+        match (&mut self.state, channel, msg) {
             (_, _, Message::Error { code, message }) => Err(ProtoError::Peer { code, message }),
             (
                 State::AwaitHello,
@@ -259,7 +258,7 @@ impl DestSession {
                 Ok(None)
             }
             (
-                State::AwaitStale,
+                State::AwaitStale(asm),
                 Channel::Control,
                 Message::PageSet {
                     kind,
@@ -268,11 +267,7 @@ impl DestSession {
                     last,
                 },
             ) => {
-                let Some(asm) = self.stale.as_mut() else {
-                    return Err(ProtoError::BadPageSet(kind, "no set expected"));
-                };
                 if let Some(stale) = asm.add(kind, first_word, &words, last)? {
-                    self.stale = None;
                     self.events.push_back(DestEvent::StaleSet(stale));
                     self.after_switchover();
                 }
@@ -354,7 +349,7 @@ impl DestSession {
     /// Answers [`DestEvent::HelloReceived`]: accepts the session and tells the source which
     /// pages the local replica cannot serve (`invalid` must cover the layout's pages).
     pub fn accept(&mut self, invalid: &Bitmap) {
-        if self.state != State::AwaitAccept || invalid.len() != self.total_pages() {
+        if !matches!(self.state, State::AwaitAccept) || invalid.len() != self.total_pages() {
             return;
         }
         self.send_ack();
@@ -368,14 +363,14 @@ impl DestSession {
                 features: self.features,
             });
         } else {
-            self.state = State::AwaitStale;
-            self.stale = Some(PageSetAssembler::new(SetKind::Stale, self.total_pages()));
+            self.state =
+                State::AwaitStale(PageSetAssembler::new(SetKind::Stale, self.total_pages()));
         }
     }
 
     /// Replication: tells the source these (page, version) pairs are stored.
     pub fn ack(&mut self, entries: &[(u64, u64)]) {
-        if self.state != State::Replicating {
+        if !matches!(self.state, State::Replicating) {
             return;
         }
         for chunk in entries.chunks(MAX_ACKS) {
@@ -391,7 +386,7 @@ impl DestSession {
     /// Queues demand requests for `pages`. Before the handshake completes they are held back.
     pub fn request(&mut self, pages: &[u64]) {
         match self.state {
-            State::AwaitHello | State::AwaitAccept | State::AwaitStale | State::AwaitVmBlob => {
+            State::AwaitHello | State::AwaitAccept | State::AwaitStale(_) | State::AwaitVmBlob => {
                 self.pending_requests.extend_from_slice(pages)
             }
             State::Running => self.queue_requests(pages),
@@ -412,7 +407,7 @@ impl DestSession {
 
     /// Every page is present locally: tell the source, which then releases the VM.
     pub fn complete(&mut self) {
-        if self.state == State::Running {
+        if matches!(self.state, State::Running) {
             self.state = State::CompleteSent;
             let pages_received = self.total_pages();
             self.send(Channel::Control, Message::Complete { pages_received });

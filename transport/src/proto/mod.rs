@@ -9,7 +9,7 @@ mod source;
 
 pub use dest::{Delivery, DestConfig, DestEvent, DestSession};
 pub use push::PushSchedule;
-pub use source::{SourceConfig, SourceEvent, SourceSession};
+pub use source::{SourceConfig, SourceEvent, SourceSession, SourceStats};
 
 use thiserror::Error;
 

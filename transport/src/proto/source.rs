@@ -3,8 +3,6 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use super::{page_set_messages, Channel, PageSetAssembler, ProtoError, PushSchedule, Transmit};
 use crate::bitmap::Bitmap;
@@ -76,33 +74,47 @@ pub enum SourceEvent {
     Established { features: u64 },
     /// Replication: pages the standby cannot serve; they count as never acknowledged.
     Invalid(Bitmap),
-    /// Pages the destination is blocked on: read and send them on the urgent channel now.
-    Serve(Vec<u64>),
     /// Replication: the standby stored these (page, version) pairs.
     Acked(Vec<(u64, u64)>),
     /// The destination has every page; the session is over.
     Finished,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum State {
     HelloSent,
-    AwaitInvalid,
+    /// A standby answered; its invalid pages arrive in chunks.
+    AwaitInvalid(PageSetAssembler),
     Running,
     Finished,
     Failed,
 }
 
 impl State {
-    fn name(self) -> &'static str {
+    fn name(&self) -> &'static str {
         match self {
             State::HelloSent => "awaiting the handshake reply",
-            State::AwaitInvalid => "awaiting the standby's invalid pages",
+            State::AwaitInvalid(_) => "awaiting the standby's invalid pages",
             State::Running => "running",
             State::Finished => "finished",
             State::Failed => "failed",
         }
     }
+}
+
+/// What a [`SourceSession`] counted (see its accessors of the same names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    /// Pages requested on demand.
+    pub pages_served: u64,
+    /// Pages handed to the background push.
+    pub pages_pushed: u64,
+    /// Of those, handed out before the destination answered the handshake.
+    pub pages_pushed_early: u64,
+    /// Of those, from the hot ranges ([`SourceConfig::hot`]), before any other page.
+    pub pages_pushed_hot: u64,
+    /// Pages that must cross: all of them for a migration, the stale set at evacuation.
+    pub pages_stale: u64,
 }
 
 /// Source session: sends the handshake, serves demand requests, schedules the push.
@@ -111,14 +123,12 @@ pub struct SourceSession {
     config: SourceConfig,
     state: State,
     push: PushSchedule,
-    invalid: Option<PageSetAssembler>,
     push_done_sent: bool,
     /// Pages the push handed out before the session ran (see [`SourceSession::next_push`]).
     pushed_early: Bitmap,
     pages_served: u64,
     pages_pushed: u64,
-    /// Shared so it can be read after the session was moved into a driver.
-    pages_pushed_hot: Arc<AtomicU64>,
+    pages_pushed_hot: u64,
     pages_stale: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SourceEvent>,
@@ -157,12 +167,11 @@ impl SourceSession {
         let mut s = SourceSession {
             state: State::HelloSent,
             push: schedule(first, &config),
-            invalid: None,
             push_done_sent: false,
             pushed_early: Bitmap::new(pages),
             pages_served: 0,
             pages_pushed: 0,
-            pages_pushed_hot: Arc::default(),
+            pages_pushed_hot: 0,
             pages_stale: pages,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -213,7 +222,7 @@ impl SourceSession {
     }
 
     pub fn is_running(&self) -> bool {
-        self.state == State::Running
+        matches!(self.state, State::Running)
     }
 
     /// Whether the push may run before the handshake is answered: a migration or an
@@ -221,14 +230,14 @@ impl SourceSession {
     /// unencoded (nothing is negotiated yet); the destination holds them until the session
     /// runs. It saves the round trip of the handshake on a long link.
     pub fn may_push_early(&self) -> bool {
-        matches!(self.state, State::HelloSent | State::AwaitInvalid)
+        matches!(self.state, State::HelloSent | State::AwaitInvalid(_))
             && self.config.early_push
             && self.config.push
             && self.config.kind != SessionKind::Replicate
     }
 
     pub fn is_finished(&self) -> bool {
-        self.state == State::Finished
+        matches!(self.state, State::Finished)
     }
 
     /// Pages the push handed out before the destination answered the handshake.
@@ -249,13 +258,7 @@ impl SourceSession {
     /// Pages pushed from the hot ranges ([`SourceConfig::hot`]), i.e. before any other
     /// page; hot pages the destination asked for first count as served, not here.
     pub fn pages_pushed_hot(&self) -> u64 {
-        self.pages_pushed_hot.load(Ordering::Relaxed)
-    }
-
-    /// A live view of [`SourceSession::pages_pushed_hot`] to keep before handing the
-    /// session to a driver (`quic::run_source` owns it until the migration ends).
-    pub fn hot_push_count(&self) -> Arc<AtomicU64> {
-        self.pages_pushed_hot.clone()
+        self.pages_pushed_hot
     }
 
     /// Pages that must cross: all of them for a migration, the stale set at evacuation.
@@ -263,11 +266,26 @@ impl SourceSession {
         self.pages_stale
     }
 
-    /// Feeds one message received on `channel`.
-    pub fn handle(&mut self, channel: Channel, msg: Message) -> Result<(), ProtoError> {
+    /// Everything the session counted, for the driver's report.
+    pub fn stats(&self) -> SourceStats {
+        SourceStats {
+            pages_served: self.pages_served,
+            pages_pushed: self.pages_pushed,
+            pages_pushed_early: self.pages_pushed_early(),
+            pages_pushed_hot: self.pages_pushed_hot,
+            pages_stale: self.pages_stale,
+        }
+    }
+
+    /// Feeds one message received on `channel`. A demand request returns the pages the
+    /// destination is blocked on: read and send them on the urgent channel now. (They are
+    /// data for the urgent path, like [`crate::proto::Delivery`] on the destination, not an
+    /// event: the task serving the urgent stream gets them without waiting on the control
+    /// loop.) Every other message returns nothing to serve.
+    pub fn handle(&mut self, channel: Channel, msg: Message) -> Result<Vec<u64>, ProtoError> {
         let result = self.handle_inner(channel, msg);
         if let Err(e) = &result {
-            if !matches!(e, ProtoError::Peer { .. }) && self.state != State::Failed {
+            if !matches!(e, ProtoError::Peer { .. }) && !matches!(self.state, State::Failed) {
                 self.send(Channel::Control, e.to_message());
             }
             self.state = State::Failed;
@@ -278,16 +296,16 @@ impl SourceSession {
     /// Reports a codec error on incoming bytes: the session fails and tells the peer.
     pub fn handle_decode_error(&mut self, e: crate::codec::CodecError) -> ProtoError {
         let e = ProtoError::Codec(e);
-        if self.state != State::Failed {
+        if !matches!(self.state, State::Failed) {
             self.send(Channel::Control, e.to_message());
             self.state = State::Failed;
         }
         e
     }
 
-    fn handle_inner(&mut self, channel: Channel, msg: Message) -> Result<(), ProtoError> {
+    fn handle_inner(&mut self, channel: Channel, msg: Message) -> Result<Vec<u64>, ProtoError> {
         let kind = self.config.kind;
-        match (self.state, channel, msg) {
+        match (&mut self.state, channel, msg) {
             (_, _, Message::Error { code, message }) => Err(ProtoError::Peer { code, message }),
             (State::HelloSent, Channel::Control, Message::HelloAck { version, features }) => {
                 if version != PROTOCOL_VERSION {
@@ -301,15 +319,16 @@ impl SourceSession {
                     self.send_vm_state();
                     self.events.push_back(SourceEvent::Established { features });
                 } else {
-                    self.state = State::AwaitInvalid;
-                    self.invalid =
-                        Some(PageSetAssembler::new(SetKind::Invalid, self.total_pages()));
+                    self.state = State::AwaitInvalid(PageSetAssembler::new(
+                        SetKind::Invalid,
+                        self.total_pages(),
+                    ));
                     self.config.features = features;
                 }
-                Ok(())
+                Ok(Vec::new())
             }
             (
-                State::AwaitInvalid,
+                State::AwaitInvalid(asm),
                 Channel::Control,
                 Message::PageSet {
                     kind: set,
@@ -318,13 +337,9 @@ impl SourceSession {
                     last,
                 },
             ) => {
-                let Some(asm) = self.invalid.as_mut() else {
-                    return Err(ProtoError::BadPageSet(set, "no set expected"));
-                };
                 let Some(invalid) = asm.add(set, first_word, &words, last)? else {
-                    return Ok(());
+                    return Ok(Vec::new());
                 };
-                self.invalid = None;
                 self.state = State::Running;
                 if kind == SessionKind::Evacuate {
                     let mut stale = self
@@ -347,7 +362,7 @@ impl SourceSession {
                 }
                 let features = self.config.features;
                 self.events.push_back(SourceEvent::Established { features });
-                Ok(())
+                Ok(Vec::new())
             }
             (State::Running, Channel::Urgent, Message::Request { pages })
                 if kind != SessionKind::Replicate =>
@@ -364,8 +379,7 @@ impl SourceSession {
                     self.push.on_demand(p);
                 }
                 self.pages_served += pages.len() as u64;
-                self.events.push_back(SourceEvent::Serve(pages));
-                Ok(())
+                Ok(pages)
             }
             (State::Running, Channel::Control, Message::Ack { entries })
                 if kind == SessionKind::Replicate =>
@@ -379,7 +393,7 @@ impl SourceSession {
                     });
                 }
                 self.events.push_back(SourceEvent::Acked(entries));
-                Ok(())
+                Ok(Vec::new())
             }
             (State::Running, Channel::Control, Message::Complete { pages_received })
                 if kind != SessionKind::Replicate =>
@@ -394,11 +408,11 @@ impl SourceSession {
                 self.state = State::Finished;
                 self.send(Channel::Control, Message::CompleteAck);
                 self.events.push_back(SourceEvent::Finished);
-                Ok(())
+                Ok(Vec::new())
             }
             // A demand request that crossed the destination's `Complete`: it has every page
             // now, so there is nothing to serve. On a long link this race is common.
-            (State::Finished, Channel::Urgent, Message::Request { .. }) => Ok(()),
+            (State::Finished, Channel::Urgent, Message::Request { .. }) => Ok(Vec::new()),
             (state, channel, msg) => Err(ProtoError::Unexpected {
                 message: msg.name(),
                 channel,
@@ -415,7 +429,7 @@ impl SourceSession {
     /// answer's extra pages join the schedule when it arrives.
     pub fn next_push(&mut self, max: usize) -> Option<Range<u64>> {
         let early = self.may_push_early();
-        if !(early || self.state == State::Running)
+        if !(early || matches!(self.state, State::Running))
             || !self.config.push
             || self.config.kind == SessionKind::Replicate
         {
@@ -430,8 +444,7 @@ impl SourceSession {
                 }
                 self.pages_pushed += r.end - r.start;
                 if hot {
-                    self.pages_pushed_hot
-                        .fetch_add(r.end - r.start, Ordering::Relaxed);
+                    self.pages_pushed_hot += r.end - r.start;
                 }
                 Some(r)
             }
@@ -489,7 +502,6 @@ mod hot_tests {
             hot: vec![100..110, 5..7],
             ..migrate(128)
         });
-        let counter = s.hot_push_count();
         s.handle(Channel::Urgent, Message::Request { pages: vec![103] })
             .unwrap();
         assert_eq!(s.next_push(64), Some(100..103));
@@ -506,7 +518,7 @@ mod hot_tests {
         assert_eq!(s.next_push(64), Some(7..71));
         while s.next_push(64).is_some() {}
         assert_eq!(s.pages_pushed() + s.pages_served(), 128);
-        assert_eq!(counter.load(Ordering::Relaxed), 11);
+        assert_eq!(s.stats().pages_pushed_hot, 11);
     }
 
     #[test]

@@ -49,10 +49,10 @@ fn pages_msg(range: std::ops::Range<u64>) -> Message {
 }
 
 /// Delivers everything queued on both sides until nothing moves. Page data that reaches
-/// the destination is written into `mem`.
-/// Source events other than `Serve` are returned.
+/// the destination is written into `mem`; demand requests are served at once.
+/// The source's events are returned.
 fn pump(src: &mut SourceSession, dst: &mut DestSession, mem: &mut [Vec<u8>]) -> Vec<SourceEvent> {
-    let mut others = Vec::new();
+    let mut events = Vec::new();
     loop {
         let mut moved = false;
         while let Some(t) = src.poll_transmit() {
@@ -61,25 +61,18 @@ fn pump(src: &mut SourceSession, dst: &mut DestSession, mem: &mut [Vec<u8>]) -> 
                 install(&pages, mem);
             }
         }
-        while let Some(ev) = src.poll_event() {
-            let SourceEvent::Serve(pages) = ev else {
-                others.push(ev);
-                continue;
-            };
-            for p in pages {
+        while let Some(t) = dst.poll_transmit() {
+            moved = true;
+            for p in src.handle(t.channel, wire(t.message)).unwrap() {
                 let msg = wire(pages_msg(p..p + 1));
                 if let Some(pages) = dst.handle(Channel::Urgent, msg).unwrap() {
                     install(&pages, mem);
                 }
-                moved = true;
             }
         }
-        while let Some(t) = dst.poll_transmit() {
-            moved = true;
-            src.handle(t.channel, wire(t.message)).unwrap();
-        }
+        events.extend(std::iter::from_fn(|| src.poll_event()));
         if !moved {
-            return others;
+            return events;
         }
     }
 }
@@ -163,11 +156,12 @@ fn urgent_traffic_crossing_the_completion_is_ignored() {
     pump(&mut src, &mut dst, &mut mem);
     assert!(src.is_finished() && dst.is_finished());
     let late_request = wire(Message::Request { pages: vec![3] });
-    assert!(src.handle(Channel::Urgent, late_request).is_ok());
+    let served = src.handle(Channel::Urgent, late_request).unwrap();
+    assert!(served.is_empty(), "nothing is served");
     assert!(src.is_finished());
     assert!(
-        src.poll_transmit().is_none(),
-        "nothing is served or reported"
+        src.poll_transmit().is_none() && src.poll_event().is_none(),
+        "nothing is sent or reported"
     );
     let late_reply = wire(pages_msg(3..4));
     assert_eq!(dst.handle(Channel::Urgent, late_reply).unwrap(), None);
@@ -431,7 +425,10 @@ fn bits(pages: u64, set: &[u64]) -> crate::bitmap::Bitmap {
 }
 
 /// Moves every queued message between the two sides until nothing moves.
-fn exchange(src: &mut SourceSession, dst: &mut DestSession) {
+/// Delivers every message both ways until nothing moves; returns the pages the source was
+/// asked to serve.
+fn exchange(src: &mut SourceSession, dst: &mut DestSession) -> Vec<u64> {
+    let mut serve = Vec::new();
     loop {
         let mut moved = false;
         while let Some(t) = src.poll_transmit() {
@@ -440,10 +437,10 @@ fn exchange(src: &mut SourceSession, dst: &mut DestSession) {
         }
         while let Some(t) = dst.poll_transmit() {
             moved = true;
-            src.handle(t.channel, wire(t.message)).unwrap();
+            serve.extend(src.handle(t.channel, wire(t.message)).unwrap());
         }
         if !moved {
-            return;
+            return serve;
         }
     }
 }
@@ -541,8 +538,7 @@ fn evacuation_stale_set_is_the_union_and_only_it_is_pushed() {
     // Demand requests and completion work as in a migration.
     dst.request(&[6]);
     let t = dst.poll_transmit().unwrap();
-    src.handle(t.channel, t.message).unwrap();
-    assert!(matches!(src.poll_event(), Some(SourceEvent::Serve(p)) if p == vec![6]));
+    assert_eq!(src.handle(t.channel, t.message).unwrap(), vec![6]);
     dst.complete();
     exchange(&mut src, &mut dst);
     assert!(src.is_finished() && dst.is_finished());
@@ -708,7 +704,7 @@ fn vm_state_arrives_before_the_guest_may_resume() {
     dst.handle(hello.channel, hello.message).unwrap();
     assert!(!dst.is_running(), "waits for the state");
     dst.request(&[1]);
-    exchange(&mut src, &mut dst);
+    let served = exchange(&mut src, &mut dst);
     assert_eq!(dst.poll_event(), Some(DestEvent::VmState(vec![7; 100])));
     assert!(matches!(
         dst.poll_event(),
@@ -720,5 +716,5 @@ fn vm_state_arrives_before_the_guest_may_resume() {
         src.poll_event(),
         Some(SourceEvent::Established { .. })
     ));
-    assert_eq!(src.poll_event(), Some(SourceEvent::Serve(vec![1])));
+    assert_eq!(served, vec![1]);
 }

@@ -8,11 +8,12 @@
 
 mod dest;
 mod frame;
+mod link;
 mod read_ahead;
 mod source;
 mod stated_start;
 
-pub use dest::{run_dest, DestHooks, DestReport, PageSink, SinkError};
+pub use dest::{run_dest, DecodeStats, DestHooks, DestReport, PageSink, SinkError};
 pub use frame::{read_frame, write_message, write_pages, FrameError};
 pub use source::{
     run_replication, run_source, PageReader, ReplicationEvent, ReplicationReport, SourceReport,
@@ -495,6 +496,30 @@ pub(crate) fn connection_lost(e: quinn::ConnectionError) -> DriverError {
             reason: String::from_utf8_lossy(&c.reason).into_owned(),
         },
         other => DriverError::Connection(other),
+    }
+}
+
+/// A stream failing because the connection went away is reported as the connection's reason.
+pub(crate) fn stream_error(
+    conn: &quinn::Connection,
+    channel: Channel,
+    e: FrameError,
+) -> DriverError {
+    match conn.close_reason() {
+        Some(reason) => connection_lost(reason),
+        None => DriverError::Stream { channel, source: e },
+    }
+}
+
+/// The peer ended a stream the session still needed: the connection's reason if it is gone,
+/// else `what` as an abort.
+pub(crate) fn closed_or(conn: &quinn::Connection, what: &'static str) -> DriverError {
+    match conn.close_reason() {
+        Some(reason) => connection_lost(reason),
+        None => DriverError::PeerClosed {
+            code: ErrorCode::Aborted,
+            reason: what.to_string(),
+        },
     }
 }
 

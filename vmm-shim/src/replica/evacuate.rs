@@ -58,10 +58,10 @@ impl PageReader for PausedMemory {
 /// What the source saw at evacuation.
 #[derive(Clone, Debug, Serialize)]
 pub struct EvacuationReport {
-    /// Pages the source itself counted stale after the final harvest.
+    /// Pages the source itself counted stale after the final harvest. (The pages that
+    /// crossed, this stale set plus what the standby could not serve, are the session's
+    /// `pages_stale`.)
     pub pages_stale_source: u64,
-    /// Pages that crossed: the source's stale set plus what the standby could not serve.
-    pub pages_stale: u64,
     /// Final harvest and stale-set computation, with the guest paused.
     pub final_harvest_ms: f64,
     /// Distinct contents of the fresh pages indexed for references into the replica
@@ -131,7 +131,6 @@ pub fn evacuate(
     let session = session?;
     Ok(EvacuationReport {
         pages_stale_source,
-        pages_stale: session.pages_stale,
         final_harvest_ms,
         replica_index_contents: indexed.map(|(n, _)| n),
         replica_index_ms: indexed.map(|(_, ms)| ms),

@@ -1,0 +1,459 @@
+//! Source driver: serves demand requests and pushes every page in the background.
+//!
+//! One session runs in four steps ([`run_source`]): open the streams (and send the
+//! `Hello`), the handshake with the early push beside it, the run, the teardown. The
+//! control loop ([`Driver`]) is the only consumer of the session's events; demand
+//! requests are served by a task of their own on the urgent stream, so a reply never
+//! waits behind the push, which runs in a third ([`push`]).
+
+mod push;
+mod replication;
+
+pub use replication::{run_replication, ReplicationEvent, ReplicationReport, Update};
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, RecvStream, SendStream};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::frame::{read_frame, write_pages};
+use super::link::{ControlReader, Link};
+use super::{
+    close_with, closed_or, connection_lost, stream_error, DriverError, PRIO_BULK, PRIO_CONTROL,
+    PRIO_URGENT, TAG_BULK, TAG_CONTROL, TAG_URGENT,
+};
+use crate::encoding::{EncodingPolicy, EncodingStats, PageEncoder};
+use crate::proto::{Channel, SourceEvent, SourceSession};
+
+/// Guest memory as the source sees it: frozen at switchover, read-only for the session.
+pub trait PageReader: Send + Sync + 'static {
+    /// The bytes of `count` consecutive pages starting at page `first`.
+    fn pages(&self, first: u64, count: usize) -> Result<&[u8], String>;
+}
+
+/// What the source did, for the migration report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SourceReport {
+    /// Pages sent as demand replies.
+    pub pages_served: u64,
+    /// Pages handed to the background push.
+    pub pages_pushed: u64,
+    /// Of those, pushed beside the handshake, before the destination answered.
+    pub pages_pushed_early: u64,
+    /// Of those, pushed from the hot ranges before any other page
+    /// ([`crate::proto::SourceConfig::hot`]). Not serialized here: only a send with the
+    /// guest agent's hints has hot ranges, and its report prints the count.
+    #[serde(skip)]
+    pub pages_pushed_hot: u64,
+    /// Pages that had to cross: all for a migration, the stale set at evacuation.
+    pub pages_stale: u64,
+    /// From the start of the push (beside the handshake) to the end of the session.
+    pub push_ms: u64,
+    /// From the start of the session until the destination closed it (or 5 s after the
+    /// source acknowledged completion).
+    pub total_ms: u64,
+    /// UDP bytes sent, as counted by this side's QUIC stack.
+    pub udp_tx_bytes: u64,
+    /// UDP bytes received.
+    pub udp_rx_bytes: u64,
+    /// Pushed and served page bytes by kind, the compression ratio and what the tuner chose.
+    pub encoding: EncodingStats,
+}
+
+/// A send stream that the push and the demand replies may share.
+type SharedSend = Arc<tokio::sync::Mutex<SendStream>>;
+
+/// A task's encoder, shared with the driver so it can read the counts at the end. Locked
+/// only around encoding (never across an await), so the lock is never contended.
+type SharedEncoder = Arc<Mutex<PageEncoder>>;
+
+fn lock_encoder(e: &SharedEncoder) -> std::sync::MutexGuard<'_, PageEncoder> {
+    e.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The source's half of a session, shared by its tasks.
+struct Source {
+    link: Link<SourceSession>,
+    reader: Arc<dyn PageReader>,
+}
+
+/// Runs the source side of one migration over an established connection.
+pub async fn run_source(
+    conn: Connection,
+    session: SourceSession,
+    reader: Arc<dyn PageReader>,
+) -> Result<SourceReport, DriverError> {
+    let started = Instant::now();
+    let result = async {
+        let (mut driver, data) = Driver::open(&conn, session, reader).await?;
+        let early = driver.handshake(&data).await?;
+        driver.run(data, early).await
+    }
+    .await;
+    match result {
+        Ok(mut report) => {
+            // The destination closes once it has our CompleteAck; wait for that briefly so
+            // the acknowledgement is not lost with our own endpoint.
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            let stats = conn.stats();
+            report.udp_tx_bytes = stats.udp_tx.bytes;
+            report.udp_rx_bytes = stats.udp_rx.bytes;
+            report.total_ms = started.elapsed().as_millis() as u64;
+            Ok(report)
+        }
+        Err(e) => {
+            close_with(&conn, &e);
+            Err(e)
+        }
+    }
+}
+
+/// The streams a session opens, after the control stream's sending half went into its
+/// [`Link`].
+struct Streams {
+    ctl_recv: RecvStream,
+    urg_send: SendStream,
+    urg_recv: RecvStream,
+    bulk: SendStream,
+}
+
+/// Opens the three tagged streams and sends the `Hello`.
+async fn open_streams(
+    conn: &Connection,
+    session: SourceSession,
+) -> Result<
+    (
+        Link<SourceSession>,
+        mpsc::UnboundedReceiver<DriverError>,
+        Streams,
+    ),
+    DriverError,
+> {
+    let open = |e| connection_lost(e);
+    let (mut ctl_send, ctl_recv) = conn.open_bi().await.map_err(open)?;
+    let (mut urg_send, urg_recv) = conn.open_bi().await.map_err(open)?;
+    let mut bulk = conn.open_uni().await.map_err(open)?;
+    for (s, prio, tag) in [
+        (&mut ctl_send, PRIO_CONTROL, TAG_CONTROL),
+        (&mut urg_send, PRIO_URGENT, TAG_URGENT),
+        (&mut bulk, PRIO_BULK, TAG_BULK),
+    ] {
+        let _ = s.set_priority(prio);
+        s.write_all(&[tag]).await.map_err(|e| DriverError::Stream {
+            channel: Channel::Control,
+            source: e.into(),
+        })?;
+    }
+    let (link, failures) = Link::new(conn.clone(), session, ctl_send, None);
+    link.flush().await?;
+    let streams = Streams {
+        ctl_recv,
+        urg_send,
+        urg_recv,
+        bulk,
+    };
+    Ok((link, failures, streams))
+}
+
+/// Reads control messages until the session runs (HelloAck, and for a standby its invalid
+/// pages), handing every event to `on_event`.
+async fn handshake(
+    link: &Link<SourceSession>,
+    control: &mut ControlReader,
+    mut on_event: impl FnMut(SourceEvent),
+) -> Result<(), DriverError> {
+    while !link.session().is_running() {
+        let read = tokio::time::timeout(Duration::from_secs(30), control.next())
+            .await
+            .map_err(|_| DriverError::Timeout("waiting for the destination's handshake"))?;
+        let Some(msg) = link.checked(Channel::Control, read).await? else {
+            return Err(closed_or(
+                &link.conn,
+                "the destination closed the control stream",
+            ));
+        };
+        link.handle(Channel::Control, msg).await?;
+        link.events().into_iter().for_each(&mut on_event);
+    }
+    Ok(())
+}
+
+/// The streams the data tasks take over.
+struct DataStreams {
+    urg_send: SendStream,
+    urg_recv: RecvStream,
+    /// Shared by the early push and the push, and with demand replies in the comparison
+    /// mode ([`crate::proto::SourceConfig::replies_on_bulk`]).
+    bulk: SharedSend,
+}
+
+/// The early push's task and its encoder.
+struct EarlyPush {
+    task: Option<JoinHandle<Result<(), DriverError>>>,
+    encoder: SharedEncoder,
+    started: Instant,
+}
+
+/// The control loop: it reads the control stream, acts on every session event, and decides
+/// when the session is over.
+struct Driver {
+    src: Arc<Source>,
+    control: ControlReader,
+    /// The first failure of a data task.
+    failures: mpsc::UnboundedReceiver<DriverError>,
+    /// What the destination agreed to, from [`SourceEvent::Established`].
+    features: u64,
+}
+
+impl Driver {
+    /// Opens the session's streams and sends the `Hello`.
+    async fn open(
+        conn: &Connection,
+        session: SourceSession,
+        reader: Arc<dyn PageReader>,
+    ) -> Result<(Driver, DataStreams), DriverError> {
+        let (link, failures, streams) = open_streams(conn, session).await?;
+        let driver = Driver {
+            src: Arc::new(Source { link, reader }),
+            control: ControlReader::start(streams.ctl_recv),
+            failures,
+            features: 0,
+        };
+        let data = DataStreams {
+            urg_send: streams.urg_send,
+            urg_recv: streams.urg_recv,
+            bulk: Arc::new(tokio::sync::Mutex::new(streams.bulk)),
+        };
+        Ok((driver, data))
+    }
+
+    fn link(&self) -> &Link<SourceSession> {
+        &self.src.link
+    }
+
+    /// The one place the session's events are acted on, in both the handshake and the run.
+    fn on_event(features: &mut u64, ev: SourceEvent) {
+        match ev {
+            SourceEvent::Established { features: f } => *features = f,
+            // Informational: the run loop ends on `is_finished`, checked after every
+            // control message.
+            SourceEvent::Finished => tracing::debug!("the destination has every page"),
+            // Only a replication session produces these (see `run_replication`).
+            SourceEvent::Invalid(_) | SourceEvent::Acked(_) => {
+                tracing::debug!(?ev, "a replication event in a migration")
+            }
+        }
+    }
+
+    /// The handshake, with the push starting beside it with what must cross anyway: raw,
+    /// as nothing is negotiated yet (a round trip saved on a long link). A failed early
+    /// push (memory unreadable, the stream refused) ends the session before the
+    /// destination may resume a guest this source is about to abandon.
+    async fn handshake(&mut self, data: &DataStreams) -> Result<EarlyPush, DriverError> {
+        let started = Instant::now();
+        let encoder: SharedEncoder = Arc::new(Mutex::new(PageEncoder::new(EncodingPolicy::OFF, 0)));
+        let mut task = Some(tokio::spawn(push::push_early(
+            self.src.clone(),
+            data.bulk.clone(),
+            encoder.clone(),
+        )));
+        let Driver {
+            src,
+            control,
+            features,
+            ..
+        } = self;
+        let hs = handshake(&src.link, control, |ev| Self::on_event(features, ev));
+        tokio::pin!(hs);
+        let result = loop {
+            tokio::select! {
+                r = &mut hs => break r,
+                r = async {
+                    match task.as_mut() {
+                        Some(t) => t.await,
+                        None => std::future::pending().await,
+                    }
+                }, if task.is_some() => {
+                    task = None;
+                    if let Err(e) = joined(r) {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            if let Some(t) = task {
+                t.abort();
+            }
+            return Err(e);
+        }
+        Ok(EarlyPush {
+            task,
+            encoder,
+            started,
+        })
+    }
+
+    /// Runs the session to its end with the demand server and the push beside the control
+    /// loop, then stops them and makes the report.
+    async fn run(
+        mut self,
+        data: DataStreams,
+        early: EarlyPush,
+    ) -> Result<SourceReport, DriverError> {
+        let tasks = Tasks::spawn(&self.src, data, early, self.features);
+        let outcome = self.control_loop().await;
+        let push_ms = tasks.push_started.elapsed().as_millis() as u64;
+        self.control.stop().await;
+        let encoding = tasks.stop().await;
+        outcome?;
+        let stats = self.link().session().stats();
+        Ok(SourceReport {
+            // Replies actually sent: a request that crossed the destination's `Complete`
+            // may have been cut short when the session ended.
+            pages_served: encoding.replies.pages(),
+            pages_pushed: stats.pages_pushed,
+            pages_pushed_early: stats.pages_pushed_early,
+            pages_pushed_hot: stats.pages_pushed_hot,
+            pages_stale: stats.pages_stale,
+            push_ms,
+            encoding: encoding.all,
+            ..SourceReport::default()
+        })
+    }
+
+    async fn control_loop(&mut self) -> Result<(), DriverError> {
+        loop {
+            tokio::select! {
+                read = self.control.next() => {
+                    let Some(msg) = self.link().checked(Channel::Control, read).await? else {
+                        let what = "the destination closed the control stream";
+                        return Err(closed_or(&self.link().conn, what));
+                    };
+                    self.link().handle(Channel::Control, msg).await?;
+                    for ev in self.link().events() {
+                        Self::on_event(&mut self.features, ev);
+                    }
+                    if self.link().session().is_finished() {
+                        return Ok(());
+                    }
+                }
+                Some(e) = self.failures.recv() => return Err(e),
+            }
+        }
+    }
+}
+
+/// The data tasks beside the control loop while the session runs.
+struct Tasks {
+    urgent: JoinHandle<()>,
+    push: JoinHandle<()>,
+    push_started: Instant,
+    encoders: [SharedEncoder; 3],
+    /// The urgent stream's sending half when replies go on the bulk stream.
+    _idle_urgent: Option<SendStream>,
+}
+
+/// The encoders' counts once their tasks stopped.
+struct Encoding {
+    replies: EncodingStats,
+    all: EncodingStats,
+}
+
+impl Tasks {
+    fn spawn(src: &Arc<Source>, data: DataStreams, early: EarlyPush, features: u64) -> Tasks {
+        let (policy, replies_on_bulk, replica_index) = {
+            let s = src.link.session();
+            (s.encoding(), s.replies_on_bulk(), s.replica_index())
+        };
+        // Each task encodes with its own encoder; the report reads their counts once at
+        // the end (the tasks are stopped by then), so nothing is copied per reply or batch.
+        let reply_encoder: SharedEncoder = Arc::new(Mutex::new(PageEncoder::new(policy, features)));
+        let push_encoder: SharedEncoder = Arc::new(Mutex::new(match replica_index {
+            Some(index) => PageEncoder::new(policy, features).with_replica_index(index),
+            None => PageEncoder::new(policy, features),
+        }));
+        // Replies normally have a stream of their own, ahead of the push in priority; the
+        // comparison mode queues them behind the push on the bulk stream instead (the
+        // urgent stream's sending half then stays unused, open until the end).
+        let (replies, idle_urgent) = if replies_on_bulk {
+            (data.bulk.clone(), Some(data.urg_send))
+        } else {
+            (Arc::new(tokio::sync::Mutex::new(data.urg_send)), None)
+        };
+        let urgent = tokio::spawn(serve_urgent(
+            src.clone(),
+            data.urg_recv,
+            replies,
+            reply_encoder.clone(),
+        ));
+        // Demand replies run at once; the push continues after the early push's last
+        // batch, which may still be waiting for flow-control credit.
+        let push = tokio::spawn({
+            let (src, bulk, encoder) = (src.clone(), data.bulk, push_encoder.clone());
+            async move {
+                if let Some(t) = early.task {
+                    if let Err(e) = joined(t.await) {
+                        return src.link.task_ended(Err(e));
+                    }
+                }
+                let result = push::push_all(src.clone(), bulk, encoder).await;
+                src.link.task_ended(result)
+            }
+        });
+        Tasks {
+            urgent,
+            push,
+            push_started: early.started,
+            encoders: [reply_encoder, push_encoder, early.encoder],
+            _idle_urgent: idle_urgent,
+        }
+    }
+
+    /// Stops the tasks for good, then reads their encoders' counts.
+    async fn stop(self) -> Encoding {
+        self.push.abort();
+        self.urgent.abort();
+        let _ = tokio::join!(self.push, self.urgent);
+        let [replies, push, early] = self.encoders.map(|e| lock_encoder(&e).stats());
+        let mut all = push;
+        all.merge(&replies);
+        all.merge(&early);
+        Encoding { replies, all }
+    }
+}
+
+/// Serves demand requests: each requested page is read and sent at once on `replies`.
+async fn serve_urgent(
+    src: Arc<Source>,
+    mut recv: RecvStream,
+    replies: SharedSend,
+    encoder: SharedEncoder,
+) {
+    let conn = &src.link.conn;
+    let result = async {
+        loop {
+            let read = read_frame(&mut recv).await;
+            let Some(msg) = src.link.checked(Channel::Urgent, read).await? else {
+                return Ok(());
+            };
+            for page in src.link.handle(Channel::Urgent, msg).await? {
+                let data = src.reader.pages(page, 1).map_err(DriverError::Reader)?;
+                let pages = lock_encoder(&encoder).encode_reply(page, data);
+                write_pages(&mut *replies.lock().await, &pages)
+                    .await
+                    .map_err(|e| stream_error(conn, Channel::Urgent, e))?;
+            }
+        }
+    }
+    .await;
+    src.link.task_ended(result);
+}
+
+/// The outcome of a driver task.
+fn joined(r: Result<Result<(), DriverError>, tokio::task::JoinError>) -> Result<(), DriverError> {
+    r.map_err(|e| DriverError::Task(e.to_string()))?
+}

@@ -1,0 +1,198 @@
+//! The source's push: pages on the bulk stream, beside the handshake ([`push_early`]) and
+//! then encoded until the schedule is empty ([`push_all`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::Connection;
+
+use super::super::frame::write_pages_batch;
+use super::super::{stream_error, DriverError};
+use super::{lock_encoder, SharedEncoder, SharedSend, Source};
+use crate::message::{Pages, MAX_PAGES_PER_MESSAGE, PAGE_SIZE};
+use crate::proto::Channel;
+
+/// Pages per push message: 256 KiB keeps quinn's send buffer fed without large latency.
+const PUSH_RUN: usize = 64;
+/// Longest the push waits for the replica's content index (about the time to hash 2 GiB on
+/// one core here); without it the push starts and references only what it pushed itself.
+const REPLICA_INDEX_WAIT: Duration = Duration::from_millis(250);
+/// Unsent bytes the early push leaves in the send buffer at most (two batches).
+const EARLY_BACKLOG: u64 = 2 * (PUSH_RUN * PAGE_SIZE) as u64;
+
+/// Fills `batch` with up to PUSH_RUN pages, in as many runs as the schedule hands out:
+/// one run when the pages are contiguous, up to PUSH_RUN frames when they are scattered
+/// (a stale set). Empty when the schedule has nothing more; for the `early` push, also
+/// as soon as the session runs (the rest is [`push_all`]'s, encoded, and so is the
+/// `PushDone` at its end).
+fn next_batch(
+    src: &Source,
+    encoder: &SharedEncoder,
+    batch: &mut Vec<Pages>,
+    early: bool,
+) -> Result<(), DriverError> {
+    let mut enc = lock_encoder(encoder);
+    let mut count = 0;
+    while count < PUSH_RUN {
+        let next = {
+            let mut s = src.link.session();
+            if early && !s.may_push_early() {
+                None
+            } else {
+                s.next_push(PUSH_RUN - count)
+            }
+        };
+        let Some(run) = next else { break };
+        let n = (run.end - run.start) as usize;
+        let data = src
+            .reader
+            .pages(run.start, n)
+            .map_err(DriverError::Reader)?;
+        debug_assert_eq!(data.len(), n * PAGE_SIZE);
+        batch.push(enc.encode_push(run.start, data));
+        count += n;
+    }
+    Ok(())
+}
+
+fn wire_bytes(batch: &[Pages]) -> u64 {
+    batch
+        .iter()
+        .map(|p| (p.kinds.len() + p.payload.len()) as u64)
+        .sum()
+}
+
+/// The push before the destination answered the handshake (see
+/// [`crate::proto::SourceSession::may_push_early`]): unencoded pages on the bulk stream,
+/// until the session runs (then [`push_all`] takes over) or the early schedule is empty.
+///
+/// It writes only as fast as the link takes it, keeping at most [`EARLY_BACKLOG`] bytes
+/// unsent: it fills a round trip the link would idle through, and what it left queued
+/// when the session starts would cross unencoded where it could have been encoded.
+pub(super) async fn push_early(
+    src: Arc<Source>,
+    bulk: SharedSend,
+    encoder: SharedEncoder,
+) -> Result<(), DriverError> {
+    let conn = &src.link.conn;
+    let sent = || conn.stats().udp_tx.bytes;
+    let start = sent();
+    let mut written = 0u64;
+    let mut batch = Vec::new();
+    while src.link.session().may_push_early() {
+        if written > sent().saturating_sub(start) + EARLY_BACKLOG {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        next_batch(&src, &encoder, &mut batch, true)?;
+        if batch.is_empty() {
+            break;
+        }
+        written += wire_bytes(&batch);
+        write_pages_batch(&mut *bulk.lock().await, &batch)
+            .await
+            .map_err(|e| stream_error(conn, Channel::Bulk, e))?;
+        batch.clear();
+    }
+    Ok(())
+}
+
+/// The push once the session runs: every page the schedule still holds, encoded as
+/// negotiated, then `PushDone`.
+pub(super) async fn push_all(
+    src: Arc<Source>,
+    bulk: SharedSend,
+    encoder: SharedEncoder,
+) -> Result<(), DriverError> {
+    const { assert!(PUSH_RUN <= MAX_PAGES_PER_MESSAGE) };
+    let conn = &src.link.conn;
+    let mut meter = LinkMeter::new(conn);
+    // References into the replica need its index, which the application builds beside
+    // the handshake (it hashes the fresh memory): hold the push, not demand replies,
+    // for it a bounded while. The handshake already took a round trip of it.
+    let deadline = Instant::now() + REPLICA_INDEX_WAIT;
+    while lock_encoder(&encoder).replica_index_pending() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut batch = Vec::new();
+    loop {
+        next_batch(&src, &encoder, &mut batch, false)?;
+        if batch.is_empty() {
+            break;
+        }
+        let wire = wire_bytes(&batch);
+        // How long the stream takes to accept the batch is the link's pace once the
+        // send window is full: the tuner's measure of what a wire byte costs.
+        let t = Instant::now();
+        write_pages_batch(&mut *bulk.lock().await, &batch)
+            .await
+            .map_err(|e| stream_error(conn, Channel::Bulk, e))?;
+        batch.clear();
+        let cost = meter.cost(conn, wire, t.elapsed().as_nanos() as u64);
+        lock_encoder(&encoder).observe_write(wire, cost);
+    }
+    // A bulk stream that also carries demand replies stays open until the session ends.
+    if !src.link.session().replies_on_bulk() {
+        let _ = bulk.lock().await.finish();
+    }
+    src.link.flush().await
+}
+
+/// What a wire byte of the push costs, for the encoding tuner.
+///
+/// The time a write waits measures the link only once quinn's send buffer is full; a push
+/// smaller than that buffer (a 10% evacuation, say) is buffered at once and would look free.
+/// So while the push is ahead of the wire by more than [`LinkMeter::BACKLOG`] (bytes written
+/// minus UDP bytes sent), the link sets the pace, and a byte costs what the connection's send
+/// rate says, measured over intervals of at least [`LinkMeter::INTERVAL`] (UDP bytes leave
+/// in bursts, so shorter intervals would mostly see none or many).
+struct LinkMeter {
+    written: u64,
+    last: Instant,
+    last_tx: u64,
+    ns_per_byte: Option<f64>,
+}
+
+impl LinkMeter {
+    const BACKLOG: u64 = 256 * 1024;
+    const INTERVAL: Duration = Duration::from_millis(50);
+
+    /// UDP bytes sent and not declared lost: what the link actually carried. (Sent bytes
+    /// alone overstate a link whose bottleneck queue overflows.)
+    fn delivered(conn: &Connection) -> u64 {
+        let s = conn.stats();
+        s.udp_tx.bytes.saturating_sub(s.path.lost_bytes)
+    }
+
+    fn new(conn: &Connection) -> LinkMeter {
+        let tx = Self::delivered(conn);
+        LinkMeter {
+            written: tx,
+            last: Instant::now(),
+            last_tx: tx,
+            ns_per_byte: None,
+        }
+    }
+
+    /// The cost in ns of the `wire` bytes just written, whose write waited `write_ns`.
+    fn cost(&mut self, conn: &Connection, wire: u64, write_ns: u64) -> u64 {
+        self.written += wire;
+        let tx = Self::delivered(conn);
+        let now = Instant::now();
+        let dt = now.duration_since(self.last);
+        if dt >= Self::INTERVAL {
+            let dtx = tx.saturating_sub(self.last_tx);
+            if dtx > 0 {
+                self.ns_per_byte = Some(dt.as_nanos() as f64 / dtx as f64);
+            }
+            self.last = now;
+            self.last_tx = tx;
+        }
+        match self.ns_per_byte {
+            Some(ns) if self.written.saturating_sub(tx) > Self::BACKLOG => {
+                (ns * wire as f64).max(write_ns as f64) as u64
+            }
+            _ => write_ns,
+        }
+    }
+}
