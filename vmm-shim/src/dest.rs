@@ -60,7 +60,9 @@ pub struct DestReport {
     /// early push bytes, as the driver measured them.
     #[serde(flatten)]
     pub session: quic::DestReport,
+    /// Size of guest memory in bytes.
     pub memory_bytes: u64,
+    /// Guest pages (4 KiB) in all.
     pub pages: u64,
     /// Source connected → guest resumed (handshake and layout check included).
     pub resume_ms: f64,
@@ -70,6 +72,8 @@ pub struct DestReport {
     /// destination prints.
     #[serde(flatten)]
     pub decoded: quic::DecodeStats,
+    /// The fault loop's and installer's counters: faults, blocked time, latency, pages by
+    /// how they arrived.
     pub metrics: MetricsSnapshot,
 }
 
@@ -159,6 +163,9 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, RoleError> {
 }
 
 impl Listener {
+    /// Binds the listening QUIC endpoint (mutual TLS, pinning `opts.peer_cert`) on its own
+    /// network runtime; nothing is accepted until [`Listener::receive`] (or
+    /// [`Listener::serve_standby`]) runs.
     pub fn bind(opts: DestOptions) -> Result<Listener, RoleError> {
         let runtime = runtime()?;
         let endpoint = {
@@ -172,6 +179,7 @@ impl Listener {
         })
     }
 
+    /// The bound address (the port the system chose for port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, RoleError> {
         self.endpoint.local_addr().map_err(RoleError::Io)
     }
@@ -275,17 +283,23 @@ pub struct StandbyReport {
     /// evacuation's connection), wire bytes and early push bytes.
     #[serde(flatten)]
     pub session: quic::DestReport,
+    /// Size of guest memory in bytes.
     pub memory_bytes: u64,
+    /// Guest pages (4 KiB) in all.
     pub pages: u64,
     /// Replication sessions served before the evacuation (more than one: reconnects).
     pub replication_sessions: u64,
+    /// Pages stored in the replica over all replication sessions (a page counts each
+    /// time a newer version of it was stored).
     pub pages_replicated: u64,
     /// Pages the replica held valid when the evacuation began.
     pub replica_valid_pages: u64,
     /// Evacuation connected → guest resumed (stale set received, holes punched, registered).
     pub resume_ms: f64,
+    /// What the evacuation moved: pages from the replica, stale pages, the exposure window.
     #[serde(flatten)]
     pub evacuation: crate::replica::EvacuationStats,
+    /// The fault loop's counters during the evacuation (`None` if it never began).
     pub metrics: Option<MetricsSnapshot>,
 }
 
@@ -293,7 +307,7 @@ impl Listener {
     /// Runs a standby: serves replication sessions into `sink`'s replica (reconnects
     /// included) until a source evacuates into it, then receives the stale pages while the
     /// guest runs. `on_resume` gets the guest memory region when the guest may resume, and
-    /// the VMM's state blob if the source sent one (see [`crate::replica::evacuate`]).
+    /// the VMM's state blob if the source sent one (see [`crate::replica::evacuate()`]).
     pub fn serve_standby(
         self,
         sink: Arc<crate::replica::StandbySink>,

@@ -8,6 +8,8 @@
 //! or the WAN emulator: those live in the `faultline`, `refvmm` and `wan-emu` crates, and a
 //! test (`tests/tests/layout.rs`) fails if one of them enters this crate's dependencies.
 
+#![warn(missing_docs)]
+
 pub mod dest;
 pub mod digest;
 pub mod error;
