@@ -14,11 +14,14 @@ use uffd_core::GuestMemory;
 
 #[derive(Debug, Error)]
 pub enum ImageError {
-    #[error("cannot open memory image {path}: {source}")]
+    // `source` is the error's source: anyhow's chain prints it after this sentence.
+    #[error("cannot open memory image {path}")]
     Open {
         path: String,
         source: std::io::Error,
     },
+    #[error("memory image {path} is not a regular file (a {kind})")]
+    NotAFile { path: String, kind: &'static str },
     #[error("memory image {path} is {len} bytes, which is not a non-zero multiple of 4096")]
     BadSize { path: String, len: u64 },
     #[error("synthetic image size {0} is not a non-zero multiple of 4096")]
@@ -212,7 +215,27 @@ impl SourceImage {
             source,
         };
         let file = File::open(path).map_err(err)?;
-        let len = file.metadata().map_err(err)?.len();
+        let meta = file.metadata().map_err(err)?;
+        if !meta.is_file() {
+            use std::os::unix::fs::FileTypeExt;
+            let t = meta.file_type();
+            let kind = if t.is_dir() {
+                "directory"
+            } else if t.is_block_device() {
+                "block device"
+            } else if t.is_char_device() {
+                "character device"
+            } else if t.is_fifo() {
+                "FIFO"
+            } else {
+                "socket or other special file"
+            };
+            return Err(ImageError::NotAFile {
+                path: path.display().to_string(),
+                kind,
+            });
+        }
+        let len = meta.len();
         if len == 0 || len % PAGE_SIZE as u64 != 0 {
             return Err(ImageError::BadSize {
                 path: path.display().to_string(),
@@ -344,5 +367,29 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("missing.img"), "{e}");
+        // Said once: the cause is the source, not part of the sentence.
+        let cause = std::error::Error::source(&e).unwrap().to_string();
+        assert!(!e.to_string().contains(&cause), "{e}: {cause}");
+    }
+
+    #[test]
+    fn a_directory_is_not_an_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = SourceImage::open(dir.path()).err().unwrap();
+        assert!(
+            matches!(
+                e,
+                ImageError::NotAFile {
+                    kind: "directory",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("is not a regular file (a directory)"),
+            "{e}"
+        );
     }
 }

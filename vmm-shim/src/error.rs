@@ -42,6 +42,15 @@ pub enum RoleError {
     /// [`crate::DestOptions::accept_timeout`]) and no source connected.
     #[error("no source connected within {0:?}")]
     AcceptTimeout(Duration),
+    /// The source could not reach a destination at `addr` within its connect timeout
+    /// ([`crate::SourceOptions::connect_timeout`]): nobody answered, or the path is down.
+    #[error("no destination answered at {addr} within {timeout:?}")]
+    ConnectTimeout {
+        /// Where the source tried to connect.
+        addr: std::net::SocketAddr,
+        /// The connect timeout that ran out.
+        timeout: Duration,
+    },
     /// The listening endpoint closed while the destination or standby was waiting for a
     /// source to connect.
     #[error("the listening endpoint was closed before a source connected")]

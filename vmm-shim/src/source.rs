@@ -121,8 +121,10 @@ pub(crate) fn unspecified_for(peer: SocketAddr) -> SocketAddr {
     }
 }
 
-/// A destination may still be starting; retry refused/timed-out connects until `timeout`.
-/// TLS failures (wrong certificate) are final and returned at once.
+/// A destination may still be starting; retry timed-out connects until `timeout`, which
+/// bounds the whole connect (an attempt to a port nobody listens on would otherwise wait
+/// for QUIC's idle timeout). TLS failures (wrong certificate) are final and returned at
+/// once.
 async fn connect_retrying(
     endpoint: &quic::Endpoint,
     addr: SocketAddr,
@@ -130,14 +132,16 @@ async fn connect_retrying(
 ) -> Result<quic::Connection, RoleError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        match quic::connect(endpoint, addr).await {
-            Ok(c) => return Ok(c),
-            Err(quic::DriverError::Connection(quinn::ConnectionError::TimedOut))
-                if tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        match tokio::time::timeout_at(deadline, quic::connect(endpoint, addr)).await {
+            Err(_) => return Err(RoleError::ConnectTimeout { addr, timeout }),
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(quic::DriverError::Connection(quinn::ConnectionError::TimedOut))) => {
+                tokio::time::sleep_until(
+                    deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)),
+                )
+                .await;
             }
-            Err(e) => return Err(e.into()),
+            Ok(Err(e)) => return Err(e.into()),
         }
     }
 }
