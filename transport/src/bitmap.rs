@@ -9,6 +9,7 @@ pub struct Bitmap {
 }
 
 impl Bitmap {
+    /// A bitmap of `len` bits, all clear.
     pub fn new(len: u64) -> Bitmap {
         Bitmap {
             words: vec![0; len.div_ceil(64) as usize],
@@ -17,10 +18,13 @@ impl Bitmap {
         }
     }
 
+    /// Bits in the bitmap: the pages it covers.
     pub fn len(&self) -> u64 {
         self.len
     }
 
+    /// Whether it has no bits at all (not whether none is set: see
+    /// [`Bitmap::count_ones`]).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -30,10 +34,12 @@ impl Bitmap {
         self.ones
     }
 
+    /// Whether every bit is set (true for an empty bitmap).
     pub fn is_full(&self) -> bool {
         self.ones == self.len
     }
 
+    /// Whether bit `i` is set; false past the end.
     pub fn get(&self, i: u64) -> bool {
         i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
     }

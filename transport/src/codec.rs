@@ -32,34 +32,53 @@ const T_ACK: u8 = 10;
 const T_PAGE_SET: u8 = 11;
 const T_VM_STATE: u8 = 12;
 
+/// Why bytes are not a valid frame. A session that receives one fails and tells the peer
+/// with [`ErrorCode::Malformed`].
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CodecError {
+    /// The header's `len` (the value) is above [`MAX_FRAME_LEN`].
     #[error("frame length {0} exceeds the limit of {MAX_FRAME_LEN} bytes")]
     FrameTooLong(usize),
+    /// The header's `len` is 0; a frame holds at least its type byte.
     #[error("empty frame")]
     EmptyFrame,
+    /// The type byte (the value) names no message.
     #[error("unknown message type {0:#04x}")]
     UnknownType(u8),
+    /// The body of the named message ends before its last field.
     #[error("{0} message truncated")]
     Truncated(&'static str),
+    /// The body of the named message goes on after its last field, by this many bytes.
     #[error("{0} message has {1} trailing bytes")]
     Trailing(&'static str, usize),
+    /// A count or length outside its protocol limit (also a `Pages` count of 0 and an lz4
+    /// block length of 0).
     #[error("{what}: {value} exceeds the limit of {limit}")]
     Limit {
+        /// What was counted.
         what: &'static str,
+        /// The value received.
         value: usize,
+        /// The largest value accepted.
         limit: usize,
     },
+    /// A page kind byte that is unknown, or not allowed where it is (lz4 and references in
+    /// an `Update`).
     #[error("invalid page kind {0}")]
     BadPageKind(u8),
+    /// A text field (VM id, error text) is not valid UTF-8.
     #[error("text field is not UTF-8")]
     BadText,
+    /// `first + count` of a page run overflows `u64`.
     #[error("page index overflows")]
     PageOverflow,
+    /// The `Hello`'s session kind byte (the value) is unknown.
     #[error("unknown session kind {0}")]
     BadSessionKind(u8),
+    /// A `PageSet`'s set kind byte (the value) is unknown.
     #[error("unknown page set kind {0}")]
     BadSetKind(u8),
+    /// An `Update` gave a page version 0, which is reserved for "nothing stored".
     #[error("version 0 is reserved for 'nothing stored'")]
     ZeroVersion,
 }
@@ -188,7 +207,8 @@ fn put_text(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&b[..end]);
 }
 
-/// Parses a frame header, returning the body length that follows it.
+/// Parses a frame header into the message type and the length of the body that follows it.
+/// A `len` of 0 or above [`MAX_FRAME_LEN`] is an error, found before the body is read.
 pub fn decode_header(header: [u8; HEADER_LEN]) -> Result<(u8, usize), CodecError> {
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     if len == 0 {

@@ -33,7 +33,11 @@ pub struct RegionDesc {
 /// The guest memory layout: the destination must have exactly the same one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
+    /// Page size in bytes. Both sides must agree; only [`PAGE_SIZE`] is supported today.
     pub page_size: u32,
+    /// The regions, at most [`MAX_REGIONS`] on the wire. Pages are numbered across them in
+    /// this order, without gaps: the first page of a region follows the last of the one
+    /// before it.
     pub regions: Vec<RegionDesc>,
 }
 
@@ -77,6 +81,8 @@ pub enum PageKind {
 }
 
 impl PageKind {
+    /// The kind a wire kind byte stands for; `None` for an unknown value, which the decoder
+    /// rejects.
     pub fn from_u8(v: u8) -> Option<PageKind> {
         match v {
             0 => Some(PageKind::Raw),
@@ -103,6 +109,7 @@ impl PageKind {
 /// consecutive raw pages is contiguous and can be installed with one copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pages {
+    /// Global page number of the first page; the run covers `first..first + count()`.
     pub first: u64,
     /// One `PageKind` byte per page, validated by the decoder.
     pub kinds: Bytes,
@@ -113,13 +120,18 @@ pub struct Pages {
 /// One page of a `Pages` message, borrowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PageRef<'a> {
+    /// The page's [`PAGE_SIZE`] bytes.
     Raw(&'a [u8]),
+    /// An all-zero page; it has no payload.
     Zero,
     /// The compressed block (without its length prefix).
     Lz4(&'a [u8]),
     /// A page the destination holds with this content, and the content's xxh3-128 hash.
     Ref {
+        /// The destination's page whose content to copy.
         page: u64,
+        /// xxh3-128 of that content; the copy is installed only if what the destination
+        /// reads at `page` hashes to this.
         hash: u128,
     },
 }
@@ -146,6 +158,8 @@ impl Pages {
         }
     }
 
+    /// Pages in the run (one kind byte each); 1 to [`MAX_PAGES_PER_MESSAGE`] in a decoded
+    /// message.
     pub fn count(&self) -> usize {
         self.kinds.len()
     }
@@ -169,6 +183,7 @@ impl Pages {
     }
 }
 
+/// Iterator over the pages of a [`Pages`] message, from [`Pages::iter`].
 pub struct PagesIter<'a> {
     pages: &'a Pages,
     i: usize,
@@ -232,6 +247,7 @@ pub enum SessionKind {
 }
 
 impl SessionKind {
+    /// The kind a wire byte stands for; `None` for an unknown value.
     pub fn from_u8(v: u8) -> Option<SessionKind> {
         match v {
             0 => Some(SessionKind::Migrate),
@@ -278,17 +294,32 @@ pub const MAX_ACKS: usize = 8192;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[repr(u16)]
 pub enum ErrorCode {
+    /// 1: the peers speak different protocol versions.
     VersionMismatch = 1,
+    /// 2: the source's memory layout (page size or any region) differs from the
+    /// destination's.
     LayoutMismatch = 2,
+    /// 3: a message named a page outside the layout.
     PageOutOfRange = 3,
+    /// 4: a frame or a page set could not be decoded, or reading or writing a stream failed
+    /// while the connection was up.
     Malformed = 4,
+    /// 5: a message came in the wrong state or on the wrong stream; also a session kind the
+    /// destination does not accept, or a `Complete` whose page count does not match.
     UnexpectedMessage = 5,
+    /// 6: the source announced another VM id than the destination expects.
     VmIdMismatch = 6,
+    /// 7: a local failure that is not about the peer's messages (reading or installing
+    /// pages, a failed driver task, a timeout); also what any unknown code decodes to.
     Internal = 7,
+    /// 8: the session was abandoned before it completed. Locally, a stream the peer ended
+    /// while the session still needed it is reported with this code.
     Aborted = 8,
 }
 
 impl ErrorCode {
+    /// The code a wire value stands for. Unknown values become [`ErrorCode::Internal`], so an
+    /// `Error` from a newer peer still decodes.
     pub fn from_u16(v: u16) -> ErrorCode {
         match v {
             1 => ErrorCode::VersionMismatch,
@@ -308,42 +339,89 @@ impl ErrorCode {
 pub enum Message {
     /// Source → destination, first message on the control stream.
     Hello {
+        /// The source's [`PROTOCOL_VERSION`]; the destination refuses any other.
         version: u16,
+        /// What the session is for.
         kind: SessionKind,
+        /// The VM's id, at most [`MAX_TEXT`] bytes. A destination configured with an
+        /// expected id refuses any other.
         vm_id: String,
+        /// The source's memory layout; the destination's must be identical.
         layout: Layout,
+        /// Feature bits: the encodings the source offers ([`FEATURE_LZ4`],
+        /// [`FEATURE_DEDUP`]), and [`FEATURE_VM_STATE`] announcing a `VmState` message.
         features: u64,
         /// Replication epoch: versions are only comparable within one epoch.
         epoch: u64,
     },
     /// Destination → source: the handshake is accepted; postcopy may start.
-    HelloAck { version: u16, features: u64 },
+    HelloAck {
+        /// The destination's [`PROTOCOL_VERSION`].
+        version: u16,
+        /// The negotiated features: those of the `Hello` the destination also supports,
+        /// without [`FEATURE_VM_STATE`]. The source encodes pages with these only.
+        features: u64,
+    },
     /// Destination → source on the urgent stream: pages a vCPU is blocked on.
-    Request { pages: Vec<u64> },
+    Request {
+        /// Global page numbers, at most [`MAX_REQUEST_PAGES`]; the source answers with
+        /// `Pages` on the urgent stream.
+        pages: Vec<u64>,
+    },
     /// Source → destination: page data, on the urgent stream (replies) or a bulk stream (push).
     Pages(Pages),
     /// Source → standby: page contents at the versions the source assigned.
-    Update { pages: Pages, versions: Vec<u64> },
+    Update {
+        /// The contents, raw and zero kinds only (the replica stores pages as they are).
+        pages: Pages,
+        /// One version per page, in page order; never 0, which means "nothing stored".
+        versions: Vec<u64>,
+    },
     /// Standby → source: these (page, version) pairs are stored.
-    Ack { entries: Vec<(u64, u64)> },
+    Ack {
+        /// (page, version) pairs made durable, at most [`MAX_ACKS`]; the source refuses a
+        /// page outside the layout or a version of 0.
+        entries: Vec<(u64, u64)>,
+    },
     /// A chunk of a page bitmap; `last` marks the final chunk of the set.
     PageSet {
+        /// Which set the chunk belongs to.
         kind: SetKind,
+        /// Index of the chunk's first bitmap word. Chunks come in order, each starting where
+        /// the one before ended.
         first_word: u64,
+        /// Bitmap words, at most [`MAX_SET_WORDS`]; bit `i` of word `w` stands for page
+        /// `64 × w + i`.
         words: Vec<u64>,
+        /// The final chunk; the set must then cover every page of the layout.
         last: bool,
     },
     /// Source → destination at switchover: the VMM's vCPU and device state, opaque to
     /// faultline and versioned by the VMM.
-    VmState { blob: Vec<u8> },
+    VmState {
+        /// The state, at most [`MAX_STATE`] bytes.
+        blob: Vec<u8>,
+    },
     /// Source → destination: every page has been sent at least once.
-    PushDone { pages_sent: u64 },
+    PushDone {
+        /// Pages the push schedule handed out (pushed or served on demand; at evacuation,
+        /// pages that need not cross count as handed out): the layout's total by then.
+        pages_sent: u64,
+    },
     /// Destination → source: every page is present; the source may release the VM.
-    Complete { pages_received: u64 },
+    Complete {
+        /// The destination's page count, which the source checks against its own.
+        pages_received: u64,
+    },
     /// Source → destination: acknowledges `Complete`; the session is over.
     CompleteAck,
     /// Either side: a fatal error with a reason.
-    Error { code: ErrorCode, message: String },
+    Error {
+        /// What went wrong; the connection is then closed with the same code.
+        code: ErrorCode,
+        /// A reason for people, at most [`MAX_TEXT`] bytes (cut at a character boundary).
+        message: String,
+    },
 }
 
 impl Message {

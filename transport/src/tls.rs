@@ -20,24 +20,41 @@ use thiserror::Error;
 /// framing changes incompatibly.
 pub const ALPN: &[u8] = b"faultline/1";
 
+/// Why an identity or a TLS configuration could not be set up.
 #[derive(Debug, Error)]
 pub enum TlsError {
+    /// A certificate or key file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file.
         path: String,
+        /// The system's error.
         source: std::io::Error,
     },
+    /// A certificate or key file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
+        /// The file.
         path: String,
+        /// The system's error.
         source: std::io::Error,
     },
+    /// A file holds no PEM item of the kind needed, or a malformed one.
     #[error("{path} holds no PEM {what}")]
-    Pem { path: String, what: &'static str },
+    Pem {
+        /// The file.
+        path: String,
+        /// What was looked for: "certificate" or "private key".
+        what: &'static str,
+    },
+    /// Generating a self-signed identity failed.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// rustls refused the configuration, e.g. a key that does not match the certificate or
+    /// a key type it does not support.
     #[error("TLS configuration rejected: {0}")]
     Rustls(#[from] rustls::Error),
+    /// quinn refused the rustls configuration; the value is its reason.
     #[error("QUIC refused the TLS configuration: {0}")]
     Quic(String),
 }
@@ -45,7 +62,10 @@ pub enum TlsError {
 /// A certificate and its private key: what this side presents.
 #[derive(Debug)]
 pub struct Identity {
+    /// The certificate this side presents; the peer pins exactly this one.
     pub cert: CertificateDer<'static>,
+    /// Its private key. It also seeds the endpoint's stateless-reset and connection-id keys,
+    /// so a daemon restarted with the same identity can reset its old connections.
     pub key: PrivateKeyDer<'static>,
 }
 

@@ -6,12 +6,21 @@ use thiserror::Error;
 /// Why a byte count was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ByteCountError {
+    /// The input (the value) does not start with a decimal number that fits in a `u64`.
     #[error("{0:?} is not a byte count (examples: 65536, 512K, 12M, 1G)")]
     NotANumber(String),
+    /// The number is followed by something other than a known suffix.
     #[error("unknown size suffix {suffix:?} in {input:?} (K, M, G, T; KiB, MB, ... accepted)")]
-    UnknownSuffix { suffix: String, input: String },
+    UnknownSuffix {
+        /// The suffix, trimmed and upper-cased.
+        suffix: String,
+        /// The whole input.
+        input: String,
+    },
+    /// The input (the value) counts zero bytes.
     #[error("{0:?} must be positive")]
     Zero(String),
+    /// The input (the value) is more bytes than a `u64` holds.
     #[error("{0:?} is too large")]
     TooLarge(String),
 }

@@ -10,21 +10,41 @@ use crate::message::{PageKind, PageRef, Pages, PAGE_SIZE};
 /// A page that cannot be decoded: the peer sent garbage, and the session fails.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum DecodeError {
+    /// An lz4 block that is corrupt or does not decompress to exactly one page.
     #[error("page {page}: lz4 block does not decompress to one page ({0})", .reason)]
-    Lz4 { page: u64, reason: String },
+    Lz4 {
+        /// The page the block stands for.
+        page: u64,
+        /// The decompressor's error, or how many bytes came out.
+        reason: String,
+    },
+    /// An lz4 page, though lz4 was not negotiated.
     #[error("page {page}: compressed page while lz4 was not negotiated")]
-    Lz4NotNegotiated { page: u64 },
+    Lz4NotNegotiated {
+        /// The page sent compressed.
+        page: u64,
+    },
+    /// A reference, though deduplication was not negotiated.
     #[error("page {page}: reference while deduplication was not negotiated")]
-    RefNotNegotiated { page: u64 },
+    RefNotNegotiated {
+        /// The page sent as a reference.
+        page: u64,
+    },
 }
 
 /// Decoded pages: runs of raw and zero pages to install, and pages whose reference could not
 /// be verified (ask the source for them).
 #[derive(Debug, Default)]
 pub struct Decoded {
+    /// Runs of raw and zero pages to install, in page order; the unresolved pages are left
+    /// out, so one message may become several runs.
     pub runs: Vec<Pages>,
+    /// Pages sent as references that could not be verified (the referenced page is absent,
+    /// or its content no longer hashes to the reference's): request them from the source.
     pub unresolved: Vec<u64>,
+    /// Pages that arrived lz4-compressed.
     pub lz4_pages: u64,
+    /// Pages that arrived as references, resolved or not.
     pub ref_pages: u64,
 }
 

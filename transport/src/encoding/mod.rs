@@ -32,7 +32,9 @@ pub use tuner::{BatchSample, Choice, Tuner};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
+    /// Never used.
     Off,
+    /// Always used once negotiated, without measuring.
     On,
     /// Measured while migrating: on when it makes the transfer faster.
     #[default]
@@ -42,7 +44,9 @@ pub enum Mode {
 /// The source's encoding policy; the destination always decodes everything.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EncodingPolicy {
+    /// lz4 compression of pushed pages.
     pub lz4: Mode,
+    /// References to content the destination already holds.
     pub dedup: Mode,
 }
 
@@ -79,17 +83,23 @@ impl EncodingPolicy {
 /// Wire bytes by kind, and what was chosen.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EncodingStats {
+    /// Pages sent raw.
     pub raw_pages: u64,
+    /// Their wire bytes, kind bytes included (4097 per page).
     pub raw_bytes: u64,
+    /// All-zero pages, sent as a kind byte alone.
     pub zero_pages: u64,
     /// Zero pages cost their one-byte kind.
     pub zero_bytes: u64,
+    /// Pages sent lz4-compressed.
     pub lz4_pages: u64,
     /// Compressed bytes on the wire (with their length prefixes and kinds).
     pub lz4_bytes: u64,
     /// Page bytes those compressed pages stand for.
     pub lz4_input_bytes: u64,
+    /// Pages sent as references to content the destination holds.
     pub ref_pages: u64,
+    /// Their wire bytes: 25 per page (the kind byte, a page number and a hash).
     pub ref_bytes: u64,
     /// Of `ref_pages`, references to pages the standby's replica held (see
     /// [`ReplicaIndex`]) rather than to pages pushed earlier in this session.
@@ -101,14 +111,20 @@ pub struct EncodingStats {
     pub compression_ratio: f64,
     /// The encoding used for most pushed bytes: `raw`, `lz4`, `raw+dedup`, `lz4+dedup`.
     pub chosen: String,
-    /// Batches pushed with lz4 on, and with any deduplication.
+    /// Push batches encoded (urgent replies are not batches).
     pub batches: u64,
+    /// Of those, batches encoded with lz4 on.
     pub batches_lz4: u64,
+    /// Of those, batches that hashed pages for deduplication, at any rate.
     pub batches_dedup: u64,
-    /// The tuner's last link and CPU estimates (ns per byte), for the report.
+    /// The tuner's last estimate of the link's cost, ns per wire byte (`None` until
+    /// measured); it and the estimates below are for the report.
     pub link_ns_per_byte: Option<f64>,
+    /// The tuner's estimate of lz4's CPU cost, ns per input byte.
     pub lz4_ns_per_byte: Option<f64>,
+    /// The tuner's estimate of lz4's output bytes over input bytes.
     pub lz4_ratio: Option<f64>,
+    /// The tuner's estimate of the share of hashed pages found in the content index.
     pub dedup_hit_rate: Option<f64>,
 }
 
@@ -118,11 +134,14 @@ impl EncodingStats {
         self.raw_bytes + self.zero_bytes + self.lz4_bytes + self.ref_bytes
     }
 
+    /// Pages these stats count, of all kinds.
     pub fn pages(&self) -> u64 {
         self.raw_pages + self.zero_pages + self.lz4_pages + self.ref_pages
     }
 
-    /// Adds `other` (for example urgent replies to the push).
+    /// Adds `other`'s page and byte counts (for example urgent replies to the push) and
+    /// recomputes the ratio and the choice; `other`'s batch counts and estimates are not
+    /// added, as they describe the push alone.
     pub fn merge(&mut self, other: &EncodingStats) {
         self.raw_pages += other.raw_pages;
         self.raw_bytes += other.raw_bytes;

@@ -27,6 +27,7 @@ const MARGIN: f64 = 0.9;
 /// What to do for the next batch.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Choice {
+    /// Compress non-zero pages with lz4 (a page that does not shrink still goes raw).
     pub lz4: bool,
     /// Share of non-zero pages hashed for deduplication, 0 to 1.
     pub dedup_rate: f64,
@@ -40,13 +41,18 @@ pub struct BatchSample {
     /// Time the push waited for the stream to take them (the link's pace once the send
     /// window is full; near zero when the link is faster than the push).
     pub write_ns: u64,
-    /// Non-zero pages compressed, their input bytes, output bytes and CPU time.
+    /// Input bytes of the non-zero pages compressed.
     pub lz4_in: u64,
+    /// What they came to on the wire, bytes with length prefixes; a page that did not
+    /// shrink counts as a full page.
     pub lz4_out: u64,
+    /// CPU time spent compressing, ns.
     pub lz4_ns: u64,
-    /// Pages hashed, of them found in the index, and the CPU time.
+    /// Pages hashed for deduplication.
     pub hashed: u64,
+    /// Of those, pages found in the content index (sent as references).
     pub hits: u64,
+    /// CPU time spent hashing and looking up, ns.
     pub hash_ns: u64,
 }
 
@@ -81,6 +87,8 @@ pub struct Tuner {
 }
 
 impl Tuner {
+    /// A tuner for `policy`. Modes `On` and `Off` are obeyed as they are; `Auto` lz4 starts
+    /// raw, and `Auto` deduplication starts hashing about one page in 16 (`SAMPLE_RATE`).
     pub fn new(policy: EncodingPolicy) -> Tuner {
         Tuner {
             policy,

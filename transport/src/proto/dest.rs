@@ -9,12 +9,16 @@ use crate::message::{
     Layout, Message, Pages, SessionKind, SetKind, MAX_ACKS, MAX_REQUEST_PAGES, PROTOCOL_VERSION,
 };
 
+/// How a destination session is set up: the memory it prepared and what it accepts.
 #[derive(Clone, Debug)]
 pub struct DestConfig {
     /// The layout of the memory this side prepared; the source must send exactly this one.
     pub layout: Layout,
     /// If set, the VM id the source must announce.
     pub expected_vm_id: Option<String>,
+    /// Encodings this side decodes ([`FEATURE_LZ4`](crate::message::FEATURE_LZ4),
+    /// [`FEATURE_DEDUP`](crate::message::FEATURE_DEDUP)); the `HelloAck` answers with those
+    /// the `Hello` also offered.
     pub features: u64,
     /// Session kinds this side accepts (a plain destination only `Migrate`; a standby
     /// `Replicate` and `Evacuate`).
@@ -34,13 +38,17 @@ impl DestConfig {
     }
 }
 
+/// What the destination application must act on, from [`DestSession::poll_event`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DestEvent {
     /// A standby was asked for a `Replicate` or `Evacuate` session: the application must
     /// answer with [`DestSession::accept`] and the pages its replica cannot serve.
     HelloReceived {
+        /// The kind asked for: `Replicate` or `Evacuate`.
         kind: SessionKind,
+        /// The VM id the source announced.
         vm_id: String,
+        /// The source's replication epoch; stored versions from another epoch are invalid.
         epoch: u64,
     },
     /// Evacuation: every page in the set must arrive from the source; all others are fresh
@@ -49,9 +57,17 @@ pub enum DestEvent {
     /// The VMM's vCPU and device state, to restore before the guest resumes.
     VmState(Vec<u8>),
     /// The handshake is complete; a migrating guest may resume.
-    Established { vm_id: String, features: u64 },
+    Established {
+        /// The VM id the source announced.
+        vm_id: String,
+        /// The negotiated features: the encodings incoming pages may use.
+        features: u64,
+    },
     /// The source has handed out every page.
-    PushDone { pages_sent: u64 },
+    PushDone {
+        /// The count the source sent (see [`Message::PushDone`]).
+        pages_sent: u64,
+    },
     /// The source acknowledged completion; the session is over.
     Finished,
 }
@@ -62,7 +78,12 @@ pub enum Delivery {
     /// Page contents for guest memory (migration and evacuation).
     Pages(Pages),
     /// Page contents with their versions, for the replica (replication).
-    Update { pages: Pages, versions: Vec<u64> },
+    Update {
+        /// The contents, raw and zero pages only.
+        pages: Pages,
+        /// One version per page, in page order; never 0.
+        versions: Vec<u64>,
+    },
 }
 
 #[derive(Debug)]
@@ -112,6 +133,8 @@ pub struct DestSession {
 }
 
 impl DestSession {
+    /// A session waiting for the source's `Hello`, with an empty received bitmap over the
+    /// configured layout.
     pub fn new(config: DestConfig) -> DestSession {
         DestSession {
             state: State::AwaitHello,
@@ -127,6 +150,7 @@ impl DestSession {
         }
     }
 
+    /// Pages in the configured layout.
     pub fn total_pages(&self) -> u64 {
         self.received.len()
     }
@@ -146,6 +170,8 @@ impl DestSession {
         &self.received
     }
 
+    /// Whether the handshake is done and pages are accepted: migrating or replicating, also
+    /// after `Complete` went out until the source acknowledges it.
     pub fn is_running(&self) -> bool {
         matches!(
             self.state,
@@ -153,6 +179,7 @@ impl DestSession {
         )
     }
 
+    /// Whether the source acknowledged `Complete`: the session ended normally.
     pub fn is_finished(&self) -> bool {
         matches!(self.state, State::Finished)
     }
@@ -347,7 +374,8 @@ impl DestSession {
     }
 
     /// Answers [`DestEvent::HelloReceived`]: accepts the session and tells the source which
-    /// pages the local replica cannot serve (`invalid` must cover the layout's pages).
+    /// pages the local replica cannot serve (`invalid` must cover the layout's pages). In any
+    /// other state, or with a bitmap of another length, it does nothing.
     pub fn accept(&mut self, invalid: &Bitmap) {
         if !matches!(self.state, State::AwaitAccept) || invalid.len() != self.total_pages() {
             return;
@@ -414,10 +442,13 @@ impl DestSession {
         }
     }
 
+    /// The next message to send, in the order queued; `None` when there is nothing to send.
+    /// Drain this after every call that may have queued something.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
     }
 
+    /// The next event for the application, in the order they happened.
     pub fn poll_event(&mut self) -> Option<DestEvent> {
         self.events.pop_front()
     }

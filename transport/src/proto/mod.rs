@@ -32,35 +32,84 @@ pub enum Channel {
 /// A message the driver must send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
+    /// The channel to send it on.
     pub channel: Channel,
+    /// The message. Within a channel, messages must go out in the order they are polled.
     pub message: Message,
 }
 
 /// Why a session failed. Errors found locally are also queued to the peer as `Message::Error`.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ProtoError {
+    /// The peer's `Hello` or `HelloAck` carries another protocol version.
     #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs}")]
-    VersionMismatch { ours: u16, theirs: u16 },
+    VersionMismatch {
+        /// This build's [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION).
+        ours: u16,
+        /// The version the peer announced.
+        theirs: u16,
+    },
+    /// The source's layout differs from the one the destination prepared.
     #[error("memory layout mismatch: this side has {expected}, the peer sent {got}")]
-    LayoutMismatch { expected: String, got: String },
+    LayoutMismatch {
+        /// This side's layout: page size and regions as `address+length`, in hex.
+        expected: String,
+        /// The layout the peer sent, in the same form.
+        got: String,
+    },
+    /// The source announced another VM id than [`DestConfig::expected_vm_id`].
     #[error("VM id mismatch: expected {expected:?}, the peer sent {got:?}")]
-    VmIdMismatch { expected: String, got: String },
+    VmIdMismatch {
+        /// The id this side expects.
+        expected: String,
+        /// The id the peer announced.
+        got: String,
+    },
+    /// A `Pages`, `Update`, `Request` or `Ack` named pages outside the layout (an `Ack` with
+    /// version 0 is reported the same way).
     #[error("page range {first}+{count} is outside the {total} pages of guest memory")]
-    PageOutOfRange { first: u64, count: u64, total: u64 },
+    PageOutOfRange {
+        /// The first page of the offending range.
+        first: u64,
+        /// Pages in the range (1 for a single requested or acknowledged page).
+        count: u64,
+        /// Pages in the layout.
+        total: u64,
+    },
+    /// A message that the session does not take in its state or on that channel.
     #[error("unexpected {message} on the {channel:?} channel while {state}")]
     Unexpected {
+        /// The message's name ([`Message::name`]).
         message: &'static str,
+        /// The channel it came on.
         channel: Channel,
+        /// What the session was doing, e.g. "awaiting the handshake".
         state: &'static str,
     },
+    /// `PageSet` chunks of the given set that are of another kind, out of order, beyond the
+    /// layout, or that end before covering it; the text says which.
     #[error("the peer's {0:?} page set is malformed: {1}")]
     BadPageSet(SetKind, &'static str),
+    /// The `Hello` asked for a session kind not in [`DestConfig::accept`].
     #[error("the peer asked for a {0:?} session, which this side does not accept")]
     KindRefused(crate::message::SessionKind),
+    /// The destination's `Complete` counts another number of pages than the source has.
     #[error("the peer counted {got} pages, expected {expected}")]
-    CountMismatch { expected: u64, got: u64 },
+    CountMismatch {
+        /// Pages in the source's layout.
+        expected: u64,
+        /// Pages the destination reported.
+        got: u64,
+    },
+    /// The peer sent an `Error`; nothing is sent back.
     #[error("the peer reported an error ({code:?}): {message}")]
-    Peer { code: ErrorCode, message: String },
+    Peer {
+        /// The peer's code.
+        code: ErrorCode,
+        /// The peer's text.
+        message: String,
+    },
+    /// Incoming bytes did not decode.
     #[error("malformed frame: {0}")]
     Codec(#[from] CodecError),
 }

@@ -21,6 +21,7 @@ pub struct PushSchedule {
 }
 
 impl PushSchedule {
+    /// A schedule that pushes all of `pages` pages, from page 0 up.
     pub fn new(pages: u64) -> PushSchedule {
         PushSchedule::from_sent(Bitmap::new(pages))
     }
@@ -148,6 +149,7 @@ impl PushSchedule {
         self.sent.count_ones()
     }
 
+    /// Whether every page was handed out.
     pub fn is_done(&self) -> bool {
         self.sent.is_full()
     }

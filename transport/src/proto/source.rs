@@ -8,14 +8,22 @@ use super::{page_set_messages, Channel, PageSetAssembler, ProtoError, PushSchedu
 use crate::bitmap::Bitmap;
 use crate::message::{Layout, Message, SessionKind, SetKind, PROTOCOL_VERSION};
 
+/// How a source session is set up; [`SourceConfig::migrate`] gives the defaults.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
+    /// The VM's id, announced in the `Hello` (at most
+    /// [`MAX_TEXT`](crate::message::MAX_TEXT) bytes of it are sent).
     pub vm_id: String,
+    /// The guest memory layout, announced in the `Hello`; the destination must have the
+    /// same one.
     pub layout: Layout,
+    /// Feature bits to offer in the `Hello` besides those that `encoding` and `vm_state`
+    /// imply.
     pub features: u64,
     /// Push pages in the background. Off, pages move only on demand (for measuring
     /// demand-fault latency alone).
     pub push: bool,
+    /// What the session is for, announced in the `Hello`.
     pub kind: SessionKind,
     /// Replication epoch (random per source run); versions compare only within one.
     pub epoch: u64,
@@ -71,7 +79,10 @@ impl SourceConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceEvent {
     /// The destination accepted the handshake; the push (or replication) may start.
-    Established { features: u64 },
+    Established {
+        /// The negotiated features from the `HelloAck`: the encodings pages may use.
+        features: u64,
+    },
     /// Replication: pages the standby cannot serve; they count as never acknowledged.
     Invalid(Bitmap),
     /// Replication: the standby stored these (page, version) pairs.
@@ -198,10 +209,12 @@ impl SourceSession {
         }
     }
 
+    /// Pages in the layout.
     pub fn total_pages(&self) -> u64 {
         self.push.pages()
     }
 
+    /// The kind of session, as configured.
     pub fn kind(&self) -> SessionKind {
         self.config.kind
     }
@@ -221,6 +234,8 @@ impl SourceSession {
         self.config.replica_index.clone()
     }
 
+    /// Whether the handshake is done and the session runs, until the destination's
+    /// `Complete`.
     pub fn is_running(&self) -> bool {
         matches!(self.state, State::Running)
     }
@@ -236,6 +251,8 @@ impl SourceSession {
             && self.config.kind != SessionKind::Replicate
     }
 
+    /// Whether the destination reported every page present and the `CompleteAck` is
+    /// queued: the session ended normally.
     pub fn is_finished(&self) -> bool {
         matches!(self.state, State::Finished)
     }
@@ -460,10 +477,13 @@ impl SourceSession {
         }
     }
 
+    /// The next message to send, in the order queued; `None` when there is nothing to send.
+    /// Drain this after every call that may have queued something.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
     }
 
+    /// The next event for the application, in the order they happened.
     pub fn poll_event(&mut self) -> Option<SourceEvent> {
         self.events.pop_front()
     }

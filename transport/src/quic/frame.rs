@@ -7,14 +7,19 @@ use thiserror::Error;
 use crate::codec::{decode_body, decode_header, encode, CodecError, HEADER_LEN};
 use crate::message::{Message, Pages};
 
+/// Why a message could not be read from or written to a stream.
 #[derive(Debug, Error)]
 pub enum FrameError {
+    /// quinn could not read the stream (reset by the peer, connection lost).
     #[error("read failed: {0}")]
     Read(#[from] quinn::ReadError),
+    /// quinn could not write the stream (stopped by the peer, connection lost).
     #[error("write failed: {0}")]
     Write(#[from] quinn::WriteError),
+    /// The stream ended inside a frame.
     #[error("stream ended in the middle of a frame")]
     Truncated,
+    /// The bytes read are not a valid frame.
     #[error("malformed frame: {0}")]
     Codec(#[from] CodecError),
 }

@@ -36,14 +36,22 @@ use crate::message::ErrorCode;
 use crate::proto::{Channel, ProtoError};
 use crate::tls::{client_tls, server_tls, Identity, TlsError};
 
-/// First byte of each stream, telling the destination what the stream carries.
+/// First byte of the control stream (bidirectional: handshake, page sets, completion,
+/// errors). Each stream's first byte tells the destination what the stream carries.
 pub const TAG_CONTROL: u8 = 0xC0;
+/// First byte of the urgent stream (bidirectional: demand requests from the destination,
+/// replies from the source).
 pub const TAG_URGENT: u8 = 0xC1;
+/// First byte of the bulk stream (unidirectional, source → destination: the background push,
+/// or replication updates).
 pub const TAG_BULK: u8 = 0xC2;
 
-/// Stream priorities: higher is sent first.
+/// Send priority of the urgent stream, the highest. quinn sends data of higher-priority
+/// streams first, so a demand reply goes out ahead of queued push data.
 pub const PRIO_URGENT: i32 = 100;
+/// Send priority of the control stream: below demand replies, above the push.
 pub const PRIO_CONTROL: i32 = 50;
+/// Send priority of the bulk stream: the push takes what the other streams leave.
 pub const PRIO_BULK: i32 = 0;
 
 /// Application close code of a session that ended normally.
@@ -52,34 +60,64 @@ pub const CLOSE_OK: u32 = 0;
 /// Where the peer or the network ended a session.
 #[derive(Debug, Error)]
 pub enum DriverError {
+    /// The TLS configuration could not be built.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The UDP socket could not be bound, or no endpoint created on it.
     #[error("cannot bind {addr}: {source}")]
     Bind {
+        /// The local address asked for.
         addr: SocketAddr,
+        /// The system's error.
         source: std::io::Error,
     },
+    /// quinn refused to start the connection, before sending anything.
     #[error("cannot connect to {addr}: {reason}")]
-    Connect { addr: SocketAddr, reason: String },
+    Connect {
+        /// The peer's address.
+        addr: SocketAddr,
+        /// quinn's reason.
+        reason: String,
+    },
+    /// The connection failed or was lost: a failed handshake (a certificate other than the
+    /// pinned one), the idle timeout, a reset.
     #[error("QUIC connection failed: {}", explain_connection(.0))]
     Connection(#[from] quinn::ConnectionError),
+    /// The peer closed the connection with an application error, or ended a stream the
+    /// session still needed (then the code is [`ErrorCode::Aborted`]).
     #[error("the peer closed the session with {code:?}: {reason}")]
-    PeerClosed { code: ErrorCode, reason: String },
+    PeerClosed {
+        /// The peer's close code; a value that is no [`ErrorCode`] reads as `Internal`.
+        code: ErrorCode,
+        /// The peer's close reason: the text of its `Error`, or what ended.
+        reason: String,
+    },
+    /// The session's state machine failed: a protocol violation, or an `Error` from the peer.
     #[error("protocol error: {0}")]
     Protocol(#[from] ProtoError),
+    /// Reading or writing a stream failed while the connection was still up.
     #[error("stream error on the {channel:?} channel: {source}")]
     Stream {
+        /// The channel of the stream.
         channel: Channel,
+        /// What failed.
         source: FrameError,
     },
+    /// The source opened a stream whose tag (the value) is not the one expected there; 0 when
+    /// it opened the control or urgent stream twice.
     #[error("the peer opened an unknown stream (tag {0:#04x})")]
     UnknownStream(u8),
+    /// A step of the session did not finish in time (or, in replication, the task reading
+    /// acknowledgements stopped); the text says which.
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    /// A task of the driver panicked or was cancelled; the value is its join error.
     #[error("a driver task failed: {0}")]
     Task(String),
+    /// The [`PageReader`] could not read pages; the value is its error.
     #[error("page source failed: {0}")]
     Reader(String),
+    /// The [`PageSink`] could not install or store pages.
     #[error("installing pages failed: {0}")]
     Sink(#[from] SinkError),
 }
@@ -120,6 +158,7 @@ pub enum Congestion {
     /// CUBIC: gentler than BBR when the window is far above the path's BDP, but it collapses
     /// under random loss (measured in docs/wan.md).
     Cubic,
+    /// NewReno, the classic loss-based controller; for comparison.
     NewReno,
 }
 
@@ -138,8 +177,15 @@ impl std::str::FromStr for Congestion {
 /// A malformed `FAULTLINE_*` tuning variable.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TuningError {
+    /// A byte-count variable holds something [`crate::units::parse_bytes`] refuses.
     #[error("{var}={value:?} is not a positive byte count (examples: 3125000, 12M, 512K)")]
-    Bytes { var: &'static str, value: String },
+    Bytes {
+        /// The variable's name.
+        var: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// [`ENV_CONGESTION`] names no known controller; the value is what it held.
     #[error("{ENV_CONGESTION}={0:?} is not one of bbr, cubic, newreno")]
     Congestion(String),
 }

@@ -50,6 +50,8 @@ pub struct StatedStart {
 }
 
 impl StatedStart {
+    /// Wraps `inner`, keeping the window at no less than `floor` bytes until the first
+    /// congestion event.
     pub fn new(inner: Box<dyn Controller>, floor: u64) -> StatedStart {
         StatedStart {
             inner,

@@ -91,7 +91,9 @@ pub type OnEstablished = Box<dyn FnOnce(&str, Option<&[u8]>) + Send>;
 /// What the application hooks into a destination session.
 #[derive(Default)]
 pub struct DestHooks {
-    /// See [`OnEstablished`]; not called for a replication session.
+    /// Called once the handshake is accepted, with the VM id and the VM state the source
+    /// sent (if any): the place to restore vCPUs and resume the guest. Not called for a
+    /// replication session.
     pub on_established: Option<OnEstablished>,
 }
 
