@@ -5,7 +5,11 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use faultline_tests::{faultline_bin, Certs};
+use faultline_tests::{
+    assert_migrated, faultline_bin, run_source, Background, Certs, DestProcess, ShmDir,
+};
+use serde_json::Value;
+use transport::quic;
 
 /// A loopback UDP port nobody listens on (bound, then released).
 fn closed_port() -> u16 {
@@ -47,4 +51,205 @@ fn connect_timeout_bounds_the_connect_when_nobody_listens() {
             "took {took:?} with --connect-timeout {secs}"
         );
     }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// xorshift64*: junk that is different in every datagram.
+fn junk(state: &mut u64, out: &mut [u8]) {
+    for b in out.iter_mut() {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *b = (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8;
+    }
+}
+
+/// `n` 1,200-byte datagrams shaped as QUIC v1 Initials (long header 0xC3, version 1,
+/// random 8-byte connection ids and payload), from ten source ports.
+fn send_junk_initials(to: &str, n: usize) {
+    let socks: Vec<_> = (0..10)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut d = [0u8; 1200];
+    for i in 0..n {
+        junk(&mut state, &mut d);
+        d[0] = 0xC3;
+        d[1..5].copy_from_slice(&1u32.to_be_bytes());
+        d[5] = 8; // destination connection id length
+        d[14] = 8; // source connection id length
+        socks[i % socks.len()].send_to(&d, to).unwrap();
+    }
+}
+
+/// The first datagram a real `faultline source` sends (its client Initial), caught by a
+/// socket standing where the destination would be.
+fn captured_initial(certs: &Certs) -> Vec<u8> {
+    let trap = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    trap.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let addr = trap.local_addr().unwrap().to_string();
+    let mut source = Command::new(faultline_bin())
+        .args(["source", "--connect", &addr, "--synthetic", "4M"])
+        .args(certs.args("source", "dest"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn faultline source");
+    let mut buf = vec![0u8; 65536];
+    let got = trap.recv_from(&mut buf);
+    let _ = source.kill();
+    let _ = source.wait();
+    let (n, _) = got.expect("the source sent an Initial");
+    buf.truncate(n);
+    buf
+}
+
+/// A real source migrates into `dest` afterwards, byte for byte.
+fn real_source_migrates(certs: &Certs, dest: DestProcess) -> Value {
+    let src = run_source(
+        certs,
+        "source",
+        &dest.addr,
+        &["--synthetic", "16M"],
+        TIMEOUT,
+    );
+    let dst = dest.wait(TIMEOUT);
+    assert_migrated(&src, &dst)
+}
+
+#[test]
+fn a_destination_survives_junk_replayed_and_unpinned_peers() {
+    let certs = Certs::new();
+    let dest = DestProcess::start(&certs, &["--size", "16M"]);
+    attack_listener(&certs, &dest.addr);
+    real_source_migrates(&certs, dest);
+}
+
+/// `n` QUIC clients with a certificate nobody pins connect to `addr` at once; how many
+/// were refused.
+fn unpinned_clients(certs: &Certs, addr: &str, n: usize) -> usize {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let stranger = transport::tls::Identity::generate("stranger").unwrap();
+    let dest_cert = certs.identity("dest").cert;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let attempts: Vec<_> = (0..n)
+            .map(|_| {
+                let (id, cert) = (stranger.clone(), dest_cert.clone());
+                tokio::spawn(async move {
+                    let ep = quic::client_endpoint("127.0.0.1:0".parse().unwrap(), &id, cert)
+                        .expect("client endpoint");
+                    let r = tokio::time::timeout(Duration::from_secs(20), async {
+                        let conn = quic::connect(&ep, addr).await?;
+                        // The handshake can complete on the client before the server has
+                        // checked the client's certificate: wait for its verdict.
+                        Err::<(), _>(quic::DriverError::Connection(conn.closed().await))
+                    })
+                    .await;
+                    ep.close(0u32.into(), b"");
+                    matches!(r, Ok(Err(_)))
+                })
+            })
+            .collect();
+        let mut refused = 0;
+        for a in attempts {
+            refused += usize::from(a.await.unwrap());
+        }
+        refused
+    })
+}
+
+/// What the attacker sends a listener before the real peer comes.
+fn attack_listener(certs: &Certs, addr: &str) {
+    send_junk_initials(addr, 1000);
+    // One real client Initial replayed from 100 source ports.
+    let initial = captured_initial(certs);
+    for _ in 0..100 {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.send_to(&initial, addr).unwrap();
+    }
+    assert_eq!(
+        unpinned_clients(certs, addr, 100),
+        100,
+        "every unpinned client is refused"
+    );
+}
+
+#[test]
+fn a_standby_survives_junk_replayed_and_unpinned_peers_then_replicates_and_evacuates() {
+    let certs = Certs::new();
+    let dir = ShmDir::new("hardening");
+    let standby = DestProcess::standby(
+        &certs,
+        "127.0.0.1:0",
+        &["--size", "16M", "--replica-dir", &dir.arg()],
+    );
+    attack_listener(&certs, &standby.addr);
+    let src = Background::replicate(
+        &certs,
+        &standby.addr,
+        &[
+            "--synthetic",
+            "16M",
+            "--evacuate-after",
+            "1",
+            "--stale-pct",
+            "10",
+        ],
+    )
+    .wait(TIMEOUT);
+    let dst = standby.wait(TIMEOUT);
+    assert!(src.status.success(), "replicate failed: {}", src.stderr);
+    assert!(dst.status.success(), "standby failed: {}", dst.stderr);
+    assert!(src.json["digest"].is_string(), "{}", src.json);
+    assert_eq!(
+        src.json["digest"], dst.json["digest"],
+        "memory differs after evacuation"
+    );
+}
+
+#[test]
+fn a_destination_in_a_session_tells_a_second_source_it_is_busy() {
+    let certs = Certs::new();
+    // No push and no workload: the first session runs until it is killed.
+    let dest = DestProcess::start(&certs, &["--size", "16M", "--workers", "0"]);
+    let mut first = Command::new(faultline_bin())
+        .args([
+            "source",
+            "--connect",
+            &dest.addr,
+            "--synthetic",
+            "16M",
+            "--no-push",
+        ])
+        .args(certs.args("source", "dest"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the first source");
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let second = run_source(
+        &certs,
+        "source",
+        &dest.addr,
+        &["--synthetic", "16M"],
+        TIMEOUT,
+    );
+    let took = started.elapsed();
+    let _ = first.kill();
+    let _ = first.wait();
+    dest.kill();
+    assert!(!second.status.success());
+    assert!(
+        second
+            .stderr
+            .contains("Busy: this side is already in a migration session"),
+        "{}",
+        second.stderr
+    );
+    // Told at once, not after an idle timeout.
+    assert!(took < Duration::from_secs(15), "took {took:?}");
 }

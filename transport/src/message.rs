@@ -315,6 +315,9 @@ pub enum ErrorCode {
     /// 8: the session was abandoned before it completed. Locally, a stream the peer ended
     /// while the session still needed it is reported with this code.
     Aborted = 8,
+    /// 9: the listener is already in a session with another peer; try again later or
+    /// elsewhere. Sent only as a connection's close code, after authentication.
+    Busy = 9,
 }
 
 impl ErrorCode {
@@ -329,6 +332,7 @@ impl ErrorCode {
             5 => ErrorCode::UnexpectedMessage,
             6 => ErrorCode::VmIdMismatch,
             8 => ErrorCode::Aborted,
+            9 => ErrorCode::Busy,
             _ => ErrorCode::Internal,
         }
     }

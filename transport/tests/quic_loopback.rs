@@ -275,3 +275,83 @@ async fn unknown_peer_certificate_is_refused() {
         "{server_err}"
     );
 }
+
+mod acceptor {
+    use std::time::Duration;
+
+    use transport::message::ErrorCode;
+    use transport::quic::accept::{AcceptLimits, Acceptor};
+    use transport::quic::{self, DriverError};
+    use transport::tls::Identity;
+
+    /// Connects as `me` and waits for the server's verdict on the connection (the client's
+    /// side of a handshake can finish before the server has checked its certificate).
+    async fn verdict(me: &Identity, server: &Identity, addr: std::net::SocketAddr) -> DriverError {
+        let ep =
+            quic::client_endpoint("127.0.0.1:0".parse().unwrap(), me, server.cert.clone()).unwrap();
+        let e = match quic::connect(&ep, addr).await {
+            Ok(conn) => quic::DriverError::Connection(conn.closed().await),
+            Err(e) => e,
+        };
+        ep.close(0u32.into(), b"");
+        e
+    }
+
+    #[tokio::test]
+    async fn only_authenticated_peers_are_handed_over_and_a_busy_listener_says_so() {
+        let (server, client) = (
+            Identity::generate("dest").unwrap(),
+            Identity::generate("source").unwrap(),
+        );
+        let stranger = Identity::generate("stranger").unwrap();
+        let ep =
+            quic::server_endpoint("127.0.0.1:0".parse().unwrap(), &server, client.cert.clone())
+                .unwrap();
+        let addr = ep.local_addr().unwrap();
+        let mut acceptor = Acceptor::start(ep, AcceptLimits::default());
+
+        // An unpinned client is refused and never handed over.
+        let e = tokio::time::timeout(Duration::from_secs(10), verdict(&stranger, &server, addr))
+            .await
+            .expect("refused in time");
+        assert!(!e.to_string().is_empty());
+        let c = acceptor.counts();
+        assert_eq!((c.failed, c.accepted), (1, 0), "{c:?}");
+        assert!(
+            c.retried >= 1,
+            "its Initial was answered with a Retry first: {c:?}"
+        );
+
+        // The pinned client is.
+        let ep2 =
+            quic::client_endpoint("127.0.0.1:0".parse().unwrap(), &client, server.cert.clone())
+                .unwrap();
+        let conn = quic::connect(&ep2, addr)
+            .await
+            .expect("pinned client connects");
+        let got = tokio::time::timeout(Duration::from_secs(10), acceptor.next())
+            .await
+            .expect("handed over in time")
+            .expect("endpoint open");
+        assert_eq!(
+            got.remote_address().port(),
+            ep2.local_addr().unwrap().port()
+        );
+        drop(conn);
+
+        // While busy, the next authenticated peer is closed at once with Busy and the reason.
+        acceptor.set_busy(Some("in a session".into()));
+        match tokio::time::timeout(Duration::from_secs(10), verdict(&client, &server, addr))
+            .await
+            .expect("told in time")
+        {
+            DriverError::Connection(quinn::ConnectionError::ApplicationClosed(c)) => {
+                assert_eq!(c.error_code.into_inner(), ErrorCode::Busy as u64);
+                assert_eq!(&c.reason[..], b"in a session");
+            }
+            other => panic!("expected a Busy close, got {other}"),
+        }
+        let c = acceptor.counts();
+        assert_eq!((c.busy, c.accepted, c.failed), (1, 1, 1), "{c:?}");
+    }
+}

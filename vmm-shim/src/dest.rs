@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 use transport::message::{PageKind, Pages};
 use transport::proto::{Channel, DestConfig, DestSession};
+use transport::quic::accept::{AcceptLimits, Acceptor};
 use transport::quic::{self, DestHooks, PageSink, SinkError};
 use transport::tls::Identity;
 use transport::{Layout, PAGE_SIZE};
@@ -147,11 +148,21 @@ impl PageSink for UffdSink {
 
 /// A bound destination endpoint: bind first, so the caller can learn the address (port 0),
 /// then [`Listener::receive`].
+///
+/// From the moment it is bound it accepts in the background (`transport::quic::accept`):
+/// spoofed and replayed Initials get a stateless Retry, handshakes run concurrently with a
+/// timeout each, a peer that fails authentication is logged and dropped, and while a session
+/// runs an authenticated second peer is told at once that this side is busy. Only an
+/// authenticated peer can start a session or end one.
 pub struct Listener {
     runtime: tokio::runtime::Runtime,
     endpoint: quic::Endpoint,
+    acceptor: Acceptor,
     opts: DestOptions,
 }
+
+/// What a listener in a session tells a second peer.
+const BUSY: &str = "this side is already in a migration session";
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, RoleError> {
     tokio::runtime::Builder::new_multi_thread()
@@ -168,13 +179,17 @@ impl Listener {
     /// [`Listener::serve_standby`]) runs.
     pub fn bind(opts: DestOptions) -> Result<Listener, RoleError> {
         let runtime = runtime()?;
-        let endpoint = {
+        let (endpoint, acceptor) = {
             let _guard = runtime.enter();
-            quic::server_endpoint(opts.listen, &opts.identity, opts.peer_cert.clone())?
+            let endpoint =
+                quic::server_endpoint(opts.listen, &opts.identity, opts.peer_cert.clone())?;
+            let acceptor = Acceptor::start(endpoint.clone(), AcceptLimits::default());
+            (endpoint, acceptor)
         };
         Ok(Listener {
             runtime,
             endpoint,
+            acceptor,
             opts,
         })
     }
@@ -203,7 +218,7 @@ impl Listener {
     /// [`Listener::receive`] for a VMM: `on_resume` gets the vCPU and device state blob the
     /// source sent (see `send_with_state`), to restore before it runs the vCPUs.
     pub fn receive_vm(
-        self,
+        mut self,
         regions: &[HostRegion],
         layout: &Layout,
         on_resume: impl FnOnce(Option<Vec<u8>>) + Send + 'static,
@@ -219,12 +234,14 @@ impl Listener {
         let resumed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
         let opts = &self.opts;
         let endpoint = &self.endpoint;
+        let acceptor = &mut self.acceptor;
 
         let result = self.runtime.block_on(async {
-            let conn = tokio::time::timeout(opts.accept_timeout, quic::accept(endpoint))
+            let conn = tokio::time::timeout(opts.accept_timeout, acceptor.next())
                 .await
-                .map_err(|_| RoleError::AcceptTimeout(opts.accept_timeout))??
+                .map_err(|_| RoleError::AcceptTimeout(opts.accept_timeout))?
                 .ok_or(RoleError::EndpointClosed)?;
+            acceptor.set_busy(Some(BUSY.into()));
             let connected = Instant::now();
             let progress = opts.progress.clone().map(|f| {
                 let table = table.clone();
@@ -309,7 +326,7 @@ impl Listener {
     /// guest runs. `on_resume` gets the guest memory region when the guest may resume, and
     /// the VMM's state blob if the source sent one (see [`crate::replica::evacuate()`]).
     pub fn serve_standby(
-        self,
+        mut self,
         sink: Arc<crate::replica::StandbySink>,
         layout: &Layout,
         on_resume: impl FnOnce(HostRegion, Option<Vec<u8>>) + Send + 'static,
@@ -319,22 +336,19 @@ impl Listener {
         let on_resume = Arc::new(Mutex::new(Some(on_resume)));
         let opts = &self.opts;
         let endpoint = &self.endpoint;
+        let acceptor = &mut self.acceptor;
         let mut sessions = 0u64;
         let mut replicated = 0u64;
         let result = self.runtime.block_on(async {
             loop {
-                let conn = tokio::time::timeout(opts.accept_timeout, quic::accept(endpoint))
+                // Peers that fail authentication never get here (see `Listener`). During
+                // replication a new connection waits for the current session to end rather
+                // than being turned away: it may be the source reconnecting, or coming to
+                // evacuate, before this side saw the old session close.
+                let conn = tokio::time::timeout(opts.accept_timeout, acceptor.next())
                     .await
-                    .map_err(|_| RoleError::AcceptTimeout(opts.accept_timeout))?;
-                let conn = match conn {
-                    Ok(Some(c)) => c,
-                    Ok(None) => return Err(RoleError::EndpointClosed),
-                    Err(e) => {
-                        // A peer that fails the TLS handshake does not end the standby.
-                        tracing::warn!(error = %e, "refused a connection");
-                        continue;
-                    }
-                };
+                    .map_err(|_| RoleError::AcceptTimeout(opts.accept_timeout))?
+                    .ok_or(RoleError::EndpointClosed)?;
                 let valid_before = sink.valid_pages();
                 let connected = Instant::now();
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -346,8 +360,12 @@ impl Listener {
                 });
                 let resumed: Arc<Mutex<Option<Instant>>> = Arc::default();
                 let (resumed2, hook, sink2) = (resumed.clone(), on_resume.clone(), sink.clone());
+                let busy = acceptor.busy_switch();
+                // Called for an evacuation only (a replication session has no guest to
+                // resume): from here on this standby is the guest's host.
                 let hooks = DestHooks {
                     on_established: Some(Box::new(move |_vm: &str, state: Option<&[u8]>| {
+                        busy.set(Some(BUSY.into()));
                         *resumed2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                         let f = hook.lock().unwrap_or_else(|p| p.into_inner()).take();
                         if let (Some(f), Some(region)) = (f, sink2.guest_region()) {
@@ -370,7 +388,7 @@ impl Listener {
                             .unwrap_or_else(|p| p.into_inner())
                             .map(|t| t.duration_since(connected))
                             .unwrap_or_default();
-                        return Ok((rep, resume, valid_before));
+                        return Ok::<_, RoleError>((rep, resume, valid_before));
                     }
                     Err(e) if sink.guest_region().is_none() => {
                         // Replication broke (the source went away, the network failed):

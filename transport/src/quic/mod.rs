@@ -6,6 +6,7 @@
 //! Urgent replies are sent at a higher stream priority than the push, so quinn packs them
 //! ahead of queued bulk data and a fault never waits behind pushed pages.
 
+pub mod accept;
 mod dest;
 mod frame;
 mod link;
