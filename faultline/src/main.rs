@@ -17,12 +17,30 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let args = cli::Cli::parse();
+    // With --json every run prints one JSON object, failed or not (cli::outcome).
+    let json = std::env::args_os().any(|a| a == "--json");
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) if json && e.use_stderr() => {
+            let e = anyhow::Error::new(e);
+            println!(
+                "{}",
+                cli::outcome::failure_json(&e, cli::outcome::Kind::Usage)
+            );
+            eprintln!("faultline: error: {e:#}");
+            return std::process::ExitCode::from(cli::outcome::Kind::Usage.exit_code());
+        }
+        Err(e) => e.exit(),
+    };
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {
+            let kind = cli::outcome::classify(&e);
+            if json {
+                println!("{}", cli::outcome::failure_json(&e, kind));
+            }
             eprintln!("faultline: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(kind.exit_code())
         }
     }
 }

@@ -125,7 +125,16 @@ async fn rogue(
 fn error_text(o: &Outcome) -> String {
     match &o.dest {
         Ok(r) => panic!("the destination accepted bad input: {r:?}"),
-        Err(e) => e.to_string(),
+        // The whole chain, as the CLI prints it.
+        Err(e) => {
+            let mut s = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                s += &format!(": {c}");
+                cause = c.source();
+            }
+            s
+        }
     }
 }
 
@@ -218,21 +227,22 @@ fn unknown_peer_certificate_is_refused_between_processes() {
         Duration::from_secs(60),
     );
     assert!(!src.status.success());
+    assert_eq!(src.json["error"]["kind"], "authentication", "{}", src.json);
+    // The destination refused the intruder, said why, and still takes the real source.
+    let real = run_source(
+        &certs,
+        "source",
+        &dest.addr,
+        &["--synthetic", "16M"],
+        Duration::from_secs(60),
+    );
     let dst = dest.wait(Duration::from_secs(60));
     assert!(
-        !dst.status.success(),
-        "destination must refuse the intruder"
-    );
-    assert!(
-        dst.stderr.contains("certificate"),
+        dst.stderr.contains("refused a connection") && dst.stderr.contains("certificate"),
         "destination says why: {}",
         dst.stderr
     );
-    assert!(
-        dst.json.is_null(),
-        "no report, no memory handed over: {}",
-        dst.json
-    );
+    faultline_tests::assert_migrated(&real, &dst);
 }
 
 #[test]
@@ -276,5 +286,9 @@ fn missing_certificate_file_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/d.crt"), "{err}");
-    assert!(out.stdout.is_empty());
+    // With --json the failure is the one object on stdout.
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["error"]["kind"], "local_io", "{v}");
+    assert_eq!(out.status.code(), Some(6), "{v}");
 }

@@ -253,3 +253,81 @@ fn a_destination_in_a_session_tells_a_second_source_it_is_busy() {
     // Told at once, not after an idle timeout.
     assert!(took < Duration::from_secs(15), "took {took:?}");
 }
+
+/// Runs `faultline source` with `args` and `--json`; its exit code and its one JSON object.
+fn source_json(certs: &Certs, me: &str, args: &[&str]) -> (Option<i32>, Value) {
+    let out = Command::new(faultline_bin())
+        .args(["source", "--json"])
+        .args(args)
+        .args(certs.args(me, "dest"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run faultline source");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {stdout:?}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), v)
+}
+
+fn assert_failure(got: (Option<i32>, Value), kind: &str, code: i32, says: &str) {
+    let (rc, v) = got;
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["error"]["kind"], kind, "{v}");
+    assert_eq!(v["error"]["exit_code"], code, "{v}");
+    assert_eq!(rc, Some(code), "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains(says), "{v}");
+    // Each cause is said once (an error's Display leaves its source to the chain).
+    let parts: Vec<&str> = message.split(": ").collect();
+    for w in parts.windows(2) {
+        assert_ne!(w[0], w[1], "a cause repeated: {message}");
+    }
+}
+
+#[test]
+fn json_failures_are_one_object_with_a_documented_kind_and_exit_code() {
+    let certs = Certs::new();
+    let nobody = format!("127.0.0.1:{}", closed_port());
+    let quick = ["--synthetic", "4M", "--connect-timeout", "1", "--connect"];
+
+    let mut usage = quick.to_vec();
+    usage.extend([nobody.as_str(), "--no-such-option"]);
+    assert_failure(
+        source_json(&certs, "source", &usage),
+        "usage",
+        2,
+        "--no-such-option",
+    );
+
+    let mut network = quick.to_vec();
+    network.push(&nobody);
+    let got = source_json(&certs, "source", &network);
+    assert_failure(got, "network", 5, "no destination answered");
+
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().display().to_string();
+    let local = ["--connect", &nobody, "--image", &image];
+    let got = source_json(&certs, "source", &local);
+    assert_failure(got, "local_io", 6, "is not a regular file (a directory)");
+
+    // A source whose certificate the destination does not pin; the destination lives on.
+    let dest = DestProcess::start(&certs, &["--size", "4M"]);
+    let mut intruder = quick.to_vec();
+    intruder.push(&dest.addr);
+    let got = source_json(&certs, "intruder", &intruder);
+    assert_failure(got, "authentication", 3, "TLS handshake failed");
+    let src = run_source(
+        &certs,
+        "source",
+        &dest.addr,
+        &["--synthetic", "4M"],
+        TIMEOUT,
+    );
+    assert_eq!(src.json["ok"], true, "{}", src.json);
+    assert_migrated(&src, &dest.wait(TIMEOUT));
+}

@@ -23,8 +23,9 @@ pub const ALPN: &[u8] = b"faultline/1";
 /// Why an identity or a TLS configuration could not be set up.
 #[derive(Debug, Error)]
 pub enum TlsError {
-    /// A certificate or key file could not be read.
-    #[error("cannot read {path}: {source}")]
+    /// A certificate or key file could not be read. (The system's error is the source, so
+    /// an error chain prints it once, after this.)
+    #[error("cannot read {path}")]
     Read {
         /// The file.
         path: String,
@@ -32,7 +33,7 @@ pub enum TlsError {
         source: std::io::Error,
     },
     /// A certificate or key file could not be written.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         /// The file.
         path: String,

@@ -394,7 +394,7 @@ impl Listener {
                         // Replication broke (the source went away, the network failed):
                         // what was acknowledged is stored; wait for the next session.
                         sessions += 1;
-                        tracing::warn!(error = %e, "replication session failed");
+                        tracing::warn!(error = %crate::error::chain(&e), "replication session failed");
                     }
                     Err(e) => return Err(e.into()),
                 }

@@ -61,3 +61,16 @@ pub enum RoleError {
     #[error("the guest memory regions do not match the memory layout")]
     LayoutDoesNotFitMemory,
 }
+
+/// An error and all its sources, `: `-separated, as `anyhow`'s `{:#}` prints them: for logs,
+/// since an error's own `Display` leaves its source to the chain.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}

@@ -330,7 +330,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         report.expected_bdp_bytes = tuning;
     }
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        super::outcome::print_report(&report)?;
     } else {
         print_text(&report, a.seed);
     }

@@ -159,7 +159,7 @@ pub(super) fn run(
         wall_ms: wall.elapsed().as_secs_f64() * 1e3,
     };
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        super::outcome::print_report(&r)?;
     } else {
         print_text(&r, a.replicate_secs);
     }

@@ -2,6 +2,7 @@
 
 mod demo;
 mod demo_replica;
+pub mod outcome;
 mod replica;
 mod roles;
 mod size;

@@ -255,7 +255,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         evacuation,
     };
     if a.json {
-        println!("{}", serde_json::to_string(&out)?);
+        super::outcome::print_report(&out)?;
     } else {
         println!(
             "replicated with {} ({} pages sent, {} acknowledged), then evacuated {} stale pages of {} in {} ms\nsource digest at switchover {}",
@@ -354,7 +354,7 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
         workload,
     };
     if a.json {
-        println!("{}", serde_json::to_string(&out)?);
+        super::outcome::print_report(&out)?;
     } else {
         println!(
             "evacuation received: {} pages from the replica, {} stale pages over the network in {:.0} ms (vulnerable {:.0} ms)\ndestination digest {}",

@@ -49,7 +49,8 @@ pub struct DestOutput {
 pub fn identity(
     tls: &TlsArgs,
 ) -> anyhow::Result<(Identity, transport::tls::CertificateDer<'static>)> {
-    let me = Identity::load(&tls.cert, &tls.key).context("loading this side's certificate")?;
+    let me =
+        Identity::load(&tls.cert, &tls.key).context("loading this side's certificate and key")?;
     let peer = load_cert(&tls.peer_cert).context("loading the peer certificate to pin")?;
     Ok((me, peer))
 }
@@ -65,13 +66,16 @@ pub fn bind_listener(
     json: bool,
 ) -> anyhow::Result<Listener> {
     let (me, peer) = identity(tls)?;
-    let on_progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>> = if progress {
-        Some(Arc::new(|present, total| {
-            emit_event(serde_json::json!({"event": "progress", "present": present, "total": total}))
-        }))
-    } else {
-        None
-    };
+    // Always recorded, for a failure report; printed for a parent process with `progress`.
+    let on_progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>> =
+        Some(Arc::new(move |present, total| {
+            super::outcome::record_progress(present, total);
+            if progress {
+                emit_event(
+                    serde_json::json!({"event": "progress", "present": present, "total": total}),
+                )
+            }
+        }));
     let listener = Listener::bind(DestOptions {
         listen,
         identity: me,
@@ -138,7 +142,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         encoding: report.encoding.clone(),
     };
     if a.json {
-        println!("{}", serde_json::to_string(&out)?);
+        super::outcome::print_report(&out)?;
     } else {
         println!(
             "migrated {} ({} MiB) to {} in {} ms: {} pages pushed, {} served on demand\nsource digest {}",
@@ -197,7 +201,7 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
         workload,
     };
     if a.json {
-        println!("{}", serde_json::to_string(&out)?);
+        super::outcome::print_report(&out)?;
     } else {
         let m = &out.report.metrics;
         println!(

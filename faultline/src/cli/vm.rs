@@ -475,7 +475,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         hints: hints_out,
     };
     if a.json {
-        println!("{}", serde_json::to_string(&out)?);
+        super::outcome::print_report(&out)?;
     } else {
         println!(
             "migrated a {} MiB, {}-vCPU {:?} guest to {} in {} ms ({} pages pushed, {} on demand)\n\
@@ -745,7 +745,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         agent: agent_report,
     };
     if a.json {
-        println!("{}", serde_json::to_string(&out)?);
+        super::outcome::print_report(&out)?;
     } else {
         println!(
             "received a {} MiB, {}-vCPU guest: downtime {:.1} ms, resumed {:.1} ms after connect, \
@@ -940,7 +940,7 @@ pub(super) fn run_demo(
     };
     let ok = r.digest_match && r.guest_digest_match && r.continued;
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        super::outcome::print_report(&r)?;
     } else {
         print_text(&r);
     }

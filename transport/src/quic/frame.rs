@@ -11,16 +11,16 @@ use crate::message::{Message, Pages};
 #[derive(Debug, Error)]
 pub enum FrameError {
     /// quinn could not read the stream (reset by the peer, connection lost).
-    #[error("read failed: {0}")]
+    #[error("read failed")]
     Read(#[from] quinn::ReadError),
     /// quinn could not write the stream (stopped by the peer, connection lost).
-    #[error("write failed: {0}")]
+    #[error("write failed")]
     Write(#[from] quinn::WriteError),
     /// The stream ended inside a frame.
     #[error("stream ended in the middle of a frame")]
     Truncated,
     /// The bytes read are not a valid frame.
-    #[error("malformed frame: {0}")]
+    #[error("malformed frame")]
     Codec(#[from] CodecError),
 }
 

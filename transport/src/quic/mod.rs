@@ -65,7 +65,7 @@ pub enum DriverError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The UDP socket could not be bound, or no endpoint created on it.
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind {addr}")]
     Bind {
         /// The local address asked for.
         addr: SocketAddr,
@@ -97,7 +97,7 @@ pub enum DriverError {
     #[error("protocol error: {0}")]
     Protocol(#[from] ProtoError),
     /// Reading or writing a stream failed while the connection was still up.
-    #[error("stream error on the {channel:?} channel: {source}")]
+    #[error("stream error on the {channel:?} channel")]
     Stream {
         /// The channel of the stream.
         channel: Channel,
@@ -125,19 +125,25 @@ pub enum DriverError {
 
 /// The connection error with what it most likely means for an operator.
 fn explain_connection(e: &quinn::ConnectionError) -> String {
+    use quinn::ConnectionError as E;
+    // TLS alerts travel as QUIC CRYPTO_ERROR codes, 0x100..=0x1ff.
+    let tls = |code: quinn::TransportErrorCode| (0x100..=0x1ff).contains(&u64::from(code));
+    // The error itself is this error's source: an error chain prints it next, once.
     match e {
         // Also what a link cut longer than the idle timeout ends in (docs/wan.md).
-        quinn::ConnectionError::TimedOut => format!(
-            "{e}: nothing arrived from the peer for the idle timeout ({} s); the network path \
-             is down or the peer is gone",
+        E::TimedOut => format!(
+            "nothing arrived from the peer for the idle timeout ({} s); the network path is \
+             down or the peer is gone",
             IDLE_TIMEOUT.as_secs()
         ),
-        _ => format!(
-            "{e} (a TLS failure here usually means the peer presented a certificate other than \
-             the pinned one)"
-        ),
+        E::TransportError(t) if tls(t.code) => TLS_HINT.into(),
+        E::ConnectionClosed(c) if tls(c.error_code) => TLS_HINT.into(),
+        _ => "the connection was lost".into(),
     }
 }
+
+const TLS_HINT: &str = "the TLS handshake failed (usually: the peer presented a certificate \
+                        other than the pinned one, or does not pin ours)";
 
 /// A connection that hears nothing from its peer for this long is closed. Keep-alives keep an
 /// idle but healthy session open.

@@ -1,0 +1,192 @@
+//! Every run's outcome as data: with `--json` a command prints exactly one JSON object on
+//! stdout, `"ok": true` with its report, or `"ok": false` with the error's stable kind, its
+//! message and what was done before it failed; the exit code says the kind too
+//! (docs/operations.md lists them).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use transport::quic::DriverError;
+use vmm_shim::RoleError;
+
+/// What kind of failure ended a run: stable names for scripts, one exit code each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The command line was wrong (clap's own errors also exit with 2).
+    Usage,
+    /// The peer's certificate is not the pinned one, or it refused ours.
+    Authentication,
+    /// The peer ended the session with a reason: busy, a layout or version mismatch, ...
+    PeerRefused,
+    /// Nobody answered, the path broke, or a timeout ran out.
+    Network,
+    /// A local file, memory or kernel interface failed (images, keys, userfaultfd, KVM).
+    LocalIo,
+    /// The peer broke the protocol (malformed or unexpected messages).
+    Protocol,
+    /// Anything else.
+    Internal,
+}
+
+impl Kind {
+    /// The stable name in the failure JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Usage => "usage",
+            Kind::Authentication => "authentication",
+            Kind::PeerRefused => "peer_refused",
+            Kind::Network => "network",
+            Kind::LocalIo => "local_io",
+            Kind::Protocol => "protocol",
+            Kind::Internal => "internal",
+        }
+    }
+
+    /// The process exit code.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Kind::Internal => 1,
+            Kind::Usage => 2,
+            Kind::Authentication => 3,
+            Kind::PeerRefused => 4,
+            Kind::Network => 5,
+            Kind::LocalIo => 6,
+            Kind::Protocol => 7,
+        }
+    }
+}
+
+/// The kind of the first cause in `e`'s chain that says what happened.
+pub fn classify(e: &anyhow::Error) -> Kind {
+    e.chain().find_map(kind_of).unwrap_or(Kind::Internal)
+}
+
+fn kind_of(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
+    if let Some(r) = cause.downcast_ref::<RoleError>() {
+        return match r {
+            RoleError::AcceptTimeout(_) | RoleError::ConnectTimeout { .. } => Some(Kind::Network),
+            RoleError::LayoutDoesNotFitMemory => Some(Kind::Usage),
+            RoleError::Uffd(_)
+            | RoleError::Memory(_)
+            | RoleError::Dirty(_)
+            | RoleError::Replica(_)
+            | RoleError::Io(_)
+            | RoleError::Runtime(_) => Some(Kind::LocalIo),
+            // The cause below says more.
+            _ => None,
+        };
+    }
+    if let Some(d) = cause.downcast_ref::<DriverError>() {
+        return match d {
+            DriverError::Tls(_) | DriverError::Bind { .. } => Some(Kind::LocalIo),
+            DriverError::Connection(c) => Some(connection_kind(c)),
+            DriverError::PeerClosed { .. } => Some(Kind::PeerRefused),
+            DriverError::Protocol(_)
+            | DriverError::Stream { .. }
+            | DriverError::UnknownStream(_) => Some(Kind::Protocol),
+            DriverError::Connect { .. } | DriverError::Timeout(_) => Some(Kind::Network),
+            DriverError::Reader(_) | DriverError::Sink(_) => Some(Kind::LocalIo),
+            _ => None,
+        };
+    }
+    if cause.is::<transport::tls::TlsError>()
+        || cause.is::<faultline::image::ImageError>()
+        || cause.is::<std::io::Error>()
+        || cause.is::<uffd_core::Error>()
+        || cause.is::<refvmm::VmError>()
+    {
+        return Some(Kind::LocalIo);
+    }
+    if let Some(c) = cause.downcast_ref::<quinn::ConnectionError>() {
+        return Some(connection_kind(c));
+    }
+    None
+}
+
+/// TLS alerts travel as QUIC CRYPTO_ERROR codes (0x100..=0x1ff): a certificate refused.
+fn connection_kind(c: &quinn::ConnectionError) -> Kind {
+    use quinn::ConnectionError as E;
+    let crypto = |code: u64| (0x100..=0x1ff).contains(&code);
+    match c {
+        E::TransportError(t) if crypto(u64::from(t.code)) => Kind::Authentication,
+        E::ConnectionClosed(c) if crypto(u64::from(c.error_code)) => Kind::Authentication,
+        E::ApplicationClosed(_) => Kind::PeerRefused,
+        E::VersionMismatch | E::TransportError(_) | E::ConnectionClosed(_) => Kind::Protocol,
+        E::Reset | E::TimedOut | E::LocallyClosed | E::CidsExhausted => Kind::Network,
+    }
+}
+
+/// Pages present at a destination, as last reported by its progress callback.
+static PAGES_PRESENT: AtomicU64 = AtomicU64::new(u64::MAX);
+static PAGES_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Records a destination's progress, for a failure report.
+pub fn record_progress(present: u64, total: u64) {
+    PAGES_TOTAL.store(total, Ordering::Relaxed);
+    PAGES_PRESENT.store(present, Ordering::Relaxed);
+}
+
+/// The one JSON object of a failed run.
+pub fn failure_json(e: &anyhow::Error, kind: Kind) -> Value {
+    let mut done = Map::new();
+    let present = PAGES_PRESENT.load(Ordering::Relaxed);
+    if present != u64::MAX {
+        done.insert("pages_present".into(), json!(present));
+        done.insert("pages".into(), json!(PAGES_TOTAL.load(Ordering::Relaxed)));
+    }
+    json!({
+        "ok": false,
+        "error": {
+            "kind": kind.name(),
+            "exit_code": kind.exit_code(),
+            "message": format!("{e:#}"),
+        },
+        "done": done,
+    })
+}
+
+/// Prints a successful run's report as its one JSON object, with `"ok": true`.
+pub fn print_report(report: &impl Serialize) -> anyhow::Result<()> {
+    let mut v = serde_json::to_value(report)?;
+    if let Value::Object(m) = &mut v {
+        m.insert("ok".into(), Value::Bool(true));
+    }
+    println!("{v}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_come_from_the_cause_that_says_what_happened() {
+        let timeout = anyhow::Error::new(RoleError::ConnectTimeout {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            timeout: std::time::Duration::from_secs(2),
+        })
+        .context("migrating");
+        assert_eq!(classify(&timeout), Kind::Network);
+        let busy = anyhow::Error::new(RoleError::Transport(DriverError::PeerClosed {
+            code: transport::message::ErrorCode::Busy,
+            reason: "in a session".into(),
+        }));
+        assert_eq!(classify(&busy), Kind::PeerRefused);
+        let file = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::NotFound))
+            .context("loading the key");
+        assert_eq!(classify(&file), Kind::LocalIo);
+        assert_eq!(classify(&anyhow::anyhow!("something else")), Kind::Internal);
+    }
+
+    #[test]
+    fn a_failure_is_one_object_with_a_stable_kind() {
+        let e = anyhow::anyhow!("boom").context("running");
+        let v = failure_json(&e, Kind::Network);
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"]["kind"], "network");
+        assert_eq!(v["error"]["exit_code"], 5);
+        assert_eq!(v["error"]["message"], "running: boom");
+        assert!(v["done"].is_object());
+    }
+}
