@@ -243,6 +243,12 @@ fn a_destination_in_a_session_tells_a_second_source_it_is_busy() {
     let _ = first.wait();
     dest.kill();
     assert!(!second.status.success());
+    assert_eq!(
+        second.json["error"]["kind"], "peer_refused",
+        "{}",
+        second.json
+    );
+    assert_eq!(second.status.code(), Some(4));
     assert!(
         second
             .stderr

@@ -73,23 +73,31 @@ fn kind_of(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
             | RoleError::Replica(_)
             | RoleError::Io(_)
             | RoleError::Runtime(_) => Some(Kind::LocalIo),
-            // The cause below says more.
+            // Transparent: the chain skips the driver's error, so look at it here.
+            RoleError::Transport(d) => driver_kind(d),
             _ => None,
         };
     }
-    if let Some(d) = cause.downcast_ref::<DriverError>() {
-        return match d {
-            DriverError::Tls(_) | DriverError::Bind { .. } => Some(Kind::LocalIo),
-            DriverError::Connection(c) => Some(connection_kind(c)),
-            DriverError::PeerClosed { .. } => Some(Kind::PeerRefused),
-            DriverError::Protocol(_)
-            | DriverError::Stream { .. }
-            | DriverError::UnknownStream(_) => Some(Kind::Protocol),
-            DriverError::Connect { .. } | DriverError::Timeout(_) => Some(Kind::Network),
-            DriverError::Reader(_) | DriverError::Sink(_) => Some(Kind::LocalIo),
-            _ => None,
-        };
+    cause
+        .downcast_ref::<DriverError>()
+        .map_or_else(|| other_kind(cause), driver_kind)
+}
+
+fn driver_kind(d: &DriverError) -> Option<Kind> {
+    match d {
+        DriverError::Tls(_) | DriverError::Bind { .. } => Some(Kind::LocalIo),
+        DriverError::Connection(c) => Some(connection_kind(c)),
+        DriverError::PeerClosed { .. } => Some(Kind::PeerRefused),
+        DriverError::Protocol(_) | DriverError::Stream { .. } | DriverError::UnknownStream(_) => {
+            Some(Kind::Protocol)
+        }
+        DriverError::Connect { .. } | DriverError::Timeout(_) => Some(Kind::Network),
+        DriverError::Reader(_) | DriverError::Sink(_) => Some(Kind::LocalIo),
+        _ => None,
     }
+}
+
+fn other_kind(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
     if cause.is::<transport::tls::TlsError>()
         || cause.is::<faultline::image::ImageError>()
         || cause.is::<std::io::Error>()
