@@ -549,7 +549,7 @@ fn stale_source(args: &[String]) -> anyhow::Result<()> {
     let state = replicator.stop().context("replication failed")?;
     let replication = state.summary.clone();
     let dirtied = dirty_fraction(&regions, pct / 100.0, seed ^ 0xd1e7);
-    let digest = digest_all([image.bytes()]);
+    let digest = image.digest()?;
     let cpu0 = cpu_secs();
     let evacuation = evacuate_into(&regions, &layout, state, &opts)?;
     emit(&json!({
@@ -806,7 +806,7 @@ fn tracking_source(args: &[String]) -> anyhow::Result<()> {
     // End the standby's service with an evacuation of the (caught-up) last replicator phase.
     let mut digest = Value::Null;
     if let Some((state, opts)) = last_state {
-        digest = json!(digest_all([image.bytes()]));
+        digest = json!(image.digest()?);
         evacuate_into(&regions, &layout, state, &opts)?;
     }
     emit(&json!({ "role": ROLE_TRACKING, "phases": phases, "digest": digest }));

@@ -324,7 +324,7 @@ impl RandomImage {
 }
 
 impl PageReader for RandomImage {
-    fn pages(&self, first: u64, count: usize) -> Result<&[u8], String> {
+    fn pages(&self, first: u64, count: usize) -> Result<std::borrow::Cow<'_, [u8]>, String> {
         let start = usize::try_from(first)
             .ok()
             .and_then(|f| f.checked_mul(PAGE_SIZE))
@@ -335,6 +335,7 @@ impl PageReader for RandomImage {
             .ok_or("page range overflows")?;
         self.bytes
             .get(start..end)
+            .map(std::borrow::Cow::Borrowed)
             .ok_or_else(|| format!("pages {first}+{count} are outside the image"))
     }
 }

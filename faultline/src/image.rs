@@ -2,10 +2,10 @@
 //! mix of content, or a raw memory image file (a VM's RAM dump, a snapshot's memory file).
 //! Either way the memory is frozen for the whole session.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::path::Path;
 
-use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use transport::quic::PageReader;
@@ -26,6 +26,14 @@ pub enum ImageError {
     BadSize { path: String, len: u64 },
     #[error("synthetic image size {0} is not a non-zero multiple of 4096")]
     BadSyntheticSize(u64),
+    #[error("memory image {path} shrank while it was served (now {len:?} bytes)")]
+    Shrank { path: String, len: Option<u64> },
+    #[error("cannot read memory image {path} at byte {offset}")]
+    Read {
+        path: String,
+        offset: u64,
+        source: std::io::Error,
+    },
     #[error("cannot allocate the image: {0}")]
     Alloc(#[from] uffd_core::MemoryError),
 }
@@ -154,7 +162,13 @@ pub fn synthetic_page(seed: u64, page: u64, out: &mut [u8]) {
 
 enum Backing {
     Memory(GuestMemory),
-    File(Mmap),
+    /// Read with `pread`, never mapped: a file that shrinks while it is served then gives
+    /// a clear error instead of a SIGBUS.
+    File {
+        file: File,
+        len: u64,
+        path: String,
+    },
 }
 
 /// Guest memory frozen at switchover, served to the destination.
@@ -208,7 +222,9 @@ impl SourceImage {
         })
     }
 
-    /// Maps a raw memory image file read-only. The file must not change during the session.
+    /// Opens a raw memory image file, read page by page as it is served. The file should not
+    /// change during the session; if it shrinks, reads past its new end are errors that name
+    /// the file (and end the session with that reason), never a crash.
     pub fn open(path: &Path) -> Result<SourceImage, ImageError> {
         let err = |source| ImageError::Open {
             path: path.display().to_string(),
@@ -242,11 +258,12 @@ impl SourceImage {
                 len,
             });
         }
-        // SAFETY: the mapping is private and read-only; the documented contract is that the
-        // image file is not modified while it is served, as for any snapshot file.
-        let map = unsafe { Mmap::map(&file) }.map_err(err)?;
         Ok(SourceImage {
-            backing: Backing::File(map),
+            backing: Backing::File {
+                file,
+                len,
+                path: path.display().to_string(),
+            },
             mix: None,
         })
     }
@@ -256,22 +273,71 @@ impl SourceImage {
     pub fn host_region(&self) -> Option<uffd_core::HostRegion> {
         match &self.backing {
             Backing::Memory(m) => Some(m.host_region()),
-            Backing::File(_) => None,
+            Backing::File { .. } => None,
         }
     }
 
-    pub fn bytes(&self) -> &[u8] {
+    /// The memory of a synthetic image; `None` for a file image, which is read as served.
+    pub fn memory_bytes(&self) -> Option<&[u8]> {
         match &self.backing {
             // SAFETY: the memory is owned by this image for its whole life and fully
             // initialised. Callers that run a guest in it (through `host_region`) only
             // read it this way while that guest is paused.
-            Backing::Memory(m) => unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) },
-            Backing::File(m) => m,
+            Backing::Memory(m) => Some(unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) }),
+            Backing::File { .. } => None,
         }
     }
 
+    /// xxh3-128 of the whole image, as `vmm_shim::digest` computes it.
+    pub fn digest(&self) -> Result<String, ImageError> {
+        if let Some(bytes) = self.memory_bytes() {
+            return Ok(vmm_shim::digest::digest(bytes));
+        }
+        const CHUNK: usize = 256;
+        let pages = self.len() / PAGE_SIZE as u64;
+        let mut chunks = Vec::new();
+        let mut first = 0;
+        while first < pages {
+            let n = (pages - first).min(CHUNK as u64) as usize;
+            chunks.push(self.read(first, n)?);
+            first += n as u64;
+        }
+        Ok(vmm_shim::digest::digest_all(
+            chunks.iter().map(Vec::as_slice),
+        ))
+    }
+
+    /// The image's size in bytes.
     pub fn len(&self) -> u64 {
-        self.bytes().len() as u64
+        match &self.backing {
+            Backing::Memory(m) => m.len() as u64,
+            Backing::File { len, .. } => *len,
+        }
+    }
+
+    /// Reads `count` pages of a file image from page `first`.
+    fn read(&self, first: u64, count: usize) -> Result<Vec<u8>, ImageError> {
+        use std::os::unix::fs::FileExt;
+        let Backing::File { file, path, .. } = &self.backing else {
+            unreachable!("only file images are read");
+        };
+        let mut buf = vec![0u8; count * PAGE_SIZE];
+        let offset = first * PAGE_SIZE as u64;
+        file.read_exact_at(&mut buf, offset).map_err(|source| {
+            let now = file.metadata().map(|m| m.len()).ok();
+            match source.kind() {
+                std::io::ErrorKind::UnexpectedEof => ImageError::Shrank {
+                    path: path.clone(),
+                    len: now,
+                },
+                _ => ImageError::Read {
+                    path: path.clone(),
+                    offset,
+                    source,
+                },
+            }
+        })?;
+        Ok(buf)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -280,7 +346,22 @@ impl SourceImage {
 }
 
 impl PageReader for SourceImage {
-    fn pages(&self, first: u64, count: usize) -> Result<&[u8], String> {
+    fn pages(&self, first: u64, count: usize) -> Result<Cow<'_, [u8]>, String> {
+        if let Backing::File { len, .. } = &self.backing {
+            let in_range = first
+                .checked_add(count as u64)
+                .is_some_and(|end| end * PAGE_SIZE as u64 <= *len);
+            if !in_range {
+                return Err(format!("pages {first}+{count} are outside the image"));
+            }
+            // The cause is part of the reason the destination is told.
+            return self.read(first, count).map(Cow::Owned).map_err(|e| {
+                match std::error::Error::source(&e) {
+                    Some(cause) => format!("{e}: {cause}"),
+                    None => e.to_string(),
+                }
+            });
+        }
         let start = usize::try_from(first)
             .ok()
             .and_then(|f| f.checked_mul(PAGE_SIZE))
@@ -288,8 +369,9 @@ impl PageReader for SourceImage {
         let end = start
             .checked_add(count * PAGE_SIZE)
             .ok_or("page range overflows")?;
-        self.bytes()
-            .get(start..end)
+        self.memory_bytes()
+            .and_then(|b| b.get(start..end))
+            .map(Cow::Borrowed)
             .ok_or_else(|| format!("pages {first}+{count} are outside the image"))
     }
 }
@@ -342,7 +424,7 @@ mod tests {
             assert_eq!(img.pages(p, 1).unwrap(), &page[..]);
         }
         let other = SourceImage::synthetic(1 << 22, 8).unwrap();
-        assert_ne!(img.bytes(), other.bytes());
+        assert_ne!(img.memory_bytes(), other.memory_bytes());
     }
 
     #[test]

@@ -337,3 +337,91 @@ fn json_failures_are_one_object_with_a_documented_kind_and_exit_code() {
     assert_eq!(src.json["ok"], true, "{}", src.json);
     assert_migrated(&src, &dest.wait(TIMEOUT));
 }
+
+#[test]
+fn a_standby_on_a_busy_port_fails_before_creating_its_replica() {
+    let certs = Certs::new();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica");
+    let out = Command::new(faultline_bin())
+        .args(["standby", "--json", "--listen", &listen, "--size", "16M"])
+        .args(["--replica-dir", &replica.display().to_string()])
+        .args(certs.args("dest", "source"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run faultline standby");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["error"]["kind"], "local_io", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(&listen),
+        "{v}"
+    );
+    assert!(
+        !replica.exists(),
+        "the replica was created before the bind failed"
+    );
+}
+
+#[test]
+fn an_image_truncated_mid_migration_is_a_clean_error_on_both_sides() {
+    use std::io::Write;
+    let certs = Certs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("guest.img");
+    {
+        // 256 MiB of non-zero bytes: pages that must cross one by one on demand.
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0x5Au8; 1 << 20];
+        for _ in 0..256 {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    // No push: pages move only as the destination's worker faults on them, slowly enough
+    // that the truncation lands mid-migration.
+    let dest = DestProcess::start(&certs, &["--size", "256M", "--pattern", "sequential"]);
+    let source = Command::new(faultline_bin())
+        .args(["source", "--json", "--no-push", "--connect", &dest.addr])
+        .args(["--image", &path.display().to_string()])
+        .args(certs.args("source", "dest"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn faultline source");
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let truncated = Instant::now();
+    let out = source.wait_with_output().unwrap();
+    let source_took = truncated.elapsed();
+    let dst = dest.wait(TIMEOUT);
+    let dest_took = truncated.elapsed();
+
+    // No SIGBUS: an exit code, one JSON object, the file named.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code().is_some(), "killed by a signal: {stderr}");
+    assert!(!out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("guest.img") && message.contains("shrank"),
+        "{v}"
+    );
+    // The destination is told at once, with the reason.
+    assert!(!dst.status.success());
+    assert!(dst.stderr.contains("shrank"), "{}", dst.stderr);
+    assert!(
+        source_took < Duration::from_secs(10),
+        "source took {source_took:?}"
+    );
+    assert!(
+        dest_took < Duration::from_secs(10),
+        "destination took {dest_took:?}"
+    );
+}

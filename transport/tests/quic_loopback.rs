@@ -17,10 +17,11 @@ use transport::Layout;
 struct Image(Vec<u8>);
 
 impl PageReader for Image {
-    fn pages(&self, first: u64, count: usize) -> Result<&[u8], String> {
+    fn pages(&self, first: u64, count: usize) -> Result<std::borrow::Cow<'_, [u8]>, String> {
         let start = first as usize * PAGE_SIZE;
         self.0
             .get(start..start + count * PAGE_SIZE)
+            .map(std::borrow::Cow::Borrowed)
             .ok_or_else(|| "out of range".to_string())
     }
 }

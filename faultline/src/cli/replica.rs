@@ -224,7 +224,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         eprintln!();
     }
     let replication = state.summary.clone();
-    let digest = digest_all([image.bytes()]);
+    let digest = image.digest()?;
     // SAFETY: the mutator is stopped and the last host writes (dirty_fraction) are done:
     // nothing writes the image while it is evacuated.
     let memory = unsafe { vmm_shim::replica::PausedMemory::new(&regions) }?;
@@ -273,6 +273,15 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
 
 pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
+    // Bind first: a port in use must not leave a replica created (or a 16 MiB file) behind.
+    let listener = Listener::bind(DestOptions {
+        listen: a.listen,
+        identity: me,
+        peer_cert: peer,
+        expected_vm_id: Some(a.vm_id.clone()),
+        accept_timeout: Duration::from_secs(a.accept_timeout),
+        progress: None,
+    })?;
     let pages = a.size / 4096;
     let replica = match a.tier {
         TierArg::Memory => {
@@ -296,14 +305,6 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let sink = Arc::new(StandbySink::new(replica));
-    let listener = Listener::bind(DestOptions {
-        listen: a.listen,
-        identity: me,
-        peer_cert: peer,
-        expected_vm_id: Some(a.vm_id.clone()),
-        accept_timeout: Duration::from_secs(a.accept_timeout),
-        progress: None,
-    })?;
     let addr = listener.local_addr()?;
     if a.progress {
         emit_event(serde_json::json!({

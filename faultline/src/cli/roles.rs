@@ -108,7 +108,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     let layout = Layout::single(image.len());
-    let digest = digest(image.bytes());
+    let digest = image.digest()?;
     let mix = image.mix;
     let image = Arc::new(image);
     let opts = SourceOptions {

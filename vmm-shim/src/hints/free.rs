@@ -36,6 +36,7 @@
 //! pages in runs of their own (`SourceConfig::zero_filled`); that adds one message header
 //! per boundary between skipped and other pages, nothing per page.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -247,7 +248,7 @@ impl SkipFreeReader {
 }
 
 impl PageReader for SkipFreeReader {
-    fn pages(&self, first: u64, count: usize) -> Result<&[u8], String> {
+    fn pages(&self, first: u64, count: usize) -> Result<Cow<'_, [u8]>, String> {
         let end = first.saturating_add(count as u64);
         let skipped = (first..end).filter(|&p| self.skip.get(p)).count();
         if skipped == 0 {
@@ -261,6 +262,7 @@ impl PageReader for SkipFreeReader {
         }
         ZEROS
             .get(..count * PAGE_SIZE)
+            .map(Cow::Borrowed)
             .ok_or_else(|| format!("a run of {count} pages is longer than any message"))
     }
 }
@@ -333,10 +335,11 @@ mod tests {
 
     struct Counting(Vec<u8>);
     impl PageReader for Counting {
-        fn pages(&self, first: u64, count: usize) -> Result<&[u8], String> {
+        fn pages(&self, first: u64, count: usize) -> Result<Cow<'_, [u8]>, String> {
             let a = first as usize * PAGE_SIZE;
             self.0
                 .get(a..a + count * PAGE_SIZE)
+                .map(Cow::Borrowed)
                 .ok_or_else(|| "out of range".to_string())
         }
     }

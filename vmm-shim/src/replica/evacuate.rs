@@ -1,6 +1,7 @@
 //! Evacuation on the source: pause, final harvest, stale set, postcopy of the stale pages
 //! into the standby's replica.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,7 +42,7 @@ impl PausedMemory {
 }
 
 impl PageReader for PausedMemory {
-    fn pages(&self, first: u64, count: usize) -> Result<&[u8], String> {
+    fn pages(&self, first: u64, count: usize) -> Result<Cow<'_, [u8]>, String> {
         let addr = self
             .map
             .host_addr_of(first)
@@ -51,7 +52,8 @@ impl PageReader for PausedMemory {
         }
         // SAFETY: the pages lie inside one region (checked above), which `map` keeps mapped;
         // nothing writes them while this reader lives (the contract of `new`).
-        Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, count * PAGE_SIZE) })
+        let pages = unsafe { std::slice::from_raw_parts(addr as *const u8, count * PAGE_SIZE) };
+        Ok(Cow::Borrowed(pages))
     }
 }
 
@@ -155,8 +157,8 @@ fn index_fresh(
             continue;
         }
         match memory.pages(p, 1) {
-            Ok(data) if !is_zero(data) => {
-                map.entry(page_hash(data)).or_insert(p);
+            Ok(data) if !is_zero(&data) => {
+                map.entry(page_hash(&data)).or_insert(p);
             }
             _ => {}
         }

@@ -328,6 +328,11 @@ impl Driver {
     ) -> Result<DestReport, DriverError> {
         let tasks = Tasks::spawn(&self.dest, readers, requests);
         let outcome = self.control_loop().await;
+        if let Err(e) = &outcome {
+            // Tell the peer why before the tasks stop and their streams end (see the
+            // source driver).
+            close_with(&self.dest.link.conn, e);
+        }
         self.control.stop().await;
         tasks.stop().await;
         self.teardown()?;

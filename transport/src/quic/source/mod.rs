@@ -11,6 +11,7 @@ mod replication;
 
 pub use replication::{run_replication, ReplicationEvent, ReplicationReport, Update};
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,8 +31,11 @@ use crate::proto::{Channel, SourceEvent, SourceSession};
 
 /// Guest memory as the source sees it: frozen at switchover, read-only for the session.
 pub trait PageReader: Send + Sync + 'static {
-    /// The bytes of `count` consecutive pages starting at page `first`.
-    fn pages(&self, first: u64, count: usize) -> Result<&[u8], String>;
+    /// The bytes of `count` consecutive pages starting at page `first`: borrowed from
+    /// memory that holds them (no copy), or read into a buffer (a file read with `pread`,
+    /// which fails cleanly where a mapping of a shrinking file would raise SIGBUS). An
+    /// error ends the session and its text is the reason the destination is told.
+    fn pages(&self, first: u64, count: usize) -> Result<Cow<'_, [u8]>, String>;
 }
 
 /// What the source did, for the migration report.
@@ -306,6 +310,11 @@ impl Driver {
     ) -> Result<SourceReport, DriverError> {
         let tasks = Tasks::spawn(&self.src, data, early, self.features);
         let outcome = self.control_loop().await;
+        if let Err(e) = &outcome {
+            // Tell the peer why before the tasks stop: their streams finish as they drop,
+            // and the destination would otherwise see a stream end before the reason.
+            close_with(&self.link().conn, e);
+        }
         let push_ms = tasks.push_started.elapsed().as_millis() as u64;
         self.control.stop().await;
         let encoding = tasks.stop().await;
@@ -442,7 +451,7 @@ async fn serve_urgent(
             };
             for page in src.link.handle(Channel::Urgent, msg).await? {
                 let data = src.reader.pages(page, 1).map_err(DriverError::Reader)?;
-                let pages = lock_encoder(&encoder).encode_reply(page, data);
+                let pages = lock_encoder(&encoder).encode_reply(page, &data);
                 write_pages(&mut *replies.lock().await, &pages)
                     .await
                     .map_err(|e| stream_error(conn, Channel::Urgent, e))?;

@@ -49,7 +49,7 @@ fn next_batch(
             .pages(run.start, n)
             .map_err(DriverError::Reader)?;
         debug_assert_eq!(data.len(), n * PAGE_SIZE);
-        batch.push(enc.encode_push(run.start, data));
+        batch.push(enc.encode_push(run.start, &data));
         count += n;
     }
     Ok(())
