@@ -510,6 +510,7 @@ fn evacuate_into(
             // wire_over_stale measures the protocol's overhead: no compression.
             encoding: transport::encoding::EncodingPolicy::OFF,
             early_push: true,
+            stopper: vmm_shim::Stopper::new(),
         },
         None,
     )?)

@@ -278,6 +278,7 @@ pub fn run_child(role: &str, args: &[String]) -> anyhow::Result<()> {
             // These benches compare against raw quinn streams: zero flags only.
             encoding: transport::encoding::EncodingPolicy::OFF,
             early_push: true,
+            stopper: vmm_shim::Stopper::new(),
         },
     )
     .with_context(|| format!("child {role}: faultline source"))?;

@@ -32,10 +32,20 @@ fn main() -> std::process::ExitCode {
         }
         Err(e) => e.exit(),
     };
+    if let Some(role) = args.command.role() {
+        stop_on_signals(role);
+    }
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {
-            let kind = cli::outcome::classify(&e);
+            let e = match cli::stopper().reason() {
+                Some(why) => e.context(why),
+                None => e,
+            };
+            let kind = match cli::stopper().reason() {
+                Some(_) => cli::outcome::Kind::Stopped,
+                None => cli::outcome::classify(&e),
+            };
             if json {
                 println!("{}", cli::outcome::failure_json(&e, kind));
             }
@@ -43,4 +53,40 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(kind.exit_code())
         }
     }
+}
+
+/// SIGTERM and SIGINT stop the role's session through [`cli::stopper`], so the peer learns
+/// why at once; a second signal exits at once. Must run before any other thread starts: the
+/// signals are blocked here and every thread started later inherits that, so only the
+/// waiting thread receives them.
+fn stop_on_signals(role: &'static str) {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises before any other use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+    }
+    // SAFETY: `set` is initialised; the old mask is not asked for.
+    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if blocked != 0 {
+        return; // Default handling: the process just dies.
+    }
+    std::thread::spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialised and `sig` is a valid place for the signal number.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        if cli::stopper().reason().is_some() {
+            std::process::exit(128 + sig);
+        }
+        let name = if sig == libc::SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        cli::stopper().stop(format!("the {role} was stopped by {name}"));
+    });
 }

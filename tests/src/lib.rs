@@ -188,6 +188,11 @@ pub struct DestProcess {
 }
 
 impl DestProcess {
+    /// The process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("not yet waited").id()
+    }
+
     /// Starts `faultline dest` on a free loopback port with `extra` arguments and waits
     /// until it listens.
     pub fn start(certs: &Certs, extra: &[&str]) -> DestProcess {

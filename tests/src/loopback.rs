@@ -528,6 +528,7 @@ pub fn migrate_over(
         push: true,
         encoding,
         early_push: true,
+        stopper: vmm_shim::Stopper::new(),
     };
     let regions = src.vm.host_regions()?;
     // The guest stopped long ago when a frozen source is migrated again: downtime counts

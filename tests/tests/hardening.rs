@@ -425,3 +425,84 @@ fn an_image_truncated_mid_migration_is_a_clean_error_on_both_sides() {
         "destination took {dest_took:?}"
     );
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A destination and a source in a session that never ends by itself (no push, no workload).
+fn idle_session(certs: &Certs) -> (DestProcess, std::process::Child) {
+    let dest = DestProcess::start(certs, &["--size", "16M", "--workers", "0"]);
+    let source = Command::new(faultline_bin())
+        .args([
+            "source",
+            "--json",
+            "--no-push",
+            "--synthetic",
+            "16M",
+            "--connect",
+            &dest.addr,
+        ])
+        .args(certs.args("source", "dest"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn faultline source");
+    std::thread::sleep(Duration::from_secs(2));
+    (dest, source)
+}
+
+#[test]
+fn sigterm_and_sigint_end_the_session_with_a_reason_the_peer_reports_at_once() {
+    let certs = Certs::new();
+
+    // SIGTERM to the destination: the source hears why at once.
+    let (dest, source) = idle_session(&certs);
+    let sent = Instant::now();
+    signal(dest.pid(), "-TERM");
+    let out = source.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["error"]["kind"], "peer_refused", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the destination was stopped by SIGTERM"),
+        "{v}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the source heard after {took:?}"
+    );
+    let dst = dest.wait(TIMEOUT);
+    assert_eq!(dst.json["error"]["kind"], "stopped", "{}", dst.json);
+    assert_eq!(dst.status.code(), Some(8));
+
+    // SIGINT to the source: the destination hears why at once.
+    let (dest, source) = idle_session(&certs);
+    let sent = Instant::now();
+    signal(source.id(), "-INT");
+    let dst = dest.wait(TIMEOUT);
+    let took = sent.elapsed();
+    assert_eq!(dst.json["error"]["kind"], "peer_refused", "{}", dst.json);
+    assert!(
+        dst.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the source was stopped by SIGINT"),
+        "{}",
+        dst.json
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the destination heard after {took:?}"
+    );
+    let out = source.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(8));
+}

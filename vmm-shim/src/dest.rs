@@ -194,6 +194,12 @@ impl Listener {
         })
     }
 
+    /// Lets `stopper` end this listener's session (or its wait for one): the endpoint
+    /// closes with the stop's reason, which the peer reports at once.
+    pub fn stop_on(&self, stopper: &crate::Stopper) {
+        stopper.watch(&self.endpoint);
+    }
+
     /// The bound address (the port the system chose for port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, RoleError> {
         self.endpoint.local_addr().map_err(RoleError::Io)

@@ -17,7 +17,9 @@ pub mod guest;
 pub mod hints;
 pub mod replica;
 pub mod source;
+pub mod stop;
 
 pub use dest::{DestOptions, DestReport, Listener, StandbyReport};
 pub use error::RoleError;
 pub use source::{send, send_with_hints, send_with_state, SourceOptions};
+pub use stop::Stopper;

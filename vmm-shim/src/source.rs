@@ -31,6 +31,8 @@ pub struct SourceOptions {
     pub encoding: EncodingPolicy,
     /// Start the push beside the handshake (see [`SourceConfig::early_push`]).
     pub early_push: bool,
+    /// Ends the session from outside with a reason the destination reports at once.
+    pub stopper: crate::Stopper,
 }
 
 impl SourceOptions {
@@ -51,6 +53,7 @@ impl SourceOptions {
             push: true,
             encoding: EncodingPolicy::AUTO,
             early_push: true,
+            stopper: crate::Stopper::new(),
         }
     }
 }
@@ -105,6 +108,7 @@ pub fn run_session(
             &opts.identity,
             opts.peer_cert.clone(),
         )?;
+        opts.stopper.watch(&endpoint);
         let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
         let report = quic::run_source(conn, session, memory).await?;
         endpoint.close(0u32.into(), b"done");

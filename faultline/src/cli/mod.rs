@@ -20,6 +20,28 @@ use faultline::workload::Pattern;
 
 pub use size::{parse_bytes, parse_size};
 
+/// The process's stopper: SIGTERM and SIGINT end the running role's session through it, with
+/// a reason the peer reports at once (see `main`).
+pub fn stopper() -> vmm_shim::Stopper {
+    static STOPPER: std::sync::OnceLock<vmm_shim::Stopper> = std::sync::OnceLock::new();
+    STOPPER.get_or_init(vmm_shim::Stopper::new).clone()
+}
+
+impl Command {
+    /// What a signal stops, for the reason the peer is told; `None` for commands without a
+    /// peer session of their own (demo, keygen, wan-emu keep the default signal handling).
+    pub fn role(&self) -> Option<&'static str> {
+        match self {
+            Command::Source(_) => Some("source"),
+            Command::Dest(_) => Some("destination"),
+            Command::Replicate(_) => Some("source (replicate)"),
+            Command::Standby(_) => Some("standby"),
+            Command::Vm(_) => Some("VMM"),
+            Command::Demo(_) | Command::Keygen(_) | Command::WanEmu(_) => None,
+        }
+    }
+}
+
 /// Prefix of the machine-readable event lines `dest --progress` writes to stderr.
 pub const EVENT_PREFIX: &str = "@faultline ";
 

@@ -25,6 +25,8 @@ pub enum Kind {
     LocalIo,
     /// The peer broke the protocol (malformed or unexpected messages).
     Protocol,
+    /// SIGTERM or SIGINT stopped the run (the peer was told why).
+    Stopped,
     /// Anything else.
     Internal,
 }
@@ -39,6 +41,7 @@ impl Kind {
             Kind::Network => "network",
             Kind::LocalIo => "local_io",
             Kind::Protocol => "protocol",
+            Kind::Stopped => "stopped",
             Kind::Internal => "internal",
         }
     }
@@ -53,6 +56,7 @@ impl Kind {
             Kind::Network => 5,
             Kind::LocalIo => 6,
             Kind::Protocol => 7,
+            Kind::Stopped => 8,
         }
     }
 }

@@ -242,6 +242,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             push: true,
             encoding: a.encoding.policy(),
             early_push: !a.no_early_push,
+            stopper: super::stopper(),
         },
         None,
     )?;
@@ -282,6 +283,7 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
         accept_timeout: Duration::from_secs(a.accept_timeout),
         progress: None,
     })?;
+    listener.stop_on(&super::stopper());
     let pages = a.size / 4096;
     let replica = match a.tier {
         TierArg::Memory => {

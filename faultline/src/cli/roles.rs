@@ -84,6 +84,7 @@ pub fn bind_listener(
         accept_timeout: Duration::from_secs(accept_timeout_secs),
         progress: on_progress,
     })?;
+    listener.stop_on(&super::stopper());
     let addr = listener.local_addr()?;
     if progress {
         emit_event(serde_json::json!({"event": "listening", "addr": addr.to_string()}));
@@ -120,6 +121,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         push: !a.no_push,
         encoding: a.encoding.policy(),
         early_push: !a.no_early_push,
+        stopper: super::stopper(),
     };
     let config = transport::proto::SourceConfig {
         push: opts.push,

@@ -403,6 +403,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         push: true,
         encoding: transport::encoding::EncodingPolicy::AUTO,
         early_push: true,
+        stopper: super::stopper(),
     };
     // Memory is frozen while paused: hash it beside the migration, not before it, so the
     // digests add nothing to the downtime.
