@@ -326,7 +326,7 @@ fn json_failures_are_one_object_with_a_documented_kind_and_exit_code() {
     let mut intruder = quick.to_vec();
     intruder.push(&dest.addr);
     let got = source_json(&certs, "intruder", &intruder);
-    assert_failure(got, "authentication", 3, "TLS handshake failed");
+    assert_failure(got, "authentication", 3, "certificate");
     let src = run_source(
         &certs,
         "source",
@@ -505,4 +505,33 @@ fn sigterm_and_sigint_end_the_session_with_a_reason_the_peer_reports_at_once() {
     );
     let out = source.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(8));
+}
+
+#[test]
+fn a_vm_destination_survives_junk_replayed_and_unpinned_peers_then_migrates_a_running_guest() {
+    if !faultline_tests::kvm_present() {
+        return;
+    }
+    let certs = Certs::new();
+    let guest = [
+        "--size",
+        "64M",
+        "--vcpus",
+        "1",
+        "--program",
+        "counter",
+        "--run-secs",
+        "1",
+    ];
+    let dest = DestProcess::vm(&certs, &guest);
+    attack_listener(&certs, &dest.addr);
+    let src = faultline_tests::run_vm_source(&certs, &dest.addr, &guest, TIMEOUT);
+    let dst = dest.wait(TIMEOUT);
+    assert!(src.status.success(), "source failed: {}", src.stderr);
+    assert!(dst.status.success(), "destination failed: {}", dst.stderr);
+    assert!(src.json["memory_digest"].is_string(), "{}", src.json);
+    assert_eq!(
+        dst.json["switchover_digest"], src.json["memory_digest"],
+        "all guest memory at switchover"
+    );
 }

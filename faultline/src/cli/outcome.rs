@@ -63,7 +63,14 @@ impl Kind {
 
 /// The kind of the first cause in `e`'s chain that says what happened.
 pub fn classify(e: &anyhow::Error) -> Kind {
-    e.chain().find_map(kind_of).unwrap_or(Kind::Internal)
+    // A lost connection explains whatever failed on it (a stream write, a read): when the
+    // TLS handshake was refused, the refusal can surface as either, depending on timing.
+    let lost = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<quinn::ConnectionError>())
+        .map(connection_kind);
+    lost.or_else(|| e.chain().find_map(kind_of))
+        .unwrap_or(Kind::Internal)
 }
 
 fn kind_of(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
@@ -185,6 +192,16 @@ mod tests {
             reason: "in a session".into(),
         }));
         assert_eq!(classify(&busy), Kind::PeerRefused);
+        // A connection lost under a failed stream write says what happened (here the
+        // path timed out; a refused TLS handshake surfaces the same way).
+        let write = transport::quic::FrameError::Write(quinn::WriteError::ConnectionLost(
+            quinn::ConnectionError::TimedOut,
+        ));
+        let stream = anyhow::Error::new(RoleError::Transport(DriverError::Stream {
+            channel: transport::proto::Channel::Control,
+            source: write,
+        }));
+        assert_eq!(classify(&stream), Kind::Network);
         let file = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::NotFound))
             .context("loading the key");
         assert_eq!(classify(&file), Kind::LocalIo);
