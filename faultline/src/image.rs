@@ -293,18 +293,17 @@ impl SourceImage {
         if let Some(bytes) = self.memory_bytes() {
             return Ok(vmm_shim::digest::digest(bytes));
         }
-        const CHUNK: usize = 256;
+        // A chunk at a time: a file image may be as large as the guest.
+        const CHUNK: u64 = 256;
         let pages = self.len() / PAGE_SIZE as u64;
-        let mut chunks = Vec::new();
+        let mut d = vmm_shim::digest::Digester::default();
         let mut first = 0;
         while first < pages {
-            let n = (pages - first).min(CHUNK as u64) as usize;
-            chunks.push(self.read(first, n)?);
-            first += n as u64;
+            let n = (pages - first).min(CHUNK);
+            d.update(&self.read(first, n as usize)?);
+            first += n;
         }
-        Ok(vmm_shim::digest::digest_all(
-            chunks.iter().map(Vec::as_slice),
-        ))
+        Ok(d.finish())
     }
 
     /// The image's size in bytes.
@@ -452,6 +451,32 @@ mod tests {
         // Said once: the cause is the source, not part of the sentence.
         let cause = std::error::Error::source(&e).unwrap().to_string();
         assert!(!e.to_string().contains(&cause), "{e}: {cause}");
+    }
+
+    #[test]
+    fn a_file_image_is_read_and_digested_a_chunk_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("guest.img");
+        // More pages than one digest chunk, each different.
+        let bytes: Vec<u8> = (0..300 * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE + i % 251) as u8)
+            .collect();
+        std::fs::write(&f, &bytes).unwrap();
+        let img = SourceImage::open(&f).unwrap();
+        assert_eq!(img.len(), bytes.len() as u64);
+        assert_eq!(img.digest().unwrap(), vmm_shim::digest::digest(&bytes));
+        assert_eq!(&*img.pages(299, 1).unwrap(), &bytes[299 * PAGE_SIZE..]);
+        assert!(img.pages(299, 2).is_err());
+        // Shrunk under it: an error naming the file, not a crash.
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let e = img.pages(10, 1).unwrap_err();
+        assert!(e.contains("guest.img") && e.contains("shrank"), "{e}");
+        assert!(img.digest().is_err());
     }
 
     #[test]

@@ -158,6 +158,8 @@ pub struct Listener {
     runtime: tokio::runtime::Runtime,
     endpoint: quic::Endpoint,
     acceptor: Acceptor,
+    /// Set by [`Listener::stop_on`]; the stopper holds the endpoint while this lives.
+    _stop_watch: Option<crate::stop::Watch>,
     opts: DestOptions,
 }
 
@@ -190,14 +192,15 @@ impl Listener {
             runtime,
             endpoint,
             acceptor,
+            _stop_watch: None,
             opts,
         })
     }
 
     /// Lets `stopper` end this listener's session (or its wait for one): the endpoint
     /// closes with the stop's reason, which the peer reports at once.
-    pub fn stop_on(&self, stopper: &crate::Stopper) {
-        stopper.watch(&self.endpoint);
+    pub fn stop_on(&mut self, stopper: &crate::Stopper) {
+        self._stop_watch = Some(stopper.watch(&self.endpoint));
     }
 
     /// The bound address (the port the system chose for port 0).

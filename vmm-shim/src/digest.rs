@@ -21,11 +21,27 @@ pub fn digest(bytes: &[u8]) -> String {
 
 /// xxh3-128 of several byte ranges as if concatenated (guest memory in region order).
 pub fn digest_all<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
-    let mut h = Xxh3::new();
+    let mut d = Digester::default();
     for p in parts {
-        h.update(p);
+        d.update(p);
     }
-    format!("{:032x}", h.digest128())
+    d.finish()
+}
+
+/// The same digest fed piece by piece, for memory read in chunks into one buffer.
+#[derive(Default)]
+pub struct Digester(Xxh3);
+
+impl Digester {
+    /// Adds the next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The digest of everything added, as 32 hex digits.
+    pub fn finish(&self) -> String {
+        format!("{:032x}", self.0.digest128())
+    }
 }
 
 #[cfg(test)]

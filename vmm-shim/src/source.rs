@@ -108,7 +108,7 @@ pub fn run_session(
             &opts.identity,
             opts.peer_cert.clone(),
         )?;
-        opts.stopper.watch(&endpoint);
+        let _stoppable = opts.stopper.watch(&endpoint);
         let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
         let report = quic::run_source(conn, session, memory).await?;
         endpoint.close(0u32.into(), b"done");

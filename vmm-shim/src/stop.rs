@@ -16,7 +16,9 @@ pub struct Stopper(Arc<Mutex<State>>);
 #[derive(Default)]
 struct State {
     reason: Option<String>,
-    endpoints: Vec<quic::Endpoint>,
+    /// The endpoints of the roles running now, by a number their [`Watch`] removes them by.
+    endpoints: Vec<(u64, quic::Endpoint)>,
+    next: u64,
 }
 
 impl Stopper {
@@ -30,7 +32,7 @@ impl Stopper {
     pub fn stop(&self, reason: impl Into<String>) {
         let mut s = self.lock();
         let reason = s.reason.get_or_insert_with(|| reason.into()).clone();
-        for ep in s.endpoints.drain(..) {
+        for (_, ep) in s.endpoints.drain(..) {
             close(&ep, &reason);
         }
     }
@@ -40,12 +42,19 @@ impl Stopper {
         self.lock().reason.clone()
     }
 
-    /// Closes `ep` when this stops (at once if it already has).
-    pub(crate) fn watch(&self, ep: &quic::Endpoint) {
+    /// Closes `ep` when this stops (at once if it already has), for as long as the returned
+    /// watch lives: a stopper reused for many sessions holds only the running ones.
+    pub(crate) fn watch(&self, ep: &quic::Endpoint) -> Watch {
         let mut s = self.lock();
+        let id = s.next;
+        s.next += 1;
         match &s.reason {
             Some(reason) => close(ep, reason),
-            None => s.endpoints.push(ep.clone()),
+            None => s.endpoints.push((id, ep.clone())),
+        }
+        Watch {
+            stopper: self.clone(),
+            id,
         }
     }
 
@@ -55,7 +64,51 @@ impl Stopper {
     }
 }
 
+/// Keeps an endpoint in its [`Stopper`] until dropped.
+pub(crate) struct Watch {
+    stopper: Stopper,
+    id: u64,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stopper
+            .lock()
+            .endpoints
+            .retain(|(id, _)| *id != self.id);
+    }
+}
+
 fn close(ep: &quic::Endpoint, reason: &str) {
     let reason = &reason.as_bytes()[..reason.len().min(512)];
     ep.close((ErrorCode::Aborted as u32).into(), reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_watch_keeps_its_endpoint_only_while_it_lives_and_a_stop_is_final() {
+        let id = transport::tls::Identity::generate("x").unwrap();
+        let ep = || quic::client_endpoint("127.0.0.1:0".parse().unwrap(), &id, id.cert.clone());
+        let stopper = Stopper::new();
+        let (a, b) = (ep().unwrap(), ep().unwrap());
+        let wa = stopper.watch(&a);
+        drop(stopper.watch(&b));
+        assert_eq!(
+            stopper.lock().endpoints.len(),
+            1,
+            "a dropped watch is forgotten"
+        );
+        stopper.stop("stopped by a test");
+        assert_eq!(stopper.reason().as_deref(), Some("stopped by a test"));
+        assert!(stopper.lock().endpoints.is_empty());
+        drop(wa);
+        // Registered after the stop: closed at once, never held.
+        let _late = stopper.watch(&ep().unwrap());
+        assert!(stopper.lock().endpoints.is_empty());
+        stopper.stop("a second reason is ignored");
+        assert_eq!(stopper.reason().as_deref(), Some("stopped by a test"));
+    }
 }

@@ -275,7 +275,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
 pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
     // Bind first: a port in use must not leave a replica created (or a 16 MiB file) behind.
-    let listener = Listener::bind(DestOptions {
+    let mut listener = Listener::bind(DestOptions {
         listen: a.listen,
         identity: me,
         peer_cert: peer,

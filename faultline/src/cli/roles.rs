@@ -76,7 +76,7 @@ pub fn bind_listener(
                 )
             }
         }));
-    let listener = Listener::bind(DestOptions {
+    let mut listener = Listener::bind(DestOptions {
         listen,
         identity: me,
         peer_cert: peer,
