@@ -511,6 +511,7 @@ fn evacuate_into(
             encoding: transport::encoding::EncodingPolicy::OFF,
             early_push: true,
             stopper: vmm_shim::Stopper::new(),
+            progress: None,
         },
         None,
     )?)

@@ -279,6 +279,7 @@ pub fn run_child(role: &str, args: &[String]) -> anyhow::Result<()> {
             encoding: transport::encoding::EncodingPolicy::OFF,
             early_push: true,
             stopper: vmm_shim::Stopper::new(),
+            progress: None,
         },
     )
     .with_context(|| format!("child {role}: faultline source"))?;

@@ -529,6 +529,7 @@ pub fn migrate_over(
         encoding,
         early_push: true,
         stopper: vmm_shim::Stopper::new(),
+        progress: None,
     };
     let regions = src.vm.host_regions()?;
     // The guest stopped long ago when a frozen source is migrated again: downtime counts

@@ -413,9 +413,20 @@ fn an_image_truncated_mid_migration_is_a_clean_error_on_both_sides() {
         message.contains("guest.img") && message.contains("shrank"),
         "{v}"
     );
+    // What was done before the failure: the source sent pages, the destination holds some.
+    assert!(v["done"]["bytes_sent"].as_u64().unwrap() > 1 << 20, "{v}");
     // The destination is told at once, with the reason.
     assert!(!dst.status.success());
     assert!(dst.stderr.contains("shrank"), "{}", dst.stderr);
+    let done = &dst.json["done"];
+    let present = done["pages_present"].as_u64().unwrap();
+    assert!(present > 0 && present < 65536, "{}", dst.json);
+    assert_eq!(done["pages"], 65536, "{}", dst.json);
+    assert!(
+        done["bytes_received"].as_u64().unwrap() > present * 4096,
+        "{}",
+        dst.json
+    );
     assert!(
         source_took < Duration::from_secs(10),
         "source took {source_took:?}"

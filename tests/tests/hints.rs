@@ -484,6 +484,7 @@ fn free_pages_written_after_the_hint_cross_with_their_content() {
             encoding: EncodingPolicy::AUTO,
             early_push: true,
             stopper: vmm_shim::Stopper::new(),
+            progress: None,
         },
         None,
         &plan,

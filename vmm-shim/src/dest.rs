@@ -31,8 +31,9 @@ pub struct DestOptions {
     pub expected_vm_id: Option<String>,
     /// How long to wait for the source to connect.
     pub accept_timeout: Duration,
-    /// Called about ten times a second with (pages present, total pages).
-    pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+    /// Called about ten times a second while a session runs, and once when it ends (also
+    /// on failure), with what this side holds and the bytes it received and sent.
+    pub progress: Option<crate::ProgressFn>,
 }
 
 impl DestOptions {
@@ -241,6 +242,8 @@ impl Listener {
         });
         let table = dest.table().clone();
         let resumed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+        // The last sample, taken after the session ended; reported below however it ended.
+        let last: Arc<Mutex<Option<crate::Progress>>> = Arc::default();
         let opts = &self.opts;
         let endpoint = &self.endpoint;
         let acceptor = &mut self.acceptor;
@@ -252,16 +255,14 @@ impl Listener {
                 .ok_or(RoleError::EndpointClosed)?;
             acceptor.set_busy(Some(BUSY.into()));
             let connected = Instant::now();
-            let progress = opts.progress.clone().map(|f| {
-                let table = table.clone();
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(Duration::from_millis(100));
-                    loop {
-                        tick.tick().await;
-                        f(table.resolved(), table.total());
-                    }
-                })
-            });
+            let sample = {
+                let (table, conn) = (table.clone(), conn.clone());
+                move || crate::progress::sample(&conn, Some(table.resolved()), table.total())
+            };
+            let ticker = opts
+                .progress
+                .clone()
+                .map(|f| crate::progress::spawn_ticker(f, sample.clone()));
             let session = DestSession::new(DestConfig {
                 expected_vm_id: opts.expected_vm_id.clone(),
                 ..DestConfig::migrate(layout.clone())
@@ -274,23 +275,32 @@ impl Listener {
                 })),
             };
             let r = quic::run_dest(conn, session, sink, rx, hooks).await;
-            if let Some(p) = progress {
-                p.abort();
+            if let Some(t) = ticker {
+                t.abort();
             }
+            *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(sample());
             // Let the close reach the source before the endpoint goes away.
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
             Ok::<_, RoleError>((r?, connected))
         });
-        let metrics = dest.finish()?;
+        let metrics = dest.finish();
+        if let Some(f) = &self.opts.progress {
+            let last = last.lock().unwrap_or_else(|p| p.into_inner()).take();
+            f(crate::Progress {
+                pages_present: Some(table.resolved()),
+                ..last.unwrap_or(crate::Progress {
+                    pages: table.total(),
+                    ..Default::default()
+                })
+            });
+        }
+        let metrics = metrics?;
         let (net, connected) = result?;
         let resume = resumed_at
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .map(|t| t.duration_since(connected))
             .unwrap_or_default();
-        if let Some(f) = &self.opts.progress {
-            f(table.resolved(), table.total());
-        }
         Ok(DestReport {
             decoded: net.decoded,
             session: net,
@@ -382,7 +392,22 @@ impl Listener {
                         }
                     })),
                 };
+                let pages = layout.total_pages();
+                let sample = {
+                    let conn = conn.clone();
+                    move || crate::progress::sample(&conn, None, pages)
+                };
+                let ticker = opts
+                    .progress
+                    .clone()
+                    .map(|f| crate::progress::spawn_ticker(f, sample.clone()));
                 let r = quic::run_dest(conn, session, sink.clone(), rx, hooks).await;
+                if let Some(t) = ticker {
+                    t.abort();
+                }
+                if let Some(f) = &opts.progress {
+                    f(sample());
+                }
                 match r {
                     Ok(rep) if rep.kind == Some(SessionKind::Replicate) => {
                         sessions += 1;

@@ -15,11 +15,13 @@ pub mod digest;
 pub mod error;
 pub mod guest;
 pub mod hints;
+pub mod progress;
 pub mod replica;
 pub mod source;
 pub mod stop;
 
 pub use dest::{DestOptions, DestReport, Listener, StandbyReport};
 pub use error::RoleError;
+pub use progress::{Progress, ProgressFn};
 pub use source::{send, send_with_hints, send_with_state, SourceOptions};
 pub use stop::Stopper;

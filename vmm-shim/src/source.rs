@@ -33,6 +33,9 @@ pub struct SourceOptions {
     pub early_push: bool,
     /// Ends the session from outside with a reason the destination reports at once.
     pub stopper: crate::Stopper,
+    /// Called about ten times a second while the session runs, and once when it ends
+    /// (also on failure), with the bytes sent and received (see [`crate::Progress`]).
+    pub progress: Option<crate::ProgressFn>,
 }
 
 impl SourceOptions {
@@ -54,6 +57,7 @@ impl SourceOptions {
             encoding: EncodingPolicy::AUTO,
             early_push: true,
             stopper: crate::Stopper::new(),
+            progress: None,
         }
     }
 }
@@ -100,6 +104,7 @@ pub fn run_session(
     config: SourceConfig,
     opts: &SourceOptions,
 ) -> Result<SourceReport, RoleError> {
+    let pages = config.layout.total_pages();
     let session = SourceSession::new(config);
     let rt = runtime()?;
     rt.block_on(async {
@@ -110,7 +115,22 @@ pub fn run_session(
         )?;
         let _stoppable = opts.stopper.watch(&endpoint);
         let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
-        let report = quic::run_source(conn, session, memory).await?;
+        let sample = {
+            let conn = conn.clone();
+            move || crate::progress::sample(&conn, None, pages)
+        };
+        let ticker = opts
+            .progress
+            .clone()
+            .map(|f| crate::progress::spawn_ticker(f, sample.clone()));
+        let report = quic::run_source(conn, session, memory).await;
+        if let Some(t) = ticker {
+            t.abort();
+        }
+        if let Some(f) = &opts.progress {
+            f(sample());
+        }
+        let report = report?;
         endpoint.close(0u32.into(), b"done");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         Ok(report)

@@ -3,12 +3,12 @@
 //! message and what was done before it failed; the exit code says the kind too
 //! (docs/operations.md lists them).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use transport::quic::DriverError;
-use vmm_shim::RoleError;
+use vmm_shim::{Progress, ProgressFn, RoleError};
 
 /// What kind of failure ended a run: stable names for scripts, one exit code each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,24 +136,25 @@ fn connection_kind(c: &quinn::ConnectionError) -> Kind {
     }
 }
 
-/// Pages present at a destination, as last reported by its progress callback.
-static PAGES_PRESENT: AtomicU64 = AtomicU64::new(u64::MAX);
-static PAGES_TOTAL: AtomicU64 = AtomicU64::new(0);
+/// What the running role last reported it had done (see [`vmm_shim::Progress`]).
+static LAST_PROGRESS: Mutex<Option<Progress>> = Mutex::new(None);
 
-/// Records a destination's progress, for a failure report.
-pub fn record_progress(present: u64, total: u64) {
-    PAGES_TOTAL.store(total, Ordering::Relaxed);
-    PAGES_PRESENT.store(present, Ordering::Relaxed);
+/// Records a role's progress, for a failure report.
+pub fn record_progress(p: Progress) {
+    *LAST_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+}
+
+/// A progress callback that only records (see [`record_progress`]).
+pub fn recorder() -> ProgressFn {
+    Arc::new(record_progress)
 }
 
 /// The one JSON object of a failed run.
 pub fn failure_json(e: &anyhow::Error, kind: Kind) -> Value {
-    let mut done = Map::new();
-    let present = PAGES_PRESENT.load(Ordering::Relaxed);
-    if present != u64::MAX {
-        done.insert("pages_present".into(), json!(present));
-        done.insert("pages".into(), json!(PAGES_TOTAL.load(Ordering::Relaxed)));
-    }
+    let done = match *LAST_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()) {
+        Some(p) => json!(p),
+        None => Value::Object(Map::new()),
+    };
     json!({
         "ok": false,
         "error": {
@@ -217,5 +218,14 @@ mod tests {
         assert_eq!(v["error"]["exit_code"], 5);
         assert_eq!(v["error"]["message"], "running: boom");
         assert!(v["done"].is_object());
+        record_progress(Progress {
+            pages_present: Some(3),
+            pages: 8,
+            bytes_received: 12_000,
+            bytes_sent: 900,
+        });
+        let v = failure_json(&e, Kind::Network);
+        assert_eq!(v["done"]["pages_present"], 3);
+        assert_eq!(v["done"]["bytes_received"], 12_000);
     }
 }

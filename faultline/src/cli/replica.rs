@@ -243,6 +243,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             encoding: a.encoding.policy(),
             early_push: !a.no_early_push,
             stopper: super::stopper(),
+            progress: Some(super::outcome::recorder()),
         },
         None,
     )?;
@@ -281,7 +282,7 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
         peer_cert: peer,
         expected_vm_id: Some(a.vm_id.clone()),
         accept_timeout: Duration::from_secs(a.accept_timeout),
-        progress: None,
+        progress: Some(super::outcome::recorder()),
     })?;
     listener.stop_on(&super::stopper());
     let pages = a.size / 4096;

@@ -67,22 +67,24 @@ pub fn bind_listener(
 ) -> anyhow::Result<Listener> {
     let (me, peer) = identity(tls)?;
     // Always recorded, for a failure report; printed for a parent process with `progress`.
-    let on_progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>> =
-        Some(Arc::new(move |present, total| {
-            super::outcome::record_progress(present, total);
-            if progress {
-                emit_event(
-                    serde_json::json!({"event": "progress", "present": present, "total": total}),
-                )
-            }
-        }));
+    let on_progress: vmm_shim::ProgressFn = Arc::new(move |p: vmm_shim::Progress| {
+        super::outcome::record_progress(p);
+        if progress {
+            emit_event(serde_json::json!({
+                "event": "progress",
+                "present": p.pages_present,
+                "total": p.pages,
+                "bytes_received": p.bytes_received,
+            }))
+        }
+    });
     let mut listener = Listener::bind(DestOptions {
         listen,
         identity: me,
         peer_cert: peer,
         expected_vm_id: vm_id,
         accept_timeout: Duration::from_secs(accept_timeout_secs),
-        progress: on_progress,
+        progress: Some(on_progress),
     })?;
     listener.stop_on(&super::stopper());
     let addr = listener.local_addr()?;
@@ -122,6 +124,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         encoding: a.encoding.policy(),
         early_push: !a.no_early_push,
         stopper: super::stopper(),
+        progress: Some(super::outcome::recorder()),
     };
     let config = transport::proto::SourceConfig {
         push: opts.push,

@@ -404,6 +404,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         encoding: transport::encoding::EncodingPolicy::AUTO,
         early_push: true,
         stopper: super::stopper(),
+        progress: Some(super::outcome::recorder()),
     };
     // Memory is frozen while paused: hash it beside the migration, not before it, so the
     // digests add nothing to the downtime.

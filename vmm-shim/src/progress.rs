@@ -1,0 +1,81 @@
+//! How far a role got, for a VMM's progress display and for a failure report: a role calls
+//! its [`ProgressFn`] about ten times a second while its session runs and once more when
+//! it ends, whether it succeeded or not, so the last value says what was done.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// One sample of a role's progress.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    /// Pages of guest memory present at a destination (none for a source or a standby,
+    /// which cannot see it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_present: Option<u64>,
+    /// Pages of guest memory in the session.
+    pub pages: u64,
+    /// UDP payload bytes this side received on the session's connection.
+    pub bytes_received: u64,
+    /// UDP payload bytes this side sent on the session's connection.
+    pub bytes_sent: u64,
+}
+
+/// A role's progress callback (see [`Progress`]).
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// How often a running role samples its progress.
+pub(crate) const INTERVAL: Duration = Duration::from_millis(100);
+
+/// Bytes on `conn` so far, into a sample.
+pub(crate) fn sample(
+    conn: &transport::quic::Connection,
+    pages_present: Option<u64>,
+    pages: u64,
+) -> Progress {
+    let s = conn.stats();
+    Progress {
+        pages_present,
+        pages,
+        bytes_received: s.udp_rx.bytes,
+        bytes_sent: s.udp_tx.bytes,
+    }
+}
+
+/// Calls `f` every [`INTERVAL`] with `sample()` until the returned task is aborted.
+pub(crate) fn spawn_ticker(
+    f: ProgressFn,
+    sample: impl Fn() -> Progress + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(INTERVAL);
+        loop {
+            tick.tick().await;
+            f(sample());
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_sample_has_no_pages_present_in_json() {
+        let p = Progress {
+            pages_present: None,
+            pages: 8,
+            bytes_received: 1,
+            bytes_sent: 2,
+        };
+        let v = serde_json::to_value(p).unwrap();
+        assert!(v.get("pages_present").is_none());
+        assert_eq!(v["bytes_sent"], 2);
+        let d = Progress {
+            pages_present: Some(3),
+            ..p
+        };
+        assert_eq!(serde_json::to_value(d).unwrap()["pages_present"], 3);
+    }
+}
