@@ -14,8 +14,10 @@
 
 mod device;
 mod file;
+pub mod postcopy;
 mod tracker;
 
 pub use device::{check_range, BlockDevice, DiskError};
 pub use file::{OpenError, RawFile};
+pub use postcopy::{BlockFetcher, PostcopyDisk, PostcopyStats};
 pub use tracker::{BlockSize, Tracked, WriteTracker};
