@@ -8,9 +8,9 @@ use bytes::{Buf, Bytes};
 use thiserror::Error;
 
 use crate::message::{
-    ErrorCode, Layout, Message, PageKind, Pages, RegionDesc, SessionKind, SetKind, MAX_ACKS,
-    MAX_PAGES_PER_MESSAGE, MAX_REGIONS, MAX_REQUEST_PAGES, MAX_SET_WORDS, MAX_STATE, MAX_TEXT,
-    PAGE_SIZE,
+    DiskDesc, ErrorCode, Layout, Message, PageKind, Pages, RegionDesc, SessionKind, SetKind,
+    MAX_ACKS, MAX_DISKS, MAX_PAGES_PER_MESSAGE, MAX_REGIONS, MAX_REQUEST_PAGES, MAX_SET_WORDS,
+    MAX_STATE, MAX_TEXT, PAGE_SIZE,
 };
 
 /// Bytes of the frame header (`len` and `type`).
@@ -107,6 +107,11 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             for r in &layout.regions {
                 out.extend_from_slice(&r.guest_addr.to_le_bytes());
                 out.extend_from_slice(&r.len.to_le_bytes());
+            }
+            out.extend_from_slice(&(layout.disks.len() as u16).to_le_bytes());
+            for d in &layout.disks {
+                put_text(out, &d.name);
+                out.extend_from_slice(&d.len.to_le_bytes());
             }
         }
         Message::HelloAck { version, features } => {
@@ -264,12 +269,31 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
                     len: get_u64(&mut body, W)?,
                 });
             }
+            let n = get_u16(&mut body, W)? as usize;
+            if n > MAX_DISKS {
+                return Err(CodecError::Limit {
+                    what: "disks",
+                    value: n,
+                    limit: MAX_DISKS,
+                });
+            }
+            let mut disks = Vec::with_capacity(n);
+            for _ in 0..n {
+                disks.push(DiskDesc {
+                    name: get_text(&mut body, W)?,
+                    len: get_u64(&mut body, W)?,
+                });
+            }
             finish(&body, W)?;
             Message::Hello {
                 version,
                 kind,
                 vm_id,
-                layout: Layout { page_size, regions },
+                layout: Layout {
+                    page_size,
+                    regions,
+                    disks,
+                },
                 features,
                 epoch,
             }
@@ -556,6 +580,16 @@ mod tests {
                     RegionDesc {
                         guest_addr: 1 << 32,
                         len: 8192,
+                    },
+                ],
+                disks: vec![
+                    DiskDesc {
+                        name: "vda".into(),
+                        len: 1 << 30,
+                    },
+                    DiskDesc {
+                        name: String::new(),
+                        len: 4096,
                     },
                 ],
             },

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Version spoken by this build. A peer with any other version is refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Guest page size carried on the wire. Only 4 KiB pages are supported today.
 pub const PAGE_SIZE: usize = 4096;
@@ -18,6 +18,9 @@ pub const MAX_REQUEST_PAGES: usize = 4096;
 /// Most regions a memory layout may describe.
 pub const MAX_REGIONS: usize = 64;
 
+/// Most disks a layout may describe.
+pub const MAX_DISKS: usize = 16;
+
 /// Longest VM id and error text accepted, in bytes.
 pub const MAX_TEXT: usize = 1024;
 
@@ -30,35 +33,87 @@ pub struct RegionDesc {
     pub len: u64,
 }
 
-/// The guest memory layout: the destination must have exactly the same one.
+/// One virtual disk as both sides see it: its pages follow guest memory's in the
+/// session's page numbering (see [`Layout`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskDesc {
+    /// The disk's name (the VMM's drive id), at most [`MAX_TEXT`] bytes.
+    pub name: String,
+    /// Size in bytes, a multiple of the page size.
+    pub len: u64,
+}
+
+/// What a session moves: the guest memory layout and the VM's disks. The destination must
+/// have exactly the same one.
+///
+/// Every 4 KiB of it is a page of the session, numbered without gaps: guest memory's
+/// regions first, in order, then each disk in order. A disk's blocks therefore travel,
+/// replicate and are requested exactly like pages of memory (a disk read at an
+/// evacuating destination is urgent traffic, like a page fault).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
     /// Page size in bytes. Both sides must agree; only [`PAGE_SIZE`] is supported today.
     pub page_size: u32,
-    /// The regions, at most [`MAX_REGIONS`] on the wire. Pages are numbered across them in
-    /// this order, without gaps: the first page of a region follows the last of the one
-    /// before it.
+    /// The regions, at most [`MAX_REGIONS`] on the wire.
     pub regions: Vec<RegionDesc>,
+    /// The disks, at most [`MAX_DISKS`] on the wire.
+    #[serde(default)]
+    pub disks: Vec<DiskDesc>,
 }
 
 impl Layout {
-    /// A single region at guest address 0.
+    /// A single region at guest address 0, no disk.
     pub fn single(len: u64) -> Layout {
         Layout {
             page_size: PAGE_SIZE as u32,
             regions: vec![RegionDesc { guest_addr: 0, len }],
+            disks: Vec::new(),
         }
     }
 
-    /// Pages across all regions; pages are numbered in region order.
+    /// This layout with `disk` appended.
+    pub fn with_disk(mut self, name: impl Into<String>, len: u64) -> Layout {
+        self.disks.push(DiskDesc {
+            name: name.into(),
+            len,
+        });
+        self
+    }
+
+    fn ps(&self) -> u64 {
+        u64::from(self.page_size.max(1))
+    }
+
+    /// Pages of the whole session: memory, then disks.
     pub fn total_pages(&self) -> u64 {
-        let ps = u64::from(self.page_size.max(1));
+        self.memory_pages() + self.disks.iter().map(|d| d.len / self.ps()).sum::<u64>()
+    }
+
+    /// Pages of guest memory: numbers `0..memory_pages()`.
+    pub fn memory_pages(&self) -> u64 {
+        let ps = self.ps();
         self.regions.iter().map(|r| r.len / ps).sum()
     }
 
-    /// Bytes across all regions.
-    pub fn total_bytes(&self) -> u64 {
+    /// Bytes of guest memory.
+    pub fn memory_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.len).sum()
+    }
+
+    /// Bytes of all disks.
+    pub fn disk_bytes(&self) -> u64 {
+        self.disks.iter().map(|d| d.len).sum()
+    }
+
+    /// The session pages of disk `i`: a range after memory and the disks before it
+    /// (empty for a disk that does not exist).
+    pub fn disk_pages(&self, i: usize) -> std::ops::Range<u64> {
+        let ps = self.ps();
+        let Some(d) = self.disks.get(i) else {
+            return 0..0;
+        };
+        let first = self.memory_pages() + self.disks[..i].iter().map(|d| d.len / ps).sum::<u64>();
+        first..first + d.len / ps
     }
 }
 

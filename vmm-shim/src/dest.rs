@@ -304,7 +304,7 @@ impl Listener {
         Ok(DestReport {
             decoded: net.decoded,
             session: net,
-            memory_bytes: layout.total_bytes(),
+            memory_bytes: layout.memory_bytes(),
             pages: layout.total_pages(),
             resume_ms: resume.as_secs_f64() * 1e3,
             metrics,
@@ -438,7 +438,7 @@ impl Listener {
         let (net, resume, valid_before) = result?;
         Ok(StandbyReport {
             session: net,
-            memory_bytes: layout.total_bytes(),
+            memory_bytes: layout.memory_bytes(),
             pages: layout.total_pages(),
             replication_sessions: sessions,
             pages_replicated: replicated,

@@ -123,6 +123,7 @@ pub fn layout<B: Bitmap>(mem: &GuestMemoryMmap<B>) -> Layout {
                 len: r.len(),
             })
             .collect(),
+        disks: Vec::new(),
     }
 }
 

@@ -137,7 +137,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
     let out = SourceOutput {
         vm_id: a.vm_id,
         image: name,
-        memory_bytes: layout.total_bytes(),
+        memory_bytes: layout.memory_bytes(),
         digest,
         mix,
         pages_served: report.pages_served,

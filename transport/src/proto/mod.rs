@@ -227,7 +227,21 @@ pub(crate) fn describe_layout(l: &Layout) -> String {
         .iter()
         .map(|r| format!("{:#x}+{:#x}", r.guest_addr, r.len))
         .collect();
-    format!("page size {} regions [{}]", l.page_size, regions.join(", "))
+    let disks: Vec<String> = l
+        .disks
+        .iter()
+        .map(|d| format!("{:?} {:#x}", d.name, d.len))
+        .collect();
+    if disks.is_empty() {
+        format!("page size {} regions [{}]", l.page_size, regions.join(", "))
+    } else {
+        format!(
+            "page size {} regions [{}] disks [{}]",
+            l.page_size,
+            regions.join(", "),
+            disks.join(", ")
+        )
+    }
 }
 
 #[cfg(test)]

@@ -718,3 +718,65 @@ fn vm_state_arrives_before_the_guest_may_resume() {
     ));
     assert_eq!(served, vec![1]);
 }
+
+#[test]
+fn disks_are_pages_after_memory_and_move_like_them() {
+    // 8 pages of memory, then disk "vda" (4 pages) and disk "vdb" (2 pages).
+    let l = layout(8)
+        .with_disk("vda", 4 * 4096)
+        .with_disk("vdb", 2 * 4096);
+    assert_eq!((l.memory_pages(), l.total_pages()), (8, 14));
+    assert_eq!(
+        (l.disk_pages(0), l.disk_pages(1), l.disk_pages(2)),
+        (8..12, 12..14, 0..0)
+    );
+    let mut src = SourceSession::new(SourceConfig::migrate("vm-1", l.clone()));
+    let mut dst = DestSession::new(DestConfig::migrate(l));
+    let mut mem = vec![Vec::new(); 14];
+    pump(&mut src, &mut dst, &mut mem);
+    // A disk read at the destination is a request like a page fault.
+    dst.request(&[13]);
+    pump(&mut src, &mut dst, &mut mem);
+    assert_eq!(mem[13], page_content(13));
+    while let Some(r) = src.next_push(4) {
+        let pages = dst
+            .handle(Channel::Bulk, wire(pages_msg(r)))
+            .unwrap()
+            .unwrap();
+        install(&pages, &mut mem);
+    }
+    assert!(dst.received().is_full());
+    for i in 0..14 {
+        assert_eq!(mem[i as usize], page_content(i), "page {i}");
+    }
+}
+
+#[test]
+fn a_disk_of_another_size_or_name_is_a_layout_mismatch_naming_the_disk() {
+    for other in [
+        layout(16).with_disk("vda", 8192),
+        layout(16).with_disk("vdb", 4096),
+        layout(16),
+    ] {
+        let mut dst = DestSession::new(DestConfig::migrate(layout(16).with_disk("vda", 4096)));
+        let hello = Message::Hello {
+            kind: SessionKind::Migrate,
+            epoch: 0,
+            version: PROTOCOL_VERSION,
+            vm_id: "vm-1".into(),
+            layout: other,
+            features: 0,
+        };
+        let err = dst.handle(Channel::Control, wire(hello)).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("\"vda\" 0x1000"), "{text}");
+        let reply = dst.poll_transmit().unwrap();
+        assert!(matches!(
+            reply.message,
+            Message::Error {
+                code: ErrorCode::LayoutMismatch,
+                ..
+            }
+        ));
+    }
+}

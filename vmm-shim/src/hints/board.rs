@@ -250,7 +250,7 @@ impl HintBoard {
     pub fn new(layout: &Layout, limits: BoardLimits) -> Result<HintBoard, MapError> {
         Ok(HintBoard {
             map: GuestMap::new(layout)?,
-            guest_bytes: layout.total_bytes(),
+            guest_bytes: layout.memory_bytes(),
             tokens: f64::from(limits.burst),
             limits,
             reader: FrameReader::new(),

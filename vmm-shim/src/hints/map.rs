@@ -147,6 +147,7 @@ mod tests {
                     len: 8 * PAGE,
                 },
             ],
+            disks: Vec::new(),
         };
         let m = GuestMap::new(&layout).unwrap();
         assert_eq!(m.pages(), 12);
@@ -173,6 +174,7 @@ mod tests {
                     len: 8 * PAGE,
                 },
             ],
+            disks: Vec::new(),
         };
         assert!(matches!(GuestMap::new(&l), Err(MapError::Overlap(..))));
     }
