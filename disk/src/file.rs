@@ -67,7 +67,7 @@ impl RawFile {
             .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         let size = meta.len();
-        if size == 0 || size % 4096 != 0 {
+        if size == 0 || !size.is_multiple_of(4096) {
             return Err(OpenError::BadSize {
                 path: path.to_owned(),
                 size,

@@ -19,5 +19,5 @@ mod tracker;
 
 pub use device::{check_range, BlockDevice, DiskError};
 pub use file::{OpenError, RawFile};
-pub use postcopy::{BlockFetcher, PostcopyDisk, PostcopyStats};
+pub use postcopy::{BlockFetcher, PostcopyDisk, PostcopyStats, UNIT};
 pub use tracker::{BlockSize, Tracked, WriteTracker};

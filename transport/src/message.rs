@@ -229,6 +229,30 @@ impl Pages {
         }
     }
 
+    /// The first `k` pages and the rest, sharing this message's buffers (no copy); `None`
+    /// if `k` is past the end or the payload is shorter than the kinds say.
+    pub fn split_at(&self, k: usize) -> Option<(Pages, Pages)> {
+        if k > self.count() {
+            return None;
+        }
+        let mut it = self.iter();
+        for _ in 0..k {
+            it.next()?;
+        }
+        let at = it.offset;
+        let head = Pages {
+            first: self.first,
+            kinds: self.kinds.slice(..k),
+            payload: self.payload.slice(..at),
+        };
+        let tail = Pages {
+            first: self.first.checked_add(k as u64)?,
+            kinds: self.kinds.slice(k..),
+            payload: self.payload.slice(at..),
+        };
+        Some((head, tail))
+    }
+
     /// Pages that are raw, i.e. how many payload pages follow.
     pub fn raw_count(&self) -> usize {
         self.kinds
@@ -500,5 +524,31 @@ impl Message {
             Message::CompleteAck => "CompleteAck",
             Message::Error { .. } => "Error",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_split_anywhere_without_losing_a_byte() {
+        let mut mem = vec![0u8; 5 * PAGE_SIZE];
+        for (i, page) in mem.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            if i != 2 {
+                page.fill(i as u8 + 1);
+            }
+        }
+        let pages = Pages::from_memory(10, &mem);
+        for k in 0..=5 {
+            let (a, b) = pages.split_at(k).unwrap();
+            assert_eq!(
+                (a.first, a.count(), b.first, b.count()),
+                (10, k, 10 + k as u64, 5 - k)
+            );
+            let joined: Vec<_> = a.iter().chain(b.iter()).collect();
+            assert_eq!(joined, pages.iter().collect::<Vec<_>>());
+        }
+        assert!(pages.split_at(6).is_none());
     }
 }

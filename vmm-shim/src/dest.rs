@@ -17,6 +17,7 @@ use uffd_core::{
     Destination, HostRegion, Installer, MetricsSnapshot, Origin, PageData, PageSource, PageTable,
 };
 
+use crate::disks::{DestDisk, DiskSet, VmSink};
 use crate::error::RoleError;
 
 /// How the destination listens and whom it accepts.
@@ -77,6 +78,9 @@ pub struct DestReport {
     /// The fault loop's and installer's counters: faults, blocked time, latency, pages by
     /// how they arrived.
     pub metrics: MetricsSnapshot,
+    /// Each disk's figures (none for a VM without disks).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disks::DiskReport>,
 }
 
 /// Demand requests from the fault loop go to the QUIC driver through a channel; sending on
@@ -228,17 +232,35 @@ impl Listener {
     /// [`Listener::receive`] for a VMM: `on_resume` gets the vCPU and device state blob the
     /// source sent (see `send_with_state`), to restore before it runs the vCPUs.
     pub fn receive_vm(
+        self,
+        regions: &[HostRegion],
+        layout: &Layout,
+        on_resume: impl FnOnce(Option<Vec<u8>>) + Send + 'static,
+    ) -> Result<DestReport, RoleError> {
+        self.receive_vm_with_disks(regions, &[], layout, on_resume)
+    }
+
+    /// [`Listener::receive_vm`] for a VM with disks: `layout` names them (in this order,
+    /// with these sizes) after its memory regions. Serve each [`DestDisk::device`] to the
+    /// guest when `on_resume` runs: a block not here yet is fetched when the guest reads
+    /// it, and the push brings the rest. The report gives each disk's figures.
+    pub fn receive_vm_with_disks(
         mut self,
         regions: &[HostRegion],
+        disks: &[DestDisk],
         layout: &Layout,
         on_resume: impl FnOnce(Option<Vec<u8>>) + Send + 'static,
     ) -> Result<DestReport, RoleError> {
         check_layout(regions, layout)?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let disk_set = Arc::new(DiskSet::connect(disks, layout, &tx)?);
         let dest = Destination::register(regions, Arc::new(ChannelSource(tx)))?;
-        let sink = Arc::new(UffdSink {
-            installer: dest.installer().clone(),
-            table: dest.table().clone(),
+        let sink = Arc::new(VmSink {
+            memory: UffdSink {
+                installer: dest.installer().clone(),
+                table: dest.table().clone(),
+            },
+            disks: disk_set.clone(),
         });
         let table = dest.table().clone();
         let resumed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
@@ -294,6 +316,9 @@ impl Listener {
                 })
             });
         }
+        if let Err(e) = &result {
+            disk_set.fail(&crate::error::chain(e));
+        }
         let metrics = metrics?;
         let (net, connected) = result?;
         let resume = resumed_at
@@ -308,6 +333,7 @@ impl Listener {
             pages: layout.total_pages(),
             resume_ms: resume.as_secs_f64() * 1e3,
             metrics,
+            disks: disk_set.reports(),
         })
     }
 }

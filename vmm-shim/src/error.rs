@@ -60,6 +60,10 @@ pub enum RoleError {
     /// Checked before anything is registered.
     #[error("the guest memory regions do not match the memory layout")]
     LayoutDoesNotFitMemory,
+    /// The VM's disks cannot join the session (a size that is not whole blocks, or disks
+    /// that do not match the layout's).
+    #[error(transparent)]
+    Disks(#[from] crate::disks::DiskSetupError),
 }
 
 /// An error and all its sources, `: `-separated, as `anyhow`'s `{:#}` prints them: for logs,

@@ -12,6 +12,7 @@
 
 pub mod dest;
 pub mod digest;
+pub mod disks;
 pub mod error;
 pub mod guest;
 pub mod hints;
