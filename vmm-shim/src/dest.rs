@@ -290,8 +290,10 @@ impl Listener {
                 ..DestConfig::migrate(layout.clone())
             });
             let resumed = resumed_at.clone();
+            let clock = disk_set.clone();
             let hooks = DestHooks {
                 on_established: Some(Box::new(move |_vm_id: &str, state: Option<&[u8]>| {
+                    clock.start_clock();
                     on_resume(state.map(<[u8]>::to_vec));
                     *resumed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 })),
@@ -363,6 +365,9 @@ pub struct StandbyReport {
     pub evacuation: crate::replica::EvacuationStats,
     /// The fault loop's counters during the evacuation (`None` if it never began).
     pub metrics: Option<MetricsSnapshot>,
+    /// Each disk's evacuation figures (none for a VM without disks).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disks::DiskReport>,
 }
 
 impl Listener {
@@ -456,7 +461,10 @@ impl Listener {
                         sessions += 1;
                         tracing::warn!(error = %crate::error::chain(&e), "replication session failed");
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => {
+                        sink.fail_disks(&crate::error::chain(&e));
+                        return Err(e.into());
+                    }
                 }
             }
         });
@@ -472,6 +480,7 @@ impl Listener {
             resume_ms: resume.as_secs_f64() * 1e3,
             evacuation: sink.evacuation_stats(torn_at_open),
             metrics,
+            disks: sink.disk_reports(),
         })
     }
 }

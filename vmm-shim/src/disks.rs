@@ -9,12 +9,16 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use disk::{BlockDevice, BlockFetcher, DiskError, PostcopyDisk, PostcopyStats, RawFile, UNIT};
+use disk::{
+    BlockDevice, BlockFetcher, DiskError, PostcopyDisk, PostcopyStats, RawFile, Tracked,
+    WriteTracker, UNIT,
+};
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 use transport::message::{Layout, PageRef, Pages};
 use transport::quic::{PageReader, PageSink, SinkError};
 use transport::PAGE_SIZE;
+use uffd_core::DirtyTracker;
 
 /// A disk the source sends: its name (the VMM's drive id) and the device to read.
 #[derive(Clone)]
@@ -107,12 +111,7 @@ pub fn with_disks(
     layout: &Layout,
     disks: &[SourceDisk],
 ) -> Result<(Arc<dyn PageReader>, Layout), DiskSetupError> {
-    let mut layout = layout.clone();
-    layout.disks.clear();
-    for d in disks {
-        check_size(&d.name, d.device.size())?;
-        layout = layout.with_disk(d.name.clone(), d.device.size());
-    }
+    let layout = layout_with(layout, disks)?;
     let reader = VmPages {
         memory,
         memory_pages: layout.memory_pages(),
@@ -123,6 +122,17 @@ pub fn with_disks(
             .collect(),
     };
     Ok((Arc::new(reader), layout))
+}
+
+/// `layout`'s memory with `disks` appended (any disks it named are replaced).
+pub fn layout_with(layout: &Layout, disks: &[SourceDisk]) -> Result<Layout, DiskSetupError> {
+    let mut layout = layout.clone();
+    layout.disks.clear();
+    for d in disks {
+        check_size(&d.name, d.device.size())?;
+        layout = layout.with_disk(d.name.clone(), d.device.size());
+    }
+    Ok(layout)
 }
 
 /// Where a destination disk's requests go: the session's request channel, once there is
@@ -222,7 +232,7 @@ pub struct DiskReport {
 pub(crate) struct DiskSet {
     disks: Vec<(Range<u64>, Arc<PostcopyDisk<RawFile>>)>,
     names: Vec<String>,
-    started: Instant,
+    started: Mutex<Instant>,
     wire: Vec<std::sync::atomic::AtomicU64>,
     done_at: Vec<Mutex<Option<Instant>>>,
 }
@@ -253,7 +263,7 @@ impl DiskSet {
         let mut set = DiskSet {
             disks: Vec::new(),
             names: Vec::new(),
-            started: Instant::now(),
+            started: Mutex::new(Instant::now()),
             wire: Vec::new(),
             done_at: Vec::new(),
         };
@@ -267,6 +277,11 @@ impl DiskSet {
                 .push(Mutex::new(d.device.is_complete().then(Instant::now)));
         }
         Ok(set)
+    }
+
+    /// The session starts now (`disk_total_ms` counts from here).
+    pub(crate) fn start_clock(&self) {
+        *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 
     /// Pages of memory come before `first_disk_page()`.
@@ -328,6 +343,7 @@ impl DiskSet {
     }
 
     pub(crate) fn reports(&self) -> Vec<DiskReport> {
+        let started = *self.started.lock().unwrap_or_else(|p| p.into_inner());
         self.disks
             .iter()
             .enumerate()
@@ -341,7 +357,7 @@ impl DiskSet {
                     blocks_from_replica: postcopy.units_local,
                     disk_wire_bytes: self.wire[i].load(std::sync::atomic::Ordering::Relaxed),
                     disk_total_ms: done
-                        .map(|t| t.saturating_duration_since(self.started).as_secs_f64() * 1e3)
+                        .map(|t| t.saturating_duration_since(started).as_secs_f64() * 1e3)
                         .unwrap_or(0.0),
                     postcopy,
                 }
@@ -385,6 +401,96 @@ impl<M: PageSink> PageSink for VmSink<M> {
         match self.disks.first_page() {
             Some(f) if page >= f => self.disks.read_page(page, out),
             _ => self.memory.read_page(page, out),
+        }
+    }
+}
+
+/// A disk replicated in normal times: the device its front end serves (with writes
+/// tracked) and the tracker replication harvests.
+#[derive(Clone)]
+pub struct ReplicatedDisk {
+    /// The name both sides use for the disk.
+    pub name: String,
+    /// The disk, read by replication while the guest keeps writing it.
+    pub device: Arc<dyn BlockDevice>,
+    /// The tracker the front end marks after every write.
+    pub tracker: Arc<WriteTracker>,
+}
+
+impl ReplicatedDisk {
+    /// Disk `name` served through `disk` (whose writes it tracks).
+    pub fn tracked<D: BlockDevice + 'static>(
+        name: impl Into<String>,
+        disk: Arc<Tracked<D>>,
+    ) -> Self {
+        ReplicatedDisk {
+            name: name.into(),
+            tracker: disk.tracker().clone(),
+            device: disk,
+        }
+    }
+
+    /// The same disk as the source of a session.
+    pub fn source(&self) -> SourceDisk {
+        SourceDisk {
+            name: self.name.clone(),
+            device: self.device.clone(),
+        }
+    }
+}
+
+/// Guest memory's dirty tracker and the disks' write trackers, harvested together in the
+/// session's page numbers (memory first, then each disk's 4 KiB units).
+pub(crate) struct VmTracker {
+    memory: Box<dyn DirtyTracker>,
+    memory_pages: u64,
+    disks: Vec<(u64, Arc<WriteTracker>)>,
+}
+
+impl VmTracker {
+    pub(crate) fn new(
+        memory: Box<dyn DirtyTracker>,
+        layout: &Layout,
+        disks: &[ReplicatedDisk],
+    ) -> VmTracker {
+        VmTracker {
+            memory,
+            memory_pages: layout.memory_pages(),
+            disks: disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (layout.disk_pages(i).start, d.tracker.clone()))
+                .collect(),
+        }
+    }
+}
+
+impl DirtyTracker for VmTracker {
+    fn harvest(&mut self, out: &mut Vec<u64>) -> Result<(), uffd_core::DirtyError> {
+        self.memory.harvest(out)?;
+        for (first, t) in &self.disks {
+            let per = t.block_size().bytes() / UNIT;
+            let units = t.blocks() * per;
+            for b in t.harvest() {
+                out.extend(
+                    (b * per..(b + 1) * per)
+                        .filter(|&u| u < units)
+                        .map(|u| first + u),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        self.memory.kind()
+    }
+
+    fn replicated(&mut self, page: u64, content: &[u8]) -> Result<(), uffd_core::DirtyError> {
+        if page < self.memory_pages {
+            self.memory.replicated(page, content)
+        } else {
+            Ok(())
         }
     }
 }

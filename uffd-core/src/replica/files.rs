@@ -498,7 +498,7 @@ impl ReplicaFiles {
         self.entry(page).map_or(0, |(v, _)| v)
     }
 
-    fn mem_path(&self) -> PathBuf {
+    pub(crate) fn mem_path(&self) -> PathBuf {
         self.dir.join(MEMORY_FILE)
     }
 

@@ -51,6 +51,12 @@ macro_rules! delegate_store {
                 &self.inner.dir
             }
 
+            /// The image file (`memory.img`): the replicated content, page `p` at byte
+            /// `p * 4096`. A disk replica's image is the disk itself at evacuation.
+            pub fn image_path(&self) -> std::path::PathBuf {
+                self.inner.mem_path()
+            }
+
             /// What opening found: created, re-initialised, verified and torn pages.
             pub fn open_report(&self) -> &OpenReport {
                 self.inner.report()

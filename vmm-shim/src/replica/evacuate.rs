@@ -17,6 +17,7 @@ use transport::PAGE_SIZE;
 use uffd_core::{HostRegion, RegionMap};
 
 use super::ReplicatorState;
+use crate::disks::{with_disks, ReplicatedDisk, SourceDisk};
 use crate::error::RoleError;
 use crate::source::{run_session, SourceOptions};
 
@@ -83,11 +84,29 @@ pub struct EvacuationReport {
 pub fn evacuate(
     memory: PausedMemory,
     layout: &Layout,
+    state: ReplicatorState,
+    epoch: u64,
+    opts: &SourceOptions,
+    vm_state: Option<Vec<u8>>,
+) -> Result<EvacuationReport, RoleError> {
+    evacuate_with_disks(memory, &[], layout, state, epoch, opts, vm_state)
+}
+
+/// [`evacuate`] for a VM with disks: the same `disks` the replicator had (see
+/// [`crate::replica::Replicator::start_with_disks`]), which nothing may write any more
+/// (the guest is paused): their stale blocks cross with the stale pages, in one session.
+pub fn evacuate_with_disks(
+    memory: PausedMemory,
+    disks: &[ReplicatedDisk],
+    layout: &Layout,
     mut state: ReplicatorState,
     epoch: u64,
     opts: &SourceOptions,
     vm_state: Option<Vec<u8>>,
 ) -> Result<EvacuationReport, RoleError> {
+    let sources: Vec<SourceDisk> = disks.iter().map(ReplicatedDisk::source).collect();
+    let (memory, layout) = with_disks(Arc::new(memory), layout, &sources)?;
+    let layout = &layout;
     let t = Instant::now();
     let mut dirty = Vec::new();
     state.tracker.harvest(&mut dirty)?;
@@ -95,7 +114,6 @@ pub fn evacuate(
     let stale = state.ledger.stale_set();
     let final_harvest_ms = t.elapsed().as_secs_f64() * 1e3;
     let pages_stale_source = stale.count_ones();
-    let memory: Arc<dyn PageReader> = Arc::new(memory);
     // Stale pages whose content the replica holds elsewhere (moved, copied, duplicated)
     // can cross as references; the index of what it holds is built beside the session,
     // not before it, so it adds nothing to the downtime.

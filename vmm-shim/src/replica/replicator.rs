@@ -22,6 +22,7 @@ use transport::PAGE_SIZE;
 use uffd_core::{DirtyTracker, HostRegion, RegionMap};
 
 use super::Ledger;
+use crate::disks::{ReplicatedDisk, VmTracker};
 use crate::error::RoleError;
 
 /// How the replicator reaches the standby and how much it may send.
@@ -112,26 +113,55 @@ pub struct Replicator {
     thread: Option<JoinHandle<Result<ReplicatorState, RoleError>>>,
 }
 
-/// Guest memory the replicator reads: the regions stay mapped while it runs.
+/// Guest memory and disks the replicator reads: the regions stay mapped while it runs.
 struct GuestPages {
     map: RegionMap,
+    memory_pages: u64,
+    disks: Vec<(std::ops::Range<u64>, Arc<dyn disk::BlockDevice>)>,
 }
 
 impl GuestPages {
-    /// Copies `count` pages from `first` (within one region) into `out`.
+    /// Copies `count` pages from `first` into `out`: pages of memory (within one region),
+    /// then pages of disks.
     fn read(&self, first: u64, count: usize, out: &mut Vec<u8>) -> bool {
+        out.resize(count * PAGE_SIZE, 0);
+        let in_memory = self.memory_pages.saturating_sub(first).min(count as u64) as usize;
+        if in_memory > 0 && !self.read_memory(first, &mut out[..in_memory * PAGE_SIZE]) {
+            return false;
+        }
+        let mut page = first + in_memory as u64;
+        let mut at = in_memory * PAGE_SIZE;
+        while at < out.len() {
+            let Some((range, dev)) = self.disks.iter().find(|(r, _)| r.contains(&page)) else {
+                return false;
+            };
+            let n = ((out.len() - at) / PAGE_SIZE).min((range.end - page) as usize);
+            // A guest write racing this read may tear the copy; it also marks the block,
+            // so the next harvest supersedes this version (as for memory below).
+            let buf = &mut out[at..at + n * PAGE_SIZE];
+            if let Err(e) = dev.read_at(buf, (page - range.start) * PAGE_SIZE as u64) {
+                tracing::warn!(page, error = %crate::error::chain(&e), "disk read for replication failed");
+                return false;
+            }
+            page += n as u64;
+            at += n * PAGE_SIZE;
+        }
+        true
+    }
+
+    fn read_memory(&self, first: u64, out: &mut [u8]) -> bool {
+        let count = out.len() / PAGE_SIZE;
         let Some(addr) = self.map.host_addr_of(first) else {
             return false;
         };
         if (self.map.run_within_region(first, count as u64) as usize) < count {
             return false;
         }
-        out.resize(count * PAGE_SIZE, 0);
         // SAFETY: the pages lie inside one region (checked above), which `map` keeps mapped. The guest may write them concurrently; a torn
         // copy is harmless because such a write also marks the page dirty, so the copy's
         // version is superseded by the next harvest before the page can count as fresh.
         unsafe {
-            std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), count * PAGE_SIZE);
+            std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len());
         }
         true
     }
@@ -154,7 +184,37 @@ impl Replicator {
         tracker: Box<dyn DirtyTracker>,
         opts: ReplicatorOptions,
     ) -> Result<Replicator, RoleError> {
+        Replicator::start_with_disks(regions, &[], layout, tracker, opts)
+    }
+
+    /// [`Replicator::start`] for a VM with disks: their blocks replicate with the memory,
+    /// in one session, within the same budget. `layout` is guest memory's; the disks are
+    /// appended to it (see [`crate::disks::with_disks`]), and [`crate::replica::evacuate_with_disks`]
+    /// must get the same disks.
+    pub fn start_with_disks(
+        regions: &[HostRegion],
+        disks: &[ReplicatedDisk],
+        layout: Layout,
+        tracker: Box<dyn DirtyTracker>,
+        opts: ReplicatorOptions,
+    ) -> Result<Replicator, RoleError> {
         let map = RegionMap::new(regions.to_vec()).map_err(uffd_core::Error::from)?;
+        let sources: Vec<_> = disks.iter().map(ReplicatedDisk::source).collect();
+        let layout = crate::disks::layout_with(&layout, &sources)?;
+        let tracker: Box<dyn DirtyTracker> = if disks.is_empty() {
+            tracker
+        } else {
+            Box::new(VmTracker::new(tracker, &layout, disks))
+        };
+        let guest = GuestPages {
+            map,
+            memory_pages: layout.memory_pages(),
+            disks: disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (layout.disk_pages(i), d.device.clone()))
+                .collect(),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ReplicatorStats::default());
         let (stop2, stats2) = (stop.clone(), stats.clone());
@@ -164,7 +224,7 @@ impl Replicator {
                 if opts.idle_priority {
                     set_idle_priority();
                 }
-                run(GuestPages { map }, layout, tracker, opts, &stop2, &stats2)
+                run(guest, layout, tracker, opts, &stop2, &stats2)
             })
             .map_err(RoleError::Io)?;
         Ok(Replicator {

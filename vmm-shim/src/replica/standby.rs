@@ -27,6 +27,9 @@ use uffd_core::{
 };
 
 use crate::dest::{ChannelSource, UffdSink};
+use crate::disks::{DestDisk, DiskReport, DiskSet};
+use crate::error::chain;
+use disk::{PostcopyDisk, RawFile};
 
 /// The replica a standby keeps.
 pub enum Replica {
@@ -71,7 +74,20 @@ pub struct StandbySink {
     stale_at_switchover: AtomicU64,
     switchover: OnceLock<Instant>,
     completed: OnceLock<Instant>,
+    /// Pages of guest memory: the session's pages before the disks'.
     total_pages: u64,
+    /// The disks' replicas, in session order after memory.
+    disks: Vec<StandbyDisk>,
+    /// The disks being served, from the switchover on.
+    live_disks: OnceLock<(Vec<DestDisk>, Arc<DiskSet>)>,
+}
+
+/// One disk's replica at a standby: a replica store of its 4 KiB blocks, whose image file
+/// becomes the disk itself at evacuation.
+struct StandbyDisk {
+    name: String,
+    tier: DiskTier,
+    pages: std::ops::Range<u64>,
 }
 
 /// What the standby measured at evacuation.
@@ -98,8 +114,32 @@ fn sink_err(e: impl std::fmt::Display) -> SinkError {
 impl StandbySink {
     /// A sink that stores replication into `replica` until an evacuation.
     pub fn new(replica: Replica) -> StandbySink {
+        StandbySink::with_disks(replica, Vec::new())
+    }
+
+    /// A sink for a VM with disks: memory into `replica`, each disk's blocks into its own
+    /// [`DiskTier`] (named as the source names the disk, in the session's order; the
+    /// tier's page count is the disk's size in 4 KiB blocks). At evacuation each disk
+    /// tier's image becomes the disk, served from the switchover on (see
+    /// [`StandbySink::disk_devices`]): its fresh blocks locally, stale ones fetched.
+    pub fn with_disks(replica: Replica, disks: Vec<(String, DiskTier)>) -> StandbySink {
         let total_pages = replica.store().total_pages();
+        let mut next = total_pages;
+        let disks = disks
+            .into_iter()
+            .map(|(name, tier)| {
+                let n = tier.total_pages();
+                next += n;
+                StandbyDisk {
+                    name,
+                    tier,
+                    pages: next - n..next,
+                }
+            })
+            .collect();
         StandbySink {
+            disks,
+            live_disks: OnceLock::new(),
             replica: Mutex::new(Some(replica)),
             requests: Mutex::new(None),
             pending_acks: Mutex::new(Vec::new()),
@@ -173,8 +213,68 @@ impl StandbySink {
         }
     }
 
-    fn all_invalid(&self) -> Bitmap {
-        Bitmap::new(self.total_pages).complement()
+    /// Pages of the whole session: memory, then the disks.
+    fn session_pages(&self) -> u64 {
+        self.disks.last().map_or(self.total_pages, |d| d.pages.end)
+    }
+
+    /// The first disk page, if there are disks.
+    fn first_disk_page(&self) -> Option<u64> {
+        self.disks.first().map(|d| d.pages.start)
+    }
+
+    /// The disks served since the evacuation's switchover, by name (empty before).
+    pub fn disk_devices(&self) -> Vec<(String, Arc<PostcopyDisk<RawFile>>)> {
+        self.live_disks.get().map_or_else(Vec::new, |(disks, _)| {
+            disks
+                .iter()
+                .map(|d| (d.name().to_string(), d.device().clone()))
+                .collect()
+        })
+    }
+
+    /// Each disk's evacuation figures (empty before the switchover).
+    pub fn disk_reports(&self) -> Vec<DiskReport> {
+        self.live_disks
+            .get()
+            .map_or_else(Vec::new, |(_, set)| set.reports())
+    }
+
+    /// Requests for disk blocks still missing fail with `reason` (the session failed).
+    pub(crate) fn fail_disks(&self, reason: &str) {
+        if let Some((_, set)) = self.live_disks.get() {
+            set.fail(reason);
+        }
+    }
+
+    /// Serves the disks at the switchover: fresh blocks (valid in the replica, not in
+    /// `stale`) locally, every other block fetched through `requests`.
+    fn prepare_disks(
+        &self,
+        stale: &Bitmap,
+        requests: &UnboundedSender<Vec<u64>>,
+    ) -> Result<(), SinkError> {
+        if self.disks.is_empty() {
+            return Ok(());
+        }
+        let mut layout = transport::message::Layout::single(self.total_pages * PAGE_SIZE as u64);
+        let mut dest = Vec::new();
+        for d in &self.disks {
+            let file =
+                RawFile::open(&d.tier.image_path(), false).map_err(|e| sink_err(chain(&e)))?;
+            let present = |u: u64| d.tier.version(u) != 0 && !stale.get(d.pages.start + u);
+            dest.push(DestDisk::new(d.name.clone(), file, present));
+            layout = layout.with_disk(d.name.clone(), d.tier.total_pages() * PAGE_SIZE as u64);
+            // The image is the live disk from now on. Its index is left as it was (a new
+            // epoch would punch the content out): every entry's checksum covers the content
+            // it was written for, so a block changed since (arrived or written here) no
+            // longer verifies and a later open treats it as invalid, never as fresh.
+        }
+        let set =
+            Arc::new(DiskSet::connect(&dest, &layout, requests).map_err(|e| sink_err(chain(&e)))?);
+        self.live_disks
+            .set((dest, set))
+            .map_err(|_| SinkError("switchover happened twice".into()))
     }
 }
 
@@ -188,15 +288,27 @@ impl PageSink for StandbySink {
             .live
             .get()
             .ok_or_else(|| SinkError("page data before the switchover".into()))?;
-        live.sink.install(pages, channel)?;
-        if live.table.is_complete() {
-            let _ = self.completed.set(Instant::now());
+        let (memory, disk) = split_at_page(pages, self.first_disk_page())?;
+        if let Some(m) = memory {
+            live.sink.install(&m, channel)?;
         }
+        if let Some(d) = disk {
+            let (_, set) = self
+                .live_disks
+                .get()
+                .ok_or_else(|| SinkError("disk data before the switchover".into()))?;
+            set.install(&d)?;
+        }
+        let _ = self.is_complete();
         Ok(())
     }
 
     fn is_complete(&self) -> bool {
-        let done = self.live.get().is_some_and(|l| l.table.is_complete());
+        let done = self.live.get().is_some_and(|l| l.table.is_complete())
+            && self
+                .live_disks
+                .get()
+                .is_none_or(|(_, set)| set.is_complete());
         if done {
             let _ = self.completed.set(Instant::now());
         }
@@ -204,7 +316,10 @@ impl PageSink for StandbySink {
     }
 
     fn read_page(&self, page: u64, out: &mut [u8]) -> bool {
-        self.live.get().is_some_and(|l| l.sink.read_page(page, out))
+        match (self.first_disk_page(), self.live_disks.get()) {
+            (Some(f), Some((_, set))) if page >= f => set.read_page(page, out),
+            _ => self.live.get().is_some_and(|l| l.sink.read_page(page, out)),
+        }
     }
 
     fn invalid_pages(&self, kind: SessionKind, epoch: u64) -> Result<Bitmap, SinkError> {
@@ -213,20 +328,28 @@ impl PageSink for StandbySink {
             .as_ref()
             .ok_or_else(|| SinkError("the replica is already guest memory".into()))?
             .store();
-        if store.epoch() != epoch {
-            if kind == SessionKind::Replicate {
-                tracing::info!(
-                    old = store.epoch(),
-                    new = epoch,
-                    "new replication epoch: the replica starts over"
-                );
-                store.set_epoch(epoch).map_err(sink_err)?;
+        let mut valid = Bitmap::new(self.session_pages());
+        let mut stores: Vec<(u64, &dyn ReplicaStore)> = vec![(0, store)];
+        stores.extend(
+            self.disks
+                .iter()
+                .map(|d| (d.pages.start, &d.tier as &dyn ReplicaStore)),
+        );
+        for (first, store) in stores {
+            if store.epoch() != epoch {
+                if kind == SessionKind::Replicate {
+                    tracing::info!(
+                        old = store.epoch(),
+                        new = epoch,
+                        "new replication epoch: the replica starts over"
+                    );
+                    store.set_epoch(epoch).map_err(sink_err)?;
+                }
+                continue;
             }
-            return Ok(self.all_invalid());
-        }
-        let mut valid = Bitmap::new(self.total_pages);
-        for p in store.valid_pages() {
-            valid.set(p);
+            for p in store.valid_pages() {
+                valid.set(first + p);
+            }
         }
         Ok(valid.complement())
     }
@@ -239,7 +362,7 @@ impl PageSink for StandbySink {
         let requests = lock(&self.requests)
             .clone()
             .ok_or_else(|| SinkError("no request channel".into()))?;
-        let remote: Arc<dyn PageSource> = Arc::new(ChannelSource(requests));
+        let remote: Arc<dyn PageSource> = Arc::new(ChannelSource(requests.clone()));
         let live = match replica {
             Replica::Memory(tier) => {
                 let (mapping, present) =
@@ -268,29 +391,45 @@ impl PageSink for StandbySink {
         if self.live.set(live).is_err() {
             return Err(SinkError("switchover happened twice".into()));
         }
-        Ok(())
+        self.prepare_disks(stale, &requests)
     }
 
     fn store(&self, pages: &Pages, versions: &[u64]) -> Result<(), SinkError> {
-        let mut data = Vec::with_capacity(versions.len() * PAGE_SIZE);
-        let mut payload = &pages.payload[..];
-        for &k in pages.kinds.iter() {
-            if k == PageKind::Zero as u8 {
-                data.resize(data.len() + PAGE_SIZE, 0);
-            } else {
-                let (page, rest) = payload.split_at(PAGE_SIZE.min(payload.len()));
-                data.extend_from_slice(page);
-                payload = rest;
-            }
+        if versions.len() != pages.count() {
+            return Err(SinkError("a version per page expected".into()));
         }
+        let data = raw_pages(pages);
+        let mut stores: Vec<(std::ops::Range<u64>, &dyn ReplicaStore)> = Vec::new();
         let guard = lock(&self.replica);
-        let store = guard
+        let memory = guard
             .as_ref()
             .ok_or_else(|| SinkError("the replica is already guest memory".into()))?
             .store();
-        store
-            .store(pages.first, versions, &data)
-            .map_err(sink_err)?;
+        stores.push((0..self.total_pages, memory));
+        stores.extend(
+            self.disks
+                .iter()
+                .map(|d| (d.pages.clone(), &d.tier as &dyn ReplicaStore)),
+        );
+        // The run may span memory and disks: each store gets its part.
+        let end = pages.first + versions.len() as u64;
+        for (range, store) in stores {
+            let (a, b) = (pages.first.max(range.start), end.min(range.end));
+            if a >= b {
+                continue;
+            }
+            let (i, j) = ((a - pages.first) as usize, (b - pages.first) as usize);
+            store
+                .store(
+                    a - range.start,
+                    &versions[i..j],
+                    &data[i * PAGE_SIZE..j * PAGE_SIZE],
+                )
+                .map_err(sink_err)?;
+        }
+        if end > self.session_pages() {
+            return Err(SinkError(format!("pages up to {end} are past the replica")));
+        }
         let mut acks = lock(&self.pending_acks);
         acks.extend(
             versions
@@ -309,7 +448,46 @@ impl PageSink for StandbySink {
         if let Some(r) = lock(&self.replica).as_ref() {
             r.store().sync().map_err(sink_err)?;
         }
+        for d in &self.disks {
+            d.tier.sync().map_err(sink_err)?;
+        }
         Ok(acks)
+    }
+}
+
+/// Page contents of a run of raw and zero pages (replication sends no other kind).
+fn raw_pages(pages: &Pages) -> Vec<u8> {
+    let mut data = Vec::with_capacity(pages.count() * PAGE_SIZE);
+    let mut payload = &pages.payload[..];
+    for &k in pages.kinds.iter() {
+        if k == PageKind::Zero as u8 {
+            data.resize(data.len() + PAGE_SIZE, 0);
+        } else {
+            let (page, rest) = payload.split_at(PAGE_SIZE.min(payload.len()));
+            data.extend_from_slice(page);
+            data.resize(data.len() + PAGE_SIZE - page.len(), 0);
+            payload = rest;
+        }
+    }
+    data
+}
+
+/// `pages` split into its memory part and its disk part (disks start at `first_disk`).
+fn split_at_page(
+    pages: &Pages,
+    first_disk: Option<u64>,
+) -> Result<(Option<Pages>, Option<Pages>), SinkError> {
+    let end = pages.first + pages.count() as u64;
+    match first_disk {
+        None => Ok((Some(pages.clone()), None)),
+        Some(f) if end <= f => Ok((Some(pages.clone()), None)),
+        Some(f) if pages.first >= f => Ok((None, Some(pages.clone()))),
+        Some(f) => {
+            let (m, d) = pages
+                .split_at((f - pages.first) as usize)
+                .ok_or_else(|| SinkError("page payload shorter than its kinds".into()))?;
+            Ok((Some(m), Some(d)))
+        }
     }
 }
 
