@@ -494,3 +494,7 @@ impl DirtyTracker for VmTracker {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "disks_tests.rs"]
+mod tests;
