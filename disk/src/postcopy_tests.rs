@@ -107,7 +107,7 @@ fn fresh_units_are_local_and_stale_ones_are_fetched_before_they_are_served() {
     assert_eq!(&buf[..], &source.image[100..100 + UNIT as usize]);
     assert_eq!(*source.requests.lock().unwrap(), vec![1]);
     let s = disk.stats();
-    assert_eq!((s.units_local, s.units_fetched, s.reads_waited), (4, 1, 0));
+    assert_eq!((s.units_local, s.units_fetched, s.reads_waited), (4, 1, 1));
     assert_eq!(disk.missing(), 3);
 }
 

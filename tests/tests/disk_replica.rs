@@ -57,9 +57,82 @@ fn without_a_push_the_standby_fetches_stale_blocks_as_its_guest_reads_them() {
     assert!(p.reads_waited >= 100 && p.wait_us_p99 > 0, "{d:?}");
 }
 
+#[test]
+fn a_standby_restarted_with_a_torn_block_serves_it_from_the_source() {
+    let d = replicate_and_evacuate_with(true, true);
+    // The 101 dirtied blocks and the one torn while the standby was down.
+    assert_eq!(d.blocks_stale, 102, "{d:?}");
+}
+
+/// A running standby with memory and disk replicas.
+struct Standby {
+    addr: std::net::SocketAddr,
+    sink: Arc<StandbySink>,
+    thread: std::thread::JoinHandle<Result<vmm_shim::StandbyReport, vmm_shim::RoleError>>,
+    stopper: vmm_shim::Stopper,
+    resumed: std::sync::mpsc::Receiver<()>,
+}
+
+impl Standby {
+    /// Starts a standby on a new port; `create` starts from empty replicas, otherwise the
+    /// existing ones are opened (a restart).
+    fn start(certs: &Certs, shm: &ShmDir, dir: &Path, layout: &Layout, create: bool) -> Standby {
+        let pages = (MEMORY / 4096) as u64;
+        let (memory, disk) = if create {
+            (
+                MemoryTier::create(&shm.0, pages).unwrap(),
+                DiskTier::create(dir.join("vda-replica"), BLOCKS).unwrap(),
+            )
+        } else {
+            (
+                MemoryTier::open(&shm.0, pages).unwrap(),
+                DiskTier::open(dir.join("vda-replica"), BLOCKS).unwrap(),
+            )
+        };
+        let sink = Arc::new(StandbySink::with_disks(
+            Replica::Memory(memory),
+            vec![("vda".into(), disk)],
+        ));
+        let mut listener = Listener::bind(DestOptions {
+            expected_vm_id: Some("vm0".into()),
+            ..DestOptions::new(
+                "127.0.0.1:0".parse().unwrap(),
+                certs.identity("dest"),
+                certs.identity("source").cert,
+            )
+        })
+        .unwrap();
+        let stopper = vmm_shim::Stopper::new();
+        listener.stop_on(&stopper);
+        let addr = listener.local_addr().unwrap();
+        let (resumed_tx, resumed) = std::sync::mpsc::channel();
+        let thread = {
+            let (sink, layout) = (sink.clone(), layout.clone());
+            std::thread::spawn(move || {
+                listener.serve_standby(sink, &layout, move |_, _| {
+                    let _ = resumed_tx.send(());
+                })
+            })
+        };
+        Standby {
+            addr,
+            sink,
+            thread,
+            stopper,
+            resumed,
+        }
+    }
+}
+
+fn replicate_and_evacuate(push: bool) -> vmm_shim::disks::DiskReport {
+    replicate_and_evacuate_with(push, false)
+}
+
 /// Replicates, dirties 101 blocks after the last harvest, evacuates (with the push or
 /// not) while the standby's guest reads and writes; checks digests; the disk's report.
-fn replicate_and_evacuate(push: bool) -> vmm_shim::disks::DiskReport {
+/// With `restart`, the standby is stopped after replication, one block of its disk
+/// replica is torn, and it is started again from its files before the evacuation.
+fn replicate_and_evacuate_with(push: bool, restart: bool) -> vmm_shim::disks::DiskReport {
     let certs = Certs::new();
     let dir = tempfile::tempdir().unwrap();
     let shm = ShmDir::new("disk-replica");
@@ -73,32 +146,8 @@ fn replicate_and_evacuate(push: bool) -> vmm_shim::disks::DiskReport {
 
     // The standby: a memory replica on tmpfs and a disk replica on a disk filesystem.
     let layout = Layout::single(MEMORY as u64).with_disk("vda", DISK);
-    let sink = Arc::new(StandbySink::with_disks(
-        Replica::Memory(MemoryTier::create(&shm.0, (MEMORY / 4096) as u64).unwrap()),
-        vec![(
-            "vda".into(),
-            DiskTier::create(dir.path().join("vda-replica"), BLOCKS).unwrap(),
-        )],
-    ));
-    let listener = Listener::bind(DestOptions {
-        expected_vm_id: Some("vm0".into()),
-        ..DestOptions::new(
-            "127.0.0.1:0".parse().unwrap(),
-            certs.identity("dest"),
-            certs.identity("source").cert,
-        )
-    })
-    .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (resumed_tx, resumed_rx) = std::sync::mpsc::channel();
-    let standby = {
-        let (sink, layout) = (sink.clone(), layout.clone());
-        std::thread::spawn(move || {
-            listener.serve_standby(sink, &layout, move |_, _| {
-                let _ = resumed_tx.send(());
-            })
-        })
-    };
+    let mut standby = Standby::start(&certs, &shm, dir.path(), &layout, true);
+    let addr = standby.addr;
 
     // The source: memory and a tracked disk, replicated until the standby holds it all.
     let memory = GuestMemory::anonymous(MEMORY).unwrap();
@@ -155,10 +204,27 @@ fn replicate_and_evacuate(push: bool) -> vmm_shim::disks::DiskReport {
     disk.write_at(&[0xAB; 10], 3000 * BLOCK + 7, false).unwrap();
     let src_at_switchover = digest_file(&src_img);
 
+    if restart {
+        // The standby goes down; a block of its disk replica is torn meanwhile (2001 is
+        // fresh: written once, replicated, never dirtied); it comes back from its files.
+        standby.stopper.stop("maintenance");
+        assert!(standby.thread.join().unwrap().is_err());
+        drop(standby.sink);
+        let image = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("vda-replica").join("memory.img"))
+            .unwrap();
+        image.write_all_at(b"torn", 2001 * BLOCK + 100).unwrap();
+        standby = Standby::start(&certs, &shm, dir.path(), &layout, false);
+        assert_eq!(standby.sink.torn_pages(), 0, "memory replica intact");
+    }
+    let addr = standby.addr;
+
     // Evacuate. The standby's guest reads stale and fresh blocks and writes some.
     let guest = {
-        let sink = sink.clone();
+        let sink = standby.sink.clone();
         let stale = stale_blocks.clone();
+        let resumed_rx = std::mem::replace(&mut standby.resumed, std::sync::mpsc::channel().1);
         std::thread::spawn(move || {
             resumed_rx.recv().unwrap();
             let devs = sink.disk_devices();
@@ -176,6 +242,8 @@ fn replicate_and_evacuate(push: bool) -> vmm_shim::disks::DiskReport {
             }
             dev.read_at(&mut buf, BLOCK).unwrap();
             assert!(buf == block(1, 1));
+            dev.read_at(&mut buf, 2001 * BLOCK).unwrap();
+            assert!(buf == block(2001, 1), "the torn block was served");
             dev.write_at(&[0xCD; BLOCK as usize], 4000 * BLOCK, false)
                 .unwrap();
             dev.write_at(&[0xCD; BLOCK as usize], stale[99] * BLOCK, false)
@@ -205,14 +273,15 @@ fn replicate_and_evacuate(push: bool) -> vmm_shim::disks::DiskReport {
     )
     .unwrap();
     let dev = guest.join().unwrap();
-    let report = standby.join().unwrap().unwrap();
+    let report = standby.thread.join().unwrap().unwrap();
 
     // Only stale blocks crossed: the 100 written after the last harvest and the partly
-    // written one (the guest's whole-block write at the standby may save one of them).
+    // written one (and with `restart` the torn one).
     let d = &report.disks[0];
-    assert_eq!(d.blocks_stale, 101, "{d:?}");
-    assert_eq!(d.blocks_from_replica, BLOCKS - 101, "{d:?}");
-    assert!(d.disk_wire_bytes <= 101 * BLOCK, "{d:?}");
+    let n = if restart { 102 } else { 101 };
+    assert_eq!(d.blocks_stale, n, "{d:?}");
+    assert_eq!(d.blocks_from_replica, BLOCKS - n, "{d:?}");
+    assert!(d.disk_wire_bytes <= n * BLOCK, "{d:?}");
     assert!(
         sent.pages_stale_source >= 101,
         "{}",
@@ -232,7 +301,7 @@ fn replicate_and_evacuate(push: bool) -> vmm_shim::disks::DiskReport {
     let standby_img = dir.path().join("vda-replica").join("memory.img");
     assert_eq!(digest_file(&standby_img), digest_file(&want));
     // And memory arrived whole.
-    let dst = sink.guest_region().unwrap();
+    let dst = standby.sink.guest_region().unwrap();
     // SAFETY: the evacuation is over (userfaultfd unregistered); nothing writes either side.
     let (a, b) = unsafe {
         (
