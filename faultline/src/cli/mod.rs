@@ -8,6 +8,7 @@ mod roles;
 mod size;
 mod vm;
 mod vm_agent;
+mod vm_disks;
 mod vm_replica;
 mod wan;
 

@@ -17,12 +17,16 @@ use transport::Layout;
 use uffd_core::{open_tracker, DiskTier, MemoryTier, TrackerChoice};
 use vmm_shim::digest::digest_all;
 use vmm_shim::replica::{
-    evacuate, EvacuationReport, Replica, ReplicationSummary, Replicator, ReplicatorOptions,
-    StandbySink,
+    evacuate_with_disks, EvacuationReport, Replica, ReplicationSummary, Replicator,
+    ReplicatorOptions, StandbySink,
 };
 use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
 
 use super::roles::{emit_event, identity};
+use super::vm_disks::{
+    digest_disk, dirty_disks, open_standby_disks, DiskDigest, DiskReaders, DiskWriters,
+    SourceDiskArgs, SourceDisks, StandbyDiskArgs,
+};
 use super::{parse_size, TlsArgs};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -95,6 +99,8 @@ pub struct ReplicateArgs {
     #[arg(long)]
     pub no_early_push: bool,
     #[command(flatten)]
+    pub disk: SourceDiskArgs,
+    #[command(flatten)]
     pub tls: TlsArgs,
     #[arg(long)]
     pub json: bool,
@@ -121,6 +127,8 @@ pub struct StandbyArgs {
     #[arg(long, default_value_t = 300)]
     pub accept_timeout: u64,
     #[command(flatten)]
+    pub disk: StandbyDiskArgs,
+    #[command(flatten)]
     pub tls: TlsArgs,
     #[arg(long)]
     pub json: bool,
@@ -140,6 +148,15 @@ pub struct ReplicateOutput {
     pub replication: ReplicationSummary,
     pub writers: WorkloadReport,
     pub evacuation: EvacuationReport,
+    /// Each disk at switchover (guest paused): name, size, digest.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disk_digests: Vec<DiskDigest>,
+    /// Blocks the stand-in guest wrote to the disks during replication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_blocks_written: Option<u64>,
+    /// Blocks written after replication stopped (`--disk-stale-pct`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_blocks_dirtied: Option<u64>,
 }
 
 /// What `faultline standby --json` prints.
@@ -150,6 +167,19 @@ pub struct StandbyOutput {
     #[serde(flatten)]
     pub report: StandbyReport,
     pub workload: WorkloadReport,
+    /// Each disk when the evacuation ended: name, size, digest.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disk_digests: Vec<DiskDigest>,
+    /// The stand-in guest's disk reads after the switchover.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_reads: Option<DiskReads>,
+}
+
+/// Reads the stand-in guest made on the disks at the standby, and how many failed.
+#[derive(Debug, Serialize)]
+pub struct DiskReads {
+    pub reads: u64,
+    pub errors: u64,
 }
 
 /// A replication epoch: random enough per source run.
@@ -187,8 +217,12 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         connect_timeout: Duration::from_secs(30),
         idle_priority: !a.replicator_normal_priority,
     };
-    let replicator = Replicator::start(&regions, layout.clone(), tracker, opts)?;
+    let disks = SourceDisks::open(&a.disk)?;
+    let replicated = disks.replicated();
+    let replicator =
+        Replicator::start_with_disks(&regions, &replicated, layout.clone(), tracker, opts)?;
     let mutator = Mutator::start(&regions, a.writers, a.seed, a.hot_pct / 100.0, a.write_rate);
+    let disk_writers = DiskWriters::start(&disks, a.disk.disk_write_rate, a.seed);
     let until = Instant::now() + Duration::from_secs_f64(a.evacuate_after);
     while Instant::now() < until {
         if !replicator.is_running() {
@@ -201,7 +235,8 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     }
     // Pause the guest: from here its memory is what the destination must end up with.
     let writers = mutator.stop();
-    if a.stale_pct.is_some() {
+    let disk_blocks_written = disk_writers.stop();
+    if a.stale_pct.is_some() || a.disk.disk_stale_pct.is_some() {
         let deadline = Instant::now() + Duration::from_secs(120);
         while replicator.stale_pages() > 0 && replicator.is_running() {
             if Instant::now() > deadline {
@@ -220,6 +255,11 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     if let Some(pct) = a.stale_pct {
         dirty_fraction(&regions, pct / 100.0, a.seed ^ 0xd1e7);
     }
+    let disk_blocks_dirtied = match a.disk.disk_stale_pct {
+        Some(pct) => Some(dirty_disks(&disks, pct, a.seed ^ 0xd15c)?),
+        None => None,
+    };
+    let disk_digests = disks.digests()?;
     if !a.json {
         eprintln!();
     }
@@ -228,8 +268,9 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     // SAFETY: the mutator is stopped and the last host writes (dirty_fraction) are done:
     // nothing writes the image while it is evacuated.
     let memory = unsafe { vmm_shim::replica::PausedMemory::new(&regions) }?;
-    let evacuation = evacuate(
+    let evacuation = evacuate_with_disks(
         memory,
+        &replicated,
         &layout,
         state,
         epoch,
@@ -255,6 +296,9 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         replication,
         writers,
         evacuation,
+        disk_blocks_written: (!disks.disks.is_empty()).then_some(disk_blocks_written),
+        disk_blocks_dirtied,
+        disk_digests,
     };
     if a.json {
         super::outcome::print_report(&out)?;
@@ -307,7 +351,15 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
             )?))
         }
     };
-    let sink = Arc::new(StandbySink::new(replica));
+    let disk_replicas = open_standby_disks(&a.disk)?;
+    let layout = a
+        .disk
+        .disks
+        .iter()
+        .fold(Layout::single(a.size), |l, (n, size)| {
+            l.with_disk(n.clone(), *size)
+        });
+    let sink = Arc::new(StandbySink::with_disks(replica, disk_replicas));
     let addr = listener.local_addr()?;
     if a.progress {
         emit_event(serde_json::json!({
@@ -323,24 +375,31 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
             sink.torn_pages()
         );
     }
-    let workload: Arc<Mutex<Option<Workload>>> = Arc::default();
+    let workload: Arc<Mutex<Option<(Workload, DiskReaders)>>> = Arc::default();
     let started = workload.clone();
     let workers = a.workers;
-    let result = listener.serve_standby(
-        sink.clone(),
-        &Layout::single(a.size),
-        move |region, _state| {
-            let w = Workload::start(&[region], workers, 0x5eed, Pattern::Random);
-            *started.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
-        },
-    );
-    let workload = workload
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .map(Workload::stop)
-        .unwrap_or_default();
+    let readers = a.disk.disk_readers;
+    let disk_sink = sink.clone();
+    let result = listener.serve_standby(sink.clone(), &layout, move |region, _state| {
+        let w = Workload::start(&[region], workers, 0x5eed, Pattern::Random);
+        let devices = disk_sink
+            .disk_devices()
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        let r = DiskReaders::start(devices, readers);
+        *started.lock().unwrap_or_else(|p| p.into_inner()) = Some((w, r));
+    });
+    let (workload, disk_reads) = match workload.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some((w, r)) => (w.stop(), Some(r.stop())),
+        None => (WorkloadReport::default(), None),
+    };
     let report = result?;
+    let disk_digests = sink
+        .disk_devices()
+        .iter()
+        .map(|(n, d)| digest_disk(n, &**d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let region = sink
         .guest_region()
         .context("the evacuation ended without guest memory")?;
@@ -356,6 +415,8 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
         digest: digest_all([bytes]),
         report,
         workload,
+        disk_digests,
+        disk_reads: disk_reads.map(|(reads, errors)| DiskReads { reads, errors }),
     };
     if a.json {
         super::outcome::print_report(&out)?;
