@@ -82,3 +82,56 @@ fn a_disk_replicates_and_evacuates_with_memory_moving_only_its_stale_blocks() {
         s["disk_digests"][0]["digest"].as_str().unwrap()
     );
 }
+
+#[test]
+fn a_plain_migration_moves_a_disk_with_memory() {
+    let certs = Certs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("vda.img");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&image).unwrap());
+        for b in 0..DISK_BLOCKS {
+            f.write_all(&[(b % 7) as u8; 4096]).unwrap();
+        }
+    }
+    let disk_dir = dir.path().join("dest-disks");
+    let dest = DestProcess::start(
+        &certs,
+        &[
+            "--size",
+            "32M",
+            "--disk",
+            "vda=32M",
+            "--disk-dir",
+            &disk_dir.display().to_string(),
+        ],
+    );
+    let src = faultline_tests::run_source(
+        &certs,
+        "source",
+        &dest.addr,
+        &[
+            "--synthetic",
+            "32M",
+            "--disk",
+            &format!("vda={}", image.display()),
+        ],
+        TIMEOUT,
+    );
+    let dst = dest.wait(TIMEOUT);
+    assert!(src.status.success(), "source failed: {}", src.stderr);
+    assert!(dst.status.success(), "dest failed: {}", dst.stderr);
+    let (s, d) = (&src.json, &dst.json);
+    assert_eq!(s["digest"], d["digest"], "memory differs");
+    assert_eq!(s["disk_digests"], d["disk_digests"], "disk differs");
+    let r = &d["disks"][0];
+    assert_eq!(
+        (
+            r["blocks_stale"].as_u64(),
+            r["blocks_from_replica"].as_u64()
+        ),
+        (Some(DISK_BLOCKS), Some(0)),
+        "{r}"
+    );
+    assert_eq!(d["disk_reads"]["errors"], 0, "{d}");
+}

@@ -133,6 +133,8 @@ pub struct SourceArgs {
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
     #[command(flatten)]
+    pub disk: vm_disks::PlainDiskArgs,
+    #[command(flatten)]
     pub tls: TlsArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -193,6 +195,8 @@ pub struct DestArgs {
     /// Seconds to wait for the source.
     #[arg(long, default_value_t = 120)]
     pub accept_timeout: u64,
+    #[command(flatten)]
+    pub disk: vm_disks::ReceiveDiskArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// Print one JSON object instead of text.

@@ -25,7 +25,7 @@ use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
 use super::roles::{emit_event, identity};
 use super::vm_disks::{
     digest_disk, dirty_disks, open_standby_disks, DiskDigest, DiskReaders, DiskWriters,
-    SourceDiskArgs, SourceDisks, StandbyDiskArgs,
+    ReceiveDiskArgs, SourceDiskArgs, SourceDisks,
 };
 use super::{parse_size, TlsArgs};
 
@@ -127,7 +127,7 @@ pub struct StandbyArgs {
     #[arg(long, default_value_t = 300)]
     pub accept_timeout: u64,
     #[command(flatten)]
-    pub disk: StandbyDiskArgs,
+    pub disk: ReceiveDiskArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[arg(long)]

@@ -15,6 +15,7 @@ use uffd_core::GuestMemory;
 use vmm_shim::digest::digest;
 use vmm_shim::{DestOptions, DestReport, Listener, SourceOptions};
 
+use super::vm_disks::{create_dest_disks, digest_disk, DiskDigest, DiskReaders};
 use super::{DestArgs, KeygenArgs, SourceArgs, TlsArgs, EVENT_PREFIX};
 
 /// What `faultline source --json` prints.
@@ -33,6 +34,9 @@ pub struct SourceOutput {
     /// Wire bytes by kind (raw, lz4, zero, reference), the compression ratio and the
     /// encoding the tuner chose.
     pub encoding: transport::encoding::EncodingStats,
+    /// Each disk sent (name, size, digest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_digests: Vec<DiskDigest>,
 }
 
 /// What `faultline dest --json` prints.
@@ -44,6 +48,12 @@ pub struct DestOutput {
     #[serde(flatten)]
     pub report: DestReport,
     pub workload: WorkloadReport,
+    /// Each disk received (name, size, digest).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disk_digests: Vec<DiskDigest>,
+    /// The stand-in guest's disk reads during postcopy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_reads: Option<super::replica::DiskReads>,
 }
 
 pub fn identity(
@@ -103,17 +113,19 @@ pub fn emit_event(v: serde_json::Value) {
 
 pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
-    let (image, name) = match &a.image {
+    let (image, name): (SourceImage, String) = match &a.image {
         Some(path) => (SourceImage::open(path)?, path.display().to_string()),
         None => (
             SourceImage::synthetic(a.synthetic, a.seed)?,
             format!("synthetic seed {}", a.seed),
         ),
     };
-    let layout = Layout::single(image.len());
     let digest = image.digest()?;
     let mix = image.mix;
-    let image = Arc::new(image);
+    let image_len = image.len();
+    let (disks, disk_digests) = a.disk.open()?;
+    let (image, layout) =
+        vmm_shim::disks::with_disks(Arc::new(image), &Layout::single(image_len), &disks)?;
     let opts = SourceOptions {
         connect: a.connect,
         identity: me,
@@ -145,6 +157,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         push_ms: report.push_ms,
         total_ms: report.total_ms,
         encoding: report.encoding.clone(),
+        disk_digests,
     };
     if a.json {
         super::outcome::print_report(&out)?;
@@ -180,22 +193,38 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
         GuestMemory::anonymous(size)?
     };
     let regions = [memory.host_region()];
-    let layout = Layout::single(a.size);
-    let workload: Arc<Mutex<Option<Workload>>> = Arc::default();
+    let disks = create_dest_disks(&a.disk)?;
+    let layout = a
+        .disk
+        .disks
+        .iter()
+        .fold(Layout::single(a.size), |l, (n, size)| {
+            l.with_disk(n.clone(), *size)
+        });
+    let devices: Vec<_> = disks.iter().map(|d| d.device().clone()).collect();
+    let workload: Arc<Mutex<Option<(Workload, DiskReaders)>>> = Arc::default();
     let started = workload.clone();
     let (workers, seed, pattern) = (a.workers, a.size ^ 0x5eed, a.pattern);
     let worker_regions = regions.clone();
-    let result = listener.receive(&regions, &layout, move || {
+    let readers = a.disk.disk_readers;
+    let result = listener.receive_vm_with_disks(&regions, &disks, &layout, move |_| {
         let w = Workload::start(&worker_regions, workers, seed, pattern);
-        *started.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+        let r = DiskReaders::start(devices, readers);
+        *started.lock().unwrap_or_else(|p| p.into_inner()) = Some((w, r));
     });
-    let workload = workload
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .map(Workload::stop)
-        .unwrap_or_default();
+    let (workload, disk_reads) = match workload.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some((w, r)) => (w.stop(), Some(r.stop())),
+        None => (WorkloadReport::default(), None),
+    };
     let report = result?;
+    let disk_digests = disks
+        .iter()
+        .map(|d| digest_disk(d.name(), &**d.device()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let disk_reads = (!disks.is_empty())
+        .then_some(disk_reads)
+        .flatten()
+        .map(|(reads, errors)| super::replica::DiskReads { reads, errors });
     // SAFETY: the memory is mapped for `memory`'s lifetime, the workload threads were joined
     // above, and userfaultfd is unregistered, so nothing writes it while we read it.
     let bytes = unsafe { std::slice::from_raw_parts(memory.as_ptr(), memory.len()) };
@@ -204,6 +233,8 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
         digest: digest(bytes),
         report,
         workload,
+        disk_digests,
+        disk_reads,
     };
     if a.json {
         super::outcome::print_report(&out)?;

@@ -42,6 +42,58 @@ fn parse_block_size(s: &str) -> Result<BlockSize, String> {
         .ok_or_else(|| format!("{s}: a block size is a power of two from 4K to 1M"))
 }
 
+/// The disks `faultline source` sends with memory.
+#[derive(Args, Debug)]
+pub struct PlainDiskArgs {
+    /// A disk image to migrate with memory, as NAME=PATH (repeatable; nothing may write it
+    /// during the migration). The destination needs `--disk NAME=SIZE`.
+    #[arg(long = "disk", value_parser = parse_disk_path)]
+    pub disks: Vec<(String, PathBuf)>,
+}
+
+impl PlainDiskArgs {
+    /// The disks, opened read-only, with their digests.
+    pub fn open(&self) -> anyhow::Result<(Vec<vmm_shim::disks::SourceDisk>, Vec<DiskDigest>)> {
+        let mut disks = Vec::new();
+        let mut digests = Vec::new();
+        for (name, path) in &self.disks {
+            let d = Arc::new(RawFile::open(path, true)?);
+            digests.push(digest_disk(name, &*d)?);
+            disks.push(vmm_shim::disks::SourceDisk {
+                name: name.clone(),
+                device: d,
+            });
+        }
+        Ok((disks, digests))
+    }
+}
+
+/// A plain destination's disks, created empty in DIR/NAME.img: every block comes from the
+/// source.
+pub fn create_dest_disks(a: &ReceiveDiskArgs) -> anyhow::Result<Vec<vmm_shim::disks::DestDisk>> {
+    if a.disks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let dir = a
+        .disk_dir
+        .clone()
+        .context("--disk needs --disk-dir for the disk images")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut out = Vec::new();
+    for (name, size) in &a.disks {
+        let path = dir.join(format!("{name}.img"));
+        let f =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        f.set_len(*size)
+            .with_context(|| format!("sizing {}", path.display()))?;
+        let file = RawFile::open(&path, false)?;
+        out.push(vmm_shim::disks::DestDisk::new(name.clone(), file, |_| {
+            false
+        }));
+    }
+    Ok(out)
+}
+
 /// The source's disks (`faultline replicate`).
 #[derive(Args, Debug)]
 pub struct SourceDiskArgs {
@@ -62,14 +114,15 @@ pub struct SourceDiskArgs {
     pub disk_stale_pct: Option<f64>,
 }
 
-/// The standby's disks (`faultline standby`).
+/// The disks a receiving side serves (`faultline standby`, `faultline dest`).
 #[derive(Args, Debug)]
-pub struct StandbyDiskArgs {
+pub struct ReceiveDiskArgs {
     /// A disk of the VM, as NAME=SIZE (repeatable, in the source's order).
     #[arg(long = "disk", value_parser = parse_disk_size)]
     pub disks: Vec<(String, u64)>,
-    /// Directory of the disk replicas (one subdirectory per disk, kept across restarts; at
-    /// evacuation each becomes the disk itself: DIR/NAME/memory.img).
+    /// Where the disks live: for `standby`, the replicas (one subdirectory per disk, kept
+    /// across restarts; at evacuation each becomes the disk itself: DIR/NAME/memory.img);
+    /// for `dest`, DIR/NAME.img, created empty.
     #[arg(long)]
     pub disk_dir: Option<PathBuf>,
     /// Stand-in guest disk I/O after the switchover: threads reading random blocks of
@@ -113,7 +166,7 @@ impl SourceDisks {
 }
 
 /// A disk's name, size and content digest.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct DiskDigest {
     pub name: String,
     pub bytes: u64,
@@ -232,7 +285,7 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 }
 
 /// The standby's disk replicas, opened (created if missing).
-pub fn open_standby_disks(a: &StandbyDiskArgs) -> anyhow::Result<Vec<(String, DiskTier)>> {
+pub fn open_standby_disks(a: &ReceiveDiskArgs) -> anyhow::Result<Vec<(String, DiskTier)>> {
     if a.disks.is_empty() {
         return Ok(Vec::new());
     }
