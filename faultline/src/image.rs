@@ -34,7 +34,7 @@ pub enum ImageError {
         offset: u64,
         source: std::io::Error,
     },
-    #[error("cannot allocate the image: {0}")]
+    #[error("cannot allocate the image")]
     Alloc(#[from] uffd_core::MemoryError),
 }
 
@@ -354,12 +354,10 @@ impl PageReader for SourceImage {
                 return Err(format!("pages {first}+{count} are outside the image"));
             }
             // The cause is part of the reason the destination is told.
-            return self.read(first, count).map(Cow::Owned).map_err(|e| {
-                match std::error::Error::source(&e) {
-                    Some(cause) => format!("{e}: {cause}"),
-                    None => e.to_string(),
-                }
-            });
+            return self
+                .read(first, count)
+                .map(Cow::Owned)
+                .map_err(|e| uffd_core::error::chain(&e));
         }
         let start = usize::try_from(first)
             .ok()
@@ -451,6 +449,19 @@ mod tests {
         // Said once: the cause is the source, not part of the sentence.
         let cause = std::error::Error::source(&e).unwrap().to_string();
         assert!(!e.to_string().contains(&cause), "{e}: {cause}");
+        assert_eq!(uffd_core::error::chain(&e).matches(&*cause).count(), 1);
+    }
+
+    #[test]
+    fn an_allocation_failure_leaves_its_cause_to_the_chain() {
+        let source = std::io::Error::from_raw_os_error(libc::ENOMEM);
+        let cause = source.to_string();
+        let e = ImageError::from(uffd_core::MemoryError::Sys { op: "mmap", source });
+        assert_eq!(e.to_string(), "cannot allocate the image");
+        assert_eq!(
+            uffd_core::error::chain(&e),
+            format!("cannot allocate the image: mmap failed: {cause}")
+        );
     }
 
     #[test]

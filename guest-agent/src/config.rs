@@ -62,7 +62,7 @@ impl Default for Config {
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         /// The file.
         path: String,
@@ -158,7 +158,7 @@ impl Config {
             "device" => {
                 self.device = value
                     .parse()
-                    .map_err(|e: crate::transport::TransportError| bad(e.to_string()))?
+                    .map_err(|e: crate::transport::TransportError| bad(crate::daemon::chain(&e)))?
             }
             "interval_ms" => {
                 self.interval = Duration::from_millis(number(value, 10u64, 3_600_000).map_err(bad)?)

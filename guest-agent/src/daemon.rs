@@ -53,6 +53,21 @@ enum Event {
     Touched(crate::proto::TouchReport),
 }
 
+/// An error and all its sources, `: `-separated, as `anyhow`'s `{:#}` prints them: an error's
+/// own `Display` leaves its source to the chain, so this is the text to log, to send to the
+/// host, or to print on exit. (The host crates use `uffd_core::error::chain`; this crate
+/// depends on none of them.)
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// Logs a line on stderr (the console in the test guest).
 macro_rules! log {
     ($($t:tt)*) => { eprintln!("guest-agent: {}", format_args!($($t)*)) };
@@ -63,7 +78,7 @@ type Writer = Arc<Mutex<Box<dyn Write + Send>>>;
 fn send(writer: &Writer, msgs: &[Message]) -> std::io::Result<()> {
     let mut buf = Vec::new();
     for m in msgs {
-        encode_into(m, &mut buf).map_err(std::io::Error::other)?;
+        encode_into(m, &mut buf).map_err(|e| std::io::Error::other(chain(&e)))?;
     }
     // One lock for all parts, so a report is never interleaved with another message.
     let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -101,7 +116,7 @@ fn scanner_thread(
     let mut scanner = match Scanner::open(cfg) {
         Ok(s) => s,
         Err(e) => {
-            let _ = tx.send(Event::ScanFailed(e.to_string()));
+            let _ = tx.send(Event::ScanFailed(chain(&e)));
             return;
         }
     };
@@ -120,7 +135,7 @@ fn scanner_thread(
         let start = Instant::now();
         if !armed {
             if let Err(e) = scanner.start_window() {
-                let _ = tx.send(Event::ScanFailed(e.to_string()));
+                let _ = tx.send(Event::ScanFailed(chain(&e)));
                 return;
             }
             armed = true;
@@ -137,7 +152,7 @@ fn scanner_thread(
                 }
             }
             Err(e) => {
-                let _ = tx.send(Event::ScanFailed(e.to_string()));
+                let _ = tx.send(Event::ScanFailed(chain(&e)));
                 return;
             }
         }
@@ -269,12 +284,12 @@ impl State {
                 e @ (DecodeError::BadHeaderCheck { .. } | DecodeError::BadChecksum { .. }),
             )) => {
                 // Most likely line noise or a host attaching mid-frame: not worth an answer.
-                log!("skipped a damaged frame: {e}");
+                log!("skipped a damaged frame: {}", chain(&e));
             }
             Event::Frame(Err(e)) => {
-                log!("bad frame from host: {e}");
-                self.error(e.code(), e.to_string())
-                    .map_err(DaemonError::Write)?;
+                let text = chain(&e);
+                log!("bad frame from host: {text}");
+                self.error(e.code(), text).map_err(DaemonError::Write)?;
             }
             Event::Closed(e) => {
                 log!(
@@ -375,5 +390,57 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::RangeError;
+
+    /// `e`'s own message does not hold `cause`; its chain holds it exactly once.
+    fn cause_once(e: &(dyn std::error::Error + 'static), cause: &str) {
+        let (own, all) = (e.to_string(), chain(e));
+        assert!(!own.contains(cause), "{own:?} repeats its source {cause:?}");
+        assert_eq!(all.matches(cause).count(), 1, "{all:?}");
+    }
+
+    #[test]
+    fn display_leaves_the_source_to_the_chain() {
+        let io = || std::io::Error::from_raw_os_error(libc::EACCES);
+        let cause = io().to_string();
+        let e = DaemonError::Transport(TransportError::Open {
+            path: "/dev/hvc1".into(),
+            source: io(),
+        });
+        assert_eq!(chain(&e), format!("cannot open /dev/hvc1: {cause}"));
+        cause_once(&e, &cause);
+        cause_once(
+            &crate::config::ConfigError::Read {
+                path: "/etc/agent.conf".into(),
+                source: io(),
+            },
+            &cause,
+        );
+        cause_once(
+            &crate::scan::ScanError::Read {
+                what: "kpageflags",
+                source: io(),
+            },
+            &cause,
+        );
+
+        let ranges = RangeError::Empty { index: 3 };
+        let cause = ranges.to_string();
+        cause_once(&DecodeError::Ranges(ranges.clone()), &cause);
+        cause_once(&crate::proto::EncodeError::Ranges(ranges.clone()), &cause);
+        cause_once(
+            &crate::proto::ReportError::Ranges {
+                kind: RangeKind::Hot,
+                seq: 1,
+                source: ranges,
+            },
+            &cause,
+        );
     }
 }

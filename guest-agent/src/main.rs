@@ -46,14 +46,14 @@ fn main() -> ExitCode {
             },
         };
         if let Err(e) = result {
-            eprintln!("guest-agent: {e}");
+            eprintln!("guest-agent: {}", guest_agent::daemon::chain(&e));
             return ExitCode::from(2);
         }
     }
     match guest_agent::daemon::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("guest-agent: {e}");
+            eprintln!("guest-agent: {}", guest_agent::daemon::chain(&e));
             ExitCode::FAILURE
         }
     }

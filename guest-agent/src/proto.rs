@@ -320,7 +320,7 @@ impl Message {
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum EncodeError {
     /// The range list breaks the rules.
-    #[error("invalid ranges: {0}")]
+    #[error("invalid ranges")]
     Ranges(#[from] RangeError),
     /// A text field is too long.
     #[error("{field} is {len} bytes, at most {max}")]
@@ -410,7 +410,7 @@ pub enum DecodeError {
         value: u8,
     },
     /// The range list breaks the rules.
-    #[error("invalid ranges: {0}")]
+    #[error("invalid ranges")]
     Ranges(#[from] RangeError),
     /// A text field is too long.
     #[error("{field} is {len} bytes, at most {max}")]

@@ -43,7 +43,7 @@ pub enum TransportError {
     #[error("no device given")]
     Empty,
     /// Opening or configuring the device failed.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open {
         /// The device.
         path: PathBuf,

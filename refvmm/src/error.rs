@@ -9,7 +9,7 @@ pub enum VmError {
     #[error("KVM is not usable: {0}")]
     KvmUnavailable(String),
     /// A KVM ioctl failed.
-    #[error("KVM {op} failed: {source}")]
+    #[error("KVM {op} failed")]
     Kvm {
         op: &'static str,
         #[source]
@@ -67,4 +67,20 @@ pub enum StateError {
 
 pub(crate) fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { op, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_leaves_the_source_to_the_chain() {
+        let source = kvm_ioctls::Error::new(libc::EINVAL);
+        let cause = source.to_string();
+        let e = kvm_err("KVM_SET_USER_MEMORY_REGION")(source);
+        assert_eq!(e.to_string(), "KVM KVM_SET_USER_MEMORY_REGION failed");
+        let all = uffd_core::error::chain(&e);
+        assert_eq!(all, format!("{e}: {cause}"));
+        assert_eq!(all.matches(&*cause).count(), 1, "{all}");
+    }
 }

@@ -734,7 +734,7 @@ impl Vm {
         regions.sort_unstable();
         let slots: Vec<(u32, u64)> = regions.into_iter().map(|(_, s, l)| (s, l)).collect();
         KvmDirtyLog::new(self.vm_fd.clone(), &slots)
-            .map_err(|e| VmError::Memory(format!("KVM dirty log: {e}")))
+            .map_err(|e| VmError::Memory(format!("KVM dirty log: {}", uffd_core::error::chain(&e))))
     }
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {

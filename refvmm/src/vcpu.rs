@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_regs, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use uffd_core::error::chain;
 
 use super::error::{kvm_err, VmError};
 use super::layout::{data_area, long_mode_sregs, stack_top, BOOT_RFLAGS, CODE_ADDR};
@@ -291,13 +292,13 @@ impl VcpuThread {
                                 Some(h) => h,
                                 None => {
                                     read_u64(&self.memory, self.data_area + OFF_DIGEST)
-                                        .map_err(|e| e.to_string())?
+                                        .map_err(|e| chain(&e))?
                                         >> 32
                                 }
                             };
                             let (base, len) = self.slice;
                             let host =
-                                slice_digest(&self.memory, base, len).map_err(|e| e.to_string())?;
+                                slice_digest(&self.memory, base, len).map_err(|e| chain(&e))?;
                             let d = GuestDigest {
                                 guest: hi << 32 | v,
                                 host,
@@ -353,7 +354,7 @@ impl VcpuThread {
         };
         self.vcpu.set_kvm_immediate_exit(0);
         completed?;
-        let state = VcpuState::save(&self.vcpu, &self.msr_indices).map_err(|e| e.to_string())?;
+        let state = VcpuState::save(&self.vcpu, &self.msr_indices).map_err(|e| chain(&e))?;
         if self
             .reports
             .send(Report::Paused(self.id, Box::new(state)))

@@ -26,6 +26,7 @@ use transport::bitmap::Bitmap;
 use transport::encoding::EncodingPolicy;
 use transport::tls::Identity;
 use transport::{Layout, PAGE_SIZE};
+use uffd_core::error::chain;
 use uffd_core::{DirtyError, LatencySummary};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use wan_emu::{LinkConfig, WanEmulator};
@@ -59,9 +60,9 @@ pub enum LoopbackError {
     Digest(#[from] vmm_shim::digest::GuestReadError),
     #[error(transparent)]
     Tls(#[from] transport::tls::TlsError),
-    #[error("agent channel: {0}")]
+    #[error("agent channel failed")]
     Io(#[from] std::io::Error),
-    #[error("WAN emulator: {0}")]
+    #[error("the WAN emulator failed")]
     Wan(#[from] wan_emu::WanError),
     #[error("destination: {0}")]
     Dest(String),
@@ -291,7 +292,7 @@ impl SourceGuest {
             let pages = self.spec.config.mem_size / PAGE;
             let w = b
                 .finish(&mut self.tracker, &host, pages)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| chain(&e))?;
             self.written = Some(w);
         }
         self.written
@@ -410,12 +411,12 @@ fn dest_side(listener: Listener, config: VmConfig, hold: bool) -> Result<DestRun
         // Runs on the network driver: restore and start, touch no guest memory.
         let r = (|| -> Restored {
             let blob = blob.ok_or("the source sent no VM state")?;
-            let snap = VmSnapshot::from_bytes(blob).map_err(|e| e.to_string())?;
-            let mut vm = Vm::restore(config2, mem2, snap).map_err(|e| e.to_string())?;
+            let snap = VmSnapshot::from_bytes(blob).map_err(|e| chain(&e))?;
+            let mut vm = Vm::restore(config2, mem2, snap).map_err(|e| chain(&e))?;
             vm.set_hold_after_digest(hold);
             let origin = Instant::now();
             let sampler = RateSampler::start(vm.progress_probe(), origin, SAMPLE_PERIOD);
-            vm.start().map_err(|e| e.to_string())?;
+            vm.start().map_err(|e| chain(&e))?;
             Ok((vm, sampler, origin))
         })();
         *slot2.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);

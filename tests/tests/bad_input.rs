@@ -126,15 +126,7 @@ fn error_text(o: &Outcome) -> String {
     match &o.dest {
         Ok(r) => panic!("the destination accepted bad input: {r:?}"),
         // The whole chain, as the CLI prints it.
-        Err(e) => {
-            let mut s = e.to_string();
-            let mut cause = std::error::Error::source(e);
-            while let Some(c) = cause {
-                s += &format!(": {c}");
-                cause = c.source();
-            }
-            s
-        }
+        Err(e) => uffd_core::error::chain(e),
     }
 }
 

@@ -40,3 +40,57 @@ pub use message::{Layout, Message, RegionDesc, PAGE_SIZE, PROTOCOL_VERSION};
 pub mod quic;
 pub mod tls;
 pub mod units;
+
+/// An error and all its sources, `: `-separated, as `anyhow`'s `{:#}` prints them. An error's
+/// own `Display` leaves its source to the chain, so this is the text to send to a peer or to
+/// log. (The public helper is `uffd_core::error::chain`; this crate must not depend on
+/// `uffd-core`, hence its own copy.)
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod error_tests {
+    use crate::codec::CodecError;
+    use crate::message::{ErrorCode, Message};
+    use crate::proto::ProtoError;
+    use crate::quic::{DriverError, SinkError};
+
+    #[test]
+    fn display_leaves_the_source_to_the_chain() {
+        let codec = CodecError::UnknownType(0x7f);
+        let cause = codec.to_string();
+        let proto = ProtoError::Codec(codec);
+        assert_eq!(proto.to_string(), "malformed frame");
+        assert_eq!(crate::chain(&proto), format!("malformed frame: {cause}"));
+        // What the peer is told holds the cause.
+        let Message::Error { code, message } = proto.to_message() else {
+            panic!("not an Error message");
+        };
+        assert_eq!(
+            (code, message.matches(&*cause).count()),
+            (ErrorCode::Malformed, 1)
+        );
+
+        let e = DriverError::Protocol(proto);
+        assert!(!e.to_string().contains(&cause), "{e}");
+        assert_eq!(
+            crate::chain(&e),
+            format!("protocol error: malformed frame: {cause}")
+        );
+
+        let e = DriverError::Sink(SinkError("page 3: out of memory".into()));
+        assert_eq!(e.to_string(), "installing pages failed");
+        assert_eq!(
+            crate::chain(&e),
+            "installing pages failed: page 3: out of memory"
+        );
+    }
+}

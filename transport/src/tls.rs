@@ -49,11 +49,11 @@ pub enum TlsError {
         what: &'static str,
     },
     /// Generating a self-signed identity failed.
-    #[error("certificate generation failed: {0}")]
+    #[error("certificate generation failed")]
     Generate(#[from] rcgen::Error),
     /// rustls refused the configuration, e.g. a key that does not match the certificate or
     /// a key type it does not support.
-    #[error("TLS configuration rejected: {0}")]
+    #[error("TLS configuration rejected")]
     Rustls(#[from] rustls::Error),
     /// quinn refused the rustls configuration; the value is its reason.
     #[error("QUIC refused the TLS configuration: {0}")]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{Error, UffdError};
+use crate::error::{chain, Error, UffdError};
 use crate::fault_loop::{FaultLoop, FaultLoopHandle};
 use crate::install::Installer;
 use crate::layout::{HostRegion, RegionMap};
@@ -168,7 +168,7 @@ impl Destination {
 fn unregister_all(uffd: &Userfaultfd, regions: &[HostRegion]) {
     for r in regions {
         if let Err(e) = uffd.unregister(r.host_addr() as u64, r.len() as u64) {
-            tracing::warn!(addr = r.host_addr(), error = %e, "unregister failed");
+            tracing::warn!(addr = r.host_addr(), error = %chain(&e), "unregister failed");
         }
     }
 }

@@ -1,5 +1,9 @@
 //! Error types of the crate. Every fallible public function returns one of these; none
 //! of them panics on bad input.
+//!
+//! An error's `Display` says what failed and leaves out its [`source`](std::error::Error::source),
+//! which an error chain prints next (`anyhow`'s `{:#}`, or [`chain`] for logs and for errors
+//! turned into text), so that no cause is printed twice.
 
 use std::io;
 
@@ -46,7 +50,7 @@ pub enum UffdError {
         ioctl: &'static str,
     },
     /// A userfaultfd ioctl or read failed.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Sys {
         /// The operation that failed, e.g. `"UFFDIO_REGISTER"` or `"read(userfaultfd)"`.
         op: &'static str,
@@ -112,7 +116,7 @@ pub enum MemoryError {
     BadName,
     /// `mmap`, `memfd_create` or `ftruncate` failed (e.g. out of address space or
     /// memory).
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Sys {
         /// The system call that failed.
         op: &'static str,
@@ -178,7 +182,7 @@ pub enum InstallError {
         page: u64,
     },
     /// The fill ioctl (or the wake after it) failed for another reason.
-    #[error("page {page}: {source}")]
+    #[error("installing page {page} failed")]
     Uffd {
         /// The page being filled (the first page of the ioctl's range for a run).
         page: u64,
@@ -211,7 +215,7 @@ pub enum Error {
     },
     /// A system call of the fault loop itself failed (eventfd, poll, thread spawn, the
     /// stop signal).
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Sys {
         /// The operation that failed.
         op: &'static str,
@@ -232,8 +236,8 @@ pub enum DirtyError {
     /// so [`crate::TrackerChoice::Auto`] does not fall back to hashing on it.
     #[error(transparent)]
     Layout(#[from] LayoutError),
-    /// No userfaultfd could be opened (the message carries the permission hint).
-    #[error("uffd-wp-async dirty tracking unavailable: {0}")]
+    /// No userfaultfd could be opened (the source carries the permission hint).
+    #[error("uffd-wp-async dirty tracking unavailable")]
     Uffd(#[source] UffdError),
     /// The kernel's userfaultfd lacks a feature the async write-protect tracker needs.
     #[error(
@@ -250,7 +254,7 @@ pub enum DirtyError {
         kernel: String,
     },
     /// `/proc/self/pagemap` cannot be opened or has no `PAGEMAP_SCAN` ioctl.
-    #[error("uffd-wp-async dirty tracking needs the PAGEMAP_SCAN ioctl on /proc/self/pagemap (Linux 6.7+); kernel {kernel}: {source}")]
+    #[error("uffd-wp-async dirty tracking needs the PAGEMAP_SCAN ioctl on /proc/self/pagemap (Linux 6.7+); kernel {kernel}")]
     NoPagemapScan {
         /// The running kernel's release string.
         kernel: String,
@@ -260,7 +264,7 @@ pub enum DirtyError {
     },
     /// The range cannot be registered for write-protect tracking (e.g. already
     /// registered with another userfaultfd, or a mapping type userfaultfd refuses).
-    #[error("cannot register {addr:#x}+{len:#x} for userfaultfd write-protect: {source}")]
+    #[error("cannot register {addr:#x}+{len:#x} for userfaultfd write-protect")]
     Register {
         /// Start address of the region.
         addr: u64,
@@ -292,7 +296,7 @@ pub enum DirtyError {
         what: String,
     },
     /// Guest memory could not be read (unmapped or protected).
-    #[error("reading guest memory at {addr:#x}+{len:#x} failed: {source}")]
+    #[error("reading guest memory at {addr:#x}+{len:#x} failed")]
     Read {
         /// Start address of the read.
         addr: u64,
@@ -320,7 +324,7 @@ pub enum DirtyError {
         len: usize,
     },
     /// `PAGEMAP_SCAN` failed with an error other than the ones above.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Sys {
         /// The operation that failed.
         op: &'static str,
@@ -328,4 +332,85 @@ pub enum DirtyError {
         #[source]
         source: io::Error,
     },
+}
+
+/// An error and all its sources, `: `-separated, as `anyhow`'s `{:#}` prints them.
+///
+/// An error's own `Display` leaves its source out (the chain prints it once), so this is what
+/// to log or to turn into text wherever the whole error would otherwise be lost: a `tracing`
+/// field (`error = %chain(&e)`), a message for a peer, an error that holds a `String`.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `e`'s own message does not hold `cause`; its chain holds it exactly once.
+    fn cause_once(e: &(dyn std::error::Error + 'static), cause: &str) {
+        let (own, all) = (e.to_string(), chain(e));
+        assert!(!own.contains(cause), "{own:?} repeats its source {cause:?}");
+        assert_eq!(all.matches(cause).count(), 1, "{all:?}");
+    }
+
+    fn os(code: i32) -> (io::Error, String) {
+        let e = io::Error::from_raw_os_error(code);
+        let text = e.to_string();
+        (e, text)
+    }
+
+    #[test]
+    fn display_leaves_the_source_to_the_chain() {
+        let (source, text) = os(libc::EEXIST);
+        let e = UffdError::Sys {
+            op: "UFFDIO_COPY",
+            source,
+        };
+        assert_eq!(e.to_string(), "UFFDIO_COPY failed");
+        cause_once(&e, &text);
+
+        // Nested: the chain prints every level once, outermost first.
+        let e = Error::Install(InstallError::Uffd { page: 7, source: e });
+        assert_eq!(
+            chain(&e),
+            format!("installing page 7 failed: UFFDIO_COPY failed: {text}")
+        );
+        cause_once(&e, &text);
+
+        let (source, text) = os(libc::ENOMEM);
+        cause_once(&MemoryError::Sys { op: "mmap", source }, &text);
+
+        let (source, text) = os(libc::ENOTTY);
+        cause_once(
+            &DirtyError::NoPagemapScan {
+                kernel: "6.6.1".into(),
+                source,
+            },
+            &text,
+        );
+
+        let (source, text) = os(libc::ENOSPC);
+        cause_once(
+            &crate::ReplicaError::Io {
+                op: "pwrite",
+                path: "/r/mem".into(),
+                source,
+            },
+            &text,
+        );
+    }
+
+    #[test]
+    fn chain_of_an_error_without_source_is_its_message() {
+        let e = MemoryError::BadLength(3);
+        assert_eq!(chain(&e), e.to_string());
+    }
 }

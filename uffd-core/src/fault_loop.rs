@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::error::{Error, UffdError};
+use crate::error::{chain, Error, UffdError};
 use crate::install::Installer;
 use crate::layout::RegionMap;
 use crate::metrics::Metrics;
@@ -137,7 +137,7 @@ impl FaultLoopHandle {
 impl Drop for FaultLoopHandle {
     fn drop(&mut self) {
         if let Err(e) = self.shutdown() {
-            tracing::warn!(error = %e, "fault loop ended with an error");
+            tracing::warn!(error = %chain(&e), "fault loop ended with an error");
         }
     }
 }
@@ -183,7 +183,7 @@ impl Worker {
             }
             loop {
                 let n = self.uffd.read_messages(&mut buf).inspect_err(|e| {
-                    tracing::error!(error = %e, "userfaultfd read failed; fault loop exits");
+                    tracing::error!(error = %chain(e), "userfaultfd read failed; fault loop exits");
                 })?;
                 if n == 0 {
                     break;
@@ -237,14 +237,14 @@ impl Worker {
             PageState::Present => {
                 let a = (addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE as u64);
                 if let Err(e) = self.uffd.wake(a.0, a.1) {
-                    tracing::warn!(page, error = %e, "wake failed");
+                    tracing::warn!(page, error = %chain(&e), "wake failed");
                 }
                 self.metrics.page_ready(page);
             }
             // Dropped by the memory owner: it must read as zero, and nobody will send it.
             PageState::Discarded => {
                 if let Err(e) = self.installer.refill_discarded(page) {
-                    tracing::warn!(page, error = %e, "zero-fill of discarded page failed");
+                    tracing::warn!(page, error = %chain(&e), "zero-fill of discarded page failed");
                 }
             }
         }
@@ -280,7 +280,7 @@ impl Worker {
             if let Some(addr) = self.regions.host_addr_of(first) {
                 let len = count * PAGE_SIZE as u64;
                 if let Err(e) = self.uffd.wake(addr as u64, len) {
-                    tracing::warn!(first, count, error = %e, "wake after remove failed");
+                    tracing::warn!(first, count, error = %chain(&e), "wake after remove failed");
                 }
             }
         }

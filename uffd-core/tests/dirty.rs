@@ -308,7 +308,7 @@ fn second_wp_registration_is_refused_and_auto_falls_back() {
     let err = WpAsyncTracker::new(&regions).unwrap_err();
     assert!(matches!(err, DirtyError::Register { .. }), "{err}");
     assert!(err.to_string().contains("write-protect"), "{err}");
-    println!("second registration: {err}");
+    println!("second registration: {}", uffd_core::error::chain(&err));
     // Auto falls back to hashing rather than failing.
     let t = open_tracker(&regions, TrackerChoice::Auto).unwrap();
     assert_eq!(t.kind(), "content-hash");

@@ -13,6 +13,7 @@ use transport::quic::accept::{AcceptLimits, Acceptor};
 use transport::quic::{self, DestHooks, PageSink, SinkError};
 use transport::tls::Identity;
 use transport::{Layout, PAGE_SIZE};
+use uffd_core::error::chain;
 use uffd_core::{
     Destination, HostRegion, Installer, MetricsSnapshot, Origin, PageData, PageSource, PageTable,
 };
@@ -120,7 +121,7 @@ impl PageSink for UffdSink {
             if kinds[i] == PageKind::Zero as u8 {
                 self.installer
                     .install(page, PageData::Zero, origin)
-                    .map_err(|e| SinkError(e.to_string()))?;
+                    .map_err(|e| SinkError(chain(&e)))?;
                 i += 1;
                 continue;
             }
@@ -135,7 +136,7 @@ impl PageSink for UffdSink {
                 .ok_or_else(|| SinkError("page payload shorter than its kinds".into()))?;
             self.installer
                 .install_run(page, data, origin)
-                .map_err(|e| SinkError(e.to_string()))?;
+                .map_err(|e| SinkError(chain(&e)))?;
             offset += run * PAGE_SIZE;
             i += run;
         }
@@ -459,7 +460,7 @@ impl Listener {
                         // Replication broke (the source went away, the network failed):
                         // what was acknowledged is stored; wait for the next session.
                         sessions += 1;
-                        tracing::warn!(error = %crate::error::chain(&e), "replication session failed");
+                        tracing::warn!(error = %chain(&e), "replication session failed");
                     }
                     Err(e) => {
                         sink.fail_disks(&crate::error::chain(&e));

@@ -66,15 +66,44 @@ pub enum RoleError {
     Disks(#[from] crate::disks::DiskSetupError),
 }
 
-/// An error and all its sources, `: `-separated, as `anyhow`'s `{:#}` prints them: for logs,
-/// since an error's own `Display` leaves its source to the chain.
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
+#[cfg(test)]
+mod tests {
+    use super::RoleError;
+    use crate::hints::HintError;
+    use guest_agent::proto::{DecodeError, RangeError};
+    use uffd_core::error::chain;
+
+    /// `e`'s own message does not hold `cause`; its chain holds it exactly once.
+    fn cause_once(e: &(dyn std::error::Error + 'static), cause: &str) {
+        let (own, all) = (e.to_string(), chain(e));
+        assert!(!own.contains(cause), "{own:?} repeats its source {cause:?}");
+        assert_eq!(all.matches(cause).count(), 1, "{all:?}");
     }
-    out
+
+    #[test]
+    fn display_leaves_the_source_to_the_chain() {
+        let io = std::io::Error::from_raw_os_error(libc::EEXIST);
+        let cause = io.to_string();
+        let e = RoleError::from(uffd_core::Error::Install(uffd_core::InstallError::Uffd {
+            page: 9,
+            source: uffd_core::UffdError::Sys {
+                op: "UFFDIO_COPY",
+                source: io,
+            },
+        }));
+        assert_eq!(
+            chain(&e),
+            format!("installing page 9 failed: UFFDIO_COPY failed: {cause}")
+        );
+        cause_once(&e, &cause);
+
+        let ranges = RangeError::Empty { index: 0 };
+        let cause = ranges.to_string();
+        let e = HintError::Decode(DecodeError::Ranges(ranges));
+        assert_eq!(
+            chain(&e),
+            format!("undecodable agent input: invalid ranges: {cause}")
+        );
+        cause_once(&e, &cause);
+    }
 }

@@ -90,13 +90,13 @@ const MAX_HELD_BYTES: u64 = 256 << 20;
 #[derive(Debug, Error)]
 pub enum WanError {
     /// A direction's [`LinkConfig`] is invalid.
-    #[error("invalid WAN link configuration: {0}")]
+    #[error("invalid WAN link configuration")]
     Config(#[from] ConfigError),
     /// The upstream address is unspecified (`0.0.0.0`, `::`) or has port 0.
     #[error("cannot relay to {0}: the upstream needs a specific address and a non-zero port")]
     BadUpstream(SocketAddr),
     /// The listen socket (or a flow's upstream socket) could not be bound.
-    #[error("cannot bind the relay socket at {addr}: {source}")]
+    #[error("cannot bind the relay socket at {addr}")]
     Bind {
         /// The address asked for.
         addr: SocketAddr,
@@ -569,6 +569,20 @@ fn set_timeouts(sock: &UdpSocket) -> io::Result<()> {
     sock.set_write_timeout(Some(POLL))
 }
 
+/// An error and all its sources, `: `-separated, as `anyhow`'s `{:#}` prints them: for logs,
+/// since an error's own `Display` leaves its source to the chain. (The public helper is
+/// `uffd_core::error::chain`; this crate depends on none of faultline's.)
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// True for the errors a receive loop just retries: timeouts, signals, and ICMP errors
 /// reported on a connected socket (the server's port was closed for a while).
 fn is_transient(e: &io::Error) -> bool {
@@ -657,7 +671,10 @@ impl ClientReceiver {
                 Some(f)
             }
             Err(e) => {
-                tracing::warn!("WAN emulator: cannot relay for client {client}: {e}");
+                tracing::warn!(
+                    "WAN emulator: cannot relay for client {client}: {}",
+                    chain(&e)
+                );
                 None
             }
         }
@@ -814,4 +831,27 @@ fn transmit(shared: &Shared, dir: Direction, due: &mut Vec<Packet>, batch: &mut 
         start = end;
     }
     due.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_leaves_the_source_to_the_chain() {
+        let source = io::Error::from(io::ErrorKind::AddrInUse);
+        let cause = source.to_string();
+        let e = WanError::Bind {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            source,
+        };
+        assert_eq!(e.to_string(), "cannot bind the relay socket at 127.0.0.1:9");
+        assert_eq!(chain(&e), format!("{e}: {cause}"));
+
+        let config = ConfigError::ZeroRate;
+        let cause = config.to_string();
+        let e = WanError::from(config);
+        assert!(!e.to_string().contains(&cause), "{e}");
+        assert_eq!(chain(&e).matches(&*cause).count(), 1, "{}", chain(&e));
+    }
 }

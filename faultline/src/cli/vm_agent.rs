@@ -19,6 +19,7 @@ use clap::Args;
 use refvmm::{KvmDirtyLog, Vm};
 use serde::{Deserialize, Serialize};
 use transport::Layout;
+use uffd_core::error::chain;
 use vmm_shim::hints::{
     skippable_free, AgentLink, BoardLimits, DirtyBaseline, HintPlan, HintedReport,
 };
@@ -119,18 +120,19 @@ impl SourceAgent {
         let link = match AgentLink::connect(path, layout, limits, timeout) {
             Ok(link) => link,
             Err(e) => {
+                let e = chain(&e);
                 tracing::warn!("migrating without the guest agent's hints: {e}");
                 return Ok(Asked {
                     link: None,
                     hints: None,
-                    failure: Some(e.to_string()),
+                    failure: Some(e),
                 });
             }
         };
         let (hints, failure) = match link.fresh_hints(timeout) {
             Ok(Some(h)) => (Some(h), None),
             Ok(None) => (None, Some("no report from the agent in time".to_string())),
-            Err(e) => (None, Some(e.to_string())),
+            Err(e) => (None, Some(chain(&e))),
         };
         Ok(Asked {
             link: Some(link),
@@ -149,7 +151,7 @@ impl SourceAgent {
     ) -> anyhow::Result<(HintPlan, SourceHintsReport)> {
         let mut report = SourceHintsReport {
             agent_errors: asked.link.as_ref().map_or_else(Vec::new, |l| {
-                l.take_errors().iter().map(|e| e.to_string()).collect()
+                l.take_errors().iter().map(|e| chain(e)).collect()
             }),
             ..SourceHintsReport::default()
         };
@@ -219,8 +221,8 @@ impl DestAgent {
             let path = args.agent_socket.as_deref().ok_or("no --agent-socket")?;
             let timeout = args.timeout().map_err(|e| format!("{e:#}"))?;
             let link = AgentLink::connect(path, &layout, BoardLimits::default(), timeout)
-                .map_err(|e| e.to_string())?;
-            link.postcopy_started().map_err(|e| e.to_string())?;
+                .map_err(|e| chain(&e))?;
+            link.postcopy_started().map_err(|e| chain(&e))?;
             Ok((link, at.elapsed().as_secs_f64() * 1e3))
         });
         *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
@@ -248,7 +250,7 @@ impl DestAgent {
                 }
                 match link.postcopy_finished() {
                     Ok(()) => r.finished_sent = true,
-                    Err(e) => r.error = Some(e.to_string()),
+                    Err(e) => r.error = Some(chain(&e)),
                 }
             }
             Err(e) => r.error = Some(e),

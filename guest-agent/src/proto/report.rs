@@ -84,7 +84,7 @@ pub struct Report {
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ReportError {
     /// A part's ranges overlap or precede those of the parts before it.
-    #[error("part of {kind:?} report {seq} is out of order: {source}")]
+    #[error("part of {kind:?} report {seq} is out of order")]
     Ranges {
         /// Hot or free.
         kind: RangeKind,

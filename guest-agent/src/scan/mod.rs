@@ -98,7 +98,7 @@ impl Default for ScanConfig {
 #[derive(Debug, Error)]
 pub enum ScanError {
     /// `/proc/kpageflags` cannot be opened (not root, or no `CONFIG_PROC_PAGE_MONITOR`).
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open {
         /// The file.
         path: PathBuf,
@@ -106,7 +106,7 @@ pub enum ScanError {
         source: io::Error,
     },
     /// Reading frame data failed mid-scan.
-    #[error("reading {what} failed: {source}")]
+    #[error("reading {what} failed")]
     Read {
         /// Which file.
         what: &'static str,

@@ -110,7 +110,7 @@ pub enum ProtoError {
         message: String,
     },
     /// Incoming bytes did not decode.
-    #[error("malformed frame: {0}")]
+    #[error("malformed frame")]
     Codec(#[from] CodecError),
 }
 
@@ -135,7 +135,7 @@ impl ProtoError {
     pub fn to_message(&self) -> Message {
         Message::Error {
             code: self.code(),
-            message: self.to_string(),
+            message: crate::chain(self),
         }
     }
 }

@@ -94,7 +94,7 @@ pub enum DriverError {
         reason: String,
     },
     /// The session's state machine failed: a protocol violation, or an `Error` from the peer.
-    #[error("protocol error: {0}")]
+    #[error("protocol error")]
     Protocol(#[from] ProtoError),
     /// Reading or writing a stream failed while the connection was still up.
     #[error("stream error on the {channel:?} channel")]
@@ -119,7 +119,7 @@ pub enum DriverError {
     #[error("page source failed: {0}")]
     Reader(String),
     /// The [`PageSink`] could not install or store pages.
-    #[error("installing pages failed: {0}")]
+    #[error("installing pages failed")]
     Sink(#[from] SinkError),
 }
 
@@ -536,7 +536,7 @@ pub(crate) fn close_with(conn: &quinn::Connection, err: &DriverError) {
         DriverError::Stream { .. } => ErrorCode::Malformed,
         _ => ErrorCode::Internal,
     };
-    let reason = err.to_string();
+    let reason = crate::chain(err);
     let reason = &reason.as_bytes()[..reason.len().min(512)];
     conn.close(VarInt::from_u32(code as u32), reason);
 }

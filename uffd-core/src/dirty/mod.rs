@@ -78,7 +78,7 @@ pub fn open_tracker(
             Err(e @ DirtyError::Layout(_)) => Err(e),
             Err(e) => {
                 tracing::warn!(
-                    reason = %e,
+                    reason = %crate::error::chain(&e),
                     "uffd-wp-async dirty tracking unavailable; falling back to content \
                      hashing, which reads all guest memory at every harvest"
                 );
@@ -140,12 +140,14 @@ mod tests {
             dev_mode: Some((0o20600, 0, 0)),
             unprivileged_sysctl: Some("0".into()),
         }));
-        let s = e.to_string();
+        let s = crate::error::chain(&e);
         assert!(
-            s.starts_with("uffd-wp-async dirty tracking unavailable"),
+            s.starts_with("uffd-wp-async dirty tracking unavailable: "),
             "{s}"
         );
+        // The hint is the source's: in the chain, not in the error's own message.
         assert!(s.contains("sysctl -w vm.unprivileged_userfaultfd=1"), "{s}");
+        assert!(!e.to_string().contains("sysctl"), "{e}");
     }
 
     #[test]

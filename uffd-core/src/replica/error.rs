@@ -95,7 +95,7 @@ pub enum ReplicaError {
     #[error("invalid VM id {0:?}: must be non-empty, without '/' or NUL, and not '.' or '..'")]
     BadVmId(String),
     /// A system call on one of the replica's files failed.
-    #[error("{op} on {path} failed: {source}")]
+    #[error("{op} on {path} failed")]
     Io {
         /// The system call, e.g. `"pwrite"` or `"msync"`.
         op: &'static str,

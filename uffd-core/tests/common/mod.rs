@@ -185,7 +185,7 @@ impl Server {
                         continue;
                     }
                     if let Err(e) = install_content(&installer, p, Origin::Demand) {
-                        errors.push(format!("page {p}: {e}"));
+                        errors.push(format!("page {p}: {}", uffd_core::error::chain(&e)));
                     }
                 }
             }

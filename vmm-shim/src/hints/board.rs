@@ -24,7 +24,7 @@ pub enum HintError {
     /// Bytes that are not a frame, a failed checksum, or a frame whose content does not
     /// decode (bad ranges, counts past 2^52, unknown type, ...): see
     /// `guest_agent::proto::FrameReader`.
-    #[error("undecodable agent input: {0}")]
+    #[error("undecodable agent input")]
     Decode(#[from] DecodeError),
     /// More messages than [`BoardLimits::messages_per_sec`] allows; the message was
     /// dropped, and the report it belonged to with it.
@@ -58,7 +58,7 @@ pub enum HintError {
         guest_bytes: u64,
     },
     /// A part of a report is unsorted or overlaps the parts before it.
-    #[error("{kind:?} report {seq}: {source}")]
+    #[error("{kind:?} report {seq} has invalid ranges")]
     Ranges {
         /// Which list the part belongs to.
         kind: RangeKind,

@@ -25,7 +25,7 @@ use super::{BoardLimits, BoardStats, HintBoard, HintError, Hints, MapError};
 #[derive(Debug, Error)]
 pub enum AgentLinkError {
     /// [`AgentLink::connect`] could not connect to the socket before its timeout.
-    #[error("cannot connect to the agent socket {path}: {source} (is the VMM running with the agent port on that socket?)")]
+    #[error("cannot connect to the agent socket {path} (is the VMM running with the agent port on that socket?)")]
     Connect {
         /// The socket path tried.
         path: PathBuf,
@@ -33,7 +33,7 @@ pub enum AgentLinkError {
         source: std::io::Error,
     },
     /// Cloning the stream, spawning the reader thread, or writing a host message failed.
-    #[error("agent channel: {0}")]
+    #[error("the agent channel failed")]
     Io(#[from] std::io::Error),
     /// A host message was not sent because the reader already saw the channel end; holds
     /// why it ended (end of stream or the read error).
@@ -362,5 +362,17 @@ mod tests {
         .err()
         .expect("no socket there");
         assert!(err.to_string().contains("/nonexistent/agent.sock"), "{err}");
+        // The OS error is the source: the chain prints it once, after the hint.
+        let AgentLinkError::Connect { source, .. } = &err else {
+            panic!("not a connect error: {err}");
+        };
+        let cause = source.to_string();
+        assert!(!err.to_string().contains(&cause), "{err}");
+        let all = uffd_core::error::chain(&err);
+        assert!(
+            all.ends_with(&format!("on that socket?): {cause}")),
+            "{all}"
+        );
+        assert_eq!(all.matches(&*cause).count(), 1, "{all}");
     }
 }

@@ -464,7 +464,7 @@ fn connect(
                 if Instant::now() > deadline || stop.load(Ordering::Relaxed) {
                     return Err(e.into());
                 }
-                tracing::info!(error = %crate::error::chain(&e), "standby not reachable; retrying");
+                tracing::info!(error = %uffd_core::error::chain(&e), "standby not reachable; retrying");
                 std::thread::sleep(Duration::from_millis(200));
             }
         }

@@ -107,8 +107,9 @@ pub struct EvacuationStats {
     pub torn_pages_at_open: u64,
 }
 
-fn sink_err(e: impl std::fmt::Display) -> SinkError {
-    SinkError(e.to_string())
+/// The error, with its sources (which its own message leaves out), as the session's reason.
+fn sink_err(e: impl std::error::Error + 'static) -> SinkError {
+    SinkError(uffd_core::error::chain(&e))
 }
 
 impl StandbySink {
