@@ -320,7 +320,7 @@ impl Listener {
             });
         }
         if let Err(e) = &result {
-            disk_set.fail(&crate::error::chain(e));
+            disk_set.fail(&uffd_core::error::chain(e));
         }
         let metrics = metrics?;
         let (net, connected) = result?;
@@ -463,7 +463,7 @@ impl Listener {
                         tracing::warn!(error = %chain(&e), "replication session failed");
                     }
                     Err(e) => {
-                        sink.fail_disks(&crate::error::chain(&e));
+                        sink.fail_disks(&uffd_core::error::chain(&e));
                         return Err(e.into());
                     }
                 }

@@ -78,7 +78,7 @@ impl VmPages {
         // Read as much of this disk as `out` covers.
         let n = (out.len() / PAGE_SIZE).min((range.end - page) as usize);
         dev.read_at(&mut out[..n * PAGE_SIZE], (page - range.start) * UNIT)
-            .map_err(|e| crate::error::chain(&e))?;
+            .map_err(|e| uffd_core::error::chain(&e))?;
         if n * PAGE_SIZE < out.len() {
             self.read_disk(page + n as u64, &mut out[n * PAGE_SIZE..])?;
         }
@@ -306,7 +306,7 @@ impl DiskSet {
                     )))
                 }
             }
-            .map_err(|e: DiskError| SinkError(crate::error::chain(&e)))?;
+            .map_err(|e: DiskError| SinkError(uffd_core::error::chain(&e)))?;
             if stored {
                 if let PageRef::Raw(d) = p {
                     self.wire[i].fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);

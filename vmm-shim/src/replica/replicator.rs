@@ -140,7 +140,7 @@ impl GuestPages {
             // so the next harvest supersedes this version (as for memory below).
             let buf = &mut out[at..at + n * PAGE_SIZE];
             if let Err(e) = dev.read_at(buf, (page - range.start) * PAGE_SIZE as u64) {
-                tracing::warn!(page, error = %crate::error::chain(&e), "disk read for replication failed");
+                tracing::warn!(page, error = %uffd_core::error::chain(&e), "disk read for replication failed");
                 return false;
             }
             page += n as u64;

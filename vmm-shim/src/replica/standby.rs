@@ -28,7 +28,6 @@ use uffd_core::{
 
 use crate::dest::{ChannelSource, UffdSink};
 use crate::disks::{DestDisk, DiskReport, DiskSet};
-use crate::error::chain;
 use disk::{PostcopyDisk, RawFile};
 
 /// The replica a standby keeps.
@@ -261,8 +260,7 @@ impl StandbySink {
         let mut layout = transport::message::Layout::single(self.total_pages * PAGE_SIZE as u64);
         let mut dest = Vec::new();
         for d in &self.disks {
-            let file =
-                RawFile::open(&d.tier.image_path(), false).map_err(|e| sink_err(chain(&e)))?;
+            let file = RawFile::open(&d.tier.image_path(), false).map_err(sink_err)?;
             let present = |u: u64| d.tier.version(u) != 0 && !stale.get(d.pages.start + u);
             dest.push(DestDisk::new(d.name.clone(), file, present));
             layout = layout.with_disk(d.name.clone(), d.tier.total_pages() * PAGE_SIZE as u64);
@@ -271,8 +269,7 @@ impl StandbySink {
             // it was written for, so a block changed since (arrived or written here) no
             // longer verifies and a later open treats it as invalid, never as fresh.
         }
-        let set =
-            Arc::new(DiskSet::connect(&dest, &layout, requests).map_err(|e| sink_err(chain(&e)))?);
+        let set = Arc::new(DiskSet::connect(&dest, &layout, requests).map_err(sink_err)?);
         self.live_disks
             .set((dest, set))
             .map_err(|_| SinkError("switchover happened twice".into()))
