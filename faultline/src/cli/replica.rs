@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -237,8 +238,12 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let writers = mutator.stop();
     let disk_blocks_written = disk_writers.stop();
     if a.stale_pct.is_some() || a.disk.disk_stale_pct.is_some() {
+        // Caught up: a round that began after the writers stopped (two harvests on: the
+        // count of stale pages is stored at the end of a round) left nothing stale.
+        let harvests = || replicator.stats().harvests.load(Ordering::Relaxed);
+        let since = harvests();
         let deadline = Instant::now() + Duration::from_secs(120);
-        while replicator.stale_pages() > 0 && replicator.is_running() {
+        while (replicator.stale_pages() > 0 || harvests() < since + 2) && replicator.is_running() {
             if Instant::now() > deadline {
                 bail!(
                     "replication did not catch up within 120 s ({} pages stale); raise --budget-mbps",
