@@ -5,7 +5,8 @@
 //! - [`BlockDevice`]: what a front end serves (byte-addressed reads and writes, flush,
 //!   trim, write-zeroes), implemented by [`RawFile`] and wrapped by [`Tracked`].
 //! - [`WriteTracker`]: the dirty-block bitmap a source harvests.
-//! - Front ends (NBD, vhost-user-blk) serve any [`BlockDevice`].
+//! - Front ends serve any [`BlockDevice`]: [`nbd`] (an NBD server on a Unix socket or
+//!   TCP); vhost-user-blk to come.
 //!
 //! The crate knows nothing about a command line or KVM: a VMM links it as it links
 //! `vmm-shim`.
@@ -14,6 +15,7 @@
 
 mod device;
 mod file;
+pub mod nbd;
 mod tracker;
 
 pub use device::{check_range, BlockDevice, DiskError};
