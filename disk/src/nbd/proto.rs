@@ -22,8 +22,10 @@ use super::wire::*;
 pub const MAX_OPTION_DATA: u32 = 16 << 10;
 /// The longest export name, in bytes (the protocol's limit for strings).
 pub const MAX_NAME: u32 = 4096;
-/// Recycled write buffers kept for reuse ([`Session::recycle`]).
+/// Recycled write buffers kept for reuse ([`Session::recycle`]), at most.
 const SPARE_BUFFERS: usize = 16;
+/// Bytes of recycled write buffers kept, at most.
+const SPARE_BYTES: usize = 64 << 20;
 
 /// The size constraints a server advertises with `NBD_INFO_BLOCK_SIZE`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -320,7 +322,11 @@ impl Session {
 
     /// Hands back a write payload's buffer for reuse by a later write.
     pub fn recycle(&mut self, buf: Vec<u8>) {
-        if self.spare.len() < SPARE_BUFFERS && buf.capacity() > 0 {
+        let kept: usize = self.spare.iter().map(Vec::capacity).sum();
+        if self.spare.len() < SPARE_BUFFERS
+            && buf.capacity() > 0
+            && kept + buf.capacity() <= SPARE_BYTES
+        {
             self.spare.push(buf);
         }
     }

@@ -26,6 +26,11 @@ const READ_BUFFER: usize = 128 << 10;
 const DIRECT_PAYLOAD: usize = 16 << 10;
 /// A worker keeps a reply buffer up to this size between requests.
 const KEEP_REPLY_BUFFER: usize = 4 << 20;
+/// Requests a connection holds (queued or running) before its reader stops reading.
+const MAX_IN_FLIGHT: usize = 256;
+/// Bytes of write payload a connection holds (queued or running) before its reader stops
+/// reading: a client cannot make the server buffer more than this plus one request.
+const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
 
 /// How a [`Server`] serves its export.
 #[derive(Clone, Debug)]
@@ -518,6 +523,8 @@ impl Inner {
                 }
             }
             pool.take_spares(&mut session);
+            // Back-pressure: the client waits while too much is queued here.
+            pool.wait_for_room();
             let direct = session
                 .payload_buffer()
                 .filter(|b| b.len() >= DIRECT_PAYLOAD);
@@ -587,6 +594,8 @@ struct Pool {
 struct PoolShared {
     state: Mutex<PoolState>,
     ready: Condvar,
+    /// Signalled when a request finishes (for [`Pool::wait_for_room`]).
+    done: Condvar,
 }
 
 #[derive(Default)]
@@ -594,6 +603,12 @@ struct PoolState {
     jobs: VecDeque<Request>,
     /// Workers waiting for a job.
     idle: usize,
+    /// Requests queued or running.
+    in_flight: usize,
+    /// Write payload bytes queued or running.
+    in_flight_bytes: usize,
+    /// Whether the reader waits in [`Pool::wait_for_room`].
+    reader_waiting: bool,
     closed: bool,
     /// Write buffers done with, for the session to reuse.
     spares: Vec<Vec<u8>>,
@@ -605,6 +620,7 @@ impl Pool {
             shared: Arc::new(PoolShared {
                 state: Mutex::new(PoolState::default()),
                 ready: Condvar::new(),
+                done: Condvar::new(),
             }),
             threads: Mutex::new(Vec::new()),
             max,
@@ -613,12 +629,17 @@ impl Pool {
 
     fn dispatch(&self, r: Request, inner: &Arc<Inner>, conn: &Arc<Conn>) {
         let mut s = lock(&self.shared.state);
+        s.in_flight += 1;
+        s.in_flight_bytes += payload_len(&r);
         s.jobs.push_back(r);
         // Every queued job needs a waiting worker of its own, or a new one: a job must not
         // wait behind one that blocks.
         let short = s.jobs.len() > s.idle;
+        let wake = s.idle > 0;
         drop(s);
-        self.shared.ready.notify_one();
+        if wake {
+            self.shared.ready.notify_one();
+        }
         let mut threads = lock(&self.threads);
         if short && threads.len() < self.max {
             let (shared, inner, conn) = (self.shared.clone(), inner.clone(), conn.clone());
@@ -633,11 +654,20 @@ impl Pool {
         }
     }
 
+    /// Waits until fewer than [`MAX_IN_FLIGHT`] requests and [`MAX_IN_FLIGHT_BYTES`] of
+    /// payload are held.
+    fn wait_for_room(&self) {
+        let mut s = lock(&self.shared.state);
+        while s.in_flight >= MAX_IN_FLIGHT || s.in_flight_bytes >= MAX_IN_FLIGHT_BYTES {
+            s.reader_waiting = true;
+            s = self.shared.done.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.reader_waiting = false;
+    }
+
     fn take_spares(&self, session: &mut Session) {
-        if let Ok(mut s) = self.shared.state.try_lock() {
-            for b in s.spares.drain(..) {
-                session.recycle(b);
-            }
+        for b in lock(&self.shared.state).spares.drain(..) {
+            session.recycle(b);
         }
     }
 
@@ -669,6 +699,7 @@ fn worker(shared: &PoolShared, inner: &Inner, conn: &Conn) {
             }
         };
         let Some(job) = job else { return };
+        let bytes = payload_len(&job);
         let (len, spare) = execute(inner, job, &mut reply);
         if conn.send(&reply[..len]).is_err() {
             // The client is gone: make the reader notice too.
@@ -677,9 +708,24 @@ fn worker(shared: &PoolShared, inner: &Inner, conn: &Conn) {
         if reply.capacity() > KEEP_REPLY_BUFFER {
             reply = Vec::new();
         }
+        let mut s = lock(&shared.state);
+        s.in_flight -= 1;
+        s.in_flight_bytes -= bytes;
         if let Some(b) = spare {
-            lock(&shared.state).spares.push(b);
+            s.spares.push(b);
         }
+        let wake = s.reader_waiting;
+        drop(s);
+        if wake {
+            shared.done.notify_one();
+        }
+    }
+}
+
+fn payload_len(r: &Request) -> usize {
+    match &r.command {
+        Command::Write { data } => data.len(),
+        _ => 0,
     }
 }
 

@@ -892,6 +892,27 @@ fn a_blocked_read_does_not_stall_the_connection() {
 }
 
 #[test]
+fn many_blocked_requests_hold_the_reader_back_and_all_are_answered() {
+    let disk = MemDisk::gated(1 << 20, 4096);
+    disk.set_gate(false);
+    let server = Server::new(disk.clone(), ServerConfig::default());
+    let mut c = Client::connect(&server);
+    let n = 400u64;
+    let mut w = c.s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for i in 0..n {
+            w.write_all(&request(0, CMD_READ, i, 4096, 8)).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    disk.set_gate(true);
+    sender.join().unwrap();
+    let mut cookies: Vec<u64> = (0..n).map(|_| c.reply(8).1).collect();
+    cookies.sort_unstable();
+    assert_eq!(cookies, (0..n).collect::<Vec<_>>());
+}
+
+#[test]
 fn bad_clients_end_only_their_own_connection() {
     let disk = MemDisk::new(1 << 20);
     let before = disk.snapshot();
