@@ -5,7 +5,9 @@
 //! - [`BlockDevice`]: what a front end serves (byte-addressed reads and writes, flush,
 //!   trim, write-zeroes), implemented by [`RawFile`] and wrapped by [`Tracked`].
 //! - [`WriteTracker`]: the dirty-block bitmap a source harvests.
-//! - Front ends (NBD, vhost-user-blk) serve any [`BlockDevice`].
+//! - [`PostcopyDisk`]: a disk served at a destination while its stale blocks arrive.
+//! - Front ends serve any [`BlockDevice`]: [`nbd`] (an NBD server on a Unix socket or
+//!   TCP); vhost-user-blk to come.
 //!
 //! The crate knows nothing about a command line or KVM: a VMM links it as it links
 //! `vmm-shim`.
@@ -14,6 +16,7 @@
 
 mod device;
 mod file;
+pub mod nbd;
 pub mod postcopy;
 mod tracker;
 

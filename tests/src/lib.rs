@@ -2,6 +2,7 @@
 //! source and destination processes on loopback, with certificates made per test.
 
 pub mod loopback;
+pub mod nbd;
 pub mod qemu;
 
 use std::io::{BufRead, BufReader, Read};

@@ -2,6 +2,7 @@
 
 mod demo;
 mod demo_replica;
+mod disk;
 pub mod outcome;
 mod replica;
 mod roles;
@@ -38,6 +39,7 @@ impl Command {
             Command::Replicate(_) => Some("source (replicate)"),
             Command::Standby(_) => Some("standby"),
             Command::Vm(_) => Some("VMM"),
+            Command::Disk(_) => Some("disk server"),
             Command::Demo(_) | Command::Keygen(_) | Command::WanEmu(_) => None,
         }
     }
@@ -81,6 +83,8 @@ pub enum Command {
     /// Emulate a WAN link (delay, jitter, rate, loss, cuts) as a UDP relay between a source
     /// and a destination; commands on stdin, counters as JSON lines.
     WanEmu(wan::WanArgs),
+    /// Virtual disks: `disk serve` exports a raw image over NBD with write tracking.
+    Disk(disk::DiskArgs),
 }
 
 /// This side's identity and the peer certificate it pins.
@@ -232,5 +236,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Standby(a) => replica::standby(a),
         Command::Vm(a) => vm::run(a),
         Command::WanEmu(a) => wan::run(a),
+        Command::Disk(a) => disk::run(a),
     }
 }

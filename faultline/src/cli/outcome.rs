@@ -114,6 +114,8 @@ fn other_kind(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
         || cause.is::<std::io::Error>()
         || cause.is::<uffd_core::Error>()
         || cause.is::<refvmm::VmError>()
+        || cause.is::<disk::OpenError>()
+        || cause.is::<disk::nbd::ServeError>()
     {
         return Some(Kind::LocalIo);
     }

@@ -1,0 +1,245 @@
+//! `faultline disk serve`: a raw disk image exported over NBD (`disk::nbd`) with write
+//! tracking on, until SIGTERM or SIGINT; then the blocks written are reported.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{ArgGroup, Args, Subcommand};
+use disk::nbd::{BlockSizes, Server, ServerConfig, Stats};
+use disk::{BlockDevice, BlockSize, RawFile, Tracked, WriteTracker};
+use serde::Serialize;
+
+use super::parse_bytes;
+
+#[derive(Args, Debug)]
+pub struct DiskArgs {
+    #[command(subcommand)]
+    pub command: DiskCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCommand {
+    /// Export a raw image over NBD with write tracking; on SIGTERM or SIGINT stop and report
+    /// the blocks written.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("listen").required(true).multiple(true).args(["nbd_unix", "nbd_tcp"])))]
+pub struct ServeArgs {
+    /// The raw disk image (a whole number of 4 KiB blocks).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Listen on this Unix socket: clients use `nbd+unix:///NAME?socket=PATH`.
+    #[arg(long)]
+    pub nbd_unix: Option<PathBuf>,
+    /// Listen on this TCP address (port 0 picks one): clients use `nbd://HOST:PORT/NAME`.
+    #[arg(long)]
+    pub nbd_tcp: Option<SocketAddr>,
+    /// Refuse writes (clients see NBD_FLAG_READ_ONLY).
+    #[arg(long)]
+    pub read_only: bool,
+    /// The export's name; clients asking for the default export ("") get it too.
+    #[arg(long, default_value = "")]
+    pub export: String,
+    /// Granularity of write tracking (a power of two from 4K to 1M), also advertised as
+    /// the preferred block size.
+    #[arg(long, value_parser = parse_block_size, default_value = "4096")]
+    pub block_size: BlockSize,
+    /// Do not track writes (to measure what tracking costs).
+    #[arg(long)]
+    pub no_track: bool,
+    /// Print one JSON object at exit instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_block_size(s: &str) -> Result<BlockSize, String> {
+    let bytes = parse_bytes(s)?;
+    u32::try_from(bytes)
+        .ok()
+        .and_then(BlockSize::new)
+        .ok_or_else(|| format!("{s:?} is not a power of two from 4K to 1M"))
+}
+
+/// What `faultline disk serve --json` prints when it stops.
+#[derive(Debug, Serialize)]
+pub struct ServeOutput {
+    pub image: String,
+    pub export: String,
+    pub size_bytes: u64,
+    pub read_only: bool,
+    /// Where it listened, as NBD URIs.
+    pub listen: Vec<String>,
+    /// Whether writes were tracked.
+    pub tracking: bool,
+    /// The tracking granularity in bytes.
+    pub block_size: u64,
+    /// Blocks written (by writes, trims and write-zeroes) while it served; `null` without
+    /// tracking.
+    pub blocks_written: Option<u64>,
+    /// The written blocks as inclusive `[first, last]` ranges of block indices, ascending.
+    pub written_ranges: Option<Vec<[u64; 2]>>,
+    /// What the NBD server did.
+    pub nbd: Stats,
+    /// Why it stopped.
+    pub stopped_by: String,
+}
+
+pub fn run(a: DiskArgs) -> anyhow::Result<ExitCode> {
+    match a.command {
+        DiskCommand::Serve(a) => serve(a),
+    }
+}
+
+fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let image = RawFile::open(&a.image, a.read_only)?;
+    let size = image.size();
+    let (device, tracker): (Arc<dyn BlockDevice>, Option<Arc<WriteTracker>>) = if a.no_track {
+        (Arc::new(image), None)
+    } else {
+        let tracked = Tracked::new(image, a.block_size);
+        let tracker = tracked.tracker().clone();
+        (Arc::new(tracked), Some(tracker))
+    };
+    let block_sizes = BlockSizes::new(
+        1,
+        a.block_size.bytes() as u32,
+        BlockSizes::DEFAULT.max_payload(),
+    )
+    .context("the block size does not fit NBD's size constraints")?;
+    let server = Server::new(
+        device,
+        ServerConfig {
+            export_name: a.export.clone(),
+            block_sizes,
+            ..ServerConfig::default()
+        },
+    );
+    let name = uri_name(&a.export);
+    let mut listen = Vec::new();
+    if let Some(path) = &a.nbd_unix {
+        let path = server.serve_unix(path)?;
+        listen.push(format!("nbd+unix:///{name}?socket={}", path.display()));
+    }
+    if let Some(addr) = a.nbd_tcp {
+        let addr = server.serve_tcp(addr)?;
+        listen.push(format!("nbd://{addr}/{name}"));
+    }
+    // Always on stderr (with --json too: stdout holds only the final object), so a parent
+    // process learns a port it let the system pick.
+    for uri in &listen {
+        eprintln!("listening on {uri}");
+    }
+    let stopped_by = loop {
+        if let Some(why) = super::stopper().reason() {
+            break why;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    server.stop();
+    let ranges = tracker.as_ref().map(|t| ranges(&t.harvest()));
+    let out = ServeOutput {
+        image: a.image.display().to_string(),
+        export: a.export,
+        size_bytes: size,
+        read_only: a.read_only,
+        listen,
+        tracking: tracker.is_some(),
+        block_size: a.block_size.bytes(),
+        blocks_written: ranges
+            .as_ref()
+            .map(|r| r.iter().map(|[a, b]| b - a + 1).sum()),
+        written_ranges: ranges,
+        nbd: server.stats(),
+        stopped_by,
+    };
+    if a.json {
+        super::outcome::print_report(&out)?;
+    } else {
+        print_text(&out);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The export name as it appears in an NBD URI's path.
+fn uri_name(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Ascending block indices as inclusive runs.
+fn ranges(blocks: &[u64]) -> Vec<[u64; 2]> {
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some(r) if r[1] + 1 == b => r[1] = b,
+            _ => out.push([b, b]),
+        }
+    }
+    out
+}
+
+fn print_text(o: &ServeOutput) {
+    println!("stopped: {}", o.stopped_by);
+    println!(
+        "served {} ({} bytes{}) to {} connection(s): {} reads, {} writes, {} flushes, {} trims, {} write-zeroes, {} errors",
+        o.image,
+        o.size_bytes,
+        if o.read_only { ", read-only" } else { "" },
+        o.nbd.connections,
+        o.nbd.reads,
+        o.nbd.writes,
+        o.nbd.flushes,
+        o.nbd.trims,
+        o.nbd.write_zeroes,
+        o.nbd.errors,
+    );
+    match (&o.blocks_written, &o.written_ranges) {
+        (Some(n), Some(r)) => {
+            let list: Vec<String> = r
+                .iter()
+                .map(|[a, b]| {
+                    if a == b {
+                        format!("{a}")
+                    } else {
+                        format!("{a}-{b}")
+                    }
+                })
+                .collect();
+            println!(
+                "blocks written ({} bytes each): {n}{}{}",
+                o.block_size,
+                if list.is_empty() { "" } else { ": " },
+                list.join(", ")
+            );
+        }
+        _ => println!("writes were not tracked"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_names() {
+        assert_eq!(ranges(&[]), Vec::<[u64; 2]>::new());
+        assert_eq!(ranges(&[0, 1, 2, 5, 7, 8]), vec![[0, 2], [5, 5], [7, 8]]);
+        assert_eq!(uri_name("vda"), "vda");
+        assert_eq!(uri_name("a b/c"), "a%20b%2Fc");
+        assert!(parse_block_size("64K").is_ok());
+        assert!(parse_block_size("1000").is_err());
+        assert!(parse_block_size("8M").is_err());
+    }
+}
