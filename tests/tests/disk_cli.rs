@@ -135,3 +135,158 @@ fn a_plain_migration_moves_a_disk_with_memory() {
     );
     assert_eq!(d["disk_reads"]["errors"], 0, "{d}");
 }
+
+/// Waits for a Unix socket to appear (an export that starts when the VM resumes).
+fn wait_for_socket(path: &std::path::Path, what: &str) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn qemu_tools_use_the_disk_at_the_source_and_at_an_evacuating_standby() {
+    use faultline_tests::nbd::{qemu_io_ok, qemu_tool};
+    use std::os::unix::fs::FileExt;
+    let certs = Certs::new();
+    let shm = ShmDir::new("disk-nbd");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("vda.img");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&image).unwrap());
+        for b in 0..DISK_BLOCKS {
+            f.write_all(&[(b % 13) as u8 + 1; 4096]).unwrap();
+        }
+    }
+    let (src_sock, dst_sock) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
+    let uri = |p: &std::path::Path| format!("nbd+unix:///?socket={}", p.display());
+    let disk_dir = dir.path().join("standby-disks");
+    let standby = DestProcess::standby(
+        &certs,
+        "127.0.0.1:0",
+        &[
+            "--size",
+            "32M",
+            "--replica-dir",
+            &shm.arg(),
+            "--disk",
+            "vda=32M",
+            "--disk-dir",
+            &disk_dir.display().to_string(),
+            "--disk-nbd-unix",
+            &format!("vda={}", dst_sock.display()),
+            "--serve-after",
+        ],
+    );
+    // The evacuation crosses a slow link (20 Mbit/s, 20 ms): ~2.7 s for the 20% of the disk
+    // that is stale, during which QEMU's tools use the disk at the standby.
+    let wan = wan_emu::WanEmulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        standby.addr.parse().unwrap(),
+        wan_emu::LinkConfig::new(Duration::from_millis(20), 20_000_000),
+    )
+    .unwrap();
+    let src = Background::replicate(
+        &certs,
+        &standby.addr,
+        &[
+            "--synthetic",
+            "32M",
+            "--evacuate-after",
+            "3",
+            "--stale-pct",
+            "0",
+            "--disk",
+            &format!("vda={}", image.display()),
+            "--disk-nbd-unix",
+            &format!("vda={}", src_sock.display()),
+            "--disk-stale-pct",
+            "20",
+            "--evacuate-connect",
+            &wan.local_addr().to_string(),
+        ],
+    );
+
+    // Normal times: QEMU writes the source's disk through faultline's export (tracked).
+    wait_for_socket(&src_sock, "the source's export");
+    qemu_io_ok(
+        &uri(&src_sock),
+        &[
+            "write -P 0xa1 1M 64k",
+            "write -P 0xa2 33554400 32",
+            "read -P 0xa1 1M 64k",
+        ],
+    );
+
+    // The standby resumes the VM: its export appears while stale blocks are still coming.
+    // The source's image is final from the switchover on: QEMU compares the whole disk
+    // through the standby's export (stale blocks fetched as it reads), then writes.
+    wait_for_socket(&dst_sock, "the standby's export");
+    let compare = |want: &std::path::Path| {
+        let out = std::process::Command::new(qemu_tool("qemu-img"))
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(uri(&dst_sock))
+            .arg(want)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "qemu-img compare: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    compare(&image);
+    qemu_io_ok(
+        &uri(&dst_sock),
+        &[
+            "write -P 0xb2 8M 4k",
+            "write -P 0xc3 16777316 300",
+            "read -P 0xb2 8M 4k",
+            "read -P 0xc3 16777316 300",
+        ],
+    );
+    let src = src.wait(TIMEOUT);
+    assert!(src.status.success(), "replicate failed: {}", src.stderr);
+
+    // After the evacuation (still exported with --serve-after): the standby's disk is the
+    // source's at switchover plus what QEMU wrote at the standby.
+    let want = dir.path().join("want.img");
+    std::fs::copy(&image, &want).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&want).unwrap();
+    f.write_all_at(&[0xb2; 4096], 8 << 20).unwrap();
+    f.write_all_at(&[0xc3; 300], 16777316).unwrap();
+    compare(&want);
+    let map = std::process::Command::new(qemu_tool("qemu-img"))
+        .args(["map", "-f", "raw", "--output=json"])
+        .arg(uri(&dst_sock))
+        .output()
+        .unwrap();
+    assert!(
+        map.status.success(),
+        "{}",
+        String::from_utf8_lossy(&map.stderr)
+    );
+
+    // SAFETY: kill only reads its integer arguments; the pid is our running child's.
+    unsafe { libc::kill(standby.pid() as libc::pid_t, libc::SIGTERM) };
+    let dst = standby.wait(TIMEOUT);
+    assert!(dst.status.success(), "standby failed: {}", dst.stderr);
+    let (s, d) = (&src.json, &dst.json);
+    assert_eq!(s["digest"], d["digest"], "memory differs");
+    let r = &d["disks"][0];
+    // 20% of the blocks; QEMU's writes at the source were replicated before the pause.
+    assert_eq!(r["blocks_stale"], 1638, "{r}");
+    assert!(
+        r["postcopy"].is_null() && r["units_fetched"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+    assert_eq!(
+        d["disk_digests"][0]["digest"].as_str().unwrap(),
+        vmm_shim::digest::digest(&std::fs::read(&want).unwrap())
+    );
+}

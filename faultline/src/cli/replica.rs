@@ -25,8 +25,8 @@ use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
 
 use super::roles::{emit_event, identity};
 use super::vm_disks::{
-    digest_disk, dirty_disks, open_standby_disks, DiskDigest, DiskReaders, DiskWriters,
-    ReceiveDiskArgs, SourceDiskArgs, SourceDisks,
+    check_exports, digest_disk, dirty_disks, export_received, open_standby_disks, wait_for_stop,
+    DiskDigest, DiskReaders, DiskWriters, NbdExports, ReceiveDiskArgs, SourceDiskArgs, SourceDisks,
 };
 use super::{parse_size, TlsArgs};
 
@@ -219,6 +219,11 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         idle_priority: !a.replicator_normal_priority,
     };
     let disks = SourceDisks::open(&a.disk)?;
+    check_exports(
+        &a.disk.nbd_unix,
+        disks.disks.iter().map(|(n, _)| n.as_str()),
+    )?;
+    let exports = NbdExports::start(&disks.devices(), &a.disk.nbd_unix)?;
     let replicated = disks.replicated();
     let replicator =
         Replicator::start_with_disks(&regions, &replicated, layout.clone(), tracker, opts)?;
@@ -237,6 +242,8 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     // Pause the guest: from here its memory is what the destination must end up with.
     let writers = mutator.stop();
     let disk_blocks_written = disk_writers.stop();
+    // NBD clients are part of the guest: they pause with it.
+    exports.stop();
     if a.stale_pct.is_some() || a.disk.disk_stale_pct.is_some() {
         // Caught up: a round that began after the writers stopped (two harvests on: the
         // count of stale pages is stored at the end of a round) left nothing stale.
@@ -356,6 +363,7 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
             )?))
         }
     };
+    a.disk.check()?;
     let disk_replicas = open_standby_disks(&a.disk)?;
     let layout = a
         .disk
@@ -380,12 +388,16 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
             sink.torn_pages()
         );
     }
-    let workload: Arc<Mutex<Option<(Workload, DiskReaders)>>> = Arc::default();
+    type Running = (Workload, DiskReaders, anyhow::Result<NbdExports>);
+    let workload: Arc<Mutex<Option<Running>>> = Arc::default();
     let started = workload.clone();
     let workers = a.workers;
     let readers = a.disk.disk_readers;
     let disk_sink = sink.clone();
+    let nbd = a.disk.nbd_unix.clone();
     let result = listener.serve_standby(sink.clone(), &layout, move |region, _state| {
+        // The disks are served from here on: to the NBD clients and the stand-in readers.
+        let exports = export_received(disk_sink.disk_devices(), &nbd);
         let w = Workload::start(&[region], workers, 0x5eed, Pattern::Random);
         let devices = disk_sink
             .disk_devices()
@@ -393,13 +405,24 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
             .map(|(_, d)| d)
             .collect();
         let r = DiskReaders::start(devices, readers);
-        *started.lock().unwrap_or_else(|p| p.into_inner()) = Some((w, r));
+        *started.lock().unwrap_or_else(|p| p.into_inner()) = Some((w, r, exports));
     });
-    let (workload, disk_reads) = match workload.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some((w, r)) => (w.stop(), Some(r.stop())),
-        None => (WorkloadReport::default(), None),
+    let running = workload.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let (workload, disk_reads, exports) = match running {
+        Some((w, r, e)) => (w.stop(), Some(r.stop()), Some(e)),
+        None => (WorkloadReport::default(), None, None),
     };
     let report = result?;
+    let exports = exports.transpose()?;
+    if a.disk.serve_after {
+        if !a.json {
+            eprintln!("evacuation complete; serving the disks until SIGTERM or SIGINT");
+        }
+        wait_for_stop();
+    }
+    if let Some(e) = exports {
+        e.stop();
+    }
     let disk_digests = sink
         .disk_devices()
         .iter()

@@ -15,7 +15,10 @@ use uffd_core::GuestMemory;
 use vmm_shim::digest::digest;
 use vmm_shim::{DestOptions, DestReport, Listener, SourceOptions};
 
-use super::vm_disks::{create_dest_disks, digest_disk, DiskDigest, DiskReaders};
+use super::vm_disks::{
+    create_dest_disks, digest_disk, export_received, wait_for_stop, DiskDigest, DiskReaders,
+    NbdExports,
+};
 use super::{DestArgs, KeygenArgs, SourceArgs, TlsArgs, EVENT_PREFIX};
 
 /// What `faultline source --json` prints.
@@ -193,6 +196,7 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
         GuestMemory::anonymous(size)?
     };
     let regions = [memory.host_region()];
+    a.disk.check()?;
     let disks = create_dest_disks(&a.disk)?;
     let layout = a
         .disk
@@ -202,21 +206,39 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
             l.with_disk(n.clone(), *size)
         });
     let devices: Vec<_> = disks.iter().map(|d| d.device().clone()).collect();
-    let workload: Arc<Mutex<Option<(Workload, DiskReaders)>>> = Arc::default();
+    type Running = (Workload, DiskReaders, anyhow::Result<NbdExports>);
+    let workload: Arc<Mutex<Option<Running>>> = Arc::default();
     let started = workload.clone();
     let (workers, seed, pattern) = (a.workers, a.size ^ 0x5eed, a.pattern);
     let worker_regions = regions.clone();
     let readers = a.disk.disk_readers;
+    let named: Vec<_> = disks
+        .iter()
+        .map(|d| (d.name().to_string(), d.device().clone()))
+        .collect();
+    let nbd = a.disk.nbd_unix.clone();
     let result = listener.receive_vm_with_disks(&regions, &disks, &layout, move |_| {
+        let exports = export_received(named, &nbd);
         let w = Workload::start(&worker_regions, workers, seed, pattern);
         let r = DiskReaders::start(devices, readers);
-        *started.lock().unwrap_or_else(|p| p.into_inner()) = Some((w, r));
+        *started.lock().unwrap_or_else(|p| p.into_inner()) = Some((w, r, exports));
     });
-    let (workload, disk_reads) = match workload.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some((w, r)) => (w.stop(), Some(r.stop())),
-        None => (WorkloadReport::default(), None),
+    let running = workload.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let (workload, disk_reads, exports) = match running {
+        Some((w, r, e)) => (w.stop(), Some(r.stop()), Some(e)),
+        None => (WorkloadReport::default(), None, None),
     };
     let report = result?;
+    let exports = exports.transpose()?;
+    if a.disk.serve_after {
+        if !a.json {
+            eprintln!("migration complete; serving the disks until SIGTERM or SIGINT");
+        }
+        wait_for_stop();
+    }
+    if let Some(e) = exports {
+        e.stop();
+    }
     let disk_digests = disks
         .iter()
         .map(|d| digest_disk(d.name(), &**d.device()))

@@ -112,6 +112,10 @@ pub struct SourceDiskArgs {
     /// replication caught up, stop it, then write that many blocks.
     #[arg(long)]
     pub disk_stale_pct: Option<f64>,
+    /// Export disk NAME over NBD on the Unix socket PATH while it replicates (writes are
+    /// tracked), as NAME=PATH (repeatable); the export stops when the guest pauses.
+    #[arg(long = "disk-nbd-unix", value_parser = parse_disk_path)]
+    pub nbd_unix: Vec<(String, PathBuf)>,
 }
 
 /// The disks a receiving side serves (`faultline standby`, `faultline dest`).
@@ -129,6 +133,92 @@ pub struct ReceiveDiskArgs {
     /// each disk until it is complete.
     #[arg(long, default_value_t = 1)]
     pub disk_readers: usize,
+    /// Export disk NAME over NBD on the Unix socket PATH from the moment the VM resumes
+    /// (`nbd+unix:///?socket=PATH`), as NAME=PATH (repeatable). Blocks not here yet are
+    /// fetched when a client reads them.
+    #[arg(long = "disk-nbd-unix", value_parser = parse_disk_path)]
+    pub nbd_unix: Vec<(String, PathBuf)>,
+    /// Keep exporting the disks after the migration ended, until SIGTERM or SIGINT (the
+    /// report is printed then).
+    #[arg(long, requires = "nbd_unix")]
+    pub serve_after: bool,
+}
+
+impl ReceiveDiskArgs {
+    /// Checks that every exported disk is one of `--disk`.
+    pub fn check(&self) -> anyhow::Result<()> {
+        check_exports(&self.nbd_unix, self.disks.iter().map(|(n, _)| n.as_str()))
+    }
+}
+
+pub fn check_exports<'a>(
+    exports: &[(String, PathBuf)],
+    names: impl Iterator<Item = &'a str>,
+) -> anyhow::Result<()> {
+    let names: Vec<&str> = names.collect();
+    for (n, _) in exports {
+        if !names.contains(&n.as_str()) {
+            bail!("--disk-nbd-unix names disk {n:?}, which no --disk gives");
+        }
+    }
+    Ok(())
+}
+
+/// Exports the devices of the disks a receiving side serves, once it resumes the VM.
+pub fn export_received(
+    devices: Vec<(String, Arc<PostcopyDisk<RawFile>>)>,
+    exports: &[(String, PathBuf)],
+) -> anyhow::Result<NbdExports> {
+    let devices: Vec<(String, Arc<dyn BlockDevice>)> = devices
+        .into_iter()
+        .map(|(n, d)| (n, d as Arc<dyn BlockDevice>))
+        .collect();
+    NbdExports::start(&devices, exports)
+}
+
+/// NBD exports of a VM's disks (`--disk-nbd-unix`), stopped when dropped.
+#[derive(Default)]
+pub struct NbdExports {
+    servers: Vec<disk::nbd::Server>,
+}
+
+impl NbdExports {
+    /// Exports each disk `exports` names on its socket.
+    pub fn start(
+        devices: &[(String, Arc<dyn BlockDevice>)],
+        exports: &[(String, PathBuf)],
+    ) -> anyhow::Result<NbdExports> {
+        let mut servers = Vec::new();
+        for (name, path) in exports {
+            let Some((_, dev)) = devices.iter().find(|(n, _)| n == name) else {
+                bail!("no disk {name:?} to export");
+            };
+            let server = disk::nbd::Server::new(dev.clone(), disk::nbd::ServerConfig::default());
+            server
+                .serve_unix(path)
+                .with_context(|| format!("exporting disk {name}"))?;
+            tracing::info!(disk = %name, socket = %path.display(), "disk exported over NBD");
+            servers.push(server);
+        }
+        Ok(NbdExports { servers })
+    }
+
+    /// Stops every export (requests running finish first).
+    pub fn stop(self) {
+        for s in &self.servers {
+            s.stop();
+        }
+    }
+}
+
+/// Waits for SIGTERM or SIGINT (the process's stopper).
+pub fn wait_for_stop() -> String {
+    loop {
+        if let Some(why) = super::stopper().reason() {
+            return why;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A source disk, tracked.
@@ -147,6 +237,14 @@ impl SourceDisks {
             ));
         }
         Ok(SourceDisks { disks })
+    }
+
+    /// The disks as devices to export.
+    pub fn devices(&self) -> Vec<(String, Arc<dyn BlockDevice>)> {
+        self.disks
+            .iter()
+            .map(|(n, d)| (n.clone(), d.clone() as Arc<dyn BlockDevice>))
+            .collect()
     }
 
     pub fn replicated(&self) -> Vec<ReplicatedDisk> {
