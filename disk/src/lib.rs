@@ -5,7 +5,8 @@
 //! - [`BlockDevice`]: what a front end serves (byte-addressed reads and writes, flush,
 //!   trim, write-zeroes), implemented by [`RawFile`] and wrapped by [`Tracked`].
 //! - [`WriteTracker`]: the dirty-block bitmap a source harvests.
-//! - Front ends (NBD, vhost-user-blk) serve any [`BlockDevice`].
+//! - Front ends (NBD, vhost-user-blk) serve any [`BlockDevice`]: [`vhost_user`] serves one
+//!   to a VMM as a virtio-blk device over a vhost-user socket.
 //!
 //! The crate knows nothing about a command line or KVM: a VMM links it as it links
 //! `vmm-shim`.
@@ -15,6 +16,7 @@
 mod device;
 mod file;
 mod tracker;
+pub mod vhost_user;
 
 pub use device::{check_range, BlockDevice, DiskError};
 pub use file::{OpenError, RawFile};
