@@ -2,6 +2,7 @@
 
 mod demo;
 mod demo_replica;
+mod disk_vhost;
 pub mod outcome;
 mod replica;
 mod roles;
@@ -37,6 +38,7 @@ impl Command {
             Command::Replicate(_) => Some("source (replicate)"),
             Command::Standby(_) => Some("standby"),
             Command::Vm(_) => Some("VMM"),
+            Command::DiskVhost(_) => Some("vhost-user-blk backend"),
             Command::Demo(_) | Command::Keygen(_) | Command::WanEmu(_) => None,
         }
     }
@@ -80,6 +82,8 @@ pub enum Command {
     /// Emulate a WAN link (delay, jitter, rate, loss, cuts) as a UDP relay between a source
     /// and a destination; commands on stdin, counters as JSON lines.
     WanEmu(wan::WanArgs),
+    /// Serve a raw disk image to a VMM over vhost-user-blk, tracking the blocks written.
+    DiskVhost(disk_vhost::DiskVhostArgs),
 }
 
 /// This side's identity and the peer certificate it pins.
@@ -227,5 +231,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Standby(a) => replica::standby(a),
         Command::Vm(a) => vm::run(a),
         Command::WanEmu(a) => wan::run(a),
+        Command::DiskVhost(a) => disk_vhost::run(a),
     }
 }
