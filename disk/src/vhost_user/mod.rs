@@ -153,6 +153,18 @@ pub struct BlkStats {
     pub unsupported: u64,
     /// Requests the disk failed (`VIRTIO_BLK_S_IOERR`).
     pub disk_errors: u64,
+    /// Well-framed requests by type, whatever their outcome: IN.
+    pub reads: u64,
+    /// OUT.
+    pub writes: u64,
+    /// FLUSH.
+    pub flushes: u64,
+    /// DISCARD.
+    pub discards: u64,
+    /// WRITE_ZEROES.
+    pub write_zeroes: u64,
+    /// GET_ID.
+    pub get_ids: u64,
 }
 
 #[derive(Default)]
@@ -162,6 +174,12 @@ struct Counters {
     malformed: AtomicU64,
     unsupported: AtomicU64,
     disk_errors: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    discards: AtomicU64,
+    write_zeroes: AtomicU64,
+    get_ids: AtomicU64,
 }
 
 /// A job for the pool.
@@ -327,6 +345,12 @@ impl VhostUserBlk {
             malformed: get(&c.malformed),
             unsupported: get(&c.unsupported),
             disk_errors: get(&c.disk_errors),
+            reads: get(&c.reads),
+            writes: get(&c.writes),
+            flushes: get(&c.flushes),
+            discards: get(&c.discards),
+            write_zeroes: get(&c.write_zeroes),
+            get_ids: get(&c.get_ids),
         }
     }
 
@@ -448,6 +472,20 @@ impl Inner {
     /// Runs a request on a pool thread and completes it.
     fn run(&self, q: usize, vring: &Vring, mem: &Mem, req: Request) {
         let _flight = Flight(&self.gates[q]);
+        use virtio_bindings::virtio_blk as b;
+        let c = &self.counters;
+        let by_kind = match req.kind() {
+            b::VIRTIO_BLK_T_IN => Some(&c.reads),
+            b::VIRTIO_BLK_T_OUT => Some(&c.writes),
+            b::VIRTIO_BLK_T_FLUSH => Some(&c.flushes),
+            b::VIRTIO_BLK_T_DISCARD => Some(&c.discards),
+            b::VIRTIO_BLK_T_WRITE_ZEROES => Some(&c.write_zeroes),
+            b::VIRTIO_BLK_T_GET_ID => Some(&c.get_ids),
+            _ => None,
+        };
+        if let Some(n) = by_kind {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
         let done = req.run(mem, &self.device());
         let counter = match done.why {
             None => None,

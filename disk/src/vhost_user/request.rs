@@ -299,6 +299,11 @@ pub(crate) struct Device<'a> {
 }
 
 impl Request {
+    /// The request type (`VIRTIO_BLK_T_*`).
+    pub(crate) fn kind(&self) -> u32 {
+        self.kind
+    }
+
     /// Runs the request against the disk and guest memory (the status byte is the
     /// caller's to write).
     pub(crate) fn run<M: GuestMemory>(&self, mem: &M, dev: &Device<'_>) -> Done {

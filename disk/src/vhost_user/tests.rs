@@ -415,6 +415,7 @@ fn a_blocked_read_does_not_stall_the_queue_and_stopping_waits_for_it() {
             (s.requests, s.unanswered, s.malformed, s.disk_errors),
             (4, 1, 1, 0)
         );
+        assert_eq!((s.reads, s.writes, s.flushes), (2, 1, 0));
     }
 }
 
