@@ -262,7 +262,7 @@ impl VhostUserBlk {
         if !block.is_power_of_two() || !(512..=4096).contains(&block) {
             return Err(BlkError::BlockSize(block));
         }
-        if disk.size() % u64::from(block) != 0 {
+        if !disk.size().is_multiple_of(u64::from(block)) {
             return Err(BlkError::DiskSize {
                 size: disk.size(),
                 block,

@@ -342,7 +342,7 @@ impl Request {
 
     /// The byte range `len` bytes at `self.sector` cover, if it lies on the disk.
     fn range(&self, len: u64, dev: &Device<'_>) -> Result<u64, Done> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(Done::malformed("the data is not a whole number of sectors"));
         }
         let offset = self
@@ -418,7 +418,7 @@ impl Request {
             return Done::malformed("a discard or write-zeroes carries device-writable data");
         }
         let len = self.readable.len();
-        if len == 0 || len % SEGMENT_LEN != 0 {
+        if len == 0 || !len.is_multiple_of(SEGMENT_LEN) {
             return Done::malformed("the segments are not a whole number of 16-byte entries");
         }
         if len / SEGMENT_LEN > u64::from(max_seg) {
