@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::device::{check_range, DiskError};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use virtio_bindings::virtio_blk::{virtio_blk_config, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
@@ -463,4 +464,75 @@ fn serve_stops_before_and_without_a_frontend() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("missing/blk.sock"), "{e}");
+}
+
+/// Serves `blk` on a socket in `dir` from a thread; the socket exists when this returns.
+fn serving(
+    dir: &Path,
+    blk: VhostUserBlk,
+) -> (
+    PathBuf,
+    StopHandle,
+    std::thread::JoinHandle<Result<Ended, ServeError>>,
+) {
+    let sock = dir.join("blk.sock");
+    let stop = StopHandle::new().unwrap();
+    let t = {
+        let (sock, stop) = (sock.clone(), stop.clone());
+        std::thread::spawn(move || serve(&sock, blk, &stop))
+    };
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(sock.exists(), "serve did not listen");
+    (sock, stop, t)
+}
+
+#[test]
+fn a_vhost_user_frontend_negotiates_and_reads_the_config_then_disconnects_or_is_stopped() {
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+
+    let dir = tempfile::tempdir().unwrap();
+    for stop_it in [false, true] {
+        let opts = BlkOptions {
+            serial: "proto".into(),
+            ..BlkOptions::default()
+        };
+        let blk = VhostUserBlk::new(GatedDisk::new(true), opts).unwrap();
+        let (sock, stop, t) = serving(dir.path(), blk.clone());
+        let mut fe = Frontend::connect(&sock, 1).unwrap();
+        fe.set_owner().unwrap();
+        let features = fe.get_features().unwrap();
+        assert_eq!(features, blk.features());
+        assert_ne!(features & (1 << VIRTIO_BLK_F_RO), 0);
+        fe.set_features(features).unwrap();
+        let pf = fe.get_protocol_features().unwrap();
+        assert!(pf.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
+        fe.set_protocol_features(pf).unwrap();
+        assert_eq!(fe.get_queue_num().unwrap(), 1);
+        let (_, config) = fe
+            .get_config(
+                0,
+                CONFIG_LEN as u32,
+                VhostUserConfigFlags::WRITABLE,
+                &[0; CONFIG_LEN],
+            )
+            .unwrap();
+        assert_eq!(config, blk.config().to_vec());
+        if stop_it {
+            // Stopped while a frontend is connected: the connection is closed.
+            stop.stop();
+            assert_eq!(t.join().unwrap().unwrap(), Ended::Stopped);
+            drop(fe);
+        } else {
+            drop(fe);
+            assert_eq!(t.join().unwrap().unwrap(), Ended::Disconnected);
+        }
+        assert!(!sock.exists(), "the socket file was left behind");
+    }
 }
