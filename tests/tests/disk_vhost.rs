@@ -7,7 +7,8 @@
 //! and size, fsyncs (a FLUSH), discards a range and reads zeroes there, then powers off.
 //! The host then checks that the image is byte for byte the pattern with the guest's
 //! writes and the discard applied, and that the blocks `disk-vhost` reports as written are
-//! exactly the blocks the guest wrote or discarded.
+//! exactly the blocks the guest wrote or discarded. A second guest finds a `--read-only`
+//! disk read-only (a write fails; the image does not change).
 //!
 //! Skipped, with the reason, only if QEMU or the kernel cannot be installed (not root, no
 //! package registry), as the guest-agent test is: run `scripts/guest-image.sh` as root.
@@ -19,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use faultline_tests::faultline_bin;
-use faultline_tests::qemu::{guest_image, initrd_with, Guest, InitrdFile};
+use faultline_tests::qemu::{guest_image, initrd_with, Guest, GuestImage, InitrdFile};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -53,7 +54,9 @@ const WRITES: &[(&str, u64, u64)] = &[
 const DISCARD: (u64, u64) = (48 * MIB, MIB);
 const UNTOUCHED: (u64, u64) = (16 * MIB, 4 * MIB);
 
-const SCRIPT: &str = r#"#!/bin/busybox sh
+/// The start of every guest script: mount, load the virtio modules, wait for /dev/vda and
+/// check its size and serial; `fail` prints the result line and powers off.
+const PROLOGUE: &str = r#"#!/bin/busybox sh
 # The disk test's guest: see tests/tests/disk_vhost.rs.
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -70,12 +73,16 @@ echo "DISKTEST_INIT uptime=$(cut -d' ' -f1 /proc/uptime)"
 /bin/faultline-modules
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-[ -b /dev/vda ] || fail "no /dev/vda (modules: $(cat /proc/modules | cut -d' ' -f1 | tr '\n' ' '))"
+[ -b /dev/vda ] || fail "no /dev/vda (modules: $(cut -d' ' -f1 /proc/modules | tr '\n' ' '))"
 [ "$(cat /sys/block/vda/size)" = "$SECTORS" ] || fail "size $(cat /sys/block/vda/size), want $SECTORS"
 [ "$(cat /sys/block/vda/serial)" = "$SERIAL" ] || fail "serial '$(cat /sys/block/vda/serial)'"
-[ "$(cat /sys/block/vda/ro)" = 0 ] || fail "read-only"
 sum() { sha256sum | cut -d' ' -f1; }
 readdisk() { dd if=/dev/vda bs=65536 iflag=skip_bytes,count_bytes,direct skip=$1 count=$2 2>/dev/null; }
+"#;
+
+/// Writes, reads back, checks the pattern, fsyncs and discards.
+const READ_WRITE: &str = r#"
+[ "$(cat /sys/block/vda/ro)" = 0 ] || fail "read-only"
 while read -r name off len; do
   dd if=/data/$name of=/dev/vda bs=65536 oflag=seek_bytes,direct seek=$off conv=notrunc 2>/tmp/dd.err ||
     fail "writing $name: $(cat /tmp/dd.err)"
@@ -91,6 +98,17 @@ dd if=/data/w1 of=/dev/vda bs=4096 seek=$((W1_OFF / 4096)) conv=notrunc,fsync 2>
 blkdiscard -o $DISCARD_OFF -l $DISCARD_LEN /dev/vda || fail "blkdiscard"
 [ "$(readdisk $DISCARD_OFF $DISCARD_LEN | sum)" = "$(dd if=/dev/zero bs=$DISCARD_LEN count=1 2>/dev/null | sum)" ] ||
   fail "the discarded range does not read as zeroes"
+echo "DISKTEST_RESULT ok uptime=$(cut -d' ' -f1 /proc/uptime)"
+poweroff -f
+"#;
+
+/// On a read-only disk: the kernel knows it is, a write fails, the pattern reads back.
+const READ_ONLY: &str = r#"
+[ "$(cat /sys/block/vda/ro)" = 1 ] || fail "not read-only"
+dd if=/data/untouched of=/dev/vda bs=4096 count=1 oflag=direct conv=notrunc 2>/dev/null &&
+  fail "a write to the read-only disk succeeded"
+[ "$(readdisk $UNTOUCHED_OFF $UNTOUCHED_LEN | sum)" = "$(sum </data/untouched)" ] ||
+  fail "the pattern at $UNTOUCHED_OFF differs"
 echo "DISKTEST_RESULT ok uptime=$(cut -d' ' -f1 /proc/uptime)"
 poweroff -f
 "#;
@@ -148,25 +166,22 @@ fn finish(mut s: Server, timeout: Duration) -> (Value, i32, String) {
     (v, status.code().unwrap_or(-1), err)
 }
 
-#[test]
-fn a_linux_guest_reads_and_writes_a_disk_over_vhost_user_blk() {
-    let image = match guest_image() {
-        Ok(i) => i,
+/// The guest image, or `None` (the test is then skipped, as the guest-agent test is).
+fn image_or_skip(test: &str) -> Option<GuestImage> {
+    match guest_image() {
+        Ok(i) => Some(i),
         Err(why) => {
             eprintln!(
-                "SKIPPED disk_vhost: the guest image cannot be built here (run scripts/guest-image.sh as root): {why}"
+                "SKIPPED {test}: the guest image cannot be built here (run scripts/guest-image.sh as root): {why}"
             );
-            return;
+            None
         }
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    let socket = dir.path().join("blk.sock");
-    let mut expect = pattern(DISK);
-    std::fs::write(&img, &expect).unwrap();
+    }
+}
 
-    // The guest's data: each write its own deterministic bytes.
-    let data: Vec<Vec<u8>> = WRITES
+/// The data each write of [`WRITES`] puts on the disk.
+fn write_data() -> Vec<Vec<u8>> {
+    WRITES
         .iter()
         .enumerate()
         .map(|(k, &(_, _, len))| {
@@ -174,15 +189,16 @@ fn a_linux_guest_reads_and_writes_a_disk_over_vhost_user_blk() {
                 .flat_map(|i| splitmix(i ^ ((k as u64 + 1) << 40)).to_le_bytes())
                 .collect()
         })
-        .collect();
-    let mut want_blocks = BTreeSet::new();
-    for (&(_, off, len), d) in WRITES.iter().zip(&data) {
-        expect[off as usize..(off + len) as usize].copy_from_slice(d);
-        want_blocks.extend(off / TRACK..(off + len).div_ceil(TRACK));
-    }
-    expect[DISCARD.0 as usize..(DISCARD.0 + DISCARD.1) as usize].fill(0);
-    want_blocks.extend(DISCARD.0 / TRACK..(DISCARD.0 + DISCARD.1).div_ceil(TRACK));
+        .collect()
+}
 
+/// Serves `img` with `disk-vhost` (plus `server_args`), boots the guest with `PROLOGUE` +
+/// `body` as its init and the test's data, and waits for it to power off. Returns the
+/// guest's result line and `disk-vhost`'s JSON report, after checking both ended well.
+fn run_guest(image: GuestImage, img: &Path, body: &str, server_args: &[&str]) -> (String, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("blk.sock");
+    let data = write_data();
     let plan: String = WRITES
         .iter()
         .map(|(n, off, len)| format!("{n} {off} {len}\n"))
@@ -197,12 +213,13 @@ fn a_linux_guest_reads_and_writes_a_disk_over_vhost_user_blk() {
         WRITES[1].1,
     );
     let untouched = &pattern(DISK)[UNTOUCHED.0 as usize..(UNTOUCHED.0 + UNTOUCHED.1) as usize];
+    let script = format!("{PROLOGUE}{body}");
     let paths: Vec<String> = WRITES.iter().map(|(n, ..)| format!("data/{n}")).collect();
     let mut files = vec![
         InitrdFile {
             path: "disk-test",
             mode: 0o755,
-            data: SCRIPT.as_bytes(),
+            data: script.as_bytes(),
         },
         InitrdFile {
             path: "data/plan",
@@ -229,9 +246,9 @@ fn a_linux_guest_reads_and_writes_a_disk_over_vhost_user_blk() {
     }
     let initrd = dir.path().join("initrd.cpio");
     initrd_with(&image.initrd, &files, &initrd);
-    let image = faultline_tests::qemu::GuestImage { initrd, ..image };
+    let image = GuestImage { initrd, ..image };
 
-    let server = start_server(&img, &socket, &[]);
+    let server = start_server(img, &socket, server_args);
     let t0 = Instant::now();
     let mem = 256;
     let mut guest = Guest::boot_with(
@@ -258,7 +275,8 @@ fn a_linux_guest_reads_and_writes_a_disk_over_vhost_user_blk() {
     let result = console
         .lines()
         .find(|l| l.starts_with("DISKTEST_RESULT"))
-        .unwrap_or_else(|| panic!("the guest printed no result:\n{console}"));
+        .unwrap_or_else(|| panic!("the guest printed no result:\n{console}"))
+        .to_string();
     assert!(
         result.starts_with("DISKTEST_RESULT ok"),
         "{result}\n{console}"
@@ -270,13 +288,37 @@ fn a_linux_guest_reads_and_writes_a_disk_over_vhost_user_blk() {
     assert_eq!(code, 0, "{report}\n{stderr}");
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["ended"], "disconnected", "{report}");
-    let r = &report["requests"];
     for k in ["malformed", "unanswered", "unsupported", "disk_errors"] {
-        assert_eq!(r[k], 0, "{k} in {report}");
+        assert_eq!(report["requests"][k], 0, "{k} in {report}");
     }
+    assert!(
+        report["requests"]["get_ids"].as_u64().unwrap() >= 1,
+        "no GET_ID: {report}"
+    );
+    (result, report)
+}
+
+#[test]
+fn a_linux_guest_reads_and_writes_a_disk_over_vhost_user_blk() {
+    let Some(image) = image_or_skip("disk_vhost read-write") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let mut expect = pattern(DISK);
+    std::fs::write(&img, &expect).unwrap();
+    let mut want_blocks = BTreeSet::new();
+    for (&(_, off, len), d) in WRITES.iter().zip(&write_data()) {
+        expect[off as usize..(off + len) as usize].copy_from_slice(d);
+        want_blocks.extend(off / TRACK..(off + len).div_ceil(TRACK));
+    }
+    expect[DISCARD.0 as usize..(DISCARD.0 + DISCARD.1) as usize].fill(0);
+    want_blocks.extend(DISCARD.0 / TRACK..(DISCARD.0 + DISCARD.1).div_ceil(TRACK));
+
+    let (_, report) = run_guest(image, &img, READ_WRITE, &[]);
+    let r = &report["requests"];
     assert!(r["flushes"].as_u64().unwrap() >= 1, "no FLUSH: {report}");
     assert!(r["discards"].as_u64().unwrap() >= 1, "no DISCARD: {report}");
-    assert!(r["get_ids"].as_u64().unwrap() >= 1, "no GET_ID: {report}");
 
     // The image is the pattern with the guest's writes and the discard, byte for byte.
     let got = std::fs::read(&img).unwrap();
@@ -304,6 +346,25 @@ fn a_linux_guest_reads_and_writes_a_disk_over_vhost_user_blk() {
         "blocks reported but not written: {extra:?}"
     );
     assert_eq!(report["blocks_written"], want_blocks.len() as u64);
+}
+
+#[test]
+fn a_read_only_disk_is_read_only_to_the_guest() {
+    let Some(image) = image_or_skip("disk_vhost read-only") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let before = pattern(DISK);
+    std::fs::write(&img, &before).unwrap();
+    let (_, report) = run_guest(image, &img, READ_ONLY, &["--read-only"]);
+    assert_eq!(report["read_only"], true, "{report}");
+    assert_eq!(report["blocks_written"], 0, "{report}");
+    assert_eq!(report["requests"]["writes"], 0, "{report}");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "the read-only image changed"
+    );
 }
 
 #[test]
