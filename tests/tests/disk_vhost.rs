@@ -288,11 +288,16 @@ fn run_guest(image: GuestImage, img: &Path, body: &str, server_args: &[&str]) ->
     assert_eq!(code, 0, "{report}\n{stderr}");
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["ended"], "disconnected", "{report}");
+    assert_eq!(
+        report["stopped_by"], "the frontend disconnected",
+        "{report}"
+    );
+    assert_eq!(report["block_size"], TRACK, "{report}");
     for k in ["malformed", "unanswered", "unsupported", "disk_errors"] {
-        assert_eq!(report["requests"][k], 0, "{k} in {report}");
+        assert_eq!(report["vhost_user"][k], 0, "{k} in {report}");
     }
     assert!(
-        report["requests"]["get_ids"].as_u64().unwrap() >= 1,
+        report["vhost_user"]["get_ids"].as_u64().unwrap() >= 1,
         "no GET_ID: {report}"
     );
     (result, report)
@@ -316,7 +321,7 @@ fn a_linux_guest_reads_and_writes_a_disk_over_vhost_user_blk() {
     want_blocks.extend(DISCARD.0 / TRACK..(DISCARD.0 + DISCARD.1).div_ceil(TRACK));
 
     let (_, report) = run_guest(image, &img, READ_WRITE, &[]);
-    let r = &report["requests"];
+    let r = &report["vhost_user"];
     assert!(r["flushes"].as_u64().unwrap() >= 1, "no FLUSH: {report}");
     assert!(r["discards"].as_u64().unwrap() >= 1, "no DISCARD: {report}");
 
@@ -331,9 +336,9 @@ fn a_linux_guest_reads_and_writes_a_disk_over_vhost_user_blk() {
 
     // The blocks reported written are exactly those the guest wrote or discarded.
     let mut reported = BTreeSet::new();
-    for r in report["written"].as_array().expect("written ranges") {
-        let (a, b) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
-        reported.extend(a..b);
+    for r in report["written_ranges"].as_array().expect("written ranges") {
+        let (first, last) = (r[0].as_u64().unwrap(), r[1].as_u64().unwrap());
+        reported.extend(first..=last);
     }
     let missing: Vec<_> = want_blocks.difference(&reported).collect();
     assert!(
@@ -360,7 +365,7 @@ fn a_read_only_disk_is_read_only_to_the_guest() {
     let (_, report) = run_guest(image, &img, READ_ONLY, &["--read-only"]);
     assert_eq!(report["read_only"], true, "{report}");
     assert_eq!(report["blocks_written"], 0, "{report}");
-    assert_eq!(report["requests"]["writes"], 0, "{report}");
+    assert_eq!(report["vhost_user"]["writes"], 0, "{report}");
     assert!(
         std::fs::read(&img).unwrap() == before,
         "the read-only image changed"
@@ -382,7 +387,10 @@ fn disk_vhost_reports_and_exits_on_sigterm_without_a_frontend() {
     assert_eq!(report["ended"], "stopped", "{report}");
     assert_eq!(report["blocks_written"], 0);
     assert!(
-        report["reason"].as_str().unwrap_or("").contains("SIGTERM"),
+        report["stopped_by"]
+            .as_str()
+            .unwrap_or("")
+            .contains("SIGTERM"),
         "{report}"
     );
     assert!(!socket.exists(), "the socket file was left behind");

@@ -5,8 +5,8 @@
 //! - [`VhostUserBlk`] is the device: its features, its `virtio_blk_config`, and the
 //!   requests (IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES; anything else is answered
 //!   `VIRTIO_BLK_S_UNSUPP`).
-//! - [`serve`] listens on a socket, serves one frontend until it disconnects or a
-//!   [`StopHandle`] stops it.
+//! - [`serve`] (or [`BlkListener`]) listens on a socket, serves one frontend until it
+//!   disconnects or a [`StopHandle`] stops it.
 //!
 //! **Threads.** Each queue has a thread of `vhost-user-backend`'s that takes requests
 //! off the ring and checks their framing; the requests then run on a small pool of
@@ -727,47 +727,72 @@ impl StopHandle {
     }
 }
 
-/// Listens on `socket` (replacing a stale socket file there), serves `blk` to the first
-/// frontend that connects until it disconnects or `stop` is stopped, then waits for the
-/// requests still running. The socket file is removed on return.
+/// A vhost-user socket listening for one frontend (see [`BlkListener::serve`]). The socket
+/// file is removed when it is dropped.
+pub struct BlkListener {
+    listener: Listener,
+    path: PathBuf,
+}
+
+impl BlkListener {
+    /// Listens on `socket`, replacing a stale socket file there.
+    pub fn bind(socket: &Path) -> Result<BlkListener, ServeError> {
+        let listener = Listener::new(socket, true).map_err(|source| ServeError::Listen {
+            path: socket.to_owned(),
+            source,
+        })?;
+        Ok(BlkListener {
+            listener,
+            path: socket.to_owned(),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves `blk` to the first frontend that connects until it disconnects or `stop` is
+    /// stopped, then waits for the requests still running. Consumes the listener: the
+    /// socket file is removed on return.
+    pub fn serve(self, blk: VhostUserBlk, stop: &StopHandle) -> Result<Ended, ServeError> {
+        let BlkListener { mut listener, path } = self;
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-blk".into(),
+            blk.clone(),
+            GuestMemoryAtomic::new(Mem::new()),
+        )
+        .map_err(ServeError::daemon)?;
+        let accept_err = |source| ServeError::Accept { path, source };
+        if !wait_readable(listener.as_raw_fd(), stop).map_err(accept_err)? {
+            return Ok(Ended::Stopped);
+        }
+        daemon.start(&mut listener).map_err(ServeError::daemon)?;
+        stop.watch(daemon.shutdown_handle());
+        let result = daemon.wait();
+        stop.watch(None);
+        // Dropping the daemon stops the queue threads; then let the pool finish.
+        drop(daemon);
+        blk.wait_idle();
+        match result {
+            Ok(()) => {}
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => {}
+            Err(e) if !stop.stopped() => return Err(ServeError::daemon(e)),
+            Err(_) => {}
+        }
+        Ok(if stop.stopped() {
+            Ended::Stopped
+        } else {
+            Ended::Disconnected
+        })
+    }
+}
+
+/// [`BlkListener::bind`] then [`BlkListener::serve`].
 pub fn serve(socket: &Path, blk: VhostUserBlk, stop: &StopHandle) -> Result<Ended, ServeError> {
-    let mut listener = Listener::new(socket, true).map_err(|source| ServeError::Listen {
-        path: socket.to_owned(),
-        source,
-    })?;
-    let mut daemon = VhostUserDaemon::new(
-        "vhost-blk".into(),
-        blk.clone(),
-        GuestMemoryAtomic::new(Mem::new()),
-    )
-    .map_err(ServeError::daemon)?;
-    let accept_err = |source| ServeError::Accept {
-        path: socket.to_owned(),
-        source,
-    };
-    if !wait_readable(listener.as_raw_fd(), stop).map_err(accept_err)? {
-        return Ok(Ended::Stopped);
-    }
-    daemon.start(&mut listener).map_err(ServeError::daemon)?;
-    stop.watch(daemon.shutdown_handle());
-    let result = daemon.wait();
-    stop.watch(None);
-    // Dropping the daemon stops the queue threads; then let the pool finish.
-    drop(daemon);
-    blk.wait_idle();
-    match result {
-        Ok(()) => {}
-        Err(vhost_user_backend::Error::HandleRequest(
-            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-        )) => {}
-        Err(e) if !stop.stopped() => return Err(ServeError::daemon(e)),
-        Err(_) => {}
-    }
-    Ok(if stop.stopped() {
-        Ended::Stopped
-    } else {
-        Ended::Disconnected
-    })
+    BlkListener::bind(socket)?.serve(blk, stop)
 }
 
 /// Waits until `fd` is readable (`true`) or `stop` is stopped (`false`).

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use disk::vhost_user::{serve, BlkOptions, BlkStats, Ended, StopHandle, VhostUserBlk};
+use disk::vhost_user::{BlkListener, BlkOptions, BlkStats, Ended, StopHandle, VhostUserBlk};
 use disk::{BlockDevice, BlockSize, RawFile, Tracked};
 use serde::Serialize;
 
@@ -34,13 +34,13 @@ pub struct DiskVhostArgs {
     /// The serial number the guest reads (GET_ID), at most 20 bytes.
     #[arg(long, default_value = "faultline")]
     pub serial: String,
-    /// The logical block size the guest sees (blk_size): 512, 1024, 2048 or 4096.
+    /// Granularity of write tracking (a power of two from 4K to 1M), as `disk serve`'s.
+    #[arg(long, value_parser = parse_block_size, default_value = "4096")]
+    pub block_size: BlockSize,
+    /// The logical block size the guest sees (virtio-blk `blk_size`): 512, 1024, 2048 or
+    /// 4096.
     #[arg(long, default_value_t = 512)]
-    pub block_size: u32,
-    /// The granularity at which writes are tracked and reported, 4K to 1M (a power of
-    /// two): what replication would move.
-    #[arg(long, value_parser = parse_bytes, default_value = "4096")]
-    pub track_block_size: u64,
+    pub logical_block_size: u32,
     /// Threads that run requests: a read that blocks holds one of them.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
@@ -52,51 +52,54 @@ pub struct DiskVhostArgs {
     pub json: bool,
 }
 
-/// What `disk-vhost` prints when it ends.
+/// What `disk-vhost --json` prints when it ends (the fields `disk serve` has, where they
+/// apply).
 #[derive(Serialize)]
 struct Report {
-    image: PathBuf,
-    socket: PathBuf,
-    size: u64,
+    image: String,
+    /// The vhost-user socket it listened on.
+    socket: String,
+    size_bytes: u64,
     read_only: bool,
+    /// Writes are always tracked here.
+    tracking: bool,
+    /// The tracking granularity in bytes.
+    block_size: u64,
+    /// Blocks written (by writes, discards and write-zeroes) while it served.
+    blocks_written: u64,
+    /// The written blocks as inclusive `[first, last]` ranges of block indices, ascending.
+    written_ranges: Vec<[u64; 2]>,
+    /// What the device saw.
+    vhost_user: BlkStats,
     /// `disconnected` (the frontend went away) or `stopped` (a signal).
     ended: Ended,
-    /// The signal's reason, when stopped.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<String>,
-    /// The tracking granularity in bytes.
-    track_block_size: u64,
-    /// Blocks written, trimmed or zeroed while served.
-    blocks_written: u64,
-    /// The same blocks as half-open index ranges `[first, end)`, ascending.
-    written: Vec<[u64; 2]>,
-    /// Requests seen, and how many failed and why.
-    requests: BlkStats,
+    /// Why it stopped, in words.
+    stopped_by: String,
+}
+
+fn parse_block_size(s: &str) -> Result<BlockSize, String> {
+    let bytes = parse_bytes(s)?;
+    u32::try_from(bytes)
+        .ok()
+        .and_then(BlockSize::new)
+        .ok_or_else(|| format!("{s:?} is not a power of two from 4K to 1M"))
 }
 
 pub fn run(a: DiskVhostArgs) -> anyhow::Result<ExitCode> {
-    let track = u32::try_from(a.track_block_size)
-        .ok()
-        .and_then(BlockSize::new)
-        .with_context(|| {
-            format!(
-                "--track-block-size {}: a power of two from 4K to 1M",
-                a.track_block_size
-            )
-        })?;
+    let track = a.block_size;
     let raw = RawFile::open(&a.image, a.read_only)?;
     let size = raw.size();
     let tracked = Tracked::new(raw, track);
     let tracker = tracked.tracker().clone();
     let opts = BlkOptions {
         serial: a.serial.clone(),
-        logical_block_size: a.block_size,
+        logical_block_size: a.logical_block_size,
         num_queues: a.queues,
         workers: a.workers,
         ..BlkOptions::default()
     };
-    let blk = VhostUserBlk::new(Arc::new(tracked), opts)
-        .context("--serial, --block-size, --queues or --workers")?;
+    let blk = VhostUserBlk::new(Arc::new(tracked), opts)?;
+
     let stop = StopHandle::new().context("creating the stop event")?;
 
     // SIGTERM and SIGINT reach the process's stopper (see `main`); pass them on.
@@ -113,57 +116,70 @@ pub fn run(a: DiskVhostArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    eprintln!(
-        "faultline disk-vhost: serving {} ({size} bytes{}) on {}",
-        a.image.display(),
-        if a.read_only { ", read-only" } else { "" },
-        a.socket.display()
-    );
-    let ended = serve(&a.socket, blk.clone(), &stop);
+    let listener = BlkListener::bind(&a.socket)?;
+    // Always on stderr (with --json too: stdout holds only the final object).
+    eprintln!("listening on vhost-user {}", a.socket.display());
+    let ended = listener.serve(blk.clone(), &stop);
     done.store(true, Ordering::Relaxed);
     let ended = ended?;
 
     let blocks = tracker.harvest();
+    let stopped_by = match ended {
+        Ended::Disconnected => "the frontend disconnected".to_string(),
+        Ended::Stopped => super::stopper()
+            .reason()
+            .unwrap_or_else(|| "stopped".into()),
+    };
     let report = Report {
-        image: a.image,
-        socket: a.socket,
-        size,
+        image: a.image.display().to_string(),
+        socket: a.socket.display().to_string(),
+        size_bytes: size,
         read_only: a.read_only,
-        ended,
-        reason: super::stopper().reason(),
-        track_block_size: track.bytes(),
+        tracking: true,
+        block_size: track.bytes(),
         blocks_written: blocks.len() as u64,
-        written: ranges(&blocks),
-        requests: blk.stats(),
+        written_ranges: ranges(&blocks),
+        vhost_user: blk.stats(),
+        ended,
+        stopped_by,
     };
     if a.json {
         super::outcome::print_report(&report)?;
     } else {
-        let how = match report.ended {
-            Ended::Disconnected => "the frontend disconnected".to_string(),
-            Ended::Stopped => report.reason.clone().unwrap_or_else(|| "stopped".into()),
-        };
+        let s = &report.vhost_user;
+        println!("stopped: {}", report.stopped_by);
         println!(
-            "{how}: {} blocks of {} bytes written; {} requests ({} malformed, {} unanswered, {} unsupported, {} disk errors)",
-            report.blocks_written,
-            report.track_block_size,
-            report.requests.requests,
-            report.requests.malformed,
-            report.requests.unanswered,
-            report.requests.unsupported,
-            report.requests.disk_errors,
+            "served {} ({} bytes{}) on {}: {} requests ({} reads, {} writes, {} flushes, {} discards, {} write-zeroes), {} malformed, {} unanswered, {} unsupported, {} disk errors",
+            report.image,
+            report.size_bytes,
+            if report.read_only { ", read-only" } else { "" },
+            report.socket,
+            s.requests,
+            s.reads,
+            s.writes,
+            s.flushes,
+            s.discards,
+            s.write_zeroes,
+            s.malformed,
+            s.unanswered,
+            s.unsupported,
+            s.disk_errors,
+        );
+        println!(
+            "{} blocks of {} bytes written",
+            report.blocks_written, report.block_size
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Ascending block indices as half-open ranges.
+/// Ascending block indices as inclusive runs.
 fn ranges(blocks: &[u64]) -> Vec<[u64; 2]> {
     let mut out: Vec<[u64; 2]> = Vec::new();
     for &b in blocks {
         match out.last_mut() {
-            Some(r) if r[1] == b => r[1] = b + 1,
-            _ => out.push([b, b + 1]),
+            Some(r) if r[1] + 1 == b => r[1] = b,
+            _ => out.push([b, b]),
         }
     }
     out
@@ -172,10 +188,10 @@ fn ranges(blocks: &[u64]) -> Vec<[u64; 2]> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn blocks_become_ranges() {
+    fn blocks_become_inclusive_runs() {
         assert_eq!(
             super::ranges(&[0, 1, 2, 5, 7, 8]),
-            vec![[0, 3], [5, 6], [7, 9]]
+            vec![[0, 2], [5, 5], [7, 8]]
         );
         assert!(super::ranges(&[]).is_empty());
     }

@@ -123,6 +123,12 @@ fn other_kind(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
     if cause.is::<disk::OpenError>() {
         return Some(Kind::LocalIo);
     }
+    if let Some(e) = cause.downcast_ref::<disk::vhost_user::BlkError>() {
+        return Some(match e {
+            disk::vhost_user::BlkError::Spawn(_) => Kind::Internal,
+            _ => Kind::Usage,
+        });
+    }
     if let Some(e) = cause.downcast_ref::<disk::vhost_user::ServeError>() {
         use disk::vhost_user::ServeError as S;
         return Some(match e {
