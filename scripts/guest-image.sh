@@ -142,7 +142,7 @@ WANT_MODULES="virtio_pci virtio_blk"
 # A cache from before the modules were kept has a kernel but no modules: fetch both again,
 # so that they match.
 if [ ! -s "$KERNEL" ] || [ ! -s "$MODULES/ORDER" ]; then
-  [ $INSTALL = 1 ] || die "kernel not in $OUT yet"
+  [ $INSTALL = 1 ] || die "kernel or its modules not in $OUT yet"
   apt_update
   # linux-image-amd64 is a metapackage; the real kernel is the package it depends on.
   KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null |
