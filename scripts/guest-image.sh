@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds (or reuses) the Linux guest image that tests/tests/guest_agent_qemu.rs boots under
-# QEMU TCG: the Debian kernel plus an initramfs holding busybox-static, the statically
-# linked guest agent and faultline-touch.
+# Builds (or reuses) the Linux guest image that tests/tests/guest_agent_qemu.rs and
+# tests/tests/disk_vhost.rs boot under QEMU TCG: the Debian kernel plus an initramfs holding
+# busybox-static, the statically linked guest agent and faultline-touch, and the kernel's
+# virtio PCI and block modules (in /lib/modules/faultline, loaded by /bin/faultline-modules
+# in the order /lib/modules/faultline/ORDER gives; /init does not load them).
 #
 # Usage: scripts/guest-image.sh [--no-install]
 #   Prints machine-readable lines on stdout (logs go to stderr):
@@ -134,8 +136,13 @@ BUSYBOX=/bin/busybox
 
 # --- kernel --------------------------------------------------------------------------------
 KERNEL="$OUT/vmlinuz"
-if [ ! -s "$KERNEL" ]; then
-  [ $INSTALL = 1 ] || die "kernel not in $OUT yet"
+MODULES="$OUT/modules"
+# Modules the guest may load, with what they depend on (read from each module's .modinfo).
+WANT_MODULES="virtio_pci virtio_blk"
+# A cache from before the modules were kept has a kernel but no modules: fetch both again,
+# so that they match.
+if [ ! -s "$KERNEL" ] || [ ! -s "$MODULES/ORDER" ]; then
+  [ $INSTALL = 1 ] || die "kernel or its modules not in $OUT yet"
   apt_update
   # linux-image-amd64 is a metapackage; the real kernel is the package it depends on.
   KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null |
@@ -150,13 +157,32 @@ if [ ! -s "$KERNEL" ]; then
     rm -rf "$tmp"
     die "apt-get download $KPKG failed"
   }
-  # Only /boot is needed (vmlinuz + config): the drivers the guest uses are built in.
+  # Only /boot (vmlinuz + config) and the few modules in WANT_MODULES are kept: the
+  # console, serial and PCI drivers are built in; virtio is modular in Debian's kernel.
   mkdir "$tmp/x"
   dpkg -x "$tmp"/*.deb "$tmp/x"
   cp "$tmp"/x/boot/vmlinuz-* "$KERNEL.tmp"
   cp "$tmp"/x/boot/config-* "$OUT/kernel.config" 2>/dev/null || true
+  rm -rf "$MODULES.tmp"
+  mkdir "$MODULES.tmp"
+  ORDER=""
+  # Appends module $1 to ORDER after its dependencies, copying it into $MODULES.tmp.
+  add_module() {
+    local m=$1 f deps d
+    case " $ORDER " in *" $m "*) return 0 ;; esac
+    f=$(find "$tmp/x/lib/modules" -name "$m.ko" -print -quit)
+    [ -n "$f" ] || f=$(find "$tmp/x/lib/modules" -name "$(echo "$m" | tr _ -).ko" -print -quit)
+    [ -n "$f" ] || die "module $m is not in $KPKG (compressed modules are not supported)"
+    deps=$(grep -a -o 'depends=[A-Za-z0-9_,-]*' "$f" | head -n1 | cut -d= -f2 | tr , ' ' || true)
+    for d in $deps; do add_module "$d"; done
+    cp "$f" "$MODULES.tmp/$m.ko"
+    ORDER="$ORDER $m"
+  }
+  for m in $WANT_MODULES; do add_module "$m"; done
+  echo "$ORDER" | tr ' ' '\n' | grep . >"$MODULES.tmp/ORDER"
   echo "$KPKG" >"$OUT/kernel.package"
-  rm -rf "$tmp"
+  rm -rf "$tmp" "$MODULES"
+  mv "$MODULES.tmp" "$MODULES"
   mv "$KERNEL.tmp" "$KERNEL"
 fi
 
@@ -174,13 +200,23 @@ done
 STAGE="$OUT/root"
 INITRD="$OUT/initrd.cpio"
 # Rebuild only when an input changed (the binaries, busybox, this script's init).
-STAMP_NEW=$(cat "$BIN/guest-agent" "$BIN/faultline-touch" "$BUSYBOX" "$0" | sha256sum | cut -d' ' -f1)
+STAMP_NEW=$(cat "$BIN/guest-agent" "$BIN/faultline-touch" "$BUSYBOX" "$0" "$MODULES"/* | sha256sum | cut -d' ' -f1)
 if [ ! -s "$INITRD" ] || [ "$(cat "$OUT/initrd.stamp" 2>/dev/null)" != "$STAMP_NEW" ]; then
   log "building $INITRD"
   rm -rf "$STAGE"
   mkdir -p "$STAGE"/{bin,dev,proc,sys,tmp,etc,root}
   cp "$BUSYBOX" "$STAGE/bin/busybox"
   cp "$BIN/guest-agent" "$BIN/faultline-touch" "$STAGE/bin/"
+  mkdir -p "$STAGE/lib/modules/faultline"
+  cp "$MODULES"/* "$STAGE/lib/modules/faultline/"
+  cat >"$STAGE/bin/faultline-modules" <<'EOF'
+#!/bin/busybox sh
+# Loads the virtio PCI and block modules the initramfs carries, dependencies first.
+for m in $(cat /lib/modules/faultline/ORDER); do
+  /bin/busybox insmod "/lib/modules/faultline/$m.ko" || echo "faultline-modules: insmod $m failed" >&2
+done
+EOF
+  chmod 0755 "$STAGE/bin/faultline-modules"
   # Debug info is useless in the guest and would triple the initramfs the guest unpacks.
   if command -v strip >/dev/null 2>&1; then
     strip "$STAGE/bin/guest-agent" "$STAGE/bin/faultline-touch"

@@ -7,7 +7,7 @@
 //! - [`WriteTracker`]: the dirty-block bitmap a source harvests.
 //! - [`PostcopyDisk`]: a disk served at a destination while its stale blocks arrive.
 //! - Front ends serve any [`BlockDevice`]: [`nbd`] (an NBD server on a Unix socket or
-//!   TCP); vhost-user-blk to come.
+//!   TCP) and [`vhost_user`] (a virtio-blk device for a VMM over a vhost-user socket).
 //!
 //! The crate knows nothing about a command line or KVM: a VMM links it as it links
 //! `vmm-shim`.
@@ -19,6 +19,7 @@ mod file;
 pub mod nbd;
 pub mod postcopy;
 mod tracker;
+pub mod vhost_user;
 
 pub use device::{check_range, BlockDevice, DiskError};
 pub use file::{OpenError, RawFile};

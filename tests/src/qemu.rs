@@ -85,11 +85,17 @@ impl Guest {
     /// Boots `image` with `mem_mib` MiB of memory, one vCPU and `append` added to the kernel
     /// command line (`agent.KEY=VALUE` configures the agent, `touch_mb=N` the workload).
     pub fn boot(image: &GuestImage, mem_mib: u32, append: &str) -> Guest {
+        Guest::boot_with(image, mem_mib, append, &[])
+    }
+
+    /// [`Guest::boot`] with more QEMU arguments (devices, memory backends).
+    pub fn boot_with(image: &GuestImage, mem_mib: u32, append: &str, extra: &[String]) -> Guest {
         let dir = tempfile::tempdir().expect("temp dir");
         let agent_socket = dir.path().join("agent.sock");
         let started = Instant::now();
         let mut child = Command::new(&image.qemu)
             .args(["-accel", "tcg", "-smp", "1", "-m", &format!("{mem_mib}M")])
+            .args(extra)
             // No display, VGA, network or monitor: nothing that needs ROMs or a terminal.
             .args([
                 "-display", "none", "-vga", "none", "-nic", "none", "-monitor", "none",
@@ -171,6 +177,81 @@ impl Guest {
     pub fn console(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
+
+    /// Waits up to `timeout` for QEMU to exit (the guest powered off); `None` if it runs on.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A file to add to an initramfs: its path inside (no leading `/`), mode and contents.
+pub struct InitrdFile<'a> {
+    pub path: &'a str,
+    pub mode: u32,
+    pub data: &'a [u8],
+}
+
+/// Writes `base` followed by a second `newc` cpio archive holding `files` (and the
+/// directories above them) to `out`: the kernel unpacks both, the second over the first,
+/// so a test adds its own init script and data to the image `guest-image.sh` built.
+pub fn initrd_with(base: &Path, files: &[InitrdFile<'_>], out: &Path) {
+    let mut a = std::fs::read(base).expect("reading the base initramfs");
+    // The kernel expects each archive to start 4-byte aligned.
+    a.resize(a.len().div_ceil(4) * 4, 0);
+    let mut ino = 1_000_000u32;
+    let mut entry = |a: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]| {
+        ino += 1;
+        let fields = [
+            ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ];
+        a.extend_from_slice(b"070701");
+        for f in fields {
+            a.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        a.extend_from_slice(name.as_bytes());
+        a.push(0);
+        a.resize(a.len().div_ceil(4) * 4, 0);
+        a.extend_from_slice(data);
+        a.resize(a.len().div_ceil(4) * 4, 0);
+    };
+    let mut dirs = std::collections::BTreeSet::new();
+    for f in files {
+        let mut p = Path::new(f.path).parent();
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(d.to_str().expect("utf-8 path").to_string());
+            p = d.parent();
+        }
+    }
+    for d in &dirs {
+        entry(&mut a, d, 0o040755, &[]);
+    }
+    for f in files {
+        entry(&mut a, f.path, 0o100000 | f.mode, f.data);
+    }
+    entry(&mut a, "TRAILER!!!", 0, &[]);
+    std::fs::write(out, a).expect("writing the initramfs");
 }
 
 impl Drop for Guest {

@@ -3,6 +3,7 @@
 mod demo;
 mod demo_replica;
 mod disk;
+mod disk_vhost;
 pub mod outcome;
 mod replica;
 mod roles;
@@ -40,6 +41,7 @@ impl Command {
             Command::Standby(_) => Some("standby"),
             Command::Vm(_) => Some("VMM"),
             Command::Disk(_) => Some("disk server"),
+            Command::DiskVhost(_) => Some("vhost-user-blk backend"),
             Command::Demo(_) | Command::Keygen(_) | Command::WanEmu(_) => None,
         }
     }
@@ -85,6 +87,8 @@ pub enum Command {
     WanEmu(wan::WanArgs),
     /// Virtual disks: `disk serve` exports a raw image over NBD with write tracking.
     Disk(disk::DiskArgs),
+    /// Serve a raw disk image to a VMM over vhost-user-blk, tracking the blocks written.
+    DiskVhost(disk_vhost::DiskVhostArgs),
 }
 
 /// This side's identity and the peer certificate it pins.
@@ -237,5 +241,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(a) => vm::run(a),
         Command::WanEmu(a) => wan::run(a),
         Command::Disk(a) => disk::run(a),
+        Command::DiskVhost(a) => disk_vhost::run(a),
     }
 }

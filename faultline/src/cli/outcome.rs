@@ -122,6 +122,22 @@ fn other_kind(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
     if let Some(c) = cause.downcast_ref::<quinn::ConnectionError>() {
         return Some(connection_kind(c));
     }
+    if cause.is::<disk::OpenError>() {
+        return Some(Kind::LocalIo);
+    }
+    if let Some(e) = cause.downcast_ref::<disk::vhost_user::BlkError>() {
+        return Some(match e {
+            disk::vhost_user::BlkError::Spawn(_) => Kind::Internal,
+            _ => Kind::Usage,
+        });
+    }
+    if let Some(e) = cause.downcast_ref::<disk::vhost_user::ServeError>() {
+        use disk::vhost_user::ServeError as S;
+        return Some(match e {
+            S::Connection(_) => Kind::Protocol,
+            _ => Kind::LocalIo,
+        });
+    }
     None
 }
 
