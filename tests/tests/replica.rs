@@ -280,4 +280,10 @@ fn demo_with_a_replica_prints_one_json_report() {
     ] {
         assert!(v[key].is_number(), "{key} missing in {v}");
     }
+    // The guest's disk (64 MiB by default) moved with it: exactly the 5% written after
+    // replication caught up crossed, and the digests match.
+    let d = &v["disk"];
+    assert_eq!(d["digest_match"], true, "{v}");
+    assert_eq!(u(&d["blocks_stale"]), 819, "{v}");
+    assert_eq!(u(&d["blocks_from_replica"]), 16384 - 819, "{v}");
 }

@@ -50,6 +50,15 @@ pub struct DemoArgs {
     /// With --replica: seconds of replication before the evacuation.
     #[arg(long, default_value_t = 3.0)]
     pub replicate_secs: f64,
+    /// With --replica (without --vm): the guest's disk, replicated and evacuated with its
+    /// memory while a stand-in guest writes it (0: no disk). At evacuation the share of
+    /// blocks given by --disk-stale-pct is stale.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    pub disk_size: u64,
+    /// With --replica and a disk: the percentage of its blocks written after replication
+    /// caught up (exactly these cross).
+    #[arg(long, default_value_t = 5.0)]
+    pub disk_stale_pct: f64,
     /// Migrate a running KVM guest of the reference VMM instead of a memory image (with
     /// --replica: replicate it to a standby VMM first, then evacuate into the replica).
     #[arg(long)]

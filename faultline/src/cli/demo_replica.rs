@@ -51,7 +51,43 @@ struct ReplicaDemoReport {
     pages_pushed: u64,
     pages_faulted: u64,
     pages_zero: u64,
+    /// The guest's disk, if it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk: Option<DiskDemo>,
     wall_ms: f64,
+}
+
+/// What the demo shows of the guest's disk.
+#[derive(Debug, Serialize)]
+struct DiskDemo {
+    digest_match: bool,
+    bytes: u64,
+    blocks: u64,
+    blocks_written_during_replication: u64,
+    stale_pct_requested: f64,
+    blocks_stale: u64,
+    blocks_from_replica: u64,
+    disk_wire_bytes: u64,
+    disk_total_ms: f64,
+    stale_reads: u64,
+    stale_read_p99_us: u64,
+}
+
+/// A disk image of `bytes` with distinct non-zero blocks, for the demo's guest.
+fn write_disk_image(path: &Path, bytes: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    let mut block = vec![0u8; 4096];
+    for b in 0..bytes / 4096 {
+        for (i, c) in block.chunks_mut(8).enumerate() {
+            c.copy_from_slice(&(b << 16 | i as u64 | 1).to_le_bytes());
+        }
+        f.write_all(&block)?;
+    }
+    f.flush()?;
+    Ok(())
 }
 
 pub(super) fn run(
@@ -66,6 +102,18 @@ pub(super) fn run(
         .tempdir_in("/dev/shm")
         .context("creating the replica directory on /dev/shm (tmpfs)")?;
     let dir = replica_dir.path().display().to_string();
+    // The guest's disk: an image at the source, its replica at the standby (on disk).
+    let disk_dir = tempfile::Builder::new()
+        .prefix("faultline-demo-disk-")
+        .tempdir()
+        .context("creating a directory for the demo's disk")?;
+    let with_disk = a.disk_size > 0;
+    let disk_image = disk_dir.path().join("demo-disk.img");
+    if with_disk {
+        write_disk_image(&disk_image, a.disk_size)?;
+    }
+    let disk_size = a.disk_size.to_string();
+    let standby_disk_dir = disk_dir.path().join("standby").display().to_string();
     let mut cmd = Command::new(exe);
     cmd.args([
         "standby",
@@ -84,6 +132,10 @@ pub(super) fn run(
     ])
     .args(["--cert", &certs.dst_crt, "--key", &certs.dst_key])
     .args(["--peer-cert", &certs.src_crt]);
+    if with_disk {
+        cmd.args(["--disk", &format!("vda={disk_size}")])
+            .args(["--disk-dir", &standby_disk_dir]);
+    }
     let (mut standby, addr, _events, relay) = spawn_listening(&mut cmd, "standby")?;
 
     let mut source = Command::new(exe);
@@ -102,6 +154,12 @@ pub(super) fn run(
         .args(["--peer-cert", &certs.dst_crt]);
     if let Some(p) = a.stale_pct {
         source.args(["--stale-pct", &p.to_string()]);
+    }
+    if with_disk {
+        source
+            .args(["--disk", &format!("vda={}", disk_image.display())])
+            .args(["--disk-write-rate", "500"])
+            .args(["--disk-stale-pct", &a.disk_stale_pct.to_string()]);
     }
     let mut source = Reaper(Some(
         source
@@ -156,6 +214,23 @@ pub(super) fn run(
         pages_pushed: u(&m["pages_pushed"]),
         pages_faulted: u(&m["pages_faulted"]),
         pages_zero: u(&m["pages_zero"]),
+        disk: with_disk.then(|| {
+            let d = &dst["disks"][0];
+            let digest = |v: &Value| v["disk_digests"][0]["digest"].as_str().map(str::to_string);
+            DiskDemo {
+                digest_match: digest(&src).is_some() && digest(&src) == digest(&dst),
+                bytes: a.disk_size,
+                blocks: a.disk_size / 4096,
+                blocks_written_during_replication: u(&src["disk_blocks_written"]),
+                stale_pct_requested: a.disk_stale_pct,
+                blocks_stale: u(&d["blocks_stale"]),
+                blocks_from_replica: u(&d["blocks_from_replica"]),
+                disk_wire_bytes: u(&d["disk_wire_bytes"]),
+                disk_total_ms: f(&d["disk_total_ms"]),
+                stale_reads: u(&d["reads_waited"]),
+                stale_read_p99_us: u(&d["wait_us_p99"]),
+            }
+        }),
         wall_ms: wall.elapsed().as_secs_f64() * 1e3,
     };
     if a.json {
@@ -163,11 +238,13 @@ pub(super) fn run(
     } else {
         print_text(&r, a.replicate_secs);
     }
-    Ok(if r.digest_match {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if r.digest_match && r.disk.as_ref().is_none_or(|d| d.digest_match) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 fn print_text(r: &ReplicaDemoReport, secs: f64) {
@@ -202,6 +279,22 @@ fn print_text(r: &ReplicaDemoReport, secs: f64) {
         "  faults        {} (p50 {} us, p99 {} us); {} pages pushed, {} on demand",
         r.faults, r.fault_latency_us.p50, r.fault_latency_us.p99, r.pages_pushed, r.pages_faulted
     );
+    if let Some(d) = &r.disk {
+        println!(
+            "  disk          {:.0} MiB, {} blocks written during replication; {} of {} blocks stale ({:.1}%) crossed ({:.1} MiB) in {:.0} ms, {} served from the replica; {} guest reads waited for a stale block (p99 {} us); digest {}",
+            mib(d.bytes),
+            d.blocks_written_during_replication,
+            d.blocks_stale,
+            d.blocks,
+            100.0 * d.blocks_stale as f64 / d.blocks.max(1) as f64,
+            mib(d.disk_wire_bytes),
+            d.disk_total_ms,
+            d.blocks_from_replica,
+            d.stale_reads,
+            d.stale_read_p99_us,
+            if d.digest_match { "MATCH" } else { "MISMATCH" }
+        );
+    }
     println!(
         "  digest        source {} {} destination {}: {}",
         r.source_digest,
