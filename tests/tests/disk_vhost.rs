@@ -1,4 +1,4 @@
-//! The vhost-user-blk front end under a real Linux guest: `faultline disk-vhost` serves a
+//! The vhost-user-blk front end under a real Linux guest: `faultline disk serve --vhost-user` serves a
 //! 64 MiB raw image pre-filled with a known pattern, QEMU (TCG) attaches it as
 //! `vhost-user-blk-pci` over guest memory shared through a memfd, and the guest (Debian's
 //! kernel, the busybox initramfs of `scripts/guest-image.sh` with the virtio modules, plus
@@ -6,7 +6,7 @@
 //! it back and checks its SHA-256, checks the untouched pattern, checks the serial number
 //! and size, fsyncs (a FLUSH), discards a range and reads zeroes there, then powers off.
 //! The host then checks that the image is byte for byte the pattern with the guest's
-//! writes and the discard applied, and that the blocks `disk-vhost` reports as written are
+//! writes and the discard applied, and that the blocks `disk serve` reports as written are
 //! exactly the blocks the guest wrote or discarded. A second guest finds a `--read-only`
 //! disk read-only (a write fails; the image does not change).
 //!
@@ -113,7 +113,7 @@ echo "DISKTEST_RESULT ok uptime=$(cut -d' ' -f1 /proc/uptime)"
 poweroff -f
 "#;
 
-/// The `disk-vhost` process; killed on drop if still running.
+/// The `disk serve --vhost-user` process; killed on drop if still running.
 struct Server(Child);
 
 impl Drop for Server {
@@ -125,22 +125,22 @@ impl Drop for Server {
 
 fn start_server(image: &Path, socket: &Path, extra: &[&str]) -> Server {
     let child = Command::new(faultline_bin())
-        .args(["disk-vhost", "--json", "--serial", SERIAL, "--image"])
+        .args(["disk", "serve", "--json", "--serial", SERIAL, "--image"])
         .arg(image)
-        .arg("--socket")
+        .arg("--vhost-user")
         .arg(socket)
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn faultline disk-vhost");
+        .expect("spawn faultline disk serve --vhost-user");
     let server = Server(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         assert!(
             Instant::now() < deadline,
-            "disk-vhost never created its socket"
+            "disk serve never created its socket"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -154,7 +154,7 @@ fn finish(mut s: Server, timeout: Duration) -> (Value, i32, String) {
         if let Some(st) = s.0.try_wait().expect("try_wait") {
             break st;
         }
-        assert!(Instant::now() < deadline, "disk-vhost did not exit");
+        assert!(Instant::now() < deadline, "disk serve did not exit");
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut out = String::new();
@@ -162,7 +162,7 @@ fn finish(mut s: Server, timeout: Duration) -> (Value, i32, String) {
     s.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
     s.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     let v: Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("disk-vhost printed no JSON ({e}): {out}\n{err}"));
+        .unwrap_or_else(|e| panic!("disk serve printed no JSON ({e}): {out}\n{err}"));
     (v, status.code().unwrap_or(-1), err)
 }
 
@@ -192,67 +192,47 @@ fn write_data() -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Serves `img` with `disk-vhost` (plus `server_args`), boots the guest with `PROLOGUE` +
-/// `body` as its init and the test's data, and waits for it to power off. Returns the
-/// guest's result line and `disk-vhost`'s JSON report, after checking both ended well.
-fn run_guest(image: GuestImage, img: &Path, body: &str, server_args: &[&str]) -> (String, Value) {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("blk.sock");
-    let data = write_data();
-    let plan: String = WRITES
-        .iter()
-        .map(|(n, off, len)| format!("{n} {off} {len}\n"))
-        .collect();
-    let env = format!(
-        "SECTORS={}\nSERIAL={SERIAL}\nUNTOUCHED_OFF={}\nUNTOUCHED_LEN={}\nDISCARD_OFF={}\nDISCARD_LEN={}\nW1_OFF={}\n",
-        DISK / 512,
-        UNTOUCHED.0,
-        UNTOUCHED.1,
-        DISCARD.0,
-        DISCARD.1,
-        WRITES[1].1,
-    );
-    let untouched = &pattern(DISK)[UNTOUCHED.0 as usize..(UNTOUCHED.0 + UNTOUCHED.1) as usize];
+/// The guest image with `PROLOGUE` + `body` as its init, `env` as /data/env and `files`
+/// under /data, in `dir`.
+fn guest_with(
+    image: GuestImage,
+    dir: &Path,
+    body: &str,
+    env: &str,
+    files: &[(String, Vec<u8>)],
+) -> GuestImage {
     let script = format!("{PROLOGUE}{body}");
-    let paths: Vec<String> = WRITES.iter().map(|(n, ..)| format!("data/{n}")).collect();
-    let mut files = vec![
+    let mut all = vec![
         InitrdFile {
             path: "disk-test",
             mode: 0o755,
             data: script.as_bytes(),
         },
         InitrdFile {
-            path: "data/plan",
-            mode: 0o644,
-            data: plan.as_bytes(),
-        },
-        InitrdFile {
             path: "data/env",
             mode: 0o644,
             data: env.as_bytes(),
         },
-        InitrdFile {
-            path: "data/untouched",
-            mode: 0o644,
-            data: untouched,
-        },
     ];
-    for (p, d) in paths.iter().zip(&data) {
-        files.push(InitrdFile {
+    for (p, d) in files {
+        all.push(InitrdFile {
             path: p,
             mode: 0o644,
             data: d,
         });
     }
-    let initrd = dir.path().join("initrd.cpio");
-    initrd_with(&image.initrd, &files, &initrd);
-    let image = GuestImage { initrd, ..image };
+    let initrd = dir.join("initrd.cpio");
+    initrd_with(&image.initrd, &all, &initrd);
+    GuestImage { initrd, ..image }
+}
 
-    let server = start_server(img, &socket, server_args);
+/// Boots `image` with the vhost-user-blk device on `socket` and waits for it to power off;
+/// its result line (checked `ok`) and console.
+fn boot_and_wait(image: &GuestImage, socket: &Path) -> (String, String) {
     let t0 = Instant::now();
     let mem = 256;
     let mut guest = Guest::boot_with(
-        &image,
+        image,
         mem,
         "rdinit=/disk-test",
         &[
@@ -282,6 +262,42 @@ fn run_guest(image: GuestImage, img: &Path, body: &str, server_args: &[&str]) ->
         "{result}\n{console}"
     );
     eprintln!("guest ran in {:.1} s: {result}", t0.elapsed().as_secs_f64());
+    (result, console)
+}
+
+/// Serves `img` with `disk serve --vhost-user` (plus `server_args`), boots the guest with
+/// `PROLOGUE` + `body` as its init and the test's data, and waits for it to power off.
+/// Returns the guest's result line and the server's JSON report, after checking both
+/// ended well.
+fn run_guest(image: GuestImage, img: &Path, body: &str, server_args: &[&str]) -> (String, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("blk.sock");
+    let plan: String = WRITES
+        .iter()
+        .map(|(n, off, len)| format!("{n} {off} {len}\n"))
+        .collect();
+    let env = format!(
+        "SECTORS={}\nSERIAL={SERIAL}\nUNTOUCHED_OFF={}\nUNTOUCHED_LEN={}\nDISCARD_OFF={}\nDISCARD_LEN={}\nW1_OFF={}\n",
+        DISK / 512,
+        UNTOUCHED.0,
+        UNTOUCHED.1,
+        DISCARD.0,
+        DISCARD.1,
+        WRITES[1].1,
+    );
+    let untouched =
+        pattern(DISK)[UNTOUCHED.0 as usize..(UNTOUCHED.0 + UNTOUCHED.1) as usize].to_vec();
+    let mut files = vec![
+        ("data/plan".to_string(), plan.into_bytes()),
+        ("data/untouched".to_string(), untouched),
+    ];
+    for ((n, ..), d) in WRITES.iter().zip(write_data()) {
+        files.push((format!("data/{n}"), d));
+    }
+    let image = guest_with(image, dir.path(), body, &env, &files);
+
+    let server = start_server(img, &socket, server_args);
+    let (result, _) = boot_and_wait(&image, &socket);
 
     // QEMU is gone: the backend saw the disconnect and reports.
     let (report, code, stderr) = finish(server, Duration::from_secs(20));
@@ -394,4 +410,161 @@ fn disk_vhost_reports_and_exits_on_sigterm_without_a_frontend() {
         "{report}"
     );
     assert!(!socket.exists(), "the socket file was left behind");
+}
+
+/// At the standby: the whole disk's digest as the guest first reads it, then writes.
+const AT_STANDBY: &str = r#"
+echo "DISKTEST_SUM $(readdisk 0 $DISK_BYTES | sum)"
+while read -r name off len; do
+  dd if=/data/$name of=/dev/vda bs=65536 oflag=seek_bytes,direct seek=$off conv=notrunc,fsync 2>/tmp/dd.err ||
+    fail "writing $name: $(cat /tmp/dd.err)"
+  [ "$(readdisk $off $len | sum)" = "$(sum </data/$name)" ] || fail "$name read back differs"
+done </data/plan
+echo "DISKTEST_RESULT ok uptime=$(cut -d' ' -f1 /proc/uptime)"
+poweroff -f
+"#;
+
+/// A VM evacuated with its disk runs at the standby on a real VMM: the standby serves the
+/// disk over vhost-user-blk from the moment it resumes the VM, while a fifth of the disk
+/// (the blocks written since the last replication round) is still crossing a slow link.
+/// A QEMU guest attaches it, reads the whole disk (the stale blocks it reaches first are
+/// fetched on demand) and finds exactly the source's disk at the switchover, then writes.
+/// After the evacuation, the standby's disk is the source's plus the guest's writes.
+#[test]
+fn a_linux_guest_uses_its_disk_at_an_evacuating_standby_over_vhost_user_blk() {
+    use faultline_tests::{Background, Certs, DestProcess, ShmDir};
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    const EVAC_DISK: u64 = 32 * MIB;
+    const TIMEOUT: Duration = Duration::from_secs(180);
+    let Some(image) = image_or_skip("disk_vhost evacuation") else {
+        return;
+    };
+    let certs = Certs::new();
+    let shm = ShmDir::new("disk-vhost");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vda.img");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&img).unwrap());
+        for b in 0..EVAC_DISK / TRACK {
+            f.write_all(&[(b % 13) as u8 + 1; TRACK as usize]).unwrap();
+        }
+    }
+    // What the guest writes at the standby: one block and an unaligned run of sectors.
+    let writes: [(&str, u64, u64); 2] = [("e0", 8 * MIB, 4096), ("e1", 16 * MIB + 512, 3072)];
+    let data: Vec<Vec<u8>> = (0..writes.len())
+        .map(|k| {
+            (0..writes[k].2 / 8)
+                .flat_map(|i| splitmix(i ^ ((k as u64 + 7) << 40)).to_le_bytes())
+                .collect()
+        })
+        .collect();
+    let plan: String = writes
+        .iter()
+        .map(|(n, off, len)| format!("{n} {off} {len}\n"))
+        .collect();
+    let env = format!(
+        "SECTORS={}\nSERIAL=vda\nDISK_BYTES={EVAC_DISK}\n",
+        EVAC_DISK / 512
+    );
+    let mut files = vec![("data/plan".to_string(), plan.into_bytes())];
+    for ((n, ..), d) in writes.iter().zip(&data) {
+        files.push((format!("data/{n}"), d.clone()));
+    }
+    let guest_image = guest_with(image, dir.path(), AT_STANDBY, &env, &files);
+
+    let socket = dir.path().join("vda.sock");
+    let standby = DestProcess::standby(
+        &certs,
+        "127.0.0.1:0",
+        &[
+            "--size",
+            "32M",
+            "--replica-dir",
+            &shm.arg(),
+            "--disk",
+            "vda=32M",
+            "--disk-dir",
+            &dir.path().join("standby-disks").display().to_string(),
+            "--disk-vhost-user",
+            &format!("vda={}", socket.display()),
+            "--serve-after",
+        ],
+    );
+    // 4 Mbit/s, 20 ms: the 6.4 MiB of stale blocks take ~13 s to cross, so the guest boots
+    // and reads while most of them are still on their way.
+    let wan = wan_emu::WanEmulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        standby.addr.parse().unwrap(),
+        wan_emu::LinkConfig::new(Duration::from_millis(20), 4_000_000),
+    )
+    .unwrap();
+    let src = Background::replicate(
+        &certs,
+        &standby.addr,
+        &[
+            "--synthetic",
+            "32M",
+            "--evacuate-after",
+            "3",
+            "--stale-pct",
+            "0",
+            "--disk",
+            &format!("vda={}", img.display()),
+            "--disk-stale-pct",
+            "20",
+            "--evacuate-connect",
+            &wan.local_addr().to_string(),
+        ],
+    );
+
+    // The socket appears when the standby resumes the VM.
+    let deadline = Instant::now() + TIMEOUT;
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the standby's socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (_, console) = boot_and_wait(&guest_image, &socket);
+    let seen = console
+        .lines()
+        .find_map(|l| l.strip_prefix("DISKTEST_SUM "))
+        .unwrap_or_else(|| panic!("no digest from the guest:\n{console}"))
+        .trim()
+        .to_string();
+
+    let src = src.wait(TIMEOUT);
+    assert!(src.status.success(), "replicate failed: {}", src.stderr);
+    // The source's image is final from the switchover on: the guest read exactly it.
+    let out = Command::new("sha256sum").arg(&img).output().unwrap();
+    let want = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        seen,
+        want.split_whitespace().next().unwrap(),
+        "the guest read another disk"
+    );
+
+    // SAFETY: kill only reads its integer arguments; the pid is our running child's.
+    unsafe { libc::kill(standby.pid() as libc::pid_t, libc::SIGTERM) };
+    let dst = standby.wait(TIMEOUT);
+    assert!(dst.status.success(), "standby failed: {}", dst.stderr);
+    let (s, d) = (&src.json, &dst.json);
+    assert_eq!(s["digest"], d["digest"], "memory differs");
+    let r = &d["disks"][0];
+    assert_eq!(r["blocks_stale"], 1638, "{r}");
+    assert!(
+        r["units_fetched"].as_u64().unwrap() > 0,
+        "the guest fetched no stale block on demand: {r}"
+    );
+    // The standby's disk: the source's at the switchover plus the guest's writes.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    for ((_, off, _), d) in writes.iter().zip(&data) {
+        f.write_all_at(d, *off).unwrap();
+    }
+    assert_eq!(
+        d["disk_digests"][0]["digest"].as_str().unwrap(),
+        vmm_shim::digest::digest(&std::fs::read(&img).unwrap())
+    );
 }

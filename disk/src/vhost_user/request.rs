@@ -113,6 +113,28 @@ impl Sg {
         true
     }
 
+    /// The stream in windows of at most [`CHUNK`] bytes, in order: each window's offset
+    /// in the stream and its pieces of guest memory. A read or a write makes one disk call
+    /// per window, not one per buffer, so a guest request of scattered pages (the usual
+    /// case) is one call: at a destination, one request for all its stale blocks.
+    fn windows(&self) -> Vec<(u64, Vec<(GuestAddress, usize)>)> {
+        let mut out: Vec<(u64, Vec<(GuestAddress, usize)>)> = Vec::new();
+        let mut filled = CHUNK as usize; // bytes in the last window
+        for (off, addr, n) in self.chunks() {
+            match out.last_mut() {
+                Some((_, pieces)) if filled + n <= CHUNK as usize => {
+                    pieces.push((addr, n));
+                    filled += n;
+                }
+                _ => {
+                    out.push((off, vec![(addr, n)]));
+                    filled = n;
+                }
+            }
+        }
+        out
+    }
+
     /// Pieces of at most [`CHUNK`] bytes, in order, with their offset in the stream.
     fn chunks(&self) -> impl Iterator<Item = (u64, GuestAddress, usize)> + '_ {
         let mut at = 0u64;
@@ -364,13 +386,18 @@ impl Request {
             Err(d) => return d,
         };
         let mut buf = vec![0u8; len.min(CHUNK) as usize];
-        for (off, addr, n) in self.writable.chunks() {
+        for (off, pieces) in self.writable.windows() {
+            let n = pieces.iter().map(|&(_, n)| n).sum();
             if let Err(e) = dev.disk.read_at(&mut buf[..n], offset + off) {
                 tracing::warn!(error = %e, offset = offset + off, "vhost-user-blk: read failed");
                 return Done::disk();
             }
-            if mem.write_slice(&buf[..n], addr).is_err() {
-                return Done::malformed("a read buffer cannot be written");
+            let mut at = 0;
+            for (addr, n) in pieces {
+                if mem.write_slice(&buf[at..at + n], addr).is_err() {
+                    return Done::malformed("a read buffer cannot be written");
+                }
+                at += n;
             }
         }
         Done::ok(len)
@@ -389,11 +416,15 @@ impl Request {
             Err(d) => return d,
         };
         let mut buf = vec![0u8; len.min(CHUNK) as usize];
-        for (off, addr, n) in self.readable.chunks() {
-            if mem.read_slice(&mut buf[..n], addr).is_err() {
-                // Checked at parse time and guest memory is held mapped, so this is a
-                // guest that changed its memory map under a request.
-                return Done::malformed("a write buffer cannot be read");
+        for (off, pieces) in self.readable.windows() {
+            let mut n = 0;
+            for (addr, l) in pieces {
+                if mem.read_slice(&mut buf[n..n + l], addr).is_err() {
+                    // Checked at parse time and guest memory is held mapped, so this is a
+                    // guest that changed its memory map under a request.
+                    return Done::malformed("a write buffer cannot be read");
+                }
+                n += l;
             }
             if let Err(e) = dev.disk.write_at(&buf[..n], offset + off, false) {
                 tracing::warn!(error = %e, offset = offset + off, "vhost-user-blk: write failed");

@@ -3,7 +3,6 @@
 mod demo;
 mod demo_replica;
 mod disk;
-mod disk_vhost;
 pub mod outcome;
 mod replica;
 mod roles;
@@ -41,7 +40,6 @@ impl Command {
             Command::Standby(_) => Some("standby"),
             Command::Vm(_) => Some("VMM"),
             Command::Disk(_) => Some("disk server"),
-            Command::DiskVhost(_) => Some("vhost-user-blk backend"),
             Command::Demo(_) | Command::Keygen(_) | Command::WanEmu(_) => None,
         }
     }
@@ -85,10 +83,9 @@ pub enum Command {
     /// Emulate a WAN link (delay, jitter, rate, loss, cuts) as a UDP relay between a source
     /// and a destination; commands on stdin, counters as JSON lines.
     WanEmu(wan::WanArgs),
-    /// Virtual disks: `disk serve` exports a raw image over NBD with write tracking.
+    /// Virtual disks: `disk serve` exports a raw image over NBD or vhost-user-blk with
+    /// write tracking.
     Disk(disk::DiskArgs),
-    /// Serve a raw disk image to a VMM over vhost-user-blk, tracking the blocks written.
-    DiskVhost(disk_vhost::DiskVhostArgs),
 }
 
 /// This side's identity and the peer certificate it pins.
@@ -241,6 +238,5 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(a) => vm::run(a),
         Command::WanEmu(a) => wan::run(a),
         Command::Disk(a) => disk::run(a),
-        Command::DiskVhost(a) => disk_vhost::run(a),
     }
 }

@@ -25,8 +25,8 @@ use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
 
 use super::roles::{emit_event, identity};
 use super::vm_disks::{
-    check_exports, digest_disk, dirty_disks, export_received, open_standby_disks, wait_for_stop,
-    DiskDigest, DiskReaders, DiskWriters, NbdExports, ReceiveDiskArgs, SourceDiskArgs, SourceDisks,
+    digest_disk, dirty_disks, export_received, open_standby_disks, wait_for_stop, DiskDigest,
+    DiskExports, DiskReaders, DiskWriters, ReceiveDiskArgs, SourceDiskArgs, SourceDisks,
 };
 use super::{parse_size, TlsArgs};
 
@@ -219,11 +219,9 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         idle_priority: !a.replicator_normal_priority,
     };
     let disks = SourceDisks::open(&a.disk)?;
-    check_exports(
-        &a.disk.nbd_unix,
-        disks.disks.iter().map(|(n, _)| n.as_str()),
-    )?;
-    let exports = NbdExports::start(&disks.devices(), &a.disk.nbd_unix)?;
+    let plan = a.disk.exports();
+    plan.check(disks.disks.iter().map(|(n, _)| n.as_str()))?;
+    let exports = DiskExports::start(&disks.devices(), &plan)?;
     let replicated = disks.replicated();
     let replicator =
         Replicator::start_with_disks(&regions, &replicated, layout.clone(), tracker, opts)?;
@@ -242,7 +240,8 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     // Pause the guest: from here its memory is what the destination must end up with.
     let writers = mutator.stop();
     let disk_blocks_written = disk_writers.stop();
-    // NBD clients are part of the guest: they pause with it.
+    // NBD clients and the VMM's vhost-user-blk device are part of the guest: they pause
+    // with it (the device's connection is closed once its requests are answered).
     exports.stop();
     if a.stale_pct.is_some() || a.disk.disk_stale_pct.is_some() {
         // Caught up: a round that began after the writers stopped (two harvests on: the
@@ -388,16 +387,17 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
             sink.torn_pages()
         );
     }
-    type Running = (Workload, DiskReaders, anyhow::Result<NbdExports>);
+    type Running = (Workload, DiskReaders, anyhow::Result<DiskExports>);
     let workload: Arc<Mutex<Option<Running>>> = Arc::default();
     let started = workload.clone();
     let workers = a.workers;
     let readers = a.disk.disk_readers;
     let disk_sink = sink.clone();
-    let nbd = a.disk.nbd_unix.clone();
+    let plan = a.disk.exports();
     let result = listener.serve_standby(sink.clone(), &layout, move |region, _state| {
-        // The disks are served from here on: to the NBD clients and the stand-in readers.
-        let exports = export_received(disk_sink.disk_devices(), &nbd);
+        // The disks are served from here on: to the VMM, the NBD clients and the stand-in
+        // readers.
+        let exports = export_received(disk_sink.disk_devices(), &plan);
         let w = Workload::start(&[region], workers, 0x5eed, Pattern::Random);
         let devices = disk_sink
             .disk_devices()

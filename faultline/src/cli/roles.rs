@@ -16,8 +16,8 @@ use vmm_shim::digest::digest;
 use vmm_shim::{DestOptions, DestReport, Listener, SourceOptions};
 
 use super::vm_disks::{
-    create_dest_disks, digest_disk, export_received, wait_for_stop, DiskDigest, DiskReaders,
-    NbdExports,
+    create_dest_disks, digest_disk, export_received, wait_for_stop, DiskDigest, DiskExports,
+    DiskReaders,
 };
 use super::{DestArgs, KeygenArgs, SourceArgs, TlsArgs, EVENT_PREFIX};
 
@@ -206,7 +206,7 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
             l.with_disk(n.clone(), *size)
         });
     let devices: Vec<_> = disks.iter().map(|d| d.device().clone()).collect();
-    type Running = (Workload, DiskReaders, anyhow::Result<NbdExports>);
+    type Running = (Workload, DiskReaders, anyhow::Result<DiskExports>);
     let workload: Arc<Mutex<Option<Running>>> = Arc::default();
     let started = workload.clone();
     let (workers, seed, pattern) = (a.workers, a.size ^ 0x5eed, a.pattern);
@@ -216,9 +216,9 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|d| (d.name().to_string(), d.device().clone()))
         .collect();
-    let nbd = a.disk.nbd_unix.clone();
+    let plan = a.disk.exports();
     let result = listener.receive_vm_with_disks(&regions, &disks, &layout, move |_| {
-        let exports = export_received(named, &nbd);
+        let exports = export_received(named, &plan);
         let w = Workload::start(&worker_regions, workers, seed, pattern);
         let r = DiskReaders::start(devices, readers);
         *started.lock().unwrap_or_else(|p| p.into_inner()) = Some((w, r, exports));

@@ -2,14 +2,15 @@
 //! (tracked, replicated, evacuated with memory) and the standby's disk replicas (served
 //! from the switchover on), with stand-in guest disk I/O on both sides.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{ArgGroup, Args};
+use disk::vhost_user::{BlkListener, BlkOptions, Ended, StopHandle, VhostUserBlk};
 use disk::{BlockDevice, BlockSize, PostcopyDisk, RawFile, Tracked};
 use serde::Serialize;
 use uffd_core::DiskTier;
@@ -116,10 +117,26 @@ pub struct SourceDiskArgs {
     /// tracked), as NAME=PATH (repeatable); the export stops when the guest pauses.
     #[arg(long = "disk-nbd-unix", value_parser = parse_disk_path)]
     pub nbd_unix: Vec<(String, PathBuf)>,
+    /// Serve disk NAME to a VMM as a vhost-user-blk device on the Unix socket PATH while it
+    /// replicates (writes are tracked), as NAME=PATH (repeatable); the device stops (the
+    /// connection is closed) when the guest pauses.
+    #[arg(long = "disk-vhost-user", value_parser = parse_disk_path)]
+    pub vhost_user: Vec<(String, PathBuf)>,
+}
+
+impl SourceDiskArgs {
+    /// The exports asked for.
+    pub fn exports(&self) -> ExportPlan {
+        ExportPlan {
+            nbd_unix: self.nbd_unix.clone(),
+            vhost_user: self.vhost_user.clone(),
+        }
+    }
 }
 
 /// The disks a receiving side serves (`faultline standby`, `faultline dest`).
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("disk_exports").multiple(true).args(["nbd_unix", "vhost_user"])))]
 pub struct ReceiveDiskArgs {
     /// A disk of the VM, as NAME=SIZE (repeatable, in the source's order).
     #[arg(long = "disk", value_parser = parse_disk_size)]
@@ -138,75 +155,230 @@ pub struct ReceiveDiskArgs {
     /// fetched when a client reads them.
     #[arg(long = "disk-nbd-unix", value_parser = parse_disk_path)]
     pub nbd_unix: Vec<(String, PathBuf)>,
+    /// Serve disk NAME to a VMM as a vhost-user-blk device on the Unix socket PATH from the
+    /// moment the VM resumes (QEMU: `-chardev socket,path=PATH -device
+    /// vhost-user-blk-pci`), as NAME=PATH (repeatable). Blocks not here yet are fetched
+    /// when the guest reads them. One VMM at a time; another may connect after it leaves.
+    #[arg(long = "disk-vhost-user", value_parser = parse_disk_path)]
+    pub vhost_user: Vec<(String, PathBuf)>,
     /// Keep exporting the disks after the migration ended, until SIGTERM or SIGINT (the
-    /// report is printed then).
-    #[arg(long, requires = "nbd_unix")]
+    /// report is printed then; a VMM still attached is disconnected).
+    #[arg(long, requires = "disk_exports")]
     pub serve_after: bool,
 }
 
 impl ReceiveDiskArgs {
     /// Checks that every exported disk is one of `--disk`.
     pub fn check(&self) -> anyhow::Result<()> {
-        check_exports(&self.nbd_unix, self.disks.iter().map(|(n, _)| n.as_str()))
+        self.exports()
+            .check(self.disks.iter().map(|(n, _)| n.as_str()))
+    }
+
+    /// The exports asked for.
+    pub fn exports(&self) -> ExportPlan {
+        ExportPlan {
+            nbd_unix: self.nbd_unix.clone(),
+            vhost_user: self.vhost_user.clone(),
+        }
     }
 }
 
-pub fn check_exports<'a>(
-    exports: &[(String, PathBuf)],
-    names: impl Iterator<Item = &'a str>,
-) -> anyhow::Result<()> {
-    let names: Vec<&str> = names.collect();
-    for (n, _) in exports {
-        if !names.contains(&n.as_str()) {
-            bail!("--disk-nbd-unix names disk {n:?}, which no --disk gives");
+/// Which disks to export where: NBD on Unix sockets (`--disk-nbd-unix`) and vhost-user-blk
+/// (`--disk-vhost-user`), each as (disk name, socket path).
+#[derive(Clone, Debug, Default)]
+pub struct ExportPlan {
+    pub nbd_unix: Vec<(String, PathBuf)>,
+    pub vhost_user: Vec<(String, PathBuf)>,
+}
+
+impl ExportPlan {
+    /// Checks that every exported disk is one of `names` and that no socket is used twice.
+    pub fn check<'a>(&self, names: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
+        let names: Vec<&str> = names.collect();
+        let mut paths = Vec::new();
+        for (flag, list) in [
+            ("--disk-nbd-unix", &self.nbd_unix),
+            ("--disk-vhost-user", &self.vhost_user),
+        ] {
+            for (n, p) in list {
+                if !names.contains(&n.as_str()) {
+                    bail!("{flag} names disk {n:?}, which no --disk gives");
+                }
+                if paths.contains(&p) {
+                    bail!("{flag}: socket {} is given twice", p.display());
+                }
+                paths.push(p);
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Exports the devices of the disks a receiving side serves, once it resumes the VM.
 pub fn export_received(
     devices: Vec<(String, Arc<PostcopyDisk<RawFile>>)>,
-    exports: &[(String, PathBuf)],
-) -> anyhow::Result<NbdExports> {
+    plan: &ExportPlan,
+) -> anyhow::Result<DiskExports> {
     let devices: Vec<(String, Arc<dyn BlockDevice>)> = devices
         .into_iter()
         .map(|(n, d)| (n, d as Arc<dyn BlockDevice>))
         .collect();
-    NbdExports::start(&devices, exports)
+    DiskExports::start(&devices, plan)
 }
 
-/// NBD exports of a VM's disks (`--disk-nbd-unix`), stopped when dropped.
+/// A VM's disks served to its VMM and tools: NBD servers (`--disk-nbd-unix`) and
+/// vhost-user-blk devices (`--disk-vhost-user`) over the same `BlockDevice`s. Stopped by
+/// [`DiskExports::stop`] or when dropped.
 #[derive(Default)]
-pub struct NbdExports {
-    servers: Vec<disk::nbd::Server>,
+pub struct DiskExports {
+    nbd: Vec<disk::nbd::Server>,
+    vhost: Vec<VhostExport>,
 }
 
-impl NbdExports {
-    /// Exports each disk `exports` names on its socket.
+/// One disk served over vhost-user-blk: a thread serving one frontend at a time on the
+/// socket, listening again when it leaves, until stopped.
+struct VhostExport {
+    name: String,
+    stop: StopHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DiskExports {
+    /// Exports each disk `plan` names on its socket; every socket is listening when this
+    /// returns.
     pub fn start(
         devices: &[(String, Arc<dyn BlockDevice>)],
-        exports: &[(String, PathBuf)],
-    ) -> anyhow::Result<NbdExports> {
-        let mut servers = Vec::new();
-        for (name, path) in exports {
-            let Some((_, dev)) = devices.iter().find(|(n, _)| n == name) else {
-                bail!("no disk {name:?} to export");
-            };
-            let server = disk::nbd::Server::new(dev.clone(), disk::nbd::ServerConfig::default());
+        plan: &ExportPlan,
+    ) -> anyhow::Result<DiskExports> {
+        let find = |name: &str| {
+            devices
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, d)| d.clone())
+                .with_context(|| format!("no disk {name:?} to export"))
+        };
+        // Dropped (everything started so far stopped) if one fails.
+        let mut out = DiskExports::default();
+        for (name, path) in &plan.nbd_unix {
+            let server = disk::nbd::Server::new(find(name)?, disk::nbd::ServerConfig::default());
             server
                 .serve_unix(path)
                 .with_context(|| format!("exporting disk {name}"))?;
             tracing::info!(disk = %name, socket = %path.display(), "disk exported over NBD");
-            servers.push(server);
+            out.nbd.push(server);
         }
-        Ok(NbdExports { servers })
+        for (name, path) in &plan.vhost_user {
+            let export = VhostExport::start(name, find(name)?, path)
+                .with_context(|| format!("serving disk {name} over vhost-user-blk"))?;
+            tracing::info!(disk = %name, socket = %path.display(), "disk served over vhost-user-blk");
+            out.vhost.push(export);
+        }
+        Ok(out)
     }
 
-    /// Stops every export (requests running finish first).
-    pub fn stop(self) {
-        for s in &self.servers {
+    /// Stops every export: NBD connections finish the requests they received; a VMM still
+    /// attached over vhost-user is disconnected once the requests it made are answered.
+    pub fn stop(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        for s in &self.nbd {
             s.stop();
+        }
+        for v in &self.vhost {
+            v.stop.stop();
+        }
+        for v in &mut self.vhost {
+            if let Some(t) = v.thread.take() {
+                if t.join().is_err() {
+                    tracing::error!(disk = %v.name, "the vhost-user-blk export panicked");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for DiskExports {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// The serial number a disk shows the guest (`/sys/block/vdX/serial`): its name, cut to
+/// what virtio-blk carries.
+fn serial_for(name: &str) -> String {
+    let mut end = name.len().min(disk::vhost_user::SERIAL_LEN);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_string()
+}
+
+impl VhostExport {
+    fn start(name: &str, device: Arc<dyn BlockDevice>, path: &Path) -> anyhow::Result<VhostExport> {
+        let opts = BlkOptions {
+            serial: serial_for(name),
+            ..BlkOptions::default()
+        };
+        // Checked now, so a bad disk is reported here rather than in the thread.
+        let blk = VhostUserBlk::new(device.clone(), opts.clone())?;
+        let listener = BlkListener::bind(path)?;
+        let stop = StopHandle::new().context("creating the stop event")?;
+        let thread = {
+            let (stop, name, path) = (stop.clone(), name.to_string(), path.to_path_buf());
+            std::thread::Builder::new()
+                .name(format!("vhost-{name}"))
+                .spawn(move || serve_frontends(&name, &path, device, opts, listener, blk, &stop))
+                .context("starting the vhost-user-blk thread")?
+        };
+        Ok(VhostExport {
+            name: name.to_string(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Serves `first` to the frontend that connects to `listener`, then a fresh device to the
+/// next frontend on a socket bound again, and so on until `stop`.
+fn serve_frontends(
+    name: &str,
+    path: &Path,
+    device: Arc<dyn BlockDevice>,
+    opts: BlkOptions,
+    listener: BlkListener,
+    first: VhostUserBlk,
+    stop: &StopHandle,
+) {
+    let (mut listener, mut blk) = (listener, first);
+    loop {
+        match listener.serve(blk.clone(), stop) {
+            Ok(Ended::Stopped) => return,
+            Ok(Ended::Disconnected) => {
+                tracing::info!(disk = %name, stats = ?blk.stats(), "the vhost-user frontend disconnected");
+            }
+            Err(e) => {
+                let e = format!("{:#}", anyhow::Error::from(e));
+                tracing::warn!(disk = %name, error = %e, "the vhost-user connection failed");
+                // Not at full speed if it fails again at once.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        if stop.stopped() {
+            return;
+        }
+        // The socket file went with the last listener: listen again, with a device
+        // that starts afresh (its memory map and queues were the last frontend's).
+        let next = BlkListener::bind(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|l| Ok((l, VhostUserBlk::new(device.clone(), opts.clone())?)));
+        match next {
+            Ok(n) => (listener, blk) = n,
+            Err(e) => {
+                tracing::error!(disk = %name, error = %format!("{e:#}"), "cannot listen for another vhost-user frontend");
+                return;
+            }
         }
     }
 }
