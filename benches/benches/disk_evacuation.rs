@@ -40,8 +40,11 @@ const TARGET_P99_RTT: f64 = 1.5;
 const MEMORY: &str = "64M";
 const TIMEOUT: Duration = Duration::from_secs(900);
 /// Stand-in guest threads reading random blocks at the destination (each waits for the
-/// stale block it hit, so more threads give more latency samples per run).
-const READERS: &str = "4";
+/// stale block it hit, so more threads give more latency samples per run);
+/// `FAULTLINE_BENCH_READERS` overrides.
+fn readers() -> String {
+    std::env::var("FAULTLINE_BENCH_READERS").unwrap_or_else(|_| "4".into())
+}
 
 #[derive(Clone, Copy)]
 struct Link {
@@ -158,6 +161,7 @@ fn replica_run(
     let shm = ShmDir::new("bench-disk");
     let disk_dir = dir.join(format!("standby-{}-{pct}", link.name()));
     let disk_arg = format!("vda={disk_bytes}");
+    let readers = readers();
     let standby = DestProcess::standby(
         certs,
         "127.0.0.1:0",
@@ -173,7 +177,7 @@ fn replica_run(
             "--disk-dir",
             &disk_dir.display().to_string(),
             "--disk-readers",
-            READERS,
+            &readers,
         ],
     );
     let wan = emulator(&standby.addr, link)?;
@@ -225,6 +229,7 @@ fn full_run(
 ) -> anyhow::Result<Value> {
     let disk_dir = dir.join(format!("dest-{}", link.name()));
     let disk_arg = format!("vda={disk_bytes}");
+    let readers = readers();
     let dest = DestProcess::start(
         certs,
         &[
@@ -237,7 +242,7 @@ fn full_run(
             "--disk-dir",
             &disk_dir.display().to_string(),
             "--disk-readers",
-            READERS,
+            &readers,
         ],
     );
     let wan = emulator(&dest.addr, link)?;

@@ -20,7 +20,10 @@
 //! before repeating, the same order for both servers.
 //!
 //! Then the cost of write tracking: the two write cases against `faultline disk serve`
-//! with tracking on and with `--no-track`, interleaved the same way.
+//! with tracking on and with `--no-track`, interleaved the same way; and the cost of
+//! tracking and replication together: the disk exported by a `faultline replicate` whose
+//! replicator sends the written blocks to a `faultline standby` on loopback (at its
+//! default SCHED_IDLE priority, and at normal priority) against `--no-track`.
 //!
 //! Prints one JSON line per case and server (`unit: "ms"` per run: count, p50, p90, p99,
 //! max, mean; and throughput at the median), and one `ratio` line per comparison: the
@@ -283,6 +286,74 @@ fn main() -> anyhow::Result<()> {
         "image_blocks": image_size / 4096,
         "nbd": tracked.json["nbd"],
     }));
+    // The source as it runs in normal times: the disk exported by `faultline replicate`
+    // (tracked) while its replicator sends the written blocks to a standby on loopback,
+    // at the replicator's default SCHED_IDLE priority and at normal priority.
+    for (label, normal) in [("replicating_idle", false), ("replicating_normal", true)] {
+        let copy = dir.path().join(format!("{label}.img"));
+        std::fs::copy(&image, &copy)?;
+        let certs = faultline_tests::Certs::new();
+        let standby_dir = dir.path().join(format!("{label}-standby"));
+        let standby = faultline_tests::DestProcess::standby(
+            &certs,
+            "127.0.0.1:0",
+            &[
+                "--size",
+                "16M",
+                "--replica-dir",
+                &faultline_tests::ShmDir::new("disk-io").arg(),
+                "--disk",
+                &format!("vda={image_size}"),
+                "--disk-dir",
+                &standby_dir.display().to_string(),
+            ],
+        );
+        let socket = dir.path().join(format!("{label}.sock"));
+        let tls = certs.args("source", "dest");
+        let image_arg = format!("vda={}", copy.display());
+        let sock_arg = format!("vda={}", socket.display());
+        let mut args = vec![
+            "replicate",
+            "--connect",
+            &standby.addr,
+            "--synthetic",
+            "16M",
+            "--writers",
+            "0",
+            "--evacuate-after",
+            "100000",
+            "--disk",
+            &image_arg,
+            "--disk-nbd-unix",
+            &sock_arg,
+        ];
+        args.extend(tls.iter().map(String::as_str));
+        if normal {
+            args.push("--replicator-normal-priority");
+        }
+        let replicate = faultline_tests::Background::spawn(&args);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !socket.exists() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the source's export never appeared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let uri = format!("nbd+unix:///?socket={}", socket.display());
+        let targets = [(label, uri.as_str()), ("untracked", untracked.uri.as_str())];
+        let samples = measure(&writes, &targets, rounds, ops, image_size)?;
+        report(
+            "median write throughput of a replicating source (tracking and replication on) over tracking off (target >= 0.9)",
+            &writes,
+            &targets,
+            samples,
+            ops,
+            image_size,
+        );
+        replicate.kill();
+        drop(standby);
+    }
     let _ = untracked.stop();
     Ok(())
 }

@@ -375,8 +375,25 @@ impl Background {
         Background(child)
     }
 
+    /// Starts `faultline` with exactly `args` (no defaults added).
+    pub fn spawn(args: &[&str]) -> Background {
+        let child = Command::new(faultline_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn faultline");
+        Background(child)
+    }
+
     pub fn wait(self, timeout: Duration) -> Finished {
         collect(self.0, timeout, "faultline replicate")
+    }
+
+    /// Kills it (SIGKILL) and reaps it.
+    pub fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
