@@ -33,7 +33,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => e.exit(),
     };
     if let Some(role) = args.command.role() {
-        stop_on_signals(role);
+        stop_on_signals(role, args.command.evacuates_on_sigusr1());
     }
     match cli::run(args) {
         Ok(code) => code,
@@ -56,10 +56,11 @@ fn main() -> std::process::ExitCode {
 }
 
 /// SIGTERM and SIGINT stop the role's session through [`cli::stopper`], so the peer learns
-/// why at once; a second signal exits at once. Must run before any other thread starts: the
-/// signals are blocked here and every thread started later inherits that, so only the
-/// waiting thread receives them.
-fn stop_on_signals(role: &'static str) {
+/// why at once; a second signal exits at once. With `evacuate`, SIGUSR1 sets
+/// [`cli::evacuate_now`]. Must run before any other thread starts: the signals are blocked
+/// here and every thread started later inherits that, so only the waiting thread receives
+/// them.
+fn stop_on_signals(role: &'static str, evacuate: bool) {
     // SAFETY: sigset_t is plain data that sigemptyset initialises before any other use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
@@ -67,6 +68,9 @@ fn stop_on_signals(role: &'static str) {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        if evacuate {
+            libc::sigaddset(&mut set, libc::SIGUSR1);
+        }
     }
     // SAFETY: `set` is initialised; the old mask is not asked for.
     let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -78,6 +82,10 @@ fn stop_on_signals(role: &'static str) {
         // SAFETY: `set` is initialised and `sig` is a valid place for the signal number.
         if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
             return;
+        }
+        if sig == libc::SIGUSR1 {
+            cli::evacuate_now().store(true, std::sync::atomic::Ordering::Relaxed);
+            continue;
         }
         if cli::stopper().reason().is_some() {
             std::process::exit(128 + sig);

@@ -390,6 +390,11 @@ impl Background {
         collect(self.0, timeout, "faultline replicate")
     }
 
+    /// Its process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     /// Kills it (SIGKILL) and reaps it.
     pub fn kill(mut self) {
         let _ = self.0.kill();

@@ -8,7 +8,10 @@
 //! The host then checks that the image is byte for byte the pattern with the guest's
 //! writes and the discard applied, and that the blocks `disk serve` reports as written are
 //! exactly the blocks the guest wrote or discarded. A second guest finds a `--read-only`
-//! disk read-only (a write fails; the image does not change).
+//! disk read-only (a write fails; the image does not change). The last test runs a VM's
+//! disk through an evacuation with a QEMU guest at each end: at the source while
+//! `replicate --disk-vhost-user` tracks and replicates its writes, and at a standby that
+//! serves the disk from the moment it resumes the VM, while stale blocks still cross.
 //!
 //! Skipped, with the reason, only if QEMU or the kernel cannot be installed (not root, no
 //! package registry), as the guest-agent test is: run `scripts/guest-image.sh` as root.
@@ -412,8 +415,9 @@ fn disk_vhost_reports_and_exits_on_sigterm_without_a_frontend() {
     assert!(!socket.exists(), "the socket file was left behind");
 }
 
-/// At the standby: the whole disk's digest as the guest first reads it, then writes.
-const AT_STANDBY: &str = r#"
+/// The whole disk's digest as the guest first reads it, then the plan's writes, each read
+/// back (at the source and at the standby alike).
+const SUM_THEN_WRITE: &str = r#"
 echo "DISKTEST_SUM $(readdisk 0 $DISK_BYTES | sum)"
 while read -r name off len; do
   dd if=/data/$name of=/dev/vda bs=65536 oflag=seek_bytes,direct seek=$off conv=notrunc,fsync 2>/tmp/dd.err ||
@@ -424,14 +428,73 @@ echo "DISKTEST_RESULT ok uptime=$(cut -d' ' -f1 /proc/uptime)"
 poweroff -f
 "#;
 
-/// A VM evacuated with its disk runs at the standby on a real VMM: the standby serves the
-/// disk over vhost-user-blk from the moment it resumes the VM, while a fifth of the disk
-/// (the blocks written since the last replication round) is still crossing a slow link.
-/// A QEMU guest attaches it, reads the whole disk (the stale blocks it reaches first are
+/// One guest's writes, (name, byte offset, length), and their data (seeded by `seed`).
+type Writes = Vec<(String, u64, u64, Vec<u8>)>;
+
+fn writes(plan: &[(&str, u64, u64)], seed: u64) -> Writes {
+    plan.iter()
+        .enumerate()
+        .map(|(k, &(n, off, len))| {
+            let data = (0..len / 8)
+                .flat_map(|i| splitmix(i ^ ((k as u64 + seed) << 40)).to_le_bytes())
+                .collect();
+            (n.to_string(), off, len, data)
+        })
+        .collect()
+}
+
+/// The guest image that runs `SUM_THEN_WRITE` with `w` on a disk of `disk` bytes, in `dir`.
+fn sum_then_write_guest(image: GuestImage, dir: &Path, disk: u64, w: &Writes) -> GuestImage {
+    std::fs::create_dir_all(dir).unwrap();
+    let plan: String = w
+        .iter()
+        .map(|(n, off, len, _)| format!("{n} {off} {len}\n"))
+        .collect();
+    let env = format!("SECTORS={}\nSERIAL=vda\nDISK_BYTES={disk}\n", disk / 512);
+    let mut files = vec![("data/plan".to_string(), plan.into_bytes())];
+    for (n, _, _, d) in w {
+        files.push((format!("data/{n}"), d.clone()));
+    }
+    guest_with(image, dir, SUM_THEN_WRITE, &env, &files)
+}
+
+/// The digest a guest printed.
+fn guest_sum(console: &str) -> String {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix("DISKTEST_SUM "))
+        .unwrap_or_else(|| panic!("no digest from the guest:\n{console}"))
+        .trim()
+        .to_string()
+}
+
+fn wait_for_socket(socket: &Path, deadline: Instant, what: &str) {
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "{what}'s socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// A VM's disk on real VMMs at both ends of an evacuation. At the source, `replicate`
+/// serves the disk over vhost-user-blk with writes tracked while it replicates: a QEMU
+/// guest reads it (the image as created), writes checksummed data and reads it back, then
+/// powers off, and SIGUSR1 starts the evacuation. The standby serves the disk over
+/// vhost-user-blk from the moment it resumes the VM, while a fifth of the disk (the blocks
+/// written since the last replication round) is still crossing a slow link. A second
+/// QEMU guest attaches it, reads the whole disk (the stale blocks it reaches first are
 /// fetched on demand) and finds exactly the source's disk at the switchover, then writes.
 /// After the evacuation, the standby's disk is the source's plus the guest's writes.
 #[test]
-fn a_linux_guest_uses_its_disk_at_an_evacuating_standby_over_vhost_user_blk() {
+fn a_linux_guest_uses_its_disk_at_the_source_and_at_an_evacuating_standby_over_vhost_user_blk() {
     use faultline_tests::{Background, Certs, DestProcess, ShmDir};
     use std::io::Write;
     use std::os::unix::fs::FileExt;
@@ -450,28 +513,18 @@ fn a_linux_guest_uses_its_disk_at_an_evacuating_standby_over_vhost_user_blk() {
             f.write_all(&[(b % 13) as u8 + 1; TRACK as usize]).unwrap();
         }
     }
-    // What the guest writes at the standby: one block and an unaligned run of sectors.
-    let writes: [(&str, u64, u64); 2] = [("e0", 8 * MIB, 4096), ("e1", 16 * MIB + 512, 3072)];
-    let data: Vec<Vec<u8>> = (0..writes.len())
-        .map(|k| {
-            (0..writes[k].2 / 8)
-                .flat_map(|i| splitmix(i ^ ((k as u64 + 7) << 40)).to_le_bytes())
-                .collect()
-        })
-        .collect();
-    let plan: String = writes
-        .iter()
-        .map(|(n, off, len)| format!("{n} {off} {len}\n"))
-        .collect();
-    let env = format!(
-        "SECTORS={}\nSERIAL=vda\nDISK_BYTES={EVAC_DISK}\n",
-        EVAC_DISK / 512
+    let created = sha256(&img);
+    // Each guest writes one block and an unaligned run of sectors.
+    let at_source = writes(&[("s0", 4 * MIB, 8192), ("s1", 20 * MIB + 1536, 2560)], 3);
+    let at_standby = writes(&[("e0", 8 * MIB, 4096), ("e1", 16 * MIB + 512, 3072)], 7);
+    let source_guest = sum_then_write_guest(
+        image.clone(),
+        &dir.path().join("g-src"),
+        EVAC_DISK,
+        &at_source,
     );
-    let mut files = vec![("data/plan".to_string(), plan.into_bytes())];
-    for ((n, ..), d) in writes.iter().zip(&data) {
-        files.push((format!("data/{n}"), d.clone()));
-    }
-    let guest_image = guest_with(image, dir.path(), AT_STANDBY, &env, &files);
+    let standby_guest =
+        sum_then_write_guest(image, &dir.path().join("g-standby"), EVAC_DISK, &at_standby);
 
     let socket = dir.path().join("vda.sock");
     let standby = DestProcess::standby(
@@ -499,6 +552,7 @@ fn a_linux_guest_uses_its_disk_at_an_evacuating_standby_over_vhost_user_blk() {
         wan_emu::LinkConfig::new(Duration::from_millis(20), 4_000_000),
     )
     .unwrap();
+    let src_socket = dir.path().join("src-vda.sock");
     let src = Background::replicate(
         &certs,
         &standby.addr,
@@ -506,44 +560,54 @@ fn a_linux_guest_uses_its_disk_at_an_evacuating_standby_over_vhost_user_blk() {
             "--synthetic",
             "32M",
             "--evacuate-after",
-            "3",
+            "600",
             "--stale-pct",
             "0",
             "--disk",
             &format!("vda={}", img.display()),
             "--disk-stale-pct",
             "20",
+            "--disk-vhost-user",
+            &format!("vda={}", src_socket.display()),
             "--evacuate-connect",
             &wan.local_addr().to_string(),
         ],
     );
 
-    // The socket appears when the standby resumes the VM.
+    // At the source, while it replicates.
     let deadline = Instant::now() + TIMEOUT;
-    while !socket.exists() {
+    wait_for_socket(&src_socket, deadline, "the source");
+    let (_, console) = boot_and_wait(&source_guest, &src_socket);
+    assert_eq!(
+        guest_sum(&console),
+        created,
+        "the source guest read another disk"
+    );
+    let f = std::fs::File::open(&img).unwrap();
+    for (n, off, len, d) in &at_source {
+        let mut got = vec![0; *len as usize];
+        f.read_exact_at(&mut got, *off).unwrap();
         assert!(
-            Instant::now() < deadline,
-            "the standby's socket never appeared"
+            got == *d,
+            "the source guest's write {n} is not in the image"
         );
-        std::thread::sleep(Duration::from_millis(10));
     }
-    let (_, console) = boot_and_wait(&guest_image, &socket);
-    let seen = console
-        .lines()
-        .find_map(|l| l.strip_prefix("DISKTEST_SUM "))
-        .unwrap_or_else(|| panic!("no digest from the guest:\n{console}"))
-        .trim()
-        .to_string();
+    // The warning: evacuate now.
+    // SAFETY: kill only reads its integer arguments; the pid is our running child's.
+    unsafe { libc::kill(src.pid() as libc::pid_t, libc::SIGUSR1) };
+
+    // At the standby: the socket appears when it resumes the VM.
+    wait_for_socket(&socket, deadline, "the standby");
+    let (_, console) = boot_and_wait(&standby_guest, &socket);
+    let seen = guest_sum(&console);
 
     let src = src.wait(TIMEOUT);
     assert!(src.status.success(), "replicate failed: {}", src.stderr);
     // The source's image is final from the switchover on: the guest read exactly it.
-    let out = Command::new("sha256sum").arg(&img).output().unwrap();
-    let want = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        seen,
-        want.split_whitespace().next().unwrap(),
-        "the guest read another disk"
+    assert_eq!(seen, sha256(&img), "the standby guest read another disk");
+    assert_ne!(
+        seen, created,
+        "the source's writes did not reach the standby"
     );
 
     // SAFETY: kill only reads its integer arguments; the pid is our running child's.
@@ -560,7 +624,7 @@ fn a_linux_guest_uses_its_disk_at_an_evacuating_standby_over_vhost_user_blk() {
     );
     // The standby's disk: the source's at the switchover plus the guest's writes.
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
-    for ((_, off, _), d) in writes.iter().zip(&data) {
+    for (_, off, _, d) in &at_standby {
         f.write_all_at(d, *off).unwrap();
     }
     assert_eq!(

@@ -29,7 +29,18 @@ pub fn stopper() -> vmm_shim::Stopper {
     STOPPER.get_or_init(vmm_shim::Stopper::new).clone()
 }
 
+/// Set by SIGUSR1 in `faultline replicate`: the warning came, evacuate now (see `main`).
+pub fn evacuate_now() -> &'static std::sync::atomic::AtomicBool {
+    static NOW: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    &NOW
+}
+
 impl Command {
+    /// Whether SIGUSR1 starts this command's evacuation at once ([`evacuate_now`]).
+    pub fn evacuates_on_sigusr1(&self) -> bool {
+        matches!(self, Command::Replicate(_))
+    }
+
     /// What a signal stops, for the reason the peer is told; `None` for commands without a
     /// peer session of their own (demo, keygen, wan-emu keep the default signal handling).
     pub fn role(&self) -> Option<&'static str> {

@@ -76,7 +76,8 @@ pub struct ReplicateArgs {
     /// idle). Useful when other work keeps every CPU busy and the replica must fill anyway.
     #[arg(long)]
     pub replicator_normal_priority: bool,
-    /// Seconds of replication before the evacuation starts.
+    /// Seconds of replication before the evacuation starts; SIGUSR1 starts it at once (the
+    /// disaster warning).
     #[arg(long, default_value_t = 3.0)]
     pub evacuate_after: f64,
     /// Make exactly this percentage of pages stale at evacuation: wait until replication has
@@ -228,7 +229,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let mutator = Mutator::start(&regions, a.writers, a.seed, a.hot_pct / 100.0, a.write_rate);
     let disk_writers = DiskWriters::start(&disks, a.disk.disk_write_rate, a.seed);
     let until = Instant::now() + Duration::from_secs_f64(a.evacuate_after);
-    while Instant::now() < until {
+    while Instant::now() < until && !super::evacuate_now().load(Ordering::Relaxed) {
         if !replicator.is_running() {
             break;
         }
