@@ -91,24 +91,48 @@ fn parse_block_size(s: &str) -> Result<BlockSize, String> {
         .ok_or_else(|| format!("{s:?} is not a power of two from 4K to 1M"))
 }
 
-/// What `faultline disk serve --json` prints when it stops.
+/// The image served and what was written to it: the part of both reports that is the same.
 #[derive(Debug, Serialize)]
-pub struct ServeOutput {
+pub struct ImageReport {
     pub image: String,
-    pub export: String,
     pub size_bytes: u64,
     pub read_only: bool,
-    /// Where it listened, as NBD URIs.
-    pub listen: Vec<String>,
     /// Whether writes were tracked.
     pub tracking: bool,
     /// The tracking granularity in bytes.
     pub block_size: u64,
-    /// Blocks written (by writes, trims and write-zeroes) while it served; `null` without
-    /// tracking.
+    /// Blocks written (by writes, trims / discards and write-zeroes) while it served;
+    /// `null` without tracking.
     pub blocks_written: Option<u64>,
     /// The written blocks as inclusive `[first, last]` ranges of block indices, ascending.
     pub written_ranges: Option<Vec<[u64; 2]>>,
+}
+
+impl ImageReport {
+    fn new(a: &ServeArgs, size_bytes: u64, tracker: Option<&WriteTracker>) -> ImageReport {
+        let written_ranges = tracker.map(|t| ranges(&t.harvest()));
+        ImageReport {
+            image: a.image.display().to_string(),
+            size_bytes,
+            read_only: a.read_only,
+            tracking: tracker.is_some(),
+            block_size: a.block_size.bytes(),
+            blocks_written: written_ranges
+                .as_ref()
+                .map(|r| r.iter().map(|[a, b]| b - a + 1).sum()),
+            written_ranges,
+        }
+    }
+}
+
+/// What `faultline disk serve --json` prints when it stops.
+#[derive(Debug, Serialize)]
+pub struct ServeOutput {
+    #[serde(flatten)]
+    pub disk: ImageReport,
+    pub export: String,
+    /// Where it listened, as NBD URIs.
+    pub listen: Vec<String>,
     /// What the NBD server did.
     pub nbd: Stats,
     /// Why it stopped.
@@ -119,20 +143,10 @@ pub struct ServeOutput {
 /// fields where they apply).
 #[derive(Debug, Serialize)]
 pub struct VhostServeOutput {
-    pub image: String,
+    #[serde(flatten)]
+    pub disk: ImageReport,
     /// The vhost-user socket it listened on.
     pub socket: String,
-    pub size_bytes: u64,
-    pub read_only: bool,
-    /// Whether writes were tracked.
-    pub tracking: bool,
-    /// The tracking granularity in bytes.
-    pub block_size: u64,
-    /// Blocks written (by writes, discards and write-zeroes) while it served; `null`
-    /// without tracking.
-    pub blocks_written: Option<u64>,
-    /// The written blocks as inclusive `[first, last]` ranges of block indices, ascending.
-    pub written_ranges: Option<Vec<[u64; 2]>>,
     /// What the device saw.
     pub vhost_user: BlkStats,
     /// `disconnected` (the frontend went away) or `stopped` (a signal).
@@ -204,19 +218,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         std::thread::sleep(Duration::from_millis(50));
     };
     server.stop();
-    let ranges = tracker.as_ref().map(|t| ranges(&t.harvest()));
     let out = ServeOutput {
-        image: a.image.display().to_string(),
+        disk: ImageReport::new(&a, size, tracker.as_deref()),
         export: a.export,
-        size_bytes: size,
-        read_only: a.read_only,
         listen,
-        tracking: tracker.is_some(),
-        block_size: a.block_size.bytes(),
-        blocks_written: ranges
-            .as_ref()
-            .map(|r| r.iter().map(|[a, b]| b - a + 1).sum()),
-        written_ranges: ranges,
         nbd: server.stats(),
         stopped_by,
     };
@@ -261,7 +266,6 @@ fn serve_vhost(a: ServeArgs, socket: &std::path::Path) -> anyhow::Result<ExitCod
     done.store(true, Ordering::Relaxed);
     let ended = ended?;
 
-    let ranges = tracker.as_ref().map(|t| ranges(&t.harvest()));
     let stopped_by = match ended {
         Ended::Disconnected => "the frontend disconnected".to_string(),
         Ended::Stopped => super::stopper()
@@ -269,16 +273,8 @@ fn serve_vhost(a: ServeArgs, socket: &std::path::Path) -> anyhow::Result<ExitCod
             .unwrap_or_else(|| "stopped".into()),
     };
     let out = VhostServeOutput {
-        image: a.image.display().to_string(),
+        disk: ImageReport::new(&a, size, tracker.as_deref()),
         socket: socket.display().to_string(),
-        size_bytes: size,
-        read_only: a.read_only,
-        tracking: tracker.is_some(),
-        block_size: a.block_size.bytes(),
-        blocks_written: ranges
-            .as_ref()
-            .map(|r| r.iter().map(|[a, b]| b - a + 1).sum()),
-        written_ranges: ranges,
         vhost_user: blk.stats(),
         ended,
         stopped_by,
@@ -290,9 +286,9 @@ fn serve_vhost(a: ServeArgs, socket: &std::path::Path) -> anyhow::Result<ExitCod
         println!("stopped: {}", out.stopped_by);
         println!(
             "served {} ({} bytes{}) on vhost-user {}: {} requests ({} reads, {} writes, {} flushes, {} discards, {} write-zeroes), {} malformed, {} unanswered, {} unsupported, {} disk errors",
-            out.image,
-            out.size_bytes,
-            if out.read_only { ", read-only" } else { "" },
+            out.disk.image,
+            out.disk.size_bytes,
+            if out.disk.read_only { ", read-only" } else { "" },
             out.socket,
             s.requests,
             s.reads,
@@ -305,7 +301,11 @@ fn serve_vhost(a: ServeArgs, socket: &std::path::Path) -> anyhow::Result<ExitCod
             s.unsupported,
             s.disk_errors,
         );
-        print_written(out.block_size, &out.blocks_written, &out.written_ranges);
+        print_written(
+            out.disk.block_size,
+            &out.disk.blocks_written,
+            &out.disk.written_ranges,
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -338,9 +338,9 @@ fn print_text(o: &ServeOutput) {
     println!("stopped: {}", o.stopped_by);
     println!(
         "served {} ({} bytes{}) to {} connection(s): {} reads, {} writes, {} flushes, {} trims, {} write-zeroes, {} errors",
-        o.image,
-        o.size_bytes,
-        if o.read_only { ", read-only" } else { "" },
+        o.disk.image,
+        o.disk.size_bytes,
+        if o.disk.read_only { ", read-only" } else { "" },
         o.nbd.connections,
         o.nbd.reads,
         o.nbd.writes,
@@ -349,7 +349,11 @@ fn print_text(o: &ServeOutput) {
         o.nbd.write_zeroes,
         o.nbd.errors,
     );
-    print_written(o.block_size, &o.blocks_written, &o.written_ranges);
+    print_written(
+        o.disk.block_size,
+        &o.disk.blocks_written,
+        &o.disk.written_ranges,
+    );
 }
 
 fn print_written(block_size: u64, written: &Option<u64>, ranges: &Option<Vec<[u64; 2]>>) {
