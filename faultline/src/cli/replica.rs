@@ -25,7 +25,7 @@ use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
 
 use super::roles::{emit_event, identity};
 use super::vm_disks::{
-    digest_disk, dirty_disks, export_received, open_standby_disks, wait_for_stop, DiskDigest,
+    digest_disk, dirty_disks, export_received, finish_exports, open_standby_disks, DiskDigest,
     DiskExports, DiskReaders, DiskWriters, ReceiveDiskArgs, SourceDiskArgs, SourceDisks,
 };
 use super::{parse_size, TlsArgs};
@@ -415,15 +415,7 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
     };
     let report = result?;
     let exports = exports.transpose()?;
-    if a.disk.serve_after {
-        if !a.json {
-            eprintln!("evacuation complete; serving the disks until SIGTERM or SIGINT");
-        }
-        wait_for_stop();
-    }
-    if let Some(e) = exports {
-        e.stop();
-    }
+    finish_exports(exports, &a.disk, a.json, "evacuation");
     let disk_digests = sink
         .disk_devices()
         .iter()

@@ -16,7 +16,7 @@ use vmm_shim::digest::digest;
 use vmm_shim::{DestOptions, DestReport, Listener, SourceOptions};
 
 use super::vm_disks::{
-    create_dest_disks, digest_disk, export_received, wait_for_stop, DiskDigest, DiskExports,
+    create_dest_disks, digest_disk, export_received, finish_exports, DiskDigest, DiskExports,
     DiskReaders,
 };
 use super::{DestArgs, KeygenArgs, SourceArgs, TlsArgs, EVENT_PREFIX};
@@ -230,15 +230,7 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
     };
     let report = result?;
     let exports = exports.transpose()?;
-    if a.disk.serve_after {
-        if !a.json {
-            eprintln!("migration complete; serving the disks until SIGTERM or SIGINT");
-        }
-        wait_for_stop();
-    }
-    if let Some(e) = exports {
-        e.stop();
-    }
+    finish_exports(exports, &a.disk, a.json, "migration");
     let disk_digests = disks
         .iter()
         .map(|d| digest_disk(d.name(), &**d.device()))

@@ -383,8 +383,27 @@ fn serve_frontends(
     }
 }
 
+/// The end of a receiving side's session (`what` completed): with `--serve-after` the
+/// exports keep serving until SIGTERM or SIGINT, then they stop.
+pub fn finish_exports(
+    exports: Option<DiskExports>,
+    disk: &ReceiveDiskArgs,
+    json: bool,
+    what: &str,
+) {
+    if disk.serve_after {
+        if !json {
+            eprintln!("{what} complete; serving the disks until SIGTERM or SIGINT");
+        }
+        wait_for_stop();
+    }
+    if let Some(e) = exports {
+        e.stop();
+    }
+}
+
 /// Waits for SIGTERM or SIGINT (the process's stopper).
-pub fn wait_for_stop() -> String {
+fn wait_for_stop() -> String {
     loop {
         if let Some(why) = super::stopper().reason() {
             return why;
