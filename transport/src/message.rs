@@ -553,17 +553,6 @@ pub enum Message {
 }
 
 impl Message {
-    /// The connection epoch a `HelloAck` or `Resume` gives its connection: what the source's
-    /// driver feeds that connection's messages with (see [`crate::proto`]).
-    pub fn conn_epoch(&self) -> Option<u32> {
-        match self {
-            Message::HelloAck { conn_epoch, .. } | Message::Resume { conn_epoch, .. } => {
-                Some(*conn_epoch)
-            }
-            _ => None,
-        }
-    }
-
     /// Short name for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {

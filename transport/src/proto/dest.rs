@@ -484,12 +484,16 @@ impl DestSession {
     }
 
     /// Marks `pages` received and returns what to deliver: the pages not here yet, or
-    /// requested again since they came.
+    /// requested again since they came. At evacuation a page outside the stale set is
+    /// fresh here already, and the guest may have written it since: it is never delivered.
     fn receive(&mut self, pages: Pages) -> Option<Delivery> {
         let count = pages.count() as u64;
         let first = pages.first;
+        let stale = self.stale.as_ref();
         let fresh: Vec<bool> = (first..first + count)
-            .map(|p| !self.received.get(p) || self.outstanding.get(p))
+            .map(|p| {
+                self.outstanding.get(p) || (!self.received.get(p) && stale.is_none_or(|s| s.get(p)))
+            })
             .collect();
         for p in first..first + count {
             self.received.set(p);

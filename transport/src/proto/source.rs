@@ -205,7 +205,10 @@ pub struct SourceSession {
     transmits: VecDeque<Transmit>,
     events: VecDeque<SourceEvent>,
     link: Link,
+    /// The destination's epoch of the connection (from its `HelloAck` or `Resume`).
     conn_epoch: u32,
+    /// This side's number for the current connection, from [`SourceSession::resume`].
+    connection: u32,
     owner: Ownership,
     /// Features offered in the first `Hello`, offered again when the handshake restarts.
     offered: u64,
@@ -276,6 +279,7 @@ impl SourceSession {
             events: VecDeque::new(),
             link: Link::Connected,
             conn_epoch: 0,
+            connection: 0,
             owner,
             offered: config.features | features_of(&config),
             initial_stale: config.stale.clone(),
@@ -323,9 +327,16 @@ impl SourceSession {
         self.config.session_id
     }
 
-    /// The epoch of the connection the session runs on (0 until a resume).
+    /// The epoch of the connection the session runs on, as the destination numbered it in
+    /// its `HelloAck` or `Resume` (0 until a resume).
     pub fn conn_epoch(&self) -> u32 {
         self.conn_epoch
+    }
+
+    /// This side's number for the current connection: 0, then what
+    /// [`SourceSession::resume`] returned last.
+    pub fn connection(&self) -> u32 {
+        self.connection
     }
 
     /// Where the VM may run (see [`Ownership`]): the driver may resume the VM at the source
@@ -365,18 +376,20 @@ impl SourceSession {
     }
 
     /// A new connection is up: queues the `Hello` that opens it (the loss of the previous
-    /// one is reported first if it was not). Returns false, doing nothing, for a failed
-    /// session.
-    pub fn resume(&mut self) -> bool {
+    /// one is reported first if it was not) and returns this side's number for the
+    /// connection, which the driver feeds its messages with ([`SourceSession::handle_in`]).
+    /// A failed session stays failed: nothing is queued and its number does not change.
+    pub fn resume(&mut self) -> u32 {
         if matches!(self.state, State::Failed) {
-            return false;
+            return self.connection;
         }
         if !matches!(self.link, Link::Paused) {
             self.connection_lost();
         }
+        self.connection = self.connection.wrapping_add(1);
         self.link = Link::Resuming;
         self.send_hello();
-        true
+        self.connection
     }
 
     /// Pages in the layout.
@@ -478,19 +491,22 @@ impl SourceSession {
     /// The message counts as one of the current connection; see
     /// [`SourceSession::handle_in`] once connections can be lost.
     pub fn handle(&mut self, channel: Channel, msg: Message) -> Result<Vec<u64>, ProtoError> {
-        self.handle_in(self.conn_epoch, channel, msg)
+        self.handle_in(self.connection, channel, msg)
     }
 
-    /// [`SourceSession::handle`] for a message that came on the connection of epoch
-    /// `conn_epoch` (see [`crate::proto`] for how the driver knows it). Messages of a lost
-    /// or older connection are ignored (counted in [`SourceStats::messages_ignored`]).
+    /// [`SourceSession::handle`] for a message that came on connection `connection` (this
+    /// side's number for it, from [`SourceSession::resume`]; 0 for the first). Messages of
+    /// a lost or older connection are ignored (counted in
+    /// [`SourceStats::messages_ignored`]).
     pub fn handle_in(
         &mut self,
-        conn_epoch: u32,
+        connection: u32,
         channel: Channel,
         msg: Message,
     ) -> Result<Vec<u64>, ProtoError> {
-        if !matches!(self.state, State::Failed) && !self.accepts(conn_epoch, &msg) {
+        if !matches!(self.state, State::Failed)
+            && (matches!(self.link, Link::Paused) || connection != self.connection)
+        {
             self.messages_ignored += 1;
             return Ok(Vec::new());
         }
@@ -517,23 +533,10 @@ impl SourceSession {
         e
     }
 
-    /// Whether a message of connection `conn_epoch` is for the session as it is now.
-    fn accepts(&self, conn_epoch: u32, msg: &Message) -> bool {
-        match self.link {
-            Link::Paused => false,
-            // The first message of the new connection names its epoch, newer than any
-            // before; an `Error` may come first, fed with an epoch the driver does not know.
-            Link::Resuming => match msg.conn_epoch() {
-                Some(e) => e == conn_epoch && e > self.conn_epoch,
-                None => matches!(msg, Message::Error { .. }) && conn_epoch > self.conn_epoch,
-            },
-            Link::Connected | Link::AwaitHeld { .. } => conn_epoch == self.conn_epoch,
-        }
-    }
-
     /// A message while the link is being resumed: the answer to the `Hello`, then the held
     /// set (demand requests are served meanwhile).
     fn handle_resuming(&mut self, channel: Channel, msg: Message) -> Result<Vec<u64>, ProtoError> {
+        let resumable = self.resumable();
         match (&mut self.link, channel, msg) {
             (_, _, Message::Error { code, message }) => Err(ProtoError::Peer { code, message }),
             (Link::Resuming, Channel::Control, msg @ Message::HelloAck { .. }) => {
@@ -542,14 +545,18 @@ impl SourceSession {
                 if matches!(self.state, State::Finished) {
                     return Err(self.unexpected(Channel::Control, &msg, "finished"));
                 }
-                self.conn_epoch = msg.conn_epoch().unwrap_or(self.conn_epoch);
+                self.conn_epoch = self.newer_epoch(&msg)?;
                 self.link = Link::Connected;
                 self.state = State::HelloSent;
-                self.push = first_schedule(&self.config);
-                self.pushed_early = Bitmap::new(self.total_pages());
-                self.push_done_sent = false;
+                // The stale set first: the schedule is built from it.
                 self.config.stale = self.initial_stale.clone();
                 self.config.vm_state = self.initial_vm_state.clone();
+                self.push = first_schedule(&self.config);
+                for p in self.served_while_resuming.drain(..) {
+                    self.push.on_demand(p);
+                }
+                self.pushed_early = Bitmap::new(self.total_pages());
+                self.push_done_sent = false;
                 self.events.push_back(SourceEvent::Resumed {
                     conn_epoch: self.conn_epoch,
                     handshake_restarted: true,
@@ -574,14 +581,7 @@ impl SourceSession {
                         got: session_id,
                     });
                 }
-                // Only a destination that resumed the guest resumes; it can have done so
-                // only after this side handed the VM over.
-                let resumable = match self.state {
-                    State::Running | State::Finished => true,
-                    State::HelloSent => self.owner != Ownership::Source,
-                    State::AwaitInvalid(_) | State::Failed => false,
-                };
-                if !resumable || self.config.kind == SessionKind::Replicate {
+                if !resumable {
                     let state = self.state.name();
                     return Err(ProtoError::Unexpected {
                         message: "Resume",
@@ -596,7 +596,7 @@ impl SourceSession {
                         got: pages,
                     });
                 }
-                self.conn_epoch = conn_epoch;
+                self.conn_epoch = self.newer_epoch(&Message::ResumeAck { conn_epoch })?;
                 self.link = Link::AwaitHeld {
                     asm: PageSetAssembler::new(SetKind::Held, total),
                     checksum,
@@ -629,14 +629,20 @@ impl SourceSession {
                 self.resumed(&held, features);
                 Ok(Vec::new())
             }
-            (Link::AwaitHeld { .. }, Channel::Urgent, Message::Request { pages })
-                if !matches!(self.state, State::Finished) =>
-            {
+            // The destination re-issues its requests right after its `Resume`, on another
+            // stream: they may come first. Serve them now; the new schedule skips them.
+            (
+                Link::Resuming | Link::AwaitHeld { .. },
+                Channel::Urgent,
+                Message::Request { pages },
+            ) if resumable => {
+                if matches!(self.state, State::Finished) {
+                    return Ok(Vec::new());
+                }
                 let served = self.serve(pages)?;
                 self.served_while_resuming.extend_from_slice(&served);
                 Ok(served)
             }
-            (Link::AwaitHeld { .. }, Channel::Urgent, Message::Request { .. }) => Ok(Vec::new()),
             (link, channel, msg) => {
                 let state = match link {
                     Link::AwaitHeld { .. } => "awaiting the held set",
@@ -644,6 +650,33 @@ impl SourceSession {
                 };
                 Err(self.unexpected(channel, &msg, state))
             }
+        }
+    }
+
+    /// Whether the destination may have resumed the guest, so that it may resume the
+    /// session: only after this side handed the VM over.
+    fn resumable(&self) -> bool {
+        let handed = match self.state {
+            State::Running | State::Finished => true,
+            State::HelloSent => self.owner != Ownership::Source,
+            State::AwaitInvalid(_) | State::Failed => false,
+        };
+        handed && self.config.kind != SessionKind::Replicate
+    }
+
+    /// The epoch the destination gave a new connection: newer than every earlier one.
+    fn newer_epoch(&self, msg: &Message) -> Result<u32, ProtoError> {
+        match msg {
+            Message::HelloAck { conn_epoch, .. } | Message::ResumeAck { conn_epoch }
+                if *conn_epoch > self.conn_epoch =>
+            {
+                Ok(*conn_epoch)
+            }
+            _ => Err(self.unexpected(
+                Channel::Control,
+                msg,
+                "resuming: the connection epoch must grow",
+            )),
         }
     }
 
@@ -782,6 +815,14 @@ impl SourceSession {
             }
             (State::Running, Channel::Urgent, Message::Request { pages })
                 if kind != SessionKind::Replicate =>
+            {
+                self.serve(pages)
+            }
+            // A migration without VM state: the destination runs the guest from our `Hello`
+            // on, and its first demand requests (on their own stream) may overtake its
+            // `HelloAck`.
+            (State::HelloSent, Channel::Urgent, Message::Request { pages })
+                if kind == SessionKind::Migrate && self.owner == Ownership::Destination =>
             {
                 self.serve(pages)
             }
