@@ -14,14 +14,13 @@
 //!   dropped, nothing more is queued, incoming messages are ignored. The destination keeps
 //!   taking demand requests from its fault loop; they go out when the session resumes.
 //! - On a new, fully authenticated connection call `resume()` on both sides (it reports the
-//!   loss first if that was not done). The source queues its `Hello` again; the destination's
-//!   `resume()` returns the new connection's epoch.
-//! - Feed every message with the epoch of the connection it came on, `handle_in(epoch, ..)`.
-//!   The destination's driver knows it from `resume()`. The source's driver learns it from
-//!   the first control message of the connection, a `HelloAck` or a `Resume`
-//!   ([`Message::conn_epoch`]): it reads that message before the urgent and bulk streams of
-//!   the connection (an `Error` that comes first is fed with `u32::MAX`). Messages of older
-//!   connections are ignored, so a late frame of a dead connection is harmless.
+//!   loss first if that was not done). It returns the side's number for the connection:
+//!   the destination's is the connection epoch it will announce; the source's is its own
+//!   count (the source also queues its `Hello` again).
+//! - Feed every message with the number of the connection it came on,
+//!   `handle_in(number, ..)`. Messages of lost or older connections are ignored, so a late
+//!   frame of a dead connection (a reader task that lost the race with the reconnect) is
+//!   harmless.
 //! - [`SourceEvent::Paused`]/[`SourceEvent::Resumed`] and [`DestEvent::Paused`]/
 //!   [`DestEvent::Resumed`] mark the state changes: the driver times `paused_ms` and
 //!   `resume_ms_after_restore` between them and its own calls (the sessions have no clock).
@@ -341,5 +340,7 @@ pub(crate) fn describe_layout(l: &Layout) -> String {
     }
 }
 
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 mod tests;
