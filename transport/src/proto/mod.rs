@@ -341,6 +341,8 @@ pub(crate) fn describe_layout(l: &Layout) -> String {
 }
 
 #[cfg(test)]
+mod resume_tests;
+#[cfg(test)]
 mod sim;
 #[cfg(test)]
 mod tests;
