@@ -42,6 +42,7 @@ fn hello(version: u16, layout: Layout) -> Vec<u8> {
         vm_id: "vm0".into(),
         layout,
         features: 0,
+        session_id: 1,
     })
 }
 

@@ -57,6 +57,19 @@ impl Bitmap {
         was_clear
     }
 
+    /// Clears bit `i`; returns whether it was set before. Out-of-range indices are ignored.
+    pub fn clear(&mut self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        let w = &mut self.words[(i / 64) as usize];
+        let bit = 1u64 << (i % 64);
+        let was_set = *w & bit != 0;
+        *w &= !bit;
+        self.ones -= u64::from(was_set);
+        was_set
+    }
+
     /// First clear bit at or after `from`, if any.
     pub fn next_clear(&self, from: u64) -> Option<u64> {
         if from >= self.len {
@@ -144,6 +157,10 @@ mod tests {
         assert!(!b.set(130));
         assert_eq!(b.count_ones(), 2);
         assert!(b.get(129) && !b.get(128) && !b.get(1000));
+        assert!(b.clear(129));
+        assert!(!b.clear(129) && !b.clear(1000));
+        assert_eq!(b.count_ones(), 1);
+        assert!(!b.get(129) && b.get(0));
     }
 
     #[test]

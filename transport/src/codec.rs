@@ -31,6 +31,8 @@ const T_UPDATE: u8 = 9;
 const T_ACK: u8 = 10;
 const T_PAGE_SET: u8 = 11;
 const T_VM_STATE: u8 = 12;
+const T_RESUME: u8 = 13;
+const T_RESUME_ACK: u8 = 14;
 
 /// Why bytes are not a valid frame. A session that receives one fails and tells the peer
 /// with [`ErrorCode::Malformed`].
@@ -95,12 +97,14 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             layout,
             features,
             epoch,
+            session_id,
         } => {
             out.push(T_HELLO);
             out.extend_from_slice(&version.to_le_bytes());
             out.push(*kind as u8);
             out.extend_from_slice(&features.to_le_bytes());
             out.extend_from_slice(&epoch.to_le_bytes());
+            out.extend_from_slice(&session_id.to_le_bytes());
             put_text(out, vm_id);
             out.extend_from_slice(&layout.page_size.to_le_bytes());
             out.extend_from_slice(&(layout.regions.len() as u16).to_le_bytes());
@@ -114,10 +118,33 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
                 out.extend_from_slice(&d.len.to_le_bytes());
             }
         }
-        Message::HelloAck { version, features } => {
+        Message::HelloAck {
+            version,
+            features,
+            conn_epoch,
+        } => {
             out.push(T_HELLO_ACK);
             out.extend_from_slice(&version.to_le_bytes());
             out.extend_from_slice(&features.to_le_bytes());
+            out.extend_from_slice(&conn_epoch.to_le_bytes());
+        }
+        Message::Resume {
+            session_id,
+            conn_epoch,
+            features,
+            pages,
+            checksum,
+        } => {
+            out.push(T_RESUME);
+            out.extend_from_slice(&session_id.to_le_bytes());
+            out.extend_from_slice(&conn_epoch.to_le_bytes());
+            out.extend_from_slice(&features.to_le_bytes());
+            out.extend_from_slice(&pages.to_le_bytes());
+            out.extend_from_slice(&checksum.to_le_bytes());
+        }
+        Message::ResumeAck { conn_epoch } => {
+            out.push(T_RESUME_ACK);
+            out.extend_from_slice(&conn_epoch.to_le_bytes());
         }
         Message::Request { pages } => {
             out.push(T_REQUEST);
@@ -252,6 +279,7 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
             let kind = SessionKind::from_u8(k).ok_or(CodecError::BadSessionKind(k))?;
             let features = get_u64(&mut body, W)?;
             let epoch = get_u64(&mut body, W)?;
+            let session_id = get_u128(&mut body, W)?;
             let vm_id = get_text(&mut body, W)?;
             let page_size = get_u32(&mut body, W)?;
             let n = get_u16(&mut body, W)? as usize;
@@ -296,14 +324,42 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
                 },
                 features,
                 epoch,
+                session_id,
             }
         }
         T_HELLO_ACK => {
             const W: &str = "HelloAck";
             let version = get_u16(&mut body, W)?;
             let features = get_u64(&mut body, W)?;
+            let conn_epoch = get_u32(&mut body, W)?;
             finish(&body, W)?;
-            Message::HelloAck { version, features }
+            Message::HelloAck {
+                version,
+                features,
+                conn_epoch,
+            }
+        }
+        T_RESUME => {
+            const W: &str = "Resume";
+            let session_id = get_u128(&mut body, W)?;
+            let conn_epoch = get_u32(&mut body, W)?;
+            let features = get_u64(&mut body, W)?;
+            let pages = get_u64(&mut body, W)?;
+            let checksum = get_u64(&mut body, W)?;
+            finish(&body, W)?;
+            Message::Resume {
+                session_id,
+                conn_epoch,
+                features,
+                pages,
+                checksum,
+            }
+        }
+        T_RESUME_ACK => {
+            const W: &str = "ResumeAck";
+            let conn_epoch = get_u32(&mut body, W)?;
+            finish(&body, W)?;
+            Message::ResumeAck { conn_epoch }
         }
         T_REQUEST => {
             const W: &str = "Request";
@@ -352,6 +408,7 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
             let kind = match k {
                 0 => SetKind::Invalid,
                 1 => SetKind::Stale,
+                2 => SetKind::Held,
                 other => return Err(CodecError::BadSetKind(other)),
             };
             let last = get_u8(&mut body, W)? != 0;
@@ -527,6 +584,13 @@ fn get_u64(b: &mut Bytes, w: &'static str) -> Result<u64, CodecError> {
     Ok(b.get_u64_le())
 }
 
+fn get_u128(b: &mut Bytes, w: &'static str) -> Result<u128, CodecError> {
+    if b.remaining() < 16 {
+        return Err(CodecError::Truncated(w));
+    }
+    Ok(b.get_u128_le())
+}
+
 fn get_text(b: &mut Bytes, w: &'static str) -> Result<String, CodecError> {
     let n = get_u16(b, w)? as usize;
     if n > MAX_TEXT {
@@ -594,10 +658,26 @@ mod tests {
                 ],
             },
             features: 7,
+            session_id: u128::MAX - 5,
         });
         roundtrip(Message::HelloAck {
             version: 1,
             features: 0,
+            conn_epoch: 3,
+        });
+        roundtrip(Message::Resume {
+            session_id: 1 << 100,
+            conn_epoch: u32::MAX,
+            features: 3,
+            pages: 1 << 40,
+            checksum: 0xdead_beef,
+        });
+        roundtrip(Message::ResumeAck { conn_epoch: 7 });
+        roundtrip(Message::PageSet {
+            kind: SetKind::Held,
+            first_word: 0,
+            words: vec![1],
+            last: false,
         });
         roundtrip(Message::Request {
             pages: vec![1, 2, u64::MAX],
@@ -715,7 +795,7 @@ mod tests {
 
         /// Random bodies behind every valid type byte never panic either.
         #[test]
-        fn decode_body_never_panics(ty in 0u8..15, bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
+        fn decode_body_never_panics(ty in 0u8..17, bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
             let _ = decode_body(ty, Bytes::from(bytes));
         }
 

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Version spoken by this build. A peer with any other version is refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Guest page size carried on the wire. Only 4 KiB pages are supported today.
 pub const PAGE_SIZE: usize = 4096;
@@ -345,6 +345,9 @@ pub enum SetKind {
     Invalid = 0,
     /// Source → destination: every page that must cross at evacuation.
     Stale = 1,
+    /// Destination → source, after `Resume`: every page the destination holds (received,
+    /// or fresh in its replica) and has no demand request outstanding for.
+    Held = 2,
 }
 
 /// Most bitmap words in one `PageSet` message (a million pages).
@@ -368,6 +371,16 @@ pub const REF_LEN: usize = 24;
 
 /// Most (page, version) pairs in one `Ack`.
 pub const MAX_ACKS: usize = 8192;
+
+/// The checksum a `Resume` carries for its held set: xxh3-64 of the bitmap's words as
+/// little-endian bytes, in order.
+pub fn held_checksum(words: &[u64]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for w in words {
+        h.update(&w.to_le_bytes());
+    }
+    h.digest()
+}
 
 /// Why a peer gave up; carried in `Message::Error` so the other side can say what went wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,6 +410,9 @@ pub enum ErrorCode {
     /// 9: the listener is already in a session with another peer; try again later or
     /// elsewhere. Sent only as a connection's close code, after authentication.
     Busy = 9,
+    /// 10: a resume failed: another session id, or a held set whose length or checksum
+    /// does not match.
+    ResumeRefused = 10,
 }
 
 impl ErrorCode {
@@ -412,6 +428,7 @@ impl ErrorCode {
             6 => ErrorCode::VmIdMismatch,
             8 => ErrorCode::Aborted,
             9 => ErrorCode::Busy,
+            10 => ErrorCode::ResumeRefused,
             _ => ErrorCode::Internal,
         }
     }
@@ -436,6 +453,9 @@ pub enum Message {
         features: u64,
         /// Replication epoch: versions are only comparable within one epoch.
         epoch: u64,
+        /// The session's id, random, chosen by the source once per session and sent again
+        /// in the `Hello` that opens every later connection of the same session.
+        session_id: u128,
     },
     /// Destination → source: the handshake is accepted; postcopy may start.
     HelloAck {
@@ -444,6 +464,31 @@ pub enum Message {
         /// The negotiated features: those of the `Hello` the destination also supports,
         /// without [`FEATURE_VM_STATE`]. The source encodes pages with these only.
         features: u64,
+        /// The connection epoch the destination gave this connection (0 for the first;
+        /// see [`Message::Resume`]).
+        conn_epoch: u32,
+    },
+    /// Destination → source, answering the `Hello` on a new connection of a session that
+    /// was running when its connection was lost: resume it. `PageSet` chunks of kind
+    /// [`SetKind::Held`] follow on the control stream.
+    Resume {
+        /// The session's id, from the first `Hello`; the source refuses another.
+        session_id: u128,
+        /// The connection epoch of this connection, chosen by the destination: greater
+        /// than every earlier one. Messages of older connections are ignored.
+        conn_epoch: u32,
+        /// The features negotiated at the handshake, as in `HelloAck`.
+        features: u64,
+        /// Pages covered by the held set: the layout's total, checked by the source.
+        pages: u64,
+        /// xxh3-64 of the held set's bitmap words, little-endian, checked by the source
+        /// (see [`held_checksum`]).
+        checksum: u64,
+    },
+    /// Source → destination: the `Resume` is accepted; the session runs again.
+    ResumeAck {
+        /// The connection epoch of the accepted `Resume`.
+        conn_epoch: u32,
     },
     /// Destination → source on the urgent stream: pages a vCPU is blocked on.
     Request {
@@ -513,6 +558,8 @@ impl Message {
         match self {
             Message::Hello { .. } => "Hello",
             Message::HelloAck { .. } => "HelloAck",
+            Message::Resume { .. } => "Resume",
+            Message::ResumeAck { .. } => "ResumeAck",
             Message::Request { .. } => "Request",
             Message::Pages(_) => "Pages",
             Message::Update { .. } => "Update",

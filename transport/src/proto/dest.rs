@@ -3,10 +3,14 @@
 
 use std::collections::VecDeque;
 
-use super::{describe_layout, page_set_messages, Channel, PageSetAssembler, ProtoError, Transmit};
+use super::{
+    describe_layout, page_set_messages, Channel, PageSetAssembler, ProtoError, SessionState,
+    Transmit,
+};
 use crate::bitmap::Bitmap;
 use crate::message::{
-    Layout, Message, Pages, SessionKind, SetKind, MAX_ACKS, MAX_REQUEST_PAGES, PROTOCOL_VERSION,
+    held_checksum, Layout, Message, Pages, SessionKind, SetKind, MAX_ACKS, MAX_REQUEST_PAGES,
+    PROTOCOL_VERSION,
 };
 
 /// How a destination session is set up: the memory it prepared and what it accepts.
@@ -70,13 +74,54 @@ pub enum DestEvent {
     },
     /// The source acknowledged completion; the session is over.
     Finished,
+    /// The connection was lost ([`DestSession::connection_lost`]): nothing moves until
+    /// [`DestSession::resume`] on a new connection. Not an error. `resumable` is false when
+    /// the guest had not resumed here: the next connection starts the handshake over.
+    Paused {
+        /// Whether the session resumes where it was (the guest runs here).
+        resumable: bool,
+    },
+    /// The source acknowledged the `Resume`: the session runs again.
+    Resumed {
+        /// The connection's epoch.
+        conn_epoch: u32,
+    },
+}
+
+/// What a [`DestSession`] counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestStats {
+    /// Times the connection was lost after the handshake had begun.
+    pub pauses: u64,
+    /// Pages that arrived when already present and were dropped (not delivered).
+    pub pages_duplicate: u64,
+    /// Demand requests sent again on a resumed connection.
+    pub requests_reissued: u64,
+    /// Messages ignored because they came on a lost or older connection.
+    pub messages_ignored: u64,
+}
+
+/// The connection, as the destination sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    Connected,
+    /// Lost; waiting for [`DestSession::resume`].
+    Paused,
+    /// A new connection is up; waiting for the source's `Hello`.
+    AwaitHello,
+    /// The `Resume` went out; waiting for the `ResumeAck` (pages are taken meanwhile).
+    AwaitResumeAck,
 }
 
 /// Data the application must put in place, already checked against the layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// Page contents for guest memory (migration and evacuation).
+    /// Page contents for guest memory (migration and evacuation): every page of the run
+    /// is new here.
     Pages(Pages),
+    /// A run that was partly here already: only its new pages, as consecutive runs in
+    /// order. The pages already present were dropped.
+    PageRuns(Vec<Pages>),
     /// Page contents with their versions, for the replica (replication).
     Update {
         /// The contents, raw and zero pages only.
@@ -130,6 +175,15 @@ pub struct DestSession {
     pending_requests: Vec<u64>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<DestEvent>,
+    link: Link,
+    conn_epoch: u32,
+    session_id: u128,
+    /// Evacuation: the pages that must come from the source (the others are fresh here).
+    stale: Option<Bitmap>,
+    /// Pages requested on demand and not received since.
+    outstanding: Bitmap,
+    push_done_seen: bool,
+    stats: DestStats,
 }
 
 impl DestSession {
@@ -146,8 +200,115 @@ impl DestSession {
             pending_requests: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            link: Link::Connected,
+            conn_epoch: 0,
+            session_id: 0,
+            stale: None,
+            outstanding: Bitmap::new(config.layout.total_pages()),
+            push_done_seen: false,
+            stats: DestStats::default(),
             config,
         }
+    }
+
+    /// What the session counted.
+    pub fn stats(&self) -> DestStats {
+        self.stats
+    }
+
+    /// The epoch of the connection the session runs on (0 until a resume).
+    pub fn conn_epoch(&self) -> u32 {
+        self.conn_epoch
+    }
+
+    /// The session's id, from the source's `Hello` (0 before it).
+    pub fn session_id(&self) -> u128 {
+        self.session_id
+    }
+
+    /// Pages requested on demand and not received since.
+    pub fn outstanding(&self) -> &Bitmap {
+        &self.outstanding
+    }
+
+    /// Whether the guest may run here: the handshake reached the point where it resumes
+    /// (migration and evacuation), and stays so whatever happens to the connection.
+    pub fn guest_may_run(&self) -> bool {
+        self.kind != SessionKind::Replicate
+            && matches!(
+                self.state,
+                State::Running | State::CompleteSent | State::Finished
+            )
+    }
+
+    /// Where the session is.
+    pub fn session_state(&self) -> SessionState {
+        match (&self.state, self.link) {
+            (State::Failed, _) => SessionState::Failed,
+            (State::Finished, _) => SessionState::Completed,
+            (_, Link::Paused) => SessionState::Paused,
+            (_, Link::AwaitHello | Link::AwaitResumeAck) => SessionState::Resuming,
+            (State::Running | State::Replicating | State::CompleteSent, Link::Connected) => {
+                SessionState::Running
+            }
+            (_, Link::Connected) => SessionState::Handshake,
+        }
+    }
+
+    /// The pages this side holds and needs no demand reply for: received (or, at
+    /// evacuation, fresh in the replica) and not requested since.
+    pub fn held(&self) -> Bitmap {
+        let mut held = self.received.clone();
+        if let Some(stale) = &self.stale {
+            held.union_with(&stale.complement());
+        }
+        for p in self.outstanding.iter_ones() {
+            held.clear(p);
+        }
+        held
+    }
+
+    /// The connection is gone: the session pauses (it is not an error). Queued messages are
+    /// dropped and incoming ones ignored until [`DestSession::resume`]; demand requests are
+    /// kept and sent on the resumed connection. A handshake that had not resumed the guest
+    /// here is forgotten: the next connection starts it over. Calling it again, or on a
+    /// failed or finished session, does nothing.
+    pub fn connection_lost(&mut self) {
+        if matches!(self.state, State::Failed | State::Finished)
+            || matches!(self.link, Link::Paused)
+        {
+            return;
+        }
+        self.link = Link::Paused;
+        self.transmits.clear();
+        let resumable = matches!(self.state, State::Running | State::CompleteSent);
+        if !resumable {
+            if matches!(self.state, State::AwaitHello) {
+                return;
+            }
+            self.state = State::AwaitHello;
+            self.expect_state = false;
+            self.features = 0;
+            self.stale = None;
+        }
+        self.stats.pauses += 1;
+        self.events.push_back(DestEvent::Paused { resumable });
+    }
+
+    /// A new connection is up: returns its epoch, which the driver feeds that connection's
+    /// messages with ([`DestSession::handle_in`]). The loss of the previous connection is
+    /// reported first if it was not. The session answers the source's `Hello` with a
+    /// `Resume` (and the pages it holds) if the guest runs here, else with a new handshake.
+    pub fn resume(&mut self) -> u32 {
+        if matches!(self.state, State::Failed) {
+            return self.conn_epoch;
+        }
+        if !matches!(self.link, Link::Paused) {
+            self.connection_lost();
+        }
+        self.conn_epoch = self.conn_epoch.saturating_add(1);
+        self.link = Link::AwaitHello;
+        self.conn_epoch
     }
 
     /// Pages in the configured layout.
@@ -190,13 +351,71 @@ impl DestSession {
     }
 
     /// Feeds one message received on `channel`. Data for the application comes back as
-    /// `Ok(Some(delivery))`, already checked against the layout.
+    /// `Ok(Some(delivery))`, already checked against the layout; pages already present are
+    /// dropped (counted in [`DestStats::pages_duplicate`]).
+    ///
+    /// The message counts as one of the current connection; see [`DestSession::handle_in`]
+    /// once connections can be lost.
     pub fn handle(
         &mut self,
         channel: Channel,
         msg: Message,
     ) -> Result<Option<Delivery>, ProtoError> {
-        let result = self.handle_inner(channel, msg);
+        self.handle_in(self.conn_epoch, channel, msg)
+    }
+
+    /// [`DestSession::handle`] for a message that came on the connection of epoch
+    /// `conn_epoch` (from [`DestSession::resume`]). Messages of a lost or older connection
+    /// are ignored (counted in [`DestStats::messages_ignored`]).
+    pub fn handle_in(
+        &mut self,
+        conn_epoch: u32,
+        channel: Channel,
+        msg: Message,
+    ) -> Result<Option<Delivery>, ProtoError> {
+        if !matches!(self.state, State::Failed)
+            && (self.link == Link::Paused || conn_epoch != self.conn_epoch)
+        {
+            self.stats.messages_ignored += 1;
+            return Ok(None);
+        }
+        let result = match (self.link, &self.state, &msg) {
+            (Link::AwaitHello, State::Running | State::CompleteSent, Message::Hello { .. }) => {
+                self.answer_resume(msg)
+            }
+            (Link::AwaitHello, State::AwaitHello, Message::Hello { .. }) => {
+                self.link = Link::Connected;
+                self.handle_inner(channel, msg)
+            }
+            (Link::AwaitHello, _, Message::Error { .. }) => self.handle_inner(channel, msg),
+            (Link::AwaitHello, state, msg) => Err(ProtoError::Unexpected {
+                message: msg.name(),
+                channel,
+                state: if matches!(state, State::AwaitHello) {
+                    state.name()
+                } else {
+                    "awaiting the Hello of a resumed connection"
+                },
+            }),
+            (Link::AwaitResumeAck, _, Message::ResumeAck { conn_epoch })
+                if channel == Channel::Control =>
+            {
+                if *conn_epoch != self.conn_epoch {
+                    Err(ProtoError::Unexpected {
+                        message: "ResumeAck",
+                        channel,
+                        state: "awaiting the ResumeAck",
+                    })
+                } else {
+                    self.link = Link::Connected;
+                    self.events.push_back(DestEvent::Resumed {
+                        conn_epoch: self.conn_epoch,
+                    });
+                    Ok(None)
+                }
+            }
+            _ => self.handle_inner(channel, msg),
+        };
         if let Err(e) = &result {
             if !matches!(e, ProtoError::Peer { .. }) && !matches!(self.state, State::Failed) {
                 self.send(Channel::Control, e.to_message());
@@ -214,6 +433,96 @@ impl DestSession {
             self.state = State::Failed;
         }
         e
+    }
+
+    /// The source's `Hello` on a new connection while the guest runs here: resume with the
+    /// held set, then `Complete` again if it went out, then every outstanding request.
+    fn answer_resume(&mut self, hello: Message) -> Result<Option<Delivery>, ProtoError> {
+        let Message::Hello {
+            version,
+            session_id,
+            ..
+        } = hello
+        else {
+            return Ok(None);
+        };
+        if version != PROTOCOL_VERSION {
+            return Err(ProtoError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+            });
+        }
+        if session_id != self.session_id {
+            return Err(ProtoError::SessionMismatch {
+                expected: self.session_id,
+                got: session_id,
+            });
+        }
+        self.link = Link::AwaitResumeAck;
+        let held = self.held();
+        self.send(
+            Channel::Control,
+            Message::Resume {
+                session_id,
+                conn_epoch: self.conn_epoch,
+                features: self.features,
+                pages: held.len(),
+                checksum: held_checksum(held.words()),
+            },
+        );
+        for m in page_set_messages(SetKind::Held, &held) {
+            self.send(Channel::Control, m);
+        }
+        if matches!(self.state, State::CompleteSent) {
+            let pages_received = self.total_pages();
+            self.send(Channel::Control, Message::Complete { pages_received });
+        }
+        let outstanding: Vec<u64> = self.outstanding.iter_ones().collect();
+        self.stats.requests_reissued += outstanding.len() as u64;
+        self.queue_requests(&outstanding);
+        Ok(None)
+    }
+
+    /// Marks `pages` received and returns what to deliver: the pages not here yet, or
+    /// requested again since they came. At evacuation a page outside the stale set is
+    /// fresh here already, and the guest may have written it since: it is never delivered.
+    fn receive(&mut self, pages: Pages) -> Option<Delivery> {
+        let count = pages.count() as u64;
+        let first = pages.first;
+        let stale = self.stale.as_ref();
+        let fresh: Vec<bool> = (first..first + count)
+            .map(|p| {
+                self.outstanding.get(p) || (!self.received.get(p) && stale.is_none_or(|s| s.get(p)))
+            })
+            .collect();
+        for p in first..first + count {
+            self.received.set(p);
+            self.outstanding.clear(p);
+        }
+        let new = fresh.iter().filter(|&&f| f).count() as u64;
+        self.stats.pages_duplicate += count - new;
+        if new == count {
+            return Some(Delivery::Pages(pages));
+        }
+        if new == 0 {
+            return None;
+        }
+        // Split into the runs of new pages (sharing the message's buffers).
+        let mut runs = Vec::new();
+        let mut rest = pages;
+        let mut i = 0usize;
+        while i < fresh.len() {
+            let start = i;
+            while i < fresh.len() && fresh[i] == fresh[start] {
+                i += 1;
+            }
+            let (head, tail) = rest.split_at(i - start)?;
+            if fresh[start] {
+                runs.push(head);
+            }
+            rest = tail;
+        }
+        Some(Delivery::PageRuns(runs))
     }
 
     fn check_range(&self, first: u64, count: u64) -> Result<(), ProtoError> {
@@ -245,6 +554,7 @@ impl DestSession {
                     layout,
                     features,
                     epoch,
+                    session_id,
                 },
             ) => {
                 if version != PROTOCOL_VERSION {
@@ -274,6 +584,7 @@ impl DestSession {
                 self.expect_state = features & crate::message::FEATURE_VM_STATE != 0;
                 self.features = features & self.config.features & !crate::message::FEATURE_VM_STATE;
                 self.vm_id = vm_id.clone();
+                self.session_id = session_id;
                 if kind == SessionKind::Migrate {
                     self.send_ack();
                     self.after_switchover();
@@ -295,6 +606,7 @@ impl DestSession {
                 },
             ) => {
                 if let Some(stale) = asm.add(kind, first_word, &words, last)? {
+                    self.stale = Some(stale.clone());
                     self.events.push_back(DestEvent::StaleSet(stale));
                     self.after_switchover();
                 }
@@ -310,12 +622,8 @@ impl DestSession {
                 Channel::Urgent | Channel::Bulk,
                 Message::Pages(pages),
             ) => {
-                let count = pages.count() as u64;
-                self.check_range(pages.first, count)?;
-                for p in pages.first..pages.first + count {
-                    self.received.set(p);
-                }
-                Ok(Some(Delivery::Pages(pages)))
+                self.check_range(pages.first, pages.count() as u64)?;
+                Ok(self.receive(pages))
             }
             (State::Replicating, Channel::Bulk, Message::Update { pages, versions }) => {
                 self.check_range(pages.first, pages.count() as u64)?;
@@ -326,7 +634,10 @@ impl DestSession {
                 Channel::Control,
                 Message::PushDone { pages_sent },
             ) => {
-                self.events.push_back(DestEvent::PushDone { pages_sent });
+                // Sent again after a resume when the push had already ended.
+                if !std::mem::replace(&mut self.push_done_seen, true) {
+                    self.events.push_back(DestEvent::PushDone { pages_sent });
+                }
                 Ok(None)
             }
             // A reply or pushed page that crossed our `Complete`: every page is here already.
@@ -350,6 +661,7 @@ impl DestSession {
             Message::HelloAck {
                 version: PROTOCOL_VERSION,
                 features: self.features,
+                conn_epoch: self.conn_epoch,
             },
         );
     }
@@ -366,6 +678,9 @@ impl DestSession {
     fn start_running(&mut self) {
         self.state = State::Running;
         let pending = std::mem::take(&mut self.pending_requests);
+        for &p in &pending {
+            self.outstanding.set(p);
+        }
         self.queue_requests(&pending);
         self.events.push_back(DestEvent::Established {
             vm_id: self.vm_id.clone(),
@@ -411,13 +726,23 @@ impl DestSession {
         }
     }
 
-    /// Queues demand requests for `pages`. Before the handshake completes they are held back.
+    /// Queues demand requests for `pages`. Before the handshake completes they are held back;
+    /// while the connection is lost they are kept, and sent when it resumes. A page stays
+    /// outstanding until it arrives, and every outstanding page is requested again on a
+    /// resumed connection.
     pub fn request(&mut self, pages: &[u64]) {
         match self.state {
             State::AwaitHello | State::AwaitAccept | State::AwaitStale(_) | State::AwaitVmBlob => {
                 self.pending_requests.extend_from_slice(pages)
             }
-            State::Running => self.queue_requests(pages),
+            State::Running => {
+                for &p in pages {
+                    self.outstanding.set(p);
+                }
+                if matches!(self.link, Link::Connected | Link::AwaitResumeAck) {
+                    self.queue_requests(pages)
+                }
+            }
             _ => {}
         }
     }
@@ -437,8 +762,11 @@ impl DestSession {
     pub fn complete(&mut self) {
         if matches!(self.state, State::Running) {
             self.state = State::CompleteSent;
-            let pages_received = self.total_pages();
-            self.send(Channel::Control, Message::Complete { pages_received });
+            // Paused or resuming: the resume sends it.
+            if matches!(self.link, Link::Connected | Link::AwaitResumeAck) {
+                let pages_received = self.total_pages();
+                self.send(Channel::Control, Message::Complete { pages_received });
+            }
         }
     }
 
@@ -454,6 +782,9 @@ impl DestSession {
     }
 
     fn send(&mut self, channel: Channel, message: Message) {
-        self.transmits.push_back(Transmit { channel, message });
+        // A lost connection takes nothing more; what matters is sent again on resuming.
+        if self.link != Link::Paused {
+            self.transmits.push_back(Transmit { channel, message });
+        }
     }
 }

@@ -2,14 +2,80 @@
 //! decoded messages and produce messages to send and events for the application, and never
 //! touch a socket, a clock or guest memory. The QUIC driver in [`crate::quic`] is a thin shell
 //! around them.
+//!
+//! # A session outlives its connection
+//!
+//! A session has an id (random, chosen by the source, in every `Hello`) and a *connection
+//! epoch*: 0 for the first connection, then a larger number for each later one, chosen by
+//! the destination and carried in its `HelloAck` or `Resume`. What the driver must do:
+//!
+//! - When a connection dies (any stream or the connection fails, an idle timeout), call
+//!   `connection_lost()` on the session. It pauses (never an error): queued messages are
+//!   dropped, nothing more is queued, incoming messages are ignored. The destination keeps
+//!   taking demand requests from its fault loop; they go out when the session resumes.
+//! - On a new, fully authenticated connection call `resume()` on both sides (it reports the
+//!   loss first if that was not done). It returns the side's number for the connection:
+//!   the destination's is the connection epoch it will announce; the source's is its own
+//!   count (the source also queues its `Hello` again).
+//! - Feed every message with the number of the connection it came on,
+//!   `handle_in(number, ..)`. Messages of lost or older connections are ignored, so a late
+//!   frame of a dead connection (a reader task that lost the race with the reconnect) is
+//!   harmless.
+//! - [`SourceEvent::Paused`]/[`SourceEvent::Resumed`] and [`DestEvent::Paused`]/
+//!   [`DestEvent::Resumed`] mark the state changes: the driver times `paused_ms` and
+//!   `resume_ms_after_restore` between them and its own calls (the sessions have no clock).
+//!
+//! The destination answers the `Hello` of a later connection with either a `HelloAck` (it
+//! never resumed the guest: the handshake starts over, the source pushes everything again)
+//! or a `Resume` carrying the bitmap of the pages it holds; the source recomputes the push
+//! from it and acknowledges with `ResumeAck`. See `docs/recovery.md`.
+//!
+//! Disks need nothing of their own: their blocks are pages of the same session (see
+//! [`crate::message::Layout`]), held, pushed and requested like memory. A replication session
+//! (normal times) pauses like the others, but the standby has no guest to keep: it answers
+//! the next connection's `Hello` with a fresh handshake (its invalid pages again), and the
+//! replicator re-sends whatever was not acknowledged, as it does today when it reconnects.
+//! What replication would still need to resume without that round of invalid pages is the
+//! standby's acknowledged versions in the `Resume` instead of a received bitmap.
 
 mod dest;
 mod push;
 mod source;
 
-pub use dest::{Delivery, DestConfig, DestEvent, DestSession};
+pub use dest::{Delivery, DestConfig, DestEvent, DestSession, DestStats};
 pub use push::PushSchedule;
 pub use source::{SourceConfig, SourceEvent, SourceSession, SourceStats};
+
+/// Where a session is, as the driver and the reports see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SessionState {
+    /// The handshake is under way (or starts over on a new connection).
+    Handshake,
+    /// Connected and moving pages (or replicating).
+    Running,
+    /// The connection was lost; nothing moves until a new one is resumed.
+    Paused,
+    /// A new connection is up; the resume handshake is under way.
+    Resuming,
+    /// The session ended normally.
+    Completed,
+    /// The session failed with an error; it cannot resume.
+    Failed,
+}
+
+/// Where the VM may run, as the source sees it. The source moves forward only: it never
+/// takes the VM back once it handed it over, whatever happens to the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ownership {
+    /// Nothing that lets the destination resume the guest was queued: the VM is the
+    /// source's, which may resume it if the session fails now.
+    Source,
+    /// The message after which the destination may resume the guest was queued: the VM is
+    /// the destination's from now on; the source must never run it again.
+    Destination,
+    /// The destination holds every page; the source may release the VM's memory.
+    Released,
+}
 
 use thiserror::Error;
 
@@ -112,6 +178,33 @@ pub enum ProtoError {
     /// Incoming bytes did not decode.
     #[error("malformed frame")]
     Codec(#[from] CodecError),
+    /// A resume named another session: the peer restarted (or is someone else's), so the
+    /// state this side kept is not the peer's.
+    #[error(
+        "session id mismatch: this side resumes session {expected:032x}, the peer's is {got:032x}"
+    )]
+    SessionMismatch {
+        /// This side's session id.
+        expected: u128,
+        /// The id the peer sent.
+        got: u128,
+    },
+    /// The destination's held set does not cover exactly the layout's pages.
+    #[error("resume refused: the held set covers {got} pages, the layout has {expected}")]
+    HeldLength {
+        /// Pages in this side's layout.
+        expected: u64,
+        /// Pages the `Resume` announced.
+        got: u64,
+    },
+    /// The held set that arrived does not hash to the checksum the `Resume` announced.
+    #[error("resume refused: held set checksum mismatch: announced {announced:#018x}, received {got:#018x}")]
+    HeldChecksum {
+        /// The checksum in the `Resume`.
+        announced: u64,
+        /// The checksum of the words that arrived.
+        got: u64,
+    },
 }
 
 impl ProtoError {
@@ -128,6 +221,9 @@ impl ProtoError {
             ProtoError::BadPageSet(..) => ErrorCode::Malformed,
             ProtoError::Peer { code, .. } => *code,
             ProtoError::Codec(_) => ErrorCode::Malformed,
+            ProtoError::SessionMismatch { .. }
+            | ProtoError::HeldLength { .. }
+            | ProtoError::HeldChecksum { .. } => ErrorCode::ResumeRefused,
         }
     }
 
@@ -244,5 +340,9 @@ pub(crate) fn describe_layout(l: &Layout) -> String {
     }
 }
 
+#[cfg(test)]
+mod resume_tests;
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 mod tests;

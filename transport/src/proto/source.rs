@@ -4,9 +4,12 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
-use super::{page_set_messages, Channel, PageSetAssembler, ProtoError, PushSchedule, Transmit};
+use super::{
+    page_set_messages, Channel, Ownership, PageSetAssembler, ProtoError, PushSchedule,
+    SessionState, Transmit,
+};
 use crate::bitmap::Bitmap;
-use crate::message::{Layout, Message, SessionKind, SetKind, PROTOCOL_VERSION};
+use crate::message::{held_checksum, Layout, Message, SessionKind, SetKind, PROTOCOL_VERSION};
 
 /// How a source session is set up; [`SourceConfig::migrate`] gives the defaults.
 #[derive(Clone, Debug)]
@@ -51,6 +54,25 @@ pub struct SourceConfig {
     /// [`SourceSession::may_push_early`]). On by default: it saves a round trip of link
     /// time, at the cost of sending that round trip's pages unencoded.
     pub early_push: bool,
+    /// The session's id, sent in every `Hello`; a resume must name it. Random by default
+    /// ([`random_session_id`]).
+    pub session_id: u128,
+}
+
+/// A random session id from the system's random source.
+pub fn random_session_id() -> u128 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    // Without a working random source, fall back on the clock and the process id: the id
+    // only has to differ from other sessions' ids that this destination could meet.
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        return t ^ (u128::from(std::process::id()) << 96);
+    }
+    u128::from_le_bytes(b)
 }
 
 impl SourceConfig {
@@ -71,6 +93,7 @@ impl SourceConfig {
             zero_filled: None,
             replica_index: None,
             early_push: true,
+            session_id: random_session_id(),
         }
     }
 }
@@ -89,6 +112,19 @@ pub enum SourceEvent {
     Acked(Vec<(u64, u64)>),
     /// The destination has every page; the session is over.
     Finished,
+    /// The connection was lost ([`SourceSession::connection_lost`]): nothing moves until
+    /// [`SourceSession::resume`] on a new connection. Not an error.
+    Paused,
+    /// The session runs again on the connection of epoch `conn_epoch`.
+    Resumed {
+        /// The new connection's epoch.
+        conn_epoch: u32,
+        /// The destination had not resumed the guest: the handshake started over and
+        /// every page that must cross is pushed again (an `Established` follows).
+        handshake_restarted: bool,
+        /// Pages the push still has to send (not held by the destination).
+        pages_to_push: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -113,6 +149,22 @@ impl State {
     }
 }
 
+/// The connection, as the source sees it.
+#[derive(Debug)]
+enum Link {
+    Connected,
+    /// Lost; waiting for [`SourceSession::resume`].
+    Paused,
+    /// The `Hello` went out on a new connection; waiting for `HelloAck` or `Resume`.
+    Resuming,
+    /// A `Resume` arrived; its held set comes in chunks.
+    AwaitHeld {
+        asm: PageSetAssembler,
+        checksum: u64,
+        features: u64,
+    },
+}
+
 /// What a [`SourceSession`] counted (see its accessors of the same names).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceStats {
@@ -126,6 +178,15 @@ pub struct SourceStats {
     pub pages_pushed_hot: u64,
     /// Pages that must cross: all of them for a migration, the stale set at evacuation.
     pub pages_stale: u64,
+    /// Times the connection was lost while the session was not finished.
+    pub pauses: u64,
+    /// Pages pushed or served again on a later connection after they had been sent on an
+    /// earlier one (a page counts once per pause it is sent again after).
+    pub pages_resent: u64,
+    /// [`SourceStats::pages_resent`] in bytes of raw page data (before any encoding).
+    pub bytes_resent: u64,
+    /// Messages ignored because they came on a lost or older connection.
+    pub messages_ignored: u64,
 }
 
 /// Source session: sends the handshake, serves demand requests, schedules the push.
@@ -143,6 +204,26 @@ pub struct SourceSession {
     pages_stale: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SourceEvent>,
+    link: Link,
+    /// The destination's epoch of the connection (from its `HelloAck` or `Resume`).
+    conn_epoch: u32,
+    /// This side's number for the current connection, from [`SourceSession::resume`].
+    connection: u32,
+    owner: Ownership,
+    /// Features offered in the first `Hello`, offered again when the handshake restarts.
+    offered: u64,
+    /// What the handshake needs again if it starts over on a new connection.
+    initial_stale: Option<Bitmap>,
+    initial_vm_state: Option<Vec<u8>>,
+    /// Pages sent on any connection so far.
+    ever_sent: Bitmap,
+    /// Pages sent before the last pause and not sent since: sending one counts as a resend.
+    resend_candidates: Bitmap,
+    /// Pages served on demand while the held set was arriving, for the new schedule.
+    served_while_resuming: Vec<u64>,
+    pauses: u64,
+    pages_resent: u64,
+    messages_ignored: u64,
 }
 
 /// Applies the configured hot ranges and zero-filled set to a schedule.
@@ -163,21 +244,31 @@ fn features_of(config: &SourceConfig) -> u64 {
     state | config.encoding.features()
 }
 
+/// The schedule a handshake starts with: at evacuation the pages the source knows are
+/// stale (the standby's invalid pages join later), else all.
+fn first_schedule(config: &SourceConfig) -> PushSchedule {
+    let pages = config.layout.total_pages();
+    let first = match (config.kind, &config.stale) {
+        (SessionKind::Evacuate, Some(stale)) if stale.len() == pages => PushSchedule::only(stale),
+        _ => PushSchedule::new(pages),
+    };
+    schedule(first, config)
+}
+
 impl SourceSession {
     /// A new session; the `Hello` is queued at once.
     pub fn new(config: SourceConfig) -> SourceSession {
         let pages = config.layout.total_pages();
-        // What the push may send before the handshake answer: at evacuation the pages the
-        // source knows are stale (the standby's invalid pages join later), else all.
-        let first = match (config.kind, &config.stale) {
-            (SessionKind::Evacuate, Some(stale)) if stale.len() == pages => {
-                PushSchedule::only(stale)
-            }
-            _ => PushSchedule::new(pages),
+        // A migration without VM state lets the destination resume the guest as soon as it
+        // has the `Hello`: the VM is handed over from here on.
+        let owner = if config.kind == SessionKind::Migrate && config.vm_state.is_none() {
+            Ownership::Destination
+        } else {
+            Ownership::Source
         };
         let mut s = SourceSession {
             state: State::HelloSent,
-            push: schedule(first, &config),
+            push: first_schedule(&config),
             push_done_sent: false,
             pushed_early: Bitmap::new(pages),
             pages_served: 0,
@@ -186,27 +277,119 @@ impl SourceSession {
             pages_stale: pages,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            link: Link::Connected,
+            conn_epoch: 0,
+            connection: 0,
+            owner,
+            offered: config.features | features_of(&config),
+            initial_stale: config.stale.clone(),
+            initial_vm_state: config.vm_state.clone(),
+            ever_sent: Bitmap::new(pages),
+            resend_candidates: Bitmap::new(pages),
+            served_while_resuming: Vec::new(),
+            pauses: 0,
+            pages_resent: 0,
+            messages_ignored: 0,
             config,
         };
-        s.send(
-            Channel::Control,
-            Message::Hello {
-                version: PROTOCOL_VERSION,
-                kind: s.config.kind,
-                vm_id: s.config.vm_id.clone(),
-                layout: s.config.layout.clone(),
-                features: s.config.features | features_of(&s.config),
-                epoch: s.config.epoch,
-            },
-        );
+        s.send_hello();
         s
     }
 
-    /// Sends the VM state, once the destination knows which pages it will receive.
+    fn send_hello(&mut self) {
+        self.send(
+            Channel::Control,
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+                kind: self.config.kind,
+                vm_id: self.config.vm_id.clone(),
+                layout: self.config.layout.clone(),
+                features: self.offered,
+                epoch: self.config.epoch,
+                session_id: self.config.session_id,
+            },
+        );
+    }
+
+    /// Sends the VM state, once the destination knows which pages it will receive. From
+    /// here on the destination may resume the guest (migration and evacuation).
     fn send_vm_state(&mut self) {
         if let Some(blob) = self.config.vm_state.take() {
             self.send(Channel::Control, Message::VmState { blob });
         }
+        if self.config.kind != SessionKind::Replicate && self.owner == Ownership::Source {
+            self.owner = Ownership::Destination;
+        }
+    }
+
+    /// The session's id, as sent in the `Hello`.
+    pub fn session_id(&self) -> u128 {
+        self.config.session_id
+    }
+
+    /// The epoch of the connection the session runs on, as the destination numbered it in
+    /// its `HelloAck` or `Resume` (0 until a resume).
+    pub fn conn_epoch(&self) -> u32 {
+        self.conn_epoch
+    }
+
+    /// This side's number for the current connection: 0, then what
+    /// [`SourceSession::resume`] returned last.
+    pub fn connection(&self) -> u32 {
+        self.connection
+    }
+
+    /// Where the VM may run (see [`Ownership`]): the driver may resume the VM at the source
+    /// after a failure only while this is [`Ownership::Source`].
+    pub fn ownership(&self) -> Ownership {
+        self.owner
+    }
+
+    /// Where the session is.
+    pub fn session_state(&self) -> SessionState {
+        match (&self.state, &self.link) {
+            (State::Failed, _) => SessionState::Failed,
+            (State::Finished, _) => SessionState::Completed,
+            (_, Link::Paused) => SessionState::Paused,
+            (_, Link::Resuming | Link::AwaitHeld { .. }) => SessionState::Resuming,
+            (State::HelloSent | State::AwaitInvalid(_), Link::Connected) => SessionState::Handshake,
+            (State::Running, Link::Connected) => SessionState::Running,
+        }
+    }
+
+    /// The connection is gone: the session pauses (it is not an error). Queued messages
+    /// are dropped, and until [`SourceSession::resume`] nothing is queued and every incoming
+    /// message is ignored. Calling it again, or on a failed session, does nothing.
+    pub fn connection_lost(&mut self) {
+        if matches!(self.state, State::Failed) || matches!(self.link, Link::Paused) {
+            return;
+        }
+        self.link = Link::Paused;
+        self.transmits.clear();
+        self.served_while_resuming.clear();
+        if matches!(self.state, State::Finished) {
+            return;
+        }
+        self.pauses += 1;
+        self.resend_candidates = self.ever_sent.clone();
+        self.events.push_back(SourceEvent::Paused);
+    }
+
+    /// A new connection is up: queues the `Hello` that opens it (the loss of the previous
+    /// one is reported first if it was not) and returns this side's number for the
+    /// connection, which the driver feeds its messages with ([`SourceSession::handle_in`]).
+    /// A failed session stays failed: nothing is queued and its number does not change.
+    pub fn resume(&mut self) -> u32 {
+        if matches!(self.state, State::Failed) {
+            return self.connection;
+        }
+        if !matches!(self.link, Link::Paused) {
+            self.connection_lost();
+        }
+        self.connection = self.connection.wrapping_add(1);
+        self.link = Link::Resuming;
+        self.send_hello();
+        self.connection
     }
 
     /// Pages in the layout.
@@ -246,6 +429,7 @@ impl SourceSession {
     /// runs. It saves the round trip of the handshake on a long link.
     pub fn may_push_early(&self) -> bool {
         matches!(self.state, State::HelloSent | State::AwaitInvalid(_))
+            && matches!(self.link, Link::Connected)
             && self.config.early_push
             && self.config.push
             && self.config.kind != SessionKind::Replicate
@@ -291,6 +475,10 @@ impl SourceSession {
             pages_pushed_early: self.pages_pushed_early(),
             pages_pushed_hot: self.pages_pushed_hot,
             pages_stale: self.pages_stale,
+            pauses: self.pauses,
+            pages_resent: self.pages_resent,
+            bytes_resent: self.pages_resent * u64::from(self.config.layout.page_size),
+            messages_ignored: self.messages_ignored,
         }
     }
 
@@ -299,8 +487,33 @@ impl SourceSession {
     /// data for the urgent path, like [`crate::proto::Delivery`] on the destination, not an
     /// event: the task serving the urgent stream gets them without waiting on the control
     /// loop.) Every other message returns nothing to serve.
+    ///
+    /// The message counts as one of the current connection; see
+    /// [`SourceSession::handle_in`] once connections can be lost.
     pub fn handle(&mut self, channel: Channel, msg: Message) -> Result<Vec<u64>, ProtoError> {
-        let result = self.handle_inner(channel, msg);
+        self.handle_in(self.connection, channel, msg)
+    }
+
+    /// [`SourceSession::handle`] for a message that came on connection `connection` (this
+    /// side's number for it, from [`SourceSession::resume`]; 0 for the first). Messages of
+    /// a lost or older connection are ignored (counted in
+    /// [`SourceStats::messages_ignored`]).
+    pub fn handle_in(
+        &mut self,
+        connection: u32,
+        channel: Channel,
+        msg: Message,
+    ) -> Result<Vec<u64>, ProtoError> {
+        if !matches!(self.state, State::Failed)
+            && (matches!(self.link, Link::Paused) || connection != self.connection)
+        {
+            self.messages_ignored += 1;
+            return Ok(Vec::new());
+        }
+        let result = match self.link {
+            Link::Connected => self.handle_inner(channel, msg),
+            _ => self.handle_resuming(channel, msg),
+        };
         if let Err(e) = &result {
             if !matches!(e, ProtoError::Peer { .. }) && !matches!(self.state, State::Failed) {
                 self.send(Channel::Control, e.to_message());
@@ -320,11 +533,230 @@ impl SourceSession {
         e
     }
 
+    /// A message while the link is being resumed: the answer to the `Hello`, then the held
+    /// set (demand requests are served meanwhile).
+    fn handle_resuming(&mut self, channel: Channel, msg: Message) -> Result<Vec<u64>, ProtoError> {
+        let resumable = self.resumable();
+        match (&mut self.link, channel, msg) {
+            (_, _, Message::Error { code, message }) => Err(ProtoError::Peer { code, message }),
+            (Link::Resuming, Channel::Control, msg @ Message::HelloAck { .. }) => {
+                // The destination never resumed the guest: start over, as on the first
+                // connection. Whatever it received is gone with its handshake.
+                if matches!(self.state, State::Finished) {
+                    return Err(self.unexpected(Channel::Control, &msg, "finished"));
+                }
+                self.conn_epoch = self.newer_epoch(&msg)?;
+                self.link = Link::Connected;
+                self.state = State::HelloSent;
+                // The stale set first: the schedule is built from it.
+                self.config.stale = self.initial_stale.clone();
+                self.config.vm_state = self.initial_vm_state.clone();
+                self.push = first_schedule(&self.config);
+                for p in self.served_while_resuming.drain(..) {
+                    self.push.on_demand(p);
+                }
+                self.pushed_early = Bitmap::new(self.total_pages());
+                self.push_done_sent = false;
+                self.events.push_back(SourceEvent::Resumed {
+                    conn_epoch: self.conn_epoch,
+                    handshake_restarted: true,
+                    pages_to_push: self.push.remaining(),
+                });
+                self.handle_inner(Channel::Control, msg)
+            }
+            (
+                Link::Resuming,
+                Channel::Control,
+                Message::Resume {
+                    session_id,
+                    conn_epoch,
+                    features,
+                    pages,
+                    checksum,
+                },
+            ) => {
+                if session_id != self.config.session_id {
+                    return Err(ProtoError::SessionMismatch {
+                        expected: self.config.session_id,
+                        got: session_id,
+                    });
+                }
+                if !resumable {
+                    let state = self.state.name();
+                    return Err(ProtoError::Unexpected {
+                        message: "Resume",
+                        channel: Channel::Control,
+                        state,
+                    });
+                }
+                let total = self.total_pages();
+                if pages != total {
+                    return Err(ProtoError::HeldLength {
+                        expected: total,
+                        got: pages,
+                    });
+                }
+                self.conn_epoch = self.newer_epoch(&Message::ResumeAck { conn_epoch })?;
+                self.link = Link::AwaitHeld {
+                    asm: PageSetAssembler::new(SetKind::Held, total),
+                    checksum,
+                    features,
+                };
+                Ok(Vec::new())
+            }
+            (
+                Link::AwaitHeld {
+                    asm,
+                    checksum,
+                    features,
+                },
+                Channel::Control,
+                Message::PageSet {
+                    kind,
+                    first_word,
+                    words,
+                    last,
+                },
+            ) => {
+                let (announced, features) = (*checksum, *features);
+                let Some(held) = asm.add(kind, first_word, &words, last)? else {
+                    return Ok(Vec::new());
+                };
+                let got = held_checksum(held.words());
+                if got != announced {
+                    return Err(ProtoError::HeldChecksum { announced, got });
+                }
+                self.resumed(&held, features);
+                Ok(Vec::new())
+            }
+            // The destination re-issues its requests right after its `Resume`, on another
+            // stream: they may come first. Serve them now; the new schedule skips them.
+            (
+                Link::Resuming | Link::AwaitHeld { .. },
+                Channel::Urgent,
+                Message::Request { pages },
+            ) if resumable => {
+                if matches!(self.state, State::Finished) {
+                    return Ok(Vec::new());
+                }
+                let served = self.serve(pages)?;
+                self.served_while_resuming.extend_from_slice(&served);
+                Ok(served)
+            }
+            (link, channel, msg) => {
+                let state = match link {
+                    Link::AwaitHeld { .. } => "awaiting the held set",
+                    _ => "awaiting the answer to a resumed Hello",
+                };
+                Err(self.unexpected(channel, &msg, state))
+            }
+        }
+    }
+
+    /// Whether the destination may have resumed the guest, so that it may resume the
+    /// session: only after this side handed the VM over.
+    fn resumable(&self) -> bool {
+        let handed = match self.state {
+            State::Running | State::Finished => true,
+            State::HelloSent => self.owner != Ownership::Source,
+            State::AwaitInvalid(_) | State::Failed => false,
+        };
+        handed && self.config.kind != SessionKind::Replicate
+    }
+
+    /// The epoch the destination gave a new connection: newer than every earlier one.
+    fn newer_epoch(&self, msg: &Message) -> Result<u32, ProtoError> {
+        match msg {
+            Message::HelloAck { conn_epoch, .. } | Message::ResumeAck { conn_epoch }
+                if *conn_epoch > self.conn_epoch =>
+            {
+                Ok(*conn_epoch)
+            }
+            _ => Err(self.unexpected(
+                Channel::Control,
+                msg,
+                "resuming: the connection epoch must grow",
+            )),
+        }
+    }
+
+    fn unexpected(&self, channel: Channel, msg: &Message, state: &'static str) -> ProtoError {
+        ProtoError::Unexpected {
+            message: msg.name(),
+            channel,
+            state,
+        }
+    }
+
+    /// The held set arrived: push exactly what the destination does not hold.
+    fn resumed(&mut self, held: &Bitmap, features: u64) {
+        self.link = Link::Connected;
+        let handshake = matches!(self.state, State::HelloSent);
+        if !matches!(self.state, State::Finished) {
+            self.state = State::Running;
+            let mut next = schedule(PushSchedule::only(&held.complement()), &self.config);
+            for p in self.served_while_resuming.drain(..) {
+                next.on_demand(p);
+            }
+            self.push = next;
+            self.push_done_sent = false;
+        }
+        self.served_while_resuming.clear();
+        let conn_epoch = self.conn_epoch;
+        self.send(Channel::Control, Message::ResumeAck { conn_epoch });
+        self.events.push_back(SourceEvent::Resumed {
+            conn_epoch,
+            handshake_restarted: false,
+            pages_to_push: if self.config.push {
+                self.push.remaining()
+            } else {
+                0
+            },
+        });
+        if handshake {
+            // The `HelloAck` was lost with the first connection; the `Resume` says the same.
+            self.config.features = features;
+            self.events.push_back(SourceEvent::Established { features });
+        }
+    }
+
+    /// Checks and counts a demand request; returns the pages to send.
+    fn serve(&mut self, pages: Vec<u64>) -> Result<Vec<u64>, ProtoError> {
+        let total = self.total_pages();
+        if let Some(&bad) = pages.iter().find(|&&p| p >= total) {
+            return Err(ProtoError::PageOutOfRange {
+                first: bad,
+                count: 1,
+                total,
+            });
+        }
+        for &p in &pages {
+            self.push.on_demand(p);
+            self.note_sent(p);
+        }
+        self.pages_served += pages.len() as u64;
+        Ok(pages)
+    }
+
+    /// Page `p` goes out; a page sent before the last pause counts as resent.
+    fn note_sent(&mut self, p: u64) {
+        if self.resend_candidates.clear(p) {
+            self.pages_resent += 1;
+        }
+        self.ever_sent.set(p);
+    }
+
     fn handle_inner(&mut self, channel: Channel, msg: Message) -> Result<Vec<u64>, ProtoError> {
         let kind = self.config.kind;
         match (&mut self.state, channel, msg) {
             (_, _, Message::Error { code, message }) => Err(ProtoError::Peer { code, message }),
-            (State::HelloSent, Channel::Control, Message::HelloAck { version, features }) => {
+            (
+                State::HelloSent,
+                Channel::Control,
+                Message::HelloAck {
+                    version, features, ..
+                },
+            ) => {
                 if version != PROTOCOL_VERSION {
                     return Err(ProtoError::VersionMismatch {
                         ours: PROTOCOL_VERSION,
@@ -384,19 +816,15 @@ impl SourceSession {
             (State::Running, Channel::Urgent, Message::Request { pages })
                 if kind != SessionKind::Replicate =>
             {
-                let total = self.total_pages();
-                if let Some(&bad) = pages.iter().find(|&&p| p >= total) {
-                    return Err(ProtoError::PageOutOfRange {
-                        first: bad,
-                        count: 1,
-                        total,
-                    });
-                }
-                for &p in &pages {
-                    self.push.on_demand(p);
-                }
-                self.pages_served += pages.len() as u64;
-                Ok(pages)
+                self.serve(pages)
+            }
+            // A migration without VM state: the destination runs the guest from our `Hello`
+            // on, and its first demand requests (on their own stream) may overtake its
+            // `HelloAck`.
+            (State::HelloSent, Channel::Urgent, Message::Request { pages })
+                if kind == SessionKind::Migrate && self.owner == Ownership::Destination =>
+            {
+                self.serve(pages)
             }
             (State::Running, Channel::Control, Message::Ack { entries })
                 if kind == SessionKind::Replicate =>
@@ -423,8 +851,24 @@ impl SourceSession {
                     });
                 }
                 self.state = State::Finished;
+                self.owner = Ownership::Released;
                 self.send(Channel::Control, Message::CompleteAck);
                 self.events.push_back(SourceEvent::Finished);
+                Ok(Vec::new())
+            }
+            // The destination resumed after its `Complete` and sends it again: the
+            // `CompleteAck` was lost with the connection. Acknowledge it again.
+            (State::Finished, Channel::Control, Message::Complete { pages_received })
+                if kind != SessionKind::Replicate =>
+            {
+                let total = self.total_pages();
+                if pages_received != total {
+                    return Err(ProtoError::CountMismatch {
+                        expected: total,
+                        got: pages_received,
+                    });
+                }
+                self.send(Channel::Control, Message::CompleteAck);
                 Ok(Vec::new())
             }
             // A demand request that crossed the destination's `Complete`: it has every page
@@ -447,6 +891,7 @@ impl SourceSession {
     pub fn next_push(&mut self, max: usize) -> Option<Range<u64>> {
         let early = self.may_push_early();
         if !(early || matches!(self.state, State::Running))
+            || !matches!(self.link, Link::Connected)
             || !self.config.push
             || self.config.kind == SessionKind::Replicate
         {
@@ -454,10 +899,11 @@ impl SourceSession {
         }
         match self.push.next_run_from(max) {
             Some((r, hot)) => {
-                if early {
-                    for p in r.clone() {
+                for p in r.clone() {
+                    if early {
                         self.pushed_early.set(p);
                     }
+                    self.note_sent(p);
                 }
                 self.pages_pushed += r.end - r.start;
                 if hot {
@@ -489,7 +935,10 @@ impl SourceSession {
     }
 
     fn send(&mut self, channel: Channel, message: Message) {
-        self.transmits.push_back(Transmit { channel, message });
+        // A lost connection takes nothing more; what matters is sent again on resuming.
+        if !matches!(self.link, Link::Paused) {
+            self.transmits.push_back(Transmit { channel, message });
+        }
     }
 }
 
@@ -505,6 +954,7 @@ mod hot_tests {
             Message::HelloAck {
                 version: PROTOCOL_VERSION,
                 features: 0,
+                conn_epoch: 0,
             },
         )
         .unwrap();

@@ -222,6 +222,7 @@ fn wrong_version_is_refused_with_a_clear_error() {
         vm_id: "vm-1".into(),
         layout: layout(16),
         features: 0,
+        session_id: 1,
     });
     assert_eq!(
         err,
@@ -254,6 +255,7 @@ fn layout_mismatch_is_refused_with_both_layouts_named() {
         vm_id: "vm-1".into(),
         layout: other,
         features: 0,
+        session_id: 1,
     });
     let text = err.to_string();
     assert!(
@@ -278,6 +280,7 @@ fn wrong_vm_id_is_refused() {
         vm_id: "someone-else".into(),
         layout: layout(16),
         features: 0,
+        session_id: 1,
     });
     assert!(matches!(err, ProtoError::VmIdMismatch { .. }));
 }
@@ -663,6 +666,7 @@ fn malformed_page_sets_are_refused() {
     let ack = Message::HelloAck {
         version: PROTOCOL_VERSION,
         features: 0,
+        conn_epoch: 0,
     };
     s2.handle(Channel::Control, ack.clone()).unwrap();
     let e = s2
@@ -766,6 +770,7 @@ fn a_disk_of_another_size_or_name_is_a_layout_mismatch_naming_the_disk() {
             vm_id: "vm-1".into(),
             layout: other,
             features: 0,
+            session_id: 1,
         };
         let err = dst.handle(Channel::Control, wire(hello)).unwrap_err();
         let text = err.to_string();

@@ -314,6 +314,11 @@ impl Driver {
                     // Informational: the run loop ends on `is_finished`, checked after
                     // every control message.
                     DestEvent::Finished => tracing::debug!("the source acknowledged completion"),
+                    // This driver never reports a lost connection to the session (a lost
+                    // connection still ends it with an error), so these never come.
+                    DestEvent::Paused { .. } | DestEvent::Resumed { .. } => {
+                        tracing::debug!(?ev, "a resume event without resuming")
+                    }
                 }
             }
         }

@@ -79,6 +79,14 @@ pub(super) async fn receive_pages(dest: Arc<Dest>, channel: Channel, mut frames:
                         .get_or_insert_with(|| PageDecoder::new(dest.link.session().features()));
                     dest.install(pages, channel, decoder).await?;
                 }
+                // A run partly present already: only its new pages.
+                Some(Delivery::PageRuns(runs)) => {
+                    let decoder = decoder
+                        .get_or_insert_with(|| PageDecoder::new(dest.link.session().features()));
+                    for pages in runs {
+                        dest.install(pages, channel, decoder).await?;
+                    }
+                }
                 Some(Delivery::Update { pages, versions }) => {
                     dest.sink.store(&pages, &versions)?;
                     dest.counts.stored.fetch_add(versions.len() as u64, Relaxed);

@@ -249,6 +249,11 @@ impl Driver {
             SourceEvent::Invalid(_) | SourceEvent::Acked(_) => {
                 tracing::debug!(?ev, "a replication event in a migration")
             }
+            // This driver never reports a lost connection to the session (a lost
+            // connection still ends it with an error), so these never come.
+            SourceEvent::Paused | SourceEvent::Resumed { .. } => {
+                tracing::debug!(?ev, "a resume event without resuming")
+            }
         }
     }
 

@@ -124,6 +124,9 @@ fn on_event(ev: SourceEvent, events: &mpsc::UnboundedSender<ReplicationEvent>) {
         // Only a migration or an evacuation completes; a replication session ends when
         // the replicator stops it.
         SourceEvent::Finished => Ok(()),
+        // This driver never reports a lost connection to the session (a lost connection
+        // ends the session with an error, as before the resume work), so these never come.
+        SourceEvent::Paused | SourceEvent::Resumed { .. } => Ok(()),
     };
 }
 
