@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::error::ReplicaError;
 use super::format::{
     self, decode_header, encode_header, page_checksum, Header, HeaderProblem, CHECKSUM_WORD,
-    ENTRY_LEN, EPOCH_WORD, HEADER_LEN, HEADER_USED, HEADER_WORDS,
+    ENTRY_LEN, HEADER_LEN, HEADER_USED, HEADER_WORDS,
 };
 use super::Tier;
 use crate::PAGE_SIZE;
@@ -628,9 +628,15 @@ impl ReplicaFiles {
             epoch,
         });
         // A torn header (epoch written, checksum not) fails its checksum on reopen and
-        // is re-initialised, losing nothing: the entries are already invalid.
+        // is re-initialised, losing nothing: the entries are already invalid. Every word
+        // is written, the checksum last: the checksum covers the reserved word too, which
+        // an index written by someone else may hold non-zero.
         let h = self.header_words();
-        h[EPOCH_WORD].store(words[EPOCH_WORD].to_le(), Ordering::Release);
+        for (i, w) in words.iter().enumerate() {
+            if i != CHECKSUM_WORD {
+                h[i].store(w.to_le(), Ordering::Release);
+            }
+        }
         h[CHECKSUM_WORD].store(words[CHECKSUM_WORD].to_le(), Ordering::Release);
         if self.durable() {
             self.index
@@ -765,5 +771,58 @@ impl ReplicaFiles {
     /// directory lock.
     pub(crate) fn into_memory_and_lock(self) -> (File, File) {
         (self.memory, self.lock)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `replica` fuzz target: an index whose header has a non-zero reserved
+    /// word (covered by its checksum, so it opens as good) lost every page at the next
+    /// open after a new epoch, because `set_epoch` rewrote the checksum for a header with
+    /// a zero reserved word while leaving the word as it was.
+    #[test]
+    fn new_epoch_rewrites_a_header_whose_reserved_word_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let page = vec![0x5a; PAGE_SIZE];
+        {
+            let f = ReplicaFiles::open(dir.path(), 4, Tier::Disk, false).unwrap();
+            f.set_epoch(1).unwrap();
+            f.store(2, &[3], &page).unwrap();
+            f.sync().unwrap();
+        }
+        // Set the reserved word and give the header a matching checksum.
+        let idx = dir.path().join(INDEX_FILE);
+        let mut bytes = std::fs::read(&idx).unwrap();
+        let mut w = [0u64; HEADER_WORDS];
+        for (word, chunk) in w.iter_mut().zip(bytes.chunks_exact(8)) {
+            *word = u64::from_le_bytes(chunk.try_into().unwrap());
+        }
+        w[4] = 0xfeed;
+        w[CHECKSUM_WORD] = format::header_checksum(&w);
+        for (chunk, word) in bytes.chunks_exact_mut(8).zip(w) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        std::fs::write(&idx, &bytes).unwrap();
+        {
+            let f = ReplicaFiles::open(dir.path(), 4, Tier::Disk, false).unwrap();
+            assert_eq!(f.report().reinitialized, None);
+            assert_eq!(f.version(2), 3);
+            f.set_epoch(2).unwrap();
+            f.store(1, &[4], &page).unwrap();
+            f.sync().unwrap();
+        }
+        let f = ReplicaFiles::open(dir.path(), 4, Tier::Disk, false).unwrap();
+        assert_eq!(
+            f.report().reinitialized,
+            None,
+            "the new epoch's header is torn"
+        );
+        assert_eq!(f.epoch(), 2);
+        assert_eq!(f.version(1), 4);
+        let mut out = vec![0u8; PAGE_SIZE];
+        assert_eq!(f.read(1, &mut out).unwrap(), Some(4));
+        assert_eq!(out, page);
     }
 }
