@@ -405,6 +405,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         early_push: true,
         stopper: super::stopper(),
         progress: Some(super::outcome::recorder()),
+        recover_timeout: None,
     };
     // Memory is frozen while paused: hash it beside the migration, not before it, so the
     // digests add nothing to the downtime.
@@ -568,6 +569,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         a.listen,
         a.vm_id.clone(),
         a.accept_timeout,
+        None,
         a.progress,
         a.json,
     )?;
