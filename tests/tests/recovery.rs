@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use faultline_tests::{assert_migrated, run_source, Certs, DestProcess, Finished};
+use faultline_tests::{
+    assert_migrated, run_source, Background, Certs, DestProcess, Finished, ShmDir,
+};
 use serde_json::Value;
 use wan_emu::{LinkConfig, WanEmulator};
 
@@ -306,4 +308,79 @@ fn a_cut_that_never_ends_fails_after_the_recover_timeout_on_both_sides() {
     }
     // Noticed after 5 s of silence (SILENCE_LOST), then the timeout, counted from the cut.
     assert!(took < Duration::from_secs(20), "gave up after {took:?}");
+}
+
+#[test]
+fn an_evacuation_cut_for_8_seconds_resumes_into_the_standby() {
+    // Replication goes the direct way; the evacuation crosses the emulator, which is cut
+    // once the stale pages are under way. The standby's guest runs through the outage.
+    let certs = Certs::new();
+    let dir = ShmDir::new("recovery-evac");
+    let standby = DestProcess::standby(
+        &certs,
+        "127.0.0.1:0",
+        &[
+            "--size",
+            SIZE,
+            "--replica-dir",
+            &dir.arg(),
+            "--workers",
+            "2",
+        ],
+    );
+    let upstream: SocketAddr = standby.addr.parse().expect("standby address");
+    let link = LinkConfig::new(Duration::from_millis(20), 100_000_000);
+    let wan = WanEmulator::start("127.0.0.1:0".parse().unwrap(), upstream, link).unwrap();
+    let relay = wan.local_addr().to_string();
+    let outage = Duration::from_secs(8);
+    let (src, note) = std::thread::scope(|s| {
+        let hand = s.spawn(|| cut_for(&wan, 4_000_000, outage));
+        let src = Background::replicate(
+            &certs,
+            &standby.addr,
+            &[
+                "--synthetic",
+                SIZE,
+                "--evacuate-after",
+                "1",
+                "--stale-pct",
+                "50",
+                "--writers",
+                "1",
+                "--evacuate-connect",
+                &relay,
+            ],
+        )
+        .wait(Duration::from_secs(90));
+        (src, hand.join().expect("the test's hand on the link"))
+    });
+    let dst = standby.wait(Duration::from_secs(90));
+    assert!(note.cut.is_some(), "the evacuation ended before the cut");
+    assert!(src.status.success(), "replicate failed: {}", src.stderr);
+    assert!(dst.status.success(), "standby failed: {}", dst.stderr);
+    let (s, d) = (&src.json, &dst.json);
+    assert!(s["digest"].is_string(), "{s}");
+    assert_eq!(
+        s["digest"], d["digest"],
+        "memory differs after the evacuation"
+    );
+    let stale = u(d, "pages_stale");
+    let m = &d["metrics"];
+    assert_eq!(
+        u(m, "pages_pushed") + u(m, "pages_faulted"),
+        stale,
+        "every stale page installed exactly once: {d}"
+    );
+    let e = &s["evacuation"];
+    assert!(u(e, "pauses") >= 1 && u(d, "pauses") >= 1, "{e} {d}");
+    assert!(u(e, "paused_ms") >= outage.as_millis() as u64, "{e}");
+    eprintln!(
+        "evacuation: {stale} stale pages, cut after {} B; source paused {} ms, resume {} ms, \
+         resent {} B; standby paused {} ms",
+        note.cut_after_bytes,
+        u(e, "paused_ms"),
+        u(e, "resume_ms_after_restore"),
+        u(e, "bytes_resent"),
+        u(d, "paused_ms"),
+    );
 }
