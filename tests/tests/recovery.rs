@@ -7,11 +7,12 @@
 //! on both sides.
 
 use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use faultline_tests::{
-    assert_migrated, run_source, Background, Certs, DestProcess, Finished, ShmDir,
+    assert_migrated, faultline_bin, run_source, Background, Certs, DestProcess, Finished, ShmDir,
 };
 use serde_json::Value;
 use wan_emu::{LinkConfig, WanEmulator};
@@ -383,4 +384,55 @@ fn an_evacuation_cut_for_8_seconds_resumes_into_the_standby() {
         u(e, "bytes_resent"),
         u(d, "paused_ms"),
     );
+}
+
+#[test]
+fn sigterm_ends_a_paused_session_at_once_on_both_sides() {
+    // No limit on the outage: only a stop ends the wait, on either side, at once.
+    let certs = Certs::new();
+    let dest = DestProcess::start(&certs, &["--size", "16M", "--workers", "1"]);
+    let upstream: SocketAddr = dest.addr.parse().expect("destination address");
+    let link = LinkConfig::new(Duration::from_millis(20), RATE);
+    let wan = WanEmulator::start("127.0.0.1:0".parse().unwrap(), upstream, link).unwrap();
+    let source = Command::new(faultline_bin())
+        .args(["source", "--json", "--no-push", "--synthetic", "16M"])
+        .args(["--connect", &wan.local_addr().to_string()])
+        .args(certs.args("source", "dest"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn faultline source");
+    // The session runs (the worker faults pages in on demand), then the link goes down for
+    // good and both sides notice (5 s of silence) and wait for a new connection.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while wan.counters().server_to_client.packets < 50 {
+        assert!(Instant::now() < deadline, "the session never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wan.cut();
+    std::thread::sleep(Duration::from_secs(8));
+    let sent = Instant::now();
+    for pid in [source.id(), dest.pid()] {
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+    }
+    let out = source.wait_with_output().unwrap();
+    let src_took = sent.elapsed();
+    let dst = dest.wait(Duration::from_secs(30));
+    let dst_took = sent.elapsed();
+    let src: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(out.status.code(), Some(8), "{src}");
+    assert_eq!(src["error"]["kind"], "stopped", "{src}");
+    assert_eq!(dst.status.code(), Some(8), "{}", dst.stderr);
+    assert_eq!(dst.json["error"]["kind"], "stopped", "{}", dst.json);
+    assert!(
+        src_took < Duration::from_secs(3) && dst_took < Duration::from_secs(3),
+        "stopped after {src_took:?} (source), {dst_took:?} (destination)"
+    );
+    // The emulator held the cut until here: nothing crossed after it.
+    assert!(wan.is_cut());
 }
