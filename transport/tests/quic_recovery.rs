@@ -164,6 +164,15 @@ struct Setup {
     source: tokio::task::JoinHandle<Result<SourceReport, DriverError>>,
     ids: (Identity, Identity),
     server: SocketAddr,
+    /// New connections the source and the destination were told of.
+    told: (Arc<AtomicU64>, Arc<AtomicU64>),
+}
+
+fn counter(n: &Arc<AtomicU64>) -> quic::OnConnection {
+    let n = n.clone();
+    Arc::new(move |_: &quic::Connection| {
+        n.fetch_add(1, Ordering::Relaxed);
+    })
 }
 
 async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
@@ -179,6 +188,8 @@ async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
         installs: AtomicU64::new(0),
     });
     let (demand, requests) = tokio::sync::mpsc::unbounded_channel();
+    let told = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let dest_told = counter(&told.1);
     let (dest_layout, dest_sink) = (layout.clone(), sink.clone());
     let dest = tokio::spawn(async move {
         let mut acceptor = Acceptor::start(server.clone(), AcceptLimits::default());
@@ -187,6 +198,7 @@ async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
         let recovery = DestRecovery {
             incoming: Some(&mut acceptor),
             recover_timeout,
+            on_connection: Some(dest_told),
         };
         let hooks = DestHooks::default();
         quic::run_dest_recovering(conn, session, dest_sink, requests, hooks, recovery).await
@@ -204,6 +216,7 @@ async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
         addr: relay.addr(),
         recover_timeout,
         stopped: None,
+        on_connection: Some(counter(&told.0)),
     };
     let reader = img.clone();
     let source = tokio::spawn(async move {
@@ -218,6 +231,7 @@ async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
         source,
         ids: (src_id, dst_id),
         server: addr,
+        told,
     }
 }
 
@@ -288,6 +302,11 @@ async fn a_cut_past_the_silence_limit_resumes_from_a_new_port_and_serves_request
     assert!(src.paused_ms >= outage, "{} < {outage}", src.paused_ms);
     assert!(dst.paused_ms >= outage, "{} < {outage}", dst.paused_ms);
     assert!(src.resume_ms_after_restore < 5_000, "{src:?}");
+    let told = (
+        s.told.0.load(Ordering::Relaxed),
+        s.told.1.load(Ordering::Relaxed),
+    );
+    assert_eq!(told, (1, 1), "each side resumed on one new connection");
     // The session went on through the new socket: the destination answered the source at
     // its new port.
     let counts = s.relay.from_server.lock().unwrap();

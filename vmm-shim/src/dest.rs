@@ -283,9 +283,10 @@ impl Listener {
             // From here on the session screens new connections: its own source coming back
             // resumes it, any other peer is told this side is busy.
             let connected = Instant::now();
+            let conns = crate::progress::Connections::new(&conn);
             let sample = {
-                let (table, conn) = (table.clone(), conn.clone());
-                move || crate::progress::sample(&conn, Some(table.resolved()), table.total())
+                let (table, conns) = (table.clone(), conns.clone());
+                move || conns.sample(Some(table.resolved()), table.total())
             };
             let ticker = opts
                 .progress
@@ -307,6 +308,7 @@ impl Listener {
             let recovery = quic::DestRecovery {
                 incoming: Some(&mut *acceptor),
                 recover_timeout: opts.recover_timeout,
+                on_connection: Some(conns.follower()),
             };
             let r = quic::run_dest_recovering(conn, session, sink, rx, hooks, recovery).await;
             if let Some(t) = ticker {
@@ -434,9 +436,10 @@ impl Listener {
                     })),
                 };
                 let pages = layout.total_pages();
+                let conns = crate::progress::Connections::new(&conn);
                 let sample = {
-                    let conn = conn.clone();
-                    move || crate::progress::sample(&conn, None, pages)
+                    let conns = conns.clone();
+                    move || conns.sample(None, pages)
                 };
                 let ticker = opts
                     .progress
@@ -445,6 +448,7 @@ impl Listener {
                 let recovery = quic::DestRecovery {
                     incoming: Some(&mut *acceptor),
                     recover_timeout: opts.recover_timeout,
+                    on_connection: Some(conns.follower()),
                 };
                 let r = quic::run_dest_recovering(conn, session, sink.clone(), rx, hooks, recovery)
                     .await;

@@ -120,9 +120,10 @@ pub fn run_session(
         )?;
         let _stoppable = opts.stopper.watch(&endpoint);
         let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
+        let conns = crate::progress::Connections::new(&conn);
         let sample = {
-            let conn = conn.clone();
-            move || crate::progress::sample(&conn, None, pages)
+            let conns = conns.clone();
+            move || conns.sample(None, pages)
         };
         let ticker = opts
             .progress
@@ -134,6 +135,7 @@ pub fn run_session(
             addr: opts.connect,
             recover_timeout: opts.recover_timeout,
             stopped: Some(Arc::new(move || stopper.reason().is_some())),
+            on_connection: Some(conns.follower()),
         };
         let report = quic::run_source_recovering(conn, session, memory, Some(recovery)).await;
         if let Some(t) = ticker {

@@ -21,7 +21,8 @@ pub use dest::{
 };
 pub use frame::{read_frame, write_message, write_pages, FrameError};
 pub use recovery::{
-    SourceRecovery, StopCheck, ATTEMPT_TIMEOUT, BACKOFF_MAX, BACKOFF_MIN, SILENCE_LOST,
+    OnConnection, SourceRecovery, StopCheck, ATTEMPT_TIMEOUT, BACKOFF_MAX, BACKOFF_MIN,
+    SILENCE_LOST,
 };
 pub use source::{
     run_replication, run_source, run_source_recovering, PageReader, ReplicationEvent,

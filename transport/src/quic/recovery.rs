@@ -155,6 +155,9 @@ pub(crate) fn recover_timeout(limit: Duration, paused_at: Instant) -> DriverErro
     }
 }
 
+/// Told of every new connection a session resumes on (to follow its counters, say).
+pub type OnConnection = Arc<dyn Fn(&Connection) + Send + Sync>;
+
 /// Tells whether the application stopped the session (a stop closes the endpoint, which
 /// ends a connection attempt, but not a wait between two).
 pub type StopCheck = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -172,6 +175,8 @@ pub struct SourceRecovery {
     pub recover_timeout: Option<Duration>,
     /// Whether the application stopped the session; checked between attempts.
     pub stopped: Option<StopCheck>,
+    /// Called with each new connection before the session resumes on it.
+    pub on_connection: Option<OnConnection>,
 }
 
 impl SourceRecovery {

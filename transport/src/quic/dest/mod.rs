@@ -138,6 +138,8 @@ pub struct DestRecovery<'a> {
     pub incoming: Option<&'a mut Acceptor>,
     /// Fail once the connection has been down this long; `None`: wait for ever.
     pub recover_timeout: Option<Duration>,
+    /// Called with each new connection before the session resumes on it.
+    pub on_connection: Option<super::OnConnection>,
 }
 
 /// What a destination tells an authenticated peer of another session.
@@ -169,6 +171,7 @@ pub async fn run_dest_recovering(
         wire_bytes: 0,
     };
     let (found, candidates) = mpsc::channel(4);
+    let on_connection = recovery.on_connection;
     let mut screen = Screen {
         incoming: recovery.incoming,
         recover_timeout: recovery.recover_timeout,
@@ -201,6 +204,9 @@ pub async fn run_dest_recovering(
                 conn.close(VarInt::from_u32(CLOSE_OK), b"superseded");
                 across.pauses.lost();
                 next = *candidate;
+                if let Some(f) = &on_connection {
+                    f(&next.conn);
+                }
                 across.pauses.connected();
                 across.session().resume();
                 continue;
@@ -242,6 +248,9 @@ pub async fn run_dest_recovering(
             }
             Err(e) => return Err(e),
         };
+        if let Some(f) = &on_connection {
+            f(&next.conn);
+        }
         across.pauses.connected();
         across.session().resume();
     }

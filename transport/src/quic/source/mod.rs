@@ -151,6 +151,9 @@ pub async fn run_source_recovering(
         totals.pauses.lost_since(silent_for(&e));
         let paused_at = totals.pauses.paused_since().unwrap_or_else(Instant::now);
         conn = recovery.reconnect(paused_at).await?;
+        if let Some(f) = &recovery.on_connection {
+            f(&conn);
+        }
         tracing::info!(peer = %conn.remote_address(), "reconnected; resuming the session");
         totals.pauses.connected();
         session.lock().unwrap_or_else(|p| p.into_inner()).resume();
