@@ -309,6 +309,7 @@ impl Standby {
             expected_vm_id: Some(VM_ID.into()),
             accept_timeout: ACCEPT_TIMEOUT,
             progress: None,
+            recover_timeout: None,
         })?;
         let addr = listener.local_addr()?;
         Ok(Standby {
@@ -512,6 +513,7 @@ fn evacuate_into(
             early_push: true,
             stopper: vmm_shim::Stopper::new(),
             progress: None,
+            recover_timeout: None,
         },
         None,
     )?)

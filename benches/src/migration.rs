@@ -141,6 +141,7 @@ pub fn migrate(
         expected_vm_id: None,
         accept_timeout: ACCEPT_TIMEOUT,
         progress: None,
+        recover_timeout: None,
     })?;
     let addr = listener.local_addr()?;
     let len = usize::try_from(spec.bytes).context("memory size does not fit this machine")?;
@@ -280,6 +281,7 @@ pub fn run_child(role: &str, args: &[String]) -> anyhow::Result<()> {
             early_push: true,
             stopper: vmm_shim::Stopper::new(),
             progress: None,
+            recover_timeout: None,
         },
     )
     .with_context(|| format!("child {role}: faultline source"))?;

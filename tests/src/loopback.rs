@@ -506,6 +506,7 @@ pub fn migrate_over(
         expected_vm_id: Some("hinted".into()),
         accept_timeout: Duration::from_secs(60),
         progress: None,
+        recover_timeout: None,
     })?;
     let dest_addr = listener.local_addr()?;
     let wan = match link {
@@ -531,6 +532,7 @@ pub fn migrate_over(
         early_push: true,
         stopper: vmm_shim::Stopper::new(),
         progress: None,
+        recover_timeout: None,
     };
     let regions = src.vm.host_regions()?;
     // The guest stopped long ago when a frozen source is migrated again: downtime counts

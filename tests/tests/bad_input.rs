@@ -60,6 +60,7 @@ fn attack(control_first: Vec<u8>, attack: Attack) -> Outcome {
         expected_vm_id: None,
         accept_timeout: Duration::from_secs(30),
         progress: None,
+        recover_timeout: None,
     })
     .unwrap();
     let addr = listener.local_addr().unwrap();

@@ -464,6 +464,7 @@ fn free_pages_written_after_the_hint_cross_with_their_content() {
         expected_vm_id: None,
         accept_timeout: Duration::from_secs(30),
         progress: None,
+        recover_timeout: None,
     })
     .unwrap();
     let addr = listener.local_addr().unwrap();
@@ -485,6 +486,7 @@ fn free_pages_written_after_the_hint_cross_with_their_content() {
             early_push: true,
             stopper: vmm_shim::Stopper::new(),
             progress: None,
+            recover_timeout: None,
         },
         None,
         &plan,

@@ -36,6 +36,10 @@ pub struct DestOptions {
     /// Called about ten times a second while a session runs, and once when it ends (also
     /// on failure), with what this side holds and the bytes it received and sent.
     pub progress: Option<crate::ProgressFn>,
+    /// A lost connection pauses a migration (the guest runs on) until the source
+    /// reconnects (docs/recovery.md); with a limit, the session fails once the connection
+    /// has been down this long. `None`: no limit.
+    pub recover_timeout: Option<Duration>,
 }
 
 impl DestOptions {
@@ -53,6 +57,7 @@ impl DestOptions {
             expected_vm_id: None,
             accept_timeout: Duration::from_secs(60),
             progress: None,
+            recover_timeout: None,
         }
     }
 }
@@ -157,8 +162,10 @@ impl PageSink for UffdSink {
 ///
 /// From the moment it is bound it accepts in the background (`transport::quic::accept`):
 /// spoofed and replayed Initials get a stateless Retry, handshakes run concurrently with a
-/// timeout each, a peer that fails authentication is logged and dropped, and while a session
-/// runs an authenticated second peer is told at once that this side is busy. Only an
+/// timeout each, a peer that fails authentication is logged and dropped, and while a
+/// migration or evacuation runs (or is paused by a lost connection) an authenticated peer of
+/// another session is told at once that this side is busy, while a new connection of the
+/// same session (its source coming back, from any address) resumes it. Only an
 /// authenticated peer can start a session or end one.
 pub struct Listener {
     runtime: tokio::runtime::Runtime,
@@ -168,9 +175,6 @@ pub struct Listener {
     _stop_watch: Option<crate::stop::Watch>,
     opts: DestOptions,
 }
-
-/// What a listener in a session tells a second peer.
-const BUSY: &str = "this side is already in a migration session";
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, RoleError> {
     tokio::runtime::Builder::new_multi_thread()
@@ -276,11 +280,13 @@ impl Listener {
                 .await
                 .map_err(|_| RoleError::AcceptTimeout(opts.accept_timeout))?
                 .ok_or(RoleError::EndpointClosed)?;
-            acceptor.set_busy(Some(BUSY.into()));
+            // From here on the session screens new connections: its own source coming back
+            // resumes it, any other peer is told this side is busy.
             let connected = Instant::now();
+            let conns = crate::progress::Connections::new(&conn);
             let sample = {
-                let (table, conn) = (table.clone(), conn.clone());
-                move || crate::progress::sample(&conn, Some(table.resolved()), table.total())
+                let (table, conns) = (table.clone(), conns.clone());
+                move || conns.sample(Some(table.resolved()), table.total())
             };
             let ticker = opts
                 .progress
@@ -299,7 +305,12 @@ impl Listener {
                     *resumed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 })),
             };
-            let r = quic::run_dest(conn, session, sink, rx, hooks).await;
+            let recovery = quic::DestRecovery {
+                incoming: Some(&mut *acceptor),
+                recover_timeout: opts.recover_timeout,
+                on_connection: Some(conns.follower()),
+            };
+            let r = quic::run_dest_recovering(conn, session, sink, rx, hooks, recovery).await;
             if let Some(t) = ticker {
                 t.abort();
             }
@@ -411,12 +422,12 @@ impl Listener {
                 });
                 let resumed: Arc<Mutex<Option<Instant>>> = Arc::default();
                 let (resumed2, hook, sink2) = (resumed.clone(), on_resume.clone(), sink.clone());
-                let busy = acceptor.busy_switch();
                 // Called for an evacuation only (a replication session has no guest to
-                // resume): from here on this standby is the guest's host.
+                // resume): from here on this standby is the guest's host, and the session
+                // screens new connections (its source coming back resumes it, any other
+                // peer is told this side is busy).
                 let hooks = DestHooks {
                     on_established: Some(Box::new(move |_vm: &str, state: Option<&[u8]>| {
-                        busy.set(Some(BUSY.into()));
                         *resumed2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                         let f = hook.lock().unwrap_or_else(|p| p.into_inner()).take();
                         if let (Some(f), Some(region)) = (f, sink2.guest_region()) {
@@ -425,15 +436,22 @@ impl Listener {
                     })),
                 };
                 let pages = layout.total_pages();
+                let conns = crate::progress::Connections::new(&conn);
                 let sample = {
-                    let conn = conn.clone();
-                    move || crate::progress::sample(&conn, None, pages)
+                    let conns = conns.clone();
+                    move || conns.sample(None, pages)
                 };
                 let ticker = opts
                     .progress
                     .clone()
                     .map(|f| crate::progress::spawn_ticker(f, sample.clone()));
-                let r = quic::run_dest(conn, session, sink.clone(), rx, hooks).await;
+                let recovery = quic::DestRecovery {
+                    incoming: Some(&mut *acceptor),
+                    recover_timeout: opts.recover_timeout,
+                    on_connection: Some(conns.follower()),
+                };
+                let r = quic::run_dest_recovering(conn, session, sink.clone(), rx, hooks, recovery)
+                    .await;
                 if let Some(t) = ticker {
                     t.abort();
                 }

@@ -43,6 +43,42 @@ pub(crate) fn sample(
     }
 }
 
+/// The connection a session runs on, which changes when it resumes on a new one, and the
+/// bytes of the connections before it: the bytes a session moved over all its connections.
+pub(crate) struct Connections(std::sync::Mutex<(transport::quic::Connection, u64, u64)>);
+
+impl Connections {
+    pub(crate) fn new(conn: &transport::quic::Connection) -> std::sync::Arc<Connections> {
+        std::sync::Arc::new(Connections(std::sync::Mutex::new((conn.clone(), 0, 0))))
+    }
+
+    /// The session moved on to `conn`.
+    pub(crate) fn replace(&self, conn: &transport::quic::Connection) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let s = g.0.stats();
+        g.1 += s.udp_rx.bytes;
+        g.2 += s.udp_tx.bytes;
+        g.0 = conn.clone();
+    }
+
+    /// [`sample`] over every connection so far.
+    pub(crate) fn sample(&self, pages_present: Option<u64>, pages: u64) -> Progress {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let p = sample(&g.0, pages_present, pages);
+        Progress {
+            bytes_received: p.bytes_received + g.1,
+            bytes_sent: p.bytes_sent + g.2,
+            ..p
+        }
+    }
+
+    /// A callback that follows the session's new connections.
+    pub(crate) fn follower(self: &std::sync::Arc<Self>) -> transport::quic::OnConnection {
+        let me = self.clone();
+        std::sync::Arc::new(move |c: &transport::quic::Connection| me.replace(c))
+    }
+}
+
 /// Calls `f` every [`INTERVAL`] with `sample()` until the returned task is aborted.
 pub(crate) fn spawn_ticker(
     f: ProgressFn,

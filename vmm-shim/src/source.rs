@@ -36,6 +36,10 @@ pub struct SourceOptions {
     /// Called about ten times a second while the session runs, and once when it ends
     /// (also on failure), with the bytes sent and received (see [`crate::Progress`]).
     pub progress: Option<crate::ProgressFn>,
+    /// A lost connection pauses the session and the source reconnects with backoff
+    /// (docs/recovery.md); with a limit, the session fails once the connection has been
+    /// down this long. `None`: no limit.
+    pub recover_timeout: Option<Duration>,
 }
 
 impl SourceOptions {
@@ -58,6 +62,7 @@ impl SourceOptions {
             early_push: true,
             stopper: crate::Stopper::new(),
             progress: None,
+            recover_timeout: None,
         }
     }
 }
@@ -115,15 +120,24 @@ pub fn run_session(
         )?;
         let _stoppable = opts.stopper.watch(&endpoint);
         let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
+        let conns = crate::progress::Connections::new(&conn);
         let sample = {
-            let conn = conn.clone();
-            move || crate::progress::sample(&conn, None, pages)
+            let conns = conns.clone();
+            move || conns.sample(None, pages)
         };
         let ticker = opts
             .progress
             .clone()
             .map(|f| crate::progress::spawn_ticker(f, sample.clone()));
-        let report = quic::run_source(conn, session, memory).await;
+        let stopper = opts.stopper.clone();
+        let recovery = quic::SourceRecovery {
+            endpoint: endpoint.clone(),
+            addr: opts.connect,
+            recover_timeout: opts.recover_timeout,
+            stopped: Some(Arc::new(move || stopper.reason().is_some())),
+            on_connection: Some(conns.follower()),
+        };
+        let report = quic::run_source_recovering(conn, session, memory, Some(recovery)).await;
         if let Some(t) = ticker {
             t.abort();
         }

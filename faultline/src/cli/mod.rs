@@ -148,6 +148,10 @@ pub struct SourceArgs {
     /// Seconds to keep retrying while the destination is not up yet.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
+    /// Give up once the connection has been lost for this many seconds (the session
+    /// pauses and reconnects meanwhile; docs/recovery.md). Without it, no limit.
+    #[arg(long, value_name = "SECS")]
+    pub recover_timeout: Option<u64>,
     #[command(flatten)]
     pub disk: vm_disks::PlainDiskArgs,
     #[command(flatten)]
@@ -211,6 +215,10 @@ pub struct DestArgs {
     /// Seconds to wait for the source.
     #[arg(long, default_value_t = 120)]
     pub accept_timeout: u64,
+    /// Give up once the connection has been lost for this many seconds (the session
+    /// pauses and reconnects meanwhile; docs/recovery.md). Without it, no limit.
+    #[arg(long, value_name = "SECS")]
+    pub recover_timeout: Option<u64>,
     #[command(flatten)]
     pub disk: vm_disks::ReceiveDiskArgs,
     #[command(flatten)]

@@ -102,7 +102,11 @@ fn driver_kind(d: &DriverError) -> Option<Kind> {
         DriverError::Protocol(_) | DriverError::Stream { .. } | DriverError::UnknownStream(_) => {
             Some(Kind::Protocol)
         }
-        DriverError::Connect { .. } | DriverError::Timeout(_) => Some(Kind::Network),
+        DriverError::Connect { .. }
+        | DriverError::Timeout(_)
+        | DriverError::RecoverTimeout { .. }
+        | DriverError::Silent { .. } => Some(Kind::Network),
+        DriverError::Stopped => Some(Kind::Stopped),
         DriverError::Reader(_) | DriverError::Sink(_) => Some(Kind::LocalIo),
         _ => None,
     }

@@ -93,6 +93,10 @@ pub struct ReplicateArgs {
     /// front of the standby, while replication went the direct way).
     #[arg(long)]
     pub evacuate_connect: Option<SocketAddr>,
+    /// Give up once the connection has been lost for this many seconds (the session
+    /// pauses and reconnects meanwhile; docs/recovery.md). Without it, no limit.
+    #[arg(long, value_name = "SECS")]
+    pub recover_timeout: Option<u64>,
     /// How the evacuation encodes pages (see `faultline source --encoding`).
     #[arg(long, value_enum, default_value_t = super::EncodingArg::Auto)]
     pub encoding: super::EncodingArg,
@@ -128,6 +132,10 @@ pub struct StandbyArgs {
     /// Seconds to wait for each connection from the source.
     #[arg(long, default_value_t = 300)]
     pub accept_timeout: u64,
+    /// Give up once the connection has been lost for this many seconds (the session
+    /// pauses and reconnects meanwhile; docs/recovery.md). Without it, no limit.
+    #[arg(long, value_name = "SECS")]
+    pub recover_timeout: Option<u64>,
     #[command(flatten)]
     pub disk: ReceiveDiskArgs,
     #[command(flatten)]
@@ -297,6 +305,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             early_push: !a.no_early_push,
             stopper: super::stopper(),
             progress: Some(super::outcome::recorder()),
+            recover_timeout: a.recover_timeout.map(Duration::from_secs),
         },
         None,
     )?;
@@ -339,6 +348,7 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
         expected_vm_id: Some(a.vm_id.clone()),
         accept_timeout: Duration::from_secs(a.accept_timeout),
         progress: Some(super::outcome::recorder()),
+        recover_timeout: a.recover_timeout.map(Duration::from_secs),
     })?;
     listener.stop_on(&super::stopper());
     let pages = a.size / 4096;

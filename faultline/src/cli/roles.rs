@@ -37,6 +37,18 @@ pub struct SourceOutput {
     /// Wire bytes by kind (raw, lz4, zero, reference), the compression ratio and the
     /// encoding the tuner chose.
     pub encoding: transport::encoding::EncodingStats,
+    /// Times the connection was lost and the session paused.
+    #[serde(default)]
+    pub pauses: u64,
+    /// Time spent paused, all pauses together, ms.
+    #[serde(default)]
+    pub paused_ms: u64,
+    /// Longest time from a new connection being up to the session running again, ms.
+    #[serde(default)]
+    pub resume_ms_after_restore: u64,
+    /// Page bytes sent again after a pause (they had been sent on a lost connection).
+    #[serde(default)]
+    pub bytes_resent: u64,
     /// Each disk sent (name, size, digest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disk_digests: Vec<DiskDigest>,
@@ -75,6 +87,7 @@ pub fn bind_listener(
     listen: std::net::SocketAddr,
     vm_id: Option<String>,
     accept_timeout_secs: u64,
+    recover_timeout: Option<Duration>,
     progress: bool,
     json: bool,
 ) -> anyhow::Result<Listener> {
@@ -98,6 +111,7 @@ pub fn bind_listener(
         expected_vm_id: vm_id,
         accept_timeout: Duration::from_secs(accept_timeout_secs),
         progress: Some(on_progress),
+        recover_timeout,
     })?;
     listener.stop_on(&super::stopper());
     let addr = listener.local_addr()?;
@@ -140,6 +154,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         early_push: !a.no_early_push,
         stopper: super::stopper(),
         progress: Some(super::outcome::recorder()),
+        recover_timeout: a.recover_timeout.map(Duration::from_secs),
     };
     let config = transport::proto::SourceConfig {
         push: opts.push,
@@ -160,6 +175,10 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         push_ms: report.push_ms,
         total_ms: report.total_ms,
         encoding: report.encoding.clone(),
+        pauses: report.pauses,
+        paused_ms: report.paused_ms,
+        resume_ms_after_restore: report.resume_ms_after_restore,
+        bytes_resent: report.bytes_resent,
         disk_digests,
     };
     if a.json {
@@ -185,6 +204,7 @@ pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
         a.listen,
         a.vm_id.clone(),
         a.accept_timeout,
+        a.recover_timeout.map(Duration::from_secs),
         a.progress,
         a.json,
     )?;

@@ -134,6 +134,10 @@ pub struct VmSourceArgs {
     /// Seconds to keep retrying while the destination is not up yet.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout: u64,
+    /// Give up once the connection has been lost for this many seconds (the session
+    /// pauses and reconnects meanwhile; docs/recovery.md). Without it, no limit.
+    #[arg(long, value_name = "SECS")]
+    pub recover_timeout: Option<u64>,
     #[command(flatten)]
     pub replica: ReplicaArgs,
     #[command(flatten)]
@@ -162,6 +166,10 @@ pub struct VmDestArgs {
     /// Seconds to wait for the source.
     #[arg(long, default_value_t = 120)]
     pub accept_timeout: u64,
+    /// Give up once the connection has been lost for this many seconds (the session
+    /// pauses and reconnects meanwhile; docs/recovery.md). Without it, no limit.
+    #[arg(long, value_name = "SECS")]
+    pub recover_timeout: Option<u64>,
     /// Do not hold the guests after their switchover digest to hash all memory; they
     /// continue their workload at once (no `switchover_digest` in the report).
     #[arg(long)]
@@ -186,6 +194,18 @@ pub struct VmDestArgs {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmSourceOutput {
     pub vm_id: String,
+    /// Times the connection was lost and the session paused.
+    #[serde(default)]
+    pub pauses: u64,
+    /// Time spent paused, all pauses together, ms.
+    #[serde(default)]
+    pub paused_ms: u64,
+    /// Longest time from a new connection being up to the session running again, ms.
+    #[serde(default)]
+    pub resume_ms_after_restore: u64,
+    /// Page bytes sent again after a pause (source), or that arrived twice (destination).
+    #[serde(default)]
+    pub bytes_resent: u64,
     pub memory_bytes: u64,
     pub vcpus: usize,
     pub program: VmProgram,
@@ -220,6 +240,18 @@ pub struct VmSourceOutput {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmDestOutput {
     pub vm_id: String,
+    /// Times the connection was lost and the session paused.
+    #[serde(default)]
+    pub pauses: u64,
+    /// Time spent paused, all pauses together, ms.
+    #[serde(default)]
+    pub paused_ms: u64,
+    /// Longest time from a new connection being up to the session running again, ms.
+    #[serde(default)]
+    pub resume_ms_after_restore: u64,
+    /// Page bytes sent again after a pause (source), or that arrived twice (destination).
+    #[serde(default)]
+    pub bytes_resent: u64,
     pub memory_bytes: u64,
     pub vcpus: usize,
     pub program: VmProgram,
@@ -405,6 +437,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         early_push: true,
         stopper: super::stopper(),
         progress: Some(super::outcome::recorder()),
+        recover_timeout: a.recover_timeout.map(Duration::from_secs),
     };
     // Memory is frozen while paused: hash it beside the migration, not before it, so the
     // digests add nothing to the downtime.
@@ -453,6 +486,10 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
 
     let counters = snapshot.counters().to_vec();
     let out = VmSourceOutput {
+        pauses: report.pauses,
+        paused_ms: report.paused_ms,
+        resume_ms_after_restore: report.resume_ms_after_restore,
+        bytes_resent: report.bytes_resent,
         vm_id: a.vm_id,
         memory_bytes: config.mem_size,
         vcpus: config.vcpus,
@@ -568,6 +605,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         a.listen,
         a.vm_id.clone(),
         a.accept_timeout,
+        a.recover_timeout.map(Duration::from_secs),
         a.progress,
         a.json,
     )?;
@@ -708,6 +746,10 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         .all(|((s, f), e)| f.is_some_and(|f| f >= *s) && e > s);
     let m = &report.metrics;
     let out = VmDestOutput {
+        pauses: report.session.pauses,
+        paused_ms: report.session.paused_ms,
+        resume_ms_after_restore: report.session.resume_ms_after_restore,
+        bytes_resent: report.session.bytes_resent,
         vm_id: report.session.vm_id.clone(),
         memory_bytes: report.memory_bytes,
         vcpus: config.vcpus,

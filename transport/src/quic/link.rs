@@ -2,7 +2,7 @@
 //! on, the one way a task reads a frame (a malformed one fails the session and tells the
 //! peer), and the control stream read ahead so a driver's main loop can select on it.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
@@ -22,7 +22,15 @@ pub(crate) trait Session: Send + 'static {
     type Output;
     /// What the application hears about.
     type Event;
-    fn handle(&mut self, channel: Channel, msg: Message) -> Result<Self::Output, ProtoError>;
+    /// Feeds a message of this side's connection number `connection`.
+    fn handle_in(
+        &mut self,
+        connection: u32,
+        channel: Channel,
+        msg: Message,
+    ) -> Result<Self::Output, ProtoError>;
+    /// This side's number for the current connection.
+    fn current(&self) -> u32;
     fn handle_decode_error(&mut self, e: CodecError) -> ProtoError;
     fn poll_transmit(&mut self) -> Option<Transmit>;
     fn poll_event(&mut self) -> Option<Self::Event>;
@@ -30,12 +38,20 @@ pub(crate) trait Session: Send + 'static {
 }
 
 macro_rules! session_impl {
-    ($ty:ty, $output:ty, $event:ty) => {
+    ($ty:ty, $output:ty, $event:ty, $current:ident) => {
         impl Session for $ty {
             type Output = $output;
             type Event = $event;
-            fn handle(&mut self, channel: Channel, msg: Message) -> Result<$output, ProtoError> {
-                <$ty>::handle(self, channel, msg)
+            fn handle_in(
+                &mut self,
+                connection: u32,
+                channel: Channel,
+                msg: Message,
+            ) -> Result<$output, ProtoError> {
+                <$ty>::handle_in(self, connection, channel, msg)
+            }
+            fn current(&self) -> u32 {
+                <$ty>::$current(self)
             }
             fn handle_decode_error(&mut self, e: CodecError) -> ProtoError {
                 <$ty>::handle_decode_error(self, e)
@@ -53,14 +69,27 @@ macro_rules! session_impl {
     };
 }
 
-session_impl!(SourceSession, Vec<u64>, SourceEvent);
-session_impl!(DestSession, Option<crate::proto::Delivery>, DestEvent);
+session_impl!(SourceSession, Vec<u64>, SourceEvent, connection);
+session_impl!(
+    DestSession,
+    Option<crate::proto::Delivery>,
+    DestEvent,
+    conn_epoch
+);
 
-/// A session with the connection and the streams its queued messages go out on, shared by
-/// a driver's tasks.
+/// A session that outlives its connections, shared by the links of each.
+pub(crate) type Shared<S> = Arc<Mutex<S>>;
+
+/// A session with one of its connections and the streams its queued messages go out on,
+/// shared by a driver's tasks. Messages read here are fed as this connection's (see
+/// [`crate::proto::SourceSession::handle_in`]), and what the session queued goes out here
+/// only while this is its current connection: a task of a lost connection can neither
+/// change the session nor take the messages meant for the next one.
 pub(crate) struct Link<S> {
     pub(crate) conn: Connection,
-    session: Mutex<S>,
+    session: Shared<S>,
+    /// This side's number for the connection.
+    number: u32,
     control: tokio::sync::Mutex<SendStream>,
     /// Where `Channel::Urgent` messages go (the destination's demand requests); `None` on
     /// the source, whose session queues only control messages.
@@ -73,19 +102,36 @@ impl<S: Session> Link<S> {
     /// The link and the receiving end of its tasks' failures.
     pub(crate) fn new(
         conn: Connection,
-        session: S,
+        session: Shared<S>,
         control: SendStream,
         urgent: Option<SendStream>,
     ) -> (Link<S>, mpsc::UnboundedReceiver<DriverError>) {
         let (errors, failures) = mpsc::unbounded_channel();
+        let number = session.lock().unwrap_or_else(|p| p.into_inner()).current();
         let link = Link {
             conn,
-            session: Mutex::new(session),
+            session,
+            number,
             control: tokio::sync::Mutex::new(control),
             urgent: urgent.map(tokio::sync::Mutex::new),
             errors,
         };
         (link, failures)
+    }
+
+    /// This side's number for the connection.
+    pub(crate) fn number(&self) -> u32 {
+        self.number
+    }
+
+    /// Watches the connection for silence (see [`super::recovery::silence`]); a silent peer
+    /// is reported to the main loop as a lost connection. Stops when the task is aborted.
+    pub(crate) fn watch_silence(&self) -> Watchdog {
+        let (conn, errors) = (self.conn.clone(), self.errors.clone());
+        Watchdog(tokio::spawn(async move {
+            let e = super::recovery::silence(conn, super::recovery::SILENCE_LOST).await;
+            let _ = errors.send(e);
+        }))
     }
 
     /// The session. A poisoned lock means another task panicked mid-update; the session is
@@ -97,7 +143,13 @@ impl<S: Session> Link<S> {
     /// Sends whatever the session queued. A fatal `Error` is the last thing on its stream
     /// and waits (briefly) for the peer to have it.
     pub(crate) async fn flush(&self) -> Result<(), DriverError> {
-        let queued: Vec<_> = std::iter::from_fn(|| self.session().poll_transmit()).collect();
+        let queued: Vec<_> = {
+            let mut s = self.session();
+            if s.current() != self.number {
+                return Ok(());
+            }
+            std::iter::from_fn(|| s.poll_transmit()).collect()
+        };
         for t in queued {
             let stream = match (t.channel, &self.urgent) {
                 (Channel::Urgent, Some(urgent)) => urgent,
@@ -109,10 +161,7 @@ impl<S: Session> Link<S> {
             } else {
                 write_message(&mut send, &t.message).await
             };
-            written.map_err(|source| DriverError::Stream {
-                channel: t.channel,
-                source,
-            })?;
+            written.map_err(|e| stream_error(&self.conn, t.channel, e))?;
         }
         Ok(())
     }
@@ -144,7 +193,7 @@ impl<S: Session> Link<S> {
         channel: Channel,
         msg: Message,
     ) -> Result<S::Output, DriverError> {
-        let handled = self.session().handle(channel, msg);
+        let handled = self.session().handle_in(self.number, channel, msg);
         let flushed = self.flush().await;
         let output = handled?;
         flushed?;
@@ -164,6 +213,15 @@ impl<S: Session> Link<S> {
                 let _ = self.errors.send(e);
             }
         }
+    }
+}
+
+/// A connection's silence watch ([`Link::watch_silence`]); it stops when dropped.
+pub(crate) struct Watchdog(JoinHandle<()>);
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -11,14 +11,22 @@ mod dest;
 mod frame;
 mod link;
 mod read_ahead;
+mod recovery;
 mod source;
 mod stated_start;
 
-pub use dest::{run_dest, DecodeStats, DestHooks, DestReport, PageSink, SinkError};
+pub use dest::{
+    run_dest, run_dest_recovering, DecodeStats, DestHooks, DestRecovery, DestReport, PageSink,
+    SinkError, BUSY_REASON,
+};
 pub use frame::{read_frame, write_message, write_pages, FrameError};
+pub use recovery::{
+    OnConnection, SourceRecovery, StopCheck, ATTEMPT_TIMEOUT, BACKOFF_MAX, BACKOFF_MIN,
+    SILENCE_LOST,
+};
 pub use source::{
-    run_replication, run_source, PageReader, ReplicationEvent, ReplicationReport, SourceReport,
-    Update,
+    run_replication, run_source, run_source_recovering, PageReader, ReplicationEvent,
+    ReplicationReport, SourceReport, Update,
 };
 
 use std::net::SocketAddr;
@@ -118,6 +126,29 @@ pub enum DriverError {
     /// The [`PageReader`] could not read pages; the value is its error.
     #[error("page source failed: {0}")]
     Reader(String),
+    /// The connection was lost and no new one resumed the session before the recover
+    /// timeout ran out.
+    #[error(
+        "the connection was lost and not restored within the recover timeout of {} s \
+         (the link has been down for {outage_ms} ms)",
+        limit.as_secs_f64()
+    )]
+    RecoverTimeout {
+        /// The recover timeout.
+        limit: Duration,
+        /// How long the connection had been down when this side gave up.
+        outage_ms: u64,
+    },
+    /// Nothing arrived from the peer for this long (ms) while the session could resume: the
+    /// connection counts as lost (see [`SILENCE_LOST`]).
+    #[error("nothing arrived from the peer for {ms} ms; the link is down or the peer is gone")]
+    Silent {
+        /// How long the peer had been silent.
+        ms: u64,
+    },
+    /// The application stopped the session while it waited for a new connection.
+    #[error("stopped while waiting to reconnect")]
+    Stopped,
     /// The [`PageSink`] could not install or store pages.
     #[error("installing pages failed")]
     Sink(#[from] SinkError),
@@ -542,12 +573,18 @@ pub(crate) fn close_with(conn: &quinn::Connection, err: &DriverError) {
 }
 
 /// Maps a connection loss to the most useful error: the peer's own reason when it gave one.
+/// A close with [`CLOSE_OK`] is no reason: the peer dropped the connection (to reconnect, or
+/// after the session ended), and it stays a connection error.
 pub(crate) fn connection_lost(e: quinn::ConnectionError) -> DriverError {
     match e {
-        quinn::ConnectionError::ApplicationClosed(c) => DriverError::PeerClosed {
-            code: ErrorCode::from_u16(u16::try_from(c.error_code.into_inner()).unwrap_or(0)),
-            reason: String::from_utf8_lossy(&c.reason).into_owned(),
-        },
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code.into_inner() != u64::from(CLOSE_OK) =>
+        {
+            DriverError::PeerClosed {
+                code: ErrorCode::from_u16(u16::try_from(c.error_code.into_inner()).unwrap_or(0)),
+                reason: String::from_utf8_lossy(&c.reason).into_owned(),
+            }
+        }
         other => DriverError::Connection(other),
     }
 }

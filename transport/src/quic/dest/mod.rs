@@ -20,16 +20,18 @@ use thiserror::Error;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use super::frame::FrameError;
-use super::link::{ControlReader, Link};
+use super::accept::Acceptor;
+use super::frame::{read_frame, FrameError};
+use super::link::{ControlReader, Link, Shared};
 use super::read_ahead::ReadAhead;
+use super::recovery::{lost, silent_for, Pauses};
 use super::{
     close_with, closed_or, connection_lost, DriverError, CLOSE_OK, TAG_BULK, TAG_CONTROL,
     TAG_URGENT,
 };
 use crate::bitmap::Bitmap;
 use crate::message::{Message, Pages, SessionKind};
-use crate::proto::{Channel, DestEvent, DestSession};
+use crate::proto::{Channel, DestEvent, DestSession, SessionState};
 use receive::{forward_requests, receive_pages, Frames, Received};
 
 /// Installing page data failed; the session ends with this reason.
@@ -97,17 +99,23 @@ pub struct DestHooks {
     pub on_established: Option<OnEstablished>,
 }
 
-/// The destination's half of a session, shared by its tasks.
+/// The destination's half of a session on one connection, shared by its tasks.
 struct Dest {
     link: Link<DestSession>,
     sink: Arc<dyn PageSink>,
     /// Woken when pages arrived: the sink may be complete, or have something to acknowledge.
     progress: Notify,
-    counts: Received,
+    /// Shared by every connection of the session.
+    counts: Arc<Received>,
 }
 
+/// The fault loop's requests, taken by the forwarder of the current connection (or, while
+/// paused, by the wait for the next one).
+type SharedRequests = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u64>>>>;
+
 /// Runs the destination side of one migration over an accepted connection. Demand requests
-/// arrive on `requests` (from the fault loop); the session ends when `sink` is complete.
+/// arrive on `requests` (from the fault loop); the session ends when `sink` is complete. A
+/// lost connection ends the session with an error ([`run_dest_recovering`] resumes it).
 pub async fn run_dest(
     conn: Connection,
     session: DestSession,
@@ -115,27 +123,340 @@ pub async fn run_dest(
     requests: mpsc::UnboundedReceiver<Vec<u64>>,
     hooks: DestHooks,
 ) -> Result<DestReport, DriverError> {
-    let started = Instant::now();
-    let result = async {
-        let streams = accept_streams(&conn).await?;
-        let (mut driver, mut readers) = Driver::new(&conn, session, sink, streams, started);
-        driver.handshake(hooks, &mut readers.bulk).await?;
-        driver.run(readers, requests).await
-    }
-    .await;
-    match result {
-        Ok(mut report) => {
-            conn.close(VarInt::from_u32(CLOSE_OK), b"migration complete");
-            let stats = conn.stats();
-            report.wire_bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
-            report.closed(started.elapsed().as_millis() as u64);
-            Ok(report)
-        }
-        Err(e) => {
+    let recovery = DestRecovery::default();
+    run_dest_recovering(conn, session, sink, requests, hooks, recovery).await
+}
+
+/// Where a destination takes the connections that resume its session, and for how long it
+/// waits for one.
+#[derive(Default)]
+pub struct DestRecovery<'a> {
+    /// The listener's acceptor. While a migration or evacuation runs (or is paused) every
+    /// authenticated connection it hands over is screened: one that belongs to this session
+    /// (the session id in its `Hello`) resumes it, whatever address it comes from; any other
+    /// is closed as busy. `None`: a lost connection ends the session with an error.
+    pub incoming: Option<&'a mut Acceptor>,
+    /// Fail once the connection has been down this long; `None`: wait for ever.
+    pub recover_timeout: Option<Duration>,
+    /// Called with each new connection before the session resumes on it.
+    pub on_connection: Option<super::OnConnection>,
+}
+
+/// What a destination tells an authenticated peer of another session.
+pub const BUSY_REASON: &str = "this side is already in a migration session";
+
+/// [`run_dest`] for a session that outlives its connection (docs/recovery.md): when the
+/// connection is lost (not when the source closes it with an error), the session pauses, the
+/// guest keeps running and its demand requests queue in the session; the next connection of
+/// the same session from `recovery.incoming` resumes it. A replication session is not
+/// resumed (the replicator reconnects with a session of its own).
+pub async fn run_dest_recovering(
+    conn: Connection,
+    session: DestSession,
+    sink: Arc<dyn PageSink>,
+    requests: mpsc::UnboundedReceiver<Vec<u64>>,
+    hooks: DestHooks,
+    recovery: DestRecovery<'_>,
+) -> Result<DestReport, DriverError> {
+    let mut across = Across {
+        session: Arc::new(std::sync::Mutex::new(session)),
+        sink,
+        requests: Arc::new(tokio::sync::Mutex::new(requests)),
+        counts: Arc::new(Received::default()),
+        started: Instant::now(),
+        report: DestReport::default(),
+        on_established: std::sync::Mutex::new(hooks.on_established),
+        vm_state: None,
+        pauses: Pauses::default(),
+        wire_bytes: 0,
+    };
+    let (found, candidates) = mpsc::channel(4);
+    let on_connection = recovery.on_connection;
+    let mut screen = Screen {
+        incoming: recovery.incoming,
+        recover_timeout: recovery.recover_timeout,
+        found,
+        candidates,
+    };
+    let mut next = Candidate { conn, opened: None };
+    loop {
+        let conn = next.conn.clone();
+        let ended = run_connection(next, &mut across, &mut screen).await;
+        across.wire_bytes += {
+            let s = conn.stats();
+            s.udp_tx.bytes + s.udp_rx.bytes
+        };
+        let e = match ended {
+            Ok(Ended::Finished) => {
+                conn.close(VarInt::from_u32(CLOSE_OK), b"migration complete");
+                let mut report = std::mem::take(&mut across.report);
+                across.pauses.finish();
+                across.fill(&mut report);
+                report.wire_bytes = across.wire_bytes;
+                report.closed(across.started.elapsed().as_millis() as u64);
+                return Ok(report);
+            }
+            Ok(Ended::Superseded(candidate)) => {
+                tracing::info!(
+                    peer = %candidate.conn.remote_address(),
+                    "the source reconnected before this side saw the connection fail"
+                );
+                conn.close(VarInt::from_u32(CLOSE_OK), b"superseded");
+                across.pauses.lost();
+                next = *candidate;
+                if let Some(f) = &on_connection {
+                    f(&next.conn);
+                }
+                across.pauses.connected();
+                across.session().resume();
+                continue;
+            }
+            Err(e) => e,
+        };
+        let resumable = screen.incoming.is_some() && lost(&e) && {
+            let s = across.session();
+            s.kind() != SessionKind::Replicate
+                && !matches!(
+                    s.session_state(),
+                    SessionState::Failed | SessionState::Completed
+                )
+        };
+        if !resumable {
             close_with(&conn, &e);
-            Err(e)
+            return Err(e);
+        }
+        tracing::warn!(
+            error = %crate::chain(&e),
+            "the connection to the source was lost; the session pauses, the guest runs on"
+        );
+        conn.close(VarInt::from_u32(CLOSE_OK), b"reconnecting");
+        across.session().connection_lost();
+        across.pauses.lost_since(silent_for(&e));
+        let done = across.session().complete_sent() && across.sink.is_complete();
+        next = match screen.wait(&across, done).await {
+            Ok(Some(candidate)) => candidate,
+            Ok(None) => {
+                // Every page is here and the source was told so: a source that finished
+                // does not come back, and the guest needs nothing more from it.
+                tracing::info!("the source did not come back after every page was present");
+                let mut report = std::mem::take(&mut across.report);
+                across.pauses.finish();
+                across.fill(&mut report);
+                report.wire_bytes = across.wire_bytes;
+                report.closed(across.started.elapsed().as_millis() as u64);
+                return Ok(report);
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(f) = &on_connection {
+            f(&next.conn);
+        }
+        across.pauses.connected();
+        across.session().resume();
+    }
+}
+
+/// What the connections of one destination session share.
+struct Across {
+    session: Shared<DestSession>,
+    sink: Arc<dyn PageSink>,
+    requests: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u64>>>>,
+    counts: Arc<Received>,
+    started: Instant,
+    report: DestReport,
+    /// Behind a lock only so that `Across` may be shared while a paused session waits.
+    on_established: std::sync::Mutex<Option<OnEstablished>>,
+    /// The VM state the source sent, for the `on_established` hook.
+    vm_state: Option<Vec<u8>>,
+    pauses: Pauses,
+    /// UDP bytes of the connections that ended.
+    wire_bytes: u64,
+}
+
+impl Across {
+    fn session(&self) -> std::sync::MutexGuard<'_, DestSession> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The counts of the whole session, into `report`.
+    fn fill(&self, report: &mut DestReport) {
+        let stats = self.session().stats();
+        report.pauses = stats.pauses;
+        report.paused_ms = self.pauses.paused_ms;
+        report.resume_ms_after_restore = self.pauses.resume_ms_after_restore;
+        report.bytes_resent = stats.pages_duplicate * crate::PAGE_SIZE as u64;
+    }
+}
+
+/// A connection to run the session on, with its streams already opened and its first
+/// message (the `Hello`) read if it was screened.
+struct Candidate {
+    conn: Connection,
+    opened: Option<(Streams, Message)>,
+}
+
+/// How one connection ended without an error.
+enum Ended {
+    Finished,
+    /// A new connection of this session arrived while this one still looked up.
+    Superseded(Box<Candidate>),
+}
+
+/// Screens the connections the listener hands over while a session runs or is paused.
+struct Screen<'a> {
+    incoming: Option<&'a mut Acceptor>,
+    recover_timeout: Option<Duration>,
+    found: mpsc::Sender<Candidate>,
+    candidates: mpsc::Receiver<Candidate>,
+}
+
+impl Screen<'_> {
+    /// The next connection from the listener; never while there is no listener, and `None`
+    /// once it closed (the endpoint was closed: a stop).
+    async fn next_incoming(incoming: &mut Option<&mut Acceptor>) -> Option<Connection> {
+        match incoming.as_mut() {
+            Some(a) => a.next().await,
+            None => std::future::pending().await,
         }
     }
+
+    /// Opens a new connection's streams and reads its first message in a task of its own,
+    /// so a slow or silent peer holds nothing up.
+    fn screen(found: &mpsc::Sender<Candidate>, conn: Connection) {
+        let found = found.clone();
+        tokio::spawn(async move {
+            let opened = async {
+                let mut streams = accept_streams(&conn).await?;
+                let first = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    read_frame(&mut streams.control.1),
+                )
+                .await
+                .map_err(|_| DriverError::Timeout("waiting for a new connection's Hello"))?;
+                match first {
+                    Ok(Some(msg)) => Ok((streams, msg)),
+                    Ok(None) => Err(closed_or(&conn, "the peer closed the control stream")),
+                    Err(e) => Err(DriverError::Stream {
+                        channel: Channel::Control,
+                        source: e,
+                    }),
+                }
+            }
+            .await;
+            match opened {
+                Ok(opened) => {
+                    let _ = found
+                        .send(Candidate {
+                            conn,
+                            opened: Some(opened),
+                        })
+                        .await;
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %conn.remote_address(), error = %crate::chain(&e),
+                        "dropped a new connection");
+                    close_with(&conn, &e);
+                }
+            }
+        });
+    }
+
+    /// Whether `c` belongs to the session (its `Hello` names the session's id, or the
+    /// session has none yet); if not, it is closed as busy.
+    fn belongs(session: &DestSession, c: &Candidate) -> bool {
+        let id = session.session_id();
+        let ours = matches!(&c.opened, Some((_, Message::Hello { session_id, .. }))
+            if id == 0 || *session_id == id);
+        if !ours {
+            tracing::info!(peer = %c.conn.remote_address(), "refused a peer: {BUSY_REASON}");
+            c.conn.close(
+                VarInt::from_u32(crate::message::ErrorCode::Busy as u32),
+                BUSY_REASON.as_bytes(),
+            );
+        }
+        ours
+    }
+
+    /// Waits, paused, for a connection of this session while the fault loop's requests
+    /// queue in the session. `None` when `done` (every page is here and the source was told)
+    /// and no connection came within a grace period.
+    async fn wait(
+        &mut self,
+        across: &Across,
+        done: bool,
+    ) -> Result<Option<Candidate>, DriverError> {
+        let paused_at = across.pauses.paused_since().unwrap_or_else(Instant::now);
+        let limit = match (self.recover_timeout, done) {
+            (Some(t), true) => Some(t.min(DONE_GRACE)),
+            (None, true) => Some(DONE_GRACE),
+            (t, false) => t,
+        };
+        let deadline = limit.map(|t| tokio::time::Instant::from_std(paused_at + t));
+        let mut requests_open = true;
+        loop {
+            tokio::select! {
+                conn = Self::next_incoming(&mut self.incoming) => match conn {
+                    Some(conn) => Self::screen(&self.found, conn),
+                    None => return Err(DriverError::Stopped),
+                },
+                Some(c) = self.candidates.recv() => {
+                    if Self::belongs(&across.session(), &c) {
+                        return Ok(Some(c));
+                    }
+                }
+                batch = async { across.requests.lock().await.recv().await }, if requests_open => {
+                    match batch {
+                        Some(pages) => across.session().request(&pages),
+                        None => requests_open = false,
+                    }
+                }
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if done {
+                        return Ok(None);
+                    }
+                    let limit = limit.unwrap_or_default();
+                    return Err(super::recovery::recover_timeout(limit, paused_at));
+                }
+            }
+        }
+    }
+}
+
+/// How long a destination that holds every page waits for the source to come back and
+/// acknowledge it.
+const DONE_GRACE: Duration = Duration::from_secs(30);
+
+/// One connection of the session: the streams, the handshake (or the resume handshake),
+/// the run.
+async fn run_connection(
+    next: Candidate,
+    across: &mut Across,
+    screen: &mut Screen<'_>,
+) -> Result<Ended, DriverError> {
+    let Candidate { conn, opened } = next;
+    let (streams, first) = match opened {
+        Some((streams, hello)) => (streams, Some(hello)),
+        None => (accept_streams(&conn).await?, None),
+    };
+    let watch = screen.incoming.is_some();
+    let (mut driver, mut readers) = Driver::new(&conn, across, streams);
+    // A session that can resume notices a cut within seconds, not at the idle timeout.
+    let _watchdog = watch.then(|| driver.link().watch_silence());
+    if let Some(hello) = first {
+        driver.link().handle(Channel::Control, hello).await?;
+        driver.on_events().await?;
+    }
+    driver.handshake(&mut readers.bulk).await?;
+    driver.run(readers, screen).await
 }
 
 /// The streams the source opens, by their tags.
@@ -198,46 +519,36 @@ struct Readers {
     bulk: ReadAhead,
 }
 
-/// The control loop: it reads the control stream, acts on every session event, and decides
-/// when the session is over.
-struct Driver {
+/// The control loop of one connection: it reads the control stream, acts on every session
+/// event, and decides when the session is over.
+struct Driver<'a> {
     dest: Arc<Dest>,
     control: ControlReader,
     /// The first failure of a reader task.
     failures: mpsc::UnboundedReceiver<DriverError>,
-    started: Instant,
-    report: DestReport,
-    /// The VM state the source sent, for the `on_established` hook.
-    vm_state: Option<Vec<u8>>,
+    st: &'a mut Across,
 }
 
-impl Driver {
-    fn new(
-        conn: &Connection,
-        session: DestSession,
-        sink: Arc<dyn PageSink>,
-        streams: Streams,
-        started: Instant,
-    ) -> (Driver, Readers) {
+impl<'a> Driver<'a> {
+    fn new(conn: &Connection, st: &'a mut Across, streams: Streams) -> (Driver<'a>, Readers) {
         let Streams {
             control: (ctl_send, ctl_recv),
             urgent: (urg_send, urg_recv),
             bulk,
         } = streams;
-        let (link, failures) = Link::new(conn.clone(), session, ctl_send, Some(urg_send));
+        let (link, failures) =
+            Link::new(conn.clone(), st.session.clone(), ctl_send, Some(urg_send));
         let dest = Arc::new(Dest {
             link,
-            sink,
+            sink: st.sink.clone(),
             progress: Notify::new(),
-            counts: Received::default(),
+            counts: st.counts.clone(),
         });
         let driver = Driver {
             dest,
             control: ControlReader::start(ctl_recv),
             failures,
-            started,
-            report: DestReport::default(),
-            vm_state: None,
+            st,
         };
         let readers = Readers {
             urgent: urg_recv,
@@ -250,20 +561,19 @@ impl Driver {
         &self.dest.link
     }
 
-    fn ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
     /// Reads control messages until the session runs (the source's `Hello`; for a standby
-    /// also the stale set and the VM state), then lets the guest resume. Nothing touches
-    /// guest memory before the handshake is accepted.
-    async fn handshake(
-        &mut self,
-        hooks: DestHooks,
-        bulk: &mut ReadAhead,
-    ) -> Result<(), DriverError> {
-        while !self.link().session().is_running() {
-            let read = self.control.next().await;
+    /// also the stale set and the VM state; on a resumed connection the `ResumeAck`), then
+    /// lets the guest resume if it has not yet. Nothing touches guest memory before the
+    /// handshake is accepted.
+    async fn handshake(&mut self, bulk: &mut ReadAhead) -> Result<(), DriverError> {
+        while !matches!(
+            self.link().session().session_state(),
+            SessionState::Running | SessionState::Completed
+        ) {
+            let read = tokio::select! {
+                read = self.control.next() => read,
+                Some(e) = self.failures.recv() => return Err(e),
+            };
             let Some(msg) = self.link().checked(Channel::Control, read).await? else {
                 return Err(closed_or(
                     &self.link().conn,
@@ -274,13 +584,21 @@ impl Driver {
             self.on_events().await?;
         }
         let kind = self.link().session().kind();
-        self.report.kind = Some(kind);
-        self.report.established_ms = self.ms();
-        self.report.early_push_bytes = bulk.held_bytes() as u64;
+        if self.st.report.kind.is_none() {
+            self.st.report.kind = Some(kind);
+            self.st.report.established_ms = self.st.ms();
+            self.st.report.early_push_bytes = bulk.held_bytes() as u64;
+        }
         bulk.shrink_to(BULK_READ_AHEAD_RUNNING);
         if kind != SessionKind::Replicate {
-            if let Some(f) = hooks.on_established {
-                f(&self.report.vm_id, self.vm_state.as_deref());
+            let hook = self
+                .st
+                .on_established
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(f) = hook {
+                f(&self.st.report.vm_id, self.st.vm_state.as_deref());
             }
         }
         Ok(())
@@ -302,11 +620,15 @@ impl Driver {
                         self.link().flush().await?;
                     }
                     DestEvent::StaleSet(stale) => {
-                        self.report.pages_stale = stale.count_ones();
+                        self.st.report.pages_stale = stale.count_ones();
                         self.dest.sink.prepare_stale(&stale)?;
                     }
-                    DestEvent::VmState(blob) => self.vm_state = Some(blob),
-                    DestEvent::Established { vm_id, .. } => self.report.vm_id = vm_id,
+                    DestEvent::VmState(blob) => self.st.vm_state = Some(blob),
+                    DestEvent::Established { vm_id, .. } => {
+                        // A handshake that started over after a pause ends the pause too.
+                        self.st.pauses.resumed();
+                        self.st.report.vm_id = vm_id;
+                    }
                     // Informational: from here on missing pages come on demand only.
                     DestEvent::PushDone { pages_sent } => {
                         tracing::debug!(pages_sent, "the source pushed every page")
@@ -314,10 +636,12 @@ impl Driver {
                     // Informational: the run loop ends on `is_finished`, checked after
                     // every control message.
                     DestEvent::Finished => tracing::debug!("the source acknowledged completion"),
-                    // This driver never reports a lost connection to the session (a lost
-                    // connection still ends it with an error), so these never come.
-                    DestEvent::Paused { .. } | DestEvent::Resumed { .. } => {
-                        tracing::debug!(?ev, "a resume event without resuming")
+                    DestEvent::Paused { resumable } => {
+                        tracing::debug!(resumable, "the session paused")
+                    }
+                    DestEvent::Resumed { conn_epoch } => {
+                        self.st.pauses.resumed();
+                        tracing::info!(conn_epoch, "the session runs again");
                     }
                 }
             }
@@ -329,39 +653,61 @@ impl Driver {
     async fn run(
         mut self,
         readers: Readers,
-        requests: mpsc::UnboundedReceiver<Vec<u64>>,
-    ) -> Result<DestReport, DriverError> {
-        let tasks = Tasks::spawn(&self.dest, readers, requests);
-        let outcome = self.control_loop().await;
+        screen: &mut Screen<'_>,
+    ) -> Result<Ended, DriverError> {
+        let tasks = Tasks::spawn(&self.dest, readers, self.st.requests.clone());
+        let outcome = self.control_loop(screen).await;
         if let Err(e) = &outcome {
             // Tell the peer why before the tasks stop and their streams end (see the
-            // source driver).
-            close_with(&self.dest.link.conn, e);
+            // source driver); a lost connection tells nothing.
+            if !lost(e) {
+                close_with(&self.dest.link.conn, e);
+            }
         }
         self.control.stop().await;
         tasks.stop().await;
         self.teardown()?;
-        outcome?;
-        Ok(self.report)
+        outcome
     }
 
-    async fn control_loop(&mut self) -> Result<(), DriverError> {
+    async fn control_loop(&mut self, screen: &mut Screen<'_>) -> Result<Ended, DriverError> {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let mut listening = true;
         loop {
+            // Only a migration or evacuation is resumed: a replication's next connection
+            // waits for this one to end.
+            let screening =
+                listening && screen.incoming.is_some() && self.kind() != SessionKind::Replicate;
             tokio::select! {
                 read = self.control.next() => if self.on_control(read).await? {
-                    return Ok(());
+                    return Ok(Ended::Finished);
                 },
-                Some(e) = self.failures.recv() => return self.task_failed(e),
+                Some(e) = self.failures.recv() => {
+                    // A replication the source closed ends normally.
+                    self.task_failed(e)?;
+                    return Ok(Ended::Finished);
+                }
                 _ = self.dest.progress.notified() => {}
                 _ = tick.tick() => {}
+                conn = Screen::next_incoming(&mut screen.incoming), if screening => match conn {
+                    Some(conn) => Screen::screen(&screen.found, conn),
+                    None => listening = false,
+                },
+                Some(c) = screen.candidates.recv() => {
+                    if Screen::belongs(&self.link().session(), &c) {
+                        return Ok(Ended::Superseded(Box::new(c)));
+                    }
+                }
+            }
+            if self.link().session().is_finished() {
+                return Ok(Ended::Finished);
             }
             self.after_progress().await?;
         }
     }
 
     fn kind(&self) -> SessionKind {
-        self.report.kind.unwrap_or(SessionKind::Migrate)
+        self.st.report.kind.unwrap_or(SessionKind::Migrate)
     }
 
     /// Acts on one read of the control stream; `true` once the session is over.
@@ -415,7 +761,7 @@ impl Driver {
             return Ok(());
         }
         if sink.is_complete() {
-            let at = self.ms();
+            let at = self.st.ms();
             let completes = {
                 let mut s = self.dest.link.session();
                 let completes = s.is_running() && !s.is_finished() && !s.complete_sent();
@@ -425,7 +771,7 @@ impl Driver {
                 completes
             };
             if completes {
-                self.report.present_at(at);
+                self.st.report.present_at(at);
             }
             self.link().flush().await?;
         }
@@ -439,14 +785,14 @@ impl Driver {
             self.dest.sink.sync()?;
         }
         let counts = &self.dest.counts;
-        self.report.pages_replicated = counts.stored();
-        self.report.decoded = DecodeStats {
+        self.st.report.pages_replicated = counts.stored();
+        self.st.report.decoded = DecodeStats {
             pages_lz4: counts.lz4(),
             pages_ref: counts.refs(),
             refs_refetched: counts.refetched(),
         };
         let received = self.link().session().received().count_ones();
-        self.report.pages_received = received;
+        self.st.report.pages_received = received;
         Ok(())
     }
 }
@@ -458,11 +804,7 @@ struct Tasks {
 }
 
 impl Tasks {
-    fn spawn(
-        dest: &Arc<Dest>,
-        readers: Readers,
-        requests: mpsc::UnboundedReceiver<Vec<u64>>,
-    ) -> Tasks {
+    fn spawn(dest: &Arc<Dest>, readers: Readers, requests: SharedRequests) -> Tasks {
         let read = |channel, frames| tokio::spawn(receive_pages(dest.clone(), channel, frames));
         Tasks {
             readers: [

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use quinn::RecvStream;
-use tokio::sync::mpsc;
 
 use super::super::frame::{read_frame, FrameError};
 use super::super::read_ahead::{Held, ReadAhead};
@@ -131,10 +130,8 @@ impl Dest {
 }
 
 /// Sends the fault loop's demand requests, batching what queued up meanwhile.
-pub(super) async fn forward_requests(
-    dest: Arc<Dest>,
-    mut requests: mpsc::UnboundedReceiver<Vec<u64>>,
-) {
+pub(super) async fn forward_requests(dest: Arc<Dest>, requests: super::SharedRequests) {
+    let mut requests = requests.lock().await;
     while let Some(mut batch) = requests.recv().await {
         while let Ok(more) = requests.try_recv() {
             batch.extend(more);

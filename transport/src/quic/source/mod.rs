@@ -15,19 +15,20 @@ use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quinn::{Connection, RecvStream, SendStream};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::frame::{read_frame, write_pages};
-use super::link::{ControlReader, Link};
+use super::link::{ControlReader, Link, Shared};
+use super::recovery::{lost, silent_for, Pauses, SourceRecovery};
 use super::{
-    close_with, closed_or, connection_lost, stream_error, DriverError, PRIO_BULK, PRIO_CONTROL,
-    PRIO_URGENT, TAG_BULK, TAG_CONTROL, TAG_URGENT,
+    close_with, closed_or, connection_lost, stream_error, DriverError, CLOSE_OK, PRIO_BULK,
+    PRIO_CONTROL, PRIO_URGENT, TAG_BULK, TAG_CONTROL, TAG_URGENT,
 };
 use crate::encoding::{EncodingPolicy, EncodingStats, PageEncoder};
-use crate::proto::{Channel, SourceEvent, SourceSession};
+use crate::proto::{Channel, SessionState, SourceEvent, SourceSession};
 
 /// Guest memory as the source sees it: frozen at switchover, read-only for the session.
 pub trait PageReader: Send + Sync + 'static {
@@ -65,6 +66,15 @@ pub struct SourceReport {
     pub udp_rx_bytes: u64,
     /// Pushed and served page bytes by kind, the compression ratio and what the tuner chose.
     pub encoding: EncodingStats,
+    /// Times the connection was lost and the session paused (docs/recovery.md).
+    pub pauses: u64,
+    /// Time spent paused, all pauses together, ms.
+    pub paused_ms: u64,
+    /// Longest time from a new connection being up to the session running again, ms.
+    pub resume_ms_after_restore: u64,
+    /// Page bytes sent again on a later connection after they had been sent on a lost one
+    /// (raw page size, before any encoding).
+    pub bytes_resent: u64,
 }
 
 /// A send stream that the push and the demand replies may share.
@@ -84,35 +94,142 @@ struct Source {
     reader: Arc<dyn PageReader>,
 }
 
-/// Runs the source side of one migration over an established connection.
+/// Runs the source side of one migration over an established connection. A lost
+/// connection ends the session with an error ([`run_source_recovering`] resumes it).
 pub async fn run_source(
     conn: Connection,
     session: SourceSession,
     reader: Arc<dyn PageReader>,
 ) -> Result<SourceReport, DriverError> {
+    run_source_recovering(conn, session, reader, None).await
+}
+
+/// [`run_source`] for a session that outlives its connection (docs/recovery.md): when the
+/// connection or one of its streams is lost (not when the destination closes it with an
+/// error), the session pauses, `recovery` connects again with backoff, and the session
+/// resumes on the new connection, pushing only what the destination does not hold. Without
+/// `recovery` a lost connection ends the session with an error.
+pub async fn run_source_recovering(
+    conn: Connection,
+    session: SourceSession,
+    reader: Arc<dyn PageReader>,
+    recovery: Option<SourceRecovery>,
+) -> Result<SourceReport, DriverError> {
     let started = Instant::now();
-    let result = async {
-        let (mut driver, data) = Driver::open(&conn, session, reader).await?;
-        let early = driver.handshake(&data).await?;
-        driver.run(data, early).await
-    }
-    .await;
-    match result {
-        Ok(mut report) => {
-            // The destination closes once it has our CompleteAck; wait for that briefly so
-            // the acknowledgement is not lost with our own endpoint.
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-            let stats = conn.stats();
-            report.udp_tx_bytes = stats.udp_tx.bytes;
-            report.udp_rx_bytes = stats.udp_rx.bytes;
-            report.total_ms = started.elapsed().as_millis() as u64;
-            Ok(report)
-        }
-        Err(e) => {
+    let session: Shared<SourceSession> = Arc::new(Mutex::new(session));
+    let mut totals = Totals::default();
+    let mut conn = conn;
+    loop {
+        let watch = recovery.is_some();
+        let result = run_connection(&conn, &session, &reader, &mut totals, watch).await;
+        let e = match result {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        let resumable = {
+            let s = session.lock().unwrap_or_else(|p| p.into_inner());
+            !matches!(
+                s.session_state(),
+                SessionState::Failed | SessionState::Completed
+            )
+        };
+        let Some(recovery) = recovery.as_ref().filter(|_| resumable && lost(&e)) else {
             close_with(&conn, &e);
-            Err(e)
+            return Err(e);
+        };
+        tracing::warn!(
+            error = %crate::chain(&e),
+            "the connection to the destination was lost; the session pauses and reconnects"
+        );
+        // Nothing the peer should take as the session's end: it may be up still.
+        conn.close(VarInt::from_u32(CLOSE_OK), b"reconnecting");
+        totals.add_udp(&conn);
+        session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .connection_lost();
+        totals.pauses.lost_since(silent_for(&e));
+        let paused_at = totals.pauses.paused_since().unwrap_or_else(Instant::now);
+        conn = recovery.reconnect(paused_at).await?;
+        if let Some(f) = &recovery.on_connection {
+            f(&conn);
+        }
+        tracing::info!(peer = %conn.remote_address(), "reconnected; resuming the session");
+        totals.pauses.connected();
+        session.lock().unwrap_or_else(|p| p.into_inner()).resume();
+    }
+    // The destination closes once it has our CompleteAck; wait for that briefly so the
+    // acknowledgement is not lost with our own endpoint.
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    totals.add_udp(&conn);
+    totals.pauses.finish();
+    let stats = session.lock().unwrap_or_else(|p| p.into_inner()).stats();
+    let encoding = totals.encoding.unwrap_or_default();
+    Ok(SourceReport {
+        // Replies actually sent: a request that crossed the destination's `Complete` may
+        // have been cut short when the session ended.
+        pages_served: encoding.replies.pages(),
+        pages_pushed: stats.pages_pushed,
+        pages_pushed_early: stats.pages_pushed_early,
+        pages_pushed_hot: stats.pages_pushed_hot,
+        pages_stale: stats.pages_stale,
+        push_ms: totals.push_ms,
+        total_ms: started.elapsed().as_millis() as u64,
+        udp_tx_bytes: totals.udp_tx,
+        udp_rx_bytes: totals.udp_rx,
+        encoding: encoding.all,
+        pauses: stats.pauses,
+        paused_ms: totals.pauses.paused_ms,
+        resume_ms_after_restore: totals.pauses.resume_ms_after_restore,
+        bytes_resent: stats.bytes_resent,
+    })
+}
+
+/// What the connections of one session add up to.
+#[derive(Default)]
+struct Totals {
+    encoding: Option<Encoding>,
+    /// When the (first) push started.
+    push_started: Option<Instant>,
+    push_ms: u64,
+    udp_tx: u64,
+    udp_rx: u64,
+    pauses: Pauses,
+}
+
+impl Totals {
+    fn add_udp(&mut self, conn: &Connection) {
+        let stats = conn.stats();
+        self.udp_tx += stats.udp_tx.bytes;
+        self.udp_rx += stats.udp_rx.bytes;
+    }
+
+    fn add_encoding(&mut self, e: Encoding) {
+        match &mut self.encoding {
+            Some(total) => {
+                total.replies.merge(&e.replies);
+                total.all.merge(&e.all);
+            }
+            None => self.encoding = Some(e),
         }
     }
+}
+
+/// One connection of the session: open the streams (the `Hello` that `resume` queued, or
+/// the first one), the handshake or the resume handshake, the run. `Ok` once the session
+/// finished.
+async fn run_connection(
+    conn: &Connection,
+    session: &Shared<SourceSession>,
+    reader: &Arc<dyn PageReader>,
+    totals: &mut Totals,
+    watch: bool,
+) -> Result<(), DriverError> {
+    let (mut driver, data) = Driver::open(conn, session.clone(), reader.clone()).await?;
+    // A session that can resume notices a cut within seconds, not at the idle timeout.
+    let _watchdog = watch.then(|| driver.link().watch_silence());
+    let early = driver.handshake(&data, totals).await?;
+    driver.run(data, early, totals).await
 }
 
 /// The streams a session opens, after the control stream's sending half went into its
@@ -127,7 +244,7 @@ struct Streams {
 /// Opens the three tagged streams and sends the `Hello`.
 async fn open_streams(
     conn: &Connection,
-    session: SourceSession,
+    session: Shared<SourceSession>,
 ) -> Result<
     (
         Link<SourceSession>,
@@ -146,10 +263,9 @@ async fn open_streams(
         (&mut bulk, PRIO_BULK, TAG_BULK),
     ] {
         let _ = s.set_priority(prio);
-        s.write_all(&[tag]).await.map_err(|e| DriverError::Stream {
-            channel: Channel::Control,
-            source: e.into(),
-        })?;
+        s.write_all(&[tag])
+            .await
+            .map_err(|e| stream_error(conn, Channel::Control, e.into()))?;
     }
     let (link, failures) = Link::new(conn.clone(), session, ctl_send, None);
     link.flush().await?;
@@ -169,7 +285,12 @@ async fn handshake(
     control: &mut ControlReader,
     mut on_event: impl FnMut(SourceEvent),
 ) -> Result<(), DriverError> {
-    while !link.session().is_running() {
+    // A new connection runs once the destination answered its `Hello`, as on the first
+    // (`HelloAck`), or once its held set arrived (`Resume`).
+    while matches!(
+        link.session().session_state(),
+        SessionState::Handshake | SessionState::Resuming
+    ) {
         let read = tokio::time::timeout(Duration::from_secs(30), control.next())
             .await
             .map_err(|_| DriverError::Timeout("waiting for the destination's handshake"))?;
@@ -216,7 +337,7 @@ impl Driver {
     /// Opens the session's streams and sends the `Hello`.
     async fn open(
         conn: &Connection,
-        session: SourceSession,
+        session: Shared<SourceSession>,
         reader: Arc<dyn PageReader>,
     ) -> Result<(Driver, DataStreams), DriverError> {
         let (link, failures, streams) = open_streams(conn, session).await?;
@@ -239,9 +360,22 @@ impl Driver {
     }
 
     /// The one place the session's events are acted on, in both the handshake and the run.
-    fn on_event(features: &mut u64, ev: SourceEvent) {
+    fn on_event(features: &mut u64, pauses: &mut Pauses, ev: SourceEvent) {
         match ev {
             SourceEvent::Established { features: f } => *features = f,
+            SourceEvent::Resumed {
+                conn_epoch,
+                handshake_restarted,
+                pages_to_push,
+            } => {
+                pauses.resumed();
+                tracing::info!(
+                    conn_epoch,
+                    handshake_restarted,
+                    pages_to_push,
+                    "the session runs again"
+                );
+            }
             // Informational: the run loop ends on `is_finished`, checked after every
             // control message.
             SourceEvent::Finished => tracing::debug!("the destination has every page"),
@@ -249,11 +383,7 @@ impl Driver {
             SourceEvent::Invalid(_) | SourceEvent::Acked(_) => {
                 tracing::debug!(?ev, "a replication event in a migration")
             }
-            // This driver never reports a lost connection to the session (a lost
-            // connection still ends it with an error), so these never come.
-            SourceEvent::Paused | SourceEvent::Resumed { .. } => {
-                tracing::debug!(?ev, "a resume event without resuming")
-            }
+            SourceEvent::Paused => tracing::debug!("the session paused"),
         }
     }
 
@@ -261,7 +391,11 @@ impl Driver {
     /// as nothing is negotiated yet (a round trip saved on a long link). A failed early
     /// push (memory unreadable, the stream refused) ends the session before the
     /// destination may resume a guest this source is about to abandon.
-    async fn handshake(&mut self, data: &DataStreams) -> Result<EarlyPush, DriverError> {
+    async fn handshake(
+        &mut self,
+        data: &DataStreams,
+        totals: &mut Totals,
+    ) -> Result<EarlyPush, DriverError> {
         let started = Instant::now();
         let encoder: SharedEncoder = Arc::new(Mutex::new(PageEncoder::new(EncodingPolicy::OFF, 0)));
         let mut task = Some(tokio::spawn(push::push_early(
@@ -273,13 +407,17 @@ impl Driver {
             src,
             control,
             features,
-            ..
+            failures,
         } = self;
-        let hs = handshake(&src.link, control, |ev| Self::on_event(features, ev));
+        let pauses = &mut totals.pauses;
+        let hs = handshake(&src.link, control, |ev| {
+            Self::on_event(features, pauses, ev)
+        });
         tokio::pin!(hs);
         let result = loop {
             tokio::select! {
                 r = &mut hs => break r,
+                Some(e) = failures.recv() => break Err(e),
                 r = async {
                     match task.as_mut() {
                         Some(t) => t.await,
@@ -294,8 +432,10 @@ impl Driver {
             }
         };
         if let Err(e) = result {
+            // Stopped for good before the session may move on to another connection.
             if let Some(t) = task {
                 t.abort();
+                let _ = t.await;
             }
             return Err(e);
         }
@@ -312,34 +452,30 @@ impl Driver {
         mut self,
         data: DataStreams,
         early: EarlyPush,
-    ) -> Result<SourceReport, DriverError> {
+        totals: &mut Totals,
+    ) -> Result<(), DriverError> {
         let tasks = Tasks::spawn(&self.src, data, early, self.features);
-        let outcome = self.control_loop().await;
+        let outcome = self.control_loop(&mut totals.pauses).await;
         if let Err(e) = &outcome {
             // Tell the peer why before the tasks stop: their streams finish as they drop,
-            // and the destination would otherwise see a stream end before the reason.
-            close_with(&self.link().conn, e);
+            // and the destination would otherwise see a stream end before the reason. A
+            // lost connection tells nothing: the session may resume on another.
+            if !lost(e) {
+                close_with(&self.link().conn, e);
+            }
         }
-        let push_ms = tasks.push_started.elapsed().as_millis() as u64;
+        let push_started = *totals.push_started.get_or_insert(tasks.push_started);
+        totals.push_ms = push_started.elapsed().as_millis() as u64;
         self.control.stop().await;
-        let encoding = tasks.stop().await;
-        outcome?;
-        let stats = self.link().session().stats();
-        Ok(SourceReport {
-            // Replies actually sent: a request that crossed the destination's `Complete`
-            // may have been cut short when the session ended.
-            pages_served: encoding.replies.pages(),
-            pages_pushed: stats.pages_pushed,
-            pages_pushed_early: stats.pages_pushed_early,
-            pages_pushed_hot: stats.pages_pushed_hot,
-            pages_stale: stats.pages_stale,
-            push_ms,
-            encoding: encoding.all,
-            ..SourceReport::default()
-        })
+        totals.add_encoding(tasks.stop().await);
+        outcome
     }
 
-    async fn control_loop(&mut self) -> Result<(), DriverError> {
+    async fn control_loop(&mut self, pauses: &mut Pauses) -> Result<(), DriverError> {
+        // A finished session that resumed only to acknowledge the `Complete` again.
+        if self.link().session().is_finished() {
+            return Ok(());
+        }
         loop {
             tokio::select! {
                 read = self.control.next() => {
@@ -349,7 +485,7 @@ impl Driver {
                     };
                     self.link().handle(Channel::Control, msg).await?;
                     for ev in self.link().events() {
-                        Self::on_event(&mut self.features, ev);
+                        Self::on_event(&mut self.features, pauses, ev);
                     }
                     if self.link().session().is_finished() {
                         return Ok(());
@@ -372,6 +508,7 @@ struct Tasks {
 }
 
 /// The encoders' counts once their tasks stopped.
+#[derive(Default)]
 struct Encoding {
     replies: EncodingStats,
     all: EncodingStats,

@@ -36,7 +36,8 @@ fn next_batch(
     while count < PUSH_RUN {
         let next = {
             let mut s = src.link.session();
-            if early && !s.may_push_early() {
+            // Only the push of the session's current connection takes from its schedule.
+            if s.connection() != src.link.number() || (early && !s.may_push_early()) {
                 None
             } else {
                 s.next_push(PUSH_RUN - count)

@@ -77,7 +77,8 @@ async fn replicate(
     mut updates: mpsc::Receiver<Update>,
     events: mpsc::UnboundedSender<ReplicationEvent>,
 ) -> Result<ReplicationReport, DriverError> {
-    let (link, _failures, streams) = open_streams(conn, session).await?;
+    let (link, _failures, streams) =
+        open_streams(conn, Arc::new(std::sync::Mutex::new(session))).await?;
     let link = Arc::new(link);
     let mut control = ControlReader::start(streams.ctl_recv);
     handshake(&link, &mut control, |ev| on_event(ev, &events)).await?;

@@ -1,0 +1,267 @@
+//! What both drivers share to let a session outlive its connection (docs/recovery.md): which
+//! failures are a lost connection (the session pauses) rather than the end of the session,
+//! the source's reconnect with backoff, and the timing of pauses for the reports.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, Endpoint};
+
+use super::frame::FrameError;
+use super::{connect, DriverError};
+
+/// First wait between two reconnect attempts; it doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between two reconnect attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest one connection attempt may take: a handshake whose packets are lost is given
+/// up after this and tried again, rather than left to back off for QUIC's idle timeout.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Silence after which a connection whose session can resume counts as lost: nothing at
+/// all arrived from the peer (keep-alives go out every 2 s, so a healthy link is never this
+/// quiet). Far shorter than QUIC's idle timeout, so a cut is noticed, and an operator's
+/// recover timeout can run out, within seconds.
+pub const SILENCE_LOST: Duration = Duration::from_secs(5);
+
+/// Resolves once nothing has arrived on `conn` for `limit`, with the error that says so.
+pub(crate) async fn silence(conn: Connection, limit: Duration) -> DriverError {
+    let datagrams = || conn.stats().udp_rx.datagrams;
+    let mut last = datagrams();
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = datagrams();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= limit {
+            return DriverError::Silent {
+                ms: since.elapsed().as_millis() as u64,
+            };
+        }
+    }
+}
+
+/// Whether a QUIC connection error is the network's (or a vanished peer's) doing, after
+/// which a new connection may resume the session. An application close is the peer's
+/// decision and ends the session; so do a local close (a stop), a failed TLS handshake (an
+/// unpinned certificate) and a version mismatch.
+pub(crate) fn transient(e: &quinn::ConnectionError) -> bool {
+    use quinn::ConnectionError as E;
+    let tls = |code: u64| (0x100..=0x1ff).contains(&code);
+    match e {
+        E::TimedOut | E::Reset => true,
+        E::TransportError(t) => !tls(u64::from(t.code)),
+        E::ConnectionClosed(c) => !tls(u64::from(c.error_code)),
+        E::ApplicationClosed(_) | E::LocallyClosed | E::VersionMismatch | E::CidsExhausted => false,
+    }
+}
+
+/// Whether `e` means the connection was lost (see [`transient`]), so the session pauses and
+/// waits for a new one instead of failing.
+pub(crate) fn lost(e: &DriverError) -> bool {
+    let dropped = |c: &quinn::ConnectionError| {
+        matches!(c, quinn::ConnectionError::ApplicationClosed(a)
+            if a.error_code.into_inner() == u64::from(super::CLOSE_OK))
+    };
+    match e {
+        // The peer dropped the connection without a reason: it reconnects.
+        DriverError::Connection(c) if dropped(c) => true,
+        DriverError::Connection(c) => transient(c),
+        DriverError::Stream {
+            source: FrameError::Read(quinn::ReadError::ConnectionLost(c)),
+            ..
+        }
+        | DriverError::Stream {
+            source: FrameError::Write(quinn::WriteError::ConnectionLost(c)),
+            ..
+        } => transient(c),
+        // The peer went silent during a handshake without the connection timing out.
+        DriverError::Timeout(_) | DriverError::Silent { .. } => true,
+        _ => false,
+    }
+}
+
+/// How long before now the peer fell silent, by what `e` says.
+pub(crate) fn silent_for(e: &DriverError) -> Duration {
+    match e {
+        DriverError::Silent { ms } => Duration::from_millis(*ms),
+        _ => Duration::ZERO,
+    }
+}
+
+/// How long the sessions were paused, measured by the driver (the sessions have no clock).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Pauses {
+    paused_at: Option<Instant>,
+    conn_up: Option<Instant>,
+    /// Sum of the pauses so far, ms.
+    pub(crate) paused_ms: u64,
+    /// Longest time from a new connection being up to the session running again, ms.
+    pub(crate) resume_ms_after_restore: u64,
+}
+
+impl Pauses {
+    /// The connection was lost now (a second call during the same pause changes nothing).
+    pub(crate) fn lost(&mut self) {
+        self.lost_since(Duration::ZERO);
+    }
+
+    /// The connection was lost, `ago` before now (when the peer fell silent).
+    pub(crate) fn lost_since(&mut self, ago: Duration) {
+        let at = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+        self.paused_at.get_or_insert(at);
+        self.conn_up = None;
+    }
+
+    /// When the current pause began, if paused.
+    pub(crate) fn paused_since(&self) -> Option<Instant> {
+        self.paused_at
+    }
+
+    /// A new connection is up now.
+    pub(crate) fn connected(&mut self) {
+        if self.paused_at.is_some() {
+            self.conn_up = Some(Instant::now());
+        }
+    }
+
+    /// The session runs again.
+    pub(crate) fn resumed(&mut self) {
+        if let Some(p) = self.paused_at.take() {
+            self.paused_ms += p.elapsed().as_millis() as u64;
+        }
+        if let Some(c) = self.conn_up.take() {
+            let ms = c.elapsed().as_millis() as u64;
+            self.resume_ms_after_restore = self.resume_ms_after_restore.max(ms);
+        }
+    }
+
+    /// The pause still under way when the session ended counts too.
+    pub(crate) fn finish(&mut self) {
+        if let Some(p) = self.paused_at.take() {
+            self.paused_ms += p.elapsed().as_millis() as u64;
+        }
+    }
+}
+
+/// The error of a pause that outlasted the recover timeout.
+pub(crate) fn recover_timeout(limit: Duration, paused_at: Instant) -> DriverError {
+    DriverError::RecoverTimeout {
+        limit,
+        outage_ms: paused_at.elapsed().as_millis() as u64,
+    }
+}
+
+/// Told of every new connection a session resumes on (to follow its counters, say).
+pub type OnConnection = Arc<dyn Fn(&Connection) + Send + Sync>;
+
+/// Tells whether the application stopped the session (a stop closes the endpoint, which
+/// ends a connection attempt, but not a wait between two).
+pub type StopCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How a source gets a new connection when it lost one: the same endpoint (so the same
+/// pinned certificates), the same address, a fresh, fully authenticated handshake each time
+/// (never 0-RTT), with backoff from [`BACKOFF_MIN`] to [`BACKOFF_MAX`].
+#[derive(Clone)]
+pub struct SourceRecovery {
+    /// The client endpoint the first connection came from.
+    pub endpoint: Endpoint,
+    /// The destination's address.
+    pub addr: SocketAddr,
+    /// Fail once the connection has been down this long; `None`: never give up.
+    pub recover_timeout: Option<Duration>,
+    /// Whether the application stopped the session; checked between attempts.
+    pub stopped: Option<StopCheck>,
+    /// Called with each new connection before the session resumes on it.
+    pub on_connection: Option<OnConnection>,
+}
+
+impl SourceRecovery {
+    /// Connects again, with backoff, until a connection is up, the recover timeout
+    /// (counted from `paused_at`) runs out, an attempt fails for good (a certificate other
+    /// than the pinned one, the endpoint closed by a stop), or the application stops.
+    pub(crate) async fn reconnect(&self, paused_at: Instant) -> Result<Connection, DriverError> {
+        let deadline = self.recover_timeout.map(|t| paused_at + t);
+        let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let expired = |limit: Duration| recover_timeout(limit, paused_at);
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if let (Some(Duration::ZERO), Some(limit)) = (remaining(), self.recover_timeout) {
+                return Err(expired(limit));
+            }
+            let budget = remaining().map_or(ATTEMPT_TIMEOUT, |r| r.min(ATTEMPT_TIMEOUT));
+            match tokio::time::timeout(budget, connect(&self.endpoint, self.addr)).await {
+                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Err(DriverError::Connection(c))) if transient(&c) => {
+                    tracing::debug!(error = %c, "reconnect attempt failed");
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => tracing::debug!("reconnect attempt timed out"),
+            }
+            // Sleep in slices, so a stop ends the wait at once.
+            let wake = Instant::now() + backoff;
+            loop {
+                let now = Instant::now();
+                if self.stopped.as_ref().is_some_and(|s| s()) {
+                    return Err(DriverError::Stopped);
+                }
+                if now >= wake || remaining() == Some(Duration::ZERO) {
+                    break;
+                }
+                tokio::time::sleep((wake - now).min(Duration::from_millis(50))).await;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_network_losing_a_connection_pauses() {
+        use quinn::ConnectionError as E;
+        assert!(lost(&DriverError::Connection(E::TimedOut)));
+        assert!(lost(&DriverError::Connection(E::Reset)));
+        assert!(!lost(&DriverError::Connection(E::LocallyClosed)));
+        let app = quinn::ApplicationClose {
+            error_code: quinn::VarInt::from_u32(3),
+            reason: bytes::Bytes::from_static(b"no"),
+        };
+        assert!(!lost(&DriverError::Connection(E::ApplicationClosed(app))));
+        let dropped = quinn::ApplicationClose {
+            error_code: quinn::VarInt::from_u32(0),
+            reason: bytes::Bytes::new(),
+        };
+        assert!(lost(&DriverError::Connection(E::ApplicationClosed(
+            dropped
+        ))));
+        assert!(!lost(&DriverError::Stopped));
+        assert!(!lost(&DriverError::Reader("gone".into())));
+    }
+
+    #[test]
+    fn pauses_add_up_and_resumes_take_the_longest() {
+        let mut p = Pauses::default();
+        p.connected();
+        p.resumed();
+        assert_eq!(
+            (p.paused_ms, p.resume_ms_after_restore),
+            (0, 0),
+            "not paused"
+        );
+        p.lost();
+        std::thread::sleep(Duration::from_millis(20));
+        p.connected();
+        std::thread::sleep(Duration::from_millis(10));
+        p.resumed();
+        assert!(p.paused_ms >= 30, "{p:?}");
+        assert!(p.resume_ms_after_restore >= 10, "{p:?}");
+        assert!(p.resume_ms_after_restore + 20 <= p.paused_ms, "{p:?}");
+        assert!(p.paused_since().is_none());
+    }
+}
