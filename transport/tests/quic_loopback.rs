@@ -140,7 +140,7 @@ fn compressible_image(pages: usize) -> Vec<u8> {
 /// demand reply crossing the push of the same page): the destination drops the second copy
 /// before decoding it and counts it as resent.
 fn decoded_as_encoded(dst: &DestReport, e: &EncodingStats) {
-    let dropped = dst.bytes_resent / PAGE_SIZE as u64;
+    let dropped = dst.outages.bytes_resent / PAGE_SIZE as u64;
     for (what, decoded, encoded) in [
         ("lz4", dst.decoded.pages_lz4, e.lz4_pages),
         ("ref", dst.decoded.pages_ref, e.ref_pages),

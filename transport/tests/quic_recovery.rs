@@ -297,11 +297,22 @@ async fn a_cut_past_the_silence_limit_resumes_from_a_new_port_and_serves_request
         PAGES as u64,
         "a page installed twice"
     );
-    assert!(src.pauses >= 1 && dst.pauses >= 1, "{src:?} {dst:?}");
+    assert!(
+        src.outages.pauses >= 1 && dst.outages.pauses >= 1,
+        "{src:?} {dst:?}"
+    );
     let outage = restored.duration_since(cut).as_millis() as u64;
-    assert!(src.paused_ms >= outage, "{} < {outage}", src.paused_ms);
-    assert!(dst.paused_ms >= outage, "{} < {outage}", dst.paused_ms);
-    assert!(src.resume_ms_after_restore < 5_000, "{src:?}");
+    assert!(
+        src.outages.paused_ms >= outage,
+        "{} < {outage}",
+        src.outages.paused_ms
+    );
+    assert!(
+        dst.outages.paused_ms >= outage,
+        "{} < {outage}",
+        dst.outages.paused_ms
+    );
+    assert!(src.outages.resume_ms_after_restore < 5_000, "{src:?}");
     let told = (
         s.told.0.load(Ordering::Relaxed),
         s.told.1.load(Ordering::Relaxed),

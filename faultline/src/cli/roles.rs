@@ -37,18 +37,9 @@ pub struct SourceOutput {
     /// Wire bytes by kind (raw, lz4, zero, reference), the compression ratio and the
     /// encoding the tuner chose.
     pub encoding: transport::encoding::EncodingStats,
-    /// Times the connection was lost and the session paused.
-    #[serde(default)]
-    pub pauses: u64,
-    /// Time spent paused, all pauses together, ms.
-    #[serde(default)]
-    pub paused_ms: u64,
-    /// Longest time from a new connection being up to the session running again, ms.
-    #[serde(default)]
-    pub resume_ms_after_restore: u64,
-    /// Page bytes sent again after a pause (they had been sent on a lost connection).
-    #[serde(default)]
-    pub bytes_resent: u64,
+    /// What link outages did (docs/recovery.md).
+    #[serde(flatten)]
+    pub outages: transport::quic::Outages,
     /// Each disk sent (name, size, digest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disk_digests: Vec<DiskDigest>,
@@ -175,10 +166,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         push_ms: report.push_ms,
         total_ms: report.total_ms,
         encoding: report.encoding.clone(),
-        pauses: report.pauses,
-        paused_ms: report.paused_ms,
-        resume_ms_after_restore: report.resume_ms_after_restore,
-        bytes_resent: report.bytes_resent,
+        outages: report.outages,
         disk_digests,
     };
     if a.json {

@@ -194,18 +194,9 @@ pub struct VmDestArgs {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmSourceOutput {
     pub vm_id: String,
-    /// Times the connection was lost and the session paused.
-    #[serde(default)]
-    pub pauses: u64,
-    /// Time spent paused, all pauses together, ms.
-    #[serde(default)]
-    pub paused_ms: u64,
-    /// Longest time from a new connection being up to the session running again, ms.
-    #[serde(default)]
-    pub resume_ms_after_restore: u64,
-    /// Page bytes sent again after a pause (source), or that arrived twice (destination).
-    #[serde(default)]
-    pub bytes_resent: u64,
+    /// What link outages did (docs/recovery.md).
+    #[serde(flatten)]
+    pub outages: transport::quic::Outages,
     pub memory_bytes: u64,
     pub vcpus: usize,
     pub program: VmProgram,
@@ -240,18 +231,9 @@ pub struct VmSourceOutput {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VmDestOutput {
     pub vm_id: String,
-    /// Times the connection was lost and the session paused.
-    #[serde(default)]
-    pub pauses: u64,
-    /// Time spent paused, all pauses together, ms.
-    #[serde(default)]
-    pub paused_ms: u64,
-    /// Longest time from a new connection being up to the session running again, ms.
-    #[serde(default)]
-    pub resume_ms_after_restore: u64,
-    /// Page bytes sent again after a pause (source), or that arrived twice (destination).
-    #[serde(default)]
-    pub bytes_resent: u64,
+    /// What link outages did (docs/recovery.md).
+    #[serde(flatten)]
+    pub outages: transport::quic::Outages,
     pub memory_bytes: u64,
     pub vcpus: usize,
     pub program: VmProgram,
@@ -486,10 +468,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
 
     let counters = snapshot.counters().to_vec();
     let out = VmSourceOutput {
-        pauses: report.pauses,
-        paused_ms: report.paused_ms,
-        resume_ms_after_restore: report.resume_ms_after_restore,
-        bytes_resent: report.bytes_resent,
+        outages: report.outages,
         vm_id: a.vm_id,
         memory_bytes: config.mem_size,
         vcpus: config.vcpus,
@@ -746,10 +725,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         .all(|((s, f), e)| f.is_some_and(|f| f >= *s) && e > s);
     let m = &report.metrics;
     let out = VmDestOutput {
-        pauses: report.session.pauses,
-        paused_ms: report.session.paused_ms,
-        resume_ms_after_restore: report.session.resume_ms_after_restore,
-        bytes_resent: report.session.bytes_resent,
+        outages: report.session.outages,
         vm_id: report.session.vm_id.clone(),
         memory_bytes: report.memory_bytes,
         vcpus: config.vcpus,

@@ -21,7 +21,7 @@ pub use dest::{
 };
 pub use frame::{read_frame, write_message, write_pages, FrameError};
 pub use recovery::{
-    OnConnection, SourceRecovery, StopCheck, ATTEMPT_TIMEOUT, BACKOFF_MAX, BACKOFF_MIN,
+    OnConnection, Outages, SourceRecovery, StopCheck, ATTEMPT_TIMEOUT, BACKOFF_MAX, BACKOFF_MIN,
     SILENCE_LOST,
 };
 pub use source::{

@@ -147,6 +147,35 @@ impl Pauses {
     }
 }
 
+/// What link outages did to a session (docs/recovery.md), as every report shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Outages {
+    /// Times the connection was lost and the session paused.
+    pub pauses: u64,
+    /// Time spent paused, all pauses together, ms.
+    pub paused_ms: u64,
+    /// Longest time from a new connection being up to the session running again, ms.
+    pub resume_ms_after_restore: u64,
+    /// Page bytes (raw page size, before any encoding) that crossed again: at the source,
+    /// sent on a later connection after they had been sent on a lost one; at the
+    /// destination, arrived when already here (a resend crossing a reply, or pages in
+    /// flight at a cut) and dropped.
+    pub bytes_resent: u64,
+}
+
+impl Pauses {
+    /// The report of these pauses, with the session's counts.
+    pub(crate) fn outages(&self, pauses: u64, bytes_resent: u64) -> Outages {
+        Outages {
+            pauses,
+            paused_ms: self.paused_ms,
+            resume_ms_after_restore: self.resume_ms_after_restore,
+            bytes_resent,
+        }
+    }
+}
+
 /// The error of a pause that outlasted the recover timeout.
 pub(crate) fn recover_timeout(limit: Duration, paused_at: Instant) -> DriverError {
     DriverError::RecoverTimeout {

@@ -285,10 +285,10 @@ impl Across {
     /// The counts of the whole session, into `report`.
     fn fill(&self, report: &mut DestReport) {
         let stats = self.session().stats();
-        report.pauses = stats.pauses;
-        report.paused_ms = self.pauses.paused_ms;
-        report.resume_ms_after_restore = self.pauses.resume_ms_after_restore;
-        report.bytes_resent = stats.pages_duplicate * crate::PAGE_SIZE as u64;
+        report.outages = self.pauses.outages(
+            stats.pauses,
+            stats.pages_duplicate * crate::PAGE_SIZE as u64,
+        );
     }
 }
 

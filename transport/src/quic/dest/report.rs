@@ -26,15 +26,9 @@ pub struct DestReport {
     /// push beside the handshake, and what arrived while the destination prepared (a
     /// standby punching its holes), which would otherwise have stalled flow control.
     pub early_push_bytes: u64,
-    /// Times the connection was lost and the session paused (docs/recovery.md).
-    pub pauses: u64,
-    /// Time spent paused, all pauses together, ms.
-    pub paused_ms: u64,
-    /// Longest time from a new connection being up to the session running again, ms.
-    pub resume_ms_after_restore: u64,
-    /// Page bytes that arrived again after they were already here (a resend crossing a
-    /// reply, or pages in flight at a cut), dropped on arrival.
-    pub bytes_resent: u64,
+    /// What link outages did (docs/recovery.md).
+    #[serde(flatten)]
+    pub outages: crate::quic::Outages,
     /// The kind of session the source asked for. Not serialized.
     #[serde(skip)]
     pub kind: Option<SessionKind>,

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use super::frame::{read_frame, write_pages};
 use super::link::{ControlReader, Link, Shared};
-use super::recovery::{lost, silent_for, Pauses, SourceRecovery};
+use super::recovery::{lost, silent_for, Outages, Pauses, SourceRecovery};
 use super::{
     close_with, closed_or, connection_lost, stream_error, DriverError, CLOSE_OK, PRIO_BULK,
     PRIO_CONTROL, PRIO_URGENT, TAG_BULK, TAG_CONTROL, TAG_URGENT,
@@ -66,15 +66,9 @@ pub struct SourceReport {
     pub udp_rx_bytes: u64,
     /// Pushed and served page bytes by kind, the compression ratio and what the tuner chose.
     pub encoding: EncodingStats,
-    /// Times the connection was lost and the session paused (docs/recovery.md).
-    pub pauses: u64,
-    /// Time spent paused, all pauses together, ms.
-    pub paused_ms: u64,
-    /// Longest time from a new connection being up to the session running again, ms.
-    pub resume_ms_after_restore: u64,
-    /// Page bytes sent again on a later connection after they had been sent on a lost one
-    /// (raw page size, before any encoding).
-    pub bytes_resent: u64,
+    /// What link outages did (docs/recovery.md).
+    #[serde(flatten)]
+    pub outages: Outages,
 }
 
 /// A send stream that the push and the demand replies may share.
@@ -178,10 +172,7 @@ pub async fn run_source_recovering(
         udp_tx_bytes: totals.udp_tx,
         udp_rx_bytes: totals.udp_rx,
         encoding: encoding.all,
-        pauses: stats.pauses,
-        paused_ms: totals.pauses.paused_ms,
-        resume_ms_after_restore: totals.pauses.resume_ms_after_restore,
-        bytes_resent: stats.bytes_resent,
+        outages: totals.pauses.outages(stats.pauses, stats.bytes_resent),
     })
 }
 
