@@ -387,11 +387,25 @@ fn a_cut_that_never_ends_fails_after_the_recover_timeout_on_both_sides() {
 }
 
 #[test]
-fn an_evacuation_cut_for_8_seconds_resumes_into_the_standby() {
+fn an_evacuation_with_a_disk_cut_for_8_seconds_resumes_into_the_standby() {
     // Replication goes the direct way; the evacuation crosses the emulator, which is cut
-    // once the stale pages are under way. The standby's guest runs through the outage.
+    // once the stale pages are under way. The standby's guest runs through the outage and
+    // reads its disk (half of its blocks stale, fetched on demand or pushed, in the same
+    // session as the memory).
+    const DISK_BLOCKS: u64 = 4096;
     let certs = Certs::new();
     let dir = ShmDir::new("recovery-evac");
+    let disks = tempfile::tempdir().unwrap();
+    let image = disks.path().join("vda.img");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&image).unwrap());
+        for b in 0..DISK_BLOCKS {
+            f.write_all(&[(b % 251) as u8 + 1; 4096]).unwrap();
+        }
+    }
+    let disk_arg = format!("vda={}", image.display());
+    let disk_dir = disks.path().join("standby").display().to_string();
     let standby = DestProcess::standby(
         &certs,
         "127.0.0.1:0",
@@ -401,6 +415,12 @@ fn an_evacuation_cut_for_8_seconds_resumes_into_the_standby() {
             "--replica-dir",
             &dir.arg(),
             "--workers",
+            "2",
+            "--disk",
+            "vda=16M",
+            "--disk-dir",
+            &disk_dir,
+            "--disk-readers",
             "2",
         ],
     );
@@ -423,6 +443,10 @@ fn an_evacuation_cut_for_8_seconds_resumes_into_the_standby() {
                 "50",
                 "--writers",
                 "1",
+                "--disk",
+                &disk_arg,
+                "--disk-stale-pct",
+                "50",
                 "--evacuate-connect",
                 &relay,
             ],
@@ -447,6 +471,14 @@ fn an_evacuation_cut_for_8_seconds_resumes_into_the_standby() {
         stale,
         "every stale page installed exactly once: {d}"
     );
+    // The disk: the standby's is the source's at the switchover, and exactly the stale
+    // half of its blocks crossed.
+    assert_eq!(d["disk_digests"][0]["name"], "vda");
+    assert_eq!(
+        s["disk_digests"], d["disk_digests"],
+        "the disk differs after the evacuation"
+    );
+    assert_eq!(d["disks"][0]["blocks_stale"], DISK_BLOCKS / 2, "{d}");
     let e = &s["evacuation"];
     assert!(u(e, "pauses") >= 1 && u(d, "pauses") >= 1, "{e} {d}");
     assert!(u(e, "paused_ms") >= outage.as_millis() as u64, "{e}");
