@@ -483,46 +483,49 @@ impl DestSession {
         Ok(None)
     }
 
-    /// Marks `pages` received and returns what to deliver: the pages not here yet, or
-    /// requested again since they came. At evacuation a page outside the stale set is
-    /// fresh here already, and the guest may have written it since: it is never delivered.
+    /// Whether page `p` is to be delivered when it arrives: not here yet, or requested again
+    /// since it came. At evacuation a page outside the stale set is fresh here already, and
+    /// the guest may have written it since: it is never delivered.
+    fn wanted(&self, p: u64) -> bool {
+        self.outstanding.get(p)
+            || (!self.received.get(p) && self.stale.as_ref().is_none_or(|s| s.get(p)))
+    }
+
+    /// Marks `pages` received and returns what to deliver (see [`DestSession::wanted`]). On
+    /// the fault and push paths: a run that is wholly wanted, the usual case, costs two bit
+    /// tests and two bit writes per page and no allocation.
     fn receive(&mut self, pages: Pages) -> Option<Delivery> {
         let count = pages.count() as u64;
         let first = pages.first;
-        let stale = self.stale.as_ref();
-        let fresh: Vec<bool> = (first..first + count)
-            .map(|p| {
-                self.outstanding.get(p) || (!self.received.get(p) && stale.is_none_or(|s| s.get(p)))
-            })
-            .collect();
+        let new = (first..first + count).filter(|&p| self.wanted(p)).count() as u64;
+        let delivery = if new == count {
+            Some(Delivery::Pages(pages))
+        } else if new == 0 {
+            None
+        } else {
+            // Split into the runs of wanted pages (sharing the message's buffers).
+            let mut runs = Vec::new();
+            let mut rest = pages;
+            let mut p = first;
+            while p < first + count {
+                let (start, keep) = (p, self.wanted(p));
+                while p < first + count && self.wanted(p) == keep {
+                    p += 1;
+                }
+                let (head, tail) = rest.split_at((p - start) as usize)?;
+                if keep {
+                    runs.push(head);
+                }
+                rest = tail;
+            }
+            Some(Delivery::PageRuns(runs))
+        };
         for p in first..first + count {
             self.received.set(p);
             self.outstanding.clear(p);
         }
-        let new = fresh.iter().filter(|&&f| f).count() as u64;
         self.stats.pages_duplicate += count - new;
-        if new == count {
-            return Some(Delivery::Pages(pages));
-        }
-        if new == 0 {
-            return None;
-        }
-        // Split into the runs of new pages (sharing the message's buffers).
-        let mut runs = Vec::new();
-        let mut rest = pages;
-        let mut i = 0usize;
-        while i < fresh.len() {
-            let start = i;
-            while i < fresh.len() && fresh[i] == fresh[start] {
-                i += 1;
-            }
-            let (head, tail) = rest.split_at(i - start)?;
-            if fresh[start] {
-                runs.push(head);
-            }
-            rest = tail;
-        }
-        Some(Delivery::PageRuns(runs))
+        delivery
     }
 
     fn check_range(&self, first: u64, count: u64) -> Result<(), ProtoError> {
