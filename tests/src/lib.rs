@@ -447,6 +447,32 @@ fn collect(mut child: Child, timeout: Duration, what: &str) -> Finished {
     finished(status, stdout, err_reader.join().unwrap_or_default())
 }
 
+/// Asserts an evacuation (`replicate` into `standby`) succeeded on both sides with equal
+/// digests of all memory at the switchover; returns (source report, standby report).
+pub fn assert_evacuated(src: &Finished, dst: &Finished) -> (Value, Value) {
+    assert!(src.status.success(), "replicate failed: {}", src.stderr);
+    assert!(dst.status.success(), "standby failed: {}", dst.stderr);
+    let (s, d) = (&src.json, &dst.json);
+    assert!(s["digest"].is_string(), "{s}");
+    assert_eq!(
+        s["digest"], d["digest"],
+        "destination memory differs from the source's at switchover"
+    );
+    (s.clone(), d.clone())
+}
+
+/// Writes a raw disk image of `blocks` 4 KiB blocks, block `b` filled with one byte that
+/// varies with `b` and is never zero (so no block is a zero block).
+pub fn block_image(path: &Path, blocks: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create the image"));
+    for b in 0..blocks {
+        f.write_all(&[(b % 251) as u8 + 1; 4096])
+            .expect("write the image");
+    }
+    f.flush().expect("write the image");
+}
+
 /// Asserts a migration succeeded on both sides with equal digests of all memory, and
 /// returns the destination's report.
 pub fn assert_migrated(src: &Finished, dst: &Finished) -> Value {

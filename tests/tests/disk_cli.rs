@@ -156,12 +156,7 @@ fn qemu_tools_use_the_disk_at_the_source_and_at_an_evacuating_standby() {
     let shm = ShmDir::new("disk-nbd");
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("vda.img");
-    {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&image).unwrap());
-        for b in 0..DISK_BLOCKS {
-            f.write_all(&[(b % 13) as u8 + 1; 4096]).unwrap();
-        }
-    }
+    faultline_tests::block_image(&image, DISK_BLOCKS);
     let (src_sock, dst_sock) = (dir.path().join("src.sock"), dir.path().join("dst.sock"));
     let uri = |p: &std::path::Path| format!("nbd+unix:///?socket={}", p.display());
     let disk_dir = dir.path().join("standby-disks");

@@ -496,7 +496,6 @@ fn sha256(path: &Path) -> String {
 #[test]
 fn a_linux_guest_uses_its_disk_at_the_source_and_at_an_evacuating_standby_over_vhost_user_blk() {
     use faultline_tests::{Background, Certs, DestProcess, ShmDir};
-    use std::io::Write;
     use std::os::unix::fs::FileExt;
     const EVAC_DISK: u64 = 32 * MIB;
     const TIMEOUT: Duration = Duration::from_secs(180);
@@ -507,12 +506,7 @@ fn a_linux_guest_uses_its_disk_at_the_source_and_at_an_evacuating_standby_over_v
     let shm = ShmDir::new("disk-vhost");
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vda.img");
-    {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&img).unwrap());
-        for b in 0..EVAC_DISK / TRACK {
-            f.write_all(&[(b % 13) as u8 + 1; TRACK as usize]).unwrap();
-        }
-    }
+    faultline_tests::block_image(&img, EVAC_DISK / TRACK);
     let created = sha256(&img);
     // Each guest writes one block and an unaligned run of sectors.
     let at_source = writes(&[("s0", 4 * MIB, 8192), ("s1", 20 * MIB + 1536, 2560)], 3);

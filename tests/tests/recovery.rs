@@ -12,7 +12,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use faultline_tests::{
-    assert_migrated, faultline_bin, run_source, Background, Certs, DestProcess, Finished, ShmDir,
+    assert_evacuated, assert_migrated, block_image, faultline_bin, run_source, Background, Certs,
+    DestProcess, Finished, ShmDir,
 };
 use serde_json::Value;
 use wan_emu::{LinkConfig, WanEmulator};
@@ -397,13 +398,7 @@ fn an_evacuation_with_a_disk_cut_for_8_seconds_resumes_into_the_standby() {
     let dir = ShmDir::new("recovery-evac");
     let disks = tempfile::tempdir().unwrap();
     let image = disks.path().join("vda.img");
-    {
-        use std::io::Write;
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&image).unwrap());
-        for b in 0..DISK_BLOCKS {
-            f.write_all(&[(b % 251) as u8 + 1; 4096]).unwrap();
-        }
-    }
+    block_image(&image, DISK_BLOCKS);
     let disk_arg = format!("vda={}", image.display());
     let disk_dir = disks.path().join("standby").display().to_string();
     let standby = DestProcess::standby(
@@ -456,14 +451,8 @@ fn an_evacuation_with_a_disk_cut_for_8_seconds_resumes_into_the_standby() {
     });
     let dst = standby.wait(Duration::from_secs(90));
     assert!(note.cut.is_some(), "the evacuation ended before the cut");
-    assert!(src.status.success(), "replicate failed: {}", src.stderr);
-    assert!(dst.status.success(), "standby failed: {}", dst.stderr);
-    let (s, d) = (&src.json, &dst.json);
-    assert!(s["digest"].is_string(), "{s}");
-    assert_eq!(
-        s["digest"], d["digest"],
-        "memory differs after the evacuation"
-    );
+    let (s, d) = assert_evacuated(&src, &dst);
+    let (s, d) = (&s, &d);
     let stale = u(d, "pages_stale");
     let m = &d["metrics"];
     assert_eq!(

@@ -5,24 +5,12 @@
 
 use std::time::Duration;
 
-use faultline_tests::{free_udp_port, Background, Certs, DestProcess, Finished, ShmDir};
+use faultline_tests::{assert_evacuated, free_udp_port, Background, Certs, DestProcess, ShmDir};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 const SIZE: &str = "64M";
 const PAGES: u64 = 16384;
-
-fn assert_evacuated(src: &Finished, dst: &Finished) -> (Value, Value) {
-    assert!(src.status.success(), "replicate failed: {}", src.stderr);
-    assert!(dst.status.success(), "standby failed: {}", dst.stderr);
-    let (s, d) = (&src.json, &dst.json);
-    assert!(s["digest"].is_string(), "{s}");
-    assert_eq!(
-        s["digest"], d["digest"],
-        "destination memory differs from the source's at switchover"
-    );
-    (s.clone(), d.clone())
-}
 
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
