@@ -2,87 +2,18 @@
 //! guest memory (the userfaultfd-backed sink is tested end to end in the `tests` crate).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use transport::encoding::{EncodingPolicy, EncodingStats};
-use transport::message::{PageRef, Pages, PAGE_SIZE};
-use transport::proto::{Channel, DestConfig, DestSession, SourceConfig, SourceSession};
-use transport::quic::{
-    self, DestHooks, DestReport, DriverError, PageReader, PageSink, SinkError, SourceReport,
-};
+use transport::message::PAGE_SIZE;
+use transport::proto::{DestConfig, DestSession, SourceConfig, SourceSession};
+use transport::quic::{self, DestHooks, DestReport, DriverError, SourceReport};
 use transport::tls::Identity;
 use transport::Layout;
 
-struct Image(Vec<u8>);
-
-impl PageReader for Image {
-    fn pages(&self, first: u64, count: usize) -> Result<std::borrow::Cow<'_, [u8]>, String> {
-        let start = first as usize * PAGE_SIZE;
-        self.0
-            .get(start..start + count * PAGE_SIZE)
-            .map(std::borrow::Cow::Borrowed)
-            .ok_or_else(|| "out of range".to_string())
-    }
-}
-
-struct MemSink {
-    mem: Mutex<Vec<u8>>,
-    present: Mutex<Vec<bool>>,
-    count: AtomicU64,
-    urgent: AtomicU64,
-}
-
-impl MemSink {
-    fn new(pages: usize) -> MemSink {
-        MemSink {
-            mem: Mutex::new(vec![0xAA; pages * PAGE_SIZE]),
-            present: Mutex::new(vec![false; pages]),
-            count: AtomicU64::new(0),
-            urgent: AtomicU64::new(0),
-        }
-    }
-}
-
-impl PageSink for MemSink {
-    fn install(&self, pages: &Pages, channel: Channel) -> Result<(), SinkError> {
-        let mut mem = self.mem.lock().unwrap();
-        let mut present = self.present.lock().unwrap();
-        for (i, p) in pages.iter() {
-            let at = i as usize * PAGE_SIZE;
-            match p {
-                PageRef::Raw(d) => mem[at..at + PAGE_SIZE].copy_from_slice(d),
-                PageRef::Zero => mem[at..at + PAGE_SIZE].fill(0),
-                PageRef::Lz4(_) | PageRef::Ref { .. } => {
-                    return Err(SinkError("the driver hands sinks decoded pages".into()))
-                }
-            }
-            if !std::mem::replace(&mut present[i as usize], true) {
-                self.count.fetch_add(1, Ordering::Relaxed);
-            }
-            if channel == Channel::Urgent {
-                self.urgent.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Ok(())
-    }
-
-    fn is_complete(&self) -> bool {
-        self.count.load(Ordering::Relaxed) as usize == self.present.lock().unwrap().len()
-    }
-
-    fn read_page(&self, page: u64, out: &mut [u8]) -> bool {
-        // Same lock order as `install`.
-        let mem = self.mem.lock().unwrap();
-        let present = self.present.lock().unwrap();
-        if !present.get(page as usize).copied().unwrap_or(false) {
-            return false;
-        }
-        let at = page as usize * PAGE_SIZE;
-        out.copy_from_slice(&mem[at..at + PAGE_SIZE]);
-        true
-    }
-}
+mod common;
+use common::{Image, MemSink};
 
 fn image(pages: usize) -> Vec<u8> {
     let mut v = vec![0u8; pages * PAGE_SIZE];

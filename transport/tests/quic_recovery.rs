@@ -11,60 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
-use transport::message::{ErrorCode, PageRef, Pages, PAGE_SIZE};
-use transport::proto::{Channel, DestConfig, DestSession, SourceConfig, SourceSession};
+use transport::message::{ErrorCode, PAGE_SIZE};
+use transport::proto::{DestConfig, DestSession, SourceConfig, SourceSession};
 use transport::quic::accept::{AcceptLimits, Acceptor};
 use transport::quic::{
-    self, DestHooks, DestRecovery, DestReport, DriverError, PageReader, PageSink, SinkError,
-    SourceRecovery, SourceReport,
+    self, DestHooks, DestRecovery, DestReport, DriverError, SourceRecovery, SourceReport,
 };
 use transport::tls::Identity;
 use transport::Layout;
 
-struct Image(Vec<u8>);
-
-impl PageReader for Image {
-    fn pages(&self, first: u64, count: usize) -> Result<std::borrow::Cow<'_, [u8]>, String> {
-        let start = first as usize * PAGE_SIZE;
-        self.0
-            .get(start..start + count * PAGE_SIZE)
-            .map(std::borrow::Cow::Borrowed)
-            .ok_or_else(|| "out of range".to_string())
-    }
-}
-
-struct MemSink {
-    mem: Mutex<Vec<u8>>,
-    present: Mutex<Vec<bool>>,
-    count: AtomicU64,
-    installs: AtomicU64,
-}
-
-impl PageSink for MemSink {
-    fn install(&self, pages: &Pages, _channel: Channel) -> Result<(), SinkError> {
-        let mut mem = self.mem.lock().unwrap();
-        let mut present = self.present.lock().unwrap();
-        for (i, p) in pages.iter() {
-            let at = i as usize * PAGE_SIZE;
-            match p {
-                PageRef::Raw(d) => mem[at..at + PAGE_SIZE].copy_from_slice(d),
-                PageRef::Zero => mem[at..at + PAGE_SIZE].fill(0),
-                PageRef::Lz4(_) | PageRef::Ref { .. } => {
-                    return Err(SinkError("the driver hands sinks decoded pages".into()))
-                }
-            }
-            self.installs.fetch_add(1, Ordering::Relaxed);
-            if !std::mem::replace(&mut present[i as usize], true) {
-                self.count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Ok(())
-    }
-
-    fn is_complete(&self) -> bool {
-        self.count.load(Ordering::Relaxed) as usize == self.present.lock().unwrap().len()
-    }
-}
+mod common;
+use common::{Image, MemSink};
 
 /// A UDP relay between one client and `server` that can drop everything (a cut) and send
 /// on from a new socket (the client seems to come from a new port).
@@ -181,12 +138,7 @@ async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
     let server = quic::server_endpoint(localhost(), &dst_id, src_id.cert.clone()).unwrap();
     let addr = server.local_addr().unwrap();
     let layout = Layout::single((pages * PAGE_SIZE) as u64);
-    let sink = Arc::new(MemSink {
-        mem: Mutex::new(vec![0xAA; pages * PAGE_SIZE]),
-        present: Mutex::new(vec![false; pages]),
-        count: AtomicU64::new(0),
-        installs: AtomicU64::new(0),
-    });
+    let sink = Arc::new(MemSink::new(pages));
     let (demand, requests) = tokio::sync::mpsc::unbounded_channel();
     let told = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let dest_told = counter(&told.1);
