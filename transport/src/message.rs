@@ -360,6 +360,13 @@ pub const MAX_STATE: usize = 512 * 1024;
 /// not resume before it has it.
 pub const FEATURE_VM_STATE: u64 = 1 << 63;
 
+/// `Hello` feature bit, on a later connection of a session whose VM the source handed over
+/// to a destination that had answered it: only that destination, which knows the session,
+/// may take the connection. Any other (one that restarted and lost the session) refuses it
+/// with [`ErrorCode::ResumeRefused`]: the guest's state since switchover is not there, and
+/// starting over from the source's memory would run the VM from an older state.
+pub const FEATURE_HANDED_OVER: u64 = 1 << 62;
+
 /// Feature bit: `Pages` may carry [`PageKind::Lz4`] pages.
 pub const FEATURE_LZ4: u64 = 1 << 0;
 

@@ -178,6 +178,8 @@ pub struct DestSession {
     link: Link,
     conn_epoch: u32,
     session_id: u128,
+    /// Whether a `Hello` arrived: `session_id` is the source's.
+    hello_seen: bool,
     /// Evacuation: the pages that must come from the source (the others are fresh here).
     stale: Option<Bitmap>,
     /// Pages requested on demand and not received since.
@@ -203,6 +205,7 @@ impl DestSession {
             link: Link::Connected,
             conn_epoch: 0,
             session_id: 0,
+            hello_seen: false,
             stale: None,
             outstanding: Bitmap::new(config.layout.total_pages()),
             push_done_seen: false,
@@ -583,11 +586,19 @@ impl DestSession {
                 if !self.config.accept.contains(&kind) {
                     return Err(ProtoError::KindRefused(kind));
                 }
+                if features & crate::message::FEATURE_HANDED_OVER != 0
+                    && !(self.hello_seen && session_id == self.session_id)
+                {
+                    return Err(ProtoError::NotHeld { session_id });
+                }
                 self.kind = kind;
                 self.expect_state = features & crate::message::FEATURE_VM_STATE != 0;
-                self.features = features & self.config.features & !crate::message::FEATURE_VM_STATE;
+                self.features = features
+                    & self.config.features
+                    & !(crate::message::FEATURE_VM_STATE | crate::message::FEATURE_HANDED_OVER);
                 self.vm_id = vm_id.clone();
                 self.session_id = session_id;
+                self.hello_seen = true;
                 if kind == SessionKind::Migrate {
                     self.send_ack();
                     self.after_switchover();

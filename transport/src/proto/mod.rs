@@ -189,6 +189,18 @@ pub enum ProtoError {
         /// The id the peer sent.
         got: u128,
     },
+    /// A source reconnected to resume a session whose VM it had handed over, and this
+    /// destination does not hold that session: it restarted (or is another host), so the
+    /// guest's state since switchover is not here.
+    #[error(
+        "the source resumes session {session_id:032x} after handing its VM over, but this \
+         destination does not hold that session (it restarted?): the VM's state since \
+         switchover is not here"
+    )]
+    NotHeld {
+        /// The session the source resumes.
+        session_id: u128,
+    },
     /// The destination's held set does not cover exactly the layout's pages.
     #[error("resume refused: the held set covers {got} pages, the layout has {expected}")]
     HeldLength {
@@ -222,6 +234,7 @@ impl ProtoError {
             ProtoError::Peer { code, .. } => *code,
             ProtoError::Codec(_) => ErrorCode::Malformed,
             ProtoError::SessionMismatch { .. }
+            | ProtoError::NotHeld { .. }
             | ProtoError::HeldLength { .. }
             | ProtoError::HeldChecksum { .. } => ErrorCode::ResumeRefused,
         }

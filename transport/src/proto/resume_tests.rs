@@ -321,6 +321,8 @@ fn a_destination_that_never_resumed_the_guest_starts_the_handshake_over() {
     );
     let (s, d) = (src.resume(), dst.resume());
     let hello = src.poll_transmit().unwrap();
+    // Handed over (the VM state was queued), to a destination that knows the session.
+    assert!(handed_over(&hello));
     dst.handle_in(d, hello.channel, hello.message).unwrap();
     let ack = dst.poll_transmit().unwrap();
     assert!(matches!(
@@ -349,6 +351,65 @@ fn a_destination_that_never_resumed_the_guest_starts_the_handshake_over() {
         }
     ));
     assert!(matches!(events[3], SourceEvent::Established { .. }));
+}
+
+fn handed_over(hello: &Transmit) -> bool {
+    matches!(&hello.message, Message::Hello { features, .. }
+        if features & crate::message::FEATURE_HANDED_OVER != 0)
+}
+
+#[test]
+fn a_destination_that_lost_the_session_refuses_the_vm_it_ran() {
+    // The destination ran the guest (no VM state: from the Hello on), then restarted.
+    let (mut src, _dead) = running();
+    src.connection_lost();
+    let s = src.resume();
+    let hello = src.poll_transmit().unwrap();
+    assert!(handed_over(&hello));
+    let layout = crate::message::Layout::single(N * PAGE_SIZE as u64);
+    let mut restarted = DestSession::new(DestConfig::migrate(layout));
+    let err = restarted
+        .handle(hello.channel, wire(hello.message))
+        .unwrap_err();
+    assert_eq!(err, ProtoError::NotHeld { session_id: 42 });
+    assert!(!restarted.guest_may_run(), "nothing runs here");
+    let refusal = restarted.poll_transmit().unwrap();
+    let err = src
+        .handle_in(s, refusal.channel, wire(refusal.message))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        ProtoError::Peer {
+            code: crate::message::ErrorCode::ResumeRefused,
+            ..
+        }
+    ));
+    assert_eq!(src.session_state(), SessionState::Failed);
+    assert_eq!(
+        src.ownership(),
+        Ownership::Destination,
+        "the VM never comes back to the source"
+    );
+}
+
+#[test]
+fn a_hello_the_destination_never_answered_is_not_marked_handed_over() {
+    // Without VM state the VM is handed over with the first Hello; if that Hello was lost,
+    // whoever answers the next one starts the session afresh.
+    let layout = crate::message::Layout::single(N * PAGE_SIZE as u64);
+    let mut src = SourceSession::new(SourceConfig::migrate("vm", layout.clone()));
+    let first = src.poll_transmit().unwrap();
+    assert!(!handed_over(&first));
+    src.connection_lost();
+    let s = src.resume();
+    let hello = src.poll_transmit().unwrap();
+    assert!(!handed_over(&hello));
+    let mut dst = DestSession::new(DestConfig::migrate(layout));
+    dst.handle(hello.channel, wire(hello.message)).unwrap();
+    assert!(dst.guest_may_run());
+    let ack = dst.poll_transmit().unwrap();
+    src.handle_in(s, ack.channel, wire(ack.message)).unwrap();
+    assert!(src.is_running());
 }
 
 #[test]

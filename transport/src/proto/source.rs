@@ -210,6 +210,9 @@ pub struct SourceSession {
     /// This side's number for the current connection, from [`SourceSession::resume`].
     connection: u32,
     owner: Ownership,
+    /// Whether the destination answered a `Hello` of this session (a `HelloAck` or a
+    /// `Resume`): from then on it knows the session's id.
+    answered: bool,
     /// Features offered in the first `Hello`, offered again when the handshake restarts.
     offered: u64,
     /// What the handshake needs again if it starts over on a new connection.
@@ -281,6 +284,7 @@ impl SourceSession {
             conn_epoch: 0,
             connection: 0,
             owner,
+            answered: false,
             offered: config.features | features_of(&config),
             initial_stale: config.stale.clone(),
             initial_vm_state: config.vm_state.clone(),
@@ -297,6 +301,15 @@ impl SourceSession {
     }
 
     fn send_hello(&mut self) {
+        // A destination that ran the guest and lost the session must not start it over.
+        let handed_over = if self.answered
+            && self.owner != Ownership::Source
+            && self.config.kind != SessionKind::Replicate
+        {
+            crate::message::FEATURE_HANDED_OVER
+        } else {
+            0
+        };
         self.send(
             Channel::Control,
             Message::Hello {
@@ -304,7 +317,7 @@ impl SourceSession {
                 kind: self.config.kind,
                 vm_id: self.config.vm_id.clone(),
                 layout: self.config.layout.clone(),
-                features: self.offered,
+                features: self.offered | handed_over,
                 epoch: self.config.epoch,
                 session_id: self.config.session_id,
             },
@@ -545,7 +558,11 @@ impl SourceSession {
                 if matches!(self.state, State::Finished) {
                     return Err(self.unexpected(Channel::Control, &msg, "finished"));
                 }
-                self.conn_epoch = self.newer_epoch(&msg)?;
+                // Its number as is: a destination that restarted counts from 0 again (this
+                // side numbers its connections itself, so no old message can pass for it).
+                if let Message::HelloAck { conn_epoch, .. } = &msg {
+                    self.conn_epoch = *conn_epoch;
+                }
                 self.link = Link::Connected;
                 self.state = State::HelloSent;
                 // The stale set first: the schedule is built from it.
@@ -581,6 +598,7 @@ impl SourceSession {
                         got: session_id,
                     });
                 }
+                self.answered = true;
                 if !resumable {
                     let state = self.state.name();
                     return Err(ProtoError::Unexpected {
@@ -763,6 +781,7 @@ impl SourceSession {
                         theirs: version,
                     });
                 }
+                self.answered = true;
                 if kind == SessionKind::Migrate {
                     self.state = State::Running;
                     self.send_vm_state();
