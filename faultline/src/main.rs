@@ -32,6 +32,11 @@ fn main() -> std::process::ExitCode {
         }
         Err(e) => e.exit(),
     };
+    // Fault injection for the crash-point tests (docs/recovery.md); unset in normal use.
+    if let Err(e) = transport::crash::configure_from_env() {
+        eprintln!("faultline: error: {e}");
+        return std::process::ExitCode::from(cli::outcome::Kind::Usage.exit_code());
+    }
     if let Some(role) = args.command.role() {
         stop_on_signals(role, args.command.evacuates_on_sigusr1());
     }
@@ -42,9 +47,11 @@ fn main() -> std::process::ExitCode {
                 Some(why) => e.context(why),
                 None => e,
             };
-            let kind = match cli::stopper().reason() {
-                Some(_) => cli::outcome::Kind::Stopped,
-                None => cli::outcome::classify(&e),
+            // A stop says `stopped`, unless it lost the VM: that is what must be heard.
+            let kind = match (cli::stopper().reason(), cli::outcome::classify(&e)) {
+                (_, cli::outcome::Kind::VmLost) => cli::outcome::Kind::VmLost,
+                (Some(_), _) => cli::outcome::Kind::Stopped,
+                (None, kind) => kind,
             };
             if json {
                 println!("{}", cli::outcome::failure_json(&e, kind));

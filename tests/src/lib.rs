@@ -217,7 +217,32 @@ impl DestProcess {
     }
 
     fn spawn(certs: &Certs, cmd: &[&str], listen: &str, peer: &str, extra: &[&str]) -> DestProcess {
+        Self::spawn_env(certs, cmd, listen, peer, extra, &[])
+    }
+
+    /// `faultline <cmd>` (`dest`, `vm dest`, `standby`) listening on `listen`, pinning the
+    /// source's certificate, with `env` added to its environment (crash points:
+    /// `FAIL_POINTS`).
+    pub fn start_env(
+        certs: &Certs,
+        cmd: &[&str],
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> DestProcess {
+        Self::spawn_env(certs, cmd, listen, "source", extra, env)
+    }
+
+    fn spawn_env(
+        certs: &Certs,
+        cmd: &[&str],
+        listen: &str,
+        peer: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> DestProcess {
         let mut child = Command::new(faultline_bin())
+            .envs(env.iter().copied())
             .args(cmd)
             .args(["--listen", listen, "--json", "--progress"])
             .args(["--accept-timeout", "60"])
@@ -323,22 +348,7 @@ pub fn run_source(
     extra: &[&str],
     timeout: Duration,
 ) -> Finished {
-    let child = Command::new(faultline_bin())
-        .args([
-            "source",
-            "--connect",
-            addr,
-            "--json",
-            "--connect-timeout",
-            "10",
-        ])
-        .args(certs.args(me, "dest"))
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn faultline source");
-    collect(child, timeout, "faultline source")
+    Background::source(certs, me, addr, extra, &[]).wait(timeout)
 }
 
 /// Runs `faultline vm source` (the reference KVM VMM's source) against `addr` to completion.
@@ -359,6 +369,28 @@ pub fn run_vm_source(certs: &Certs, addr: &str, extra: &[&str], timeout: Duratio
 pub struct Background(Child);
 
 impl Background {
+    /// Starts `faultline source` (identity `me`) against `addr` with `extra` arguments and
+    /// `env` added to its environment.
+    pub fn source(
+        certs: &Certs,
+        me: &str,
+        addr: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Background {
+        let child = Command::new(faultline_bin())
+            .envs(env.iter().copied())
+            .args(["source", "--connect", addr, "--json"])
+            .args(["--connect-timeout", "10"])
+            .args(certs.args(me, "dest"))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn faultline source");
+        Background(child)
+    }
+
     /// Starts `faultline replicate` against `addr` with `extra` arguments.
     pub fn replicate(certs: &Certs, addr: &str, extra: &[&str]) -> Background {
         let child = Command::new(faultline_bin())
@@ -377,7 +409,13 @@ impl Background {
 
     /// Starts `faultline` with exactly `args` (no defaults added).
     pub fn spawn(args: &[&str]) -> Background {
+        Self::spawn_env(args, &[])
+    }
+
+    /// [`Background::spawn`] with `env` added to its environment.
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Background {
         let child = Command::new(faultline_bin())
+            .envs(env.iter().copied())
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -387,7 +425,7 @@ impl Background {
     }
 
     pub fn wait(self, timeout: Duration) -> Finished {
-        collect(self.0, timeout, "faultline replicate")
+        collect(self.0, timeout, "faultline (background)")
     }
 
     /// Its process id (to signal it).
@@ -400,6 +438,25 @@ impl Background {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Waits until the standby's replica in `dir` holds `frac` of a guest of `pages` pages
+/// (its sparse image's allocated blocks); panics after 60 s.
+pub fn wait_replicated(dir: &ShmDir, pages: u64, frac: f64) {
+    use std::os::unix::fs::MetadataExt;
+    let img = dir.0.join("memory.img");
+    let want = (pages as f64 * 4096.0 * frac) as u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if std::fs::metadata(&img).is_ok_and(|m| m.blocks() * 512 >= want) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "the replica in {} never reached {frac} of the guest",
+        dir.arg()
+    );
 }
 
 /// A free UDP port on loopback (bound and released; fine for tests on one machine).

@@ -372,16 +372,20 @@ fn a_cut_that_never_ends_fails_after_the_recover_timeout_on_both_sides() {
     );
     let cut = run.note.cut.expect("cut");
     let took = cut.elapsed();
+    // In mid-postcopy the guest runs at the destination and misses pages: giving up loses
+    // the VM, and both sides say so first, with the cause.
     for (side, f) in [("source", &run.src), ("destination", &run.dst)] {
         assert!(!f.status.success(), "{side} succeeded: {}", f.json);
-        assert_eq!(f.status.code(), Some(5), "{side}: {}", f.stderr);
+        assert_eq!(f.status.code(), Some(9), "{side}: {}", f.stderr);
         let e = &f.json["error"];
-        assert_eq!(e["kind"], "network", "{side}: {}", f.json);
+        assert_eq!(e["kind"], "vm_lost", "{side}: {}", f.json);
         let message = e["message"].as_str().unwrap_or_default();
         assert!(
-            message.contains("not restored within the recover timeout of 2 s"),
+            message.starts_with("the VM is lost")
+                && message.contains("not restored within the recover timeout of 2 s"),
             "{side}: {message}"
         );
+        assert!(f.json["vm_lost"]["vulnerability_ms"].as_u64().unwrap() > 0);
     }
     // Noticed after 5 s of silence (SILENCE_LOST), then the timeout, counted from the cut.
     assert!(took < Duration::from_secs(20), "gave up after {took:?}");
@@ -521,10 +525,19 @@ fn sigterm_ends_a_paused_session_at_once_on_both_sides() {
     let dst = dest.wait(Duration::from_secs(30));
     let dst_took = sent.elapsed();
     let src: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    assert_eq!(out.status.code(), Some(8), "{src}");
-    assert_eq!(src["error"]["kind"], "stopped", "{src}");
-    assert_eq!(dst.status.code(), Some(8), "{}", dst.stderr);
-    assert_eq!(dst.json["error"]["kind"], "stopped", "{}", dst.json);
+    // The guest ran at the destination and lacked pages: a stop on either side loses the
+    // VM, and both say so (kind `vm_lost`), with the stop as the cause.
+    assert_eq!(out.status.code(), Some(9), "{src}");
+    assert_eq!(src["error"]["kind"], "vm_lost", "{src}");
+    assert!(
+        src["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stopped by SIGTERM"),
+        "{src}"
+    );
+    assert_eq!(dst.status.code(), Some(9), "{}", dst.stderr);
+    assert_eq!(dst.json["error"]["kind"], "vm_lost", "{}", dst.json);
     assert!(
         src_took < Duration::from_secs(3) && dst_took < Duration::from_secs(3),
         "stopped after {src_took:?} (source), {dst_took:?} (destination)"

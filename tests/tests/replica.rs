@@ -124,20 +124,7 @@ fn moved_pages_cross_as_references_into_the_replica() {
 /// Waits (up to a minute) until the memory replica in `dir` holds `frac` of the guest:
 /// its image is sparse on tmpfs, so allocated blocks are stored pages.
 fn wait_replicated(dir: &ShmDir, frac: f64) {
-    use std::os::unix::fs::MetadataExt;
-    let img = dir.0.join("memory.img");
-    let want = (PAGES as f64 * 4096.0 * frac) as u64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        if std::fs::metadata(&img).is_ok_and(|m| m.blocks() * 512 >= want) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!(
-        "the replica in {} never reached {frac} of the guest",
-        dir.arg()
-    );
+    faultline_tests::wait_replicated(dir, PAGES, frac)
 }
 
 #[test]

@@ -32,6 +32,7 @@
 
 pub mod bitmap;
 pub mod codec;
+pub mod crash;
 pub mod encoding;
 pub mod message;
 pub mod proto;
@@ -40,6 +41,8 @@ pub use message::{Layout, Message, RegionDesc, PAGE_SIZE, PROTOCOL_VERSION};
 pub mod quic;
 pub mod tls;
 pub mod units;
+
+pub use crash::crash_point;
 
 /// An error and all its sources, `: `-separated, as `anyhow`'s `{:#}` prints them. An error's
 /// own `Display` leaves its source to the chain, so this is the text to send to a peer or to

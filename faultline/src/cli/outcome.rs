@@ -27,6 +27,9 @@ pub enum Kind {
     Protocol,
     /// SIGTERM or SIGINT stopped the run (the peer was told why).
     Stopped,
+    /// The session failed after switchover, before every page had crossed: the guest's
+    /// memory is split between the hosts and the VM is lost (docs/recovery.md).
+    VmLost,
     /// Anything else.
     Internal,
 }
@@ -42,6 +45,7 @@ impl Kind {
             Kind::LocalIo => "local_io",
             Kind::Protocol => "protocol",
             Kind::Stopped => "stopped",
+            Kind::VmLost => "vm_lost",
             Kind::Internal => "internal",
         }
     }
@@ -57,12 +61,17 @@ impl Kind {
             Kind::LocalIo => 6,
             Kind::Protocol => 7,
             Kind::Stopped => 8,
+            Kind::VmLost => 9,
         }
     }
 }
 
 /// The kind of the first cause in `e`'s chain that says what happened.
 pub fn classify(e: &anyhow::Error) -> Kind {
+    // Whatever ended the session, a lost VM is what the operator must hear first.
+    if vm_lost(e).is_some() {
+        return Kind::VmLost;
+    }
     // A lost connection explains whatever failed on it (a stream write, a read): when the
     // TLS handshake was refused, the refusal can surface as either, depending on timing.
     let lost = e
@@ -158,6 +167,26 @@ fn connection_kind(c: &quinn::ConnectionError) -> Kind {
     }
 }
 
+/// The driver's report of a lost VM in `e`'s chain: (vulnerability_ms, pages_missing).
+fn vm_lost(e: &anyhow::Error) -> Option<(u64, Option<u64>)> {
+    e.chain().find_map(|c| {
+        let d =
+            c.downcast_ref::<DriverError>()
+                .or_else(|| match c.downcast_ref::<RoleError>() {
+                    Some(RoleError::Transport(d)) => Some(d),
+                    _ => None,
+                })?;
+        match d {
+            DriverError::VmLost {
+                vulnerability_ms,
+                pages_missing,
+                ..
+            } => Some((*vulnerability_ms, *pages_missing)),
+            _ => None,
+        }
+    })
+}
+
 /// What the running role last reported it had done (see [`vmm_shim::Progress`]).
 static LAST_PROGRESS: Mutex<Option<Progress>> = Mutex::new(None);
 
@@ -177,7 +206,7 @@ pub fn failure_json(e: &anyhow::Error, kind: Kind) -> Value {
         Some(p) => json!(p),
         None => Value::Object(Map::new()),
     };
-    json!({
+    let mut v = json!({
         "ok": false,
         "error": {
             "kind": kind.name(),
@@ -185,7 +214,11 @@ pub fn failure_json(e: &anyhow::Error, kind: Kind) -> Value {
             "message": format!("{e:#}"),
         },
         "done": done,
-    })
+    });
+    if let Some((ms, missing)) = vm_lost(e) {
+        v["vm_lost"] = json!({ "vulnerability_ms": ms, "pages_missing": missing });
+    }
+    v
 }
 
 /// Prints a successful run's report as its one JSON object, with `"ok": true`.
@@ -229,6 +262,24 @@ mod tests {
             .context("loading the key");
         assert_eq!(classify(&file), Kind::LocalIo);
         assert_eq!(classify(&anyhow::anyhow!("something else")), Kind::Internal);
+    }
+
+    #[test]
+    fn a_lost_vm_is_reported_first_with_its_exposure() {
+        let lost = anyhow::Error::new(RoleError::Transport(DriverError::VmLost {
+            vulnerability_ms: 1234,
+            pages_missing: Some(56),
+            cause: Box::new(DriverError::Silent { ms: 5000 }),
+        }))
+        .context("receiving");
+        assert_eq!(classify(&lost), Kind::VmLost);
+        let v = failure_json(&lost, Kind::VmLost);
+        assert_eq!(v["error"]["kind"], "vm_lost");
+        assert_eq!(v["error"]["exit_code"], 9);
+        assert_eq!(v["vm_lost"]["vulnerability_ms"], 1234);
+        assert_eq!(v["vm_lost"]["pages_missing"], 56);
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert_eq!(msg.matches("nothing arrived").count(), 1, "{msg}");
     }
 
     #[test]

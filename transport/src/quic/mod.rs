@@ -146,6 +146,26 @@ pub enum DriverError {
         /// How long the peer had been silent.
         ms: u64,
     },
+    /// The session failed after the VM was handed over (the destination may run the guest)
+    /// and before every page had reached the destination: the guest's memory is split
+    /// between the two hosts, and neither can run it alone (docs/recovery.md, semantics).
+    /// `cause` says what ended the session.
+    #[error(
+        "the VM is lost: the session ended {vulnerability_ms} ms after switchover{}",
+        match .pages_missing {
+            Some(n) => format!(", with {n} pages still only at the source"),
+            None => ", before the destination held every page".to_string(),
+        }
+    )]
+    VmLost {
+        /// Switchover → the failure: how long the VM was exposed.
+        vulnerability_ms: u64,
+        /// Pages the destination did not hold (known at the destination only).
+        pages_missing: Option<u64>,
+        /// What ended the session.
+        #[source]
+        cause: Box<DriverError>,
+    },
     /// The application stopped the session while it waited for a new connection.
     #[error("stopped while waiting to reconnect")]
     Stopped,

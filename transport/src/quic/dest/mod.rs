@@ -223,12 +223,34 @@ pub async fn run_dest_recovering(
         };
         if !resumable {
             close_with(&conn, &e);
-            return Err(e);
+            return Err(across.vm_lost(e));
         }
-        tracing::warn!(
-            error = %crate::chain(&e),
-            "the connection to the source was lost; the session pauses, the guest runs on"
-        );
+        let (guest_runs, missing) = {
+            let s = across.session();
+            (s.guest_may_run(), s.total_pages() - s.held().count_ones())
+        };
+        if guest_runs && missing > 0 {
+            tracing::warn!(
+                error = %crate::chain(&e),
+                pages_missing = missing,
+                vulnerability_ms = across.ms().saturating_sub(across.report.established_ms),
+                "the connection to the source was lost after switchover: the guest runs on \
+                 here, but pages it lacks are only at the source; the session pauses and \
+                 waits for the source (if it is gone, the VM is lost: --recover-timeout \
+                 bounds the wait)"
+            );
+        } else if guest_runs {
+            tracing::warn!(
+                error = %crate::chain(&e),
+                "the connection to the source was lost; every page is here, the guest runs on"
+            );
+        } else {
+            tracing::warn!(
+                error = %crate::chain(&e),
+                "the connection to the source was lost before switchover: nothing runs here; \
+                 waiting for the source"
+            );
+        }
         conn.close(VarInt::from_u32(CLOSE_OK), b"reconnecting");
         across.session().connection_lost();
         across.pauses.lost_since(silent_for(&e));
@@ -246,7 +268,7 @@ pub async fn run_dest_recovering(
                 report.closed(across.started.elapsed().as_millis() as u64);
                 return Ok(report);
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(across.vm_lost(e)),
         };
         if let Some(f) = &on_connection {
             f(&next.conn);
@@ -280,6 +302,26 @@ impl Across {
 
     fn ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// A failure while the guest runs here and pages are still missing: the VM is lost,
+    /// and the error says so (docs/recovery.md, semantics).
+    fn vm_lost(&self, e: DriverError) -> DriverError {
+        let missing = {
+            let s = self.session();
+            if !s.guest_may_run() || s.is_finished() || self.sink.is_complete() {
+                return e;
+            }
+            s.total_pages() - s.held().count_ones()
+        };
+        if missing == 0 || matches!(e, DriverError::VmLost { .. }) {
+            return e;
+        }
+        DriverError::VmLost {
+            vulnerability_ms: self.ms().saturating_sub(self.report.established_ms),
+            pages_missing: Some(missing),
+            cause: Box::new(e),
+        }
     }
 
     /// The counts of the whole session, into `report`.
@@ -369,8 +411,11 @@ impl Screen<'_> {
     /// session has none yet); if not, it is closed as busy.
     fn belongs(session: &DestSession, c: &Candidate) -> bool {
         let id = session.session_id();
+        // Before the guest ran here and while nothing arrived, a source that restarted (with
+        // a session of its own) may start over: nothing here is its predecessor's.
+        let fresh = !session.guest_may_run() && session.received().count_ones() == 0;
         let ours = matches!(&c.opened, Some((_, Message::Hello { session_id, .. }))
-            if id == 0 || *session_id == id);
+            if id == 0 || *session_id == id || fresh);
         if !ours {
             tracing::info!(peer = %c.conn.remote_address(), "refused a peer: {BUSY_REASON}");
             c.conn.close(
@@ -431,6 +476,18 @@ impl Screen<'_> {
     }
 }
 
+/// The crash points of a `Hello` that arrived and is not answered yet: `dest-hello-migrate`,
+/// `dest-hello-replicate`, `dest-hello-evacuate` (see [`crate::crash`]).
+fn crash_at_hello(msg: &Message) {
+    if let Message::Hello { kind, .. } = msg {
+        crate::crash_point(match kind {
+            SessionKind::Migrate => "dest-hello-migrate",
+            SessionKind::Replicate => "dest-hello-replicate",
+            SessionKind::Evacuate => "dest-hello-evacuate",
+        });
+    }
+}
+
 /// How long a destination that holds every page waits for the source to come back and
 /// acknowledge it.
 const DONE_GRACE: Duration = Duration::from_secs(30);
@@ -452,6 +509,7 @@ async fn run_connection(
     // A session that can resume notices a cut within seconds, not at the idle timeout.
     let _watchdog = watch.then(|| driver.link().watch_silence());
     if let Some(hello) = first {
+        crash_at_hello(&hello);
         driver.link().handle(Channel::Control, hello).await?;
         driver.on_events().await?;
     }
@@ -580,6 +638,7 @@ impl<'a> Driver<'a> {
                     "the source closed the control stream",
                 ));
             };
+            crash_at_hello(&msg);
             self.link().handle(Channel::Control, msg).await?;
             self.on_events().await?;
         }

@@ -28,7 +28,7 @@ use super::{
     PRIO_CONTROL, PRIO_URGENT, TAG_BULK, TAG_CONTROL, TAG_URGENT,
 };
 use crate::encoding::{EncodingPolicy, EncodingStats, PageEncoder};
-use crate::proto::{Channel, SessionState, SourceEvent, SourceSession};
+use crate::proto::{Channel, Ownership, SessionState, SourceEvent, SourceSession};
 
 /// Guest memory as the source sees it: frozen at switchover, read-only for the session.
 pub trait PageReader: Send + Sync + 'static {
@@ -112,10 +112,40 @@ pub async fn run_source_recovering(
     let started = Instant::now();
     let session: Shared<SourceSession> = Arc::new(Mutex::new(session));
     let mut totals = Totals::default();
+    let result = recovering(conn, &session, &reader, recovery, &mut totals, started).await;
+    result.map_err(|e| vm_lost(&session, &totals, e))
+}
+
+/// A failure after the hand-over and before the end: the VM is lost, and the error says so.
+fn vm_lost(session: &Shared<SourceSession>, totals: &Totals, e: DriverError) -> DriverError {
+    let owner = session
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .ownership();
+    match (owner, totals.handed_over_at) {
+        (Ownership::Destination, Some(at)) if !matches!(e, DriverError::VmLost { .. }) => {
+            DriverError::VmLost {
+                vulnerability_ms: at.elapsed().as_millis() as u64,
+                pages_missing: None,
+                cause: Box::new(e),
+            }
+        }
+        _ => e,
+    }
+}
+
+async fn recovering(
+    conn: Connection,
+    session: &Shared<SourceSession>,
+    reader: &Arc<dyn PageReader>,
+    recovery: Option<SourceRecovery>,
+    totals: &mut Totals,
+    started: Instant,
+) -> Result<SourceReport, DriverError> {
     let mut conn = conn;
     loop {
         let watch = recovery.is_some();
-        let result = run_connection(&conn, &session, &reader, &mut totals, watch).await;
+        let result = run_connection(&conn, session, reader, totals, watch).await;
         let e = match result {
             Ok(()) => break,
             Err(e) => e,
@@ -131,10 +161,20 @@ pub async fn run_source_recovering(
             close_with(&conn, &e);
             return Err(e);
         };
-        tracing::warn!(
-            error = %crate::chain(&e),
-            "the connection to the destination was lost; the session pauses and reconnects"
-        );
+        if totals.handed_over_at.is_some() {
+            tracing::warn!(
+                error = %crate::chain(&e),
+                "the connection to the destination was lost after switchover: the VM runs \
+                 there and pages it lacks are only here; the session pauses and reconnects \
+                 (if the destination is gone, the VM is lost: --recover-timeout bounds the wait)"
+            );
+        } else {
+            tracing::warn!(
+                error = %crate::chain(&e),
+                "the connection to the destination was lost before switchover: the VM is \
+                 still here; the session pauses and reconnects"
+            );
+        }
         // Nothing the peer should take as the session's end: it may be up still.
         conn.close(VarInt::from_u32(CLOSE_OK), b"reconnecting");
         totals.add_udp(&conn);
@@ -158,7 +198,7 @@ pub async fn run_source_recovering(
     totals.add_udp(&conn);
     totals.pauses.finish();
     let stats = session.lock().unwrap_or_else(|p| p.into_inner()).stats();
-    let encoding = totals.encoding.unwrap_or_default();
+    let encoding = totals.encoding.take().unwrap_or_default();
     Ok(SourceReport {
         // Replies actually sent: a request that crossed the destination's `Complete` may
         // have been cut short when the session ended.
@@ -186,6 +226,8 @@ struct Totals {
     udp_tx: u64,
     udp_rx: u64,
     pauses: Pauses,
+    /// When the VM was handed over to the destination (the handshake that queued it ended).
+    handed_over_at: Option<Instant>,
 }
 
 impl Totals {
@@ -220,6 +262,15 @@ async fn run_connection(
     // A session that can resume notices a cut within seconds, not at the idle timeout.
     let _watchdog = watch.then(|| driver.link().watch_silence());
     let early = driver.handshake(&data, totals).await?;
+    if totals.handed_over_at.is_none()
+        && session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ownership()
+            == Ownership::Destination
+    {
+        totals.handed_over_at = Some(Instant::now());
+    }
     driver.run(data, early, totals).await
 }
 
@@ -291,6 +342,10 @@ async fn handshake(
                 "the destination closed the control stream",
             ));
         };
+        if matches!(msg, crate::message::Message::HelloAck { .. }) {
+            // Answered, and (with VM state to send) the VM not handed over yet.
+            crate::crash_point("source-hello-answered");
+        }
         link.handle(Channel::Control, msg).await?;
         link.events().into_iter().for_each(&mut on_event);
     }
@@ -369,7 +424,10 @@ impl Driver {
             }
             // Informational: the run loop ends on `is_finished`, checked after every
             // control message.
-            SourceEvent::Finished => tracing::debug!("the destination has every page"),
+            SourceEvent::Finished => {
+                tracing::debug!("the destination has every page");
+                crate::crash_point("source-complete-received");
+            }
             // Only a replication session produces these (see `run_replication`).
             SourceEvent::Invalid(_) | SourceEvent::Acked(_) => {
                 tracing::debug!(?ev, "a replication event in a migration")
