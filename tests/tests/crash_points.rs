@@ -275,31 +275,33 @@ fn destination_killed_in_mid_postcopy_is_never_replaced_by_a_fresh_one() {
     assert!(dst.json["digest"].is_null(), "{}", dst.json);
 }
 
-#[test]
-fn replicator_killed_in_mid_evacuation_loses_the_vm_and_the_standby_says_so() {
+/// An evacuation of 64 MiB (half stale) from `replicate` into a standby (replication the
+/// direct way, the evacuation through a slow link), once 6 MB of it crossed; the extra
+/// arguments go to each side. The emulator, the directory and the certificates are
+/// returned to live as long as the caller needs them.
+struct Evacuating {
+    standby: DestProcess,
+    src: Background,
+    _wan: WanEmulator,
+    _dir: ShmDir,
+    _certs: Certs,
+}
+
+fn in_mid_evacuation(tag: &str, standby_extra: &[&str], src_extra: &[&str]) -> Evacuating {
     let certs = Certs::new();
-    let dir = ShmDir::new("crash-evac-src");
-    let standby = DestProcess::standby(
-        &certs,
-        "127.0.0.1:0",
-        &[
-            "--size",
-            "64M",
-            "--replica-dir",
-            &dir.arg(),
-            "--workers",
-            "2",
-            "--recover-timeout",
-            "2",
-        ],
-    );
+    let dir = ShmDir::new(tag);
+    let replica = dir.arg();
+    let standby_args = [
+        &["--size", "64M", "--replica-dir", &replica, "--workers", "2"][..],
+        standby_extra,
+    ]
+    .concat();
+    let standby = DestProcess::standby(&certs, "127.0.0.1:0", &standby_args);
     let upstream: SocketAddr = standby.addr.parse().unwrap();
     let link = LinkConfig::new(Duration::from_millis(20), 50_000_000);
     let wan = WanEmulator::start("127.0.0.1:0".parse().unwrap(), upstream, link).unwrap();
     let relay = wan.local_addr().to_string();
-    let src = Background::replicate(
-        &certs,
-        &standby.addr,
+    let src_args = [
         &[
             "--synthetic",
             "64M",
@@ -309,12 +311,27 @@ fn replicator_killed_in_mid_evacuation_loses_the_vm_and_the_standby_says_so() {
             "50",
             "--evacuate-connect",
             &relay,
-        ],
-    );
+        ][..],
+        src_extra,
+    ]
+    .concat();
+    let src = Background::replicate(&certs, &standby.addr, &src_args);
     wait_for_bytes(&wan, 6_000_000);
-    src.kill();
+    Evacuating {
+        standby,
+        src,
+        _wan: wan,
+        _dir: dir,
+        _certs: certs,
+    }
+}
+
+#[test]
+fn replicator_killed_in_mid_evacuation_loses_the_vm_and_the_standby_says_so() {
+    let run = in_mid_evacuation("crash-evac-src", &["--recover-timeout", "2"], &[]);
+    run.src.kill();
     let killed = Instant::now();
-    let dst = standby.wait(TIMEOUT);
+    let dst = run.standby.wait(TIMEOUT);
     let took = killed.elapsed();
     let v = assert_vm_lost("standby", &dst);
     eprintln!(
@@ -327,44 +344,10 @@ fn replicator_killed_in_mid_evacuation_loses_the_vm_and_the_standby_says_so() {
 
 #[test]
 fn standby_killed_in_mid_evacuation_loses_the_vm_and_the_replicator_says_so() {
-    let certs = Certs::new();
-    let dir = ShmDir::new("crash-evac-dst");
-    let standby = DestProcess::standby(
-        &certs,
-        "127.0.0.1:0",
-        &[
-            "--size",
-            "64M",
-            "--replica-dir",
-            &dir.arg(),
-            "--workers",
-            "2",
-        ],
-    );
-    let upstream: SocketAddr = standby.addr.parse().unwrap();
-    let link = LinkConfig::new(Duration::from_millis(20), 50_000_000);
-    let wan = WanEmulator::start("127.0.0.1:0".parse().unwrap(), upstream, link).unwrap();
-    let relay = wan.local_addr().to_string();
-    let src = Background::replicate(
-        &certs,
-        &standby.addr,
-        &[
-            "--synthetic",
-            "64M",
-            "--evacuate-after",
-            "1",
-            "--stale-pct",
-            "50",
-            "--evacuate-connect",
-            &relay,
-            "--recover-timeout",
-            "2",
-        ],
-    );
-    wait_for_bytes(&wan, 6_000_000);
-    standby.kill();
+    let run = in_mid_evacuation("crash-evac-dst", &[], &["--recover-timeout", "2"]);
+    run.standby.kill();
     let killed = Instant::now();
-    let src = src.wait(TIMEOUT);
+    let src = run.src.wait(TIMEOUT);
     let took = killed.elapsed();
     let v = assert_vm_lost("replicator", &src);
     eprintln!(
