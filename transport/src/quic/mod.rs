@@ -154,7 +154,7 @@ pub enum DriverError {
         "the VM is lost: the session ended {vulnerability_ms} ms after switchover{}",
         match .pages_missing {
             Some(n) => format!(", with {n} pages still only at the source"),
-            None => ", before the destination held every page".to_string(),
+            None => ", before the destination confirmed it held every page".to_string(),
         }
     )]
     VmLost {
