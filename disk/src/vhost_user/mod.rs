@@ -25,6 +25,8 @@
 //! **Not supported**: dirty-page logging for the frontend's own live migration
 //! (`VHOST_F_LOG_ALL`), inflight-fd reconnection, zoned and secure-erase requests.
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod request;
 
 use std::io;
@@ -454,8 +456,7 @@ impl Inner {
             Parsed::Malformed { head, status, why } => {
                 self.counters.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(head, why, "vhost-user-blk: malformed request");
-                let ioerr = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
-                let used = u32::from(request::write_status(&**mem, status, ioerr));
+                let used = request::answer(&**mem, status, request::S_IOERR, 1);
                 complete(vring, head, used);
             }
             Parsed::Request(req) => {
@@ -502,11 +503,7 @@ impl Inner {
         if let Some(c) = counter {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        let used = if request::write_status(mem, req.status, done.status) {
-            done.used
-        } else {
-            0
-        };
+        let used = request::answer(mem, req.status, done.status, done.used);
         complete(vring, req.head, used);
     }
 }

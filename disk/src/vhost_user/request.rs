@@ -33,7 +33,7 @@ pub const SERIAL_LEN: usize = 20;
 const CHUNK: u64 = 1 << 20;
 
 const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
-const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+pub(crate) const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// The limits the device announces in its configuration for discard and write-zeroes.
@@ -66,6 +66,11 @@ impl Sg {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The buffers, in order.
+    pub(crate) fn buffers(&self) -> &[(GuestAddress, u64)] {
+        &self.0
     }
 
     /// Whether every buffer lies in guest memory.
@@ -326,6 +331,21 @@ impl Request {
         self.kind
     }
 
+    /// The header's sector.
+    pub(crate) fn sector(&self) -> u64 {
+        self.sector
+    }
+
+    /// The device-readable buffers after the header.
+    pub(crate) fn readable(&self) -> &[(GuestAddress, u64)] {
+        self.readable.buffers()
+    }
+
+    /// The device-writable buffers before the status byte.
+    pub(crate) fn writable(&self) -> &[(GuestAddress, u64)] {
+        self.writable.buffers()
+    }
+
     /// Runs the request against the disk and guest memory (the status byte is the
     /// caller's to write).
     pub(crate) fn run<M: GuestMemory>(&self, mem: &M, dev: &Device<'_>) -> Done {
@@ -509,6 +529,16 @@ impl Request {
 /// The status byte, written; `false` if it could not be.
 pub(crate) fn write_status<M: GuestMemory>(mem: &M, at: GuestAddress, status: u8) -> bool {
     mem.write_obj(status, at).is_ok()
+}
+
+/// Writes the status byte and returns the used length for the used ring: `used`, or 0
+/// if the status byte could not be written.
+pub(crate) fn answer<M: GuestMemory>(mem: &M, at: GuestAddress, status: u8, used: u32) -> u32 {
+    if write_status(mem, at, status) {
+        used
+    } else {
+        0
+    }
 }
 
 #[cfg(test)]
