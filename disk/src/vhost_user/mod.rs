@@ -18,9 +18,10 @@
 //! requests in flight to complete first, as the vhost-user protocol requires.
 //!
 //! **Malformed chains** never panic and never change the image (see the `request`
-//! module): a chain that does not end in a writable status byte goes back to the guest
-//! unanswered (used length 0); anything else malformed is answered `VIRTIO_BLK_S_IOERR`;
-//! [`VhostUserBlk::stats`] counts both. The device keeps serving either way.
+//! module): a chain that does not end in a writable status byte in guest memory goes back
+//! to the guest unanswered (used length 0); anything else malformed is answered
+//! `VIRTIO_BLK_S_IOERR`; [`VhostUserBlk::stats`] counts both. The device keeps serving
+//! either way.
 //!
 //! **Not supported**: dirty-page logging for the frontend's own live migration
 //! (`VHOST_F_LOG_ALL`), inflight-fd reconnection, zoned and secure-erase requests.
@@ -147,7 +148,8 @@ pub enum BlkError {
 pub struct BlkStats {
     /// Descriptor chains taken off the queues.
     pub requests: u64,
-    /// Chains that could not be answered (no writable status byte at their end).
+    /// Chains that could not be answered (no writable status byte in guest memory at
+    /// their end).
     pub unanswered: u64,
     /// Malformed requests answered `VIRTIO_BLK_S_IOERR`.
     pub malformed: u64,

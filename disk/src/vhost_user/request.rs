@@ -3,9 +3,10 @@
 //! may block).
 //!
 //! Nothing the guest puts in a chain panics or changes the image unless the request is
-//! well formed: a chain without a writable status byte at its end cannot be answered and
-//! is returned unanswered (used length 0); any other malformation is answered
-//! `VIRTIO_BLK_S_IOERR`, and a request type the device does not know `VIRTIO_BLK_S_UNSUPP`.
+//! well formed: a chain without a writable status byte at its end, in guest memory, cannot
+//! be answered and is returned unanswered (used length 0); any other malformation is
+//! answered `VIRTIO_BLK_S_IOERR`, and a request type the device does not know
+//! `VIRTIO_BLK_S_UNSUPP`.
 //! Every guest buffer is checked against guest memory, and every range against the disk,
 //! before the first byte is written.
 
@@ -234,6 +235,14 @@ where
             why: "the status byte's address overflows",
         };
     };
+    // Checked like every buffer: a request must not run (and change the image) when its
+    // answer cannot be written.
+    if !mem.check_range(status, 1, Permissions::Write) {
+        return Parsed::Unanswerable {
+            head,
+            why: "the status byte lies outside guest memory",
+        };
+    }
     let malformed = |why| Parsed::Malformed { head, status, why };
 
     let mut readable = Sg::default();
