@@ -27,7 +27,7 @@
 //! `VIRTIO_BLK_S_UNSUPP`; a failed disk call is answered `VIRTIO_BLK_S_IOERR`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use disk::vhost_user::fuzzing::{handle, Outcome, Request, Verdict};
 use disk::vhost_user::{Limits, SECTOR_SIZE, SERIAL_LEN};
@@ -76,6 +76,15 @@ const KINDS: [u32; 6] = [
     VIRTIO_BLK_T_WRITE_ZEROES,
 ];
 
+/// The largest image (2 MiB), and more than guest memory (144 KiB).
+const PATTERN_LEN: usize = 2 << 20;
+
+/// What an image and guest memory hold at first (computed once: executions are many).
+fn pattern() -> &'static [u8] {
+    static P: OnceLock<Vec<u8>> = OnceLock::new();
+    P.get_or_init(|| (0..PATTERN_LEN).map(|i| (i * 7 % 251) as u8).collect())
+}
+
 /// An image in memory that fails any call outside it (the finding this target is for)
 /// and can be told to fail every call.
 struct Image {
@@ -89,15 +98,16 @@ struct Image {
 impl Image {
     fn new(size: usize, read_only: bool) -> Image {
         Image {
-            bytes: Mutex::new((0..size).map(|i| (i * 7 % 251) as u8).collect()),
+            bytes: Mutex::new(pattern()[..size].to_vec()),
             read_only,
             fail: AtomicBool::new(false),
             errors: AtomicU64::new(0),
         }
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        self.bytes.lock().expect("image lock").clone()
+    /// The image's bytes, locked.
+    fn bytes(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.bytes.lock().expect("image lock")
     }
 
     /// Asserts that the device asks for a range inside the image (and for no change to a
@@ -257,6 +267,9 @@ struct Rig<'a> {
     image: Image,
     limits: Limits,
     chains: usize,
+    /// The image before the chain being checked, and what it should be after it.
+    img_before: Vec<u8>,
+    img_want: Vec<u8>,
 }
 
 impl Rig<'_> {
@@ -285,20 +298,32 @@ impl Rig<'_> {
             };
             self.chains += 1;
             let mem_before = Shadow::of(self.mem);
-            let img_before = self.image.snapshot();
+            // (Buffers reused: the image may be 2 MiB, and executions are many.)
+            let mut img_before = std::mem::take(&mut self.img_before);
+            img_before.clone_from(&self.image.bytes());
             let errors = self.image.errors.load(Ordering::Relaxed);
             let out = handle(self.mem, chain, &self.image, SERIAL, self.limits);
             let failed_calls = self.image.errors.load(Ordering::Relaxed) - errors;
-            self.check(&out, &mem_before, &img_before, failed_calls);
+            let mut img_want = std::mem::take(&mut self.img_want);
+            self.check(&out, &mem_before, &img_before, &mut img_want, failed_calls);
+            self.img_before = img_before;
+            self.img_want = img_want;
             // Returned as the device returns it (an out-of-range head is refused).
             let _ = self.queue.add_used(self.mem, out.head, out.used);
         }
     }
 
-    fn check(&self, out: &Outcome, mem_before: &Shadow, img_before: &[u8], failed_calls: u64) {
+    fn check(
+        &self,
+        out: &Outcome,
+        mem_before: &Shadow,
+        img_before: &[u8],
+        img_want: &mut Vec<u8>,
+        failed_calls: u64,
+    ) {
         let mem_after = Shadow::of(self.mem);
-        let img_after = self.image.snapshot();
-        let image_unchanged = || assert!(img_after == img_before, "the image changed: {out:?}");
+        let img_after = self.image.bytes();
+        let image_unchanged = || assert!(*img_after == img_before, "the image changed: {out:?}");
         match &out.verdict {
             Verdict::Unanswerable { .. } => {
                 assert_eq!(out.used, 0, "{out:?}");
@@ -342,36 +367,51 @@ impl Rig<'_> {
                     assert_eq!(*status, S_UNSUPP, "{out:?}");
                 }
                 if *status == S_OK {
-                    let (want_mem, want_img, used) = self.model(request, mem_before, img_before);
-                    assert!(img_after == want_img, "the image: {out:?}");
+                    let (want_mem, writes, used) =
+                        self.model(request, mem_before, img_before, img_want);
+                    let want_img = if writes { &img_want[..] } else { img_before };
+                    assert!(*img_after == want_img, "the image: {out:?}");
                     assert!(mem_after == want_mem, "guest memory: {out:?}");
                     assert_eq!(out.used, used, "{out:?}");
                 } else {
                     image_unchanged();
                     assert_eq!(out.used, 1, "{out:?}");
                     // Only the device-writable buffers and the status byte may change (a
-                    // read may fail half-way).
-                    for a in mem_before.diff(&mem_after) {
-                        assert!(
-                            a == request.status.0
-                                || request
-                                    .writable
-                                    .iter()
-                                    .any(|&(b, l)| a >= b.0 && a - b.0 < l),
-                            "guest memory changed at {a:#x}: {out:?}"
-                        );
+                    // read may fail half-way): put their old contents back and compare.
+                    let mut masked = mem_after.clone();
+                    for &(a, l) in &request.writable {
+                        masked.scatter(&[(a, l)], &mem_before.gather(&[(a, l)]));
+                    }
+                    masked.set(request.status.0, mem_before.byte(request.status.0));
+                    if masked != *mem_before {
+                        let at = masked.diff(mem_before);
+                        panic!("guest memory changed at {at:x?}: {out:?}");
                     }
                 }
             }
         }
     }
 
-    /// What a request answered `VIRTIO_BLK_S_OK` must have done: guest memory and image
-    /// afterwards, and the used length.
-    fn model(&self, r: &Request, mem: &Shadow, img: &[u8]) -> (Shadow, Vec<u8>, u32) {
+    /// What a request answered `VIRTIO_BLK_S_OK` must have done, from guest memory `mem`
+    /// and image `img` before it: guest memory afterwards, whether it changed the image
+    /// (then into `want`), and the used length.
+    fn model(
+        &self,
+        r: &Request,
+        mem: &Shadow,
+        img: &[u8],
+        want: &mut Vec<u8>,
+    ) -> (Shadow, bool, u32) {
         let mut mem = mem.clone();
-        let mut img = img.to_vec();
         let size = img.len() as u64;
+        let writes = matches!(
+            r.kind,
+            VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES
+        );
+        if writes {
+            want.clear();
+            want.extend_from_slice(img);
+        }
         let total = |bufs: &[(GuestAddress, u64)]| bufs.iter().map(|&(_, l)| l).sum::<u64>();
         let (rlen, wlen) = (total(&r.readable), total(&r.writable));
         // The range a read or write covers, which must have been checked.
@@ -393,7 +433,7 @@ impl Rig<'_> {
                 assert!(r.writable.is_empty(), "a write with writable data: {r:?}");
                 assert!(!self.image.read_only);
                 let span = range(rlen);
-                img[span].copy_from_slice(&mem.gather(&r.readable));
+                want[span].copy_from_slice(&mem.gather(&r.readable));
             }
             VIRTIO_BLK_T_FLUSH => {}
             VIRTIO_BLK_T_GET_ID => {
@@ -429,13 +469,13 @@ impl Rig<'_> {
                     let off = sector.checked_mul(SECTOR_SIZE).expect("sector overflow");
                     let len = u64::from(sectors) * SECTOR_SIZE;
                     assert!(check_range(off, len, size).is_ok(), "past the end: {r:?}");
-                    img[off as usize..(off + len) as usize].fill(0);
+                    want[off as usize..(off + len) as usize].fill(0);
                 }
             }
             other => panic!("type {other} answered OK: {r:?}"),
         }
         mem.set(r.status.0, S_OK);
-        (mem, img, used)
+        (mem, writes, used)
     }
 }
 
@@ -506,7 +546,7 @@ pub fn vhost_blk(data: &[u8]) {
         0 => 32 << 10,
         1 => 4096 + usize::from(inp.u8()),
         2 => 0,
-        _ => 2 << 20,
+        _ => PATTERN_LEN,
     };
     let read_only = cfg & 4 != 0;
     let qsize = 1u16 << ((cfg >> 4) % 7);
@@ -527,8 +567,8 @@ pub fn vhost_blk(data: &[u8]) {
 
     let mem = Mem::from_ranges(&REGIONS.map(|(a, l)| (GuestAddress(a), l))).expect("memory");
     for &(base, l) in &REGIONS {
-        let fill: Vec<u8> = (0..l).map(|i| (i * 13 + 7) as u8).collect();
-        mem.write_slice(&fill, GuestAddress(base)).expect("fill");
+        mem.write_slice(&pattern()[base as usize..][..l], GuestAddress(base))
+            .expect("fill");
     }
     let vq = MockSplitQueue::create(&mem, GuestAddress(0), qsize);
     for i in 0..qsize {
@@ -552,6 +592,8 @@ pub fn vhost_blk(data: &[u8]) {
         image,
         limits,
         chains: 0,
+        img_before: Vec::new(),
+        img_want: Vec::new(),
     };
 
     while !inp.is_empty() {
