@@ -10,8 +10,9 @@
 //! 1 MiB bounce windows; read-only or not), the queue size and the discard and
 //! write-zeroes limits. Then each op byte writes a descriptor into the table, a whole
 //! linked chain, an avail ring entry, a request header, discard / write-zeroes segments,
-//! raw bytes or an indirect descriptor table into guest memory, makes the disk fail or
-//! work, or lets the device take every available chain off the queue. Each chain is
+//! raw bytes or an indirect descriptor table into guest memory, writes a request-shaped
+//! chain (header, one data buffer repeated, status byte), makes the disk fail or work,
+//! or lets the device take every available chain off the queue. Each chain is
 //! handled as the device handles it (`fuzzing::handle`: parse, run, status byte, used
 //! length) and returned on the used ring.
 //!
@@ -699,6 +700,32 @@ pub fn vhost_blk(data: &[u8]) {
                 let f = !rig.image.fail.load(Ordering::Relaxed);
                 rig.image.fail.store(f, Ordering::Relaxed);
             }
+            8 => {
+                // A request-shaped chain, offered: a header, `k` descriptors for one data
+                // buffer (the same one: more than the 1 MiB bounce window fits), a status
+                // byte.
+                let first = u16::from(inp.u8()) % qsize;
+                let h = addr(&mut inp);
+                let (d, l) = (addr(&mut inp), len(&mut inp));
+                let f = flags(inp.u8()) & WRITE;
+                let k = u16::from(inp.u8()) % qsize;
+                let st = addr(&mut inp);
+                let chain = std::iter::once((h, 16, 0))
+                    .chain((0..k).map(|_| (d, l, f)))
+                    .chain(std::iter::once((st, 1, WRITE)));
+                let n = k + 2;
+                for (j, (a, l, f)) in chain.enumerate() {
+                    let j = j as u16;
+                    let i = (first + j) % qsize;
+                    let (f, next) = if j + 1 < n {
+                        (f | NEXT, (i + 1) % qsize)
+                    } else {
+                        (f, 0)
+                    };
+                    let _ = rig.vq.desc_table().store(i, desc(a, l, f, next));
+                }
+                rig.offer(first);
+            }
             _ => rig.run(),
         }
     }
@@ -744,13 +771,26 @@ impl Seed {
         }
     }
 
+    /// A request-shaped chain at table entry `first`: a header, `k` descriptors for one
+    /// data buffer, a status byte.
+    fn request(&mut self, first: u8, hdr: u64, data: (u64, u32, bool), k: u8, status: u64) {
+        self.0.extend_from_slice(&[8, first]);
+        self.addr(hdr);
+        self.addr(data.0);
+        self.len(data.1);
+        self.0.push(if data.2 { WRITE as u8 } else { 0 });
+        self.0.push(k);
+        self.addr(status);
+    }
+
     fn run(&mut self) {
         self.0.push(9);
     }
 }
 
 /// Seeds: well-formed chains of every supported type (write, read back, flush, GET_ID,
-/// discard, write-zeroes), one through an indirect table, and a few malformed ones.
+/// discard, write-zeroes), one through an indirect table, a few malformed ones, and a
+/// write and read of more than 1 MiB.
 pub fn seeds() -> Vec<Vec<u8>> {
     let (hdr, buf, st) = (0x2000, 0x3000, 0x5000);
     let mut out = Vec::new();
@@ -853,6 +893,17 @@ pub fn seeds() -> Vec<Vec<u8>> {
         10,
         &[(hdr + 16, 16, false), (buf, 512, true), (st, 1, true)],
     );
+    s.run();
+    out.push(s.0);
+
+    // A 2 MiB image and a queue of 32: a 1.2 MiB write and read back, each one buffer of
+    // 60 KiB given 20 times (so both cross a 1 MiB bounce window).
+    let mut s = Seed(vec![3 | 5 << 4, 63, 63, 0b0101]);
+    s.header(hdr, 1, 0);
+    s.request(0, hdr, (DATA, 0xf000, false), 20, st);
+    s.run();
+    s.header(hdr, 0, 0);
+    s.request(0, hdr, (DATA, 0xf000, true), 20, st);
     s.run();
     out.push(s.0);
     out
