@@ -14,6 +14,7 @@ pub mod nbd;
 pub mod proto;
 pub mod replica;
 pub mod samples;
+pub mod vhost_blk;
 
 /// A fuzz target: its name (also its corpus directory) and its body.
 pub type Target = (&'static str, fn(&[u8]));
@@ -25,6 +26,7 @@ pub const TARGETS: &[Target] = &[
     ("guest_agent", guest_agent::guest_agent),
     ("replica", replica::replica),
     ("nbd", nbd::nbd),
+    ("vhost_blk", vhost_blk::vhost_blk),
 ];
 
 /// The target called `name`.
@@ -41,6 +43,7 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
         "guest_agent" => guest_agent::seeds(),
         "replica" => replica::seeds(),
         "nbd" => nbd::seeds(),
+        "vhost_blk" => vhost_blk::seeds(),
         _ => Vec::new(),
     }
 }

@@ -112,11 +112,18 @@ macro_rules! replay_test {
     )*};
 }
 
-replay_test!(codec, proto, guest_agent, replica, nbd);
+replay_test!(codec, proto, guest_agent, replica, nbd, vhost_blk);
 
 #[test]
 fn every_target_has_a_replay_test_and_seeds() {
-    let tested = ["codec", "proto", "guest_agent", "replica", "nbd"];
+    let tested = [
+        "codec",
+        "proto",
+        "guest_agent",
+        "replica",
+        "nbd",
+        "vhost_blk",
+    ];
     for (name, _) in TARGETS {
         assert!(tested.contains(name), "{name} has no replay test");
         assert!(!seeds(name).is_empty(), "{name} has no generated seeds");

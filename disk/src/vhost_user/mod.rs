@@ -18,13 +18,16 @@
 //! requests in flight to complete first, as the vhost-user protocol requires.
 //!
 //! **Malformed chains** never panic and never change the image (see the `request`
-//! module): a chain that does not end in a writable status byte goes back to the guest
-//! unanswered (used length 0); anything else malformed is answered `VIRTIO_BLK_S_IOERR`;
-//! [`VhostUserBlk::stats`] counts both. The device keeps serving either way.
+//! module): a chain that does not end in a writable status byte in guest memory goes back
+//! to the guest unanswered (used length 0); anything else malformed is answered
+//! `VIRTIO_BLK_S_IOERR`; [`VhostUserBlk::stats`] counts both. The device keeps serving
+//! either way.
 //!
 //! **Not supported**: dirty-page logging for the frontend's own live migration
 //! (`VHOST_F_LOG_ALL`), inflight-fd reconnection, zoned and secure-erase requests.
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod request;
 
 use std::io;
@@ -145,7 +148,8 @@ pub enum BlkError {
 pub struct BlkStats {
     /// Descriptor chains taken off the queues.
     pub requests: u64,
-    /// Chains that could not be answered (no writable status byte at their end).
+    /// Chains that could not be answered (no writable status byte in guest memory at
+    /// their end).
     pub unanswered: u64,
     /// Malformed requests answered `VIRTIO_BLK_S_IOERR`.
     pub malformed: u64,
@@ -454,8 +458,7 @@ impl Inner {
             Parsed::Malformed { head, status, why } => {
                 self.counters.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(head, why, "vhost-user-blk: malformed request");
-                let ioerr = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
-                let used = u32::from(request::write_status(&**mem, status, ioerr));
+                let used = request::answer(&**mem, status, request::S_IOERR, 1);
                 complete(vring, head, used);
             }
             Parsed::Request(req) => {
@@ -502,11 +505,7 @@ impl Inner {
         if let Some(c) = counter {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        let used = if request::write_status(mem, req.status, done.status) {
-            done.used
-        } else {
-            0
-        };
+        let used = request::answer(mem, req.status, done.status, done.used);
         complete(vring, req.head, used);
     }
 }

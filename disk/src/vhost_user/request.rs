@@ -3,9 +3,10 @@
 //! may block).
 //!
 //! Nothing the guest puts in a chain panics or changes the image unless the request is
-//! well formed: a chain without a writable status byte at its end cannot be answered and
-//! is returned unanswered (used length 0); any other malformation is answered
-//! `VIRTIO_BLK_S_IOERR`, and a request type the device does not know `VIRTIO_BLK_S_UNSUPP`.
+//! well formed: a chain without a writable status byte at its end, in guest memory, cannot
+//! be answered and is returned unanswered (used length 0); any other malformation is
+//! answered `VIRTIO_BLK_S_IOERR`, and a request type the device does not know
+//! `VIRTIO_BLK_S_UNSUPP`.
 //! Every guest buffer is checked against guest memory, and every range against the disk,
 //! before the first byte is written.
 
@@ -33,7 +34,7 @@ pub const SERIAL_LEN: usize = 20;
 const CHUNK: u64 = 1 << 20;
 
 const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
-const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+pub(crate) const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// The limits the device announces in its configuration for discard and write-zeroes.
@@ -66,6 +67,11 @@ impl Sg {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The buffers, in order.
+    pub(crate) fn buffers(&self) -> &[(GuestAddress, u64)] {
+        &self.0
     }
 
     /// Whether every buffer lies in guest memory.
@@ -229,6 +235,14 @@ where
             why: "the status byte's address overflows",
         };
     };
+    // Checked like every buffer: a request must not run (and change the image) when its
+    // answer cannot be written.
+    if !mem.check_range(status, 1, Permissions::Write) {
+        return Parsed::Unanswerable {
+            head,
+            why: "the status byte lies outside guest memory",
+        };
+    }
     let malformed = |why| Parsed::Malformed { head, status, why };
 
     let mut readable = Sg::default();
@@ -324,6 +338,21 @@ impl Request {
     /// The request type (`VIRTIO_BLK_T_*`).
     pub(crate) fn kind(&self) -> u32 {
         self.kind
+    }
+
+    /// The header's sector.
+    pub(crate) fn sector(&self) -> u64 {
+        self.sector
+    }
+
+    /// The device-readable buffers after the header.
+    pub(crate) fn readable(&self) -> &[(GuestAddress, u64)] {
+        self.readable.buffers()
+    }
+
+    /// The device-writable buffers before the status byte.
+    pub(crate) fn writable(&self) -> &[(GuestAddress, u64)] {
+        self.writable.buffers()
     }
 
     /// Runs the request against the disk and guest memory (the status byte is the
@@ -509,6 +538,16 @@ impl Request {
 /// The status byte, written; `false` if it could not be.
 pub(crate) fn write_status<M: GuestMemory>(mem: &M, at: GuestAddress, status: u8) -> bool {
     mem.write_obj(status, at).is_ok()
+}
+
+/// Writes the status byte and returns the used length for the used ring: `used`, or 0
+/// if the status byte could not be written.
+pub(crate) fn answer<M: GuestMemory>(mem: &M, at: GuestAddress, status: u8, used: u32) -> u32 {
+    if write_status(mem, at, status) {
+        used
+    } else {
+        0
+    }
 }
 
 #[cfg(test)]
