@@ -454,3 +454,84 @@ fn the_checksum_covers_every_word_in_order() {
     assert_ne!(held_checksum(&[1, 0]), held_checksum(&[0, 1]));
     assert_eq!(held_checksum(a.words()), held_checksum(a.clone().words()));
 }
+
+/// A migration with VM state whose destination crashes after it answered the `Hello`,
+/// before the VM state arrived; a fresh destination takes the next connection. Returns the
+/// source's number for it, its `Hello`, and the restarted destination.
+fn crashed_before_the_vm_state(
+    src: &mut SourceSession,
+    answer_arrives: bool,
+) -> (u32, Transmit, DestSession) {
+    let layout = crate::message::Layout::single(N * PAGE_SIZE as u64);
+    let mut dead = DestSession::new(DestConfig::migrate(layout.clone()));
+    let hello = src.poll_transmit().unwrap();
+    dead.handle(hello.channel, wire(hello.message)).unwrap();
+    let ack = dead.poll_transmit().unwrap();
+    assert!(!dead.guest_may_run(), "no VM state yet: nothing runs there");
+    // The destination process dies here. What it sent may still reach the source.
+    if answer_arrives {
+        src.handle(ack.channel, wire(ack.message)).unwrap();
+    }
+    src.connection_lost();
+    let s = src.resume();
+    let hello = src.poll_transmit().unwrap();
+    (s, hello, DestSession::new(DestConfig::migrate(layout)))
+}
+
+#[test]
+fn a_restarted_destination_takes_a_session_the_source_still_owns() {
+    let layout = crate::message::Layout::single(N * PAGE_SIZE as u64);
+    let mut src = SourceSession::new(SourceConfig {
+        session_id: 42,
+        vm_state: Some(vec![1, 2, 3]),
+        ..SourceConfig::migrate("vm", layout)
+    });
+    let (s, hello, mut fresh) = crashed_before_the_vm_state(&mut src, false);
+    assert_eq!(src.ownership(), Ownership::Source);
+    assert!(!handed_over(&hello));
+    fresh.handle(hello.channel, wire(hello.message)).unwrap();
+    let ack = fresh.poll_transmit().unwrap();
+    assert!(
+        matches!(ack.message, Message::HelloAck { conn_epoch: 0, .. }),
+        "a restarted destination numbers its first connection 0: {:?}",
+        ack.message
+    );
+    src.handle_in(s, ack.channel, wire(ack.message)).unwrap();
+    assert_eq!(src.ownership(), Ownership::Destination);
+    let state = src.poll_transmit().unwrap();
+    fresh.handle(state.channel, wire(state.message)).unwrap();
+    assert!(fresh.guest_may_run());
+    assert!(matches!(
+        std::iter::from_fn(|| src.poll_event()).last(),
+        Some(SourceEvent::Established { .. })
+    ));
+}
+
+#[test]
+fn a_hand_over_queued_after_the_destination_died_loses_the_vm() {
+    // The destination answered and died before the VM state arrived; its answer reached
+    // the source, which queued the VM state. The source cannot know it never arrived
+    // (queued counts as sent), so the VM counts as handed over, and the restarted
+    // destination must not start it over from the source's memory.
+    let layout = crate::message::Layout::single(N * PAGE_SIZE as u64);
+    let mut src = SourceSession::new(SourceConfig {
+        session_id: 42,
+        vm_state: Some(vec![1, 2, 3]),
+        ..SourceConfig::migrate("vm", layout)
+    });
+    let (s, hello, mut fresh) = crashed_before_the_vm_state(&mut src, true);
+    assert_eq!(src.ownership(), Ownership::Destination);
+    assert!(handed_over(&hello));
+    let err = fresh
+        .handle(hello.channel, wire(hello.message))
+        .unwrap_err();
+    assert_eq!(err, ProtoError::NotHeld { session_id: 42 });
+    assert!(!fresh.guest_may_run());
+    let refusal = fresh.poll_transmit().unwrap();
+    let err = src
+        .handle_in(s, refusal.channel, wire(refusal.message))
+        .unwrap_err();
+    assert_eq!(err.code(), crate::message::ErrorCode::ResumeRefused);
+    assert_eq!(src.session_state(), SessionState::Failed);
+    assert_eq!(src.ownership(), Ownership::Destination);
+}

@@ -10,11 +10,23 @@
 //! a cut are delivered anyway after the reconnect, as a reader task of the dead connection
 //! that lost the race would: they must be ignored.
 //!
+//! A few cuts also crash the destination process (migrations with VM state and evacuations
+//! only, see [`Sim::crash_dest`]): its session, memory, guest and vCPUs are gone, and a
+//! fresh process with the same configuration takes the next connection (at evacuation
+//! from the standby's replica on disk). Half of the crashes leave the link up: what the
+//! dead process had sent still reaches the source, which notices the loss only after it.
+//!
 //! Checked for every seed: the destination ends with every page byte for byte equal to the
 //! source's memory; every page is installed once; every demand fault is served; pages the
 //! destination said it holds are never sent again on that connection; both sessions
 //! complete; and at no point may the VM run on both hosts (the source still owning it while
-//! the destination may run the guest).
+//! the destination may run the guest). After a crash those checks apply to the restarted
+//! destination if the source still owned the VM when it reconnected to it. If it had handed
+//! the VM over, the VM is lost and must be reported, never started over from the source's
+//! memory: the restarted destination refuses the session (`NotHeld`), never lets the guest
+//! run and takes no page; the source fails on the refusal (`ResumeRefused`) and keeps
+//! `Ownership::Destination`. A source that finished on a late `Complete` of the crashed
+//! destination does not come back.
 //!
 //! `FAULTLINE_SIM_SEEDS=N` runs N seeds (10,000 by default); `FAULTLINE_SIM_SEED=N` runs
 //! only seed N and prints its trace.
@@ -77,8 +89,9 @@ enum Ev {
     },
     Reconnect,
     PushTick,
-    /// vCPU `i` runs until it touches a page that is not here.
-    Fault(usize),
+    /// vCPU `i` of the destination process `gen` (see [`Sim::dst_gen`]) runs until it
+    /// touches a page that is not here.
+    Fault(usize, u32),
 }
 
 struct Conn {
@@ -90,6 +103,11 @@ struct Conn {
     last: [[u64; 3]; 2],
     /// After the cut: a stream lost a message, so nothing after it can be read either.
     broken: [[bool; 3]; 2],
+    /// The destination process at its end ([`Sim::dst_gen`]): messages for an earlier one
+    /// died with it.
+    dst_gen: u32,
+    /// The destination crashed at the cut and what it had sent still arrives.
+    sent_arrives: bool,
 }
 
 fn chan_index(c: Channel) -> usize {
@@ -112,6 +130,24 @@ struct Tally {
     ignored: u64,
     zombies: u64,
     faults: u64,
+    /// Destination processes that crashed (a fresh one took the next connection). Each
+    /// ends in one of the three counts that follow.
+    crashes: u64,
+    /// Crashes after which the source still owned the VM when it reconnected: the
+    /// restarted destination took the session over (and must complete it).
+    crashes_taken_over: u64,
+    /// Crashes after which the source finished on a late `Complete` of the crashed
+    /// destination, before it noticed the crash: it does not come back.
+    finished_before_noticed: u64,
+    /// Crashes after the source handed the VM over: the VM is lost, reported as such.
+    vms_lost: u64,
+    /// Of those, crashes of a destination that had not let the guest run yet (its
+    /// `VmState` or stale set had not arrived): the source cannot tell, and counts what it
+    /// queued as sent.
+    vms_lost_unrun: u64,
+    /// Of those, crashes before the source queued the hand-over, which it queued afterwards
+    /// on a late answer of the crashed destination.
+    handed_over_after_crash: u64,
     virtual_us: u64,
 }
 
@@ -126,6 +162,12 @@ impl std::ops::AddAssign for Tally {
         self.ignored += o.ignored;
         self.zombies += o.zombies;
         self.faults += o.faults;
+        self.crashes += o.crashes;
+        self.crashes_taken_over += o.crashes_taken_over;
+        self.finished_before_noticed += o.finished_before_noticed;
+        self.vms_lost += o.vms_lost;
+        self.vms_lost_unrun += o.vms_lost_unrun;
+        self.handed_over_after_crash += o.handed_over_after_crash;
         self.virtual_us = self.virtual_us.max(o.virtual_us);
     }
 }
@@ -167,7 +209,49 @@ struct Sim {
     tick_pending: bool,
     push_run: u64,
     tally: Tally,
+    /// Destination crashes: drawn from a generator of their own, so that a seed without a
+    /// crash runs exactly as it did before crashes were simulated.
+    crash_rng: Rng,
+    /// Whether this session may see destination crashes (see [`Sim::crash_dest`]).
+    crashable: bool,
+    /// What a restarted destination process is set up with.
+    dst_config: DestConfig,
+    /// At evacuation: the pages the standby's replica on disk holds fresh (the source's
+    /// content; the others hold something else) as the seed began. A restarted standby
+    /// starts from that replica again.
+    replica: Option<Bitmap>,
+    /// The destination process: 0, then one more for each restart.
+    dst_gen: u32,
+    /// Whether the current destination process had a connection yet (its first one is
+    /// number 0, without `resume()`).
+    dst_connected: bool,
+    /// The last crash, if any.
+    crash: Option<Crash>,
+    /// The source reconnected to a restarted destination after handing the VM over: the
+    /// VM is lost, and the session must end reporting it.
+    lost: bool,
+    /// A restarted destination refused the source's `Hello` (`NotHeld`).
+    refused: bool,
+    /// The source failed on that refusal (`ResumeRefused`).
+    src_refused: bool,
+    /// The source finished on a late `Complete` of a crashed destination and did not
+    /// reconnect (its driver ended).
+    ended_at_source: bool,
 }
+
+/// What the source and the destination were at a crash.
+#[derive(Clone, Copy, Debug)]
+struct Crash {
+    /// The source's ownership at the crash.
+    owner: Ownership,
+    /// The crashed destination had sent `Complete` (it held every page).
+    complete_sent: bool,
+    /// The crashed destination could let the guest run.
+    ran: bool,
+}
+
+/// Per mille of cuts that also crash the destination, where a crash may be simulated.
+const CRASH_PER_MILLE: u64 = 30;
 
 type Res<T> = Result<T, String>;
 
@@ -190,6 +274,22 @@ fn page_content(seed: u64, p: u64, out: &mut [u8]) {
         out.fill((h >> 8) as u8 | 1);
         out[..8].copy_from_slice(&p.to_le_bytes());
         out[PAGE_SIZE - 8..].copy_from_slice(&seed.to_le_bytes());
+    }
+}
+
+/// The standby's replica at evacuation: the source's content for every page it holds fresh;
+/// stale and invalid pages hold something else.
+fn fill_replica(src_mem: &[u8], fresh: &Bitmap, out: &mut [u8]) {
+    for (p, (page, src)) in out
+        .chunks_exact_mut(PAGE_SIZE)
+        .zip(src_mem.chunks_exact(PAGE_SIZE))
+        .enumerate()
+    {
+        if fresh.get(p as u64) {
+            page.copy_from_slice(src);
+        } else {
+            page.fill(0xEE);
+        }
     }
 }
 
@@ -227,17 +327,12 @@ impl Sim {
             let density = rng_per_mille(&mut rng);
             let stale = bits(pages, &mut rng, density);
             let invalid = bits(pages, &mut rng, 100);
-            // The replica holds the source's content for every page it reports fresh;
-            // stale and invalid pages hold something else.
             for p in 0..pages {
-                let r = p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE;
-                if stale.get(p) || invalid.get(p) {
-                    dst_mem[r].fill(0xEE);
-                } else {
-                    dst_mem[r.clone()].copy_from_slice(&src_mem[r]);
+                if !(stale.get(p) || invalid.get(p)) {
                     present.set(p);
                 }
             }
+            fill_replica(&src_mem, &present, &mut dst_mem);
             (Some(stale), invalid)
         } else {
             (None, Bitmap::new(pages))
@@ -249,21 +344,32 @@ impl Sim {
             Vec::new()
         };
         let push = !rng.chance(150);
+        let vm_state = rng.chance(500).then(|| vec![7; 16]);
+        let with_state = vm_state.is_some();
         let src = SourceSession::new(SourceConfig {
             push,
             kind,
             stale,
-            vm_state: rng.chance(500).then(|| vec![7; 16]),
+            vm_state,
             early_push: rng.chance(500),
             hot,
             session_id: u128::from(rng.next()) << 64 | u128::from(rng.next()),
             ..SourceConfig::migrate("vm-sim", layout.clone())
         });
-        let dst = DestSession::new(DestConfig {
+        // Destination crashes only where the protocol guarantees the VM is never started
+        // over from older memory: a migration with VM state and an evacuation. A migration
+        // without VM state hands the VM over with the first `Hello` (the destination runs
+        // the guest from it on), before the source can know that a destination answered:
+        // the source cannot mark its reconnecting `Hello`, and a restarted destination
+        // would start the session over. Those are left out.
+        let crashable = kind == SessionKind::Evacuate || with_state;
+        let dst_config = DestConfig {
             accept: vec![SessionKind::Migrate, SessionKind::Evacuate],
             expected_vm_id: Some("vm-sim".into()),
             ..DestConfig::migrate(layout)
-        });
+        };
+        let dst = DestSession::new(dst_config.clone());
+        let replica = (kind == SessionKind::Evacuate).then(|| present.clone());
         let latency = rng.range(20..3000);
         let jitter = rng.range(1..latency + 1);
         let cuts_left = if rng.chance(100) {
@@ -288,6 +394,8 @@ impl Sim {
                 dst_no: 0,
                 last: [[0; 3]; 2],
                 broken: [[false; 3]; 2],
+                dst_gen: 0,
+                sent_arrives: false,
             }],
             current: Some(0),
             latency,
@@ -311,6 +419,17 @@ impl Sim {
             tick_pending: false,
             push_run,
             tally: Tally::default(),
+            crash_rng: Rng(seed ^ 0xc4a5_11ed),
+            crashable,
+            dst_config,
+            replica,
+            dst_gen: 0,
+            dst_connected: true,
+            crash: None,
+            lost: false,
+            refused: false,
+            src_refused: false,
+            ended_at_source: false,
         };
         sim.log(format_args!(
             "pages {pages} kind {kind:?} push {push} latency {latency}us jitter {jitter}us cuts {cuts_left} within {cut_window}us vcpus {}",
@@ -372,6 +491,10 @@ impl Sim {
             if self.src.is_finished() && self.dst.is_finished() {
                 break;
             }
+            // A lost VM: the session ended with the source's failure.
+            if self.lost && self.src.session_state() == SessionState::Failed {
+                break;
+            }
             steps += 1;
             ensure!(steps < 2_000_000, "no end after {steps} steps");
             self.now = t;
@@ -385,9 +508,13 @@ impl Sim {
     fn step(&mut self, ev: Ev) -> Res<()> {
         match ev {
             Ev::Deliver(p) => self.deliver(p)?,
-            Ev::Cut => self.cut(),
+            Ev::Cut => self.cut()?,
             Ev::Detect { conn, dir } => match dir {
-                Dir::ToDest if self.dst_conn == conn => {
+                // (A destination that crashed notices nothing: its successor never had
+                // that connection.)
+                Dir::ToDest
+                    if self.dst_conn == conn && self.conns[conn].dst_gen == self.dst_gen =>
+                {
                     self.log(format_args!(
                         "destination notices connection {conn} is lost"
                     ));
@@ -407,19 +534,36 @@ impl Sim {
                     self.send_pages(Channel::Bulk, r)?;
                 }
             }
-            Ev::Fault(i) => self.fault(i),
+            Ev::Fault(i, gen) if gen == self.dst_gen => self.fault(i),
+            // A vCPU of a destination process that crashed.
+            Ev::Fault(..) => {}
         }
         Ok(())
     }
 
-    fn cut(&mut self) {
+    fn cut(&mut self) -> Res<()> {
         if self.src.is_finished() && self.dst.is_finished() {
-            return;
+            return Ok(());
         }
         self.cuts_left -= 1;
         if let Some(c) = self.current.take() {
             self.tally.cuts += 1;
             self.conns[c].alive = false;
+            // Sometimes the destination process dies with the connection; never once
+            // either side finished, nor after a crash that lost the VM.
+            let crash = self.crashable
+                && !self.lost
+                && !self.src.is_finished()
+                && self.src.session_state() != SessionState::Failed
+                && !self.dst.is_finished()
+                && self.crash_rng.chance(CRASH_PER_MILLE);
+            // Half of the crashes leave the link up: what the process sent before it died
+            // still reaches the source, which notices the loss only after that.
+            let sent_arrives = crash && self.crash_rng.chance(500);
+            if crash {
+                self.crash_dest(sent_arrives)?;
+                self.conns[c].sent_arrives = sent_arrives;
+            }
             let long = self.rng.chance(50);
             let outage = if long {
                 self.rng.range(1_000_000..120_000_000)
@@ -429,22 +573,128 @@ impl Sim {
                 self.rng.below(2_000)
             };
             self.log(format_args!("CUT connection {c}; outage {outage}us"));
+            let mut noticed = 0;
             for dir in [Dir::ToDest, Dir::ToSource] {
-                let t = self.now + self.rng.below(1_500);
+                let mut t = self.now + self.rng.below(1_500);
+                if sent_arrives && dir == Dir::ToSource {
+                    t = t.max(
+                        self.conns[c].last[dir as usize]
+                            .into_iter()
+                            .max()
+                            .unwrap_or(0)
+                            + 1,
+                    );
+                    noticed = t;
+                }
                 self.at(t, Ev::Detect { conn: c, dir });
             }
-            self.at(self.now + outage, Ev::Reconnect);
+            self.at((self.now + outage).max(noticed), Ev::Reconnect);
         }
         if self.cuts_left > 0 {
             let t = self.now + self.rng.below(self.cut_window);
             self.at(t, Ev::Cut);
         }
+        Ok(())
+    }
+
+    /// The destination process dies: its session, memory, guest and vCPUs are gone, and
+    /// what was in flight to it too. A fresh process with the same configuration takes the
+    /// next connection; at evacuation it starts from the standby's replica on disk, as
+    /// the seed began.
+    fn crash_dest(&mut self, sent_arrives: bool) -> Res<()> {
+        let owner = self.src.ownership();
+        ensure!(
+            !(self.dst.guest_may_run() && owner == Ownership::Source),
+            "the crashed destination could run the guest while the source still owned the VM"
+        );
+        self.tally.crashes += 1;
+        self.crash = Some(Crash {
+            owner,
+            complete_sent: self.dst.complete_sent(),
+            ran: self.dst.guest_may_run(),
+        });
+        self.log(format_args!(
+            "CRASH of destination process {}: the source's ownership is {owner:?}, the guest {}; \
+             what it sent {}",
+            self.dst_gen,
+            if self.dst.guest_may_run() {
+                "could run there"
+            } else {
+                "never ran there"
+            },
+            if sent_arrives {
+                "still arrives"
+            } else {
+                "is cut off"
+            }
+        ));
+        self.dst_gen += 1;
+        self.dst = DestSession::new(self.dst_config.clone());
+        self.dst_connected = false;
+        match &self.replica {
+            Some(fresh) => {
+                fill_replica(&self.src_mem, fresh, &mut self.dst_mem);
+                self.present = fresh.clone();
+            }
+            None => {
+                self.dst_mem.fill(0);
+                self.present = Bitmap::new(self.pages);
+            }
+        }
+        self.installs.fill(0);
+        self.vcpus.fill(None);
+        self.guest_running = false;
+        self.held_early.clear();
+        // Keyed by the crashed process's connection numbers, which the next one reuses.
+        self.held_sent.clear();
+        Ok(())
     }
 
     fn reconnect(&mut self) {
         let c = self.conns.len();
+        if !self.dst_connected {
+            // The first connection to a restarted destination.
+            if self.src.is_finished() {
+                // A `Complete` of the crashed destination arrived late: the source's
+                // driver ended, it does not come back.
+                self.log(format_args!(
+                    "the source finished before it noticed the crash: no reconnect"
+                ));
+                self.ended_at_source = true;
+                self.tally.finished_before_noticed += 1;
+                return;
+            }
+            if self.src.ownership() == Ownership::Source {
+                self.tally.crashes_taken_over += 1;
+            } else if !self.lost {
+                // The VM was handed over to a destination that is gone.
+                self.lost = true;
+                self.tally.vms_lost += 1;
+                if self.crash.is_some_and(|c| !c.ran) {
+                    self.tally.vms_lost_unrun += 1;
+                }
+                if self.crash.is_some_and(|c| c.owner == Ownership::Source) {
+                    self.tally.handed_over_after_crash += 1;
+                }
+            }
+        } else if self.lost && self.dst.session_state() == SessionState::Failed {
+            // The destination that refused the session ended (its refusal was lost with
+            // the connection); a supervisor starts it again and it refuses again.
+            self.log(format_args!(
+                "the refusing destination process {} ended; a fresh one listens",
+                self.dst_gen
+            ));
+            self.dst_gen += 1;
+            self.dst = DestSession::new(self.dst_config.clone());
+            self.dst_connected = false;
+        }
         let src_no = self.src.resume();
-        let dst_no = self.dst.resume();
+        // A restarted destination numbers its first connection 0, without `resume()`.
+        let dst_no = if std::mem::replace(&mut self.dst_connected, true) {
+            self.dst.resume()
+        } else {
+            self.dst.conn_epoch()
+        };
         self.log(format_args!(
             "RECONNECT as connection {c}: source's number {src_no}, destination's {dst_no}"
         ));
@@ -454,6 +704,8 @@ impl Sim {
             dst_no,
             last: [[self.now; 3]; 2],
             broken: [[false; 3]; 2],
+            dst_gen: self.dst_gen,
+            sent_arrives: false,
         });
         self.current = Some(c);
         self.src_conn = c;
@@ -461,7 +713,8 @@ impl Sim {
     }
 
     fn deliver(&mut self, mut p: Packet) -> Res<()> {
-        if !self.conns[p.conn].alive && !p.zombie {
+        let arrives = p.dir == Dir::ToSource && self.conns[p.conn].sent_arrives;
+        if !self.conns[p.conn].alive && !p.zombie && !arrives {
             // In flight at the cut: lost, or (sometimes) read late by a reader task of the
             // dead connection. A stream is read in order: once one of its messages is
             // lost, so is everything after it, and late ones keep their order.
@@ -475,6 +728,21 @@ impl Sim {
             } else {
                 self.conns[p.conn].broken[d][c] = true;
             }
+            return Ok(());
+        }
+        if p.dir == Dir::ToDest && self.conns[p.conn].dst_gen != self.dst_gen {
+            self.log(format_args!(
+                "lost: a message of connection {} for a destination process that crashed",
+                p.conn
+            ));
+            return Ok(());
+        }
+        if p.dir == Dir::ToDest && self.refused && self.dst.session_state() == SessionState::Failed
+        {
+            self.log(format_args!(
+                "lost: a message of connection {} for the refusing destination, which ended",
+                p.conn
+            ));
             return Ok(());
         }
         let conn = &self.conns[p.conn];
@@ -511,10 +779,25 @@ impl Sim {
     fn feed_dest(&mut self, no: u32, channel: Channel, msg: Message) -> Res<()> {
         let name = msg.name();
         let hello = matches!(msg, Message::Hello { .. });
-        let out = self
-            .dst
-            .handle_in(no, channel, msg)
-            .map_err(|e| format!("destination refused {name} on {channel:?}: {e}"))?;
+        let out = match self.dst.handle_in(no, channel, msg) {
+            Ok(out) => out,
+            // A restarted destination refuses the session whose VM it lost: expected, and
+            // only then.
+            Err(ProtoError::NotHeld { session_id })
+                if self.lost && session_id == self.src.session_id() =>
+            {
+                self.log(format_args!(
+                    "dest <- {name}: refused, it does not hold the session (the VM is lost)"
+                ));
+                ensure!(
+                    !self.dst.guest_may_run(),
+                    "the refusing destination may run the guest"
+                );
+                self.refused = true;
+                return Ok(());
+            }
+            Err(e) => return Err(format!("destination refused {name} on {channel:?}: {e}")),
+        };
         self.log(format_args!(
             "dest <- {name} on {channel:?} (connection number {no})"
         ));
@@ -554,6 +837,10 @@ impl Sim {
     }
 
     fn install(&mut self, run: &Pages) -> Res<()> {
+        ensure!(
+            !self.lost,
+            "pages delivered on a destination that does not hold the session"
+        );
         for (p, page) in run.iter() {
             ensure!(p < self.pages, "page {p} out of range");
             ensure!(!self.present.get(p), "page {p} installed twice");
@@ -571,10 +858,20 @@ impl Sim {
 
     fn feed_source(&mut self, no: u32, channel: Channel, msg: Message) -> Res<()> {
         let name = msg.name();
-        let serve = self
-            .src
-            .handle_in(no, channel, msg)
-            .map_err(|e| format!("source refused {name} on {channel:?}: {e}"))?;
+        let serve = match self.src.handle_in(no, channel, msg) {
+            Ok(serve) => serve,
+            Err(ProtoError::Peer {
+                code: ErrorCode::ResumeRefused,
+                message,
+            }) if self.lost && self.refused => {
+                self.log(format_args!(
+                    "src  <- {name}: the restarted destination refused the session: {message}"
+                ));
+                self.src_refused = true;
+                return Ok(());
+            }
+            Err(e) => return Err(format!("source refused {name} on {channel:?}: {e}")),
+        };
         self.log(format_args!(
             "src  <- {name} on {channel:?} (connection number {no})"
         ));
@@ -665,7 +962,7 @@ impl Sim {
                         self.guest_running = true;
                         for i in 0..self.vcpus.len() {
                             let t = self.now + self.rng.below(2_000);
-                            self.at(t, Ev::Fault(i));
+                            self.at(t, Ev::Fault(i, self.dst_gen));
                         }
                     }
                     _ => {}
@@ -684,7 +981,7 @@ impl Sim {
                     if self.present.get(p) {
                         self.vcpus[i] = None;
                         let t = self.now + self.rng.range(1..3_000);
-                        self.at(t, Ev::Fault(i));
+                        self.at(t, Ev::Fault(i, self.dst_gen));
                     }
                 }
             }
@@ -709,13 +1006,60 @@ impl Sim {
                 !self.guest_running || self.dst.guest_may_run(),
                 "the guest ran at the destination, which then forgot it"
             );
+            ensure!(
+                !(self.lost && (self.dst.guest_may_run() || self.guest_running)),
+                "a restarted destination may run a VM that was lost"
+            );
             if !moved {
                 return Ok(());
             }
         }
     }
 
+    /// A crash lost the VM: the session must have ended reporting it, and nothing may
+    /// have started it over from the source's older memory.
+    fn check_lost(&self) -> Res<()> {
+        ensure!(
+            self.refused,
+            "the restarted destination never refused the session"
+        );
+        ensure!(
+            self.src.session_state() == SessionState::Failed && self.src_refused,
+            "the source did not end failing on the refusal: {:?}",
+            self.src.session_state()
+        );
+        ensure!(
+            self.src.ownership() == Ownership::Destination,
+            "the source's ownership after a lost VM: {:?}",
+            self.src.ownership()
+        );
+        ensure!(
+            !self.dst.guest_may_run() && !self.guest_running,
+            "the restarted destination may run the guest"
+        );
+        ensure!(
+            self.dst.received().count_ones() == 0 && self.installs.iter().all(|&n| n == 0),
+            "pages arrived at the restarted destination"
+        );
+        Ok(())
+    }
+
     fn finish(&mut self) -> Res<Tally> {
+        if self.lost {
+            self.check_lost()?;
+            return self.counters();
+        }
+        if self.ended_at_source {
+            ensure!(
+                self.src.is_finished() && self.src.ownership() == Ownership::Released,
+                "the source ended without finishing"
+            );
+            ensure!(
+                self.crash.is_some_and(|c| c.complete_sent),
+                "the source finished although the crashed destination never sent Complete"
+            );
+            return self.counters();
+        }
         ensure!(
             self.src.is_finished(),
             "the source did not finish: {:?}",
@@ -743,6 +1087,11 @@ impl Sim {
             self.src.ownership() == Ownership::Released,
             "the source did not release the VM"
         );
+        self.counters()
+    }
+
+    /// Checks the sessions' counters against what the simulation saw, and sums them up.
+    fn counters(&mut self) -> Res<Tally> {
         let s = self.src.stats();
         let d = self.dst.stats();
         ensure!(
@@ -760,6 +1109,11 @@ impl Sim {
         ensure!(
             s.bytes_resent == s.pages_resent * PAGE_SIZE as u64,
             "bytes_resent"
+        );
+        let t = &self.tally;
+        ensure!(
+            t.crashes == t.crashes_taken_over + t.vms_lost + t.finished_before_noticed,
+            "a crash without an outcome: {t:?}"
         );
         self.tally.pages_resent = s.pages_resent;
         self.tally.duplicates = d.pages_duplicate;
@@ -833,4 +1187,10 @@ fn sessions_survive_any_outage_in_simulation() {
         "too few cuts: {total:?}"
     );
     assert!(seeds < 1000 || total.resumes > 0 && total.restarts > 0 && total.zombies > 0);
+    // Crashes both before the hand-over (the session completes on the restarted
+    // destination) and after it (the VM is lost, and reported).
+    assert!(
+        seeds < 1000 || total.vms_lost > 0 && total.crashes > total.vms_lost,
+        "too few crashes: {total:?}"
+    );
 }
