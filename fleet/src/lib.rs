@@ -5,9 +5,12 @@
 //! * [`model`]: links, VMs and the fixed cost of one evacuation, checked;
 //! * [`sim`]: an event-driven simulator, max-min sharing of each link with a per-flow
 //!   window / RTT cap, stale bytes growing while a VM waits;
+//! * [`plan`]: the planner (order, concurrency, sharing, who cannot make the deadline, the
+//!   replication budget in normal times), the baseline schedules and `replan`;
 //! * [`units`]: sizes, rates and durations as operators write them.
 
 pub mod model;
+pub mod plan;
 pub mod sim;
 pub mod units;
 
