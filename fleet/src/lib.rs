@@ -7,8 +7,10 @@
 //!   window / RTT cap, stale bytes growing while a VM waits;
 //! * [`plan`]: the planner (order, concurrency, sharing, who cannot make the deadline, the
 //!   replication budget in normal times), the baseline schedules and `replan`;
+//! * [`file`]: the plan file (TOML), with errors that name the entry;
 //! * [`units`]: sizes, rates and durations as operators write them.
 
+pub mod file;
 pub mod model;
 pub mod plan;
 pub mod sim;

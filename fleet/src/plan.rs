@@ -27,6 +27,7 @@
 //! the weighted problem is a knapsack, and growth while waiting and the per-flow caps
 //! make it harder still.
 
+use std::cmp::Ordering;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -204,8 +205,7 @@ pub fn one_at_a_time_smallest_first(fleet: &Fleet) -> Schedule {
         links[v.link].order.push(i);
     }
     for ls in &mut links {
-        ls.order
-            .sort_by_key(|&i| (fleet.vms[i].stale_bytes, i));
+        ls.order.sort_by_key(|&i| (fleet.vms[i].stale_bytes, i));
     }
     Schedule { links }
 }
@@ -281,11 +281,7 @@ pub enum VmState {
 /// the waiting ones are ordered again with the stale bytes and link rates measured now.
 /// Pure: the orchestrator calls it every second. Times in the plan are from the
 /// evacuation's start, like `measured.now_s`.
-pub fn replan(
-    fleet: &Fleet,
-    opts: &PlanOptions,
-    measured: &Measured,
-) -> Result<Plan, InputError> {
+pub fn replan(fleet: &Fleet, opts: &PlanOptions, measured: &Measured) -> Result<Plan, InputError> {
     let now = measured.now_s;
     if !(now.is_finite() && now >= 0.0) {
         return Err(Entry::Top.problem(Problem::Other(format!(
@@ -299,9 +295,9 @@ pub fn replan(
             .ok_or_else(|| Entry::Top.problem(Problem::UnknownLink(l.link.clone())))?;
         if let Some(r) = l.rate_bps {
             if r == 0 {
-                return Err(Entry::Link(l.link.clone()).problem(Problem::NotPositive(
-                    "measured rate_bps",
-                )));
+                return Err(
+                    Entry::Link(l.link.clone()).problem(Problem::NotPositive("measured rate_bps"))
+                );
             }
             f.links[i].rate_bps = r;
         }
@@ -438,9 +434,13 @@ impl LinkPlanner<'_> {
     /// VMs of `order[from..]` that missed the deadline in the last simulation moved to the
     /// end, keeping their order; `None` if none missed, or only at the end already.
     fn misses_last(&self, order: &[usize], from: usize) -> Option<Vec<usize>> {
+        let deadline = self.deadline + 1e-9 * self.deadline.abs().max(1.0);
+        // NaN (never finished) is late too.
         let late = |vm: usize| {
-            let f = self.out[vm].finish_s;
-            !(f <= self.deadline + 1e-9 * self.deadline.abs().max(1.0))
+            !matches!(
+                self.out[vm].finish_s.partial_cmp(&deadline),
+                Some(Ordering::Less | Ordering::Equal)
+            )
         };
         let (mut made, mut missed): (Vec<usize>, Vec<usize>) =
             order[from..].iter().partition(|&&vm| !late(vm));
@@ -564,7 +564,14 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
         all_at_once: baseline(all_at_once(fleet)),
         one_at_a_time_smallest_first: baseline(one_at_a_time_smallest_first(fleet)),
     };
-    let totals = totals(fleet, &schedule, &nominal, &with_margin, opts.deadline_s, now);
+    let totals = totals(
+        fleet,
+        &schedule,
+        &nominal,
+        &with_margin,
+        opts.deadline_s,
+        now,
+    );
     let vms = vm_plans(
         fleet,
         &schedule,
@@ -636,9 +643,8 @@ fn restrict(
     for ls in &mut s.links {
         ls.order.retain(|&i| active(i));
         // Stable: under way first, by their own order.
-        ls.order.sort_by(|&a, &b| {
-            running_key(phase(a)).total_cmp(&running_key(phase(b)))
-        });
+        ls.order
+            .sort_by(|&a, &b| running_key(phase(a)).total_cmp(&running_key(phase(b))));
         if ls.concurrency > 1 {
             ls.concurrency = ls.order.len().max(1);
         }
@@ -677,18 +683,27 @@ fn candidates(
     }
     let rate = capacity / 8.0 * (1.0 - margin);
     let orders: [(&'static str, Vec<usize>); 4] = [
-        ("smallest_effective_first", effective_first(fleet, rest, rate)),
-        ("smallest_first", by_key(rest, |i| {
-            fleet.vms[i].stale_bytes as f64 / fleet.vms[i].weight
-        })),
-        ("fastest_growing_first", by_key(rest, |i| {
-            let v = &fleet.vms[i];
-            if v.stale_bytes >= v.working_set_bytes || v.dirty_rate_bps == 0 {
-                f64::INFINITY
-            } else {
-                v.stale_bytes as f64 / v.dirty_bytes_per_s()
-            }
-        })),
+        (
+            "smallest_effective_first",
+            effective_first(fleet, rest, rate),
+        ),
+        (
+            "smallest_first",
+            by_key(rest, |i| {
+                fleet.vms[i].stale_bytes as f64 / fleet.vms[i].weight
+            }),
+        ),
+        (
+            "fastest_growing_first",
+            by_key(rest, |i| {
+                let v = &fleet.vms[i];
+                if v.stale_bytes >= v.working_set_bytes || v.dirty_rate_bps == 0 {
+                    f64::INFINITY
+                } else {
+                    v.stale_bytes as f64 / v.dirty_bytes_per_s()
+                }
+            }),
+        ),
         ("priority_first", {
             let eff = effective_first(fleet, rest, rate);
             let mut o = eff.clone();
@@ -752,7 +767,9 @@ fn by_key(vms: &[usize], key: impl Fn(usize) -> f64) -> Vec<usize> {
 /// turn comes (estimated from the bytes ahead of it at `rate` bytes per second), refined
 /// twice.
 fn effective_first(fleet: &Fleet, vms: &[usize], rate: f64) -> Vec<usize> {
-    let mut order = by_key(vms, |i| fleet.vms[i].stale_bytes as f64 / fleet.vms[i].weight);
+    let mut order = by_key(vms, |i| {
+        fleet.vms[i].stale_bytes as f64 / fleet.vms[i].weight
+    });
     let mut start = vec![0.0; fleet.vms.len()];
     for _ in 0..2 {
         let mut ahead = 0.0;
@@ -760,7 +777,9 @@ fn effective_first(fleet: &Fleet, vms: &[usize], rate: f64) -> Vec<usize> {
             start[i] = ahead / rate;
             ahead += fleet.vms[i].stale_at(start[i]);
         }
-        order = by_key(vms, |i| fleet.vms[i].stale_at(start[i]) / fleet.vms[i].weight);
+        order = by_key(vms, |i| {
+            fleet.vms[i].stale_at(start[i]) / fleet.vms[i].weight
+        });
     }
     order
 }
@@ -942,9 +961,8 @@ fn miss_reason(
         .flow_cap_bps(vm)
         .min(link.rate_bps as f64 * (1.0 - margin));
     let bytes = v.stale_at(setup);
-    let alone = setup
-        + bytes * (1.0 + fleet.costs.wire_overhead) * 8.0 / rate
-        + fleet.costs.tail_s(link);
+    let alone =
+        setup + bytes * (1.0 + fleet.costs.wire_overhead) * 8.0 / rate + fleet.costs.tail_s(link);
     if alone > deadline {
         format!(
             "too big: alone on link {:?} it needs {} ({} at {}), the deadline is in {}",
@@ -1029,9 +1047,8 @@ pub fn split_replication_budget(fleet: &Fleet) -> ReplicationSplit {
             .copied()
             .filter(|&i| fleet.vms[i].dirty_rate_bps > 0)
             .collect();
-        let value = |i: usize| {
-            fleet.vms[i].working_set_bytes as f64 / fleet.vms[i].dirty_rate_bps as f64
-        };
+        let value =
+            |i: usize| fleet.vms[i].working_set_bytes as f64 / fleet.vms[i].dirty_rate_bps as f64;
         order.sort_by(|&a, &b| value(b).total_cmp(&value(a)).then(a.cmp(&b)));
         let mut left = budget;
         for i in order {
@@ -1067,10 +1084,7 @@ pub fn split_replication_budget(fleet: &Fleet) -> ReplicationSplit {
         .collect();
     ReplicationSplit {
         steady_stale_current_bytes: vms.iter().map(|v| v.steady_stale_current_bytes).sum(),
-        steady_stale_recommended_bytes: vms
-            .iter()
-            .map(|v| v.steady_stale_recommended_bytes)
-            .sum(),
+        steady_stale_recommended_bytes: vms.iter().map(|v| v.steady_stale_recommended_bytes).sum(),
         vms,
         links,
     }

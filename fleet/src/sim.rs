@@ -261,7 +261,11 @@ pub fn simulate(
     Ok(out)
 }
 
-fn check_phases(fleet: &Fleet, schedule: &Schedule, opts: &SimOptions) -> Result<(), ScheduleError> {
+fn check_phases(
+    fleet: &Fleet,
+    schedule: &Schedule,
+    opts: &SimOptions,
+) -> Result<(), ScheduleError> {
     if opts.initial.is_empty() {
         return Ok(());
     }

@@ -84,7 +84,10 @@ fn smallest_first_saves_the_most_vms_by_the_deadline() {
     // fit with the overheads; all at once saves only the smallest (at 11.6 s, when every
     // VM has received 1 GB).
     let l = link("wan", 8000, 10, 1 << 30);
-    let vms = (1..=10).rev().map(|i| vm(&format!("vm{i}"), 0, i * GB)).collect();
+    let vms = (1..=10)
+        .rev()
+        .map(|i| vm(&format!("vm{i}"), 0, i * GB))
+        .collect();
     let f = fleet(vec![l], vms);
     let mut o = PlanOptions::new(16.0 / 0.9 + 1.0);
     o.margin = 0.1;
@@ -116,7 +119,10 @@ fn a_vm_that_cannot_make_it_even_alone_is_marked_and_goes_last() {
     let huge = by_name(&p, "huge");
     assert_eq!(huge.status, Status::Misses);
     let why = huge.reason.as_deref().unwrap();
-    assert!(why.starts_with("too big: alone on link \"wan\" it needs"), "{why}");
+    assert!(
+        why.starts_with("too big: alone on link \"wan\" it needs"),
+        "{why}"
+    );
     assert!(why.contains("the deadline is in 60.0 s"), "{why}");
     assert_eq!(huge.order, Some(3));
     assert_eq!(p.totals.saved, 2);
@@ -154,7 +160,11 @@ fn a_vm_that_makes_it_only_at_full_rate_is_at_risk() {
     let a = by_name(&p, "a");
     assert_eq!(a.status, Status::AtRisk, "{a:?}");
     assert!(a.finish_s.unwrap() < 55.0 && a.finish_margin_s.unwrap() > 55.0);
-    assert!(a.reason.as_deref().unwrap().contains("only at the full rate"));
+    assert!(a
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("only at the full rate"));
     assert_eq!(p.totals.saved, 0);
     assert_eq!(p.totals.saved_at_full_rate, 1);
 }
@@ -348,7 +358,10 @@ fn the_replication_budget_goes_where_it_saves_most() {
     // Without a link budget, the VMs' budgets summed are split.
     let mut f2 = f.clone();
     f2.links[0].replication_budget_bps = None;
-    assert_eq!(split_replication_budget(&f2).links[0].budget_bps, 100_000_000);
+    assert_eq!(
+        split_replication_budget(&f2).links[0].budget_bps,
+        100_000_000
+    );
 }
 
 #[test]
@@ -359,4 +372,3 @@ fn steady_state_stale_bytes() {
     assert_eq!(steady_stale_bytes(1000, 100, 100), 0.0);
     assert_eq!(steady_stale_bytes(1000, 100, 500), 0.0);
 }
-
