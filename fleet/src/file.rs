@@ -64,7 +64,7 @@ pub enum Deadline {
 #[derive(Debug, Error)]
 pub enum PlanFileError {
     /// Not TOML at all (the source says where).
-    #[error("the plan file is not valid TOML")]
+    #[error("not valid TOML")]
     Syntax(#[source] toml::de::Error),
     /// An entry is wrong: it is named.
     #[error(transparent)]

@@ -304,7 +304,7 @@ fn a_file_without_links_or_vms_or_not_toml() {
     );
     let e = parse("deadline = \n", NOW).unwrap_err();
     assert!(matches!(e, PlanFileError::Syntax(_)));
-    assert_eq!(e.to_string(), "the plan file is not valid TOML");
+    assert_eq!(e.to_string(), "not valid TOML");
     let source = std::error::Error::source(&e).unwrap().to_string();
     assert!(source.contains("line 1"), "{source}");
     assert_eq!(
