@@ -5,7 +5,9 @@
 //!
 //! Objectives, in this order: the weighted number of VMs evacuated by the deadline when
 //! every link delivers only `1 - margin` of its rate; then the mean completion time; then
-//! the makespan.
+//! the makespan; then the total exposure. Completion times count up to the deadline only
+//! (the power is gone then: a VM that misses counts as finishing at the deadline, however
+//! late it would have finished).
 //!
 //! How: links do not interact (every VM uses one), so each link is planned on its own.
 //! Per link the planner builds candidate schedules and simulates each against the margin:
@@ -410,19 +412,23 @@ struct LinkPlanner<'a> {
 }
 
 impl LinkPlanner<'_> {
+    /// Simulates `ls` against the margin. Completion times count up to the deadline only:
+    /// the power is gone then, and when a VM that misses would have finished does not
+    /// matter (a miss counts as finishing at the deadline, later than any VM that makes it).
     fn score(&mut self, ls: &LinkSchedule) -> Score {
-        let makespan = self
-            .sim
+        self.sim
             .run(self.fleet, self.li, ls, &self.margin_opts, &mut self.out);
         let mut s = Score {
             saved_weight: 0.0,
             sum_completion: 0.0,
-            makespan,
+            makespan: 0.0,
             sum_exposure: 0.0,
         };
         for &vm in &ls.order {
             let f = self.out[vm].finish_s;
-            s.sum_completion += f;
+            let capped = f.min(self.deadline);
+            s.sum_completion += capped;
+            s.makespan = s.makespan.max(capped);
             s.sum_exposure += self.out[vm].exposure_s();
             if f <= self.deadline + 1e-9 * self.deadline.abs().max(1.0) {
                 s.saved_weight += self.fleet.vms[vm].weight;
