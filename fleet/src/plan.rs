@@ -471,7 +471,9 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
     let phase = |vm: usize| state.initial.get(vm).copied().unwrap_or(Phase::Waiting);
     let mut skipped = vec![false; n];
     for &i in &opts.skip {
-        skipped[i] = true;
+        if let Some(s) = skipped.get_mut(i) {
+            *s = true;
+        }
     }
     let active = |vm: usize| !skipped[vm] && state.settled[vm].is_none();
     let margin_opts = SimOptions {
@@ -561,7 +563,7 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
         simulate(fleet, &schedule, &lp.margin_opts).expect("the planner's own schedule");
 
     let baseline = |s: Schedule| -> Totals {
-        let s = restrict(fleet, s, &active, &state.initial);
+        let s = restrict(s, &active, &state.initial);
         let a = simulate(fleet, &s, &nominal_opts).expect("a baseline schedule");
         let b = simulate(fleet, &s, &lp.margin_opts).expect("a baseline schedule");
         totals(fleet, &s, &a, &b, opts.deadline_s, now)
@@ -639,12 +641,7 @@ fn running_key(p: Phase) -> f64 {
 }
 
 /// `s` without the VMs that are not active, with the VMs under way first.
-fn restrict(
-    fleet: &Fleet,
-    mut s: Schedule,
-    active: &dyn Fn(usize) -> bool,
-    initial: &[Phase],
-) -> Schedule {
+fn restrict(mut s: Schedule, active: &dyn Fn(usize) -> bool, initial: &[Phase]) -> Schedule {
     let phase = |vm: usize| initial.get(vm).copied().unwrap_or(Phase::Waiting);
     for ls in &mut s.links {
         ls.order.retain(|&i| active(i));
@@ -655,7 +652,6 @@ fn restrict(
             ls.concurrency = ls.order.len().max(1);
         }
     }
-    let _ = fleet;
     s
 }
 

@@ -442,11 +442,8 @@ impl LinkSim {
                     break;
                 }
                 self.setups.pop_front();
-                let v = &fleet.vms[vm];
-                let bytes = match phase(vm) {
-                    Phase::Waiting | Phase::Setup { .. } => v.stale_at(t),
-                    Phase::Transfer { .. } => unreachable!("a transfer has no setup"),
-                };
+                // Waiting or in setup at time 0: its stale bytes grew until now.
+                let bytes = fleet.vms[vm].stale_at(t);
                 let o = &mut out[vm];
                 o.switchover_s = t;
                 o.bytes = bytes;
