@@ -7,7 +7,7 @@
 //!   window / RTT cap, stale bytes growing while a VM waits;
 //! * [`plan`]: the planner (order, concurrency, sharing, who cannot make the deadline, the
 //!   replication budget in normal times), the baseline schedules and `replan`;
-//! * [`file`]: the plan file (TOML), with errors that name the entry;
+//! * [`file`](mod@file): the plan file (TOML), with errors that name the entry;
 //! * [`units`]: sizes, rates and durations as operators write them.
 
 pub mod file;
