@@ -4,6 +4,7 @@ mod demo;
 mod demo_replica;
 mod disk;
 pub mod outcome;
+mod plan;
 mod replica;
 mod roles;
 mod size;
@@ -51,7 +52,7 @@ impl Command {
             Command::Standby(_) => Some("standby"),
             Command::Vm(_) => Some("VMM"),
             Command::Disk(_) => Some("disk server"),
-            Command::Demo(_) | Command::Keygen(_) | Command::WanEmu(_) => None,
+            Command::Demo(_) | Command::Keygen(_) | Command::WanEmu(_) | Command::Plan(_) => None,
         }
     }
 }
@@ -97,6 +98,9 @@ pub enum Command {
     /// Virtual disks: `disk serve` exports a raw image over NBD or vhost-user-blk with
     /// write tracking.
     Disk(disk::DiskArgs),
+    /// Predict evacuating a fleet of VMs against a power deadline, from a plan file
+    /// (docs/fleet.md): order, concurrency, finish times, who misses; nothing is moved.
+    Plan(plan::PlanArgs),
 }
 
 /// This side's identity and the peer certificate it pins.
@@ -257,5 +261,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(a) => vm::run(a),
         Command::WanEmu(a) => wan::run(a),
         Command::Disk(a) => disk::run(a),
+        Command::Plan(a) => plan::run(a),
     }
 }

@@ -122,6 +122,10 @@ fn driver_kind(d: &DriverError) -> Option<Kind> {
 }
 
 fn other_kind(cause: &(dyn std::error::Error + 'static)) -> Option<Kind> {
+    // A bad plan file is the user's input, like a bad flag.
+    if cause.is::<fleet::file::PlanFileError>() || cause.is::<fleet::InputError>() {
+        return Some(Kind::Usage);
+    }
     if cause.is::<transport::tls::TlsError>()
         || cause.is::<faultline::image::ImageError>()
         || cause.is::<std::io::Error>()

@@ -1,0 +1,291 @@
+//! `faultline plan FILE`: what evacuating a fleet would do, without moving anything.
+//!
+//! Reads a plan file (docs/fleet.md), plans with the `fleet` crate and prints, per VM, its
+//! order, start, finish and bytes to cross and whether it makes the deadline; per link the
+//! concurrency and sharing chosen; totals against the ideal and against the two baseline
+//! schedules; and the replication budget split for normal times. With `--json`, one JSON
+//! object (`"ok": true`). A bad plan file is a usage error that names the entry.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::Args;
+use fleet::file::{Deadline, PlanFile};
+use fleet::plan::{Plan, Status, Totals};
+use fleet::sim::Sharing;
+use fleet::units::{fmt_bytes, fmt_rate, fmt_secs};
+use serde::Serialize;
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// The plan file (TOML): links, VMs, deadline, margin; see docs/fleet.md.
+    pub file: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    file: String,
+    /// The deadline as an absolute time, when the file gave one.
+    deadline_at: Option<&'a str>,
+    #[serde(flatten)]
+    plan: &'a Plan,
+}
+
+pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading the plan file {}", a.file.display()))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs_f64();
+    let pf = fleet::file::parse(&text, now)
+        .with_context(|| format!("plan file {}", a.file.display()))?;
+    let plan = fleet::plan::plan(&pf.fleet, &pf.options);
+    if a.json {
+        let at = match &pf.deadline {
+            Deadline::At { rfc3339, .. } => Some(rfc3339.as_str()),
+            Deadline::In(_) => None,
+        };
+        super::outcome::print_report(&Report {
+            file: a.file.display().to_string(),
+            deadline_at: at,
+            plan: &plan,
+        })?;
+    } else {
+        print!("{}", render(&a.file.display().to_string(), &pf, &plan));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The text report.
+fn render(file: &str, pf: &PlanFile, p: &Plan) -> String {
+    let mut s = String::new();
+    let skipped = p.vms.iter().filter(|v| v.status == Status::Skipped).count();
+    let when = match &pf.deadline {
+        Deadline::At { rfc3339, .. } => format!(" ({rfc3339})"),
+        Deadline::In(_) => String::new(),
+    };
+    let _ = writeln!(
+        s,
+        "{file}: {} VMs on {} links{}; deadline in {}{when}; margin {:.0}% of every link's rate",
+        p.vms.len(),
+        p.links.len(),
+        if skipped > 0 {
+            format!(" ({skipped} skipped)")
+        } else {
+            String::new()
+        },
+        fmt_secs(p.deadline_s),
+        p.margin * 100.0,
+    );
+    let _ = writeln!(s);
+
+    let mut rows = vec![vec![
+        "link".to_string(),
+        "rate".into(),
+        "rtt".into(),
+        "flow cap".into(),
+        "flows".into(),
+        "sharing".into(),
+        "order".into(),
+        "VMs".into(),
+        "stale now".into(),
+        "ideal".into(),
+        "makespan".into(),
+        "w/ margin".into(),
+    ]];
+    for l in &p.links {
+        rows.push(vec![
+            l.name.clone(),
+            fmt_rate(l.rate_bps as f64),
+            format!("{:.0} ms", l.rtt_ms),
+            fmt_rate(l.flow_cap_bps),
+            l.concurrency.to_string(),
+            match l.sharing {
+                Sharing::Fair => "fair".into(),
+                Sharing::InOrder => "in order".into(),
+            },
+            l.policy.replace('_', " "),
+            l.vms.to_string(),
+            fmt_bytes(l.stale_bytes_now as f64),
+            fmt_secs(l.ideal_s),
+            fmt_secs(l.makespan_s),
+            fmt_secs(l.makespan_margin_s),
+        ]);
+    }
+    table(&mut s, &rows);
+    let _ = writeln!(s);
+
+    let mut order: Vec<usize> = (0..p.vms.len()).collect();
+    order.sort_by_key(|&i| (p.vms[i].order.unwrap_or(usize::MAX), i));
+    let mut rows = vec![vec![
+        "#".to_string(),
+        "vm".into(),
+        "link".into(),
+        "prio".into(),
+        "start".into(),
+        "switchover".into(),
+        "finish".into(),
+        "w/ margin".into(),
+        "to cross".into(),
+        "exposed".into(),
+        "deadline".into(),
+    ]];
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".into(), fmt_secs);
+    for &i in &order {
+        let v = &p.vms[i];
+        let verdict = match v.status {
+            Status::Saved => "saved".to_string(),
+            Status::AtRisk => "at risk".into(),
+            Status::Misses => "MISSES".into(),
+            Status::Skipped => "skipped".into(),
+            Status::Done => "done".into(),
+            Status::Failed => "failed".into(),
+        };
+        rows.push(vec![
+            v.order.map_or_else(|| "-".into(), |o| o.to_string()),
+            v.name.clone(),
+            v.link.clone(),
+            format!("{}", v.weight),
+            opt(v.start_s),
+            opt(v.switchover_s),
+            opt(v.finish_s),
+            opt(v.finish_margin_s),
+            v.bytes_to_cross
+                .map_or_else(|| "-".into(), |b| fmt_bytes(b as f64)),
+            opt(v.exposure_s),
+            verdict,
+        ]);
+    }
+    table(&mut s, &rows);
+    let why: Vec<_> = order
+        .iter()
+        .map(|&i| &p.vms[i])
+        .filter(|v| matches!(v.status, Status::Misses | Status::AtRisk))
+        .collect();
+    if !why.is_empty() {
+        let _ = writeln!(s);
+        for v in why {
+            let _ = writeln!(
+                s,
+                "{} {}: {}",
+                if v.status == Status::Misses {
+                    "misses"
+                } else {
+                    "at risk"
+                },
+                v.name,
+                v.reason.as_deref().unwrap_or("")
+            );
+        }
+    }
+
+    let t = &p.totals;
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "saved by the deadline: {} of {} VMs (weight {} of {}) with the margin; {} at the links' full rate",
+        t.saved, t.vms, t.saved_weight, t.weight, t.saved_at_full_rate
+    );
+    let _ = writeln!(
+        s,
+        "mean completion {}, makespan {} ({} with the margin); ideal {} (stale bytes now / link rate); {} to cross",
+        fmt_secs(t.mean_completion_s),
+        fmt_secs(t.makespan_s),
+        fmt_secs(t.makespan_margin_s),
+        fmt_secs(t.ideal_makespan_s),
+        fmt_bytes(t.bytes_to_cross as f64),
+    );
+    let _ = writeln!(
+        s,
+        "exposure (switchover to last byte): mean {}, max {}",
+        fmt_secs(t.mean_exposure_s),
+        fmt_secs(t.max_exposure_s)
+    );
+    let base = |name: &str, b: &Totals| {
+        format!(
+            "{name}: saves {} (weight {}), mean completion {}, makespan {}, mean exposure {}",
+            b.saved,
+            b.saved_weight,
+            fmt_secs(b.mean_completion_s),
+            fmt_secs(b.makespan_s),
+            fmt_secs(b.mean_exposure_s)
+        )
+    };
+    let _ = writeln!(s, "{}", base("all at once", &p.baselines.all_at_once));
+    let _ = writeln!(
+        s,
+        "{}",
+        base(
+            "one at a time, smallest first",
+            &p.baselines.one_at_a_time_smallest_first
+        )
+    );
+
+    let r = &p.replication;
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "replication in normal times: steady-state stale bytes {} with today's budgets, {} with this split:",
+        fmt_bytes(r.steady_stale_current_bytes),
+        fmt_bytes(r.steady_stale_recommended_bytes)
+    );
+    let mut rows = vec![vec![
+        "vm".to_string(),
+        "budget now".into(),
+        "recommended".into(),
+        "steady stale now".into(),
+        "then".into(),
+    ]];
+    for v in &r.vms {
+        rows.push(vec![
+            v.name.clone(),
+            fmt_rate(v.current_bps as f64),
+            fmt_rate(v.recommended_bps as f64),
+            fmt_bytes(v.steady_stale_current_bytes),
+            fmt_bytes(v.steady_stale_recommended_bytes),
+        ]);
+    }
+    table(&mut s, &rows);
+    for l in r.links.iter().filter(|l| l.spare_bps > 0) {
+        let _ = writeln!(
+            s,
+            "link {}: {} of its {} budget is not needed",
+            l.name,
+            fmt_rate(l.spare_bps as f64),
+            fmt_rate(l.budget_bps as f64)
+        );
+    }
+    s
+}
+
+/// Rows as left-aligned columns, two spaces apart.
+fn table(s: &mut String, rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let width: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|x| x.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = width[c]);
+            }
+        }
+        let _ = writeln!(s, "{}", line.trim_end());
+    }
+}

@@ -1,0 +1,510 @@
+//! The fleet being evacuated: links, VMs and the fixed cost of one evacuation.
+//!
+//! Units are in the names: sizes in **bytes**, rates in **bits per second** (`_bps`, the
+//! unit of `faultline wan-emu --rate` and `--budget-mbps`), round-trip times as
+//! [`Duration`]s. The simulator works in seconds and bytes per second internally
+//! (`f64`).
+//!
+//! One evacuation, as faultline does it with a standby replica ([`Costs`]): a handshake of
+//! a few round trips (QUIC address validation, TLS, `Hello`), the switchover (pause, final
+//! harvest, stale set, the standby punches its holes, resume), then postcopy of the stale
+//! bytes, and only those, at whatever rate the link gives the flow. Until its switchover a
+//! VM runs at the source and keeps writing: its stale bytes grow at its dirty rate, up to
+//! its working set ([`Vm::stale_at`]).
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+use thiserror::Error;
+
+/// The per-stream receive window a faultline destination uses when no expected BDP is
+/// given: 1.25 × 3.125 MB (`transport::quic::STREAM_WINDOW`). With `--expected-bdp B` it is
+/// 1.25 × B.
+pub const DEFAULT_WINDOW_BYTES: u64 = 3_906_250;
+
+/// A network path from the site being evacuated to a standby site, modelled as one
+/// bottleneck. Every VM uses exactly one link.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Link {
+    pub name: String,
+    /// The bottleneck's rate, bits per second.
+    pub rate_bps: u64,
+    /// Round-trip time of the path.
+    #[serde(serialize_with = "ser_ms")]
+    pub rtt: Duration,
+    /// How much one migration can have in flight: the destination's per-stream receive
+    /// window (1.25 × `--expected-bdp`). One flow moves at most window / RTT.
+    pub per_flow_window_bytes: u64,
+    /// What replication may use of this link in normal times, bits per second; `None`: the
+    /// sum of its VMs' current budgets.
+    pub replication_budget_bps: Option<u64>,
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+impl Link {
+    /// The round-trip time in seconds.
+    pub fn rtt_s(&self) -> f64 {
+        self.rtt.as_secs_f64()
+    }
+
+    /// What one flow can move, bits per second: window / RTT.
+    pub fn flow_cap_bps(&self) -> f64 {
+        self.per_flow_window_bytes as f64 * 8.0 / self.rtt_s()
+    }
+
+    /// The link's bandwidth-delay product, bytes.
+    pub fn bdp_bytes(&self) -> f64 {
+        self.rate_bps as f64 / 8.0 * self.rtt_s()
+    }
+}
+
+/// One VM to evacuate.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Vm {
+    pub name: String,
+    /// Index of its link in [`Fleet::links`].
+    pub link: usize,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    /// Memory and disk bytes that went stale since their last acknowledged replication,
+    /// now (at the plan's time 0). Only these cross at evacuation. Without a replica this
+    /// is `memory_bytes + disk_bytes`.
+    pub stale_bytes: u64,
+    /// How fast the VM makes clean bytes stale while it still runs at the source, bits per
+    /// second (memory and disk writes together).
+    pub dirty_rate_bps: u64,
+    /// The bytes it writes at all over minutes: stale bytes never grow beyond this.
+    pub working_set_bytes: u64,
+    /// Its replication budget in normal times, bits per second (`--budget-mbps`).
+    pub replication_budget_bps: u64,
+    /// How much saving it counts: a VM of weight 3 counts as three VMs. Positive.
+    pub weight: f64,
+    /// A limit of its own on its evacuation rate, bits per second (the source host's share
+    /// of a NIC, the standby's install rate); `None`: only the link and its window limit it.
+    pub max_rate_bps: Option<u64>,
+}
+
+impl Vm {
+    /// Memory and disk, bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.memory_bytes.saturating_add(self.disk_bytes)
+    }
+
+    /// Its stale bytes `t_s` seconds after time 0 if it is still running at the source:
+    /// growing at the dirty rate up to the working set, never shrinking (no replication
+    /// runs during an evacuation).
+    ///
+    /// Linear growth is an upper bound: with writes spread at random over the working set
+    /// some land on pages already stale, so the growth slows as it nears the working set.
+    pub fn stale_at(&self, t_s: f64) -> f64 {
+        let s0 = self.stale_bytes as f64;
+        let ws = self.working_set_bytes as f64;
+        if s0 >= ws || t_s <= 0.0 {
+            return s0;
+        }
+        (s0 + self.dirty_rate_bps as f64 / 8.0 * t_s).min(ws)
+    }
+
+    /// Dirty rate in bytes per second.
+    pub fn dirty_bytes_per_s(&self) -> f64 {
+        self.dirty_rate_bps as f64 / 8.0
+    }
+}
+
+/// The fixed cost of one evacuation, beside moving its stale bytes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Costs {
+    /// Round trips from starting an evacuation to its switchover: QUIC address validation
+    /// (Retry), the TLS handshake, `Hello`/`HelloAck` (docs/wan.md). The link is not used
+    /// meanwhile (the early push is ignored). Default 3.
+    pub handshake_rtts: f64,
+    /// The switchover itself: pause, final harvest, stale set, the standby's hole punching,
+    /// resume. Default 50 ms (`resume_ms` of `wan_evacuation`, less its round trip).
+    #[serde(serialize_with = "ser_ms")]
+    pub switchover: Duration,
+    /// Wire bytes beyond the payload, per payload byte: QUIC and frame headers. Default
+    /// 0.04 (`wan_evacuation` measures 3-4%). Encoding (lz4, references into the replica)
+    /// is not modelled: give the stale bytes as they would cross.
+    pub wire_overhead: f64,
+}
+
+impl Default for Costs {
+    fn default() -> Self {
+        Costs {
+            handshake_rtts: 3.0,
+            switchover: Duration::from_millis(50),
+            wire_overhead: 0.04,
+        }
+    }
+}
+
+impl Costs {
+    /// Seconds from starting a VM's evacuation on `link` to its switchover.
+    pub fn setup_s(&self, link: &Link) -> f64 {
+        self.handshake_rtts * link.rtt_s() + self.switchover.as_secs_f64()
+    }
+
+    /// Seconds from the last byte leaving to it being at the destination: half an RTT.
+    pub fn tail_s(&self, link: &Link) -> f64 {
+        link.rtt_s() / 2.0
+    }
+}
+
+/// Links, VMs and costs, checked ([`Fleet::new`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Fleet {
+    pub links: Vec<Link>,
+    pub vms: Vec<Vm>,
+    pub costs: Costs,
+}
+
+impl Fleet {
+    /// Checks that the fleet is consistent: names unique and not empty, links exist, rates,
+    /// round-trip times and windows positive, stale bytes and working sets within memory +
+    /// disk, weights positive, costs finite and not negative.
+    pub fn new(links: Vec<Link>, vms: Vec<Vm>, costs: Costs) -> Result<Fleet, InputError> {
+        check_costs(&costs)?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, l) in links.iter().enumerate() {
+            let entry = Entry::link(&l.name, i);
+            if l.name.is_empty() {
+                return Err(entry.problem(Problem::EmptyName));
+            }
+            if !seen.insert(l.name.as_str()) {
+                return Err(entry.problem(Problem::Duplicate));
+            }
+            if l.rate_bps == 0 {
+                return Err(entry.problem(Problem::NotPositive("rate_bps")));
+            }
+            if l.rtt.is_zero() {
+                return Err(entry.problem(Problem::NotPositive("rtt_ms")));
+            }
+            if l.per_flow_window_bytes == 0 {
+                return Err(entry.problem(Problem::NotPositive("window_bytes")));
+            }
+        }
+        if vms.is_empty() {
+            return Err(Entry::Top.problem(Problem::NoVms));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, v) in vms.iter().enumerate() {
+            let entry = Entry::vm(&v.name, i);
+            if v.name.is_empty() {
+                return Err(entry.problem(Problem::EmptyName));
+            }
+            if !seen.insert(v.name.as_str()) {
+                return Err(entry.problem(Problem::Duplicate));
+            }
+            if v.link >= links.len() {
+                return Err(entry.problem(Problem::UnknownLink(format!("#{}", v.link))));
+            }
+            if v.total_bytes() == 0 {
+                return Err(entry.problem(Problem::NotPositive("memory_bytes + disk_bytes")));
+            }
+            if v.stale_bytes > v.total_bytes() {
+                return Err(entry.problem(Problem::Exceeds {
+                    key: "stale_bytes",
+                    value: v.stale_bytes,
+                    limit: v.total_bytes(),
+                }));
+            }
+            if v.working_set_bytes > v.total_bytes() {
+                return Err(entry.problem(Problem::Exceeds {
+                    key: "working_set_bytes",
+                    value: v.working_set_bytes,
+                    limit: v.total_bytes(),
+                }));
+            }
+            if !(v.weight.is_finite() && v.weight > 0.0) {
+                return Err(entry.problem(Problem::NotPositive("priority")));
+            }
+            if v.max_rate_bps == Some(0) {
+                return Err(entry.problem(Problem::NotPositive("max_rate_bps")));
+            }
+        }
+        Ok(Fleet { links, vms, costs })
+    }
+
+    /// The index of the VM named `name`.
+    pub fn vm_index(&self, name: &str) -> Option<usize> {
+        self.vms.iter().position(|v| v.name == name)
+    }
+
+    /// The index of the link named `name`.
+    pub fn link_index(&self, name: &str) -> Option<usize> {
+        self.links.iter().position(|l| l.name == name)
+    }
+
+    /// What one of `vm`'s flows can move at most, bits per second: the link's window / RTT,
+    /// the VM's own limit, and the link's rate.
+    pub fn flow_cap_bps(&self, vm: usize) -> f64 {
+        let v = &self.vms[vm];
+        let link = &self.links[v.link];
+        let mut cap = link.flow_cap_bps().min(link.rate_bps as f64);
+        if let Some(m) = v.max_rate_bps {
+            cap = cap.min(m as f64);
+        }
+        cap
+    }
+}
+
+fn check_costs(c: &Costs) -> Result<(), InputError> {
+    let e = Entry::Costs;
+    if !(c.handshake_rtts.is_finite() && c.handshake_rtts >= 0.0) {
+        return Err(e.problem(Problem::Negative {
+            key: "handshake_rtts",
+            value: c.handshake_rtts.to_string(),
+        }));
+    }
+    if !(c.wire_overhead.is_finite() && (0.0..10.0).contains(&c.wire_overhead)) {
+        return Err(e.problem(Problem::OutOfRange {
+            key: "wire_overhead",
+            value: c.wire_overhead.to_string(),
+            range: "0 to 10",
+        }));
+    }
+    Ok(())
+}
+
+/// Which part of the input an [`InputError`] is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// The plan as a whole (its top-level keys).
+    Top,
+    /// The `[costs]` table.
+    Costs,
+    /// A link, by name.
+    Link(String),
+    /// A link without a usable name: its position (0-based) among the links.
+    LinkAt(usize),
+    /// A VM, by name.
+    Vm(String),
+    /// A VM without a usable name: its position (0-based) among the VMs.
+    VmAt(usize),
+}
+
+impl Entry {
+    /// The link `name` (its position if the name is empty).
+    pub fn link(name: &str, i: usize) -> Entry {
+        if name.is_empty() {
+            Entry::LinkAt(i)
+        } else {
+            Entry::Link(name.to_string())
+        }
+    }
+
+    /// The VM `name` (its position if the name is empty).
+    pub fn vm(name: &str, i: usize) -> Entry {
+        if name.is_empty() {
+            Entry::VmAt(i)
+        } else {
+            Entry::Vm(name.to_string())
+        }
+    }
+
+    /// This entry with what is wrong with it.
+    pub fn problem(self, problem: Problem) -> InputError {
+        InputError {
+            entry: self,
+            problem,
+        }
+    }
+}
+
+impl fmt::Display for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Entry::Top => f.write_str("plan"),
+            Entry::Costs => f.write_str("[costs]"),
+            Entry::Link(n) => write!(f, "link {n:?}"),
+            Entry::LinkAt(i) => write!(f, "link #{} ([[link]] entry {})", i + 1, i + 1),
+            Entry::Vm(n) => write!(f, "vm {n:?}"),
+            Entry::VmAt(i) => write!(f, "vm #{} ([[vm]] entry {})", i + 1, i + 1),
+        }
+    }
+}
+
+/// What is wrong with an entry.
+#[derive(Clone, Debug, PartialEq, Error)]
+pub enum Problem {
+    #[error("name must not be empty")]
+    EmptyName,
+    #[error("the name is used twice")]
+    Duplicate,
+    #[error("{key} is missing")]
+    Missing { key: &'static str },
+    #[error("unknown key {key:?} (known: {known})")]
+    UnknownKey { key: String, known: &'static str },
+    #[error("{key} must be {expected} (got {got})")]
+    WrongType {
+        key: String,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("{key} must be >= 0 (got {value})")]
+    Negative { key: &'static str, value: String },
+    #[error("{0} must be > 0")]
+    NotPositive(&'static str),
+    #[error("{key} must be between {range} (got {value})")]
+    OutOfRange {
+        key: &'static str,
+        value: String,
+        range: &'static str,
+    },
+    #[error("{key} = {value:?} is not {what} (examples: {examples})")]
+    Unparsable {
+        key: &'static str,
+        value: String,
+        what: &'static str,
+        examples: &'static str,
+    },
+    #[error("{key} ({value} bytes) exceeds memory_bytes + disk_bytes ({limit} bytes)")]
+    Exceeds {
+        key: &'static str,
+        value: u64,
+        limit: u64,
+    },
+    #[error("link {0:?} is not defined")]
+    UnknownLink(String),
+    #[error("{key} names vm {vm:?}, which is not defined")]
+    UnknownVm { key: &'static str, vm: String },
+    #[error("{key} names vm {vm:?} twice")]
+    Repeated { key: &'static str, vm: String },
+    #[error("vm {0:?} is both in first and in skip")]
+    FirstAndSkip(String),
+    #[error("has no VMs ([[vm]] entries)")]
+    NoVms,
+    #[error("has no links ([[link]] entries)")]
+    NoLinks,
+    #[error("link is missing: there are several links, say which ({0})")]
+    WhichLink(String),
+    #[error("deadline {deadline} is in the past (now is {now})")]
+    DeadlineInPast { deadline: String, now: String },
+    #[error("deadline {0} must be in the future")]
+    DeadlineNotAhead(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Bad input: which entry, and what is wrong with it. Displays as `vm "db-3": disk_bytes
+/// must be >= 0 (got -5)`.
+#[derive(Clone, Debug, PartialEq, Error)]
+#[error("{entry}: {problem}")]
+pub struct InputError {
+    pub entry: Entry,
+    pub problem: Problem,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn link(name: &str, rate_bps: u64, rtt_ms: u64, window: u64) -> Link {
+        Link {
+            name: name.into(),
+            rate_bps,
+            rtt: Duration::from_millis(rtt_ms),
+            per_flow_window_bytes: window,
+            replication_budget_bps: None,
+        }
+    }
+
+    fn vm(name: &str, stale: u64) -> Vm {
+        Vm {
+            name: name.into(),
+            link: 0,
+            memory_bytes: 1 << 30,
+            disk_bytes: 0,
+            stale_bytes: stale,
+            dirty_rate_bps: 8_000_000,
+            working_set_bytes: 10_000_000,
+            replication_budget_bps: 0,
+            weight: 1.0,
+            max_rate_bps: None,
+        }
+    }
+
+    #[test]
+    fn stale_bytes_grow_at_the_dirty_rate_up_to_the_working_set() {
+        let v = vm("a", 1_000_000);
+        assert_eq!(v.stale_at(0.0), 1e6);
+        assert_eq!(v.stale_at(-1.0), 1e6);
+        // 8 Mbit/s = 1 MB/s.
+        assert_eq!(v.stale_at(2.0), 3e6);
+        assert_eq!(v.stale_at(9.0), 1e7);
+        assert_eq!(v.stale_at(100.0), 1e7);
+        // Already beyond its working set: stays where it is.
+        let big = vm("b", 50_000_000);
+        assert_eq!(big.stale_at(100.0), 5e7);
+    }
+
+    #[test]
+    fn a_flow_is_capped_at_window_over_rtt() {
+        // 4 MB over 100 ms: 320 Mbit/s on a 1 Gbit/s link.
+        let l = link("l", 1_000_000_000, 100, 4_000_000);
+        assert!((l.flow_cap_bps() - 320e6).abs() < 1e-3);
+        assert!((l.bdp_bytes() - 12.5e6).abs() < 1e-6);
+        let mut v = vm("a", 0);
+        let f = Fleet::new(vec![l.clone()], vec![v.clone()], Costs::default()).unwrap();
+        assert!((f.flow_cap_bps(0) - 320e6).abs() < 1e-3);
+        v.max_rate_bps = Some(100_000_000);
+        let f = Fleet::new(vec![l], vec![v], Costs::default()).unwrap();
+        assert_eq!(f.flow_cap_bps(0), 1e8);
+        // A big window: the link's rate is the cap.
+        let wide = link("w", 1_000_000_000, 10, 100_000_000);
+        let f = Fleet::new(vec![wide], vec![vm("a", 0)], Costs::default()).unwrap();
+        assert_eq!(f.flow_cap_bps(0), 1e9);
+    }
+
+    #[test]
+    fn setup_is_a_few_round_trips_and_the_switchover() {
+        let l = link("l", 1_000_000_000, 20, DEFAULT_WINDOW_BYTES);
+        let c = Costs::default();
+        assert!((c.setup_s(&l) - 0.11).abs() < 1e-12);
+        assert!((c.tail_s(&l) - 0.01).abs() < 1e-12);
+    }
+
+    #[test]
+    fn inconsistent_fleets_are_refused_naming_the_entry() {
+        let l = || vec![link("wan", 1_000_000_000, 20, DEFAULT_WINDOW_BYTES)];
+        let err = |links: Vec<Link>, vms: Vec<Vm>| {
+            Fleet::new(links, vms, Costs::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(l(), vec![vm("a", 0), vm("a", 0)]),
+            "vm \"a\": the name is used twice"
+        );
+        let mut v = vm("db-3", 2 << 30);
+        assert_eq!(
+            err(l(), vec![v.clone()]),
+            "vm \"db-3\": stale_bytes (2147483648 bytes) exceeds memory_bytes + disk_bytes \
+             (1073741824 bytes)"
+        );
+        v.stale_bytes = 0;
+        v.link = 3;
+        assert_eq!(
+            err(l(), vec![v.clone()]),
+            "vm \"db-3\": link \"#3\" is not defined"
+        );
+        v.link = 0;
+        v.weight = 0.0;
+        assert_eq!(err(l(), vec![v]), "vm \"db-3\": priority must be > 0");
+        let mut bad = l();
+        bad[0].rate_bps = 0;
+        assert_eq!(
+            err(bad, vec![vm("a", 0)]),
+            "link \"wan\": rate_bps must be > 0"
+        );
+        assert_eq!(err(l(), vec![]), "plan: has no VMs ([[vm]] entries)");
+        assert_eq!(
+            err(l(), vec![vm("", 0)]),
+            "vm #1 ([[vm]] entry 1): name must not be empty"
+        );
+    }
+}
