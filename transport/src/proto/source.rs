@@ -545,7 +545,12 @@ impl SourceSession {
                 if matches!(self.state, State::Finished) {
                     return Err(self.unexpected(Channel::Control, &msg, "finished"));
                 }
-                self.conn_epoch = self.newer_epoch(&msg)?;
+                self.conn_epoch = match (&msg, self.config.kind) {
+                    // A standby that restarted numbers its connections from 0 again; a
+                    // replication hands nothing over, so any fresh handshake will do.
+                    (Message::HelloAck { conn_epoch, .. }, SessionKind::Replicate) => *conn_epoch,
+                    _ => self.newer_epoch(&msg)?,
+                };
                 self.link = Link::Connected;
                 self.state = State::HelloSent;
                 // The stale set first: the schedule is built from it.
