@@ -576,6 +576,7 @@ struct ReplicationSetup {
     told: Arc<AtomicU64>,
     ids: (Identity, Identity),
     server: SocketAddr,
+    endpoint: quic::Endpoint,
     img: Vec<u8>,
 }
 
@@ -587,7 +588,7 @@ async fn start_replication(pages: usize, sessions: usize) -> (ReplicationSetup, 
     let layout = Layout::single((pages * PAGE_SIZE) as u64);
     let replica = Arc::new(Replica::new(pages));
     let told = Arc::new(AtomicU64::new(0));
-    let acceptor = Acceptor::start(server, AcceptLimits::default());
+    let acceptor = Acceptor::start(server.clone(), AcceptLimits::default());
     let standby = tokio::spawn(standby(
         acceptor,
         replica.clone(),
@@ -607,6 +608,7 @@ async fn start_replication(pages: usize, sessions: usize) -> (ReplicationSetup, 
         told,
         ids: (src_id, dst_id),
         server: addr,
+        endpoint: server,
         img,
     };
     (setup, r)
@@ -727,4 +729,52 @@ async fn a_paused_replication_gives_way_to_another_session_and_then_resumes_in_a
     assert!(reports
         .iter()
         .all(|r| r.kind == Some(SessionKind::Replicate)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_resumes_into_a_restarted_standby() {
+    const PAGES: usize = 128;
+    let (s, mut r) = start_replication(PAGES, 1).await;
+    r.until("the standby's answer", |r| r.answered).await;
+    r.send_stale().await;
+    r.until("every page acknowledged", Replicating::all_acked)
+        .await;
+    // The standby's process ends (its endpoint closes, without a reason) and a new one
+    // starts on the same address with the same identity and the replica it left behind.
+    s.standby.abort();
+    let _ = s.standby.await;
+    s.endpoint.close(0u32.into(), b"");
+    s.endpoint.wait_idle().await;
+    drop(s.endpoint);
+    r.until("the pause", |r| r.paused).await;
+    for p in 0..10 {
+        r.write(p);
+    }
+    let (src_id, dst_id) = &s.ids;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let server = loop {
+        match quic::server_endpoint(s.server, dst_id, src_id.cert.clone()) {
+            Ok(e) => break e,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot bind again: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let layout = Layout::single((PAGES * PAGE_SIZE) as u64);
+    let told = Arc::new(AtomicU64::new(0));
+    let acceptor = Acceptor::start(server, AcceptLimits::default());
+    let restarted = tokio::spawn(standby(acceptor, s.replica.clone(), layout, 1, told));
+    // The same session comes back; the new standby takes its Hello as a new session's.
+    r.until("the resume", |r| !r.paused).await;
+    assert_eq!(r.send_stale().await, 10, "only the pages written since");
+    r.until("every page acknowledged again", Replicating::all_acked)
+        .await;
+    let mem = r.mem.clone();
+    let src = r.stop().await;
+    let dst = restarted.await.unwrap();
+    assert_eq!(*s.replica.mem.lock().unwrap(), mem, "the replica differs");
+    assert_eq!(src.outages.pauses, 1, "{src:?}");
+    assert_eq!(dst[0].outages.pauses, 0, "a new session: {:?}", dst[0]);
+    assert_eq!(dst[0].pages_replicated, 10);
 }

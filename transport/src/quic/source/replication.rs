@@ -209,7 +209,11 @@ impl OnConnection<'_> {
             self.pauses.resumed();
             let _ = events.send(ReplicationEvent::Resumed);
         }
-        let mut acks = tokio::spawn(read_acks(link.clone(), control, events.clone()));
+        let mut acks = Some(tokio::spawn(read_acks(
+            link.clone(),
+            control,
+            events.clone(),
+        )));
         let sent = self
             .send(updates, &mut bulk, &mut failures, &mut acks)
             .await;
@@ -224,8 +228,11 @@ impl OnConnection<'_> {
             }
             Err(e) => Err(self.closed(e)),
         };
-        acks.abort();
-        let _ = acks.await;
+        // Not if it ended (a join handle must not be awaited twice).
+        if let Some(acks) = acks {
+            acks.abort();
+            let _ = acks.await;
+        }
         outcome
     }
 
@@ -246,13 +253,13 @@ impl OnConnection<'_> {
         updates: &mut mpsc::Receiver<Update>,
         bulk: &mut SendStream,
         failures: &mut mpsc::UnboundedReceiver<DriverError>,
-        acks: &mut JoinHandle<Result<(), DriverError>>,
+        acks: &mut Option<Acks>,
     ) -> Result<(), DriverError> {
         let conn = self.conn;
         loop {
             let next = tokio::select! {
                 next = updates.recv() => next,
-                r = &mut *acks => return Err(acks_ended(conn, r)),
+                r = acks_joined(acks) => return Err(acks_ended(conn, r)),
                 Some(e) = failures.recv() => return Err(e),
             };
             let Some(Update { pages, versions }) = next else {
@@ -265,12 +272,29 @@ impl OnConnection<'_> {
                 r = write_update(bulk, pages, versions) => {
                     r.map_err(|e| stream_error(conn, Channel::Bulk, e))?
                 }
-                r = &mut *acks => return Err(acks_ended(conn, r)),
+                r = acks_joined(acks) => return Err(acks_ended(conn, r)),
                 Some(e) = failures.recv() => return Err(e),
             }
             self.report.pages_sent += count;
             self.report.updates_sent += 1;
         }
+    }
+}
+
+/// The task reading acknowledgements.
+type Acks = JoinHandle<Result<(), DriverError>>;
+
+/// Resolves when the task reading acknowledgements ended, and forgets its handle then.
+async fn acks_joined(
+    acks: &mut Option<Acks>,
+) -> Result<Result<(), DriverError>, tokio::task::JoinError> {
+    match acks.as_mut() {
+        Some(task) => {
+            let r = task.await;
+            *acks = None;
+            r
+        }
+        None => std::future::pending().await,
     }
 }
 
