@@ -483,6 +483,7 @@ fn replicator_options(
         budget_bytes_per_sec: budget,
         interval: INTERVAL,
         connect_timeout: Duration::from_secs(30),
+        recover_timeout: None,
         idle_priority: true,
     })
 }

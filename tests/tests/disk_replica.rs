@@ -173,6 +173,7 @@ fn replicate_and_evacuate_with(push: bool, restart: bool) -> vmm_shim::disks::Di
             budget_bytes_per_sec: 1 << 30,
             interval: Duration::from_millis(10),
             connect_timeout: Duration::from_secs(30),
+            recover_timeout: None,
             idle_priority: false,
         },
     )

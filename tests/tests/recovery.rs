@@ -545,3 +545,87 @@ fn sigterm_ends_a_paused_session_at_once_on_both_sides() {
     // The emulator held the cut until here: nothing crossed after it.
     assert!(wan.is_cut());
 }
+
+#[test]
+fn replication_cut_for_8_seconds_resumes_its_session_then_evacuates_only_stale_pages() {
+    // Replication crosses the emulator and is cut for 8 s (past the 5 s silence limit,
+    // short of QUIC's idle timeout: the 45 s cut above covers that for a migration) while
+    // the guest keeps writing. The replicator's session pauses and resumes on a new
+    // connection (the same session id: the standby sees one replication session), sends
+    // again what was not acknowledged, and catches up; then exactly 10% of memory is made
+    // stale and evacuated (the direct way).
+    const PAGES: u64 = 16384;
+    let certs = Certs::new();
+    let dir = ShmDir::new("recovery-repl");
+    let standby = DestProcess::standby(
+        &certs,
+        "127.0.0.1:0",
+        &["--size", SIZE, "--replica-dir", &dir.arg()],
+    );
+    let upstream: SocketAddr = standby.addr.parse().expect("standby address");
+    let link = LinkConfig::new(Duration::from_millis(20), RATE);
+    let wan = WanEmulator::start("127.0.0.1:0".parse().unwrap(), upstream, link).unwrap();
+    let relay = wan.local_addr().to_string();
+    let outage = Duration::from_secs(8);
+    let (src, note) = std::thread::scope(|s| {
+        // Mid-way through the replica's first fill (64 MiB), the guest writing all along.
+        let hand = s.spawn(|| cut_for(&wan, 16_000_000, outage));
+        let src = Background::replicate(
+            &certs,
+            &relay,
+            &[
+                "--synthetic",
+                SIZE,
+                "--evacuate-after",
+                "14",
+                "--stale-pct",
+                "10",
+                "--writers",
+                "1",
+                "--write-rate",
+                "5000",
+                "--evacuate-connect",
+                &standby.addr,
+            ],
+        )
+        .wait(Duration::from_secs(90));
+        (src, hand.join().expect("the test's hand on the link"))
+    });
+    let dst = standby.wait(Duration::from_secs(90));
+    assert!(note.cut.is_some(), "replication never carried 16 MB");
+    let (s, d) = assert_evacuated(&src, &dst);
+    let (r, dr) = (&s["replication"], &d["replication"]);
+    assert!(u(&s["writers"], "writes") > 0, "{s}");
+    // One session on both sides, paused once for the outage and resumed on one new
+    // connection.
+    assert_eq!(u(r, "sessions"), 1, "{r}");
+    assert_eq!(u(&d, "replication_sessions"), 1, "{d}");
+    assert!(u(r, "pauses") >= 1 && u(dr, "pauses") >= 1, "{r} {dr}");
+    assert!(
+        u(r, "connections") >= 2 && u(r, "connections") - u(r, "sessions") <= u(r, "pauses"),
+        "{r}"
+    );
+    let ms = outage.as_millis() as u64;
+    assert!(
+        u(r, "paused_ms") >= ms && u(dr, "paused_ms") >= ms,
+        "{r} {dr}"
+    );
+    assert!(u(r, "resume_ms_after_restore") < 10_000, "{r}");
+    // Only the 10% written after replication caught up crossed at evacuation.
+    let stale = (PAGES as f64 * 0.10).round() as u64;
+    assert_eq!(u(&d, "pages_stale"), stale, "{d}");
+    assert_eq!(u(&d, "pages_from_replica"), PAGES - stale, "{d}");
+    let m = &d["metrics"];
+    assert_eq!(u(m, "pages_pushed") + u(m, "pages_faulted"), stale, "{d}");
+    eprintln!(
+        "replication cut after {} B: replicator paused {} ms (resume {} ms, {} B resent, {} \
+         connections); standby paused {} ms, {} B stored again",
+        note.cut_after_bytes,
+        u(r, "paused_ms"),
+        u(r, "resume_ms_after_restore"),
+        u(r, "bytes_resent"),
+        u(r, "connections"),
+        u(dr, "paused_ms"),
+        u(dr, "bytes_resent"),
+    );
+}

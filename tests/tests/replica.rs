@@ -156,10 +156,13 @@ fn standby_restarted_before_evacuation_keeps_its_replica() {
     let src = src.wait(TIMEOUT);
     let dst = second.wait(TIMEOUT);
     let (s, d) = assert_evacuated(&src, &dst);
-    assert!(
-        u(&s["replication"]["connections"]) >= 2,
-        "the replicator reconnected: {s}"
-    );
+    let r = &s["replication"];
+    assert!(u(&r["connections"]) >= 2, "the replicator reconnected: {s}");
+    // Its session paused and resumed into the restarted standby, which took the Hello of
+    // a session it did not know as a new replication session.
+    assert_eq!(u(&r["sessions"]), 1, "{r}");
+    assert!(u(&r["pauses"]) >= 1, "{r}");
+    assert_eq!(u(&d["replication_sessions"]), 1, "{d}");
     // The restarted standby found most pages still valid and served them locally.
     assert!(u(&d["replica_valid_pages"]) > PAGES / 2, "{d}");
     let stale = (PAGES as f64 * 0.05).round() as u64;

@@ -4,6 +4,11 @@
 //! requests made while paused are served after it, another session is told the destination
 //! is busy meanwhile, and a cut that never ends fails on both sides after the recover
 //! timeout. Memory is compared byte for byte.
+//!
+//! Replication the same way: one session for the replicator's life, paused by a cut and
+//! resumed (from a new port) with a fresh handshake, sending again only what the standby
+//! had not acknowledged; a paused replication gives way to another session and comes back
+//! in a new one.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -310,4 +315,466 @@ async fn a_cut_that_never_ends_fails_both_sides_after_the_recover_timeout() {
         took < quic::SILENCE_LOST + Duration::from_secs(4),
         "{took:?}"
     );
+}
+
+// Replication (docs/recovery.md, "Other sessions"): one session for the replicator's whole
+// life, paused by a cut and resumed on a new connection with a fresh handshake.
+
+use transport::bitmap::Bitmap;
+use transport::message::{PageRef, Pages, SessionKind};
+use transport::proto::Channel;
+use transport::quic::{PageSink, ReplicationEvent, ReplicationReport, SinkError, Update};
+
+/// A standby's replica in plain memory: a version per page, acknowledged once synced.
+struct Replica {
+    mem: Mutex<Vec<u8>>,
+    version: Mutex<Vec<u64>>,
+    epoch: Mutex<u64>,
+    acks: Mutex<Vec<(u64, u64)>>,
+    /// Pages stored at a version they already had: sent again.
+    again: AtomicU64,
+}
+
+impl Replica {
+    fn new(pages: usize) -> Replica {
+        Replica {
+            mem: Mutex::new(vec![0xAA; pages * PAGE_SIZE]),
+            version: Mutex::new(vec![0; pages]),
+            epoch: Mutex::new(0),
+            acks: Mutex::new(Vec::new()),
+            again: AtomicU64::new(0),
+        }
+    }
+}
+
+impl PageSink for Replica {
+    fn install(&self, _: &Pages, _: Channel) -> Result<(), SinkError> {
+        Err(SinkError("no evacuation here".into()))
+    }
+
+    fn is_complete(&self) -> bool {
+        false
+    }
+
+    fn invalid_pages(&self, _: SessionKind, epoch: u64) -> Result<Bitmap, SinkError> {
+        let mut version = self.version.lock().unwrap();
+        if std::mem::replace(&mut *self.epoch.lock().unwrap(), epoch) != epoch {
+            version.fill(0);
+        }
+        let mut valid = Bitmap::new(version.len() as u64);
+        for (p, _) in version.iter().enumerate().filter(|(_, &v)| v != 0) {
+            valid.set(p as u64);
+        }
+        Ok(valid.complement())
+    }
+
+    fn store(&self, pages: &Pages, versions: &[u64]) -> Result<(), SinkError> {
+        let mut mem = self.mem.lock().unwrap();
+        let mut version = self.version.lock().unwrap();
+        for ((p, page), &v) in pages.iter().zip(versions) {
+            let at = p as usize * PAGE_SIZE;
+            match page {
+                PageRef::Raw(d) => mem[at..at + PAGE_SIZE].copy_from_slice(d),
+                PageRef::Zero => mem[at..at + PAGE_SIZE].fill(0),
+                _ => return Err(SinkError("replication sends raw and zero pages".into())),
+            }
+            if std::mem::replace(&mut version[p as usize], v) == v {
+                self.again.fetch_add(1, Ordering::Relaxed);
+            }
+            self.acks.lock().unwrap().push((p, v));
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<Vec<(u64, u64)>, SinkError> {
+        Ok(std::mem::take(&mut *self.acks.lock().unwrap()))
+    }
+}
+
+/// A replicator in the test: guest memory, a version per page, what the standby
+/// acknowledged and what went out on the current connection (like vmm-shim's ledger).
+struct Replicating {
+    mem: Vec<u8>,
+    version: Vec<u64>,
+    acked: Vec<u64>,
+    sent: Vec<u64>,
+    updates: tokio::sync::mpsc::Sender<Update>,
+    events: tokio::sync::mpsc::UnboundedReceiver<ReplicationEvent>,
+    driver: tokio::task::JoinHandle<Result<ReplicationReport, DriverError>>,
+    /// Pages sent again after a pause at the version sent before it.
+    resent: u64,
+    in_flight_at_pause: Vec<(u64, u64)>,
+    paused: bool,
+    /// The standby told its invalid pages (the session runs).
+    answered: bool,
+}
+
+impl Replicating {
+    /// Starts a session (`epoch`, a random session id) on `conn`, reconnecting to `addr`.
+    fn start(
+        conn: quic::Connection,
+        endpoint: quic::Endpoint,
+        addr: SocketAddr,
+        img: &[u8],
+        epoch: u64,
+    ) -> Replicating {
+        let pages = img.len() / PAGE_SIZE;
+        let layout = Layout::single(img.len() as u64);
+        let session = SourceSession::new(SourceConfig {
+            kind: SessionKind::Replicate,
+            epoch,
+            ..SourceConfig::migrate("vm", layout)
+        });
+        let recovery = SourceRecovery {
+            endpoint,
+            addr,
+            recover_timeout: None,
+            stopped: None,
+            on_connection: None,
+        };
+        let (updates, rx) = tokio::sync::mpsc::channel(8);
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(quic::run_replication_recovering(
+            conn,
+            session,
+            rx,
+            tx,
+            Some(recovery),
+        ));
+        Replicating {
+            mem: img.to_vec(),
+            version: vec![1; pages],
+            acked: vec![0; pages],
+            sent: vec![0; pages],
+            updates,
+            events,
+            driver,
+            resent: 0,
+            in_flight_at_pause: Vec::new(),
+            paused: false,
+            answered: false,
+        }
+    }
+
+    /// The guest writes page `p`.
+    fn write(&mut self, p: usize) {
+        self.mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(self.version[p] as u8 ^ 0x5C);
+        self.version[p] += 1;
+    }
+
+    /// Sends every page neither acknowledged nor sent at its version; returns how many.
+    async fn send_stale(&mut self) -> u64 {
+        assert!(!self.paused, "a replicator sends nothing while paused");
+        let mut n = 0;
+        for p in 0..self.version.len() {
+            let v = self.version[p];
+            if self.acked[p] == v || self.sent[p] == v {
+                continue;
+            }
+            if self.in_flight_at_pause.contains(&(p as u64, v)) {
+                self.resent += 1;
+            }
+            self.sent[p] = v;
+            let data = &self.mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
+            let update = Update {
+                pages: Pages::from_memory(p as u64, data),
+                versions: vec![v],
+            };
+            self.updates.send(update).await.expect("the driver runs");
+            n += 1;
+        }
+        n
+    }
+
+    fn apply(&mut self, ev: ReplicationEvent) {
+        match ev {
+            ReplicationEvent::Acked(entries) => {
+                for (p, v) in entries {
+                    let a = &mut self.acked[p as usize];
+                    *a = (*a).max(v);
+                }
+            }
+            ReplicationEvent::Invalid(b) => {
+                self.answered = true;
+                for p in b.iter_ones() {
+                    self.acked[p as usize] = 0;
+                    self.sent[p as usize] = 0;
+                }
+            }
+            ReplicationEvent::Paused => {
+                self.paused = true;
+                self.in_flight_at_pause = (0..self.version.len())
+                    .filter(|&p| self.sent[p] != self.acked[p])
+                    .map(|p| (p as u64, self.sent[p]))
+                    .collect();
+                self.sent.copy_from_slice(&self.acked);
+            }
+            ReplicationEvent::Resumed => self.paused = false,
+        }
+    }
+
+    /// Applies events until `done` holds.
+    async fn until(&mut self, what: &str, done: impl Fn(&Replicating) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !done(self) {
+            let ev = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+                .expect("the driver ended");
+            self.apply(ev);
+        }
+    }
+
+    fn all_acked(&self) -> bool {
+        self.acked == self.version
+    }
+
+    /// Ends the session cleanly.
+    async fn stop(self) -> ReplicationReport {
+        drop(self.updates);
+        self.driver.await.unwrap().expect("replication")
+    }
+}
+
+/// A standby: `sessions` sessions one after the other on `acceptor`, each a new
+/// `DestSession` like `Listener::serve_standby`; their reports.
+async fn standby(
+    mut acceptor: Acceptor,
+    replica: Arc<Replica>,
+    layout: Layout,
+    sessions: usize,
+    told: Arc<AtomicU64>,
+) -> Vec<DestReport> {
+    let mut reports = Vec::new();
+    for _ in 0..sessions {
+        let conn = acceptor.next().await.expect("a connection");
+        let session = DestSession::new(DestConfig {
+            accept: vec![SessionKind::Replicate, SessionKind::Evacuate],
+            ..DestConfig::migrate(layout.clone())
+        });
+        let recovery = DestRecovery {
+            incoming: Some(&mut acceptor),
+            recover_timeout: None,
+            on_connection: Some(counter(&told)),
+        };
+        let (_requests, rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = replica.clone();
+        let hooks = DestHooks::default();
+        let r = quic::run_dest_recovering(conn, session, sink, rx, hooks, recovery).await;
+        reports.push(r.expect("a replication session"));
+    }
+    reports
+}
+
+/// A standby serving `sessions` sessions, and a replicator connected to it through a
+/// relay.
+struct ReplicationSetup {
+    relay: Arc<Relay>,
+    replica: Arc<Replica>,
+    standby: tokio::task::JoinHandle<Vec<DestReport>>,
+    /// New connections the standby's sessions were told of.
+    told: Arc<AtomicU64>,
+    ids: (Identity, Identity),
+    server: SocketAddr,
+    endpoint: quic::Endpoint,
+    img: Vec<u8>,
+}
+
+async fn start_replication(pages: usize, sessions: usize) -> (ReplicationSetup, Replicating) {
+    let src_id = Identity::generate("source").unwrap();
+    let dst_id = Identity::generate("dest").unwrap();
+    let server = quic::server_endpoint(localhost(), &dst_id, src_id.cert.clone()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let layout = Layout::single((pages * PAGE_SIZE) as u64);
+    let replica = Arc::new(Replica::new(pages));
+    let told = Arc::new(AtomicU64::new(0));
+    let acceptor = Acceptor::start(server.clone(), AcceptLimits::default());
+    let standby = tokio::spawn(standby(
+        acceptor,
+        replica.clone(),
+        layout,
+        sessions,
+        told.clone(),
+    ));
+    let relay = Relay::start(addr).await;
+    let img = image(pages);
+    let client = quic::client_endpoint(localhost(), &src_id, dst_id.cert.clone()).unwrap();
+    let conn = quic::connect(&client, relay.addr()).await.unwrap();
+    let r = Replicating::start(conn, client, relay.addr(), &img, 7);
+    let setup = ReplicationSetup {
+        relay,
+        replica,
+        standby,
+        told,
+        ids: (src_id, dst_id),
+        server: addr,
+        endpoint: server,
+        img,
+    };
+    (setup, r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_pauses_resumes_on_the_same_session_and_resends_only_what_was_not_acknowledged(
+) {
+    const PAGES: usize = 256;
+    // In flight at the cut, and written while paused.
+    const IN_FLIGHT: usize = 40;
+    const WRITTEN: usize = 24;
+    let (s, mut r) = start_replication(PAGES, 1).await;
+    r.until("the standby's answer", |r| r.answered).await;
+    assert_eq!(r.send_stale().await, PAGES as u64);
+    r.until("every page acknowledged", Replicating::all_acked)
+        .await;
+
+    // Nothing to send for longer than the silence limit: keep-alives keep the connection.
+    let quiet = quic::SILENCE_LOST + Duration::from_secs(2);
+    if let Ok(ev) = tokio::time::timeout(quiet, r.events.recv()).await {
+        panic!("a quiet replication heard {ev:?}");
+    }
+
+    // Cut with updates in flight: they never arrive.
+    s.relay.set_cut(true);
+    let cut = Instant::now();
+    for p in 0..IN_FLIGHT {
+        r.write(p);
+    }
+    assert_eq!(r.send_stale().await, IN_FLIGHT as u64);
+    r.until("the pause", |r| r.paused).await;
+    // The guest writes on while paused: kept, sent after the resume.
+    for p in IN_FLIGHT..IN_FLIGHT + WRITTEN {
+        r.write(p);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.relay.new_port().await;
+    s.relay.set_cut(false);
+    let restored = Instant::now();
+    r.until("the resume", |r| !r.paused).await;
+    // Only what the standby never acknowledged goes out again.
+    assert_eq!(r.send_stale().await, (IN_FLIGHT + WRITTEN) as u64);
+    assert_eq!(r.resent, IN_FLIGHT as u64);
+    r.until("every page acknowledged again", Replicating::all_acked)
+        .await;
+    let mem = r.mem.clone();
+    let src = r.stop().await;
+
+    let reports = s.standby.await.unwrap();
+    let dst = &reports[0];
+    assert_eq!(*s.replica.mem.lock().unwrap(), mem, "the replica differs");
+    assert_ne!(mem, s.img, "the guest wrote");
+    // One session on the standby too, resumed on one new connection.
+    assert_eq!(dst.kind, Some(SessionKind::Replicate));
+    assert_eq!(s.told.load(Ordering::Relaxed), 1);
+    assert_eq!(src.outages.pauses, 1, "{src:?}");
+    assert_eq!(dst.outages.pauses, 1, "{dst:?}");
+    let outage = restored.duration_since(cut).as_millis() as u64;
+    assert!(src.outages.paused_ms >= outage, "{src:?}");
+    assert!(dst.outages.paused_ms >= outage, "{dst:?}");
+    assert!(src.outages.resume_ms_after_restore < 5_000, "{src:?}");
+    // The updates in flight at the cut never arrived; nothing was stored twice.
+    assert_eq!(
+        src.pages_sent,
+        (PAGES + 2 * IN_FLIGHT + WRITTEN) as u64,
+        "{src:?}"
+    );
+    assert_eq!(dst.pages_replicated, (PAGES + IN_FLIGHT + WRITTEN) as u64);
+    assert_eq!(s.replica.again.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_replication_gives_way_to_another_session_and_then_resumes_in_a_new_one() {
+    const PAGES: usize = 128;
+    // Three sessions on the standby: the first replication (paused, then given up), another
+    // replicator's (another epoch: the replica starts over), the first one's again.
+    let (s, mut a) = start_replication(PAGES, 3).await;
+    a.until("the standby's answer", |r| r.answered).await;
+    a.send_stale().await;
+    a.until("every page acknowledged", Replicating::all_acked)
+        .await;
+    s.relay.set_cut(true);
+    a.until("the pause", |r| r.paused).await;
+
+    // Another replicator connects directly while the first one is cut off.
+    let (src_id, dst_id) = &s.ids;
+    let other = quic::client_endpoint(localhost(), src_id, dst_id.cert.clone()).unwrap();
+    let conn = quic::connect(&other, s.server).await.unwrap();
+    let img_b = image(PAGES).iter().map(|b| b ^ 0xFF).collect::<Vec<_>>();
+    let mut b = Replicating::start(conn, other, s.server, &img_b, 8);
+    b.until("the standby's answer", |r| r.answered).await;
+    b.send_stale().await;
+    b.until(
+        "every page of the other acknowledged",
+        Replicating::all_acked,
+    )
+    .await;
+    assert_eq!(*s.replica.mem.lock().unwrap(), img_b);
+    let b_report = b.stop().await;
+    assert_eq!(b_report.outages.pauses, 0);
+
+    // The first replicator comes back: a new session at the standby takes its Hello, with
+    // every page invalid (another epoch was stored since).
+    s.relay.set_cut(false);
+    a.until("the resume", |r| !r.paused).await;
+    assert!(a.acked.iter().all(|&v| v == 0), "every page invalid");
+    a.send_stale().await;
+    a.until("every page acknowledged again", Replicating::all_acked)
+        .await;
+    let mem = a.mem.clone();
+    let a_report = a.stop().await;
+    assert_eq!(*s.replica.mem.lock().unwrap(), mem, "the replica differs");
+    assert_eq!(a_report.outages.pauses, 1, "{a_report:?}");
+    let reports = s.standby.await.unwrap();
+    assert_eq!(reports.len(), 3);
+    assert_eq!(reports[0].outages.pauses, 1, "{:?}", reports[0]);
+    assert!(reports
+        .iter()
+        .all(|r| r.kind == Some(SessionKind::Replicate)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_resumes_into_a_restarted_standby() {
+    const PAGES: usize = 128;
+    let (s, mut r) = start_replication(PAGES, 1).await;
+    r.until("the standby's answer", |r| r.answered).await;
+    r.send_stale().await;
+    r.until("every page acknowledged", Replicating::all_acked)
+        .await;
+    // The standby's process ends (its endpoint closes, without a reason) and a new one
+    // starts on the same address with the same identity and the replica it left behind.
+    s.standby.abort();
+    let _ = s.standby.await;
+    s.endpoint.close(0u32.into(), b"");
+    s.endpoint.wait_idle().await;
+    drop(s.endpoint);
+    r.until("the pause", |r| r.paused).await;
+    for p in 0..10 {
+        r.write(p);
+    }
+    let (src_id, dst_id) = &s.ids;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let server = loop {
+        match quic::server_endpoint(s.server, dst_id, src_id.cert.clone()) {
+            Ok(e) => break e,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot bind again: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let layout = Layout::single((PAGES * PAGE_SIZE) as u64);
+    let told = Arc::new(AtomicU64::new(0));
+    let acceptor = Acceptor::start(server, AcceptLimits::default());
+    let restarted = tokio::spawn(standby(acceptor, s.replica.clone(), layout, 1, told));
+    // The same session comes back; the new standby takes its Hello as a new session's.
+    r.until("the resume", |r| !r.paused).await;
+    assert_eq!(r.send_stale().await, 10, "only the pages written since");
+    r.until("every page acknowledged again", Replicating::all_acked)
+        .await;
+    let mem = r.mem.clone();
+    let src = r.stop().await;
+    let dst = restarted.await.unwrap();
+    assert_eq!(*s.replica.mem.lock().unwrap(), mem, "the replica differs");
+    assert_eq!(src.outages.pauses, 1, "{src:?}");
+    assert_eq!(dst[0].outages.pauses, 0, "a new session: {:?}", dst[0]);
+    assert_eq!(dst[0].pages_replicated, 10);
 }

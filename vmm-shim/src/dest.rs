@@ -363,11 +363,18 @@ pub struct StandbyReport {
     pub memory_bytes: u64,
     /// Guest pages (4 KiB) in all.
     pub pages: u64,
-    /// Replication sessions served before the evacuation (more than one: reconnects).
+    /// Replication sessions served before the evacuation: one per replicator run (a lost
+    /// connection pauses a session, which resumes on the next: see `replication`); more
+    /// when a replicator started over (a new source run, a session that failed).
     pub replication_sessions: u64,
     /// Pages stored in the replica over all replication sessions (a page counts each
     /// time a newer version of it was stored).
     pub pages_replicated: u64,
+    /// What link outages did to replication, all sessions together (docs/recovery.md):
+    /// `pauses`, `paused_ms`, `resume_ms_after_restore`, and in `bytes_resent` the page
+    /// bytes that arrived at the version the replica already held. (The evacuation's own
+    /// outages are the top-level fields of the same names.)
+    pub replication: quic::Outages,
     /// Pages the replica held valid when the evacuation began.
     pub replica_valid_pages: u64,
     /// Evacuation connected → guest resumed (stale set received, holes punched, registered).
@@ -401,12 +408,14 @@ impl Listener {
         let acceptor = &mut self.acceptor;
         let mut sessions = 0u64;
         let mut replicated = 0u64;
+        let mut outages = quic::Outages::default();
         let result = self.runtime.block_on(async {
             loop {
-                // Peers that fail authentication never get here (see `Listener`). During
-                // replication a new connection waits for the current session to end rather
-                // than being turned away: it may be the source reconnecting, or coming to
-                // evacuate, before this side saw the old session close.
+                // Peers that fail authentication never get here (see `Listener`). A
+                // replication's own connections resume it; another session's connection
+                // that came during a replication (the source coming to evacuate before this
+                // side saw the replication close, or a new replicator) waits for it to end,
+                // or ends it if it is paused, and comes first here.
                 let conn = tokio::time::timeout(opts.accept_timeout, acceptor.next())
                     .await
                     .map_err(|_| RoleError::AcceptTimeout(opts.accept_timeout))?
@@ -462,7 +471,12 @@ impl Listener {
                     Ok(rep) if rep.kind == Some(SessionKind::Replicate) => {
                         sessions += 1;
                         replicated += rep.pages_replicated;
-                        tracing::info!(pages = rep.pages_replicated, "replication session ended");
+                        outages.merge(&rep.outages);
+                        tracing::info!(
+                            pages = rep.pages_replicated,
+                            pauses = rep.outages.pauses,
+                            "replication session ended"
+                        );
                     }
                     Ok(rep) => {
                         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle())
@@ -495,6 +509,10 @@ impl Listener {
             pages: layout.total_pages(),
             replication_sessions: sessions,
             pages_replicated: replicated,
+            replication: quic::Outages {
+                bytes_resent: sink.pages_stored_again() * PAGE_SIZE as u64,
+                ..outages
+            },
             replica_valid_pages: valid_before,
             resume_ms: resume.as_secs_f64() * 1e3,
             evacuation: sink.evacuation_stats(torn_at_open),

@@ -225,6 +225,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         budget_bytes_per_sec: (a.budget_mbps * 1e6 / 8.0) as u64,
         interval: Duration::from_millis(20),
         connect_timeout: Duration::from_secs(30),
+        recover_timeout: a.recover_timeout.map(Duration::from_secs),
         idle_priority: !a.replicator_normal_priority,
     };
     let disks = SourceDisks::open(&a.disk)?;
@@ -325,10 +326,11 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         super::outcome::print_report(&out)?;
     } else {
         println!(
-            "replicated with {} ({} pages sent, {} acknowledged), then evacuated {} stale pages of {} in {} ms\nsource digest at switchover {}",
+            "replicated with {} ({} pages sent, {} acknowledged, {} pauses), then evacuated {} stale pages of {} in {} ms\nsource digest at switchover {}",
             out.replication.tracker,
             out.replication.pages_sent,
             out.replication.pages_acked,
+            out.replication.outages.pauses,
             out.evacuation.session.pages_stale,
             a.synthetic / 4096,
             out.evacuation.session.total_ms,

@@ -298,6 +298,10 @@ pub struct VmDestOutput {
 pub struct DestReplicaReport {
     pub replication_sessions: u64,
     pub pages_replicated: u64,
+    /// Replication's link outages (`pauses`, `paused_ms`, `resume_ms_after_restore`,
+    /// `bytes_resent`), all sessions together.
+    #[serde(default)]
+    pub replication: transport::quic::Outages,
     /// Pages the replica held valid when the evacuation began.
     pub replica_valid_pages: u64,
     pub pages_from_replica: u64,
@@ -348,9 +352,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let sampler = RateSampler::start(vm.progress_probe(), started, SAMPLE_PERIOD);
     let replication = if a.replica.replicate {
-        Some(vm_replica::start(
-            &vm, &layout, &a.replica, a.connect, &a.vm_id, &me, &peer,
-        )?)
+        Some(vm_replica::start(&vm, &layout, &a, &me, &peer)?)
     } else {
         None
     };
@@ -649,6 +651,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
                         replica: Some(DestReplicaReport {
                             replication_sessions: r.replication_sessions,
                             pages_replicated: r.pages_replicated,
+                            replication: r.replication,
                             replica_valid_pages: r.replica_valid_pages,
                             pages_from_replica: r.evacuation.pages_from_replica,
                             pages_stale: r.evacuation.pages_stale,

@@ -66,6 +66,10 @@ pub struct SourceReplicaReport {
     /// With `stale_pct_requested`: the guest's pause before the evacuation while
     /// replication caught up and the VMM wrote the stale pages (not part of the downtime).
     pub stale_prep_ms: f64,
+    /// Replication's link outages: `pauses`, `paused_ms`, `resume_ms_after_restore`,
+    /// `bytes_resent`.
+    #[serde(flatten)]
+    pub outages: transport::quic::Outages,
 }
 
 impl SourceReplicaReport {
@@ -82,31 +86,33 @@ impl SourceReplicaReport {
             pages_stale_source: 0,
             pages_stale: 0,
             final_harvest_ms: 0.0,
+            outages: summary.outages,
         }
     }
 }
 
-/// Starts replicating `vm` (built with the dirty log on) to the standby in `opts`.
+/// Starts replicating `vm` (built with the dirty log on) to the standby `src.connect`
+/// names, as `src.replica` says.
 pub fn start(
     vm: &Vm,
     layout: &Layout,
-    a: &ReplicaArgs,
-    connect: std::net::SocketAddr,
-    vm_id: &str,
+    src: &super::vm::VmSourceArgs,
     me: &Identity,
     peer: &CertificateDer<'static>,
 ) -> anyhow::Result<Replication> {
+    let a = &src.replica;
     let tracker = vm.dirty_tracker().context("KVM dirty log")?;
     let epoch = epoch();
     let opts = ReplicatorOptions {
-        connect,
+        connect: src.connect,
         identity: me.clone(),
         peer_cert: peer.clone(),
-        vm_id: vm_id.to_string(),
+        vm_id: src.vm_id.clone(),
         epoch,
         budget_bytes_per_sec: (a.budget_mbps * 1e6 / 8.0) as u64,
         interval: Duration::from_millis(20),
         connect_timeout: Duration::from_secs(30),
+        recover_timeout: src.recover_timeout.map(Duration::from_secs),
         // The vCPU threads would starve an idle-priority replicator on 2 cores.
         idle_priority: false,
     };

@@ -535,3 +535,94 @@ fn a_hand_over_queued_after_the_destination_died_loses_the_vm() {
     assert_eq!(src.session_state(), SessionState::Failed);
     assert_eq!(src.ownership(), Ownership::Destination);
 }
+
+use crate::message::SessionKind;
+
+/// The standby's side of a replication handshake on connection `d`: the `Hello` in, the
+/// invalid pages out, all of it delivered to the source on its connection `s`.
+fn replication_handshake(
+    src: &mut SourceSession,
+    dst: &mut DestSession,
+    (s, d): (u32, u32),
+    invalid: &Bitmap,
+) {
+    let hello = src.poll_transmit().unwrap();
+    assert_eq!(hello.message.name(), "Hello");
+    dst.handle_in(d, hello.channel, wire(hello.message))
+        .unwrap();
+    assert!(matches!(
+        dst.poll_event(),
+        Some(DestEvent::HelloReceived {
+            kind: SessionKind::Replicate,
+            epoch: 7,
+            ..
+        })
+    ));
+    dst.accept(invalid);
+    while let Some(t) = dst.poll_transmit() {
+        src.handle_in(s, t.channel, wire(t.message)).unwrap();
+    }
+    assert!(src.is_running() && dst.is_running());
+}
+
+#[test]
+fn a_replication_resumes_with_a_fresh_handshake_also_into_a_restarted_standby() {
+    let layout = crate::message::Layout::single(N * PAGE_SIZE as u64);
+    let standby = || {
+        DestSession::new(DestConfig {
+            accept: vec![SessionKind::Replicate, SessionKind::Evacuate],
+            ..DestConfig::migrate(layout.clone())
+        })
+    };
+    let mut src = SourceSession::new(SourceConfig {
+        kind: SessionKind::Replicate,
+        epoch: 7,
+        session_id: 42,
+        ..SourceConfig::migrate("vm", layout.clone())
+    });
+    let mut dst = standby();
+    let all = Bitmap::new(N).complement();
+    replication_handshake(&mut src, &mut dst, (0, 0), &all);
+    let events: Vec<_> = std::iter::from_fn(|| src.poll_event()).collect();
+    assert_eq!(events[0], SourceEvent::Invalid(all.clone()));
+    assert!(matches!(
+        dst.poll_event(),
+        Some(DestEvent::Established { .. })
+    ));
+
+    // The same standby: the same session's Hello on a new connection is a fresh handshake,
+    // with the replica's invalid pages as they are now.
+    src.connection_lost();
+    dst.connection_lost();
+    assert_eq!(
+        dst.poll_event(),
+        Some(DestEvent::Paused { resumable: false })
+    );
+    let (s, d) = (src.resume(), dst.resume());
+    let mut invalid = Bitmap::new(N);
+    invalid.set(3);
+    replication_handshake(&mut src, &mut dst, (s, d), &invalid);
+    assert_eq!(dst.session_id(), 42);
+    let events: Vec<_> = std::iter::from_fn(|| src.poll_event()).collect();
+    assert_eq!(events[0], SourceEvent::Paused);
+    assert!(matches!(
+        events[1],
+        SourceEvent::Resumed {
+            handshake_restarted: true,
+            conn_epoch: 1,
+            ..
+        }
+    ));
+    assert_eq!(events[2], SourceEvent::Invalid(invalid.clone()));
+    assert!(matches!(events[3], SourceEvent::Established { .. }));
+
+    // A standby that restarted: a new session, whose first connection has epoch 0 again,
+    // takes the same session's next Hello (replication never handed the VM over).
+    src.connection_lost();
+    let s = src.resume();
+    let mut restarted = standby();
+    replication_handshake(&mut src, &mut restarted, (s, 0), &invalid);
+    assert_eq!(restarted.session_id(), 42);
+    assert_eq!(src.conn_epoch(), 0);
+    assert_eq!(src.stats().pauses, 2);
+}

@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::dest::Candidate;
 use crate::message::ErrorCode;
 
 /// Bounds on the handshakes an [`Acceptor`] runs.
@@ -85,6 +86,13 @@ pub struct Acceptor {
     accepted: mpsc::Receiver<Connection>,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
+    /// A connection a session screened (streams open, `Hello` read) and handed back for
+    /// the next session: a replication gives way to another session (see
+    /// [`super::DestRecovery::incoming`]).
+    handed_back: Option<Candidate>,
+    /// The handed-back connection [`Acceptor::next`] returned last, for
+    /// [`super::run_dest_recovering`] to take over with its streams.
+    claimable: Option<Candidate>,
 }
 
 impl Acceptor {
@@ -103,12 +111,35 @@ impl Acceptor {
             accepted,
             shared,
             task,
+            handed_back: None,
+            claimable: None,
         }
     }
 
-    /// The next authenticated connection; `None` once the endpoint is closed.
+    /// The next authenticated connection; `None` once the endpoint is closed. A connection
+    /// an earlier session handed back comes first: give it to
+    /// [`super::run_dest_recovering`] with this acceptor, which takes over its open
+    /// streams.
     pub async fn next(&mut self) -> Option<Connection> {
+        if let Some(c) = self.handed_back.take() {
+            let conn = c.conn.clone();
+            self.claimable = Some(c);
+            return Some(conn);
+        }
+        self.claimable = None;
         self.accepted.recv().await
+    }
+
+    /// Keeps `c` for the next session (see [`Acceptor::next`]).
+    pub(super) fn hand_back(&mut self, c: Candidate) {
+        self.handed_back = Some(c);
+    }
+
+    /// The handed-back connection `next` returned as `conn`, if it was one.
+    pub(super) fn claim(&mut self, conn: &Connection) -> Option<Candidate> {
+        self.claimable
+            .take()
+            .filter(|c| c.conn.stable_id() == conn.stable_id())
     }
 
     /// While `reason` is `Some`, authenticated peers are closed at once with

@@ -25,8 +25,8 @@ pub use recovery::{
     SILENCE_LOST,
 };
 pub use source::{
-    run_replication, run_source, run_source_recovering, PageReader, ReplicationEvent,
-    ReplicationReport, SourceReport, Update,
+    run_replication, run_replication_recovering, run_source, run_source_recovering, PageReader,
+    ReplicationEvent, ReplicationReport, SourceReport, Update,
 };
 
 use std::net::SocketAddr;
@@ -65,6 +65,13 @@ pub const PRIO_BULK: i32 = 0;
 
 /// Application close code of a session that ended normally.
 pub const CLOSE_OK: u32 = 0;
+
+/// Close reason (with [`CLOSE_OK`]) of a replication the replicator ended: the standby's
+/// session ends with it. A close with [`CLOSE_OK`] and any other reason (`reconnecting`)
+/// is a dropped connection, after which the same session resumes.
+pub(crate) const REPLICATION_STOPPED: &[u8] = b"replication stopped";
+/// Close reason (with [`CLOSE_OK`]) of a connection a source dropped to reconnect.
+pub(crate) const RECONNECTING: &[u8] = b"reconnecting";
 
 /// Where the peer or the network ended a session.
 #[derive(Debug, Error)]

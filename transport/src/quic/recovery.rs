@@ -164,6 +164,19 @@ pub struct Outages {
     pub bytes_resent: u64,
 }
 
+impl Outages {
+    /// Adds the outages of another session (or connection) of the same role: counts and
+    /// times add up, the slowest resume stays.
+    pub fn merge(&mut self, other: &Outages) {
+        self.pauses += other.pauses;
+        self.paused_ms += other.paused_ms;
+        self.resume_ms_after_restore = self
+            .resume_ms_after_restore
+            .max(other.resume_ms_after_restore);
+        self.bytes_resent += other.bytes_resent;
+    }
+}
+
 impl Pauses {
     /// The report of these pauses, with the session's counts.
     pub(crate) fn outages(&self, pauses: u64, bytes_resent: u64) -> Outages {

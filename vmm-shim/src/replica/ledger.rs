@@ -18,6 +18,10 @@ pub struct Ledger {
     acked: Vec<u64>,
     sent: Vec<u64>,
     cursor: usize,
+    /// Pages that were in flight at their current version when a connection was lost:
+    /// sending one again counts as a resend.
+    lost_in_flight: Bitmap,
+    pages_resent: u64,
 }
 
 impl Ledger {
@@ -29,6 +33,8 @@ impl Ledger {
             acked: vec![0; n],
             sent: vec![0; n],
             cursor: 0,
+            lost_in_flight: Bitmap::new(pages),
+            pages_resent: 0,
         }
     }
 
@@ -42,6 +48,8 @@ impl Ledger {
         for &p in pages {
             if let Some(v) = self.version.get_mut(p as usize) {
                 *v += 1;
+                // A new version is news, not a resend.
+                self.lost_in_flight.clear(p);
             }
         }
     }
@@ -60,8 +68,26 @@ impl Ledger {
     }
 
     /// The connection to the standby was lost: whatever was in flight may never arrive.
+    /// Pages in flight at their current version count as resent when sent again.
     pub fn forget_in_flight(&mut self) {
+        for (p, ((s, a), v)) in self
+            .sent
+            .iter()
+            .zip(&self.acked)
+            .zip(&self.version)
+            .enumerate()
+        {
+            if s != a && s == v {
+                self.lost_in_flight.set(p as u64);
+            }
+        }
         self.sent.copy_from_slice(&self.acked);
+    }
+
+    /// Pages sent again at the version they were in flight at when a connection was lost
+    /// (see [`Ledger::forget_in_flight`]).
+    pub fn pages_resent(&self) -> u64 {
+        self.pages_resent
     }
 
     /// The standby stored `page` at `version`.
@@ -100,6 +126,9 @@ impl Ledger {
             let wanted = self.sent[p] != self.version[p] && self.acked[p] != self.version[p];
             if wanted {
                 self.sent[p] = self.version[p];
+                if self.lost_in_flight.clear(p as u64) {
+                    self.pages_resent += 1;
+                }
                 match runs.last_mut() {
                     Some((first, versions)) if *first + versions.len() as u64 == p as u64 => {
                         versions.push(self.version[p])

@@ -207,3 +207,21 @@ fn invalid_pages_and_lost_connections_are_resent() {
     l.next_batch(4, &mut runs);
     assert_eq!(runs, vec![(2, vec![1])], "lost in flight, sent again");
 }
+
+#[test]
+fn only_versions_lost_in_flight_count_as_resent() {
+    let mut l = Ledger::new(4);
+    let mut runs = Vec::new();
+    l.next_batch(4, &mut runs);
+    l.ack(0, 1);
+    // 1, 2 and 3 were in flight at the cut; 3 is written meanwhile (a new version).
+    l.forget_in_flight();
+    l.mark_dirty(&[3]);
+    l.next_batch(4, &mut runs);
+    assert_eq!(runs, vec![(1, vec![1, 1, 2])]);
+    assert_eq!(l.pages_resent(), 2, "pages 1 and 2, not 3's new version");
+    // A second loss before anything was acknowledged: sent again, counted again.
+    l.forget_in_flight();
+    l.next_batch(1, &mut runs);
+    assert_eq!(l.pages_resent(), 3);
+}

@@ -3,8 +3,12 @@
 //!
 //! It runs on its own thread at `SCHED_IDLE` priority (and its network runtime too), so it
 //! only uses CPU the guest leaves idle: the guest pays the tracking cost and nothing else.
-//! If the standby goes away (restart, network), it reconnects and learns from the standby
-//! which pages it cannot serve.
+//! One replication session (one session id) lasts the replicator's life: if the connection
+//! is lost (a restart of the standby, the network), the session pauses, the driver
+//! reconnects with backoff and the session resumes with a fresh handshake, in which the
+//! standby tells which pages it cannot serve (docs/recovery.md). Nothing is harvested or
+//! sent while paused: the tracker keeps the writes, and what was in flight and not
+//! acknowledged goes out again.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +20,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use transport::message::{Layout, Pages, SessionKind, MAX_PAGES_PER_MESSAGE};
 use transport::proto::{SourceConfig, SourceSession};
-use transport::quic::{self, ReplicationEvent, Update};
+use transport::quic::{self, Outages, ReplicationEvent, Update};
 use transport::tls::{CertificateDer, Identity};
 use transport::PAGE_SIZE;
 use uffd_core::{DirtyTracker, HostRegion, RegionMap};
@@ -43,8 +47,12 @@ pub struct ReplicatorOptions {
     pub budget_bytes_per_sec: u64,
     /// Harvest and send period.
     pub interval: Duration,
-    /// How long to keep trying to reach the standby before giving up.
+    /// How long to keep trying to reach the standby before giving up, for a session's
+    /// first connection.
     pub connect_timeout: Duration,
+    /// Give up once the connection has been lost this long (the session pauses and
+    /// reconnects meanwhile); `None`: never.
+    pub recover_timeout: Option<Duration>,
     /// Run at `SCHED_IDLE` (the default in the CLI): replication only uses CPU the guest
     /// leaves idle. Off, it competes normally (tests on a loaded machine use that, so the
     /// replica fills in bounded time).
@@ -67,11 +75,26 @@ pub struct ReplicatorStats {
     pub harvests: AtomicU64,
     /// Time spent in those harvests, in nanoseconds.
     pub harvest_ns: AtomicU64,
-    /// Connections made to the standby: the first plus every reconnect.
+    /// Connections made to the standby: each session's first plus every reconnect that
+    /// resumed it (so `connections - sessions` is at most `pauses`).
     pub connections: AtomicU64,
+    /// Replication sessions: 1, unless a session failed (not a lost connection: the
+    /// standby refused it) and a new one started.
+    pub sessions: AtomicU64,
+    /// Times the connection was lost and the session paused.
+    pub pauses: AtomicU64,
     /// UDP bytes sent and received over all the replicator's connections; 0 until it
-    /// stops, as it is summed from each connection's report when that connection ends.
+    /// stops, as it is summed from each session's report when that session ends.
     pub wire_bytes: AtomicU64,
+    /// Time spent paused, all pauses together, ms; summed from each session's report when
+    /// that session ends.
+    pub paused_ms: AtomicU64,
+    /// Longest time from a new connection being up to the session running again, ms (from
+    /// the sessions' reports too).
+    pub resume_ms_after_restore: AtomicU64,
+    /// Page bytes sent again at the version they were in flight at when a connection was
+    /// lost, as of the last round.
+    pub bytes_resent: AtomicU64,
 }
 
 /// A snapshot of [`ReplicatorStats`].
@@ -91,8 +114,14 @@ pub struct ReplicationSummary {
     pub harvest_ms_total: f64,
     /// [`ReplicatorStats::connections`].
     pub connections: u64,
+    /// [`ReplicatorStats::sessions`].
+    pub sessions: u64,
     /// [`ReplicatorStats::wire_bytes`].
     pub wire_bytes: u64,
+    /// What link outages did (docs/recovery.md): `pauses`, `paused_ms`,
+    /// `resume_ms_after_restore`, `bytes_resent`, from the stats of the same names.
+    #[serde(flatten)]
+    pub outages: Outages,
 }
 
 /// What the replicator hands back when stopped: everything evacuation needs.
@@ -224,7 +253,7 @@ impl Replicator {
                 if opts.idle_priority {
                     set_idle_priority();
                 }
-                run(guest, layout, tracker, opts, &stop2, &stats2)
+                run(guest, layout, tracker, opts, &stop2, stats2)
             })
             .map_err(RoleError::Io)?;
         Ok(Replicator {
@@ -273,11 +302,17 @@ impl Drop for Replicator {
 /// Longest time between two harvests while a backlog is being sent.
 const MAX_HARVEST_INTERVAL: Duration = Duration::from_secs(1);
 
-/// One connection's worth of replication: its update sender and event receiver.
+/// Wait before a new session when the last one failed (not a lost connection, which the
+/// session itself survives).
+const NEW_SESSION_AFTER: Duration = Duration::from_secs(1);
+
+/// The replication session: its update sender and event receiver.
 struct Link {
     updates: mpsc::Sender<Update>,
     events: mpsc::UnboundedReceiver<ReplicationEvent>,
     driver: tokio::task::JoinHandle<Result<quic::ReplicationReport, quic::DriverError>>,
+    /// Paused: nothing is sent until the session resumes.
+    paused: bool,
 }
 
 fn run(
@@ -286,7 +321,7 @@ fn run(
     mut tracker: Box<dyn DirtyTracker>,
     opts: ReplicatorOptions,
     stop: &AtomicBool,
-    stats: &ReplicatorStats,
+    stats: Arc<ReplicatorStats>,
 ) -> Result<ReplicatorState, RoleError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -315,24 +350,39 @@ fn run(
     let mut tokens = 0f64;
     let mut last = Instant::now();
     let burst = opts.budget_bytes_per_sec as f64 * opts.interval.as_secs_f64() * 4.0;
-    let mut wire_done = 0u64;
+    let mut ended = SessionsEnded::default();
     let mut last_harvest = Instant::now() - MAX_HARVEST_INTERVAL;
 
     while !stop.load(Ordering::Relaxed) {
-        // (Re)connect. Pages in flight on a lost connection may never have been stored.
+        // A new session if there is none, or the last one failed for good. A lost
+        // connection does not end a session: it pauses and resumes on its own.
         if link.as_ref().is_none_or(|l| l.driver.is_finished()) {
             if let Some(old) = link.take() {
-                if let Ok(Ok(r)) = rt.block_on(old.driver) {
-                    wire_done += r.udp_tx_bytes + r.udp_rx_bytes;
+                let failed = ended.add(&rt, old, &mut ledger, &stats);
+                match failed {
+                    Some(e) if fatal(&e) => return Err(e.into()),
+                    Some(e) => {
+                        tracing::warn!(error = %uffd_core::error::chain(&e),
+                            "the replication session failed; starting a new one");
+                    }
+                    None => {}
                 }
-                ledger.forget_in_flight();
+                sleep_unless_stopped(NEW_SESSION_AFTER, stop);
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
             }
-            link = Some(connect(&rt, &endpoint, &layout, &opts, stop)?);
-            stats.connections.fetch_add(1, Ordering::Relaxed);
+            link = Some(connect(&rt, &endpoint, &layout, &opts, stop, &stats)?);
+            stats.sessions.fetch_add(1, Ordering::Relaxed);
         }
         let Some(l) = link.as_mut() else { break };
         while let Ok(ev) = l.events.try_recv() {
-            apply(&mut ledger, ev, stats);
+            apply(&mut ledger, ev, &stats, &mut l.paused);
+        }
+        if l.paused {
+            // Nothing is harvested or sent: the tracker keeps what the guest writes.
+            std::thread::sleep(opts.interval);
+            continue;
         }
 
         // Harvest only when the backlog is nearly sent (or now and then). A harvest re-arms
@@ -376,8 +426,8 @@ fn run(
                     versions: chunk.to_vec(),
                 };
                 if l.updates.blocking_send(update).is_err() {
-                    // The connection died; the pages of this round are resent after the
-                    // reconnect (forget_in_flight above).
+                    // The session ended; a new one learns what the standby holds, and
+                    // what was not acknowledged goes out again (forget_in_flight).
                     break 'send;
                 }
                 sent += chunk.len();
@@ -388,33 +438,29 @@ fn run(
         stats
             .stale_pages
             .store(ledger.stale_count(), Ordering::Relaxed);
+        stats
+            .bytes_resent
+            .store(ledger.pages_resent() * PAGE_SIZE as u64, Ordering::Relaxed);
         std::thread::sleep(opts.interval);
     }
 
-    // End the session cleanly and collect the last acknowledgements.
+    // End the session cleanly (also while paused) and collect the last acknowledgements.
     if let Some(l) = link.take() {
-        let Link {
-            updates,
-            mut events,
-            driver,
-        } = l;
-        drop(updates);
-        if let Ok(Ok(r)) = rt.block_on(driver) {
-            wire_done += r.udp_tx_bytes + r.udp_rx_bytes;
-        }
-        while let Ok(ev) = events.try_recv() {
-            apply(&mut ledger, ev, stats);
+        if let Some(e) = ended.add(&rt, l, &mut ledger, &stats) {
+            tracing::warn!(error = %uffd_core::error::chain(&e), "the replication session ended with an error");
         }
     }
     rt.block_on(async {
         endpoint.close(0u32.into(), b"done");
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     });
-    stats.wire_bytes.store(wire_done, Ordering::Relaxed);
     stats
         .stale_pages
         .store(ledger.stale_count(), Ordering::Relaxed);
-    let summary = summary(tracker.kind(), stats);
+    stats
+        .bytes_resent
+        .store(ledger.pages_resent() * PAGE_SIZE as u64, Ordering::Relaxed);
+    let summary = summary(tracker.kind(), &stats);
     Ok(ReplicatorState {
         ledger,
         tracker,
@@ -422,7 +468,70 @@ fn run(
     })
 }
 
-fn apply(ledger: &mut Ledger, ev: ReplicationEvent, stats: &ReplicatorStats) {
+/// What the sessions that ended add up to.
+#[derive(Default)]
+struct SessionsEnded {
+    wire_bytes: u64,
+}
+
+impl SessionsEnded {
+    /// Waits for a session's driver to end (its update sender must be dropped, or the
+    /// driver already finished), applies its last events, adds its report to `stats` and
+    /// returns its error, if any. Whatever was in flight may never have arrived.
+    fn add(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        l: Link,
+        ledger: &mut Ledger,
+        stats: &ReplicatorStats,
+    ) -> Option<quic::DriverError> {
+        let Link {
+            updates,
+            mut events,
+            driver,
+            mut paused,
+        } = l;
+        drop(updates);
+        let result = rt.block_on(driver);
+        while let Ok(ev) = events.try_recv() {
+            apply(ledger, ev, stats, &mut paused);
+        }
+        ledger.forget_in_flight();
+        match result {
+            Ok(Ok(r)) => {
+                self.wire_bytes += r.udp_tx_bytes + r.udp_rx_bytes;
+                stats.wire_bytes.store(self.wire_bytes, Ordering::Relaxed);
+                stats
+                    .paused_ms
+                    .fetch_add(r.outages.paused_ms, Ordering::Relaxed);
+                stats
+                    .resume_ms_after_restore
+                    .fetch_max(r.outages.resume_ms_after_restore, Ordering::Relaxed);
+                None
+            }
+            Ok(Err(e)) => Some(e),
+            Err(e) => Some(quic::DriverError::Task(e.to_string())),
+        }
+    }
+}
+
+/// Whether a failed session ends replication rather than a new session starting: the
+/// connection stayed lost past the recover timeout, or the application stopped.
+fn fatal(e: &quic::DriverError) -> bool {
+    matches!(
+        e,
+        quic::DriverError::RecoverTimeout { .. } | quic::DriverError::Stopped
+    )
+}
+
+fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + d;
+    while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn apply(ledger: &mut Ledger, ev: ReplicationEvent, stats: &ReplicatorStats, paused: &mut bool) {
     match ev {
         ReplicationEvent::Invalid(b) => ledger.invalidate(&b),
         ReplicationEvent::Acked(entries) => {
@@ -433,28 +542,47 @@ fn apply(ledger: &mut Ledger, ev: ReplicationEvent, stats: &ReplicatorStats) {
                 ledger.ack(p, v);
             }
         }
+        ReplicationEvent::Paused => {
+            // Pages in flight may never arrive; updates handed over from now on are
+            // dropped by the driver.
+            ledger.forget_in_flight();
+            stats.pauses.fetch_add(1, Ordering::Relaxed);
+            *paused = true;
+        }
+        ReplicationEvent::Resumed => *paused = false,
     }
 }
 
 fn summary(tracker: &'static str, s: &ReplicatorStats) -> ReplicationSummary {
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     ReplicationSummary {
         tracker,
-        stale_pages: s.stale_pages.load(Ordering::Relaxed),
-        pages_sent: s.pages_sent.load(Ordering::Relaxed),
-        pages_acked: s.pages_acked.load(Ordering::Relaxed),
-        harvests: s.harvests.load(Ordering::Relaxed),
-        harvest_ms_total: s.harvest_ns.load(Ordering::Relaxed) as f64 / 1e6,
-        connections: s.connections.load(Ordering::Relaxed),
-        wire_bytes: s.wire_bytes.load(Ordering::Relaxed),
+        stale_pages: get(&s.stale_pages),
+        pages_sent: get(&s.pages_sent),
+        pages_acked: get(&s.pages_acked),
+        harvests: get(&s.harvests),
+        harvest_ms_total: get(&s.harvest_ns) as f64 / 1e6,
+        connections: get(&s.connections),
+        sessions: get(&s.sessions),
+        wire_bytes: get(&s.wire_bytes),
+        outages: Outages {
+            pauses: get(&s.pauses),
+            paused_ms: get(&s.paused_ms),
+            resume_ms_after_restore: get(&s.resume_ms_after_restore),
+            bytes_resent: get(&s.bytes_resent),
+        },
     }
 }
 
+/// Starts a session: its first connection (retried until `opts.connect_timeout`), then the
+/// driver, which keeps the session across lost connections.
 fn connect(
     rt: &tokio::runtime::Runtime,
     endpoint: &quic::Endpoint,
     layout: &Layout,
     opts: &ReplicatorOptions,
     stop: &AtomicBool,
+    stats: &Arc<ReplicatorStats>,
 ) -> Result<Link, RoleError> {
     let deadline = Instant::now() + opts.connect_timeout;
     let conn = loop {
@@ -469,18 +597,36 @@ fn connect(
             }
         }
     };
+    stats.connections.fetch_add(1, Ordering::Relaxed);
     let session = SourceSession::new(SourceConfig {
         kind: SessionKind::Replicate,
         epoch: opts.epoch,
         ..SourceConfig::migrate(opts.vm_id.clone(), layout.clone())
     });
+    let counted = stats.clone();
+    let recovery = quic::SourceRecovery {
+        endpoint: endpoint.clone(),
+        addr: opts.connect,
+        recover_timeout: opts.recover_timeout,
+        stopped: None,
+        on_connection: Some(Arc::new(move |_: &quic::Connection| {
+            counted.connections.fetch_add(1, Ordering::Relaxed);
+        })),
+    };
     // A few batches in flight keep the link busy without buffering much stale data.
     let (updates, rx) = mpsc::channel(8);
     let (tx, events) = mpsc::unbounded_channel();
-    let driver = rt.spawn(quic::run_replication(conn, session, rx, tx));
+    let driver = rt.spawn(quic::run_replication_recovering(
+        conn,
+        session,
+        rx,
+        tx,
+        Some(recovery),
+    ));
     Ok(Link {
         updates,
         events,
         driver,
+        paused: false,
     })
 }

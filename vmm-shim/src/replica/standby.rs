@@ -68,6 +68,9 @@ pub struct StandbySink {
     replica: Mutex<Option<Replica>>,
     requests: Mutex<Option<UnboundedSender<Vec<u64>>>>,
     pending_acks: Mutex<Vec<(u64, u64)>>,
+    /// Replicated pages that arrived at the version the replica already held (sent again
+    /// after a lost connection, their acknowledgement lost with it).
+    stored_again: AtomicU64,
     live: OnceLock<Live>,
     pages_from_replica: Arc<AtomicU64>,
     stale_at_switchover: AtomicU64,
@@ -143,6 +146,7 @@ impl StandbySink {
             replica: Mutex::new(Some(replica)),
             requests: Mutex::new(None),
             pending_acks: Mutex::new(Vec::new()),
+            stored_again: AtomicU64::new(0),
             live: OnceLock::new(),
             pages_from_replica: Arc::new(AtomicU64::new(0)),
             stale_at_switchover: AtomicU64::new(0),
@@ -162,6 +166,12 @@ impl StandbySink {
         lock(&self.replica)
             .as_ref()
             .map_or(0, |r| r.store().valid_pages().count() as u64)
+    }
+
+    /// Replicated pages that arrived at the version the replica already held: sent again
+    /// by a replicator whose connection was lost before their acknowledgement came.
+    pub fn pages_stored_again(&self) -> u64 {
+        self.stored_again.load(Ordering::Relaxed)
     }
 
     /// Pages of the replica found torn (content not matching its entry) since it was
@@ -417,6 +427,11 @@ impl PageSink for StandbySink {
                 continue;
             }
             let (i, j) = ((a - pages.first) as usize, (b - pages.first) as usize);
+            let again = (a..b)
+                .zip(&versions[i..j])
+                .filter(|&(p, &v)| store.version(p - range.start) == v)
+                .count();
+            self.stored_again.fetch_add(again as u64, Ordering::Relaxed);
             store
                 .store(
                     a - range.start,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use thiserror::Error;
 use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::accept::Acceptor;
 use super::frame::{read_frame, FrameError};
@@ -26,8 +26,8 @@ use super::link::{ControlReader, Link, Shared};
 use super::read_ahead::ReadAhead;
 use super::recovery::{lost, silent_for, Pauses};
 use super::{
-    close_with, closed_or, connection_lost, DriverError, CLOSE_OK, TAG_BULK, TAG_CONTROL,
-    TAG_URGENT,
+    close_with, closed_or, connection_lost, DriverError, CLOSE_OK, RECONNECTING,
+    REPLICATION_STOPPED, TAG_BULK, TAG_CONTROL, TAG_URGENT,
 };
 use crate::bitmap::Bitmap;
 use crate::message::{Message, Pages, SessionKind};
@@ -131,10 +131,13 @@ pub async fn run_dest(
 /// waits for one.
 #[derive(Default)]
 pub struct DestRecovery<'a> {
-    /// The listener's acceptor. While a migration or evacuation runs (or is paused) every
-    /// authenticated connection it hands over is screened: one that belongs to this session
-    /// (the session id in its `Hello`) resumes it, whatever address it comes from; any other
-    /// is closed as busy. `None`: a lost connection ends the session with an error.
+    /// The listener's acceptor. While a session runs (or is paused) every authenticated
+    /// connection it hands over is screened: one that belongs to this session (the session
+    /// id in its `Hello`) resumes it, whatever address it comes from. Any other is closed as
+    /// busy during a migration or evacuation; during a replication it is held, and handed
+    /// back to the acceptor (its next [`Acceptor::next`]) once the replication ends (or at
+    /// once if it is paused: replication never hands the VM over, so another session may
+    /// take its place). `None`: a lost connection ends the session with an error.
     pub incoming: Option<&'a mut Acceptor>,
     /// Fail once the connection has been down this long; `None`: wait for ever.
     pub recover_timeout: Option<Duration>,
@@ -148,8 +151,14 @@ pub const BUSY_REASON: &str = "this side is already in a migration session";
 /// [`run_dest`] for a session that outlives its connection (docs/recovery.md): when the
 /// connection is lost (not when the source closes it with an error), the session pauses, the
 /// guest keeps running and its demand requests queue in the session; the next connection of
-/// the same session from `recovery.incoming` resumes it. A replication session is not
-/// resumed (the replicator reconnects with a session of its own).
+/// the same session from `recovery.incoming` resumes it. A replication session resumes the
+/// same way, with a fresh handshake (the replica's invalid pages again); it ends when its
+/// replicator closes it, or when another session's connection arrives while it is paused
+/// (that connection goes back to the acceptor for the caller's next session).
+///
+/// `conn` may be a connection that [`Acceptor::next`] returned after an earlier session
+/// handed it back (its streams open, its `Hello` read): pass the same acceptor in
+/// `recovery.incoming`.
 pub async fn run_dest_recovering(
     conn: Connection,
     session: DestSession,
@@ -157,6 +166,43 @@ pub async fn run_dest_recovering(
     requests: mpsc::UnboundedReceiver<Vec<u64>>,
     hooks: DestHooks,
     recovery: DestRecovery<'_>,
+) -> Result<DestReport, DriverError> {
+    let mut incoming = recovery.incoming;
+    let opened = incoming
+        .as_mut()
+        .and_then(|a| a.claim(&conn))
+        .and_then(|c| c.opened);
+    let mut screen = Screen {
+        incoming,
+        recover_timeout: recovery.recover_timeout,
+        screens: JoinSet::new(),
+        pending: None,
+        replicating: false,
+    };
+    let first = Candidate { conn, opened };
+    let result = run_session(
+        first,
+        session,
+        sink,
+        requests,
+        hooks,
+        recovery.on_connection,
+        &mut screen,
+    )
+    .await;
+    screen.hand_back().await;
+    result
+}
+
+/// [`run_dest_recovering`] once the screen is set up.
+async fn run_session(
+    first: Candidate,
+    session: DestSession,
+    sink: Arc<dyn PageSink>,
+    requests: mpsc::UnboundedReceiver<Vec<u64>>,
+    hooks: DestHooks,
+    on_connection: Option<super::OnConnection>,
+    screen: &mut Screen<'_>,
 ) -> Result<DestReport, DriverError> {
     let mut across = Across {
         session: Arc::new(std::sync::Mutex::new(session)),
@@ -170,18 +216,10 @@ pub async fn run_dest_recovering(
         pauses: Pauses::default(),
         wire_bytes: 0,
     };
-    let (found, candidates) = mpsc::channel(4);
-    let on_connection = recovery.on_connection;
-    let mut screen = Screen {
-        incoming: recovery.incoming,
-        recover_timeout: recovery.recover_timeout,
-        found,
-        candidates,
-    };
-    let mut next = Candidate { conn, opened: None };
+    let mut next = first;
     loop {
         let conn = next.conn.clone();
-        let ended = run_connection(next, &mut across, &mut screen).await;
+        let ended = run_connection(next, &mut across, screen).await;
         across.wire_bytes += {
             let s = conn.stats();
             s.udp_tx.bytes + s.udp_rx.bytes
@@ -215,21 +253,30 @@ pub async fn run_dest_recovering(
         };
         let resumable = screen.incoming.is_some() && lost(&e) && {
             let s = across.session();
-            s.kind() != SessionKind::Replicate
-                && !matches!(
-                    s.session_state(),
-                    SessionState::Failed | SessionState::Completed
-                )
+            !matches!(
+                s.session_state(),
+                SessionState::Failed | SessionState::Completed
+            )
         };
         if !resumable {
             close_with(&conn, &e);
             return Err(across.vm_lost(e));
         }
-        let (guest_runs, missing) = {
+        let (guest_runs, missing, replicating) = {
             let s = across.session();
-            (s.guest_may_run(), s.total_pages() - s.held().count_ones())
+            (
+                s.guest_may_run(),
+                s.total_pages() - s.held().count_ones(),
+                s.kind() == SessionKind::Replicate,
+            )
         };
-        if guest_runs && missing > 0 {
+        if replicating {
+            tracing::warn!(
+                error = %crate::chain(&e),
+                "the connection to the replicator was lost; the replication pauses and waits \
+                 for it (the replica keeps what it stored)"
+            );
+        } else if guest_runs && missing > 0 {
             tracing::warn!(
                 error = %crate::chain(&e),
                 pages_missing = missing,
@@ -251,16 +298,17 @@ pub async fn run_dest_recovering(
                  waiting for the source"
             );
         }
-        conn.close(VarInt::from_u32(CLOSE_OK), b"reconnecting");
+        conn.close(VarInt::from_u32(CLOSE_OK), RECONNECTING);
         across.session().connection_lost();
         across.pauses.lost_since(silent_for(&e));
         let done = across.session().complete_sent() && across.sink.is_complete();
         next = match screen.wait(&across, done).await {
-            Ok(Some(candidate)) => candidate,
-            Ok(None) => {
+            Ok(Waited::Resume(candidate)) => *candidate,
+            Ok(Waited::Ended) => {
                 // Every page is here and the source was told so: a source that finished
-                // does not come back, and the guest needs nothing more from it.
-                tracing::info!("the source did not come back after every page was present");
+                // does not come back, and the guest needs nothing more from it. Or another
+                // session takes the place of a paused replication.
+                tracing::info!("the paused session ends without its source");
                 let mut report = std::mem::take(&mut across.report);
                 across.pauses.finish();
                 across.fill(&mut report);
@@ -336,9 +384,18 @@ impl Across {
 
 /// A connection to run the session on, with its streams already opened and its first
 /// message (the `Hello`) read if it was screened.
-struct Candidate {
-    conn: Connection,
+pub(super) struct Candidate {
+    pub(super) conn: Connection,
     opened: Option<(Streams, Message)>,
+}
+
+/// How a paused session's wait ended.
+enum Waited {
+    /// A connection of this session came: it resumes.
+    Resume(Box<Candidate>),
+    /// The session ends without its source: every page is here (and the source was told),
+    /// or another session's connection came while a replication was paused.
+    Ended,
 }
 
 /// How one connection ended without an error.
@@ -352,8 +409,13 @@ enum Ended {
 struct Screen<'a> {
     incoming: Option<&'a mut Acceptor>,
     recover_timeout: Option<Duration>,
-    found: mpsc::Sender<Candidate>,
-    candidates: mpsc::Receiver<Candidate>,
+    /// Connections being screened, each in a task of its own.
+    screens: JoinSet<Option<Candidate>>,
+    /// Another session's connection that came during a replication: it waits for the
+    /// replication to end (or to pause), then goes back to the acceptor.
+    pending: Option<Candidate>,
+    /// The session is a replication (known once its handshake is done).
+    replicating: bool,
 }
 
 impl Screen<'_> {
@@ -366,11 +428,18 @@ impl Screen<'_> {
         }
     }
 
+    /// The next connection screened; never while none is being screened.
+    async fn next_screened(screens: &mut JoinSet<Option<Candidate>>) -> Option<Candidate> {
+        match screens.join_next().await {
+            Some(joined) => joined.ok().flatten(),
+            None => std::future::pending().await,
+        }
+    }
+
     /// Opens a new connection's streams and reads its first message in a task of its own,
     /// so a slow or silent peer holds nothing up.
-    fn screen(found: &mpsc::Sender<Candidate>, conn: Connection) {
-        let found = found.clone();
-        tokio::spawn(async move {
+    fn screen(screens: &mut JoinSet<Option<Candidate>>, conn: Connection) {
+        screens.spawn(async move {
             let opened = async {
                 let mut streams = accept_streams(&conn).await?;
                 let first = tokio::time::timeout(
@@ -390,50 +459,58 @@ impl Screen<'_> {
             }
             .await;
             match opened {
-                Ok(opened) => {
-                    let _ = found
-                        .send(Candidate {
-                            conn,
-                            opened: Some(opened),
-                        })
-                        .await;
-                }
+                Ok(opened) => Some(Candidate {
+                    conn,
+                    opened: Some(opened),
+                }),
                 Err(e) => {
                     tracing::warn!(peer = %conn.remote_address(), error = %crate::chain(&e),
                         "dropped a new connection");
                     close_with(&conn, &e);
+                    None
                 }
             }
         });
     }
 
-    /// Whether `c` belongs to the session (its `Hello` names the session's id, or the
-    /// session has none yet); if not, it is closed as busy.
-    fn belongs(session: &DestSession, c: &Candidate) -> bool {
+    /// Whether `c` belongs to the session: its `Hello` names the session's id, or the
+    /// session has none yet.
+    fn ours(session: &DestSession, c: &Candidate) -> bool {
         let id = session.session_id();
         // Before the guest ran here and while nothing arrived, a source that restarted (with
         // a session of its own) may start over: nothing here is its predecessor's.
-        let fresh = !session.guest_may_run() && session.received().count_ones() == 0;
-        let ours = matches!(&c.opened, Some((_, Message::Hello { session_id, .. }))
-            if id == 0 || *session_id == id || fresh);
-        if !ours {
-            tracing::info!(peer = %c.conn.remote_address(), "refused a peer: {BUSY_REASON}");
-            c.conn.close(
-                VarInt::from_u32(crate::message::ErrorCode::Busy as u32),
-                BUSY_REASON.as_bytes(),
-            );
+        let fresh = session.kind() != SessionKind::Replicate
+            && !session.guest_may_run()
+            && session.received().count_ones() == 0;
+        matches!(&c.opened, Some((_, Message::Hello { session_id, .. }))
+            if id == 0 || *session_id == id || fresh)
+    }
+
+    /// A connection of another session: held during a replication (see
+    /// [`DestRecovery::incoming`]; a connection held before is told this side is busy),
+    /// else closed as busy.
+    fn other(&mut self, kind: SessionKind, c: Candidate) {
+        if kind == SessionKind::Replicate {
+            tracing::info!(peer = %c.conn.remote_address(),
+                "another session waits for the replication to end or pause");
+            self.replicating = true;
+            if let Some(older) = self.pending.replace(c) {
+                busy(&older);
+            }
+        } else {
+            busy(&c);
         }
-        ours
     }
 
     /// Waits, paused, for a connection of this session while the fault loop's requests
-    /// queue in the session. `None` when `done` (every page is here and the source was told)
-    /// and no connection came within a grace period.
-    async fn wait(
-        &mut self,
-        across: &Across,
-        done: bool,
-    ) -> Result<Option<Candidate>, DriverError> {
+    /// queue in the session. [`Waited::Ended`] when `done` (every page is here and the
+    /// source was told) and no connection came within a grace period, or when another
+    /// session's connection is waiting for a paused replication.
+    async fn wait(&mut self, across: &Across, done: bool) -> Result<Waited, DriverError> {
+        let kind = across.session().kind();
+        if kind == SessionKind::Replicate && self.pending.is_some() {
+            return Ok(Waited::Ended);
+        }
         let paused_at = across.pauses.paused_since().unwrap_or_else(Instant::now);
         let limit = match (self.recover_timeout, done) {
             (Some(t), true) => Some(t.min(DONE_GRACE)),
@@ -445,12 +522,16 @@ impl Screen<'_> {
         loop {
             tokio::select! {
                 conn = Self::next_incoming(&mut self.incoming) => match conn {
-                    Some(conn) => Self::screen(&self.found, conn),
+                    Some(conn) => Self::screen(&mut self.screens, conn),
                     None => return Err(DriverError::Stopped),
                 },
-                Some(c) = self.candidates.recv() => {
-                    if Self::belongs(&across.session(), &c) {
-                        return Ok(Some(c));
+                Some(c) = Self::next_screened(&mut self.screens) => {
+                    if Self::ours(&across.session(), &c) {
+                        return Ok(Waited::Resume(Box::new(c)));
+                    }
+                    self.other(kind, c);
+                    if self.pending.is_some() {
+                        return Ok(Waited::Ended);
                     }
                 }
                 batch = async { across.requests.lock().await.recv().await }, if requests_open => {
@@ -466,7 +547,7 @@ impl Screen<'_> {
                     }
                 } => {
                     if done {
-                        return Ok(None);
+                        return Ok(Waited::Ended);
                     }
                     let limit = limit.unwrap_or_default();
                     return Err(super::recovery::recover_timeout(limit, paused_at));
@@ -474,6 +555,44 @@ impl Screen<'_> {
             }
         }
     }
+
+    /// The session ended: a connection of another session that waited for it (and any
+    /// still being screened, given a few seconds) goes back to the acceptor for the next
+    /// session. Only a replication holds such connections.
+    async fn hand_back(&mut self) {
+        if !self.replicating {
+            return;
+        }
+        if self.pending.is_some() || !self.screens.is_empty() {
+            let settle = async {
+                while let Some(joined) = self.screens.join_next().await {
+                    if let Ok(Some(c)) = joined {
+                        if let Some(older) = self.pending.replace(c) {
+                            busy(&older);
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(SETTLE, settle).await;
+            self.screens.abort_all();
+        }
+        if let (Some(c), Some(a)) = (self.pending.take(), self.incoming.as_mut()) {
+            tracing::info!(peer = %c.conn.remote_address(), "the next session takes over");
+            a.hand_back(c);
+        }
+    }
+}
+
+/// How long a replication that ended waits for connections still being screened.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Tells the peer of `c` that this side is in another session.
+fn busy(c: &Candidate) {
+    tracing::info!(peer = %c.conn.remote_address(), "refused a peer: {BUSY_REASON}");
+    c.conn.close(
+        VarInt::from_u32(crate::message::ErrorCode::Busy as u32),
+        BUSY_REASON.as_bytes(),
+    );
 }
 
 /// The crash points of a `Hello` that arrived and is not answered yet: `dest-hello-migrate`,
@@ -514,6 +633,7 @@ async fn run_connection(
         driver.on_events().await?;
     }
     driver.handshake(&mut readers.bulk).await?;
+    screen.replicating = driver.kind() == SessionKind::Replicate;
     driver.run(readers, screen).await
 }
 
@@ -733,10 +853,7 @@ impl<'a> Driver<'a> {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let mut listening = true;
         loop {
-            // Only a migration or evacuation is resumed: a replication's next connection
-            // waits for this one to end.
-            let screening =
-                listening && screen.incoming.is_some() && self.kind() != SessionKind::Replicate;
+            let screening = listening && screen.incoming.is_some();
             tokio::select! {
                 read = self.control.next() => if self.on_control(read).await? {
                     return Ok(Ended::Finished);
@@ -749,13 +866,14 @@ impl<'a> Driver<'a> {
                 _ = self.dest.progress.notified() => {}
                 _ = tick.tick() => {}
                 conn = Screen::next_incoming(&mut screen.incoming), if screening => match conn {
-                    Some(conn) => Screen::screen(&screen.found, conn),
+                    Some(conn) => Screen::screen(&mut screen.screens, conn),
                     None => listening = false,
                 },
-                Some(c) = screen.candidates.recv() => {
-                    if Screen::belongs(&self.link().session(), &c) {
+                Some(c) = Screen::next_screened(&mut screen.screens) => {
+                    if Screen::ours(&self.link().session(), &c) {
                         return Ok(Ended::Superseded(Box::new(c)));
                     }
+                    screen.other(self.kind(), c);
                 }
             }
             if self.link().session().is_finished() {
@@ -888,8 +1006,11 @@ impl Tasks {
     }
 }
 
-/// A replication session ends when the source hangs up normally (close code 0); for the
-/// other kinds, and for any other close, the connection's end is an error.
+/// A replication session ends when the source hangs up normally (close code 0 with the
+/// reason [`REPLICATION_STOPPED`], or its control stream ended without a close); for the
+/// other kinds, and for any other close, the connection's end is an error. (A close with
+/// code 0 and another reason is a source dropping the connection to reconnect: the
+/// session pauses.)
 fn end_of_replication(
     conn: &Connection,
     kind: SessionKind,
@@ -898,7 +1019,8 @@ fn end_of_replication(
     if kind == SessionKind::Replicate {
         match conn.close_reason() {
             Some(quinn::ConnectionError::ApplicationClosed(c))
-                if c.error_code.into_inner() == u64::from(CLOSE_OK) =>
+                if c.error_code.into_inner() == u64::from(CLOSE_OK)
+                    && &c.reason[..] == REPLICATION_STOPPED =>
             {
                 return Ok(());
             }

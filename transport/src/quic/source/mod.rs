@@ -9,7 +9,9 @@
 mod push;
 mod replication;
 
-pub use replication::{run_replication, ReplicationEvent, ReplicationReport, Update};
+pub use replication::{
+    run_replication, run_replication_recovering, ReplicationEvent, ReplicationReport, Update,
+};
 
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
@@ -25,7 +27,7 @@ use super::link::{ControlReader, Link, Shared};
 use super::recovery::{lost, silent_for, Outages, Pauses, SourceRecovery};
 use super::{
     close_with, closed_or, connection_lost, stream_error, DriverError, CLOSE_OK, PRIO_BULK,
-    PRIO_CONTROL, PRIO_URGENT, TAG_BULK, TAG_CONTROL, TAG_URGENT,
+    PRIO_CONTROL, PRIO_URGENT, RECONNECTING, TAG_BULK, TAG_CONTROL, TAG_URGENT,
 };
 use crate::encoding::{EncodingPolicy, EncodingStats, PageEncoder};
 use crate::proto::{Channel, Ownership, SessionState, SourceEvent, SourceSession};
@@ -176,7 +178,7 @@ async fn recovering(
             );
         }
         // Nothing the peer should take as the session's end: it may be up still.
-        conn.close(VarInt::from_u32(CLOSE_OK), b"reconnecting");
+        conn.close(VarInt::from_u32(CLOSE_OK), RECONNECTING);
         totals.add_udp(&conn);
         session
             .lock()
