@@ -43,7 +43,7 @@
 //! `FAULTLINE_BENCH_CUT_AT` (0.3: the fraction of the image's bytes that crossed before the
 //! cut), `FAULTLINE_BENCH_DIR` (`/var/tmp`: where the image is written). Rounds are
 //! interleaved (1 s, 10 s, 45 s, 1 s, 10 s, ...), so drift in the machine's load spreads
-//! over the cases. The defaults take about 3.5 minutes.
+//! over the cases. The defaults take about 3 minutes.
 
 use std::net::SocketAddr;
 use std::path::Path;
