@@ -22,16 +22,15 @@
 //! no-replica case only on links of 1 Gbit/s and more: at 100 Mbit/s it takes minutes) or
 //! `none`).
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use faultline_benches::e2e::{check, set_expected_bdp, write_random_image};
 use faultline_benches::{emit, env_size};
 use faultline_tests::{run_source, Background, Certs, DestProcess, Finished, ShmDir};
 use serde_json::{json, Value};
-use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
 use wan_emu::{LinkConfig, WanEmulator};
 
 const BENCH: &str = "disk_evacuation";
@@ -88,7 +87,7 @@ fn main() -> anyhow::Result<()> {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|w| l.name().contains(w.trim())))
     }) {
-        set_bdp(link);
+        set_expected_bdp(link.rate_bps, Duration::from_millis(link.rtt_ms));
         let mut replica_ms = Vec::new();
         for &pct in &stale {
             let row = replica_run(&certs, dir.path(), &image, disk_bytes, link, pct)?;
@@ -113,31 +112,6 @@ fn main() -> anyhow::Result<()> {
             }));
         }
     }
-    Ok(())
-}
-
-/// Both processes size their QUIC windows for the link, as an operator would.
-fn set_bdp(link: &Link) {
-    std::env::set_var(
-        ENV_EXPECTED_BDP,
-        bdp_bytes(link.rate_bps, Duration::from_millis(link.rtt_ms)).to_string(),
-    );
-}
-
-fn write_random_image(path: &Path, bytes: u64) -> anyhow::Result<()> {
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    let mut s = 0x2545_f491_4f6c_dd1du64;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..bytes.div_ceil(buf.len() as u64) {
-        for c in buf.chunks_exact_mut(8) {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            c.copy_from_slice(&s.to_le_bytes());
-        }
-        f.write_all(&buf)?;
-    }
-    f.flush()?;
     Ok(())
 }
 
@@ -266,13 +240,6 @@ fn full_run(
     let row = row(&src, &dst, link, &format!("{}_no_replica", link.name()))?;
     let _ = std::fs::remove_dir_all(&disk_dir);
     Ok(row)
-}
-
-fn check(f: &Finished, what: &str) -> anyhow::Result<()> {
-    if !f.status.success() || f.json.is_null() {
-        bail!("the {what} failed ({}): {}", f.status, f.stderr);
-    }
-    Ok(())
 }
 
 /// The JSON row of one run, with both sides' digests checked.

@@ -34,7 +34,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+use faultline_benches::e2e::{check, check_digests};
 use faultline_benches::stats::median;
 use faultline_benches::{emit, env_size};
 use faultline_tests::{run_source, Background, Certs, DestProcess, Finished, ShmDir};
@@ -346,14 +347,8 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
     let dst = dest.wait(TIMEOUT);
     check(&src, "source")?;
     check(&dst, "destination")?;
+    check_digests(&src, &dst)?;
     let (s, d) = (&src.json, &dst.json);
-    if s["digest"] != d["digest"] {
-        bail!(
-            "digests differ: source {} destination {}",
-            s["digest"],
-            d["digest"]
-        );
-    }
     let enc = match run.case {
         Case::Full => &s["encoding"],
         Case::Replica | Case::ReplicaMoved => &s["evacuation"]["encoding"],
@@ -454,11 +449,4 @@ fn run_case<'a>(
             Background::replicate(certs, dest_addr, &extra).wait(TIMEOUT)
         }
     }
-}
-
-fn check(f: &Finished, what: &str) -> anyhow::Result<()> {
-    if !f.status.success() || f.json.is_null() {
-        bail!("the {what} failed ({}): {}", f.status, f.stderr);
-    }
-    Ok(())
 }

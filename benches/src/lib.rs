@@ -14,11 +14,14 @@
 //! * [`migration`]: one real faultline migration, destination in the bench process and source
 //!   in a child process.
 //! * [`cpu`]: per-thread CPU time of both processes while a measurement runs.
+//! * [`e2e`]: for benches driving real `faultline` processes through the WAN emulator:
+//!   process checks, QUIC windows sized for the link, a random image.
 
 pub mod baseline;
 pub mod certs;
 pub mod child;
 pub mod cpu;
+pub mod e2e;
 pub mod migration;
 pub mod stats;
 

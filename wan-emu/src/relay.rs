@@ -130,6 +130,13 @@ pub struct DirectionCounters {
     pub send_errors: u64,
     /// Payload bytes currently held in the relay, waiting for their delivery time.
     pub held_bytes: u64,
+    /// Payload bytes of the datagrams a cut took out of the link: already inside it when it
+    /// was cut (waiting for their delivery time, or received by the relay's socket before
+    /// the cut and read after it) and dropped because it was still cut when they fell due.
+    /// What was in flight at a cut, as opposed to what arrived while cut (those count in
+    /// `dropped_cut` only).
+    #[serde(default)]
+    pub cut_in_flight_bytes: u64,
 }
 
 impl DirectionCounters {
@@ -169,6 +176,7 @@ struct AtomicCounters {
     dropped_cut: AtomicU64,
     send_errors: AtomicU64,
     held_bytes: AtomicU64,
+    cut_in_flight_bytes: AtomicU64,
 }
 
 impl AtomicCounters {
@@ -186,6 +194,7 @@ impl AtomicCounters {
             dropped_cut: get(&self.dropped_cut),
             send_errors: get(&self.send_errors),
             held_bytes: get(&self.held_bytes),
+            cut_in_flight_bytes: get(&self.cut_in_flight_bytes),
         }
     }
 }
@@ -195,6 +204,8 @@ struct Shared {
     epoch: Instant,
     stop: AtomicBool,
     cut: AtomicBool,
+    /// When the current cut began (relay clock); `u64::MAX` while not cut.
+    cut_at: AtomicU64,
     links: [Mutex<Link>; 2],
     counters: [AtomicCounters; 2],
     clients: AtomicU64,
@@ -244,7 +255,14 @@ impl Shared {
             Verdict::Drop(DropReason::QueueFull) => {
                 return AtomicCounters::add(&c.dropped_queue, 1)
             }
-            Verdict::Drop(DropReason::Cut) => return AtomicCounters::add(&c.dropped_cut, 1),
+            Verdict::Drop(DropReason::Cut) => {
+                // Received by the kernel before the cut, read by us after it: it was in
+                // flight at the cut.
+                if now < self.cut_at.load(Ordering::SeqCst) {
+                    AtomicCounters::add(&c.cut_in_flight_bytes, data.len() as u64);
+                }
+                return AtomicCounters::add(&c.dropped_cut, 1);
+            }
         };
         let len = data.len() as u64;
         if c.held_bytes.fetch_add(len, Ordering::Relaxed) + len > MAX_HELD_BYTES {
@@ -419,6 +437,7 @@ impl WanEmulator {
             epoch: Instant::now(),
             stop: AtomicBool::new(false),
             cut: AtomicBool::new(false),
+            cut_at: AtomicU64::new(u64::MAX),
             links: [
                 Mutex::new(Link::new(cfg.client_to_server.clone())?),
                 Mutex::new(Link::new(cfg.server_to_client.clone())?),
@@ -485,10 +504,23 @@ impl WanEmulator {
     }
 
     fn set_cut(&self, cut: bool) {
+        if cut {
+            // Kept from the first of repeated cuts.
+            let now = self.shared.now();
+            let _ = self.shared.cut_at.compare_exchange(
+                u64::MAX,
+                now,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
         // The senders check the flag, the receivers the links: set both.
         self.shared.cut.store(cut, Ordering::SeqCst);
         for link in &self.shared.links {
             lock(link).set_cut(cut);
+        }
+        if !cut {
+            self.shared.cut_at.store(u64::MAX, Ordering::SeqCst);
         }
     }
 
@@ -812,6 +844,7 @@ fn transmit(shared: &Shared, dir: Direction, due: &mut Vec<Packet>, batch: &mut 
     c.held_bytes.fetch_sub(held, Ordering::Relaxed);
     if shared.cut.load(Ordering::SeqCst) {
         AtomicCounters::add(&c.dropped_cut, due.len() as u64);
+        AtomicCounters::add(&c.cut_in_flight_bytes, held);
         due.clear();
         return;
     }

@@ -559,6 +559,57 @@ fn cut_blocks_both_directions_until_restored() {
 }
 
 #[test]
+fn a_cut_counts_the_bytes_it_took_out_of_the_link() {
+    // A long delay, so the datagrams sent before the cut are surely still inside the link.
+    let sink = Sink::start();
+    let wan = WanEmulator::start(localhost(), sink.addr, LinkConfig::delayed(300 * MS)).unwrap();
+    let client = socket();
+    for i in 0..5 {
+        client
+            .send_to(&datagram(i, 1000), wan.local_addr())
+            .unwrap();
+    }
+    assert!(wait_until(2000 * MS, || wan
+        .counters()
+        .client_to_server
+        .held_bytes
+        == 5000));
+    wan.cut();
+    // Arriving while cut: dropped at once, not in flight at the cut.
+    for i in 5..12 {
+        client.send_to(&datagram(i, 64), wan.local_addr()).unwrap();
+    }
+    assert!(wait_until(2000 * MS, || {
+        let c = wan.counters().client_to_server;
+        c.dropped_cut == 12 && c.held_bytes == 0
+    }));
+    let c = wan.counters().client_to_server;
+    assert_eq!(c.cut_in_flight_bytes, 5000, "{c:?}");
+    assert_eq!(c.packets, 0, "{c:?}");
+
+    // In the link at a cut that ends before they fall due: delivered, not counted.
+    wan.restore();
+    client
+        .send_to(&datagram(100, 700), wan.local_addr())
+        .unwrap();
+    assert!(wait_until(2000 * MS, || wan
+        .counters()
+        .client_to_server
+        .held_bytes
+        == 700));
+    wan.cut();
+    std::thread::sleep(10 * MS);
+    wan.restore();
+    assert!(wait_until(2000 * MS, || sink.count() == 1));
+    let c = wan.counters().client_to_server;
+    assert_eq!((c.packets, c.bytes), (1, 700), "{c:?}");
+    assert_eq!(c.cut_in_flight_bytes, 5000, "{c:?}");
+    assert_eq!(wan.counters().server_to_client.cut_in_flight_bytes, 0);
+    let got = sink.finish();
+    assert_eq!(got.iter().map(|a| a.seq).collect::<Vec<_>>(), vec![100]);
+}
+
+#[test]
 fn each_client_port_gets_its_own_flow() {
     let echo = Echo::start();
     let wan = WanEmulator::start(localhost(), echo.addr, LinkConfig::delayed(MS)).unwrap();

@@ -1,0 +1,126 @@
+//! Helpers for the benches that drive real `faultline` processes (started with
+//! `faultline_tests`) through the WAN emulator: checking how a process ended, sizing the
+//! QUIC windows for the emulated link, and a random image to migrate.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use anyhow::bail;
+use faultline_tests::Finished;
+use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
+
+/// Fails unless `f` (the `what` process) exited successfully with its JSON report.
+pub fn check(f: &Finished, what: &str) -> anyhow::Result<()> {
+    if !f.status.success() || f.json.is_null() {
+        bail!("the {what} failed ({}): {}", f.status, f.stderr);
+    }
+    Ok(())
+}
+
+/// Fails unless both reports carry the same digest of all guest memory.
+pub fn check_digests(src: &Finished, dst: &Finished) -> anyhow::Result<()> {
+    let (s, d) = (&src.json["digest"], &dst.json["digest"]);
+    if !s.is_string() || s != d {
+        bail!("digests differ: source {s} destination {d}");
+    }
+    Ok(())
+}
+
+/// Both processes (started after this) size their QUIC windows for a link of `rate_bps`
+/// and `rtt`, as an operator would with `FAULTLINE_EXPECTED_BDP` (docs/wan.md).
+pub fn set_expected_bdp(rate_bps: u64, rtt: Duration) {
+    std::env::set_var(ENV_EXPECTED_BDP, bdp_bytes(rate_bps, rtt).to_string());
+}
+
+/// Writes `bytes` of pseudo-random data (xorshift64, fixed seed) to `path`: nothing
+/// compresses, no page is a zero page, so every page costs its full size on the wire.
+pub fn write_random_image(path: &Path, bytes: u64) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut s = 0x2545_f491_4f6c_dd1du64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        for c in buf.chunks_exact_mut(8) {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            c.copy_from_slice(&s.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64);
+        f.write_all(&buf[..n as usize])?;
+        left -= n;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// The timestamp of the first line of `f`'s stderr that contains `what`, in the format of
+/// `faultline`'s log (`tracing`'s default: an RFC 3339 UTC time first, e.g.
+/// `2026-12-04T12:39:48.123456Z`; run it with `NO_COLOR=1`). Set `FAULTLINE_LOG` so that
+/// the line is logged.
+pub fn log_time(f: &Finished, what: &str) -> Option<SystemTime> {
+    f.stderr
+        .lines()
+        .find(|l| l.contains(what))
+        .and_then(|l| parse_rfc3339_utc(l.split_whitespace().next()?))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` as a time; `None` for anything else.
+pub fn parse_rfc3339_utc(s: &str) -> Option<SystemTime> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<u64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    if frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_timestamps() {
+        let t = parse_rfc3339_utc("2026-12-04T12:39:48.123456Z").unwrap();
+        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(d.as_secs(), 1_796_387_988);
+        assert_eq!(d.subsec_nanos(), 123_456_000);
+        let leap = parse_rfc3339_utc("2024-02-29T00:00:01Z").unwrap();
+        assert_eq!(
+            leap.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            1_709_164_801
+        );
+        assert_eq!(
+            parse_rfc3339_utc("1970-01-01T00:00:00Z"),
+            Some(SystemTime::UNIX_EPOCH)
+        );
+        for bad in [
+            "2026-13-04T12:39:48Z",
+            "INFO",
+            "2026-12-04T12:39:48.Z",
+            "2026-12-04",
+        ] {
+            assert!(parse_rfc3339_utc(bad).is_none(), "{bad}");
+        }
+    }
+}
