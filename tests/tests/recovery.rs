@@ -474,7 +474,7 @@ fn an_evacuation_with_a_disk_cut_for_8_seconds_resumes_into_the_standby() {
     assert_eq!(d["disks"][0]["blocks_stale"], DISK_BLOCKS / 2, "{d}");
     let e = &s["evacuation"];
     assert!(u(e, "pauses") >= 1 && u(d, "pauses") >= 1, "{e} {d}");
-    assert!(u(e, "paused_ms") >= outage.as_millis() as u64, "{e}");
+    assert!(u(e, "paused_ms") + 500 >= outage.as_millis() as u64, "{e}");
     eprintln!(
         "evacuation: {stale} stale pages, cut after {} B; source paused {} ms, resume {} ms, \
          resent {} B; standby paused {} ms",
@@ -605,9 +605,11 @@ fn replication_cut_for_8_seconds_resumes_its_session_then_evacuates_only_stale_p
         u(r, "connections") >= 2 && u(r, "connections") - u(r, "sessions") <= u(r, "pauses"),
         "{r}"
     );
+    // The pause is dated back from when the loss was handled by the silence counted (up to
+    // a few hundred ms late); the resume follows the restore within one reconnect interval.
     let ms = outage.as_millis() as u64;
     assert!(
-        u(r, "paused_ms") >= ms && u(dr, "paused_ms") >= ms,
+        u(r, "paused_ms") + 500 >= ms && u(dr, "paused_ms") + 500 >= ms,
         "{r} {dr}"
     );
     assert!(u(r, "resume_ms_after_restore") < 10_000, "{r}");

@@ -36,7 +36,7 @@ pub struct SourceOptions {
     /// Called about ten times a second while the session runs, and once when it ends
     /// (also on failure), with the bytes sent and received (see [`crate::Progress`]).
     pub progress: Option<crate::ProgressFn>,
-    /// A lost connection pauses the session and the source reconnects with backoff
+    /// A lost connection pauses the session and the source reconnects (overlapping attempts)
     /// (docs/recovery.md); with a limit, the session fails once the connection has been
     /// down this long. `None`: no limit.
     pub recover_timeout: Option<Duration>,

@@ -21,7 +21,7 @@ pub use dest::{
 };
 pub use frame::{read_frame, write_message, write_pages, FrameError};
 pub use recovery::{
-    OnConnection, Outages, SourceRecovery, StopCheck, ATTEMPT_TIMEOUT, BACKOFF_MAX, BACKOFF_MIN,
+    OnConnection, Outages, SourceRecovery, StopCheck, ATTEMPT_INTERVAL, ATTEMPT_TIMEOUT,
     SILENCE_LOST,
 };
 pub use source::{

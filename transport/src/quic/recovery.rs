@@ -11,12 +11,15 @@ use quinn::{Connection, Endpoint};
 use super::frame::FrameError;
 use super::{connect, DriverError};
 
-/// First wait between two reconnect attempts; it doubles up to [`BACKOFF_MAX`].
-pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest wait between two reconnect attempts.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A new reconnect attempt starts this often while none succeeded: the link may come back
+/// at any moment, and an attempt whose Initial was lost only retransmits it on QUIC's
+/// backed-off timer (about 1 s, then 2 s), so a fresh attempt is what notices the link is
+/// back within this interval.
+pub const ATTEMPT_INTERVAL: Duration = Duration::from_millis(50);
 /// Longest one connection attempt may take: a handshake whose packets are lost is given
-/// up after this and tried again, rather than left to back off for QUIC's idle timeout.
+/// up after this, rather than left to back off for QUIC's idle timeout. With
+/// [`ATTEMPT_INTERVAL`], at most 60 attempts are under way at once (an Initial of 1,200
+/// bytes each, and their retransmissions: about 100 kB/s while the link is down).
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Silence after which a connection whose session can resume counts as lost: nothing at
@@ -206,7 +209,7 @@ pub type StopCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// How a source gets a new connection when it lost one: the same endpoint (so the same
 /// pinned certificates), the same address, a fresh, fully authenticated handshake each time
-/// (never 0-RTT), with backoff from [`BACKOFF_MIN`] to [`BACKOFF_MAX`].
+/// (never 0-RTT), a new attempt every [`ATTEMPT_INTERVAL`] until one connects.
 #[derive(Clone)]
 pub struct SourceRecovery {
     /// The client endpoint the first connection came from.
@@ -222,40 +225,45 @@ pub struct SourceRecovery {
 }
 
 impl SourceRecovery {
-    /// Connects again, with backoff, until a connection is up, the recover timeout
-    /// (counted from `paused_at`) runs out, an attempt fails for good (a certificate other
-    /// than the pinned one, the endpoint closed by a stop), or the application stops.
+    /// Connects again until a connection is up, the recover timeout (counted from
+    /// `paused_at`) runs out, an attempt fails for good (a certificate other than the pinned
+    /// one, the endpoint closed by a stop), or the application stops. Attempts overlap: a new
+    /// one starts every [`ATTEMPT_INTERVAL`], each lives at most [`ATTEMPT_TIMEOUT`], the
+    /// first that connects wins and the others are dropped.
     pub(crate) async fn reconnect(&self, paused_at: Instant) -> Result<Connection, DriverError> {
         let deadline = self.recover_timeout.map(|t| paused_at + t);
-        let remaining = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let expired = |limit: Duration| recover_timeout(limit, paused_at);
-        let mut backoff = BACKOFF_MIN;
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut next = tokio::time::Instant::now();
         loop {
-            if let (Some(Duration::ZERO), Some(limit)) = (remaining(), self.recover_timeout) {
-                return Err(expired(limit));
+            if self.stopped.as_ref().is_some_and(|s| s()) {
+                return Err(DriverError::Stopped);
             }
-            let budget = remaining().map_or(ATTEMPT_TIMEOUT, |r| r.min(ATTEMPT_TIMEOUT));
-            match tokio::time::timeout(budget, connect(&self.endpoint, self.addr)).await {
-                Ok(Ok(conn)) => return Ok(conn),
-                Ok(Err(DriverError::Connection(c))) if transient(&c) => {
-                    tracing::debug!(error = %c, "reconnect attempt failed");
+            if let (Some(d), Some(limit)) = (deadline, self.recover_timeout) {
+                if Instant::now() >= d {
+                    return Err(recover_timeout(limit, paused_at));
                 }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => tracing::debug!("reconnect attempt timed out"),
             }
-            // Sleep in slices, so a stop ends the wait at once.
-            let wake = Instant::now() + backoff;
-            loop {
-                let now = Instant::now();
-                if self.stopped.as_ref().is_some_and(|s| s()) {
-                    return Err(DriverError::Stopped);
-                }
-                if now >= wake || remaining() == Some(Duration::ZERO) {
-                    break;
-                }
-                tokio::time::sleep((wake - now).min(Duration::from_millis(50))).await;
+            let now = tokio::time::Instant::now();
+            if now >= next {
+                let (endpoint, addr) = (self.endpoint.clone(), self.addr);
+                attempts.spawn(async move {
+                    tokio::time::timeout(ATTEMPT_TIMEOUT, connect(&endpoint, addr)).await
+                });
+                next = now + ATTEMPT_INTERVAL;
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::select! {
+                Some(done) = attempts.join_next() => match done {
+                    Ok(Ok(Ok(conn))) => return Ok(conn),
+                    Ok(Ok(Err(DriverError::Connection(c)))) if transient(&c) => {
+                        tracing::debug!(error = %c, "reconnect attempt failed");
+                    }
+                    Ok(Ok(Err(e))) => return Err(e),
+                    Ok(Err(_)) => tracing::debug!("reconnect attempt timed out"),
+                    Err(e) => return Err(DriverError::Task(e.to_string())),
+                },
+                // Wake for the next attempt (and to check for a stop or the deadline).
+                _ = tokio::time::sleep_until(next) => {}
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 //! only uses CPU the guest leaves idle: the guest pays the tracking cost and nothing else.
 //! One replication session (one session id) lasts the replicator's life: if the connection
 //! is lost (a restart of the standby, the network), the session pauses, the driver
-//! reconnects with backoff and the session resumes with a fresh handshake, in which the
+//! reconnects (overlapping attempts) and the session resumes with a fresh handshake, in which the
 //! standby tells which pages it cannot serve (docs/recovery.md). Nothing is harvested or
 //! sent while paused: the tracker keeps the writes, and what was in flight and not
 //! acknowledged goes out again.

@@ -102,7 +102,7 @@ pub async fn run_source(
 
 /// [`run_source`] for a session that outlives its connection (docs/recovery.md): when the
 /// connection or one of its streams is lost (not when the destination closes it with an
-/// error), the session pauses, `recovery` connects again with backoff, and the session
+/// error), the session pauses, `recovery` connects again (overlapping attempts), and the session
 /// resumes on the new connection, pushing only what the destination does not hold. Without
 /// `recovery` a lost connection ends the session with an error.
 pub async fn run_source_recovering(
