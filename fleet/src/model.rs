@@ -89,6 +89,24 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// A VM on link `link` with `stale_bytes` to move and nothing else: a memory far larger
+    /// than that (1 TiB), no disk, no writes while it waits, no replication budget, weight
+    /// 1, no rate limit of its own. Set the other fields on the result.
+    pub fn idle(name: impl Into<String>, link: usize, stale_bytes: u64) -> Vm {
+        Vm {
+            name: name.into(),
+            link,
+            memory_bytes: 1 << 40,
+            disk_bytes: 0,
+            stale_bytes,
+            dirty_rate_bps: 0,
+            working_set_bytes: 0,
+            replication_budget_bps: 0,
+            weight: 1.0,
+            max_rate_bps: None,
+        }
+    }
+
     /// Memory and disk, bytes.
     pub fn total_bytes(&self) -> u64 {
         self.memory_bytes.saturating_add(self.disk_bytes)
@@ -415,16 +433,10 @@ mod tests {
 
     fn vm(name: &str, stale: u64) -> Vm {
         Vm {
-            name: name.into(),
-            link: 0,
             memory_bytes: 1 << 30,
-            disk_bytes: 0,
-            stale_bytes: stale,
             dirty_rate_bps: 8_000_000,
             working_set_bytes: 10_000_000,
-            replication_budget_bps: 0,
-            weight: 1.0,
-            max_rate_bps: None,
+            ..Vm::idle(name, 0, stale)
         }
     }
 

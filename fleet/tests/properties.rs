@@ -21,18 +21,7 @@ use proptest::prelude::*;
 const MB: u64 = 1_000_000;
 
 fn vm(i: usize, link: usize, stale: u64) -> Vm {
-    Vm {
-        name: format!("vm{i}"),
-        link,
-        memory_bytes: 1 << 40,
-        disk_bytes: 0,
-        stale_bytes: stale,
-        dirty_rate_bps: 0,
-        working_set_bytes: 0,
-        replication_budget_bps: 0,
-        weight: 1.0,
-        max_rate_bps: None,
-    }
+    Vm::idle(format!("vm{i}"), link, stale)
 }
 
 /// One link of `mbps` that a single flow fills (a window far above its BDP).

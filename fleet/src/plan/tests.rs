@@ -19,18 +19,7 @@ fn link(name: &str, mbps: u64, rtt_ms: u64, window: u64) -> Link {
 }
 
 fn vm(name: &str, link: usize, stale: u64) -> Vm {
-    Vm {
-        name: name.into(),
-        link,
-        memory_bytes: 1 << 40,
-        disk_bytes: 0,
-        stale_bytes: stale,
-        dirty_rate_bps: 0,
-        working_set_bytes: 0,
-        replication_budget_bps: 0,
-        weight: 1.0,
-        max_rate_bps: None,
-    }
+    Vm::idle(name, link, stale)
 }
 
 fn fleet(links: Vec<Link>, vms: Vec<Vm>) -> Fleet {
