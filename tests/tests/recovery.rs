@@ -605,8 +605,9 @@ fn replication_cut_for_8_seconds_resumes_its_session_then_evacuates_only_stale_p
         u(r, "connections") >= 2 && u(r, "connections") - u(r, "sessions") <= u(r, "pauses"),
         "{r}"
     );
-    // The pause is dated back from when the loss was handled by the silence counted (up to
-    // a few hundred ms late); the resume follows the restore within one reconnect interval.
+    // The pause is dated from the silence watchdog's last poll (every 200 ms) that saw a
+    // datagram, up to a poll late; the resume follows the restore within one reconnect
+    // interval.
     let ms = outage.as_millis() as u64;
     assert!(
         u(r, "paused_ms") + 500 >= ms && u(dr, "paused_ms") + 500 >= ms,

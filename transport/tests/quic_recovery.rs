@@ -258,9 +258,9 @@ async fn a_cut_past_the_silence_limit_resumes_from_a_new_port_and_serves_request
         src.outages.pauses >= 1 && dst.outages.pauses >= 1,
         "{src:?} {dst:?}"
     );
-    // The pause is dated back from the moment the loss is handled (after the connection's
-    // tasks stopped) by the silence counted: up to a few hundred ms late. The resume itself
-    // follows the restore within an attempt interval and a handshake.
+    // The pause is dated from the silence watchdog's last poll (every 200 ms) that saw a
+    // datagram: up to a poll late. The resume follows the restore within an attempt
+    // interval and a handshake.
     let outage = restored.duration_since(cut).as_millis() as u64;
     assert!(
         src.outages.paused_ms + 500 >= outage,

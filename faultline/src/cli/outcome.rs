@@ -273,7 +273,10 @@ mod tests {
         let lost = anyhow::Error::new(RoleError::Transport(DriverError::VmLost {
             vulnerability_ms: 1234,
             pages_missing: Some(56),
-            cause: Box::new(DriverError::Silent { ms: 5000 }),
+            cause: Box::new(DriverError::Silent {
+                ms: 5000,
+                last_heard: std::time::Instant::now(),
+            }),
         }))
         .context("receiving");
         assert_eq!(classify(&lost), Kind::VmLost);

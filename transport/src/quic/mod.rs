@@ -152,6 +152,9 @@ pub enum DriverError {
     Silent {
         /// How long the peer had been silent.
         ms: u64,
+        /// When this side last saw a datagram of the peer's (to the watchdog's poll): the
+        /// pause is dated from here, not from when the loss was handled.
+        last_heard: std::time::Instant,
     },
     /// The session failed after the VM was handed over (the destination may run the guest)
     /// and before every page had reached the destination: the guest's memory is split

@@ -42,6 +42,7 @@ pub(crate) async fn silence(conn: Connection, limit: Duration) -> DriverError {
         } else if since.elapsed() >= limit {
             return DriverError::Silent {
                 ms: since.elapsed().as_millis() as u64,
+                last_heard: since,
             };
         }
     }
@@ -90,7 +91,8 @@ pub(crate) fn lost(e: &DriverError) -> bool {
 /// How long before now the peer fell silent, by what `e` says.
 pub(crate) fn silent_for(e: &DriverError) -> Duration {
     match e {
-        DriverError::Silent { ms } => Duration::from_millis(*ms),
+        // Counted to now: the connection's tasks stopped since the watchdog spoke.
+        DriverError::Silent { last_heard, .. } => last_heard.elapsed(),
         _ => Duration::ZERO,
     }
 }
