@@ -199,9 +199,9 @@ fn a_one_second_cut_in_mid_postcopy_pauses_the_session() {
         .into_inner()
         .unwrap()
         .expect("the migration ended before the cut");
-    // The session survives a cut much shorter than QUIC's idle timeout (30 s, keep-alives
-    // every 2 s): quinn retransmits what was lost once the link is back, and the migration
-    // completes with every page intact.
+    // The session survives the cut: both sides notice the silence (`SILENCE_LOST`), pause,
+    // and resume on a new connection once the link is back (docs/recovery.md); the
+    // migration completes with every page intact.
     let r = assert_carried(&run);
     let c = &run.counters;
     assert!(

@@ -129,7 +129,7 @@ impl<S: Session> Link<S> {
     pub(crate) fn watch_silence(&self) -> Watchdog {
         let (conn, errors) = (self.conn.clone(), self.errors.clone());
         Watchdog(tokio::spawn(async move {
-            let e = super::recovery::silence(conn, super::recovery::SILENCE_LOST).await;
+            let e = super::recovery::silence(conn).await;
             let _ = errors.send(e);
         }))
     }

@@ -21,8 +21,8 @@ pub use dest::{
 };
 pub use frame::{read_frame, write_message, write_pages, FrameError};
 pub use recovery::{
-    OnConnection, Outages, SourceRecovery, StopCheck, ATTEMPT_INTERVAL, ATTEMPT_TIMEOUT,
-    SILENCE_LOST,
+    silence_limit, OnConnection, Outages, SourceRecovery, StopCheck, ATTEMPT_INTERVAL,
+    ATTEMPT_TIMEOUT, KEEP_ALIVE, SILENCE_LOST,
 };
 pub use source::{
     run_replication, run_replication_recovering, run_source, run_source_recovering, PageReader,
@@ -423,11 +423,10 @@ impl TransportTuning {
         t.congestion_controller_factory(cc);
         t.max_concurrent_bidi_streams(VarInt::from_u32(8));
         t.max_concurrent_uni_streams(VarInt::from_u32(8));
-        // Keep-alives every 2 s and the idle timeout: a link cut pauses the session (quinn
-        // retransmits once it is back); one that silences the peer for the idle timeout ends
-        // it. Retransmission backs off exponentially during a cut, so the longest cut that
-        // survives is shorter than the timeout (docs/wan.md: 10 s did, 25 s did not).
-        t.keep_alive_interval(Some(Duration::from_secs(2)));
+        // Frequent keep-alives, so that silence means a cut (see `recovery::SILENCE_LOST`:
+        // a session that can resume pauses then and reconnects); the idle timeout ends a
+        // connection whose session cannot.
+        t.keep_alive_interval(Some(recovery::KEEP_ALIVE));
         t.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(IDLE_TIMEOUT).unwrap_or(VarInt::from_u32(30_000).into()),
         ));

@@ -15,31 +15,61 @@ use super::{connect, DriverError};
 /// at any moment, and an attempt whose Initial was lost only retransmits it on QUIC's
 /// backed-off timer (about 1 s, then 2 s), so a fresh attempt is what notices the link is
 /// back within this interval.
-pub const ATTEMPT_INTERVAL: Duration = Duration::from_millis(50);
+pub const ATTEMPT_INTERVAL: Duration = Duration::from_millis(25);
 /// Longest one connection attempt may take: a handshake whose packets are lost is given
 /// up after this, rather than left to back off for QUIC's idle timeout. With
-/// [`ATTEMPT_INTERVAL`], at most 60 attempts are under way at once (an Initial of 1,200
+/// [`ATTEMPT_INTERVAL`], at most 80 attempts are under way at once (an Initial of 1,200
 /// bytes each, and their retransmissions: about 100 kB/s while the link is down).
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Silence after which a connection whose session can resume counts as lost: nothing at
-/// all arrived from the peer (keep-alives go out every 2 s, so a healthy link is never this
-/// quiet). Far shorter than QUIC's idle timeout, so a cut is noticed, and an operator's
-/// recover timeout can run out, within seconds.
-pub const SILENCE_LOST: Duration = Duration::from_secs(5);
+/// Keep-alive interval of every connection: both sides send at least this often, so a
+/// healthy link is never quiet for long, however idle the session (a keep-alive is a
+/// QUIC PING of some 40 bytes, acknowledged: well under 1 kB/s each way).
+pub const KEEP_ALIVE: Duration = Duration::from_millis(200);
 
-/// Resolves once nothing has arrived on `conn` for `limit`, with the error that says so.
-pub(crate) async fn silence(conn: Connection, limit: Duration) -> DriverError {
+/// Least silence after which a connection whose session can resume counts as lost:
+/// nothing at all arrived from the peer for three keep-alive intervals. A longer round trip
+/// raises it (see [`silence_limit`]).
+///
+/// Far shorter than QUIC's idle timeout, and short enough that even a 1 s cut pauses the
+/// session: QUIC itself would ride such a cut out, but its probe timer backs off
+/// exponentially while the link is down (after a 1 s cut the next probe is some 0.5 s
+/// away), where a paused session's reconnect attempts, every [`ATTEMPT_INTERVAL`], see
+/// the link back within a round trip or two (docs/recovery.md).
+pub const SILENCE_LOST: Duration = Duration::from_millis(600);
+
+/// How often the silence watch looks at the connection.
+const SILENCE_POLL: Duration = Duration::from_millis(50);
+
+/// The silence after which a connection with smoothed round trip `rtt` counts as lost:
+/// [`SILENCE_LOST`], or four round trips where that is longer (a keep-alive's answer takes
+/// one, and a queue building up on the path stretches it).
+pub fn silence_limit(rtt: Duration) -> Duration {
+    SILENCE_LOST.max(rtt.saturating_mul(4))
+}
+
+/// Resolves once nothing has arrived on `conn` for its [`silence_limit`], with the error that
+/// says so.
+///
+/// Only silence the watch itself saw counts: when it was not scheduled for a while (a
+/// machine so busy that this task waited, which holds up the endpoint's receiving task as
+/// much), the datagrams that arrived meanwhile may not be counted yet, so that stretch
+/// starts a new window instead of ending the connection.
+pub(crate) async fn silence(conn: Connection) -> DriverError {
     let datagrams = || conn.stats().udp_rx.datagrams;
     let mut last = datagrams();
     let mut since = Instant::now();
+    let mut polled = Instant::now();
     loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(SILENCE_POLL).await;
         let now = datagrams();
-        if now != last {
+        let woke = Instant::now();
+        let starved = woke.duration_since(polled) > 4 * SILENCE_POLL;
+        polled = woke;
+        if now != last || starved {
             last = now;
-            since = Instant::now();
-        } else if since.elapsed() >= limit {
+            since = woke;
+        } else if since.elapsed() >= silence_limit(conn.rtt()) {
             return DriverError::Silent {
                 ms: since.elapsed().as_millis() as u64,
                 last_heard: since,

@@ -12,13 +12,17 @@ use super::{lock_encoder, SharedEncoder, SharedSend, Source};
 use crate::message::{Pages, MAX_PAGES_PER_MESSAGE, PAGE_SIZE};
 use crate::proto::Channel;
 
-/// Pages per push message: 256 KiB keeps quinn's send buffer fed without large latency.
-const PUSH_RUN: usize = 64;
+/// Pages per push message (64 KiB). A message is installed only once all of it arrived, so
+/// when a connection is lost the destination drops the one it was receiving, and the
+/// source holds one it had not handed to the stream yet: both go out again on the next
+/// connection. Small messages keep that resend small against the bytes that were in flight
+/// (docs/recovery.md, bench `recovery`); a message header per 64 KiB costs nothing.
+const PUSH_RUN: usize = 16;
 /// Longest the push waits for the replica's content index (about the time to hash 2 GiB on
 /// one core here); without it the push starts and references only what it pushed itself.
 const REPLICA_INDEX_WAIT: Duration = Duration::from_millis(250);
-/// Unsent bytes the early push leaves in the send buffer at most (two batches).
-const EARLY_BACKLOG: u64 = 2 * (PUSH_RUN * PAGE_SIZE) as u64;
+/// Unsent bytes the early push leaves in the send buffer at most.
+const EARLY_BACKLOG: u64 = 512 * 1024;
 
 /// Fills `batch` with up to PUSH_RUN pages, in as many runs as the schedule hands out:
 /// one run when the pages are contiguous, up to PUSH_RUN frames when they are scattered

@@ -90,7 +90,7 @@ pub async fn run_replication(
 }
 
 /// [`run_replication`] for a session that outlives its connection, like
-/// [`super::run_source_recovering`]: when the connection is lost (5 s of silence, the idle
+/// [`super::run_source_recovering`]: when the connection is lost (0.6 s of silence, the idle
 /// timeout, a reset; not the standby closing it with an error) the session pauses and the
 /// replicator hears [`ReplicationEvent::Paused`]; `recovery` connects again (overlapping attempts),
 /// and on the new connection the session sends its `Hello` again (same session id). The
