@@ -1,10 +1,12 @@
 //! Command-line interface: argument parsing and the role commands.
 
+mod control_io;
+mod control_server;
 mod demo;
 mod demo_replica;
 mod disk;
 pub mod outcome;
-mod plan;
+pub(crate) mod plan;
 mod replica;
 mod roles;
 mod size;
