@@ -23,7 +23,7 @@ struct Pair {
     port: u16,
     standby: DestProcess,
     source: Background,
-    _dir: ShmDir,
+    dir: ShmDir,
 }
 
 impl Pair {
@@ -82,7 +82,7 @@ impl Pair {
             port,
             standby,
             source,
-            _dir: dir,
+            dir,
         };
         (pair, wan)
     }
@@ -362,6 +362,34 @@ fn a_control_address_that_does_not_answer_is_named() {
         )),
         "{msg}"
     );
+}
+
+#[test]
+fn an_unreachable_vm_is_left_out_and_the_others_are_evacuated() {
+    let certs = certs();
+    let a = Pair::start(&certs, "vm-a", "32M", &[]);
+    let dead = free_udp_port();
+    let plan = plan_file(
+        &certs,
+        "orchestrator",
+        "1G",
+        &[("vm-a", "32M", a.port), ("vm-x", "32M", dead)],
+    );
+    // Up (its control endpoint is bound before replication starts), so that only vm-x
+    // misses the short connect timeout.
+    faultline_tests::wait_replicated(&a.dir, 8192, 0.5);
+    let o = Orchestrator::start(&plan, &["--connect-timeout", "1"]);
+    let ev = o.wait_event("unreachable", "vm-x");
+    let (rc, r, err) = o.wait();
+    assert_eq!(rc, Some(1), "{err}\n{r}");
+    let why = format!("the control endpoint at 127.0.0.1:{dead} did not answer within 1 s");
+    assert_eq!(ev["error"], why.as_str());
+    assert!(err.contains(&format!("vm \"vm-x\": {why}")), "{err}");
+    let x = vm(&r, "vm-x");
+    assert_eq!(x["outcome"], "failed", "{x}");
+    assert_eq!(x["measured"]["start_s"], Value::Null, "{x}");
+    assert_eq!(vm(&r, "vm-a")["outcome"], "done", "{r}");
+    a.assert_evacuated();
 }
 
 #[test]

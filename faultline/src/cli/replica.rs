@@ -215,6 +215,22 @@ pub(super) fn epoch() -> u64 {
 
 pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
+    // First: the orchestrator may ask for the status while the guest is being set up.
+    let control = match (&a.control, &a.control_peer_cert) {
+        (Some(addr), Some(pin)) => {
+            let orchestrator = transport::tls::load_cert(pin)
+                .context("loading the orchestrator's certificate to pin")?;
+            let c = ControlServer::start(*addr, &me, orchestrator, idle_status(&a), || {
+                super::evacuate_now().store(true, Ordering::Relaxed)
+            })?;
+            emit_event(serde_json::json!({
+                "event": "control_listening",
+                "addr": c.local_addr().to_string(),
+            }));
+            Some(c)
+        }
+        _ => None,
+    };
     let image = SourceImage::synthetic(a.synthetic, a.seed)?;
     let region = image
         .host_region()
@@ -249,21 +265,6 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         Replicator::start_with_disks(&regions, &replicated, layout.clone(), tracker, opts)?;
     let mutator = Mutator::start(&regions, a.writers, a.seed, a.hot_pct / 100.0, a.write_rate);
     let disk_writers = DiskWriters::start(&disks, a.disk.disk_write_rate, a.seed);
-    let control = match (&a.control, &a.control_peer_cert) {
-        (Some(addr), Some(pin)) => {
-            let orchestrator = transport::tls::load_cert(pin)
-                .context("loading the orchestrator's certificate to pin")?;
-            let c = ControlServer::start(*addr, &me, orchestrator, idle_status(&a), || {
-                super::evacuate_now().store(true, Ordering::Relaxed)
-            })?;
-            emit_event(serde_json::json!({
-                "event": "control_listening",
-                "addr": c.local_addr().to_string(),
-            }));
-            Some(c)
-        }
-        _ => None,
-    };
     let evacuate_after = match (a.evacuate_after, &control) {
         (Some(s), _) => Some(s),
         (None, Some(_)) => None,
