@@ -42,10 +42,15 @@ use crate::model::{Costs, Entry, Fleet, InputError, Link, Problem, Vm, DEFAULT_W
 use crate::plan::{PlanOptions, DEFAULT_MARGIN};
 use crate::units::{days_from_civil, fmt_rfc3339, parse_duration, parse_rate, parse_size};
 
+mod control;
+pub use control::{parse_addr, ControlAddr, ControlPlan, VmControl};
+
 /// A plan file, checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlanFile {
     pub fleet: Fleet,
+    /// Where each VM's source listens for `faultline evacuate`, and the certificates.
+    pub control: ControlPlan,
     /// The deadline as seconds from `now`, the margin, pinned and skipped VMs.
     pub options: PlanOptions,
     pub deadline: Deadline,
@@ -71,11 +76,12 @@ pub enum PlanFileError {
     Input(#[from] InputError),
 }
 
-const TOP_KEYS: &str = "deadline, margin, first, skip, costs, link, vm";
+const TOP_KEYS: &str = "deadline, margin, first, skip, costs, link, vm, cert, key, peer_cert";
 const COSTS_KEYS: &str = "handshake_rtts, switchover_ms, wire_overhead";
 const LINK_KEYS: &str = "name, rate_bps, rtt_ms, window_bytes, replication_budget_bps";
 const VM_KEYS: &str = "name, link, memory_bytes, disk_bytes, stale_bytes, dirty_rate_bps, \
-                       working_set_bytes, replication_budget_bps, priority, max_rate_bps";
+                       working_set_bytes, replication_budget_bps, priority, max_rate_bps, \
+                       control, peer_cert";
 
 const SIZE_EXAMPLES: &str = "4096, \"512M\", \"64G\"";
 const RATE_EXAMPLES: &str = "1000000000, \"100M\", \"1G\", \"2.5Gbit/s\"";
@@ -116,8 +122,13 @@ pub fn parse(text: &str, now_unix_s: f64) -> Result<PlanFile, PlanFileError> {
         }
     }
     let mut vms = Vec::with_capacity(vms_raw.len());
+    let mut control = control::parse_top(&doc)?;
     for (i, t) in vms_raw.iter().enumerate() {
-        vms.push(parse_vm(t, i, &link_names)?);
+        let vm = parse_vm(t, i, &link_names)?;
+        control
+            .vms
+            .push(control::parse_vm(&Entry::Vm(vm.name.clone()), t)?);
+        vms.push(vm);
     }
     let fleet = Fleet::new(links, vms, costs)?;
 
@@ -151,6 +162,7 @@ pub fn parse(text: &str, now_unix_s: f64) -> Result<PlanFile, PlanFileError> {
     }
     Ok(PlanFile {
         fleet,
+        control,
         options: PlanOptions {
             deadline_s,
             margin,

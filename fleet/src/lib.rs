@@ -8,10 +8,16 @@
 //! * [`plan`]: the planner (order, concurrency, sharing, who cannot make the deadline, the
 //!   replication budget in normal times), the baseline schedules and `replan`;
 //! * [`file`](mod@file): the plan file (TOML), with errors that name the entry;
-//! * [`units`]: sizes, rates and durations as operators write them.
+//! * [`units`]: sizes, rates and durations as operators write them;
+//! * [`control`]: the protocol between `faultline evacuate` and each VM's source (typed
+//!   messages, length-prefixed frames, decoders that never panic);
+//! * [`orchestrate`]: what the orchestrator decides (which VMs start now, what it measured
+//!   for `replan`, the report with each VM's timeline), pure.
 
+pub mod control;
 pub mod file;
 pub mod model;
+pub mod orchestrate;
 pub mod plan;
 pub mod sim;
 pub mod units;

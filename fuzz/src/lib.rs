@@ -8,6 +8,7 @@
 //! the code under test panic, or broke one of the properties the target checks.
 
 pub mod codec;
+pub mod control;
 pub mod guest_agent;
 pub mod input;
 pub mod nbd;
@@ -27,6 +28,7 @@ pub const TARGETS: &[Target] = &[
     ("replica", replica::replica),
     ("nbd", nbd::nbd),
     ("vhost_blk", vhost_blk::vhost_blk),
+    ("control", control::control),
 ];
 
 /// The target called `name`.
@@ -44,6 +46,7 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
         "replica" => replica::seeds(),
         "nbd" => nbd::seeds(),
         "vhost_blk" => vhost_blk::seeds(),
+        "control" => control::seeds(),
         _ => Vec::new(),
     }
 }

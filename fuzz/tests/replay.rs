@@ -112,7 +112,7 @@ macro_rules! replay_test {
     )*};
 }
 
-replay_test!(codec, proto, guest_agent, replica, nbd, vhost_blk);
+replay_test!(codec, proto, guest_agent, replica, nbd, vhost_blk, control);
 
 #[test]
 fn every_target_has_a_replay_test_and_seeds() {
@@ -123,6 +123,7 @@ fn every_target_has_a_replay_test_and_seeds() {
         "replica",
         "nbd",
         "vhost_blk",
+        "control",
     ];
     for (name, _) in TARGETS {
         assert!(tested.contains(name), "{name} has no replay test");

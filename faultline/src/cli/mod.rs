@@ -1,10 +1,13 @@
 //! Command-line interface: argument parsing and the role commands.
 
+mod control_io;
+mod control_server;
 mod demo;
 mod demo_replica;
 mod disk;
+mod evacuate;
 pub mod outcome;
-mod plan;
+pub(crate) mod plan;
 mod replica;
 mod roles;
 mod size;
@@ -52,7 +55,11 @@ impl Command {
             Command::Standby(_) => Some("standby"),
             Command::Vm(_) => Some("VMM"),
             Command::Disk(_) => Some("disk server"),
-            Command::Demo(_) | Command::Keygen(_) | Command::WanEmu(_) | Command::Plan(_) => None,
+            Command::Demo(_)
+            | Command::Keygen(_)
+            | Command::WanEmu(_)
+            | Command::Plan(_)
+            | Command::Evacuate(_) => None,
         }
     }
 }
@@ -101,6 +108,9 @@ pub enum Command {
     /// Predict evacuating a fleet of VMs against a power deadline, from a plan file
     /// (docs/fleet.md): order, concurrency, finish times, who misses; nothing is moved.
     Plan(plan::PlanArgs),
+    /// Evacuate a fleet: drive every VM's `faultline replicate --control` by the plan
+    /// file's plan, re-planning every second from what they measure (docs/fleet.md).
+    Evacuate(evacuate::EvacuateArgs),
 }
 
 /// This side's identity and the peer certificate it pins.
@@ -262,5 +272,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::WanEmu(a) => wan::run(a),
         Command::Disk(a) => disk::run(a),
         Command::Plan(a) => plan::run(a),
+        Command::Evacuate(a) => evacuate::run(a),
     }
 }

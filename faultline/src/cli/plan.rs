@@ -266,7 +266,7 @@ fn render(file: &str, pf: &PlanFile, p: &Plan) -> String {
 }
 
 /// Rows as left-aligned columns, two spaces apart.
-fn table(s: &mut String, rows: &[Vec<String>]) {
+pub(super) fn table(s: &mut String, rows: &[Vec<String>]) {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let width: Vec<usize> = (0..cols)
         .map(|c| {

@@ -23,6 +23,10 @@ use vmm_shim::replica::{
 };
 use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
 
+use fleet::control::{EvacState, ReplState, Status};
+use tokio::sync::watch;
+
+use super::control_server::ControlServer;
 use super::roles::{emit_event, identity};
 use super::vm_disks::{
     digest_disk, dirty_disks, export_received, finish_exports, open_standby_disks, DiskDigest,
@@ -77,9 +81,17 @@ pub struct ReplicateArgs {
     #[arg(long)]
     pub replicator_normal_priority: bool,
     /// Seconds of replication before the evacuation starts; SIGUSR1 starts it at once (the
-    /// disaster warning).
-    #[arg(long, default_value_t = 3.0)]
-    pub evacuate_after: f64,
+    /// disaster warning). Default 3 s; with `--control`, never: only the orchestrator's
+    /// `Evacuate` (or SIGUSR1) starts it, unless this is given too.
+    #[arg(long)]
+    pub evacuate_after: Option<f64>,
+    /// Listen here for the orchestrator (`faultline evacuate`): QUIC with mutual TLS,
+    /// presenting `--cert` and accepting only `--control-peer-cert` (docs/fleet.md).
+    #[arg(long, requires = "control_peer_cert")]
+    pub control: Option<SocketAddr>,
+    /// The orchestrator's certificate (PEM), pinned on the control endpoint.
+    #[arg(long, requires = "control")]
+    pub control_peer_cert: Option<PathBuf>,
     /// Make exactly this percentage of pages stale at evacuation: wait until replication has
     /// caught up, stop it, then write to that many pages.
     #[arg(long)]
@@ -203,6 +215,22 @@ pub(super) fn epoch() -> u64 {
 
 pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
+    // First: the orchestrator may ask for the status while the guest is being set up.
+    let control = match (&a.control, &a.control_peer_cert) {
+        (Some(addr), Some(pin)) => {
+            let orchestrator = transport::tls::load_cert(pin)
+                .context("loading the orchestrator's certificate to pin")?;
+            let c = ControlServer::start(*addr, &me, orchestrator, idle_status(&a), || {
+                super::evacuate_now().store(true, Ordering::Relaxed)
+            })?;
+            emit_event(serde_json::json!({
+                "event": "control_listening",
+                "addr": c.local_addr().to_string(),
+            }));
+            Some(c)
+        }
+        _ => None,
+    };
     let image = SourceImage::synthetic(a.synthetic, a.seed)?;
     let region = image
         .host_region()
@@ -237,16 +265,122 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         Replicator::start_with_disks(&regions, &replicated, layout.clone(), tracker, opts)?;
     let mutator = Mutator::start(&regions, a.writers, a.seed, a.hot_pct / 100.0, a.write_rate);
     let disk_writers = DiskWriters::start(&disks, a.disk.disk_write_rate, a.seed);
-    let until = Instant::now() + Duration::from_secs_f64(a.evacuate_after);
-    while Instant::now() < until && !super::evacuate_now().load(Ordering::Relaxed) {
+    let evacuate_after = match (a.evacuate_after, &control) {
+        (Some(s), _) => Some(s),
+        (None, Some(_)) => None,
+        (None, None) => Some(3.0),
+    };
+    let until = evacuate_after.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let mut dirty_rate = DirtyRate::default();
+    while until.is_none_or(|u| Instant::now() < u) && !super::evacuate_now().load(Ordering::Relaxed)
+    {
         if !replicator.is_running() {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
+        if let Some(c) = &control {
+            let stale = replicator.stale_pages();
+            let acked = replicator.stats().pages_acked.load(Ordering::Relaxed);
+            let bps = dirty_rate.sample(stale, acked);
+            c.update(|s| {
+                s.stale_bytes = stale * PAGE;
+                s.dirty_rate_bps = bps;
+            });
+        }
         if !a.json {
             eprint!("\rreplicating: {:>8} pages stale", replicator.stale_pages());
         }
     }
+    if let Some(c) = &control {
+        c.update(|s| s.evacuation = EvacState::Starting);
+    }
+    let result = evacuate(
+        &a,
+        &me,
+        &peer,
+        Evacuation {
+            image: &image,
+            regions: &regions,
+            layout: &layout,
+            epoch,
+            replicator,
+            mutator,
+            disk_writers,
+            exports,
+            disks: &disks,
+            replicated: &replicated,
+            control: control.as_ref(),
+        },
+    );
+    if let Some(c) = control {
+        match &result {
+            Ok(out) => c.update(|s| {
+                s.evacuation = EvacState::Done;
+                s.bytes_sent = out.evacuation.session.udp_tx_bytes;
+                s.pages_stale = Some(out.evacuation.session.pages_stale);
+                s.pages_remaining = Some(0);
+            }),
+            Err(e) => c.update(|s| {
+                s.evacuation = EvacState::Failed;
+                s.error = Some(format!("{e:#}"));
+            }),
+        }
+        c.finish();
+    }
+    let out = result?;
+    if a.json {
+        super::outcome::print_report(&out)?;
+    } else {
+        println!(
+            "replicated with {} ({} pages sent, {} acknowledged, {} pauses), then evacuated {} stale pages of {} in {} ms\nsource digest at switchover {}",
+            out.replication.tracker,
+            out.replication.pages_sent,
+            out.replication.pages_acked,
+            out.replication.outages.pauses,
+            out.evacuation.session.pages_stale,
+            a.synthetic / 4096,
+            out.evacuation.session.total_ms,
+            out.digest
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `replicate` has running when its evacuation starts.
+struct Evacuation<'a> {
+    image: &'a SourceImage,
+    regions: &'a [uffd_core::HostRegion],
+    layout: &'a Layout,
+    epoch: u64,
+    replicator: Replicator,
+    mutator: Mutator,
+    disk_writers: DiskWriters,
+    exports: DiskExports,
+    disks: &'a SourceDisks,
+    replicated: &'a [vmm_shim::disks::ReplicatedDisk],
+    control: Option<&'a ControlServer>,
+}
+
+/// Pauses the guest, stops replication and evacuates into the standby.
+fn evacuate(
+    a: &ReplicateArgs,
+    me: &transport::tls::Identity,
+    peer: &transport::tls::CertificateDer<'static>,
+    e: Evacuation<'_>,
+) -> anyhow::Result<ReplicateOutput> {
+    let Evacuation {
+        image,
+        regions,
+        layout,
+        epoch,
+        replicator,
+        mutator,
+        disk_writers,
+        exports,
+        disks,
+        replicated,
+        control,
+    } = e;
     // Pause the guest: from here its memory is what the destination must end up with.
     let writers = mutator.stop();
     let disk_blocks_written = disk_writers.stop();
@@ -270,14 +404,27 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let state = replicator.stop().context("replication failed")?;
+    // What will cross, as far as known before the final harvest.
+    let stale_pages = state.summary.stale_pages
+        + a.stale_pct
+            .map_or(0, |p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64)
+        + a.stale_moved_pct
+            .map_or(0, |p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64);
+    if let Some(c) = control {
+        c.update(|s| {
+            s.replication = ReplState::Stopped;
+            s.stale_bytes = stale_pages * PAGE;
+            s.pages_remaining = Some(stale_pages);
+        });
+    }
     if let Some(pct) = a.stale_moved_pct {
-        move_fraction(&regions, pct / 100.0, a.seed ^ 0x30fe);
+        move_fraction(regions, pct / 100.0, a.seed ^ 0x30fe);
     }
     if let Some(pct) = a.stale_pct {
-        dirty_fraction(&regions, pct / 100.0, a.seed ^ 0xd1e7);
+        dirty_fraction(regions, pct / 100.0, a.seed ^ 0xd1e7);
     }
     let disk_blocks_dirtied = match a.disk.disk_stale_pct {
-        Some(pct) => Some(dirty_disks(&disks, pct, a.seed ^ 0xd15c)?),
+        Some(pct) => Some(dirty_disks(disks, pct, a.seed ^ 0xd15c)?),
         None => None,
     };
     let disk_digests = disks.digests()?;
@@ -288,30 +435,33 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let digest = image.digest()?;
     // SAFETY: the mutator is stopped and the last host writes (dirty_fraction) are done:
     // nothing writes the image while it is evacuated.
-    let memory = unsafe { vmm_shim::replica::PausedMemory::new(&regions) }?;
+    let memory = unsafe { vmm_shim::replica::PausedMemory::new(regions) }?;
     let evacuation = evacuate_with_disks(
         memory,
-        &replicated,
-        &layout,
+        replicated,
+        layout,
         state,
         epoch,
         &SourceOptions {
             connect: a.evacuate_connect.unwrap_or(a.connect),
-            identity: me,
-            peer_cert: peer,
+            identity: me.clone(),
+            peer_cert: peer.clone(),
             vm_id: a.vm_id.clone(),
             connect_timeout: Duration::from_secs(30),
             push: true,
             encoding: a.encoding.policy(),
             early_push: !a.no_early_push,
             stopper: super::stopper(),
-            progress: Some(super::outcome::recorder()),
+            progress: Some(match control {
+                Some(c) => progress_to(c.publisher(), stale_pages),
+                None => super::outcome::recorder(),
+            }),
             recover_timeout: a.recover_timeout.map(Duration::from_secs),
         },
         None,
     )?;
-    let out = ReplicateOutput {
-        vm_id: a.vm_id,
+    Ok(ReplicateOutput {
+        vm_id: a.vm_id.clone(),
         memory_bytes: a.synthetic,
         digest,
         stale_pct_requested: a.stale_pct,
@@ -321,23 +471,73 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         disk_blocks_written: (!disks.disks.is_empty()).then_some(disk_blocks_written),
         disk_blocks_dirtied,
         disk_digests,
-    };
-    if a.json {
-        super::outcome::print_report(&out)?;
-    } else {
-        println!(
-            "replicated with {} ({} pages sent, {} acknowledged, {} pauses), then evacuated {} stale pages of {} in {} ms\nsource digest at switchover {}",
-            out.replication.tracker,
-            out.replication.pages_sent,
-            out.replication.pages_acked,
-            out.replication.outages.pauses,
-            out.evacuation.session.pages_stale,
-            a.synthetic / 4096,
-            out.evacuation.session.total_ms,
-            out.digest
-        );
+    })
+}
+
+const PAGE: u64 = 4096;
+
+/// The status `--control` publishes before anything happened.
+fn idle_status(a: &ReplicateArgs) -> Status {
+    Status {
+        vm_id: a.vm_id.clone(),
+        memory_bytes: a.synthetic,
+        stale_bytes: a.synthetic,
+        dirty_rate_bps: 0,
+        replication: ReplState::Running,
+        evacuation: EvacState::Idle,
+        bytes_sent: 0,
+        pages_remaining: None,
+        pages_stale: None,
+        error: None,
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress callback that records (for a failure report) and publishes the evacuation's
+/// progress on the control endpoint: connected means switched over (the stale set goes
+/// with the handshake), and the pages left are estimated from the bytes sent.
+fn progress_to(status: Arc<watch::Sender<Status>>, stale_pages: u64) -> vmm_shim::ProgressFn {
+    Arc::new(move |p: vmm_shim::Progress| {
+        super::outcome::record_progress(p);
+        status.send_modify(|s| {
+            if s.evacuation.is_final() {
+                return;
+            }
+            s.evacuation = EvacState::Transferring;
+            s.bytes_sent = p.bytes_sent;
+            // Wire bytes carry about 4% of QUIC and frame overhead.
+            let payload = p.bytes_sent * 100 / 104;
+            s.pages_remaining = Some(stale_pages.saturating_sub(payload / PAGE));
+        });
+    })
+}
+
+/// The guest's dirty rate, estimated from the replicator's counters: pages that went
+/// stale per second are the change of the stale count plus the pages acknowledged
+/// meanwhile (an upper bound: an acknowledgement of a version already superseded counts
+/// too), smoothed over about two seconds.
+#[derive(Default)]
+struct DirtyRate {
+    last: Option<(Instant, u64, u64)>,
+    pages_per_s: f64,
+}
+
+impl DirtyRate {
+    /// A new sample of the stale and acknowledged counts; the estimate in bits per second.
+    fn sample(&mut self, stale: u64, acked: u64) -> u64 {
+        let now = Instant::now();
+        match self.last {
+            Some((t, s0, a0)) if now.duration_since(t) >= Duration::from_millis(500) => {
+                let dt = now.duration_since(t).as_secs_f64();
+                let went_stale =
+                    (stale as f64 - s0 as f64 + acked.saturating_sub(a0) as f64).max(0.0);
+                self.pages_per_s = 0.5 * self.pages_per_s + 0.5 * went_stale / dt;
+                self.last = Some((now, stale, acked));
+            }
+            Some(_) => {}
+            None => self.last = Some((now, stale, acked)),
+        }
+        (self.pages_per_s * (PAGE * 8) as f64) as u64
+    }
 }
 
 pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {

@@ -334,3 +334,66 @@ fn the_example_in_the_docs_parses() {
     let plan = crate::plan::plan(&p.fleet, &p.options);
     assert!(plan.totals.saved > 0);
 }
+
+#[test]
+fn control_endpoints_and_certificates() {
+    // Without them (as `faultline plan` needs): none.
+    let p = parse(GOOD, NOW).unwrap();
+    assert_eq!(p.control.vms, vec![None, None, None]);
+    assert_eq!(p.control.cert, None);
+
+    let text = good_but(
+        "deadline = \"15m\"",
+        "deadline = \"15m\"\ncert = \"orch.crt\"\nkey = \"orch.key\"\npeer_cert = \"src.crt\"",
+    )
+    .replacen(
+        "priority = 3",
+        "priority = 3\ncontrol = \"10.0.0.5:7100\"\npeer_cert = \"db-1.crt\"",
+        1,
+    )
+    .replacen(
+        "memory_bytes = \"8G\"",
+        "memory_bytes = \"8G\"\ncontrol = \"web-1.example:7100\"",
+        1,
+    );
+    let p = parse(&text, NOW).unwrap();
+    assert_eq!(p.control.cert.as_deref(), Some("orch.crt"));
+    assert_eq!(p.control.key.as_deref(), Some("orch.key"));
+    assert_eq!(p.control.peer_cert.as_deref(), Some("src.crt"));
+    let db = p.control.vms[0].as_ref().unwrap();
+    assert_eq!(db.addr.to_string(), "10.0.0.5:7100");
+    assert_eq!(db.peer_cert.as_deref(), Some("db-1.crt"));
+    let web = p.control.vms[1].as_ref().unwrap();
+    assert_eq!(
+        (web.addr.host.as_str(), web.addr.port),
+        ("web-1.example", 7100)
+    );
+    assert_eq!(web.peer_cert, None);
+    assert_eq!(p.control.vms[2], None);
+
+    // Bad ones name the VM and the key.
+    let bad = good_but(
+        "memory_bytes = \"8G\"",
+        "memory_bytes = \"8G\"\ncontrol = \"web-1\"",
+    );
+    assert_eq!(
+        err(&bad),
+        "vm \"web-1\": control = \"web-1\" is not an address host:port (examples: \
+         \"10.0.0.5:7100\", \"src-3.example:7100\", \"[fd00::5]:7100\")"
+    );
+    let bad = good_but(
+        "memory_bytes = \"8G\"",
+        "memory_bytes = \"8G\"\ncontrol = 7100",
+    );
+    assert_eq!(
+        err(&bad),
+        "vm \"web-1\": control must be an address host:port (got 7100)"
+    );
+    let bad = good_but(
+        "memory_bytes = \"8G\"",
+        "memory_bytes = \"8G\"\npeer_cert = \"x.crt\"",
+    );
+    assert!(err(&bad).starts_with("vm \"web-1\": peer_cert is given but control"));
+    let bad = good_but("deadline = \"15m\"", "deadline = \"15m\"\ncert = 5");
+    assert_eq!(err(&bad), "plan: cert must be a file path (got 5)");
+}

@@ -1,0 +1,215 @@
+//! `faultline replicate --control ADDR`: the endpoint the orchestrator (`faultline
+//! evacuate`) drives a source through. QUIC with mutual TLS like every other endpoint of
+//! faultline (the `transport` crate's pinned-certificate server endpoint and its
+//! [`Acceptor`]: address validation, bounded handshakes, only the pinned orchestrator gets
+//! through). The protocol is `fleet::control`: `Status`, and `Evacuate`, which starts the
+//! evacuation as SIGUSR1 does and streams events back until it is done or failed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fleet::control::{EvacState, Reply, Request, Status, EVENT_INTERVAL_MS};
+use tokio::sync::{watch, Notify};
+use transport::quic::accept::{AcceptLimits, Acceptor};
+use transport::tls::{CertificateDer, Identity};
+
+use super::control_io::{read_msg, write_msg};
+
+/// How long a peer may take to send its request on a new stream.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`ControlServer::finish`] waits for the last events to reach the orchestrator.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The running endpoint; the VM's status is published through it.
+pub struct ControlServer {
+    runtime: tokio::runtime::Runtime,
+    endpoint: quinn::Endpoint,
+    status: Arc<watch::Sender<Status>>,
+    streams: Arc<Streams>,
+    addr: SocketAddr,
+}
+
+/// Evacuation streams still delivering events.
+#[derive(Default)]
+struct Streams {
+    open: AtomicUsize,
+    closed: Notify,
+}
+
+impl ControlServer {
+    /// Listens on `listen`, presenting `me` and accepting only `orchestrator`. `evacuate`
+    /// runs when an `Evacuate` request arrives (it sets the same flag as SIGUSR1).
+    pub fn start(
+        listen: SocketAddr,
+        me: &Identity,
+        orchestrator: CertificateDer<'static>,
+        initial: Status,
+        evacuate: fn(),
+    ) -> anyhow::Result<ControlServer> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("control")
+            .enable_all()
+            .build()
+            .context("starting the control endpoint's runtime")?;
+        let endpoint = {
+            let _guard = runtime.enter();
+            transport::quic::server_endpoint(listen, me, orchestrator)
+                .with_context(|| format!("binding the control endpoint on {listen}"))?
+        };
+        let addr = endpoint.local_addr().context("the control endpoint")?;
+        let status = Arc::new(watch::Sender::new(initial));
+        let streams = Arc::new(Streams::default());
+        let acceptor = {
+            let _guard = runtime.enter();
+            Acceptor::start(endpoint.clone(), AcceptLimits::default())
+        };
+        runtime.spawn(serve(acceptor, status.clone(), streams.clone(), evacuate));
+        Ok(ControlServer {
+            runtime,
+            endpoint,
+            status,
+            streams,
+            addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Changes the published status; watchers see the change.
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        self.status.send_modify(f);
+    }
+
+    /// A handle to update the status from elsewhere (a progress callback).
+    pub fn publisher(&self) -> Arc<watch::Sender<Status>> {
+        self.status.clone()
+    }
+
+    /// Waits (a few seconds at most) until every evacuation stream delivered its last
+    /// event, then closes the endpoint.
+    pub fn finish(self) {
+        let streams = self.streams.clone();
+        self.runtime.block_on(async {
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
+                loop {
+                    let closed = streams.closed.notified();
+                    if streams.open.load(Ordering::Acquire) == 0 {
+                        return;
+                    }
+                    closed.await;
+                }
+            })
+            .await;
+            self.endpoint.close(0u32.into(), b"done");
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        });
+        self.runtime.shutdown_timeout(Duration::from_millis(200));
+    }
+}
+
+async fn serve(
+    mut acceptor: Acceptor,
+    status: Arc<watch::Sender<Status>>,
+    streams: Arc<Streams>,
+    evacuate: fn(),
+) {
+    while let Some(conn) = acceptor.next().await {
+        let (status, streams) = (status.clone(), streams.clone());
+        tokio::spawn(async move {
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let (status, streams) = (status.clone(), streams.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = answer(send, recv, &status, &streams, evacuate).await {
+                        tracing::warn!("control stream: {e:#}");
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// One request and its answer.
+async fn answer(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    status: &watch::Sender<Status>,
+    streams: &Streams,
+    evacuate: fn(),
+) -> anyhow::Result<()> {
+    let req = tokio::time::timeout(REQUEST_TIMEOUT, read_msg::<Request>(&mut recv))
+        .await
+        .context("no request within 10 s")??;
+    match req {
+        None => Ok(()),
+        Some(Request::Status) => {
+            let now = status.borrow().clone();
+            write_msg(&mut send, &Reply::Status(now)).await?;
+            let _ = send.finish();
+            Ok(())
+        }
+        Some(Request::Evacuate { rate_cap_bps }) => {
+            if let Some(cap) = rate_cap_bps {
+                tracing::info!("evacuation rate cap of {cap} bit/s asked for: not honoured");
+            }
+            evacuate();
+            streams.open.fetch_add(1, Ordering::AcqRel);
+            let r = events(&mut send, status).await;
+            let _ = send.finish();
+            // Until the orchestrator has the last event (or gives up).
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, send.stopped()).await;
+            streams.open.fetch_sub(1, Ordering::AcqRel);
+            streams.closed.notify_waiters();
+            r
+        }
+    }
+}
+
+/// `Accepted`, then an event at every change of the evacuation's state and every
+/// [`EVENT_INTERVAL_MS`], until it is done or failed.
+async fn events(
+    send: &mut quinn::SendStream,
+    status: &watch::Sender<Status>,
+) -> anyhow::Result<()> {
+    write_msg(
+        send,
+        &Reply::Accepted {
+            rate_cap_honoured: false,
+        },
+    )
+    .await?;
+    let mut rx = status.subscribe();
+    let interval = Duration::from_millis(EVENT_INTERVAL_MS);
+    loop {
+        let now = rx.borrow_and_update().clone();
+        let state = now.evacuation;
+        write_msg(send, &Reply::Event(now)).await?;
+        if state.is_final() {
+            return Ok(());
+        }
+        let next = tokio::time::Instant::now() + interval;
+        loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        // The process is ending without a final state.
+                        let mut last = rx.borrow().clone();
+                        last.evacuation = EvacState::Failed;
+                        last.error.get_or_insert_with(|| "the source stopped".into());
+                        write_msg(send, &Reply::Event(last)).await?;
+                        return Ok(());
+                    }
+                    if rx.borrow_and_update().evacuation != state {
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep_until(next) => break,
+            }
+        }
+    }
+}

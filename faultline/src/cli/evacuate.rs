@@ -1,0 +1,344 @@
+//! `faultline evacuate --plan FILE`: the orchestrator. Connects to every VM's source
+//! (`faultline replicate --control`), plans with the stale bytes and dirty rates they
+//! measure, starts their evacuations in the planned order and concurrency per link,
+//! re-plans every second from their progress, and reports per VM the plan against what
+//! happened (docs/fleet.md). A source that does not answer, or dies mid-evacuation, is
+//! reported failed; the others go on.
+
+mod plan_file;
+mod report;
+mod source_link;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use fleet::control::{EvacState, Status};
+use fleet::orchestrate::{Orchestration, Phase};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::roles::emit_event;
+use source_link::{Report as LinkReport, Timeouts};
+
+#[derive(Args, Debug)]
+pub struct EvacuateArgs {
+    /// The plan file (docs/fleet.md): the fleet, the deadline, each VM's `control`
+    /// address, the orchestrator's `cert` and `key`, the sources' `peer_cert`.
+    #[arg(long)]
+    pub plan: PathBuf,
+    /// Seconds a source's control endpoint has to answer at the start; a source that does
+    /// not is reported and left out (if none answers, nothing starts).
+    #[arg(long, default_value_t = 3.0)]
+    pub connect_timeout: f64,
+    /// Seconds without an event from an evacuating source before it counts as failed.
+    #[arg(long, default_value_t = 5.0)]
+    pub silence_timeout: f64,
+    /// Write one JSON event line per state change to stderr, prefixed `@faultline `
+    /// (the default when stderr is not a terminal; on a terminal, progress bars).
+    #[arg(long)]
+    pub progress: bool,
+    /// Print the final report as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&a.plan)
+        .with_context(|| format!("reading the plan file {}", a.plan.display()))?;
+    let read_at = Instant::now();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs_f64();
+    let pf = fleet::file::parse(&text, now)
+        .with_context(|| format!("plan file {}", a.plan.display()))?;
+    let setup = plan_file::resolve(&pf, &a.plan)
+        .with_context(|| format!("plan file {}", a.plan.display()))?;
+    let events = Events::new(a.progress || !std::io::stderr().is_terminal());
+    let timeouts = Timeouts {
+        connect: Duration::from_secs_f64(a.connect_timeout),
+        silence: Duration::from_secs_f64(a.silence_timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let report = runtime.block_on(orchestrate(pf, setup, read_at, timeouts, &events))?;
+    let ok = report.totals.failed == 0 && report.totals.not_finished == 0;
+    if a.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["file"] = json!(a.plan.display().to_string());
+        v["ok"] = json!(ok);
+        if !ok {
+            v["error"] = json!({ "message": report::failures(&report) });
+        }
+        println!("{v}");
+    } else {
+        print!("{}", report::render(&a.plan.display().to_string(), &report));
+    }
+    if !ok {
+        eprintln!("faultline: error: {}", report::failures(&report));
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where state changes go: JSON event lines, or (on a terminal) progress bars.
+struct Events {
+    lines: bool,
+}
+
+impl Events {
+    fn new(lines: bool) -> Events {
+        Events { lines }
+    }
+
+    fn emit(&self, v: serde_json::Value) {
+        if self.lines {
+            emit_event(v);
+        }
+    }
+}
+
+async fn orchestrate(
+    pf: fleet::file::PlanFile,
+    setup: plan_file::Setup,
+    read_at: Instant,
+    timeouts: Timeouts,
+    events: &Events,
+) -> anyhow::Result<fleet::orchestrate::Report> {
+    let n = pf.fleet.vms.len();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut starts: Vec<Option<mpsc::Sender<()>>> = (0..n).map(|_| None).collect();
+    for (i, vm) in setup.vms.iter().enumerate() {
+        let Some(vm) = vm else { continue };
+        let endpoint = {
+            let bind = unspecified_for(vm.addr);
+            transport::quic::client_endpoint(bind, &setup.identity, vm.peer_cert.clone())
+                .with_context(|| format!("vm {:?}: a client endpoint", pf.fleet.vms[i].name))?
+        };
+        let (start_tx, start_rx) = mpsc::channel(1);
+        starts[i] = Some(start_tx);
+        tokio::spawn(source_link::run(
+            i,
+            vm.addr,
+            endpoint,
+            start_rx,
+            tx.clone(),
+            timeouts,
+        ));
+    }
+    drop(tx);
+
+    // Every source answers (or is given up on) before planning.
+    let mut fleet = pf.fleet.clone();
+    let mut unreachable: Vec<(usize, String)> = Vec::new();
+    let mut first: Vec<Option<Status>> = vec![None; n];
+    // Links not heard from yet (each answers within the connect timeout, or gives up).
+    let mut pending: Vec<bool> = starts.iter().map(Option::is_some).collect();
+    while pending.iter().any(|&p| p) {
+        let Some(msg) = rx.recv().await else { break };
+        match &msg {
+            LinkReport::Status(i, _)
+            | LinkReport::Unreachable(i, _)
+            | LinkReport::Failed(i, _)
+            | LinkReport::Event(i, _) => pending[*i] = false,
+        }
+        match msg {
+            LinkReport::Status(i, s) => {
+                let name = &fleet.vms[i].name;
+                if &s.vm_id != name {
+                    let why = format!(
+                        "the source at {} is vm {:?}, not {name:?}",
+                        setup.vms[i]
+                            .as_ref()
+                            .map(|v| v.addr.to_string())
+                            .unwrap_or_default(),
+                        s.vm_id
+                    );
+                    starts[i] = None;
+                    unreachable.push((i, why));
+                } else {
+                    first[i] = Some(s);
+                }
+            }
+            LinkReport::Unreachable(i, why) | LinkReport::Failed(i, why) => {
+                starts[i] = None;
+                unreachable.push((i, why));
+            }
+            LinkReport::Event(..) => {}
+        }
+    }
+    for (i, why) in &unreachable {
+        events.emit(json!({"event": "unreachable", "vm": fleet.vms[*i].name, "error": why}));
+        eprintln!("faultline: vm {:?}: {why}", fleet.vms[*i].name);
+    }
+    if first.iter().all(Option::is_none) {
+        bail!(
+            "no source answered, nothing was started: {}",
+            unreachable
+                .iter()
+                .map(|(i, why)| format!("vm {:?}: {why}", fleet.vms[*i].name))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    for (v, s) in fleet.vms.iter_mut().zip(&first) {
+        let Some(s) = s else { continue };
+        v.memory_bytes = v.memory_bytes.max(s.memory_bytes);
+        v.stale_bytes = s.stale_bytes.min(v.total_bytes());
+        v.dirty_rate_bps = s.dirty_rate_bps;
+        v.working_set_bytes = v.working_set_bytes.min(v.total_bytes());
+    }
+    // Times from here; the deadline was taken when the file was read.
+    let t0 = Instant::now();
+    let mut opts = pf.options.clone();
+    opts.deadline_s -= t0.duration_since(read_at).as_secs_f64();
+    let mut o = Orchestration::new(fleet, opts, &unreachable)?;
+    events.emit(json!({
+        "event": "planned",
+        "deadline_s": o.plan().deadline_s,
+        "vms": o.plan().vms.iter().map(|v| json!({
+            "vm": v.name, "order": v.order, "start_s": v.start_s,
+            "finish_s": v.finish_s, "status": v.status,
+        })).collect::<Vec<_>>(),
+    }));
+    for (i, s) in first.iter().enumerate() {
+        if let Some(s) = s {
+            events.emit(json!({
+                "event": "connected", "vm": o.fleet().vms[i].name,
+                "stale_bytes": s.stale_bytes, "dirty_rate_bps": s.dirty_rate_bps,
+                "memory_bytes": s.memory_bytes,
+            }));
+        }
+    }
+    let bars = if events.lines {
+        None
+    } else {
+        Some(report::Bars::new(&o))
+    };
+
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !o.is_finished() {
+        let now = t0.elapsed().as_secs_f64();
+        for i in o.due(now) {
+            let sent = starts[i].as_ref().is_some_and(|s| s.try_send(()).is_ok());
+            if !sent {
+                o.failed(i, now, "its control link is gone".into());
+                continue;
+            }
+            o.started(i, now);
+            let planned = o.first_plan().vms[i].start_s;
+            events.emit(json!({
+                "event": "started", "vm": o.fleet().vms[i].name, "t_s": now,
+                "planned_start_s": planned,
+            }));
+        }
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else {
+                    // Every link ended: whatever did not finish has failed.
+                    for i in 0..n {
+                        if !o.phase(i).is_final() {
+                            o.failed(i, now, "its control link ended".into());
+                        }
+                    }
+                    break;
+                };
+                handle(&mut o, msg, t0.elapsed().as_secs_f64(), events, &starts);
+            }
+            _ = tick.tick() => {
+                o.replan(t0.elapsed().as_secs_f64())?;
+            }
+        }
+        if let Some(b) = &bars {
+            b.update(&o);
+        }
+    }
+    if let Some(b) = bars {
+        b.finish(&o);
+    }
+    let r = o.report();
+    events.emit(json!({"event": "finished", "totals": r.totals}));
+    Ok(r)
+}
+
+fn handle(
+    o: &mut Orchestration,
+    msg: LinkReport,
+    now: f64,
+    events: &Events,
+    starts: &[Option<mpsc::Sender<()>>],
+) {
+    match msg {
+        LinkReport::Status(i, s) => {
+            o.waiting(i, s.stale_bytes);
+            // Started by someone else (SIGUSR1, its timer): follow it now.
+            if s.evacuation != EvacState::Idle && o.phase(i) == Phase::Waiting {
+                if let Some(tx) = &starts[i] {
+                    if tx.try_send(()).is_ok() {
+                        o.started(i, now);
+                        events.emit(json!({
+                            "event": "started", "vm": o.fleet().vms[i].name, "t_s": now,
+                            "by": "the source",
+                        }));
+                    }
+                }
+            }
+        }
+        LinkReport::Event(i, s) => {
+            let name = o.fleet().vms[i].name.clone();
+            match s.evacuation {
+                EvacState::Idle | EvacState::Starting => {}
+                EvacState::Transferring => {
+                    let remaining = s.pages_remaining.map(|p| p * 4096);
+                    if o.progress(i, now, remaining, s.bytes_sent) {
+                        events.emit(json!({
+                            "event": "switchover", "vm": name, "t_s": now,
+                            "stale_bytes": s.stale_bytes,
+                        }));
+                    }
+                }
+                EvacState::Done => {
+                    o.done(i, now, s.bytes_sent, s.pages_stale);
+                    events.emit(json!({
+                        "event": "done", "vm": name, "t_s": now,
+                        "bytes_sent": s.bytes_sent, "pages_stale": s.pages_stale,
+                    }));
+                }
+                EvacState::Failed => {
+                    let why = s
+                        .error
+                        .unwrap_or_else(|| "the source reported a failure".into());
+                    fail(o, i, now, why, events);
+                }
+            }
+        }
+        LinkReport::Unreachable(i, why) | LinkReport::Failed(i, why) => {
+            fail(o, i, now, why, events)
+        }
+    }
+}
+
+fn fail(o: &mut Orchestration, i: usize, now: f64, why: String, events: &Events) {
+    if o.phase(i).is_final() {
+        return;
+    }
+    let name = o.fleet().vms[i].name.clone();
+    events.emit(json!({"event": "failed", "vm": name, "t_s": now, "error": why}));
+    o.failed(i, now, why);
+}
+
+/// The wildcard address of `peer`'s family, port 0: where a client endpoint binds.
+fn unspecified_for(peer: std::net::SocketAddr) -> std::net::SocketAddr {
+    match peer {
+        std::net::SocketAddr::V4(_) => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        std::net::SocketAddr::V6(_) => std::net::SocketAddr::from(([0u16; 8], 0)),
+    }
+}

@@ -1,0 +1,165 @@
+//! What `faultline evacuate` shows: progress bars per VM on a terminal, and the final
+//! report as text (per VM the plan against what happened, then totals).
+
+use std::fmt::Write as _;
+
+use fleet::orchestrate::{Orchestration, Phase, Report};
+use fleet::units::{fmt_bytes, fmt_secs};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+/// One bar per VM: bytes sent of its stale bytes, and its phase.
+pub struct Bars {
+    _multi: MultiProgress,
+    bars: Vec<ProgressBar>,
+}
+
+impl Bars {
+    pub fn new(o: &Orchestration) -> Bars {
+        let multi = MultiProgress::new();
+        let style = ProgressStyle::with_template(
+            "{prefix:>12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let bars = o
+            .fleet()
+            .vms
+            .iter()
+            .map(|v| {
+                let b = multi.add(ProgressBar::new(v.stale_bytes.max(1)));
+                b.set_style(style.clone());
+                b.set_prefix(v.name.clone());
+                b
+            })
+            .collect();
+        Bars {
+            _multi: multi,
+            bars,
+        }
+    }
+
+    pub fn update(&self, o: &Orchestration) {
+        let r = o.report();
+        for (b, v) in self.bars.iter().zip(&r.vms) {
+            let len = b.length().unwrap_or(0);
+            b.set_position(if v.outcome == Phase::Done {
+                len
+            } else {
+                v.bytes_sent.min(len)
+            });
+            b.set_message(phase(v.outcome));
+        }
+    }
+
+    pub fn finish(self, o: &Orchestration) {
+        self.update(o);
+        for b in &self.bars {
+            b.abandon();
+        }
+    }
+}
+
+fn phase(p: Phase) -> &'static str {
+    match p {
+        Phase::Waiting => "waiting",
+        Phase::Starting => "starting",
+        Phase::Transferring => "transferring",
+        Phase::Done => "done",
+        Phase::Failed => "FAILED",
+        Phase::Skipped => "skipped",
+    }
+}
+
+/// The VMs that were not evacuated, and why, in one line.
+pub fn failures(r: &Report) -> String {
+    let bad: Vec<String> = r
+        .vms
+        .iter()
+        .filter(|v| !matches!(v.outcome, Phase::Done | Phase::Skipped))
+        .map(|v| {
+            format!(
+                "vm {:?}: {}",
+                v.name,
+                v.error.as_deref().unwrap_or("not finished")
+            )
+        })
+        .collect();
+    format!(
+        "{} of {} VMs not evacuated: {}",
+        bad.len(),
+        r.totals.vms - r.totals.skipped,
+        bad.join("; ")
+    )
+}
+
+/// The text report.
+pub fn render(file: &str, r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{file}: {} VMs, deadline at {} from the start",
+        r.totals.vms,
+        fmt_secs(r.deadline_s)
+    );
+    let _ = writeln!(s);
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".into(), fmt_secs);
+    let mut rows = vec![vec![
+        "vm".to_string(),
+        "link".into(),
+        "outcome".into(),
+        "planned start".into(),
+        "finish".into(),
+        "started".into(),
+        "switchover".into(),
+        "finished".into(),
+        "sent".into(),
+        "deadline".into(),
+    ]];
+    for v in &r.vms {
+        rows.push(vec![
+            v.name.clone(),
+            v.link.clone(),
+            phase(v.outcome).into(),
+            opt(v.planned.start_s),
+            opt(v.planned.finish_s),
+            opt(v.measured.start_s),
+            opt(v.measured.switchover_s),
+            opt(v.measured.finish_s),
+            fmt_bytes(v.bytes_sent as f64),
+            match (v.outcome, v.saved_by_deadline) {
+                (_, true) => "saved".into(),
+                (Phase::Skipped, _) => "skipped".into(),
+                _ => "LOST".into(),
+            },
+        ]);
+    }
+    crate::cli::plan::table(&mut s, &rows);
+    for v in r.vms.iter().filter(|v| v.error.is_some()) {
+        let _ = writeln!(
+            s,
+            "{} failed: {}",
+            v.name,
+            v.error.as_deref().unwrap_or_default()
+        );
+    }
+    let t = &r.totals;
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "evacuated {} of {} VMs ({} failed, {} skipped); {} by the deadline (the plan promised {})",
+        t.done,
+        t.vms - t.skipped,
+        t.failed,
+        t.skipped,
+        t.saved_by_deadline,
+        t.planned_saved
+    );
+    let _ = writeln!(
+        s,
+        "makespan {} (planned {}); {} sent",
+        opt(t.makespan_s),
+        fmt_secs(t.planned_makespan_s),
+        fmt_bytes(t.bytes_sent as f64)
+    );
+    s
+}

@@ -1,0 +1,167 @@
+//! The orchestrator's side of one source's control endpoint: connect (pinned mutual TLS),
+//! ask its status every second while it waits, and when told, ask it to evacuate and pass
+//! its events on until it is done or failed. Everything it learns goes to the main loop
+//! as a [`Report`]; a source that does not answer in time, refuses, or falls silent
+//! mid-evacuation is reported, never waited for forever.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use fleet::control::{Reply, Request, Status};
+use tokio::sync::mpsc;
+
+use crate::cli::control_io::{read_msg, write_msg};
+
+/// What a source's task tells the main loop.
+#[derive(Debug)]
+pub enum Report {
+    /// Its status while it waits.
+    Status(usize, Status),
+    /// It could not be reached or refused us before anything started.
+    Unreachable(usize, String),
+    /// An event of its evacuation.
+    Event(usize, Status),
+    /// The control connection failed or fell silent after the start.
+    Failed(usize, String),
+}
+
+/// How long to wait for what.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Connecting and the first status.
+    pub connect: Duration,
+    /// Between two events of a running evacuation (the source sends one every 250 ms).
+    pub silence: Duration,
+}
+
+/// Runs one source's link until its evacuation ends, it fails, or `start` is dropped.
+pub async fn run(
+    vm: usize,
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    mut start: mpsc::Receiver<()>,
+    out: mpsc::UnboundedSender<Report>,
+    t: Timeouts,
+) {
+    let conn = match tokio::time::timeout(t.connect, first_status(&endpoint, addr)).await {
+        Ok(Ok((conn, status))) => {
+            let _ = out.send(Report::Status(vm, status));
+            conn
+        }
+        Ok(Err(e)) => {
+            let _ = out.send(Report::Unreachable(
+                vm,
+                format!("the control endpoint at {addr} refused us: {e:#}"),
+            ));
+            return;
+        }
+        Err(_) => {
+            let _ = out.send(Report::Unreachable(
+                vm,
+                format!(
+                    "the control endpoint at {addr} did not answer within {} s",
+                    t.connect.as_secs_f64()
+                ),
+            ));
+            return;
+        }
+    };
+    // Waiting: a status every second, until told to start.
+    loop {
+        tokio::select! {
+            cmd = start.recv() => match cmd {
+                Some(()) => break,
+                None => return,
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                match tokio::time::timeout(t.silence, status(&conn)).await {
+                    Ok(Ok(s)) => { let _ = out.send(Report::Status(vm, s)); }
+                    Ok(Err(e)) => {
+                        let _ = out.send(Report::Failed(vm, format!("{e:#}")));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = out.send(Report::Failed(vm, silent(t.silence)));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    if let Err(e) = evacuate(vm, &conn, &out, t).await {
+        let _ = out.send(Report::Failed(vm, format!("{e:#}")));
+    }
+    conn.close(0u32.into(), b"done");
+}
+
+fn silent(d: Duration) -> String {
+    format!(
+        "no answer from the source for {} s: it died or the path is down",
+        d.as_secs_f64()
+    )
+}
+
+/// The connection's own reason when it is gone (a refused certificate says so), else `e`.
+fn explain(conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
+    match conn.close_reason() {
+        Some(reason) => anyhow::Error::new(transport::quic::DriverError::Connection(reason)),
+        None => e,
+    }
+}
+
+async fn first_status(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+) -> anyhow::Result<(quinn::Connection, Status)> {
+    let conn = transport::quic::connect(endpoint, addr).await?;
+    let s = status(&conn).await?;
+    Ok((conn, s))
+}
+
+async fn status(conn: &quinn::Connection) -> anyhow::Result<Status> {
+    let ask = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_msg(&mut send, &Request::Status).await?;
+        let _ = send.finish();
+        match read_msg::<Reply>(&mut recv).await? {
+            Some(Reply::Status(s)) => Ok(s),
+            Some(other) => bail!("the source answered a status request with {other:?}"),
+            None => bail!("the source ended the stream without a status"),
+        }
+    };
+    ask.await.map_err(|e| explain(conn, e))
+}
+
+async fn evacuate(
+    vm: usize,
+    conn: &quinn::Connection,
+    out: &mpsc::UnboundedSender<Report>,
+    t: Timeouts,
+) -> anyhow::Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| explain(conn, e.into()))?;
+    write_msg(&mut send, &Request::Evacuate { rate_cap_bps: None })
+        .await
+        .map_err(|e| explain(conn, e))?;
+    let _ = send.finish();
+    loop {
+        let next = tokio::time::timeout(t.silence, read_msg::<Reply>(&mut recv))
+            .await
+            .map_err(|_| anyhow!(silent(t.silence)))?
+            .map_err(|e| explain(conn, e))
+            .context("the control stream failed")?;
+        match next {
+            Some(Reply::Accepted { .. }) => {}
+            Some(Reply::Refused { reason }) => bail!("the source refused to evacuate: {reason}"),
+            Some(Reply::Event(s)) => {
+                let last = s.evacuation.is_final();
+                let _ = out.send(Report::Event(vm, s));
+                if last {
+                    return Ok(());
+                }
+            }
+            Some(Reply::Status(_)) => bail!("the source sent a status where an event belongs"),
+            None => bail!("the source ended the control stream before its evacuation ended"),
+        }
+    }
+}

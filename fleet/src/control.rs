@@ -1,0 +1,317 @@
+//! The control protocol between `faultline evacuate` (the orchestrator) and each VM's
+//! source (`faultline replicate --control ADDR`): typed messages and their framing, pure.
+//!
+//! The transport is QUIC with mutual TLS, each side pinning the other's certificate (the
+//! `transport` crate's endpoints); this module only says what crosses it. One request per
+//! bidirectional stream, orchestrator → source; the source answers on the same stream:
+//!
+//! * [`Request::Status`] → one [`Reply::Status`], then the stream ends;
+//! * [`Request::Evacuate`] → [`Reply::Accepted`] (or [`Reply::Refused`]), then a
+//!   [`Reply::Event`] at every state change and every [`EVENT_INTERVAL_MS`] while the
+//!   evacuation runs, until one whose state is [`EvacState::Done`] or
+//!   [`EvacState::Failed`]; then the stream ends.
+//!
+//! A frame is a 4-byte big-endian length and that many bytes of JSON, at most
+//! [`MAX_FRAME`]. Input from the network never panics a decoder: a frame too long, cut
+//! short or not one of these messages is a [`ControlError`].
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Largest frame body either side accepts, bytes.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// How often a source sends an event while its evacuation runs, even without a change:
+/// the orchestrator takes a longer silence as a dead source.
+pub const EVENT_INTERVAL_MS: u64 = 250;
+
+/// What the orchestrator asks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Where the VM is.
+    Status,
+    /// Start the evacuation now (as SIGUSR1 does). `rate_cap_bps`: a limit on its rate,
+    /// bits per second; a source that cannot pace says so in [`Reply::Accepted`].
+    Evacuate { rate_cap_bps: Option<u64> },
+}
+
+/// What a source answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reply {
+    Status(Status),
+    /// The evacuation starts (or had started: a second request follows the same one).
+    Accepted {
+        /// Whether the source paces the evacuation to the requested cap.
+        rate_cap_honoured: bool,
+    },
+    /// The request cannot be done; the reason, in words.
+    Refused {
+        reason: String,
+    },
+    /// The VM's status after a change, or as a heartbeat.
+    Event(Status),
+}
+
+/// Where a VM's replication stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplState {
+    /// Replicating to the standby.
+    Running,
+    /// Replication ended (the evacuation started, or the replicator stopped on an error).
+    Stopped,
+}
+
+/// Where a VM's evacuation stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvacState {
+    /// Not asked yet.
+    Idle,
+    /// Asked: replication stops, the guest pauses, the session to the standby is set up.
+    Starting,
+    /// Connected to the standby, the stale set sent with the handshake: the standby runs
+    /// the guest and the stale pages cross.
+    Transferring,
+    /// Every stale page is at the standby.
+    Done,
+    /// The evacuation failed ([`Status::error`] says why).
+    Failed,
+}
+
+impl EvacState {
+    /// Done or failed: nothing more will happen.
+    pub fn is_final(self) -> bool {
+        matches!(self, EvacState::Done | EvacState::Failed)
+    }
+}
+
+/// A VM as its source sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    pub vm_id: String,
+    pub memory_bytes: u64,
+    /// Bytes not acknowledged by the standby now (the last replication round's count;
+    /// frozen when the evacuation starts).
+    pub stale_bytes: u64,
+    /// How fast the guest makes clean bytes stale, bits per second (an estimate over the
+    /// last seconds).
+    pub dirty_rate_bps: u64,
+    pub replication: ReplState,
+    pub evacuation: EvacState,
+    /// UDP bytes the evacuation sent so far.
+    pub bytes_sent: u64,
+    /// Stale pages left to send: an estimate from the stale set and the bytes sent (`None`
+    /// before the evacuation).
+    pub pages_remaining: Option<u64>,
+    /// Pages that crossed, when the evacuation is done.
+    pub pages_stale: Option<u64>,
+    /// Why the evacuation failed.
+    pub error: Option<String>,
+}
+
+/// Why a frame was refused.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The length prefix announces more than [`MAX_FRAME`].
+    #[error("a control frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLong { len: u64, max: usize },
+    /// The buffer ended inside a frame.
+    #[error("the control frame is cut short: {have} of {need} bytes")]
+    Truncated { have: usize, need: usize },
+    /// The body is not one of the protocol's messages.
+    #[error("malformed control message")]
+    Malformed(#[source] serde_json::Error),
+    /// A message could not be encoded (it does not happen for these types).
+    #[error("cannot encode a control message")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// One frame: the length prefix and the JSON body of `msg`.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ControlError> {
+    let body = serde_json::to_vec(msg).map_err(ControlError::Encode)?;
+    if body.len() > MAX_FRAME {
+        return Err(ControlError::TooLong {
+            len: body.len() as u64,
+            max: MAX_FRAME,
+        });
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// The body length a frame's 4-byte prefix announces, checked against [`MAX_FRAME`].
+pub fn body_len(prefix: [u8; 4]) -> Result<usize, ControlError> {
+    let len = u32::from_be_bytes(prefix);
+    if len as usize > MAX_FRAME {
+        return Err(ControlError::TooLong {
+            len: u64::from(len),
+            max: MAX_FRAME,
+        });
+    }
+    Ok(len as usize)
+}
+
+/// A message from a frame's body.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ControlError> {
+    serde_json::from_slice(body).map_err(ControlError::Malformed)
+}
+
+/// The first frame of `buf`: the message and the bytes it took. A buffer holding less than
+/// a whole frame is [`ControlError::Truncated`] (a stream reader waits for more instead).
+pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), ControlError> {
+    let Some(prefix) = buf.get(..4) else {
+        return Err(ControlError::Truncated {
+            have: buf.len(),
+            need: 4,
+        });
+    };
+    let mut p = [0u8; 4];
+    p.copy_from_slice(prefix);
+    let len = body_len(p)?;
+    let Some(body) = buf.get(4..4 + len) else {
+        return Err(ControlError::Truncated {
+            have: buf.len(),
+            need: 4 + len,
+        });
+    };
+    Ok((decode_body(body)?, 4 + len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn status() -> Status {
+        Status {
+            vm_id: "web-1".into(),
+            memory_bytes: 64 << 20,
+            stale_bytes: 4096 * 10,
+            dirty_rate_bps: 8_000_000,
+            replication: ReplState::Running,
+            evacuation: EvacState::Idle,
+            bytes_sent: 0,
+            pages_remaining: None,
+            pages_stale: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let reqs = [
+            Request::Status,
+            Request::Evacuate { rate_cap_bps: None },
+            Request::Evacuate {
+                rate_cap_bps: Some(100_000_000),
+            },
+        ];
+        for r in reqs {
+            let f = encode(&r).unwrap();
+            assert_eq!(decode::<Request>(&f).unwrap(), (r, f.len()));
+        }
+        let failed = Status {
+            evacuation: EvacState::Failed,
+            error: Some("the standby refused".into()),
+            ..status()
+        };
+        let replies = [
+            Reply::Status(status()),
+            Reply::Accepted {
+                rate_cap_honoured: false,
+            },
+            Reply::Refused {
+                reason: "done already".into(),
+            },
+            Reply::Event(failed),
+        ];
+        for r in replies {
+            let f = encode(&r).unwrap();
+            assert_eq!(decode::<Reply>(&f).unwrap(), (r, f.len()));
+        }
+    }
+
+    #[test]
+    fn two_frames_in_a_row_decode_one_after_the_other() {
+        let mut buf = encode(&Request::Status).unwrap();
+        buf.extend(
+            encode(&Request::Evacuate {
+                rate_cap_bps: Some(5),
+            })
+            .unwrap(),
+        );
+        let (a, n) = decode::<Request>(&buf).unwrap();
+        let (b, m) = decode::<Request>(&buf[n..]).unwrap();
+        assert_eq!(a, Request::Status);
+        assert_eq!(
+            b,
+            Request::Evacuate {
+                rate_cap_bps: Some(5)
+            }
+        );
+        assert_eq!(n + m, buf.len());
+    }
+
+    #[test]
+    fn bad_frames_are_typed_errors() {
+        let f = encode(&Request::Status).unwrap();
+        assert!(matches!(
+            decode::<Request>(&f[..2]),
+            Err(ControlError::Truncated { have: 2, need: 4 })
+        ));
+        assert!(matches!(
+            decode::<Request>(&f[..f.len() - 1]),
+            Err(ControlError::Truncated { .. })
+        ));
+        let huge = [0xff, 0xff, 0xff, 0xff];
+        let e = decode::<Request>(&huge).unwrap_err();
+        assert!(matches!(e, ControlError::TooLong { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "a control frame of 4294967295 bytes exceeds the limit of 65536 bytes"
+        );
+        let junk = [&3u32.to_be_bytes()[..], b"{x}"].concat();
+        assert!(matches!(
+            decode::<Request>(&junk),
+            Err(ControlError::Malformed(_))
+        ));
+        // A reply where a request belongs, an unknown type, an unknown field.
+        for body in [
+            r#"{"type":"accepted","rate_cap_honoured":true}"#,
+            r#"{"type":"reboot"}"#,
+            r#"{"type":"evacuate","rate_cap_bps":1,"now":true}"#,
+            r#"{"type":"evacuate","rate_cap_bps":-1}"#,
+        ] {
+            let f = [&(body.len() as u32).to_be_bytes()[..], body.as_bytes()].concat();
+            assert!(
+                matches!(decode::<Request>(&f), Err(ControlError::Malformed(_))),
+                "{body}"
+            );
+        }
+        // The Display leaves the JSON error to the chain.
+        let e = decode::<Request>(&junk).unwrap_err();
+        assert_eq!(e.to_string(), "malformed control message");
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<Request>(&bytes);
+            let _ = decode::<Reply>(&bytes);
+        }
+
+        #[test]
+        fn random_bodies_never_panic(body in "\\PC{0,200}") {
+            let f = [&(body.len() as u32).to_be_bytes()[..], body.as_bytes()].concat();
+            let _ = decode::<Reply>(&f);
+        }
+    }
+}

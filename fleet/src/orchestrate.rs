@@ -1,0 +1,397 @@
+//! What an orchestrator decides, pure: which VMs to start now (the plan's order and
+//! concurrency per link), what it measured (for [`crate::plan::replan`] every second), and
+//! the final report with each VM's planned and measured timeline. `faultline evacuate`
+//! does the I/O around it; the caller says what time it is (seconds from the evacuation's
+//! start), so every decision is testable without a clock or a network.
+
+use serde::Serialize;
+
+use crate::model::{Fleet, InputError};
+use crate::plan::{self, Measured, Plan, PlanOptions, Status, VmMeasure, VmState};
+
+/// Where one VM's evacuation is, as the orchestrator saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Not started.
+    Waiting,
+    /// Asked to evacuate; not switched over yet.
+    Starting,
+    /// Switched over; its stale pages cross.
+    Transferring,
+    Done,
+    /// Failed, or unreachable before it could start.
+    Failed,
+    /// The plan file skips it.
+    Skipped,
+}
+
+impl Phase {
+    /// Started and not finished: it holds one of its link's slots.
+    pub fn is_under_way(self) -> bool {
+        matches!(self, Phase::Starting | Phase::Transferring)
+    }
+
+    /// Nothing more will happen to it.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Done | Phase::Failed | Phase::Skipped)
+    }
+}
+
+/// One VM as measured. Times in seconds from the evacuation's start.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Timeline {
+    /// When the orchestrator asked it to evacuate.
+    pub start_s: Option<f64>,
+    /// When its source reported the session to the standby up (stale set sent).
+    pub switchover_s: Option<f64>,
+    /// When its source reported every stale page at the standby, or the failure.
+    pub finish_s: Option<f64>,
+}
+
+#[derive(Clone, Debug)]
+struct Track {
+    phase: Phase,
+    stale_bytes: u64,
+    remaining_bytes: u64,
+    bytes_sent: u64,
+    pages_stale: Option<u64>,
+    timeline: Timeline,
+    error: Option<String>,
+}
+
+/// The evacuation of a fleet as it runs.
+#[derive(Clone, Debug)]
+pub struct Orchestration {
+    fleet: Fleet,
+    opts: PlanOptions,
+    tracks: Vec<Track>,
+    first: Plan,
+    current: Plan,
+}
+
+impl Orchestration {
+    /// Plans at time 0. `fleet` holds the stale bytes and dirty rates measured now;
+    /// `failed` are VMs already lost (their source did not answer), with why.
+    pub fn new(
+        fleet: Fleet,
+        opts: PlanOptions,
+        failed: &[(usize, String)],
+    ) -> Result<Orchestration, InputError> {
+        let tracks = fleet
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let error = failed.iter().find(|(j, _)| *j == i).map(|(_, e)| e.clone());
+                let phase = if opts.skip.contains(&i) {
+                    Phase::Skipped
+                } else if error.is_some() {
+                    Phase::Failed
+                } else {
+                    Phase::Waiting
+                };
+                Track {
+                    phase,
+                    stale_bytes: v.stale_bytes,
+                    remaining_bytes: v.stale_bytes,
+                    bytes_sent: 0,
+                    pages_stale: None,
+                    timeline: Timeline::default(),
+                    error,
+                }
+            })
+            .collect();
+        let p = plan::plan(&fleet, &opts);
+        let mut o = Orchestration {
+            first: p.clone(),
+            current: p,
+            fleet,
+            opts,
+            tracks,
+        };
+        o.replan(0.0)?;
+        o.first = o.current.clone();
+        Ok(o)
+    }
+
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
+    /// The plan made at time 0.
+    pub fn first_plan(&self) -> &Plan {
+        &self.first
+    }
+
+    /// The latest plan.
+    pub fn plan(&self) -> &Plan {
+        &self.current
+    }
+
+    pub fn phase(&self, vm: usize) -> Phase {
+        self.tracks[vm].phase
+    }
+
+    /// Plans again from what was measured by `now_s`.
+    pub fn replan(&mut self, now_s: f64) -> Result<(), InputError> {
+        self.current = plan::replan(&self.fleet, &self.opts, &self.measured(now_s))?;
+        Ok(())
+    }
+
+    /// What was measured, for [`plan::replan`]. Link rates are not measured (the plan
+    /// file's stand).
+    pub fn measured(&self, now_s: f64) -> Measured {
+        let vms = self
+            .tracks
+            .iter()
+            .zip(&self.fleet.vms)
+            .filter_map(|(t, v)| {
+                let state = match t.phase {
+                    Phase::Waiting => VmState::Waiting {
+                        stale_bytes: t.stale_bytes,
+                    },
+                    Phase::Starting => VmState::Setup {
+                        started_s: t.timeline.start_s.unwrap_or(now_s),
+                    },
+                    Phase::Transferring => VmState::Transferring {
+                        remaining_bytes: t.remaining_bytes,
+                        switchover_s: t.timeline.switchover_s.unwrap_or(now_s),
+                    },
+                    Phase::Done => VmState::Done {
+                        finished_s: t.timeline.finish_s.unwrap_or(now_s),
+                    },
+                    Phase::Failed => VmState::Failed,
+                    Phase::Skipped => return None,
+                };
+                Some(VmMeasure {
+                    vm: v.name.clone(),
+                    state,
+                })
+            })
+            .collect();
+        Measured {
+            now_s,
+            links: Vec::new(),
+            vms,
+        }
+    }
+
+    /// The VMs to start at `now_s`: on each link, in the latest plan's order, as many
+    /// waiting VMs as leave at most its concurrency under way. With prestart a VM whose
+    /// transfer is predicted to end within one setup's time frees its slot already.
+    pub fn due(&self, now_s: f64) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (li, ls) in self.current.schedule.links.iter().enumerate() {
+            let setup = self.fleet.costs.setup_s(&self.fleet.links[li]);
+            let busy = self
+                .tracks
+                .iter()
+                .enumerate()
+                .filter(|(i, t)| self.fleet.vms[*i].link == li && t.phase.is_under_way())
+                .filter(|(i, t)| {
+                    let ending = t.phase == Phase::Transferring
+                        && self.current.vms[*i]
+                            .finish_s
+                            .is_some_and(|f| f - now_s <= setup);
+                    !(ls.prestart && ending)
+                })
+                .count();
+            let free = ls.concurrency.max(1).saturating_sub(busy);
+            out.extend(
+                ls.order
+                    .iter()
+                    .copied()
+                    .filter(|&i| self.tracks[i].phase == Phase::Waiting)
+                    .take(free),
+            );
+        }
+        out
+    }
+
+    /// A waiting VM's stale bytes now.
+    pub fn waiting(&mut self, vm: usize, stale_bytes: u64) {
+        let t = &mut self.tracks[vm];
+        if t.phase == Phase::Waiting {
+            t.stale_bytes = stale_bytes.min(self.fleet.vms[vm].total_bytes());
+        }
+    }
+
+    /// It was asked to evacuate at `now_s`.
+    pub fn started(&mut self, vm: usize, now_s: f64) {
+        let t = &mut self.tracks[vm];
+        if t.phase == Phase::Waiting {
+            t.phase = Phase::Starting;
+            t.timeline.start_s = Some(now_s);
+            t.remaining_bytes = t.stale_bytes;
+        }
+    }
+
+    /// Its source reports the switchover (first time: returns true) and its progress.
+    pub fn progress(
+        &mut self,
+        vm: usize,
+        now_s: f64,
+        remaining_bytes: Option<u64>,
+        bytes_sent: u64,
+    ) -> bool {
+        let t = &mut self.tracks[vm];
+        if !t.phase.is_under_way() {
+            return false;
+        }
+        t.bytes_sent = bytes_sent;
+        if let Some(r) = remaining_bytes {
+            t.remaining_bytes = r;
+        }
+        if t.phase == Phase::Starting {
+            t.phase = Phase::Transferring;
+            t.timeline.switchover_s = Some(now_s);
+            return true;
+        }
+        false
+    }
+
+    /// Every stale page of it is at the standby.
+    pub fn done(&mut self, vm: usize, now_s: f64, bytes_sent: u64, pages_stale: Option<u64>) {
+        let t = &mut self.tracks[vm];
+        if t.phase.is_final() {
+            return;
+        }
+        if t.timeline.switchover_s.is_none() {
+            t.timeline.switchover_s = Some(now_s);
+        }
+        t.phase = Phase::Done;
+        t.timeline.finish_s = Some(now_s);
+        t.bytes_sent = bytes_sent;
+        t.remaining_bytes = 0;
+        t.pages_stale = pages_stale;
+    }
+
+    /// It failed (a source that died, refused, or went silent).
+    pub fn failed(&mut self, vm: usize, now_s: f64, error: String) {
+        let t = &mut self.tracks[vm];
+        if t.phase.is_final() {
+            return;
+        }
+        if t.phase.is_under_way() {
+            t.timeline.finish_s = Some(now_s);
+        }
+        t.phase = Phase::Failed;
+        t.error = Some(error);
+    }
+
+    /// Every VM is done, failed or skipped.
+    pub fn is_finished(&self) -> bool {
+        self.tracks.iter().all(|t| t.phase.is_final())
+    }
+
+    /// The outcome: per VM planned (at time 0) against measured, and totals.
+    pub fn report(&self) -> Report {
+        let deadline_s = self.opts.deadline_s;
+        let vms: Vec<VmReport> = self
+            .tracks
+            .iter()
+            .zip(&self.fleet.vms)
+            .zip(&self.first.vms)
+            .map(|((t, v), p)| VmReport {
+                name: v.name.clone(),
+                link: self.fleet.links[v.link].name.clone(),
+                outcome: t.phase,
+                error: t.error.clone(),
+                planned: Planned {
+                    order: p.order,
+                    start_s: p.start_s,
+                    switchover_s: p.switchover_s,
+                    finish_s: p.finish_s,
+                    status: p.status,
+                },
+                measured: t.timeline.clone(),
+                saved_by_deadline: t.phase == Phase::Done
+                    && t.timeline.finish_s.is_some_and(|f| f <= deadline_s),
+                bytes_sent: t.bytes_sent,
+                pages_stale: t.pages_stale,
+            })
+            .collect();
+        let count = |ph: Phase| vms.iter().filter(|v| v.outcome == ph).count();
+        let totals = ReportTotals {
+            vms: vms.len(),
+            done: count(Phase::Done),
+            failed: count(Phase::Failed),
+            skipped: count(Phase::Skipped),
+            not_finished: vms.iter().filter(|v| !v.outcome.is_final()).count(),
+            saved_by_deadline: vms.iter().filter(|v| v.saved_by_deadline).count(),
+            planned_saved: self.first.totals.saved,
+            makespan_s: vms
+                .iter()
+                .filter(|v| v.outcome == Phase::Done)
+                .filter_map(|v| v.measured.finish_s)
+                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x)))),
+            planned_makespan_s: self.first.totals.makespan_s,
+            bytes_sent: vms.iter().map(|v| v.bytes_sent).sum(),
+        };
+        Report {
+            deadline_s,
+            vms,
+            totals,
+        }
+    }
+}
+
+/// What the plan at time 0 said of a VM.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Planned {
+    pub order: Option<usize>,
+    pub start_s: Option<f64>,
+    pub switchover_s: Option<f64>,
+    pub finish_s: Option<f64>,
+    pub status: Status,
+}
+
+/// One VM in the report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VmReport {
+    pub name: String,
+    pub link: String,
+    /// `done`, `failed`, `skipped` (or `waiting`/`starting`/`transferring` if the
+    /// orchestrator was stopped).
+    pub outcome: Phase,
+    pub error: Option<String>,
+    pub planned: Planned,
+    /// Start, switchover and finish as measured: a Gantt chart's bars.
+    pub measured: Timeline,
+    /// Done by the deadline.
+    pub saved_by_deadline: bool,
+    /// UDP bytes its evacuation sent.
+    pub bytes_sent: u64,
+    /// Pages that crossed (its source's count, when done).
+    pub pages_stale: Option<u64>,
+}
+
+/// The fleet in the report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReportTotals {
+    pub vms: usize,
+    pub done: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub not_finished: usize,
+    pub saved_by_deadline: usize,
+    /// What the plan at time 0 promised (with its margin).
+    pub planned_saved: usize,
+    /// The last finish of a VM that was done.
+    pub makespan_s: Option<f64>,
+    pub planned_makespan_s: f64,
+    pub bytes_sent: u64,
+}
+
+/// The report of an evacuation. Times in seconds from its start.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Report {
+    pub deadline_s: f64,
+    /// In fleet (plan file) order.
+    pub vms: Vec<VmReport>,
+    pub totals: ReportTotals,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+//! The orchestrator's decisions on small fleets whose answer is known.
+
+use std::time::Duration;
+
+use super::*;
+use crate::model::{Costs, Link, Vm, DEFAULT_WINDOW_BYTES};
+
+const MB: u64 = 1_000_000;
+
+/// One 1 Gbit/s link of 100 ms with the default window: one flow moves 312.5 Mbit/s, so
+/// the planner runs several at once.
+fn fleet(n: usize) -> Fleet {
+    let link = Link {
+        name: "wan".into(),
+        rate_bps: 1_000_000_000,
+        rtt: Duration::from_millis(100),
+        per_flow_window_bytes: DEFAULT_WINDOW_BYTES,
+        replication_budget_bps: None,
+    };
+    let vms = (0..n)
+        .map(|i| Vm::idle(format!("vm{i}"), 0, (i as u64 + 1) * 100 * MB))
+        .collect();
+    Fleet::new(vec![link], vms, Costs::default()).unwrap()
+}
+
+#[test]
+fn starts_follow_the_plans_order_and_concurrency() {
+    let o = Orchestration::new(fleet(10), PlanOptions::new(3600.0), &[]).unwrap();
+    let ls = &o.plan().schedule.links[0];
+    let due = o.due(0.0);
+    assert_eq!(due.len(), ls.concurrency, "{due:?}");
+    assert_eq!(due, ls.order[..ls.concurrency].to_vec());
+}
+
+#[test]
+fn a_slot_frees_when_a_vm_is_done_or_fails_and_the_next_one_starts() {
+    let mut o = Orchestration::new(fleet(10), PlanOptions::new(3600.0), &[]).unwrap();
+    let first = o.due(0.0);
+    for &i in &first {
+        o.started(i, 0.0);
+    }
+    assert!(o.due(0.1).is_empty(), "every slot is taken");
+    assert!(o.progress(first[0], 0.4, Some(50 * MB), 1000));
+    assert!(
+        !o.progress(first[0], 0.5, Some(40 * MB), 2000),
+        "one switchover"
+    );
+    o.done(first[0], 2.0, 3000, Some(100));
+    o.failed(first[1], 2.0, "the source died".into());
+    o.replan(2.0).unwrap();
+    let next = o.due(2.0);
+    assert_eq!(next.len(), 2, "{next:?}");
+    assert!(next.iter().all(|i| !first.contains(i)));
+    assert_eq!(o.phase(first[0]), Phase::Done);
+    assert_eq!(o.phase(first[1]), Phase::Failed);
+    // Nothing changes a final VM any more.
+    o.done(first[1], 3.0, 0, None);
+    assert_eq!(o.phase(first[1]), Phase::Failed);
+}
+
+#[test]
+fn unreachable_and_skipped_vms_never_start_and_the_rest_finishes() {
+    let mut opts = PlanOptions::new(3600.0);
+    opts.skip = vec![3];
+    let mut o = Orchestration::new(fleet(4), opts, &[(1, "no answer".into())]).unwrap();
+    let mut started = Vec::new();
+    let mut t = 0.0;
+    while !o.is_finished() {
+        for i in o.due(t) {
+            o.started(i, t);
+            started.push(i);
+        }
+        for i in 0..4 {
+            if o.phase(i).is_under_way() {
+                o.progress(i, t + 0.1, Some(0), 10);
+                o.done(i, t + 0.5, 10, Some(1));
+            }
+        }
+        t += 1.0;
+        o.replan(t).unwrap();
+        assert!(t < 20.0, "does not finish");
+    }
+    started.sort();
+    assert_eq!(started, vec![0, 2]);
+    let r = o.report();
+    assert_eq!(r.totals.done, 2);
+    assert_eq!(r.totals.failed, 1);
+    assert_eq!(r.totals.skipped, 1);
+    assert_eq!(r.totals.saved_by_deadline, 2);
+    let vm1 = &r.vms[1];
+    assert_eq!(vm1.outcome, Phase::Failed);
+    assert_eq!(vm1.error.as_deref(), Some("no answer"));
+    assert_eq!(vm1.measured, Timeline::default());
+    let vm0 = &r.vms[0];
+    assert_eq!(vm0.measured.start_s, Some(0.0));
+    assert_eq!(vm0.measured.switchover_s, Some(0.1));
+    assert_eq!(vm0.measured.finish_s, Some(0.5));
+    assert!(vm0.planned.finish_s.is_some());
+    assert_eq!(r.vms[3].outcome, Phase::Skipped);
+}
+
+#[test]
+fn measured_progress_reaches_the_replan() {
+    let mut o = Orchestration::new(fleet(2), PlanOptions::new(3600.0), &[]).unwrap();
+    o.waiting(1, 7 * MB);
+    o.started(0, 0.0);
+    o.progress(0, 0.5, Some(20 * MB), 1);
+    let m = o.measured(1.0);
+    assert_eq!(m.vms.len(), 2);
+    assert_eq!(
+        m.vms[0].state,
+        VmState::Transferring {
+            remaining_bytes: 20 * MB,
+            switchover_s: 0.5
+        }
+    );
+    assert_eq!(
+        m.vms[1].state,
+        VmState::Waiting {
+            stale_bytes: 7 * MB
+        }
+    );
+    o.replan(1.0).unwrap();
+    assert_eq!(o.plan().now_s, 1.0);
+}
+
+#[test]
+fn a_vm_done_after_the_deadline_is_not_saved() {
+    let mut o = Orchestration::new(fleet(1), PlanOptions::new(10.0), &[]).unwrap();
+    o.started(0, 0.0);
+    o.done(0, 11.0, 1, None);
+    let r = o.report();
+    assert!(!r.vms[0].saved_by_deadline);
+    assert_eq!(r.totals.saved_by_deadline, 0);
+    assert_eq!(r.totals.makespan_s, Some(11.0));
+    // Switchover not reported: it is taken to be at the finish.
+    assert_eq!(r.vms[0].measured.switchover_s, Some(11.0));
+}

@@ -1,0 +1,419 @@
+//! `faultline evacuate`: the orchestrator driving real `faultline replicate --control`
+//! sources, each replicating into its own `faultline standby`, on loopback. Every VM that
+//! the orchestrator reports done has the same digest of all memory on both sides.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use faultline_tests::{
+    assert_evacuated, faultline_bin, free_udp_port, Background, Certs, DestProcess, ShmDir,
+};
+use serde_json::Value;
+use transport::tls::Identity;
+use wan_emu::{LinkConfig, WanEmulator};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One VM: its standby and its source, the source's control endpoint on `port`.
+struct Pair {
+    name: String,
+    port: u16,
+    standby: DestProcess,
+    source: Background,
+    dir: ShmDir,
+}
+
+impl Pair {
+    /// `faultline standby` and `faultline replicate --control` of a `size` guest, the
+    /// control endpoint pinning the orchestrator's certificate.
+    fn start(certs: &Certs, name: &str, size: &str, extra: &[&str]) -> Pair {
+        Self::start_over(certs, name, size, extra, None).0
+    }
+
+    /// [`Pair::start`], the evacuation (not the replication) through an emulated `link`.
+    fn start_over(
+        certs: &Certs,
+        name: &str,
+        size: &str,
+        extra: &[&str],
+        link: Option<LinkConfig>,
+    ) -> (Pair, Option<WanEmulator>) {
+        let dir = ShmDir::new(name);
+        let standby = DestProcess::standby(
+            certs,
+            "127.0.0.1:0",
+            &["--size", size, "--replica-dir", &dir.arg(), "--vm-id", name],
+        );
+        let wan = link.map(|l| {
+            let upstream = standby.addr.parse().unwrap();
+            WanEmulator::start("127.0.0.1:0".parse().unwrap(), upstream, l).unwrap()
+        });
+        let relay = wan.as_ref().map(|w| w.local_addr().to_string());
+        let via: Vec<&str> = match &relay {
+            Some(r) => vec!["--evacuate-connect", r],
+            None => vec![],
+        };
+        let port = free_udp_port();
+        let control = format!("127.0.0.1:{port}");
+        let orchestrator = certs.cert("orchestrator");
+        let args = [
+            &[
+                "--synthetic",
+                size,
+                "--vm-id",
+                name,
+                "--write-rate",
+                "2000",
+                "--control",
+                &control,
+                "--control-peer-cert",
+                &orchestrator,
+            ][..],
+            extra,
+            &via,
+        ]
+        .concat();
+        let source = Background::replicate(certs, &standby.addr, &args);
+        let pair = Pair {
+            name: name.into(),
+            port,
+            standby,
+            source,
+            dir,
+        };
+        (pair, wan)
+    }
+
+    /// Both processes to their end; their reports with memory checked equal.
+    fn assert_evacuated(self) -> (Value, Value) {
+        let src = self.source.wait(TIMEOUT);
+        let dst = self.standby.wait(TIMEOUT);
+        assert_evacuated(&src, &dst)
+    }
+}
+
+/// Certificates for the sources, standbys, the orchestrator and an intruder.
+fn certs() -> Certs {
+    let certs = Certs::new();
+    Identity::generate("orchestrator")
+        .unwrap()
+        .save(
+            &certs.dir.path().join("orchestrator.crt"),
+            &certs.dir.path().join("orchestrator.key"),
+        )
+        .unwrap();
+    certs
+}
+
+/// A plan file on one loopback link stated at `rate`; `me` is the orchestrator's
+/// identity, `vms` are (name, memory, control port).
+fn plan_file(certs: &Certs, me: &str, rate: &str, vms: &[(&str, &str, u16)]) -> PathBuf {
+    let mut s = format!(
+        "deadline = \"10m\"\ncert = {:?}\nkey = {:?}\npeer_cert = {:?}\n\n\
+         [[link]]\nname = \"lo\"\nrate_bps = {rate:?}\nrtt_ms = 1\n",
+        certs.cert(me),
+        certs.key(me),
+        certs.cert("source"),
+    );
+    for (name, mem, port) in vms {
+        s += &format!(
+            "\n[[vm]]\nname = {name:?}\nmemory_bytes = {mem:?}\ncontrol = \"127.0.0.1:{port}\"\n"
+        );
+    }
+    let path = certs.dir.path().join("fleet.toml");
+    std::fs::write(&path, s).unwrap();
+    path
+}
+
+/// A running `faultline evacuate --json --progress`, its event lines read as they come.
+struct Orchestrator {
+    child: Child,
+    events: mpsc::Receiver<Value>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Orchestrator {
+    fn start(plan: &PathBuf, extra: &[&str]) -> Orchestrator {
+        let mut child = Command::new(faultline_bin())
+            .args(["evacuate", "--json", "--progress", "--plan"])
+            .arg(plan)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn faultline evacuate");
+        let err = child.stderr.take().unwrap();
+        let (ev_tx, events) = mpsc::channel();
+        let (line_tx, stderr) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Some(ev) = line.strip_prefix("@faultline ") {
+                    if let Ok(v) = serde_json::from_str(ev) {
+                        let _ = ev_tx.send(v);
+                    }
+                }
+                let _ = line_tx.send(line);
+            }
+        });
+        Orchestrator {
+            child,
+            events,
+            stderr,
+        }
+    }
+
+    /// Waits for an event `kind` about `vm`.
+    fn wait_event(&self, kind: &str, vm: &str) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = self
+                .events
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {kind} event for {vm}"));
+            if v["event"] == kind && v["vm"] == vm {
+                return v;
+            }
+        }
+    }
+
+    /// Its exit code, its JSON report, its stderr (events included).
+    fn wait(mut self) -> (Option<i32>, Value, String) {
+        let mut out = self.child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("faultline evacuate did not finish within {TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = reader.join().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        let json = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+        (status.code(), json, stderr.join("\n"))
+    }
+}
+
+fn vm<'a>(r: &'a Value, name: &str) -> &'a Value {
+    r["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no vm {name} in {r}"))
+}
+
+fn secs(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a time: {v}"))
+}
+
+#[test]
+fn three_vms_are_evacuated_in_the_planned_order_with_equal_memory() {
+    let t = Instant::now();
+    let certs = certs();
+    let pairs: Vec<Pair> = ["vm-a", "vm-b", "vm-c"]
+        .iter()
+        // Exactly 5% of each guest's pages stale at its evacuation (410 of 8192).
+        .map(|n| Pair::start(&certs, n, "32M", &["--stale-pct", "5"]))
+        .collect();
+    let vms: Vec<_> = pairs
+        .iter()
+        .map(|p| (p.name.as_str(), "32M", p.port))
+        .collect();
+    let plan = plan_file(&certs, "orchestrator", "100M", &vms);
+    let (rc, r, err) = Orchestrator::start(&plan, &[]).wait();
+    assert_eq!(rc, Some(0), "{err}\n{r}");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["totals"]["done"], 3, "{r}");
+    assert_eq!(r["totals"]["saved_by_deadline"], 3, "{r}");
+    for p in &pairs {
+        let v = vm(&r, &p.name);
+        assert_eq!(v["outcome"], "done", "{v}");
+        let m = &v["measured"];
+        // A timeline a chart can draw: start <= switchover <= finish.
+        let (s, w, f) = (
+            secs(&m["start_s"]),
+            secs(&m["switchover_s"]),
+            secs(&m["finish_s"]),
+        );
+        assert!(s <= w && w <= f, "{m}");
+        assert!(v["planned"]["start_s"].is_number(), "{v}");
+        assert!(v["bytes_sent"].as_u64().unwrap() > 410 * 4096, "{v}");
+        assert!(v["pages_stale"].as_u64().unwrap() >= 410, "{v}");
+    }
+    // Started in the planned order.
+    let mut by_plan: Vec<&Value> = r["vms"].as_array().unwrap().iter().collect();
+    by_plan.sort_by_key(|v| v["planned"]["order"].as_u64());
+    let starts: Vec<f64> = by_plan
+        .iter()
+        .map(|v| secs(&v["measured"]["start_s"]))
+        .collect();
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "{starts:?}");
+    // One event line per state change.
+    for kind in [
+        "planned",
+        "connected",
+        "started",
+        "switchover",
+        "done",
+        "finished",
+    ] {
+        assert!(
+            err.contains(&format!("\"event\":\"{kind}\"")),
+            "no {kind} event: {err}"
+        );
+    }
+    for p in pairs {
+        p.assert_evacuated();
+    }
+    eprintln!("three VMs evacuated in {:?}: {r}", t.elapsed());
+}
+
+#[test]
+fn a_source_killed_mid_evacuation_fails_alone() {
+    let t = Instant::now();
+    let certs = certs();
+    let a = Pair::start(&certs, "vm-a", "32M", &[]);
+    // vm-b evacuates 8 MiB of stale pages through 20 Mbit/s: about 3 s, killed 1 MiB in.
+    let (b, wan) = Pair::start_over(
+        &certs,
+        "vm-b",
+        "32M",
+        &["--stale-pct", "25", "--encoding", "off"],
+        Some(LinkConfig::new(Duration::from_millis(2), 20_000_000)),
+    );
+    let wan = wan.unwrap();
+    let c = Pair::start(&certs, "vm-c", "32M", &[]);
+    let plan = plan_file(
+        &certs,
+        "orchestrator",
+        "1G",
+        &[
+            ("vm-a", "32M", a.port),
+            ("vm-b", "32M", b.port),
+            ("vm-c", "32M", c.port),
+        ],
+    );
+    let o = Orchestrator::start(&plan, &["--silence-timeout", "2"]);
+    o.wait_event("started", "vm-b");
+    let deadline = Instant::now() + TIMEOUT;
+    while wan.counters().client_to_server.bytes < 1 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "vm-b's evacuation never got going"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    b.source.kill();
+    let crossed = wan.counters().client_to_server.bytes;
+    assert!(crossed < 6 << 20, "vm-b was nearly done: {crossed} B");
+    let failed = o.wait_event("failed", "vm-b");
+    let (rc, r, err) = o.wait();
+    assert_eq!(rc, Some(1), "{err}\n{r}");
+    assert_eq!(r["ok"], false, "{r}");
+    let vb = vm(&r, "vm-b");
+    assert_eq!(vb["outcome"], "failed", "{vb}");
+    assert_eq!(vb["error"], failed["error"]);
+    // Killed after its switchover, with its stale pages on the way.
+    assert!(vb["measured"]["switchover_s"].is_number(), "{vb}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("vm \"vm-b\""),
+        "{r}"
+    );
+    assert_eq!(r["totals"]["done"], 2, "{r}");
+    assert_eq!(r["totals"]["failed"], 1, "{r}");
+    b.standby.kill();
+    a.assert_evacuated();
+    c.assert_evacuated();
+    eprintln!("killed source case in {:?}: {}", t.elapsed(), vb["error"]);
+}
+
+#[test]
+fn a_control_address_that_does_not_answer_is_named() {
+    let certs = certs();
+    let dead = free_udp_port();
+    let plan = plan_file(&certs, "orchestrator", "1G", &[("vm-x", "32M", dead)]);
+    faultline_bin(); // built before the clock starts
+    let t = Instant::now();
+    let (rc, r, err) = Orchestrator::start(&plan, &["--connect-timeout", "1"]).wait();
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_ne!(rc, Some(0), "{err}");
+    assert_eq!(r["ok"], false, "{r}");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!(
+            "vm \"vm-x\": the control endpoint at 127.0.0.1:{dead} did not answer within 1 s"
+        )),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_unreachable_vm_is_left_out_and_the_others_are_evacuated() {
+    let certs = certs();
+    let a = Pair::start(&certs, "vm-a", "32M", &[]);
+    let dead = free_udp_port();
+    let plan = plan_file(
+        &certs,
+        "orchestrator",
+        "1G",
+        &[("vm-a", "32M", a.port), ("vm-x", "32M", dead)],
+    );
+    // Up (its control endpoint is bound before replication starts), so that only vm-x
+    // misses the short connect timeout.
+    faultline_tests::wait_replicated(&a.dir, 8192, 0.5);
+    let o = Orchestrator::start(&plan, &["--connect-timeout", "1"]);
+    let ev = o.wait_event("unreachable", "vm-x");
+    let (rc, r, err) = o.wait();
+    assert_eq!(rc, Some(1), "{err}\n{r}");
+    let why = format!("the control endpoint at 127.0.0.1:{dead} did not answer within 1 s");
+    assert_eq!(ev["error"], why.as_str());
+    assert!(err.contains(&format!("vm \"vm-x\": {why}")), "{err}");
+    let x = vm(&r, "vm-x");
+    assert_eq!(x["outcome"], "failed", "{x}");
+    assert_eq!(x["measured"]["start_s"], Value::Null, "{x}");
+    assert_eq!(vm(&r, "vm-a")["outcome"], "done", "{r}");
+    a.assert_evacuated();
+}
+
+#[test]
+fn an_orchestrator_with_the_wrong_certificate_is_refused() {
+    let certs = certs();
+    let p = Pair::start(&certs, "vm-a", "32M", &[]);
+    // The source pins the orchestrator's certificate; the intruder presents its own.
+    let plan = plan_file(&certs, "intruder", "1G", &[("vm-a", "32M", p.port)]);
+    let (rc, r, err) = Orchestrator::start(&plan, &[]).wait();
+    assert_ne!(rc, Some(0), "{err}");
+    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("vm \"vm-a\""), "{msg}");
+    assert!(msg.contains("TLS handshake failed"), "{msg}");
+    // Nothing was started: the source still replicates.
+    std::thread::sleep(Duration::from_millis(500));
+    let Pair {
+        source, standby, ..
+    } = p;
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", source.pid())).unwrap();
+    let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
+    assert!(
+        matches!(state, Some("R" | "S" | "D")),
+        "the source ended: {stat}"
+    );
+    source.kill();
+    standby.kill();
+}
