@@ -8,8 +8,10 @@
 //! * [`plan`]: the planner (order, concurrency, sharing, who cannot make the deadline, the
 //!   replication budget in normal times), the baseline schedules and `replan`;
 //! * [`file`](mod@file): the plan file (TOML), with errors that name the entry;
-//! * [`units`]: sizes, rates and durations as operators write them.
+//! * [`units`]: sizes, rates and durations as operators write them;
+//! * [`chart`]: Gantt charts of a plan or a run, as SVG.
 
+pub mod chart;
 pub mod file;
 pub mod model;
 pub mod plan;
