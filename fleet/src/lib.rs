@@ -13,7 +13,9 @@
 //!   messages, length-prefixed frames, decoders that never panic);
 //! * [`orchestrate`]: what the orchestrator decides (which VMs start now, what it measured
 //!   for `replan`, the report with each VM's timeline), pure.
+//! * [`chart`]: Gantt charts of a plan or a run, as SVG.
 
+pub mod chart;
 pub mod control;
 pub mod file;
 pub mod model;

@@ -169,3 +169,96 @@ fn a_bad_plan_file_is_a_usage_error_naming_the_entry() {
     assert_eq!(v["error"]["kind"], "local_io", "{v}");
     assert_eq!(rc, Some(6));
 }
+
+/// The text of every `<text>` element of an SVG document, which must parse as XML.
+fn svg_texts(svg: &str) -> Vec<(String, Option<String>)> {
+    let doc = roxmltree::Document::parse(svg).unwrap_or_else(|e| panic!("not XML: {e}"));
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    doc.descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .map(|n| {
+            (
+                n.text().unwrap_or("").trim().to_string(),
+                n.attribute("fill").map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_example_plan_as_a_gantt_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("plan.svg");
+    let (rc, stdout, err) = plan(&example(), &["--gantt", out.to_str().unwrap()]);
+    assert_eq!(rc, Some(0), "{err}");
+    // The table still prints, and says where the chart went.
+    assert!(
+        stdout.contains("saved by the deadline: 10 of 11 VMs"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("Gantt chart: {}", out.display())),
+        "{stdout}"
+    );
+    let svg = std::fs::read_to_string(&out).unwrap();
+    let texts = svg_texts(&svg);
+    let has = |s: &str| texts.iter().any(|(t, _)| t == s);
+    assert!(has("Evacuation plan: fleet.toml"), "{texts:?}");
+    // One labelled row per VM (a priority other than 1 follows the name).
+    for name in [
+        "dns-1",
+        "db-1",
+        "db-2",
+        "web-1",
+        "web-2",
+        "cache-1",
+        "mail",
+        "wiki",
+        "build-1",
+        "build-2",
+        "archive",
+        "ci-runner",
+    ] {
+        let rows = texts
+            .iter()
+            .filter(|(t, _)| t == name || t.starts_with(&format!("{name} · prio")))
+            .count();
+        assert_eq!(rows, 1, "{name}: {texts:?}");
+    }
+    // The deadline, the legend, the link headers.
+    assert!(has("deadline 10.0 min"), "{texts:?}");
+    assert!(
+        has("stale pages crossing (at the destination, exposed)"),
+        "{texts:?}"
+    );
+    assert!(has("misses the deadline (red row)"), "{texts:?}");
+    assert!(has("to-b · 6 VMs") && has("to-c · 6 VMs"), "{texts:?}");
+    // The archive misses: its label is red, a saved VM's is not.
+    let fill = |name: &str| texts.iter().find(|(t, _)| t == name).unwrap().1.clone();
+    assert_eq!(fill("archive").as_deref(), Some("#C01B1B"));
+    assert_eq!(fill("wiki").as_deref(), Some("#222222"));
+
+    // With --json too: the report names the file.
+    let out2 = dir.path().join("again.svg");
+    let (rc, stdout, err) = plan(&example(), &["--json", "--gantt", out2.to_str().unwrap()]);
+    assert_eq!(rc, Some(0), "{err}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["gantt"], out2.display().to_string());
+    assert!(out2.exists());
+}
+
+#[test]
+fn an_unwritable_gantt_path_is_a_local_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("no-such-dir").join("plan.svg");
+    let (rc, stdout, err) = plan(&example(), &["--json", "--gantt", out.to_str().unwrap()]);
+    let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["error"]["kind"], "local_io", "{v}");
+    assert_eq!(rc, Some(6), "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    let says = format!("writing the Gantt chart to {}", out.display());
+    assert!(message.contains(&says), "{message}");
+    assert!(err.contains(&says), "{err}");
+    assert!(!out.exists());
+}

@@ -4,15 +4,17 @@
 //! order, start, finish and bytes to cross and whether it makes the deadline; per link the
 //! concurrency and sharing chosen; totals against the ideal and against the two baseline
 //! schedules; and the replication budget split for normal times. With `--json`, one JSON
-//! object (`"ok": true`). A bad plan file is a usage error that names the entry.
+//! object (`"ok": true`). With `--gantt OUT.svg`, also writes the plan as a Gantt chart.
+//! A bad plan file is a usage error that names the entry.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Args;
+use fleet::chart::{render_svg, ChartOptions, Timeline};
 use fleet::file::{Deadline, PlanFile};
 use fleet::plan::{Plan, Status, Totals};
 use fleet::sim::Sharing;
@@ -26,6 +28,10 @@ pub struct PlanArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also write the plan as a Gantt chart (SVG) to this file: a row per VM, grouped by
+    /// link, the deadline as a red line; see docs/fleet.md.
+    #[arg(long, value_name = "OUT.svg")]
+    pub gantt: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -33,6 +39,9 @@ struct Report<'a> {
     file: String,
     /// The deadline as an absolute time, when the file gave one.
     deadline_at: Option<&'a str>,
+    /// Where the Gantt chart was written, with `--gantt`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gantt: Option<String>,
     #[serde(flatten)]
     plan: &'a Plan,
 }
@@ -47,6 +56,9 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     let pf = fleet::file::parse(&text, now)
         .with_context(|| format!("plan file {}", a.file.display()))?;
     let plan = fleet::plan::plan(&pf.fleet, &pf.options);
+    if let Some(out) = &a.gantt {
+        write_gantt(&a.file, &pf, &plan, out)?;
+    }
     if a.json {
         let at = match &pf.deadline {
             Deadline::At { rfc3339, .. } => Some(rfc3339.as_str()),
@@ -55,12 +67,34 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
         super::outcome::print_report(&Report {
             file: a.file.display().to_string(),
             deadline_at: at,
+            gantt: a.gantt.as_ref().map(|p| p.display().to_string()),
             plan: &plan,
         })?;
     } else {
         print!("{}", render(&a.file.display().to_string(), &pf, &plan));
+        if let Some(out) = &a.gantt {
+            println!("\nGantt chart: {}", out.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the plan's Gantt chart to `out`.
+fn write_gantt(file: &Path, pf: &PlanFile, plan: &Plan, out: &Path) -> anyhow::Result<()> {
+    let name = file.file_name().map_or_else(
+        || file.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let title = match &pf.deadline {
+        Deadline::At { rfc3339, .. } => format!("Evacuation plan: {name}, power lost at {rfc3339}"),
+        Deadline::In(_) => format!("Evacuation plan: {name}"),
+    };
+    let timeline = Timeline::from_plan(plan, title);
+    let svg = render_svg(&timeline, &ChartOptions::default())
+        .with_context(|| format!("drawing the Gantt chart for {}", out.display()))?;
+    std::fs::write(out, svg)
+        .with_context(|| format!("writing the Gantt chart to {}", out.display()))?;
+    Ok(())
 }
 
 /// The text report.
