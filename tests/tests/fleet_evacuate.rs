@@ -234,8 +234,23 @@ fn three_vms_are_evacuated_in_the_planned_order_with_equal_memory() {
         .map(|p| (p.name.as_str(), "32M", p.port))
         .collect();
     let plan = plan_file(&certs, "orchestrator", "100M", &vms);
-    let (rc, r, err) = Orchestrator::start(&plan, &[]).wait();
+    let chart = plan.with_extension("run.svg");
+    let (rc, r, err) = Orchestrator::start(&plan, &["--gantt", chart.to_str().unwrap()]).wait();
     assert_eq!(rc, Some(0), "{err}\n{r}");
+    // The run's Gantt chart: a row per VM, measured bars over the plan's outlines.
+    assert_eq!(r["gantt"], chart.display().to_string(), "{r}");
+    let svg = std::fs::read_to_string(&chart).expect("the Gantt chart was written");
+    assert!(
+        svg.starts_with("<svg") || svg.starts_with("<?xml"),
+        "{svg:.200}"
+    );
+    for p in &pairs {
+        assert!(
+            svg.contains(&format!("\n{}\n", p.name)),
+            "no row for {}",
+            p.name
+        );
+    }
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["totals"]["done"], 3, "{r}");
     assert_eq!(r["totals"]["saved_by_deadline"], 3, "{r}");
@@ -307,7 +322,11 @@ fn a_source_killed_mid_evacuation_fails_alone() {
             ("vm-c", "32M", c.port),
         ],
     );
-    let o = Orchestrator::start(&plan, &["--silence-timeout", "2"]);
+    let chart = plan.with_extension("run.svg");
+    let o = Orchestrator::start(
+        &plan,
+        &["--silence-timeout", "2", "--gantt", chart.to_str().unwrap()],
+    );
     o.wait_event("started", "vm-b");
     let deadline = Instant::now() + TIMEOUT;
     while wan.counters().client_to_server.bytes < 1 << 20 {
@@ -338,6 +357,11 @@ fn a_source_killed_mid_evacuation_fails_alone() {
     );
     assert_eq!(r["totals"]["done"], 2, "{r}");
     assert_eq!(r["totals"]["failed"], 1, "{r}");
+    // A failed evacuation is drawn too (its row ends in a cross, its reason beside it).
+    let svg = std::fs::read_to_string(&chart).expect("the Gantt chart was written");
+    for name in ["vm-a", "vm-b", "vm-c"] {
+        assert!(svg.contains(&format!("\n{name}\n")), "no row for {name}");
+    }
     b.standby.kill();
     a.assert_evacuated();
     c.assert_evacuated();

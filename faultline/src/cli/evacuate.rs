@@ -44,6 +44,10 @@ pub struct EvacuateArgs {
     /// Print the final report as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also write the run as a Gantt chart (SVG) to this file: each VM's measured
+    /// start, switchover and finish (or failure), drawn over the plan it started with.
+    #[arg(long, value_name = "OUT.svg")]
+    pub gantt: Option<PathBuf>,
 }
 
 pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
@@ -68,11 +72,18 @@ pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let report = runtime.block_on(orchestrate(pf, setup, read_at, timeouts, &events))?;
+    let (report, first_plan) =
+        runtime.block_on(orchestrate(pf, setup, read_at, timeouts, &events))?;
     let ok = report.totals.failed == 0 && report.totals.not_finished == 0;
+    if let Some(out) = &a.gantt {
+        report::write_gantt(&a.plan, &report, &first_plan, out)?;
+    }
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         v["file"] = json!(a.plan.display().to_string());
+        if let Some(out) = &a.gantt {
+            v["gantt"] = json!(out.display().to_string());
+        }
         v["ok"] = json!(ok);
         if !ok {
             v["error"] = json!({ "message": report::failures(&report) });
@@ -111,7 +122,7 @@ async fn orchestrate(
     read_at: Instant,
     timeouts: Timeouts,
     events: &Events,
-) -> anyhow::Result<fleet::orchestrate::Report> {
+) -> anyhow::Result<(fleet::orchestrate::Report, fleet::plan::Plan)> {
     let n = pf.fleet.vms.len();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut starts: Vec<Option<mpsc::Sender<()>>> = (0..n).map(|_| None).collect();
@@ -266,7 +277,7 @@ async fn orchestrate(
     }
     let r = o.report();
     events.emit(json!({"event": "finished", "totals": r.totals}));
-    Ok(r)
+    Ok((r, o.first_plan().clone()))
 }
 
 fn handle(

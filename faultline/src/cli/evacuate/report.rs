@@ -163,3 +163,75 @@ pub fn render(file: &str, r: &Report) -> String {
     );
     s
 }
+
+/// Writes the run as a Gantt chart to `out`: the measured bars of every VM over the plan
+/// the orchestrator started with (docs/fleet.md, "The Gantt chart").
+pub(super) fn write_gantt(
+    file: &std::path::Path,
+    r: &fleet::orchestrate::Report,
+    first_plan: &fleet::plan::Plan,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use fleet::chart::{render_svg, ChartOptions, RunEnd, Timeline, VmRun};
+    use fleet::orchestrate::Phase;
+    let name = file.file_name().map_or_else(
+        || file.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let title = format!("Evacuation run: {name} (solid: measured; outlined: the plan)");
+    let weight = |vm: &str| {
+        first_plan
+            .vms
+            .iter()
+            .find(|p| p.name == vm)
+            .map_or(1.0, |p| p.weight)
+    };
+    let runs: Vec<VmRun> = r
+        .vms
+        .iter()
+        .map(|v| {
+            let m = &v.measured;
+            let end = match (v.outcome, m.finish_s) {
+                (Phase::Done, Some(at_s)) => Some(RunEnd::Finished { at_s }),
+                (Phase::Failed, at) => {
+                    at.or(m.switchover_s)
+                        .or(m.start_s)
+                        .map(|at_s| RunEnd::Failed {
+                            at_s,
+                            reason: v.error.clone().unwrap_or_else(|| "failed".into()),
+                        })
+                }
+                _ => None,
+            };
+            VmRun {
+                vm: v.name.clone(),
+                link: v.link.clone(),
+                priority: weight(&v.name),
+                started_s: m.start_s,
+                switchover_s: m.switchover_s,
+                end,
+            }
+        })
+        .collect();
+    let now_s = r
+        .vms
+        .iter()
+        .flat_map(|v| {
+            [
+                v.measured.start_s,
+                v.measured.switchover_s,
+                v.measured.finish_s,
+            ]
+        })
+        .flatten()
+        .fold(0.0_f64, f64::max);
+    let mut timeline = Timeline::from_runs(title, Some(r.deadline_s), now_s, &runs)
+        .with_context(|| format!("drawing the Gantt chart for {}", out.display()))?;
+    timeline.overlay_plan(&Timeline::from_plan(first_plan, String::new()));
+    let svg = render_svg(&timeline, &ChartOptions::default())
+        .with_context(|| format!("drawing the Gantt chart for {}", out.display()))?;
+    std::fs::write(out, svg)
+        .with_context(|| format!("writing the Gantt chart to {}", out.display()))?;
+    Ok(())
+}
