@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 use crate::model::{Fleet, InputError};
-use crate::plan::{self, Measured, Plan, PlanOptions, Status, VmMeasure, VmState};
+use crate::plan::{self, LinkMeasure, Measured, Plan, PlanOptions, Status, VmMeasure, VmState};
 
 /// Where one VM's evacuation is, as the orchestrator saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -68,7 +68,13 @@ pub struct Orchestration {
     tracks: Vec<Track>,
     first: Plan,
     current: Plan,
+    /// Per link, (time, bytes its evacuations had sent) at each replan while the flows
+    /// under way could fill it (see [`Orchestration::link_rate`]).
+    link_samples: Vec<std::collections::VecDeque<(f64, u64)>>,
 }
+
+/// A link's rate is measured over at least this many seconds of it being full.
+pub const LINK_RATE_WINDOW_S: f64 = 3.0;
 
 impl Orchestration {
     /// Plans at time 0. `fleet` holds the stale bytes and dirty rates measured now;
@@ -106,6 +112,7 @@ impl Orchestration {
         let mut o = Orchestration {
             first: p.clone(),
             current: p,
+            link_samples: vec![Default::default(); fleet.links.len()],
             fleet,
             opts,
             tracks,
@@ -133,14 +140,58 @@ impl Orchestration {
         self.tracks[vm].phase
     }
 
-    /// Plans again from what was measured by `now_s`.
+    /// Plans again from what was measured by `now_s` (and takes a sample of every link's
+    /// bytes for [`Orchestration::link_rate`]).
     pub fn replan(&mut self, now_s: f64) -> Result<(), InputError> {
+        self.sample_links(now_s);
         self.current = plan::replan(&self.fleet, &self.opts, &self.measured(now_s))?;
         Ok(())
     }
 
-    /// What was measured, for [`plan::replan`]. Link rates are not measured (the plan
-    /// file's stand).
+    /// Records, per link, the bytes its evacuations sent so far, while the transfers under
+    /// way could fill it (the sum of their flow caps reaches its rate). A link that could
+    /// not be full says nothing about its rate, so such a moment starts the window again.
+    fn sample_links(&mut self, now_s: f64) {
+        for (li, samples) in self.link_samples.iter_mut().enumerate() {
+            let on_link = |i: &usize| self.fleet.vms[*i].link == li;
+            let n = self.tracks.len();
+            let caps: f64 = (0..n)
+                .filter(on_link)
+                .filter(|&i| self.tracks[i].phase == Phase::Transferring)
+                .map(|i| self.fleet.flow_cap_bps(i))
+                .sum();
+            if caps < self.fleet.links[li].rate_bps as f64 {
+                samples.clear();
+                continue;
+            }
+            let sent: u64 = (0..n)
+                .filter(on_link)
+                .map(|i| self.tracks[i].bytes_sent)
+                .sum();
+            samples.push_back((now_s, sent));
+            // Keep one sample at least the window old.
+            while samples.len() > 2 && samples[1].0 <= now_s - LINK_RATE_WINDOW_S {
+                samples.pop_front();
+            }
+        }
+    }
+
+    /// The rate link `li` delivered, bits per second, over the last
+    /// [`LINK_RATE_WINDOW_S`] or more during which its transfers could fill it; `None`
+    /// until it was full that long. It counts the UDP bytes the sources sent (page data
+    /// and its overhead, as the link's rate does), so it is what a full link carries.
+    pub fn link_rate(&self, li: usize) -> Option<u64> {
+        let samples = self.link_samples.get(li)?;
+        let (&(t0, b0), &(t1, b1)) = (samples.front()?, samples.back()?);
+        if t1 - t0 < LINK_RATE_WINDOW_S || b1 <= b0 {
+            return None;
+        }
+        Some(((b1 - b0) as f64 * 8.0 / (t1 - t0)) as u64)
+    }
+
+    /// What was measured, for [`plan::replan`]: every VM's state and, for a link that
+    /// was full long enough, the rate it delivered ([`Orchestration::link_rate`]; the
+    /// others keep the plan file's).
     pub fn measured(&self, now_s: f64) -> Measured {
         let vms = self
             .tracks
@@ -170,11 +221,16 @@ impl Orchestration {
                 })
             })
             .collect();
-        Measured {
-            now_s,
-            links: Vec::new(),
-            vms,
-        }
+        let links = (0..self.fleet.links.len())
+            .filter_map(|li| {
+                Some(LinkMeasure {
+                    link: self.fleet.links[li].name.clone(),
+                    rate_bps: Some(self.link_rate(li)?),
+                    rtt: None,
+                })
+            })
+            .collect();
+        Measured { now_s, links, vms }
     }
 
     /// The VMs to start at `now_s`: on each link, in the latest plan's order, as many

@@ -136,3 +136,50 @@ fn a_vm_done_after_the_deadline_is_not_saved() {
     // Switchover not reported: it is taken to be at the finish.
     assert_eq!(r.vms[0].measured.switchover_s, Some(11.0));
 }
+
+#[test]
+fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
+    // Four VMs of 400 MB at once fill the 1 Gbit/s link (four flows of 312.5 Mbit/s), but
+    // it delivers only half: the sources' bytes grow by 62.5 MB a second.
+    let mut f = fleet(4);
+    for v in &mut f.vms {
+        v.stale_bytes = 400 * MB;
+        v.memory_bytes = 400 * MB;
+        v.working_set_bytes = 400 * MB;
+    }
+    let mut o = Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap();
+    let planned_finish = o.plan().totals.makespan_s;
+    for vm in 0..4 {
+        o.started(vm, 0.0);
+        o.progress(vm, 0.1, Some(400 * MB), 0);
+    }
+    assert_eq!(o.link_rate(0), None, "nothing measured yet");
+    for s in 1..=4u64 {
+        let sent = s * 62_500_000 / 4;
+        for vm in 0..4 {
+            o.progress(vm, s as f64, Some(400 * MB - sent), sent);
+        }
+        o.replan(s as f64).unwrap();
+        if s < 4 {
+            assert_eq!(o.link_rate(0), None, "only {s} s of samples");
+        }
+    }
+    let rate = o.link_rate(0).unwrap();
+    assert!((rate as f64 - 500e6).abs() < 1e6, "{rate}");
+    assert_eq!(o.measured(4.0).links[0].rate_bps, Some(rate));
+    // The 1,350 MB left (and 4% overhead) at the measured 500 Mbit/s: 22.5 s from now;
+    // at the plan file's 1 Gbit/s it would have been 11.2 s.
+    let makespan = o.plan().totals.makespan_s;
+    assert!(
+        makespan > 4.0 + 22.0,
+        "{makespan} (planned {planned_finish})"
+    );
+
+    // A link its transfers cannot fill (one VM left) tells nothing: the window restarts.
+    for vm in 1..4 {
+        o.done(vm, 4.5, 62_500_000, None);
+    }
+    o.replan(5.0).unwrap();
+    assert_eq!(o.link_rate(0), None);
+    assert!(o.measured(5.0).links.is_empty());
+}
