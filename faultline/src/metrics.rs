@@ -35,7 +35,7 @@ const RATE_WINDOW: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     /// The address could not be bound (in use, not local, no permission).
-    #[error("--metrics-listen {addr}: cannot listen for metrics scrapes there: {source}")]
+    #[error("--metrics-listen {addr}: cannot listen for metrics scrapes there")]
     Bind {
         addr: SocketAddr,
         #[source]
