@@ -467,6 +467,14 @@ pub fn free_udp_port() -> u16 {
         .expect("a free port")
 }
 
+/// A free TCP port on loopback (bound and released; fine for tests on one machine).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// A replica directory on tmpfs, removed on drop.
 pub struct ShmDir(pub PathBuf);
 

@@ -454,13 +454,20 @@ impl Listener {
                     .progress
                     .clone()
                     .map(|f| crate::progress::spawn_ticker(f, sample.clone()));
+                sink.session_started(conns.clone());
+                let follower = conns.follower();
+                let sink3 = sink.clone();
                 let recovery = quic::DestRecovery {
                     incoming: Some(&mut *acceptor),
                     recover_timeout: opts.recover_timeout,
-                    on_connection: Some(conns.follower()),
+                    on_connection: Some(Arc::new(move |c: &quic::Connection| {
+                        sink3.session_reconnected();
+                        follower(c);
+                    })),
                 };
                 let r = quic::run_dest_recovering(conn, session, sink.clone(), rx, hooks, recovery)
                     .await;
+                sink.session_ended(r.as_ref().ok().map(|rep| rep.outages.pauses));
                 if let Some(t) = ticker {
                     t.abort();
                 }

@@ -72,6 +72,12 @@ impl Connections {
         }
     }
 
+    /// Whether the current connection is still open.
+    pub(crate) fn is_open(&self) -> bool {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.close_reason().is_none()
+    }
+
     /// A callback that follows the session's new connections.
     pub(crate) fn follower(self: &std::sync::Arc<Self>) -> transport::quic::OnConnection {
         let me = self.clone();

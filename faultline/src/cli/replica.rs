@@ -4,12 +4,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use faultline::image::SourceImage;
+use faultline::metrics::{
+    EvacuationState, Exporter, ReplicateMetrics, ReplicateSample, StandbyMetrics, StandbySample,
+};
 use faultline::workload::{
     dirty_fraction, move_fraction, Mutator, Pattern, Workload, WorkloadReport,
 };
@@ -19,7 +22,7 @@ use uffd_core::{open_tracker, DiskTier, MemoryTier, TrackerChoice};
 use vmm_shim::digest::digest_all;
 use vmm_shim::replica::{
     evacuate_with_disks, EvacuationReport, Replica, ReplicationSummary, Replicator,
-    ReplicatorOptions, StandbySink,
+    ReplicatorOptions, ReplicatorStats, StandbySink,
 };
 use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
 
@@ -116,6 +119,10 @@ pub struct ReplicateArgs {
     /// source --no-early-push`).
     #[arg(long)]
     pub no_early_push: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0:
+    /// any, logged). Off by default. See docs/operations.md#metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub disk: SourceDiskArgs,
     #[command(flatten)]
@@ -148,6 +155,10 @@ pub struct StandbyArgs {
     /// pauses and reconnects meanwhile; docs/recovery.md). Without it, no limit.
     #[arg(long, value_name = "SECS")]
     pub recover_timeout: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0:
+    /// any, logged). Off by default. See docs/operations.md#metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub disk: ReceiveDiskArgs,
     #[command(flatten)]
@@ -213,6 +224,42 @@ pub(super) fn epoch() -> u64 {
     (t ^ (u64::from(std::process::id()) << 32)) | 1
 }
 
+/// Logs where metrics are served (tests read the line for the port).
+fn log_metrics(e: &Exporter) {
+    eprintln!("metrics listening on http://{}/metrics", e.local_addr());
+}
+
+/// `replicate --metrics-listen`: the exporter, bound before anything starts, and the
+/// metrics it serves. The replicator's live counters are read once they exist (`stats`).
+fn replicate_metrics(
+    addr: SocketAddr,
+    vm_id: &str,
+    budget_bytes_per_sec: u64,
+    stats: Arc<OnceLock<Arc<ReplicatorStats>>>,
+) -> anyhow::Result<(Exporter, ReplicateMetrics)> {
+    let (m, registry) = ReplicateMetrics::new(vm_id, budget_bytes_per_sec);
+    let m2 = m.clone();
+    let every = Some(faultline::metrics::SAMPLE_INTERVAL);
+    let exporter = Exporter::start(addr, registry, every, move || {
+        if let Some(s) = stats.get() {
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            m2.update(
+                &ReplicateSample {
+                    stale_pages: get(&s.stale_pages),
+                    pages_sent: get(&s.pages_sent),
+                    pages_acked: get(&s.pages_acked),
+                    link_bytes_sent: s.link.sent(),
+                    pauses: get(&s.pauses),
+                    connected: s.connected.load(Ordering::Relaxed),
+                },
+                Instant::now(),
+            );
+        }
+    })?;
+    log_metrics(&exporter);
+    Ok((exporter, m))
+}
+
 pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
     // First: the orchestrator may ask for the status while the guest is being set up.
@@ -231,6 +278,12 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
+    let budget_bytes_per_sec = (a.budget_mbps * 1e6 / 8.0) as u64;
+    let live_stats: Arc<OnceLock<Arc<ReplicatorStats>>> = Arc::default();
+    let metrics = a
+        .metrics_listen
+        .map(|addr| replicate_metrics(addr, &a.vm_id, budget_bytes_per_sec, live_stats.clone()))
+        .transpose()?;
     let image = SourceImage::synthetic(a.synthetic, a.seed)?;
     let region = image
         .host_region()
@@ -250,7 +303,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         peer_cert: peer.clone(),
         vm_id: a.vm_id.clone(),
         epoch,
-        budget_bytes_per_sec: (a.budget_mbps * 1e6 / 8.0) as u64,
+        budget_bytes_per_sec,
         interval: Duration::from_millis(20),
         connect_timeout: Duration::from_secs(30),
         recover_timeout: a.recover_timeout.map(Duration::from_secs),
@@ -263,6 +316,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let replicated = disks.replicated();
     let replicator =
         Replicator::start_with_disks(&regions, &replicated, layout.clone(), tracker, opts)?;
+    let _ = live_stats.set(replicator.stats_handle());
     let mutator = Mutator::start(&regions, a.writers, a.seed, a.hot_pct / 100.0, a.write_rate);
     let disk_writers = DiskWriters::start(&disks, a.disk.disk_write_rate, a.seed);
     let evacuate_after = match (a.evacuate_after, &control) {
@@ -310,6 +364,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             disks: &disks,
             replicated: &replicated,
             control: control.as_ref(),
+            metrics: metrics.as_ref().map(|(_, m)| m),
         },
     );
     if let Some(c) = control {
@@ -359,6 +414,7 @@ struct Evacuation<'a> {
     disks: &'a SourceDisks,
     replicated: &'a [vmm_shim::disks::ReplicatedDisk],
     control: Option<&'a ControlServer>,
+    metrics: Option<&'a ReplicateMetrics>,
 }
 
 /// Pauses the guest, stops replication and evacuates into the standby.
@@ -380,6 +436,7 @@ fn evacuate(
         disks,
         replicated,
         control,
+        metrics,
     } = e;
     // Pause the guest: from here its memory is what the destination must end up with.
     let writers = mutator.stop();
@@ -436,6 +493,21 @@ fn evacuate(
     // SAFETY: the mutator is stopped and the last host writes (dirty_fraction) are done:
     // nothing writes the image while it is evacuated.
     let memory = unsafe { vmm_shim::replica::PausedMemory::new(regions) }?;
+    let publish: vmm_shim::ProgressFn = match control {
+        Some(c) => progress_to(c.publisher(), stale_pages),
+        None => super::outcome::recorder(),
+    };
+    let progress: vmm_shim::ProgressFn = match metrics {
+        Some(m) => {
+            m.set_evacuation(EvacuationState::Evacuating);
+            let m = m.clone();
+            Arc::new(move |p: vmm_shim::Progress| {
+                m.evacuation_sent(p.bytes_sent);
+                publish(p);
+            })
+        }
+        None => publish,
+    };
     let evacuation = evacuate_with_disks(
         memory,
         replicated,
@@ -452,14 +524,19 @@ fn evacuate(
             encoding: a.encoding.policy(),
             early_push: !a.no_early_push,
             stopper: super::stopper(),
-            progress: Some(match control {
-                Some(c) => progress_to(c.publisher(), stale_pages),
-                None => super::outcome::recorder(),
-            }),
+            progress: Some(progress),
             recover_timeout: a.recover_timeout.map(Duration::from_secs),
         },
         None,
-    )?;
+    );
+    if let Some(m) = metrics {
+        m.set_evacuation(if evacuation.is_ok() {
+            EvacuationState::Done
+        } else {
+            EvacuationState::Failed
+        });
+    }
+    let evacuation = evacuation?;
     Ok(ReplicateOutput {
         vm_id: a.vm_id.clone(),
         memory_bytes: a.synthetic,
@@ -540,8 +617,36 @@ impl DirtyRate {
     }
 }
 
+/// `standby --metrics-listen`: the exporter, bound before anything starts, and reading
+/// the standby's live figures once its sink exists (`sink`).
+fn standby_metrics(
+    addr: SocketAddr,
+    vm_id: &str,
+    sink: Arc<OnceLock<Arc<StandbySink>>>,
+) -> anyhow::Result<Exporter> {
+    let (m, registry) = StandbyMetrics::new(vm_id);
+    let exporter = Exporter::start(addr, registry, None, move || {
+        if let Some(s) = sink.get() {
+            m.update(&StandbySample {
+                pages: s.memory_pages(),
+                valid_pages: s.valid_pages(),
+                bytes_received: s.bytes_received(),
+                pauses: s.pauses(),
+                connected: s.is_connected(),
+            });
+        }
+    })?;
+    log_metrics(&exporter);
+    Ok(exporter)
+}
+
 pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
+    let live_sink: Arc<OnceLock<Arc<StandbySink>>> = Arc::default();
+    let _metrics = a
+        .metrics_listen
+        .map(|addr| standby_metrics(addr, &a.vm_id, live_sink.clone()))
+        .transpose()?;
     // Bind first: a port in use must not leave a replica created (or a 16 MiB file) behind.
     let mut listener = Listener::bind(DestOptions {
         listen: a.listen,
@@ -585,6 +690,7 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
             l.with_disk(n.clone(), *size)
         });
     let sink = Arc::new(StandbySink::with_disks(replica, disk_replicas));
+    let _ = live_sink.set(sink.clone());
     let addr = listener.local_addr()?;
     if a.progress {
         emit_event(serde_json::json!({

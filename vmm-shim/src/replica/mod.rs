@@ -7,5 +7,7 @@ pub mod standby;
 
 pub use evacuate::{evacuate, evacuate_with_disks, EvacuationReport, PausedMemory};
 pub use ledger::Ledger;
-pub use replicator::{ReplicationSummary, Replicator, ReplicatorOptions, ReplicatorState};
+pub use replicator::{
+    LinkBytes, ReplicationSummary, Replicator, ReplicatorOptions, ReplicatorState, ReplicatorStats,
+};
 pub use standby::{EvacuationStats, Replica, StandbySink};

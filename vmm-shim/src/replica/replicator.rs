@@ -95,6 +95,49 @@ pub struct ReplicatorStats {
     /// Page bytes sent again at the version they were in flight at when a connection was
     /// lost, as of the last round.
     pub bytes_resent: AtomicU64,
+    /// Whether a connection to the standby is up and the session runs on it (not paused).
+    pub connected: AtomicBool,
+    /// UDP bytes sent to the standby so far, live (see [`LinkBytes::sent`]).
+    pub link: LinkBytes,
+}
+
+/// UDP bytes the replicator sent over all its connections, readable while it runs: the
+/// connections of sessions that ended, plus the current session's so far.
+#[derive(Default)]
+pub struct LinkBytes {
+    ended: AtomicU64,
+    current: std::sync::Mutex<Option<Arc<crate::progress::Connections>>>,
+}
+
+impl std::fmt::Debug for LinkBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkBytes")
+            .field("sent", &self.sent())
+            .finish()
+    }
+}
+
+impl LinkBytes {
+    /// UDP bytes sent so far, over every connection of every session (QUIC headers,
+    /// acknowledgements and retransmissions included).
+    pub fn sent(&self) -> u64 {
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |c| c.sample(None, 0).bytes_sent);
+        self.ended.load(Ordering::Relaxed) + current
+    }
+
+    /// A new session runs on `conns`; the previous session's bytes are kept.
+    fn follow(&self, conns: Arc<crate::progress::Connections>) {
+        let mut g = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = g.replace(conns) {
+            self.ended
+                .fetch_add(old.sample(None, 0).bytes_sent, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A snapshot of [`ReplicatorStats`].
@@ -266,6 +309,12 @@ impl Replicator {
     /// The live counters.
     pub fn stats(&self) -> &ReplicatorStats {
         &self.stats
+    }
+
+    /// The live counters, shared: for a reader that outlives this borrow (a metrics
+    /// exporter's thread). They stay readable after the replicator stops.
+    pub fn stats_handle(&self) -> Arc<ReplicatorStats> {
+        self.stats.clone()
     }
 
     /// Pages whose current version the standby has not acknowledged (as of the last round).
@@ -493,6 +542,7 @@ impl SessionsEnded {
         } = l;
         drop(updates);
         let result = rt.block_on(driver);
+        stats.connected.store(false, Ordering::Relaxed);
         while let Ok(ev) = events.try_recv() {
             apply(ledger, ev, stats, &mut paused);
         }
@@ -547,9 +597,13 @@ fn apply(ledger: &mut Ledger, ev: ReplicationEvent, stats: &ReplicatorStats, pau
             // dropped by the driver.
             ledger.forget_in_flight();
             stats.pauses.fetch_add(1, Ordering::Relaxed);
+            stats.connected.store(false, Ordering::Relaxed);
             *paused = true;
         }
-        ReplicationEvent::Resumed => *paused = false,
+        ReplicationEvent::Resumed => {
+            stats.connected.store(true, Ordering::Relaxed);
+            *paused = false;
+        }
     }
 }
 
@@ -598,6 +652,9 @@ fn connect(
         }
     };
     stats.connections.fetch_add(1, Ordering::Relaxed);
+    stats.connected.store(true, Ordering::Relaxed);
+    let conns = crate::progress::Connections::new(&conn);
+    stats.link.follow(conns.clone());
     let session = SourceSession::new(SourceConfig {
         kind: SessionKind::Replicate,
         epoch: opts.epoch,
@@ -609,8 +666,9 @@ fn connect(
         addr: opts.connect,
         recover_timeout: opts.recover_timeout,
         stopped: None,
-        on_connection: Some(Arc::new(move |_: &quic::Connection| {
+        on_connection: Some(Arc::new(move |c: &quic::Connection| {
             counted.connections.fetch_add(1, Ordering::Relaxed);
+            conns.replace(c);
         })),
     };
     // A few batches in flight keep the link busy without buffering much stale data.

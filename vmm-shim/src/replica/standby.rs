@@ -82,6 +82,18 @@ pub struct StandbySink {
     disks: Vec<StandbyDisk>,
     /// The disks being served, from the switchover on.
     live_disks: OnceLock<(Vec<DestDisk>, Arc<DiskSet>)>,
+    /// Page bytes of replication stored (raw page size), sent again or not.
+    bytes_received: AtomicU64,
+    /// The session running now, for the live figures.
+    link: SessionLink,
+}
+
+/// The connections of the session a standby runs now, and the pauses of those that ended.
+#[derive(Default)]
+struct SessionLink {
+    pauses_ended: AtomicU64,
+    /// The current session's connections and how many times it moved to a new one.
+    current: Mutex<Option<(Arc<crate::progress::Connections>, u64)>>,
 }
 
 /// One disk's replica at a standby: a replica store of its 4 KiB blocks, whose image file
@@ -153,6 +165,57 @@ impl StandbySink {
             switchover: OnceLock::new(),
             completed: OnceLock::new(),
             total_pages,
+            bytes_received: AtomicU64::new(0),
+            link: SessionLink::default(),
+        }
+    }
+
+    /// Pages of guest memory the replica is for (the disks' blocks not included).
+    pub fn memory_pages(&self) -> u64 {
+        self.total_pages
+    }
+
+    /// Page bytes of replication received and stored so far (raw page size; a page sent
+    /// again after a lost connection counts again).
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_received.load(Ordering::Relaxed)
+    }
+
+    /// Whether a session (replication or evacuation) runs on a live connection now.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.link.current)
+            .as_ref()
+            .is_some_and(|(c, _)| c.is_open())
+    }
+
+    /// Times a session's connection was lost and the session paused: those of the sessions
+    /// that ended, the current session's reconnections, and 1 while it is paused now.
+    pub fn pauses(&self) -> u64 {
+        let now = lock(&self.link.current)
+            .as_ref()
+            .map_or(0, |(c, n)| n + u64::from(!c.is_open()));
+        self.link.pauses_ended.load(Ordering::Relaxed) + now
+    }
+
+    /// A session starts on `conns` (see [`StandbySink::pauses`]).
+    pub(crate) fn session_started(&self, conns: Arc<crate::progress::Connections>) {
+        *lock(&self.link.current) = Some((conns, 0));
+    }
+
+    /// The current session moved to a new connection after a pause.
+    pub(crate) fn session_reconnected(&self) {
+        if let Some((_, n)) = lock(&self.link.current).as_mut() {
+            *n += 1;
+        }
+    }
+
+    /// The current session ended, having paused `pauses` times (its report's count; `None`
+    /// when it failed without one, then its reconnections count).
+    pub(crate) fn session_ended(&self, pauses: Option<u64>) {
+        if let Some((_, n)) = lock(&self.link.current).take() {
+            self.link
+                .pauses_ended
+                .fetch_add(pauses.unwrap_or(n).max(n), Ordering::Relaxed);
         }
     }
 
@@ -443,6 +506,8 @@ impl PageSink for StandbySink {
         if end > self.session_pages() {
             return Err(SinkError(format!("pages up to {end} are past the replica")));
         }
+        self.bytes_received
+            .fetch_add((versions.len() * PAGE_SIZE) as u64, Ordering::Relaxed);
         let mut acks = lock(&self.pending_acks);
         acks.extend(
             versions
