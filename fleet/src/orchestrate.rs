@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 use crate::model::{Fleet, InputError};
-use crate::plan::{self, Measured, Plan, PlanOptions, Status, VmMeasure, VmState};
+use crate::plan::{self, Measured, Plan, PlanOptions, Policy, Status, VmMeasure, VmState};
 
 /// Where one VM's evacuation is, as the orchestrator saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -68,6 +68,7 @@ pub struct Orchestration {
     tracks: Vec<Track>,
     first: Plan,
     current: Plan,
+    policy: Policy,
 }
 
 impl Orchestration {
@@ -77,6 +78,18 @@ impl Orchestration {
         fleet: Fleet,
         opts: PlanOptions,
         failed: &[(usize, String)],
+    ) -> Result<Orchestration, InputError> {
+        Self::with_policy(fleet, opts, failed, Policy::Planner)
+    }
+
+    /// [`Orchestration::new`], following `policy`: the planner's schedule, or one of the
+    /// baselines (every plan and re-plan is then that baseline's, see
+    /// [`plan::plan_with`]).
+    pub fn with_policy(
+        fleet: Fleet,
+        opts: PlanOptions,
+        failed: &[(usize, String)],
+        policy: Policy,
     ) -> Result<Orchestration, InputError> {
         let tracks = fleet
             .vms
@@ -102,13 +115,14 @@ impl Orchestration {
                 }
             })
             .collect();
-        let p = plan::plan(&fleet, &opts);
+        let p = plan::plan_with(&fleet, &opts, policy);
         let mut o = Orchestration {
             first: p.clone(),
             current: p,
             fleet,
             opts,
             tracks,
+            policy,
         };
         o.replan(0.0)?;
         o.first = o.current.clone();
@@ -129,13 +143,19 @@ impl Orchestration {
         &self.current
     }
 
+    /// Which schedule it follows.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
     pub fn phase(&self, vm: usize) -> Phase {
         self.tracks[vm].phase
     }
 
     /// Plans again from what was measured by `now_s`.
     pub fn replan(&mut self, now_s: f64) -> Result<(), InputError> {
-        self.current = plan::replan(&self.fleet, &self.opts, &self.measured(now_s))?;
+        self.current =
+            plan::replan_with(&self.fleet, &self.opts, &self.measured(now_s), self.policy)?;
         Ok(())
     }
 

@@ -136,3 +136,26 @@ fn a_vm_done_after_the_deadline_is_not_saved() {
     // Switchover not reported: it is taken to be at the finish.
     assert_eq!(r.vms[0].measured.switchover_s, Some(11.0));
 }
+
+#[test]
+fn the_baselines_start_as_they_say() {
+    let opts = PlanOptions::new(3600.0);
+    // Largest first in the fleet's order, so that smallest first has to reorder.
+    let mut f = fleet(5);
+    f.vms.reverse();
+    let all = Orchestration::with_policy(f.clone(), opts.clone(), &[], Policy::AllAtOnce).unwrap();
+    let mut due = all.due(0.0);
+    due.sort_unstable();
+    assert_eq!(due, vec![0, 1, 2, 3, 4], "every VM at once");
+    assert_eq!(all.plan().links[0].policy, "all_at_once");
+
+    let mut one = Orchestration::with_policy(f, opts, &[], Policy::SmallestFirst).unwrap();
+    assert_eq!(one.due(0.0), vec![4], "the smallest, alone");
+    one.started(4, 0.0);
+    assert!(one.due(0.1).is_empty());
+    one.done(4, 1.0, 100 * MB, None);
+    // Re-planning keeps the baseline: the next smallest, still alone.
+    one.replan(1.0).unwrap();
+    assert_eq!(one.due(1.0), vec![3]);
+    assert_eq!(one.plan().schedule.links[0].concurrency, 1);
+}
