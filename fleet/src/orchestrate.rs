@@ -7,7 +7,9 @@
 use serde::Serialize;
 
 use crate::model::{Fleet, InputError};
-use crate::plan::{self, LinkMeasure, Measured, Plan, PlanOptions, Status, VmMeasure, VmState};
+use crate::plan::{
+    self, LinkMeasure, Measured, Plan, PlanOptions, Policy, Status, VmMeasure, VmState,
+};
 
 /// Where one VM's evacuation is, as the orchestrator saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -71,6 +73,7 @@ pub struct Orchestration {
     /// Per link, (time, bytes its evacuations had sent) at each replan while the flows
     /// under way could fill it (see [`Orchestration::link_rate`]).
     link_samples: Vec<std::collections::VecDeque<(f64, u64)>>,
+    policy: Policy,
 }
 
 /// A link's rate is measured over at least this many seconds of it being full.
@@ -83,6 +86,18 @@ impl Orchestration {
         fleet: Fleet,
         opts: PlanOptions,
         failed: &[(usize, String)],
+    ) -> Result<Orchestration, InputError> {
+        Self::with_policy(fleet, opts, failed, Policy::Planner)
+    }
+
+    /// [`Orchestration::new`], following `policy`: the planner's schedule, or one of the
+    /// baselines (every plan and re-plan is then that baseline's, see
+    /// [`plan::plan_with`]).
+    pub fn with_policy(
+        fleet: Fleet,
+        opts: PlanOptions,
+        failed: &[(usize, String)],
+        policy: Policy,
     ) -> Result<Orchestration, InputError> {
         let tracks = fleet
             .vms
@@ -108,7 +123,7 @@ impl Orchestration {
                 }
             })
             .collect();
-        let p = plan::plan(&fleet, &opts);
+        let p = plan::plan_with(&fleet, &opts, policy);
         let mut o = Orchestration {
             first: p.clone(),
             current: p,
@@ -116,6 +131,7 @@ impl Orchestration {
             fleet,
             opts,
             tracks,
+            policy,
         };
         o.replan(0.0)?;
         o.first = o.current.clone();
@@ -136,6 +152,11 @@ impl Orchestration {
         &self.current
     }
 
+    /// Which schedule it follows.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
     pub fn phase(&self, vm: usize) -> Phase {
         self.tracks[vm].phase
     }
@@ -144,7 +165,8 @@ impl Orchestration {
     /// bytes for [`Orchestration::link_rate`]).
     pub fn replan(&mut self, now_s: f64) -> Result<(), InputError> {
         self.sample_links(now_s);
-        self.current = plan::replan(&self.fleet, &self.opts, &self.measured(now_s))?;
+        self.current =
+            plan::replan_with(&self.fleet, &self.opts, &self.measured(now_s), self.policy)?;
         Ok(())
     }
 

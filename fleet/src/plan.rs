@@ -225,11 +225,44 @@ fn empty_schedule(fleet: &Fleet) -> Vec<LinkSchedule> {
         .collect()
 }
 
+/// Which schedule a plan follows: the planner's choice, or one of the two baselines (for
+/// comparing them with real runs: `faultline evacuate --schedule`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// The best of the planner's candidates (the baselines among them).
+    #[default]
+    Planner,
+    /// [`all_at_once`]: every VM at once, fair sharing.
+    AllAtOnce,
+    /// [`one_at_a_time_smallest_first`]: one VM per link at a time, smallest stale bytes
+    /// first (re-planning sorts the waiting VMs by their stale bytes then).
+    SmallestFirst,
+}
+
+impl Policy {
+    /// The candidate's name this policy keeps; `None`: any.
+    fn only(self) -> Option<&'static str> {
+        match self {
+            Policy::Planner => None,
+            Policy::AllAtOnce => Some("all_at_once"),
+            Policy::SmallestFirst => Some("one_at_a_time_smallest_first"),
+        }
+    }
+}
+
 /// Plans the evacuation of `fleet` from its start (every VM waiting).
 pub fn plan(fleet: &Fleet, opts: &PlanOptions) -> Plan {
+    plan_with(fleet, opts, Policy::Planner)
+}
+
+/// [`plan`], following `policy`: with a baseline the plan is that baseline's schedule
+/// (its predicted timeline, totals and verdicts), not the planner's choice.
+pub fn plan_with(fleet: &Fleet, opts: &PlanOptions, policy: Policy) -> Plan {
     let state = State {
         initial: Vec::new(),
         settled: vec![None; fleet.vms.len()],
+        policy,
     };
     plan_from(fleet, opts, &state, 0.0)
 }
@@ -284,6 +317,17 @@ pub enum VmState {
 /// Pure: the orchestrator calls it every second. Times in the plan are from the
 /// evacuation's start, like `measured.now_s`.
 pub fn replan(fleet: &Fleet, opts: &PlanOptions, measured: &Measured) -> Result<Plan, InputError> {
+    replan_with(fleet, opts, measured, Policy::Planner)
+}
+
+/// [`replan`], following `policy` (see [`plan_with`]): the VMs under way continue, the
+/// waiting ones are ordered as the baseline orders them.
+pub fn replan_with(
+    fleet: &Fleet,
+    opts: &PlanOptions,
+    measured: &Measured,
+    policy: Policy,
+) -> Result<Plan, InputError> {
     let now = measured.now_s;
     if !(now.is_finite() && now >= 0.0) {
         return Err(Entry::Top.problem(Problem::Other(format!(
@@ -314,6 +358,7 @@ pub fn replan(fleet: &Fleet, opts: &PlanOptions, measured: &Measured) -> Result<
     let mut state = State {
         initial: vec![Phase::Waiting; fleet.vms.len()],
         settled: vec![None; fleet.vms.len()],
+        policy,
     };
     for m in &measured.vms {
         let i = fleet.vm_index(&m.vm).ok_or_else(|| {
@@ -362,6 +407,8 @@ struct State {
     initial: Vec<Phase>,
     /// VMs already done or failed, with when they finished.
     settled: Vec<Option<(Status, f64)>>,
+    /// Which schedules may be chosen.
+    policy: Policy,
 }
 
 /// One candidate schedule for a link, and how it did against the margin.
@@ -529,7 +576,10 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
         let prefix: Vec<usize> = running.iter().chain(&pinned).copied().collect();
         let fixed = prefix.len();
 
-        let candidates = candidates(fleet, li, &prefix, &rest, margin);
+        let mut candidates = candidates(fleet, li, &prefix, &rest, margin);
+        if let Some(only) = state.policy.only() {
+            candidates.retain(|c| c.policy == only);
+        }
         let mut best: Option<(Score, Candidate)> = None;
         for mut c in candidates {
             let mut score = lp.score(&c.schedule);

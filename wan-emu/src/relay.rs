@@ -398,6 +398,8 @@ pub struct WanEmulator {
     upstream: SocketAddr,
     threads: Vec<JoinHandle<()>>,
     config: Mutex<WanConfig>,
+    /// The senders' queues, for the receivers of [`WanEmulator::add_route`].
+    inboxes: (Arc<Inbox>, Arc<Inbox>),
 }
 
 impl std::fmt::Debug for WanEmulator {
@@ -452,9 +454,10 @@ impl WanEmulator {
             upstream,
             threads: Vec::new(),
             config: Mutex::new(cfg),
+            inboxes: (Arc::new(Inbox::new()), Arc::new(Inbox::new())),
         };
         // On an error below, dropping `emu` stops whatever already started.
-        let (c2s, s2c) = (Arc::new(Inbox::new()), Arc::new(Inbox::new()));
+        let (c2s, s2c) = emu.inboxes.clone();
         for (name, dir, inbox) in [
             ("wan-c2s-tx", Direction::ClientToServer, c2s.clone()),
             ("wan-s2c-tx", Direction::ServerToClient, s2c.clone()),
@@ -474,6 +477,37 @@ impl WanEmulator {
         emu.threads
             .push(spawn("wan-c2s-rx", move || receiver.run())?);
         Ok(emu)
+    }
+
+    /// Also relays between whoever sends to `listen` and another server, `upstream`,
+    /// through the **same** links: every route shares each direction's rate, queue, delay,
+    /// loss and cuts, as flows to several servers behind one bottleneck do. Returns the
+    /// address clients of this route send to. Counters count all routes together.
+    pub fn add_route(
+        &mut self,
+        listen: SocketAddr,
+        upstream: SocketAddr,
+    ) -> Result<SocketAddr, WanError> {
+        if upstream.ip().is_unspecified() || upstream.port() == 0 {
+            return Err(WanError::BadUpstream(upstream));
+        }
+        let sock = sys::bind_udp(listen).map_err(|source| WanError::Bind {
+            addr: listen,
+            source,
+        })?;
+        set_timeouts(&sock).map_err(WanError::Socket)?;
+        let local = sock.local_addr().map_err(WanError::Socket)?;
+        let receiver = ClientReceiver {
+            shared: self.shared.clone(),
+            listen: Arc::new(sock),
+            upstream,
+            c2s: self.inboxes.0.clone(),
+            s2c: self.inboxes.1.clone(),
+            flows: HashMap::new(),
+        };
+        self.threads
+            .push(spawn("wan-c2s-rx", move || receiver.run())?);
+        Ok(local)
     }
 
     /// The address clients send to.

@@ -1012,3 +1012,37 @@ mod quinn_through_the_relay {
         }
     }
 }
+
+#[test]
+fn routes_to_two_servers_share_one_rate() {
+    let (a, b) = (Sink::start(), Sink::start());
+    let rate = 40_000_000;
+    let link = LinkConfig::delayed(5 * MS)
+        .with_rate(rate)
+        .with_queue_bytes(8 << 20);
+    let mut wan = WanEmulator::start(localhost(), a.addr, link).unwrap();
+    let to_b = wan.add_route(localhost(), b.addr).unwrap();
+    assert_ne!(to_b, wan.local_addr());
+    let client = socket();
+    let n = 1667u64; // 2 MB to each: 0.8 s for both at 40 Mbit/s, 0.4 s if not shared.
+    for i in 0..n {
+        client
+            .send_to(&datagram(i, 1200), wan.local_addr())
+            .unwrap();
+        client.send_to(&datagram(i, 1200), to_b).unwrap();
+    }
+    assert!(wait_until(5000 * MS, || a.count() == n as usize
+        && b.count() == n as usize));
+    let (ga, gb) = (a.finish(), b.finish());
+    let first = ga[0].at.min(gb[0].at);
+    let last = ga[n as usize - 1].at.max(gb[n as usize - 1].at);
+    let span = Duration::from_nanos(last - first);
+    let ideal = Duration::from_nanos((2 * n - 1) * 1200 * 8 * 1_000_000_000 / rate);
+    assert!(
+        span > ideal.mul_f64(0.85) && span < ideal.mul_f64(1.15),
+        "both arrived over {span:?}, the shared rate needs {ideal:?}"
+    );
+    let c = wan.counters();
+    assert_eq!(c.client_to_server.packets, 2 * n);
+    assert_eq!(c.clients, 2);
+}

@@ -15,9 +15,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use fleet::control::{EvacState, Status};
 use fleet::orchestrate::{Orchestration, Phase};
+use fleet::plan::Policy;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -48,6 +49,27 @@ pub struct EvacuateArgs {
     /// start, switchover and finish (or failure), drawn over the plan it started with.
     #[arg(long, value_name = "OUT.svg")]
     pub gantt: Option<PathBuf>,
+    /// Which schedule to follow: the planner's, or a baseline to compare it with (every VM
+    /// at once; one at a time per link, smallest stale bytes first).
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Planner)]
+    pub schedule: ScheduleArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    Planner,
+    AllAtOnce,
+    SmallestFirst,
+}
+
+impl From<ScheduleArg> for Policy {
+    fn from(s: ScheduleArg) -> Policy {
+        match s {
+            ScheduleArg::Planner => Policy::Planner,
+            ScheduleArg::AllAtOnce => Policy::AllAtOnce,
+            ScheduleArg::SmallestFirst => Policy::SmallestFirst,
+        }
+    }
 }
 
 pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
@@ -72,8 +94,9 @@ pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let policy = Policy::from(a.schedule);
     let (report, first_plan) =
-        runtime.block_on(orchestrate(pf, setup, read_at, timeouts, &events))?;
+        runtime.block_on(orchestrate(pf, setup, read_at, timeouts, policy, &events))?;
     let ok = report.totals.failed == 0 && report.totals.not_finished == 0;
     if let Some(out) = &a.gantt {
         report::write_gantt(&a.plan, &report, &first_plan, out)?;
@@ -84,6 +107,7 @@ pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
         if let Some(out) = &a.gantt {
             v["gantt"] = json!(out.display().to_string());
         }
+        v["schedule"] = json!(policy);
         v["ok"] = json!(ok);
         if !ok {
             v["error"] = json!({ "message": report::failures(&report) });
@@ -121,6 +145,7 @@ async fn orchestrate(
     setup: plan_file::Setup,
     read_at: Instant,
     timeouts: Timeouts,
+    policy: Policy,
     events: &Events,
 ) -> anyhow::Result<(fleet::orchestrate::Report, fleet::plan::Plan)> {
     let n = pf.fleet.vms.len();
@@ -210,9 +235,10 @@ async fn orchestrate(
     let t0 = Instant::now();
     let mut opts = pf.options.clone();
     opts.deadline_s -= t0.duration_since(read_at).as_secs_f64();
-    let mut o = Orchestration::new(fleet, opts, &unreachable)?;
+    let mut o = Orchestration::with_policy(fleet, opts, &unreachable, policy)?;
     events.emit(json!({
         "event": "planned",
+        "schedule": policy,
         "deadline_s": o.plan().deadline_s,
         "vms": o.plan().vms.iter().map(|v| json!({
             "vm": v.name, "order": v.order, "start_s": v.start_s,

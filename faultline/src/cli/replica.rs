@@ -336,8 +336,15 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             let stale = replicator.stale_pages();
             let acked = replicator.stats().pages_acked.load(Ordering::Relaxed);
             let bps = dirty_rate.sample(stale, acked);
+            // With --stale-pct (and --stale-moved-pct) those pages will be stale at the
+            // evacuation too: report what will cross, as the evacuation's start does.
+            let planted = [a.stale_pct, a.stale_moved_pct]
+                .iter()
+                .flatten()
+                .map(|p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64)
+                .sum::<u64>();
             c.update(|s| {
-                s.stale_bytes = stale * PAGE;
+                s.stale_bytes = (stale + planted) * PAGE;
                 s.dirty_rate_bps = bps;
             });
         }

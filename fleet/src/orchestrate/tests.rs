@@ -183,3 +183,26 @@ fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
     assert_eq!(o.link_rate(0), None);
     assert!(o.measured(5.0).links.is_empty());
 }
+
+#[test]
+fn the_baselines_start_as_they_say() {
+    let opts = PlanOptions::new(3600.0);
+    // Largest first in the fleet's order, so that smallest first has to reorder.
+    let mut f = fleet(5);
+    f.vms.reverse();
+    let all = Orchestration::with_policy(f.clone(), opts.clone(), &[], Policy::AllAtOnce).unwrap();
+    let mut due = all.due(0.0);
+    due.sort_unstable();
+    assert_eq!(due, vec![0, 1, 2, 3, 4], "every VM at once");
+    assert_eq!(all.plan().links[0].policy, "all_at_once");
+
+    let mut one = Orchestration::with_policy(f, opts, &[], Policy::SmallestFirst).unwrap();
+    assert_eq!(one.due(0.0), vec![4], "the smallest, alone");
+    one.started(4, 0.0);
+    assert!(one.due(0.1).is_empty());
+    one.done(4, 1.0, 100 * MB, None);
+    // Re-planning keeps the baseline: the next smallest, still alone.
+    one.replan(1.0).unwrap();
+    assert_eq!(one.due(1.0), vec![3]);
+    assert_eq!(one.plan().schedule.links[0].concurrency, 1);
+}

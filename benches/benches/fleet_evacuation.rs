@@ -1,0 +1,495 @@
+//! The fleet model against real runs (issue 14): N real `faultline replicate` /
+//! `faultline standby` pairs evacuated by one `faultline evacuate` orchestrator through one
+//! shared emulated bottleneck, under the planner's schedule and the two baselines; per VM
+//! the model's completion time against the measured one.
+//!
+//! Set-up per run: N pairs of the built-in synthetic image (`FAULTLINE_BENCH_BYTES`, 256 MiB
+//! each), replication the direct way on loopback; each source plants a different share of
+//! stale pages at its evacuation (`--stale-pct`, spread from 5% to 40% over the fleet, in a
+//! shuffled order) and writes at a different rate while it replicates. Every evacuation goes
+//! through `--evacuate-connect` to ONE [`WanEmulator`]: one route per standby
+//! ([`WanEmulator::add_route`]), all routes sharing the same rate, queue and delay. The plan
+//! file states the same link (rate, RTT, the default per-flow window, which the processes
+//! use too) and a deadline of 70% of the all-at-once makespan the model predicts from the
+//! planted stale bytes, so that it binds.
+//!
+//! The prediction per VM is the model's (`fleet::plan::plan_with`, the same schedule policy,
+//! nominal rate) on the fleet as measured: each VM's stale bytes are the pages that really
+//! crossed, no growth while waiting (the sources stop writing when asked to evacuate).
+//! `orchestrator_finish_s` is what the orchestrator itself predicted at time 0 from the
+//! sources' status. Times are seconds from the orchestrator's start (after the sources
+//! answered).
+//!
+//! Lines (`case`): `vm` (per VM and run), `run` (per run: median and worst per-VM error,
+//! makespan and mean completion predicted against measured, saved by the deadline, the ideal
+//! makespan = bytes that must cross × 8 / rate), `summary` (per fleet size and link: the
+//! ranking of the three schedules by mean completion, model against measured; planner
+//! against all at once; the issue's targets, pass or fail). Every VM's memory digest must be
+//! equal on both sides, or the bench fails.
+//!
+//! Environment: `FAULTLINE_BENCH_FLEET` (fleet sizes, `4,8`), `FAULTLINE_BENCH_LINKS`
+//! (`100M:20,1G:50`: rate and RTT in ms), `FAULTLINE_BENCH_BYTES` (each VM, `256M`),
+//! `FAULTLINE_BENCH_SCHEDULES` (`planner,all-at-once,smallest-first`),
+//! `FAULTLINE_BENCH_ROUNDS` (repeats of each run, 1).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use faultline_benches::e2e::{check, check_digests};
+use faultline_benches::stats::{median, Summary};
+use faultline_benches::{emit, env_size};
+use faultline_tests::{
+    free_udp_port, wait_replicated, Background, Certs, DestProcess, Finished, ShmDir,
+};
+use fleet::model::{Costs, Fleet, Link, Vm, DEFAULT_WINDOW_BYTES};
+use fleet::plan::{plan_with, PlanOptions, Policy};
+use serde_json::{json, Value};
+use transport::tls::Identity;
+use wan_emu::{LinkConfig, WanEmulator};
+
+const BENCH: &str = "fleet_evacuation";
+const PAGE: u64 = 4096;
+const TIMEOUT: Duration = Duration::from_secs(900);
+const DEADLINE_SHARE: f64 = 0.7;
+const TARGET_VM_ERR: f64 = 0.10;
+const TARGET_MAKESPAN_ERR: f64 = 0.10;
+const TARGET_MEAN_RATIO: f64 = 0.7;
+const TARGET_OVER_IDEAL: f64 = 1.05;
+const SCHEDULES: [&str; 3] = ["planner", "all-at-once", "smallest-first"];
+
+#[derive(Clone, Copy)]
+struct WanLink {
+    rate_bps: u64,
+    rtt_ms: u64,
+}
+
+impl WanLink {
+    fn name(&self) -> String {
+        format!("{}Mbit_{}ms", self.rate_bps / 1_000_000, self.rtt_ms)
+    }
+}
+
+/// One VM of the fleet: stale share planted at its evacuation, writes per second.
+#[derive(Clone)]
+struct VmSpec {
+    name: String,
+    stale_pct: f64,
+    write_rate: u64,
+}
+
+fn policy(schedule: &str) -> Policy {
+    match schedule {
+        "all-at-once" => Policy::AllAtOnce,
+        "smallest-first" => Policy::SmallestFirst,
+        _ => Policy::Planner,
+    }
+}
+
+/// `n` VMs, stale shares spread evenly over 5-40%, in a shuffled order (a fixed stride)
+/// so that the fleet's order is not the size order; write rates 100-800 per second.
+fn fleet_specs(n: usize) -> Vec<VmSpec> {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    // A stride prime to n: every share once.
+    let stride = (3..).find(|&s| gcd(s, n.max(1)) == 1).unwrap_or(1);
+    (0..n)
+        .map(|i| {
+            let k = (i * stride + 1) % n;
+            let pct = if n > 1 {
+                5.0 + 35.0 * k as f64 / (n - 1) as f64
+            } else {
+                20.0
+            };
+            VmSpec {
+                name: format!("vm{i:02}"),
+                stale_pct: (pct * 10.0).round() / 10.0,
+                write_rate: 100 + 100 * (i as u64 % 8),
+            }
+        })
+        .collect()
+}
+
+fn parse_links(s: &str) -> anyhow::Result<Vec<WanLink>> {
+    s.split(',')
+        .map(|l| {
+            let (rate, rtt) = l
+                .trim()
+                .split_once(':')
+                .with_context(|| format!("link {l:?} is not RATE:RTT_MS (e.g. 100M:20)"))?;
+            let rate_bps = match rate.trim().to_ascii_uppercase().as_str() {
+                r if r.ends_with('G') => r.trim_end_matches('G').parse::<u64>()? * 1_000_000_000,
+                r if r.ends_with('M') => r.trim_end_matches('M').parse::<u64>()? * 1_000_000,
+                r => r.parse::<u64>()?,
+            };
+            Ok(WanLink {
+                rate_bps,
+                rtt_ms: rtt.trim().parse()?,
+            })
+        })
+        .collect()
+}
+
+fn model_link(link: WanLink) -> Link {
+    Link {
+        name: "wan".into(),
+        rate_bps: link.rate_bps,
+        rtt: Duration::from_millis(link.rtt_ms),
+        per_flow_window_bytes: DEFAULT_WINDOW_BYTES,
+        replication_budget_bps: None,
+    }
+}
+
+/// The model's fleet: one link, each VM with `stale` bytes and no growth.
+fn model_fleet(link: WanLink, mem: u64, vms: &[(String, u64)]) -> anyhow::Result<Fleet> {
+    let vms = vms
+        .iter()
+        .map(|(name, stale)| {
+            let mut v = Vm::idle(name.clone(), 0, *stale);
+            v.memory_bytes = mem;
+            v.working_set_bytes = mem;
+            v
+        })
+        .collect();
+    Ok(Fleet::new(vec![model_link(link)], vms, Costs::default())?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let sizes: Vec<usize> = std::env::var("FAULTLINE_BENCH_FLEET")
+        .unwrap_or_else(|_| "4,8".into())
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("FAULTLINE_BENCH_FLEET: fleet sizes, e.g. 4,8")?;
+    let links = parse_links(
+        &std::env::var("FAULTLINE_BENCH_LINKS").unwrap_or_else(|_| "100M:20,1G:50".into()),
+    )?;
+    let mem = env_size("FAULTLINE_BENCH_BYTES", 256 << 20);
+    let schedules: Vec<String> = std::env::var("FAULTLINE_BENCH_SCHEDULES")
+        .map(|s| s.split(',').map(|x| x.trim().to_string()).collect())
+        .unwrap_or_else(|_| SCHEDULES.iter().map(|s| s.to_string()).collect());
+    if let Some(bad) = schedules.iter().find(|s| !SCHEDULES.contains(&s.as_str())) {
+        bail!("FAULTLINE_BENCH_SCHEDULES: unknown schedule {bad:?} (known: {SCHEDULES:?})");
+    }
+    let rounds = env_size("FAULTLINE_BENCH_ROUNDS", 1).max(1);
+    // Source and standby each hold the guest: refuse what would not fit.
+    let need = sizes.iter().max().copied().unwrap_or(0) as u64 * mem * 2;
+    if need > 16 << 30 {
+        bail!("{need} bytes of guest memory (source + standby) is more than this bench allows (16 GiB)");
+    }
+    let certs = Certs::new();
+    Identity::generate("orchestrator")?.save(
+        &certs.dir.path().join("orchestrator.crt"),
+        &certs.dir.path().join("orchestrator.key"),
+    )?;
+    for &n in &sizes {
+        for &link in &links {
+            let specs = fleet_specs(n);
+            let planted: Vec<(String, u64)> = specs
+                .iter()
+                .map(|s| (s.name.clone(), planted_bytes(mem, s.stale_pct)))
+                .collect();
+            // The deadline: 70% of the all-at-once makespan the model predicts.
+            let f = model_fleet(link, mem, &planted)?;
+            let aao = plan_with(&f, &PlanOptions::new(1e9), Policy::AllAtOnce);
+            let deadline_s = DEADLINE_SHARE * aao.totals.makespan_s;
+            let mut runs: Vec<(String, Value)> = Vec::new();
+            for schedule in &schedules {
+                for round in 0..rounds {
+                    let r = run(&certs, link, mem, &specs, schedule, deadline_s)
+                        .with_context(|| format!("{n} VMs, {}, {schedule}", link.name()))?;
+                    let mut line = r.clone();
+                    line["bench"] = json!(BENCH);
+                    line["case"] = json!("run");
+                    line["round"] = json!(round);
+                    emit(&line);
+                    runs.push((schedule.clone(), r));
+                }
+            }
+            emit(&summary(n, link, &runs));
+        }
+    }
+    Ok(())
+}
+
+fn planted_bytes(mem: u64, pct: f64) -> u64 {
+    (pct / 100.0 * (mem / PAGE) as f64) as u64 * PAGE
+}
+
+/// Starts the fleet, evacuates it with `schedule`, checks every digest, compares.
+fn run(
+    certs: &Certs,
+    link: WanLink,
+    mem: u64,
+    specs: &[VmSpec],
+    schedule: &str,
+    deadline_s: f64,
+) -> anyhow::Result<Value> {
+    let size = mem.to_string();
+    let cfg = LinkConfig::new(Duration::from_millis(link.rtt_ms / 2), link.rate_bps);
+    let mut wan: Option<WanEmulator> = None;
+    let mut pairs = Vec::new();
+    for s in specs {
+        let dir = ShmDir::new(&s.name);
+        let standby = DestProcess::standby(
+            certs,
+            "127.0.0.1:0",
+            &[
+                "--size",
+                &size,
+                "--replica-dir",
+                &dir.arg(),
+                "--vm-id",
+                &s.name,
+            ],
+        );
+        let upstream = standby.addr.parse().context("the standby's address")?;
+        let any = "127.0.0.1:0".parse().context("an address")?;
+        let relay = match &mut wan {
+            None => {
+                let w = WanEmulator::start(any, upstream, cfg.clone())?;
+                let a = w.local_addr();
+                wan = Some(w);
+                a
+            }
+            Some(w) => w.add_route(any, upstream)?,
+        };
+        let port = free_udp_port();
+        let control = format!("127.0.0.1:{port}");
+        let orch = certs.cert("orchestrator");
+        let args = [
+            "--synthetic",
+            &size,
+            "--vm-id",
+            &s.name,
+            "--write-rate",
+            &s.write_rate.to_string(),
+            "--stale-pct",
+            &s.stale_pct.to_string(),
+            "--control",
+            &control,
+            "--control-peer-cert",
+            &orch,
+            "--evacuate-connect",
+            &relay.to_string(),
+        ];
+        let source = Background::replicate(certs, &standby.addr, &args);
+        pairs.push((s.clone(), port, standby, source, dir));
+    }
+    // The replicas filled (most of the synthetic image is not zero pages), then a little more for
+    // the stale counts to settle.
+    for (_, _, _, _, dir) in &pairs {
+        wait_replicated(dir, mem / PAGE, 0.6);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let plan = plan_file(certs, link, mem, deadline_s, &pairs)?;
+    let orch = Background::spawn(&[
+        "evacuate",
+        "--json",
+        "--progress",
+        "--schedule",
+        schedule,
+        "--plan",
+        &plan.display().to_string(),
+    ])
+    .wait(TIMEOUT);
+    let report = orch.json.clone();
+    let mut digests_equal = true;
+    let mut failures = Vec::new();
+    for (s, _, standby, source, _) in pairs {
+        let src = source.wait(TIMEOUT);
+        let dst = standby.wait(TIMEOUT);
+        if let Err(e) = check(&src, "replicate")
+            .and_then(|()| check(&dst, "standby"))
+            .and_then(|()| check_digests(&src, &dst))
+        {
+            digests_equal = false;
+            failures.push(format!("{}: {e:#}", s.name));
+        }
+    }
+    if !failures.is_empty() {
+        bail!("memory not equal on both sides: {}", failures.join("; "));
+    }
+    if report["ok"] != true {
+        bail!("faultline evacuate failed: {} {}", report, orch.stderr);
+    }
+    drop(wan);
+    compare(link, mem, schedule, &report, digests_equal, &orch)
+}
+
+/// The plan file: one link as emulated, the VMs' control endpoints, the deadline.
+fn plan_file(
+    certs: &Certs,
+    link: WanLink,
+    mem: u64,
+    deadline_s: f64,
+    pairs: &[(VmSpec, u16, DestProcess, Background, ShmDir)],
+) -> anyhow::Result<PathBuf> {
+    let mut s = format!(
+        "deadline = {deadline_s:.3}\ncert = {:?}\nkey = {:?}\npeer_cert = {:?}\n\n\
+         [[link]]\nname = \"wan\"\nrate_bps = {}\nrtt_ms = {}\nwindow_bytes = {DEFAULT_WINDOW_BYTES}\n",
+        certs.cert("orchestrator"),
+        certs.key("orchestrator"),
+        certs.cert("source"),
+        link.rate_bps,
+        link.rtt_ms,
+    );
+    for (spec, port, ..) in pairs {
+        s += &format!(
+            "\n[[vm]]\nname = {:?}\nlink = \"wan\"\nmemory_bytes = {mem}\ncontrol = \"127.0.0.1:{port}\"\n",
+            spec.name
+        );
+    }
+    let path = certs.dir.path().join("fleet.toml");
+    std::fs::write(&path, s)?;
+    Ok(path)
+}
+
+fn f64_of(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+/// Per VM and per run: the model on the fleet as measured against the measured timeline.
+fn compare(
+    link: WanLink,
+    mem: u64,
+    schedule: &str,
+    report: &Value,
+    digests_equal: bool,
+    orch: &Finished,
+) -> anyhow::Result<Value> {
+    let vms = report["vms"].as_array().context("the report has no vms")?;
+    let deadline_s = f64_of(&report["deadline_s"]).context("no deadline_s")?;
+    let mut measured_fleet = Vec::new();
+    for v in vms {
+        let name = v["name"].as_str().context("a vm without a name")?;
+        let pages = v["pages_stale"].as_u64().context("no pages_stale")?;
+        measured_fleet.push((name.to_string(), pages * PAGE));
+    }
+    let f = model_fleet(link, mem, &measured_fleet)?;
+    let predicted = plan_with(&f, &PlanOptions::new(deadline_s), policy(schedule));
+    let mut errors = Vec::new();
+    let (mut pred_fin, mut meas_fin) = (Vec::new(), Vec::new());
+    let mut same_order = true;
+    for (i, v) in vms.iter().enumerate() {
+        let p = &predicted.vms[i];
+        let m = &v["measured"];
+        let meas = f64_of(&m["finish_s"]).context("no measured finish")?;
+        let pred = p.finish_s.context("no predicted finish")?;
+        let err = (meas - pred) / pred;
+        errors.push(err.abs());
+        pred_fin.push(pred);
+        meas_fin.push(meas);
+        if p.order != v["planned"]["order"].as_u64().map(|o| o as usize) {
+            same_order = false;
+        }
+        emit(&json!({
+            "bench": BENCH, "case": "vm", "link": link.name(), "vms": vms.len(),
+            "schedule": schedule, "vm": v["name"],
+            "stale_bytes": measured_fleet[i].1, "bytes_sent": v["bytes_sent"],
+            "order_predicted": p.order, "order_run": v["planned"]["order"],
+            "start_predicted_s": p.start_s, "start_s": m["start_s"],
+            "switchover_predicted_s": p.switchover_s, "switchover_s": m["switchover_s"],
+            "finish_predicted_s": pred, "finish_s": meas,
+            "orchestrator_finish_s": v["planned"]["finish_s"],
+            "rel_error": err,
+        }));
+    }
+    let n = vms.len() as f64;
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / n;
+    let max = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
+    let crossing: u64 = measured_fleet.iter().map(|(_, b)| b).sum();
+    let ideal_s = crossing as f64 * 8.0 / link.rate_bps as f64;
+    let (mk_pred, mk_meas) = (max(&pred_fin), max(&meas_fin));
+    let saved = meas_fin.iter().filter(|&&t| t <= deadline_s).count();
+    let saved_pred = pred_fin.iter().filter(|&&t| t <= deadline_s).count();
+    let sent: u64 = vms.iter().filter_map(|v| v["bytes_sent"].as_u64()).sum();
+    Ok(json!({
+        "link": link.name(), "vms": vms.len(), "schedule": schedule,
+        "bytes_per_vm": mem, "bytes_to_cross": crossing, "udp_bytes_sent": sent,
+        "error_median": median(&errors), "error_worst": max(&errors),
+        "makespan_predicted_s": mk_pred, "makespan_s": mk_meas,
+        "makespan_error": (mk_meas - mk_pred) / mk_pred,
+        "mean_completion_predicted_s": mean(&pred_fin), "mean_completion_s": mean(&meas_fin),
+        "ideal_s": ideal_s, "makespan_over_ideal": mk_meas / ideal_s,
+        "deadline_s": deadline_s, "saved": saved, "saved_predicted": saved_pred,
+        "orchestrator_planned_makespan_s": report["totals"]["planned_makespan_s"],
+        "same_order_as_run": same_order, "digests_equal": digests_equal,
+        "orchestrator_stderr_lines": orch.stderr.lines().count(),
+    }))
+}
+
+/// Per fleet size and link: the three schedules ranked, planner against all at once, the
+/// issue's targets.
+fn summary(n: usize, link: WanLink, runs: &[(String, Value)]) -> Value {
+    let med = |schedule: &str, key: &str| -> Option<f64> {
+        let xs: Vec<f64> = runs
+            .iter()
+            .filter(|(s, _)| s == schedule)
+            .filter_map(|(_, r)| r[key].as_f64())
+            .collect();
+        (!xs.is_empty()).then(|| median(&xs))
+    };
+    let rank = |key: &str| -> Vec<String> {
+        let mut v: Vec<(f64, &str)> = SCHEDULES
+            .iter()
+            .filter_map(|s| med(s, key).map(|x| (x, *s)))
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v.into_iter().map(|(_, s)| s.to_string()).collect()
+    };
+    let (rank_model, rank_real) = (
+        rank("mean_completion_predicted_s"),
+        rank("mean_completion_s"),
+    );
+    let all_errors: Vec<f64> = runs
+        .iter()
+        .filter_map(|(_, r)| r["error_worst"].as_f64())
+        .collect();
+    let mk_errors: Vec<f64> = runs
+        .iter()
+        .filter_map(|(_, r)| r["makespan_error"].as_f64().map(f64::abs))
+        .collect();
+    let ratio =
+        |key: &str| -> Option<f64> { Some(med("planner", key)? / med("all-at-once", key)?) };
+    let worst_vm = all_errors.iter().copied().fold(0.0, f64::max);
+    let worst_mk = mk_errors.iter().copied().fold(0.0, f64::max);
+    let mean_ratio = ratio("mean_completion_s");
+    let planner_over_ideal = med("planner", "makespan_over_ideal");
+    let (saved_p, saved_a) = (med("planner", "saved"), med("all-at-once", "saved"));
+    let errs = Summary::from_samples(
+        runs.iter()
+            .filter_map(|(_, r)| r["error_median"].as_f64())
+            .collect(),
+    );
+    json!({
+        "bench": BENCH, "case": "summary", "vms": n, "link": link.name(),
+        "runs": runs.len(),
+        "ranking_model": rank_model, "ranking_measured": rank_real,
+        "same_ranking": rank_model == rank_real,
+        "planner_over_all_at_once_mean_completion": mean_ratio,
+        "planner_over_all_at_once_makespan_over_ideal":
+            ratio("makespan_over_ideal"),
+        "planner_makespan_over_ideal": planner_over_ideal,
+        "all_at_once_makespan_over_ideal": med("all-at-once", "makespan_over_ideal"),
+        "saved_planner": saved_p, "saved_all_at_once": saved_a,
+        "saved_smallest_first": med("smallest-first", "saved"),
+        "per_run_median_error": errs.to_json(),
+        "worst_vm_error": worst_vm, "worst_makespan_error": worst_mk,
+        "targets": {
+            "vm_error_le_10pct": worst_vm <= TARGET_VM_ERR,
+            "makespan_error_le_10pct": worst_mk <= TARGET_MAKESPAN_ERR,
+            "same_ranking": rank_model == rank_real,
+            "planner_mean_completion_le_0.7x_all_at_once":
+                mean_ratio.is_some_and(|r| r <= TARGET_MEAN_RATIO),
+            "planner_makespan_le_1.05x_ideal":
+                planner_over_ideal.is_some_and(|r| r <= TARGET_OVER_IDEAL),
+            "planner_saved_ge_all_at_once":
+                matches!((saved_p, saved_a), (Some(p), Some(a)) if p >= a),
+        },
+    })
+}
