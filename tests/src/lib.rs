@@ -1,6 +1,7 @@
 //! Helpers for faultline's end-to-end tests: the real `faultline` binary, run as separate
 //! source and destination processes on loopback, with certificates made per test.
 
+pub mod http;
 pub mod loopback;
 pub mod nbd;
 pub mod qemu;

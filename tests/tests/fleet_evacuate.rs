@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use faultline_tests::http::scrape;
 use faultline_tests::{
     assert_evacuated, faultline_bin, free_udp_port, Background, Certs, DestProcess, ShmDir,
 };
@@ -181,6 +182,22 @@ impl Orchestrator {
     }
 
     /// Its exit code, its JSON report, its stderr (events included).
+    /// The address `--metrics-listen` bound, from its log line (the stderr lines before it
+    /// are not kept for [`Orchestrator::wait`]).
+    fn metrics_addr(&self) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .stderr
+                .recv_timeout(left)
+                .expect("no `metrics listening on` line");
+            if let Some(rest) = line.strip_prefix("metrics listening on http://") {
+                return rest.trim_end_matches("/metrics").to_string();
+            }
+        }
+    }
+
     fn wait(mut self) -> (Option<i32>, Value, String) {
         let mut out = self.child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
@@ -325,9 +342,28 @@ fn a_source_killed_mid_evacuation_fails_alone() {
     let chart = plan.with_extension("run.svg");
     let o = Orchestrator::start(
         &plan,
-        &["--silence-timeout", "2", "--gantt", chart.to_str().unwrap()],
+        &[
+            "--silence-timeout",
+            "2",
+            "--gantt",
+            chart.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
     );
+    let metrics = o.metrics_addr();
     o.wait_event("started", "vm-b");
+    // The evacuation as metrics: vm-b started (1) or switched over (2), the link's rate.
+    let text = scrape(&metrics);
+    let phase = text
+        .lines()
+        .find(|l| l.starts_with("faultline_evacuate_vm_phase{vm=\"vm-b\""))
+        .unwrap_or_else(|| panic!("no phase of vm-b in\n{text}"));
+    assert!(phase.ends_with(" 1") || phase.ends_with(" 2"), "{phase}");
+    assert!(
+        text.contains("faultline_evacuate_link_rate_bits_per_second{link=\"lo\"} "),
+        "{text}"
+    );
     let deadline = Instant::now() + TIMEOUT;
     while wan.counters().client_to_server.bytes < 1 << 20 {
         assert!(

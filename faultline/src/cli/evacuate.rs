@@ -5,6 +5,7 @@
 //! happened (docs/fleet.md). A source that does not answer, or dies mid-evacuation, is
 //! reported failed; the others go on.
 
+mod metrics;
 mod plan_file;
 mod report;
 mod source_link;
@@ -49,6 +50,11 @@ pub struct EvacuateArgs {
     /// start, switchover and finish (or failure), drawn over the plan it started with.
     #[arg(long, value_name = "OUT.svg")]
     pub gantt: Option<PathBuf>,
+    /// Serve Prometheus metrics of the evacuation at http://ADDR/metrics (per VM: phase,
+    /// predicted finish, bytes sent, saved; per link: the measured rate). Off by default;
+    /// port 0: any, logged. See docs/operations.md#metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Which schedule to follow: the planner's, or a baseline to compare it with (every VM
     /// at once; one at a time per link, smallest stale bytes first).
     #[arg(long, value_enum, default_value_t = ScheduleArg::Planner)]
@@ -95,8 +101,19 @@ pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the runtime")?;
     let policy = Policy::from(a.schedule);
-    let (report, first_plan) =
-        runtime.block_on(orchestrate(pf, setup, read_at, timeouts, policy, &events))?;
+    let metrics = a
+        .metrics_listen
+        .map(metrics::EvacuateMetrics::start)
+        .transpose()?;
+    let (report, first_plan) = runtime.block_on(orchestrate(
+        pf,
+        setup,
+        read_at,
+        timeouts,
+        policy,
+        &events,
+        metrics.as_ref(),
+    ))?;
     let ok = report.totals.failed == 0 && report.totals.not_finished == 0;
     if let Some(out) = &a.gantt {
         report::write_gantt(&a.plan, &report, &first_plan, out)?;
@@ -147,6 +164,7 @@ async fn orchestrate(
     timeouts: Timeouts,
     policy: Policy,
     events: &Events,
+    metrics: Option<&metrics::EvacuateMetrics>,
 ) -> anyhow::Result<(fleet::orchestrate::Report, fleet::plan::Plan)> {
     let n = pf.fleet.vms.len();
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -296,6 +314,9 @@ async fn orchestrate(
         }
         if let Some(b) = &bars {
             b.update(&o);
+        }
+        if let Some(m) = metrics {
+            m.update(&o, t0.elapsed().as_secs_f64());
         }
     }
     if let Some(b) = bars {
