@@ -424,15 +424,7 @@ impl WanEmulator {
     ) -> Result<WanEmulator, WanError> {
         let cfg = cfg.into();
         cfg.validate()?;
-        if upstream.ip().is_unspecified() || upstream.port() == 0 {
-            return Err(WanError::BadUpstream(upstream));
-        }
-        let sock = sys::bind_udp(listen).map_err(|source| WanError::Bind {
-            addr: listen,
-            source,
-        })?;
-        set_timeouts(&sock).map_err(WanError::Socket)?;
-        let local = sock.local_addr().map_err(WanError::Socket)?;
+        let (sock, local) = bind_route(listen, upstream)?;
         let listen_sock = Arc::new(sock);
 
         let shared = Arc::new(Shared {
@@ -488,15 +480,7 @@ impl WanEmulator {
         listen: SocketAddr,
         upstream: SocketAddr,
     ) -> Result<SocketAddr, WanError> {
-        if upstream.ip().is_unspecified() || upstream.port() == 0 {
-            return Err(WanError::BadUpstream(upstream));
-        }
-        let sock = sys::bind_udp(listen).map_err(|source| WanError::Bind {
-            addr: listen,
-            source,
-        })?;
-        set_timeouts(&sock).map_err(WanError::Socket)?;
-        let local = sock.local_addr().map_err(WanError::Socket)?;
+        let (sock, local) = bind_route(listen, upstream)?;
         let receiver = ClientReceiver {
             shared: self.shared.clone(),
             listen: Arc::new(sock),
@@ -630,6 +614,23 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
 }
 
 /// Read timeout so blocked threads see shutdown; write timeout so a send can never hang.
+/// The socket clients of a route to `upstream` send to, bound at `listen`, and its address.
+fn bind_route(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+) -> Result<(UdpSocket, SocketAddr), WanError> {
+    if upstream.ip().is_unspecified() || upstream.port() == 0 {
+        return Err(WanError::BadUpstream(upstream));
+    }
+    let sock = sys::bind_udp(listen).map_err(|source| WanError::Bind {
+        addr: listen,
+        source,
+    })?;
+    set_timeouts(&sock).map_err(WanError::Socket)?;
+    let local = sock.local_addr().map_err(WanError::Socket)?;
+    Ok((sock, local))
+}
+
 fn set_timeouts(sock: &UdpSocket) -> io::Result<()> {
     sock.set_read_timeout(Some(POLL))?;
     sock.set_write_timeout(Some(POLL))
