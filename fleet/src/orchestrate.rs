@@ -165,9 +165,36 @@ impl Orchestration {
     /// bytes for [`Orchestration::link_rate`]).
     pub fn replan(&mut self, now_s: f64) -> Result<(), InputError> {
         self.sample_links(now_s);
+        self.learn_setup();
         self.current =
             plan::replan_with(&self.fleet, &self.opts, &self.measured(now_s), self.policy)?;
         Ok(())
+    }
+
+    /// Takes the switchover cost from the setups measured so far: the median over VMs of
+    /// start → switchover less the handshake's round trips on its link. The plan file's
+    /// figure (50 ms by default) leaves out what a real source does before it connects
+    /// (the last harvest, pausing the guest) and how late the orchestrator hears of the
+    /// switchover; planning the remaining VMs with the measured figure puts their
+    /// prestarts (and predictions) where the real setups end.
+    fn learn_setup(&mut self) {
+        let mut extra: Vec<f64> = self
+            .tracks
+            .iter()
+            .zip(&self.fleet.vms)
+            .filter_map(|(t, v)| {
+                let (start, switchover) = (t.timeline.start_s?, t.timeline.switchover_s?);
+                let rtts = self.fleet.costs.handshake_rtts * self.fleet.links[v.link].rtt_s();
+                Some((switchover - start - rtts).max(0.0))
+            })
+            .filter(|x| x.is_finite())
+            .collect();
+        if extra.is_empty() {
+            return;
+        }
+        extra.sort_by(f64::total_cmp);
+        let median = extra[extra.len() / 2];
+        self.fleet.costs.switchover = std::time::Duration::from_secs_f64(median);
     }
 
     /// Records, per link, the bytes its evacuations sent so far, while the transfers under

@@ -206,3 +206,28 @@ fn the_baselines_start_as_they_say() {
     assert_eq!(one.due(1.0), vec![3]);
     assert_eq!(one.plan().schedule.links[0].concurrency, 1);
 }
+
+#[test]
+fn measured_setups_replace_the_plan_files_switchover() {
+    // 100 ms of RTT × 3 round trips + 50 ms: the file's setup is 0.35 s. The two VMs that
+    // started took 0.6 s and 0.8 s to switch over: the median beyond the round trips is
+    // 0.5 s, so the waiting VMs are planned with a setup of 0.8 s.
+    let mut o = Orchestration::new(fleet(6), PlanOptions::new(3600.0), &[]).unwrap();
+    let setup = |o: &Orchestration, vm: usize| {
+        let p = &o.plan().vms[vm];
+        p.switchover_s.unwrap() - p.start_s.unwrap()
+    };
+    assert!((setup(&o, 5) - 0.35).abs() < 1e-9, "{}", setup(&o, 5));
+    o.started(0, 0.0);
+    o.started(1, 0.0);
+    o.progress(0, 0.6, Some(10 * MB), 1);
+    o.progress(1, 0.8, Some(10 * MB), 1);
+    o.replan(1.0).unwrap();
+    assert_eq!(o.fleet().costs.switchover, Duration::from_millis(500));
+    let waiting = (2..6).find(|&i| o.phase(i) == Phase::Waiting).unwrap();
+    assert!(
+        (setup(&o, waiting) - 0.8).abs() < 1e-6,
+        "{}",
+        setup(&o, waiting)
+    );
+}
