@@ -295,6 +295,10 @@ async fn orchestrate(
                 "planned_start_s": planned,
             }));
         }
+        // The starts are state changes too: publish them before waiting for the next event.
+        if let Some(m) = metrics {
+            m.update(&o, t0.elapsed().as_secs_f64());
+        }
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else {
