@@ -184,6 +184,10 @@ impl Orchestration {
             .zip(&self.fleet.vms)
             .filter_map(|(t, v)| {
                 let (start, switchover) = (t.timeline.start_s?, t.timeline.switchover_s?);
+                // A switchover first heard of with the finish was not measured.
+                if t.timeline.finish_s == Some(switchover) {
+                    return None;
+                }
                 let rtts = self.fleet.costs.handshake_rtts * self.fleet.links[v.link].rtt_s();
                 Some((switchover - start - rtts).max(0.0))
             })
@@ -201,23 +205,21 @@ impl Orchestration {
     /// way could fill it (the sum of their flow caps reaches its rate). A link that could
     /// not be full says nothing about its rate, so such a moment starts the window again.
     fn sample_links(&mut self, now_s: f64) {
+        // One pass over the VMs: per link, the flow caps under way and the bytes sent.
+        let mut caps = vec![0.0f64; self.link_samples.len()];
+        let mut sent = vec![0u64; self.link_samples.len()];
+        for (i, (t, v)) in self.tracks.iter().zip(&self.fleet.vms).enumerate() {
+            if t.phase == Phase::Transferring {
+                caps[v.link] += self.fleet.flow_cap_bps(i);
+            }
+            sent[v.link] += t.bytes_sent;
+        }
         for (li, samples) in self.link_samples.iter_mut().enumerate() {
-            let on_link = |i: &usize| self.fleet.vms[*i].link == li;
-            let n = self.tracks.len();
-            let caps: f64 = (0..n)
-                .filter(on_link)
-                .filter(|&i| self.tracks[i].phase == Phase::Transferring)
-                .map(|i| self.fleet.flow_cap_bps(i))
-                .sum();
-            if caps < self.fleet.links[li].rate_bps as f64 {
+            if caps[li] < self.fleet.links[li].rate_bps as f64 {
                 samples.clear();
                 continue;
             }
-            let sent: u64 = (0..n)
-                .filter(on_link)
-                .map(|i| self.tracks[i].bytes_sent)
-                .sum();
-            samples.push_back((now_s, sent));
+            samples.push_back((now_s, sent[li]));
             // Keep one sample at least the window old.
             while samples.len() > 2 && samples[1].0 <= now_s - LINK_RATE_WINDOW_S {
                 samples.pop_front();

@@ -295,7 +295,7 @@ async fn orchestrate(
                 "planned_start_s": planned,
             }));
         }
-        // The starts are state changes too: publish them before waiting for the next event.
+        // Once per turn, after the starts and the last event's changes, before waiting.
         if let Some(m) = metrics {
             m.update(&o, t0.elapsed().as_secs_f64());
         }
@@ -319,9 +319,9 @@ async fn orchestrate(
         if let Some(b) = &bars {
             b.update(&o);
         }
-        if let Some(m) = metrics {
-            m.update(&o, t0.elapsed().as_secs_f64());
-        }
+    }
+    if let Some(m) = metrics {
+        m.update(&o, t0.elapsed().as_secs_f64());
     }
     if let Some(b) = bars {
         b.finish(&o);

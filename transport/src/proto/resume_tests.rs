@@ -455,6 +455,15 @@ fn the_checksum_covers_every_word_in_order() {
     assert_eq!(held_checksum(a.words()), held_checksum(a.clone().words()));
 }
 
+/// A migration's source (session 42) with VM state to hand over.
+fn source_with_vm_state() -> SourceSession {
+    SourceSession::new(SourceConfig {
+        session_id: 42,
+        vm_state: Some(vec![1, 2, 3]),
+        ..SourceConfig::migrate("vm", crate::message::Layout::single(N * PAGE_SIZE as u64))
+    })
+}
+
 /// A migration with VM state whose destination crashes after it answered the `Hello`,
 /// before the VM state arrived; a fresh destination takes the next connection. Returns the
 /// source's number for it, its `Hello`, and the restarted destination.
@@ -480,12 +489,7 @@ fn crashed_before_the_vm_state(
 
 #[test]
 fn a_restarted_destination_takes_a_session_the_source_still_owns() {
-    let layout = crate::message::Layout::single(N * PAGE_SIZE as u64);
-    let mut src = SourceSession::new(SourceConfig {
-        session_id: 42,
-        vm_state: Some(vec![1, 2, 3]),
-        ..SourceConfig::migrate("vm", layout)
-    });
+    let mut src = source_with_vm_state();
     let (s, hello, mut fresh) = crashed_before_the_vm_state(&mut src, false);
     assert_eq!(src.ownership(), Ownership::Source);
     assert!(!handed_over(&hello));
@@ -513,12 +517,7 @@ fn a_hand_over_queued_after_the_destination_died_loses_the_vm() {
     // the source, which queued the VM state. The source cannot know it never arrived
     // (queued counts as sent), so the VM counts as handed over, and the restarted
     // destination must not start it over from the source's memory.
-    let layout = crate::message::Layout::single(N * PAGE_SIZE as u64);
-    let mut src = SourceSession::new(SourceConfig {
-        session_id: 42,
-        vm_state: Some(vec![1, 2, 3]),
-        ..SourceConfig::migrate("vm", layout)
-    });
+    let mut src = source_with_vm_state();
     let (s, hello, mut fresh) = crashed_before_the_vm_state(&mut src, true);
     assert_eq!(src.ownership(), Ownership::Destination);
     assert!(handed_over(&hello));
