@@ -101,6 +101,12 @@ pub struct Status {
     /// How fast the guest makes clean bytes stale, bits per second (an estimate over the
     /// last seconds).
     pub dirty_rate_bps: u64,
+    /// How fast the stale bytes grow while replication runs: the dirty rate less what
+    /// replication acknowledges, bits per second, never negative (`None` from a source
+    /// that does not measure it). While a VM waits for its evacuation its replication
+    /// keeps running, so this is how its stale bytes grow meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_growth_bps: Option<u64>,
     pub replication: ReplState,
     pub evacuation: EvacState,
     /// UDP bytes the evacuation sent so far.
@@ -195,6 +201,7 @@ mod tests {
             memory_bytes: 64 << 20,
             stale_bytes: 4096 * 10,
             dirty_rate_bps: 8_000_000,
+            stale_growth_bps: Some(1_000_000),
             replication: ReplState::Running,
             evacuation: EvacState::Idle,
             bytes_sent: 0,

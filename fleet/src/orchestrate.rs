@@ -316,6 +316,37 @@ impl Orchestration {
         out
     }
 
+    /// When [`Orchestration::due`] will next have a VM to start without anything new being
+    /// heard: the earliest moment a transfer predicted by the latest plan comes within one
+    /// setup of its end on a link that prestarts and has a VM waiting, after `now_s`. `None`
+    /// if nothing is foreseen (a start then waits for an event or a re-plan).
+    pub fn next_due_s(&self, now_s: f64) -> Option<f64> {
+        let mut next: Option<f64> = None;
+        for (li, ls) in self.current.schedule.links.iter().enumerate() {
+            let waiting = ls
+                .order
+                .iter()
+                .any(|&i| self.tracks[i].phase == Phase::Waiting);
+            if !ls.prestart || !waiting {
+                continue;
+            }
+            let setup = self.fleet.costs.setup_s(&self.fleet.links[li]);
+            for (i, t) in self.tracks.iter().enumerate() {
+                if self.fleet.vms[i].link != li || t.phase != Phase::Transferring {
+                    continue;
+                }
+                match self.current.vms[i].finish_s {
+                    Some(f) if f - setup > now_s => {
+                        let at = f - setup;
+                        next = Some(next.map_or(at, |n: f64| n.min(at)));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        next
+    }
+
     /// A waiting VM's stale bytes now.
     pub fn waiting(&mut self, vm: usize, stale_bytes: u64) {
         let t = &mut self.tracks[vm];

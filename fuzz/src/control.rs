@@ -59,6 +59,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         memory_bytes: 64 << 20,
         stale_bytes: 40960,
         dirty_rate_bps: 8_000_000,
+        stale_growth_bps: Some(1_000_000),
         replication: ReplState::Running,
         evacuation: EvacState::Transferring,
         bytes_sent: 123_456,

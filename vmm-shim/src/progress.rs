@@ -20,6 +20,11 @@ pub struct Progress {
     pub bytes_received: u64,
     /// UDP payload bytes this side sent on the session's connection.
     pub bytes_sent: u64,
+    /// Set on a source's last sample once its session completed (every stale page is at
+    /// the destination), before the connection's closing handshake: the pages that were
+    /// stale at its switchover. An orchestrator can count the VM as done from here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_stale: Option<u64>,
 }
 
 /// A role's progress callback (see [`Progress`]).
@@ -40,6 +45,7 @@ pub(crate) fn sample(
         pages,
         bytes_received: s.udp_rx.bytes,
         bytes_sent: s.udp_tx.bytes,
+        pages_stale: None,
     }
 }
 
@@ -110,6 +116,7 @@ mod tests {
             pages: 8,
             bytes_received: 1,
             bytes_sent: 2,
+            pages_stale: None,
         };
         let v = serde_json::to_value(p).unwrap();
         assert!(v.get("pages_present").is_none());

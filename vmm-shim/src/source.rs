@@ -142,7 +142,11 @@ pub fn run_session(
             t.abort();
         }
         if let Some(f) = &opts.progress {
-            f(sample());
+            // Before the closing handshake (about three probe timeouts): the pages are
+            // all at the destination now.
+            let mut last = sample();
+            last.pages_stale = report.as_ref().ok().map(|r| r.pages_stale);
+            f(last);
         }
         let report = report?;
         endpoint.close(0u32.into(), b"done");

@@ -246,7 +246,9 @@ async fn orchestrate(
         let Some(s) = s else { continue };
         v.memory_bytes = v.memory_bytes.max(s.memory_bytes);
         v.stale_bytes = s.stale_bytes.min(v.total_bytes());
-        v.dirty_rate_bps = s.dirty_rate_bps;
+        // Replication keeps running while a VM waits for its evacuation: its stale bytes
+        // grow by the net growth its source measures, not by the whole dirty rate.
+        v.dirty_rate_bps = s.stale_growth_bps.unwrap_or(s.dirty_rate_bps);
         v.working_set_bytes = v.working_set_bytes.min(v.total_bytes());
     }
     // Times from here; the deadline was taken when the file was read.
@@ -268,6 +270,7 @@ async fn orchestrate(
             events.emit(json!({
                 "event": "connected", "vm": o.fleet().vms[i].name,
                 "stale_bytes": s.stale_bytes, "dirty_rate_bps": s.dirty_rate_bps,
+                "stale_growth_bps": s.stale_growth_bps,
                 "memory_bytes": s.memory_bytes,
             }));
         }
@@ -315,6 +318,9 @@ async fn orchestrate(
             _ = tick.tick() => {
                 o.replan(t0.elapsed().as_secs_f64())?;
             }
+            // A prestart the plan foresees between events: start it on time, not at the
+            // next event or tick.
+            _ = sleep_until_s(t0, o.next_due_s(t0.elapsed().as_secs_f64())) => {}
         }
         if let Some(b) = &bars {
             b.update(&o);
@@ -329,6 +335,17 @@ async fn orchestrate(
     let r = o.report();
     events.emit(json!({"event": "finished", "totals": r.totals}));
     Ok((r, o.first_plan().clone()))
+}
+
+/// Sleeps until `at_s` seconds after `t0` (at once if that has passed); forever for `None`.
+async fn sleep_until_s(t0: Instant, at_s: Option<f64>) {
+    match at_s {
+        Some(s) => {
+            let at = t0 + Duration::from_secs_f64(s.max(0.0));
+            tokio::time::sleep_until(at.into()).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 fn handle(

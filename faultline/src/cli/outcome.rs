@@ -303,6 +303,7 @@ mod tests {
             pages: 8,
             bytes_received: 12_000,
             bytes_sent: 900,
+            pages_stale: None,
         });
         let v = failure_json(&e, Kind::Network);
         assert_eq!(v["done"]["pages_present"], 3);

@@ -190,6 +190,8 @@ pub struct ReplicateOutput {
     /// Blocks written after replication stopped (`--disk-stale-pct`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_blocks_dirtied: Option<u64>,
+    /// From the evacuation being asked for to the source connecting.
+    pub prep: PrepTimes,
 }
 
 /// What `faultline standby --json` prints.
@@ -326,16 +328,23 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     };
     let until = evacuate_after.map(|s| Instant::now() + Duration::from_secs_f64(s));
     let mut dirty_rate = DirtyRate::default();
+    // Wakes every 10 ms so that an evacuation asked for starts at once (an orchestrator
+    // counts this wait in every VM's setup); the status is refreshed every 100 ms.
+    let mut last_status = Instant::now();
     while until.is_none_or(|u| Instant::now() < u) && !super::evacuate_now().load(Ordering::Relaxed)
     {
         if !replicator.is_running() {
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(10));
+        if last_status.elapsed() < Duration::from_millis(100) {
+            continue;
+        }
+        last_status = Instant::now();
         if let Some(c) = &control {
             let stale = replicator.stale_pages();
             let acked = replicator.stats().pages_acked.load(Ordering::Relaxed);
-            let bps = dirty_rate.sample(stale, acked);
+            let (bps, growth_bps) = dirty_rate.sample(stale, acked);
             // With --stale-pct (and --stale-moved-pct) those pages will be stale at the
             // evacuation too: report what will cross, as the evacuation's start does.
             let planted = [a.stale_pct, a.stale_moved_pct]
@@ -346,6 +355,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             c.update(|s| {
                 s.stale_bytes = (stale + planted) * PAGE;
                 s.dirty_rate_bps = bps;
+                s.stale_growth_bps = Some(growth_bps);
             });
         }
         if !a.json {
@@ -445,6 +455,7 @@ fn evacuate(
         control,
         metrics,
     } = e;
+    let mut prep = PrepTimes::start();
     // Pause the guest: from here its memory is what the destination must end up with.
     let writers = mutator.stop();
     let disk_blocks_written = disk_writers.stop();
@@ -467,6 +478,7 @@ fn evacuate(
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    prep.caught_up();
     let state = replicator.stop().context("replication failed")?;
     // What will cross, as far as known before the final harvest.
     let stale_pages = state.summary.stale_pages
@@ -496,7 +508,7 @@ fn evacuate(
         eprintln!();
     }
     let replication = state.summary.clone();
-    let digest = image.digest()?;
+    prep.planted();
     // SAFETY: the mutator is stopped and the last host writes (dirty_fraction) are done:
     // nothing writes the image while it is evacuated.
     let memory = unsafe { vmm_shim::replica::PausedMemory::new(regions) }?;
@@ -544,6 +556,9 @@ fn evacuate(
         });
     }
     let evacuation = evacuation?;
+    // The guest stayed paused throughout, so its memory is still what it was at the
+    // switchover: hashing it here keeps 256 MiB-1 GiB of hashing out of the setup.
+    let digest = image.digest()?;
     Ok(ReplicateOutput {
         vm_id: a.vm_id.clone(),
         memory_bytes: a.synthetic,
@@ -555,7 +570,44 @@ fn evacuate(
         disk_blocks_written: (!disks.disks.is_empty()).then_some(disk_blocks_written),
         disk_blocks_dirtied,
         disk_digests,
+        prep,
     })
+}
+
+/// Where the time went between the evacuation being asked for and the source connecting,
+/// milliseconds (an orchestrator counts all of it in the VM's setup).
+#[derive(Debug, Serialize)]
+pub struct PrepTimes {
+    #[serde(skip)]
+    since: Instant,
+    /// Waiting for replication to catch up (`--stale-pct`, `--disk-stale-pct`; 0 without).
+    pub catch_up_ms: f64,
+    /// Stopping replication and planting the stale pages and blocks asked for.
+    pub plant_ms: f64,
+}
+
+impl PrepTimes {
+    fn start() -> PrepTimes {
+        PrepTimes {
+            since: Instant::now(),
+            catch_up_ms: 0.0,
+            plant_ms: 0.0,
+        }
+    }
+
+    fn lap(&mut self) -> f64 {
+        let ms = self.since.elapsed().as_secs_f64() * 1e3;
+        self.since = Instant::now();
+        ms
+    }
+
+    fn caught_up(&mut self) {
+        self.catch_up_ms = self.lap();
+    }
+
+    fn planted(&mut self) {
+        self.plant_ms = self.lap();
+    }
 }
 
 const PAGE: u64 = 4096;
@@ -567,6 +619,7 @@ fn idle_status(a: &ReplicateArgs) -> Status {
         memory_bytes: a.synthetic,
         stale_bytes: a.synthetic,
         dirty_rate_bps: 0,
+        stale_growth_bps: None,
         replication: ReplState::Running,
         evacuation: EvacState::Idle,
         bytes_sent: 0,
@@ -586,8 +639,16 @@ fn progress_to(status: Arc<watch::Sender<Status>>, stale_pages: u64) -> vmm_shim
             if s.evacuation.is_final() {
                 return;
             }
-            s.evacuation = EvacState::Transferring;
             s.bytes_sent = p.bytes_sent;
+            if let Some(pages) = p.pages_stale {
+                // Every page is at the standby: done, before the connection's closing
+                // handshake and the source's own reporting, which the VM does not wait for.
+                s.evacuation = EvacState::Done;
+                s.pages_stale = Some(pages);
+                s.pages_remaining = Some(0);
+                return;
+            }
+            s.evacuation = EvacState::Transferring;
             // Wire bytes carry about 4% of QUIC and frame overhead.
             let payload = p.bytes_sent * 100 / 104;
             s.pages_remaining = Some(stale_pages.saturating_sub(payload / PAGE));
@@ -598,29 +659,35 @@ fn progress_to(status: Arc<watch::Sender<Status>>, stale_pages: u64) -> vmm_shim
 /// The guest's dirty rate, estimated from the replicator's counters: pages that went
 /// stale per second are the change of the stale count plus the pages acknowledged
 /// meanwhile (an upper bound: an acknowledgement of a version already superseded counts
-/// too), smoothed over about two seconds.
+/// too), smoothed over about two seconds. Beside it, the net growth of the stale count
+/// (replication keeps running while the VM waits for its evacuation, so this, not the
+/// dirty rate, is how its stale bytes grow meanwhile).
 #[derive(Default)]
 struct DirtyRate {
     last: Option<(Instant, u64, u64)>,
     pages_per_s: f64,
+    growth_pages_per_s: f64,
 }
 
 impl DirtyRate {
-    /// A new sample of the stale and acknowledged counts; the estimate in bits per second.
-    fn sample(&mut self, stale: u64, acked: u64) -> u64 {
+    /// A new sample of the stale and acknowledged counts; the estimates in bits per
+    /// second: (dirty rate, net growth of the stale set).
+    fn sample(&mut self, stale: u64, acked: u64) -> (u64, u64) {
         let now = Instant::now();
         match self.last {
             Some((t, s0, a0)) if now.duration_since(t) >= Duration::from_millis(500) => {
                 let dt = now.duration_since(t).as_secs_f64();
-                let went_stale =
-                    (stale as f64 - s0 as f64 + acked.saturating_sub(a0) as f64).max(0.0);
+                let grew = stale as f64 - s0 as f64;
+                let went_stale = (grew + acked.saturating_sub(a0) as f64).max(0.0);
                 self.pages_per_s = 0.5 * self.pages_per_s + 0.5 * went_stale / dt;
+                self.growth_pages_per_s = 0.5 * self.growth_pages_per_s + 0.5 * grew.max(0.0) / dt;
                 self.last = Some((now, stale, acked));
             }
             Some(_) => {}
             None => self.last = Some((now, stale, acked)),
         }
-        (self.pages_per_s * (PAGE * 8) as f64) as u64
+        let bps = |pages_per_s: f64| (pages_per_s * (PAGE * 8) as f64) as u64;
+        (bps(self.pages_per_s), bps(self.growth_pages_per_s))
     }
 }
 

@@ -237,3 +237,32 @@ fn measured_setups_replace_the_plan_files_switchover() {
         setup(&o, waiting)
     );
 }
+
+#[test]
+fn the_next_prestart_is_foreseen_from_the_plan() {
+    // One link a single flow fills: the planner runs one at a time and prestarts the next.
+    let mut f = fleet(3);
+    f.links[0].per_flow_window_bytes = 1 << 30;
+    let mut o = Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap();
+    assert!(o.plan().schedule.links[0].prestart);
+    assert_eq!(o.next_due_s(0.0), None, "nothing transfers yet");
+    let first = o.due(0.0);
+    assert_eq!(first.len(), 1, "{first:?}");
+    o.started(first[0], 0.0);
+    assert!(o.progress(first[0], 0.2, Some(100 * MB), 0));
+    o.replan(0.2).unwrap();
+    let at = o.next_due_s(0.2).expect("a prestart is foreseen");
+    let setup = o.fleet().costs.setup_s(&o.fleet().links[0]);
+    let finish = o.plan().vms[first[0]].finish_s.unwrap();
+    assert!(
+        (at - (finish - setup)).abs() < 1e-9,
+        "{at} vs {finish} - {setup}"
+    );
+    assert!(o.due(at - 0.01).is_empty(), "not yet");
+    assert_eq!(o.due(at).len(), 1, "due then");
+    assert_eq!(
+        o.next_due_s(at + 0.01),
+        None,
+        "passed: a start waits for news"
+    );
+}
