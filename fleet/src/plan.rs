@@ -526,10 +526,12 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
     let margin_opts = SimOptions {
         rate_factor: 1.0 - margin,
         initial: state.initial.clone(),
+        release_s: Vec::new(),
     };
     let nominal_opts = SimOptions {
         rate_factor: 1.0,
         initial: state.initial.clone(),
+        release_s: Vec::new(),
     };
 
     let mut chosen = Vec::with_capacity(fleet.links.len());

@@ -85,6 +85,11 @@ pub struct SimOptions {
     pub rate_factor: f64,
     /// Per VM, where it is at time 0; empty: all `Waiting`.
     pub initial: Vec<Phase>,
+    /// Per VM, the earliest time its setup may start (seconds; empty: no limit). With an
+    /// order sorted by these times and a concurrency of the whole link, the simulation
+    /// replays a schedule as it ran: how the model is checked against a real run, whose
+    /// start times came from a controller the model does not imitate.
+    pub release_s: Vec<f64>,
 }
 
 impl Default for SimOptions {
@@ -92,6 +97,17 @@ impl Default for SimOptions {
         SimOptions {
             rate_factor: 1.0,
             initial: Vec::new(),
+            release_s: Vec::new(),
+        }
+    }
+}
+
+impl SimOptions {
+    /// Replays start times: `release_s[vm]` for every VM of the fleet.
+    pub fn replay(release_s: Vec<f64>) -> SimOptions {
+        SimOptions {
+            release_s,
+            ..SimOptions::default()
         }
     }
 }
@@ -334,6 +350,7 @@ impl LinkSim {
         let wire = 1.0 + costs.wire_overhead;
         let concurrency = ls.concurrency.max(1);
         let phase = |vm: usize| opts.initial.get(vm).copied().unwrap_or(Phase::Waiting);
+        let release = |vm: usize| opts.release_s.get(vm).copied().unwrap_or(0.0);
         self.flows.clear();
         self.setups.clear();
 
@@ -376,7 +393,10 @@ impl LinkSim {
         let mut dirty = true;
 
         loop {
-            while used < concurrency && next < queue.len() {
+            while used < concurrency
+                && next < queue.len()
+                && same_or_before(release(queue[next]), t)
+            {
                 let vm = queue[next];
                 next += 1;
                 out[vm].start_s = t;
@@ -399,6 +419,9 @@ impl LinkSim {
             let mut t_next = f64::INFINITY;
             if let Some(&(_, at)) = self.setups.front() {
                 t_next = t_next.min(at);
+            }
+            if used < concurrency && next < queue.len() {
+                t_next = t_next.min(release(queue[next]));
             }
             for f in &self.flows {
                 t_next = t_next.min(f.eta);

@@ -186,7 +186,7 @@ proptest! {
         let f = Fleet::new(links, vms, Costs::default()).unwrap();
         let opts = PlanOptions { margin, ..PlanOptions::new(deadline) };
         let p = plan(&f, &opts);
-        let with_margin = SimOptions { rate_factor: 1.0 - margin, initial: Vec::new() };
+        let with_margin = SimOptions { rate_factor: 1.0 - margin, initial: Vec::new(), release_s: Vec::new() };
         let tol = 1e-6 * p.totals.weight;
         for s in [all_at_once(&f), one_at_a_time_smallest_first(&f)] {
             let o = simulate(&f, &s, &with_margin).unwrap();

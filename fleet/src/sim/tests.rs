@@ -271,6 +271,7 @@ fn vms_under_way_at_time_zero_continue() {
             },
             Phase::Waiting,
         ],
+        release_s: Vec::new(),
     };
     let s = one_link(vec![0, 1, 2], 2, Sharing::InOrder, false);
     let o = simulate(&f, &s, &opts).unwrap();
@@ -290,6 +291,7 @@ fn a_rate_factor_slows_every_link() {
     let opts = SimOptions {
         rate_factor: 0.5,
         initial: Vec::new(),
+        release_s: Vec::new(),
     };
     let o = simulate(&f, &one_link(vec![0], 1, Sharing::Fair, false), &opts).unwrap();
     close(o.vms[0].finish_s, 2.0 + TAIL);
@@ -325,6 +327,7 @@ fn vms_left_out_are_not_run_and_bad_schedules_are_refused() {
                 switchover_in_s: 0.0,
             },
         ],
+        release_s: Vec::new(),
     };
     assert_eq!(
         simulate(&f, &one_link(vec![0], 1, Sharing::Fair, false), &opts).unwrap_err(),
@@ -338,4 +341,29 @@ fn a_vm_with_nothing_stale_finishes_after_its_setup_and_tail() {
     let o = run(&f, &one_link(vec![0, 1], 1, Sharing::Fair, false));
     close(o.vms[0].finish_s, TAIL);
     close(o.vms[1].finish_s, 1.0 + TAIL);
+}
+
+#[test]
+fn release_times_replay_a_schedule_as_it_ran() {
+    // 1 MB/s. a alone for 0.5 s (0.5 MB left), then both at 0.5 MB/s: a ends at 1.5 s,
+    // b (0.5 MB moved by then) alone at 1 MB/s ends at 2.0 s.
+    let f = fleet(link(8, 1), vec![vm("a", MB), vm("b", MB)], free());
+    let o = simulate(
+        &f,
+        &one_link(vec![0, 1], 2, Sharing::Fair, false),
+        &SimOptions::replay(vec![0.0, 0.5]),
+    )
+    .unwrap();
+    close(o.vms[1].start_s, 0.5);
+    close(o.vms[0].finish_s, 1.5 + TAIL);
+    close(o.vms[1].finish_s, 2.0 + TAIL);
+    // A release in the middle of a gap: the link idles until it.
+    let o = simulate(
+        &f,
+        &one_link(vec![0, 1], 1, Sharing::Fair, false),
+        &SimOptions::replay(vec![0.0, 3.0]),
+    )
+    .unwrap();
+    close(o.vms[1].start_s, 3.0);
+    close(o.vms[1].finish_s, 4.0 + TAIL);
 }
