@@ -44,6 +44,7 @@ use faultline_tests::{
 };
 use fleet::model::{Costs, Fleet, Link, Vm, DEFAULT_WINDOW_BYTES};
 use fleet::plan::{plan_with, PlanOptions, Policy};
+use fleet::sim::{simulate, LinkSchedule, Schedule, Sharing, SimOptions};
 use serde_json::{json, Value};
 use transport::tls::Identity;
 use wan_emu::{LinkConfig, WanEmulator};
@@ -62,9 +63,52 @@ const SCHEDULES: [&str; 3] = ["planner", "all-at-once", "smallest-first"];
 struct WanLink {
     rate_bps: u64,
     rtt_ms: u64,
+    /// The processes are told the path's bandwidth-delay product (`FAULTLINE_EXPECTED_BDP`),
+    /// as docs/wan.md says to: each flow's window is then 1.25 × BDP, one flow fills the
+    /// link, and several at once overfill the queue by less.
+    stated_bdp: bool,
+    /// What the machine delivers, measured before the fleets run ([`calibrate`]); the model
+    /// and the plan file are given these, the ideal keeps the nominal rate.
+    calibrated: Option<Calibration>,
+}
+
+/// The platform as measured: on a 2-core machine running every source, standby and the
+/// emulator, the processes rather than the emulated link can be the bottleneck.
+#[derive(Clone, Copy)]
+struct Calibration {
+    /// One evacuation alone: stale bytes × 8 / (finish − switchover).
+    flow_bps: u64,
+    /// Four at once: all their stale bytes × 8 / (last finish − first switchover).
+    aggregate_bps: u64,
 }
 
 impl WanLink {
+    /// The link's rate as the model and the plan file are told it.
+    fn model_rate_bps(&self) -> u64 {
+        self.calibrated
+            .map_or(self.rate_bps, |c| c.aggregate_bps.min(self.rate_bps))
+    }
+
+    /// One evacuation's own limit, when the calibration found one below the link's rate.
+    fn flow_cap_bps(&self) -> Option<u64> {
+        self.calibrated
+            .map(|c| c.flow_bps)
+            .filter(|&f| (f as f64) < 0.95 * self.model_rate_bps() as f64)
+    }
+
+    fn bdp_bytes(&self) -> u64 {
+        self.rate_bps / 8 * self.rtt_ms / 1000
+    }
+
+    /// One flow's window: what the destinations use, and what the plan file says.
+    fn window_bytes(&self) -> u64 {
+        if self.stated_bdp {
+            self.bdp_bytes() + self.bdp_bytes() / 4
+        } else {
+            DEFAULT_WINDOW_BYTES
+        }
+    }
+
     fn name(&self) -> String {
         format!("{}Mbit_{}ms", self.rate_bps / 1_000_000, self.rtt_ms)
     }
@@ -129,6 +173,8 @@ fn parse_links(s: &str) -> anyhow::Result<Vec<WanLink>> {
             Ok(WanLink {
                 rate_bps,
                 rtt_ms: rtt.trim().parse()?,
+                stated_bdp: true,
+                calibrated: None,
             })
         })
         .collect()
@@ -137,25 +183,31 @@ fn parse_links(s: &str) -> anyhow::Result<Vec<WanLink>> {
 fn model_link(link: WanLink) -> Link {
     Link {
         name: "wan".into(),
-        rate_bps: link.rate_bps,
+        rate_bps: link.model_rate_bps(),
         rtt: Duration::from_millis(link.rtt_ms),
-        per_flow_window_bytes: DEFAULT_WINDOW_BYTES,
+        per_flow_window_bytes: link.window_bytes(),
         replication_budget_bps: None,
     }
 }
 
 /// The model's fleet: one link, each VM with `stale` bytes and no growth.
-fn model_fleet(link: WanLink, mem: u64, vms: &[(String, u64)]) -> anyhow::Result<Fleet> {
+fn model_fleet(
+    link: WanLink,
+    mem: u64,
+    vms: &[(String, u64)],
+    costs: Costs,
+) -> anyhow::Result<Fleet> {
     let vms = vms
         .iter()
         .map(|(name, stale)| {
             let mut v = Vm::idle(name.clone(), 0, *stale);
             v.memory_bytes = mem;
             v.working_set_bytes = mem;
+            v.max_rate_bps = link.flow_cap_bps();
             v
         })
         .collect();
-    Ok(Fleet::new(vec![model_link(link)], vms, Costs::default())?)
+    Ok(Fleet::new(vec![model_link(link)], vms, costs)?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -165,9 +217,13 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.trim().parse())
         .collect::<Result<_, _>>()
         .context("FAULTLINE_BENCH_FLEET: fleet sizes, e.g. 4,8")?;
-    let links = parse_links(
+    let mut links = parse_links(
         &std::env::var("FAULTLINE_BENCH_LINKS").unwrap_or_else(|_| "100M:20,1G:50".into()),
     )?;
+    let stated_bdp = std::env::var("FAULTLINE_BENCH_STATED_BDP").map_or(true, |v| v != "0");
+    for l in &mut links {
+        l.stated_bdp = stated_bdp;
+    }
     let mem = env_size("FAULTLINE_BENCH_BYTES", 256 << 20);
     let schedules: Vec<String> = std::env::var("FAULTLINE_BENCH_SCHEDULES")
         .map(|s| s.split(',').map(|x| x.trim().to_string()).collect())
@@ -176,6 +232,10 @@ fn main() -> anyhow::Result<()> {
         bail!("FAULTLINE_BENCH_SCHEDULES: unknown schedule {bad:?} (known: {SCHEDULES:?})");
     }
     let rounds = env_size("FAULTLINE_BENCH_ROUNDS", 1).max(1);
+    // `off` by default: then the bytes that cross are the stale bytes (plus QUIC's
+    // overhead), which is what the model is given; with `auto` the planted pages compress
+    // to about 0.6 and every prediction is that much long (docs/fleet.md).
+    let encoding = std::env::var("FAULTLINE_BENCH_ENCODING").unwrap_or_else(|_| "off".into());
     // Source and standby each hold the guest: refuse what would not fit.
     let need = sizes.iter().max().copied().unwrap_or(0) as u64 * mem * 2;
     if need > 16 << 30 {
@@ -186,21 +246,37 @@ fn main() -> anyhow::Result<()> {
         &certs.dir.path().join("orchestrator.crt"),
         &certs.dir.path().join("orchestrator.key"),
     )?;
+    let calibrating = std::env::var("FAULTLINE_BENCH_CALIBRATE").map_or(true, |v| v != "0");
+    for link in &mut links {
+        set_bdp(link);
+        if calibrating {
+            let c = calibrate(&certs, *link, mem, &encoding)
+                .with_context(|| format!("calibrating {}", link.name()))?;
+            emit(&json!({
+                "bench": BENCH, "case": "calibration", "link": link.name(),
+                "flow_bps": c.flow_bps, "aggregate_bps": c.aggregate_bps,
+                "flow_over_rate": c.flow_bps as f64 / link.rate_bps as f64,
+                "aggregate_over_rate": c.aggregate_bps as f64 / link.rate_bps as f64,
+            }));
+            link.calibrated = Some(c);
+        }
+    }
     for &n in &sizes {
         for &link in &links {
+            set_bdp(&link);
             let specs = fleet_specs(n);
             let planted: Vec<(String, u64)> = specs
                 .iter()
                 .map(|s| (s.name.clone(), planted_bytes(mem, s.stale_pct)))
                 .collect();
             // The deadline: 70% of the all-at-once makespan the model predicts.
-            let f = model_fleet(link, mem, &planted)?;
+            let f = model_fleet(link, mem, &planted, Costs::default())?;
             let aao = plan_with(&f, &PlanOptions::new(1e9), Policy::AllAtOnce);
             let deadline_s = DEADLINE_SHARE * aao.totals.makespan_s;
             let mut runs: Vec<(String, Value)> = Vec::new();
             for schedule in &schedules {
                 for round in 0..rounds {
-                    let r = run(&certs, link, mem, &specs, schedule, deadline_s)
+                    let r = run(&certs, link, mem, &specs, schedule, deadline_s, &encoding)
                         .with_context(|| format!("{n} VMs, {}, {schedule}", link.name()))?;
                     let mut line = r.clone();
                     line["bench"] = json!(BENCH);
@@ -216,6 +292,15 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every process the runs start inherits the link's bandwidth-delay product, if stated.
+fn set_bdp(link: &WanLink) {
+    if link.stated_bdp {
+        std::env::set_var("FAULTLINE_EXPECTED_BDP", link.bdp_bytes().to_string());
+    } else {
+        std::env::remove_var("FAULTLINE_EXPECTED_BDP");
+    }
+}
+
 fn planted_bytes(mem: u64, pct: f64) -> u64 {
     (pct / 100.0 * (mem / PAGE) as f64) as u64 * PAGE
 }
@@ -228,9 +313,97 @@ fn run(
     specs: &[VmSpec],
     schedule: &str,
     deadline_s: f64,
+    encoding: &str,
 ) -> anyhow::Result<Value> {
+    let (report, orch, counters) =
+        evacuate(certs, link, mem, specs, schedule, deadline_s, encoding)?;
+    let mut line = compare(link, mem, schedule, &report, true, &orch)?;
+    if let Some(c) = counters {
+        // Toward the standbys: what the bottleneck carried and what its queue dropped.
+        // The ideal on those bytes counts QUIC's headers (and any resends) as bytes that
+        // had to cross; `makespan_over_ideal` counts the stale bytes only.
+        let wire_ideal_s = c.client_to_server.bytes as f64 * 8.0 / link.rate_bps as f64;
+        if let Some(mk) = line["makespan_s"].as_f64() {
+            line["makespan_over_wire_ideal"] = json!(mk / wire_ideal_s);
+        }
+        line["wan_delivered_bytes"] = json!(c.client_to_server.bytes);
+        line["wan_delivered_packets"] = json!(c.client_to_server.packets);
+        line["wan_queue_drops"] = json!(c.client_to_server.dropped_queue);
+    }
+    line["encoding"] = json!(encoding);
+    if let Some(c) = link.calibrated {
+        line["calibrated_flow_bps"] = json!(c.flow_bps);
+        line["calibrated_aggregate_bps"] = json!(c.aggregate_bps);
+    }
+    Ok(line)
+}
+
+/// Measures what one evacuation alone and four at once deliver on this machine through
+/// `link` (40% and 20% of each VM stale, all at once, nominal plan).
+fn calibrate(
+    certs: &Certs,
+    link: WanLink,
+    mem: u64,
+    encoding: &str,
+) -> anyhow::Result<Calibration> {
+    let spec = |i: usize, pct: f64| VmSpec {
+        name: format!("cal{i}"),
+        stale_pct: pct,
+        write_rate: 100,
+    };
+    // (stale bytes, switchover, finish) of each VM of a run.
+    let timeline = |report: &Value| -> anyhow::Result<Vec<(f64, f64, f64)>> {
+        report["vms"]
+            .as_array()
+            .context("the report has no vms")?
+            .iter()
+            .map(|v| {
+                let m = &v["measured"];
+                Ok((
+                    v["pages_stale"].as_u64().context("no pages_stale")? as f64 * PAGE as f64,
+                    f64_of(&m["switchover_s"]).context("no switchover")?,
+                    f64_of(&m["finish_s"]).context("no finish")?,
+                ))
+            })
+            .collect()
+    };
+    let alone = evacuate(
+        certs,
+        link,
+        mem,
+        &[spec(0, 40.0)],
+        "all-at-once",
+        3600.0,
+        encoding,
+    )?;
+    let one = timeline(&alone.0)?;
+    let flow_bps = one[0].0 * 8.0 / (one[0].2 - one[0].1).max(1e-3);
+    let specs: Vec<VmSpec> = (0..4).map(|i| spec(i, 20.0)).collect();
+    let four = evacuate(certs, link, mem, &specs, "all-at-once", 3600.0, encoding)?;
+    let all = timeline(&four.0)?;
+    let bytes: f64 = all.iter().map(|v| v.0).sum();
+    let first = all.iter().map(|v| v.1).fold(f64::INFINITY, f64::min);
+    let last = all.iter().map(|v| v.2).fold(0.0, f64::max);
+    let aggregate_bps = bytes * 8.0 / (last - first).max(1e-3);
+    Ok(Calibration {
+        flow_bps: flow_bps as u64,
+        aggregate_bps: aggregate_bps as u64,
+    })
+}
+
+/// Starts the fleet and evacuates it with `schedule`; every digest must be equal. The
+/// orchestrator's report, its process, the emulator's counters.
+fn evacuate(
+    certs: &Certs,
+    link: WanLink,
+    mem: u64,
+    specs: &[VmSpec],
+    schedule: &str,
+    deadline_s: f64,
+    encoding: &str,
+) -> anyhow::Result<(Value, Finished, Option<wan_emu::WanCounters>)> {
     let size = mem.to_string();
-    let cfg = LinkConfig::new(Duration::from_millis(link.rtt_ms / 2), link.rate_bps);
+    let cfg = LinkConfig::new(Duration::from_millis(link.rtt_ms), link.rate_bps);
     let mut wan: Option<WanEmulator> = None;
     let mut pairs = Vec::new();
     for s in specs {
@@ -276,6 +449,8 @@ fn run(
             &orch,
             "--evacuate-connect",
             &relay.to_string(),
+            "--encoding",
+            encoding,
         ];
         let source = Background::replicate(certs, &standby.addr, &args);
         pairs.push((s.clone(), port, standby, source, dir));
@@ -298,7 +473,6 @@ fn run(
     ])
     .wait(TIMEOUT);
     let report = orch.json.clone();
-    let mut digests_equal = true;
     let mut failures = Vec::new();
     for (s, _, standby, source, _) in pairs {
         let src = source.wait(TIMEOUT);
@@ -307,7 +481,6 @@ fn run(
             .and_then(|()| check(&dst, "standby"))
             .and_then(|()| check_digests(&src, &dst))
         {
-            digests_equal = false;
             failures.push(format!("{}: {e:#}", s.name));
         }
     }
@@ -317,8 +490,8 @@ fn run(
     if report["ok"] != true {
         bail!("faultline evacuate failed: {} {}", report, orch.stderr);
     }
-    drop(wan);
-    compare(link, mem, schedule, &report, digests_equal, &orch)
+    let counters = wan.take().map(|w| w.counters());
+    Ok((report, orch, counters))
 }
 
 /// The plan file: one link as emulated, the VMs' control endpoints, the deadline.
@@ -331,18 +504,22 @@ fn plan_file(
 ) -> anyhow::Result<PathBuf> {
     let mut s = format!(
         "deadline = {deadline_s:.3}\ncert = {:?}\nkey = {:?}\npeer_cert = {:?}\n\n\
-         [[link]]\nname = \"wan\"\nrate_bps = {}\nrtt_ms = {}\nwindow_bytes = {DEFAULT_WINDOW_BYTES}\n",
+         [[link]]\nname = \"wan\"\nrate_bps = {}\nrtt_ms = {}\nwindow_bytes = {}\n",
         certs.cert("orchestrator"),
         certs.key("orchestrator"),
         certs.cert("source"),
-        link.rate_bps,
+        link.model_rate_bps(),
         link.rtt_ms,
+        link.window_bytes(),
     );
     for (spec, port, ..) in pairs {
         s += &format!(
             "\n[[vm]]\nname = {:?}\nlink = \"wan\"\nmemory_bytes = {mem}\ncontrol = \"127.0.0.1:{port}\"\n",
             spec.name
         );
+        if let Some(cap) = link.flow_cap_bps() {
+            s += &format!("max_rate_bps = {cap}\n");
+        }
     }
     let path = certs.dir.path().join("fleet.toml");
     std::fs::write(&path, s)?;
@@ -365,13 +542,49 @@ fn compare(
     let vms = report["vms"].as_array().context("the report has no vms")?;
     let deadline_s = f64_of(&report["deadline_s"]).context("no deadline_s")?;
     let mut measured_fleet = Vec::new();
+    let mut setups = Vec::new();
     for v in vms {
         let name = v["name"].as_str().context("a vm without a name")?;
         let pages = v["pages_stale"].as_u64().context("no pages_stale")?;
         measured_fleet.push((name.to_string(), pages * PAGE));
+        let m = &v["measured"];
+        if let (Some(start), Some(switchover)) = (f64_of(&m["start_s"]), f64_of(&m["switchover_s"]))
+        {
+            setups.push(switchover - start);
+        }
     }
-    let f = model_fleet(link, mem, &measured_fleet)?;
+    // The fleet as measured: its stale bytes, and the setup its VMs took (the median; the
+    // model's default, 3 RTT + 50 ms, leaves out the source's own preparation).
+    let mut costs = Costs::default();
+    let setup_s = (!setups.is_empty()).then(|| median(&setups));
+    if let Some(s) = setup_s {
+        let rtts = costs.handshake_rtts * link.rtt_ms as f64 / 1e3;
+        costs.switchover = Duration::from_secs_f64((s - rtts).max(0.0));
+    }
+    let f = model_fleet(link, mem, &measured_fleet, costs)?;
     let predicted = plan_with(&f, &PlanOptions::new(deadline_s), policy(schedule));
+    // The simulator on the schedule as it ran: each VM released at its measured start
+    // (the orchestrator re-plans from measurements, so its starts differ from the plan's).
+    let starts: Vec<f64> = vms
+        .iter()
+        .map(|v| f64_of(&v["measured"]["start_s"]).unwrap_or(0.0))
+        .collect();
+    let mut order: Vec<usize> = (0..vms.len()).collect();
+    order.sort_by(|&a, &b| starts[a].total_cmp(&starts[b]));
+    let replayed = simulate(
+        &f,
+        &Schedule {
+            links: vec![LinkSchedule {
+                order,
+                concurrency: vms.len(),
+                sharing: Sharing::Fair,
+                prestart: false,
+            }],
+        },
+        &SimOptions::replay(starts),
+    )
+    .context("replaying the run in the simulator")?;
+    let mut replay_errors = Vec::new();
     let mut errors = Vec::new();
     let (mut pred_fin, mut meas_fin) = (Vec::new(), Vec::new());
     let mut same_order = true;
@@ -382,6 +595,9 @@ fn compare(
         let pred = p.finish_s.context("no predicted finish")?;
         let err = (meas - pred) / pred;
         errors.push(err.abs());
+        let replay = replayed.vms[i].finish_s;
+        let replay_err = (meas - replay) / replay;
+        replay_errors.push(replay_err.abs());
         pred_fin.push(pred);
         meas_fin.push(meas);
         if p.order != v["planned"]["order"].as_u64().map(|o| o as usize) {
@@ -397,6 +613,7 @@ fn compare(
             "finish_predicted_s": pred, "finish_s": meas,
             "orchestrator_finish_s": v["planned"]["finish_s"],
             "rel_error": err,
+            "finish_replayed_s": replay, "replay_rel_error": replay_err,
         }));
     }
     let n = vms.len() as f64;
@@ -412,12 +629,16 @@ fn compare(
         "link": link.name(), "vms": vms.len(), "schedule": schedule,
         "bytes_per_vm": mem, "bytes_to_cross": crossing, "udp_bytes_sent": sent,
         "error_median": median(&errors), "error_worst": max(&errors),
+        "replay_error_median": median(&replay_errors),
+        "replay_error_worst": max(&replay_errors),
+        "replay_makespan_error": (mk_meas - replayed.makespan_s()) / replayed.makespan_s(),
         "makespan_predicted_s": mk_pred, "makespan_s": mk_meas,
         "makespan_error": (mk_meas - mk_pred) / mk_pred,
         "mean_completion_predicted_s": mean(&pred_fin), "mean_completion_s": mean(&meas_fin),
         "ideal_s": ideal_s, "makespan_over_ideal": mk_meas / ideal_s,
         "deadline_s": deadline_s, "saved": saved, "saved_predicted": saved_pred,
         "orchestrator_planned_makespan_s": report["totals"]["planned_makespan_s"],
+        "setup_median_s": setup_s,
         "same_order_as_run": same_order, "digests_equal": digests_equal,
         "orchestrator_stderr_lines": orch.stderr.lines().count(),
     }))
@@ -476,6 +697,9 @@ fn summary(n: usize, link: WanLink, runs: &[(String, Value)]) -> Value {
             ratio("makespan_over_ideal"),
         "planner_makespan_over_ideal": planner_over_ideal,
         "all_at_once_makespan_over_ideal": med("all-at-once", "makespan_over_ideal"),
+        "planner_makespan_over_wire_ideal": med("planner", "makespan_over_wire_ideal"),
+        "replay_worst_vm_error": runs.iter().filter_map(|(_, r)| r["replay_error_worst"].as_f64()).fold(0.0, f64::max),
+        "replay_worst_makespan_error": runs.iter().filter_map(|(_, r)| r["replay_makespan_error"].as_f64().map(f64::abs)).fold(0.0, f64::max),
         "saved_planner": saved_p, "saved_all_at_once": saved_a,
         "saved_smallest_first": med("smallest-first", "saved"),
         "per_run_median_error": errs.to_json(),
