@@ -8,29 +8,41 @@
 //! stale pages at its evacuation (`--stale-pct`, spread from 5% to 40% over the fleet, in a
 //! shuffled order) and writes at a different rate while it replicates. Every evacuation goes
 //! through `--evacuate-connect` to ONE [`WanEmulator`]: one route per standby
-//! ([`WanEmulator::add_route`]), all routes sharing the same rate, queue and delay. The plan
-//! file states the same link (rate, RTT, the default per-flow window, which the processes
-//! use too) and a deadline of 70% of the all-at-once makespan the model predicts from the
-//! planted stale bytes, so that it binds.
+//! ([`WanEmulator::add_route`]), all routes sharing the same rate, queue and delay. The
+//! processes are told the path's bandwidth-delay product (`FAULTLINE_EXPECTED_BDP`, as
+//! docs/wan.md says to), and evacuate with `--encoding off` (`FAULTLINE_BENCH_ENCODING`), so
+//! that the bytes that cross are the stale bytes the model is given. The plan file states
+//! the same link (rate, RTT, the window 1.25 × BDP) and a deadline of 70% of the
+//! all-at-once makespan the model predicts from the planted stale bytes, so that it binds.
 //!
-//! The prediction per VM is the model's (`fleet::plan::plan_with`, the same schedule policy,
-//! nominal rate) on the fleet as measured: each VM's stale bytes are the pages that really
-//! crossed, no growth while waiting (the sources stop writing when asked to evacuate).
-//! `orchestrator_finish_s` is what the orchestrator itself predicted at time 0 from the
-//! sources' status. Times are seconds from the orchestrator's start (after the sources
-//! answered).
+//! Calibration (`FAULTLINE_BENCH_CALIBRATE=0` to skip): before the fleets, per link, one VM
+//! alone and four at once are evacuated; what one evacuation and four together delivered
+//! (on a 2-core machine the processes, not the emulated link, can be the bottleneck) are
+//! given to the model and to the plan file as each VM's `max_rate_bps` (if below the link's
+//! rate) and as the link's rate. The ideal keeps the nominal rate.
 //!
-//! Lines (`case`): `vm` (per VM and run), `run` (per run: median and worst per-VM error,
-//! makespan and mean completion predicted against measured, saved by the deadline, the ideal
-//! makespan = bytes that must cross × 8 / rate), `summary` (per fleet size and link: the
-//! ranking of the three schedules by mean completion, model against measured; planner
-//! against all at once; the targets, pass or fail). Every VM's memory digest must be
-//! equal on both sides, or the bench fails.
+//! Two predictions per VM: the model's plan (`fleet::plan::plan_with`, the same schedule
+//! policy) on the fleet as measured (each VM's stale bytes are the pages that crossed, no
+//! growth while waiting, the run's median setup); and the **replay**, the simulator given
+//! the schedule as it ran (each VM released at its measured start,
+//! [`SimOptions::replay`]), which checks the flow model apart from the orchestrator's
+//! re-planning decisions. `orchestrator_finish_s` is what the orchestrator itself
+//! predicted at time 0 from the sources' status. Times are seconds from the
+//! orchestrator's start (after the sources answered).
+//!
+//! Lines (`case`): `calibration` (per link), `vm` (per VM and run), `run` (per run: median
+//! and worst per-VM error of the plan and of the replay, makespan and mean completion
+//! predicted against measured, saved by the deadline, the ideal makespan = stale bytes × 8
+//! / nominal rate, and on the bytes the emulator carried, its queue drops), `summary` (per
+//! fleet size and link: the ranking of the three schedules by mean completion, model
+//! against measured; planner against all at once; the targets, pass or fail).
+//! Every VM's memory digest must be equal on both sides, or the bench fails.
 //!
 //! Environment: `FAULTLINE_BENCH_FLEET` (fleet sizes, `4,8`), `FAULTLINE_BENCH_LINKS`
 //! (`100M:20,1G:50`: rate and RTT in ms), `FAULTLINE_BENCH_BYTES` (each VM, `256M`),
 //! `FAULTLINE_BENCH_SCHEDULES` (`planner,all-at-once,smallest-first`),
-//! `FAULTLINE_BENCH_ROUNDS` (repeats of each run, 1).
+//! `FAULTLINE_BENCH_ROUNDS` (repeats of each run, 1), `FAULTLINE_BENCH_ENCODING` (`off`),
+//! `FAULTLINE_BENCH_STATED_BDP` (`0`: the default window instead), `FAULTLINE_BENCH_CALIBRATE`.
 
 use std::path::PathBuf;
 use std::time::Duration;

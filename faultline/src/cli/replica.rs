@@ -345,17 +345,20 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             let stale = replicator.stale_pages();
             let acked = replicator.stats().pages_acked.load(Ordering::Relaxed);
             let (bps, growth_bps) = dirty_rate.sample(stale, acked);
-            // With --stale-pct (and --stale-moved-pct) those pages will be stale at the
-            // evacuation too: report what will cross, as the evacuation's start does.
+            // With --stale-pct (and --stale-moved-pct) the evacuation first lets
+            // replication catch up, then makes exactly those pages stale: report what will
+            // cross, the planted pages only (the stale count now is replication's lag).
             let planted = [a.stale_pct, a.stale_moved_pct]
                 .iter()
                 .flatten()
                 .map(|p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64)
                 .sum::<u64>();
+            let crossing = if a.stale_pct.is_some() { planted } else { stale };
             c.update(|s| {
-                s.stale_bytes = (stale + planted) * PAGE;
+                s.stale_bytes = crossing * PAGE;
                 s.dirty_rate_bps = bps;
-                s.stale_growth_bps = Some(growth_bps);
+                // Planted pages do not grow while the VM waits.
+                s.stale_growth_bps = Some(if a.stale_pct.is_some() { 0 } else { growth_bps });
             });
         }
         if !a.json {
