@@ -262,8 +262,13 @@ fn main() -> anyhow::Result<()> {
     for link in &mut links {
         set_bdp(link);
         if calibrating {
-            let c = calibrate(&certs, *link, mem, &encoding)
-                .with_context(|| format!("calibrating {}", link.name()))?;
+            let bed = Bed {
+                certs: &certs,
+                link: *link,
+                mem,
+                encoding: &encoding,
+            };
+            let c = calibrate(bed).with_context(|| format!("calibrating {}", link.name()))?;
             emit(&json!({
                 "bench": BENCH, "case": "calibration", "link": link.name(),
                 "flow_bps": c.flow_bps, "aggregate_bps": c.aggregate_bps,
@@ -288,7 +293,13 @@ fn main() -> anyhow::Result<()> {
             let mut runs: Vec<(String, Value)> = Vec::new();
             for schedule in &schedules {
                 for round in 0..rounds {
-                    let r = run(&certs, link, mem, &specs, schedule, deadline_s, &encoding)
+                    let bed = Bed {
+                        certs: &certs,
+                        link,
+                        mem,
+                        encoding: &encoding,
+                    };
+                    let r = run(bed, &specs, schedule, deadline_s)
                         .with_context(|| format!("{n} VMs, {}, {schedule}", link.name()))?;
                     let mut line = r.clone();
                     line["bench"] = json!(BENCH);
@@ -317,18 +328,25 @@ fn planted_bytes(mem: u64, pct: f64) -> u64 {
     (pct / 100.0 * (mem / PAGE) as f64) as u64 * PAGE
 }
 
-/// Starts the fleet, evacuates it with `schedule`, checks every digest, compares.
-fn run(
-    certs: &Certs,
+/// What every run over one link shares.
+#[derive(Clone, Copy)]
+struct Bed<'a> {
+    certs: &'a Certs,
     link: WanLink,
+    /// Each VM's memory, bytes.
     mem: u64,
-    specs: &[VmSpec],
-    schedule: &str,
-    deadline_s: f64,
-    encoding: &str,
-) -> anyhow::Result<Value> {
-    let (report, orch, counters) =
-        evacuate(certs, link, mem, specs, schedule, deadline_s, encoding)?;
+    encoding: &'a str,
+}
+
+/// Starts the fleet, evacuates it with `schedule`, checks every digest, compares.
+fn run(bed: Bed<'_>, specs: &[VmSpec], schedule: &str, deadline_s: f64) -> anyhow::Result<Value> {
+    let Bed {
+        link,
+        mem,
+        encoding,
+        ..
+    } = bed;
+    let (report, orch, counters) = evacuate(bed, specs, schedule, deadline_s)?;
     let mut line = compare(link, mem, schedule, &report, true, &orch)?;
     if let Some(c) = counters {
         // Toward the standbys: what the bottleneck carried and what its queue dropped.
@@ -352,12 +370,7 @@ fn run(
 
 /// Measures what one evacuation alone and four at once deliver on this machine through
 /// `link` (40% and 20% of each VM stale, all at once, nominal plan).
-fn calibrate(
-    certs: &Certs,
-    link: WanLink,
-    mem: u64,
-    encoding: &str,
-) -> anyhow::Result<Calibration> {
+fn calibrate(bed: Bed<'_>) -> anyhow::Result<Calibration> {
     let spec = |i: usize, pct: f64| VmSpec {
         name: format!("cal{i}"),
         stale_pct: pct,
@@ -379,19 +392,11 @@ fn calibrate(
             })
             .collect()
     };
-    let alone = evacuate(
-        certs,
-        link,
-        mem,
-        &[spec(0, 40.0)],
-        "all-at-once",
-        3600.0,
-        encoding,
-    )?;
+    let alone = evacuate(bed, &[spec(0, 40.0)], "all-at-once", 3600.0)?;
     let one = timeline(&alone.0)?;
     let flow_bps = one[0].0 * 8.0 / (one[0].2 - one[0].1).max(1e-3);
     let specs: Vec<VmSpec> = (0..4).map(|i| spec(i, 20.0)).collect();
-    let four = evacuate(certs, link, mem, &specs, "all-at-once", 3600.0, encoding)?;
+    let four = evacuate(bed, &specs, "all-at-once", 3600.0)?;
     let all = timeline(&four.0)?;
     let bytes: f64 = all.iter().map(|v| v.0).sum();
     let first = all.iter().map(|v| v.1).fold(f64::INFINITY, f64::min);
@@ -406,14 +411,17 @@ fn calibrate(
 /// Starts the fleet and evacuates it with `schedule`; every digest must be equal. The
 /// orchestrator's report, its process, the emulator's counters.
 fn evacuate(
-    certs: &Certs,
-    link: WanLink,
-    mem: u64,
+    bed: Bed<'_>,
     specs: &[VmSpec],
     schedule: &str,
     deadline_s: f64,
-    encoding: &str,
 ) -> anyhow::Result<(Value, Finished, Option<wan_emu::WanCounters>)> {
+    let Bed {
+        certs,
+        link,
+        mem,
+        encoding,
+    } = bed;
     let size = mem.to_string();
     let cfg = LinkConfig::new(Duration::from_millis(link.rtt_ms), link.rate_bps);
     let mut wan: Option<WanEmulator> = None;

@@ -353,7 +353,11 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
                 .flatten()
                 .map(|p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64)
                 .sum::<u64>();
-            let crossing = if a.stale_pct.is_some() { planted } else { stale };
+            let crossing = if a.stale_pct.is_some() {
+                planted
+            } else {
+                stale
+            };
             c.update(|s| {
                 s.stale_bytes = crossing * PAGE;
                 s.dirty_rate_bps = bps;
