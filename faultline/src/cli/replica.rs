@@ -680,7 +680,10 @@ impl DirtyRate {
     /// A new sample of the stale and acknowledged counts; the estimates in bits per
     /// second: (dirty rate, net growth of the stale set).
     fn sample(&mut self, stale: u64, acked: u64) -> (u64, u64) {
-        let now = Instant::now();
+        self.sample_at(Instant::now(), stale, acked)
+    }
+
+    fn sample_at(&mut self, now: Instant, stale: u64, acked: u64) -> (u64, u64) {
         match self.last {
             Some((t, s0, a0)) if now.duration_since(t) >= Duration::from_millis(500) => {
                 let dt = now.duration_since(t).as_secs_f64();
@@ -851,4 +854,48 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BITS_PER_PAGE: u64 = PAGE * 8;
+
+    #[test]
+    fn replication_that_keeps_up_is_dirty_rate_without_growth() {
+        let t0 = Instant::now();
+        let mut r = DirtyRate::default();
+        assert_eq!(
+            r.sample_at(t0, 100, 0),
+            (0, 0),
+            "no estimate from one sample"
+        );
+        // 1,000 pages acknowledged in a second, the stale count unchanged: 1,000 pages/s
+        // dirtied (half of it after one smoothing step), nothing grows.
+        let (dirty, growth) = r.sample_at(t0 + Duration::from_secs(1), 100, 1000);
+        assert_eq!(dirty, 500 * BITS_PER_PAGE);
+        assert_eq!(growth, 0);
+        let (dirty, growth) = r.sample_at(t0 + Duration::from_secs(2), 100, 2000);
+        assert_eq!(dirty, 750 * BITS_PER_PAGE);
+        assert_eq!(growth, 0);
+    }
+
+    #[test]
+    fn a_growing_stale_set_counts_in_both_and_shrinking_is_not_negative() {
+        let t0 = Instant::now();
+        let mut r = DirtyRate::default();
+        r.sample_at(t0, 0, 0);
+        // 400 more stale and 600 acknowledged in a second: 1,000 dirtied, 400 grew.
+        let (dirty, growth) = r.sample_at(t0 + Duration::from_secs(1), 400, 600);
+        assert_eq!((dirty, growth), (500 * BITS_PER_PAGE, 200 * BITS_PER_PAGE));
+        // Samples closer than 500 ms apart change nothing.
+        assert_eq!(
+            r.sample_at(t0 + Duration::from_millis(1200), 10_000, 600),
+            (dirty, growth)
+        );
+        // Replication catching up: the stale count falls; growth decays, never below 0.
+        let (_, growth) = r.sample_at(t0 + Duration::from_secs(2), 0, 1000);
+        assert_eq!(growth, 100 * BITS_PER_PAGE);
+    }
 }
