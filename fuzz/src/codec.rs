@@ -142,5 +142,9 @@ pub fn seeds() -> Vec<Vec<u8>> {
             .flatten()
             .collect(),
     );
+    // A zero run longer than a `Pages` message: its own frame type.
+    if let Some(run) = transport::message::Pages::zeros(3, 1000) {
+        out.push(encode_to_vec(&transport::message::Message::Pages(run)));
+    }
     out
 }

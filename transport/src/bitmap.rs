@@ -87,6 +87,23 @@ impl Bitmap {
         }
     }
 
+    /// First set bit at or after `from`, if any.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        if from >= self.len {
+            return None;
+        }
+        let mut wi = (from / 64) as usize;
+        let mut word = self.words[wi] & !((1u64 << (from % 64)) - 1);
+        loop {
+            if word != 0 {
+                let i = wi as u64 * 64 + u64::from(word.trailing_zeros());
+                return (i < self.len).then_some(i);
+            }
+            wi += 1;
+            word = *self.words.get(wi)?;
+        }
+    }
+
     /// Raw words, for persisting or sending the bitmap.
     pub fn words(&self) -> &[u64] {
         &self.words
@@ -147,6 +164,21 @@ impl Bitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_set_finds_the_first_set_bit_at_or_after() {
+        let mut b = Bitmap::new(200);
+        assert_eq!(b.next_set(0), None);
+        b.set(3);
+        b.set(64);
+        b.set(199);
+        assert_eq!(b.next_set(0), Some(3));
+        assert_eq!(b.next_set(3), Some(3));
+        assert_eq!(b.next_set(4), Some(64));
+        assert_eq!(b.next_set(65), Some(199));
+        assert_eq!(b.next_set(200), None);
+        assert_eq!(b.next_set(u64::MAX), None);
+    }
 
     #[test]
     fn set_counts_each_bit_once() {

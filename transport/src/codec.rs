@@ -10,7 +10,7 @@ use thiserror::Error;
 use crate::message::{
     DiskDesc, ErrorCode, Layout, Message, PageKind, Pages, RegionDesc, SessionKind, SetKind,
     MAX_ACKS, MAX_DISKS, MAX_PAGES_PER_MESSAGE, MAX_REGIONS, MAX_REQUEST_PAGES, MAX_SET_WORDS,
-    MAX_STATE, MAX_TEXT, PAGE_SIZE,
+    MAX_STATE, MAX_TEXT, MAX_ZERO_RUN, PAGE_SIZE,
 };
 
 /// Bytes of the frame header (`len` and `type`).
@@ -33,6 +33,12 @@ const T_PAGE_SET: u8 = 11;
 const T_VM_STATE: u8 = 12;
 const T_RESUME: u8 = 13;
 const T_RESUME_ACK: u8 = 14;
+/// A `Pages` message of zero pages only, as `first: u64 | count: u32`, for zero runs
+/// longer than [`MAX_PAGES_PER_MESSAGE`] and at most [`MAX_ZERO_RUN`] pages (which only a
+/// source that negotiated [`crate::message::FEATURE_ZERO_RUNS`] builds). Shorter runs keep
+/// the `Pages` form that every peer reads, and only that one is accepted for them, so each
+/// message has one encoding.
+const T_ZERO_RUN: u8 = 15;
 
 /// Why bytes are not a valid frame. A session that receives one fails and tells the peer
 /// with [`ErrorCode::Malformed`].
@@ -83,6 +89,10 @@ pub enum CodecError {
     /// An `Update` gave a page version 0, which is reserved for "nothing stored".
     #[error("version 0 is reserved for 'nothing stored'")]
     ZeroVersion,
+    /// A `ZeroRun` frame of this many pages, which a `Pages` message carries: each message
+    /// has one encoding, so the decoder refuses the other.
+    #[error("a zero run of {0} pages must be sent as a Pages message")]
+    ShortZeroRun(usize),
 }
 
 /// Appends the frame of `msg` to `out`.
@@ -152,6 +162,11 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             for p in pages {
                 out.extend_from_slice(&p.to_le_bytes());
             }
+        }
+        Message::Pages(p) if p.count() > MAX_PAGES_PER_MESSAGE && p.is_zero_run() => {
+            out.push(T_ZERO_RUN);
+            out.extend_from_slice(&p.first.to_le_bytes());
+            out.extend_from_slice(&(p.count() as u32).to_le_bytes());
         }
         Message::Pages(p) => {
             out.push(T_PAGES);
@@ -379,6 +394,30 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
             Message::Request { pages }
         }
         T_PAGES => Message::Pages(decode_pages(body, false)?.0),
+        T_ZERO_RUN => {
+            const W: &str = "ZeroRun";
+            let first = get_u64(&mut body, W)?;
+            let count = get_u32(&mut body, W)? as usize;
+            finish(&body, W)?;
+            if count == 0 || count > MAX_ZERO_RUN {
+                return Err(CodecError::Limit {
+                    what: "pages in one zero run",
+                    value: count,
+                    limit: MAX_ZERO_RUN,
+                });
+            }
+            if count <= MAX_PAGES_PER_MESSAGE {
+                return Err(CodecError::ShortZeroRun(count));
+            }
+            if first.checked_add(count as u64).is_none() {
+                return Err(CodecError::PageOverflow);
+            }
+            Message::Pages(Pages::zeros(first, count).ok_or(CodecError::Limit {
+                what: "pages in one zero run",
+                value: count,
+                limit: MAX_ZERO_RUN,
+            })?)
+        }
         T_UPDATE => {
             let (pages, versions) = decode_pages(body, true)?;
             Message::Update { pages, versions }
@@ -723,6 +762,89 @@ mod tests {
             panic!("raw expected")
         };
         assert_eq!(last[7], 9);
+    }
+
+    #[test]
+    fn long_zero_runs_cross_as_one_small_frame() {
+        let run = Pages::zeros(1 << 40, MAX_ZERO_RUN).unwrap();
+        let buf = encode_to_vec(&Message::Pages(run.clone()));
+        assert_eq!(buf.len(), HEADER_LEN + 12);
+        assert_eq!(buf[4], T_ZERO_RUN);
+        roundtrip(Message::Pages(run));
+        roundtrip(Message::Pages(
+            Pages::zeros(7, MAX_PAGES_PER_MESSAGE + 1).unwrap(),
+        ));
+        // Up to a message's worth they keep the `Pages` form every peer reads.
+        let short = Pages::zeros(7, MAX_PAGES_PER_MESSAGE).unwrap();
+        let buf = encode_to_vec(&Message::Pages(short.clone()));
+        assert_eq!(buf[4], T_PAGES);
+        roundtrip(Message::Pages(short));
+        let (Message::Pages(p), _) = decode(&buf).unwrap().unwrap() else {
+            panic!("pages expected")
+        };
+        assert!(p.is_zero_run());
+        assert!(p.iter().all(|(_, r)| r == PageRef::Zero));
+        assert!(!sample_pages().is_zero_run());
+        assert!(Pages::zeros(0, 0).is_none());
+        assert!(Pages::zeros(0, MAX_ZERO_RUN + 1).is_none());
+    }
+
+    #[test]
+    fn malformed_zero_runs_are_refused() {
+        let frame = |body: &[u8]| {
+            let mut b = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+            b.push(T_ZERO_RUN);
+            b.extend_from_slice(body);
+            b
+        };
+        let body = |first: u64, count: u32| {
+            let mut b = first.to_le_bytes().to_vec();
+            b.extend_from_slice(&count.to_le_bytes());
+            b
+        };
+        assert!(matches!(
+            decode(&frame(&body(0, 0))),
+            Err(CodecError::Limit { value: 0, .. })
+        ));
+        assert!(matches!(
+            decode(&frame(&body(0, MAX_ZERO_RUN as u32 + 1))),
+            Err(CodecError::Limit { .. })
+        ));
+        assert!(matches!(
+            decode(&frame(&body(0, u32::MAX))),
+            Err(CodecError::Limit { .. })
+        ));
+        assert_eq!(
+            decode(&frame(&body(u64::MAX - 300, 400))),
+            Err(CodecError::PageOverflow)
+        );
+        assert_eq!(
+            decode(&frame(&body(0, 300)[..11])),
+            Err(CodecError::Truncated("ZeroRun"))
+        );
+        let mut long = body(0, 300);
+        long.push(0);
+        assert_eq!(
+            decode(&frame(&long)),
+            Err(CodecError::Trailing("ZeroRun", 1))
+        );
+        // A run a `Pages` message carries has that encoding only.
+        assert_eq!(
+            decode(&frame(&body(5, 3))),
+            Err(CodecError::ShortZeroRun(3))
+        );
+        let n = MAX_PAGES_PER_MESSAGE as u32;
+        assert_eq!(
+            decode(&frame(&body(5, n))),
+            Err(CodecError::ShortZeroRun(n as usize))
+        );
+        assert_eq!(
+            decode(&frame(&body(5, n + 1))),
+            Ok(Some((
+                Message::Pages(Pages::zeros(5, n as usize + 1).unwrap()),
+                HEADER_LEN + 12
+            )))
+        );
     }
 
     #[test]

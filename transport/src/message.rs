@@ -12,6 +12,14 @@ pub const PAGE_SIZE: usize = 4096;
 /// Most pages a single `Pages` message may carry (1 MiB of raw data).
 pub const MAX_PAGES_PER_MESSAGE: usize = 256;
 
+/// Most pages one zero run (a `Pages` of zero pages only, sent as a `ZeroRun` frame once
+/// [`FEATURE_ZERO_RUNS`] was negotiated) may cover: 256 MiB.
+pub const MAX_ZERO_RUN: usize = 65536;
+
+/// The kinds of the longest zero run, shared by every zero run built or decoded here
+/// ([`Pages::zeros`]), so none allocates.
+static ZERO_KINDS: [u8; MAX_ZERO_RUN] = [PageKind::Zero as u8; MAX_ZERO_RUN];
+
 /// Most page indices a single `Request` may name.
 pub const MAX_REQUEST_PAGES: usize = 4096;
 
@@ -213,8 +221,29 @@ impl Pages {
         }
     }
 
+    /// `count` zero pages from page `first`, without allocating; `None` for a count of 0
+    /// or above [`MAX_ZERO_RUN`].
+    pub fn zeros(first: u64, count: usize) -> Option<Pages> {
+        if count == 0 {
+            return None;
+        }
+        Some(Pages {
+            first,
+            kinds: Bytes::from_static(ZERO_KINDS.get(..count)?),
+            payload: Bytes::new(),
+        })
+    }
+
+    /// Whether every page of the run is a zero page (and it has pages): a run that
+    /// [`Pages::zeros`] could have built.
+    pub fn is_zero_run(&self) -> bool {
+        !self.kinds.is_empty()
+            && self.payload.is_empty()
+            && self.kinds.iter().all(|&k| k == PageKind::Zero as u8)
+    }
+
     /// Pages in the run (one kind byte each); 1 to [`MAX_PAGES_PER_MESSAGE`] in a decoded
-    /// message.
+    /// message, or to [`MAX_ZERO_RUN`] for a run of zero pages.
     pub fn count(&self) -> usize {
         self.kinds.len()
     }
@@ -372,6 +401,12 @@ pub const FEATURE_LZ4: u64 = 1 << 0;
 
 /// Feature bit: `Pages` may carry [`PageKind::Ref`] pages.
 pub const FEATURE_DEDUP: u64 = 1 << 1;
+
+/// Feature bit: runs of zero pages may be longer than [`MAX_PAGES_PER_MESSAGE`], up to
+/// [`MAX_ZERO_RUN`] pages; such a run crosses as one `ZeroRun` frame (first page and
+/// count). Decoders accept the frame whatever was negotiated; a source sends it only to
+/// a destination that agreed.
+pub const FEATURE_ZERO_RUNS: u64 = 1 << 2;
 
 /// Payload bytes of a [`PageKind::Ref`]: a page number and an xxh3-128 hash.
 pub const REF_LEN: usize = 24;

@@ -132,6 +132,61 @@ async fn with_encoding_off_only_zero_flags_are_used() {
     assert_eq!(e.chosen, "raw");
 }
 
+/// 4096 pages (16 MiB), all zero but a few scattered data pages.
+fn mostly_zero_image() -> Vec<u8> {
+    let mut v = vec![0u8; 4096 * PAGE_SIZE];
+    for (k, p) in [0usize, 1, 2, 700, 2047, 2048, 4095]
+        .into_iter()
+        .enumerate()
+    {
+        v[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(k as u8 + 1);
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mostly_zero_memory_crosses_as_long_zero_runs_without_reading_them() {
+    for early_push in [true, false] {
+        let img = mostly_zero_image();
+        let reader = Arc::new(common::SparseImage::new(img.clone()));
+        let (src, dst, sink) = migrate_reader(
+            reader.clone(),
+            4096,
+            EncodingPolicy::AUTO,
+            vec![100, 4095],
+            early_push,
+        )
+        .await;
+        assert_eq!(*sink.mem.lock().unwrap(), img, "early push {early_push}");
+        assert_eq!(dst.pages_received, 4096);
+        // Runs longer than a `Pages` message: the zero-run frame was negotiated and used.
+        let longest = sink.longest.load(Ordering::Relaxed);
+        assert!(
+            longest > transport::message::MAX_PAGES_PER_MESSAGE as u64,
+            "longest run {longest}"
+        );
+        // Only the data pages and the demanded pages were read; the zeros were known.
+        let read = reader.read.load(Ordering::Relaxed);
+        assert!(read <= 7 + 2, "{read} pages read");
+        assert!(
+            src.encoding.zero_pages >= 4096 - 7 - 2,
+            "{:?}",
+            src.encoding
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_pages_found_by_reading_also_join_into_long_runs() {
+    let img = mostly_zero_image();
+    // Without the early push, which sends short runs only (nothing is agreed yet).
+    let (_, _, sink, img) = migrate_with(img, EncodingPolicy::OFF, vec![9], false).await;
+    assert_eq!(*sink.mem.lock().unwrap(), img.0);
+    assert!(
+        sink.longest.load(Ordering::Relaxed) > transport::message::MAX_PAGES_PER_MESSAGE as u64
+    );
+}
+
 async fn migrate(
     img: Vec<u8>,
     encoding: EncodingPolicy,
@@ -147,6 +202,18 @@ async fn migrate_with(
     early_push: bool,
 ) -> (SourceReport, DestReport, Arc<MemSink>, Arc<Image>) {
     let pages = img.len() / PAGE_SIZE;
+    let img = Arc::new(Image(img));
+    let (s, d, sink) = migrate_reader(img.clone(), pages, encoding, demand, early_push).await;
+    (s, d, sink, img)
+}
+
+async fn migrate_reader<R: quic::PageReader>(
+    img: Arc<R>,
+    pages: usize,
+    encoding: EncodingPolicy,
+    demand: Vec<u64>,
+    early_push: bool,
+) -> (SourceReport, DestReport, Arc<MemSink>) {
     let src_id = Identity::generate("source").unwrap();
     let dst_id = Identity::generate("dest").unwrap();
     let server = quic::server_endpoint(localhost(), &dst_id, src_id.cert.clone()).unwrap();
@@ -176,7 +243,6 @@ async fn migrate_with(
         r
     });
 
-    let img = Arc::new(Image(img));
     let client = quic::client_endpoint(localhost(), &src_id, dst_id.cert.clone()).unwrap();
     let conn = quic::connect(&client, addr).await.unwrap();
     let session = SourceSession::new(SourceConfig {
@@ -185,9 +251,9 @@ async fn migrate_with(
         early_push,
         ..SourceConfig::migrate("vm", layout)
     });
-    let src_report = quic::run_source(conn, session, img.clone()).await.unwrap();
+    let src_report = quic::run_source(conn, session, img).await.unwrap();
     let dst_report = dest.await.unwrap().unwrap();
-    (src_report, dst_report, sink, img)
+    (src_report, dst_report, sink)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,7 +88,10 @@ impl Destination {
             table.clone(),
             metrics.clone(),
         )
-        .with_register_ioctls(&ioctls);
+        .with_register_ioctls(&ioctls)
+        // Postcopy ends with everything unregistered (`finish`), so zero stretches of
+        // shared memory may be unregistered early and left as the file's holes.
+        .with_zero_holes();
         let fault_loop = match FaultLoop::spawn(
             uffd.clone(),
             regions.clone(),

@@ -5,6 +5,7 @@
 //! installers (demand, push, local cache) race on it: the kernel's EEXIST settles
 //! the race for memory, the table's CAS settles it for counting.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +16,22 @@ use crate::page_table::{PageState, PageTable};
 use crate::uffd::{CopyOutcome, CopyResult, Ioctls, Userfaultfd};
 use crate::PAGE_SIZE;
 
-/// Copy source for shmem, where UFFDIO_ZEROPAGE is not allowed.
-static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+/// Pages of [`ZERO_PAGES`]: the longest zero fill one UFFDIO_COPY makes.
+const ZERO_CHUNK: usize = 64;
+
+/// Copy source of zero pages where UFFDIO_ZEROPAGE is not allowed (the registration did
+/// not report it).
+static ZERO_PAGES: [u8; ZERO_CHUNK * PAGE_SIZE] = [0; ZERO_CHUNK * PAGE_SIZE];
+
+/// Shortest stretch of zero pages of shared memory that [`Installer::install_zero_run`]
+/// leaves as a hole in its file (1 MiB): below it, one fill ioctl is cheap, and every
+/// stretch left as a hole may split the mapping's VMA in up to three.
+pub const HOLE_MIN_PAGES: u64 = 256;
+
+/// Most stretches left as holes that do not extend the previous one: each may add two
+/// VMAs to the process (the kernel's default limit is 65530), so past this the
+/// installer fills zero pages instead.
+const MAX_HOLE_STRETCHES: u64 = 4096;
 
 /// EAGAIN means a non-cooperative event (REMOVE) is pending until the fault loop reads
 /// it; that takes microseconds, so about a second of retrying means something is stuck.
@@ -66,8 +81,11 @@ pub struct RunInstalled {
     pub already_present: u64,
     /// Pages Discarded by the memory owner; their data was not needed.
     pub dropped: u64,
-    /// UFFDIO_COPY calls made.
+    /// Fill ioctls made (UFFDIO_COPY, or UFFDIO_ZEROPAGE for a zero run).
     pub ioctls: u64,
+    /// Of the pages installed, those left as holes of their shared-memory file (see
+    /// [`Installer::install_zero_run`]): no page was allocated or mapped for them.
+    pub holes: u64,
 }
 
 impl RunInstalled {
@@ -90,6 +108,44 @@ pub struct Installer {
     metrics: Arc<Metrics>,
     /// Per region: UFFDIO_ZEROPAGE allowed.
     zeropage: Arc<[bool]>,
+    /// Set by [`Installer::with_zero_holes`]: zero stretches of shared memory whose file is
+    /// still a hole are left that way.
+    holes: Option<Arc<HoleState>>,
+}
+
+/// Bookkeeping of the stretches left as holes, shared by the installer's clones.
+#[derive(Debug, Default)]
+struct HoleState {
+    /// Stretches that did not extend the previous one.
+    stretches: AtomicU64,
+    /// Host address just past the last stretch (one that starts there merges with it).
+    last_end: AtomicU64,
+}
+
+/// Which bytes a run is filled with.
+#[derive(Debug, Clone, Copy)]
+enum Fill<'a> {
+    /// These bytes, a whole number of pages, one page per page of the run.
+    Data(&'a [u8]),
+    /// Zeros.
+    Zero,
+}
+
+/// Whether every page of `[addr, addr + len)` is absent from memory: for a shared
+/// mapping, absent from its file's page cache (a hole); for private memory, not mapped.
+fn is_hole(addr: u64, len: u64) -> bool {
+    let mut vec = vec![0u8; (len / PAGE_SIZE as u64) as usize];
+    // SAFETY: mincore only reads the page tables and page cache of the range and writes
+    // one byte per page into `vec`, which has exactly that many; it does not fault pages
+    // in, so it touches no guest memory. A range that is not mapped fails with ENOMEM.
+    let ret = unsafe { libc::mincore(addr as *mut libc::c_void, len as usize, vec.as_mut_ptr()) };
+    ret == 0 && vec.iter().all(|b| b & 1 == 0)
+}
+
+/// The kernel's answer to a fill of a range no longer registered: someone left it as a
+/// hole (and unregistered it) meanwhile.
+fn is_unregistered(e: &crate::error::UffdError) -> bool {
+    matches!(e, crate::error::UffdError::Sys { source, .. } if source.raw_os_error() == Some(libc::ENOENT))
 }
 
 fn backoff(attempt: u32) {
@@ -116,7 +172,23 @@ impl Installer {
             table,
             metrics,
             zeropage,
+            holes: None,
         }
+    }
+
+    /// Lets [`Installer::install_zero_run`] leave stretches of at least
+    /// [`HOLE_MIN_PAGES`] zero pages of shared memory (memfd, tmpfs) as they are when
+    /// the file is still a hole there: it unregisters the stretch from the userfaultfd
+    /// and marks its pages Present, so the kernel serves their first touch like any
+    /// other hole of the file, with a zero page it allocates then, and nothing is
+    /// allocated or copied now.
+    ///
+    /// Only for an owner that never needs those pages registered again (a
+    /// [`crate::Destination`], which unregisters everything when postcopy ends): once
+    /// left, a page raises no fault and no REMOVE event on this userfaultfd.
+    pub fn with_zero_holes(mut self) -> Installer {
+        self.holes = Some(Arc::default());
+        self
     }
 
     /// Uses the ioctl masks returned by registering each region (same order).
@@ -214,7 +286,7 @@ impl Installer {
         let res = match data {
             PageData::Raw(bytes) => self.uffd.copy(dst, bytes, true),
             PageData::Zero if zeropage_ok => self.uffd.zeropage(dst, PAGE_SIZE as u64, true),
-            PageData::Zero => self.uffd.copy(dst, &ZERO_PAGE, true),
+            PageData::Zero => self.uffd.copy(dst, &ZERO_PAGES[..PAGE_SIZE], true),
         };
         res.map_err(|source| InstallError::Uffd { page, source })
     }
@@ -265,7 +337,13 @@ impl Installer {
         let (dst, zeropage_ok) = self.locate(page)?;
         let zero = matches!(data, PageData::Zero);
         for attempt in 0..MAX_AGAIN {
-            let r = self.fill_once(page, dst, data, zeropage_ok)?;
+            let r = match self.fill_once(page, dst, data, zeropage_ok) {
+                Ok(r) => r,
+                Err(InstallError::Uffd { source, .. }) if self.left_as_hole(page, &source) => {
+                    return Ok(Installed::AlreadyPresent)
+                }
+                Err(e) => return Err(e),
+            };
             match r.outcome {
                 CopyOutcome::Copied => return Ok(self.resolve(page, origin, zero, false)),
                 CopyOutcome::Again if r.copied >= PAGE_SIZE => {
@@ -296,6 +374,49 @@ impl Installer {
         }
         let n = (data.len() / PAGE_SIZE) as u64;
         self.check_pages(first_page, n)?;
+        self.fill_run(first_page, n, Fill::Data(data), origin)
+    }
+
+    /// Installs `count` consecutive all-zero pages from `first_page` with one fill ioctl
+    /// per stretch of unresolved pages within one region (UFFDIO_ZEROPAGE where the
+    /// registration allows it, otherwise UFFDIO_COPY from a static zero buffer).
+    ///
+    /// With [`Installer::with_zero_holes`], a stretch of at least [`HOLE_MIN_PAGES`] pages
+    /// of shared memory whose file is still a hole there is not filled at all: its pages
+    /// are marked Present, then the stretch is unregistered, and the kernel gives each
+    /// page its zeros when it is first touched, as for any hole of the file. (A stretch
+    /// whose file holds data is filled as usual, which leaves that data in place: fills
+    /// never overwrite a page.) [`RunInstalled::holes`] counts those pages. A count of 0
+    /// or a run past the end of memory is refused before any memory changes.
+    pub fn install_zero_run(
+        &self,
+        first_page: u64,
+        count: u64,
+        origin: Origin,
+    ) -> Result<RunInstalled, InstallError> {
+        if count == 0 {
+            return Err(InstallError::BadLength { len: 0 });
+        }
+        self.check_pages(first_page, count)?;
+        self.fill_run(first_page, count, Fill::Zero, origin)
+    }
+
+    /// True if `e` says the range of `page` is no longer registered because it was left as
+    /// a hole (and so `page` is resolved already).
+    fn left_as_hole(&self, page: u64, e: &crate::error::UffdError) -> bool {
+        self.holes.is_some() && is_unregistered(e) && self.table.state(page).is_resolved()
+    }
+
+    /// The body of [`Installer::install_run`] and [`Installer::install_zero_run`]; the
+    /// pages are in range.
+    fn fill_run(
+        &self,
+        first_page: u64,
+        n: u64,
+        fill: Fill<'_>,
+        origin: Origin,
+    ) -> Result<RunInstalled, InstallError> {
+        let zero = matches!(fill, Fill::Zero);
         let mut out = RunInstalled::default();
         let mut i = 0u64;
         let mut again = 0u32;
@@ -319,24 +440,46 @@ impl Installer {
             while len < max && !self.table.state(page + len).is_resolved() {
                 len += 1;
             }
-            let (dst, _) = self.locate(page)?;
-            let src =
-                &data[(i * PAGE_SIZE as u64) as usize..((i + len) * PAGE_SIZE as u64) as usize];
-            let r = self
-                .uffd
-                .copy(dst, src, true)
-                .map_err(|source| InstallError::Uffd { page, source })?;
+            let (dst, zeropage_ok) = self.locate(page)?;
+            if zero && self.leave_hole(page, dst, len, origin, zeropage_ok, &mut out)? {
+                i += len;
+                again = 0;
+                continue;
+            }
+            let res = match fill {
+                Fill::Data(data) => {
+                    let at = (i * PAGE_SIZE as u64) as usize;
+                    self.uffd
+                        .copy(dst, &data[at..at + (len as usize) * PAGE_SIZE], true)
+                }
+                Fill::Zero if zeropage_ok => self.uffd.zeropage(dst, len * PAGE_SIZE as u64, true),
+                Fill::Zero => {
+                    let chunk = (len as usize).min(ZERO_CHUNK) * PAGE_SIZE;
+                    self.uffd.copy(dst, &ZERO_PAGES[..chunk], true)
+                }
+            };
+            let r = match res {
+                Ok(r) => r,
+                // Left as a hole by another installer since the state check above: it
+                // counted the page.
+                Err(e) if self.left_as_hole(page, &e) => {
+                    out.already_present += 1;
+                    i += 1;
+                    continue;
+                }
+                Err(source) => return Err(InstallError::Uffd { page, source }),
+            };
             out.ioctls += 1;
             let done = (r.copied / PAGE_SIZE) as u64;
             for k in 0..done {
-                out.add(self.resolve(page + k, origin, false, false));
+                out.add(self.resolve(page + k, origin, zero, false));
             }
             i += done;
             match r.outcome {
                 CopyOutcome::Copied => again = 0,
                 CopyOutcome::Exists => {
                     let _ = self.uffd.wake(dst, PAGE_SIZE as u64);
-                    out.add(self.resolve(page, origin, false, true));
+                    out.add(self.resolve(page, origin, zero, true));
                     i += 1;
                     again = 0;
                 }
@@ -353,6 +496,112 @@ impl Installer {
             }
         }
         Ok(out)
+    }
+
+    /// Leaves the `len` unresolved zero pages from `page` (at `dst`, in one region) as the
+    /// holes of the file they are, if [`Installer::with_zero_holes`] allows it there; says
+    /// whether it did (then they are resolved and counted in `out`).
+    fn leave_hole(
+        &self,
+        page: u64,
+        dst: u64,
+        len: u64,
+        origin: Origin,
+        zeropage_ok: bool,
+        out: &mut RunInstalled,
+    ) -> Result<bool, InstallError> {
+        let Some(holes) = &self.holes else {
+            return Ok(false);
+        };
+        let shmem = self.regions.region_of(page).is_some_and(|r| r.is_shmem());
+        let bytes = len * PAGE_SIZE as u64;
+        if !shmem || len < HOLE_MIN_PAGES {
+            return Ok(false);
+        }
+        let extends = holes.last_end.load(Ordering::Relaxed) == dst;
+        if !extends && holes.stretches.load(Ordering::Relaxed) >= MAX_HOLE_STRETCHES {
+            return Ok(false);
+        }
+        if !is_hole(dst, bytes) {
+            return Ok(false);
+        }
+        // Marked before the unregister: an installer that still saw a page unresolved
+        // and fills it after the unregister gets ENOENT and finds it resolved
+        // ([`Installer::left_as_hole`]). A fault read in between finds the page Present
+        // and is woken to retry, until the unregister lets the kernel serve it.
+        let before = out.installed + out.raced;
+        for k in 0..len {
+            out.add(self.resolve(page + k, origin, true, false));
+        }
+        match self.uffd.unregister(dst, bytes) {
+            Ok(()) => {
+                // The unregister woke every thread blocked on these pages; they retry and
+                // read the hole.
+                out.holes += out.installed + out.raced - before;
+                if !extends {
+                    holes.stretches.fetch_add(1, Ordering::Relaxed);
+                }
+                holes.last_end.store(dst + bytes, Ordering::Relaxed);
+                self.metrics.zero_holes(out.installed + out.raced - before);
+                Ok(true)
+            }
+            Err(e) => {
+                // Out of VMAs, say: fill the pages after all; they are marked already.
+                tracing::debug!(page, len, error = %crate::error::chain(&e), "leaving zero pages as a hole failed; filling them");
+                self.zero_fill_marked(page, dst, len, zeropage_ok)?;
+                out.ioctls += 1;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Fills `len` pages from `page` (at `dst`) with zeros whatever the table says, up to
+    /// pages that exist already.
+    fn zero_fill_marked(
+        &self,
+        page: u64,
+        dst: u64,
+        len: u64,
+        zeropage_ok: bool,
+    ) -> Result<(), InstallError> {
+        let mut k = 0u64;
+        let mut again = 0u32;
+        while k < len {
+            let at = dst + k * PAGE_SIZE as u64;
+            let res = if zeropage_ok {
+                self.uffd.zeropage(at, (len - k) * PAGE_SIZE as u64, true)
+            } else {
+                let chunk = ((len - k) as usize).min(ZERO_CHUNK) * PAGE_SIZE;
+                self.uffd.copy(at, &ZERO_PAGES[..chunk], true)
+            };
+            let r = match res {
+                Ok(r) => r,
+                Err(e) if is_unregistered(&e) => return Ok(()),
+                Err(source) => {
+                    return Err(InstallError::Uffd {
+                        page: page + k,
+                        source,
+                    })
+                }
+            };
+            k += (r.copied / PAGE_SIZE) as u64;
+            match r.outcome {
+                CopyOutcome::Copied => again = 0,
+                CopyOutcome::Exists => {
+                    let _ = self.uffd.wake(at, PAGE_SIZE as u64);
+                    k += 1;
+                }
+                CopyOutcome::Again if r.copied > 0 => again = 0,
+                CopyOutcome::Again => {
+                    again += 1;
+                    if again >= MAX_AGAIN {
+                        return Err(InstallError::Busy { page: page + k });
+                    }
+                    backoff(again);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Fills a discarded page with zeros for a thread faulting on it, leaving it

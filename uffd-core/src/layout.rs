@@ -27,6 +27,14 @@ pub unsafe trait MappedMemory: Send + Sync + 'static {
     /// Whether it is shared memory (memfd, tmpfs): userfaultfd's shmem rules apply
     /// (UFFDIO_ZEROPAGE is not allowed there).
     fn is_shared(&self) -> bool;
+
+    /// The file a shared mapping maps and the file offset of its first byte, if it is
+    /// known: then the mapping's bytes are the file's, and a hole of the file (found with
+    /// `SEEK_DATA`) reads as zeros without being read. `None` (the default) for
+    /// anonymous memory and whenever the file is not known.
+    fn backing_file(&self) -> Option<(std::os::fd::BorrowedFd<'_>, u64)> {
+        None
+    }
 }
 
 /// One contiguous host mapping of guest memory, and what keeps it mapped.
@@ -93,6 +101,15 @@ impl HostRegion {
     /// Shared memory (memfd/tmpfs): UFFDIO_ZEROPAGE is not allowed there.
     pub fn is_shmem(&self) -> bool {
         self.shmem
+    }
+
+    /// The file behind a shared region and the offset of the region's first byte in it,
+    /// when its [`MappedMemory`] knows them ([`MappedMemory::backing_file`]).
+    pub fn backing_file(&self) -> Option<(std::os::fd::BorrowedFd<'_>, u64)> {
+        if !self.shmem {
+            return None;
+        }
+        self._owner.as_ref()?.backing_file()
     }
 
     /// Whole pages in the region.

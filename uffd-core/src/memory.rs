@@ -36,6 +36,8 @@ struct Mapping {
     addr: usize,
     len: usize,
     kind: MemoryKind,
+    /// The memfd a [`MemoryKind::Memfd`] mapping maps from offset 0.
+    file: Option<Arc<File>>,
 }
 
 // SAFETY: `Mapping` maps its range in `map` below and unmaps it only in `drop`; nothing
@@ -51,6 +53,11 @@ unsafe impl MappedMemory for Mapping {
 
     fn is_shared(&self) -> bool {
         self.kind == MemoryKind::Memfd
+    }
+
+    fn backing_file(&self) -> Option<(std::os::fd::BorrowedFd<'_>, u64)> {
+        use std::os::fd::AsFd;
+        self.file.as_ref().map(|f| (f.as_fd(), 0))
     }
 }
 
@@ -98,6 +105,7 @@ impl GuestMemory {
                 addr,
                 len,
                 kind: MemoryKind::Anonymous,
+                file: None,
             }),
             file: None,
         })
@@ -124,13 +132,15 @@ impl GuestMemory {
                 source,
             })?;
         let addr = map(len, libc::MAP_SHARED, file.as_raw_fd())?;
+        let file = Arc::new(file);
         Ok(GuestMemory {
             map: Arc::new(Mapping {
                 addr,
                 len,
                 kind: MemoryKind::Memfd,
+                file: Some(file.clone()),
             }),
-            file: Some(Arc::new(file)),
+            file: Some(file),
         })
     }
 

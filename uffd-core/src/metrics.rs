@@ -20,6 +20,7 @@ pub struct Metrics {
     pages_faulted: AtomicU64,
     pages_pushed: AtomicU64,
     pages_zero: AtomicU64,
+    pages_zero_holes: AtomicU64,
     pages_discarded: AtomicU64,
     blocked_ns: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
@@ -67,6 +68,10 @@ pub struct MetricsSnapshot {
     /// Of the installed pages (demand or push), those installed as
     /// [`crate::PageData::Zero`].
     pub pages_zero: u64,
+    /// Of those zero pages, the ones left as holes of their shared-memory file
+    /// ([`crate::Installer::with_zero_holes`]): nothing was allocated or mapped for them.
+    #[serde(default)]
+    pub pages_zero_holes: u64,
     /// Pages newly marked Discarded by REMOVE events (MADV_DONTNEED/MADV_REMOVE).
     pub pages_discarded: u64,
     /// Total time guest threads spent blocked on missing pages, in ns: for each fault
@@ -104,6 +109,7 @@ impl Metrics {
             pages_faulted: AtomicU64::new(0),
             pages_pushed: AtomicU64::new(0),
             pages_zero: AtomicU64::new(0),
+            pages_zero_holes: AtomicU64::new(0),
             pages_discarded: AtomicU64::new(0),
             blocked_ns: AtomicU64::new(0),
             latency_us: Mutex::new(hist),
@@ -191,6 +197,10 @@ impl Metrics {
         }
     }
 
+    pub(crate) fn zero_holes(&self, pages: u64) {
+        self.pages_zero_holes.fetch_add(pages, Ordering::Relaxed);
+    }
+
     pub(crate) fn discarded(&self, pages: u64) {
         self.pages_discarded.fetch_add(pages, Ordering::Relaxed);
     }
@@ -217,6 +227,7 @@ impl Metrics {
             pages_faulted: self.pages_faulted.load(Ordering::Relaxed),
             pages_pushed: self.pages_pushed.load(Ordering::Relaxed),
             pages_zero: self.pages_zero.load(Ordering::Relaxed),
+            pages_zero_holes: self.pages_zero_holes.load(Ordering::Relaxed),
             pages_discarded: self.pages_discarded.load(Ordering::Relaxed),
             blocked_ns: self.blocked_ns.load(Ordering::Relaxed),
             blocked_ns_by_thread: lock(&self.blocked_by_thread)

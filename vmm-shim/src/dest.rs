@@ -15,7 +15,7 @@ use transport::tls::Identity;
 use transport::{Layout, PAGE_SIZE};
 use uffd_core::error::chain;
 use uffd_core::{
-    Destination, HostRegion, Installer, MetricsSnapshot, Origin, PageData, PageSource, PageTable,
+    Destination, HostRegion, Installer, MetricsSnapshot, Origin, PageSource, PageTable,
 };
 
 use crate::disks::{DestDisk, DiskSet, VmSink};
@@ -124,10 +124,16 @@ impl PageSink for UffdSink {
         while i < kinds.len() {
             let page = pages.first + i as u64;
             if kinds[i] == PageKind::Zero as u8 {
+                // A run of zero pages: one fill, or none where the memory's file is still
+                // a hole there (uffd_core::Installer::install_zero_run).
+                let run = kinds[i..]
+                    .iter()
+                    .take_while(|&&k| k == PageKind::Zero as u8)
+                    .count();
                 self.installer
-                    .install(page, PageData::Zero, origin)
+                    .install_zero_run(page, run as u64, origin)
                     .map_err(|e| SinkError(chain(&e)))?;
-                i += 1;
+                i += run;
                 continue;
             }
             // Consecutive raw pages have consecutive payloads: one copy for the run.

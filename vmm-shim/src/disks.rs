@@ -16,7 +16,7 @@ use disk::{
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 use transport::message::{Layout, PageRef, Pages};
-use transport::quic::{PageReader, PageSink, SinkError};
+use transport::quic::{Extent, PageReader, PageSink, SinkError};
 use transport::PAGE_SIZE;
 use uffd_core::DirtyTracker;
 
@@ -101,6 +101,14 @@ impl PageReader for VmPages {
         let disk_first = first + in_memory as u64;
         self.read_disk(disk_first, &mut out[in_memory * PAGE_SIZE..])?;
         Ok(Cow::Owned(out))
+    }
+
+    fn extent(&self, first: u64, max: u64) -> Extent {
+        if first >= self.memory_pages {
+            return Extent::Unknown;
+        }
+        self.memory
+            .extent(first, max.min(self.memory_pages - first))
     }
 }
 

@@ -88,6 +88,12 @@ unsafe impl<B: Bitmap + Send + Sync + 'static> MappedMemory for VmMemoryRegion<B
     fn is_shared(&self) -> bool {
         self.0.flags() & libc::MAP_SHARED != 0
     }
+
+    fn backing_file(&self) -> Option<(std::os::fd::BorrowedFd<'_>, u64)> {
+        use std::os::fd::AsFd;
+        let f = self.0.file_offset()?;
+        Some((f.file().as_fd(), f.start()))
+    }
 }
 
 /// The host mappings of every region, in guest-physical order. Each [`HostRegion`] holds

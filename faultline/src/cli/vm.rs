@@ -249,6 +249,8 @@ pub struct VmDestOutput {
     pub pages_faulted: u64,
     pub pages_pushed: u64,
     pub pages_zero: u64,
+    /// Of the zero pages, those left as holes of the guest's memfd (nothing allocated).
+    pub pages_zero_holes: u64,
     pub fault_latency_us: LatencySummary,
     /// Sum over faulting threads (vCPUs and host accesses) of time waiting for pages.
     pub blocked_ms: f64,
@@ -741,6 +743,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         pages_faulted: m.pages_faulted,
         pages_pushed: m.pages_pushed,
         pages_zero: m.pages_zero,
+        pages_zero_holes: m.pages_zero_holes,
         fault_latency_us: m.fault_latency_us,
         blocked_ms: m.blocked_ns as f64 / 1e6,
         async_pf_exposed: vm.async_pf_exposed(),

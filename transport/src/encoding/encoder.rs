@@ -7,7 +7,9 @@ use bytes::Bytes;
 
 use super::tuner::{BatchSample, Choice, Tuner};
 use super::{page_hash, EncodingPolicy, EncodingStats, ReplicaIndex};
-use crate::message::{is_zero, PageKind, Pages, FEATURE_DEDUP, FEATURE_LZ4, PAGE_SIZE, REF_LEN};
+use crate::message::{
+    is_zero, PageKind, Pages, FEATURE_DEDUP, FEATURE_LZ4, FEATURE_ZERO_RUNS, PAGE_SIZE, REF_LEN,
+};
 
 /// Encodes pages for one session. Push batches use the tuned encoding and may reference
 /// content pushed earlier; urgent replies are never references (they travel on their own
@@ -15,6 +17,7 @@ use crate::message::{is_zero, PageKind, Pages, FEATURE_DEDUP, FEATURE_LZ4, PAGE_
 pub struct PageEncoder {
     lz4_allowed: bool,
     dedup_allowed: bool,
+    zero_runs: bool,
     tuner: Tuner,
     /// Content hash → a page the destination holds (or will, in stream order) with it.
     held: HashMap<u128, u64>,
@@ -32,6 +35,7 @@ impl PageEncoder {
         PageEncoder {
             lz4_allowed: features & FEATURE_LZ4 != 0,
             dedup_allowed: features & FEATURE_DEDUP != 0,
+            zero_runs: features & FEATURE_ZERO_RUNS != 0,
             tuner: Tuner::new(policy),
             held: HashMap::new(),
             replica: None,
@@ -49,6 +53,22 @@ impl PageEncoder {
             self.replica = Some(index);
         }
         self
+    }
+
+    /// Whether the destination takes zero runs longer than one `Pages` message
+    /// ([`FEATURE_ZERO_RUNS`]).
+    pub fn zero_runs(&self) -> bool {
+        self.zero_runs
+    }
+
+    /// `count` zero pages from `first`, known to be zero without reading them, as one run
+    /// (at most [`crate::message::MAX_ZERO_RUN`] pages; `None` otherwise), counted like
+    /// zero pages [`PageEncoder::encode_push`] finds.
+    pub fn encode_zeros(&mut self, first: u64, count: usize) -> Option<Pages> {
+        let p = Pages::zeros(first, count)?;
+        self.stats.zero_pages += count as u64;
+        self.stats.zero_bytes += count as u64;
+        Some(p)
     }
 
     /// A replica index was given and is not filled yet.

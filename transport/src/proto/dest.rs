@@ -36,7 +36,9 @@ impl DestConfig {
             layout,
             expected_vm_id: None,
             // This side decodes every encoding.
-            features: crate::message::FEATURE_LZ4 | crate::message::FEATURE_DEDUP,
+            features: crate::message::FEATURE_LZ4
+                | crate::message::FEATURE_DEDUP
+                | crate::message::FEATURE_ZERO_RUNS,
             accept: vec![SessionKind::Migrate],
         }
     }

@@ -97,7 +97,14 @@ impl PushSchedule {
     /// [`PushSchedule::next_run`], also saying whether the run came from the priority
     /// ranges.
     pub fn next_run_from(&mut self, max: usize) -> Option<(Range<u64>, bool)> {
-        let max = max.max(1) as u64;
+        self.next_run_sized(|_| max)
+    }
+
+    /// [`PushSchedule::next_run_from`] with the longest run decided once its first page is
+    /// known: `max(start)`. A source that knows which pages are zero without reading them
+    /// asks for a long run there and a short one elsewhere. A `max` of 0 takes nothing and
+    /// returns `None` although pages remain; nothing changes then.
+    pub fn next_run_sized(&mut self, max: impl FnOnce(u64) -> usize) -> Option<(Range<u64>, bool)> {
         while let Some(front) = self.priority.front().cloned() {
             // First unsent page of the front range, if any.
             let start = match self.sent.next_clear(front.start) {
@@ -107,7 +114,11 @@ impl PushSchedule {
                     continue;
                 }
             };
-            let limit = front.end.min(start + max);
+            let max = max(start) as u64;
+            if max == 0 {
+                return None;
+            }
+            let limit = front.end.min(start.saturating_add(max));
             let end = self.take_run(start, limit);
             if let Some(f) = self.priority.front_mut() {
                 f.start = end;
@@ -118,6 +129,10 @@ impl PushSchedule {
             .sent
             .next_clear(self.cursor)
             .or_else(|| self.sent.next_clear(0))?;
+        let max = max(start) as u64;
+        if max == 0 {
+            return None;
+        }
         let end = self.take_run(start, start.saturating_add(max));
         self.cursor = end;
         Some((start..end, false))
@@ -180,6 +195,26 @@ mod tests {
         assert!(seen.iter().all(|&x| x));
         assert!(s.is_done());
         assert_eq!(s.sent(), 100);
+    }
+
+    #[test]
+    fn sized_runs_follow_the_first_page_and_a_zero_size_takes_nothing() {
+        let mut s = PushSchedule::new(100);
+        assert_eq!(
+            s.next_run_sized(|start| if start == 0 { 40 } else { 5 }),
+            Some((0..40, false))
+        );
+        assert_eq!(s.next_run_sized(|_| 0), None);
+        assert_eq!(s.remaining(), 60, "a declined run takes nothing");
+        assert_eq!(
+            s.next_run_sized(|start| start as usize / 8),
+            Some((40..45, false))
+        );
+        let hot = [6..9, 9..9];
+        let mut p = PushSchedule::new(10).with_priority(&hot);
+        assert_eq!(p.next_run_sized(|_| 0), None);
+        assert_eq!(p.next_run_sized(|_| 100), Some((6..9, true)));
+        assert_eq!(p.next_run_sized(|_| 100), Some((0..6, false)));
     }
 
     #[test]

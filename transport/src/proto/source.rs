@@ -244,7 +244,8 @@ fn features_of(config: &SourceConfig) -> u64 {
     } else {
         0
     };
-    state | config.encoding.features()
+    // Long zero runs cost the destination nothing to read: always offered.
+    state | config.encoding.features() | crate::message::FEATURE_ZERO_RUNS
 }
 
 /// The schedule a handshake starts with: at evacuation the pages the source knows are
@@ -908,6 +909,13 @@ impl SourceSession {
     /// then it sends only pages that must cross whatever the answer says, and the
     /// answer's extra pages join the schedule when it arrives.
     pub fn next_push(&mut self, max: usize) -> Option<Range<u64>> {
+        self.next_push_sized(|_| max)
+    }
+
+    /// [`SourceSession::next_push`] with the longest run decided from its first page:
+    /// `max(start)` (see [`PushSchedule::next_run_sized`]). A `max` of 0 declines the run:
+    /// `None`, and the schedule is as it was (no `PushDone` either).
+    pub fn next_push_sized(&mut self, max: impl FnOnce(u64) -> usize) -> Option<Range<u64>> {
         let early = self.may_push_early();
         if !(early || matches!(self.state, State::Running))
             || !matches!(self.link, Link::Connected)
@@ -916,7 +924,13 @@ impl SourceSession {
         {
             return None;
         }
-        match self.push.next_run_from(max) {
+        let mut declined = false;
+        let run = self.push.next_run_sized(|start| {
+            let m = max(start);
+            declined = m == 0;
+            m
+        });
+        match run {
             Some((r, hot)) => {
                 for p in r.clone() {
                     if early {
@@ -930,7 +944,7 @@ impl SourceSession {
                 }
                 Some(r)
             }
-            None if early => None,
+            None if early || declined => None,
             None => {
                 if !self.push_done_sent {
                     self.push_done_sent = true;

@@ -25,8 +25,8 @@ pub use recovery::{
     ATTEMPT_TIMEOUT, KEEP_ALIVE, SILENCE_LOST,
 };
 pub use source::{
-    run_replication, run_replication_recovering, run_source, run_source_recovering, PageReader,
-    ReplicationEvent, ReplicationReport, SourceReport, Update,
+    run_replication, run_replication_recovering, run_source, run_source_recovering, Extent,
+    PageReader, ReplicationEvent, ReplicationReport, SourceReport, Update,
 };
 
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use transport::message::{PageRef, Pages, PAGE_SIZE};
 use transport::proto::Channel;
-use transport::quic::{PageReader, PageSink, SinkError};
+use transport::quic::{Extent, PageReader, PageSink, SinkError};
 
 /// The source's memory.
 pub struct Image(pub Vec<u8>);
@@ -20,6 +20,53 @@ impl PageReader for Image {
     }
 }
 
+/// A source image whose zero pages are known without reading them, like the holes of a
+/// memfd, and which counts the pages read. (Not every test binary uses it.)
+#[allow(dead_code)]
+pub struct SparseImage {
+    pub image: Image,
+    /// Pages handed out by `pages`.
+    pub read: AtomicU64,
+}
+
+#[allow(dead_code)]
+impl SparseImage {
+    pub fn new(bytes: Vec<u8>) -> SparseImage {
+        SparseImage {
+            image: Image(bytes),
+            read: AtomicU64::new(0),
+        }
+    }
+
+    fn zero(&self, page: u64) -> Option<bool> {
+        let at = page as usize * PAGE_SIZE;
+        let p = self.image.0.get(at..at + PAGE_SIZE)?;
+        Some(p.iter().all(|&b| b == 0))
+    }
+}
+
+impl PageReader for SparseImage {
+    fn pages(&self, first: u64, count: usize) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+        self.read.fetch_add(count as u64, Ordering::Relaxed);
+        self.image.pages(first, count)
+    }
+
+    fn extent(&self, first: u64, max: u64) -> Extent {
+        let Some(zero) = self.zero(first) else {
+            return Extent::Unknown;
+        };
+        let mut n = 1;
+        while n < max && self.zero(first + n) == Some(zero) {
+            n += 1;
+        }
+        if zero {
+            Extent::Zero(n)
+        } else {
+            Extent::Data(n)
+        }
+    }
+}
+
 /// The destination's memory (filled with 0xAA, so a page never installed shows), with
 /// counters of what was installed.
 pub struct MemSink {
@@ -31,6 +78,8 @@ pub struct MemSink {
     pub urgent: AtomicU64,
     /// Every install of a page, repeats included.
     pub installs: AtomicU64,
+    /// The most pages one install call got.
+    pub longest: AtomicU64,
 }
 
 impl MemSink {
@@ -41,6 +90,7 @@ impl MemSink {
             count: AtomicU64::new(0),
             urgent: AtomicU64::new(0),
             installs: AtomicU64::new(0),
+            longest: AtomicU64::new(0),
         }
     }
 }
@@ -49,6 +99,8 @@ impl PageSink for MemSink {
     fn install(&self, pages: &Pages, channel: Channel) -> Result<(), SinkError> {
         let mut mem = self.mem.lock().unwrap();
         let mut present = self.present.lock().unwrap();
+        self.longest
+            .fetch_max(pages.count() as u64, Ordering::Relaxed);
         for (i, p) in pages.iter() {
             let at = i as usize * PAGE_SIZE;
             match p {

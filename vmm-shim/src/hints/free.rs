@@ -43,7 +43,7 @@ use std::time::Instant;
 use thiserror::Error;
 use transport::bitmap::Bitmap;
 use transport::message::MAX_PAGES_PER_MESSAGE;
-use transport::quic::PageReader;
+use transport::quic::{Extent, PageReader};
 use transport::PAGE_SIZE;
 use uffd_core::{DirtyError, DirtyTracker};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -264,6 +264,16 @@ impl PageReader for SkipFreeReader {
             .get(..count * PAGE_SIZE)
             .map(Cow::Borrowed)
             .ok_or_else(|| format!("a run of {count} pages is longer than any message"))
+    }
+
+    fn extent(&self, first: u64, max: u64) -> Extent {
+        if self.skip.get(first) {
+            let end = self.skip.next_clear(first).unwrap_or(self.skip.len());
+            return Extent::Zero((end - first).min(max));
+        }
+        // What `inner` knows, up to the next skipped page.
+        let end = self.skip.next_set(first).unwrap_or(u64::MAX);
+        self.inner.extent(first, max.min(end - first))
     }
 }
 

@@ -3,8 +3,9 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -12,7 +13,7 @@ use transport::bitmap::Bitmap;
 use transport::encoding::{page_hash, Mode, ReplicaIndex};
 use transport::message::{is_zero, Layout, SessionKind};
 use transport::proto::SourceConfig;
-use transport::quic::{PageReader, SourceReport};
+use transport::quic::{Extent, PageReader, SourceReport};
 use transport::PAGE_SIZE;
 use uffd_core::{HostRegion, RegionMap};
 
@@ -25,6 +26,9 @@ use crate::source::{run_session, SourceOptions};
 /// makes it the memory "at switchover".
 pub struct PausedMemory {
     map: RegionMap,
+    /// The last stretch [`PageReader::extent`] found in a backing file, as (first page,
+    /// end page, all zero): memory is frozen, so it stays true while the reader lives.
+    extent: Mutex<Option<(u64, u64, bool)>>,
 }
 
 impl PausedMemory {
@@ -38,7 +42,45 @@ impl PausedMemory {
     pub unsafe fn new(regions: &[HostRegion]) -> Result<PausedMemory, RoleError> {
         Ok(PausedMemory {
             map: RegionMap::new(regions.to_vec()).map_err(uffd_core::Error::from)?,
+            extent: Mutex::new(None),
         })
+    }
+
+    /// The stretch of the backing file around page `first`: `(end page, all zero)`, from
+    /// `SEEK_DATA` / `SEEK_HOLE` on the file of a shared region (whose bytes are the
+    /// file's; a hole reads as zeros, and shmem counts swapped-out pages as data). `None`
+    /// when the region has no known file or the file cannot say.
+    fn file_extent(&self, first: u64) -> Option<(u64, bool)> {
+        let idx = self.map.region_index_of(first)?;
+        let region = self.map.regions().get(idx)?;
+        let (fd, base) = region.backing_file()?;
+        let ps = PAGE_SIZE as u64;
+        let addr = self.map.host_addr_of(first)? as u64;
+        let left = self.map.run_within_region(first, u64::MAX);
+        let off = base + (addr - region.host_addr() as u64);
+        let end = off + left * ps;
+        let seek = |whence| -> Option<u64> {
+            // SAFETY: lseek takes an fd, an offset and a whence, and touches no memory; the
+            // fd is borrowed from the region's mapping owner, which keeps it open. (It
+            // moves the file position, which nothing uses: the memory is read by mapping.)
+            let r = unsafe { libc::lseek(fd.as_raw_fd(), off as libc::off_t, whence) };
+            if r >= 0 {
+                Some(r as u64)
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                // No data at or after `off`: the rest of the file is a hole.
+                Some(u64::MAX)
+            } else {
+                None
+            }
+        };
+        let data = seek(libc::SEEK_DATA)?;
+        let zero_pages = (data.min(end) - off) / ps;
+        if zero_pages > 0 {
+            return Some((first + zero_pages, true));
+        }
+        let hole = seek(libc::SEEK_HOLE)?;
+        let data_pages = (hole.min(end) - off).div_ceil(ps).max(1);
+        Some((first + data_pages, false))
     }
 }
 
@@ -55,6 +97,29 @@ impl PageReader for PausedMemory {
         // nothing writes them while this reader lives (the contract of `new`).
         let pages = unsafe { std::slice::from_raw_parts(addr as *const u8, count * PAGE_SIZE) };
         Ok(Cow::Borrowed(pages))
+    }
+
+    fn extent(&self, first: u64, max: u64) -> Extent {
+        if max == 0 {
+            return Extent::Unknown;
+        }
+        let mut cached = self.extent.lock().unwrap_or_else(|e| e.into_inner());
+        let (end, zero) = match *cached {
+            Some((a, b, zero)) if a <= first && first < b => (b, zero),
+            _ => match self.file_extent(first) {
+                Some((end, zero)) => {
+                    *cached = Some((first, end, zero));
+                    (end, zero)
+                }
+                None => return Extent::Unknown,
+            },
+        };
+        let n = (end - first).min(max);
+        if zero {
+            Extent::Zero(n)
+        } else {
+            Extent::Data(n)
+        }
     }
 }
 

@@ -39,6 +39,27 @@ pub trait PageReader: Send + Sync + 'static {
     /// which fails cleanly where a mapping of a shrinking file would raise SIGBUS). An
     /// error ends the session and its text is the reason the destination is told.
     fn pages(&self, first: u64, count: usize) -> Result<Cow<'_, [u8]>, String>;
+
+    /// What the reader knows of the pages from `first` without reading them, looking at
+    /// most `max` pages ahead. The push sends a [`Extent::Zero`] stretch as a zero run
+    /// without reading it (reading a hole of a memfd through its mapping would allocate
+    /// a page for it), and stops a read at the end of a [`Extent::Data`] stretch. The
+    /// default knows nothing.
+    fn extent(&self, first: u64, max: u64) -> Extent {
+        let _ = (first, max);
+        Extent::Unknown
+    }
+}
+
+/// What a [`PageReader`] knows of some pages without reading them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// Nothing.
+    Unknown,
+    /// This many pages (at least 1) are all zero: a hole of the file behind them, say.
+    Zero(u64),
+    /// This many pages (at least 1) hold data, which may still be zero bytes.
+    Data(u64),
 }
 
 /// What the source did, for the migration report.

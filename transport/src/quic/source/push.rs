@@ -8,8 +8,8 @@ use quinn::Connection;
 
 use super::super::frame::write_pages_batch;
 use super::super::{stream_error, DriverError};
-use super::{lock_encoder, SharedEncoder, SharedSend, Source};
-use crate::message::{Pages, MAX_PAGES_PER_MESSAGE, PAGE_SIZE};
+use super::{lock_encoder, Extent, SharedEncoder, SharedSend, Source};
+use crate::message::{Pages, MAX_PAGES_PER_MESSAGE, MAX_ZERO_RUN, PAGE_SIZE};
 use crate::proto::Channel;
 
 /// Pages per push message (64 KiB). A message is installed only once all of it arrived, so
@@ -29,6 +29,12 @@ const EARLY_BACKLOG: u64 = 512 * 1024;
 /// (a stale set). Empty when the schedule has nothing more; for the `early` push, also
 /// as soon as the session runs (the rest is [`push_all`]'s, encoded, and so is the
 /// `PushDone` at its end).
+///
+/// The early push stops at pages the reader knows to be zero (the rest waits for
+/// [`push_all`]). Zero pages do not count against PUSH_RUN once the destination takes long zero runs
+/// ([`crate::message::FEATURE_ZERO_RUNS`]): consecutive ones join into one run of up to
+/// [`MAX_ZERO_RUN`] pages, a frame of a dozen bytes. Pages the reader knows to be zero
+/// ([`Extent::Zero`]) are not read at all.
 fn next_batch(
     src: &Source,
     encoder: &SharedEncoder,
@@ -36,34 +42,88 @@ fn next_batch(
     early: bool,
 ) -> Result<(), DriverError> {
     let mut enc = lock_encoder(encoder);
+    // Nothing is agreed during the early push: short runs only, which every peer reads.
+    let long_zeros = !early && enc.zero_runs();
     let mut count = 0;
-    while count < PUSH_RUN {
+    let mut zeros = 0;
+    // Whether the last run in `batch` is a zero run this call built (it may grow).
+    let mut zero_tail = false;
+    while count < PUSH_RUN && zeros < MAX_ZERO_RUN {
+        let room = PUSH_RUN - count;
+        let mut known_zero = false;
         let next = {
             let mut s = src.link.session();
             // Only the push of the session's current connection takes from its schedule.
             if s.connection() != src.link.number() || (early && !s.may_push_early()) {
                 None
             } else {
-                s.next_push(PUSH_RUN - count)
+                s.next_push_sized(|start| {
+                    match src.reader.extent(start, MAX_ZERO_RUN as u64) {
+                        // The early push ends at known zeros: as short runs they would
+                        // cost the destination a fill each, and after the handshake
+                        // they cross as long ones, for nothing.
+                        Extent::Zero(_) if early => 0,
+                        Extent::Zero(n) => {
+                            known_zero = true;
+                            let cap = if long_zeros {
+                                MAX_ZERO_RUN - zeros
+                            } else {
+                                room
+                            };
+                            (n.min(cap as u64) as usize).max(1)
+                        }
+                        Extent::Data(n) => (n.min(room as u64) as usize).max(1),
+                        Extent::Unknown => room,
+                    }
+                })
             }
         };
         let Some(run) = next else { break };
         let n = (run.end - run.start) as usize;
-        let data = src
-            .reader
-            .pages(run.start, n)
-            .map_err(DriverError::Reader)?;
-        debug_assert_eq!(data.len(), n * PAGE_SIZE);
-        batch.push(enc.encode_push(run.start, &data));
-        count += n;
+        let pages = if known_zero {
+            enc.encode_zeros(run.start, n)
+                .ok_or_else(|| DriverError::Reader(format!("zero run of {n} pages")))?
+        } else {
+            let data = src
+                .reader
+                .pages(run.start, n)
+                .map_err(DriverError::Reader)?;
+            debug_assert_eq!(data.len(), n * PAGE_SIZE);
+            enc.encode_push(run.start, &data)
+        };
+        if long_zeros && (known_zero || pages.is_zero_run()) {
+            zeros += n;
+            match batch.last_mut() {
+                Some(last) if zero_tail && last.first + last.count() as u64 == run.start => {
+                    let joined = Pages::zeros(last.first, last.count() + n);
+                    *last = joined.ok_or_else(|| {
+                        DriverError::Reader(format!("zero run of {} pages", last.count() + n))
+                    })?;
+                }
+                _ => batch.push(pages),
+            }
+            zero_tail = true;
+        } else {
+            count += n;
+            batch.push(pages);
+            zero_tail = false;
+        }
     }
     Ok(())
 }
 
+/// Bytes of the frames of `batch` past their headers (a zero run longer than a `Pages`
+/// message crosses as one fixed-size frame).
 fn wire_bytes(batch: &[Pages]) -> u64 {
     batch
         .iter()
-        .map(|p| (p.kinds.len() + p.payload.len()) as u64)
+        .map(|p| {
+            if p.payload.is_empty() && p.count() > MAX_PAGES_PER_MESSAGE {
+                12
+            } else {
+                (p.kinds.len() + p.payload.len()) as u64
+            }
+        })
         .sum()
 }
 
