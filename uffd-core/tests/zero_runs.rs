@@ -85,13 +85,19 @@ fn zero_run_over_a_memfd_hole_is_left_as_the_hole() {
     assert_eq!(run.holes, pages - 4);
     assert!(dest.table().is_complete());
     assert!((0..pages).all(|p| dest.table().state(p) == PageState::Present));
-    // Nothing was allocated for the hole: only pages 0..4 are in the file.
+    // Nothing was allocated for the hole: only pages 0..4 are in the file, and page 300
+    // if the reader the unregister released has read it already (a read fault on a shmem
+    // hole allocates the page).
     let res = resident(mem.as_ptr() as usize, pages as usize);
     assert!(res[..4].iter().all(|&r| r), "{:?}", &res[..4]);
-    assert!(res[4..].iter().all(|&r| !r));
-    assert_eq!(
-        mem.file().unwrap().metadata().unwrap().blocks() * 512,
-        4 * 4096
+    let stray: Vec<usize> = (4..pages as usize)
+        .filter(|&p| res[p] && p != 300)
+        .collect();
+    assert!(stray.is_empty(), "resident in the hole: {stray:?}");
+    let bytes = mem.file().unwrap().metadata().unwrap().blocks() * 512;
+    assert!(
+        bytes == 4 * 4096 || (bytes == 5 * 4096 && res[300]),
+        "{bytes} bytes in the file"
     );
 
     within(TIMEOUT, move || {
