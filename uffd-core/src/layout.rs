@@ -24,8 +24,9 @@ pub unsafe trait MappedMemory: Send + Sync + 'static {
     fn as_ptr(&self) -> *mut u8;
     /// Its length in bytes, a multiple of the page size.
     fn size(&self) -> usize;
-    /// Whether it is shared memory (memfd, tmpfs): userfaultfd's shmem rules apply
-    /// (UFFDIO_ZEROPAGE is not allowed there).
+    /// Whether it is shared memory (memfd, tmpfs): userfaultfd's shmem rules apply (MINOR
+    /// faults and UFFDIO_CONTINUE; UFFDIO_ZEROPAGE only where the kernel's registration
+    /// reports it, and it allocates a page of the file; holes of the file can be left).
     fn is_shared(&self) -> bool;
 
     /// The file a shared mapping maps and the file offset of its first byte, if it is
@@ -98,7 +99,8 @@ impl HostRegion {
         self.len == 0
     }
 
-    /// Shared memory (memfd/tmpfs): UFFDIO_ZEROPAGE is not allowed there.
+    /// Shared memory (memfd/tmpfs): UFFDIO_ZEROPAGE only where the registration reports
+    /// it (it allocates a page of the file), and zero stretches can stay holes.
     pub fn is_shmem(&self) -> bool {
         self.shmem
     }
