@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use faultline_benches::e2e::{check, set_expected_bdp, write_random_image};
-use faultline_benches::{emit, env_size};
+use faultline_benches::{emit, env_size, Link};
 use faultline_tests::{run_source, Background, Certs, DestProcess, Finished, ShmDir};
 use serde_json::{json, Value};
 use wan_emu::{LinkConfig, WanEmulator};
@@ -43,18 +43,6 @@ const TIMEOUT: Duration = Duration::from_secs(900);
 /// `FAULTLINE_BENCH_READERS` overrides.
 fn readers() -> String {
     std::env::var("FAULTLINE_BENCH_READERS").unwrap_or_else(|_| "4".into())
-}
-
-#[derive(Clone, Copy)]
-struct Link {
-    rate_bps: u64,
-    rtt_ms: u64,
-}
-
-impl Link {
-    fn name(&self) -> String {
-        format!("{}Mbit_{}ms", self.rate_bps / 1_000_000, self.rtt_ms)
-    }
 }
 
 fn main() -> anyhow::Result<()> {

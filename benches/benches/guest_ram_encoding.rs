@@ -42,7 +42,7 @@ use anyhow::{bail, Context};
 use faultline_benches::cpu::ThreadCpu;
 use faultline_benches::e2e::{check, check_digests, set_expected_bdp};
 use faultline_benches::stats::median;
-use faultline_benches::{emit, env_size};
+use faultline_benches::{emit, env_size, Link};
 use faultline_tests::qemu::{guest_image, initrd_with, Guest, GuestImage, InitrdFile};
 use faultline_tests::{Background, Certs, DestProcess};
 use serde_json::{json, Value};
@@ -94,18 +94,6 @@ echo "RAMFILL_MEM $(grep -E '^(MemFree|Cached|Shmem):' /proc/meminfo | tr -s ' '
 echo "RAMFILL_DONE uptime=$(cut -d' ' -f1 /proc/uptime)"
 while true; do sleep 1; done
 "#;
-
-#[derive(Clone, Copy)]
-struct Link {
-    rate_bps: u64,
-    rtt_ms: u64,
-}
-
-impl Link {
-    fn name(&self) -> String {
-        format!("{}Mbit_{}ms", self.rate_bps / 1_000_000, self.rtt_ms)
-    }
-}
 
 fn main() -> anyhow::Result<()> {
     let rounds = env_size("FAULTLINE_BENCH_ROUNDS", 1).max(1);

@@ -135,3 +135,17 @@ mod tests {
         assert_eq!(parse_size("99999999999T"), None);
     }
 }
+
+/// An emulated WAN link of a bench: rate and round-trip time.
+#[derive(Clone, Copy, Debug)]
+pub struct Link {
+    pub rate_bps: u64,
+    pub rtt_ms: u64,
+}
+
+impl Link {
+    /// `100Mbit_20ms`: the `link` field of the JSON lines.
+    pub fn name(&self) -> String {
+        format!("{}Mbit_{}ms", self.rate_bps / 1_000_000, self.rtt_ms)
+    }
+}

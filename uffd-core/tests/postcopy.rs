@@ -210,20 +210,6 @@ fn install_run_splits_at_present_pages_and_regions() {
     assert!(source.counts().iter().all(|&c| c == 0));
 }
 
-fn resident(addr: usize, pages: usize) -> Vec<bool> {
-    let mut vec = vec![0u8; pages];
-    // SAFETY: [addr, addr + pages*4096) is one live mapping and `vec` has one byte per page.
-    let r = unsafe {
-        libc::mincore(
-            addr as *mut libc::c_void,
-            pages * PAGE_SIZE,
-            vec.as_mut_ptr(),
-        )
-    };
-    assert_eq!(r, 0);
-    vec.iter().map(|b| b & 1 == 1).collect()
-}
-
 #[test]
 fn bad_input_changes_nothing() {
     let mem = GuestMemory::anonymous(16 * PAGE_SIZE).unwrap();

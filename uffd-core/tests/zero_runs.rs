@@ -12,20 +12,6 @@ use uffd_core::{Destination, GuestMemory, InstallError, Origin, PageData, PageSt
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn resident(addr: usize, pages: usize) -> Vec<bool> {
-    let mut vec = vec![0u8; pages];
-    // SAFETY: [addr, addr + pages*4096) is one live mapping and `vec` has one byte per page.
-    let r = unsafe {
-        libc::mincore(
-            addr as *mut libc::c_void,
-            pages * PAGE_SIZE,
-            vec.as_mut_ptr(),
-        )
-    };
-    assert_eq!(r, 0);
-    vec.iter().map(|b| b & 1 == 1).collect()
-}
-
 fn page_addr(mem: &GuestMemory, page: u64) -> usize {
     mem.as_ptr() as usize + page as usize * PAGE_SIZE
 }

@@ -219,3 +219,18 @@ pub fn serve(regions: &[HostRegion]) -> (Destination, Arc<DoubleSource>, Server)
     let server = Server::start(&source, dest.installer().clone());
     (dest, source, server)
 }
+
+/// Per page of `[addr, addr + pages × 4 KiB)`: whether it is resident (`mincore`).
+pub fn resident(addr: usize, pages: usize) -> Vec<bool> {
+    let mut vec = vec![0u8; pages];
+    // SAFETY: [addr, addr + pages*4096) is one live mapping and `vec` has one byte per page.
+    let r = unsafe {
+        libc::mincore(
+            addr as *mut libc::c_void,
+            pages * PAGE_SIZE,
+            vec.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0);
+    vec.iter().map(|b| b & 1 == 1).collect()
+}
