@@ -128,6 +128,8 @@ struct Setup {
     server: SocketAddr,
     /// New connections the source and the destination were told of.
     told: (Arc<AtomicU64>, Arc<AtomicU64>),
+    /// Hand-overs the source was told of.
+    handovers: Arc<AtomicU64>,
 }
 
 fn counter(n: &Arc<AtomicU64>) -> quic::OnConnection {
@@ -168,12 +170,19 @@ async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
         push: false,
         ..SourceConfig::migrate("vm", layout)
     });
+    let handovers = Arc::new(AtomicU64::new(0));
     let recovery = SourceRecovery {
         endpoint: client,
         addr: relay.addr(),
         recover_timeout,
         stopped: None,
         on_connection: Some(counter(&told.0)),
+        on_handover: Some({
+            let n = handovers.clone();
+            Arc::new(move || {
+                n.fetch_add(1, Ordering::Relaxed);
+            })
+        }),
     };
     let reader = img.clone();
     let source = tokio::spawn(async move {
@@ -189,6 +198,7 @@ async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
         ids: (src_id, dst_id),
         server: addr,
         told,
+        handovers,
     }
 }
 
@@ -278,6 +288,11 @@ async fn a_cut_past_the_silence_limit_resumes_from_a_new_port_and_serves_request
         s.told.1.load(Ordering::Relaxed),
     );
     assert_eq!(told, (1, 1), "each side resumed on one new connection");
+    assert_eq!(
+        s.handovers.load(Ordering::Relaxed),
+        1,
+        "one hand-over, not another at the resume"
+    );
     // The session went on through the new socket: the destination answered the source at
     // its new port.
     let counts = s.relay.from_server.lock().unwrap();
@@ -446,6 +461,7 @@ impl Replicating {
             recover_timeout: None,
             stopped: None,
             on_connection: None,
+            on_handover: None,
         };
         let (updates, rx) = tokio::sync::mpsc::channel(8);
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();

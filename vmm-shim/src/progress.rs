@@ -25,6 +25,10 @@ pub struct Progress {
     /// stale at its switchover. An orchestrator can count the VM as done from here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pages_stale: Option<u64>,
+    /// A source's session has handed the VM over to the destination (its switchover): set
+    /// on every sample from then on, and one sample is taken at that moment.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub handed_over: bool,
 }
 
 /// A role's progress callback (see [`Progress`]).
@@ -46,6 +50,7 @@ pub(crate) fn sample(
         bytes_received: s.udp_rx.bytes,
         bytes_sent: s.udp_tx.bytes,
         pages_stale: None,
+        handed_over: false,
     }
 }
 
@@ -117,6 +122,7 @@ mod tests {
             bytes_received: 1,
             bytes_sent: 2,
             pages_stale: None,
+            handed_over: false,
         };
         let v = serde_json::to_value(p).unwrap();
         assert!(v.get("pages_present").is_none());

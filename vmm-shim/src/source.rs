@@ -1,6 +1,7 @@
 //! The source role: serves a frozen memory image to one destination.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -121,10 +122,22 @@ pub fn run_session(
         let _stoppable = opts.stopper.watch(&endpoint);
         let conn = connect_retrying(&endpoint, opts.connect, opts.connect_timeout).await?;
         let conns = crate::progress::Connections::new(&conn);
+        let handed = Arc::new(AtomicBool::new(false));
         let sample = {
-            let conns = conns.clone();
-            move || conns.sample(None, pages)
+            let (conns, handed) = (conns.clone(), handed.clone());
+            move || crate::Progress {
+                handed_over: handed.load(Ordering::Relaxed),
+                ..conns.sample(None, pages)
+            }
         };
+        // One sample at the switchover itself, not at the next tick.
+        let on_handover = opts.progress.clone().map(|f| {
+            let sample = sample.clone();
+            Arc::new(move || {
+                handed.store(true, Ordering::Relaxed);
+                f(sample());
+            }) as quic::OnHandover
+        });
         let ticker = opts
             .progress
             .clone()
@@ -136,6 +149,7 @@ pub fn run_session(
             recover_timeout: opts.recover_timeout,
             stopped: Some(Arc::new(move || stopper.reason().is_some())),
             on_connection: Some(conns.follower()),
+            on_handover,
         };
         let report = quic::run_source_recovering(conn, session, memory, Some(recovery)).await;
         if let Some(t) = ticker {

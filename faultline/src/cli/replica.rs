@@ -637,8 +637,9 @@ fn idle_status(a: &ReplicateArgs) -> Status {
 }
 
 /// A progress callback that records (for a failure report) and publishes the evacuation's
-/// progress on the control endpoint: connected means switched over (the stale set goes
-/// with the handshake), and the pages left are estimated from the bytes sent.
+/// progress on the control endpoint: `transferring` from the session's hand-over (its
+/// switchover), `done` from its last sample; the pages left are estimated from the bytes
+/// sent.
 fn progress_to(status: Arc<watch::Sender<Status>>, stale_pages: u64) -> vmm_shim::ProgressFn {
     Arc::new(move |p: vmm_shim::Progress| {
         super::outcome::record_progress(p);
@@ -653,6 +654,10 @@ fn progress_to(status: Arc<watch::Sender<Status>>, stale_pages: u64) -> vmm_shim
                 s.evacuation = EvacState::Done;
                 s.pages_stale = Some(pages);
                 s.pages_remaining = Some(0);
+                return;
+            }
+            if !p.handed_over {
+                // Connected, handshake and switchover under way: still starting.
                 return;
             }
             s.evacuation = EvacState::Transferring;

@@ -21,7 +21,7 @@ pub use dest::{
 };
 pub use frame::{read_frame, write_message, write_pages, FrameError};
 pub use recovery::{
-    silence_limit, OnConnection, Outages, SourceRecovery, StopCheck, ATTEMPT_INTERVAL,
+    silence_limit, OnConnection, OnHandover, Outages, SourceRecovery, StopCheck, ATTEMPT_INTERVAL,
     ATTEMPT_TIMEOUT, KEEP_ALIVE, SILENCE_LOST,
 };
 pub use source::{

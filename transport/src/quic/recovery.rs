@@ -239,6 +239,10 @@ pub type OnConnection = Arc<dyn Fn(&Connection) + Send + Sync>;
 /// ends a connection attempt, but not a wait between two).
 pub type StopCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// Called once, when a source session hands the VM over to the destination (its
+/// switchover: from here the VM runs there).
+pub type OnHandover = Arc<dyn Fn() + Send + Sync>;
+
 /// How a source gets a new connection when it lost one: the same endpoint (so the same
 /// pinned certificates), the same address, a fresh, fully authenticated handshake each time
 /// (never 0-RTT), a new attempt every [`ATTEMPT_INTERVAL`] until one connects.
@@ -254,6 +258,8 @@ pub struct SourceRecovery {
     pub stopped: Option<StopCheck>,
     /// Called with each new connection before the session resumes on it.
     pub on_connection: Option<OnConnection>,
+    /// Called once at the hand-over (source sessions only).
+    pub on_handover: Option<OnHandover>,
 }
 
 impl SourceRecovery {

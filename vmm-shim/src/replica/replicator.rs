@@ -670,6 +670,7 @@ fn connect(
             counted.connections.fetch_add(1, Ordering::Relaxed);
             conns.replace(c);
         })),
+        on_handover: None,
     };
     // A few batches in flight keep the link busy without buffering much stale data.
     let (updates, rx) = mpsc::channel(8);

@@ -168,7 +168,8 @@ async fn recovering(
     let mut conn = conn;
     loop {
         let watch = recovery.is_some();
-        let result = run_connection(&conn, session, reader, totals, watch).await;
+        let on_handover = recovery.as_ref().and_then(|r| r.on_handover.as_ref());
+        let result = run_connection(&conn, session, reader, totals, watch, on_handover).await;
         let e = match result {
             Ok(()) => break,
             Err(e) => e,
@@ -280,6 +281,7 @@ async fn run_connection(
     reader: &Arc<dyn PageReader>,
     totals: &mut Totals,
     watch: bool,
+    on_handover: Option<&super::recovery::OnHandover>,
 ) -> Result<(), DriverError> {
     let (mut driver, data) = Driver::open(conn, session.clone(), reader.clone()).await?;
     // A session that can resume notices a cut within seconds, not at the idle timeout.
@@ -293,6 +295,9 @@ async fn run_connection(
             == Ownership::Destination
     {
         totals.handed_over_at = Some(Instant::now());
+        if let Some(f) = on_handover {
+            f();
+        }
     }
     driver.run(data, early, totals).await
 }
