@@ -48,7 +48,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use faultline_benches::e2e::{check, check_digests};
+use faultline_benches::e2e::{check, check_digests, set_expected_bdp};
 use faultline_benches::stats::{median, Summary};
 use faultline_benches::{emit, env_size};
 use faultline_tests::{
@@ -58,6 +58,7 @@ use fleet::model::{Costs, Fleet, Link, Vm, DEFAULT_WINDOW_BYTES};
 use fleet::plan::{plan_with, PlanOptions, Policy};
 use fleet::sim::{simulate, LinkSchedule, Schedule, Sharing, SimOptions};
 use serde_json::{json, Value};
+use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
 use transport::tls::Identity;
 use wan_emu::{LinkConfig, WanEmulator};
 
@@ -108,8 +109,12 @@ impl WanLink {
             .filter(|&f| (f as f64) < 0.95 * self.model_rate_bps() as f64)
     }
 
+    fn rtt(&self) -> Duration {
+        Duration::from_millis(self.rtt_ms)
+    }
+
     fn bdp_bytes(&self) -> u64 {
-        self.rate_bps / 8 * self.rtt_ms / 1000
+        bdp_bytes(self.rate_bps, self.rtt())
     }
 
     /// One flow's window: what the destinations use, and what the plan file says.
@@ -196,7 +201,7 @@ fn model_link(link: WanLink) -> Link {
     Link {
         name: "wan".into(),
         rate_bps: link.model_rate_bps(),
-        rtt: Duration::from_millis(link.rtt_ms),
+        rtt: link.rtt(),
         per_flow_window_bytes: link.window_bytes(),
         replication_budget_bps: None,
     }
@@ -318,9 +323,9 @@ fn main() -> anyhow::Result<()> {
 /// Every process the runs start inherits the link's bandwidth-delay product, if stated.
 fn set_bdp(link: &WanLink) {
     if link.stated_bdp {
-        std::env::set_var("FAULTLINE_EXPECTED_BDP", link.bdp_bytes().to_string());
+        set_expected_bdp(link.rate_bps, link.rtt());
     } else {
-        std::env::remove_var("FAULTLINE_EXPECTED_BDP");
+        std::env::remove_var(ENV_EXPECTED_BDP);
     }
 }
 
@@ -423,7 +428,7 @@ fn evacuate(
         encoding,
     } = bed;
     let size = mem.to_string();
-    let cfg = LinkConfig::new(Duration::from_millis(link.rtt_ms), link.rate_bps);
+    let cfg = LinkConfig::new(link.rtt(), link.rate_bps);
     let mut wan: Option<WanEmulator> = None;
     let mut pairs = Vec::new();
     for s in specs {

@@ -321,27 +321,32 @@ impl Orchestration {
     /// setup of its end on a link that prestarts and has a VM waiting, after `now_s`. `None`
     /// if nothing is foreseen (a start then waits for an event or a re-plan).
     pub fn next_due_s(&self, now_s: f64) -> Option<f64> {
+        // One pass over the plan: which links have a VM to start, then one over the VMs.
+        let links = &self.current.schedule.links;
+        let waiting: Vec<bool> = links
+            .iter()
+            .map(|ls| {
+                ls.order
+                    .iter()
+                    .any(|&i| self.tracks[i].phase == Phase::Waiting)
+            })
+            .collect();
         let mut next: Option<f64> = None;
-        for (li, ls) in self.current.schedule.links.iter().enumerate() {
-            let waiting = ls
-                .order
-                .iter()
-                .any(|&i| self.tracks[i].phase == Phase::Waiting);
-            if !ls.prestart || !waiting {
+        for (i, t) in self.tracks.iter().enumerate() {
+            let li = self.fleet.vms[i].link;
+            if t.phase != Phase::Transferring
+                || !waiting.get(li).copied().unwrap_or(false)
+                || !links[li].prestart
+            {
                 continue;
             }
             let setup = self.fleet.costs.setup_s(&self.fleet.links[li]);
-            for (i, t) in self.tracks.iter().enumerate() {
-                if self.fleet.vms[i].link != li || t.phase != Phase::Transferring {
-                    continue;
+            match self.current.vms[i].finish_s {
+                Some(f) if f - setup > now_s => {
+                    let at = f - setup;
+                    next = Some(next.map_or(at, |n: f64| n.min(at)));
                 }
-                match self.current.vms[i].finish_s {
-                    Some(f) if f - setup > now_s => {
-                        let at = f - setup;
-                        next = Some(next.map_or(at, |n: f64| n.min(at)));
-                    }
-                    _ => {}
-                }
+                _ => {}
             }
         }
         next
