@@ -46,6 +46,9 @@ pub const ROLE_RTT_SERVER: &str = "quinn-rtt-server";
 /// Arguments: certificate directory, total bytes, chunk bytes, and optionally `tasks` (see
 /// [`LoopPlacement`]).
 pub const ROLE_STREAM_SENDER: &str = "quinn-stream-sender";
+/// Child role: sends a given number of bytes on one plain TCP connection (no TLS) as fast as
+/// it can. Arguments: total bytes, chunk bytes.
+pub const ROLE_TCP_SENDER: &str = "tcp-stream-sender";
 
 /// Size of each request in [`quinn_rtt`].
 pub const RTT_REQUEST_BYTES: usize = 16;
@@ -65,7 +68,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether `role` is one of this module's child roles (see [`run_child`]).
 pub fn is_child_role(role: &str) -> bool {
-    role == ROLE_RTT_SERVER || role == ROLE_STREAM_SENDER
+    role == ROLE_RTT_SERVER || role == ROLE_STREAM_SENDER || role == ROLE_TCP_SENDER
 }
 
 /// Runs the child side of a baseline in this (child) process. Call from `main` when
@@ -76,6 +79,11 @@ pub fn run_child(role: &str, args: &[String]) -> anyhow::Result<()> {
             .map(String::as_str)
             .with_context(|| format!("child {role}: missing argument {i} (got {args:?})"))
     };
+    if role == ROLE_TCP_SENDER {
+        let bytes: u64 = arg(0)?.parse()?;
+        let chunk: usize = arg(1)?.parse()?;
+        return tcp_sender(bytes, chunk).with_context(|| format!("child {role}"));
+    }
     let rt = runtime()?;
     let r = match role {
         ROLE_RTT_SERVER => {
@@ -500,6 +508,77 @@ async fn stream_sender(dir: &Path, bytes: u64, chunk: usize) -> anyhow::Result<(
     // The parent closes the connection once it has read the whole stream.
     conn.closed().await;
     ep.wait_idle().await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain TCP: the kernel's own stream, no TLS, no user-space transport.
+
+/// Throughput of ONE plain TCP connection between two processes on loopback: what the
+/// kernel alone moves (QEMU's postcopy runs over such a stream). The child writes `bytes` of
+/// incompressible data from a pre-filled buffer in [`STREAM_CHUNK_BYTES`] writes; the parent
+/// reads into one reused buffer. Same fields as [`quinn_stream_throughput`]
+/// (`udp_rcvbuf_errors` is `None`; `connect_ms` is the TCP connect).
+pub fn tcp_stream_throughput(bytes: u64) -> anyhow::Result<StreamRun> {
+    use std::io::Read;
+    ensure!(bytes > 0, "nothing to send");
+    let args = vec![bytes.to_string(), STREAM_CHUNK_BYTES.to_string()];
+    let mut child = spawn_child(ROLE_TCP_SENDER, &args)?;
+    let addr = child_addr(&mut child)?;
+    let children_cpu0 = cpu_secs(libc::RUSAGE_CHILDREN);
+    let self_cpu0 = cpu_secs(libc::RUSAGE_SELF);
+    let t0 = Instant::now();
+    let mut conn = std::net::TcpStream::connect(addr).context("connecting to the TCP sender")?;
+    let t_conn = Instant::now();
+    let mut buf = vec![0u8; STREAM_CHUNK_BYTES];
+    let first_len = conn.read(&mut buf)? as u64;
+    ensure!(first_len > 0, "stream ended before any data");
+    let t_first = Instant::now();
+    let mut total = first_len;
+    loop {
+        match conn.read(&mut buf)? {
+            0 => break,
+            n => total += n as u64,
+        }
+    }
+    let t_end = Instant::now();
+    let recv_cpu_secs = cpu_secs(libc::RUSAGE_SELF) - self_cpu0;
+    drop(conn);
+    child.wait_success(EXIT_TIMEOUT)?;
+    ensure!(total == bytes, "received {total} bytes, expected {bytes}");
+    let secs = (t_end - t_first).as_secs_f64();
+    let secs_with_setup = (t_end - t0).as_secs_f64();
+    Ok(StreamRun {
+        bytes,
+        gbps: (total - first_len) as f64 / secs / 1e9,
+        secs,
+        gbps_with_setup: total as f64 / secs_with_setup / 1e9,
+        secs_with_setup,
+        connect_ms: (t_conn - t0).as_secs_f64() * 1e3,
+        recv_cpu_secs,
+        send_cpu_secs: cpu_secs(libc::RUSAGE_CHILDREN) - children_cpu0,
+        udp_rcvbuf_errors: None,
+    })
+}
+
+fn tcp_sender(bytes: u64, chunk: usize) -> anyhow::Result<()> {
+    use std::io::Write;
+    ensure!(chunk > 0, "chunk size must be positive");
+    let data = random_bytes(STREAM_SOURCE_BYTES.max(chunk));
+    let listener = std::net::TcpListener::bind(loopback())?;
+    emit(&json!({ "role": ROLE_TCP_SENDER, "addr": listener.local_addr()?.to_string() }));
+    let (mut conn, _) = listener.accept()?;
+    let (mut left, mut off) = (bytes, 0usize);
+    while left > 0 {
+        let n = (chunk as u64).min(left) as usize;
+        if off + n > data.len() {
+            off = 0;
+        }
+        conn.write_all(&data[off..off + n])?;
+        off += n;
+        left -= n as u64;
+    }
+    conn.shutdown(std::net::Shutdown::Write)?;
     Ok(())
 }
 
