@@ -42,6 +42,12 @@ pub const MIN_DEFAULT_QUEUE_BYTES: u64 = 64 * 1024;
 /// Upper bound on `delay` and on the jitter bound: keeps all time arithmetic far from `u64`
 /// overflow, and no emulated WAN needs more.
 pub const MAX_DELAY: Duration = Duration::from_secs(3600);
+/// Default IP MTU: Ethernet's, what a WAN path carries end to end.
+pub const ETHERNET_MTU: u32 = 1500;
+/// Smallest MTU accepted: IPv6's minimum, which QUIC's 1200-byte datagrams fit.
+pub const MIN_MTU: u32 = 1280;
+/// IPv4 and UDP headers, counted against the MTU.
+pub const IP_UDP_HEADER_BYTES: u64 = 28;
 
 /// Salt that separates the jitter stream from the loss stream of the same seed.
 const JITTER_STREAM_SALT: u64 = 0x6A09_E667_F3BC_C909;
@@ -90,6 +96,11 @@ pub struct LinkConfig {
     /// Bytes added to every packet for the rate limit and the queue, e.g. 28 to count the
     /// IPv4 and UDP headers like a real link does. The default, 0, counts UDP payload only.
     pub overhead_bytes: u32,
+    /// IP MTU of the link, bytes: a datagram whose UDP payload plus the 28 bytes of IPv4
+    /// and UDP headers exceeds it is dropped, as a router drops a packet with
+    /// don't-fragment set (QUIC always sets it). The default, [`ETHERNET_MTU`], is what a
+    /// WAN path carries; `None` carries anything (loopback's 64 KiB). JSON: `null` for none.
+    pub mtu: Option<u32>,
     /// Probability in `[0, 1]` that a packet is lost on the wire.
     pub loss: f64,
     /// Seed of the loss and jitter decisions.
@@ -106,6 +117,7 @@ impl Default for LinkConfig {
             rate_bps: None,
             queue_bytes: None,
             overhead_bytes: 0,
+            mtu: Some(ETHERNET_MTU),
             loss: 0.0,
             seed: 0x5EED,
         }
@@ -124,6 +136,9 @@ pub enum ConfigError {
     /// `queue_bytes` is `Some(0)`.
     #[error("queue_bytes must be positive (omit it for the default queue)")]
     ZeroQueue,
+    /// `mtu` is below the 1280 bytes every IPv6 link carries (QUIC needs 1228).
+    #[error("mtu must be at least {MIN_MTU} bytes, got {0}")]
+    SmallMtu(u32),
     /// `delay` plus the jitter bound exceeds [`MAX_DELAY`].
     #[error("delay plus the jitter bound must not exceed {MAX_DELAY:?}, got {0:?}")]
     TooLong(Duration),
@@ -166,6 +181,12 @@ impl LinkConfig {
         self
     }
 
+    /// Sets the IP MTU (`None`: no limit).
+    pub fn with_mtu(mut self, mtu: Option<u32>) -> LinkConfig {
+        self.mtu = mtu;
+        self
+    }
+
     /// Sets the loss probability and its seed.
     pub fn with_loss(mut self, loss: f64, seed: u64) -> LinkConfig {
         self.loss = loss;
@@ -184,6 +205,9 @@ impl LinkConfig {
         }
         if self.queue_bytes == Some(0) {
             return Err(ConfigError::ZeroQueue);
+        }
+        if let Some(mtu) = self.mtu.filter(|&m| m < MIN_MTU) {
+            return Err(ConfigError::SmallMtu(mtu));
         }
         let longest = self.delay.saturating_add(self.jitter_bound());
         if longest > MAX_DELAY {
@@ -223,6 +247,8 @@ pub enum DropReason {
     QueueFull,
     /// The link was cut.
     Cut,
+    /// Larger than the link's MTU.
+    TooBig,
 }
 
 /// What happens to an offered packet.
@@ -322,6 +348,13 @@ impl Link {
         let lost = self.loss_rng.chance(self.cfg.loss);
         if self.cut {
             return Verdict::Drop(DropReason::Cut);
+        }
+        if self
+            .cfg
+            .mtu
+            .is_some_and(|mtu| len as u64 + IP_UDP_HEADER_BYTES > u64::from(mtu))
+        {
+            return Verdict::Drop(DropReason::TooBig);
         }
         let wire = len as u64 + u64::from(self.cfg.overhead_bytes);
         let departure = match self.cfg.rate_bps {
@@ -471,7 +504,8 @@ mod tests {
         let mut l = link(
             LinkConfig::default()
                 .with_rate(rate)
-                .with_queue_bytes(1 << 30),
+                .with_queue_bytes(1 << 30)
+                .with_mtu(None),
         );
         let mut r = Rng::new(3);
         let mut t = 0;
@@ -846,12 +880,31 @@ mod tests {
         let mut l = link(
             LinkConfig::delayed(MAX_DELAY)
                 .with_rate(1)
-                .with_queue_bytes(u64::MAX),
+                .with_queue_bytes(u64::MAX)
+                .with_mtu(None),
         );
         assert!(matches!(l.offer(u64::MAX / 2, 65_535), Verdict::Deliver(_)));
         assert!(matches!(l.offer(u64::MAX / 2, 65_535), Verdict::Deliver(_)));
-        let mut l = link(LinkConfig::default().with_rate(u64::MAX));
+        let mut l = link(LinkConfig::default().with_rate(u64::MAX).with_mtu(None));
         assert_eq!(l.offer(5, 65_535), Verdict::Deliver(6));
+    }
+
+    #[test]
+    fn datagrams_above_the_mtu_are_dropped_without_using_the_link() {
+        let mut l = link(LinkConfig::default().with_rate(8_000_000)); // 1 byte per µs
+        assert_eq!(l.offer(0, 1472), Verdict::Deliver(1472 * US));
+        assert_eq!(l.offer(0, 1473), Verdict::Drop(DropReason::TooBig));
+        // The dropped datagram took no time on the bottleneck.
+        assert_eq!(l.offer(0, 100), Verdict::Deliver(1572 * US));
+        let mut jumbo = link(LinkConfig::default().with_mtu(Some(9000)));
+        assert_eq!(jumbo.offer(0, 8972), Verdict::Deliver(0));
+        assert_eq!(jumbo.offer(0, 8973), Verdict::Drop(DropReason::TooBig));
+        let mut open = link(LinkConfig::default().with_mtu(None));
+        assert_eq!(open.offer(0, 65_507), Verdict::Deliver(0));
+        assert_eq!(
+            LinkConfig::default().with_mtu(Some(1279)).validate(),
+            Err(ConfigError::SmallMtu(1279))
+        );
     }
 
     #[test]

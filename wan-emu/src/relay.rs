@@ -125,6 +125,10 @@ pub struct DirectionCounters {
     pub dropped_queue: u64,
     /// Datagrams dropped because the link was cut when they arrived or when they were due.
     pub dropped_cut: u64,
+    /// Datagrams dropped because they were larger than the link's MTU (QUIC's path MTU
+    /// probes, on a path that does not carry them).
+    #[serde(default)]
+    pub dropped_too_big: u64,
     /// Datagrams the operating system refused to send (for example the upstream port is
     /// closed), or whose client flow could not be set up.
     pub send_errors: u64,
@@ -142,7 +146,11 @@ pub struct DirectionCounters {
 impl DirectionCounters {
     /// All drops, whatever the reason.
     pub fn dropped(&self) -> u64 {
-        self.dropped_loss + self.dropped_queue + self.dropped_cut + self.send_errors
+        self.dropped_loss
+            + self.dropped_queue
+            + self.dropped_cut
+            + self.dropped_too_big
+            + self.send_errors
     }
 }
 
@@ -174,6 +182,7 @@ struct AtomicCounters {
     dropped_loss: AtomicU64,
     dropped_queue: AtomicU64,
     dropped_cut: AtomicU64,
+    dropped_too_big: AtomicU64,
     send_errors: AtomicU64,
     held_bytes: AtomicU64,
     cut_in_flight_bytes: AtomicU64,
@@ -192,6 +201,7 @@ impl AtomicCounters {
             dropped_loss: get(&self.dropped_loss),
             dropped_queue: get(&self.dropped_queue),
             dropped_cut: get(&self.dropped_cut),
+            dropped_too_big: get(&self.dropped_too_big),
             send_errors: get(&self.send_errors),
             held_bytes: get(&self.held_bytes),
             cut_in_flight_bytes: get(&self.cut_in_flight_bytes),
@@ -255,6 +265,7 @@ impl Shared {
             Verdict::Drop(DropReason::QueueFull) => {
                 return AtomicCounters::add(&c.dropped_queue, 1)
             }
+            Verdict::Drop(DropReason::TooBig) => return AtomicCounters::add(&c.dropped_too_big, 1),
             Verdict::Drop(DropReason::Cut) => {
                 // Received by the kernel before the cut, read by us after it: it was in
                 // flight at the cut.

@@ -89,6 +89,9 @@ pub struct DemoArgs {
     /// product].
     #[arg(long, value_parser = super::parse_bytes, requires = "wan_rate")]
     pub wan_queue: Option<u64>,
+    /// IP MTU of the emulated link; 0 carries anything [default: 1500].
+    #[arg(long)]
+    pub wan_mtu: Option<u32>,
 }
 
 impl DemoArgs {
@@ -98,6 +101,7 @@ impl DemoArgs {
             && self.wan_rate.is_none()
             && self.wan_loss.is_none()
             && self.wan_jitter.is_none()
+            && self.wan_mtu.is_none()
         {
             return Ok(None);
         }
@@ -108,6 +112,7 @@ impl DemoArgs {
             rate: self.wan_rate,
             queue: self.wan_queue,
             loss: self.wan_loss,
+            mtu: self.wan_mtu,
         };
         link.config(self.seed ^ 0x3A11_F00D).map(Some)
     }

@@ -70,6 +70,10 @@ pub struct LinkArgs {
     /// Random loss per datagram: a probability (0.01) or a percentage (1%).
     #[arg(long, value_parser = parse_loss)]
     pub loss: Option<f64>,
+    /// IP MTU of the link in bytes; larger datagrams are dropped, as on a real path. 0
+    /// carries anything (loopback's 64 KiB) [default: 1500, Ethernet's].
+    #[arg(long)]
+    pub mtu: Option<u32>,
 }
 
 impl LinkArgs {
@@ -89,6 +93,11 @@ impl LinkArgs {
             seed,
             ..LinkConfig::default()
         };
+        let cfg = match self.mtu {
+            Some(0) => cfg.with_mtu(None),
+            Some(mtu) => cfg.with_mtu(Some(mtu)),
+            None => cfg,
+        };
         cfg.validate().context("invalid link")?;
         Ok(cfg)
     }
@@ -105,6 +114,8 @@ pub struct LinkReport {
     /// The queue in force (the default when none was given); null without a rate.
     pub queue_bytes: Option<u64>,
     pub loss: f64,
+    /// IP MTU; null carries anything.
+    pub mtu: Option<u32>,
     pub seed: u64,
 }
 
@@ -117,6 +128,7 @@ impl From<&LinkConfig> for LinkReport {
             rate_bps: c.rate_bps,
             queue_bytes: c.effective_queue_bytes(),
             loss: c.loss,
+            mtu: c.mtu,
             seed: c.seed,
         }
     }
