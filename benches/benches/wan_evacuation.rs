@@ -19,6 +19,9 @@
 //! * `faults`: demand-fault latency (p50/p99, also in RTTs) while the push saturates the
 //!   link, at 1 Gbit/s and 20 ms: replies on their own stream (the design) against replies
 //!   queued behind the push on the bulk stream (`--replies-on-bulk`). Target p99 ≤ 1.5 RTT.
+//! * `lossy`: plain postcopy (`full`) at 200 Mbit/s × 50 ms and 1 Gbit/s × 20 ms with 0,
+//!   0.1% and 1% random loss per datagram both ways: `utilisation` = ideal / total (target
+//!   ≥ 0.9 with loss) and the demand-fault p99 (target ≤ 2 RTT).
 //! * `encoding`: off, lz4, dedup, all and auto on a slow link (100 Mbit/s, 20 ms, the
 //!   replica case; and the replica case with half the stale pages copied from other pages,
 //!   which references into the replica serve) and on loopback (no emulator, full
@@ -26,7 +29,7 @@
 //!   than the fastest fixed choice (within noise), and the row says what it chose.
 //!
 //! Environment: `FAULTLINE_BENCH_BYTES` (1G), `FAULTLINE_BENCH_PARTS` (comma-separated subset
-//! of `ideal,faults,encoding`; default all), `FAULTLINE_BENCH_LINKS` (only the `ideal` and
+//! of `ideal,faults,lossy,encoding`; default all), `FAULTLINE_BENCH_LINKS` (only the `ideal` and
 //! `encoding` links whose name contains one of these, e.g. `1000Mbit` or `loopback`),
 //! `FAULTLINE_BENCH_EARLY` (`on`, `off` or `both`: the `ideal` rows with the push beside
 //! the handshake, without it, or both back to back).
@@ -46,6 +49,10 @@ use wan_emu::{LinkConfig, WanEmulator};
 const BENCH: &str = "wan_evacuation";
 const TARGET_OVER_IDEAL: f64 = 1.15;
 const TARGET_P99_RTT: f64 = 1.5;
+/// `lossy`: the share of the link used (ideal / total) at 0.1% and 1% random loss.
+const TARGET_LOSSY_UTILISATION: f64 = 0.9;
+/// `lossy`: demand-fault p99 in round trips.
+const TARGET_LOSSY_P99_RTT: f64 = 2.0;
 const STALE_PCT: u32 = 10;
 const TIMEOUT: Duration = Duration::from_secs(600);
 const ENCODINGS: [&str; 5] = ["off", "lz4", "dedup", "all", "auto"];
@@ -55,12 +62,22 @@ struct Link {
     /// None: loopback, no emulator.
     rate_bps: Option<u64>,
     rtt_ms: u64,
+    /// Random loss per datagram, both ways.
+    loss: f64,
 }
 
 impl Link {
     fn name(&self) -> String {
         match self.rate_bps {
             None => "loopback".into(),
+            Some(r) if self.loss > 0.0 => {
+                format!(
+                    "{}Mbit_{}ms_loss{}pct",
+                    r / 1_000_000,
+                    self.rtt_ms,
+                    self.loss * 100.0
+                )
+            }
             Some(r) => format!("{}Mbit_{}ms", r / 1_000_000, self.rtt_ms),
         }
     }
@@ -96,16 +113,18 @@ struct Run {
 
 fn main() -> anyhow::Result<()> {
     let bytes = env_size("FAULTLINE_BENCH_BYTES", 1 << 30);
-    let parts =
-        std::env::var("FAULTLINE_BENCH_PARTS").unwrap_or_else(|_| "ideal,faults,encoding".into());
+    let parts = std::env::var("FAULTLINE_BENCH_PARTS")
+        .unwrap_or_else(|_| "ideal,faults,lossy,encoding".into());
     let certs = Certs::new();
     let slow = Link {
         rate_bps: Some(100_000_000),
         rtt_ms: 20,
+        loss: 0.0,
     };
     let gig20 = Link {
         rate_bps: Some(1_000_000_000),
         rtt_ms: 20,
+        loss: 0.0,
     };
     // FAULTLINE_BENCH_LINKS: only the links whose name contains one of these.
     let only = std::env::var("FAULTLINE_BENCH_LINKS").ok();
@@ -126,11 +145,13 @@ fn main() -> anyhow::Result<()> {
             Link {
                 rate_bps: Some(100_000_000),
                 rtt_ms: 100,
+                loss: 0.0,
             },
             gig20,
             Link {
                 rate_bps: Some(1_000_000_000),
                 rtt_ms: 100,
+                loss: 0.0,
             },
         ]
         .into_iter()
@@ -176,11 +197,44 @@ fn main() -> anyhow::Result<()> {
             emit(&row);
         }
     }
+    if parts.contains("lossy") {
+        let lossy = [(200_000_000, 50), (1_000_000_000, 20)]
+            .into_iter()
+            .flat_map(|(rate, rtt)| {
+                [0.0, 0.001, 0.01].map(|loss| Link {
+                    rate_bps: Some(rate),
+                    rtt_ms: rtt,
+                    loss,
+                })
+            });
+        for link in lossy.filter(wanted) {
+            let run = Run {
+                link,
+                case: Case::Full,
+                encoding: "off",
+                replies_on_bulk: false,
+                early_push: true,
+            };
+            let mut row = measure(&certs, bytes, &run)?;
+            let total = row["total_ms"].as_f64().unwrap_or(f64::NAN);
+            let ideal = row["ideal_ms"].as_f64().unwrap_or(f64::NAN);
+            let p99 = row["fault_p99_rtt"].as_f64().unwrap_or(f64::NAN);
+            row["part"] = json!("lossy");
+            row["loss"] = json!(link.loss);
+            row["utilisation"] = json!(ideal / total);
+            row["target_utilisation"] = json!(TARGET_LOSSY_UTILISATION);
+            row["target_fault_p99_rtt"] = json!(TARGET_LOSSY_P99_RTT);
+            row["meets_target"] =
+                json!(ideal / total >= TARGET_LOSSY_UTILISATION && p99 <= TARGET_LOSSY_P99_RTT);
+            emit(&row);
+        }
+    }
     if parts.contains("encoding") {
         let rounds = env_size("FAULTLINE_BENCH_ROUNDS", 1).max(1);
         let loopback = Link {
             rate_bps: None,
             rtt_ms: 0,
+            loss: 0.0,
         };
         for (link, case) in [
             (slow, Case::Replica),
@@ -295,7 +349,8 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
         Some(rate) => Some(WanEmulator::start(
             "127.0.0.1:0".parse()?,
             dest_addr,
-            LinkConfig::new(Duration::from_millis(run.link.rtt_ms), rate),
+            LinkConfig::new(Duration::from_millis(run.link.rtt_ms), rate)
+                .with_loss(run.link.loss, 0x1055),
         )?),
         None => None,
     };
@@ -381,6 +436,7 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
         "link": run.link.name(),
         "rate_bps": run.link.rate_bps,
         "rtt_ms": run.link.rtt_ms,
+        "loss": run.link.loss,
         "scenario": run.case.name(),
         "encoding": run.encoding,
         "replies_on_bulk": run.replies_on_bulk,

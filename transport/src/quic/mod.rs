@@ -256,20 +256,24 @@ pub enum TuningError {
     /// [`ENV_CONGESTION`] names no known controller; the value is what it held.
     #[error("{ENV_CONGESTION}={0:?} is not one of bbr, cubic, newreno")]
     Congestion(String),
+    /// [`ENV_MAX_UDP_PAYLOAD`] is not a byte count in [1200, 65527]; the value is what it held.
+    #[error("{ENV_MAX_UDP_PAYLOAD}={0:?} is not a UDP payload size from 1200 to 65527 bytes")]
+    UdpPayload(String),
 }
 
 /// How the QUIC transport is sized for the path it runs over.
 ///
-/// The push is limited by the destination's per-stream receive window, not by congestion
-/// control: at most one window of pushed data is in flight or unread. A window of
-/// 1.25 × the path's bandwidth-delay product fills the link while a demand reply, which
+/// At most 1.25 × the path's bandwidth-delay product is in flight
+/// ([`TransportTuning::in_flight_cap`]): that fills the link while a demand reply, which
 /// queues at the bottleneck behind whatever pushed data is in flight, waits at most about
-/// a quarter of a round trip there. A larger window only adds queueing delay (and with BBR,
-/// which does not back off on loss, tail drops at a shallow bottleneck); a smaller one
-/// leaves the link idle. Measured through the WAN emulator in docs/wan.md.
+/// a quarter of a round trip there. More only adds queueing delay (and with BBR, which does
+/// not back off on loss, tail drops at a shallow bottleneck); less leaves the link idle.
+/// With a stated BDP the cap is a ceiling on the congestion window and the destination's
+/// stream window is larger, so random loss does not stall the push
+/// ([`TransportTuning::stream_window`]); without one, the destination's stream window is
+/// the cap. Measured through the WAN emulator in docs/wan.md.
 ///
-/// Both ends should use the same tuning; the destination's window is the one that limits
-/// the push.
+/// Both ends should use the same tuning.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TransportTuning {
     /// Expected bandwidth-delay product of the path, bytes (rate × round-trip time).
@@ -283,12 +287,28 @@ pub struct TransportTuning {
     /// stays at least that until the controller's own reaches it or a loss happens
     /// ([`StatedStart`]).
     pub initial_window: Option<u64>,
+    /// Largest UDP payload, bytes: the upper bound of MTU discovery and what the endpoint
+    /// accepts from its peer. Each datagram costs quinn, the kernel and the crypto a fixed
+    /// amount besides its bytes, so a path that carries large datagrams (loopback's 64 KiB
+    /// MTU, 9000-byte jumbo frames) should get them. The default, [`MAX_UDP_PAYLOAD`], lets
+    /// discovery find whatever the path carries: on a 1500-byte Ethernet path it settles
+    /// at about 1452 after a few lost probes, which quinn does not count as congestion, and
+    /// packets meanwhile are the safe 1200 bytes. Clamped to [1200, 65527].
+    pub max_udp_payload: u16,
 }
 
 /// Environment variable overriding [`TransportTuning::expected_bdp_bytes`].
 pub const ENV_EXPECTED_BDP: &str = "FAULTLINE_EXPECTED_BDP";
 /// Environment variable overriding [`TransportTuning::congestion`].
 pub const ENV_CONGESTION: &str = "FAULTLINE_CONGESTION";
+/// Environment variable overriding [`TransportTuning::max_udp_payload`] (bytes, for example
+/// 1452 where probing above a tunnel's MTU is unwelcome).
+pub const ENV_MAX_UDP_PAYLOAD: &str = "FAULTLINE_MAX_UDP_PAYLOAD";
+
+/// Largest UDP payload there is (IPv6's, without jumbograms): the default upper bound.
+pub const MAX_UDP_PAYLOAD: u16 = 65_527;
+/// Smallest UDP payload QUIC allows.
+pub const MIN_UDP_PAYLOAD: u16 = 1200;
 
 /// Expected BDP of the default tuning: 1 Gbit/s at 25 ms round trip. Its window (3.9 MB)
 /// is about the 4 MiB measured on loopback (docs/benchmarks.md): with CUBIC and a 32 MiB
@@ -298,6 +318,9 @@ pub const DEFAULT_EXPECTED_BDP: u64 = 3_125_000;
 
 /// Per-stream flow-control window of the default tuning.
 pub const STREAM_WINDOW: u32 = (DEFAULT_EXPECTED_BDP + DEFAULT_EXPECTED_BDP / 4) as u32;
+
+/// Per-stream window in BDPs when the BDP is stated (see [`TransportTuning::stream_window`]).
+pub const STATED_STREAM_WINDOW_BDPS: u64 = 3;
 
 /// Smallest per-stream window. It also bounds the demand replies in flight at once (a
 /// 4 KiB page each) and slows the handshake's page bitmaps, so it is not tiny; on links
@@ -316,6 +339,7 @@ impl Default for TransportTuning {
             expected_bdp_bytes: DEFAULT_EXPECTED_BDP,
             congestion: Congestion::default(),
             initial_window: None,
+            max_udp_payload: MAX_UDP_PAYLOAD,
         }
     }
 }
@@ -346,6 +370,14 @@ impl TransportTuning {
         if let Ok(v) = std::env::var(ENV_CONGESTION) {
             t.congestion = v.parse()?;
         }
+        if let Ok(v) = std::env::var(ENV_MAX_UDP_PAYLOAD) {
+            t.max_udp_payload = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|p| (MIN_UDP_PAYLOAD..=MAX_UDP_PAYLOAD).contains(p))
+                .ok_or(TuningError::UdpPayload(v))?;
+        }
         Ok(t)
     }
 
@@ -358,14 +390,46 @@ impl TransportTuning {
         })
     }
 
-    /// Per-stream receive window: 1.25 × the expected BDP, within
-    /// [[`MIN_STREAM_WINDOW`], [`MAX_STREAM_WINDOW`]]. This caps the pushed data in flight
-    /// or unread.
-    pub fn stream_window(&self) -> u64 {
+    /// [`TransportTuning::max_udp_payload`] within what QUIC and UDP allow.
+    pub fn udp_payload_bound(&self) -> u16 {
+        self.max_udp_payload.clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
+    }
+
+    /// Whether the path's BDP was stated (by [`TransportTuning::for_link`] or
+    /// [`ENV_EXPECTED_BDP`]) rather than the built-in default.
+    pub fn stated(&self) -> bool {
+        self.initial_window.is_some()
+    }
+
+    /// The most data in flight: 1.25 × the expected BDP, within
+    /// [[`MIN_STREAM_WINDOW`], [`MAX_STREAM_WINDOW`]]. Enough to fill the link, and a demand
+    /// reply queues behind at most a quarter of a round trip of pushed data.
+    pub fn in_flight_cap(&self) -> u64 {
         let w = self
             .expected_bdp_bytes
             .saturating_add(self.expected_bdp_bytes / 4);
         w.clamp(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW)
+    }
+
+    /// Per-stream receive window.
+    ///
+    /// With a stated BDP the congestion window is capped at [`Self::in_flight_cap`] (see
+    /// [`StatedStart`]) and this window is [`STATED_STREAM_WINDOW_BDPS`] × the BDP: a lost
+    /// packet's retransmission arrives a round trip or more after the data behind it, and
+    /// the receiver cannot hand on (nor give flow-control credit for) anything past the
+    /// hole until then. A window of 1.25 BDP stalls the push at every loss, and the window
+    /// that opens when the hole fills goes out in a burst that overflows a shallow
+    /// bottleneck queue: at 1% random loss over 200 Mbit/s × 50 ms that used 0.53-0.75 of
+    /// the link; three BDPs carry on through the repair (docs/wan.md).
+    ///
+    /// Without a stated BDP nothing else caps the push, so this window is the in-flight cap.
+    pub fn stream_window(&self) -> u64 {
+        if !self.stated() {
+            return self.in_flight_cap();
+        }
+        self.expected_bdp_bytes
+            .saturating_mul(STATED_STREAM_WINDOW_BDPS)
+            .clamp(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW)
     }
 
     /// Connection receive window: a full bulk window plus as much again for the urgent and
@@ -385,6 +449,9 @@ impl TransportTuning {
     /// The quinn transport configuration.
     pub fn config(&self) -> TransportConfig {
         let mut t = TransportConfig::default();
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.udp_payload_bound());
+        t.mtu_discovery_config(Some(mtu));
         t.stream_receive_window(varint(self.stream_window()));
         t.receive_window(varint(self.connection_window()));
         t.send_window(self.send_window());
@@ -417,7 +484,7 @@ impl TransportTuning {
         };
         // A stated BDP also holds the window there at the start (see `StatedStart`).
         let cc: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> = match iw {
-            Some(w) => Arc::new(StatedStartConfig::new(cc, w)),
+            Some(w) => Arc::new(StatedStartConfig::new(cc, w).with_ceiling(self.in_flight_cap())),
             None => cc,
         };
         t.congestion_controller_factory(cc);
@@ -486,7 +553,9 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 /// previous incarnation and answers their packets with a valid stateless reset, so peers
 /// drop the dead connection within a round trip instead of waiting out the idle timeout:
 /// a standby that restarts is reconnected to at once.
-fn endpoint_config(me: &Identity) -> quinn::EndpointConfig {
+///
+/// It accepts datagrams up to `max_udp_payload` bytes (advertised to the peer).
+fn endpoint_config(me: &Identity, max_udp_payload: u16) -> quinn::EndpointConfig {
     let derive = |label: &[u8]| {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(label);
@@ -505,6 +574,9 @@ fn endpoint_config(me: &Identity) -> quinn::EndpointConfig {
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
+    // Out of range cannot happen ([`TransportTuning::udp_payload_bound`] clamps); quinn's
+    // default (1472) stays then.
+    let _ = config.max_udp_payload_size(max_udp_payload);
     config
 }
 
@@ -512,12 +584,14 @@ fn endpoint(
     addr: SocketAddr,
     me: &Identity,
     server: Option<quinn::ServerConfig>,
+    max_udp_payload: u16,
 ) -> Result<Endpoint, DriverError> {
     let bind = |source| DriverError::Bind { addr, source };
     let socket = bind_udp(addr).map_err(bind)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| bind(std::io::Error::other("no async runtime is running")))?;
-    Endpoint::new(endpoint_config(me), server, socket, runtime).map_err(bind)
+    let config = endpoint_config(me, max_udp_payload);
+    Endpoint::new(config, server, socket, runtime).map_err(bind)
 }
 
 /// A listening endpoint that presents `me` and accepts only clients presenting `peer`,
@@ -541,7 +615,7 @@ pub fn server_endpoint_tuned(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(tuning.config()));
-    endpoint(addr, me, Some(cfg))
+    endpoint(addr, me, Some(cfg), tuning.udp_payload_bound())
 }
 
 /// A client endpoint that presents `me` and accepts only a server presenting `peer`,
@@ -565,7 +639,7 @@ pub fn client_endpoint_tuned(
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(tuning.config()));
-    let mut ep = endpoint(bind, me, None)?;
+    let mut ep = endpoint(bind, me, None, tuning.udp_payload_bound())?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }
@@ -650,17 +724,23 @@ mod tests {
     fn windows_follow_the_expected_bdp() {
         let t = TransportTuning::for_link(1_000_000_000, Duration::from_millis(100));
         assert_eq!(t.expected_bdp_bytes, 12_500_000);
-        assert_eq!(t.stream_window(), 15_625_000);
-        assert_eq!(t.connection_window(), 31_250_000);
-        assert_eq!(t.send_window(), 62_500_000);
+        assert!(t.stated());
+        assert_eq!(t.in_flight_cap(), 15_625_000);
+        // Stated: three BDPs of stream window, so a retransmission does not stall the push.
+        assert_eq!(t.stream_window(), 37_500_000);
+        assert_eq!(t.connection_window(), 75_000_000);
+        assert_eq!(t.send_window(), 150_000_000);
         assert_eq!(t.congestion, Congestion::Bbr);
 
         let d = TransportTuning::default();
+        assert!(!d.stated());
         assert_eq!(d.stream_window(), u64::from(STREAM_WINDOW));
+        assert_eq!(d.stream_window(), d.in_flight_cap());
         assert_eq!(d.send_window(), MIN_SEND_WINDOW);
 
         let slow = TransportTuning::for_link(1_000_000, Duration::from_millis(10));
         assert_eq!(slow.stream_window(), MIN_STREAM_WINDOW, "floor");
+        assert_eq!(slow.in_flight_cap(), MIN_STREAM_WINDOW, "floor");
         let huge = TransportTuning::for_link(u64::MAX, Duration::from_secs(3600));
         assert_eq!(
             huge.stream_window(),
@@ -668,6 +748,17 @@ mod tests {
             "ceiling, no overflow"
         );
         let _ = huge.config();
+    }
+
+    #[test]
+    fn udp_payload_bound_is_clamped() {
+        let mut t = TransportTuning::default();
+        assert_eq!(t.udp_payload_bound(), MAX_UDP_PAYLOAD);
+        t.max_udp_payload = 9000;
+        assert_eq!(t.udp_payload_bound(), 9000);
+        t.max_udp_payload = 100;
+        assert_eq!(t.udp_payload_bound(), MIN_UDP_PAYLOAD);
+        let _ = t.config();
     }
 
     #[test]

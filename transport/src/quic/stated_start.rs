@@ -7,11 +7,14 @@
 //! CUBIC with the same initial window fills the link within two round trips but collapses
 //! under random loss (docs/wan.md). When the operator states the path's BDP, this wrapper
 //! keeps the window at least that large until the first congestion event; from then on the
-//! wrapped controller alone decides. (Ending the floor as soon as BBR's own window first
+//! wrapped controller alone decides, below an optional ceiling
+//! ([`StatedStartConfig::with_ceiling`]: `TransportTuning::in_flight_cap`, which keeps
+//! quinn's BBR, whose window is about twice the BDP and which ignores random loss, from
+//! filling the bottleneck's queue). (Ending the floor as soon as BBR's own window first
 //! reached it was tried: BBR then drained to ~10% of the link for a fifth of a second.) A
-//! statement that is wrong therefore costs at most the first loss, the destination's
-//! flow-control window (1.25 × the same BDP) still caps what is in flight, and quinn paces
-//! the window over the measured RTT, so it does not burst.
+//! statement that is wrong therefore costs at most the first loss, the ceiling (1.25 × the
+//! same BDP) still caps what is in flight, and quinn paces the window over the measured
+//! RTT, so it does not burst.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -24,21 +27,31 @@ use quinn_proto::RttEstimator;
 pub struct StatedStartConfig {
     inner: Arc<dyn ControllerFactory + Send + Sync>,
     floor: u64,
+    ceiling: Option<u64>,
 }
 
 impl StatedStartConfig {
     /// Controllers from `inner`, kept at no less than `floor` bytes of window at the start.
     pub fn new(inner: Arc<dyn ControllerFactory + Send + Sync>, floor: u64) -> StatedStartConfig {
-        StatedStartConfig { inner, floor }
+        StatedStartConfig {
+            inner,
+            floor,
+            ceiling: None,
+        }
+    }
+
+    /// Also caps the window at `ceiling` bytes for the whole connection.
+    pub fn with_ceiling(mut self, ceiling: u64) -> StatedStartConfig {
+        self.ceiling = Some(ceiling);
+        self
     }
 }
 
 impl ControllerFactory for StatedStartConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(StatedStart::new(
-            self.inner.clone().build(now, current_mtu),
-            self.floor,
-        ))
+        let mut c = StatedStart::new(self.inner.clone().build(now, current_mtu), self.floor);
+        c.ceiling = self.ceiling;
+        Box::new(c)
     }
 }
 
@@ -47,6 +60,8 @@ pub struct StatedStart {
     inner: Box<dyn Controller>,
     /// `None` once the start is over.
     floor: Option<u64>,
+    /// The most the window may be, ever.
+    ceiling: Option<u64>,
 }
 
 impl StatedStart {
@@ -56,6 +71,7 @@ impl StatedStart {
         StatedStart {
             inner,
             floor: Some(floor),
+            ceiling: None,
         }
     }
 
@@ -109,7 +125,8 @@ impl Controller for StatedStart {
     }
 
     fn window(&self) -> u64 {
-        self.inner.window().max(self.floor.unwrap_or(0))
+        let w = self.inner.window().max(self.floor.unwrap_or(0));
+        self.ceiling.map_or(w, |c| w.min(c))
     }
 
     fn metrics(&self) -> ControllerMetrics {
@@ -122,11 +139,13 @@ impl Controller for StatedStart {
         Box::new(StatedStart {
             inner: self.inner.clone_box(),
             floor: self.floor,
+            ceiling: self.ceiling,
         })
     }
 
     fn initial_window(&self) -> u64 {
-        self.inner.initial_window().max(self.floor.unwrap_or(0))
+        let w = self.inner.initial_window().max(self.floor.unwrap_or(0));
+        self.ceiling.map_or(w, |c| w.min(c))
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
@@ -182,6 +201,27 @@ mod tests {
         // After a loss it alone decides, also downwards.
         c.on_congestion_event(now, now, false, 1200);
         assert_eq!(c.window(), 200_000);
+    }
+
+    #[test]
+    fn the_ceiling_holds_before_and_after_a_loss() {
+        let now = Instant::now();
+        let w = Arc::new(std::sync::atomic::AtomicU64::new(14_720));
+        let mut c = StatedStart::new(Box::new(Fixed(w.clone())), 1_000_000);
+        c.ceiling = Some(1_250_000);
+        assert_eq!(c.window(), 1_000_000);
+        assert_eq!(c.initial_window(), 1_000_000);
+        w.store(2_500_000, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(c.window(), 1_250_000);
+        c.on_congestion_event(now, now, false, 1200);
+        assert_eq!(c.window(), 1_250_000, "random loss does not lift the cap");
+        assert_eq!(c.clone_box().window(), 1_250_000);
+        w.store(300_000, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            c.window(),
+            300_000,
+            "below the cap the inner controller decides"
+        );
     }
 
     #[test]
