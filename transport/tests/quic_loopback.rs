@@ -187,6 +187,54 @@ async fn zero_pages_found_by_reading_also_join_into_long_runs() {
     );
 }
 
+/// Memory that is all zero, though its extents say so only for the first pages: the rest
+/// looks like data and is read, and turns out zero.
+struct ZerosBehindData {
+    pages: u64,
+    known_zero: u64,
+}
+
+impl quic::PageReader for ZerosBehindData {
+    fn pages(&self, first: u64, count: usize) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+        if first + count as u64 > self.pages {
+            return Err(format!("pages {first}+{count} are outside the image"));
+        }
+        Ok(std::borrow::Cow::Owned(vec![0; count * PAGE_SIZE]))
+    }
+
+    fn extent(&self, first: u64, max: u64) -> quic::Extent {
+        if first < self.known_zero {
+            quic::Extent::Zero((self.known_zero - first).min(max))
+        } else {
+            quic::Extent::Data((self.pages - first).min(max))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_pages_found_zero_after_a_long_known_zero_run_do_not_overflow_it() {
+    // Known zeros just short of the largest run, then zero "data": joined, the run would
+    // pass the largest a message holds (it failed the push: "zero run of 65594 pages").
+    let max = transport::message::MAX_ZERO_RUN as u64;
+    let pages = max + 512;
+    let reader = Arc::new(ZerosBehindData {
+        pages,
+        known_zero: max - 10,
+    });
+    let (src, dst, sink) = migrate_reader(
+        reader,
+        pages as usize,
+        EncodingPolicy::OFF,
+        vec![pages - 1],
+        false,
+    )
+    .await;
+    assert_eq!(dst.pages_received, pages);
+    assert!(sink.mem.lock().unwrap().iter().all(|&b| b == 0));
+    // The demanded page may cross twice (push and reply).
+    assert!(src.encoding.zero_pages >= pages, "{:?}", src.encoding);
+}
+
 async fn migrate(
     img: Vec<u8>,
     encoding: EncodingPolicy,

@@ -94,7 +94,14 @@ fn next_batch(
         if long_zeros && (known_zero || pages.is_zero_run()) {
             zeros += n;
             match batch.last_mut() {
-                Some(last) if zero_tail && last.first + last.count() as u64 == run.start => {
+                // A run of data pages that turned out zero may take the joined run past
+                // the largest a message holds (`zeros` capped only the known ones): it
+                // then starts a run of its own.
+                Some(last)
+                    if zero_tail
+                        && last.first + last.count() as u64 == run.start
+                        && last.count() + n <= MAX_ZERO_RUN =>
+                {
                     let joined = Pages::zeros(last.first, last.count() + n);
                     *last = joined.ok_or_else(|| {
                         DriverError::Reader(format!("zero run of {} pages", last.count() + n))
