@@ -310,6 +310,7 @@ impl Standby {
             accept_timeout: ACCEPT_TIMEOUT,
             progress: None,
             recover_timeout: None,
+            hand_over_timeout: vmm_shim::dest::HAND_OVER_TIMEOUT,
         })?;
         let addr = listener.local_addr()?;
         Ok(Standby {

@@ -142,6 +142,7 @@ pub fn migrate(
         accept_timeout: ACCEPT_TIMEOUT,
         progress: None,
         recover_timeout: None,
+        hand_over_timeout: vmm_shim::dest::HAND_OVER_TIMEOUT,
     })?;
     let addr = listener.local_addr()?;
     let len = usize::try_from(spec.bytes).context("memory size does not fit this machine")?;

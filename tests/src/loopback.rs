@@ -507,6 +507,7 @@ pub fn migrate_over(
         accept_timeout: Duration::from_secs(60),
         progress: None,
         recover_timeout: None,
+        hand_over_timeout: vmm_shim::dest::HAND_OVER_TIMEOUT,
     })?;
     let dest_addr = listener.local_addr()?;
     let wan = match link {

@@ -61,6 +61,7 @@ fn attack(control_first: Vec<u8>, attack: Attack) -> Outcome {
         accept_timeout: Duration::from_secs(30),
         progress: None,
         recover_timeout: None,
+        hand_over_timeout: vmm_shim::dest::HAND_OVER_TIMEOUT,
     })
     .unwrap();
     let addr = listener.local_addr().unwrap();

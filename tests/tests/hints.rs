@@ -465,6 +465,7 @@ fn free_pages_written_after_the_hint_cross_with_their_content() {
         accept_timeout: Duration::from_secs(30),
         progress: None,
         recover_timeout: None,
+        hand_over_timeout: vmm_shim::dest::HAND_OVER_TIMEOUT,
     })
     .unwrap();
     let addr = listener.local_addr().unwrap();

@@ -158,6 +158,7 @@ async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
             incoming: Some(&mut acceptor),
             recover_timeout,
             on_connection: Some(dest_told),
+            ..Default::default()
         };
         let hooks = DestHooks::default();
         quic::run_dest_recovering(conn, session, dest_sink, requests, hooks, recovery).await
@@ -587,6 +588,7 @@ async fn standby(
             incoming: Some(&mut acceptor),
             recover_timeout: None,
             on_connection: Some(counter(&told)),
+            ..Default::default()
         };
         let (_requests, rx) = tokio::sync::mpsc::unbounded_channel();
         let sink = replica.clone();

@@ -40,11 +40,20 @@ pub struct DestOptions {
     /// reconnects (docs/recovery.md); with a limit, the session fails once the connection
     /// has been down this long. `None`: no limit.
     pub recover_timeout: Option<Duration>,
+    /// How long a source that completed its handshake may take to hand the VM over: a
+    /// source that connects before it pauses its VM ([`crate::source::PreparedSource`])
+    /// keeps the session waiting while its guest runs on. Past it the session fails (and
+    /// the source is told), so a source that hangs cannot hold this side for ever.
+    pub hand_over_timeout: Duration,
 }
+
+/// Default of [`DestOptions::hand_over_timeout`]: a source normally pauses seconds after
+/// connecting.
+pub const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl DestOptions {
     /// Options with the defaults: any VM id, 60 s for the source to connect, no progress
-    /// callback.
+    /// callback, [`HAND_OVER_TIMEOUT`] for a connected source to hand the VM over.
     pub fn new(
         listen: SocketAddr,
         identity: Identity,
@@ -58,6 +67,7 @@ impl DestOptions {
             accept_timeout: Duration::from_secs(60),
             progress: None,
             recover_timeout: None,
+            hand_over_timeout: HAND_OVER_TIMEOUT,
         }
     }
 }
@@ -315,6 +325,7 @@ impl Listener {
                 incoming: Some(&mut *acceptor),
                 recover_timeout: opts.recover_timeout,
                 on_connection: Some(conns.follower()),
+                hand_over_timeout: Some(opts.hand_over_timeout),
             };
             let r = quic::run_dest_recovering(conn, session, sink, rx, hooks, recovery).await;
             if let Some(t) = ticker {
@@ -470,6 +481,7 @@ impl Listener {
                         sink3.session_reconnected();
                         follower(c);
                     })),
+                    hand_over_timeout: Some(opts.hand_over_timeout),
                 };
                 let r = quic::run_dest_recovering(conn, session, sink.clone(), rx, hooks, recovery)
                     .await;

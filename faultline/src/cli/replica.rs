@@ -745,6 +745,7 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
         accept_timeout: Duration::from_secs(a.accept_timeout),
         progress: Some(super::outcome::recorder()),
         recover_timeout: a.recover_timeout.map(Duration::from_secs),
+        hand_over_timeout: vmm_shim::dest::HAND_OVER_TIMEOUT,
     })?;
     listener.stop_on(&super::stopper());
     let pages = a.size / 4096;

@@ -103,6 +103,7 @@ pub fn bind_listener(
         accept_timeout: Duration::from_secs(accept_timeout_secs),
         progress: Some(on_progress),
         recover_timeout,
+        hand_over_timeout: vmm_shim::dest::HAND_OVER_TIMEOUT,
     })?;
     listener.stop_on(&super::stopper());
     let addr = listener.local_addr()?;

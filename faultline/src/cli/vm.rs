@@ -350,11 +350,45 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         Some(_) => Some(SourceAgent::arm(&vm, &a.agent)?),
         None => None,
     };
+    let opts = SourceOptions {
+        connect: a.connect,
+        identity: me,
+        peer_cert: peer,
+        vm_id: a.vm_id.clone(),
+        connect_timeout: Duration::from_secs(a.connect_timeout),
+        push: true,
+        encoding: transport::encoding::EncodingPolicy::AUTO,
+        early_push: true,
+        stopper: super::stopper(),
+        progress: Some(super::outcome::recorder()),
+        recover_timeout: a.recover_timeout.map(Duration::from_secs),
+    };
     vm.start()?;
     let started = Instant::now();
     let sampler = RateSampler::start(vm.progress_probe(), started, SAMPLE_PERIOD);
     let replication = if a.replica.replicate {
-        Some(vm_replica::start(&vm, &layout, &a, &me, &peer)?)
+        Some(vm_replica::start(
+            &vm,
+            &layout,
+            &a,
+            &opts.identity,
+            &opts.peer_cert,
+        )?)
+    } else {
+        None
+    };
+    // Connect, authenticate and shake hands while the guest runs, so that none of it is
+    // downtime; a failure here leaves the guest unpaused. (An evacuation connects to the
+    // standby it replicated to when it pauses: `vm_replica`.)
+    let mut prepared = if replication.is_none() {
+        Some(
+            vmm_shim::PreparedSource::connect(&layout, &opts).with_context(|| {
+                format!(
+                    "connecting to the destination at {} (the guest was not paused)",
+                    a.connect
+                )
+            })?,
+        )
     } else {
         None
     };
@@ -372,6 +406,22 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
 
+    if prepared.as_ref().is_some_and(|p| p.has_failed()) {
+        let e = prepared.take().map(|p| p.abandon());
+        match e {
+            Some(Err(e)) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "the session with the destination at {} ended before the switchover \
+                     (the guest was not paused)",
+                    a.connect
+                )))
+            }
+            _ => bail!(
+                "the session with the destination at {} ended before the switchover",
+                a.connect
+            ),
+        }
+    }
     let asked = Instant::now();
     let (snapshot, paused_at) = match replicated.as_mut().and_then(|f| f.snapshot.take()) {
         // Paused already to prepare the stale set; the switchover starts now.
@@ -412,19 +462,6 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     let mut hints_out = None;
 
     let regions = vm.host_regions()?;
-    let opts = SourceOptions {
-        connect: a.connect,
-        identity: me,
-        peer_cert: peer,
-        vm_id: a.vm_id.clone(),
-        connect_timeout: Duration::from_secs(a.connect_timeout),
-        push: true,
-        encoding: transport::encoding::EncodingPolicy::AUTO,
-        early_push: true,
-        stopper: super::stopper(),
-        progress: Some(super::outcome::recorder()),
-        recover_timeout: a.recover_timeout.map(Duration::from_secs),
-    };
     // Memory is frozen while paused: hash it beside the migration, not before it, so the
     // digests add nothing to the downtime.
     let mem = vm.guest_memory().clone();
@@ -449,15 +486,25 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
                     })
             }
             // SAFETY: as above, the vCPUs are paused and nothing else writes guest memory.
-            None => unsafe { PausedMemory::new(&regions) }.and_then(|paused| match &plan {
-                Some(plan) => {
-                    vmm_shim::send_with_hints(Arc::new(paused), &layout, &opts, Some(blob), plan)
-                        .map(|sent| {
-                            hints_out = hints_report.map(|r| r.with_sent(&sent));
-                            sent.session
-                        })
+            None => unsafe { PausedMemory::new(&regions) }.and_then(|paused| {
+                let paused = Arc::new(paused);
+                match (prepared, &plan) {
+                    (Some(p), Some(plan)) => p.send_with_hints(paused, blob, plan).map(|sent| {
+                        hints_out = hints_report.map(|r| r.with_sent(&sent));
+                        sent.session
+                    }),
+                    (Some(p), None) => p.send_with_state(paused, blob),
+                    // Not reached: only an evacuation has no prepared session.
+                    (None, Some(plan)) => {
+                        vmm_shim::send_with_hints(paused, &layout, &opts, Some(blob), plan).map(
+                            |sent| {
+                                hints_out = hints_report.map(|r| r.with_sent(&sent));
+                                sent.session
+                            },
+                        )
+                    }
+                    (None, None) => vmm_shim::send_with_state(paused, &layout, &opts, blob),
                 }
-                None => vmm_shim::send_with_state(Arc::new(paused), &layout, &opts, blob),
             }),
         };
         let digests = hashing

@@ -246,6 +246,12 @@ impl DestSession {
             )
     }
 
+    /// Whether the handshake is answered and the session waits for the source's VM state
+    /// (which a source that connects before pausing its VM sends only then).
+    pub fn awaits_vm_state(&self) -> bool {
+        matches!(self.state, State::AwaitVmBlob)
+    }
+
     /// Where the session is.
     pub fn session_state(&self) -> SessionState {
         match (&self.state, self.link) {

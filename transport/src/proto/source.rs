@@ -57,6 +57,13 @@ pub struct SourceConfig {
     /// The session's id, sent in every `Hello`; a resume must name it. Random by default
     /// ([`random_session_id`]).
     pub session_id: u128,
+    /// The VM state (and the hot ranges and zero-filled set) come later, through
+    /// [`SourceSession::hand_over`]: the handshake runs while the VM still runs at the
+    /// source, and after the destination's answer the session sends nothing, pushes
+    /// nothing and serves nothing until the hand-over. The `Hello` announces VM state as if
+    /// `vm_state` were set; `early_push` is ignored (memory is not frozen yet). For a VMM
+    /// that connects before it pauses, so the handshake is not part of the downtime.
+    pub state_later: bool,
 }
 
 /// A random session id from the system's random source.
@@ -94,6 +101,7 @@ impl SourceConfig {
             replica_index: None,
             early_push: true,
             session_id: random_session_id(),
+            state_later: false,
         }
     }
 }
@@ -218,6 +226,9 @@ pub struct SourceSession {
     /// What the handshake needs again if it starts over on a new connection.
     initial_stale: Option<Bitmap>,
     initial_vm_state: Option<Vec<u8>>,
+    /// The application has handed over what [`SourceConfig::state_later`] defers (always
+    /// true without it).
+    handed: bool,
     /// Pages sent on any connection so far.
     ever_sent: Bitmap,
     /// Pages sent before the last pause and not sent since: sending one counts as a resend.
@@ -239,7 +250,7 @@ fn schedule(base: PushSchedule, config: &SourceConfig) -> PushSchedule {
 }
 
 fn features_of(config: &SourceConfig) -> u64 {
-    let state = if config.vm_state.is_some() {
+    let state = if config.vm_state.is_some() || config.state_later {
         crate::message::FEATURE_VM_STATE
     } else {
         0
@@ -265,7 +276,10 @@ impl SourceSession {
         let pages = config.layout.total_pages();
         // A migration without VM state lets the destination resume the guest as soon as it
         // has the `Hello`: the VM is handed over from here on.
-        let owner = if config.kind == SessionKind::Migrate && config.vm_state.is_none() {
+        let owner = if config.kind == SessionKind::Migrate
+            && config.vm_state.is_none()
+            && !config.state_later
+        {
             Ownership::Destination
         } else {
             Ownership::Source
@@ -289,6 +303,7 @@ impl SourceSession {
             offered: config.features | features_of(&config),
             initial_stale: config.stale.clone(),
             initial_vm_state: config.vm_state.clone(),
+            handed: !(config.state_later && config.kind != SessionKind::Replicate),
             ever_sent: Bitmap::new(pages),
             resend_candidates: Bitmap::new(pages),
             served_while_resuming: Vec::new(),
@@ -328,12 +343,50 @@ impl SourceSession {
     /// Sends the VM state, once the destination knows which pages it will receive. From
     /// here on the destination may resume the guest (migration and evacuation).
     fn send_vm_state(&mut self) {
+        if !self.handed {
+            // Held until `hand_over`: the VM still runs here.
+            return;
+        }
         if let Some(blob) = self.config.vm_state.take() {
             self.send(Channel::Control, Message::VmState { blob });
         }
         if self.config.kind != SessionKind::Replicate && self.owner == Ownership::Source {
             self.owner = Ownership::Destination;
         }
+    }
+
+    /// Whether the session waits for [`SourceSession::hand_over`] (see
+    /// [`SourceConfig::state_later`]).
+    pub fn awaits_hand_over(&self) -> bool {
+        !self.handed
+    }
+
+    /// Hands over what [`SourceConfig::state_later`] deferred, once the VM is paused and its
+    /// memory frozen: the VM state blob, the hot ranges to push first and the zero-filled
+    /// pages (as [`SourceConfig::hot`] and [`SourceConfig::zero_filled`]). If the handshake
+    /// is done the `VmState` is queued at once (the destination may resume the guest from
+    /// it) and the push may start; otherwise it goes out when the destination answers.
+    /// Returns false, changing nothing, if the session was not waiting for it.
+    pub fn hand_over(
+        &mut self,
+        vm_state: Vec<u8>,
+        hot: Vec<Range<u64>>,
+        zero_filled: Option<Bitmap>,
+    ) -> bool {
+        if self.handed || matches!(self.state, State::Failed | State::Finished) {
+            return false;
+        }
+        self.config.vm_state = Some(vm_state.clone());
+        self.initial_vm_state = Some(vm_state);
+        self.config.hot = hot;
+        self.config.zero_filled = zero_filled;
+        // Nothing was pushed or served before the hand-over: the schedule starts afresh.
+        self.push = first_schedule(&self.config);
+        self.handed = true;
+        if matches!(self.state, State::Running) && matches!(self.link, Link::Connected) {
+            self.send_vm_state();
+        }
+        true
     }
 
     /// The session's id, as sent in the `Hello`.
@@ -445,6 +498,7 @@ impl SourceSession {
         matches!(self.state, State::HelloSent | State::AwaitInvalid(_))
             && matches!(self.link, Link::Connected)
             && self.config.early_push
+            && self.handed
             && self.config.push
             && self.config.kind != SessionKind::Replicate
     }
@@ -741,6 +795,14 @@ impl SourceSession {
 
     /// Checks and counts a demand request; returns the pages to send.
     fn serve(&mut self, pages: Vec<u64>) -> Result<Vec<u64>, ProtoError> {
+        if !self.handed {
+            // The destination has no VM state yet, so no guest that could fault.
+            return Err(ProtoError::Unexpected {
+                message: "Request",
+                channel: Channel::Urgent,
+                state: "awaiting the hand-over of the VM",
+            });
+        }
         let total = self.total_pages();
         if let Some(&bad) = pages.iter().find(|&&p| p >= total) {
             return Err(ProtoError::PageOutOfRange {
@@ -917,7 +979,8 @@ impl SourceSession {
     /// `None`, and the schedule is as it was (no `PushDone` either).
     pub fn next_push_sized(&mut self, max: impl FnOnce(u64) -> usize) -> Option<Range<u64>> {
         let early = self.may_push_early();
-        if !(early || matches!(self.state, State::Running))
+        if !self.handed
+            || !(early || matches!(self.state, State::Running))
             || !matches!(self.link, Link::Connected)
             || !self.config.push
             || self.config.kind == SessionKind::Replicate

@@ -724,6 +724,56 @@ fn vm_state_arrives_before_the_guest_may_resume() {
 }
 
 #[test]
+fn state_later_holds_the_session_after_the_handshake_until_the_hand_over() {
+    let mut src = SourceSession::new(SourceConfig {
+        state_later: true,
+        ..SourceConfig::migrate("vm-1", layout(8))
+    });
+    let mut dst = DestSession::new(DestConfig::migrate(layout(8)));
+    assert!(!src.may_push_early(), "memory is not frozen yet");
+    assert!(src.awaits_hand_over());
+    let served = exchange(&mut src, &mut dst);
+    assert!(served.is_empty());
+    // The handshake is done; the destination waits for the state, the source sends nothing.
+    assert!(dst.awaits_vm_state() && !dst.is_running());
+    assert!(src.is_running() && src.awaits_hand_over());
+    assert_eq!(src.ownership(), Ownership::Source, "the VM is still here");
+    assert_eq!(src.next_push(4), None);
+    assert!(src.poll_transmit().is_none());
+    // A request before the hand-over is refused: no guest can run at the destination yet.
+    let refused = src.handle(Channel::Urgent, wire(Message::Request { pages: vec![1] }));
+    assert!(refused.is_err(), "{refused:?}");
+
+    let mut src = SourceSession::new(SourceConfig {
+        state_later: true,
+        ..SourceConfig::migrate("vm-1", layout(8))
+    });
+    let mut dst = DestSession::new(DestConfig::migrate(layout(8)));
+    exchange(&mut src, &mut dst);
+    assert!(src.hand_over(vec![9; 10], vec![5..6, 6..7], None));
+    assert!(!src.hand_over(vec![1], Vec::new(), None), "only once");
+    assert_eq!(src.ownership(), Ownership::Destination);
+    exchange(&mut src, &mut dst);
+    assert_eq!(dst.poll_event(), Some(DestEvent::VmState(vec![9; 10])));
+    assert!(dst.is_running());
+    // The hot ranges handed over lead the push.
+    let first = src.next_push(4);
+    assert_eq!(first.as_ref().map(|r| r.start), Some(5));
+    let mut mem = vec![Vec::new(); 8];
+    for r in first
+        .into_iter()
+        .chain(std::iter::from_fn(|| src.next_push(4)))
+    {
+        let pages = dst
+            .handle(Channel::Bulk, wire(pages_msg(r)))
+            .unwrap()
+            .unwrap();
+        install(&pages, &mut mem);
+    }
+    assert!(dst.received().is_full());
+}
+
+#[test]
 fn disks_are_pages_after_memory_and_move_like_them() {
     // 8 pages of memory, then disk "vda" (4 pages) and disk "vdb" (2 pages).
     let l = layout(8)

@@ -25,8 +25,9 @@ pub use recovery::{
     ATTEMPT_TIMEOUT, KEEP_ALIVE, SILENCE_LOST,
 };
 pub use source::{
-    run_replication, run_replication_recovering, run_source, run_source_recovering, Extent,
-    PageReader, ReplicationEvent, ReplicationReport, SourceReport, Update,
+    run_replication, run_replication_recovering, run_source, run_source_prepared,
+    run_source_recovering, Extent, HandOver, PageReader, ReplicationEvent, ReplicationReport,
+    SourceReport, Update,
 };
 
 use std::net::SocketAddr;
@@ -176,6 +177,14 @@ pub enum DriverError {
         #[source]
         cause: Box<DriverError>,
     },
+    /// A prepared source session's application dropped its hand-over without sending it
+    /// (see [`run_source_prepared`]): the VM stays at the source.
+    #[error("the source gave up the migration before handing the VM over")]
+    Abandoned,
+    /// The source connected and completed the handshake, but did not hand the VM over
+    /// within the destination's bound (the value held).
+    #[error("the source did not hand the VM over within {0:?} of its handshake")]
+    HandOverTimeout(Duration),
     /// The application stopped the session while it waited for a new connection.
     #[error("stopped while waiting to reconnect")]
     Stopped,

@@ -143,6 +143,11 @@ pub struct DestRecovery<'a> {
     pub recover_timeout: Option<Duration>,
     /// Called with each new connection before the session resumes on it.
     pub on_connection: Option<super::OnConnection>,
+    /// How long a connection may wait, after its handshake, for the source's VM state (a
+    /// source that connects before it pauses its VM sends it only then): past it the
+    /// session fails with [`DriverError::HandOverTimeout`] and the source is told.
+    /// Keep-alives hold the connection meanwhile. `None`: no bound.
+    pub hand_over_timeout: Option<Duration>,
 }
 
 /// What a destination tells an authenticated peer of another session.
@@ -178,6 +183,7 @@ pub async fn run_dest_recovering(
         screens: JoinSet::new(),
         pending: None,
         replicating: false,
+        hand_over_timeout: recovery.hand_over_timeout,
     };
     let first = Candidate { conn, opened };
     let result = run_session(
@@ -416,6 +422,8 @@ struct Screen<'a> {
     pending: Option<Candidate>,
     /// The session is a replication (known once its handshake is done).
     replicating: bool,
+    /// [`DestRecovery::hand_over_timeout`].
+    hand_over_timeout: Option<Duration>,
 }
 
 impl Screen<'_> {
@@ -632,7 +640,9 @@ async fn run_connection(
         driver.link().handle(Channel::Control, hello).await?;
         driver.on_events().await?;
     }
-    driver.handshake(&mut readers.bulk).await?;
+    driver
+        .handshake(&mut readers.bulk, screen.hand_over_timeout)
+        .await?;
     screen.replicating = driver.kind() == SessionKind::Replicate;
     driver.run(readers, screen).await
 }
@@ -743,14 +753,36 @@ impl<'a> Driver<'a> {
     /// also the stale set and the VM state; on a resumed connection the `ResumeAck`), then
     /// lets the guest resume if it has not yet. Nothing touches guest memory before the
     /// handshake is accepted.
-    async fn handshake(&mut self, bulk: &mut ReadAhead) -> Result<(), DriverError> {
+    async fn handshake(
+        &mut self,
+        bulk: &mut ReadAhead,
+        hand_over_timeout: Option<Duration>,
+    ) -> Result<(), DriverError> {
+        // When the wait for the VM state began (a prepared source's VM still runs there).
+        let mut awaiting_since: Option<tokio::time::Instant> = None;
         while !matches!(
             self.link().session().session_state(),
             SessionState::Running | SessionState::Completed
         ) {
+            let deadline = match (hand_over_timeout, self.link().session().awaits_vm_state()) {
+                (Some(t), true) => {
+                    Some(*awaiting_since.get_or_insert_with(tokio::time::Instant::now) + t)
+                }
+                _ => None,
+            };
+            let bound = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             let read = tokio::select! {
                 read = self.control.next() => read,
                 Some(e) = self.failures.recv() => return Err(e),
+                _ = bound => {
+                    let t = hand_over_timeout.unwrap_or_default();
+                    return Err(DriverError::HandOverTimeout(t));
+                }
             };
             let Some(msg) = self.link().checked(Channel::Control, read).await? else {
                 return Err(closed_or(

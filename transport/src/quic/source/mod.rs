@@ -14,12 +14,13 @@ pub use replication::{
 };
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::frame::{read_frame, write_pages};
@@ -29,6 +30,7 @@ use super::{
     close_with, closed_or, connection_lost, stream_error, DriverError, CLOSE_OK, PRIO_BULK,
     PRIO_CONTROL, PRIO_URGENT, RECONNECTING, TAG_BULK, TAG_CONTROL, TAG_URGENT,
 };
+use crate::bitmap::Bitmap;
 use crate::encoding::{EncodingPolicy, EncodingStats, PageEncoder};
 use crate::proto::{Channel, Ownership, SessionState, SourceEvent, SourceSession};
 
@@ -111,6 +113,90 @@ struct Source {
     reader: Arc<dyn PageReader>,
 }
 
+/// What a session made with [`crate::proto::SourceConfig::state_later`] waits for after its
+/// handshake: the frozen memory and the VM state (see [`run_source_prepared`]).
+pub struct HandOver {
+    /// Guest memory, frozen from now on.
+    pub reader: Arc<dyn PageReader>,
+    /// The VMM's vCPU and device state.
+    pub vm_state: Vec<u8>,
+    /// Pages to push first ([`crate::proto::SourceConfig::hot`]).
+    pub hot: Vec<Range<u64>>,
+    /// Pages `reader` serves as zeros ([`crate::proto::SourceConfig::zero_filled`]).
+    pub zero_filled: Option<Bitmap>,
+}
+
+/// The reader of a prepared session: empty until the hand-over. The session neither pushes
+/// nor serves before it (see [`SourceSession::hand_over`]), so the empty case is only
+/// reached by a bug, and then fails the session instead of reading anything.
+#[derive(Default)]
+struct LateReader(OnceLock<Arc<dyn PageReader>>);
+
+impl PageReader for LateReader {
+    fn pages(&self, first: u64, count: usize) -> Result<Cow<'_, [u8]>, String> {
+        match self.0.get() {
+            Some(r) => r.pages(first, count),
+            None => Err("guest memory was read before it was handed over".into()),
+        }
+    }
+
+    fn extent(&self, first: u64, max: u64) -> Extent {
+        self.0
+            .get()
+            .map_or(Extent::Unknown, |r| r.extent(first, max))
+    }
+}
+
+/// A prepared session's side of the hand-over.
+struct Pending {
+    late: Arc<LateReader>,
+    hand_over: Option<oneshot::Receiver<HandOver>>,
+    ready: Option<oneshot::Sender<()>>,
+}
+
+/// [`run_source_recovering`] for a session made with
+/// [`crate::proto::SourceConfig::state_later`], whose handshake runs while the VM still
+/// runs here: the `Hello` goes out and the destination's answer is read, then `ready` is
+/// sent and the session waits (keep-alives hold the connection; a lost one is reconnected
+/// through `recovery` as usual, with a fresh handshake) until the application sends the
+/// [`HandOver`] on `hand_over`. From there on it is a plain migration: the `VmState`
+/// goes out at once and the push starts.
+///
+/// Dropping the hand-over's sender before sending ends the session with
+/// [`DriverError::Abandoned`] (the destination is told). Errors before `ready` (TLS was
+/// done by the connect; here: a refused `Hello`, another layout or VM id, a lost
+/// connection without `recovery`) leave `ready` unsent, so the application learns of them
+/// before it pauses its VM.
+pub async fn run_source_prepared(
+    conn: Connection,
+    session: SourceSession,
+    hand_over: oneshot::Receiver<HandOver>,
+    ready: oneshot::Sender<()>,
+    recovery: Option<SourceRecovery>,
+) -> Result<SourceReport, DriverError> {
+    let started = Instant::now();
+    let late = Arc::new(LateReader::default());
+    let reader: Arc<dyn PageReader> = late.clone();
+    let mut pending = Pending {
+        late,
+        hand_over: Some(hand_over),
+        ready: Some(ready),
+    };
+    let session: Shared<SourceSession> = Arc::new(Mutex::new(session));
+    let mut totals = Totals::default();
+    let result = recovering(
+        conn,
+        &session,
+        &reader,
+        recovery,
+        &mut totals,
+        started,
+        Some(&mut pending),
+    )
+    .await;
+    result.map_err(|e| vm_lost(&session, &totals, e))
+}
+
 /// Runs the source side of one migration over an established connection. A lost
 /// connection ends the session with an error ([`run_source_recovering`] resumes it).
 pub async fn run_source(
@@ -135,7 +221,16 @@ pub async fn run_source_recovering(
     let started = Instant::now();
     let session: Shared<SourceSession> = Arc::new(Mutex::new(session));
     let mut totals = Totals::default();
-    let result = recovering(conn, &session, &reader, recovery, &mut totals, started).await;
+    let result = recovering(
+        conn,
+        &session,
+        &reader,
+        recovery,
+        &mut totals,
+        started,
+        None,
+    )
+    .await;
     result.map_err(|e| vm_lost(&session, &totals, e))
 }
 
@@ -164,12 +259,22 @@ async fn recovering(
     recovery: Option<SourceRecovery>,
     totals: &mut Totals,
     started: Instant,
+    mut pending: Option<&mut Pending>,
 ) -> Result<SourceReport, DriverError> {
     let mut conn = conn;
     loop {
         let watch = recovery.is_some();
         let on_handover = recovery.as_ref().and_then(|r| r.on_handover.as_ref());
-        let result = run_connection(&conn, session, reader, totals, watch, on_handover).await;
+        let result = run_connection(
+            &conn,
+            session,
+            reader,
+            totals,
+            watch,
+            on_handover,
+            pending.as_deref_mut(),
+        )
+        .await;
         let e = match result {
             Ok(()) => break,
             Err(e) => e,
@@ -282,11 +387,17 @@ async fn run_connection(
     totals: &mut Totals,
     watch: bool,
     on_handover: Option<&super::recovery::OnHandover>,
+    pending: Option<&mut Pending>,
 ) -> Result<(), DriverError> {
     let (mut driver, data) = Driver::open(conn, session.clone(), reader.clone()).await?;
     // A session that can resume notices a cut within seconds, not at the idle timeout.
     let _watchdog = watch.then(|| driver.link().watch_silence());
     let early = driver.handshake(&data, totals).await?;
+    if let Some(p) = pending {
+        if driver.link().session().awaits_hand_over() {
+            driver.await_hand_over(p).await?;
+        }
+    }
     if totals.handed_over_at.is_none()
         && session
             .lock()
@@ -431,6 +542,43 @@ impl Driver {
 
     fn link(&self) -> &Link<SourceSession> {
         &self.src.link
+    }
+
+    /// A prepared session after its handshake: tells the application it is ready, then
+    /// waits for the hand-over while watching the connection, and queues the `VmState`.
+    async fn await_hand_over(&mut self, p: &mut Pending) -> Result<(), DriverError> {
+        if let Some(ready) = p.ready.take() {
+            // The application may have stopped listening; the hand-over decides.
+            let _ = ready.send(());
+        }
+        let Some(rx) = p.hand_over.as_mut() else {
+            return Err(DriverError::Abandoned);
+        };
+        loop {
+            tokio::select! {
+                h = &mut *rx => {
+                    p.hand_over = None;
+                    let h = h.map_err(|_| DriverError::Abandoned)?;
+                    let _ = p.late.0.set(h.reader);
+                    self.link().session().hand_over(h.vm_state, h.hot, h.zero_filled);
+                    self.link().flush().await?;
+                    return Ok(());
+                }
+                read = self.control.next() => {
+                    // Nothing is expected here but an `Error` (the session fails on it) or,
+                    // from a faulty peer, a message the session refuses.
+                    let Some(msg) = self.link().checked(Channel::Control, read).await? else {
+                        let what = "the destination closed the control stream";
+                        return Err(closed_or(&self.link().conn, what));
+                    };
+                    self.link().handle(Channel::Control, msg).await?;
+                    for ev in self.link().events() {
+                        tracing::debug!(?ev, "a session event while awaiting the hand-over");
+                    }
+                }
+                Some(e) = self.failures.recv() => return Err(e),
+            }
+        }
     }
 
     /// The one place the session's events are acted on, in both the handshake and the run.

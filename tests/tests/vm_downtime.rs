@@ -1,0 +1,142 @@
+//! Issue 15 (downtime): `faultline vm source` connects, authenticates and runs faultline's
+//! handshake before it pauses its guest, and hands the session the paused memory and vCPU
+//! state afterwards. Real `faultline vm` processes over QUIC on loopback; skipped (with a
+//! message) where /dev/kvm does not exist.
+
+use std::time::Duration;
+
+use faultline_tests::{kvm_present, run_vm_source, Certs, DestProcess};
+use serde_json::Value;
+
+const GUEST: [&str; 10] = [
+    "--size",
+    "64M",
+    "--vcpus",
+    "1",
+    "--program",
+    "random-rw",
+    "--working-set",
+    "32M",
+    "--report-every",
+    "16384",
+];
+
+/// A source that connects as it boots and then runs its guest for 3 s before pausing (the
+/// destination waits in the handshake all that while, kept up by keep-alives) still
+/// migrates the guest byte for byte.
+#[test]
+fn a_source_connected_long_before_it_pauses_migrates_byte_exact() {
+    if !kvm_present() {
+        return;
+    }
+    let certs = Certs::new();
+    let run_secs = 3.0;
+    let secs = run_secs.to_string();
+    let dest = DestProcess::vm(&certs, &[&GUEST[..], &["--run-secs", "1"]].concat());
+    let src = run_vm_source(
+        &certs,
+        &dest.addr,
+        &[&GUEST[..], &["--run-secs", &secs]].concat(),
+        Duration::from_secs(90),
+    );
+    let dst = dest.wait(Duration::from_secs(90));
+    assert!(src.status.success(), "source failed: {}", src.stderr);
+    assert!(dst.status.success(), "destination failed: {}", dst.stderr);
+    let (s, d) = (&src.json, &dst.json);
+    eprintln!("source: {s}\ndestination: {d}");
+    // All memory at switchover, hashed on both sides, and the guest's own digest of its
+    // slice after resuming.
+    assert!(s["memory_digest"].is_string());
+    assert_eq!(d["switchover_digest"], s["memory_digest"], "memory differs");
+    assert_eq!(d["guest_digests"], s["slice_digests"], "guest digests");
+    assert_eq!(d["continued"], true);
+    assert_eq!(
+        d["guest_progress_at_switchover"],
+        s["guest_progress_at_switchover"]
+    );
+    // The session began before the guest's run (the destination's clock starts at the
+    // connect): the resume came after at least that run. (A lower bound the source's own
+    // sleep guarantees, not a measurement.)
+    let resume_ms = d["resume_ms"].as_f64().expect("resume_ms");
+    assert!(
+        resume_ms >= run_secs * 1e3,
+        "the source connected only {resume_ms} ms before the resume: not before its run"
+    );
+    // No reconnect was needed while it waited.
+    assert_eq!(s["pauses"], Value::from(0), "{s}");
+}
+
+/// A destination nobody listens at: the source says so, naming the address, and fails
+/// before it pauses its guest (it never reaches the switchover, so it prints no report).
+#[test]
+fn a_connect_failure_is_reported_before_the_guest_is_paused() {
+    if !kvm_present() {
+        return;
+    }
+    let certs = Certs::new();
+    // A port that was free a moment ago.
+    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .to_string();
+    let src = run_vm_source(
+        &certs,
+        &addr,
+        &[&GUEST[..], &["--run-secs", "30", "--connect-timeout", "1"]].concat(),
+        Duration::from_secs(60),
+    );
+    assert!(!src.status.success(), "the source migrated to nobody");
+    assert!(
+        src.json.is_null(),
+        "a report without a migration: {}",
+        src.json
+    );
+    assert!(
+        src.stderr.contains(&addr),
+        "the address is not named: {}",
+        src.stderr
+    );
+    assert!(
+        src.stderr.contains("the guest was not paused"),
+        "unclear error: {}",
+        src.stderr
+    );
+}
+
+/// A destination that refuses the session in faultline's handshake (it expects another VM
+/// id) is reported before the pause too: the handshake ran while the guest ran.
+#[test]
+fn a_refused_handshake_is_reported_before_the_guest_is_paused() {
+    if !kvm_present() {
+        return;
+    }
+    let certs = Certs::new();
+    let dest = DestProcess::vm(
+        &certs,
+        &[&GUEST[..], &["--run-secs", "0", "--vm-id", "another-vm"]].concat(),
+    );
+    let addr = dest.addr.clone();
+    let src = run_vm_source(
+        &certs,
+        &addr,
+        &[&GUEST[..], &["--run-secs", "30"]].concat(),
+        Duration::from_secs(60),
+    );
+    let _ = dest.wait(Duration::from_secs(60));
+    assert!(!src.status.success(), "the source migrated a refused VM");
+    assert!(
+        src.json.is_null(),
+        "a report without a migration: {}",
+        src.json
+    );
+    assert!(
+        src.stderr.contains(&addr),
+        "the address is not named: {}",
+        src.stderr
+    );
+    assert!(
+        src.stderr.contains("the guest was not paused"),
+        "unclear error: {}",
+        src.stderr
+    );
+}
