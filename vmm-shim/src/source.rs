@@ -288,14 +288,19 @@ impl PreparedSource {
         let mut task = runtime.spawn(drive(endpoint, conn, config, run, Context::of(opts)));
         // Either the session is ready for the hand-over, or it ended (with an error: it
         // cannot finish without the hand-over).
+        // The task's result is taken where it completes: a finished JoinHandle must not
+        // be polled again.
         let ended = runtime.block_on(async {
             tokio::select! {
-                r = ready => r.is_err(),
-                _ = &mut task => true,
+                r = ready => match r {
+                    Ok(()) => None,
+                    // The session dropped `ready` unsent: it is ending; wait for its end.
+                    Err(_) => Some((&mut task).await),
+                },
+                r = &mut task => Some(r),
             }
         });
-        if ended {
-            let r = runtime.block_on(task);
+        if let Some(r) = ended {
             return Err(match r {
                 Ok(Err(e)) => e,
                 Ok(Ok(_)) => RoleError::Transport(quic::DriverError::Abandoned),

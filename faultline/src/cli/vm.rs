@@ -462,59 +462,51 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     let mut hints_out = None;
 
     let regions = vm.host_regions()?;
-    // Memory is frozen while paused: hash it beside the migration, not before it, so the
-    // digests add nothing to the downtime.
-    let mem = vm.guest_memory().clone();
     let mut replica = None;
-    let (report, digests) = std::thread::scope(|s| {
-        let hashing = s.spawn(|| -> anyhow::Result<(String, Vec<u64>)> {
-            Ok((memory::digest(&mem)?, slice_digests(&mem, &config)?))
-        });
-        let report = match replicated {
-            Some(f) => {
-                let mut r = SourceReplicaReport::new(&f.state.summary, a.replica.stale_pct, &f);
-                // SAFETY: the vCPUs are paused (switchover) and the VMM writes no guest
-                // memory until the migration ends.
-                unsafe { PausedMemory::new(&regions) }
-                    .and_then(|m| evacuate(m, &layout, f.state, f.epoch, &opts, Some(blob)))
-                    .map(|e| {
-                        r.pages_stale_source = e.pages_stale_source;
-                        r.pages_stale = e.session.pages_stale;
-                        r.final_harvest_ms = e.final_harvest_ms;
-                        replica = Some(r);
-                        e.session
-                    })
-            }
-            // SAFETY: as above, the vCPUs are paused and nothing else writes guest memory.
-            None => unsafe { PausedMemory::new(&regions) }.and_then(|paused| {
-                let paused = Arc::new(paused);
-                match (prepared, &plan) {
-                    (Some(p), Some(plan)) => p.send_with_hints(paused, blob, plan).map(|sent| {
-                        hints_out = hints_report.map(|r| r.with_sent(&sent));
-                        sent.session
-                    }),
-                    (Some(p), None) => p.send_with_state(paused, blob),
-                    // Not reached: only an evacuation has no prepared session.
-                    (None, Some(plan)) => {
-                        vmm_shim::send_with_hints(paused, &layout, &opts, Some(blob), plan).map(
-                            |sent| {
-                                hints_out = hints_report.map(|r| r.with_sent(&sent));
-                                sent.session
-                            },
-                        )
-                    }
-                    (None, None) => vmm_shim::send_with_state(paused, &layout, &opts, blob),
+    let report = match replicated {
+        Some(f) => {
+            let mut r = SourceReplicaReport::new(&f.state.summary, a.replica.stale_pct, &f);
+            // SAFETY: the vCPUs are paused (switchover) and the VMM writes no guest
+            // memory until the migration ends.
+            unsafe { PausedMemory::new(&regions) }
+                .and_then(|m| evacuate(m, &layout, f.state, f.epoch, &opts, Some(blob)))
+                .map(|e| {
+                    r.pages_stale_source = e.pages_stale_source;
+                    r.pages_stale = e.session.pages_stale;
+                    r.final_harvest_ms = e.final_harvest_ms;
+                    replica = Some(r);
+                    e.session
+                })
+        }
+        // SAFETY: as above, the vCPUs are paused and nothing else writes guest memory.
+        None => unsafe { PausedMemory::new(&regions) }.and_then(|paused| {
+            let paused = Arc::new(paused);
+            match (prepared, &plan) {
+                (Some(p), Some(plan)) => p.send_with_hints(paused, blob, plan).map(|sent| {
+                    hints_out = hints_report.map(|r| r.with_sent(&sent));
+                    sent.session
+                }),
+                (Some(p), None) => p.send_with_state(paused, blob),
+                // Not reached: only an evacuation has no prepared session.
+                (None, Some(plan)) => {
+                    vmm_shim::send_with_hints(paused, &layout, &opts, Some(blob), plan).map(
+                        |sent| {
+                            hints_out = hints_report.map(|r| r.with_sent(&sent));
+                            sent.session
+                        },
+                    )
                 }
-            }),
-        };
-        let digests = hashing
-            .join()
-            .map_err(|_| anyhow::anyhow!("the hashing thread panicked"))
-            .and_then(|r| r);
-        (report, digests)
-    });
+                (None, None) => vmm_shim::send_with_state(paused, &layout, &opts, blob),
+            }
+        }),
+    };
     let report = report.context("migrating the VM")?;
-    let (memory_digest, slices) = digests?;
+    // Memory stays frozen until the VM stops: hash it after the migration, not beside it,
+    // where a second of hashing on one core competed with the switchover and the push
+    // (on two cores, the destination's restore and the push wait for it).
+    let mem = vm.guest_memory().clone();
+    let memory_digest = memory::digest(&mem)?;
+    let slices = slice_digests(&mem, &config)?;
     vm.stop()?;
 
     let counters = snapshot.counters().to_vec();
