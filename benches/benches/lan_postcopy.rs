@@ -17,7 +17,8 @@
 //!   the destination's `total_ms`).
 //!
 //! Downtime (last source vCPU stop → first destination vCPU run) is reported for the guests
-//! (target ≤ 5 ms). CPU: user + system seconds of each process from `/proc` while it runs
+//! (target ≤ 5 ms), with its parts `state_ms` (stop → the VM state in the destination's
+//! resume hook) and `restore_ms` (KVM VM built, vCPUs restored and started). CPU: user + system seconds of each process from `/proc` while it runs
 //! ([`faultline_benches::cpu::ThreadCpu`]), without the guests' vCPU threads (`vcpu<N>`, the
 //! guest's own work), per GiB of guest memory moved. The source's count includes booting
 //! the VM and its non-vCPU threads while the guest runs before the switchover.
@@ -147,6 +148,8 @@ fn main() -> anyhow::Result<()> {
         "gbps",
         "total_ms",
         "downtime_ms",
+        "state_ms",
+        "restore_ms",
         "blocked_ms",
         "vcpu_blocked_ms",
         "source_cpu_s",
@@ -325,6 +328,8 @@ fn guest(certs: &Certs, p: &Params, case: Case, verify: bool) -> anyhow::Result<
         "total_ms": d["total_ms"],
         "resume_ms": d["resume_ms"],
         "downtime_ms": d["downtime_ms"],
+        "state_ms": d["state_ms"],
+        "restore_ms": d["restore_ms"],
         "pause_ms": s["pause_ms"],
         "blocked_ms": d["blocked_ms"],
         "vcpu_blocked_ms": sum(&d["vcpu_blocked_ms"]),

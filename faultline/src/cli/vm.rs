@@ -240,6 +240,12 @@ pub struct VmDestOutput {
     /// Last source vCPU stopped → first destination vCPU entered `KVM_RUN` (wall clocks of
     /// the two processes; the source's travels in the state blob).
     pub downtime_ms: f64,
+    /// Of the downtime: last source vCPU stopped → the VM state in the destination's
+    /// resume hook (wall clocks of the two processes).
+    pub state_ms: f64,
+    /// Of the downtime: the VM state decoded, the KVM VM built and its vCPUs restored and
+    /// started (the rest is the vCPU threads' first `KVM_RUN`).
+    pub restore_ms: f64,
     /// Source connected → vCPUs restored and started (the `on_resume` hook returned).
     pub resume_ms: f64,
     /// Source connected → every page present.
@@ -561,6 +567,10 @@ struct Resumed {
     sw: Switchover,
     sampler: RateSampler,
     origin: Instant,
+    /// See [`VmDestReport::state_ms`].
+    state_ms: f64,
+    /// See [`VmDestReport::restore_ms`].
+    restore_ms: f64,
 }
 
 type Restored = Result<Resumed, String>;
@@ -574,15 +584,20 @@ fn restore_and_start(
     blob: Option<Vec<u8>>,
     hold: bool,
 ) -> anyhow::Result<Resumed> {
+    let state_at = std::time::SystemTime::now();
     let blob = blob.context("the source sent no VM state")?;
     let sw = Switchover::decode(&blob).context("decoding the switchover state")?;
     let snapshot = VmSnapshot::from_bytes(sw.snapshot.as_bytes().to_vec())?;
+    let restoring = Instant::now();
     let mut vm = Vm::restore(config, mem, snapshot).context("restoring the VM")?;
     vm.set_hold_after_digest(hold);
     let origin = Instant::now();
     let sampler = RateSampler::start(vm.progress_probe(), origin, SAMPLE_PERIOD);
     vm.start()?;
+    let restore_ms = restoring.elapsed().as_secs_f64() * 1e3;
     Ok(Resumed {
+        state_ms: ms_between(sw.paused_at, state_at),
+        restore_ms,
         vm,
         sw,
         sampler,
@@ -711,6 +726,8 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         sw,
         sampler,
         origin,
+        state_ms,
+        restore_ms,
     } = match restored {
         Some(Ok(r)) => r,
         Some(Err(e)) => bail!("{e}"),
@@ -775,6 +792,8 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         vcpus: config.vcpus,
         program: a.guest.program,
         downtime_ms: ms_between(sw.paused_at, first_run),
+        state_ms,
+        restore_ms,
         resume_ms: report.resume_ms,
         total_ms,
         wire_bytes: report.session.wire_bytes,
