@@ -113,7 +113,7 @@ pub struct EncodingStats {
     pub chosen: String,
     /// Push batches encoded (urgent replies are not batches).
     pub batches: u64,
-    /// Of those, batches encoded with lz4 on.
+    /// Of those, batches that tried lz4 on every page (rather than on a sample, or none).
     pub batches_lz4: u64,
     /// Of those, batches that hashed pages for deduplication, at any rate.
     pub batches_dedup: u64,
