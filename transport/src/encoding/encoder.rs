@@ -103,11 +103,14 @@ impl PageEncoder {
         self.encode(first, data, choice, false)
     }
 
-    /// The push waited `write_ns` for the stream to take the last batch's bytes.
-    pub fn observe_write(&mut self, wire_bytes: u64, write_ns: u64) {
+    /// The push waited `write_ns` for the stream to take the last batch's bytes, and the
+    /// process spent `send_cpu_ns` of CPU besides building the batch since the one before
+    /// (see [`BatchSample::send_cpu_ns`]).
+    pub fn observe_write(&mut self, wire_bytes: u64, write_ns: u64, send_cpu_ns: u64) {
         let mut s = std::mem::take(&mut self.pending);
         s.wire_bytes = wire_bytes;
         s.write_ns = write_ns;
+        s.send_cpu_ns = send_cpu_ns;
         self.tuner.observe(&s);
     }
 
@@ -116,6 +119,7 @@ impl PageEncoder {
         let mut s = self.stats.clone();
         let (link, lz4, ratio, hits) = self.tuner.estimates();
         s.link_ns_per_byte = link;
+        s.send_cpu_ns_per_byte = self.tuner.send_cpu_estimate();
         s.lz4_ns_per_byte = lz4;
         s.lz4_ratio = ratio;
         s.dedup_hit_rate = hits;

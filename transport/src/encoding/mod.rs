@@ -120,6 +120,10 @@ pub struct EncodingStats {
     /// The tuner's last estimate of the link's cost, ns per wire byte (`None` until
     /// measured); it and the estimates below are for the report.
     pub link_ns_per_byte: Option<f64>,
+    /// The tuner's estimate of the source's CPU time per wire byte besides encoding (the
+    /// QUIC stack sending); a wire byte costs at least this when the CPU sets the pace.
+    #[serde(default)]
+    pub send_cpu_ns_per_byte: Option<f64>,
     /// The tuner's estimate of lz4's CPU cost, ns per input byte.
     pub lz4_ns_per_byte: Option<f64>,
     /// The tuner's estimate of lz4's output bytes over input bytes.

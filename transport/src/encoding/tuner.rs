@@ -74,6 +74,9 @@ pub struct BatchSample {
     /// Time the push waited for the stream to take them (the link's pace once the send
     /// window is full; near zero when the link is faster than the push).
     pub write_ns: u64,
+    /// CPU time the source process spent, besides building this batch, from the last
+    /// batch's write to this one's: mostly the QUIC stack encrypting and sending.
+    pub send_cpu_ns: u64,
     /// Input bytes of the non-zero pages tried with lz4.
     pub lz4_in: u64,
     /// What they came to on the wire, bytes with length prefixes; a page that did not
@@ -99,6 +102,7 @@ impl BatchSample {
     fn add(&mut self, b: &BatchSample) {
         self.wire_bytes += b.wire_bytes;
         self.write_ns += b.write_ns;
+        self.send_cpu_ns += b.send_cpu_ns;
         self.lz4_in += b.lz4_in;
         self.lz4_out += b.lz4_out;
         self.lz4_ns += b.lz4_ns;
@@ -129,8 +133,10 @@ impl Avg {
 #[derive(Clone, Debug)]
 pub struct Tuner {
     policy: EncodingPolicy,
-    /// ns per wire byte.
+    /// ns per wire byte the push waits for the link.
     link: Avg,
+    /// ns of the process's CPU per wire byte, besides encoding.
+    send_cpu: Avg,
     /// lz4 ns per input byte and output over input, over every page tried (for the
     /// report and a page's wire cost).
     lz4_cpu: Avg,
@@ -162,6 +168,7 @@ impl Tuner {
         Tuner {
             policy,
             link: Avg::default(),
+            send_cpu: Avg::default(),
             lz4_cpu: Avg::default(),
             lz4_ratio: Avg::default(),
             cpu_c: Avg::default(),
@@ -204,7 +211,8 @@ impl Tuner {
     /// While lz4 pays: every page, unless recent pages rarely shrank and trying costs
     /// more than the few that do save.
     fn lz4_try_rate(&self) -> f64 {
-        let (Some(link), Some(cpu_i), Some(s)) = (self.link.0, self.cpu_i.0, self.share.0) else {
+        let (Some(link), Some(cpu_i), Some(s)) = (self.wire_cost(), self.cpu_i.0, self.share.0)
+        else {
             // Every page tried so far shrank, or nothing is measured yet.
             return 1.0;
         };
@@ -239,6 +247,8 @@ impl Tuner {
         if s.wire_bytes > 0 {
             self.link
                 .add(s.write_ns as f64 / s.wire_bytes as f64, ALPHA);
+            self.send_cpu
+                .add(s.send_cpu_ns as f64 / s.wire_bytes as f64, ALPHA);
         }
         if s.lz4_in > 0 {
             self.lz4_cpu.add(s.lz4_ns as f64 / s.lz4_in as f64, ALPHA);
@@ -265,7 +275,7 @@ impl Tuner {
         }
         if self.policy.lz4 == Mode::Auto {
             if let (Some(link), Some(cpu), Some(ratio)) =
-                (self.link.0, self.cpu_c.0, self.ratio_c.0)
+                (self.wire_cost(), self.cpu_c.0, self.ratio_c.0)
             {
                 let saves = (1.0 - ratio) * link;
                 if self.lz4_pays && saves < cpu * MARGIN {
@@ -276,7 +286,7 @@ impl Tuner {
             }
         }
         if self.policy.dedup == Mode::Auto {
-            if let (Some(link), Some(hash)) = (self.link.0, self.hash_cpu.0) {
+            if let (Some(link), Some(hash)) = (self.wire_cost(), self.hash_cpu.0) {
                 // Per page: a hit saves the page's wire cost as currently encoded.
                 let ratio = if self.lz4_pays {
                     self.lz4_ratio.0.unwrap_or(1.0)
@@ -290,6 +300,18 @@ impl Tuner {
                 self.dedup_rate = if gain > cost { 1.0 } else { SAMPLE_RATE };
             }
         }
+    }
+
+    /// What a wire byte costs, ns: the link's pace, or the CPU the source spends sending
+    /// it where that is more (the push, not the link, then sets the pace).
+    fn wire_cost(&self) -> Option<f64> {
+        let link = self.link.0?;
+        Some(link.max(self.send_cpu.0.unwrap_or(0.0)))
+    }
+
+    /// The estimate of the source's CPU per wire byte besides encoding.
+    pub fn send_cpu_estimate(&self) -> Option<f64> {
+        self.send_cpu.0
     }
 
     /// Current estimates: (link ns per wire byte, lz4 ns per input byte, lz4 output over
@@ -328,6 +350,8 @@ mod tests {
         hits: f64,
         /// Hash ns per byte.
         hash: f64,
+        /// The source's CPU per wire byte besides encoding (the QUIC stack).
+        send: f64,
     }
 
     /// A WAN at 200 Mbit/s with the real guest's costs (docs/encoding.md).
@@ -339,6 +363,7 @@ mod tests {
         cpu_i: 0.34,
         hits: 0.0,
         hash: 0.12,
+        send: 2.0,
     };
 
     #[derive(Default)]
@@ -381,6 +406,7 @@ mod tests {
         BatchSample {
             wire_bytes: wire,
             write_ns: (wire as f64 * r.link) as u64,
+            send_cpu_ns: (wire as f64 * r.send) as u64,
             lz4_in: tried * PAGE_SIZE as u64,
             lz4_out: shrunk_out + (tried - shrunk) * PAGE_SIZE as u64,
             lz4_ns: shrunk_ns + other_ns,
@@ -405,10 +431,35 @@ mod tests {
     }
 
     #[test]
-    fn a_fast_link_sends_raw() {
-        // Loopback: 0.6 ns per byte; lz4 costs more CPU than the bytes it saves.
+    fn a_push_slower_than_the_link_compresses_if_sending_costs_more_cpu() {
+        // The push hardly waits for the link, but each wire byte costs 5 ns of the
+        // source's CPU to send (QUIC): fewer bytes are worth lz4's 1.4 ns per byte.
         let mut t = Tuner::new(EncodingPolicy::AUTO);
-        let n = run(&mut t, Region { link: 0.6, ..WAN }, 200);
+        let cpu_bound = Region {
+            link: 0.1,
+            send: 5.0,
+            hits: 0.3,
+            ..WAN
+        };
+        let n = run(&mut t, cpu_bound, 200);
+        assert_eq!(n.lz4_full, 200);
+        assert_eq!(t.choose().dedup_rate, 1.0);
+    }
+
+    #[test]
+    fn a_fast_link_sends_raw() {
+        // Loopback: 0.6 ns per byte and cheap sending; lz4 costs more CPU than the bytes
+        // it saves.
+        let mut t = Tuner::new(EncodingPolicy::AUTO);
+        let n = run(
+            &mut t,
+            Region {
+                link: 0.6,
+                send: 0.5,
+                ..WAN
+            },
+            200,
+        );
         // The first window, then probes only.
         assert!(
             n.lz4_full <= 1 + 200 / PROBE_EVERY,
@@ -513,6 +564,7 @@ mod tests {
     fn a_fast_link_hashes_only_when_repeats_pay() {
         let fast = Region {
             link: 0.6,
+            send: 0.5,
             hash: 0.3,
             ..WAN
         };
@@ -533,16 +585,20 @@ mod tests {
             0.05f64..1.0,
             0.0f64..1.0,
             0.05f64..1.0,
+            0.0f64..10.0,
         )
-            .prop_map(|(link, shrinks, ratio, cpu_c, cpu_i, hits, hash)| Region {
-                link,
-                shrinks,
-                ratio,
-                cpu_c,
-                cpu_i,
-                hits,
-                hash,
-            })
+            .prop_map(
+                |(link, shrinks, ratio, cpu_c, cpu_i, hits, hash, send)| Region {
+                    link,
+                    shrinks,
+                    ratio,
+                    cpu_c,
+                    cpu_i,
+                    hits,
+                    hash,
+                    send,
+                },
+            )
     }
 
     fn policy() -> impl Strategy<Value = EncodingPolicy> {
