@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::tuner::{BatchSample, Choice, Tuner};
-use super::{page_hash, EncodingPolicy, EncodingStats, ReplicaIndex};
+use super::{cpu_ns, page_hash, EncodingPolicy, EncodingStats, ReplicaIndex};
 use crate::message::{
     is_zero, PageKind, Pages, FEATURE_DEDUP, FEATURE_LZ4, FEATURE_ZERO_RUNS, PAGE_SIZE, REF_LEN,
 };
@@ -91,7 +91,25 @@ impl PageEncoder {
         self.stats.batches += 1;
         self.stats.batches_lz4 += u64::from(choice.lz4_rate >= 1.0);
         self.stats.batches_dedup += u64::from(choice.dedup_rate > 0.0);
-        self.encode(first, data, choice, true)
+        // Compression and hashing are timed per page on the wall clock, which also counts
+        // the time the thread was descheduled (on a busy machine, often): scale what this
+        // call measured by its CPU time over its wall time.
+        let before = self.pending;
+        let wall = Instant::now();
+        let cpu = cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID);
+        let pages = self.encode(first, data, choice, true);
+        let wall = wall.elapsed().as_nanos() as u64;
+        let cpu = cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(cpu);
+        if cpu > 0 && cpu < wall {
+            let scale = |now: &mut u64, then: u64| {
+                *now = then + ((*now - then) as u128 * cpu as u128 / wall as u128) as u64;
+            };
+            let p = &mut self.pending;
+            scale(&mut p.lz4_ns, before.lz4_ns);
+            scale(&mut p.lz4_shrunk_ns, before.lz4_shrunk_ns);
+            scale(&mut p.hash_ns, before.hash_ns);
+        }
+        pages
     }
 
     /// Encodes pages for an urgent reply: zero flags, otherwise raw (lowest latency).

@@ -186,6 +186,20 @@ impl EncodingStats {
 /// pages pushed earlier in the session are referenced.
 pub type ReplicaIndex = std::sync::Arc<std::sync::OnceLock<std::collections::HashMap<u128, u64>>>;
 
+/// CPU time of `clock` (`CLOCK_PROCESS_CPUTIME_ID` or `CLOCK_THREAD_CPUTIME_ID`), ns; 0 if
+/// it cannot be read.
+pub(crate) fn cpu_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the one timespec it is given, which outlives the call.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
 /// The content hash that references carry.
 pub fn page_hash(page: &[u8]) -> u128 {
     xxh3_128(page)

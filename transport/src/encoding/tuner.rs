@@ -53,8 +53,15 @@ pub const SAMPLE_RATE: f64 = 1.0 / 16.0;
 /// The hit rate assumed at least when deciding whether to hash every page: an index is
 /// worth keeping complete if one page in 32 repeats.
 pub const MIN_HIT_RATE: f64 = 1.0 / 32.0;
-/// Require this much gain before switching lz4 on or off (hysteresis against noise).
-const MARGIN: f64 = 0.9;
+/// Weight of a new window in the link's and the sending CPU's averages: slower than the
+/// others, as a CPU-bound push measures them in bursts (with and without a backlog).
+const LINK_ALPHA: f64 = 0.25;
+/// lz4 is switched on when it saves 1/ON_MARGIN times its CPU, and off only when it
+/// saves less than OFF_MARGIN times its CPU: hysteresis against noise, wider on the way
+/// off because lz4 kept on by mistake costs its CPU on the pages that shrink, while lz4
+/// off by mistake costs the link what they would have saved.
+const ON_MARGIN: f64 = 0.9;
+const OFF_MARGIN: f64 = 0.75;
 
 /// What to do for the next batch.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -246,9 +253,9 @@ impl Tuner {
         let s = std::mem::take(&mut self.window);
         if s.wire_bytes > 0 {
             self.link
-                .add(s.write_ns as f64 / s.wire_bytes as f64, ALPHA);
+                .add(s.write_ns as f64 / s.wire_bytes as f64, LINK_ALPHA);
             self.send_cpu
-                .add(s.send_cpu_ns as f64 / s.wire_bytes as f64, ALPHA);
+                .add(s.send_cpu_ns as f64 / s.wire_bytes as f64, LINK_ALPHA);
         }
         if s.lz4_in > 0 {
             self.lz4_cpu.add(s.lz4_ns as f64 / s.lz4_in as f64, ALPHA);
@@ -278,9 +285,9 @@ impl Tuner {
                 (self.wire_cost(), self.cpu_c.0, self.ratio_c.0)
             {
                 let saves = (1.0 - ratio) * link;
-                if self.lz4_pays && saves < cpu * MARGIN {
+                if self.lz4_pays && saves < cpu * OFF_MARGIN {
                     self.lz4_pays = false;
-                } else if !self.lz4_pays && saves * MARGIN > cpu {
+                } else if !self.lz4_pays && saves * ON_MARGIN > cpu {
                     self.lz4_pays = true;
                 }
             }

@@ -9,6 +9,7 @@ use quinn::Connection;
 use super::super::frame::write_pages_batch;
 use super::super::{stream_error, DriverError};
 use super::{lock_encoder, Extent, SharedEncoder, SharedSend, Source};
+use crate::encoding::cpu_ns;
 use crate::message::{Pages, MAX_PAGES_PER_MESSAGE, MAX_ZERO_RUN, PAGE_SIZE};
 use crate::proto::Channel;
 
@@ -210,20 +211,6 @@ pub(super) async fn push_all(
         let _ = bulk.lock().await.finish();
     }
     src.link.flush().await
-}
-
-/// CPU time of `clock` (`CLOCK_PROCESS_CPUTIME_ID` or `CLOCK_THREAD_CPUTIME_ID`), ns; 0 if
-/// it cannot be read.
-fn cpu_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the one timespec it is given, which outlives the call.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
 /// What a wire byte of the push costs, for the encoding tuner.
