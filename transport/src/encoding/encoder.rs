@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::tuner::{BatchSample, Choice, Tuner};
-use super::{page_hash, EncodingPolicy, EncodingStats, ReplicaIndex};
+use super::{cpu_ns, page_hash, EncodingPolicy, EncodingStats, ReplicaIndex};
 use crate::message::{
     is_zero, PageKind, Pages, FEATURE_DEDUP, FEATURE_LZ4, FEATURE_ZERO_RUNS, PAGE_SIZE, REF_LEN,
 };
@@ -81,7 +81,7 @@ impl PageEncoder {
     pub fn encode_push(&mut self, first: u64, data: &[u8]) -> Pages {
         let c = self.tuner.choose();
         let choice = Choice {
-            lz4: c.lz4 && self.lz4_allowed,
+            lz4_rate: if self.lz4_allowed { c.lz4_rate } else { 0.0 },
             dedup_rate: if self.dedup_allowed {
                 c.dedup_rate
             } else {
@@ -89,25 +89,46 @@ impl PageEncoder {
             },
         };
         self.stats.batches += 1;
-        self.stats.batches_lz4 += u64::from(choice.lz4);
+        self.stats.batches_lz4 += u64::from(choice.lz4_rate >= 1.0);
         self.stats.batches_dedup += u64::from(choice.dedup_rate > 0.0);
-        self.encode(first, data, choice, true)
+        // Compression and hashing are timed per page on the wall clock, which also counts
+        // the time the thread was descheduled (on a busy machine, often): scale what this
+        // call measured by its CPU time over its wall time.
+        let before = self.pending;
+        let wall = Instant::now();
+        let cpu = cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID);
+        let pages = self.encode(first, data, choice, true);
+        let wall = wall.elapsed().as_nanos() as u64;
+        let cpu = cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(cpu);
+        if cpu > 0 && cpu < wall {
+            let scale = |now: &mut u64, then: u64| {
+                *now = then + ((*now - then) as u128 * cpu as u128 / wall as u128) as u64;
+            };
+            let p = &mut self.pending;
+            scale(&mut p.lz4_ns, before.lz4_ns);
+            scale(&mut p.lz4_shrunk_ns, before.lz4_shrunk_ns);
+            scale(&mut p.hash_ns, before.hash_ns);
+        }
+        pages
     }
 
     /// Encodes pages for an urgent reply: zero flags, otherwise raw (lowest latency).
     pub fn encode_reply(&mut self, first: u64, data: &[u8]) -> Pages {
         let choice = Choice {
-            lz4: false,
+            lz4_rate: 0.0,
             dedup_rate: 0.0,
         };
         self.encode(first, data, choice, false)
     }
 
-    /// The push waited `write_ns` for the stream to take the last batch's bytes.
-    pub fn observe_write(&mut self, wire_bytes: u64, write_ns: u64) {
+    /// The push waited `write_ns` for the stream to take the last batch's bytes, and the
+    /// process spent `send_cpu_ns` of CPU besides building the batch since the one before
+    /// (see [`BatchSample::send_cpu_ns`]).
+    pub fn observe_write(&mut self, wire_bytes: u64, write_ns: u64, send_cpu_ns: u64) {
         let mut s = std::mem::take(&mut self.pending);
         s.wire_bytes = wire_bytes;
         s.write_ns = write_ns;
+        s.send_cpu_ns = send_cpu_ns;
         self.tuner.observe(&s);
     }
 
@@ -116,6 +137,7 @@ impl PageEncoder {
         let mut s = self.stats.clone();
         let (link, lz4, ratio, hits) = self.tuner.estimates();
         s.link_ns_per_byte = link;
+        s.send_cpu_ns_per_byte = self.tuner.send_cpu_estimate();
         s.lz4_ns_per_byte = lz4;
         s.lz4_ratio = ratio;
         s.dedup_hit_rate = hits;
@@ -128,7 +150,8 @@ impl PageEncoder {
         let count = data.len() / PAGE_SIZE;
         let mut kinds = Vec::with_capacity(count);
         let mut payload = Vec::with_capacity(data.len());
-        let threshold = (choice.dedup_rate * u64::MAX as f64) as u64;
+        let threshold = rate_threshold(choice.dedup_rate);
+        let lz4_threshold = rate_threshold(choice.lz4_rate);
         // Pages of this batch join the index after it: the destination decodes a whole
         // message before it installs any of it, so a reference must point further back.
         let mut new_held = Vec::new();
@@ -166,14 +189,19 @@ impl PageEncoder {
                     None => {}
                 }
             }
-            if choice.lz4 {
+            // A different subset from the hashed one (the page number salted).
+            if choice.lz4_rate > 0.0 && sampled(n ^ LZ4_SALT, lz4_threshold) {
                 let t = Instant::now();
                 let out = lz4_flex::block::compress_into(page, &mut self.scratch);
-                self.pending.lz4_ns += t.elapsed().as_nanos() as u64;
+                let lz4_ns = t.elapsed().as_nanos() as u64;
+                self.pending.lz4_ns += lz4_ns;
                 self.pending.lz4_in += PAGE_SIZE as u64;
                 match out {
                     Ok(len) if len > 0 && len + 2 < PAGE_SIZE => {
                         self.pending.lz4_out += (len + 2) as u64;
+                        self.pending.lz4_shrunk += 1;
+                        self.pending.lz4_shrunk_out += (len + 2) as u64;
+                        self.pending.lz4_shrunk_ns += lz4_ns;
                         kinds.push(PageKind::Lz4 as u8);
                         payload.extend_from_slice(&(len as u16).to_le_bytes());
                         payload.extend_from_slice(&self.scratch[..len]);
@@ -198,6 +226,18 @@ impl PageEncoder {
             kinds: Bytes::from(kinds),
             payload: Bytes::from(payload),
         }
+    }
+}
+
+/// Salt for the pages tried with lz4 at a partial rate.
+const LZ4_SALT: u64 = 0x5bd1_e995_2f6c_1a4b;
+
+/// The [`sampled`] threshold for a rate from 0 to 1.
+fn rate_threshold(rate: f64) -> u64 {
+    if rate >= 1.0 {
+        u64::MAX
+    } else {
+        (rate * u64::MAX as f64) as u64
     }
 }
 

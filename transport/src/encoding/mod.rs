@@ -113,13 +113,17 @@ pub struct EncodingStats {
     pub chosen: String,
     /// Push batches encoded (urgent replies are not batches).
     pub batches: u64,
-    /// Of those, batches encoded with lz4 on.
+    /// Of those, batches that tried lz4 on every page (rather than on a sample, or none).
     pub batches_lz4: u64,
     /// Of those, batches that hashed pages for deduplication, at any rate.
     pub batches_dedup: u64,
     /// The tuner's last estimate of the link's cost, ns per wire byte (`None` until
     /// measured); it and the estimates below are for the report.
     pub link_ns_per_byte: Option<f64>,
+    /// The tuner's estimate of the source's CPU time per wire byte besides encoding (the
+    /// QUIC stack sending); a wire byte costs at least this when the CPU sets the pace.
+    #[serde(default)]
+    pub send_cpu_ns_per_byte: Option<f64>,
     /// The tuner's estimate of lz4's CPU cost, ns per input byte.
     pub lz4_ns_per_byte: Option<f64>,
     /// The tuner's estimate of lz4's output bytes over input bytes.
@@ -181,6 +185,20 @@ impl EncodingStats {
 /// evacuation starts) and read by the push's encoder from then on; until it is set, only
 /// pages pushed earlier in the session are referenced.
 pub type ReplicaIndex = std::sync::Arc<std::sync::OnceLock<std::collections::HashMap<u128, u64>>>;
+
+/// CPU time of `clock` (`CLOCK_PROCESS_CPUTIME_ID` or `CLOCK_THREAD_CPUTIME_ID`), ns; 0 if
+/// it cannot be read.
+pub(crate) fn cpu_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the one timespec it is given, which outlives the call.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
 
 /// The content hash that references carry.
 pub fn page_hash(page: &[u8]) -> u128 {

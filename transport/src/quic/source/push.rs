@@ -9,6 +9,7 @@ use quinn::Connection;
 use super::super::frame::write_pages_batch;
 use super::super::{stream_error, DriverError};
 use super::{lock_encoder, Extent, SharedEncoder, SharedSend, Source};
+use crate::encoding::cpu_ns;
 use crate::message::{Pages, MAX_PAGES_PER_MESSAGE, MAX_ZERO_RUN, PAGE_SIZE};
 use crate::proto::Channel;
 
@@ -187,8 +188,11 @@ pub(super) async fn push_all(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let mut batch = Vec::new();
+    let mut cpu_mark = cpu_ns(libc::CLOCK_PROCESS_CPUTIME_ID);
     loop {
+        let built = cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID);
         next_batch(&src, &encoder, &mut batch, false)?;
+        let built = cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(built);
         if batch.is_empty() {
             break;
         }
@@ -201,7 +205,13 @@ pub(super) async fn push_all(
             .map_err(|e| stream_error(conn, Channel::Bulk, e))?;
         batch.clear();
         let cost = meter.cost(conn, wire, t.elapsed().as_nanos() as u64);
-        lock_encoder(&encoder).observe_write(wire, cost);
+        // The process's CPU time since the last batch was written, besides building this
+        // one: mostly the QUIC stack encrypting and sending. When it, not the link, sets
+        // the pace, a wire byte costs that CPU.
+        let cpu = cpu_ns(libc::CLOCK_PROCESS_CPUTIME_ID);
+        let send_cpu = cpu.saturating_sub(cpu_mark).saturating_sub(built);
+        cpu_mark = cpu;
+        lock_encoder(&encoder).observe_write(wire, cost, send_cpu);
     }
     // A bulk stream that also carries demand replies stays open until the session ends.
     if !src.link.session().replies_on_bulk() {
