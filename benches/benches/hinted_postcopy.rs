@@ -32,7 +32,7 @@
 //! medians, and `paired_*`, the median over rounds of the ratio within each round (the
 //! same source guest migrated each way), which the differences between rounds do not
 //! blur. Fields: `blocked_ms` (all faulting threads), `vcpu_blocked_ms`, `faults`,
-//! `fault_latency_us`, `total_ms` (connect → every page present), `downtime_ms` (start of
+//! `fault_latency_us`, `total_ms` (source stop → every page present), `downtime_ms` (start of
 //! the migration → first destination vCPU run), `ops_per_s_during` (first destination run
 //! → every page present), `ops_per_s_first_250ms` / `_500ms` / `_1s` (the guests' op rate
 //! over that long after the first destination run, sampled every 10 ms),

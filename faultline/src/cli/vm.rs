@@ -246,10 +246,14 @@ pub struct VmDestOutput {
     /// Of the downtime: the VM state decoded, the KVM VM built and its vCPUs restored and
     /// started (the rest is the vCPU threads' first `KVM_RUN`).
     pub restore_ms: f64,
-    /// Source connected → vCPUs restored and started (the `on_resume` hook returned).
+    /// Source connected → vCPUs restored and started (the `on_resume` hook returned). The
+    /// source connects before it pauses, so this includes its guest's last run there.
     pub resume_ms: f64,
-    /// Source connected → every page present.
+    /// Source's last vCPU stopped → every page present here: the migration, downtime
+    /// included (wall clocks of the two processes, as `downtime_ms`).
     pub total_ms: f64,
+    /// Source connected → every page present (the session's own clock).
+    pub session_ms: f64,
     pub wire_bytes: u64,
     pub faults: u64,
     pub pages_faulted: u64,
@@ -571,6 +575,8 @@ struct Resumed {
     state_ms: f64,
     /// See [`VmDestReport::restore_ms`].
     restore_ms: f64,
+    /// Source's last vCPU stopped → this side's vCPUs started (wall clocks).
+    stopped_to_started_ms: f64,
 }
 
 type Restored = Result<Resumed, String>;
@@ -595,9 +601,11 @@ fn restore_and_start(
     let sampler = RateSampler::start(vm.progress_probe(), origin, SAMPLE_PERIOD);
     vm.start()?;
     let restore_ms = restoring.elapsed().as_secs_f64() * 1e3;
+    let started_at = std::time::SystemTime::now();
     Ok(Resumed {
         state_ms: ms_between(sw.paused_at, state_at),
         restore_ms,
+        stopped_to_started_ms: ms_between(sw.paused_at, started_at),
         vm,
         sw,
         sampler,
@@ -728,6 +736,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         origin,
         state_ms,
         restore_ms,
+        stopped_to_started_ms,
     } = match restored {
         Some(Ok(r)) => r,
         Some(Err(e)) => bail!("{e}"),
@@ -773,9 +782,12 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
             ops: s.ops,
         })
         .collect();
-    // The session's clock starts at the connect; the guest resumed `resume_ms` after it.
-    let total_ms = report.session.total_ms as f64;
-    let postcopy_ms = (total_ms - report.resume_ms).max(0.0);
+    // The session's clock starts at the connect, which a source may make long before it
+    // pauses (connect-before-pause); the guest resumed `resume_ms` after it. The migration
+    // is timed from the source's stop.
+    let session_ms = report.session.total_ms as f64;
+    let postcopy_ms = (session_ms - report.resume_ms).max(0.0);
+    let total_ms = stopped_to_started_ms + postcopy_ms;
 
     let at_switchover = sw.snapshot.counters().to_vec();
     let fin = final_snapshot.counters().to_vec();
@@ -796,6 +808,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
         restore_ms,
         resume_ms: report.resume_ms,
         total_ms,
+        session_ms,
         wire_bytes: report.session.wire_bytes,
         faults: m.faults,
         pages_faulted: m.pages_faulted,
