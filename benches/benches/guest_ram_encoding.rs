@@ -39,8 +39,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use faultline_benches::cpu::ThreadCpu;
-use faultline_benches::e2e::{check, check_digests, set_expected_bdp};
+use faultline_benches::e2e::{check_digests, finish_sampled, set_expected_bdp};
 use faultline_benches::stats::median;
 use faultline_benches::{emit, env_size, Link};
 use faultline_tests::qemu::{guest_image, initrd_with, Guest, GuestImage, InitrdFile};
@@ -237,16 +236,8 @@ fn measure(certs: &Certs, image: &str, link: Link, encoding: &str) -> anyhow::Re
         &["--image", image, "--encoding", encoding],
         &[],
     );
-    let cpu = ThreadCpu::start(
-        vec![("source".into(), src.pid()), ("dest".into(), dest.pid())],
-        Duration::from_millis(20),
-    );
-    let src = src.wait(TIMEOUT);
-    let dst = dest.wait(TIMEOUT);
+    let (src, dst, cpu) = finish_sampled(src, dest, TIMEOUT)?;
     let wall_ms = started.elapsed().as_secs_f64() * 1e3;
-    let cpu = cpu.stop();
-    check(&src, "source")?;
-    check(&dst, "destination")?;
     check_digests(&src, &dst)?;
     let counters = wan.counters();
     let c2s = &counters.client_to_server;

@@ -41,8 +41,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use faultline_benches::baseline::{self, StreamRun};
-use faultline_benches::cpu::{CpuReport, ThreadCpu};
-use faultline_benches::e2e::{check, check_digests, write_random_image};
+use faultline_benches::cpu::CpuReport;
+use faultline_benches::e2e::{check_digests, finish_sampled, write_random_image};
 use faultline_benches::stats::{median, Summary};
 use faultline_benches::{child, emit, env_size};
 use faultline_tests::{kvm_present, Background, Certs, DestProcess};
@@ -310,16 +310,7 @@ fn guest(certs: &Certs, p: &Params, case: Case, verify: bool) -> anyhow::Result<
     if !verify {
         src_args.push("--no-guest-digest");
     }
-    let src = Background::spawn(&src_args);
-    let cpu = ThreadCpu::start(
-        vec![("source".into(), src.pid()), ("dest".into(), dest.pid())],
-        Duration::from_millis(20),
-    );
-    let src = src.wait(TIMEOUT);
-    let dst = dest.wait(TIMEOUT);
-    let cpu = cpu.stop();
-    check(&src, "source")?;
-    check(&dst, "destination")?;
+    let (src, dst, cpu) = finish_sampled(Background::spawn(&src_args), dest, TIMEOUT)?;
     let (s, d) = (&src.json, &dst.json);
     let mut row = json!({
         "bench": BENCH,
@@ -363,15 +354,7 @@ fn raw_push(certs: &Certs, p: &Params, image: &str) -> anyhow::Result<Value> {
         &["--image", image, "--encoding", "off"],
         &[],
     );
-    let cpu = ThreadCpu::start(
-        vec![("source".into(), src.pid()), ("dest".into(), dest.pid())],
-        Duration::from_millis(20),
-    );
-    let src = src.wait(TIMEOUT);
-    let dst = dest.wait(TIMEOUT);
-    let cpu = cpu.stop();
-    check(&src, "source")?;
-    check(&dst, "destination")?;
+    let (src, dst, cpu) = finish_sampled(src, dest, TIMEOUT)?;
     check_digests(&src, &dst)?;
     let d = &dst.json;
     let total_ms = d["total_ms"].as_f64().unwrap_or(f64::NAN);
@@ -401,7 +384,8 @@ fn add_cpu(row: &mut Value, cpu: Option<&CpuReport>, bytes: u64) {
             .iter()
             .filter(|t| t.process == side && !t.thread.starts_with("vcpu"))
             .map(|t| t.cpu_secs)
-            .sum();
+            // Not `sum`, which starts at -0.0 and prints an idle side as "-0.0".
+            .fold(0.0, |a, b| a + b);
         row[format!("{side}_cpu_s")] = json!(secs);
         row[format!("{side}_cpu_s_per_gib")] = json!(secs / gib);
     }

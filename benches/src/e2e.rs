@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::bail;
-use faultline_tests::Finished;
+
+use crate::cpu::{CpuReport, ThreadCpu};
+use faultline_tests::{Background, DestProcess, Finished};
 use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
 
 /// Fails unless `f` (the `what` process) exited successfully with its JSON report.
@@ -16,6 +18,26 @@ pub fn check(f: &Finished, what: &str) -> anyhow::Result<()> {
         bail!("the {what} failed ({}): {}", f.status, f.stderr);
     }
     Ok(())
+}
+
+/// Waits for a source and its destination (at most `timeout` each) while sampling both
+/// processes' CPU per thread (labels `source` and `dest`), then checks that both exited
+/// successfully with their reports.
+pub fn finish_sampled(
+    src: Background,
+    dest: DestProcess,
+    timeout: Duration,
+) -> anyhow::Result<(Finished, Finished, Option<CpuReport>)> {
+    let cpu = ThreadCpu::start(
+        vec![("source".into(), src.pid()), ("dest".into(), dest.pid())],
+        Duration::from_millis(20),
+    );
+    let src = src.wait(timeout);
+    let dst = dest.wait(timeout);
+    let cpu = cpu.stop();
+    check(&src, "source")?;
+    check(&dst, "destination")?;
+    Ok((src, dst, cpu))
 }
 
 /// Fails unless both reports carry the same digest of all guest memory.
