@@ -160,6 +160,8 @@ impl VmSnapshot {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RunState {
+    /// Built by [`Vm::prepare_restore`]: waits for [`Vm::load_state`].
+    AwaitingState,
     Created,
     Running,
     Paused,
@@ -169,6 +171,7 @@ enum RunState {
 impl RunState {
     fn name(self) -> &'static str {
         match self {
+            RunState::AwaitingState => "waiting for its state",
             RunState::Created => "not started",
             RunState::Running => "running",
             RunState::Paused => "paused",
@@ -255,6 +258,31 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
     Ok(kvm)
 }
 
+/// Whether `state` fits `config` and `memory` (sizes, vCPU count).
+fn check_state(
+    config: &VmConfig,
+    memory: &GuestMemoryMmap,
+    state: &VmState,
+) -> Result<(), VmError> {
+    let mem = memory::memory_size(memory);
+    if state.mem_size != config.mem_size || mem != config.mem_size {
+        return Err(StateError::Mismatch(format!(
+            "snapshot of {} bytes of memory, config {} bytes, memory given {mem} bytes",
+            state.mem_size, config.mem_size
+        ))
+        .into());
+    }
+    if state.vcpus.len() != config.vcpus {
+        return Err(StateError::Mismatch(format!(
+            "snapshot has {} vCPUs, config {}",
+            state.vcpus.len(),
+            config.vcpus
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 impl Vm {
     /// Build a VM with fresh memory: page tables, GDT, the program and each vCPU's data area
     /// are written to guest memory and the vCPUs set to start at the program in long mode.
@@ -296,24 +324,44 @@ impl Vm {
         options: VmOptions,
     ) -> Result<Vm, VmError> {
         config.validate()?;
-        let state = snapshot.state;
+        check_state(&config, &memory, &snapshot.state)?;
+        Vm::build(config, memory, Some(snapshot.state), options)
+    }
+
+    /// Build the VM a migration will restore into before its state arrives: the KVM VM, its
+    /// memory slot and its vCPUs (with CPUID) are made now, so that only the registers are
+    /// left for [`Vm::load_state`], which must come before [`Vm::start`]. A destination
+    /// does this while it waits for the source, taking the rest out of the downtime.
+    pub fn prepare_restore(config: VmConfig, memory: GuestMemoryMmap) -> Result<Vm, VmError> {
+        config.validate()?;
         let mem = memory::memory_size(&memory);
-        if state.mem_size != config.mem_size || mem != config.mem_size {
+        if mem != config.mem_size {
             return Err(StateError::Mismatch(format!(
-                "snapshot of {} bytes of memory, config {} bytes, memory given {mem} bytes",
-                state.mem_size, config.mem_size
+                "config {} bytes of memory, memory given {mem} bytes",
+                config.mem_size
             ))
             .into());
         }
-        if state.vcpus.len() != config.vcpus {
-            return Err(StateError::Mismatch(format!(
-                "snapshot has {} vCPUs, config {}",
-                state.vcpus.len(),
-                config.vcpus
-            ))
-            .into());
+        let mut vm = Vm::build(config, memory, None, VmOptions::default())?;
+        vm.run_state = RunState::AwaitingState;
+        Ok(vm)
+    }
+
+    /// Restore a paused VM's vCPUs from `snapshot` into a VM made by
+    /// [`Vm::prepare_restore`] (see [`Vm::restore`]). A snapshot of another shape is refused
+    /// and the VM keeps waiting.
+    pub fn load_state(&mut self, snapshot: VmSnapshot) -> Result<(), VmError> {
+        if self.run_state != RunState::AwaitingState {
+            return Err(self.wrong("load_state"));
         }
-        Vm::build(config, memory, Some(state), options)
+        let state = snapshot.state;
+        check_state(&self.config, &self.memory, &state)?;
+        for (i, fd) in self.unstarted.iter().enumerate() {
+            state.vcpus[i].restore(fd)?;
+            self.shared.progress[i].store(state.counters[i], Ordering::Relaxed);
+        }
+        self.run_state = RunState::Created;
+        Ok(())
     }
 
     fn build(

@@ -342,6 +342,52 @@ fn bad_state_blobs_are_typed_errors() {
 }
 
 #[test]
+fn a_vm_prepared_before_its_state_continues_where_the_source_stopped() {
+    if !kvm_present() {
+        return;
+    }
+    let cfg = config(2, random_rw());
+    let mut src = Vm::new(cfg.clone()).unwrap();
+    src.start().unwrap();
+    wait_progress(&src, &[0, 0]);
+    let snap = src.pause().unwrap();
+    let at_pause = snap.counters().to_vec();
+    let src_digest = src.memory_digest().unwrap();
+    src.stop().unwrap();
+
+    // The destination builds its VM before the state exists; it cannot start yet.
+    let mem = memory::create_guest_memory(cfg.mem_size as usize).unwrap();
+    let mut dst = Vm::prepare_restore(cfg.clone(), mem.clone()).unwrap();
+    assert!(matches!(dst.start(), Err(VmError::WrongState { .. })));
+    memory::copy_memory(src.guest_memory(), &mem).unwrap();
+    assert_eq!(memory::digest(&mem).unwrap(), src_digest);
+    drop(src);
+    // A snapshot of another shape is refused and changes nothing.
+    let other = {
+        let mut one = Vm::new(config(1, Program::Counter)).unwrap();
+        one.start().unwrap();
+        let s = one.pause().unwrap();
+        one.stop().unwrap();
+        s
+    };
+    assert!(matches!(
+        dst.load_state(other),
+        Err(VmError::State(StateError::Mismatch(_)))
+    ));
+    dst.load_state(snap).unwrap();
+    assert_eq!(dst.progress(), at_pause);
+    dst.start().unwrap();
+    let first = wait_first_reports(&dst);
+    for i in 0..2 {
+        assert!(first[i] >= at_pause[i], "vCPU {i} restarted");
+        assert!(first[i] - at_pause[i] <= dst.config().report_every);
+    }
+    wait_progress(&dst, &at_pause);
+    checked_digests(&dst);
+    dst.stop().unwrap();
+}
+
+#[test]
 fn misuse_and_bad_configs_are_errors() {
     if !kvm_present() {
         return;

@@ -169,8 +169,12 @@ fn migrate_running_guest(program: &str, vcpus: usize, via: Via) -> Option<(Value
         "implausible downtime {downtime} ms"
     );
     assert!(d["resume_ms"].as_f64().unwrap() < d["session_ms"].as_f64().unwrap());
-    // Timed from the source's stop, the migration includes the downtime.
-    assert!(downtime <= d["total_ms"].as_f64().unwrap() + 1.0, "{d}");
+    // Timed from the source's stop, the migration includes the state's arrival (all pages
+    // can be present before the first vCPU runs, so not necessarily the whole downtime).
+    assert!(
+        d["state_ms"].as_f64().unwrap() <= d["total_ms"].as_f64().unwrap(),
+        "{d}"
+    );
     eprintln!(
         "{vcpus} vCPU(s): downtime {downtime:.1} ms, resume {} ms, {} faults, test took {:?}",
         d["resume_ms"],

@@ -243,8 +243,10 @@ pub struct VmDestOutput {
     /// Of the downtime: last source vCPU stopped → the VM state in the destination's
     /// resume hook (wall clocks of the two processes).
     pub state_ms: f64,
-    /// Of the downtime: the VM state decoded, the KVM VM built and its vCPUs restored and
-    /// started (the rest is the vCPU threads' first `KVM_RUN`).
+    /// Of the downtime: the VM state decoded, the vCPUs' registers restored and their
+    /// threads started (the rest is their first `KVM_RUN`). The KVM VM and its vCPUs are
+    /// built before the source connects, except into a standby's replica, where this
+    /// includes building them.
     pub restore_ms: f64,
     /// Source connected → vCPUs restored and started (the `on_resume` hook returned). The
     /// source connects before it pauses, so this includes its guest's last run there.
@@ -584,9 +586,17 @@ type Restored = Result<Resumed, String>;
 /// In `on_resume`: decode the blob, restore the VM into the (userfaultfd-registered)
 /// memory and start it. Touches no guest memory itself: this runs on the network driver,
 /// which must stay free to fetch the pages the vCPUs fault on.
+/// What a destination restores the VM into.
+enum RestoreInto {
+    /// A VM made by [`Vm::prepare_restore`] before the state arrived.
+    Prepared(Vm),
+    /// Guest memory only (a standby's replica mapping, known once the evacuation starts).
+    Memory(vm_memory::GuestMemoryMmap),
+}
+
 fn restore_and_start(
     config: VmConfig,
-    mem: vm_memory::GuestMemoryMmap,
+    into: RestoreInto,
     blob: Option<Vec<u8>>,
     hold: bool,
 ) -> anyhow::Result<Resumed> {
@@ -595,7 +605,15 @@ fn restore_and_start(
     let sw = Switchover::decode(&blob).context("decoding the switchover state")?;
     let snapshot = VmSnapshot::from_bytes(sw.snapshot.as_bytes().to_vec())?;
     let restoring = Instant::now();
-    let mut vm = Vm::restore(config, mem, snapshot).context("restoring the VM")?;
+    let mut vm = match into {
+        RestoreInto::Prepared(mut vm) => {
+            vm.load_state(snapshot).context("restoring the VM")?;
+            vm
+        }
+        RestoreInto::Memory(mem) => {
+            Vm::restore(config, mem, snapshot).context("restoring the VM")?
+        }
+    };
     vm.set_hold_after_digest(hold);
     let origin = Instant::now();
     let sampler = RateSampler::start(vm.progress_probe(), origin, SAMPLE_PERIOD);
@@ -676,8 +694,12 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
             let mem = memory::create_guest_memory(size)?;
             // Each region keeps its mapping alive until the session has unregistered it.
             let regions = memory::host_regions(&mem)?;
+            // The KVM VM, its memory slot and vCPUs are made now, while no source is
+            // connected: only the registers are left for the downtime.
+            let prepared = Vm::prepare_restore(config.clone(), mem).context("preparing the VM")?;
             let r = listener.receive_vm(&regions, &layout, move |blob| {
-                let r = restore_and_start(config2, mem, blob, hold).map_err(|e| format!("{e:#}"));
+                let r = restore_and_start(config2, RestoreInto::Prepared(prepared), blob, hold)
+                    .map_err(|e| format!("{e:#}"));
                 if let (Ok(_), Some(agent)) = (&r, &agent2) {
                     agent.resumed();
                 }
@@ -696,7 +718,9 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
                 // SAFETY: `standby` owns the replica mapping and is dropped after the VM
                 // (see its declaration); the mapping is read-write MAP_SHARED tmpfs.
                 let r = unsafe { vm_replica::memory_over(&region) }
-                    .and_then(|mem| restore_and_start(config2, mem, blob, hold))
+                    .and_then(|mem| {
+                        restore_and_start(config2, RestoreInto::Memory(mem), blob, hold)
+                    })
                     .map_err(|e| format!("{e:#}"));
                 if let (Ok(_), Some(agent)) = (&r, &agent2) {
                     agent.resumed();
