@@ -18,9 +18,10 @@ use std::time::Duration;
 use serde::Serialize;
 use thiserror::Error;
 
-/// The per-stream receive window a faultline destination uses when no expected BDP is
-/// given: 1.25 × 3.125 MB (`transport::quic::STREAM_WINDOW`). With `--expected-bdp B` it is
-/// 1.25 × B.
+/// The most one faultline migration has in flight when no expected BDP is given: the
+/// destination's per-stream receive window, 1.25 × 3.125 MB (`transport::quic::STREAM_WINDOW`).
+/// With `--expected-bdp B` it is 1.25 × B, the congestion window's ceiling
+/// (`TransportTuning::in_flight_cap`).
 pub const DEFAULT_WINDOW_BYTES: u64 = 3_906_250;
 
 /// A network path from the site being evacuated to a standby site, modelled as one
@@ -33,8 +34,8 @@ pub struct Link {
     /// Round-trip time of the path.
     #[serde(serialize_with = "ser_ms")]
     pub rtt: Duration,
-    /// How much one migration can have in flight: the destination's per-stream receive
-    /// window (1.25 × `--expected-bdp`). One flow moves at most window / RTT.
+    /// How much one migration can have in flight: 1.25 × `--expected-bdp`
+    /// (`TransportTuning::in_flight_cap`). One flow moves at most window / RTT.
     pub per_flow_window_bytes: u64,
     /// What replication may use of this link in normal times, bits per second; `None`: the
     /// sum of its VMs' current budgets.

@@ -342,6 +342,8 @@ impl Vm {
             ))
             .into());
         }
+        // `build` gives the vCPUs boot registers (sregs, regs); `load_state` overwrites
+        // those and the rest it restores before anything runs.
         let mut vm = Vm::build(config, memory, None, VmOptions::default())?;
         vm.run_state = RunState::AwaitingState;
         Ok(vm)

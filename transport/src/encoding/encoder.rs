@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::tuner::{BatchSample, Choice, Tuner};
-use super::{cpu_ns, page_hash, EncodingPolicy, EncodingStats, ReplicaIndex};
+use super::{cpu_ns, page_hash, EncodingPolicy, EncodingStats, Mode, ReplicaIndex};
 use crate::message::{
     is_zero, PageKind, Pages, FEATURE_DEDUP, FEATURE_LZ4, FEATURE_ZERO_RUNS, PAGE_SIZE, REF_LEN,
 };
@@ -55,6 +55,13 @@ impl PageEncoder {
         self
     }
 
+    /// Whether the tuner decides anything (an `Auto` mode the destination allows): only then
+    /// are the push's CPU and time measurements used.
+    pub fn tunes(&self) -> bool {
+        let p = self.tuner.policy();
+        (p.lz4 == Mode::Auto && self.lz4_allowed) || (p.dedup == Mode::Auto && self.dedup_allowed)
+    }
+
     /// Whether the destination takes zero runs longer than one `Pages` message
     /// ([`FEATURE_ZERO_RUNS`]).
     pub fn zero_runs(&self) -> bool {
@@ -94,6 +101,11 @@ impl PageEncoder {
         // Compression and hashing are timed per page on the wall clock, which also counts
         // the time the thread was descheduled (on a busy machine, often): scale what this
         // call measured by its CPU time over its wall time.
+        // Only a tuned batch that compressed or hashed has timings to correct (two system
+        // calls a batch otherwise spent for nothing).
+        if !self.tunes() || (choice.lz4_rate <= 0.0 && choice.dedup_rate <= 0.0) {
+            return self.encode(first, data, choice, true);
+        }
         let before = self.pending;
         let wall = Instant::now();
         let cpu = cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID);

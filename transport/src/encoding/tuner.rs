@@ -195,6 +195,11 @@ impl Tuner {
         }
     }
 
+    /// The policy it was made for.
+    pub fn policy(&self) -> EncodingPolicy {
+        self.policy
+    }
+
     /// The encoding for the next batch.
     pub fn choose(&mut self) -> Choice {
         let lz4_rate = match self.policy.lz4 {

@@ -182,19 +182,7 @@ pub async fn run_source_prepared(
         hand_over: Some(hand_over),
         ready: Some(ready),
     };
-    let session: Shared<SourceSession> = Arc::new(Mutex::new(session));
-    let mut totals = Totals::default();
-    let result = recovering(
-        conn,
-        &session,
-        &reader,
-        recovery,
-        &mut totals,
-        started,
-        Some(&mut pending),
-    )
-    .await;
-    result.map_err(|e| vm_lost(&session, &totals, e))
+    run_to_end(conn, session, reader, recovery, started, Some(&mut pending)).await
 }
 
 /// Runs the source side of one migration over an established connection. A lost
@@ -218,7 +206,18 @@ pub async fn run_source_recovering(
     reader: Arc<dyn PageReader>,
     recovery: Option<SourceRecovery>,
 ) -> Result<SourceReport, DriverError> {
-    let started = Instant::now();
+    run_to_end(conn, session, reader, recovery, Instant::now(), None).await
+}
+
+/// The body of [`run_source_recovering`] and [`run_source_prepared`].
+async fn run_to_end(
+    conn: Connection,
+    session: SourceSession,
+    reader: Arc<dyn PageReader>,
+    recovery: Option<SourceRecovery>,
+    started: Instant,
+    pending: Option<&mut Pending>,
+) -> Result<SourceReport, DriverError> {
     let session: Shared<SourceSession> = Arc::new(Mutex::new(session));
     let mut totals = Totals::default();
     let result = recovering(
@@ -228,7 +227,7 @@ pub async fn run_source_recovering(
         recovery,
         &mut totals,
         started,
-        None,
+        pending,
     )
     .await;
     result.map_err(|e| vm_lost(&session, &totals, e))
