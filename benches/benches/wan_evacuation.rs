@@ -457,6 +457,9 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
         "compression_ratio": enc["compression_ratio"],
         "chosen": enc["chosen"],
         "faults": metrics["faults"],
+        // Plain postcopy only: demand replies, and those sent again for echoed requests.
+        "pages_served": s["pages_served"],
+        "pages_echoed": s["pages_echoed"],
         "fault_p50_us": lat["p50"],
         "fault_p99_us": lat["p99"],
         "fault_p50_rtt": in_rtt(&lat["p50"]),

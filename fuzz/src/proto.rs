@@ -66,10 +66,11 @@ fn bitmap(inp: &mut Input, len: u64) -> Bitmap {
 }
 
 fn channel(b: u8) -> Channel {
-    match b % 3 {
+    match b % 4 {
         0 => Channel::Control,
         1 => Channel::Urgent,
-        _ => Channel::Bulk,
+        2 => Channel::Bulk,
+        _ => Channel::Echo,
     }
 }
 

@@ -125,7 +125,7 @@ impl UffdSink {
 impl PageSink for UffdSink {
     fn install(&self, pages: &Pages, channel: Channel) -> Result<(), SinkError> {
         let origin = match channel {
-            Channel::Urgent => Origin::Demand,
+            Channel::Urgent | Channel::Echo => Origin::Demand,
             _ => Origin::Push,
         };
         let kinds = &pages.kinds[..];

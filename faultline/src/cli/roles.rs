@@ -31,6 +31,9 @@ pub struct SourceOutput {
     pub digest: String,
     pub mix: Option<ImageMix>,
     pub pages_served: u64,
+    /// Pages sent a second time for requests the destination echoed on a lossy path.
+    #[serde(default)]
+    pub pages_echoed: u64,
     pub pages_pushed: u64,
     pub push_ms: u64,
     pub total_ms: u64,
@@ -163,6 +166,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         digest,
         mix,
         pages_served: report.pages_served,
+        pages_echoed: report.pages_echoed,
         pages_pushed: report.pages_pushed,
         push_ms: report.push_ms,
         total_ms: report.total_ms,

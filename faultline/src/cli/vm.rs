@@ -219,6 +219,9 @@ pub struct VmSourceOutput {
     /// Per vCPU: FNV-1a of its working-set slice at switchover, 16 hex digits.
     pub slice_digests: Vec<String>,
     pub pages_served: u64,
+    /// Pages sent a second time for requests the destination echoed on a lossy path.
+    #[serde(default)]
+    pub pages_echoed: u64,
     pub pages_pushed: u64,
     pub push_ms: u64,
     pub total_ms: u64,
@@ -542,6 +545,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         memory_digest,
         slice_digests: slices.into_iter().map(hex).collect(),
         pages_served: report.pages_served,
+        pages_echoed: report.pages_echoed,
         pages_pushed: report.pages_pushed,
         push_ms: report.push_ms,
         total_ms: report.total_ms,

@@ -99,6 +99,8 @@ pub struct DestStats {
     pub pages_duplicate: u64,
     /// Demand requests sent again on a resumed connection.
     pub requests_reissued: u64,
+    /// Pages whose demand request was echoed ([`DestSession::echo`]).
+    pub requests_echoed: u64,
     /// Messages ignored because they came on a lost or older connection.
     pub messages_ignored: u64,
 }
@@ -641,7 +643,7 @@ impl DestSession {
             }
             (
                 State::Running | State::CompleteSent,
-                Channel::Urgent | Channel::Bulk,
+                Channel::Urgent | Channel::Echo | Channel::Bulk,
                 Message::Pages(pages),
             ) => {
                 self.check_range(pages.first, pages.count() as u64)?;
@@ -663,7 +665,11 @@ impl DestSession {
                 Ok(None)
             }
             // A reply or pushed page that crossed our `Complete`: every page is here already.
-            (State::Finished, Channel::Urgent | Channel::Bulk, Message::Pages(_)) => Ok(None),
+            (
+                State::Finished,
+                Channel::Urgent | Channel::Echo | Channel::Bulk,
+                Message::Pages(_),
+            ) => Ok(None),
             (State::CompleteSent, Channel::Control, Message::CompleteAck) => {
                 self.state = State::Finished;
                 self.events.push_back(DestEvent::Finished);
@@ -767,6 +773,26 @@ impl DestSession {
             }
             _ => {}
         }
+    }
+
+    /// The echo of demand requests sent a little earlier ([`Channel::Echo`]): the requests
+    /// for those of `pages` still outstanding, for the driver to send on the echo stream
+    /// (which it opens when first needed). Nothing while the connection is not up: a
+    /// resumed connection requests every outstanding page again.
+    pub fn echo(&mut self, pages: &[u64]) -> Vec<Message> {
+        if !matches!(self.state, State::Running) || self.link != Link::Connected {
+            return Vec::new();
+        }
+        let missing: Vec<u64> = pages
+            .iter()
+            .copied()
+            .filter(|&p| self.outstanding.get(p))
+            .collect();
+        self.stats.requests_echoed += missing.len() as u64;
+        missing
+            .chunks(MAX_REQUEST_PAGES)
+            .map(|c| Message::Request { pages: c.to_vec() })
+            .collect()
     }
 
     fn queue_requests(&mut self, pages: &[u64]) {

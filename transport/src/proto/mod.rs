@@ -93,6 +93,14 @@ pub enum Channel {
     Urgent,
     /// The background push.
     Bulk,
+    /// Demand requests sent a second time, a little after the first, and their replies,
+    /// on a stream of their own: on a lossy path a fault then waits for a retransmission
+    /// only when both copies lost a packet. The destination opens it when the path is long
+    /// enough for a retransmission to cost more than the copy
+    /// ([`crate::proto::DestSession::echo`]); the source answers every echoed request
+    /// while it sees loss, otherwise only those whose first copy it has not served
+    /// ([`crate::proto::SourceSession::set_echo_all`]).
+    Echo,
 }
 
 /// A message the driver must send.

@@ -100,9 +100,9 @@ struct Conn {
     src_no: u32,
     dst_no: u32,
     /// Last delivery time per direction and channel: streams are ordered.
-    last: [[u64; 3]; 2],
+    last: [[u64; 4]; 2],
     /// After the cut: a stream lost a message, so nothing after it can be read either.
-    broken: [[bool; 3]; 2],
+    broken: [[bool; 4]; 2],
     /// The destination process at its end ([`Sim::dst_gen`]): messages for an earlier one
     /// died with it.
     dst_gen: u32,
@@ -115,6 +115,7 @@ fn chan_index(c: Channel) -> usize {
         Channel::Control => 0,
         Channel::Urgent => 1,
         Channel::Bulk => 2,
+        Channel::Echo => 3,
     }
 }
 
@@ -392,8 +393,8 @@ impl Sim {
                 alive: true,
                 src_no: 0,
                 dst_no: 0,
-                last: [[0; 3]; 2],
-                broken: [[false; 3]; 2],
+                last: [[0; 4]; 2],
+                broken: [[false; 4]; 2],
                 dst_gen: 0,
                 sent_arrives: false,
             }],
@@ -702,8 +703,8 @@ impl Sim {
             alive: true,
             src_no,
             dst_no,
-            last: [[self.now; 3]; 2],
-            broken: [[false; 3]; 2],
+            last: [[self.now; 4]; 2],
+            broken: [[false; 4]; 2],
             dst_gen: self.dst_gen,
             sent_arrives: false,
         });

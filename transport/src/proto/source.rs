@@ -178,6 +178,9 @@ enum Link {
 pub struct SourceStats {
     /// Pages requested on demand.
     pub pages_served: u64,
+    /// Pages sent again because the destination echoed its request
+    /// ([`Channel::Echo`]); not in [`SourceStats::pages_served`].
+    pub pages_echoed: u64,
     /// Pages handed to the background push.
     pub pages_pushed: u64,
     /// Of those, handed out before the destination answered the handshake.
@@ -207,6 +210,12 @@ pub struct SourceSession {
     /// Pages the push handed out before the session ran (see [`SourceSession::next_push`]).
     pushed_early: Bitmap,
     pages_served: u64,
+    /// Pages served on demand (on the urgent channel) at least once.
+    served_on_demand: Bitmap,
+    /// Serve every echoed request, not only those whose first copy was not served: the
+    /// path loses packets ([`SourceSession::set_echo_all`]).
+    echo_all: bool,
+    pages_echoed: u64,
     pages_pushed: u64,
     pages_pushed_hot: u64,
     pages_stale: u64,
@@ -290,6 +299,9 @@ impl SourceSession {
             push_done_sent: false,
             pushed_early: Bitmap::new(pages),
             pages_served: 0,
+            served_on_demand: Bitmap::new(pages),
+            echo_all: false,
+            pages_echoed: 0,
             pages_pushed: 0,
             pages_pushed_hot: 0,
             pages_stale: pages,
@@ -519,6 +531,15 @@ impl SourceSession {
         self.pages_served
     }
 
+    /// Whether an echoed request ([`Channel::Echo`]) is served even when its first copy
+    /// was: set while the path loses packets, so that a fault waits for a retransmission
+    /// only if both replies lost one. Without it an echo is served only when the urgent
+    /// request has not arrived (lost, or held up behind a lost packet of its stream), so a
+    /// clean path carries each reply once.
+    pub fn set_echo_all(&mut self, all: bool) {
+        self.echo_all = all;
+    }
+
     /// Pages handed to the background push.
     pub fn pages_pushed(&self) -> u64 {
         self.pages_pushed
@@ -539,6 +560,7 @@ impl SourceSession {
     pub fn stats(&self) -> SourceStats {
         SourceStats {
             pages_served: self.pages_served,
+            pages_echoed: self.pages_echoed,
             pages_pushed: self.pages_pushed,
             pages_pushed_early: self.pages_pushed_early(),
             pages_pushed_hot: self.pages_pushed_hot,
@@ -716,6 +738,12 @@ impl SourceSession {
                 self.served_while_resuming.extend_from_slice(&served);
                 Ok(served)
             }
+            // Its first copy is served above when it comes.
+            (Link::Resuming | Link::AwaitHeld { .. }, Channel::Echo, Message::Request { .. })
+                if resumable =>
+            {
+                Ok(Vec::new())
+            }
             (link, channel, msg) => {
                 let state = match link {
                     Link::AwaitHeld { .. } => "awaiting the held set",
@@ -795,6 +823,33 @@ impl SourceSession {
 
     /// Checks and counts a demand request; returns the pages to send.
     fn serve(&mut self, pages: Vec<u64>) -> Result<Vec<u64>, ProtoError> {
+        self.check_request(&pages)?;
+        for &p in &pages {
+            self.push.on_demand(p);
+            self.note_sent(p);
+            self.served_on_demand.set(p);
+        }
+        self.pages_served += pages.len() as u64;
+        Ok(pages)
+    }
+
+    /// An echoed request (see [`SourceSession::set_echo_all`]): checked like a first one;
+    /// returns the pages to send on the echo channel.
+    fn serve_echo(&mut self, mut pages: Vec<u64>) -> Result<Vec<u64>, ProtoError> {
+        self.check_request(&pages)?;
+        if !self.echo_all {
+            pages.retain(|&p| !self.served_on_demand.get(p));
+        }
+        for &p in &pages {
+            self.push.on_demand(p);
+            self.note_sent(p);
+        }
+        self.pages_echoed += pages.len() as u64;
+        Ok(pages)
+    }
+
+    /// A demand request is for a VM the destination holds, and names pages that exist.
+    fn check_request(&self, pages: &[u64]) -> Result<(), ProtoError> {
         if !self.handed {
             // The destination has no VM state yet, so no guest that could fault.
             return Err(ProtoError::Unexpected {
@@ -804,19 +859,22 @@ impl SourceSession {
             });
         }
         let total = self.total_pages();
-        if let Some(&bad) = pages.iter().find(|&&p| p >= total) {
-            return Err(ProtoError::PageOutOfRange {
+        match pages.iter().find(|&&p| p >= total) {
+            Some(&bad) => Err(ProtoError::PageOutOfRange {
                 first: bad,
                 count: 1,
                 total,
-            });
+            }),
+            None => Ok(()),
         }
-        for &p in &pages {
-            self.push.on_demand(p);
-            self.note_sent(p);
+    }
+
+    /// A request on `channel`: the first copy (urgent) or an echo.
+    fn serve_on(&mut self, channel: Channel, pages: Vec<u64>) -> Result<Vec<u64>, ProtoError> {
+        match channel {
+            Channel::Echo => self.serve_echo(pages),
+            _ => self.serve(pages),
         }
-        self.pages_served += pages.len() as u64;
-        Ok(pages)
     }
 
     /// Page `p` goes out; a page sent before the last pause counts as resent.
@@ -895,18 +953,18 @@ impl SourceSession {
                 self.events.push_back(SourceEvent::Established { features });
                 Ok(Vec::new())
             }
-            (State::Running, Channel::Urgent, Message::Request { pages })
+            (State::Running, Channel::Urgent | Channel::Echo, Message::Request { pages })
                 if kind != SessionKind::Replicate =>
             {
-                self.serve(pages)
+                self.serve_on(channel, pages)
             }
             // A migration without VM state: the destination runs the guest from our `Hello`
             // on, and its first demand requests (on their own stream) may overtake its
             // `HelloAck`.
-            (State::HelloSent, Channel::Urgent, Message::Request { pages })
+            (State::HelloSent, Channel::Urgent | Channel::Echo, Message::Request { pages })
                 if kind == SessionKind::Migrate && self.owner == Ownership::Destination =>
             {
-                self.serve(pages)
+                self.serve_on(channel, pages)
             }
             (State::Running, Channel::Control, Message::Ack { entries })
                 if kind == SessionKind::Replicate =>
@@ -955,7 +1013,9 @@ impl SourceSession {
             }
             // A demand request that crossed the destination's `Complete`: it has every page
             // now, so there is nothing to serve. On a long link this race is common.
-            (State::Finished, Channel::Urgent, Message::Request { .. }) => Ok(Vec::new()),
+            (State::Finished, Channel::Urgent | Channel::Echo, Message::Request { .. }) => {
+                Ok(Vec::new())
+            }
             (state, channel, msg) => Err(ProtoError::Unexpected {
                 message: msg.name(),
                 channel,

@@ -835,3 +835,103 @@ fn a_disk_of_another_size_or_name_is_a_layout_mismatch_naming_the_disk() {
         ));
     }
 }
+
+/// A session running with the push off, so that pages move only on demand.
+fn running_on_demand(pages: u64) -> (SourceSession, DestSession, Vec<Vec<u8>>) {
+    let mut src = SourceSession::new(SourceConfig {
+        push: false,
+        ..SourceConfig::migrate("vm-1", layout(pages))
+    });
+    let mut dst = DestSession::new(DestConfig::migrate(layout(pages)));
+    let mut mem = vec![Vec::new(); pages as usize];
+    pump(&mut src, &mut dst, &mut mem);
+    assert!(src.is_running() && dst.is_running());
+    (src, dst, mem)
+}
+
+fn requested(msgs: &[Message]) -> Vec<u64> {
+    msgs.iter()
+        .flat_map(|m| match m {
+            Message::Request { pages } => pages.clone(),
+            other => panic!("requests expected, got {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn echo_asks_again_only_for_pages_still_missing() {
+    let (mut src, mut dst, mut mem) = running_on_demand(16);
+    dst.request(&[2, 5, 9]);
+    let first = dst.poll_transmit().unwrap();
+    assert_eq!(first.channel, Channel::Urgent);
+    // Page 5's reply arrives before the echo is due.
+    for p in src.handle(first.channel, wire(first.message)).unwrap() {
+        if p == 5 {
+            let d = dst.handle(Channel::Urgent, wire(pages_msg(5..6))).unwrap();
+            install(&d.unwrap(), &mut mem);
+        }
+    }
+    let echo = dst.echo(&[2, 5, 9]);
+    assert_eq!(requested(&echo), vec![2, 9]);
+    assert_eq!(dst.stats().requests_echoed, 2);
+    assert!(
+        dst.poll_transmit().is_none(),
+        "the driver sends echoes itself"
+    );
+    // Replies on the echo channel deliver like urgent ones; the later copy is dropped.
+    let d = dst.handle(Channel::Echo, wire(pages_msg(2..3))).unwrap();
+    install(&d.unwrap(), &mut mem);
+    assert_eq!(
+        dst.handle(Channel::Urgent, wire(pages_msg(2..3))).unwrap(),
+        None
+    );
+    assert_eq!(mem[2], page_content(2));
+    assert!(
+        dst.echo(&[2, 5]).is_empty(),
+        "nothing missing, nothing echoed"
+    );
+    // A lost connection takes no echo: the resume asks for every outstanding page.
+    dst.connection_lost();
+    assert!(dst.echo(&[9]).is_empty());
+}
+
+#[test]
+fn source_answers_an_echo_once_unless_the_path_is_lossy() {
+    let (mut src, _dst, _mem) = running_on_demand(16);
+    let req = |pages: Vec<u64>| wire(Message::Request { pages });
+    // The first copy came first: its echo is answered only while the path loses packets.
+    assert_eq!(src.handle(Channel::Urgent, req(vec![3])).unwrap(), vec![3]);
+    assert!(src.handle(Channel::Echo, req(vec![3])).unwrap().is_empty());
+    src.set_echo_all(true);
+    assert_eq!(src.handle(Channel::Echo, req(vec![3])).unwrap(), vec![3]);
+    src.set_echo_all(false);
+    // The echo came first (the first copy lost or held up): answered, and so is the first
+    // copy when it arrives, which may be a refetch the destination needs.
+    assert_eq!(src.handle(Channel::Echo, req(vec![7, 3])).unwrap(), vec![7]);
+    assert_eq!(src.handle(Channel::Urgent, req(vec![7])).unwrap(), vec![7]);
+    let stats = src.stats();
+    assert_eq!((stats.pages_served, stats.pages_echoed), (2, 2));
+    // Echoes are checked like requests.
+    let err = src.handle(Channel::Echo, req(vec![16])).unwrap_err();
+    assert!(
+        matches!(err, ProtoError::PageOutOfRange { first: 16, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_echo_after_the_end_is_ignored() {
+    let (mut src, mut dst, mut mem) = running_on_demand(2);
+    dst.request(&[0, 1]);
+    pump(&mut src, &mut dst, &mut mem);
+    dst.complete();
+    pump(&mut src, &mut dst, &mut mem);
+    assert!(src.is_finished() && dst.is_finished());
+    let late = wire(Message::Request { pages: vec![1] });
+    assert!(src.handle(Channel::Echo, late).unwrap().is_empty());
+    assert_eq!(
+        dst.handle(Channel::Echo, wire(pages_msg(1..2))).unwrap(),
+        None
+    );
+    assert!(dst.echo(&[1]).is_empty());
+}

@@ -10,6 +10,7 @@ pub mod accept;
 mod dest;
 mod frame;
 mod link;
+mod loss;
 mod read_ahead;
 mod recovery;
 mod source;
@@ -55,6 +56,9 @@ pub const TAG_URGENT: u8 = 0xC1;
 /// First byte of the bulk stream (unidirectional, source → destination: the background push,
 /// or replication updates).
 pub const TAG_BULK: u8 = 0xC2;
+/// First byte of the echo stream (bidirectional, opened by the destination on a long path:
+/// demand requests sent again, and their replies; see [`crate::proto::Channel::Echo`]).
+pub const TAG_ECHO: u8 = 0xC3;
 
 /// Send priority of the urgent stream, the highest. quinn sends data of higher-priority
 /// streams first, so a demand reply goes out ahead of queued push data.
@@ -723,6 +727,21 @@ pub(crate) fn closed_or(conn: &quinn::Connection, what: &'static str) -> DriverE
             reason: what.to_string(),
         },
     }
+}
+
+/// Reads the tag byte that starts every stream (`TAG_*`).
+pub(crate) async fn read_tag(recv: &mut quinn::RecvStream) -> Result<u8, DriverError> {
+    let mut tag = [0u8];
+    recv.read_exact(&mut tag)
+        .await
+        .map_err(|e| DriverError::Stream {
+            channel: Channel::Control,
+            source: match e {
+                quinn::ReadExactError::FinishedEarly(_) => FrameError::Truncated,
+                quinn::ReadExactError::ReadError(e) => FrameError::Read(e),
+            },
+        })?;
+    Ok(tag[0])
 }
 
 #[cfg(test)]

@@ -26,13 +26,13 @@ use super::link::{ControlReader, Link, Shared};
 use super::read_ahead::ReadAhead;
 use super::recovery::{lost, silent_for, Pauses};
 use super::{
-    close_with, closed_or, connection_lost, DriverError, CLOSE_OK, RECONNECTING,
+    close_with, closed_or, connection_lost, read_tag, DriverError, CLOSE_OK, RECONNECTING,
     REPLICATION_STOPPED, TAG_BULK, TAG_CONTROL, TAG_URGENT,
 };
 use crate::bitmap::Bitmap;
 use crate::message::{Message, Pages, SessionKind};
 use crate::proto::{Channel, DestEvent, DestSession, SessionState};
-use receive::{forward_requests, receive_pages, Frames, Received};
+use receive::{echo_requests, forward_requests, receive_pages, EchoReader, Frames, Received};
 
 /// Installing page data failed; the session ends with this reason.
 #[derive(Debug, Error)]
@@ -686,20 +686,6 @@ async fn accept_streams(conn: &Connection) -> Result<Streams, DriverError> {
         .map_err(|_| DriverError::Timeout("waiting for the source to open its streams"))?
 }
 
-async fn read_tag(recv: &mut RecvStream) -> Result<u8, DriverError> {
-    let mut tag = [0u8];
-    recv.read_exact(&mut tag)
-        .await
-        .map_err(|e| DriverError::Stream {
-            channel: Channel::Control,
-            source: match e {
-                quinn::ReadExactError::FinishedEarly(_) => FrameError::Truncated,
-                quinn::ReadExactError::ReadError(e) => FrameError::Read(e),
-            },
-        })?;
-    Ok(tag[0])
-}
-
 /// The streams the page readers take over once the session runs.
 struct Readers {
     urgent: RecvStream,
@@ -1010,17 +996,24 @@ impl<'a> Driver<'a> {
 struct Tasks {
     readers: [JoinHandle<()>; 2],
     requests: JoinHandle<()>,
+    echo: JoinHandle<()>,
+    /// The echo stream's reader, if the echo task opened the stream.
+    echo_reader: EchoReader,
 }
 
 impl Tasks {
     fn spawn(dest: &Arc<Dest>, readers: Readers, requests: SharedRequests) -> Tasks {
         let read = |channel, frames| tokio::spawn(receive_pages(dest.clone(), channel, frames));
+        let (echo_queue, echoes) = mpsc::unbounded_channel();
+        let echo_reader = EchoReader::default();
         Tasks {
             readers: [
                 read(Channel::Urgent, Frames::Stream(readers.urgent)),
                 read(Channel::Bulk, Frames::Ahead(readers.bulk)),
             ],
-            requests: tokio::spawn(forward_requests(dest.clone(), requests)),
+            requests: tokio::spawn(forward_requests(dest.clone(), requests, echo_queue)),
+            echo: tokio::spawn(echo_requests(dest.clone(), echoes, echo_reader.clone())),
+            echo_reader,
         }
     }
 
@@ -1028,13 +1021,22 @@ impl Tasks {
     /// read.
     async fn stop(self) {
         self.requests.abort();
+        self.echo.abort();
         for r in &self.readers {
             r.abort();
         }
-        for r in self.readers {
+        let _ = self.requests.await;
+        // Only the echo task sets its reader: once it stopped, the slot holds the last word.
+        let _ = self.echo.await;
+        let echo_reader = self
+            .echo_reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        for r in self.readers.into_iter().chain(echo_reader) {
+            r.abort();
             let _ = r.await;
         }
-        let _ = self.requests.await;
     }
 }
 

@@ -25,10 +25,11 @@ use tokio::task::JoinHandle;
 
 use super::frame::{read_frame, write_pages};
 use super::link::{ControlReader, Link, Shared};
+use super::loss::LossGauge;
 use super::recovery::{lost, silent_for, Outages, Pauses, SourceRecovery};
 use super::{
     close_with, closed_or, connection_lost, stream_error, DriverError, CLOSE_OK, PRIO_BULK,
-    PRIO_CONTROL, PRIO_URGENT, RECONNECTING, TAG_BULK, TAG_CONTROL, TAG_URGENT,
+    PRIO_CONTROL, PRIO_URGENT, RECONNECTING, TAG_BULK, TAG_CONTROL, TAG_ECHO, TAG_URGENT,
 };
 use crate::bitmap::Bitmap;
 use crate::encoding::{EncodingPolicy, EncodingStats, PageEncoder};
@@ -69,6 +70,9 @@ pub enum Extent {
 pub struct SourceReport {
     /// Pages sent as demand replies.
     pub pages_served: u64,
+    /// Pages sent a second time on the echo stream, for requests the destination echoed
+    /// on a lossy or long path ([`crate::proto::Channel::Echo`]).
+    pub pages_echoed: u64,
     /// Pages handed to the background push.
     pub pages_pushed: u64,
     /// Of those, pushed beside the handshake, before the destination answered.
@@ -331,6 +335,7 @@ async fn recovering(
         // Replies actually sent: a request that crossed the destination's `Complete` may
         // have been cut short when the session ended.
         pages_served: encoding.replies.pages(),
+        pages_echoed: encoding.echoes.pages(),
         pages_pushed: stats.pages_pushed,
         pages_pushed_early: stats.pages_pushed_early,
         pages_pushed_hot: stats.pages_pushed_hot,
@@ -369,6 +374,7 @@ impl Totals {
         match &mut self.encoding {
             Some(total) => {
                 total.replies.merge(&e.replies);
+                total.echoes.merge(&e.echoes);
                 total.all.merge(&e.all);
             }
             None => self.encoding = Some(e),
@@ -724,9 +730,11 @@ impl Driver {
 /// The data tasks beside the control loop while the session runs.
 struct Tasks {
     urgent: JoinHandle<()>,
+    /// Waits for the destination's echo stream, then serves it.
+    echo: JoinHandle<()>,
     push: JoinHandle<()>,
     push_started: Instant,
-    encoders: [SharedEncoder; 3],
+    encoders: [SharedEncoder; 4],
     /// The urgent stream's sending half when replies go on the bulk stream.
     _idle_urgent: Option<SendStream>,
 }
@@ -735,6 +743,7 @@ struct Tasks {
 #[derive(Default)]
 struct Encoding {
     replies: EncodingStats,
+    echoes: EncodingStats,
     all: EncodingStats,
 }
 
@@ -747,6 +756,7 @@ impl Tasks {
         // Each task encodes with its own encoder; the report reads their counts once at
         // the end (the tasks are stopped by then), so nothing is copied per reply or batch.
         let reply_encoder: SharedEncoder = Arc::new(Mutex::new(PageEncoder::new(policy, features)));
+        let echo_encoder: SharedEncoder = Arc::new(Mutex::new(PageEncoder::new(policy, features)));
         let push_encoder: SharedEncoder = Arc::new(Mutex::new(match replica_index {
             Some(index) => PageEncoder::new(policy, features).with_replica_index(index),
             None => PageEncoder::new(policy, features),
@@ -759,12 +769,14 @@ impl Tasks {
         } else {
             (Arc::new(tokio::sync::Mutex::new(data.urg_send)), None)
         };
-        let urgent = tokio::spawn(serve_urgent(
+        let urgent = tokio::spawn(serve_requests(
             src.clone(),
+            Channel::Urgent,
             data.urg_recv,
             replies,
             reply_encoder.clone(),
         ));
+        let echo = tokio::spawn(serve_echo(src.clone(), echo_encoder.clone()));
         // Demand replies run at once; the push continues after the early push's last
         // batch, which may still be waiting for flow-control credit.
         let push = tokio::spawn({
@@ -781,9 +793,10 @@ impl Tasks {
         });
         Tasks {
             urgent,
+            echo,
             push,
             push_started: early.started,
-            encoders: [reply_encoder, push_encoder, early.encoder],
+            encoders: [reply_encoder, echo_encoder, push_encoder, early.encoder],
             _idle_urgent: idle_urgent,
         }
     }
@@ -792,40 +805,75 @@ impl Tasks {
     async fn stop(self) -> Encoding {
         self.push.abort();
         self.urgent.abort();
-        let _ = tokio::join!(self.push, self.urgent);
-        let [replies, push, early] = self.encoders.map(|e| lock_encoder(&e).stats());
+        self.echo.abort();
+        let _ = tokio::join!(self.push, self.urgent, self.echo);
+        let [replies, echoes, push, early] = self.encoders.map(|e| lock_encoder(&e).stats());
         let mut all = push;
         all.merge(&replies);
+        all.merge(&echoes);
         all.merge(&early);
-        Encoding { replies, all }
+        Encoding {
+            replies,
+            echoes,
+            all,
+        }
     }
 }
 
-/// Serves demand requests: each requested page is read and sent at once on `replies`.
-async fn serve_urgent(
+/// Serves demand requests on `channel` (urgent, or echo): each requested page is read and
+/// sent at once on `replies`. On the echo channel the path's loss rate decides, before each
+/// request, whether pages already served are sent again.
+async fn serve_requests(
     src: Arc<Source>,
+    channel: Channel,
     mut recv: RecvStream,
     replies: SharedSend,
     encoder: SharedEncoder,
 ) {
     let conn = &src.link.conn;
+    let mut gauge = LossGauge::default();
     let result = async {
         loop {
             let read = read_frame(&mut recv).await;
-            let Some(msg) = src.link.checked(Channel::Urgent, read).await? else {
+            let Some(msg) = src.link.checked(channel, read).await? else {
                 return Ok(());
             };
-            for page in src.link.handle(Channel::Urgent, msg).await? {
+            if channel == Channel::Echo {
+                let path = conn.stats().path;
+                let lossy = gauge.observe(path.sent_packets, path.lost_packets);
+                src.link.session().set_echo_all(lossy);
+            }
+            for page in src.link.handle(channel, msg).await? {
                 let data = src.reader.pages(page, 1).map_err(DriverError::Reader)?;
                 let pages = lock_encoder(&encoder).encode_reply(page, &data);
                 write_pages(&mut *replies.lock().await, &pages)
                     .await
-                    .map_err(|e| stream_error(conn, Channel::Urgent, e))?;
+                    .map_err(|e| stream_error(conn, channel, e))?;
             }
         }
     }
     .await;
     src.link.task_ended(result);
+}
+
+/// Waits for the destination to open its echo stream (only on a long path, and only once
+/// a fault waited; see [`Channel::Echo`]), then serves it like the urgent one. A connection
+/// that ends first ends this quietly: the control loop reports why.
+async fn serve_echo(src: Arc<Source>, encoder: SharedEncoder) {
+    let conn = &src.link.conn;
+    let Ok((send, mut recv)) = conn.accept_bi().await else {
+        return;
+    };
+    let tag = match super::read_tag(&mut recv).await {
+        Ok(tag) => tag,
+        Err(e) => return src.link.task_ended(Err(e)),
+    };
+    if tag != TAG_ECHO {
+        return src.link.task_ended(Err(DriverError::UnknownStream(tag)));
+    }
+    let _ = send.set_priority(PRIO_URGENT);
+    let replies = Arc::new(tokio::sync::Mutex::new(send));
+    serve_requests(src, Channel::Echo, recv, replies, encoder).await;
 }
 
 /// The outcome of a driver task.
