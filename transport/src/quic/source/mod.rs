@@ -769,6 +769,8 @@ impl Tasks {
         } else {
             (Arc::new(tokio::sync::Mutex::new(data.urg_send)), None)
         };
+        // Echoed requests' replies too.
+        let echo_replies = replies_on_bulk.then(|| data.bulk.clone());
         let urgent = tokio::spawn(serve_requests(
             src.clone(),
             Channel::Urgent,
@@ -776,7 +778,7 @@ impl Tasks {
             replies,
             reply_encoder.clone(),
         ));
-        let echo = tokio::spawn(serve_echo(src.clone(), echo_encoder.clone()));
+        let echo = tokio::spawn(serve_echo(src.clone(), echo_replies, echo_encoder.clone()));
         // Demand replies run at once; the push continues after the early push's last
         // batch, which may still be waiting for flow-control credit.
         let push = tokio::spawn({
@@ -857,9 +859,10 @@ async fn serve_requests(
 }
 
 /// Waits for the destination to open its echo stream (only on a long path, and only once
-/// a fault waited; see [`Channel::Echo`]), then serves it like the urgent one. A connection
-/// that ends first ends this quietly: the control loop reports why.
-async fn serve_echo(src: Arc<Source>, encoder: SharedEncoder) {
+/// a fault waited; see [`Channel::Echo`]), then serves it like the urgent one, replying on
+/// it or on `replies` (the comparison mode's bulk stream). A connection that ends first
+/// ends this quietly: the control loop reports why.
+async fn serve_echo(src: Arc<Source>, replies: Option<SharedSend>, encoder: SharedEncoder) {
     let conn = &src.link.conn;
     let Ok((send, mut recv)) = conn.accept_bi().await else {
         return;
@@ -872,7 +875,7 @@ async fn serve_echo(src: Arc<Source>, encoder: SharedEncoder) {
         return src.link.task_ended(Err(DriverError::UnknownStream(tag)));
     }
     let _ = send.set_priority(PRIO_URGENT);
-    let replies = Arc::new(tokio::sync::Mutex::new(send));
+    let replies = replies.unwrap_or_else(|| Arc::new(tokio::sync::Mutex::new(send)));
     serve_requests(src, Channel::Echo, recv, replies, encoder).await;
 }
 
