@@ -841,8 +841,11 @@ impl SourceSession {
             pages.retain(|&p| !self.served_on_demand.get(p));
         }
         for &p in &pages {
-            self.push.on_demand(p);
-            self.note_sent(p);
+            // A second reply leaves the push where the first one put it.
+            if !self.served_on_demand.get(p) {
+                self.push.on_demand(p);
+                self.note_sent(p);
+            }
         }
         self.pages_echoed += pages.len() as u64;
         Ok(pages)
