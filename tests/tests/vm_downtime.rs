@@ -3,9 +3,9 @@
 //! state afterwards. Real `faultline vm` processes over QUIC on loopback; skipped (with a
 //! message) where /dev/kvm does not exist.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use faultline_tests::{kvm_present, run_vm_source, Certs, DestProcess};
+use faultline_tests::{kvm_present, run_vm_source, Background, Certs, DestProcess};
 use serde_json::Value;
 
 const GUEST: [&str; 10] = [
@@ -111,6 +111,41 @@ fn a_refused_handshake_is_reported_before_the_guest_is_paused() {
     let _ = dest.wait(Duration::from_secs(60));
     assert!(!src.status.success(), "the source migrated a refused VM");
     assert_not_paused(&src, &addr);
+}
+
+/// `vm dest --hand-over-timeout`: a source that connected but does not hand its VM over
+/// in time is given up on, with an error that says so, instead of after the default 300 s.
+#[test]
+fn the_destination_gives_up_on_a_source_that_does_not_hand_over() {
+    if !kvm_present() {
+        return;
+    }
+    let certs = Certs::new();
+    let dest = DestProcess::vm(
+        &certs,
+        &[&GUEST[..], &["--run-secs", "0", "--hand-over-timeout", "2"]].concat(),
+    );
+    let tls = certs.args("source", "dest");
+    let mut args = vec!["vm", "source", "--connect", &dest.addr, "--json"];
+    args.extend(tls.iter().map(String::as_str));
+    args.extend_from_slice(&GUEST);
+    // Its guest runs far longer than the destination waits.
+    args.extend_from_slice(&["--run-secs", "60"]);
+    let started = Instant::now();
+    let src = Background::spawn(&args);
+    let dst = dest.wait(Duration::from_secs(60));
+    let waited = started.elapsed();
+    src.kill();
+    assert!(!dst.status.success(), "the destination did not give up");
+    let said = format!("{} {}", dst.json, dst.stderr);
+    assert!(
+        said.contains("did not hand the VM over within 2s"),
+        "unclear error: {said}"
+    );
+    assert!(
+        waited < Duration::from_secs(30),
+        "gave up only after {waited:?}"
+    );
 }
 
 /// `src` failed with `--json`'s error report (no migration report: it never paused), and

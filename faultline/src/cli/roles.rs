@@ -74,17 +74,32 @@ pub fn identity(
     Ok((me, peer))
 }
 
+/// How a destination endpoint listens: what `dest` and `vm dest` were told.
+pub struct ListenSettings<'a> {
+    pub tls: &'a TlsArgs,
+    pub listen: std::net::SocketAddr,
+    pub vm_id: Option<String>,
+    pub accept_timeout: Duration,
+    pub recover_timeout: Option<Duration>,
+    /// See [`DestOptions::hand_over_timeout`].
+    pub hand_over_timeout: Duration,
+    pub progress: bool,
+    pub json: bool,
+}
+
 /// Binds a destination endpoint and announces it: a `listening` event for a parent process
 /// with `progress`, a line on stderr for a person otherwise (nothing with `json` alone).
-pub fn bind_listener(
-    tls: &TlsArgs,
-    listen: std::net::SocketAddr,
-    vm_id: Option<String>,
-    accept_timeout_secs: u64,
-    recover_timeout: Option<Duration>,
-    progress: bool,
-    json: bool,
-) -> anyhow::Result<Listener> {
+pub fn bind_listener(settings: ListenSettings<'_>) -> anyhow::Result<Listener> {
+    let ListenSettings {
+        tls,
+        listen,
+        vm_id,
+        accept_timeout,
+        recover_timeout,
+        hand_over_timeout,
+        progress,
+        json,
+    } = settings;
     let (me, peer) = identity(tls)?;
     // Always recorded, for a failure report; printed for a parent process with `progress`.
     let on_progress: vmm_shim::ProgressFn = Arc::new(move |p: vmm_shim::Progress| {
@@ -103,10 +118,10 @@ pub fn bind_listener(
         identity: me,
         peer_cert: peer,
         expected_vm_id: vm_id,
-        accept_timeout: Duration::from_secs(accept_timeout_secs),
+        accept_timeout,
         progress: Some(on_progress),
         recover_timeout,
-        hand_over_timeout: vmm_shim::dest::HAND_OVER_TIMEOUT,
+        hand_over_timeout,
     })?;
     listener.stop_on(&super::stopper());
     let addr = listener.local_addr()?;
@@ -192,15 +207,16 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn dest(a: DestArgs) -> anyhow::Result<ExitCode> {
-    let listener = bind_listener(
-        &a.tls,
-        a.listen,
-        a.vm_id.clone(),
-        a.accept_timeout,
-        a.recover_timeout.map(Duration::from_secs),
-        a.progress,
-        a.json,
-    )?;
+    let listener = bind_listener(ListenSettings {
+        tls: &a.tls,
+        listen: a.listen,
+        vm_id: a.vm_id.clone(),
+        accept_timeout: Duration::from_secs(a.accept_timeout),
+        recover_timeout: a.recover_timeout.map(Duration::from_secs),
+        hand_over_timeout: vmm_shim::dest::HAND_OVER_TIMEOUT,
+        progress: a.progress,
+        json: a.json,
+    })?;
 
     let size = usize::try_from(a.size).context("memory size does not fit this machine")?;
     let memory = if a.memfd {

@@ -28,7 +28,7 @@ use vmm_shim::SourceOptions;
 
 use super::demo::{spawn_listening, DemoArgs, Reaper};
 use super::demo_replica::DemoCerts;
-use super::roles::{bind_listener, identity};
+use super::roles::{bind_listener, identity, ListenSettings};
 use super::vm_agent::{AgentArgs, DestAgent, DestAgentReport, SourceAgent, SourceHintsReport};
 use super::vm_replica::{self, ReplicaArgs, SourceReplicaReport};
 use super::{parse_size, TlsArgs};
@@ -170,6 +170,10 @@ pub struct VmDestArgs {
     /// pauses and reconnects meanwhile; docs/recovery.md). Without it, no limit.
     #[arg(long, value_name = "SECS")]
     pub recover_timeout: Option<u64>,
+    /// Give up on a source that connected before pausing its guest (`vm source` does) and
+    /// has not handed the VM over after this many seconds: its guest still runs there.
+    #[arg(long, value_name = "SECS", default_value_t = vmm_shim::dest::HAND_OVER_TIMEOUT.as_secs())]
+    pub hand_over_timeout: u64,
     /// Do not hold the guests after their switchover digest to hash all memory; they
     /// continue their workload at once (no `switchover_digest` in the report).
     #[arg(long)]
@@ -667,15 +671,16 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
     let config = a.guest.config()?;
     let run_for = a.guest.run_for()?;
     let hold = !a.no_verify;
-    let listener = bind_listener(
-        &a.tls,
-        a.listen,
-        a.vm_id.clone(),
-        a.accept_timeout,
-        a.recover_timeout.map(Duration::from_secs),
-        a.progress,
-        a.json,
-    )?;
+    let listener = bind_listener(ListenSettings {
+        tls: &a.tls,
+        listen: a.listen,
+        vm_id: a.vm_id.clone(),
+        accept_timeout: Duration::from_secs(a.accept_timeout),
+        recover_timeout: a.recover_timeout.map(Duration::from_secs),
+        hand_over_timeout: Duration::from_secs(a.hand_over_timeout),
+        progress: a.progress,
+        json: a.json,
+    })?;
 
     let size = usize::try_from(config.mem_size).context("memory size does not fit")?;
     let layout = Layout::single(config.mem_size);
