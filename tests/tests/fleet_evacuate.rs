@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use faultline_tests::http::scrape;
 use faultline_tests::{
-    assert_evacuated, faultline_bin, free_udp_port, Background, Certs, DestProcess, ShmDir,
+    assert_evacuated, assert_migrated, faultline_bin, free_udp_port, run_source, Background, Certs,
+    DestProcess, ShmDir,
 };
 use serde_json::Value;
 use transport::tls::Identity;
@@ -450,6 +451,41 @@ fn an_unreachable_vm_is_left_out_and_the_others_are_evacuated() {
     assert_eq!(x["measured"]["start_s"], Value::Null, "{x}");
     assert_eq!(vm(&r, "vm-a")["outcome"], "done", "{r}");
     a.assert_evacuated();
+}
+
+/// An orchestrator pointed at a migration listener (certificates that match both ways, so
+/// only the protocol differs) is refused in the TLS handshake by the ALPN, told what that
+/// means, and the listener goes on to accept a real source.
+#[test]
+fn an_orchestrator_pointed_at_a_migration_listener_is_refused_by_protocol() {
+    let certs = certs();
+    let dest = DestProcess::start(&certs, &["--size", "16M"]);
+    let port: u16 = dest.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let plan = format!(
+        "deadline = \"10m\"\ncert = {:?}\nkey = {:?}\npeer_cert = {:?}\n\n\
+         [[link]]\nname = \"lo\"\nrate_bps = \"1G\"\nrtt_ms = 1\n\n\
+         [[vm]]\nname = \"vm-a\"\nmemory_bytes = \"16M\"\ncontrol = \"127.0.0.1:{port}\"\n",
+        certs.cert("source"),
+        certs.key("source"),
+        certs.cert("dest"),
+    );
+    let path = certs.dir.path().join("wrong-port.toml");
+    std::fs::write(&path, plan).unwrap();
+    let (rc, r, err) = Orchestrator::start(&path, &[]).wait();
+    assert_ne!(rc, Some(0), "{err}");
+    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("vm \"vm-a\""), "{msg}");
+    assert!(msg.contains("the peer speaks another protocol"), "{msg}");
+    // The listener is unharmed: a source migrates to it.
+    let src = run_source(
+        &certs,
+        "source",
+        &dest.addr,
+        &["--synthetic", "16M"],
+        Duration::from_secs(60),
+    );
+    let dst = dest.wait(Duration::from_secs(60));
+    assert_migrated(&src, &dst);
 }
 
 #[test]

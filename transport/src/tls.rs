@@ -20,6 +20,11 @@ use thiserror::Error;
 /// framing changes incompatibly.
 pub const ALPN: &[u8] = b"faultline/1";
 
+/// ALPN id of the fleet control protocol (`faultline evacuate` ↔ a source's `--control`
+/// endpoint): a client of one protocol that reaches an endpoint of the other is refused in
+/// the TLS handshake (`no_application_protocol`), before any of its bytes is read.
+pub const CONTROL_ALPN: &[u8] = b"faultline-control/1";
+
 /// Why an identity or a TLS configuration could not be set up.
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -290,6 +295,15 @@ pub fn server_tls(
     me: &Identity,
     peer: CertificateDer<'static>,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    server_tls_for(me, peer, ALPN)
+}
+
+/// [`server_tls`] for the protocol named `alpn` ([`ALPN`] or [`CONTROL_ALPN`]).
+pub fn server_tls_for(
+    me: &Identity,
+    peer: CertificateDer<'static>,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(PinnedCert {
         pinned: peer,
@@ -299,7 +313,7 @@ pub fn server_tls(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![me.cert.clone()], me.key.clone_key())?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(cfg)
 }
 
@@ -307,6 +321,15 @@ pub fn server_tls(
 pub fn client_tls(
     me: &Identity,
     peer: CertificateDer<'static>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    client_tls_for(me, peer, ALPN)
+}
+
+/// [`client_tls`] for the protocol named `alpn` ([`ALPN`] or [`CONTROL_ALPN`]).
+pub fn client_tls_for(
+    me: &Identity,
+    peer: CertificateDer<'static>,
+    alpn: &[u8],
 ) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(PinnedCert {
@@ -318,7 +341,7 @@ pub fn client_tls(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![me.cert.clone()], me.key.clone_key())?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(cfg)
 }
 

@@ -57,7 +57,7 @@ impl ControlServer {
             .context("starting the control endpoint's runtime")?;
         let endpoint = {
             let _guard = runtime.enter();
-            transport::quic::server_endpoint(listen, me, orchestrator)
+            transport::quic::control_server_endpoint(listen, me, orchestrator)
                 .with_context(|| format!("binding the control endpoint on {listen}"))?
         };
         let addr = endpoint.local_addr().context("the control endpoint")?;

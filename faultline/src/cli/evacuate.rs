@@ -173,7 +173,7 @@ async fn orchestrate(
         let Some(vm) = vm else { continue };
         let endpoint = {
             let bind = unspecified_for(vm.addr);
-            transport::quic::client_endpoint(bind, &setup.identity, vm.peer_cert.clone())
+            transport::quic::control_client_endpoint(bind, &setup.identity, vm.peer_cert.clone())
                 .with_context(|| format!("vm {:?}: a client endpoint", pf.fleet.vms[i].name))?
         };
         let (start_tx, start_rx) = mpsc::channel(1);

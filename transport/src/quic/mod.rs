@@ -45,7 +45,7 @@ use thiserror::Error;
 
 use crate::message::ErrorCode;
 use crate::proto::{Channel, ProtoError};
-use crate::tls::{client_tls, server_tls, Identity, TlsError};
+use crate::tls::{client_tls_for, server_tls_for, Identity, TlsError, ALPN, CONTROL_ALPN};
 
 /// First byte of the control stream (bidirectional: handshake, page sets, completion,
 /// errors). Each stream's first byte tells the destination what the stream carries.
@@ -202,8 +202,11 @@ fn explain_connection(e: &quinn::ConnectionError) -> String {
     use quinn::ConnectionError as E;
     // TLS alerts travel as QUIC CRYPTO_ERROR codes, 0x100..=0x1ff.
     let tls = |code: quinn::TransportErrorCode| (0x100..=0x1ff).contains(&u64::from(code));
+    let alpn = |code: quinn::TransportErrorCode| u64::from(code) == 0x100 + NO_APPLICATION_PROTOCOL;
     // The error itself is this error's source: an error chain prints it next, once.
     match e {
+        E::TransportError(t) if alpn(t.code) => ALPN_HINT.into(),
+        E::ConnectionClosed(c) if alpn(c.error_code) => ALPN_HINT.into(),
         // Also what a link cut longer than the idle timeout ends in (docs/wan.md).
         E::TimedOut => format!(
             "nothing arrived from the peer for the idle timeout ({} s); the network path is \
@@ -215,6 +218,13 @@ fn explain_connection(e: &quinn::ConnectionError) -> String {
         _ => "the connection was lost".into(),
     }
 }
+
+/// TLS alert `no_application_protocol` (RFC 7301).
+const NO_APPLICATION_PROTOCOL: u64 = 120;
+
+const ALPN_HINT: &str = "the peer speaks another protocol: a migration endpoint where a fleet \
+                         control endpoint was expected, or the other way round (check the \
+                         address and port)";
 
 const TLS_HINT: &str = "the TLS handshake failed (usually: the peer presented a certificate \
                         other than the pinned one, or does not pin ours)";
@@ -624,7 +634,28 @@ pub fn server_endpoint_tuned(
     peer: CertificateDer<'static>,
     tuning: &TransportTuning,
 ) -> Result<Endpoint, DriverError> {
-    let tls = server_tls(me, peer)?;
+    server_endpoint_alpn(addr, me, peer, tuning, ALPN)
+}
+
+/// A listening endpoint for the fleet control protocol ([`CONTROL_ALPN`]): like
+/// [`server_endpoint`], but migration clients are refused in the handshake.
+pub fn control_server_endpoint(
+    addr: SocketAddr,
+    me: &Identity,
+    peer: CertificateDer<'static>,
+) -> Result<Endpoint, DriverError> {
+    let tuning = TransportTuning::default();
+    server_endpoint_alpn(addr, me, peer, &tuning, CONTROL_ALPN)
+}
+
+fn server_endpoint_alpn(
+    addr: SocketAddr,
+    me: &Identity,
+    peer: CertificateDer<'static>,
+    tuning: &TransportTuning,
+    alpn: &[u8],
+) -> Result<Endpoint, DriverError> {
+    let tls = server_tls_for(me, peer, alpn)?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(tuning.config()));
@@ -648,7 +679,28 @@ pub fn client_endpoint_tuned(
     peer: CertificateDer<'static>,
     tuning: &TransportTuning,
 ) -> Result<Endpoint, DriverError> {
-    let tls = client_tls(me, peer)?;
+    client_endpoint_alpn(bind, me, peer, tuning, ALPN)
+}
+
+/// A client endpoint for the fleet control protocol ([`CONTROL_ALPN`]): it reaches only
+/// control endpoints ([`control_server_endpoint`]).
+pub fn control_client_endpoint(
+    bind: SocketAddr,
+    me: &Identity,
+    peer: CertificateDer<'static>,
+) -> Result<Endpoint, DriverError> {
+    let tuning = TransportTuning::default();
+    client_endpoint_alpn(bind, me, peer, &tuning, CONTROL_ALPN)
+}
+
+fn client_endpoint_alpn(
+    bind: SocketAddr,
+    me: &Identity,
+    peer: CertificateDer<'static>,
+    tuning: &TransportTuning,
+    alpn: &[u8],
+) -> Result<Endpoint, DriverError> {
+    let tls = client_tls_for(me, peer, alpn)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(tuning.config()));
