@@ -133,6 +133,11 @@ enum Fill<'a> {
 
 /// Whether every page of `[addr, addr + len)` is absent from memory: for a shared
 /// mapping, absent from its file's page cache (a hole); for private memory, not mapped.
+///
+/// A shmem page swapped out is absent from the page cache too, and would pass for a hole
+/// with its data still in the file. It cannot happen here: the installer only fills pages
+/// still missing, which a destination's file never held (a fresh memfd) or held and had
+/// punched out (a standby's stale and invalid pages, `replica::tiers`' `into_guest_memory`).
 fn is_hole(addr: u64, len: u64) -> bool {
     let mut vec = vec![0u8; (len / PAGE_SIZE as u64) as usize];
     // SAFETY: mincore only reads the page tables and page cache of the range and writes
