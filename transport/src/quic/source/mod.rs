@@ -769,7 +769,7 @@ impl Tasks {
         } else {
             (Arc::new(tokio::sync::Mutex::new(data.urg_send)), None)
         };
-        // Echoed requests' replies too.
+        // The comparison mode queues the replies to echoed requests behind the push too.
         let echo_replies = replies_on_bulk.then(|| data.bulk.clone());
         let urgent = tokio::spawn(serve_requests(
             src.clone(),
