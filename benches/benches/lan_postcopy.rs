@@ -43,7 +43,7 @@ use anyhow::{bail, Context};
 use faultline_benches::baseline::{self, StreamRun};
 use faultline_benches::cpu::CpuReport;
 use faultline_benches::e2e::{check_digests, finish_sampled, write_random_image};
-use faultline_benches::stats::{median, Summary};
+use faultline_benches::stats::key_medians;
 use faultline_benches::{child, emit, env_size};
 use faultline_tests::{kvm_present, Background, Certs, DestProcess};
 use serde_json::{json, Map, Value};
@@ -164,18 +164,10 @@ fn main() -> anyhow::Result<()> {
         out.insert("bench".into(), json!(BENCH));
         out.insert("case".into(), json!(format!("{}_summary", case.name())));
         out.insert("runs".into(), json!(runs));
-        for k in keys {
-            let v: Vec<f64> = rows
-                .iter()
-                .filter(|(c, _)| *c == case)
-                .filter_map(|(_, r)| r[k].as_f64())
-                .collect();
-            if v.is_empty() {
-                continue;
-            }
-            out.insert(format!("{k}_median"), json!(median(&v)));
-            out.insert(format!("{k}_p99"), json!(Summary::from_samples(v).p99));
-        }
+        out.extend(key_medians(
+            &keys,
+            rows.iter().filter(|(c, _)| *c == case).map(|(_, r)| r),
+        ));
         emit(&Value::Object(out.clone()));
         medians.insert(case, out);
     }

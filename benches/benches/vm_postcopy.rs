@@ -39,7 +39,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use faultline_benches::stats::{median, Summary};
+use faultline_benches::stats::key_medians;
 use faultline_benches::{emit, env_size};
 use faultline_tests::{run_vm_source, Certs, DestProcess, Finished, ShmDir};
 use refvmm::rate::{rate_between, time_to_rate, Sample};
@@ -146,16 +146,10 @@ fn main() -> anyhow::Result<()> {
         out.insert("bench".into(), json!(BENCH));
         out.insert("case".into(), json!(format!("{}_summary", case.name())));
         out.insert("runs".into(), json!(runs));
-        for k in keys {
-            let v: Vec<f64> = rows
-                .iter()
-                .filter(|(c, _)| *c == case)
-                .map(|(_, r)| r[k].as_f64().unwrap_or(f64::NAN))
-                .collect();
-            let s = Summary::from_samples(v.clone());
-            out.insert(format!("{k}_median"), json!(median(&v)));
-            out.insert(format!("{k}_p99"), json!(s.p99));
-        }
+        out.extend(key_medians(
+            &keys,
+            rows.iter().filter(|(c, _)| *c == case).map(|(_, r)| r),
+        ));
         medians.insert(case.name().into(), Value::Object(out.clone()));
         emit(&Value::Object(out));
     }

@@ -383,6 +383,27 @@ pub struct StreamRun {
     pub udp_rcvbuf_errors: Option<u64>,
 }
 
+impl StreamRun {
+    /// The timed figures of a stream of `total` bytes (`bytes` expected), whose first read
+    /// of `first_len` bytes ended at `t_first`: connecting began at `t0`, was done at
+    /// `t_conn`, the stream ended at `t_end`. CPU and drop counts are left for the caller.
+    fn timed(total: u64, first_len: u64, [t0, t_conn, t_first, t_end]: [Instant; 4]) -> StreamRun {
+        let secs = (t_end - t_first).as_secs_f64();
+        let secs_with_setup = (t_end - t0).as_secs_f64();
+        StreamRun {
+            bytes: total,
+            gbps: (total - first_len) as f64 / secs / 1e9,
+            secs,
+            gbps_with_setup: total as f64 / secs_with_setup / 1e9,
+            secs_with_setup,
+            connect_ms: (t_conn - t0).as_secs_f64() * 1e3,
+            recv_cpu_secs: f64::NAN,
+            send_cpu_secs: f64::NAN,
+            udp_rcvbuf_errors: None,
+        }
+    }
+}
+
 /// Throughput of ONE raw quinn unidirectional stream between two processes on loopback: the
 /// floor for faultline's bulk push.
 ///
@@ -468,19 +489,11 @@ async fn stream_receiver(
     conn.close(VarInt::from_u32(0), b"done");
     ep.wait_idle().await;
     ensure!(total == bytes, "received {total} bytes, expected {bytes}");
-    let secs = (t_end - t_first).as_secs_f64();
-    let secs_with_setup = (t_end - t0).as_secs_f64();
-    Ok(StreamRun {
-        bytes,
-        gbps: (total - first_len) as f64 / secs / 1e9,
-        secs,
-        gbps_with_setup: total as f64 / secs_with_setup / 1e9,
-        secs_with_setup,
-        connect_ms: (t_conn - t0).as_secs_f64() * 1e3,
-        recv_cpu_secs: f64::NAN,
-        send_cpu_secs: f64::NAN,
-        udp_rcvbuf_errors: None,
-    })
+    Ok(StreamRun::timed(
+        total,
+        first_len,
+        [t0, t_conn, t_first, t_end],
+    ))
 }
 
 async fn stream_sender(dir: &Path, bytes: u64, chunk: usize) -> anyhow::Result<()> {
@@ -546,18 +559,10 @@ pub fn tcp_stream_throughput(bytes: u64) -> anyhow::Result<StreamRun> {
     drop(conn);
     child.wait_success(EXIT_TIMEOUT)?;
     ensure!(total == bytes, "received {total} bytes, expected {bytes}");
-    let secs = (t_end - t_first).as_secs_f64();
-    let secs_with_setup = (t_end - t0).as_secs_f64();
     Ok(StreamRun {
-        bytes,
-        gbps: (total - first_len) as f64 / secs / 1e9,
-        secs,
-        gbps_with_setup: total as f64 / secs_with_setup / 1e9,
-        secs_with_setup,
-        connect_ms: (t_conn - t0).as_secs_f64() * 1e3,
         recv_cpu_secs,
         send_cpu_secs: cpu_secs(libc::RUSAGE_CHILDREN) - children_cpu0,
-        udp_rcvbuf_errors: None,
+        ..StreamRun::timed(total, first_len, [t0, t_conn, t_first, t_end])
     })
 }
 

@@ -88,9 +88,40 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// For each of `keys`, the median (`{key}_median`) and p99 (`{key}_p99`) of its numeric
+/// values over `rows` (a bench's JSON lines of one case); a key no row has is left out.
+pub fn key_medians<'a>(
+    keys: &[&str],
+    rows: impl Iterator<Item = &'a serde_json::Value> + Clone,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for k in keys {
+        let v: Vec<f64> = rows.clone().filter_map(|r| r[*k].as_f64()).collect();
+        if v.is_empty() {
+            continue;
+        }
+        out.insert(format!("{k}_median"), median(&v).into());
+        out.insert(format!("{k}_p99"), Summary::from_samples(v).p99.into());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_medians_skip_what_no_row_has() {
+        let rows = [
+            serde_json::json!({"a": 1.0, "b": "x"}),
+            serde_json::json!({"a": 3.0}),
+            serde_json::json!({"a": 2.0}),
+        ];
+        let m = key_medians(&["a", "b", "c"], rows.iter());
+        assert_eq!(m["a_median"], 2.0);
+        assert_eq!(m["a_p99"], 3.0);
+        assert!(!m.contains_key("b_median") && !m.contains_key("c_median"));
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

@@ -539,6 +539,24 @@ pub fn block_image(path: &Path, blocks: u64) {
     f.flush().expect("write the image");
 }
 
+/// Migrates a 16 MiB synthetic image from a real `faultline source` (identity `source`)
+/// into `dest`, started with `--size 16M`, and asserts it arrived byte for byte: a
+/// listener that refused something before still takes a real source. The destination's
+/// run, for what it said on the way.
+pub fn assert_takes_a_real_source(certs: &Certs, dest: DestProcess) -> Finished {
+    let timeout = Duration::from_secs(60);
+    let src = run_source(
+        certs,
+        "source",
+        &dest.addr,
+        &["--synthetic", "16M"],
+        timeout,
+    );
+    let dst = dest.wait(timeout);
+    assert_migrated(&src, &dst);
+    dst
+}
+
 /// Asserts a migration succeeded on both sides with equal digests of all memory, and
 /// returns the destination's report.
 pub fn assert_migrated(src: &Finished, dst: &Finished) -> Value {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use faultline_tests::http::scrape;
 use faultline_tests::{
-    assert_evacuated, assert_migrated, faultline_bin, free_udp_port, run_source, Background, Certs,
+    assert_evacuated, assert_takes_a_real_source, faultline_bin, free_udp_port, Background, Certs,
     DestProcess, ShmDir,
 };
 use serde_json::Value;
@@ -477,15 +477,7 @@ fn an_orchestrator_pointed_at_a_migration_listener_is_refused_by_protocol() {
     assert!(msg.contains("vm \"vm-a\""), "{msg}");
     assert!(msg.contains("the peer speaks another protocol"), "{msg}");
     // The listener is unharmed: a source migrates to it.
-    let src = run_source(
-        &certs,
-        "source",
-        &dest.addr,
-        &["--synthetic", "16M"],
-        Duration::from_secs(60),
-    );
-    let dst = dest.wait(Duration::from_secs(60));
-    assert_migrated(&src, &dst);
+    assert_takes_a_real_source(&certs, dest);
 }
 
 #[test]

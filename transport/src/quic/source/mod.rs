@@ -480,12 +480,7 @@ async fn handshake(
         let read = tokio::time::timeout(Duration::from_secs(30), control.next())
             .await
             .map_err(|_| DriverError::Timeout("waiting for the destination's handshake"))?;
-        let Some(msg) = link.checked(Channel::Control, read).await? else {
-            return Err(closed_or(
-                &link.conn,
-                "the destination closed the control stream",
-            ));
-        };
+        let msg = control_message(link, read).await?;
         if matches!(msg, crate::message::Message::HelloAck { .. }) {
             // Answered, and (with VM state to send) the VM not handed over yet.
             crate::crash_point("source-hello-answered");
@@ -494,6 +489,16 @@ async fn handshake(
         link.events().into_iter().for_each(&mut on_event);
     }
     Ok(())
+}
+
+/// A read of the control stream as a message; its end is the destination hanging up.
+async fn control_message(
+    link: &Link<SourceSession>,
+    read: Result<Option<crate::message::Message>, super::frame::FrameError>,
+) -> Result<crate::message::Message, DriverError> {
+    link.checked(Channel::Control, read)
+        .await?
+        .ok_or_else(|| closed_or(&link.conn, "the destination closed the control stream"))
 }
 
 /// The streams the data tasks take over.
@@ -572,10 +577,7 @@ impl Driver {
                 read = self.control.next() => {
                     // Nothing is expected here but an `Error` (the session fails on it) or,
                     // from a faulty peer, a message the session refuses.
-                    let Some(msg) = self.link().checked(Channel::Control, read).await? else {
-                        let what = "the destination closed the control stream";
-                        return Err(closed_or(&self.link().conn, what));
-                    };
+                    let msg = control_message(self.link(), read).await?;
                     self.link().handle(Channel::Control, msg).await?;
                     for ev in self.link().events() {
                         tracing::debug!(?ev, "a session event while awaiting the hand-over");
@@ -709,10 +711,7 @@ impl Driver {
         loop {
             tokio::select! {
                 read = self.control.next() => {
-                    let Some(msg) = self.link().checked(Channel::Control, read).await? else {
-                        let what = "the destination closed the control stream";
-                        return Err(closed_or(&self.link().conn, what));
-                    };
+                    let msg = control_message(self.link(), read).await?;
                     self.link().handle(Channel::Control, msg).await?;
                     for ev in self.link().events() {
                         Self::on_event(&mut self.features, pauses, ev);
