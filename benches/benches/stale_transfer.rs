@@ -516,6 +516,7 @@ fn evacuate_into(
             stopper: vmm_shim::Stopper::new(),
             progress: None,
             recover_timeout: None,
+            rate_limit: None,
         },
         None,
     )?)

@@ -283,6 +283,7 @@ pub fn run_child(role: &str, args: &[String]) -> anyhow::Result<()> {
             stopper: vmm_shim::Stopper::new(),
             progress: None,
             recover_timeout: None,
+            rate_limit: None,
         },
     )
     .with_context(|| format!("child {role}: faultline source"))?;

@@ -9,7 +9,10 @@
 //! * [`Request::Evacuate`] → [`Reply::Accepted`] (or [`Reply::Refused`]), then a
 //!   [`Reply::Event`] at every state change and every [`EVENT_INTERVAL_MS`] while the
 //!   evacuation runs, until one whose state is [`EvacState::Done`] or
-//!   [`EvacState::Failed`]; then the stream ends.
+//!   [`EvacState::Failed`]; then the stream ends;
+//! * [`Request::SetRate`] → one [`Reply::RateSet`], then the stream ends: the
+//!   orchestrator's share of the link for this VM, changed while its evacuation runs (or
+//!   before it starts).
 //!
 //! A frame is a 4-byte big-endian length and that many bytes of JSON, at most
 //! [`MAX_FRAME`]. Input from the network never panics a decoder: a frame too long, cut
@@ -33,8 +36,12 @@ pub enum Request {
     /// Where the VM is.
     Status,
     /// Start the evacuation now (as SIGUSR1 does). `rate_cap_bps`: a limit on its rate,
-    /// bits per second; a source that cannot pace says so in [`Reply::Accepted`].
+    /// bits per second (`None`: whatever limit the source has, usually none); a source
+    /// that cannot pace says so in [`Reply::Accepted`].
     Evacuate { rate_cap_bps: Option<u64> },
+    /// Limit the evacuation's rate to `rate_cap_bps` bits per second from now on (`None`
+    /// lifts the limit), whether it runs yet or not.
+    SetRate { rate_cap_bps: Option<u64> },
 }
 
 /// What a source answers.
@@ -53,6 +60,10 @@ pub enum Reply {
     },
     /// The VM's status after a change, or as a heartbeat.
     Event(Status),
+    /// The answer to [`Request::SetRate`]: the limit now in force, bits per second.
+    RateSet {
+        rate_cap_bps: Option<u64>,
+    },
 }
 
 /// Where a VM's replication stands.
@@ -219,6 +230,10 @@ mod tests {
             Request::Evacuate {
                 rate_cap_bps: Some(100_000_000),
             },
+            Request::SetRate {
+                rate_cap_bps: Some(40_000_000),
+            },
+            Request::SetRate { rate_cap_bps: None },
         ];
         for r in reqs {
             let f = encode(&r).unwrap();
@@ -238,6 +253,9 @@ mod tests {
                 reason: "done already".into(),
             },
             Reply::Event(failed),
+            Reply::RateSet {
+                rate_cap_bps: Some(40_000_000),
+            },
         ];
         for r in replies {
             let f = encode(&r).unwrap();
@@ -295,6 +313,8 @@ mod tests {
             r#"{"type":"reboot"}"#,
             r#"{"type":"evacuate","rate_cap_bps":1,"now":true}"#,
             r#"{"type":"evacuate","rate_cap_bps":-1}"#,
+            r#"{"type":"set_rate","rate_cap_bps":"fast"}"#,
+            r#"{"type":"rate_set","rate_cap_bps":1}"#,
         ] {
             let f = [&(body.len() as u32).to_be_bytes()[..], body.as_bytes()].concat();
             assert!(

@@ -10,6 +10,7 @@ use crate::model::{Fleet, InputError};
 use crate::plan::{
     self, LinkMeasure, Measured, Plan, PlanOptions, Policy, Status, VmMeasure, VmState,
 };
+use crate::sim::Sharing;
 
 /// Where one VM's evacuation is, as the orchestrator saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -78,6 +79,14 @@ pub struct Orchestration {
 
 /// A link's rate is measured over at least this many seconds of it being full.
 pub const LINK_RATE_WINDOW_S: f64 = 3.0;
+
+/// The share of its link a VM waiting for its turn in an in-order link may use
+/// ([`Orchestration::rate_caps`]): at 100 Mbit/s, 5 Mbit/s, which carries a 1 GiB VM's
+/// stale set (32 KiB as a bitmap) in about 50 ms.
+pub const HOLD_SHARE: f64 = 0.05;
+
+/// The least a held VM may use, bits per second.
+pub const MIN_HOLD_BPS: u64 = 1_000_000;
 
 impl Orchestration {
     /// Plans at time 0. `fleet` holds the stale bytes and dirty rates measured now;
@@ -350,6 +359,49 @@ impl Orchestration {
             }
         }
         next
+    }
+
+    /// The rate limit each VM's evacuation should have now, bits per second (`None`: none),
+    /// so that a link the latest plan shares [in order](Sharing::InOrder) is shared that
+    /// way: its transfers in the order of their switchovers (then the VMs still in setup,
+    /// in the order they started) take the link until their flow caps fill it, and those
+    /// are not limited (their windows limit them, and the last takes whatever the link
+    /// really delivers); every VM under way after them is held to [`HOLD_SHARE`] of the
+    /// link (at least [`MIN_HOLD_BPS`]), enough for its setup and to keep its
+    /// connection's clock running, until a slot ahead of it frees. Links shared fairly,
+    /// and VMs not under way, get `None`.
+    pub fn rate_caps(&self) -> Vec<Option<u64>> {
+        let mut caps = vec![None; self.tracks.len()];
+        for (li, ls) in self.current.schedule.links.iter().enumerate() {
+            if ls.sharing != Sharing::InOrder {
+                continue;
+            }
+            let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps) as f64;
+            let mut under_way: Vec<(f64, f64, usize)> = self
+                .tracks
+                .iter()
+                .enumerate()
+                .filter(|(i, t)| self.fleet.vms[*i].link == li && t.phase.is_under_way())
+                .map(|(i, t)| {
+                    let key = |x: Option<f64>| x.unwrap_or(f64::INFINITY);
+                    (key(t.timeline.switchover_s), key(t.timeline.start_s), i)
+                })
+                .collect();
+            under_way.sort_by(|a, b| {
+                a.0.total_cmp(&b.0)
+                    .then(a.1.total_cmp(&b.1))
+                    .then(a.2.cmp(&b.2))
+            });
+            let hold = (capacity * HOLD_SHARE).max(MIN_HOLD_BPS as f64) as u64;
+            let mut taken = 0.0;
+            for (_, _, i) in under_way {
+                if taken >= capacity {
+                    caps[i] = Some(hold);
+                }
+                taken += self.fleet.flow_cap_bps(i);
+            }
+        }
+        caps
     }
 
     /// A waiting VM's stale bytes now.

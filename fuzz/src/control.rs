@@ -79,6 +79,9 @@ pub fn seeds() -> Vec<Vec<u8>> {
         Request::Evacuate {
             rate_cap_bps: Some(100_000_000),
         },
+        Request::SetRate {
+            rate_cap_bps: Some(40_000_000),
+        },
     ]
     .iter()
     .filter_map(|m| encode(m).ok())
@@ -94,11 +97,14 @@ pub fn seeds() -> Vec<Vec<u8>> {
             },
             Reply::Event(status),
             Reply::Event(failed),
+            Reply::RateSet {
+                rate_cap_bps: Some(40_000_000),
+            },
         ]
         .iter()
         .filter_map(|m| encode(m).ok()),
     );
-    let two = [out[0].clone(), out[4].clone()].concat();
+    let two = [out[0].clone(), out[5].clone()].concat();
     out.push(two);
     out
 }

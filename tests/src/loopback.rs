@@ -534,6 +534,7 @@ pub fn migrate_over(
         stopper: vmm_shim::Stopper::new(),
         progress: None,
         recover_timeout: None,
+        rate_limit: None,
     };
     let regions = src.vm.host_regions()?;
     // The guest stopped long ago when a frozen source is migrated again: downtime counts

@@ -505,3 +505,135 @@ fn an_orchestrator_with_the_wrong_certificate_is_refused() {
     source.kill();
     standby.kill();
 }
+
+/// The orchestrator's side of one control stream, spoken by the test itself: `req`, then
+/// every reply until the source ends the stream (or, with `until_accepted`, the first
+/// `Accepted`). An error if the source cannot be reached.
+fn control_request(
+    certs: &Certs,
+    port: u16,
+    req: &fleet::control::Request,
+    until_accepted: bool,
+) -> Result<Vec<fleet::control::Reply>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let me = Identity::load(
+        &certs.dir.path().join("orchestrator.crt"),
+        &certs.dir.path().join("orchestrator.key"),
+    )
+    .unwrap();
+    let source = transport::tls::load_cert(std::path::Path::new(&certs.cert("source"))).unwrap();
+    rt.block_on(async {
+        let ep = {
+            let bind = "127.0.0.1:0".parse().unwrap();
+            transport::quic::control_client_endpoint(bind, &me, source).unwrap()
+        };
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let conn = transport::quic::connect(&ep, addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let frame = fleet::control::encode(req).unwrap();
+        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let (mut buf, mut replies, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
+        'read: loop {
+            while let Ok((r, n)) = fleet::control::decode::<fleet::control::Reply>(&buf) {
+                buf.drain(..n);
+                let accepted = matches!(r, fleet::control::Reply::Accepted { .. });
+                replies.push(r);
+                if until_accepted && accepted {
+                    break 'read;
+                }
+            }
+            match tokio::time::timeout(TIMEOUT, recv.read(&mut chunk)).await {
+                Ok(Ok(Some(n))) => buf.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+        }
+        conn.close(0u32.into(), b"test");
+        Ok(replies)
+    })
+}
+
+/// Bytes the emulated link carried towards the standby over `d`, as bits per second.
+fn rate_over(wan: &WanEmulator, d: Duration) -> f64 {
+    let b0 = wan.counters().client_to_server.bytes;
+    std::thread::sleep(d);
+    let b1 = wan.counters().client_to_server.bytes;
+    (b1 - b0) as f64 * 8.0 / d.as_secs_f64()
+}
+
+#[test]
+fn an_evacuation_keeps_to_its_rate_limit_until_the_orchestrator_lifts_it() {
+    use fleet::control::{Reply, Request};
+    let certs = certs();
+    // 16 MiB of stale pages through 200 Mbit/s × 20 ms, limited to 10 Mbit/s by the
+    // source's own flag: about 13 s limited, under a second without.
+    let (pair, wan) = Pair::start_over(
+        &certs,
+        "vm-capped",
+        "64M",
+        &[
+            "--stale-pct",
+            "25",
+            "--encoding",
+            "off",
+            "--evacuate-max-rate",
+            "10M",
+        ],
+        Some(LinkConfig::new(Duration::from_millis(20), 200_000_000)),
+    );
+    let wan = wan.unwrap();
+    let cap = 10_000_000.0;
+    // Wait for the control endpoint, then start the evacuation with no cap of the
+    // orchestrator's: the source's own holds.
+    let deadline = Instant::now() + TIMEOUT;
+    let evacuate = Request::Evacuate { rate_cap_bps: None };
+    let accepted = loop {
+        match control_request(&certs, pair.port, &evacuate, true) {
+            Ok(r) => break r,
+            Err(e) if Instant::now() > deadline => panic!("no control endpoint: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert_eq!(
+        accepted.last(),
+        Some(&Reply::Accepted {
+            rate_cap_honoured: true
+        })
+    );
+    while wan.counters().client_to_server.bytes < 1 << 20 {
+        assert!(Instant::now() < deadline, "the evacuation never got going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let limited = rate_over(&wan, Duration::from_millis(1500));
+    assert!(
+        limited < cap * 1.25,
+        "{:.1} Mbit/s crossed under a limit of 10 Mbit/s",
+        limited / 1e6
+    );
+    assert!(
+        limited > cap * 0.3,
+        "{:.1} Mbit/s: the limited flow stalled",
+        limited / 1e6
+    );
+    // The orchestrator lifts the limit: the rest crosses at the link's pace.
+    let lift = Request::SetRate { rate_cap_bps: None };
+    let r = control_request(&certs, pair.port, &lift, false).unwrap();
+    assert_eq!(r, vec![Reply::RateSet { rate_cap_bps: None }]);
+    let lifted = rate_over(&wan, Duration::from_millis(300));
+    assert!(
+        lifted > cap * 3.0,
+        "{:.1} Mbit/s after the limit was lifted",
+        lifted / 1e6
+    );
+    pair.assert_evacuated();
+    eprintln!(
+        "limited to {:.1} Mbit/s, then {:.1} Mbit/s",
+        limited / 1e6,
+        lifted / 1e6
+    );
+}

@@ -488,6 +488,7 @@ fn free_pages_written_after_the_hint_cross_with_their_content() {
             stopper: vmm_shim::Stopper::new(),
             progress: None,
             recover_timeout: None,
+            rate_limit: None,
         },
         None,
         &plan,

@@ -43,6 +43,10 @@ pub struct SourceOptions {
     /// (docs/recovery.md); with a limit, the session fails once the connection has been
     /// down this long. `None`: no limit.
     pub recover_timeout: Option<Duration>,
+    /// A ceiling on the session's sending rate, changeable while it runs (an
+    /// orchestrator's share of the link; see [`quic::RateLimit`] for where it holds).
+    /// `None`: the congestion controller alone decides.
+    pub rate_limit: Option<quic::RateLimit>,
 }
 
 impl SourceOptions {
@@ -66,6 +70,7 @@ impl SourceOptions {
             stopper: crate::Stopper::new(),
             progress: None,
             recover_timeout: None,
+            rate_limit: None,
         }
     }
 }
@@ -153,10 +158,15 @@ enum Run {
 
 /// The client endpoint and a connection to `opts.connect` (QUIC and mutual TLS done).
 async fn open(opts: &SourceOptions) -> Result<(quic::Endpoint, quic::Connection), RoleError> {
-    let endpoint = quic::client_endpoint(
+    let tuning = quic::TransportTuning {
+        rate_limit: opts.rate_limit.clone(),
+        ..quic::TransportTuning::from_env_or_default()
+    };
+    let endpoint = quic::client_endpoint_tuned(
         unspecified_for(opts.connect),
         &opts.identity,
         opts.peer_cert.clone(),
+        &tuning,
     )?;
     let conn = {
         // A stop during the connect ends it.

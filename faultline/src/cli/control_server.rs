@@ -2,8 +2,10 @@
 //! evacuate`) drives a source through. QUIC with mutual TLS like every other endpoint of
 //! faultline (the `transport` crate's pinned-certificate server endpoint and its
 //! [`Acceptor`]: address validation, bounded handshakes, only the pinned orchestrator gets
-//! through). The protocol is `fleet::control`: `Status`, and `Evacuate`, which starts the
-//! evacuation as SIGUSR1 does and streams events back until it is done or failed.
+//! through). The protocol is `fleet::control`: `Status`; `Evacuate`, which starts the
+//! evacuation as SIGUSR1 does and streams events back until it is done or failed; and
+//! `SetRate`, which changes the evacuation's rate limit (a [`RateLimit`] the evacuation's
+//! connection follows from its next acknowledgement).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +16,7 @@ use anyhow::Context;
 use fleet::control::{EvacState, Reply, Request, Status, EVENT_INTERVAL_MS};
 use tokio::sync::{watch, Notify};
 use transport::quic::accept::{AcceptLimits, Acceptor};
+use transport::quic::RateLimit;
 use transport::tls::{CertificateDer, Identity};
 
 use super::control_io::{read_msg, write_msg};
@@ -41,12 +44,14 @@ struct Streams {
 
 impl ControlServer {
     /// Listens on `listen`, presenting `me` and accepting only `orchestrator`. `evacuate`
-    /// runs when an `Evacuate` request arrives (it sets the same flag as SIGUSR1).
+    /// runs when an `Evacuate` request arrives (it sets the same flag as SIGUSR1); the
+    /// rate caps the orchestrator asks for go to `limit`.
     pub fn start(
         listen: SocketAddr,
         me: &Identity,
         orchestrator: CertificateDer<'static>,
         initial: Status,
+        limit: RateLimit,
         evacuate: fn(),
     ) -> anyhow::Result<ControlServer> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -67,7 +72,13 @@ impl ControlServer {
             let _guard = runtime.enter();
             Acceptor::start(endpoint.clone(), AcceptLimits::default())
         };
-        runtime.spawn(serve(acceptor, status.clone(), streams.clone(), evacuate));
+        let shared = Arc::new(Shared {
+            status: status.clone(),
+            streams: streams.clone(),
+            limit,
+            evacuate,
+        });
+        runtime.spawn(serve(acceptor, shared));
         Ok(ControlServer {
             runtime,
             endpoint,
@@ -113,19 +124,22 @@ impl ControlServer {
     }
 }
 
-async fn serve(
-    mut acceptor: Acceptor,
+/// What every control stream's task works with.
+struct Shared {
     status: Arc<watch::Sender<Status>>,
     streams: Arc<Streams>,
+    limit: RateLimit,
     evacuate: fn(),
-) {
+}
+
+async fn serve(mut acceptor: Acceptor, shared: Arc<Shared>) {
     while let Some(conn) = acceptor.next().await {
-        let (status, streams) = (status.clone(), streams.clone());
+        let shared = shared.clone();
         tokio::spawn(async move {
             while let Ok((send, recv)) = conn.accept_bi().await {
-                let (status, streams) = (status.clone(), streams.clone());
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(send, recv, &status, &streams, evacuate).await {
+                    if let Err(e) = answer(send, recv, &shared).await {
                         tracing::warn!("control stream: {e:#}");
                     }
                 });
@@ -138,10 +152,14 @@ async fn serve(
 async fn answer(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    status: &watch::Sender<Status>,
-    streams: &Streams,
-    evacuate: fn(),
+    shared: &Shared,
 ) -> anyhow::Result<()> {
+    let Shared {
+        status,
+        streams,
+        limit,
+        evacuate,
+    } = shared;
     let req = tokio::time::timeout(REQUEST_TIMEOUT, read_msg::<Request>(&mut recv))
         .await
         .context("no request within 10 s")??;
@@ -153,9 +171,22 @@ async fn answer(
             let _ = send.finish();
             Ok(())
         }
+        Some(Request::SetRate { rate_cap_bps }) => {
+            limit.set(rate_cap_bps);
+            tracing::debug!(?rate_cap_bps, "evacuation rate limit set");
+            write_msg(
+                &mut send,
+                &Reply::RateSet {
+                    rate_cap_bps: limit.get(),
+                },
+            )
+            .await?;
+            let _ = send.finish();
+            Ok(())
+        }
         Some(Request::Evacuate { rate_cap_bps }) => {
-            if let Some(cap) = rate_cap_bps {
-                tracing::info!("evacuation rate cap of {cap} bit/s asked for: not honoured");
+            if rate_cap_bps.is_some() {
+                limit.set(rate_cap_bps);
             }
             evacuate();
             streams.open.fetch_add(1, Ordering::AcqRel);
@@ -179,7 +210,7 @@ async fn events(
     write_msg(
         send,
         &Reply::Accepted {
-            rate_cap_honoured: false,
+            rate_cap_honoured: true,
         },
     )
     .await?;

@@ -24,7 +24,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::roles::emit_event;
-use source_link::{Report as LinkReport, Timeouts};
+use source_link::{Command, Report as LinkReport, Timeouts};
 
 #[derive(Args, Debug)]
 pub struct EvacuateArgs {
@@ -168,7 +168,7 @@ async fn orchestrate(
 ) -> anyhow::Result<(fleet::orchestrate::Report, fleet::plan::Plan)> {
     let n = pf.fleet.vms.len();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut starts: Vec<Option<mpsc::Sender<()>>> = (0..n).map(|_| None).collect();
+    let mut starts: Vec<Option<mpsc::Sender<Command>>> = (0..n).map(|_| None).collect();
     for (i, vm) in setup.vms.iter().enumerate() {
         let Some(vm) = vm else { continue };
         let endpoint = {
@@ -176,7 +176,7 @@ async fn orchestrate(
             transport::quic::control_client_endpoint(bind, &setup.identity, vm.peer_cert.clone())
                 .with_context(|| format!("vm {:?}: a client endpoint", pf.fleet.vms[i].name))?
         };
-        let (start_tx, start_rx) = mpsc::channel(1);
+        let (start_tx, start_rx) = mpsc::channel(COMMANDS_QUEUED);
         starts[i] = Some(start_tx);
         tokio::spawn(source_link::run(
             i,
@@ -283,21 +283,29 @@ async fn orchestrate(
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The rate limit each source was last told (see `Orchestration::rate_caps`).
+    let mut caps_sent: Vec<Option<u64>> = vec![None; n];
     while !o.is_finished() {
         let now = t0.elapsed().as_secs_f64();
         for i in o.due(now) {
-            let sent = starts[i].as_ref().is_some_and(|s| s.try_send(()).is_ok());
+            o.started(i, now);
+            let cap = o.rate_caps()[i];
+            let start = Command::Start { rate_cap_bps: cap };
+            let sent = starts[i]
+                .as_ref()
+                .is_some_and(|s| s.try_send(start).is_ok());
             if !sent {
                 o.failed(i, now, "its control link is gone".into());
                 continue;
             }
-            o.started(i, now);
+            caps_sent[i] = cap;
             let planned = o.first_plan().vms[i].start_s;
             events.emit(json!({
                 "event": "started", "vm": o.fleet().vms[i].name, "t_s": now,
-                "planned_start_s": planned,
+                "planned_start_s": planned, "rate_cap_bps": cap,
             }));
         }
+        share_links(&o, &mut caps_sent, &starts, now, events);
         // Once per turn, after the starts and the last event's changes, before waiting.
         if let Some(m) = metrics {
             m.update(&o, t0.elapsed().as_secs_f64());
@@ -348,12 +356,39 @@ async fn sleep_until_s(t0: Instant, at_s: Option<f64>) {
     }
 }
 
+/// How many commands may wait for a source's task (a start and a few rate changes).
+const COMMANDS_QUEUED: usize = 8;
+
+/// Tells every source under way whose rate limit the plan's sharing changed its new one.
+fn share_links(
+    o: &Orchestration,
+    caps_sent: &mut [Option<u64>],
+    links: &[Option<mpsc::Sender<Command>>],
+    now: f64,
+    events: &Events,
+) {
+    for (i, cap) in o.rate_caps().into_iter().enumerate() {
+        if !o.phase(i).is_under_way() || cap == caps_sent[i] {
+            continue;
+        }
+        let Some(tx) = &links[i] else { continue };
+        // A full queue is tried again next turn.
+        if tx.try_send(Command::SetRate(cap)).is_ok() {
+            caps_sent[i] = cap;
+            events.emit(json!({
+                "event": "rate", "vm": o.fleet().vms[i].name, "t_s": now,
+                "rate_cap_bps": cap,
+            }));
+        }
+    }
+}
+
 fn handle(
     o: &mut Orchestration,
     msg: LinkReport,
     now: f64,
     events: &Events,
-    starts: &[Option<mpsc::Sender<()>>],
+    starts: &[Option<mpsc::Sender<Command>>],
 ) {
     match msg {
         LinkReport::Status(i, s) => {
@@ -361,7 +396,7 @@ fn handle(
             // Started by someone else (SIGUSR1, its timer): follow it now.
             if s.evacuation != EvacState::Idle && o.phase(i) == Phase::Waiting {
                 if let Some(tx) = &starts[i] {
-                    if tx.try_send(()).is_ok() {
+                    if tx.try_send(Command::Start { rate_cap_bps: None }).is_ok() {
                         o.started(i, now);
                         events.emit(json!({
                             "event": "started", "vm": o.fleet().vms[i].name, "t_s": now,

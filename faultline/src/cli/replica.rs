@@ -17,6 +17,7 @@ use faultline::workload::{
     dirty_fraction, move_fraction, Mutator, Pattern, Workload, WorkloadReport,
 };
 use serde::Serialize;
+use transport::quic::RateLimit;
 use transport::Layout;
 use uffd_core::{open_tracker, DiskTier, MemoryTier, TrackerChoice};
 use vmm_shim::digest::digest_all;
@@ -108,6 +109,12 @@ pub struct ReplicateArgs {
     /// front of the standby, while replication went the direct way).
     #[arg(long)]
     pub evacuate_connect: Option<SocketAddr>,
+    /// Send the evacuation at most this fast, bits per second (`40M`, `1G`): a share of
+    /// the link or the NIC. The orchestrator may set or change it (`SetRate`); without
+    /// either, no limit. It holds where the rate × the round trip is at least two
+    /// datagrams (docs/fleet.md#rate-limits).
+    #[arg(long, value_name = "RATE", value_parser = super::wan::parse_rate)]
+    pub evacuate_max_rate: Option<u64>,
     /// Give up once the connection has been lost for this many seconds (the session
     /// pauses and reconnects meanwhile; docs/recovery.md). Without it, no limit.
     #[arg(long, value_name = "SECS")]
@@ -264,14 +271,21 @@ fn replicate_metrics(
 
 pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
+    // The evacuation's rate ceiling: from the command line, changed by the orchestrator.
+    let rate_limit = RateLimit::new(a.evacuate_max_rate);
     // First: the orchestrator may ask for the status while the guest is being set up.
     let control = match (&a.control, &a.control_peer_cert) {
         (Some(addr), Some(pin)) => {
             let orchestrator = transport::tls::load_cert(pin)
                 .context("loading the orchestrator's certificate to pin")?;
-            let c = ControlServer::start(*addr, &me, orchestrator, idle_status(&a), || {
-                super::evacuate_now().store(true, Ordering::Relaxed)
-            })?;
+            let c = ControlServer::start(
+                *addr,
+                &me,
+                orchestrator,
+                idle_status(&a),
+                rate_limit.clone(),
+                || super::evacuate_now().store(true, Ordering::Relaxed),
+            )?;
             emit_event(serde_json::json!({
                 "event": "control_listening",
                 "addr": c.local_addr().to_string(),
@@ -389,6 +403,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             replicated: &replicated,
             control: control.as_ref(),
             metrics: metrics.as_ref().map(|(_, m)| m),
+            rate_limit,
         },
     );
     if let Some(c) = control {
@@ -439,6 +454,8 @@ struct Evacuation<'a> {
     replicated: &'a [vmm_shim::disks::ReplicatedDisk],
     control: Option<&'a ControlServer>,
     metrics: Option<&'a ReplicateMetrics>,
+    /// The evacuation's rate ceiling (the orchestrator's share of the link).
+    rate_limit: RateLimit,
 }
 
 /// Pauses the guest, stops replication and evacuates into the standby.
@@ -461,6 +478,7 @@ fn evacuate(
         replicated,
         control,
         metrics,
+        rate_limit,
     } = e;
     let mut prep = PrepTimes::start();
     // Pause the guest: from here its memory is what the destination must end up with.
@@ -552,6 +570,7 @@ fn evacuate(
             stopper: super::stopper(),
             progress: Some(progress),
             recover_timeout: a.recover_timeout.map(Duration::from_secs),
+            rate_limit: Some(rate_limit),
         },
         None,
     );

@@ -165,6 +165,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         stopper: super::stopper(),
         progress: Some(super::outcome::recorder()),
         recover_timeout: a.recover_timeout.map(Duration::from_secs),
+        rate_limit: None,
     };
     let config = transport::proto::SourceConfig {
         push: opts.push,

@@ -381,6 +381,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         stopper: super::stopper(),
         progress: Some(super::outcome::recorder()),
         recover_timeout: a.recover_timeout.map(Duration::from_secs),
+        rate_limit: None,
     };
     vm.start()?;
     let started = Instant::now();

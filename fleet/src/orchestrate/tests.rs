@@ -266,3 +266,86 @@ fn the_next_prestart_is_foreseen_from_the_plan() {
         "passed: a start waits for news"
     );
 }
+
+/// `o` with its link shared in order, `k` at once.
+fn in_order(mut o: Orchestration, k: usize) -> Orchestration {
+    let ls = &mut o.current.schedule.links[0];
+    ls.sharing = Sharing::InOrder;
+    ls.concurrency = k;
+    o
+}
+
+#[test]
+fn in_order_links_hold_the_vms_beyond_what_fills_the_link() {
+    // 312.5 Mbit/s per flow on 1 Gbit/s: four flows fill it, the fifth and sixth wait.
+    let mut o = in_order(
+        Orchestration::new(fleet(8), PlanOptions::new(3600.0), &[]).unwrap(),
+        6,
+    );
+    let due = o.due(0.0);
+    assert_eq!(due.len(), 6);
+    assert_eq!(o.rate_caps(), vec![None; 8], "nothing under way yet");
+    for &i in &due {
+        o.started(i, 0.0);
+    }
+    // Switchovers in another order than the starts: they decide the order.
+    for (k, &i) in due.iter().rev().enumerate() {
+        o.progress(i, 0.5 + k as f64 * 0.1, Some(10 * MB), 0);
+    }
+    let caps = o.rate_caps();
+    let hold = Some((1e9 * HOLD_SHARE) as u64);
+    for (k, &i) in due.iter().rev().enumerate() {
+        let want = if k < 4 { None } else { hold };
+        assert_eq!(caps[i], want, "switchover #{k} (vm {i}): {caps:?}");
+    }
+    for i in (0..8).filter(|i| !due.contains(i)) {
+        assert_eq!(caps[i], None, "vm {i} waits: no limit to send");
+    }
+    // The first transfer ends: the fifth takes its place, the sixth still waits.
+    let first = due[5];
+    o.done(first, 2.0, 0, Some(1));
+    let caps = o.rate_caps();
+    assert_eq!(caps[due[1]], None, "{caps:?}");
+    assert_eq!(caps[due[0]], hold, "{caps:?}");
+    assert_eq!(caps[first], None);
+}
+
+#[test]
+fn a_vm_in_setup_queues_behind_the_transfers_and_fair_links_hold_nothing() {
+    let mut o = in_order(
+        Orchestration::new(fleet(6), PlanOptions::new(3600.0), &[]).unwrap(),
+        5,
+    );
+    let due = o.due(0.0);
+    for &i in &due {
+        o.started(i, 0.0);
+    }
+    // Four transfers fill the link; the VM still in setup (started first) is held.
+    for &i in &due[1..] {
+        o.progress(i, 0.5, Some(10 * MB), 0);
+    }
+    let caps = o.rate_caps();
+    assert!(caps[due[0]].is_some(), "{caps:?}");
+    assert!(due[1..].iter().all(|&i| caps[i].is_none()), "{caps:?}");
+    // Shared fairly, nothing is limited.
+    o.current.schedule.links[0].sharing = Sharing::Fair;
+    assert_eq!(o.rate_caps(), vec![None; 6]);
+}
+
+#[test]
+fn a_slow_link_holds_at_least_the_minimum() {
+    let mut f = fleet(3);
+    f.links[0].rate_bps = 10_000_000;
+    let mut o = in_order(
+        Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap(),
+        3,
+    );
+    for i in o.due(0.0) {
+        o.started(i, 0.0);
+        o.progress(i, 0.5 + i as f64, Some(MB), 0);
+    }
+    let caps = o.rate_caps();
+    assert_eq!(caps[0], None);
+    assert_eq!(caps[1], Some(MIN_HOLD_BPS), "{caps:?}");
+    assert_eq!(caps[2], Some(MIN_HOLD_BPS));
+}

@@ -11,6 +11,7 @@ mod dest;
 mod frame;
 mod link;
 mod loss;
+mod rate_limit;
 mod read_ahead;
 mod recovery;
 mod source;
@@ -38,6 +39,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 pub use quinn::{Connection, Endpoint};
 use quinn::{TransportConfig, VarInt};
+pub use rate_limit::{RateLimit, RateLimited, RateLimitedConfig, MIN_WINDOW_PACKETS};
 use rustls::pki_types::CertificateDer;
 use serde::Serialize;
 pub use stated_start::{StatedStart, StatedStartConfig};
@@ -318,6 +320,11 @@ pub struct TransportTuning {
     /// at about 1452 after a few lost probes, which quinn does not count as congestion, and
     /// packets meanwhile are the safe 1200 bytes. Clamped to [1200, 65527].
     pub max_udp_payload: u16,
+    /// A ceiling on the sending rate that may change while the connection runs
+    /// ([`RateLimit`]; an orchestrator's share of the link for this evacuation). `None`:
+    /// only the congestion controller decides.
+    #[serde(skip)]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Environment variable overriding [`TransportTuning::expected_bdp_bytes`].
@@ -363,6 +370,7 @@ impl Default for TransportTuning {
             congestion: Congestion::default(),
             initial_window: None,
             max_udp_payload: MAX_UDP_PAYLOAD,
+            rate_limit: None,
         }
     }
 }
@@ -508,6 +516,12 @@ impl TransportTuning {
         // A stated BDP also holds the window there at the start (see `StatedStart`).
         let cc: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> = match iw {
             Some(w) => Arc::new(StatedStartConfig::new(cc, w).with_ceiling(self.in_flight_cap())),
+            None => cc,
+        };
+        // Outermost, so that no floor lifts the window above the limit.
+        let cc: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> = match &self.rate_limit
+        {
+            Some(l) => Arc::new(RateLimitedConfig::new(cc, l.clone())),
             None => cc,
         };
         t.congestion_controller_factory(cc);

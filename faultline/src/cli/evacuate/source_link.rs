@@ -26,6 +26,16 @@ pub enum Report {
     Failed(usize, String),
 }
 
+/// What the main loop tells a source's task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Evacuate now, limited to this rate (bits per second; `None`: the source's own
+    /// limit, usually none).
+    Start { rate_cap_bps: Option<u64> },
+    /// Change the evacuation's rate limit (`None` lifts it).
+    SetRate(Option<u64>),
+}
+
 /// How long to wait for what.
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
@@ -40,7 +50,7 @@ pub async fn run(
     vm: usize,
     addr: SocketAddr,
     endpoint: quinn::Endpoint,
-    mut start: mpsc::Receiver<()>,
+    mut commands: mpsc::Receiver<Command>,
     out: mpsc::UnboundedSender<Report>,
     t: Timeouts,
 ) {
@@ -68,10 +78,11 @@ pub async fn run(
         }
     };
     // Waiting: a status every second, until told to start.
-    loop {
+    let cap = loop {
         tokio::select! {
-            cmd = start.recv() => match cmd {
-                Some(()) => break,
+            cmd = commands.recv() => match cmd {
+                Some(Command::Start { rate_cap_bps }) => break rate_cap_bps,
+                Some(Command::SetRate(cap)) => set_rate(&conn, vm, cap).await,
                 None => return,
             },
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
@@ -88,8 +99,8 @@ pub async fn run(
                 }
             }
         }
-    }
-    if let Err(e) = evacuate(vm, &conn, &out, t).await {
+    };
+    if let Err(e) = evacuate(vm, &conn, cap, commands, &out, t).await {
         let _ = out.send(Report::Failed(vm, format!("{e:#}")));
     }
     conn.close(0u32.into(), b"done");
@@ -133,20 +144,57 @@ async fn status(conn: &quinn::Connection) -> anyhow::Result<Status> {
     ask.await.map_err(|e| explain(conn, e))
 }
 
+/// Asks the source to limit its evacuation's rate (on a stream of its own, beside the
+/// evacuation's events). A source that does not take it is logged: the evacuation goes on
+/// unpaced, which costs the plan's order, not the VM.
+async fn set_rate(conn: &quinn::Connection, vm: usize, cap: Option<u64>) {
+    let ask = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_msg(&mut send, &Request::SetRate { rate_cap_bps: cap }).await?;
+        let _ = send.finish();
+        match read_msg::<Reply>(&mut recv).await? {
+            Some(Reply::RateSet { rate_cap_bps }) if rate_cap_bps == cap => Ok(()),
+            Some(other) => bail!("the source answered a rate limit with {other:?}"),
+            None => bail!("the source ended the stream without an answer"),
+        }
+    };
+    if let Err(e) = ask.await {
+        tracing::warn!(vm, ?cap, "setting the rate limit: {e:#}");
+    }
+}
+
 async fn evacuate(
     vm: usize,
     conn: &quinn::Connection,
+    rate_cap_bps: Option<u64>,
+    mut commands: mpsc::Receiver<Command>,
     out: &mpsc::UnboundedSender<Report>,
     t: Timeouts,
 ) -> anyhow::Result<()> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| explain(conn, e.into()))?;
-    write_msg(&mut send, &Request::Evacuate { rate_cap_bps: None })
+    write_msg(&mut send, &Request::Evacuate { rate_cap_bps })
         .await
         .map_err(|e| explain(conn, e))?;
     let _ = send.finish();
+    let mut commands_open = true;
     loop {
-        let next = tokio::time::timeout(t.silence, read_msg::<Reply>(&mut recv))
-            .await
+        let read = tokio::time::timeout(t.silence, read_msg::<Reply>(&mut recv));
+        tokio::pin!(read);
+        let next = loop {
+            tokio::select! {
+                r = &mut read => break r,
+                cmd = commands.recv(), if commands_open => match cmd {
+                    // Beside the events, not in their way.
+                    Some(Command::SetRate(cap)) => {
+                        let conn = conn.clone();
+                        tokio::spawn(async move { set_rate(&conn, vm, cap).await });
+                    }
+                    Some(Command::Start { .. }) => {}
+                    None => commands_open = false,
+                },
+            }
+        };
+        let next = next
             .map_err(|_| anyhow!(silent(t.silence)))?
             .map_err(|e| explain(conn, e))
             .context("the control stream failed")?;
@@ -160,7 +208,9 @@ async fn evacuate(
                     return Ok(());
                 }
             }
-            Some(Reply::Status(_)) => bail!("the source sent a status where an event belongs"),
+            Some(Reply::Status(_) | Reply::RateSet { .. }) => {
+                bail!("the source sent {next:?} where an event belongs")
+            }
             None => bail!("the source ended the control stream before its evacuation ended"),
         }
     }
