@@ -697,6 +697,9 @@ fn compare(
         "mean_completion_predicted_s": mean(&pred_fin), "mean_completion_s": mean(&meas_fin),
         "ideal_s": ideal_s, "makespan_over_ideal": mk_meas / ideal_s,
         "deadline_s": deadline_s, "saved": saved, "saved_predicted": saved_pred,
+        // The orchestrator's rate limits (VMs held behind those that fill an in-order link,
+        // and released): how often it paced the run.
+        "rate_events": orch.stderr.matches("\"event\":\"rate\"").count(),
         "orchestrator_planned_makespan_s": report["totals"]["planned_makespan_s"],
         "setup_median_s": setup_s,
         "same_order_as_run": same_order, "digests_equal": digests_equal,

@@ -355,12 +355,24 @@ fn a_source_killed_mid_evacuation_fails_alone() {
     let metrics = o.metrics_addr();
     o.wait_event("started", "vm-b");
     // The evacuation as metrics: vm-b started (1) or switched over (2), the link's rate.
-    let text = scrape(&metrics);
-    let phase = text
-        .lines()
-        .find(|l| l.starts_with("faultline_evacuate_vm_phase{vm=\"vm-b\""))
-        .unwrap_or_else(|| panic!("no phase of vm-b in\n{text}"));
-    assert!(phase.ends_with(" 1") || phase.ends_with(" 2"), "{phase}");
+    // (The event can come out a moment before the metrics follow it.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = scrape(&metrics);
+        let phase = text
+            .lines()
+            .find(|l| l.starts_with("faultline_evacuate_vm_phase{vm=\"vm-b\""))
+            .unwrap_or_else(|| panic!("no phase of vm-b in\n{text}"))
+            .to_string();
+        if phase.ends_with(" 1") || phase.ends_with(" 2") {
+            break text;
+        }
+        assert!(
+            phase.ends_with(" 0") && Instant::now() < deadline,
+            "vm-b started, yet its phase is {phase}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(
         text.contains("faultline_evacuate_link_rate_bits_per_second{link=\"lo\"} "),
         "{text}"

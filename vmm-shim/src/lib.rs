@@ -24,5 +24,7 @@ pub mod stop;
 pub use dest::{DestOptions, DestReport, Listener, StandbyReport};
 pub use error::RoleError;
 pub use progress::{Progress, ProgressFn};
-pub use source::{send, send_with_hints, send_with_state, PreparedSource, SourceOptions};
+pub use source::{
+    send, send_with_hints, send_with_state, EarlyConnection, PreparedSource, SourceOptions,
+};
 pub use stop::Stopper;

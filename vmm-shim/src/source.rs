@@ -17,6 +17,7 @@ use crate::dest::runtime;
 use crate::error::RoleError;
 
 /// Where the source connects and how it authenticates.
+#[derive(Clone)]
 pub struct SourceOptions {
     /// The destination's address.
     pub connect: SocketAddr,
@@ -126,6 +127,68 @@ pub fn run_session(
         Run::Now(memory),
         Context::of(opts),
     ))
+}
+
+/// A connection to the destination opened while the VM still runs (QUIC, address
+/// validation, mutual TLS), for a session whose first message can only be written after
+/// the pause: an evacuation's `Hello` carries the stale set, which the final harvest of
+/// the paused guest completes ([`crate::replica::evacuate_over`]). The handshakes, a round
+/// trip or two (more when the connect needs a retry), are then not downtime; what is left
+/// of the switchover is the `Hello` round trip.
+pub struct EarlyConnection {
+    runtime: tokio::runtime::Runtime,
+    endpoint: quic::Endpoint,
+    conn: quic::Connection,
+    opts: SourceOptions,
+}
+
+impl EarlyConnection {
+    /// Connects to `opts.connect` now, retrying for `opts.connect_timeout`; the session
+    /// that follows uses `opts` too.
+    pub fn open(opts: &SourceOptions) -> Result<EarlyConnection, RoleError> {
+        let runtime = runtime()?;
+        let (endpoint, conn) = runtime.block_on(open(opts))?;
+        Ok(EarlyConnection {
+            runtime,
+            endpoint,
+            conn,
+            opts: opts.clone(),
+        })
+    }
+
+    /// The options it was opened with (and the session will run with).
+    pub fn options(&self) -> &SourceOptions {
+        &self.opts
+    }
+
+    /// Runs one session over the connection; if the destination closed it meanwhile (a
+    /// restart, an idle timeout), over a fresh one, as [`run_session`] would.
+    pub fn run_session(
+        self,
+        memory: Arc<dyn PageReader>,
+        config: SourceConfig,
+    ) -> Result<SourceReport, RoleError> {
+        let EarlyConnection {
+            runtime,
+            endpoint,
+            conn,
+            opts,
+        } = self;
+        let (endpoint, conn) = match conn.close_reason() {
+            None => (endpoint, conn),
+            Some(reason) => {
+                tracing::warn!(%reason, "the early connection closed before the session; connecting again");
+                runtime.block_on(open(&opts))?
+            }
+        };
+        runtime.block_on(drive(
+            endpoint,
+            conn,
+            config,
+            Run::Now(memory),
+            Context::of(&opts),
+        ))
+    }
 }
 
 /// What a session task needs of [`SourceOptions`], owned.

@@ -22,10 +22,10 @@ use transport::Layout;
 use uffd_core::{open_tracker, DiskTier, MemoryTier, TrackerChoice};
 use vmm_shim::digest::digest_all;
 use vmm_shim::replica::{
-    evacuate_with_disks, EvacuationReport, Replica, ReplicationSummary, Replicator,
-    ReplicatorOptions, ReplicatorStats, StandbySink,
+    evacuate_over, EvacuationReport, Replica, ReplicationSummary, Replicator, ReplicatorOptions,
+    ReplicatorStats, StandbySink,
 };
-use vmm_shim::{DestOptions, Listener, SourceOptions, StandbyReport};
+use vmm_shim::{DestOptions, EarlyConnection, Listener, SourceOptions, StandbyReport};
 
 use fleet::control::{EvacState, ReplState, Status};
 use tokio::sync::watch;
@@ -199,6 +199,12 @@ pub struct ReplicateOutput {
     pub disk_blocks_dirtied: Option<u64>,
     /// From the evacuation being asked for to the source connecting.
     pub prep: PrepTimes,
+    /// From the guest's pause to the standby's answer to `Hello` (it resumes the guest as
+    /// it answers), milliseconds: the downtime, give or take half a round trip (`None` if
+    /// the session never got that far). The connection is made before the pause
+    /// (`prep.connect_ms`); with `--stale-pct` the pause comes first and this includes the
+    /// catch-up and the planting.
+    pub downtime_ms: Option<f64>,
 }
 
 /// What `faultline standby --json` prints.
@@ -440,6 +446,30 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The guest's writers: running, or paused with what they did.
+enum Guest {
+    Running(Mutator, DiskWriters, DiskExports),
+    Paused(WorkloadReport, u64),
+}
+
+impl Guest {
+    /// Stops the memory and disk writers (NBD clients and the VMM's vhost-user-blk device
+    /// are part of the guest: they pause with it, the device's connection closed once its
+    /// requests are answered); what they did, and the disk blocks written. A paused guest
+    /// stays as it is.
+    fn pause(self) -> (WorkloadReport, u64) {
+        match self {
+            Guest::Running(mutator, disk_writers, exports) => {
+                let writers = mutator.stop();
+                let blocks = disk_writers.stop();
+                exports.stop();
+                (writers, blocks)
+            }
+            Guest::Paused(writers, blocks) => (writers, blocks),
+        }
+    }
+}
+
 /// What `replicate` has running when its evacuation starts.
 struct Evacuation<'a> {
     image: &'a SourceImage,
@@ -458,7 +488,8 @@ struct Evacuation<'a> {
     rate_limit: RateLimit,
 }
 
-/// Pauses the guest, stops replication and evacuates into the standby.
+/// Stops replication, connects to the standby, pauses the guest and evacuates into the
+/// standby (with `--stale-pct`: pauses first, see below).
 fn evacuate(
     a: &ReplicateArgs,
     me: &transport::tls::Identity,
@@ -481,13 +512,17 @@ fn evacuate(
         rate_limit,
     } = e;
     let mut prep = PrepTimes::start();
-    // Pause the guest: from here its memory is what the destination must end up with.
-    let writers = mutator.stop();
-    let disk_blocks_written = disk_writers.stop();
-    // NBD clients and the VMM's vhost-user-blk device are part of the guest: they pause
-    // with it (the device's connection is closed once its requests are answered).
-    exports.stop();
-    if a.stale_pct.is_some() || a.disk.disk_stale_pct.is_some() {
+    let planting = a.stale_pct.is_some() || a.disk.disk_stale_pct.is_some();
+    // Normally replication stops while the guest still runs and the evacuation's
+    // connection is made before the pause (what the guest writes meanwhile is in the final
+    // harvest): the QUIC and TLS handshakes are not downtime. With --stale-pct the guest
+    // pauses first, replication catches up and the stale pages are planted after it.
+    let mut guest = Guest::Running(mutator, disk_writers, exports);
+    let mut paused_at = None;
+    if planting {
+        let (writers, blocks) = guest.pause();
+        guest = Guest::Paused(writers, blocks);
+        paused_at = Some(Instant::now());
         // Caught up: a round that began after the writers stopped (two harvests on: the
         // count of stale pages is stored at the end of a round) left nothing stale.
         let harvests = || replicator.stats().harvests.load(Ordering::Relaxed);
@@ -518,6 +553,62 @@ fn evacuate(
             s.pages_remaining = Some(stale_pages);
         });
     }
+    let publish: vmm_shim::ProgressFn = match control {
+        Some(c) => progress_to(c.publisher(), stale_pages),
+        None => super::outcome::recorder(),
+    };
+    let progress: vmm_shim::ProgressFn = match metrics {
+        Some(m) => {
+            m.set_evacuation(EvacuationState::Evacuating);
+            let m = m.clone();
+            Arc::new(move |p: vmm_shim::Progress| {
+                m.evacuation_sent(p.bytes_sent);
+                publish(p);
+            })
+        }
+        None => publish,
+    };
+    // When the session was handed over (the standby's `HelloAck`): the downtime's end.
+    let handed_over: Arc<OnceLock<Instant>> = Arc::default();
+    let progress: vmm_shim::ProgressFn = {
+        let handed_over = handed_over.clone();
+        Arc::new(move |p: vmm_shim::Progress| {
+            if p.handed_over {
+                handed_over.get_or_init(Instant::now);
+            }
+            progress(p);
+        })
+    };
+    let opts = SourceOptions {
+        connect: a.evacuate_connect.unwrap_or(a.connect),
+        identity: me.clone(),
+        peer_cert: peer.clone(),
+        vm_id: a.vm_id.clone(),
+        connect_timeout: Duration::from_secs(30),
+        push: true,
+        encoding: a.encoding.policy(),
+        early_push: !a.no_early_push,
+        stopper: super::stopper(),
+        progress: Some(progress),
+        recover_timeout: a.recover_timeout.map(Duration::from_secs),
+        rate_limit: Some(rate_limit),
+    };
+    let early = EarlyConnection::open(&opts).with_context(|| {
+        format!(
+            "connecting to the standby at {} to evacuate{}",
+            opts.connect,
+            if planting {
+                ""
+            } else {
+                " (the guest was not paused)"
+            }
+        )
+    })?;
+    prep.connected();
+    // The pause (unless --stale-pct paused already): from here the guest's memory and
+    // disks are what the standby must end up with.
+    let (writers, disk_blocks_written) = guest.pause();
+    let paused_at = paused_at.unwrap_or_else(Instant::now);
     if let Some(pct) = a.stale_moved_pct {
         move_fraction(regions, pct / 100.0, a.seed ^ 0x30fe);
     }
@@ -537,43 +628,7 @@ fn evacuate(
     // SAFETY: the mutator is stopped and the last host writes (dirty_fraction) are done:
     // nothing writes the image while it is evacuated.
     let memory = unsafe { vmm_shim::replica::PausedMemory::new(regions) }?;
-    let publish: vmm_shim::ProgressFn = match control {
-        Some(c) => progress_to(c.publisher(), stale_pages),
-        None => super::outcome::recorder(),
-    };
-    let progress: vmm_shim::ProgressFn = match metrics {
-        Some(m) => {
-            m.set_evacuation(EvacuationState::Evacuating);
-            let m = m.clone();
-            Arc::new(move |p: vmm_shim::Progress| {
-                m.evacuation_sent(p.bytes_sent);
-                publish(p);
-            })
-        }
-        None => publish,
-    };
-    let evacuation = evacuate_with_disks(
-        memory,
-        replicated,
-        layout,
-        state,
-        epoch,
-        &SourceOptions {
-            connect: a.evacuate_connect.unwrap_or(a.connect),
-            identity: me.clone(),
-            peer_cert: peer.clone(),
-            vm_id: a.vm_id.clone(),
-            connect_timeout: Duration::from_secs(30),
-            push: true,
-            encoding: a.encoding.policy(),
-            early_push: !a.no_early_push,
-            stopper: super::stopper(),
-            progress: Some(progress),
-            recover_timeout: a.recover_timeout.map(Duration::from_secs),
-            rate_limit: Some(rate_limit),
-        },
-        None,
-    );
+    let evacuation = evacuate_over(early, memory, replicated, layout, state, epoch, None);
     if let Some(m) = metrics {
         m.set_evacuation(if evacuation.is_ok() {
             EvacuationState::Done
@@ -597,6 +652,9 @@ fn evacuate(
         disk_blocks_dirtied,
         disk_digests,
         prep,
+        downtime_ms: handed_over
+            .get()
+            .map(|h| h.saturating_duration_since(paused_at).as_secs_f64() * 1e3),
     })
 }
 
@@ -608,7 +666,10 @@ pub struct PrepTimes {
     since: Instant,
     /// Waiting for replication to catch up (`--stale-pct`, `--disk-stale-pct`; 0 without).
     pub catch_up_ms: f64,
-    /// Stopping replication and planting the stale pages and blocks asked for.
+    /// Stopping replication and connecting to the standby (QUIC, TLS): before the pause,
+    /// except with `--stale-pct` / `--disk-stale-pct`.
+    pub connect_ms: f64,
+    /// Pausing the guest and planting the stale pages and blocks asked for.
     pub plant_ms: f64,
 }
 
@@ -617,6 +678,7 @@ impl PrepTimes {
         PrepTimes {
             since: Instant::now(),
             catch_up_ms: 0.0,
+            connect_ms: 0.0,
             plant_ms: 0.0,
         }
     }
@@ -629,6 +691,10 @@ impl PrepTimes {
 
     fn caught_up(&mut self) {
         self.catch_up_ms = self.lap();
+    }
+
+    fn connected(&mut self) {
+        self.connect_ms = self.lap();
     }
 
     fn planted(&mut self) {

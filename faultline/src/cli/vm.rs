@@ -23,7 +23,7 @@ use refvmm::{memory, slice_digests, Program, Switchover, Vm, VmConfig, VmOptions
 use serde::{Deserialize, Serialize};
 use transport::Layout;
 use uffd_core::{LatencySummary, MetricsSnapshot};
-use vmm_shim::replica::{evacuate, PausedMemory};
+use vmm_shim::replica::{evacuate, evacuate_over, PausedMemory};
 use vmm_shim::SourceOptions;
 
 use super::demo::{spawn_listening, DemoArgs, Reaper};
@@ -425,6 +425,16 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         Some(r) => Some(vm_replica::finish(r, &mut vm, a.replica.stale_pct)?),
         None => None,
     };
+    // An evacuation connects to its standby once replication has stopped (the standby
+    // takes one session at a time) and, unless --stale-pct paused the guest to plant its
+    // pages, before the pause: QUIC's and TLS's handshakes are then not downtime.
+    let mut early =
+        match &replicated {
+            Some(_) => Some(vmm_shim::EarlyConnection::open(&opts).with_context(|| {
+                format!("connecting to the standby at {} to evacuate", a.connect)
+            })?),
+            None => None,
+        };
 
     if prepared.as_ref().is_some_and(|p| p.has_failed()) {
         let e = prepared.take().map(|p| p.abandon());
@@ -489,7 +499,10 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
             // SAFETY: the vCPUs are paused (switchover) and the VMM writes no guest
             // memory until the migration ends.
             unsafe { PausedMemory::new(&regions) }
-                .and_then(|m| evacuate(m, &layout, f.state, f.epoch, &opts, Some(blob)))
+                .and_then(|m| match early.take() {
+                    Some(c) => evacuate_over(c, m, &[], &layout, f.state, f.epoch, Some(blob)),
+                    None => evacuate(m, &layout, f.state, f.epoch, &opts, Some(blob)),
+                })
                 .map(|e| {
                     r.pages_stale_source = e.pages_stale_source;
                     r.pages_stale = e.session.pages_stale;

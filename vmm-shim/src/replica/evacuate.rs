@@ -20,7 +20,7 @@ use uffd_core::{HostRegion, RegionMap};
 use super::ReplicatorState;
 use crate::disks::{with_disks, ReplicatedDisk, SourceDisk};
 use crate::error::RoleError;
-use crate::source::{run_session, SourceOptions};
+use crate::source::{run_session, EarlyConnection, SourceOptions};
 
 /// Guest memory served at evacuation. Valid only while the guest is paused: that is what
 /// makes it the memory "at switchover".
@@ -164,11 +164,71 @@ pub fn evacuate_with_disks(
     memory: PausedMemory,
     disks: &[ReplicatedDisk],
     layout: &Layout,
-    mut state: ReplicatorState,
+    state: ReplicatorState,
     epoch: u64,
     opts: &SourceOptions,
     vm_state: Option<Vec<u8>>,
 ) -> Result<EvacuationReport, RoleError> {
+    let session = Session::Fresh(opts);
+    evacuate_inner(memory, disks, layout, state, epoch, vm_state, session)
+}
+
+/// [`evacuate_with_disks`] over a connection opened while the guest still ran
+/// ([`EarlyConnection::open`] with the options the session runs with): the QUIC and TLS
+/// handshakes are then not downtime. Open it once replication has stopped
+/// ([`crate::replica::Replicator::stop`]: the standby takes one session at a time), then
+/// pause the guest and call this; pages written in between are in the final harvest.
+pub fn evacuate_over(
+    early: EarlyConnection,
+    memory: PausedMemory,
+    disks: &[ReplicatedDisk],
+    layout: &Layout,
+    state: ReplicatorState,
+    epoch: u64,
+    vm_state: Option<Vec<u8>>,
+) -> Result<EvacuationReport, RoleError> {
+    let session = Session::Early(Box::new(early));
+    evacuate_inner(memory, disks, layout, state, epoch, vm_state, session)
+}
+
+/// How an evacuation gets its connection.
+enum Session<'a> {
+    /// Connects when the session starts.
+    Fresh(&'a SourceOptions),
+    /// Was connected before the pause.
+    Early(Box<EarlyConnection>),
+}
+
+impl Session<'_> {
+    fn opts(&self) -> &SourceOptions {
+        match self {
+            Session::Fresh(o) => o,
+            Session::Early(e) => e.options(),
+        }
+    }
+
+    fn run(
+        self,
+        memory: Arc<dyn PageReader>,
+        config: SourceConfig,
+    ) -> Result<SourceReport, RoleError> {
+        match self {
+            Session::Fresh(opts) => run_session(memory, config, opts),
+            Session::Early(e) => (*e).run_session(memory, config),
+        }
+    }
+}
+
+fn evacuate_inner(
+    memory: PausedMemory,
+    disks: &[ReplicatedDisk],
+    layout: &Layout,
+    mut state: ReplicatorState,
+    epoch: u64,
+    vm_state: Option<Vec<u8>>,
+    session: Session<'_>,
+) -> Result<EvacuationReport, RoleError> {
+    let opts = session.opts();
     let sources: Vec<SourceDisk> = disks.iter().map(ReplicatedDisk::source).collect();
     let (memory, layout) = with_disks(Arc::new(memory), layout, &sources)?;
     let layout = &layout;
@@ -208,7 +268,7 @@ pub fn evacuate_with_disks(
                 Some((n, t.elapsed().as_secs_f64() * 1e3))
             })
         });
-        let session = run_session(memory.clone(), config, opts);
+        let session = session.run(memory.clone(), config);
         stop.store(true, Ordering::Relaxed);
         let indexed = indexer.and_then(|h| h.join().ok().flatten());
         (session, indexed)

@@ -5,7 +5,7 @@ pub mod ledger;
 pub mod replicator;
 pub mod standby;
 
-pub use evacuate::{evacuate, evacuate_with_disks, EvacuationReport, PausedMemory};
+pub use evacuate::{evacuate, evacuate_over, evacuate_with_disks, EvacuationReport, PausedMemory};
 pub use ledger::Ledger;
 pub use replicator::{
     LinkBytes, ReplicationSummary, Replicator, ReplicatorOptions, ReplicatorState, ReplicatorStats,
