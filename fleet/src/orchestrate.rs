@@ -88,6 +88,13 @@ pub const HOLD_SHARE: f64 = 0.05;
 /// The least a held VM may use, bits per second.
 pub const MIN_HOLD_BPS: u64 = 1_000_000;
 
+/// How much earlier than one setup before a transfer's predicted end the next VM of a
+/// prestarting link starts, seconds. The prediction comes from the sources' events (every
+/// 250 ms) and their rough estimate of the bytes left, and the setups vary; a setup that
+/// began late leaves the link idle (0.15-0.5 s per VM in the bench at 100 Mbit/s), one that
+/// began early is held ([`Orchestration::rate_caps`]) until the transfer ahead ends.
+pub const PRESTART_LEAD_S: f64 = 0.5;
+
 impl Orchestration {
     /// Plans at time 0. `fleet` holds the stale bytes and dirty rates measured now;
     /// `failed` are VMs already lost (their source did not answer), with why.
@@ -295,7 +302,8 @@ impl Orchestration {
 
     /// The VMs to start at `now_s`: on each link, in the latest plan's order, as many
     /// waiting VMs as leave at most its concurrency under way. With prestart a VM whose
-    /// transfer is predicted to end within one setup's time frees its slot already.
+    /// transfer is predicted to end within one setup's time (and [`PRESTART_LEAD_S`])
+    /// frees its slot already.
     pub fn due(&self, now_s: f64) -> Vec<usize> {
         let mut out = Vec::new();
         for (li, ls) in self.current.schedule.links.iter().enumerate() {
@@ -309,7 +317,7 @@ impl Orchestration {
                     let ending = t.phase == Phase::Transferring
                         && self.current.vms[*i]
                             .finish_s
-                            .is_some_and(|f| f - now_s <= setup);
+                            .is_some_and(|f| f - now_s <= setup + PRESTART_LEAD_S);
                     !(ls.prestart && ending)
                 })
                 .count();
@@ -327,7 +335,7 @@ impl Orchestration {
 
     /// When [`Orchestration::due`] will next have a VM to start without anything new being
     /// heard: the earliest moment a transfer predicted by the latest plan comes within one
-    /// setup of its end on a link that prestarts and has a VM waiting, after `now_s`. `None`
+    /// setup (and [`PRESTART_LEAD_S`]) of its end on a link that prestarts and has a VM waiting, after `now_s`. `None`
     /// if nothing is foreseen (a start then waits for an event or a re-plan).
     pub fn next_due_s(&self, now_s: f64) -> Option<f64> {
         // One pass over the plan: which links have a VM to start, then one over the VMs.
@@ -349,10 +357,10 @@ impl Orchestration {
             {
                 continue;
             }
-            let setup = self.fleet.costs.setup_s(&self.fleet.links[li]);
+            let lead = self.fleet.costs.setup_s(&self.fleet.links[li]) + PRESTART_LEAD_S;
             match self.current.vms[i].finish_s {
-                Some(f) if f - setup > now_s => {
-                    let at = f - setup;
+                Some(f) if f - lead > now_s => {
+                    let at = f - lead;
                     next = Some(next.map_or(at, |n: f64| n.min(at)));
                 }
                 _ => {}
@@ -361,31 +369,39 @@ impl Orchestration {
         next
     }
 
-    /// The rate limit each VM's evacuation should have now, bits per second (`None`: none),
-    /// so that a link the latest plan shares [in order](Sharing::InOrder) is shared that
-    /// way: its transfers in the order of their switchovers (then the VMs still in setup,
-    /// in the order they started) take the link until their flow caps fill it, and those
-    /// are not limited (their windows limit them, and the last takes whatever the link
-    /// really delivers); every VM under way after them is held to [`HOLD_SHARE`] of the
-    /// link (at least [`MIN_HOLD_BPS`]), enough for its setup and to keep its
-    /// connection's clock running, until a slot ahead of it frees. Links shared fairly,
-    /// and VMs not under way, get `None`.
+    /// The rate limit each VM's evacuation should have now, bits per second (`None`: none).
+    ///
+    /// On each link, the transfers under way (in the order of their switchovers) and then
+    /// the VMs still in setup (in the order they started) take the link until their flow
+    /// caps (window / RTT, the VM's own limit) fill its rate (the rate measured, else the
+    /// plan file's); those are not limited (their windows limit them, and the last takes
+    /// whatever the link really delivers). Behind them, held to [`HOLD_SHARE`] of the link
+    /// (at least [`MIN_HOLD_BPS`]), enough for a setup and to keep the connection's clock
+    /// running, until a place ahead of them frees:
+    ///
+    /// * on a link the latest plan shares [in order](Sharing::InOrder), every VM under way
+    ///   that way (the strict priority the plan simulated);
+    /// * on a link that [prestarts](crate::sim::LinkSchedule::prestart), the VMs still in
+    ///   setup: the model gives a setup none of the link, and a VM started early (see
+    ///   [`PRESTART_LEAD_S`]) must not take it from the transfer it is to follow.
+    ///
+    /// Transfers on a link shared fairly, and the baselines (no prestart, fair), are never
+    /// limited; VMs not under way get `None`.
     pub fn rate_caps(&self) -> Vec<Option<u64>> {
         let mut caps = vec![None; self.tracks.len()];
         for (li, ls) in self.current.schedule.links.iter().enumerate() {
-            if ls.sharing != Sharing::InOrder {
+            let in_order = ls.sharing == Sharing::InOrder;
+            if !in_order && !ls.prestart {
                 continue;
             }
             let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps) as f64;
+            let key = |x: Option<f64>| x.unwrap_or(f64::INFINITY);
             let mut under_way: Vec<(f64, f64, usize)> = self
                 .tracks
                 .iter()
                 .enumerate()
                 .filter(|(i, t)| self.fleet.vms[*i].link == li && t.phase.is_under_way())
-                .map(|(i, t)| {
-                    let key = |x: Option<f64>| x.unwrap_or(f64::INFINITY);
-                    (key(t.timeline.switchover_s), key(t.timeline.start_s), i)
-                })
+                .map(|(i, t)| (key(t.timeline.switchover_s), key(t.timeline.start_s), i))
                 .collect();
             under_way.sort_by(|a, b| {
                 a.0.total_cmp(&b.0)
@@ -394,11 +410,16 @@ impl Orchestration {
             });
             let hold = (capacity * HOLD_SHARE).max(MIN_HOLD_BPS as f64) as u64;
             let mut taken = 0.0;
-            for (_, _, i) in under_way {
-                if taken >= capacity {
+            for (switchover, _, i) in under_way {
+                let in_setup = switchover.is_infinite();
+                if taken >= capacity && (in_order || in_setup) {
                     caps[i] = Some(hold);
                 }
-                taken += self.fleet.flow_cap_bps(i);
+                // Fairly shared, the transfers together take the link; the VMs in setup
+                // only wait behind them.
+                if in_order || !in_setup {
+                    taken += self.fleet.flow_cap_bps(i);
+                }
             }
         }
         caps

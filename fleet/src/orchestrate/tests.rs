@@ -255,8 +255,8 @@ fn the_next_prestart_is_foreseen_from_the_plan() {
     let setup = o.fleet().costs.setup_s(&o.fleet().links[0]);
     let finish = o.plan().vms[first[0]].finish_s.unwrap();
     assert!(
-        (at - (finish - setup)).abs() < 1e-9,
-        "{at} vs {finish} - {setup}"
+        (at - (finish - setup - PRESTART_LEAD_S)).abs() < 1e-9,
+        "{at} vs {finish} - {setup} - {PRESTART_LEAD_S}"
     );
     assert!(o.due(at - 0.01).is_empty(), "not yet");
     assert_eq!(o.due(at).len(), 1, "due then");
@@ -311,7 +311,7 @@ fn in_order_links_hold_the_vms_beyond_what_fills_the_link() {
 }
 
 #[test]
-fn a_vm_in_setup_queues_behind_the_transfers_and_fair_links_hold_nothing() {
+fn a_vm_in_setup_queues_behind_the_transfers_and_fair_links_hold_only_prestarts() {
     let mut o = in_order(
         Orchestration::new(fleet(6), PlanOptions::new(3600.0), &[]).unwrap(),
         5,
@@ -327,9 +327,37 @@ fn a_vm_in_setup_queues_behind_the_transfers_and_fair_links_hold_nothing() {
     let caps = o.rate_caps();
     assert!(caps[due[0]].is_some(), "{caps:?}");
     assert!(due[1..].iter().all(|&i| caps[i].is_none()), "{caps:?}");
-    // Shared fairly, nothing is limited.
-    o.current.schedule.links[0].sharing = Sharing::Fair;
+    // Shared fairly, the transfers are not limited, however many; the (prestarted) VM in
+    // setup still waits behind them.
+    let ls = &mut o.current.schedule.links[0];
+    ls.sharing = Sharing::Fair;
+    ls.prestart = true;
+    let caps = o.rate_caps();
+    assert!(caps[due[0]].is_some(), "{caps:?}");
+    assert!(due[1..].iter().all(|&i| caps[i].is_none()), "{caps:?}");
+    // Without prestart (the baselines) nothing is limited.
+    o.current.schedule.links[0].prestart = false;
     assert_eq!(o.rate_caps(), vec![None; 6]);
+}
+
+#[test]
+fn a_prestarted_vm_is_held_only_while_the_transfer_ahead_fills_the_link() {
+    // One flow fills the link: one at a time, the next prestarted.
+    let mut f = fleet(3);
+    f.links[0].per_flow_window_bytes = 1 << 30;
+    let mut o = Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap();
+    assert!(o.plan().schedule.links[0].prestart);
+    let first = o.due(0.0)[0];
+    o.started(first, 0.0);
+    assert_eq!(o.rate_caps(), vec![None; 3], "alone in its setup");
+    o.progress(first, 0.3, Some(100 * MB), 0);
+    o.replan(0.3).unwrap();
+    let at = o.next_due_s(0.3).unwrap();
+    let next = o.due(at)[0];
+    o.started(next, at);
+    assert!(o.rate_caps()[next].is_some(), "held behind the transfer");
+    o.done(first, at + 1.0, 100 * MB, Some(1));
+    assert_eq!(o.rate_caps(), vec![None; 3], "its turn");
 }
 
 #[test]
