@@ -14,6 +14,7 @@ mod loss;
 mod rate_limit;
 mod read_ahead;
 mod recovery;
+mod shaped;
 mod source;
 mod stated_start;
 
@@ -39,10 +40,11 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 pub use quinn::{Connection, Endpoint};
 use quinn::{TransportConfig, VarInt};
-pub use rate_limit::{RateLimit, RateLimited, RateLimitedConfig, MIN_WINDOW_PACKETS};
+pub use rate_limit::{RateCeiling, RateLimit, RateLimited, RateLimitedConfig, MIN_WINDOW_PACKETS};
 use rustls::pki_types::CertificateDer;
 use serde::Serialize;
-pub use stated_start::{StatedStart, StatedStartConfig};
+pub use shaped::{Shape, Shaped};
+pub use stated_start::{StartBounds, StatedStart, StatedStartConfig};
 use thiserror::Error;
 
 use crate::message::ErrorCode;

@@ -16,15 +16,15 @@
 //! on loopback, with 64 KiB datagrams and a round trip of a few tens of microseconds, it
 //! does not bind below several Gbit/s.
 
-use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
+use quinn::congestion::{Controller, ControllerFactory};
 use quinn_proto::RttEstimator;
 
 use super::bdp_bytes;
+use super::shaped::{Shape, Shaped};
 
 /// The smallest window a limit leaves, in datagrams of the path's current size.
 pub const MIN_WINDOW_PACKETS: u64 = 2;
@@ -84,18 +84,23 @@ impl RateLimitedConfig {
 
 impl ControllerFactory for RateLimitedConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(RateLimited {
-            inner: self.inner.clone().build(now, current_mtu),
-            limit: self.limit.clone(),
-            srtt: None,
-            mtu: current_mtu,
-        })
+        Box::new(Shaped::wrap(
+            self.inner.clone().build(now, current_mtu),
+            RateCeiling {
+                limit: self.limit.clone(),
+                srtt: None,
+                mtu: current_mtu,
+            },
+        ))
     }
 }
 
 /// A controller whose window is at most its [`RateLimit`] × the smoothed round-trip time.
-pub struct RateLimited {
-    inner: Box<dyn Controller>,
+pub type RateLimited = Shaped<RateCeiling>;
+
+/// [`RateLimited`]'s bound on the window.
+#[derive(Clone, Debug)]
+pub struct RateCeiling {
     limit: RateLimit,
     /// The last smoothed RTT an acknowledgement brought; `None` before the first, when the
     /// limit does not apply yet (the handshake's own packets bring the first sample,
@@ -104,118 +109,41 @@ pub struct RateLimited {
     mtu: u16,
 }
 
-impl RateLimited {
-    fn ceiling(&self) -> Option<u64> {
+impl Shape for RateCeiling {
+    fn window(&self, inner: u64) -> u64 {
         let floor = MIN_WINDOW_PACKETS * u64::from(self.mtu);
-        self.srtt.and_then(|rtt| self.limit.window(rtt, floor))
-    }
-}
-
-impl Controller for RateLimited {
-    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
-        self.inner.on_sent(now, bytes, last_packet_number);
+        let ceiling = self.srtt.and_then(|rtt| self.limit.window(rtt, floor));
+        ceiling.map_or(inner, |c| inner.min(c))
     }
 
-    fn on_ack(
-        &mut self,
-        now: Instant,
-        sent: Instant,
-        bytes: u64,
-        app_limited: bool,
-        rtt: &RttEstimator,
-    ) {
+    fn initial_window(&self, inner: u64) -> u64 {
+        inner
+    }
+
+    fn on_ack(&mut self, rtt: &RttEstimator) {
         self.srtt = Some(rtt.get());
-        self.inner.on_ack(now, sent, bytes, app_limited, rtt);
     }
 
-    fn on_end_acks(
-        &mut self,
-        now: Instant,
-        in_flight: u64,
-        app_limited: bool,
-        largest_packet_num_acked: Option<u64>,
-    ) {
-        self.inner
-            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
-    }
-
-    fn on_congestion_event(
-        &mut self,
-        now: Instant,
-        sent: Instant,
-        is_persistent_congestion: bool,
-        lost_bytes: u64,
-    ) {
-        self.inner
-            .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
-    }
-
-    fn on_mtu_update(&mut self, new_mtu: u16) {
-        self.mtu = new_mtu;
-        self.inner.on_mtu_update(new_mtu);
-    }
-
-    fn window(&self) -> u64 {
-        let w = self.inner.window();
-        self.ceiling().map_or(w, |c| w.min(c))
-    }
-
-    fn metrics(&self) -> ControllerMetrics {
-        let mut m = self.inner.metrics();
-        m.congestion_window = self.window();
-        m
-    }
-
-    fn clone_box(&self) -> Box<dyn Controller> {
-        Box::new(RateLimited {
-            inner: self.inner.clone_box(),
-            limit: self.limit.clone(),
-            srtt: self.srtt,
-            mtu: self.mtu,
-        })
-    }
-
-    fn initial_window(&self) -> u64 {
-        self.inner.initial_window()
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
+    fn on_mtu_update(&mut self, mtu: u16) {
+        self.mtu = mtu;
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::shaped::fixed::Fixed;
     use super::*;
 
-    /// A controller with a fixed window.
-    #[derive(Clone)]
-    struct Fixed(u64);
-
-    impl Controller for Fixed {
-        fn on_congestion_event(&mut self, _: Instant, _: Instant, _: bool, _: u64) {}
-        fn on_mtu_update(&mut self, _: u16) {}
-        fn window(&self) -> u64 {
-            self.0
-        }
-        fn clone_box(&self) -> Box<dyn Controller> {
-            Box::new(self.clone())
-        }
-        fn initial_window(&self) -> u64 {
-            self.0
-        }
-        fn into_any(self: Box<Self>) -> Box<dyn Any> {
-            self
-        }
-    }
-
     fn limited(inner: u64, limit: &RateLimit, srtt: Option<Duration>) -> RateLimited {
-        RateLimited {
-            inner: Box::new(Fixed(inner)),
-            limit: limit.clone(),
-            srtt,
-            mtu: 1452,
-        }
+        let (c, _) = Fixed::boxed(inner);
+        Shaped::wrap(
+            c,
+            RateCeiling {
+                limit: limit.clone(),
+                srtt,
+                mtu: 1452,
+            },
+        )
     }
 
     #[test]
@@ -259,7 +187,7 @@ mod tests {
         let l = RateLimit::new(Some(1_000_000));
         let c = limited(3_000_000, &l, None);
         assert_eq!(c.window(), 3_000_000);
-        assert_eq!(c.initial_window(), 3_000_000);
+        assert_eq!(c.initial_window(), 14_720, "the inner controller's");
     }
 
     #[test]

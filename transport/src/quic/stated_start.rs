@@ -16,12 +16,12 @@
 //! same BDP) still caps what is in flight, and quinn paces the window over the measured
 //! RTT, so it does not burst.
 
-use std::any::Any;
 use std::sync::Arc;
 use std::time::Instant;
 
-use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
-use quinn_proto::RttEstimator;
+use quinn::congestion::{Controller, ControllerFactory};
+
+use super::shaped::{Shape, Shaped};
 
 /// Builds [`StatedStart`] controllers around `inner`'s.
 pub struct StatedStartConfig {
@@ -50,137 +50,63 @@ impl StatedStartConfig {
 impl ControllerFactory for StatedStartConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         let mut c = StatedStart::new(self.inner.clone().build(now, current_mtu), self.floor);
-        c.ceiling = self.ceiling;
+        c.shape.ceiling = self.ceiling;
         Box::new(c)
     }
 }
 
 /// A controller whose window is at least the stated BDP until something is lost.
-pub struct StatedStart {
-    inner: Box<dyn Controller>,
+pub type StatedStart = Shaped<StartBounds>;
+
+/// [`StatedStart`]'s bounds on the window.
+#[derive(Clone, Debug)]
+pub struct StartBounds {
     /// `None` once the start is over.
     floor: Option<u64>,
     /// The most the window may be, ever.
     ceiling: Option<u64>,
 }
 
+impl Shape for StartBounds {
+    fn window(&self, inner: u64) -> u64 {
+        let w = inner.max(self.floor.unwrap_or(0));
+        self.ceiling.map_or(w, |c| w.min(c))
+    }
+
+    fn on_congestion_event(&mut self) {
+        self.floor = None;
+    }
+}
+
 impl StatedStart {
     /// Wraps `inner`, keeping the window at no less than `floor` bytes until the first
     /// congestion event.
     pub fn new(inner: Box<dyn Controller>, floor: u64) -> StatedStart {
-        StatedStart {
+        Shaped::wrap(
             inner,
-            floor: Some(floor),
-            ceiling: None,
-        }
+            StartBounds {
+                floor: Some(floor),
+                ceiling: None,
+            },
+        )
     }
 
     /// Whether the stated window still holds.
     pub fn in_start(&self) -> bool {
-        self.floor.is_some()
-    }
-}
-
-impl Controller for StatedStart {
-    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
-        self.inner.on_sent(now, bytes, last_packet_number);
-    }
-
-    fn on_ack(
-        &mut self,
-        now: Instant,
-        sent: Instant,
-        bytes: u64,
-        app_limited: bool,
-        rtt: &RttEstimator,
-    ) {
-        self.inner.on_ack(now, sent, bytes, app_limited, rtt);
-    }
-
-    fn on_end_acks(
-        &mut self,
-        now: Instant,
-        in_flight: u64,
-        app_limited: bool,
-        largest_packet_num_acked: Option<u64>,
-    ) {
-        self.inner
-            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
-    }
-
-    fn on_congestion_event(
-        &mut self,
-        now: Instant,
-        sent: Instant,
-        is_persistent_congestion: bool,
-        lost_bytes: u64,
-    ) {
-        self.floor = None;
-        self.inner
-            .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
-    }
-
-    fn on_mtu_update(&mut self, new_mtu: u16) {
-        self.inner.on_mtu_update(new_mtu);
-    }
-
-    fn window(&self) -> u64 {
-        let w = self.inner.window().max(self.floor.unwrap_or(0));
-        self.ceiling.map_or(w, |c| w.min(c))
-    }
-
-    fn metrics(&self) -> ControllerMetrics {
-        let mut m = self.inner.metrics();
-        m.congestion_window = self.window();
-        m
-    }
-
-    fn clone_box(&self) -> Box<dyn Controller> {
-        Box::new(StatedStart {
-            inner: self.inner.clone_box(),
-            floor: self.floor,
-            ceiling: self.ceiling,
-        })
-    }
-
-    fn initial_window(&self) -> u64 {
-        let w = self.inner.initial_window().max(self.floor.unwrap_or(0));
-        self.ceiling.map_or(w, |c| w.min(c))
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
+        self.shape.floor.is_some()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::super::shaped::fixed::Fixed;
     use super::*;
 
-    /// A controller whose window the test sets.
-    #[derive(Clone)]
-    struct Fixed(Arc<std::sync::atomic::AtomicU64>);
-
-    impl Controller for Fixed {
-        fn on_congestion_event(&mut self, _: Instant, _: Instant, _: bool, _: u64) {}
-        fn on_mtu_update(&mut self, _: u16) {}
-        fn window(&self) -> u64 {
-            self.0.load(std::sync::atomic::Ordering::Relaxed)
-        }
-        fn clone_box(&self) -> Box<dyn Controller> {
-            Box::new(self.clone())
-        }
-        fn initial_window(&self) -> u64 {
-            14_720
-        }
-        fn into_any(self: Box<Self>) -> Box<dyn Any> {
-            self
-        }
-    }
-
     fn wrapped(inner: u64, floor: u64) -> (StatedStart, Arc<std::sync::atomic::AtomicU64>) {
-        let w = Arc::new(std::sync::atomic::AtomicU64::new(inner));
-        (StatedStart::new(Box::new(Fixed(w.clone())), floor), w)
+        let (c, w) = Fixed::boxed(inner);
+        (StatedStart::new(c, floor), w)
     }
 
     #[test]
@@ -191,10 +117,10 @@ mod tests {
         assert_eq!(c.initial_window(), 2_500_000);
         assert_eq!(c.metrics().congestion_window, 2_500_000);
         // The inner controller may go above the floor, and back below it.
-        inner.store(3_000_000, std::sync::atomic::Ordering::Relaxed);
+        inner.store(3_000_000, Ordering::Relaxed);
         c.on_end_acks(now, 0, false, None);
         assert_eq!(c.window(), 3_000_000);
-        inner.store(200_000, std::sync::atomic::Ordering::Relaxed);
+        inner.store(200_000, Ordering::Relaxed);
         c.on_end_acks(now, 0, false, None);
         assert!(c.in_start());
         assert_eq!(c.window(), 2_500_000);
@@ -206,17 +132,16 @@ mod tests {
     #[test]
     fn the_ceiling_holds_before_and_after_a_loss() {
         let now = Instant::now();
-        let w = Arc::new(std::sync::atomic::AtomicU64::new(14_720));
-        let mut c = StatedStart::new(Box::new(Fixed(w.clone())), 1_000_000);
-        c.ceiling = Some(1_250_000);
+        let (mut c, w) = wrapped(14_720, 1_000_000);
+        c.shape.ceiling = Some(1_250_000);
         assert_eq!(c.window(), 1_000_000);
         assert_eq!(c.initial_window(), 1_000_000);
-        w.store(2_500_000, std::sync::atomic::Ordering::Relaxed);
+        w.store(2_500_000, Ordering::Relaxed);
         assert_eq!(c.window(), 1_250_000);
         c.on_congestion_event(now, now, false, 1200);
         assert_eq!(c.window(), 1_250_000, "random loss does not lift the cap");
         assert_eq!(c.clone_box().window(), 1_250_000);
-        w.store(300_000, std::sync::atomic::Ordering::Relaxed);
+        w.store(300_000, Ordering::Relaxed);
         assert_eq!(
             c.window(),
             300_000,
