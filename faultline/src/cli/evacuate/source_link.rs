@@ -176,18 +176,42 @@ async fn evacuate(
         .await
         .map_err(|e| explain(conn, e))?;
     let _ = send.finish();
+    // Rate limits go out one after the other (a later one must not overtake an earlier
+    // one), beside the events, not in their way.
+    let (rates, mut rates_rx) = mpsc::unbounded_channel::<Option<u64>>();
+    let setter = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            while let Some(cap) = rates_rx.recv().await {
+                set_rate(&conn, vm, cap).await;
+            }
+        })
+    };
+    let r = events(vm, conn, &mut recv, &mut commands, &rates, out, t).await;
+    setter.abort();
+    r
+}
+
+/// The evacuation's events until the last, passing rate limits on to `rates`.
+async fn events(
+    vm: usize,
+    conn: &quinn::Connection,
+    recv: &mut quinn::RecvStream,
+    commands: &mut mpsc::Receiver<Command>,
+    rates: &mpsc::UnboundedSender<Option<u64>>,
+    out: &mpsc::UnboundedSender<Report>,
+    t: Timeouts,
+) -> anyhow::Result<()> {
     let mut commands_open = true;
     loop {
-        let read = tokio::time::timeout(t.silence, read_msg::<Reply>(&mut recv));
+        let read = tokio::time::timeout(t.silence, read_msg::<Reply>(recv));
         tokio::pin!(read);
         let next = loop {
             tokio::select! {
                 r = &mut read => break r,
                 cmd = commands.recv(), if commands_open => match cmd {
-                    // Beside the events, not in their way.
                     Some(Command::SetRate(cap)) => {
-                        let conn = conn.clone();
-                        tokio::spawn(async move { set_rate(&conn, vm, cap).await });
+                        let _ = rates.send(cap);
                     }
                     Some(Command::Start { .. }) => {}
                     None => commands_open = false,
