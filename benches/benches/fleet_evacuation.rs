@@ -19,7 +19,8 @@
 //! alone and four at once are evacuated; what one evacuation and four together delivered
 //! (on a 2-core machine the processes, not the emulated link, can be the bottleneck) are
 //! given to the model and to the plan file as each VM's `max_rate_bps` (if below the link's
-//! rate) and as the link's rate. The ideal keeps the nominal rate.
+//! rate) and as the link's rate, both measured in stale bytes and turned into the model's
+//! wire bytes ([`wire_rate`]). The ideal keeps the nominal rate.
 //!
 //! Two predictions per VM: the model's plan (`fleet::plan::plan_with`, the same schedule
 //! policy) on the fleet as measured (each VM's stale bytes are the pages that crossed, no
@@ -95,17 +96,26 @@ struct Calibration {
     aggregate_bps: u64,
 }
 
+/// A calibrated rate (stale bytes, payload) in the model's terms: the model counts a
+/// link's rate and a flow's cap in wire bytes and adds [`Costs::wire_overhead`] to every
+/// VM's stale bytes, so a payload rate taken as it is would count the overhead twice
+/// (predictions about 4% long).
+fn wire_rate(payload_bps: u64) -> u64 {
+    (payload_bps as f64 * (1.0 + Costs::default().wire_overhead)) as u64
+}
+
 impl WanLink {
     /// The link's rate as the model and the plan file are told it.
     fn model_rate_bps(&self) -> u64 {
-        self.calibrated
-            .map_or(self.rate_bps, |c| c.aggregate_bps.min(self.rate_bps))
+        self.calibrated.map_or(self.rate_bps, |c| {
+            wire_rate(c.aggregate_bps).min(self.rate_bps)
+        })
     }
 
     /// One evacuation's own limit, when the calibration found one below the link's rate.
     fn flow_cap_bps(&self) -> Option<u64> {
         self.calibrated
-            .map(|c| c.flow_bps)
+            .map(|c| wire_rate(c.flow_bps))
             .filter(|&f| (f as f64) < 0.95 * self.model_rate_bps() as f64)
     }
 
