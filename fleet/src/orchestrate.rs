@@ -389,28 +389,31 @@ impl Orchestration {
     /// limited; VMs not under way get `None`.
     pub fn rate_caps(&self) -> Vec<Option<u64>> {
         let mut caps = vec![None; self.tracks.len()];
+        // One pass over the VMs (the orchestrator asks after every event): those under way,
+        // per link, keyed by (switchover, start, index).
+        let key = |x: Option<f64>| x.unwrap_or(f64::INFINITY);
+        let mut under_way: Vec<Vec<(f64, f64, usize)>> = vec![Vec::new(); self.fleet.links.len()];
+        for (i, t) in self.tracks.iter().enumerate() {
+            if t.phase.is_under_way() {
+                let k = (key(t.timeline.switchover_s), key(t.timeline.start_s), i);
+                under_way[self.fleet.vms[i].link].push(k);
+            }
+        }
         for (li, ls) in self.current.schedule.links.iter().enumerate() {
             let in_order = ls.sharing == Sharing::InOrder;
-            if !in_order && !ls.prestart {
+            let flows = &mut under_way[li];
+            if (!in_order && !ls.prestart) || flows.is_empty() {
                 continue;
             }
-            let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps) as f64;
-            let key = |x: Option<f64>| x.unwrap_or(f64::INFINITY);
-            let mut under_way: Vec<(f64, f64, usize)> = self
-                .tracks
-                .iter()
-                .enumerate()
-                .filter(|(i, t)| self.fleet.vms[*i].link == li && t.phase.is_under_way())
-                .map(|(i, t)| (key(t.timeline.switchover_s), key(t.timeline.start_s), i))
-                .collect();
-            under_way.sort_by(|a, b| {
+            flows.sort_by(|a, b| {
                 a.0.total_cmp(&b.0)
                     .then(a.1.total_cmp(&b.1))
                     .then(a.2.cmp(&b.2))
             });
+            let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps) as f64;
             let hold = (capacity * HOLD_SHARE).max(MIN_HOLD_BPS as f64) as u64;
             let mut taken = 0.0;
-            for (switchover, _, i) in under_way {
+            for &(switchover, _, i) in flows.iter() {
                 let in_setup = switchover.is_infinite();
                 if taken >= capacity && (in_order || in_setup) {
                     caps[i] = Some(hold);
