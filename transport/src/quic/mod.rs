@@ -9,6 +9,7 @@
 pub mod accept;
 mod dest;
 mod frame;
+mod gso;
 mod link;
 mod loss;
 mod rate_limit;
@@ -630,7 +631,10 @@ fn endpoint(
     let runtime = quinn::default_runtime()
         .ok_or_else(|| bind(std::io::Error::other("no async runtime is running")))?;
     let config = endpoint_config(me, max_udp_payload);
-    Endpoint::new(config, server, socket, runtime).map_err(bind)
+    // Batches bounded in bytes as well as in datagrams: see [`gso`].
+    let socket = runtime.wrap_udp_socket(socket).map_err(bind)?;
+    let socket = Arc::new(gso::GsoBounded::new(socket));
+    Endpoint::new_with_abstract_socket(config, server, socket, runtime).map_err(bind)
 }
 
 /// A listening endpoint that presents `me` and accepts only clients presenting `peer`,
