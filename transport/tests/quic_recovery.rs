@@ -668,12 +668,12 @@ async fn a_replication_pauses_resumes_on_the_same_session_and_resends_only_what_
 
     // Cut with updates in flight: they never arrive.
     s.relay.set_cut(true);
-    let cut = Instant::now();
     for p in 0..IN_FLIGHT {
         r.write(p);
     }
     assert_eq!(r.send_stale().await, IN_FLIGHT as u64);
     r.until("the pause", |r| r.paused).await;
+    let paused_seen = Instant::now();
     // The guest writes on while paused: kept, sent after the resume.
     for p in IN_FLIGHT..IN_FLIGHT + WRITTEN {
         r.write(p);
@@ -700,9 +700,12 @@ async fn a_replication_pauses_resumes_on_the_same_session_and_resends_only_what_
     assert_eq!(s.told.load(Ordering::Relaxed), 1);
     assert_eq!(src.outages.pauses, 1, "{src:?}");
     assert_eq!(dst.outages.pauses, 1, "{dst:?}");
-    let outage = restored.duration_since(cut).as_millis() as u64;
-    assert!(src.outages.paused_ms >= outage, "{src:?}");
-    assert!(dst.outages.paused_ms >= outage, "{dst:?}");
+    // The source paused before it said so and resumed after the link came back. (When
+    // the destination noticed the cut depends on its watchdog's scheduling: on a starved
+    // machine, late; its pause only has to be counted.)
+    let seen_paused = restored.duration_since(paused_seen).as_millis() as u64;
+    assert!(src.outages.paused_ms >= seen_paused, "{src:?}");
+    assert!(dst.outages.paused_ms > 0, "{dst:?}");
     assert!(src.outages.resume_ms_after_restore < 5_000, "{src:?}");
     // The updates in flight at the cut never arrived; nothing was stored twice.
     assert_eq!(

@@ -58,21 +58,27 @@ pub fn silence_limit(rtt: Duration) -> Duration {
 pub(crate) async fn silence(conn: Connection) -> DriverError {
     let datagrams = || conn.stats().udp_rx.datagrams;
     let mut last = datagrams();
-    let mut since = Instant::now();
-    let mut polled = Instant::now();
+    // When a datagram was last seen to arrive, and when the silence being timed began (a
+    // starved stretch restarts the timing, not what was heard).
+    let mut heard = Instant::now();
+    let mut since = heard;
+    let mut polled = heard;
     loop {
         tokio::time::sleep(SILENCE_POLL).await;
         let now = datagrams();
         let woke = Instant::now();
         let starved = woke.duration_since(polled) > 4 * SILENCE_POLL;
         polled = woke;
-        if now != last || starved {
+        if now != last {
             last = now;
+            heard = woke;
+            since = woke;
+        } else if starved {
             since = woke;
         } else if since.elapsed() >= silence_limit(conn.rtt()) {
             return DriverError::Silent {
-                ms: since.elapsed().as_millis() as u64,
-                last_heard: since,
+                ms: heard.elapsed().as_millis() as u64,
+                last_heard: heard,
             };
         }
     }

@@ -436,11 +436,18 @@ impl Screen<'_> {
         }
     }
 
-    /// The next connection screened; never while none is being screened.
-    async fn next_screened(screens: &mut JoinSet<Option<Candidate>>) -> Option<Candidate> {
-        match screens.join_next().await {
-            Some(joined) => joined.ok().flatten(),
-            None => std::future::pending().await,
+    /// The next connection that passed its screening; never while none is being screened.
+    /// One that failed (its task logged why) is passed over here: were it handed to a
+    /// `select!` as `None`, that branch would sleep until another branch woke the loop,
+    /// and a good connection screened just after it would wait as long (a reconnecting
+    /// source's overlapping attempts end that way: the loser fails, the winner follows).
+    async fn next_screened(screens: &mut JoinSet<Option<Candidate>>) -> Candidate {
+        loop {
+            match screens.join_next().await {
+                Some(Ok(Some(c))) => return c,
+                Some(_) => {}
+                None => return std::future::pending().await,
+            }
         }
     }
 
@@ -533,7 +540,7 @@ impl Screen<'_> {
                     Some(conn) => Self::screen(&mut self.screens, conn),
                     None => return Err(DriverError::Stopped),
                 },
-                Some(c) = Self::next_screened(&mut self.screens) => {
+                c = Self::next_screened(&mut self.screens) => {
                     if Self::ours(&across.session(), &c) {
                         return Ok(Waited::Resume(Box::new(c)));
                     }
@@ -887,7 +894,7 @@ impl<'a> Driver<'a> {
                     Some(conn) => Screen::screen(&mut screen.screens, conn),
                     None => listening = false,
                 },
-                Some(c) = Screen::next_screened(&mut screen.screens) => {
+                c = Screen::next_screened(&mut screen.screens) => {
                     if Screen::ours(&self.link().session(), &c) {
                         return Ok(Ended::Superseded(Box::new(c)));
                     }
