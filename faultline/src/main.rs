@@ -6,10 +6,13 @@
 //! logs and progress go to stderr.
 
 mod cli;
+mod malloc;
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // Before any thread: see malloc.rs.
+    malloc::tune();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
