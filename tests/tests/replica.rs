@@ -61,10 +61,14 @@ fn evacuation_into_a_memory_replica_moves_only_stale_pages() {
     assert_eq!(u(&d["pages_stale"]), stale, "{d}");
     assert_eq!(u(&d["pages_from_replica"]), PAGES - stale, "{d}");
     // Only stale pages crossed: pushed or served on demand, nothing else. A page can cross
-    // twice when a fault's request passes the push of the same page on the wire.
+    // twice when a fault's request passes the push of the same page on the wire. The
+    // slack over their bytes is QUIC's: headers, acknowledgements, and retransmissions,
+    // which on a loopback shared by both processes and the test include spurious ones of
+    // 64 KiB datagrams (5.8 to 8.1 MB for these 6.7 MB of pages across runs). Non-stale
+    // pages crossing in bulk would add far more: the other 90% are 60 MB.
     let m = &d["metrics"];
     assert_eq!(u(&m["pages_pushed"]) + u(&m["pages_faulted"]), stale, "{d}");
-    let most = (stale + u(&m["faults"])) * 4096 * 115 / 100 + (256 << 10);
+    let most = (stale + u(&m["faults"])) * 4096 * 130 / 100 + (256 << 10);
     assert!(u(&d["wire_bytes"]) < most, "{d}");
     assert!(d["vulnerability_ms"].as_f64().unwrap() > 0.0);
 }
