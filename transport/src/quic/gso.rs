@@ -204,8 +204,13 @@ mod tests {
         // Unsplit, the kernel refuses it and quinn-udp reports success: nothing arrives.
         // (Should quinn-udp ever split such batches itself, this wrapper can go.)
         send(inner.clone(), &t).await;
-        send(Arc::new(GsoBounded::new(inner)), &t).await;
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
         let mut got = vec![0u8; 65_536];
+        assert!(rx.recv(&mut got).is_err(), "an unsplit batch arrived");
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        send(Arc::new(GsoBounded::new(inner)), &t).await;
         for i in 0..10u8 {
             let n = rx.recv(&mut got).unwrap();
             assert_eq!(n, seg);
