@@ -311,9 +311,10 @@ pub struct TransportTuning {
     /// Congestion window to start with, bytes; `None`: quinn's (about 14.7 kB). Slow start
     /// from ten packets takes ~10 round trips to reach a 1 Gbit/s × 100 ms window, a
     /// second of a one-second evacuation; a path whose BDP the operator stated starts at
-    /// it instead (paced over the first measured round trip, so no burst), and the window
-    /// stays at least that until the controller's own reaches it or a loss happens
-    /// ([`StatedStart`]).
+    /// it instead (paced over the first measured round trip, so no burst), and from the
+    /// first round-trip sample the window is held at the in-flight cap until losses show
+    /// the statement too large: persistent congestion, or more than about 3% of a round
+    /// trip's bytes lost; random loss does not end it ([`StatedStart`]).
     pub initial_window: Option<u64>,
     /// Largest UDP payload, bytes: the upper bound of MTU discovery and what the endpoint
     /// accepts from its peer. Each datagram costs quinn, the kernel and the crypto a fixed
@@ -353,7 +354,7 @@ pub const DEFAULT_EXPECTED_BDP: u64 = 3_125_000;
 pub const STREAM_WINDOW: u32 = (DEFAULT_EXPECTED_BDP + DEFAULT_EXPECTED_BDP / 4) as u32;
 
 /// Per-stream window in BDPs when the BDP is stated (see [`TransportTuning::stream_window`]).
-pub const STATED_STREAM_WINDOW_BDPS: u64 = 3;
+pub const STATED_STREAM_WINDOW_BDPS: u64 = 6;
 
 /// Smallest per-stream window. It also bounds the demand replies in flight at once (a
 /// 4 KiB page each) and slows the handshake's page bitmaps, so it is not tiny; on links
@@ -454,7 +455,12 @@ impl TransportTuning {
     /// hole until then. A window of 1.25 BDP stalls the push at every loss, and the window
     /// that opens when the hole fills goes out in a burst that overflows a shallow
     /// bottleneck queue: at 1% random loss over 200 Mbit/s × 50 ms that used 0.53-0.75 of
-    /// the link; three BDPs carry on through the repair (docs/wan.md).
+    /// the link. Three BDPs carry on through one repair (about two round trips of credit
+    /// at 1.25 BDP each) but not through a retransmission that is lost again, which at 1%
+    /// loss over 1 Gbit/s × 20 ms (17 losses a round trip) is one every six round trips:
+    /// the push dipped to ~70% of the link every 100-150 ms there. Six carry on through
+    /// that too (docs/wan.md). The window costs the destination memory only while holes
+    /// wait for repair.
     ///
     /// Without a stated BDP nothing else caps the push, so this window is the in-flight cap.
     pub fn stream_window(&self) -> u64 {
@@ -826,10 +832,10 @@ mod tests {
         assert_eq!(t.expected_bdp_bytes, 12_500_000);
         assert!(t.stated());
         assert_eq!(t.in_flight_cap(), 15_625_000);
-        // Stated: three BDPs of stream window, so a retransmission does not stall the push.
-        assert_eq!(t.stream_window(), 37_500_000);
-        assert_eq!(t.connection_window(), 75_000_000);
-        assert_eq!(t.send_window(), 150_000_000);
+        // Stated: six BDPs of stream window, so a retransmission does not stall the push.
+        assert_eq!(t.stream_window(), 75_000_000);
+        assert_eq!(t.connection_window(), 150_000_000);
+        assert_eq!(t.send_window(), 300_000_000);
         assert_eq!(t.congestion, Congestion::Bbr);
 
         let d = TransportTuning::default();

@@ -120,7 +120,7 @@ impl Shape for RateCeiling {
         inner
     }
 
-    fn on_ack(&mut self, rtt: &RttEstimator) {
+    fn on_ack(&mut self, _now: Instant, _bytes: u64, rtt: &RttEstimator) {
         self.srtt = Some(rtt.get());
     }
 

@@ -17,10 +17,11 @@ pub trait Shape: Clone + Send + Sync + 'static {
     fn initial_window(&self, inner: u64) -> u64 {
         self.window(inner)
     }
-    /// An acknowledgement arrived; `rtt` is the connection's estimate after it.
-    fn on_ack(&mut self, _rtt: &RttEstimator) {}
-    /// Something was lost.
-    fn on_congestion_event(&mut self) {}
+    /// `bytes` were acknowledged at `now`; `rtt` is the connection's estimate after it.
+    fn on_ack(&mut self, _now: Instant, _bytes: u64, _rtt: &RttEstimator) {}
+    /// `lost_bytes` were declared lost at `now` (`persistent`: RFC 9002's persistent
+    /// congestion, nothing acknowledged for several probe timeouts).
+    fn on_congestion_event(&mut self, _now: Instant, _persistent: bool, _lost_bytes: u64) {}
     /// The path's datagram size changed.
     fn on_mtu_update(&mut self, _mtu: u16) {}
 }
@@ -51,7 +52,7 @@ impl<S: Shape> Controller for Shaped<S> {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
-        self.shape.on_ack(rtt);
+        self.shape.on_ack(now, bytes, rtt);
         self.inner.on_ack(now, sent, bytes, app_limited, rtt);
     }
 
@@ -73,7 +74,8 @@ impl<S: Shape> Controller for Shaped<S> {
         is_persistent_congestion: bool,
         lost_bytes: u64,
     ) {
-        self.shape.on_congestion_event();
+        self.shape
+            .on_congestion_event(now, is_persistent_congestion, lost_bytes);
         self.inner
             .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
     }
