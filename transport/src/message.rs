@@ -4,7 +4,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Version spoken by this build. A peer with any other version is refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 4: an evacuation's stale set follows the `Hello` at once, and the standby adds its
+/// invalid pages to it (docs/protocol.md).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Guest page size carried on the wire. Only 4 KiB pages are supported today.
 pub const PAGE_SIZE: usize = 4096;

@@ -186,6 +186,12 @@ pub struct DestSession {
     hello_seen: bool,
     /// Evacuation: the pages that must come from the source (the others are fresh here).
     stale: Option<Bitmap>,
+    /// Evacuation: the pages the local replica cannot serve (from [`DestSession::accept`]);
+    /// they join the stale set whatever the source's says.
+    invalid: Option<Bitmap>,
+    /// Evacuation: the stale set a source sends right behind its `Hello` (without waiting
+    /// for the invalid set), held until [`DestSession::accept`].
+    deferred: Vec<Message>,
     /// Pages requested on demand and not received since.
     outstanding: Bitmap,
     push_done_seen: bool,
@@ -211,6 +217,8 @@ impl DestSession {
             session_id: 0,
             hello_seen: false,
             stale: None,
+            invalid: None,
+            deferred: Vec::new(),
             outstanding: Bitmap::new(config.layout.total_pages()),
             push_done_seen: false,
             stats: DestStats::default(),
@@ -303,6 +311,8 @@ impl DestSession {
             self.expect_state = false;
             self.features = 0;
             self.stale = None;
+            self.invalid = None;
+            self.deferred.clear();
         }
         self.stats.pauses += 1;
         self.events.push_back(DestEvent::Paused { resumable });
@@ -430,10 +440,7 @@ impl DestSession {
             _ => self.handle_inner(channel, msg),
         };
         if let Err(e) = &result {
-            if !matches!(e, ProtoError::Peer { .. }) && !matches!(self.state, State::Failed) {
-                self.send(Channel::Control, e.to_message());
-            }
-            self.state = State::Failed;
+            self.fail(e);
         }
         result
     }
@@ -629,11 +636,30 @@ impl DestSession {
                     last,
                 },
             ) => {
-                if let Some(stale) = asm.add(kind, first_word, &words, last)? {
+                if let Some(mut stale) = asm.add(kind, first_word, &words, last)? {
+                    // A source that sent its set before it heard ours did not include ours.
+                    if let Some(invalid) = &self.invalid {
+                        stale.union_with(invalid);
+                    }
                     self.stale = Some(stale.clone());
                     self.events.push_back(DestEvent::StaleSet(stale));
                     self.after_switchover();
                 }
+                Ok(None)
+            }
+            // An evacuating source sends its stale set right behind its `Hello`; the
+            // application may not have accepted yet (it checks the replica first).
+            (State::AwaitAccept, Channel::Control, msg @ Message::PageSet { .. })
+                if self.kind == SessionKind::Evacuate =>
+            {
+                if self.deferred.len() >= self.max_deferred() {
+                    return Err(ProtoError::Unexpected {
+                        message: msg.name(),
+                        channel,
+                        state: "deciding on the handshake, with the whole stale set held",
+                    });
+                }
+                self.deferred.push(msg);
                 Ok(None)
             }
             (State::AwaitVmBlob, Channel::Control, Message::VmState { blob }) => {
@@ -734,9 +760,31 @@ impl DestSession {
                 features: self.features,
             });
         } else {
+            self.invalid = Some(invalid.clone());
             self.state =
                 State::AwaitStale(PageSetAssembler::new(SetKind::Stale, self.total_pages()));
+            // What the source sent behind its `Hello` while the application decided.
+            for msg in std::mem::take(&mut self.deferred) {
+                if let Err(e) = self.handle_inner(Channel::Control, msg) {
+                    self.fail(&e);
+                    return;
+                }
+            }
         }
+    }
+
+    /// The most messages held before [`DestSession::accept`]: the stale set's chunks.
+    fn max_deferred(&self) -> usize {
+        let words = self.total_pages().div_ceil(64) as usize;
+        words.div_ceil(crate::message::MAX_SET_WORDS).max(1)
+    }
+
+    /// The session fails on `e`: the peer is told why (unless the error is its own).
+    fn fail(&mut self, e: &ProtoError) {
+        if !matches!(e, ProtoError::Peer { .. }) && !matches!(self.state, State::Failed) {
+            self.send(Channel::Control, e.to_message());
+        }
+        self.state = State::Failed;
     }
 
     /// Replication: tells the source these (page, version) pairs are stored.

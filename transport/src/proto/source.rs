@@ -232,6 +232,10 @@ pub struct SourceSession {
     answered: bool,
     /// Features offered in the first `Hello`, offered again when the handshake restarts.
     offered: u64,
+    /// Evacuation: the stale set went out right behind this handshake's `Hello`, before
+    /// the standby's invalid set (which the standby adds itself; see
+    /// [`SourceSession::send_stale_early`]).
+    stale_sent: bool,
     /// What the handshake needs again if it starts over on a new connection.
     initial_stale: Option<Bitmap>,
     initial_vm_state: Option<Vec<u8>>,
@@ -313,6 +317,7 @@ impl SourceSession {
             owner,
             answered: false,
             offered: config.features | features_of(&config),
+            stale_sent: false,
             initial_stale: config.stale.clone(),
             initial_vm_state: config.vm_state.clone(),
             handed: !(config.state_later && config.kind != SessionKind::Replicate),
@@ -325,7 +330,32 @@ impl SourceSession {
             config,
         };
         s.send_hello();
+        s.send_stale_early();
         s
+    }
+
+    /// An evacuation sends its stale set right behind the `Hello`, without waiting a round
+    /// trip for the standby's invalid set: the standby adds that set to the stale one
+    /// itself, and prepares its replica (punching the stale pages out of it, a few
+    /// microseconds a page) while the `HelloAck` and the invalid set travel. The VM state
+    /// still waits for them: until the standby answered, a refusal leaves the VM here.
+    /// Only with a VM state to send (without one the stale set is what lets the standby
+    /// resume the guest, so it must wait for the answer too), and only on the first
+    /// connection: a handshake that starts over on a later one sends the stale set after
+    /// the invalid set, as before.
+    fn send_stale_early(&mut self) {
+        if self.config.kind != SessionKind::Evacuate || self.config.vm_state.is_none() {
+            return;
+        }
+        let pages = self.total_pages();
+        let stale = match &self.config.stale {
+            Some(s) if s.len() == pages => s.clone(),
+            _ => Bitmap::new(pages).complement(),
+        };
+        for m in page_set_messages(SetKind::Stale, &stale) {
+            self.send(Channel::Control, m);
+        }
+        self.stale_sent = true;
     }
 
     fn send_hello(&mut self) {
@@ -642,6 +672,7 @@ impl SourceSession {
                 }
                 self.link = Link::Connected;
                 self.state = State::HelloSent;
+                self.stale_sent = false;
                 // The stale set first: the schedule is built from it.
                 self.config.stale = self.initial_stale.clone();
                 self.config.vm_state = self.initial_vm_state.clone();
@@ -941,8 +972,10 @@ impl SourceSession {
                         .unwrap_or_else(|| Bitmap::new(self.total_pages()).complement());
                     stale.union_with(&invalid);
                     self.pages_stale = stale.count_ones();
-                    for m in page_set_messages(SetKind::Stale, &stale) {
-                        self.send(Channel::Control, m);
+                    if !self.stale_sent {
+                        for m in page_set_messages(SetKind::Stale, &stale) {
+                            self.send(Channel::Control, m);
+                        }
                     }
                     // Pages pushed before this answer are not pushed again.
                     let mut next = schedule(PushSchedule::only(&stale), &self.config);

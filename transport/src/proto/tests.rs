@@ -547,6 +547,151 @@ fn evacuation_stale_set_is_the_union_and_only_it_is_pushed() {
     assert!(src.is_finished() && dst.is_finished());
 }
 
+/// The control messages `src` queued, in order (data and requests left out).
+fn control_queued(src: &mut SourceSession) -> Vec<Message> {
+    let mut out = Vec::new();
+    while let Some(t) = src.poll_transmit() {
+        if t.channel == Channel::Control {
+            out.push(t.message);
+        }
+    }
+    out
+}
+
+#[test]
+fn an_evacuation_with_vm_state_sends_its_stale_set_behind_the_hello() {
+    let n = 130;
+    let mut src = SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        stale: Some(bits(n, &[1, 3, 100])),
+        vm_state: Some(vec![9; 8]),
+        ..SourceConfig::migrate("vm-1", layout(n))
+    });
+    let sent = control_queued(&mut src);
+    assert!(matches!(sent[0], Message::Hello { .. }));
+    assert!(
+        matches!(
+            &sent[1],
+            Message::PageSet {
+                kind: SetKind::Stale,
+                last: true,
+                ..
+            }
+        ),
+        "the stale set follows the Hello at once: {sent:?}"
+    );
+    assert_eq!(sent.len(), 2, "the VM state waits for the standby's answer");
+    assert_eq!(src.ownership(), Ownership::Source);
+    // The standby gets all of it before its application accepted the handshake.
+    let mut dst = standby(n);
+    for m in sent {
+        assert_eq!(dst.handle(Channel::Control, wire(m)).unwrap(), None);
+    }
+    assert!(matches!(
+        dst.poll_event(),
+        Some(DestEvent::HelloReceived { .. })
+    ));
+    assert!(dst.poll_event().is_none(), "nothing acted on before accept");
+    // It adds its own invalid pages (6 torn, 129 never had) to the source's stale set.
+    dst.accept(&bits(n, &[3, 6, 129]));
+    let expected = bits(n, &[1, 3, 6, 100, 129]);
+    assert_eq!(dst.poll_event(), Some(DestEvent::StaleSet(expected)));
+    assert!(dst.awaits_vm_state());
+    exchange(&mut src, &mut dst);
+    assert_eq!(src.ownership(), Ownership::Destination);
+    assert_eq!(dst.poll_event(), Some(DestEvent::VmState(vec![9; 8])));
+    assert!(dst.guest_may_run());
+    // The source pushes the union, and sent the stale set once.
+    assert_eq!(src.pages_stale(), 5);
+    let mut pushed = Vec::new();
+    while let Some(r) = src.next_push(64) {
+        pushed.extend(r);
+    }
+    assert_eq!(pushed, vec![1, 3, 6, 100, 129]);
+    dst.complete();
+    exchange(&mut src, &mut dst);
+    assert!(src.is_finished() && dst.is_finished());
+}
+
+#[test]
+fn a_standby_refusing_the_hello_leaves_the_vm_with_the_source() {
+    let n = 64;
+    let mut src = SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        stale: Some(bits(n, &[1])),
+        vm_state: Some(vec![1]),
+        ..SourceConfig::migrate("vm-1", layout(n))
+    });
+    let mut dst = DestSession::new(DestConfig {
+        expected_vm_id: Some("vm-2".into()),
+        accept: vec![SessionKind::Evacuate],
+        ..DestConfig::migrate(layout(n))
+    });
+    let mut refused = None;
+    for m in control_queued(&mut src) {
+        if let Err(e) = dst.handle(Channel::Control, wire(m)) {
+            refused.get_or_insert(e);
+        }
+    }
+    assert!(matches!(refused, Some(ProtoError::VmIdMismatch { .. })));
+    assert!(!dst.guest_may_run());
+    let t = dst.poll_transmit().expect("the refusal");
+    assert!(src.handle(t.channel, wire(t.message)).is_err());
+    assert_eq!(
+        src.ownership(),
+        Ownership::Source,
+        "the VM may run here again"
+    );
+}
+
+#[test]
+fn a_standby_holds_no_more_than_a_stale_set_before_accepting() {
+    let n = 64;
+    let mut dst = standby(n);
+    let mut src = SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        stale: Some(bits(n, &[1])),
+        vm_state: Some(vec![1]),
+        ..SourceConfig::migrate("vm-1", layout(n))
+    });
+    for m in control_queued(&mut src) {
+        dst.handle(Channel::Control, wire(m)).unwrap();
+    }
+    // A second stale set before the answer is one too many.
+    let extra = Message::PageSet {
+        kind: SetKind::Stale,
+        first_word: 0,
+        words: vec![0],
+        last: true,
+    };
+    let e = dst.handle(Channel::Control, extra).unwrap_err();
+    assert!(matches!(e, ProtoError::Unexpected { .. }), "{e}");
+    // A VM state before the answer is refused too.
+    let mut dst = standby(n);
+    for m in control_queued(&mut SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        vm_state: Some(vec![1]),
+        ..SourceConfig::migrate("vm-1", layout(n))
+    })) {
+        dst.handle(Channel::Control, wire(m)).unwrap();
+    }
+    assert!(dst
+        .handle(Channel::Control, Message::VmState { blob: vec![1] })
+        .is_err());
+}
+
+#[test]
+fn an_evacuation_without_vm_state_sends_its_stale_set_after_the_answer() {
+    let n = 64;
+    let mut src = SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        stale: Some(bits(n, &[1])),
+        ..SourceConfig::migrate("vm-1", layout(n))
+    });
+    let sent = control_queued(&mut src);
+    assert_eq!(sent.len(), 1, "only the Hello: {sent:?}");
+}
+
 #[test]
 fn evacuation_pushes_the_known_stale_pages_before_the_answer_and_each_page_once() {
     let n = 130;
