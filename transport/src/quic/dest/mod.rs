@@ -1078,6 +1078,11 @@ fn end_of_replication(
 const BULK_READ_AHEAD: usize = 64 << 20;
 /// Once the session runs the read-ahead only smooths the readers' pace; flow control
 /// (the transport's window) is again what holds a source back from a slow destination.
-const BULK_READ_AHEAD_RUNNING: usize = 4 << 20;
+/// What is read ahead counts as read for flow control, so it adds to the backlog a
+/// destination slower than the link drains alone at the end: 2 MiB (two of the largest
+/// frames) took compressed guest RAM over 1 Gbit/s × 20 ms in 1.14-1.15 × its own ideal
+/// against 1.20-1.21 with 4 MiB, and the raw push on loopback the same (1.12 and 1.08 GB/s,
+/// docs/wan.md).
+const BULK_READ_AHEAD_RUNNING: usize = 2 << 20;
 // The reader charges a message before it hands it on: the largest must fit the budget.
 const _: () = assert!(BULK_READ_AHEAD_RUNNING >= crate::codec::MAX_FRAME_LEN);
