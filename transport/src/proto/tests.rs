@@ -547,6 +547,16 @@ fn evacuation_stale_set_is_the_union_and_only_it_is_pushed() {
     assert!(src.is_finished() && dst.is_finished());
 }
 
+/// An evacuation of `n` pages whose source knows `stale`, with `vm_state` to hand over.
+fn evacuating(n: u64, stale: &[u64], vm_state: Option<Vec<u8>>) -> SourceSession {
+    SourceSession::new(SourceConfig {
+        kind: SessionKind::Evacuate,
+        stale: Some(bits(n, stale)),
+        vm_state,
+        ..SourceConfig::migrate("vm-1", layout(n))
+    })
+}
+
 /// The control messages `src` queued, in order (data and requests left out).
 fn control_queued(src: &mut SourceSession) -> Vec<Message> {
     let mut out = Vec::new();
@@ -561,12 +571,7 @@ fn control_queued(src: &mut SourceSession) -> Vec<Message> {
 #[test]
 fn an_evacuation_with_vm_state_sends_its_stale_set_behind_the_hello() {
     let n = 130;
-    let mut src = SourceSession::new(SourceConfig {
-        kind: SessionKind::Evacuate,
-        stale: Some(bits(n, &[1, 3, 100])),
-        vm_state: Some(vec![9; 8]),
-        ..SourceConfig::migrate("vm-1", layout(n))
-    });
+    let mut src = evacuating(n, &[1, 3, 100], Some(vec![9; 8]));
     let sent = control_queued(&mut src);
     assert!(matches!(sent[0], Message::Hello { .. }));
     assert!(
@@ -616,12 +621,7 @@ fn an_evacuation_with_vm_state_sends_its_stale_set_behind_the_hello() {
 #[test]
 fn a_standby_refusing_the_hello_leaves_the_vm_with_the_source() {
     let n = 64;
-    let mut src = SourceSession::new(SourceConfig {
-        kind: SessionKind::Evacuate,
-        stale: Some(bits(n, &[1])),
-        vm_state: Some(vec![1]),
-        ..SourceConfig::migrate("vm-1", layout(n))
-    });
+    let mut src = evacuating(n, &[1], Some(vec![1]));
     let mut dst = DestSession::new(DestConfig {
         expected_vm_id: Some("vm-2".into()),
         accept: vec![SessionKind::Evacuate],
@@ -648,12 +648,7 @@ fn a_standby_refusing_the_hello_leaves_the_vm_with_the_source() {
 fn a_standby_holds_no_more_than_a_stale_set_before_accepting() {
     let n = 64;
     let mut dst = standby(n);
-    let mut src = SourceSession::new(SourceConfig {
-        kind: SessionKind::Evacuate,
-        stale: Some(bits(n, &[1])),
-        vm_state: Some(vec![1]),
-        ..SourceConfig::migrate("vm-1", layout(n))
-    });
+    let mut src = evacuating(n, &[1], Some(vec![1]));
     for m in control_queued(&mut src) {
         dst.handle(Channel::Control, wire(m)).unwrap();
     }
@@ -683,11 +678,7 @@ fn a_standby_holds_no_more_than_a_stale_set_before_accepting() {
 #[test]
 fn an_evacuation_without_vm_state_sends_its_stale_set_after_the_answer() {
     let n = 64;
-    let mut src = SourceSession::new(SourceConfig {
-        kind: SessionKind::Evacuate,
-        stale: Some(bits(n, &[1])),
-        ..SourceConfig::migrate("vm-1", layout(n))
-    });
+    let mut src = evacuating(n, &[1], None);
     let sent = control_queued(&mut src);
     assert_eq!(sent.len(), 1, "only the Hello: {sent:?}");
 }
