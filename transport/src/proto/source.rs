@@ -55,7 +55,7 @@ pub struct SourceConfig {
     /// time, at the cost of sending that round trip's pages unencoded.
     pub early_push: bool,
     /// The session's id, sent in every `Hello`; a resume must name it. Random by default
-    /// ([`random_session_id`]).
+    /// (from the system's random source).
     pub session_id: u128,
     /// The VM state (and the hot ranges and zero-filled set) come later, through
     /// [`SourceSession::hand_over`]: the handshake runs while the VM still runs at the
