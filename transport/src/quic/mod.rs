@@ -354,7 +354,7 @@ pub const DEFAULT_EXPECTED_BDP: u64 = 3_125_000;
 pub const STREAM_WINDOW: u32 = (DEFAULT_EXPECTED_BDP + DEFAULT_EXPECTED_BDP / 4) as u32;
 
 /// Per-stream window in BDPs when the BDP is stated (see [`TransportTuning::stream_window`]).
-pub const STATED_STREAM_WINDOW_BDPS: u64 = 4;
+pub const STATED_STREAM_WINDOW_BDPS: u64 = 6;
 
 /// Smallest per-stream window. It also bounds the demand replies in flight at once (a
 /// 4 KiB page each) and slows the handshake's page bitmaps, so it is not tiny; on links
@@ -459,12 +459,14 @@ impl TransportTuning {
     /// at 1.25 BDP each) but not through a retransmission that is lost again, which at 1%
     /// loss over 1 Gbit/s × 20 ms (17 losses a round trip) is one every six round trips:
     /// the push dipped to ~70% of the link every 100-150 ms there (0.88 of the link). Four
-    /// carry on through that too (0.96, as with five or six). More is not free: whatever
-    /// the window lets the source run ahead of a destination that decodes more slowly than
-    /// the link delivers (compressed pages at 1 Gbit/s on two cores) is a backlog the
-    /// destination drains alone at the end, with the source's core idle: `all` over the
-    /// real guest RAM at 1 Gbit/s × 20 ms took 1.20-1.23 × its own ideal with four to six
-    /// BDPs against 1.15 with three (docs/wan.md).
+    /// to six carry on through that too (0.96). Six, because with four a fleet evacuation
+    /// at 1 Gbit/s × 50 ms started the second VM's switchover half a second late, in every
+    /// run (not understood yet; docs/fleet.md). The cost: whatever the window lets the
+    /// source run ahead of a destination that decodes more slowly than the link delivers
+    /// (compressed pages at 1 Gbit/s on two cores) is a backlog the destination drains
+    /// alone at the end, with the source's core idle (`all` over real guest RAM at
+    /// 1 Gbit/s × 20 ms: 1.20-1.23 × its own ideal with four to six BDPs, 1.15-1.16 with
+    /// three; docs/wan.md).
     ///
     /// Without a stated BDP nothing else caps the push, so this window is the in-flight cap.
     pub fn stream_window(&self) -> u64 {
@@ -836,10 +838,10 @@ mod tests {
         assert_eq!(t.expected_bdp_bytes, 12_500_000);
         assert!(t.stated());
         assert_eq!(t.in_flight_cap(), 15_625_000);
-        // Stated: four BDPs of stream window, so a retransmission does not stall the push.
-        assert_eq!(t.stream_window(), 50_000_000);
-        assert_eq!(t.connection_window(), 100_000_000);
-        assert_eq!(t.send_window(), 200_000_000);
+        // Stated: six BDPs of stream window, so a retransmission does not stall the push.
+        assert_eq!(t.stream_window(), 75_000_000);
+        assert_eq!(t.connection_window(), 150_000_000);
+        assert_eq!(t.send_window(), 300_000_000);
         assert_eq!(t.congestion, Congestion::Bbr);
 
         let d = TransportTuning::default();

@@ -1081,8 +1081,8 @@ const BULK_READ_AHEAD: usize = 64 << 20;
 /// What is read ahead counts as read for flow control, so it adds to the backlog a
 /// destination slower than the link drains alone at the end: 2 MiB (two of the largest
 /// frames) took compressed guest RAM over 1 Gbit/s × 20 ms in 1.14-1.15 × its own ideal
-/// against 1.20-1.21 with 4 MiB, and the raw push on loopback the same (1.12 and 1.08 GB/s,
-/// docs/wan.md).
+/// against 1.20-1.21 with 4 MiB (with a 4-BDP stream window; with 6, 1.20-1.21 against
+/// 1.22-1.23), and the raw push on loopback the same (1.12 and 1.08 GB/s, docs/wan.md).
 const BULK_READ_AHEAD_RUNNING: usize = 2 << 20;
 // The reader charges a message before it hands it on: the largest must fit the budget.
 const _: () = assert!(BULK_READ_AHEAD_RUNNING >= crate::codec::MAX_FRAME_LEN);
