@@ -448,10 +448,7 @@ impl DestSession {
     /// Reports a codec error on incoming bytes: the session fails and tells the peer.
     pub fn handle_decode_error(&mut self, e: crate::codec::CodecError) -> ProtoError {
         let e = ProtoError::Codec(e);
-        if !matches!(self.state, State::Failed) {
-            self.send(Channel::Control, e.to_message());
-            self.state = State::Failed;
-        }
+        self.fail(&e);
         e
     }
 

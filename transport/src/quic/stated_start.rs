@@ -132,7 +132,7 @@ impl Shape for StartBounds {
             Some(first) if first != srtt => self.sampled = true,
             Some(_) => {}
         }
-        self.losses.acked(now, bytes, rtt.get());
+        self.losses.acked(now, bytes, srtt);
     }
 
     fn on_congestion_event(&mut self, _now: Instant, persistent: bool, lost_bytes: u64) {
