@@ -29,7 +29,8 @@
 //!
 //! Environment: `FAULTLINE_BENCH_ROUNDS` (1), `FAULTLINE_BENCH_LINKS` (only links whose name
 //! contains one of these, comma-separated, e.g. `200Mbit`), `FAULTLINE_BENCH_ENCODINGS`
-//! (a subset of the five), `FAULTLINE_BENCH_RAM_IMAGE` (a 1 GiB dump to use).
+//! (a subset of the five), `FAULTLINE_BENCH_RAM_IMAGE` (a 1 GiB dump to use),
+//! `FAULTLINE_BENCH_TIMELINE=1` (each row gets the link's rate every 50 ms).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -39,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use faultline_benches::e2e::{check_digests, finish_sampled, set_expected_bdp};
+use faultline_benches::e2e::{check_digests, finish_sampled, set_expected_bdp, with_link_timeline};
 use faultline_benches::stats::median;
 use faultline_benches::{emit, env_size, Link};
 use faultline_tests::qemu::{guest_image, initrd_with, Guest, GuestImage, InitrdFile};
@@ -236,7 +237,9 @@ fn measure(certs: &Certs, image: &str, link: Link, encoding: &str) -> anyhow::Re
         &["--image", image, "--encoding", encoding],
         &[],
     );
-    let (src, dst, cpu) = finish_sampled(src, dest, TIMEOUT)?;
+    let (finished, timeline) =
+        with_link_timeline(Some(&wan), || finish_sampled(src, dest, TIMEOUT));
+    let (src, dst, cpu) = finished?;
     let wall_ms = started.elapsed().as_secs_f64() * 1e3;
     check_digests(&src, &dst)?;
     let counters = wan.counters();
@@ -281,6 +284,7 @@ fn measure(certs: &Certs, image: &str, link: Link, encoding: &str) -> anyhow::Re
         "encoding_report": enc,
         "mix": s["mix"],
         "digest_match": true,
+        "timeline_mbps": timeline,
     }))
 }
 

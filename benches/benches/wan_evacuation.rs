@@ -38,7 +38,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use faultline_benches::e2e::{check, check_digests};
+use faultline_benches::e2e::{check, check_digests, with_link_timeline};
 use faultline_benches::stats::median;
 use faultline_benches::{emit, env_size};
 use faultline_tests::{run_source, Background, Certs, DestProcess, Finished, ShmDir};
@@ -367,38 +367,10 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
     }
     let pct = STALE_PCT.to_string();
     let half = (STALE_PCT / 2).to_string();
-    // FAULTLINE_BENCH_TIMELINE=1: the link's source → destination rate every 50 ms while
-    // it carried anything (Mbit/s), to see where a run loses time.
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let timeline = std::sync::Mutex::new(Vec::new());
-    let sample = || {
-        let Some(w) = wan.as_ref() else { return };
-        if std::env::var_os("FAULTLINE_BENCH_TIMELINE").is_none() {
-            return;
-        }
-        let mut last = w.counters().client_to_server.bytes;
-        while !done.load(std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50));
-            let now = w.counters().client_to_server.bytes;
-            let mbps = (now - last) as f64 * 8.0 / 0.05 / 1e6;
-            last = now;
-            if let Ok(mut t) = timeline.lock() {
-                t.push(mbps.round());
-            }
-        }
-    };
-    let src = std::thread::scope(|sc| {
-        sc.spawn(sample);
-        let src = run_case(certs, run, &dest.addr, &via, &size, &pct, &half, extra);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        src
+    // FAULTLINE_BENCH_TIMELINE=1: the link's rate every 50 ms, to see where a run loses time.
+    let (src, timeline) = with_link_timeline(wan.as_ref(), || {
+        run_case(certs, run, &dest.addr, &via, &size, &pct, &half, extra)
     });
-    let timeline: Vec<f64> = timeline
-        .into_inner()
-        .unwrap_or_default()
-        .into_iter()
-        .skip_while(|&m| m < 1.0)
-        .collect();
     let dst = dest.wait(TIMEOUT);
     check(&src, "source")?;
     check(&dst, "destination")?;

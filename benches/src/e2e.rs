@@ -11,6 +11,7 @@ use anyhow::bail;
 use crate::cpu::{CpuReport, ThreadCpu};
 use faultline_tests::{Background, DestProcess, Finished};
 use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
+use wan_emu::WanEmulator;
 
 /// Fails unless `f` (the `what` process) exited successfully with its JSON report.
 pub fn check(f: &Finished, what: &str) -> anyhow::Result<()> {
@@ -113,6 +114,34 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<SystemTime> {
     let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
     let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
     Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+/// Runs `f` while sampling, when `FAULTLINE_BENCH_TIMELINE` is set, the rate `wan` carried
+/// source → destination every 50 ms (Mbit/s, from its first non-empty sample): where a run
+/// loses time. Empty without the variable or without an emulator.
+pub fn with_link_timeline<T>(wan: Option<&WanEmulator>, f: impl FnOnce() -> T) -> (T, Vec<f64>) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sample = || {
+        let mut timeline = Vec::new();
+        let Some(w) = wan else { return timeline };
+        if std::env::var_os("FAULTLINE_BENCH_TIMELINE").is_none() {
+            return timeline;
+        }
+        let mut last = w.counters().client_to_server.bytes;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = w.counters().client_to_server.bytes;
+            timeline.push(((now - last) as f64 * 8.0 / 0.05 / 1e6).round());
+            last = now;
+        }
+        timeline.into_iter().skip_while(|&m| m < 1.0).collect()
+    };
+    std::thread::scope(|sc| {
+        let sampler = sc.spawn(sample);
+        let out = f();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (out, sampler.join().unwrap_or_default())
+    })
 }
 
 #[cfg(test)]
