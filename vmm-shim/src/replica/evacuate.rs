@@ -29,6 +29,8 @@ pub struct PausedMemory {
     /// The last stretch [`PageReader::extent`] found in a backing file, as (first page,
     /// end page, all zero): memory is frozen, so it stays true while the reader lives.
     extent: Mutex<Option<(u64, u64, bool)>>,
+    /// Whether any region has a backing file to ask for holes.
+    has_files: bool,
 }
 
 impl PausedMemory {
@@ -41,9 +43,24 @@ impl PausedMemory {
     /// concurrent write into one would be a data race.
     pub unsafe fn new(regions: &[HostRegion]) -> Result<PausedMemory, RoleError> {
         Ok(PausedMemory {
+            has_files: regions.iter().any(|r| r.backing_file().is_some()),
             map: RegionMap::new(regions.to_vec()).map_err(uffd_core::Error::from)?,
             extent: Mutex::new(None),
         })
+    }
+
+    /// Pages `first..first + count`, which must lie in one region.
+    fn region_slice(&self, first: u64, count: usize) -> Result<&[u8], String> {
+        let addr = self
+            .map
+            .host_addr_of(first)
+            .ok_or_else(|| format!("page {first} is outside guest memory"))?;
+        if count == 0 || (self.map.run_within_region(first, count as u64) as usize) < count {
+            return Err(format!("pages {first}+{count} run past guest memory"));
+        }
+        // SAFETY: the pages lie inside one region (checked above), which `map` keeps mapped;
+        // nothing writes them while this reader lives (the contract of `new`).
+        Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, count * PAGE_SIZE) })
     }
 
     /// The stretch of the backing file around page `first`: `(end page, all zero)`, from
@@ -85,23 +102,35 @@ impl PausedMemory {
 }
 
 impl PageReader for PausedMemory {
+    /// A run inside one region is borrowed; one that crosses into the next region (the
+    /// push asks for up to 16 pages where it knows no extent, and a page served on demand
+    /// shifts its runs off any alignment) is copied from each.
     fn pages(&self, first: u64, count: usize) -> Result<Cow<'_, [u8]>, String> {
-        let addr = self
-            .map
-            .host_addr_of(first)
-            .ok_or_else(|| format!("page {first} is outside guest memory"))?;
-        if (self.map.run_within_region(first, count as u64) as usize) < count {
-            return Err(format!("pages {first}+{count} cross a region boundary"));
+        let within = self.map.run_within_region(first, count as u64) as usize;
+        if within == count {
+            return Ok(Cow::Borrowed(self.region_slice(first, count)?));
         }
-        // SAFETY: the pages lie inside one region (checked above), which `map` keeps mapped;
-        // nothing writes them while this reader lives (the contract of `new`).
-        let pages = unsafe { std::slice::from_raw_parts(addr as *const u8, count * PAGE_SIZE) };
-        Ok(Cow::Borrowed(pages))
+        let mut out = Vec::with_capacity(count * PAGE_SIZE);
+        let mut page = first;
+        let end = first + count as u64;
+        while page < end {
+            let n = self.map.run_within_region(page, end - page) as usize;
+            out.extend_from_slice(self.region_slice(page, n)?);
+            page += n as u64;
+        }
+        Ok(Cow::Owned(out))
     }
 
     fn extent(&self, first: u64, max: u64) -> Extent {
         if max == 0 {
             return Extent::Unknown;
+        }
+        if !self.has_files {
+            // Without a file to ask, the region's end is all this knows.
+            return match self.map.run_within_region(first, max) {
+                0 => Extent::Unknown,
+                n => Extent::Data(n),
+            };
         }
         let mut cached = self.extent.lock().unwrap_or_else(|e| e.into_inner());
         let (end, zero) = match *cached {
@@ -111,7 +140,12 @@ impl PageReader for PausedMemory {
                     *cached = Some((first, end, zero));
                     (end, zero)
                 }
-                None => return Extent::Unknown,
+                None => {
+                    return match self.map.run_within_region(first, max) {
+                        0 => Extent::Unknown,
+                        n => Extent::Data(n),
+                    }
+                }
             },
         };
         let n = (end - first).min(max);
@@ -307,4 +341,64 @@ fn index_fresh(
         }
     }
     Some(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+
+    /// Two anonymous regions of 256 pages, every page filled with its own number.
+    fn two_regions() -> GuestMemoryMmap<()> {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(1 << 32), 1 << 20),
+        ])
+        .unwrap();
+        for p in 0..512u64 {
+            let addr = if p < 256 {
+                p << 12
+            } else {
+                (1 << 32) + ((p - 256) << 12)
+            };
+            mem.write_slice(&[p as u8; PAGE_SIZE], GuestAddress(addr))
+                .unwrap();
+        }
+        mem
+    }
+
+    #[test]
+    fn a_run_across_two_regions_is_read_from_both() {
+        let mem = two_regions();
+        // SAFETY: nothing writes `mem` while the reader lives.
+        let r = unsafe { PausedMemory::new(&crate::guest::regions(&mem).unwrap()) }.unwrap();
+        let run = r.pages(250, 16).unwrap();
+        assert!(matches!(run, Cow::Owned(_)), "copied from two regions");
+        let firsts: Vec<u8> = run.chunks(PAGE_SIZE).map(|p| p[0]).collect();
+        let want: Vec<u8> = (250..266u64).map(|p| p as u8).collect();
+        assert_eq!(firsts, want);
+        assert!(run.chunks(PAGE_SIZE).all(|p| p.iter().all(|&b| b == p[0])));
+        assert!(matches!(r.pages(10, 16).unwrap(), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn without_files_the_extent_ends_at_the_region() {
+        let mem = two_regions();
+        // SAFETY: nothing writes `mem` while the reader lives.
+        let r = unsafe { PausedMemory::new(&crate::guest::regions(&mem).unwrap()) }.unwrap();
+        assert_eq!(r.extent(250, 16), Extent::Data(6));
+        assert_eq!(r.extent(256, 16), Extent::Data(16));
+        assert_eq!(r.extent(512, 16), Extent::Unknown, "past guest memory");
+    }
+
+    #[test]
+    fn a_run_past_guest_memory_is_an_error() {
+        let mem = two_regions();
+        // SAFETY: nothing writes `mem` while the reader lives.
+        let r = unsafe { PausedMemory::new(&crate::guest::regions(&mem).unwrap()) }.unwrap();
+        let e = r.pages(510, 4).unwrap_err();
+        assert!(e.contains("outside guest memory"), "{e}");
+        assert!(r.pages(600, 1).is_err());
+    }
 }
