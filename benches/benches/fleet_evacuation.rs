@@ -542,11 +542,18 @@ fn evacuate(
         &plan.display().to_string(),
     ])
     .wait(TIMEOUT);
-    let report = orch.json.clone();
+    let mut report = orch.json.clone();
     let mut failures = Vec::new();
     for (s, _, standby, source, _) in pairs {
         let src = source.wait(TIMEOUT);
         let dst = standby.wait(TIMEOUT);
+        // What the setup was made of, from the source's own report.
+        if let Some(vms) = report["vms"].as_array_mut() {
+            if let Some(v) = vms.iter_mut().find(|v| v["name"] == s.name.as_str()) {
+                v["source_prep"] = src.json["prep"].clone();
+                v["source_downtime_ms"] = src.json["downtime_ms"].clone();
+            }
+        }
         if let Err(e) = check(&src, "replicate")
             .and_then(|()| check(&dst, "standby"))
             .and_then(|()| check_digests(&src, &dst))
@@ -684,6 +691,9 @@ fn compare(
             "orchestrator_finish_s": v["planned"]["finish_s"],
             "rel_error": err,
             "finish_replayed_s": replay, "replay_rel_error": replay_err,
+            // The source's preparation (catch-up, connect, planting) and its pause until
+            // the standby's answer, both inside the setup.
+            "source_prep_ms": v["source_prep"], "source_downtime_ms": v["source_downtime_ms"],
         }));
     }
     let n = vms.len() as f64;

@@ -461,12 +461,13 @@ impl TransportTuning {
     /// the push dipped to ~70% of the link every 100-150 ms there (0.88 of the link). Four
     /// to six carry on through that too (0.96). Six, because with four a fleet evacuation
     /// at 1 Gbit/s × 50 ms started the second VM's switchover half a second late, in every
-    /// run (not understood yet; docs/fleet.md). The cost: whatever the window lets the
-    /// source run ahead of a destination that decodes more slowly than the link delivers
-    /// (compressed pages at 1 Gbit/s on two cores) is a backlog the destination drains
-    /// alone at the end, with the source's core idle (`all` over real guest RAM at
-    /// 1 Gbit/s × 20 ms: 1.20-1.23 × its own ideal with four to six BDPs, 1.15-1.16 with
-    /// three; docs/wan.md).
+    /// run (not understood yet; docs/fleet.md). A larger window once cost compressed
+    /// pushes (`all` over real guest RAM at 1 Gbit/s × 20 ms: 1.15 × its own ideal with
+    /// three BDPs, 1.20-1.23 with four to six), first put down to a backlog at the
+    /// destination; the cause was the source's push keeping the connection's driver off
+    /// its worker while writes did not block, which a larger window made longer. The push
+    /// now gives the driver turns (`source::push::DriverTurn`): 1.01 with six
+    /// (docs/encoding.md).
     ///
     /// Without a stated BDP nothing else caps the push, so this window is the in-flight cap.
     pub fn stream_window(&self) -> u64 {

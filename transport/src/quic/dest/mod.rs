@@ -1078,11 +1078,12 @@ fn end_of_replication(
 const BULK_READ_AHEAD: usize = 64 << 20;
 /// Once the session runs the read-ahead only smooths the readers' pace; flow control
 /// (the transport's window) is again what holds a source back from a slow destination.
-/// What is read ahead counts as read for flow control, so it adds to the backlog a
-/// destination slower than the link drains alone at the end: 2 MiB (two of the largest
-/// frames) took compressed guest RAM over 1 Gbit/s × 20 ms in 1.14-1.15 × its own ideal
-/// against 1.20-1.21 with 4 MiB (with a 4-BDP stream window; with 6, 1.20-1.21 against
-/// 1.22-1.23), and the raw push on loopback the same (1.12 and 1.08 GB/s, docs/wan.md).
+/// What is read ahead counts as read for flow control, so it lets the source run that much
+/// further ahead: 2 MiB (two of the largest frames). With 4 MiB compressed guest RAM over
+/// 1 Gbit/s × 20 ms took 1.20-1.21 × its own ideal against 1.14-1.15 (4-BDP stream window),
+/// the raw push on loopback the same (1.12 and 1.08 GB/s, docs/wan.md); measured before the
+/// source's push gave its connection's driver turns, which was the cause
+/// (docs/encoding.md), and not measured again since.
 const BULK_READ_AHEAD_RUNNING: usize = 2 << 20;
 // The reader charges a message before it hands it on: the largest must fit the budget.
 const _: () = assert!(BULK_READ_AHEAD_RUNNING >= crate::codec::MAX_FRAME_LEN);
