@@ -519,6 +519,9 @@ fn evacuate(
     // pauses first, replication catches up and the stale pages are planted after it.
     let mut guest = Guest::Running(mutator, disk_writers, exports);
     let mut paused_at = None;
+    // From here the evacuation waits for the replicator: off idle priority, or a host busy
+    // evacuating other VMs starves it (its catch-up and last round took 0.2 s there).
+    replicator.hurry();
     if planting {
         let (writers, blocks) = guest.pause();
         guest = Guest::Paused(writers, blocks);

@@ -183,6 +183,72 @@ pub struct Replicator {
     stop: Arc<AtomicBool>,
     stats: Arc<ReplicatorStats>,
     thread: Option<JoinHandle<Result<ReplicatorState, RoleError>>>,
+    /// The threads running at idle priority ([`ReplicatorOptions::idle_priority`]), for
+    /// [`Replicator::hurry`].
+    idle: IdleThreads,
+}
+
+/// Thread ids of the replicator's threads that run at idle priority, and whether they
+/// were told to leave it (threads that start after that stay at normal priority).
+#[derive(Clone, Default)]
+struct IdleThreads(Arc<std::sync::Mutex<(Vec<libc::pid_t>, bool)>>);
+
+impl IdleThreads {
+    /// Puts the calling thread at idle priority and remembers it, unless the replicator
+    /// was hurried already.
+    fn enter(&self) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1 {
+            return;
+        }
+        // SAFETY: sched_param is plain data; pid 0 means the calling thread. Failure only
+        // leaves the thread at normal priority.
+        let r = unsafe {
+            let param = libc::sched_param { sched_priority: 0 };
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param)
+        };
+        if r == 0 {
+            // SAFETY: gettid has no arguments and cannot fail.
+            g.0.push(unsafe { libc::gettid() });
+        }
+    }
+
+    /// Whether [`IdleThreads::leave`] was called: the replicator was hurried.
+    fn hurried(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// How long the replicator sleeps between rounds: `normal`, or a millisecond once
+    /// hurried, so that an evacuation waiting for its last round or its end does not wait
+    /// out a whole interval (20 ms) for each.
+    fn interval(&self, normal: Duration) -> Duration {
+        if self.hurried() {
+            normal.min(Duration::from_millis(1))
+        } else {
+            normal
+        }
+    }
+
+    /// Puts every remembered thread back at normal priority, for good.
+    fn leave(&self) {
+        let tids = {
+            let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            g.1 = true;
+            std::mem::take(&mut g.0)
+        };
+        for tid in tids {
+            // SAFETY: as in `enter`; `tid` names a thread of this process (if it ended
+            // meanwhile the call fails with ESRCH and changes nothing).
+            let r = unsafe {
+                let param = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param)
+            };
+            if r != 0 {
+                tracing::debug!(tid, error = %std::io::Error::last_os_error(),
+                    "a replicator thread stays at idle priority");
+            }
+        }
+    }
 }
 
 /// Guest memory and disks the replicator reads: the regions stay mapped while it runs.
@@ -239,15 +305,6 @@ impl GuestPages {
     }
 }
 
-fn set_idle_priority() {
-    // SAFETY: sched_param is plain data; pid 0 means the calling thread. Failure only leaves
-    // the thread at normal priority.
-    unsafe {
-        let param = libc::sched_param { sched_priority: 0 };
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
-    }
-}
-
 impl Replicator {
     /// Starts replicating `regions` (laid out as `layout`) using `tracker`.
     pub fn start(
@@ -289,20 +346,22 @@ impl Replicator {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ReplicatorStats::default());
-        let (stop2, stats2) = (stop.clone(), stats.clone());
+        let idle = IdleThreads::default();
+        let (stop2, stats2, idle2) = (stop.clone(), stats.clone(), idle.clone());
         let thread = std::thread::Builder::new()
             .name("replicator".into())
             .spawn(move || {
                 if opts.idle_priority {
-                    set_idle_priority();
+                    idle2.enter();
                 }
-                run(guest, layout, tracker, opts, &stop2, stats2)
+                run(guest, layout, tracker, opts, &stop2, stats2, idle2)
             })
             .map_err(RoleError::Io)?;
         Ok(Replicator {
             stop,
             stats,
             thread: Some(thread),
+            idle,
         })
     }
 
@@ -322,6 +381,14 @@ impl Replicator {
         self.stats.stale_pages.load(Ordering::Relaxed)
     }
 
+    /// Runs the replicator at normal priority from now on, if it ran at idle priority: an
+    /// evacuation waits for it (its last round, the session's end), and on a host busy
+    /// evacuating other VMs idle-priority threads get hardly any CPU. [`Replicator::stop`]
+    /// calls it; call it earlier where the evacuation waits for replication to catch up.
+    pub fn hurry(&self) {
+        self.idle.leave();
+    }
+
     /// Whether the replicator thread is still running (it ends on a fatal error).
     pub fn is_running(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
@@ -329,6 +396,7 @@ impl Replicator {
 
     /// Stops replicating (the session ends cleanly) and returns the ledger and tracker.
     pub fn stop(mut self) -> Result<ReplicatorState, RoleError> {
+        self.hurry();
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
@@ -371,14 +439,19 @@ fn run(
     opts: ReplicatorOptions,
     stop: &AtomicBool,
     stats: Arc<ReplicatorStats>,
+    idle: IdleThreads,
 ) -> Result<ReplicatorState, RoleError> {
+    let idle_priority = opts.idle_priority;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("replicator-net")
-        .on_thread_start(if opts.idle_priority {
-            set_idle_priority
-        } else {
-            || {}
+        .on_thread_start({
+            let idle = idle.clone();
+            move || {
+                if idle_priority {
+                    idle.enter();
+                }
+            }
         })
         .enable_all()
         .build()
@@ -430,7 +503,7 @@ fn run(
         }
         if l.paused {
             // Nothing is harvested or sent: the tracker keeps what the guest writes.
-            std::thread::sleep(opts.interval);
+            std::thread::sleep(idle.interval(opts.interval));
             continue;
         }
 
@@ -458,7 +531,13 @@ fn run(
             + now.duration_since(last).as_secs_f64() * opts.budget_bytes_per_sec as f64)
             .min(burst.max(PAGE_SIZE as f64));
         last = now;
-        let pages = (tokens / PAGE_SIZE as f64) as usize;
+        // Hurried (an evacuation waits for the last round), the budget no longer applies:
+        // what is left is sent at once.
+        let pages = if idle.hurried() {
+            ledger.unsent_count() as usize
+        } else {
+            (tokens / PAGE_SIZE as f64) as usize
+        };
         ledger.next_batch(pages, &mut runs);
         let mut sent = 0usize;
         'send: for (first, versions) in &runs {
@@ -490,7 +569,7 @@ fn run(
         stats
             .bytes_resent
             .store(ledger.pages_resent() * PAGE_SIZE as u64, Ordering::Relaxed);
-        std::thread::sleep(opts.interval);
+        std::thread::sleep(idle.interval(opts.interval));
     }
 
     // End the session cleanly (also while paused) and collect the last acknowledgements.
@@ -499,10 +578,26 @@ fn run(
             tracing::warn!(error = %uffd_core::error::chain(&e), "the replication session ended with an error");
         }
     }
-    rt.block_on(async {
+    // The close goes out now; its draining (three probe timeouts, about 0.1 s even on
+    // loopback, since quinn's PTO counts the peer's 25 ms maximum ACK delay) finishes on a
+    // thread of its own. An evacuation waits for this state before it connects, and the
+    // draining was half of its `prep.connect_ms` (fleet_evacuation, docs/fleet.md).
+    {
+        let _g = rt.enter();
         endpoint.close(0u32.into(), b"done");
-        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    });
+    }
+    let drain = move || {
+        rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        });
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("replicator-close".into())
+        .spawn(drain)
+    {
+        // The close was sent; only its retransmissions are lost without the thread.
+        tracing::debug!(error = %e, "no thread to drain the replication connection's close");
+    }
     stats
         .stale_pages
         .store(ledger.stale_count(), Ordering::Relaxed);
@@ -688,4 +783,51 @@ fn connect(
         driver,
         paused: false,
     })
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::IdleThreads;
+
+    fn policy_of(tid: libc::pid_t) -> i32 {
+        // SAFETY: reads the policy of a thread of this process; no memory is touched.
+        unsafe { libc::sched_getscheduler(tid) }
+    }
+
+    #[test]
+    fn hurried_threads_leave_idle_priority_and_later_ones_never_enter_it() {
+        let idle = IdleThreads::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn({
+            let idle = idle.clone();
+            move || {
+                idle.enter();
+                // SAFETY: gettid has no arguments and cannot fail.
+                tx.send(unsafe { libc::gettid() }).unwrap();
+                let _ = done_rx.recv();
+            }
+        });
+        let tid = rx.recv().unwrap();
+        assert_eq!(policy_of(tid), libc::SCHED_IDLE);
+        idle.leave();
+        let after = policy_of(tid);
+        // SAFETY: geteuid cannot fail.
+        if after == libc::SCHED_IDLE && unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: this user may not leave SCHED_IDLE (RLIMIT_NICE)");
+        } else {
+            assert_eq!(after, libc::SCHED_OTHER);
+        }
+        // A thread starting after the hurry stays at normal priority.
+        let late = std::thread::spawn({
+            let idle = idle.clone();
+            move || {
+                idle.enter();
+                policy_of(0)
+            }
+        });
+        assert_eq!(late.join().unwrap(), libc::SCHED_OTHER);
+        done_tx.send(()).unwrap();
+        worker.join().unwrap();
+    }
 }
