@@ -338,12 +338,10 @@ mod tests {
         }
     }
 
-    /// On one thread, a task woken while the push works runs at its next turn, not only
-    /// once the push blocks.
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_woken_task_runs_between_batches() {
+    /// A task that counts how often it ran, yielding after each run.
+    fn counting_task() -> (Arc<AtomicU32>, tokio::task::JoinHandle<()>) {
         let runs = Arc::new(AtomicU32::new(0));
-        let other = tokio::spawn({
+        let task = tokio::spawn({
             let runs = runs.clone();
             async move {
                 loop {
@@ -352,6 +350,14 @@ mod tests {
                 }
             }
         });
+        (runs, task)
+    }
+
+    /// On one thread, a task woken while the push works runs at its next turn, not only
+    /// once the push blocks.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_woken_task_runs_between_batches() {
+        let (runs, other) = counting_task();
         let mut turn = DriverTurn::new();
         for _ in 0..20 {
             spin(DriverTurn::EVERY / 2);
@@ -367,16 +373,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn short_batches_share_a_turn() {
         let mut turn = DriverTurn::new();
-        let runs = Arc::new(AtomicU32::new(0));
-        let other = tokio::spawn({
-            let runs = runs.clone();
-            async move {
-                loop {
-                    runs.fetch_add(1, Ordering::Relaxed);
-                    tokio::task::yield_now().await;
-                }
-            }
-        });
+        let (runs, other) = counting_task();
         for _ in 0..100 {
             turn.give().await;
         }
