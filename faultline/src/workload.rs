@@ -99,6 +99,11 @@ impl Workload {
     pub fn stop(self) -> WorkloadReport {
         self.stop.store(true, Ordering::Relaxed);
         let threads = self.threads.len();
+        // A rate-limited writer waits parked between its bursts (at 100 writes/s a burst of
+        // 64 is followed by 0.64 s): wake it, or the pause waits that out.
+        for t in &self.threads {
+            t.thread().unpark();
+        }
         for t in self.threads {
             let _ = t.join();
         }
@@ -358,11 +363,44 @@ impl Walker<'_> {
             if rate > 0 {
                 let due = Duration::from_secs_f64(done as f64 / rate as f64);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    std::thread::sleep(wait);
+                    // Parked, not asleep: `Workload::stop` unparks it. (A spurious wake
+                    // only ends the wait early; the next burst's due time holds the rate.)
+                    std::thread::park_timeout(wait);
                 }
             }
         }
         self.ops.fetch_add(done, Ordering::Relaxed);
         self.writes.fetch_add(done, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::Mutator;
+
+    /// A writer at 10 writes/s waits 6.4 s after its first burst of 64; stopping it (the
+    /// guest's pause) must not wait that out.
+    #[test]
+    fn a_slow_writer_stops_at_once() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let regions = vmm_shim::guest::regions(&mem).unwrap();
+        let m = Mutator::start(&regions, 1, 7, 1.0, 10);
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        let report = m.stop();
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "stop took {:?}",
+            t.elapsed()
+        );
+        assert!(
+            report.writes >= 64,
+            "at least the first burst: {}",
+            report.writes
+        );
     }
 }
