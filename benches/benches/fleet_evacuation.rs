@@ -43,13 +43,15 @@
 //! (`100M:20,1G:50`: rate and RTT in ms), `FAULTLINE_BENCH_BYTES` (each VM, `256M`),
 //! `FAULTLINE_BENCH_SCHEDULES` (`planner,all-at-once,smallest-first`),
 //! `FAULTLINE_BENCH_ROUNDS` (repeats of each run, 1), `FAULTLINE_BENCH_ENCODING` (`off`),
-//! `FAULTLINE_BENCH_STATED_BDP` (`0`: the default window instead), `FAULTLINE_BENCH_CALIBRATE`.
+//! `FAULTLINE_BENCH_STATED_BDP` (`0`: the default window instead), `FAULTLINE_BENCH_CALIBRATE`,
+//! `FAULTLINE_BENCH_TIMELINE` (set: each run line carries `link_timeline_mbps`, the link's
+//! rate every 50 ms).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use faultline_benches::e2e::{check, check_digests, set_expected_bdp};
+use faultline_benches::e2e::{check, check_digests, set_expected_bdp, with_link_timeline};
 use faultline_benches::stats::{median, Summary};
 use faultline_benches::{emit, env_size};
 use faultline_tests::{
@@ -376,6 +378,9 @@ fn run(bed: Bed<'_>, specs: &[VmSpec], schedule: &str, deadline_s: f64) -> anyho
         line["wan_queue_drops"] = json!(c.client_to_server.dropped_queue);
     }
     line["encoding"] = json!(encoding);
+    if !report["link_timeline_mbps"].is_null() {
+        line["link_timeline_mbps"] = report["link_timeline_mbps"].clone();
+    }
     if let Some(c) = link.calibrated {
         line["calibrated_flow_bps"] = json!(c.flow_bps);
         line["calibrated_aggregate_bps"] = json!(c.aggregate_bps);
@@ -532,17 +537,24 @@ fn evacuate(
     wait_caught_up(&metrics)?;
     std::thread::sleep(Duration::from_secs(1));
     let plan = plan_file(certs, link, mem, deadline_s, &pairs)?;
-    let orch = Background::spawn(&[
-        "evacuate",
-        "--json",
-        "--progress",
-        "--schedule",
-        schedule,
-        "--plan",
-        &plan.display().to_string(),
-    ])
-    .wait(TIMEOUT);
+    // FAULTLINE_BENCH_TIMELINE=1: the link's rate every 50 ms (from the first evacuation
+    // bytes: replication runs beside the emulator), to see where a schedule leaves it idle.
+    let (orch, timeline) = with_link_timeline(wan.as_ref(), || {
+        Background::spawn(&[
+            "evacuate",
+            "--json",
+            "--progress",
+            "--schedule",
+            schedule,
+            "--plan",
+            &plan.display().to_string(),
+        ])
+        .wait(TIMEOUT)
+    });
     let mut report = orch.json.clone();
+    if !timeline.is_empty() {
+        report["link_timeline_mbps"] = json!(timeline);
+    }
     let mut failures = Vec::new();
     for (s, _, standby, source, _) in pairs {
         let src = source.wait(TIMEOUT);

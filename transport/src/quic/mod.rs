@@ -238,6 +238,15 @@ const TLS_HINT: &str = "the TLS handshake failed (usually: the peer presented a 
 /// idle but healthy session open.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The round-trip time a connection assumes before its first sample: it sets the first
+/// probe timeout of the handshake, about three times this. RFC 9002's 333 ms (quinn's
+/// default) made a handshake whose first packets met a full bottleneck queue wait a whole
+/// second: an evacuation's connection made while other VMs' transfers filled the link
+/// (a fleet at 1 Gbit/s x 50 ms, docs/fleet.md) switched over 1.1 s late. faultline's
+/// paths join two sites an operator knows, well under this on a continent; on a longer
+/// one a handshake packet is sent twice, a few hundred bytes.
+pub const INITIAL_RTT: Duration = Duration::from_millis(100);
+
 /// Transport parameters from [`TransportTuning::from_env_or_default`]: the built-in default
 /// unless `FAULTLINE_EXPECTED_BDP` / `FAULTLINE_CONGESTION` say otherwise.
 pub fn transport_config() -> TransportConfig {
@@ -541,6 +550,7 @@ impl TransportTuning {
             None => cc,
         };
         t.congestion_controller_factory(cc);
+        t.initial_rtt(INITIAL_RTT);
         t.max_concurrent_bidi_streams(VarInt::from_u32(8));
         t.max_concurrent_uni_streams(VarInt::from_u32(8));
         // Frequent keep-alives, so that silence means a cut (see `recovery::SILENCE_LOST`:
@@ -861,6 +871,31 @@ mod tests {
             "ceiling, no overflow"
         );
         let _ = huge.config();
+    }
+
+    /// The client's first handshake packet, lost (no one answers here), is sent again
+    /// after about three times [`INITIAL_RTT`], not after RFC 9002's second.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lost_first_handshake_packet_is_resent_within_a_third_of_a_second() {
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = silent.local_addr().unwrap();
+        let me = Identity::generate("source").unwrap();
+        let peer = Identity::generate("dest").unwrap().cert;
+        let ep =
+            client_endpoint_tuned(localhost_any(), &me, peer, &TransportTuning::default()).unwrap();
+        let _connecting = ep.connect(to, "faultline").unwrap();
+        let mut buf = vec![0u8; 65_536];
+        silent.recv_from(&mut buf).await.unwrap();
+        let first = std::time::Instant::now();
+        let resent = tokio::time::timeout(Duration::from_secs(3), silent.recv_from(&mut buf)).await;
+        let gap = first.elapsed();
+        assert!(resent.is_ok(), "the first Initial was never resent");
+        // 100 ms + 4 x 50 ms of assumed variation; quinn's default waits about 1 s.
+        assert!(gap < Duration::from_millis(600), "resent after {gap:?}");
+    }
+
+    fn localhost_any() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
     }
 
     #[test]
