@@ -414,4 +414,46 @@ mod acceptor {
         let c = acceptor.counts();
         assert_eq!((c.busy, c.accepted, c.failed), (1, 1, 1), "{c:?}");
     }
+
+    /// A peer that connected once comes back with the token the listener gave it, from
+    /// another endpoint of the same process (the replicator's connection, then the
+    /// evacuation's): no Retry, one round trip less.
+    #[tokio::test]
+    async fn a_peer_that_connected_before_is_not_sent_a_retry() {
+        let (server, client) = (
+            Identity::generate("dest").unwrap(),
+            Identity::generate("source").unwrap(),
+        );
+        let ep =
+            quic::server_endpoint("127.0.0.1:0".parse().unwrap(), &server, client.cert.clone())
+                .unwrap();
+        let addr = ep.local_addr().unwrap();
+        let mut acceptor = Acceptor::start(ep, AcceptLimits::default());
+        let connect = || async {
+            let ep =
+                quic::client_endpoint("127.0.0.1:0".parse().unwrap(), &client, server.cert.clone())
+                    .unwrap();
+            let conn = quic::connect(&ep, addr)
+                .await
+                .expect("pinned client connects");
+            (ep, conn)
+        };
+        let (_ep1, _first) = connect().await;
+        tokio::time::timeout(Duration::from_secs(10), acceptor.next())
+            .await
+            .expect("handed over in time")
+            .expect("endpoint open");
+        let retried = acceptor.counts().retried;
+        assert!(retried >= 1, "the first connection had no token");
+        // The tokens come in the server's first packets after the handshake.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_ep2, _second) = connect().await;
+        tokio::time::timeout(Duration::from_secs(10), acceptor.next())
+            .await
+            .expect("handed over in time")
+            .expect("endpoint open");
+        let c = acceptor.counts();
+        assert_eq!(c.retried, retried, "the second came with a token: {c:?}");
+        assert_eq!(c.accepted, 2, "{c:?}");
+    }
 }

@@ -18,6 +18,7 @@ mod recovery;
 mod shaped;
 mod source;
 mod stated_start;
+pub mod tokens;
 
 pub use dest::{
     run_dest, run_dest_recovering, DecodeStats, DestHooks, DestRecovery, DestReport, PageSink,
@@ -702,6 +703,8 @@ fn server_endpoint_alpn(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(tuning.config()));
+    // A peer that connected before comes back without a Retry's round trip.
+    cfg.validation_token_config(tokens::validation_config());
     endpoint(addr, me, Some(cfg), tuning.udp_payload_bound())
 }
 
@@ -743,10 +746,12 @@ fn client_endpoint_alpn(
     tuning: &TransportTuning,
     alpn: &[u8],
 ) -> Result<Endpoint, DriverError> {
+    let tokens = tokens::client_tokens(&peer);
     let tls = client_tls_for(me, peer, alpn)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(tuning.config()));
+    cfg.token_store(tokens);
     let mut ep = endpoint(bind, me, None, tuning.udp_payload_bound())?;
     ep.set_default_client_config(cfg);
     Ok(ep)
