@@ -45,7 +45,7 @@
 //! `FAULTLINE_BENCH_ROUNDS` (repeats of each run, 1), `FAULTLINE_BENCH_ENCODING` (`off`),
 //! `FAULTLINE_BENCH_STATED_BDP` (`0`: the default window instead), `FAULTLINE_BENCH_CALIBRATE`,
 //! `FAULTLINE_BENCH_TIMELINE` (set: each run line carries `link_timeline_mbps`, the link's
-//! rate every 50 ms).
+//! rate every 50 ms, and `rate_limits`, the orchestrator's holds and releases).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -380,6 +380,16 @@ fn run(bed: Bed<'_>, specs: &[VmSpec], schedule: &str, deadline_s: f64) -> anyho
     line["encoding"] = json!(encoding);
     if !report["link_timeline_mbps"].is_null() {
         line["link_timeline_mbps"] = report["link_timeline_mbps"].clone();
+        // Beside it, when the orchestrator held and released whom: [t_s, vm, limit].
+        let limits: Vec<Value> = orch
+            .stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("@faultline "))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["event"] == "rate" || e["event"] == "started")
+            .map(|e| json!([e["t_s"], e["vm"], e["rate_cap_bps"]]))
+            .collect();
+        line["rate_limits"] = json!(limits);
     }
     if let Some(c) = link.calibrated {
         line["calibrated_flow_bps"] = json!(c.flow_bps);

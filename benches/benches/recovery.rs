@@ -20,8 +20,9 @@
 //! * `handshake_ms`: a fresh, fully authenticated QUIC connection on the same link, measured
 //!   in the same round: [`HANDSHAKE_SAMPLES`] times, a new client endpoint with the source's
 //!   identity connects through an idle emulator of the same link to a listener with the
-//!   destination's identity and the destination's acceptor (stateless Retry first), as the
-//!   source's reconnection does; the median is the round's figure;
+//!   destination's identity and the destination's acceptor (stateless Retry first, then
+//!   with the address-validation token an earlier sample received, as the source's
+//!   reconnection presents its first connection's); the median is the round's figure;
 //! * `in_flight_at_cut_wire_bytes`: the emulator's `cut_in_flight_bytes` for source →
 //!   destination: UDP payload the source had handed to the link that the destination had not
 //!   received when the link was cut (inside the emulated link, or in the relay's socket), and
@@ -297,7 +298,8 @@ fn measure(
 
 /// `samples` fresh connections through an idle emulator of the same link, ms each: a new
 /// client endpoint with the source's identity, the destination's identity and acceptor
-/// (stateless Retry, then the handshake) on the other side; connected = the client's
+/// (a stateless Retry for the first, a token from an earlier one for the rest, then the
+/// handshake) on the other side; connected = the client's
 /// handshake completed, as when the source's reconnection returns.
 async fn handshake_samples(certs: &Certs, samples: usize) -> anyhow::Result<Vec<f64>> {
     let (source, dest) = (certs.identity("source"), certs.identity("dest"));

@@ -471,7 +471,10 @@ impl TransportTuning {
     /// the push dipped to ~70% of the link every 100-150 ms there (0.88 of the link). Four
     /// to six carry on through that too (0.96). Six, because with four a fleet evacuation
     /// at 1 Gbit/s × 50 ms started the second VM's switchover half a second late, in every
-    /// run (not understood yet; docs/fleet.md). A larger window once cost compressed
+    /// run; later one such switchover was a second late at six too, a handshake packet
+    /// lost in the full queue and resent after RFC 9002's initial probe timeout, now
+    /// shorter ([`INITIAL_RTT`]; docs/fleet.md). Whether four would do now is not
+    /// measured. A larger window once cost compressed
     /// pushes (`all` over real guest RAM at 1 Gbit/s × 20 ms: 1.15 × its own ideal with
     /// three BDPs, 1.20-1.23 with four to six), first put down to a backlog at the
     /// destination; the cause was the source's push keeping the connection's driver off
