@@ -289,7 +289,7 @@ async fn orchestrate(
         let now = t0.elapsed().as_secs_f64();
         for i in o.due(now) {
             o.started(i, now);
-            let cap = o.rate_caps()[i];
+            let cap = o.rate_caps(now)[i];
             let start = Command::Start { rate_cap_bps: cap };
             let sent = starts[i]
                 .as_ref()
@@ -326,9 +326,12 @@ async fn orchestrate(
             _ = tick.tick() => {
                 o.replan(t0.elapsed().as_secs_f64())?;
             }
-            // A prestart the plan foresees between events: start it on time, not at the
-            // next event or tick.
-            _ = sleep_until_s(t0, o.next_due_s(t0.elapsed().as_secs_f64())) => {}
+            // A prestart the plan foresees between events, or a hand-off to a held VM:
+            // on time, not at the next event or tick.
+            _ = sleep_until_s(t0, {
+                let now = t0.elapsed().as_secs_f64();
+                [o.next_due_s(now), o.next_handoff_s(now)].into_iter().flatten().reduce(f64::min)
+            }) => {}
         }
         if let Some(b) = &bars {
             b.update(&o);
@@ -367,7 +370,7 @@ fn share_links(
     now: f64,
     events: &Events,
 ) {
-    for (i, cap) in o.rate_caps().into_iter().enumerate() {
+    for (i, cap) in o.rate_caps(now).into_iter().enumerate() {
         if !o.phase(i).is_under_way() || cap == caps_sent[i] {
             continue;
         }

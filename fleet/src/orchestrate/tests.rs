@@ -284,15 +284,15 @@ fn in_order_links_hold_the_vms_beyond_what_fills_the_link() {
     );
     let due = o.due(0.0);
     assert_eq!(due.len(), 6);
-    assert_eq!(o.rate_caps(), vec![None; 8], "nothing under way yet");
+    assert_eq!(o.rate_caps(0.0), vec![None; 8], "nothing under way yet");
     for &i in &due {
         o.started(i, 0.0);
     }
     // Switchovers in another order than the starts: they decide the order.
     for (k, &i) in due.iter().rev().enumerate() {
-        o.progress(i, 0.5 + k as f64 * 0.1, Some(10 * MB), 0);
+        o.progress(i, 0.5 + k as f64 * 0.1, Some(100 * MB), 0);
     }
-    let caps = o.rate_caps();
+    let caps = o.rate_caps(1.0);
     let hold = Some((1e9 * HOLD_SHARE) as u64);
     for (k, &i) in due.iter().rev().enumerate() {
         let want = if k < 4 { None } else { hold };
@@ -304,7 +304,7 @@ fn in_order_links_hold_the_vms_beyond_what_fills_the_link() {
     // The first transfer ends: the fifth takes its place, the sixth still waits.
     let first = due[5];
     o.done(first, 2.0, 0, Some(1));
-    let caps = o.rate_caps();
+    let caps = o.rate_caps(2.0);
     assert_eq!(caps[due[1]], None, "{caps:?}");
     assert_eq!(caps[due[0]], hold, "{caps:?}");
     assert_eq!(caps[first], None);
@@ -322,9 +322,9 @@ fn a_vm_in_setup_queues_behind_the_transfers_and_fair_links_hold_only_prestarts(
     }
     // Four transfers fill the link; the VM still in setup (started first) is held.
     for &i in &due[1..] {
-        o.progress(i, 0.5, Some(10 * MB), 0);
+        o.progress(i, 0.5, Some(100 * MB), 0);
     }
-    let caps = o.rate_caps();
+    let caps = o.rate_caps(0.5);
     assert!(caps[due[0]].is_some(), "{caps:?}");
     assert!(due[1..].iter().all(|&i| caps[i].is_none()), "{caps:?}");
     // Shared fairly, the transfers are not limited, however many; the (prestarted) VM in
@@ -332,12 +332,12 @@ fn a_vm_in_setup_queues_behind_the_transfers_and_fair_links_hold_only_prestarts(
     let ls = &mut o.current.schedule.links[0];
     ls.sharing = Sharing::Fair;
     ls.prestart = true;
-    let caps = o.rate_caps();
+    let caps = o.rate_caps(0.5);
     assert!(caps[due[0]].is_some(), "{caps:?}");
     assert!(due[1..].iter().all(|&i| caps[i].is_none()), "{caps:?}");
     // Without prestart (the baselines) nothing is limited.
     o.current.schedule.links[0].prestart = false;
-    assert_eq!(o.rate_caps(), vec![None; 6]);
+    assert_eq!(o.rate_caps(0.5), vec![None; 6]);
 }
 
 #[test]
@@ -349,15 +349,54 @@ fn a_prestarted_vm_is_held_only_while_the_transfer_ahead_fills_the_link() {
     assert!(o.plan().schedule.links[0].prestart);
     let first = o.due(0.0)[0];
     o.started(first, 0.0);
-    assert_eq!(o.rate_caps(), vec![None; 3], "alone in its setup");
+    assert_eq!(o.rate_caps(0.0), vec![None; 3], "alone in its setup");
     o.progress(first, 0.3, Some(100 * MB), 0);
     o.replan(0.3).unwrap();
     let at = o.next_due_s(0.3).unwrap();
     let next = o.due(at)[0];
     o.started(next, at);
-    assert!(o.rate_caps()[next].is_some(), "held behind the transfer");
+    assert!(o.rate_caps(at)[next].is_some(), "held behind the transfer");
     o.done(first, at + 1.0, 100 * MB, Some(1));
-    assert_eq!(o.rate_caps(), vec![None; 3], "its turn");
+    assert_eq!(o.rate_caps(at + 1.0), vec![None; 3], "its turn");
+}
+
+#[test]
+fn a_held_vm_takes_the_link_one_round_trip_before_the_transfer_ahead_ends() {
+    let mut f = fleet(3);
+    f.links[0].per_flow_window_bytes = 1 << 30;
+    let mut o = Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap();
+    let first = o.due(0.0)[0];
+    o.started(first, 0.0);
+    // 100 MB left, no rate measured yet: at the link's 1 Gbit/s its last bytes go at
+    // 1.1 s; the link's round trip is 0.1 s.
+    o.progress(first, 0.3, Some(100 * MB), 0);
+    o.replan(0.3).unwrap();
+    let at = o.next_due_s(0.3).unwrap();
+    let next = o.due(at)[0];
+    o.started(next, at);
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+    let end = o.expected_end_s(first).unwrap();
+    assert!(close(end, 1.1), "{end}");
+    let handoff = o.next_handoff_s(at).unwrap();
+    assert!(close(handoff, 1.0), "{handoff}");
+    assert!(o.rate_caps(0.99)[next].is_some(), "still held");
+    assert_eq!(o.rate_caps(1.001), vec![None; 3], "its turn, before `done`");
+    assert_eq!(o.next_handoff_s(1.001), None, "nothing more foreseen");
+    // It turns out to send at 400 Mbit/s (35 MB in 0.7 s), 65 MB left: its end is
+    // expected at 2.3 s, and the VM behind it is held again until 2.2 s.
+    o.progress(first, 1.0, Some(65 * MB), 35 * MB);
+    assert!(close(o.expected_end_s(first).unwrap(), 2.3));
+    assert!(o.rate_caps(1.05)[next].is_some());
+    assert!(close(o.next_handoff_s(1.05).unwrap(), 2.2));
+    // A report right after another does not measure a rate over milliseconds.
+    o.progress(first, 1.01, Some(64 * MB), 35 * MB);
+    assert!(close(
+        o.expected_end_s(first).unwrap(),
+        1.01 + 64.0 * 8e6 / 400e6
+    ));
+    // Without a VM behind it there is no hand-off to time.
+    o.done(next, 1.1, 0, Some(1));
+    assert_eq!(o.next_handoff_s(1.05), None);
 }
 
 #[test]
@@ -372,7 +411,7 @@ fn a_slow_link_holds_at_least_the_minimum() {
         o.started(i, 0.0);
         o.progress(i, 0.5 + i as f64, Some(MB), 0);
     }
-    let caps = o.rate_caps();
+    let caps = o.rate_caps(0.5);
     assert_eq!(caps[0], None);
     assert_eq!(caps[1], Some(MIN_HOLD_BPS), "{caps:?}");
     assert_eq!(caps[2], Some(MIN_HOLD_BPS));
