@@ -408,6 +408,21 @@ impl Background {
         Background(child)
     }
 
+    /// Starts `faultline vm source` (a KVM guest of the reference VMM) against `addr` with
+    /// `extra` arguments.
+    pub fn vm_source(certs: &Certs, addr: &str, extra: &[&str]) -> Background {
+        let child = Command::new(faultline_bin())
+            .args(["vm", "source", "--connect", addr, "--json"])
+            .args(["--connect-timeout", "10"])
+            .args(certs.args("source", "dest"))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn faultline vm source");
+        Background(child)
+    }
+
     /// Starts `faultline` with exactly `args` (no defaults added).
     pub fn spawn(args: &[&str]) -> Background {
         Self::spawn_env(args, &[])

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use faultline_tests::http::scrape;
 use faultline_tests::{
-    assert_evacuated, assert_takes_a_real_source, faultline_bin, free_udp_port, Background, Certs,
-    DestProcess, ShmDir,
+    assert_evacuated, assert_takes_a_real_source, faultline_bin, free_udp_port, kvm_present,
+    Background, Certs, DestProcess, ShmDir,
 };
 use serde_json::Value;
 use transport::tls::Identity;
@@ -236,6 +236,82 @@ fn vm<'a>(r: &'a Value, name: &str) -> &'a Value {
 
 fn secs(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a time: {v}"))
+}
+
+/// A KVM guest of the reference VMM (`vm source --replicate --control` into `vm dest
+/// --replica-dir`) and an image source, evacuated by one orchestrator: the guest runs until
+/// it is asked, and both arrive with equal memory. Skipped (with a message) without
+/// /dev/kvm.
+#[test]
+fn a_reference_vmm_guest_and_an_image_source_are_evacuated_together() {
+    if !kvm_present() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let certs = certs();
+    let image = Pair::start(&certs, "img", "32M", &["--stale-pct", "5"]);
+    let dir = ShmDir::new("kvm");
+    let guest = [
+        "--size",
+        "64M",
+        "--vcpus",
+        "1",
+        "--program",
+        "random-rw",
+        "--working-set",
+        "16M",
+        "--report-every",
+        "16384",
+    ];
+    let dest = DestProcess::vm(
+        &certs,
+        &[
+            &guest[..],
+            &["--replica-dir", &dir.arg(), "--run-secs", "1"],
+        ]
+        .concat(),
+    );
+    let port = free_udp_port();
+    let control = format!("127.0.0.1:{port}");
+    let orchestrator = certs.cert("orchestrator");
+    let extra = [
+        "--vm-id",
+        "kvm",
+        "--replicate",
+        "--stale-pct",
+        "5",
+        "--control",
+        &control,
+        "--control-peer-cert",
+        &orchestrator,
+    ];
+    let source = Background::vm_source(&certs, &dest.addr, &[&guest[..], &extra].concat());
+    // Replicating: give the replica time to fill (64 MiB on loopback) before the warning.
+    std::thread::sleep(Duration::from_secs(3));
+    let plan = plan_file(
+        &certs,
+        "orchestrator",
+        "100M",
+        &[("img", "32M", image.port), ("kvm", "64M", port)],
+    );
+    let (rc, r, err) = Orchestrator::start(&plan, &[]).wait();
+    assert_eq!(rc, Some(0), "{err}\n{r}");
+    assert_eq!(r["totals"]["done"], 2, "{r}");
+    let v = vm(&r, "kvm");
+    assert_eq!(v["outcome"], "done", "{v}");
+    assert!(v["pages_stale"].as_u64().unwrap() > 0, "{v}");
+    let src = source.wait(TIMEOUT);
+    let dst = dest.wait(TIMEOUT);
+    assert!(src.status.success(), "vm source failed: {}", src.stderr);
+    assert!(dst.status.success(), "vm dest failed: {}", dst.stderr);
+    let (s, d) = (&src.json, &dst.json);
+    assert!(s["memory_digest"].is_string(), "{s}");
+    assert_eq!(
+        d["switchover_digest"], s["memory_digest"],
+        "the standby's guest memory differs from the source's at switchover"
+    );
+    assert!(s["replica"]["pages_stale"].as_u64().unwrap() > 0, "{s}");
+    image.assert_evacuated();
 }
 
 #[test]

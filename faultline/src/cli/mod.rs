@@ -13,6 +13,7 @@ mod roles;
 mod size;
 mod vm;
 mod vm_agent;
+mod vm_control;
 mod vm_disks;
 mod vm_replica;
 mod wan;
@@ -33,7 +34,8 @@ pub fn stopper() -> vmm_shim::Stopper {
     STOPPER.get_or_init(vmm_shim::Stopper::new).clone()
 }
 
-/// Set by SIGUSR1 in `faultline replicate`: the warning came, evacuate now (see `main`).
+/// Set by SIGUSR1 in `faultline replicate` (and `vm source --replicate --control`): the
+/// warning came, evacuate now (see `main`).
 pub fn evacuate_now() -> &'static std::sync::atomic::AtomicBool {
     static NOW: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     &NOW
@@ -42,7 +44,11 @@ pub fn evacuate_now() -> &'static std::sync::atomic::AtomicBool {
 impl Command {
     /// Whether SIGUSR1 starts this command's evacuation at once ([`evacuate_now`]).
     pub fn evacuates_on_sigusr1(&self) -> bool {
-        matches!(self, Command::Replicate(_))
+        match self {
+            Command::Replicate(_) => true,
+            Command::Vm(v) => v.evacuates_on_sigusr1(),
+            _ => false,
+        }
     }
 
     /// What a signal stops, for the reason the peer is told; `None` for commands without a

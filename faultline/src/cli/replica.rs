@@ -711,10 +711,15 @@ const PAGE: u64 = 4096;
 
 /// The status `--control` publishes before anything happened.
 fn idle_status(a: &ReplicateArgs) -> Status {
+    idle_status_of(&a.vm_id, a.synthetic)
+}
+
+/// The status a control endpoint publishes before anything happened: all memory stale.
+pub(super) fn idle_status_of(vm_id: &str, memory_bytes: u64) -> Status {
     Status {
-        vm_id: a.vm_id.clone(),
-        memory_bytes: a.synthetic,
-        stale_bytes: a.synthetic,
+        vm_id: vm_id.to_string(),
+        memory_bytes,
+        stale_bytes: memory_bytes,
         dirty_rate_bps: 0,
         stale_growth_bps: None,
         replication: ReplState::Running,
@@ -730,7 +735,10 @@ fn idle_status(a: &ReplicateArgs) -> Status {
 /// progress on the control endpoint: `transferring` from the session's hand-over (its
 /// switchover), `done` from its last sample; the pages left are estimated from the bytes
 /// sent.
-fn progress_to(status: Arc<watch::Sender<Status>>, stale_pages: u64) -> vmm_shim::ProgressFn {
+pub(super) fn progress_to(
+    status: Arc<watch::Sender<Status>>,
+    stale_pages: u64,
+) -> vmm_shim::ProgressFn {
     Arc::new(move |p: vmm_shim::Progress| {
         super::outcome::record_progress(p);
         status.send_modify(|s| {
@@ -765,7 +773,7 @@ fn progress_to(status: Arc<watch::Sender<Status>>, stale_pages: u64) -> vmm_shim
 /// (replication keeps running while the VM waits for its evacuation, so this, not the
 /// dirty rate, is how its stale bytes grow meanwhile).
 #[derive(Default)]
-struct DirtyRate {
+pub(super) struct DirtyRate {
     last: Option<(Instant, u64, u64)>,
     pages_per_s: f64,
     growth_pages_per_s: f64,
@@ -774,7 +782,7 @@ struct DirtyRate {
 impl DirtyRate {
     /// A new sample of the stale and acknowledged counts; the estimates in bits per
     /// second: (dirty rate, net growth of the stale set).
-    fn sample(&mut self, stale: u64, acked: u64) -> (u64, u64) {
+    pub(super) fn sample(&mut self, stale: u64, acked: u64) -> (u64, u64) {
         self.sample_at(Instant::now(), stale, acked)
     }
 

@@ -30,6 +30,7 @@ use super::demo::{spawn_listening, DemoArgs, Reaper};
 use super::demo_replica::DemoCerts;
 use super::roles::{bind_listener, identity, ListenSettings};
 use super::vm_agent::{AgentArgs, DestAgent, DestAgentReport, SourceAgent, SourceHintsReport};
+use super::vm_control::GuestControl;
 use super::vm_replica::{self, ReplicaArgs, SourceReplicaReport};
 use super::{parse_size, TlsArgs};
 
@@ -40,6 +41,13 @@ const SAMPLE_PERIOD: Duration = Duration::from_millis(10);
 pub struct VmArgs {
     #[command(subcommand)]
     pub command: VmCommand,
+}
+
+impl VmArgs {
+    /// A source the orchestrator drives evacuates on SIGUSR1 too (the warning).
+    pub fn evacuates_on_sigusr1(&self) -> bool {
+        matches!(&self.command, VmCommand::Source(s) if s.replica.control.is_some())
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -363,13 +371,23 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     let options = VmOptions {
         dirty_log: a.replica.replicate || a.agent.agent_socket.is_some(),
     };
+    // The evacuation's rate ceiling, which an orchestrator sets; its endpoint listens
+    // before the guest boots, so that it reaches this source at once.
+    let rate_limit = transport::quic::RateLimit::new(a.replica.evacuate_max_rate);
+    let mut control = GuestControl::start(
+        &a.replica,
+        &a.vm_id,
+        &me,
+        config.mem_size,
+        rate_limit.clone(),
+    )?;
     let mut vm = Vm::new_with_options(config.clone(), options).context("booting the source VM")?;
     let layout = Layout::single(config.mem_size);
     let agent = match a.agent.agent_socket {
         Some(_) => Some(SourceAgent::arm(&vm, &a.agent)?),
         None => None,
     };
-    let opts = SourceOptions {
+    let mut opts = SourceOptions {
         connect: a.connect,
         identity: me,
         peer_cert: peer,
@@ -381,7 +399,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         stopper: super::stopper(),
         progress: Some(super::outcome::recorder()),
         recover_timeout: a.recover_timeout.map(Duration::from_secs),
-        rate_limit: None,
+        rate_limit: a.replica.replicate.then_some(rate_limit),
     };
     vm.start()?;
     let started = Instant::now();
@@ -412,7 +430,11 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    run_guest(&vm, run_for)?;
+    match (&mut control, &replication) {
+        // Driven by an orchestrator: until it asks (or SIGUSR1).
+        (Some(c), Some(r)) => c.run_until_asked(&vm, &r.replicator)?,
+        _ => run_guest(&vm, run_for)?,
+    }
     // The agent scans the running guest; its report decides the plan after the pause.
     let asked_agent = match &agent {
         Some(ag) => Some(ag.ask(&layout)?),
@@ -425,16 +447,25 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         Some(r) => Some(vm_replica::finish(r, &mut vm, a.replica.stale_pct)?),
         None => None,
     };
+    if let Some(f) = &replicated {
+        if let Some(c) = &control {
+            // What will cross, as far as known before the final harvest.
+            let stale = f.state.summary.stale_pages + f.dirtied;
+            opts.progress = Some(c.replication_stopped(stale));
+        }
+        if let Some(to) = a.replica.evacuate_connect {
+            opts.connect = to;
+        }
+    }
     // An evacuation connects to its standby once replication has stopped (the standby
     // takes one session at a time) and, unless --stale-pct paused the guest to plant its
     // pages, before the pause: QUIC's and TLS's handshakes are then not downtime.
-    let mut early =
-        match &replicated {
-            Some(_) => Some(vmm_shim::EarlyConnection::open(&opts).with_context(|| {
-                format!("connecting to the standby at {} to evacuate", a.connect)
-            })?),
-            None => None,
-        };
+    let mut early = match &replicated {
+        Some(_) => Some(vmm_shim::EarlyConnection::open(&opts).with_context(|| {
+            format!("connecting to the standby at {} to evacuate", opts.connect)
+        })?),
+        None => None,
+    };
 
     if prepared.as_ref().is_some_and(|p| p.has_failed()) {
         let e = prepared.take().map(|p| p.abandon());
@@ -533,6 +564,12 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
             }
         }),
     };
+    if let Some(c) = control.take() {
+        c.finish(match &report {
+            Ok(r) => Ok((r.udp_tx_bytes, r.pages_stale)),
+            Err(e) => Err(uffd_core::error::chain(e)),
+        });
+    }
     let report = report.context("migrating the VM")?;
     // Memory stays frozen until the VM stops: hash it after the migration, not beside it,
     // where a second of hashing on one core competed with the switchover and the push

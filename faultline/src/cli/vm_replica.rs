@@ -38,6 +38,23 @@ pub struct ReplicaArgs {
     /// With --replicate: replication bandwidth budget in Mbit/s of page payload.
     #[arg(long, default_value_t = 800.0)]
     pub budget_mbps: f64,
+    /// With --replicate: listen here for the orchestrator (`faultline evacuate`), QUIC with
+    /// mutual TLS, presenting `--cert` and accepting only `--control-peer-cert`. The guest
+    /// then runs until the orchestrator's `Evacuate` or SIGUSR1, not for `--run-secs`
+    /// (docs/fleet.md).
+    #[arg(long, requires_all = ["replicate", "control_peer_cert"])]
+    pub control: Option<std::net::SocketAddr>,
+    /// The orchestrator's certificate (PEM), pinned on the control endpoint.
+    #[arg(long, requires = "control")]
+    pub control_peer_cert: Option<std::path::PathBuf>,
+    /// With --replicate: the standby's address for the evacuation, if not `--connect`
+    /// (replication takes one path, the evacuation another: an emulated WAN link).
+    #[arg(long, requires = "replicate")]
+    pub evacuate_connect: Option<std::net::SocketAddr>,
+    /// With --replicate: hold the evacuation to this rate (e.g. 40M, 1G; bits per
+    /// second); the orchestrator may change it. Without it, no limit.
+    #[arg(long, value_name = "RATE", value_parser = super::wan::parse_rate, requires = "replicate")]
+    pub evacuate_max_rate: Option<u64>,
 }
 
 /// Replication of a running guest, started with the VM.

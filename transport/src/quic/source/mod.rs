@@ -6,6 +6,7 @@
 //! requests are served by a task of their own on the urgent stream, so a reply never
 //! waits behind the push, which runs in a third ([`push`]).
 
+mod driver_turn;
 mod push;
 mod replication;
 

@@ -18,6 +18,7 @@ use super::super::recovery::{lost, silent_for, Outages, Pauses, SourceRecovery};
 use super::super::{
     close_with, closed_or, stream_error, DriverError, CLOSE_OK, RECONNECTING, REPLICATION_STOPPED,
 };
+use super::driver_turn::DriverTurn;
 use super::{handshake, open_streams};
 use crate::bitmap::Bitmap;
 use crate::message::{Message, Pages};
@@ -256,7 +257,11 @@ impl OnConnection<'_> {
         acks: &mut Option<Acks>,
     ) -> Result<(), DriverError> {
         let conn = self.conn;
+        // A hurried replicator hands over its whole backlog at once; writes that find room
+        // must not keep the connection's driver waiting behind them.
+        let mut turn = DriverTurn::new();
         loop {
+            turn.give().await;
             let next = tokio::select! {
                 next = updates.recv() => next,
                 r = acks_joined(acks) => return Err(acks_ended(conn, r)),
