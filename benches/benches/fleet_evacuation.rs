@@ -6,7 +6,13 @@
 //! Set-up per run: N pairs of the built-in synthetic image (`FAULTLINE_BENCH_BYTES`, 256 MiB
 //! each), replication the direct way on loopback; each source plants a different share of
 //! stale pages at its evacuation (`--stale-pct`, spread from 5% to 40% over the fleet, in a
-//! shuffled order) and writes at a different rate while it replicates. Every evacuation goes
+//! shuffled order) and writes at a different rate while it replicates. The last
+//! `FAULTLINE_BENCH_KVM` VMs of each fleet (default 1 where /dev/kvm is, else 0) are KVM
+//! guests of the reference VMM instead: `faultline vm source --replicate --control` (one
+//! vCPU running `scattered` over half its memory, the same size, the KVM dirty log as
+//! tracker, its own share
+//! planted with `--stale-pct`) into `faultline vm dest --replica-dir`, their digests of
+//! all guest memory at switchover compared. Every evacuation goes
 //! through `--evacuate-connect` to ONE [`WanEmulator`]: one route per standby
 //! ([`WanEmulator::add_route`]), all routes sharing the same rate, queue and delay. The
 //! processes are told the path's bandwidth-delay product (`FAULTLINE_EXPECTED_BDP`, as
@@ -149,6 +155,9 @@ struct VmSpec {
     name: String,
     stale_pct: f64,
     write_rate: u64,
+    /// A KVM guest of the reference VMM (`vm source --replicate --control` into `vm dest
+    /// --replica-dir`) rather than an image source (`replicate --synthetic`).
+    kvm: bool,
 }
 
 fn policy(schedule: &str) -> Policy {
@@ -160,8 +169,9 @@ fn policy(schedule: &str) -> Policy {
 }
 
 /// `n` VMs, stale shares spread evenly over 5-40%, in a shuffled order (a fixed stride)
-/// so that the fleet's order is not the size order; write rates 100-800 per second.
-fn fleet_specs(n: usize) -> Vec<VmSpec> {
+/// so that the fleet's order is not the size order; write rates 100-800 per second; the
+/// last `kvm` of them KVM guests.
+fn fleet_specs(n: usize, kvm: usize) -> Vec<VmSpec> {
     let gcd = |mut a: usize, mut b: usize| {
         while b != 0 {
             (a, b) = (b, a % b);
@@ -182,6 +192,7 @@ fn fleet_specs(n: usize) -> Vec<VmSpec> {
                 name: format!("vm{i:02}"),
                 stale_pct: (pct * 10.0).round() / 10.0,
                 write_rate: 100 + 100 * (i as u64 % 8),
+                kvm: i + kvm >= n,
             }
         })
         .collect()
@@ -276,6 +287,15 @@ fn main() -> anyhow::Result<()> {
         &certs.dir.path().join("orchestrator.key"),
     )?;
     let calibrating = std::env::var("FAULTLINE_BENCH_CALIBRATE").map_or(true, |v| v != "0");
+    // One reference-VMM guest per fleet by default, where KVM is (each spins a vCPU, a
+    // whole core of this 2-core machine).
+    let kvm = match std::env::var("FAULTLINE_BENCH_KVM") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .context("FAULTLINE_BENCH_KVM: a number of VMs")?,
+        Err(_) => usize::from(faultline_tests::kvm_present()),
+    };
     for link in &mut links {
         set_bdp(link);
         if calibrating {
@@ -298,7 +318,7 @@ fn main() -> anyhow::Result<()> {
     for &n in &sizes {
         for &link in &links {
             set_bdp(&link);
-            let specs = fleet_specs(n);
+            let specs = fleet_specs(n, kvm.min(n));
             let planted: Vec<(String, u64)> = specs
                 .iter()
                 .map(|s| (s.name.clone(), planted_bytes(mem, s.stale_pct)))
@@ -405,6 +425,7 @@ fn calibrate(bed: Bed<'_>) -> anyhow::Result<Calibration> {
         name: format!("cal{i}"),
         stale_pct: pct,
         write_rate: 100,
+        kvm: false,
     };
     // (stale bytes, switchover, finish) of each VM of a run.
     let timeline = |report: &Value| -> anyhow::Result<Vec<(f64, f64, f64)>> {
@@ -484,20 +505,38 @@ fn evacuate(
     let mut wan: Option<WanEmulator> = None;
     let mut pairs = Vec::new();
     let mut metrics = Vec::new();
+    // A KVM guest as large as the image sources: 1 vCPU writing an eighth of a working set
+    // of half its memory (`--stale-pct` plants its share, up to 40%, in the working set).
+    let ws = (mem / 2).to_string();
+    let guest = [
+        "--size",
+        &size,
+        "--vcpus",
+        "1",
+        "--program",
+        "scattered",
+        "--working-set",
+        &ws,
+    ];
     for s in specs {
         let dir = ShmDir::new(&s.name);
-        let standby = DestProcess::standby(
-            certs,
-            "127.0.0.1:0",
-            &[
-                "--size",
-                &size,
-                "--replica-dir",
-                &dir.arg(),
-                "--vm-id",
-                &s.name,
-            ],
-        );
+        let at_standby = [
+            "--replica-dir",
+            &dir.arg(),
+            "--vm-id",
+            &s.name,
+            "--run-secs",
+            "1",
+        ];
+        let standby = if s.kvm {
+            DestProcess::vm(certs, &[&guest[..], &at_standby].concat())
+        } else {
+            DestProcess::standby(
+                certs,
+                "127.0.0.1:0",
+                &[&["--size", &size][..], &at_standby[..4]].concat(),
+            )
+        };
         let upstream = standby.addr.parse().context("the standby's address")?;
         let any = "127.0.0.1:0".parse().context("an address")?;
         let relay = match &mut wan {
@@ -512,6 +551,28 @@ fn evacuate(
         let port = free_udp_port();
         let control = format!("127.0.0.1:{port}");
         let orch = certs.cert("orchestrator");
+        if s.kvm {
+            let pct = s.stale_pct.to_string();
+            let relay = relay.to_string();
+            let args = [
+                "--vm-id",
+                &s.name,
+                "--replicate",
+                "--stale-pct",
+                &pct,
+                "--control",
+                &control,
+                "--control-peer-cert",
+                &orch,
+                "--evacuate-connect",
+                &relay,
+                "--encoding",
+                encoding,
+            ];
+            let source = Background::vm_source(certs, &standby.addr, &[&guest[..], &args].concat());
+            pairs.push((s.clone(), port, standby, source, dir));
+            continue;
+        }
         let scrape = format!("127.0.0.1:{}", free_tcp_port());
         let args = [
             "--metrics-listen",
@@ -541,8 +602,12 @@ fn evacuate(
     }
     // The replicas filled (most of the synthetic image is not zero pages), then every
     // replication caught up, as in normal times when the warning comes.
-    for (_, _, _, _, dir) in &pairs {
-        wait_replicated(dir, mem / PAGE, 0.6);
+    // (A KVM guest's replica stays sparse, its memory mostly zero: its source's
+    // `--stale-pct` waits for replication to catch up at the evacuation.)
+    for (s, _, _, _, dir) in &pairs {
+        if !s.kvm {
+            wait_replicated(dir, mem / PAGE, 0.6);
+        }
     }
     wait_caught_up(&metrics)?;
     std::thread::sleep(Duration::from_secs(1));
@@ -576,9 +641,20 @@ fn evacuate(
                 v["source_downtime_ms"] = src.json["downtime_ms"].clone();
             }
         }
-        if let Err(e) = check(&src, "replicate")
+        let digests = |src: &Finished, dst: &Finished| {
+            if !s.kvm {
+                return check_digests(src, dst);
+            }
+            // The guest's memory at switchover, hashed by both VMMs.
+            let (a, b) = (&src.json["memory_digest"], &dst.json["switchover_digest"]);
+            if !a.is_string() || a != b {
+                bail!("digests differ: source {a} standby {b}");
+            }
+            Ok(())
+        };
+        if let Err(e) = check(&src, if s.kvm { "vm source" } else { "replicate" })
             .and_then(|()| check(&dst, "standby"))
-            .and_then(|()| check_digests(&src, &dst))
+            .and_then(|()| digests(&src, &dst))
         {
             failures.push(format!("{}: {e:#}", s.name));
         }

@@ -394,7 +394,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         vm_id: a.vm_id.clone(),
         connect_timeout: Duration::from_secs(a.connect_timeout),
         push: true,
-        encoding: transport::encoding::EncodingPolicy::AUTO,
+        encoding: a.replica.encoding.policy(),
         early_push: true,
         stopper: super::stopper(),
         progress: Some(super::outcome::recorder()),
