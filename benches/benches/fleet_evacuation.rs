@@ -398,6 +398,7 @@ fn run(bed: Bed<'_>, specs: &[VmSpec], schedule: &str, deadline_s: f64) -> anyho
         line["wan_queue_drops"] = json!(c.client_to_server.dropped_queue);
     }
     line["encoding"] = json!(encoding);
+    line["digests_unverified"] = report["digests_unverified"].clone();
     if !report["link_timeline_mbps"].is_null() {
         line["link_timeline_mbps"] = report["link_timeline_mbps"].clone();
         // Beside it, when the orchestrator held and released whom: [t_s, vm, limit].
@@ -517,6 +518,9 @@ fn evacuate(
         "scattered",
         "--working-set",
         &ws,
+        // Often enough that a starved vCPU still reaches one when its VMM pauses it.
+        "--report-every",
+        "4096",
     ];
     for s in specs {
         let dir = ShmDir::new(&s.name);
@@ -631,6 +635,7 @@ fn evacuate(
         report["link_timeline_mbps"] = json!(timeline);
     }
     let mut failures = Vec::new();
+    let mut unverified = Vec::new();
     for (s, _, standby, source, _) in pairs {
         let src = source.wait(TIMEOUT);
         let dst = standby.wait(TIMEOUT);
@@ -643,22 +648,35 @@ fn evacuate(
         }
         let digests = |src: &Finished, dst: &Finished| {
             if !s.kvm {
-                return check_digests(src, dst);
+                return check_digests(src, dst).map(|()| true);
+            }
+            // A vCPU paused off a progress report (its VMM gave up waiting for one after
+            // 2 s, a vCPU starved on this machine) finishes the write it was in at the
+            // standby before it hashes: the two digests are then not of the same memory.
+            let off_report = src.json["paused_at_report"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| v != true));
+            if off_report {
+                return Ok(false);
             }
             // The guest's memory at switchover, hashed by both VMMs.
             let (a, b) = (&src.json["memory_digest"], &dst.json["switchover_digest"]);
             if !a.is_string() || a != b {
                 bail!("digests differ: source {a} standby {b}");
             }
-            Ok(())
+            Ok(true)
         };
-        if let Err(e) = check(&src, if s.kvm { "vm source" } else { "replicate" })
+        match check(&src, if s.kvm { "vm source" } else { "replicate" })
             .and_then(|()| check(&dst, "standby"))
             .and_then(|()| digests(&src, &dst))
         {
-            failures.push(format!("{}: {e:#}", s.name));
+            Ok(true) => {}
+            Ok(false) => unverified.push(s.name.clone()),
+            Err(e) => failures.push(format!("{}: {e:#}", s.name)),
         }
     }
+    // Reported in the run's line (`digests_unverified`).
+    report["digests_unverified"] = json!(unverified);
     if !failures.is_empty() {
         bail!("memory not equal on both sides: {}", failures.join("; "));
     }

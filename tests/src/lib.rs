@@ -354,16 +354,7 @@ pub fn run_source(
 
 /// Runs `faultline vm source` (the reference KVM VMM's source) against `addr` to completion.
 pub fn run_vm_source(certs: &Certs, addr: &str, extra: &[&str], timeout: Duration) -> Finished {
-    let child = Command::new(faultline_bin())
-        .args(["vm", "source", "--connect", addr, "--json"])
-        .args(["--connect-timeout", "10"])
-        .args(certs.args("source", "dest"))
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn faultline vm source");
-    collect(child, timeout, "faultline vm source")
+    Background::vm_source(certs, addr, extra).wait(timeout)
 }
 
 /// A `faultline` process started in the background, collected later.
