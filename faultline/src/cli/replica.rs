@@ -30,8 +30,8 @@ use vmm_shim::{DestOptions, EarlyConnection, Listener, SourceOptions, StandbyRep
 use fleet::control::{EvacState, ReplState, Status};
 use tokio::sync::watch;
 
-use super::control_server::ControlServer;
 use super::roles::{emit_event, identity};
+use super::source_control::SourceControl;
 use super::vm_disks::{
     digest_disk, dirty_disks, export_received, finish_exports, open_standby_disks, DiskDigest,
     DiskExports, DiskReaders, DiskWriters, ReceiveDiskArgs, SourceDiskArgs, SourceDisks,
@@ -280,26 +280,24 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     // The evacuation's rate ceiling: from the command line, changed by the orchestrator.
     let rate_limit = RateLimit::new(a.evacuate_max_rate);
     // First: the orchestrator may ask for the status while the guest is being set up.
-    let control = match (&a.control, &a.control_peer_cert) {
-        (Some(addr), Some(pin)) => {
-            let orchestrator = transport::tls::load_cert(pin)
-                .context("loading the orchestrator's certificate to pin")?;
-            let c = ControlServer::start(
-                *addr,
-                &me,
-                orchestrator,
-                idle_status(&a),
-                rate_limit.clone(),
-                || super::evacuate_now().store(true, Ordering::Relaxed),
-            )?;
-            emit_event(serde_json::json!({
-                "event": "control_listening",
-                "addr": c.local_addr().to_string(),
-            }));
-            Some(c)
-        }
-        _ => None,
-    };
+    // With --stale-pct (and --stale-moved-pct) the evacuation first lets replication
+    // catch up, then makes exactly those pages stale: the status reports what will cross,
+    // the planted pages only (the stale count meanwhile is replication's lag).
+    let planted = a.stale_pct.map(|_| {
+        [a.stale_pct, a.stale_moved_pct]
+            .iter()
+            .flatten()
+            .map(|p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64)
+            .sum::<u64>()
+    });
+    let mut control = SourceControl::start(
+        a.control.zip(a.control_peer_cert.as_deref()),
+        &a.vm_id,
+        &me,
+        a.synthetic,
+        planted,
+        rate_limit.clone(),
+    )?;
     let budget_bytes_per_sec = (a.budget_mbps * 1e6 / 8.0) as u64;
     let live_stats: Arc<OnceLock<Arc<ReplicatorStats>>> = Arc::default();
     let metrics = a
@@ -347,7 +345,6 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         (None, None) => Some(3.0),
     };
     let until = evacuate_after.map(|s| Instant::now() + Duration::from_secs_f64(s));
-    let mut dirty_rate = DirtyRate::default();
     // Wakes every 10 ms so that an evacuation asked for starts at once (an orchestrator
     // counts this wait in every VM's setup); the status is refreshed every 100 ms.
     let mut last_status = Instant::now();
@@ -361,36 +358,15 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             continue;
         }
         last_status = Instant::now();
-        if let Some(c) = &control {
-            let stale = replicator.stale_pages();
-            let acked = replicator.stats().pages_acked.load(Ordering::Relaxed);
-            let (bps, growth_bps) = dirty_rate.sample(stale, acked);
-            // With --stale-pct (and --stale-moved-pct) the evacuation first lets
-            // replication catch up, then makes exactly those pages stale: report what will
-            // cross, the planted pages only (the stale count now is replication's lag).
-            let planted = [a.stale_pct, a.stale_moved_pct]
-                .iter()
-                .flatten()
-                .map(|p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64)
-                .sum::<u64>();
-            let crossing = if a.stale_pct.is_some() {
-                planted
-            } else {
-                stale
-            };
-            c.update(|s| {
-                s.stale_bytes = crossing * PAGE;
-                s.dirty_rate_bps = bps;
-                // Planted pages do not grow while the VM waits.
-                s.stale_growth_bps = Some(if a.stale_pct.is_some() { 0 } else { growth_bps });
-            });
+        if let Some(c) = &mut control {
+            c.publish_replication(&replicator);
         }
         if !a.json {
             eprint!("\rreplicating: {:>8} pages stale", replicator.stale_pages());
         }
     }
     if let Some(c) = &control {
-        c.update(|s| s.evacuation = EvacState::Starting);
+        c.starting();
     }
     let result = evacuate(
         &a,
@@ -413,19 +389,13 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         },
     );
     if let Some(c) = control {
-        match &result {
-            Ok(out) => c.update(|s| {
-                s.evacuation = EvacState::Done;
-                s.bytes_sent = out.evacuation.session.udp_tx_bytes;
-                s.pages_stale = Some(out.evacuation.session.pages_stale);
-                s.pages_remaining = Some(0);
-            }),
-            Err(e) => c.update(|s| {
-                s.evacuation = EvacState::Failed;
-                s.error = Some(format!("{e:#}"));
-            }),
-        }
-        c.finish();
+        c.finish(match &result {
+            Ok(out) => Ok((
+                out.evacuation.session.udp_tx_bytes,
+                out.evacuation.session.pages_stale,
+            )),
+            Err(e) => Err(format!("{e:#}")),
+        });
     }
     let out = result?;
     if a.json {
@@ -482,7 +452,7 @@ struct Evacuation<'a> {
     exports: DiskExports,
     disks: &'a SourceDisks,
     replicated: &'a [vmm_shim::disks::ReplicatedDisk],
-    control: Option<&'a ControlServer>,
+    control: Option<&'a SourceControl>,
     metrics: Option<&'a ReplicateMetrics>,
     /// The evacuation's rate ceiling (the orchestrator's share of the link).
     rate_limit: RateLimit,
@@ -551,15 +521,8 @@ fn evacuate(
             .map_or(0, |p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64)
         + a.stale_moved_pct
             .map_or(0, |p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64);
-    if let Some(c) = control {
-        c.update(|s| {
-            s.replication = ReplState::Stopped;
-            s.stale_bytes = stale_pages * PAGE;
-            s.pages_remaining = Some(stale_pages);
-        });
-    }
     let publish: vmm_shim::ProgressFn = match control {
-        Some(c) => progress_to(c.publisher(), stale_pages),
+        Some(c) => c.replication_stopped(stale_pages),
         None => super::outcome::recorder(),
     };
     let progress: vmm_shim::ProgressFn = match metrics {
@@ -708,11 +671,6 @@ impl PrepTimes {
 }
 
 const PAGE: u64 = 4096;
-
-/// The status `--control` publishes before anything happened.
-fn idle_status(a: &ReplicateArgs) -> Status {
-    idle_status_of(&a.vm_id, a.synthetic)
-}
 
 /// The status a control endpoint publishes before anything happened: all memory stale.
 pub(super) fn idle_status_of(vm_id: &str, memory_bytes: u64) -> Status {

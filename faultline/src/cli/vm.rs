@@ -21,7 +21,7 @@ use refvmm::rate::{rate_between, RateSampler, Sample};
 use refvmm::switchover::{ms_between, wall_clock};
 use refvmm::{memory, slice_digests, Program, Switchover, Vm, VmConfig, VmOptions, VmSnapshot};
 use serde::{Deserialize, Serialize};
-use transport::Layout;
+use transport::{Layout, PAGE_SIZE};
 use uffd_core::{LatencySummary, MetricsSnapshot};
 use vmm_shim::replica::{evacuate, evacuate_over, PausedMemory};
 use vmm_shim::SourceOptions;
@@ -29,8 +29,8 @@ use vmm_shim::SourceOptions;
 use super::demo::{spawn_listening, DemoArgs, Reaper};
 use super::demo_replica::DemoCerts;
 use super::roles::{bind_listener, identity, ListenSettings};
+use super::source_control::SourceControl;
 use super::vm_agent::{AgentArgs, DestAgent, DestAgentReport, SourceAgent, SourceHintsReport};
-use super::vm_control::GuestControl;
 use super::vm_replica::{self, ReplicaArgs, SourceReplicaReport};
 use super::{parse_size, TlsArgs};
 
@@ -374,11 +374,22 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     // The evacuation's rate ceiling, which an orchestrator sets; its endpoint listens
     // before the guest boots, so that it reaches this source at once.
     let rate_limit = transport::quic::RateLimit::new(a.replica.evacuate_max_rate);
-    let mut control = GuestControl::start(
-        &a.replica,
+    let listen = a
+        .replica
+        .control
+        .zip(a.replica.control_peer_cert.as_deref());
+    // With --stale-pct, what will cross is the planted pages (replication catches up
+    // first).
+    let planted = a
+        .replica
+        .stale_pct
+        .map(|p| (p / 100.0 * (config.mem_size / PAGE_SIZE as u64) as f64) as u64);
+    let mut control = SourceControl::start(
+        listen,
         &a.vm_id,
         &me,
         config.mem_size,
+        planted,
         rate_limit.clone(),
     )?;
     let mut vm = Vm::new_with_options(config.clone(), options).context("booting the source VM")?;
@@ -432,7 +443,10 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     };
     match (&mut control, &replication) {
         // Driven by an orchestrator: until it asks (or SIGUSR1).
-        (Some(c), Some(r)) => c.run_until_asked(&vm, &r.replicator)?,
+        (Some(c), Some(r)) => {
+            c.run_until_asked(&r.replicator, || vm.check_vcpus().map_err(Into::into))?;
+            c.starting();
+        }
         _ => run_guest(&vm, run_for)?,
     }
     // The agent scans the running guest; its report decides the plan after the pause.

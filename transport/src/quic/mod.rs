@@ -479,7 +479,7 @@ impl TransportTuning {
     /// three BDPs, 1.20-1.23 with four to six), first put down to a backlog at the
     /// destination; the cause was the source's push keeping the connection's driver off
     /// its worker while writes did not block, which a larger window made longer. The push
-    /// now gives the driver turns (`source::push::DriverTurn`): 1.01 with six
+    /// now gives the driver turns (`source::driver_turn::DriverTurn`): 1.01 with six
     /// (docs/encoding.md).
     ///
     /// Without a stated BDP nothing else caps the push, so this window is the in-flight cap.
