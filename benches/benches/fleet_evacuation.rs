@@ -74,6 +74,8 @@ use wan_emu::{LinkConfig, WanEmulator};
 const BENCH: &str = "fleet_evacuation";
 const PAGE: u64 = 4096;
 const TIMEOUT: Duration = Duration::from_secs(900);
+/// How long a standby may take to exit once its source has.
+const STANDBY_AFTER_SOURCE: Duration = Duration::from_secs(120);
 const DEADLINE_SHARE: f64 = 0.7;
 const TARGET_VM_ERR: f64 = 0.10;
 const TARGET_MAKESPAN_ERR: f64 = 0.10;
@@ -638,12 +640,21 @@ fn evacuate(
     let mut unverified = Vec::new();
     for (s, _, standby, source, _) in pairs {
         let src = source.wait(TIMEOUT);
-        let dst = standby.wait(TIMEOUT);
+        if !src.status.success() {
+            // Before the standby's wait, which may not end if its source failed.
+            eprintln!("{}: the source failed: {}", s.name, src.stderr);
+        }
+        // A standby ends within seconds of its source (it hashes its memory); one that does
+        // not is hung, and its wait panics with what its threads were blocked in.
+        let dst = standby.wait(STANDBY_AFTER_SOURCE);
         // What the setup was made of, from the source's own report.
         if let Some(vms) = report["vms"].as_array_mut() {
             if let Some(v) = vms.iter_mut().find(|v| v["name"] == s.name.as_str()) {
                 v["source_prep"] = src.json["prep"].clone();
                 v["source_downtime_ms"] = src.json["downtime_ms"].clone();
+                // Times the evacuation's connection was judged lost and the session resumed
+                // on a new one (docs/recovery.md), as the standby counted them.
+                v["pauses"] = dst.json["pauses"].clone();
             }
         }
         let digests = |src: &Finished, dst: &Finished| {
@@ -810,6 +821,7 @@ fn compare(
             // The source's preparation (catch-up, connect, planting) and its pause until
             // the standby's answer, both inside the setup.
             "source_prep_ms": v["source_prep"], "source_downtime_ms": v["source_downtime_ms"],
+            "pauses": v["pauses"],
         }));
     }
     let n = vms.len() as f64;

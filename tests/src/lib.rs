@@ -291,13 +291,16 @@ impl DestProcess {
     /// Waits for the process to exit (at most `timeout`, then kills it and panics).
     pub fn wait(mut self, timeout: Duration) -> Finished {
         let child = self.child.take().expect("not yet waited");
-        let (status, stdout) = wait_with_timeout(child, timeout, "faultline dest");
+        let waited = wait_with_timeout(child, timeout);
         // The relay thread ends at the end of the child's stderr: join it so no line is lost.
         if let Some(r) = self.relay.take() {
             let _ = r.join();
         }
         let stderr: Vec<String> = self.stderr.try_iter().collect();
-        finished(status, stdout, stderr.join("\n"))
+        match waited {
+            Ok((status, stdout)) => finished(status, stdout, stderr.join("\n")),
+            Err(threads) => hung("faultline dest", timeout, &threads, &stderr.join("\n")),
+        }
     }
 }
 
@@ -310,7 +313,9 @@ impl Drop for DestProcess {
     }
 }
 
-fn wait_with_timeout(mut child: Child, timeout: Duration, what: &str) -> (ExitStatus, String) {
+/// Waits for `child` to exit and reads its stdout. After `timeout` it kills the child and
+/// returns what its threads were doing (see [`thread_stacks`]) instead.
+fn wait_with_timeout(mut child: Child, timeout: Duration) -> Result<(ExitStatus, String), String> {
     let mut out = child.stdout.take().expect("stdout");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -323,13 +328,57 @@ fn wait_with_timeout(mut child: Child, timeout: Duration, what: &str) -> (ExitSt
             break st;
         }
         if std::time::Instant::now() > deadline {
+            let threads = thread_stacks(child.id());
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{what} did not finish within {timeout:?}");
+            let _ = reader.join();
+            return Err(threads);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    (status, reader.join().unwrap_or_default())
+    Ok((status, reader.join().unwrap_or_default()))
+}
+
+/// Each thread of process `pid`: its name, its CPU time so far and its kernel stack (the
+/// stack only where this process may read it, as root). What a hung child was blocked in.
+pub fn thread_stacks(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(no /proc/{pid}/task)");
+    };
+    let mut out = String::new();
+    for t in tasks.flatten() {
+        let dir = t.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        // utime and stime, fields 14 and 15, counted after the parenthesised name.
+        let stat = read("stat");
+        let ticks = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join("+")
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "-- {} {} cpu ticks {ticks}\n{}",
+            read("comm").trim(),
+            t.file_name().to_string_lossy(),
+            read("stack")
+        ));
+    }
+    out
+}
+
+/// Panics for a child that did not exit within `timeout`, with its threads and stderr.
+fn hung(what: &str, timeout: Duration, threads: &str, stderr: &str) -> ! {
+    let lines: Vec<&str> = stderr.lines().collect();
+    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+    panic!(
+        "{what} did not finish within {timeout:?}; killed.\n--- its threads then:\n{threads}\n\
+         --- the end of its stderr:\n{tail}"
+    );
 }
 
 fn finished(status: ExitStatus, stdout: String, stderr: String) -> Finished {
@@ -515,8 +564,12 @@ fn collect(mut child: Child, timeout: Duration, what: &str) -> Finished {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let (status, stdout) = wait_with_timeout(child, timeout, what);
-    finished(status, stdout, err_reader.join().unwrap_or_default())
+    let waited = wait_with_timeout(child, timeout);
+    let stderr = err_reader.join().unwrap_or_default();
+    match waited {
+        Ok((status, stdout)) => finished(status, stdout, stderr),
+        Err(threads) => hung(what, timeout, &threads, &stderr),
+    }
 }
 
 /// Asserts an evacuation (`replicate` into `standby`) succeeded on both sides with equal
