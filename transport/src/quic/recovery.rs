@@ -106,10 +106,10 @@ pub(crate) fn lost(e: &DriverError) -> bool {
         matches!(c, quinn::ConnectionError::ApplicationClosed(a)
             if a.error_code.into_inner() == u64::from(super::CLOSE_OK))
     };
+    let ok = u64::from(super::CLOSE_OK);
     match e {
         // The peer dropped the connection without a reason: it reconnects.
-        DriverError::Connection(c) if dropped(c) => true,
-        DriverError::Connection(c) => transient(c),
+        DriverError::Connection(c) => dropped(c) || transient(c),
         DriverError::Stream {
             source: FrameError::Read(quinn::ReadError::ConnectionLost(c)),
             ..
@@ -117,10 +117,58 @@ pub(crate) fn lost(e: &DriverError) -> bool {
         | DriverError::Stream {
             source: FrameError::Write(quinn::WriteError::ConnectionLost(c)),
             ..
-        } => transient(c),
+        } => dropped(c) || transient(c),
+        // The peer dropped its end of the stream, which it does only with the whole
+        // connection (nothing here stops or resets a stream on purpose), and its close did
+        // not follow within [`settle`]'s wait: it dropped the connection to reconnect (it
+        // thought it lost it), or it is gone.
+        DriverError::Stream {
+            source: FrameError::Write(quinn::WriteError::Stopped(code)),
+            ..
+        }
+        | DriverError::Stream {
+            source: FrameError::Read(quinn::ReadError::Reset(code)),
+            ..
+        } => code.into_inner() == ok,
         // The peer went silent during a handshake without the connection timing out.
         DriverError::Timeout(_) | DriverError::Silent { .. } => true,
         _ => false,
+    }
+}
+
+/// Least time [`settle`] waits for the close behind a stream error.
+pub(crate) const CLOSE_SETTLE: Duration = Duration::from_millis(300);
+
+/// A stream error can arrive ahead of the connection close that explains it. A peer that
+/// drops a connection, to reconnect (it judged the connection lost) or because its session
+/// failed, drops its streams with it: quinn stops those it was reading (code 0) and finishes
+/// those it was writing, and those frames may leave before its CONNECTION_CLOSE. Judged
+/// alone, the error would end a session the peer means to resume (a VM lost for a pause),
+/// or hide the peer's reason.
+///
+/// So for such an error this waits for the connection to close (at least
+/// [`CLOSE_SETTLE`], three round trips where that is longer) and returns the close instead
+/// (see [`super::connection_lost`]); if none came, the error as it was.
+pub(crate) async fn settle(conn: &Connection, e: DriverError) -> DriverError {
+    let ahead = matches!(
+        &e,
+        DriverError::Stream {
+            source: FrameError::Write(quinn::WriteError::Stopped(_))
+                | FrameError::Read(quinn::ReadError::Reset(_))
+                | FrameError::Truncated,
+            ..
+        } | DriverError::PeerClosed {
+            code: crate::message::ErrorCode::Aborted,
+            ..
+        }
+    );
+    if !ahead {
+        return e;
+    }
+    let wait = CLOSE_SETTLE.max(conn.rtt().saturating_mul(3));
+    match tokio::time::timeout(wait, conn.closed()).await {
+        Ok(reason) => super::connection_lost(reason),
+        Err(_) => e,
     }
 }
 
@@ -315,6 +363,7 @@ impl SourceRecovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quinn::VarInt;
 
     #[test]
     fn only_the_network_losing_a_connection_pauses() {
@@ -336,6 +385,118 @@ mod tests {
         ))));
         assert!(!lost(&DriverError::Stopped));
         assert!(!lost(&DriverError::Reader("gone".into())));
+    }
+
+    /// How the server end of [`a_stream_the_peer_dropped`] leaves.
+    #[derive(Clone, Copy)]
+    enum Leaves {
+        /// Closes the connection as a peer that will reconnect does.
+        ToReconnect,
+        /// Closes it with a reason: its session failed.
+        Failing,
+        /// Never closes it.
+        Silently,
+    }
+
+    /// A client writing a stream whose server end drops it (quinn stops it with code 0) and
+    /// then, 50 ms later, leaves as `how` says. Returns `settle`'s verdict on the client's
+    /// write error, and how long `settle` took.
+    async fn a_stream_the_peer_dropped(how: Leaves) -> (DriverError, Duration) {
+        use super::super::{accept, client_endpoint_tuned, server_endpoint_tuned, TransportTuning};
+        use crate::tls::Identity;
+        let (src, dst) = (
+            Identity::generate("source").unwrap(),
+            Identity::generate("dest").unwrap(),
+        );
+        let tuning = TransportTuning::default();
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        let server = server_endpoint_tuned(local, &dst, src.cert.clone(), &tuning).unwrap();
+        let to = server.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let conn = accept(&server).await.unwrap().unwrap();
+            let mut recv = conn.accept_uni().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = recv.read(&mut buf).await;
+            drop(recv);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            match how {
+                Leaves::ToReconnect => conn.close(
+                    VarInt::from_u32(super::super::CLOSE_OK),
+                    super::super::RECONNECTING,
+                ),
+                Leaves::Failing => conn.close(
+                    VarInt::from_u32(crate::message::ErrorCode::Malformed as u32),
+                    b"bad frame",
+                ),
+                Leaves::Silently => {}
+            }
+            // Keeps the endpoint (and a silent connection) up while the client judges.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            drop(conn);
+        });
+        let client = client_endpoint_tuned(local, &src, dst.cert.clone(), &tuning).unwrap();
+        let conn = connect(&client, to).await.unwrap();
+        let mut send = conn.open_uni().await.unwrap();
+        let chunk = vec![7u8; 16 * 1024];
+        let err = loop {
+            if let Err(e) = send.write_all(&chunk).await {
+                break e;
+            }
+        };
+        assert!(
+            matches!(err, quinn::WriteError::Stopped(c) if c.into_inner() == 0),
+            "{err:?}"
+        );
+        let e = DriverError::Stream {
+            channel: crate::proto::Channel::Bulk,
+            source: FrameError::Write(err),
+        };
+        let started = Instant::now();
+        let judged = settle(&conn, e).await;
+        let took = started.elapsed();
+        peer.abort();
+        (judged, took)
+    }
+
+    /// The server end's stream stop arrives ahead of its close: the stream error alone would
+    /// end the session (a VM lost for a pause, in the fleet bench), so `settle` waits for the
+    /// close and judges by it.
+    #[tokio::test]
+    async fn a_stream_stopped_ahead_of_a_reconnecting_close_is_a_lost_connection() {
+        let (e, took) = a_stream_the_peer_dropped(Leaves::ToReconnect).await;
+        assert!(matches!(e, DriverError::Connection(_)), "{e:?}");
+        assert!(lost(&e), "{e:?}");
+        assert!(took < Duration::from_millis(250), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_stopped_ahead_of_a_failing_close_gives_the_peers_reason() {
+        let (e, _) = a_stream_the_peer_dropped(Leaves::Failing).await;
+        match &e {
+            DriverError::PeerClosed { code, reason } => {
+                assert_eq!(*code, crate::message::ErrorCode::Malformed);
+                assert_eq!(reason, "bad frame");
+            }
+            other => panic!("expected the peer's close, got {other:?}"),
+        }
+        assert!(!lost(&e));
+    }
+
+    #[tokio::test]
+    async fn a_stream_stopped_with_no_close_after_counts_as_lost() {
+        let (e, took) = a_stream_the_peer_dropped(Leaves::Silently).await;
+        assert!(
+            matches!(
+                &e,
+                DriverError::Stream {
+                    source: FrameError::Write(quinn::WriteError::Stopped(_)),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(took >= CLOSE_SETTLE, "{took:?}");
+        assert!(lost(&e), "{e:?}");
     }
 
     #[test]

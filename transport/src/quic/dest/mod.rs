@@ -255,7 +255,7 @@ async fn run_session(
                 across.session().resume();
                 continue;
             }
-            Err(e) => e,
+            Err(e) => super::recovery::settle(&conn, e).await,
         };
         let resumable = screen.incoming.is_some() && lost(&e) && {
             let s = across.session();
@@ -860,7 +860,12 @@ impl<'a> Driver<'a> {
         screen: &mut Screen<'_>,
     ) -> Result<Ended, DriverError> {
         let tasks = Tasks::spawn(&self.dest, readers, self.st.requests.clone());
-        let outcome = self.control_loop(screen).await;
+        let outcome = match self.control_loop(screen).await {
+            // A stream error may be the peer dropping the connection, its close on the
+            // way: judged by the close, not closed over (see the source driver).
+            Err(e) => Err(super::recovery::settle(&self.dest.link.conn, e).await),
+            ok => ok,
+        };
         if let Err(e) = &outcome {
             // Tell the peer why before the tasks stop and their streams end (see the
             // source driver); a lost connection tells nothing.

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use super::frame::{read_frame, write_pages};
 use super::link::{ControlReader, Link, Shared};
 use super::loss::LossGauge;
-use super::recovery::{lost, silent_for, Outages, Pauses, SourceRecovery};
+use super::recovery::{lost, settle, silent_for, Outages, Pauses, SourceRecovery};
 use super::{
     close_with, closed_or, connection_lost, stream_error, DriverError, CLOSE_OK, PRIO_BULK,
     PRIO_CONTROL, PRIO_URGENT, RECONNECTING, TAG_BULK, TAG_CONTROL, TAG_ECHO, TAG_URGENT,
@@ -281,7 +281,7 @@ async fn recovering(
         .await;
         let e = match result {
             Ok(()) => break,
-            Err(e) => e,
+            Err(e) => settle(&conn, e).await,
         };
         let resumable = {
             let s = session.lock().unwrap_or_else(|p| p.into_inner());
@@ -688,7 +688,13 @@ impl Driver {
         totals: &mut Totals,
     ) -> Result<(), DriverError> {
         let tasks = Tasks::spawn(&self.src, data, early, self.features);
-        let outcome = self.control_loop(&mut totals.pauses).await;
+        let outcome = match self.control_loop(&mut totals.pauses).await {
+            // A stream the destination stopped or ended may be it dropping the connection
+            // to reconnect, its close still on the way: closing over it here would turn a
+            // pause into the session's end (the VM lost). Judged by the close instead.
+            Err(e) => Err(settle(&self.link().conn, e).await),
+            ok => ok,
+        };
         if let Err(e) = &outcome {
             // Tell the peer why before the tasks stop: their streams finish as they drop,
             // and the destination would otherwise see a stream end before the reason. A

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::super::frame::{write_message, FrameError};
 use super::super::link::{ControlReader, Link, Shared};
-use super::super::recovery::{lost, silent_for, Outages, Pauses, SourceRecovery};
+use super::super::recovery::{lost, settle, silent_for, Outages, Pauses, SourceRecovery};
 use super::super::{
     close_with, closed_or, stream_error, DriverError, CLOSE_OK, RECONNECTING, REPLICATION_STOPPED,
 };
@@ -189,7 +189,7 @@ impl OnConnection<'_> {
         let conn = self.conn;
         let (link, mut failures, streams) = match open_streams(conn, self.session.clone()).await {
             Ok(opened) => opened,
-            Err(e) => return Err(self.closed(e)),
+            Err(e) => return Err(self.closed(e).await),
         };
         let link = Arc::new(link);
         // A session that can resume notices a cut within seconds, not at the idle timeout.
@@ -204,7 +204,7 @@ impl OnConnection<'_> {
             Some(e) = failures.recv() => Err(e),
         };
         if let Err(e) = shaken {
-            return Err(self.closed(e));
+            return Err(self.closed(e).await);
         }
         if self.pauses.paused_since().is_some() {
             self.pauses.resumed();
@@ -227,7 +227,7 @@ impl OnConnection<'_> {
                 conn.close(VarInt::from_u32(CLOSE_OK), REPLICATION_STOPPED);
                 Ok(())
             }
-            Err(e) => Err(self.closed(e)),
+            Err(e) => Err(self.closed(e).await),
         };
         // Not if it ended (a join handle must not be awaited twice).
         if let Some(acks) = acks {
@@ -239,7 +239,8 @@ impl OnConnection<'_> {
 
     /// Closes the connection after `e`: without a reason if the session may resume on
     /// another (the standby then waits for it), else with `e`.
-    fn closed(&self, e: DriverError) -> DriverError {
+    async fn closed(&self, e: DriverError) -> DriverError {
+        let e = settle(self.conn, e).await;
         if self.recovering && lost(&e) {
             self.conn.close(VarInt::from_u32(CLOSE_OK), RECONNECTING);
         } else {
