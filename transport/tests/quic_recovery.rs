@@ -3,7 +3,8 @@
 //! paused past the silence limit resumes on a new connection from a new port, demand
 //! requests made while paused are served after it, another session is told the destination
 //! is busy meanwhile, and a cut that never ends fails on both sides after the recover
-//! timeout. Memory is compared byte for byte.
+//! timeout; a one-way cut that only the destination notices pauses the source too. Memory
+//! is compared byte for byte.
 //!
 //! Replication the same way: one session for the replicator's life, paused by a cut and
 //! resumed (from a new port) with a fresh handshake, sending again only what the standby
@@ -35,6 +36,8 @@ struct Relay {
     up: Mutex<Arc<UdpSocket>>,
     client: Mutex<Option<SocketAddr>>,
     cut: AtomicBool,
+    /// Drops only what the client sends (a one-way cut).
+    cut_up: AtomicBool,
     server: SocketAddr,
     /// Datagrams the server sent to each upstream socket, newest last.
     from_server: Mutex<Vec<Arc<AtomicU64>>>,
@@ -49,6 +52,7 @@ impl Relay {
             up: Mutex::new(up.clone()),
             client: Mutex::new(None),
             cut: AtomicBool::new(false),
+            cut_up: AtomicBool::new(false),
             server,
             from_server: Mutex::new(Vec::new()),
         });
@@ -58,7 +62,7 @@ impl Relay {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = r.listen.recv_from(&mut buf).await {
                 *r.client.lock().unwrap() = Some(from);
-                if !r.cut.load(Ordering::Relaxed) {
+                if !r.cut.load(Ordering::Relaxed) && !r.cut_up.load(Ordering::Relaxed) {
                     let up = r.up.lock().unwrap().clone();
                     let _ = up.send_to(&buf[..n], r.server).await;
                 }
@@ -96,6 +100,11 @@ impl Relay {
 
     fn set_cut(&self, cut: bool) {
         self.cut.store(cut, Ordering::Relaxed);
+    }
+
+    /// Cuts (or restores) the client → server direction only.
+    fn set_cut_up(&self, cut: bool) {
+        self.cut_up.store(cut, Ordering::Relaxed);
     }
 }
 
@@ -302,6 +311,46 @@ async fn a_cut_past_the_silence_limit_resumes_from_a_new_port_and_serves_request
         newest > 10,
         "the new port carried {newest} datagrams from the server"
     );
+}
+
+/// Only the source's datagrams are lost for a while (a congested or broken path one way):
+/// the destination judges the silence a lost connection and drops it to wait, while the
+/// source, still hearing it, learns of that from the destination's dropped streams and its
+/// close, in whatever order they come. The source must pause and reconnect, not end the
+/// session: after the hand-over that would lose the VM (as in the fleet bench).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_way_cut_that_only_the_destination_notices_pauses_the_source_too() {
+    const PAGES: usize = 512;
+    let s = start(PAGES, None).await;
+    let present = || s.sink.count.load(Ordering::Relaxed) as usize;
+    s.demand.send((0..100).collect()).unwrap();
+    wait_until("the first pages", Duration::from_secs(10), || {
+        present() == 100
+    })
+    .await;
+
+    s.relay.set_cut_up(true);
+    s.demand.send((100..200).collect()).unwrap();
+    tokio::time::sleep(quic::SILENCE_LOST + Duration::from_millis(900)).await;
+    assert!(
+        !s.source.is_finished(),
+        "the source gave up: {:?}",
+        s.source
+    );
+    s.relay.set_cut_up(false);
+    wait_until(
+        "the requests made while paused",
+        Duration::from_secs(20),
+        || present() == 200,
+    )
+    .await;
+    s.demand.send((200..PAGES as u64).collect()).unwrap();
+
+    let src = s.source.await.unwrap().expect("the source");
+    let dst = s.dest.await.unwrap().expect("the destination");
+    assert_eq!(*s.sink.mem.lock().unwrap(), s.img.0, "memory differs");
+    assert!(dst.outages.pauses >= 1, "{dst:?}");
+    assert!(src.outages.pauses >= 1, "{src:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
