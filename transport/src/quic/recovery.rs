@@ -148,7 +148,8 @@ pub(crate) const CLOSE_SETTLE: Duration = Duration::from_millis(300);
 ///
 /// So for such an error this waits for the connection to close (at least
 /// [`CLOSE_SETTLE`], three round trips where that is longer) and returns the close instead
-/// (see [`super::connection_lost`]); if none came, the error as it was.
+/// (see [`super::connection_lost`]); if none came, or this side closed it, the error as it
+/// was.
 pub(crate) async fn settle(conn: &Connection, e: DriverError) -> DriverError {
     let ahead = matches!(
         &e,
@@ -167,6 +168,9 @@ pub(crate) async fn settle(conn: &Connection, e: DriverError) -> DriverError {
     }
     let wait = CLOSE_SETTLE.max(conn.rtt().saturating_mul(3));
     match tokio::time::timeout(wait, conn.closed()).await {
+        // Closed over `e` by this side already (after an earlier `settle`): quinn then
+        // reports its own close, even over the peer's, so `e` says more.
+        Ok(quinn::ConnectionError::LocallyClosed) => e,
         Ok(reason) => super::connection_lost(reason),
         Err(_) => e,
     }
@@ -400,8 +404,9 @@ mod tests {
 
     /// A client writing a stream whose server end drops it (quinn stops it with code 0) and
     /// then, 50 ms later, leaves as `how` says. Returns `settle`'s verdict on the client's
-    /// write error, and how long `settle` took.
-    async fn a_stream_the_peer_dropped(how: Leaves) -> (DriverError, Duration) {
+    /// write error, and how long `settle` took. With `closed_here`, the client closes the
+    /// connection itself 200 ms after the error, before `settle`.
+    async fn a_stream_the_peer_dropped(how: Leaves, closed_here: bool) -> (DriverError, Duration) {
         use super::super::{accept, client_endpoint_tuned, server_endpoint_tuned, TransportTuning};
         use crate::tls::Identity;
         let (src, dst) = (
@@ -451,6 +456,10 @@ mod tests {
             channel: crate::proto::Channel::Bulk,
             source: FrameError::Write(err),
         };
+        if closed_here {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            conn.close(VarInt::from_u32(7), b"closed here");
+        }
         let started = Instant::now();
         let judged = settle(&conn, e).await;
         let took = started.elapsed();
@@ -463,7 +472,7 @@ mod tests {
     /// close and judges by it.
     #[tokio::test]
     async fn a_stream_stopped_ahead_of_a_reconnecting_close_is_a_lost_connection() {
-        let (e, took) = a_stream_the_peer_dropped(Leaves::ToReconnect).await;
+        let (e, took) = a_stream_the_peer_dropped(Leaves::ToReconnect, false).await;
         assert!(matches!(e, DriverError::Connection(_)), "{e:?}");
         assert!(lost(&e), "{e:?}");
         assert!(took < Duration::from_millis(250), "{took:?}");
@@ -471,7 +480,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_stopped_ahead_of_a_failing_close_gives_the_peers_reason() {
-        let (e, _) = a_stream_the_peer_dropped(Leaves::Failing).await;
+        let (e, _) = a_stream_the_peer_dropped(Leaves::Failing, false).await;
         match &e {
             DriverError::PeerClosed { code, reason } => {
                 assert_eq!(*code, crate::message::ErrorCode::Malformed);
@@ -484,7 +493,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_stopped_with_no_close_after_counts_as_lost() {
-        let (e, took) = a_stream_the_peer_dropped(Leaves::Silently).await;
+        let (e, took) = a_stream_the_peer_dropped(Leaves::Silently, false).await;
         assert!(
             matches!(
                 &e,
@@ -497,6 +506,24 @@ mod tests {
         );
         assert!(took >= CLOSE_SETTLE, "{took:?}");
         assert!(lost(&e), "{e:?}");
+    }
+
+    /// Once this side closed the connection over the error, quinn reports its own close
+    /// (even over the peer's): the error as it was says more, and no time is spent.
+    #[tokio::test]
+    async fn a_stream_error_this_side_closed_over_stays_as_it_was() {
+        let (e, took) = a_stream_the_peer_dropped(Leaves::Failing, true).await;
+        assert!(
+            matches!(
+                &e,
+                DriverError::Stream {
+                    source: FrameError::Write(quinn::WriteError::Stopped(_)),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(took < Duration::from_millis(100), "{took:?}");
     }
 
     #[test]
