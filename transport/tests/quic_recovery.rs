@@ -212,6 +212,33 @@ async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
     }
 }
 
+/// [`start`] without a recover timeout, once the first 100 pages asked for are present.
+async fn start_serving(pages: usize) -> Setup {
+    let s = start(pages, None).await;
+    s.demand.send((0..100).collect()).unwrap();
+    wait_until("the first pages", Duration::from_secs(10), || {
+        s.sink.count.load(Ordering::Relaxed) == 100
+    })
+    .await;
+    s
+}
+
+/// Waits for the 200 pages asked for so far, asks for the rest and waits for both sides to
+/// end; memory must be equal.
+async fn finish_serving(s: &mut Setup, pages: usize) -> (SourceReport, DestReport) {
+    wait_until(
+        "the requests made while paused",
+        Duration::from_secs(20),
+        || s.sink.count.load(Ordering::Relaxed) == 200,
+    )
+    .await;
+    s.demand.send((200..pages as u64).collect()).unwrap();
+    let src = (&mut s.source).await.unwrap().expect("the source");
+    let dst = (&mut s.dest).await.unwrap().expect("the destination");
+    assert_eq!(*s.sink.mem.lock().unwrap(), s.img.0, "memory differs");
+    (src, dst)
+}
+
 async fn wait_until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -223,13 +250,8 @@ async fn wait_until(what: &str, timeout: Duration, f: impl Fn() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_past_the_silence_limit_resumes_from_a_new_port_and_serves_requests_made_meanwhile() {
     const PAGES: usize = 512;
-    let s = start(PAGES, None).await;
+    let mut s = start_serving(PAGES).await;
     let present = || s.sink.count.load(Ordering::Relaxed) as usize;
-    s.demand.send((0..100).collect()).unwrap();
-    wait_until("the first pages", Duration::from_secs(10), || {
-        present() == 100
-    })
-    .await;
 
     s.relay.set_cut(true);
     let cut = Instant::now();
@@ -258,17 +280,7 @@ async fn a_cut_past_the_silence_limit_resumes_from_a_new_port_and_serves_request
     s.relay.new_port().await;
     s.relay.set_cut(false);
     let restored = Instant::now();
-    wait_until(
-        "the requests made while paused",
-        Duration::from_secs(20),
-        || present() == 200,
-    )
-    .await;
-    s.demand.send((200..PAGES as u64).collect()).unwrap();
-
-    let src = s.source.await.unwrap().expect("the source");
-    let dst = s.dest.await.unwrap().expect("the destination");
-    assert_eq!(*s.sink.mem.lock().unwrap(), s.img.0, "memory differs");
+    let (src, dst) = finish_serving(&mut s, PAGES).await;
     assert_eq!(
         s.sink.installs.load(Ordering::Relaxed),
         PAGES as u64,
@@ -321,13 +333,7 @@ async fn a_cut_past_the_silence_limit_resumes_from_a_new_port_and_serves_request
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_way_cut_that_only_the_destination_notices_pauses_the_source_too() {
     const PAGES: usize = 512;
-    let s = start(PAGES, None).await;
-    let present = || s.sink.count.load(Ordering::Relaxed) as usize;
-    s.demand.send((0..100).collect()).unwrap();
-    wait_until("the first pages", Duration::from_secs(10), || {
-        present() == 100
-    })
-    .await;
+    let mut s = start_serving(PAGES).await;
 
     s.relay.set_cut_up(true);
     s.demand.send((100..200).collect()).unwrap();
@@ -338,17 +344,7 @@ async fn a_one_way_cut_that_only_the_destination_notices_pauses_the_source_too()
         s.source
     );
     s.relay.set_cut_up(false);
-    wait_until(
-        "the requests made while paused",
-        Duration::from_secs(20),
-        || present() == 200,
-    )
-    .await;
-    s.demand.send((200..PAGES as u64).collect()).unwrap();
-
-    let src = s.source.await.unwrap().expect("the source");
-    let dst = s.dest.await.unwrap().expect("the destination");
-    assert_eq!(*s.sink.mem.lock().unwrap(), s.img.0, "memory differs");
+    let (src, dst) = finish_serving(&mut s, PAGES).await;
     assert!(dst.outages.pauses >= 1, "{dst:?}");
     assert!(src.outages.pauses >= 1, "{src:?}");
 }

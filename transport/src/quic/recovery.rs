@@ -467,6 +467,16 @@ mod tests {
         (judged, took)
     }
 
+    fn is_stopped_write(e: &DriverError) -> bool {
+        matches!(
+            e,
+            DriverError::Stream {
+                source: FrameError::Write(quinn::WriteError::Stopped(_)),
+                ..
+            }
+        )
+    }
+
     /// The server end's stream stop arrives ahead of its close: the stream error alone would
     /// end the session (a VM lost for a pause, in the fleet bench), so `settle` waits for the
     /// close and judges by it.
@@ -494,16 +504,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_stopped_with_no_close_after_counts_as_lost() {
         let (e, took) = a_stream_the_peer_dropped(Leaves::Silently, false).await;
-        assert!(
-            matches!(
-                &e,
-                DriverError::Stream {
-                    source: FrameError::Write(quinn::WriteError::Stopped(_)),
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        assert!(is_stopped_write(&e), "{e:?}");
         assert!(took >= CLOSE_SETTLE, "{took:?}");
         assert!(lost(&e), "{e:?}");
     }
@@ -513,16 +514,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_error_this_side_closed_over_stays_as_it_was() {
         let (e, took) = a_stream_the_peer_dropped(Leaves::Failing, true).await;
-        assert!(
-            matches!(
-                &e,
-                DriverError::Stream {
-                    source: FrameError::Write(quinn::WriteError::Stopped(_)),
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        assert!(is_stopped_write(&e), "{e:?}");
         assert!(took < Duration::from_millis(100), "{took:?}");
     }
 
