@@ -283,13 +283,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     // With --stale-pct (and --stale-moved-pct) the evacuation first lets replication
     // catch up, then makes exactly those pages stale: the status reports what will cross,
     // the planted pages only (the stale count meanwhile is replication's lag).
-    let planted = a.stale_pct.map(|_| {
-        [a.stale_pct, a.stale_moved_pct]
-            .iter()
-            .flatten()
-            .map(|p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64)
-            .sum::<u64>()
-    });
+    let planted = a.stale_pct.map(|_| planted_pages(&a));
     let mut control = SourceControl::start(
         a.control.zip(a.control_peer_cert.as_deref()),
         &a.vm_id,
@@ -516,11 +510,7 @@ fn evacuate(
     prep.caught_up();
     let state = replicator.stop().context("replication failed")?;
     // What will cross, as far as known before the final harvest.
-    let stale_pages = state.summary.stale_pages
-        + a.stale_pct
-            .map_or(0, |p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64)
-        + a.stale_moved_pct
-            .map_or(0, |p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64);
+    let stale_pages = state.summary.stale_pages + planted_pages(a);
     let publish: vmm_shim::ProgressFn = match control {
         Some(c) => c.replication_stopped(stale_pages),
         None => super::outcome::recorder(),
@@ -671,6 +661,15 @@ impl PrepTimes {
 }
 
 const PAGE: u64 = 4096;
+
+/// Pages `--stale-pct` and `--stale-moved-pct` make stale at the evacuation.
+fn planted_pages(a: &ReplicateArgs) -> u64 {
+    [a.stale_pct, a.stale_moved_pct]
+        .iter()
+        .flatten()
+        .map(|p| (p / 100.0 * (a.synthetic / PAGE) as f64) as u64)
+        .sum()
+}
 
 /// The status a control endpoint publishes before anything happened: all memory stale.
 pub(super) fn idle_status_of(vm_id: &str, memory_bytes: u64) -> Status {

@@ -178,8 +178,9 @@ pub fn finish(r: Replication, vm: &mut Vm, stale_pct: Option<f64>) -> anyhow::Re
     let deadline = Instant::now() + Duration::from_secs(120);
     // Caught up: a round that began after the pause (two harvests on: the stale count is
     // stored at the end of a round) left nothing stale. The count before it misses what
-    // the guest wrote since the last harvest (16 MiB of a `scattered` guest, found in the
-    // fleet bench: 1.27 x the planted bytes crossed).
+    // the guest wrote since the last harvest, which would cross beside the planted pages.
+    // (The fleet bench's KVM guest sending 1.2-1.3 x its planted bytes was not this but
+    // demand replies for pages already pushed: docs/fleet.md.)
     r.replicator.hurry();
     let harvests = || {
         r.replicator
