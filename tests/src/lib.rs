@@ -292,9 +292,14 @@ impl DestProcess {
     pub fn wait(mut self, timeout: Duration) -> Finished {
         let child = self.child.take().expect("not yet waited");
         let waited = wait_with_timeout(child, timeout);
-        // The relay thread ends at the end of the child's stderr: join it so no line is lost.
+        // The relay thread ends at the end of the child's stderr: join it so no line is lost
+        // (within bounds for a child killed as hung).
         if let Some(r) = self.relay.take() {
-            let _ = r.join();
+            if waited.is_ok() {
+                let _ = r.join();
+            } else {
+                let _ = joined_within(r);
+            }
         }
         let stderr: Vec<String> = self.stderr.try_iter().collect();
         match waited {
@@ -331,7 +336,8 @@ fn wait_with_timeout(mut child: Child, timeout: Duration) -> Result<(ExitStatus,
             let threads = thread_stacks(child.id());
             let _ = child.kill();
             let _ = child.wait();
-            let _ = reader.join();
+            // Not joined: a grandchild may hold the pipe open; its stdout is not wanted.
+            drop(reader);
             return Err(threads);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -341,7 +347,7 @@ fn wait_with_timeout(mut child: Child, timeout: Duration) -> Result<(ExitStatus,
 
 /// Each thread of process `pid`: its name, its CPU time so far and its kernel stack (the
 /// stack only where this process may read it, as root). What a hung child was blocked in.
-pub fn thread_stacks(pid: u32) -> String {
+fn thread_stacks(pid: u32) -> String {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return format!("(no /proc/{pid}/task)");
     };
@@ -369,6 +375,16 @@ pub fn thread_stacks(pid: u32) -> String {
         ));
     }
     out
+}
+
+/// What `reader` returned, or nothing if it has not ended within 2 s (the stderr of a
+/// child killed as hung, whose pipe a grandchild may still hold).
+fn joined_within<T>(reader: std::thread::JoinHandle<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !reader.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    reader.is_finished().then(|| reader.join().ok()).flatten()
 }
 
 /// Panics for a child that did not exit within `timeout`, with its threads and stderr.
@@ -564,11 +580,14 @@ fn collect(mut child: Child, timeout: Duration, what: &str) -> Finished {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let waited = wait_with_timeout(child, timeout);
-    let stderr = err_reader.join().unwrap_or_default();
-    match waited {
-        Ok((status, stdout)) => finished(status, stdout, stderr),
-        Err(threads) => hung(what, timeout, &threads, &stderr),
+    match wait_with_timeout(child, timeout) {
+        Ok((status, stdout)) => finished(status, stdout, err_reader.join().unwrap_or_default()),
+        Err(threads) => hung(
+            what,
+            timeout,
+            &threads,
+            &joined_within(err_reader).unwrap_or_default(),
+        ),
     }
 }
 
@@ -629,4 +648,42 @@ pub fn assert_migrated(src: &Finished, dst: &Finished) -> Value {
     );
     assert_eq!(src.json["memory_bytes"], dst.json["memory_bytes"]);
     dst.json.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child that does not exit in time is killed, and the panic says what its threads
+    /// were doing and what it wrote to stderr: what found the fleet bench's hung standby.
+    #[test]
+    fn a_hung_child_is_killed_with_its_threads_and_stderr_in_the_panic() {
+        let child = Command::new("sh")
+            .args(["-c", "echo about to hang >&2; exec sleep 30"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let pid = child.id();
+        let started = std::time::Instant::now();
+        let panicked = std::panic::catch_unwind(|| {
+            collect(child, Duration::from_millis(300), "a sleeper");
+        })
+        .expect_err("a hung child must panic");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let msg = panicked
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            msg.contains("a sleeper did not finish within 300ms; killed"),
+            "{msg}"
+        );
+        assert!(msg.contains(&format!("-- sleep {pid} cpu ticks")), "{msg}");
+        assert!(msg.contains("about to hang"), "{msg}");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}/task")).exists(),
+            "the child was not reaped"
+        );
+    }
 }
