@@ -135,6 +135,7 @@ fn message(inp: &mut Input, layout: &Layout, total: u64) -> Message {
         },
         2 => Message::Request {
             pages: (0..inp.below(9)).map(|_| page(inp)).collect(),
+            pushed_read: u64::from(inp.u16()),
         },
         3 | 4 => {
             let first = page(inp);

@@ -66,6 +66,7 @@ pub fn messages() -> Vec<Message> {
         Message::ResumeAck { conn_epoch: 2 },
         Message::Request {
             pages: vec![0, 7, 300],
+            pushed_read: 65_536,
         },
         Message::Pages(Pages::from_memory(10, &img[..2 * PAGE_SIZE])),
         Message::Pages(encoded),

@@ -156,8 +156,9 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             out.push(T_RESUME_ACK);
             out.extend_from_slice(&conn_epoch.to_le_bytes());
         }
-        Message::Request { pages } => {
+        Message::Request { pages, pushed_read } => {
             out.push(T_REQUEST);
+            out.extend_from_slice(&pushed_read.to_le_bytes());
             out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
             for p in pages {
                 out.extend_from_slice(&p.to_le_bytes());
@@ -378,6 +379,7 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
         }
         T_REQUEST => {
             const W: &str = "Request";
+            let pushed_read = get_u64(&mut body, W)?;
             let n = get_u32(&mut body, W)? as usize;
             if n > MAX_REQUEST_PAGES {
                 return Err(CodecError::Limit {
@@ -391,7 +393,7 @@ pub fn decode_body(ty: u8, mut body: Bytes) -> Result<Message, CodecError> {
             }
             let pages = (0..n).map(|_| body.get_u64_le()).collect();
             finish(&body, W)?;
-            Message::Request { pages }
+            Message::Request { pages, pushed_read }
         }
         T_PAGES => Message::Pages(decode_pages(body, false)?.0),
         T_ZERO_RUN => {
@@ -720,6 +722,7 @@ mod tests {
         });
         roundtrip(Message::Request {
             pages: vec![1, 2, u64::MAX],
+            pushed_read: 1 << 40,
         });
         roundtrip(Message::Pages(sample_pages()));
         roundtrip(Message::Update {
@@ -871,8 +874,9 @@ mod tests {
         assert!(matches!(decode(&buf), Err(CodecError::FrameTooLong(_))));
 
         let mut req = vec![];
-        req.extend_from_slice(&9u32.to_le_bytes());
+        req.extend_from_slice(&17u32.to_le_bytes());
         req.push(T_REQUEST);
+        req.extend_from_slice(&[0; 8]); // pushed_read
         req.extend_from_slice(&u32::MAX.to_le_bytes());
         req.extend_from_slice(&[0; 4]);
         assert!(matches!(decode(&req), Err(CodecError::Limit { .. })));
@@ -931,8 +935,11 @@ mod tests {
         }
 
         #[test]
-        fn requests_roundtrip(pages in proptest::collection::vec(any::<u64>(), 0..200)) {
-            let msg = Message::Request { pages };
+        fn requests_roundtrip(
+            pages in proptest::collection::vec(any::<u64>(), 0..200),
+            pushed_read in any::<u64>(),
+        ) {
+            let msg = Message::Request { pages, pushed_read };
             let buf = encode_to_vec(&msg);
             let (back, _) = decode(&buf).unwrap().unwrap();
             prop_assert_eq!(back, msg);

@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 
 /// Version spoken by this build. A peer with any other version is refused at the handshake.
 /// Version 4: an evacuation's stale set follows the `Hello` at once, and the standby adds its
-/// invalid pages to it (docs/protocol.md).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// invalid pages to it (docs/protocol.md). Version 5: a `Request` says how much of the push
+/// the destination had read ([`Message::Request`]'s `pushed_read`).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Guest page size carried on the wire. Only 4 KiB pages are supported today.
 pub const PAGE_SIZE: usize = 4096;
@@ -248,6 +249,17 @@ impl Pages {
     /// message, or to [`MAX_ZERO_RUN`] for a run of zero pages.
     pub fn count(&self) -> usize {
         self.kinds.len()
+    }
+
+    /// The run's bytes on the wire past its frame header: a kind byte per page and the
+    /// payload, or a fixed 12 for a zero run longer than a `Pages` message (it crosses as a
+    /// `ZeroRun` frame). Both sides count the push in these units ([`Message::Request`]).
+    pub fn wire_len(&self) -> u64 {
+        if self.payload.is_empty() && self.count() > MAX_PAGES_PER_MESSAGE {
+            12
+        } else {
+            (self.kinds.len() + self.payload.len()) as u64
+        }
     }
 
     /// Iterates `(page index, page)`. The decoder has already checked kinds and lengths;
@@ -539,6 +551,12 @@ pub enum Message {
         /// Global page numbers, at most [`MAX_REQUEST_PAGES`]; the source answers with
         /// `Pages` on the urgent stream.
         pages: Vec<u64>,
+        /// How much of this connection's push the destination had read when it asked, in
+        /// [`Pages::wire_len`] units. The source need not answer a page whose pushed copy
+        /// had left by then (docs/protocol.md, "Requests for pages already on the way").
+        /// 0 asks for every page to be answered: a pushed copy that could not be used is
+        /// fetched again that way.
+        pushed_read: u64,
     },
     /// Source → destination: page data, on the urgent stream (replies) or a bulk stream (push).
     Pages(Pages),
@@ -597,6 +615,14 @@ pub enum Message {
 }
 
 impl Message {
+    /// A `Request` for `pages` that the source must answer in full (`pushed_read` 0).
+    pub fn request(pages: Vec<u64>) -> Message {
+        Message::Request {
+            pages,
+            pushed_read: 0,
+        }
+    }
+
     /// Short name for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {

@@ -116,7 +116,7 @@ async fn an_early_unencoded_push_and_the_encoded_push_after_it_arrive_intact() {
     assert_eq!(dst.decoded.refs_refetched, 0);
     assert_eq!(
         e.raw_pages + e.zero_pages + e.lz4_pages + e.ref_pages,
-        src.pages_pushed + src.pages_served,
+        src.pages_pushed + src.pages_served + src.pages_echoed,
         "{e:?}"
     );
 }

@@ -234,6 +234,9 @@ pub struct VmSourceOutput {
     /// Pages sent a second time for requests the destination echoed on a lossy path.
     #[serde(default)]
     pub pages_echoed: u64,
+    /// Requested pages left to the push, whose copy had already left.
+    #[serde(default)]
+    pub pages_on_their_way: u64,
     pub pages_pushed: u64,
     pub push_ms: u64,
     pub total_ms: u64,
@@ -615,6 +618,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         slice_digests: slices.into_iter().map(hex).collect(),
         pages_served: report.pages_served,
         pages_echoed: report.pages_echoed,
+        pages_on_their_way: report.pages_on_their_way,
         pages_pushed: report.pages_pushed,
         push_ms: report.push_ms,
         total_ms: report.total_ms,

@@ -194,6 +194,9 @@ pub struct DestSession {
     deferred: Vec<Message>,
     /// Pages requested on demand and not received since.
     outstanding: Bitmap,
+    /// Push read on this connection's bulk stream, in [`Pages::wire_len`] units: sent with
+    /// each request, so the source can leave a page whose pushed copy is on its way.
+    pub(super) pushed_read: u64,
     push_done_seen: bool,
     stats: DestStats,
 }
@@ -220,6 +223,7 @@ impl DestSession {
             invalid: None,
             deferred: Vec::new(),
             outstanding: Bitmap::new(config.layout.total_pages()),
+            pushed_read: 0,
             push_done_seen: false,
             stats: DestStats::default(),
             config,
@@ -331,6 +335,7 @@ impl DestSession {
         }
         self.conn_epoch = self.conn_epoch.saturating_add(1);
         self.link = Link::AwaitHello;
+        self.pushed_read = 0;
         self.conn_epoch
     }
 
@@ -496,7 +501,8 @@ impl DestSession {
         }
         let outstanding: Vec<u64> = self.outstanding.iter_ones().collect();
         self.stats.requests_reissued += outstanding.len() as u64;
-        self.queue_requests(&outstanding);
+        // Some may be refetches (see `refetch`): all answered.
+        self.queue_requests(&outstanding, 0);
         Ok(None)
     }
 
@@ -670,6 +676,9 @@ impl DestSession {
                 Message::Pages(pages),
             ) => {
                 self.check_range(pages.first, pages.count() as u64)?;
+                if channel == Channel::Bulk {
+                    self.pushed_read += pages.wire_len();
+                }
                 Ok(self.receive(pages))
             }
             (State::Replicating, Channel::Bulk, Message::Update { pages, versions }) => {
@@ -732,7 +741,7 @@ impl DestSession {
         for &p in &pending {
             self.outstanding.set(p);
         }
-        self.queue_requests(&pending);
+        self.queue_requests(&pending, 0);
         self.events.push_back(DestEvent::Established {
             vm_id: self.vm_id.clone(),
             features: self.features,
@@ -804,6 +813,17 @@ impl DestSession {
     /// outstanding until it arrives, and every outstanding page is requested again on a
     /// resumed connection.
     pub fn request(&mut self, pages: &[u64]) {
+        self.request_read(pages, self.pushed_read);
+    }
+
+    /// [`DestSession::request`] for pages whose pushed copy arrived and could not be used
+    /// (a reference to content not here): the source answers them even though it pushed
+    /// them.
+    pub fn refetch(&mut self, pages: &[u64]) {
+        self.request_read(pages, 0);
+    }
+
+    fn request_read(&mut self, pages: &[u64], pushed_read: u64) {
         match self.state {
             State::AwaitHello | State::AwaitAccept | State::AwaitStale(_) | State::AwaitVmBlob => {
                 self.pending_requests.extend_from_slice(pages)
@@ -813,7 +833,7 @@ impl DestSession {
                     self.outstanding.set(p);
                 }
                 if matches!(self.link, Link::Connected | Link::AwaitResumeAck) {
-                    self.queue_requests(pages)
+                    self.queue_requests(pages, pushed_read)
                 }
             }
             _ => {}
@@ -836,16 +856,19 @@ impl DestSession {
         self.stats.requests_echoed += missing.len() as u64;
         missing
             .chunks(MAX_REQUEST_PAGES)
-            .map(|c| Message::Request { pages: c.to_vec() })
+            .map(|c| Message::request(c.to_vec()))
             .collect()
     }
 
-    fn queue_requests(&mut self, pages: &[u64]) {
+    /// Requests for `pages`; `pushed_read` 0 when every page must be answered (see
+    /// [`Message::Request`]).
+    fn queue_requests(&mut self, pages: &[u64], pushed_read: u64) {
         for chunk in pages.chunks(MAX_REQUEST_PAGES) {
             self.send(
                 Channel::Urgent,
                 Message::Request {
                     pages: chunk.to_vec(),
+                    pushed_read,
                 },
             );
         }

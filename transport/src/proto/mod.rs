@@ -40,6 +40,7 @@
 
 mod dest;
 mod push;
+mod push_log;
 mod source;
 
 pub use dest::{Delivery, DestConfig, DestEvent, DestSession, DestStats};

@@ -102,9 +102,7 @@ fn a_resume_sends_only_what_the_destination_lacks_and_reissues_requests() {
     assert_eq!(names, ["Resume", "PageSet", "Request"]);
     assert_eq!(
         answer[2].message,
-        Message::Request {
-            pages: vec![50, 70]
-        },
+        Message::request(vec![50, 70]),
         "every outstanding request, again"
     );
     assert_eq!(dst.stats().requests_reissued, 2);
@@ -153,14 +151,14 @@ fn messages_of_an_older_connection_are_ignored() {
     );
     assert_eq!(dst.received().count_ones(), 10, "nothing taken");
     let served = src
-        .handle_in(0, Channel::Urgent, Message::Request { pages: vec![3] })
+        .handle_in(0, Channel::Urgent, Message::request(vec![3]))
         .unwrap();
     assert!(served.is_empty());
     // While paused, even the current connection's messages are ignored.
     let mut src2 = running().0;
     src2.connection_lost();
     assert!(src2
-        .handle(Channel::Urgent, Message::Request { pages: vec![3] })
+        .handle(Channel::Urgent, Message::request(vec![3]))
         .unwrap()
         .is_empty());
     assert_eq!(src2.stats().messages_ignored, 1);

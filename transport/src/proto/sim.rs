@@ -149,6 +149,8 @@ struct Tally {
     /// Of those, crashes before the source queued the hand-over, which it queued afterwards
     /// on a late answer of the crashed destination.
     handed_over_after_crash: u64,
+    /// Requested pages the source left to the push ([`SourceStats::pages_on_their_way`]).
+    on_their_way: u64,
     virtual_us: u64,
 }
 
@@ -168,6 +170,7 @@ impl std::ops::AddAssign for Tally {
         self.finished_before_noticed += o.finished_before_noticed;
         self.vms_lost += o.vms_lost;
         self.vms_lost_unrun += o.vms_lost_unrun;
+        self.on_their_way += o.on_their_way;
         self.handed_over_after_crash += o.handed_over_after_crash;
         self.virtual_us = self.virtual_us.max(o.virtual_us);
     }
@@ -440,6 +443,11 @@ impl Sim {
             let t = sim.rng.below(sim.cut_window);
             sim.at(t, Ev::Cut);
         }
+        // What the source takes to be in flight ahead of a request: nothing, some frames,
+        // or the whole push (every pushed page is then left to the push).
+        let frame = PAGE_SIZE as u64 + 1;
+        let in_flight = [0, frame * sim.rng.range(1..8), u64::MAX / 2][sim.rng.below(3) as usize];
+        sim.src.set_push_in_flight(in_flight);
         sim
     }
 
@@ -895,8 +903,12 @@ impl Sim {
             }
         }
         let data = &self.src_mem[r.start as usize * PAGE_SIZE..r.end as usize * PAGE_SIZE];
-        let msg = Message::Pages(Pages::from_memory(r.start, data));
-        self.transmit(Dir::ToDest, channel, &msg);
+        let pages = Pages::from_memory(r.start, data);
+        if channel == Channel::Bulk {
+            let no = self.src.connection();
+            self.src.note_pushed(no, std::slice::from_ref(&pages));
+        }
+        self.transmit(Dir::ToDest, channel, &Message::Pages(pages));
         Ok(())
     }
 
@@ -1117,6 +1129,7 @@ impl Sim {
             "a crash without an outcome: {t:?}"
         );
         self.tally.pages_resent = s.pages_resent;
+        self.tally.on_their_way = s.pages_on_their_way;
         self.tally.duplicates = d.pages_duplicate;
         self.tally.ignored = s.messages_ignored + d.messages_ignored;
         self.tally.virtual_us = self.now;
@@ -1188,6 +1201,8 @@ fn sessions_survive_any_outage_in_simulation() {
         "too few cuts: {total:?}"
     );
     assert!(seeds < 1000 || total.resumes > 0 && total.restarts > 0 && total.zombies > 0);
+    // Requests left to the push, whose faults the push must then serve.
+    assert!(seeds < 1000 || total.on_their_way > 0, "{total:?}");
     // Crashes both before the hand-over (the session completes on the restarted
     // destination) and after it (the VM is lost, and reported).
     assert!(

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
+use super::push_log::PushLog;
 use super::{
     page_set_messages, Channel, Ownership, PageSetAssembler, ProtoError, PushSchedule,
     SessionState, Transmit,
@@ -181,6 +182,9 @@ pub struct SourceStats {
     /// Pages sent again because the destination echoed its request
     /// ([`Channel::Echo`]); not in [`SourceStats::pages_served`].
     pub pages_echoed: u64,
+    /// Requested pages not answered because their pushed copy had already left and would
+    /// arrive first (`push_log`); not in [`SourceStats::pages_served`].
+    pub pages_on_their_way: u64,
     /// Pages handed to the background push.
     pub pages_pushed: u64,
     /// Of those, handed out before the destination answered the handshake.
@@ -216,6 +220,9 @@ pub struct SourceSession {
     /// path loses packets ([`SourceSession::set_echo_all`]).
     echo_all: bool,
     pages_echoed: u64,
+    /// Where this connection's pushed frames end, for requests that the push answers.
+    push_log: PushLog,
+    pages_on_their_way: u64,
     pages_pushed: u64,
     pages_pushed_hot: u64,
     pages_stale: u64,
@@ -306,6 +313,8 @@ impl SourceSession {
             served_on_demand: Bitmap::new(pages),
             echo_all: false,
             pages_echoed: 0,
+            push_log: PushLog::new(pages),
+            pages_on_their_way: 0,
             pages_pushed: 0,
             pages_pushed_hot: 0,
             pages_stale: pages,
@@ -497,6 +506,8 @@ impl SourceSession {
         }
         self.connection = self.connection.wrapping_add(1);
         self.link = Link::Resuming;
+        // The new connection's push starts a new bulk stream.
+        self.push_log = PushLog::new(self.total_pages());
         self.send_hello();
         self.connection
     }
@@ -591,6 +602,7 @@ impl SourceSession {
         SourceStats {
             pages_served: self.pages_served,
             pages_echoed: self.pages_echoed,
+            pages_on_their_way: self.pages_on_their_way,
             pages_pushed: self.pages_pushed,
             pages_pushed_early: self.pages_pushed_early(),
             pages_pushed_hot: self.pages_pushed_hot,
@@ -760,12 +772,12 @@ impl SourceSession {
             (
                 Link::Resuming | Link::AwaitHeld { .. },
                 Channel::Urgent,
-                Message::Request { pages },
+                Message::Request { pages, pushed_read },
             ) if resumable => {
                 if matches!(self.state, State::Finished) {
                     return Ok(Vec::new());
                 }
-                let served = self.serve(pages)?;
+                let served = self.serve(pages, pushed_read)?;
                 self.served_while_resuming.extend_from_slice(&served);
                 Ok(served)
             }
@@ -852,9 +864,16 @@ impl SourceSession {
         }
     }
 
-    /// Checks and counts a demand request; returns the pages to send.
-    fn serve(&mut self, pages: Vec<u64>) -> Result<Vec<u64>, ProtoError> {
+    /// Checks and counts a demand request; returns the pages to send: those whose pushed
+    /// copy had not left when the request was sent (see [`PushLog::on_its_way`]).
+    fn serve(&mut self, mut pages: Vec<u64>, pushed_read: u64) -> Result<Vec<u64>, ProtoError> {
         self.check_request(&pages)?;
+        // Replies on the bulk stream would count in the destination's `pushed_read`.
+        if !self.config.replies_on_bulk {
+            let before = pages.len();
+            pages.retain(|&p| !self.push_log.on_its_way(p, pushed_read));
+            self.pages_on_their_way += (before - pages.len()) as u64;
+        }
         for &p in &pages {
             self.push.on_demand(p);
             self.note_sent(p);
@@ -903,12 +922,37 @@ impl SourceSession {
         }
     }
 
-    /// A request on `channel`: the first copy (urgent) or an echo.
-    fn serve_on(&mut self, channel: Channel, pages: Vec<u64>) -> Result<Vec<u64>, ProtoError> {
+    /// A request on `channel`: the first copy (urgent) or an echo (answered whatever the
+    /// push did: it comes only when the page is late).
+    fn serve_on(
+        &mut self,
+        channel: Channel,
+        pages: Vec<u64>,
+        pushed_read: u64,
+    ) -> Result<Vec<u64>, ProtoError> {
         match channel {
             Channel::Echo => self.serve_echo(pages),
-            _ => self.serve(pages),
+            _ => self.serve(pages, pushed_read),
         }
+    }
+
+    /// The driver handed these frames to connection `connection`'s bulk stream (after
+    /// [`SourceSession::next_push`] gave out their pages), in the order written. Frames of
+    /// an older connection are not counted: that stream is gone.
+    pub fn note_pushed(&mut self, connection: u32, frames: &[crate::message::Pages]) {
+        if connection != self.connection {
+            return;
+        }
+        for f in frames {
+            self.push_log
+                .record(f.first, f.count() as u64, f.wire_len());
+        }
+    }
+
+    /// The driver's estimate of the push bytes that leave between the destination reading
+    /// one and the source reading a request sent then: its delivery rate × the round trip.
+    pub fn set_push_in_flight(&mut self, bytes: u64) {
+        self.push_log.set_in_flight(bytes);
     }
 
     /// Page `p` goes out; a page sent before the last pause counts as resent.
@@ -989,18 +1033,20 @@ impl SourceSession {
                 self.events.push_back(SourceEvent::Established { features });
                 Ok(Vec::new())
             }
-            (State::Running, Channel::Urgent | Channel::Echo, Message::Request { pages })
-                if kind != SessionKind::Replicate =>
-            {
-                self.serve_on(channel, pages)
-            }
+            (
+                State::Running,
+                Channel::Urgent | Channel::Echo,
+                Message::Request { pages, pushed_read },
+            ) if kind != SessionKind::Replicate => self.serve_on(channel, pages, pushed_read),
             // A migration without VM state: the destination runs the guest from our `Hello`
             // on, and its first demand requests (on their own stream) may overtake its
             // `HelloAck`.
-            (State::HelloSent, Channel::Urgent | Channel::Echo, Message::Request { pages })
-                if kind == SessionKind::Migrate && self.owner == Ownership::Destination =>
-            {
-                self.serve_on(channel, pages)
+            (
+                State::HelloSent,
+                Channel::Urgent | Channel::Echo,
+                Message::Request { pages, pushed_read },
+            ) if kind == SessionKind::Migrate && self.owner == Ownership::Destination => {
+                self.serve_on(channel, pages, pushed_read)
             }
             (State::Running, Channel::Control, Message::Ack { entries })
                 if kind == SessionKind::Replicate =>
@@ -1164,7 +1210,7 @@ mod hot_tests {
             hot: vec![100..110, 5..7],
             ..migrate(128)
         });
-        s.handle(Channel::Urgent, Message::Request { pages: vec![103] })
+        s.handle(Channel::Urgent, Message::request(vec![103]))
             .unwrap();
         assert_eq!(s.next_push(64), Some(100..103));
         assert_eq!(s.next_push(64), Some(104..110));

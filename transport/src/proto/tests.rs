@@ -155,7 +155,7 @@ fn urgent_traffic_crossing_the_completion_is_ignored() {
     dst.complete();
     pump(&mut src, &mut dst, &mut mem);
     assert!(src.is_finished() && dst.is_finished());
-    let late_request = wire(Message::Request { pages: vec![3] });
+    let late_request = wire(Message::request(vec![3]));
     let served = src.handle(Channel::Urgent, late_request).unwrap();
     assert!(served.is_empty(), "nothing is served");
     assert!(src.is_finished());
@@ -200,7 +200,7 @@ fn requests_before_the_handshake_are_held_back() {
         t[1],
         Transmit {
             channel: Channel::Urgent,
-            message: Message::Request { pages: vec![3] }
+            message: Message::request(vec![3])
         }
     );
 }
@@ -310,7 +310,7 @@ fn out_of_range_requests_are_refused_by_the_source() {
     let mut mem = vec![Vec::new(); 16];
     pump(&mut src, &mut dst, &mut mem);
     let err = src
-        .handle(Channel::Urgent, Message::Request { pages: vec![16] })
+        .handle(Channel::Urgent, Message::request(vec![16]))
         .unwrap_err();
     assert!(matches!(err, ProtoError::PageOutOfRange { .. }));
     assert!(matches!(
@@ -877,7 +877,7 @@ fn state_later_holds_the_session_after_the_handshake_until_the_hand_over() {
     assert_eq!(src.next_push(4), None);
     assert!(src.poll_transmit().is_none());
     // A request before the hand-over is refused: no guest can run at the destination yet.
-    let refused = src.handle(Channel::Urgent, wire(Message::Request { pages: vec![1] }));
+    let refused = src.handle(Channel::Urgent, wire(Message::request(vec![1])));
     assert!(refused.is_err(), "{refused:?}");
 
     let mut src = SourceSession::new(SourceConfig {
@@ -988,7 +988,7 @@ fn running_on_demand(pages: u64) -> (SourceSession, DestSession, Vec<Vec<u8>>) {
 fn requested(msgs: &[Message]) -> Vec<u64> {
     msgs.iter()
         .flat_map(|m| match m {
-            Message::Request { pages } => pages.clone(),
+            Message::Request { pages, .. } => pages.clone(),
             other => panic!("requests expected, got {other:?}"),
         })
         .collect()
@@ -1034,7 +1034,7 @@ fn echo_asks_again_only_for_pages_still_missing() {
 #[test]
 fn source_answers_an_echo_once_unless_the_path_is_lossy() {
     let (mut src, _dst, _mem) = running_on_demand(16);
-    let req = |pages: Vec<u64>| wire(Message::Request { pages });
+    let req = |pages: Vec<u64>| wire(Message::request(pages));
     // The first copy came first: its echo is answered only while the path loses packets.
     assert_eq!(src.handle(Channel::Urgent, req(vec![3])).unwrap(), vec![3]);
     assert!(src.handle(Channel::Echo, req(vec![3])).unwrap().is_empty());
@@ -1063,11 +1063,91 @@ fn an_echo_after_the_end_is_ignored() {
     dst.complete();
     pump(&mut src, &mut dst, &mut mem);
     assert!(src.is_finished() && dst.is_finished());
-    let late = wire(Message::Request { pages: vec![1] });
+    let late = wire(Message::request(vec![1]));
     assert!(src.handle(Channel::Echo, late).unwrap().is_empty());
     assert_eq!(
         dst.handle(Channel::Echo, wire(pages_msg(1..2))).unwrap(),
         None
     );
     assert!(dst.echo(&[1]).is_empty());
+}
+
+/// A running migration whose push the test drives: the frames it hands to "the bulk
+/// stream", noted as a driver does.
+fn push_frame(src: &mut SourceSession, max: usize) -> Pages {
+    let r = src.next_push(max).expect("a run to push");
+    let Message::Pages(frame) = pages_msg(r) else {
+        unreachable!()
+    };
+    let no = src.connection();
+    src.note_pushed(no, std::slice::from_ref(&frame));
+    frame
+}
+
+fn sent_request(dst: &mut DestSession) -> (Vec<u64>, u64) {
+    match dst.poll_transmit().map(|t| wire(t.message)) {
+        Some(Message::Request { pages, pushed_read }) => (pages, pushed_read),
+        other => panic!("a request expected, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_request_for_a_page_whose_pushed_copy_left_is_left_to_the_push() {
+    let mut src = SourceSession::new(SourceConfig::migrate("vm-1", layout(64)));
+    let mut dst = DestSession::new(DestConfig::migrate(layout(64)));
+    let mut mem = vec![Vec::new(); 64];
+    pump(&mut src, &mut dst, &mut mem);
+    assert!(src.is_running() && dst.is_running());
+    let f1 = push_frame(&mut src, 4);
+    let f2 = push_frame(&mut src, 4);
+    let _f3 = push_frame(&mut src, 4);
+    assert_eq!((f1.first, f2.first), (0, 4));
+    // The destination read the first frame on the bulk stream; a demand reply on the
+    // urgent stream does not count as push read.
+    dst.handle(Channel::Bulk, wire(Message::Pages(f1.clone())))
+        .unwrap();
+    dst.handle(Channel::Urgent, wire(pages_msg(30..31)))
+        .unwrap();
+    dst.request(&[5, 9, 20]);
+    let (pages, pushed_read) = sent_request(&mut dst);
+    assert_eq!(
+        (pages.clone(), pushed_read),
+        (vec![5, 9, 20], f1.wire_len())
+    );
+    // The source counts the second frame as in flight ahead of the request: page 5 comes
+    // with the push; 9's frame had not left, 20 was never pushed.
+    src.set_push_in_flight(f2.wire_len());
+    let request = Message::Request { pages, pushed_read };
+    assert_eq!(src.handle(Channel::Urgent, request).unwrap(), vec![9, 20]);
+    assert_eq!(src.stats().pages_on_their_way, 1);
+    assert_eq!(src.stats().pages_served, 2);
+    // Late all the same: the echo is answered.
+    let echo = dst.echo(&[5]);
+    assert_eq!(
+        src.handle(Channel::Echo, wire(echo[0].clone())).unwrap(),
+        vec![5]
+    );
+    // A pushed copy that could not be used is fetched again in full.
+    dst.refetch(&[2]);
+    let (pages, pushed_read) = sent_request(&mut dst);
+    assert_eq!((pages.as_slice(), pushed_read), ([2].as_slice(), 0));
+    let request = Message::Request { pages, pushed_read };
+    assert_eq!(src.handle(Channel::Urgent, request).unwrap(), vec![2]);
+
+    // A new connection starts a new push: what the old one pushed (even noted late) is
+    // answered on demand again.
+    let old = src.connection();
+    src.connection_lost();
+    src.resume();
+    src.note_pushed(old, std::slice::from_ref(&f2));
+    src.set_push_in_flight(u64::MAX / 2);
+    let request = Message::Request {
+        pages: vec![1, 6],
+        pushed_read: 1 << 30,
+    };
+    assert_eq!(src.handle(Channel::Urgent, request).unwrap(), vec![1, 6]);
+    // The destination counts the new connection's push from zero.
+    dst.connection_lost();
+    dst.resume();
+    assert_eq!(dst.pushed_read, 0);
 }

@@ -124,7 +124,7 @@ impl Dest {
         if !decoded.unresolved.is_empty() {
             let n = decoded.unresolved.len() as u64;
             self.counts.refetched.fetch_add(n, Relaxed);
-            self.link.session().request(&decoded.unresolved);
+            self.link.session().refetch(&decoded.unresolved);
             self.link.flush().await?;
         }
         if self.sink.is_complete() {

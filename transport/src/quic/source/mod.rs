@@ -74,6 +74,9 @@ pub struct SourceReport {
     /// Pages sent a second time on the echo stream, for requests the destination echoed
     /// on a lossy or long path ([`crate::proto::Channel::Echo`]).
     pub pages_echoed: u64,
+    /// Requested pages not answered because their pushed copy had already left and would
+    /// arrive first (docs/protocol.md, "Requests for pages already on the way").
+    pub pages_on_their_way: u64,
     /// Pages handed to the background push.
     pub pages_pushed: u64,
     /// Of those, pushed beside the handshake, before the destination answered.
@@ -337,6 +340,7 @@ async fn recovering(
         // have been cut short when the session ended.
         pages_served: encoding.replies.pages(),
         pages_echoed: encoding.echoes.pages(),
+        pages_on_their_way: stats.pages_on_their_way,
         pages_pushed: stats.pages_pushed,
         pages_pushed_early: stats.pages_pushed_early,
         pages_pushed_hot: stats.pages_pushed_hot,

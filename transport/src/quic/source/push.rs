@@ -121,19 +121,18 @@ fn next_batch(
     Ok(())
 }
 
-/// Bytes of the frames of `batch` past their headers (a zero run longer than a `Pages`
-/// message crosses as one fixed-size frame).
+/// Bytes of the frames of `batch` past their headers ([`Pages::wire_len`]).
 fn wire_bytes(batch: &[Pages]) -> u64 {
-    batch
-        .iter()
-        .map(|p| {
-            if p.payload.is_empty() && p.count() > MAX_PAGES_PER_MESSAGE {
-                12
-            } else {
-                (p.kinds.len() + p.payload.len()) as u64
-            }
-        })
-        .sum()
+    batch.iter().map(Pages::wire_len).sum()
+}
+
+/// Writes `batch` on the bulk stream, after telling the session where its frames end
+/// (for requests the push answers, [`crate::proto::SourceSession::note_pushed`]).
+async fn write_batch(src: &Source, bulk: &SharedSend, batch: &[Pages]) -> Result<(), DriverError> {
+    src.link.session().note_pushed(src.link.number(), batch);
+    write_pages_batch(&mut *bulk.lock().await, batch)
+        .await
+        .map_err(|e| stream_error(&src.link.conn, Channel::Bulk, e))
 }
 
 /// The push before the destination answered the handshake (see
@@ -164,9 +163,7 @@ pub(super) async fn push_early(
             break;
         }
         written += wire_bytes(&batch);
-        write_pages_batch(&mut *bulk.lock().await, &batch)
-            .await
-            .map_err(|e| stream_error(conn, Channel::Bulk, e))?;
+        write_batch(&src, &bulk, &batch).await?;
         batch.clear();
         turn.give().await;
     }
@@ -207,11 +204,12 @@ pub(super) async fn push_all(
         // How long the stream takes to accept the batch is the link's pace once the
         // send window is full: the tuner's measure of what a wire byte costs.
         let t = Instant::now();
-        write_pages_batch(&mut *bulk.lock().await, &batch)
-            .await
-            .map_err(|e| stream_error(conn, Channel::Bulk, e))?;
+        write_batch(&src, &bulk, &batch).await?;
         batch.clear();
         let cost = meter.cost(conn, wire, t.elapsed().as_nanos() as u64);
+        if let Some(bytes) = meter.in_flight(conn) {
+            src.link.session().set_push_in_flight(bytes);
+        }
         turn.give().await;
         // The process's CPU time since the last batch was written, besides building this
         // one: mostly the QUIC stack encrypting and sending. When it, not the link, sets
@@ -262,6 +260,14 @@ impl LinkMeter {
             last_tx: tx,
             ns_per_byte: None,
         }
+    }
+
+    /// What leaves between the destination reading a pushed byte and the source reading a
+    /// request it sent then: the delivery rate over the round trip (quinn's smoothed one,
+    /// queues included). `None` until a rate was measured.
+    fn in_flight(&self, conn: &Connection) -> Option<u64> {
+        let ns = self.ns_per_byte?;
+        Some((conn.rtt().as_nanos() as f64 / ns) as u64)
     }
 
     /// The cost in ns of the `wire` bytes just written, whose write waited `write_ns`.
