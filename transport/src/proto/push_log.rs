@@ -19,7 +19,7 @@
 //! serve) or, on a path too short to echo, the rest of a send buffer that drains in about
 //! a round trip.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::bitmap::Bitmap;
 
@@ -33,8 +33,9 @@ pub(crate) struct PushLog {
     /// Frames the destination had not read at the last request: (end, first, count), in
     /// the order written.
     recent: VecDeque<(u64, u64, u64)>,
-    /// The end of the latest frame in `recent` that carries each of its pages.
-    end_of: HashMap<u64, u64>,
+    /// The frames of `recent` by first page: (count, end). One entry per frame, not per
+    /// page: a zero run covers up to 65,536 pages in a dozen bytes.
+    by_page: BTreeMap<u64, (u64, u64)>,
     /// The driver's estimate of what leaves the source between the destination reading a
     /// byte of the push and the source reading its request (rate × round trip).
     in_flight: u64,
@@ -42,10 +43,9 @@ pub(crate) struct PushLog {
     read: u64,
 }
 
-/// Frames kept at most. Far more than a send buffer holds (the largest stream window,
-/// 1 GiB, is 262,144 one-page frames but only 4,096 full ones); past it, the oldest frames
-/// count as read, which at worst answers nothing for pages still waiting: their fault
-/// waits for the push or an echo.
+/// Frames kept at most: as many one-page frames as the largest stream window (1 GiB) holds,
+/// which the push cannot run further ahead of what the destination read. Past it the
+/// oldest frames count as read; at worst a request for one of them is left to the push.
 const MAX_RECENT: usize = 1 << 18;
 
 impl PushLog {
@@ -54,7 +54,7 @@ impl PushLog {
             written: 0,
             pushed: Bitmap::new(pages),
             recent: VecDeque::new(),
-            end_of: HashMap::new(),
+            by_page: BTreeMap::new(),
             in_flight: 0,
             read: 0,
         }
@@ -66,10 +66,15 @@ impl PushLog {
         self.written += wire_len;
         let end = self.written;
         let count = count.min(self.pushed.len().saturating_sub(first));
+        if count == 0 {
+            return;
+        }
         for p in first..first + count {
             self.pushed.set(p);
-            self.end_of.insert(p, end);
         }
+        // The push hands out each page once per connection, so frames do not overlap; a
+        // frame from the same first page replaces the older one.
+        self.by_page.insert(first, (count, end));
         self.recent.push_back((end, first, count));
         while self.recent.len() > MAX_RECENT {
             self.forget_oldest();
@@ -98,19 +103,19 @@ impl PushLog {
                 self.forget_oldest();
             }
         }
-        match self.end_of.get(&p) {
-            Some(&end) => end <= pushed_read.saturating_add(self.in_flight),
+        match self.by_page.range(..=p).next_back() {
+            Some((&first, &(count, end))) if p < first + count => {
+                end <= pushed_read.saturating_add(self.in_flight)
+            }
             // Read already, or so long ago it must have been.
-            None => true,
+            _ => true,
         }
     }
 
     fn forget_oldest(&mut self) {
-        if let Some((end, first, count)) = self.recent.pop_front() {
-            for p in first..first + count {
-                if self.end_of.get(&p) == Some(&end) {
-                    self.end_of.remove(&p);
-                }
+        if let Some((end, first, _)) = self.recent.pop_front() {
+            if self.by_page.get(&first).is_some_and(|&(_, e)| e == end) {
+                self.by_page.remove(&first);
             }
         }
     }
@@ -152,12 +157,12 @@ mod tests {
         }
         assert!(log.on_its_way(1, 50));
         assert_eq!(log.recent.len(), 5);
-        assert_eq!(log.end_of.len(), 20);
+        assert_eq!(log.by_page.len(), 5);
         // An older request arriving late does not bring anything back.
         assert!(log.on_its_way(0, 10));
         assert!(!log.on_its_way(39, 10));
         assert!(log.on_its_way(39, 100));
-        assert!(log.recent.is_empty() && log.end_of.is_empty());
+        assert!(log.recent.is_empty() && log.by_page.is_empty());
     }
 
     #[test]
@@ -168,6 +173,20 @@ mod tests {
         log.record(5, 1, 10); // ends at 30
         assert!(!log.on_its_way(5, 20));
         assert!(log.on_its_way(5, 30));
+    }
+
+    #[test]
+    fn a_zero_run_is_one_entry_whatever_its_length() {
+        let mut log = PushLog::new(1 << 20);
+        log.record(0, 65_536, 12);
+        log.record(65_536, 16, 16 * 4097);
+        assert_eq!(log.by_page.len(), 2);
+        assert!(log.on_its_way(65_535, 12));
+        assert!(!log.on_its_way(65_536, 12));
+        assert!(
+            !log.on_its_way(65_552, 1 << 30),
+            "past the last frame: never pushed"
+        );
     }
 
     #[test]
