@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use transport::encoding::{EncodingPolicy, EncodingStats};
+use transport::encoding::{page_hash, EncodingPolicy, EncodingStats, ReplicaIndex};
 use transport::message::PAGE_SIZE;
 use transport::proto::{DestConfig, DestSession, SourceConfig, SourceSession};
 use transport::quic::{self, DestHooks, DestReport, DriverError, SourceReport};
@@ -121,6 +121,41 @@ async fn an_early_unencoded_push_and_the_encoded_push_after_it_arrive_intact() {
     );
 }
 
+/// A pushed reference the destination cannot resolve (the replica index says it holds
+/// content it does not) is fetched again on demand. The source answers that request although
+/// the destination had read the frame (`pushed_read` 0): left to the push, the page would
+/// never come, and on loopback no echo asks again, so the migration would not end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn references_the_destination_cannot_resolve_are_fetched_again() {
+    let pages = 512;
+    let img = image(pages);
+    // Every page's content "is at the standby" in the next page, which holds other content.
+    let index: ReplicaIndex = Default::default();
+    let wrong = img
+        .chunks(PAGE_SIZE)
+        .enumerate()
+        .map(|(p, page)| (page_hash(page), ((p + 1) % pages) as u64))
+        .collect();
+    index.set(wrong).unwrap();
+    let img = Arc::new(Image(img));
+    let (src, dst, sink) = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        migrate_reader(
+            img.clone(),
+            pages,
+            EncodingPolicy::ALL,
+            vec![7],
+            false,
+            Some(index),
+        ),
+    )
+    .await
+    .expect("the migration ends");
+    assert_eq!(*sink.mem.lock().unwrap(), img.0);
+    assert!(src.encoding.ref_replica_pages > 0, "{:?}", src.encoding);
+    assert!(dst.decoded.refs_refetched > 0, "{:?}", dst.decoded);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_encoding_off_only_zero_flags_are_used() {
     let (src, dst, sink, img) =
@@ -155,6 +190,7 @@ async fn mostly_zero_memory_crosses_as_long_zero_runs_without_reading_them() {
             EncodingPolicy::AUTO,
             vec![100, 4095],
             early_push,
+            None,
         )
         .await;
         assert_eq!(*sink.mem.lock().unwrap(), img, "early push {early_push}");
@@ -227,6 +263,7 @@ async fn data_pages_found_zero_after_a_long_known_zero_run_do_not_overflow_it() 
         EncodingPolicy::OFF,
         vec![pages - 1],
         false,
+        None,
     )
     .await;
     assert_eq!(dst.pages_received, pages);
@@ -251,7 +288,7 @@ async fn migrate_with(
 ) -> (SourceReport, DestReport, Arc<MemSink>, Arc<Image>) {
     let pages = img.len() / PAGE_SIZE;
     let img = Arc::new(Image(img));
-    let (s, d, sink) = migrate_reader(img.clone(), pages, encoding, demand, early_push).await;
+    let (s, d, sink) = migrate_reader(img.clone(), pages, encoding, demand, early_push, None).await;
     (s, d, sink, img)
 }
 
@@ -261,6 +298,7 @@ async fn migrate_reader<R: quic::PageReader>(
     encoding: EncodingPolicy,
     demand: Vec<u64>,
     early_push: bool,
+    replica_index: Option<ReplicaIndex>,
 ) -> (SourceReport, DestReport, Arc<MemSink>) {
     let src_id = Identity::generate("source").unwrap();
     let dst_id = Identity::generate("dest").unwrap();
@@ -297,6 +335,7 @@ async fn migrate_reader<R: quic::PageReader>(
         vm_state: Some(b"vcpu state v1".to_vec()),
         encoding,
         early_push,
+        replica_index,
         ..SourceConfig::migrate("vm", layout)
     });
     let src_report = quic::run_source(conn, session, img).await.unwrap();
