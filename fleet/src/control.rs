@@ -122,13 +122,43 @@ pub struct Status {
     pub evacuation: EvacState,
     /// UDP bytes the evacuation sent so far.
     pub bytes_sent: u64,
-    /// Stale pages left to send: an estimate from the stale set and the bytes sent (`None`
-    /// before the evacuation).
+    /// Stale pages left to send: an estimate from the stale set and the stream bytes sent
+    /// (`None` before the evacuation).
     pub pages_remaining: Option<u64>,
+    /// How long before this status was sent `bytes_sent` and `pages_remaining` were
+    /// measured, milliseconds (`None` from a source that does not say). A source measures
+    /// its progress every 100 ms and reports every [`EVENT_INTERVAL_MS`], so without this
+    /// an orchestrator extrapolating a transfer's end is up to 100 ms late.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_age_ms: Option<u64>,
+    /// When `bytes_sent` and `pages_remaining` were measured, on the source's clock: what
+    /// `progress_age_ms` is computed from as the status is sent. Never on the wire.
+    #[serde(skip)]
+    pub progress_measured: Option<std::time::Instant>,
     /// Pages that crossed, when the evacuation is done.
     pub pages_stale: Option<u64>,
     /// Why the evacuation failed.
     pub error: Option<String>,
+}
+
+/// The most a status's `progress_age_ms` is believed: a source's figures are at most one
+/// [`EVENT_INTERVAL_MS`] old when it reports, so a larger age is a fault, not a fact.
+pub const MAX_PROGRESS_AGE_MS: u64 = 1000;
+
+impl Status {
+    /// This status as sent now: `progress_age_ms` from when its progress was measured.
+    pub fn stamped(mut self) -> Status {
+        self.progress_age_ms = self
+            .progress_measured
+            .map(|t| t.elapsed().as_millis() as u64);
+        self
+    }
+
+    /// How long before it was received its progress was measured, seconds: its
+    /// `progress_age_ms` (0 if absent), at most [`MAX_PROGRESS_AGE_MS`].
+    pub fn progress_age_s(&self) -> f64 {
+        self.progress_age_ms.unwrap_or(0).min(MAX_PROGRESS_AGE_MS) as f64 / 1000.0
+    }
 }
 
 /// Why a frame was refused.
@@ -217,9 +247,39 @@ mod tests {
             evacuation: EvacState::Idle,
             bytes_sent: 0,
             pages_remaining: None,
+            progress_age_ms: None,
+            progress_measured: None,
             pages_stale: None,
             error: None,
         }
+    }
+
+    #[test]
+    fn a_status_says_how_old_its_progress_is_and_keeps_its_instant_off_the_wire() {
+        let measured = std::time::Instant::now() - std::time::Duration::from_millis(80);
+        let s = Status {
+            evacuation: EvacState::Transferring,
+            progress_measured: Some(measured),
+            ..status()
+        }
+        .stamped();
+        let age = s.progress_age_ms.unwrap();
+        assert!((80..1000).contains(&age), "{age}");
+        let f = encode(&Reply::Event(s.clone())).unwrap();
+        let (Reply::Event(back), _) = decode::<Reply>(&f).unwrap() else {
+            panic!("not an event");
+        };
+        assert_eq!(back.progress_age_ms, Some(age));
+        assert_eq!(back.progress_measured, None);
+        assert!((back.progress_age_s() - age as f64 / 1000.0).abs() < 1e-9);
+        // Nothing measured: no age; an absurd age counts as the most believed.
+        assert_eq!(status().stamped().progress_age_ms, None);
+        assert_eq!(status().progress_age_s(), 0.0);
+        let absurd = Status {
+            progress_age_ms: Some(u64::MAX),
+            ..status()
+        };
+        assert_eq!(absurd.progress_age_s(), MAX_PROGRESS_AGE_MS as f64 / 1000.0);
     }
 
     #[test]

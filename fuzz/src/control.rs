@@ -64,6 +64,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         evacuation: EvacState::Transferring,
         bytes_sent: 123_456,
         pages_remaining: Some(7),
+        progress_age_ms: Some(40),
+        progress_measured: None,
         pages_stale: None,
         error: None,
     };

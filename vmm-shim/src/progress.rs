@@ -20,6 +20,9 @@ pub struct Progress {
     pub bytes_received: u64,
     /// UDP payload bytes this side sent on the session's connection.
     pub bytes_sent: u64,
+    /// Of those, the stream data, estimated ([`transport::quic::stream_bytes_sent`]): how
+    /// far a push got. Retransmissions and packet headers are not in it.
+    pub stream_bytes_sent: u64,
     /// Set on a source's last sample once its session completed (every stale page is at
     /// the destination), before the connection's closing handshake: the pages that were
     /// stale at its switchover. An orchestrator can count the VM as done from here.
@@ -49,6 +52,7 @@ pub(crate) fn sample(
         pages,
         bytes_received: s.udp_rx.bytes,
         bytes_sent: s.udp_tx.bytes,
+        stream_bytes_sent: transport::quic::stream_bytes_sent(&s),
         pages_stale: None,
         handed_over: false,
     }
@@ -56,19 +60,31 @@ pub(crate) fn sample(
 
 /// The connection a session runs on, which changes when it resumes on a new one, and the
 /// bytes of the connections before it: the bytes a session moved over all its connections.
-pub(crate) struct Connections(std::sync::Mutex<(transport::quic::Connection, u64, u64)>);
+pub(crate) struct Connections(std::sync::Mutex<(transport::quic::Connection, Earlier)>);
+
+/// What the connections before the current one moved.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Earlier {
+    bytes_received: u64,
+    bytes_sent: u64,
+    stream_bytes_sent: u64,
+}
 
 impl Connections {
     pub(crate) fn new(conn: &transport::quic::Connection) -> std::sync::Arc<Connections> {
-        std::sync::Arc::new(Connections(std::sync::Mutex::new((conn.clone(), 0, 0))))
+        std::sync::Arc::new(Connections(std::sync::Mutex::new((
+            conn.clone(),
+            Earlier::default(),
+        ))))
     }
 
     /// The session moved on to `conn`.
     pub(crate) fn replace(&self, conn: &transport::quic::Connection) {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let s = g.0.stats();
-        g.1 += s.udp_rx.bytes;
-        g.2 += s.udp_tx.bytes;
+        let p = sample(&g.0, None, 0);
+        g.1.bytes_received += p.bytes_received;
+        g.1.bytes_sent += p.bytes_sent;
+        g.1.stream_bytes_sent += p.stream_bytes_sent;
         g.0 = conn.clone();
     }
 
@@ -77,8 +93,9 @@ impl Connections {
         let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let p = sample(&g.0, pages_present, pages);
         Progress {
-            bytes_received: p.bytes_received + g.1,
-            bytes_sent: p.bytes_sent + g.2,
+            bytes_received: p.bytes_received + g.1.bytes_received,
+            bytes_sent: p.bytes_sent + g.1.bytes_sent,
+            stream_bytes_sent: p.stream_bytes_sent + g.1.stream_bytes_sent,
             ..p
         }
     }
@@ -121,6 +138,7 @@ mod tests {
             pages: 8,
             bytes_received: 1,
             bytes_sent: 2,
+            stream_bytes_sent: 1,
             pages_stale: None,
             handed_over: false,
         };

@@ -166,7 +166,7 @@ async fn answer(
     match req {
         None => Ok(()),
         Some(Request::Status) => {
-            let now = status.borrow().clone();
+            let now = status.borrow().clone().stamped();
             write_msg(&mut send, &Reply::Status(now)).await?;
             let _ = send.finish();
             Ok(())
@@ -217,7 +217,7 @@ async fn events(
     let mut rx = status.subscribe();
     let interval = Duration::from_millis(EVENT_INTERVAL_MS);
     loop {
-        let now = rx.borrow_and_update().clone();
+        let now = rx.borrow_and_update().clone().stamped();
         let state = now.evacuation;
         write_msg(send, &Reply::Event(now)).await?;
         if state.is_final() {

@@ -415,7 +415,9 @@ fn handle(
                 EvacState::Idle | EvacState::Starting => {}
                 EvacState::Transferring => {
                     let remaining = s.pages_remaining.map(|p| p * 4096);
-                    if o.progress(i, now, remaining, s.bytes_sent) {
+                    // The figures are as of when the source measured them.
+                    let measured = now - s.progress_age_s();
+                    if o.progress(i, measured, remaining, s.bytes_sent) {
                         events.emit(json!({
                             "event": "switchover", "vm": name, "t_s": now,
                             "stale_bytes": s.stale_bytes,

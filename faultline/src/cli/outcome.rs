@@ -303,6 +303,7 @@ mod tests {
             pages: 8,
             bytes_received: 12_000,
             bytes_sent: 900,
+            stream_bytes_sent: 800,
             pages_stale: None,
             handed_over: false,
         });

@@ -683,6 +683,8 @@ pub(super) fn idle_status_of(vm_id: &str, memory_bytes: u64) -> Status {
         evacuation: EvacState::Idle,
         bytes_sent: 0,
         pages_remaining: None,
+        progress_age_ms: None,
+        progress_measured: None,
         pages_stale: None,
         error: None,
     }
@@ -690,8 +692,8 @@ pub(super) fn idle_status_of(vm_id: &str, memory_bytes: u64) -> Status {
 
 /// A progress callback that records (for a failure report) and publishes the evacuation's
 /// progress on the control endpoint: `transferring` from the session's hand-over (its
-/// switchover), `done` from its last sample; the pages left are estimated from the bytes
-/// sent.
+/// switchover), `done` from its last sample; the pages left are estimated from the stream
+/// bytes sent.
 pub(super) fn progress_to(
     status: Arc<watch::Sender<Status>>,
     stale_pages: u64,
@@ -703,6 +705,7 @@ pub(super) fn progress_to(
                 return;
             }
             s.bytes_sent = p.bytes_sent;
+            s.progress_measured = Some(Instant::now());
             if let Some(pages) = p.pages_stale {
                 // Every page is at the standby: done, before the connection's closing
                 // handshake and the source's own reporting, which the VM does not wait for.
@@ -716,9 +719,11 @@ pub(super) fn progress_to(
                 return;
             }
             s.evacuation = EvacState::Transferring;
-            // Wire bytes carry about 4% of QUIC and frame overhead.
-            let payload = p.bytes_sent * 100 / 104;
-            s.pages_remaining = Some(stale_pages.saturating_sub(payload / PAGE));
+            // The stream bytes that left, not those the push wrote: it writes up to a
+            // stream window ahead, several round trips at the link's rate. A page is about
+            // PAGE bytes on the stream with `--encoding off`; compressed or deduplicated
+            // pages cost less, and the count then runs behind.
+            s.pages_remaining = Some(stale_pages.saturating_sub(p.stream_bytes_sent / PAGE));
         });
     })
 }
@@ -922,6 +927,33 @@ mod tests {
     use super::*;
 
     const BITS_PER_PAGE: u64 = PAGE * 8;
+
+    #[test]
+    fn the_pages_left_follow_the_stream_bytes_and_say_when_they_were_measured() {
+        let status = Arc::new(watch::channel(idle_status_of("vm", 1 << 30)).0);
+        let report = progress_to(status.clone(), 1000);
+        let sample = |stream_bytes_sent: u64| vmm_shim::Progress {
+            pages: 1 << 18,
+            // UDP bytes run ahead of the stream's (headers, retransmissions); the pages
+            // left are counted from the stream's.
+            bytes_sent: stream_bytes_sent * 2,
+            stream_bytes_sent,
+            handed_over: true,
+            ..Default::default()
+        };
+        report(sample(400 * PAGE));
+        let s = status.borrow().clone();
+        assert_eq!(s.evacuation, EvacState::Transferring);
+        assert_eq!(s.pages_remaining, Some(600));
+        assert_eq!(s.bytes_sent, 800 * PAGE);
+        let measured = s.progress_measured.expect("when it was measured");
+        let age = s.stamped().progress_age_ms.unwrap();
+        assert!(age < 1000, "{age}");
+        report(sample(2000 * PAGE));
+        let s = status.borrow().clone();
+        assert_eq!(s.pages_remaining, Some(0), "never below none");
+        assert!(s.progress_measured.unwrap() >= measured);
+    }
 
     #[test]
     fn replication_that_keeps_up_is_dirty_rate_without_growth() {
