@@ -51,7 +51,9 @@
 //! `FAULTLINE_BENCH_ROUNDS` (repeats of each run, 1), `FAULTLINE_BENCH_ENCODING` (`off`),
 //! `FAULTLINE_BENCH_STATED_BDP` (`0`: the default window instead), `FAULTLINE_BENCH_CALIBRATE`,
 //! `FAULTLINE_BENCH_TIMELINE` (set: each run line carries `link_timeline_mbps`, the link's
-//! rate every 50 ms, and `rate_limits`, the orchestrator's holds and releases).
+//! rate every 50 ms, and `rate_limits`, the orchestrator's holds and releases),
+//! `FAULTLINE_BENCH_IDLE_REPLICATORS` (the image sources' replicators at SCHED_IDLE, as
+//! `replicate` runs them by default; `0`: at normal priority).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -355,6 +357,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Every process the runs start inherits the link's bandwidth-delay product, if stated.
+/// Whether the image sources' replicators run at SCHED_IDLE, as `replicate` runs them by
+/// default (`FAULTLINE_BENCH_IDLE_REPLICATORS=0`: at normal priority). On a real site each
+/// source has its own host; here every VM waiting for its turn shares the two cores with the
+/// transfer under way, and replicators at normal priority took enough of them to leave the
+/// link below its rate (docs/fleet.md).
+fn idle_replicators() -> bool {
+    std::env::var("FAULTLINE_BENCH_IDLE_REPLICATORS").map_or(true, |v| v != "0")
+}
+
 fn set_bdp(link: &WanLink) {
     if link.stated_bdp {
         set_expected_bdp(link.rate_bps, link.rtt());
@@ -400,6 +411,7 @@ fn run(bed: Bed<'_>, specs: &[VmSpec], schedule: &str, deadline_s: f64) -> anyho
         line["wan_queue_drops"] = json!(c.client_to_server.dropped_queue);
     }
     line["encoding"] = json!(encoding);
+    line["idle_replicators"] = json!(idle_replicators());
     line["digests_unverified"] = report["digests_unverified"].clone();
     if !report["link_timeline_mbps"].is_null() {
         line["link_timeline_mbps"] = report["link_timeline_mbps"].clone();
@@ -600,7 +612,7 @@ fn evacuate(
             "--encoding",
             encoding,
         ];
-        let source = Background::replicate(certs, &standby.addr, &args);
+        let source = Background::replicate_at(certs, &standby.addr, &args, !idle_replicators());
         pairs.push((s.clone(), port, standby, source, dir));
         // Caught up: a lag of 1% of memory, plus two seconds of the guest's writes.
         let lag = mem as f64 / 100.0 + 2.0 * s.write_rate as f64 * PAGE as f64;

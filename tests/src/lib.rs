@@ -448,13 +448,24 @@ impl Background {
         Background(child)
     }
 
-    /// Starts `faultline replicate` against `addr` with `extra` arguments.
+    /// Starts `faultline replicate` against `addr` with `extra` arguments, its replicator at
+    /// normal priority: the test machine runs many tests at once, and at SCHED_IDLE (its
+    /// default) the replicator could starve and the replica not fill in time.
     pub fn replicate(certs: &Certs, addr: &str, extra: &[&str]) -> Background {
+        Background::replicate_at(certs, addr, extra, true)
+    }
+
+    /// [`Background::replicate`], its replicator at normal priority or, as `replicate` runs
+    /// by default, at SCHED_IDLE.
+    pub fn replicate_at(
+        certs: &Certs,
+        addr: &str,
+        extra: &[&str],
+        normal_priority: bool,
+    ) -> Background {
         let child = Command::new(faultline_bin())
             .args(["replicate", "--connect", addr, "--json"])
-            // The test machine runs many tests at once; at SCHED_IDLE the replicator could
-            // starve and the replica not fill in time.
-            .arg("--replicator-normal-priority")
+            .args(normal_priority.then_some("--replicator-normal-priority"))
             .args(certs.args("source", "dest"))
             .args(extra)
             .stdout(Stdio::piped())
