@@ -544,6 +544,10 @@ impl Orchestration {
         if !t.phase.is_under_way() {
             return false;
         }
+        // A source's figures are never measured before its start nor before its last
+        // report; a date that says so (a bad age) is taken as the latest it can be.
+        let not_before = t.heard_s.or(t.timeline.start_s).unwrap_or(now_s);
+        let now_s = now_s.max(not_before);
         if let Some(r) = remaining_bytes {
             match t.rate_from {
                 Some((at, left)) if now_s - at >= MIN_RATE_SPAN_S => {

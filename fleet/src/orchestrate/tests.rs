@@ -416,3 +416,23 @@ fn a_slow_link_holds_at_least_the_minimum() {
     assert_eq!(caps[1], Some(MIN_HOLD_BPS), "{caps:?}");
     assert_eq!(caps[2], Some(MIN_HOLD_BPS));
 }
+
+#[test]
+fn a_report_dated_before_the_start_or_the_last_report_counts_as_of_the_latest_it_can_be() {
+    let mut f = fleet(3);
+    f.links[0].per_flow_window_bytes = 1 << 30;
+    let mut o = Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap();
+    let first = o.due(0.0)[0];
+    o.started(first, 0.5);
+    // A switchover dated before the start (an age larger than the setup) is at the start.
+    assert!(o.progress(first, 0.2, Some(100 * MB), 0));
+    let sw = o.report().vms[first].measured.switchover_s;
+    assert_eq!(sw, Some(0.5));
+    // 100 MB left at 0.5 s, at the link's 1 Gbit/s: its end at 1.3 s.
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+    assert!(close(o.expected_end_s(first).unwrap(), 1.3));
+    // A later report dated before the last one is taken as of the last one: no rate
+    // over a negative span, and the bytes left count from then.
+    o.progress(first, 0.4, Some(90 * MB), 10 * MB);
+    assert!(close(o.expected_end_s(first).unwrap(), 0.5 + 0.72));
+}
