@@ -356,7 +356,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every process the runs start inherits the link's bandwidth-delay product, if stated.
 /// Whether the image sources' replicators run at SCHED_IDLE, as `replicate` runs them by
 /// default (`FAULTLINE_BENCH_IDLE_REPLICATORS=0`: at normal priority). On a real site each
 /// source has its own host; here every VM waiting for its turn shares the two cores with the
@@ -366,6 +365,7 @@ fn idle_replicators() -> bool {
     std::env::var("FAULTLINE_BENCH_IDLE_REPLICATORS").map_or(true, |v| v != "0")
 }
 
+/// Every process the runs start inherits the link's bandwidth-delay product, if stated.
 fn set_bdp(link: &WanLink) {
     if link.stated_bdp {
         set_expected_bdp(link.rate_bps, link.rtt());
