@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::model::{Fleet, InputError};
 use crate::plan::{
-    self, LinkMeasure, Measured, Plan, PlanOptions, Policy, Status, VmMeasure, VmState,
+    self, LinkMeasure, Measured, Plan, PlanOptions, Policy, RunningKey, Status, VmMeasure, VmState,
 };
 use crate::sim::Sharing;
 
@@ -297,11 +297,12 @@ impl Orchestration {
                         stale_bytes: t.stale_bytes,
                     },
                     Phase::Starting => VmState::Setup {
-                        started_s: t.timeline.start_s.unwrap_or(now_s),
+                        started_s: t.timeline.start_s.unwrap_or(f64::INFINITY),
                     },
                     Phase::Transferring => VmState::Transferring {
                         remaining_bytes: t.remaining_bytes,
                         switchover_s: t.timeline.switchover_s.unwrap_or(now_s),
+                        started_s: t.timeline.start_s.unwrap_or(now_s),
                     },
                     Phase::Done => VmState::Done {
                         finished_s: t.timeline.finish_s.unwrap_or(now_s),
@@ -398,8 +399,9 @@ impl Orchestration {
 
     /// The rate limit each VM's evacuation should have now, bits per second (`None`: none).
     ///
-    /// On each link, the transfers under way (in the order of their switchovers) and then
-    /// the VMs still in setup (in the order they started) take the link until their flow
+    /// On each link, the transfers under way and then the VMs still in setup, each in the
+    /// order they were started (the plan's; of VMs started together, the one with fewer
+    /// bytes left first), take the link until their flow
     /// caps (window / RTT, the VM's own limit) fill its rate (the rate measured, else the
     /// plan file's); those are not limited (their windows limit them, and the last takes
     /// whatever the link really delivers). Behind them, held to [`HOLD_SHARE`] of the link
@@ -420,13 +422,16 @@ impl Orchestration {
     pub fn rate_caps(&self, now_s: f64) -> Vec<Option<u64>> {
         let mut caps = vec![None; self.tracks.len()];
         // One pass over the VMs (the orchestrator asks after every event): those under way,
-        // per link, keyed by (switchover, start, index).
-        let key = |x: Option<f64>| x.unwrap_or(f64::INFINITY);
-        let mut under_way: Vec<Vec<(f64, f64, usize)>> = vec![Vec::new(); self.fleet.links.len()];
+        // per link, in `plan::running_order`'s order, which the re-plans simulate.
+        let mut under_way: Vec<Vec<(RunningKey, usize)>> = vec![Vec::new(); self.fleet.links.len()];
         for (i, t) in self.tracks.iter().enumerate() {
             if t.phase.is_under_way() {
-                let k = (key(t.timeline.switchover_s), key(t.timeline.start_s), i);
-                under_way[self.fleet.vms[i].link].push(k);
+                let k = RunningKey {
+                    transferring: t.phase == Phase::Transferring,
+                    started_s: t.timeline.start_s.unwrap_or(f64::INFINITY),
+                    remaining_bytes: t.remaining_bytes,
+                };
+                under_way[self.fleet.vms[i].link].push((k, i));
             }
         }
         for (li, ls) in self.current.schedule.links.iter().enumerate() {
@@ -435,16 +440,12 @@ impl Orchestration {
             if (!in_order && !ls.prestart) || flows.is_empty() {
                 continue;
             }
-            flows.sort_by(|a, b| {
-                a.0.total_cmp(&b.0)
-                    .then(a.1.total_cmp(&b.1))
-                    .then(a.2.cmp(&b.2))
-            });
+            flows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
             let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps) as f64;
             let hold = (capacity * HOLD_SHARE).max(MIN_HOLD_BPS as f64) as u64;
             let mut taken = 0.0;
-            for &(switchover, _, i) in flows.iter() {
-                let in_setup = switchover.is_infinite();
+            for &(key, i) in flows.iter() {
+                let in_setup = !key.transferring;
                 if taken >= capacity && (in_order || in_setup) {
                     caps[i] = Some(hold);
                 }

@@ -261,6 +261,7 @@ pub fn plan(fleet: &Fleet, opts: &PlanOptions) -> Plan {
 pub fn plan_with(fleet: &Fleet, opts: &PlanOptions, policy: Policy) -> Plan {
     let state = State {
         initial: Vec::new(),
+        started_s: Vec::new(),
         settled: vec![None; fleet.vms.len()],
         policy,
     };
@@ -301,10 +302,12 @@ pub enum VmState {
     Waiting { stale_bytes: u64 },
     /// Its setup started at `started_s`.
     Setup { started_s: f64 },
-    /// Moving its stale bytes since its switchover at `switchover_s`; this many are left.
+    /// Started at `started_s`, moving its stale bytes since its switchover at
+    /// `switchover_s`; this many are left.
     Transferring {
         remaining_bytes: u64,
         switchover_s: f64,
+        started_s: f64,
     },
     /// Its last byte arrived at `finished_s`.
     Done { finished_s: f64 },
@@ -357,6 +360,7 @@ pub fn replan_with(
     }
     let mut state = State {
         initial: vec![Phase::Waiting; fleet.vms.len()],
+        started_s: vec![f64::INFINITY; fleet.vms.len()],
         settled: vec![None; fleet.vms.len()],
         policy,
     };
@@ -373,6 +377,7 @@ pub fn replan_with(
                 f.vms[i].stale_bytes = stale_bytes.min(f.vms[i].total_bytes());
             }
             VmState::Setup { started_s } => {
+                state.started_s[i] = started_s;
                 state.initial[i] = Phase::Setup {
                     switchover_in_s: (started_s + setup - now).max(0.0),
                 };
@@ -380,7 +385,9 @@ pub fn replan_with(
             VmState::Transferring {
                 remaining_bytes,
                 switchover_s,
+                started_s,
             } => {
+                state.started_s[i] = started_s;
                 state.initial[i] = Phase::Transfer {
                     remaining_bytes: remaining_bytes as f64,
                     switchover_s: switchover_s - now,
@@ -405,6 +412,8 @@ pub fn replan_with(
 struct State {
     /// Per VM (empty: all waiting).
     initial: Vec<Phase>,
+    /// Per VM under way, when it was started (empty, or infinite: not known).
+    started_s: Vec<f64>,
     /// VMs already done or failed, with when they finished.
     settled: Vec<Option<(Status, f64)>>,
     /// Which schedules may be chosen.
@@ -557,13 +566,13 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
         let on_link: Vec<usize> = (0..n)
             .filter(|&i| fleet.vms[i].link == li && active(i))
             .collect();
-        // Under way first (transfers by switchover, then setups by switchover).
+        // Under way first, in the order the orchestrator holds them to.
         let mut running: Vec<usize> = on_link
             .iter()
             .copied()
             .filter(|&i| !matches!(phase(i), Phase::Waiting))
             .collect();
-        running.sort_by(|&a, &b| running_key(phase(a)).total_cmp(&running_key(phase(b))));
+        running.sort_by_key(|&i| running_key(fleet, state, i));
         let pinned: Vec<usize> = opts
             .first
             .iter()
@@ -615,7 +624,7 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
         simulate(fleet, &schedule, &lp.margin_opts).expect("the planner's own schedule");
 
     let baseline = |s: Schedule| -> Totals {
-        let s = restrict(s, &active, &state.initial);
+        let s = restrict(s, &active, &|i| running_key(fleet, state, i));
         let a = simulate(fleet, &s, &nominal_opts).expect("a baseline schedule");
         let b = simulate(fleet, &s, &lp.margin_opts).expect("a baseline schedule");
         totals(fleet, &s, &a, &b, opts.deadline_s, now)
@@ -684,22 +693,72 @@ fn shift(t: f64, now: f64) -> f64 {
     t + now
 }
 
-fn running_key(p: Phase) -> f64 {
-    match p {
-        Phase::Transfer { switchover_s, .. } => switchover_s - 1e12,
-        Phase::Setup { switchover_in_s } => switchover_in_s,
-        Phase::Waiting => f64::INFINITY,
+/// The order in which the VMs under way on a link take it when it is shared in order (or
+/// when VMs in setup are held behind the transfers): the transfers, then the VMs in setup,
+/// each in the order they were started, of those started together the one with fewer bytes
+/// left first. The orchestrator holds its VMs in this order
+/// ([`crate::orchestrate::Orchestration::rate_caps`]) and a re-plan simulates it.
+///
+/// The order of starts is the plan's; the order of switchovers is not: setups take
+/// different times, and at 1 Gbit/s, where a transfer may be shorter than a setup, several
+/// VMs are in setup at once and switch over in any order. Taking the switchovers' order
+/// (as this did until 2026-12-06) let a VM overtake the smaller one planned before it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RunningKey {
+    /// Past its switchover (ahead of every VM still in setup).
+    pub transferring: bool,
+    /// When it was started (infinite: not known, after those known).
+    pub started_s: f64,
+    /// Its bytes left (in setup: its stale bytes).
+    pub remaining_bytes: u64,
+}
+
+impl Eq for RunningKey {}
+
+impl Ord for RunningKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .transferring
+            .cmp(&self.transferring)
+            .then(self.started_s.total_cmp(&other.started_s))
+            .then(self.remaining_bytes.cmp(&other.remaining_bytes))
     }
 }
 
+impl PartialOrd for RunningKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// VM `i`'s [`RunningKey`] as `state` has it; waiting VMs after every VM under way.
+fn running_key(fleet: &Fleet, state: &State, i: usize) -> (bool, RunningKey) {
+    let started_s = state.started_s.get(i).copied().unwrap_or(f64::INFINITY);
+    let (waiting, transferring, remaining_bytes) = match state.initial.get(i) {
+        Some(Phase::Transfer {
+            remaining_bytes, ..
+        }) => (false, true, *remaining_bytes as u64),
+        Some(Phase::Setup { .. }) => (false, false, fleet.vms[i].stale_bytes),
+        _ => (true, false, 0),
+    };
+    let key = RunningKey {
+        transferring,
+        started_s: if waiting { f64::INFINITY } else { started_s },
+        remaining_bytes,
+    };
+    (waiting, key)
+}
+
 /// `s` without the VMs that are not active, with the VMs under way first.
-fn restrict(mut s: Schedule, active: &dyn Fn(usize) -> bool, initial: &[Phase]) -> Schedule {
-    let phase = |vm: usize| initial.get(vm).copied().unwrap_or(Phase::Waiting);
+fn restrict<K: Ord>(
+    mut s: Schedule,
+    active: &dyn Fn(usize) -> bool,
+    key: &dyn Fn(usize) -> K,
+) -> Schedule {
     for ls in &mut s.links {
         ls.order.retain(|&i| active(i));
-        // Stable: under way first, by their own order.
-        ls.order
-            .sort_by(|&a, &b| running_key(phase(a)).total_cmp(&running_key(phase(b))));
+        // Stable: under way first, in their order; the waiting ones keep theirs.
+        ls.order.sort_by_key(|&i| key(i));
         if ls.concurrency > 1 {
             ls.concurrency = ls.order.len().max(1);
         }
@@ -910,12 +969,24 @@ fn vm_plans(
         let ls = &schedule.links[fleet.vms[vm].link];
         ls.order.iter().position(|&i| i == vm).unwrap_or(0)
     };
-    // Rank by planned start, then by place in its link's order.
+    // The VMs under way first, in their links' orders (a transfer's start in the
+    // simulation is its switchover less a setup, not when it was started); then by
+    // planned start, then by place in its link's order.
+    let under_way = |vm: usize| {
+        state
+            .initial
+            .get(vm)
+            .is_some_and(|p| !matches!(p, Phase::Waiting))
+    };
     let mut ran: Vec<usize> = (0..n).filter(|&i| nominal.vms[i].ran()).collect();
     ran.sort_by(|&a, &b| {
-        nominal.vms[a]
-            .start_s
-            .total_cmp(&nominal.vms[b].start_s)
+        under_way(b)
+            .cmp(&under_way(a))
+            .then_with(|| match under_way(a) && under_way(b) {
+                true => position(a).cmp(&position(b)),
+                false => std::cmp::Ordering::Equal,
+            })
+            .then(nominal.vms[a].start_s.total_cmp(&nominal.vms[b].start_s))
             .then(position(a).cmp(&position(b)))
             .then(a.cmp(&b))
     });

@@ -111,7 +111,8 @@ fn measured_progress_reaches_the_replan() {
         m.vms[0].state,
         VmState::Transferring {
             remaining_bytes: 20 * MB,
-            switchover_s: 0.5
+            switchover_s: 0.5,
+            started_s: 0.0,
         }
     );
     assert_eq!(
@@ -285,29 +286,57 @@ fn in_order_links_hold_the_vms_beyond_what_fills_the_link() {
     let due = o.due(0.0);
     assert_eq!(due.len(), 6);
     assert_eq!(o.rate_caps(0.0), vec![None; 8], "nothing under way yet");
-    for &i in &due {
-        o.started(i, 0.0);
+    for (k, &i) in due.iter().enumerate() {
+        o.started(i, k as f64 * 0.01);
     }
-    // Switchovers in another order than the starts: they decide the order.
+    // Switchovers in the reverse order of the starts: the starts (the plan's order) decide.
     for (k, &i) in due.iter().rev().enumerate() {
         o.progress(i, 0.5 + k as f64 * 0.1, Some(100 * MB), 0);
     }
     let caps = o.rate_caps(1.0);
     let hold = Some((1e9 * HOLD_SHARE) as u64);
-    for (k, &i) in due.iter().rev().enumerate() {
+    for (k, &i) in due.iter().enumerate() {
         let want = if k < 4 { None } else { hold };
-        assert_eq!(caps[i], want, "switchover #{k} (vm {i}): {caps:?}");
+        assert_eq!(caps[i], want, "start #{k} (vm {i}): {caps:?}");
     }
     for i in (0..8).filter(|i| !due.contains(i)) {
         assert_eq!(caps[i], None, "vm {i} waits: no limit to send");
     }
     // The first transfer ends: the fifth takes its place, the sixth still waits.
-    let first = due[5];
+    let first = due[0];
     o.done(first, 2.0, 0, Some(1));
     let caps = o.rate_caps(2.0);
-    assert_eq!(caps[due[1]], None, "{caps:?}");
-    assert_eq!(caps[due[0]], hold, "{caps:?}");
+    assert_eq!(caps[due[4]], None, "{caps:?}");
+    assert_eq!(caps[due[5]], hold, "{caps:?}");
     assert_eq!(caps[first], None);
+}
+
+#[test]
+fn vms_started_together_take_the_link_fewest_bytes_left_first() {
+    // Three started at once; one flow fills the link (the stated window of a 1 Gbit/s
+    // path), so one at a time.
+    let together = || {
+        let mut o = in_order(
+            Orchestration::new(fleet(3), PlanOptions::new(3600.0), &[]).unwrap(),
+            3,
+        );
+        o.fleet.links[0].per_flow_window_bytes = 20 * MB;
+        for vm in 0..3 {
+            o.started(vm, 0.0);
+        }
+        o
+    };
+    let hold = Some((1e9 * HOLD_SHARE) as u64);
+    // vm2 has the fewest bytes left, then vm0; vm1 switched over first.
+    let mut o = together();
+    o.progress(1, 0.3, Some(90 * MB), 0);
+    o.progress(0, 0.4, Some(80 * MB), 0);
+    o.progress(2, 0.5, Some(30 * MB), 0);
+    assert_eq!(o.rate_caps(0.6), vec![hold, hold, None]);
+    // While the others are still in setup, the transfer goes first.
+    let mut o = together();
+    o.progress(1, 0.3, Some(90 * MB), 0);
+    assert_eq!(o.rate_caps(0.6), vec![hold, None, hold]);
 }
 
 #[test]

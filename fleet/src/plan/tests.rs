@@ -251,6 +251,7 @@ fn replanning_keeps_what_runs_and_uses_what_was_measured() {
                 state: VmState::Transferring {
                     remaining_bytes: 500 * MB,
                     switchover_s: 10.5,
+                    started_s: 10.4,
                 },
             },
         ],
@@ -280,6 +281,75 @@ fn replanning_keeps_what_runs_and_uses_what_was_measured() {
     assert_eq!(
         replan(&f, &opts, &bad).unwrap_err().to_string(),
         "plan: link \"nope\" is not defined"
+    );
+}
+
+#[test]
+fn a_replan_keeps_the_transfers_in_the_order_they_started_not_switched_over() {
+    let l = link("wan", 800, 10, 1 << 30);
+    let f = fleet(
+        vec![l],
+        vec![
+            vm("a", 0, GB),
+            vm("b", 0, GB),
+            vm("c", 0, GB),
+            vm("d", 0, GB),
+        ],
+    );
+    let opts = PlanOptions::new(100.0);
+    let moving = |remaining_mb: u64, switchover_s: f64, started_s: f64| VmState::Transferring {
+        remaining_bytes: remaining_mb * MB,
+        switchover_s,
+        started_s,
+    };
+    let measured = |a: VmState, b: VmState, c: VmState| Measured {
+        now_s: 2.0,
+        links: Vec::new(),
+        vms: ["a", "b", "c"]
+            .into_iter()
+            .zip([a, b, c])
+            .map(|(vm, state)| VmMeasure {
+                vm: vm.into(),
+                state,
+            })
+            .collect(),
+    };
+    // c started last but its setup was the shortest: it switched over first. a and b
+    // started together; b has fewer bytes left. d waits.
+    let p = replan(
+        &f,
+        &opts,
+        &measured(
+            moving(600, 1.0, 0.0),
+            moving(500, 1.1, 0.0),
+            moving(100, 0.5, 0.2),
+        ),
+    )
+    .unwrap();
+    let order = |p: &Plan, n: &str| by_name(p, n).order;
+    assert_eq!(
+        [
+            order(&p, "b"),
+            order(&p, "a"),
+            order(&p, "c"),
+            order(&p, "d")
+        ],
+        [Some(1), Some(2), Some(3), Some(4)]
+    );
+    // A VM still in setup comes after every transfer, however early it started.
+    let p = replan(
+        &f,
+        &opts,
+        &measured(
+            VmState::Setup { started_s: 0.0 },
+            moving(500, 1.1, 0.1),
+            moving(100, 0.5, 0.2),
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        [order(&p, "b"), order(&p, "c"), order(&p, "a")],
+        [Some(1), Some(2), Some(3)]
     );
 }
 
