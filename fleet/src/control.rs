@@ -17,6 +17,14 @@
 //! A frame is a 4-byte big-endian length and that many bytes of JSON, at most
 //! [`MAX_FRAME`]. Input from the network never panics a decoder: a frame too long, cut
 //! short or not one of these messages is a [`ControlError`].
+//!
+//! Versions: every field added since the first version is optional (absent from an older
+//! peer, it reads as `None`), and a field a receiver does not know is ignored, so an
+//! orchestrator and sources of different releases work together (sources on many hosts
+//! are not upgraded at once). A new field whose meaning a receiver must not miss comes
+//! with an answer that says it was honoured, as [`Reply::Accepted`] does for a rate cap.
+//! A message type a receiver does not know, or a known field of the wrong type, is an
+//! error.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -31,7 +39,7 @@ pub const EVENT_INTERVAL_MS: u64 = 250;
 
 /// What the orchestrator asks.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     /// Where the VM is.
     Status,
@@ -46,7 +54,7 @@ pub enum Request {
 
 /// What a source answers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
     Status(Status),
     /// The evacuation starts (or had started: a second request follows the same one).
@@ -102,7 +110,6 @@ impl EvacState {
 
 /// A VM as its source sees it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Status {
     pub vm_id: String,
     pub memory_bytes: u64,
@@ -255,6 +262,41 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_peers_fields_are_ignored_and_an_older_peers_missing_ones_are_none() {
+        let frame = |v: serde_json::Value| {
+            let body = v.to_string();
+            [&(body.len() as u32).to_be_bytes()[..], body.as_bytes()].concat()
+        };
+        // A newer source's status carries a field this release does not know.
+        let mut v = serde_json::to_value(Reply::Event(status())).unwrap();
+        v["cpu_share"] = serde_json::json!(0.5);
+        assert_eq!(
+            decode::<Reply>(&frame(v.clone())).unwrap().0,
+            Reply::Event(status())
+        );
+        // An older source's has none of the optional fields.
+        for key in [
+            "stale_growth_bps",
+            "progress_age_ms",
+            "pages_stale",
+            "error",
+        ] {
+            v.as_object_mut().unwrap().remove(key);
+        }
+        let mut older = status();
+        older.stale_growth_bps = None;
+        assert_eq!(decode::<Reply>(&frame(v)).unwrap().0, Reply::Event(older));
+        // A newer orchestrator's request.
+        let req = serde_json::json!({"type": "evacuate", "rate_cap_bps": 5, "priority": 1});
+        assert_eq!(
+            decode::<Request>(&frame(req)).unwrap().0,
+            Request::Evacuate {
+                rate_cap_bps: Some(5)
+            }
+        );
+    }
+
+    #[test]
     fn a_status_says_how_old_its_progress_is_and_keeps_its_instant_off_the_wire() {
         let measured = std::time::Instant::now() - std::time::Duration::from_millis(80);
         let s = Status {
@@ -367,11 +409,11 @@ mod tests {
             decode::<Request>(&junk),
             Err(ControlError::Malformed(_))
         ));
-        // A reply where a request belongs, an unknown type, an unknown field.
+        // A reply where a request belongs, an unknown type, a field of the wrong type.
         for body in [
             r#"{"type":"accepted","rate_cap_honoured":true}"#,
             r#"{"type":"reboot"}"#,
-            r#"{"type":"evacuate","rate_cap_bps":1,"now":true}"#,
+            r#"{"type":"evacuate","rate_cap_bps":1.5}"#,
             r#"{"type":"evacuate","rate_cap_bps":-1}"#,
             r#"{"type":"set_rate","rate_cap_bps":"fast"}"#,
             r#"{"type":"rate_set","rate_cap_bps":1}"#,
