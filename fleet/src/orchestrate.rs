@@ -297,7 +297,8 @@ impl Orchestration {
                         stale_bytes: t.stale_bytes,
                     },
                     Phase::Starting => VmState::Setup {
-                        started_s: t.timeline.start_s.unwrap_or(f64::INFINITY),
+                        started_s: t.timeline.start_s.unwrap_or(now_s),
+                        stale_bytes: t.remaining_bytes,
                     },
                     Phase::Transferring => VmState::Transferring {
                         remaining_bytes: t.remaining_bytes,
@@ -422,13 +423,13 @@ impl Orchestration {
     pub fn rate_caps(&self, now_s: f64) -> Vec<Option<u64>> {
         let mut caps = vec![None; self.tracks.len()];
         // One pass over the VMs (the orchestrator asks after every event): those under way,
-        // per link, in `plan::running_order`'s order, which the re-plans simulate.
+        // per link, in `plan::RunningKey`'s order, which the re-plans simulate too.
         let mut under_way: Vec<Vec<(RunningKey, usize)>> = vec![Vec::new(); self.fleet.links.len()];
         for (i, t) in self.tracks.iter().enumerate() {
             if t.phase.is_under_way() {
                 let k = RunningKey {
                     transferring: t.phase == Phase::Transferring,
-                    started_s: t.timeline.start_s.unwrap_or(f64::INFINITY),
+                    started_s: t.timeline.start_s.unwrap_or(now_s),
                     remaining_bytes: t.remaining_bytes,
                 };
                 under_way[self.fleet.vms[i].link].push((k, i));

@@ -300,8 +300,9 @@ pub struct VmMeasure {
 pub enum VmState {
     /// Not started; its stale bytes now (from its dirty tracking).
     Waiting { stale_bytes: u64 },
-    /// Its setup started at `started_s`.
-    Setup { started_s: f64 },
+    /// Its setup started at `started_s`, its stale set then `stale_bytes` (what will cross:
+    /// the guest pauses as the setup begins).
+    Setup { started_s: f64, stale_bytes: u64 },
     /// Started at `started_s`, moving its stale bytes since its switchover at
     /// `switchover_s`; this many are left.
     Transferring {
@@ -376,7 +377,11 @@ pub fn replan_with(
             VmState::Waiting { stale_bytes } => {
                 f.vms[i].stale_bytes = stale_bytes.min(f.vms[i].total_bytes());
             }
-            VmState::Setup { started_s } => {
+            VmState::Setup {
+                started_s,
+                stale_bytes,
+            } => {
+                f.vms[i].stale_bytes = stale_bytes.min(f.vms[i].total_bytes());
                 state.started_s[i] = started_s;
                 state.initial[i] = Phase::Setup {
                     switchover_in_s: (started_s + setup - now).max(0.0),

@@ -341,7 +341,10 @@ fn a_replan_keeps_the_transfers_in_the_order_they_started_not_switched_over() {
         &f,
         &opts,
         &measured(
-            VmState::Setup { started_s: 0.0 },
+            VmState::Setup {
+                started_s: 0.0,
+                stale_bytes: 700 * MB,
+            },
             moving(500, 1.1, 0.1),
             moving(100, 0.5, 0.2),
         ),
@@ -364,13 +367,18 @@ fn replanning_at_time_zero_is_planning() {
     assert_eq!(p.schedule, r.schedule);
 }
 
-#[test]
-fn waiting_vms_not_measured_grow_as_the_model_says() {
+/// VM "a", 1 GB stale, its stale set growing 10 MB/s up to 2 GB.
+fn one_vm_dirtying_10_mb_a_second() -> Fleet {
     let l = link("wan", 800, 10, 1 << 30);
     let mut a = vm("a", 0, GB);
-    a.dirty_rate_bps = 80_000_000; // 10 MB/s
+    a.dirty_rate_bps = 80_000_000;
     a.working_set_bytes = 2 * GB;
-    let f = fleet(vec![l], vec![a]);
+    fleet(vec![l], vec![a])
+}
+
+#[test]
+fn waiting_vms_not_measured_grow_as_the_model_says() {
+    let f = one_vm_dirtying_10_mb_a_second();
     let r = replan(
         &f,
         &PlanOptions::new(1000.0),
@@ -383,6 +391,27 @@ fn waiting_vms_not_measured_grow_as_the_model_says() {
     // 1 GB + 50 s × 10 MB/s, and 0.08 s more of growth during its setup.
     let bytes = r.vms[0].bytes_to_cross.unwrap();
     assert!((bytes as f64 - 1.5e9 - 10e6 * 0.08).abs() < 1e3, "{bytes}");
+}
+
+#[test]
+fn a_vm_in_setup_moves_the_stale_set_measured_at_its_start() {
+    let f = one_vm_dirtying_10_mb_a_second();
+    let measured = Measured {
+        now_s: 50.0,
+        links: Vec::new(),
+        vms: vec![VmMeasure {
+            vm: "a".into(),
+            state: VmState::Setup {
+                started_s: 49.95,
+                stale_bytes: 1_200_000_000,
+            },
+        }],
+    };
+    let r = replan(&f, &PlanOptions::new(1000.0), &measured).unwrap();
+    // Its stale set at the start, not the 1.5 GB the model would have grown it to by now
+    // (and 0.03 s of growth to its switchover).
+    let bytes = r.vms[0].bytes_to_cross.unwrap();
+    assert!((bytes as f64 - 1.2e9 - 10e6 * 0.03).abs() < 1e3, "{bytes}");
 }
 
 #[test]
