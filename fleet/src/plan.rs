@@ -977,20 +977,14 @@ fn vm_plans(
     // The VMs under way first, in their links' orders (a transfer's start in the
     // simulation is its switchover less a setup, not when it was started); then by
     // planned start, then by place in its link's order.
-    let under_way = |vm: usize| {
-        state
-            .initial
-            .get(vm)
-            .is_some_and(|p| !matches!(p, Phase::Waiting))
+    let pinned = |vm: usize| match state.initial.get(vm) {
+        Some(Phase::Waiting) | None => (1, 0),
+        Some(_) => (0, position(vm)),
     };
     let mut ran: Vec<usize> = (0..n).filter(|&i| nominal.vms[i].ran()).collect();
     ran.sort_by(|&a, &b| {
-        under_way(b)
-            .cmp(&under_way(a))
-            .then_with(|| match under_way(a) && under_way(b) {
-                true => position(a).cmp(&position(b)),
-                false => std::cmp::Ordering::Equal,
-            })
+        pinned(a)
+            .cmp(&pinned(b))
             .then(nominal.vms[a].start_s.total_cmp(&nominal.vms[b].start_s))
             .then(position(a).cmp(&position(b)))
             .then(a.cmp(&b))

@@ -23,6 +23,14 @@ fn fleet(n: usize) -> Fleet {
     Fleet::new(vec![link], vms, Costs::default()).unwrap()
 }
 
+/// [`fleet`] with a window of 1 GiB: one flow fills the link, so the planner runs one at
+/// a time and prestarts the next.
+fn one_flow_fills_the_link(n: usize) -> Orchestration {
+    let mut f = fleet(n);
+    f.links[0].per_flow_window_bytes = 1 << 30;
+    Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap()
+}
+
 #[test]
 fn starts_follow_the_plans_order_and_concurrency() {
     let o = Orchestration::new(fleet(10), PlanOptions::new(3600.0), &[]).unwrap();
@@ -242,9 +250,7 @@ fn measured_setups_replace_the_plan_files_switchover() {
 #[test]
 fn the_next_prestart_is_foreseen_from_the_plan() {
     // One link a single flow fills: the planner runs one at a time and prestarts the next.
-    let mut f = fleet(3);
-    f.links[0].per_flow_window_bytes = 1 << 30;
-    let mut o = Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap();
+    let mut o = one_flow_fills_the_link(3);
     assert!(o.plan().schedule.links[0].prestart);
     assert_eq!(o.next_due_s(0.0), None, "nothing transfers yet");
     let first = o.due(0.0);
@@ -372,9 +378,7 @@ fn a_vm_in_setup_queues_behind_the_transfers_and_fair_links_hold_only_prestarts(
 #[test]
 fn a_prestarted_vm_is_held_only_while_the_transfer_ahead_fills_the_link() {
     // One flow fills the link: one at a time, the next prestarted.
-    let mut f = fleet(3);
-    f.links[0].per_flow_window_bytes = 1 << 30;
-    let mut o = Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap();
+    let mut o = one_flow_fills_the_link(3);
     assert!(o.plan().schedule.links[0].prestart);
     let first = o.due(0.0)[0];
     o.started(first, 0.0);
@@ -391,9 +395,7 @@ fn a_prestarted_vm_is_held_only_while_the_transfer_ahead_fills_the_link() {
 
 #[test]
 fn a_held_vm_takes_the_link_one_round_trip_before_the_transfer_ahead_ends() {
-    let mut f = fleet(3);
-    f.links[0].per_flow_window_bytes = 1 << 30;
-    let mut o = Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap();
+    let mut o = one_flow_fills_the_link(3);
     let first = o.due(0.0)[0];
     o.started(first, 0.0);
     // 100 MB left, no rate measured yet: at the link's 1 Gbit/s its last bytes go at
@@ -448,9 +450,7 @@ fn a_slow_link_holds_at_least_the_minimum() {
 
 #[test]
 fn a_report_dated_before_the_start_or_the_last_report_counts_as_of_the_latest_it_can_be() {
-    let mut f = fleet(3);
-    f.links[0].per_flow_window_bytes = 1 << 30;
-    let mut o = Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap();
+    let mut o = one_flow_fills_the_link(3);
     let first = o.due(0.0)[0];
     o.started(first, 0.5);
     // A switchover dated before the start (an age larger than the setup) is at the start.
