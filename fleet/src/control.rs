@@ -146,7 +146,22 @@ pub struct Status {
     pub pages_stale: Option<u64>,
     /// Why the evacuation failed.
     pub error: Option<String>,
+    /// Pages the evacuation's push handed to its stream so far, and their bytes as the
+    /// encoding made them (past the frame headers): together, what the encoding makes of a
+    /// page ([`Status::wire_ratio`]). `None` from a source that does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages_pushed: Option<u64>,
+    /// See `pages_pushed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_bytes_pushed: Option<u64>,
 }
+
+/// Bytes of a page in these messages' page counts: a guest page.
+pub const PAGE_BYTES: u64 = 4096;
+
+/// The range of [`Status::wire_ratio`] believed: an encoded page is at least a kind byte
+/// of 4,096, and never much more than the page.
+pub const WIRE_RATIO_RANGE: std::ops::RangeInclusive<f64> = (1.0 / 4096.0)..=1.1;
 
 /// The most a status's `progress_age_ms` is believed: a source's figures are at most one
 /// [`EVENT_INTERVAL_MS`] old when it reports, so a larger age is a fault, not a fact.
@@ -159,6 +174,24 @@ impl Status {
             .progress_measured
             .map(|t| t.elapsed().as_millis() as u64);
         self
+    }
+
+    /// What the evacuation's encoding made of a page so far: its bytes on the wire per
+    /// byte of guest page, about 1 with `--encoding off`, less with compression,
+    /// references into the replica and zero runs; clamped to [`WIRE_RATIO_RANGE`]. `None`
+    /// before the push handed out a page, or from a source that does not say.
+    pub fn wire_ratio(&self) -> Option<f64> {
+        let pages = self.pages_pushed.filter(|&p| p > 0)?;
+        let ratio = self.wire_bytes_pushed? as f64 / (pages as f64 * PAGE_BYTES as f64);
+        Some(ratio.clamp(*WIRE_RATIO_RANGE.start(), *WIRE_RATIO_RANGE.end()))
+    }
+
+    /// The stale bytes left to cross, as the link carries them: the pages left, times the
+    /// page size and [`Status::wire_ratio`] (1 if unknown). `None` before the evacuation.
+    pub fn remaining_wire_bytes(&self) -> Option<u64> {
+        let ratio = self.wire_ratio().unwrap_or(1.0);
+        self.pages_remaining
+            .map(|p| (p as f64 * PAGE_BYTES as f64 * ratio).round() as u64)
     }
 
     /// How long before it was received its progress was measured, seconds: its
@@ -258,7 +291,40 @@ mod tests {
             progress_measured: None,
             pages_stale: None,
             error: None,
+            pages_pushed: None,
+            wire_bytes_pushed: None,
         }
+    }
+
+    #[test]
+    fn the_bytes_left_are_the_pages_left_as_the_encoding_sends_them() {
+        let left = |pages: Option<u64>, pushed: Option<(u64, u64)>| {
+            Status {
+                pages_remaining: pages,
+                pages_pushed: pushed.map(|p| p.0),
+                wire_bytes_pushed: pushed.map(|p| p.1),
+                ..status()
+            }
+            .remaining_wire_bytes()
+        };
+        assert_eq!(left(None, Some((4, 4096))), None);
+        assert_eq!(left(Some(1000), None), Some(4_096_000));
+        // Nothing pushed yet: no ratio.
+        assert_eq!(left(Some(1000), Some((0, 0))), Some(4_096_000));
+        // Four pages in a page's bytes.
+        assert_eq!(left(Some(1000), Some((4, 4096))), Some(1_024_000));
+        // What no encoding makes of a page is not believed: clamped to its range.
+        assert_eq!(left(Some(1000), Some((4, 0))), Some(1000));
+        assert_eq!(left(Some(1000), Some((1, 7 * 4096))), Some(4_505_600));
+        assert_eq!(left(Some(u64::MAX), Some((1, 4096))), Some(u64::MAX));
+        // The counts cross the wire.
+        let s = Status {
+            pages_pushed: Some(9),
+            wire_bytes_pushed: Some(12_345),
+            ..status()
+        };
+        let f = encode(&Reply::Event(s.clone())).unwrap();
+        assert_eq!(decode::<Reply>(&f).unwrap().0, Reply::Event(s));
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         progress_measured: None,
         pages_stale: None,
         error: None,
+        pages_pushed: Some(300),
+        wire_bytes_pushed: Some(600_000),
     };
     let failed = Status {
         evacuation: EvacState::Failed,

@@ -32,6 +32,21 @@ pub struct Progress {
     /// on every sample from then on, and one sample is taken at that moment.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub handed_over: bool,
+    /// A source's push so far: with `stream_bytes_sent`, how many pages have left
+    /// ([`Progress::pages_sent`]) and what the encoding makes of a page. Zero elsewhere.
+    #[serde(skip)]
+    pub pushed: transport::proto::Pushed,
+}
+
+impl Progress {
+    /// A source's pages that have left: its stream bytes sent, at the push's stream bytes
+    /// per page ([`transport::proto::Pushed::pages_sent`]); before the push handed out a
+    /// page, the stream bytes over the page size.
+    pub fn pages_sent(&self) -> u64 {
+        self.pushed
+            .pages_sent(self.stream_bytes_sent)
+            .unwrap_or(self.stream_bytes_sent / transport::message::PAGE_SIZE as u64)
+    }
 }
 
 /// A role's progress callback (see [`Progress`]).
@@ -55,6 +70,7 @@ pub(crate) fn sample(
         stream_bytes_sent: transport::quic::stream_bytes_sent(&s),
         pages_stale: None,
         handed_over: false,
+        pushed: Default::default(),
     }
 }
 
@@ -141,6 +157,7 @@ mod tests {
             stream_bytes_sent: 1,
             pages_stale: None,
             handed_over: false,
+            pushed: Default::default(),
         };
         let v = serde_json::to_value(p).unwrap();
         assert!(v.get("pages_present").is_none());
@@ -150,5 +167,23 @@ mod tests {
             ..p
         };
         assert_eq!(serde_json::to_value(d).unwrap()["pages_present"], 3);
+    }
+
+    #[test]
+    fn pages_sent_are_counted_at_the_pushs_cost_of_a_page() {
+        let page = transport::PAGE_SIZE as u64;
+        let mut p = Progress {
+            stream_bytes_sent: 100 * page,
+            ..Progress::default()
+        };
+        // Nothing pushed yet: the stream bytes over a page.
+        assert_eq!(p.pages_sent(), 100);
+        // Pages that cost a quarter of a page on the stream.
+        p.pushed = transport::proto::Pushed {
+            pages: 1_000,
+            wire_bytes: 250 * page,
+            stream_bytes: 250 * page,
+        };
+        assert_eq!(p.pages_sent(), 400);
     }
 }

@@ -249,6 +249,7 @@ async fn drive(
 ) -> Result<SourceReport, RoleError> {
     let pages = config.layout.total_pages();
     let session = SourceSession::new(config);
+    let pushed = session.push_tally();
     let _stoppable = cx.stopper.watch(&endpoint);
     let conns = crate::progress::Connections::new(&conn);
     let handed = Arc::new(AtomicBool::new(false));
@@ -256,6 +257,7 @@ async fn drive(
         let (conns, handed) = (conns.clone(), handed.clone());
         move || crate::Progress {
             handed_over: handed.load(Ordering::Relaxed),
+            pushed: pushed.snapshot(),
             ..conns.sample(None, pages)
         }
     };

@@ -414,7 +414,9 @@ fn handle(
             match s.evacuation {
                 EvacState::Idle | EvacState::Starting => {}
                 EvacState::Transferring => {
-                    let remaining = s.pages_remaining.map(|p| p * 4096);
+                    // As the link carries them: what the encoding made of a page so
+                    // far, not a page.
+                    let remaining = s.remaining_wire_bytes();
                     // The figures are as of when the source measured them.
                     let measured = now - s.progress_age_s();
                     if o.progress(i, measured, remaining, s.bytes_sent) {
@@ -429,6 +431,7 @@ fn handle(
                     events.emit(json!({
                         "event": "done", "vm": name, "t_s": now,
                         "bytes_sent": s.bytes_sent, "pages_stale": s.pages_stale,
+                        "wire_ratio": s.wire_ratio(),
                     }));
                 }
                 EvacState::Failed => {

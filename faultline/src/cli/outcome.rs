@@ -304,8 +304,7 @@ mod tests {
             bytes_received: 12_000,
             bytes_sent: 900,
             stream_bytes_sent: 800,
-            pages_stale: None,
-            handed_over: false,
+            ..Progress::default()
         });
         let v = failure_json(&e, Kind::Network);
         assert_eq!(v["done"]["pages_present"], 3);

@@ -687,6 +687,8 @@ pub(super) fn idle_status_of(vm_id: &str, memory_bytes: u64) -> Status {
         progress_measured: None,
         pages_stale: None,
         error: None,
+        pages_pushed: None,
+        wire_bytes_pushed: None,
     }
 }
 
@@ -706,6 +708,10 @@ pub(super) fn progress_to(
             }
             s.bytes_sent = p.bytes_sent;
             s.progress_measured = Some(Instant::now());
+            if p.pushed.pages > 0 {
+                s.pages_pushed = Some(p.pushed.pages);
+                s.wire_bytes_pushed = Some(p.pushed.wire_bytes);
+            }
             if let Some(pages) = p.pages_stale {
                 // Every page is at the standby: done, before the connection's closing
                 // handshake and the source's own reporting, which the VM does not wait for.
@@ -719,11 +725,11 @@ pub(super) fn progress_to(
                 return;
             }
             s.evacuation = EvacState::Transferring;
-            // The stream bytes that left, not those the push wrote: it writes up to a
-            // stream window ahead, several round trips at the link's rate. A page is about
-            // PAGE bytes on the stream with `--encoding off`; compressed or deduplicated
-            // pages cost less, and the count then runs behind.
-            s.pages_remaining = Some(stale_pages.saturating_sub(p.stream_bytes_sent / PAGE));
+            // From the stream bytes that left, not those the push wrote: it writes up to a
+            // stream window ahead, several round trips at the link's rate. Counted at what
+            // the push's frames cost a page so far, which the encoding decides: about a
+            // page with `--encoding off`, less when compressed or deduplicated.
+            s.pages_remaining = Some(stale_pages.saturating_sub(p.pages_sent()));
         });
     })
 }
@@ -953,6 +959,36 @@ mod tests {
         let s = status.borrow().clone();
         assert_eq!(s.pages_remaining, Some(0), "never below none");
         assert!(s.progress_measured.unwrap() >= measured);
+    }
+
+    #[test]
+    fn the_pages_left_count_what_the_encoding_made_of_a_page() {
+        let status = Arc::new(watch::channel(idle_status_of("vm", 1 << 30)).0);
+        let report = progress_to(status.clone(), 1000);
+        // The push handed out 800 pages compressed to a quarter of a page each (frames
+        // included), and a quarter of those bytes left.
+        let pushed = transport::proto::Pushed {
+            pages: 800,
+            wire_bytes: 200 * PAGE - 800 * 15,
+            stream_bytes: 200 * PAGE,
+        };
+        report(vmm_shim::Progress {
+            stream_bytes_sent: 50 * PAGE,
+            handed_over: true,
+            pushed,
+            ..Default::default()
+        });
+        let s = status.borrow().clone();
+        // 200 pages sent, 800 left; counted as pages of stream bytes, 950.
+        assert_eq!(s.pages_remaining, Some(800));
+        assert_eq!(s.pages_pushed, Some(800));
+        assert_eq!(s.wire_bytes_pushed, Some(200 * PAGE - 800 * 15));
+        let ratio = s.wire_ratio().unwrap();
+        assert!((ratio - 0.246).abs() < 0.001, "{ratio}");
+        assert_eq!(
+            s.remaining_wire_bytes(),
+            Some((800.0 * PAGE as f64 * ratio).round() as u64)
+        );
     }
 
     #[test]

@@ -41,10 +41,12 @@
 mod dest;
 mod push;
 mod push_log;
+mod pushed;
 mod source;
 
 pub use dest::{Delivery, DestConfig, DestEvent, DestSession, DestStats};
 pub use push::PushSchedule;
+pub use pushed::{PushTally, Pushed};
 pub use source::{SourceConfig, SourceEvent, SourceSession, SourceStats};
 
 /// Where a session is, as the driver and the reports see it.

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::Arc;
 
 use super::push_log::PushLog;
 use super::{
@@ -222,6 +223,9 @@ pub struct SourceSession {
     pages_echoed: u64,
     /// Where this connection's pushed frames end, for requests that the push answers.
     push_log: PushLog,
+    /// Every frame the push handed to the stream, on every connection, shared with the
+    /// application ([`SourceSession::push_tally`]).
+    push_tally: Arc<super::PushTally>,
     pages_on_their_way: u64,
     pages_pushed: u64,
     pages_pushed_hot: u64,
@@ -314,6 +318,7 @@ impl SourceSession {
             echo_all: false,
             pages_echoed: 0,
             push_log: PushLog::new(pages),
+            push_tally: Arc::default(),
             pages_on_their_way: 0,
             pages_pushed: 0,
             pages_pushed_hot: 0,
@@ -947,6 +952,13 @@ impl SourceSession {
             self.push_log
                 .record(f.first, f.count() as u64, f.wire_len());
         }
+        self.push_tally.add(frames);
+    }
+
+    /// The push's counters, shared: an application reads them while the session runs to
+    /// tell how many pages have left ([`super::Pushed::pages_sent`]).
+    pub fn push_tally(&self) -> Arc<super::PushTally> {
+        self.push_tally.clone()
     }
 
     /// The driver's estimate of the push bytes that leave between the destination reading
