@@ -99,11 +99,12 @@ pub async fn write_pages(send: &mut SendStream, pages: &Pages) -> Result<(), Fra
 /// is many one-page frames, and each write to the stream costs more than the frame.
 ///
 /// Headers and small payloads are copied together into one chunk; payloads of
-/// [`OWN_CHUNK`] or more go as chunks of their own, without copying. quinn keeps each chunk as a segment of the stream's send buffer until
-/// it is acknowledged, and finds the bytes of every STREAM frame it builds by walking
-/// those segments from the oldest: a window of one-page frames in two chunks each is
-/// thousands of segments at 1 Gbit/s × 50 ms, and in an 8-VM fleet at that rate the walk
-/// took a twelfth of the machine (docs/fleet.md). Copying a page costs less than a walk.
+/// [`OWN_CHUNK`] or more go as chunks of their own, without copying. quinn keeps each
+/// chunk as a segment of the stream's send buffer until it is acknowledged, and finds the
+/// bytes of every STREAM frame it builds by walking those segments from the oldest: a
+/// window of one-page frames in two chunks each is thousands of segments at 1 Gbit/s ×
+/// 50 ms, and in an 8-VM fleet at that rate the walk took a twelfth of the machine
+/// (docs/fleet.md). Copying a page costs less than a walk.
 pub async fn write_pages_batch(send: &mut SendStream, batch: &[Pages]) -> Result<(), FrameError> {
     let mut chunks = batch_chunks(batch);
     send.write_all_chunks(&mut chunks).await?;
@@ -120,7 +121,7 @@ fn batch_chunks(batch: &[Pages]) -> Vec<Bytes> {
     let mut chunks = Vec::new();
     let mut joined: Vec<u8> = Vec::new();
     for pages in batch {
-        joined.extend_from_slice(&pages_header(pages));
+        append_pages_header(pages, &mut joined);
         if pages.payload.len() < OWN_CHUNK {
             joined.extend_from_slice(&pages.payload);
             continue;
@@ -134,19 +135,19 @@ fn batch_chunks(batch: &[Pages]) -> Vec<Bytes> {
     chunks
 }
 
-/// Everything of a `Pages` frame up to its payload.
-fn pages_header(pages: &Pages) -> Vec<u8> {
-    // Encode an empty-payload copy, then patch the length to cover the real payload.
+/// Appends everything of a `Pages` frame up to its payload to `out`.
+fn append_pages_header(pages: &Pages, out: &mut Vec<u8>) {
+    // Encode an empty-payload copy (its kinds are shared, not copied), then patch the
+    // length to cover the real payload.
     let shell = Message::Pages(Pages {
         first: pages.first,
         kinds: pages.kinds.clone(),
         payload: Bytes::new(),
     });
-    let mut buf = Vec::with_capacity(HEADER_LEN + 10 + pages.kinds.len());
-    encode(&shell, &mut buf);
-    let len = (buf.len() - 4 + pages.payload.len()) as u32;
-    buf[..4].copy_from_slice(&len.to_le_bytes());
-    buf
+    let start = out.len();
+    encode(&shell, out);
+    let len = (out.len() - start - 4 + pages.payload.len()) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 #[cfg(test)]
@@ -160,7 +161,8 @@ mod tests {
         let mut mem = vec![3u8; 4 * PAGE_SIZE];
         mem[PAGE_SIZE..2 * PAGE_SIZE].fill(0);
         let p = Pages::from_memory(9, &mem);
-        let mut joined = pages_header(&p);
+        let mut joined = Vec::new();
+        append_pages_header(&p, &mut joined);
         joined.extend_from_slice(&p.payload);
         assert_eq!(joined, encode_to_vec(&Message::Pages(p.clone())));
         let (back, _) = decode(&joined).unwrap().unwrap();
