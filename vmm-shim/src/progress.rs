@@ -183,7 +183,6 @@ mod tests {
             pages: 1_000,
             wire_bytes: 250 * page,
             stream_bytes: 250 * page,
-            resent: 0,
         };
         assert_eq!(p.pages_sent(), 400);
     }

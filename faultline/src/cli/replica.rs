@@ -971,7 +971,6 @@ mod tests {
             pages: 800,
             wire_bytes: 200 * PAGE - 800 * 15,
             stream_bytes: 200 * PAGE,
-            resent: 0,
         };
         report(vmm_shim::Progress {
             stream_bytes_sent: 50 * PAGE,

@@ -19,7 +19,6 @@ pub struct PushTally {
     pages: AtomicU64,
     wire_bytes: AtomicU64,
     stream_bytes: AtomicU64,
-    resent: AtomicU64,
 }
 
 impl PushTally {
@@ -38,19 +37,12 @@ impl PushTally {
         self.stream_bytes.fetch_add(stream, Ordering::Relaxed);
     }
 
-    /// A page sent on an earlier connection went again on this one
-    /// ([`crate::proto::SourceStats::pages_resent`]).
-    pub(crate) fn add_resent(&self) {
-        self.resent.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// The counters now.
     pub fn snapshot(&self) -> Pushed {
         Pushed {
             pages: self.pages.load(Ordering::Relaxed),
             wire_bytes: self.wire_bytes.load(Ordering::Relaxed),
             stream_bytes: self.stream_bytes.load(Ordering::Relaxed),
-            resent: self.resent.load(Ordering::Relaxed),
         }
     }
 }
@@ -65,27 +57,19 @@ pub struct Pushed {
     pub wire_bytes: u64,
     /// Their frames' bytes on the stream.
     pub stream_bytes: u64,
-    /// Pages pushed or served again on a later connection after they had been sent on an
-    /// earlier one: those in flight when it was lost. A lost connection's stream bytes
-    /// count them as sent, and the next one's count them again.
-    pub resent: u64,
 }
 
 impl Pushed {
-    /// Pages that have left once `stream_bytes_sent` stream bytes (over every connection)
-    /// have, at the push's average frame bytes per page so far (demand replies, on other
-    /// streams, count at the same rate: they are pages too), each page resent after a lost
-    /// connection once. `None` before the push handed out a page: no average yet.
+    /// Pages that have left once `stream_bytes_sent` stream bytes have, at the push's
+    /// average frame bytes per page so far (demand replies, on other streams, count at
+    /// the same rate: they are pages too). `None` before the push handed out a page: no
+    /// average yet.
     pub fn pages_sent(&self, stream_bytes_sent: u64) -> Option<u64> {
         if self.pages == 0 || self.stream_bytes == 0 {
             return None;
         }
         let pages = stream_bytes_sent as u128 * self.pages as u128 / self.stream_bytes as u128;
-        Some(
-            u64::try_from(pages)
-                .unwrap_or(u64::MAX)
-                .saturating_sub(self.resent),
-        )
+        Some(u64::try_from(pages).unwrap_or(u64::MAX))
     }
 
     /// Encoded bytes per byte of guest page so far: about 1 with no encoding, less with
@@ -134,24 +118,14 @@ mod tests {
         assert_eq!(Pushed::default().pages_sent(1 << 20), None);
         assert_eq!(Pushed::default().wire_ratio(), None);
         // Pages compressed to a quarter: 1,000 pages in 1,040,000 stream bytes.
-        let mut p = Pushed {
+        let p = Pushed {
             pages: 1_000,
             wire_bytes: 1_024_000,
             stream_bytes: 1_040_000,
-            resent: 0,
         };
         assert_eq!(p.pages_sent(0), Some(0));
         assert_eq!(p.pages_sent(520_000), Some(500));
         assert_eq!(p.pages_sent(1_040_000), Some(1_000));
-        // 40 pages were in flight when a connection was lost, and went again: counted once.
-        p.pages += 40;
-        p.stream_bytes += 41_600;
-        p.resent = 40;
-        assert_eq!(p.pages_sent(1_081_600), Some(1_000));
-        assert_eq!(p.pages_sent(0), Some(0));
-        p.pages -= 40;
-        p.stream_bytes -= 41_600;
-        p.resent = 0;
         // The figure for a page byte, not a stream byte: 1,024,000 / 4,096,000.
         assert_eq!(p.wire_ratio(), Some(0.25));
         // Huge counts do not overflow.
@@ -159,7 +133,6 @@ mod tests {
             pages: u64::MAX,
             wire_bytes: u64::MAX,
             stream_bytes: 1,
-            resent: 0,
         };
         assert_eq!(big.pages_sent(u64::MAX), Some(u64::MAX));
     }

@@ -971,7 +971,6 @@ impl SourceSession {
     fn note_sent(&mut self, p: u64) {
         if self.resend_candidates.clear(p) {
             self.pages_resent += 1;
-            self.push_tally.add_resent();
         }
         self.ever_sent.set(p);
     }
