@@ -159,8 +159,9 @@ pub struct Status {
 /// Bytes of a page in these messages' page counts: a guest page.
 pub const PAGE_BYTES: u64 = 4096;
 
-/// The range of [`Status::wire_ratio`] believed: an encoded page is at least a kind byte
-/// of 4,096, and never much more than the page.
+/// The range of [`Status::wire_ratio`] believed: a page of data encodes to at least its
+/// kind byte, and never to much more than the page. (A long zero run is a dozen bytes for
+/// up to 65,536 pages; clamped, a push of them counts as costing more than it does.)
 pub const WIRE_RATIO_RANGE: std::ops::RangeInclusive<f64> = (1.0 / 4096.0)..=1.1;
 
 /// The most a status's `progress_age_ms` is believed: a source's figures are at most one
@@ -184,14 +185,6 @@ impl Status {
         let pages = self.pages_pushed.filter(|&p| p > 0)?;
         let ratio = self.wire_bytes_pushed? as f64 / (pages as f64 * PAGE_BYTES as f64);
         Some(ratio.clamp(*WIRE_RATIO_RANGE.start(), *WIRE_RATIO_RANGE.end()))
-    }
-
-    /// The stale bytes left to cross, as the link carries them: the pages left, times the
-    /// page size and [`Status::wire_ratio`] (1 if unknown). `None` before the evacuation.
-    pub fn remaining_wire_bytes(&self) -> Option<u64> {
-        let ratio = self.wire_ratio().unwrap_or(1.0);
-        self.pages_remaining
-            .map(|p| (p as f64 * PAGE_BYTES as f64 * ratio).round() as u64)
     }
 
     /// How long before it was received its progress was measured, seconds: its
@@ -297,26 +290,24 @@ mod tests {
     }
 
     #[test]
-    fn the_bytes_left_are_the_pages_left_as_the_encoding_sends_them() {
-        let left = |pages: Option<u64>, pushed: Option<(u64, u64)>| {
+    fn what_the_encoding_makes_of_a_page_is_counted_from_the_push() {
+        let ratio = |pushed: Option<(u64, u64)>| {
             Status {
-                pages_remaining: pages,
                 pages_pushed: pushed.map(|p| p.0),
                 wire_bytes_pushed: pushed.map(|p| p.1),
                 ..status()
             }
-            .remaining_wire_bytes()
+            .wire_ratio()
         };
-        assert_eq!(left(None, Some((4, 4096))), None);
-        assert_eq!(left(Some(1000), None), Some(4_096_000));
+        assert_eq!(ratio(None), None);
         // Nothing pushed yet: no ratio.
-        assert_eq!(left(Some(1000), Some((0, 0))), Some(4_096_000));
+        assert_eq!(ratio(Some((0, 0))), None);
         // Four pages in a page's bytes.
-        assert_eq!(left(Some(1000), Some((4, 4096))), Some(1_024_000));
+        assert_eq!(ratio(Some((4, 4096))), Some(0.25));
         // What no encoding makes of a page is not believed: clamped to its range.
-        assert_eq!(left(Some(1000), Some((4, 0))), Some(1000));
-        assert_eq!(left(Some(1000), Some((1, 7 * 4096))), Some(4_505_600));
-        assert_eq!(left(Some(u64::MAX), Some((1, 4096))), Some(u64::MAX));
+        assert_eq!(ratio(Some((4, 0))), Some(1.0 / 4096.0));
+        assert_eq!(ratio(Some((1, 7 * 4096))), Some(1.1));
+        assert_eq!(ratio(Some((u64::MAX, u64::MAX))), Some(1.0 / 4096.0));
         // The counts cross the wire.
         let s = Status {
             pages_pushed: Some(9),

@@ -147,7 +147,9 @@ pub struct Costs {
     pub switchover: Duration,
     /// Wire bytes beyond the payload, per payload byte: QUIC and frame headers. Default
     /// 0.04 (`wan_evacuation` measures 3-4%). Encoding (lz4, references into the replica)
-    /// is not modelled: give the stale bytes as they would cross.
+    /// is not modelled for a VM that waits: give the stale bytes as they would cross. (A
+    /// VM under way is given to a re-plan with its bytes left as its encoding sends them,
+    /// [`crate::orchestrate::Orchestration::set_wire_ratio`].)
     pub wire_overhead: f64,
 }
 

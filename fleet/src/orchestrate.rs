@@ -56,7 +56,13 @@ pub struct Timeline {
 struct Track {
     phase: Phase,
     stale_bytes: u64,
+    /// Stale bytes left to send, as pages (of [`crate::control::PAGE_BYTES`]): what its
+    /// source counts, and what `sending_bps` is measured on.
     remaining_bytes: u64,
+    /// What its evacuation's encoding makes of a page, bytes on the wire per page byte
+    /// (1 until its source says): the bytes left cross the link as `remaining_bytes` ×
+    /// this.
+    wire_ratio: f64,
     /// When its source last reported `remaining_bytes`.
     heard_s: Option<f64>,
     /// The report `sending_bps` was last measured from: its time and `remaining_bytes`.
@@ -64,12 +70,20 @@ struct Track {
     /// The rate its bytes left fell at, bits per second, between its source's reports
     /// (smoothed); `None` before two reports. Measured on the bytes left rather than on
     /// the UDP bytes sent, so that the two are in the same units (the latter carry
-    /// headers and retransmissions, about 3% more).
+    /// headers and retransmissions, about 3% more), and as pages, not wire bytes, so that
+    /// the encoding's ratio settling over the first reports is not taken for a rate.
     sending_bps: Option<f64>,
     bytes_sent: u64,
     pages_stale: Option<u64>,
     timeline: Timeline,
     error: Option<String>,
+}
+
+impl Track {
+    /// The bytes it has left as the link carries them.
+    fn remaining_wire_bytes(&self) -> u64 {
+        (self.remaining_bytes as f64 * self.wire_ratio).round() as u64
+    }
 }
 
 /// The evacuation of a fleet as it runs.
@@ -156,6 +170,7 @@ impl Orchestration {
                     phase,
                     stale_bytes: v.stale_bytes,
                     remaining_bytes: v.stale_bytes,
+                    wire_ratio: 1.0,
                     heard_s: None,
                     rate_from: None,
                     sending_bps: None,
@@ -298,10 +313,10 @@ impl Orchestration {
                     },
                     Phase::Starting => VmState::Setup {
                         started_s: t.timeline.start_s.unwrap_or(now_s),
-                        stale_bytes: t.remaining_bytes,
+                        stale_bytes: t.remaining_wire_bytes(),
                     },
                     Phase::Transferring => VmState::Transferring {
-                        remaining_bytes: t.remaining_bytes,
+                        remaining_bytes: t.remaining_wire_bytes(),
                         switchover_s: t.timeline.switchover_s.unwrap_or(now_s),
                         started_s: t.timeline.start_s.unwrap_or(now_s),
                     },
@@ -430,7 +445,7 @@ impl Orchestration {
                 let k = RunningKey {
                     transferring: t.phase == Phase::Transferring,
                     started_s: t.timeline.start_s.unwrap_or(now_s),
-                    remaining_bytes: t.remaining_bytes,
+                    remaining_bytes: t.remaining_wire_bytes(),
                 };
                 under_way[self.fleet.vms[i].link].push((k, i));
             }
@@ -472,11 +487,15 @@ impl Orchestration {
         let heard_s = t.heard_s?;
         let li = self.fleet.vms[vm].link;
         let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps) as f64;
-        let rate = t
-            .sending_bps
-            .unwrap_or_else(|| self.fleet.flow_cap_bps(vm).min(capacity))
-            .max(1.0);
-        Some(heard_s + t.remaining_bytes as f64 * 8.0 / rate)
+        // The measured rate is of pages; the flow's cap, of wire bytes.
+        let secs = match t.sending_bps {
+            Some(bps) => t.remaining_bytes as f64 * 8.0 / bps.max(1.0),
+            None => {
+                let cap = self.fleet.flow_cap_bps(vm).min(capacity).max(1.0);
+                t.remaining_wire_bytes() as f64 * 8.0 / cap
+            }
+        };
+        Some(heard_s + secs)
     }
 
     /// Whether transfer `vm` hands its place on the link to the VM behind it at `now_s`.
@@ -533,8 +552,19 @@ impl Orchestration {
         }
     }
 
+    /// Its source says what its evacuation's encoding makes of a page
+    /// ([`crate::control::Status::wire_ratio`]): the bytes it has left cross the link as
+    /// that many bytes a page byte. Before, 1.
+    pub fn set_wire_ratio(&mut self, vm: usize, ratio: f64) {
+        if ratio.is_finite() && ratio > 0.0 {
+            self.tracks[vm].wire_ratio = ratio;
+        }
+    }
+
     /// Its source reports the switchover (first time: returns true) and its progress, as
-    /// measured at `now_s` (see [`crate::control::Status::progress_age_s`]).
+    /// measured at `now_s` (see [`crate::control::Status::progress_age_s`]):
+    /// `remaining_bytes` are its pages left, in bytes ([`crate::control::PAGE_BYTES`] a
+    /// page), whatever the encoding makes of them ([`Orchestration::set_wire_ratio`]).
     pub fn progress(
         &mut self,
         vm: usize,

@@ -152,10 +152,8 @@ impl Orchestrator {
         let (line_tx, stderr) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Some(ev) = line.strip_prefix("@faultline ") {
-                    if let Ok(v) = serde_json::from_str(ev) {
-                        let _ = ev_tx.send(v);
-                    }
+                if let Some(v) = parse_event(&line) {
+                    let _ = ev_tx.send(v);
                 }
                 let _ = line_tx.send(line);
             }
@@ -225,12 +223,16 @@ impl Orchestrator {
     }
 }
 
-/// The orchestrator's `kind` event about `vm` among its event lines.
+/// An event line of the orchestrator's stderr (`@faultline {...}`).
+fn parse_event(line: &str) -> Option<Value> {
+    serde_json::from_str(line.strip_prefix("@faultline ")?).ok()
+}
+
+/// The orchestrator's `kind` event about `vm` in its stderr.
 fn event(stderr: &str, kind: &str, vm: &str) -> Value {
     stderr
         .lines()
-        .filter_map(|l| l.strip_prefix("@faultline "))
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(parse_event)
         .find(|e| e["event"] == kind && e["vm"] == vm)
         .unwrap_or_else(|| panic!("no {kind} event for {vm}: {stderr}"))
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use fleet::control::{EvacState, Status};
+use fleet::control::{EvacState, Status, PAGE_BYTES};
 use fleet::orchestrate::{Orchestration, Phase};
 use fleet::plan::Policy;
 use serde_json::json;
@@ -414,9 +414,12 @@ fn handle(
             match s.evacuation {
                 EvacState::Idle | EvacState::Starting => {}
                 EvacState::Transferring => {
-                    // As the link carries them: what the encoding made of a page so
-                    // far, not a page.
-                    let remaining = s.remaining_wire_bytes();
+                    // Pages, in bytes; the link carries them at what the encoding made
+                    // of a page so far.
+                    let remaining = s.pages_remaining.map(|p| p.saturating_mul(PAGE_BYTES));
+                    if let Some(ratio) = s.wire_ratio() {
+                        o.set_wire_ratio(i, ratio);
+                    }
                     // The figures are as of when the source measured them.
                     let measured = now - s.progress_age_s();
                     if o.progress(i, measured, remaining, s.bytes_sent) {

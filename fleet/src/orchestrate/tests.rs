@@ -465,3 +465,47 @@ fn a_report_dated_before_the_start_or_the_last_report_counts_as_of_the_latest_it
     o.progress(first, 0.4, Some(90 * MB), 10 * MB);
     assert!(close(o.expected_end_s(first).unwrap(), 0.5 + 0.72));
 }
+
+#[test]
+fn an_encoded_transfer_is_timed_in_pages_and_replanned_in_wire_bytes() {
+    let mut o = one_flow_fills_the_link(3);
+    let first = o.due(0.0)[0];
+    o.started(first, 0.0);
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+    // At the switchover its source has pushed nothing yet: 100 MB of pages left, and no
+    // ratio; at the link's 1 Gbit/s its end is 0.8 s later.
+    o.progress(first, 0.2, Some(100 * MB), 0);
+    assert!(close(o.expected_end_s(first).unwrap(), 1.0));
+    // Its pages cost a quarter of a page on the wire: before a rate is measured, the
+    // 100 MB left cross as 25 MB, in 0.2 s.
+    o.set_wire_ratio(first, 0.25);
+    assert!(close(o.expected_end_s(first).unwrap(), 0.4));
+    // 40 MB of pages left in 0.25 s: 1.28 Gbit/s of pages, whatever the ratio did
+    // meanwhile (counting the first report at a page a page and this one at a quarter,
+    // 100 MB - 15 MB of wire bytes would be 2.72 Gbit/s).
+    o.progress(first, 0.45, Some(60 * MB), 10 * MB);
+    assert!(close(
+        o.expected_end_s(first).unwrap(),
+        0.45 + 60.0 * 8e6 / 1.28e9
+    ));
+    // The re-plan moves its bytes left as the link carries them.
+    let m = o.measured(0.5);
+    assert_eq!(
+        m.vms[first].state,
+        VmState::Transferring {
+            remaining_bytes: 15 * MB,
+            switchover_s: 0.2,
+            started_s: 0.0,
+        }
+    );
+    // A ratio no encoding gives is not taken.
+    o.set_wire_ratio(first, f64::NAN);
+    o.set_wire_ratio(first, -1.0);
+    assert!(matches!(
+        o.measured(0.5).vms[first].state,
+        VmState::Transferring {
+            remaining_bytes: 15_000_000,
+            ..
+        }
+    ));
+}

@@ -1,16 +1,16 @@
-//! What a source's push has handed to its stream: pages, their encoded bytes and their
-//! frames' bytes, shared with the application while the session runs, so that it can tell
-//! how many pages have left from the stream bytes that did
-//! ([`crate::quic::stream_bytes_sent`]), and what the encoding makes of a page.
+//! What a source's push has handed to its stream: pages and their encoded bytes, shared
+//! with the application while the session runs, so that it can tell how many pages have
+//! left from the bytes that did ([`crate::quic::stream_bytes_sent`]), and what the
+//! encoding makes of a page.
 //!
-//! With `--encoding off` a page is about a page of stream bytes, but compressed pages,
-//! references into the replica and zero runs cost less: counting pages as stream bytes
-//! over the page size then leaves most of a compressible push "remaining" until its end.
+//! With `--encoding off` a page is about a page of bytes on the stream, but compressed
+//! pages, references into the replica and zero runs cost less: counting pages as bytes
+//! sent over the page size then leaves most of a compressible push "remaining" until its
+//! end.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::codec::pages_frame_len;
-use crate::message::{Pages, PAGE_SIZE};
+use crate::message::Pages;
 
 /// Counters of the push, written by the session and read by anyone holding the `Arc`
 /// ([`crate::proto::SourceSession::push_tally`]).
@@ -18,23 +18,18 @@ use crate::message::{Pages, PAGE_SIZE};
 pub struct PushTally {
     pages: AtomicU64,
     wire_bytes: AtomicU64,
-    stream_bytes: AtomicU64,
 }
 
 impl PushTally {
     /// `frames` were handed to the stream.
     pub(crate) fn add(&self, frames: &[Pages]) {
-        let (mut pages, mut wire, mut stream) = (0, 0, 0);
-        for f in frames {
-            pages += f.count() as u64;
-            wire += f.wire_len();
-            stream += pages_frame_len(f);
-        }
-        // Three relaxed adds: a reader may see one frame's pages before its bytes, a
-        // transient error of one frame in an estimate.
+        let pages = frames.iter().map(|f| f.count() as u64).sum();
+        let wire = frames.iter().map(Pages::wire_len).sum();
+        // Two relaxed adds: a reader may see a batch's pages without its bytes, or its
+        // bytes without its pages, a transient error of one batch (16 pages of data, or a
+        // zero run) in an average over the whole push.
         self.pages.fetch_add(pages, Ordering::Relaxed);
         self.wire_bytes.fetch_add(wire, Ordering::Relaxed);
-        self.stream_bytes.fetch_add(stream, Ordering::Relaxed);
     }
 
     /// The counters now.
@@ -42,97 +37,74 @@ impl PushTally {
         Pushed {
             pages: self.pages.load(Ordering::Relaxed),
             wire_bytes: self.wire_bytes.load(Ordering::Relaxed),
-            stream_bytes: self.stream_bytes.load(Ordering::Relaxed),
         }
     }
 }
 
 /// The push so far, over every connection of the session (a resumed session pushes the
-/// pages in flight at the cut again, and counts them again).
+/// pages that had not arrived again, and counts them again).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pushed {
     /// Pages in the frames handed to the stream.
     pub pages: u64,
     /// Their bytes past the frame headers ([`Pages::wire_len`]).
     pub wire_bytes: u64,
-    /// Their frames' bytes on the stream.
-    pub stream_bytes: u64,
 }
 
 impl Pushed {
-    /// Pages that have left once `stream_bytes_sent` stream bytes have, at the push's
-    /// average frame bytes per page so far (demand replies, on other streams, count at
-    /// the same rate: they are pages too). `None` before the push handed out a page: no
+    /// Pages that have left once `bytes_sent` of the push's encoded bytes have
+    /// ([`crate::quic::stream_bytes_sent`] estimates those, headers taken out), at the
+    /// push's encoded bytes per page so far. Demand replies, on other streams, count at
+    /// the same rate: they are pages too. `None` before the push handed out a page: no
     /// average yet.
-    pub fn pages_sent(&self, stream_bytes_sent: u64) -> Option<u64> {
-        if self.pages == 0 || self.stream_bytes == 0 {
+    pub fn pages_sent(&self, bytes_sent: u64) -> Option<u64> {
+        if self.pages == 0 || self.wire_bytes == 0 {
             return None;
         }
-        let pages = stream_bytes_sent as u128 * self.pages as u128 / self.stream_bytes as u128;
+        let pages = bytes_sent as u128 * self.pages as u128 / self.wire_bytes as u128;
         Some(u64::try_from(pages).unwrap_or(u64::MAX))
-    }
-
-    /// Encoded bytes per byte of guest page so far: about 1 with no encoding, less with
-    /// compression, references or zero runs. `None` before the push handed out a page.
-    pub fn wire_ratio(&self) -> Option<f64> {
-        (self.pages > 0).then(|| self.wire_bytes as f64 / (self.pages as f64 * PAGE_SIZE as f64))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::PAGE_SIZE;
 
-    fn frames() -> Vec<Pages> {
+    #[test]
+    fn the_tally_counts_pages_and_their_encoded_bytes() {
         let mut mem = vec![7u8; 4 * PAGE_SIZE];
         mem[PAGE_SIZE..2 * PAGE_SIZE].fill(0);
-        vec![
+        let frames = [
             Pages::from_memory(0, &mem),
             Pages::zeros(100, 50).unwrap(),
             Pages::from_memory(9, &mem[..PAGE_SIZE]),
-        ]
-    }
-
-    #[test]
-    fn the_tally_counts_pages_encoded_bytes_and_frame_bytes() {
+        ];
         let t = PushTally::default();
         assert_eq!(t.snapshot(), Pushed::default());
-        t.add(&frames());
-        t.add(&frames()[2..]);
+        t.add(&frames);
+        t.add(&frames[2..]);
         let s = t.snapshot();
         assert_eq!(s.pages, 4 + 50 + 2);
         // Kinds and raw pages: 4 kinds, 3 pages; 50 kinds; twice 1 kind and a page.
         assert_eq!(s.wire_bytes, (4 + 3 * 4096) + 50 + 2 * (1 + 4096));
-        let frames_len: u64 = frames()
-            .iter()
-            .chain(&frames()[2..])
-            .map(|f| {
-                crate::codec::encode_to_vec(&crate::message::Message::Pages(f.clone())).len() as u64
-            })
-            .sum();
-        assert_eq!(s.stream_bytes, frames_len);
     }
 
     #[test]
-    fn pages_sent_follow_the_stream_bytes_at_the_average_frame_cost() {
+    fn pages_sent_follow_the_bytes_sent_at_the_average_cost_of_a_page() {
         assert_eq!(Pushed::default().pages_sent(1 << 20), None);
-        assert_eq!(Pushed::default().wire_ratio(), None);
-        // Pages compressed to a quarter: 1,000 pages in 1,040,000 stream bytes.
+        // Pages compressed to a quarter: 1,000 pages in 1,024,000 bytes.
         let p = Pushed {
             pages: 1_000,
             wire_bytes: 1_024_000,
-            stream_bytes: 1_040_000,
         };
         assert_eq!(p.pages_sent(0), Some(0));
-        assert_eq!(p.pages_sent(520_000), Some(500));
-        assert_eq!(p.pages_sent(1_040_000), Some(1_000));
-        // The figure for a page byte, not a stream byte: 1,024,000 / 4,096,000.
-        assert_eq!(p.wire_ratio(), Some(0.25));
+        assert_eq!(p.pages_sent(512_000), Some(500));
+        assert_eq!(p.pages_sent(1_024_000), Some(1_000));
         // Huge counts do not overflow.
         let big = Pushed {
             pages: u64::MAX,
-            wire_bytes: u64::MAX,
-            stream_bytes: 1,
+            wire_bytes: 1,
         };
         assert_eq!(big.pages_sent(u64::MAX), Some(u64::MAX));
     }

@@ -119,7 +119,18 @@ const OWN_CHUNK: usize = 16 * 1024;
 /// payloads shared.
 fn batch_chunks(batch: &[Pages]) -> Vec<Bytes> {
     let mut chunks = Vec::new();
-    let mut joined: Vec<u8> = Vec::new();
+    // Room for every header and small payload: one allocation for a scattered batch.
+    let small: usize = batch
+        .iter()
+        .map(|p| HEADER_LEN + 10 + p.kinds.len())
+        .chain(
+            batch
+                .iter()
+                .map(|p| p.payload.len())
+                .filter(|&n| n < OWN_CHUNK),
+        )
+        .sum();
+    let mut joined: Vec<u8> = Vec::with_capacity(small);
     for pages in batch {
         append_pages_header(pages, &mut joined);
         if pages.payload.len() < OWN_CHUNK {
