@@ -572,6 +572,8 @@ impl Orchestration {
         remaining_bytes: Option<u64>,
         bytes_sent: u64,
     ) -> bool {
+        // A source never has more left than its VM holds; more is a fault, not a fact.
+        let remaining_bytes = remaining_bytes.map(|r| r.min(self.fleet.vms[vm].total_bytes()));
         let t = &mut self.tracks[vm];
         if !t.phase.is_under_way() {
             return false;

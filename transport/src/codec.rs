@@ -237,6 +237,18 @@ fn encode_pages_body(p: &Pages, out: &mut Vec<u8>) {
     out.extend_from_slice(&p.payload);
 }
 
+/// The length of the frame [`encode`] makes of `Message::Pages(pages)`, without encoding
+/// it: [`Pages::wire_len`] and the frame's header.
+pub fn pages_frame_len(pages: &Pages) -> u64 {
+    if pages.count() > MAX_PAGES_PER_MESSAGE && pages.is_zero_run() {
+        // Length, type, first page, count (u32).
+        pages.wire_len() + 5
+    } else {
+        // Length, type, first page, count (u16).
+        pages.wire_len() + 15
+    }
+}
+
 /// Encodes `msg` into a fresh buffer.
 pub fn encode_to_vec(msg: &Message) -> Vec<u8> {
     let mut v = Vec::new();
@@ -790,6 +802,30 @@ mod tests {
         assert!(!sample_pages().is_zero_run());
         assert!(Pages::zeros(0, 0).is_none());
         assert!(Pages::zeros(0, MAX_ZERO_RUN + 1).is_none());
+    }
+
+    #[test]
+    fn a_pages_frames_length_is_known_without_encoding_it() {
+        let mut mem = vec![9u8; 3 * PAGE_SIZE];
+        mem[PAGE_SIZE..2 * PAGE_SIZE].fill(0);
+        for p in [
+            Pages::from_memory(3, &mem),
+            Pages::from_memory(1 << 33, &mem[..PAGE_SIZE]),
+            Pages::zeros(7, 1).unwrap(),
+            Pages::zeros(7, MAX_PAGES_PER_MESSAGE).unwrap(),
+            Pages::zeros(7, MAX_PAGES_PER_MESSAGE + 1).unwrap(),
+            Pages::zeros(7, MAX_ZERO_RUN).unwrap(),
+            sample_pages(),
+        ] {
+            let len = encode_to_vec(&Message::Pages(p.clone())).len() as u64;
+            assert_eq!(
+                pages_frame_len(&p),
+                len,
+                "{} pages from {}",
+                p.count(),
+                p.first
+            );
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A source's pages that have left: its stream bytes sent, at the push's encoded bytes
+    /// A source's pages that have left: its stream bytes sent, at the push's frame bytes
     /// per page ([`transport::proto::Pushed::pages_sent`]); before the push handed out a
     /// page, the stream bytes over the page size.
     pub fn pages_sent(&self) -> u64 {
@@ -181,7 +181,8 @@ mod tests {
         // Pages that cost a quarter of a page on the stream.
         p.pushed = transport::proto::Pushed {
             pages: 1_000,
-            wire_bytes: 250 * page,
+            wire_bytes: 250 * page - 15_000,
+            stream_bytes: 250 * page,
         };
         assert_eq!(p.pages_sent(), 400);
     }

@@ -348,13 +348,14 @@ async fn orchestrate(
     Ok((r, o.first_plan().clone()))
 }
 
-/// Sleeps until `at_s` seconds after `t0` (at once if that has passed); forever for `None`.
+/// Sleeps until `at_s` seconds after `t0` (at once if that has passed); forever for `None`
+/// or a time no clock reaches (the sources' figures it was computed from may be absurd).
 async fn sleep_until_s(t0: Instant, at_s: Option<f64>) {
-    match at_s {
-        Some(s) => {
-            let at = t0 + Duration::from_secs_f64(s.max(0.0));
-            tokio::time::sleep_until(at.into()).await;
-        }
+    let at = at_s
+        .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok())
+        .and_then(|d| t0.checked_add(d));
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
 }

@@ -974,13 +974,14 @@ mod tests {
         assert_eq!(s.pages_remaining, Some(1000));
         assert_eq!((s.pages_pushed, s.wire_ratio()), (None, None));
         // Then 800 pages compressed to a quarter of a page each, of which a quarter of
-        // the bytes left.
+        // the stream bytes (frame headers included) left.
         report(vmm_shim::Progress {
-            stream_bytes_sent: 50 * PAGE,
+            stream_bytes_sent: 50 * PAGE + 200 * 15,
             handed_over: true,
             pushed: transport::proto::Pushed {
                 pages: 800,
                 wire_bytes: 200 * PAGE,
+                stream_bytes: 200 * PAGE + 800 * 15,
             },
             ..Default::default()
         });

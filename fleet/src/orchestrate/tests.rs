@@ -498,7 +498,37 @@ fn an_encoded_transfer_is_timed_in_pages_and_replanned_in_wire_bytes() {
             started_s: 0.0,
         }
     );
+    // Of two transfers started together, the one with fewer bytes on the wire left takes
+    // the link first, whatever its pages: vm1's 600 MB of pages at a quarter are 150 MB.
+    let mut o = in_order(
+        Orchestration::new(fleet(3), PlanOptions::new(3600.0), &[]).unwrap(),
+        3,
+    );
+    o.fleet.links[0].per_flow_window_bytes = 20 * MB;
+    for vm in 0..3 {
+        o.started(vm, 0.0);
+    }
+    o.progress(0, 0.3, Some(200 * MB), 0);
+    o.set_wire_ratio(1, 0.25);
+    o.progress(1, 0.3, Some(600 * MB), 0);
+    o.progress(2, 0.3, Some(300 * MB), 0);
+    let hold = Some((1e9 * HOLD_SHARE) as u64);
+    assert_eq!(o.rate_caps(0.4), vec![hold, None, hold]);
+    // A source never has more left than its VM holds (`fleet`'s are a TiB of memory).
+    o.progress(2, 0.7, Some(u64::MAX), 0);
+    assert!(matches!(
+        o.measured(0.7).vms[2].state,
+        VmState::Transferring {
+            remaining_bytes: 1_099_511_627_776,
+            ..
+        }
+    ));
     // A ratio no encoding gives is not taken.
+    let mut o = one_flow_fills_the_link(3);
+    o.started(first, 0.0);
+    o.progress(first, 0.2, Some(100 * MB), 0);
+    o.set_wire_ratio(first, 0.25);
+    o.progress(first, 0.45, Some(60 * MB), 10 * MB);
     o.set_wire_ratio(first, f64::NAN);
     o.set_wire_ratio(first, -1.0);
     assert!(matches!(
