@@ -4,7 +4,7 @@ use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
 use thiserror::Error;
 
-use crate::codec::{decode_body, decode_header, encode, CodecError, HEADER_LEN};
+use crate::codec::{decode_body, decode_header, encode, pages_frame_len, CodecError, HEADER_LEN};
 use crate::message::{Message, Pages};
 
 /// Why a message could not be read from or written to a stream.
@@ -89,10 +89,15 @@ pub async fn write_final(send: &mut SendStream, msg: &Message) -> Result<(), Fra
     Ok(())
 }
 
-/// Writes a `Pages` message: a payload of [`OWN_CHUNK`] or more is handed to quinn
-/// without copying it ([`write_pages_batch`]).
+/// Writes a `Pages` message handing its payload to quinn without copying it: a demand
+/// reply, on the fault path, where a copy is latency; replies in flight are few, so their
+/// segments cost quinn little ([`write_pages_batch`] says why that matters for the push).
 pub async fn write_pages(send: &mut SendStream, pages: &Pages) -> Result<(), FrameError> {
-    write_pages_batch(send, std::slice::from_ref(pages)).await
+    let mut header = Vec::with_capacity(HEADER_LEN + 10 + pages.kinds.len());
+    append_pages_header(pages, &mut header);
+    let mut chunks = [Bytes::from(header), pages.payload.clone()];
+    send.write_all_chunks(&mut chunks).await?;
+    Ok(())
 }
 
 /// Writes several `Pages` frames with one call: a push of scattered pages (a stale set)
@@ -119,31 +124,30 @@ const OWN_CHUNK: usize = 16 * 1024;
 /// payloads shared.
 fn batch_chunks(batch: &[Pages]) -> Vec<Bytes> {
     let mut chunks = Vec::new();
-    // Room for every header and small payload: one allocation for a scattered batch.
-    let small: usize = batch
+    // Room for every frame but the large payloads: one allocation for a scattered batch.
+    let small: u64 = batch
         .iter()
-        .map(|p| HEADER_LEN + 10 + p.kinds.len())
-        .chain(
-            batch
-                .iter()
-                .map(|p| p.payload.len())
-                .filter(|&n| n < OWN_CHUNK),
-        )
+        .map(|p| pages_frame_len(p) - own_chunk(p).map_or(0, |c| c.len() as u64))
         .sum();
-    let mut joined: Vec<u8> = Vec::with_capacity(small);
+    let mut joined: Vec<u8> = Vec::with_capacity(small as usize);
     for pages in batch {
         append_pages_header(pages, &mut joined);
-        if pages.payload.len() < OWN_CHUNK {
+        let Some(payload) = own_chunk(pages) else {
             joined.extend_from_slice(&pages.payload);
             continue;
-        }
+        };
         chunks.push(Bytes::from(std::mem::take(&mut joined)));
-        chunks.push(pages.payload.clone());
+        chunks.push(payload.clone());
     }
     if !joined.is_empty() {
         chunks.push(Bytes::from(joined));
     }
     chunks
+}
+
+/// The payload of `pages` if it goes as a chunk of its own ([`OWN_CHUNK`]).
+fn own_chunk(pages: &Pages) -> Option<&Bytes> {
+    (pages.payload.len() >= OWN_CHUNK).then_some(&pages.payload)
 }
 
 /// Appends everything of a `Pages` frame up to its payload to `out`.
