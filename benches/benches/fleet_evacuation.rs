@@ -17,7 +17,9 @@
 //! ([`WanEmulator::add_route`]), all routes sharing the same rate, queue and delay. The
 //! processes are told the path's bandwidth-delay product (`FAULTLINE_EXPECTED_BDP`, as
 //! docs/wan.md says to), and evacuate with `--encoding off` (`FAULTLINE_BENCH_ENCODING`), so
-//! that the bytes that cross are the stale bytes the model is given. The plan file states
+//! that the bytes that cross are the stale bytes the model is given. (With an encoding,
+//! the model gets each VM's wire ratio as its source estimated it before its start, the
+//! report's `wire_ratio_at_start`.) The plan file states
 //! the same link (rate, RTT, the window 1.25 × BDP) and a deadline of 70% of the
 //! all-at-once makespan the model predicts from the planted stale bytes, so that it binds.
 //!
@@ -238,13 +240,14 @@ fn model_link(link: WanLink) -> Link {
 fn model_fleet(
     link: WanLink,
     mem: u64,
-    vms: &[(String, u64)],
+    vms: &[(String, u64, f64)],
     costs: Costs,
 ) -> anyhow::Result<Fleet> {
     let vms = vms
         .iter()
-        .map(|(name, stale)| {
+        .map(|(name, stale, wire_ratio)| {
             let mut v = Vm::idle(name.clone(), 0, *stale);
+            v.wire_ratio = *wire_ratio;
             v.memory_bytes = mem;
             v.working_set_bytes = mem;
             v.max_rate_bps = link.flow_cap_bps();
@@ -277,8 +280,8 @@ fn main() -> anyhow::Result<()> {
     }
     let rounds = env_size("FAULTLINE_BENCH_ROUNDS", 1).max(1);
     // `off` by default: then the bytes that cross are the stale bytes (plus QUIC's
-    // overhead), which is what the model is given; with `auto` the planted pages compress
-    // to about 0.6 and every prediction is that much long (docs/fleet.md).
+    // overhead); with `auto` the planted pages compress to about 0.6, and the model is
+    // given what each source estimated of that before its run (docs/fleet.md).
     let encoding = std::env::var("FAULTLINE_BENCH_ENCODING").unwrap_or_else(|_| "off".into());
     // Source and standby each hold the guest: refuse what would not fit.
     let need = sizes.iter().max().copied().unwrap_or(0) as u64 * mem * 2;
@@ -323,9 +326,10 @@ fn main() -> anyhow::Result<()> {
         for &link in &links {
             set_bdp(&link);
             let specs = fleet_specs(n, kvm.min(n));
-            let planted: Vec<(String, u64)> = specs
+            // Raw: the deadline does not depend on the encoding.
+            let planted: Vec<(String, u64, f64)> = specs
                 .iter()
-                .map(|s| (s.name.clone(), planted_bytes(mem, s.stale_pct)))
+                .map(|s| (s.name.clone(), planted_bytes(mem, s.stale_pct), 1.0))
                 .collect();
             // The deadline: 70% of the all-at-once makespan the model predicts.
             let f = model_fleet(link, mem, &planted, Costs::default())?;
@@ -762,7 +766,10 @@ fn compare(
     for v in vms {
         let name = v["name"].as_str().context("a vm without a name")?;
         let pages = v["pages_stale"].as_u64().context("no pages_stale")?;
-        measured_fleet.push((name.to_string(), pages * PAGE));
+        // What its source estimated its encoding would make of a page before it ran (1
+        // with `--encoding off`): the model is given what an orchestrator knows then.
+        let ratio = f64_of(&v["wire_ratio_at_start"]).unwrap_or(1.0);
+        measured_fleet.push((name.to_string(), pages * PAGE, ratio));
         let m = &v["measured"];
         if let (Some(start), Some(switchover)) = (f64_of(&m["start_s"]), f64_of(&m["switchover_s"]))
         {
@@ -823,6 +830,7 @@ fn compare(
             "bench": BENCH, "case": "vm", "link": link.name(), "vms": vms.len(),
             "schedule": schedule, "vm": v["name"],
             "stale_bytes": measured_fleet[i].1, "bytes_sent": v["bytes_sent"],
+            "wire_ratio_estimated": measured_fleet[i].2, "wire_ratio": v["wire_ratio"],
             "order_predicted": p.order, "order_run": v["planned"]["order"],
             "start_predicted_s": p.start_s, "start_s": m["start_s"],
             "switchover_predicted_s": p.switchover_s, "switchover_s": m["switchover_s"],
@@ -839,7 +847,7 @@ fn compare(
     let n = vms.len() as f64;
     let mean = |x: &[f64]| x.iter().sum::<f64>() / n;
     let max = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
-    let crossing: u64 = measured_fleet.iter().map(|(_, b)| b).sum();
+    let crossing: u64 = measured_fleet.iter().map(|(_, b, _)| b).sum();
     let ideal_s = crossing as f64 * 8.0 / link.rate_bps as f64;
     let (mk_pred, mk_meas) = (max(&pred_fin), max(&meas_fin));
     let saved = meas_fin.iter().filter(|&&t| t <= deadline_s).count();

@@ -98,6 +98,8 @@ fn fleet(vms: usize, links: usize, seed: u64) -> Fleet {
                 replication_budget_bps: rng.range(0, 101) * 1_000_000,
                 weight: rng.range(1, 6) as f64,
                 max_rate_bps: None,
+                // Raw, as when this bench's figures were first taken.
+                wire_ratio: 1.0,
             }
         })
         .collect();

@@ -154,15 +154,21 @@ pub struct Status {
     /// See `pages_pushed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wire_bytes_pushed: Option<u64>,
+    /// Before the push: pages its source sampled from guest memory and what the push's
+    /// encoding would make of them (see `transport::encoding::WireSample`), its estimate
+    /// of the wire ratio ([`Status::estimated_wire_ratio`]). `None` from a source that
+    /// does not sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages_sampled: Option<u64>,
+    /// See `pages_sampled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_bytes_sampled: Option<u64>,
 }
 
 /// Bytes of a page in these messages' page counts: a guest page.
 pub const PAGE_BYTES: u64 = 4096;
 
-/// The range of [`Status::wire_ratio`] believed: a page of data encodes to at least its
-/// kind byte, and never to much more than the page. (A long zero run is a dozen bytes for
-/// up to 65,536 pages; clamped, a push of them counts as costing more than it does.)
-pub const WIRE_RATIO_RANGE: std::ops::RangeInclusive<f64> = (1.0 / 4096.0)..=1.1;
+pub use crate::model::WIRE_RATIO_RANGE;
 
 /// The most a status's `progress_age_ms` is believed: a source's figures are at most one
 /// [`EVENT_INTERVAL_MS`] old when it reports, so a larger age is a fault, not a fact.
@@ -182,9 +188,20 @@ impl Status {
     /// references into the replica and zero runs; clamped to [`WIRE_RATIO_RANGE`]. `None`
     /// before the push handed out a page, or from a source that does not say.
     pub fn wire_ratio(&self) -> Option<f64> {
-        let pages = self.pages_pushed.filter(|&p| p > 0)?;
-        let ratio = self.wire_bytes_pushed? as f64 / (pages as f64 * PAGE_BYTES as f64);
-        Some(ratio.clamp(*WIRE_RATIO_RANGE.start(), *WIRE_RATIO_RANGE.end()))
+        ratio_of(self.pages_pushed, self.wire_bytes_pushed)
+    }
+
+    /// What the evacuation's encoding would make of a page, estimated by its source from
+    /// a sample of guest memory before the push (`pages_sampled`), clamped like
+    /// [`Status::wire_ratio`]; `None` without a sample.
+    pub fn estimated_wire_ratio(&self) -> Option<f64> {
+        ratio_of(self.pages_sampled, self.wire_bytes_sampled)
+    }
+
+    /// The wire ratio to plan with: measured once the push handed out pages, estimated
+    /// before.
+    pub fn planning_wire_ratio(&self) -> Option<f64> {
+        self.wire_ratio().or_else(|| self.estimated_wire_ratio())
     }
 
     /// How long before it was received its progress was measured, seconds: its
@@ -192,6 +209,13 @@ impl Status {
     pub fn progress_age_s(&self) -> f64 {
         self.progress_age_ms.unwrap_or(0).min(MAX_PROGRESS_AGE_MS) as f64 / 1000.0
     }
+}
+
+/// `bytes` per byte of `pages` pages, clamped to [`WIRE_RATIO_RANGE`].
+fn ratio_of(pages: Option<u64>, bytes: Option<u64>) -> Option<f64> {
+    let pages = pages.filter(|&p| p > 0)?;
+    let ratio = bytes? as f64 / (pages as f64 * PAGE_BYTES as f64);
+    Some(ratio.clamp(*WIRE_RATIO_RANGE.start(), *WIRE_RATIO_RANGE.end()))
 }
 
 /// Why a frame was refused.
@@ -286,6 +310,8 @@ mod tests {
             error: None,
             pages_pushed: None,
             wire_bytes_pushed: None,
+            pages_sampled: None,
+            wire_bytes_sampled: None,
         }
     }
 
@@ -314,6 +340,36 @@ mod tests {
             wire_bytes_pushed: Some(12_345),
             ..status()
         };
+        let f = encode(&Reply::Event(s.clone())).unwrap();
+        assert_eq!(decode::<Reply>(&f).unwrap().0, Reply::Event(s));
+    }
+
+    #[test]
+    fn the_sampled_ratio_plans_a_vm_until_its_push_measures_one() {
+        let s = Status {
+            pages_sampled: Some(64),
+            wire_bytes_sampled: Some(64 * 1024),
+            ..status()
+        };
+        assert_eq!(s.estimated_wire_ratio(), Some(0.25));
+        assert_eq!(s.planning_wire_ratio(), Some(0.25));
+        let pushed = Status {
+            pages_pushed: Some(10),
+            wire_bytes_pushed: Some(10 * 2048),
+            ..s.clone()
+        };
+        assert_eq!(pushed.planning_wire_ratio(), Some(0.5));
+        // A sample of nothing, or absurd, is no estimate / clamped.
+        let none = Status {
+            pages_sampled: Some(0),
+            ..s.clone()
+        };
+        assert_eq!(none.planning_wire_ratio(), None);
+        let absurd = Status {
+            wire_bytes_sampled: Some(u64::MAX),
+            ..s.clone()
+        };
+        assert_eq!(absurd.estimated_wire_ratio(), Some(1.1));
         let f = encode(&Reply::Event(s.clone())).unwrap();
         assert_eq!(decode::<Reply>(&f).unwrap().0, Reply::Event(s));
     }

@@ -27,6 +27,7 @@
 //! working_set_bytes = "16G"
 //! replication_budget_bps = "50M"
 //! priority = 3
+//! wire_ratio = 0.5                 # optional: what the encoding makes of a byte (1: raw)
 //! ```
 //!
 //! Every number may be a TOML number or a string with a suffix; errors name the entry and
@@ -81,7 +82,7 @@ const COSTS_KEYS: &str = "handshake_rtts, switchover_ms, wire_overhead";
 const LINK_KEYS: &str = "name, rate_bps, rtt_ms, window_bytes, replication_budget_bps";
 const VM_KEYS: &str = "name, link, memory_bytes, disk_bytes, stale_bytes, dirty_rate_bps, \
                        working_set_bytes, replication_budget_bps, priority, max_rate_bps, \
-                       control, peer_cert";
+                       wire_ratio, control, peer_cert";
 
 const SIZE_EXAMPLES: &str = "4096, \"512M\", \"64G\"";
 const RATE_EXAMPLES: &str = "1000000000, \"100M\", \"1G\", \"2.5Gbit/s\"";
@@ -407,6 +408,8 @@ fn parse_vm(t: &Table, i: usize, links: &[String]) -> Result<Vm, InputError> {
         replication_budget_bps: rate(&e, t, "replication_budget_bps")?.unwrap_or(0),
         weight,
         max_rate_bps: rate(&e, t, "max_rate_bps")?,
+        // Checked against its range with the rest of the fleet (`Fleet::new`).
+        wire_ratio: number(&e, t, "wire_ratio")?.unwrap_or(1.0),
     })
 }
 

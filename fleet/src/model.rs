@@ -87,7 +87,17 @@ pub struct Vm {
     /// A limit of its own on its evacuation rate, bits per second (the source host's share
     /// of a NIC, the standby's install rate); `None`: only the link and its window limit it.
     pub max_rate_bps: Option<u64>,
+    /// What its evacuation's encoding makes of a stale byte: bytes handed to the stream per
+    /// byte of guest page, before [`Costs::wire_overhead`]. 1 (raw) by default; about 0.5
+    /// for memory lz4 halves; within [`WIRE_RATIO_RANGE`]. Its source estimates it while
+    /// the VM waits and measures it once the push runs (`fleet::control::Status`).
+    pub wire_ratio: f64,
 }
+
+/// The wire ratios believed ([`Vm::wire_ratio`]): a page of data encodes to at least its
+/// kind byte, and never to much more than the page. (A long zero run is a dozen bytes for
+/// up to 65,536 pages; clamped, a push of them counts as costing more than it does.)
+pub const WIRE_RATIO_RANGE: std::ops::RangeInclusive<f64> = (1.0 / 4096.0)..=1.1;
 
 impl Vm {
     /// A VM on link `link` with `stale_bytes` to move and nothing else: a memory far larger
@@ -105,6 +115,7 @@ impl Vm {
             replication_budget_bps: 0,
             weight: 1.0,
             max_rate_bps: None,
+            wire_ratio: 1.0,
         }
     }
 
@@ -128,6 +139,17 @@ impl Vm {
         (s0 + self.dirty_rate_bps as f64 / 8.0 * t_s).min(ws)
     }
 
+    /// The bytes its evacuation will hand to the stream if it starts `t_s` seconds after
+    /// time 0: its stale bytes then, as its encoding makes them ([`Vm::wire_ratio`]).
+    pub fn wire_at(&self, t_s: f64) -> f64 {
+        self.stale_at(t_s) * self.wire_ratio
+    }
+
+    /// Its stale bytes now as its encoding makes them.
+    pub fn wire_bytes(&self) -> f64 {
+        self.stale_bytes as f64 * self.wire_ratio
+    }
+
     /// Dirty rate in bytes per second.
     pub fn dirty_bytes_per_s(&self) -> f64 {
         self.dirty_rate_bps as f64 / 8.0
@@ -146,10 +168,8 @@ pub struct Costs {
     #[serde(serialize_with = "ser_ms")]
     pub switchover: Duration,
     /// Wire bytes beyond the payload, per payload byte: QUIC and frame headers. Default
-    /// 0.04 (`wan_evacuation` measures 3-4%). Encoding (lz4, references into the replica)
-    /// is not modelled for a VM that waits: give the stale bytes as they would cross. (A
-    /// VM under way is given to a re-plan with its bytes left as its encoding sends them,
-    /// [`crate::orchestrate::Orchestration::set_wire_ratio`].)
+    /// 0.04 (`wan_evacuation` measures 3-4%). What the encoding makes of the payload is
+    /// each VM's [`Vm::wire_ratio`].
     pub wire_overhead: f64,
 }
 
@@ -186,7 +206,8 @@ pub struct Fleet {
 impl Fleet {
     /// Checks that the fleet is consistent: names unique and not empty, links exist, rates,
     /// round-trip times and windows positive, stale bytes and working sets within memory +
-    /// disk, weights positive, costs finite and not negative.
+    /// disk, weights positive, wire ratios in [`WIRE_RATIO_RANGE`], costs finite and not
+    /// negative.
     pub fn new(links: Vec<Link>, vms: Vec<Vm>, costs: Costs) -> Result<Fleet, InputError> {
         check_costs(&costs)?;
         let mut seen = std::collections::HashSet::new();
@@ -242,6 +263,13 @@ impl Fleet {
             }
             if !(v.weight.is_finite() && v.weight > 0.0) {
                 return Err(entry.problem(Problem::NotPositive("priority")));
+            }
+            if !WIRE_RATIO_RANGE.contains(&v.wire_ratio) {
+                return Err(entry.problem(Problem::OutOfRange {
+                    key: "wire_ratio",
+                    value: v.wire_ratio.to_string(),
+                    range: "1/4096 and 1.1",
+                }));
             }
             if v.max_rate_bps == Some(0) {
                 return Err(entry.problem(Problem::NotPositive("max_rate_bps")));
@@ -508,6 +536,14 @@ mod tests {
             "vm \"db-3\": link \"#3\" is not defined"
         );
         v.link = 0;
+        v.wire_ratio = 1.5;
+        assert_eq!(
+            err(l(), vec![v.clone()]),
+            "vm \"db-3\": wire_ratio must be between 1/4096 and 1.1 (got 1.5)"
+        );
+        v.wire_ratio = f64::NAN;
+        assert!(err(l(), vec![v.clone()]).contains("(got NaN)"));
+        v.wire_ratio = 0.5;
         v.weight = 0.0;
         assert_eq!(err(l(), vec![v]), "vm \"db-3\": priority must be > 0");
         let mut bad = l();

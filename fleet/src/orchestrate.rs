@@ -60,9 +60,11 @@ struct Track {
     /// source counts, and what `sending_bps` is measured on.
     remaining_bytes: u64,
     /// What its evacuation's encoding makes of a page, bytes on the wire per page byte
-    /// (1 until its source says): the bytes left cross the link as `remaining_bytes` ×
-    /// this.
+    /// (the plan file's until its source says): the bytes left cross the link as
+    /// `remaining_bytes` × this.
     wire_ratio: f64,
+    /// `wire_ratio` when it was started.
+    started_ratio: Option<f64>,
     /// When its source last reported `remaining_bytes`.
     heard_s: Option<f64>,
     /// The report `sending_bps` was last measured from: its time and `remaining_bytes`.
@@ -170,7 +172,8 @@ impl Orchestration {
                     phase,
                     stale_bytes: v.stale_bytes,
                     remaining_bytes: v.stale_bytes,
-                    wire_ratio: 1.0,
+                    wire_ratio: v.wire_ratio,
+                    started_ratio: None,
                     heard_s: None,
                     rate_from: None,
                     sending_bps: None,
@@ -313,10 +316,10 @@ impl Orchestration {
                     },
                     Phase::Starting => VmState::Setup {
                         started_s: t.timeline.start_s.unwrap_or(now_s),
-                        stale_bytes: t.remaining_wire_bytes(),
+                        stale_bytes: t.remaining_bytes,
                     },
                     Phase::Transferring => VmState::Transferring {
-                        remaining_bytes: t.remaining_wire_bytes(),
+                        remaining_bytes: t.remaining_bytes,
                         switchover_s: t.timeline.switchover_s.unwrap_or(now_s),
                         started_s: t.timeline.start_s.unwrap_or(now_s),
                     },
@@ -329,6 +332,7 @@ impl Orchestration {
                 Some(VmMeasure {
                     vm: v.name.clone(),
                     state,
+                    wire_ratio: Some(t.wire_ratio),
                 })
             })
             .collect();
@@ -549,14 +553,18 @@ impl Orchestration {
             t.phase = Phase::Starting;
             t.timeline.start_s = Some(now_s);
             t.remaining_bytes = t.stale_bytes;
+            t.started_ratio = Some(t.wire_ratio);
         }
     }
 
     /// Its source says what its evacuation's encoding makes of a page
-    /// ([`crate::control::Status::wire_ratio`]): the bytes it has left cross the link as
-    /// that many bytes a page byte. Before, 1.
+    /// ([`crate::control::Status::planning_wire_ratio`]: estimated while it waits, measured
+    /// once its push runs): the bytes it has left cross the link as that many bytes a page
+    /// byte, and re-plans take it so. Before, the plan file's
+    /// ([`crate::model::Vm::wire_ratio`]). A ratio outside
+    /// [`crate::model::WIRE_RATIO_RANGE`] is ignored.
     pub fn set_wire_ratio(&mut self, vm: usize, ratio: f64) {
-        if ratio.is_finite() && ratio > 0.0 {
+        if crate::model::WIRE_RATIO_RANGE.contains(&ratio) {
             self.tracks[vm].wire_ratio = ratio;
         }
     }
@@ -663,6 +671,8 @@ impl Orchestration {
                     && t.timeline.finish_s.is_some_and(|f| f <= deadline_s),
                 bytes_sent: t.bytes_sent,
                 pages_stale: t.pages_stale,
+                wire_ratio_at_start: t.started_ratio.unwrap_or(t.wire_ratio),
+                wire_ratio: t.wire_ratio,
             })
             .collect();
         let count = |ph: Phase| vms.iter().filter(|v| v.outcome == ph).count();
@@ -718,6 +728,11 @@ pub struct VmReport {
     pub bytes_sent: u64,
     /// Pages that crossed (its source's count, when done).
     pub pages_stale: Option<u64>,
+    /// The wire ratio it was started with: its source's estimate then (or the plan
+    /// file's, [`crate::model::Vm::wire_ratio`]), what its plan knew.
+    pub wire_ratio_at_start: f64,
+    /// What its encoding made of a page, as last reported (measured once its push ran).
+    pub wire_ratio: f64,
 }
 
 /// The fleet in the report.

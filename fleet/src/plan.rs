@@ -12,8 +12,9 @@
 //! How: links do not interact (every VM uses one), so each link is planned on its own.
 //! Per link the planner builds candidate schedules and simulates each against the margin:
 //!
-//! * orders: smallest *effective* size per weight first (stale bytes as they will have
-//!   grown by the VM's estimated start), smallest stale bytes now per weight first, fastest
+//! * orders (sizes are the bytes that cross: stale bytes as each VM's encoding makes them,
+//!   [`crate::model::Vm::wire_ratio`]): smallest *effective* size per weight first (stale
+//!   bytes as they will have grown by the VM's estimated start), smallest now first, fastest
 //!   growing relative to size first (what minimises the bytes of jobs that grow while they
 //!   wait, Browne and Yechiali), highest priority first;
 //! * after each simulation the VMs that miss the deadline move to the end (they would only
@@ -100,7 +101,7 @@ pub struct VmPlan {
     pub finish_s: Option<f64>,
     /// The same with the margin taken off every link's rate.
     pub finish_margin_s: Option<f64>,
-    /// Its stale bytes at the switchover: what crosses (payload).
+    /// Its stale bytes at the switchover as its encoding makes them: what crosses (payload).
     pub bytes_to_cross: Option<u64>,
     /// From its switchover to its last byte (full rate).
     pub exposure_s: Option<f64>,
@@ -128,7 +129,8 @@ pub struct LinkPlan {
     pub vms: usize,
     /// Their stale bytes now.
     pub stale_bytes_now: u64,
-    /// Those bytes at the link's full rate, nothing else: the floor of its makespan.
+    /// Those bytes as their encodings make them ([`crate::model::Vm::wire_ratio`]) at the
+    /// link's full rate, nothing else: the floor of its makespan.
     pub ideal_s: f64,
     pub makespan_s: f64,
     pub makespan_margin_s: f64,
@@ -152,9 +154,10 @@ pub struct Totals {
     pub makespan_s: f64,
     /// The same with the margin.
     pub makespan_margin_s: f64,
-    /// The slowest link's stale bytes now at its full rate: no schedule does better.
+    /// The slowest link's stale bytes now, as their encodings make them, at its full rate:
+    /// no schedule does better.
     pub ideal_makespan_s: f64,
-    /// Payload bytes that cross (stale bytes at each switchover).
+    /// Payload bytes that cross (stale bytes at each switchover, encoded).
     pub bytes_to_cross: u64,
     pub mean_exposure_s: f64,
     pub max_exposure_s: f64,
@@ -198,7 +201,7 @@ pub fn all_at_once(fleet: &Fleet) -> Schedule {
     Schedule { links }
 }
 
-/// One VM at a time per link, smallest stale bytes first, each starting when the previous
+/// One VM at a time per link, smallest first (stale bytes as their encodings make them), each starting when the previous
 /// one finished: the most VMs by a deadline on one bottleneck when one flow fills it, but
 /// on a long fat link one flow cannot (window / RTT).
 pub fn one_at_a_time_smallest_first(fleet: &Fleet) -> Schedule {
@@ -207,7 +210,9 @@ pub fn one_at_a_time_smallest_first(fleet: &Fleet) -> Schedule {
         links[v.link].order.push(i);
     }
     for ls in &mut links {
-        ls.order.sort_by_key(|&i| (fleet.vms[i].stale_bytes, i));
+        let wire = |i: usize| fleet.vms[i].wire_bytes();
+        ls.order
+            .sort_by(|&a, &b| wire(a).total_cmp(&wire(b)).then(a.cmp(&b)));
     }
     Schedule { links }
 }
@@ -235,8 +240,8 @@ pub enum Policy {
     Planner,
     /// [`all_at_once`]: every VM at once, fair sharing.
     AllAtOnce,
-    /// [`one_at_a_time_smallest_first`]: one VM per link at a time, smallest stale bytes
-    /// first (re-planning sorts the waiting VMs by their stale bytes then).
+    /// [`one_at_a_time_smallest_first`]: one VM per link at a time, smallest first
+    /// (re-planning sorts the waiting VMs by their bytes to cross then).
     SmallestFirst,
 }
 
@@ -293,6 +298,9 @@ pub struct LinkMeasure {
 pub struct VmMeasure {
     pub vm: String,
     pub state: VmState,
+    /// What its encoding makes of a stale byte, as its source measured it once the push
+    /// ran or estimated it before ([`crate::model::Vm::wire_ratio`]); `None`: the fleet's.
+    pub wire_ratio: Option<f64>,
 }
 
 /// Where a VM's evacuation is.
@@ -304,7 +312,8 @@ pub enum VmState {
     /// the guest pauses as the setup begins).
     Setup { started_s: f64, stale_bytes: u64 },
     /// Started at `started_s`, moving its stale bytes since its switchover at
-    /// `switchover_s`; this many are left.
+    /// `switchover_s`; this many are left (stale bytes, as pages: the wire ratio makes them
+    /// the bytes that cross).
     Transferring {
         remaining_bytes: u64,
         switchover_s: f64,
@@ -373,6 +382,16 @@ pub fn replan_with(
             })
         })?;
         let setup = f.costs.setup_s(&f.links[f.vms[i].link]);
+        if let Some(r) = m.wire_ratio {
+            if !crate::model::WIRE_RATIO_RANGE.contains(&r) {
+                return Err(Entry::Vm(m.vm.clone()).problem(Problem::OutOfRange {
+                    key: "measured wire_ratio",
+                    value: r.to_string(),
+                    range: "1/4096 and 1.1",
+                }));
+            }
+            f.vms[i].wire_ratio = r;
+        }
         match m.state {
             VmState::Waiting { stale_bytes } => {
                 f.vms[i].stale_bytes = stale_bytes.min(f.vms[i].total_bytes());
@@ -394,7 +413,8 @@ pub fn replan_with(
             } => {
                 state.started_s[i] = started_s;
                 state.initial[i] = Phase::Transfer {
-                    remaining_bytes: remaining_bytes as f64,
+                    remaining_bytes: remaining_bytes.min(f.vms[i].total_bytes()) as f64
+                        * f.vms[i].wire_ratio,
                     switchover_s: switchover_s - now,
                 };
             }
@@ -664,6 +684,7 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
         .map(|(li, l)| {
             let ls = &schedule.links[li];
             let stale: u64 = ls.order.iter().map(|&i| fleet.vms[i].stale_bytes).sum();
+            let wire: f64 = ls.order.iter().map(|&i| fleet.vms[i].wire_bytes()).sum();
             LinkPlan {
                 name: l.name.clone(),
                 rate_bps: l.rate_bps,
@@ -675,7 +696,7 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
                 policy: policies[li],
                 vms: ls.order.len(),
                 stale_bytes_now: stale,
-                ideal_s: stale as f64 * 8.0 / l.rate_bps as f64,
+                ideal_s: wire * 8.0 / l.rate_bps as f64,
                 makespan_s: shift(nominal.link_makespan_s[li], now),
                 makespan_margin_s: shift(with_margin.link_makespan_s[li], now),
             }
@@ -714,7 +735,7 @@ pub struct RunningKey {
     pub transferring: bool,
     /// When it was started (infinite: not known, after those known).
     pub started_s: f64,
-    /// Its bytes left (in setup: its stale bytes).
+    /// Its bytes left as they cross (in setup: its stale bytes, encoded).
     pub remaining_bytes: u64,
 }
 
@@ -743,7 +764,7 @@ fn running_key(fleet: &Fleet, state: &State, i: usize) -> (bool, RunningKey) {
         Some(Phase::Transfer {
             remaining_bytes, ..
         }) => (false, true, *remaining_bytes as u64),
-        Some(Phase::Setup { .. }) => (false, false, fleet.vms[i].stale_bytes),
+        Some(Phase::Setup { .. }) => (false, false, fleet.vms[i].wire_bytes().round() as u64),
         _ => (true, false, 0),
     };
     let key = RunningKey {
@@ -807,9 +828,7 @@ fn candidates(
         ),
         (
             "smallest_first",
-            by_key(rest, |i| {
-                fleet.vms[i].stale_bytes as f64 / fleet.vms[i].weight
-            }),
+            by_key(rest, |i| fleet.vms[i].wire_bytes() / fleet.vms[i].weight),
         ),
         (
             "fastest_growing_first",
@@ -850,7 +869,7 @@ fn candidates(
     let smallest: Vec<usize> = prefix
         .iter()
         .copied()
-        .chain(by_key(rest, |i| fleet.vms[i].stale_bytes as f64))
+        .chain(by_key(rest, |i| fleet.vms[i].wire_bytes()))
         .collect();
     out.push(Candidate {
         policy: "one_at_a_time_smallest_first",
@@ -881,22 +900,20 @@ fn by_key(vms: &[usize], key: impl Fn(usize) -> f64) -> Vec<usize> {
     keyed.into_iter().map(|(_, i)| i).collect()
 }
 
-/// Smallest effective size per weight first: the stale bytes each VM will have when its
+/// Smallest effective size per weight first: the bytes each VM will have to move when its
 /// turn comes (estimated from the bytes ahead of it at `rate` bytes per second), refined
 /// twice.
 fn effective_first(fleet: &Fleet, vms: &[usize], rate: f64) -> Vec<usize> {
-    let mut order = by_key(vms, |i| {
-        fleet.vms[i].stale_bytes as f64 / fleet.vms[i].weight
-    });
+    let mut order = by_key(vms, |i| fleet.vms[i].wire_bytes() / fleet.vms[i].weight);
     let mut start = vec![0.0; fleet.vms.len()];
     for _ in 0..2 {
         let mut ahead = 0.0;
         for &i in &order {
             start[i] = ahead / rate;
-            ahead += fleet.vms[i].stale_at(start[i]);
+            ahead += fleet.vms[i].wire_at(start[i]);
         }
         order = by_key(vms, |i| {
-            fleet.vms[i].stale_at(start[i]) / fleet.vms[i].weight
+            fleet.vms[i].wire_at(start[i]) / fleet.vms[i].weight
         });
     }
     order
@@ -945,7 +962,7 @@ fn totals(
             sum_exposure += o.exposure_s();
             t.max_exposure_s = t.max_exposure_s.max(o.exposure_s());
             t.bytes_to_cross += o.bytes.round() as u64;
-            bytes += fleet.vms[i].stale_bytes as f64;
+            bytes += fleet.vms[i].wire_bytes();
         }
         let ideal = bytes * 8.0 / fleet.links[li].rate_bps as f64;
         t.ideal_makespan_s = t.ideal_makespan_s.max(ideal);
@@ -1084,7 +1101,7 @@ fn miss_reason(
     let rate = fleet
         .flow_cap_bps(vm)
         .min(link.rate_bps as f64 * (1.0 - margin));
-    let bytes = v.stale_at(setup);
+    let bytes = v.wire_at(setup);
     let alone =
         setup + bytes * (1.0 + fleet.costs.wire_overhead) * 8.0 / rate + fleet.costs.tail_s(link);
     if alone > deadline {

@@ -69,7 +69,8 @@ pub enum Phase {
     Waiting,
     /// Started; the switchover comes in this many seconds.
     Setup { switchover_in_s: f64 },
-    /// Moving bytes: this many payload bytes are left; the switchover was at this time
+    /// Moving bytes: this many payload bytes are left (as the encoding makes them: stale
+    /// bytes × [`crate::model::Vm::wire_ratio`]); the switchover was at this time
     /// (zero or negative).
     Transfer {
         remaining_bytes: f64,
@@ -123,7 +124,8 @@ pub struct VmOutcome {
     pub switchover_s: f64,
     /// Its last stale byte is at the destination.
     pub finish_s: f64,
-    /// Payload bytes that crossed after the switchover (its stale bytes then).
+    /// Payload bytes that crossed after the switchover: its stale bytes then, as its
+    /// encoding makes them ([`crate::model::Vm::wire_ratio`]).
     pub bytes: f64,
 }
 
@@ -465,8 +467,9 @@ impl LinkSim {
                     break;
                 }
                 self.setups.pop_front();
-                // Waiting or in setup at time 0: its stale bytes grew until now.
-                let bytes = fleet.vms[vm].stale_at(t);
+                // Waiting or in setup at time 0: its stale bytes grew until now; they
+                // cross as its encoding makes them.
+                let bytes = fleet.vms[vm].wire_at(t);
                 let o = &mut out[vm];
                 o.switchover_s = t;
                 o.bytes = bytes;

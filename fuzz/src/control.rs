@@ -70,6 +70,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         error: None,
         pages_pushed: Some(300),
         wire_bytes_pushed: Some(600_000),
+        pages_sampled: Some(256),
+        wire_bytes_sampled: Some(500_000),
     };
     let failed = Status {
         evacuation: EvacState::Failed,

@@ -312,6 +312,14 @@ fn a_reference_vmm_guest_and_an_image_source_are_evacuated_together() {
     let v = vm(&r, "kvm");
     assert_eq!(v["outcome"], "done", "{v}");
     assert!(v["pages_stale"].as_u64().unwrap() > 0, "{v}");
+    // Its source estimated what the push would make of a page from the pages the guest
+    // wrote (replication sent them again), and the plan started it with that.
+    let connected = event(&err, "connected", "kvm");
+    let estimate = connected["wire_ratio"].as_f64();
+    assert!(estimate.is_some_and(|r| r > 0.0 && r <= 1.1), "{connected}");
+    // (Or a later status's, of a few more pages.)
+    let at_start = v["wire_ratio_at_start"].as_f64().unwrap_or(f64::NAN);
+    assert!((at_start - estimate.unwrap()).abs() < 0.1, "{v}");
     let src = source.wait(TIMEOUT);
     let dst = dest.wait(TIMEOUT);
     assert!(src.status.success(), "vm source failed: {}", src.stderr);
@@ -357,6 +365,11 @@ fn three_vms_are_evacuated_in_the_planned_order_with_equal_memory() {
         .map(|p| (p.name.as_str(), "32M", p.port))
         .collect();
     let plan = plan_file(&certs, "orchestrator", "100M", &vms);
+    // Set up and sampling their memory, so that the sources' first statuses carry their
+    // estimates of what the encoding will make of a page.
+    for p in &pairs {
+        faultline_tests::wait_replicated(&p.dir, 8192, 0.5);
+    }
     let chart = plan.with_extension("run.svg");
     let (rc, r, err) = Orchestrator::start(&plan, &["--gantt", chart.to_str().unwrap()]).wait();
     assert_eq!(rc, Some(0), "{err}\n{r}");
@@ -392,12 +405,17 @@ fn three_vms_are_evacuated_in_the_planned_order_with_equal_memory() {
         assert!(v["pages_stale"].as_u64().unwrap() >= 410, "{v}");
         let done = event(&err, "done", &p.name);
         let ratio = done["wire_ratio"].as_f64().unwrap_or(f64::NAN);
+        assert_eq!(v["wire_ratio"], done["wire_ratio"], "{v}");
+        // What its source estimated from its memory before the start, which the plan used.
+        let estimate = v["wire_ratio_at_start"].as_f64().unwrap_or(f64::NAN);
         if p.name == "vm-c" {
             assert!((0.01..0.9).contains(&ratio), "{done}");
+            assert!((estimate - ratio).abs() < 0.1, "{v}");
         } else {
             assert!(v["bytes_sent"].as_u64().unwrap() > 410 * 4096, "{v}");
             // A kind byte a page.
             assert!((1.0..1.001).contains(&ratio), "{done}");
+            assert!((1.0..1.001).contains(&estimate), "{v}");
         }
     }
     // Started in the planned order.

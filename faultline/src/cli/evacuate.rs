@@ -250,6 +250,10 @@ async fn orchestrate(
         // grow by the net growth its source measures, not by the whole dirty rate.
         v.dirty_rate_bps = s.stale_growth_bps.unwrap_or(s.dirty_rate_bps);
         v.working_set_bytes = v.working_set_bytes.min(v.total_bytes());
+        // Its source sees what its pages compress to; the file can only guess.
+        if let Some(r) = s.planning_wire_ratio() {
+            v.wire_ratio = r;
+        }
     }
     // Times from here; the deadline was taken when the file was read.
     let t0 = Instant::now();
@@ -272,6 +276,7 @@ async fn orchestrate(
                 "stale_bytes": s.stale_bytes, "dirty_rate_bps": s.dirty_rate_bps,
                 "stale_growth_bps": s.stale_growth_bps,
                 "memory_bytes": s.memory_bytes,
+                "wire_ratio": s.planning_wire_ratio(),
             }));
         }
     }
@@ -397,6 +402,9 @@ fn handle(
     match msg {
         LinkReport::Status(i, s) => {
             o.waiting(i, s.stale_bytes);
+            if let Some(ratio) = s.planning_wire_ratio() {
+                o.set_wire_ratio(i, ratio);
+            }
             // Started by someone else (SIGUSR1, its timer): follow it now.
             if s.evacuation != EvacState::Idle && o.phase(i) == Phase::Waiting {
                 if let Some(tx) = &starts[i] {
@@ -418,7 +426,7 @@ fn handle(
                     // Pages, in bytes; the link carries them at what the encoding made
                     // of a page so far.
                     let remaining = s.pages_remaining.map(|p| p.saturating_mul(PAGE_BYTES));
-                    if let Some(ratio) = s.wire_ratio() {
+                    if let Some(ratio) = s.planning_wire_ratio() {
                         o.set_wire_ratio(i, ratio);
                     }
                     // The figures are as of when the source measured them.
@@ -431,6 +439,9 @@ fn handle(
                     }
                 }
                 EvacState::Done => {
+                    if let Some(ratio) = s.wire_ratio() {
+                        o.set_wire_ratio(i, ratio);
+                    }
                     o.done(i, now, s.bytes_sent, s.pages_stale);
                     events.emit(json!({
                         "event": "done", "vm": name, "t_s": now,

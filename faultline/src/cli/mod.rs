@@ -17,6 +17,7 @@ mod vm_agent;
 mod vm_disks;
 mod vm_replica;
 mod wan;
+mod wire_estimate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

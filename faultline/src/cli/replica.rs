@@ -303,6 +303,10 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         .host_region()
         .context("synthetic images live in memory")?;
     let regions = [region];
+    if let Some(c) = &mut control {
+        let planted_in = a.stale_pct.is_some().then_some(&regions[..]);
+        c.estimate_encoding(a.encoding.policy(), planted_in);
+    }
     let layout = Layout::single(a.synthetic);
     let choice = match a.tracker {
         TrackerArg::Auto => TrackerChoice::Auto,
@@ -689,6 +693,8 @@ pub(super) fn idle_status_of(vm_id: &str, memory_bytes: u64) -> Status {
         error: None,
         pages_pushed: None,
         wire_bytes_pushed: None,
+        pages_sampled: None,
+        wire_bytes_sampled: None,
     }
 }
 

@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fleet::control::{EvacState, ReplState};
+use transport::encoding::{EncodingPolicy, Mode};
 use transport::quic::RateLimit;
 use transport::tls::Identity;
 use vmm_shim::replica::Replicator;
 
 use super::control_server::ControlServer;
 use super::replica::{idle_status_of, progress_to, DirtyRate};
+use super::wire_estimate::MemorySample;
 
 const PAGE: u64 = 4096;
 
@@ -27,6 +29,11 @@ pub struct SourceControl {
     /// Pages the evacuation will plant (`--stale-pct`): what will cross, and it does not
     /// grow while the guest waits. `None`: the replicator's stale count.
     planted: Option<u64>,
+    /// The evacuation's encoding, once the status estimates what it will make of a page
+    /// ([`SourceControl::estimate_encoding`]).
+    encoding: Option<EncodingPolicy>,
+    /// Guest memory sampled for that, where the stale pages will be planted.
+    sample: Option<MemorySample>,
 }
 
 impl SourceControl {
@@ -63,20 +70,59 @@ impl SourceControl {
             server,
             dirty: DirtyRate::default(),
             planted,
+            encoding: None,
+            sample: None,
         }))
     }
 
-    /// Publishes replication's state now: the stale bytes (the planted ones, if any) and
-    /// the dirty rate. Callers do so every 100 ms while the guest runs.
+    /// From now on the status also estimates what the evacuation's encoding (`policy`)
+    /// will make of a stale page: from the pages the guest wrote, as replication sends
+    /// them again ([`vmm_shim::replica::WrittenPages`]), or, where the stale pages will be
+    /// planted in a uniform sample of memory (`replicate --stale-pct`), from pages of
+    /// `planted_in` (the guest's memory) sampled at once and at each
+    /// [`SourceControl::publish_replication`] ([`MemorySample`]).
+    pub fn estimate_encoding(
+        &mut self,
+        policy: EncodingPolicy,
+        planted_in: Option<&[uffd_core::HostRegion]>,
+    ) {
+        self.encoding = Some(policy);
+        let Some(regions) = planted_in else {
+            return;
+        };
+        let seed = std::process::id() as u64 ^ 0x5a3c_96e1;
+        let mut sample = MemorySample::new(regions.to_vec(), policy, seed);
+        // The first estimate at once: an orchestrator may plan from the next status.
+        if let Some((pages, bytes)) = sample.take() {
+            self.server.update(|s| {
+                s.pages_sampled = Some(pages);
+                s.wire_bytes_sampled = Some(bytes);
+            });
+        }
+        self.sample = Some(sample);
+    }
+
+    /// Publishes replication's state now: the stale bytes (the planted ones, if any), the
+    /// dirty rate, and the estimated wire ratio. Callers do so every 100 ms while the
+    /// guest runs.
     pub fn publish_replication(&mut self, replicator: &Replicator) {
         let stale = replicator.stale_pages();
         let acked = replicator.stats().pages_acked.load(Ordering::Relaxed);
         let (bps, growth_bps) = self.dirty.sample(stale, acked);
         let planted = self.planted;
+        let sampled = match (&mut self.sample, self.encoding) {
+            (Some(planted), _) => planted.take(),
+            (None, Some(policy)) => replicator.stats().written.estimate(policy.lz4 != Mode::Off),
+            (None, None) => None,
+        };
         self.server.update(|s| {
             s.stale_bytes = planted.unwrap_or(stale) * PAGE;
             s.dirty_rate_bps = bps;
             s.stale_growth_bps = Some(if planted.is_some() { 0 } else { growth_bps });
+            if let Some((pages, bytes)) = sampled {
+                s.pages_sampled = Some(pages);
+                s.wire_bytes_sampled = Some(bytes);
+            }
         });
     }
 

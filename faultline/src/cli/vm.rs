@@ -447,6 +447,8 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     match (&mut control, &replication) {
         // Driven by an orchestrator: until it asks (or SIGUSR1).
         (Some(c), Some(r)) => {
+            // Planted or not, the stale pages are pages the guest wrote (its working set).
+            c.estimate_encoding(opts.encoding, None);
             c.run_until_asked(&r.replicator, || vm.check_vcpus().map_err(Into::into))?;
             c.starting();
         }

@@ -37,6 +37,7 @@ dirty_rate_bps = "200M"
 working_set_bytes = "16G"
 replication_budget_bps = "50M"
 priority = 3
+wire_ratio = 0.45
 
 [[vm]]
 name = "web-1"
@@ -89,6 +90,7 @@ fn a_good_plan_file() {
     assert_eq!(db.working_set_bytes, 16 << 30);
     assert_eq!(db.replication_budget_bps, 50_000_000);
     assert_eq!(db.weight, 3.0);
+    assert_eq!(db.wire_ratio, 0.45);
     // Defaults: no replica (everything stale), no writes, working set = memory.
     let web = &f.vms[1];
     assert_eq!(web.link, 1);
@@ -97,6 +99,7 @@ fn a_good_plan_file() {
     assert_eq!(web.working_set_bytes, 8 << 30);
     assert_eq!(web.weight, 1.0);
     assert_eq!(web.max_rate_bps, None);
+    assert_eq!(web.wire_ratio, 1.0);
 }
 
 #[test]
@@ -225,6 +228,16 @@ fn every_bad_entry_is_named() {
             "priority = 3",
             "priority = -1",
             "vm \"db-1\": priority must be >= 0 (got -1)",
+        ),
+        (
+            "wire_ratio = 0.45",
+            "wire_ratio = 2",
+            "vm \"db-1\": wire_ratio must be between 1/4096 and 1.1 (got 2)",
+        ),
+        (
+            "wire_ratio = 0.45",
+            "wire_ratio = \"half\"",
+            "vm \"db-1\": wire_ratio = \"half\" is not a number",
         ),
         (
             "rate_bps = \"1G\"",

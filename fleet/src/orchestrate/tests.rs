@@ -488,16 +488,20 @@ fn an_encoded_transfer_is_timed_in_pages_and_replanned_in_wire_bytes() {
         o.expected_end_s(first).unwrap(),
         0.45 + 60.0 * 8e6 / 1.28e9
     ));
-    // The re-plan moves its bytes left as the link carries them.
+    // The re-plan is given its pages left and its ratio, and moves them as the link
+    // carries them.
     let m = o.measured(0.5);
     assert_eq!(
         m.vms[first].state,
         VmState::Transferring {
-            remaining_bytes: 15 * MB,
+            remaining_bytes: 60 * MB,
             switchover_s: 0.2,
             started_s: 0.0,
         }
     );
+    assert_eq!(m.vms[first].wire_ratio, Some(0.25));
+    let p = crate::plan::replan(o.fleet(), &PlanOptions::new(3600.0), &m).unwrap();
+    assert_eq!(p.vms[first].bytes_to_cross, Some(15 * MB));
     // Of two transfers started together, the one with fewer bytes on the wire left takes
     // the link first, whatever its pages: vm1's 600 MB of pages at a quarter are 150 MB.
     let mut o = in_order(
@@ -531,11 +535,10 @@ fn an_encoded_transfer_is_timed_in_pages_and_replanned_in_wire_bytes() {
     o.progress(first, 0.45, Some(60 * MB), 10 * MB);
     o.set_wire_ratio(first, f64::NAN);
     o.set_wire_ratio(first, -1.0);
-    assert!(matches!(
-        o.measured(0.5).vms[first].state,
-        VmState::Transferring {
-            remaining_bytes: 15_000_000,
-            ..
-        }
+    o.set_wire_ratio(first, 1.5);
+    assert_eq!(o.measured(0.5).vms[first].wire_ratio, Some(0.25));
+    assert!(close(
+        o.expected_end_s(first).unwrap(),
+        0.45 + 60.0 * 8e6 / 1.28e9
     ));
 }

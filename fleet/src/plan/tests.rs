@@ -98,6 +98,48 @@ fn smallest_first_saves_the_most_vms_by_the_deadline() {
 }
 
 #[test]
+fn a_vm_is_planned_by_what_its_encoding_puts_on_the_wire() {
+    // 1 GB/s, one flow fills it. "big" has 4 GB of stale pages that lz4 makes a quarter
+    // of: 1 GB crosses, less than "raw"'s 2 GB, so it goes first.
+    let l = link("wan", 8000, 10, 1 << 30);
+    let big = Vm {
+        wire_ratio: 0.25,
+        ..vm("big", 0, 4 * GB)
+    };
+    let f = fleet(vec![l], vec![vm("raw", 0, 2 * GB), big]);
+    let p = plan(&f, &PlanOptions::new(3600.0));
+    assert_eq!(by_name(&p, "big").order, Some(1));
+    assert_eq!(by_name(&p, "big").bytes_to_cross, Some(GB));
+    assert_eq!(p.totals.bytes_to_cross, 3 * GB);
+    assert!((p.totals.ideal_makespan_s - 3.0).abs() < 1e-9);
+    assert!((p.links[0].ideal_s - 3.0).abs() < 1e-9);
+    assert_eq!(p.links[0].stale_bytes_now, 6 * GB);
+    let one = one_at_a_time_smallest_first(&f);
+    assert_eq!(one.links[0].order, vec![1, 0]);
+    // Its source measures the push at 0.75 of a page: 3 GB, now after "raw"; a ratio no
+    // encoding gives is refused, naming the VM.
+    let measured = |r: f64| Measured {
+        now_s: 0.0,
+        links: Vec::new(),
+        vms: vec![VmMeasure {
+            vm: "big".into(),
+            state: VmState::Waiting {
+                stale_bytes: 4 * GB,
+            },
+            wire_ratio: Some(r),
+        }],
+    };
+    let p = replan(&f, &PlanOptions::new(3600.0), &measured(0.75)).unwrap();
+    assert_eq!(by_name(&p, "big").order, Some(2));
+    assert_eq!(by_name(&p, "big").bytes_to_cross, Some(3 * GB));
+    let e = replan(&f, &PlanOptions::new(3600.0), &measured(2.0)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "vm \"big\": measured wire_ratio must be between 1/4096 and 1.1 (got 2)"
+    );
+}
+
+#[test]
 fn a_vm_that_cannot_make_it_even_alone_is_marked_and_goes_last() {
     let l = link("wan", 800, 10, 1 << 30); // 100 MB/s
     let f = fleet(
@@ -244,10 +286,12 @@ fn replanning_keeps_what_runs_and_uses_what_was_measured() {
         vms: vec![
             VmMeasure {
                 vm: "a".into(),
+                wire_ratio: None,
                 state: VmState::Done { finished_s: 10.5 },
             },
             VmMeasure {
                 vm: "b".into(),
+                wire_ratio: None,
                 state: VmState::Transferring {
                     remaining_bytes: 500 * MB,
                     switchover_s: 10.5,
@@ -310,6 +354,7 @@ fn a_replan_keeps_the_transfers_in_the_order_they_started_not_switched_over() {
             .zip([a, b, c])
             .map(|(vm, state)| VmMeasure {
                 vm: vm.into(),
+                wire_ratio: None,
                 state,
             })
             .collect(),
@@ -401,6 +446,7 @@ fn a_vm_in_setup_moves_the_stale_set_measured_at_its_start() {
         links: Vec::new(),
         vms: vec![VmMeasure {
             vm: "a".into(),
+            wire_ratio: None,
             state: VmState::Setup {
                 started_s: 49.95,
                 stale_bytes: 1_200_000_000,

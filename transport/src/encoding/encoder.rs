@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::tuner::{BatchSample, Choice, Tuner};
-use super::{cpu_ns, page_hash, EncodingPolicy, EncodingStats, Mode, ReplicaIndex};
+use super::{cpu_ns, lz4_page, page_hash, EncodingPolicy, EncodingStats, Mode, ReplicaIndex};
 use crate::message::{
     is_zero, PageKind, Pages, FEATURE_DEDUP, FEATURE_LZ4, FEATURE_ZERO_RUNS, PAGE_SIZE, REF_LEN,
 };
@@ -204,12 +204,12 @@ impl PageEncoder {
             // A different subset from the hashed one (the page number salted).
             if choice.lz4_rate > 0.0 && sampled(n ^ LZ4_SALT, lz4_threshold) {
                 let t = Instant::now();
-                let out = lz4_flex::block::compress_into(page, &mut self.scratch);
+                let out = lz4_page(page, &mut self.scratch);
                 let lz4_ns = t.elapsed().as_nanos() as u64;
                 self.pending.lz4_ns += lz4_ns;
                 self.pending.lz4_in += PAGE_SIZE as u64;
                 match out {
-                    Ok(len) if len > 0 && len + 2 < PAGE_SIZE => {
+                    Some(len) => {
                         self.pending.lz4_out += (len + 2) as u64;
                         self.pending.lz4_shrunk += 1;
                         self.pending.lz4_shrunk_out += (len + 2) as u64;
@@ -222,7 +222,7 @@ impl PageEncoder {
                         self.stats.lz4_input_bytes += PAGE_SIZE as u64;
                         continue;
                     }
-                    _ => self.pending.lz4_out += PAGE_SIZE as u64,
+                    None => self.pending.lz4_out += PAGE_SIZE as u64,
                 }
             }
             kinds.push(PageKind::Raw as u8);

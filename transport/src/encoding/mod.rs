@@ -19,6 +19,7 @@
 
 mod decoder;
 mod encoder;
+mod estimate;
 mod tuner;
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,7 @@ use xxhash_rust::xxh3::xxh3_128;
 
 pub use decoder::{DecodeError, Decoded, PageDecoder};
 pub use encoder::PageEncoder;
+pub use estimate::WireSample;
 pub use tuner::{BatchSample, Choice, Tuner};
 
 /// Whether an encoding is used.
@@ -198,6 +200,15 @@ pub(crate) fn cpu_ns(clock: libc::clockid_t) -> u64 {
         return 0;
     }
     (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
+/// `page` as an lz4 block in `scratch` (at least lz4's bound for a page): its length, if
+/// the block with its 2-byte length is smaller than the page (otherwise the page goes raw).
+pub(crate) fn lz4_page(page: &[u8], scratch: &mut [u8]) -> Option<usize> {
+    match lz4_flex::block::compress_into(page, scratch) {
+        Ok(len) if len > 0 && len + 2 < crate::message::PAGE_SIZE => Some(len),
+        _ => None,
+    }
 }
 
 /// The content hash that references carry.

@@ -4,6 +4,7 @@ pub mod evacuate;
 pub mod ledger;
 pub mod replicator;
 pub mod standby;
+mod written;
 
 pub use evacuate::{evacuate, evacuate_over, evacuate_with_disks, EvacuationReport, PausedMemory};
 pub use ledger::Ledger;
@@ -11,3 +12,4 @@ pub use replicator::{
     LinkBytes, ReplicationSummary, Replicator, ReplicatorOptions, ReplicatorState, ReplicatorStats,
 };
 pub use standby::{EvacuationStats, Replica, StandbySink};
+pub use written::WrittenPages;

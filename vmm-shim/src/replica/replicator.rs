@@ -99,6 +99,9 @@ pub struct ReplicatorStats {
     pub connected: AtomicBool,
     /// UDP bytes sent to the standby so far, live (see [`LinkBytes::sent`]).
     pub link: LinkBytes,
+    /// What an evacuation's push would make of the pages the guest writes, from a sample
+    /// of those replication sends again.
+    pub written: super::WrittenPages,
 }
 
 /// UDP bytes the replicator sent over all its connections, readable while it runs: the
@@ -465,6 +468,7 @@ fn run(
         )?
     };
     let mut ledger = Ledger::new(layout.total_pages());
+    let mut written = super::written::WrittenSample::new();
     let mut dirty = Vec::new();
     let mut runs = Vec::new();
     let mut buf = Vec::new();
@@ -548,6 +552,10 @@ fn run(
                 }
                 for (k, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
                     tracker.replicated(start + k as u64, page)?;
+                    // Past version 1 (the first copy): a page the guest wrote.
+                    if chunk[k] > 1 {
+                        written.offer(page);
+                    }
                 }
                 let update = Update {
                     pages: Pages::from_memory(start, &buf),
@@ -563,6 +571,7 @@ fn run(
         }
         tokens -= (sent * PAGE_SIZE) as f64;
         stats.pages_sent.fetch_add(sent as u64, Ordering::Relaxed);
+        written.publish(&stats.written);
         stats
             .stale_pages
             .store(ledger.stale_count(), Ordering::Relaxed);
