@@ -104,9 +104,10 @@ struct WanLink {
 /// emulator, the processes rather than the emulated link can be the bottleneck.
 #[derive(Clone, Copy)]
 struct Calibration {
-    /// One evacuation alone: stale bytes × 8 / (finish − switchover).
+    /// One evacuation alone: stale bytes × its wire ratio × 8 / (finish − switchover).
     flow_bps: u64,
-    /// Four at once: all their stale bytes × 8 / (last finish − first switchover).
+    /// Four at once: all their stale bytes × their wire ratios × 8 / (last finish − first
+    /// switchover).
     aggregate_bps: u64,
 }
 
@@ -454,8 +455,13 @@ fn calibrate(bed: Bed<'_>) -> anyhow::Result<Calibration> {
             .iter()
             .map(|v| {
                 let m = &v["measured"];
+                // As its encoding put them on the wire (1 with `--encoding off`): the
+                // model moves a VM's stale bytes × its wire ratio at these rates.
+                let ratio = f64_of(&v["wire_ratio"]).unwrap_or(1.0);
                 Ok((
-                    v["pages_stale"].as_u64().context("no pages_stale")? as f64 * PAGE as f64,
+                    v["pages_stale"].as_u64().context("no pages_stale")? as f64
+                        * PAGE as f64
+                        * ratio,
                     f64_of(&m["switchover_s"]).context("no switchover")?,
                     f64_of(&m["finish_s"]).context("no finish")?,
                 ))

@@ -763,7 +763,7 @@ fn running_key(fleet: &Fleet, state: &State, i: usize) -> (bool, RunningKey) {
     let (waiting, transferring, remaining_bytes) = match state.initial.get(i) {
         Some(Phase::Transfer {
             remaining_bytes, ..
-        }) => (false, true, *remaining_bytes as u64),
+        }) => (false, true, remaining_bytes.round() as u64),
         Some(Phase::Setup { .. }) => (false, false, fleet.vms[i].wire_bytes().round() as u64),
         _ => (true, false, 0),
     };

@@ -229,7 +229,7 @@ fn render(file: &str, pf: &PlanFile, p: &Plan) -> String {
     );
     let _ = writeln!(
         s,
-        "mean completion {}, makespan {} ({} with the margin); ideal {} (stale bytes now / link rate); {} to cross",
+        "mean completion {}, makespan {} ({} with the margin); ideal {} (bytes to cross now / link rate); {} to cross",
         fmt_secs(t.mean_completion_s),
         fmt_secs(t.makespan_s),
         fmt_secs(t.makespan_margin_s),

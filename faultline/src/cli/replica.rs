@@ -36,6 +36,7 @@ use super::vm_disks::{
     digest_disk, dirty_disks, export_received, finish_exports, open_standby_disks, DiskDigest,
     DiskExports, DiskReaders, DiskWriters, ReceiveDiskArgs, SourceDiskArgs, SourceDisks,
 };
+use super::wire_estimate::MemorySample;
 use super::{parse_size, TlsArgs};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -304,8 +305,11 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         .context("synthetic images live in memory")?;
     let regions = [region];
     if let Some(c) = &mut control {
-        let planted_in = a.stale_pct.is_some().then_some(&regions[..]);
-        c.estimate_encoding(a.encoding.policy(), planted_in);
+        // --stale-pct plants its pages in a uniform sample of memory.
+        let planted = a
+            .stale_pct
+            .map(|_| MemorySample::new(regions.to_vec(), a.encoding.policy(), a.seed ^ 0xe571));
+        c.estimate_encoding(a.encoding.policy(), planted);
     }
     let layout = Layout::single(a.synthetic);
     let choice = match a.tracker {

@@ -77,21 +77,14 @@ impl SourceControl {
 
     /// From now on the status also estimates what the evacuation's encoding (`policy`)
     /// will make of a stale page: from the pages the guest wrote, as replication sends
-    /// them again ([`vmm_shim::replica::WrittenPages`]), or, where the stale pages will be
-    /// planted in a uniform sample of memory (`replicate --stale-pct`), from pages of
-    /// `planted_in` (the guest's memory) sampled at once and at each
-    /// [`SourceControl::publish_replication`] ([`MemorySample`]).
-    pub fn estimate_encoding(
-        &mut self,
-        policy: EncodingPolicy,
-        planted_in: Option<&[uffd_core::HostRegion]>,
-    ) {
+    /// them again ([`vmm_shim::replica::WrittenPages`]), or, where the source will plant
+    /// its stale pages (`--stale-pct`), from `planted`, a sample of those pages taken at
+    /// once and at each [`SourceControl::publish_replication`].
+    pub fn estimate_encoding(&mut self, policy: EncodingPolicy, planted: Option<MemorySample>) {
         self.encoding = Some(policy);
-        let Some(regions) = planted_in else {
+        let Some(mut sample) = planted else {
             return;
         };
-        let seed = std::process::id() as u64 ^ 0x5a3c_96e1;
-        let mut sample = MemorySample::new(regions.to_vec(), policy, seed);
         // The first estimate at once: an orchestrator may plan from the next status.
         if let Some((pages, bytes)) = sample.take() {
             self.server.update(|s| {

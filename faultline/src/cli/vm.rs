@@ -32,6 +32,7 @@ use super::roles::{bind_listener, identity, ListenSettings};
 use super::source_control::SourceControl;
 use super::vm_agent::{AgentArgs, DestAgent, DestAgentReport, SourceAgent, SourceHintsReport};
 use super::vm_replica::{self, ReplicaArgs, SourceReplicaReport};
+use super::wire_estimate::MemorySample;
 use super::{parse_size, TlsArgs};
 
 /// How often the guests' progress is sampled for the rate series.
@@ -447,8 +448,15 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     match (&mut control, &replication) {
         // Driven by an orchestrator: until it asks (or SIGUSR1).
         (Some(c), Some(r)) => {
-            // Planted or not, the stale pages are pages the guest wrote (its working set).
-            c.estimate_encoding(opts.encoding, None);
+            // --stale-pct plants its pages in the guest's working set.
+            let planted = match a.replica.stale_pct {
+                Some(pct) => Some(
+                    MemorySample::new(vm.host_regions()?, opts.encoding, 0xe571)
+                        .only(vm_replica::working_set_pages(&vm, pct)?),
+                ),
+                None => None,
+            };
+            c.estimate_encoding(opts.encoding, planted);
             c.run_until_asked(&r.replicator, || vm.check_vcpus().map_err(Into::into))?;
             c.starting();
         }

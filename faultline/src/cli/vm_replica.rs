@@ -220,7 +220,7 @@ pub fn finish(r: Replication, vm: &mut Vm, stale_pct: Option<f64>) -> anyhow::Re
 }
 
 /// `pct` percent of guest memory as pages spread over the working set (deterministic).
-fn working_set_pages(vm: &Vm, pct: f64) -> anyhow::Result<Vec<u64>> {
+pub(super) fn working_set_pages(vm: &Vm, pct: f64) -> anyhow::Result<Vec<u64>> {
     let config = vm.config();
     let total = config.mem_size / PAGE_SIZE as u64;
     let want = ((total as f64) * pct.clamp(0.0, 100.0) / 100.0).round() as u64;

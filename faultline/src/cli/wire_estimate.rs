@@ -1,9 +1,10 @@
 //! A source's estimate of what its evacuation's encoding will make of its stale pages
-//! where they will be planted (`replicate --stale-pct`: a uniform sample of memory, each
-//! page's first word changed), from pages of guest memory sampled while the VM waits for
-//! its turn: the orchestrator plans the VM in the bytes that will cross (docs/fleet.md,
-//! "Encoded VMs"). Without planting the stale pages are pages the guest wrote, which the
-//! replicator samples (`vmm_shim::replica::WrittenPages`).
+//! where it will plant them (`replicate --stale-pct`: a uniform sample of memory; `vm
+//! source --stale-pct`: pages of the guest's working set; each page's first word
+//! changed), from those pages sampled while the VM waits for its turn: the orchestrator
+//! plans the VM in the bytes that will cross (docs/fleet.md, "Encoded VMs"). Without
+//! planting the stale pages are pages the guest wrote, which the replicator samples
+//! (`vmm_shim::replica::WrittenPages`).
 
 use transport::encoding::{EncodingPolicy, WireSample};
 use uffd_core::{HostRegion, PAGE_SIZE};
@@ -19,6 +20,9 @@ const FIRST_PAGES: usize = 1024;
 /// change it.
 pub(super) struct MemorySample {
     regions: Vec<HostRegion>,
+    /// The pages planting will change (page numbers across the regions, in order); empty:
+    /// a uniform sample of all of them.
+    only: Vec<u64>,
     sample: WireSample,
     x: u64,
     page: Vec<u8>,
@@ -28,16 +32,27 @@ impl MemorySample {
     pub(super) fn new(regions: Vec<HostRegion>, policy: EncodingPolicy, seed: u64) -> MemorySample {
         MemorySample {
             regions,
+            only: Vec::new(),
             sample: WireSample::new(policy),
             x: seed | 1,
             page: vec![0; PAGE_SIZE],
         }
     }
 
+    /// Samples only `pages` (page numbers across the regions, in order): those planting
+    /// will change.
+    pub(super) fn only(mut self, pages: Vec<u64>) -> MemorySample {
+        self.only = pages;
+        self
+    }
+
     /// Samples a few more pages; returns (pages sampled, their encoded bytes), `None`
     /// before any page was sampled.
     pub(super) fn take(&mut self) -> Option<(u64, u64)> {
-        let total: u64 = self.regions.iter().map(|r| r.pages()).sum();
+        let total = match self.only.len() as u64 {
+            0 => self.regions.iter().map(|r| r.pages()).sum(),
+            n => n,
+        };
         let want = if self.sample.pages() == 0 {
             FIRST_PAGES
         } else {
@@ -47,7 +62,9 @@ impl MemorySample {
             self.x ^= self.x << 13;
             self.x ^= self.x >> 7;
             self.x ^= self.x << 17;
-            if !self.read(self.x % total) {
+            let i = self.x % total;
+            let n = self.only.get(i as usize).copied().unwrap_or(i);
+            if !self.read(n) {
                 continue;
             }
             // As planting will change it (`workload::dirty_fraction`): a zero page becomes
@@ -123,6 +140,10 @@ mod tests {
         assert!((0.3..0.7).contains(&r), "{r}");
         let mut raw = MemorySample::new(regions, EncodingPolicy::OFF, 7);
         assert!(ratio(&mut raw) > 1.0);
+        // Only the pages planting will change: the zero ones, each a small lz4 block.
+        let (_m, regions) = image(&[0, 0xff, 0, 0xff]);
+        let mut zeros = MemorySample::new(regions, EncodingPolicy::AUTO, 7).only(vec![0, 2]);
+        assert!(ratio(&mut zeros) < 0.02);
         // Compressible pages.
         let (_m, text) = image(&[1, 2, 3, 4]);
         let mut lz4 = MemorySample::new(text, EncodingPolicy::AUTO, 7);

@@ -468,7 +468,7 @@ fn run(
         )?
     };
     let mut ledger = Ledger::new(layout.total_pages());
-    let mut written = super::written::WrittenSample::new();
+    let mut written = super::written::WrittenSample::new(layout.total_pages());
     let mut dirty = Vec::new();
     let mut runs = Vec::new();
     let mut buf = Vec::new();
@@ -552,10 +552,7 @@ fn run(
                 }
                 for (k, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
                     tracker.replicated(start + k as u64, page)?;
-                    // Past version 1 (the first copy): a page the guest wrote.
-                    if chunk[k] > 1 {
-                        written.offer(page);
-                    }
+                    written.offer(start + k as u64, page);
                 }
                 let update = Update {
                     pages: Pages::from_memory(start, &buf),

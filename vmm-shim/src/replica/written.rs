@@ -4,8 +4,9 @@
 //! often zero), say what the push will make of them. An orchestrator plans a waiting VM in
 //! those bytes (docs/fleet.md, "Encoded VMs").
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
+use transport::bitmap::Bitmap;
 use transport::encoding::{EncodingPolicy, WireSample};
 
 /// One page in this many rewritten pages is sampled (lz4 of a page takes a few µs: at a
@@ -16,20 +17,31 @@ const EVERY: u64 = 16;
 pub(super) struct WrittenSample {
     lz4: WireSample,
     raw: WireSample,
+    /// Pages replication sent at least once. The first copy of memory is not a sample of
+    /// what the guest writes: the tracker's first harvest reports every page (and some
+    /// trackers every page again after a failed harvest), so a page's version alone
+    /// cannot tell the first copy from a rewrite.
+    copied: Bitmap,
     seen: u64,
 }
 
 impl WrittenSample {
-    pub(super) fn new() -> WrittenSample {
+    /// For a guest of `pages` pages (memory and disks).
+    pub(super) fn new(pages: u64) -> WrittenSample {
         WrittenSample {
             lz4: WireSample::new(EncodingPolicy::ALL),
             raw: WireSample::new(EncodingPolicy::OFF),
+            copied: Bitmap::new(pages),
             seen: 0,
         }
     }
 
-    /// Replication sends `page` again (at a version past the first copy).
-    pub(super) fn offer(&mut self, page: &[u8]) {
+    /// Replication sends page `n`, holding `page`: sampled if it was sent before.
+    pub(super) fn offer(&mut self, n: u64, page: &[u8]) {
+        // `set` says whether the bit was clear: the page's first copy.
+        if n >= self.copied.len() || self.copied.set(n) {
+            return;
+        }
         self.seen += 1;
         if self.seen.is_multiple_of(EVERY) {
             self.lz4.add(page);
@@ -39,33 +51,24 @@ impl WrittenSample {
 
     /// Makes the sample so far readable through `out`.
     pub(super) fn publish(&self, out: &WrittenPages) {
-        out.lz4_bytes.store(self.lz4.bytes(), Ordering::Relaxed);
-        out.raw_bytes.store(self.raw.bytes(), Ordering::Relaxed);
-        // After the bytes: a reader that sees these pages sees their bytes (or later ones).
-        out.pages.store(self.lz4.pages(), Ordering::Release);
+        let mut g = out.0.lock().unwrap_or_else(|p| p.into_inner());
+        *g = (self.lz4.pages(), self.lz4.bytes(), self.raw.bytes());
     }
 }
 
 /// The sample of rewritten pages, readable while the replicator runs
-/// ([`crate::replica::ReplicatorStats::written`]).
+/// ([`crate::replica::ReplicatorStats::written`]): (pages, lz4 bytes, raw bytes), taken
+/// together (the counts halve as the sample ages: a reader must not pair one count before
+/// a halving with another after it).
 #[derive(Debug, Default)]
-pub struct WrittenPages {
-    pages: AtomicU64,
-    lz4_bytes: AtomicU64,
-    raw_bytes: AtomicU64,
-}
+pub struct WrittenPages(Mutex<(u64, u64, u64)>);
 
 impl WrittenPages {
     /// (pages sampled, what a push would make of them): with lz4 where it shrinks a page
     /// (`lz4`), or raw; zero pages as their kind byte. `None` before any page was sampled.
     pub fn estimate(&self, lz4: bool) -> Option<(u64, u64)> {
-        let pages = self.pages.load(Ordering::Acquire);
-        let bytes = if lz4 {
-            self.lz4_bytes.load(Ordering::Relaxed)
-        } else {
-            self.raw_bytes.load(Ordering::Relaxed)
-        };
-        (pages > 0).then_some((pages, bytes))
+        let (pages, lz4_bytes, raw_bytes) = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        (pages > 0).then_some((pages, if lz4 { lz4_bytes } else { raw_bytes }))
     }
 }
 
@@ -82,12 +85,20 @@ mod tests {
             .cycle()
             .take(PAGE_SIZE)
             .collect();
-        let (mut s, out) = (WrittenSample::new(), WrittenPages::default());
+        let (mut s, out) = (WrittenSample::new(64), WrittenPages::default());
         s.publish(&out);
         assert_eq!(out.estimate(true), None);
-        for _ in 0..32 {
-            s.offer(&text);
+        // The first copy of every page is not a sample of what the guest writes.
+        for n in 0..64 {
+            s.offer(n, &[0; PAGE_SIZE]);
         }
+        s.publish(&out);
+        assert_eq!(out.estimate(true), None);
+        // Rewrites: one in sixteen is sampled; a page beyond the guest is ignored.
+        for n in 0..32 {
+            s.offer(n, &text);
+        }
+        s.offer(64, &text);
         s.publish(&out);
         let (pages, lz4) = out.estimate(true).unwrap();
         assert_eq!(pages, 2);
