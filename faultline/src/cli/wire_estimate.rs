@@ -9,12 +9,16 @@
 use transport::encoding::{EncodingPolicy, WireSample};
 use uffd_core::{HostRegion, PAGE_SIZE};
 
-/// Pages added at each [`MemorySample::take`] (lz4 of a page takes a few µs).
-const PAGES: usize = 8;
-/// On the first call: enough for an estimate within a few per cent at once (a page's
-/// ratio varies by about 0.4 in a mixed image: 1,024 pages put the mean within about
-/// 0.012).
-const FIRST_PAGES: usize = 1024;
+/// Pages in one estimate: enough for one within a few per cent (a page's ratio varies by
+/// about 0.4 in a mixed image: 1,024 pages put the mean within about 0.012). lz4 of a
+/// page takes a few µs, so one estimate a few ms.
+const PAGES: usize = 1024;
+/// A fresh estimate every this many [`MemorySample::take`]s (a source's statuses come
+/// every 100 ms: every second, about 0.3% of a core). Fresh rather than accumulated: a
+/// running guest changes the pages that will be planted (the reference VMM's guest fills
+/// its working set as it runs, so its first pages compressed to a quarter of what they
+/// did seconds later).
+const EVERY: u32 = 10;
 
 /// Samples guest memory at random for [`WireSample`], each page changed as planting will
 /// change it.
@@ -23,7 +27,10 @@ pub(super) struct MemorySample {
     /// The pages planting will change (page numbers across the regions, in order); empty:
     /// a uniform sample of all of them.
     only: Vec<u64>,
-    sample: WireSample,
+    policy: EncodingPolicy,
+    /// The last estimate: (pages, their encoded bytes).
+    last: Option<(u64, u64)>,
+    calls: u32,
     x: u64,
     page: Vec<u8>,
 }
@@ -33,7 +40,9 @@ impl MemorySample {
         MemorySample {
             regions,
             only: Vec::new(),
-            sample: WireSample::new(policy),
+            policy,
+            last: None,
+            calls: 0,
             x: seed | 1,
             page: vec![0; PAGE_SIZE],
         }
@@ -46,19 +55,24 @@ impl MemorySample {
         self
     }
 
-    /// Samples a few more pages; returns (pages sampled, their encoded bytes), `None`
-    /// before any page was sampled.
+    /// The estimate: (pages sampled, their encoded bytes), a fresh one at the first call
+    /// and every [`EVERY`] calls after; `None` if there is no page to sample.
     pub(super) fn take(&mut self) -> Option<(u64, u64)> {
+        let fresh = self.calls.is_multiple_of(EVERY);
+        self.calls = self.calls.wrapping_add(1);
+        if fresh {
+            self.last = self.estimate();
+        }
+        self.last
+    }
+
+    fn estimate(&mut self) -> Option<(u64, u64)> {
         let total = match self.only.len() as u64 {
             0 => self.regions.iter().map(|r| r.pages()).sum(),
             n => n,
         };
-        let want = if self.sample.pages() == 0 {
-            FIRST_PAGES
-        } else {
-            PAGES
-        };
-        for _ in 0..if total > 0 { want } else { 0 } {
+        let mut sample = WireSample::new(self.policy);
+        for _ in 0..if total > 0 { PAGES } else { 0 } {
             self.x ^= self.x << 13;
             self.x ^= self.x >> 7;
             self.x ^= self.x << 17;
@@ -71,9 +85,9 @@ impl MemorySample {
             // a small lz4 block, or a whole page without lz4.
             let w = u64::from_ne_bytes(self.page[..8].try_into().expect("a page"));
             self.page[..8].copy_from_slice(&w.wrapping_add(1).to_ne_bytes());
-            self.sample.add(&self.page);
+            sample.add(&self.page);
         }
-        (self.sample.pages() > 0).then(|| (self.sample.pages(), self.sample.bytes()))
+        (sample.pages() > 0).then(|| (sample.pages(), sample.bytes()))
     }
 
     /// Copies page `n` of the regions (in order) into `self.page`.
@@ -148,6 +162,17 @@ mod tests {
         let (_m, text) = image(&[1, 2, 3, 4]);
         let mut lz4 = MemorySample::new(text, EncodingPolicy::AUTO, 7);
         assert!(ratio(&mut lz4) < 0.05);
+        // The planted pages change as the guest runs: the estimate follows within EVERY
+        // calls.
+        let (mut m, regions) = image(&[0, 0, 0, 0]);
+        let mut s = MemorySample::new(regions, EncodingPolicy::AUTO, 7);
+        assert!(ratio(&mut s) < 0.02);
+        let (written, _) = image(&[0xff; 4]);
+        m.copy_from_slice(&written);
+        for _ in 1..EVERY {
+            assert!(ratio(&mut s) < 0.02);
+        }
+        assert!(ratio(&mut s) > 1.0);
         // Nothing to sample: no estimate.
         assert_eq!(
             MemorySample::new(Vec::new(), EncodingPolicy::AUTO, 7).take(),

@@ -68,11 +68,10 @@ impl Pushed {
     /// same rate: they are pages too. `None` before the push handed out a page: no average
     /// yet.
     ///
-    /// Frame bytes, headers included: [`crate::quic::PACKET_OVERHEAD`] was calibrated on
-    /// one-page raw frames and takes their headers' share of a packet (about 5 bytes) off
-    /// too, so with those this counts about 0.4% short; with small frames (references,
-    /// lone zero pages: 16 to 40 bytes, 15 of them header) dividing by the encoded bytes
-    /// alone would count up to many times too many.
+    /// Frame bytes, headers included, as [`crate::quic::PACKET_OVERHEAD`] leaves them in
+    /// the stream bytes: with small frames (references, lone zero pages: 16 to 40 bytes,
+    /// 15 of them header) dividing by the encoded bytes alone would count up to many times
+    /// too many.
     pub fn pages_sent(&self, stream_bytes_sent: u64) -> Option<u64> {
         if self.pages == 0 || self.stream_bytes == 0 {
             return None;

@@ -7,13 +7,17 @@ use quinn::ConnectionStats;
 
 /// UDP bytes per packet that are not stream data, once lost packets are taken out: QUIC's
 /// short header (flags, an 8-byte connection id, a packet number), the 16-byte AEAD tag,
-/// the STREAM frame's header, and, spread over the packets, the `Pages` frames' own
-/// headers and the acknowledgements the source sends.
+/// the STREAM frame's header, and, spread over the packets, the acknowledgements the
+/// source sends. The stream data counts the `Pages` frames' own headers: what a push's
+/// pages cost is counted in frame bytes ([`crate::proto::Pushed::pages_sent`]).
 ///
 /// Measured (`vm source --replicate --stale-pct 20 --encoding off` through `wan-emu --rtt
 /// 20ms --rate 100M`, MTU 1450): 40.2–41.2 bytes a packet over three runs, with and
-/// without 0.5% loss, against the encoding's wire bytes; docs/fleet.md.
-pub const PACKET_OVERHEAD: u64 = 41;
+/// without 0.5% loss, against the encoding's wire bytes, which leave the frames' headers
+/// out: 15 bytes a one-page frame of 4,112, 5.2 of a packet's 1,409 stream bytes. Against
+/// frame bytes that is 35.0–36.0 (a push counted with 41 ended 0.37% of its pages short,
+/// the 5.2 bytes' share); docs/fleet.md.
+pub const PACKET_OVERHEAD: u64 = 36;
 
 /// An estimate of the stream bytes a connection has sent once each: its UDP bytes without
 /// those of lost packets (their data went again in later ones) and [`PACKET_OVERHEAD`]
