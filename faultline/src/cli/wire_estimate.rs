@@ -16,17 +16,17 @@ const PAGES: usize = 1024;
 /// A fresh estimate every this many [`MemorySample::take`]s (a source's statuses come
 /// every 100 ms: every second, about 0.3% of a core). Fresh rather than accumulated: a
 /// running guest changes the pages that will be planted (the reference VMM's guest fills
-/// its working set as it runs, so its first pages compressed to a quarter of what they
-/// did seconds later).
+/// its working set as it runs: sampled as it started, its planted pages compressed to a
+/// quarter to a half of what crossed seconds later).
 const EVERY: u32 = 10;
 
 /// Samples guest memory at random for [`WireSample`], each page changed as planting will
 /// change it.
 pub(super) struct MemorySample {
     regions: Vec<HostRegion>,
-    /// The pages planting will change (page numbers across the regions, in order); empty:
+    /// The pages planting will change (page numbers across the regions, in order); `None`:
     /// a uniform sample of all of them.
-    only: Vec<u64>,
+    only: Option<Vec<u64>>,
     policy: EncodingPolicy,
     /// The last estimate: (pages, their encoded bytes).
     last: Option<(u64, u64)>,
@@ -39,7 +39,7 @@ impl MemorySample {
     pub(super) fn new(regions: Vec<HostRegion>, policy: EncodingPolicy, seed: u64) -> MemorySample {
         MemorySample {
             regions,
-            only: Vec::new(),
+            only: None,
             policy,
             last: None,
             calls: 0,
@@ -51,7 +51,7 @@ impl MemorySample {
     /// Samples only `pages` (page numbers across the regions, in order): those planting
     /// will change.
     pub(super) fn only(mut self, pages: Vec<u64>) -> MemorySample {
-        self.only = pages;
+        self.only = Some(pages);
         self
     }
 
@@ -67,9 +67,9 @@ impl MemorySample {
     }
 
     fn estimate(&mut self) -> Option<(u64, u64)> {
-        let total = match self.only.len() as u64 {
-            0 => self.regions.iter().map(|r| r.pages()).sum(),
-            n => n,
+        let total = match &self.only {
+            None => self.regions.iter().map(|r| r.pages()).sum(),
+            Some(pages) => pages.len() as u64,
         };
         let mut sample = WireSample::new(self.policy);
         for _ in 0..if total > 0 { PAGES } else { 0 } {
@@ -77,7 +77,10 @@ impl MemorySample {
             self.x ^= self.x >> 7;
             self.x ^= self.x << 17;
             let i = self.x % total;
-            let n = self.only.get(i as usize).copied().unwrap_or(i);
+            let n = match &self.only {
+                None => i,
+                Some(pages) => pages[i as usize],
+            };
             if !self.read(n) {
                 continue;
             }
@@ -173,7 +176,10 @@ mod tests {
             assert!(ratio(&mut s) < 0.02);
         }
         assert!(ratio(&mut s) > 1.0);
-        // Nothing to sample: no estimate.
+        // Nothing to sample, or no page planted: no estimate.
+        let (_m, regions) = image(&[1]);
+        let mut none = MemorySample::new(regions, EncodingPolicy::AUTO, 7).only(Vec::new());
+        assert_eq!(none.take(), None);
         assert_eq!(
             MemorySample::new(Vec::new(), EncodingPolicy::AUTO, 7).take(),
             None

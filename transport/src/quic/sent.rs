@@ -23,7 +23,7 @@ pub const PACKET_OVERHEAD: u64 = 36;
 /// those of lost packets (their data went again in later ones) and [`PACKET_OVERHEAD`]
 /// for every packet that arrived.
 ///
-/// Within about 0.1% of the encoding's wire bytes over a whole push; the error is a byte
+/// Within about 0.1% of the push's frame bytes over a whole push; the error is a byte
 /// or two a packet, not a share of the bytes left, so it stays small at a push's end,
 /// where it matters.
 pub fn stream_bytes_sent(stats: &ConnectionStats) -> u64 {

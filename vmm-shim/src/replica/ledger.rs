@@ -104,6 +104,13 @@ impl Ledger {
         p < self.version.len() && self.acked[p] == self.version[p]
     }
 
+    /// Whether the standby acknowledged some version of `page` (false for a page outside
+    /// the ledger, and again after [`Ledger::invalidate`]): sending it now is then sending
+    /// what the guest wrote since, not its first copy.
+    pub fn was_acked(&self, page: u64) -> bool {
+        self.acked.get(page as usize).is_some_and(|&a| a > 0)
+    }
+
     /// The current version of `page`: 1 plus the harvests that reported it written; 0 for a
     /// page outside the ledger.
     pub fn version(&self, page: u64) -> u64 {

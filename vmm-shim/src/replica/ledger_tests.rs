@@ -164,6 +164,7 @@ fn batches_skip_fresh_and_in_flight_pages_and_form_runs() {
     let mut runs = Vec::new();
     l.next_batch(4, &mut runs);
     assert_eq!(runs, vec![(0, vec![1, 1, 1, 1])]);
+    assert!(!l.was_acked(0), "in flight, not acknowledged");
     l.next_batch(100, &mut runs);
     assert_eq!(
         runs,
@@ -206,6 +207,11 @@ fn invalid_pages_and_lost_connections_are_resent() {
     l.forget_in_flight();
     l.next_batch(4, &mut runs);
     assert_eq!(runs, vec![(2, vec![1])], "lost in flight, sent again");
+    // Sending page 2 again is sending its first copy again (the standby lost it), not
+    // what the guest wrote since; the others' next sends would be rewrites.
+    assert!(!l.was_acked(2));
+    assert!(l.was_acked(1));
+    assert!(!l.was_acked(4), "outside the ledger");
 }
 
 #[test]

@@ -468,7 +468,7 @@ fn run(
         )?
     };
     let mut ledger = Ledger::new(layout.total_pages());
-    let mut written = super::written::WrittenSample::new(layout.total_pages());
+    let mut written = super::written::WrittenSample::new();
     let mut dirty = Vec::new();
     let mut runs = Vec::new();
     let mut buf = Vec::new();
@@ -552,7 +552,9 @@ fn run(
                 }
                 for (k, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
                     tracker.replicated(start + k as u64, page)?;
-                    written.offer(start + k as u64, page);
+                    if ledger.was_acked(start + k as u64) {
+                        written.offer(page);
+                    }
                 }
                 let update = Update {
                     pages: Pages::from_memory(start, &buf),

@@ -6,7 +6,6 @@
 
 use std::sync::Mutex;
 
-use transport::bitmap::Bitmap;
 use transport::encoding::{EncodingPolicy, WireSample};
 
 /// One page in this many rewritten pages is sampled (lz4 of a page takes a few µs: at a
@@ -17,31 +16,23 @@ const EVERY: u64 = 16;
 pub(super) struct WrittenSample {
     lz4: WireSample,
     raw: WireSample,
-    /// Pages replication sent at least once. The first copy of memory is not a sample of
-    /// what the guest writes: the tracker's first harvest reports every page (and some
-    /// trackers every page again after a failed harvest), so a page's version alone
-    /// cannot tell the first copy from a rewrite.
-    copied: Bitmap,
     seen: u64,
 }
 
 impl WrittenSample {
-    /// For a guest of `pages` pages (memory and disks).
-    pub(super) fn new(pages: u64) -> WrittenSample {
+    pub(super) fn new() -> WrittenSample {
         WrittenSample {
             lz4: WireSample::new(EncodingPolicy::ALL),
             raw: WireSample::new(EncodingPolicy::OFF),
-            copied: Bitmap::new(pages),
             seen: 0,
         }
     }
 
-    /// Replication sends page `n`, holding `page`: sampled if it was sent before.
-    pub(super) fn offer(&mut self, n: u64, page: &[u8]) {
-        // `set` says whether the bit was clear: the page's first copy.
-        if n >= self.copied.len() || self.copied.set(n) {
-            return;
-        }
+    /// Replication sends `page` again, a version the guest wrote after the standby
+    /// acknowledged an earlier one ([`crate::replica::Ledger::was_acked`]). Not the first
+    /// copy of memory (the tracker's first harvest reports every page, so a page's
+    /// version cannot tell the two apart), nor pages the standby lost or never stored.
+    pub(super) fn offer(&mut self, page: &[u8]) {
         self.seen += 1;
         if self.seen.is_multiple_of(EVERY) {
             self.lz4.add(page);
@@ -85,20 +76,17 @@ mod tests {
             .cycle()
             .take(PAGE_SIZE)
             .collect();
-        let (mut s, out) = (WrittenSample::new(64), WrittenPages::default());
+        let (mut s, out) = (WrittenSample::new(), WrittenPages::default());
         s.publish(&out);
         assert_eq!(out.estimate(true), None);
-        // The first copy of every page is not a sample of what the guest writes.
-        for n in 0..64 {
-            s.offer(n, &[0; PAGE_SIZE]);
+        for _ in 0..15 {
+            s.offer(&text);
         }
         s.publish(&out);
         assert_eq!(out.estimate(true), None);
-        // Rewrites: one in sixteen is sampled; a page beyond the guest is ignored.
-        for n in 0..32 {
-            s.offer(n, &text);
+        for _ in 0..17 {
+            s.offer(&text);
         }
-        s.offer(64, &text);
         s.publish(&out);
         let (pages, lz4) = out.estimate(true).unwrap();
         assert_eq!(pages, 2);
