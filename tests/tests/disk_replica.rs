@@ -190,12 +190,19 @@ fn replicate_and_evacuate_with(push: bool, restart: bool) -> vmm_shim::disks::Di
         harvests()
     };
     let h = caught_up(0);
+    // The first copy is not what the guest writes: nothing sampled for the wire ratio.
+    assert_eq!(replicator.stats().written.estimate(true), None);
     // Normal times go on: the guest writes 200 blocks, replicated again before the pause
     // (so fresh at the standby), ...
     for b in (0..BLOCKS).step_by(BLOCKS as usize / 200).take(200) {
         disk.write_at(&block(b, 2), b * BLOCK, false).unwrap();
     }
     caught_up(h);
+    // ... one in 16 of them sampled for what a push would make of a rewritten page
+    // (these blocks are raw-sized without lz4).
+    let (pages, raw) = replicator.stats().written.estimate(false).unwrap();
+    assert!((10..=13).contains(&pages), "{pages}");
+    assert_eq!(raw, pages * (1 + BLOCK));
     let state = replicator.stop().unwrap();
     // ... and, after the replicator's last harvest, 100 more blocks (one partly): stale.
     let stale_blocks: Vec<u64> = (0..100).map(|i| i * 37 + 5).collect();
