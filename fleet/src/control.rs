@@ -163,6 +163,10 @@ pub struct Status {
     /// See `pages_sampled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wire_bytes_sampled: Option<u64>,
+    /// The bytes of its disks, whose blocks `stale_bytes` counts beside memory's pages
+    /// (`None` from a source without disks, or one that does not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
 
 /// Bytes of a page in these messages' page counts: a guest page.
@@ -312,6 +316,7 @@ mod tests {
             wire_bytes_pushed: None,
             pages_sampled: None,
             wire_bytes_sampled: None,
+            disk_bytes: None,
         }
     }
 
@@ -370,6 +375,10 @@ mod tests {
             ..s.clone()
         };
         assert_eq!(absurd.estimated_wire_ratio(), Some(1.1));
+        let s = Status {
+            disk_bytes: Some(8 << 30),
+            ..s
+        };
         let f = encode(&Reply::Event(s.clone())).unwrap();
         assert_eq!(decode::<Reply>(&f).unwrap().0, Reply::Event(s));
     }

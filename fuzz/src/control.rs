@@ -72,6 +72,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         wire_bytes_pushed: Some(600_000),
         pages_sampled: Some(256),
         wire_bytes_sampled: Some(500_000),
+        disk_bytes: Some(1 << 30),
     };
     let failed = Status {
         evacuation: EvacState::Failed,

@@ -333,6 +333,81 @@ fn a_reference_vmm_guest_and_an_image_source_are_evacuated_together() {
     image.assert_evacuated();
 }
 
+/// A source with a disk says how large it is (its stale bytes count the disk's blocks):
+/// the plan file need not, and memory and disk arrive equal.
+#[test]
+fn a_source_with_a_disk_reports_its_size_and_both_arrive_equal() {
+    use std::io::Write;
+    let certs = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("vda.img");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&image).unwrap());
+        for b in 0..4096u64 {
+            f.write_all(&[(b % 251) as u8; 4096]).unwrap();
+        }
+    }
+    let shm = ShmDir::new("vm-disk");
+    let disk_dir = dir.path().join("standby-disks");
+    let standby = DestProcess::standby(
+        &certs,
+        "127.0.0.1:0",
+        &[
+            "--size",
+            "32M",
+            "--replica-dir",
+            &shm.arg(),
+            "--vm-id",
+            "vm-disk",
+            "--disk",
+            "vda=16M",
+            "--disk-dir",
+            &disk_dir.display().to_string(),
+        ],
+    );
+    let port = free_udp_port();
+    let control = format!("127.0.0.1:{port}");
+    let orchestrator = certs.cert("orchestrator");
+    let source = Background::replicate(
+        &certs,
+        &standby.addr,
+        &[
+            "--synthetic",
+            "32M",
+            "--vm-id",
+            "vm-disk",
+            "--stale-pct",
+            "5",
+            "--disk",
+            &format!("vda={}", image.display()),
+            "--disk-stale-pct",
+            "5",
+            "--control",
+            &control,
+            "--control-peer-cert",
+            &orchestrator,
+        ],
+    );
+    faultline_tests::wait_replicated(&shm, 8192, 0.5);
+    // The file says nothing of the disk.
+    let plan = plan_file(&certs, "orchestrator", "1G", &[("vm-disk", "32M", port)]);
+    let (rc, r, err) = Orchestrator::start(&plan, &[]).wait();
+    assert_eq!(rc, Some(0), "{err}\n{r}");
+    let connected = event(&err, "connected", "vm-disk");
+    assert_eq!(connected["disk_bytes"], 16 << 20, "{connected}");
+    assert_eq!(vm(&r, "vm-disk")["outcome"], "done", "{r}");
+    let src = source.wait(TIMEOUT);
+    let dst = standby.wait(TIMEOUT);
+    assert!(src.status.success(), "replicate failed: {}", src.stderr);
+    assert!(dst.status.success(), "standby failed: {}", dst.stderr);
+    let (s, d) = (&src.json, &dst.json);
+    assert_eq!(s["digest"], d["digest"], "memory differs");
+    assert_eq!(
+        s["disk_digests"], d["disk_digests"],
+        "disk differs: {s} {d}"
+    );
+}
+
 #[test]
 fn three_vms_are_evacuated_in_the_planned_order_with_equal_memory() {
     let t = Instant::now();

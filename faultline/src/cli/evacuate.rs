@@ -245,6 +245,7 @@ async fn orchestrate(
     for (v, s) in fleet.vms.iter_mut().zip(&first) {
         let Some(s) = s else { continue };
         v.memory_bytes = v.memory_bytes.max(s.memory_bytes);
+        v.disk_bytes = v.disk_bytes.max(s.disk_bytes.unwrap_or(0));
         v.stale_bytes = s.stale_bytes.min(v.total_bytes());
         // Replication keeps running while a VM waits for its evacuation: its stale bytes
         // grow by the net growth its source measures, not by the whole dirty rate.
@@ -275,7 +276,7 @@ async fn orchestrate(
                 "event": "connected", "vm": o.fleet().vms[i].name,
                 "stale_bytes": s.stale_bytes, "dirty_rate_bps": s.dirty_rate_bps,
                 "stale_growth_bps": s.stale_growth_bps,
-                "memory_bytes": s.memory_bytes,
+                "memory_bytes": s.memory_bytes, "disk_bytes": s.disk_bytes,
                 "wire_ratio": s.planning_wire_ratio(),
             }));
         }

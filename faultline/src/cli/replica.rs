@@ -332,6 +332,15 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         idle_priority: !a.replicator_normal_priority,
     };
     let disks = SourceDisks::open(&a.disk)?;
+    if let Some(c) = &control {
+        c.disks(
+            disks
+                .disks
+                .iter()
+                .map(|(_, d)| disk::BlockDevice::size(&**d))
+                .sum(),
+        );
+    }
     let plan = a.disk.exports();
     plan.check(disks.disks.iter().map(|(n, _)| n.as_str()))?;
     let exports = DiskExports::start(&disks.devices(), &plan)?;
@@ -699,6 +708,7 @@ pub(super) fn idle_status_of(vm_id: &str, memory_bytes: u64) -> Status {
         wire_bytes_pushed: None,
         pages_sampled: None,
         wire_bytes_sampled: None,
+        disk_bytes: None,
     }
 }
 

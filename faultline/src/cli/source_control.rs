@@ -95,6 +95,14 @@ impl SourceControl {
         self.sample = Some(sample);
     }
 
+    /// The guest's disks hold `bytes` (0: none): the status says so, since its stale bytes
+    /// count their blocks too.
+    pub fn disks(&self, bytes: u64) {
+        if bytes > 0 {
+            self.server.update(|s| s.disk_bytes = Some(bytes));
+        }
+    }
+
     /// Publishes replication's state now: the stale bytes (the planted ones, if any), the
     /// dirty rate, and the estimated wire ratio. Callers do so every 100 ms while the
     /// guest runs.
