@@ -154,8 +154,8 @@ pub struct Status {
     /// See `pages_pushed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wire_bytes_pushed: Option<u64>,
-    /// Before the push: pages its source sampled from guest memory and what the push's
-    /// encoding would make of them (see `transport::encoding::WireSample`), its estimate
+    /// Before the push: pages its source sampled (those the guest rewrote, or those it
+    /// will plant) and what the push's encoding would make of them (see `transport::encoding::WireSample`), its estimate
     /// of the wire ratio ([`Status::estimated_wire_ratio`]). `None` from a source that
     /// does not sample.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -195,8 +195,8 @@ impl Status {
         ratio_of(self.pages_pushed, self.wire_bytes_pushed)
     }
 
-    /// What the evacuation's encoding would make of a page, estimated by its source from
-    /// a sample of guest memory before the push (`pages_sampled`), clamped like
+    /// What the evacuation's encoding would make of a page, estimated by its source before
+    /// the push from a sample of the pages that will be stale (`pages_sampled`), clamped like
     /// [`Status::wire_ratio`]; `None` without a sample.
     pub fn estimated_wire_ratio(&self) -> Option<f64> {
         ratio_of(self.pages_sampled, self.wire_bytes_sampled)

@@ -400,12 +400,16 @@ fn handle(
     events: &Events,
     starts: &[Option<mpsc::Sender<Command>>],
 ) {
+    // What its encoding makes of a page: estimated while it waits, measured once its push
+    // runs; the bytes it has left cross the link at that.
+    if let LinkReport::Status(i, s) | LinkReport::Event(i, s) = &msg {
+        if let Some(ratio) = s.planning_wire_ratio() {
+            o.set_wire_ratio(*i, ratio);
+        }
+    }
     match msg {
         LinkReport::Status(i, s) => {
             o.waiting(i, s.stale_bytes);
-            if let Some(ratio) = s.planning_wire_ratio() {
-                o.set_wire_ratio(i, ratio);
-            }
             // Started by someone else (SIGUSR1, its timer): follow it now.
             if s.evacuation != EvacState::Idle && o.phase(i) == Phase::Waiting {
                 if let Some(tx) = &starts[i] {
@@ -424,12 +428,8 @@ fn handle(
             match s.evacuation {
                 EvacState::Idle | EvacState::Starting => {}
                 EvacState::Transferring => {
-                    // Pages, in bytes; the link carries them at what the encoding made
-                    // of a page so far.
+                    // Pages, in bytes (the wire ratio makes them the link's bytes).
                     let remaining = s.pages_remaining.map(|p| p.saturating_mul(PAGE_BYTES));
-                    if let Some(ratio) = s.planning_wire_ratio() {
-                        o.set_wire_ratio(i, ratio);
-                    }
                     // The figures are as of when the source measured them.
                     let measured = now - s.progress_age_s();
                     if o.progress(i, measured, remaining, s.bytes_sent) {
@@ -440,9 +440,6 @@ fn handle(
                     }
                 }
                 EvacState::Done => {
-                    if let Some(ratio) = s.wire_ratio() {
-                        o.set_wire_ratio(i, ratio);
-                    }
                     o.done(i, now, s.bytes_sent, s.pages_stale);
                     events.emit(json!({
                         "event": "done", "vm": name, "t_s": now,
