@@ -661,6 +661,84 @@ fn an_unreachable_vm_is_left_out_and_the_others_are_evacuated() {
     a.assert_evacuated();
 }
 
+/// `faultline plan --live` plans with what the sources measure (their planted stale pages,
+/// the wire ratio their encoding will give), names a source that does not answer, and
+/// starts nothing: an evacuation after it finds both sources waiting, and both arrive equal.
+#[test]
+fn a_live_plan_takes_the_sources_figures_and_starts_nothing() {
+    let certs = certs();
+    let a = Pair::start(
+        &certs,
+        "vm-a",
+        "32M",
+        &["--stale-pct", "20", "--encoding", "auto"],
+    );
+    let b = Pair::start(
+        &certs,
+        "vm-b",
+        "32M",
+        &["--stale-pct", "5", "--encoding", "off"],
+    );
+    let dead = free_udp_port();
+    let vms = [
+        ("vm-a", "32M", a.port),
+        ("vm-b", "32M", b.port),
+        ("vm-x", "32M", dead),
+    ];
+    let plan = plan_file(&certs, "orchestrator", "1G", &vms);
+    faultline_tests::wait_replicated(&a.dir, 8192, 0.5);
+    faultline_tests::wait_replicated(&b.dir, 8192, 0.5);
+    let planted = |pct: f64| (pct / 100.0 * 8192.0).floor() * 4096.0;
+    let to_cross = |r: &Value, name: &str| {
+        vm(r, name)["bytes_to_cross"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{r}"))
+    };
+
+    // The file alone: every byte of memory stale, raw.
+    let file_only =
+        Background::spawn(&["plan", "--json", &plan.display().to_string()]).wait(TIMEOUT);
+    assert!(file_only.status.success(), "{}", file_only.stderr);
+    assert_eq!(to_cross(&file_only.json, "vm-b"), 32.0 * 1024.0 * 1024.0);
+
+    let live = Background::spawn(&[
+        "plan",
+        "--live",
+        "--json",
+        "--connect-timeout",
+        "1",
+        &plan.display().to_string(),
+    ])
+    .wait(TIMEOUT);
+    assert!(live.status.success(), "{}", live.stderr);
+    let r = &live.json;
+    assert_eq!(r["live"], true, "{r}");
+    let why = format!("the control endpoint at 127.0.0.1:{dead} did not answer within 1 s");
+    assert_eq!(r["unreachable"][0]["vm"], "vm-x", "{r}");
+    assert_eq!(r["unreachable"][0]["error"], why.as_str(), "{r}");
+    assert!(
+        live.stderr.contains(&format!("vm \"vm-x\": {why}")),
+        "{}",
+        live.stderr
+    );
+    assert_eq!(vm(r, "vm-x")["status"], "failed", "{r}");
+    // vm-b, raw: its planted pages (and what they grow by while vm-a may go first).
+    let b_ratio = to_cross(r, "vm-b") / planted(5.0);
+    assert!((1.0..1.2).contains(&b_ratio), "vm-b: {b_ratio} {r}");
+    // vm-a, lz4: its source's estimate of what the synthetic image's pages compress to.
+    let a_ratio = to_cross(r, "vm-a") / planted(20.0);
+    assert!(a_ratio > 0.05 && a_ratio < 0.9, "vm-a: {a_ratio} {r}");
+
+    // Nothing started: both sources wait, and an evacuation moves them.
+    let (rc, report, err) = Orchestrator::start(&plan, &["--connect-timeout", "1"]).wait();
+    assert_eq!(rc, Some(1), "{err}\n{report}");
+    for name in ["vm-a", "vm-b"] {
+        assert_eq!(vm(&report, name)["outcome"], "done", "{report}");
+    }
+    a.assert_evacuated();
+    b.assert_evacuated();
+}
+
 /// An orchestrator pointed at a migration listener (certificates that match both ways, so
 /// only the protocol differs) is refused in the TLS handshake by the ALPN, told what that
 /// means, and the listener goes on to accept a real source.

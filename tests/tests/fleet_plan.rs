@@ -171,6 +171,22 @@ fn a_bad_plan_file_is_a_usage_error_naming_the_entry() {
 }
 
 /// The text of every `<text>` element of an SVG document, which must parse as XML.
+/// `--live` needs the file's control part (it connects to the sources): without it, a
+/// usage error naming the key, before any connection.
+#[test]
+fn a_live_plan_without_the_orchestrators_certificate_names_the_key() {
+    let (rc, out, err) = plan(&example(), &["--live", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["error"]["kind"], "usage", "{v}");
+    assert_eq!(rc, Some(2), "{v}");
+    let says = "plan: cert is missing: faultline evacuate (and plan --live) needs";
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(says),
+        "{v}"
+    );
+    assert!(err.contains(says), "{err}");
+}
+
 fn svg_texts(svg: &str) -> Vec<(String, Option<String>)> {
     let doc = roxmltree::Document::parse(svg).unwrap_or_else(|e| panic!("not XML: {e}"));
     assert_eq!(doc.root_element().tag_name().name(), "svg");

@@ -166,96 +166,22 @@ async fn orchestrate(
     events: &Events,
     metrics: Option<&metrics::EvacuateMetrics>,
 ) -> anyhow::Result<(fleet::orchestrate::Report, fleet::plan::Plan)> {
-    let n = pf.fleet.vms.len();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut starts: Vec<Option<mpsc::Sender<Command>>> = (0..n).map(|_| None).collect();
-    for (i, vm) in setup.vms.iter().enumerate() {
-        let Some(vm) = vm else { continue };
-        let endpoint = {
-            let bind = unspecified_for(vm.addr);
-            transport::quic::control_client_endpoint(bind, &setup.identity, vm.peer_cert.clone())
-                .with_context(|| format!("vm {:?}: a client endpoint", pf.fleet.vms[i].name))?
-        };
-        let (start_tx, start_rx) = mpsc::channel(COMMANDS_QUEUED);
-        starts[i] = Some(start_tx);
-        tokio::spawn(source_link::run(
-            i,
-            vm.addr,
-            endpoint,
-            start_rx,
-            tx.clone(),
-            timeouts,
-        ));
+    let hearing = hear(&pf.fleet, &setup, timeouts).await?;
+    for (i, why) in &hearing.unreachable {
+        let name = &hearing.fleet.vms[*i].name;
+        events.emit(json!({"event": "unreachable", "vm": name, "error": why}));
+        eprintln!("faultline: vm {name:?}: {why}");
     }
-    drop(tx);
-
-    // Every source answers (or is given up on) before planning.
-    let mut fleet = pf.fleet.clone();
-    let mut unreachable: Vec<(usize, String)> = Vec::new();
-    let mut first: Vec<Option<Status>> = vec![None; n];
-    // Links not heard from yet (each answers within the connect timeout, or gives up).
-    let mut pending: Vec<bool> = starts.iter().map(Option::is_some).collect();
-    while pending.iter().any(|&p| p) {
-        let Some(msg) = rx.recv().await else { break };
-        match &msg {
-            LinkReport::Status(i, _)
-            | LinkReport::Unreachable(i, _)
-            | LinkReport::Failed(i, _)
-            | LinkReport::Event(i, _) => pending[*i] = false,
-        }
-        match msg {
-            LinkReport::Status(i, s) => {
-                let name = &fleet.vms[i].name;
-                if &s.vm_id != name {
-                    let why = format!(
-                        "the source at {} is vm {:?}, not {name:?}",
-                        setup.vms[i]
-                            .as_ref()
-                            .map(|v| v.addr.to_string())
-                            .unwrap_or_default(),
-                        s.vm_id
-                    );
-                    starts[i] = None;
-                    unreachable.push((i, why));
-                } else {
-                    first[i] = Some(s);
-                }
-            }
-            LinkReport::Unreachable(i, why) | LinkReport::Failed(i, why) => {
-                starts[i] = None;
-                unreachable.push((i, why));
-            }
-            LinkReport::Event(..) => {}
-        }
-    }
-    for (i, why) in &unreachable {
-        events.emit(json!({"event": "unreachable", "vm": fleet.vms[*i].name, "error": why}));
-        eprintln!("faultline: vm {:?}: {why}", fleet.vms[*i].name);
-    }
-    if first.iter().all(Option::is_none) {
-        bail!(
-            "no source answered, nothing was started: {}",
-            unreachable
-                .iter()
-                .map(|(i, why)| format!("vm {:?}: {why}", fleet.vms[*i].name))
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-    }
-    for (v, s) in fleet.vms.iter_mut().zip(&first) {
-        let Some(s) = s else { continue };
-        v.memory_bytes = v.memory_bytes.max(s.memory_bytes);
-        v.disk_bytes = v.disk_bytes.max(s.disk_bytes.unwrap_or(0));
-        v.stale_bytes = s.stale_bytes.min(v.total_bytes());
-        // Replication keeps running while a VM waits for its evacuation: its stale bytes
-        // grow by the net growth its source measures, not by the whole dirty rate.
-        v.dirty_rate_bps = s.stale_growth_bps.unwrap_or(s.dirty_rate_bps);
-        v.working_set_bytes = v.working_set_bytes.min(v.total_bytes());
-        // Its source sees what its pages compress to; the file can only guess.
-        if let Some(r) = s.planning_wire_ratio() {
-            v.wire_ratio = r;
-        }
-    }
+    hearing.check_any_answered()?;
+    let Hearing {
+        fleet,
+        first,
+        unreachable,
+        starts,
+        mut rx,
+        ..
+    } = hearing;
+    let n = fleet.vms.len();
     // Times from here; the deadline was taken when the file was read.
     let t0 = Instant::now();
     let mut opts = pf.options.clone();
@@ -353,6 +279,211 @@ async fn orchestrate(
     events.emit(json!({"event": "finished", "totals": r.totals}));
     Ok((r, o.first_plan().clone()))
 }
+
+/// The fleet as its sources describe it now, and the links to them.
+struct Hearing {
+    /// The plan file's fleet with each answering source's figures ([`apply_status`]).
+    fleet: fleet::model::Fleet,
+    /// Each VM's first status (`None`: skipped, or it did not answer).
+    first: Vec<Option<Status>>,
+    /// The VMs whose source did not answer, or answered as another VM, and why.
+    unreachable: Vec<(usize, String)>,
+    /// Where to tell each answering source's task to start.
+    starts: Vec<Option<mpsc::Sender<Command>>>,
+    /// What the sources' tasks report.
+    rx: mpsc::UnboundedReceiver<LinkReport>,
+    /// The tasks, to wait for once `starts` is dropped.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The client endpoints, to let their connections' closes leave.
+    endpoints: Vec<quinn::Endpoint>,
+}
+
+/// Connects to every VM's source and waits until each has answered or been given up on
+/// (within the connect timeout).
+async fn hear(
+    file_fleet: &fleet::model::Fleet,
+    setup: &plan_file::Setup,
+    timeouts: Timeouts,
+) -> anyhow::Result<Hearing> {
+    let n = file_fleet.vms.len();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut starts: Vec<Option<mpsc::Sender<Command>>> = (0..n).map(|_| None).collect();
+    let mut tasks = Vec::new();
+    let mut endpoints = Vec::new();
+    for (i, vm) in setup.vms.iter().enumerate() {
+        let Some(vm) = vm else { continue };
+        let endpoint = {
+            let bind = unspecified_for(vm.addr);
+            transport::quic::control_client_endpoint(bind, &setup.identity, vm.peer_cert.clone())
+                .with_context(|| format!("vm {:?}: a client endpoint", file_fleet.vms[i].name))?
+        };
+        let (start_tx, start_rx) = mpsc::channel(COMMANDS_QUEUED);
+        starts[i] = Some(start_tx);
+        endpoints.push(endpoint.clone());
+        tasks.push(tokio::spawn(source_link::run(
+            i,
+            vm.addr,
+            endpoint,
+            start_rx,
+            tx.clone(),
+            timeouts,
+        )));
+    }
+    drop(tx);
+
+    let mut fleet = file_fleet.clone();
+    let mut unreachable: Vec<(usize, String)> = Vec::new();
+    let mut first: Vec<Option<Status>> = vec![None; n];
+    // Links not heard from yet (each answers within the connect timeout, or gives up).
+    let mut pending: Vec<bool> = starts.iter().map(Option::is_some).collect();
+    while pending.iter().any(|&p| p) {
+        let Some(msg) = rx.recv().await else { break };
+        match &msg {
+            LinkReport::Status(i, _)
+            | LinkReport::Unreachable(i, _)
+            | LinkReport::Failed(i, _)
+            | LinkReport::Event(i, _) => pending[*i] = false,
+        }
+        match msg {
+            LinkReport::Status(i, s) => {
+                let name = &fleet.vms[i].name;
+                if &s.vm_id != name {
+                    let why = format!(
+                        "the source at {} is vm {:?}, not {name:?}",
+                        setup.vms[i]
+                            .as_ref()
+                            .map(|v| v.addr.to_string())
+                            .unwrap_or_default(),
+                        s.vm_id
+                    );
+                    starts[i] = None;
+                    unreachable.push((i, why));
+                } else {
+                    first[i] = Some(s);
+                }
+            }
+            LinkReport::Unreachable(i, why) | LinkReport::Failed(i, why) => {
+                starts[i] = None;
+                unreachable.push((i, why));
+            }
+            LinkReport::Event(..) => {}
+        }
+    }
+    for (v, s) in fleet.vms.iter_mut().zip(&first) {
+        if let Some(s) = s {
+            apply_status(v, s);
+        }
+    }
+    Ok(Hearing {
+        fleet,
+        first,
+        unreachable,
+        starts,
+        rx,
+        tasks,
+        endpoints,
+    })
+}
+
+impl Hearing {
+    /// An error naming every source, if none answered: nothing to plan or start.
+    fn check_any_answered(&self) -> anyhow::Result<()> {
+        if self.first.iter().any(Option::is_some) {
+            return Ok(());
+        }
+        bail!(
+            "no source answered, nothing was started: {}",
+            self.unreachable
+                .iter()
+                .map(|(i, why)| format!("vm {:?}: {why}", self.fleet.vms[*i].name))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    }
+}
+
+/// A VM as its source measures it, over what the plan file says.
+fn apply_status(v: &mut fleet::model::Vm, s: &Status) {
+    v.memory_bytes = v.memory_bytes.max(s.memory_bytes);
+    v.disk_bytes = v.disk_bytes.max(s.disk_bytes.unwrap_or(0));
+    v.stale_bytes = s.stale_bytes.min(v.total_bytes());
+    // Replication keeps running while a VM waits for its evacuation: its stale bytes grow
+    // by the net growth its source measures, not by the whole dirty rate.
+    v.dirty_rate_bps = s.stale_growth_bps.unwrap_or(s.dirty_rate_bps);
+    v.working_set_bytes = v.working_set_bytes.min(v.total_bytes());
+    // Its source sees what its pages compress to; the file can only guess.
+    if let Some(r) = s.planning_wire_ratio() {
+        v.wire_ratio = r;
+    }
+}
+
+/// What `faultline plan --live` prints: the plan `faultline evacuate` would make now.
+pub struct LivePlan {
+    /// The plan at time 0, as the orchestrator would start it.
+    pub plan: fleet::plan::Plan,
+    /// Sources asked (the VMs not skipped).
+    pub asked: usize,
+    /// The VMs whose source did not answer (planned as failed), and why.
+    pub unreachable: Vec<(String, String)>,
+}
+
+/// Asks every source of `pf` (read from `file` at `read_at`) for its figures and plans
+/// with them as `faultline evacuate` would at its start, without starting anything: the
+/// control connections close once every source has answered or been given up on.
+pub fn live_plan(
+    pf: &fleet::file::PlanFile,
+    file: &std::path::Path,
+    read_at: Instant,
+    connect_timeout: Duration,
+    policy: Policy,
+) -> anyhow::Result<LivePlan> {
+    let setup = plan_file::resolve(pf, file)?;
+    let asked = setup.vms.iter().flatten().count();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let timeouts = Timeouts {
+        connect: connect_timeout,
+        silence: connect_timeout,
+    };
+    let hearing = runtime.block_on(hear(&pf.fleet, &setup, timeouts))?;
+    hearing.check_any_answered()?;
+    let Hearing {
+        fleet,
+        unreachable,
+        starts,
+        tasks,
+        endpoints,
+        ..
+    } = hearing;
+    // Without a start to wait for, each source's task closes its connection and ends.
+    drop(starts);
+    runtime.block_on(async {
+        for t in tasks {
+            let _ = t.await;
+        }
+        for e in endpoints {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, e.wait_idle()).await;
+        }
+    });
+    let mut opts = pf.options.clone();
+    opts.deadline_s -= read_at.elapsed().as_secs_f64();
+    let o = Orchestration::with_policy(fleet, opts, &unreachable, policy)?;
+    let names = |i: usize| o.fleet().vms[i].name.clone();
+    Ok(LivePlan {
+        asked,
+        unreachable: unreachable
+            .iter()
+            .map(|(i, w)| (names(*i), w.clone()))
+            .collect(),
+        plan: o.first_plan().clone(),
+    })
+}
+
+/// How long a live plan waits for its control connections' closes to leave.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Sleeps until `at_s` seconds after `t0` (at once if that has passed); forever for `None`
 /// or a time no clock reaches (the sources' figures it was computed from may be absurd).

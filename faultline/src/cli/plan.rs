@@ -5,18 +5,20 @@
 //! concurrency and sharing chosen; totals against the ideal and against the two baseline
 //! schedules; and the replication budget split for normal times. With `--json`, one JSON
 //! object (`"ok": true`). With `--gantt OUT.svg`, also writes the plan as a Gantt chart.
-//! A bad plan file is a usage error that names the entry.
+//! A bad plan file is a usage error that names the entry. With `--live`, the VMs' figures
+//! come from their sources' control endpoints first, as `faultline evacuate` takes them at
+//! its start: the plan it would make now.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Args;
 use fleet::chart::{render_svg, ChartOptions, Timeline};
 use fleet::file::{Deadline, PlanFile};
-use fleet::plan::{Plan, Status, Totals};
+use fleet::plan::{Plan, Policy, Status, Totals};
 use fleet::sim::Sharing;
 use fleet::units::{fmt_bytes, fmt_rate, fmt_secs};
 use serde::Serialize;
@@ -32,6 +34,15 @@ pub struct PlanArgs {
     /// link, the deadline as a red line; see docs/fleet.md.
     #[arg(long, value_name = "OUT.svg")]
     pub gantt: Option<PathBuf>,
+    /// Plan with what the VMs' sources measure now, as `faultline evacuate` would at its
+    /// start (stale bytes, their growth, sizes, the wire ratio their encoding will give):
+    /// needs the file's `control` addresses and certificates. Nothing is started; a
+    /// source that does not answer is listed and planned as failed.
+    #[arg(long)]
+    pub live: bool,
+    /// With `--live`: seconds each source has to answer.
+    #[arg(long, default_value_t = 3.0, requires = "live")]
+    pub connect_timeout: f64,
 }
 
 #[derive(Serialize)]
@@ -42,20 +53,48 @@ struct Report<'a> {
     /// Where the Gantt chart was written, with `--gantt`.
     #[serde(skip_serializing_if = "Option::is_none")]
     gantt: Option<String>,
+    /// With `--live`: planned from the sources' figures.
+    live: bool,
+    /// With `--live`: the VMs whose source did not answer, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    unreachable: Vec<Unreachable>,
     #[serde(flatten)]
     plan: &'a Plan,
+}
+
+#[derive(Serialize)]
+struct Unreachable {
+    vm: String,
+    error: String,
 }
 
 pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading the plan file {}", a.file.display()))?;
+    let read_at = Instant::now();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .context("the clock is before 1970")?
         .as_secs_f64();
     let pf = fleet::file::parse(&text, now)
         .with_context(|| format!("plan file {}", a.file.display()))?;
-    let plan = fleet::plan::plan(&pf.fleet, &pf.options);
+    let (plan, asked, unreachable) = if a.live {
+        let timeout = Duration::try_from_secs_f64(a.connect_timeout)
+            .context("--connect-timeout: a number of seconds")?;
+        let live = super::evacuate::live_plan(&pf, &a.file, read_at, timeout, Policy::Planner)
+            .with_context(|| format!("plan file {}", a.file.display()))?;
+        let unreachable = live
+            .unreachable
+            .into_iter()
+            .map(|(vm, error)| Unreachable { vm, error })
+            .collect();
+        (live.plan, live.asked, unreachable)
+    } else {
+        (fleet::plan::plan(&pf.fleet, &pf.options), 0, Vec::new())
+    };
+    for u in &unreachable {
+        eprintln!("faultline: vm {:?}: {}", u.vm, u.error);
+    }
     if let Some(out) = &a.gantt {
         write_gantt(&a.file, &pf, &plan, out)?;
     }
@@ -68,9 +107,18 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
             file: a.file.display().to_string(),
             deadline_at: at,
             gantt: a.gantt.as_ref().map(|p| p.display().to_string()),
+            live: a.live,
+            unreachable,
             plan: &plan,
         })?;
     } else {
+        if a.live {
+            println!(
+                "Planned with what {} of {} sources measure now.",
+                asked - unreachable.len(),
+                asked
+            );
+        }
         print!("{}", render(&a.file.display().to_string(), &pf, &plan));
         if let Some(out) = &a.gantt {
             println!("\nGantt chart: {}", out.display());

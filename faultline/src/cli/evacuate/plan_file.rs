@@ -31,8 +31,9 @@ pub fn resolve(pf: &PlanFile, file: &Path) -> anyhow::Result<Setup> {
     let need = |key: &'static str, v: &Option<String>| -> anyhow::Result<PathBuf> {
         let p = v.as_deref().ok_or_else(|| {
             Entry::Top.problem(Problem::Other(format!(
-                "{key} is missing: faultline evacuate needs the orchestrator's certificate \
-                 and key (cert = \"orchestrator.crt.pem\", key = \"orchestrator.key.pem\")"
+                "{key} is missing: faultline evacuate (and plan --live) needs the \
+                 orchestrator's certificate and key (cert = \"orchestrator.crt.pem\", key = \
+                 \"orchestrator.key.pem\")"
             )))
         })?;
         Ok(at(p))

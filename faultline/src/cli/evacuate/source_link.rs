@@ -83,7 +83,12 @@ pub async fn run(
             cmd = commands.recv() => match cmd {
                 Some(Command::Start { rate_cap_bps }) => break rate_cap_bps,
                 Some(Command::SetRate(cap)) => set_rate(&conn, vm, cap).await,
-                None => return,
+                // Not to be started (`faultline plan --live`, or the orchestrator ends):
+                // the source goes on waiting for another.
+                None => {
+                    conn.close(0u32.into(), b"not starting");
+                    return;
+                }
             },
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
                 match tokio::time::timeout(t.silence, status(&conn)).await {
