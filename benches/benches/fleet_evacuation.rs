@@ -22,6 +22,9 @@
 //! report's `wire_ratio_at_start`.) The plan file states
 //! the same link (rate, RTT, the window 1.25 × BDP) and a deadline of 70% of the
 //! all-at-once makespan the model predicts from the planted stale bytes, so that it binds.
+//! (With an encoding, what the first run's `faultline plan --live` predicts from the
+//! sources' own figures as it starts, kept for the fleet's other runs: only the sources
+//! know what their pages compress to.)
 //!
 //! Calibration (`FAULTLINE_BENCH_CALIBRATE=0` to skip): before the fleets, per link, one VM
 //! alone and four at once are evacuated; what one evacuation and four together delivered
@@ -41,8 +44,8 @@
 //!
 //! Lines (`case`): `calibration` (per link), `vm` (per VM and run), `run` (per run: median
 //! and worst per-VM error of the plan and of the replay, makespan and mean completion
-//! predicted against measured, saved by the deadline, the ideal makespan = stale bytes × 8
-//! / nominal rate, and on the bytes the emulator carried, its queue drops), `summary` (per
+//! predicted against measured, saved by the deadline, the ideal makespan = the bytes that
+//! had to cross (stale bytes × each VM's measured wire ratio) × 8 / nominal rate, and on the bytes the emulator carried, its queue drops), `summary` (per
 //! fleet size and link: the ranking of the three schedules by mean completion, model
 //! against measured; planner against all at once; the targets, pass or fail).
 //! Every VM's memory digest must be equal on both sides, or the bench fails.
@@ -327,15 +330,21 @@ fn main() -> anyhow::Result<()> {
         for &link in &links {
             set_bdp(&link);
             let specs = fleet_specs(n, kvm.min(n));
-            // Raw: the deadline does not depend on the encoding.
-            let planted: Vec<(String, u64, f64)> = specs
-                .iter()
-                .map(|s| (s.name.clone(), planted_bytes(mem, s.stale_pct), 1.0))
-                .collect();
-            // The deadline: 70% of the all-at-once makespan the model predicts.
-            let f = model_fleet(link, mem, &planted, Costs::default())?;
-            let aao = plan_with(&f, &PlanOptions::new(1e9), Policy::AllAtOnce);
-            let deadline_s = DEADLINE_SHARE * aao.totals.makespan_s;
+            // The deadline: 70% of the all-at-once makespan the model predicts. Raw, from
+            // the planted stale bytes. With an encoding only the sources know what their
+            // pages compress to: the first run asks them (`faultline plan --live`) as it
+            // starts, and the others keep its deadline.
+            let mut deadline_s = if encoding == "off" {
+                let planted: Vec<(String, u64, f64)> = specs
+                    .iter()
+                    .map(|s| (s.name.clone(), planted_bytes(mem, s.stale_pct), 1.0))
+                    .collect();
+                let f = model_fleet(link, mem, &planted, Costs::default())?;
+                let aao = plan_with(&f, &PlanOptions::new(1e9), Policy::AllAtOnce);
+                Some(DEADLINE_SHARE * aao.totals.makespan_s)
+            } else {
+                None
+            };
             let mut runs: Vec<(String, Value)> = Vec::new();
             for schedule in &schedules {
                 for round in 0..rounds {
@@ -345,8 +354,9 @@ fn main() -> anyhow::Result<()> {
                         mem,
                         encoding: &encoding,
                     };
-                    let r = run(bed, &specs, schedule, deadline_s)
+                    let (r, deadline) = run(bed, &specs, schedule, deadline_s)
                         .with_context(|| format!("{n} VMs, {}, {schedule}", link.name()))?;
+                    deadline_s = Some(deadline);
                     let mut line = r.clone();
                     line["bench"] = json!(BENCH);
                     line["case"] = json!("run");
@@ -394,19 +404,26 @@ struct Bed<'a> {
 }
 
 /// Starts the fleet, evacuates it with `schedule`, checks every digest, compares.
-fn run(bed: Bed<'_>, specs: &[VmSpec], schedule: &str, deadline_s: f64) -> anyhow::Result<Value> {
+/// A run's line and the deadline it was given (`deadline_s`, or if `None` the one
+/// [`evacuate`] asked the sources for).
+fn run(
+    bed: Bed<'_>,
+    specs: &[VmSpec],
+    schedule: &str,
+    deadline_s: Option<f64>,
+) -> anyhow::Result<(Value, f64)> {
     let Bed {
         link,
         mem,
         encoding,
         ..
     } = bed;
-    let (report, orch, counters) = evacuate(bed, specs, schedule, deadline_s)?;
+    let (report, orch, counters, deadline_s) = evacuate(bed, specs, schedule, deadline_s)?;
     let mut line = compare(link, mem, schedule, &report, true, &orch)?;
     if let Some(c) = counters {
         // Toward the standbys: what the bottleneck carried and what its queue dropped.
         // The ideal on those bytes counts QUIC's headers (and any resends) as bytes that
-        // had to cross; `makespan_over_ideal` counts the stale bytes only.
+        // had to cross; `makespan_over_ideal` counts the encoded stale bytes only.
         let wire_ideal_s = c.client_to_server.bytes as f64 * 8.0 / link.rate_bps as f64;
         if let Some(mk) = line["makespan_s"].as_f64() {
             line["makespan_over_wire_ideal"] = json!(mk / wire_ideal_s);
@@ -435,7 +452,8 @@ fn run(bed: Bed<'_>, specs: &[VmSpec], schedule: &str, deadline_s: f64) -> anyho
         line["calibrated_flow_bps"] = json!(c.flow_bps);
         line["calibrated_aggregate_bps"] = json!(c.aggregate_bps);
     }
-    Ok(line)
+    line["deadline_from_sources"] = json!(bed.encoding != "off");
+    Ok((line, deadline_s))
 }
 
 /// Measures what one evacuation alone and four at once deliver on this machine through
@@ -468,11 +486,11 @@ fn calibrate(bed: Bed<'_>) -> anyhow::Result<Calibration> {
             })
             .collect()
     };
-    let alone = evacuate(bed, &[spec(0, 40.0)], "all-at-once", 3600.0)?;
+    let alone = evacuate(bed, &[spec(0, 40.0)], "all-at-once", Some(3600.0))?;
     let one = timeline(&alone.0)?;
     let flow_bps = one[0].0 * 8.0 / (one[0].2 - one[0].1).max(1e-3);
     let specs: Vec<VmSpec> = (0..4).map(|i| spec(i, 20.0)).collect();
-    let four = evacuate(bed, &specs, "all-at-once", 3600.0)?;
+    let four = evacuate(bed, &specs, "all-at-once", Some(3600.0))?;
     let all = timeline(&four.0)?;
     let bytes: f64 = all.iter().map(|v| v.0).sum();
     let first = all.iter().map(|v| v.1).fold(f64::INFINITY, f64::min);
@@ -511,14 +529,16 @@ fn wait_caught_up(metrics: &[(String, f64)]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the fleet and evacuates it with `schedule`; every digest must be equal. The
-/// orchestrator's report, its process, the emulator's counters.
+/// Starts the fleet and evacuates it with `schedule` by `deadline_s` (`None`:
+/// [`DEADLINE_SHARE`] of the all-at-once makespan `faultline plan --live` predicts from the
+/// sources' figures as the run starts); every digest must be equal. The orchestrator's
+/// report, its process, the emulator's counters, the deadline.
 fn evacuate(
     bed: Bed<'_>,
     specs: &[VmSpec],
     schedule: &str,
-    deadline_s: f64,
-) -> anyhow::Result<(Value, Finished, Option<wan_emu::WanCounters>)> {
+    deadline_s: Option<f64>,
+) -> anyhow::Result<(Value, Finished, Option<wan_emu::WanCounters>, f64)> {
     let Bed {
         certs,
         link,
@@ -639,6 +659,10 @@ fn evacuate(
     }
     wait_caught_up(&metrics)?;
     std::thread::sleep(Duration::from_secs(1));
+    let deadline_s = match deadline_s {
+        Some(d) => d,
+        None => DEADLINE_SHARE * live_all_at_once_s(&plan_file(certs, link, mem, 3600.0, &pairs)?)?,
+    };
     let plan = plan_file(certs, link, mem, deadline_s, &pairs)?;
     // FAULTLINE_BENCH_TIMELINE=1: the link's rate every 50 ms (from the first evacuation
     // bytes: replication runs beside the emulator), to see where a schedule leaves it idle.
@@ -717,7 +741,17 @@ fn evacuate(
         bail!("faultline evacuate failed: {} {}", report, orch.stderr);
     }
     let counters = wan.take().map(|w| w.counters());
-    Ok((report, orch, counters))
+    Ok((report, orch, counters, deadline_s))
+}
+
+/// The all-at-once makespan `faultline plan --live` predicts for `plan` from what its
+/// sources measure now (their stale bytes, the wire ratio their encoding will give).
+fn live_all_at_once_s(plan: &std::path::Path) -> anyhow::Result<f64> {
+    let p =
+        Background::spawn(&["plan", "--live", "--json", &plan.display().to_string()]).wait(TIMEOUT);
+    check(&p, "plan --live")?;
+    f64_of(&p.json["baselines"]["all_at_once"]["makespan_s"])
+        .with_context(|| format!("no all-at-once makespan in {}", p.json))
 }
 
 /// The plan file: one link as emulated, the VMs' control endpoints, the deadline.
@@ -853,7 +887,14 @@ fn compare(
     let n = vms.len() as f64;
     let mean = |x: &[f64]| x.iter().sum::<f64>() / n;
     let max = |x: &[f64]| x.iter().copied().fold(0.0, f64::max);
-    let crossing: u64 = measured_fleet.iter().map(|(_, b, _)| b).sum();
+    // What had to cross: each VM's stale bytes as its encoding made them (its measured wire
+    // ratio; raw, 4,097/4,096: the kind byte), frame and packet headers left out.
+    let stale: u64 = measured_fleet.iter().map(|(_, b, _)| b).sum();
+    let crossing: u64 = vms
+        .iter()
+        .zip(&measured_fleet)
+        .map(|(v, (_, b, _))| (*b as f64 * f64_of(&v["wire_ratio"]).unwrap_or(1.0)) as u64)
+        .sum();
     let ideal_s = crossing as f64 * 8.0 / link.rate_bps as f64;
     let (mk_pred, mk_meas) = (max(&pred_fin), max(&meas_fin));
     let saved = meas_fin.iter().filter(|&&t| t <= deadline_s).count();
@@ -861,7 +902,8 @@ fn compare(
     let sent: u64 = vms.iter().filter_map(|v| v["bytes_sent"].as_u64()).sum();
     Ok(json!({
         "link": link.name(), "vms": vms.len(), "schedule": schedule,
-        "bytes_per_vm": mem, "bytes_to_cross": crossing, "udp_bytes_sent": sent,
+        "bytes_per_vm": mem, "stale_bytes": stale, "bytes_to_cross": crossing,
+        "udp_bytes_sent": sent,
         "error_median": median(&errors), "error_worst": max(&errors),
         "replay_error_median": median(&replay_errors),
         "replay_error_worst": max(&replay_errors),
