@@ -722,7 +722,7 @@ fn a_live_plan_takes_the_sources_figures_and_starts_nothing() {
         live.stderr
     );
     assert_eq!(vm(r, "vm-x")["status"], "failed", "{r}");
-    // vm-b, raw: its planted pages (and what they grow by while vm-a may go first).
+    // vm-b, raw: its planted pages (a planting source reports no growth), 4,097/4,096 each.
     let b_ratio = to_cross(r, "vm-b") / planted(5.0);
     assert!((1.0..1.2).contains(&b_ratio), "vm-b: {b_ratio} {r}");
     // vm-a, lz4: its source's estimate of what the synthetic image's pages compress to.

@@ -170,7 +170,6 @@ fn a_bad_plan_file_is_a_usage_error_naming_the_entry() {
     assert_eq!(rc, Some(6));
 }
 
-/// The text of every `<text>` element of an SVG document, which must parse as XML.
 /// `--live` needs the file's control part (it connects to the sources): without it, a
 /// usage error naming the key, before any connection.
 #[test]
@@ -185,8 +184,13 @@ fn a_live_plan_without_the_orchestrators_certificate_names_the_key() {
         "{v}"
     );
     assert!(err.contains(says), "{err}");
+    // A timeout that is not a positive number of seconds: a usage error too.
+    let (rc, _, err) = plan(&example(), &["--live", "--connect-timeout=-1"]);
+    assert_eq!(rc, Some(2), "{err}");
+    assert!(err.contains("is not a number of seconds"), "{err}");
 }
 
+/// The text of every `<text>` element of an SVG document, which must parse as XML.
 fn svg_texts(svg: &str) -> Vec<(String, Option<String>)> {
     let doc = roxmltree::Document::parse(svg).unwrap_or_else(|e| panic!("not XML: {e}"));
     assert_eq!(doc.root_element().tag_name().name(), "svg");

@@ -34,11 +34,11 @@ pub struct EvacuateArgs {
     pub plan: PathBuf,
     /// Seconds a source's control endpoint has to answer at the start; a source that does
     /// not is reported and left out (if none answers, nothing starts).
-    #[arg(long, default_value_t = 3.0)]
-    pub connect_timeout: f64,
+    #[arg(long, default_value = "3", value_parser = parse_secs)]
+    pub connect_timeout: Duration,
     /// Seconds without an event from an evacuating source before it counts as failed.
-    #[arg(long, default_value_t = 5.0)]
-    pub silence_timeout: f64,
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    pub silence_timeout: Duration,
     /// Write one JSON event line per state change to stderr, prefixed `@faultline `
     /// (the default when stderr is not a terminal; on a terminal, progress bars).
     #[arg(long)]
@@ -92,8 +92,8 @@ pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("plan file {}", a.plan.display()))?;
     let events = Events::new(a.progress || !std::io::stderr().is_terminal());
     let timeouts = Timeouts {
-        connect: Duration::from_secs_f64(a.connect_timeout),
-        silence: Duration::from_secs_f64(a.silence_timeout),
+        connect: a.connect_timeout,
+        silence: a.silence_timeout,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -336,6 +336,19 @@ async fn hear(
     let mut first: Vec<Option<Status>> = vec![None; n];
     // Links not heard from yet (each answers within the connect timeout, or gives up).
     let mut pending: Vec<bool> = starts.iter().map(Option::is_some).collect();
+    // A source that failed, or answered as another VM, even after a first status: left out
+    // once, with its first reason.
+    let give_up = |i: usize,
+                   why: String,
+                   starts: &mut [Option<mpsc::Sender<Command>>],
+                   first: &mut [Option<Status>],
+                   unreachable: &mut Vec<(usize, String)>| {
+        starts[i] = None;
+        first[i] = None;
+        if !unreachable.iter().any(|(j, _)| *j == i) {
+            unreachable.push((i, why));
+        }
+    };
     while pending.iter().any(|&p| p) {
         let Some(msg) = rx.recv().await else { break };
         match &msg {
@@ -356,15 +369,13 @@ async fn hear(
                             .unwrap_or_default(),
                         s.vm_id
                     );
-                    starts[i] = None;
-                    unreachable.push((i, why));
-                } else {
+                    give_up(i, why, &mut starts, &mut first, &mut unreachable);
+                } else if starts[i].is_some() {
                     first[i] = Some(s);
                 }
             }
             LinkReport::Unreachable(i, why) | LinkReport::Failed(i, why) => {
-                starts[i] = None;
-                unreachable.push((i, why));
+                give_up(i, why, &mut starts, &mut first, &mut unreachable)
             }
             LinkReport::Event(..) => {}
         }
@@ -423,6 +434,8 @@ pub struct LivePlan {
     pub plan: fleet::plan::Plan,
     /// Sources asked (the VMs not skipped).
     pub asked: usize,
+    /// Sources that answered as their VM.
+    pub answered: usize,
     /// The VMs whose source did not answer (planned as failed), and why.
     pub unreachable: Vec<(String, String)>,
 }
@@ -449,7 +462,10 @@ pub fn live_plan(
         silence: connect_timeout,
     };
     let hearing = runtime.block_on(hear(&pf.fleet, &setup, timeouts))?;
+    // The deadline as `faultline evacuate` would take it: from here, not after the closes.
+    let heard_at = Instant::now();
     hearing.check_any_answered()?;
+    let answered = hearing.first.iter().flatten().count();
     let Hearing {
         fleet,
         unreachable,
@@ -464,16 +480,26 @@ pub fn live_plan(
         for t in tasks {
             let _ = t.await;
         }
-        for e in endpoints {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, e.wait_idle()).await;
-        }
+        // All together, at most CLOSE_TIMEOUT: an endpoint whose handshake never finished
+        // has nothing to say and only idles out.
+        let closes: Vec<_> = endpoints
+            .into_iter()
+            .map(|e| tokio::spawn(async move { e.wait_idle().await }))
+            .collect();
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            for c in closes {
+                let _ = c.await;
+            }
+        })
+        .await;
     });
     let mut opts = pf.options.clone();
-    opts.deadline_s -= read_at.elapsed().as_secs_f64();
+    opts.deadline_s -= heard_at.duration_since(read_at).as_secs_f64();
     let o = Orchestration::with_policy(fleet, opts, &unreachable, policy)?;
     let names = |i: usize| o.fleet().vms[i].name.clone();
     Ok(LivePlan {
         asked,
+        answered,
         unreachable: unreachable
             .iter()
             .map(|(i, w)| (names(*i), w.clone()))
@@ -484,6 +510,16 @@ pub fn live_plan(
 
 /// How long a live plan waits for its control connections' closes to leave.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A number of seconds for a timeout: more than 0, at most a day.
+pub(super) fn parse_secs(s: &str) -> Result<Duration, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| *v > 0.0 && *v <= 86_400.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a number of seconds between 0 and 86400"))
+}
 
 /// Sleeps until `at_s` seconds after `t0` (at once if that has passed); forever for `None`
 /// or a time no clock reaches (the sources' figures it was computed from may be absurd).
@@ -606,5 +642,20 @@ fn unspecified_for(peer: std::net::SocketAddr) -> std::net::SocketAddr {
     match peer {
         std::net::SocketAddr::V4(_) => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         std::net::SocketAddr::V6(_) => std::net::SocketAddr::from(([0u16; 8], 0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_positive_seconds() {
+        assert_eq!(parse_secs("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_secs(" 0.5 "), Ok(Duration::from_millis(500)));
+        for bad in ["0", "-1", "NaN", "inf", "1e9", "3s", ""] {
+            let e = parse_secs(bad).unwrap_err();
+            assert!(e.contains("between 0 and 86400"), "{bad}: {e}");
+        }
     }
 }

@@ -41,8 +41,8 @@ pub struct PlanArgs {
     #[arg(long)]
     pub live: bool,
     /// With `--live`: seconds each source has to answer.
-    #[arg(long, default_value_t = 3.0, requires = "live")]
-    pub connect_timeout: f64,
+    #[arg(long, default_value = "3", value_parser = super::evacuate::parse_secs, requires = "live")]
+    pub connect_timeout: Duration,
 }
 
 #[derive(Serialize)]
@@ -78,19 +78,22 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
         .as_secs_f64();
     let pf = fleet::file::parse(&text, now)
         .with_context(|| format!("plan file {}", a.file.display()))?;
-    let (plan, asked, unreachable) = if a.live {
-        let timeout = Duration::try_from_secs_f64(a.connect_timeout)
-            .context("--connect-timeout: a number of seconds")?;
-        let live = super::evacuate::live_plan(&pf, &a.file, read_at, timeout, Policy::Planner)
-            .with_context(|| format!("plan file {}", a.file.display()))?;
+    let (plan, answered, unreachable) = if a.live {
+        let live =
+            super::evacuate::live_plan(&pf, &a.file, read_at, a.connect_timeout, Policy::Planner)
+                .with_context(|| format!("plan file {}", a.file.display()))?;
         let unreachable = live
             .unreachable
             .into_iter()
             .map(|(vm, error)| Unreachable { vm, error })
             .collect();
-        (live.plan, live.asked, unreachable)
+        (live.plan, (live.answered, live.asked), unreachable)
     } else {
-        (fleet::plan::plan(&pf.fleet, &pf.options), 0, Vec::new())
+        (
+            fleet::plan::plan(&pf.fleet, &pf.options),
+            (0, 0),
+            Vec::new(),
+        )
     };
     for u in &unreachable {
         eprintln!("faultline: vm {:?}: {}", u.vm, u.error);
@@ -115,8 +118,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
         if a.live {
             println!(
                 "Planned with what {} of {} sources measure now.",
-                asked - unreachable.len(),
-                asked
+                answered.0, answered.1
             );
         }
         print!("{}", render(&a.file.display().to_string(), &pf, &plan));
