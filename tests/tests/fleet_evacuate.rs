@@ -631,6 +631,14 @@ fn a_control_address_that_does_not_answer_is_named() {
         )),
         "{msg}"
     );
+    // `plan --live` says the same.
+    let p = plan.display().to_string();
+    let live = Background::spawn(&["plan", "--live", "--json", "--connect-timeout", "1", &p])
+        .wait(TIMEOUT);
+    assert!(!live.status.success(), "{}", live.json);
+    let msg = live.json["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("no source answered"), "{}", live.json);
+    assert!(msg.contains("vm \"vm-x\": the control endpoint"), "{msg}");
 }
 
 #[test]

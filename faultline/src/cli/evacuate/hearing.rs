@@ -194,21 +194,14 @@ pub fn live_plan(
         connect: connect_timeout,
         silence: connect_timeout,
     };
-    let hearing = runtime.block_on(hear(&pf.fleet, &setup, timeouts))?;
+    let mut hearing = runtime.block_on(hear(&pf.fleet, &setup, timeouts))?;
     // The deadline as `faultline evacuate` would take it: from here, not after the closes.
     let heard_at = Instant::now();
-    hearing.check_any_answered()?;
-    let answered = hearing.first.iter().flatten().count();
-    let Hearing {
-        fleet,
-        unreachable,
-        starts,
-        tasks,
-        endpoints,
-        ..
-    } = hearing;
-    // Without a start to wait for, each source's task closes its connection and ends.
-    drop(starts);
+    // Without a start to wait for, each source's task closes its connection and ends
+    // (before any error below, so that no source keeps a connection until it idles out).
+    hearing.starts.clear();
+    let tasks = std::mem::take(&mut hearing.tasks);
+    let endpoints = std::mem::take(&mut hearing.endpoints);
     runtime.block_on(async {
         for t in tasks {
             let _ = t.await;
@@ -226,6 +219,11 @@ pub fn live_plan(
         })
         .await;
     });
+    hearing.check_any_answered()?;
+    let answered = hearing.first.iter().flatten().count();
+    let Hearing {
+        fleet, unreachable, ..
+    } = hearing;
     let mut opts = pf.options.clone();
     opts.deadline_s -= heard_at.duration_since(read_at).as_secs_f64();
     let o = Orchestration::with_policy(fleet, opts, &unreachable, policy)?;
