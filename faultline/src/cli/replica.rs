@@ -306,9 +306,10 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let regions = [region];
     if let Some(c) = &mut control {
         // --stale-pct plants its pages in a uniform sample of memory.
-        let planted = a
-            .stale_pct
-            .map(|_| MemorySample::new(regions.to_vec(), a.encoding.policy(), a.seed ^ 0xe571));
+        let planted = planted.map(|pages| {
+            MemorySample::new(regions.to_vec(), a.encoding.policy(), a.seed ^ 0xe571)
+                .planting(pages)
+        });
         c.estimate_encoding(a.encoding.policy(), planted);
     }
     let layout = Layout::single(a.synthetic);

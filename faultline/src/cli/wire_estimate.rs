@@ -6,7 +6,11 @@
 //! planting the stale pages are pages the guest wrote, which the replicator samples
 //! (`vmm_shim::replica::WrittenPages`).
 
-use transport::encoding::{EncodingPolicy, WireSample};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use transport::encoding::{page_hash, EncodingPolicy, Mode, WireSample};
 use uffd_core::{HostRegion, PAGE_SIZE};
 
 /// Pages in one estimate: enough for one within a few per cent (a page's ratio varies by
@@ -19,7 +23,14 @@ const PAGES: usize = 1024;
 /// its working set as it runs: sampled as it started, its planted pages compressed to a
 /// quarter to a half of what crossed seconds later).
 const EVERY: u32 = 10;
+/// How often the census of the pages planting will change is taken again (a guest's
+/// writes change which contents repeat, slowly).
+const CENSUS_EVERY: Duration = Duration::from_secs(30);
 
+/// How many times each content occurs among the pages planting will change (by a 64-bit
+/// share of its hash): a content the push sends `k` times goes once encoded and `k - 1`
+/// times as a reference, which a sample of a thousand pages cannot see.
+type Census = HashMap<u64, u32>;
 /// Samples guest memory at random for [`WireSample`], each page changed as planting will
 /// change it.
 pub(super) struct MemorySample {
@@ -27,6 +38,11 @@ pub(super) struct MemorySample {
     /// The pages planting will change (page numbers across the regions, in order); `None`:
     /// a uniform sample of all of them.
     only: Option<Vec<u64>>,
+    /// The share of the sampled population planting will change (1 with `only`).
+    planted_share: f64,
+    /// The latest census, taken on a thread of its own (`None` until the first is done,
+    /// or without references in the policy).
+    census: Option<Arc<Mutex<Option<Arc<Census>>>>>,
     policy: EncodingPolicy,
     /// The last estimate: (pages, their encoded bytes).
     last: Option<(u64, u64)>,
@@ -40,6 +56,8 @@ impl MemorySample {
         MemorySample {
             regions,
             only: None,
+            planted_share: 1.0,
+            census: None,
             policy,
             last: None,
             calls: 0,
@@ -52,7 +70,49 @@ impl MemorySample {
     /// will change.
     pub(super) fn only(mut self, pages: Vec<u64>) -> MemorySample {
         self.only = Some(pages);
+        self.planted_share = 1.0;
         self
+    }
+
+    /// Without [`MemorySample::only`]: planting will change `pages` pages chosen at random,
+    /// so of a content's other copies in memory about that share will be pushed too.
+    pub(super) fn planting(mut self, pages: u64) -> MemorySample {
+        let total: u64 = self.regions.iter().map(|r| r.pages()).sum();
+        self.planted_share = if total == 0 {
+            1.0
+        } else {
+            (pages as f64 / total as f64).clamp(0.0, 1.0)
+        };
+        self
+    }
+
+    /// How many copies of `page`'s content the push will send, from the latest census (1
+    /// before there is one).
+    fn copies(&self, page: &[u8]) -> f64 {
+        let Some(census) = &self.census else {
+            return 1.0;
+        };
+        let latest = census.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(counts) = latest else { return 1.0 };
+        let in_memory = counts.get(&(page_hash(page) as u64)).copied().unwrap_or(1);
+        1.0 + f64::from(in_memory.max(1) - 1) * self.planted_share
+    }
+
+    /// Starts the census thread once, if the policy allows references.
+    fn start_census(&mut self) {
+        if self.census.is_some() || self.policy.dedup == Mode::Off {
+            return;
+        }
+        let shared = Arc::new(Mutex::new(None));
+        let weak = Arc::downgrade(&shared);
+        let (regions, only) = (self.regions.clone(), self.only.clone());
+        let spawned = std::thread::Builder::new()
+            .name("wire-census".into())
+            .spawn(move || take_censuses(&regions, only.as_deref(), &weak));
+        // Without the thread the estimate leaves references out, as it did before.
+        if spawned.is_ok() {
+            self.census = Some(shared);
+        }
     }
 
     /// The estimate: (pages sampled, their encoded bytes), a fresh one at the first call
@@ -67,6 +127,7 @@ impl MemorySample {
     }
 
     fn estimate(&mut self) -> Option<(u64, u64)> {
+        self.start_census();
         let total = match &self.only {
             None => self.regions.iter().map(|r| r.pages()).sum(),
             Some(pages) => pages.len() as u64,
@@ -81,38 +142,77 @@ impl MemorySample {
                 None => i,
                 Some(pages) => pages[i as usize],
             };
-            if !self.read(n) {
+            if !read_page(&self.regions, n, &mut self.page) {
                 continue;
             }
+            // Copies are counted before planting changes the page: it changes each copy
+            // alike.
+            let copies = self.copies(&self.page);
             // As planting will change it (`workload::dirty_fraction`): a zero page becomes
             // a small lz4 block, or a whole page without lz4.
             let w = u64::from_ne_bytes(self.page[..8].try_into().expect("a page"));
             self.page[..8].copy_from_slice(&w.wrapping_add(1).to_ne_bytes());
-            sample.add(&self.page);
+            sample.add_copies(&self.page, copies);
         }
         (sample.pages() > 0).then(|| (sample.pages(), sample.bytes()))
     }
+}
 
-    /// Copies page `n` of the regions (in order) into `self.page`.
-    fn read(&mut self, mut n: u64) -> bool {
-        for r in &self.regions {
-            if n < r.pages() {
-                let at = r.host_addr() + n as usize * PAGE_SIZE;
-                // SAFETY: the page lies inside the region (n < its pages), which the
-                // `HostRegion` keeps mapped while this holds it. The guest may write it
-                // meanwhile; a torn copy only skews one sample of an estimate.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        at as *const u8,
-                        self.page.as_mut_ptr(),
-                        PAGE_SIZE,
-                    );
-                }
-                return true;
+/// Copies page `n` of `regions` (in order) into `out`; false past their end.
+fn read_page(regions: &[HostRegion], mut n: u64, out: &mut [u8]) -> bool {
+    for r in regions {
+        if n < r.pages() {
+            let at = r.host_addr() + n as usize * PAGE_SIZE;
+            // SAFETY: the page lies inside the region (n < its pages), which the
+            // `HostRegion` keeps mapped while this holds it, and `out` is a page long. The
+            // guest may write it meanwhile; a torn copy only skews one sample of an
+            // estimate.
+            unsafe {
+                std::ptr::copy_nonoverlapping(at as *const u8, out.as_mut_ptr(), PAGE_SIZE);
             }
-            n -= r.pages();
+            return true;
         }
-        false
+        n -= r.pages();
+    }
+    false
+}
+
+/// The census thread: counts the contents of the pages planting will change (`only`, or
+/// all of `regions`) every [`CENSUS_EVERY`] into `shared`, until its sample is dropped.
+/// At `SCHED_IDLE`: it only takes CPU nothing else wants (a 1 GiB guest takes a few
+/// hundred ms).
+fn take_censuses(
+    regions: &[HostRegion],
+    only: Option<&[u64]>,
+    shared: &Weak<Mutex<Option<Arc<Census>>>>,
+) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sets this thread's own policy (pid 0) from a valid `sched_param`; a failure
+    // only leaves it at normal priority.
+    unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+    }
+    let mut page = vec![0u8; PAGE_SIZE];
+    let total: u64 = match only {
+        Some(pages) => pages.len() as u64,
+        None => regions.iter().map(|r| r.pages()).sum(),
+    };
+    loop {
+        let mut counts = Census::new();
+        for i in 0..total {
+            let n = only.map_or(i, |pages| pages[i as usize]);
+            if read_page(regions, n, &mut page) {
+                *counts.entry(page_hash(&page) as u64).or_insert(0) += 1;
+            }
+            // Stop early once nobody will read it.
+            if i % 65_536 == 0 && shared.strong_count() == 0 {
+                return;
+            }
+        }
+        let Some(s) = shared.upgrade() else { return };
+        *s.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(counts));
+        drop(s);
+        std::thread::sleep(CENSUS_EVERY);
     }
 }
 
@@ -184,5 +284,51 @@ mod tests {
             MemorySample::new(Vec::new(), EncodingPolicy::AUTO, 7).take(),
             None
         );
+    }
+
+    /// Memory of 32 copies of one incompressible page and 32 unique ones.
+    fn duplicated() -> (memmap2::MmapMut, Vec<HostRegion>) {
+        let (mut m, regions) = image(&[0xff; 64]);
+        let first = m[..PAGE_SIZE].to_vec();
+        for i in 1..32 {
+            m[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].copy_from_slice(&first);
+        }
+        (m, regions)
+    }
+
+    /// A fresh estimate (every `EVERY` takes) from `s`, once its census is in.
+    fn settled_ratio(s: &mut MemorySample) -> f64 {
+        s.take();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s
+            .census
+            .as_ref()
+            .is_some_and(|c| c.lock().unwrap().is_none())
+        {
+            assert!(std::time::Instant::now() < deadline, "no census");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for _ in 1..EVERY {
+            s.take();
+        }
+        let (pages, bytes) = s.take().unwrap();
+        bytes as f64 / (pages * PAGE_SIZE as u64) as f64
+    }
+
+    #[test]
+    fn copies_of_a_page_count_as_references_after_the_first() {
+        let (_m, regions) = duplicated();
+        // Half the pages: one content 32 times (one raw copy, 31 references); half unique.
+        let mut all = MemorySample::new(regions.clone(), EncodingPolicy::ALL, 7);
+        let r = settled_ratio(&mut all);
+        assert!((0.45..0.6).contains(&r), "{r}");
+        // A quarter of memory planted: of a page's 31 other copies about 8 are pushed too.
+        let mut quarter = MemorySample::new(regions.clone(), EncodingPolicy::ALL, 7).planting(16);
+        let q = settled_ratio(&mut quarter);
+        assert!(q > r + 0.02 && q < 0.7, "{q} against {r}");
+        // Without references every page goes raw, and no census is taken.
+        let mut off = MemorySample::new(regions, EncodingPolicy::OFF, 7);
+        assert!(off.take().unwrap().1 > 1024 * PAGE_SIZE as u64);
+        assert!(off.census.is_none());
     }
 }

@@ -3,16 +3,19 @@
 //! source can see what its pages compress to.
 
 use super::{lz4_page, EncodingPolicy, Mode};
-use crate::message::{is_zero, PAGE_SIZE};
+use crate::message::{is_zero, PAGE_SIZE, REF_LEN};
 
-/// The encoded bytes of sampled pages, as the push would encode each alone: a zero page as
-/// its kind byte, a page lz4 shrinks (when the policy may use lz4) as its block, any other
-/// page raw. References are not estimated (they depend on what the destination holds), nor
-/// is `Auto` turning lz4 off on a fast link: the estimate is of lz4 used wherever it is
-/// allowed and shrinks a page.
+/// The encoded bytes of sampled pages, as the push would encode each: a zero page as its
+/// kind byte, a page lz4 shrinks (when the policy may use lz4) as its block, any other page
+/// raw; and, when the policy allows references and the caller says how many copies of a
+/// page the push will send ([`WireSample::add_copies`]), every copy after the first as a
+/// reference. References into the replica are not estimated (they depend on what the
+/// destination holds), nor is `Auto` turning lz4 or references off on a fast link: the
+/// estimate is of each used wherever it is allowed.
 #[derive(Debug)]
 pub struct WireSample {
     lz4: bool,
+    dedup: bool,
     pages: u64,
     bytes: u64,
     scratch: Vec<u8>,
@@ -27,6 +30,7 @@ impl WireSample {
     pub fn new(policy: EncodingPolicy) -> WireSample {
         WireSample {
             lz4: policy.lz4 != Mode::Off,
+            dedup: policy.dedup != Mode::Off,
             pages: 0,
             bytes: 0,
             scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
@@ -35,10 +39,20 @@ impl WireSample {
 
     /// Adds one page (`PAGE_SIZE` bytes; a shorter or longer slice is ignored).
     pub fn add(&mut self, page: &[u8]) {
+        self.add_copies(page, 1.0);
+    }
+
+    /// Adds one page whose content the push will send `copies` times, this one included
+    /// (the same content at other stale pages). With references allowed, one copy goes
+    /// encoded and the others as references (kind byte and [`REF_LEN`]): the page counts
+    /// their average. A zero page, or `copies` of 1 or less (or not a number), counts as
+    /// [`WireSample::add`] does.
+    pub fn add_copies(&mut self, page: &[u8], copies: f64) {
         if page.len() != PAGE_SIZE {
             return;
         }
-        let bytes = if is_zero(page) {
+        let zero = is_zero(page);
+        let encoded = if zero {
             1
         } else if let Some(len) = self
             .lz4
@@ -48,6 +62,12 @@ impl WireSample {
             3 + len
         } else {
             1 + PAGE_SIZE
+        };
+        let bytes = if self.dedup && !zero && copies > 1.0 {
+            let first = 1.0 / copies;
+            (encoded as f64 * first + (1 + REF_LEN) as f64 * (1.0 - first)).round() as usize
+        } else {
+            encoded
         };
         if self.pages >= 2 * HALF_LIFE_PAGES {
             self.pages /= 2;
@@ -106,6 +126,37 @@ mod tests {
         off.add(&text);
         off.add(&[1; 10]);
         assert_eq!((off.pages(), off.bytes()), (1, 1 + PAGE_SIZE as u64));
+    }
+
+    #[test]
+    fn copies_after_the_first_count_as_references_where_the_policy_allows_them() {
+        let page = noise(3);
+        let raw = 1 + PAGE_SIZE as u64;
+        let reference = 1 + REF_LEN as u64;
+        let mut all = WireSample::new(EncodingPolicy::ALL);
+        all.add_copies(&page, 4.0);
+        // One raw copy and three references, averaged over the four.
+        assert_eq!(
+            all.bytes(),
+            ((raw + 3 * reference) as f64 / 4.0).round() as u64
+        );
+        // One copy, less, NaN: as `add`.
+        for copies in [1.0, 0.5, f64::NAN] {
+            let mut s = WireSample::new(EncodingPolicy::ALL);
+            s.add_copies(&page, copies);
+            assert_eq!(s.bytes(), raw, "{copies}");
+        }
+        // A zero page is its kind byte however many there are.
+        let mut z = WireSample::new(EncodingPolicy::ALL);
+        z.add_copies(&vec![0; PAGE_SIZE], 100.0);
+        assert_eq!(z.bytes(), 1);
+        // Without references every copy goes encoded.
+        let mut off = WireSample::new(EncodingPolicy {
+            lz4: Mode::Off,
+            dedup: Mode::Off,
+        });
+        off.add_copies(&page, 4.0);
+        assert_eq!(off.bytes(), raw);
     }
 
     #[test]
