@@ -306,9 +306,10 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     let regions = [region];
     if let Some(c) = &mut control {
         // --stale-pct plants its pages in a uniform sample of memory.
-        let planted = planted.map(|pages| {
+        // (--stale-moved-pct pages take another page's content: not counted.)
+        let planted = a.stale_pct.map(|pct| {
             MemorySample::new(regions.to_vec(), a.encoding.policy(), a.seed ^ 0xe571)
-                .planting(pages)
+                .planted_share(pct / 100.0)
         });
         c.estimate_encoding(a.encoding.policy(), planted);
     }
@@ -377,7 +378,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             eprint!("\rreplicating: {:>8} pages stale", replicator.stale_pages());
         }
     }
-    if let Some(c) = &control {
+    if let Some(c) = &mut control {
         c.starting();
     }
     let result = evacuate(

@@ -147,8 +147,12 @@ impl SourceControl {
         check()
     }
 
-    /// The evacuation starts (replication still running).
-    pub fn starting(&self) {
+    /// The evacuation starts (replication still running): what will cross is fixed, so
+    /// the planted pages' census stops.
+    pub fn starting(&mut self) {
+        if let Some(sample) = &mut self.sample {
+            sample.stop_census();
+        }
         self.server.update(|s| s.evacuation = EvacState::Starting);
     }
 

@@ -7,7 +7,9 @@
 //! (`vmm_shim::replica::WrittenPages`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use transport::encoding::{page_hash, EncodingPolicy, Mode, WireSample};
@@ -40,9 +42,11 @@ pub(super) struct MemorySample {
     only: Option<Vec<u64>>,
     /// The share of the sampled population planting will change (1 with `only`).
     planted_share: f64,
-    /// The latest census, taken on a thread of its own (`None` until the first is done,
-    /// or without references in the policy).
-    census: Option<Arc<Mutex<Option<Arc<Census>>>>>,
+    /// The thread that takes the census (`None` before the first estimate, without
+    /// references in the policy, without pages, or once stopped).
+    census: Option<CensusThread>,
+    /// The latest census it published (`None` until its first is done).
+    counts: Option<Arc<Census>>,
     policy: EncodingPolicy,
     /// The last estimate: (pages, their encoded bytes).
     last: Option<(u64, u64)>,
@@ -58,6 +62,7 @@ impl MemorySample {
             only: None,
             planted_share: 1.0,
             census: None,
+            counts: None,
             policy,
             last: None,
             calls: 0,
@@ -74,14 +79,14 @@ impl MemorySample {
         self
     }
 
-    /// Without [`MemorySample::only`]: planting will change `pages` pages chosen at random,
-    /// so of a content's other copies in memory about that share will be pushed too.
-    pub(super) fn planting(mut self, pages: u64) -> MemorySample {
-        let total: u64 = self.regions.iter().map(|r| r.pages()).sum();
-        self.planted_share = if total == 0 {
-            1.0
+    /// Without [`MemorySample::only`]: planting will change this share of memory's pages,
+    /// chosen at random and each changed alike, so of a content's other copies about that
+    /// share will be pushed too.
+    pub(super) fn planted_share(mut self, share: f64) -> MemorySample {
+        self.planted_share = if share.is_finite() {
+            share.clamp(0.0, 1.0)
         } else {
-            (pages as f64 / total as f64).clamp(0.0, 1.0)
+            1.0
         };
         self
     }
@@ -89,29 +94,42 @@ impl MemorySample {
     /// How many copies of `page`'s content the push will send, from the latest census (1
     /// before there is one).
     fn copies(&self, page: &[u8]) -> f64 {
-        let Some(census) = &self.census else {
+        let Some(counts) = &self.counts else {
             return 1.0;
         };
-        let latest = census.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(counts) = latest else { return 1.0 };
         let in_memory = counts.get(&(page_hash(page) as u64)).copied().unwrap_or(1);
         1.0 + f64::from(in_memory.max(1) - 1) * self.planted_share
     }
 
-    /// Starts the census thread once, if the policy allows references.
-    fn start_census(&mut self) {
-        if self.census.is_some() || self.policy.dedup == Mode::Off {
-            return;
+    /// The pages planting will change.
+    fn population(&self) -> u64 {
+        match &self.only {
+            None => self.regions.iter().map(|r| r.pages()).sum(),
+            Some(pages) => pages.len() as u64,
         }
-        let shared = Arc::new(Mutex::new(None));
-        let weak = Arc::downgrade(&shared);
-        let (regions, only) = (self.regions.clone(), self.only.clone());
-        let spawned = std::thread::Builder::new()
-            .name("wire-census".into())
-            .spawn(move || take_censuses(&regions, only.as_deref(), &weak));
-        // Without the thread the estimate leaves references out, as it did before.
-        if spawned.is_ok() {
-            self.census = Some(shared);
+    }
+
+    /// Starts the census thread once, if the policy allows references; takes what it
+    /// published last (without waiting for it).
+    fn follow_census(&mut self) {
+        if self.census.is_none()
+            && self.counts.is_none()
+            && self.policy.dedup != Mode::Off
+            && self.population() > 0
+        {
+            // Without the thread the estimate leaves references out, as it did before.
+            self.census = CensusThread::start(self.regions.clone(), self.only.clone()).ok();
+        }
+        if let Some(latest) = self.census.as_ref().and_then(CensusThread::latest) {
+            self.counts = Some(latest);
+        }
+    }
+
+    /// Stops the census thread (the evacuation starts: what will cross is fixed); the
+    /// estimates keep its last census.
+    pub(super) fn stop_census(&mut self) {
+        if let Some(latest) = self.census.take().and_then(|c| c.latest()) {
+            self.counts = Some(latest);
         }
     }
 
@@ -127,11 +145,8 @@ impl MemorySample {
     }
 
     fn estimate(&mut self) -> Option<(u64, u64)> {
-        self.start_census();
-        let total = match &self.only {
-            None => self.regions.iter().map(|r| r.pages()).sum(),
-            Some(pages) => pages.len() as u64,
-        };
+        self.follow_census();
+        let total = self.population();
         let mut sample = WireSample::new(self.policy);
         for _ in 0..if total > 0 { PAGES } else { 0 } {
             self.x ^= self.x << 13;
@@ -177,15 +192,61 @@ fn read_page(regions: &[HostRegion], mut n: u64, out: &mut [u8]) -> bool {
     false
 }
 
-/// The census thread: counts the contents of the pages planting will change (`only`, or
-/// all of `regions`) every [`CENSUS_EVERY`] into `shared`, until its sample is dropped.
-/// At `SCHED_IDLE`: it only takes CPU nothing else wants (a 1 GiB guest takes a few
-/// hundred ms).
-fn take_censuses(
-    regions: &[HostRegion],
-    only: Option<&[u64]>,
-    shared: &Weak<Mutex<Option<Arc<Census>>>>,
-) {
+/// The thread that counts the contents of the pages planting will change (`only`, or all
+/// of `regions`) every [`CENSUS_EVERY`], at `SCHED_IDLE` (it only takes CPU nothing else
+/// wants: a 1 GiB guest, a few hundred ms). Dropping it stops and joins the thread, which
+/// checks before every page it reads: it never reads after its owner is gone.
+struct CensusThread {
+    shared: Arc<CensusShared>,
+    handle: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct CensusShared {
+    latest: Mutex<Option<Arc<Census>>>,
+    stop: AtomicBool,
+    /// Wakes the thread's sleep between censuses when it is told to stop.
+    wake: Condvar,
+    sleeping: Mutex<()>,
+}
+
+impl CensusThread {
+    fn start(regions: Vec<HostRegion>, only: Option<Vec<u64>>) -> std::io::Result<CensusThread> {
+        let shared = Arc::new(CensusShared::default());
+        let theirs = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("wire-census".into())
+            .spawn(move || take_censuses(&regions, only.as_deref(), &theirs))?;
+        Ok(CensusThread {
+            shared,
+            handle: Some(handle),
+        })
+    }
+
+    /// The latest census, if one is done and the thread is not publishing right now.
+    fn latest(&self) -> Option<Arc<Census>> {
+        self.shared.latest.try_lock().ok()?.clone()
+    }
+}
+
+impl Drop for CensusThread {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        // Under the sleep's lock, so that the wake cannot fall between its check and its wait.
+        let guard = self
+            .shared
+            .sleeping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.shared.wake.notify_all();
+        drop(guard);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn take_censuses(regions: &[HostRegion], only: Option<&[u64]>, shared: &CensusShared) {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sets this thread's own policy (pid 0) from a valid `sched_param`; a failure
     // only leaves it at normal priority.
@@ -200,19 +261,32 @@ fn take_censuses(
     loop {
         let mut counts = Census::new();
         for i in 0..total {
+            // Before every read: the regions' owner may drop them once this has stopped.
+            if shared.stop.load(Ordering::Relaxed) {
+                return;
+            }
             let n = only.map_or(i, |pages| pages[i as usize]);
             if read_page(regions, n, &mut page) {
                 *counts.entry(page_hash(&page) as u64).or_insert(0) += 1;
             }
-            // Stop early once nobody will read it.
-            if i % 65_536 == 0 && shared.strong_count() == 0 {
-                return;
-            }
         }
-        let Some(s) = shared.upgrade() else { return };
-        *s.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(counts));
-        drop(s);
-        std::thread::sleep(CENSUS_EVERY);
+        // Only contents that repeat count; the others are 1 by default.
+        counts.retain(|_, k| *k > 1);
+        counts.shrink_to_fit();
+        // The old census is freed after the lock is released.
+        let old = shared
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(Arc::new(counts));
+        drop(old);
+        let asleep = shared.sleeping.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = shared.wake.wait_timeout_while(asleep, CENSUS_EVERY, |_| {
+            !shared.stop.load(Ordering::Relaxed)
+        });
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
     }
 }
 
@@ -300,11 +374,8 @@ mod tests {
     fn settled_ratio(s: &mut MemorySample) -> f64 {
         s.take();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while s
-            .census
-            .as_ref()
-            .is_some_and(|c| c.lock().unwrap().is_none())
-        {
+        while s.counts.is_none() {
+            s.follow_census();
             assert!(std::time::Instant::now() < deadline, "no census");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -323,12 +394,18 @@ mod tests {
         let r = settled_ratio(&mut all);
         assert!((0.45..0.6).contains(&r), "{r}");
         // A quarter of memory planted: of a page's 31 other copies about 8 are pushed too.
-        let mut quarter = MemorySample::new(regions.clone(), EncodingPolicy::ALL, 7).planting(16);
+        let mut quarter =
+            MemorySample::new(regions.clone(), EncodingPolicy::ALL, 7).planted_share(0.25);
         let q = settled_ratio(&mut quarter);
         assert!(q > r + 0.02 && q < 0.7, "{q} against {r}");
         // Without references every page goes raw, and no census is taken.
         let mut off = MemorySample::new(regions, EncodingPolicy::OFF, 7);
         assert!(off.take().unwrap().1 > 1024 * PAGE_SIZE as u64);
         assert!(off.census.is_none());
+        // Stopped (the evacuation starts), the estimate keeps the last census.
+        all.stop_census();
+        assert!(all.census.is_none());
+        let again = settled_ratio(&mut all);
+        assert!((0.45..0.6).contains(&again), "{again}");
     }
 }
