@@ -47,9 +47,10 @@
 //! Lines (`case`): `calibration` (per link), `vm` (per VM and run), `run` (per run: median
 //! and worst per-VM error of the plan and of the replay, makespan and mean completion
 //! predicted against measured, saved by the deadline, the ideal makespan = the bytes that
-//! had to cross (stale bytes × each VM's measured wire ratio) × 8 / nominal rate, and on the bytes the emulator carried, its queue drops), `summary` (per
-//! fleet size and link: the ranking of the three schedules by mean completion, model
-//! against measured; planner against all at once; the targets, pass or fail).
+//! had to cross (stale bytes × each VM's measured wire ratio) × 8 / nominal rate, and on
+//! the bytes the emulator carried, its queue drops), `summary` (per fleet size and link:
+//! the ranking of the three schedules by mean completion, model against measured; planner
+//! against all at once; the targets, pass or fail).
 //! Every VM's memory digest must be equal on both sides, or the bench fails.
 //!
 //! Environment: `FAULTLINE_BENCH_FLEET` (fleet sizes, `4,8`), `FAULTLINE_BENCH_LINKS`

@@ -155,9 +155,9 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wire_bytes_pushed: Option<u64>,
     /// Before the push: pages its source sampled (those the guest rewrote, or those it
-    /// will plant) and what the push's encoding would make of them (see `transport::encoding::WireSample`), its estimate
-    /// of the wire ratio ([`Status::estimated_wire_ratio`]). `None` from a source that
-    /// does not sample.
+    /// will plant) and what the push's encoding would make of them (see
+    /// `transport::encoding::WireSample`), its estimate of the wire ratio
+    /// ([`Status::estimated_wire_ratio`]). `None` from a source that does not sample.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages_sampled: Option<u64>,
     /// See `pages_sampled`.
