@@ -6,8 +6,10 @@ use serde::{Deserialize, Serialize};
 /// Version spoken by this build. A peer with any other version is refused at the handshake.
 /// Version 4: an evacuation's stale set follows the `Hello` at once, and the standby adds its
 /// invalid pages to it (docs/protocol.md). Version 5: a `Request` says how much of the push
-/// the destination had read ([`Message::Request`]'s `pushed_read`).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// the destination had read ([`Message::Request`]'s `pushed_read`). Version 6: pages pushed
+/// before the `HelloAck` may be lz4, which a destination decodes wherever the `Hello`
+/// offered [`FEATURE_LZ4`].
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Guest page size carried on the wire. Only 4 KiB pages are supported today.
 pub const PAGE_SIZE: usize = 4096;
@@ -137,7 +139,9 @@ pub enum PageKind {
     /// An all-zero page; nothing follows.
     Zero = 1,
     /// An lz4 block: a little-endian `u16` length `n` (1 ≤ n < 4096), then `n` bytes that
-    /// decompress to exactly one page. Only after [`FEATURE_LZ4`] was negotiated.
+    /// decompress to exactly one page. Only where the `Hello` offered [`FEATURE_LZ4`]:
+    /// the destination decodes it then, whatever it answers (the pages pushed before its
+    /// answer may be compressed; version 6).
     Lz4 = 2,
     /// A reference to content the destination already holds: the number of a page that
     /// holds it there (u64) and the content's xxh3-128 hash (u128), little-endian. The
@@ -410,7 +414,9 @@ pub const FEATURE_VM_STATE: u64 = 1 << 63;
 /// starting over from the source's memory would run the VM from an older state.
 pub const FEATURE_HANDED_OVER: u64 = 1 << 62;
 
-/// Feature bit: `Pages` may carry [`PageKind::Lz4`] pages.
+/// Feature bit: `Pages` may carry [`PageKind::Lz4`] pages. Unlike the other encodings,
+/// lz4 needs no answer: a destination decodes it wherever the `Hello` offered it, so the
+/// pages pushed before the `HelloAck` may be compressed (version 6).
 pub const FEATURE_LZ4: u64 = 1 << 0;
 
 /// Feature bit: `Pages` may carry [`PageKind::Ref`] pages.

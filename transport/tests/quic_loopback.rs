@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use transport::encoding::{page_hash, EncodingPolicy, EncodingStats, ReplicaIndex};
 use transport::message::PAGE_SIZE;
@@ -85,7 +86,7 @@ fn decoded_as_encoded(dst: &DestReport, e: &EncodingStats) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_and_deduplicated_pages_arrive_intact() {
-    // Without the early push, which goes unencoded, every pushed page is encoded.
+    // Without the early push, which sends no references, every page is encoded as it may.
     let (src, dst, sink, img) = migrate_with(
         compressible_image(2048),
         EncodingPolicy::ALL,
@@ -105,7 +106,7 @@ async fn compressed_and_deduplicated_pages_arrive_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_early_unencoded_push_and_the_encoded_push_after_it_arrive_intact() {
+async fn an_early_push_and_the_push_after_the_answer_arrive_intact() {
     let (src, dst, sink, img) =
         migrate(compressible_image(2048), EncodingPolicy::ALL, vec![7, 1500]).await;
     assert_eq!(*sink.mem.lock().unwrap(), img.0);
@@ -119,6 +120,40 @@ async fn an_early_unencoded_push_and_the_encoded_push_after_it_arrive_intact() {
         src.pages_pushed + src.pages_served + src.pages_echoed,
         "{e:?}"
     );
+}
+
+/// The pages pushed before the destination's answer are lz4 where the policy allows it,
+/// even to a destination that then agrees to no encoding (protocol version 6): it decodes
+/// them, the push after its answer goes raw, and every page arrives intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_push_before_the_answer_is_compressed_whatever_the_destination_agrees_to() {
+    let pages = 2048;
+    let img = Arc::new(Image(compressible_image(pages)));
+    let side = DestSide {
+        features: Some(0),
+        // Long enough for the early push to send pages on loopback.
+        answer_after: Duration::from_millis(300),
+    };
+    let (src, dst, sink) = migrate_reader(
+        img.clone(),
+        pages,
+        EncodingPolicy::ALL,
+        vec![],
+        true,
+        None,
+        side,
+    )
+    .await;
+    assert_eq!(*sink.mem.lock().unwrap(), img.0);
+    assert!(src.pages_pushed_early > 0, "{src:?}");
+    let e = &src.encoding;
+    // Only pages pushed before the answer were compressed, and some were.
+    assert!(
+        e.lz4_pages > 0 && e.lz4_pages <= src.pages_pushed_early,
+        "{e:?}"
+    );
+    assert_eq!(e.ref_pages, 0, "{e:?}");
+    decoded_as_encoded(&dst, e);
 }
 
 /// A pushed reference the destination cannot resolve (the replica index says it holds
@@ -139,7 +174,7 @@ async fn references_the_destination_cannot_resolve_are_fetched_again() {
     index.set(wrong).unwrap();
     let img = Arc::new(Image(img));
     let (src, dst, sink) = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
+        Duration::from_secs(20),
         migrate_reader(
             img.clone(),
             pages,
@@ -147,6 +182,7 @@ async fn references_the_destination_cannot_resolve_are_fetched_again() {
             vec![7],
             false,
             Some(index),
+            DestSide::default(),
         ),
     )
     .await
@@ -191,6 +227,7 @@ async fn mostly_zero_memory_crosses_as_long_zero_runs_without_reading_them() {
             vec![100, 4095],
             early_push,
             None,
+            DestSide::default(),
         )
         .await;
         assert_eq!(*sink.mem.lock().unwrap(), img, "early push {early_push}");
@@ -264,6 +301,7 @@ async fn data_pages_found_zero_after_a_long_known_zero_run_do_not_overflow_it() 
         vec![pages - 1],
         false,
         None,
+        DestSide::default(),
     )
     .await;
     assert_eq!(dst.pages_received, pages);
@@ -288,8 +326,26 @@ async fn migrate_with(
 ) -> (SourceReport, DestReport, Arc<MemSink>, Arc<Image>) {
     let pages = img.len() / PAGE_SIZE;
     let img = Arc::new(Image(img));
-    let (s, d, sink) = migrate_reader(img.clone(), pages, encoding, demand, early_push, None).await;
+    let (s, d, sink) = migrate_reader(
+        img.clone(),
+        pages,
+        encoding,
+        demand,
+        early_push,
+        None,
+        DestSide::default(),
+    )
+    .await;
     (s, d, sink, img)
+}
+
+/// The destination of a loopback migration.
+#[derive(Clone, Copy, Default)]
+struct DestSide {
+    /// The encodings it agrees to, if not every one.
+    features: Option<u64>,
+    /// How long it leaves the source's `Hello` unanswered.
+    answer_after: Duration,
 }
 
 async fn migrate_reader<R: quic::PageReader>(
@@ -299,6 +355,7 @@ async fn migrate_reader<R: quic::PageReader>(
     demand: Vec<u64>,
     early_push: bool,
     replica_index: Option<ReplicaIndex>,
+    side: DestSide,
 ) -> (SourceReport, DestReport, Arc<MemSink>) {
     let src_id = Identity::generate("source").unwrap();
     let dst_id = Identity::generate("dest").unwrap();
@@ -312,9 +369,12 @@ async fn migrate_reader<R: quic::PageReader>(
     let dest_sink = sink.clone();
     let dest = tokio::spawn(async move {
         let conn = quic::accept(&server).await.unwrap().unwrap();
+        tokio::time::sleep(side.answer_after).await;
+        let config = DestConfig::migrate(dest_layout);
         let session = DestSession::new(DestConfig {
             expected_vm_id: Some("vm".into()),
-            ..DestConfig::migrate(dest_layout)
+            features: side.features.unwrap_or(config.features),
+            ..config
         });
         let hooks = DestHooks {
             on_established: Some(Box::new(move |_, state: Option<&[u8]>| {

@@ -69,6 +69,20 @@ impl EncodingPolicy {
         dedup: Mode::Auto,
     };
 
+    /// The policy for the pages pushed before the destination answers the `Hello` (the
+    /// early push, protocol version 6): lz4 wherever this policy allows it, as every
+    /// destination decodes lz4 once the `Hello` offered it; no references, as nothing says
+    /// yet what the destination holds.
+    pub fn before_answer(&self) -> EncodingPolicy {
+        EncodingPolicy {
+            lz4: match self.lz4 {
+                Mode::Off => Mode::Off,
+                Mode::On | Mode::Auto => Mode::On,
+            },
+            dedup: Mode::Off,
+        }
+    }
+
     /// The feature bits to announce.
     pub fn features(&self) -> u64 {
         let mut f = 0;

@@ -174,6 +174,9 @@ pub struct DestSession {
     kind: SessionKind,
     vm_id: String,
     features: u64,
+    /// The encodings incoming pages may use: the negotiated ones, and lz4 wherever the
+    /// `Hello` offered it (see [`DestSession::decodes`]).
+    decodes: u64,
     received: Bitmap,
     expect_state: bool,
     pending_requests: Vec<u64>,
@@ -210,6 +213,7 @@ impl DestSession {
             kind: SessionKind::Migrate,
             vm_id: String::new(),
             features: 0,
+            decodes: 0,
             received: Bitmap::new(config.layout.total_pages()),
             expect_state: false,
             pending_requests: Vec::new(),
@@ -314,6 +318,7 @@ impl DestSession {
             self.state = State::AwaitHello;
             self.expect_state = false;
             self.features = 0;
+            self.decodes = 0;
             self.stale = None;
             self.invalid = None;
             self.deferred.clear();
@@ -352,6 +357,15 @@ impl DestSession {
     /// The features both sides agreed on (valid once the `HelloAck` went out).
     pub fn features(&self) -> u64 {
         self.features
+    }
+
+    /// The encodings incoming pages may use (valid once the `HelloAck` went out): the
+    /// negotiated ones, and lz4 whenever the `Hello` offered it, even to a destination
+    /// configured without it. The source compresses the pages it pushes before the answer
+    /// (protocol version 6), when it cannot know what the destination will agree to; lz4
+    /// costs a destination nothing to decode, so every one does.
+    pub fn decodes(&self) -> u64 {
+        self.decodes
     }
 
     /// Pages received from the source at least once.
@@ -616,6 +630,7 @@ impl DestSession {
                 self.features = features
                     & self.config.features
                     & !(crate::message::FEATURE_VM_STATE | crate::message::FEATURE_HANDED_OVER);
+                self.decodes = self.features | (features & crate::message::FEATURE_LZ4);
                 self.vm_id = vm_id.clone();
                 self.session_id = session_id;
                 self.hello_seen = true;

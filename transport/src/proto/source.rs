@@ -549,8 +549,9 @@ impl SourceSession {
     }
 
     /// Whether the push may run before the handshake is answered: a migration or an
-    /// evacuation with the push on, waiting for the destination. Those pages go out
-    /// unencoded (nothing is negotiated yet); the destination holds them until the session
+    /// evacuation with the push on, waiting for the destination. Nothing is negotiated yet,
+    /// so those pages go out raw or lz4 (which a destination decodes whenever the `Hello`
+    /// offered it), never as references; the destination holds them until the session
     /// runs. It saves the round trip of the handshake on a long link.
     pub fn may_push_early(&self) -> bool {
         matches!(self.state, State::HelloSent | State::AwaitInvalid(_))

@@ -90,6 +90,48 @@ fn install(d: &Delivery, mem: &mut [Vec<u8>]) {
     }
 }
 
+/// The pages pushed before the destination's answer may be lz4 (version 6): a destination
+/// decodes lz4 wherever the `Hello` offered it, even one configured not to agree to it, and
+/// nothing else beyond what it agreed to.
+#[test]
+fn lz4_is_decoded_wherever_the_hello_offered_it_whatever_was_agreed() {
+    use crate::encoding::{EncodingPolicy, Mode};
+    use crate::message::{FEATURE_DEDUP, FEATURE_LZ4};
+    let refs_only = EncodingPolicy {
+        lz4: Mode::Off,
+        dedup: Mode::On,
+    };
+    for (policy, agreed, decodes) in [
+        (
+            EncodingPolicy::ALL,
+            FEATURE_DEDUP,
+            FEATURE_LZ4 | FEATURE_DEDUP,
+        ),
+        (refs_only, FEATURE_DEDUP, FEATURE_DEDUP),
+        (EncodingPolicy::OFF, 0, 0),
+    ] {
+        let n = 8;
+        let mut src = SourceSession::new(SourceConfig {
+            encoding: policy,
+            ..SourceConfig::migrate("vm-1", layout(n))
+        });
+        let mut dst = DestSession::new(DestConfig {
+            features: FEATURE_DEDUP,
+            ..DestConfig::migrate(layout(n))
+        });
+        let mut mem = vec![Vec::new(); n as usize];
+        let events = pump(&mut src, &mut dst, &mut mem);
+        assert!(dst.is_running(), "{policy:?}");
+        assert_eq!(
+            events,
+            vec![SourceEvent::Established { features: agreed }],
+            "{policy:?}"
+        );
+        assert_eq!(dst.features(), agreed, "{policy:?}");
+        assert_eq!(dst.decodes(), decodes, "{policy:?}");
+    }
+}
+
 #[test]
 fn full_session_moves_every_page_and_ends_cleanly() {
     let n = 40;

@@ -69,7 +69,7 @@ impl Frames {
 /// Reads `channel`'s messages until the stream ends, installing page data in the sink (or
 /// storing it in the replica).
 pub(super) async fn receive_pages(dest: Arc<Dest>, channel: Channel, mut frames: Frames) {
-    // Pages arrive only once the handshake is done: the features are known then.
+    // Pages arrive only once the handshake is done: the encodings are known then.
     let mut decoder: Option<PageDecoder> = None;
     let result = async {
         loop {
@@ -80,13 +80,13 @@ pub(super) async fn receive_pages(dest: Arc<Dest>, channel: Channel, mut frames:
             match dest.link.handle(channel, msg).await? {
                 Some(Delivery::Pages(pages)) => {
                     let decoder = decoder
-                        .get_or_insert_with(|| PageDecoder::new(dest.link.session().features()));
+                        .get_or_insert_with(|| PageDecoder::new(dest.link.session().decodes()));
                     dest.install(pages, channel, decoder).await?;
                 }
                 // A run partly present already: only its new pages.
                 Some(Delivery::PageRuns(runs)) => {
                     let decoder = decoder
-                        .get_or_insert_with(|| PageDecoder::new(dest.link.session().features()));
+                        .get_or_insert_with(|| PageDecoder::new(dest.link.session().decodes()));
                     for pages in runs {
                         dest.install(pages, channel, decoder).await?;
                     }

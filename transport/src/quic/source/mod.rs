@@ -33,7 +33,7 @@ use super::{
     PRIO_CONTROL, PRIO_URGENT, RECONNECTING, TAG_BULK, TAG_CONTROL, TAG_ECHO, TAG_URGENT,
 };
 use crate::bitmap::Bitmap;
-use crate::encoding::{EncodingPolicy, EncodingStats, PageEncoder};
+use crate::encoding::{EncodingStats, PageEncoder};
 use crate::proto::{Channel, Ownership, SessionState, SourceEvent, SourceSession};
 
 /// Guest memory as the source sees it: frozen at switchover, read-only for the session.
@@ -624,8 +624,10 @@ impl Driver {
         }
     }
 
-    /// The handshake, with the push starting beside it with what must cross anyway: raw,
-    /// as nothing is negotiated yet (a round trip saved on a long link). A failed early
+    /// The handshake, with the push starting beside it with what must cross anyway: lz4
+    /// where the policy allows it and otherwise raw, as nothing else is agreed yet (a round
+    /// trip saved on a long link; see
+    /// [`crate::encoding::EncodingPolicy::before_answer`]). A failed early
     /// push (memory unreadable, the stream refused) ends the session before the
     /// destination may resume a guest this source is about to abandon.
     async fn handshake(
@@ -634,7 +636,9 @@ impl Driver {
         totals: &mut Totals,
     ) -> Result<EarlyPush, DriverError> {
         let started = Instant::now();
-        let encoder: SharedEncoder = Arc::new(Mutex::new(PageEncoder::new(EncodingPolicy::OFF, 0)));
+        let early = self.link().session().encoding().before_answer();
+        let encoder: SharedEncoder =
+            Arc::new(Mutex::new(PageEncoder::new(early, early.features())));
         let mut task = Some(tokio::spawn(push::push_early(
             self.src.clone(),
             data.bulk.clone(),

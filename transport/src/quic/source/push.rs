@@ -29,7 +29,7 @@ const EARLY_BACKLOG: u64 = 512 * 1024;
 /// Fills `batch` with up to PUSH_RUN pages, in as many runs as the schedule hands out:
 /// one run when the pages are contiguous, up to PUSH_RUN frames when they are scattered
 /// (a stale set). Empty when the schedule has nothing more; for the `early` push, also
-/// as soon as the session runs (the rest is [`push_all`]'s, encoded, and so is the
+/// as soon as the session runs (the rest is [`push_all`]'s, encoded as negotiated, and so is the
 /// `PushDone` at its end).
 ///
 /// The early push stops at pages the reader knows to be zero (the rest waits for
@@ -136,12 +136,13 @@ async fn write_batch(src: &Source, bulk: &SharedSend, batch: &[Pages]) -> Result
 }
 
 /// The push before the destination answered the handshake (see
-/// [`crate::proto::SourceSession::may_push_early`]): unencoded pages on the bulk stream,
-/// until the session runs (then [`push_all`] takes over) or the early schedule is empty.
+/// [`crate::proto::SourceSession::may_push_early`]): pages on the bulk stream, lz4 or raw
+/// (`encoder`, [`crate::encoding::EncodingPolicy::before_answer`]), until the session runs
+/// (then [`push_all`] takes over) or the early schedule is empty.
 ///
 /// It writes only as fast as the link takes it, keeping at most [`EARLY_BACKLOG`] bytes
 /// unsent: it fills a round trip the link would idle through, and what it left queued
-/// when the session starts would cross unencoded where it could have been encoded.
+/// when the session starts would cross without the references the push may use.
 pub(super) async fn push_early(
     src: Arc<Source>,
     bulk: SharedSend,
