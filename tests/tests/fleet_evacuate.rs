@@ -406,9 +406,9 @@ fn three_vms_are_evacuated_in_the_planned_order_with_equal_memory() {
     // Exactly 5% of each guest's pages stale at its evacuation (410 of 8192); two raw on
     // the wire, so the bytes sent bound them from below, and one compressed (the
     // stand-in's pages are a quarter near-zero and half text), whose source counts what
-    // lz4 made of a page. Without the early push, which sends pages unencoded before the
-    // standby answers: on loopback it may send them all.
-    let encoded = ["--stale-pct", "5", "--encoding", "lz4", "--no-early-push"];
+    // lz4 made of a page, the early push included (on loopback it may send them all; it
+    // compresses as the push after it does).
+    let encoded = ["--stale-pct", "5", "--encoding", "lz4"];
     let pairs: Vec<Pair> = [
         Pair::start(
             &certs,

@@ -95,8 +95,8 @@ fn moved_pages_cross_as_references_into_the_replica() {
             "1",
             "--encoding",
             "dedup",
-            // The early push goes unencoded; on loopback it would carry most of this small
-            // stale set before the references are negotiated.
+            // The early push sends no references; on loopback it would carry most of this
+            // small stale set before the references are negotiated.
             "--no-early-push",
         ],
     );

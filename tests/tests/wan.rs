@@ -328,7 +328,8 @@ fn an_evacuation_over_40ms_rtt_pushes_beside_the_handshake() {
         "{d}"
     );
     assert!(
-        counters.client_to_server.bytes >= stale * 4096 / 2,
+        // (a quarter: the early push is lz4 whatever the tuner would decide)
+        counters.client_to_server.bytes >= stale * 4096 / 4,
         "the evacuation did not cross the emulator: {counters:?}"
     );
 }

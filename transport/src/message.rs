@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 /// Version 4: an evacuation's stale set follows the `Hello` at once, and the standby adds its
 /// invalid pages to it (docs/protocol.md). Version 5: a `Request` says how much of the push
 /// the destination had read ([`Message::Request`]'s `pushed_read`). Version 6: pages pushed
-/// before the `HelloAck` may be lz4, which a destination decodes wherever the `Hello`
+/// before the session runs may be lz4, which a destination decodes wherever the `Hello`
 /// offered [`FEATURE_LZ4`].
 pub const PROTOCOL_VERSION: u16 = 6;
 
@@ -416,7 +416,7 @@ pub const FEATURE_HANDED_OVER: u64 = 1 << 62;
 
 /// Feature bit: `Pages` may carry [`PageKind::Lz4`] pages. Unlike the other encodings,
 /// lz4 needs no answer: a destination decodes it wherever the `Hello` offered it, so the
-/// pages pushed before the `HelloAck` may be compressed (version 6).
+/// pages pushed before the session runs may be compressed (version 6).
 pub const FEATURE_LZ4: u64 = 1 << 0;
 
 /// Feature bit: `Pages` may carry [`PageKind::Ref`] pages.
@@ -524,7 +524,8 @@ pub enum Message {
         /// The destination's [`PROTOCOL_VERSION`].
         version: u16,
         /// The negotiated features: those of the `Hello` the destination also supports,
-        /// without [`FEATURE_VM_STATE`]. The source encodes pages with these only.
+        /// without [`FEATURE_VM_STATE`]. The source encodes pages with these only once the
+        /// session runs (before, lz4 where the `Hello` offered it: [`FEATURE_LZ4`]).
         features: u64,
         /// The connection epoch the destination gave this connection (0 for the first;
         /// see [`Message::Resume`]).

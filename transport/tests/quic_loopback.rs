@@ -128,32 +128,93 @@ async fn an_early_push_and_the_push_after_the_answer_arrive_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_push_before_the_answer_is_compressed_whatever_the_destination_agrees_to() {
     let pages = 2048;
-    let img = Arc::new(Image(compressible_image(pages)));
-    let side = DestSide {
-        features: Some(0),
-        // Long enough for the early push to send pages on loopback.
-        answer_after: Duration::from_millis(300),
-    };
-    let (src, dst, sink) = migrate_reader(
-        img.clone(),
-        pages,
-        EncodingPolicy::ALL,
-        vec![],
-        true,
-        None,
-        side,
-    )
-    .await;
-    assert_eq!(*sink.mem.lock().unwrap(), img.0);
-    assert!(src.pages_pushed_early > 0, "{src:?}");
+    let img = compressible_image(pages);
+    let (src, dst) = migrate_held(img, Some(0)).await;
+    // At least the batch read before the answer went early, and not everything did.
+    assert!(
+        (1..pages as u64).contains(&src.pages_pushed_early),
+        "{src:?}"
+    );
     let e = &src.encoding;
-    // Only pages pushed before the answer were compressed, and some were.
+    // Only pages pushed before the answer were compressed, and some were; after it they
+    // went raw.
     assert!(
         e.lz4_pages > 0 && e.lz4_pages <= src.pages_pushed_early,
         "{e:?}"
     );
+    assert!(e.raw_pages > 0, "{e:?}");
     assert_eq!(e.ref_pages, 0, "{e:?}");
     decoded_as_encoded(&dst, e);
+}
+
+/// The push after the answer names the pages the early push sent: memory of eight
+/// contents, all of them in the early push's first batch, crosses as those pages
+/// compressed and references to them for the rest, every one resolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_push_after_the_answer_references_the_pages_pushed_before_it() {
+    let pages = 1024;
+    let mut img = vec![0u8; pages * PAGE_SIZE];
+    for (i, page) in img.chunks_mut(PAGE_SIZE).enumerate() {
+        let line = format!("one of eight contents: {}; ", i % 8);
+        for (b, c) in page.iter_mut().zip(line.bytes().cycle()) {
+            *b = c;
+        }
+    }
+    let (src, dst) = migrate_held(img, None).await;
+    let early = src.pages_pushed_early;
+    assert!((8..pages as u64).contains(&early), "{src:?}");
+    let e = &src.encoding;
+    assert_eq!(e.lz4_pages, early, "{e:?}");
+    assert_eq!(e.ref_pages, pages as u64 - early, "{e:?}");
+    assert_eq!(dst.decoded.refs_refetched, 0, "{:?}", dst.decoded);
+    decoded_as_encoded(&dst, e);
+}
+
+/// Migrates `img` (policy `all`, no demand) from a [`Slow`] reader to a destination that
+/// agrees to `features` (all if `None`) and answers only once the early push has read
+/// memory; memory must arrive equal.
+async fn migrate_held(img: Vec<u8>, features: Option<u64>) -> (SourceReport, DestReport) {
+    let pages = img.len() / PAGE_SIZE;
+    let first_read = Arc::new(tokio::sync::Notify::new());
+    let img = Arc::new(Image(img));
+    let reader = Arc::new(Slow {
+        inner: img.clone(),
+        first_read: first_read.clone(),
+    });
+    let side = DestSide {
+        features,
+        answer_after_read: Some(first_read),
+    };
+    let (src, dst, sink) =
+        migrate_reader(reader, pages, EncodingPolicy::ALL, vec![], true, None, side).await;
+    assert_eq!(*sink.mem.lock().unwrap(), img.0);
+    (src, dst)
+}
+
+/// A reader whose every read takes [`Slow::PER_READ`] (memory read slowly) and which tells
+/// `first_read` when the source first reads: its early push has begun then, as nothing else
+/// reads before the destination answers.
+struct Slow<R> {
+    inner: Arc<R>,
+    first_read: Arc<tokio::sync::Notify>,
+}
+
+impl<R> Slow<R> {
+    /// Long enough that the push yields after every batch (so the destination's task runs,
+    /// woken on this worker) and that the answer comes long before the push could end.
+    const PER_READ: Duration = Duration::from_millis(5);
+}
+
+impl<R: quic::PageReader> quic::PageReader for Slow<R> {
+    fn pages(&self, first: u64, count: usize) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+        self.first_read.notify_one();
+        std::thread::sleep(Self::PER_READ);
+        self.inner.pages(first, count)
+    }
+
+    fn extent(&self, first: u64, max: u64) -> quic::Extent {
+        self.inner.extent(first, max)
+    }
 }
 
 /// A pushed reference the destination cannot resolve (the replica index says it holds
@@ -340,12 +401,12 @@ async fn migrate_with(
 }
 
 /// The destination of a loopback migration.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct DestSide {
     /// The encodings it agrees to, if not every one.
     features: Option<u64>,
-    /// How long it leaves the source's `Hello` unanswered.
-    answer_after: Duration,
+    /// Answer only once this is notified (the source read memory: [`Slow`]).
+    answer_after_read: Option<Arc<tokio::sync::Notify>>,
 }
 
 async fn migrate_reader<R: quic::PageReader>(
@@ -369,7 +430,9 @@ async fn migrate_reader<R: quic::PageReader>(
     let dest_sink = sink.clone();
     let dest = tokio::spawn(async move {
         let conn = quic::accept(&server).await.unwrap().unwrap();
-        tokio::time::sleep(side.answer_after).await;
+        if let Some(read) = &side.answer_after_read {
+            read.notified().await;
+        }
         let config = DestConfig::migrate(dest_layout);
         let session = DestSession::new(DestConfig {
             expected_vm_id: Some("vm".into()),

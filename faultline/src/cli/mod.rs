@@ -162,8 +162,8 @@ pub struct SourceArgs {
     /// stream ahead of it: only to measure what the separate stream is worth.
     #[arg(long)]
     pub replies_on_bulk: bool,
-    /// Wait for the destination's answer before pushing, instead of pushing (unencoded)
-    /// beside the handshake: to measure what the early push saves.
+    /// Wait for the destination's answer before pushing, instead of pushing beside the
+    /// handshake (lz4 or raw, no references): to measure what the early push saves.
     #[arg(long)]
     pub no_early_push: bool,
     /// Seconds to keep retrying while the destination is not up yet.

@@ -18,9 +18,9 @@ pub enum DecodeError {
         /// The decompressor's error, or how many bytes came out.
         reason: String,
     },
-    /// An lz4 page, though lz4 was not negotiated.
-    #[error("page {page}: compressed page while lz4 was not negotiated")]
-    Lz4NotNegotiated {
+    /// An lz4 page, though the source did not offer lz4.
+    #[error("page {page}: compressed page while lz4 was not offered")]
+    Lz4NotOffered {
         /// The page sent compressed.
         page: u64,
     },
@@ -77,7 +77,9 @@ impl Run {
 }
 
 impl PageDecoder {
-    /// A decoder for the encodings negotiated (`features`); others are refused.
+    /// A decoder for the encodings in `features` (at a destination,
+    /// [`crate::proto::DestSession::decodes`]: those agreed to, and lz4 where the source
+    /// offered it); others are refused.
     pub fn new(features: u64) -> PageDecoder {
         PageDecoder {
             lz4: features & crate::message::FEATURE_LZ4 != 0,
@@ -120,7 +122,7 @@ impl PageDecoder {
                 }
                 PageRef::Lz4(block) => {
                     if !self.lz4 {
-                        return Err(DecodeError::Lz4NotNegotiated { page: n });
+                        return Err(DecodeError::Lz4NotOffered { page: n });
                     }
                     match lz4_flex::block::decompress_into(block, &mut self.buf) {
                         Ok(PAGE_SIZE) => {}
@@ -206,6 +208,44 @@ mod tests {
             .collect()
     }
 
+    /// The early push's encoder never writes a reference, but indexes what it sends where
+    /// the `Hello` offers references and the policy uses them; the push after the answer
+    /// takes that index over and names those pages.
+    #[test]
+    fn the_push_after_the_answer_references_what_the_early_push_sent() {
+        use super::super::Mode;
+        let mem = image();
+        let text = &mem[..PAGE_SIZE];
+        let lz4_only = EncodingPolicy {
+            lz4: Mode::On,
+            dedup: Mode::Off,
+        };
+        // (policy, offered in the `Hello`, agreed to, whether the push references page 100)
+        for (policy, offered, agreed, refs) in [
+            (EncodingPolicy::ALL, ALL, ALL, true),
+            (EncodingPolicy::AUTO, ALL, ALL, true),
+            (EncodingPolicy::ALL, FEATURE_LZ4, ALL, false),
+            (lz4_only, ALL, ALL, false),
+            (EncodingPolicy::ALL, ALL, FEATURE_LZ4, false),
+        ] {
+            let case = format!("{policy:?} offered {offered:#x} agreed {agreed:#x}");
+            let mut early = PageEncoder::before_answer(policy, offered);
+            // A page and its copy: both compressed, as nothing is agreed yet.
+            let sent = early.encode_push(100, &[text, text].concat());
+            assert_eq!(sent.kinds.to_vec(), [PageKind::Lz4 as u8; 2], "{case}");
+            assert_eq!(early.stats().ref_pages, 0, "{case}");
+            let mut push = PageEncoder::new(policy, agreed);
+            push.adopt_index(early.take_index());
+            let later = push.encode_push(200, text);
+            if refs {
+                assert_eq!(later.kinds.to_vec(), [PageKind::Ref as u8], "{case}");
+                assert_eq!(later.payload[..8], 100u64.to_le_bytes(), "{case}");
+            } else {
+                assert_eq!(later.kinds.to_vec(), [PageKind::Lz4 as u8], "{case}");
+            }
+        }
+    }
+
     #[test]
     fn every_encoding_round_trips_and_references_are_verified() {
         let mem = image();
@@ -273,7 +313,7 @@ mod tests {
         let mem = image();
         let pages = PageEncoder::new(EncodingPolicy::ALL, ALL).encode_push(0, &mem);
         let e = PageDecoder::new(0).decode(pages, |_, _| false).unwrap_err();
-        assert_eq!(e, DecodeError::Lz4NotNegotiated { page: 0 });
+        assert_eq!(e, DecodeError::Lz4NotOffered { page: 0 });
         // The encoder itself never uses what the destination did not accept.
         let pages = PageEncoder::new(EncodingPolicy::ALL, 0).encode_push(0, &mem);
         assert!(pages

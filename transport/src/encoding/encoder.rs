@@ -18,6 +18,10 @@ pub struct PageEncoder {
     lz4_allowed: bool,
     dedup_allowed: bool,
     zero_runs: bool,
+    /// Hashes every non-zero page into `held` without ever writing a reference: the early
+    /// push's encoder, whose index the push after it takes over
+    /// ([`PageEncoder::before_answer`]).
+    index_only: bool,
     tuner: Tuner,
     /// Content hash → a page the destination holds (or will, in stream order) with it.
     held: HashMap<u128, u64>,
@@ -36,12 +40,41 @@ impl PageEncoder {
             lz4_allowed: features & FEATURE_LZ4 != 0,
             dedup_allowed: features & FEATURE_DEDUP != 0,
             zero_runs: features & FEATURE_ZERO_RUNS != 0,
+            index_only: false,
             tuner: Tuner::new(policy),
             held: HashMap::new(),
             replica: None,
             stats: EncodingStats::default(),
             scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
             pending: BatchSample::default(),
+        }
+    }
+
+    /// The encoder for the pages pushed before the destination answers, for a session whose
+    /// `Hello` offered `offered` under `policy`: lz4 as the policy allows it and the `Hello`
+    /// offered it ([`EncodingPolicy::before_answer`]), never references, no long zero runs.
+    /// Where the `Hello` offers references it still indexes every page it sends, so that
+    /// the push after the answer may name them ([`PageEncoder::take_index`]).
+    pub fn before_answer(policy: EncodingPolicy, offered: u64) -> PageEncoder {
+        let mut e = PageEncoder::new(policy.before_answer(), offered & FEATURE_LZ4);
+        e.index_only = policy.dedup != Mode::Off && offered & FEATURE_DEDUP != 0;
+        e
+    }
+
+    /// The content index built so far, emptied: what [`PageEncoder::adopt_index`] of the
+    /// encoder whose frames follow on the same stream may reference.
+    pub fn take_index(&mut self) -> HashMap<u128, u64> {
+        std::mem::take(&mut self.held)
+    }
+
+    /// Takes over the content `index` of pages sent earlier on this encoder's stream (the
+    /// early push's), if references are allowed; pages already indexed here keep theirs.
+    pub fn adopt_index(&mut self, index: HashMap<u128, u64>) {
+        if !self.dedup_allowed {
+            return;
+        }
+        for (h, n) in index {
+            self.held.entry(h).or_insert(n);
         }
     }
 
@@ -133,13 +166,15 @@ impl PageEncoder {
         self.encode(first, data, choice, false)
     }
 
-    /// The push waited `write_ns` for the stream to take the last batch's bytes, and the
-    /// process spent `send_cpu_ns` of CPU besides building the batch since the one before
-    /// (see [`BatchSample::send_cpu_ns`]).
-    pub fn observe_write(&mut self, wire_bytes: u64, write_ns: u64, send_cpu_ns: u64) {
+    /// The link took `write_ns` to carry the last batch's bytes (`None` where that could not
+    /// be measured: see [`BatchSample::link_bytes`]), and the process spent `send_cpu_ns` of
+    /// CPU besides building the batch since the one before (see
+    /// [`BatchSample::send_cpu_ns`]).
+    pub fn observe_write(&mut self, wire_bytes: u64, write_ns: Option<u64>, send_cpu_ns: u64) {
         let mut s = std::mem::take(&mut self.pending);
         s.wire_bytes = wire_bytes;
-        s.write_ns = write_ns;
+        s.link_bytes = if write_ns.is_some() { wire_bytes } else { 0 };
+        s.write_ns = write_ns.unwrap_or(0);
         s.send_cpu_ns = send_cpu_ns;
         self.tuner.observe(&s);
     }
@@ -175,13 +210,17 @@ impl PageEncoder {
                 self.stats.zero_bytes += 1;
                 continue;
             }
-            if choice.dedup_rate > 0.0 && sampled(n, threshold) {
+            if self.index_only || (choice.dedup_rate > 0.0 && sampled(n, threshold)) {
                 let t = Instant::now();
                 let h = page_hash(page);
-                let held = self.held.get(&h).copied().map(|p| (p, false)).or_else(|| {
-                    let replica = self.replica.as_ref()?.get()?;
-                    replica.get(&h).map(|&p| (p, true))
-                });
+                let held = if self.index_only {
+                    None
+                } else {
+                    self.held.get(&h).copied().map(|p| (p, false)).or_else(|| {
+                        let replica = self.replica.as_ref()?.get()?;
+                        replica.get(&h).map(|&p| (p, true))
+                    })
+                };
                 self.pending.hash_ns += t.elapsed().as_nanos() as u64;
                 self.pending.hashed += 1;
                 self.stats.pages_hashed += 1;

@@ -78,8 +78,13 @@ pub struct Choice {
 pub struct BatchSample {
     /// Bytes written to the stream for this batch.
     pub wire_bytes: u64,
-    /// Time the push waited for the stream to take them (the link's pace once the send
-    /// window is full; near zero when the link is faster than the push).
+    /// Of those, the bytes whose cost on the link was measured (`write_ns`): none while the
+    /// push runs ahead of the wire before the link's rate is known, when how long a write
+    /// waits says nothing about the link.
+    pub link_bytes: u64,
+    /// What the link took to carry `link_bytes`: the time the push waited for the stream to
+    /// take them, or the connection's measured rate once the push is ahead of the wire
+    /// (near zero when the link is faster than the push).
     pub write_ns: u64,
     /// CPU time the source process spent, besides building this batch, from the last
     /// batch's write to this one's: mostly the QUIC stack encrypting and sending.
@@ -108,6 +113,7 @@ pub struct BatchSample {
 impl BatchSample {
     fn add(&mut self, b: &BatchSample) {
         self.wire_bytes += b.wire_bytes;
+        self.link_bytes += b.link_bytes;
         self.write_ns += b.write_ns;
         self.send_cpu_ns += b.send_cpu_ns;
         self.lz4_in += b.lz4_in;
@@ -256,9 +262,13 @@ impl Tuner {
             return;
         }
         let s = std::mem::take(&mut self.window);
-        if s.wire_bytes > 0 {
+        // Until the link's cost is measured nothing is decided on it: lz4 and hashing stay
+        // as they started (on, for `auto`).
+        if s.link_bytes > 0 {
             self.link
-                .add(s.write_ns as f64 / s.wire_bytes as f64, LINK_ALPHA);
+                .add(s.write_ns as f64 / s.link_bytes as f64, LINK_ALPHA);
+        }
+        if s.wire_bytes > 0 {
             self.send_cpu
                 .add(s.send_cpu_ns as f64 / s.wire_bytes as f64, LINK_ALPHA);
         }
@@ -417,6 +427,7 @@ mod tests {
         let wire = shrunk_out + (left - shrunk) * PAGE_SIZE as u64 + hits * 25;
         BatchSample {
             wire_bytes: wire,
+            link_bytes: wire,
             write_ns: (wire as f64 * r.link) as u64,
             send_cpu_ns: (wire as f64 * r.send) as u64,
             lz4_in: tried * PAGE_SIZE as u64,
@@ -456,6 +467,29 @@ mod tests {
         let n = run(&mut t, cpu_bound, 200);
         assert_eq!(n.lz4_full, 200);
         assert_eq!(t.choose().dedup_rate, 1.0);
+    }
+
+    /// A push ahead of the wire before the link's rate is measured learns nothing of the
+    /// link: lz4 stays on however short the writes' waits, where the same waits measured
+    /// as the link's cost turn it off.
+    #[test]
+    fn an_unmeasured_link_keeps_lz4_on() {
+        let free = Region {
+            link: 0.0,
+            send: 0.1,
+            ..WAN
+        };
+        let mut t = Tuner::new(EncodingPolicy::AUTO);
+        for _ in 0..64 {
+            let c = t.choose();
+            assert_eq!(c.lz4_rate, 1.0, "after {} batches", t.batches);
+            let mut b = model(free, c);
+            b.link_bytes = 0;
+            t.observe(&b);
+        }
+        let mut t = Tuner::new(EncodingPolicy::AUTO);
+        let n = run(&mut t, free, 64);
+        assert!(n.lz4_full <= 1 + 64 / PROBE_EVERY, "{} batches", n.lz4_full);
     }
 
     #[test]

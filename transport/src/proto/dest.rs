@@ -20,9 +20,10 @@ pub struct DestConfig {
     pub layout: Layout,
     /// If set, the VM id the source must announce.
     pub expected_vm_id: Option<String>,
-    /// Encodings this side decodes ([`FEATURE_LZ4`](crate::message::FEATURE_LZ4),
+    /// Encodings this side agrees to ([`FEATURE_LZ4`](crate::message::FEATURE_LZ4),
     /// [`FEATURE_DEDUP`](crate::message::FEATURE_DEDUP)); the `HelloAck` answers with those
-    /// the `Hello` also offered.
+    /// the `Hello` also offered. It decodes lz4 wherever the `Hello` offered it even
+    /// without ([`DestSession::decodes`]).
     pub features: u64,
     /// Session kinds this side accepts (a plain destination only `Migrate`; a standby
     /// `Replicate` and `Evacuate`).
@@ -66,7 +67,8 @@ pub enum DestEvent {
     Established {
         /// The VM id the source announced.
         vm_id: String,
-        /// The negotiated features: the encodings incoming pages may use.
+        /// The negotiated features (incoming pages may also be lz4 where the `Hello`
+        /// offered it: [`DestSession::decodes`]).
         features: u64,
     },
     /// The source has handed out every page.

@@ -119,6 +119,10 @@ fn a_resume_sends_only_what_the_destination_lacks_and_reissues_requests() {
             pages_to_push: 90,
         })
     ));
+    // What the destination agreed to at the handshake holds on the new connection: its
+    // push encodes as the first one's did.
+    assert_ne!(src.features(), 0);
+    assert_eq!(src.features(), dst.features());
     let ack = src.poll_transmit().unwrap();
     assert_eq!(ack.message, Message::ResumeAck { conn_epoch: 1 });
     dst.handle_in(d, ack.channel, wire(ack.message)).unwrap();

@@ -54,7 +54,8 @@ pub struct SourceConfig {
     pub replica_index: Option<crate::encoding::ReplicaIndex>,
     /// Push beside the handshake, before the destination answers (see
     /// [`SourceSession::may_push_early`]). On by default: it saves a round trip of link
-    /// time, at the cost of sending that round trip's pages unencoded.
+    /// time, at the cost of sending that round trip's pages without references (lz4 where
+    /// the policy allows it, else raw).
     pub early_push: bool,
     /// The session's id, sent in every `Hello`; a resume must name it. Random by default
     /// (from the system's random source).
@@ -243,6 +244,9 @@ pub struct SourceSession {
     answered: bool,
     /// Features offered in the first `Hello`, offered again when the handshake restarts.
     offered: u64,
+    /// Features the destination agreed to (0 until the session is established); a resumed
+    /// connection keeps them.
+    agreed: u64,
     /// Evacuation: the stale set went out right behind this handshake's `Hello`, before
     /// the standby's invalid set (which the standby adds itself; see
     /// [`SourceSession::send_stale_early`]).
@@ -331,6 +335,7 @@ impl SourceSession {
             owner,
             answered: false,
             offered: config.features | features_of(&config),
+            agreed: 0,
             stale_sent: false,
             initial_stale: config.stale.clone(),
             initial_vm_state: config.vm_state.clone(),
@@ -530,6 +535,17 @@ impl SourceSession {
     /// The encoding policy asked for; the driver limits it to the negotiated features.
     pub fn encoding(&self) -> crate::encoding::EncodingPolicy {
         self.config.encoding
+    }
+
+    /// The features the `Hello` offers.
+    pub fn offered(&self) -> u64 {
+        self.offered
+    }
+
+    /// The features the destination agreed to: 0 until the session is established
+    /// ([`SourceEvent::Established`]), then kept by a resumed connection.
+    pub fn features(&self) -> u64 {
+        self.agreed
     }
 
     /// Whether demand replies share the bulk stream (comparison mode).
@@ -838,6 +854,12 @@ impl SourceSession {
         }
     }
 
+    /// The destination agreed to `features`: the session is established.
+    fn established(&mut self, features: u64) {
+        self.agreed = features;
+        self.events.push_back(SourceEvent::Established { features });
+    }
+
     /// The held set arrived: push exactly what the destination does not hold.
     fn resumed(&mut self, held: &Bitmap, features: u64) {
         self.link = Link::Connected;
@@ -865,8 +887,7 @@ impl SourceSession {
         });
         if handshake {
             // The `HelloAck` was lost with the first connection; the `Resume` says the same.
-            self.config.features = features;
-            self.events.push_back(SourceEvent::Established { features });
+            self.established(features);
         }
     }
 
@@ -997,13 +1018,14 @@ impl SourceSession {
                 if kind == SessionKind::Migrate {
                     self.state = State::Running;
                     self.send_vm_state();
-                    self.events.push_back(SourceEvent::Established { features });
+                    self.established(features);
                 } else {
                     self.state = State::AwaitInvalid(PageSetAssembler::new(
                         SetKind::Invalid,
                         self.total_pages(),
                     ));
-                    self.config.features = features;
+                    // Established once the invalid set is in.
+                    self.agreed = features;
                 }
                 Ok(Vec::new())
             }
@@ -1042,8 +1064,7 @@ impl SourceSession {
                 } else {
                     self.events.push_back(SourceEvent::Invalid(invalid));
                 }
-                let features = self.config.features;
-                self.events.push_back(SourceEvent::Established { features });
+                self.established(self.agreed);
                 Ok(Vec::new())
             }
             (

@@ -91,7 +91,7 @@ fn install(d: &Delivery, mem: &mut [Vec<u8>]) {
 }
 
 /// The pages pushed before the destination's answer may be lz4 (version 6): a destination
-/// decodes lz4 wherever the `Hello` offered it, even one configured not to agree to it, and
+/// decodes lz4 wherever the `Hello` offered it, even one configured to agree to nothing, and
 /// nothing else beyond what it agreed to.
 #[test]
 fn lz4_is_decoded_wherever_the_hello_offered_it_whatever_was_agreed() {
@@ -101,14 +101,17 @@ fn lz4_is_decoded_wherever_the_hello_offered_it_whatever_was_agreed() {
         lz4: Mode::Off,
         dedup: Mode::On,
     };
-    for (policy, agreed, decodes) in [
+    // (the source's policy, the destination's features, what it agrees to, decodes)
+    for (policy, configured, agreed, decodes) in [
         (
             EncodingPolicy::ALL,
             FEATURE_DEDUP,
+            FEATURE_DEDUP,
             FEATURE_LZ4 | FEATURE_DEDUP,
         ),
-        (refs_only, FEATURE_DEDUP, FEATURE_DEDUP),
-        (EncodingPolicy::OFF, 0, 0),
+        (EncodingPolicy::ALL, 0, 0, FEATURE_LZ4),
+        (refs_only, FEATURE_DEDUP, FEATURE_DEDUP, FEATURE_DEDUP),
+        (EncodingPolicy::OFF, FEATURE_DEDUP, 0, 0),
     ] {
         let n = 8;
         let mut src = SourceSession::new(SourceConfig {
@@ -116,7 +119,7 @@ fn lz4_is_decoded_wherever_the_hello_offered_it_whatever_was_agreed() {
             ..SourceConfig::migrate("vm-1", layout(n))
         });
         let mut dst = DestSession::new(DestConfig {
-            features: FEATURE_DEDUP,
+            features: configured,
             ..DestConfig::migrate(layout(n))
         });
         let mut mem = vec![Vec::new(); n as usize];
@@ -128,6 +131,7 @@ fn lz4_is_decoded_wherever_the_hello_offered_it_whatever_was_agreed() {
             "{policy:?}"
         );
         assert_eq!(dst.features(), agreed, "{policy:?}");
+        assert_eq!(src.features(), agreed, "{policy:?}");
         assert_eq!(dst.decodes(), decodes, "{policy:?}");
     }
 }

@@ -540,12 +540,15 @@ impl Driver {
         session: Shared<SourceSession>,
         reader: Arc<dyn PageReader>,
     ) -> Result<(Driver, DataStreams), DriverError> {
+        // A resumed connection keeps what the destination agreed to at the handshake; a
+        // handshake (restarted or first) says it again.
+        let features = session.lock().unwrap_or_else(|p| p.into_inner()).features();
         let (link, failures, streams) = open_streams(conn, session).await?;
         let driver = Driver {
             src: Arc::new(Source { link, reader }),
             control: ControlReader::start(streams.ctl_recv),
             failures,
-            features: 0,
+            features,
         };
         let data = DataStreams {
             urg_send: streams.urg_send,
@@ -636,9 +639,11 @@ impl Driver {
         totals: &mut Totals,
     ) -> Result<EarlyPush, DriverError> {
         let started = Instant::now();
-        let early = self.link().session().encoding().before_answer();
-        let encoder: SharedEncoder =
-            Arc::new(Mutex::new(PageEncoder::new(early, early.features())));
+        let encoder = {
+            let s = self.link().session();
+            PageEncoder::before_answer(s.encoding(), s.offered())
+        };
+        let encoder: SharedEncoder = Arc::new(Mutex::new(encoder));
         let mut task = Some(tokio::spawn(push::push_early(
             self.src.clone(),
             data.bulk.clone(),
@@ -797,12 +802,17 @@ impl Tasks {
         // batch, which may still be waiting for flow-control credit.
         let push = tokio::spawn({
             let (src, bulk, encoder) = (src.clone(), data.bulk, push_encoder.clone());
+            let early_encoder = early.encoder.clone();
             async move {
                 if let Some(t) = early.task {
                     if let Err(e) = joined(t.await) {
                         return src.link.task_ended(Err(e));
                     }
                 }
+                // Every page the early push indexed is on the stream ahead of the push's
+                // frames now: references may name them.
+                let index = lock_encoder(&early_encoder).take_index();
+                lock_encoder(&encoder).adopt_index(index);
                 let result = push::push_all(src.clone(), bulk, encoder).await;
                 src.link.task_ended(result)
             }

@@ -234,7 +234,9 @@ pub(super) async fn push_all(
 /// So while the push is ahead of the wire by more than [`LinkMeter::BACKLOG`] (bytes written
 /// minus UDP bytes sent), the link sets the pace, and a byte costs what the connection's send
 /// rate says, measured over intervals of at least [`LinkMeter::INTERVAL`] (UDP bytes leave
-/// in bursts, so shorter intervals would mostly see none or many).
+/// in bursts, so shorter intervals would mostly see none or many). Ahead of the wire before
+/// the first interval, the cost is unknown: taken as the (near zero) wait, it turned lz4 off
+/// for the push's first megabytes, which crossed raw.
 struct LinkMeter {
     written: u64,
     last: Instant,
@@ -271,8 +273,9 @@ impl LinkMeter {
         Some((conn.rtt().as_nanos() as f64 / ns) as u64)
     }
 
-    /// The cost in ns of the `wire` bytes just written, whose write waited `write_ns`.
-    fn cost(&mut self, conn: &Connection, wire: u64, write_ns: u64) -> u64 {
+    /// The cost in ns of the `wire` bytes just written, whose write waited `write_ns`; `None`
+    /// while it cannot be known.
+    fn cost(&mut self, conn: &Connection, wire: u64, write_ns: u64) -> Option<u64> {
         self.written += wire;
         let tx = Self::delivered(conn);
         let now = Instant::now();
@@ -285,11 +288,11 @@ impl LinkMeter {
             self.last = now;
             self.last_tx = tx;
         }
+        let ahead = self.written.saturating_sub(tx) > Self::BACKLOG;
         match self.ns_per_byte {
-            Some(ns) if self.written.saturating_sub(tx) > Self::BACKLOG => {
-                (ns * wire as f64).max(write_ns as f64) as u64
-            }
-            _ => write_ns,
+            Some(ns) if ahead => Some((ns * wire as f64).max(write_ns as f64) as u64),
+            None if ahead => None,
+            _ => Some(write_ns),
         }
     }
 }
