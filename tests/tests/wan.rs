@@ -265,6 +265,9 @@ fn demo_through_an_emulated_wan_reports_the_link() {
     assert!(util > 0.0 && util <= 1.05, "{v}");
 }
 
+/// The evacuation runs over 40 ms × 100 Mbit/s with the default encoding (`auto`): it pushes
+/// beside the handshake, and compresses from its first batch on (a link too slow for raw
+/// pages to pay, whose cost the push cannot know before it measured it).
 #[test]
 fn an_evacuation_over_40ms_rtt_pushes_beside_the_handshake() {
     let certs = Certs::new();
@@ -278,7 +281,7 @@ fn an_evacuation_over_40ms_rtt_pushes_beside_the_handshake() {
     let wan = WanEmulator::start(
         "127.0.0.1:0".parse().unwrap(),
         upstream,
-        LinkConfig::delayed(rtt_ms(40) / 2),
+        LinkConfig::delayed(rtt_ms(40) / 2).with_rate(100_000_000),
     )
     .unwrap();
     // Replication goes the direct way; only the evacuation crosses the emulated link.
@@ -327,6 +330,14 @@ fn an_evacuation_over_40ms_rtt_pushes_beside_the_handshake() {
         stale,
         "{d}"
     );
+    // lz4 on every batch: none went raw while the link's cost was still unmeasured (before,
+    // the push's first writes into an empty send buffer looked free and turned lz4 off).
+    let e = &s["evacuation"]["encoding"];
+    let (lz4, batches) = (
+        e["batches_lz4"].as_u64().unwrap(),
+        e["batches"].as_u64().unwrap(),
+    );
+    assert!(batches > 0 && lz4 * 100 >= batches * 99, "{e}");
     assert!(
         // (a quarter: the early push is lz4 whatever the tuner would decide)
         counters.client_to_server.bytes >= stale * 4096 / 4,
