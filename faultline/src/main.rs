@@ -25,7 +25,12 @@ fn main() -> std::process::ExitCode {
     let args = match cli::Cli::try_parse() {
         Ok(args) => args,
         Err(e) if json && e.use_stderr() => {
-            let e = anyhow::Error::new(e);
+            // clap's text starts with its own "error: "; said once, after ours.
+            let text = e.to_string();
+            let e = anyhow::anyhow!(
+                "{}",
+                text.strip_prefix("error: ").unwrap_or(&text).trim_end()
+            );
             println!(
                 "{}",
                 cli::outcome::failure_json(&e, cli::outcome::Kind::Usage)

@@ -288,6 +288,8 @@ fn assert_failure(got: (Option<i32>, Value), kind: &str, code: i32, says: &str) 
     assert_eq!(rc, Some(code), "{v}");
     let message = v["error"]["message"].as_str().unwrap();
     assert!(message.contains(says), "{v}");
+    // Said once: not with clap's own "error: " before it (stderr had "error: error:").
+    assert!(!message.starts_with("error:"), "{v}");
     // Each cause is said once (an error's Display leaves its source to the chain).
     let parts: Vec<&str> = message.split(": ").collect();
     for w in parts.windows(2) {
