@@ -227,8 +227,19 @@ impl Orchestration {
     pub fn replan(&mut self, now_s: f64) -> Result<(), InputError> {
         self.sample_links(now_s);
         self.learn_setup();
-        self.current =
-            plan::replan_with(&self.fleet, &self.opts, &self.measured(now_s), self.policy)?;
+        let measured = self.measured(now_s);
+        // The planner keeps the waiting VMs' order through near ties (what the operator
+        // was told holds); a baseline orders them its own way every time.
+        self.current = match self.policy {
+            Policy::Planner => plan::replan_keeping(
+                &self.fleet,
+                &self.opts,
+                &measured,
+                self.policy,
+                &self.current.schedule,
+            )?,
+            _ => plan::replan_with(&self.fleet, &self.opts, &measured, self.policy)?,
+        };
         Ok(())
     }
 

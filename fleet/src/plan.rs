@@ -269,6 +269,7 @@ pub fn plan_with(fleet: &Fleet, opts: &PlanOptions, policy: Policy) -> Plan {
         started_s: Vec::new(),
         settled: vec![None; fleet.vms.len()],
         policy,
+        previous: None,
     };
     plan_from(fleet, opts, &state, 0.0)
 }
@@ -341,6 +342,34 @@ pub fn replan_with(
     measured: &Measured,
     policy: Policy,
 ) -> Result<Plan, InputError> {
+    replan_inner(fleet, opts, measured, policy, None)
+}
+
+/// [`replan_with`], keeping on each link the order `previous` (the last plan's schedule)
+/// gave the waiting VMs unless another is clearly better ([`KEEP_ORDER_TOL`]): the order
+/// is what an operator was told the VMs would finish by, and near ties would otherwise swap
+/// on every change of a figure (the orchestrator re-plans every second).
+pub fn replan_keeping(
+    fleet: &Fleet,
+    opts: &PlanOptions,
+    measured: &Measured,
+    policy: Policy,
+    previous: &Schedule,
+) -> Result<Plan, InputError> {
+    replan_inner(fleet, opts, measured, policy, Some(previous))
+}
+
+/// A new order of the waiting VMs replaces the last plan's only if it saves more weight,
+/// or cuts the total completion time or the makespan by more than this share.
+pub const KEEP_ORDER_TOL: f64 = 0.01;
+
+fn replan_inner(
+    fleet: &Fleet,
+    opts: &PlanOptions,
+    measured: &Measured,
+    policy: Policy,
+    previous: Option<&Schedule>,
+) -> Result<Plan, InputError> {
     let now = measured.now_s;
     if !(now.is_finite() && now >= 0.0) {
         return Err(Entry::Top.problem(Problem::Other(format!(
@@ -373,6 +402,7 @@ pub fn replan_with(
         started_s: vec![f64::INFINITY; fleet.vms.len()],
         settled: vec![None; fleet.vms.len()],
         policy,
+        previous: previous.cloned(),
     };
     for m in &measured.vms {
         let i = fleet.vm_index(&m.vm).ok_or_else(|| {
@@ -443,6 +473,9 @@ struct State {
     settled: Vec<Option<(Status, f64)>>,
     /// Which schedules may be chosen.
     policy: Policy,
+    /// The last plan's schedule, whose order of the waiting VMs is kept unless another is
+    /// clearly better ([`replan_keeping`]).
+    previous: Option<Schedule>,
 }
 
 /// One candidate schedule for a link, and how it did against the margin.
@@ -466,6 +499,16 @@ struct Score {
 }
 
 impl Score {
+    /// Better by more than a near tie: more weight saved, or (as much saved) a total
+    /// completion time or a makespan shorter by more than [`KEEP_ORDER_TOL`].
+    fn clearly_better_than(&self, other: &Score) -> bool {
+        if (self.saved_weight - other.saved_weight).abs() > 1e-6 {
+            return self.saved_weight > other.saved_weight;
+        }
+        self.sum_completion < other.sum_completion * (1.0 - KEEP_ORDER_TOL)
+            || self.makespan < other.makespan * (1.0 - KEEP_ORDER_TOL)
+    }
+
     fn better_than(&self, other: &Score) -> bool {
         let keys = [
             (-self.saved_weight, -other.saved_weight),
@@ -639,7 +682,20 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
                 best = Some((score, c));
             }
         }
-        let (_, c) = best.expect("at least the baselines");
+        let (score, mut c) = best.expect("at least the baselines");
+        if let Some(prev) = state.previous.as_ref().and_then(|p| p.links.get(li)) {
+            // The waiting VMs in the last plan's order (any it did not have, after them in
+            // the new one's), with the new schedule's sharing and concurrency.
+            let mut kept = c.schedule.clone();
+            let waiting = &kept.order[fixed.min(kept.order.len())..];
+            let mut order: Vec<usize> = kept.order[..fixed.min(kept.order.len())].to_vec();
+            order.extend(prev.order.iter().filter(|i| waiting.contains(i)));
+            order.extend(waiting.iter().filter(|i| !prev.order.contains(i)));
+            kept.order = order;
+            if kept.order != c.schedule.order && !score.clearly_better_than(&lp.score(&kept)) {
+                c.schedule = kept;
+            }
+        }
         policies.push(c.policy);
         chosen.push(c.schedule);
     }

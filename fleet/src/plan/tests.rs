@@ -328,6 +328,55 @@ fn replanning_keeps_what_runs_and_uses_what_was_measured() {
     );
 }
 
+/// Re-planned every second, a near tie keeps the order the last plan gave it: b and c
+/// (500 and 505 MB, one at a time on a link one flow fills) swap under `replan` once c's
+/// figure falls to 498 MB, not under `replan_keeping`; at 300 MB the new order is clearly
+/// better and wins there too.
+#[test]
+fn a_replan_keeps_the_last_order_through_a_near_tie() {
+    let l = link("wan", 800, 10, 1 << 30); // 100 MB/s
+    let f = fleet(
+        vec![l],
+        vec![vm("a", 0, GB), vm("b", 0, 500 * MB), vm("c", 0, 505 * MB)],
+    );
+    let opts = PlanOptions::new(1000.0);
+    let first = plan(&f, &opts);
+    let order = |p: &Plan, n: &str| by_name(p, n).order.unwrap();
+    assert!(order(&first, "b") < order(&first, "c"));
+    // 1 s in: a moves; c's source now says 498 MB (or 300).
+    let measured = |c_stale: u64| Measured {
+        now_s: 1.0,
+        links: Vec::new(),
+        vms: vec![
+            VmMeasure {
+                vm: "a".into(),
+                wire_ratio: None,
+                state: VmState::Transferring {
+                    remaining_bytes: 900 * MB,
+                    switchover_s: 0.05,
+                    started_s: 0.0,
+                },
+            },
+            VmMeasure {
+                vm: "c".into(),
+                wire_ratio: None,
+                state: VmState::Waiting {
+                    stale_bytes: c_stale,
+                },
+            },
+        ],
+    };
+    let keeping =
+        |m: &Measured| replan_keeping(&f, &opts, m, Policy::Planner, &first.schedule).unwrap();
+    let swapped = replan(&f, &opts, &measured(498 * MB)).unwrap();
+    assert!(order(&swapped, "c") < order(&swapped, "b"));
+    let kept = keeping(&measured(498 * MB));
+    assert!(order(&kept, "b") < order(&kept, "c"));
+    assert_eq!(order(&kept, "a"), 1);
+    let clearly = keeping(&measured(300 * MB));
+    assert!(order(&clearly, "c") < order(&clearly, "b"));
+}
+
 #[test]
 fn a_replan_keeps_the_transfers_in_the_order_they_started_not_switched_over() {
     let l = link("wan", 800, 10, 1 << 30);
