@@ -1,5 +1,5 @@
 //! What an orchestrator decides, pure: which VMs to start now (the plan's order and
-//! concurrency per link), what it measured (for [`crate::plan::replan`] every second), and
+//! concurrency per link), what it measured (for [`crate::plan::replan_keeping`] every second), and
 //! the final report with each VM's planned and measured timeline. `faultline evacuate`
 //! does the I/O around it; the caller says what time it is (seconds from the evacuation's
 //! start), so every decision is testable without a clock or a network.
@@ -312,7 +312,7 @@ impl Orchestration {
         Some(((b1 - b0) as f64 * 8.0 / (t1 - t0)) as u64)
     }
 
-    /// What was measured, for [`plan::replan`]: every VM's state and, for a link that
+    /// What was measured, for [`plan::replan_keeping`]: every VM's state and, for a link that
     /// was full long enough, the rate it delivered ([`Orchestration::link_rate`]; the
     /// others keep the plan file's).
     pub fn measured(&self, now_s: f64) -> Measured {

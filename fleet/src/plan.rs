@@ -26,7 +26,9 @@
 //! * and the two baselines, all at once and one at a time smallest first, so the plan never
 //!   saves less than either.
 //!
-//! The best by the objectives wins. All of this is a heuristic: with a common deadline
+//! The best by the objectives wins; a re-plan with [`replan_keeping`] keeps the last plan's
+//! order of the waiting VMs unless the winner is clearly better ([`KEPT_ORDER`] then names
+//! the link's policy). All of this is a heuristic: with a common deadline
 //! the weighted problem is a knapsack, and growth while waiting and the per-flow caps
 //! make it harder still.
 
@@ -463,6 +465,31 @@ fn replan_inner(
     Ok(p)
 }
 
+/// The policy a link's plan reports when a re-plan kept the last plan's order of its
+/// waiting VMs ([`replan_keeping`]).
+pub const KEPT_ORDER: &str = "kept_order";
+
+/// `s` with its waiting VMs (after the first `fixed`, those under way and pinned) in the
+/// order `previous` gave them, any it did not have after them in `s`'s order; sharing and
+/// concurrency as `s` has them. `n`: VMs in the fleet.
+fn in_previous_order(s: &LinkSchedule, fixed: usize, previous: &[usize], n: usize) -> LinkSchedule {
+    let fixed = fixed.min(s.order.len());
+    let mut waiting = vec![false; n];
+    for &i in &s.order[fixed..] {
+        waiting[i] = true;
+    }
+    let mut order = s.order[..fixed].to_vec();
+    for &i in previous {
+        if waiting.get(i).copied().unwrap_or(false) {
+            order.push(i);
+            // Once only, whatever `previous` holds.
+            waiting[i] = false;
+        }
+    }
+    order.extend(s.order[fixed..].iter().filter(|&&i| waiting[i]));
+    LinkSchedule { order, ..s.clone() }
+}
+
 /// Where the evacuation is when planning.
 struct State {
     /// Per VM (empty: all waiting).
@@ -502,8 +529,9 @@ impl Score {
     /// Better by more than a near tie: more weight saved, or (as much saved) a total
     /// completion time or a makespan shorter by more than [`KEEP_ORDER_TOL`].
     fn clearly_better_than(&self, other: &Score) -> bool {
-        if (self.saved_weight - other.saved_weight).abs() > 1e-6 {
-            return self.saved_weight > other.saved_weight;
+        let (a, b) = (self.saved_weight, other.saved_weight);
+        if (a - b).abs() > 1e-6 * a.abs().max(b.abs()).max(1.0) {
+            return a > b;
         }
         self.sum_completion < other.sum_completion * (1.0 - KEEP_ORDER_TOL)
             || self.makespan < other.makespan * (1.0 - KEEP_ORDER_TOL)
@@ -683,17 +711,16 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
             }
         }
         let (score, mut c) = best.expect("at least the baselines");
-        if let Some(prev) = state.previous.as_ref().and_then(|p| p.links.get(li)) {
-            // The waiting VMs in the last plan's order (any it did not have, after them in
-            // the new one's), with the new schedule's sharing and concurrency.
-            let mut kept = c.schedule.clone();
-            let waiting = &kept.order[fixed.min(kept.order.len())..];
-            let mut order: Vec<usize> = kept.order[..fixed.min(kept.order.len())].to_vec();
-            order.extend(prev.order.iter().filter(|i| waiting.contains(i)));
-            order.extend(waiting.iter().filter(|i| !prev.order.contains(i)));
-            kept.order = order;
+        // A baseline orders its VMs its own way at every re-plan.
+        let previous = state
+            .previous
+            .as_ref()
+            .filter(|_| state.policy.only().is_none());
+        if let Some(prev) = previous.and_then(|p| p.links.get(li)) {
+            let kept = in_previous_order(&c.schedule, fixed, &prev.order, n);
             if kept.order != c.schedule.order && !score.clearly_better_than(&lp.score(&kept)) {
                 c.schedule = kept;
+                c.policy = KEPT_ORDER;
             }
         }
         policies.push(c.policy);

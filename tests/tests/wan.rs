@@ -330,7 +330,7 @@ fn an_evacuation_over_40ms_rtt_pushes_beside_the_handshake() {
         stale,
         "{d}"
     );
-    // lz4 on every batch: none went raw while the link's cost was still unmeasured (before,
+    // lz4 on (nearly) every batch: none went raw while the link's cost was unmeasured (before,
     // the push's first writes into an empty send buffer looked free and turned lz4 off).
     let e = &s["evacuation"]["encoding"];
     let (lz4, batches) = (

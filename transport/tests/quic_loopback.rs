@@ -14,7 +14,7 @@ use transport::tls::Identity;
 use transport::Layout;
 
 mod common;
-use common::{Image, MemSink};
+use common::{Image, MemSink, Slow};
 
 fn image(pages: usize) -> Vec<u8> {
     let mut v = vec![0u8; pages * PAGE_SIZE];
@@ -177,9 +177,12 @@ async fn migrate_held(img: Vec<u8>, features: Option<u64>) -> (SourceReport, Des
     let pages = img.len() / PAGE_SIZE;
     let first_read = Arc::new(tokio::sync::Notify::new());
     let img = Arc::new(Image(img));
+    // Long enough that the push yields after every batch (so the destination's task runs,
+    // woken on this worker) and that the answer comes long before the push could end.
     let reader = Arc::new(Slow {
         inner: img.clone(),
-        first_read: first_read.clone(),
+        on_read: first_read.clone(),
+        per_read: Duration::from_millis(5),
     });
     let side = DestSide {
         features,
@@ -189,32 +192,6 @@ async fn migrate_held(img: Vec<u8>, features: Option<u64>) -> (SourceReport, Des
         migrate_reader(reader, pages, EncodingPolicy::ALL, vec![], true, None, side).await;
     assert_eq!(*sink.mem.lock().unwrap(), img.0);
     (src, dst)
-}
-
-/// A reader whose every read takes [`Slow::PER_READ`] (memory read slowly) and which tells
-/// `first_read` when the source first reads: its early push has begun then, as nothing else
-/// reads before the destination answers.
-struct Slow<R> {
-    inner: Arc<R>,
-    first_read: Arc<tokio::sync::Notify>,
-}
-
-impl<R> Slow<R> {
-    /// Long enough that the push yields after every batch (so the destination's task runs,
-    /// woken on this worker) and that the answer comes long before the push could end.
-    const PER_READ: Duration = Duration::from_millis(5);
-}
-
-impl<R: quic::PageReader> quic::PageReader for Slow<R> {
-    fn pages(&self, first: u64, count: usize) -> Result<std::borrow::Cow<'_, [u8]>, String> {
-        self.first_read.notify_one();
-        std::thread::sleep(Self::PER_READ);
-        self.inner.pages(first, count)
-    }
-
-    fn extent(&self, first: u64, max: u64) -> quic::Extent {
-        self.inner.extent(first, max)
-    }
 }
 
 /// A pushed reference the destination cannot resolve (the replica index says it holds

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
+use transport::encoding::EncodingPolicy;
 use transport::message::{ErrorCode, PAGE_SIZE};
 use transport::proto::{DestConfig, DestSession, SourceConfig, SourceSession};
 use transport::quic::accept::{AcceptLimits, Acceptor};
@@ -27,7 +28,7 @@ use transport::tls::Identity;
 use transport::Layout;
 
 mod common;
-use common::{Image, MemSink};
+use common::{Image, MemSink, Slow};
 
 /// A UDP relay between one client and `server` that can drop everything (a cut) and send
 /// on from a new socket (the client seems to come from a new port).
@@ -149,6 +150,23 @@ fn counter(n: &Arc<AtomicU64>) -> quic::OnConnection {
 }
 
 async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
+    start_with(pages, recover_timeout, Pushing::No, image(pages)).await
+}
+
+/// Whether the source pushes, and how slowly it reads its memory.
+#[derive(Clone, Copy)]
+enum Pushing {
+    No,
+    /// Every read of memory takes this long.
+    ReadingEach(Duration),
+}
+
+async fn start_with(
+    pages: usize,
+    recover_timeout: Option<Duration>,
+    pushing: Pushing,
+    img: Vec<u8>,
+) -> Setup {
     let src_id = Identity::generate("source").unwrap();
     let dst_id = Identity::generate("dest").unwrap();
     let server = quic::server_endpoint(localhost(), &dst_id, src_id.cert.clone()).unwrap();
@@ -173,11 +191,16 @@ async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
         quic::run_dest_recovering(conn, session, dest_sink, requests, hooks, recovery).await
     });
     let relay = Relay::start(addr).await;
-    let img = Arc::new(Image(image(pages)));
+    let img = Arc::new(Image(img));
     let client = quic::client_endpoint(localhost(), &src_id, dst_id.cert.clone()).unwrap();
     let conn = quic::connect(&client, relay.addr()).await.unwrap();
+    let (push, per_read) = match pushing {
+        Pushing::No => (false, Duration::ZERO),
+        Pushing::ReadingEach(d) => (true, d),
+    };
     let session = SourceSession::new(SourceConfig {
-        push: false,
+        push,
+        encoding: EncodingPolicy::ALL,
         ..SourceConfig::migrate("vm", layout)
     });
     let handovers = Arc::new(AtomicU64::new(0));
@@ -194,7 +217,11 @@ async fn start(pages: usize, recover_timeout: Option<Duration>) -> Setup {
             })
         }),
     };
-    let reader = img.clone();
+    let reader = Arc::new(Slow {
+        inner: img.clone(),
+        on_read: Arc::new(tokio::sync::Notify::new()),
+        per_read,
+    });
     let source = tokio::spawn(async move {
         quic::run_source_recovering(conn, session, reader, Some(recovery)).await
     });
@@ -323,6 +350,49 @@ async fn a_cut_past_the_silence_limit_resumes_from_a_new_port_and_serves_request
         newest > 10,
         "the new port carried {newest} datagrams from the server"
     );
+}
+
+/// The push after a resumed connection encodes as the destination agreed at the handshake:
+/// memory of text pages crosses compressed before and after a cut (before, the resumed
+/// connection's driver started with no features, and its push went raw).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_push_after_a_resume_encodes_as_agreed_at_the_handshake() {
+    const PAGES: usize = 2048;
+    let mut img = vec![0u8; PAGES * PAGE_SIZE];
+    for (i, page) in img.chunks_mut(PAGE_SIZE).enumerate() {
+        let line = format!("page {i} of a migration that resumes; ");
+        for (b, c) in page.iter_mut().zip(line.bytes().cycle()) {
+            *b = c;
+        }
+    }
+    // 128 batches of 16 pages at 10 ms a read: over a second of push, cut midway.
+    let mut s = start_with(
+        PAGES,
+        None,
+        Pushing::ReadingEach(Duration::from_millis(10)),
+        img,
+    )
+    .await;
+    let present = || s.sink.count.load(Ordering::Relaxed) as usize;
+    wait_until("the push under way", Duration::from_secs(10), || {
+        present() >= 64
+    })
+    .await;
+    s.relay.set_cut(true);
+    tokio::time::sleep(quic::SILENCE_LOST + Duration::from_millis(1500)).await;
+    let before = present();
+    assert!(before < PAGES, "the push ended before the cut");
+    s.relay.new_port().await;
+    s.relay.set_cut(false);
+    let src = (&mut s.source).await.unwrap().expect("the source");
+    let dst = (&mut s.dest).await.unwrap().expect("the destination");
+    assert_eq!(*s.sink.mem.lock().unwrap(), s.img.0, "memory differs");
+    assert!(src.outages.pauses >= 1, "{src:?}");
+    // No demand: every page was pushed, and every one compressed, after the resume too.
+    let e = &src.encoding;
+    assert_eq!(e.raw_pages, 0, "{e:?}");
+    assert!(e.lz4_pages + e.ref_pages >= PAGES as u64, "{e:?}");
+    assert!(dst.pages_received as usize == PAGES, "{dst:?}");
 }
 
 /// Only the source's datagrams are lost for a while (a congested or broken path one way):

@@ -367,14 +367,29 @@ fn a_replan_keeps_the_last_order_through_a_near_tie() {
         ],
     };
     let keeping =
-        |m: &Measured| replan_keeping(&f, &opts, m, Policy::Planner, &first.schedule).unwrap();
+        |m: &Measured, policy| replan_keeping(&f, &opts, m, policy, &first.schedule).unwrap();
     let swapped = replan(&f, &opts, &measured(498 * MB)).unwrap();
     assert!(order(&swapped, "c") < order(&swapped, "b"));
-    let kept = keeping(&measured(498 * MB));
+    let kept = keeping(&measured(498 * MB), Policy::Planner);
     assert!(order(&kept, "b") < order(&kept, "c"));
     assert_eq!(order(&kept, "a"), 1);
-    let clearly = keeping(&measured(300 * MB));
+    assert_eq!(kept.links[0].policy, KEPT_ORDER);
+    let clearly = keeping(&measured(300 * MB), Policy::Planner);
     assert!(order(&clearly, "c") < order(&clearly, "b"));
+    assert_ne!(clearly.links[0].policy, KEPT_ORDER);
+    // A baseline orders its own way: smallest first.
+    let baseline = keeping(&measured(498 * MB), Policy::SmallestFirst);
+    assert!(order(&baseline, "c") < order(&baseline, "b"));
+    // A VM of the last plan that failed since is left out of the order kept.
+    let mut gone = measured(498 * MB);
+    gone.vms.push(VmMeasure {
+        vm: "b".into(),
+        wire_ratio: None,
+        state: VmState::Failed,
+    });
+    let without_b = keeping(&gone, Policy::Planner);
+    assert_eq!((order(&without_b, "a"), order(&without_b, "c")), (1, 2));
+    assert_eq!(by_name(&without_b, "b").order, None);
 }
 
 #[test]

@@ -78,9 +78,9 @@ pub struct Choice {
 pub struct BatchSample {
     /// Bytes written to the stream for this batch.
     pub wire_bytes: u64,
-    /// Of those, the bytes whose cost on the link was measured (`write_ns`): none while the
-    /// push runs ahead of the wire before the link's rate is known, when how long a write
-    /// waits says nothing about the link.
+    /// Of those, the bytes whose cost on the link was measured (`write_ns`): none before
+    /// the link's rate is first measured, as the first writes go into an empty send buffer
+    /// and how long they wait says nothing about the link.
     pub link_bytes: u64,
     /// What the link took to carry `link_bytes`: the time the push waited for the stream to
     /// take them, or the connection's measured rate once the push is ahead of the wire
@@ -469,9 +469,9 @@ mod tests {
         assert_eq!(t.choose().dedup_rate, 1.0);
     }
 
-    /// A push ahead of the wire before the link's rate is measured learns nothing of the
-    /// link: lz4 stays on however short the writes' waits, where the same waits measured
-    /// as the link's cost turn it off.
+    /// A push whose link's rate is not measured yet learns nothing of the link: lz4 stays
+    /// on however short the writes' waits, where the same waits measured as the link's
+    /// cost turn it off.
     #[test]
     fn an_unmeasured_link_keeps_lz4_on() {
         let free = Region {

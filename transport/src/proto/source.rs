@@ -244,7 +244,7 @@ pub struct SourceSession {
     answered: bool,
     /// Features offered in the first `Hello`, offered again when the handshake restarts.
     offered: u64,
-    /// Features the destination agreed to (0 until the session is established); a resumed
+    /// Features the destination agreed to (0 until it answered the `Hello`); a resumed
     /// connection keeps them.
     agreed: u64,
     /// Evacuation: the stale set went out right behind this handshake's `Hello`, before
@@ -542,8 +542,8 @@ impl SourceSession {
         self.offered
     }
 
-    /// The features the destination agreed to: 0 until the session is established
-    /// ([`SourceEvent::Established`]), then kept by a resumed connection.
+    /// The features the destination agreed to: 0 until it answered the `Hello` (its
+    /// `HelloAck`, or a `Resume` in its place), then kept by a resumed connection.
     pub fn features(&self) -> u64 {
         self.agreed
     }

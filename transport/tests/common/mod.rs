@@ -10,6 +10,28 @@ use transport::quic::{Extent, PageReader, PageSink, SinkError};
 /// The source's memory.
 pub struct Image(pub Vec<u8>);
 
+/// A reader whose every read takes `per_read` (memory read slowly: a push then yields after
+/// every batch, and takes long enough to be cut or answered midway), and which notifies
+/// `on_read` at every read. (Not every test binary uses it.)
+#[allow(dead_code)]
+pub struct Slow<R> {
+    pub inner: std::sync::Arc<R>,
+    pub on_read: std::sync::Arc<tokio::sync::Notify>,
+    pub per_read: std::time::Duration,
+}
+
+impl<R: PageReader> PageReader for Slow<R> {
+    fn pages(&self, first: u64, count: usize) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+        self.on_read.notify_one();
+        std::thread::sleep(self.per_read);
+        self.inner.pages(first, count)
+    }
+
+    fn extent(&self, first: u64, max: u64) -> Extent {
+        self.inner.extent(first, max)
+    }
+}
+
 impl PageReader for Image {
     fn pages(&self, first: u64, count: usize) -> Result<std::borrow::Cow<'_, [u8]>, String> {
         let start = first as usize * PAGE_SIZE;

@@ -180,7 +180,6 @@ pub(super) async fn push_all(
 ) -> Result<(), DriverError> {
     const { assert!(PUSH_RUN <= MAX_PAGES_PER_MESSAGE) };
     let conn = &src.link.conn;
-    let mut meter = LinkMeter::new(conn);
     // References into the replica need its index, which the application builds beside
     // the handshake (it hashes the fresh memory): hold the push, not demand replies,
     // for it a bounded while. The handshake already took a round trip of it.
@@ -188,6 +187,8 @@ pub(super) async fn push_all(
     while lock_encoder(&encoder).replica_index_pending() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    // After the wait: an interval that spans it would put idle time in the link's rate.
+    let mut meter = LinkMeter::new(conn);
     let mut batch = Vec::new();
     // The CPU clocks are system calls: read them only for a tuner that uses them.
     let tunes = lock_encoder(&encoder).tunes();
