@@ -218,19 +218,9 @@ impl Installer {
         if out.len() != PAGE_SIZE || self.table.state(page) != crate::PageState::Present {
             return false;
         }
-        let Some(addr) = self.regions.host_addr_of(page) else {
-            return false;
-        };
-        let src = addr as *const u64;
-        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
-            // SAFETY: the page lies in a registered region that stays mapped while this
-            // installer lives, and it is present, so the read does not fault. A vCPU may
-            // write it concurrently: volatile word reads make that a torn value, not a
-            // data race the compiler may assume away; the caller checks the content's hash.
-            let w = unsafe { std::ptr::read_volatile(src.add(i)) };
-            chunk.copy_from_slice(&w.to_ne_bytes());
-        }
-        true
+        // Present, so the read does not fault; a vCPU may write it meanwhile, and the
+        // caller checks the content's hash.
+        self.regions.read_shared(page, out)
     }
 
     /// The page table this installer consults and updates.

@@ -118,6 +118,40 @@ impl HostRegion {
     pub fn pages(&self) -> u64 {
         (self.len / PAGE_SIZE) as u64
     }
+
+    /// Copies whole pages of the region, from its page `first` on, into `out` (a whole
+    /// number of pages long), and says whether it did: false, copying nothing, if `out`
+    /// is not whole pages or they do not all lie in the region.
+    ///
+    /// For memory someone else may be writing meanwhile (a guest, replication's source,
+    /// a stand-in vCPU): every 8-byte word is read once, with a volatile read, so a
+    /// concurrent write leaves a torn copy (old and new words mixed), never a read the
+    /// compiler may assume unchanged or repeat. Callers must tolerate a torn copy: check
+    /// the content, or know that the write will be seen again.
+    ///
+    /// On memory registered with userfaultfd, reading a page that is not installed
+    /// blocks until it is: read only pages known to be present.
+    pub fn read_shared(&self, first: u64, out: &mut [u8]) -> bool {
+        let whole = out.len().is_multiple_of(PAGE_SIZE);
+        let pages = (out.len() / PAGE_SIZE) as u64;
+        if !whole
+            || first
+                .checked_add(pages)
+                .is_none_or(|end| end > self.pages())
+        {
+            return false;
+        }
+        let src = (self.host_addr + first as usize * PAGE_SIZE) as *const u64;
+        for (i, word) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: the words lie inside the region (checked above): one mapping that
+            // is readable while this region lives (`new` holds its owner; `from_raw`'s
+            // caller promised it), page-aligned, so every word is 8-byte aligned. Volatile
+            // because another thread or the guest may write them (see above).
+            let w = unsafe { std::ptr::read_volatile(src.add(i)) };
+            word.copy_from_slice(&w.to_ne_bytes());
+        }
+        true
+    }
 }
 
 impl fmt::Debug for HostRegion {
@@ -238,6 +272,15 @@ impl RegionMap {
         Some(self.regions[idx].host_addr + off)
     }
 
+    /// Copies pages `first..` into `out` (whole pages, all in `first`'s region) with
+    /// [`HostRegion::read_shared`], and says whether it did.
+    pub fn read_shared(&self, first: u64, out: &mut [u8]) -> bool {
+        match self.region_index_of(first) {
+            Some(idx) => self.regions[idx].read_shared(first - self.first_page[idx], out),
+            None => false,
+        }
+    }
+
     /// How many of the `n` pages starting at `page` lie in `page`'s region (0 if `page`
     /// is out of range), so one fill ioctl never spans two mappings.
     pub fn run_within_region(&self, page: u64, n: u64) -> u64 {
@@ -301,6 +344,34 @@ mod tests {
         assert_eq!(m.run_within_region(4, 10), 2);
         assert_eq!(m.run_within_region(6, 10), 0);
         assert_eq!(m.region_of(4).unwrap().host_addr(), 0x1000);
+    }
+
+    #[test]
+    fn shared_reads_copy_whole_pages_of_one_region_only() {
+        let a = crate::GuestMemory::anonymous(3 * PAGE_SIZE).unwrap();
+        let b = crate::GuestMemory::anonymous(2 * PAGE_SIZE).unwrap();
+        for (m, base) in [(&a, 0u8), (&b, 3)] {
+            for p in 0..m.len() / PAGE_SIZE {
+                // SAFETY: inside the mapping, which `m` keeps alive; nothing else uses it.
+                unsafe { m.as_ptr().add(p * PAGE_SIZE + 5).write(base + p as u8 + 1) };
+            }
+        }
+        let map = RegionMap::new(vec![a.host_region(), b.host_region()]).unwrap();
+        let mut two = vec![0xffu8; 2 * PAGE_SIZE];
+        assert!(map.read_shared(1, &mut two));
+        assert_eq!((two[5], two[PAGE_SIZE + 5]), (2, 3));
+        assert_eq!(two.iter().filter(|&&x| x != 0).count(), 2);
+        assert!(map.read_shared(3, &mut two));
+        assert_eq!((two[5], two[PAGE_SIZE + 5]), (4, 5));
+        // Across the end of a region, past the last page, or not whole pages: nothing.
+        let before = two.clone();
+        assert!(!map.read_shared(2, &mut two));
+        assert!(!map.read_shared(4, &mut two));
+        assert!(!map.read_shared(u64::MAX, &mut two));
+        assert!(!map.read_shared(0, &mut two[..PAGE_SIZE + 8]));
+        assert!(!a.host_region().read_shared(u64::MAX, &mut two));
+        assert_eq!(two, before);
+        assert!(map.read_shared(0, &mut []));
     }
 
     #[test]

@@ -173,19 +173,12 @@ impl MemorySample {
     }
 }
 
-/// Copies page `n` of `regions` (in order) into `out`; false past their end.
+/// Copies page `n` of `regions` (in order) into `out`; false past their end. The guest
+/// may write it meanwhile; a torn copy only skews one sample of an estimate.
 fn read_page(regions: &[HostRegion], mut n: u64, out: &mut [u8]) -> bool {
     for r in regions {
         if n < r.pages() {
-            let at = r.host_addr() + n as usize * PAGE_SIZE;
-            // SAFETY: the page lies inside the region (n < its pages), which the
-            // `HostRegion` keeps mapped while this holds it, and `out` is a page long. The
-            // guest may write it meanwhile; a torn copy only skews one sample of an
-            // estimate.
-            unsafe {
-                std::ptr::copy_nonoverlapping(at as *const u8, out.as_mut_ptr(), PAGE_SIZE);
-            }
-            return true;
+            return r.read_shared(n, out);
         }
         n -= r.pages();
     }

@@ -291,20 +291,10 @@ impl GuestPages {
     }
 
     fn read_memory(&self, first: u64, out: &mut [u8]) -> bool {
-        let count = out.len() / PAGE_SIZE;
-        let Some(addr) = self.map.host_addr_of(first) else {
-            return false;
-        };
-        if (self.map.run_within_region(first, count as u64) as usize) < count {
-            return false;
-        }
-        // SAFETY: the pages lie inside one region (checked above), which `map` keeps mapped. The guest may write them concurrently; a torn
-        // copy is harmless because such a write also marks the page dirty, so the copy's
-        // version is superseded by the next harvest before the page can count as fresh.
-        unsafe {
-            std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len());
-        }
-        true
+        // The guest may write the pages meanwhile; a torn copy is harmless because such a
+        // write also marks the page dirty, so the copy's version is superseded by the next
+        // harvest before the page can count as fresh.
+        self.map.read_shared(first, out)
     }
 }
 
