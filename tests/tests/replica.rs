@@ -11,6 +11,7 @@ use serde_json::Value;
 const TIMEOUT: Duration = Duration::from_secs(180);
 const SIZE: &str = "64M";
 const PAGES: u64 = 16384;
+const SIZE_BYTES: u64 = PAGES * 4096;
 
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
@@ -240,6 +241,7 @@ fn evacuation_from_a_disk_replica_prefetches_fresh_pages() {
 
 #[test]
 fn demo_with_a_replica_prints_one_json_report() {
+    // Evacuated through an emulated WAN: only the evacuation crosses it.
     let v = faultline_tests::demo_json(&[
         "--replica",
         "--stale-pct",
@@ -248,6 +250,10 @@ fn demo_with_a_replica_prints_one_json_report() {
         SIZE,
         "--replicate-secs",
         "1.5",
+        "--wan-rtt",
+        "10ms",
+        "--wan-rate",
+        "200M",
     ]);
     assert_eq!(v["digest_match"], true, "{v}");
     assert_eq!(
@@ -255,6 +261,15 @@ fn demo_with_a_replica_prints_one_json_report() {
         (PAGES as f64 * 0.10).round() as u64,
         "{v}"
     );
+    assert_eq!(v["link"]["rate_bps"], 200_000_000, "{v}");
+    assert_eq!(v["expected_bdp_bytes"], 250_000, "{v}");
+    // The stale pages (and the disk's) crossed the link, not the first copy of memory,
+    // which replication sent the direct way.
+    let crossed = u(&v["wan_counters"]["client_to_server"]["bytes"]);
+    assert!(crossed > 1 << 20 && crossed < SIZE_BYTES / 2, "{v}");
+    assert!(u(&v["replication_pages_sent"]) >= PAGES, "{v}");
+    let util = v["link_utilization"].as_f64().unwrap();
+    assert!(util > 0.0 && util <= 1.05, "{v}");
     for key in [
         "pages_from_replica",
         "vulnerability_ms",

@@ -73,17 +73,18 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2.0, requires = "vm")]
     pub run_secs: f64,
     /// Migrate through an emulated WAN link (an in-process `wan-emu` relay between the two
-    /// processes) with this round-trip time, e.g. 20ms or 0.1s.
-    #[arg(long, value_parser = super::wan::parse_duration, conflicts_with_all = ["vm", "replica"])]
+    /// processes) with this round-trip time, e.g. 20ms or 0.1s. With --replica, the
+    /// evacuation crosses it; replication in normal times goes the direct way.
+    #[arg(long, value_parser = super::wan::parse_duration, conflicts_with = "vm")]
     pub wan_rtt: Option<Duration>,
     /// Emulated WAN: bottleneck rate in bits per second (decimal: 100M, 1G).
-    #[arg(long, value_parser = super::wan::parse_rate, conflicts_with_all = ["vm", "replica"])]
+    #[arg(long, value_parser = super::wan::parse_rate, conflicts_with = "vm")]
     pub wan_rate: Option<u64>,
     /// Emulated WAN: random loss per datagram, 0.01 or 1% (seeded by --seed).
-    #[arg(long, value_parser = super::wan::parse_loss, conflicts_with_all = ["vm", "replica"])]
+    #[arg(long, value_parser = super::wan::parse_loss, conflicts_with = "vm")]
     pub wan_loss: Option<f64>,
     /// Emulated WAN: jitter, ± this around the one-way delay, e.g. 5ms.
-    #[arg(long, value_parser = super::wan::parse_duration, conflicts_with_all = ["vm", "replica"])]
+    #[arg(long, value_parser = super::wan::parse_duration, conflicts_with = "vm")]
     pub wan_jitter: Option<Duration>,
     /// Emulated WAN: bottleneck queue in bytes (64K, 2M) [default: one bandwidth-delay
     /// product].
@@ -147,20 +148,113 @@ struct DemoReport {
     image_mix: Option<ImageMix>,
     workload_threads: u64,
     workload_ops: u64,
-    /// The emulated WAN link (with `--wan-*`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    link: Option<LinkReport>,
-    /// What the emulator carried and dropped, per direction (with `--wan-*`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    wan_counters: Option<WanCounters>,
-    /// Source → destination bits the link delivered over `total_ms`, as a fraction of the
-    /// link rate (with `--wan-rate`).
+    /// The emulated WAN link and what it carried (with `--wan-*`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    wan: Option<DemoLink>,
+}
+
+/// The emulated WAN link of a demo and what it carried (with `--wan-*`).
+#[derive(Debug, Serialize)]
+pub(super) struct DemoLink {
+    pub(super) link: LinkReport,
+    /// What the emulator carried and dropped, per direction.
+    wan_counters: WanCounters,
+    /// Source → destination bits the link delivered over the migration's `total_ms`, as a
+    /// fraction of the link rate (with `--wan-rate`).
     #[serde(skip_serializing_if = "Option::is_none")]
     link_utilization: Option<f64>,
     /// The expected bandwidth-delay product both processes sized their QUIC windows for
     /// (with `--wan-rtt` and `--wan-rate`, unless FAULTLINE_EXPECTED_BDP was set).
     #[serde(skip_serializing_if = "Option::is_none")]
     expected_bdp_bytes: Option<u64>,
+}
+
+impl DemoLink {
+    /// The text report's line for the link: `label` padded to the report's column.
+    pub(super) fn print(&self, label: &str) {
+        let (up, down) = (
+            &self.wan_counters.client_to_server,
+            &self.wan_counters.server_to_client,
+        );
+        let util = self
+            .link_utilization
+            .map(|u| format!(", {:.0}% of the link rate", u * 100.0))
+            .unwrap_or_default();
+        println!(
+            "  {label}source->destination {:.1} MiB in {} datagrams{util}; dropped {} (loss {}, queue {}, cut {}, over the MTU {}, send errors {}); back {} datagrams, dropped {}",
+            up.bytes as f64 / (1 << 20) as f64,
+            up.packets,
+            up.dropped(),
+            up.dropped_loss,
+            up.dropped_queue,
+            up.dropped_cut,
+            up.dropped_too_big,
+            up.send_errors,
+            down.packets,
+            down.dropped()
+        );
+    }
+}
+
+/// The emulated WAN a demo migrates through (`--wan-*`): a relay in front of the
+/// destination's listener, and the window size both processes are told.
+pub(super) struct DemoWan {
+    cfg: LinkConfig,
+    /// FAULTLINE_EXPECTED_BDP for both processes; `None` where the link has no rate or
+    /// the variable is already set.
+    pub(super) expected_bdp: Option<u64>,
+    relay: Option<WanEmulator>,
+}
+
+impl DemoWan {
+    /// The link the `--wan-*` flags of `a` ask for, if any; not yet relaying.
+    pub(super) fn from_args(a: &DemoArgs) -> anyhow::Result<Option<DemoWan>> {
+        Ok(a.wan_link()?.map(|cfg| DemoWan {
+            expected_bdp: expected_bdp(&cfg),
+            cfg,
+            relay: None,
+        }))
+    }
+
+    /// Sets FAULTLINE_EXPECTED_BDP on `cmd`, one of the two processes.
+    pub(super) fn tune(&self, cmd: &mut Command) {
+        if let Some(bdp) = self.expected_bdp {
+            cmd.env(ENV_EXPECTED_BDP, bdp.to_string());
+        }
+    }
+
+    /// Starts relaying to `listener` (the address a child announced); returns the address
+    /// to connect to instead.
+    pub(super) fn relay_to(&mut self, listener: &str) -> anyhow::Result<String> {
+        let upstream = listener
+            .parse()
+            .with_context(|| format!("a listener announced a bad address {listener}"))?;
+        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let relay = WanEmulator::start(loopback, upstream, self.cfg.clone())
+            .context("starting the WAN emulator")?;
+        let addr = relay.local_addr().to_string();
+        self.relay = Some(relay);
+        Ok(addr)
+    }
+
+    /// Stops relaying; what the link carried over a migration of `total_ms`.
+    pub(super) fn finish(self, total_ms: f64) -> DemoLink {
+        let counters = self.relay.map(|r| {
+            let c = r.counters();
+            r.shutdown();
+            c
+        });
+        let wan_counters = counters.unwrap_or_default();
+        let secs = (total_ms / 1e3).max(1e-9);
+        DemoLink {
+            link: LinkReport::from(&self.cfg),
+            link_utilization: self.cfg.rate_bps.map(|rate| {
+                wan_counters.client_to_server.bytes as f64 * 8.0 / (rate as f64 * secs)
+            }),
+            wan_counters,
+            expected_bdp_bytes: self.expected_bdp,
+        }
+    }
 }
 
 /// The BDP to size QUIC's windows for on `link`: rate × the longest round trip (jitter
@@ -262,34 +356,21 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     if a.memfd {
         dest_cmd.arg("--memfd");
     }
-    let link = a.wan_link()?;
-    let tuning = link.as_ref().and_then(expected_bdp);
-    if let Some(bdp) = tuning {
-        dest_cmd.env(ENV_EXPECTED_BDP, bdp.to_string());
+    let mut wan = DemoWan::from_args(&a)?;
+    if let Some(w) = &wan {
+        w.tune(&mut dest_cmd);
     }
     let (mut dest, dest_addr, rx, relay) = spawn_listening(&mut dest_cmd, "destination")?;
     // With an emulated WAN the source connects to the relay, which forwards to the
     // destination's listener.
-    let wan = match &link {
-        Some(cfg) => {
-            let upstream = dest_addr
-                .parse()
-                .with_context(|| format!("the destination announced a bad address {dest_addr}"))?;
-            let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-            Some(
-                WanEmulator::start(loopback, upstream, cfg.clone())
-                    .context("starting the WAN emulator")?,
-            )
-        }
-        None => None,
+    let addr = match &mut wan {
+        Some(w) => w.relay_to(&dest_addr)?,
+        None => dest_addr,
     };
-    let addr = wan
-        .as_ref()
-        .map_or(dest_addr, |w| w.local_addr().to_string());
 
     let mut source_cmd = Command::new(&exe);
-    if let Some(bdp) = tuning {
-        source_cmd.env(ENV_EXPECTED_BDP, bdp.to_string());
+    if let Some(w) = &wan {
+        w.tune(&mut source_cmd);
     }
     let mut source = Reaper(Some(
         source_cmd
@@ -332,17 +413,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let dst: Value =
         serde_json::from_str(dst_out.trim()).context("parsing the destination's report")?;
     let mut report = build_report(&src, &dst, wall)?;
-    if let (Some(cfg), Some(wan)) = (&link, wan) {
-        let counters = wan.counters();
-        wan.shutdown();
-        report.link_utilization = cfg.rate_bps.map(|rate| {
-            let secs = report.total_ms / 1e3;
-            counters.client_to_server.bytes as f64 * 8.0 / (rate as f64 * secs.max(1e-9))
-        });
-        report.link = Some(LinkReport::from(cfg));
-        report.wan_counters = Some(counters);
-        report.expected_bdp_bytes = tuning;
-    }
+    report.wan = wan.map(|w| w.finish(report.total_ms));
     if a.json {
         super::outcome::print_report(&report)?;
     } else {
@@ -445,17 +516,14 @@ fn build_report(src: &SourceOutput, dst: &Value, wall: Instant) -> anyhow::Resul
         image_mix: src.mix,
         workload_threads: u(&dst["workload"]["threads"]),
         workload_ops: u(&dst["workload"]["ops"]),
-        link: None,
-        wan_counters: None,
-        link_utilization: None,
-        expected_bdp_bytes: None,
+        wan: None,
     })
 }
 
 fn print_text(r: &DemoReport, seed: u64) {
     let pct = |n: u64| 100.0 * n as f64 / r.pages.max(1) as f64;
-    let path = match &r.link {
-        Some(l) => format!("through an emulated WAN ({l})"),
+    let path = match &r.wan {
+        Some(w) => format!("through an emulated WAN ({})", w.link),
         None => "on loopback".to_string(),
     };
     println!(
@@ -492,23 +560,8 @@ fn print_text(r: &DemoReport, seed: u64) {
         r.wire_bytes as f64 / (1 << 20) as f64,
         r.wire_bytes as f64 / r.memory_bytes.max(1) as f64
     );
-    if let Some(c) = &r.wan_counters {
-        let (up, down) = (&c.client_to_server, &c.server_to_client);
-        let util = r
-            .link_utilization
-            .map(|u| format!(", {:.0}% of the link rate", u * 100.0))
-            .unwrap_or_default();
-        println!(
-            "  link       source->destination {:.1} MiB in {} datagrams{util}; dropped {} (loss {}, queue {}, cut {}); back {} datagrams, dropped {}",
-            up.bytes as f64 / (1 << 20) as f64,
-            up.packets,
-            up.dropped(),
-            up.dropped_loss,
-            up.dropped_queue,
-            up.dropped_cut,
-            down.packets,
-            down.dropped()
-        );
+    if let Some(w) = &r.wan {
+        w.print("link       ");
     }
     println!(
         "  workload   {} threads did {} reads/writes during postcopy",

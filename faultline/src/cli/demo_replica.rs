@@ -1,6 +1,6 @@
 //! `faultline demo --replica`: a standby process and a source process on loopback; the
 //! source's guest keeps writing while it is replicated, then it is evacuated into the
-//! replica and only stale pages cross.
+//! replica and only stale pages cross (with `--wan-*`, through an emulated WAN link).
 
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::demo::{spawn_listening, DemoArgs, Reaper};
+use super::demo::{spawn_listening, DemoArgs, DemoLink, DemoWan, Reaper};
 
 pub(super) struct DemoCerts {
     pub src_crt: String,
@@ -55,6 +55,9 @@ struct ReplicaDemoReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     disk: Option<DiskDemo>,
     wall_ms: f64,
+    /// The emulated WAN link the evacuation crossed and what it carried (with `--wan-*`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    wan: Option<DemoLink>,
 }
 
 /// What the demo shows of the guest's disk.
@@ -136,6 +139,10 @@ pub(super) fn run(
         cmd.args(["--disk", &format!("vda={disk_size}")])
             .args(["--disk-dir", &standby_disk_dir]);
     }
+    let mut wan = DemoWan::from_args(a)?;
+    if let Some(w) = &wan {
+        w.tune(&mut cmd);
+    }
     let (mut standby, addr, _events, relay) = spawn_listening(&mut cmd, "standby")?;
 
     let mut source = Command::new(exe);
@@ -154,6 +161,12 @@ pub(super) fn run(
         .args(["--peer-cert", &certs.dst_crt]);
     if let Some(p) = a.stale_pct {
         source.args(["--stale-pct", &p.to_string()]);
+    }
+    // Replication goes the direct way, as over a site's own replication path; the
+    // evacuation crosses the emulated link.
+    if let Some(w) = &mut wan {
+        w.tune(&mut source);
+        source.args(["--evacuate-connect", &w.relay_to(&addr)?]);
     }
     if with_disk {
         source
@@ -232,6 +245,7 @@ pub(super) fn run(
             }
         }),
         wall_ms: wall.elapsed().as_secs_f64() * 1e3,
+        wan: wan.map(|w| w.finish(f(&dst["total_ms"]))),
     };
     if a.json {
         super::outcome::print_report(&r)?;
@@ -249,8 +263,12 @@ pub(super) fn run(
 
 fn print_text(r: &ReplicaDemoReport, secs: f64) {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let path = match &r.wan {
+        Some(w) => format!(" through an emulated WAN ({})", w.link),
+        None => String::new(),
+    };
     println!(
-        "faultline demo --replica: {} MiB guest, replicated to a standby, then evacuated",
+        "faultline demo --replica: {} MiB guest, replicated to a standby, then evacuated{path}",
         r.memory_bytes >> 20
     );
     println!(
@@ -279,6 +297,9 @@ fn print_text(r: &ReplicaDemoReport, secs: f64) {
         "  faults        {} (p50 {} us, p99 {} us); {} pages pushed, {} on demand",
         r.faults, r.fault_latency_us.p50, r.fault_latency_us.p99, r.pages_pushed, r.pages_faulted
     );
+    if let Some(w) = &r.wan {
+        w.print("link          ");
+    }
     if let Some(d) = &r.disk {
         println!(
             "  disk          {:.0} MiB, {} blocks written during replication; {} of {} blocks stale ({:.1}%) crossed ({:.1} MiB) in {:.0} ms, {} served from the replica; {} guest reads waited for a stale block (p99 {} us); digest {}",
