@@ -29,7 +29,8 @@
 //!
 //! Calibration (`FAULTLINE_BENCH_CALIBRATE=0` to skip): before the fleets, per link, one VM
 //! alone and four at once are evacuated; what one evacuation and four together delivered
-//! (on a 2-core machine the processes, not the emulated link, can be the bottleneck) are
+//! while their bytes moved (switchover to done, less the model's tail: `Costs::tail_s`;
+//! on a 2-core machine the processes, not the emulated link, can be the bottleneck) are
 //! given to the model and to the plan file as each VM's `max_rate_bps` (if below the link's
 //! rate) and as the link's rate, both measured in stale bytes and turned into the model's
 //! wire bytes ([`wire_rate`]). The ideal keeps the nominal rate.
@@ -118,10 +119,11 @@ struct WanLink {
 /// emulator, the processes rather than the emulated link can be the bottleneck.
 #[derive(Clone, Copy)]
 struct Calibration {
-    /// One evacuation alone: stale bytes × its wire ratio × 8 / (finish − switchover).
+    /// One evacuation alone: stale bytes × its wire ratio × 8 / (finish − switchover −
+    /// the model's tail).
     flow_bps: u64,
     /// Four at once: all their stale bytes × their wire ratios × 8 / (last finish − first
-    /// switchover).
+    /// switchover − the model's tail).
     aggregate_bps: u64,
 }
 
@@ -530,16 +532,20 @@ fn calibrate(bed: Bed<'_>) -> anyhow::Result<Calibration> {
             })
             .collect()
     };
+    // The time bytes moved: the model adds its tail (the answer's round trip and the ends'
+    // last work) after every VM's last byte, which a rate over switchover → finish would
+    // count a second time.
+    let tail = Costs::default().tail_s(&model_link(bed.link));
     let alone = evacuate(bed, &[spec(0, 40.0)], "all-at-once", Some(3600.0))?;
     let one = timeline(&alone.0)?;
-    let flow_bps = one[0].0 * 8.0 / (one[0].2 - one[0].1).max(1e-3);
+    let flow_bps = one[0].0 * 8.0 / (one[0].2 - one[0].1 - tail).max(1e-3);
     let specs: Vec<VmSpec> = (0..4).map(|i| spec(i, 20.0)).collect();
     let four = evacuate(bed, &specs, "all-at-once", Some(3600.0))?;
     let all = timeline(&four.0)?;
     let bytes: f64 = all.iter().map(|v| v.0).sum();
     let first = all.iter().map(|v| v.1).fold(f64::INFINITY, f64::min);
     let last = all.iter().map(|v| v.2).fold(0.0, f64::max);
-    let aggregate_bps = bytes * 8.0 / (last - first).max(1e-3);
+    let aggregate_bps = bytes * 8.0 / (last - first - tail).max(1e-3);
     Ok(Calibration {
         flow_bps: flow_bps as u64,
         aggregate_bps: aggregate_bps as u64,

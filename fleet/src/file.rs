@@ -10,6 +10,7 @@
 //! handshake_rtts = 3
 //! switchover_ms = 50
 //! wire_overhead = 0.04
+//! finish_ms = 40
 //!
 //! [[link]]
 //! name = "wan-a"
@@ -78,7 +79,7 @@ pub enum PlanFileError {
 }
 
 const TOP_KEYS: &str = "deadline, margin, first, skip, costs, link, vm, cert, key, peer_cert";
-const COSTS_KEYS: &str = "handshake_rtts, switchover_ms, wire_overhead";
+const COSTS_KEYS: &str = "handshake_rtts, switchover_ms, wire_overhead, finish_ms";
 const LINK_KEYS: &str = "name, rate_bps, rtt_ms, window_bytes, replication_budget_bps";
 const VM_KEYS: &str = "name, link, memory_bytes, disk_bytes, stale_bytes, dirty_rate_bps, \
                        working_set_bytes, replication_budget_bps, priority, max_rate_bps, \
@@ -356,6 +357,9 @@ fn parse_costs(t: &Table) -> Result<Costs, InputError> {
             .map(|ms| Duration::from_secs_f64(ms / 1e3))
             .unwrap_or(d.switchover),
         wire_overhead: number(&e, t, "wire_overhead")?.unwrap_or(d.wire_overhead),
+        finish: millis(&e, t, "finish_ms")?
+            .map(|ms| Duration::from_secs_f64(ms / 1e3))
+            .unwrap_or(d.finish),
     })
 }
 

@@ -359,14 +359,23 @@ impl Orchestration {
         Measured { now_s, links, vms }
     }
 
+    /// When VM `i`, transferring, frees its place for the next VM's setup on a link that
+    /// prestarts: one setup (and [`PRESTART_LEAD_S`]) before the latest plan has its last
+    /// byte leave, one tail before its predicted finish.
+    fn prestart_at(&self, i: usize) -> Option<f64> {
+        let link = &self.fleet.links[self.fleet.vms[i].link];
+        let costs = &self.fleet.costs;
+        let last_byte = self.current.vms[i].finish_s? - costs.tail_s(link);
+        Some(last_byte - costs.setup_s(link) - PRESTART_LEAD_S)
+    }
+
     /// The VMs to start at `now_s`: on each link, in the latest plan's order, as many
     /// waiting VMs as leave at most its concurrency under way. With prestart a VM whose
-    /// transfer is predicted to end within one setup's time (and [`PRESTART_LEAD_S`])
-    /// frees its slot already.
+    /// transfer is predicted to send its last byte within one setup's time (and
+    /// [`PRESTART_LEAD_S`]) frees its slot already ([`Orchestration::prestart_at`]).
     pub fn due(&self, now_s: f64) -> Vec<usize> {
         let mut out = Vec::new();
         for (li, ls) in self.current.schedule.links.iter().enumerate() {
-            let setup = self.fleet.costs.setup_s(&self.fleet.links[li]);
             let busy = self
                 .tracks
                 .iter()
@@ -374,9 +383,7 @@ impl Orchestration {
                 .filter(|(i, t)| self.fleet.vms[*i].link == li && t.phase.is_under_way())
                 .filter(|(i, t)| {
                     let ending = t.phase == Phase::Transferring
-                        && self.current.vms[*i]
-                            .finish_s
-                            .is_some_and(|f| f - now_s <= setup + PRESTART_LEAD_S);
+                        && self.prestart_at(*i).is_some_and(|at| at <= now_s);
                     !(ls.prestart && ending)
                 })
                 .count();
@@ -393,9 +400,9 @@ impl Orchestration {
     }
 
     /// When [`Orchestration::due`] will next have a VM to start without anything new being
-    /// heard: the earliest moment a transfer predicted by the latest plan comes within one
-    /// setup (and [`PRESTART_LEAD_S`]) of its end on a link that prestarts and has a VM waiting, after `now_s`. `None`
-    /// if nothing is foreseen (a start then waits for an event or a re-plan).
+    /// heard: the earliest [`Orchestration::prestart_at`] after `now_s` of a transfer on a
+    /// link that prestarts and has a VM waiting. `None` if nothing is foreseen (a start
+    /// then waits for an event or a re-plan).
     pub fn next_due_s(&self, now_s: f64) -> Option<f64> {
         // One pass over the plan: which links have a VM to start, then one over the VMs.
         let links = &self.current.schedule.links;
@@ -416,12 +423,8 @@ impl Orchestration {
             {
                 continue;
             }
-            let lead = self.fleet.costs.setup_s(&self.fleet.links[li]) + PRESTART_LEAD_S;
-            match self.current.vms[i].finish_s {
-                Some(f) if f - lead > now_s => {
-                    let at = f - lead;
-                    next = Some(next.map_or(at, |n: f64| n.min(at)));
-                }
+            match self.prestart_at(i) {
+                Some(at) if at > now_s => next = Some(next.map_or(at, |n: f64| n.min(at))),
                 _ => {}
             }
         }

@@ -99,13 +99,15 @@ pub struct VmPlan {
     pub order: Option<usize>,
     pub start_s: Option<f64>,
     pub switchover_s: Option<f64>,
-    /// Its last stale byte at the destination, at the links' full rate.
+    /// Its evacuation done, as its source reports it: its last stale byte at the
+    /// destination and the answer back ([`crate::model::Costs::tail_s`]), at the links'
+    /// full rate.
     pub finish_s: Option<f64>,
     /// The same with the margin taken off every link's rate.
     pub finish_margin_s: Option<f64>,
     /// Its stale bytes at the switchover as its encoding makes them: what crosses (payload).
     pub bytes_to_cross: Option<u64>,
-    /// From its switchover to its last byte (full rate).
+    /// From its switchover to its evacuation done (full rate).
     pub exposure_s: Option<f64>,
     pub weight: f64,
     pub status: Status,

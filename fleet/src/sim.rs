@@ -16,8 +16,10 @@
 //!
 //! A VM still waiting (not yet at its switchover) keeps writing: its stale bytes grow at
 //! its dirty rate up to its working set ([`crate::model::Vm::stale_at`]); they are computed
-//! when its flow starts, not stepped. A VM is evacuated half an RTT after its last byte
-//! left ([`Costs::tail_s`]).
+//! when its flow starts, not stepped. A VM is evacuated, as its source reports it, one
+//! tail after its last byte left ([`Costs::tail_s`]: the answer's round trip and the ends'
+//! last work). Its flow leaves the link then, but without prestart the next VM takes its
+//! place only once it is done.
 //!
 //! Every VM uses one link, so links do not interact and are simulated one after another.
 //! The cost is O(events × flows on a link).
@@ -330,6 +332,9 @@ struct Flow {
 pub(crate) struct LinkSim {
     flows: Vec<Flow>,
     setups: VecDeque<(usize, f64)>,
+    /// When the places of flows that ended (without prestart) free: at their VMs' finish,
+    /// in order (every flow of a link has the same tail).
+    tails: VecDeque<f64>,
     caps: Vec<(f64, usize)>,
 }
 
@@ -355,6 +360,7 @@ impl LinkSim {
         let release = |vm: usize| opts.release_s.get(vm).copied().unwrap_or(0.0);
         self.flows.clear();
         self.setups.clear();
+        self.tails.clear();
 
         let mut t = 0.0_f64;
         let mut makespan = 0.0_f64;
@@ -422,6 +428,9 @@ impl LinkSim {
             if let Some(&(_, at)) = self.setups.front() {
                 t_next = t_next.min(at);
             }
+            if let Some(&at) = self.tails.front() {
+                t_next = t_next.min(at);
+            }
             if used < concurrency && next < queue.len() {
                 t_next = t_next.min(release(queue[next]));
             }
@@ -451,8 +460,12 @@ impl LinkSim {
                     let o = &mut out[f.vm];
                     o.finish_s = t + tail;
                     makespan = makespan.max(o.finish_s);
-                    if !f.handed {
-                        used -= 1;
+                    // Without prestart the next VM starts once this one is done, as its
+                    // source reports it; with prestart its place is free already.
+                    match (f.handed, ls.prestart) {
+                        (true, _) => {}
+                        (false, true) => used -= 1,
+                        (false, false) => self.tails.push_back(o.finish_s),
                     }
                     self.flows.remove(i);
                     dirty = true;
@@ -460,6 +473,11 @@ impl LinkSim {
                     self.flows[i].remaining = (f.remaining - f.rate * dt).max(0.0);
                     i += 1;
                 }
+            }
+            // Places that free now.
+            while self.tails.front().is_some_and(|&at| same_or_before(at, t)) {
+                self.tails.pop_front();
+                used -= 1;
             }
             // Switchovers now: the stale set is fixed and the flow starts.
             while let Some(&(vm, at)) = self.setups.front() {

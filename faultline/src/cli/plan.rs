@@ -288,7 +288,7 @@ fn render(file: &str, pf: &PlanFile, p: &Plan) -> String {
     );
     let _ = writeln!(
         s,
-        "exposure (switchover to last byte): mean {}, max {}",
+        "exposure (switchover to done): mean {}, max {}",
         fmt_secs(t.mean_exposure_s),
         fmt_secs(t.max_exposure_s)
     );

@@ -14,6 +14,7 @@ skip = ["scratch"]
 [costs]
 handshake_rtts = 2
 switchover_ms = "80ms"
+finish_ms = 25
 
 [[link]]
 name = "wan-a"
@@ -71,6 +72,7 @@ fn a_good_plan_file() {
     let f = &p.fleet;
     assert_eq!(f.costs.handshake_rtts, 2.0);
     assert_eq!(f.costs.switchover, Duration::from_millis(80));
+    assert_eq!(f.costs.finish, Duration::from_millis(25));
     assert_eq!(f.costs.wire_overhead, Costs::default().wire_overhead);
     let a = &f.links[0];
     assert_eq!(

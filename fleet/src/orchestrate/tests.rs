@@ -259,11 +259,13 @@ fn the_next_prestart_is_foreseen_from_the_plan() {
     assert!(o.progress(first[0], 0.2, Some(100 * MB), 0));
     o.replan(0.2).unwrap();
     let at = o.next_due_s(0.2).expect("a prestart is foreseen");
-    let setup = o.fleet().costs.setup_s(&o.fleet().links[0]);
+    // One setup and the lead before its last byte leaves, one tail before its finish.
+    let (link, costs) = (&o.fleet().links[0], &o.fleet().costs);
+    let (setup, tail) = (costs.setup_s(link), costs.tail_s(link));
     let finish = o.plan().vms[first[0]].finish_s.unwrap();
     assert!(
-        (at - (finish - setup - PRESTART_LEAD_S)).abs() < 1e-9,
-        "{at} vs {finish} - {setup} - {PRESTART_LEAD_S}"
+        (at - (finish - tail - setup - PRESTART_LEAD_S)).abs() < 1e-9,
+        "{at} vs {finish} - {tail} - {setup} - {PRESTART_LEAD_S}"
     );
     assert!(o.due(at - 0.01).is_empty(), "not yet");
     assert_eq!(o.due(at).len(), 1, "due then");

@@ -28,6 +28,7 @@ fn free() -> Costs {
         handshake_rtts: 0.0,
         switchover: Duration::ZERO,
         wire_overhead: 0.0,
+        finish: Duration::ZERO,
     }
 }
 
@@ -59,7 +60,7 @@ fn close(got: f64, want: f64) {
 }
 
 /// With a 1 ms RTT every finish is half a millisecond after the last byte left.
-const TAIL: f64 = 0.0005;
+const TAIL: f64 = 0.001;
 
 #[test]
 fn max_min_fair_sharing_by_hand() {
@@ -144,7 +145,7 @@ fn a_flow_moves_at_most_window_over_rtt() {
     l.per_flow_window_bytes = 4 * MB;
     let f = fleet(l.clone(), vec![vm("a", 400 * MB)], free());
     let o = run(&f, &one_link(vec![0], 1, Sharing::Fair, false));
-    close(o.vms[0].finish_s, 10.0 + 0.05);
+    close(o.vms[0].finish_s, 10.0 + 0.1);
     // Three flows: 40 MB/s each (3 × 40 < 125), still 10 s each.
     let f = fleet(
         l.clone(),
@@ -153,7 +154,7 @@ fn a_flow_moves_at_most_window_over_rtt() {
     );
     let o = run(&f, &one_link(vec![0, 1, 2], 3, Sharing::Fair, false));
     for v in &o.vms {
-        close(v.finish_s, 10.05);
+        close(v.finish_s, 10.1);
     }
     // Four: the link is the limit, 31.25 MB/s each: 12.8 s.
     let f = fleet(
@@ -168,58 +169,60 @@ fn a_flow_moves_at_most_window_over_rtt() {
     );
     let o = run(&f, &one_link(vec![0, 1, 2, 3], 4, Sharing::Fair, false));
     for v in &o.vms {
-        close(v.finish_s, 12.85);
+        close(v.finish_s, 12.9);
     }
 }
 
 #[test]
 fn stale_bytes_grow_while_a_vm_waits() {
     // 8 Mbit/s = 1 MB/s. a: 1 MB, not dirtying. b: 1 MB, dirtying 1 MB/s, working set
-    // 10 MB. One at a time: a ends at 1 s; b starts then with 2 MB stale: ends at 3 s.
+    // 10 MB. One at a time: a's last byte leaves at 1 s, it is done one tail later; b
+    // starts then with 2 MB stale (and a tail's more): ends 2 s later.
     let mut b = vm("b", MB);
     b.dirty_rate_bps = 8_000_000;
     b.working_set_bytes = 10 * MB;
     let f = fleet(link(8, 1), vec![vm("a", MB), b.clone()], free());
     let o = run(&f, &one_link(vec![0, 1], 1, Sharing::Fair, false));
     close(o.vms[0].finish_s, 1.0 + TAIL);
-    close(o.vms[1].start_s, 1.0);
-    close(o.vms[1].bytes, 2e6);
-    close(o.vms[1].finish_s, 3.0 + TAIL);
+    close(o.vms[1].start_s, 1.0 + TAIL);
+    close(o.vms[1].bytes, 2e6 + TAIL * 1e6);
+    close(o.vms[1].finish_s, 3.0 + 3.0 * TAIL);
     // Its working set caps the growth: 1.5 MB.
     b.working_set_bytes = 1_500_000;
     let f = fleet(link(8, 1), vec![vm("a", MB), b.clone()], free());
     let o = run(&f, &one_link(vec![0, 1], 1, Sharing::Fair, false));
     close(o.vms[1].bytes, 1.5e6);
-    close(o.vms[1].finish_s, 2.5 + TAIL);
+    close(o.vms[1].finish_s, 2.5 + 2.0 * TAIL);
     // Started first, it has nothing to add: its stale set is fixed at its switchover.
     b.working_set_bytes = 10 * MB;
     let f = fleet(link(8, 1), vec![vm("a", MB), b], free());
     let o = run(&f, &one_link(vec![1, 0], 1, Sharing::Fair, false));
     close(o.vms[1].bytes, 1e6);
-    close(o.makespan_s(), 2.0 + TAIL);
+    close(o.makespan_s(), 2.0 + 2.0 * TAIL);
 }
 
 #[test]
 fn setup_tail_and_prestart() {
-    // 100 ms RTT, 3 RTTs + 50 ms = 0.35 s of setup, 0.05 s of tail; 1 MB each at 1 MB/s.
+    // 100 ms RTT, 3 RTTs + 50 ms = 0.35 s of setup, 0.1 s of tail; 1 MB each at 1 MB/s.
     let costs = Costs {
         handshake_rtts: 3.0,
         switchover: Duration::from_millis(50),
         wire_overhead: 0.0,
+        finish: Duration::ZERO,
     };
     let f = fleet(link(8, 100), vec![vm("a", MB), vm("b", MB)], costs);
     let o = run(&f, &one_link(vec![0, 1], 1, Sharing::Fair, false));
     close(o.vms[0].switchover_s, 0.35);
-    close(o.vms[0].finish_s, 1.40);
-    close(o.vms[0].exposure_s(), 1.05);
-    // Without prestart b starts when a's last byte has left.
-    close(o.vms[1].start_s, 1.35);
-    close(o.vms[1].finish_s, 2.75);
+    close(o.vms[0].finish_s, 1.45);
+    close(o.vms[0].exposure_s(), 1.1);
+    // Without prestart b starts when a is done, one tail after its last byte left.
+    close(o.vms[1].start_s, 1.45);
+    close(o.vms[1].finish_s, 2.90);
     // With it, b's setup overlaps the end of a's flow: its flow starts as a's ends.
     let o = run(&f, &one_link(vec![0, 1], 1, Sharing::Fair, true));
     close(o.vms[1].start_s, 1.0);
     close(o.vms[1].switchover_s, 1.35);
-    close(o.vms[1].finish_s, 2.40);
+    close(o.vms[1].finish_s, 2.45);
 }
 
 #[test]
@@ -230,6 +233,7 @@ fn prestart_of_a_flow_shorter_than_a_setup_hands_over_at_once() {
         handshake_rtts: 3.0,
         switchover: Duration::from_millis(50),
         wire_overhead: 0.0,
+        finish: Duration::ZERO,
     };
     let f = fleet(
         link(8, 100),
@@ -239,7 +243,7 @@ fn prestart_of_a_flow_shorter_than_a_setup_hands_over_at_once() {
     let o = run(&f, &one_link(vec![0, 1, 2], 1, Sharing::Fair, true));
     close(o.vms[1].start_s, 0.35);
     close(o.vms[2].start_s, 0.70);
-    close(o.vms[2].finish_s, 1.05 + 0.1 + 0.05);
+    close(o.vms[2].finish_s, 1.05 + 0.1 + 0.1);
 }
 
 #[test]
@@ -280,8 +284,8 @@ fn vms_under_way_at_time_zero_continue() {
     close(o.vms[1].switchover_s, 0.5);
     // b gets what a leaves: nothing until a ends at 1 s, then 1 MB/s: 3 MB by 4 s.
     close(o.vms[1].finish_s, 4.0 + TAIL);
-    // c starts when a's slot frees at 1 s; InOrder gives it nothing until b ends.
-    close(o.vms[2].start_s, 1.0);
+    // c starts when a's place frees, as a is done; InOrder gives it nothing until b ends.
+    close(o.vms[2].start_s, 1.0 + TAIL);
     close(o.vms[2].finish_s, 5.0 + TAIL);
 }
 
@@ -340,7 +344,7 @@ fn a_vm_with_nothing_stale_finishes_after_its_setup_and_tail() {
     let f = fleet(link(8, 1), vec![vm("a", 0), vm("b", MB)], free());
     let o = run(&f, &one_link(vec![0, 1], 1, Sharing::Fair, false));
     close(o.vms[0].finish_s, TAIL);
-    close(o.vms[1].finish_s, 1.0 + TAIL);
+    close(o.vms[1].finish_s, 1.0 + 2.0 * TAIL);
 }
 
 #[test]
