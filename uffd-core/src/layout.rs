@@ -123,11 +123,17 @@ impl HostRegion {
     /// number of pages long), and says whether it did: false, copying nothing, if `out`
     /// is not whole pages or they do not all lie in the region.
     ///
-    /// For memory someone else may be writing meanwhile (a guest, replication's source,
-    /// a stand-in vCPU): every 8-byte word is read once, with a volatile read, so a
-    /// concurrent write leaves a torn copy (old and new words mixed), never a read the
-    /// compiler may assume unchanged or repeat. Callers must tolerate a torn copy: check
+    /// For memory someone else may be writing meanwhile (a KVM guest, a stand-in vCPU):
+    /// every 8-byte word is read once, with a volatile read, so a concurrent write leaves
+    /// a torn copy (old and new words mixed), never a read the compiler may assume
+    /// unchanged, merge or repeat. That is the idiom for memory a guest writes from outside
+    /// the program (vm-memory reads guest memory the same way); against a thread of this
+    /// process writing with plain or volatile stores, Rust's memory model still calls it a
+    /// race, as it does any non-atomic access. Callers must tolerate a torn copy: check
     /// the content, or know that the write will be seen again.
+    ///
+    /// False as well for a region whose start is not 8-byte aligned (every mapping is
+    /// page-aligned; only [`HostRegion::from_raw`] could make one).
     ///
     /// On memory registered with userfaultfd, reading a page that is not installed
     /// blocks until it is: read only pages known to be present.
@@ -135,6 +141,7 @@ impl HostRegion {
         let whole = out.len().is_multiple_of(PAGE_SIZE);
         let pages = (out.len() / PAGE_SIZE) as u64;
         if !whole
+            || !self.host_addr.is_multiple_of(8)
             || first
                 .checked_add(pages)
                 .is_none_or(|end| end > self.pages())
@@ -145,8 +152,8 @@ impl HostRegion {
         for (i, word) in out.chunks_exact_mut(8).enumerate() {
             // SAFETY: the words lie inside the region (checked above): one mapping that
             // is readable while this region lives (`new` holds its owner; `from_raw`'s
-            // caller promised it), page-aligned, so every word is 8-byte aligned. Volatile
-            // because another thread or the guest may write them (see above).
+            // caller promised it), 8-byte aligned (checked above, and pages are whole), so
+            // every word is aligned. Volatile because the guest may write them (see above).
             let w = unsafe { std::ptr::read_volatile(src.add(i)) };
             word.copy_from_slice(&w.to_ne_bytes());
         }
@@ -272,13 +279,31 @@ impl RegionMap {
         Some(self.regions[idx].host_addr + off)
     }
 
-    /// Copies pages `first..` into `out` (whole pages, all in `first`'s region) with
-    /// [`HostRegion::read_shared`], and says whether it did.
+    /// Copies pages `first..` (global page numbers, across regions as they come) into
+    /// `out`, whole pages, with [`HostRegion::read_shared`], and says whether it did:
+    /// false, copying nothing, if they do not all exist.
     pub fn read_shared(&self, first: u64, out: &mut [u8]) -> bool {
-        match self.region_index_of(first) {
-            Some(idx) => self.regions[idx].read_shared(first - self.first_page[idx], out),
-            None => false,
+        let pages = (out.len() / PAGE_SIZE) as u64;
+        let fits = first
+            .checked_add(pages)
+            .is_some_and(|end| end <= self.total_pages);
+        if !out.len().is_multiple_of(PAGE_SIZE) || !fits {
+            return false;
         }
+        let (mut page, mut at) = (first, 0);
+        while at < out.len() {
+            let n = self.run_within_region(page, ((out.len() - at) / PAGE_SIZE) as u64);
+            let Some(idx) = self.region_index_of(page).filter(|_| n > 0) else {
+                return false;
+            };
+            let end = at + n as usize * PAGE_SIZE;
+            if !self.regions[idx].read_shared(page - self.first_page[idx], &mut out[at..end]) {
+                return false;
+            }
+            page += n;
+            at = end;
+        }
+        true
     }
 
     /// How many of the `n` pages starting at `page` lie in `page`'s region (0 if `page`
@@ -363,9 +388,12 @@ mod tests {
         assert_eq!(two.iter().filter(|&&x| x != 0).count(), 2);
         assert!(map.read_shared(3, &mut two));
         assert_eq!((two[5], two[PAGE_SIZE + 5]), (4, 5));
-        // Across the end of a region, past the last page, or not whole pages: nothing.
+        // The map's pages run on from one region into the next; a region's do not.
+        assert!(map.read_shared(2, &mut two));
+        assert_eq!((two[5], two[PAGE_SIZE + 5]), (3, 4));
+        assert!(!a.host_region().read_shared(2, &mut two));
+        // Past the last page, or not whole pages: nothing.
         let before = two.clone();
-        assert!(!map.read_shared(2, &mut two));
         assert!(!map.read_shared(4, &mut two));
         assert!(!map.read_shared(u64::MAX, &mut two));
         assert!(!map.read_shared(0, &mut two[..PAGE_SIZE + 8]));

@@ -262,8 +262,8 @@ struct GuestPages {
 }
 
 impl GuestPages {
-    /// Copies `count` pages from `first` into `out`: pages of memory (within one region),
-    /// then pages of disks.
+    /// Copies `count` pages from `first` into `out`: pages of memory (across regions as
+    /// they come: a run of the ledger may span two), then pages of disks.
     fn read(&self, first: u64, count: usize, out: &mut Vec<u8>) -> bool {
         out.resize(count * PAGE_SIZE, 0);
         let in_memory = self.memory_pages.saturating_sub(first).min(count as u64) as usize;
