@@ -91,7 +91,7 @@ pub struct DemoArgs {
     #[arg(long, value_parser = super::parse_bytes, requires = "wan_rate")]
     pub wan_queue: Option<u64>,
     /// IP MTU of the emulated link; 0 carries anything [default: 1500].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "vm")]
     pub wan_mtu: Option<u32>,
 }
 
