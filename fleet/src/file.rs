@@ -317,6 +317,26 @@ fn millis(entry: &Entry, t: &Table, key: &'static str) -> Result<Option<f64>, In
         .transpose()
 }
 
+/// `key` in milliseconds (as [`millis`]) as a [`Duration`]; out of range past about
+/// 584 million years, which `Duration` cannot hold.
+fn duration_ms(
+    entry: &Entry,
+    t: &Table,
+    key: &'static str,
+) -> Result<Option<Duration>, InputError> {
+    millis(entry, t, key)?
+        .map(|ms| {
+            Duration::try_from_secs_f64(ms / 1e3).map_err(|_| {
+                entry.clone().problem(Problem::OutOfRange {
+                    key,
+                    value: format!("{ms:e} ms"),
+                    range: "0 and 1.8e22 ms",
+                })
+            })
+        })
+        .transpose()
+}
+
 fn number(entry: &Entry, t: &Table, key: &'static str) -> Result<Option<f64>, InputError> {
     t.get(key)
         .map(|v| {
@@ -353,13 +373,9 @@ fn parse_costs(t: &Table) -> Result<Costs, InputError> {
     let d = Costs::default();
     Ok(Costs {
         handshake_rtts: number(&e, t, "handshake_rtts")?.unwrap_or(d.handshake_rtts),
-        switchover: millis(&e, t, "switchover_ms")?
-            .map(|ms| Duration::from_secs_f64(ms / 1e3))
-            .unwrap_or(d.switchover),
+        switchover: duration_ms(&e, t, "switchover_ms")?.unwrap_or(d.switchover),
         wire_overhead: number(&e, t, "wire_overhead")?.unwrap_or(d.wire_overhead),
-        finish: millis(&e, t, "finish_ms")?
-            .map(|ms| Duration::from_secs_f64(ms / 1e3))
-            .unwrap_or(d.finish),
+        finish: duration_ms(&e, t, "finish_ms")?.unwrap_or(d.finish),
     })
 }
 
@@ -367,14 +383,14 @@ fn parse_link(t: &Table, i: usize) -> Result<Link, InputError> {
     let name = name_of(t, Entry::LinkAt(i))?;
     let e = Entry::Link(name.clone());
     check_keys(t, &e, LINK_KEYS)?;
-    let rtt_ms = required(&e, "rtt_ms", millis(&e, t, "rtt_ms")?)?;
-    if rtt_ms <= 0.0 {
+    let rtt = required(&e, "rtt_ms", duration_ms(&e, t, "rtt_ms")?)?;
+    if rtt.is_zero() {
         return Err(e.problem(Problem::NotPositive("rtt_ms")));
     }
     Ok(Link {
         name,
         rate_bps: required(&e, "rate_bps", rate(&e, t, "rate_bps")?)?,
-        rtt: Duration::from_secs_f64(rtt_ms / 1e3),
+        rtt,
         per_flow_window_bytes: size(&e, t, "window_bytes")?.unwrap_or(DEFAULT_WINDOW_BYTES),
         replication_budget_bps: rate(&e, t, "replication_budget_bps")?,
     })

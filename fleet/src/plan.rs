@@ -152,9 +152,9 @@ pub struct Totals {
     /// Evacuated by the deadline at the links' full rate.
     pub saved_at_full_rate: usize,
     pub saved_weight_at_full_rate: f64,
-    /// Mean time from the evacuation's start to a VM's last byte (full rate).
+    /// Mean time from the evacuation's start to a VM being done (full rate).
     pub mean_completion_s: f64,
-    /// The last VM's last byte (full rate).
+    /// The last VM done (full rate).
     pub makespan_s: f64,
     /// The same with the margin.
     pub makespan_margin_s: f64,
@@ -324,7 +324,7 @@ pub enum VmState {
         switchover_s: f64,
         started_s: f64,
     },
-    /// Its last byte arrived at `finished_s`.
+    /// Its source reported it done at `finished_s`.
     Done { finished_s: f64 },
     /// Its evacuation failed.
     Failed,

@@ -3,9 +3,10 @@
 //! Each VM's evacuation is a *setup* (the handshake and switchover, [`Costs::setup_s`]; the
 //! link is not used) followed by a *flow* that carries its stale bytes as they were at the
 //! switchover, plus the wire overhead. Events are a VM starting, a switchover (its flow
-//! starts), a flow finishing, and, with [`LinkSchedule::prestart`], the moment a running
-//! flow has just one setup's time left, when the next VM's setup starts so that its flow
-//! is ready as the slot frees. Between events every rate is constant:
+//! starts), a flow finishing, a VM done (without prestart its place frees then), and, with
+//! [`LinkSchedule::prestart`], the moment a running flow has just one setup's time left,
+//! when the next VM's setup starts so that its flow is ready as the slot frees. Between
+//! events every rate is constant:
 //!
 //! * each flow is capped at window / RTT of its link and at its VM's own limit
 //!   ([`Fleet::flow_cap_bps`]);
@@ -18,8 +19,8 @@
 //! its dirty rate up to its working set ([`crate::model::Vm::stale_at`]); they are computed
 //! when its flow starts, not stepped. A VM is evacuated, as its source reports it, one
 //! tail after its last byte left ([`Costs::tail_s`]: the answer's round trip and the ends'
-//! last work). Its flow leaves the link then, but without prestart the next VM takes its
-//! place only once it is done.
+//! last work). Its flow leaves the link with its last byte, but without prestart the next
+//! VM takes its place only once it is done (an event of its own).
 //!
 //! Every VM uses one link, so links do not interact and are simulated one after another.
 //! The cost is O(events × flows on a link).
@@ -48,12 +49,13 @@ pub struct LinkSchedule {
     /// The VMs of this link (indices into [`Fleet::vms`]) in the order they start. VMs of
     /// the link that are not listed are not evacuated.
     pub order: Vec<usize>,
-    /// How many VMs may be under way at once (in setup or moving bytes), at least 1.
+    /// How many VMs may be under way at once (in setup, moving bytes, or, without
+    /// prestart, in their tail until done), at least 1.
     pub concurrency: usize,
     pub sharing: Sharing,
-    /// Start the next VM's setup while a flow still runs, one setup's time before it is
-    /// predicted to end, so the link does not idle through handshakes. The flow that hands
-    /// its slot over no longer counts against `concurrency`.
+    /// Start the next VM's setup while a flow still runs, one setup's time before its last
+    /// byte is predicted to leave, so the link does not idle through handshakes. The flow
+    /// that hands its slot over no longer counts against `concurrency`.
     pub prestart: bool,
 }
 
@@ -124,7 +126,8 @@ pub struct VmOutcome {
     /// Its switchover: the guest runs at the destination from here on, and its stale set
     /// is fixed.
     pub switchover_s: f64,
-    /// Its last stale byte is at the destination.
+    /// Its evacuation is done, as its source reports it: one tail
+    /// ([`Costs::tail_s`]) after its last stale byte left.
     pub finish_s: f64,
     /// Payload bytes that crossed after the switchover: its stale bytes then, as its
     /// encoding makes them ([`crate::model::Vm::wire_ratio`]).
@@ -144,7 +147,9 @@ impl VmOutcome {
         !self.finish_s.is_nan()
     }
 
-    /// From the switchover to the last byte: how long losing the source would lose it.
+    /// From the switchover to done: how long losing the source would lose it, a little
+    /// more (the VM is safe once its last page is at the destination, half a round trip
+    /// after it left; done counts the answer's way back and the ends' last work too).
     pub fn exposure_s(&self) -> f64 {
         self.finish_s - self.switchover_s
     }

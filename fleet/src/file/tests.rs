@@ -258,6 +258,16 @@ fn every_bad_entry_is_named() {
         ),
         ("rtt_ms = 20", "", "link \"wan-a\": rtt_ms is missing"),
         (
+            "rtt_ms = 20",
+            "rtt_ms = 1e300",
+            "link \"wan-a\": rtt_ms must be between 0 and 1.8e22 ms (got 1e300 ms)",
+        ),
+        (
+            "finish_ms = 25",
+            "finish_ms = 1e300",
+            "[costs]: finish_ms must be between 0 and 1.8e22 ms (got 1e300 ms)",
+        ),
+        (
             "window_bytes = \"3M\"",
             "window_bytes = 0",
             "link \"wan-a\": window_bytes must be > 0",

@@ -59,7 +59,8 @@ fn close(got: f64, want: f64) {
     );
 }
 
-/// With a 1 ms RTT every finish is half a millisecond after the last byte left.
+/// With a 1 ms RTT (and no `finish`) every VM is done a millisecond after its last byte
+/// left.
 const TAIL: f64 = 0.001;
 
 #[test]

@@ -32,7 +32,7 @@ pub(super) struct EvacuateMetrics {
     /// 5 skipped.
     phase: Family<VmLabels, Gauge>,
     /// `faultline_evacuate_vm_predicted_finish_seconds` (gauge): when the latest plan says
-    /// its last byte arrives, seconds from the evacuation's start (its measured finish once
+    /// it will be done, seconds from the evacuation's start (its measured finish once
     /// done; -1 if the plan has none).
     predicted_finish: Family<VmLabels, FloatGauge>,
     /// `faultline_evacuate_vm_sent_bytes` (gauge): UDP bytes its evacuation sent so far.
@@ -68,7 +68,7 @@ impl EvacuateMetrics {
         );
         r.register(
             "vm_predicted_finish_seconds",
-            "When the latest plan says the VM's last byte arrives, from the start",
+            "When the latest plan says the VM will be done, from the start",
             predicted_finish.clone(),
         );
         r.register(
