@@ -466,11 +466,14 @@ impl LinkSim {
                     o.finish_s = t + tail;
                     makespan = makespan.max(o.finish_s);
                     // Without prestart the next VM starts once this one is done, as its
-                    // source reports it; with prestart its place is free already.
+                    // source reports it; with prestart its place is free already. With
+                    // no VM left to start, when the place frees does not matter (and an
+                    // event for it would cost a pass over every flow).
+                    let waiting = next < queue.len();
                     match (f.handed, ls.prestart) {
                         (true, _) => {}
-                        (false, true) => used -= 1,
-                        (false, false) => self.tails.push_back(o.finish_s),
+                        (false, false) if waiting => self.tails.push_back(o.finish_s),
+                        (false, _) => used -= 1,
                     }
                     self.flows.remove(i);
                     dirty = true;
