@@ -829,3 +829,37 @@ mod idle_tests {
         worker.join().unwrap();
     }
 }
+
+#[cfg(test)]
+mod guest_pages_tests {
+    use super::GuestPages;
+    use uffd_core::{GuestMemory, RegionMap, PAGE_SIZE};
+
+    /// A run of the ledger may span two regions (its pages are numbered across them):
+    /// it is read whole, not skipped, which would leave its pages stale until written
+    /// again.
+    #[test]
+    fn a_run_across_two_regions_is_read_whole() {
+        let (a, b) = (
+            GuestMemory::anonymous(2 * PAGE_SIZE).unwrap(),
+            GuestMemory::anonymous(2 * PAGE_SIZE).unwrap(),
+        );
+        for (m, first) in [(&a, 0u8), (&b, 2)] {
+            for p in 0..2 {
+                // SAFETY: inside the mapping, which `m` keeps alive; nothing else uses it.
+                unsafe { m.as_ptr().add(p * PAGE_SIZE).write(first + p as u8 + 1) };
+            }
+        }
+        let guest = GuestPages {
+            map: RegionMap::new(vec![a.host_region(), b.host_region()]).unwrap(),
+            memory_pages: 4,
+            disks: Vec::new(),
+        };
+        let mut out = Vec::new();
+        assert!(guest.read(1, 3, &mut out));
+        let firsts: Vec<u8> = out.chunks_exact(PAGE_SIZE).map(|p| p[0]).collect();
+        assert_eq!(firsts, [2, 3, 4]);
+        // Past guest memory (and no disk there): refused.
+        assert!(!guest.read(3, 2, &mut out));
+    }
+}
