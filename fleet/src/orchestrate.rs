@@ -50,6 +50,10 @@ pub struct Timeline {
     pub switchover_s: Option<f64>,
     /// When its source reported every stale page at the standby, or the failure.
     pub finish_s: Option<f64>,
+    /// When, by its last report, its last byte left: the moment it was expected to end as
+    /// it reported `done` (`None` if it never reported its progress).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_byte_s: Option<f64>,
 }
 
 #[derive(Clone, Debug)]
@@ -227,6 +231,7 @@ impl Orchestration {
     pub fn replan(&mut self, now_s: f64) -> Result<(), InputError> {
         self.sample_links(now_s);
         self.learn_setup();
+        self.learn_finish();
         let measured = self.measured(now_s);
         // The planner keeps the waiting VMs' order through near ties (what the operator
         // was told holds); a baseline orders them its own way every time.
@@ -271,6 +276,31 @@ impl Orchestration {
         extra.sort_by(f64::total_cmp);
         let median = extra[extra.len() / 2];
         self.fleet.costs.switchover = std::time::Duration::from_secs_f64(median);
+    }
+
+    /// Takes the finish cost from the transfers done so far: the median over VMs of their
+    /// expected last byte → `done`, less their link's round trip (the tail,
+    /// [`crate::model::Costs::tail_s`], is one round trip and this). The plan file's figure
+    /// (40 ms by default) is the bench machine's; a site's ends may take longer or less.
+    /// Only VMs whose source reported its progress count.
+    fn learn_finish(&mut self) {
+        let mut extra: Vec<f64> = self
+            .tracks
+            .iter()
+            .zip(&self.fleet.vms)
+            .filter(|(t, _)| t.phase == Phase::Done)
+            .filter_map(|(t, v)| {
+                let tail = t.timeline.finish_s? - t.timeline.last_byte_s?;
+                Some((tail - self.fleet.links[v.link].rtt_s()).max(0.0))
+            })
+            .filter(|x| x.is_finite())
+            .collect();
+        if extra.is_empty() {
+            return;
+        }
+        extra.sort_by(f64::total_cmp);
+        let median = extra[extra.len() / 2];
+        self.fleet.costs.finish = std::time::Duration::from_secs_f64(median);
     }
 
     /// Records, per link, the bytes its evacuations sent so far, while the transfers under
@@ -628,6 +658,7 @@ impl Orchestration {
 
     /// Every stale page of it is at the standby.
     pub fn done(&mut self, vm: usize, now_s: f64, bytes_sent: u64, pages_stale: Option<u64>) {
+        let last_byte = self.expected_end_s(vm).map(|e| e.min(now_s));
         let t = &mut self.tracks[vm];
         if t.phase.is_final() {
             return;
@@ -637,6 +668,7 @@ impl Orchestration {
         }
         t.phase = Phase::Done;
         t.timeline.finish_s = Some(now_s);
+        t.timeline.last_byte_s = last_byte;
         t.bytes_sent = bytes_sent;
         t.remaining_bytes = 0;
         t.pages_stale = pages_stale;

@@ -217,6 +217,32 @@ fn the_baselines_start_as_they_say() {
 }
 
 #[test]
+fn measured_tails_replace_the_plan_files_finish() {
+    // 100 ms of RTT: the file's tail is 0.1 s + 40 ms. Three transfers reported their last
+    // bytes gone at 1.0 s and were done at 1.15, 1.17 and 1.35 s: beyond the round trip,
+    // 50, 70 and 250 ms; the median, 70 ms, is the finish the rest are planned with.
+    let mut o = Orchestration::new(fleet(6), PlanOptions::new(3600.0), &[]).unwrap();
+    let tail = |o: &Orchestration| o.fleet().costs.tail_s(&o.fleet().links[0]);
+    assert!((tail(&o) - 0.14).abs() < 1e-9);
+    for (vm, done) in [(0, 1.15), (1, 1.17), (2, 1.35)] {
+        o.started(vm, 0.0);
+        o.progress(vm, 0.5, Some(10 * MB), 1);
+        o.progress(vm, 1.0, Some(0), 1);
+        o.done(vm, done, 10 * MB, None);
+    }
+    // One heard of only when done says nothing of its tail.
+    o.started(3, 0.0);
+    o.done(3, 5.0, 10 * MB, None);
+    o.replan(5.0).unwrap();
+    assert_eq!(o.fleet().costs.finish, Duration::from_millis(70));
+    assert!((tail(&o) - 0.17).abs() < 1e-9);
+    // The report's timeline says when each last byte left.
+    let r = o.report();
+    assert_eq!(r.vms[0].measured.last_byte_s, Some(1.0));
+    assert_eq!(r.vms[3].measured.last_byte_s, None);
+}
+
+#[test]
 fn measured_setups_replace_the_plan_files_switchover() {
     // 100 ms of RTT × 3 round trips + 50 ms: the file's setup is 0.35 s. The two VMs that
     // started took 0.6 s and 0.8 s to switch over: the median beyond the round trips is
