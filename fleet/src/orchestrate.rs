@@ -92,6 +92,17 @@ impl Track {
     }
 }
 
+/// The median (the upper one of an even count) of the finite `seconds`, as a duration;
+/// `None` if there are none (or it is beyond what a [`Duration`] holds).
+///
+/// [`Duration`]: std::time::Duration
+fn median_duration(seconds: impl Iterator<Item = f64>) -> Option<std::time::Duration> {
+    let mut xs: Vec<f64> = seconds.filter(|x| x.is_finite()).collect();
+    xs.sort_by(f64::total_cmp);
+    let median = *xs.get(xs.len() / 2)?;
+    std::time::Duration::try_from_secs_f64(median).ok()
+}
+
 /// The evacuation of a fleet as it runs.
 #[derive(Clone, Debug)]
 pub struct Orchestration {
@@ -255,7 +266,7 @@ impl Orchestration {
     /// switchover; planning the remaining VMs with the measured figure puts their
     /// prestarts (and predictions) where the real setups end.
     fn learn_setup(&mut self) {
-        let mut extra: Vec<f64> = self
+        let extra = self
             .tracks
             .iter()
             .zip(&self.fleet.vms)
@@ -267,15 +278,10 @@ impl Orchestration {
                 }
                 let rtts = self.fleet.costs.handshake_rtts * self.fleet.links[v.link].rtt_s();
                 Some((switchover - start - rtts).max(0.0))
-            })
-            .filter(|x| x.is_finite())
-            .collect();
-        if extra.is_empty() {
-            return;
+            });
+        if let Some(d) = median_duration(extra) {
+            self.fleet.costs.switchover = d;
         }
-        extra.sort_by(f64::total_cmp);
-        let median = extra[extra.len() / 2];
-        self.fleet.costs.switchover = std::time::Duration::from_secs_f64(median);
     }
 
     /// Takes the finish cost from the transfers done so far: the median over VMs of their
@@ -284,7 +290,7 @@ impl Orchestration {
     /// (40 ms by default) is the bench machine's; a site's ends may take longer or less.
     /// Only VMs whose source reported its progress count.
     fn learn_finish(&mut self) {
-        let mut extra: Vec<f64> = self
+        let extra = self
             .tracks
             .iter()
             .zip(&self.fleet.vms)
@@ -292,15 +298,10 @@ impl Orchestration {
             .filter_map(|(t, v)| {
                 let tail = t.timeline.finish_s? - t.timeline.last_byte_s?;
                 Some((tail - self.fleet.links[v.link].rtt_s()).max(0.0))
-            })
-            .filter(|x| x.is_finite())
-            .collect();
-        if extra.is_empty() {
-            return;
+            });
+        if let Some(d) = median_duration(extra) {
+            self.fleet.costs.finish = d;
         }
-        extra.sort_by(f64::total_cmp);
-        let median = extra[extra.len() / 2];
-        self.fleet.costs.finish = std::time::Duration::from_secs_f64(median);
     }
 
     /// Records, per link, the bytes its evacuations sent so far, while the transfers under
