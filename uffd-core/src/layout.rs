@@ -292,12 +292,13 @@ impl RegionMap {
         }
         let (mut page, mut at) = (first, 0);
         while at < out.len() {
-            let n = self.run_within_region(page, ((out.len() - at) / PAGE_SIZE) as u64);
-            let Some(idx) = self.region_index_of(page).filter(|_| n > 0) else {
+            let Some(idx) = self.region_index_of(page) else {
                 return false;
             };
+            let (region, local) = (&self.regions[idx], page - self.first_page[idx]);
+            let n = (region.pages() - local).min(((out.len() - at) / PAGE_SIZE) as u64);
             let end = at + n as usize * PAGE_SIZE;
-            if !self.regions[idx].read_shared(page - self.first_page[idx], &mut out[at..end]) {
+            if !region.read_shared(local, &mut out[at..end]) {
                 return false;
             }
             page += n;
