@@ -133,9 +133,13 @@ fn gcd(a: u64, b: u64) -> u64 {
     }
 }
 
-impl Walker<'_> {
+impl<'a> Walker<'a> {
     /// The aligned word at byte `offset` of guest memory (regions in order).
-    fn word(&self, mut offset: usize) -> Option<*mut u64> {
+    ///
+    /// Guest memory is accessed as atomic words, each with relaxed ordering: replication
+    /// and the wire census read it concurrently with `HostRegion::read_shared`, which
+    /// loads the same words atomically, so the stand-in vCPUs' writes are no data race.
+    fn word(&self, mut offset: usize) -> Option<&'a AtomicU64> {
         let r = self.regions.iter().find(|r| {
             if offset < r.len() {
                 true
@@ -144,21 +148,22 @@ impl Walker<'_> {
                 false
             }
         })?;
-        Some((r.host_addr() + (offset & !7)) as *mut u64)
+        let p = (r.host_addr() + (offset & !7)) as *mut u64;
+        // SAFETY: `offset & !7` lies inside the region (found above), whose mapping is
+        // readable and writable and stays mapped while the region lives (`HostRegion`'s
+        // contract), and the caller keeps `regions` for 'a; the region is page-aligned, so
+        // the word is 8-byte aligned. Every access to it from this process is atomic.
+        Some(unsafe { AtomicU64::from_ptr(p) })
     }
 
     /// Reads the word at byte `offset` of guest memory; if `write`, stores it back.
     fn touch(&self, offset: usize, write: bool) {
-        let Some(p) = self.word(offset) else { return };
-        // SAFETY: `word` returns an aligned pointer inside a region the caller keeps mapped
-        // until stop() joins this thread. Volatile because other threads and the kernel
-        // (through userfaultfd) write this memory concurrently; the write stores back the
-        // value just read, so the content never changes.
-        unsafe {
-            let v = std::ptr::read_volatile(p);
-            if write {
-                std::ptr::write_volatile(p, v);
-            }
+        let Some(w) = self.word(offset) else { return };
+        // The write stores back the value just read, so the content never changes (the
+        // kernel, through userfaultfd, may be installing the page meanwhile).
+        let v = w.load(Ordering::Relaxed);
+        if write {
+            w.store(v, Ordering::Relaxed);
         }
     }
 
@@ -296,10 +301,7 @@ pub fn move_fraction(regions: &[HostRegion], fraction: f64, seed: u64) -> u64 {
                 let (Some(src), Some(dst)) = (at(from), at(to)) else {
                     continue;
                 };
-                // SAFETY: `word` returns aligned pointers inside regions the caller keeps
-                // mapped; the guest is paused, and replication threads only read
-                // (volatile, as they read concurrently).
-                unsafe { std::ptr::write_volatile(dst, std::ptr::read_volatile(src)) };
+                dst.store(src.load(Ordering::Relaxed), Ordering::Relaxed);
             }
         }
         count
@@ -332,11 +334,10 @@ impl Permutation {
 impl Walker<'_> {
     /// Adds one to the word at byte `offset` of guest memory.
     fn bump(&self, offset: usize) {
-        let Some(p) = self.word(offset) else { return };
-        // SAFETY: `word` returns an aligned pointer inside a region the caller keeps mapped
-        // while this runs; volatile because replication threads read the same memory
-        // concurrently.
-        unsafe { std::ptr::write_volatile(p, std::ptr::read_volatile(p).wrapping_add(1)) };
+        let Some(w) = self.word(offset) else { return };
+        // A load and a store, not `fetch_add`: two vCPUs racing on a word may lose an
+        // increment, as plain guest stores would, and a locked add costs far more.
+        w.store(w.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
     }
 
     fn mutate(&self, seed: u64, hot_fraction: f64, rate: u64) {

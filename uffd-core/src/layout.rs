@@ -4,6 +4,7 @@
 //! index is stable across hosts as long as both sides list regions in the same order.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::LayoutError;
@@ -124,13 +125,13 @@ impl HostRegion {
     /// is not whole pages or they do not all lie in the region.
     ///
     /// For memory someone else may be writing meanwhile (a KVM guest, a stand-in vCPU):
-    /// every 8-byte word is read once, with a volatile read, so a concurrent write leaves
-    /// a torn copy (old and new words mixed), never a read the compiler may assume
-    /// unchanged, merge or repeat. That is the idiom for memory a guest writes from outside
-    /// the program (vm-memory reads guest memory the same way); against a thread of this
-    /// process writing with plain or volatile stores, Rust's memory model still calls it a
-    /// race, as it does any non-atomic access. Callers must tolerate a torn copy: check
-    /// the content, or know that the write will be seen again.
+    /// every 8-byte word is read once, with a relaxed atomic load, so a concurrent write
+    /// leaves a torn copy (old and new words mixed), never a read the compiler may assume
+    /// unchanged, merge or repeat. A thread of this process that writes guest memory with
+    /// atomic stores (faultline's stand-in vCPUs do) is then no data race; a guest writing
+    /// through KVM, or the kernel through userfaultfd, writes from outside the program. On
+    /// x86-64 a relaxed load is a plain move, as a volatile read is. Callers must tolerate
+    /// a torn copy: check the content, or know that the write will be seen again.
     ///
     /// False as well for a region whose start is not 8-byte aligned (every mapping is
     /// page-aligned; only [`HostRegion::from_raw`] could make one).
@@ -151,10 +152,11 @@ impl HostRegion {
         let src = (self.host_addr + first as usize * PAGE_SIZE) as *const u64;
         for (i, word) in out.chunks_exact_mut(8).enumerate() {
             // SAFETY: the words lie inside the region (checked above): one mapping that
-            // is readable while this region lives (`new` holds its owner; `from_raw`'s
-            // caller promised it), 8-byte aligned (checked above, and pages are whole), so
-            // every word is aligned. Volatile because the guest may write them (see above).
-            let w = unsafe { std::ptr::read_volatile(src.add(i)) };
+            // is readable and writable while this region lives (`MappedMemory`'s contract,
+            // or `from_raw`'s caller's promise), 8-byte aligned (checked above, and pages
+            // are whole), so every word is an aligned `AtomicU64` for as long as this
+            // borrow of the region. Atomic because the guest may write them (see above).
+            let w = unsafe { AtomicU64::from_ptr(src.add(i).cast_mut()) }.load(Ordering::Relaxed);
             word.copy_from_slice(&w.to_ne_bytes());
         }
         true
