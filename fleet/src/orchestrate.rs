@@ -315,7 +315,8 @@ impl Orchestration {
             if t.phase == Phase::Transferring {
                 caps[v.link] += self.fleet.flow_cap_bps(i);
             }
-            sent[v.link] += t.bytes_sent;
+            // A source's figure is its own: summed without overflow, whatever it says.
+            sent[v.link] = sent[v.link].saturating_add(t.bytes_sent);
         }
         for (li, samples) in self.link_samples.iter_mut().enumerate() {
             if caps[li] < self.fleet.links[li].rate_bps as f64 {
@@ -737,7 +738,7 @@ impl Orchestration {
                 .filter_map(|v| v.measured.finish_s)
                 .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x)))),
             planned_makespan_s: self.first.totals.makespan_s,
-            bytes_sent: vms.iter().map(|v| v.bytes_sent).sum(),
+            bytes_sent: vms.iter().fold(0u64, |a, v| a.saturating_add(v.bytes_sent)),
         };
         Report {
             deadline_s,

@@ -35,11 +35,19 @@ pub struct ControlServer {
     addr: SocketAddr,
 }
 
-/// Evacuation streams still delivering events.
+/// Evacuation streams still delivering events, and connections still open.
 #[derive(Default)]
 struct Streams {
     open: AtomicUsize,
+    connections: AtomicUsize,
     closed: Notify,
+}
+
+impl Streams {
+    fn ended(&self, count: &AtomicUsize) {
+        count.fetch_sub(1, Ordering::AcqRel);
+        self.closed.notify_waiters();
+    }
 }
 
 impl ControlServer {
@@ -103,14 +111,18 @@ impl ControlServer {
     }
 
     /// Waits (a few seconds at most) until every evacuation stream delivered its last
-    /// event, then closes the endpoint.
+    /// event and every peer hung up, then closes the endpoint. An orchestrator following
+    /// the evacuation hangs up at its last event; one that only asks for the status (the
+    /// evacuation was started by SIGUSR1 or a timer) does so once it has seen how it ended.
     pub fn finish(self) {
         let streams = self.streams.clone();
         self.runtime.block_on(async {
             let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
                 loop {
                     let closed = streams.closed.notified();
-                    if streams.open.load(Ordering::Acquire) == 0 {
+                    if streams.open.load(Ordering::Acquire) == 0
+                        && streams.connections.load(Ordering::Acquire) == 0
+                    {
                         return;
                     }
                     closed.await;
@@ -135,6 +147,7 @@ struct Shared {
 async fn serve(mut acceptor: Acceptor, shared: Arc<Shared>) {
     while let Some(conn) = acceptor.next().await {
         let shared = shared.clone();
+        shared.streams.connections.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let shared = shared.clone();
@@ -144,6 +157,7 @@ async fn serve(mut acceptor: Acceptor, shared: Arc<Shared>) {
                     }
                 });
             }
+            shared.streams.ended(&shared.streams.connections);
         });
     }
 }
@@ -194,8 +208,7 @@ async fn answer(
             let _ = send.finish();
             // Until the orchestrator has the last event (or gives up).
             let _ = tokio::time::timeout(FLUSH_TIMEOUT, send.stopped()).await;
-            streams.open.fetch_sub(1, Ordering::AcqRel);
-            streams.closed.notify_waiters();
+            streams.ended(&streams.open);
             r
         }
     }

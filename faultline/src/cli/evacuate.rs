@@ -221,6 +221,11 @@ async fn orchestrate(
     // The rate limit each source was last told (see `Orchestration::rate_caps`).
     let mut caps_sent: Vec<Option<u64>> = vec![None; n];
     while !o.is_finished() {
+        // What the links reported meanwhile first: a VM whose link failed is marked so
+        // with its own reason, not found gone when it is due.
+        while let Ok(msg) = rx.try_recv() {
+            handle(&mut o, msg, t0.elapsed().as_secs_f64(), events, &starts);
+        }
         let now = t0.elapsed().as_secs_f64();
         for i in o.due(now) {
             o.started(i, now);
@@ -346,7 +351,18 @@ fn handle(
     match msg {
         LinkReport::Status(i, s) => {
             o.waiting(i, s.stale_bytes);
-            // Started by someone else (SIGUSR1, its timer): follow it now.
+            // Started by someone else (SIGUSR1, its timer) and over already: taken as its
+            // last event (its link hangs up; asking it to start would find it gone).
+            if s.evacuation.is_final() && o.phase(i) == Phase::Waiting {
+                o.started(i, now);
+                events.emit(json!({
+                    "event": "started", "vm": o.fleet().vms[i].name, "t_s": now,
+                    "by": "the source",
+                }));
+                handle(o, LinkReport::Event(i, s), now, events, starts);
+                return;
+            }
+            // Started by someone else and under way: follow it now.
             if s.evacuation != EvacState::Idle && o.phase(i) == Phase::Waiting {
                 if let Some(tx) = &starts[i] {
                     if tx.try_send(Command::Start { rate_cap_bps: None }).is_ok() {
@@ -376,6 +392,9 @@ fn handle(
                     }
                 }
                 EvacState::Done => {
+                    if o.phase(i).is_final() {
+                        return;
+                    }
                     o.done(i, now, s.bytes_sent, s.pages_stale);
                     events.emit(json!({
                         "event": "done", "vm": name, "t_s": now,

@@ -277,6 +277,18 @@ fn replicate_metrics(
 }
 
 pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
+    let mut control = None;
+    let r = replicate_under(a, &mut control);
+    SourceControl::fail_unfinished(control, &r);
+    r
+}
+
+/// [`replicate`], with the orchestrator's endpoint (if any) in `control`, so that an error
+/// on any path is published to the orchestrator.
+fn replicate_under(
+    a: ReplicateArgs,
+    control: &mut Option<SourceControl>,
+) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
     // The evacuation's rate ceiling: from the command line, changed by the orchestrator.
     let rate_limit = RateLimit::new(a.evacuate_max_rate);
@@ -285,7 +297,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
     // catch up, then makes exactly those pages stale: the status reports what will cross,
     // the planted pages only (the stale count meanwhile is replication's lag).
     let planted = a.stale_pct.map(|_| planted_pages(&a));
-    let mut control = SourceControl::start(
+    *control = SourceControl::start(
         a.control.zip(a.control_peer_cert.as_deref()),
         &a.vm_id,
         &me,
@@ -304,7 +316,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
         .host_region()
         .context("synthetic images live in memory")?;
     let regions = [region];
-    if let Some(c) = &mut control {
+    if let Some(c) = control.as_mut() {
         // --stale-pct plants its pages in a uniform sample of memory.
         // (--stale-moved-pct pages take another page's content: not counted.)
         let planted = a.stale_pct.map(|pct| {
@@ -371,14 +383,14 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             continue;
         }
         last_status = Instant::now();
-        if let Some(c) = &mut control {
+        if let Some(c) = control.as_mut() {
             c.publish_replication(&replicator);
         }
         if !a.json {
             eprint!("\rreplicating: {:>8} pages stale", replicator.stale_pages());
         }
     }
-    if let Some(c) = &mut control {
+    if let Some(c) = control.as_mut() {
         c.starting();
     }
     let result = evacuate(
@@ -401,7 +413,7 @@ pub fn replicate(a: ReplicateArgs) -> anyhow::Result<ExitCode> {
             rate_limit,
         },
     );
-    if let Some(c) = control {
+    if let Some(c) = control.take() {
         c.finish(match &result {
             Ok(out) => Ok((
                 out.evacuation.session.udp_tx_bytes,

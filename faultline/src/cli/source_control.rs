@@ -167,6 +167,15 @@ impl SourceControl {
         progress_to(self.server.publisher(), stale_pages)
     }
 
+    /// The source ends with `result` while `control` was not finished (an error before or
+    /// around the evacuation): the orchestrator is told why at once, rather than finding
+    /// the source silent.
+    pub fn fail_unfinished<T>(control: Option<SourceControl>, result: &anyhow::Result<T>) {
+        if let (Some(c), Err(e)) = (control, result) {
+            c.finish(Err(format!("{e:#}")));
+        }
+    }
+
     /// The evacuation ended: done with (UDP bytes sent, pages that were stale), or failed
     /// with why; the last events are delivered before the endpoint closes.
     pub fn finish(self, outcome: Result<(u64, u64), String>) {
@@ -178,6 +187,13 @@ impl SourceControl {
                 s.pages_remaining = Some(0);
             }),
             Err(e) => self.server.update(|s| {
+                // Done already means every page reached the standby (`progress_to`); what
+                // failed after (the closing handshake, the source's own reporting) does not
+                // undo that, and the orchestrator may have taken it as final already.
+                if s.evacuation == EvacState::Done {
+                    tracing::warn!("after the evacuation was done: {e}");
+                    return;
+                }
                 s.evacuation = EvacState::Failed;
                 s.error = Some(e);
             }),

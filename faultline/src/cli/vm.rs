@@ -366,6 +366,15 @@ fn run_guest(vm: &Vm, d: Duration) -> anyhow::Result<()> {
 }
 
 fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
+    let mut control = None;
+    let r = source_under(a, &mut control);
+    SourceControl::fail_unfinished(control, &r);
+    r
+}
+
+/// [`source`], with the orchestrator's endpoint (if any) in `control`, so that an error on
+/// any path is published to the orchestrator.
+fn source_under(a: VmSourceArgs, control: &mut Option<SourceControl>) -> anyhow::Result<ExitCode> {
     let (me, peer) = identity(&a.tls)?;
     let config = a.guest.config()?;
     let run_for = a.guest.run_for()?;
@@ -388,7 +397,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         .replica
         .stale_pct
         .map(|p| (p / 100.0 * (config.mem_size / PAGE_SIZE as u64) as f64) as u64);
-    let mut control = SourceControl::start(
+    *control = SourceControl::start(
         listen,
         &a.vm_id,
         &me,
@@ -445,7 +454,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    match (&mut control, &replication) {
+    match (control.as_mut(), &replication) {
         // Driven by an orchestrator: until it asks (or SIGUSR1).
         (Some(c), Some(r)) => {
             // --stale-pct plants its pages in the guest's working set.
@@ -475,7 +484,7 @@ fn source(a: VmSourceArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     if let Some(f) = &replicated {
-        if let Some(c) = &control {
+        if let Some(c) = control.as_ref() {
             // What will cross, as far as known before the final harvest.
             let stale = f.state.summary.stale_pages + f.dirtied;
             opts.progress = Some(c.replication_stopped(stale));

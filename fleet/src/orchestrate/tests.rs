@@ -570,3 +570,20 @@ fn an_encoded_transfer_is_timed_in_pages_and_replanned_in_wire_bytes() {
         0.45 + 60.0 * 8e6 / 1.28e9
     ));
 }
+
+#[test]
+fn absurd_byte_counts_from_sources_do_not_overflow() {
+    // Two sources on one link each claim 2^63 bytes sent: the link's sample and the
+    // report's total add them without overflowing (a debug build would panic).
+    let mut o = Orchestration::new(fleet(2), PlanOptions::new(3600.0), &[]).unwrap();
+    for vm in 0..2 {
+        o.started(vm, 0.0);
+        o.progress(vm, 0.5, Some(MB), 1 << 63);
+    }
+    o.replan(1.0).unwrap();
+    o.replan(2.0).unwrap();
+    o.done(0, 2.5, 1 << 63, None);
+    o.done(1, 2.5, u64::MAX, None);
+    let r = o.report();
+    assert_eq!(r.totals.bytes_sent, u64::MAX);
+}

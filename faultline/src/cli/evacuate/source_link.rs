@@ -82,7 +82,7 @@ pub async fn run(
         tokio::select! {
             cmd = commands.recv() => match cmd {
                 Some(Command::Start { rate_cap_bps }) => break rate_cap_bps,
-                Some(Command::SetRate(cap)) => set_rate(&conn, vm, cap).await,
+                Some(Command::SetRate(cap)) => set_rate(&conn, vm, cap, t.silence).await,
                 // Not to be started (`faultline plan --live`, or the orchestrator ends):
                 // the source goes on waiting for another.
                 None => {
@@ -92,7 +92,16 @@ pub async fn run(
             },
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
                 match tokio::time::timeout(t.silence, status(&conn)).await {
-                    Ok(Ok(s)) => { let _ = out.send(Report::Status(vm, s)); }
+                    Ok(Ok(s)) => {
+                        // Evacuated or failed on its own (SIGUSR1, its timer): nothing to
+                        // start; hanging up lets the source end.
+                        let over = s.evacuation.is_final();
+                        let _ = out.send(Report::Status(vm, s));
+                        if over {
+                            conn.close(0u32.into(), b"over");
+                            return;
+                        }
+                    }
                     Ok(Err(e)) => {
                         let _ = out.send(Report::Failed(vm, format!("{e:#}")));
                         return;
@@ -151,8 +160,8 @@ async fn status(conn: &quinn::Connection) -> anyhow::Result<Status> {
 
 /// Asks the source to limit its evacuation's rate (on a stream of its own, beside the
 /// evacuation's events). A source that does not take it is logged: the evacuation goes on
-/// unpaced, which costs the plan's order, not the VM.
-async fn set_rate(conn: &quinn::Connection, vm: usize, cap: Option<u64>) {
+/// at the limit it had (unpaced, or held), which costs the plan's order, not the VM.
+async fn set_rate(conn: &quinn::Connection, vm: usize, cap: Option<u64>, within: Duration) {
     let ask = async {
         let (mut send, mut recv) = conn.open_bi().await?;
         write_msg(&mut send, &Request::SetRate { rate_cap_bps: cap }).await?;
@@ -163,7 +172,12 @@ async fn set_rate(conn: &quinn::Connection, vm: usize, cap: Option<u64>) {
             None => bail!("the source ended the stream without an answer"),
         }
     };
-    if let Err(e) = ask.await {
+    // Bounded: a source that never answers must not stall its link's status requests.
+    let r = match tokio::time::timeout(within, ask).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow!(silent(within))),
+    };
+    if let Err(e) = r {
         tracing::warn!(vm, ?cap, "setting the rate limit: {e:#}");
     }
 }
@@ -188,7 +202,7 @@ async fn evacuate(
         let conn = conn.clone();
         tokio::spawn(async move {
             while let Some(cap) = rates_rx.recv().await {
-                set_rate(&conn, vm, cap).await;
+                set_rate(&conn, vm, cap, t.silence).await;
             }
         })
     };
