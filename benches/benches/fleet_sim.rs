@@ -17,6 +17,8 @@
 //!   schedule and of the two baselines; `meets_target` is `median_ms` < 1000;
 //! * `plan`: the whole planner (every candidate on every link, simulated against the
 //!   margin; then the chosen schedule and the baselines at both rates);
+//! * `replan`: a re-plan a minute in, every VM measured (done, transferring, in setup or
+//!   waiting), as the orchestrator makes one every second (`replan_keeping`);
 //! * `sim_all_at_once_one_link`: the simulator's worst case, all 10,000 VMs at once on one
 //!   link (every event recomputes 10,000 rates).
 //!
@@ -27,7 +29,10 @@ use std::time::{Duration, Instant};
 
 use faultline_benches::stats::{median, nearest_rank};
 use faultline_benches::{emit, env_size};
-use fleet::plan::{all_at_once, one_at_a_time_smallest_first, plan, PlanOptions};
+use fleet::plan::{
+    all_at_once, one_at_a_time_smallest_first, plan, replan_keeping, Measured, Plan, PlanOptions,
+    Policy, VmMeasure, VmState,
+};
 use fleet::sim::{simulate, Outcome, Schedule, SimOptions};
 use fleet::{Costs, Fleet, Link, Vm};
 use serde_json::{json, Map, Value};
@@ -150,6 +155,53 @@ fn sim_line(case: &str, f: &Fleet, s: &Schedule, rounds: usize, deadline: f64) {
     emit(&Value::Object(m));
 }
 
+/// What an orchestrator would measure `now_s` into plan `p`: the VMs done by then, those
+/// under way (in setup before their switchover, else transferring with the share of their
+/// bytes the plan says is left), and the rest waiting.
+fn measured_at(f: &Fleet, p: &Plan, now_s: f64) -> Measured {
+    let vms = p
+        .vms
+        .iter()
+        .zip(&f.vms)
+        .map(|(v, vm)| {
+            let (start, switchover, finish) = (
+                v.start_s.unwrap_or(f64::INFINITY),
+                v.switchover_s.unwrap_or(f64::INFINITY),
+                v.finish_s.unwrap_or(f64::INFINITY),
+            );
+            let state = if finish <= now_s {
+                VmState::Done { finished_s: finish }
+            } else if switchover <= now_s {
+                let left = (finish - now_s) / (finish - switchover);
+                VmState::Transferring {
+                    remaining_bytes: (vm.stale_bytes as f64 * left) as u64,
+                    switchover_s: switchover,
+                    started_s: start,
+                }
+            } else if start <= now_s {
+                VmState::Setup {
+                    started_s: start,
+                    stale_bytes: vm.stale_bytes,
+                }
+            } else {
+                VmState::Waiting {
+                    stale_bytes: vm.stale_at(now_s) as u64,
+                }
+            };
+            VmMeasure {
+                vm: v.name.clone(),
+                state,
+                wire_ratio: None,
+            }
+        })
+        .collect();
+    Measured {
+        now_s,
+        links: Vec::new(),
+        vms,
+    }
+}
+
 fn main() {
     let rounds = env_size("FAULTLINE_BENCH_ROUNDS", 11).max(1) as usize;
     let n_vms = env_size("FAULTLINE_BENCH_VMS", 10_000) as usize;
@@ -206,6 +258,35 @@ fn main() {
         json!(decision_s / evacuation_s <= 0.01),
     );
     m.insert("decision_over_replan_interval".into(), json!(decision_s));
+    emit(&Value::Object(m));
+
+    // A re-plan a minute in, as the orchestrator makes one every second: every VM
+    // measured (done, transferring half-way, in setup, or waiting with its stale bytes).
+    let measured = measured_at(&f, &p, 60.0);
+    let (r, times) = time(rounds, || {
+        replan_keeping(&f, &opts, &measured, Policy::Planner, &p.schedule)
+    });
+    let mut m = line("replan", &f, &times);
+    m.insert("now_s".into(), json!(measured.now_s));
+    m.insert("measured_vms".into(), json!(measured.vms.len()));
+    let done = measured
+        .vms
+        .iter()
+        .filter(|v| matches!(v.state, VmState::Done { .. }))
+        .count();
+    m.insert("done_by_now".into(), json!(done));
+    m.insert("ok".into(), json!(r.is_ok()));
+    if let Ok(r) = &r {
+        // Of the VMs not done yet.
+        m.insert("saved".into(), json!(r.totals.saved));
+        m.insert("makespan_s".into(), json!(r.totals.makespan_s));
+    }
+    // Against the interval it runs at: the share of one core the orchestrator spends
+    // re-planning.
+    m.insert(
+        "decision_over_replan_interval".into(),
+        json!(median(&times) / 1000.0),
+    );
     emit(&Value::Object(m));
 
     sim_line("sim_planned", &f, &p.schedule, rounds, deadline);

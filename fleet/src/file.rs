@@ -32,7 +32,7 @@
 //! ```
 //!
 //! Every number may be a TOML number or a string with a suffix; errors name the entry and
-//! the key (`vm "db-3": disk_bytes must be >= 0 (got -5)`). [`parse`] is pure: the caller
+//! the key (`vm "db-3": disk_bytes cannot be negative (got -5)`). [`parse`] is pure: the caller
 //! reads the file and says what time it is.
 
 use std::time::Duration;
@@ -143,12 +143,13 @@ pub fn parse(text: &str, now_unix_s: f64) -> Result<PlanFile, PlanFileError> {
         None => DEFAULT_MARGIN,
         Some(v) => {
             let m = fraction(top.clone(), "margin", v)?;
-            if !(0.0..1.0).contains(&m) {
+            // The planner keeps at least 1% of a link (`plan::plan_from`).
+            if !(0.0..=0.99).contains(&m) {
                 return Err(top
                     .problem(Problem::OutOfRange {
                         key: "margin",
                         value: m.to_string(),
-                        range: "0 and 1 (0.1 or \"10%\": plan for 10% less bandwidth), 1 excluded",
+                        range: "0 and 0.99 (0.1 or \"10%\": plan for 10% less bandwidth)",
                     })
                     .into());
             }

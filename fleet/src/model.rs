@@ -24,6 +24,10 @@ use thiserror::Error;
 /// (`TransportTuning::in_flight_cap`).
 pub const DEFAULT_WINDOW_BYTES: u64 = 3_906_250;
 
+/// The most a VM's memory, or its disks together, may hold: 1 EiB. A larger figure is a
+/// typo or a wrapped number, and the fleet's sums of such sizes would overflow.
+pub const MAX_BYTES: u64 = 1 << 60;
+
 /// A network path from the site being evacuated to a standby site, modelled as one
 /// bottleneck. Every VM uses exactly one link.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -257,6 +261,18 @@ impl Fleet {
             if v.link >= links.len() {
                 return Err(entry.problem(Problem::UnknownLink(format!("#{}", v.link))));
             }
+            for (key, value) in [
+                ("memory_bytes", v.memory_bytes),
+                ("disk_bytes", v.disk_bytes),
+            ] {
+                if value > MAX_BYTES {
+                    return Err(entry.problem(Problem::TooLarge {
+                        key,
+                        value,
+                        limit: MAX_BYTES,
+                    }));
+                }
+            }
             if v.total_bytes() == 0 {
                 return Err(entry.problem(Problem::NotPositive("memory_bytes + disk_bytes")));
             }
@@ -407,7 +423,7 @@ pub enum Problem {
         expected: &'static str,
         got: String,
     },
-    #[error("{key} must be >= 0 (got {value})")]
+    #[error("{key} cannot be negative (got {value})")]
     Negative { key: &'static str, value: String },
     #[error("{0} must be > 0")]
     NotPositive(&'static str),
@@ -426,6 +442,12 @@ pub enum Problem {
     },
     #[error("{key} ({value} bytes) exceeds memory_bytes + disk_bytes ({limit} bytes)")]
     Exceeds {
+        key: &'static str,
+        value: u64,
+        limit: u64,
+    },
+    #[error("{key} ({value} bytes) is more than any VM holds (at most {limit} bytes, 1 EiB)")]
+    TooLarge {
         key: &'static str,
         value: u64,
         limit: u64,
@@ -453,7 +475,7 @@ pub enum Problem {
 }
 
 /// Bad input: which entry, and what is wrong with it. Displays as `vm "db-3": disk_bytes
-/// must be >= 0 (got -5)`.
+/// cannot be negative (got -5)`.
 #[derive(Clone, Debug, PartialEq, Error)]
 #[error("{entry}: {problem}")]
 pub struct InputError {

@@ -341,7 +341,8 @@ impl Orchestration {
         if t1 - t0 < LINK_RATE_WINDOW_S || b1 <= b0 {
             return None;
         }
-        Some(((b1 - b0) as f64 * 8.0 / (t1 - t0)) as u64)
+        // A rate that rounds to nothing says nothing (and a re-plan refuses a rate of 0).
+        Some(((b1 - b0) as f64 * 8.0 / (t1 - t0)) as u64).filter(|&r| r > 0)
     }
 
     /// What was measured, for [`plan::replan_keeping`]: every VM's state and, for a link that

@@ -33,6 +33,7 @@
 //! make it harder still.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -313,8 +314,9 @@ pub struct VmMeasure {
 pub enum VmState {
     /// Not started; its stale bytes now (from its dirty tracking).
     Waiting { stale_bytes: u64 },
-    /// Its setup started at `started_s`, its stale set then `stale_bytes` (what will cross:
-    /// the guest pauses as the setup begins).
+    /// Its setup started at `started_s`, its stale set then `stale_bytes`: what will cross
+    /// if the guest is paused already (`--stale-pct` pauses it first); otherwise the guest
+    /// runs until the switchover and the model grows it at its dirty rate until then.
     Setup { started_s: f64, stale_bytes: u64 },
     /// Started at `started_s`, moving its stale bytes since its switchover at
     /// `switchover_s`; this many are left (stale bytes, as pages: the wire ratio makes them
@@ -408,13 +410,41 @@ fn replan_inner(
         policy,
         previous: previous.cloned(),
     };
+    // By name once, not a scan per measured VM: the orchestrator measures every VM every
+    // second, and a fleet may have 10,000.
+    let by_name: HashMap<&str, usize> = fleet
+        .vms
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.name.as_str(), i))
+        .collect();
+    let mut skipped = vec![false; fleet.vms.len()];
+    for &i in &opts.skip {
+        if let Some(s) = skipped.get_mut(i) {
+            *s = true;
+        }
+    }
+    let mut seen = vec![false; fleet.vms.len()];
     for m in &measured.vms {
-        let i = fleet.vm_index(&m.vm).ok_or_else(|| {
+        let i = *by_name.get(m.vm.as_str()).ok_or_else(|| {
             Entry::Top.problem(Problem::UnknownVm {
                 key: "measured",
                 vm: m.vm.clone(),
             })
         })?;
+        if std::mem::replace(&mut seen[i], true) {
+            return Err(Entry::Vm(m.vm.clone())
+                .problem(Problem::Other("measured twice in one re-plan".into())));
+        }
+        let under_way = matches!(
+            m.state,
+            VmState::Setup { .. } | VmState::Transferring { .. }
+        );
+        if under_way && skipped[i] {
+            return Err(Entry::Vm(m.vm.clone()).problem(Problem::Other(
+                "measured under way, yet the plan skips it".into(),
+            )));
+        }
         let setup = f.costs.setup_s(&f.links[f.vms[i].link]);
         if let Some(r) = m.wire_ratio {
             if !crate::model::WIRE_RATIO_RANGE.contains(&r) {
@@ -671,17 +701,23 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
             .filter(|&i| !matches!(phase(i), Phase::Waiting))
             .collect();
         running.sort_by_key(|&i| running_key(fleet, state, i));
+        // Marks, not `contains`: with every VM under way (all at once) that was quadratic.
+        let mut placed = vec![false; n];
+        for &i in &running {
+            placed[i] = true;
+        }
         let pinned: Vec<usize> = opts
             .first
             .iter()
             .copied()
-            .filter(|&i| on_link.contains(&i) && matches!(phase(i), Phase::Waiting))
+            .filter(|&i| {
+                i < n && fleet.vms[i].link == li && active(i) && matches!(phase(i), Phase::Waiting)
+            })
             .collect();
-        let rest: Vec<usize> = on_link
-            .iter()
-            .copied()
-            .filter(|i| !running.contains(i) && !pinned.contains(i))
-            .collect();
+        for &i in &pinned {
+            placed[i] = true;
+        }
+        let rest: Vec<usize> = on_link.iter().copied().filter(|&i| !placed[i]).collect();
         let prefix: Vec<usize> = running.iter().chain(&pinned).copied().collect();
         let fixed = prefix.len();
 
@@ -768,7 +804,10 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
         .enumerate()
         .map(|(li, l)| {
             let ls = &schedule.links[li];
-            let stale: u64 = ls.order.iter().map(|&i| fleet.vms[i].stale_bytes).sum();
+            let stale = ls
+                .order
+                .iter()
+                .fold(0u64, |a, &i| a.saturating_add(fleet.vms[i].stale_bytes));
             let wire: f64 = ls.order.iter().map(|&i| fleet.vms[i].wire_bytes()).sum();
             LinkPlan {
                 name: l.name.clone(),
@@ -1046,7 +1085,7 @@ fn totals(
             sum_finish += o.finish_s;
             sum_exposure += o.exposure_s();
             t.max_exposure_s = t.max_exposure_s.max(o.exposure_s());
-            t.bytes_to_cross += o.bytes.round() as u64;
+            t.bytes_to_cross = t.bytes_to_cross.saturating_add(o.bytes.round() as u64);
             bytes += fleet.vms[i].wire_bytes();
         }
         let ideal = bytes * 8.0 / fleet.links[li].rate_bps as f64;
@@ -1072,10 +1111,17 @@ fn vm_plans(
     now: f64,
 ) -> Vec<VmPlan> {
     let n = fleet.vms.len();
-    let position = |vm: usize| {
-        let ls = &schedule.links[fleet.vms[vm].link];
-        ls.order.iter().position(|&i| i == vm).unwrap_or(0)
-    };
+    // Each VM's place in its link's order, found once (a scan per comparison of the sort
+    // below was quadratic in the VMs of a link).
+    let mut place = vec![0usize; n];
+    for ls in &schedule.links {
+        for (k, &i) in ls.order.iter().enumerate() {
+            if let Some(p) = place.get_mut(i) {
+                *p = k;
+            }
+        }
+    }
+    let position = |vm: usize| place[vm];
     // The VMs under way first, in their links' orders (a transfer's start in the
     // simulation is its switchover less a setup, not when it was started); then by
     // planned start, then by place in its link's order.

@@ -31,14 +31,19 @@ pub fn parse_size(s: &str) -> Option<f64> {
 }
 
 /// Bits per second with an optional decimal suffix (k, M, G, T) and unit (`bit`, `bit/s`,
-/// `bps`, `b/s`).
+/// `bps`, `b/s`). Bytes a second (`B/s`, `Bps`, an upper-case B) are refused, not read as
+/// bits: `100MB/s` is 800 Mbit/s, and taking it for 100 would plan a link 8 times slower.
 pub fn parse_rate(s: &str) -> Option<f64> {
-    let lower = s.trim().to_ascii_lowercase();
-    let body = ["bit/s", "bps", "bit", "b/s"]
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let (body, unit) = ["bit/s", "bps", "bit", "b/s"]
         .iter()
-        .find_map(|u| lower.strip_suffix(u))
-        .unwrap_or(&lower)
-        .trim();
+        .find_map(|u| lower.strip_suffix(u).map(|b| (b, *u)))
+        .unwrap_or((&lower, ""));
+    if unit.starts_with('b') && !unit.starts_with("bit") && t[body.len()..].starts_with('B') {
+        return None;
+    }
+    let body = body.trim();
     let (num, mult) = match body.chars().last() {
         Some('k') => (&body[..body.len() - 1], 1e3),
         Some('m') => (&body[..body.len() - 1], 1e6),
@@ -183,6 +188,13 @@ mod tests {
         assert_eq!(parse_rate("100 Mbit"), Some(1e8));
         assert_eq!(parse_rate("500k"), Some(5e5));
         assert_eq!(parse_rate("fast"), None);
+        assert_eq!(parse_rate("1Gbps"), Some(1e9));
+        assert_eq!(parse_rate("40 Mb/s"), Some(4e7));
+        assert_eq!(parse_rate("1 GBit/s"), Some(1e9));
+        // Bytes a second: refused, not taken for bits.
+        assert_eq!(parse_rate("100MB/s"), None);
+        assert_eq!(parse_rate("1 GBps"), None);
+        assert_eq!(parse_rate("125MBPS"), None);
         assert_eq!(parse_duration("20ms", 1.0), Some(0.02));
         assert_eq!(parse_duration("15m", 1.0), Some(900.0));
         assert_eq!(parse_duration("2h", 1.0), Some(7200.0));

@@ -108,7 +108,7 @@ fn a_bad_plan_file_is_a_usage_error_naming_the_entry() {
         (
             "disk_bytes = \"2T\"",
             "disk_bytes = -5",
-            "vm \"db-1\": disk_bytes must be >= 0 (got -5)",
+            "vm \"db-1\": disk_bytes cannot be negative (got -5)",
         ),
         (
             "link = \"to-c\"\nmemory_bytes = \"4G\"",

@@ -264,7 +264,11 @@ async fn orchestrate(
                 handle(&mut o, msg, t0.elapsed().as_secs_f64(), events, &starts);
             }
             _ = tick.tick() => {
-                o.replan(t0.elapsed().as_secs_f64())?;
+                // A re-plan refused (a figure a source reported that the model cannot
+                // take) leaves the last plan in force: the evacuation goes on.
+                if let Err(e) = o.replan(t0.elapsed().as_secs_f64()) {
+                    tracing::warn!("re-planning: {e}; the last plan stands");
+                }
             }
             // A prestart the plan foresees between events, or a hand-off to a held VM:
             // on time, not at the next event or tick.

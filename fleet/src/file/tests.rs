@@ -153,12 +153,12 @@ fn every_bad_entry_is_named() {
         (
             "disk_bytes = \"500G\"",
             "disk_bytes = -5",
-            "vm \"db-1\": disk_bytes must be >= 0 (got -5)",
+            "vm \"db-1\": disk_bytes cannot be negative (got -5)",
         ),
         (
             "memory_bytes = \"8G\"",
             "memory_bytes = \"-8G\"",
-            "vm \"web-1\": memory_bytes must be >= 0 (got \"-8G\")",
+            "vm \"web-1\": memory_bytes cannot be negative (got \"-8G\")",
         ),
         (
             "memory_bytes = \"8G\"",
@@ -227,9 +227,19 @@ fn every_bad_entry_is_named() {
             "vm \"db-1\": priority must be > 0",
         ),
         (
+            "memory_bytes = \"64G\"",
+            "memory_bytes = \"99999P\"",
+            "vm \"db-1\": memory_bytes (18446744073709551615 bytes) is more than any VM holds",
+        ),
+        (
+            "rate_bps = \"1G\"",
+            "rate_bps = \"100MB/s\"",
+            "link \"wan-a\": rate_bps = \"100MB/s\" is not a rate in bit/s",
+        ),
+        (
             "priority = 3",
             "priority = -1",
-            "vm \"db-1\": priority must be >= 0 (got -1)",
+            "vm \"db-1\": priority cannot be negative (got -1)",
         ),
         (
             "wire_ratio = 0.45",
@@ -290,7 +300,7 @@ fn every_bad_entry_is_named() {
         (
             "margin = \"5%\"",
             "margin = 1.5",
-            "plan: margin must be between 0 and 1",
+            "plan: margin must be between 0 and 0.99",
         ),
         (
             "margin = \"5%\"",
@@ -300,7 +310,7 @@ fn every_bad_entry_is_named() {
         (
             "handshake_rtts = 2",
             "handshake_rtts = -2",
-            "[costs]: handshake_rtts must be >= 0 (got -2)",
+            "[costs]: handshake_rtts cannot be negative (got -2)",
         ),
         (
             "handshake_rtts = 2",

@@ -320,11 +320,30 @@ fn replanning_keeps_what_runs_and_uses_what_was_measured() {
         replan(&f, &opts, &bad).unwrap_err().to_string(),
         "plan: measured names vm \"zz\", which is not defined"
     );
-    let mut bad = measured;
+    let mut bad = measured.clone();
     bad.links[0].link = "nope".into();
     assert_eq!(
         replan(&f, &opts, &bad).unwrap_err().to_string(),
         "plan: link \"nope\" is not defined"
+    );
+    // A VM measured twice, or under way though the plan skips it, is refused, not a panic.
+    let mut bad = measured.clone();
+    bad.vms.push(VmMeasure {
+        vm: "b".into(),
+        wire_ratio: None,
+        state: VmState::Done { finished_s: 11.0 },
+    });
+    assert_eq!(
+        replan(&f, &opts, &bad).unwrap_err().to_string(),
+        "vm \"b\": measured twice in one re-plan"
+    );
+    let skipping = PlanOptions {
+        skip: vec![1],
+        ..opts.clone()
+    };
+    assert_eq!(
+        replan(&f, &skipping, &measured).unwrap_err().to_string(),
+        "vm \"b\": measured under way, yet the plan skips it"
     );
 }
 

@@ -148,8 +148,10 @@ impl Hearing {
 
 /// A VM as its source measures it, over what the plan file says.
 fn apply_status(v: &mut fleet::model::Vm, s: &Status) {
-    v.memory_bytes = v.memory_bytes.max(s.memory_bytes);
-    v.disk_bytes = v.disk_bytes.max(s.disk_bytes.unwrap_or(0));
+    // A source's figures within what the plan file could have said (`MAX_BYTES`).
+    let cap = |b: u64| b.min(fleet::model::MAX_BYTES);
+    v.memory_bytes = v.memory_bytes.max(cap(s.memory_bytes));
+    v.disk_bytes = v.disk_bytes.max(cap(s.disk_bytes.unwrap_or(0)));
     v.stale_bytes = s.stale_bytes.min(v.total_bytes());
     // Replication keeps running while a VM waits for its evacuation: its stale bytes grow
     // by the net growth its source measures, not by the whole dirty rate.
