@@ -61,7 +61,8 @@
 //! `FAULTLINE_BENCH_SCHEDULES` (`planner,all-at-once,smallest-first`),
 //! `FAULTLINE_BENCH_ROUNDS` (repeats of each run, 1), `FAULTLINE_BENCH_ENCODING` (`off`),
 //! `FAULTLINE_BENCH_STATED_BDP` (`0`: the default window instead), `FAULTLINE_BENCH_CALIBRATE`,
-//! `FAULTLINE_BENCH_TIMELINE` (set: each run line carries `link_timeline_mbps`, the link's
+//! `FAULTLINE_BENCH_EVENTS` (set: each run line carries `orchestrator_events`, its event
+//! lines), `FAULTLINE_BENCH_TIMELINE` (set: each run line carries `link_timeline_mbps`, the link's
 //! rate every 50 ms, and `rate_limits`, the orchestrator's holds and releases),
 //! `FAULTLINE_BENCH_IDLE_REPLICATORS` (the image sources' replicators at SCHED_IDLE, as
 //! `replicate` runs them by default; `0`: at normal priority).
@@ -480,6 +481,9 @@ fn run(
     line["encoding"] = json!(encoding);
     line["idle_replicators"] = json!(idle_replicators());
     line["digests_unverified"] = report["digests_unverified"].clone();
+    if !report["orchestrator_events"].is_null() {
+        line["orchestrator_events"] = report["orchestrator_events"].clone();
+    }
     if !report["link_timeline_mbps"].is_null() {
         line["link_timeline_mbps"] = report["link_timeline_mbps"].clone();
         // Beside it, when the orchestrator held and released whom: [t_s, vm, limit].
@@ -731,6 +735,16 @@ fn evacuate(
     let mut report = orch.json.clone();
     if !timeline.is_empty() {
         report["link_timeline_mbps"] = json!(timeline);
+    }
+    // FAULTLINE_BENCH_EVENTS=1: the orchestrator's event lines (starts, rate limits,
+    // switchovers, done), to line up with the timeline.
+    if std::env::var_os("FAULTLINE_BENCH_EVENTS").is_some() {
+        let events: Vec<Value> = orch
+            .stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str(l.strip_prefix("@faultline ")?).ok())
+            .collect();
+        report["orchestrator_events"] = json!(events);
     }
     let mut failures = Vec::new();
     let mut unverified = Vec::new();

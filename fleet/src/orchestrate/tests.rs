@@ -422,7 +422,7 @@ fn a_prestarted_vm_is_held_only_while_the_transfer_ahead_fills_the_link() {
 }
 
 #[test]
-fn a_held_vm_takes_the_link_one_round_trip_before_the_transfer_ahead_ends() {
+fn a_held_vm_takes_the_link_as_the_transfer_ahead_is_expected_to_end() {
     let mut o = one_flow_fills_the_link(3);
     let first = o.due(0.0)[0];
     o.started(first, 0.0);
@@ -437,16 +437,16 @@ fn a_held_vm_takes_the_link_one_round_trip_before_the_transfer_ahead_ends() {
     let end = o.expected_end_s(first).unwrap();
     assert!(close(end, 1.1), "{end}");
     let handoff = o.next_handoff_s(at).unwrap();
-    assert!(close(handoff, 1.0), "{handoff}");
-    assert!(o.rate_caps(0.99)[next].is_some(), "still held");
-    assert_eq!(o.rate_caps(1.001), vec![None; 3], "its turn, before `done`");
-    assert_eq!(o.next_handoff_s(1.001), None, "nothing more foreseen");
+    assert!(close(handoff, 1.1), "{handoff}");
+    assert!(o.rate_caps(1.09)[next].is_some(), "still held");
+    assert_eq!(o.rate_caps(1.101), vec![None; 3], "its turn, before `done`");
+    assert_eq!(o.next_handoff_s(1.101), None, "nothing more foreseen");
     // It turns out to send at 400 Mbit/s (35 MB in 0.7 s), 65 MB left: its end is
-    // expected at 2.3 s, and the VM behind it is held again until 2.2 s.
+    // expected at 2.3 s, and the VM behind it is held again until then.
     o.progress(first, 1.0, Some(65 * MB), 35 * MB);
     assert!(close(o.expected_end_s(first).unwrap(), 2.3));
     assert!(o.rate_caps(1.05)[next].is_some());
-    assert!(close(o.next_handoff_s(1.05).unwrap(), 2.2));
+    assert!(close(o.next_handoff_s(1.05).unwrap(), 2.3));
     // A report right after another does not measure a rate over milliseconds.
     o.progress(first, 1.01, Some(64 * MB), 35 * MB);
     assert!(close(
