@@ -149,6 +149,9 @@ impl<'a> Walker<'a> {
             }
         })?;
         let p = (r.host_addr() + (offset & !7)) as *mut u64;
+        // Regions are mappings, page-aligned; one made by hand (`HostRegion::from_raw`)
+        // could break that, and `from_ptr` needs it.
+        debug_assert!(p.is_aligned(), "guest memory region not 8-byte aligned");
         // SAFETY: `offset & !7` lies inside the region (found above), whose mapping is
         // readable and writable and stays mapped while the region lives (`HostRegion`'s
         // contract), and the caller keeps `regions` for 'a; the region is page-aligned, so

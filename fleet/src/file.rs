@@ -293,7 +293,18 @@ fn to_u64(x: f64) -> u64 {
 
 fn size(entry: &Entry, t: &Table, key: &'static str) -> Result<Option<u64>, InputError> {
     t.get(key)
-        .map(|v| quantity(entry, key, v, parse_size, "a size in bytes", SIZE_EXAMPLES).map(to_u64))
+        .map(|v| {
+            let x = quantity(entry, key, v, parse_size, "a size in bytes", SIZE_EXAMPLES)?;
+            // Refused here, as written, rather than as the number it would round to.
+            if x > crate::model::MAX_BYTES as f64 {
+                return Err(entry.clone().problem(Problem::OutOfRange {
+                    key,
+                    value: describe(v),
+                    range: "0 and 1 EiB (2^60 bytes)",
+                }));
+            }
+            Ok(to_u64(x))
+        })
         .transpose()
 }
 

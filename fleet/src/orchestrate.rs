@@ -140,8 +140,7 @@ pub const PRESTART_LEAD_S: f64 = 0.5;
 /// held behind it may take the link ([`Orchestration::rate_caps`]). Waiting for the
 /// transfer's `done` left the link idle for about two round trips at every hand-off (the
 /// last bytes acknowledged, the source's report, the held flow's first bytes crossing):
-/// 0.1 s per VM at 1 Gbit/s × 50 ms, 5% of a 4-VM evacuation. Early, the two flows overlap
-/// for a moment, which the bottleneck's queue absorbs. With the end dated by when the
+/// 0.1 s per VM at 1 Gbit/s × 50 ms, 5% of a 4-VM evacuation. With the end dated by when the
 /// source measured its progress, 0, 1, 3 and 5 round trips all gave 1.049-1.059 × the
 /// ideal at 8 VMs over 100 Mbit/s × 20 ms (docs/fleet.md). At 1 Gbit/s × 50 ms one round
 /// trip of two full flows overflowed the queue (2,400-3,500 datagrams dropped per 8-VM
@@ -149,7 +148,7 @@ pub const PRESTART_LEAD_S: f64 = 0.5;
 /// behind left its stated start on the losses and ramped up from its held rate, and the
 /// link carried 100-300 Mbit/s for 0.2 s at such a hand-off. Released at the expected
 /// end instead (the sources sit before the bottleneck, so the new flow's first bytes
-/// reach it at once), four runs gave 1.066-1.098 × the ideal (mean 1.081) against
+/// reach it at once), four runs gave 1.066-1.098 × the ideal (mean 1.080) against
 /// 1.074-1.122 (mean 1.103) with one round trip, and no drops in three of them.
 pub const HANDOFF_LEAD_RTTS: f64 = 0.0;
 

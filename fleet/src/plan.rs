@@ -52,7 +52,7 @@ pub const DEFAULT_MARGIN: f64 = 0.10;
 pub struct PlanOptions {
     /// Seconds from the plan's time 0 (the evacuation's start) to the loss of power.
     pub deadline_s: f64,
-    /// Fraction of every link's rate not to count on, in [0, 1).
+    /// Fraction of every link's rate not to count on, in [0, 0.99] (more is taken as 0.99).
     pub margin: f64,
     /// VMs (indices) to start first on their links, in this order, whatever the planner
     /// thinks.

@@ -5,7 +5,7 @@
 //! Real dirty tracking, real userfaultfd at the standby, QUIC on loopback; all guest memory
 //! compared by digest.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,13 +28,15 @@ fn write_page(regions: &[GuestMemory; 2], page: u64, salt: u64) {
         (&regions[1], page - REGION_PAGES)
     };
     assert!(p < REGION_PAGES, "page {page} out of range");
-    // SAFETY: the offset lies inside the region's mapping (checked above), which lives
-    // as long as `regions`; the word is 8-byte aligned (page-aligned). Nothing else
-    // writes it: the test's own thread is the only writer of source memory.
-    unsafe {
-        let w = r.as_ptr().add(p as usize * PAGE_SIZE) as *mut u64;
-        std::ptr::write_volatile(w, salt ^ page.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    }
+    // SAFETY: the offset lies inside the region's read-write mapping (checked above),
+    // which lives as long as `regions`; the word is 8-byte aligned (page-aligned). Every
+    // access to it from this process is atomic: this store, and replication's loads
+    // (`HostRegion::read_shared`).
+    let w = unsafe { AtomicU64::from_ptr(r.as_ptr().add(p as usize * PAGE_SIZE) as *mut u64) };
+    w.store(
+        salt ^ page.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        Ordering::Relaxed,
+    );
 }
 
 #[test]
@@ -107,11 +109,13 @@ fn a_run_of_pages_across_two_regions_replicates_and_only_stale_pages_cross() {
         },
     )
     .unwrap();
-    // Caught up: a harvest after `since` found nothing left to send.
+    // Caught up: a whole round that began after `since` found nothing left to send. (A
+    // round counts its harvest before it sends and stores the stale count at its end, so
+    // the count is read after the harvests, and one round more is waited for.)
     let caught_up = |since: u64, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(60);
         let harvests = || replicator.stats().harvests.load(Ordering::Relaxed);
-        while replicator.stale_pages() > 0 || harvests() < since + 2 {
+        while harvests() < since + 3 || replicator.stale_pages() > 0 {
             assert!(
                 Instant::now() < deadline,
                 "{what}: replication did not catch up ({} pages stale)",

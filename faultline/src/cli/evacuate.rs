@@ -210,6 +210,19 @@ async fn orchestrate(
             }));
         }
     }
+    // A source that started by itself before or while it was heard: its last status is
+    // its first event (under way: followed; over: recorded).
+    for (i, s) in first.iter().enumerate() {
+        if let Some(s) = s.as_ref().filter(|s| s.evacuation != EvacState::Idle) {
+            handle(
+                &mut o,
+                LinkReport::Status(i, s.clone()),
+                0.0,
+                events,
+                &starts,
+            );
+        }
+    }
     let bars = if events.lines {
         None
     } else {
@@ -220,6 +233,7 @@ async fn orchestrate(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The rate limit each source was last told (see `Orchestration::rate_caps`).
     let mut caps_sent: Vec<Option<u64>> = vec![None; n];
+    let mut replan_error: Option<String> = None;
     while !o.is_finished() {
         // What the links reported meanwhile first: a VM whose link failed is marked so
         // with its own reason, not found gone when it is due.
@@ -265,9 +279,17 @@ async fn orchestrate(
             }
             _ = tick.tick() => {
                 // A re-plan refused (a figure a source reported that the model cannot
-                // take) leaves the last plan in force: the evacuation goes on.
-                if let Err(e) = o.replan(t0.elapsed().as_secs_f64()) {
-                    tracing::warn!("re-planning: {e}; the last plan stands");
+                // take) leaves the last plan in force: the evacuation goes on. Logged
+                // once per distinct error, not every second.
+                match o.replan(t0.elapsed().as_secs_f64()) {
+                    Ok(()) => replan_error = None,
+                    Err(e) => {
+                        let e = e.to_string();
+                        if replan_error.as_ref() != Some(&e) {
+                            tracing::warn!("re-planning: {e}; the last plan stands");
+                            replan_error = Some(e);
+                        }
+                    }
                 }
             }
             // A prestart the plan foresees between events, or a hand-off to a held VM:
@@ -355,14 +377,17 @@ fn handle(
     match msg {
         LinkReport::Status(i, s) => {
             o.waiting(i, s.stale_bytes);
-            // Started by someone else (SIGUSR1, its timer) and over already: taken as its
-            // last event (its link hangs up; asking it to start would find it gone).
-            if s.evacuation.is_final() && o.phase(i) == Phase::Waiting {
-                o.started(i, now);
-                events.emit(json!({
-                    "event": "started", "vm": o.fleet().vms[i].name, "t_s": now,
-                    "by": "the source",
-                }));
+            // Over already (started by someone else: SIGUSR1, its timer; or started by us
+            // while this status was on its way): taken as its last event. Its link hangs
+            // up, so a start sent meanwhile is never answered.
+            if s.evacuation.is_final() && !o.phase(i).is_final() {
+                if o.phase(i) == Phase::Waiting {
+                    o.started(i, now);
+                    events.emit(json!({
+                        "event": "started", "vm": o.fleet().vms[i].name, "t_s": now,
+                        "by": "the source",
+                    }));
+                }
                 handle(o, LinkReport::Event(i, s), now, events, starts);
                 return;
             }
@@ -432,6 +457,81 @@ fn fail(o: &mut Orchestration, i: usize, now: f64, why: String, events: &Events)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet::control::Status;
+    use fleet::plan::PlanOptions;
+
+    /// Two VMs of 1 MiB on one link, planned one after the other.
+    fn orchestration() -> Orchestration {
+        let link = fleet::Link {
+            name: "wan".into(),
+            rate_bps: 1_000_000_000,
+            rtt: Duration::from_millis(10),
+            per_flow_window_bytes: 1 << 30,
+            replication_budget_bps: None,
+        };
+        let vms = (0..2)
+            .map(|i| fleet::Vm::idle(format!("vm{i}"), 0, 1 << 20))
+            .collect();
+        let f = fleet::Fleet::new(vec![link], vms, fleet::Costs::default()).unwrap();
+        Orchestration::with_policy(f, PlanOptions::new(600.0), &[], Policy::Planner).unwrap()
+    }
+
+    fn status(evacuation: EvacState) -> Status {
+        let mut s = super::super::replica::idle_status_of("vm1", 1 << 20);
+        s.evacuation = evacuation;
+        s.bytes_sent = 5000;
+        s.pages_stale = Some(3);
+        s.error = (evacuation == EvacState::Failed).then(|| "its standby went away".into());
+        s
+    }
+
+    #[test]
+    fn a_status_that_says_over_is_taken_as_the_last_event() {
+        let events = Events::new(false);
+        // Waiting, evacuated by its own source between two status requests: done.
+        let mut o = orchestration();
+        let starts = vec![None, None];
+        handle(
+            &mut o,
+            LinkReport::Status(1, status(EvacState::Done)),
+            2.0,
+            &events,
+            &starts,
+        );
+        assert_eq!(o.phase(1), Phase::Done);
+        // Failed on its own: failed, with its reason.
+        let mut o = orchestration();
+        handle(
+            &mut o,
+            LinkReport::Status(1, status(EvacState::Failed)),
+            2.0,
+            &events,
+            &starts,
+        );
+        assert_eq!(o.phase(1), Phase::Failed);
+        let r = o.report();
+        assert_eq!(r.vms[1].error.as_deref(), Some("its standby went away"));
+        // Started by us while that status was on its way: done too, not left starting.
+        let mut o = orchestration();
+        o.started(1, 1.0);
+        handle(
+            &mut o,
+            LinkReport::Status(1, status(EvacState::Done)),
+            2.0,
+            &events,
+            &starts,
+        );
+        assert_eq!(o.phase(1), Phase::Done);
+        // Once final, a later status changes nothing.
+        handle(
+            &mut o,
+            LinkReport::Status(1, status(EvacState::Failed)),
+            3.0,
+            &events,
+            &starts,
+        );
+        assert_eq!(o.phase(1), Phase::Done);
+    }
 
     #[test]
     fn timeouts_are_positive_seconds() {

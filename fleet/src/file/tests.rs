@@ -229,7 +229,7 @@ fn every_bad_entry_is_named() {
         (
             "memory_bytes = \"64G\"",
             "memory_bytes = \"99999P\"",
-            "vm \"db-1\": memory_bytes (18446744073709551615 bytes) is more than any VM holds",
+            "vm \"db-1\": memory_bytes must be between 0 and 1 EiB (2^60 bytes) (got \"99999P\")",
         ),
         (
             "rate_bps = \"1G\"",

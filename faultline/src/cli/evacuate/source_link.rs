@@ -56,7 +56,13 @@ pub async fn run(
 ) {
     let conn = match tokio::time::timeout(t.connect, first_status(&endpoint, addr)).await {
         Ok(Ok((conn, status))) => {
+            // Over already (SIGUSR1, its timer): nothing to start; hang up so it can end.
+            let over = status.evacuation.is_final();
             let _ = out.send(Report::Status(vm, status));
+            if over {
+                conn.close(0u32.into(), b"over");
+                return;
+            }
             conn
         }
         Ok(Err(e)) => {
