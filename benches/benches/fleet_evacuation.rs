@@ -31,9 +31,10 @@
 //! alone and four at once are evacuated; what one evacuation and four together delivered
 //! while their bytes moved (switchover to done, less the model's tail: `Costs::tail_s`;
 //! on a 2-core machine the processes, not the emulated link, can be the bottleneck) are
-//! given to the model and to the plan file as each VM's `max_rate_bps` (if below the link's
-//! rate) and as the link's rate, both measured in stale bytes and turned into the model's
-//! wire bytes ([`wire_rate`]). The ideal keeps the nominal rate.
+//! given to the model and to the plan file as the link's rate for one flow (`rate_bps`, at
+//! most the nominal) and for several (`shared_rate_bps`, if less), both measured in stale
+//! bytes and turned into the model's wire bytes ([`wire_rate`]). The ideal keeps the
+//! nominal rate.
 //!
 //! Two predictions per VM: the model's plan (`fleet::plan::plan_with`, the same schedule
 //! policy) on the fleet as measured (each VM's stale bytes are the pages that crossed, no
@@ -137,18 +138,19 @@ fn wire_rate(payload_bps: u64) -> u64 {
 }
 
 impl WanLink {
-    /// The link's rate as the model and the plan file are told it.
+    /// The link's rate for one flow alone as the model and the plan file are told it: what
+    /// one evacuation alone delivered (at most the nominal rate).
     fn model_rate_bps(&self) -> u64 {
-        self.calibrated.map_or(self.rate_bps, |c| {
-            wire_rate(c.aggregate_bps).min(self.rate_bps)
-        })
+        self.calibrated
+            .map_or(self.rate_bps, |c| wire_rate(c.flow_bps).min(self.rate_bps))
     }
 
-    /// One evacuation's own limit, when the calibration found one below the link's rate.
-    fn flow_cap_bps(&self) -> Option<u64> {
+    /// The link's rate for several flows together (`Link::shared_rate_bps`): what four at
+    /// once delivered, if less than one alone.
+    fn model_shared_rate_bps(&self) -> Option<u64> {
         self.calibrated
-            .map(|c| wire_rate(c.flow_bps))
-            .filter(|&f| (f as f64) < 0.95 * self.model_rate_bps() as f64)
+            .map(|c| wire_rate(c.aggregate_bps))
+            .filter(|&r| r < self.model_rate_bps())
     }
 
     fn rtt(&self) -> Duration {
@@ -261,6 +263,7 @@ fn model_link(link: WanLink) -> Link {
         name: "wan".into(),
         rate_bps: link.model_rate_bps(),
         rtt: link.rtt(),
+        shared_rate_bps: link.model_shared_rate_bps(),
         per_flow_window_bytes: link.window_bytes(),
         replication_budget_bps: None,
     }
@@ -278,7 +281,6 @@ fn model_fleet(link: WanLink, vms: &[ModelVm], costs: Costs) -> anyhow::Result<F
             v.wire_ratio = *wire_ratio;
             v.memory_bytes = *mem;
             v.working_set_bytes = *mem;
-            v.max_rate_bps = link.flow_cap_bps();
             v
         })
         .collect();
@@ -850,14 +852,14 @@ fn plan_file(
         link.rtt_ms,
         link.window_bytes(),
     );
+    if let Some(shared) = link.model_shared_rate_bps() {
+        s += &format!("shared_rate_bps = {shared}\n");
+    }
     for (spec, port, ..) in pairs {
         s += &format!(
             "\n[[vm]]\nname = {:?}\nlink = \"wan\"\nmemory_bytes = {}\ncontrol = \"127.0.0.1:{port}\"\n",
             spec.name, spec.mem
         );
-        if let Some(cap) = link.flow_cap_bps() {
-            s += &format!("max_rate_bps = {cap}\n");
-        }
     }
     let path = certs.dir.path().join("fleet.toml");
     std::fs::write(&path, s)?;

@@ -79,6 +79,7 @@ fn fleet(vms: usize, links: usize, seed: u64) -> Fleet {
                 name: format!("link-{i}"),
                 rate_bps,
                 rtt,
+                shared_rate_bps: None,
                 per_flow_window_bytes: window,
                 replication_budget_bps: None,
             }

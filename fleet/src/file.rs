@@ -14,7 +14,8 @@
 //!
 //! [[link]]
 //! name = "wan-a"
-//! rate_bps = "1G"                  # bits per second
+//! rate_bps = "1G"                  # bits per second, one flow alone
+//! shared_rate_bps = "940M"         # two or more flows together (default: rate_bps)
 //! rtt_ms = 20
 //! window_bytes = "3.1M"            # per-flow window: 1.25 x --expected-bdp
 //!
@@ -80,7 +81,8 @@ pub enum PlanFileError {
 
 const TOP_KEYS: &str = "deadline, margin, first, skip, costs, link, vm, cert, key, peer_cert";
 const COSTS_KEYS: &str = "handshake_rtts, switchover_ms, wire_overhead, finish_ms";
-const LINK_KEYS: &str = "name, rate_bps, rtt_ms, window_bytes, replication_budget_bps";
+const LINK_KEYS: &str =
+    "name, rate_bps, shared_rate_bps, rtt_ms, window_bytes, replication_budget_bps";
 const VM_KEYS: &str = "name, link, memory_bytes, disk_bytes, stale_bytes, dirty_rate_bps, \
                        working_set_bytes, replication_budget_bps, priority, max_rate_bps, \
                        wire_ratio, control, peer_cert";
@@ -403,6 +405,7 @@ fn parse_link(t: &Table, i: usize) -> Result<Link, InputError> {
         name,
         rate_bps: required(&e, "rate_bps", rate(&e, t, "rate_bps")?)?,
         rtt,
+        shared_rate_bps: rate(&e, t, "shared_rate_bps")?,
         per_flow_window_bytes: size(&e, t, "window_bytes")?.unwrap_or(DEFAULT_WINDOW_BYTES),
         replication_budget_bps: rate(&e, t, "replication_budget_bps")?,
     })

@@ -33,8 +33,13 @@ pub const MAX_BYTES: u64 = 1 << 60;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Link {
     pub name: String,
-    /// The bottleneck's rate, bits per second.
+    /// The bottleneck's rate, bits per second: what one flow alone gets through it.
     pub rate_bps: u64,
+    /// What it delivers while two or more flows share it, bits per second; `None`: the
+    /// same. Flows that contend in its queue lose packets there and send them again, and
+    /// on a busy host they share its CPU too: measured here, four flows delivered 2.7%
+    /// less than one at 100 Mbit/s and 5-12% less at 1 Gbit/s (docs/fleet.md).
+    pub shared_rate_bps: Option<u64>,
     /// Round-trip time of the path.
     #[serde(serialize_with = "ser_ms")]
     pub rtt: Duration,
@@ -54,6 +59,15 @@ impl Link {
     /// The round-trip time in seconds.
     pub fn rtt_s(&self) -> f64 {
         self.rtt.as_secs_f64()
+    }
+
+    /// What it delivers to `flows` flows together, bits per second (see
+    /// [`Link::shared_rate_bps`]).
+    pub fn rate_for(&self, flows: usize) -> u64 {
+        match flows {
+            0 | 1 => self.rate_bps,
+            _ => self.shared_rate_bps.unwrap_or(self.rate_bps),
+        }
     }
 
     /// What one flow can move, bits per second: window / RTT.
@@ -241,6 +255,9 @@ impl Fleet {
             }
             if l.rtt.is_zero() {
                 return Err(entry.problem(Problem::NotPositive("rtt_ms")));
+            }
+            if l.shared_rate_bps == Some(0) {
+                return Err(entry.problem(Problem::NotPositive("shared_rate_bps")));
             }
             if l.per_flow_window_bytes == 0 {
                 return Err(entry.problem(Problem::NotPositive("window_bytes")));
@@ -492,6 +509,7 @@ mod tests {
             name: name.into(),
             rate_bps,
             rtt: Duration::from_millis(rtt_ms),
+            shared_rate_bps: None,
             per_flow_window_bytes: window,
             replication_budget_bps: None,
         }

@@ -92,6 +92,14 @@ impl Track {
     }
 }
 
+/// A link's samples of the bytes sent, all taken while one flow carried it, or all while
+/// several did (a link delivers less to several: `Link::shared_rate_bps`).
+#[derive(Clone, Debug, Default)]
+struct LinkSamples {
+    shared: bool,
+    at: std::collections::VecDeque<(f64, u64)>,
+}
+
 /// The median (the upper one of an even count) of the finite `seconds`, as a duration;
 /// `None` if there are none (or it is beyond what a [`Duration`] holds).
 ///
@@ -113,7 +121,7 @@ pub struct Orchestration {
     current: Plan,
     /// Per link, (time, bytes its evacuations had sent) at each replan while the flows
     /// under way could fill it (see [`Orchestration::link_rate`]).
-    link_samples: Vec<std::collections::VecDeque<(f64, u64)>>,
+    link_samples: Vec<LinkSamples>,
     policy: Policy,
 }
 
@@ -312,27 +320,38 @@ impl Orchestration {
 
     /// Records, per link, the bytes its evacuations sent so far, while the transfers under
     /// way could fill it (the sum of their flow caps reaches its rate). A link that could
-    /// not be full says nothing about its rate, so such a moment starts the window again.
+    /// not be full says nothing about its rate, so such a moment starts the window again;
+    /// so does a change between one flow carrying it and several (the VMs held behind a
+    /// transfer do not count), whose rates differ.
     fn sample_links(&mut self, now_s: f64) {
-        // One pass over the VMs: per link, the flow caps under way and the bytes sent.
-        let mut caps = vec![0.0f64; self.link_samples.len()];
-        let mut sent = vec![0u64; self.link_samples.len()];
+        // One pass over the VMs: per link, the flow caps under way, the flows not held
+        // and the bytes sent.
+        let held = self.rate_caps(now_s);
+        let n = self.link_samples.len();
+        let (mut caps, mut carrying, mut sent) = (vec![0.0f64; n], vec![0usize; n], vec![0u64; n]);
         for (i, (t, v)) in self.tracks.iter().zip(&self.fleet.vms).enumerate() {
             if t.phase == Phase::Transferring {
                 caps[v.link] += self.fleet.flow_cap_bps(i);
+                if held[i].is_none() {
+                    carrying[v.link] += 1;
+                }
             }
             // A source's figure is its own: summed without overflow, whatever it says.
             sent[v.link] = sent[v.link].saturating_add(t.bytes_sent);
         }
-        for (li, samples) in self.link_samples.iter_mut().enumerate() {
-            if caps[li] < self.fleet.links[li].rate_bps as f64 {
-                samples.clear();
-                continue;
+        for (li, s) in self.link_samples.iter_mut().enumerate() {
+            let shared = carrying[li] > 1;
+            if caps[li] < self.fleet.links[li].rate_bps as f64 || shared != s.shared {
+                s.at.clear();
+                s.shared = shared;
+                if caps[li] < self.fleet.links[li].rate_bps as f64 {
+                    continue;
+                }
             }
-            samples.push_back((now_s, sent[li]));
+            s.at.push_back((now_s, sent[li]));
             // Keep one sample at least the window old.
-            while samples.len() > 2 && samples[1].0 <= now_s - LINK_RATE_WINDOW_S {
-                samples.pop_front();
+            while s.at.len() > 2 && s.at[1].0 <= now_s - LINK_RATE_WINDOW_S {
+                s.at.pop_front();
             }
         }
     }
@@ -342,7 +361,7 @@ impl Orchestration {
     /// until it was full that long. It counts the UDP bytes the sources sent (page data
     /// and its overhead, as the link's rate does), so it is what a full link carries.
     pub fn link_rate(&self, li: usize) -> Option<u64> {
-        let samples = self.link_samples.get(li)?;
+        let samples = &self.link_samples.get(li)?.at;
         let (&(t0, b0), &(t1, b1)) = (samples.front()?, samples.back()?);
         if t1 - t0 < LINK_RATE_WINDOW_S || b1 <= b0 {
             return None;
@@ -388,9 +407,13 @@ impl Orchestration {
             .collect();
         let links = (0..self.fleet.links.len())
             .filter_map(|li| {
+                let rate = self.link_rate(li)?;
+                // Measured while several flows carried it: its shared rate.
+                let shared = self.link_samples[li].shared;
                 Some(LinkMeasure {
                     link: self.fleet.links[li].name.clone(),
-                    rate_bps: Some(self.link_rate(li)?),
+                    rate_bps: (!shared).then_some(rate),
+                    shared_rate_bps: shared.then_some(rate),
                     rtt: None,
                 })
             })

@@ -121,6 +121,9 @@ pub struct VmPlan {
 pub struct LinkPlan {
     pub name: String,
     pub rate_bps: u64,
+    /// What it delivers to several flows together, if that differs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_rate_bps: Option<u64>,
     pub rtt_ms: f64,
     /// What one flow can move: window / RTT (at most the link's rate).
     pub flow_cap_bps: f64,
@@ -294,8 +297,11 @@ pub struct Measured {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinkMeasure {
     pub link: String,
-    /// The rate the link delivers, bits per second.
+    /// The rate the link delivers to one flow alone, bits per second.
     pub rate_bps: Option<u64>,
+    /// The rate it delivers to several flows together
+    /// ([`crate::model::Link::shared_rate_bps`]).
+    pub shared_rate_bps: Option<u64>,
     pub rtt: Option<Duration>,
 }
 
@@ -394,6 +400,13 @@ fn replan_inner(
                 );
             }
             f.links[i].rate_bps = r;
+        }
+        if let Some(r) = l.shared_rate_bps {
+            if r == 0 {
+                return Err(Entry::Link(l.link.clone())
+                    .problem(Problem::NotPositive("measured shared_rate_bps")));
+            }
+            f.links[i].shared_rate_bps = Some(r);
         }
         if let Some(rtt) = l.rtt.filter(|d| !d.is_zero()) {
             f.links[i].rtt = rtt;
@@ -812,6 +825,7 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
             LinkPlan {
                 name: l.name.clone(),
                 rate_bps: l.rate_bps,
+                shared_rate_bps: l.shared_rate_bps,
                 rtt_ms: l.rtt_s() * 1e3,
                 flow_cap_bps: l.flow_cap_bps().min(l.rate_bps as f64),
                 concurrency: ls.concurrency,

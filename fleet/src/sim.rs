@@ -332,6 +332,14 @@ struct Flow {
     handed: bool,
 }
 
+/// What a link delivers, bytes per second: to one flow alone, and to several together
+/// ([`crate::model::Link::shared_rate_bps`]).
+#[derive(Clone, Copy, Debug)]
+struct Capacity {
+    one: f64,
+    shared: f64,
+}
+
 /// The simulation of one link; reusable, so its buffers are allocated once.
 #[derive(Default)]
 pub(crate) struct LinkSim {
@@ -356,7 +364,11 @@ impl LinkSim {
     ) -> f64 {
         let link = &fleet.links[li];
         let costs: &Costs = &fleet.costs;
-        let capacity = link.rate_bps as f64 / 8.0 * opts.rate_factor;
+        // Bytes per second for one flow alone and for several together.
+        let capacity = Capacity {
+            one: link.rate_for(1) as f64 / 8.0 * opts.rate_factor,
+            shared: link.rate_for(2) as f64 / 8.0 * opts.rate_factor,
+        };
         let setup = costs.setup_s(link);
         let tail = costs.tail_s(link);
         let wire = 1.0 + costs.wire_overhead;
@@ -531,11 +543,16 @@ impl LinkSim {
         makespan
     }
 
-    /// Sets every flow's rate for a link delivering `capacity` bytes per second.
-    fn share(&mut self, capacity: f64, sharing: Sharing) {
+    /// Sets every flow's rate for a link delivering `capacity`: its rate for one flow
+    /// when one flow carries everything, its shared rate when several carry some.
+    fn share(&mut self, capacity: Capacity, sharing: Sharing) {
         match sharing {
             Sharing::InOrder => {
-                let mut left = capacity;
+                // The first flow fills the link by itself if its cap allows; else the
+                // flows behind it take the rest, and the link is shared.
+                let alone = self.flows.len() <= 1
+                    || self.flows.first().is_some_and(|f| f.cap >= capacity.one);
+                let mut left = if alone { capacity.one } else { capacity.shared };
                 for f in &mut self.flows {
                     f.rate = f.cap.min(left);
                     left -= f.rate;
@@ -546,6 +563,11 @@ impl LinkSim {
                 if n == 0 {
                     return;
                 }
+                let capacity = if n == 1 {
+                    capacity.one
+                } else {
+                    capacity.shared
+                };
                 let first = self.flows[0].cap;
                 if self.flows.iter().all(|f| f.cap == first) {
                     let r = first.min(capacity / n as f64);

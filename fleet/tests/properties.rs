@@ -30,6 +30,7 @@ fn wide_link(mbps: u64, rtt_ms: u64) -> Link {
         name: "l".into(),
         rate_bps: mbps * 1_000_000,
         rtt: Duration::from_millis(rtt_ms),
+        shared_rate_bps: None,
         per_flow_window_bytes: 1 << 40,
         replication_budget_bps: None,
     }
@@ -180,6 +181,7 @@ proptest! {
             name: format!("l{i}"),
             rate_bps: r * 100_000_000,
             rtt: Duration::from_millis(rtt),
+            shared_rate_bps: None,
             per_flow_window_bytes: w * MB,
             replication_budget_bps: None,
         }).collect();

@@ -466,6 +466,7 @@ mod tests {
             name: "wan".into(),
             rate_bps: 1_000_000_000,
             rtt: Duration::from_millis(10),
+            shared_rate_bps: None,
             per_flow_window_bytes: 1 << 30,
             replication_budget_bps: None,
         };

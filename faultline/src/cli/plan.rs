@@ -187,7 +187,15 @@ fn render(file: &str, pf: &PlanFile, p: &Plan) -> String {
     for l in &p.links {
         rows.push(vec![
             l.name.clone(),
-            fmt_rate(l.rate_bps as f64),
+            match l.shared_rate_bps {
+                // One flow alone, and several together.
+                Some(shared) => format!(
+                    "{} ({} shared)",
+                    fmt_rate(l.rate_bps as f64),
+                    fmt_rate(shared as f64)
+                ),
+                None => fmt_rate(l.rate_bps as f64),
+            },
             format!("{:.0} ms", l.rtt_ms),
             fmt_rate(l.flow_cap_bps),
             l.concurrency.to_string(),

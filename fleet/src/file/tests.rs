@@ -19,6 +19,7 @@ finish_ms = 25
 [[link]]
 name = "wan-a"
 rate_bps = "1G"
+shared_rate_bps = "940M"
 rtt_ms = 20
 window_bytes = "3M"
 replication_budget_bps = "200M"
@@ -75,6 +76,8 @@ fn a_good_plan_file() {
     assert_eq!(f.costs.finish, Duration::from_millis(25));
     assert_eq!(f.costs.wire_overhead, Costs::default().wire_overhead);
     let a = &f.links[0];
+    assert_eq!(a.shared_rate_bps, Some(940_000_000));
+    assert_eq!(f.links[1].shared_rate_bps, None);
     assert_eq!(
         (a.rate_bps, a.rtt, a.per_flow_window_bytes),
         (1_000_000_000, Duration::from_millis(20), 3 << 20)
@@ -230,6 +233,11 @@ fn every_bad_entry_is_named() {
             "memory_bytes = \"64G\"",
             "memory_bytes = \"99999P\"",
             "vm \"db-1\": memory_bytes must be between 0 and 1 EiB (2^60 bytes) (got \"99999P\")",
+        ),
+        (
+            "shared_rate_bps = \"940M\"",
+            "shared_rate_bps = 0",
+            "link \"wan-a\": shared_rate_bps must be > 0",
         ),
         (
             "rate_bps = \"1G\"",

@@ -14,6 +14,7 @@ fn fleet(n: usize) -> Fleet {
         name: "wan".into(),
         rate_bps: 1_000_000_000,
         rtt: Duration::from_millis(100),
+        shared_rate_bps: None,
         per_flow_window_bytes: DEFAULT_WINDOW_BYTES,
         replication_budget_bps: None,
     };
@@ -175,7 +176,9 @@ fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
     }
     let rate = o.link_rate(0).unwrap();
     assert!((rate as f64 - 500e6).abs() < 1e6, "{rate}");
-    assert_eq!(o.measured(4.0).links[0].rate_bps, Some(rate));
+    // Four flows carried it: that is its shared rate, not what one flow alone gets.
+    let m = &o.measured(4.0).links[0];
+    assert_eq!((m.rate_bps, m.shared_rate_bps), (None, Some(rate)));
     // The 1,350 MB left (and 4% overhead) at the measured 500 Mbit/s: 22.5 s from now;
     // at the plan file's 1 Gbit/s it would have been 11.2 s.
     let makespan = o.plan().totals.makespan_s;
@@ -586,4 +589,22 @@ fn absurd_byte_counts_from_sources_do_not_overflow() {
     o.done(1, 2.5, u64::MAX, None);
     let r = o.report();
     assert_eq!(r.totals.bytes_sent, u64::MAX);
+}
+
+#[test]
+fn a_link_one_flow_carries_is_measured_as_its_rate_for_one_flow() {
+    // One flow fills the 1 Gbit/s link by itself and delivers 960 Mbit/s.
+    let mut o = one_flow_fills_the_link(2);
+    let first = o.due(0.0)[0];
+    o.started(first, 0.0);
+    o.progress(first, 0.1, Some(1000 * MB), 0);
+    for s in 1..=4u64 {
+        let sent = s * 120 * MB;
+        o.progress(first, s as f64, Some(1000 * MB - sent), sent);
+        o.replan(s as f64).unwrap();
+    }
+    let m = &o.measured(4.0).links[0];
+    let rate = m.rate_bps.expect("measured as one flow's");
+    assert!((rate as f64 - 960e6).abs() < 1e6, "{rate}");
+    assert_eq!(m.shared_rate_bps, None);
 }

@@ -13,6 +13,7 @@ fn link(name: &str, mbps: u64, rtt_ms: u64, window: u64) -> Link {
         name: name.into(),
         rate_bps: mbps * 1_000_000,
         rtt: Duration::from_millis(rtt_ms),
+        shared_rate_bps: None,
         per_flow_window_bytes: window,
         replication_budget_bps: None,
     }
@@ -281,6 +282,7 @@ fn replanning_keeps_what_runs_and_uses_what_was_measured() {
         links: vec![LinkMeasure {
             link: "wan".into(),
             rate_bps: Some(320_000_000),
+            shared_rate_bps: None,
             rtt: None,
         }],
         vms: vec![

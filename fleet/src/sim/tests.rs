@@ -14,6 +14,7 @@ fn link(mbps: u64, rtt_ms: u64) -> Link {
         name: "l".into(),
         rate_bps: mbps * 1_000_000,
         rtt: Duration::from_millis(rtt_ms),
+        shared_rate_bps: None,
         per_flow_window_bytes: 1 << 40,
         replication_budget_bps: None,
     }
@@ -83,6 +84,34 @@ fn max_min_fair_sharing_by_hand() {
         assert_eq!(v.switchover_s, 0.0);
     }
     close(o.vms[2].bytes, 30e6);
+}
+
+#[test]
+fn a_shared_link_delivers_its_shared_rate_and_one_flow_alone_its_rate() {
+    // 100 Mbit/s alone, 80 shared (10 MB/s). Fair: a and b (10 and 20 MB) at 5 MB/s each
+    // until a ends at 2 s; b's last 10 MB alone at 12.5 MB/s take 0.8 s (2.8 s).
+    let mut l = link(100, 1);
+    l.shared_rate_bps = Some(80_000_000);
+    let f = fleet(l, vec![vm("a", 10 * MB), vm("b", 20 * MB)], free());
+    let o = run(&f, &one_link(vec![0, 1], 2, Sharing::Fair, false));
+    close(o.vms[0].finish_s, 2.0 + TAIL);
+    close(o.vms[1].finish_s, 2.8 + TAIL);
+    // In order, a flow that fills the link by itself has it alone at the full rate: 0.8 s
+    // and 2.4 s, as without a shared rate.
+    let o = run(&f, &one_link(vec![0, 1], 2, Sharing::InOrder, false));
+    close(o.vms[0].finish_s, 0.8 + TAIL);
+    close(o.vms[1].finish_s, 2.4 + TAIL);
+    // In order, a first flow capped below the link (4 MB/s) shares it: b gets what is left
+    // of the shared 10 MB/s, 6 MB/s, until a ends at 2.5 s (15 MB of b moved); b's last
+    // 5 MB alone at 12.5 MB/s take 0.4 s (2.9 s).
+    let mut a = vm("a", 10 * MB);
+    a.max_rate_bps = Some(32_000_000);
+    let mut l = link(100, 1);
+    l.shared_rate_bps = Some(80_000_000);
+    let f = fleet(l, vec![a, vm("b", 20 * MB)], free());
+    let o = run(&f, &one_link(vec![0, 1], 2, Sharing::InOrder, false));
+    close(o.vms[0].finish_s, 2.5 + TAIL);
+    close(o.vms[1].finish_s, 2.9 + TAIL);
 }
 
 #[test]
