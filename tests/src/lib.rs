@@ -542,6 +542,71 @@ pub fn wait_replicated(dir: &ShmDir, pages: u64, frac: f64) {
     );
 }
 
+/// An in-process destination listener on loopback for `vm_id` (the certificates' `dest`
+/// identity pinning `source`), stopped by the returned stopper; and its address.
+pub fn loopback_listener(
+    certs: &Certs,
+    vm_id: &str,
+) -> (vmm_shim::Listener, vmm_shim::Stopper, std::net::SocketAddr) {
+    let mut listener = vmm_shim::Listener::bind(vmm_shim::DestOptions {
+        expected_vm_id: Some(vm_id.into()),
+        ..vmm_shim::DestOptions::new(
+            "127.0.0.1:0".parse().expect("an address"),
+            certs.identity("dest"),
+            certs.identity("source").cert,
+        )
+    })
+    .expect("binding a listener on loopback");
+    let stopper = vmm_shim::Stopper::new();
+    listener.stop_on(&stopper);
+    let addr = listener.local_addr().expect("the listener's address");
+    (listener, stopper, addr)
+}
+
+/// Options for an in-process replicator to `connect` as `vm_id` with `epoch`: the
+/// certificates' `source` identity pinning `dest`, a budget that never binds, a round
+/// every 10 ms, at normal priority (a test waits for it).
+pub fn replicator_options(
+    certs: &Certs,
+    connect: std::net::SocketAddr,
+    vm_id: &str,
+    epoch: u64,
+) -> vmm_shim::replica::ReplicatorOptions {
+    vmm_shim::replica::ReplicatorOptions {
+        connect,
+        identity: certs.identity("source"),
+        peer_cert: certs.identity("dest").cert,
+        vm_id: vm_id.into(),
+        epoch,
+        budget_bytes_per_sec: 1 << 30,
+        interval: Duration::from_millis(10),
+        connect_timeout: Duration::from_secs(30),
+        recover_timeout: None,
+        idle_priority: false,
+    }
+}
+
+/// Waits until a whole round of `r` that began after harvest `since` found nothing left
+/// to send, and returns the harvest count then; panics (naming `what`) after 60 s or if
+/// the replicator stops. A round counts its harvest before it sends and stores the stale
+/// count at its end: the count is read after the harvests, and one round more is waited
+/// for, so a write between two rounds is never missed.
+pub fn wait_caught_up(r: &vmm_shim::replica::Replicator, since: u64, what: &str) -> u64 {
+    use std::sync::atomic::Ordering;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let harvests = || r.stats().harvests.load(Ordering::Relaxed);
+    while harvests() < since + 3 || r.stale_pages() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: replication did not catch up ({} pages stale)",
+            r.stale_pages()
+        );
+        assert!(r.is_running(), "{what}: the replicator stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    harvests()
+}
+
 /// A free UDP port on loopback (bound and released; fine for tests on one machine).
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")

@@ -7,19 +7,15 @@
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use disk::{BlockDevice, BlockSize, RawFile, Tracked};
-use faultline_tests::{Certs, ShmDir};
+use faultline_tests::{loopback_listener, replicator_options, wait_caught_up, Certs, ShmDir};
 use transport::message::Layout;
 use uffd_core::{open_tracker, DiskTier, GuestMemory, MemoryTier, TrackerChoice};
 use vmm_shim::disks::ReplicatedDisk;
-use vmm_shim::replica::{
-    evacuate_with_disks, PausedMemory, Replica, Replicator, ReplicatorOptions, StandbySink,
-};
-use vmm_shim::{DestOptions, Listener, SourceOptions};
+use vmm_shim::replica::{evacuate_with_disks, PausedMemory, Replica, Replicator, StandbySink};
+use vmm_shim::SourceOptions;
 
 const MEMORY: usize = 4 << 20;
 const DISK: u64 = 16 << 20;
@@ -93,18 +89,7 @@ impl Standby {
             Replica::Memory(memory),
             vec![("vda".into(), disk)],
         ));
-        let mut listener = Listener::bind(DestOptions {
-            expected_vm_id: Some("vm0".into()),
-            ..DestOptions::new(
-                "127.0.0.1:0".parse().unwrap(),
-                certs.identity("dest"),
-                certs.identity("source").cert,
-            )
-        })
-        .unwrap();
-        let stopper = vmm_shim::Stopper::new();
-        listener.stop_on(&stopper);
-        let addr = listener.local_addr().unwrap();
+        let (listener, stopper, addr) = loopback_listener(certs, "vm0");
         let (resumed_tx, resumed) = std::sync::mpsc::channel();
         let thread = {
             let (sink, layout) = (sink.clone(), layout.clone());
@@ -164,31 +149,10 @@ fn replicate_and_evacuate_with(push: bool, restart: bool) -> vmm_shim::disks::Di
         &disks,
         Layout::single(MEMORY as u64),
         tracker,
-        ReplicatorOptions {
-            connect: addr,
-            identity: certs.identity("source"),
-            peer_cert: certs.identity("dest").cert,
-            vm_id: "vm0".into(),
-            epoch,
-            budget_bytes_per_sec: 1 << 30,
-            interval: Duration::from_millis(10),
-            connect_timeout: Duration::from_secs(30),
-            recover_timeout: None,
-            idle_priority: false,
-        },
+        replicator_options(&certs, addr, "vm0", epoch),
     )
     .unwrap();
-    // Caught up: a harvest after `since` found nothing left to send.
-    let caught_up = |since: u64| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let harvests = || replicator.stats().harvests.load(Ordering::Relaxed);
-        while replicator.stale_pages() > 0 || harvests() < since + 2 {
-            assert!(Instant::now() < deadline, "replication did not catch up");
-            assert!(replicator.is_running());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        harvests()
-    };
+    let caught_up = |since: u64| wait_caught_up(&replicator, since, "replication");
     let h = caught_up(0);
     // The first copy is not what the guest writes: nothing sampled for the wire ratio.
     assert_eq!(replicator.stats().written.estimate(true), None);

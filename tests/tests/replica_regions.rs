@@ -7,14 +7,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use faultline_tests::{Certs, ShmDir};
+use faultline_tests::{loopback_listener, replicator_options, wait_caught_up, Certs, ShmDir};
 use transport::message::{Layout, RegionDesc, PAGE_SIZE};
 use uffd_core::{open_tracker, GuestMemory, MemoryTier, TrackerChoice};
 use vmm_shim::replica::StandbySink;
-use vmm_shim::replica::{evacuate, PausedMemory, Replica, Replicator, ReplicatorOptions};
-use vmm_shim::{DestOptions, Listener, SourceOptions};
+use vmm_shim::replica::{evacuate, PausedMemory, Replica, Replicator};
+use vmm_shim::SourceOptions;
 
 /// Each region's size: 512 pages.
 const REGION: usize = 2 << 20;
@@ -63,18 +62,7 @@ fn a_run_of_pages_across_two_regions_replicates_and_only_stale_pages_cross() {
     let sink = Arc::new(StandbySink::new(Replica::Memory(
         MemoryTier::create(&shm.0, pages).unwrap(),
     )));
-    let mut listener = Listener::bind(DestOptions {
-        expected_vm_id: Some("vm0".into()),
-        ..DestOptions::new(
-            "127.0.0.1:0".parse().unwrap(),
-            certs.identity("dest"),
-            certs.identity("source").cert,
-        )
-    })
-    .unwrap();
-    let stopper = vmm_shim::Stopper::new();
-    listener.stop_on(&stopper);
-    let addr = listener.local_addr().unwrap();
+    let (listener, stopper, addr) = loopback_listener(&certs, "vm0");
     let standby = {
         let (sink, layout) = (sink.clone(), layout.clone());
         std::thread::spawn(move || listener.serve_standby(sink, &layout, |_, _| {}))
@@ -95,37 +83,10 @@ fn a_run_of_pages_across_two_regions_replicates_and_only_stale_pages_cross() {
         &regions,
         layout.clone(),
         tracker,
-        ReplicatorOptions {
-            connect: addr,
-            identity: certs.identity("source"),
-            peer_cert: certs.identity("dest").cert,
-            vm_id: "vm0".into(),
-            epoch,
-            budget_bytes_per_sec: 1 << 30,
-            interval: Duration::from_millis(10),
-            connect_timeout: Duration::from_secs(30),
-            recover_timeout: None,
-            idle_priority: false,
-        },
+        replicator_options(&certs, addr, "vm0", epoch),
     )
     .unwrap();
-    // Caught up: a whole round that began after `since` found nothing left to send. (A
-    // round counts its harvest before it sends and stores the stale count at its end, so
-    // the count is read after the harvests, and one round more is waited for.)
-    let caught_up = |since: u64, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let harvests = || replicator.stats().harvests.load(Ordering::Relaxed);
-        while harvests() < since + 3 || replicator.stale_pages() > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: replication did not catch up ({} pages stale)",
-                replicator.stale_pages()
-            );
-            assert!(replicator.is_running(), "{what}: the replicator stopped");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        harvests()
-    };
+    let caught_up = |since: u64, what: &str| wait_caught_up(&replicator, since, what);
     let h = caught_up(0, "the first copy");
 
     // Normal times: the guest writes a run of 16 pages across the boundary, the last 8 of

@@ -489,49 +489,33 @@ mod tests {
     #[test]
     fn a_status_that_says_over_is_taken_as_the_last_event() {
         let events = Events::new(false);
-        // Waiting, evacuated by its own source between two status requests: done.
-        let mut o = orchestration();
         let starts = vec![None, None];
-        handle(
-            &mut o,
-            LinkReport::Status(1, status(EvacState::Done)),
-            2.0,
-            &events,
-            &starts,
+        let hear = |o: &mut Orchestration, evacuation: EvacState, now: f64| {
+            handle(
+                o,
+                LinkReport::Status(1, status(evacuation)),
+                now,
+                &events,
+                &starts,
+            );
+            o.phase(1)
+        };
+        // Waiting, evacuated by its own source between two status requests: done.
+        assert_eq!(
+            hear(&mut orchestration(), EvacState::Done, 2.0),
+            Phase::Done
         );
-        assert_eq!(o.phase(1), Phase::Done);
         // Failed on its own: failed, with its reason.
         let mut o = orchestration();
-        handle(
-            &mut o,
-            LinkReport::Status(1, status(EvacState::Failed)),
-            2.0,
-            &events,
-            &starts,
-        );
-        assert_eq!(o.phase(1), Phase::Failed);
+        assert_eq!(hear(&mut o, EvacState::Failed, 2.0), Phase::Failed);
         let r = o.report();
         assert_eq!(r.vms[1].error.as_deref(), Some("its standby went away"));
         // Started by us while that status was on its way: done too, not left starting.
         let mut o = orchestration();
         o.started(1, 1.0);
-        handle(
-            &mut o,
-            LinkReport::Status(1, status(EvacState::Done)),
-            2.0,
-            &events,
-            &starts,
-        );
-        assert_eq!(o.phase(1), Phase::Done);
+        assert_eq!(hear(&mut o, EvacState::Done, 2.0), Phase::Done);
         // Once final, a later status changes nothing.
-        handle(
-            &mut o,
-            LinkReport::Status(1, status(EvacState::Failed)),
-            3.0,
-            &events,
-            &starts,
-        );
-        assert_eq!(o.phase(1), Phase::Done);
+        assert_eq!(hear(&mut o, EvacState::Failed, 3.0), Phase::Done);
     }
 
     #[test]
