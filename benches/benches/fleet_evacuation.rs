@@ -31,10 +31,11 @@
 //! alone and four at once are evacuated; what one evacuation and four together delivered
 //! while their bytes moved (switchover to done, less the model's tail: `Costs::tail_s`;
 //! on a 2-core machine the processes, not the emulated link, can be the bottleneck) are
-//! given to the model and to the plan file as the link's rate for one flow (`rate_bps`, at
-//! most the nominal) and for several (`shared_rate_bps`, if less), both measured in stale
-//! bytes and turned into the model's wire bytes ([`wire_rate`]). The ideal keeps the
-//! nominal rate.
+//! given to the model and to the plan file as the link's rate (`rate_bps`: the more of the
+//! two, at most the nominal), its rate for several flows (`shared_rate_bps`: four flows',
+//! if less than one's) and, where four beat one clearly, each VM's own limit
+//! (`max_rate_bps`: one flow's), all measured in stale bytes and turned into the model's
+//! wire bytes ([`wire_rate`]). The ideal keeps the nominal rate.
 //!
 //! Two predictions per VM: the model's plan (`fleet::plan::plan_with`, the same schedule
 //! policy) on the fleet as measured (each VM's stale bytes are the pages that crossed, no
@@ -138,11 +139,12 @@ fn wire_rate(payload_bps: u64) -> u64 {
 }
 
 impl WanLink {
-    /// The link's rate for one flow alone as the model and the plan file are told it: what
-    /// one evacuation alone delivered (at most the nominal rate).
+    /// The link's rate as the model and the plan file are told it: the more of what one
+    /// evacuation alone and four at once delivered (at most the nominal rate).
     fn model_rate_bps(&self) -> u64 {
-        self.calibrated
-            .map_or(self.rate_bps, |c| wire_rate(c.flow_bps).min(self.rate_bps))
+        self.calibrated.map_or(self.rate_bps, |c| {
+            wire_rate(c.flow_bps.max(c.aggregate_bps)).min(self.rate_bps)
+        })
     }
 
     /// The link's rate for several flows together (`Link::shared_rate_bps`): what four at
@@ -151,6 +153,14 @@ impl WanLink {
         self.calibrated
             .map(|c| wire_rate(c.aggregate_bps))
             .filter(|&r| r < self.model_rate_bps())
+    }
+
+    /// One evacuation's own limit, when four at once delivered clearly more than one alone
+    /// (the processes, not the link, limited one flow).
+    fn flow_cap_bps(&self) -> Option<u64> {
+        self.calibrated
+            .map(|c| wire_rate(c.flow_bps))
+            .filter(|&f| (f as f64) < 0.95 * self.model_rate_bps() as f64)
     }
 
     fn rtt(&self) -> Duration {
@@ -281,6 +291,7 @@ fn model_fleet(link: WanLink, vms: &[ModelVm], costs: Costs) -> anyhow::Result<F
             v.wire_ratio = *wire_ratio;
             v.memory_bytes = *mem;
             v.working_set_bytes = *mem;
+            v.max_rate_bps = link.flow_cap_bps();
             v
         })
         .collect();
@@ -860,6 +871,9 @@ fn plan_file(
             "\n[[vm]]\nname = {:?}\nlink = \"wan\"\nmemory_bytes = {}\ncontrol = \"127.0.0.1:{port}\"\n",
             spec.name, spec.mem
         );
+        if let Some(cap) = link.flow_cap_bps() {
+            s += &format!("max_rate_bps = {cap}\n");
+        }
     }
     let path = certs.dir.path().join("fleet.toml");
     std::fs::write(&path, s)?;

@@ -35,10 +35,11 @@ pub struct Link {
     pub name: String,
     /// The bottleneck's rate, bits per second: what one flow alone gets through it.
     pub rate_bps: u64,
-    /// What it delivers while two or more flows share it, bits per second; `None`: the
-    /// same. Flows that contend in its queue lose packets there and send them again, and
-    /// on a busy host they share its CPU too: measured here, four flows delivered 2.7%
-    /// less than one at 100 Mbit/s and 5-12% less at 1 Gbit/s (docs/fleet.md).
+    /// What it delivers while two or more flows share it, bits per second, at most
+    /// `rate_bps`; `None`: the same. Flows that contend in its queue lose packets there
+    /// and send them again, and on a busy host they share its CPU too: measured here, four
+    /// flows delivered 2.7% less than one at 100 Mbit/s and 5-12% less at 1 Gbit/s
+    /// (docs/fleet.md).
     pub shared_rate_bps: Option<u64>,
     /// Round-trip time of the path.
     #[serde(serialize_with = "ser_ms")]
@@ -258,6 +259,13 @@ impl Fleet {
             }
             if l.shared_rate_bps == Some(0) {
                 return Err(entry.problem(Problem::NotPositive("shared_rate_bps")));
+            }
+            if let Some(sr) = l.shared_rate_bps.filter(|&sr| sr > l.rate_bps) {
+                return Err(entry.problem(Problem::Other(format!(
+                    "shared_rate_bps ({sr}) exceeds rate_bps ({}): several flows get at most \
+                     what one gets; a limit of each flow is a VM's max_rate_bps",
+                    l.rate_bps
+                ))));
             }
             if l.per_flow_window_bytes == 0 {
                 return Err(entry.problem(Problem::NotPositive("window_bytes")));

@@ -332,7 +332,10 @@ impl Orchestration {
         for (i, (t, v)) in self.tracks.iter().zip(&self.fleet.vms).enumerate() {
             if t.phase == Phase::Transferring {
                 caps[v.link] += self.fleet.flow_cap_bps(i);
-                if held[i].is_none() {
+                // Held behind a transfer, or ending and handing its place on: not carrying
+                // the link (a hand-off would otherwise count two flows for a moment and
+                // restart the window at every VM).
+                if held[i].is_none() && !self.hands_off(i, now_s) {
                     carrying[v.link] += 1;
                 }
             }
@@ -340,7 +343,13 @@ impl Orchestration {
             sent[v.link] = sent[v.link].saturating_add(t.bytes_sent);
         }
         for (li, s) in self.link_samples.iter_mut().enumerate() {
-            let shared = carrying[li] > 1;
+            // A moment with nothing carrying (between a hand-off and the next report)
+            // keeps the class it had.
+            let shared = if carrying[li] == 0 {
+                s.shared
+            } else {
+                carrying[li] > 1
+            };
             if caps[li] < self.fleet.links[li].rate_bps as f64 || shared != s.shared {
                 s.at.clear();
                 s.shared = shared;

@@ -400,6 +400,10 @@ fn replan_inner(
                 );
             }
             f.links[i].rate_bps = r;
+            // Several flows never get more than one alone (`Link::shared_rate_bps`).
+            if let Some(sr) = f.links[i].shared_rate_bps.as_mut() {
+                *sr = (*sr).min(r);
+            }
         }
         if let Some(r) = l.shared_rate_bps {
             if r == 0 {
@@ -407,6 +411,8 @@ fn replan_inner(
                     .problem(Problem::NotPositive("measured shared_rate_bps")));
             }
             f.links[i].shared_rate_bps = Some(r);
+            // The link carries at least that much, whatever the file said of one flow.
+            f.links[i].rate_bps = f.links[i].rate_bps.max(r);
         }
         if let Some(rtt) = l.rtt.filter(|d| !d.is_zero()) {
             f.links[i].rtt = rtt;

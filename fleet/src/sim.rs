@@ -548,11 +548,17 @@ impl LinkSim {
     fn share(&mut self, capacity: Capacity, sharing: Sharing) {
         match sharing {
             Sharing::InOrder => {
-                // The first flow fills the link by itself if its cap allows; else the
-                // flows behind it take the rest, and the link is shared.
-                let alone = self.flows.len() <= 1
-                    || self.flows.first().is_some_and(|f| f.cap >= capacity.one);
-                let mut left = if alone { capacity.one } else { capacity.shared };
+                // The first flow carries the link alone if its cap reaches the shared rate
+                // (up to the rate for one flow); below that, the flows behind it take the
+                // rest of the shared rate. Continuous in the first flow's cap, so a smaller
+                // capacity (the margin) never speeds a flow up.
+                let total = match self.flows.first() {
+                    None => capacity.one,
+                    Some(f) if self.flows.len() == 1 || f.cap >= capacity.one => capacity.one,
+                    Some(f) if f.cap >= capacity.shared => f.cap,
+                    Some(_) => capacity.shared,
+                };
+                let mut left = total;
                 for f in &mut self.flows {
                     f.rate = f.cap.min(left);
                     left -= f.rate;

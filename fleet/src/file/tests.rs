@@ -240,6 +240,11 @@ fn every_bad_entry_is_named() {
             "link \"wan-a\": shared_rate_bps must be > 0",
         ),
         (
+            "shared_rate_bps = \"940M\"",
+            "shared_rate_bps = \"2G\"",
+            "link \"wan-a\": shared_rate_bps (2000000000) exceeds rate_bps (1000000000)",
+        ),
+        (
             "rate_bps = \"1G\"",
             "rate_bps = \"100MB/s\"",
             "link \"wan-a\": rate_bps = \"100MB/s\" is not a rate in bit/s",

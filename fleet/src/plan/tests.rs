@@ -591,3 +591,42 @@ fn steady_state_stale_bytes() {
     assert_eq!(steady_stale_bytes(1000, 100, 100), 0.0);
     assert_eq!(steady_stale_bytes(1000, 100, 500), 0.0);
 }
+
+#[test]
+fn a_measured_rate_keeps_the_shared_rate_at_most_the_rate() {
+    let mut l = link("wan", 1000, 10, 1 << 30);
+    l.shared_rate_bps = Some(900_000_000);
+    let f = fleet(vec![l], vec![vm("a", 0, GB), vm("b", 0, GB)]);
+    let opts = PlanOptions::new(100.0);
+    let measured = |rate_bps, shared_rate_bps| Measured {
+        now_s: 1.0,
+        links: vec![LinkMeasure {
+            link: "wan".into(),
+            rate_bps,
+            shared_rate_bps,
+            rtt: None,
+        }],
+        vms: Vec::new(),
+    };
+    // One flow measured at 800 Mbit/s: several cannot get the file's 900.
+    let p = replan(&f, &opts, &measured(Some(800_000_000), None)).unwrap();
+    let l = &p.links[0];
+    assert_eq!(
+        (l.rate_bps, l.shared_rate_bps),
+        (800_000_000, Some(800_000_000))
+    );
+    // Several measured at 950: one flow gets at least that, the file's 1 Gbit/s stands.
+    let p = replan(&f, &opts, &measured(None, Some(950_000_000))).unwrap();
+    let l = &p.links[0];
+    assert_eq!(
+        (l.rate_bps, l.shared_rate_bps),
+        (1_000_000_000, Some(950_000_000))
+    );
+    // Several measured at 1.2 Gbit/s: the link carries that much, for one flow too.
+    let p = replan(&f, &opts, &measured(None, Some(1_200_000_000))).unwrap();
+    let l = &p.links[0];
+    assert_eq!(
+        (l.rate_bps, l.shared_rate_bps),
+        (1_200_000_000, Some(1_200_000_000))
+    );
+}

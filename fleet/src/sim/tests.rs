@@ -112,6 +112,16 @@ fn a_shared_link_delivers_its_shared_rate_and_one_flow_alone_its_rate() {
     let o = run(&f, &one_link(vec![0, 1], 2, Sharing::InOrder, false));
     close(o.vms[0].finish_s, 2.5 + TAIL);
     close(o.vms[1].finish_s, 2.9 + TAIL);
+    // A first flow capped between the two rates (90 Mbit/s, 11.25 MB/s) carries the link
+    // alone at its cap: a's 10 MB take 0.889 s, then b's 20 MB alone 1.6 s.
+    let mut a = vm("a", 10 * MB);
+    a.max_rate_bps = Some(90_000_000);
+    let mut l = link(100, 1);
+    l.shared_rate_bps = Some(80_000_000);
+    let f = fleet(l, vec![a, vm("b", 20 * MB)], free());
+    let o = run(&f, &one_link(vec![0, 1], 2, Sharing::InOrder, false));
+    close(o.vms[0].finish_s, 10.0 / 11.25 + TAIL);
+    close(o.vms[1].finish_s, 10.0 / 11.25 + 1.6 + TAIL);
 }
 
 #[test]
