@@ -88,40 +88,35 @@ fn max_min_fair_sharing_by_hand() {
 
 #[test]
 fn a_shared_link_delivers_its_shared_rate_and_one_flow_alone_its_rate() {
-    // 100 Mbit/s alone, 80 shared (10 MB/s). Fair: a and b (10 and 20 MB) at 5 MB/s each
-    // until a ends at 2 s; b's last 10 MB alone at 12.5 MB/s take 0.8 s (2.8 s).
-    let mut l = link(100, 1);
-    l.shared_rate_bps = Some(80_000_000);
-    let f = fleet(l, vec![vm("a", 10 * MB), vm("b", 20 * MB)], free());
-    let o = run(&f, &one_link(vec![0, 1], 2, Sharing::Fair, false));
-    close(o.vms[0].finish_s, 2.0 + TAIL);
-    close(o.vms[1].finish_s, 2.8 + TAIL);
+    // 100 Mbit/s alone, 80 shared (10 MB/s); a of 10 MB (capped at `a_cap`), b of 20 MB.
+    let two_vms = |sharing: Sharing, a_cap: Option<u64>| {
+        let mut l = link(100, 1);
+        l.shared_rate_bps = Some(80_000_000);
+        let mut a = vm("a", 10 * MB);
+        a.max_rate_bps = a_cap;
+        let f = fleet(l, vec![a, vm("b", 20 * MB)], free());
+        let o = run(&f, &one_link(vec![0, 1], 2, sharing, false));
+        (o.vms[0].finish_s, o.vms[1].finish_s)
+    };
+    // Fair: 5 MB/s each until a ends at 2 s; b's last 10 MB alone at 12.5 MB/s take 0.8 s.
+    let (a, b) = two_vms(Sharing::Fair, None);
+    close(a, 2.0 + TAIL);
+    close(b, 2.8 + TAIL);
     // In order, a flow that fills the link by itself has it alone at the full rate: 0.8 s
     // and 2.4 s, as without a shared rate.
-    let o = run(&f, &one_link(vec![0, 1], 2, Sharing::InOrder, false));
-    close(o.vms[0].finish_s, 0.8 + TAIL);
-    close(o.vms[1].finish_s, 2.4 + TAIL);
-    // In order, a first flow capped below the link (4 MB/s) shares it: b gets what is left
-    // of the shared 10 MB/s, 6 MB/s, until a ends at 2.5 s (15 MB of b moved); b's last
-    // 5 MB alone at 12.5 MB/s take 0.4 s (2.9 s).
-    let mut a = vm("a", 10 * MB);
-    a.max_rate_bps = Some(32_000_000);
-    let mut l = link(100, 1);
-    l.shared_rate_bps = Some(80_000_000);
-    let f = fleet(l, vec![a, vm("b", 20 * MB)], free());
-    let o = run(&f, &one_link(vec![0, 1], 2, Sharing::InOrder, false));
-    close(o.vms[0].finish_s, 2.5 + TAIL);
-    close(o.vms[1].finish_s, 2.9 + TAIL);
+    let (a, b) = two_vms(Sharing::InOrder, None);
+    close(a, 0.8 + TAIL);
+    close(b, 2.4 + TAIL);
+    // A first flow capped below the shared rate (4 MB/s) shares it: b gets the other
+    // 6 MB/s until a ends at 2.5 s (15 MB of b moved); b's last 5 MB alone take 0.4 s.
+    let (a, b) = two_vms(Sharing::InOrder, Some(32_000_000));
+    close(a, 2.5 + TAIL);
+    close(b, 2.9 + TAIL);
     // A first flow capped between the two rates (90 Mbit/s, 11.25 MB/s) carries the link
     // alone at its cap: a's 10 MB take 0.889 s, then b's 20 MB alone 1.6 s.
-    let mut a = vm("a", 10 * MB);
-    a.max_rate_bps = Some(90_000_000);
-    let mut l = link(100, 1);
-    l.shared_rate_bps = Some(80_000_000);
-    let f = fleet(l, vec![a, vm("b", 20 * MB)], free());
-    let o = run(&f, &one_link(vec![0, 1], 2, Sharing::InOrder, false));
-    close(o.vms[0].finish_s, 10.0 / 11.25 + TAIL);
-    close(o.vms[1].finish_s, 10.0 / 11.25 + 1.6 + TAIL);
+    let (a, b) = two_vms(Sharing::InOrder, Some(90_000_000));
+    close(a, 10.0 / 11.25 + TAIL);
+    close(b, 10.0 / 11.25 + 1.6 + TAIL);
 }
 
 #[test]
