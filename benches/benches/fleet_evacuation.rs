@@ -96,6 +96,14 @@ const DEADLINE_SHARE: f64 = 0.7;
 /// The VMs' memory sizes, taken in turn (`FAULTLINE_BENCH_SIZES`): 256 MiB to 1 GiB, 512 MiB
 /// on average, so that 16 VMs at both ends hold 16 GiB.
 const DEFAULT_SIZES: &str = "256M,512M,1G,256M";
+/// Each process here stands in for a host of its own, but all share this machine's cores.
+/// A KVM guest's vCPU spinning at full speed (and its replicator keeping up with it) took
+/// a quarter of the two cores until its turn, from the transfers under way; throttled
+/// (`vm --cpu-throttle`) it runs a quarter of the time.
+const GUEST_THROTTLE: u8 = 75;
+/// The same for the image standbys' stand-in guests: unpaced, each spins on memory from
+/// its resume until its evacuation ends. At this rate it still faults on missing pages.
+const TOUCH_RATE: u64 = 50_000;
 const TARGET_VM_ERR: f64 = 0.10;
 const TARGET_MAKESPAN_ERR: f64 = 0.10;
 const TARGET_MEAN_RATIO: f64 = 0.7;
@@ -439,6 +447,25 @@ fn main() -> anyhow::Result<()> {
 /// source has its own host; here every VM waiting for its turn shares the two cores with the
 /// transfer under way, and replicators at normal priority took enough of them to leave the
 /// link below its rate (docs/fleet.md).
+/// The KVM guests' CPU throttle, percent (`FAULTLINE_BENCH_GUEST_THROTTLE`, default
+/// [`GUEST_THROTTLE`]).
+fn guest_throttle() -> u8 {
+    env_or("FAULTLINE_BENCH_GUEST_THROTTLE", GUEST_THROTTLE)
+}
+
+/// Touches per second of each image standby's stand-in guest once it runs
+/// (`FAULTLINE_BENCH_TOUCH_RATE`, default [`TOUCH_RATE`]; 0: unpaced).
+fn touch_rate() -> u64 {
+    env_or("FAULTLINE_BENCH_TOUCH_RATE", TOUCH_RATE)
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn idle_replicators() -> bool {
     std::env::var("FAULTLINE_BENCH_IDLE_REPLICATORS").map_or(true, |v| v != "0")
 }
@@ -643,13 +670,19 @@ fn evacuate(
             "--run-secs",
             "1",
         ];
+        let (throttle, touches) = (guest_throttle().to_string(), touch_rate().to_string());
+        let guest = [&guest[..], &["--cpu-throttle", &throttle]].concat();
         let standby = if s.kvm {
             DestProcess::vm(certs, &[&guest[..], &at_standby].concat())
         } else {
             DestProcess::standby(
                 certs,
                 "127.0.0.1:0",
-                &[&["--size", &size][..], &at_standby[..4]].concat(),
+                &[
+                    &["--size", &size, "--touch-rate", &touches][..],
+                    &at_standby[..4],
+                ]
+                .concat(),
             )
         };
         let upstream = standby.addr.parse().context("the standby's address")?;

@@ -52,8 +52,21 @@ impl Workload {
     /// Starts `threads` threads over `regions`; each thread holds the regions, which keep
     /// the memory mapped until it is joined.
     pub fn start(regions: &[HostRegion], threads: usize, seed: u64, pattern: Pattern) -> Workload {
+        Workload::start_paced(regions, threads, seed, pattern, 0)
+    }
+
+    /// [`Workload::start`] with each thread of [`Pattern::Random`] doing at most `rate`
+    /// touches per second (0: as fast as it can). A guest that does other work than touch
+    /// memory: it still faults on missing pages, but leaves the host's cores to the rest.
+    pub fn start_paced(
+        regions: &[HostRegion],
+        threads: usize,
+        seed: u64,
+        pattern: Pattern,
+        rate: u64,
+    ) -> Workload {
         Workload::spawn(regions, threads, "vcpu", move |walker, t| match pattern {
-            Pattern::Random => walker.random(seed ^ (t as u64 + 1)),
+            Pattern::Random => walker.random(seed ^ (t as u64 + 1), rate),
             _ => walker.pages(pattern, t, threads, seed),
         })
     }
@@ -170,7 +183,7 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn random(&mut self, seed: u64) {
+    fn random(&mut self, seed: u64, rate: u64) {
         let bytes: usize = self.regions.iter().map(|r| r.len()).sum();
         if bytes == 0 {
             return;
@@ -178,6 +191,7 @@ impl<'a> Walker<'a> {
         let mut x = seed | 1;
         let mut local = 0u64;
         let mut local_writes = 0u64;
+        let pacer = Pacer::new(rate);
         while !self.stop.load(Ordering::Relaxed) {
             x ^= x << 13;
             x ^= x >> 7;
@@ -186,11 +200,12 @@ impl<'a> Walker<'a> {
             self.touch((x >> 3) as usize % bytes, write);
             local_writes += u64::from(write);
             local += 1;
-            if local.is_multiple_of(1024) {
-                self.ops.fetch_add(1024, Ordering::Relaxed);
+            if local.is_multiple_of(BURST) {
+                self.ops.fetch_add(BURST, Ordering::Relaxed);
+                pacer.wait(local);
             }
         }
-        self.ops.fetch_add(local % 1024, Ordering::Relaxed);
+        self.ops.fetch_add(local % BURST, Ordering::Relaxed);
         self.writes.fetch_add(local_writes, Ordering::Relaxed);
     }
 
@@ -227,6 +242,40 @@ impl<'a> Walker<'a> {
             i += step;
         }
         self.ops.fetch_add(done, Ordering::Relaxed);
+    }
+}
+
+/// Touches between two looks at the clock (and the shared counters) of a stand-in vCPU.
+const BURST: u64 = 1024;
+
+/// Writes between two looks at the clock of a rate-limited writer.
+const MUTATE_BURST: u64 = 64;
+
+/// Holds a thread to `rate` operations per second from its start (0: no limit).
+struct Pacer {
+    rate: u64,
+    started: Instant,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Pacer {
+        Pacer {
+            rate,
+            started: Instant::now(),
+        }
+    }
+
+    /// After `done` operations: waits until they are due.
+    fn wait(&self, done: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(done as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            // Parked, not asleep: `Workload::stop` unparks it. (A spurious wake only ends
+            // the wait early; the next burst's due time holds the rate.)
+            std::thread::park_timeout(wait);
+        }
     }
 }
 
@@ -352,10 +401,10 @@ impl Walker<'_> {
         let hot = ((n as f64 * hot_fraction.clamp(0.0, 1.0)) as u64).max(1);
         let order = Permutation::new(n, 0x5eed);
         let mut x = seed | 1;
-        let started = Instant::now();
+        let pacer = Pacer::new(rate);
         let mut done = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
-            for _ in 0..64 {
+            for _ in 0..MUTATE_BURST {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
@@ -363,15 +412,8 @@ impl Walker<'_> {
                 let word = (x >> 40) as usize % (PAGE_SIZE / 8);
                 self.bump(page as usize * PAGE_SIZE + word * 8);
             }
-            done += 64;
-            if rate > 0 {
-                let due = Duration::from_secs_f64(done as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    // Parked, not asleep: `Workload::stop` unparks it. (A spurious wake
-                    // only ends the wait early; the next burst's due time holds the rate.)
-                    std::thread::park_timeout(wait);
-                }
-            }
+            done += MUTATE_BURST;
+            pacer.wait(done);
         }
         self.ops.fetch_add(done, Ordering::Relaxed);
         self.writes.fetch_add(done, Ordering::Relaxed);
@@ -384,7 +426,7 @@ mod tests {
 
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-    use super::Mutator;
+    use super::{Mutator, Pattern, Workload};
 
     /// A writer at 10 writes/s waits 6.4 s after its first burst of 64; stopping it (the
     /// guest's pause) must not wait that out.
@@ -405,6 +447,29 @@ mod tests {
             report.writes >= 64,
             "at least the first burst: {}",
             report.writes
+        );
+    }
+
+    /// A stand-in vCPU held to 10,000 touches a second makes about that many, not the
+    /// millions it makes unpaced, and stops at once.
+    #[test]
+    fn a_paced_stand_in_guest_keeps_its_rate() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let regions = vmm_shim::guest::regions(&mem).unwrap();
+        let w = Workload::start_paced(&regions, 1, 7, Pattern::Random, 10_000);
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let report = w.stop();
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "stop took {:?}",
+            t.elapsed()
+        );
+        // 3,000 due in 0.3 s, in bursts of 1,024; a slow start may fall behind, never ahead.
+        assert!(
+            (1024..=5 * 1024).contains(&report.ops),
+            "{} touches in 0.3 s at 10,000/s",
+            report.ops
         );
     }
 }

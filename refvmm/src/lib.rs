@@ -63,6 +63,7 @@ pub use switchover::Switchover;
 pub use vcpu::GuestDigest;
 
 use error::kvm_err;
+pub use vcpu::MAX_THROTTLE_PCT;
 use vcpu::{Cmd, Report, Shared, VcpuThread, REQ_PAUSE, REQ_RUN, REQ_STOP};
 
 const KVM_PATH: &str = "/dev/kvm";
@@ -696,6 +697,26 @@ impl Vm {
 
     pub fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    /// Keeps every vCPU off the CPU for `pct` percent of its time from now on (0: not at
+    /// all; at most [`MAX_THROTTLE_PCT`]), as QEMU's `cpu-throttle-percentage`: the guest
+    /// runs slower and writes less, and leaves the host's cores to other work. The vCPUs
+    /// nap at their progress reports, so a guest reporting seldom is throttled coarsely; a
+    /// pause ends a nap at once.
+    pub fn set_cpu_throttle(&self, pct: u8) -> Result<(), VmError> {
+        if pct > MAX_THROTTLE_PCT {
+            return Err(VmError::Config(format!(
+                "a CPU throttle of {pct}%: at most {MAX_THROTTLE_PCT}%"
+            )));
+        }
+        self.shared.throttle_pct.store(pct, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The CPU throttle set by [`Vm::set_cpu_throttle`], percent.
+    pub fn cpu_throttle(&self) -> u8 {
+        self.shared.throttle_pct.load(Ordering::Relaxed)
     }
 
     /// The latest op counter each vCPU reported through port I/O (after a restore: the

@@ -116,6 +116,8 @@ pub(crate) struct Shared {
     pub held: Vec<AtomicBool>,
     /// When each vCPU last entered that hold.
     pub held_at: Vec<Mutex<Option<Instant>>>,
+    /// Percent of its time each vCPU is kept off the CPU ([`Throttle`]); 0: none.
+    pub throttle_pct: AtomicU8,
 }
 
 impl Shared {
@@ -136,6 +138,7 @@ impl Shared {
             hold_after_digest: AtomicBool::new(false),
             held: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             held_at: (0..vcpus).map(|_| Mutex::new(None)).collect(),
+            throttle_pct: AtomicU8::new(0),
         }
     }
 
@@ -146,6 +149,60 @@ impl Shared {
             .collect()
     }
 }
+
+/// How long a throttled vCPU runs before it naps: long enough that the naps cost little,
+/// short enough that the guest's progress stays smooth (QEMU's throttle uses 10 ms).
+const THROTTLE_SLICE: Duration = Duration::from_millis(2);
+
+/// Keeps a vCPU off the CPU for a share of its wall time, as QEMU's `cpu-throttle` does:
+/// after running a slice it naps `pct / (100 - pct)` of the time it ran. The guest runs at
+/// `1 - pct` of its speed and leaves that share of a core to the host's other work.
+pub(crate) struct Throttle {
+    ran_since: Instant,
+}
+
+impl Throttle {
+    pub(crate) fn new() -> Throttle {
+        Throttle {
+            ran_since: Instant::now(),
+        }
+    }
+
+    /// How long to nap after running `ran` at `pct` percent (0 below one slice).
+    pub(crate) fn nap(ran: Duration, pct: u8) -> Duration {
+        let pct = u32::from(pct.min(MAX_THROTTLE_PCT));
+        if pct == 0 || ran < THROTTLE_SLICE {
+            return Duration::ZERO;
+        }
+        ran * pct / (100 - pct)
+    }
+
+    /// Called at each progress report: naps if a slice has run, in steps that end as soon as
+    /// a pause or stop is requested.
+    fn at_report(&mut self, shared: &Shared) {
+        let pct = shared.throttle_pct.load(Ordering::Relaxed);
+        if pct == 0 {
+            self.ran_since = Instant::now();
+            return;
+        }
+        let nap = Throttle::nap(self.ran_since.elapsed(), pct);
+        if nap.is_zero() {
+            return;
+        }
+        let until = Instant::now() + nap;
+        while shared.request.load(Ordering::Acquire) == REQ_RUN {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(1)));
+        }
+        self.ran_since = Instant::now();
+    }
+}
+
+/// The most a vCPU may be throttled, percent.
+pub const MAX_THROTTLE_PCT: u8 = 99;
 
 /// Commands to a paused vCPU thread.
 pub(crate) enum Cmd {
@@ -240,6 +297,7 @@ impl VcpuThread {
         // Whether the last exit was a progress report (a clean place to pause).
         let mut at_report = false;
         let mut noted_first_run = false;
+        let mut throttle = Throttle::new();
         loop {
             match self.shared.request.load(Ordering::Acquire) {
                 REQ_STOP => return Ok(()),
@@ -285,6 +343,9 @@ impl VcpuThread {
                                 Ordering::Relaxed,
                             );
                             self.shared.reports[id].fetch_add(1, Ordering::Relaxed);
+                            // At a report, a clean place to pause, so a nap never holds
+                            // a pause up (it ends on the request).
+                            throttle.at_report(&self.shared);
                         }
                         PORT_DIGEST_HI => digest_high = Some(v),
                         PORT_DIGEST_LO => {
@@ -366,5 +427,23 @@ impl VcpuThread {
             Ok(Cmd::Resume) => Ok(true),
             Ok(Cmd::Stop) | Err(_) => Ok(false),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttled_vcpu_naps_its_share_after_each_slice() {
+        let ms = Duration::from_millis;
+        assert_eq!(Throttle::nap(ms(10), 0), Duration::ZERO);
+        // Below one slice it runs on; the time it ran is kept for the next report.
+        assert_eq!(Throttle::nap(ms(1), 75), Duration::ZERO);
+        assert_eq!(Throttle::nap(ms(2), 50), ms(2));
+        assert_eq!(Throttle::nap(ms(4), 75), ms(12));
+        assert_eq!(Throttle::nap(ms(2), 99), ms(198));
+        // Above the most allowed, the most.
+        assert_eq!(Throttle::nap(ms(2), 100), ms(198));
     }
 }

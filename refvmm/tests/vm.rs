@@ -174,6 +174,38 @@ fn pause_snapshot_restore_into_a_new_vm_continues_where_it_stopped() {
     }
 }
 
+/// A throttled guest makes a fraction of the progress it made unthrottled, pauses at once
+/// (a nap ends on the request) and continues after; a throttle above 99% is refused.
+#[test]
+fn a_throttled_guest_runs_slower_and_still_pauses() {
+    if !kvm_present() {
+        return;
+    }
+    let mut vm = Vm::new(config(1, random_rw())).unwrap();
+    assert!(matches!(vm.set_cpu_throttle(100), Err(VmError::Config(_))));
+    vm.start().unwrap();
+    wait_progress(&vm, &[0]);
+    let full = ops_per_sec(&vm, Duration::from_millis(300));
+    vm.set_cpu_throttle(90).unwrap();
+    assert_eq!(vm.cpu_throttle(), 90);
+    std::thread::sleep(Duration::from_millis(50));
+    let throttled = ops_per_sec(&vm, Duration::from_millis(300));
+    eprintln!("random-rw: {full:.0} ops/s, throttled 90%: {throttled:.0}");
+    // 10% of the speed when nothing else runs; half leaves room for a busy machine.
+    assert!(
+        throttled < full * 0.5,
+        "throttled {throttled:.0} ops/s against {full:.0}"
+    );
+    // At 99% a nap after one 2 ms slice lasts 198 ms; a pause must not wait for it.
+    vm.set_cpu_throttle(99).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let snap = vm.pause().unwrap();
+    vm.resume().unwrap();
+    vm.set_cpu_throttle(0).unwrap();
+    wait_progress(&vm, snap.counters());
+    vm.stop().unwrap();
+}
+
 #[test]
 fn pause_and_resume_in_the_same_process() {
     if !kvm_present() {

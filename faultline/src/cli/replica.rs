@@ -156,6 +156,11 @@ pub struct StandbyArgs {
     /// Threads running on the guest memory after evacuation (stand-ins for vCPUs).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Touches of guest memory per second per worker (0: as fast as it can). Paced workers
+    /// still fault on missing pages but leave the cores to other work: for several standbys
+    /// on one test machine, standing in for hosts of their own.
+    #[arg(long, default_value_t = 0)]
+    pub touch_rate: u64,
     /// Seconds to wait for each connection from the source.
     #[arg(long, default_value_t = 300)]
     pub accept_timeout: u64,
@@ -899,7 +904,7 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
     type Running = (Workload, DiskReaders, anyhow::Result<DiskExports>);
     let workload: Arc<Mutex<Option<Running>>> = Arc::default();
     let started = workload.clone();
-    let workers = a.workers;
+    let (workers, touch_rate) = (a.workers, a.touch_rate);
     let readers = a.disk.disk_readers;
     let disk_sink = sink.clone();
     let plan = a.disk.exports();
@@ -907,7 +912,7 @@ pub fn standby(a: StandbyArgs) -> anyhow::Result<ExitCode> {
         // The disks are served from here on: to the VMM, the NBD clients and the stand-in
         // readers.
         let exports = export_received(disk_sink.disk_devices(), &plan);
-        let w = Workload::start(&[region], workers, 0x5eed, Pattern::Random);
+        let w = Workload::start_paced(&[region], workers, 0x5eed, Pattern::Random, touch_rate);
         let devices = disk_sink
             .disk_devices()
             .into_iter()

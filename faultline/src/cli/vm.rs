@@ -97,6 +97,11 @@ pub struct GuestArgs {
     /// Seconds the guest runs before switchover (source) or after migration (destination).
     #[arg(long, default_value_t = 2.0)]
     pub run_secs: f64,
+    /// Percent of its time each vCPU is kept off the CPU, as QEMU's cpu-throttle (0 to 99):
+    /// the guest runs and writes that much slower and leaves the share to the host. For
+    /// several guests on one test machine, standing in for hosts of their own.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=99))]
+    pub cpu_throttle: u8,
 }
 
 impl GuestArgs {
@@ -406,6 +411,7 @@ fn source_under(a: VmSourceArgs, control: &mut Option<SourceControl>) -> anyhow:
         rate_limit.clone(),
     )?;
     let mut vm = Vm::new_with_options(config.clone(), options).context("booting the source VM")?;
+    vm.set_cpu_throttle(a.guest.cpu_throttle)?;
     let layout = Layout::single(config.mem_size);
     let agent = match a.agent.agent_socket {
         Some(_) => Some(SourceAgent::arm(&vm, &a.agent)?),
@@ -695,6 +701,7 @@ fn restore_and_start(
     into: RestoreInto,
     blob: Option<Vec<u8>>,
     hold: bool,
+    cpu_throttle: u8,
 ) -> anyhow::Result<Resumed> {
     let state_at = std::time::SystemTime::now();
     let blob = blob.context("the source sent no VM state")?;
@@ -711,6 +718,7 @@ fn restore_and_start(
         }
     };
     vm.set_hold_after_digest(hold);
+    vm.set_cpu_throttle(cpu_throttle)?;
     let origin = Instant::now();
     let sampler = RateSampler::start(vm.progress_probe(), origin, SAMPLE_PERIOD);
     vm.start()?;
@@ -759,6 +767,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
     let config = a.guest.config()?;
     let run_for = a.guest.run_for()?;
     let hold = !a.no_verify;
+    let throttle = a.guest.cpu_throttle;
     let listener = bind_listener(ListenSettings {
         tls: &a.tls,
         listen: a.listen,
@@ -795,8 +804,14 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
             // connected: only the registers are left for the downtime.
             let prepared = Vm::prepare_restore(config.clone(), mem).context("preparing the VM")?;
             let r = listener.receive_vm(&regions, &layout, move |blob| {
-                let r = restore_and_start(config2, RestoreInto::Prepared(prepared), blob, hold)
-                    .map_err(|e| format!("{e:#}"));
+                let r = restore_and_start(
+                    config2,
+                    RestoreInto::Prepared(prepared),
+                    blob,
+                    hold,
+                    throttle,
+                )
+                .map_err(|e| format!("{e:#}"));
                 if let (Ok(_), Some(agent)) = (&r, &agent2) {
                     agent.resumed();
                 }
@@ -816,7 +831,7 @@ fn dest(a: VmDestArgs) -> anyhow::Result<ExitCode> {
                 // (see its declaration); the mapping is read-write MAP_SHARED tmpfs.
                 let r = unsafe { vm_replica::memory_over(&region) }
                     .and_then(|mem| {
-                        restore_and_start(config2, RestoreInto::Memory(mem), blob, hold)
+                        restore_and_start(config2, RestoreInto::Memory(mem), blob, hold, throttle)
                     })
                     .map_err(|e| format!("{e:#}"));
                 if let (Ok(_), Some(agent)) = (&r, &agent2) {
