@@ -10,7 +10,8 @@
 //! shuffled order) and writes at a different rate while it replicates. The last
 //! `FAULTLINE_BENCH_KVM` VMs of each fleet (default 1 where /dev/kvm is, else 0) are KVM
 //! guests of the reference VMM instead, of the smallest size: `faultline vm source
-//! --replicate --control` (one vCPU running `scattered` over half its memory, the KVM dirty
+//! --replicate --control` (one vCPU running `scattered` over half its memory, throttled to a
+//! quarter of its time, the KVM dirty
 //! log as tracker, its own share planted with `--stale-pct`) into `faultline vm dest
 //! --replica-dir`, their digests of
 //! all guest memory at switchover compared. Every evacuation goes
@@ -67,7 +68,10 @@
 //! lines), `FAULTLINE_BENCH_TIMELINE` (set: each run line carries `link_timeline_mbps`, the link's
 //! rate every 50 ms, and `rate_limits`, the orchestrator's holds and releases),
 //! `FAULTLINE_BENCH_IDLE_REPLICATORS` (the image sources' replicators at SCHED_IDLE, as
-//! `replicate` runs them by default; `0`: at normal priority).
+//! `replicate` runs them by default; `0`: at normal priority),
+//! `FAULTLINE_BENCH_GUEST_THROTTLE` (the KVM guests' `--cpu-throttle`, 75) and
+//! `FAULTLINE_BENCH_TOUCH_RATE` (the image standbys' `--touch-rate`, 50000; `0`: unpaced):
+//! every process here stands in for a host of its own but shares two cores.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -442,30 +446,42 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The KVM guests' CPU throttle, percent (`FAULTLINE_BENCH_GUEST_THROTTLE`, default
+/// [`GUEST_THROTTLE`]).
+fn guest_throttle() -> anyhow::Result<u8> {
+    let pct = env_or("FAULTLINE_BENCH_GUEST_THROTTLE", GUEST_THROTTLE)?;
+    if pct > refvmm::MAX_THROTTLE_PCT {
+        bail!(
+            "FAULTLINE_BENCH_GUEST_THROTTLE={pct}: at most {}",
+            refvmm::MAX_THROTTLE_PCT
+        );
+    }
+    Ok(pct)
+}
+
+/// Touches per second of each image standby's stand-in guest once it runs
+/// (`FAULTLINE_BENCH_TOUCH_RATE`, default [`TOUCH_RATE`]; 0: unpaced).
+fn touch_rate() -> anyhow::Result<u64> {
+    env_or("FAULTLINE_BENCH_TOUCH_RATE", TOUCH_RATE)
+}
+
+/// The variable's value, or `default` if it is unset; a value that does not parse is an
+/// error naming it.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v}: not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
 /// Whether the image sources' replicators run at SCHED_IDLE, as `replicate` runs them by
 /// default (`FAULTLINE_BENCH_IDLE_REPLICATORS=0`: at normal priority). On a real site each
 /// source has its own host; here every VM waiting for its turn shares the two cores with the
 /// transfer under way, and replicators at normal priority took enough of them to leave the
 /// link below its rate (docs/fleet.md).
-/// The KVM guests' CPU throttle, percent (`FAULTLINE_BENCH_GUEST_THROTTLE`, default
-/// [`GUEST_THROTTLE`]).
-fn guest_throttle() -> u8 {
-    env_or("FAULTLINE_BENCH_GUEST_THROTTLE", GUEST_THROTTLE)
-}
-
-/// Touches per second of each image standby's stand-in guest once it runs
-/// (`FAULTLINE_BENCH_TOUCH_RATE`, default [`TOUCH_RATE`]; 0: unpaced).
-fn touch_rate() -> u64 {
-    env_or("FAULTLINE_BENCH_TOUCH_RATE", TOUCH_RATE)
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn idle_replicators() -> bool {
     std::env::var("FAULTLINE_BENCH_IDLE_REPLICATORS").map_or(true, |v| v != "0")
 }
@@ -670,7 +686,7 @@ fn evacuate(
             "--run-secs",
             "1",
         ];
-        let (throttle, touches) = (guest_throttle().to_string(), touch_rate().to_string());
+        let (throttle, touches) = (guest_throttle()?.to_string(), touch_rate()?.to_string());
         let guest = [&guest[..], &["--cpu-throttle", &throttle]].concat();
         let standby = if s.kvm {
             DestProcess::vm(certs, &[&guest[..], &at_standby].concat())

@@ -251,7 +251,9 @@ const BURST: u64 = 1024;
 /// Writes between two looks at the clock of a rate-limited writer.
 const MUTATE_BURST: u64 = 64;
 
-/// Holds a thread to `rate` operations per second from its start (0: no limit).
+/// Holds a thread to `rate` operations per second on average since its start (0: no
+/// limit), checked after each burst. A thread held up (a fault on a missing page) catches
+/// up unpaced until it is back on schedule.
 struct Pacer {
     rate: u64,
     started: Instant,

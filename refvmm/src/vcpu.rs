@@ -154,17 +154,23 @@ impl Shared {
 /// short enough that the guest's progress stays smooth (QEMU's throttle uses 10 ms).
 const THROTTLE_SLICE: Duration = Duration::from_millis(2);
 
-/// Keeps a vCPU off the CPU for a share of its wall time, as QEMU's `cpu-throttle` does:
-/// after running a slice it naps `pct / (100 - pct)` of the time it ran. The guest runs at
-/// `1 - pct` of its speed and leaves that share of a core to the host's other work.
+/// The most CPU time one nap answers for: a report that comes late (a guest reporting
+/// seldom) does not buy a nap of seconds.
+const THROTTLE_MAX_RAN: Duration = Duration::from_millis(20);
+
+/// Keeps a vCPU off the CPU for a share of its time, as QEMU's `cpu-throttle` does: after
+/// a slice of CPU time it naps `pct / (100 - pct)` of it, so it uses at most `100 - pct`
+/// percent of a core. CPU time, not wall time: a vCPU parked by a pause, held after a
+/// digest, waiting for a missing page or preempted has not run, and owes no nap for it.
 pub(crate) struct Throttle {
-    ran_since: Instant,
+    /// The thread's CPU time at its last nap.
+    cpu_at: Duration,
 }
 
 impl Throttle {
     pub(crate) fn new() -> Throttle {
         Throttle {
-            ran_since: Instant::now(),
+            cpu_at: thread_cpu_time(),
         }
     }
 
@@ -174,31 +180,51 @@ impl Throttle {
         if pct == 0 || ran < THROTTLE_SLICE {
             return Duration::ZERO;
         }
-        ran * pct / (100 - pct)
+        ran.min(THROTTLE_MAX_RAN) * pct / (100 - pct)
     }
 
     /// Called at each progress report: naps if a slice has run, in steps that end as soon as
-    /// a pause or stop is requested.
+    /// a pause or stop is requested or the throttle is lifted.
     fn at_report(&mut self, shared: &Shared) {
-        let pct = shared.throttle_pct.load(Ordering::Relaxed);
-        if pct == 0 {
-            self.ran_since = Instant::now();
-            return;
-        }
-        let nap = Throttle::nap(self.ran_since.elapsed(), pct);
+        let now = thread_cpu_time();
+        let nap = Throttle::nap(
+            now.saturating_sub(self.cpu_at),
+            shared.throttle_pct.load(Ordering::Relaxed),
+        );
         if nap.is_zero() {
             return;
         }
         let until = Instant::now() + nap;
-        while shared.request.load(Ordering::Acquire) == REQ_RUN {
+        while shared.request.load(Ordering::Acquire) == REQ_RUN
+            && shared.throttle_pct.load(Ordering::Relaxed) != 0
+        {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
             std::thread::sleep(left.min(Duration::from_millis(1)));
         }
-        self.ran_since = Instant::now();
+        self.cpu_at = thread_cpu_time();
     }
+}
+
+/// CPU time the calling thread has used, guest mode included (KVM accounts it to the
+/// thread that ran `KVM_RUN`).
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration, and
+    // CLOCK_THREAD_CPUTIME_ID names the calling thread's own clock, which always exists.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 /// The most a vCPU may be throttled, percent.
@@ -445,5 +471,25 @@ mod tests {
         assert_eq!(Throttle::nap(ms(2), 99), ms(198));
         // Above the most allowed, the most.
         assert_eq!(Throttle::nap(ms(2), 100), ms(198));
+        // A late report answers for at most 20 ms of running.
+        assert_eq!(Throttle::nap(ms(5000), 75), ms(60));
+    }
+
+    #[test]
+    fn thread_cpu_time_counts_this_threads_work_only() {
+        let before = thread_cpu_time();
+        std::thread::sleep(Duration::from_millis(30));
+        let slept = thread_cpu_time() - before;
+        let t = Instant::now();
+        let mut x = 1u64;
+        while t.elapsed() < Duration::from_millis(30) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let spun = thread_cpu_time() - before - slept;
+        assert!(
+            slept < Duration::from_millis(10),
+            "asleep, yet {slept:?} of CPU"
+        );
+        assert!(spun > Duration::ZERO, "spinning used no CPU");
     }
 }

@@ -196,13 +196,39 @@ fn a_throttled_guest_runs_slower_and_still_pauses() {
         throttled < full * 0.5,
         "throttled {throttled:.0} ops/s against {full:.0}"
     );
-    // At 99% a nap after one 2 ms slice lasts 198 ms; a pause must not wait for it.
+    // At 99% a nap after one 2 ms slice lasts 198 ms. Once no report came for 20 ms a nap
+    // is under way, with more than 150 ms left: a pause must not wait for it.
     vm.set_cpu_throttle(99).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
+    let quiet = Duration::from_millis(20);
+    let mut last = (vm.reports(), Instant::now());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while last.1.elapsed() < quiet {
+        assert!(Instant::now() < deadline, "the guest never napped");
+        std::thread::sleep(Duration::from_millis(1));
+        let r = vm.reports();
+        if r != last.0 {
+            last = (r, Instant::now());
+        }
+    }
+    let t = Instant::now();
     let snap = vm.pause().unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(120),
+        "the pause waited {took:?}"
+    );
+    // Paused for longer than any slice: the vCPU owes no nap for time it did not run, so
+    // throttled at 90% it reports again at once.
+    std::thread::sleep(Duration::from_millis(300));
+    vm.set_cpu_throttle(90).unwrap();
     vm.resume().unwrap();
-    vm.set_cpu_throttle(0).unwrap();
+    let t = Instant::now();
     wait_progress(&vm, snap.counters());
+    let back = t.elapsed();
+    assert!(
+        back < Duration::from_secs(1),
+        "first report {back:?} after the resume"
+    );
     vm.stop().unwrap();
 }
 
