@@ -733,7 +733,14 @@ fn evacuate(
                 "--encoding",
                 encoding,
             ];
-            let source = Background::vm_source(certs, &standby.addr, &[&guest[..], &args].concat());
+            // Throttled, its vCPU leaves an idle-priority replicator room.
+            let idle: &[&str] = if idle_replicators() && guest_throttle()? > 0 {
+                &["--replicator-idle-priority"]
+            } else {
+                &[]
+            };
+            let source =
+                Background::vm_source(certs, &standby.addr, &[&guest[..], &args, idle].concat());
             pairs.push((s.clone(), port, standby, source, dir));
             continue;
         }

@@ -38,6 +38,11 @@ pub struct ReplicaArgs {
     /// With --replicate: replication bandwidth budget in Mbit/s of page payload.
     #[arg(long, default_value_t = 800.0)]
     pub budget_mbps: f64,
+    /// With --replicate: run the replicator at SCHED_IDLE (only CPU the guest and the host
+    /// leave idle) until the evacuation, as `faultline replicate` does by default. Off by
+    /// default: an unthrottled vCPU starves it on a small host (see --cpu-throttle).
+    #[arg(long, requires = "replicate")]
+    pub replicator_idle_priority: bool,
     /// With --replicate: listen here for the orchestrator (`faultline evacuate`), QUIC with
     /// mutual TLS, presenting `--cert` and accepting only `--control-peer-cert`. The guest
     /// then runs until the orchestrator's `Evacuate` or SIGUSR1, not for `--run-secs`
@@ -135,8 +140,8 @@ pub fn start(
         interval: Duration::from_millis(20),
         connect_timeout: Duration::from_secs(30),
         recover_timeout: src.recover_timeout.map(Duration::from_secs),
-        // The vCPU threads would starve an idle-priority replicator on 2 cores.
-        idle_priority: false,
+        // Unthrottled, the vCPU threads would starve an idle-priority replicator on 2 cores.
+        idle_priority: a.replicator_idle_priority,
     };
     let replicator =
         Replicator::start(&vm.host_regions()?, layout.clone(), Box::new(tracker), opts)
