@@ -68,7 +68,8 @@
 //! lines), `FAULTLINE_BENCH_TIMELINE` (set: each run line carries `link_timeline_mbps`, the link's
 //! rate every 50 ms, and `rate_limits`, the orchestrator's holds and releases),
 //! `FAULTLINE_BENCH_IDLE_REPLICATORS` (the image sources' replicators at SCHED_IDLE, as
-//! `replicate` runs them by default; `0`: at normal priority),
+//! `replicate` runs them by default, and a throttled KVM guest's too; `0`: at normal
+//! priority),
 //! `FAULTLINE_BENCH_GUEST_THROTTLE` (the KVM guests' `--cpu-throttle`, 75) and
 //! `FAULTLINE_BENCH_TOUCH_RATE` (the image standbys' `--touch-rate`, 50000; `0`: unpaced):
 //! every process here stands in for a host of its own but shares two cores.

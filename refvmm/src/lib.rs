@@ -700,10 +700,12 @@ impl Vm {
     }
 
     /// Keeps every vCPU off the CPU for `pct` percent of its time from now on (0: not at
-    /// all; at most [`MAX_THROTTLE_PCT`]), as QEMU's `cpu-throttle-percentage`: the guest
-    /// runs slower and writes less, and leaves the host's cores to other work. The vCPUs
-    /// nap at their progress reports, so a guest reporting seldom is throttled coarsely; a
-    /// pause ends a nap at once.
+    /// all; at most [`MAX_THROTTLE_PCT`]), like QEMU's `cpu-throttle-percentage` but counted
+    /// in the vCPU thread's CPU time rather than as a wall-clock duty cycle: each vCPU uses
+    /// at most `100 - pct` percent of a core, and on a busy host, where it gets less anyway,
+    /// the guest slows by less than `pct`. The vCPUs nap at their progress reports, each
+    /// nap paying for at most 20 ms of CPU, so a guest reporting seldom is throttled less; a
+    /// pause, a stop or a lifted throttle ends a nap at once.
     pub fn set_cpu_throttle(&self, pct: u8) -> Result<(), VmError> {
         if pct > MAX_THROTTLE_PCT {
             return Err(VmError::Config(format!(

@@ -154,24 +154,31 @@ impl Shared {
 /// short enough that the guest's progress stays smooth (QEMU's throttle uses 10 ms).
 const THROTTLE_SLICE: Duration = Duration::from_millis(2);
 
-/// The most CPU time one nap answers for: a report that comes late (a guest reporting
-/// seldom) does not buy a nap of seconds.
+/// The most CPU time one nap answers for: a guest that reports seldom is throttled less
+/// (it runs what it ran beyond this unpaid), not held for a nap out of proportion.
 const THROTTLE_MAX_RAN: Duration = Duration::from_millis(20);
 
-/// Keeps a vCPU off the CPU for a share of its time, as QEMU's `cpu-throttle` does: after
-/// a slice of CPU time it naps `pct / (100 - pct)` of it, so it uses at most `100 - pct`
-/// percent of a core. CPU time, not wall time: a vCPU parked by a pause, held after a
-/// digest, waiting for a missing page or preempted has not run, and owes no nap for it.
+/// Keeps a vCPU off the CPU for a share of its time, as QEMU's `cpu-throttle` does, but
+/// counted in CPU time rather than as a wall-clock duty cycle: after a slice of CPU time
+/// it naps `pct / (100 - pct)` of it, so it uses at most `100 - pct` percent of a core. A
+/// vCPU parked by a pause, held after a digest, waiting for a missing page or preempted
+/// has not run, and owes no nap for it (so on a busy host the guest slows by less than
+/// `pct`).
 pub(crate) struct Throttle {
-    /// The thread's CPU time at its last nap.
-    cpu_at: Duration,
+    /// The thread's CPU time at its last nap; `None`: count from the next report (the
+    /// throttle was off, or the VMM's own work ran on the thread).
+    cpu_at: Option<Duration>,
 }
 
 impl Throttle {
     pub(crate) fn new() -> Throttle {
-        Throttle {
-            cpu_at: thread_cpu_time(),
-        }
+        Throttle { cpu_at: None }
+    }
+
+    /// Forgets the CPU time used so far: the VMM's own work on the vCPU thread (hashing a
+    /// slice for a digest report) is not the guest's.
+    pub(crate) fn restart(&mut self) {
+        self.cpu_at = None;
     }
 
     /// How long to nap after running `ran` at `pct` percent (0 below one slice).
@@ -186,11 +193,18 @@ impl Throttle {
     /// Called at each progress report: naps if a slice has run, in steps that end as soon as
     /// a pause or stop is requested or the throttle is lifted.
     fn at_report(&mut self, shared: &Shared) {
+        let pct = shared.throttle_pct.load(Ordering::Relaxed);
+        if pct == 0 {
+            // Off: nothing is owed, and no clock is read.
+            self.cpu_at = None;
+            return;
+        }
         let now = thread_cpu_time();
-        let nap = Throttle::nap(
-            now.saturating_sub(self.cpu_at),
-            shared.throttle_pct.load(Ordering::Relaxed),
-        );
+        let Some(since) = self.cpu_at else {
+            self.cpu_at = Some(now);
+            return;
+        };
+        let nap = Throttle::nap(now.saturating_sub(since), pct);
         if nap.is_zero() {
             return;
         }
@@ -204,7 +218,7 @@ impl Throttle {
             }
             std::thread::sleep(left.min(Duration::from_millis(1)));
         }
-        self.cpu_at = thread_cpu_time();
+        self.cpu_at = Some(thread_cpu_time());
     }
 }
 
@@ -393,6 +407,7 @@ impl VcpuThread {
                             *self.shared.digests[id]
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner()) = Some(d);
+                            throttle.restart();
                             self.shared.digest_reports[id].fetch_add(1, Ordering::Relaxed);
                             self.hold();
                         }
@@ -477,9 +492,19 @@ mod tests {
 
     #[test]
     fn thread_cpu_time_counts_this_threads_work_only() {
+        // Another thread spins while this one sleeps: a process-wide clock would count it.
+        let spin = |d: Duration| {
+            let t = Instant::now();
+            let mut x = 1u64;
+            while t.elapsed() < d {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        };
+        let other = std::thread::spawn(move || spin(Duration::from_millis(40)));
         let before = thread_cpu_time();
         std::thread::sleep(Duration::from_millis(30));
         let slept = thread_cpu_time() - before;
+        other.join().unwrap();
         let t = Instant::now();
         let mut x = 1u64;
         while t.elapsed() < Duration::from_millis(30) {

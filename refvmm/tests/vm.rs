@@ -174,32 +174,16 @@ fn pause_snapshot_restore_into_a_new_vm_continues_where_it_stopped() {
     }
 }
 
-/// A throttled guest makes a fraction of the progress it made unthrottled, pauses at once
-/// (a nap ends on the request) and continues after; a throttle above 99% is refused.
-#[test]
-fn a_throttled_guest_runs_slower_and_still_pauses() {
-    if !kvm_present() {
-        return;
-    }
-    let mut vm = Vm::new(config(1, random_rw())).unwrap();
-    assert!(matches!(vm.set_cpu_throttle(100), Err(VmError::Config(_))));
-    vm.start().unwrap();
-    wait_progress(&vm, &[0]);
-    let full = ops_per_sec(&vm, Duration::from_millis(300));
-    vm.set_cpu_throttle(90).unwrap();
-    assert_eq!(vm.cpu_throttle(), 90);
-    std::thread::sleep(Duration::from_millis(50));
-    let throttled = ops_per_sec(&vm, Duration::from_millis(300));
-    eprintln!("random-rw: {full:.0} ops/s, throttled 90%: {throttled:.0}");
-    // 10% of the speed when nothing else runs; half leaves room for a busy machine.
-    assert!(
-        throttled < full * 0.5,
-        "throttled {throttled:.0} ops/s against {full:.0}"
-    );
-    // At 99% a nap after one 2 ms slice lasts 198 ms. Once no report came for 20 ms a nap
-    // is under way, with more than 150 ms left: a pause must not wait for it.
-    vm.set_cpu_throttle(99).unwrap();
-    let quiet = Duration::from_millis(20);
+/// CPU time a thread of this process has used (`/proc/self/task/TID/schedstat`, guest mode
+/// included).
+fn thread_cpu(tid: u32) -> Duration {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+    let ns: u64 = s.split_whitespace().next().unwrap().parse().unwrap();
+    Duration::from_nanos(ns)
+}
+
+/// Waits until no report came for `quiet` (a nap is under way); returns the count then.
+fn wait_for_a_nap(vm: &Vm, quiet: Duration) -> Vec<u64> {
     let mut last = (vm.reports(), Instant::now());
     let deadline = Instant::now() + Duration::from_secs(20);
     while last.1.elapsed() < quiet {
@@ -210,24 +194,82 @@ fn a_throttled_guest_runs_slower_and_still_pauses() {
             last = (r, Instant::now());
         }
     }
+    last.0
+}
+
+/// A throttled vCPU uses at most its share of a core, pauses at once (a nap ends on the
+/// request), owes no nap for the time it was paused, and a lifted throttle ends a nap; a
+/// throttle above 99% is refused.
+#[test]
+fn a_throttled_guest_uses_its_share_and_still_pauses() {
+    if !kvm_present() {
+        return;
+    }
+    let mut vm = Vm::new(config(1, random_rw())).unwrap();
+    assert!(matches!(vm.set_cpu_throttle(100), Err(VmError::Config(_))));
+    vm.start().unwrap();
+    wait_progress(&vm, &[0]);
+    let tid = vm.vcpu_thread_ids()[0];
+    vm.set_cpu_throttle(90).unwrap();
+    assert_eq!(vm.cpu_throttle(), 90);
+    std::thread::sleep(Duration::from_millis(50));
+    let (cpu, t) = (thread_cpu(tid), Instant::now());
+    std::thread::sleep(Duration::from_millis(400));
+    let share = (thread_cpu(tid) - cpu).as_secs_f64() / t.elapsed().as_secs_f64();
+    eprintln!("throttled 90%: {share:.3} of a core");
+    // At most 10% of a core, whatever else runs; one nap's slack on top.
+    assert!(
+        share < 0.2,
+        "throttled to 90%, it used {share:.3} of a core"
+    );
+
+    // At 99% a nap after one 2 ms slice lasts 198 ms. Once no report came for 20 ms a nap
+    // is under way with more than 150 ms left: a pause must not wait for it.
+    vm.set_cpu_throttle(99).unwrap();
+    wait_for_a_nap(&vm, Duration::from_millis(20));
     let t = Instant::now();
-    let snap = vm.pause().unwrap();
+    vm.pause().unwrap();
     let took = t.elapsed();
     assert!(
-        took < Duration::from_millis(120),
+        took < Duration::from_millis(150),
         "the pause waited {took:?}"
     );
-    // Paused for longer than any slice: the vCPU owes no nap for time it did not run, so
-    // throttled at 90% it reports again at once.
+
+    // Paused for longer than any slice: the vCPU owes no nap for it, so after the resume it
+    // runs a 2 ms slice (several reports) before its first nap. Counted in wall time, the
+    // first report would owe 20 ms × 99: a nap of 1.98 s.
     std::thread::sleep(Duration::from_millis(300));
-    vm.set_cpu_throttle(90).unwrap();
+    let at_resume = vm.reports()[0];
     vm.resume().unwrap();
     let t = Instant::now();
-    wait_progress(&vm, snap.counters());
+    while vm.reports()[0] < at_resume + 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no reports after the resume"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "three reports took {took:?} after the resume"
+    );
+
+    // Lifting the throttle ends a nap under way.
+    let napping = wait_for_a_nap(&vm, Duration::from_millis(20));
+    vm.set_cpu_throttle(0).unwrap();
+    let t = Instant::now();
+    while vm.reports() == napping {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no report after the lift"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
     let back = t.elapsed();
     assert!(
-        back < Duration::from_secs(1),
-        "first report {back:?} after the resume"
+        back < Duration::from_millis(150),
+        "first report {back:?} after the lift"
     );
     vm.stop().unwrap();
 }

@@ -97,11 +97,11 @@ pub struct GuestArgs {
     /// Seconds the guest runs before switchover (source) or after migration (destination).
     #[arg(long, default_value_t = 2.0)]
     pub run_secs: f64,
-    /// Percent of its time each vCPU is kept off the CPU, as QEMU's cpu-throttle (0 to 99),
-    /// on this end (from boot on the source, from the restore on the destination): the
-    /// guest runs and writes that much slower and leaves the share to the host. vCPUs nap
-    /// at their progress reports (--report-every). For several guests on one test machine,
-    /// standing in for hosts of their own.
+    /// Percent of its time each vCPU is kept off the CPU, like QEMU's cpu-throttle but in
+    /// CPU time (0 to 99), on this end (from boot on the source, from the restore on the
+    /// destination): each vCPU uses at most the rest of a core, and the guest writes less.
+    /// vCPUs nap at their progress reports (--report-every). For several guests on one
+    /// test machine, standing in for hosts of their own.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=99))]
     pub cpu_throttle: u8,
 }

@@ -402,6 +402,9 @@ impl Replicator {
 
 impl Drop for Replicator {
     fn drop(&mut self) {
+        // Off idle priority first: an error path drops it with the guest still running,
+        // and joining a starved thread would wait for CPU the guest leaves idle.
+        self.hurry();
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
