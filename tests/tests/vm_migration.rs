@@ -29,6 +29,18 @@ enum Via {
 /// while, and checks everything the issue asks of a migration. Returns the source's and
 /// the destination's reports (`None` without KVM).
 fn migrate_running_guest(program: &str, vcpus: usize, via: Via) -> Option<(Value, Value)> {
+    migrate_running_guest_with(program, vcpus, via, &[], &[])
+}
+
+/// [`migrate_running_guest`] with more guest options for both ends (`both`) and more
+/// options for the source.
+fn migrate_running_guest_with(
+    program: &str,
+    vcpus: usize,
+    via: Via,
+    both: &[&str],
+    source: &[&str],
+) -> Option<(Value, Value)> {
     if !kvm_present() {
         return None;
     }
@@ -62,11 +74,11 @@ fn migrate_running_guest(program: &str, vcpus: usize, via: Via) -> Option<(Value
         "--run-secs",
         "1",
     ];
-    let dest = DestProcess::vm(&certs, &[&guest[..], &dest_extra].concat());
+    let dest = DestProcess::vm(&certs, &[&guest[..], both, &dest_extra].concat());
     let src = run_vm_source(
         &certs,
         &dest.addr,
-        &[&guest[..], &src_extra].concat(),
+        &[&guest[..], both, &src_extra, source].concat(),
         Duration::from_secs(60),
     );
     let dst = dest.wait(Duration::from_secs(60));
@@ -282,6 +294,26 @@ fn running_writer_with_four_vcpus_is_evacuated_with_ten_percent_stale() {
             stale_pct: Some(10),
         },
     );
+}
+
+/// A guest throttled on both ends (`--cpu-throttle`) with its replicator at idle priority,
+/// as the fleet bench runs its KVM guests: replicated, evacuated with 10% stale, and
+/// continued like any other (every check of `migrate_running_guest`, the digests included).
+#[test]
+fn a_throttled_guest_with_an_idle_replicator_is_evacuated() {
+    let Some((s, d)) = migrate_running_guest_with(
+        "scattered",
+        1,
+        Via::Replica {
+            stale_pct: Some(10),
+        },
+        &["--cpu-throttle", "75"],
+        &["--replicator-idle-priority"],
+    ) else {
+        return;
+    };
+    assert!(s["replica"]["pages_acked"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(d["continued"], true);
 }
 
 #[test]
