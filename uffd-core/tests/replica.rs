@@ -58,22 +58,7 @@ fn batch(first: u64, n: u64, version: impl Fn(u64) -> u64) -> (Vec<u64>, Vec<u8>
     (versions, data)
 }
 
-/// Opens a replica the test closed before: a child process that another test of this binary
-/// spawns at that moment holds a copy of every open fd between its fork and its exec, the
-/// lock's among them, so `Locked` is retried for a while (it failed a CI run once).
 fn open_tier(tier: Tier, dir: &Path, pages: u64) -> Result<Box<dyn ReplicaStore>, ReplicaError> {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        match open_once(tier, dir, pages) {
-            Err(ReplicaError::Locked { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            r => return r,
-        }
-    }
-}
-
-fn open_once(tier: Tier, dir: &Path, pages: u64) -> Result<Box<dyn ReplicaStore>, ReplicaError> {
     Ok(match tier {
         Tier::Memory => Box::new(MemoryTier::open(dir, pages)?),
         Tier::Disk => Box::new(DiskTier::open(dir, pages)?),
@@ -178,7 +163,7 @@ fn roundtrip(tier: Tier) {
 
     // A second store on the same directory is refused while this one is open.
     assert!(matches!(
-        open_once(tier, dir.path(), 64),
+        open_tier(tier, dir.path(), 64),
         Err(ReplicaError::Locked { .. })
     ));
 

@@ -158,18 +158,45 @@ pub(crate) fn fs_type(file: &File) -> io::Result<i64> {
     Ok(fs)
 }
 
-fn lock_dir(dir: &Path) -> Result<File, ReplicaError> {
-    let lock = File::open(dir).map_err(|e| ReplicaError::io("open directory", dir, e))?;
-    // SAFETY: flock takes an fd we own and a flag; it touches no user memory.
-    let ret = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if ret < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(ReplicaError::Locked { path: dir.into() });
+/// The replica directory, `flock`ed exclusively; unlocked when dropped.
+///
+/// The lock belongs to the open file description, which a child process shares from its
+/// fork until its exec closes the copy. Closing our fd alone would leave the directory
+/// locked for that moment, and a reopen in this process (or the next standby) would see
+/// [`ReplicaError::Locked`]; `LOCK_UN` releases it whoever else holds a copy.
+#[derive(Debug)]
+pub(crate) struct DirLock {
+    file: File,
+}
+
+impl DirLock {
+    /// Locks `dir`, or says it is [`ReplicaError::Locked`] by another holder.
+    pub(crate) fn acquire(dir: &Path) -> Result<DirLock, ReplicaError> {
+        let file = File::open(dir).map_err(|e| ReplicaError::io("open directory", dir, e))?;
+        // SAFETY: flock takes an fd we own and a flag; it touches no user memory.
+        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(ReplicaError::Locked { path: dir.into() });
+            }
+            return Err(ReplicaError::io("flock", dir, e));
         }
-        return Err(ReplicaError::io("flock", dir, e));
+        Ok(DirLock { file })
     }
-    Ok(lock)
+
+    /// The directory, open read-only (for `fstatfs` and `fsync`).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        // SAFETY: flock takes an fd we own (still open: `file` closes after this) and a
+        // flag. A failure leaves the lock to the close that follows, as before.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
 }
 
 /// Bytes of guest memory for `pages`, if the host can map and address it.
@@ -210,7 +237,7 @@ pub(crate) struct ReplicaFiles {
     pub(crate) index: Mapping,
     /// The directory, flock'ed exclusively while this store (or the guest mapping it
     /// became) lives.
-    pub(crate) lock: File,
+    pub(crate) lock: DirLock,
     epoch: AtomicU64,
     torn: AtomicU64,
     report: OpenReport,
@@ -231,9 +258,9 @@ impl ReplicaFiles {
         let idx_len = format::index_len(total_pages)
             .ok_or(ReplicaError::BadPageCount { pages: total_pages })?;
         std::fs::create_dir_all(dir).map_err(|e| ReplicaError::io("create_dir_all", dir, e))?;
-        let lock = lock_dir(dir)?;
+        let lock = DirLock::acquire(dir)?;
         if tier == Tier::Memory {
-            let fs = fs_type(&lock).map_err(|e| ReplicaError::io("fstatfs", dir, e))?;
+            let fs = fs_type(lock.file()).map_err(|e| ReplicaError::io("fstatfs", dir, e))?;
             if fs != TMPFS_MAGIC {
                 return Err(ReplicaError::NotTmpfs {
                     path: dir.into(),
@@ -275,7 +302,7 @@ impl ReplicaFiles {
             .open(&mem_path)
             .map_err(|e| ReplicaError::io("open", &mem_path, e))?;
         if init {
-            Self::write_fresh_index(dir, &lock, &idx_path, total_pages, idx_len)?;
+            Self::write_fresh_index(dir, lock.file(), &idx_path, total_pages, idx_len)?;
             // Every entry is invalid now; drop the old content to free its space.
             memory
                 .set_len(0)
@@ -769,7 +796,7 @@ enum Inspect {
 impl ReplicaFiles {
     /// Gives up the index (unmapped and closed) and returns the memory file and the
     /// directory lock.
-    pub(crate) fn into_memory_and_lock(self) -> (File, File) {
+    pub(crate) fn into_memory_and_lock(self) -> (File, DirLock) {
         (self.memory, self.lock)
     }
 }
@@ -777,6 +804,24 @@ impl ReplicaFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A copy of the lock's fd (what a child holds between its fork and its exec) does not
+    /// keep the directory locked once the lock is dropped; a second lock is refused while
+    /// the first lives.
+    #[test]
+    fn a_dropped_lock_is_released_while_a_copy_of_its_fd_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = DirLock::acquire(dir.path()).unwrap();
+        assert!(matches!(
+            DirLock::acquire(dir.path()),
+            Err(ReplicaError::Locked { .. })
+        ));
+        let copy = lock.file().try_clone().unwrap();
+        drop(lock);
+        let again = DirLock::acquire(dir.path()).unwrap();
+        drop(copy);
+        drop(again);
+    }
 
     /// Found by the `replica` fuzz target: an index whose header has a non-zero reserved
     /// word (covered by its checksum, so it opens as good) lost every page at the next

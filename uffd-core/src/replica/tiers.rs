@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::error::ReplicaError;
-use super::files::{punch_hole, Mapping, OpenReport, ReplicaFiles, MEMORY_FILE};
+use super::files::{punch_hole, DirLock, Mapping, OpenReport, ReplicaFiles, MEMORY_FILE};
 use super::{ReplicaStore, Tier};
 use crate::layout::{HostRegion, MappedMemory};
 use crate::PAGE_SIZE;
@@ -215,7 +215,7 @@ pub struct GuestMapping {
 #[derive(Debug)]
 struct LockedMapping {
     map: Mapping,
-    _lock: File,
+    _lock: DirLock,
 }
 
 // SAFETY: `Mapping::shared` mapped the range, and `Mapping` unmaps it only when dropped,
