@@ -83,9 +83,18 @@ struct Track {
     pages_stale: Option<u64>,
     timeline: Timeline,
     error: Option<String>,
+    /// When it last moved: its start, its switchover, or its bytes left falling.
+    moved_s: Option<f64>,
+    /// Since when it has been [stalled](Orchestration::stalls), while it is.
+    stalled_since_s: Option<f64>,
 }
 
 impl Track {
+    /// Under way and not stalled: it holds one of its link's places.
+    fn holds_place(&self) -> bool {
+        self.phase.is_under_way() && self.stalled_since_s.is_none()
+    }
+
     /// The bytes it has left as the link carries them.
     fn remaining_wire_bytes(&self) -> u64 {
         (self.remaining_bytes as f64 * self.wire_ratio).round() as u64
@@ -123,6 +132,8 @@ pub struct Orchestration {
     /// under way could fill it (see [`Orchestration::link_rate`]).
     link_samples: Vec<LinkSamples>,
     policy: Policy,
+    /// Seconds without moving after which a VM under way is stalled.
+    stall_after_s: f64,
 }
 
 /// A link's rate is measured over at least this many seconds of it being full.
@@ -159,6 +170,12 @@ pub const PRESTART_LEAD_S: f64 = 0.5;
 /// reach it at once), four runs gave 1.066-1.098 × the ideal (mean 1.080) against
 /// 1.074-1.122 (mean 1.103) with one round trip, and no drops in three of them.
 pub const HANDOFF_LEAD_RTTS: f64 = 0.0;
+
+/// How long a VM under way may go without moving (its switchover, or its bytes left
+/// falling) before it is [stalled](Orchestration::stalls), seconds. Its source reports every
+/// 250 ms; a setup takes about a second with a KVM guest; a VM held behind a transfer moves
+/// at [`HOLD_SHARE`] of its link, at least [`MIN_HOLD_BPS`] (a page every 33 ms).
+pub const STALL_AFTER_S: f64 = 10.0;
 
 /// Reports closer together than this do not update a transfer's sending rate (a state
 /// change's report can follow the last periodic one within milliseconds).
@@ -210,6 +227,8 @@ impl Orchestration {
                     pages_stale: None,
                     timeline: Timeline::default(),
                     error,
+                    moved_s: None,
+                    stalled_since_s: None,
                 }
             })
             .collect();
@@ -222,6 +241,7 @@ impl Orchestration {
             opts,
             tracks,
             policy,
+            stall_after_s: STALL_AFTER_S,
         };
         o.replan(0.0)?;
         o.first = o.current.clone();
@@ -249,6 +269,111 @@ impl Orchestration {
 
     pub fn phase(&self, vm: usize) -> Phase {
         self.tracks[vm].phase
+    }
+
+    /// Since when VM `vm` has been stalled, if it is ([`Orchestration::stalls`]).
+    pub fn stalled_since(&self, vm: usize) -> Option<f64> {
+        self.tracks[vm].stalled_since_s
+    }
+
+    /// Sets how long a VM under way may go without moving before it is stalled
+    /// ([`STALL_AFTER_S`] by default); ignored unless positive and finite.
+    pub fn set_stall_after(&mut self, seconds: f64) {
+        if seconds.is_finite() && seconds > 0.0 {
+            self.stall_after_s = seconds;
+        }
+    }
+
+    /// The VMs that stalled or moved again by `now_s`, in VM order; call it before
+    /// [`Orchestration::due`].
+    ///
+    /// A VM under way that has not moved for [`STALL_AFTER_S`] (its source alive and
+    /// reporting, but its standby stopped or its own path cut: what a dead source's silence
+    /// does not show) is stalled if another VM on its link moved within the last half of
+    /// that, or if it is the only VM under way on its link. A stalled VM gives its place on its link to the VMs behind it, takes no share of
+    /// the link in [`Orchestration::rate_caps`] (where the link holds VMs, it is held
+    /// itself, so that it does not take the link back at once when it moves), and re-plans
+    /// count it lost. Moving again, it takes its place back, in the order of the starts (a
+    /// VM started in its place may be held behind it).
+    ///
+    /// When several VMs under way on a link stop together, none is stalled: that is a link
+    /// outage, which they ride out where they are (docs/recovery.md), and starting more in
+    /// their places would only start them into it. A VM alone on its link cannot be told
+    /// from an outage; its stall starts one more VM, whose setup then shows which it was.
+    pub fn stalls(&mut self, now_s: f64) -> Vec<StallChange> {
+        // Per link, the VMs under way, and the two latest moves of those not stalled:
+        // (time, vm).
+        let n = self.fleet.links.len();
+        let mut under_way = vec![0usize; n];
+        let mut latest: Vec<[Option<(f64, usize)>; 2]> = vec![[None; 2]; n];
+        for (vm, t) in self.tracks.iter().enumerate() {
+            if t.phase.is_under_way() {
+                under_way[self.fleet.vms[vm].link] += 1;
+            }
+            if !t.holds_place() {
+                continue;
+            }
+            let moved = t.moved_s.or(t.timeline.start_s).unwrap_or(now_s);
+            let top = &mut latest[self.fleet.vms[vm].link];
+            if top[0].is_none_or(|(m, _)| moved > m) {
+                top[1] = top[0];
+                top[0] = Some((moved, vm));
+            } else if top[1].is_none_or(|(m, _)| moved > m) {
+                top[1] = Some((moved, vm));
+            }
+        }
+        let alive_after = now_s - self.stall_after_s / 2.0;
+        let mut out = Vec::new();
+        for (vm, t) in self.tracks.iter_mut().enumerate() {
+            if !t.phase.is_under_way() {
+                t.stalled_since_s = None;
+                continue;
+            }
+            let li = self.fleet.vms[vm].link;
+            let moved = t.moved_s.or(t.timeline.start_s).unwrap_or(now_s);
+            match t.stalled_since_s {
+                Some(since) if moved > since => {
+                    t.stalled_since_s = None;
+                    out.push(StallChange::Moving {
+                        vm,
+                        stalled_for_s: moved - since,
+                    });
+                }
+                None if now_s - moved >= self.stall_after_s => {
+                    let others_moved = latest[li]
+                        .iter()
+                        .flatten()
+                        .find(|(_, j)| *j != vm)
+                        .is_some_and(|&(m, _)| m >= alive_after);
+                    if !others_moved && under_way[li] > 1 {
+                        continue;
+                    }
+                    t.stalled_since_s = Some(moved);
+                    // Its link was taken for full while it sat: what it delivered then is
+                    // not its rate.
+                    if let Some(samples) = self.link_samples.get_mut(li) {
+                        samples.at.clear();
+                    }
+                    out.push(StallChange::Stalled {
+                        vm,
+                        since_s: moved,
+                        remaining_bytes: t.remaining_bytes,
+                    });
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Whether the evacuation can end though not every VM is final: every VM not final is
+    /// stalled and `now_s` is past the deadline (nothing it could still save counts).
+    pub fn is_stuck_past_deadline(&self, now_s: f64) -> bool {
+        now_s > self.opts.deadline_s
+            && self
+                .tracks
+                .iter()
+                .all(|t| t.phase.is_final() || t.stalled_since_s.is_some())
     }
 
     /// Plans again from what was measured by `now_s` (and takes a sample of every link's
@@ -330,7 +455,7 @@ impl Orchestration {
         let n = self.link_samples.len();
         let (mut caps, mut carrying, mut sent) = (vec![0.0f64; n], vec![0usize; n], vec![0u64; n]);
         for (i, (t, v)) in self.tracks.iter().zip(&self.fleet.vms).enumerate() {
-            if t.phase == Phase::Transferring {
+            if t.phase == Phase::Transferring && t.stalled_since_s.is_none() {
                 caps[v.link] += self.fleet.flow_cap_bps(i);
                 // Held behind a transfer, or ending and handing its place on: not carrying
                 // the link (a hand-off would otherwise count two flows for a moment and
@@ -389,6 +514,8 @@ impl Orchestration {
             .zip(&self.fleet.vms)
             .filter_map(|(t, v)| {
                 let state = match t.phase {
+                    // Planned as lost until it moves again.
+                    _ if t.phase.is_under_way() && t.stalled_since_s.is_some() => VmState::Failed,
                     Phase::Waiting => VmState::Waiting {
                         stale_bytes: t.stale_bytes,
                     },
@@ -451,7 +578,7 @@ impl Orchestration {
                 .tracks
                 .iter()
                 .enumerate()
-                .filter(|(i, t)| self.fleet.vms[*i].link == li && t.phase.is_under_way())
+                .filter(|(i, t)| self.fleet.vms[*i].link == li && t.holds_place())
                 .filter(|(i, t)| {
                     let ending = t.phase == Phase::Transferring
                         && self.prestart_at(*i).is_some_and(|at| at <= now_s);
@@ -489,6 +616,7 @@ impl Orchestration {
         for (i, t) in self.tracks.iter().enumerate() {
             let li = self.fleet.vms[i].link;
             if t.phase != Phase::Transferring
+                || t.stalled_since_s.is_some()
                 || !waiting.get(li).copied().unwrap_or(false)
                 || !links[li].prestart
             {
@@ -530,7 +658,7 @@ impl Orchestration {
         // per link, in `plan::RunningKey`'s order, which the re-plans simulate too.
         let mut under_way: Vec<Vec<(RunningKey, usize)>> = vec![Vec::new(); self.fleet.links.len()];
         for (i, t) in self.tracks.iter().enumerate() {
-            if t.phase.is_under_way() {
+            if t.holds_place() {
                 let k = RunningKey {
                     transferring: t.phase == Phase::Transferring,
                     started_s: t.timeline.start_s.unwrap_or(now_s),
@@ -541,13 +669,18 @@ impl Orchestration {
         }
         for (li, ls) in self.current.schedule.links.iter().enumerate() {
             let in_order = ls.sharing == Sharing::InOrder;
-            let flows = &mut under_way[li];
-            if (!in_order && !ls.prestart) || flows.is_empty() {
+            if !in_order && !ls.prestart {
                 continue;
             }
-            flows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
             let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps) as f64;
             let hold = (capacity * HOLD_SHARE).max(MIN_HOLD_BPS as f64) as u64;
+            for (i, t) in self.tracks.iter().enumerate() {
+                if self.fleet.vms[i].link == li && t.phase.is_under_way() && !t.holds_place() {
+                    caps[i] = Some(hold);
+                }
+            }
+            let flows = &mut under_way[li];
+            flows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
             let mut taken = 0.0;
             for &(key, i) in flows.iter() {
                 let in_setup = !key.transferring;
@@ -570,7 +703,7 @@ impl Orchestration {
     /// link's rate. `None` unless it is transferring and has reported.
     pub fn expected_end_s(&self, vm: usize) -> Option<f64> {
         let t = &self.tracks[vm];
-        if t.phase != Phase::Transferring {
+        if t.phase != Phase::Transferring || t.stalled_since_s.is_some() {
             return None;
         }
         let heard_s = t.heard_s?;
@@ -601,7 +734,7 @@ impl Orchestration {
         let links = &self.current.schedule.links;
         let mut under_way = vec![0usize; self.fleet.links.len()];
         for (i, t) in self.tracks.iter().enumerate() {
-            if t.phase.is_under_way() {
+            if t.holds_place() {
                 under_way[self.fleet.vms[i].link] += 1;
             }
         }
@@ -637,6 +770,7 @@ impl Orchestration {
         if t.phase == Phase::Waiting {
             t.phase = Phase::Starting;
             t.timeline.start_s = Some(now_s);
+            t.moved_s = Some(now_s);
             t.remaining_bytes = t.stale_bytes;
             t.started_ratio = Some(t.wire_ratio);
         }
@@ -676,6 +810,9 @@ impl Orchestration {
         let not_before = t.heard_s.or(t.timeline.start_s).unwrap_or(now_s);
         let now_s = now_s.max(not_before);
         if let Some(r) = remaining_bytes {
+            if r < t.remaining_bytes || t.heard_s.is_none() {
+                t.moved_s = Some(now_s);
+            }
             match t.rate_from {
                 Some((at, left)) if now_s - at >= MIN_RATE_SPAN_S => {
                     let bps = left.saturating_sub(r) as f64 * 8.0 / (now_s - at);
@@ -688,10 +825,15 @@ impl Orchestration {
             t.heard_s = Some(now_s);
             t.remaining_bytes = r;
         }
+        // A source that does not count its pages left moves as long as it sends.
+        if remaining_bytes.is_none() && bytes_sent > t.bytes_sent {
+            t.moved_s = Some(now_s);
+        }
         t.bytes_sent = bytes_sent;
         if t.phase == Phase::Starting {
             t.phase = Phase::Transferring;
             t.timeline.switchover_s = Some(now_s);
+            t.moved_s = Some(now_s);
             return true;
         }
         false
@@ -708,6 +850,7 @@ impl Orchestration {
             t.timeline.switchover_s = Some(now_s);
         }
         t.phase = Phase::Done;
+        t.stalled_since_s = None;
         t.timeline.finish_s = Some(now_s);
         t.timeline.last_byte_s = last_byte;
         t.bytes_sent = bytes_sent;
@@ -725,6 +868,7 @@ impl Orchestration {
             t.timeline.finish_s = Some(now_s);
         }
         t.phase = Phase::Failed;
+        t.stalled_since_s = None;
         t.error = Some(error);
     }
 
@@ -758,6 +902,7 @@ impl Orchestration {
                     && t.timeline.finish_s.is_some_and(|f| f <= deadline_s),
                 bytes_sent: t.bytes_sent,
                 pages_stale: t.pages_stale,
+                stalled_since_s: t.stalled_since_s,
                 wire_ratio_at_start: t.started_ratio.unwrap_or(t.wire_ratio),
                 wire_ratio: t.wire_ratio,
             })
@@ -769,6 +914,7 @@ impl Orchestration {
             failed: count(Phase::Failed),
             skipped: count(Phase::Skipped),
             not_finished: vms.iter().filter(|v| !v.outcome.is_final()).count(),
+            stalled: vms.iter().filter(|v| v.stalled_since_s.is_some()).count(),
             saved_by_deadline: vms.iter().filter(|v| v.saved_by_deadline).count(),
             planned_saved: self.first.totals.saved,
             makespan_s: vms
@@ -785,6 +931,19 @@ impl Orchestration {
             totals,
         }
     }
+}
+
+/// A VM that stalled or moved again ([`Orchestration::stalls`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StallChange {
+    /// It has not moved since `since_s`, with this many bytes (as pages) left.
+    Stalled {
+        vm: usize,
+        since_s: f64,
+        remaining_bytes: u64,
+    },
+    /// It moved again after this long stalled.
+    Moving { vm: usize, stalled_for_s: f64 },
 }
 
 /// What the plan at time 0 said of a VM.
@@ -815,6 +974,9 @@ pub struct VmReport {
     pub bytes_sent: u64,
     /// Pages that crossed (its source's count, when done).
     pub pages_stale: Option<u64>,
+    /// Since when it has been stalled ([`Orchestration::stalls`]), if it still was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled_since_s: Option<f64>,
     /// The wire ratio it was started with: its source's estimate then (or the plan
     /// file's, [`crate::model::Vm::wire_ratio`]), what its plan knew.
     pub wire_ratio_at_start: f64,
@@ -830,6 +992,8 @@ pub struct ReportTotals {
     pub failed: usize,
     pub skipped: usize,
     pub not_finished: usize,
+    /// Of those not finished, the ones stalled when it ended.
+    pub stalled: usize,
     pub saved_by_deadline: usize,
     /// What the plan at time 0 promised (with its margin).
     pub planned_saved: usize,

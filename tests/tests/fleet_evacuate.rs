@@ -180,6 +180,19 @@ impl Orchestrator {
         }
     }
 
+    /// Takes events into `seen` until `done(seen)` holds.
+    fn wait_until(&self, seen: &mut Vec<Value>, what: &str, done: impl Fn(&[Value]) -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !done(seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = self
+                .events
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("waiting for {what}; events: {seen:?}"));
+            seen.push(v);
+        }
+    }
+
     /// Its exit code, its JSON report, its stderr (events included).
     /// The address `--metrics-listen` bound, from its log line (the stderr lines before it
     /// are not kept for [`Orchestrator::wait`]).
@@ -611,6 +624,101 @@ fn a_source_killed_mid_evacuation_fails_alone() {
     a.assert_evacuated();
     c.assert_evacuated();
     eprintln!("killed source case in {:?}: {}", t.elapsed(), vb["error"]);
+}
+
+/// Whether `seen` has a `kind` event about `vm`.
+fn has(seen: &[Value], kind: &str, vm: &str) -> bool {
+    seen.iter().any(|e| e["event"] == kind && e["vm"] == vm)
+}
+
+/// Sends `sig` to process `pid`.
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a child process we spawned and have not waited for.
+    let r = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(r, 0, "kill {pid}: {}", std::io::Error::last_os_error());
+}
+
+/// A source that stays alive while its standby is stopped (SIGSTOP) mid-evacuation: its
+/// events go on, its bytes left do not fall. The orchestrator reports it stalled, gives the
+/// link to the VMs behind it (which would otherwise wait, held, until the stopped standby's
+/// connection timed out), and takes it back when the standby continues: all three arrive
+/// with equal memory.
+#[test]
+fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() {
+    let t = Instant::now();
+    let certs = certs();
+    // Each evacuates 6.4 MiB of stale pages through its own 20 Mbit/s link: about 2.7 s.
+    let mut pairs = Vec::new();
+    let mut wans = Vec::new();
+    for name in ["vm-a", "vm-b", "vm-c"] {
+        let (p, wan) = Pair::start_over(
+            &certs,
+            name,
+            "32M",
+            &["--stale-pct", "20", "--encoding", "off"],
+            Some(LinkConfig::new(Duration::from_millis(2), 20_000_000)),
+        );
+        pairs.push(p);
+        wans.push(wan.unwrap());
+    }
+    let vms: Vec<(&str, &str, u16)> = pairs
+        .iter()
+        .map(|p| (p.name.as_str(), "32M", p.port))
+        .collect();
+    let plan = plan_file(&certs, "orchestrator", "20M", &vms);
+    let o = Orchestrator::start(&plan, &["--stall-timeout", "2"]);
+    // One flow fills the link: one VM transfers, the next is held behind it.
+    let mut seen = Vec::new();
+    o.wait_until(&mut seen, "a switchover", |s| {
+        s.iter().any(|e| e["event"] == "switchover")
+    });
+    let first = seen.iter().find(|e| e["event"] == "switchover").unwrap()["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let k = pairs.iter().position(|p| p.name == first).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while wans[k].counters().client_to_server.bytes < 1 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "{first}'s evacuation never got going"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    signal(pairs[k].standby.pid(), libc::SIGSTOP);
+    let stopped = Instant::now();
+    let others: Vec<String> = pairs
+        .iter()
+        .filter(|p| p.name != first)
+        .map(|p| p.name.clone())
+        .collect();
+    o.wait_until(&mut seen, "the others done", |s| {
+        others.iter().all(|n| has(s, "done", n))
+    });
+    let stalled_for = stopped.elapsed();
+    let stall = seen
+        .iter()
+        .find(|e| e["event"] == "stalled" && e["vm"] == first.as_str())
+        .unwrap_or_else(|| panic!("{first} was not reported stalled: {seen:?}"));
+    assert!(stall["remaining_bytes"].as_u64().unwrap() > 0, "{stall}");
+    assert!(!has(&seen, "done", &first), "{first} is stopped: {seen:?}");
+    // Within the stopped standby's connection's idle timeout (30 s): it comes back.
+    assert!(stalled_for < Duration::from_secs(25), "{stalled_for:?}");
+    signal(pairs[k].standby.pid(), libc::SIGCONT);
+    o.wait_until(&mut seen, "it moving again and done", |s| {
+        has(s, "moving", &first) && has(s, "done", &first)
+    });
+    let (rc, r, err) = o.wait();
+    assert_eq!(rc, Some(0), "{err}\n{r}");
+    assert_eq!(r["totals"]["done"], 3, "{r}");
+    assert_eq!(r["totals"]["stalled"], 0, "{r}");
+    for p in pairs {
+        p.assert_evacuated();
+    }
+    eprintln!(
+        "stalled case in {:?}; the others done {stalled_for:?} after the stop",
+        t.elapsed()
+    );
 }
 
 #[test]

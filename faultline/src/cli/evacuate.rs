@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use fleet::control::{EvacState, PAGE_BYTES};
-use fleet::orchestrate::{Orchestration, Phase};
+use fleet::orchestrate::{Orchestration, Phase, StallChange};
 use fleet::plan::Policy;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -42,6 +42,12 @@ pub struct EvacuateArgs {
     /// Seconds without an event from an evacuating source before it counts as failed.
     #[arg(long, default_value = "5", value_parser = parse_secs)]
     pub silence_timeout: Duration,
+    /// Seconds an evacuating VM whose source still reports may go without moving (no
+    /// switchover, no fewer bytes left) before it is reported stalled: it then gives its
+    /// link to the VMs behind it until it moves again. Past the deadline, an evacuation
+    /// left with stalled VMs only ends, reporting them not finished.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub stall_timeout: Duration,
     /// Write one JSON event line per state change to stderr, prefixed `@faultline `
     /// (the default when stderr is not a terminal; on a terminal, progress bars).
     #[arg(long)]
@@ -97,6 +103,7 @@ pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
     let timeouts = Timeouts {
         connect: a.connect_timeout,
         silence: a.silence_timeout,
+        stall: a.stall_timeout,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -190,6 +197,7 @@ async fn orchestrate(
     let mut opts = pf.options.clone();
     opts.deadline_s -= t0.duration_since(read_at).as_secs_f64();
     let mut o = Orchestration::with_policy(fleet, opts, &unreachable, policy)?;
+    o.set_stall_after(timeouts.stall.as_secs_f64());
     events.emit(json!({
         "event": "planned",
         "schedule": policy,
@@ -234,13 +242,14 @@ async fn orchestrate(
     // The rate limit each source was last told (see `Orchestration::rate_caps`).
     let mut caps_sent: Vec<Option<u64>> = vec![None; n];
     let mut replan_error: Option<String> = None;
-    while !o.is_finished() {
+    while !o.is_finished() && !o.is_stuck_past_deadline(t0.elapsed().as_secs_f64()) {
         // What the links reported meanwhile first: a VM whose link failed is marked so
         // with its own reason, not found gone when it is due.
         while let Ok(msg) = rx.try_recv() {
             handle(&mut o, msg, t0.elapsed().as_secs_f64(), events, &starts);
         }
         let now = t0.elapsed().as_secs_f64();
+        report_stalls(&mut o, now, events);
         for i in o.due(now) {
             o.started(i, now);
             let cap = o.rate_caps(now)[i];
@@ -333,6 +342,38 @@ async fn sleep_until_s(t0: Instant, at_s: Option<f64>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Reports the VMs that stalled or moved again by `now` (`Orchestration::stalls`).
+fn report_stalls(o: &mut Orchestration, now: f64, events: &Events) {
+    for change in o.stalls(now) {
+        match change {
+            StallChange::Stalled {
+                vm,
+                since_s,
+                remaining_bytes,
+            } => {
+                let name = &o.fleet().vms[vm].name;
+                tracing::warn!(
+                    vm = %name,
+                    "no progress for {:.1} s with {remaining_bytes} bytes left: stalled, \
+                     its link goes to the VMs behind it",
+                    now - since_s
+                );
+                events.emit(json!({
+                    "event": "stalled", "vm": name, "t_s": now, "since_s": since_s,
+                    "remaining_bytes": remaining_bytes,
+                }));
+            }
+            StallChange::Moving { vm, stalled_for_s } => {
+                let name = &o.fleet().vms[vm].name;
+                tracing::info!(vm = %name, "moving again after {stalled_for_s:.1} s stalled");
+                events.emit(json!({
+                    "event": "moving", "vm": name, "t_s": now, "stalled_for_s": stalled_for_s,
+                }));
+            }
+        }
     }
 }
 

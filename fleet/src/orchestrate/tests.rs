@@ -608,3 +608,178 @@ fn a_link_one_flow_carries_is_measured_as_its_rate_for_one_flow() {
     assert!((rate as f64 - 960e6).abs() < 1e6, "{rate}");
     assert_eq!(m.shared_rate_bps, None);
 }
+
+#[test]
+fn a_stalled_transfer_gives_the_link_to_the_vm_behind_it_and_takes_it_back_when_it_moves() {
+    let mut o = one_flow_fills_the_link(3);
+    let first = o.due(0.0)[0];
+    o.started(first, 0.0);
+    o.progress(first, 0.3, Some(100 * MB), 0);
+    o.progress(first, 1.0, Some(90 * MB), 10 * MB);
+    o.replan(1.0).unwrap();
+    // The next is prestarted, and held behind it.
+    let next = o.due(5.0);
+    assert_eq!(next.len(), 1, "{next:?}");
+    let next = next[0];
+    o.started(next, 5.0);
+    o.progress(next, 5.3, Some(200 * MB), 0);
+    let hold = Some((1e9 * HOLD_SHARE) as u64);
+    // Alive and reporting, but not moving (its probes still count as bytes sent), while
+    // the VM held behind it trickles: the link carries it.
+    for k in 2..=10 {
+        o.progress(first, k as f64, Some(90 * MB), 10 * MB + k);
+        o.progress(next, k as f64 + 0.5, Some(200 * MB - k * MB), 0);
+        assert!(o.stalls(k as f64).is_empty(), "moved at 1.0, now {k}");
+    }
+    assert!(o.stalls(10.9).is_empty());
+    assert_eq!(o.rate_caps(10.9)[next], hold, "held behind it");
+    assert_eq!(
+        o.stalls(11.0),
+        vec![StallChange::Stalled {
+            vm: first,
+            since_s: 1.0,
+            remaining_bytes: 90 * MB
+        }]
+    );
+    assert!(o.stalls(11.5).is_empty(), "said once");
+    assert_eq!(o.stalled_since(first), Some(1.0));
+    // The next VM takes the link: the stalled one is held, and planned as lost.
+    let caps = o.rate_caps(11.0);
+    assert_eq!((caps[first], caps[next]), (hold, None), "{caps:?}");
+    assert_eq!(o.expected_end_s(first), None);
+    assert_eq!(
+        o.link_rate(0),
+        None,
+        "what the link carried while it sat is not its rate"
+    );
+    o.replan(11.0).unwrap();
+    assert_eq!(o.plan().vms[first].status, Status::Failed);
+    assert!(o.plan().vms[next].finish_s.is_some());
+    let r = o.report();
+    assert_eq!(r.vms[first].stalled_since_s, Some(1.0));
+    assert_eq!(r.totals.stalled, 1);
+    // It moves again: it takes its place back, ahead of the VM started after it.
+    o.progress(first, 12.0, Some(80 * MB), 20 * MB);
+    assert_eq!(
+        o.stalls(12.0),
+        vec![StallChange::Moving {
+            vm: first,
+            stalled_for_s: 11.0
+        }]
+    );
+    assert_eq!(o.stalled_since(first), None);
+    let caps = o.rate_caps(12.0);
+    assert_eq!((caps[first], caps[next]), (None, hold), "{caps:?}");
+    assert!(o.expected_end_s(first).is_some());
+    o.done(first, 14.0, 100 * MB, Some(1));
+    assert_eq!(o.report().totals.stalled, 0);
+}
+
+#[test]
+fn a_stalled_vm_frees_its_place_on_a_link_that_runs_k_at_once() {
+    let mut o = in_order(
+        Orchestration::new(fleet(4), PlanOptions::new(3600.0), &[]).unwrap(),
+        2,
+    );
+    o.current.schedule.links[0].prestart = false;
+    let due = o.due(0.0);
+    assert_eq!(due.len(), 2);
+    for &i in &due {
+        o.started(i, 0.0);
+        o.progress(i, 0.5, Some(100 * MB), 0);
+    }
+    o.progress(due[1], 10.0, Some(90 * MB), 0);
+    assert!(o.due(10.4).is_empty(), "both places taken");
+    assert_eq!(o.stalls(10.5).len(), 1, "the one that last moved at 0.5");
+    let third = o.due(10.5);
+    assert_eq!(third.len(), 1, "{third:?}");
+    assert!(!due.contains(&third[0]));
+}
+
+#[test]
+fn a_setup_that_never_switches_over_stalls_and_a_source_without_a_count_moves_as_it_sends() {
+    let mut o = Orchestration::new(fleet(3), PlanOptions::new(3600.0), &[]).unwrap();
+    o.set_stall_after(2.0);
+    o.set_stall_after(-1.0); // ignored
+    o.set_stall_after(f64::NAN); // ignored
+    let due = o.due(0.0);
+    assert_eq!(due.len(), 3, "{due:?}");
+    let (a, b, c) = (due[0], due[1], due[2]);
+    for &i in &due {
+        o.started(i, 0.0);
+    }
+    // `a` never reports its switchover; `b` reports no pages left, only its bytes sent;
+    // `c` moves throughout.
+    o.progress(b, 0.5, None, 1000);
+    o.progress(b, 2.0, None, 2000);
+    o.progress(c, 2.0, Some(10 * MB), 0);
+    assert_eq!(
+        o.stalls(2.0),
+        vec![StallChange::Stalled {
+            vm: a,
+            since_s: 0.0,
+            remaining_bytes: o.fleet().vms[a].stale_bytes
+        }]
+    );
+    o.progress(b, 3.9, None, 2000);
+    o.progress(c, 3.9, Some(5 * MB), 0);
+    assert!(o.stalls(3.9).is_empty(), "sent at 2.0");
+    assert_eq!(o.stalls(4.0).len(), 1);
+    assert_eq!(o.stalled_since(b), Some(2.0));
+    // A stalled VM that fails is failed, not stalled.
+    o.failed(a, 5.0, "its source went silent".into());
+    assert_eq!(o.stalled_since(a), None);
+    assert_eq!(o.report().totals.stalled, 1);
+}
+
+#[test]
+fn an_evacuation_left_with_only_stalled_vms_ends_past_the_deadline() {
+    let mut f = fleet(2);
+    f.links[0].per_flow_window_bytes = 1 << 30;
+    let mut o = Orchestration::new(f, PlanOptions::new(30.0), &[]).unwrap();
+    let first = o.due(0.0)[0];
+    o.started(first, 0.0);
+    o.progress(first, 0.5, Some(100 * MB), 0);
+    o.replan(0.5).unwrap();
+    let second = o.due(5.0)[0];
+    o.started(second, 5.0);
+    o.progress(second, 6.0, Some(200 * MB), 0);
+    o.progress(second, 10.0, Some(190 * MB), 0);
+    assert!(!o.is_stuck_past_deadline(31.0), "not stalled");
+    assert_eq!(o.stalls(10.5).len(), 1);
+    o.done(second, 13.0, 100 * MB, Some(1));
+    assert!(!o.is_stuck_past_deadline(29.0), "it may still move");
+    assert!(o.is_stuck_past_deadline(31.0));
+    assert!(!o.is_finished());
+    let r = o.report();
+    assert_eq!((r.totals.not_finished, r.totals.stalled), (1, 1));
+}
+
+#[test]
+fn vms_that_stop_together_ride_out_an_outage_in_their_places() {
+    let mut o = one_flow_fills_the_link(3);
+    let first = o.due(0.0)[0];
+    o.started(first, 0.0);
+    o.progress(first, 0.3, Some(100 * MB), 0);
+    o.replan(0.3).unwrap();
+    let next = o.due(5.0)[0];
+    o.started(next, 5.0);
+    // The link goes down at 6: both stop within a report of each other.
+    o.progress(first, 5.8, Some(80 * MB), 0);
+    o.progress(next, 6.1, Some(199 * MB), 0);
+    for k in 7..=40 {
+        o.progress(first, k as f64, Some(80 * MB), 0);
+        o.progress(next, k as f64 + 0.1, Some(199 * MB), 0);
+        assert!(o.stalls(k as f64).is_empty(), "at {k}");
+    }
+    assert_eq!(o.report().totals.stalled, 0);
+    // Alone on its link (the other done), a VM that stops cannot be told from an outage:
+    // it stalls, and one more VM starts (its setup shows which it was)...
+    o.done(first, 41.0, 100 * MB, Some(1));
+    assert_eq!(o.stalls(50.0).len(), 1);
+    let third = o.due(50.0);
+    assert_eq!(third.len(), 1);
+    o.started(third[0], 50.0);
+    // ...but not another: with the two stopped, it is an outage.
+    assert!(o.stalls(70.0).is_empty());
+}

@@ -35,6 +35,9 @@ pub(super) struct EvacuateMetrics {
     /// it will be done, seconds from the evacuation's start (its measured finish once
     /// done; -1 if the plan has none).
     predicted_finish: Family<VmLabels, FloatGauge>,
+    /// `faultline_evacuate_vm_stalled` (gauge): 1 while it is under way and stalled (its
+    /// source reports, it does not move; `Orchestration::stalls`), else 0.
+    stalled: Family<VmLabels, Gauge>,
     /// `faultline_evacuate_vm_sent_bytes` (gauge): UDP bytes its evacuation sent so far.
     sent: Family<VmLabels, Gauge>,
     /// `faultline_evacuate_vm_saved` (gauge): 1 if done by the deadline, or (not finished
@@ -57,6 +60,7 @@ impl EvacuateMetrics {
         let phase = Family::<VmLabels, Gauge>::default();
         let predicted_finish = Family::<VmLabels, FloatGauge>::default();
         let sent = Family::<VmLabels, Gauge>::default();
+        let stalled = Family::<VmLabels, Gauge>::default();
         let saved = Family::<VmLabels, Gauge>::default();
         let link_rate = Family::<LinkLabels, Gauge>::default();
         let elapsed = FloatGauge::default();
@@ -70,6 +74,11 @@ impl EvacuateMetrics {
             "vm_predicted_finish_seconds",
             "When the latest plan says the VM will be done, from the start",
             predicted_finish.clone(),
+        );
+        r.register(
+            "vm_stalled",
+            "1 while under way and not moving though its source reports, else 0",
+            stalled.clone(),
         );
         r.register(
             "vm_sent_bytes",
@@ -105,6 +114,7 @@ impl EvacuateMetrics {
             phase,
             predicted_finish,
             sent,
+            stalled,
             saved,
             link_rate,
             elapsed,
@@ -133,6 +143,9 @@ impl EvacuateMetrics {
                 Phase::Skipped => 5,
             };
             self.phase.get_or_create(&l).set(phase);
+            self.stalled
+                .get_or_create(&l)
+                .set(i64::from(v.stalled_since_s.is_some()));
             self.sent
                 .get_or_create(&l)
                 .set(i64::try_from(v.bytes_sent).unwrap_or(i64::MAX));

@@ -47,7 +47,10 @@ impl Bars {
             } else {
                 v.bytes_sent.min(len)
             });
-            b.set_message(phase(v.outcome));
+            b.set_message(match v.stalled_since_s {
+                Some(since) => format!("STALLED since {}", fmt_secs(since)),
+                None => phase(v.outcome).into(),
+            });
         }
     }
 
@@ -80,7 +83,14 @@ pub fn failures(r: &Report) -> String {
             format!(
                 "vm {:?}: {}",
                 v.name,
-                v.error.as_deref().unwrap_or("not finished")
+                match (&v.error, v.stalled_since_s) {
+                    (Some(e), _) => e.clone(),
+                    (None, Some(since)) => format!(
+                        "not finished: stalled since {} with its source reporting",
+                        fmt_secs(since)
+                    ),
+                    (None, None) => "not finished".into(),
+                }
             )
         })
         .collect();
@@ -134,6 +144,11 @@ pub fn render(file: &str, r: &Report) -> String {
         ]);
     }
     crate::cli::plan::table(&mut s, &rows);
+    for v in r.vms.iter() {
+        if let Some(since) = v.stalled_since_s {
+            let _ = writeln!(s, "{} stalled since {}", v.name, fmt_secs(since));
+        }
+    }
     for v in r.vms.iter().filter(|v| v.error.is_some()) {
         let _ = writeln!(
             s,

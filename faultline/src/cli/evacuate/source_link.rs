@@ -43,6 +43,9 @@ pub struct Timeouts {
     pub connect: Duration,
     /// Between two events of a running evacuation (the source sends one every 250 ms).
     pub silence: Duration,
+    /// Without moving while it reports, before a VM is stalled (the orchestrator's, see
+    /// `fleet::orchestrate::Orchestration::stalls`; the link only passes the events on).
+    pub stall: Duration,
 }
 
 /// Runs one source's link until its evacuation ends, it fails, or `start` is dropped.
