@@ -198,10 +198,12 @@ struct IdleThreads(Arc<std::sync::Mutex<(Vec<libc::pid_t>, bool)>>);
 
 impl IdleThreads {
     /// Puts the calling thread at idle priority and remembers it, unless the replicator
-    /// was hurried already.
+    /// was hurried already, or this process could not put it back ([`may_leave_idle`]):
+    /// a replicator stuck at idle priority would do the evacuation's catch-up and last
+    /// round on CPU the guest leaves, while the evacuation waits for them.
     fn enter(&self) {
         let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if g.1 {
+        if g.1 || !may_leave_idle() {
             return;
         }
         // SAFETY: sched_param is plain data; pid 0 means the calling thread. Failure only
@@ -246,12 +248,53 @@ impl IdleThreads {
                 let param = libc::sched_param { sched_priority: 0 };
                 libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param)
             };
-            if r != 0 {
-                tracing::debug!(tid, error = %std::io::Error::last_os_error(),
-                    "a replicator thread stays at idle priority");
+            let e = std::io::Error::last_os_error();
+            if r != 0 && e.raw_os_error() != Some(libc::ESRCH) {
+                tracing::warn!(tid, error = %e, "a replicator thread stays at idle priority");
             }
         }
     }
+}
+
+/// Capability bit of CAP_SYS_NICE in `/proc/self/status`'s `CapEff`.
+const CAP_SYS_NICE: u32 = 23;
+
+/// Whether this process may put a thread back from `SCHED_IDLE` to normal priority:
+/// with CAP_SYS_NICE, or an RLIMIT_NICE of 20 or more (nice 0 within it; `ulimit -e`).
+/// Asked once; says why (a warning) when not.
+fn may_leave_idle() -> bool {
+    static MAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MAY.get_or_init(|| {
+        let cap = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| has_cap(&s, CAP_SYS_NICE));
+        let mut rl = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit, which `rl` is, and nothing else.
+        let r = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut rl) };
+        let nice_ok = r == 0 && (rl.rlim_cur == libc::RLIM_INFINITY || rl.rlim_cur >= 20);
+        let may = cap == Some(true) || nice_ok;
+        if !may {
+            tracing::warn!(
+                "the replicator runs at normal priority: putting it back from idle priority \
+                 for the evacuation needs CAP_SYS_NICE or an RLIMIT_NICE of 20 (ulimit -e 20)"
+            );
+        }
+        may
+    })
+}
+
+/// Whether the `CapEff` line of a `/proc/PID/status` text has capability `bit`; `None`
+/// if there is no such line or it does not parse.
+fn has_cap(status: &str, bit: u32) -> Option<bool> {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    let caps = u64::from_str_radix(hex, 16).ok()?;
+    Some(caps >> bit & 1 == 1)
 }
 
 /// Guest memory and disks the replicator reads: the regions stay mapped while it runs.
@@ -788,7 +831,21 @@ fn connect(
 
 #[cfg(test)]
 mod idle_tests {
-    use super::IdleThreads;
+    use super::{has_cap, IdleThreads, CAP_SYS_NICE};
+
+    #[test]
+    fn the_effective_capabilities_are_read_from_proc_status() {
+        let root = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(has_cap(root, CAP_SYS_NICE), Some(true));
+        let user = "CapPrm:\t0000000000800000\nCapEff:\t0000000000000000\n";
+        assert_eq!(has_cap(user, CAP_SYS_NICE), Some(false));
+        assert_eq!(
+            has_cap("CapEff:\t0000000000800000", CAP_SYS_NICE),
+            Some(true)
+        );
+        assert_eq!(has_cap("CapEff:\tzz", CAP_SYS_NICE), None);
+        assert_eq!(has_cap("Name:\tx", CAP_SYS_NICE), None);
+    }
 
     fn policy_of(tid: libc::pid_t) -> i32 {
         // SAFETY: reads the policy of a thread of this process; no memory is touched.
@@ -810,15 +867,15 @@ mod idle_tests {
             }
         });
         let tid = rx.recv().unwrap();
-        assert_eq!(policy_of(tid), libc::SCHED_IDLE);
-        idle.leave();
-        let after = policy_of(tid);
-        // SAFETY: geteuid cannot fail.
-        if after == libc::SCHED_IDLE && unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: this user may not leave SCHED_IDLE (RLIMIT_NICE)");
+        // A process that could not put it back never puts it at idle priority.
+        let entered = if super::may_leave_idle() {
+            libc::SCHED_IDLE
         } else {
-            assert_eq!(after, libc::SCHED_OTHER);
-        }
+            libc::SCHED_OTHER
+        };
+        assert_eq!(policy_of(tid), entered);
+        idle.leave();
+        assert_eq!(policy_of(tid), libc::SCHED_OTHER);
         // A thread starting after the hurry stays at normal priority.
         let late = std::thread::spawn({
             let idle = idle.clone();
