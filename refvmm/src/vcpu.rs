@@ -225,20 +225,11 @@ impl Throttle {
 /// CPU time the calling thread has used, guest mode included (KVM accounts it to the
 /// thread that ran `KVM_RUN`).
 fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the call's duration, and
-    // CLOCK_THREAD_CPUTIME_ID names the calling thread's own clock, which always exists.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(
-        ts.tv_sec.max(0) as u64,
-        ts.tv_nsec.clamp(0, 999_999_999) as u32,
-    )
+    // The calling thread's own clock always exists; were it unreadable, no time passes
+    // and the throttle idles.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or(Duration::ZERO)
 }
 
 /// The most a vCPU may be throttled, percent.

@@ -4,6 +4,7 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::relay::{Packet, MAX_DATAGRAM, RECV_BATCH, SEND_BATCH};
 
@@ -59,15 +60,13 @@ pub fn enable_rx_offloads(sock: &UdpSocket) {
     set_int_opt(sock, libc::SOL_UDP, libc::UDP_GRO, 1);
 }
 
-/// The wall clock (CLOCK_REALTIME, what SO_TIMESTAMPNS stamps with), in nanoseconds.
+/// The wall clock (CLOCK_REALTIME, what SO_TIMESTAMPNS stamps with), in nanoseconds from
+/// the epoch (negative before it).
 pub fn realtime_ns() -> i128 {
-    // SAFETY: clock_gettime writes one timespec into the value we pass.
-    let ts = unsafe {
-        let mut ts: libc::timespec = zeroed();
-        libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts);
-        ts
-    };
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    }
 }
 
 /// Asks the kernel to wake this thread's sleeps at most `ns` late (the default slack is

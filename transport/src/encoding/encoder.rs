@@ -141,10 +141,10 @@ impl PageEncoder {
         }
         let before = self.pending;
         let wall = Instant::now();
-        let cpu = cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID);
+        let cpu = cpu_ns(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID);
         let pages = self.encode(first, data, choice, true);
         let wall = wall.elapsed().as_nanos() as u64;
-        let cpu = cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(cpu);
+        let cpu = cpu_ns(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).saturating_sub(cpu);
         if cpu > 0 && cpu < wall {
             let scale = |now: &mut u64, then: u64| {
                 *now = then + ((*now - then) as u128 * cpu as u128 / wall as u128) as u64;

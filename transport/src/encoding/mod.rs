@@ -202,18 +202,15 @@ impl EncodingStats {
 /// pages pushed earlier in the session are referenced.
 pub type ReplicaIndex = std::sync::Arc<std::sync::OnceLock<std::collections::HashMap<u128, u64>>>;
 
-/// CPU time of `clock` (`CLOCK_PROCESS_CPUTIME_ID` or `CLOCK_THREAD_CPUTIME_ID`), ns; 0 if
-/// it cannot be read.
-pub(crate) fn cpu_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the one timespec it is given, which outlives the call.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        return 0;
+/// CPU time of `clock` (`ClockId::CLOCK_PROCESS_CPUTIME_ID` or
+/// `ClockId::CLOCK_THREAD_CPUTIME_ID`), ns; 0 if it cannot be read.
+pub(crate) fn cpu_ns(clock: nix::time::ClockId) -> u64 {
+    match nix::time::clock_gettime(clock) {
+        Ok(ts) => (ts.tv_sec().max(0) as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(ts.tv_nsec().max(0) as u64),
+        Err(_) => 0,
     }
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
 /// `page` as an lz4 block in `scratch` (at least lz4's bound for a page): its length, if

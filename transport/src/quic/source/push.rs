@@ -193,12 +193,12 @@ pub(super) async fn push_all(
     // The CPU clocks are system calls: read them only for a tuner that uses them.
     let tunes = lock_encoder(&encoder).tunes();
     let cpu_now = |clock| if tunes { cpu_ns(clock) } else { 0 };
-    let mut cpu_mark = cpu_now(libc::CLOCK_PROCESS_CPUTIME_ID);
+    let mut cpu_mark = cpu_now(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID);
     let mut turn = DriverTurn::new();
     loop {
-        let built = cpu_now(libc::CLOCK_THREAD_CPUTIME_ID);
+        let built = cpu_now(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID);
         next_batch(&src, &encoder, &mut batch, false)?;
-        let built = cpu_now(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(built);
+        let built = cpu_now(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).saturating_sub(built);
         if batch.is_empty() {
             break;
         }
@@ -216,7 +216,7 @@ pub(super) async fn push_all(
         // The process's CPU time since the last batch was written, besides building this
         // one: mostly the QUIC stack encrypting and sending. When it, not the link, sets
         // the pace, a wire byte costs that CPU.
-        let cpu = cpu_now(libc::CLOCK_PROCESS_CPUTIME_ID);
+        let cpu = cpu_now(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID);
         let send_cpu = cpu.saturating_sub(cpu_mark).saturating_sub(built);
         cpu_mark = cpu;
         lock_encoder(&encoder).observe_write(wire, cost, send_cpu);
