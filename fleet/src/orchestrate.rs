@@ -83,16 +83,24 @@ struct Track {
     pages_stale: Option<u64>,
     timeline: Timeline,
     error: Option<String>,
-    /// When it last moved: its start, its switchover, or its bytes left falling.
-    moved_s: Option<f64>,
-    /// Since when it has been [stalled](Orchestration::stalls), while it is.
-    stalled_since_s: Option<f64>,
+    /// What the stall watch knows of it ([`Orchestration::stalls`]).
+    watch: Watch,
 }
 
 impl Track {
     /// Under way and not stalled: it holds one of its link's places.
     fn holds_place(&self) -> bool {
-        self.phase.is_under_way() && self.stalled_since_s.is_none()
+        self.phase.is_under_way() && self.watch.stalled.is_none()
+    }
+
+    fn is_stalled(&self) -> bool {
+        self.watch.stalled.is_some()
+    }
+
+    /// When it started, or when it took its place back after a stall: the VMs under way
+    /// on a link take it in this order (see [`RunningKey`]).
+    fn queued_s(&self) -> Option<f64> {
+        self.watch.requeued_s.or(self.timeline.start_s)
     }
 
     /// The bytes it has left as the link carries them.
@@ -134,6 +142,9 @@ pub struct Orchestration {
     policy: Policy,
     /// Seconds without moving after which a VM under way is stalled.
     stall_after_s: f64,
+    /// Per link, when a VM last made progress on it: a switchover, bytes left falling, a
+    /// VM done (not a start: that says nothing of the link).
+    link_progressed_s: Vec<Option<f64>>,
 }
 
 /// A link's rate is measured over at least this many seconds of it being full.
@@ -170,12 +181,6 @@ pub const PRESTART_LEAD_S: f64 = 0.5;
 /// reach it at once), four runs gave 1.066-1.098 × the ideal (mean 1.080) against
 /// 1.074-1.122 (mean 1.103) with one round trip, and no drops in three of them.
 pub const HANDOFF_LEAD_RTTS: f64 = 0.0;
-
-/// How long a VM under way may go without moving (its switchover, or its bytes left
-/// falling) before it is [stalled](Orchestration::stalls), seconds. Its source reports every
-/// 250 ms; a setup takes about a second with a KVM guest; a VM held behind a transfer moves
-/// at [`HOLD_SHARE`] of its link, at least [`MIN_HOLD_BPS`] (a page every 33 ms).
-pub const STALL_AFTER_S: f64 = 10.0;
 
 /// Reports closer together than this do not update a transfer's sending rate (a state
 /// change's report can follow the last periodic one within milliseconds).
@@ -227,12 +232,12 @@ impl Orchestration {
                     pages_stale: None,
                     timeline: Timeline::default(),
                     error,
-                    moved_s: None,
-                    stalled_since_s: None,
+                    watch: Watch::default(),
                 }
             })
             .collect();
         let p = plan::plan_with(&fleet, &opts, policy);
+        let fleet_links = fleet.links.len();
         let mut o = Orchestration {
             first: p.clone(),
             current: p,
@@ -242,6 +247,7 @@ impl Orchestration {
             tracks,
             policy,
             stall_after_s: STALL_AFTER_S,
+            link_progressed_s: vec![None; fleet_links],
         };
         o.replan(0.0)?;
         o.first = o.current.clone();
@@ -269,111 +275,6 @@ impl Orchestration {
 
     pub fn phase(&self, vm: usize) -> Phase {
         self.tracks[vm].phase
-    }
-
-    /// Since when VM `vm` has been stalled, if it is ([`Orchestration::stalls`]).
-    pub fn stalled_since(&self, vm: usize) -> Option<f64> {
-        self.tracks[vm].stalled_since_s
-    }
-
-    /// Sets how long a VM under way may go without moving before it is stalled
-    /// ([`STALL_AFTER_S`] by default); ignored unless positive and finite.
-    pub fn set_stall_after(&mut self, seconds: f64) {
-        if seconds.is_finite() && seconds > 0.0 {
-            self.stall_after_s = seconds;
-        }
-    }
-
-    /// The VMs that stalled or moved again by `now_s`, in VM order; call it before
-    /// [`Orchestration::due`].
-    ///
-    /// A VM under way that has not moved for [`STALL_AFTER_S`] (its source alive and
-    /// reporting, but its standby stopped or its own path cut: what a dead source's silence
-    /// does not show) is stalled if another VM on its link moved within the last half of
-    /// that, or if it is the only VM under way on its link. A stalled VM gives its place on its link to the VMs behind it, takes no share of
-    /// the link in [`Orchestration::rate_caps`] (where the link holds VMs, it is held
-    /// itself, so that it does not take the link back at once when it moves), and re-plans
-    /// count it lost. Moving again, it takes its place back, in the order of the starts (a
-    /// VM started in its place may be held behind it).
-    ///
-    /// When several VMs under way on a link stop together, none is stalled: that is a link
-    /// outage, which they ride out where they are (docs/recovery.md), and starting more in
-    /// their places would only start them into it. A VM alone on its link cannot be told
-    /// from an outage; its stall starts one more VM, whose setup then shows which it was.
-    pub fn stalls(&mut self, now_s: f64) -> Vec<StallChange> {
-        // Per link, the VMs under way, and the two latest moves of those not stalled:
-        // (time, vm).
-        let n = self.fleet.links.len();
-        let mut under_way = vec![0usize; n];
-        let mut latest: Vec<[Option<(f64, usize)>; 2]> = vec![[None; 2]; n];
-        for (vm, t) in self.tracks.iter().enumerate() {
-            if t.phase.is_under_way() {
-                under_way[self.fleet.vms[vm].link] += 1;
-            }
-            if !t.holds_place() {
-                continue;
-            }
-            let moved = t.moved_s.or(t.timeline.start_s).unwrap_or(now_s);
-            let top = &mut latest[self.fleet.vms[vm].link];
-            if top[0].is_none_or(|(m, _)| moved > m) {
-                top[1] = top[0];
-                top[0] = Some((moved, vm));
-            } else if top[1].is_none_or(|(m, _)| moved > m) {
-                top[1] = Some((moved, vm));
-            }
-        }
-        let alive_after = now_s - self.stall_after_s / 2.0;
-        let mut out = Vec::new();
-        for (vm, t) in self.tracks.iter_mut().enumerate() {
-            if !t.phase.is_under_way() {
-                t.stalled_since_s = None;
-                continue;
-            }
-            let li = self.fleet.vms[vm].link;
-            let moved = t.moved_s.or(t.timeline.start_s).unwrap_or(now_s);
-            match t.stalled_since_s {
-                Some(since) if moved > since => {
-                    t.stalled_since_s = None;
-                    out.push(StallChange::Moving {
-                        vm,
-                        stalled_for_s: moved - since,
-                    });
-                }
-                None if now_s - moved >= self.stall_after_s => {
-                    let others_moved = latest[li]
-                        .iter()
-                        .flatten()
-                        .find(|(_, j)| *j != vm)
-                        .is_some_and(|&(m, _)| m >= alive_after);
-                    if !others_moved && under_way[li] > 1 {
-                        continue;
-                    }
-                    t.stalled_since_s = Some(moved);
-                    // Its link was taken for full while it sat: what it delivered then is
-                    // not its rate.
-                    if let Some(samples) = self.link_samples.get_mut(li) {
-                        samples.at.clear();
-                    }
-                    out.push(StallChange::Stalled {
-                        vm,
-                        since_s: moved,
-                        remaining_bytes: t.remaining_bytes,
-                    });
-                }
-                _ => {}
-            }
-        }
-        out
-    }
-
-    /// Whether the evacuation can end though not every VM is final: every VM not final is
-    /// stalled and `now_s` is past the deadline (nothing it could still save counts).
-    pub fn is_stuck_past_deadline(&self, now_s: f64) -> bool {
-        now_s > self.opts.deadline_s
-            && self
-                .tracks
-                .iter()
-                .all(|t| t.phase.is_final() || t.stalled_since_s.is_some())
     }
 
     /// Plans again from what was measured by `now_s` (and takes a sample of every link's
@@ -409,6 +310,8 @@ impl Orchestration {
             .tracks
             .iter()
             .zip(&self.fleet.vms)
+            // A setup that stalled measured the stall, not a setup.
+            .filter(|(t, _)| !t.watch.ever_stalled)
             .filter_map(|(t, v)| {
                 let (start, switchover) = (t.timeline.start_s?, t.timeline.switchover_s?);
                 // A switchover first heard of with the finish was not measured.
@@ -455,7 +358,7 @@ impl Orchestration {
         let n = self.link_samples.len();
         let (mut caps, mut carrying, mut sent) = (vec![0.0f64; n], vec![0usize; n], vec![0u64; n]);
         for (i, (t, v)) in self.tracks.iter().zip(&self.fleet.vms).enumerate() {
-            if t.phase == Phase::Transferring && t.stalled_since_s.is_none() {
+            if t.phase == Phase::Transferring && !t.is_stalled() {
                 caps[v.link] += self.fleet.flow_cap_bps(i);
                 // Held behind a transfer, or ending and handing its place on: not carrying
                 // the link (a hand-off would otherwise count two flows for a moment and
@@ -515,7 +418,7 @@ impl Orchestration {
             .filter_map(|(t, v)| {
                 let state = match t.phase {
                     // Planned as lost until it moves again.
-                    _ if t.phase.is_under_way() && t.stalled_since_s.is_some() => VmState::Failed,
+                    _ if t.phase.is_under_way() && t.is_stalled() => VmState::Failed,
                     Phase::Waiting => VmState::Waiting {
                         stale_bytes: t.stale_bytes,
                     },
@@ -526,7 +429,8 @@ impl Orchestration {
                     Phase::Transferring => VmState::Transferring {
                         remaining_bytes: t.remaining_bytes,
                         switchover_s: t.timeline.switchover_s.unwrap_or(now_s),
-                        started_s: t.timeline.start_s.unwrap_or(now_s),
+                        // Its place among those under way (see `rate_caps`).
+                        started_s: t.queued_s().unwrap_or(now_s),
                     },
                     Phase::Done => VmState::Done {
                         finished_s: t.timeline.finish_s.unwrap_or(now_s),
@@ -616,7 +520,7 @@ impl Orchestration {
         for (i, t) in self.tracks.iter().enumerate() {
             let li = self.fleet.vms[i].link;
             if t.phase != Phase::Transferring
-                || t.stalled_since_s.is_some()
+                || t.is_stalled()
                 || !waiting.get(li).copied().unwrap_or(false)
                 || !links[li].prestart
             {
@@ -654,31 +558,40 @@ impl Orchestration {
     /// ([`Orchestration::expected_end_s`]) no longer takes its place.
     pub fn rate_caps(&self, now_s: f64) -> Vec<Option<u64>> {
         let mut caps = vec![None; self.tracks.len()];
-        // One pass over the VMs (the orchestrator asks after every event): those under way,
+        let links = &self.current.schedule.links;
+        // Per link, the rate a VM it holds gets, if it holds VMs: one pass over the links,
+        // then one over the VMs (the orchestrator asks after every event): those under way,
         // per link, in `plan::RunningKey`'s order, which the re-plans simulate too.
+        let holds: Vec<Option<u64>> = (0..self.fleet.links.len())
+            .map(|li| {
+                let ls = links.get(li)?;
+                if ls.sharing != Sharing::InOrder && !ls.prestart {
+                    return None;
+                }
+                let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps);
+                Some((capacity as f64 * HOLD_SHARE).max(MIN_HOLD_BPS as f64) as u64)
+            })
+            .collect();
         let mut under_way: Vec<Vec<(RunningKey, usize)>> = vec![Vec::new(); self.fleet.links.len()];
         for (i, t) in self.tracks.iter().enumerate() {
-            if t.holds_place() {
+            let li = self.fleet.vms[i].link;
+            if t.phase.is_under_way() && t.is_stalled() {
+                caps[i] = holds[li];
+            } else if t.holds_place() {
                 let k = RunningKey {
                     transferring: t.phase == Phase::Transferring,
-                    started_s: t.timeline.start_s.unwrap_or(now_s),
+                    started_s: t.queued_s().unwrap_or(now_s),
                     remaining_bytes: t.remaining_wire_bytes(),
                 };
-                under_way[self.fleet.vms[i].link].push((k, i));
+                under_way[li].push((k, i));
             }
         }
-        for (li, ls) in self.current.schedule.links.iter().enumerate() {
+        for (li, ls) in links.iter().enumerate() {
             let in_order = ls.sharing == Sharing::InOrder;
-            if !in_order && !ls.prestart {
+            let Some(hold) = holds.get(li).copied().flatten() else {
                 continue;
-            }
+            };
             let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps) as f64;
-            let hold = (capacity * HOLD_SHARE).max(MIN_HOLD_BPS as f64) as u64;
-            for (i, t) in self.tracks.iter().enumerate() {
-                if self.fleet.vms[i].link == li && t.phase.is_under_way() && !t.holds_place() {
-                    caps[i] = Some(hold);
-                }
-            }
             let flows = &mut under_way[li];
             flows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
             let mut taken = 0.0;
@@ -703,7 +616,7 @@ impl Orchestration {
     /// link's rate. `None` unless it is transferring and has reported.
     pub fn expected_end_s(&self, vm: usize) -> Option<f64> {
         let t = &self.tracks[vm];
-        if t.phase != Phase::Transferring || t.stalled_since_s.is_some() {
+        if t.phase != Phase::Transferring || t.is_stalled() {
             return None;
         }
         let heard_s = t.heard_s?;
@@ -767,10 +680,10 @@ impl Orchestration {
     /// It was asked to evacuate at `now_s`.
     pub fn started(&mut self, vm: usize, now_s: f64) {
         let t = &mut self.tracks[vm];
-        if t.phase == Phase::Waiting {
+        if t.phase == Phase::Waiting && now_s.is_finite() {
             t.phase = Phase::Starting;
             t.timeline.start_s = Some(now_s);
-            t.moved_s = Some(now_s);
+            t.watch.moved(now_s);
             t.remaining_bytes = t.stale_bytes;
             t.started_ratio = Some(t.wire_ratio);
         }
@@ -801,17 +714,20 @@ impl Orchestration {
     ) -> bool {
         // A source never has more left than its VM holds; more is a fault, not a fact.
         let remaining_bytes = remaining_bytes.map(|r| r.min(self.fleet.vms[vm].total_bytes()));
+        let li = self.fleet.vms[vm].link;
         let t = &mut self.tracks[vm];
-        if !t.phase.is_under_way() {
+        if !t.phase.is_under_way() || !now_s.is_finite() {
             return false;
         }
         // A source's figures are never measured before its start nor before its last
         // report; a date that says so (a bad age) is taken as the latest it can be.
         let not_before = t.heard_s.or(t.timeline.start_s).unwrap_or(now_s);
         let now_s = now_s.max(not_before);
+        let mut progressed = false;
         if let Some(r) = remaining_bytes {
             if r < t.remaining_bytes || t.heard_s.is_none() {
-                t.moved_s = Some(now_s);
+                t.watch.moved(now_s);
+                progressed = r < t.remaining_bytes;
             }
             match t.rate_from {
                 Some((at, left)) if now_s - at >= MIN_RATE_SPAN_S => {
@@ -825,32 +741,59 @@ impl Orchestration {
             t.heard_s = Some(now_s);
             t.remaining_bytes = r;
         }
-        // A source that does not count its pages left moves as long as it sends.
-        if remaining_bytes.is_none() && bytes_sent > t.bytes_sent {
-            t.moved_s = Some(now_s);
+        // A source that does not count its pages left moves as long as it sends (more than
+        // its keep-alives and probes).
+        if t.heard_s.is_none() {
+            t.watch.sent(now_s, bytes_sent);
         }
         t.bytes_sent = bytes_sent;
-        if t.phase == Phase::Starting {
+        let switched_over = t.phase == Phase::Starting;
+        if switched_over {
             t.phase = Phase::Transferring;
             t.timeline.switchover_s = Some(now_s);
-            t.moved_s = Some(now_s);
-            return true;
+            t.watch.moved(now_s);
+            progressed = true;
         }
-        false
+        if progressed {
+            self.progressed_on(li, now_s);
+        }
+        switched_over
+    }
+
+    /// Its source reports its setup under way, `bytes_sent` so far, as measured at `now_s`
+    /// (a setup held behind a transfer sends its stale set at the held rate, and moves as
+    /// long as it does; see [`Orchestration::stalls`]).
+    pub fn setting_up(&mut self, vm: usize, now_s: f64, bytes_sent: u64) {
+        let t = &mut self.tracks[vm];
+        if t.phase == Phase::Starting && now_s.is_finite() {
+            let now_s = now_s.max(t.timeline.start_s.unwrap_or(now_s));
+            t.watch.sent(now_s, bytes_sent);
+            t.bytes_sent = bytes_sent;
+        }
+    }
+
+    /// A VM on link `li` made progress at `now_s`: the link carries.
+    fn progressed_on(&mut self, li: usize, now_s: f64) {
+        if let Some(p) = self.link_progressed_s.get_mut(li) {
+            *p = Some(p.map_or(now_s, |p: f64| p.max(now_s)));
+        }
     }
 
     /// Every stale page of it is at the standby.
     pub fn done(&mut self, vm: usize, now_s: f64, bytes_sent: u64, pages_stale: Option<u64>) {
         let last_byte = self.expected_end_s(vm).map(|e| e.min(now_s));
-        let t = &mut self.tracks[vm];
-        if t.phase.is_final() {
+        if self.tracks[vm].phase.is_final() {
             return;
         }
+        if now_s.is_finite() {
+            self.progressed_on(self.fleet.vms[vm].link, now_s);
+        }
+        let t = &mut self.tracks[vm];
         if t.timeline.switchover_s.is_none() {
             t.timeline.switchover_s = Some(now_s);
         }
         t.phase = Phase::Done;
-        t.stalled_since_s = None;
+        t.watch.stalled = None;
         t.timeline.finish_s = Some(now_s);
         t.timeline.last_byte_s = last_byte;
         t.bytes_sent = bytes_sent;
@@ -868,7 +811,7 @@ impl Orchestration {
             t.timeline.finish_s = Some(now_s);
         }
         t.phase = Phase::Failed;
-        t.stalled_since_s = None;
+        t.watch.stalled = None;
         t.error = Some(error);
     }
 
@@ -902,7 +845,7 @@ impl Orchestration {
                     && t.timeline.finish_s.is_some_and(|f| f <= deadline_s),
                 bytes_sent: t.bytes_sent,
                 pages_stale: t.pages_stale,
-                stalled_since_s: t.stalled_since_s,
+                stalled_since_s: t.watch.stalled.as_ref().map(|s| s.since_s),
                 wire_ratio_at_start: t.started_ratio.unwrap_or(t.wire_ratio),
                 wire_ratio: t.wire_ratio,
             })
@@ -931,19 +874,6 @@ impl Orchestration {
             totals,
         }
     }
-}
-
-/// A VM that stalled or moved again ([`Orchestration::stalls`]).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum StallChange {
-    /// It has not moved since `since_s`, with this many bytes (as pages) left.
-    Stalled {
-        vm: usize,
-        since_s: f64,
-        remaining_bytes: u64,
-    },
-    /// It moved again after this long stalled.
-    Moving { vm: usize, stalled_for_s: f64 },
 }
 
 /// What the plan at time 0 said of a VM.
@@ -1011,6 +941,10 @@ pub struct Report {
     pub vms: Vec<VmReport>,
     pub totals: ReportTotals,
 }
+
+mod stall;
+use stall::Watch;
+pub use stall::{StallChange, MIN_STALL_AFTER_S, MOVE_BYTES, STALL_AFTER_S};
 
 #[cfg(test)]
 mod tests;

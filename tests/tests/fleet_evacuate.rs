@@ -639,10 +639,11 @@ fn signal(pid: u32, sig: libc::c_int) {
 }
 
 /// A source that stays alive while its standby is stopped (SIGSTOP) mid-evacuation: its
-/// events go on, its bytes left do not fall. The orchestrator reports it stalled, gives the
-/// link to the VMs behind it (which would otherwise wait, held, until the stopped standby's
-/// connection timed out), and takes it back when the standby continues: all three arrive
-/// with equal memory.
+/// events go on, its bytes left do not fall (its session waits for the standby, as it would
+/// through an outage). The orchestrator reports it stalled and lets the VMs behind it start
+/// (they would otherwise wait for good: with the stall timeout at 1000 s, nothing else had
+/// started after 150 s), and it finishes when the standby continues: all three arrive with
+/// equal memory.
 #[test]
 fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() {
     let t = Instant::now();
@@ -666,7 +667,7 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
         .map(|p| (p.name.as_str(), "32M", p.port))
         .collect();
     let plan = plan_file(&certs, "orchestrator", "20M", &vms);
-    let o = Orchestrator::start(&plan, &["--stall-timeout", "2"]);
+    let o = Orchestrator::start(&plan, &["--stall-timeout", "3"]);
     // One flow fills the link: one VM transfers, the next is held behind it.
     let mut seen = Vec::new();
     o.wait_until(&mut seen, "a switchover", |s| {
@@ -702,8 +703,6 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
         .unwrap_or_else(|| panic!("{first} was not reported stalled: {seen:?}"));
     assert!(stall["remaining_bytes"].as_u64().unwrap() > 0, "{stall}");
     assert!(!has(&seen, "done", &first), "{first} is stopped: {seen:?}");
-    // Within the stopped standby's connection's idle timeout (30 s): it comes back.
-    assert!(stalled_for < Duration::from_secs(25), "{stalled_for:?}");
     signal(pairs[k].standby.pid(), libc::SIGCONT);
     o.wait_until(&mut seen, "it moving again and done", |s| {
         has(s, "moving", &first) && has(s, "done", &first)
@@ -956,6 +955,8 @@ fn control_request(
             }
         }
         conn.close(0u32.into(), b"test");
+        // Let the close leave, as the orchestrator does.
+        let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
         Ok(replies)
     })
 }
@@ -970,6 +971,7 @@ fn rate_over(wan: &WanEmulator, d: Duration) -> f64 {
 
 #[test]
 fn an_evacuation_keeps_to_its_rate_limit_until_the_orchestrator_lifts_it() {
+    // (And a hold below its own limit ends with the orchestrator's connection.)
     use fleet::control::{Reply, Request};
     let certs = certs();
     // 16 MiB of stale pages through 200 Mbit/s × 20 ms, limited to 10 Mbit/s by the
@@ -990,10 +992,13 @@ fn an_evacuation_keeps_to_its_rate_limit_until_the_orchestrator_lifts_it() {
     );
     let wan = wan.unwrap();
     let cap = 10_000_000.0;
-    // Wait for the control endpoint, then start the evacuation with no cap of the
-    // orchestrator's: the source's own holds.
+    // Wait for the control endpoint, then start the evacuation held to 2 Mbit/s by an
+    // orchestrator that hangs up at once: a hold lower than the source's own limit does not
+    // outlive the orchestrator's connection, and the source's own holds.
     let deadline = Instant::now() + TIMEOUT;
-    let evacuate = Request::Evacuate { rate_cap_bps: None };
+    let evacuate = Request::Evacuate {
+        rate_cap_bps: Some(2_000_000),
+    };
     let accepted = loop {
         match control_request(&certs, pair.port, &evacuate, true) {
             Ok(r) => break r,
@@ -1018,8 +1023,8 @@ fn an_evacuation_keeps_to_its_rate_limit_until_the_orchestrator_lifts_it() {
         limited / 1e6
     );
     assert!(
-        limited > cap * 0.3,
-        "{:.1} Mbit/s: the limited flow stalled",
+        limited > cap * 0.4,
+        "{:.1} Mbit/s: the limited flow stalled, or the gone orchestrator's hold stayed",
         limited / 1e6
     );
     // The orchestrator lifts the limit: the rest crosses at the link's pace.

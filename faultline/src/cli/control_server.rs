@@ -149,16 +149,55 @@ async fn serve(mut acceptor: Acceptor, shared: Arc<Shared>) {
         let shared = shared.clone();
         shared.streams.connections.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
+            // The evacuation's limit before this orchestrator first changed it.
+            let paced = Arc::new(Paced::default());
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let shared = shared.clone();
+                let paced = paced.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(send, recv, &shared).await {
+                    if let Err(e) = answer(send, recv, &shared, &paced).await {
                         tracing::warn!("control stream: {e:#}");
                     }
                 });
             }
+            // The orchestrator that shared the link by these limits is gone (it ended, or
+            // gave up on this VM): nobody shares it for us any more, so a limit it left
+            // lower than the evacuation's own (a VM held behind another at a twentieth of
+            // the link) must not outlive it. One it lifted or raised stays.
+            if let Some(before) = paced.before() {
+                let now = shared.limit.get();
+                let lower = match (now, before) {
+                    (Some(now), Some(own)) => now < own,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if lower {
+                    shared.limit.set(before);
+                    tracing::info!(
+                        ?before,
+                        "the orchestrator is gone: the evacuation's own rate limit is back"
+                    );
+                }
+            }
             shared.streams.ended(&shared.streams.connections);
         });
+    }
+}
+
+/// The evacuation's rate limit before one orchestrator's connection first changed it.
+#[derive(Default)]
+struct Paced(std::sync::Mutex<Option<Option<u64>>>);
+
+impl Paced {
+    /// Keeps `limit` as it is now, unless a limit was kept already.
+    fn remember(&self, limit: &RateLimit) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.get_or_insert(limit.get());
+    }
+
+    /// The limit kept, if the connection changed it.
+    fn before(&self) -> Option<Option<u64>> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -167,6 +206,7 @@ async fn answer(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     shared: &Shared,
+    paced: &Paced,
 ) -> anyhow::Result<()> {
     let Shared {
         status,
@@ -186,6 +226,7 @@ async fn answer(
             Ok(())
         }
         Some(Request::SetRate { rate_cap_bps }) => {
+            paced.remember(limit);
             limit.set(rate_cap_bps);
             tracing::debug!(?rate_cap_bps, "evacuation rate limit set");
             write_msg(
@@ -200,6 +241,7 @@ async fn answer(
         }
         Some(Request::Evacuate { rate_cap_bps }) => {
             if rate_cap_bps.is_some() {
+                paced.remember(limit);
                 limit.set(rate_cap_bps);
             }
             evacuate();

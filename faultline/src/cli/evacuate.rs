@@ -42,11 +42,13 @@ pub struct EvacuateArgs {
     /// Seconds without an event from an evacuating source before it counts as failed.
     #[arg(long, default_value = "5", value_parser = parse_secs)]
     pub silence_timeout: Duration,
-    /// Seconds an evacuating VM whose source still reports may go without moving (no
-    /// switchover, no fewer bytes left) before it is reported stalled: it then gives its
-    /// link to the VMs behind it until it moves again. Past the deadline, an evacuation
-    /// left with stalled VMs only ends, reporting them not finished.
-    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    /// Seconds (at least 3) an evacuating VM whose source still reports may go without
+    /// moving (no switchover, no fewer bytes left) before it is reported stalled: it then
+    /// gives its place on its link to the VMs behind it until it moves again (VMs that
+    /// stop together are taken for a link outage and left in place). Past the deadline,
+    /// once nothing under way has moved for this long, the evacuation ends, reporting what
+    /// did not finish.
+    #[arg(long, default_value = "10", value_parser = parse_stall_secs)]
     pub stall_timeout: Duration,
     /// Write one JSON event line per state change to stderr, prefixed `@faultline `
     /// (the default when stderr is not a terminal; on a terminal, progress bars).
@@ -189,6 +191,7 @@ async fn orchestrate(
         unreachable,
         starts,
         mut rx,
+        endpoints,
         ..
     } = hearing;
     let n = fleet.vms.len();
@@ -242,7 +245,7 @@ async fn orchestrate(
     // The rate limit each source was last told (see `Orchestration::rate_caps`).
     let mut caps_sent: Vec<Option<u64>> = vec![None; n];
     let mut replan_error: Option<String> = None;
-    while !o.is_finished() && !o.is_stuck_past_deadline(t0.elapsed().as_secs_f64()) {
+    loop {
         // What the links reported meanwhile first: a VM whose link failed is marked so
         // with its own reason, not found gone when it is due.
         while let Ok(msg) = rx.try_recv() {
@@ -250,6 +253,13 @@ async fn orchestrate(
         }
         let now = t0.elapsed().as_secs_f64();
         report_stalls(&mut o, now, events);
+        if o.is_finished() {
+            break;
+        }
+        if o.is_stuck_past_deadline(now) {
+            tracing::warn!("past the deadline, nothing under way has moved: ending");
+            break;
+        }
         for i in o.due(now) {
             o.started(i, now);
             let cap = o.rate_caps(now)[i];
@@ -320,6 +330,12 @@ async fn orchestrate(
     }
     let r = o.report();
     events.emit(json!({"event": "finished", "totals": r.totals}));
+    // Links still open (VMs stalled or not finished when it ended) are closed, and their
+    // closes let out, so that their sources hear of it now.
+    for e in &endpoints {
+        e.close(0u32.into(), b"the orchestrator ended");
+    }
+    hearing::let_closes_leave(endpoints).await;
     Ok((r, o.first_plan().clone()))
 }
 
@@ -331,6 +347,19 @@ pub(super) fn parse_secs(s: &str) -> Result<Duration, String> {
         .filter(|v| *v > 0.0 && *v <= 86_400.0)
         .map(Duration::from_secs_f64)
         .ok_or_else(|| format!("{s:?} is not a number of seconds between 0 and 86400"))
+}
+
+/// A stall timeout: [`parse_secs`], at least `fleet::orchestrate::MIN_STALL_AFTER_S`.
+fn parse_stall_secs(s: &str) -> Result<Duration, String> {
+    let d = parse_secs(s)?;
+    if d.as_secs_f64() < fleet::orchestrate::MIN_STALL_AFTER_S {
+        return Err(format!(
+            "{s:?} is shorter than {} s: progress is reported every 250 ms and dated up to 1 s \
+             back, so VMs that move would be found stalled",
+            fleet::orchestrate::MIN_STALL_AFTER_S
+        ));
+    }
+    Ok(d)
 }
 
 /// Sleeps until `at_s` seconds after `t0` (at once if that has passed); forever for `None`
@@ -448,7 +477,9 @@ fn handle(
         LinkReport::Event(i, s) => {
             let name = o.fleet().vms[i].name.clone();
             match s.evacuation {
-                EvacState::Idle | EvacState::Starting => {}
+                EvacState::Idle => {}
+                // A setup held behind a transfer sends its stale set at the held rate.
+                EvacState::Starting => o.setting_up(i, now - s.progress_age_s(), s.bytes_sent),
                 EvacState::Transferring => {
                     // Pages, in bytes (the wire ratio makes them the link's bytes).
                     let remaining = s.pages_remaining.map(|p| p.saturating_mul(PAGE_BYTES));
@@ -567,5 +598,9 @@ mod tests {
             let e = parse_secs(bad).unwrap_err();
             assert!(e.contains("between 0 and 86400"), "{bad}: {e}");
         }
+        assert_eq!(parse_stall_secs("3"), Ok(Duration::from_secs(3)));
+        let e = parse_stall_secs("2.5").unwrap_err();
+        assert!(e.contains("shorter than 3 s"), "{e}");
+        assert!(parse_stall_secs("0").is_err());
     }
 }

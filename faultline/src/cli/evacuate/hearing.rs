@@ -210,18 +210,7 @@ pub fn live_plan(
         for t in tasks {
             let _ = t.await;
         }
-        // All together, at most CLOSE_TIMEOUT: an endpoint whose handshake never finished
-        // has nothing to say and only idles out.
-        let closes: Vec<_> = endpoints
-            .into_iter()
-            .map(|e| tokio::spawn(async move { e.wait_idle().await }))
-            .collect();
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            for c in closes {
-                let _ = c.await;
-            }
-        })
-        .await;
+        let_closes_leave(endpoints).await;
     });
     hearing.check_any_answered()?;
     let answered = hearing.first.iter().flatten().count();
@@ -245,6 +234,23 @@ pub fn live_plan(
 
 /// How long a live plan waits for its control connections' closes to leave.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Waits, all together and at most [`CLOSE_TIMEOUT`], for the closes of `endpoints`'
+/// connections to leave, so that each source learns at once that the orchestrator is gone
+/// (and lifts a hold it left) rather than when the connection idles out. An endpoint whose
+/// handshake never finished has nothing to say and only idles out.
+pub(super) async fn let_closes_leave(endpoints: Vec<quinn::Endpoint>) {
+    let closes: Vec<_> = endpoints
+        .into_iter()
+        .map(|e| tokio::spawn(async move { e.wait_idle().await }))
+        .collect();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        for c in closes {
+            let _ = c.await;
+        }
+    })
+    .await;
+}
 
 /// How many commands may wait for a source's task (a start and a few rate changes).
 const COMMANDS_QUEUED: usize = 8;

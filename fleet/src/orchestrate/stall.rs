@@ -1,0 +1,223 @@
+//! Stalls: a VM under way whose source reports while it does not move (its standby
+//! stopped or crashed, or its own path cut). Its source does not fail it: a session rides
+//! out a lost connection for as long as it takes (docs/recovery.md), so without this one
+//! dead standby would hold every VM behind it on its link for good.
+
+use super::{Orchestration, Phase};
+
+/// How long a VM under way may go without moving before it is
+/// [stalled](Orchestration::stalls), seconds. Its source reports every 250 ms; a setup takes
+/// about a second with a KVM guest; a VM held behind a transfer moves at
+/// [`super::HOLD_SHARE`] of its link, at least [`super::MIN_HOLD_BPS`] (a page every 33 ms).
+pub const STALL_AFTER_S: f64 = 10.0;
+
+/// The least [`Orchestration::set_stall_after`] takes, seconds: moves are dated up to a
+/// second back, and reported every 250 ms, so a shorter wait would find VMs that move
+/// stalled.
+pub const MIN_STALL_AFTER_S: f64 = 3.0;
+
+/// How recently another VM must have made progress on a link for a VM that stopped there
+/// to be stalled rather than caught in an outage: half the stall timeout, at least this,
+/// seconds.
+const MIN_ALIVE_WINDOW_S: f64 = 2.0;
+
+/// Bytes sent that count as a move where no fall in the bytes left can (a setup, or a
+/// source that does not count its pages left), and the fall in the bytes left (or rise in
+/// bytes sent) that ends a stall: more than a stopped peer's keep-alives and probes send in
+/// a stall timeout; at a held rate of 1 Mbit/s, one second.
+pub const MOVE_BYTES: u64 = 128 * 1024;
+
+/// What the stall watch knows of one VM.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Watch {
+    /// When it last moved: its start, its switchover, its bytes left falling, or
+    /// [`MOVE_BYTES`] more sent where those say nothing.
+    moved_s: Option<f64>,
+    /// Its bytes sent at the last move counted on them.
+    sent_mark: u64,
+    /// While it is stalled.
+    pub(super) stalled: Option<Stalled>,
+    /// It stalled once (its setup, if it stalled in it, measured the stall).
+    pub(super) ever_stalled: bool,
+    /// When it took its place back after a stall: it runs behind the VMs started meanwhile.
+    pub(super) requeued_s: Option<f64>,
+}
+
+/// A stall as it was found.
+#[derive(Clone, Debug)]
+pub(super) struct Stalled {
+    /// When it last moved.
+    pub(super) since_s: f64,
+    /// When it was found stalled.
+    found_s: f64,
+    /// Its bytes left, its bytes sent and whether it was past its switchover, then.
+    remaining_bytes: u64,
+    bytes_sent: u64,
+    transferring: bool,
+}
+
+impl Watch {
+    pub(super) fn moved(&mut self, now_s: f64) {
+        self.moved_s = Some(self.moved_s.map_or(now_s, |m| m.max(now_s)));
+    }
+
+    /// Its source sent `bytes_sent` by `now_s`: a move if [`MOVE_BYTES`] more than at the
+    /// last one counted.
+    pub(super) fn sent(&mut self, now_s: f64, bytes_sent: u64) {
+        if bytes_sent >= self.sent_mark.saturating_add(MOVE_BYTES) {
+            self.sent_mark = bytes_sent;
+            self.moved(now_s);
+        }
+    }
+}
+
+/// A VM that stalled or moved again ([`Orchestration::stalls`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StallChange {
+    /// It has not moved since `since_s`, with this many bytes (as pages) left.
+    Stalled {
+        vm: usize,
+        since_s: f64,
+        remaining_bytes: u64,
+    },
+    /// It moved again, this long after it last had.
+    Moving { vm: usize, stalled_for_s: f64 },
+}
+
+impl Orchestration {
+    /// Since when VM `vm` has been stalled, if it is ([`Orchestration::stalls`]).
+    pub fn stalled_since(&self, vm: usize) -> Option<f64> {
+        self.tracks[vm].watch.stalled.as_ref().map(|s| s.since_s)
+    }
+
+    /// Sets how long a VM under way may go without moving before it is stalled
+    /// ([`STALL_AFTER_S`] by default; at least [`MIN_STALL_AFTER_S`]); a value that is not
+    /// a finite number of seconds is ignored.
+    pub fn set_stall_after(&mut self, seconds: f64) {
+        if seconds.is_finite() {
+            self.stall_after_s = seconds.max(MIN_STALL_AFTER_S);
+        }
+    }
+
+    /// The VMs that stalled or moved again by `now_s`, in VM order; call it before
+    /// [`Orchestration::due`].
+    ///
+    /// A VM under way moves at its start and its switchover, when its bytes left fall,
+    /// and when it sent [`MOVE_BYTES`] more where those say nothing (in its setup, or from a
+    /// source that does not count its pages). One that has not moved for the stall timeout
+    /// ([`STALL_AFTER_S`]) is stalled if
+    ///
+    /// * another VM made progress on its link (a switchover, bytes left falling, a VM done)
+    ///   within the last half of the timeout (at least 2 s): the link carries, so its own
+    ///   standby or path is stuck; or
+    /// * no other VM holds a place on its link, and none stalled there without the link
+    ///   having made progress since: it cannot be told from an outage, so its stall lets
+    ///   one more VM start, whose progress then shows which it was.
+    ///
+    /// VMs that stop together are a link outage: they ride it out where they are
+    /// (docs/recovery.md), and starting more in their places would start them into it.
+    ///
+    /// A stalled VM gives its place on its link to the VMs behind it, takes none of the
+    /// link's rate in [`Orchestration::rate_caps`] (held, where its link holds VMs, until
+    /// it moves again), and re-plans count it lost; a transfer's stall also restarts its
+    /// link's measured rate (what the link carried while it sat is not its rate). It moves
+    /// again when it switches over, or its bytes left fall (or, without them, its bytes sent
+    /// rise) by [`MOVE_BYTES`] since it stalled: it then takes a place again behind the VMs
+    /// under way.
+    pub fn stalls(&mut self, now_s: f64) -> Vec<StallChange> {
+        if !now_s.is_finite() {
+            return Vec::new();
+        }
+        // Per link, the VMs holding a place and those stalled without the link having
+        // made progress since.
+        let n = self.fleet.links.len();
+        let (mut holding, mut unresolved) = (vec![0usize; n], vec![0usize; n]);
+        for (vm, t) in self.tracks.iter().enumerate() {
+            let li = self.fleet.vms[vm].link;
+            if t.holds_place() {
+                holding[li] += 1;
+            }
+            if let Some(st) = &t.watch.stalled {
+                if !self.link_progressed_s[li].is_some_and(|p| p > st.found_s) {
+                    unresolved[li] += 1;
+                }
+            }
+        }
+        let window = (self.stall_after_s / 2.0).max(MIN_ALIVE_WINDOW_S);
+        let mut out = Vec::new();
+        for (vm, t) in self.tracks.iter_mut().enumerate() {
+            if !t.phase.is_under_way() {
+                t.watch.stalled = None;
+                continue;
+            }
+            let li = self.fleet.vms[vm].link;
+            if let Some(st) = &t.watch.stalled {
+                let moving = (!st.transferring && t.phase == Phase::Transferring)
+                    || t.remaining_bytes.saturating_add(MOVE_BYTES) <= st.remaining_bytes
+                    || (t.heard_s.is_none()
+                        && t.bytes_sent >= st.bytes_sent.saturating_add(MOVE_BYTES));
+                if moving {
+                    out.push(StallChange::Moving {
+                        vm,
+                        stalled_for_s: now_s - st.since_s,
+                    });
+                    t.watch.stalled = None;
+                    t.watch.requeued_s = Some(now_s);
+                    t.watch.moved(now_s);
+                }
+                continue;
+            }
+            let moved = t.watch.moved_s.or(t.timeline.start_s).unwrap_or(now_s);
+            if now_s - moved < self.stall_after_s {
+                continue;
+            }
+            let carries = self.link_progressed_s[li].is_some_and(|p| p >= now_s - window);
+            let alone = holding[li] <= 1 && unresolved[li] == 0;
+            if !carries && !alone {
+                continue;
+            }
+            let transferring = t.phase == Phase::Transferring;
+            t.watch.stalled = Some(Stalled {
+                since_s: moved,
+                found_s: now_s,
+                remaining_bytes: t.remaining_bytes,
+                bytes_sent: t.bytes_sent,
+                transferring,
+            });
+            t.watch.ever_stalled = true;
+            holding[li] = holding[li].saturating_sub(1);
+            if !carries {
+                unresolved[li] += 1;
+            }
+            if transferring {
+                if let Some(samples) = self.link_samples.get_mut(li) {
+                    samples.at.clear();
+                }
+            }
+            out.push(StallChange::Stalled {
+                vm,
+                since_s: moved,
+                remaining_bytes: t.remaining_bytes,
+            });
+        }
+        out
+    }
+
+    /// Whether the evacuation may end though not every VM is final: `now_s` is past the
+    /// deadline, and no VM under way has moved for the stall timeout (they are stalled, or
+    /// stopped together on a link whose outage, or whose standbys, outlast the power).
+    pub fn is_stuck_past_deadline(&self, now_s: f64) -> bool {
+        if now_s.is_nan() || now_s <= self.opts.deadline_s || self.is_finished() {
+            return false;
+        }
+        let mut any = false;
+        for t in self.tracks.iter().filter(|t| t.phase.is_under_way()) {
+            let moved = t.watch.moved_s.or(t.timeline.start_s).unwrap_or(now_s);
+            if now_s - moved < self.stall_after_s {
+                return false;
+            }
+            any = true;
+        }
+        any
+    }
+}
