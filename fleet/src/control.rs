@@ -37,6 +37,13 @@ pub const MAX_FRAME: usize = 64 * 1024;
 /// the orchestrator takes a longer silence as a dead source.
 pub const EVENT_INTERVAL_MS: u64 = 250;
 
+/// The QUIC application close code with which an orchestrator hangs up on a source it gave
+/// up on (it counts the VM failed: silent, or its stream broken). The source then keeps the
+/// rate limit it was left: the VMs planned in its place have the link. On any other end of
+/// the orchestrator's connection (code 0, or none: it crashed) a source puts back its own
+/// limit if the orchestrator left it lower, since nobody shares the link for it any more.
+pub const CLOSE_GAVE_UP: u32 = 2;
+
 /// What the orchestrator asks.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -311,7 +311,7 @@ impl Orchestration {
             .iter()
             .zip(&self.fleet.vms)
             // A setup that stalled measured the stall, not a setup.
-            .filter(|(t, _)| !t.watch.ever_stalled)
+            .filter(|(t, _)| !t.watch.stalled_in_setup)
             .filter_map(|(t, v)| {
                 let (start, switchover) = (t.timeline.start_s?, t.timeline.switchover_s?);
                 // A switchover first heard of with the finish was not measured.
@@ -715,6 +715,7 @@ impl Orchestration {
         // A source never has more left than its VM holds; more is a fault, not a fact.
         let remaining_bytes = remaining_bytes.map(|r| r.min(self.fleet.vms[vm].total_bytes()));
         let li = self.fleet.vms[vm].link;
+        let window = self.sent_window_s();
         let t = &mut self.tracks[vm];
         if !t.phase.is_under_way() || !now_s.is_finite() {
             return false;
@@ -741,10 +742,11 @@ impl Orchestration {
             t.heard_s = Some(now_s);
             t.remaining_bytes = r;
         }
-        // A source that does not count its pages left moves as long as it sends (more than
-        // its keep-alives and probes).
-        if t.heard_s.is_none() {
-            t.watch.sent(now_s, bytes_sent);
+        // A source that does not count its pages left, or has less than a move's worth left
+        // (its last bytes, the demand faults of its tail, what it sends again after a
+        // resume), moves as long as it sends more than its keep-alives and probes.
+        if t.heard_s.is_none() || t.remaining_bytes < MOVE_BYTES {
+            progressed |= t.watch.sent(now_s, bytes_sent, window);
         }
         t.bytes_sent = bytes_sent;
         let switched_over = t.phase == Phase::Starting;
@@ -764,11 +766,16 @@ impl Orchestration {
     /// (a setup held behind a transfer sends its stale set at the held rate, and moves as
     /// long as it does; see [`Orchestration::stalls`]).
     pub fn setting_up(&mut self, vm: usize, now_s: f64, bytes_sent: u64) {
+        let window = self.sent_window_s();
         let t = &mut self.tracks[vm];
         if t.phase == Phase::Starting && now_s.is_finite() {
             let now_s = now_s.max(t.timeline.start_s.unwrap_or(now_s));
-            t.watch.sent(now_s, bytes_sent);
+            let moved = t.watch.sent(now_s, bytes_sent, window);
             t.bytes_sent = bytes_sent;
+            // Sent on and on, so acknowledged: the link carries.
+            if moved {
+                self.progressed_on(self.fleet.vms[vm].link, now_s);
+            }
         }
     }
 

@@ -324,7 +324,9 @@ pub enum VmState {
     /// if the guest is paused already (`--stale-pct` pauses it first); otherwise the guest
     /// runs until the switchover and the model grows it at its dirty rate until then.
     Setup { started_s: f64, stale_bytes: u64 },
-    /// Started at `started_s`, moving its stale bytes since its switchover at
+    /// Started at `started_s` (its place among the transfers on its link: a transfer that
+    /// stalled and moved again gives when it did, `orchestrate::Orchestration::stalls`),
+    /// moving its stale bytes since its switchover at
     /// `switchover_s`; this many are left (stale bytes, as pages: the wire ratio makes them
     /// the bytes that cross).
     Transferring {

@@ -702,6 +702,9 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
         .find(|e| e["event"] == "stalled" && e["vm"] == first.as_str())
         .unwrap_or_else(|| panic!("{first} was not reported stalled: {seen:?}"));
     assert!(stall["remaining_bytes"].as_u64().unwrap() > 0, "{stall}");
+    // Found within a few turns of the orchestrator's loop after the timeout (3 s).
+    let found_after = secs(&stall["t_s"]) - secs(&stall["since_s"]);
+    assert!((3.0..6.0).contains(&found_after), "{stall}");
     assert!(!has(&seen, "done", &first), "{first} is stopped: {seen:?}");
     signal(pairs[k].standby.pid(), libc::SIGCONT);
     o.wait_until(&mut seen, "it moving again and done", |s| {

@@ -83,6 +83,7 @@ impl ControlServer {
         let shared = Arc::new(Shared {
             status: status.clone(),
             streams: streams.clone(),
+            own_limit: limit.get(),
             limit,
             evacuate,
         });
@@ -141,6 +142,8 @@ struct Shared {
     status: Arc<watch::Sender<Status>>,
     streams: Arc<Streams>,
     limit: RateLimit,
+    /// The evacuation's own limit (`--evacuate-max-rate`), as the server started.
+    own_limit: Option<u64>,
     evacuate: fn(),
 }
 
@@ -149,54 +152,68 @@ async fn serve(mut acceptor: Acceptor, shared: Arc<Shared>) {
         let shared = shared.clone();
         shared.streams.connections.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
-            // The evacuation's limit before this orchestrator first changed it.
+            // The last limit this orchestrator set.
             let paced = Arc::new(Paced::default());
-            while let Ok((send, recv)) = conn.accept_bi().await {
-                let shared = shared.clone();
-                let paced = paced.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = answer(send, recv, &shared, &paced).await {
-                        tracing::warn!("control stream: {e:#}");
+            let end = loop {
+                match conn.accept_bi().await {
+                    Ok((send, recv)) => {
+                        let shared = shared.clone();
+                        let paced = paced.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = answer(send, recv, &shared, &paced).await {
+                                tracing::warn!("control stream: {e:#}");
+                            }
+                        });
                     }
-                });
-            }
-            // The orchestrator that shared the link by these limits is gone (it ended, or
-            // gave up on this VM): nobody shares it for us any more, so a limit it left
-            // lower than the evacuation's own (a VM held behind another at a twentieth of
-            // the link) must not outlive it. One it lifted or raised stays.
-            if let Some(before) = paced.before() {
-                let now = shared.limit.get();
-                let lower = match (now, before) {
-                    (Some(now), Some(own)) => now < own,
-                    (Some(_), None) => true,
-                    (None, _) => false,
-                };
-                if lower {
-                    shared.limit.set(before);
-                    tracing::info!(
-                        ?before,
-                        "the orchestrator is gone: the evacuation's own rate limit is back"
-                    );
+                    Err(e) => break e,
                 }
+            };
+            let gave_up = matches!(&end, quinn::ConnectionError::ApplicationClosed(c)
+                if c.error_code == fleet::control::CLOSE_GAVE_UP.into());
+            // The orchestrator that shared the link by these limits is gone (it ended, or
+            // crashed): nobody shares it for us any more, so a limit it left lower than the
+            // evacuation's own (a VM held behind another at a twentieth of the link) must
+            // not outlive it. One it lifted or raised stays; so does one it left on a VM it
+            // gave up on (the VMs planned in its place have the link), and one that another
+            // connection has set since.
+            let own = shared.own_limit;
+            if !gave_up && restores(paced.last(), shared.limit.get(), own) {
+                shared.limit.set(own);
+                tracing::info!(
+                    ?own,
+                    "the orchestrator is gone: the evacuation's own rate limit is back"
+                );
             }
             shared.streams.ended(&shared.streams.connections);
         });
     }
 }
 
-/// The evacuation's rate limit before one orchestrator's connection first changed it.
+/// Whether an orchestrator's connection that ended, having last set the limit to `last`
+/// (`None`: it set none), leaves a limit to take back: the one in force (`now`) is still
+/// its, and lower than the evacuation's own (`own`; `None`: no limit).
+fn restores(last: Option<Option<u64>>, now: Option<u64>, own: Option<u64>) -> bool {
+    let Some(last) = last else {
+        return false;
+    };
+    let lower = match (last, own) {
+        (Some(last), Some(own)) => last < own,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    lower && now == last
+}
+
+/// The last rate limit one orchestrator's connection set, if it set one.
 #[derive(Default)]
 struct Paced(std::sync::Mutex<Option<Option<u64>>>);
 
 impl Paced {
-    /// Keeps `limit` as it is now, unless a limit was kept already.
-    fn remember(&self, limit: &RateLimit) {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        g.get_or_insert(limit.get());
+    fn set(&self, limit: Option<u64>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(limit);
     }
 
-    /// The limit kept, if the connection changed it.
-    fn before(&self) -> Option<Option<u64>> {
+    fn last(&self) -> Option<Option<u64>> {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -213,6 +230,7 @@ async fn answer(
         streams,
         limit,
         evacuate,
+        ..
     } = shared;
     let req = tokio::time::timeout(REQUEST_TIMEOUT, read_msg::<Request>(&mut recv))
         .await
@@ -226,8 +244,8 @@ async fn answer(
             Ok(())
         }
         Some(Request::SetRate { rate_cap_bps }) => {
-            paced.remember(limit);
             limit.set(rate_cap_bps);
+            paced.set(rate_cap_bps);
             tracing::debug!(?rate_cap_bps, "evacuation rate limit set");
             write_msg(
                 &mut send,
@@ -241,8 +259,8 @@ async fn answer(
         }
         Some(Request::Evacuate { rate_cap_bps }) => {
             if rate_cap_bps.is_some() {
-                paced.remember(limit);
                 limit.set(rate_cap_bps);
+                paced.set(rate_cap_bps);
             }
             evacuate();
             streams.open.fetch_add(1, Ordering::AcqRel);
@@ -297,5 +315,24 @@ async fn events(
                 _ = tokio::time::sleep_until(next) => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::restores;
+
+    #[test]
+    fn a_gone_orchestrators_hold_is_taken_back_only_while_it_is_its_own_and_lower() {
+        // Held to 5 Mbit/s, with no limit of its own or one of 10 Mbit/s: taken back.
+        assert!(restores(Some(Some(5)), Some(5), None));
+        assert!(restores(Some(Some(5)), Some(5), Some(10)));
+        // Set nothing, lifted, or raised: nothing to take back.
+        assert!(!restores(None, Some(5), Some(10)));
+        assert!(!restores(Some(None), None, Some(10)));
+        assert!(!restores(Some(Some(20)), Some(20), Some(10)));
+        // Another connection set the limit since: its, not this one's.
+        assert!(!restores(Some(Some(5)), Some(3), Some(10)));
+        assert!(!restores(Some(Some(5)), None, Some(10)));
     }
 }

@@ -43,7 +43,8 @@ pub struct EvacuateArgs {
     #[arg(long, default_value = "5", value_parser = parse_secs)]
     pub silence_timeout: Duration,
     /// Seconds (at least 3) an evacuating VM whose source still reports may go without
-    /// moving (no switchover, no fewer bytes left) before it is reported stalled: it then
+    /// moving (no switchover, no fewer bytes left, or, where those say nothing, less than
+    /// 128 KiB sent) before it is reported stalled: it then
     /// gives its place on its link to the VMs behind it until it moves again (VMs that
     /// stop together are taken for a link outage and left in place). Past the deadline,
     /// once nothing under way has moved for this long, the evacuation ends, reporting what

@@ -21,10 +21,10 @@ pub const MIN_STALL_AFTER_S: f64 = 3.0;
 /// seconds.
 const MIN_ALIVE_WINDOW_S: f64 = 2.0;
 
-/// Bytes sent that count as a move where no fall in the bytes left can (a setup, or a
-/// source that does not count its pages left), and the fall in the bytes left (or rise in
-/// bytes sent) that ends a stall: more than a stopped peer's keep-alives and probes send in
-/// a stall timeout; at a held rate of 1 Mbit/s, one second.
+/// Bytes sent within a stall timeout that count as a move where no fall in the bytes left
+/// can (a setup, a source that does not count its pages left, a transfer's last bytes),
+/// and the fall in the bytes left that ends a stall: more than a stopped peer's keep-alives
+/// and probes send in that time; at a held rate of 1 Mbit/s, one second.
 pub const MOVE_BYTES: u64 = 128 * 1024;
 
 /// What the stall watch knows of one VM.
@@ -33,13 +33,16 @@ pub(super) struct Watch {
     /// When it last moved: its start, its switchover, its bytes left falling, or
     /// [`MOVE_BYTES`] more sent where those say nothing.
     moved_s: Option<f64>,
-    /// Its bytes sent at the last move counted on them.
-    sent_mark: u64,
+    /// Its bytes sent when counting them last began: (time, bytes).
+    sent_mark: Option<(f64, u64)>,
+    /// When its bytes sent last counted as a move.
+    sent_moved_s: Option<f64>,
     /// While it is stalled.
     pub(super) stalled: Option<Stalled>,
-    /// It stalled once (its setup, if it stalled in it, measured the stall).
-    pub(super) ever_stalled: bool,
-    /// When it took its place back after a stall: it runs behind the VMs started meanwhile.
+    /// It stalled in its setup (which then measured the stall, not a setup).
+    pub(super) stalled_in_setup: bool,
+    /// When it took its place back after a stall of its own: it runs behind the transfers
+    /// started meanwhile.
     pub(super) requeued_s: Option<f64>,
 }
 
@@ -50,10 +53,11 @@ pub(super) struct Stalled {
     pub(super) since_s: f64,
     /// When it was found stalled.
     found_s: f64,
-    /// Its bytes left, its bytes sent and whether it was past its switchover, then.
+    /// Its bytes left and whether it was past its switchover, then.
     remaining_bytes: u64,
-    bytes_sent: u64,
     transferring: bool,
+    /// Found alone on its link, not told from an outage.
+    alone: bool,
 }
 
 impl Watch {
@@ -61,12 +65,25 @@ impl Watch {
         self.moved_s = Some(self.moved_s.map_or(now_s, |m| m.max(now_s)));
     }
 
-    /// Its source sent `bytes_sent` by `now_s`: a move if [`MOVE_BYTES`] more than at the
-    /// last one counted.
-    pub(super) fn sent(&mut self, now_s: f64, bytes_sent: u64) {
-        if bytes_sent >= self.sent_mark.saturating_add(MOVE_BYTES) {
-            self.sent_mark = bytes_sent;
-            self.moved(now_s);
+    /// Its source sent `bytes_sent` by `now_s`: a move (returns true) if [`MOVE_BYTES`]
+    /// more than when counting began, within `window_s`; counting begins again after a
+    /// move, and when the window has passed, so that a trickle of keep-alives never adds
+    /// up to one.
+    pub(super) fn sent(&mut self, now_s: f64, bytes_sent: u64, window_s: f64) -> bool {
+        match self.sent_mark {
+            Some((t, at)) if now_s - t <= window_s => {
+                if bytes_sent < at.saturating_add(MOVE_BYTES) {
+                    return false;
+                }
+                self.sent_mark = Some((now_s, bytes_sent));
+                self.sent_moved_s = Some(now_s);
+                self.moved(now_s);
+                true
+            }
+            _ => {
+                self.sent_mark = Some((now_s, bytes_sent));
+                false
+            }
         }
     }
 }
@@ -90,6 +107,11 @@ impl Orchestration {
         self.tracks[vm].watch.stalled.as_ref().map(|s| s.since_s)
     }
 
+    /// The window within which [`MOVE_BYTES`] sent count as a move: the stall timeout.
+    pub(super) fn sent_window_s(&self) -> f64 {
+        self.stall_after_s
+    }
+
     /// Sets how long a VM under way may go without moving before it is stalled
     /// ([`STALL_AFTER_S`] by default; at least [`MIN_STALL_AFTER_S`]); a value that is not
     /// a finite number of seconds is ignored.
@@ -103,8 +125,9 @@ impl Orchestration {
     /// [`Orchestration::due`].
     ///
     /// A VM under way moves at its start and its switchover, when its bytes left fall,
-    /// and when it sent [`MOVE_BYTES`] more where those say nothing (in its setup, or from a
-    /// source that does not count its pages). One that has not moved for the stall timeout
+    /// and when it sent [`MOVE_BYTES`] more within a stall timeout where those say nothing
+    /// (in its setup, from a source that does not count its pages, or with less than that
+    /// left to send). One that has not moved for the stall timeout
     /// ([`STALL_AFTER_S`]) is stalled if
     ///
     /// * another VM made progress on its link (a switchover, bytes left falling, a VM done)
@@ -121,9 +144,10 @@ impl Orchestration {
     /// link's rate in [`Orchestration::rate_caps`] (held, where its link holds VMs, until
     /// it moves again), and re-plans count it lost; a transfer's stall also restarts its
     /// link's measured rate (what the link carried while it sat is not its rate). It moves
-    /// again when it switches over, or its bytes left fall (or, without them, its bytes sent
-    /// rise) by [`MOVE_BYTES`] since it stalled: it then takes a place again behind the VMs
-    /// under way.
+    /// again when it switches over, its bytes left fall by [`MOVE_BYTES`] since it stalled, or
+    /// its bytes sent count as a move again: it then takes a place again, behind the
+    /// transfers started meanwhile if the stall was its own (found while its link carried),
+    /// where it was if it was caught alone in an outage.
     pub fn stalls(&mut self, now_s: f64) -> Vec<StallChange> {
         if !now_s.is_finite() {
             return Vec::new();
@@ -152,17 +176,22 @@ impl Orchestration {
             }
             let li = self.fleet.vms[vm].link;
             if let Some(st) = &t.watch.stalled {
-                let moving = (!st.transferring && t.phase == Phase::Transferring)
+                let transferring = t.phase == Phase::Transferring;
+                let moving = (!st.transferring && transferring)
                     || t.remaining_bytes.saturating_add(MOVE_BYTES) <= st.remaining_bytes
-                    || (t.heard_s.is_none()
-                        && t.bytes_sent >= st.bytes_sent.saturating_add(MOVE_BYTES));
+                    || t.watch.sent_moved_s.is_some_and(|m| m > st.found_s);
                 if moving {
                     out.push(StallChange::Moving {
                         vm,
                         stalled_for_s: now_s - st.since_s,
                     });
+                    // A transfer whose stall was its own goes behind the transfers started
+                    // meanwhile; one caught alone in what was an outage keeps its place, and
+                    // so does a setup (the re-plans take a setup's start for its place).
+                    if transferring && !st.alone {
+                        t.watch.requeued_s = Some(now_s);
+                    }
                     t.watch.stalled = None;
-                    t.watch.requeued_s = Some(now_s);
                     t.watch.moved(now_s);
                 }
                 continue;
@@ -181,10 +210,10 @@ impl Orchestration {
                 since_s: moved,
                 found_s: now_s,
                 remaining_bytes: t.remaining_bytes,
-                bytes_sent: t.bytes_sent,
                 transferring,
+                alone: !carries,
             });
-            t.watch.ever_stalled = true;
+            t.watch.stalled_in_setup |= !transferring;
             holding[li] = holding[li].saturating_sub(1);
             if !carries {
                 unresolved[li] += 1;
@@ -204,10 +233,15 @@ impl Orchestration {
     }
 
     /// Whether the evacuation may end though not every VM is final: `now_s` is past the
-    /// deadline, and no VM under way has moved for the stall timeout (they are stalled, or
-    /// stopped together on a link whose outage, or whose standbys, outlast the power).
+    /// deadline, no VM waits for a free place ([`Orchestration::due`]), and no VM under way
+    /// has moved for the stall timeout (they are stalled, or stopped together on a link
+    /// whose outage, or whose standbys, outlast the power).
     pub fn is_stuck_past_deadline(&self, now_s: f64) -> bool {
-        if now_s.is_nan() || now_s <= self.opts.deadline_s || self.is_finished() {
+        if now_s.is_nan()
+            || now_s <= self.opts.deadline_s
+            || self.is_finished()
+            || !self.due(now_s).is_empty()
+        {
             return false;
         }
         let mut any = false;

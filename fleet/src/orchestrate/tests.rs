@@ -766,13 +766,50 @@ fn a_source_without_a_count_moves_as_it_sends_more_than_keep_alives() {
         assert_eq!(stalls.is_empty(), k < 5, "at {k}: {stalls:?}");
     }
     assert_eq!(o.stalled_since(a), Some(2.0));
-    o.progress(a, 6.0, None, 3 * MOVE_BYTES + 500);
-    assert!(matches!(o.stalls(6.0)[..], [StallChange::Moving { vm, .. }] if vm == a));
+    // Keep-alives over a long time do not add up to a move.
+    for k in 6..=30 {
+        o.progress(b, k as f64, Some(90 * MB - k * MB), 0);
+        o.progress(a, k as f64, None, 2 * MOVE_BYTES + 500 + k * 5000);
+        assert!(o.stalls(k as f64).is_empty(), "at {k}");
+    }
+    o.progress(a, 31.0, None, 5 * MOVE_BYTES);
+    assert!(matches!(o.stalls(31.0)[..], [StallChange::Moving { vm, .. }] if vm == a));
     // A stalled VM that fails is failed, not stalled.
-    assert_eq!(o.stalls(10.0).len(), 0);
-    o.failed(a, 20.0, "its source went silent".into());
+    o.progress(b, 33.5, Some(50 * MB), 0);
+    assert_eq!(o.stalls(34.0).len(), 1);
+    assert_eq!(o.report().totals.stalled, 1);
+    o.failed(a, 35.0, "its source went silent".into());
     assert_eq!(o.stalled_since(a), None);
     assert_eq!(o.report().totals.stalled, 0);
+}
+
+#[test]
+fn a_transfer_in_its_last_bytes_moves_as_it_sends() {
+    let mut o = Orchestration::new(fleet(2), PlanOptions::new(3600.0), &[]).unwrap();
+    let (a, b) = (o.due(0.0)[0], o.due(0.0)[1]);
+    o.started(a, 0.0);
+    o.started(b, 0.0);
+    o.progress(a, 0.5, Some(10 * MB), 0);
+    o.progress(a, 1.0, Some(64 * 1024), 10 * MB);
+    // Its last 64 KiB are sent, and it goes on sending (what its tail asks again).
+    for k in 2..=20 {
+        let now = k as f64;
+        o.progress(b, now, Some(100 * MB - k * MB), 0);
+        o.progress(a, now, Some(0), 10 * MB + k * MOVE_BYTES);
+        assert!(o.stalls(now).is_empty(), "at {k}");
+    }
+    // Then it stops: stalled, and its sending again ends the stall.
+    for k in 21..=30 {
+        o.progress(b, k as f64, Some(80 * MB - k * MB), 0);
+        o.progress(a, k as f64, Some(0), 10 * MB + 20 * MOVE_BYTES);
+    }
+    assert_eq!(o.stalls(30.0).len(), 1);
+    assert_eq!(o.stalled_since(a), Some(20.0));
+    // (Counted from its first report after the window: one more is needed.)
+    o.progress(a, 31.0, Some(0), 10 * MB + 22 * MOVE_BYTES);
+    assert!(o.stalls(31.0).is_empty());
+    o.progress(a, 31.5, Some(0), 10 * MB + 24 * MOVE_BYTES);
+    assert!(matches!(o.stalls(31.5)[..], [StallChange::Moving { vm, .. }] if vm == a));
 }
 
 #[test]
@@ -822,6 +859,24 @@ fn a_vm_alone_on_its_link_that_stops_lets_one_more_start_and_no_more() {
     assert_eq!(o.stalled_since(second), Some(27.0));
     let third = o.due(37.0);
     assert_eq!(third.len(), 1, "{third:?}");
+}
+
+#[test]
+fn a_vm_caught_alone_in_an_outage_keeps_its_place_when_it_ends() {
+    let mut o = one_flow_fills_the_link(3);
+    let first = o.due(0.0)[0];
+    o.started(first, 0.0);
+    o.progress(first, 0.3, Some(100 * MB), 0);
+    assert_eq!(o.stalls(10.3).len(), 1, "alone: not told from an outage");
+    let second = o.due(10.3)[0];
+    o.started(second, 10.3);
+    // The outage ends: the second switches over, the first moves again.
+    o.progress(second, 20.0, Some(200 * MB), 0);
+    o.progress(first, 20.0, Some(90 * MB), 10 * MB);
+    assert!(matches!(o.stalls(20.0)[..], [StallChange::Moving { vm, .. }] if vm == first));
+    let caps = o.rate_caps(20.0);
+    assert_eq!(caps[first], None, "ahead, where it was: {caps:?}");
+    assert!(caps[second].is_some(), "{caps:?}");
 }
 
 #[test]

@@ -256,45 +256,34 @@ impl IdleThreads {
     }
 }
 
-/// Capability bit of CAP_SYS_NICE in `/proc/self/status`'s `CapEff`.
-const CAP_SYS_NICE: u32 = 23;
-
-/// Whether this process may put a thread back from `SCHED_IDLE` to normal priority:
-/// with CAP_SYS_NICE, or an RLIMIT_NICE of 20 or more (nice 0 within it; `ulimit -e`).
-/// Asked once; says why (a warning) when not.
+/// Whether this process may put a thread back from `SCHED_IDLE` to normal priority
+/// (CAP_SYS_NICE in the initial user namespace, or an RLIMIT_NICE that allows its nice value,
+/// `ulimit -e`): tried once, on a scratch thread, rather than guessed from capabilities a
+/// container may show without holding. Says why (a warning) when not.
 fn may_leave_idle() -> bool {
     static MAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *MAY.get_or_init(|| {
-        let cap = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| has_cap(&s, CAP_SYS_NICE));
-        let mut rl = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes one rlimit, which `rl` is, and nothing else.
-        let r = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut rl) };
-        let nice_ok = r == 0 && (rl.rlim_cur == libc::RLIM_INFINITY || rl.rlim_cur >= 20);
-        let may = cap == Some(true) || nice_ok;
+        let probe = std::thread::Builder::new()
+            .name("idle-probe".into())
+            .spawn(|| {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: pid 0 is the calling thread, this scratch one, which ends right
+                // after; the calls read `param` and touch no other memory.
+                unsafe {
+                    libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0
+                        && libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) == 0
+                }
+            });
+        let may = probe.ok().and_then(|h| h.join().ok()).unwrap_or(false);
         if !may {
             tracing::warn!(
-                "the replicator runs at normal priority: putting it back from idle priority \
-                 for the evacuation needs CAP_SYS_NICE or an RLIMIT_NICE of 20 (ulimit -e 20)"
+                "the replicator runs at normal priority: this process may not put a thread \
+                 back from idle priority for the evacuation (that needs CAP_SYS_NICE, or an \
+                 RLIMIT_NICE that allows its nice value: ulimit -e 20)"
             );
         }
         may
     })
-}
-
-/// Whether the `CapEff` line of a `/proc/PID/status` text has capability `bit`; `None`
-/// if there is no such line or it does not parse.
-fn has_cap(status: &str, bit: u32) -> Option<bool> {
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))?
-        .trim();
-    let caps = u64::from_str_radix(hex, 16).ok()?;
-    Some(caps >> bit & 1 == 1)
 }
 
 /// Guest memory and disks the replicator reads: the regions stay mapped while it runs.
@@ -831,21 +820,7 @@ fn connect(
 
 #[cfg(test)]
 mod idle_tests {
-    use super::{has_cap, IdleThreads, CAP_SYS_NICE};
-
-    #[test]
-    fn the_effective_capabilities_are_read_from_proc_status() {
-        let root = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(has_cap(root, CAP_SYS_NICE), Some(true));
-        let user = "CapPrm:\t0000000000800000\nCapEff:\t0000000000000000\n";
-        assert_eq!(has_cap(user, CAP_SYS_NICE), Some(false));
-        assert_eq!(
-            has_cap("CapEff:\t0000000000800000", CAP_SYS_NICE),
-            Some(true)
-        );
-        assert_eq!(has_cap("CapEff:\tzz", CAP_SYS_NICE), None);
-        assert_eq!(has_cap("Name:\tx", CAP_SYS_NICE), None);
-    }
+    use super::IdleThreads;
 
     fn policy_of(tid: libc::pid_t) -> i32 {
         // SAFETY: reads the policy of a thread of this process; no memory is touched.

@@ -123,10 +123,13 @@ pub async fn run(
             }
         }
     };
-    if let Err(e) = evacuate(vm, &conn, cap, commands, &out, t).await {
-        let _ = out.send(Report::Failed(vm, format!("{e:#}")));
+    match evacuate(vm, &conn, cap, commands, &out, t).await {
+        Ok(()) => conn.close(0u32.into(), b"done"),
+        Err(e) => {
+            let _ = out.send(Report::Failed(vm, format!("{e:#}")));
+            conn.close(fleet::control::CLOSE_GAVE_UP.into(), b"gave up");
+        }
     }
-    conn.close(0u32.into(), b"done");
 }
 
 fn silent(d: Duration) -> String {
