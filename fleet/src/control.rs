@@ -38,10 +38,12 @@ pub const MAX_FRAME: usize = 64 * 1024;
 pub const EVENT_INTERVAL_MS: u64 = 250;
 
 /// The QUIC application close code with which an orchestrator hangs up on a source it gave
-/// up on (it counts the VM failed: silent, or its stream broken). The source then keeps the
-/// rate limit it was left: the VMs planned in its place have the link. On any other end of
-/// the orchestrator's connection (code 0, or none: it crashed) a source puts back its own
-/// limit if the orchestrator left it lower, since nobody shares the link for it any more.
+/// up on (it counts the VM failed: silent, or its stream broken). A source that receives it
+/// keeps the rate limit it was left: the VMs planned in its place have the link. On any
+/// other end of the orchestrator's connection (code 0, or none: it crashed, or the close
+/// was lost on a cut path and the connection idled out) a source puts back its own limit if
+/// the orchestrator's last one was lower and is still in force, since nobody shares the
+/// link for it any more.
 pub const CLOSE_GAVE_UP: u32 = 2;
 
 /// What the orchestrator asks.

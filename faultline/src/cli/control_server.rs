@@ -245,7 +245,7 @@ async fn answer(
         }
         Some(Request::SetRate { rate_cap_bps }) => {
             limit.set(rate_cap_bps);
-            paced.set(rate_cap_bps);
+            paced.set(limit.get());
             tracing::debug!(?rate_cap_bps, "evacuation rate limit set");
             write_msg(
                 &mut send,
@@ -258,9 +258,14 @@ async fn answer(
             Ok(())
         }
         Some(Request::Evacuate { rate_cap_bps }) => {
-            if rate_cap_bps.is_some() {
-                limit.set(rate_cap_bps);
-                paced.set(rate_cap_bps);
+            // No limit of the orchestrator's: the evacuation's own, whatever an earlier
+            // orchestrator left.
+            match rate_cap_bps {
+                Some(_) => {
+                    limit.set(rate_cap_bps);
+                    paced.set(limit.get());
+                }
+                None => limit.set(shared.own_limit),
             }
             evacuate();
             streams.open.fetch_add(1, Ordering::AcqRel);

@@ -35,6 +35,8 @@ pub(super) struct Watch {
     moved_s: Option<f64>,
     /// Its bytes sent when counting them last began: (time, bytes).
     sent_mark: Option<(f64, u64)>,
+    /// Its bytes sent at the report before: (time, bytes).
+    sent_last: Option<(f64, u64)>,
     /// When its bytes sent last counted as a move.
     sent_moved_s: Option<f64>,
     /// While it is stalled.
@@ -58,6 +60,8 @@ pub(super) struct Stalled {
     transferring: bool,
     /// Found alone on its link, not told from an outage.
     alone: bool,
+    /// When its link was first seen making progress after it was found.
+    carried_s: Option<f64>,
 }
 
 impl Watch {
@@ -66,25 +70,28 @@ impl Watch {
     }
 
     /// Its source sent `bytes_sent` by `now_s`: a move (returns true) if [`MOVE_BYTES`]
-    /// more than when counting began, within `window_s`; counting begins again after a
-    /// move, and when the window has passed, so that a trickle of keep-alives never adds
-    /// up to one.
+    /// more than when counting began, within `window_s`. Counting begins again after a
+    /// move, and, once the window has passed, from the report before this one (or this
+    /// one, if that is out of the window too), so that a trickle of keep-alives never adds
+    /// up to one and a burst in this report still counts.
     pub(super) fn sent(&mut self, now_s: f64, bytes_sent: u64, window_s: f64) -> bool {
-        match self.sent_mark {
-            Some((t, at)) if now_s - t <= window_s => {
-                if bytes_sent < at.saturating_add(MOVE_BYTES) {
-                    return false;
-                }
-                self.sent_mark = Some((now_s, bytes_sent));
-                self.sent_moved_s = Some(now_s);
-                self.moved(now_s);
-                true
+        let last = self.sent_last.replace((now_s, bytes_sent));
+        let in_window = |m: &(f64, u64)| now_s - m.0 <= window_s;
+        let mark = match self.sent_mark.filter(in_window) {
+            Some(m) => m,
+            None => {
+                let m = last.filter(in_window).unwrap_or((now_s, bytes_sent));
+                self.sent_mark = Some(m);
+                m
             }
-            _ => {
-                self.sent_mark = Some((now_s, bytes_sent));
-                false
-            }
+        };
+        if bytes_sent < mark.1.saturating_add(MOVE_BYTES) {
+            return false;
         }
+        self.sent_mark = Some((now_s, bytes_sent));
+        self.sent_moved_s = Some(self.sent_moved_s.map_or(now_s, |m| m.max(now_s)));
+        self.moved(now_s);
+        true
     }
 }
 
@@ -175,20 +182,25 @@ impl Orchestration {
                 continue;
             }
             let li = self.fleet.vms[vm].link;
-            if let Some(st) = &t.watch.stalled {
+            if let Some(st) = &mut t.watch.stalled {
+                let progressed = self.link_progressed_s[li].filter(|&p| p > st.found_s);
+                st.carried_s = st.carried_s.or(progressed);
                 let transferring = t.phase == Phase::Transferring;
                 let moving = (!st.transferring && transferring)
                     || t.remaining_bytes.saturating_add(MOVE_BYTES) <= st.remaining_bytes
-                    || t.watch.sent_moved_s.is_some_and(|m| m > st.found_s);
+                    || t.watch.sent_moved_s.is_some_and(|m| m > st.since_s);
                 if moving {
                     out.push(StallChange::Moving {
                         vm,
                         stalled_for_s: now_s - st.since_s,
                     });
                     // A transfer whose stall was its own goes behind the transfers started
-                    // meanwhile; one caught alone in what was an outage keeps its place, and
-                    // so does a setup (the re-plans take a setup's start for its place).
-                    if transferring && !st.alone {
+                    // meanwhile. One caught in an outage keeps its place: found alone, with
+                    // the link making no progress from then until it (and whatever was
+                    // started to tell) moved again, within the window. So does a setup
+                    // (the re-plans take a setup's start for its place).
+                    let outage = st.alone && !st.carried_s.is_some_and(|p| p < now_s - window);
+                    if st.transferring && !outage {
                         t.watch.requeued_s = Some(now_s);
                     }
                     t.watch.stalled = None;
@@ -212,6 +224,7 @@ impl Orchestration {
                 remaining_bytes: t.remaining_bytes,
                 transferring,
                 alone: !carries,
+                carried_s: None,
             });
             t.watch.stalled_in_setup |= !transferring;
             holding[li] = holding[li].saturating_sub(1);

@@ -274,12 +274,18 @@ fn may_leave_idle() -> bool {
                         && libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) == 0
                 }
             });
-        let may = probe.ok().and_then(|h| h.join().ok()).unwrap_or(false);
+        let may = match probe {
+            Ok(h) => h.join().unwrap_or(false),
+            Err(e) => {
+                tracing::warn!("the replicator does not lower its priority: no probe thread: {e}");
+                return false;
+            }
+        };
         if !may {
             tracing::warn!(
-                "the replicator runs at normal priority: this process may not put a thread \
-                 back from idle priority for the evacuation (that needs CAP_SYS_NICE, or an \
-                 RLIMIT_NICE that allows its nice value: ulimit -e 20)"
+                "the replicator does not lower its priority: this process may not put a \
+                 thread back from idle priority for the evacuation (that needs CAP_SYS_NICE, \
+                 or an RLIMIT_NICE that allows its nice value: ulimit -e 20)"
             );
         }
         may
