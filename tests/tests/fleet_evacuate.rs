@@ -723,6 +723,89 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
     );
 }
 
+/// A link outage, as every VM's emulator cut at once mid-evacuation for 8 s (beyond the
+/// stall timeout of 3 s): the VM under way, alone on its link, is stalled (it cannot be
+/// told from a stuck standby) and one more VM starts, into the outage; it stops too, so no
+/// third starts. When the link is back both move again and all three arrive with equal
+/// memory.
+#[test]
+fn an_outage_starts_at_most_one_vm_into_it_and_every_vm_arrives() {
+    let t = Instant::now();
+    let certs = certs();
+    let mut pairs = Vec::new();
+    let mut wans = Vec::new();
+    for name in ["vm-a", "vm-b", "vm-c"] {
+        let (p, wan) = Pair::start_over(
+            &certs,
+            name,
+            "32M",
+            &["--stale-pct", "20", "--encoding", "off"],
+            Some(LinkConfig::new(Duration::from_millis(2), 20_000_000)),
+        );
+        pairs.push(p);
+        wans.push(wan.unwrap());
+    }
+    let vms: Vec<(&str, &str, u16)> = pairs
+        .iter()
+        .map(|p| (p.name.as_str(), "32M", p.port))
+        .collect();
+    let plan = plan_file(&certs, "orchestrator", "20M", &vms);
+    let o = Orchestrator::start(&plan, &["--stall-timeout", "3"]);
+    let mut seen = Vec::new();
+    o.wait_until(&mut seen, "a switchover", |s| {
+        s.iter().any(|e| e["event"] == "switchover")
+    });
+    let first = seen.iter().find(|e| e["event"] == "switchover").unwrap()["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let k = pairs.iter().position(|p| p.name == first).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while wans[k].counters().client_to_server.bytes < 512 << 10 {
+        assert!(
+            Instant::now() < deadline,
+            "{first}'s evacuation never got going"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for w in &wans {
+        w.cut();
+    }
+    let started_before = seen.iter().filter(|e| e["event"] == "started").count();
+    std::thread::sleep(Duration::from_secs(8));
+    // What happened during the cut, as far as it was told.
+    while let Ok(e) = o.events.try_recv() {
+        seen.push(e);
+    }
+    let during: Vec<Value> = seen.clone();
+    for w in &wans {
+        w.restore();
+    }
+    let stalled: Vec<&Value> = during.iter().filter(|e| e["event"] == "stalled").collect();
+    assert!(stalled.len() <= 1, "{stalled:?}");
+    if let Some(s) = stalled.first() {
+        assert_eq!(s["vm"], first.as_str(), "{s}");
+    }
+    let started_during = during.iter().filter(|e| e["event"] == "started").count() - started_before;
+    assert!(started_during <= 1, "{during:?}");
+    assert!(
+        !during.iter().any(|e| e["event"] == "done"),
+        "nothing can finish through a cut link: {during:?}"
+    );
+    let (rc, r, err) = o.wait();
+    assert_eq!(rc, Some(0), "{err}\n{r}");
+    assert_eq!(r["totals"]["done"], 3, "{r}");
+    assert_eq!(r["totals"]["stalled"], 0, "{r}");
+    for p in pairs {
+        p.assert_evacuated();
+    }
+    eprintln!(
+        "outage case in {:?}: {} stalled, {started_during} started during the cut",
+        t.elapsed(),
+        stalled.len()
+    );
+}
+
 #[test]
 fn a_control_address_that_does_not_answer_is_named() {
     let certs = certs();
