@@ -49,6 +49,9 @@ pub enum BarKind {
     /// How much longer the flow takes if the links deliver only `1 - margin` of their rate
     /// (plans only).
     Margin,
+    /// Stalled: its source alive, the VM not moving (runs only; drawn over its setup or
+    /// flow).
+    Stalled,
 }
 
 impl BarKind {
@@ -59,6 +62,7 @@ impl BarKind {
             BarKind::Setup => "setup",
             BarKind::Flow => "flow",
             BarKind::Margin => "margin",
+            BarKind::Stalled => "stalled",
         }
     }
 }
@@ -158,6 +162,8 @@ pub struct VmRun {
     pub switchover_s: Option<f64>,
     /// How it ended, if it did.
     pub end: Option<RunEnd>,
+    /// Its stalls: since when, and until when (`None`: still stalled).
+    pub stalls: Vec<(f64, Option<f64>)>,
 }
 
 /// How a VM's evacuation ended.
@@ -569,6 +575,19 @@ fn run_row(r: &VmRun, deadline_s: Option<f64>, now_s: f64) -> Result<Row, ChartE
     if matches!(r.end, Some(RunEnd::Finished { .. })) && r.switchover_s.is_none() {
         return Err(bad("a finish without a switchover".into()));
     }
+    for &(since, until) in &r.stalls {
+        for t in std::iter::once(since).chain(until) {
+            if !t.is_finite() || t > now_s {
+                return Err(bad(format!("a stall at {t} s is not a time up to now")));
+            }
+        }
+        if until.is_some_and(|u| u < since) {
+            return Err(bad(format!("a stall from {since} s ends before it began")));
+        }
+        if r.started_s.is_none() {
+            return Err(bad("a stall without a start".into()));
+        }
+    }
 
     let mut bars = Vec::new();
     let mut push = |a: f64, b: f64, kind| {
@@ -595,6 +614,14 @@ fn run_row(r: &VmRun, deadline_s: Option<f64>, now_s: f64) -> Result<Row, ChartE
                     push(s, sw, BarKind::Setup);
                     push(sw, stop, BarKind::Flow);
                 }
+            }
+            // Over the setup or the flow, within them.
+            for &(since, until) in &r.stalls {
+                push(
+                    since.max(s),
+                    until.unwrap_or(stop).min(stop),
+                    BarKind::Stalled,
+                );
             }
         }
     }

@@ -800,7 +800,7 @@ impl Orchestration {
             t.timeline.switchover_s = Some(now_s);
         }
         t.phase = Phase::Done;
-        t.watch.stalled = None;
+        t.watch.end_stall(now_s);
         t.timeline.finish_s = Some(now_s);
         t.timeline.last_byte_s = last_byte;
         t.bytes_sent = bytes_sent;
@@ -818,7 +818,7 @@ impl Orchestration {
             t.timeline.finish_s = Some(now_s);
         }
         t.phase = Phase::Failed;
-        t.watch.stalled = None;
+        t.watch.end_stall(now_s);
         t.error = Some(error);
     }
 
@@ -853,6 +853,7 @@ impl Orchestration {
                 bytes_sent: t.bytes_sent,
                 pages_stale: t.pages_stale,
                 stalled_since_s: t.watch.stalled.as_ref().map(|s| s.since_s),
+                stalls: t.watch.history.clone(),
                 wire_ratio_at_start: t.started_ratio.unwrap_or(t.wire_ratio),
                 wire_ratio: t.wire_ratio,
             })
@@ -914,6 +915,9 @@ pub struct VmReport {
     /// Since when it has been stalled ([`Orchestration::stalls`]), if it still was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stalled_since_s: Option<f64>,
+    /// Its stalls, resolved or not ([`Orchestration::stalls`]); a Gantt chart draws them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stalls: Vec<StallSpan>,
     /// The wire ratio it was started with: its source's estimate then (or the plan
     /// file's, [`crate::model::Vm::wire_ratio`]), what its plan knew.
     pub wire_ratio_at_start: f64,
@@ -951,7 +955,7 @@ pub struct Report {
 
 mod stall;
 use stall::Watch;
-pub use stall::{StallChange, MIN_STALL_AFTER_S, MOVE_BYTES, STALL_AFTER_S};
+pub use stall::{StallChange, StallSpan, MIN_STALL_AFTER_S, MOVE_BYTES, STALL_AFTER_S};
 
 #[cfg(test)]
 mod tests;

@@ -667,7 +667,11 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
         .map(|p| (p.name.as_str(), "32M", p.port))
         .collect();
     let plan = plan_file(&certs, "orchestrator", "20M", &vms);
-    let o = Orchestrator::start(&plan, &["--stall-timeout", "3"]);
+    let chart = plan.with_extension("run.svg");
+    let o = Orchestrator::start(
+        &plan,
+        &["--stall-timeout", "3", "--gantt", chart.to_str().unwrap()],
+    );
     // One flow fills the link: one VM transfers, the next is held behind it.
     let mut seen = Vec::new();
     o.wait_until(&mut seen, "a switchover", |s| {
@@ -714,6 +718,15 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
     assert_eq!(rc, Some(0), "{err}\n{r}");
     assert_eq!(r["totals"]["done"], 3, "{r}");
     assert_eq!(r["totals"]["stalled"], 0, "{r}");
+    // The report keeps the stall, and the chart draws it.
+    let stalls = vm(&r, &first)["stalls"].as_array().unwrap().clone();
+    assert_eq!(stalls.len(), 1, "{r}");
+    assert!(
+        secs(&stalls[0]["until_s"]) > secs(&stalls[0]["since_s"]),
+        "{stalls:?}"
+    );
+    let svg = std::fs::read_to_string(&chart).expect("the Gantt chart was written");
+    assert!(svg.contains("stalled: not moving"), "no stall in the chart");
     for p in pairs {
         p.assert_evacuated();
     }

@@ -16,6 +16,7 @@ const WAITING: RGBColor = RGBColor(0xBB, 0xBB, 0xBB);
 const SETUP: RGBColor = RGBColor(0xE6, 0x9F, 0x00);
 const FLOW: RGBColor = RGBColor(0x00, 0x72, 0xB2);
 const MARGIN: RGBColor = RGBColor(0x9C, 0xCB, 0xEB);
+const STALLED: RGBColor = RGBColor(0xCC, 0x79, 0xA7);
 const DEADLINE: RGBColor = RGBColor(0xD6, 0x27, 0x28);
 const NOW: RGBColor = RGBColor(0x44, 0x44, 0x44);
 const MISS_TEXT: RGBColor = RGBColor(0xC0, 0x1B, 0x1B);
@@ -35,6 +36,7 @@ fn kind_colour(k: BarKind) -> RGBColor {
         BarKind::Setup => SETUP,
         BarKind::Flow => FLOW,
         BarKind::Margin => MARGIN,
+        BarKind::Stalled => STALLED,
     }
 }
 
@@ -442,7 +444,13 @@ pub(crate) fn bar_band(kind: BarKind, basis: Basis, mixed: bool, y: i32, h: i32)
 fn bars(p: &Painter, r: &Row, l: &Layout, y: i32, h: i32) -> Result<(), ChartError> {
     let s = &l.scale;
     let mut sorted: Vec<&Bar> = r.bars.iter().collect();
-    sorted.sort_by_key(|b| (b.kind != BarKind::Waiting, b.basis == Basis::Measured));
+    sorted.sort_by_key(|b| {
+        (
+            b.kind != BarKind::Waiting,
+            b.basis == Basis::Measured,
+            b.kind == BarKind::Stalled,
+        )
+    });
     for b in sorted {
         let (top, bottom) = bar_band(b.kind, b.basis, l.mixed, y, h);
         let c = kind_colour(b.kind);

@@ -544,6 +544,12 @@ fn legend(t: &Timeline, mixed: bool, x0: i32, x1: i32, y: i32) -> (Vec<LegendIte
             "stale pages crossing (at the destination, exposed)".into(),
         ),
     ];
+    if has(BarKind::Stalled) {
+        entries.push((
+            Swatch::Bar(BarKind::Stalled, Basis::Measured),
+            "stalled: not moving, its source alive (its place given to the others)".into(),
+        ));
+    }
     if has(BarKind::Margin) {
         entries.push((
             Swatch::Bar(BarKind::Margin, Basis::Planned),

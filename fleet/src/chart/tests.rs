@@ -272,6 +272,7 @@ fn bars_stay_inside_their_row_and_planned_ones_sit_above_measured_ones() {
             BarKind::Setup,
             BarKind::Flow,
             BarKind::Margin,
+            BarKind::Stalled,
         ] {
             for basis in [Basis::Planned, Basis::Measured] {
                 for mixed in [false, true] {
@@ -452,6 +453,7 @@ fn run(vm: &str, started: Option<f64>, switchover: Option<f64>, end: Option<RunE
         started_s: started,
         switchover_s: switchover,
         end,
+        stalls: Vec::new(),
     }
 }
 
@@ -514,6 +516,56 @@ fn a_run_becomes_measured_bars_and_verdicts() {
     assert_eq!(by("moving").verdict, Verdict::Misses);
     assert_eq!(by("waits").verdict, Verdict::Misses);
     assert_eq!(by("broke").verdict, Verdict::Failed);
+}
+
+#[test]
+fn stalls_are_drawn_over_the_setup_or_flow_they_interrupt() {
+    let mut resumed = run(
+        "resumed",
+        Some(1.0),
+        Some(2.0),
+        Some(RunEnd::Finished { at_s: 12.0 }),
+    );
+    resumed.stalls = vec![(4.0, Some(9.0))];
+    let mut stuck = run("stuck", Some(0.5), None, None);
+    stuck.stalls = vec![(0.2, None)];
+    let t = Timeline::from_runs("run", Some(30.0), 20.0, &[resumed, stuck]).unwrap();
+    let stalled = |n: &str| -> Vec<(f64, f64)> {
+        let row = t.rows.iter().find(|r| r.vm == n).unwrap();
+        row.bars
+            .iter()
+            .filter(|b| b.kind == BarKind::Stalled)
+            .map(|b| (b.start_s, b.end_s))
+            .collect()
+    };
+    assert_eq!(stalled("resumed"), [(4.0, 9.0)]);
+    // Still stalled: until now; not before its start.
+    assert_eq!(stalled("stuck"), [(0.5, 20.0)]);
+    let svg = render(&t);
+    assert!(svg.contains("stalled: not moving"), "the legend names it");
+    for (stalls, says) in [
+        (
+            vec![(f64::NAN, None)],
+            "a stall at NaN s is not a time up to now",
+        ),
+        (
+            vec![(3.0, Some(25.0))],
+            "a stall at 25 s is not a time up to now",
+        ),
+        (
+            vec![(5.0, Some(4.0))],
+            "a stall from 5 s ends before it began",
+        ),
+    ] {
+        let mut r = run("bad", Some(1.0), Some(2.0), None);
+        r.stalls = stalls;
+        let e = Timeline::from_runs("run", None, 20.0, std::slice::from_ref(&r)).unwrap_err();
+        assert_eq!(e.to_string(), format!("vm \"bad\": {says}"));
+    }
+    let mut r = run("never", None, None, None);
+    r.stalls = vec![(1.0, None)];
+    let e = Timeline::from_runs("run", None, 20.0, &[r]).unwrap_err();
+    assert_eq!(e.to_string(), "vm \"never\": a stall without a start");
 }
 
 #[test]

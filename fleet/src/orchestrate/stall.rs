@@ -3,6 +3,8 @@
 //! out a lost connection for as long as it takes (docs/recovery.md), so without this one
 //! dead standby would hold every VM behind it on its link for good.
 
+use serde::Serialize;
+
 use super::{Orchestration, Phase};
 
 /// How long a VM under way may go without moving before it is
@@ -46,6 +48,17 @@ pub(super) struct Watch {
     /// When it took its place back after a stall of its own: it runs behind the transfers
     /// started meanwhile.
     pub(super) requeued_s: Option<f64>,
+    /// Its stalls, in order.
+    pub(super) history: Vec<StallSpan>,
+}
+
+/// One stall of a VM, as the report keeps it. Times in seconds from the evacuation's start.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct StallSpan {
+    /// When it last moved before the stall.
+    pub since_s: f64,
+    /// When it moved again, finished or failed (`None`: stalled when the report was made).
+    pub until_s: Option<f64>,
 }
 
 /// A stall as it was found.
@@ -65,6 +78,15 @@ pub(super) struct Stalled {
 }
 
 impl Watch {
+    /// Its stall, if any, ended at `now_s` (it moved again, finished or failed).
+    pub(super) fn end_stall(&mut self, now_s: f64) {
+        if self.stalled.take().is_some() {
+            if let Some(last) = self.history.last_mut() {
+                last.until_s = Some(now_s.max(last.since_s));
+            }
+        }
+    }
+
     pub(super) fn moved(&mut self, now_s: f64) {
         self.moved_s = Some(self.moved_s.map_or(now_s, |m| m.max(now_s)));
     }
@@ -178,7 +200,7 @@ impl Orchestration {
         let mut out = Vec::new();
         for (vm, t) in self.tracks.iter_mut().enumerate() {
             if !t.phase.is_under_way() {
-                t.watch.stalled = None;
+                t.watch.end_stall(now_s);
                 continue;
             }
             let li = self.fleet.vms[vm].link;
@@ -203,7 +225,7 @@ impl Orchestration {
                     if st.transferring && !outage {
                         t.watch.requeued_s = Some(now_s);
                     }
-                    t.watch.stalled = None;
+                    t.watch.end_stall(now_s);
                     t.watch.moved(now_s);
                 }
                 continue;
@@ -227,6 +249,10 @@ impl Orchestration {
                 carried_s: None,
             });
             t.watch.stalled_in_setup |= !transferring;
+            t.watch.history.push(StallSpan {
+                since_s: moved,
+                until_s: None,
+            });
             holding[li] = holding[li].saturating_sub(1);
             if !carries {
                 unresolved[li] += 1;

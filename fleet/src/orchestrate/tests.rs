@@ -685,7 +685,16 @@ fn a_stalled_transfer_gives_the_link_to_the_vm_behind_it_and_comes_back_behind_i
     assert!(caps[first].is_some() && caps[next].is_none(), "{caps:?}");
     assert!(o.expected_end_s(first).is_some());
     o.done(first, 14.0, 100 * MB, Some(1));
-    assert_eq!(o.report().totals.stalled, 0);
+    let r = o.report();
+    assert_eq!(r.totals.stalled, 0);
+    assert_eq!(
+        r.vms[first].stalls,
+        [StallSpan {
+            since_s: 1.0,
+            until_s: Some(12.0)
+        }]
+    );
+    assert!(r.vms[next].stalls.is_empty());
 }
 
 #[test]
@@ -904,6 +913,13 @@ fn an_evacuation_that_stopped_moving_ends_past_the_deadline() {
     assert!(!o.is_finished());
     let r = o.report();
     assert_eq!((r.totals.not_finished, r.totals.stalled), (1, 1));
+    assert_eq!(
+        r.vms[first].stalls,
+        [StallSpan {
+            since_s: 0.5,
+            until_s: None
+        }]
+    );
     // Two VMs stopped together (an outage, or their standbys gone) end it too.
     let mut o = in_order(
         Orchestration::new(fleet(2), PlanOptions::new(30.0), &[]).unwrap(),

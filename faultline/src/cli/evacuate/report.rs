@@ -226,6 +226,7 @@ pub(super) fn write_gantt(
                 started_s: m.start_s,
                 switchover_s: m.switchover_s,
                 end,
+                stalls: v.stalls.iter().map(|s| (s.since_s, s.until_s)).collect(),
             }
         })
         .collect();
@@ -238,6 +239,8 @@ pub(super) fn write_gantt(
                 v.measured.switchover_s,
                 v.measured.finish_s,
             ]
+            .into_iter()
+            .chain(v.stalls.iter().flat_map(|s| [Some(s.since_s), s.until_s]))
         })
         .flatten()
         .fold(0.0_f64, f64::max);
