@@ -638,6 +638,59 @@ fn signal(pid: u32, sig: libc::c_int) {
     assert_eq!(r, 0, "kill {pid}: {}", std::io::Error::last_os_error());
 }
 
+/// Three 32 MiB VMs, each evacuating 6.4 MiB of stale pages through an emulator of its own
+/// at 20 Mbit/s (about 2.7 s each), and a plan file stating one 20 Mbit/s link: one flow
+/// fills it, so one VM transfers at a time and the next is held behind it.
+fn three_through_20_mbit(certs: &Certs) -> (Vec<Pair>, Vec<WanEmulator>, PathBuf) {
+    let (pairs, wans): (Vec<Pair>, Vec<WanEmulator>) = ["vm-a", "vm-b", "vm-c"]
+        .into_iter()
+        .map(|name| {
+            let (p, wan) = Pair::start_over(
+                certs,
+                name,
+                "32M",
+                &["--stale-pct", "20", "--encoding", "off"],
+                Some(LinkConfig::new(Duration::from_millis(2), 20_000_000)),
+            );
+            (p, wan.unwrap())
+        })
+        .unzip();
+    let vms: Vec<(&str, &str, u16)> = pairs
+        .iter()
+        .map(|p| (p.name.as_str(), "32M", p.port))
+        .collect();
+    let plan = plan_file(certs, "orchestrator", "20M", &vms);
+    (pairs, wans, plan)
+}
+
+/// Waits (events into `seen`) for the first VM to switch over and for `bytes` of it to
+/// cross its emulator; its index in `pairs`.
+fn first_transfer(
+    o: &Orchestrator,
+    seen: &mut Vec<Value>,
+    pairs: &[Pair],
+    wans: &[WanEmulator],
+    bytes: u64,
+) -> usize {
+    o.wait_until(seen, "a switchover", |s| {
+        s.iter().any(|e| e["event"] == "switchover")
+    });
+    let first = seen.iter().find(|e| e["event"] == "switchover").unwrap()["vm"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let k = pairs.iter().position(|p| p.name == first).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while wans[k].counters().client_to_server.bytes < bytes {
+        assert!(
+            Instant::now() < deadline,
+            "{first}'s evacuation never got going"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    k
+}
+
 /// A source that stays alive while its standby is stopped (SIGSTOP) mid-evacuation: its
 /// events go on, its bytes left do not fall (its session waits for the standby, as it would
 /// through an outage). The orchestrator reports it stalled and lets the VMs behind it start
@@ -648,25 +701,7 @@ fn signal(pid: u32, sig: libc::c_int) {
 fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() {
     let t = Instant::now();
     let certs = certs();
-    // Each evacuates 6.4 MiB of stale pages through its own 20 Mbit/s link: about 2.7 s.
-    let mut pairs = Vec::new();
-    let mut wans = Vec::new();
-    for name in ["vm-a", "vm-b", "vm-c"] {
-        let (p, wan) = Pair::start_over(
-            &certs,
-            name,
-            "32M",
-            &["--stale-pct", "20", "--encoding", "off"],
-            Some(LinkConfig::new(Duration::from_millis(2), 20_000_000)),
-        );
-        pairs.push(p);
-        wans.push(wan.unwrap());
-    }
-    let vms: Vec<(&str, &str, u16)> = pairs
-        .iter()
-        .map(|p| (p.name.as_str(), "32M", p.port))
-        .collect();
-    let plan = plan_file(&certs, "orchestrator", "20M", &vms);
+    let (pairs, wans, plan) = three_through_20_mbit(&certs);
     let chart = plan.with_extension("run.svg");
     let o = Orchestrator::start(
         &plan,
@@ -674,22 +709,8 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
     );
     // One flow fills the link: one VM transfers, the next is held behind it.
     let mut seen = Vec::new();
-    o.wait_until(&mut seen, "a switchover", |s| {
-        s.iter().any(|e| e["event"] == "switchover")
-    });
-    let first = seen.iter().find(|e| e["event"] == "switchover").unwrap()["vm"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let k = pairs.iter().position(|p| p.name == first).unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while wans[k].counters().client_to_server.bytes < 1 << 20 {
-        assert!(
-            Instant::now() < deadline,
-            "{first}'s evacuation never got going"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let k = first_transfer(&o, &mut seen, &pairs, &wans, 1 << 20);
+    let first = pairs[k].name.clone();
     signal(pairs[k].standby.pid(), libc::SIGSTOP);
     let stopped = Instant::now();
     let others: Vec<String> = pairs
@@ -745,42 +766,11 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
 fn an_outage_starts_at_most_one_vm_into_it_and_every_vm_arrives() {
     let t = Instant::now();
     let certs = certs();
-    let mut pairs = Vec::new();
-    let mut wans = Vec::new();
-    for name in ["vm-a", "vm-b", "vm-c"] {
-        let (p, wan) = Pair::start_over(
-            &certs,
-            name,
-            "32M",
-            &["--stale-pct", "20", "--encoding", "off"],
-            Some(LinkConfig::new(Duration::from_millis(2), 20_000_000)),
-        );
-        pairs.push(p);
-        wans.push(wan.unwrap());
-    }
-    let vms: Vec<(&str, &str, u16)> = pairs
-        .iter()
-        .map(|p| (p.name.as_str(), "32M", p.port))
-        .collect();
-    let plan = plan_file(&certs, "orchestrator", "20M", &vms);
+    let (pairs, wans, plan) = three_through_20_mbit(&certs);
     let o = Orchestrator::start(&plan, &["--stall-timeout", "3"]);
     let mut seen = Vec::new();
-    o.wait_until(&mut seen, "a switchover", |s| {
-        s.iter().any(|e| e["event"] == "switchover")
-    });
-    let first = seen.iter().find(|e| e["event"] == "switchover").unwrap()["vm"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let k = pairs.iter().position(|p| p.name == first).unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while wans[k].counters().client_to_server.bytes < 512 << 10 {
-        assert!(
-            Instant::now() < deadline,
-            "{first}'s evacuation never got going"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let k = first_transfer(&o, &mut seen, &pairs, &wans, 512 << 10);
+    let first = pairs[k].name.clone();
     for w in &wans {
         w.cut();
     }
