@@ -97,6 +97,15 @@ impl Track {
         self.watch.stalled.is_some()
     }
 
+    /// When it last moved ([`Orchestration::stalls`]): its start if not since; `now_s`
+    /// if it has not started.
+    fn moved_s(&self, now_s: f64) -> f64 {
+        self.watch
+            .moved_s()
+            .or(self.timeline.start_s)
+            .unwrap_or(now_s)
+    }
+
     /// When it started, or when it took its place back after a stall: the VMs under way
     /// on a link take it in this order (see [`RunningKey`]).
     fn queued_s(&self) -> Option<f64> {

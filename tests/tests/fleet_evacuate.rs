@@ -113,6 +113,17 @@ fn certs() -> Certs {
 /// A plan file on one loopback link stated at `rate`; `me` is the orchestrator's
 /// identity, `vms` are (name, memory, control port).
 fn plan_file(certs: &Certs, me: &str, rate: &str, vms: &[(&str, &str, u16)]) -> PathBuf {
+    plan_file_with(certs, me, rate, vms, "")
+}
+
+/// [`plan_file`], with `vm_lines` added to every VM's entry.
+fn plan_file_with(
+    certs: &Certs,
+    me: &str,
+    rate: &str,
+    vms: &[(&str, &str, u16)],
+    vm_lines: &str,
+) -> PathBuf {
     let mut s = format!(
         "deadline = \"10m\"\ncert = {:?}\nkey = {:?}\npeer_cert = {:?}\n\n\
          [[link]]\nname = \"lo\"\nrate_bps = {rate:?}\nrtt_ms = 1\n",
@@ -122,7 +133,7 @@ fn plan_file(certs: &Certs, me: &str, rate: &str, vms: &[(&str, &str, u16)]) -> 
     );
     for (name, mem, port) in vms {
         s += &format!(
-            "\n[[vm]]\nname = {name:?}\nmemory_bytes = {mem:?}\ncontrol = \"127.0.0.1:{port}\"\n"
+            "\n[[vm]]\nname = {name:?}\nmemory_bytes = {mem:?}\ncontrol = \"127.0.0.1:{port}\"\n{vm_lines}"
         );
     }
     let path = certs.dir.path().join("fleet.toml");
@@ -642,6 +653,16 @@ fn signal(pid: u32, sig: libc::c_int) {
 /// at 20 Mbit/s (about 2.7 s each), and a plan file stating one 20 Mbit/s link: one flow
 /// fills it, so one VM transfers at a time and the next is held behind it.
 fn three_through_20_mbit(certs: &Certs) -> (Vec<Pair>, Vec<WanEmulator>, PathBuf) {
+    three_through_20_mbit_on(certs, "20M", "")
+}
+
+/// [`three_through_20_mbit`], the plan stating its link at `link_rate` and adding
+/// `vm_lines` to every VM's entry.
+fn three_through_20_mbit_on(
+    certs: &Certs,
+    link_rate: &str,
+    vm_lines: &str,
+) -> (Vec<Pair>, Vec<WanEmulator>, PathBuf) {
     let (pairs, wans): (Vec<Pair>, Vec<WanEmulator>) = ["vm-a", "vm-b", "vm-c"]
         .into_iter()
         .map(|name| {
@@ -659,7 +680,7 @@ fn three_through_20_mbit(certs: &Certs) -> (Vec<Pair>, Vec<WanEmulator>, PathBuf
         .iter()
         .map(|p| (p.name.as_str(), "32M", p.port))
         .collect();
-    let plan = plan_file(certs, "orchestrator", "20M", &vms);
+    let plan = plan_file_with(certs, "orchestrator", link_rate, &vms, vm_lines);
     (pairs, wans, plan)
 }
 
@@ -755,6 +776,74 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
         "stalled case in {:?}; the others done {stalled_for:?} after the stop",
         t.elapsed()
     );
+}
+
+/// Two VMs transferring side by side (a 40 Mbit/s link, each VM limited to 20), both
+/// standbys stopped (SIGSTOP) together, as a standby host's crash would: that cannot be told
+/// from an outage, so one is stalled and the third VM starts in its place. Its standby is
+/// alive: it moves, the link carries, so the other stopped VM is stalled too, and the third
+/// finishes while both stay stopped (before, neither was stalled and the third never
+/// started). When the standbys continue both finish: all three arrive with equal memory.
+#[test]
+fn standbys_stopped_together_are_told_from_an_outage_by_the_vm_started_in_their_place() {
+    let t = Instant::now();
+    let certs = certs();
+    let (pairs, wans, plan) = three_through_20_mbit_on(&certs, "40M", "max_rate_bps = \"20M\"\n");
+    let o = Orchestrator::start(&plan, &["--stall-timeout", "3"]);
+    let mut seen = Vec::new();
+    o.wait_until(&mut seen, "two switchovers", |s| {
+        s.iter().filter(|e| e["event"] == "switchover").count() >= 2
+    });
+    let stopped: Vec<usize> = pairs
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| has(&seen, "switchover", &p.name))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(stopped.len(), 2, "two run at once: {seen:?}");
+    for &k in &stopped {
+        let deadline = Instant::now() + TIMEOUT;
+        while wans[k].counters().client_to_server.bytes < 512 << 10 {
+            assert!(
+                Instant::now() < deadline,
+                "{} never got going",
+                pairs[k].name
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    for &k in &stopped {
+        signal(pairs[k].standby.pid(), libc::SIGSTOP);
+    }
+    let third = (0..3).find(|k| !stopped.contains(k)).unwrap();
+    let third_name = pairs[third].name.clone();
+    assert!(!has(&seen, "started", &third_name), "{seen:?}");
+    o.wait_until(&mut seen, "the third done", |s| has(s, "done", &third_name));
+    for &k in &stopped {
+        let name = &pairs[k].name;
+        assert!(
+            has(&seen, "stalled", name),
+            "{name} was not stalled: {seen:?}"
+        );
+        assert!(!has(&seen, "done", name), "{name} is stopped: {seen:?}");
+    }
+    for &k in &stopped {
+        signal(pairs[k].standby.pid(), libc::SIGCONT);
+    }
+    let names: Vec<String> = stopped.iter().map(|&k| pairs[k].name.clone()).collect();
+    o.wait_until(&mut seen, "both moving again and done", |s| {
+        names
+            .iter()
+            .all(|n| has(s, "moving", n) && has(s, "done", n))
+    });
+    let (rc, r, err) = o.wait();
+    assert_eq!(rc, Some(0), "{err}\n{r}");
+    assert_eq!(r["totals"]["done"], 3, "{r}");
+    assert_eq!(r["totals"]["stalled"], 0, "{r}");
+    for p in pairs {
+        p.assert_evacuated();
+    }
+    eprintln!("standbys stopped together: {:?}", t.elapsed());
 }
 
 /// A link outage, as every VM's emulator cut at once mid-evacuation for 8 s (beyond the

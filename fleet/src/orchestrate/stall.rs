@@ -87,6 +87,11 @@ impl Watch {
         }
     }
 
+    /// When it last moved, if it has.
+    pub(super) fn moved_s(&self) -> Option<f64> {
+        self.moved_s
+    }
+
     pub(super) fn moved(&mut self, now_s: f64) {
         self.moved_s = Some(self.moved_s.map_or(now_s, |m| m.max(now_s)));
     }
@@ -162,12 +167,17 @@ impl Orchestration {
     /// * another VM made progress on its link (a switchover, bytes left falling, a VM done)
     ///   within the last half of the timeout (at least 2 s): the link carries, so its own
     ///   standby or path is stuck; or
-    /// * no other VM holds a place on its link, and none stalled there without the link
-    ///   having made progress since: it cannot be told from an outage, so its stall lets
-    ///   one more VM start, whose progress then shows which it was.
+    /// * every VM holding a place on its link (it alone, or all of them) has gone the
+    ///   timeout without moving, and none stalled there without the link having made
+    ///   progress since: that cannot be told from an outage, so one of them (the first
+    ///   in VM order) is stalled, which lets one more VM start, whose progress then shows
+    ///   which it was.
     ///
-    /// VMs that stop together are a link outage: they ride it out where they are
-    /// (docs/recovery.md), and starting more in their places would start them into it.
+    /// VMs that stop together are a link outage or standbys lost together (a standby
+    /// host's crash). The VM started in the place of the one stalled tells them apart: if
+    /// it moves, the link carries and the others are stalled in turn; if it stops too, the
+    /// others ride the outage out where they are (docs/recovery.md) and no more start into
+    /// it.
     ///
     /// A stalled VM gives its place on its link to the VMs behind it, takes none of the
     /// link's rate in [`Orchestration::rate_caps`] (held, where its link holds VMs, until
@@ -181,14 +191,14 @@ impl Orchestration {
         if !now_s.is_finite() {
             return Vec::new();
         }
-        // Per link, the VMs holding a place and those stalled without the link having
-        // made progress since.
+        // Per link, whether every VM holding a place there has gone the stall timeout
+        // without moving, and the VMs stalled without the link having made progress since.
         let n = self.fleet.links.len();
-        let (mut holding, mut unresolved) = (vec![0usize; n], vec![0usize; n]);
+        let (mut all_stuck, mut unresolved) = (vec![true; n], vec![0usize; n]);
         for (vm, t) in self.tracks.iter().enumerate() {
             let li = self.fleet.vms[vm].link;
-            if t.holds_place() {
-                holding[li] += 1;
+            if t.holds_place() && now_s - t.moved_s(now_s) < self.stall_after_s {
+                all_stuck[li] = false;
             }
             if let Some(st) = &t.watch.stalled {
                 if !self.link_progressed_s[li].is_some_and(|p| p > st.found_s) {
@@ -230,12 +240,12 @@ impl Orchestration {
                 }
                 continue;
             }
-            let moved = t.watch.moved_s.or(t.timeline.start_s).unwrap_or(now_s);
+            let moved = t.moved_s(now_s);
             if now_s - moved < self.stall_after_s {
                 continue;
             }
             let carries = self.link_progressed_s[li].is_some_and(|p| p >= now_s - window);
-            let alone = holding[li] <= 1 && unresolved[li] == 0;
+            let alone = all_stuck[li] && unresolved[li] == 0;
             if !carries && !alone {
                 continue;
             }
@@ -253,7 +263,6 @@ impl Orchestration {
                 since_s: moved,
                 until_s: None,
             });
-            holding[li] = holding[li].saturating_sub(1);
             if !carries {
                 unresolved[li] += 1;
             }
@@ -285,8 +294,7 @@ impl Orchestration {
         }
         let mut any = false;
         for t in self.tracks.iter().filter(|t| t.phase.is_under_way()) {
-            let moved = t.watch.moved_s.or(t.timeline.start_s).unwrap_or(now_s);
-            if now_s - moved < self.stall_after_s {
+            if now_s - t.moved_s(now_s) < self.stall_after_s {
                 return false;
             }
             any = true;
