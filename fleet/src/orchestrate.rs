@@ -887,8 +887,19 @@ impl Orchestration {
         };
         Report {
             deadline_s,
+            ended_s: None,
             vms,
             totals,
+        }
+    }
+
+    /// [`Orchestration::report`] of an evacuation that ended at `ended_s`: what was still
+    /// open then (a stall, a transfer) lasted until it. A time that is not finite is left
+    /// out.
+    pub fn report_ended(&self, ended_s: f64) -> Report {
+        Report {
+            ended_s: Some(ended_s).filter(|t| t.is_finite()),
+            ..self.report()
         }
     }
 }
@@ -957,6 +968,10 @@ pub struct ReportTotals {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Report {
     pub deadline_s: f64,
+    /// When the orchestrator ended, if the report was made then
+    /// ([`Orchestration::report_ended`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_s: Option<f64>,
     /// In fleet (plan file) order.
     pub vms: Vec<VmReport>,
     pub totals: ReportTotals,

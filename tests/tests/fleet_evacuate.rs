@@ -760,6 +760,10 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
     assert_eq!(rc, Some(0), "{err}\n{r}");
     assert_eq!(r["totals"]["done"], 3, "{r}");
     assert_eq!(r["totals"]["stalled"], 0, "{r}");
+    assert!(
+        secs(&r["ended_s"]) >= secs(&r["totals"]["makespan_s"]),
+        "{r}"
+    );
     // The report keeps the stall, and the chart draws it.
     let stalls = vm(&r, &first)["stalls"].as_array().unwrap().clone();
     assert_eq!(stalls.len(), 1, "{r}");

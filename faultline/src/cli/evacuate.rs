@@ -331,7 +331,7 @@ async fn orchestrate(
     if let Some(b) = bars {
         b.finish(&o);
     }
-    let r = o.report();
+    let r = o.report_ended(t0.elapsed().as_secs_f64());
     events.emit(json!({"event": "finished", "totals": r.totals}));
     // Links still open (VMs stalled or not finished when it ended) are closed, and their
     // closes let out, so that their sources hear of it now.

@@ -188,7 +188,23 @@ pub(super) fn write_gantt(
     out: &std::path::Path,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    use fleet::chart::{render_svg, ChartOptions, RunEnd, Timeline, VmRun};
+    use fleet::chart::{render_svg, ChartOptions};
+    let svg = run_timeline(file, r, first_plan)
+        .and_then(|t| render_svg(&t, &ChartOptions::default()))
+        .with_context(|| format!("drawing the Gantt chart for {}", out.display()))?;
+    std::fs::write(out, svg)
+        .with_context(|| format!("writing the Gantt chart to {}", out.display()))?;
+    Ok(())
+}
+
+/// The run's chart: the measured bars of every VM up to when it ended (or its last
+/// event), over the plan the orchestrator started with.
+fn run_timeline(
+    file: &std::path::Path,
+    r: &fleet::orchestrate::Report,
+    first_plan: &fleet::plan::Plan,
+) -> Result<fleet::chart::Timeline, fleet::chart::ChartError> {
+    use fleet::chart::{RunEnd, Timeline, VmRun};
     use fleet::orchestrate::Phase;
     let name = file.file_name().map_or_else(
         || file.display().to_string(),
@@ -243,13 +259,58 @@ pub(super) fn write_gantt(
             .chain(v.stalls.iter().flat_map(|s| [Some(s.since_s), s.until_s]))
         })
         .flatten()
+        .chain(r.ended_s)
         .fold(0.0_f64, f64::max);
-    let mut timeline = Timeline::from_runs(title, Some(r.deadline_s), now_s, &runs)
-        .with_context(|| format!("drawing the Gantt chart for {}", out.display()))?;
+    let mut timeline = Timeline::from_runs(title, Some(r.deadline_s), now_s, &runs)?;
     timeline.overlay_plan(&Timeline::from_plan(first_plan, String::new()));
-    let svg = render_svg(&timeline, &ChartOptions::default())
-        .with_context(|| format!("drawing the Gantt chart for {}", out.display()))?;
-    std::fs::write(out, svg)
-        .with_context(|| format!("writing the Gantt chart to {}", out.display()))?;
-    Ok(())
+    Ok(timeline)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet::chart::{BarKind, Basis};
+    use fleet::orchestrate::Orchestration;
+    use fleet::plan::PlanOptions;
+    use std::path::Path;
+    use std::time::Duration;
+
+    /// A run that ended at 40 s with its only VM stalled since 0.5 s.
+    fn stalled_run() -> Orchestration {
+        let link = fleet::Link {
+            name: "wan".into(),
+            rate_bps: 1_000_000_000,
+            rtt: Duration::from_millis(10),
+            shared_rate_bps: None,
+            per_flow_window_bytes: 1 << 30,
+            replication_budget_bps: None,
+        };
+        let vms = vec![fleet::Vm::idle("vm0", 0, 100 << 20)];
+        let f = fleet::Fleet::new(vec![link], vms, fleet::Costs::default()).unwrap();
+        let mut o = Orchestration::new(f, PlanOptions::new(30.0), &[]).unwrap();
+        o.started(0, 0.0);
+        o.progress(0, 0.5, Some(50 << 20), 0);
+        assert_eq!(o.stalls(10.5).len(), 1);
+        o
+    }
+
+    #[test]
+    fn a_stall_still_open_is_drawn_to_when_the_run_ended() {
+        let o = stalled_run();
+        let stalled = |r: &Report| {
+            let t = run_timeline(Path::new("fleet.toml"), r, o.first_plan()).unwrap();
+            let bar = t.rows[0]
+                .bars
+                .iter()
+                .find(|b| b.kind == BarKind::Stalled && b.basis == Basis::Measured)
+                .map(|b| (b.start_s, b.end_s));
+            (bar, t.now_s)
+        };
+        let r = o.report_ended(40.0);
+        assert_eq!(r.ended_s, Some(40.0));
+        assert_eq!(stalled(&r), (Some((0.5, 40.0)), Some(40.0)));
+        // Without the end, up to the last event: the stall's start, so not drawn.
+        assert_eq!(stalled(&o.report()), (None, Some(0.5)));
+        assert_eq!(o.report_ended(f64::NAN).ended_s, None);
+    }
 }
