@@ -257,31 +257,27 @@ impl IdleThreads {
 }
 
 /// Whether this process may put a thread back from `SCHED_IDLE` to normal priority
-/// (CAP_SYS_NICE in the initial user namespace, or an RLIMIT_NICE that allows its nice value,
-/// `ulimit -e`): tried once, on a scratch thread, rather than guessed from capabilities a
-/// container may show without holding. Says why (a warning) when not.
+/// ([`probe_leave_idle`]), found once. Says why (a warning) when not.
 fn may_leave_idle() -> bool {
     static MAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *MAY.get_or_init(|| {
-        let probe = std::thread::Builder::new()
-            .name("idle-probe".into())
-            .spawn(|| {
-                let param = libc::sched_param { sched_priority: 0 };
-                // SAFETY: pid 0 is the calling thread, this scratch one, which ends right
-                // after; the calls read `param` and touch no other memory.
-                unsafe {
-                    libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0
-                        && libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) == 0
-                }
-            });
-        let may = match probe {
-            Ok(h) => h.join().unwrap_or(false),
+        let may = match probe_leave_idle() {
+            Ok(may) => may,
             Err(e) => {
                 tracing::warn!("the replicator does not lower its priority: no probe thread: {e}");
                 return false;
             }
         };
-        if !may {
+        // SAFETY: reads the calling thread's policy; no memory is touched.
+        let idle_already = unsafe { libc::sched_getscheduler(0) } == libc::SCHED_IDLE;
+        if !may && idle_already {
+            tracing::warn!(
+                "this process runs at idle priority (chrt -i) and may not leave it: the \
+                 replicator's catch-up and last round for an evacuation will run there too, \
+                 on CPU the guest leaves (leaving it needs CAP_SYS_NICE, or an RLIMIT_NICE \
+                 that allows its nice value: ulimit -e 20)"
+            );
+        } else if !may {
             tracing::warn!(
                 "the replicator does not lower its priority: this process may not put a \
                  thread back from idle priority for the evacuation (that needs CAP_SYS_NICE, \
@@ -290,6 +286,26 @@ fn may_leave_idle() -> bool {
         }
         may
     })
+}
+
+/// Tries, on a scratch thread, to set `SCHED_IDLE` and then `SCHED_OTHER`: whether this
+/// process may leave idle priority (CAP_SYS_NICE in the initial user namespace, or an
+/// RLIMIT_NICE that allows its nice value, `ulimit -e`), found by trying rather than
+/// guessed from capabilities a container may show without holding. Errors: the thread
+/// could not be started.
+fn probe_leave_idle() -> std::io::Result<bool> {
+    let probe = std::thread::Builder::new()
+        .name("idle-probe".into())
+        .spawn(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: pid 0 is the calling thread, this scratch one, which ends right
+            // after; the calls read `param` and touch no other memory.
+            unsafe {
+                libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0
+                    && libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) == 0
+            }
+        })?;
+    Ok(probe.join().unwrap_or(false))
 }
 
 /// Guest memory and disks the replicator reads: the regions stay mapped while it runs.
@@ -831,6 +847,49 @@ mod idle_tests {
     fn policy_of(tid: libc::pid_t) -> i32 {
         // SAFETY: reads the policy of a thread of this process; no memory is touched.
         unsafe { libc::sched_getscheduler(tid) }
+    }
+
+    /// What the kernel's rule says of this process, where it can be told from outside the
+    /// probe: `Some(true)` if its RLIMIT_NICE allows its nice value, or it holds
+    /// CAP_SYS_NICE in the initial user namespace; `Some(false)` if it holds neither; `None`
+    /// if it shows the capability in another user namespace (which may not count).
+    fn kernel_allows_leaving_idle() -> Option<bool> {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the rlimit it is given, which lives on this stack.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) }, 0);
+        // SAFETY: reads the calling thread's nice value; no memory is touched.
+        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let needed = (20 - nice) as libc::rlim_t;
+        if lim.rlim_cur == libc::RLIM_INFINITY || lim.rlim_cur >= needed {
+            return Some(true);
+        }
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let cap_eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap();
+        // CAP_SYS_NICE is capability 23 (linux/capability.h).
+        let cap_sys_nice = cap_eff & (1 << 23) != 0;
+        let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+        let initial_ns = uid_map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
+        match (cap_sys_nice, initial_ns) {
+            (false, _) => Some(false),
+            (true, true) => Some(true),
+            (true, false) => None,
+        }
+    }
+
+    #[test]
+    fn the_probe_agrees_with_the_kernels_rule() {
+        let probed = super::probe_leave_idle().unwrap();
+        if let Some(allowed) = kernel_allows_leaving_idle() {
+            assert_eq!(probed, allowed);
+        }
+        assert_eq!(super::may_leave_idle(), probed);
     }
 
     #[test]
