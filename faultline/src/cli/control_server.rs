@@ -325,7 +325,82 @@ async fn events(
 
 #[cfg(test)]
 mod tests {
-    use super::restores;
+    use super::*;
+
+    /// A source's control endpoint with its own limit of 10 Mbit/s, an orchestrator that
+    /// holds it to 2 Mbit/s and then closes its connection with `code`: the limit in
+    /// force once the endpoint has seen the close.
+    fn limit_after_a_hold_and_a_close(code: u32) -> Option<u64> {
+        let (source, orchestrator) = (
+            Identity::generate("source").unwrap(),
+            Identity::generate("orchestrator").unwrap(),
+        );
+        let limit = RateLimit::new(Some(10_000_000));
+        let server = ControlServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            &source,
+            orchestrator.cert.clone(),
+            super::super::replica::idle_status_of("vm", 1 << 20),
+            limit.clone(),
+            || {},
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ep = transport::quic::control_client_endpoint(
+                "127.0.0.1:0".parse().unwrap(),
+                &orchestrator,
+                source.cert.clone(),
+            )
+            .unwrap();
+            let conn = transport::quic::connect(&ep, server.local_addr())
+                .await
+                .unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let hold = Request::SetRate {
+                rate_cap_bps: Some(2_000_000),
+            };
+            write_msg(&mut send, &hold).await.unwrap();
+            let reply: Option<Reply> = read_msg(&mut recv).await.unwrap();
+            assert!(
+                matches!(
+                    reply,
+                    Some(Reply::RateSet {
+                        rate_cap_bps: Some(2_000_000)
+                    })
+                ),
+                "{reply:?}"
+            );
+            assert_eq!(limit.get(), Some(2_000_000));
+            conn.close(code.into(), b"test");
+            ep.wait_idle().await;
+        });
+        // The endpoint counts the connection out once it has acted on its end.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while server.streams.connections.load(Ordering::Acquire) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the close was not seen"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let after = limit.get();
+        server.finish();
+        after
+    }
+
+    #[test]
+    fn a_hold_is_taken_back_when_the_orchestrator_hangs_up_but_not_when_it_gave_up() {
+        assert_eq!(limit_after_a_hold_and_a_close(0), Some(10_000_000));
+        assert_eq!(
+            limit_after_a_hold_and_a_close(fleet::control::CLOSE_GAVE_UP),
+            Some(2_000_000),
+            "the VMs planned in its place have the link"
+        );
+    }
 
     #[test]
     fn a_gone_orchestrators_hold_is_taken_back_only_while_it_is_its_own_and_lower() {
