@@ -423,7 +423,7 @@ pub fn run_vm_source(certs: &Certs, addr: &str, extra: &[&str], timeout: Duratio
 }
 
 /// A `faultline` process started in the background, collected later.
-pub struct Background(Child);
+pub struct Background(Option<Child>);
 
 impl Background {
     /// Starts `faultline source` (identity `me`) against `addr` with `extra` arguments and
@@ -445,7 +445,7 @@ impl Background {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn faultline source");
-        Background(child)
+        Background(Some(child))
     }
 
     /// Starts `faultline replicate` against `addr` with `extra` arguments, its replicator at
@@ -472,7 +472,7 @@ impl Background {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn faultline replicate");
-        Background(child)
+        Background(Some(child))
     }
 
     /// Starts `faultline vm source` (a KVM guest of the reference VMM) against `addr` with
@@ -487,7 +487,7 @@ impl Background {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn faultline vm source");
-        Background(child)
+        Background(Some(child))
     }
 
     /// Starts `faultline` with exactly `args` (no defaults added).
@@ -504,22 +504,40 @@ impl Background {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn faultline");
-        Background(child)
+        Background(Some(child))
     }
 
-    pub fn wait(self, timeout: Duration) -> Finished {
-        collect(self.0, timeout, "faultline (background)")
+    pub fn wait(mut self, timeout: Duration) -> Finished {
+        let child = self
+            .0
+            .take()
+            .expect("a background process is waited for once");
+        collect(child, timeout, "faultline (background)")
     }
 
     /// Its process id (to signal it).
     pub fn pid(&self) -> u32 {
-        self.0.id()
+        // Taken only by `wait`, which consumes it.
+        self.0
+            .as_ref()
+            .expect("a background process not waited for")
+            .id()
     }
 
     /// Kills it (SIGKILL) and reaps it.
-    pub fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+    pub fn kill(self) {
+        drop(self);
+    }
+}
+
+/// A test that panics before waiting for its process kills it rather than leaving it
+/// running (a source whose writer keeps going would load the tests after it).
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

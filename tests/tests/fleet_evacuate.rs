@@ -247,6 +247,14 @@ impl Orchestrator {
     }
 }
 
+/// A test that panics before the orchestrator ended kills it.
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// An event line of the orchestrator's stderr (`@faultline {...}`).
 fn parse_event(line: &str) -> Option<Value> {
     serde_json::from_str(line.strip_prefix("@faultline ")?).ok()
@@ -653,13 +661,14 @@ fn signal(pid: u32, sig: libc::c_int) {
 /// at 20 Mbit/s (about 2.7 s each), and a plan file stating one 20 Mbit/s link: one flow
 /// fills it, so one VM transfers at a time and the next is held behind it.
 fn three_through_20_mbit(certs: &Certs) -> (Vec<Pair>, Vec<WanEmulator>, PathBuf) {
-    three_through_20_mbit_on(certs, "20M", "")
+    three_through_20_mbit_on(certs, "20", "20M", "")
 }
 
-/// [`three_through_20_mbit`], the plan stating its link at `link_rate` and adding
-/// `vm_lines` to every VM's entry.
+/// [`three_through_20_mbit`] with `stale_pct` of each VM stale, the plan stating its link
+/// at `link_rate` and adding `vm_lines` to every VM's entry.
 fn three_through_20_mbit_on(
     certs: &Certs,
+    stale_pct: &str,
     link_rate: &str,
     vm_lines: &str,
 ) -> (Vec<Pair>, Vec<WanEmulator>, PathBuf) {
@@ -670,7 +679,7 @@ fn three_through_20_mbit_on(
                 certs,
                 name,
                 "32M",
-                &["--stale-pct", "20", "--encoding", "off"],
+                &["--stale-pct", stale_pct, "--encoding", "off"],
                 Some(LinkConfig::new(Duration::from_millis(2), 20_000_000)),
             );
             (p, wan.unwrap())
@@ -782,17 +791,20 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
     );
 }
 
-/// Two VMs transferring side by side (a 40 Mbit/s link, each VM limited to 20), both
-/// standbys stopped (SIGSTOP) together, as a standby host's crash would: that cannot be told
-/// from an outage, so one is stalled and the third VM starts in its place. Its standby is
-/// alive: it moves, the link carries, so the other stopped VM is stalled too, and the third
-/// finishes while both stay stopped (before, neither was stalled and the third never
-/// started). When the standbys continue both finish: all three arrive with equal memory.
+/// Two VMs transferring side by side (a 40 Mbit/s link, each VM limited to 20; 12.8 MiB
+/// stale each, about 5.4 s, so that the third VM's prestart is not due before the stall),
+/// both standbys stopped (SIGSTOP) together, as a standby host's crash would: that cannot
+/// be told from an outage, so one is stalled and the third VM starts in its place. Its
+/// standby is alive: it moves, the link carries, so the other stopped VM is stalled too,
+/// and the third finishes while both stay stopped (before, neither was stalled and the
+/// third never started). When the standbys continue both finish: all three arrive with
+/// equal memory.
 #[test]
 fn standbys_stopped_together_are_told_from_an_outage_by_the_vm_started_in_their_place() {
     let t = Instant::now();
     let certs = certs();
-    let (pairs, wans, plan) = three_through_20_mbit_on(&certs, "40M", "max_rate_bps = \"20M\"\n");
+    let (pairs, wans, plan) =
+        three_through_20_mbit_on(&certs, "40", "40M", "max_rate_bps = \"20M\"\n");
     let o = Orchestrator::start(&plan, &["--stall-timeout", "3"]);
     let mut seen = Vec::new();
     o.wait_until(&mut seen, "two switchovers", |s| {
@@ -821,7 +833,6 @@ fn standbys_stopped_together_are_told_from_an_outage_by_the_vm_started_in_their_
     }
     let third = (0..3).find(|k| !stopped.contains(k)).unwrap();
     let third_name = pairs[third].name.clone();
-    assert!(!has(&seen, "started", &third_name), "{seen:?}");
     o.wait_until(&mut seen, "the third done", |s| has(s, "done", &third_name));
     for &k in &stopped {
         let name = &pairs[k].name;
@@ -840,6 +851,20 @@ fn standbys_stopped_together_are_told_from_an_outage_by_the_vm_started_in_their_
             .iter()
             .all(|n| has(s, "moving", n) && has(s, "done", n))
     });
+    // The third started in the place of the first VM stalled, not before.
+    let at = |kind: &str, vm: Option<&str>| {
+        seen.iter()
+            .position(|e| e["event"] == kind && vm.is_none_or(|v| e["vm"] == v))
+            .unwrap_or_else(|| panic!("no {kind} event: {seen:?}"))
+    };
+    let brief: Vec<String> = seen
+        .iter()
+        .map(|e| format!("{} {} {}", e["t_s"], e["event"], e["vm"]))
+        .collect();
+    assert!(
+        at("stalled", None) < at("started", Some(&third_name)),
+        "{brief:#?}"
+    );
     let (rc, r, err) = o.wait();
     assert_eq!(rc, Some(0), "{err}\n{r}");
     assert_eq!(r["totals"]["done"], 3, "{r}");

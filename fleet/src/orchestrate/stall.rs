@@ -71,8 +71,8 @@ pub(super) struct Stalled {
     /// Its bytes left and whether it was past its switchover, then.
     remaining_bytes: u64,
     transferring: bool,
-    /// Found alone on its link, not told from an outage.
-    alone: bool,
+    /// Found with its whole link stuck, so not told from an outage.
+    link_stuck: bool,
     /// When its link was first seen making progress after it was found.
     carried_s: Option<f64>,
 }
@@ -168,10 +168,10 @@ impl Orchestration {
     ///   within the last half of the timeout (at least 2 s): the link carries, so its own
     ///   standby or path is stuck; or
     /// * every VM holding a place on its link (it alone, or all of them) has gone the
-    ///   timeout without moving, and none stalled there without the link having made
-    ///   progress since: that cannot be told from an outage, so one of them (the first
-    ///   in VM order) is stalled, which lets one more VM start, whose progress then shows
-    ///   which it was.
+    ///   timeout without moving, none stalled there without the link having made progress
+    ///   since, and a VM waits to start on the link: that cannot be told from an outage,
+    ///   so one of them is stalled (a transfer before a setup, the one stuck longest
+    ///   first), which lets one more VM start, whose progress then shows which it was.
     ///
     /// VMs that stop together are a link outage or standbys lost together (a standby
     /// host's crash). The VM started in the place of the one stalled tells them apart: if
@@ -186,19 +186,31 @@ impl Orchestration {
     /// again when it switches over, its bytes left fall by [`MOVE_BYTES`] since it stalled, or
     /// its bytes sent count as a move again: it then takes a place again, behind the
     /// transfers started meanwhile if the stall was its own (found while its link carried),
-    /// where it was if it was caught alone in an outage.
+    /// where it was if it was caught in an outage.
     pub fn stalls(&mut self, now_s: f64) -> Vec<StallChange> {
         if !now_s.is_finite() {
             return Vec::new();
         }
-        // Per link, whether every VM holding a place there has gone the stall timeout
-        // without moving, and the VMs stalled without the link having made progress since.
+        // Per link: whether every VM holding a place there has gone the stall timeout
+        // without moving; which of them to stall if none can be told from an outage (a
+        // transfer before a setup, then the one stuck longest); whether a VM waits to
+        // start there; and the VMs stalled without the link having made progress since.
         let n = self.fleet.links.len();
         let (mut all_stuck, mut unresolved) = (vec![true; n], vec![0usize; n]);
+        let mut waiting = vec![false; n];
+        let mut pick: Vec<Option<(bool, f64, usize)>> = vec![None; n];
         for (vm, t) in self.tracks.iter().enumerate() {
             let li = self.fleet.vms[vm].link;
-            if t.holds_place() && now_s - t.moved_s(now_s) < self.stall_after_s {
-                all_stuck[li] = false;
+            waiting[li] |= t.phase == Phase::Waiting;
+            if t.holds_place() {
+                let moved = t.moved_s(now_s);
+                if now_s - moved < self.stall_after_s {
+                    all_stuck[li] = false;
+                }
+                let key = (t.phase != Phase::Transferring, moved, vm);
+                if pick[li].is_none_or(|p| key < p) {
+                    pick[li] = Some(key);
+                }
             }
             if let Some(st) = &t.watch.stalled {
                 if !self.link_progressed_s[li].is_some_and(|p| p > st.found_s) {
@@ -227,11 +239,11 @@ impl Orchestration {
                         stalled_for_s: now_s - st.since_s,
                     });
                     // A transfer whose stall was its own goes behind the transfers started
-                    // meanwhile. One caught in an outage keeps its place: found alone, with
-                    // the link making no progress from then until it (and whatever was
-                    // started to tell) moved again, within the window. So does a setup
-                    // (the re-plans take a setup's start for its place).
-                    let outage = st.alone && !st.carried_s.is_some_and(|p| p < now_s - window);
+                    // meanwhile. One caught in an outage keeps its place: found with its
+                    // link stuck, the link making no progress from then until it (and
+                    // whatever was started to tell) moved again, within the window. So does
+                    // a setup (the re-plans take a setup's start for its place).
+                    let outage = st.link_stuck && !st.carried_s.is_some_and(|p| p < now_s - window);
                     if st.transferring && !outage {
                         t.watch.requeued_s = Some(now_s);
                     }
@@ -245,8 +257,9 @@ impl Orchestration {
                 continue;
             }
             let carries = self.link_progressed_s[li].is_some_and(|p| p >= now_s - window);
-            let alone = all_stuck[li] && unresolved[li] == 0;
-            if !carries && !alone {
+            let picked = pick[li].is_some_and(|p| p.2 == vm);
+            let link_stuck = all_stuck[li] && picked && waiting[li] && unresolved[li] == 0;
+            if !carries && !link_stuck {
                 continue;
             }
             let transferring = t.phase == Phase::Transferring;
@@ -255,7 +268,7 @@ impl Orchestration {
                 found_s: now_s,
                 remaining_bytes: t.remaining_bytes,
                 transferring,
-                alone: !carries,
+                link_stuck: !carries,
                 carried_s: None,
             });
             t.watch.stalled_in_setup |= !transferring;

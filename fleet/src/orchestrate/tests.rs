@@ -819,98 +819,120 @@ fn a_transfer_in_its_last_bytes_moves_as_it_sends() {
     assert!(matches!(o.stalls(31.0)[..], [StallChange::Moving { vm, .. }] if vm == a));
 }
 
-/// `first` transferring and `next` prestarted behind it (switched over at 6.1), both
-/// stopped from 6.1 on, reporting every second; `third` waiting. The stall watch is asked
-/// at each report to 16.0.
-fn two_stopped_together() -> (Orchestration, usize, usize, usize) {
-    let mut o = one_flow_fills_the_link(3);
-    let first = o.due(0.0)[0];
-    o.started(first, 0.0);
+/// `first` and `next` transferring side by side on a link that runs two at once (no
+/// prestart), both stopped from about 6 on (`first` last moved at 5.8, `next` at 6.1),
+/// reporting every second; two more VMs waiting. The stall watch is asked at each report
+/// to 16.0.
+fn two_stopped_together() -> (Orchestration, usize, usize) {
+    let mut o = in_order(
+        Orchestration::new(fleet(4), PlanOptions::new(3600.0), &[]).unwrap(),
+        2,
+    );
+    o.current.schedule.links[0].prestart = false;
+    let due = o.due(0.0);
+    assert_eq!(due.len(), 2, "{due:?}");
+    let (first, next) = (due[0], due[1]);
+    for &i in &due {
+        o.started(i, 0.0);
+    }
     o.progress(first, 0.3, Some(100 * MB), 0);
-    o.replan(0.3).unwrap();
-    let next = o.due(5.0)[0];
-    o.started(next, 5.0);
+    o.progress(next, 0.5, Some(200 * MB), 0);
     // The link goes down (or both standbys do) at 6: both stop within a report of each
     // other.
-    o.progress(first, 5.8, Some(80 * MB), 0);
-    o.progress(next, 6.1, Some(199 * MB), 0);
+    o.progress(first, 5.8, Some(80 * MB), 20 * MB);
+    o.progress(next, 6.1, Some(199 * MB), MB);
     for k in 7..=16 {
-        o.progress(first, k as f64, Some(80 * MB), 0);
-        o.progress(next, k as f64 + 0.1, Some(199 * MB), 0);
+        o.progress(first, k as f64, Some(80 * MB), 20 * MB);
+        o.progress(next, k as f64 + 0.1, Some(199 * MB), MB);
         assert!(o.stalls(k as f64).is_empty(), "at {k}");
+        assert!(o.due(k as f64).is_empty(), "at {k}: both places taken");
     }
-    let third = (0..3).find(|i| ![first, next].contains(i)).unwrap();
-    assert_eq!(o.phase(third), Phase::Waiting);
-    (o, first, next, third)
+    (o, first, next)
 }
 
 #[test]
 fn vms_that_stop_together_start_one_more_into_an_outage_and_no_more() {
-    let (mut o, first, next, third) = two_stopped_together();
-    // Both stuck for the timeout: one (the first in VM order) is stalled, to tell an
+    let (mut o, first, next) = two_stopped_together();
+    // Both stuck for the timeout: one (the one stuck longest) is stalled, to tell an
     // outage from lost standbys...
     let stalls = o.stalls(16.1);
-    let one = first.min(next);
     assert!(
-        matches!(stalls[..], [StallChange::Stalled { vm, .. }] if vm == one),
+        matches!(stalls[..], [StallChange::Stalled { vm, .. }] if vm == first),
         "{stalls:?}"
     );
-    assert_eq!(o.due(16.1), vec![third]);
+    let third = o.due(16.1);
+    assert_eq!(third.len(), 1, "{third:?}");
+    let third = third[0];
     o.started(third, 16.1);
-    // ...and the one started in its place stops too: an outage. No more are stalled and
-    // the other stuck VM keeps its place.
+    // ...and the one started in its place stops too: an outage. No more are stalled, the
+    // other stuck VM keeps its place, and the fourth VM waits.
     for k in 17..=60 {
         let now = k as f64;
-        o.progress(first, now, Some(80 * MB), 0);
-        o.progress(next, now + 0.1, Some(199 * MB), 0);
+        o.progress(first, now, Some(80 * MB), 20 * MB);
+        o.progress(next, now + 0.1, Some(199 * MB), MB);
         o.setting_up(third, now, 100);
         assert!(o.stalls(now).is_empty(), "at {k}");
         assert!(o.due(now).is_empty(), "at {k}");
     }
     assert_eq!(o.report().totals.stalled, 1);
-    // The outage ends: all move, and the one stalled keeps its place, ahead.
-    o.progress(first, 61.0, Some(70 * MB), 10 * MB);
+    // The outage ends: all move.
+    o.progress(first, 61.0, Some(70 * MB), 30 * MB);
     o.progress(next, 61.0, Some(190 * MB), 10 * MB);
     o.setting_up(third, 61.0, 10 * MB);
     let stalls = o.stalls(61.0);
     assert!(
-        matches!(stalls[..], [StallChange::Moving { vm, .. }] if vm == one),
+        matches!(stalls[..], [StallChange::Moving { vm, .. }] if vm == first),
         "{stalls:?}"
     );
-    assert_eq!(o.rate_caps(61.0)[first], None, "ahead, where it was");
+    assert_eq!(o.report().totals.stalled, 0);
 }
 
 #[test]
 fn vms_whose_standbys_stop_together_are_stalled_once_the_vm_started_moves() {
-    let (mut o, first, next, third) = two_stopped_together();
+    let (mut o, first, next) = two_stopped_together();
     assert_eq!(o.stalls(16.1).len(), 1);
-    let one = first.min(next);
-    let other = first.max(next);
+    let third = o.due(16.1)[0];
     o.started(third, 16.1);
     // The third's standby is alive: it switches over and moves, so the link carries and
     // the other stuck VM's stall is its own too.
     o.progress(third, 17.0, Some(300 * MB), 0);
-    o.progress(first, 17.0, Some(80 * MB), 0);
-    o.progress(next, 17.1, Some(199 * MB), 0);
+    o.progress(first, 17.0, Some(80 * MB), 20 * MB);
+    o.progress(next, 17.1, Some(199 * MB), MB);
     let stalls = o.stalls(17.1);
     assert!(
-        matches!(stalls[..], [StallChange::Stalled { vm, .. }] if vm == other),
+        matches!(stalls[..], [StallChange::Stalled { vm, .. }] if vm == next),
         "{stalls:?}"
     );
     assert_eq!(o.report().totals.stalled, 2);
-    let caps = o.rate_caps(17.1);
-    assert_eq!(caps[third], None, "the link is the third's: {caps:?}");
-    assert!(caps[first].is_some() && caps[next].is_some(), "{caps:?}");
+    let fourth = o.due(17.1);
+    assert_eq!(fourth.len(), 1, "the second place is free: {fourth:?}");
     // The third carries on; when the first stalled moves again, it goes behind it.
     for k in 18..=40 {
         o.progress(third, k as f64, Some(300 * MB - (k - 17) * MB), 0);
         assert!(o.stalls(k as f64).is_empty(), "at {k}");
     }
-    o.progress(one, 41.0, Some(60 * MB), 20 * MB);
-    assert!(matches!(o.stalls(41.0)[..], [StallChange::Moving { vm, .. }] if vm == one));
+    o.progress(first, 41.0, Some(60 * MB), 40 * MB);
+    assert!(matches!(o.stalls(41.0)[..], [StallChange::Moving { vm, .. }] if vm == first));
     let caps = o.rate_caps(41.0);
-    assert!(caps[one].is_some(), "behind the third: {caps:?}");
     assert_eq!(caps[third], None, "{caps:?}");
+}
+
+#[test]
+fn vms_stuck_together_with_none_waiting_are_not_stalled() {
+    let mut o = in_order(
+        Orchestration::new(fleet(2), PlanOptions::new(3600.0), &[]).unwrap(),
+        2,
+    );
+    o.current.schedule.links[0].prestart = false;
+    let both = o.due(0.0);
+    for &i in &both {
+        o.started(i, 0.0);
+        o.progress(i, 0.5, Some(50 * MB), 0);
+    }
+    // Stalling one would start nothing: an outage or not, they stay where they are.
+    for k in 1..=40 {
+        assert!(o.stalls(k as f64).is_empty(), "at {k}");
+    }
 }
 
 #[test]
@@ -1006,12 +1028,11 @@ fn an_evacuation_that_stopped_moving_ends_past_the_deadline() {
         o.started(i, 0.0);
         o.progress(i, 0.5, Some(50 * MB), 0);
     }
-    assert!(!o.is_stuck_past_deadline(29.0));
-    assert_eq!(
-        o.stalls(40.0).len(),
-        1,
-        "one of the two, to tell an outage from lost standbys"
+    assert!(
+        o.stalls(40.0).is_empty(),
+        "none waits to start in their place"
     );
+    assert!(!o.is_stuck_past_deadline(29.0));
     assert!(o.is_stuck_past_deadline(40.0));
 }
 

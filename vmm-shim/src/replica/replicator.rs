@@ -852,7 +852,8 @@ mod idle_tests {
     /// What the kernel's rule says of this process, where it can be told from outside the
     /// probe: `Some(true)` if its RLIMIT_NICE allows its nice value, or it holds
     /// CAP_SYS_NICE in the initial user namespace; `Some(false)` if it holds neither; `None`
-    /// if it shows the capability in another user namespace (which may not count).
+    /// if it shows the capability in another user namespace (where it does not count for
+    /// this).
     fn kernel_allows_leaving_idle() -> Option<bool> {
         let mut lim = libc::rlimit {
             rlim_cur: 0,
@@ -874,8 +875,9 @@ mod idle_tests {
             .unwrap();
         // CAP_SYS_NICE is capability 23 (linux/capability.h).
         let cap_sys_nice = cap_eff & (1 << 23) != 0;
-        let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
-        let initial_ns = uid_map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
+        // The initial user namespace has a fixed inode (PROC_USER_INIT_INO).
+        let initial_ns = std::fs::read_link("/proc/self/ns/user")
+            .is_ok_and(|l| l.as_os_str() == "user:[4026531837]");
         match (cap_sys_nice, initial_ns) {
             (false, _) => Some(false),
             (true, true) => Some(true),

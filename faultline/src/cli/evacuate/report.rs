@@ -275,7 +275,7 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
-    /// A run that ended at 40 s with its only VM stalled since 0.5 s.
+    /// A run that ended at 40 s with its first VM stalled since 0.5 s, the second waiting.
     fn stalled_run() -> Orchestration {
         let link = fleet::Link {
             name: "wan".into(),
@@ -285,7 +285,10 @@ mod tests {
             per_flow_window_bytes: 1 << 30,
             replication_budget_bps: None,
         };
-        let vms = vec![fleet::Vm::idle("vm0", 0, 100 << 20)];
+        let vms = vec![
+            fleet::Vm::idle("vm0", 0, 100 << 20),
+            fleet::Vm::idle("vm1", 0, 100 << 20),
+        ];
         let f = fleet::Fleet::new(vec![link], vms, fleet::Costs::default()).unwrap();
         let mut o = Orchestration::new(f, PlanOptions::new(30.0), &[]).unwrap();
         o.started(0, 0.0);
