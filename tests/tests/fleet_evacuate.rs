@@ -650,6 +650,19 @@ fn has(seen: &[Value], kind: &str, vm: &str) -> bool {
     seen.iter().any(|e| e["event"] == kind && e["vm"] == vm)
 }
 
+/// The orchestrator's end: exit code 0, every VM done and none stalled; then every pair's
+/// memory checked equal. Its report.
+fn all_arrive(o: Orchestrator, pairs: Vec<Pair>) -> Value {
+    let (rc, r, err) = o.wait();
+    assert_eq!(rc, Some(0), "{err}\n{r}");
+    assert_eq!(r["totals"]["done"], pairs.len(), "{r}");
+    assert_eq!(r["totals"]["stalled"], 0, "{r}");
+    for p in pairs {
+        p.assert_evacuated();
+    }
+    r
+}
+
 /// Sends `sig` to process `pid`.
 fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) on a child process we spawned and have not waited for.
@@ -765,10 +778,7 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
     o.wait_until(&mut seen, "it moving again and done", |s| {
         has(s, "moving", &first) && has(s, "done", &first)
     });
-    let (rc, r, err) = o.wait();
-    assert_eq!(rc, Some(0), "{err}\n{r}");
-    assert_eq!(r["totals"]["done"], 3, "{r}");
-    assert_eq!(r["totals"]["stalled"], 0, "{r}");
+    let r = all_arrive(o, pairs);
     assert!(
         secs(&r["ended_s"]) >= secs(&r["totals"]["makespan_s"]),
         "{r}"
@@ -782,9 +792,6 @@ fn a_stalled_vm_gives_its_link_to_the_others_and_finishes_when_it_moves_again() 
     );
     let svg = std::fs::read_to_string(&chart).expect("the Gantt chart was written");
     assert!(svg.contains("stalled: not moving"), "no stall in the chart");
-    for p in pairs {
-        p.assert_evacuated();
-    }
     eprintln!(
         "stalled case in {:?}; the others done {stalled_for:?} after the stop",
         t.elapsed()
@@ -865,13 +872,7 @@ fn standbys_stopped_together_are_told_from_an_outage_by_the_vm_started_in_their_
         at("stalled", None) < at("started", Some(&third_name)),
         "{brief:#?}"
     );
-    let (rc, r, err) = o.wait();
-    assert_eq!(rc, Some(0), "{err}\n{r}");
-    assert_eq!(r["totals"]["done"], 3, "{r}");
-    assert_eq!(r["totals"]["stalled"], 0, "{r}");
-    for p in pairs {
-        p.assert_evacuated();
-    }
+    all_arrive(o, pairs);
     eprintln!("standbys stopped together: {:?}", t.elapsed());
 }
 
@@ -913,13 +914,7 @@ fn an_outage_starts_at_most_one_vm_into_it_and_every_vm_arrives() {
         !during.iter().any(|e| e["event"] == "done"),
         "nothing can finish through a cut link: {during:?}"
     );
-    let (rc, r, err) = o.wait();
-    assert_eq!(rc, Some(0), "{err}\n{r}");
-    assert_eq!(r["totals"]["done"], 3, "{r}");
-    assert_eq!(r["totals"]["stalled"], 0, "{r}");
-    for p in pairs {
-        p.assert_evacuated();
-    }
+    all_arrive(o, pairs);
     eprintln!(
         "outage case in {:?}: {} stalled, {started_during} started during the cut",
         t.elapsed(),

@@ -529,27 +529,34 @@ fn fail(o: &mut Orchestration, i: usize, now: f64, why: String, events: &Events)
     o.failed(i, now, why);
 }
 
+/// Two idle VMs of `memory_bytes` on one 1 Gbit/s link (one flow fills it), planned by the
+/// planner against a deadline `deadline_s` away.
+#[cfg(test)]
+fn two_vms_on_one_link(memory_bytes: u64, deadline_s: f64) -> Orchestration {
+    let link = fleet::Link {
+        name: "wan".into(),
+        rate_bps: 1_000_000_000,
+        rtt: Duration::from_millis(10),
+        shared_rate_bps: None,
+        per_flow_window_bytes: 1 << 30,
+        replication_budget_bps: None,
+    };
+    let vms = (0..2)
+        .map(|i| fleet::Vm::idle(format!("vm{i}"), 0, memory_bytes))
+        .collect();
+    let f = fleet::Fleet::new(vec![link], vms, fleet::Costs::default()).unwrap();
+    let opts = fleet::plan::PlanOptions::new(deadline_s);
+    Orchestration::with_policy(f, opts, &[], Policy::Planner).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use fleet::control::Status;
-    use fleet::plan::PlanOptions;
 
     /// Two VMs of 1 MiB on one link, planned one after the other.
     fn orchestration() -> Orchestration {
-        let link = fleet::Link {
-            name: "wan".into(),
-            rate_bps: 1_000_000_000,
-            rtt: Duration::from_millis(10),
-            shared_rate_bps: None,
-            per_flow_window_bytes: 1 << 30,
-            replication_budget_bps: None,
-        };
-        let vms = (0..2)
-            .map(|i| fleet::Vm::idle(format!("vm{i}"), 0, 1 << 20))
-            .collect();
-        let f = fleet::Fleet::new(vec![link], vms, fleet::Costs::default()).unwrap();
-        Orchestration::with_policy(f, PlanOptions::new(600.0), &[], Policy::Planner).unwrap()
+        super::two_vms_on_one_link(1 << 20, 600.0)
     }
 
     fn status(evacuation: EvacState) -> Status {

@@ -271,26 +271,11 @@ mod tests {
     use super::*;
     use fleet::chart::{BarKind, Basis};
     use fleet::orchestrate::Orchestration;
-    use fleet::plan::PlanOptions;
     use std::path::Path;
-    use std::time::Duration;
 
     /// A run that ended at 40 s with its first VM stalled since 0.5 s, the second waiting.
     fn stalled_run() -> Orchestration {
-        let link = fleet::Link {
-            name: "wan".into(),
-            rate_bps: 1_000_000_000,
-            rtt: Duration::from_millis(10),
-            shared_rate_bps: None,
-            per_flow_window_bytes: 1 << 30,
-            replication_budget_bps: None,
-        };
-        let vms = vec![
-            fleet::Vm::idle("vm0", 0, 100 << 20),
-            fleet::Vm::idle("vm1", 0, 100 << 20),
-        ];
-        let f = fleet::Fleet::new(vec![link], vms, fleet::Costs::default()).unwrap();
-        let mut o = Orchestration::new(f, PlanOptions::new(30.0), &[]).unwrap();
+        let mut o = super::super::two_vms_on_one_link(100 << 20, 30.0);
         o.started(0, 0.0);
         o.progress(0, 0.5, Some(50 << 20), 0);
         assert_eq!(o.stalls(10.5).len(), 1);
