@@ -423,7 +423,7 @@ pub fn run_vm_source(certs: &Certs, addr: &str, extra: &[&str], timeout: Duratio
 }
 
 /// A `faultline` process started in the background, collected later.
-pub struct Background(Option<Child>);
+pub struct Background(Reaped);
 
 impl Background {
     /// Starts `faultline source` (identity `me`) against `addr` with `extra` arguments and
@@ -445,7 +445,7 @@ impl Background {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn faultline source");
-        Background(Some(child))
+        Background(Reaped::new(child))
     }
 
     /// Starts `faultline replicate` against `addr` with `extra` arguments, its replicator at
@@ -472,7 +472,7 @@ impl Background {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn faultline replicate");
-        Background(Some(child))
+        Background(Reaped::new(child))
     }
 
     /// Starts `faultline vm source` (a KVM guest of the reference VMM) against `addr` with
@@ -487,7 +487,7 @@ impl Background {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn faultline vm source");
-        Background(Some(child))
+        Background(Reaped::new(child))
     }
 
     /// Starts `faultline` with exactly `args` (no defaults added).
@@ -504,35 +504,59 @@ impl Background {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn faultline");
-        Background(Some(child))
+        Background(Reaped::new(child))
     }
 
-    pub fn wait(mut self, timeout: Duration) -> Finished {
-        let child = self
-            .0
-            .take()
-            .expect("a background process is waited for once");
-        collect(child, timeout, "faultline (background)")
+    pub fn wait(self, timeout: Duration) -> Finished {
+        collect(self.0.into_inner(), timeout, "faultline (background)")
     }
 
     /// Its process id (to signal it).
     pub fn pid(&self) -> u32 {
-        // Taken only by `wait`, which consumes it.
-        self.0
-            .as_ref()
-            .expect("a background process not waited for")
-            .id()
+        self.0.id()
     }
 
-    /// Kills it (SIGKILL) and reaps it.
+    /// Kills it (SIGKILL) and reaps it (as dropping it does, when a test panics).
     pub fn kill(self) {
         drop(self);
     }
 }
 
-/// A test that panics before waiting for its process kills it rather than leaving it
-/// running (a source whose writer keeps going would load the tests after it).
-impl Drop for Background {
+/// A child process that is killed and reaped when dropped, so that a test that panics
+/// does not leave it running (a source riding out a lost connection, or whose writer keeps
+/// going, would load the tests after it). [`Reaped::into_inner`] hands it over to be
+/// waited for.
+pub struct Reaped(Option<Child>);
+
+impl Reaped {
+    pub fn new(child: Child) -> Reaped {
+        Reaped(Some(child))
+    }
+
+    /// The child, no longer killed on drop.
+    pub fn into_inner(mut self) -> Child {
+        self.0.take().expect("taken only here, which consumes it")
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0
+            .as_ref()
+            .expect("taken only by into_inner, which consumes it")
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0
+            .as_mut()
+            .expect("taken only by into_inner, which consumes it")
+    }
+}
+
+impl Drop for Reaped {
     fn drop(&mut self) {
         if let Some(c) = &mut self.0 {
             let _ = c.kill();
@@ -747,6 +771,30 @@ pub fn assert_migrated(src: &Finished, dst: &Finished) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A test that panics while it holds a child kills it: the process is gone (reaped, so
+    /// not even a zombie) once the panic unwound.
+    #[test]
+    fn a_reaped_child_is_killed_when_a_test_panics() {
+        let child = Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        let held = Reaped::new(child);
+        let panicked = std::panic::catch_unwind(move || {
+            let _held = held;
+            panic!("the test failed");
+        });
+        assert!(panicked.is_err());
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "sleep {pid} outlived the test"
+        );
+        // Handed over, it is not killed.
+        let child = Reaped::new(Command::new("true").spawn().unwrap()).into_inner();
+        assert!(child.wait_with_output().unwrap().status.success());
+    }
 
     /// A child that does not exit in time is killed, and the panic says what its threads
     /// were doing and what it wrote to stderr: what found the fleet bench's hung standby.

@@ -4,14 +4,14 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use faultline_tests::http::scrape;
 use faultline_tests::{
     assert_evacuated, assert_takes_a_real_source, faultline_bin, free_udp_port, kvm_present,
-    Background, Certs, DestProcess, ShmDir,
+    Background, Certs, DestProcess, Reaped, ShmDir,
 };
 use serde_json::Value;
 use transport::tls::Identity;
@@ -143,14 +143,15 @@ fn plan_file_with(
 
 /// A running `faultline evacuate --json --progress`, its event lines read as they come.
 struct Orchestrator {
-    child: Child,
+    /// Killed if a test panics before it ended.
+    child: Reaped,
     events: mpsc::Receiver<Value>,
     stderr: mpsc::Receiver<String>,
 }
 
 impl Orchestrator {
     fn start(plan: &PathBuf, extra: &[&str]) -> Orchestrator {
-        let mut child = Command::new(faultline_bin())
+        let child = Command::new(faultline_bin())
             .args(["evacuate", "--json", "--progress", "--plan"])
             .arg(plan)
             .args(extra)
@@ -158,6 +159,7 @@ impl Orchestrator {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn faultline evacuate");
+        let mut child = Reaped::new(child);
         let err = child.stderr.take().unwrap();
         let (ev_tx, events) = mpsc::channel();
         let (line_tx, stderr) = mpsc::channel();
@@ -244,14 +246,6 @@ impl Orchestrator {
         let stderr: Vec<String> = self.stderr.try_iter().collect();
         let json = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
         (status.code(), json, stderr.join("\n"))
-    }
-}
-
-/// A test that panics before the orchestrator ended kills it.
-impl Drop for Orchestrator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use faultline_tests::{
-    assert_migrated, faultline_bin, run_source, Background, Certs, DestProcess, ShmDir,
+    assert_migrated, faultline_bin, run_source, Background, Certs, DestProcess, Reaped, ShmDir,
 };
 use serde_json::Value;
 use transport::quic;
@@ -215,20 +215,22 @@ fn a_destination_in_a_session_tells_a_second_source_it_is_busy() {
     let certs = Certs::new();
     // No push and no workload: the first session runs until it is killed.
     let dest = DestProcess::start(&certs, &["--size", "16M", "--workers", "0"]);
-    let mut first = Command::new(faultline_bin())
-        .args([
-            "source",
-            "--connect",
-            &dest.addr,
-            "--synthetic",
-            "16M",
-            "--no-push",
-        ])
-        .args(certs.args("source", "dest"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the first source");
+    let mut first = Reaped::new(
+        Command::new(faultline_bin())
+            .args([
+                "source",
+                "--connect",
+                &dest.addr,
+                "--synthetic",
+                "16M",
+                "--no-push",
+            ])
+            .args(certs.args("source", "dest"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the first source"),
+    );
     std::thread::sleep(Duration::from_secs(2));
     let started = Instant::now();
     let second = run_source(
@@ -384,14 +386,16 @@ fn an_image_truncated_mid_migration_is_a_clean_error_on_both_sides() {
     // No push: pages move only as the destination's worker faults on them, slowly enough
     // that the truncation lands mid-migration.
     let dest = DestProcess::start(&certs, &["--size", "256M", "--pattern", "sequential"]);
-    let source = Command::new(faultline_bin())
-        .args(["source", "--json", "--no-push", "--connect", &dest.addr])
-        .args(["--image", &path.display().to_string()])
-        .args(certs.args("source", "dest"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn faultline source");
+    let source = Reaped::new(
+        Command::new(faultline_bin())
+            .args(["source", "--json", "--no-push", "--connect", &dest.addr])
+            .args(["--image", &path.display().to_string()])
+            .args(certs.args("source", "dest"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn faultline source"),
+    );
     std::thread::sleep(Duration::from_secs(1));
     std::fs::File::options()
         .write(true)
@@ -400,7 +404,7 @@ fn an_image_truncated_mid_migration_is_a_clean_error_on_both_sides() {
         .set_len(1 << 20)
         .unwrap();
     let truncated = Instant::now();
-    let out = source.wait_with_output().unwrap();
+    let out = source.into_inner().wait_with_output().unwrap();
     let source_took = truncated.elapsed();
     let dst = dest.wait(TIMEOUT);
     let dest_took = truncated.elapsed();
@@ -449,23 +453,25 @@ fn signal(pid: u32, sig: &str) {
 }
 
 /// A destination and a source in a session that never ends by itself (no push, no workload).
-fn idle_session(certs: &Certs) -> (DestProcess, std::process::Child) {
+fn idle_session(certs: &Certs) -> (DestProcess, Reaped) {
     let dest = DestProcess::start(certs, &["--size", "16M", "--workers", "0"]);
-    let source = Command::new(faultline_bin())
-        .args([
-            "source",
-            "--json",
-            "--no-push",
-            "--synthetic",
-            "16M",
-            "--connect",
-            &dest.addr,
-        ])
-        .args(certs.args("source", "dest"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn faultline source");
+    let source = Reaped::new(
+        Command::new(faultline_bin())
+            .args([
+                "source",
+                "--json",
+                "--no-push",
+                "--synthetic",
+                "16M",
+                "--connect",
+                &dest.addr,
+            ])
+            .args(certs.args("source", "dest"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn faultline source"),
+    );
     std::thread::sleep(Duration::from_secs(2));
     (dest, source)
 }
@@ -478,7 +484,7 @@ fn sigterm_and_sigint_end_the_session_with_a_reason_the_peer_reports_at_once() {
     let (dest, source) = idle_session(&certs);
     let sent = Instant::now();
     signal(dest.pid(), "-TERM");
-    let out = source.wait_with_output().unwrap();
+    let out = source.into_inner().wait_with_output().unwrap();
     let took = sent.elapsed();
     let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     // The guest ran at the destination (a migration without VM state is handed over with
@@ -526,7 +532,7 @@ fn sigterm_and_sigint_end_the_session_with_a_reason_the_peer_reports_at_once() {
         took < Duration::from_secs(5),
         "the destination heard after {took:?}"
     );
-    let out = source.wait_with_output().unwrap();
+    let out = source.into_inner().wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(9));
 }
 

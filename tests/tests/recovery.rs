@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use faultline_tests::{
     assert_evacuated, assert_migrated, block_image, faultline_bin, run_source, Background, Certs,
-    DestProcess, Finished, ShmDir,
+    DestProcess, Finished, Reaped, ShmDir,
 };
 use serde_json::Value;
 use wan_emu::{LinkConfig, WanEmulator};
@@ -494,14 +494,16 @@ fn sigterm_ends_a_paused_session_at_once_on_both_sides() {
     let upstream: SocketAddr = dest.addr.parse().expect("destination address");
     let link = LinkConfig::new(Duration::from_millis(20), RATE);
     let wan = WanEmulator::start("127.0.0.1:0".parse().unwrap(), upstream, link).unwrap();
-    let source = Command::new(faultline_bin())
-        .args(["source", "--json", "--no-push", "--synthetic", "16M"])
-        .args(["--connect", &wan.local_addr().to_string()])
-        .args(certs.args("source", "dest"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn faultline source");
+    let source = Reaped::new(
+        Command::new(faultline_bin())
+            .args(["source", "--json", "--no-push", "--synthetic", "16M"])
+            .args(["--connect", &wan.local_addr().to_string()])
+            .args(certs.args("source", "dest"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn faultline source"),
+    );
     // The session runs (the worker faults pages in on demand), then the link goes down for
     // good and both sides notice (0.6 s of silence) and wait for a new connection.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -520,7 +522,7 @@ fn sigterm_ends_a_paused_session_at_once_on_both_sides() {
             .success();
         assert!(ok, "kill -TERM {pid}");
     }
-    let out = source.wait_with_output().unwrap();
+    let out = source.into_inner().wait_with_output().unwrap();
     let src_took = sent.elapsed();
     let dst = dest.wait(Duration::from_secs(30));
     let dst_took = sent.elapsed();
