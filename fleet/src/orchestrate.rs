@@ -480,6 +480,25 @@ impl Orchestration {
         Some(last_byte - costs.setup_s(link) - PRESTART_LEAD_S)
     }
 
+    /// Whether VM `i` counts against its link's concurrency at `now_s` in
+    /// [`Orchestration::due`]: it holds a place, and is not a transfer that frees its place
+    /// already for the next VM's setup on a link that prestarts.
+    fn takes_place(&self, i: usize, now_s: f64) -> bool {
+        let t = &self.tracks[i];
+        if !t.holds_place() {
+            return false;
+        }
+        let prestarts = self
+            .current
+            .schedule
+            .links
+            .get(self.fleet.vms[i].link)
+            .is_some_and(|ls| ls.prestart);
+        let ending =
+            t.phase == Phase::Transferring && self.prestart_at(i).is_some_and(|at| at <= now_s);
+        !(prestarts && ending)
+    }
+
     /// The VMs to start at `now_s`: on each link, in the latest plan's order, as many
     /// waiting VMs as leave at most its concurrency under way. With prestart a VM whose
     /// transfer is predicted to send its last byte within one setup's time (and
@@ -487,16 +506,8 @@ impl Orchestration {
     pub fn due(&self, now_s: f64) -> Vec<usize> {
         let mut out = Vec::new();
         for (li, ls) in self.current.schedule.links.iter().enumerate() {
-            let busy = self
-                .tracks
-                .iter()
-                .enumerate()
-                .filter(|(i, t)| self.fleet.vms[*i].link == li && t.holds_place())
-                .filter(|(i, t)| {
-                    let ending = t.phase == Phase::Transferring
-                        && self.prestart_at(*i).is_some_and(|at| at <= now_s);
-                    !(ls.prestart && ending)
-                })
+            let busy = (0..self.tracks.len())
+                .filter(|&i| self.fleet.vms[i].link == li && self.takes_place(i, now_s))
                 .count();
             let free = ls.concurrency.max(1).saturating_sub(busy);
             out.extend(

@@ -169,9 +169,11 @@ impl Orchestration {
     ///   standby or path is stuck; or
     /// * every VM holding a place on its link (it alone, or all of them) has gone the
     ///   timeout without moving, none stalled there without the link having made progress
-    ///   since, and a VM waits to start on the link: that cannot be told from an outage,
-    ///   so one of them is stalled (a transfer before a setup, the one stuck longest
-    ///   first), which lets one more VM start, whose progress then shows which it was.
+    ///   since, and a VM waits to start on it: that cannot be told from an outage, so as
+    ///   many are stalled as free one place (one, unless more hold places than the link
+    ///   runs at once): first those that take a place (not a transfer that gave its place
+    ///   to the next VM's setup already), then transfers before setups, then the one
+    ///   stuck longest. The waiting VM starts, and its progress shows which it was.
     ///
     /// VMs that stop together are a link outage or standbys lost together (a standby
     /// host's crash). The VM started in the place of the one stalled tells them apart: if
@@ -192,13 +194,14 @@ impl Orchestration {
             return Vec::new();
         }
         // Per link: whether every VM holding a place there has gone the stall timeout
-        // without moving; which of them to stall if none can be told from an outage (a
-        // transfer before a setup, then the one stuck longest); whether a VM waits to
-        // start there; and the VMs stalled without the link having made progress since.
+        // without moving, and the VMs stalled without the link having made progress since.
         let n = self.fleet.links.len();
         let (mut all_stuck, mut unresolved) = (vec![true; n], vec![0usize; n]);
-        let mut waiting = vec![false; n];
-        let mut pick: Vec<Option<(bool, f64, usize)>> = vec![None; n];
+        // The VMs holding a place (in the order they would be stalled if none can be told
+        // from an outage), how many of them take one for `due` (a transfer that already
+        // gave its place to the next VM's setup does not), and whether a VM waits there.
+        let mut holders: Vec<Vec<(bool, bool, f64, usize)>> = vec![Vec::new(); n];
+        let (mut busy, mut waiting) = (vec![0usize; n], vec![false; n]);
         for (vm, t) in self.tracks.iter().enumerate() {
             let li = self.fleet.vms[vm].link;
             waiting[li] |= t.phase == Phase::Waiting;
@@ -207,10 +210,11 @@ impl Orchestration {
                 if now_s - moved < self.stall_after_s {
                     all_stuck[li] = false;
                 }
-                let key = (t.phase != Phase::Transferring, moved, vm);
-                if pick[li].is_none_or(|p| key < p) {
-                    pick[li] = Some(key);
-                }
+                let takes = self.takes_place(vm, now_s);
+                busy[li] += usize::from(takes);
+                // Those that free a place first, then transfers, then the one stuck
+                // longest.
+                holders[li].push((!takes, t.phase != Phase::Transferring, moved, vm));
             }
             if let Some(st) = &t.watch.stalled {
                 if !self.link_progressed_s[li].is_some_and(|p| p > st.found_s) {
@@ -218,6 +222,27 @@ impl Orchestration {
                 }
             }
         }
+        // On a link stuck whole, with a VM waiting and no stall there unresolved: the VMs
+        // to stall so that one place frees (more than one where more hold places than the
+        // link runs at once, as after an outage some took theirs back).
+        let link_stuck: Vec<Vec<usize>> = holders
+            .into_iter()
+            .enumerate()
+            .map(|(li, mut h)| {
+                if !(all_stuck[li] && waiting[li] && unresolved[li] == 0) {
+                    return Vec::new();
+                }
+                let k = self
+                    .current
+                    .schedule
+                    .links
+                    .get(li)
+                    .map_or(1, |ls| ls.concurrency.max(1));
+                h.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+                let m = (busy[li] + 1).saturating_sub(k).max(1);
+                h.into_iter().take(m).map(|(_, _, _, vm)| vm).collect()
+            })
+            .collect();
         let window = (self.stall_after_s / 2.0).max(MIN_ALIVE_WINDOW_S);
         let mut out = Vec::new();
         for (vm, t) in self.tracks.iter_mut().enumerate() {
@@ -257,8 +282,7 @@ impl Orchestration {
                 continue;
             }
             let carries = self.link_progressed_s[li].is_some_and(|p| p >= now_s - window);
-            let picked = pick[li].is_some_and(|p| p.2 == vm);
-            let link_stuck = all_stuck[li] && picked && waiting[li] && unresolved[li] == 0;
+            let link_stuck = link_stuck[li].contains(&vm);
             if !carries && !link_stuck {
                 continue;
             }

@@ -820,7 +820,7 @@ fn a_transfer_in_its_last_bytes_moves_as_it_sends() {
 }
 
 /// `first` and `next` transferring side by side on a link that runs two at once (no
-/// prestart), both stopped from about 6 on (`first` last moved at 5.8, `next` at 6.1),
+/// prestart), both stopped from about 6 on (`next` last moved at 5.8, `first` at 6.1),
 /// reporting every second; two more VMs waiting. The stall watch is asked at each report
 /// to 16.0.
 fn two_stopped_together() -> (Orchestration, usize, usize) {
@@ -839,11 +839,11 @@ fn two_stopped_together() -> (Orchestration, usize, usize) {
     o.progress(next, 0.5, Some(200 * MB), 0);
     // The link goes down (or both standbys do) at 6: both stop within a report of each
     // other.
-    o.progress(first, 5.8, Some(80 * MB), 20 * MB);
-    o.progress(next, 6.1, Some(199 * MB), MB);
+    o.progress(next, 5.8, Some(199 * MB), MB);
+    o.progress(first, 6.1, Some(80 * MB), 20 * MB);
     for k in 7..=16 {
-        o.progress(first, k as f64, Some(80 * MB), 20 * MB);
-        o.progress(next, k as f64 + 0.1, Some(199 * MB), MB);
+        o.progress(first, k as f64 + 0.1, Some(80 * MB), 20 * MB);
+        o.progress(next, k as f64, Some(199 * MB), MB);
         assert!(o.stalls(k as f64).is_empty(), "at {k}");
         assert!(o.due(k as f64).is_empty(), "at {k}: both places taken");
     }
@@ -853,11 +853,11 @@ fn two_stopped_together() -> (Orchestration, usize, usize) {
 #[test]
 fn vms_that_stop_together_start_one_more_into_an_outage_and_no_more() {
     let (mut o, first, next) = two_stopped_together();
-    // Both stuck for the timeout: one (the one stuck longest) is stalled, to tell an
-    // outage from lost standbys...
+    // Both stuck for the timeout: one (the one stuck longest, though later in the plan)
+    // is stalled, to tell an outage from lost standbys...
     let stalls = o.stalls(16.1);
     assert!(
-        matches!(stalls[..], [StallChange::Stalled { vm, .. }] if vm == first),
+        matches!(stalls[..], [StallChange::Stalled { vm, since_s, .. }] if vm == next && since_s == 5.8),
         "{stalls:?}"
     );
     let third = o.due(16.1);
@@ -881,10 +881,14 @@ fn vms_that_stop_together_start_one_more_into_an_outage_and_no_more() {
     o.setting_up(third, 61.0, 10 * MB);
     let stalls = o.stalls(61.0);
     assert!(
-        matches!(stalls[..], [StallChange::Moving { vm, .. }] if vm == first),
+        matches!(stalls[..], [StallChange::Moving { vm, .. }] if vm == next),
         "{stalls:?}"
     );
     assert_eq!(o.report().totals.stalled, 0);
+    assert_eq!(
+        o.tracks[next].watch.requeued_s, None,
+        "an outage: its place kept"
+    );
 }
 
 #[test]
@@ -900,7 +904,7 @@ fn vms_whose_standbys_stop_together_are_stalled_once_the_vm_started_moves() {
     o.progress(next, 17.1, Some(199 * MB), MB);
     let stalls = o.stalls(17.1);
     assert!(
-        matches!(stalls[..], [StallChange::Stalled { vm, .. }] if vm == next),
+        matches!(stalls[..], [StallChange::Stalled { vm, .. }] if vm == first),
         "{stalls:?}"
     );
     assert_eq!(o.report().totals.stalled, 2);
@@ -911,10 +915,72 @@ fn vms_whose_standbys_stop_together_are_stalled_once_the_vm_started_moves() {
         o.progress(third, k as f64, Some(300 * MB - (k - 17) * MB), 0);
         assert!(o.stalls(k as f64).is_empty(), "at {k}");
     }
-    o.progress(first, 41.0, Some(60 * MB), 40 * MB);
-    assert!(matches!(o.stalls(41.0)[..], [StallChange::Moving { vm, .. }] if vm == first));
-    let caps = o.rate_caps(41.0);
-    assert_eq!(caps[third], None, "{caps:?}");
+    o.progress(next, 41.0, Some(180 * MB), 20 * MB);
+    assert!(matches!(o.stalls(41.0)[..], [StallChange::Moving { vm, .. }] if vm == next));
+    assert_eq!(
+        o.tracks[next].watch.requeued_s,
+        Some(41.0),
+        "its stall was its own: behind the third"
+    );
+}
+
+#[test]
+fn a_stuck_setup_started_early_is_stalled_before_the_transfer_whose_place_it_took() {
+    let mut o = one_flow_fills_the_link(3);
+    let first = o.due(0.0)[0];
+    o.started(first, 0.0);
+    o.progress(first, 0.3, Some(100 * MB), 0);
+    o.progress(first, 1.0, Some(90 * MB), 10 * MB);
+    o.replan(1.0).unwrap();
+    // The transfer's place went to the next VM's setup (a prestart)...
+    let next = o.due(5.0);
+    assert_eq!(next.len(), 1, "{next:?}");
+    let next = next[0];
+    o.started(next, 5.0);
+    // ...and both stop: the transfer since 1.0, the setup since its start.
+    for k in 6..=14 {
+        let now = k as f64;
+        o.progress(first, now, Some(90 * MB), 10 * MB + k * 1000);
+        o.setting_up(next, now, 100);
+        assert!(o.stalls(now).is_empty(), "at {k}");
+    }
+    // Stalling the transfer would free nothing: the setup is stalled, and the third starts.
+    let stalls = o.stalls(15.0);
+    assert!(
+        matches!(stalls[..], [StallChange::Stalled { vm, since_s, .. }] if vm == next && since_s == 5.0),
+        "{stalls:?}"
+    );
+    let third = o.due(15.0);
+    assert_eq!(third.len(), 1, "{third:?}");
+    assert!(![first, next].contains(&third[0]));
+}
+
+#[test]
+fn of_a_transfer_and_a_setup_stuck_together_the_transfer_is_stalled() {
+    let mut o = in_order(
+        Orchestration::new(fleet(3), PlanOptions::new(3600.0), &[]).unwrap(),
+        2,
+    );
+    o.current.schedule.links[0].prestart = false;
+    let due = o.due(0.0);
+    assert_eq!(due.len(), 2, "{due:?}");
+    let (a, b) = (due[0], due[1]);
+    // `b` sits in its setup from 0; `a` switches over at 1 and stops there.
+    o.started(b, 0.0);
+    o.started(a, 0.5);
+    o.progress(a, 1.0, Some(100 * MB), 0);
+    for k in 2..=10 {
+        let now = k as f64;
+        o.progress(a, now, Some(100 * MB), 0);
+        o.setting_up(b, now, 100);
+        assert!(o.stalls(now).is_empty(), "at {k}");
+    }
+    let stalls = o.stalls(11.0);
+    assert!(
+        matches!(stalls[..], [StallChange::Stalled { vm, .. }] if vm == a),
+        "{stalls:?}"
+    );
+    assert_eq!(o.due(11.0).len(), 1);
 }
 
 #[test]
@@ -1083,4 +1149,24 @@ fn an_evacuation_past_its_deadline_goes_on_while_a_vm_can_start() {
     o.done(first, 40.0, 100 * MB, Some(1));
     assert!(!o.due(40.0).is_empty());
     assert!(!o.is_stuck_past_deadline(40.0));
+}
+
+#[test]
+fn a_stuck_link_with_more_under_way_than_it_runs_stalls_enough_to_free_a_place() {
+    let mut o = in_order(
+        Orchestration::new(fleet(4), PlanOptions::new(3600.0), &[]).unwrap(),
+        2,
+    );
+    o.current.schedule.links[0].prestart = false;
+    // Three under way on a link that runs two (as after an outage, when the VM caught in
+    // it took its place back beside the one started in its place), all stopped at 1.
+    let order = o.plan().schedule.links[0].order.clone();
+    for &i in &order[..3] {
+        o.started(i, 0.0);
+        o.progress(i, 1.0, Some(100 * MB), 0);
+    }
+    assert!(o.stalls(10.5).is_empty());
+    let stalls = o.stalls(11.0);
+    assert_eq!(stalls.len(), 2, "{stalls:?}");
+    assert_eq!(o.due(11.0), vec![order[3]]);
 }
