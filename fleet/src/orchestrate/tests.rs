@@ -609,10 +609,9 @@ fn a_link_one_flow_carries_is_measured_as_its_rate_for_one_flow() {
     assert_eq!(m.shared_rate_bps, None);
 }
 
-/// `first` transferring with 90 MB left since 1.0 (stopped), `next` prestarted at 5.0 and
-/// held behind it, trickling; re-planned every second to 10.0, so the link's rate is
-/// measured.
-fn stopped_with_one_behind() -> (Orchestration, usize, usize) {
+/// `first` transferring with 90 MB left at 1.0, re-planned then; `next` prestarted at 5.0
+/// (the first's place went to its setup). Three VMs.
+fn first_with_next_prestarted() -> (Orchestration, usize, usize) {
     let mut o = one_flow_fills_the_link(3);
     let first = o.due(0.0)[0];
     o.started(first, 0.0);
@@ -623,6 +622,13 @@ fn stopped_with_one_behind() -> (Orchestration, usize, usize) {
     assert_eq!(next.len(), 1, "{next:?}");
     let next = next[0];
     o.started(next, 5.0);
+    (o, first, next)
+}
+
+/// [`first_with_next_prestarted`], `first` stopped since 1.0, `next` held behind it,
+/// trickling; re-planned every second to 10.0, so the link's rate is measured.
+fn stopped_with_one_behind() -> (Orchestration, usize, usize) {
+    let (mut o, first, next) = first_with_next_prestarted();
     o.progress(next, 5.3, Some(200 * MB), 0);
     // Alive and reporting, but not moving (its probes still count as bytes sent), while
     // the VM held behind it trickles: the link carries it.
@@ -926,18 +932,9 @@ fn vms_whose_standbys_stop_together_are_stalled_once_the_vm_started_moves() {
 
 #[test]
 fn a_stuck_setup_started_early_is_stalled_before_the_transfer_whose_place_it_took() {
-    let mut o = one_flow_fills_the_link(3);
-    let first = o.due(0.0)[0];
-    o.started(first, 0.0);
-    o.progress(first, 0.3, Some(100 * MB), 0);
-    o.progress(first, 1.0, Some(90 * MB), 10 * MB);
-    o.replan(1.0).unwrap();
-    // The transfer's place went to the next VM's setup (a prestart)...
-    let next = o.due(5.0);
-    assert_eq!(next.len(), 1, "{next:?}");
-    let next = next[0];
-    o.started(next, 5.0);
-    // ...and both stop: the transfer since 1.0, the setup since its start.
+    // The transfer's place went to the next VM's setup (a prestart), and both stop: the
+    // transfer since 1.0, the setup since its start.
+    let (mut o, first, next) = first_with_next_prestarted();
     for k in 6..=14 {
         let now = k as f64;
         o.progress(first, now, Some(90 * MB), 10 * MB + k * 1000);
