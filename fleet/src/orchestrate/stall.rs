@@ -238,7 +238,14 @@ impl Orchestration {
                     .links
                     .get(li)
                     .map_or(1, |ls| ls.concurrency.max(1));
-                h.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+                // A total order (`total_cmp` on the times): `sort_by` may panic on one that
+                // is not.
+                h.sort_by(|a, b| {
+                    (a.0, a.1)
+                        .cmp(&(b.0, b.1))
+                        .then(a.2.total_cmp(&b.2))
+                        .then(a.3.cmp(&b.3))
+                });
                 let m = (busy[li] + 1).saturating_sub(k).max(1);
                 h.into_iter().take(m).map(|(_, _, _, vm)| vm).collect()
             })
