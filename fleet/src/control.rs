@@ -58,7 +58,18 @@ pub enum Request {
     Evacuate { rate_cap_bps: Option<u64> },
     /// Limit the evacuation's rate to `rate_cap_bps` bits per second from now on (`None`
     /// lifts the limit), whether it runs yet or not.
-    SetRate { rate_cap_bps: Option<u64> },
+    SetRate {
+        rate_cap_bps: Option<u64>,
+        /// Its place among the limits set on this connection, counting from 1, a new one
+        /// for every request (absent from an orchestrator before 2026-12-07: each is
+        /// applied as it arrives). A source applies a limit only if it is newer than every
+        /// one it applied on the connection, and then no longer applies the cap of an
+        /// `Evacuate` that arrives late: requests travel on streams of their own, so one
+        /// asked again after it went unanswered, whose first copy arrives after a newer
+        /// limit, must not undo it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+    },
 }
 
 /// What a source answers.
@@ -425,6 +436,25 @@ mod tests {
                 rate_cap_bps: Some(5)
             }
         );
+        // An older orchestrator's rate limit has no place among the connection's.
+        let req = serde_json::json!({"type": "set_rate", "rate_cap_bps": 5});
+        assert_eq!(
+            decode::<Request>(&frame(req)).unwrap().0,
+            Request::SetRate {
+                rate_cap_bps: Some(5),
+                seq: None
+            }
+        );
+        let wire = String::from_utf8(
+            encode(&Request::SetRate {
+                rate_cap_bps: None,
+                seq: None,
+            })
+            .unwrap()[4..]
+                .to_vec(),
+        )
+        .unwrap();
+        assert!(!wire.contains("seq"), "{wire}");
     }
 
     #[test]
@@ -465,8 +495,12 @@ mod tests {
             },
             Request::SetRate {
                 rate_cap_bps: Some(40_000_000),
+                seq: Some(3),
             },
-            Request::SetRate { rate_cap_bps: None },
+            Request::SetRate {
+                rate_cap_bps: None,
+                seq: None,
+            },
         ];
         for r in reqs {
             let f = encode(&r).unwrap();

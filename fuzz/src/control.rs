@@ -88,6 +88,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         },
         Request::SetRate {
             rate_cap_bps: Some(40_000_000),
+            seq: Some(1),
         },
     ]
     .iter()

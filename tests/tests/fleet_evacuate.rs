@@ -1224,7 +1224,10 @@ fn an_evacuation_keeps_to_its_rate_limit_until_the_orchestrator_lifts_it() {
         limited / 1e6
     );
     // The orchestrator lifts the limit: the rest crosses at the link's pace.
-    let lift = Request::SetRate { rate_cap_bps: None };
+    let lift = Request::SetRate {
+        rate_cap_bps: None,
+        seq: Some(1),
+    };
     let r = control_request(&certs, pair.port, &lift, false).unwrap();
     assert_eq!(r, vec![Reply::RateSet { rate_cap_bps: None }]);
     let lifted = rate_over(&wan, Duration::from_millis(300));

@@ -204,17 +204,59 @@ fn restores(last: Option<Option<u64>>, now: Option<u64>, own: Option<u64>) -> bo
     lower && now == last
 }
 
-/// The last rate limit one orchestrator's connection set, if it set one.
+/// The rate limits one orchestrator's connection set: the last, and its place.
 #[derive(Default)]
-struct Paced(std::sync::Mutex<Option<Option<u64>>>);
+struct Paced(std::sync::Mutex<PacedState>);
+
+#[derive(Default)]
+struct PacedState {
+    /// The last limit set, if one was.
+    last: Option<Option<u64>>,
+    /// The highest place among the connection's `SetRate`s applied (0: none with one).
+    seq: u64,
+}
 
 impl Paced {
-    fn set(&self, limit: Option<u64>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(limit);
+    fn state(&self) -> std::sync::MutexGuard<'_, PacedState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A `SetRate` with place `seq`: `cap` goes to `limit` unless a newer one of this
+    /// connection's already did (one without a place always goes). Under the lock, so two
+    /// of the connection's streams cannot apply theirs out of order.
+    fn set_rate(&self, seq: Option<u64>, limit: &RateLimit, cap: Option<u64>) -> bool {
+        let mut s = self.state();
+        if let Some(seq) = seq {
+            if seq <= s.seq {
+                return false;
+            }
+            s.seq = seq;
+        }
+        limit.set(cap);
+        s.last = Some(limit.get());
+        true
+    }
+
+    /// An `Evacuate`'s cap (`None`: the evacuation's own limit, `own`) goes to `limit`
+    /// unless a `SetRate` with a place came first: the orchestrator sends those only once
+    /// it has asked for the evacuation, so theirs is newer.
+    fn evacuate(&self, limit: &RateLimit, cap: Option<u64>, own: Option<u64>) -> bool {
+        let mut s = self.state();
+        if s.seq > 0 {
+            return false;
+        }
+        match cap {
+            Some(_) => {
+                limit.set(cap);
+                s.last = Some(limit.get());
+            }
+            None => limit.set(own),
+        }
+        true
     }
 
     fn last(&self) -> Option<Option<u64>> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.state().last
     }
 }
 
@@ -243,10 +285,14 @@ async fn answer(
             let _ = send.finish();
             Ok(())
         }
-        Some(Request::SetRate { rate_cap_bps }) => {
-            limit.set(rate_cap_bps);
-            paced.set(limit.get());
-            tracing::debug!(?rate_cap_bps, "evacuation rate limit set");
+        Some(Request::SetRate { rate_cap_bps, seq }) => {
+            if paced.set_rate(seq, limit, rate_cap_bps) {
+                tracing::debug!(?rate_cap_bps, ?seq, "evacuation rate limit set");
+            } else {
+                // Its answer says the limit in force; the orchestrator stopped waiting for
+                // it when it sent the newer one.
+                tracing::debug!(?rate_cap_bps, ?seq, "an older rate limit, not applied");
+            }
             write_msg(
                 &mut send,
                 &Reply::RateSet {
@@ -260,12 +306,8 @@ async fn answer(
         Some(Request::Evacuate { rate_cap_bps }) => {
             // No limit of the orchestrator's: the evacuation's own, whatever an earlier
             // orchestrator left.
-            match rate_cap_bps {
-                Some(_) => {
-                    limit.set(rate_cap_bps);
-                    paced.set(limit.get());
-                }
-                None => limit.set(shared.own_limit),
+            if !paced.evacuate(limit, rate_cap_bps, shared.own_limit) {
+                tracing::debug!(?rate_cap_bps, "a newer rate limit came first: kept");
             }
             evacuate();
             streams.open.fetch_add(1, Ordering::AcqRel);
@@ -327,69 +369,148 @@ async fn events(
 mod tests {
     use super::*;
 
+    /// A source's control endpoint, with its own rate limit `own`, and an orchestrator's
+    /// connection to it, in process.
+    struct Harness {
+        rt: tokio::runtime::Runtime,
+        server: ControlServer,
+        ep: quinn::Endpoint,
+        conn: quinn::Connection,
+        limit: RateLimit,
+    }
+
+    impl Harness {
+        fn new(own: Option<u64>) -> Harness {
+            let (source, orchestrator) = (
+                Identity::generate("source").unwrap(),
+                Identity::generate("orchestrator").unwrap(),
+            );
+            let limit = RateLimit::new(own);
+            let server = ControlServer::start(
+                "127.0.0.1:0".parse().unwrap(),
+                &source,
+                orchestrator.cert.clone(),
+                super::super::replica::idle_status_of("vm", 1 << 20),
+                limit.clone(),
+                || {},
+            )
+            .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let (ep, conn) = rt.block_on(async {
+                let ep = transport::quic::control_client_endpoint(
+                    "127.0.0.1:0".parse().unwrap(),
+                    &orchestrator,
+                    source.cert.clone(),
+                )
+                .unwrap();
+                let conn = transport::quic::connect(&ep, server.local_addr())
+                    .await
+                    .unwrap();
+                (ep, conn)
+            });
+            Harness {
+                rt,
+                server,
+                ep,
+                conn,
+                limit,
+            }
+        }
+
+        /// The first answer to `req`, on a stream of its own.
+        fn ask(&self, req: &Request) -> Option<Reply> {
+            self.rt.block_on(async {
+                let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+                write_msg(&mut send, req).await.unwrap();
+                read_msg(&mut recv).await.unwrap()
+            })
+        }
+
+        fn set_rate(&self, cap: Option<u64>, seq: Option<u64>) -> Option<Reply> {
+            self.ask(&Request::SetRate {
+                rate_cap_bps: cap,
+                seq,
+            })
+        }
+
+        /// Closes the connection with `code`; the limit in force once the endpoint has
+        /// seen the close.
+        fn close(self, code: u32) -> Option<u64> {
+            self.conn.close(code.into(), b"test");
+            self.rt.block_on(self.ep.wait_idle());
+            // The endpoint counts the connection out once it has acted on its end.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while self.server.streams.connections.load(Ordering::Acquire) > 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the close was not seen"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let after = self.limit.get();
+            self.server.finish();
+            after
+        }
+    }
+
     /// A source's control endpoint with its own limit of 10 Mbit/s, an orchestrator that
     /// holds it to 2 Mbit/s and then closes its connection with `code`: the limit in
     /// force once the endpoint has seen the close.
     fn limit_after_a_hold_and_a_close(code: u32) -> Option<u64> {
-        let (source, orchestrator) = (
-            Identity::generate("source").unwrap(),
-            Identity::generate("orchestrator").unwrap(),
+        let h = Harness::new(Some(10_000_000));
+        assert_eq!(
+            h.set_rate(Some(2_000_000), Some(1)),
+            Some(Reply::RateSet {
+                rate_cap_bps: Some(2_000_000)
+            })
         );
-        let limit = RateLimit::new(Some(10_000_000));
-        let server = ControlServer::start(
-            "127.0.0.1:0".parse().unwrap(),
-            &source,
-            orchestrator.cert.clone(),
-            super::super::replica::idle_status_of("vm", 1 << 20),
-            limit.clone(),
-            || {},
-        )
-        .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let ep = transport::quic::control_client_endpoint(
-                "127.0.0.1:0".parse().unwrap(),
-                &orchestrator,
-                source.cert.clone(),
-            )
-            .unwrap();
-            let conn = transport::quic::connect(&ep, server.local_addr())
-                .await
-                .unwrap();
-            let (mut send, mut recv) = conn.open_bi().await.unwrap();
-            let hold = Request::SetRate {
-                rate_cap_bps: Some(2_000_000),
-            };
-            write_msg(&mut send, &hold).await.unwrap();
-            let reply: Option<Reply> = read_msg(&mut recv).await.unwrap();
-            assert!(
-                matches!(
-                    reply,
-                    Some(Reply::RateSet {
-                        rate_cap_bps: Some(2_000_000)
-                    })
-                ),
-                "{reply:?}"
-            );
-            assert_eq!(limit.get(), Some(2_000_000));
-            conn.close(code.into(), b"test");
-            ep.wait_idle().await;
+        assert_eq!(h.limit.get(), Some(2_000_000));
+        h.close(code)
+    }
+
+    #[test]
+    fn a_rate_limit_arriving_after_a_newer_one_is_not_applied() {
+        let held = |cap: u64| {
+            Some(Reply::RateSet {
+                rate_cap_bps: Some(cap),
+            })
+        };
+        let h = Harness::new(Some(10_000_000));
+        assert_eq!(h.set_rate(Some(3_000_000), Some(2)), held(3_000_000));
+        // The first copy of the one before, asked again and answered meanwhile, arrives
+        // late: the answer says the limit in force, which stays.
+        assert_eq!(h.set_rate(Some(1_000_000), Some(1)), held(3_000_000));
+        assert_eq!(h.set_rate(Some(1_000_000), Some(2)), held(3_000_000));
+        // The evacuation's request, overtaken by the limit sent after it: its cap is older.
+        assert_eq!(
+            h.ask(&Request::Evacuate {
+                rate_cap_bps: Some(5_000_000)
+            }),
+            Some(Reply::Accepted {
+                rate_cap_honoured: true
+            })
+        );
+        assert_eq!(h.limit.get(), Some(3_000_000));
+        // Newer ones go, and so does one without a place (an orchestrator before places).
+        assert_eq!(
+            h.set_rate(None, Some(7)),
+            Some(Reply::RateSet { rate_cap_bps: None })
+        );
+        assert_eq!(h.set_rate(Some(4_000_000), None), held(4_000_000));
+        assert_eq!(h.set_rate(Some(12_000_000), Some(8)), held(12_000_000));
+        assert_eq!(h.close(0), Some(12_000_000), "above its own: kept");
+
+        // Without a limit set first, an evacuation's cap goes, and is taken back when the
+        // orchestrator hangs up.
+        let h = Harness::new(Some(10_000_000));
+        h.ask(&Request::Evacuate {
+            rate_cap_bps: Some(5_000_000),
         });
-        // The endpoint counts the connection out once it has acted on its end.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while server.streams.connections.load(Ordering::Acquire) > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the close was not seen"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let after = limit.get();
-        server.finish();
-        after
+        assert_eq!(h.limit.get(), Some(5_000_000));
+        assert_eq!(h.close(0), Some(10_000_000));
     }
 
     #[test]

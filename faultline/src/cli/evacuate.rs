@@ -39,7 +39,8 @@ pub struct EvacuateArgs {
     /// not is reported and left out (if none answers, nothing starts).
     #[arg(long, default_value = "3", value_parser = parse_secs)]
     pub connect_timeout: Duration,
-    /// Seconds without an event from an evacuating source before it counts as failed.
+    /// Seconds without an event from an evacuating source before it counts as failed; a
+    /// rate limit it has not confirmed within them is asked again.
     #[arg(long, default_value = "5", value_parser = parse_secs)]
     pub silence_timeout: Duration,
     /// Seconds (at least 3) an evacuating VM whose source still reports may go without

@@ -91,7 +91,9 @@ pub async fn run(
         tokio::select! {
             cmd = commands.recv() => match cmd {
                 Some(Command::Start { rate_cap_bps }) => break rate_cap_bps,
-                Some(Command::SetRate(cap)) => set_rate(&conn, vm, cap, t.silence).await,
+                // The start carries the limit in force when it is sent, and the source
+                // has no evacuation to pace before it.
+                Some(Command::SetRate(_)) => {}
                 // Not to be started (`faultline plan --live`, or the orchestrator ends):
                 // the source goes on waiting for another.
                 None => {
@@ -170,13 +172,77 @@ async fn status(conn: &quinn::Connection) -> anyhow::Result<Status> {
     ask.await.map_err(|e| explain(conn, e))
 }
 
-/// Asks the source to limit its evacuation's rate (on a stream of its own, beside the
-/// evacuation's events). A source that does not take it is logged: the evacuation goes on
-/// at the limit it had (unpaced, or held), which costs the plan's order, not the VM.
-async fn set_rate(conn: &quinn::Connection, vm: usize, cap: Option<u64>, within: Duration) {
+/// How long after a rate limit the source did not confirm it is asked again; doubled
+/// after each failure, up to [`RATE_RETRY_MAX`].
+const RATE_RETRY_FIRST: Duration = Duration::from_millis(250);
+const RATE_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Sends the rate limits that arrive on `caps`, one after the other, each until the source
+/// confirms it (`ask`, given the request's place and the limit) or a newer one arrives:
+/// only the newest matters. Without the retry, a limit lost on a path that stalled (when
+/// the orchestrator changes them most: a stall takes a VM out of the link's sharing) kept
+/// the source at the one before for the rest of its evacuation, a lift lost kept a VM held
+/// at a twentieth of the link. Every request gets a new place, so a first copy that
+/// arrives late cannot undo a newer one (see `Request::SetRate`). Returns when `caps`
+/// closes.
+async fn keep_rates<F, Fut>(vm: usize, caps: &mut mpsc::UnboundedReceiver<Option<u64>>, mut ask: F)
+where
+    F: FnMut(u64, Option<u64>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut seq = 0u64;
+    let mut next = None;
+    let mut wait = RATE_RETRY_FIRST;
+    loop {
+        let mut cap = match next.take() {
+            Some(cap) => cap,
+            None => match caps.recv().await {
+                Some(cap) => cap,
+                None => return,
+            },
+        };
+        while let Ok(newer) = caps.try_recv() {
+            cap = newer;
+        }
+        seq += 1;
+        match ask(seq, cap).await {
+            Ok(()) => {
+                if wait > RATE_RETRY_FIRST {
+                    tracing::info!(vm, ?cap, "the rate limit is set");
+                }
+                wait = RATE_RETRY_FIRST;
+            }
+            Err(e) => {
+                tracing::warn!(vm, ?cap, "setting the rate limit, again in {wait:?}: {e:#}");
+                tokio::select! {
+                    newer = caps.recv() => match newer {
+                        Some(newer) => next = Some(newer),
+                        None => return,
+                    },
+                    _ = tokio::time::sleep(wait) => next = Some(cap),
+                }
+                wait = (wait * 2).min(RATE_RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Asks the source to limit its evacuation's rate, on a stream of its own beside the
+/// evacuation's events; `Ok` once it says that limit is in force. Bounded by `within`: a
+/// source that does not answer must not hold up the limits after it.
+async fn set_rate(
+    conn: &quinn::Connection,
+    seq: u64,
+    cap: Option<u64>,
+    within: Duration,
+) -> anyhow::Result<()> {
     let ask = async {
         let (mut send, mut recv) = conn.open_bi().await?;
-        write_msg(&mut send, &Request::SetRate { rate_cap_bps: cap }).await?;
+        let req = Request::SetRate {
+            rate_cap_bps: cap,
+            seq: Some(seq),
+        };
+        write_msg(&mut send, &req).await?;
         let _ = send.finish();
         match read_msg::<Reply>(&mut recv).await? {
             Some(Reply::RateSet { rate_cap_bps }) if rate_cap_bps == cap => Ok(()),
@@ -184,13 +250,9 @@ async fn set_rate(conn: &quinn::Connection, vm: usize, cap: Option<u64>, within:
             None => bail!("the source ended the stream without an answer"),
         }
     };
-    // Bounded: a source that never answers must not stall its link's status requests.
-    let r = match tokio::time::timeout(within, ask).await {
+    match tokio::time::timeout(within, ask).await {
         Ok(r) => r,
         Err(_) => Err(anyhow!(silent(within))),
-    };
-    if let Err(e) = r {
-        tracing::warn!(vm, ?cap, "setting the rate limit: {e:#}");
     }
 }
 
@@ -207,15 +269,15 @@ async fn evacuate(
         .await
         .map_err(|e| explain(conn, e))?;
     let _ = send.finish();
-    // Rate limits go out one after the other (a later one must not overtake an earlier
-    // one), beside the events, not in their way.
+    // Rate limits go out one after the other, beside the events, not in their way.
     let (rates, mut rates_rx) = mpsc::unbounded_channel::<Option<u64>>();
     let setter = {
         let conn = conn.clone();
         tokio::spawn(async move {
-            while let Some(cap) = rates_rx.recv().await {
-                set_rate(&conn, vm, cap, t.silence).await;
-            }
+            keep_rates(vm, &mut rates_rx, |seq, cap| {
+                set_rate(&conn, seq, cap, t.silence)
+            })
+            .await
         })
     };
     let r = events(vm, conn, &mut recv, &mut commands, &rates, out, t).await;
@@ -268,5 +330,103 @@ async fn events(
             }
             None => bail!("the source ended the control stream before its evacuation ended"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// What `keep_rates` asked, in order: (place, limit); `fails` says which answers fail.
+    struct Source {
+        asked: RefCell<Vec<(u64, Option<u64>)>>,
+        fails: fn(u64, Option<u64>) -> bool,
+    }
+
+    impl Source {
+        fn new(fails: fn(u64, Option<u64>) -> bool) -> Source {
+            Source {
+                asked: RefCell::new(Vec::new()),
+                fails,
+            }
+        }
+
+        async fn ask(&self, seq: u64, cap: Option<u64>) -> anyhow::Result<()> {
+            self.asked.borrow_mut().push((seq, cap));
+            // An unanswered ask takes a while to be given up on.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if (self.fails)(seq, cap) {
+                bail!("no answer");
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_the_source_did_not_confirm_is_asked_again_until_it_is() {
+        let source = Source::new(|seq, _| seq <= 3);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tx.send(None).unwrap();
+        let keeper = keep_rates(0, &mut rx, |seq, cap| source.ask(seq, cap));
+        let t0 = tokio::time::Instant::now();
+        tokio::select! {
+            _ = keeper => panic!("the channel is open"),
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        // Each again with a place of its own, after 250, 500 and 1000 ms; then no more.
+        assert_eq!(
+            *source.asked.borrow(),
+            [(1, None), (2, None), (3, None), (4, None)]
+        );
+        assert!(t0.elapsed() >= Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newer_rate_limit_takes_the_place_of_one_still_unconfirmed() {
+        // The source never confirms the hold; the lift goes through.
+        let source = Source::new(|_, cap| cap.is_some());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tx.send(Some(2_000_000)).unwrap();
+        let keeper = keep_rates(0, &mut rx, |seq, cap| source.ask(seq, cap));
+        let lift_later = async {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            tx.send(Some(5_000_000)).unwrap();
+            tx.send(None).unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(tx);
+        };
+        tokio::join!(keeper, lift_later);
+        // The hold at 0, 350 and 850 ms; the lift arrives during the third wait and goes
+        // at once, the limit between skipped; nothing after it.
+        assert_eq!(
+            *source.asked.borrow(),
+            [
+                (1, Some(2_000_000)),
+                (2, Some(2_000_000)),
+                (3, Some(2_000_000)),
+                (4, None)
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirmed_rate_limits_go_out_once_each_in_order() {
+        let source = Source::new(|_, _| false);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let keeper = keep_rates(0, &mut rx, |seq, cap| source.ask(seq, cap));
+        let send = async {
+            for cap in [Some(1), None, Some(3)] {
+                tx.send(cap).unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            drop(tx);
+        };
+        tokio::join!(keeper, send);
+        assert_eq!(
+            *source.asked.borrow(),
+            [(1, Some(1)), (2, None), (3, Some(3))]
+        );
     }
 }
