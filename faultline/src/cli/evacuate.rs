@@ -110,7 +110,6 @@ pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
     let timeouts = Timeouts {
         connect: a.connect_timeout,
         silence: a.silence_timeout,
-        stall: a.stall_timeout,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -126,8 +125,11 @@ pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
         pf,
         setup,
         read_at,
-        timeouts,
-        policy,
+        Run {
+            timeouts,
+            stall_after: a.stall_timeout,
+            policy,
+        },
         &events,
         metrics.as_ref(),
     ))?;
@@ -174,15 +176,27 @@ impl Events {
     }
 }
 
+/// How a run goes, from the command line.
+struct Run {
+    timeouts: Timeouts,
+    /// Without moving, before a VM is stalled (`Orchestration::set_stall_after`).
+    stall_after: Duration,
+    policy: Policy,
+}
+
 async fn orchestrate(
     pf: fleet::file::PlanFile,
     setup: plan_file::Setup,
     read_at: Instant,
-    timeouts: Timeouts,
-    policy: Policy,
+    run: Run,
     events: &Events,
     metrics: Option<&metrics::EvacuateMetrics>,
 ) -> anyhow::Result<(fleet::orchestrate::Report, fleet::plan::Plan)> {
+    let Run {
+        timeouts,
+        stall_after,
+        policy,
+    } = run;
     let hearing = hear(&pf.fleet, &setup, timeouts).await?;
     for (i, why) in &hearing.unreachable {
         let name = &hearing.fleet.vms[*i].name;
@@ -205,7 +219,7 @@ async fn orchestrate(
     let mut opts = pf.options.clone();
     opts.deadline_s -= t0.duration_since(read_at).as_secs_f64();
     let mut o = Orchestration::with_policy(fleet, opts, &unreachable, policy)?;
-    o.set_stall_after(timeouts.stall.as_secs_f64());
+    o.set_stall_after(stall_after.as_secs_f64());
     events.emit(json!({
         "event": "planned",
         "schedule": policy,

@@ -195,8 +195,6 @@ pub fn live_plan(
     let timeouts = Timeouts {
         connect: connect_timeout,
         silence: connect_timeout,
-        // Nothing is started, so nothing stalls.
-        stall: connect_timeout,
     };
     let mut hearing = runtime.block_on(hear(&pf.fleet, &setup, timeouts))?;
     // The deadline as `faultline evacuate` would take it: from here, not after the closes.

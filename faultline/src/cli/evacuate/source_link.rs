@@ -41,11 +41,9 @@ pub enum Command {
 pub struct Timeouts {
     /// Connecting and the first status.
     pub connect: Duration,
-    /// Between two events of a running evacuation (the source sends one every 250 ms).
+    /// Between two events of a running evacuation (the source sends one every 250 ms), and
+    /// for the answer to a rate limit before it is asked again.
     pub silence: Duration,
-    /// Without moving while it reports, before a VM is stalled (the orchestrator's, see
-    /// `fleet::orchestrate::Orchestration::stalls`; the link only passes the events on).
-    pub stall: Duration,
 }
 
 /// Runs one source's link until its evacuation ends, it fails, or `start` is dropped.
