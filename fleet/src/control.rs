@@ -91,6 +91,11 @@ pub enum Reply {
     /// The answer to [`Request::SetRate`]: the limit now in force, bits per second.
     RateSet {
         rate_cap_bps: Option<u64>,
+        /// The request's place, echoed (absent from a source before 2026-12-07, which
+        /// applies every limit as it arrives: an orchestrator then does not ask again, since
+        /// a first copy arriving late would undo the one after it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
 }
 
@@ -187,6 +192,11 @@ pub struct Status {
     /// (`None` from a source without disks, or one that does not say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// The evacuation's own rate limit (`--evacuate-max-rate`), bits per second: the most
+    /// an orchestrator's limit lets it send, and what a lifted hold goes back to (`None`:
+    /// it has none, or it is a source before 2026-12-07, whose holds lift to no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_rate_cap_bps: Option<u64>,
 }
 
 /// Bytes of a page in these messages' page counts: a guest page.
@@ -337,6 +347,7 @@ mod tests {
             pages_sampled: None,
             wire_bytes_sampled: None,
             disk_bytes: None,
+            own_rate_cap_bps: None,
         }
     }
 
@@ -522,6 +533,11 @@ mod tests {
             Reply::Event(failed),
             Reply::RateSet {
                 rate_cap_bps: Some(40_000_000),
+                seq: Some(3),
+            },
+            Reply::RateSet {
+                rate_cap_bps: None,
+                seq: None,
             },
         ];
         for r in replies {

@@ -73,6 +73,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         pages_sampled: Some(256),
         wire_bytes_sampled: Some(500_000),
         disk_bytes: Some(1 << 30),
+        own_rate_cap_bps: Some(40_000_000),
     };
     let failed = Status {
         evacuation: EvacState::Failed,
@@ -107,6 +108,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             Reply::Event(failed),
             Reply::RateSet {
                 rate_cap_bps: Some(40_000_000),
+                seq: Some(1),
             },
         ]
         .iter()

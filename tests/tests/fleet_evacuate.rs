@@ -1229,7 +1229,13 @@ fn an_evacuation_keeps_to_its_rate_limit_until_the_orchestrator_lifts_it() {
         seq: Some(1),
     };
     let r = control_request(&certs, pair.port, &lift, false).unwrap();
-    assert_eq!(r, vec![Reply::RateSet { rate_cap_bps: None }]);
+    assert_eq!(
+        r,
+        vec![Reply::RateSet {
+            rate_cap_bps: None,
+            seq: Some(1)
+        }]
+    );
     let lifted = rate_over(&wan, Duration::from_millis(300));
     assert!(
         lifted > cap * 3.0,

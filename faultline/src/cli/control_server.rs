@@ -21,6 +21,9 @@ use transport::tls::{CertificateDer, Identity};
 
 use super::control_io::{read_msg, write_msg};
 
+mod pacing;
+use pacing::{Paced, Pacing};
+
 /// How long a peer may take to send its request on a new stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`ControlServer::finish`] waits for the last events to reach the orchestrator.
@@ -58,10 +61,12 @@ impl ControlServer {
         listen: SocketAddr,
         me: &Identity,
         orchestrator: CertificateDer<'static>,
-        initial: Status,
+        mut initial: Status,
         limit: RateLimit,
         evacuate: fn(),
     ) -> anyhow::Result<ControlServer> {
+        // Every status says it (its updates change other fields).
+        initial.own_rate_cap_bps = limit.get();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("control")
@@ -83,8 +88,7 @@ impl ControlServer {
         let shared = Arc::new(Shared {
             status: status.clone(),
             streams: streams.clone(),
-            own_limit: limit.get(),
-            limit,
+            pacing: Pacing::new(limit),
             evacuate,
         });
         runtime.spawn(serve(acceptor, shared));
@@ -141,9 +145,7 @@ impl ControlServer {
 struct Shared {
     status: Arc<watch::Sender<Status>>,
     streams: Arc<Streams>,
-    limit: RateLimit,
-    /// The evacuation's own limit (`--evacuate-max-rate`), as the server started.
-    own_limit: Option<u64>,
+    pacing: Pacing,
     evacuate: fn(),
 }
 
@@ -152,7 +154,7 @@ async fn serve(mut acceptor: Acceptor, shared: Arc<Shared>) {
         let shared = shared.clone();
         shared.streams.connections.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
-            // The last limit this orchestrator set.
+            // What this orchestrator set.
             let paced = Arc::new(Paced::default());
             let end = loop {
                 match conn.accept_bi().await {
@@ -170,93 +172,16 @@ async fn serve(mut acceptor: Acceptor, shared: Arc<Shared>) {
             };
             let gave_up = matches!(&end, quinn::ConnectionError::ApplicationClosed(c)
                 if c.error_code == fleet::control::CLOSE_GAVE_UP.into());
-            // The orchestrator that shared the link by these limits is gone (it ended, or
-            // crashed): nobody shares it for us any more, so a limit it left lower than the
-            // evacuation's own (a VM held behind another at a twentieth of the link) must
-            // not outlive it. One it lifted or raised stays; so does one it left on a VM it
-            // gave up on (the VMs planned in its place have the link), and one that another
-            // connection has set since.
-            let own = shared.own_limit;
-            if !gave_up && restores(paced.last(), shared.limit.get(), own) {
-                shared.limit.set(own);
+            // The orchestrator that shared the link by its limits is gone (it ended, or
+            // crashed): see `Pacing::hang_up`.
+            if shared.pacing.hang_up(&paced, gave_up) {
                 tracing::info!(
-                    ?own,
+                    own = ?shared.pacing.own(),
                     "the orchestrator is gone: the evacuation's own rate limit is back"
                 );
             }
             shared.streams.ended(&shared.streams.connections);
         });
-    }
-}
-
-/// Whether an orchestrator's connection that ended, having last set the limit to `last`
-/// (`None`: it set none), leaves a limit to take back: the one in force (`now`) is still
-/// its, and lower than the evacuation's own (`own`; `None`: no limit).
-fn restores(last: Option<Option<u64>>, now: Option<u64>, own: Option<u64>) -> bool {
-    let Some(last) = last else {
-        return false;
-    };
-    let lower = match (last, own) {
-        (Some(last), Some(own)) => last < own,
-        (Some(_), None) => true,
-        (None, _) => false,
-    };
-    lower && now == last
-}
-
-/// The rate limits one orchestrator's connection set: the last, and its place.
-#[derive(Default)]
-struct Paced(std::sync::Mutex<PacedState>);
-
-#[derive(Default)]
-struct PacedState {
-    /// The last limit set, if one was.
-    last: Option<Option<u64>>,
-    /// The highest place among the connection's `SetRate`s applied (0: none with one).
-    seq: u64,
-}
-
-impl Paced {
-    fn state(&self) -> std::sync::MutexGuard<'_, PacedState> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A `SetRate` with place `seq`: `cap` goes to `limit` unless a newer one of this
-    /// connection's already did (one without a place always goes). Under the lock, so two
-    /// of the connection's streams cannot apply theirs out of order.
-    fn set_rate(&self, seq: Option<u64>, limit: &RateLimit, cap: Option<u64>) -> bool {
-        let mut s = self.state();
-        if let Some(seq) = seq {
-            if seq <= s.seq {
-                return false;
-            }
-            s.seq = seq;
-        }
-        limit.set(cap);
-        s.last = Some(limit.get());
-        true
-    }
-
-    /// An `Evacuate`'s cap (`None`: the evacuation's own limit, `own`) goes to `limit`
-    /// unless a `SetRate` with a place came first: the orchestrator sends those only once
-    /// it has asked for the evacuation, so theirs is newer.
-    fn evacuate(&self, limit: &RateLimit, cap: Option<u64>, own: Option<u64>) -> bool {
-        let mut s = self.state();
-        if s.seq > 0 {
-            return false;
-        }
-        match cap {
-            Some(_) => {
-                limit.set(cap);
-                s.last = Some(limit.get());
-            }
-            None => limit.set(own),
-        }
-        true
-    }
-
-    fn last(&self) -> Option<Option<u64>> {
-        self.state().last
     }
 }
 
@@ -270,9 +195,8 @@ async fn answer(
     let Shared {
         status,
         streams,
-        limit,
+        pacing,
         evacuate,
-        ..
     } = shared;
     let req = tokio::time::timeout(REQUEST_TIMEOUT, read_msg::<Request>(&mut recv))
         .await
@@ -286,27 +210,24 @@ async fn answer(
             Ok(())
         }
         Some(Request::SetRate { rate_cap_bps, seq }) => {
-            if paced.set_rate(seq, limit, rate_cap_bps) {
+            let (applied, in_force) = pacing.set_rate(paced, seq, rate_cap_bps);
+            if applied {
                 tracing::debug!(?rate_cap_bps, ?seq, "evacuation rate limit set");
             } else {
                 // Its answer says the limit in force; the orchestrator stopped waiting for
                 // it when it sent the newer one.
                 tracing::debug!(?rate_cap_bps, ?seq, "an older rate limit, not applied");
             }
-            write_msg(
-                &mut send,
-                &Reply::RateSet {
-                    rate_cap_bps: limit.get(),
-                },
-            )
-            .await?;
+            let reply = Reply::RateSet {
+                rate_cap_bps: in_force,
+                seq,
+            };
+            write_msg(&mut send, &reply).await?;
             let _ = send.finish();
             Ok(())
         }
         Some(Request::Evacuate { rate_cap_bps }) => {
-            // No limit of the orchestrator's: the evacuation's own, whatever an earlier
-            // orchestrator left.
-            if !paced.evacuate(limit, rate_cap_bps, shared.own_limit) {
+            if !pacing.evacuate(paced, rate_cap_bps) {
                 tracing::debug!(?rate_cap_bps, "a newer rate limit came first: kept");
             }
             evacuate();
@@ -464,27 +385,41 @@ mod tests {
         assert_eq!(
             h.set_rate(Some(2_000_000), Some(1)),
             Some(Reply::RateSet {
-                rate_cap_bps: Some(2_000_000)
+                rate_cap_bps: Some(2_000_000),
+                seq: Some(1),
             })
         );
         assert_eq!(h.limit.get(), Some(2_000_000));
         h.close(code)
     }
 
+    /// Over QUIC, each request on its stream: the answer echoes the place and says the
+    /// limit in force; one arriving after a newer one leaves that in force (the rules
+    /// themselves: `pacing::tests`).
     #[test]
-    fn a_rate_limit_arriving_after_a_newer_one_is_not_applied() {
-        let held = |cap: u64| {
+    fn a_rate_limit_arriving_after_a_newer_one_is_answered_with_the_newer() {
+        let in_force = |cap: Option<u64>, seq: u64| {
             Some(Reply::RateSet {
-                rate_cap_bps: Some(cap),
+                rate_cap_bps: cap,
+                seq: Some(seq),
             })
         };
         let h = Harness::new(Some(10_000_000));
-        assert_eq!(h.set_rate(Some(3_000_000), Some(2)), held(3_000_000));
-        // The first copy of the one before, asked again and answered meanwhile, arrives
-        // late: the answer says the limit in force, which stays.
-        assert_eq!(h.set_rate(Some(1_000_000), Some(1)), held(3_000_000));
-        assert_eq!(h.set_rate(Some(1_000_000), Some(2)), held(3_000_000));
-        // The evacuation's request, overtaken by the limit sent after it: its cap is older.
+        // Its status says its own limit, which a lifted hold goes back to.
+        match h.ask(&Request::Status) {
+            Some(Reply::Status(s)) => assert_eq!(s.own_rate_cap_bps, Some(10_000_000)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            h.set_rate(Some(3_000_000), Some(2)),
+            in_force(Some(3_000_000), 2)
+        );
+        // The first copy of the one before, asked again and answered meanwhile.
+        assert_eq!(
+            h.set_rate(Some(1_000_000), Some(1)),
+            in_force(Some(3_000_000), 1)
+        );
+        // The evacuation's request, overtaken by the limit sent after it.
         assert_eq!(
             h.ask(&Request::Evacuate {
                 rate_cap_bps: Some(5_000_000)
@@ -494,23 +429,8 @@ mod tests {
             })
         );
         assert_eq!(h.limit.get(), Some(3_000_000));
-        // Newer ones go, and so does one without a place (an orchestrator before places).
-        assert_eq!(
-            h.set_rate(None, Some(7)),
-            Some(Reply::RateSet { rate_cap_bps: None })
-        );
-        assert_eq!(h.set_rate(Some(4_000_000), None), held(4_000_000));
-        assert_eq!(h.set_rate(Some(12_000_000), Some(8)), held(12_000_000));
-        assert_eq!(h.close(0), Some(12_000_000), "above its own: kept");
-
-        // Without a limit set first, an evacuation's cap goes, and is taken back when the
-        // orchestrator hangs up.
-        let h = Harness::new(Some(10_000_000));
-        h.ask(&Request::Evacuate {
-            rate_cap_bps: Some(5_000_000),
-        });
-        assert_eq!(h.limit.get(), Some(5_000_000));
-        assert_eq!(h.close(0), Some(10_000_000));
+        assert_eq!(h.set_rate(None, Some(3)), in_force(None, 3));
+        assert_eq!(h.close(0), None, "lifted: nothing to take back");
     }
 
     #[test]
@@ -521,19 +441,5 @@ mod tests {
             Some(2_000_000),
             "the VMs planned in its place have the link"
         );
-    }
-
-    #[test]
-    fn a_gone_orchestrators_hold_is_taken_back_only_while_it_is_its_own_and_lower() {
-        // Held to 5 Mbit/s, with no limit of its own or one of 10 Mbit/s: taken back.
-        assert!(restores(Some(Some(5)), Some(5), None));
-        assert!(restores(Some(Some(5)), Some(5), Some(10)));
-        // Set nothing, lifted, or raised: nothing to take back.
-        assert!(!restores(None, Some(5), Some(10)));
-        assert!(!restores(Some(None), None, Some(10)));
-        assert!(!restores(Some(Some(20)), Some(20), Some(10)));
-        // Another connection set the limit since: its, not this one's.
-        assert!(!restores(Some(Some(5)), Some(3), Some(10)));
-        assert!(!restores(Some(Some(5)), None, Some(10)));
     }
 }

@@ -728,6 +728,8 @@ pub(super) fn idle_status_of(vm_id: &str, memory_bytes: u64) -> Status {
         pages_sampled: None,
         wire_bytes_sampled: None,
         disk_bytes: None,
+        // The control endpoint says it as it sends the status.
+        own_rate_cap_bps: None,
     }
 }
 

@@ -55,16 +55,17 @@ pub async fn run(
     out: mpsc::UnboundedSender<Report>,
     t: Timeouts,
 ) {
-    let conn = match tokio::time::timeout(t.connect, first_status(&endpoint, addr)).await {
+    let (conn, own) = match tokio::time::timeout(t.connect, first_status(&endpoint, addr)).await {
         Ok(Ok((conn, status))) => {
             // Over already (SIGUSR1, its timer): nothing to start; hang up so it can end.
             let over = status.evacuation.is_final();
+            let own = status.own_rate_cap_bps;
             let _ = out.send(Report::Status(vm, status));
             if over {
                 conn.close(0u32.into(), b"over");
                 return;
             }
-            conn
+            (conn, own)
         }
         Ok(Err(e)) => {
             let _ = out.send(Report::Unreachable(
@@ -123,7 +124,7 @@ pub async fn run(
             }
         }
     };
-    match evacuate(vm, &conn, cap, commands, &out, t).await {
+    match evacuate(vm, &conn, within_own(cap, own), own, commands, &out, t).await {
         Ok(()) => conn.close(0u32.into(), b"done"),
         Err(e) => {
             let _ = out.send(Report::Failed(vm, format!("{e:#}")));
@@ -171,26 +172,31 @@ async fn status(conn: &quinn::Connection) -> anyhow::Result<Status> {
 }
 
 /// How long after a rate limit the source did not confirm it is asked again; doubled
-/// after each failure, up to [`RATE_RETRY_MAX`].
+/// after each failure, up to [`RATE_RETRY_MAX`], and back to this for a new limit.
 const RATE_RETRY_FIRST: Duration = Duration::from_millis(250);
 const RATE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Sends the rate limits that arrive on `caps`, one after the other, each until the source
-/// confirms it (`ask`, given the request's place and the limit) or a newer one arrives:
-/// only the newest matters. Without the retry, a limit lost on a path that stalled (when
-/// the orchestrator changes them most: a stall takes a VM out of the link's sharing) kept
-/// the source at the one before for the rest of its evacuation, a lift lost kept a VM held
-/// at a twentieth of the link. Every request gets a new place, so a first copy that
-/// arrives late cannot undo a newer one (see `Request::SetRate`). Returns when `caps`
-/// closes.
+/// confirms it (`ask`, given the request's place and the limit: `Ok(true)` from a source
+/// that checks places) or a newer one arrives, even while it is being asked: only the
+/// newest matters. Without the retry, a limit lost on a path that stalled (when the
+/// orchestrator changes them most: a stall takes a VM out of the link's sharing) kept the
+/// source at the one before for the rest of its evacuation; a lift lost kept a VM held at
+/// a twentieth of the link. Every request gets a new place, so a first copy that arrives
+/// late cannot undo a newer one (see `Request::SetRate`); a source that answered without
+/// one (a release before places) is not asked again, since it would apply that late copy.
+/// Returns when `caps` closes.
 async fn keep_rates<F, Fut>(vm: usize, caps: &mut mpsc::UnboundedReceiver<Option<u64>>, mut ask: F)
 where
     F: FnMut(u64, Option<u64>) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
 {
     let mut seq = 0u64;
     let mut next = None;
     let mut wait = RATE_RETRY_FIRST;
+    // The limit being asked again, if one is.
+    let mut retrying: Option<Option<u64>> = None;
+    let mut checks_places = true;
     loop {
         let mut cap = match next.take() {
             Some(cap) => cap,
@@ -202,16 +208,43 @@ where
         while let Ok(newer) = caps.try_recv() {
             cap = newer;
         }
+        if retrying != Some(cap) {
+            wait = RATE_RETRY_FIRST;
+        }
         seq += 1;
-        match ask(seq, cap).await {
-            Ok(()) => {
-                if wait > RATE_RETRY_FIRST {
+        let answer = tokio::select! {
+            answer = ask(seq, cap) => answer,
+            newer = caps.recv() => match newer {
+                Some(newer) => {
+                    next = Some(newer);
+                    continue;
+                }
+                None => return,
+            },
+        };
+        match answer {
+            Ok(places) => {
+                if retrying.is_some() {
                     tracing::info!(vm, ?cap, "the rate limit is set");
                 }
-                wait = RATE_RETRY_FIRST;
+                retrying = None;
+                checks_places = places;
+            }
+            Err(e) if !checks_places => {
+                tracing::warn!(
+                    vm,
+                    ?cap,
+                    "setting the rate limit (an older source, not asked again): {e:#}"
+                );
+                retrying = None;
             }
             Err(e) => {
-                tracing::warn!(vm, ?cap, "setting the rate limit, again in {wait:?}: {e:#}");
+                if retrying == Some(cap) {
+                    tracing::debug!(vm, ?cap, "setting the rate limit, again in {wait:?}: {e:#}");
+                } else {
+                    tracing::warn!(vm, ?cap, "setting the rate limit, again in {wait:?}: {e:#}");
+                }
+                retrying = Some(cap);
                 tokio::select! {
                     newer = caps.recv() => match newer {
                         Some(newer) => next = Some(newer),
@@ -226,14 +259,15 @@ where
 }
 
 /// Asks the source to limit its evacuation's rate, on a stream of its own beside the
-/// evacuation's events; `Ok` once it says that limit is in force. Bounded by `within`: a
-/// source that does not answer must not hold up the limits after it.
+/// evacuation's events; `Ok` once it says that limit is in force, `Ok(true)` if its answer
+/// echoed the place (it checks them). Bounded by `within`: a source that does not answer
+/// must not hold up the limits after it.
 async fn set_rate(
     conn: &quinn::Connection,
     seq: u64,
     cap: Option<u64>,
     within: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let ask = async {
         let (mut send, mut recv) = conn.open_bi().await?;
         let req = Request::SetRate {
@@ -243,7 +277,10 @@ async fn set_rate(
         write_msg(&mut send, &req).await?;
         let _ = send.finish();
         match read_msg::<Reply>(&mut recv).await? {
-            Some(Reply::RateSet { rate_cap_bps }) if rate_cap_bps == cap => Ok(()),
+            Some(Reply::RateSet {
+                rate_cap_bps,
+                seq: echoed,
+            }) if rate_cap_bps == cap => Ok(echoed == Some(seq)),
             Some(other) => bail!("the source answered a rate limit with {other:?}"),
             None => bail!("the source ended the stream without an answer"),
         }
@@ -254,10 +291,23 @@ async fn set_rate(
     }
 }
 
+/// The orchestrator's limit `cap` (`None`: unheld) as the source is to take it: never above
+/// the evacuation's own (`own`, `--evacuate-max-rate`; an operator's share of the source's
+/// NIC), and unheld means that one. `SetRate`'s `null` lifts every limit, the source's own
+/// too, so a lift is sent as the own limit.
+fn within_own(cap: Option<u64>, own: Option<u64>) -> Option<u64> {
+    match (cap, own) {
+        (Some(cap), Some(own)) => Some(cap.min(own)),
+        (cap, None) => cap,
+        (None, own) => own,
+    }
+}
+
 async fn evacuate(
     vm: usize,
     conn: &quinn::Connection,
     rate_cap_bps: Option<u64>,
+    own: Option<u64>,
     mut commands: mpsc::Receiver<Command>,
     out: &mpsc::UnboundedSender<Report>,
     t: Timeouts,
@@ -273,7 +323,7 @@ async fn evacuate(
         let conn = conn.clone();
         tokio::spawn(async move {
             keep_rates(vm, &mut rates_rx, |seq, cap| {
-                set_rate(&conn, seq, cap, t.silence)
+                set_rate(&conn, seq, within_own(cap, own), t.silence)
             })
             .await
         })
@@ -337,94 +387,135 @@ mod tests {
 
     use super::*;
 
-    /// What `keep_rates` asked, in order: (place, limit); `fails` says which answers fail.
+    /// How a stand-in source answers a rate limit: after how long, and whether it sets
+    /// it (`Some(places)`: it checks places) or not (`None`).
+    type Answer = fn(u64, Option<u64>) -> (u64, Option<bool>);
+
+    /// What `keep_rates` asked, in order: (ms since the start, place, limit).
     struct Source {
-        asked: RefCell<Vec<(u64, Option<u64>)>>,
-        fails: fn(u64, Option<u64>) -> bool,
+        t0: tokio::time::Instant,
+        asked: RefCell<Vec<(u64, u64, Option<u64>)>>,
+        answer: Answer,
     }
 
     impl Source {
-        fn new(fails: fn(u64, Option<u64>) -> bool) -> Source {
+        fn new(answer: Answer) -> Source {
             Source {
+                t0: tokio::time::Instant::now(),
                 asked: RefCell::new(Vec::new()),
-                fails,
+                answer,
             }
         }
 
-        async fn ask(&self, seq: u64, cap: Option<u64>) -> anyhow::Result<()> {
-            self.asked.borrow_mut().push((seq, cap));
-            // An unanswered ask takes a while to be given up on.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if (self.fails)(seq, cap) {
-                bail!("no answer");
-            }
-            Ok(())
+        async fn ask(&self, seq: u64, cap: Option<u64>) -> anyhow::Result<bool> {
+            let ms = self.t0.elapsed().as_millis() as u64;
+            self.asked.borrow_mut().push((ms, seq, cap));
+            let (after_ms, set) = (self.answer)(seq, cap);
+            tokio::time::sleep(Duration::from_millis(after_ms)).await;
+            set.ok_or_else(|| anyhow!("no answer"))
+        }
+
+        /// Runs `keep_rates` on the limits `sent` (ms since the start, limit) until
+        /// `end_ms`.
+        async fn run(&self, sent: &[(u64, Option<u64>)], end_ms: u64) {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let keeper = keep_rates(0, &mut rx, |seq, cap| self.ask(seq, cap));
+            let send = async {
+                for &(at, cap) in sent {
+                    tokio::time::sleep_until(self.t0 + Duration::from_millis(at)).await;
+                    tx.send(cap).unwrap();
+                }
+                tokio::time::sleep_until(self.t0 + Duration::from_millis(end_ms)).await;
+                drop(tx);
+            };
+            tokio::join!(keeper, send);
+        }
+
+        fn asked(&self) -> Vec<(u64, u64, Option<u64>)> {
+            self.asked.borrow().clone()
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_rate_limit_the_source_did_not_confirm_is_asked_again_until_it_is() {
-        let source = Source::new(|seq, _| seq <= 3);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        tx.send(None).unwrap();
-        let keeper = keep_rates(0, &mut rx, |seq, cap| source.ask(seq, cap));
-        let t0 = tokio::time::Instant::now();
-        tokio::select! {
-            _ = keeper => panic!("the channel is open"),
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-        }
-        // Each again with a place of its own, after 250, 500 and 1000 ms; then no more.
+        // Each ask takes 100 ms to be given up on; the seventh is answered.
+        let source = Source::new(|seq, _| (100, (seq >= 7).then_some(true)));
+        source.run(&[(0, None)], 30_000).await;
+        // Again after 250 ms, doubling to 2 s, each with a place of its own; then no more.
+        let at = |ms, seq| (ms, seq, None);
         assert_eq!(
-            *source.asked.borrow(),
-            [(1, None), (2, None), (3, None), (4, None)]
+            source.asked(),
+            [
+                at(0, 1),
+                at(350, 2),
+                at(950, 3),
+                at(2050, 4),
+                at(4150, 5),
+                at(6250, 6),
+                at(8350, 7)
+            ]
         );
-        assert!(t0.elapsed() >= Duration::from_secs(30));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_newer_rate_limit_takes_the_place_of_one_still_unconfirmed() {
-        // The source never confirms the hold; the lift goes through.
-        let source = Source::new(|_, cap| cap.is_some());
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        tx.send(Some(2_000_000)).unwrap();
-        let keeper = keep_rates(0, &mut rx, |seq, cap| source.ask(seq, cap));
-        let lift_later = async {
-            tokio::time::sleep(Duration::from_millis(1200)).await;
-            tx.send(Some(5_000_000)).unwrap();
-            tx.send(None).unwrap();
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            drop(tx);
-        };
-        tokio::join!(keeper, lift_later);
-        // The hold at 0, 350 and 850 ms; the lift arrives during the third wait and goes
-        // at once, the limit between skipped; nothing after it.
+    async fn a_newer_rate_limit_takes_the_place_of_one_unconfirmed_even_while_it_is_asked() {
+        // The source gives no answer to a hold for 5 s; it sets a lift at once.
+        let source = Source::new(|_, cap| match cap {
+            Some(_) => (5000, None),
+            None => (0, Some(true)),
+        });
+        // A hold, then, while it is asked, a second hold and a lift together: the lift
+        // goes at once, alone, the hold between never.
+        source
+            .run(&[(0, Some(2)), (1000, Some(5)), (1000, None)], 30_000)
+            .await;
+        assert_eq!(source.asked(), [(0, 1, Some(2)), (1000, 2, None)]);
+
+        // Asked again after no answer: a newer one during the wait goes at once, and
+        // from the first wait (250 ms) if it fails too.
+        let source = Source::new(|_, cap| (100, (cap == Some(9)).then_some(true)));
+        source
+            .run(&[(0, Some(1)), (1000, Some(2)), (1600, Some(9))], 30_000)
+            .await;
         assert_eq!(
-            *source.asked.borrow(),
+            source.asked(),
             [
-                (1, Some(2_000_000)),
-                (2, Some(2_000_000)),
-                (3, Some(2_000_000)),
-                (4, None)
+                (0, 1, Some(1)),
+                (350, 2, Some(1)),
+                (950, 3, Some(1)),
+                (1000, 4, Some(2)),
+                (1350, 5, Some(2)),
+                (1600, 6, Some(9))
             ]
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn confirmed_rate_limits_go_out_once_each_in_order() {
-        let source = Source::new(|_, _| false);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let keeper = keep_rates(0, &mut rx, |seq, cap| source.ask(seq, cap));
-        let send = async {
-            for cap in [Some(1), None, Some(3)] {
-                tx.send(cap).unwrap();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            drop(tx);
-        };
-        tokio::join!(keeper, send);
+        let source = Source::new(|_, _| (10, Some(true)));
+        source
+            .run(&[(0, Some(1)), (1000, None), (2000, Some(3))], 5000)
+            .await;
         assert_eq!(
-            *source.asked.borrow(),
-            [(1, Some(1)), (2, None), (3, Some(3))]
+            source.asked(),
+            [(0, 1, Some(1)), (1000, 2, None), (2000, 3, Some(3))]
         );
+    }
+
+    #[test]
+    fn a_limit_is_never_above_the_sources_own_and_unheld_is_its_own() {
+        assert_eq!(within_own(Some(5), Some(10)), Some(5));
+        assert_eq!(within_own(Some(20), Some(10)), Some(10));
+        assert_eq!(within_own(None, Some(10)), Some(10));
+        assert_eq!(within_own(Some(20), None), Some(20));
+        assert_eq!(within_own(None, None), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_that_does_not_check_places_is_not_asked_again() {
+        // It answered the first without a place, and gives no answer to the second.
+        let source = Source::new(|seq, _| (100, (seq == 1).then_some(false)));
+        source.run(&[(0, Some(1)), (1000, Some(2))], 30_000).await;
+        assert_eq!(source.asked(), [(0, 1, Some(1)), (1000, 2, Some(2))]);
     }
 }
