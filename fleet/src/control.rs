@@ -42,8 +42,8 @@ pub const EVENT_INTERVAL_MS: u64 = 250;
 /// keeps the rate limit it was left: the VMs planned in its place have the link. On any
 /// other end of the orchestrator's connection (code 0, or none: it crashed, or the close
 /// was lost on a cut path and the connection idled out) a source puts back its own limit if
-/// the orchestrator's last one was lower and is still in force, since nobody shares the
-/// link for it any more.
+/// the orchestrator's last one was lower and nothing changed the limit since, since nobody
+/// shares the link for it any more.
 pub const CLOSE_GAVE_UP: u32 = 2;
 
 /// What the orchestrator asks.
@@ -215,6 +215,12 @@ impl Status {
             .progress_measured
             .map(|t| t.elapsed().as_millis() as u64);
         self
+    }
+
+    /// The evacuation's own rate limit, if it has one (a figure of 0 is none, as
+    /// `RateLimit` takes it).
+    pub fn own_rate_cap(&self) -> Option<u64> {
+        self.own_rate_cap_bps.filter(|&b| b > 0)
     }
 
     /// What the evacuation's encoding made of a page so far: its bytes on the wire per

@@ -1165,6 +1165,8 @@ fn rate_over(wan: &WanEmulator, d: Duration) -> f64 {
     (b1 - b0) as f64 * 8.0 / d.as_secs_f64()
 }
 
+/// The protocol's lift (`SetRate` with `null`), sent raw: `faultline evacuate` itself
+/// lifts a hold only to the source's own limit (`source_link`'s tests).
 #[test]
 fn an_evacuation_keeps_to_its_rate_limit_until_the_orchestrator_lifts_it() {
     // (And a hold below its own limit ends with the orchestrator's connection.)

@@ -161,6 +161,11 @@ fn apply_status(v: &mut fleet::model::Vm, s: &Status) {
     if let Some(r) = s.planning_wire_ratio() {
         v.wire_ratio = r;
     }
+    // Its own limit bounds every limit the orchestrator sends it (`source_link`), so its
+    // flow runs at most at that.
+    if let Some(own) = s.own_rate_cap() {
+        v.max_rate_bps = Some(v.max_rate_bps.map_or(own, |m| m.min(own)));
+    }
 }
 
 /// What `faultline plan --live` prints: the plan `faultline evacuate` would make now.
@@ -258,5 +263,28 @@ fn unspecified_for(peer: std::net::SocketAddr) -> std::net::SocketAddr {
     match peer {
         std::net::SocketAddr::V4(_) => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         std::net::SocketAddr::V6(_) => std::net::SocketAddr::from(([0u16; 8], 0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sources_own_rate_limit_bounds_its_vms_flow_in_the_plan() {
+        let planned = |plan_max: Option<u64>, own: Option<u64>| {
+            let mut v = fleet::model::Vm::idle("vm1", 0, 1 << 20);
+            v.max_rate_bps = plan_max;
+            let mut s = crate::cli::replica::idle_status_of("vm1", 1 << 20);
+            s.own_rate_cap_bps = own;
+            apply_status(&mut v, &s);
+            v.max_rate_bps
+        };
+        assert_eq!(planned(Some(20), Some(10)), Some(10));
+        assert_eq!(planned(None, Some(10)), Some(10));
+        assert_eq!(planned(Some(5), Some(10)), Some(5));
+        assert_eq!(planned(Some(5), None), Some(5));
+        // A figure of 0 is no limit, as the source takes it.
+        assert_eq!(planned(None, Some(0)), None);
     }
 }

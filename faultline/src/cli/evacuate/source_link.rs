@@ -59,7 +59,7 @@ pub async fn run(
         Ok(Ok((conn, status))) => {
             // Over already (SIGUSR1, its timer): nothing to start; hang up so it can end.
             let over = status.evacuation.is_final();
-            let own = status.own_rate_cap_bps;
+            let own = status.own_rate_cap();
             let _ = out.send(Report::Status(vm, status));
             if over {
                 conn.close(0u32.into(), b"over");
@@ -178,8 +178,8 @@ const RATE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Sends the rate limits that arrive on `caps`, one after the other, each until the source
 /// confirms it (`ask`, given the request's place and the limit: `Ok(true)` from a source
-/// that checks places) or a newer one arrives, even while it is being asked: only the
-/// newest matters. Without the retry, a limit lost on a path that stalled (when the
+/// that checks places) or a newer one arrives, even while it is being asked (once the
+/// source showed it checks places): only the newest matters. Without the retry, a limit lost on a path that stalled (when the
 /// orchestrator changes them most: a stall takes a VM out of the link's sharing) kept the
 /// source at the one before for the rest of its evacuation; a lift lost kept a VM held at
 /// a twentieth of the link. Every request gets a new place, so a first copy that arrives
@@ -196,7 +196,8 @@ where
     let mut wait = RATE_RETRY_FIRST;
     // The limit being asked again, if one is.
     let mut retrying: Option<Option<u64>> = None;
-    let mut checks_places = true;
+    // Whether the source checks places, once an answer said.
+    let mut checks_places: Option<bool> = None;
     loop {
         let mut cap = match next.take() {
             Some(cap) => cap,
@@ -212,25 +213,31 @@ where
             wait = RATE_RETRY_FIRST;
         }
         seq += 1;
-        let answer = tokio::select! {
-            answer = ask(seq, cap) => answer,
-            newer = caps.recv() => match newer {
-                Some(newer) => {
-                    next = Some(newer);
-                    continue;
-                }
-                None => return,
-            },
+        // A request given up on still reaches the source (its stream was finished), so only
+        // a source that checks places may have a newer one overtake it.
+        let answer = if checks_places == Some(true) {
+            tokio::select! {
+                answer = ask(seq, cap) => answer,
+                newer = caps.recv() => match newer {
+                    Some(newer) => {
+                        next = Some(newer);
+                        continue;
+                    }
+                    None => return,
+                },
+            }
+        } else {
+            ask(seq, cap).await
         };
         match answer {
             Ok(places) => {
-                if retrying.is_some() {
+                if retrying == Some(cap) {
                     tracing::info!(vm, ?cap, "the rate limit is set");
                 }
                 retrying = None;
-                checks_places = places;
+                checks_places = Some(places);
             }
-            Err(e) if !checks_places => {
+            Err(e) if checks_places == Some(false) => {
                 tracing::warn!(
                     vm,
                     ?cap,
@@ -458,21 +465,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_newer_rate_limit_takes_the_place_of_one_unconfirmed_even_while_it_is_asked() {
-        // The source gives no answer to a hold for 5 s; it sets a lift at once.
+    async fn a_newer_rate_limit_takes_the_place_of_one_still_asked_once_the_source_checks_places() {
+        // The source sets 7 and a lift at once (its answers echo the place), and gives no
+        // answer to a hold for 5 s.
         let source = Source::new(|_, cap| match cap {
-            Some(_) => (5000, None),
-            None => (0, Some(true)),
+            Some(2 | 5) => (5000, None),
+            _ => (0, Some(true)),
         });
         // A hold, then, while it is asked, a second hold and a lift together: the lift
         // goes at once, alone, the hold between never.
         source
-            .run(&[(0, Some(2)), (1000, Some(5)), (1000, None)], 30_000)
+            .run(
+                &[(0, Some(7)), (100, Some(2)), (1000, Some(5)), (1000, None)],
+                30_000,
+            )
             .await;
-        assert_eq!(source.asked(), [(0, 1, Some(2)), (1000, 2, None)]);
+        assert_eq!(
+            source.asked(),
+            [(0, 1, Some(7)), (100, 2, Some(2)), (1000, 3, None)]
+        );
+    }
 
-        // Asked again after no answer: a newer one during the wait goes at once, and
-        // from the first wait (250 ms) if it fails too.
+    #[tokio::test(start_paused = true)]
+    async fn until_a_source_shows_it_checks_places_a_limit_being_asked_is_waited_for() {
+        // Given up on, a request still reaches the source, which might apply it after the
+        // newer one if it does not check places.
+        let source = Source::new(|_, cap| match cap {
+            Some(_) => (5000, None),
+            None => (0, Some(true)),
+        });
+        source.run(&[(0, Some(2)), (1000, None)], 30_000).await;
+        assert_eq!(source.asked(), [(0, 1, Some(2)), (5000, 2, None)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newer_rate_limit_replaces_one_waiting_to_be_asked_again() {
+        // No answer but to 9, each given up on after 100 ms: the second limit arrives
+        // while the first is asked (it waits for that ask), the third during a wait (it
+        // goes at once); the second is asked again after 250 ms, not the first's 1 s.
         let source = Source::new(|_, cap| (100, (cap == Some(9)).then_some(true)));
         source
             .run(&[(0, Some(1)), (1000, Some(2)), (1600, Some(9))], 30_000)
@@ -483,8 +513,8 @@ mod tests {
                 (0, 1, Some(1)),
                 (350, 2, Some(1)),
                 (950, 3, Some(1)),
-                (1000, 4, Some(2)),
-                (1350, 5, Some(2)),
+                (1050, 4, Some(2)),
+                (1400, 5, Some(2)),
                 (1600, 6, Some(9))
             ]
         );
@@ -517,5 +547,87 @@ mod tests {
         let source = Source::new(|seq, _| (100, (seq == 1).then_some(false)));
         source.run(&[(0, Some(1)), (1000, Some(2))], 30_000).await;
         assert_eq!(source.asked(), [(0, 1, Some(1)), (1000, 2, Some(2))]);
+    }
+
+    /// The orchestrator's link to a real control endpoint whose source has a limit of its
+    /// own of 10 Mbit/s: the limits the source takes as the orchestrator sends its own.
+    #[test]
+    fn the_link_keeps_the_orchestrators_limits_within_the_sources_own() {
+        use crate::cli::control_server::ControlServer;
+        use transport::quic::RateLimit;
+        use transport::tls::Identity;
+
+        let (source, orchestrator) = (
+            Identity::generate("source").unwrap(),
+            Identity::generate("orchestrator").unwrap(),
+        );
+        let limit = RateLimit::new(Some(10_000_000));
+        let server = ControlServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            &source,
+            orchestrator.cert.clone(),
+            crate::cli::replica::idle_status_of("vm", 1 << 20),
+            limit.clone(),
+            || {},
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ep = transport::quic::control_client_endpoint(
+                "127.0.0.1:0".parse().unwrap(),
+                &orchestrator,
+                source.cert.clone(),
+            )
+            .unwrap();
+            let (commands, commands_rx) = mpsc::channel(8);
+            let (out, mut reports) = mpsc::unbounded_channel();
+            let t = Timeouts {
+                connect: Duration::from_secs(5),
+                silence: Duration::from_secs(5),
+            };
+            let link = tokio::spawn(run(0, server.local_addr(), ep.clone(), commands_rx, out, t));
+            match reports.recv().await {
+                Some(Report::Status(0, s)) => assert_eq!(s.own_rate_cap_bps, Some(10_000_000)),
+                other => panic!("{other:?}"),
+            }
+            let becomes = |want: Option<u64>| {
+                let limit = limit.clone();
+                async move {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                    while limit.get() != want {
+                        assert!(
+                            tokio::time::Instant::now() < deadline,
+                            "the limit is {:?}, not {want:?}",
+                            limit.get()
+                        );
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            };
+            let steps = [
+                (
+                    Command::Start {
+                        rate_cap_bps: Some(2_000_000),
+                    },
+                    Some(2_000_000),
+                ),
+                // Above its own: its own.
+                (Command::SetRate(Some(50_000_000)), Some(10_000_000)),
+                (Command::SetRate(Some(3_000_000)), Some(3_000_000)),
+                // Lifted: back to its own, not to none.
+                (Command::SetRate(None), Some(10_000_000)),
+            ];
+            for (command, want) in steps {
+                commands.send(command).await.unwrap();
+                becomes(want).await;
+            }
+            link.abort();
+            ep.close(0u32.into(), b"test");
+            ep.wait_idle().await;
+        });
+        server.finish();
     }
 }
