@@ -286,6 +286,53 @@ async fn events(
     }
 }
 
+/// A source's control endpoint in process, for the tests here and the orchestrator's.
+#[cfg(test)]
+pub(crate) struct TestEndpoint {
+    pub(crate) server: ControlServer,
+    /// The evacuation's rate limit, as the endpoint sets it.
+    pub(crate) limit: RateLimit,
+    source: Identity,
+    orchestrator: Identity,
+}
+
+#[cfg(test)]
+impl TestEndpoint {
+    /// An endpoint whose evacuation has a limit of its own, `own`, and an idle status.
+    pub(crate) fn start(own: Option<u64>) -> TestEndpoint {
+        let (source, orchestrator) = (
+            Identity::generate("source").unwrap(),
+            Identity::generate("orchestrator").unwrap(),
+        );
+        let limit = RateLimit::new(own);
+        let server = ControlServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            &source,
+            orchestrator.cert.clone(),
+            super::replica::idle_status_of("vm", 1 << 20),
+            limit.clone(),
+            || {},
+        )
+        .unwrap();
+        TestEndpoint {
+            server,
+            limit,
+            source,
+            orchestrator,
+        }
+    }
+
+    /// The orchestrator's endpoint to reach it (within a tokio runtime).
+    pub(crate) fn orchestrator(&self) -> quinn::Endpoint {
+        transport::quic::control_client_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            &self.orchestrator,
+            self.source.cert.clone(),
+        )
+        .unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,36 +349,19 @@ mod tests {
 
     impl Harness {
         fn new(own: Option<u64>) -> Harness {
-            let (source, orchestrator) = (
-                Identity::generate("source").unwrap(),
-                Identity::generate("orchestrator").unwrap(),
-            );
-            let limit = RateLimit::new(own);
-            let server = ControlServer::start(
-                "127.0.0.1:0".parse().unwrap(),
-                &source,
-                orchestrator.cert.clone(),
-                super::super::replica::idle_status_of("vm", 1 << 20),
-                limit.clone(),
-                || {},
-            )
-            .unwrap();
+            let endpoint = TestEndpoint::start(own);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             let (ep, conn) = rt.block_on(async {
-                let ep = transport::quic::control_client_endpoint(
-                    "127.0.0.1:0".parse().unwrap(),
-                    &orchestrator,
-                    source.cert.clone(),
-                )
-                .unwrap();
-                let conn = transport::quic::connect(&ep, server.local_addr())
+                let ep = endpoint.orchestrator();
+                let conn = transport::quic::connect(&ep, endpoint.server.local_addr())
                     .await
                     .unwrap();
                 (ep, conn)
             });
+            let TestEndpoint { server, limit, .. } = endpoint;
             Harness {
                 rt,
                 server,

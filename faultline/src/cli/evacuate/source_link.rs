@@ -553,42 +553,28 @@ mod tests {
     /// own of 10 Mbit/s: the limits the source takes as the orchestrator sends its own.
     #[test]
     fn the_link_keeps_the_orchestrators_limits_within_the_sources_own() {
-        use crate::cli::control_server::ControlServer;
-        use transport::quic::RateLimit;
-        use transport::tls::Identity;
-
-        let (source, orchestrator) = (
-            Identity::generate("source").unwrap(),
-            Identity::generate("orchestrator").unwrap(),
-        );
-        let limit = RateLimit::new(Some(10_000_000));
-        let server = ControlServer::start(
-            "127.0.0.1:0".parse().unwrap(),
-            &source,
-            orchestrator.cert.clone(),
-            crate::cli::replica::idle_status_of("vm", 1 << 20),
-            limit.clone(),
-            || {},
-        )
-        .unwrap();
+        let source = crate::cli::control_server::TestEndpoint::start(Some(10_000_000));
+        let limit = source.limit.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            let ep = transport::quic::control_client_endpoint(
-                "127.0.0.1:0".parse().unwrap(),
-                &orchestrator,
-                source.cert.clone(),
-            )
-            .unwrap();
+            let ep = source.orchestrator();
             let (commands, commands_rx) = mpsc::channel(8);
             let (out, mut reports) = mpsc::unbounded_channel();
             let t = Timeouts {
                 connect: Duration::from_secs(5),
                 silence: Duration::from_secs(5),
             };
-            let link = tokio::spawn(run(0, server.local_addr(), ep.clone(), commands_rx, out, t));
+            let link = tokio::spawn(run(
+                0,
+                source.server.local_addr(),
+                ep.clone(),
+                commands_rx,
+                out,
+                t,
+            ));
             match reports.recv().await {
                 Some(Report::Status(0, s)) => assert_eq!(s.own_rate_cap_bps, Some(10_000_000)),
                 other => panic!("{other:?}"),
@@ -628,6 +614,6 @@ mod tests {
             ep.close(0u32.into(), b"test");
             ep.wait_idle().await;
         });
-        server.finish();
+        source.server.finish();
     }
 }
