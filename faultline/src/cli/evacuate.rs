@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use super::roles::emit_event;
 pub use hearing::live_plan;
 use hearing::{hear, Hearing};
-use source_link::{Command, Report as LinkReport, Timeouts};
+use source_link::{Command, RateNews, Report as LinkReport, Timeouts};
 
 #[derive(Args, Debug)]
 pub struct EvacuateArgs {
@@ -532,6 +532,22 @@ fn handle(
         }
         LinkReport::Unreachable(i, why) | LinkReport::Failed(i, why) => {
             fail(o, i, now, why, events)
+        }
+        LinkReport::Rate(i, news) => {
+            let vm = &o.fleet().vms[i].name;
+            events.emit(match news {
+                RateNews::Unconfirmed {
+                    rate_cap_bps,
+                    error,
+                } => json!({
+                    "event": "rate_unconfirmed", "vm": vm, "t_s": now,
+                    "rate_cap_bps": rate_cap_bps, "error": error,
+                }),
+                RateNews::Set { rate_cap_bps, asks } => json!({
+                    "event": "rate_set", "vm": vm, "t_s": now,
+                    "rate_cap_bps": rate_cap_bps, "asks": asks,
+                }),
+            });
         }
     }
 }

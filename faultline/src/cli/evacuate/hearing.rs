@@ -89,6 +89,8 @@ pub(super) async fn hear(
             | LinkReport::Unreachable(i, _)
             | LinkReport::Failed(i, _)
             | LinkReport::Event(i, _) => pending[*i] = false,
+            // Only once an evacuation runs, which hearing does not start.
+            LinkReport::Rate(..) => {}
         }
         match msg {
             LinkReport::Status(i, s) => {
@@ -110,7 +112,7 @@ pub(super) async fn hear(
             LinkReport::Unreachable(i, why) | LinkReport::Failed(i, why) => {
                 give_up(i, why, &mut starts, &mut first, &mut unreachable)
             }
-            LinkReport::Event(..) => {}
+            LinkReport::Event(..) | LinkReport::Rate(..) => {}
         }
     }
     for (v, s) in fleet.vms.iter_mut().zip(&first) {

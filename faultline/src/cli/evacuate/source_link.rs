@@ -24,6 +24,24 @@ pub enum Report {
     Event(usize, Status),
     /// The control connection failed or fell silent after the start.
     Failed(usize, String),
+    /// What became of a rate limit the source did not confirm at once.
+    Rate(usize, RateNews),
+}
+
+/// What became of a rate limit that took more than one ask.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RateNews {
+    /// Its first ask went unconfirmed; it is asked again (unless the source is of a release
+    /// that must not be: see [`keep_rates`]).
+    Unconfirmed {
+        rate_cap_bps: Option<u64>,
+        error: String,
+    },
+    /// Set after it went unconfirmed, at the `asks`th ask.
+    Set {
+        rate_cap_bps: Option<u64>,
+        asks: u32,
+    },
 }
 
 /// What the main loop tells a source's task.
@@ -185,9 +203,13 @@ const RATE_RETRY_MAX: Duration = Duration::from_secs(2);
 /// a twentieth of the link. Every request gets a new place, so a first copy that arrives
 /// late cannot undo a newer one (see `Request::SetRate`); a source that answered without
 /// one (a release before places) is not asked again, since it would apply that late copy.
-/// Returns when `caps` closes.
-async fn keep_rates<F, Fut>(vm: usize, caps: &mut mpsc::UnboundedReceiver<Option<u64>>, mut ask: F)
-where
+/// What became of a limit not confirmed at once goes to `tell`. Returns when `caps` closes.
+async fn keep_rates<F, Fut>(
+    vm: usize,
+    caps: &mut mpsc::UnboundedReceiver<Option<u64>>,
+    mut ask: F,
+    mut tell: impl FnMut(RateNews),
+) where
     F: FnMut(u64, Option<u64>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<bool>>,
 {
@@ -198,6 +220,8 @@ where
     let mut retrying: Option<Option<u64>> = None;
     // Whether the source checks places, once an answer said.
     let mut checks_places: Option<bool> = None;
+    // Asks of the limit being asked again, this one included.
+    let mut asks = 0u32;
     loop {
         let mut cap = match next.take() {
             Some(cap) => cap,
@@ -211,7 +235,9 @@ where
         }
         if retrying != Some(cap) {
             wait = RATE_RETRY_FIRST;
+            asks = 0;
         }
+        asks = asks.saturating_add(1);
         seq += 1;
         // A request given up on still reaches the source (its stream was finished), so only
         // a source that checks places may have a newer one overtake it.
@@ -232,7 +258,11 @@ where
         match answer {
             Ok(places) => {
                 if retrying == Some(cap) {
-                    tracing::info!(vm, ?cap, "the rate limit is set");
+                    tracing::info!(vm, ?cap, asks, "the rate limit is set");
+                    tell(RateNews::Set {
+                        rate_cap_bps: cap,
+                        asks,
+                    });
                 }
                 retrying = None;
                 checks_places = Some(places);
@@ -243,6 +273,10 @@ where
                     ?cap,
                     "setting the rate limit (an older source, not asked again): {e:#}"
                 );
+                tell(RateNews::Unconfirmed {
+                    rate_cap_bps: cap,
+                    error: format!("{e:#}"),
+                });
                 retrying = None;
             }
             Err(e) => {
@@ -250,6 +284,10 @@ where
                     tracing::debug!(vm, ?cap, "setting the rate limit, again in {wait:?}: {e:#}");
                 } else {
                     tracing::warn!(vm, ?cap, "setting the rate limit, again in {wait:?}: {e:#}");
+                    tell(RateNews::Unconfirmed {
+                        rate_cap_bps: cap,
+                        error: format!("{e:#}"),
+                    });
                 }
                 retrying = Some(cap);
                 tokio::select! {
@@ -327,11 +365,16 @@ async fn evacuate(
     // Rate limits go out one after the other, beside the events, not in their way.
     let (rates, mut rates_rx) = mpsc::unbounded_channel::<Option<u64>>();
     let setter = {
-        let conn = conn.clone();
+        let (conn, out) = (conn.clone(), out.clone());
         tokio::spawn(async move {
-            keep_rates(vm, &mut rates_rx, |seq, cap| {
-                set_rate(&conn, seq, within_own(cap, own), t.silence)
-            })
+            keep_rates(
+                vm,
+                &mut rates_rx,
+                |seq, cap| set_rate(&conn, seq, within_own(cap, own), t.silence),
+                |news| {
+                    let _ = out.send(Report::Rate(vm, news));
+                },
+            )
             .await
         })
     };
@@ -398,10 +441,12 @@ mod tests {
     /// it (`Some(places)`: it checks places) or not (`None`).
     type Answer = fn(u64, Option<u64>) -> (u64, Option<bool>);
 
-    /// What `keep_rates` asked, in order: (ms since the start, place, limit).
+    /// What `keep_rates` asked, in order: (ms since the start, place, limit); and what it
+    /// told.
     struct Source {
         t0: tokio::time::Instant,
         asked: RefCell<Vec<(u64, u64, Option<u64>)>>,
+        news: RefCell<Vec<RateNews>>,
         answer: Answer,
     }
 
@@ -410,6 +455,7 @@ mod tests {
             Source {
                 t0: tokio::time::Instant::now(),
                 asked: RefCell::new(Vec::new()),
+                news: RefCell::new(Vec::new()),
                 answer,
             }
         }
@@ -426,7 +472,12 @@ mod tests {
         /// `end_ms`.
         async fn run(&self, sent: &[(u64, Option<u64>)], end_ms: u64) {
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let keeper = keep_rates(0, &mut rx, |seq, cap| self.ask(seq, cap));
+            let keeper = keep_rates(
+                0,
+                &mut rx,
+                |seq, cap| self.ask(seq, cap),
+                |news| self.news.borrow_mut().push(news),
+            );
             let send = async {
                 for &(at, cap) in sent {
                     tokio::time::sleep_until(self.t0 + Duration::from_millis(at)).await;
@@ -440,6 +491,10 @@ mod tests {
 
         fn asked(&self) -> Vec<(u64, u64, Option<u64>)> {
             self.asked.borrow().clone()
+        }
+
+        fn news(&self) -> Vec<RateNews> {
+            self.news.borrow().clone()
         }
     }
 
@@ -460,6 +515,21 @@ mod tests {
                 at(4150, 5),
                 at(6250, 6),
                 at(8350, 7)
+            ]
+        );
+        // Told once when it went unconfirmed, once when it was set.
+        let error = "no answer".to_string();
+        assert_eq!(
+            source.news(),
+            [
+                RateNews::Unconfirmed {
+                    rate_cap_bps: None,
+                    error
+                },
+                RateNews::Set {
+                    rate_cap_bps: None,
+                    asks: 7
+                }
             ]
         );
     }
@@ -484,6 +554,8 @@ mod tests {
             source.asked(),
             [(0, 1, Some(7)), (100, 2, Some(2)), (1000, 3, None)]
         );
+        // Overtaken, not unconfirmed: nothing to tell.
+        assert_eq!(source.news(), []);
     }
 
     #[tokio::test(start_paused = true)]
@@ -547,6 +619,13 @@ mod tests {
         let source = Source::new(|seq, _| (100, (seq == 1).then_some(false)));
         source.run(&[(0, Some(1)), (1000, Some(2))], 30_000).await;
         assert_eq!(source.asked(), [(0, 1, Some(1)), (1000, 2, Some(2))]);
+        assert_eq!(
+            source.news(),
+            [RateNews::Unconfirmed {
+                rate_cap_bps: Some(2),
+                error: "no answer".into()
+            }]
+        );
     }
 
     /// The orchestrator's link to a real control endpoint whose source has a limit of its
