@@ -92,8 +92,9 @@ pub enum Reply {
     RateSet {
         rate_cap_bps: Option<u64>,
         /// The request's place, echoed (absent from a source before 2026-12-07, which
-        /// applies every limit as it arrives: an orchestrator then does not ask again, since
-        /// a first copy arriving late would undo the one after it).
+        /// applies every limit as it arrives: once an answer shows that, an orchestrator
+        /// does not ask again, since a first copy arriving late would undo the one after
+        /// it).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         seq: Option<u64>,
     },

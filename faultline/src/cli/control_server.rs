@@ -222,7 +222,11 @@ async fn answer(
                 rate_cap_bps: in_force,
                 seq,
             };
-            write_msg(&mut send, &reply).await?;
+            // An orchestrator that gave up waiting (it asked again, or sent a newer limit)
+            // stopped reading: nothing to warn of.
+            if let Err(e) = write_msg(&mut send, &reply).await {
+                tracing::debug!(?seq, "the answer to a rate limit: {e:#}");
+            }
             let _ = send.finish();
             Ok(())
         }

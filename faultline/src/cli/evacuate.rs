@@ -125,7 +125,7 @@ pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
         pf,
         setup,
         read_at,
-        Run {
+        RunSettings {
             timeouts,
             stall_after: a.stall_timeout,
             policy,
@@ -177,7 +177,7 @@ impl Events {
 }
 
 /// How a run goes, from the command line.
-struct Run {
+struct RunSettings {
     timeouts: Timeouts,
     /// Without moving, before a VM is stalled (`Orchestration::set_stall_after`).
     stall_after: Duration,
@@ -188,11 +188,11 @@ async fn orchestrate(
     pf: fleet::file::PlanFile,
     setup: plan_file::Setup,
     read_at: Instant,
-    run: Run,
+    run: RunSettings,
     events: &Events,
     metrics: Option<&metrics::EvacuateMetrics>,
 ) -> anyhow::Result<(fleet::orchestrate::Report, fleet::plan::Plan)> {
-    let Run {
+    let RunSettings {
         timeouts,
         stall_after,
         policy,

@@ -99,9 +99,9 @@ impl Pacing {
     /// `CLOSE_GAVE_UP`). Nobody shares the link for us by its limits any more, so one it
     /// left lower than the evacuation's own (a VM held behind another at a twentieth of
     /// the link) must not outlive it; one it lifted or raised stays, so does one left on a
-    /// VM it gave up on (the VMs planned in its place have the link), and so does any set
-    /// since, by another connection or by this one's streams still arriving. Whether the
-    /// own limit is back.
+    /// VM it gave up on (the VMs planned in its place have the link), and so does one
+    /// another connection set since. Its own requests still arriving are not applied.
+    /// Whether the own limit is back.
     pub(super) fn hang_up(&self, paced: &Paced, gave_up: bool) -> bool {
         let mut p = lock(&paced.0);
         p.closed = true;
@@ -147,7 +147,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_hold_below_the_own_limit_is_taken_back() {
+    fn only_a_hold_below_the_own_limit_that_the_connection_set_is_taken_back() {
         let (pacing, a) = (fresh(), Paced::default());
         pacing.set_rate(&a, Some(1), Some(20));
         assert!(!pacing.hang_up(&a, false), "raised");

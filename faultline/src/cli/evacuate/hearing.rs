@@ -89,7 +89,6 @@ pub(super) async fn hear(
             | LinkReport::Unreachable(i, _)
             | LinkReport::Failed(i, _)
             | LinkReport::Event(i, _) => pending[*i] = false,
-            // Only once an evacuation runs, which hearing does not start.
             LinkReport::Rate(..) => {}
         }
         match msg {
@@ -112,6 +111,7 @@ pub(super) async fn hear(
             LinkReport::Unreachable(i, why) | LinkReport::Failed(i, why) => {
                 give_up(i, why, &mut starts, &mut first, &mut unreachable)
             }
+            // Rate news comes only once an evacuation runs, which hearing does not start.
             LinkReport::Event(..) | LinkReport::Rate(..) => {}
         }
     }

@@ -194,16 +194,29 @@ async fn status(conn: &quinn::Connection) -> anyhow::Result<Status> {
 const RATE_RETRY_FIRST: Duration = Duration::from_millis(250);
 const RATE_RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// Sends the rate limits that arrive on `caps`, one after the other, each until the source
-/// confirms it (`ask`, given the request's place and the limit: `Ok(true)` from a source
-/// that checks places) or a newer one arrives, even while it is being asked (once the
-/// source showed it checks places): only the newest matters. Without the retry, a limit lost on a path that stalled (when the
-/// orchestrator changes them most: a stall takes a VM out of the link's sharing) kept the
-/// source at the one before for the rest of its evacuation; a lift lost kept a VM held at
-/// a twentieth of the link. Every request gets a new place, so a first copy that arrives
-/// late cannot undo a newer one (see `Request::SetRate`); a source that answered without
-/// one (a release before places) is not asked again, since it would apply that late copy.
-/// What became of a limit not confirmed at once goes to `tell`. Returns when `caps` closes.
+/// Whether a source checks the places of the rate limits it is sent (`Request::SetRate`'s
+/// `seq`), as its answers showed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Places {
+    /// No answer yet.
+    Unknown,
+    /// It echoes them: it applies none older than one it applied.
+    Checked,
+    /// A release before places: it applies every copy as it arrives.
+    Ignored,
+}
+
+/// Sends the rate limits that arrive on `caps`, the newest only, each until the source
+/// confirms it (`ask`, given the request's place and the limit: `Ok(true)` if the answer
+/// echoed the place) or a newer one arrives. Without the retry, a limit lost on a path
+/// that stalled (when the orchestrator changes them most: a stall takes a VM out of the
+/// link's sharing) kept the source at the one before for the rest of its evacuation; a lift
+/// lost kept a VM held at a twentieth of the link. Every request gets a new place, so a
+/// first copy that arrives late cannot undo a newer one at a source that checks places; a
+/// newer limit overtakes one still being asked only there, since a request given up on
+/// still reaches the source. A source whose answer showed it ignores places is not asked
+/// again. What became of a limit not confirmed at once goes to `tell`. Returns when `caps`
+/// closes.
 async fn keep_rates<F, Fut>(
     vm: usize,
     caps: &mut mpsc::UnboundedReceiver<Option<u64>>,
@@ -214,92 +227,91 @@ async fn keep_rates<F, Fut>(
     Fut: std::future::Future<Output = anyhow::Result<bool>>,
 {
     let mut seq = 0u64;
-    let mut next = None;
-    let mut wait = RATE_RETRY_FIRST;
-    // The limit being asked again, if one is.
-    let mut retrying: Option<Option<u64>> = None;
-    // Whether the source checks places, once an answer said.
-    let mut checks_places: Option<bool> = None;
-    // Asks of the limit being asked again, this one included.
-    let mut asks = 0u32;
+    let mut places = Places::Unknown;
+    let Some(mut cap) = caps.recv().await else {
+        return;
+    };
     loop {
-        let mut cap = match next.take() {
-            Some(cap) => cap,
-            None => match caps.recv().await {
-                Some(cap) => cap,
-                None => return,
-            },
-        };
-        while let Ok(newer) = caps.try_recv() {
-            cap = newer;
-        }
-        if retrying != Some(cap) {
-            wait = RATE_RETRY_FIRST;
-            asks = 0;
-        }
-        asks = asks.saturating_add(1);
-        seq += 1;
-        // A request given up on still reaches the source (its stream was finished), so only
-        // a source that checks places may have a newer one overtake it.
-        let answer = if checks_places == Some(true) {
-            tokio::select! {
-                answer = ask(seq, cap) => answer,
-                newer = caps.recv() => match newer {
-                    Some(newer) => {
-                        next = Some(newer);
-                        continue;
+        cap = newest(caps, cap);
+        let (mut wait, mut asks) = (RATE_RETRY_FIRST, 0u32);
+        // This limit's asks, until it is set (then the next limit), given up on, or a newer
+        // one arrives; `None`: `caps` closed.
+        let next = loop {
+            asks = asks.saturating_add(1);
+            seq += 1;
+            let answer = if places == Places::Checked {
+                match or_newer(caps, ask(seq, cap)).await {
+                    Raced::Done(answer) => answer,
+                    Raced::Newer(next) => break next,
+                }
+            } else {
+                ask(seq, cap).await
+            };
+            match answer {
+                Ok(echoed) => {
+                    places = if echoed {
+                        Places::Checked
+                    } else {
+                        Places::Ignored
+                    };
+                    if asks > 1 {
+                        tracing::info!(vm, ?cap, asks, "the rate limit is set");
+                        tell(RateNews::Set {
+                            rate_cap_bps: cap,
+                            asks,
+                        });
                     }
-                    None => return,
-                },
+                    break caps.recv().await;
+                }
+                Err(e) => {
+                    let again = places != Places::Ignored;
+                    if asks == 1 {
+                        tracing::warn!(vm, ?cap, again, "setting the rate limit: {e:#}");
+                        tell(RateNews::Unconfirmed {
+                            rate_cap_bps: cap,
+                            error: format!("{e:#}"),
+                        });
+                    } else {
+                        tracing::debug!(vm, ?cap, asks, "setting the rate limit: {e:#}");
+                    }
+                    if !again {
+                        break caps.recv().await;
+                    }
+                    if let Raced::Newer(next) = or_newer(caps, tokio::time::sleep(wait)).await {
+                        break next;
+                    }
+                    wait = (wait * 2).min(RATE_RETRY_MAX);
+                }
             }
-        } else {
-            ask(seq, cap).await
         };
-        match answer {
-            Ok(places) => {
-                if retrying == Some(cap) {
-                    tracing::info!(vm, ?cap, asks, "the rate limit is set");
-                    tell(RateNews::Set {
-                        rate_cap_bps: cap,
-                        asks,
-                    });
-                }
-                retrying = None;
-                checks_places = Some(places);
-            }
-            Err(e) if checks_places == Some(false) => {
-                tracing::warn!(
-                    vm,
-                    ?cap,
-                    "setting the rate limit (an older source, not asked again): {e:#}"
-                );
-                tell(RateNews::Unconfirmed {
-                    rate_cap_bps: cap,
-                    error: format!("{e:#}"),
-                });
-                retrying = None;
-            }
-            Err(e) => {
-                if retrying == Some(cap) {
-                    tracing::debug!(vm, ?cap, "setting the rate limit, again in {wait:?}: {e:#}");
-                } else {
-                    tracing::warn!(vm, ?cap, "setting the rate limit, again in {wait:?}: {e:#}");
-                    tell(RateNews::Unconfirmed {
-                        rate_cap_bps: cap,
-                        error: format!("{e:#}"),
-                    });
-                }
-                retrying = Some(cap);
-                tokio::select! {
-                    newer = caps.recv() => match newer {
-                        Some(newer) => next = Some(newer),
-                        None => return,
-                    },
-                    _ = tokio::time::sleep(wait) => next = Some(cap),
-                }
-                wait = (wait * 2).min(RATE_RETRY_MAX);
-            }
+        match next {
+            Some(next) => cap = next,
+            None => return,
         }
+    }
+}
+
+/// The newest of `cap` and the limits queued behind it.
+fn newest(caps: &mut mpsc::UnboundedReceiver<Option<u64>>, mut cap: Option<u64>) -> Option<u64> {
+    while let Ok(newer) = caps.try_recv() {
+        cap = newer;
+    }
+    cap
+}
+
+/// What came first: `T`, or a newer limit (`None`: the channel closed).
+enum Raced<T> {
+    Done(T),
+    Newer(Option<Option<u64>>),
+}
+
+async fn or_newer<T>(
+    caps: &mut mpsc::UnboundedReceiver<Option<u64>>,
+    fut: impl std::future::Future<Output = T>,
+) -> Raced<T> {
+    tokio::select! {
+        done = fut => Raced::Done(done),
+        newer = caps.recv() => Raced::Newer(newer),
     }
 }
 
@@ -331,7 +343,7 @@ async fn set_rate(
         }
     };
     match tokio::time::timeout(within, ask).await {
-        Ok(r) => r,
+        Ok(r) => r.map_err(|e| explain(conn, e)),
         Err(_) => Err(anyhow!(silent(within))),
     }
 }
