@@ -79,7 +79,8 @@ pub enum Reply {
     Status(Status),
     /// The evacuation starts (or had started: a second request follows the same one).
     Accepted {
-        /// Whether the source paces the evacuation to the requested cap.
+        /// Whether the source paces its evacuation to the limits it is sent: the requested
+        /// cap, unless a newer `SetRate` of the connection arrived first (then that one's).
         rate_cap_honoured: bool,
     },
     /// The request cannot be done; the reason, in words.
