@@ -386,15 +386,13 @@ fn an_image_truncated_mid_migration_is_a_clean_error_on_both_sides() {
     // No push: pages move only as the destination's worker faults on them, slowly enough
     // that the truncation lands mid-migration.
     let dest = DestProcess::start(&certs, &["--size", "256M", "--pattern", "sequential"]);
-    let source = Reaped::new(
-        Command::new(faultline_bin())
-            .args(["source", "--json", "--no-push", "--connect", &dest.addr])
-            .args(["--image", &path.display().to_string()])
-            .args(certs.args("source", "dest"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn faultline source"),
+    let image = path.display().to_string();
+    let source = Background::source(
+        &certs,
+        "source",
+        &dest.addr,
+        &["--no-push", "--image", &image],
+        &[],
     );
     std::thread::sleep(Duration::from_secs(1));
     std::fs::File::options()
@@ -404,16 +402,17 @@ fn an_image_truncated_mid_migration_is_a_clean_error_on_both_sides() {
         .set_len(1 << 20)
         .unwrap();
     let truncated = Instant::now();
-    let out = source.into_inner().wait_with_output().unwrap();
+    let out = source.wait(TIMEOUT);
     let source_took = truncated.elapsed();
     let dst = dest.wait(TIMEOUT);
     let dest_took = truncated.elapsed();
 
     // No SIGBUS: an exit code, one JSON object, the file named.
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = &out.stderr;
     assert!(out.status.code().is_some(), "killed by a signal: {stderr}");
     assert!(!out.status.success(), "{stderr}");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let v = &out.json;
+    assert!(v.is_object(), "one JSON object: {stderr}");
     let message = v["error"]["message"].as_str().unwrap();
     assert!(
         message.contains("guest.img") && message.contains("shrank"),

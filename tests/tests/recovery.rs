@@ -7,13 +7,13 @@
 //! on both sides.
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use faultline_tests::{
-    assert_evacuated, assert_migrated, block_image, faultline_bin, run_source, Background, Certs,
-    DestProcess, Finished, Reaped, ShmDir,
+    assert_evacuated, assert_migrated, block_image, run_source, Background, Certs, DestProcess,
+    Finished, ShmDir,
 };
 use serde_json::Value;
 use wan_emu::{LinkConfig, WanEmulator};
@@ -494,15 +494,12 @@ fn sigterm_ends_a_paused_session_at_once_on_both_sides() {
     let upstream: SocketAddr = dest.addr.parse().expect("destination address");
     let link = LinkConfig::new(Duration::from_millis(20), RATE);
     let wan = WanEmulator::start("127.0.0.1:0".parse().unwrap(), upstream, link).unwrap();
-    let source = Reaped::new(
-        Command::new(faultline_bin())
-            .args(["source", "--json", "--no-push", "--synthetic", "16M"])
-            .args(["--connect", &wan.local_addr().to_string()])
-            .args(certs.args("source", "dest"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn faultline source"),
+    let source = Background::source(
+        &certs,
+        "source",
+        &wan.local_addr().to_string(),
+        &["--no-push", "--synthetic", "16M"],
+        &[],
     );
     // The session runs (the worker faults pages in on demand), then the link goes down for
     // good and both sides notice (0.6 s of silence) and wait for a new connection.
@@ -514,7 +511,7 @@ fn sigterm_ends_a_paused_session_at_once_on_both_sides() {
     wan.cut();
     std::thread::sleep(Duration::from_secs(8));
     let sent = Instant::now();
-    for pid in [source.id(), dest.pid()] {
+    for pid in [source.pid(), dest.pid()] {
         let ok = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status()
@@ -522,11 +519,12 @@ fn sigterm_ends_a_paused_session_at_once_on_both_sides() {
             .success();
         assert!(ok, "kill -TERM {pid}");
     }
-    let out = source.into_inner().wait_with_output().unwrap();
+    let out = source.wait(Duration::from_secs(30));
     let src_took = sent.elapsed();
     let dst = dest.wait(Duration::from_secs(30));
     let dst_took = sent.elapsed();
-    let src: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let src = &out.json;
+    assert!(src.is_object(), "one JSON object: {}", out.stderr);
     // The guest ran at the destination and lacked pages: a stop on either side loses the
     // VM, and both say so (kind `vm_lost`), with the stop as the cause.
     assert_eq!(out.status.code(), Some(9), "{src}");

@@ -313,6 +313,17 @@ fn in_order(mut o: Orchestration, k: usize) -> Orchestration {
     o
 }
 
+/// `vms` VMs on one link that runs two at once in order, without prestart (a stall's
+/// effect on the places is then the only one), against a deadline `deadline_s` away.
+fn two_at_once(vms: usize, deadline_s: f64) -> Orchestration {
+    let mut o = in_order(
+        Orchestration::new(fleet(vms), PlanOptions::new(deadline_s), &[]).unwrap(),
+        2,
+    );
+    o.current.schedule.links[0].prestart = false;
+    o
+}
+
 #[test]
 fn in_order_links_hold_the_vms_beyond_what_fills_the_link() {
     // 312.5 Mbit/s per flow on 1 Gbit/s: four flows fill it, the fifth and sixth wait.
@@ -705,11 +716,7 @@ fn a_stalled_transfer_gives_the_link_to_the_vm_behind_it_and_comes_back_behind_i
 
 #[test]
 fn a_stalled_vm_frees_its_place_on_a_link_that_runs_k_at_once() {
-    let mut o = in_order(
-        Orchestration::new(fleet(4), PlanOptions::new(3600.0), &[]).unwrap(),
-        2,
-    );
-    o.current.schedule.links[0].prestart = false;
+    let mut o = two_at_once(4, 3600.0);
     let due = o.due(0.0);
     assert_eq!(due.len(), 2);
     for &i in &due {
@@ -830,11 +837,7 @@ fn a_transfer_in_its_last_bytes_moves_as_it_sends() {
 /// reporting every second; two more VMs waiting. The stall watch is asked at each report
 /// to 16.0.
 fn two_stopped_together() -> (Orchestration, usize, usize) {
-    let mut o = in_order(
-        Orchestration::new(fleet(4), PlanOptions::new(3600.0), &[]).unwrap(),
-        2,
-    );
-    o.current.schedule.links[0].prestart = false;
+    let mut o = two_at_once(4, 3600.0);
     let due = o.due(0.0);
     assert_eq!(due.len(), 2, "{due:?}");
     let (first, next) = (due[0], due[1]);
@@ -954,11 +957,7 @@ fn a_stuck_setup_started_early_is_stalled_before_the_transfer_whose_place_it_too
 
 #[test]
 fn of_a_transfer_and_a_setup_stuck_together_the_transfer_is_stalled() {
-    let mut o = in_order(
-        Orchestration::new(fleet(3), PlanOptions::new(3600.0), &[]).unwrap(),
-        2,
-    );
-    o.current.schedule.links[0].prestart = false;
+    let mut o = two_at_once(3, 3600.0);
     let due = o.due(0.0);
     assert_eq!(due.len(), 2, "{due:?}");
     let (a, b) = (due[0], due[1]);
@@ -982,11 +981,7 @@ fn of_a_transfer_and_a_setup_stuck_together_the_transfer_is_stalled() {
 
 #[test]
 fn vms_stuck_together_with_none_waiting_are_not_stalled() {
-    let mut o = in_order(
-        Orchestration::new(fleet(2), PlanOptions::new(3600.0), &[]).unwrap(),
-        2,
-    );
-    o.current.schedule.links[0].prestart = false;
+    let mut o = two_at_once(2, 3600.0);
     let both = o.due(0.0);
     for &i in &both {
         o.started(i, 0.0);
@@ -1080,11 +1075,7 @@ fn an_evacuation_that_stopped_moving_ends_past_the_deadline() {
         }]
     );
     // Two VMs stopped together (an outage, or their standbys gone) end it too.
-    let mut o = in_order(
-        Orchestration::new(fleet(2), PlanOptions::new(30.0), &[]).unwrap(),
-        2,
-    );
-    o.current.schedule.links[0].prestart = false;
+    let mut o = two_at_once(2, 30.0);
     let both = o.due(0.0);
     assert_eq!(both.len(), 2);
     for &i in &both {
@@ -1150,11 +1141,7 @@ fn an_evacuation_past_its_deadline_goes_on_while_a_vm_can_start() {
 
 #[test]
 fn a_stuck_link_with_more_under_way_than_it_runs_stalls_enough_to_free_a_place() {
-    let mut o = in_order(
-        Orchestration::new(fleet(4), PlanOptions::new(3600.0), &[]).unwrap(),
-        2,
-    );
-    o.current.schedule.links[0].prestart = false;
+    let mut o = two_at_once(4, 3600.0);
     // Three under way on a link that runs two (as after an outage, when the VM caught in
     // it took its place back beside the one started in its place), all stopped at 1.
     let order = o.plan().schedule.links[0].order.clone();
