@@ -45,14 +45,12 @@ pub struct EvacuateArgs {
     pub silence_timeout: Duration,
     /// Seconds (at least 3) an evacuating VM whose source still reports may go without
     /// moving (no switchover, no fewer bytes left, or, where those say nothing, less than
-    /// 128 KiB sent) before it is reported stalled: it then
-    /// gives its place on its link to the VMs behind it until it moves again (of VMs that
-    /// stop together, while another waits to start on their link, enough are stalled to
-    /// free one place, and the VM started in it tells: if it moves, the others are stalled
-    /// too; if not, they are taken for a link outage and left in place). Past the
-    /// deadline,
-    /// once nothing under way has moved for this long, the evacuation ends, reporting what
-    /// did not finish.
+    /// 128 KiB sent) before it is reported stalled: it then gives its place on its link to
+    /// the VMs behind it until it moves again (of VMs that stop together, while another
+    /// waits to start on their link, enough are stalled to free one place, and the VM
+    /// started in it tells: if it moves, the others are stalled too; if not, they are taken
+    /// for a link outage and left in place). Past the deadline, once nothing under way has
+    /// moved for this long, the evacuation ends, reporting what did not finish.
     #[arg(long, default_value = "10", value_parser = parse_stall_secs)]
     pub stall_timeout: Duration,
     /// Write one JSON event line per state change to stderr, prefixed `@faultline `
