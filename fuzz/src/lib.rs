@@ -12,6 +12,7 @@ pub mod control;
 pub mod guest_agent;
 pub mod input;
 pub mod nbd;
+pub mod plan_file;
 pub mod proto;
 pub mod replica;
 pub mod samples;
@@ -29,6 +30,7 @@ pub const TARGETS: &[Target] = &[
     ("nbd", nbd::nbd),
     ("vhost_blk", vhost_blk::vhost_blk),
     ("control", control::control),
+    ("plan_file", plan_file::plan_file),
 ];
 
 /// The target called `name`.
@@ -47,6 +49,7 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
         "nbd" => nbd::seeds(),
         "vhost_blk" => vhost_blk::seeds(),
         "control" => control::seeds(),
+        "plan_file" => plan_file::seeds(),
         _ => Vec::new(),
     }
 }

@@ -112,7 +112,16 @@ macro_rules! replay_test {
     )*};
 }
 
-replay_test!(codec, proto, guest_agent, replica, nbd, vhost_blk, control);
+replay_test!(
+    codec,
+    proto,
+    guest_agent,
+    replica,
+    nbd,
+    vhost_blk,
+    control,
+    plan_file
+);
 
 #[test]
 fn every_target_has_a_replay_test_and_seeds() {
@@ -124,6 +133,7 @@ fn every_target_has_a_replay_test_and_seeds() {
         "nbd",
         "vhost_blk",
         "control",
+        "plan_file",
     ];
     for (name, _) in TARGETS {
         assert!(tested.contains(name), "{name} has no replay test");
