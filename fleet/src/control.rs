@@ -205,6 +205,7 @@ pub struct Status {
 pub const PAGE_BYTES: u64 = 4096;
 
 pub use crate::model::WIRE_RATIO_RANGE;
+use crate::model::{Vm, MAX_BYTES};
 
 /// The most a status's `progress_age_ms` is believed: a source's figures are at most one
 /// [`EVENT_INTERVAL_MS`] old when it reports, so a larger age is a fault, not a fact.
@@ -250,6 +251,29 @@ impl Status {
     /// `progress_age_ms` (0 if absent), at most [`MAX_PROGRESS_AGE_MS`].
     pub fn progress_age_s(&self) -> f64 {
         self.progress_age_ms.unwrap_or(0).min(MAX_PROGRESS_AGE_MS) as f64 / 1000.0
+    }
+
+    /// `vm` as this status, its source's, measures it, over what the plan file says:
+    /// what `faultline evacuate` and `faultline plan --live` plan with. The figures come
+    /// from the network, so each is kept within what the plan file could have said.
+    pub fn apply_to(&self, vm: &mut Vm) {
+        let cap = |b: u64| b.min(MAX_BYTES);
+        vm.memory_bytes = vm.memory_bytes.max(cap(self.memory_bytes));
+        vm.disk_bytes = vm.disk_bytes.max(cap(self.disk_bytes.unwrap_or(0)));
+        vm.stale_bytes = self.stale_bytes.min(vm.total_bytes());
+        // Replication keeps running while a VM waits for its evacuation: its stale bytes
+        // grow by the net growth its source measures, not by the whole dirty rate.
+        vm.dirty_rate_bps = self.stale_growth_bps.unwrap_or(self.dirty_rate_bps);
+        vm.working_set_bytes = vm.working_set_bytes.min(vm.total_bytes());
+        // Its source sees what its pages compress to; the file can only guess.
+        if let Some(r) = self.planning_wire_ratio() {
+            vm.wire_ratio = r;
+        }
+        // Its own limit bounds every limit the orchestrator sends it, so its flow runs at
+        // most at that.
+        if let Some(own) = self.own_rate_cap() {
+            vm.max_rate_bps = Some(vm.max_rate_bps.map_or(own, |m| m.min(own)));
+        }
     }
 }
 
@@ -357,6 +381,44 @@ mod tests {
             disk_bytes: None,
             own_rate_cap_bps: None,
         }
+    }
+
+    #[test]
+    fn a_sources_own_rate_limit_bounds_its_vms_flow_in_the_plan() {
+        let planned = |plan_max: Option<u64>, own: Option<u64>| {
+            let mut v = Vm::idle("vm1", 0, 1 << 20);
+            v.max_rate_bps = plan_max;
+            Status {
+                own_rate_cap_bps: own,
+                ..status()
+            }
+            .apply_to(&mut v);
+            v.max_rate_bps
+        };
+        assert_eq!(planned(Some(20), Some(10)), Some(10));
+        assert_eq!(planned(None, Some(10)), Some(10));
+        assert_eq!(planned(Some(5), Some(10)), Some(5));
+        assert_eq!(planned(Some(5), None), Some(5));
+        // A figure of 0 is no limit, as the source takes it.
+        assert_eq!(planned(None, Some(0)), None);
+    }
+
+    #[test]
+    fn a_sources_figures_stay_within_what_a_plan_file_could_say() {
+        let mut v = Vm::idle("vm1", 0, 1 << 20);
+        Status {
+            memory_bytes: u64::MAX,
+            disk_bytes: Some(u64::MAX),
+            stale_bytes: u64::MAX,
+            stale_growth_bps: None,
+            dirty_rate_bps: 5,
+            ..status()
+        }
+        .apply_to(&mut v);
+        assert_eq!(v.memory_bytes, MAX_BYTES);
+        assert_eq!(v.disk_bytes, MAX_BYTES);
+        assert_eq!(v.stale_bytes, v.total_bytes());
+        assert_eq!(v.dirty_rate_bps, 5);
     }
 
     #[test]

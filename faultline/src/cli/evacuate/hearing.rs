@@ -15,7 +15,7 @@ use super::source_link::{self, Command, Report as LinkReport, Timeouts};
 
 /// The fleet as its sources describe it now, and the links to them.
 pub(super) struct Hearing {
-    /// The plan file's fleet with each answering source's figures ([`apply_status`]).
+    /// The plan file's fleet with each answering source's figures ([`Status::apply_to`]).
     pub(super) fleet: fleet::model::Fleet,
     /// Each VM's first status (`None`: skipped, or it did not answer).
     pub(super) first: Vec<Option<Status>>,
@@ -117,7 +117,7 @@ pub(super) async fn hear(
     }
     for (v, s) in fleet.vms.iter_mut().zip(&first) {
         if let Some(s) = s {
-            apply_status(v, s);
+            s.apply_to(v);
         }
     }
     Ok(Hearing {
@@ -145,28 +145,6 @@ impl Hearing {
                 .collect::<Vec<_>>()
                 .join("; ")
         )
-    }
-}
-
-/// A VM as its source measures it, over what the plan file says.
-fn apply_status(v: &mut fleet::model::Vm, s: &Status) {
-    // A source's figures within what the plan file could have said (`MAX_BYTES`).
-    let cap = |b: u64| b.min(fleet::model::MAX_BYTES);
-    v.memory_bytes = v.memory_bytes.max(cap(s.memory_bytes));
-    v.disk_bytes = v.disk_bytes.max(cap(s.disk_bytes.unwrap_or(0)));
-    v.stale_bytes = s.stale_bytes.min(v.total_bytes());
-    // Replication keeps running while a VM waits for its evacuation: its stale bytes grow
-    // by the net growth its source measures, not by the whole dirty rate.
-    v.dirty_rate_bps = s.stale_growth_bps.unwrap_or(s.dirty_rate_bps);
-    v.working_set_bytes = v.working_set_bytes.min(v.total_bytes());
-    // Its source sees what its pages compress to; the file can only guess.
-    if let Some(r) = s.planning_wire_ratio() {
-        v.wire_ratio = r;
-    }
-    // Its own limit bounds every limit the orchestrator sends it (`source_link`), so its
-    // flow runs at most at that.
-    if let Some(own) = s.own_rate_cap() {
-        v.max_rate_bps = Some(v.max_rate_bps.map_or(own, |m| m.min(own)));
     }
 }
 
@@ -265,28 +243,5 @@ fn unspecified_for(peer: std::net::SocketAddr) -> std::net::SocketAddr {
     match peer {
         std::net::SocketAddr::V4(_) => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         std::net::SocketAddr::V6(_) => std::net::SocketAddr::from(([0u16; 8], 0)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_sources_own_rate_limit_bounds_its_vms_flow_in_the_plan() {
-        let planned = |plan_max: Option<u64>, own: Option<u64>| {
-            let mut v = fleet::model::Vm::idle("vm1", 0, 1 << 20);
-            v.max_rate_bps = plan_max;
-            let mut s = crate::cli::replica::idle_status_of("vm1", 1 << 20);
-            s.own_rate_cap_bps = own;
-            apply_status(&mut v, &s);
-            v.max_rate_bps
-        };
-        assert_eq!(planned(Some(20), Some(10)), Some(10));
-        assert_eq!(planned(None, Some(10)), Some(10));
-        assert_eq!(planned(Some(5), Some(10)), Some(5));
-        assert_eq!(planned(Some(5), None), Some(5));
-        // A figure of 0 is no limit, as the source takes it.
-        assert_eq!(planned(None, Some(0)), None);
     }
 }
