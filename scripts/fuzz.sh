@@ -5,8 +5,8 @@
 # replays); fuzz/cargo-fuzz wraps each one in a fuzz_target!. See docs/fuzzing.md.
 #
 # Usage: scripts/fuzz.sh [TARGET|all] [SECONDS] [-- LIBFUZZER_ARGS...]
-#   TARGET   codec, proto, guest_agent, replica, nbd, vhost_blk, control, plan_file, or all
-#            (default: all, one after the other)
+#   TARGET   codec, proto, guest_agent, replica, nbd, vhost_blk, control, plan_file,
+#            orchestrate, or all (default: all, one after the other)
 #   SECONDS  wall time per target (default 180), one fuzzing process at a time
 #
 # Installs cargo-fuzz with `cargo install` when missing. New inputs go to
@@ -25,7 +25,7 @@ shift $(($# < 2 ? $# : 2))
 [[ "${1:-}" == "--" ]] && shift
 extra=("$@")
 
-all=(codec proto guest_agent replica nbd vhost_blk control plan_file)
+all=(codec proto guest_agent replica nbd vhost_blk control plan_file orchestrate)
 if [[ "$target" == all ]]; then
     targets=("${all[@]}")
 else

@@ -12,6 +12,7 @@ pub mod control;
 pub mod guest_agent;
 pub mod input;
 pub mod nbd;
+pub mod orchestrate;
 pub mod plan_file;
 pub mod proto;
 pub mod replica;
@@ -31,6 +32,7 @@ pub const TARGETS: &[Target] = &[
     ("vhost_blk", vhost_blk::vhost_blk),
     ("control", control::control),
     ("plan_file", plan_file::plan_file),
+    ("orchestrate", orchestrate::orchestrate),
 ];
 
 /// The target called `name`.
@@ -50,6 +52,7 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
         "vhost_blk" => vhost_blk::seeds(),
         "control" => control::seeds(),
         "plan_file" => plan_file::seeds(),
+        "orchestrate" => orchestrate::seeds(),
         _ => Vec::new(),
     }
 }

@@ -120,7 +120,8 @@ replay_test!(
     nbd,
     vhost_blk,
     control,
-    plan_file
+    plan_file,
+    orchestrate
 );
 
 #[test]
@@ -134,6 +135,7 @@ fn every_target_has_a_replay_test_and_seeds() {
         "vhost_blk",
         "control",
         "plan_file",
+        "orchestrate",
     ];
     for (name, _) in TARGETS {
         assert!(tested.contains(name), "{name} has no replay test");
