@@ -180,7 +180,7 @@ impl Vm {
 pub struct Costs {
     /// Round trips from starting an evacuation to its switchover: QUIC address validation
     /// (Retry), the TLS handshake, `Hello`/`HelloAck` (docs/wan.md). The link is not used
-    /// meanwhile (the early push is ignored). Default 3.
+    /// meanwhile (the early push is ignored). Default 3, at most [`MAX_HANDSHAKE_RTTS`].
     pub handshake_rtts: f64,
     /// The switchover itself: pause, final harvest, stale set, the standby's hole punching,
     /// resume. Default 50 ms (`resume_ms` of `wan_evacuation`, less its round trip).
@@ -239,7 +239,7 @@ impl Fleet {
     /// Checks that the fleet is consistent: names unique and not empty, links exist, rates,
     /// round-trip times and windows positive, stale bytes and working sets within memory +
     /// disk, weights positive, wire ratios in [`WIRE_RATIO_RANGE`], costs finite and not
-    /// negative.
+    /// negative, a setup's round trips at most [`MAX_HANDSHAKE_RTTS`].
     pub fn new(links: Vec<Link>, vms: Vec<Vm>, costs: Costs) -> Result<Fleet, InputError> {
         check_costs(&costs)?;
         let mut seen = std::collections::HashSet::new();
@@ -355,6 +355,9 @@ impl Fleet {
     }
 }
 
+/// The most round trips a setup may take ([`Costs::handshake_rtts`]); a real one takes 3.
+pub const MAX_HANDSHAKE_RTTS: f64 = 100.0;
+
 fn check_costs(c: &Costs) -> Result<(), InputError> {
     let e = Entry::Costs;
     if !(c.handshake_rtts.is_finite() && c.handshake_rtts >= 0.0) {
@@ -363,11 +366,20 @@ fn check_costs(c: &Costs) -> Result<(), InputError> {
             value: c.handshake_rtts.to_string(),
         }));
     }
+    // Finite is not enough: 1e308 round trips of a link are an infinite setup, after
+    // which the simulator has no time to give the VM's switchover and finish.
+    if c.handshake_rtts > MAX_HANDSHAKE_RTTS {
+        return Err(e.problem(Problem::OutOfRange {
+            key: "handshake_rtts",
+            value: c.handshake_rtts.to_string(),
+            range: "0 and 100",
+        }));
+    }
     if !(c.wire_overhead.is_finite() && (0.0..10.0).contains(&c.wire_overhead)) {
         return Err(e.problem(Problem::OutOfRange {
             key: "wire_overhead",
             value: c.wire_overhead.to_string(),
-            range: "0 to 10",
+            range: "0 and 10",
         }));
     }
     Ok(())

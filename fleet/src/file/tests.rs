@@ -327,6 +327,11 @@ fn every_bad_entry_is_named() {
         ),
         (
             "handshake_rtts = 2",
+            "handshake_rtts = 1e308",
+            "[costs]: handshake_rtts must be between 0 and 100 (got 1",
+        ),
+        (
+            "handshake_rtts = 2",
             "handshake = 2",
             "[costs]: unknown key \"handshake\"",
         ),
