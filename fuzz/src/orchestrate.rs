@@ -13,75 +13,10 @@ use fleet::orchestrate::{Orchestration, Phase};
 use fleet::plan::Policy;
 
 use crate::input::Input;
+use crate::plan_file::PLAN_FILES;
 
 /// The time plan files' deadlines are taken against (as in target `plan_file`).
 const NOW_UNIX_S: f64 = 1_796_601_600.0;
-
-/// The fleets the input chooses from: plan files of one to twelve VMs.
-fn fleets() -> [&'static str; 3] {
-    [
-        include_str!("../../docs/examples/fleet.toml"),
-        r#"deadline = "30s"
-[[link]]
-name = "wan"
-rate_bps = "100M"
-rtt_ms = 20
-[[vm]]
-name = "a"
-link = "wan"
-memory_bytes = "256M"
-stale_bytes = "20M"
-[[vm]]
-name = "b"
-link = "wan"
-memory_bytes = "1G"
-stale_bytes = "400M"
-[[vm]]
-name = "c"
-link = "wan"
-memory_bytes = "512M"
-stale_bytes = "50M"
-max_rate_bps = "20M"
-[[vm]]
-name = "d"
-link = "wan"
-memory_bytes = "256M"
-stale_bytes = "90M"
-wire_ratio = 0.5
-"#,
-        r#"deadline = "2m"
-first = ["b"]
-skip = ["c"]
-[[link]]
-name = "l1"
-rate_bps = "1G"
-shared_rate_bps = "900M"
-rtt_ms = 50
-window_bytes = "7.8M"
-[[link]]
-name = "l2"
-rate_bps = "40M"
-rtt_ms = 5
-[[vm]]
-name = "a"
-link = "l1"
-memory_bytes = "512M"
-stale_bytes = "64M"
-dirty_rate_bps = "20M"
-working_set_bytes = "256M"
-[[vm]]
-name = "b"
-link = "l2"
-memory_bytes = "256M"
-stale_bytes = "200M"
-[[vm]]
-name = "c"
-link = "l1"
-memory_bytes = "1G"
-stale_bytes = "1G"
-"#,
-    ]
-}
 
 /// A number as a source might send it: small, middling or any.
 fn figure(inp: &mut Input<'_>) -> u64 {
@@ -148,7 +83,7 @@ pub fn orchestrate(data: &[u8]) {
 /// its end (`None` if the plan was refused).
 fn run(data: &[u8]) -> Option<(Orchestration, f64)> {
     let mut inp = Input::new(data);
-    let texts = fleets();
+    let texts = PLAN_FILES;
     let text = texts[inp.below(texts.len() as u64) as usize];
     let Ok(pf) = fleet::file::parse(text, NOW_UNIX_S) else {
         panic!("a built-in plan file is refused");
@@ -319,6 +254,7 @@ impl Seed {
 pub fn seeds() -> Vec<Vec<u8>> {
     let mut seeds = Vec::new();
     for quiet in [0u16, 8] {
+        // The example (12 VMs), four on one link, and three on two links.
         for (fleet, n) in [(0u8, 12u8), (1, 4), (2, 3)] {
             let mut s = Seed(vec![fleet]);
             for _ in 0..n {

@@ -55,10 +55,16 @@ pub fn plan_file(data: &[u8]) {
 
 /// The example plan file of docs/examples, and small files that reach each part of the
 /// format: an absolute deadline, shared rates and flow caps, encodings, control entries,
-/// VMs pinned first and skipped, a deadline already binding.
-pub fn seeds() -> Vec<Vec<u8>> {
-    let example = include_str!("../../docs/examples/fleet.toml");
-    let small = r#"deadline = "2m"
+/// VMs pinned first and skipped, a deadline already binding. Target `orchestrate` runs
+/// fleets of them too.
+pub(crate) const PLAN_FILES: [&str; 4] = [
+    include_str!("../../docs/examples/fleet.toml"),
+    FOUR_ON_ONE_LINK,
+    RICH,
+    CONTROL,
+];
+
+const FOUR_ON_ONE_LINK: &str = r#"deadline = "30s"
 [[link]]
 name = "wan"
 rate_bps = "100M"
@@ -66,10 +72,28 @@ rtt_ms = 20
 [[vm]]
 name = "a"
 link = "wan"
+memory_bytes = "256M"
+stale_bytes = "20M"
+[[vm]]
+name = "b"
+link = "wan"
 memory_bytes = "1G"
-stale_bytes = "100M"
+stale_bytes = "400M"
+[[vm]]
+name = "c"
+link = "wan"
+memory_bytes = "512M"
+stale_bytes = "50M"
+max_rate_bps = "20M"
+[[vm]]
+name = "d"
+link = "wan"
+memory_bytes = "256M"
+stale_bytes = "90M"
+wire_ratio = 0.5
 "#;
-    let rich = r#"deadline = 2026-12-07T00:05:00Z
+
+const RICH: &str = r#"deadline = 2026-12-07T00:05:00Z
 margin = 0.2
 first = ["b"]
 skip = ["c"]
@@ -113,7 +137,8 @@ link = "l1"
 memory_bytes = "1G"
 stale_bytes = "1G"
 "#;
-    let control = r#"deadline = "30s"
+
+const CONTROL: &str = r#"deadline = "30s"
 cert = "orch.pem"
 key = "orch.key"
 peer_cert = "src.pem"
@@ -135,10 +160,10 @@ stale_bytes = "1M"
 control = "[::1]:7001"
 peer_cert = "db.pem"
 "#;
-    [example, small, rich, control]
-        .iter()
-        .map(|s| s.as_bytes().to_vec())
-        .collect()
+
+/// [`PLAN_FILES`].
+pub fn seeds() -> Vec<Vec<u8>> {
+    PLAN_FILES.iter().map(|s| s.as_bytes().to_vec()).collect()
 }
 
 #[cfg(test)]
