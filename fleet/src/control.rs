@@ -255,7 +255,8 @@ impl Status {
 
     /// `vm` as this status, its source's, measures it, over what the plan file says:
     /// what `faultline evacuate` and `faultline plan --live` plan with. The figures come
-    /// from the network, so each is kept within what the plan file could have said.
+    /// from the network: sizes are kept within what a plan file may say (`MAX_BYTES`),
+    /// stale bytes and the working set within the VM, a wire ratio within its range.
     pub fn apply_to(&self, vm: &mut Vm) {
         let cap = |b: u64| b.min(MAX_BYTES);
         vm.memory_bytes = vm.memory_bytes.max(cap(self.memory_bytes));
@@ -355,11 +356,12 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), ControlErro
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn status() -> Status {
+    /// A source's status: a 64 MiB VM waiting, replicating.
+    pub(crate) fn status() -> Status {
         Status {
             vm_id: "web-1".into(),
             memory_bytes: 64 << 20,

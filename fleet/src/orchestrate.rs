@@ -988,7 +988,9 @@ pub struct Report {
     pub totals: ReportTotals,
 }
 
+mod hear;
 mod stall;
+pub use hear::{Change, StatusChange};
 use stall::Watch;
 pub use stall::{StallChange, StallSpan, MIN_STALL_AFTER_S, MOVE_BYTES, STALL_AFTER_S};
 

@@ -1,22 +1,19 @@
 //! Target `orchestrate`: the orchestrator's state machine (`fleet::orchestrate`), fed what
 //! `faultline evacuate` feeds it from the network. A plan file's fleet takes each source's
 //! first status (`Status::apply_to`), then the orchestrator hears statuses and events
-//! (setting up, transferring, done, failed) dated back by the ages the sources state, and
-//! takes its turns (stalls, starts, rate limits, re-plans) as time goes on.
+//! (`Orchestration::hear_status`, `hear_event`, as `faultline evacuate` does) and takes its
+//! turns (stalls, starts, rate limits, re-plans) as time goes on.
 //!
 //! Checks: no input panics; a VM done, failed or skipped stays so; only waiting VMs are
 //! due to start, and one started is under way; every rate limit is above 0; the report
 //! serializes, with every VM of the fleet once.
 
-use fleet::control::{EvacState, ReplState, Status, PAGE_BYTES};
-use fleet::orchestrate::{Orchestration, Phase};
+use fleet::control::{EvacState, ReplState, Status};
+use fleet::orchestrate::{Orchestration, Phase, StatusChange};
 use fleet::plan::Policy;
 
 use crate::input::Input;
-use crate::plan_file::PLAN_FILES;
-
-/// The time plan files' deadlines are taken against (as in target `plan_file`).
-const NOW_UNIX_S: f64 = 1_796_601_600.0;
+use crate::plan_file::{NOW_UNIX_S, PLAN_FILES};
 
 /// A number as a source might send it: small, middling or any.
 fn figure(inp: &mut Input<'_>) -> u64 {
@@ -175,31 +172,12 @@ fn run(data: &[u8]) -> Option<(Orchestration, f64)> {
 }
 
 /// What `faultline evacuate`'s `handle` does with a source's status (`as_status`: its link
-/// is waiting to start it) or event, heard at `now`.
+/// is waiting to start it) or event, heard at `now`, its link taking every start.
 fn hear(o: &mut Orchestration, vm: usize, s: &Status, now: f64, as_status: bool) {
-    if let Some(r) = s.planning_wire_ratio() {
-        o.set_wire_ratio(vm, r);
-    }
-    if as_status {
-        o.waiting(vm, s.stale_bytes);
-        // Over already, or started by someone else: followed from here.
-        if s.evacuation != EvacState::Idle && o.phase(vm) == Phase::Waiting {
-            o.started(vm, now);
-        }
-        if !s.evacuation.is_final() {
-            return;
-        }
-    }
-    let measured = now - s.progress_age_s();
-    match s.evacuation {
-        EvacState::Idle => {}
-        EvacState::Starting => o.setting_up(vm, measured, s.bytes_sent),
-        EvacState::Transferring => {
-            let left = s.pages_remaining.map(|p| p.saturating_mul(PAGE_BYTES));
-            o.progress(vm, measured, left, s.bytes_sent);
-        }
-        EvacState::Done => o.done(vm, now, s.bytes_sent, s.pages_stale),
-        EvacState::Failed => o.failed(vm, now, "failed".into()),
+    if !as_status {
+        o.hear_event(vm, s, now);
+    } else if o.hear_status(vm, s, now) == StatusChange::UnderWayElsewhere {
+        o.started(vm, now);
     }
 }
 

@@ -11,7 +11,7 @@ use fleet::file::parse;
 
 /// The time the deadline is taken against: 2026-12-07T00:00:00Z, fixed so that a found
 /// input replays the same way.
-const NOW_UNIX_S: f64 = 1_796_601_600.0;
+pub(crate) const NOW_UNIX_S: f64 = 1_796_601_600.0;
 
 /// The target: `data` as the text of a plan file.
 pub fn plan_file(data: &[u8]) {

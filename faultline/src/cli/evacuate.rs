@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use fleet::control::{EvacState, PAGE_BYTES};
-use fleet::orchestrate::{Orchestration, Phase, StallChange};
+use fleet::control::{EvacState, Status};
+use fleet::orchestrate::{Change, Orchestration, StallChange, StatusChange};
 use fleet::plan::Policy;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -454,79 +454,31 @@ fn handle(
     events: &Events,
     starts: &[Option<mpsc::Sender<Command>>],
 ) {
-    // What its encoding makes of a page: estimated while it waits, measured once its push
-    // runs; the bytes it has left cross the link at that.
-    if let LinkReport::Status(i, s) | LinkReport::Event(i, s) = &msg {
-        if let Some(ratio) = s.planning_wire_ratio() {
-            o.set_wire_ratio(*i, ratio);
-        }
-    }
     match msg {
-        LinkReport::Status(i, s) => {
-            o.waiting(i, s.stale_bytes);
+        LinkReport::Status(i, s) => match o.hear_status(i, &s, now) {
+            StatusChange::Nothing => {}
             // Over already (started by someone else: SIGUSR1, its timer; or started by us
             // while this status was on its way): taken as its last event. Its link hangs
             // up, so a start sent meanwhile is never answered.
-            if s.evacuation.is_final() && !o.phase(i).is_final() {
-                if o.phase(i) == Phase::Waiting {
-                    o.started(i, now);
-                    events.emit(json!({
-                        "event": "started", "vm": o.fleet().vms[i].name, "t_s": now,
-                        "by": "the source",
-                    }));
+            StatusChange::Over { started, change } => {
+                if started {
+                    started_by_source(o, i, now, events);
                 }
-                handle(o, LinkReport::Event(i, s), now, events, starts);
-                return;
+                tell(o, i, &s, now, change, events);
             }
             // Started by someone else and under way: follow it now.
-            if s.evacuation != EvacState::Idle && o.phase(i) == Phase::Waiting {
+            StatusChange::UnderWayElsewhere => {
                 if let Some(tx) = &starts[i] {
                     if tx.try_send(Command::Start { rate_cap_bps: None }).is_ok() {
                         o.started(i, now);
-                        events.emit(json!({
-                            "event": "started", "vm": o.fleet().vms[i].name, "t_s": now,
-                            "by": "the source",
-                        }));
+                        started_by_source(o, i, now, events);
                     }
                 }
             }
-        }
+        },
         LinkReport::Event(i, s) => {
-            let name = o.fleet().vms[i].name.clone();
-            match s.evacuation {
-                EvacState::Idle => {}
-                // A setup held behind a transfer sends its stale set at the held rate.
-                EvacState::Starting => o.setting_up(i, now - s.progress_age_s(), s.bytes_sent),
-                EvacState::Transferring => {
-                    // Pages, in bytes (the wire ratio makes them the link's bytes).
-                    let remaining = s.pages_remaining.map(|p| p.saturating_mul(PAGE_BYTES));
-                    // The figures are as of when the source measured them.
-                    let measured = now - s.progress_age_s();
-                    if o.progress(i, measured, remaining, s.bytes_sent) {
-                        events.emit(json!({
-                            "event": "switchover", "vm": name, "t_s": now,
-                            "stale_bytes": s.stale_bytes,
-                        }));
-                    }
-                }
-                EvacState::Done => {
-                    if o.phase(i).is_final() {
-                        return;
-                    }
-                    o.done(i, now, s.bytes_sent, s.pages_stale);
-                    events.emit(json!({
-                        "event": "done", "vm": name, "t_s": now,
-                        "bytes_sent": s.bytes_sent, "pages_stale": s.pages_stale,
-                        "wire_ratio": s.wire_ratio(),
-                    }));
-                }
-                EvacState::Failed => {
-                    let why = s
-                        .error
-                        .unwrap_or_else(|| "the source reported a failure".into());
-                    fail(o, i, now, why, events);
-                }
-            }
+            let change = o.hear_event(i, &s, now);
+            tell(o, i, &s, now, change, events);
         }
         LinkReport::Unreachable(i, why) | LinkReport::Failed(i, why) => {
             fail(o, i, now, why, events)
@@ -547,6 +499,32 @@ fn handle(
                 }),
             });
         }
+    }
+}
+
+/// The event line of a VM its source started.
+fn started_by_source(o: &Orchestration, i: usize, now: f64, events: &Events) {
+    events.emit(json!({
+        "event": "started", "vm": o.fleet().vms[i].name, "t_s": now, "by": "the source",
+    }));
+}
+
+/// The event line of what source `i`'s report `s` changed.
+fn tell(o: &Orchestration, i: usize, s: &Status, now: f64, change: Change, events: &Events) {
+    let name = &o.fleet().vms[i].name;
+    match change {
+        Change::Nothing => {}
+        Change::Switchover => events.emit(json!({
+            "event": "switchover", "vm": name, "t_s": now, "stale_bytes": s.stale_bytes,
+        })),
+        Change::Done => events.emit(json!({
+            "event": "done", "vm": name, "t_s": now,
+            "bytes_sent": s.bytes_sent, "pages_stale": s.pages_stale,
+            "wire_ratio": s.wire_ratio(),
+        })),
+        Change::Failed(why) => events.emit(json!({
+            "event": "failed", "vm": name, "t_s": now, "error": why,
+        })),
     }
 }
 
@@ -582,7 +560,7 @@ fn two_vms_on_one_link(memory_bytes: u64, deadline_s: f64) -> Orchestration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet::control::Status;
+    use fleet::orchestrate::Phase;
 
     /// Two VMs of 1 MiB on one link, planned one after the other.
     fn orchestration() -> Orchestration {

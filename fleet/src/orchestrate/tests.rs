@@ -26,7 +26,7 @@ fn fleet(n: usize) -> Fleet {
 
 /// [`fleet`] with a window of 1 GiB: one flow fills the link, so the planner runs one at
 /// a time and prestarts the next.
-fn one_flow_fills_the_link(n: usize) -> Orchestration {
+pub(super) fn one_flow_fills_the_link(n: usize) -> Orchestration {
     let mut f = fleet(n);
     f.links[0].per_flow_window_bytes = 1 << 30;
     Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap()
