@@ -124,6 +124,61 @@ impl Track {
 struct LinkSamples {
     shared: bool,
     at: std::collections::VecDeque<(f64, u64)>,
+    /// Per class (one flow, several: indexed by `shared`), the rate of its last window
+    /// that ran [`LINK_RATE_WINDOW_S`] or more before it restarted: a re-plan after the
+    /// class changed (the last VM left alone on the link, or VMs joining it) keeps what
+    /// was measured of the other class rather than going back to the plan file's figure.
+    kept: [Option<KeptRate>; 2],
+}
+
+/// A rate measured over a window of a link that has since restarted.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct KeptRate {
+    bps: u64,
+    /// The window's last sample: a transfer found stalled since before it may have
+    /// trickled through the window, whose rate is then not the link's (see
+    /// [`LinkSamples::forget_since`]).
+    until_s: f64,
+}
+
+impl LinkSamples {
+    /// The rate over the samples, bits per second, once they span the window.
+    fn window_rate(&self) -> Option<u64> {
+        let (&(t0, b0), &(t1, b1)) = (self.at.front()?, self.at.back()?);
+        if t1 - t0 < LINK_RATE_WINDOW_S || b1 <= b0 {
+            return None;
+        }
+        // A rate that rounds to nothing says nothing (and a re-plan refuses a rate of 0).
+        Some(((b1 - b0) as f64 * 8.0 / (t1 - t0)) as u64).filter(|&r| r > 0)
+    }
+
+    /// Starts the window again, keeping its rate for its class if it ran long enough.
+    fn restart(&mut self) {
+        if let (Some(bps), Some(&(until_s, _))) = (self.window_rate(), self.at.back()) {
+            self.kept[usize::from(self.shared)] = Some(KeptRate { bps, until_s });
+        }
+        self.at.clear();
+    }
+
+    /// The rate of class `shared`: the window's if it is of that class and long enough,
+    /// else the last one kept.
+    fn rate(&self, shared: bool) -> Option<u64> {
+        let now = (self.shared == shared)
+            .then(|| self.window_rate())
+            .flatten();
+        now.or(self.kept[usize::from(shared)].map(|k| k.bps))
+    }
+
+    /// Drops what was measured since `since_s`, when a transfer that has not moved since
+    /// then is found stalled: its window, and the rates kept of windows that ended after.
+    fn forget_since(&mut self, since_s: f64) {
+        self.at.clear();
+        for k in &mut self.kept {
+            if k.is_some_and(|k| k.until_s > since_s) {
+                *k = None;
+            }
+        }
+    }
 }
 
 /// The median (the upper one of an even count) of the finite `seconds`, as a duration;
@@ -359,7 +414,8 @@ impl Orchestration {
     /// way could fill it (the sum of their flow caps reaches its rate). A link that could
     /// not be full says nothing about its rate, so such a moment starts the window again;
     /// so does a change between one flow carrying it and several (the VMs held behind a
-    /// transfer do not count), whose rates differ.
+    /// transfer do not count), whose rates differ. A window that ran its length is kept
+    /// as its class's rate until a newer one of that class does.
     fn sample_links(&mut self, now_s: f64) {
         // One pass over the VMs: per link, the flow caps under way, the flows not held
         // and the bytes sent.
@@ -388,7 +444,7 @@ impl Orchestration {
                 carrying[li] > 1
             };
             if caps[li] < self.fleet.links[li].rate_bps as f64 || shared != s.shared {
-                s.at.clear();
+                s.restart();
                 s.shared = shared;
                 if caps[li] < self.fleet.links[li].rate_bps as f64 {
                     continue;
@@ -403,17 +459,13 @@ impl Orchestration {
     }
 
     /// The rate link `li` delivered, bits per second, over the last
-    /// [`LINK_RATE_WINDOW_S`] or more during which its transfers could fill it; `None`
-    /// until it was full that long. It counts the UDP bytes the sources sent (page data
-    /// and its overhead, as the link's rate does), so it is what a full link carries.
+    /// [`LINK_RATE_WINDOW_S`] or more during which its transfers could fill it, as one flow
+    /// or as several, whichever carries it now (or carried it last); `None` until it was
+    /// full that long so. It counts the UDP bytes the sources sent (page data and its
+    /// overhead, as the link's rate does), so it is what a full link carries.
     pub fn link_rate(&self, li: usize) -> Option<u64> {
-        let samples = &self.link_samples.get(li)?.at;
-        let (&(t0, b0), &(t1, b1)) = (samples.front()?, samples.back()?);
-        if t1 - t0 < LINK_RATE_WINDOW_S || b1 <= b0 {
-            return None;
-        }
-        // A rate that rounds to nothing says nothing (and a re-plan refuses a rate of 0).
-        Some(((b1 - b0) as f64 * 8.0 / (t1 - t0)) as u64).filter(|&r| r > 0)
+        let s = self.link_samples.get(li)?;
+        s.rate(s.shared)
     }
 
     /// What was measured, for [`plan::replan_keeping`]: every VM's state and, for a link that
@@ -454,15 +506,17 @@ impl Orchestration {
                 })
             })
             .collect();
-        let links = (0..self.fleet.links.len())
-            .filter_map(|li| {
-                let rate = self.link_rate(li)?;
-                // Measured while several flows carried it: its shared rate.
-                let shared = self.link_samples[li].shared;
-                Some(LinkMeasure {
-                    link: self.fleet.links[li].name.clone(),
-                    rate_bps: (!shared).then_some(rate),
-                    shared_rate_bps: shared.then_some(rate),
+        let links = self
+            .link_samples
+            .iter()
+            .zip(&self.fleet.links)
+            .filter_map(|(s, link)| {
+                // Measured while one flow carried it: its rate; several, its shared rate.
+                let (rate_bps, shared_rate_bps) = (s.rate(false), s.rate(true));
+                (rate_bps.is_some() || shared_rate_bps.is_some()).then(|| LinkMeasure {
+                    link: link.name.clone(),
+                    rate_bps,
+                    shared_rate_bps,
                     rtt: None,
                 })
             })

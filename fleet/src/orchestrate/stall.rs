@@ -312,7 +312,7 @@ impl Orchestration {
             }
             if transferring {
                 if let Some(samples) = self.link_samples.get_mut(li) {
-                    samples.at.clear();
+                    samples.forget_since(moved);
                 }
             }
             out.push(StallChange::Stalled {

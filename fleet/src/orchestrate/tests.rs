@@ -187,13 +187,57 @@ fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
         "{makespan} (planned {planned_finish})"
     );
 
-    // A link its transfers cannot fill (one VM left) tells nothing: the window restarts.
+    // A link its transfers cannot fill (one VM left) tells nothing: the window restarts,
+    // and the shared rate measured is kept for the re-plans (one flow's is not known).
     for vm in 1..4 {
         o.done(vm, 4.5, 62_500_000, None);
     }
     o.replan(5.0).unwrap();
-    assert_eq!(o.link_rate(0), None);
-    assert!(o.measured(5.0).links.is_empty());
+    assert_eq!(o.link_rate(0), None, "one flow carries it now");
+    let m = &o.measured(5.0).links;
+    assert_eq!(m.len(), 1);
+    assert_eq!((m[0].rate_bps, m[0].shared_rate_bps), (None, Some(rate)));
+}
+
+#[test]
+fn each_class_keeps_its_last_full_window_and_a_stall_since_drops_it() {
+    let mut s = LinkSamples::default();
+    let fill = |s: &mut LinkSamples, from: u64, secs: u64, bytes_per_s: u64| {
+        for t in from..=from + secs {
+            s.at.push_back((t as f64, t * bytes_per_s));
+        }
+    };
+    // One flow, 2 s: too short to say anything, so nothing is kept.
+    fill(&mut s, 0, 2, 100_000_000);
+    s.restart();
+    assert_eq!((s.rate(false), s.rate(true)), (None, None));
+    // One flow, 4 s at 800 Mbit/s; then several, 3 s at 400.
+    fill(&mut s, 10, 4, 100_000_000);
+    s.restart();
+    s.shared = true;
+    fill(&mut s, 20, 3, 50_000_000);
+    assert_eq!(
+        (s.rate(false), s.rate(true)),
+        (Some(800_000_000), Some(400_000_000))
+    );
+    s.restart();
+    s.shared = false;
+    // A window of its class under way replaces the kept rate once it is long enough.
+    fill(&mut s, 30, 2, 110_000_000);
+    assert_eq!(s.rate(false), Some(800_000_000), "2 s of the new window");
+    s.at.push_back((33.0, 33 * 110_000_000));
+    assert_eq!(s.rate(false), Some(880_000_000));
+    assert_eq!(
+        s.rate(true),
+        Some(400_000_000),
+        "the other class keeps its rate"
+    );
+    // A transfer found stalled, not moving since 21 s: the shared window (to 23 s) and the
+    // one under way held its trickle; one flow's kept window ended at 14 s.
+    s.forget_since(21.0);
+    assert_eq!((s.rate(false), s.rate(true)), (Some(800_000_000), None));
+    s.forget_since(13.0);
+    assert_eq!((s.rate(false), s.rate(true)), (None, None));
 }
 
 #[test]
@@ -660,6 +704,10 @@ fn a_stalled_transfer_gives_the_link_to_the_vm_behind_it_and_comes_back_behind_i
     assert!(o.stalls(10.9).is_empty());
     assert!(o.rate_caps(10.9)[next].is_some(), "held behind it");
     assert!(o.link_rate(0).is_some(), "measured while it sat");
+    // Had the class changed just before (the window kept), that rate is not the link's
+    // either: the stalled VM sat through it.
+    o.link_samples[0].restart();
+    assert!(o.link_rate(0).is_some(), "kept");
     assert_eq!(
         o.stalls(11.0),
         vec![StallChange::Stalled {
@@ -679,6 +727,7 @@ fn a_stalled_transfer_gives_the_link_to_the_vm_behind_it_and_comes_back_behind_i
         None,
         "what the link carried while it sat is not its rate"
     );
+    assert!(o.measured(11.0).links.is_empty());
     o.replan(11.0).unwrap();
     assert_eq!(o.plan().vms[first].status, Status::Failed);
     assert!(o.plan().vms[next].finish_s.is_some());
