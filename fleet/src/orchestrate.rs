@@ -417,6 +417,10 @@ impl Orchestration {
     /// transfer do not count), whose rates differ. A window that ran its length is kept
     /// as its class's rate until a newer one of that class does.
     fn sample_links(&mut self, now_s: f64) {
+        // A time that is not one would stay in the window (and stop its trimming).
+        if !now_s.is_finite() {
+            return;
+        }
         // One pass over the VMs: per link, the flow caps under way, the flows not held
         // and the bytes sent.
         let held = self.rate_caps(now_s);
@@ -460,17 +464,24 @@ impl Orchestration {
 
     /// The rate link `li` delivered, bits per second, over the last
     /// [`LINK_RATE_WINDOW_S`] or more during which its transfers could fill it, as one flow
-    /// or as several, whichever carries it now (or carried it last); `None` until it was
-    /// full that long so. It counts the UDP bytes the sources sent (page data and its
+    /// or as several, whichever carries it now (or carried it last), kept until that class
+    /// is measured again; `None` until it was full that long. It counts the UDP bytes the sources sent (page data and its
     /// overhead, as the link's rate does), so it is what a full link carries.
+    ///
+    /// Of a class not measured yet, the other's: the shared rate is the lower figure for
+    /// one flow too, and the holds [`Orchestration::rate_caps`] makes with it decide which
+    /// class carries the link next (a kept shared rate below one flow's cap holds all but
+    /// one flow; the plan file's rate in its place would lift them again at the next turn,
+    /// and the limits would swing every second).
     pub fn link_rate(&self, li: usize) -> Option<u64> {
         let s = self.link_samples.get(li)?;
-        s.rate(s.shared)
+        s.rate(s.shared).or_else(|| s.rate(!s.shared))
     }
 
-    /// What was measured, for [`plan::replan_keeping`]: every VM's state and, for a link that
-    /// was full long enough, the rate it delivered ([`Orchestration::link_rate`]; the
-    /// others keep the plan file's).
+    /// What was measured, for [`plan::replan_keeping`]: every VM's state and, per link, the
+    /// rates it delivered while full long enough, to one flow (`rate_bps`) and to several
+    /// (`shared_rate_bps`), each its class's window or the last one kept (see
+    /// [`Orchestration::link_rate`]); a class never measured keeps the plan file's.
     pub fn measured(&self, now_s: f64) -> Measured {
         let vms = self
             .tracks
@@ -884,10 +895,20 @@ impl Orchestration {
 
     /// It failed (a source that died, refused, or went silent).
     pub fn failed(&mut self, vm: usize, now_s: f64, error: String) {
-        let t = &mut self.tracks[vm];
+        let t = &self.tracks[vm];
         if t.phase.is_final() {
             return;
         }
+        // A transfer that fails went silent or stopped first (a source is failed after its
+        // silence timeout, before a stall would be found), counted as able to fill its
+        // link: as for a stall, what was measured since it last moved is not the link's.
+        if t.phase == Phase::Transferring && !t.is_stalled() {
+            let moved = t.moved_s(now_s);
+            if let Some(s) = self.link_samples.get_mut(self.fleet.vms[vm].link) {
+                s.forget_since(moved);
+            }
+        }
+        let t = &mut self.tracks[vm];
         if t.phase.is_under_way() {
             t.timeline.finish_s = Some(now_s);
         }

@@ -5,8 +5,9 @@
 //! turns (stalls, starts, rate limits, re-plans) as time goes on.
 //!
 //! Checks: no input panics; a VM done, failed or skipped stays so; only waiting VMs are
-//! due to start, and one started is under way; every rate limit is above 0; the report
-//! serializes, with every VM of the fleet once.
+//! due to start, and one started is under way; every rate limit, and every link rate a
+//! re-plan takes as measured, is above 0; the report serializes, with every VM of the
+//! fleet once.
 
 use fleet::control::{EvacState, ReplState, Status};
 use fleet::orchestrate::{Orchestration, Phase, StatusChange};
@@ -149,6 +150,11 @@ fn run(data: &[u8]) -> Option<(Orchestration, f64)> {
                 let _ = o.next_due_s(now);
                 let _ = o.next_handoff_s(now);
                 let _ = o.replan(now);
+                // What a re-plan takes as measured: a rate of 0 would be refused.
+                for l in o.measured(now).links {
+                    assert!(l.rate_bps.is_some() || l.shared_rate_bps.is_some());
+                    assert!(l.rate_bps != Some(0) && l.shared_rate_bps != Some(0));
+                }
             }
             // What a source says: a status until it is started, events after.
             _ => {

@@ -184,7 +184,8 @@ impl Orchestration {
     /// A stalled VM gives its place on its link to the VMs behind it, takes none of the
     /// link's rate in [`Orchestration::rate_caps`] (held, where its link holds VMs, until
     /// it moves again), and re-plans count it lost; a transfer's stall also restarts its
-    /// link's measured rate (what the link carried while it sat is not its rate). It moves
+    /// link's measured rate and drops the rates kept of windows that ended since it last
+    /// moved (what the link carried while it sat is not its rate). It moves
     /// again when it switches over, its bytes left fall by [`MOVE_BYTES`] since it stalled, or
     /// its bytes sent count as a move again: it then takes a place again, behind the
     /// transfers started meanwhile if the stall was its own (found while its link carried),

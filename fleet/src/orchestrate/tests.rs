@@ -147,10 +147,10 @@ fn a_vm_done_after_the_deadline_is_not_saved() {
     assert_eq!(r.vms[0].measured.switchover_s, Some(11.0));
 }
 
-#[test]
-fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
-    // Four VMs of 400 MB at once fill the 1 Gbit/s link (four flows of 312.5 Mbit/s), but
-    // it delivers only half: the sources' bytes grow by 62.5 MB a second.
+/// Four VMs of 400 MB under way at once on [`fleet`]'s 1 Gbit/s link (four flows of
+/// 312.5 Mbit/s fill it), the sources' bytes growing together by `bytes_per_s` a second
+/// (`moving` of them; the others stop after 2 s), re-planned every second to 4 s.
+fn four_under_way(bytes_per_s: u64, moving: usize) -> Orchestration {
     let mut f = fleet(4);
     for v in &mut f.vms {
         v.stale_bytes = 400 * MB;
@@ -158,15 +158,15 @@ fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
         v.working_set_bytes = 400 * MB;
     }
     let mut o = Orchestration::new(f, PlanOptions::new(3600.0), &[]).unwrap();
-    let planned_finish = o.plan().totals.makespan_s;
     for vm in 0..4 {
         o.started(vm, 0.0);
         o.progress(vm, 0.1, Some(400 * MB), 0);
     }
     assert_eq!(o.link_rate(0), None, "nothing measured yet");
     for s in 1..=4u64 {
-        let sent = s * 62_500_000 / 4;
         for vm in 0..4 {
+            let secs = if vm < moving { s } else { s.min(2) };
+            let sent = secs * bytes_per_s / 4;
             o.progress(vm, s as f64, Some(400 * MB - sent), sent);
         }
         o.replan(s as f64).unwrap();
@@ -174,6 +174,14 @@ fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
             assert_eq!(o.link_rate(0), None, "only {s} s of samples");
         }
     }
+    o
+}
+
+#[test]
+fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
+    // The link delivers only half its 1 Gbit/s: 62.5 MB a second.
+    let mut o = four_under_way(62_500_000, 4);
+    let planned_finish = o.first_plan().totals.makespan_s;
     let rate = o.link_rate(0).unwrap();
     assert!((rate as f64 - 500e6).abs() < 1e6, "{rate}");
     // Four flows carried it: that is its shared rate, not what one flow alone gets.
@@ -193,10 +201,59 @@ fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
         o.done(vm, 4.5, 62_500_000, None);
     }
     o.replan(5.0).unwrap();
-    assert_eq!(o.link_rate(0), None, "one flow carries it now");
+    assert_eq!(
+        o.link_rate(0),
+        Some(rate),
+        "one flow carries it now, not measured yet: the shared rate stands for it"
+    );
     let m = &o.measured(5.0).links;
     assert_eq!(m.len(), 1);
     assert_eq!((m[0].rate_bps, m[0].shared_rate_bps), (None, Some(rate)));
+}
+
+#[test]
+fn a_kept_shared_rate_below_one_flows_cap_holds_steadily() {
+    // Four flows of 312.5 Mbit/s measured at 300 Mbit/s together.
+    let mut o = four_under_way(37_500_000, 4);
+    assert!((o.link_rate(0).unwrap() as f64 - 300e6).abs() < 1e6);
+    let ls = &o.plan().schedule.links[0];
+    assert!(
+        ls.sharing == Sharing::InOrder || ls.prestart,
+        "a link that holds VMs: {ls:?}"
+    );
+    // One flow fills 300 Mbit/s: the other three are held, so one flow carries the link,
+    // whose rate is not measured yet. The shared rate stands for it, and the holds stay:
+    // with the plan file's 1 Gbit/s in its place they were lifted at every other turn.
+    let mut held = Vec::new();
+    for s in 5..=9u64 {
+        let now = s as f64;
+        for vm in 0..4 {
+            let sent = (4 + (s - 4) * u64::from(vm == 0)) * 37_500_000 / 4;
+            o.progress(vm, now, Some(400 * MB - sent), sent);
+        }
+        o.replan(now).unwrap();
+        held.push(o.rate_caps(now).iter().filter(|c| c.is_some()).count());
+    }
+    assert_eq!(held, vec![3; 5]);
+}
+
+#[test]
+fn a_transfer_that_fails_takes_the_rates_it_sat_through_with_it() {
+    // Two of the four stop after 2 s while counted as filling the link: the link seemed to
+    // deliver 2 × 15.6 MB a second from then on.
+    let mut o = four_under_way(62_500_000, 2);
+    assert!(o.link_rate(0).is_some());
+    // Kept when the class changes, as at the next turn.
+    o.link_samples[0].restart();
+    assert!(o.link_rate(0).is_some(), "kept");
+    // One of those that moved fails: its last move (4 s) is the window's end, so the
+    // rate stays...
+    o.failed(0, 5.0, "its source died".into());
+    assert!(o.link_rate(0).is_some());
+    // ...and one that sat since 2 s takes it with it.
+    o.failed(3, 5.0, "its source went silent".into());
+    assert_eq!(o.link_rate(0), None);
+    assert!(o.measured(5.0).links.is_empty());
 }
 
 #[test]
@@ -236,6 +293,13 @@ fn each_class_keeps_its_last_full_window_and_a_stall_since_drops_it() {
     // one under way held its trickle; one flow's kept window ended at 14 s.
     s.forget_since(21.0);
     assert_eq!((s.rate(false), s.rate(true)), (Some(800_000_000), None));
+    // A window that ended when the VM last moved is kept.
+    s.forget_since(14.0);
+    assert_eq!(s.rate(false), Some(800_000_000));
+    // A window over which no bytes were sent says nothing and replaces nothing.
+    fill(&mut s, 40, 4, 0);
+    s.restart();
+    assert_eq!(s.rate(false), Some(800_000_000));
     s.forget_since(13.0);
     assert_eq!((s.rate(false), s.rate(true)), (None, None));
 }

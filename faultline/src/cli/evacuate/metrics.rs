@@ -44,7 +44,8 @@ pub(super) struct EvacuateMetrics {
     /// yet) if the latest plan says it will be; 0 otherwise.
     saved: Family<VmLabels, Gauge>,
     /// `faultline_evacuate_link_rate_bits_per_second` (gauge): the rate the link delivered
-    /// while full (`Orchestration::link_rate`), or the plan file's until measured.
+    /// while full, to one flow or to several as carry it now (`Orchestration::link_rate`),
+    /// or the plan file's until measured.
     link_rate: Family<LinkLabels, Gauge>,
     /// `faultline_evacuate_elapsed_seconds` and `faultline_evacuate_deadline_seconds`
     /// (gauges): since the evacuation started, and until the power goes from that start.
