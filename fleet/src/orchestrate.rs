@@ -170,7 +170,8 @@ impl LinkSamples {
     }
 
     /// Drops what was measured since `since_s`, when a transfer that has not moved since
-    /// then is found stalled: its window, and the rates kept of windows that ended after.
+    /// then is found stalled or fails: the window under way, and the rates kept of windows
+    /// that ended after.
     fn forget_since(&mut self, since_s: f64) {
         self.at.clear();
         for k in &mut self.kept {
@@ -447,10 +448,11 @@ impl Orchestration {
             } else {
                 carrying[li] > 1
             };
-            if caps[li] < self.fleet.links[li].rate_bps as f64 || shared != s.shared {
+            let full = caps[li] >= self.fleet.links[li].rate_bps as f64;
+            if !full || shared != s.shared {
                 s.restart();
                 s.shared = shared;
-                if caps[li] < self.fleet.links[li].rate_bps as f64 {
+                if !full {
                     continue;
                 }
             }
@@ -462,26 +464,36 @@ impl Orchestration {
         }
     }
 
-    /// The rate link `li` delivered, bits per second, over the last
-    /// [`LINK_RATE_WINDOW_S`] or more during which its transfers could fill it, as one flow
-    /// or as several, whichever carries it now (or carried it last), kept until that class
-    /// is measured again; `None` until it was full that long. It counts the UDP bytes the sources sent (page data and its
-    /// overhead, as the link's rate does), so it is what a full link carries.
+    /// The rate link `li` delivered, bits per second, while its transfers could fill it:
+    /// over the last [`LINK_RATE_WINDOW_S`] or more during which several flows carried it,
+    /// else one flow; each class's window while it runs that long, then the last one kept
+    /// (until a stall or a failure drops it, see [`Orchestration::stalls`]). `None` until
+    /// the link was full that long.
     ///
-    /// Of a class not measured yet, the other's: the shared rate is the lower figure for
-    /// one flow too, and the holds [`Orchestration::rate_caps`] makes with it decide which
-    /// class carries the link next (a kept shared rate below one flow's cap holds all but
-    /// one flow; the plan file's rate in its place would lift them again at the next turn,
-    /// and the limits would swing every second).
+    /// Several flows' rate comes first: it is what the rate limits fill the link to
+    /// ([`Orchestration::rate_caps`]), and the lower figure for one flow too. Taking
+    /// whichever class carries the link now would let the holds made with one class's rate
+    /// choose the class, and with it the rate, of the next turn: with several flows'
+    /// rate below one flow's cap, all but one flow held; then one flow's higher rate (or
+    /// the plan file's) letting a second through; then held again, every second.
     pub fn link_rate(&self, li: usize) -> Option<u64> {
         let s = self.link_samples.get(li)?;
-        s.rate(s.shared).or_else(|| s.rate(!s.shared))
+        s.rate(true).or_else(|| s.rate(false))
+    }
+
+    /// The rate the rate limits fill link `li` to: [`Orchestration::link_rate`], else the
+    /// plan file's.
+    pub fn link_capacity_bps(&self, li: usize) -> u64 {
+        self.link_rate(li)
+            .unwrap_or_else(|| self.fleet.links[li].rate_bps)
     }
 
     /// What was measured, for [`plan::replan_keeping`]: every VM's state and, per link, the
     /// rates it delivered while full long enough, to one flow (`rate_bps`) and to several
     /// (`shared_rate_bps`), each its class's window or the last one kept (see
-    /// [`Orchestration::link_rate`]); a class never measured keeps the plan file's.
+    /// [`Orchestration::link_rate`]). One flow not measured yet is planned at several
+    /// flows' rate, as the rate limits take it; several not measured keep the plan file's
+    /// (at most one flow's).
     pub fn measured(&self, now_s: f64) -> Measured {
         let vms = self
             .tracks
@@ -523,7 +535,8 @@ impl Orchestration {
             .zip(&self.fleet.links)
             .filter_map(|(s, link)| {
                 // Measured while one flow carried it: its rate; several, its shared rate.
-                let (rate_bps, shared_rate_bps) = (s.rate(false), s.rate(true));
+                let shared_rate_bps = s.rate(true);
+                let rate_bps = s.rate(false).or(shared_rate_bps);
                 (rate_bps.is_some() || shared_rate_bps.is_some()).then(|| LinkMeasure {
                     link: link.name.clone(),
                     rate_bps,
@@ -653,7 +666,7 @@ impl Orchestration {
                 if ls.sharing != Sharing::InOrder && !ls.prestart {
                     return None;
                 }
-                let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps);
+                let capacity = self.link_capacity_bps(li);
                 Some((capacity as f64 * HOLD_SHARE).max(MIN_HOLD_BPS as f64) as u64)
             })
             .collect();
@@ -676,7 +689,7 @@ impl Orchestration {
             let Some(hold) = holds.get(li).copied().flatten() else {
                 continue;
             };
-            let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps) as f64;
+            let capacity = self.link_capacity_bps(li) as f64;
             let flows = &mut under_way[li];
             flows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
             let mut taken = 0.0;
@@ -706,7 +719,7 @@ impl Orchestration {
         }
         let heard_s = t.heard_s?;
         let li = self.fleet.vms[vm].link;
-        let capacity = self.link_rate(li).unwrap_or(self.fleet.links[li].rate_bps) as f64;
+        let capacity = self.link_capacity_bps(li) as f64;
         // The measured rate is of pages; the flow's cap, of wire bytes.
         let secs = match t.sending_bps {
             Some(bps) => t.remaining_bytes as f64 * 8.0 / bps.max(1.0),
@@ -899,9 +912,10 @@ impl Orchestration {
         if t.phase.is_final() {
             return;
         }
-        // A transfer that fails went silent or stopped first (a source is failed after its
-        // silence timeout, before a stall would be found), counted as able to fill its
-        // link: as for a stall, what was measured since it last moved is not the link's.
+        // A transfer that fails may have sat first, counted as able to fill its link (a
+        // source falling silent is failed after its silence timeout, which can come before
+        // a stall is found): as for a stall, what was measured since it last moved is not
+        // the link's.
         if t.phase == Phase::Transferring && !t.is_stalled() {
             let moved = t.moved_s(now_s);
             if let Some(s) = self.link_samples.get_mut(self.fleet.vms[vm].link) {

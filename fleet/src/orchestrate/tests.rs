@@ -184,9 +184,10 @@ fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
     let planned_finish = o.first_plan().totals.makespan_s;
     let rate = o.link_rate(0).unwrap();
     assert!((rate as f64 - 500e6).abs() < 1e6, "{rate}");
-    // Four flows carried it: that is its shared rate, not what one flow alone gets.
+    // Four flows carried it: that is its shared rate, not what one flow alone gets; one
+    // flow, not measured yet, is planned at it too, as the rate limits take it.
     let m = &o.measured(4.0).links[0];
-    assert_eq!((m.rate_bps, m.shared_rate_bps), (None, Some(rate)));
+    assert_eq!((m.rate_bps, m.shared_rate_bps), (Some(rate), Some(rate)));
     // The 1,350 MB left (and 4% overhead) at the measured 500 Mbit/s: 22.5 s from now;
     // at the plan file's 1 Gbit/s it would have been 11.2 s.
     let makespan = o.plan().totals.makespan_s;
@@ -208,7 +209,14 @@ fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
     );
     let m = &o.measured(5.0).links;
     assert_eq!(m.len(), 1);
-    assert_eq!((m[0].rate_bps, m[0].shared_rate_bps), (None, Some(rate)));
+    assert_eq!(
+        (m[0].rate_bps, m[0].shared_rate_bps),
+        (Some(rate), Some(rate))
+    );
+    // A time that is not one is refused, and leaves the link's samples as they were.
+    assert!(o.replan(f64::NAN).is_err());
+    assert!(o.link_samples[0].at.iter().all(|&(t, _)| t.is_finite()));
+    assert_eq!(o.link_rate(0), Some(rate));
 }
 
 #[test]
@@ -222,19 +230,23 @@ fn a_kept_shared_rate_below_one_flows_cap_holds_steadily() {
         "a link that holds VMs: {ls:?}"
     );
     // One flow fills 300 Mbit/s: the other three are held, so one flow carries the link,
-    // whose rate is not measured yet. The shared rate stands for it, and the holds stay:
-    // with the plan file's 1 Gbit/s in its place they were lifted at every other turn.
-    let mut held = Vec::new();
-    for s in 5..=9u64 {
+    // at its cap, beside the held VMs' trickle (15 Mbit/s each): one flow's rate comes out
+    // at 357 Mbit/s. The holds stay: with one flow's rate (or, before it is measured, the
+    // plan file's) in place of the shared one, a second flow went through, two flows
+    // made the class shared again, whose rate held it again, every turn.
+    let (mut sent, mut held) = ([37_500_000u64; 4], Vec::new());
+    for s in 5..=12u64 {
         let now = s as f64;
-        for vm in 0..4 {
-            let sent = (4 + (s - 4) * u64::from(vm == 0)) * 37_500_000 / 4;
-            o.progress(vm, now, Some(400 * MB - sent), sent);
+        for (vm, bytes) in sent.iter_mut().enumerate() {
+            *bytes += if vm == 0 { 39_062_500 } else { 1_875_000 };
+            o.progress(vm, now, Some(400 * MB - *bytes), *bytes);
         }
         o.replan(now).unwrap();
         held.push(o.rate_caps(now).iter().filter(|c| c.is_some()).count());
     }
-    assert_eq!(held, vec![3; 5]);
+    assert_eq!(held, vec![3; 8]);
+    let one = o.measured(12.0).links[0].rate_bps.unwrap();
+    assert!((one as f64 - 357e6).abs() < 2e6, "{one}");
 }
 
 #[test]
@@ -767,7 +779,11 @@ fn a_stalled_transfer_gives_the_link_to_the_vm_behind_it_and_comes_back_behind_i
     let hold = Some((1e9 * HOLD_SHARE) as u64);
     assert!(o.stalls(10.9).is_empty());
     assert!(o.rate_caps(10.9)[next].is_some(), "held behind it");
-    assert!(o.link_rate(0).is_some(), "measured while it sat");
+    let sat = o.link_rate(0);
+    assert!(sat.is_some(), "measured while it sat");
+    // One flow carried it: several flows' rate is the plan file's.
+    let m = &o.measured(10.9).links[0];
+    assert_eq!((m.rate_bps, m.shared_rate_bps), (sat, None));
     // Had the class changed just before (the window kept), that rate is not the link's
     // either: the stalled VM sat through it.
     o.link_samples[0].restart();

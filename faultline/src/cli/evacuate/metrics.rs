@@ -44,8 +44,8 @@ pub(super) struct EvacuateMetrics {
     /// yet) if the latest plan says it will be; 0 otherwise.
     saved: Family<VmLabels, Gauge>,
     /// `faultline_evacuate_link_rate_bits_per_second` (gauge): the rate the link delivered
-    /// while full, to one flow or to several as carry it now (`Orchestration::link_rate`),
-    /// or the plan file's until measured.
+    /// while full, to several flows, else to one (`Orchestration::link_rate`), or the plan
+    /// file's until measured: what the rate limits fill it to.
     link_rate: Family<LinkLabels, Gauge>,
     /// `faultline_evacuate_elapsed_seconds` and `faultline_evacuate_deadline_seconds`
     /// (gauges): since the evacuation started, and until the power goes from that start.
@@ -93,7 +93,7 @@ impl EvacuateMetrics {
         );
         r.register(
             "link_rate_bits_per_second",
-            "The rate the link delivered while full, or the plan file's",
+            "The rate the link delivered while full (several flows, else one), or the plan file's",
             link_rate.clone(),
         );
         r.register(
@@ -167,7 +167,7 @@ impl EvacuateMetrics {
             self.saved.get_or_create(&l).set(i64::from(saved));
         }
         for (li, link) in o.fleet().links.iter().enumerate() {
-            let rate = o.link_rate(li).unwrap_or(link.rate_bps);
+            let rate = o.link_capacity_bps(li);
             self.link_rate
                 .get_or_create(&LinkLabels {
                     link: link.name.clone(),
