@@ -522,18 +522,21 @@ fn tell(o: &Orchestration, i: usize, s: &Status, now: f64, change: Change, event
             "bytes_sent": s.bytes_sent, "pages_stale": s.pages_stale,
             "wire_ratio": s.wire_ratio(),
         })),
-        Change::Failed(why) => events.emit(json!({
-            "event": "failed", "vm": name, "t_s": now, "error": why,
-        })),
+        Change::Failed(why) => failed_line(o, i, now, &why, events),
     }
+}
+
+/// The event line of VM `i` failed.
+fn failed_line(o: &Orchestration, i: usize, now: f64, why: &str, events: &Events) {
+    let name = &o.fleet().vms[i].name;
+    events.emit(json!({"event": "failed", "vm": name, "t_s": now, "error": why}));
 }
 
 fn fail(o: &mut Orchestration, i: usize, now: f64, why: String, events: &Events) {
     if o.phase(i).is_final() {
         return;
     }
-    let name = o.fleet().vms[i].name.clone();
-    events.emit(json!({"event": "failed", "vm": name, "t_s": now, "error": why}));
+    failed_line(o, i, now, &why, events);
     o.failed(i, now, why);
 }
 

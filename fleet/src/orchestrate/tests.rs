@@ -188,6 +188,11 @@ fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
     // flow, not measured yet, is planned at it too, as the rate limits take it.
     let m = &o.measured(4.0).links[0];
     assert_eq!((m.rate_bps, m.shared_rate_bps), (Some(rate), Some(rate)));
+    // A time that is not one is refused while the link is full, and leaves its samples
+    // as they were.
+    assert!(o.replan(f64::NAN).is_err());
+    assert!(o.link_samples[0].at.iter().all(|&(t, _)| t.is_finite()));
+    assert_eq!(o.link_rate(0), Some(rate));
     // The 1,350 MB left (and 4% overhead) at the measured 500 Mbit/s: 22.5 s from now;
     // at the plan file's 1 Gbit/s it would have been 11.2 s.
     let makespan = o.plan().totals.makespan_s;
@@ -213,10 +218,6 @@ fn a_full_link_is_measured_and_the_replan_uses_its_rate() {
         (m[0].rate_bps, m[0].shared_rate_bps),
         (Some(rate), Some(rate))
     );
-    // A time that is not one is refused, and leaves the link's samples as they were.
-    assert!(o.replan(f64::NAN).is_err());
-    assert!(o.link_samples[0].at.iter().all(|&(t, _)| t.is_finite()));
-    assert_eq!(o.link_rate(0), Some(rate));
 }
 
 #[test]
