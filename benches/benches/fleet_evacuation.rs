@@ -1038,6 +1038,9 @@ fn compare(
             "start_predicted_s": p.start_s, "start_s": m["start_s"],
             "switchover_predicted_s": p.switchover_s, "switchover_s": m["switchover_s"],
             "finish_predicted_s": pred, "finish_s": meas,
+            // When, by its source's last report, its last byte left: from there to
+            // `finish_s` is its end (the last installs, the answer, the report).
+            "last_byte_s": m["last_byte_s"],
             "orchestrator_finish_s": v["planned"]["finish_s"],
             "rel_error": err,
             "finish_replayed_s": replay, "replay_rel_error": replay_err,
