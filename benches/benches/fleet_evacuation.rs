@@ -72,13 +72,18 @@
 //! priority),
 //! `FAULTLINE_BENCH_GUEST_THROTTLE` (the KVM guests' `--cpu-throttle`, 75) and
 //! `FAULTLINE_BENCH_TOUCH_RATE` (the image standbys' `--touch-rate`, 50000; `0`: unpaced):
-//! every process here stands in for a host of its own but shares two cores.
+//! every process here stands in for a host of its own but shares two cores. Each run line
+//! carries `machine_before` (idle and stolen cores over half a second before the run, the
+//! load average, and `faultline` processes or `/dev/shm/faultline-test-*` entries left by
+//! an earlier run, which also get a warning on stderr): on this shared machine the same
+//! command has given 20–39% and 1–4% per-VM error half an hour apart.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use faultline_benches::e2e::{check, check_digests, set_expected_bdp, with_link_timeline};
+use faultline_benches::machine;
 use faultline_benches::stats::{median, Summary};
 use faultline_benches::{emit, env_size, parse_size};
 use faultline_tests::{
@@ -521,8 +526,15 @@ fn run(
     deadline_s: Option<f64>,
 ) -> anyhow::Result<(Value, f64)> {
     let Bed { link, encoding, .. } = bed;
+    // How idle the shared machine was just before, and what earlier runs left running:
+    // at 1 Gbit/s it decides the first seconds more than the code does (docs/fleet.md).
+    let machine = machine::before_run(Duration::from_millis(500));
+    if let Some(why) = machine.leftovers() {
+        eprintln!("fleet_evacuation: warning: {why}");
+    }
     let (report, orch, counters, deadline_s) = evacuate(bed, specs, schedule, deadline_s)?;
     let mut line = compare(link, specs, schedule, &report, true, &orch)?;
+    line["machine_before"] = json!(machine);
     if let Some(c) = counters {
         // Toward the standbys: what the bottleneck carried and what its queue dropped.
         // The ideal on those bytes counts QUIC's headers (and any resends) as bytes that

@@ -22,6 +22,7 @@ pub mod certs;
 pub mod child;
 pub mod cpu;
 pub mod e2e;
+pub mod machine;
 pub mod migration;
 pub mod stats;
 
