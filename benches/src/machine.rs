@@ -9,11 +9,8 @@
 
 use std::time::Duration;
 
+use faultline_tests::ShmDir;
 use serde::Serialize;
-
-/// Prefix of the shared-memory directories the tests and benches create
-/// (`faultline_tests::ShmDir`).
-const SHM_PREFIX: &str = "faultline-test-";
 
 /// What [`before_run`] saw.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -53,7 +50,7 @@ pub fn before_run(window: Duration) -> MachineState {
         faultline_processes: faultline_processes(),
         shm_leftovers: std::fs::read_dir("/dev/shm").map_or(0, |d| {
             d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with(SHM_PREFIX))
+                .filter(|e| e.file_name().to_string_lossy().starts_with(ShmDir::PREFIX))
                 .count()
         }),
     }
@@ -64,9 +61,11 @@ impl MachineState {
     pub fn leftovers(&self) -> Option<String> {
         (self.faultline_processes > 0 || self.shm_leftovers > 0).then(|| {
             format!(
-                "{} faultline process(es) and {} /dev/shm/{SHM_PREFIX}* entries left by an \
-                 earlier run: they take CPU and memory from this one",
-                self.faultline_processes, self.shm_leftovers
+                "{} faultline process(es) and {} /dev/shm/{}* entries beside this run (left by \
+                 a killed run, or another's running): they take CPU and memory from it",
+                self.faultline_processes,
+                self.shm_leftovers,
+                ShmDir::PREFIX
             )
         })
     }
@@ -193,6 +192,16 @@ mod tests {
         assert_eq!(cores, 2);
         // No time between them: nothing measured.
         assert_eq!(a.cores_between(&a), (0.0, 0.0, 2));
+    }
+
+    #[test]
+    fn this_machine_reads_as_some_cores_none_idler_than_there_are() {
+        let s = before_run(Duration::from_millis(50));
+        assert!(s.cores >= 1, "{s:?}");
+        let n = s.cores as f64;
+        assert!((0.0..=n + 1e-9).contains(&s.idle_cores), "{s:?}");
+        assert!((0.0..=n + 1e-9).contains(&s.steal_cores), "{s:?}");
+        assert!(s.loadavg_1m.is_some_and(|l| l >= 0.0), "{s:?}");
     }
 
     #[test]

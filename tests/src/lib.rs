@@ -669,10 +669,15 @@ pub fn free_tcp_port() -> u16 {
 pub struct ShmDir(pub PathBuf);
 
 impl ShmDir {
+    /// How the name of every [`ShmDir`] under `/dev/shm` starts (a bench looks for those a
+    /// killed run left).
+    pub const PREFIX: &'static str = "faultline-test-";
+
     pub fn new(tag: &str) -> ShmDir {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = PathBuf::from(format!(
-            "/dev/shm/faultline-test-{tag}-{}-{}",
+            "/dev/shm/{}{tag}-{}-{}",
+            Self::PREFIX,
             std::process::id(),
             N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
