@@ -844,6 +844,8 @@ fn evacuate(
             if let Some(v) = vms.iter_mut().find(|v| v["name"] == s.name.as_str()) {
                 v["source_prep"] = src.json["prep"].clone();
                 v["source_downtime_ms"] = src.json["downtime_ms"].clone();
+                // Its connection's packets, losses and congestion window.
+                v["source_path"] = src.json["evacuation"]["path"].clone();
                 // Times the evacuation's connection was judged lost and the session resumed
                 // on a new one (docs/recovery.md), as the standby counted them.
                 v["pauses"] = dst.json["pauses"].clone();
@@ -1060,6 +1062,7 @@ fn compare(
             // the standby's answer, both inside the setup.
             "source_prep_ms": v["source_prep"], "source_downtime_ms": v["source_downtime_ms"],
             "pauses": v["pauses"],
+            "source_path": v["source_path"],
         }));
     }
     let n = vms.len() as f64;

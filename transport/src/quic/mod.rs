@@ -12,6 +12,7 @@ mod frame;
 mod gso;
 mod link;
 mod loss;
+mod path;
 mod rate_limit;
 mod read_ahead;
 mod recovery;
@@ -40,6 +41,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use path::PathReport;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 pub use quinn::{Connection, Endpoint};
 use quinn::{TransportConfig, VarInt};

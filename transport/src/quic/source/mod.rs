@@ -102,6 +102,8 @@ pub struct SourceReport {
     /// What link outages did (docs/recovery.md).
     #[serde(flatten)]
     pub outages: Outages,
+    /// Packets, losses and the congestion window over the session's connections.
+    pub path: super::PathReport,
 }
 
 /// A send stream that the push and the demand replies may share.
@@ -351,6 +353,7 @@ async fn recovering(
         udp_rx_bytes: totals.udp_rx,
         encoding: encoding.all,
         outages: totals.pauses.outages(stats.pauses, stats.bytes_resent),
+        path: totals.path,
     })
 }
 
@@ -363,6 +366,7 @@ struct Totals {
     push_ms: u64,
     udp_tx: u64,
     udp_rx: u64,
+    path: super::PathReport,
     pauses: Pauses,
     /// When the VM was handed over to the destination (the handshake that queued it ended).
     handed_over_at: Option<Instant>,
@@ -373,6 +377,7 @@ impl Totals {
         let stats = conn.stats();
         self.udp_tx += stats.udp_tx.bytes;
         self.udp_rx += stats.udp_rx.bytes;
+        self.path.add(&stats);
     }
 
     fn add_encoding(&mut self, e: Encoding) {
