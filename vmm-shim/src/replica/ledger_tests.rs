@@ -86,8 +86,93 @@ impl Model {
     }
 }
 
+/// [`Ledger::next_batch`] as it was before `wanted`: a scan of every page from the cursor.
+/// The ledger's own must take the same pages, in the same runs, and leave the same cursor.
+fn next_batch_by_scan(l: &mut Ledger, max_pages: usize, runs: &mut Vec<(u64, Vec<u64>)>) {
+    runs.clear();
+    let n = l.version.len();
+    if n == 0 {
+        return;
+    }
+    let mut budget = max_pages;
+    let mut scanned = 0;
+    let mut p = l.cursor % n;
+    while budget > 0 && scanned < n {
+        if l.sent[p] != l.version[p] && l.acked[p] != l.version[p] {
+            l.sent[p] = l.version[p];
+            if l.lost_in_flight.clear(p as u64) {
+                l.pages_resent += 1;
+            }
+            match runs.last_mut() {
+                Some((first, versions)) if *first + versions.len() as u64 == p as u64 => {
+                    versions.push(l.version[p])
+                }
+                _ => runs.push((p as u64, vec![l.version[p]])),
+            }
+            budget -= 1;
+        }
+        scanned += 1;
+        p = (p + 1) % n;
+    }
+    l.cursor = p;
+}
+
+/// The counts the ledger keeps as pages change equal a count of every page.
+fn assert_counts(l: &Ledger) -> Result<(), TestCaseError> {
+    let stale = (0..l.version.len())
+        .filter(|&p| l.acked[p] != l.version[p])
+        .count() as u64;
+    let wanted: Vec<u64> = (0..l.version.len())
+        .filter(|&p| l.acked[p] != l.version[p] && l.sent[p] != l.version[p])
+        .map(|p| p as u64)
+        .collect();
+    prop_assert_eq!(l.stale_count(), stale);
+    prop_assert_eq!(l.stale_set().count_ones(), stale);
+    prop_assert_eq!(l.unsent_count(), wanted.len() as u64);
+    prop_assert_eq!(l.wanted.iter_ones().collect::<Vec<_>>(), wanted);
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn counts_and_batches_match_a_scan_of_every_page(
+        ops in proptest::collection::vec(op(), 0..120),
+    ) {
+        let mut ledger = Ledger::new(PAGES);
+        let (mut runs, mut expected) = (Vec::new(), Vec::new());
+        let mut version = 0;
+        for op in ops {
+            match op {
+                Op::Write(p) => ledger.mark_dirty(&[p]),
+                Op::Harvest => ledger.mark_dirty(&[]),
+                Op::Send(n) => {
+                    let mut by_scan = ledger.clone();
+                    next_batch_by_scan(&mut by_scan, n, &mut expected);
+                    ledger.next_batch(n, &mut runs);
+                    prop_assert_eq!(&runs, &expected);
+                    prop_assert_eq!(ledger.cursor, by_scan.cursor);
+                    prop_assert_eq!(&ledger.sent, &by_scan.sent);
+                    prop_assert_eq!(ledger.pages_resent(), by_scan.pages_resent());
+                }
+                // Acknowledge a page at some version up to its current one.
+                Op::Deliver | Op::Ack => {
+                    version += 1;
+                    let p = version % PAGES;
+                    ledger.ack(p, ledger.version(p).min(1 + version % 3));
+                }
+                Op::Crash { .. } => ledger.forget_in_flight(),
+                Op::Reconnect => {
+                    let mut invalid = Bitmap::new(PAGES);
+                    invalid.set(version % PAGES);
+                    invalid.set((version * 7 + 3) % PAGES);
+                    ledger.invalidate(&invalid);
+                }
+            }
+            assert_counts(&ledger)?;
+        }
+    }
 
     #[test]
     fn stale_set_never_misses_a_page_that_differs(ops in proptest::collection::vec(op(), 0..120)) {

@@ -2,6 +2,7 @@
 
 pub mod evacuate;
 pub mod ledger;
+pub mod pace;
 pub mod replicator;
 pub mod standby;
 mod written;

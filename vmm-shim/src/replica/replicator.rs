@@ -25,6 +25,7 @@ use transport::tls::{CertificateDer, Identity};
 use transport::PAGE_SIZE;
 use uffd_core::{DirtyTracker, HostRegion, RegionMap};
 
+use super::pace::HarvestPace;
 use super::Ledger;
 use crate::disks::{ReplicatedDisk, VmTracker};
 use crate::error::RoleError;
@@ -525,6 +526,7 @@ fn run(
     let burst = opts.budget_bytes_per_sec as f64 * opts.interval.as_secs_f64() * 4.0;
     let mut ended = SessionsEnded::default();
     let mut last_harvest = Instant::now() - MAX_HARVEST_INTERVAL;
+    let mut pace = HarvestPace::new();
 
     while !stop.load(Ordering::Relaxed) {
         // A new session if there is none, or the last one failed for good. A lost
@@ -566,15 +568,22 @@ fn run(
         let backlog = ledger.unsent_count();
         let per_interval = (opts.budget_bytes_per_sec as f64 * opts.interval.as_secs_f64()
             / PAGE_SIZE as f64) as u64;
-        if backlog <= 2 * per_interval.max(1) || last_harvest.elapsed() >= MAX_HARVEST_INTERVAL {
+        // Nor, not hurried, more often than the walk's share allows (`pace`): the walk
+        // costs the same whatever the guest wrote.
+        let since = last_harvest.elapsed();
+        if (backlog <= 2 * per_interval.max(1) && pace.allows(since, idle.hurried()))
+            || since >= MAX_HARVEST_INTERVAL
+        {
             let t = Instant::now();
             tracker.harvest(&mut dirty)?;
+            let took = t.elapsed();
+            pace.walked(took);
             stats
                 .harvest_ns
-                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
             stats.harvests.fetch_add(1, Ordering::Relaxed);
             ledger.mark_dirty(&dirty);
-            last_harvest = Instant::now();
+            last_harvest = t;
         }
 
         let now = Instant::now();
