@@ -844,8 +844,13 @@ fn evacuate(
             if let Some(v) = vms.iter_mut().find(|v| v["name"] == s.name.as_str()) {
                 v["source_prep"] = src.json["prep"].clone();
                 v["source_downtime_ms"] = src.json["downtime_ms"].clone();
-                // Its connection's packets, losses and congestion window.
-                v["source_path"] = src.json["evacuation"]["path"].clone();
+                // Its connection's packets, losses and congestion window (a `vm source`
+                // report has them at its top).
+                v["source_path"] = if s.kvm {
+                    src.json["path"].clone()
+                } else {
+                    src.json["evacuation"]["path"].clone()
+                };
                 // Times the evacuation's connection was judged lost and the session resumed
                 // on a new one (docs/recovery.md), as the standby counted them.
                 v["pauses"] = dst.json["pauses"].clone();

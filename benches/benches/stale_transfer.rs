@@ -551,6 +551,8 @@ fn stale_source(args: &[String]) -> anyhow::Result<()> {
     // Pause the guest: from here its memory is what the standby must end up with.
     let writers = mutator.stop();
     let t = Instant::now();
+    // As an evacuation's catch-up does: harvests unspaced (`HarvestPace`), at normal priority.
+    replicator.hurry();
     wait_caught_up(&replicator, round_after_now(&replicator)).context("catching up")?;
     let catch_up_ms = t.elapsed().as_secs_f64() * 1e3;
     let state = replicator.stop().context("replication failed")?;
@@ -800,6 +802,7 @@ fn tracking_source(args: &[String]) -> anyhow::Result<()> {
                         ),
                     );
                     p.insert("stale_pages_at_end".into(), json!(replicator.stale_pages()));
+                    replicator.hurry();
                     wait_caught_up(&replicator, round_after_now(&replicator))
                         .context("catching up")?;
                     let state = replicator.stop().context("replication failed")?;

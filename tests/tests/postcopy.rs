@@ -64,6 +64,11 @@ fn threads_faulting_on_different_pages_at_once() {
     let pages = pages_of(&r);
     assert_eq!(r["metrics"]["pages_faulted"].as_u64(), Some(pages), "{r}");
     assert_eq!(src.json["pages_served"].as_u64(), Some(pages));
+    assert!(
+        src.json["path"]["sent_packets"].as_u64() > Some(0),
+        "{}",
+        src.json
+    );
     assert!(r["metrics"]["blocked_ns"].as_u64().unwrap() > 0);
 }
 

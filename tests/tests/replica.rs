@@ -59,6 +59,7 @@ fn evacuation_into_a_memory_replica_moves_only_stale_pages() {
     // Exactly the 10% written after replication caught up are stale; the rest is local.
     let stale = (PAGES as f64 * 0.10).round() as u64;
     assert_eq!(u(&s["evacuation"]["pages_stale"]), stale, "{s}");
+    assert!(u(&s["evacuation"]["path"]["sent_packets"]) > 0, "{s}");
     assert_eq!(u(&d["pages_stale"]), stale, "{d}");
     assert_eq!(u(&d["pages_from_replica"]), PAGES - stale, "{d}");
     // Only stale pages crossed: pushed or served on demand, nothing else. A page can cross

@@ -155,6 +155,8 @@ fn migrate_running_guest_with(
 
     // Host-side digest of all guest memory at switchover: destination equals source.
     assert!(s["memory_digest"].is_string());
+    // The session's path: packets went, and the report says so.
+    assert!(s["path"]["sent_packets"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(
         d["switchover_digest"], s["memory_digest"],
         "memory at switchover differs"

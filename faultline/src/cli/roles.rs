@@ -46,6 +46,9 @@ pub struct SourceOutput {
     /// What link outages did (docs/recovery.md).
     #[serde(flatten)]
     pub outages: transport::quic::Outages,
+    /// Packets, losses and the congestion window (absent from older reports).
+    #[serde(default)]
+    pub path: transport::quic::PathReport,
     /// Each disk sent (name, size, digest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disk_digests: Vec<DiskDigest>,
@@ -192,6 +195,7 @@ pub fn source(a: SourceArgs) -> anyhow::Result<ExitCode> {
         total_ms: report.total_ms,
         encoding: report.encoding.clone(),
         outages: report.outages,
+        path: report.path,
         disk_digests,
     };
     if a.json {

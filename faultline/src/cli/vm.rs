@@ -251,6 +251,9 @@ pub struct VmSourceOutput {
     /// What the guest agent's hints did (`--agent-socket`).
     #[serde(default)]
     pub hints: Option<SourceHintsReport>,
+    /// Packets, losses and the congestion window (absent from older reports).
+    #[serde(default)]
+    pub path: transport::quic::PathReport,
 }
 
 /// What `faultline vm dest --json` prints.
@@ -650,6 +653,7 @@ fn source_under(a: VmSourceArgs, control: &mut Option<SourceControl>) -> anyhow:
         push_ms: report.push_ms,
         total_ms: report.total_ms,
         hints: hints_out,
+        path: report.path,
     };
     if a.json {
         super::outcome::print_report(&out)?;

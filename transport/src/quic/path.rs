@@ -3,12 +3,12 @@
 //! congestion window cut) from one held back by its own ends (a busy CPU, the receiver).
 
 use quinn::ConnectionStats;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Packets, losses and the congestion controller's state over every connection of a
 /// session (a session reconnects after an outage: the counts add up, the round trip and
 /// the window are the last connection's at its end).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PathReport {
     /// Packets sent, retransmissions and probes included.
     pub sent_packets: u64,
@@ -34,15 +34,6 @@ impl PathReport {
         self.congestion_events += p.congestion_events;
         self.rtt_ms = p.rtt.as_secs_f64() * 1e3;
         self.cwnd_bytes = p.cwnd;
-    }
-
-    /// Lost packets per packet sent (0 when nothing was sent).
-    pub fn loss_ratio(&self) -> f64 {
-        if self.sent_packets == 0 {
-            0.0
-        } else {
-            self.lost_packets as f64 / self.sent_packets as f64
-        }
     }
 }
 
@@ -73,11 +64,13 @@ mod tests {
         assert_eq!(r.congestion_events, 3);
         assert_eq!(r.rtt_ms, 20.0);
         assert_eq!(r.cwnd_bytes, 1_000_000);
-        assert_eq!(r.loss_ratio(), 0.01);
     }
 
     #[test]
-    fn nothing_sent_is_no_loss() {
-        assert_eq!(PathReport::default().loss_ratio(), 0.0);
+    fn a_report_reads_back() {
+        let mut r = PathReport::default();
+        r.add(&stats(10, 1, 1, 50, 7_812_500));
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<PathReport>(&json).unwrap(), r);
     }
 }

@@ -138,16 +138,23 @@ proptest! {
 
     #[test]
     fn counts_and_batches_match_a_scan_of_every_page(
-        ops in proptest::collection::vec(op(), 0..120),
+        // One page, one bitmap word, and three words with a partial last one.
+        pages in prop_oneof![Just(1u64), Just(PAGES), Just(130u64)],
+        ops in proptest::collection::vec(op(), 0..160),
+        // Sends of nothing and of everything (a hurried round) beside the op's few.
+        sizes in proptest::collection::vec(prop_oneof![3 => Just(None), 1 => Just(Some(0usize)), 1 => Just(Some(usize::MAX))], 160),
+        spread in 0u64..130,
     ) {
-        let mut ledger = Ledger::new(PAGES);
+        let mut ledger = Ledger::new(pages);
         let (mut runs, mut expected) = (Vec::new(), Vec::new());
         let mut version = 0;
-        for op in ops {
+        for (op, size) in ops.into_iter().zip(sizes) {
             match op {
-                Op::Write(p) => ledger.mark_dirty(&[p]),
+                // Writes land across the whole ledger, not only its first word.
+                Op::Write(p) => ledger.mark_dirty(&[(p * 5 + spread) % pages]),
                 Op::Harvest => ledger.mark_dirty(&[]),
                 Op::Send(n) => {
+                    let n = size.unwrap_or(n);
                     let mut by_scan = ledger.clone();
                     next_batch_by_scan(&mut by_scan, n, &mut expected);
                     ledger.next_batch(n, &mut runs);
@@ -159,14 +166,14 @@ proptest! {
                 // Acknowledge a page at some version up to its current one.
                 Op::Deliver | Op::Ack => {
                     version += 1;
-                    let p = version % PAGES;
+                    let p = (version * 11 + spread) % pages;
                     ledger.ack(p, ledger.version(p).min(1 + version % 3));
                 }
                 Op::Crash { .. } => ledger.forget_in_flight(),
                 Op::Reconnect => {
-                    let mut invalid = Bitmap::new(PAGES);
-                    invalid.set(version % PAGES);
-                    invalid.set((version * 7 + 3) % PAGES);
+                    let mut invalid = Bitmap::new(pages);
+                    invalid.set(version % pages);
+                    invalid.set((version * 7 + 3) % pages);
                     ledger.invalidate(&invalid);
                 }
             }

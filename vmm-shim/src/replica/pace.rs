@@ -38,13 +38,13 @@ impl HarvestPace {
         self.last_walk = took;
     }
 
-    /// The least time between the start of the last harvest and the next: the last walk
-    /// times [`GAP_OVER_WALK`], at most [`MAX_GAP`].
+    /// The least time from the end of the last harvest to the next: the last walk times
+    /// [`GAP_OVER_WALK`], at most [`MAX_GAP`].
     pub fn gap(&self) -> Duration {
         self.last_walk.saturating_mul(GAP_OVER_WALK).min(MAX_GAP)
     }
 
-    /// Whether a harvest may run `since_last` after the last one started; always when
+    /// Whether a harvest may run `since_last` after the last one ended; always when
     /// `hurried` (an evacuation waits for it).
     pub fn allows(&self, since_last: Duration, hurried: bool) -> bool {
         hurried || since_last >= self.gap()
@@ -68,7 +68,7 @@ mod tests {
     fn walks_take_at_most_their_share() {
         let mut p = HarvestPace::new();
         // A 1 GiB guest's walk on the bench machine: about 0.6 ms.
-        p.walked(MS.mul_f64(0.6));
+        p.walked(Duration::from_micros(600));
         assert_eq!(p.gap(), MS * 60);
         assert!(!p.allows(MS * 59, false));
         assert!(p.allows(MS * 60, false));

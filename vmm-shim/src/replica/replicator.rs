@@ -583,7 +583,7 @@ fn run(
                 .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
             stats.harvests.fetch_add(1, Ordering::Relaxed);
             ledger.mark_dirty(&dirty);
-            last_harvest = t;
+            last_harvest = Instant::now();
         }
 
         let now = Instant::now();
