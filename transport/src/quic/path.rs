@@ -1,6 +1,7 @@
-//! What a session's connections saw of their path, for the source's report: enough to
-//! tell a transfer held back by loss (the queue of a shared bottleneck overflowing, the
-//! congestion window cut) from one held back by its own ends (a busy CPU, the receiver).
+//! What a session's connections saw of their path, for the source's report: whether a
+//! transfer lost packets and had its congestion window cut (the queue of a shared
+//! bottleneck overflowing). The round trip and window are only those at the end, so a
+//! transfer slowed for a while by its ends or by a path's delay does not show here.
 
 use quinn::ConnectionStats;
 use serde::{Deserialize, Serialize};

@@ -60,10 +60,6 @@ impl Ledger {
     /// Brings `wanted` and `stale` up to date with page `p`, which was in state `before`.
     fn account(&mut self, p: usize, before: (bool, bool)) {
         let after = self.state(p);
-        debug_assert!(
-            after.0 || !before.0 || self.stale > 0,
-            "stale count below 0"
-        );
         if before.0 != after.0 {
             if after.0 {
                 self.stale += 1;

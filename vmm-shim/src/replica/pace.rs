@@ -4,11 +4,11 @@
 //! guest wrote: its cost grows with the guest's size, not with its writes. At the
 //! replicator's 20 ms round the walks of a 1 GiB guest writing 100 pages a second cost its
 //! replicator thread about 0.6 ms each, 31 ms of CPU a second (3% of a core) on the bench
-//! machine, and a host's waiting VMs add up. [`HarvestPace`] spaces harvests so that walking
-//! takes at most 1/[`GAP_OVER_WALK`] of the replicator's time: a small guest still harvests every
-//! round, that one every 60 ms or so (its thread: 10 ms a second). The writes a harvest finds
-//! later go out later, at most [`MAX_GAP`] later; the evacuation's own harvests (hurried: its
-//! catch-up and the final one) are never spaced.
+//! machine, and a host's waiting VMs add up. [`HarvestPace`] spaces harvests so that
+//! walking takes at most 1/[`GAP_OVER_WALK`] of the replicator's time: a small guest still
+//! harvests every round, that one every 60 ms or so (its thread: 10 ms a second). The
+//! writes a harvest finds later go out later, at most [`MAX_GAP`] later; the evacuation's
+//! own harvests (hurried: its catch-up and the final one) are never spaced.
 
 use std::time::Duration;
 
