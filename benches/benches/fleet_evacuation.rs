@@ -66,7 +66,9 @@
 //! `FAULTLINE_BENCH_STATED_BDP` (`0`: the default window instead), `FAULTLINE_BENCH_CALIBRATE`,
 //! `FAULTLINE_BENCH_EVENTS` (set: each run line carries `orchestrator_events`, its event
 //! lines), `FAULTLINE_BENCH_TIMELINE` (set: each run line carries `link_timeline_mbps`, the link's
-//! rate every 50 ms, and `rate_limits`, the orchestrator's holds and releases),
+//! rate every 50 ms, `link_timeline_rtt_ms`, the round trip the link model gave each 50 ms's
+//! datagrams, `link_timeline_late_ms`, how late the emulator's threads sent them, and
+//! `rate_limits`, the orchestrator's holds and releases),
 //! `FAULTLINE_BENCH_IDLE_REPLICATORS` (the image sources' replicators at SCHED_IDLE, as
 //! `replicate` runs them by default, and a throttled KVM guest's too; `0`: at normal
 //! priority),
@@ -554,7 +556,13 @@ fn run(
         line["orchestrator_events"] = report["orchestrator_events"].clone();
     }
     if !report["link_timeline_mbps"].is_null() {
-        line["link_timeline_mbps"] = report["link_timeline_mbps"].clone();
+        for key in [
+            "link_timeline_mbps",
+            "link_timeline_rtt_ms",
+            "link_timeline_late_ms",
+        ] {
+            line[key] = report[key].clone();
+        }
         // Beside it, when the orchestrator held and released whom: [t_s, vm, limit].
         let limits: Vec<Value> = orch
             .stderr
@@ -816,7 +824,9 @@ fn evacuate(
     });
     let mut report = orch.json.clone();
     if !timeline.is_empty() {
-        report["link_timeline_mbps"] = json!(timeline);
+        report["link_timeline_mbps"] = json!(timeline.mbps);
+        report["link_timeline_rtt_ms"] = json!(timeline.rtt_ms);
+        report["link_timeline_late_ms"] = json!(timeline.late_ms);
     }
     // FAULTLINE_BENCH_EVENTS=1: the orchestrator's event lines (starts, rate limits,
     // switchovers, done), to line up with the timeline.

@@ -10,8 +10,9 @@ use anyhow::bail;
 
 use crate::cpu::{CpuReport, ThreadCpu};
 use faultline_tests::{Background, DestProcess, Finished};
+use serde::Serialize;
 use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
-use wan_emu::WanEmulator;
+use wan_emu::{Direction, DirectionCounters, WanCounters, WanEmulator};
 
 /// Fails unless `f` (the `what` process) exited successfully with its JSON report.
 pub fn check(f: &Finished, what: &str) -> anyhow::Result<()> {
@@ -116,25 +117,80 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
-/// Runs `f` while sampling, when `FAULTLINE_BENCH_TIMELINE` is set, the rate `wan` carried
-/// source → destination every 50 ms (Mbit/s, from its first non-empty sample): where a run
-/// loses time. Empty without the variable or without an emulator.
-pub fn with_link_timeline<T>(wan: Option<&WanEmulator>, f: impl FnOnce() -> T) -> (T, Vec<f64>) {
+/// What a WAN emulator did every 50 ms of a run (`with_link_timeline`), from its first bin
+/// that carried source → destination data: where a run loses time, and whether the
+/// emulated path is what delays it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LinkTimeline {
+    /// The rate it carried source → destination, Mbit/s.
+    pub mbps: Vec<f64>,
+    /// The round trip the link model gave the bin's datagrams: the mean modelled delay
+    /// (propagation, jitter, queueing and serialisation) source → destination plus the mean
+    /// back, ms (`None`: a direction carried nothing in the bin).
+    pub rtt_ms: Vec<Option<f64>>,
+    /// How late the relay sent the bin's datagrams after their delivery time, the mean of
+    /// each direction added, ms: delay the emulator's threads added on a busy machine, which
+    /// a real link would not (`None`: a direction carried nothing).
+    pub late_ms: Vec<Option<f64>>,
+}
+
+impl LinkTimeline {
+    /// Nothing sampled (no `FAULTLINE_BENCH_TIMELINE`, no emulator, or no data).
+    pub fn is_empty(&self) -> bool {
+        self.mbps.is_empty()
+    }
+
+    /// Appends the bin between two snapshots `secs` apart.
+    fn push(&mut self, before: &WanCounters, after: &WanCounters, secs: f64) {
+        let bits = after.client_to_server.bytes - before.client_to_server.bytes;
+        self.mbps.push((bits as f64 * 8.0 / secs / 1e6).round());
+        // Mean per datagram of a summed counter over the bin, ms; None if none was sent.
+        let mean = |dir: Direction, sum: fn(&DirectionCounters) -> u64| {
+            let (a, b) = (before.get(dir), after.get(dir));
+            let n = b.timed_packets.checked_sub(a.timed_packets)?;
+            (n > 0).then(|| sum(b).saturating_sub(sum(a)) as f64 / n as f64 / 1e6)
+        };
+        let both = |sum: fn(&DirectionCounters) -> u64, scale: f64| {
+            let one_way = Direction::BOTH.map(|d| mean(d, sum));
+            Some(((one_way[0]? + one_way[1]?) * scale).round() / scale)
+        };
+        self.rtt_ms.push(both(|c| c.modelled_delay_ns, 10.0));
+        self.late_ms.push(both(|c| c.send_lateness_ns, 100.0));
+    }
+
+    /// Drops the bins before the first that carried data.
+    fn trim_start(&mut self) {
+        let first = self.mbps.iter().position(|&m| m >= 1.0);
+        let skip = first.unwrap_or(self.mbps.len());
+        self.mbps.drain(..skip);
+        self.rtt_ms.drain(..skip);
+        self.late_ms.drain(..skip);
+    }
+}
+
+/// Runs `f` while sampling, when `FAULTLINE_BENCH_TIMELINE` is set, what `wan` did every
+/// 50 ms ([`LinkTimeline`]). Empty without the variable or without an emulator.
+pub fn with_link_timeline<T>(
+    wan: Option<&WanEmulator>,
+    f: impl FnOnce() -> T,
+) -> (T, LinkTimeline) {
+    const BIN: Duration = Duration::from_millis(50);
     let done = std::sync::atomic::AtomicBool::new(false);
     let sample = || {
-        let mut timeline = Vec::new();
+        let mut timeline = LinkTimeline::default();
         let Some(w) = wan else { return timeline };
         if std::env::var_os("FAULTLINE_BENCH_TIMELINE").is_none() {
             return timeline;
         }
-        let mut last = w.counters().client_to_server.bytes;
+        let mut last = w.counters();
         while !done.load(std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50));
-            let now = w.counters().client_to_server.bytes;
-            timeline.push(((now - last) as f64 * 8.0 / 0.05 / 1e6).round());
+            std::thread::sleep(BIN);
+            let now = w.counters();
+            timeline.push(&last, &now, BIN.as_secs_f64());
             last = now;
         }
-        timeline.into_iter().skip_while(|&m| m < 1.0).collect()
+        timeline.trim_start();
+        timeline
     };
     std::thread::scope(|sc| {
         let sampler = sc.spawn(sample);
@@ -147,6 +203,49 @@ pub fn with_link_timeline<T>(wan: Option<&WanEmulator>, f: impl FnOnce() -> T) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_timeline_bins_means_per_datagram() {
+        let snap = |bytes, c2s: (u64, u64, u64), s2c: (u64, u64, u64)| {
+            let dir = |bytes, (n, delay, late)| DirectionCounters {
+                bytes,
+                timed_packets: n,
+                modelled_delay_ns: delay,
+                send_lateness_ns: late,
+                ..Default::default()
+            };
+            WanCounters {
+                client_to_server: dir(bytes, c2s),
+                server_to_client: dir(0, s2c),
+                clients: 1,
+            }
+        };
+        let a = snap(0, (0, 0, 0), (0, 0, 0));
+        // A bin of handshakes only (under 1 Mbit/s), trimmed.
+        let b = snap(100, (2, 50_000_000, 0), (2, 50_000_000, 0));
+        // 625,000 bytes in 50 ms: 100 Mbit/s; 100 datagrams at 26 ms and 0.5 ms late each
+        // way on average, acks 10 at 25 ms and 0.25 ms late.
+        let c = snap(
+            625_100,
+            (102, 50_000_000 + 2_600_000_000, 50_000_000),
+            (12, 50_000_000 + 250_000_000, 2_500_000),
+        );
+        // Nothing back in this bin: no round trip to tell.
+        let d = snap(
+            625_100,
+            (102, 2_650_000_000, 50_000_000),
+            (12, 300_000_000, 2_500_000),
+        );
+        let mut t = LinkTimeline::default();
+        for (x, y) in [(&a, &b), (&b, &c), (&c, &d)] {
+            t.push(x, y, 0.05);
+        }
+        t.trim_start();
+        assert_eq!(t.mbps, vec![100.0, 0.0]);
+        assert_eq!(t.rtt_ms, vec![Some(51.0), None]);
+        assert_eq!(t.late_ms, vec![Some(0.75), None]);
+        assert!(!t.is_empty());
+    }
 
     #[test]
     fn log_timestamps() {

@@ -141,6 +141,22 @@ pub struct DirectionCounters {
     /// `dropped_cut` only).
     #[serde(default)]
     pub cut_in_flight_bytes: u64,
+    /// Datagrams handed to the far side's socket whose times are summed in
+    /// `modelled_delay_ns` and `send_lateness_ns` (those in `packets`, and those the operating
+    /// system refused at the last step).
+    #[serde(default)]
+    pub timed_packets: u64,
+    /// The one-way delay the link model gave those datagrams, summed: queueing and
+    /// serialisation at the bottleneck, propagation delay and jitter, from when each reached
+    /// the relay's socket to its delivery time. Over an interval, its growth over
+    /// `timed_packets`' is the modelled delay of that interval's datagrams.
+    #[serde(default)]
+    pub modelled_delay_ns: u64,
+    /// How late the relay sent those datagrams after their delivery time, summed: the delay
+    /// the relay's own threads added (descheduled, or batching dense traffic), which a real
+    /// link would not have.
+    #[serde(default)]
+    pub send_lateness_ns: u64,
 }
 
 impl DirectionCounters {
@@ -186,6 +202,9 @@ struct AtomicCounters {
     send_errors: AtomicU64,
     held_bytes: AtomicU64,
     cut_in_flight_bytes: AtomicU64,
+    timed_packets: AtomicU64,
+    modelled_delay_ns: AtomicU64,
+    send_lateness_ns: AtomicU64,
 }
 
 impl AtomicCounters {
@@ -205,6 +224,9 @@ impl AtomicCounters {
             send_errors: get(&self.send_errors),
             held_bytes: get(&self.held_bytes),
             cut_in_flight_bytes: get(&self.cut_in_flight_bytes),
+            timed_packets: get(&self.timed_packets),
+            modelled_delay_ns: get(&self.modelled_delay_ns),
+            send_lateness_ns: get(&self.send_lateness_ns),
         }
     }
 }
@@ -282,6 +304,7 @@ impl Shared {
         }
         out.push(Packet {
             at,
+            arrived: now,
             data: data.to_vec(),
             out: to,
         });
@@ -363,6 +386,8 @@ pub(super) struct Outbound {
 /// A datagram waiting for its delivery time.
 pub(super) struct Packet {
     pub(super) at: Nanos,
+    /// When it reached the relay's socket (the link model's arrival time).
+    pub(super) arrived: Nanos,
     pub(super) data: Vec<u8>,
     pub(super) out: Outbound,
 }
@@ -894,6 +919,16 @@ fn transmit(shared: &Shared, dir: Direction, due: &mut Vec<Packet>, batch: &mut 
         due.clear();
         return;
     }
+    let now = shared.now();
+    let (delay, late) = due.iter().fold((0u64, 0u64), |(d, l), p| {
+        (
+            d.saturating_add(p.at.saturating_sub(p.arrived)),
+            l.saturating_add(now.saturating_sub(p.at)),
+        )
+    });
+    AtomicCounters::add(&c.timed_packets, due.len() as u64);
+    AtomicCounters::add(&c.modelled_delay_ns, delay);
+    AtomicCounters::add(&c.send_lateness_ns, late);
     let mut start = 0;
     while start < due.len() {
         let sock = &due[start].out.sock;

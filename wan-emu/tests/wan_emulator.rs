@@ -11,7 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use wan_emu::{
-    Direction, DropReason, JitterDist, Link, LinkConfig, Verdict, WanConfig, WanEmulator, WanError,
+    Direction, DirectionCounters, DropReason, JitterDist, Link, LinkConfig, Verdict, WanConfig,
+    WanEmulator, WanError,
 };
 
 const MS: Duration = Duration::from_millis(1);
@@ -312,6 +313,15 @@ fn one_way_delay_is_never_shorter_than_configured() {
     }
     assert!(wait_until(2000 * MS, || sink.count() == n as usize));
     let mut d: Vec<Duration> = sink.finish().iter().map(|a| a.one_way).collect();
+    // No rate and no jitter: the model gives every datagram exactly the delay.
+    assert!(wait_until(1000 * MS, || wan
+        .counters()
+        .client_to_server
+        .timed_packets
+        == n));
+    let c = wan.counters().client_to_server;
+    assert_eq!(c.modelled_delay_ns, n * 5_000_000, "{c:?}");
+    assert_delay_accounted(&d, &c);
     d.sort();
     // Measured from before the client's send call to the kernel's receive timestamp at the
     // far socket, so the relay's own latency and any scheduling delay only add. The 5 µs
@@ -452,6 +462,27 @@ fn a_full_queue_drops_and_bounds_the_queueing_delay() {
     assert!(over(&delays, 65 * MS) <= got.len() / 100, "{delays:?}");
     // The first survivor barely queued; the last ones waited for a full queue.
     assert!(got.iter().any(|a| a.one_way >= 45 * MS), "{got:?}");
+    // The counters see the same queue: the survivors' modelled delay averages well above
+    // the 5 ms of propagation (most waited behind a full queue), and never above its 50 ms.
+    assert_eq!(c.timed_packets, c.packets);
+    let mean_ms = c.modelled_delay_ns as f64 / c.timed_packets as f64 / 1e6;
+    assert!((30.0..=55.0).contains(&mean_ms), "{mean_ms} ms, {c:?}");
+    assert_delay_accounted(&delays, &c);
+}
+
+/// The relay's account of a direction's delay (what the model gave, plus how late the relay
+/// sent) cannot exceed the delay the receiver measured: that runs from before the client's
+/// send to the far socket's receive timestamp, so it also holds the kernels' share. 5 µs
+/// per datagram are allowed for the wall clock's slew against the relay's clock.
+fn assert_delay_accounted(measured: &[Duration], c: &DirectionCounters) {
+    assert_eq!(c.timed_packets, measured.len() as u64, "{c:?}");
+    let measured_ns: u128 = measured.iter().map(|d| d.as_nanos()).sum();
+    let accounted = u128::from(c.modelled_delay_ns) + u128::from(c.send_lateness_ns);
+    let slack = 5_000 * measured.len() as u128;
+    assert!(
+        accounted <= measured_ns + slack,
+        "relay accounts {accounted} ns, receiver measured {measured_ns} ns: {c:?}"
+    );
 }
 
 /// The sequence numbers that arrive when `n` datagrams cross a relay that loses 10%.
