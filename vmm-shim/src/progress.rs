@@ -1,6 +1,8 @@
 //! How far a role got, for a VMM's progress display and for a failure report: a role calls
-//! its [`ProgressFn`] about ten times a second while its session runs and once more when
-//! it ends, whether it succeeded or not, so the last value says what was done.
+//! its [`ProgressFn`] about ten times a second while its session runs (a source a hundred
+//! times, from when its push is done: when its last bytes leave matters to an
+//! orchestrator) and once more when it ends, whether it succeeded or not, so the last value
+//! says what was done.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,16 +131,35 @@ impl Connections {
     }
 }
 
-/// Calls `f` every [`INTERVAL`] with `sample()` until the returned task is aborted.
+/// How often a source samples once its push has handed out its last page
+/// ([`transport::proto::Pushed::done`]), until its session ends: when its last bytes leave
+/// is when an orchestrator hands the link on to the VM held behind it, and sampled every
+/// [`INTERVAL`] that moment was known up to 100 ms late, or guessed from the rate (the
+/// link idle, or two flows overfilling it, meanwhile). The push writes up to a stream
+/// window ahead, so this lasts a few round trips.
+pub(crate) const FINAL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The wait after `sample` before the next one.
+fn next_interval(sample: &Progress) -> Duration {
+    if sample.pushed.done {
+        FINAL_INTERVAL
+    } else {
+        INTERVAL
+    }
+}
+
+/// Calls `f` with `sample()` at once, then every [`INTERVAL`] ([`FINAL_INTERVAL`] once the
+/// push is done), until the returned task is aborted.
 pub(crate) fn spawn_ticker(
     f: ProgressFn,
     sample: impl Fn() -> Progress + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(INTERVAL);
         loop {
-            tick.tick().await;
-            f(sample());
+            let p = sample();
+            let wait = next_interval(&p);
+            f(p);
+            tokio::time::sleep(wait).await;
         }
     })
 }
@@ -183,7 +204,16 @@ mod tests {
             pages: 1_000,
             wire_bytes: 250 * page - 15_000,
             stream_bytes: 250 * page,
+            done: false,
         };
         assert_eq!(p.pages_sent(), 400);
+    }
+
+    #[test]
+    fn a_source_samples_finely_once_its_push_is_done() {
+        let mut p = Progress::default();
+        assert_eq!(next_interval(&p), INTERVAL);
+        p.pushed.done = true;
+        assert_eq!(next_interval(&p), FINAL_INTERVAL);
     }
 }

@@ -246,8 +246,9 @@ async fn answer(
     }
 }
 
-/// `Accepted`, then an event at every change of the evacuation's state and every
-/// [`EVENT_INTERVAL_MS`], until it is done or failed.
+/// `Accepted`, then an event at every change of the evacuation's state, when its last
+/// pages have left (`pages_remaining` reaches 0: the orchestrator hands the link on then),
+/// and every [`EVENT_INTERVAL_MS`], until it is done or failed.
 async fn events(
     send: &mut quinn::SendStream,
     status: &watch::Sender<Status>,
@@ -264,6 +265,7 @@ async fn events(
     loop {
         let now = rx.borrow_and_update().clone().stamped();
         let state = now.evacuation;
+        let all_sent = sent_all(&now);
         write_msg(send, &Reply::Event(now)).await?;
         if state.is_final() {
             return Ok(());
@@ -280,7 +282,8 @@ async fn events(
                         write_msg(send, &Reply::Event(last)).await?;
                         return Ok(());
                     }
-                    if rx.borrow_and_update().evacuation != state {
+                    let s = rx.borrow_and_update();
+                    if s.evacuation != state || (!all_sent && sent_all(&s)) {
                         break;
                     }
                 }
@@ -288,6 +291,12 @@ async fn events(
             }
         }
     }
+}
+
+/// A transfer whose last pages have left: what an orchestrator waits for to hand the link
+/// on, so it is reported at once rather than at the next interval.
+fn sent_all(s: &Status) -> bool {
+    s.evacuation == EvacState::Transferring && s.pages_remaining == Some(0)
 }
 
 /// A source's control endpoint in process, for the tests here and the orchestrator's.
@@ -465,6 +474,56 @@ mod tests {
         assert_eq!(h.limit.get(), Some(3_000_000));
         assert_eq!(h.set_rate(None, Some(3)), in_force(None, 3));
         assert_eq!(h.close(0), None, "lifted: nothing to take back");
+    }
+
+    async fn next_event(recv: &mut quinn::RecvStream) -> Status {
+        match read_msg::<Reply>(recv).await.unwrap() {
+            Some(Reply::Event(s)) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The orchestrator hands the link on when a transfer's last pages have left, so that
+    /// moment is an event of its own, not one of the periodic ones.
+    #[test]
+    fn the_last_pages_leaving_is_reported_at_once() {
+        let h = Harness::new(None);
+        let events = h.rt.block_on(async {
+            let (mut send, mut recv) = h.conn.open_bi().await.unwrap();
+            let req = Request::Evacuate { rate_cap_bps: None };
+            write_msg(&mut send, &req).await.unwrap();
+            let accepted: Option<Reply> = read_msg(&mut recv).await.unwrap();
+            assert!(
+                matches!(accepted, Some(Reply::Accepted { .. })),
+                "{accepted:?}"
+            );
+            let idle = next_event(&mut recv).await;
+            h.server.update(|s| {
+                s.evacuation = EvacState::Transferring;
+                s.pages_remaining = Some(100);
+            });
+            let transferring = next_event(&mut recv).await;
+            // Fewer pages left is no event of its own; none left is, at once.
+            let asked = tokio::time::Instant::now();
+            h.server.update(|s| s.pages_remaining = Some(10));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            h.server.update(|s| s.pages_remaining = Some(0));
+            let all_sent = next_event(&mut recv).await;
+            let waited = asked.elapsed();
+            h.server.update(|s| s.evacuation = EvacState::Done);
+            let done = next_event(&mut recv).await;
+            (idle, transferring, all_sent, waited, done)
+        });
+        let (idle, transferring, all_sent, waited, done) = events;
+        assert_eq!(idle.evacuation, EvacState::Idle);
+        assert_eq!(transferring.pages_remaining, Some(100));
+        assert_eq!(all_sent.pages_remaining, Some(0));
+        assert!(
+            waited < Duration::from_millis(EVENT_INTERVAL_MS / 2),
+            "reported after {waited:?}, as a periodic event"
+        );
+        assert_eq!(done.evacuation, EvacState::Done);
+        h.close(0);
     }
 
     #[test]

@@ -1024,6 +1024,7 @@ mod tests {
                 pages: 800,
                 wire_bytes: 200 * PAGE,
                 stream_bytes: 200 * PAGE + 800 * 15,
+                done: false,
             },
             ..Default::default()
         });

@@ -588,9 +588,14 @@ fn a_held_vm_takes_the_link_as_the_transfer_ahead_is_expected_to_end() {
         o.expected_end_s(first).unwrap(),
         1.01 + 64.0 * 8e6 / 400e6
     ));
+    // Its source reports the moment its last pages left (at 1.5 s, before the end its
+    // rate foretold): the VM behind takes the link at once.
+    o.progress(first, 1.5, Some(0), 99 * MB);
+    assert!(close(o.expected_end_s(first).unwrap(), 1.5));
+    assert_eq!(o.rate_caps(1.5), vec![None; 3]);
     // Without a VM behind it there is no hand-off to time.
-    o.done(next, 1.1, 0, Some(1));
-    assert_eq!(o.next_handoff_s(1.05), None);
+    o.done(next, 1.6, 0, Some(1));
+    assert_eq!(o.next_handoff_s(1.55), None);
 }
 
 #[test]

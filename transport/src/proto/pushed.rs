@@ -7,7 +7,7 @@
 //! references into the replica and zero runs cost less: counting pages as stream bytes
 //! over the page size then leaves most of a compressible push "remaining" until its end.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::codec::pages_frame_len;
 use crate::message::Pages;
@@ -19,6 +19,7 @@ pub struct PushTally {
     pages: AtomicU64,
     wire_bytes: AtomicU64,
     stream_bytes: AtomicU64,
+    done: AtomicBool,
 }
 
 impl PushTally {
@@ -38,10 +39,17 @@ impl PushTally {
         self.pages.fetch_add(pages, Ordering::Release);
     }
 
+    /// The push handed out its last page (`true`), or a resume gave it pages to push again.
+    pub(crate) fn set_done(&self, done: bool) {
+        self.done.store(done, Ordering::Release);
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> Pushed {
+        let done = self.done.load(Ordering::Acquire);
         let pages = self.pages.load(Ordering::Acquire);
         Pushed {
+            done,
             pages,
             wire_bytes: self.wire_bytes.load(Ordering::Acquire),
             stream_bytes: self.stream_bytes.load(Ordering::Acquire),
@@ -60,6 +68,10 @@ pub struct Pushed {
     pub wire_bytes: u64,
     /// Their frames' bytes on the stream, headers included.
     pub stream_bytes: u64,
+    /// The push has handed out its last page (until a resume gives it pages again): what
+    /// it has left to send is in its stream, and its last bytes leave within a stream
+    /// window's time.
+    pub done: bool,
 }
 
 impl Pushed {
@@ -123,6 +135,7 @@ mod tests {
             pages: 1_000,
             wire_bytes: 25_000,
             stream_bytes: 40_000,
+            done: false,
         };
         assert_eq!(p.pages_sent(0), Some(0));
         assert_eq!(p.pages_sent(20_000), Some(500));
@@ -132,6 +145,7 @@ mod tests {
             pages: u64::MAX,
             wire_bytes: u64::MAX,
             stream_bytes: 1,
+            done: true,
         };
         assert_eq!(big.pages_sent(u64::MAX), Some(u64::MAX));
     }

@@ -144,6 +144,24 @@ fn a_resume_sends_only_what_the_destination_lacks_and_reissues_requests() {
     assert_eq!(stats.bytes_resent, 10 * PAGE_SIZE as u64);
 }
 
+/// The shared tally says when the push has handed out its last page (an orchestrator
+/// watches the moment its bytes leave); a resume that gives it pages again says it is not.
+#[test]
+fn a_resume_takes_back_a_done_push() {
+    let (mut src, mut dst) = running();
+    let tally = src.push_tally();
+    while src.next_push(64).is_some() {}
+    assert!(tally.snapshot().done);
+    let (s, d) = reconnect(&mut src, &mut dst);
+    for t in answer(&mut src, &mut dst, d) {
+        src.handle_in(s, t.channel, wire(t.message)).unwrap();
+    }
+    assert!(!tally.snapshot().done, "pages to push again");
+    assert!(src.next_push(64).is_some());
+    while src.next_push(64).is_some() {}
+    assert!(tally.snapshot().done);
+}
+
 #[test]
 fn messages_of_an_older_connection_are_ignored() {
     let (mut src, mut dst) = running();

@@ -715,7 +715,7 @@ impl SourceSession {
                     self.push.on_demand(p);
                 }
                 self.pushed_early = Bitmap::new(self.total_pages());
-                self.push_done_sent = false;
+                self.set_push_done(false);
                 self.events.push_back(SourceEvent::Resumed {
                     conn_epoch: self.conn_epoch,
                     handshake_restarted: true,
@@ -871,7 +871,7 @@ impl SourceSession {
                 next.on_demand(p);
             }
             self.push = next;
-            self.push_done_sent = false;
+            self.set_push_done(false);
         }
         self.served_while_resuming.clear();
         let conn_epoch = self.conn_epoch;
@@ -981,6 +981,13 @@ impl SourceSession {
     /// tell how many pages have left ([`super::Pushed::pages_sent`]).
     pub fn push_tally(&self) -> Arc<super::PushTally> {
         self.push_tally.clone()
+    }
+
+    /// The push handed out its last page (`PushDone` queued), or a resume gave it pages
+    /// again: kept here and in the shared tally.
+    fn set_push_done(&mut self, done: bool) {
+        self.push_done_sent = done;
+        self.push_tally.set_done(done);
     }
 
     /// The driver's estimate of the push bytes that leave between the destination reading
@@ -1186,7 +1193,7 @@ impl SourceSession {
             None if early || declined => None,
             None => {
                 if !self.push_done_sent {
-                    self.push_done_sent = true;
+                    self.set_push_done(true);
                     let pages_sent = self.push.sent();
                     self.send(Channel::Control, Message::PushDone { pages_sent });
                 }

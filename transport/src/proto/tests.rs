@@ -157,6 +157,8 @@ fn full_session_moves_every_page_and_ends_cleanly() {
     pump(&mut src, &mut dst, &mut mem);
     let first = src.next_push(4);
     assert_eq!(first, Some(31..35));
+    let tally = src.push_tally();
+    assert!(!tally.snapshot().done, "pages left to hand out");
     for r in first
         .into_iter()
         .chain(std::iter::from_fn(|| src.next_push(8)))
@@ -165,6 +167,7 @@ fn full_session_moves_every_page_and_ends_cleanly() {
         let pages = dst.handle(Channel::Bulk, msg).unwrap().unwrap();
         install(&pages, &mut mem);
     }
+    assert!(tally.snapshot().done, "the last page handed out");
     pump(&mut src, &mut dst, &mut mem);
     assert_eq!(
         dst.poll_event(),
