@@ -10,7 +10,6 @@ use anyhow::bail;
 
 use crate::cpu::{CpuReport, ThreadCpu};
 use faultline_tests::{Background, DestProcess, Finished};
-use serde::Serialize;
 use transport::quic::{bdp_bytes, ENV_EXPECTED_BDP};
 use wan_emu::{Direction, DirectionCounters, WanCounters, WanEmulator};
 
@@ -120,7 +119,7 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<SystemTime> {
 /// What a WAN emulator did every 50 ms of a run (`with_link_timeline`), from its first bin
 /// that carried source → destination data: where a run loses time, and whether the
 /// emulated path is what delays it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct LinkTimeline {
     /// The rate it carried source → destination, Mbit/s.
     pub mbps: Vec<f64>,
@@ -142,8 +141,8 @@ impl LinkTimeline {
 
     /// Appends the bin between two snapshots `secs` apart.
     fn push(&mut self, before: &WanCounters, after: &WanCounters, secs: f64) {
-        let bits = after.client_to_server.bytes - before.client_to_server.bytes;
-        self.mbps.push((bits as f64 * 8.0 / secs / 1e6).round());
+        let bytes = after.client_to_server.bytes - before.client_to_server.bytes;
+        self.mbps.push((bytes as f64 * 8.0 / secs / 1e6).round());
         // Mean per datagram of a summed counter over the bin, ms; None if none was sent.
         let mean = |dir: Direction, sum: fn(&DirectionCounters) -> u64| {
             let (a, b) = (before.get(dir), after.get(dir));

@@ -139,9 +139,14 @@ impl Connections {
 /// window ahead, so this lasts a few round trips.
 pub(crate) const FINAL_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The wait after `sample` before the next one.
-fn next_interval(sample: &Progress) -> Duration {
-    if sample.pushed.done {
+/// At most this many samples in a row at [`FINAL_INTERVAL`] (5 s of them): a session whose
+/// last bytes take longer (its connection lost and recovering, say) goes back to
+/// [`INTERVAL`] until a resume gives its push pages again.
+pub(crate) const MAX_FINAL_SAMPLES: u32 = 500;
+
+/// The wait after `sample`, the `fine`-th in a row with its push done (0 if not done).
+fn next_interval(sample: &Progress, fine: u32) -> Duration {
+    if sample.pushed.done && fine <= MAX_FINAL_SAMPLES {
         FINAL_INTERVAL
     } else {
         INTERVAL
@@ -149,15 +154,21 @@ fn next_interval(sample: &Progress) -> Duration {
 }
 
 /// Calls `f` with `sample()` at once, then every [`INTERVAL`] ([`FINAL_INTERVAL`] once the
-/// push is done), until the returned task is aborted.
+/// push is done, see [`MAX_FINAL_SAMPLES`]), until the returned task is aborted.
 pub(crate) fn spawn_ticker(
     f: ProgressFn,
     sample: impl Fn() -> Progress + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut fine = 0u32;
         loop {
             let p = sample();
-            let wait = next_interval(&p);
+            fine = if p.pushed.done {
+                fine.saturating_add(1)
+            } else {
+                0
+            };
+            let wait = next_interval(&p, fine);
             f(p);
             tokio::time::sleep(wait).await;
         }
@@ -210,10 +221,12 @@ mod tests {
     }
 
     #[test]
-    fn a_source_samples_finely_once_its_push_is_done() {
+    fn a_source_samples_finely_once_its_push_is_done_for_a_while() {
         let mut p = Progress::default();
-        assert_eq!(next_interval(&p), INTERVAL);
+        assert_eq!(next_interval(&p, 0), INTERVAL);
         p.pushed.done = true;
-        assert_eq!(next_interval(&p), FINAL_INTERVAL);
+        assert_eq!(next_interval(&p, 1), FINAL_INTERVAL);
+        assert_eq!(next_interval(&p, MAX_FINAL_SAMPLES), FINAL_INTERVAL);
+        assert_eq!(next_interval(&p, MAX_FINAL_SAMPLES + 1), INTERVAL);
     }
 }

@@ -336,6 +336,12 @@ impl Link {
         }
     }
 
+    /// The arrival time the last [`Link::offer`] used: its `now`, or later if arrivals went
+    /// backwards.
+    pub fn last_arrival(&self) -> Nanos {
+        self.last_arrival
+    }
+
     /// Decides the fate of a packet of `len` bytes arriving at `now`. Arrival times should
     /// not go backwards; if they do, the packet is treated as arriving at the latest time
     /// seen, never earlier.

@@ -147,14 +147,16 @@ pub struct DirectionCounters {
     #[serde(default)]
     pub timed_packets: u64,
     /// The one-way delay the link model gave those datagrams, summed: queueing and
-    /// serialisation at the bottleneck, propagation delay and jitter, from when each reached
-    /// the relay's socket to its delivery time. Over an interval, its growth over
-    /// `timed_packets`' is the modelled delay of that interval's datagrams.
+    /// serialisation at the bottleneck, propagation delay and jitter, from their arrival in
+    /// the model to their delivery time. Over an interval, its growth divided by
+    /// `timed_packets`' growth is the mean modelled delay of that interval's datagrams.
     #[serde(default)]
     pub modelled_delay_ns: u64,
-    /// How late the relay sent those datagrams after their delivery time, summed: the delay
-    /// the relay's own threads added (descheduled, or batching dense traffic), which a real
-    /// link would not have.
+    /// The delay the relay's own threads added to those datagrams, summed (descheduled, or
+    /// batching dense traffic), which a real link would not have: how late each was sent
+    /// after its delivery time (read just before the send, so a lower bound), plus how much
+    /// later than its arrival at the socket the model took it. Sums wrap after about 46
+    /// days at 1 Gbit/s, far beyond a run.
     #[serde(default)]
     pub send_lateness_ns: u64,
 }
@@ -214,6 +216,9 @@ impl AtomicCounters {
 
     fn snapshot(&self) -> DirectionCounters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        // First, and pairing with `transmit`'s release: the sums read below hold at least
+        // these datagrams' times.
+        let timed_packets = self.timed_packets.load(Ordering::Acquire);
         DirectionCounters {
             packets: get(&self.packets),
             bytes: get(&self.bytes),
@@ -224,7 +229,7 @@ impl AtomicCounters {
             send_errors: get(&self.send_errors),
             held_bytes: get(&self.held_bytes),
             cut_in_flight_bytes: get(&self.cut_in_flight_bytes),
-            timed_packets: get(&self.timed_packets),
+            timed_packets,
             modelled_delay_ns: get(&self.modelled_delay_ns),
             send_lateness_ns: get(&self.send_lateness_ns),
         }
@@ -279,7 +284,11 @@ impl Shared {
     /// Runs one received datagram through the link of `dir`; a survivor is added to
     /// `out`, to be handed to the sender with the rest of its batch.
     fn route(&self, dir: Direction, now: Nanos, data: &[u8], to: Outbound, out: &mut Vec<Packet>) {
-        let verdict = lock(&self.links[dir.index()]).offer(now, data.len());
+        let (verdict, arrived) = {
+            let mut link = lock(&self.links[dir.index()]);
+            let verdict = link.offer(now, data.len());
+            (verdict, link.last_arrival())
+        };
         let c = self.counters(dir);
         let at = match verdict {
             Verdict::Deliver(at) => at,
@@ -304,7 +313,10 @@ impl Shared {
         }
         out.push(Packet {
             at,
-            arrived: now,
+            arrived,
+            // Taken late (after a later batch of another receiver thread): the relay's
+            // delay, not the link's.
+            late_in: arrived.saturating_sub(now),
             data: data.to_vec(),
             out: to,
         });
@@ -386,8 +398,11 @@ pub(super) struct Outbound {
 /// A datagram waiting for its delivery time.
 pub(super) struct Packet {
     pub(super) at: Nanos,
-    /// When it reached the relay's socket (the link model's arrival time).
+    /// Its arrival as the link model took it: when it reached the relay's socket, or
+    /// later if another receiver thread's later arrival went into the model first.
     pub(super) arrived: Nanos,
+    /// How much later than it reached the socket the model took it (`arrived` less that).
+    pub(super) late_in: Nanos,
     pub(super) data: Vec<u8>,
     pub(super) out: Outbound,
 }
@@ -919,16 +934,21 @@ fn transmit(shared: &Shared, dir: Direction, due: &mut Vec<Packet>, batch: &mut 
         due.clear();
         return;
     }
+    // Before the sends: a lower bound on how late they leave.
     let now = shared.now();
     let (delay, late) = due.iter().fold((0u64, 0u64), |(d, l), p| {
+        let late = now.saturating_sub(p.at).saturating_add(p.late_in);
         (
             d.saturating_add(p.at.saturating_sub(p.arrived)),
-            l.saturating_add(now.saturating_sub(p.at)),
+            l.saturating_add(late),
         )
     });
-    AtomicCounters::add(&c.timed_packets, due.len() as u64);
+    // The sums before the count, which `snapshot` reads first: a snapshot that counts
+    // these datagrams has their times.
     AtomicCounters::add(&c.modelled_delay_ns, delay);
     AtomicCounters::add(&c.send_lateness_ns, late);
+    c.timed_packets
+        .fetch_add(due.len() as u64, Ordering::Release);
     let mut start = 0;
     while start < due.len() {
         let sock = &due[start].out.sock;

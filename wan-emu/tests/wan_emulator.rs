@@ -463,10 +463,11 @@ fn a_full_queue_drops_and_bounds_the_queueing_delay() {
     // The first survivor barely queued; the last ones waited for a full queue.
     assert!(got.iter().any(|a| a.one_way >= 45 * MS), "{got:?}");
     // The counters see the same queue: the survivors' modelled delay averages well above
-    // the 5 ms of propagation (most waited behind a full queue), and never above its 50 ms.
+    // the 5 ms of propagation (most waited behind a full queue; 30.5 ms for a blast that
+    // arrived at once), and never above the queue's 50 ms plus those 5.
     assert_eq!(c.timed_packets, c.packets);
     let mean_ms = c.modelled_delay_ns as f64 / c.timed_packets as f64 / 1e6;
-    assert!((30.0..=55.0).contains(&mean_ms), "{mean_ms} ms, {c:?}");
+    assert!((25.0..=55.0).contains(&mean_ms), "{mean_ms} ms, {c:?}");
     assert_delay_accounted(&delays, &c);
 }
 

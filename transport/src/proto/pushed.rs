@@ -39,7 +39,8 @@ impl PushTally {
         self.pages.fetch_add(pages, Ordering::Release);
     }
 
-    /// The push handed out its last page (`true`), or a resume gave it pages to push again.
+    /// The push's last frames are written (`true`, after their [`PushTally::add`]), or a
+    /// resume gave it pages to push again.
     pub(crate) fn set_done(&self, done: bool) {
         self.done.store(done, Ordering::Release);
     }
@@ -68,9 +69,9 @@ pub struct Pushed {
     pub wire_bytes: u64,
     /// Their frames' bytes on the stream, headers included.
     pub stream_bytes: u64,
-    /// The push has handed out its last page (until a resume gives it pages again): what
-    /// it has left to send is in its stream, and its last bytes leave within a stream
-    /// window's time.
+    /// The push has written its last page's frames (until a resume gives it pages again):
+    /// what it has left to send is in its stream, and its last bytes leave within a stream
+    /// window's time. Read first: the counts beside it then include those frames.
     pub done: bool,
 }
 

@@ -984,10 +984,23 @@ impl SourceSession {
     }
 
     /// The push handed out its last page (`PushDone` queued), or a resume gave it pages
-    /// again: kept here and in the shared tally.
+    /// again (which the shared tally hears at once; that it is done, it hears from
+    /// [`SourceSession::note_push_written`]).
     fn set_push_done(&mut self, done: bool) {
         self.push_done_sent = done;
-        self.push_tally.set_done(done);
+        if !done {
+            self.push_tally.set_done(false);
+        }
+    }
+
+    /// The driver wrote the push's last frames on connection `connection`'s bulk stream
+    /// (after [`SourceSession::next_push`] had none left): the shared tally says the push
+    /// is done, its last bytes now in the stream. Nothing for an older connection's push,
+    /// nor before the push has handed out its last page.
+    pub fn note_push_written(&mut self, connection: u32) {
+        if connection == self.connection && self.push_done_sent {
+            self.push_tally.set_done(true);
+        }
     }
 
     /// The driver's estimate of the push bytes that leave between the destination reading

@@ -167,7 +167,11 @@ fn full_session_moves_every_page_and_ends_cleanly() {
         let pages = dst.handle(Channel::Bulk, msg).unwrap().unwrap();
         install(&pages, &mut mem);
     }
-    assert!(tally.snapshot().done, "the last page handed out");
+    assert!(!tally.snapshot().done, "its frames not written yet");
+    src.note_push_written(src.connection() + 1);
+    assert!(!tally.snapshot().done, "another connection's push");
+    src.note_push_written(src.connection());
+    assert!(tally.snapshot().done, "the last frames written");
     pump(&mut src, &mut dst, &mut mem);
     assert_eq!(
         dst.poll_event(),

@@ -221,6 +221,7 @@ pub(super) async fn push_all(
         cpu_mark = cpu;
         lock_encoder(&encoder).observe_write(wire, cost, send_cpu);
     }
+    src.link.session().note_push_written(src.link.number());
     // A bulk stream that also carries demand replies stays open until the session ends.
     if !src.link.session().replies_on_bulk() {
         let _ = bulk.lock().await.finish();
