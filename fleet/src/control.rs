@@ -161,8 +161,9 @@ pub struct Status {
     pub pages_remaining: Option<u64>,
     /// How long before this status was sent `bytes_sent` and `pages_remaining` were
     /// measured, milliseconds (`None` from a source that does not say). A source measures
-    /// its progress every 100 ms and reports every [`EVENT_INTERVAL_MS`], so without this
-    /// an orchestrator extrapolating a transfer's end is up to 100 ms late.
+    /// its progress every 100 ms (every 10 ms once its push has written its last page) and
+    /// reports every [`EVENT_INTERVAL_MS`] (and at once when no page is left), so without
+    /// this an orchestrator extrapolating a transfer's end is up to 100 ms late.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress_age_ms: Option<u64>,
     /// When `bytes_sent` and `pages_remaining` were measured, on the source's clock: what

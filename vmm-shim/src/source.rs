@@ -37,8 +37,9 @@ pub struct SourceOptions {
     pub early_push: bool,
     /// Ends the session from outside with a reason the destination reports at once.
     pub stopper: crate::Stopper,
-    /// Called about ten times a second while the session runs, and once when it ends
-    /// (also on failure), with the bytes sent and received (see [`crate::Progress`]).
+    /// Called about ten times a second while the session runs (a hundred times, for at
+    /// most 5 s, once its push has written its last page), and once when it ends (also on
+    /// failure), with the bytes sent and received (see [`crate::Progress`]).
     pub progress: Option<crate::ProgressFn>,
     /// A lost connection pauses the session and the source reconnects (overlapping attempts)
     /// (docs/recovery.md); with a limit, the session fails once the connection has been
