@@ -284,9 +284,9 @@ fn measure(certs: &Certs, image: &str, link: Link, encoding: &str) -> anyhow::Re
         "encoding_report": enc,
         "mix": s["mix"],
         "digest_match": true,
-        "timeline_mbps": timeline.mbps,
-        "timeline_rtt_ms": timeline.rtt_ms,
-        "timeline_late_ms": timeline.late_ms,
+        "link_timeline_mbps": timeline.mbps,
+        "link_timeline_rtt_ms": timeline.rtt_ms,
+        "link_timeline_late_ms": timeline.late_ms,
     }))
 }
 

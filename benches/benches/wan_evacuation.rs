@@ -438,9 +438,9 @@ fn measure(certs: &Certs, bytes: u64, run: &Run) -> anyhow::Result<Value> {
         "fault_p99_rtt": in_rtt(&lat["p99"]),
         "digest_match": true,
         "wan": wan_counters,
-        "timeline_mbps": timeline.mbps,
-        "timeline_rtt_ms": timeline.rtt_ms,
-        "timeline_late_ms": timeline.late_ms,
+        "link_timeline_mbps": timeline.mbps,
+        "link_timeline_rtt_ms": timeline.rtt_ms,
+        "link_timeline_late_ms": timeline.late_ms,
     }))
 }
 

@@ -247,6 +247,18 @@ pub const PRESTART_LEAD_S: f64 = 0.5;
 /// 1.074-1.122 (mean 1.103) with one round trip, and no drops in three of them.
 pub const HANDOFF_LEAD_RTTS: f64 = 0.0;
 
+/// A source's count of bytes sent is believed up to this many times its VM's size, plus
+/// [`SENT_SLACK_BYTES`]: an evacuation sends its stale set once, what the path lost again,
+/// its demand faults' pages (at most the VM once more) and, after a resume, what was in
+/// flight. A larger figure is a fault, not a fact: summed into its link's bytes it would
+/// be measured as the link's rate and kept ([`Orchestration::link_rate`]), so it is not
+/// taken (the source's last believable figure stands).
+pub const SENT_PER_VM_BYTE: u64 = 4;
+
+/// What a source may send beyond [`SENT_PER_VM_BYTE`] times its VM: handshakes, probes
+/// and keep-alives through long outages.
+pub const SENT_SLACK_BYTES: u64 = 64 << 20;
+
 /// Reports closer together than this do not update a transfer's sending rate (a state
 /// change's report can follow the last periodic one within milliseconds).
 const MIN_RATE_SPAN_S: f64 = 0.1;
@@ -799,6 +811,20 @@ impl Orchestration {
         }
     }
 
+    /// `reported`, VM `vm`'s source's count of bytes sent, if believable (see
+    /// [`SENT_PER_VM_BYTE`]); else its last believable one.
+    fn believed_sent(&self, vm: usize, reported: u64) -> u64 {
+        let ceiling = self.fleet.vms[vm]
+            .total_bytes()
+            .saturating_mul(SENT_PER_VM_BYTE)
+            .saturating_add(SENT_SLACK_BYTES);
+        if reported <= ceiling {
+            reported
+        } else {
+            self.tracks[vm].bytes_sent
+        }
+    }
+
     /// Its source reports the switchover (first time: returns true) and its progress, as
     /// measured at `now_s` (see [`crate::control::Status::progress_age_s`]):
     /// `remaining_bytes` are its pages left, in bytes ([`crate::control::PAGE_BYTES`] a
@@ -812,6 +838,7 @@ impl Orchestration {
     ) -> bool {
         // A source never has more left than its VM holds; more is a fault, not a fact.
         let remaining_bytes = remaining_bytes.map(|r| r.min(self.fleet.vms[vm].total_bytes()));
+        let bytes_sent = self.believed_sent(vm, bytes_sent);
         let li = self.fleet.vms[vm].link;
         let window = self.sent_window_s();
         let t = &mut self.tracks[vm];
@@ -864,6 +891,7 @@ impl Orchestration {
     /// (a setup held behind a transfer sends its stale set at the held rate, and moves as
     /// long as it does; see [`Orchestration::stalls`]).
     pub fn setting_up(&mut self, vm: usize, now_s: f64, bytes_sent: u64) {
+        let bytes_sent = self.believed_sent(vm, bytes_sent);
         let window = self.sent_window_s();
         let t = &mut self.tracks[vm];
         if t.phase == Phase::Starting && now_s.is_finite() {
@@ -886,6 +914,7 @@ impl Orchestration {
 
     /// Every stale page of it is at the standby.
     pub fn done(&mut self, vm: usize, now_s: f64, bytes_sent: u64, pages_stale: Option<u64>) {
+        let bytes_sent = self.believed_sent(vm, bytes_sent);
         let last_byte = self.expected_end_s(vm).map(|e| e.min(now_s));
         if self.tracks[vm].phase.is_final() {
             return;

@@ -712,12 +712,13 @@ fn an_encoded_transfer_is_timed_in_pages_and_replanned_in_wire_bytes() {
 }
 
 #[test]
-fn absurd_byte_counts_from_sources_do_not_overflow() {
-    // Two sources on one link each claim 2^63 bytes sent: the link's sample and the
-    // report's total add them without overflowing (a debug build would panic).
+fn absurd_byte_counts_from_sources_are_not_taken() {
+    // Two sources on one link each claim 2^63 bytes sent: not taken (nor summed into an
+    // overflow, which a debug build would panic on); the report counts what was believable.
     let mut o = Orchestration::new(fleet(2), PlanOptions::new(3600.0), &[]).unwrap();
     for vm in 0..2 {
         o.started(vm, 0.0);
+        o.setting_up(vm, 0.2, 3 * MB);
         o.progress(vm, 0.5, Some(MB), 1 << 63);
     }
     o.replan(1.0).unwrap();
@@ -725,7 +726,25 @@ fn absurd_byte_counts_from_sources_do_not_overflow() {
     o.done(0, 2.5, 1 << 63, None);
     o.done(1, 2.5, u64::MAX, None);
     let r = o.report();
-    assert_eq!(r.totals.bytes_sent, u64::MAX);
+    assert_eq!(r.totals.bytes_sent, 6 * MB);
+
+    // A link measured full at 500 Mbit/s; then one source claims a petabyte: the
+    // link's rate stays at most what it delivered (the others sent nothing more since),
+    // in the window and as kept (with the claim taken: 2.6 Pbit/s).
+    let mut o = four_under_way(62_500_000, 4);
+    let rate = o.link_rate(0).unwrap();
+    o.progress(0, 4.5, Some(250 * MB), 1 << 50);
+    o.replan(4.5).unwrap();
+    assert!(o.link_rate(0).unwrap() <= rate);
+    for vm in 1..4 {
+        o.done(vm, 4.6, 62_500_000, None);
+    }
+    o.replan(5.0).unwrap();
+    assert!(o.link_rate(0).unwrap() <= rate, "kept");
+    // As much as a VM could send (four times its 400 MB, and the slack) is taken.
+    let most = 4 * 400 * MB + SENT_SLACK_BYTES;
+    o.done(0, 5.5, most, None);
+    assert_eq!(o.report().totals.bytes_sent, most + 3 * 62_500_000);
 }
 
 #[test]
