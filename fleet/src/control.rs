@@ -46,6 +46,29 @@ pub const EVENT_INTERVAL_MS: u64 = 250;
 /// shares the link for it any more.
 pub const CLOSE_GAVE_UP: u32 = 2;
 
+/// The most characters of free text (a failure's reason) a side puts in a message: a long
+/// error chain must not make every later frame too long to send ([`MAX_FRAME`]).
+pub const MAX_TEXT_CHARS: usize = 2048;
+
+/// `text` as it may cross the control protocol or reach an operator's terminal: at most
+/// [`MAX_TEXT_CHARS`] characters (cut with "…"), control characters (a peer's terminal
+/// escapes, newlines) each shown as `\u{..}`.
+pub fn clean_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_TEXT_CHARS * 2));
+    for (i, c) in text.chars().enumerate() {
+        if i == MAX_TEXT_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// What the orchestrator asks.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -384,6 +407,22 @@ pub(crate) mod tests {
             disk_bytes: None,
             own_rate_cap_bps: None,
         }
+    }
+
+    #[test]
+    fn free_text_is_clipped_and_its_control_characters_shown() {
+        assert_eq!(clean_text("disk full"), "disk full");
+        assert_eq!(clean_text("a\x1b[2Jb\nc"), "a\\u{1b}[2Jb\\u{a}c");
+        let long = "é".repeat(MAX_TEXT_CHARS + 10);
+        let cut = clean_text(&long);
+        assert_eq!(cut.chars().count(), MAX_TEXT_CHARS + 1);
+        assert!(cut.ends_with('…'));
+        // A status with the longest reason, escaped as JSON, still fits a frame.
+        let s = Status {
+            error: Some(clean_text(&"\u{1}".repeat(10 * MAX_TEXT_CHARS))),
+            ..status()
+        };
+        assert!(encode(&Reply::Event(s)).is_ok());
     }
 
     #[test]

@@ -82,6 +82,12 @@ impl Link {
     }
 }
 
+/// The priorities (weights) a VM may have: the planner tells one VM saved more or fewer
+/// from a near tie of sums by a tolerance far below the smallest
+/// ([`crate::plan`]'s `SAVED_WEIGHT_TOL`), and a sum of 10,000 VMs at the largest is
+/// still exact enough for it.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<f64> = 0.001..=1000.0;
+
 /// One VM to evacuate.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Vm {
@@ -317,6 +323,13 @@ impl Fleet {
             }
             if !(v.weight.is_finite() && v.weight > 0.0) {
                 return Err(entry.problem(Problem::NotPositive("priority")));
+            }
+            if !PRIORITY_RANGE.contains(&v.weight) {
+                return Err(entry.problem(Problem::OutOfRange {
+                    key: "priority",
+                    value: v.weight.to_string(),
+                    range: "0.001 and 1000",
+                }));
             }
             if !WIRE_RATIO_RANGE.contains(&v.wire_ratio) {
                 return Err(entry.problem(Problem::OutOfRange {

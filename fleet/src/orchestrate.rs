@@ -85,6 +85,9 @@ struct Track {
     error: Option<String>,
     /// What the stall watch knows of it ([`Orchestration::stalls`]).
     watch: Watch,
+    /// Its source started it (SIGUSR1, its timer) before the orchestrator heard: its start
+    /// is when it was heard of, so its setup was not measured.
+    started_elsewhere: bool,
 }
 
 impl Track {
@@ -223,6 +226,15 @@ pub const HOLD_SHARE: f64 = 0.05;
 /// The least a held VM may use, bits per second.
 pub const MIN_HOLD_BPS: u64 = 1_000_000;
 
+/// What a VM held on a link of `capacity` bits per second may use: [`HOLD_SHARE`] of it,
+/// at least [`MIN_HOLD_BPS`], but never more than a quarter of it (on a link of 4 Mbit/s
+/// or less the minimum would be most of it, or more, and the held VM would compete with
+/// the transfer it waits behind); at least 1 (a source reads 0 as no limit).
+fn hold_bps(capacity: u64) -> u64 {
+    let c = capacity as f64;
+    ((c * HOLD_SHARE).max(MIN_HOLD_BPS as f64).min(c / 4.0) as u64).max(1)
+}
+
 /// How much earlier than one setup before a transfer's predicted end the next VM of a
 /// prestarting link starts, seconds. The prediction comes from the sources' events (every
 /// 250 ms, each dated by when its figures were measured) and their estimate of the bytes
@@ -254,6 +266,13 @@ pub const HANDOFF_LEAD_RTTS: f64 = 0.0;
 /// be measured as the link's rate and kept ([`Orchestration::link_rate`]), so it is not
 /// taken (the source's last believable figure stands).
 pub const SENT_PER_VM_BYTE: u64 = 4;
+
+/// A link is never measured at more than this many times its plan file's rate: a
+/// source's count of bytes sent that jumps (within [`SENT_PER_VM_BYTE`] of a VM whose size
+/// its own status raised) would otherwise be a rate the re-plans and the holds take as
+/// the link's, starting every waiting VM at once. A plan file that understates its link
+/// tenfold is planned at ten times what it says.
+pub const MEASURED_RATE_CEILING: u64 = 10;
 
 /// What a source may send beyond [`SENT_PER_VM_BYTE`] times its VM: handshakes, probes
 /// and keep-alives through long outages.
@@ -310,6 +329,7 @@ impl Orchestration {
                     timeline: Timeline::default(),
                     error,
                     watch: Watch::default(),
+                    started_elsewhere: false,
                 }
             })
             .collect();
@@ -387,8 +407,9 @@ impl Orchestration {
             .tracks
             .iter()
             .zip(&self.fleet.vms)
-            // A setup that stalled measured the stall, not a setup.
-            .filter(|(t, _)| !t.watch.stalled_in_setup)
+            // A setup that stalled measured the stall, not a setup; one started elsewhere
+            // was under way before its start here.
+            .filter(|(t, _)| !t.watch.stalled_in_setup && !t.started_elsewhere)
             .filter_map(|(t, v)| {
                 let (start, switchover) = (t.timeline.start_s?, t.timeline.switchover_s?);
                 // A switchover first heard of with the finish was not measured.
@@ -489,8 +510,23 @@ impl Orchestration {
     /// rate below one flow's cap, all but one flow held; then one flow's higher rate (or
     /// the plan file's) letting a second through; then held again, every second.
     pub fn link_rate(&self, li: usize) -> Option<u64> {
-        let s = self.link_samples.get(li)?;
-        s.rate(true).or_else(|| s.rate(false))
+        self.sampled_rate(li, true)
+            .or_else(|| self.sampled_rate(li, false))
+    }
+
+    /// Link `li`'s rate for class `shared` as measured ([`LinkSamples::rate`]), at most
+    /// [`MEASURED_RATE_CEILING`] times the plan file's.
+    fn sampled_rate(&self, li: usize, shared: bool) -> Option<u64> {
+        let ceiling = self
+            .fleet
+            .links
+            .get(li)?
+            .rate_bps
+            .saturating_mul(MEASURED_RATE_CEILING);
+        self.link_samples
+            .get(li)?
+            .rate(shared)
+            .map(|r| r.min(ceiling))
     }
 
     /// The rate the rate limits fill link `li` to: [`Orchestration::link_rate`], else the
@@ -542,13 +578,14 @@ impl Orchestration {
             })
             .collect();
         let links = self
-            .link_samples
+            .fleet
+            .links
             .iter()
-            .zip(&self.fleet.links)
-            .filter_map(|(s, link)| {
+            .enumerate()
+            .filter_map(|(li, link)| {
                 // Measured while one flow carried it: its rate; several, its shared rate.
-                let shared_rate_bps = s.rate(true);
-                let rate_bps = s.rate(false).or(shared_rate_bps);
+                let shared_rate_bps = self.sampled_rate(li, true);
+                let rate_bps = self.sampled_rate(li, false).or(shared_rate_bps);
                 (rate_bps.is_some() || shared_rate_bps.is_some()).then(|| LinkMeasure {
                     link: link.name.clone(),
                     rate_bps,
@@ -678,8 +715,7 @@ impl Orchestration {
                 if ls.sharing != Sharing::InOrder && !ls.prestart {
                     return None;
                 }
-                let capacity = self.link_capacity_bps(li);
-                Some((capacity as f64 * HOLD_SHARE).max(MIN_HOLD_BPS as f64) as u64)
+                Some(hold_bps(self.link_capacity_bps(li)))
             })
             .collect();
         let mut under_way: Vec<Vec<(RunningKey, usize)>> = vec![Vec::new(); self.fleet.links.len()];

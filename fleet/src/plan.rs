@@ -583,7 +583,7 @@ impl Score {
     /// completion time or a makespan shorter by more than [`KEEP_ORDER_TOL`].
     fn clearly_better_than(&self, other: &Score) -> bool {
         let (a, b) = (self.saved_weight, other.saved_weight);
-        if (a - b).abs() > 1e-6 * a.abs().max(b.abs()).max(1.0) {
+        if (a - b).abs() > SAVED_WEIGHT_TOL {
             return a > b;
         }
         self.sum_completion < other.sum_completion * (1.0 - KEEP_ORDER_TOL)
@@ -597,8 +597,13 @@ impl Score {
             (self.makespan, other.makespan),
             (self.sum_exposure, other.sum_exposure),
         ];
-        for (a, b) in keys {
-            let tol = 1e-6 * a.abs().max(b.abs()).max(1.0);
+        for (k, (a, b)) in keys.into_iter().enumerate() {
+            // Saved weight: one VM more or fewer is never a tie, however many are saved.
+            let tol = if k == 0 {
+                SAVED_WEIGHT_TOL
+            } else {
+                1e-6 * a.abs().max(b.abs()).max(1.0)
+            };
             if (a - b).abs() > tol {
                 return a < b;
             }
@@ -606,6 +611,11 @@ impl Score {
         false
     }
 }
+
+/// Sums of saved weight closer than this are a tie: a tenth of the smallest priority
+/// ([`crate::model::PRIORITY_RANGE`]), far above a sum's rounding (10,000 VMs of
+/// priority 1000 sum to 10^7, whose rounding is about 10^-9).
+const SAVED_WEIGHT_TOL: f64 = 1e-4;
 
 struct LinkPlanner<'a> {
     fleet: &'a Fleet,
@@ -727,17 +737,20 @@ fn plan_from(fleet: &Fleet, opts: &PlanOptions, state: &State, now: f64) -> Plan
         for &i in &running {
             placed[i] = true;
         }
+        // Each once, at its first place (`PlanOptions::first` is public: a caller may
+        // repeat one, which the plan file refuses).
         let pinned: Vec<usize> = opts
             .first
             .iter()
             .copied()
             .filter(|&i| {
-                i < n && fleet.vms[i].link == li && active(i) && matches!(phase(i), Phase::Waiting)
+                i < n
+                    && fleet.vms[i].link == li
+                    && active(i)
+                    && matches!(phase(i), Phase::Waiting)
+                    && !std::mem::replace(&mut placed[i], true)
             })
             .collect();
-        for &i in &pinned {
-            placed[i] = true;
-        }
         let rest: Vec<usize> = on_link.iter().copied().filter(|&i| !placed[i]).collect();
         let prefix: Vec<usize> = running.iter().chain(&pinned).copied().collect();
         let fixed = prefix.len();

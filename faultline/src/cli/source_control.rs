@@ -195,7 +195,8 @@ impl SourceControl {
                     return;
                 }
                 s.evacuation = EvacState::Failed;
-                s.error = Some(e);
+                // Clipped: a status too long for a frame could not be sent at all.
+                s.error = Some(fleet::control::clean_text(&e));
             }),
         }
         self.server.finish();

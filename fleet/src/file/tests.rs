@@ -230,6 +230,11 @@ fn every_bad_entry_is_named() {
             "vm \"db-1\": priority must be > 0",
         ),
         (
+            "priority = 3",
+            "priority = 1e6",
+            "vm \"db-1\": priority must be between 0.001 and 1000 (got 1000000)",
+        ),
+        (
             "memory_bytes = \"64G\"",
             "memory_bytes = \"99999P\"",
             "vm \"db-1\": memory_bytes must be between 0 and 1 EiB (2^60 bytes) (got \"99999P\")",

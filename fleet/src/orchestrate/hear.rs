@@ -48,6 +48,7 @@ impl Orchestration {
             return StatusChange::Over { started, change };
         }
         if s.evacuation != EvacState::Idle && self.phase(vm) == Phase::Waiting {
+            self.tracks[vm].started_elsewhere = true;
             return StatusChange::UnderWayElsewhere;
         }
         StatusChange::Nothing
@@ -80,10 +81,11 @@ impl Orchestration {
                 Change::Done
             }
             EvacState::Failed => {
-                let why = s
-                    .error
-                    .clone()
-                    .unwrap_or_else(|| "the source reported a failure".into());
+                // Its text reaches the operator's terminal: clipped, escapes shown.
+                let why = s.error.as_deref().map_or_else(
+                    || "the source reported a failure".into(),
+                    crate::control::clean_text,
+                );
                 self.failed(vm, now_s, why.clone());
                 Change::Failed(why)
             }
@@ -198,5 +200,15 @@ mod tests {
             o.hear_event(0, &s, 1.0),
             Change::Failed("the source reported a failure".into())
         );
+        // A reason with a terminal's escapes, and far too long, is clipped and shown.
+        let mut o = orchestration();
+        o.started(0, 0.0);
+        s.error = Some(format!("\x1b]0;owned\x07{}", "x".repeat(100_000)));
+        let Change::Failed(why) = o.hear_event(0, &s, 1.0) else {
+            panic!("failed")
+        };
+        assert!(why.starts_with("\\u{1b}]0;owned\\u{7}xx"), "{why}");
+        assert!(why.chars().count() <= crate::control::MAX_TEXT_CHARS + 20);
+        assert_eq!(o.report().vms[0].error.as_deref(), Some(why.as_str()));
     }
 }

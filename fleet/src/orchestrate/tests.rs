@@ -387,6 +387,18 @@ fn measured_setups_replace_the_plan_files_switchover() {
         o.started(vm, 0.0);
         o.done(vm, 5.0, 10 * MB, None);
     }
+    // One started by its source (SIGUSR1) and heard of transferring: its start here is
+    // when it was heard, its switchover 0.2 s before (its report's age); not a setup.
+    let elsewhere = crate::control::Status {
+        evacuation: crate::control::EvacState::Transferring,
+        pages_remaining: Some(100),
+        progress_age_ms: Some(200),
+        ..crate::control::tests::status()
+    };
+    let change = o.hear_status(4, &elsewhere, 0.9);
+    assert_eq!(change, StatusChange::UnderWayElsewhere);
+    o.started(4, 0.9);
+    assert_eq!(o.hear_event(4, &elsewhere, 0.9), Change::Switchover);
     o.replan(1.0).unwrap();
     assert_eq!(o.fleet().costs.switchover, Duration::from_millis(500));
     let waiting = (2..6).find(|&i| o.phase(i) == Phase::Waiting).unwrap();
@@ -614,6 +626,11 @@ fn a_slow_link_holds_at_least_the_minimum() {
     assert_eq!(caps[0], None);
     assert_eq!(caps[1], Some(MIN_HOLD_BPS), "{caps:?}");
     assert_eq!(caps[2], Some(MIN_HOLD_BPS));
+    // Below 4 Mbit/s the minimum would be most of the link: a quarter of it.
+    assert_eq!(hold_bps(2_000_000), 500_000);
+    assert_eq!(hold_bps(4_000_000), MIN_HOLD_BPS);
+    assert_eq!(hold_bps(1_000_000_000), 50_000_000);
+    assert_eq!(hold_bps(1), 1, "never 0, which reads as no limit");
 }
 
 #[test]
@@ -741,6 +758,16 @@ fn absurd_byte_counts_from_sources_are_not_taken() {
     }
     o.replan(5.0).unwrap();
     assert!(o.link_rate(0).unwrap() <= rate, "kept");
+    // Samples of a petabit a second (a VM whose size its own status raised, its jump
+    // taken) are at most ten times the file's rate.
+    let mut j = four_under_way(62_500_000, 4);
+    let (t, b) = *j.link_samples[0].at.back().unwrap();
+    j.link_samples[0].at.push_back((t + 1.0, b + (1 << 47)));
+    assert_eq!(j.link_rate(0), Some(10_000_000_000));
+    assert_eq!(
+        j.measured(5.0).links[0].shared_rate_bps,
+        Some(10_000_000_000)
+    );
     // As much as a VM could send (four times its 400 MB, and the slack) is taken.
     let most = 4 * 400 * MB + SENT_SLACK_BYTES;
     o.done(0, 5.5, most, None);

@@ -219,6 +219,11 @@ fn pinned_vms_go_first_and_skipped_ones_not_at_all() {
     assert_eq!(a.order, None);
     assert_eq!(p.totals.vms, 2);
     assert_eq!(p.schedule.links[0].order[0], 2);
+    // Named twice by a caller (the plan file refuses it): placed once, at its first place.
+    o.first = vec![2, 1, 2];
+    o.skip.clear();
+    let p = plan(&f, &o);
+    assert_eq!(p.schedule.links[0].order, vec![2, 1, 0]);
 }
 
 #[test]
@@ -629,4 +634,21 @@ fn a_measured_rate_keeps_the_shared_rate_at_most_the_rate() {
         (l.rate_bps, l.shared_rate_bps),
         (1_200_000_000, Some(1_200_000_000))
     );
+}
+
+#[test]
+fn one_vm_more_saved_is_never_a_tie_however_much_is_saved() {
+    // 10,000 VMs of the highest priority saved, against as many less one of the lowest.
+    let score = |saved_weight: f64, sum_completion: f64| Score {
+        saved_weight,
+        sum_completion,
+        makespan: 1.0,
+        sum_exposure: 1.0,
+    };
+    let most = 10_000.0 * 1000.0;
+    let (more, less) = (score(most, 2e6), score(most - 0.001, 1e6));
+    assert!(more.better_than(&less) && more.clearly_better_than(&less));
+    assert!(!less.better_than(&more) && !less.clearly_better_than(&more));
+    // As much saved: the shorter completion wins.
+    assert!(score(most, 1e6).better_than(&score(most, 2e6)));
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use fleet::control::{Reply, Request, Status};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::cli::control_io::{read_msg, write_msg};
 
@@ -369,11 +370,18 @@ async fn evacuate(
     out: &mpsc::UnboundedSender<Report>,
     t: Timeouts,
 ) -> anyhow::Result<()> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| explain(conn, e.into()))?;
-    write_msg(&mut send, &Request::Evacuate { rate_cap_bps })
-        .await
-        .map_err(|e| explain(conn, e))?;
-    let _ = send.finish();
+    // Within the silence timeout: a source that withholds stream credit while its
+    // keep-alives hold the connection up would otherwise keep the VM starting for good.
+    let ask = async {
+        let (mut send, recv) = conn.open_bi().await?;
+        write_msg(&mut send, &Request::Evacuate { rate_cap_bps }).await?;
+        let _ = send.finish();
+        anyhow::Ok(recv)
+    };
+    let mut recv = match tokio::time::timeout(t.silence, ask).await {
+        Ok(r) => r.map_err(|e| explain(conn, e))?,
+        Err(_) => bail!(silent(t.silence)),
+    };
     // Rate limits go out one after the other, beside the events, not in their way.
     let (rates, mut rates_rx) = mpsc::unbounded_channel::<Option<u64>>();
     let setter = {
@@ -406,12 +414,21 @@ async fn events(
     t: Timeouts,
 ) -> anyhow::Result<()> {
     let mut commands_open = true;
+    let mut gate = EventGate::default();
     loop {
         let read = tokio::time::timeout(t.silence, read_msg::<Reply>(recv));
         tokio::pin!(read);
         let next = loop {
+            let flush_at = gate.flush_at();
             tokio::select! {
                 r = &mut read => break r,
+                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now)),
+                    if flush_at.is_some() =>
+                {
+                    if let Some(s) = gate.flush(Instant::now()) {
+                        let _ = out.send(Report::Event(vm, s));
+                    }
+                }
                 cmd = commands.recv(), if commands_open => match cmd {
                     Some(Command::SetRate(cap)) => {
                         let _ = rates.send(cap);
@@ -427,12 +444,18 @@ async fn events(
             .context("the control stream failed")?;
         match next {
             Some(Reply::Accepted { .. }) => {}
-            Some(Reply::Refused { reason }) => bail!("the source refused to evacuate: {reason}"),
-            Some(Reply::Event(s)) => {
-                let last = s.evacuation.is_final();
+            Some(Reply::Refused { reason }) => bail!(
+                "the source refused to evacuate: {}",
+                fleet::control::clean_text(&reason)
+            ),
+            Some(Reply::Event(s)) if s.evacuation.is_final() => {
+                // What was held back is superseded by it.
                 let _ = out.send(Report::Event(vm, s));
-                if last {
-                    return Ok(());
+                return Ok(());
+            }
+            Some(Reply::Event(s)) => {
+                if let Some(s) = gate.offer(Instant::now(), s) {
+                    let _ = out.send(Report::Event(vm, s));
                 }
             }
             Some(Reply::Status(_) | Reply::RateSet { .. }) => {
@@ -440,6 +463,59 @@ async fn events(
             }
             None => bail!("the source ended the control stream before its evacuation ended"),
         }
+    }
+}
+
+/// The least time between two of one source's events passed on, unless the later one
+/// changes what the orchestrator acts on at once.
+const MIN_EVENT_GAP: Duration = Duration::from_millis(20);
+
+/// One source's events as its link passes them to the orchestrator's loop, whose queue
+/// every VM shares: one that changes its evacuation's state, or is the first to say its
+/// last pages have left, at once; others at most one per [`MIN_EVENT_GAP`], the latest
+/// (those between are superseded), so that a source sending events back to back (a
+/// fault: it sends one every 250 ms and at its changes) cannot fill the queue or keep the
+/// loop from the other VMs.
+#[derive(Default)]
+struct EventGate {
+    /// When the last event went on, its state, and whether it had no pages left.
+    last: Option<(Instant, fleet::control::EvacState, bool)>,
+    /// The latest held back.
+    pending: Option<Status>,
+}
+
+impl EventGate {
+    /// Event `s` came at `now`: what to pass on now.
+    fn offer(&mut self, now: Instant, s: Status) -> Option<Status> {
+        let nothing_left = s.pages_remaining == Some(0);
+        let urgent = self.last.is_none_or(|(_, state, none_left)| {
+            state != s.evacuation || (nothing_left && !none_left)
+        });
+        let due = self
+            .last
+            .is_none_or(|(at, ..)| now.saturating_duration_since(at) >= MIN_EVENT_GAP);
+        if urgent || due {
+            self.pending = None;
+            self.last = Some((now, s.evacuation, nothing_left));
+            Some(s)
+        } else {
+            self.pending = Some(s);
+            None
+        }
+    }
+
+    /// When the event held back is due.
+    fn flush_at(&self) -> Option<Instant> {
+        let (at, ..) = self.last?;
+        self.pending.as_ref().map(|_| at + MIN_EVENT_GAP)
+    }
+
+    /// The event held back, to pass on at `now` (its time come).
+    fn flush(&mut self, now: Instant) -> Option<Status> {
+        let s = self.pending.take()?;
+        let nothing_left = s.pages_remaining == Some(0);
+        self.last = Some((now, s.evacuation, nothing_left));
+        Some(s)
     }
 }
 
@@ -706,5 +782,42 @@ mod tests {
             ep.wait_idle().await;
         });
         source.server.finish();
+    }
+
+    #[test]
+    fn a_source_sending_events_back_to_back_is_passed_on_at_most_every_gap() {
+        use fleet::control::EvacState;
+        let at = |state: EvacState, left: u64| Status {
+            evacuation: state,
+            pages_remaining: Some(left),
+            ..crate::cli::replica::idle_status_of("vm", 1 << 20)
+        };
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut gate = EventGate::default();
+        assert!(
+            gate.offer(ms(0), at(EvacState::Starting, 9)).is_some(),
+            "the first"
+        );
+        // A change of state goes on at once.
+        assert!(gate.offer(ms(1), at(EvacState::Transferring, 9)).is_some());
+        // A flood: held back, the latest kept, due a gap after the last passed on.
+        for i in 2..10 {
+            assert!(gate
+                .offer(ms(i), at(EvacState::Transferring, 100 - i))
+                .is_none());
+        }
+        assert_eq!(gate.flush_at(), Some(ms(1) + MIN_EVENT_GAP));
+        let held = gate.flush(ms(21)).unwrap();
+        assert_eq!(held.pages_remaining, Some(91));
+        assert_eq!((gate.flush_at(), gate.flush(ms(22))), (None, None));
+        // The first with nothing left goes on at once; its repeats do not.
+        assert!(gate.offer(ms(22), at(EvacState::Transferring, 0)).is_some());
+        assert!(gate.offer(ms(23), at(EvacState::Transferring, 0)).is_none());
+        // A periodic event, a gap after the last, goes on and drops the one held.
+        assert!(gate
+            .offer(ms(300), at(EvacState::Transferring, 0))
+            .is_some());
+        assert_eq!(gate.flush_at(), None);
     }
 }
