@@ -28,11 +28,6 @@ use pacing::{Paced, Pacing};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`ControlServer::finish`] waits for the last events to reach the orchestrator.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a handshake may take: an orchestrator gives up on a source after its connect
-/// timeout (3 s by default), so a handshake slower than this is not one it waits for;
-/// half the listeners' default, so that unauthenticated handshakes left stalling hold the
-/// endpoint's places half as long.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The running endpoint; the VM's status is published through it.
 pub struct ControlServer {
@@ -88,13 +83,7 @@ impl ControlServer {
         let streams = Arc::new(Streams::default());
         let acceptor = {
             let _guard = runtime.enter();
-            Acceptor::start(
-                endpoint.clone(),
-                AcceptLimits {
-                    handshake_timeout: HANDSHAKE_TIMEOUT,
-                    ..AcceptLimits::default()
-                },
-            )
+            Acceptor::start(endpoint.clone(), AcceptLimits::default())
         };
         let shared = Arc::new(Shared {
             status: status.clone(),
