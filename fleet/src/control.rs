@@ -50,21 +50,20 @@ pub const CLOSE_GAVE_UP: u32 = 2;
 /// error chain must not make every later frame too long to send ([`MAX_FRAME`]).
 pub const MAX_TEXT_CHARS: usize = 2048;
 
-/// `text` as it may cross the control protocol or reach an operator's terminal: at most
-/// [`MAX_TEXT_CHARS`] characters (cut with "…"), control characters (a peer's terminal
-/// escapes, newlines) each shown as `\u{..}`.
+/// `text` as it may cross the control protocol or reach an operator's terminal: control
+/// characters (a peer's terminal escapes, newlines) each shown as `\u{..}`, and at most
+/// [`MAX_TEXT_CHARS`] characters, the last "…" where it was cut. Cleaning it again
+/// changes nothing.
 pub fn clean_text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len().min(MAX_TEXT_CHARS * 2));
-    for (i, c) in text.chars().enumerate() {
-        if i == MAX_TEXT_CHARS {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
+    let mut shown = text.chars().flat_map(|c| {
+        let escaped = c.is_control().then(|| c.escape_unicode());
+        let plain = (!c.is_control()).then_some(c);
+        escaped.into_iter().flatten().chain(plain)
+    });
+    let mut out: String = shown.by_ref().take(MAX_TEXT_CHARS).collect();
+    if shown.next().is_some() {
+        out.pop();
+        out.push('…');
     }
     out
 }
@@ -415,8 +414,14 @@ pub(crate) mod tests {
         assert_eq!(clean_text("a\x1b[2Jb\nc"), "a\\u{1b}[2Jb\\u{a}c");
         let long = "é".repeat(MAX_TEXT_CHARS + 10);
         let cut = clean_text(&long);
-        assert_eq!(cut.chars().count(), MAX_TEXT_CHARS + 1);
+        assert_eq!(cut.chars().count(), MAX_TEXT_CHARS);
         assert!(cut.ends_with('…'));
+        assert_eq!(clean_text(&cut), cut, "cleaned once");
+        let exact = "é".repeat(MAX_TEXT_CHARS);
+        assert_eq!(clean_text(&exact), exact, "not cut");
+        let escaped = clean_text(&"\u{7}".repeat(MAX_TEXT_CHARS));
+        assert_eq!(escaped.chars().count(), MAX_TEXT_CHARS);
+        assert_eq!(clean_text(&escaped), escaped, "cleaned once");
         // A status with the longest reason, escaped as JSON, still fits a frame.
         let s = Status {
             error: Some(clean_text(&"\u{1}".repeat(10 * MAX_TEXT_CHARS))),

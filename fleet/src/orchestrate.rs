@@ -226,13 +226,21 @@ pub const HOLD_SHARE: f64 = 0.05;
 /// The least a held VM may use, bits per second.
 pub const MIN_HOLD_BPS: u64 = 1_000_000;
 
-/// What a VM held on a link of `capacity` bits per second may use: [`HOLD_SHARE`] of it,
-/// at least [`MIN_HOLD_BPS`], but never more than a quarter of it (on a link of 4 Mbit/s
-/// or less the minimum would be most of it, or more, and the held VM would compete with
-/// the transfer it waits behind); at least 1 (a source reads 0 as no limit).
-fn hold_bps(capacity: u64) -> u64 {
+/// What a VM held on a link of `capacity` bits per second may use, with a stall timeout
+/// of `stall_after_s`: [`HOLD_SHARE`] of it, at least [`MIN_HOLD_BPS`], but at most a
+/// quarter of it (on a link of 4 Mbit/s or less the minimum would be most of it, or more,
+/// and the held VM would compete with the transfer it waits behind); yet never so little
+/// that it could not send [`MOVE_BYTES`] twice within the stall timeout, which a held
+/// setup must to be seen moving ([`Orchestration::stalls`]); at least 1 (a source reads
+/// 0 as no limit).
+fn hold_bps(capacity: u64, stall_after_s: f64) -> u64 {
     let c = capacity as f64;
-    ((c * HOLD_SHARE).max(MIN_HOLD_BPS as f64).min(c / 4.0) as u64).max(1)
+    let moving = 2.0 * MOVE_BYTES as f64 * 8.0 / stall_after_s;
+    ((c * HOLD_SHARE)
+        .max(MIN_HOLD_BPS as f64)
+        .min(c / 4.0)
+        .max(moving) as u64)
+        .max(1)
 }
 
 /// How much earlier than one setup before a transfer's predicted end the next VM of a
@@ -715,7 +723,7 @@ impl Orchestration {
                 if ls.sharing != Sharing::InOrder && !ls.prestart {
                     return None;
                 }
-                Some(hold_bps(self.link_capacity_bps(li)))
+                Some(hold_bps(self.link_capacity_bps(li), self.stall_after_s))
             })
             .collect();
         let mut under_way: Vec<Vec<(RunningKey, usize)>> = vec![Vec::new(); self.fleet.links.len()];
@@ -973,6 +981,9 @@ impl Orchestration {
 
     /// It failed (a source that died, refused, or went silent).
     pub fn failed(&mut self, vm: usize, now_s: f64, error: String) {
+        // Its text may come from the source or its connection's close: it reaches the
+        // operator's terminal clipped, with its control characters shown.
+        let error = crate::control::clean_text(&error);
         let t = &self.tracks[vm];
         if t.phase.is_final() {
             return;

@@ -566,37 +566,56 @@ impl Drop for Reaped {
 }
 
 /// Waits until the standby's replica in `dir` holds `frac` of a guest of `pages` pages
-/// (its sparse image's allocated blocks); panics once it has not grown for
-/// [`REPLICA_STILL_FOR`]. Not a fixed total: a fleet of 16 replicas of up to 1 GiB filling
-/// at once on two cores (the fleet bench) takes longer than one test's replica, and a
-/// fixed 60 s sometimes stopped the bench's first run after a rebuild with the first
+/// (its sparse image's allocated blocks); panics if it has not started growing within
+/// [`REPLICA_FIRST_WITHIN`], stops growing for [`REPLICA_STILL_FOR`], or is not there
+/// within [`REPLICA_AT_MOST`]. Not a fixed 60 s: a fleet of 16 replicas of up to 1 GiB
+/// filling at once on two cores (the fleet bench) takes longer than one test's replica,
+/// and 60 s sometimes stopped the bench's first run after a rebuild with the first
 /// replica still filling.
 pub fn wait_replicated(dir: &ShmDir, pages: u64, frac: f64) {
     use std::os::unix::fs::MetadataExt;
     let img = dir.0.join("memory.img");
     let want = (pages as f64 * 4096.0 * frac) as u64;
     let allocated = || std::fs::metadata(&img).map_or(0, |m| m.blocks() * 512);
-    let (mut last, mut grew) = (0, std::time::Instant::now());
+    let start = std::time::Instant::now();
+    let (mut last, mut grew) = (allocated(), None::<std::time::Instant>);
     loop {
         let now = allocated();
         if now >= want {
             return;
         }
         if now > last {
-            (last, grew) = (now, std::time::Instant::now());
-        } else if grew.elapsed() > REPLICA_STILL_FOR {
+            (last, grew) = (now, Some(std::time::Instant::now()));
+        }
+        let stuck = match grew {
+            None => start.elapsed() > REPLICA_FIRST_WITHIN,
+            Some(g) => g.elapsed() > REPLICA_STILL_FOR,
+        };
+        if stuck || start.elapsed() > REPLICA_AT_MOST {
             panic!(
-                "the replica in {} stopped growing at {last} of the {want} bytes wanted \
-                 ({frac} of the guest)",
-                dir.arg()
+                "the replica in {} reached {last} of the {want} bytes wanted ({frac} of the \
+                 guest) in {:.0?}, and {}",
+                dir.arg(),
+                start.elapsed(),
+                if stuck {
+                    "stopped growing"
+                } else {
+                    "is still filling"
+                },
             );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-/// How long [`wait_replicated`] waits for a replica that does not grow.
+/// How long [`wait_replicated`] waits for a replica to start growing.
+pub const REPLICA_FIRST_WITHIN: Duration = Duration::from_secs(60);
+
+/// How long [`wait_replicated`] waits for a replica that has stopped growing.
 pub const REPLICA_STILL_FOR: Duration = Duration::from_secs(30);
+
+/// The longest [`wait_replicated`] waits in all.
+pub const REPLICA_AT_MOST: Duration = Duration::from_secs(600);
 
 /// An in-process destination listener on loopback for `vm_id` (the certificates' `dest`
 /// identity pinning `source`), stopped by the returned stopper; and its address.

@@ -10,7 +10,9 @@ use super::{Orchestration, Phase};
 /// How long a VM under way may go without moving before it is
 /// [stalled](Orchestration::stalls), seconds. Its source reports every 250 ms; a setup takes
 /// about a second with a KVM guest; a VM held behind a transfer moves at
-/// [`super::HOLD_SHARE`] of its link, at least [`super::MIN_HOLD_BPS`] (a page every 33 ms).
+/// [`super::HOLD_SHARE`] of its link, at least [`super::MIN_HOLD_BPS`] (a page every 33 ms)
+/// where that is at most a quarter of the link, and never less than twice [`MOVE_BYTES`]
+/// within this timeout.
 pub const STALL_AFTER_S: f64 = 10.0;
 
 /// The least [`Orchestration::set_stall_after`] takes, seconds: moves are dated up to a
@@ -26,7 +28,8 @@ const MIN_ALIVE_WINDOW_S: f64 = 2.0;
 /// Bytes sent within a stall timeout that count as a move where no fall in the bytes left
 /// can (a setup, a source that does not count its pages left, a transfer's last bytes),
 /// and the fall in the bytes left that ends a stall: more than a stopped peer's keep-alives
-/// and probes send in that time; at a held rate of 1 Mbit/s, one second.
+/// and probes send in that time; at a held rate of 1 Mbit/s, one second (a hold is never
+/// so low that it takes more than half the stall timeout).
 pub const MOVE_BYTES: u64 = 128 * 1024;
 
 /// What the stall watch knows of one VM.

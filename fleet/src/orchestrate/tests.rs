@@ -627,10 +627,14 @@ fn a_slow_link_holds_at_least_the_minimum() {
     assert_eq!(caps[1], Some(MIN_HOLD_BPS), "{caps:?}");
     assert_eq!(caps[2], Some(MIN_HOLD_BPS));
     // Below 4 Mbit/s the minimum would be most of the link: a quarter of it.
-    assert_eq!(hold_bps(2_000_000), 500_000);
-    assert_eq!(hold_bps(4_000_000), MIN_HOLD_BPS);
-    assert_eq!(hold_bps(1_000_000_000), 50_000_000);
-    assert_eq!(hold_bps(1), 1, "never 0, which reads as no limit");
+    assert_eq!(hold_bps(2_000_000, STALL_AFTER_S), 500_000);
+    assert_eq!(hold_bps(4_000_000, STALL_AFTER_S), MIN_HOLD_BPS);
+    assert_eq!(hold_bps(1_000_000_000, STALL_AFTER_S), 50_000_000);
+    // But enough that a held setup is seen moving: twice 128 KiB within the stall
+    // timeout (10 s: 210 kbit/s; 3 s: 699 kbit/s), whatever that leaves of the link.
+    assert_eq!(hold_bps(400_000, STALL_AFTER_S), 209_715);
+    assert_eq!(hold_bps(2_000_000, MIN_STALL_AFTER_S), 699_050);
+    assert_eq!(hold_bps(1, STALL_AFTER_S), 209_715);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use fleet::control::{Reply, Request, Status};
+use fleet::control::{clean_text, Reply, Request, Status};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -89,7 +89,10 @@ pub async fn run(
         Ok(Err(e)) => {
             let _ = out.send(Report::Unreachable(
                 vm,
-                format!("the control endpoint at {addr} refused us: {e:#}"),
+                format!(
+                    "the control endpoint at {addr} refused us: {}",
+                    clean_text(&format!("{e:#}"))
+                ),
             ));
             return;
         }
@@ -132,7 +135,7 @@ pub async fn run(
                         }
                     }
                     Ok(Err(e)) => {
-                        let _ = out.send(Report::Failed(vm, format!("{e:#}")));
+                        let _ = out.send(Report::Failed(vm, clean_text(&format!("{e:#}"))));
                         return;
                     }
                     Err(_) => {
@@ -146,7 +149,7 @@ pub async fn run(
     match evacuate(vm, &conn, within_own(cap, own), own, commands, &out, t).await {
         Ok(()) => conn.close(0u32.into(), b"done"),
         Err(e) => {
-            let _ = out.send(Report::Failed(vm, format!("{e:#}")));
+            let _ = out.send(Report::Failed(vm, clean_text(&format!("{e:#}"))));
             conn.close(fleet::control::CLOSE_GAVE_UP.into(), b"gave up");
         }
     }
@@ -183,7 +186,10 @@ async fn status(conn: &quinn::Connection) -> anyhow::Result<Status> {
         let _ = send.finish();
         match read_msg::<Reply>(&mut recv).await? {
             Some(Reply::Status(s)) => Ok(s),
-            Some(other) => bail!("the source answered a status request with {other:?}"),
+            Some(other) => bail!(
+                "the source answered a status request with {}",
+                clean_text(&format!("{other:?}"))
+            ),
             None => bail!("the source ended the stream without a status"),
         }
     };
@@ -267,13 +273,25 @@ async fn keep_rates<F, Fut>(
                 Err(e) => {
                     let again = places != Places::Ignored;
                     if asks == 1 {
-                        tracing::warn!(vm, ?cap, again, "setting the rate limit: {e:#}");
+                        tracing::warn!(
+                            vm,
+                            ?cap,
+                            again,
+                            "setting the rate limit: {}",
+                            clean_text(&format!("{e:#}"))
+                        );
                         tell(RateNews::Unconfirmed {
                             rate_cap_bps: cap,
-                            error: format!("{e:#}"),
+                            error: clean_text(&format!("{e:#}")),
                         });
                     } else {
-                        tracing::debug!(vm, ?cap, asks, "setting the rate limit: {e:#}");
+                        tracing::debug!(
+                            vm,
+                            ?cap,
+                            asks,
+                            "setting the rate limit: {}",
+                            clean_text(&format!("{e:#}"))
+                        );
                     }
                     if !again {
                         break caps.recv().await;
@@ -339,7 +357,10 @@ async fn set_rate(
                 rate_cap_bps,
                 seq: echoed,
             }) if rate_cap_bps == cap => Ok(echoed == Some(seq)),
-            Some(other) => bail!("the source answered a rate limit with {other:?}"),
+            Some(other) => bail!(
+                "the source answered a rate limit with {}",
+                clean_text(&format!("{other:?}"))
+            ),
             None => bail!("the source ended the stream without an answer"),
         }
     };
@@ -444,10 +465,9 @@ async fn events(
             .context("the control stream failed")?;
         match next {
             Some(Reply::Accepted { .. }) => {}
-            Some(Reply::Refused { reason }) => bail!(
-                "the source refused to evacuate: {}",
-                fleet::control::clean_text(&reason)
-            ),
+            Some(Reply::Refused { reason }) => {
+                bail!("the source refused to evacuate: {}", clean_text(&reason))
+            }
             Some(Reply::Event(s)) if s.evacuation.is_final() => {
                 // What was held back is superseded by it.
                 let _ = out.send(Report::Event(vm, s));
@@ -459,7 +479,10 @@ async fn events(
                 }
             }
             Some(Reply::Status(_) | Reply::RateSet { .. }) => {
-                bail!("the source sent {next:?} where an event belongs")
+                bail!(
+                    "the source sent {} where an event belongs",
+                    clean_text(&format!("{next:?}"))
+                )
             }
             None => bail!("the source ended the control stream before its evacuation ended"),
         }
@@ -471,51 +494,73 @@ async fn events(
 const MIN_EVENT_GAP: Duration = Duration::from_millis(20);
 
 /// One source's events as its link passes them to the orchestrator's loop, whose queue
-/// every VM shares: one that changes its evacuation's state, or is the first to say its
-/// last pages have left, at once; others at most one per [`MIN_EVENT_GAP`], the latest
-/// (those between are superseded), so that a source sending events back to back (a
-/// fault: it sends one every 250 ms and at its changes) cannot fill the queue or keep the
-/// loop from the other VMs.
+/// every VM shares: one that takes its evacuation further than any before (Starting,
+/// Transferring), or is the first to say its last pages have left, at once; others at
+/// most one per [`MIN_EVENT_GAP`], the latest (those between are superseded), so that a
+/// source sending events back to back (a fault: it sends one every 250 ms and at its
+/// changes), or flipping its state back and forth, cannot fill the queue or keep the loop
+/// from the other VMs.
 #[derive(Default)]
 struct EventGate {
-    /// When the last event went on, its state, and whether it had no pages left.
-    last: Option<(Instant, fleet::control::EvacState, bool)>,
-    /// The latest held back.
-    pending: Option<Status>,
+    /// When the last event went on.
+    last_at: Option<Instant>,
+    /// The furthest state passed on ([`stage`]).
+    furthest: u8,
+    /// An event with no pages left was passed on.
+    told_nothing_left: bool,
+    /// The latest held back, and when it came.
+    pending: Option<(Instant, Status)>,
+}
+
+/// How far along an evacuation in `state` is.
+fn stage(state: fleet::control::EvacState) -> u8 {
+    use fleet::control::EvacState::*;
+    match state {
+        Idle => 0,
+        Starting => 1,
+        Transferring => 2,
+        Done | Failed => 3,
+    }
 }
 
 impl EventGate {
     /// Event `s` came at `now`: what to pass on now.
     fn offer(&mut self, now: Instant, s: Status) -> Option<Status> {
-        let nothing_left = s.pages_remaining == Some(0);
-        let urgent = self.last.is_none_or(|(_, state, none_left)| {
-            state != s.evacuation || (nothing_left && !none_left)
-        });
+        let urgent = stage(s.evacuation) > self.furthest
+            || (s.pages_remaining == Some(0) && !self.told_nothing_left);
         let due = self
-            .last
-            .is_none_or(|(at, ..)| now.saturating_duration_since(at) >= MIN_EVENT_GAP);
+            .last_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= MIN_EVENT_GAP);
         if urgent || due {
             self.pending = None;
-            self.last = Some((now, s.evacuation, nothing_left));
-            Some(s)
+            Some(self.pass(now, s))
         } else {
-            self.pending = Some(s);
+            self.pending = Some((now, s));
             None
         }
     }
 
     /// When the event held back is due.
     fn flush_at(&self) -> Option<Instant> {
-        let (at, ..) = self.last?;
+        let at = self.last_at?;
         self.pending.as_ref().map(|_| at + MIN_EVENT_GAP)
     }
 
-    /// The event held back, to pass on at `now` (its time come).
+    /// The event held back, to pass on at `now` (its time come): its progress as old as
+    /// it now is.
     fn flush(&mut self, now: Instant) -> Option<Status> {
-        let s = self.pending.take()?;
-        let nothing_left = s.pages_remaining == Some(0);
-        self.last = Some((now, s.evacuation, nothing_left));
-        Some(s)
+        let (came, mut s) = self.pending.take()?;
+        let held = now.saturating_duration_since(came).as_millis();
+        let held = u64::try_from(held).unwrap_or(u64::MAX);
+        s.progress_age_ms = s.progress_age_ms.map(|a| a.saturating_add(held));
+        Some(self.pass(now, s))
+    }
+
+    fn pass(&mut self, now: Instant, s: Status) -> Status {
+        self.last_at = Some(now);
+        self.furthest = self.furthest.max(stage(s.evacuation));
+        self.told_nothing_left |= s.pages_remaining == Some(0);
+        s
     }
 }
 
@@ -795,25 +840,35 @@ mod tests {
         let t0 = Instant::now();
         let ms = |m: u64| t0 + Duration::from_millis(m);
         let mut gate = EventGate::default();
-        assert!(
-            gate.offer(ms(0), at(EvacState::Starting, 9)).is_some(),
-            "the first"
-        );
+        let first = gate.offer(ms(0), at(EvacState::Starting, 9));
+        assert!(first.is_some(), "the first");
         // A change of state goes on at once.
         assert!(gate.offer(ms(1), at(EvacState::Transferring, 9)).is_some());
         // A flood: held back, the latest kept, due a gap after the last passed on.
         for i in 2..10 {
-            assert!(gate
-                .offer(ms(i), at(EvacState::Transferring, 100 - i))
-                .is_none());
+            let mut s = at(EvacState::Transferring, 100 - i);
+            s.progress_age_ms = Some(5);
+            assert!(gate.offer(ms(i), s).is_none());
         }
         assert_eq!(gate.flush_at(), Some(ms(1) + MIN_EVENT_GAP));
         let held = gate.flush(ms(21)).unwrap();
         assert_eq!(held.pages_remaining, Some(91));
+        assert_eq!(
+            held.progress_age_ms,
+            Some(5 + 12),
+            "dated by the time held too"
+        );
         assert_eq!((gate.flush_at(), gate.flush(ms(22))), (None, None));
+        // Flipping back and forth is not news: held like the rest.
+        assert!(
+            gate.offer(ms(41), at(EvacState::Starting, 9)).is_some(),
+            "due"
+        );
+        assert!(gate.offer(ms(42), at(EvacState::Transferring, 9)).is_none());
+        assert!(gate.offer(ms(43), at(EvacState::Starting, 9)).is_none());
         // The first with nothing left goes on at once; its repeats do not.
-        assert!(gate.offer(ms(22), at(EvacState::Transferring, 0)).is_some());
-        assert!(gate.offer(ms(23), at(EvacState::Transferring, 0)).is_none());
+        assert!(gate.offer(ms(44), at(EvacState::Transferring, 0)).is_some());
+        assert!(gate.offer(ms(45), at(EvacState::Transferring, 0)).is_none());
         // A periodic event, a gap after the last, goes on and drops the one held.
         assert!(gate
             .offer(ms(300), at(EvacState::Transferring, 0))
