@@ -315,7 +315,11 @@ impl Orchestration {
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                let error = failed.iter().find(|(j, _)| *j == i).map(|(_, e)| e.clone());
+                // Cleaned as `failed` cleans a reason: it may quote the source.
+                let error = failed
+                    .iter()
+                    .find(|(j, _)| *j == i)
+                    .map(|(_, e)| crate::control::clean_text(e));
                 let phase = if opts.skip.contains(&i) {
                     Phase::Skipped
                 } else if error.is_some() {
@@ -696,9 +700,10 @@ impl Orchestration {
     /// bytes left first), take the link until their flow
     /// caps (window / RTT, the VM's own limit) fill its rate (the rate measured, else the
     /// plan file's); those are not limited (their windows limit them, and the last takes
-    /// whatever the link really delivers). Behind them, held to [`HOLD_SHARE`] of the link
-    /// (at least [`MIN_HOLD_BPS`]), enough for a setup and to keep the connection's clock
-    /// running, until a place ahead of them frees:
+    /// whatever the link really delivers). Behind them, held ([`hold_bps`]: [`HOLD_SHARE`]
+    /// of the link, at least [`MIN_HOLD_BPS`] where that is at most a quarter of it, and
+    /// enough to be seen moving within the stall timeout), enough for a setup and to keep
+    /// the connection's clock running, until a place ahead of them frees:
     ///
     /// * on a link the latest plan shares [in order](Sharing::InOrder), every VM under way
     ///   that way (the strict priority the plan simulated);

@@ -536,6 +536,8 @@ fn fail(o: &mut Orchestration, i: usize, now: f64, why: String, events: &Events)
     if o.phase(i).is_final() {
         return;
     }
+    // Cleaned as the report keeps it, so that the event and the report say the same.
+    let why = fleet::control::clean_text(&why);
     failed_line(o, i, now, &why, events);
     o.failed(i, now, why);
 }

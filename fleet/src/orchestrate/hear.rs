@@ -208,7 +208,7 @@ mod tests {
             panic!("failed")
         };
         assert!(why.starts_with("\\u{1b}]0;owned\\u{7}xx"), "{why}");
-        assert!(why.chars().count() <= crate::control::MAX_TEXT_CHARS + 20);
+        assert_eq!(why.chars().count(), crate::control::MAX_TEXT_CHARS);
         assert_eq!(o.report().vms[0].error.as_deref(), Some(why.as_str()));
     }
 }

@@ -71,7 +71,8 @@ fn a_slot_frees_when_a_vm_is_done_or_fails_and_the_next_one_starts() {
 fn unreachable_and_skipped_vms_never_start_and_the_rest_finishes() {
     let mut opts = PlanOptions::new(3600.0);
     opts.skip = vec![3];
-    let mut o = Orchestration::new(fleet(4), opts, &[(1, "no answer".into())]).unwrap();
+    let why = "no answer \x1b[31mfrom vm \"x\"\x1b[0m".to_string();
+    let mut o = Orchestration::new(fleet(4), opts, &[(1, why)]).unwrap();
     let mut started = Vec::new();
     let mut t = 0.0;
     while !o.is_finished() {
@@ -98,7 +99,11 @@ fn unreachable_and_skipped_vms_never_start_and_the_rest_finishes() {
     assert_eq!(r.totals.saved_by_deadline, 2);
     let vm1 = &r.vms[1];
     assert_eq!(vm1.outcome, Phase::Failed);
-    assert_eq!(vm1.error.as_deref(), Some("no answer"));
+    assert_eq!(
+        vm1.error.as_deref(),
+        Some("no answer \\u{1b}[31mfrom vm \"x\"\\u{1b}[0m"),
+        "cleaned as every failure's reason"
+    );
     assert_eq!(vm1.measured, Timeline::default());
     let vm0 = &r.vms[0];
     assert_eq!(vm0.measured.start_s, Some(0.0));

@@ -79,7 +79,8 @@ pub(super) async fn hear(
         starts[i] = None;
         first[i] = None;
         if !unreachable.iter().any(|(j, _)| *j == i) {
-            unreachable.push((i, why));
+            // It may quote the source (the VM it says it is).
+            unreachable.push((i, fleet::control::clean_text(&why)));
         }
     };
     while pending.iter().any(|&p| p) {

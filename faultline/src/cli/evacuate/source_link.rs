@@ -89,10 +89,7 @@ pub async fn run(
         Ok(Err(e)) => {
             let _ = out.send(Report::Unreachable(
                 vm,
-                format!(
-                    "the control endpoint at {addr} refused us: {}",
-                    clean_text(&format!("{e:#}"))
-                ),
+                clean_text(&format!("the control endpoint at {addr} refused us: {e:#}")),
             ));
             return;
         }
