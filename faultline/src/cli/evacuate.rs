@@ -285,7 +285,7 @@ async fn orchestrate(
                 .as_ref()
                 .is_some_and(|s| s.try_send(start).is_ok());
             if !sent {
-                o.failed(i, now, "its control link is gone".into());
+                fail(&mut o, i, now, "its control link is gone".into(), events);
                 continue;
             }
             caps_sent[i] = cap;
@@ -306,7 +306,7 @@ async fn orchestrate(
                     // Every link ended: whatever did not finish has failed.
                     for i in 0..n {
                         if !o.phase(i).is_final() {
-                            o.failed(i, now, "its control link ended".into());
+                            fail(&mut o, i, now, "its control link ended".into(), events);
                         }
                     }
                     break;
