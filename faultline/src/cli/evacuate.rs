@@ -536,7 +536,8 @@ fn fail(o: &mut Orchestration, i: usize, now: f64, why: String, events: &Events)
     if o.phase(i).is_final() {
         return;
     }
-    // Cleaned as the report keeps it, so that the event and the report say the same.
+    // Where a link's text (it may quote the source) reaches the operator: cleaned as the
+    // report keeps it, so that the event and the report say the same.
     let why = fleet::control::clean_text(&why);
     failed_line(o, i, now, &why, events);
     o.failed(i, now, why);
@@ -611,6 +612,16 @@ mod tests {
         assert_eq!(hear(&mut o, EvacState::Done, 2.0), Phase::Done);
         // Once final, a later status changes nothing.
         assert_eq!(hear(&mut o, EvacState::Failed, 3.0), Phase::Done);
+        // A link's failure quoting the source (its close's reason) is cleaned where it
+        // reaches the operator.
+        let mut o = orchestration();
+        o.started(1, 1.0);
+        let why = "closed by peer: \x1b[2Jbye".to_string();
+        handle(&mut o, LinkReport::Failed(1, why), 2.0, &events, &starts);
+        assert_eq!(
+            o.report().vms[1].error.as_deref(),
+            Some("closed by peer: \\u{1b}[2Jbye")
+        );
     }
 
     #[test]

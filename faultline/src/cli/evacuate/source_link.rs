@@ -19,7 +19,9 @@ use crate::cli::control_io::{read_msg, write_msg};
 pub enum Report {
     /// Its status while it waits.
     Status(usize, Status),
-    /// It could not be reached or refused us before anything started.
+    /// It could not be reached or refused us before anything started. This text, and
+    /// `Failed`'s, may quote the source (its refusal, its connection's close): it is
+    /// cleaned where it reaches the operator (the hearing, `fail`), not here.
     Unreachable(usize, String),
     /// An event of its evacuation.
     Event(usize, Status),
@@ -89,7 +91,7 @@ pub async fn run(
         Ok(Err(e)) => {
             let _ = out.send(Report::Unreachable(
                 vm,
-                clean_text(&format!("the control endpoint at {addr} refused us: {e:#}")),
+                format!("the control endpoint at {addr} refused us: {e:#}"),
             ));
             return;
         }
@@ -132,7 +134,7 @@ pub async fn run(
                         }
                     }
                     Ok(Err(e)) => {
-                        let _ = out.send(Report::Failed(vm, clean_text(&format!("{e:#}"))));
+                        let _ = out.send(Report::Failed(vm, format!("{e:#}")));
                         return;
                     }
                     Err(_) => {
@@ -146,7 +148,7 @@ pub async fn run(
     match evacuate(vm, &conn, within_own(cap, own), own, commands, &out, t).await {
         Ok(()) => conn.close(0u32.into(), b"done"),
         Err(e) => {
-            let _ = out.send(Report::Failed(vm, clean_text(&format!("{e:#}"))));
+            let _ = out.send(Report::Failed(vm, format!("{e:#}")));
             conn.close(fleet::control::CLOSE_GAVE_UP.into(), b"gave up");
         }
     }
@@ -183,10 +185,7 @@ async fn status(conn: &quinn::Connection) -> anyhow::Result<Status> {
         let _ = send.finish();
         match read_msg::<Reply>(&mut recv).await? {
             Some(Reply::Status(s)) => Ok(s),
-            Some(other) => bail!(
-                "the source answered a status request with {}",
-                clean_text(&format!("{other:?}"))
-            ),
+            Some(other) => bail!("the source answered a status request with {other:?}"),
             None => bail!("the source ended the stream without a status"),
         }
     };
@@ -269,26 +268,17 @@ async fn keep_rates<F, Fut>(
                 }
                 Err(e) => {
                     let again = places != Places::Ignored;
+                    // Logged and told here, not failed: the one place this text leaves
+                    // without `fail`'s or the hearing's cleaning.
+                    let error = clean_text(&format!("{e:#}"));
                     if asks == 1 {
-                        tracing::warn!(
-                            vm,
-                            ?cap,
-                            again,
-                            "setting the rate limit: {}",
-                            clean_text(&format!("{e:#}"))
-                        );
+                        tracing::warn!(vm, ?cap, again, "setting the rate limit: {error}");
                         tell(RateNews::Unconfirmed {
                             rate_cap_bps: cap,
-                            error: clean_text(&format!("{e:#}")),
+                            error,
                         });
                     } else {
-                        tracing::debug!(
-                            vm,
-                            ?cap,
-                            asks,
-                            "setting the rate limit: {}",
-                            clean_text(&format!("{e:#}"))
-                        );
+                        tracing::debug!(vm, ?cap, asks, "setting the rate limit: {error}");
                     }
                     if !again {
                         break caps.recv().await;
@@ -354,10 +344,7 @@ async fn set_rate(
                 rate_cap_bps,
                 seq: echoed,
             }) if rate_cap_bps == cap => Ok(echoed == Some(seq)),
-            Some(other) => bail!(
-                "the source answered a rate limit with {}",
-                clean_text(&format!("{other:?}"))
-            ),
+            Some(other) => bail!("the source answered a rate limit with {other:?}"),
             None => bail!("the source ended the stream without an answer"),
         }
     };
@@ -463,7 +450,7 @@ async fn events(
         match next {
             Some(Reply::Accepted { .. }) => {}
             Some(Reply::Refused { reason }) => {
-                bail!("the source refused to evacuate: {}", clean_text(&reason))
+                bail!("the source refused to evacuate: {reason}")
             }
             Some(Reply::Event(s)) if s.evacuation.is_final() => {
                 // What was held back is superseded by it.
@@ -476,10 +463,7 @@ async fn events(
                 }
             }
             Some(Reply::Status(_) | Reply::RateSet { .. }) => {
-                bail!(
-                    "the source sent {} where an event belongs",
-                    clean_text(&format!("{next:?}"))
-                )
+                bail!("the source sent {next:?} where an event belongs")
             }
             None => bail!("the source ended the control stream before its evacuation ended"),
         }
