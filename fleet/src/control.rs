@@ -46,6 +46,16 @@ pub const EVENT_INTERVAL_MS: u64 = 250;
 /// shares the link for it any more.
 pub const CLOSE_GAVE_UP: u32 = 2;
 
+/// The QUIC application close code with which a source turns away a control connection
+/// beyond [`MAX_CONTROL_CONNECTIONS`]; its reason says so.
+pub const CLOSE_TOO_MANY: u32 = 3;
+
+/// Control connections a source keeps open at once. An orchestrator needs one (and
+/// `faultline plan --live` another); the rest leave room for one that reconnects before
+/// its old connection has timed out. Each holds a task and its windows, so even the
+/// pinned peer cannot open them without bound.
+pub const MAX_CONTROL_CONNECTIONS: usize = 16;
+
 /// The most characters of free text (a failure's reason) a side puts in a message: a long
 /// error chain must not make every later frame too long to send ([`MAX_FRAME`]).
 pub const MAX_TEXT_CHARS: usize = 2048;

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use fleet::control::{EvacState, Reply, Request, Status, EVENT_INTERVAL_MS};
+use fleet::control::{
+    EvacState, Reply, Request, Status, CLOSE_TOO_MANY, EVENT_INTERVAL_MS, MAX_CONTROL_CONNECTIONS,
+};
 use tokio::sync::{watch, Notify};
 use transport::quic::accept::{AcceptLimits, Acceptor};
 use transport::quic::RateLimit;
@@ -26,6 +28,8 @@ use pacing::{Paced, Pacing};
 
 /// How long a peer may take to send its request on a new stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Why a connection beyond [`MAX_CONTROL_CONNECTIONS`] is closed, as its peer reads it.
+const TOO_MANY_REASON: &str = "too many control connections open to this source";
 /// How long [`ControlServer::finish`] waits for the last events to reach the orchestrator.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -152,6 +156,16 @@ struct Shared {
 async fn serve(mut acceptor: Acceptor, shared: Arc<Shared>) {
     while let Some(conn) = acceptor.next().await {
         let shared = shared.clone();
+        // Only this task adds to the count, so it cannot pass the bound between the load
+        // and the add.
+        if shared.streams.connections.load(Ordering::Acquire) >= MAX_CONTROL_CONNECTIONS {
+            tracing::warn!(
+                peer = %conn.remote_address(),
+                "a control connection beyond the {MAX_CONTROL_CONNECTIONS} open: turned away"
+            );
+            conn.close(CLOSE_TOO_MANY.into(), TOO_MANY_REASON.as_bytes());
+            continue;
+        }
         shared.streams.connections.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             // What this orchestrator set.
@@ -530,6 +544,66 @@ mod tests {
         );
         assert_eq!(done.evacuation, EvacState::Done);
         h.close(0);
+    }
+
+    /// Even the pinned orchestrator cannot open control connections without bound: one
+    /// beyond the bound is closed with a reason that says why, and once one of those open
+    /// ends, a new one is answered again.
+    #[test]
+    fn connections_beyond_the_bound_are_turned_away_with_a_reason() {
+        let endpoint = TestEndpoint::start(None);
+        let addr = endpoint.server.local_addr();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ep = endpoint.orchestrator();
+            let status = |conn: quinn::Connection| async move {
+                let (mut send, mut recv) = conn.open_bi().await?;
+                write_msg(&mut send, &Request::Status).await?;
+                read_msg::<Reply>(&mut recv).await
+            };
+            let mut open = Vec::new();
+            for _ in 0..MAX_CONTROL_CONNECTIONS {
+                let conn = transport::quic::connect(&ep, addr).await.unwrap();
+                let answer = status(conn.clone()).await.unwrap();
+                assert!(matches!(answer, Some(Reply::Status(_))), "{answer:?}");
+                open.push(conn);
+            }
+            let extra = transport::quic::connect(&ep, addr).await.unwrap();
+            assert!(
+                status(extra.clone()).await.is_err(),
+                "answered beyond the bound"
+            );
+            match extra.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                    assert_eq!(c.error_code, CLOSE_TOO_MANY.into());
+                    assert_eq!(&c.reason[..], TOO_MANY_REASON.as_bytes());
+                }
+                other => panic!("closed with {other:?}"),
+            }
+            // One of those open hangs up: room for another.
+            open.pop().unwrap().close(0u32.into(), b"bye");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while endpoint.server.streams.connections.load(Ordering::Acquire)
+                >= MAX_CONTROL_CONNECTIONS
+            {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the close was not seen"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let again = transport::quic::connect(&ep, addr).await.unwrap();
+            let answer = status(again.clone()).await.unwrap();
+            assert!(matches!(answer, Some(Reply::Status(_))), "{answer:?}");
+            for conn in open.iter().chain([&again]) {
+                conn.close(0u32.into(), b"done");
+            }
+            ep.wait_idle().await;
+        });
+        endpoint.server.finish();
     }
 
     #[test]

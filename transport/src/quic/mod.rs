@@ -685,34 +685,75 @@ pub fn server_endpoint_tuned(
     peer: CertificateDer<'static>,
     tuning: &TransportTuning,
 ) -> Result<Endpoint, DriverError> {
-    server_endpoint_alpn(addr, me, peer, tuning, ALPN)
+    server_endpoint_alpn(
+        addr,
+        me,
+        peer,
+        tuning.config(),
+        tuning.udp_payload_bound(),
+        ALPN,
+    )
 }
 
 /// A listening endpoint for the fleet control protocol ([`CONTROL_ALPN`]): like
-/// [`server_endpoint`], but migration clients are refused in the handshake.
+/// [`server_endpoint`], but migration clients are refused in the handshake, and its
+/// connections are sized for small messages ([`control_config`]).
 pub fn control_server_endpoint(
     addr: SocketAddr,
     me: &Identity,
     peer: CertificateDer<'static>,
 ) -> Result<Endpoint, DriverError> {
     let tuning = TransportTuning::default();
-    server_endpoint_alpn(addr, me, peer, &tuning, CONTROL_ALPN)
+    let transport = control_config(CONTROL_PEER_STREAMS);
+    server_endpoint_alpn(
+        addr,
+        me,
+        peer,
+        transport,
+        tuning.udp_payload_bound(),
+        CONTROL_ALPN,
+    )
+}
+
+/// Per-stream receive window of a control connection: four of the control protocol's
+/// largest frames (64 KiB, `fleet::control::MAX_FRAME`). Its messages are small and
+/// answered one by one; the bulk window (megabytes) would only let a peer park that much
+/// in the endpoint's memory per stream.
+pub const CONTROL_STREAM_WINDOW: u32 = 256 << 10;
+
+/// Streams an orchestrator may have open at once on one control connection (its events,
+/// a status request, limits asked again while an older one is unanswered).
+pub const CONTROL_PEER_STREAMS: u32 = 8;
+
+/// The transport of a control connection: the default tuning's keep-alives, timeouts and
+/// congestion control, with windows for small messages ([`CONTROL_STREAM_WINDOW`]), no
+/// unidirectional streams, and at most `peer_bidi` bidirectional ones opened by the peer
+/// (the orchestrator opens every stream; a source opens none).
+fn control_config(peer_bidi: u32) -> TransportConfig {
+    let mut t = TransportTuning::default().config();
+    t.stream_receive_window(VarInt::from_u32(CONTROL_STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(2 * CONTROL_STREAM_WINDOW));
+    t.send_window(4 * u64::from(CONTROL_STREAM_WINDOW));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(peer_bidi));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t
 }
 
 fn server_endpoint_alpn(
     addr: SocketAddr,
     me: &Identity,
     peer: CertificateDer<'static>,
-    tuning: &TransportTuning,
+    transport: TransportConfig,
+    udp_payload_bound: u16,
     alpn: &[u8],
 ) -> Result<Endpoint, DriverError> {
     let tls = server_tls_for(me, peer, alpn)?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(tuning.config()));
+    cfg.transport_config(Arc::new(transport));
     // A peer that connected before comes back without a Retry's round trip.
     cfg.validation_token_config(tokens::validation_config());
-    endpoint(addr, me, Some(cfg), tuning.udp_payload_bound())
+    endpoint(addr, me, Some(cfg), udp_payload_bound)
 }
 
 /// A client endpoint that presents `me` and accepts only a server presenting `peer`,
@@ -732,7 +773,14 @@ pub fn client_endpoint_tuned(
     peer: CertificateDer<'static>,
     tuning: &TransportTuning,
 ) -> Result<Endpoint, DriverError> {
-    client_endpoint_alpn(bind, me, peer, tuning, ALPN)
+    client_endpoint_alpn(
+        bind,
+        me,
+        peer,
+        tuning.config(),
+        tuning.udp_payload_bound(),
+        ALPN,
+    )
 }
 
 /// A client endpoint for the fleet control protocol ([`CONTROL_ALPN`]): it reaches only
@@ -743,23 +791,33 @@ pub fn control_client_endpoint(
     peer: CertificateDer<'static>,
 ) -> Result<Endpoint, DriverError> {
     let tuning = TransportTuning::default();
-    client_endpoint_alpn(bind, me, peer, &tuning, CONTROL_ALPN)
+    // A source answers on the orchestrator's streams and opens none.
+    let transport = control_config(0);
+    client_endpoint_alpn(
+        bind,
+        me,
+        peer,
+        transport,
+        tuning.udp_payload_bound(),
+        CONTROL_ALPN,
+    )
 }
 
 fn client_endpoint_alpn(
     bind: SocketAddr,
     me: &Identity,
     peer: CertificateDer<'static>,
-    tuning: &TransportTuning,
+    transport: TransportConfig,
+    udp_payload_bound: u16,
     alpn: &[u8],
 ) -> Result<Endpoint, DriverError> {
     let tokens = tokens::client_tokens(&peer);
     let tls = client_tls_for(me, peer, alpn)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(tuning.config()));
+    cfg.transport_config(Arc::new(transport));
     cfg.token_store(tokens);
-    let mut ep = endpoint(bind, me, None, tuning.udp_payload_bound())?;
+    let mut ep = endpoint(bind, me, None, udp_payload_bound)?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }
