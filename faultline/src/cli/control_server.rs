@@ -28,6 +28,10 @@ use pacing::{Paced, Pacing};
 
 /// How long a peer may take to send its request on a new stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one event may wait for the orchestrator to read: it reads every event as it
+/// comes (the silence timeout fails a VM whose events stop for a few seconds), so a
+/// stream that stays full this long has an orchestrator that stopped reading.
+const EVENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a connection beyond [`MAX_CONTROL_CONNECTIONS`] is closed, as its peer reads it.
 const TOO_MANY_REASON: &str = "too many control connections open to this source";
 /// How long [`ControlServer::finish`] waits for the last events to reach the orchestrator.
@@ -154,15 +158,21 @@ struct Shared {
 }
 
 async fn serve(mut acceptor: Acceptor, shared: Arc<Shared>) {
+    let mut turned_away = 0u64;
     while let Some(conn) = acceptor.next().await {
         let shared = shared.clone();
         // Only this task adds to the count, so it cannot pass the bound between the load
         // and the add.
         if shared.streams.connections.load(Ordering::Acquire) >= MAX_CONTROL_CONNECTIONS {
-            tracing::warn!(
-                peer = %conn.remote_address(),
-                "a control connection beyond the {MAX_CONTROL_CONNECTIONS} open: turned away"
-            );
+            turned_away += 1;
+            // A peer that reconnects in a loop must not flood the log: the 1st, 2nd, 4th...
+            if turned_away.is_power_of_two() {
+                tracing::warn!(
+                    peer = %conn.remote_address(),
+                    turned_away,
+                    "a control connection beyond the {MAX_CONTROL_CONNECTIONS} open: turned away"
+                );
+            }
             conn.close(CLOSE_TOO_MANY.into(), TOO_MANY_REASON.as_bytes());
             continue;
         }
@@ -250,7 +260,11 @@ async fn answer(
             }
             evacuate();
             streams.open.fetch_add(1, Ordering::AcqRel);
-            let r = events(&mut send, status).await;
+            let r = events(&mut send, status, EVENT_WRITE_TIMEOUT).await;
+            if r.is_err() {
+                // Its last event may never be read: nothing more will be written.
+                let _ = send.reset(0u32.into());
+            }
             let _ = send.finish();
             // Until the orchestrator has the last event (or gives up).
             let _ = tokio::time::timeout(FLUSH_TIMEOUT, send.stopped()).await;
@@ -266,21 +280,19 @@ async fn answer(
 async fn events(
     send: &mut quinn::SendStream,
     status: &watch::Sender<Status>,
+    write_timeout: Duration,
 ) -> anyhow::Result<()> {
-    write_msg(
-        send,
-        &Reply::Accepted {
-            rate_cap_honoured: true,
-        },
-    )
-    .await?;
+    let accepted = Reply::Accepted {
+        rate_cap_honoured: true,
+    };
+    write_within(send, &accepted, write_timeout).await?;
     let mut rx = status.subscribe();
     let interval = Duration::from_millis(EVENT_INTERVAL_MS);
     loop {
         let now = rx.borrow_and_update().clone().stamped();
         let state = now.evacuation;
         let all_sent = sent_all(&now);
-        write_msg(send, &Reply::Event(now)).await?;
+        write_within(send, &Reply::Event(now), write_timeout).await?;
         if state.is_final() {
             return Ok(());
         }
@@ -293,7 +305,7 @@ async fn events(
                         let mut last = rx.borrow().clone();
                         last.evacuation = EvacState::Failed;
                         last.error.get_or_insert_with(|| "the source stopped".into());
-                        write_msg(send, &Reply::Event(last)).await?;
+                        write_within(send, &Reply::Event(last), write_timeout).await?;
                         return Ok(());
                     }
                     let s = rx.borrow_and_update();
@@ -304,6 +316,22 @@ async fn events(
                 _ = tokio::time::sleep_until(next) => break,
             }
         }
+    }
+}
+
+/// Writes `reply`, waiting at most `within` for the orchestrator to take it: one that stops
+/// reading while its connection lives would otherwise hold the writing task for good.
+async fn write_within(
+    send: &mut quinn::SendStream,
+    reply: &Reply,
+    within: Duration,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(within, write_msg(send, reply)).await {
+        Ok(written) => written,
+        Err(_) => anyhow::bail!(
+            "the orchestrator took no event for {} s",
+            within.as_secs_f64()
+        ),
     }
 }
 
@@ -557,7 +585,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async {
+        let test = async {
             let ep = endpoint.orchestrator();
             let status = |conn: quinn::Connection| async move {
                 let (mut send, mut recv) = conn.open_bi().await?;
@@ -602,8 +630,88 @@ mod tests {
                 conn.close(0u32.into(), b"done");
             }
             ep.wait_idle().await;
-        });
+        };
+        // Keep-alives hold an unanswered connection open: a regression fails, not hangs.
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), test).await })
+            .expect("stuck");
         endpoint.server.finish();
+    }
+
+    /// An orchestrator that stops reading the events while its connection lives: the
+    /// writes wait for stream credit at most the write timeout, then the events end with
+    /// an error that says so, instead of holding the task for good.
+    #[test]
+    fn events_nobody_reads_end_after_the_write_timeout() {
+        let (source, orchestrator) = (
+            Identity::generate("source").unwrap(),
+            Identity::generate("orchestrator").unwrap(),
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let ended = rt.block_on(async {
+            let server = transport::quic::control_server_endpoint(
+                "127.0.0.1:0".parse().unwrap(),
+                &source,
+                orchestrator.cert.clone(),
+            )
+            .unwrap();
+            let client = transport::quic::control_client_endpoint(
+                "127.0.0.1:0".parse().unwrap(),
+                &orchestrator,
+                source.cert.clone(),
+            )
+            .unwrap();
+            let addr = server.local_addr().unwrap();
+            let (conn, accepted) = tokio::join!(
+                transport::quic::connect(&client, addr),
+                transport::quic::accept(&server)
+            );
+            let (conn, accepted) = (conn.unwrap(), accepted.unwrap().unwrap());
+            let (mut req, mut recv) = conn.open_bi().await.unwrap();
+            write_msg(&mut req, &Request::Evacuate { rate_cap_bps: None })
+                .await
+                .unwrap();
+            let (mut send, _) = accepted.accept_bi().await.unwrap();
+            // Events of a few kilobytes each (a long error text), one at every change.
+            let status = Arc::new(watch::Sender::new(Status {
+                error: Some("x".repeat(2_000)),
+                ..super::super::replica::idle_status_of("vm", 1 << 20)
+            }));
+            let events = tokio::spawn({
+                let status = status.clone();
+                async move { events(&mut send, &status, Duration::from_millis(300)).await }
+            });
+            // The orchestrator reads the first answer, then no more.
+            let first: Option<Reply> = read_msg(&mut recv).await.unwrap();
+            assert!(matches!(first, Some(Reply::Accepted { .. })), "{first:?}");
+            let flipping = tokio::spawn(async move {
+                for i in 0u32.. {
+                    status.send_modify(|s| {
+                        s.evacuation = if i % 2 == 0 {
+                            EvacState::Starting
+                        } else {
+                            EvacState::Idle
+                        }
+                    });
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+            let ended = tokio::time::timeout(Duration::from_secs(20), events).await;
+            flipping.abort();
+            conn.close(0u32.into(), b"done");
+            ended
+        });
+        let error = ended
+            .expect("the events still waiting for a reader after 20 s")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the orchestrator took no event for 0.3 s"
+        );
     }
 
     #[test]

@@ -697,7 +697,7 @@ pub fn server_endpoint_tuned(
 
 /// A listening endpoint for the fleet control protocol ([`CONTROL_ALPN`]): like
 /// [`server_endpoint`], but migration clients are refused in the handshake, and its
-/// connections are sized for small messages ([`control_config`]).
+/// connections are sized for small messages ([`CONTROL_STREAM_WINDOW`]).
 pub fn control_server_endpoint(
     addr: SocketAddr,
     me: &Identity,
@@ -715,8 +715,8 @@ pub fn control_server_endpoint(
     )
 }
 
-/// Per-stream receive window of a control connection: four of the control protocol's
-/// largest frames (64 KiB, `fleet::control::MAX_FRAME`). Its messages are small and
+/// Per-stream receive window of a control connection: four times the control protocol's
+/// largest frame body (64 KiB, `fleet::control::MAX_FRAME`). Its messages are small and
 /// answered one by one; the bulk window (megabytes) would only let a peer park that much
 /// in the endpoint's memory per stream.
 pub const CONTROL_STREAM_WINDOW: u32 = 256 << 10;

@@ -164,6 +164,10 @@ fn silent(d: Duration) -> String {
 /// The connection's own reason when it is gone (a refused certificate says so), else `e`.
 fn explain(conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
     match conn.close_reason() {
+        // Closed by the source on purpose: its reason says why (too many connections).
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            anyhow!("the source closed the connection: {c}")
+        }
         Some(reason) => anyhow::Error::new(transport::quic::DriverError::Connection(reason)),
         None => e,
     }
@@ -740,6 +744,56 @@ mod tests {
                 error: "no answer".into()
             }]
         );
+    }
+
+    /// A source that already has as many control connections as it keeps: the link says
+    /// so, in the source's words, once.
+    #[test]
+    fn a_source_with_too_many_connections_is_reported_in_its_words() {
+        use fleet::control::MAX_CONTROL_CONNECTIONS;
+        let source = crate::cli::control_server::TestEndpoint::start(None);
+        let addr = source.server.local_addr();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let report = rt.block_on(async {
+            let ep = source.orchestrator();
+            let mut open = Vec::new();
+            for _ in 0..MAX_CONTROL_CONNECTIONS {
+                let conn = transport::quic::connect(&ep, addr).await.unwrap();
+                // Answered: counted by the source.
+                status(&conn).await.unwrap();
+                open.push(conn);
+            }
+            let (_commands, commands_rx) = mpsc::channel(8);
+            let (out, mut reports) = mpsc::unbounded_channel();
+            let t = Timeouts {
+                connect: Duration::from_secs(20),
+                silence: Duration::from_secs(5),
+            };
+            let link = tokio::time::timeout(
+                Duration::from_secs(30),
+                run(0, addr, ep.clone(), commands_rx, out, t),
+            );
+            link.await.expect("the link went on");
+            for conn in &open {
+                conn.close(0u32.into(), b"done");
+            }
+            ep.wait_idle().await;
+            reports.recv().await
+        });
+        source.server.finish();
+        match report {
+            Some(Report::Unreachable(0, why)) => assert_eq!(
+                why,
+                format!(
+                    "the control endpoint at {addr} refused us: the source closed the \
+                     connection: too many control connections open to this source (code 3)"
+                )
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// The orchestrator's link to a real control endpoint whose source has a limit of its
