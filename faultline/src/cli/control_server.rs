@@ -28,9 +28,10 @@ use pacing::{Paced, Pacing};
 
 /// How long a peer may take to send its request on a new stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one event may wait for the orchestrator to read: it reads every event as it
-/// comes (the silence timeout fails a VM whose events stop for a few seconds), so a
-/// stream that stays full this long has an orchestrator that stopped reading.
+/// How long one event may wait for stream credit: the orchestrator reads every event as
+/// it comes (its silence timeout fails a VM whose events stop for a few seconds), so a
+/// stream whose window (`transport::quic::CONTROL_STREAM_WINDOW`, a few hundred events)
+/// filled and stays full this long has an orchestrator that stopped reading.
 const EVENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a connection beyond [`MAX_CONTROL_CONNECTIONS`] is closed, as its peer reads it.
 const TOO_MANY_REASON: &str = "too many control connections open to this source";
@@ -177,6 +178,8 @@ async fn serve(mut acceptor: Acceptor, shared: Arc<Shared>) {
             continue;
         }
         shared.streams.connections.fetch_add(1, Ordering::AcqRel);
+        // A later flood is logged from its first again.
+        turned_away = 0;
         tokio::spawn(async move {
             // What this orchestrator set.
             let paced = Arc::new(Paced::default());
@@ -261,13 +264,14 @@ async fn answer(
             evacuate();
             streams.open.fetch_add(1, Ordering::AcqRel);
             let r = events(&mut send, status, EVENT_WRITE_TIMEOUT).await;
-            if r.is_err() {
-                // Its last event may never be read: nothing more will be written.
+            if r.is_ok() {
+                let _ = send.finish();
+                // Until the orchestrator has the last event (or gives up).
+                let _ = tokio::time::timeout(FLUSH_TIMEOUT, send.stopped()).await;
+            } else {
+                // Nothing more will be written, nor what waits in it read.
                 let _ = send.reset(0u32.into());
             }
-            let _ = send.finish();
-            // Until the orchestrator has the last event (or gives up).
-            let _ = tokio::time::timeout(FLUSH_TIMEOUT, send.stopped()).await;
             streams.ended(&streams.open);
             r
         }

@@ -164,7 +164,11 @@ fn silent(d: Duration) -> String {
 /// The connection's own reason when it is gone (a refused certificate says so), else `e`.
 fn explain(conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
     match conn.close_reason() {
-        // Closed by the source on purpose: its reason says why (too many connections).
+        // Closed by the source on purpose: its reason says why (too many connections), or
+        // code 0: its process is ending.
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == 0u32.into() => {
+            anyhow!("the source shut its control endpoint down: {c}")
+        }
         Some(quinn::ConnectionError::ApplicationClosed(c)) => {
             anyhow!("the source closed the connection: {c}")
         }
