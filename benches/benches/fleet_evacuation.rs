@@ -77,8 +77,10 @@
 //! every process here stands in for a host of its own but shares two cores. Each run line
 //! carries `machine_before` (idle and stolen cores over half a second before the run, the
 //! load average, and `faultline` processes or `/dev/shm/faultline-test-*` entries left by
-//! an earlier run, which also get a warning on stderr): on this shared machine the same
-//! command has given 20–39% and 1–4% per-VM error half an hour apart.
+//! an earlier run, which also get a warning on stderr) and `machine_during` (idle and
+//! stolen cores averaged over the run; a warning when the hypervisor took more than
+//! `machine::STEAL_WARNING_CORES`): on this shared machine the same command has given
+//! 20–39% and 1–4% per-VM error half an hour apart.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -534,9 +536,22 @@ fn run(
     if let Some(why) = machine.leftovers() {
         eprintln!("fleet_evacuation: warning: {why}");
     }
+    let watch = machine::CpuWatch::start();
     let (report, orch, counters, deadline_s) = evacuate(bed, specs, schedule, deadline_s)?;
+    // And what the hypervisor took while it ran (the fleet's start, its replication, the
+    // evacuation): a run it slowed is told apart by this, not by its figures.
+    let during = watch.since();
+    if let Some(c) = during.filter(|c| c.steal_cores > machine::STEAL_WARNING_CORES) {
+        eprintln!(
+            "fleet_evacuation: warning: the hypervisor took {:.2} cores on average during this \
+             run ({} VMs, {schedule}): its figures are the machine's, not the code's",
+            c.steal_cores,
+            specs.len()
+        );
+    }
     let mut line = compare(link, specs, schedule, &report, true, &orch)?;
     line["machine_before"] = json!(machine);
+    line["machine_during"] = json!(during);
     if let Some(c) = counters {
         // Toward the standbys: what the bottleneck carried and what its queue dropped.
         // The ideal on those bytes counts QUIC's headers (and any resends) as bytes that

@@ -56,6 +56,40 @@ pub fn before_run(window: Duration) -> MachineState {
     }
 }
 
+/// The CPU over a stretch (a whole run), from [`CpuWatch::start`] to [`CpuWatch::since`]:
+/// the hypervisor of a shared machine can take a large share of it for minutes (42–47% of
+/// both cores in a stretch of 2026-12-08, while a fleet ran at a third below its link's
+/// rate), which an idle reading before the run does not show.
+pub struct CpuWatch(Option<CpuTimes>);
+
+/// What [`CpuWatch::since`] saw, in cores averaged over the stretch.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct CpuShare {
+    /// Idle (and waiting for I/O).
+    pub idle_cores: f64,
+    /// Given by the hypervisor to others (`steal`).
+    pub steal_cores: f64,
+}
+
+/// Stolen cores over a run above which its figures say more about the machine than about
+/// the code: a tenth of a core.
+pub const STEAL_WARNING_CORES: f64 = 0.1;
+
+impl CpuWatch {
+    pub fn start() -> CpuWatch {
+        CpuWatch(read_cpu_times())
+    }
+
+    /// Since the start; `None` where `/proc/stat` cannot be read.
+    pub fn since(&self) -> Option<CpuShare> {
+        let (idle_cores, steal_cores, _) = self.0?.cores_between(&read_cpu_times()?);
+        Some(CpuShare {
+            idle_cores,
+            steal_cores,
+        })
+    }
+}
+
 impl MachineState {
     /// What a run should not start beside, said in a sentence; `None` if nothing.
     pub fn leftovers(&self) -> Option<String> {
@@ -202,6 +236,16 @@ mod tests {
         assert!((0.0..=n + 1e-9).contains(&s.idle_cores), "{s:?}");
         assert!((0.0..=n + 1e-9).contains(&s.steal_cores), "{s:?}");
         assert!(s.loadavg_1m.is_some_and(|l| l >= 0.0), "{s:?}");
+    }
+
+    #[test]
+    fn a_watch_over_a_stretch_reads_no_more_cores_than_there_are() {
+        let watch = CpuWatch::start();
+        std::thread::sleep(Duration::from_millis(50));
+        let s = watch.since().expect("this machine has /proc/stat");
+        let n = before_run(Duration::ZERO).cores as f64;
+        assert!((0.0..=n + 1e-9).contains(&s.idle_cores), "{s:?}");
+        assert!((0.0..=n + 1e-9).contains(&s.steal_cores), "{s:?}");
     }
 
     #[test]
