@@ -704,7 +704,7 @@ pub fn control_server_endpoint(
     peer: CertificateDer<'static>,
 ) -> Result<Endpoint, DriverError> {
     let tuning = TransportTuning::default();
-    let transport = control_config(CONTROL_PEER_STREAMS);
+    let transport = control_config(&tuning, CONTROL_PEER_STREAMS);
     server_endpoint_alpn(
         addr,
         me,
@@ -725,12 +725,12 @@ pub const CONTROL_STREAM_WINDOW: u32 = 256 << 10;
 /// a status request, limits asked again while an older one is unanswered).
 pub const CONTROL_PEER_STREAMS: u32 = 8;
 
-/// The transport of a control connection: the default tuning's keep-alives, timeouts and
-/// congestion control, with windows for small messages ([`CONTROL_STREAM_WINDOW`]), no
+/// The transport of a control connection: `tuning`'s keep-alives, timeouts and congestion
+/// control, with windows for small messages ([`CONTROL_STREAM_WINDOW`]), no
 /// unidirectional streams, and at most `peer_bidi` bidirectional ones opened by the peer
 /// (the orchestrator opens every stream; a source opens none).
-fn control_config(peer_bidi: u32) -> TransportConfig {
-    let mut t = TransportTuning::default().config();
+fn control_config(tuning: &TransportTuning, peer_bidi: u32) -> TransportConfig {
+    let mut t = tuning.config();
     t.stream_receive_window(VarInt::from_u32(CONTROL_STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(2 * CONTROL_STREAM_WINDOW));
     t.send_window(4 * u64::from(CONTROL_STREAM_WINDOW));
@@ -792,7 +792,7 @@ pub fn control_client_endpoint(
 ) -> Result<Endpoint, DriverError> {
     let tuning = TransportTuning::default();
     // A source answers on the orchestrator's streams and opens none.
-    let transport = control_config(0);
+    let transport = control_config(&tuning, 0);
     client_endpoint_alpn(
         bind,
         me,
