@@ -234,6 +234,19 @@ pub struct Status {
     pub own_rate_cap_bps: Option<u64>,
 }
 
+/// An orchestrator's limit `cap` (`None`: unheld) as an evacuation with its own limit `own`
+/// (`--evacuate-max-rate`, an operator's share of the source's NIC; `None`: none) takes it:
+/// never above the own limit, and unheld means that one. Sources apply it to every
+/// `SetRate` and `Evacuate` cap (since 2026-12-08); orchestrators send it too, for sources
+/// before that, whose `null` lifted the own limit as well.
+pub fn within_own(cap: Option<u64>, own: Option<u64>) -> Option<u64> {
+    match (cap, own) {
+        (Some(cap), Some(own)) => Some(cap.min(own)),
+        (cap, None) => cap,
+        (None, own) => own,
+    }
+}
+
 /// Bytes of a page in these messages' page counts: a guest page.
 pub const PAGE_BYTES: u64 = 4096;
 
@@ -392,6 +405,15 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), ControlErro
 pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_limit_is_never_above_the_sources_own_and_unheld_is_its_own() {
+        assert_eq!(within_own(Some(5), Some(10)), Some(5));
+        assert_eq!(within_own(Some(20), Some(10)), Some(10));
+        assert_eq!(within_own(None, Some(10)), Some(10));
+        assert_eq!(within_own(Some(20), None), Some(20));
+        assert_eq!(within_own(None, None), None);
+    }
 
     /// A source's status: a 64 MiB VM waiting, replicating.
     pub(crate) fn status() -> Status {

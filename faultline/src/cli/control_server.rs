@@ -5,7 +5,7 @@
 //! through). The protocol is `fleet::control`: `Status`; `Evacuate`, which starts the
 //! evacuation as SIGUSR1 does and streams events back until it is done or failed; and
 //! `SetRate`, which changes the evacuation's rate limit (a [`RateLimit`] the evacuation's
-//! connection follows from its next acknowledgement).
+//! connection follows from its next acknowledgement) within the evacuation's own.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -518,8 +518,13 @@ mod tests {
             })
         );
         assert_eq!(h.limit.get(), Some(3_000_000));
-        assert_eq!(h.set_rate(None, Some(3)), in_force(None, 3));
-        assert_eq!(h.close(0), None, "lifted: nothing to take back");
+        // A lift goes back to the own limit, and nothing raises it (`fleet::control::within_own`).
+        assert_eq!(h.set_rate(None, Some(3)), in_force(Some(10_000_000), 3));
+        assert_eq!(
+            h.set_rate(Some(50_000_000), Some(4)),
+            in_force(Some(10_000_000), 4)
+        );
+        assert_eq!(h.close(0), Some(10_000_000), "nothing to take back");
     }
 
     /// The next event for which `want` holds, skipping the others (periodic events that a

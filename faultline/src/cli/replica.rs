@@ -112,8 +112,8 @@ pub struct ReplicateArgs {
     pub evacuate_connect: Option<SocketAddr>,
     /// Send the evacuation at most this fast, bits per second (`40M`, `1G`): a share of
     /// the link or the NIC. `faultline evacuate` holds it lower while other VMs have the
-    /// link, never higher (a raw `SetRate` may change it either way); without either, no
-    /// limit. It holds where the rate × the round trip is at least two
+    /// link; no orchestrator's request lifts or raises it. Without it, no limit but the
+    /// orchestrator's. It holds where the rate × the round trip is at least two
     /// datagrams (docs/fleet.md#rate-limits).
     #[arg(long, value_name = "RATE", value_parser = super::wan::parse_rate)]
     pub evacuate_max_rate: Option<u64>,

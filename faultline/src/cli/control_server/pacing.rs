@@ -5,10 +5,12 @@
 //! Every change made here takes one lock and makes a new generation of the limit: a
 //! connection applies only a limit newer (by its `seq`) than the last it applied, and one
 //! that ends takes back only a limit that is still the one it set, not an equal one set
-//! since by another.
+//! since by another. No limit an orchestrator sends lifts or raises the evacuation's own
+//! (`--evacuate-max-rate`): it is a ceiling ([`within_own`]).
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use fleet::control::within_own;
 use transport::quic::RateLimit;
 
 /// The evacuation's rate limit, and which change made it.
@@ -51,8 +53,8 @@ impl Pacing {
     }
 
     /// A `SetRate` of `paced`'s connection with place `seq` (`None`: from an orchestrator
-    /// before places, always applied): whether it was applied, and the limit in force
-    /// after it.
+    /// before places, always applied), its `cap` taken within the own limit (`None`: back
+    /// to that): whether it was applied, and the limit in force after it.
     pub(super) fn set_rate(
         &self,
         paced: &Paced,
@@ -69,13 +71,13 @@ impl Pacing {
             p.seq = seq;
         }
         *generation += 1;
-        self.limit.set(cap);
+        self.limit.set(within_own(cap, self.own));
         p.last = Some((self.limit.get(), *generation));
         (true, self.limit.get())
     }
 
-    /// An `Evacuate` of `paced`'s connection: its cap becomes the limit (`None`: the
-    /// evacuation's own, whatever an earlier orchestrator left), unless a `SetRate` with a
+    /// An `Evacuate` of `paced`'s connection: its cap, within the own limit, becomes the
+    /// limit (`None`: the evacuation's own, whatever an earlier orchestrator left), unless a `SetRate` with a
     /// place came first: the orchestrator sends those only once it asked for the
     /// evacuation, so theirs is newer. Whether it was applied.
     pub(super) fn evacuate(&self, paced: &Paced, cap: Option<u64>) -> bool {
@@ -85,12 +87,9 @@ impl Pacing {
             return false;
         }
         *generation += 1;
-        match cap {
-            Some(_) => {
-                self.limit.set(cap);
-                p.last = Some((self.limit.get(), *generation));
-            }
-            None => self.limit.set(self.own),
+        self.limit.set(within_own(cap, self.own));
+        if cap.is_some() {
+            p.last = Some((self.limit.get(), *generation));
         }
         true
     }
@@ -98,8 +97,8 @@ impl Pacing {
     /// `paced`'s connection ended (`gave_up`: the orchestrator closed it with
     /// `CLOSE_GAVE_UP`). Nobody shares the link for us by its limits any more, so one it
     /// left lower than the evacuation's own (a VM held behind another at a twentieth of
-    /// the link) must not outlive it; one it lifted or raised stays, so does one left on a
-    /// VM it gave up on (the VMs planned in its place have the link), and so does one
+    /// the link) must not outlive it; one it lifted back to the own stays, so does one left
+    /// on a VM it gave up on (the VMs planned in its place have the link), and so does one
     /// another connection set since. Its own requests still arriving are not applied.
     /// Whether the own limit is back.
     pub(super) fn hang_up(&self, paced: &Paced, gave_up: bool) -> bool {
@@ -149,13 +148,10 @@ mod tests {
     #[test]
     fn only_a_hold_below_the_own_limit_that_the_connection_set_is_taken_back() {
         let (pacing, a) = (fresh(), Paced::default());
-        pacing.set_rate(&a, Some(1), Some(20));
-        assert!(!pacing.hang_up(&a, false), "raised");
-        assert_eq!(pacing.limit.get(), Some(20));
-        let (pacing, a) = (fresh(), Paced::default());
-        pacing.set_rate(&a, Some(1), None);
+        pacing.set_rate(&a, Some(1), Some(5));
+        pacing.set_rate(&a, Some(2), None);
         assert!(!pacing.hang_up(&a, false), "lifted");
-        assert_eq!(pacing.limit.get(), None);
+        assert_eq!(pacing.limit.get(), OWN);
         // With no limit of its own, any hold is lower.
         let (pacing, a) = (Pacing::new(RateLimit::new(None)), Paced::default());
         pacing.set_rate(&a, Some(1), Some(5));
@@ -202,10 +198,30 @@ mod tests {
         assert_eq!(pacing.limit.get(), Some(3));
         // Without a place: applied as it comes (an orchestrator before places).
         assert_eq!(pacing.set_rate(&a, None, Some(4)), (true, Some(4)));
-        assert_eq!(pacing.set_rate(&a, Some(3), None), (true, None));
+        assert_eq!(pacing.set_rate(&a, Some(3), None), (true, OWN));
         // Another connection's places are its own.
         let b = Paced::default();
         assert_eq!(pacing.set_rate(&b, Some(1), Some(6)), (true, Some(6)));
+    }
+
+    #[test]
+    fn no_orchestrator_lifts_or_raises_the_own_limit() {
+        let (pacing, a) = (fresh(), Paced::default());
+        assert_eq!(pacing.set_rate(&a, Some(1), Some(20)), (true, OWN));
+        assert_eq!(pacing.set_rate(&a, Some(2), None), (true, OWN));
+        assert_eq!(pacing.set_rate(&a, None, Some(u64::MAX)), (true, OWN));
+        assert!(
+            !pacing.hang_up(&a, false),
+            "nothing below the own limit to take back"
+        );
+        assert_eq!(pacing.limit.get(), OWN);
+        let (pacing, a) = (fresh(), Paced::default());
+        assert!(pacing.evacuate(&a, Some(20)));
+        assert_eq!(pacing.limit.get(), OWN);
+        // Without a limit of its own, the orchestrator's is the only one, and a lift lifts.
+        let (pacing, a) = (Pacing::new(RateLimit::new(None)), Paced::default());
+        assert_eq!(pacing.set_rate(&a, Some(1), Some(20)), (true, Some(20)));
+        assert_eq!(pacing.set_rate(&a, Some(2), None), (true, None));
     }
 
     #[test]

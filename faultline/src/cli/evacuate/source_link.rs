@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use fleet::control::{clean_text, Reply, Request, Status};
+use fleet::control::{clean_text, within_own, Reply, Request, Status};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -362,18 +362,6 @@ async fn set_rate(
     }
 }
 
-/// The orchestrator's limit `cap` (`None`: unheld) as the source is to take it: never above
-/// the evacuation's own (`own`, `--evacuate-max-rate`; an operator's share of the source's
-/// NIC), and unheld means that one. `SetRate`'s `null` lifts every limit, the source's own
-/// too, so a lift is sent as the own limit.
-fn within_own(cap: Option<u64>, own: Option<u64>) -> Option<u64> {
-    match (cap, own) {
-        (Some(cap), Some(own)) => Some(cap.min(own)),
-        (cap, None) => cap,
-        (None, own) => own,
-    }
-}
-
 async fn evacuate(
     vm: usize,
     conn: &quinn::Connection,
@@ -724,15 +712,6 @@ mod tests {
             source.asked(),
             [(0, 1, Some(1)), (1000, 2, None), (2000, 3, Some(3))]
         );
-    }
-
-    #[test]
-    fn a_limit_is_never_above_the_sources_own_and_unheld_is_its_own() {
-        assert_eq!(within_own(Some(5), Some(10)), Some(5));
-        assert_eq!(within_own(Some(20), Some(10)), Some(10));
-        assert_eq!(within_own(None, Some(10)), Some(10));
-        assert_eq!(within_own(Some(20), None), Some(20));
-        assert_eq!(within_own(None, None), None);
     }
 
     #[tokio::test(start_paused = true)]
