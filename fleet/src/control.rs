@@ -50,6 +50,12 @@ pub const CLOSE_GAVE_UP: u32 = 2;
 /// beyond [`MAX_CONTROL_CONNECTIONS`]; its reason says so.
 pub const CLOSE_TOO_MANY: u32 = 3;
 
+/// The QUIC stream reset code with which a source ends an evacuation's events stream it
+/// could not write to: the orchestrator read none of its events for the source's write
+/// timeout (counted from when the stream's window filled), or stopped the stream. The
+/// evacuation goes on; only its events end.
+pub const RESET_EVENTS_UNREAD: u32 = 1;
+
 /// Control connections a source keeps open at once. An orchestrator needs one (and
 /// `faultline plan --live` another); the rest leave room for one that reconnects before
 /// its old connection has timed out. Each holds a task and its windows, so even the

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use fleet::control::{
     EvacState, Reply, Request, Status, CLOSE_TOO_MANY, EVENT_INTERVAL_MS, MAX_CONTROL_CONNECTIONS,
+    RESET_EVENTS_UNREAD,
 };
 use tokio::sync::{watch, Notify};
 use transport::quic::accept::{AcceptLimits, Acceptor};
@@ -268,9 +269,6 @@ async fn answer(
                 let _ = send.finish();
                 // Until the orchestrator has the last event (or gives up).
                 let _ = tokio::time::timeout(FLUSH_TIMEOUT, send.stopped()).await;
-            } else {
-                // Nothing more will be written, nor what waits in it read.
-                let _ = send.reset(0u32.into());
             }
             streams.ended(&streams.open);
             r
@@ -280,8 +278,23 @@ async fn answer(
 
 /// `Accepted`, then an event at every change of the evacuation's state, when its last
 /// pages have left (`pages_remaining` reaches 0: the orchestrator hands the link on then),
-/// and every [`EVENT_INTERVAL_MS`], until it is done or failed.
+/// and every [`EVENT_INTERVAL_MS`], until it is done or failed. A write that fails, or
+/// waits for the orchestrator longer than `write_timeout`, ends the stream with a reset of
+/// code [`RESET_EVENTS_UNREAD`]: nothing more will be written, nor what waits in it read,
+/// and the orchestrator learns why.
 async fn events(
+    send: &mut quinn::SendStream,
+    status: &watch::Sender<Status>,
+    write_timeout: Duration,
+) -> anyhow::Result<()> {
+    let r = write_events(send, status, write_timeout).await;
+    if r.is_err() {
+        let _ = send.reset(RESET_EVENTS_UNREAD.into());
+    }
+    r
+}
+
+async fn write_events(
     send: &mut quinn::SendStream,
     status: &watch::Sender<Status>,
     write_timeout: Duration,
@@ -710,9 +723,21 @@ mod tests {
             });
             let ended = tokio::time::timeout(Duration::from_secs(20), events).await;
             flipping.abort();
+            // What the orchestrator reads when it comes back: the stream reset, with the
+            // code that says why.
+            let reset = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match read_msg::<Reply>(&mut recv).await {
+                        Ok(Some(_)) => {}
+                        other => break other,
+                    }
+                }
+            })
+            .await;
             conn.close(0u32.into(), b"done");
-            ended
+            (ended, reset)
         });
+        let (ended, reset) = ended;
         let error = ended
             .expect("the events still waiting for a reader after 20 s")
             .unwrap()
@@ -720,6 +745,17 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "the orchestrator took no event for 0.3 s"
+        );
+        let reset = reset
+            .expect("the stream neither reset nor ended")
+            .unwrap_err();
+        assert!(
+            matches!(
+                reset.downcast_ref::<quinn::ReadExactError>(),
+                Some(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)))
+                    if *code == RESET_EVENTS_UNREAD.into()
+            ),
+            "{reset:#}"
         );
     }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use fleet::control::{clean_text, within_own, Reply, Request, Status};
+use fleet::control::{clean_text, within_own, Reply, Request, Status, RESET_EVENTS_UNREAD};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -173,7 +173,22 @@ fn explain(conn: &quinn::Connection, e: anyhow::Error) -> anyhow::Error {
             anyhow!("the source closed the connection: {c}")
         }
         Some(reason) => anyhow::Error::new(transport::quic::DriverError::Connection(reason)),
-        None => e,
+        None => reset_by_source(&e).unwrap_or(e),
+    }
+}
+
+/// A stream the source reset, in words, where its code says why.
+fn reset_by_source(e: &anyhow::Error) -> Option<anyhow::Error> {
+    match e.downcast_ref::<quinn::ReadExactError>()? {
+        quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code))
+            if *code == RESET_EVENTS_UNREAD.into() =>
+        {
+            Some(anyhow!(
+                "the source stopped sending its events: we had read none of them for too long \
+                 (stream reset, code {code})"
+            ))
+        }
+        _ => None,
     }
 }
 
@@ -727,6 +742,26 @@ mod tests {
                 error: "no answer".into()
             }]
         );
+    }
+
+    /// An events stream the source reset because we stopped reading is reported as that;
+    /// another reset keeps quinn's words.
+    #[test]
+    fn an_events_stream_reset_for_going_unread_is_reported_as_that() {
+        let reset = |code: u32| {
+            let e = quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code.into()));
+            Err::<(), _>(e)
+                .context("reading a control frame")
+                .unwrap_err()
+        };
+        assert_eq!(
+            reset_by_source(&reset(RESET_EVENTS_UNREAD))
+                .unwrap()
+                .to_string(),
+            "the source stopped sending its events: we had read none of them for too long \
+             (stream reset, code 1)"
+        );
+        assert!(reset_by_source(&reset(0)).is_none());
     }
 
     /// A source that already has as many control connections as it keeps: the link says
