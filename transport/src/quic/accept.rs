@@ -6,14 +6,18 @@
 //! * **Address validation first**: an Initial from an address that has not proved it can
 //!   receive (no valid token) is answered with a stateless Retry and forgotten, so spoofed
 //!   or replayed Initials cost one small packet and no memory.
-//! * **Handshakes run concurrently**, at most [`AcceptLimits::max_handshakes`] at once,
-//!   each bounded by [`AcceptLimits::handshake_timeout`]; beyond the bound new attempts are
-//!   ignored. A handshake that fails (an unpinned certificate, garbage, a timeout) is
-//!   logged and dropped; it never ends the listener.
+//! * **Handshakes run concurrently**, at most [`AcceptLimits::max_handshakes`] at once and
+//!   [`AcceptLimits::max_handshakes_per_peer`] from one peer (an IPv4 address, an IPv6
+//!   /64: validated, so not spoofed), each bounded by [`AcceptLimits::handshake_timeout`];
+//!   beyond a bound new attempts are ignored. So one host that completes address
+//!   validation and then stalls its handshakes holds a share of the places, not all of
+//!   them. A handshake that fails (an unpinned certificate, garbage, a timeout) is logged
+//!   and dropped; it never ends the listener.
 //! * **Busy**: while the caller is in a session ([`Acceptor::set_busy`]), an authenticated
 //!   peer is told at once, with [`ErrorCode::Busy`] and a reason, instead of waiting.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +36,8 @@ pub struct AcceptLimits {
     /// Most handshakes in progress at once; attempts beyond it are ignored (the peer's
     /// Initial goes unanswered, as if lost, and a real client retransmits it).
     pub max_handshakes: usize,
+    /// Most of them from one peer ([`peer_of`]: an IPv4 address, an IPv6 /64).
+    pub max_handshakes_per_peer: usize,
     /// Longest one handshake may take from its validated Initial to an authenticated
     /// connection.
     pub handshake_timeout: Duration,
@@ -45,6 +51,11 @@ impl Default for AcceptLimits {
             // handshake_flood bench's real source waited ~1 s in half its rounds under 1,000
             // unpinned clients. A pending handshake holds a few kilobytes.
             max_handshakes: 1024,
+            // A real peer needs one or two at once (a source's replication and its
+            // evacuation; an orchestrator's control connection and `plan --live`); this
+            // leaves room for a few dozen behind one address, and takes 32 addresses that
+            // stall their handshakes to fill the places.
+            max_handshakes_per_peer: 32,
             handshake_timeout: Duration::from_secs(10),
         }
     }
@@ -57,6 +68,9 @@ pub struct AcceptCounts {
     pub retried: u64,
     /// Attempts ignored because [`AcceptLimits::max_handshakes`] were in progress.
     pub ignored: u64,
+    /// Attempts ignored because their peer had [`AcceptLimits::max_handshakes_per_peer`]
+    /// in progress.
+    pub ignored_per_peer: u64,
     /// Handshakes that failed or timed out (unknown peer, garbage, silence).
     pub failed: u64,
     /// Authenticated peers told the listener is busy.
@@ -69,6 +83,7 @@ pub struct AcceptCounts {
 struct Counters {
     retried: AtomicU64,
     ignored: AtomicU64,
+    ignored_per_peer: AtomicU64,
     failed: AtomicU64,
     busy: AtomicU64,
     accepted: AtomicU64,
@@ -78,6 +93,8 @@ struct Shared {
     counts: Counters,
     /// While `Some`, authenticated peers are closed with this reason.
     busy: Mutex<Option<String>>,
+    /// Handshakes in progress, by peer ([`peer_of`]); a peer with none has no entry.
+    handshaking: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// Accepts connections on a listening endpoint in the background and hands over only
@@ -102,6 +119,7 @@ impl Acceptor {
         let shared = Arc::new(Shared {
             counts: Counters::default(),
             busy: Mutex::new(None),
+            handshaking: Mutex::default(),
         });
         // Room for a few authenticated peers the caller has not taken yet; more wait in
         // their handshake task (each holds a slot of the bound) until it takes them.
@@ -160,6 +178,7 @@ impl Acceptor {
         AcceptCounts {
             retried: get(&c.retried),
             ignored: get(&c.ignored),
+            ignored_per_peer: get(&c.ignored_per_peer),
             failed: get(&c.failed),
             busy: get(&c.busy),
             accepted: get(&c.accepted),
@@ -202,6 +221,15 @@ async fn accept_loop(
             }
             continue;
         }
+        let peer = peer_of(incoming.remote_address());
+        let Some(peer_slot) = PeerSlot::take(&shared, peer, limits.max_handshakes_per_peer) else {
+            shared
+                .counts
+                .ignored_per_peer
+                .fetch_add(1, Ordering::Relaxed);
+            incoming.ignore();
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             shared.counts.ignored.fetch_add(1, Ordering::Relaxed);
             incoming.ignore();
@@ -209,7 +237,7 @@ async fn accept_loop(
         };
         let (shared, tx) = (shared.clone(), tx.clone());
         handshakes.spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, peer_slot);
             let peer = incoming.remote_address();
             match tokio::time::timeout(limits.handshake_timeout, handshake(incoming)).await {
                 Ok(Ok(conn)) => hand_over(conn, &shared, &tx).await,
@@ -219,6 +247,60 @@ async fn accept_loop(
         });
     }
     handshakes.abort_all();
+}
+
+/// Whom a handshake is counted against for [`AcceptLimits::max_handshakes_per_peer`]: an
+/// IPv4 address (also when mapped into IPv6), or an IPv6 address's /64, the least a
+/// host is given, so that one host's many addresses count as one.
+pub fn peer_of(addr: SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+/// One of a peer's places among the handshakes in progress, given back when dropped.
+struct PeerSlot {
+    shared: Arc<Shared>,
+    peer: IpAddr,
+}
+
+impl PeerSlot {
+    /// A place for `peer`, unless it has `max` in progress.
+    fn take(shared: &Arc<Shared>, peer: IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut map = shared.handshaking.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(peer).or_insert(0);
+        if *n >= max.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            shared: shared.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .shared
+            .handshaking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
 }
 
 async fn handshake(incoming: Incoming) -> Result<Connection, quinn::ConnectionError> {
@@ -245,4 +327,171 @@ async fn hand_over(conn: Connection, shared: &Shared, tx: &mpsc::Sender<Connecti
     shared.counts.accepted.fetch_add(1, Ordering::Relaxed);
     // A closed receiver means the caller stopped listening; the connection just drops.
     let _ = tx.send(conn).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Condvar;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    use super::*;
+    use crate::quic;
+    use crate::tls::{CertificateDer, Identity, ALPN};
+
+    #[test]
+    fn a_peer_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let peer = |s: &str| peer_of(s.parse().unwrap());
+        assert_eq!(peer("192.0.2.7:4433"), peer("192.0.2.7:9"));
+        assert_ne!(peer("192.0.2.7:4433"), peer("192.0.2.8:4433"));
+        assert_eq!(peer("[::ffff:192.0.2.7]:1"), peer("192.0.2.7:2"));
+        assert_eq!(
+            peer("[2001:db8:1:2:aaaa::1]:1"),
+            peer("[2001:db8:1:2:bbbb::9]:2")
+        );
+        assert_ne!(peer("[2001:db8:1:2::1]:1"), peer("[2001:db8:1:3::1]:1"));
+    }
+
+    /// Whether the stalled clients may go on, and how many got as far as the listener's
+    /// certificate (their handshake holds a place from then on).
+    #[derive(Debug, Default)]
+    struct Stall {
+        released: Mutex<bool>,
+        wake: Condvar,
+        entered: AtomicUsize,
+    }
+
+    /// A client's certificate check that waits until the test releases it (at most 30 s),
+    /// then fails: the listener's handshake, past address validation, hears nothing more.
+    #[derive(Debug)]
+    struct Stalling(Arc<Stall>);
+
+    impl ServerCertVerifier for Stalling {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            let stall = &self.0;
+            stall.entered.fetch_add(1, Ordering::AcqRel);
+            let released = stall.released.lock().unwrap();
+            let _ = stall
+                .wake
+                .wait_timeout_while(released, Duration::from_secs(30), |r| !*r)
+                .unwrap();
+            Err(rustls::Error::General("released".into()))
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::General("not reached".into()))
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::General("not reached".into()))
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// A client from `ip` that passes address validation and then stalls its handshake
+    /// until `stall` is released, on a thread of its own (its check blocks the thread).
+    fn stalled_client(ip: &str, to: SocketAddr, stall: Arc<Stall>) -> std::thread::JoinHandle<()> {
+        let bind: SocketAddr = format!("{ip}:0").parse().unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .unwrap()
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(Stalling(stall)))
+                    .with_no_client_auth();
+                tls.alpn_protocols = vec![ALPN.to_vec()];
+                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+                let mut ep = Endpoint::client(bind).unwrap();
+                ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+                let _ = ep.connect(to, "faultline").unwrap().await;
+            });
+        })
+    }
+
+    /// One host stalling more handshakes than its share holds its share of the places,
+    /// and the real peer, from another address, still gets one at once. (With the whole
+    /// bound open to one peer, the stalled clients take every place and the real peer's
+    /// Initials go unanswered until their handshakes time out.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_that_stalls_its_handshakes_holds_only_its_share_of_the_places() {
+        let (server, client) = (
+            Identity::generate("dest").unwrap(),
+            Identity::generate("source").unwrap(),
+        );
+        let ep =
+            quic::server_endpoint("127.0.0.1:0".parse().unwrap(), &server, client.cert.clone())
+                .unwrap();
+        let addr = ep.local_addr().unwrap();
+        let limits = AcceptLimits {
+            max_handshakes: 4,
+            max_handshakes_per_peer: 2,
+            handshake_timeout: Duration::from_secs(30),
+        };
+        let mut acceptor = Acceptor::start(ep, limits);
+        let stall = Arc::new(Stall::default());
+        let stalled: Vec<_> = (0..5)
+            .map(|_| stalled_client("127.0.0.2", addr, stall.clone()))
+            .collect();
+        // Two handshakes of theirs hold places; the other three are ignored.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stall.entered.load(Ordering::Acquire) < 2 || acceptor.counts().ignored_per_peer < 3 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} stalled, {:?}",
+                stall.entered.load(Ordering::Acquire),
+                acceptor.counts()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let real =
+            quic::client_endpoint("127.0.0.1:0".parse().unwrap(), &client, server.cert.clone())
+                .unwrap();
+        let (conn, got) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(5), quic::connect(&real, addr)),
+            tokio::time::timeout(Duration::from_secs(5), acceptor.next()),
+        );
+        let entered = stall.entered.load(Ordering::Acquire);
+        *stall.released.lock().unwrap() = true;
+        stall.wake.notify_all();
+        for t in stalled {
+            t.join().unwrap();
+        }
+        conn.expect("the real peer was kept waiting").unwrap();
+        got.expect("the real peer was not handed over")
+            .expect("endpoint open");
+        assert_eq!(entered, 2, "the stalling host got more than its share");
+        let c = acceptor.counts();
+        assert_eq!((c.accepted, c.ignored), (1, 0), "{c:?}");
+    }
 }
