@@ -52,8 +52,8 @@ pub const CLOSE_TOO_MANY: u32 = 3;
 
 /// The QUIC stream reset code with which a source ends an evacuation's events stream it
 /// could not write to: the orchestrator read none of its events for the source's write
-/// timeout (counted from when the stream's window filled), or stopped the stream. The
-/// evacuation goes on; only its events end.
+/// timeout (counted from when the stream's window filled). The evacuation goes on; only
+/// its events end. (Another failure to write them ends the stream with code 0.)
 pub const RESET_EVENTS_UNREAD: u32 = 1;
 
 /// Control connections a source keeps open at once. An orchestrator needs one (and
@@ -91,11 +91,12 @@ pub enum Request {
     /// Where the VM is.
     Status,
     /// Start the evacuation now (as SIGUSR1 does). `rate_cap_bps`: a limit on its rate,
-    /// bits per second (`None`: whatever limit the source has, usually none); a source
-    /// that cannot pace says so in [`Reply::Accepted`].
+    /// bits per second, within the source's own ([`within_own`]; `None`: the source's own,
+    /// usually none); a source that cannot pace says so in [`Reply::Accepted`].
     Evacuate { rate_cap_bps: Option<u64> },
-    /// Limit the evacuation's rate to `rate_cap_bps` bits per second from now on (`None`
-    /// lifts the limit), whether it runs yet or not.
+    /// Limit the evacuation's rate to `rate_cap_bps` bits per second from now on, within
+    /// the source's own limit ([`within_own`]: `None` lifts the limit back to that one, a
+    /// cap above it gets that one), whether it runs yet or not.
     SetRate {
         rate_cap_bps: Option<u64>,
         /// Its place among the limits set on this connection, counting from 1, a new one
@@ -118,7 +119,8 @@ pub enum Reply {
     /// The evacuation starts (or had started: a second request follows the same one).
     Accepted {
         /// Whether the source paces its evacuation to the limits it is sent: the requested
-        /// cap, unless a newer `SetRate` of the connection arrived first (then that one's).
+        /// cap (within the source's own, [`within_own`]), unless a newer `SetRate` of the
+        /// connection arrived first (then that one's).
         rate_cap_honoured: bool,
     },
     /// The request cannot be done; the reason, in words.
@@ -245,7 +247,10 @@ pub struct Status {
 /// never above the own limit, and unheld means that one. Sources apply it to every
 /// `SetRate` and `Evacuate` cap (since 2026-12-08); orchestrators send it too, for sources
 /// before that, whose `null` lifted the own limit as well.
+///
+/// A cap of 0 is no cap, as `transport::quic::RateLimit` takes it: it too gets the own limit.
 pub fn within_own(cap: Option<u64>, own: Option<u64>) -> Option<u64> {
+    let cap = cap.filter(|&c| c > 0);
     match (cap, own) {
         (Some(cap), Some(own)) => Some(cap.min(own)),
         (cap, None) => cap,
@@ -419,6 +424,9 @@ pub(crate) mod tests {
         assert_eq!(within_own(None, Some(10)), Some(10));
         assert_eq!(within_own(Some(20), None), Some(20));
         assert_eq!(within_own(None, None), None);
+        // 0, which a rate limit takes as none, is no way around the own limit.
+        assert_eq!(within_own(Some(0), Some(10)), Some(10));
+        assert_eq!(within_own(Some(0), None), None);
     }
 
     /// A source's status: a 64 MiB VM waiting, replicating.

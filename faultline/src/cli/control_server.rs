@@ -278,21 +278,32 @@ async fn answer(
 
 /// `Accepted`, then an event at every change of the evacuation's state, when its last
 /// pages have left (`pages_remaining` reaches 0: the orchestrator hands the link on then),
-/// and every [`EVENT_INTERVAL_MS`], until it is done or failed. A write that fails, or
-/// waits for the orchestrator longer than `write_timeout`, ends the stream with a reset of
-/// code [`RESET_EVENTS_UNREAD`]: nothing more will be written, nor what waits in it read,
-/// and the orchestrator learns why.
+/// and every [`EVENT_INTERVAL_MS`], until it is done or failed. A write that waits for the
+/// orchestrator longer than `write_timeout` ends the stream with a reset of code
+/// [`RESET_EVENTS_UNREAD`], so the orchestrator learns why; one that fails otherwise, with
+/// code 0.
 async fn events(
     send: &mut quinn::SendStream,
     status: &watch::Sender<Status>,
     write_timeout: Duration,
 ) -> anyhow::Result<()> {
     let r = write_events(send, status, write_timeout).await;
-    if r.is_err() {
-        let _ = send.reset(RESET_EVENTS_UNREAD.into());
+    if let Err(e) = &r {
+        // Nothing more will be written, nor what waits in it read.
+        let code = if e.is::<Unread>() {
+            RESET_EVENTS_UNREAD
+        } else {
+            0
+        };
+        let _ = send.reset(code.into());
     }
     r
 }
+
+/// An event the orchestrator did not take within the write timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the orchestrator took no event for {} s", .0.as_secs_f64())]
+struct Unread(Duration);
 
 async fn write_events(
     send: &mut quinn::SendStream,
@@ -345,10 +356,7 @@ async fn write_within(
 ) -> anyhow::Result<()> {
     match tokio::time::timeout(within, write_msg(send, reply)).await {
         Ok(written) => written,
-        Err(_) => anyhow::bail!(
-            "the orchestrator took no event for {} s",
-            within.as_secs_f64()
-        ),
+        Err(_) => Err(Unread(within).into()),
     }
 }
 

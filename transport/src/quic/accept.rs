@@ -30,13 +30,18 @@ use tokio::task::JoinHandle;
 use super::dest::Candidate;
 use crate::message::ErrorCode;
 
-/// Bounds on the handshakes an [`Acceptor`] runs.
+/// Bounds on the handshakes an [`Acceptor`] runs: start from `AcceptLimits::default()` and
+/// change the fields that matter (more may come).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AcceptLimits {
     /// Most handshakes in progress at once; attempts beyond it are ignored (the peer's
     /// Initial goes unanswered, as if lost, and a real client retransmits it).
     pub max_handshakes: usize,
-    /// Most of them from one peer ([`peer_of`]: an IPv4 address, an IPv6 /64).
+    /// Most of them from one peer ([`peer_of`]: an IPv4 address, an IPv6 /64). Peers that
+    /// share an address (behind one NAT, in one /64) share this too: a host there that
+    /// stalls its handshakes keeps the others waiting, where it would take the whole
+    /// bound from a peer elsewhere.
     pub max_handshakes_per_peer: usize,
     /// Longest one handshake may take from its validated Initial to an authenticated
     /// connection.

@@ -210,6 +210,11 @@ mod tests {
         assert_eq!(pacing.set_rate(&a, Some(1), Some(20)), (true, OWN));
         assert_eq!(pacing.set_rate(&a, Some(2), None), (true, OWN));
         assert_eq!(pacing.set_rate(&a, None, Some(u64::MAX)), (true, OWN));
+        assert_eq!(
+            pacing.set_rate(&a, None, Some(0)),
+            (true, OWN),
+            "0 is no limit"
+        );
         assert!(
             !pacing.hang_up(&a, false),
             "nothing below the own limit to take back"
