@@ -4,7 +4,7 @@
 //! deadline = "15m"                 # from now; or 2026-12-01T12:00:00Z (RFC 3339)
 //! margin = 0.10                    # plan for links 10% slower than stated
 //! first = ["db-1"]                 # optional: start these first, in this order
-//! skip = ["scratch-7"]             # optional: do not evacuate these
+//! skip = ["scratch-7"]             # optional: do not evacuate these (each named below)
 //!
 //! [costs]                          # optional; these are the defaults
 //! handshake_rtts = 3
@@ -30,6 +30,10 @@
 //! replication_budget_bps = "50M"
 //! priority = 3
 //! wire_ratio = 0.5                 # optional: what the encoding makes of a byte (1: raw)
+//!
+//! [[vm]]
+//! name = "scratch-7"
+//! memory_bytes = "8G"
 //! ```
 //!
 //! Every number may be a TOML number or a string with a suffix; errors name the entry and
@@ -71,13 +75,23 @@ pub enum Deadline {
 /// Why a plan file was refused.
 #[derive(Debug, Error)]
 pub enum PlanFileError {
-    /// Not TOML at all (the source says where).
-    #[error("not valid TOML")]
-    Syntax(#[source] toml::de::Error),
+    /// Not TOML at all: where, and what was expected.
+    #[error(transparent)]
+    Syntax(TomlSyntax),
     /// An entry is wrong: it is named.
     #[error(transparent)]
     Input(#[from] InputError),
 }
+
+/// A TOML syntax error as the parser words it (`TOML parse error at line 1, column 11`,
+/// the line with a caret, what was expected), without its trailing newline.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct TomlSyntax(String);
+
+/// The furthest a deadline may be: an evacuation is planned for minutes or hours, so one
+/// further off than a year is a slip of the pen (and would print as hundreds of digits).
+pub const MAX_DEADLINE_S: f64 = 366.0 * 86_400.0;
 
 const TOP_KEYS: &str = "deadline, margin, first, skip, costs, link, vm, cert, key, peer_cert";
 const COSTS_KEYS: &str = "handshake_rtts, switchover_ms, wire_overhead, finish_ms";
@@ -93,7 +107,9 @@ const RATE_EXAMPLES: &str = "1000000000, \"100M\", \"1G\", \"2.5Gbit/s\"";
 /// Parses and checks a plan file; `now_unix_s` is the time now (seconds since the Unix
 /// epoch), against which the deadline is taken.
 pub fn parse(text: &str, now_unix_s: f64) -> Result<PlanFile, PlanFileError> {
-    let doc: Table = toml::from_str(text).map_err(PlanFileError::Syntax)?;
+    let doc: Table = toml::from_str(text).map_err(|e: toml::de::Error| {
+        PlanFileError::Syntax(TomlSyntax(e.to_string().trim_end().to_string()))
+    })?;
     let top = Entry::Top;
     for key in doc.keys() {
         if !TOP_KEYS.split(", ").any(|k| k == key) {
@@ -151,7 +167,7 @@ pub fn parse(text: &str, now_unix_s: f64) -> Result<PlanFile, PlanFileError> {
                     .problem(Problem::OutOfRange {
                         key: "margin",
                         value: m.to_string(),
-                        range: "0 and 0.99 (0.1 or \"10%\": plan for 10% less bandwidth)",
+                        range: "0 and 0.99",
                     })
                     .into());
             }
@@ -296,6 +312,15 @@ fn to_u64(x: f64) -> u64 {
 fn size(entry: &Entry, t: &Table, key: &'static str) -> Result<Option<u64>, InputError> {
     t.get(key)
         .map(|v| {
+            if let Value::Float(f) = v {
+                // A plain number is bytes; a fraction of one is a slip (`"1.5G"` is fine).
+                if f.fract() != 0.0 {
+                    return Err(entry.clone().problem(Problem::NotWhole {
+                        key,
+                        value: f.to_string(),
+                    }));
+                }
+            }
             let x = quantity(entry, key, v, parse_size, "a size in bytes", SIZE_EXAMPLES)?;
             // Refused here, as written, rather than as the number it would round to.
             if x > crate::model::MAX_BYTES as f64 {
@@ -312,8 +337,27 @@ fn size(entry: &Entry, t: &Table, key: &'static str) -> Result<Option<u64>, Inpu
 
 fn rate(entry: &Entry, t: &Table, key: &'static str) -> Result<Option<u64>, InputError> {
     t.get(key)
-        .map(|v| quantity(entry, key, v, parse_rate, "a rate in bit/s", RATE_EXAMPLES).map(to_u64))
+        .map(|v| {
+            if let Value::String(s) = v {
+                if bytes_a_second(s) {
+                    return Err(entry.clone().problem(Problem::BytesPerSecond {
+                        key,
+                        value: s.clone(),
+                    }));
+                }
+            }
+            quantity(entry, key, v, parse_rate, "a rate in bit/s", RATE_EXAMPLES).map(to_u64)
+        })
         .transpose()
+}
+
+/// A rate written in bytes a second (`100MB/s`, `1GBps`: an upper-case B before `/s` or
+/// `ps`), which `parse_rate` refuses rather than read as bits.
+fn bytes_a_second(s: &str) -> bool {
+    let t = s.trim();
+    ["B/s", "Bps", "B/S", "BPS"]
+        .iter()
+        .any(|u| t.strip_suffix(u).is_some_and(|n| !n.is_empty()))
 }
 
 fn millis(entry: &Entry, t: &Table, key: &'static str) -> Result<Option<f64>, InputError> {
@@ -481,6 +525,13 @@ fn parse_deadline(doc: &Table, now: f64) -> Result<Deadline, InputError> {
     let v = doc
         .get("deadline")
         .ok_or_else(|| top.clone().problem(Problem::Missing { key: "deadline" }))?;
+    let too_far = |shown: String| {
+        top.clone().problem(Problem::OutOfRange {
+            key: "deadline",
+            value: shown,
+            range: "now and a year from now",
+        })
+    };
     let absolute = |dt: &toml::value::Datetime| -> Result<Deadline, InputError> {
         let unix = datetime_unix(dt).ok_or_else(|| {
             top.clone().problem(Problem::Other(format!(
@@ -494,6 +545,9 @@ fn parse_deadline(doc: &Table, now: f64) -> Result<Deadline, InputError> {
                 now: fmt_rfc3339(now),
             }));
         }
+        if unix - now > MAX_DEADLINE_S {
+            return Err(too_far(dt.to_string()));
+        }
         Ok(Deadline::At {
             unix_s: unix,
             rfc3339: fmt_rfc3339(unix),
@@ -503,11 +557,16 @@ fn parse_deadline(doc: &Table, now: f64) -> Result<Deadline, InputError> {
         if secs <= 0.0 {
             return Err(top.clone().problem(Problem::DeadlineNotAhead(shown)));
         }
+        if secs > MAX_DEADLINE_S {
+            return Err(too_far(shown));
+        }
         Ok(Deadline::In(secs))
     };
     match v {
         Value::Datetime(dt) => absolute(dt),
         Value::Integer(i) => relative(*i as f64, i.to_string()),
+        // Shown as written, more or less: 1e300 rather than its 301 digits.
+        Value::Float(f) if f.is_finite() && f.abs() >= 1e9 => relative(*f, format!("{f:e}")),
         Value::Float(f) if f.is_finite() => relative(*f, f.to_string()),
         Value::String(s) => {
             if let Ok(dt) = s.trim().parse::<toml::value::Datetime>() {

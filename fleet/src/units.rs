@@ -8,7 +8,7 @@
 //! Parsers return `None` for anything malformed; the plan file turns that into an error
 //! naming the entry. A leading `-` is reported as negative by the caller.
 
-/// Bytes with an optional binary suffix (K, M, G, T, also as KB/KiB, any case); a decimal
+/// Bytes with an optional binary suffix (K, M, G, T, P, E, also as KB/KiB, any case); a decimal
 /// fraction is allowed (`1.5G`) and rounded to a whole byte.
 pub fn parse_size(s: &str) -> Option<f64> {
     let t = s.trim();
@@ -24,6 +24,7 @@ pub fn parse_size(s: &str) -> Option<f64> {
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
         "P" | "PB" | "PIB" => 50,
+        "E" | "EB" | "EIB" => 60,
         _ => return None,
     };
     let v = (n * (1u64 << shift) as f64).round();
@@ -183,6 +184,8 @@ mod tests {
         assert_eq!(parse_size("12X"), None);
         assert_eq!(parse_size("-1"), None);
         assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("1E"), Some((1u64 << 60) as f64));
+        assert_eq!(parse_size("1024P"), parse_size("1EiB"));
         assert_eq!(parse_rate("1G"), Some(1e9));
         assert_eq!(parse_rate("2.5Gbit/s"), Some(2.5e9));
         assert_eq!(parse_rate("100 Mbit"), Some(1e8));

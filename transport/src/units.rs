@@ -1,13 +1,13 @@
-//! Byte counts as operators write them: `3125000`, `512K`, `12M`, `1G`, `4MiB` (binary
-//! multiples), for flags and environment variables alike.
+//! Byte counts as operators write them: `3125000`, `512K`, `12M`, `1G`, `4MiB`, `1.5G`
+//! (binary multiples), for flags and environment variables alike.
 
 use thiserror::Error;
 
 /// Why a byte count was refused.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ByteCountError {
-    /// The input (the value) does not start with a decimal number that fits in a `u64`.
-    #[error("{0:?} is not a byte count (examples: 65536, 512K, 12M, 1G)")]
+    /// The input (the value) does not start with a decimal number.
+    #[error("{0:?} is not a byte count (examples: 65536, 512K, 1.5M, 1G)")]
     NotANumber(String),
     /// The number is followed by something other than a known suffix.
     #[error("unknown size suffix {suffix:?} in {input:?} (K, M, G, T; KiB, MB, ... accepted)")]
@@ -26,14 +26,24 @@ pub enum ByteCountError {
 }
 
 /// A positive byte count with an optional binary suffix (`K`, `M`, `G`, `T`, each also as
-/// `KB` / `KiB`, any case).
+/// `KB` / `KiB`, any case); a decimal fraction (`1.5M`) is rounded to a whole byte.
 pub fn parse_bytes(s: &str) -> Result<u64, ByteCountError> {
     let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let digits = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| ByteCountError::NotANumber(s.to_string()))?;
+    let not_a_number = || ByteCountError::NotANumber(s.to_string());
+    // The number first: `-1` is not a number, rather than a number with a suffix `-1`.
+    let whole = if num.contains('.') {
+        None
+    } else {
+        Some(num.parse::<u64>().map_err(|_| not_a_number())?)
+    };
+    let fraction = match whole {
+        Some(_) => 0.0,
+        None => num.parse::<f64>().map_err(|_| not_a_number())?,
+    };
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
@@ -47,7 +57,15 @@ pub fn parse_bytes(s: &str) -> Result<u64, ByteCountError> {
             })
         }
     };
-    match n.checked_mul(1 << shift) {
+    let bytes = match whole {
+        Some(n) => n.checked_mul(1 << shift),
+        None => {
+            let b = (fraction * (1u64 << shift) as f64).round();
+            // 2^64 as f64 is the first value that does not fit.
+            (b < u64::MAX as f64).then_some(b as u64)
+        }
+    };
+    match bytes {
         Some(0) => Err(ByteCountError::Zero(s.to_string())),
         Some(b) => Ok(b),
         None => Err(ByteCountError::TooLarge(s.to_string())),
@@ -79,6 +97,27 @@ mod tests {
         ));
         assert!(matches!(
             parse_bytes("99999999999T"),
+            Err(ByteCountError::TooLarge(_))
+        ));
+        // Fractions, rounded to a byte.
+        assert_eq!(parse_bytes("1.5M"), Ok(3 << 19));
+        assert_eq!(parse_bytes("0.5K"), Ok(512));
+        assert_eq!(parse_bytes(".5K"), Ok(512));
+        assert_eq!(parse_bytes("2.0"), Ok(2));
+        assert_eq!(
+            parse_bytes("0.0001"),
+            Err(ByteCountError::Zero("0.0001".into()))
+        );
+        assert!(matches!(
+            parse_bytes("1.2.3M"),
+            Err(ByteCountError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_bytes("."),
+            Err(ByteCountError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_bytes("99999999.5T"),
             Err(ByteCountError::TooLarge(_))
         ));
     }

@@ -37,11 +37,11 @@ pub struct EvacuateArgs {
     pub plan: PathBuf,
     /// Seconds a source's control endpoint has to answer at the start; a source that does
     /// not is reported and left out (if none answers, nothing starts).
-    #[arg(long, default_value = "3", value_parser = parse_secs)]
+    #[arg(long, default_value = "3", value_name = "SECS", value_parser = parse_secs)]
     pub connect_timeout: Duration,
     /// Seconds without an event from an evacuating source before it counts as failed; a
     /// rate limit it has not confirmed within them is asked again.
-    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_secs)]
     pub silence_timeout: Duration,
     /// Seconds (at least 3) an evacuating VM whose source still reports may go without
     /// moving (no switchover, no fewer bytes left, or, where those say nothing, less than
@@ -51,7 +51,7 @@ pub struct EvacuateArgs {
     /// started in it tells: if it moves, the others are stalled too; if not, they are taken
     /// for a link outage and left in place). Past the deadline, once nothing under way has
     /// moved for this long, the evacuation ends, reporting what did not finish.
-    #[arg(long, default_value = "10", value_parser = parse_stall_secs)]
+    #[arg(long, default_value = "10", value_name = "SECS", value_parser = parse_stall_secs)]
     pub stall_timeout: Duration,
     /// Write one JSON event line per state change to stderr, prefixed `@faultline `
     /// (the default when stderr is not a terminal; on a terminal, progress bars).
@@ -100,10 +100,8 @@ pub fn run(a: EvacuateArgs) -> anyhow::Result<ExitCode> {
         .duration_since(UNIX_EPOCH)
         .context("the clock is before 1970")?
         .as_secs_f64();
-    let pf = fleet::file::parse(&text, now)
-        .with_context(|| format!("plan file {}", a.plan.display()))?;
-    let setup = plan_file::resolve(&pf, &a.plan)
-        .with_context(|| format!("plan file {}", a.plan.display()))?;
+    let pf = fleet::file::parse(&text, now).with_context(|| a.plan.display().to_string())?;
+    let setup = plan_file::resolve(&pf, &a.plan).with_context(|| a.plan.display().to_string())?;
     let events = Events::new(a.progress || !std::io::stderr().is_terminal());
     let timeouts = Timeouts {
         connect: a.connect_timeout,

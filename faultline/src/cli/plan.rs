@@ -41,7 +41,7 @@ pub struct PlanArgs {
     #[arg(long)]
     pub live: bool,
     /// With `--live`: seconds each source has to answer.
-    #[arg(long, default_value = "3", value_parser = super::evacuate::parse_secs, requires = "live")]
+    #[arg(long, default_value = "3", value_name = "SECS", value_parser = super::evacuate::parse_secs, requires = "live")]
     pub connect_timeout: Duration,
 }
 
@@ -76,12 +76,11 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
         .duration_since(UNIX_EPOCH)
         .context("the clock is before 1970")?
         .as_secs_f64();
-    let pf = fleet::file::parse(&text, now)
-        .with_context(|| format!("plan file {}", a.file.display()))?;
+    let pf = fleet::file::parse(&text, now).with_context(|| a.file.display().to_string())?;
     let (plan, answered, unreachable) = if a.live {
         let live =
             super::evacuate::live_plan(&pf, &a.file, read_at, a.connect_timeout, Policy::Planner)
-                .with_context(|| format!("plan file {}", a.file.display()))?;
+                .with_context(|| a.file.display().to_string())?;
         let unreachable = live
             .unreachable
             .into_iter()
@@ -148,6 +147,11 @@ fn write_gantt(file: &Path, pf: &PlanFile, plan: &Plan, out: &Path) -> anyhow::R
 }
 
 /// The text report.
+/// `1 link`, `2 links`.
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn render(file: &str, pf: &PlanFile, p: &Plan) -> String {
     let mut s = String::new();
     let skipped = p.vms.iter().filter(|v| v.status == Status::Skipped).count();
@@ -157,9 +161,9 @@ fn render(file: &str, pf: &PlanFile, p: &Plan) -> String {
     };
     let _ = writeln!(
         s,
-        "{file}: {} VMs on {} links{}; deadline in {}{when}; margin {:.0}% of every link's rate",
-        p.vms.len(),
-        p.links.len(),
+        "{file}: {} on {}{}; deadline in {}{when}; margin {:.0}% of every link's rate",
+        count(p.vms.len(), "VM", "VMs"),
+        count(p.links.len(), "link", "links"),
         if skipped > 0 {
             format!(" ({skipped} skipped)")
         } else {

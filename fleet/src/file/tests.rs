@@ -148,6 +148,18 @@ fn deadlines_absolute_and_relative() {
         err(&good_but("deadline = \"15m\"", "")),
         "plan: deadline is missing"
     );
+    // Further off than a year: a slip, refused rather than printed as hundreds of digits.
+    assert_eq!(
+        at("deadline = 1e300").unwrap_err().to_string(),
+        "plan: deadline must be between now and a year from now (got 1e300)"
+    );
+    assert_eq!(
+        at("deadline = 2031-12-01T12:00:00Z")
+            .unwrap_err()
+            .to_string(),
+        "plan: deadline must be between now and a year from now (got 2031-12-01T12:00:00Z)"
+    );
+    assert!(at("deadline = \"8000h\"").is_ok());
 }
 
 #[test]
@@ -252,7 +264,7 @@ fn every_bad_entry_is_named() {
         (
             "rate_bps = \"1G\"",
             "rate_bps = \"100MB/s\"",
-            "link \"wan-a\": rate_bps = \"100MB/s\" is not a rate in bit/s",
+            "link \"wan-a\": rate_bps = \"100MB/s\" is in bytes a second",
         ),
         (
             "priority = 3",
@@ -362,9 +374,9 @@ fn a_file_without_links_or_vms_or_not_toml() {
     );
     let e = parse("deadline = \n", NOW).unwrap_err();
     assert!(matches!(e, PlanFileError::Syntax(_)));
-    assert_eq!(e.to_string(), "not valid TOML");
-    let source = std::error::Error::source(&e).unwrap().to_string();
-    assert!(source.contains("line 1"), "{source}");
+    let said = e.to_string();
+    assert!(said.starts_with("TOML parse error at line 1"), "{said}");
+    assert!(!said.ends_with('\n'), "{said:?}");
     assert_eq!(
         err("deadline = 60\nlink = 3\n"),
         "plan: link must be an array of tables ([[...]] entries) (got 3)"
@@ -454,4 +466,32 @@ fn control_endpoints_and_certificates() {
     assert!(err(&bad).starts_with("vm \"web-1\": peer_cert is given but control"));
     let bad = good_but("deadline = \"15m\"", "deadline = \"15m\"\ncert = 5");
     assert_eq!(err(&bad), "plan: cert must be a file path (got 5)");
+}
+
+#[test]
+fn rates_in_bytes_fractions_of_a_byte_and_exabytes_are_refused_with_why() {
+    assert_eq!(
+        err(&good_but(
+            "dirty_rate_bps = \"200M\"",
+            "dirty_rate_bps = \"100MB/s\""
+        )),
+        "vm \"db-1\": dirty_rate_bps = \"100MB/s\" is in bytes a second: rates are bits a \
+         second (100MB/s is \"800M\")"
+    );
+    assert!(err(&good_but("rate_bps = \"1G\"", "rate_bps = \"1GBps\"")).contains("bytes a second"));
+    // Bits a second, however written, are rates.
+    assert!(parse(&good_but("rate_bps = \"1G\"", "rate_bps = \"1Gbps\""), NOW).is_ok());
+    assert_eq!(
+        err(&good_but("memory_bytes = 4096", "memory_bytes = 1.5")),
+        "vm \"scratch\": memory_bytes = 1.5 is not a whole number of bytes (\"1.5G\" is fine)"
+    );
+    assert!(parse(
+        &good_but("memory_bytes = 4096", "memory_bytes = 4096.0"),
+        NOW
+    )
+    .is_ok());
+    assert!(
+        err(&good_but("memory_bytes = 4096", "memory_bytes = \"2E\""))
+            .contains("between 0 and 1 EiB")
+    );
 }
