@@ -47,7 +47,9 @@ use toml::{Table, Value};
 
 use crate::model::{Costs, Entry, Fleet, InputError, Link, Problem, Vm, DEFAULT_WINDOW_BYTES};
 use crate::plan::{PlanOptions, DEFAULT_MARGIN};
-use crate::units::{days_from_civil, fmt_rfc3339, parse_duration, parse_rate, parse_size};
+use crate::units::{
+    days_from_civil, fmt_rate, fmt_rfc3339, parse_duration, parse_rate, parse_size,
+};
 
 mod control;
 pub use control::{parse_addr, ControlAddr, ControlPlan, VmControl};
@@ -167,7 +169,7 @@ pub fn parse(text: &str, now_unix_s: f64) -> Result<PlanFile, PlanFileError> {
                     .problem(Problem::OutOfRange {
                         key: "margin",
                         value: m.to_string(),
-                        range: "0 and 0.99",
+                        range: "0 and 0.99, as 0.1 or \"10%\"",
                     })
                     .into());
             }
@@ -242,6 +244,8 @@ fn describe(v: &Value) -> String {
     match v {
         Value::String(s) => format!("{s:?}"),
         Value::Integer(i) => i.to_string(),
+        // 1e300 rather than its 301 digits, 1e-300 rather than its 300 zeros.
+        Value::Float(f) if *f != 0.0 && !(1e-3..1e9).contains(&f.abs()) => format!("{f:e}"),
         Value::Float(f) => f.to_string(),
         Value::Boolean(b) => b.to_string(),
         Value::Datetime(d) => d.to_string(),
@@ -314,10 +318,10 @@ fn size(entry: &Entry, t: &Table, key: &'static str) -> Result<Option<u64>, Inpu
         .map(|v| {
             if let Value::Float(f) = v {
                 // A plain number is bytes; a fraction of one is a slip (`"1.5G"` is fine).
-                if f.fract() != 0.0 {
+                if f.is_finite() && f.fract() != 0.0 {
                     return Err(entry.clone().problem(Problem::NotWhole {
                         key,
-                        value: f.to_string(),
+                        value: describe(v),
                     }));
                 }
             }
@@ -339,10 +343,11 @@ fn rate(entry: &Entry, t: &Table, key: &'static str) -> Result<Option<u64>, Inpu
     t.get(key)
         .map(|v| {
             if let Value::String(s) = v {
-                if bytes_a_second(s) {
+                if let Some(bits) = bytes_a_second(s) {
                     return Err(entry.clone().problem(Problem::BytesPerSecond {
                         key,
                         value: s.clone(),
+                        bits: fmt_rate(bits),
                     }));
                 }
             }
@@ -352,12 +357,17 @@ fn rate(entry: &Entry, t: &Table, key: &'static str) -> Result<Option<u64>, Inpu
 }
 
 /// A rate written in bytes a second (`100MB/s`, `1GBps`: an upper-case B before `/s` or
-/// `ps`), which `parse_rate` refuses rather than read as bits.
-fn bytes_a_second(s: &str) -> bool {
+/// `ps`, any case after it), which `parse_rate` refuses rather than read as bits: the bits
+/// a second it means, if the rest is a rate.
+fn bytes_a_second(s: &str) -> Option<f64> {
     let t = s.trim();
-    ["B/s", "Bps", "B/S", "BPS"]
-        .iter()
-        .any(|u| t.strip_suffix(u).is_some_and(|n| !n.is_empty()))
+    let unit = t.len().checked_sub(3).filter(|&i| t.is_char_boundary(i))?;
+    let (body, tail) = t.split_at(unit);
+    let tail = tail.to_ascii_lowercase();
+    if !(tail == "bps" || tail == "b/s") || !t[unit..].starts_with('B') || body.is_empty() {
+        return None;
+    }
+    parse_rate(body).map(|bytes| bytes * 8.0)
 }
 
 fn millis(entry: &Entry, t: &Table, key: &'static str) -> Result<Option<f64>, InputError> {
@@ -565,9 +575,7 @@ fn parse_deadline(doc: &Table, now: f64) -> Result<Deadline, InputError> {
     match v {
         Value::Datetime(dt) => absolute(dt),
         Value::Integer(i) => relative(*i as f64, i.to_string()),
-        // Shown as written, more or less: 1e300 rather than its 301 digits.
-        Value::Float(f) if f.is_finite() && f.abs() >= 1e9 => relative(*f, format!("{f:e}")),
-        Value::Float(f) if f.is_finite() => relative(*f, f.to_string()),
+        Value::Float(f) if f.is_finite() => relative(*f, describe(v)),
         Value::String(s) => {
             if let Ok(dt) = s.trim().parse::<toml::value::Datetime>() {
                 return absolute(&dt);

@@ -485,10 +485,12 @@ pub enum Problem {
     },
     #[error("{key} = {value} is not a whole number of bytes (\"1.5G\" is fine)")]
     NotWhole { key: &'static str, value: String },
-    #[error(
-        "{key} = {value:?} is in bytes a second: rates are bits a second (100MB/s is \"800M\")"
-    )]
-    BytesPerSecond { key: &'static str, value: String },
+    #[error("{key} = {value:?} is in bytes a second: rates are bits a second (write {bits:?})")]
+    BytesPerSecond {
+        key: &'static str,
+        value: String,
+        bits: String,
+    },
     #[error("{key} = {value:?} is not {what} (examples: {examples})")]
     Unparsable {
         key: &'static str,

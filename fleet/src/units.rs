@@ -8,8 +8,8 @@
 //! Parsers return `None` for anything malformed; the plan file turns that into an error
 //! naming the entry. A leading `-` is reported as negative by the caller.
 
-/// Bytes with an optional binary suffix (K, M, G, T, P, E, also as KB/KiB, any case); a decimal
-/// fraction is allowed (`1.5G`) and rounded to a whole byte.
+/// Bytes with an optional binary suffix (K, M, G, T, P, E, also as KB/KiB, any case); with a
+/// suffix a decimal fraction is allowed (`1.5G`) and rounded to a whole byte.
 pub fn parse_size(s: &str) -> Option<f64> {
     let t = s.trim();
     let split = t
@@ -27,6 +27,10 @@ pub fn parse_size(s: &str) -> Option<f64> {
         "E" | "EB" | "EIB" => 60,
         _ => return None,
     };
+    // Without a suffix it is bytes, whole ones.
+    if shift == 0 && num.contains('.') {
+        return None;
+    }
     let v = (n * (1u64 << shift) as f64).round();
     v.is_finite().then_some(v)
 }
@@ -80,7 +84,7 @@ pub fn parse_duration(s: &str, default_unit: f64) -> Option<f64> {
 
 /// `1.5 GiB`, `312 MiB`, `4.0 KiB`, `12 B`.
 pub fn fmt_bytes(b: f64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if !b.is_finite() {
         return "-".into();
     }
@@ -185,7 +189,9 @@ mod tests {
         assert_eq!(parse_size("-1"), None);
         assert_eq!(parse_size(""), None);
         assert_eq!(parse_size("1E"), Some((1u64 << 60) as f64));
-        assert_eq!(parse_size("1024P"), parse_size("1EiB"));
+        assert_eq!(parse_size("1024P"), Some((1u64 << 60) as f64));
+        assert_eq!(parse_size("1EiB"), Some((1u64 << 60) as f64));
+        assert_eq!(parse_size("1.5"), None, "a fraction of a byte");
         assert_eq!(parse_rate("1G"), Some(1e9));
         assert_eq!(parse_rate("2.5Gbit/s"), Some(2.5e9));
         assert_eq!(parse_rate("100 Mbit"), Some(1e8));

@@ -9,6 +9,9 @@ pub enum ByteCountError {
     /// The input (the value) does not start with a decimal number.
     #[error("{0:?} is not a byte count (examples: 65536, 512K, 1.5M, 1G)")]
     NotANumber(String),
+    /// A fraction without a suffix: a fraction of a byte.
+    #[error("{0:?} is not a whole number of bytes (a fraction needs a suffix: 1.5M)")]
+    Fraction(String),
     /// The number is followed by something other than a known suffix.
     #[error("unknown size suffix {suffix:?} in {input:?} (K, M, G, T; KiB, MB, ... accepted)")]
     UnknownSuffix {
@@ -17,8 +20,8 @@ pub enum ByteCountError {
         /// The whole input.
         input: String,
     },
-    /// The input (the value) counts zero bytes.
-    #[error("{0:?} must be positive")]
+    /// The input (the value) counts zero bytes, or less than one.
+    #[error("{0:?} must be at least one byte")]
     Zero(String),
     /// The input (the value) is more bytes than a `u64` holds.
     #[error("{0:?} is too large")]
@@ -26,23 +29,28 @@ pub enum ByteCountError {
 }
 
 /// A positive byte count with an optional binary suffix (`K`, `M`, `G`, `T`, each also as
-/// `KB` / `KiB`, any case); a decimal fraction (`1.5M`) is rounded to a whole byte.
+/// `KB` / `KiB`, any case). With a suffix the number may have a fraction (`1.5M`: binary
+/// multiples, so `37.5M` is 39,321,600 bytes), rounded to a whole byte; without one it is
+/// whole bytes.
 pub fn parse_bytes(s: &str) -> Result<u64, ByteCountError> {
     let t = s.trim();
     let digits = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits);
-    let not_a_number = || ByteCountError::NotANumber(s.to_string());
     // The number first: `-1` is not a number, rather than a number with a suffix `-1`.
-    let whole = if num.contains('.') {
-        None
+    let number = if num.contains('.') {
+        Number::Fraction(
+            num.parse::<f64>()
+                .map_err(|_| ByteCountError::NotANumber(s.to_string()))?,
+        )
     } else {
-        Some(num.parse::<u64>().map_err(|_| not_a_number())?)
-    };
-    let fraction = match whole {
-        Some(_) => 0.0,
-        None => num.parse::<f64>().map_err(|_| not_a_number())?,
+        match num.parse::<u64>() {
+            Ok(n) => Number::Whole(n),
+            // All digits, yet no u64: too many of them.
+            Err(_) if !num.is_empty() => return Err(ByteCountError::TooLarge(s.to_string())),
+            Err(_) => return Err(ByteCountError::NotANumber(s.to_string())),
+        }
     };
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
@@ -57,10 +65,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, ByteCountError> {
             })
         }
     };
-    let bytes = match whole {
-        Some(n) => n.checked_mul(1 << shift),
-        None => {
-            let b = (fraction * (1u64 << shift) as f64).round();
+    let bytes = match number {
+        Number::Whole(n) => n.checked_mul(1 << shift),
+        Number::Fraction(_) if shift == 0 => return Err(ByteCountError::Fraction(s.to_string())),
+        Number::Fraction(x) => {
+            let b = (x * (1u64 << shift) as f64).round();
             // 2^64 as f64 is the first value that does not fit.
             (b < u64::MAX as f64).then_some(b as u64)
         }
@@ -70,6 +79,12 @@ pub fn parse_bytes(s: &str) -> Result<u64, ByteCountError> {
         Some(b) => Ok(b),
         None => Err(ByteCountError::TooLarge(s.to_string())),
     }
+}
+
+/// The number before a byte count's suffix.
+enum Number {
+    Whole(u64),
+    Fraction(f64),
 }
 
 #[cfg(test)]
@@ -103,11 +118,20 @@ mod tests {
         assert_eq!(parse_bytes("1.5M"), Ok(3 << 19));
         assert_eq!(parse_bytes("0.5K"), Ok(512));
         assert_eq!(parse_bytes(".5K"), Ok(512));
-        assert_eq!(parse_bytes("2.0"), Ok(2));
+        assert_eq!(parse_bytes("2.0K"), Ok(2048));
         assert_eq!(
-            parse_bytes("0.0001"),
-            Err(ByteCountError::Zero("0.0001".into()))
+            parse_bytes("1.5"),
+            Err(ByteCountError::Fraction("1.5".into()))
         );
+        assert_eq!(
+            parse_bytes("0.0001K"),
+            Err(ByteCountError::Zero("0.0001K".into()))
+        );
+        assert_eq!(
+            parse_bytes("99999999999999999999"),
+            Err(ByteCountError::TooLarge("99999999999999999999".into()))
+        );
+        assert_eq!(parse_bytes("18446744073709551615"), Ok(u64::MAX));
         assert!(matches!(
             parse_bytes("1.2.3M"),
             Err(ByteCountError::NotANumber(_))

@@ -80,7 +80,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     let (plan, answered, unreachable) = if a.live {
         let live =
             super::evacuate::live_plan(&pf, &a.file, read_at, a.connect_timeout, Policy::Planner)
-                .with_context(|| a.file.display().to_string())?;
+                .with_context(|| format!("asking the sources of {}", a.file.display()))?;
         let unreachable = live
             .unreachable
             .into_iter()
@@ -116,8 +116,9 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     } else {
         if a.live {
             println!(
-                "Planned with what {} of {} sources measure now.",
-                answered.0, answered.1
+                "Planned with what {} of {} measure now.",
+                answered.0,
+                count(answered.1, "source", "sources")
             );
         }
         print!("{}", render(&a.file.display().to_string(), &pf, &plan));
@@ -146,12 +147,12 @@ fn write_gantt(file: &Path, pf: &PlanFile, plan: &Plan, out: &Path) -> anyhow::R
     Ok(())
 }
 
-/// The text report.
 /// `1 link`, `2 links`.
 fn count(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
+/// The text report.
 fn render(file: &str, pf: &PlanFile, p: &Plan) -> String {
     let mut s = String::new();
     let skipped = p.vms.iter().filter(|v| v.status == Status::Skipped).count();
@@ -286,8 +287,12 @@ fn render(file: &str, pf: &PlanFile, p: &Plan) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "saved by the deadline: {} of {} VMs (weight {} of {}) with the margin; {} at the links' full rate",
-        t.saved, t.vms, t.saved_weight, t.weight, t.saved_at_full_rate
+        "saved by the deadline: {} of {} (weight {} of {}) with the margin; {} at the links' full rate",
+        t.saved,
+        count(t.vms, "VM", "VMs"),
+        t.saved_weight,
+        t.weight,
+        t.saved_at_full_rate
     );
     let _ = writeln!(
         s,

@@ -159,7 +159,12 @@ fn deadlines_absolute_and_relative() {
             .to_string(),
         "plan: deadline must be between now and a year from now (got 2031-12-01T12:00:00Z)"
     );
-    assert!(at("deadline = \"8000h\"").is_ok());
+    // A year: 366 days, 8784 hours.
+    assert!(at("deadline = \"8784h\"").is_ok());
+    assert!(at("deadline = \"8785h\"")
+        .unwrap_err()
+        .to_string()
+        .contains("between now and a year from now"));
 }
 
 #[test]
@@ -470,28 +475,28 @@ fn control_endpoints_and_certificates() {
 
 #[test]
 fn rates_in_bytes_fractions_of_a_byte_and_exabytes_are_refused_with_why() {
+    let bad = |from: &str, to: &str| err(&good_but(from, to));
     assert_eq!(
-        err(&good_but(
-            "dirty_rate_bps = \"200M\"",
-            "dirty_rate_bps = \"100MB/s\""
-        )),
+        bad("dirty_rate_bps = \"200M\"", "dirty_rate_bps = \"100MB/s\""),
         "vm \"db-1\": dirty_rate_bps = \"100MB/s\" is in bytes a second: rates are bits a \
-         second (100MB/s is \"800M\")"
+         second (write \"800 Mbit/s\")"
     );
-    assert!(err(&good_but("rate_bps = \"1G\"", "rate_bps = \"1GBps\"")).contains("bytes a second"));
+    assert!(bad("rate_bps = \"1G\"", "rate_bps = \"1GBPs\"").ends_with("(write \"8 Gbit/s\")"));
     // Bits a second, however written, are rates.
     assert!(parse(&good_but("rate_bps = \"1G\"", "rate_bps = \"1Gbps\""), NOW).is_ok());
     assert_eq!(
-        err(&good_but("memory_bytes = 4096", "memory_bytes = 1.5")),
+        bad("memory_bytes = 4096", "memory_bytes = 1.5"),
         "vm \"scratch\": memory_bytes = 1.5 is not a whole number of bytes (\"1.5G\" is fine)"
     );
+    assert_eq!(
+        bad("memory_bytes = 4096", "memory_bytes = 1e-300"),
+        "vm \"scratch\": memory_bytes = 1e-300 is not a whole number of bytes (\"1.5G\" is fine)"
+    );
+    assert!(bad("memory_bytes = 4096", "memory_bytes = \"1.5\"").contains("is not a size in bytes"));
     assert!(parse(
         &good_but("memory_bytes = 4096", "memory_bytes = 4096.0"),
         NOW
     )
     .is_ok());
-    assert!(
-        err(&good_but("memory_bytes = 4096", "memory_bytes = \"2E\""))
-            .contains("between 0 and 1 EiB")
-    );
+    assert!(bad("memory_bytes = 4096", "memory_bytes = \"2E\"").contains("between 0 and 1 EiB"));
 }
