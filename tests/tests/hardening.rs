@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use faultline_tests::{
-    assert_migrated, faultline_bin, run_source, Background, Certs, DestProcess, Reaped, ShmDir,
+    assert_migrated, faultline_bin, run_source, Background, Certs, DestProcess, Finished, Reaped,
+    ShmDir,
 };
 use serde_json::Value;
 use transport::quic;
@@ -107,7 +108,7 @@ fn captured_initial(certs: &Certs) -> Vec<u8> {
 }
 
 /// A real source migrates into `dest` afterwards, byte for byte.
-fn real_source_migrates(certs: &Certs, dest: DestProcess) -> Value {
+fn real_source_migrates(certs: &Certs, dest: DestProcess) -> Finished {
     let src = run_source(
         certs,
         "source",
@@ -116,7 +117,8 @@ fn real_source_migrates(certs: &Certs, dest: DestProcess) -> Value {
         TIMEOUT,
     );
     let dst = dest.wait(TIMEOUT);
-    assert_migrated(&src, &dst)
+    assert_migrated(&src, &dst);
+    dst
 }
 
 #[test]
@@ -124,7 +126,11 @@ fn a_destination_survives_junk_replayed_and_unpinned_peers() {
     let certs = Certs::new();
     let dest = DestProcess::start(&certs, &["--size", "16M"]);
     attack_listener(&certs, &dest.addr);
-    real_source_migrates(&certs, dest);
+    let dst = real_source_migrates(&certs, dest);
+    // A hundred refusals, logged at the 1st, 2nd, 4th, ... 64th: the flood does not become
+    // a flood of log lines.
+    let logged = dst.stderr.matches("refused a connection").count();
+    assert!((1..=7).contains(&logged), "{logged} lines:\n{}", dst.stderr);
 }
 
 /// `n` QUIC clients with a certificate nobody pins connect to `addr` at once; how many

@@ -228,15 +228,27 @@ async fn accept_loop(
         }
         let peer = peer_of(incoming.remote_address());
         let Some(peer_slot) = PeerSlot::take(&shared, peer, limits.max_handshakes_per_peer) else {
-            shared
+            let n = shared
                 .counts
                 .ignored_per_peer
-                .fetch_add(1, Ordering::Relaxed);
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%peer, ignored = n, "ignoring a handshake: this peer already has \
+                    {} in progress", limits.max_handshakes_per_peer);
+            }
             incoming.ignore();
             continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            shared.counts.ignored.fetch_add(1, Ordering::Relaxed);
+            let n = shared.counts.ignored.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    ignored = n,
+                    "ignoring a handshake: {} in progress",
+                    limits.max_handshakes
+                );
+            }
             incoming.ignore();
             continue;
         };
@@ -313,8 +325,14 @@ async fn handshake(incoming: Incoming) -> Result<Connection, quinn::ConnectionEr
 }
 
 fn refused(shared: &Shared, peer: SocketAddr, why: &str) {
-    shared.counts.failed.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(%peer, "refused a connection: {why}");
+    let n = shared.counts.failed.fetch_add(1, Ordering::Relaxed) + 1;
+    // A flood of unpinned peers must not become a flood of log lines: the 1st, 2nd, 4th,
+    // 8th, ... are warnings with the count so far, the rest debug.
+    if n.is_power_of_two() {
+        tracing::warn!(%peer, refused = n, "refused a connection: {why}");
+    } else {
+        tracing::debug!(%peer, refused = n, "refused a connection: {why}");
+    }
 }
 
 async fn hand_over(conn: Connection, shared: &Shared, tx: &mpsc::Sender<Connection>) {
