@@ -133,8 +133,10 @@ fn a_destination_survives_junk_replayed_and_unpinned_peers() {
     assert!((1..=7).contains(&logged), "{logged} lines:\n{}", dst.stderr);
 }
 
-/// `n` QUIC clients with a certificate nobody pins connect to `addr` at once; how many
-/// were refused.
+/// `n` QUIC clients with a certificate nobody pins connect to `addr` at once, from twenty
+/// loopback addresses (127.0.0.2 to .21: a listener takes at most 8 handshakes at a time
+/// from one, `AcceptLimits::max_handshakes_per_peer`, and the rest would wait on their
+/// retransmission timers); how many were refused.
 fn unpinned_clients(certs: &Certs, addr: &str, n: usize) -> usize {
     let addr: std::net::SocketAddr = addr.parse().unwrap();
     let stranger = transport::tls::Identity::generate("stranger").unwrap();
@@ -142,11 +144,11 @@ fn unpinned_clients(certs: &Certs, addr: &str, n: usize) -> usize {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let attempts: Vec<_> = (0..n)
-            .map(|_| {
+            .map(|i| {
                 let (id, cert) = (stranger.clone(), dest_cert.clone());
+                let bind = format!("127.0.0.{}:0", 2 + i % 20).parse().unwrap();
                 tokio::spawn(async move {
-                    let ep = quic::client_endpoint("127.0.0.1:0".parse().unwrap(), &id, cert)
-                        .expect("client endpoint");
+                    let ep = quic::client_endpoint(bind, &id, cert).expect("client endpoint");
                     let r = tokio::time::timeout(Duration::from_secs(20), async {
                         let conn = quic::connect(&ep, addr).await?;
                         // The handshake can complete on the client before the server has
