@@ -241,6 +241,43 @@ fn a_second_cut_while_the_session_resumes() {
     assert!(u(&src, "paused_ms") >= 8_000, "two outages of 8 s: {src}");
 }
 
+/// A link that flaps after an outage: 2 s down (the source pauses), then forty times 60 ms
+/// up and 90 ms down, then up for good. The source's reconnect attempts (one every 25 ms)
+/// reach the destination in the short windows and stall in the gaps, each holding one of
+/// the listener's places for its handshake's timeout; the listener takes at most 8 at once
+/// from one address (`AcceptLimits::max_handshakes_per_peer`), which must not lock the
+/// source out once the link holds: the session resumes and completes.
+#[test]
+fn a_flapping_link_does_not_lock_the_source_out() {
+    let run = migrate(
+        LinkConfig::new(Duration::from_millis(20), RATE),
+        26,
+        &[],
+        &[],
+        Duration::from_secs(150),
+        |wan| {
+            let mut first = cut_for(wan, 8_000_000, Duration::from_secs(2));
+            if first.cut.is_none() {
+                return first;
+            }
+            for _ in 0..40 {
+                std::thread::sleep(Duration::from_millis(60));
+                wan.cut();
+                std::thread::sleep(Duration::from_millis(90));
+                wan.restore();
+            }
+            first.restored = Some(Instant::now());
+            first
+        },
+    );
+    assert!(run.note.cut.is_some(), "never cut");
+    let (src, _) = assert_resumed(&run);
+    eprintln!(
+        "flapping: resumed {} ms after the source saw the link back",
+        u(&src, "resume_ms_after_restore")
+    );
+}
+
 /// Not in CI (`scripts/soak-outage.sh` runs it): a cut of `FAULTLINE_SOAK_CUT_S` seconds
 /// (600 by default) in mid-postcopy, then the link back; the session resumes and completes.
 #[test]
