@@ -243,12 +243,12 @@ fn a_second_cut_while_the_session_resumes() {
 
 /// A link that flaps after an outage: 2 s down (the source pauses), then forty times 60 ms
 /// up and 90 ms down, then up for good. The source's reconnect attempts (one every 25 ms)
-/// reach the destination in the short windows and stall in the gaps, each holding one of
-/// the listener's places for its handshake's timeout; the listener takes at most 8 at once
-/// from one address (`AcceptLimits::max_handshakes_per_peer`), which must not lock the
-/// source out once the link holds: the session resumes and completes.
+/// meet the listener in the short windows, some of them stalling in the gaps while they
+/// hold places in its per-address bound (`AcceptLimits::max_handshakes_per_peer`; the
+/// bound's own rule for stalled handshakes is `transport::quic::accept`'s unit test): the
+/// session resumes and completes, paused for not much longer than the link was disturbed.
 #[test]
-fn a_flapping_link_does_not_lock_the_source_out() {
+fn a_link_that_flaps_after_an_outage_resumes_and_completes() {
     let run = migrate(
         LinkConfig::new(Duration::from_millis(20), RATE),
         26,
@@ -272,9 +272,10 @@ fn a_flapping_link_does_not_lock_the_source_out() {
     );
     assert!(run.note.cut.is_some(), "never cut");
     let (src, _) = assert_resumed(&run);
-    eprintln!(
-        "flapping: resumed {} ms after the source saw the link back",
-        u(&src, "resume_ms_after_restore")
+    // 2 s down and 40 flaps of 150 ms: 8 s disturbed.
+    assert!(
+        u(&src, "paused_ms") < 8_000 + 6_000,
+        "paused long after the link held: {src}"
     );
 }
 

@@ -10,7 +10,7 @@ pub enum ByteCountError {
     #[error("{0:?} is not a byte count (examples: 65536, 512K, 1.5M, 1G)")]
     NotANumber(String),
     /// A fraction without a suffix: a fraction of a byte.
-    #[error("{0:?} is not a whole number of bytes (a fraction needs a suffix: 1.5M)")]
+    #[error("{0:?} is not a whole number of bytes (a fraction needs K, M, G or T: 1.5M)")]
     Fraction(String),
     /// The number is followed by something other than a known suffix.
     #[error("unknown size suffix {suffix:?} in {input:?} (K, M, G, T; KiB, MB, ... accepted)")]

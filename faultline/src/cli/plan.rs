@@ -116,7 +116,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
     } else {
         if a.live {
             println!(
-                "Planned with what {} of {} measure now.",
+                "Planned with the figures of {} of {} now.",
                 answered.0,
                 count(answered.1, "source", "sources")
             );

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, Incoming, VarInt};
 use serde::Serialize;
@@ -46,6 +46,13 @@ pub struct AcceptLimits {
     /// Longest one handshake may take from its validated Initial to an authenticated
     /// connection.
     pub handshake_timeout: Duration,
+    /// A peer at [`AcceptLimits::max_handshakes_per_peer`] gives up its oldest handshake
+    /// for a new one once that one has run this long: a reconnecting source starts an
+    /// attempt every 25 ms and abandons each after 2 s (`recovery::ATTEMPT_TIMEOUT`), so
+    /// attempts that stalled in a flapping link's gaps must not keep it out until they
+    /// time out here. A host that stalls its handshakes on purpose gets at most
+    /// `max_handshakes_per_peer` new ones each time this passes.
+    pub handshake_stale_after: Duration,
 }
 
 impl Default for AcceptLimits {
@@ -63,6 +70,7 @@ impl Default for AcceptLimits {
             // source's start took 1.9 x its clean time, at 32 5.6-9.5 x, unbounded 39-51 x.
             max_handshakes_per_peer: 8,
             handshake_timeout: Duration::from_secs(10),
+            handshake_stale_after: Duration::from_secs(2),
         }
     }
 }
@@ -77,6 +85,9 @@ pub struct AcceptCounts {
     /// Attempts ignored because their peer had [`AcceptLimits::max_handshakes_per_peer`]
     /// in progress.
     pub ignored_per_peer: u64,
+    /// Handshakes given up for a newer one of their peer's, having run longer than
+    /// [`AcceptLimits::handshake_stale_after`].
+    pub stale_given_up: u64,
     /// Handshakes that failed or timed out (unknown peer, garbage, silence).
     pub failed: u64,
     /// Authenticated peers told the listener is busy.
@@ -90,6 +101,7 @@ struct Counters {
     retried: AtomicU64,
     ignored: AtomicU64,
     ignored_per_peer: AtomicU64,
+    stale_given_up: AtomicU64,
     failed: AtomicU64,
     busy: AtomicU64,
     accepted: AtomicU64,
@@ -100,7 +112,21 @@ struct Shared {
     /// While `Some`, authenticated peers are closed with this reason.
     busy: Mutex<Option<String>>,
     /// Handshakes in progress, by peer ([`peer_of`]); a peer with none has no entry.
-    handshaking: Mutex<HashMap<IpAddr, usize>>,
+    handshaking: Mutex<HashMap<IpAddr, Vec<InProgress>>>,
+    /// The next [`InProgress::id`].
+    next_id: AtomicU64,
+    /// Handshakes refused since the last authenticated peer was handed over: which of
+    /// them are logged as warnings ([`refused`]).
+    refused_lately: AtomicU64,
+}
+
+/// One handshake in progress, for its peer's bound.
+struct InProgress {
+    id: u64,
+    since: Instant,
+    /// Its task, to give it up for a newer one ([`AcceptLimits::handshake_stale_after`]);
+    /// `None` for the moment between taking the place and spawning the task.
+    task: Option<tokio::task::AbortHandle>,
 }
 
 /// Accepts connections on a listening endpoint in the background and hands over only
@@ -126,6 +152,8 @@ impl Acceptor {
             counts: Counters::default(),
             busy: Mutex::new(None),
             handshaking: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            refused_lately: AtomicU64::new(0),
         });
         // Room for a few authenticated peers the caller has not taken yet; more wait in
         // their handshake task (each holds a slot of the bound) until it takes them.
@@ -185,6 +213,7 @@ impl Acceptor {
             retried: get(&c.retried),
             ignored: get(&c.ignored),
             ignored_per_peer: get(&c.ignored_per_peer),
+            stale_given_up: get(&c.stale_given_up),
             failed: get(&c.failed),
             busy: get(&c.busy),
             accepted: get(&c.accepted),
@@ -228,7 +257,7 @@ async fn accept_loop(
             continue;
         }
         let peer = peer_of(incoming.remote_address());
-        let Some(peer_slot) = PeerSlot::take(&shared, peer, limits.max_handshakes_per_peer) else {
+        let Some(peer_slot) = PeerSlot::take(&shared, peer, &limits) else {
             let n = shared
                 .counts
                 .ignored_per_peer
@@ -253,16 +282,24 @@ async fn accept_loop(
             incoming.ignore();
             continue;
         };
-        let (shared, tx) = (shared.clone(), tx.clone());
-        handshakes.spawn(async move {
-            let _slots = (slot, peer_slot);
-            let peer = incoming.remote_address();
-            match tokio::time::timeout(limits.handshake_timeout, handshake(incoming)).await {
-                Ok(Ok(conn)) => hand_over(conn, &shared, &tx).await,
-                Ok(Err(e)) => refused(&shared, peer, &e.to_string()),
-                Err(_) => refused(&shared, peer, "the handshake timed out"),
-            }
-        });
+        let id = peer_slot.id;
+        let task = {
+            let (shared, tx) = (shared.clone(), tx.clone());
+            handshakes.spawn(async move {
+                let _slot = slot;
+                let peer = incoming.remote_address();
+                let r = tokio::time::timeout(limits.handshake_timeout, handshake(incoming)).await;
+                // The handshake is over: its peer's place is free (an authenticated
+                // connection waiting for the caller is not given up for a newer attempt).
+                drop(peer_slot);
+                match r {
+                    Ok(Ok(conn)) => hand_over(conn, &shared, &tx).await,
+                    Ok(Err(e)) => refused(&shared, peer, &e.to_string()),
+                    Err(_) => refused(&shared, peer, "the handshake timed out"),
+                }
+            })
+        };
+        PeerSlot::started(&shared, peer, id, task);
     }
     handshakes.abort_all();
 }
@@ -287,21 +324,48 @@ pub fn peer_of(addr: SocketAddr) -> IpAddr {
 struct PeerSlot {
     shared: Arc<Shared>,
     peer: IpAddr,
+    id: u64,
 }
 
 impl PeerSlot {
-    /// A place for `peer`, unless it has `max` in progress.
-    fn take(shared: &Arc<Shared>, peer: IpAddr, max: usize) -> Option<PeerSlot> {
+    /// A place for `peer`: one of its [`AcceptLimits::max_handshakes_per_peer`], or the
+    /// place of its oldest handshake if that one has run longer than
+    /// [`AcceptLimits::handshake_stale_after`] (it is given up); else none.
+    fn take(shared: &Arc<Shared>, peer: IpAddr, limits: &AcceptLimits) -> Option<PeerSlot> {
         let mut map = shared.handshaking.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(peer).or_insert(0);
-        if *n >= max.max(1) {
-            return None;
+        let list = map.entry(peer).or_default();
+        if list.len() >= limits.max_handshakes_per_peer.max(1) {
+            let (i, oldest) = list.iter().enumerate().min_by_key(|(_, h)| h.since)?;
+            if oldest.since.elapsed() < limits.handshake_stale_after {
+                return None;
+            }
+            if let Some(task) = list.swap_remove(i).task {
+                task.abort();
+            }
+            shared.counts.stale_given_up.fetch_add(1, Ordering::Relaxed);
         }
-        *n += 1;
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        list.push(InProgress {
+            id,
+            since: Instant::now(),
+            task: None,
+        });
         Some(PeerSlot {
             shared: shared.clone(),
             peer,
+            id,
         })
+    }
+
+    /// The handshake with place `id` runs as `task` (unless it ended already).
+    fn started(shared: &Shared, peer: IpAddr, id: u64, task: tokio::task::AbortHandle) {
+        let mut map = shared.handshaking.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = map
+            .get_mut(&peer)
+            .and_then(|list| list.iter_mut().find(|h| h.id == id))
+        {
+            h.task = Some(task);
+        }
     }
 }
 
@@ -312,9 +376,10 @@ impl Drop for PeerSlot {
             .handshaking
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(list) = map.get_mut(&self.peer) {
+            // Not there if it was given up for a newer one.
+            list.retain(|h| h.id != self.id);
+            if list.is_empty() {
                 map.remove(&self.peer);
             }
         }
@@ -326,9 +391,11 @@ async fn handshake(incoming: Incoming) -> Result<Connection, quinn::ConnectionEr
 }
 
 fn refused(shared: &Shared, peer: SocketAddr, why: &str) {
-    let n = shared.counts.failed.fetch_add(1, Ordering::Relaxed) + 1;
+    shared.counts.failed.fetch_add(1, Ordering::Relaxed);
     // A flood of unpinned peers must not become a flood of log lines: the 1st, 2nd, 4th,
-    // 8th, ... are warnings with the count so far, the rest debug.
+    // 8th, ... since the last peer handed over are warnings with that count, the rest
+    // debug; so after a flood the next refusal is a warning again.
+    let n = shared.refused_lately.fetch_add(1, Ordering::Relaxed) + 1;
     if n.is_power_of_two() {
         tracing::warn!(%peer, refused = n, "refused a connection: {why}");
     } else {
@@ -349,6 +416,7 @@ async fn hand_over(conn: Connection, shared: &Shared, tx: &mpsc::Sender<Connecti
         return;
     }
     shared.counts.accepted.fetch_add(1, Ordering::Relaxed);
+    shared.refused_lately.store(0, Ordering::Relaxed);
     // A closed receiver means the caller stopped listening; the connection just drops.
     let _ = tx.send(conn).await;
 }
@@ -463,12 +531,8 @@ mod tests {
         })
     }
 
-    /// One host stalling more handshakes than its share holds its share of the places,
-    /// and the real peer, from another address, still gets one at once. (With the whole
-    /// bound open to one peer, the stalled clients take every place and the real peer's
-    /// Initials go unanswered until their handshakes time out.)
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_host_that_stalls_its_handshakes_holds_only_its_share_of_the_places() {
+    /// A listener on loopback with `limits`, its identity and the pinned client's.
+    fn listener(limits: AcceptLimits) -> (Identity, Identity, SocketAddr, Acceptor) {
         let (server, client) = (
             Identity::generate("dest").unwrap(),
             Identity::generate("source").unwrap(),
@@ -477,19 +541,16 @@ mod tests {
             quic::server_endpoint("127.0.0.1:0".parse().unwrap(), &server, client.cert.clone())
                 .unwrap();
         let addr = ep.local_addr().unwrap();
-        let limits = AcceptLimits {
-            max_handshakes: 4,
-            max_handshakes_per_peer: 2,
-            handshake_timeout: Duration::from_secs(30),
-        };
-        let mut acceptor = Acceptor::start(ep, limits);
-        let stall = Arc::new(Stall::default());
-        let stalled: Vec<_> = (0..5)
-            .map(|_| stalled_client("127.0.0.2", addr, stall.clone()))
-            .collect();
-        // Two handshakes of theirs hold places; the other three are ignored.
+        (server, client, addr, Acceptor::start(ep, limits))
+    }
+
+    /// Waits (at most 10 s) until `n` stalled clients hold places and `ignored` attempts of
+    /// theirs were ignored for their peer's bound.
+    async fn stalled(stall: &Stall, acceptor: &Acceptor, n: usize, ignored: u64) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while stall.entered.load(Ordering::Acquire) < 2 || acceptor.counts().ignored_per_peer < 3 {
+        while stall.entered.load(Ordering::Acquire) < n
+            || acceptor.counts().ignored_per_peer < ignored
+        {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "{} stalled, {:?}",
@@ -498,6 +559,65 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A peer at its bound, both its handshakes stalled (a source's reconnect attempts
+    /// caught in a flapping link's gaps), gets a new one in place of the oldest once that
+    /// has run `handshake_stale_after`, rather than being kept out until they time out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_whose_handshakes_stalled_gets_a_new_one_in_place_of_the_oldest() {
+        let (server, client, addr, mut acceptor) = listener(AcceptLimits {
+            max_handshakes: 4,
+            max_handshakes_per_peer: 2,
+            handshake_timeout: Duration::from_secs(30),
+            handshake_stale_after: Duration::from_millis(300),
+        });
+        let stall = Arc::new(Stall::default());
+        let stalled_threads: Vec<_> = (0..2)
+            .map(|_| stalled_client("127.0.0.3", addr, stall.clone()))
+            .collect();
+        stalled(&stall, &acceptor, 2, 0).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // The same address: the peer whose places the stalled handshakes hold.
+        let again =
+            quic::client_endpoint("127.0.0.3:0".parse().unwrap(), &client, server.cert.clone())
+                .unwrap();
+        let (conn, got) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(5), quic::connect(&again, addr)),
+            tokio::time::timeout(Duration::from_secs(5), acceptor.next()),
+        );
+        *stall.released.lock().unwrap() = true;
+        stall.wake.notify_all();
+        for t in stalled_threads {
+            t.join().unwrap();
+        }
+        conn.expect("kept out by its own stalled handshakes")
+            .unwrap();
+        got.expect("not handed over").expect("endpoint open");
+        let c = acceptor.counts();
+        assert!(c.stale_given_up >= 1, "{c:?}");
+        assert_eq!(c.accepted, 1, "{c:?}");
+    }
+
+    /// One host stalling more handshakes than its share holds its share of the places,
+    /// and the real peer, from another address, still gets one at once. (With the whole
+    /// bound open to one peer, the stalled clients take every place and the real peer's
+    /// Initials go unanswered until their handshakes time out.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_that_stalls_its_handshakes_holds_only_its_share_of_the_places() {
+        let (server, client, addr, mut acceptor) = listener(AcceptLimits {
+            max_handshakes: 4,
+            max_handshakes_per_peer: 2,
+            handshake_timeout: Duration::from_secs(30),
+            // The stalled clients' retransmissions must not take the places over.
+            handshake_stale_after: Duration::from_secs(30),
+        });
+        let stall = Arc::new(Stall::default());
+        let stalled_threads: Vec<_> = (0..5)
+            .map(|_| stalled_client("127.0.0.2", addr, stall.clone()))
+            .collect();
+        // Two handshakes of theirs hold places; the other three are ignored.
+        stalled(&stall, &acceptor, 2, 3).await;
         let real =
             quic::client_endpoint("127.0.0.1:0".parse().unwrap(), &client, server.cert.clone())
                 .unwrap();
@@ -508,7 +628,7 @@ mod tests {
         let entered = stall.entered.load(Ordering::Acquire);
         *stall.released.lock().unwrap() = true;
         stall.wake.notify_all();
-        for t in stalled {
+        for t in stalled_threads {
             t.join().unwrap();
         }
         conn.expect("the real peer was kept waiting").unwrap();
