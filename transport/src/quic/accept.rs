@@ -544,6 +544,35 @@ mod tests {
         (server, client, addr, Acceptor::start(ep, limits))
     }
 
+    /// The pinned `client`, from `ip`, connects while the stalled clients hold their places
+    /// (at most 5 s, and as many for the listener to hand it over); then they are released.
+    /// How many had stalled by the time it was through, or why it was not.
+    async fn pinned_connects_beside(
+        ip: &str,
+        (server, client, addr): (&Identity, &Identity, SocketAddr),
+        acceptor: &mut Acceptor,
+        stall: &Stall,
+        stalled_threads: Vec<std::thread::JoinHandle<()>>,
+    ) -> Result<usize, String> {
+        let bind = format!("{ip}:0").parse().unwrap();
+        let ep = quic::client_endpoint(bind, client, server.cert.clone()).unwrap();
+        let (conn, got) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(5), quic::connect(&ep, addr)),
+            tokio::time::timeout(Duration::from_secs(5), acceptor.next()),
+        );
+        let entered = stall.entered.load(Ordering::Acquire);
+        *stall.released.lock().unwrap() = true;
+        stall.wake.notify_all();
+        for t in stalled_threads {
+            t.join().unwrap();
+        }
+        conn.map_err(|_| "kept waiting")?
+            .map_err(|e| e.to_string())?;
+        got.map_err(|_| "not handed over")?
+            .ok_or("the endpoint closed")?;
+        Ok(entered)
+    }
+
     /// Waits (at most 10 s) until `n` stalled clients hold places and `ignored` attempts of
     /// theirs were ignored for their peer's bound.
     async fn stalled(stall: &Stall, acceptor: &Acceptor, n: usize, ignored: u64) {
@@ -579,21 +608,10 @@ mod tests {
         stalled(&stall, &acceptor, 2, 0).await;
         tokio::time::sleep(Duration::from_millis(400)).await;
         // The same address: the peer whose places the stalled handshakes hold.
-        let again =
-            quic::client_endpoint("127.0.0.3:0".parse().unwrap(), &client, server.cert.clone())
-                .unwrap();
-        let (conn, got) = tokio::join!(
-            tokio::time::timeout(Duration::from_secs(5), quic::connect(&again, addr)),
-            tokio::time::timeout(Duration::from_secs(5), acceptor.next()),
-        );
-        *stall.released.lock().unwrap() = true;
-        stall.wake.notify_all();
-        for t in stalled_threads {
-            t.join().unwrap();
-        }
-        conn.expect("kept out by its own stalled handshakes")
-            .unwrap();
-        got.expect("not handed over").expect("endpoint open");
+        let ends = (&server, &client, addr);
+        pinned_connects_beside("127.0.0.3", ends, &mut acceptor, &stall, stalled_threads)
+            .await
+            .expect("kept out by its own stalled handshakes");
         let c = acceptor.counts();
         assert!(c.stale_given_up >= 1, "{c:?}");
         assert_eq!(c.accepted, 1, "{c:?}");
@@ -618,22 +636,11 @@ mod tests {
             .collect();
         // Two handshakes of theirs hold places; the other three are ignored.
         stalled(&stall, &acceptor, 2, 3).await;
-        let real =
-            quic::client_endpoint("127.0.0.1:0".parse().unwrap(), &client, server.cert.clone())
-                .unwrap();
-        let (conn, got) = tokio::join!(
-            tokio::time::timeout(Duration::from_secs(5), quic::connect(&real, addr)),
-            tokio::time::timeout(Duration::from_secs(5), acceptor.next()),
-        );
-        let entered = stall.entered.load(Ordering::Acquire);
-        *stall.released.lock().unwrap() = true;
-        stall.wake.notify_all();
-        for t in stalled_threads {
-            t.join().unwrap();
-        }
-        conn.expect("the real peer was kept waiting").unwrap();
-        got.expect("the real peer was not handed over")
-            .expect("endpoint open");
+        let ends = (&server, &client, addr);
+        let entered =
+            pinned_connects_beside("127.0.0.1", ends, &mut acceptor, &stall, stalled_threads)
+                .await
+                .expect("the real peer");
         assert_eq!(entered, 2, "the stalling host got more than its share");
         let c = acceptor.counts();
         assert_eq!((c.accepted, c.ignored), (1, 0), "{c:?}");
